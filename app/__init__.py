@@ -1,0 +1,121 @@
+"""The application factory: the only way an app is made."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from cachelib import FileSystemCache
+from flask import Flask
+from redis import Redis
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from app.extensions import cache, csrf, db, limiter, login_manager, migrate, server_session
+from app.services.plans import PlanCatalogue
+from app.startup import check_production_settings, development_standins
+from config import PROJECT_ROOT, BaseConfig, config_for
+
+logger = logging.getLogger(__name__)
+REDIS_TIMEOUTS = {"socket_connect_timeout": 2, "socket_timeout": 2}
+
+
+def create_app(config: BaseConfig | None = None, **overrides: Any) -> Flask:
+    """Build the app for ``config`` (default: the class APP_ENV names), with ``overrides`` on top."""
+    app = Flask(__name__)
+    app.config.from_object(config or config_for())
+    app.config.update(overrides)
+    app.config.setdefault("MAX_CONTENT_LENGTH", 1024 * 1024)
+
+    from app.request_log import configure_logging
+
+    configure_logging(app)
+    if app.config["APP_ENV"] == "production":
+        check_production_settings(app.config)  # raises, naming every problem, before anything starts
+    app.extensions["plan_catalogue"] = PlanCatalogue.load(app.config["PLAN_CATALOGUE_FILE"])
+
+    register_extensions(app)
+    register_blueprints(app)
+    register_request_hooks(app)
+    register_error_handlers(app)
+    register_commands(app)
+    register_domain_event_subscribers()
+
+    standins = development_standins(app.config)
+    if standins:
+        logger.warning("Development stand-ins in use: %s. Production never accepts them.", "; ".join(standins))
+    return app
+
+
+def register_extensions(app: Flask) -> None:
+    redis_url = app.config.get("REDIS_URL")
+    app.extensions["redis"] = Redis.from_url(redis_url, health_check_interval=30, **REDIS_TIMEOUTS) if redis_url else None
+    if app.config["SESSION_TYPE"] == "redis":
+        app.config["SESSION_REDIS"] = app.extensions["redis"]
+    elif app.config["SESSION_TYPE"] == "cachelib":
+        app.config["SESSION_CACHELIB"] = FileSystemCache(app.config["SESSION_FILE_DIR"], threshold=5000)
+    app.config.setdefault("CACHE_OPTIONS", REDIS_TIMEOUTS if app.config["CACHE_TYPE"] == "RedisCache" else {})
+    if str(app.config.get("RATELIMIT_STORAGE_URI", "")).startswith("redis"):
+        app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", REDIS_TIMEOUTS)
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
+    server_session.init_app(app)
+    cache.init_app(app)
+    limiter.init_app(app)
+    csrf.init_app(app)
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+    login_manager.login_message = "Sign in to continue."
+    login_manager.login_message_category = "info"
+    login_manager.session_protection = "basic"
+
+    if app.config["TRUSTED_PROXY_COUNT"]:
+        hops = app.config["TRUSTED_PROXY_COUNT"]
+        # Before anything keyed on the client's address (rate limits, logs).
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
+
+
+def register_blueprints(app: Flask) -> None:
+    from app.auth.routes import bp as auth_bp
+    from app.billing.routes import bp as billing_bp
+    from app.main.routes import bp as main_bp
+
+    app.register_blueprint(main_bp)
+    app.register_blueprint(auth_bp, url_prefix="/auth")
+    app.register_blueprint(billing_bp, url_prefix="/billing")
+
+
+def register_request_hooks(app: Flask) -> None:
+    from app.request_log import init_request_logging
+    from app.security import init_security_headers
+    from app.templating import init_templating
+
+    init_request_logging(app)
+    init_security_headers(app)
+    init_templating(app)
+
+
+def register_error_handlers(app: Flask) -> None:
+    from app.errors import init_error_handlers
+
+    init_error_handlers(app)
+
+
+def register_commands(app: Flask) -> None:
+    from app.cli import billing_cli
+
+    app.cli.add_command(billing_cli)
+
+
+def register_domain_event_subscribers() -> None:
+    from app.services import domain_events
+
+    if domain_events.log_announcement not in domain_events.subscribers("*"):
+        domain_events.subscribe("*", domain_events.log_announcement)
+
+
+@login_manager.user_loader
+def load_user(user_id: str) -> Any:
+    from app.models import User
+
+    return db.session.get(User, int(user_id)) if user_id.isdigit() else None

@@ -1,0 +1,44 @@
+"""The one guard every signed-in page goes through: signed in, and billing status allows it."""
+
+from __future__ import annotations
+
+from flask import current_app, flash, g, redirect, url_for
+from flask_login import current_user, login_user
+from werkzeug.wrappers import Response
+
+from app.models import User
+from app.services.access_policy import AccessDecision, decide_access
+from app.services.auth_service import AuthService
+from app.extensions import login_manager
+
+
+def current_access() -> AccessDecision:
+    return decide_access(current_user.organization, grace_days=current_app.config["PAST_DUE_GRACE_DAYS"])
+
+
+def require_signed_in() -> Response | None:
+    if not current_user.is_authenticated:
+        response: Response = login_manager.unauthorized()
+        return response
+    return None
+
+
+def require_billing_access() -> Response | None:
+    """before_request for blueprints of signed-in pages: past_due within the grace period passes with a
+    banner; blocked statuses go to the billing page, which explains and offers the fix."""
+    if (response := require_signed_in()) is not None:
+        return response
+    g.access = current_access()
+    if not g.access.allowed:
+        flash(g.access.message, "warning")
+        return redirect(url_for("billing.overview"), 303)
+    return None
+
+
+def sign_in(user: User) -> None:
+    """Sign a user in on a fresh session id, so an id planted before sign-in is worthless after it."""
+    from flask import session
+
+    current_app.session_interface.regenerate(session)  # type: ignore[attr-defined]
+    login_user(user)
+    AuthService.record_sign_in(user, source="web")

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from typing import Any
+
+from flask_wtf import FlaskForm
+from wtforms import SelectChoice, EmailField, IntegerField, PasswordField, RadioField, StringField
+from wtforms.validators import DataRequired, Email, Length, NumberRange, Optional, ValidationError
+
+from app.services.plans import PlanCatalogue
+
+# A short list is enough to turn away the passwords every credential-stuffing list starts with.
+COMMON_PASSWORDS = {"password1234", "123456789012", "qwertyuiopas", "letmein12345", "welcome12345", "passwordpassword"}
+
+
+def _strip(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+class SignupForm(FlaskForm):
+    email = EmailField(
+        "Work email", filters=[_strip], validators=[DataRequired(), Length(max=254), Email(check_deliverability=False)]
+    )
+    password = PasswordField(
+        "Password", validators=[DataRequired(), Length(min=12, max=128, message="Use 12 to 128 characters.")]
+    )
+    organization_name = StringField(
+        "Organization name", filters=[_strip], validators=[DataRequired(), Length(min=2, max=100)]
+    )
+    owner_name = StringField("Your name", filters=[_strip], validators=[DataRequired(), Length(max=100)])
+    tier = RadioField("Plan", validators=[DataRequired(message="Choose a plan.")], validate_choice=True)
+
+    def validate_password(self, field: PasswordField) -> None:
+        password = field.data or ""
+        local_part = (self.email.data or "").split("@")[0].lower()
+        if password.lower() in COMMON_PASSWORDS or len(set(password)) < 5:
+            raise ValidationError("That password is too easy to guess.")
+        if len(local_part) >= 4 and local_part in password.lower():
+            raise ValidationError("Your password must not contain your email address.")
+
+    def addon_fields(self) -> list[tuple[str, IntegerField]]:
+        return [(name.removeprefix("addon_"), field) for name, field in self._fields.items() if name.startswith("addon_")]
+
+    def addon_quantities(self) -> dict[str, int]:
+        return {key: field.data or 0 for key, field in self.addon_fields()}
+
+
+def signup_form(catalogue: PlanCatalogue, **kwargs: Any) -> SignupForm:
+    """The signup form for this catalogue: one plan choice per tier, one quantity per add-on."""
+    fields = {
+        f"addon_{addon.key}": IntegerField(
+            addon.name,
+            default=0,
+            validators=[Optional(), NumberRange(min=0, max=addon.max_quantity)],
+            description=addon.description,
+        )
+        for addon in catalogue.addons.values()
+    }
+    form_class = type("CatalogueSignupForm", (SignupForm,), fields)
+    form: SignupForm = form_class(**kwargs)
+    form.tier.choices = [SelectChoice(tier.key, tier.name) for tier in catalogue.tiers.values()]
+    return form
+
+
+class LoginForm(FlaskForm):
+    email = EmailField("Email", filters=[_strip], validators=[DataRequired(), Length(max=254)])
+    password = PasswordField("Password", validators=[DataRequired(), Length(max=128)])

@@ -1,0 +1,118 @@
+"""Signup and sign-in pages. They parse and validate, call a service, and render or redirect."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
+from flask_login import current_user, logout_user
+from werkzeug.wrappers import Response
+
+from app.access import sign_in
+from app.auth.forms import LoginForm, signup_form
+from app.extensions import client_address, limiter
+from app.services.auth_service import AuthService, normalise_email
+from app.services.billing_service import BillingError, BillingService, PaymentProviderUnavailable, plan_catalogue
+from app.services.signup_service import EmailAlreadyRegistered, SignupError, SignupService
+
+bp = Blueprint("auth", __name__)
+
+
+def _form_email() -> str:
+    return normalise_email(request.form.get("email", ""))[:254]
+
+
+def _config_limit(name: str):  # type: ignore[no-untyped-def]
+    return lambda: current_app.config[name]
+
+
+@bp.get("/signup")
+def signup() -> str:
+    form = signup_form(plan_catalogue())
+    if request.args.get("checkout") == "canceled":
+        pending = SignupService.pending_signup(session.get("signup_id"))
+        if pending is not None:
+            form.process(
+                data={
+                    "email": pending.email,
+                    "organization_name": pending.organization_name,
+                    "owner_name": pending.owner_name,
+                    "tier": pending.tier,
+                    **{f"addon_{key}": quantity for key, quantity in (pending.addons or {}).items()},
+                }
+            )
+        flash("Checkout was canceled and nothing was charged. Your details are kept: continue when you are ready.", "info")
+    elif request.args.get("plan") in plan_catalogue().tiers:
+        form.tier.data = request.args["plan"]
+    return render_template("auth/signup.html", form=form, catalogue=plan_catalogue())
+
+
+@bp.post("/signup")
+@limiter.limit(_config_limit("SIGNUP_RATE_LIMIT_PER_CLIENT"), key_func=client_address)
+@limiter.limit(
+    _config_limit("SIGNUP_RATE_LIMIT_PER_EMAIL"),
+    key_func=lambda: f"signup-email:{_form_email()}",
+    exempt_when=lambda: not _form_email(),
+)
+def signup_submit() -> Response | tuple[str, int]:
+    catalogue = plan_catalogue()
+    form = signup_form(catalogue)
+    if not form.validate_on_submit():
+        return render_template("auth/signup.html", form=form, catalogue=catalogue), 422
+    try:
+        checkout = BillingService.create_checkout_session_for_tier(
+            form.tier.data,
+            email=form.email.data,
+            organization_name=form.organization_name.data,
+            owner_name=form.owner_name.data,
+            password=form.password.data,
+            addons=form.addon_quantities(),
+        )
+    except EmailAlreadyRegistered as exc:
+        form.email.errors = [*form.email.errors, str(exc)]
+        return render_template("auth/signup.html", form=form, catalogue=catalogue), 422
+    except (SignupError, BillingError) as exc:
+        form.form_errors.append(str(exc))
+        status = 503 if isinstance(exc, PaymentProviderUnavailable) else 422
+        return render_template("auth/signup.html", form=form, catalogue=catalogue), status
+    # Only this browser session may be signed in by the success page of this checkout.
+    session["signup_id"] = str(checkout.pending_signup_id)
+    return redirect(checkout.url, 303)
+
+
+@bp.route("/login", methods=["GET", "POST"])
+@limiter.limit(
+    _config_limit("LOGIN_RATE_LIMIT_PER_CLIENT"),
+    key_func=client_address,
+    methods=["POST"],
+    deduct_when=lambda response: response.status_code == 401,
+)
+@limiter.limit(
+    _config_limit("LOGIN_RATE_LIMIT_PER_ACCOUNT"),
+    key_func=lambda: f"login-account:{_form_email()}",
+    exempt_when=lambda: not _form_email(),
+    methods=["POST"],
+    deduct_when=lambda response: response.status_code == 401,
+)
+def login() -> Response | str | tuple[str, int]:
+    if current_user.is_authenticated:
+        return redirect(url_for("main.dashboard"))
+    form = LoginForm()
+    if request.method == "GET":
+        return render_template("auth/login.html", form=form)
+    if not form.validate_on_submit():
+        return render_template("auth/login.html", form=form), 422
+    user = AuthService.authenticate(form.email.data, form.password.data)
+    if user is None:
+        # The same words whether or not the email has an account.
+        form.form_errors.append("That email and password do not match an account.")
+        return render_template("auth/login.html", form=form), 401
+    sign_in(user)
+    # Never a redirect target taken from the request: always the app's front page.
+    return redirect(url_for("main.dashboard"), 303)
+
+
+@bp.post("/logout")
+def logout() -> Response:
+    logout_user()
+    session.clear()
+    flash("You are signed out.", "info")
+    return redirect(url_for("auth.login"), 303)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from flask_wtf import FlaskForm
+from wtforms import SelectChoice, HiddenField, RadioField
+from wtforms.validators import DataRequired, Regexp
+
+from app.services.billing_service import REQUEST_TOKEN, new_request_token
+from app.services.plans import PlanCatalogue
+
+
+class OwnerActionForm(FlaskForm):
+    """Every owner action carries a one-time token: a double-submitted form makes one Stripe call."""
+
+    request_token = HiddenField(validators=[DataRequired(), Regexp(REQUEST_TOKEN)], default=new_request_token)
+
+
+class PortalForm(FlaskForm):
+    pass
+
+
+class CancelForm(OwnerActionForm):
+    when = RadioField(
+        "When should the plan end?",
+        choices=[
+            SelectChoice("period_end", "At the end of the billing period"),
+            SelectChoice("now", "Right now, without a refund"),
+        ],
+        default="period_end",
+        validators=[DataRequired()],
+    )
+
+
+class ResumeForm(OwnerActionForm):
+    pass
+
+
+class ResubscribeForm(OwnerActionForm):
+    tier = RadioField("Plan", validators=[DataRequired(message="Choose a plan.")])
+
+
+def resubscribe_form(catalogue: PlanCatalogue) -> ResubscribeForm:
+    form = ResubscribeForm()
+    form.tier.choices = [SelectChoice(tier.key, tier.name) for tier in catalogue.tiers.values()]
+    return form

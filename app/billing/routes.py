@@ -1,0 +1,180 @@
+"""Billing pages and endpoints. Each parses the request, calls BillingService, and renders or
+redirects; who may do what is decided here (owner only) and what it does is decided there."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, render_template, request, session, url_for
+from flask_login import current_user
+from werkzeug.wrappers import Response
+
+from app.access import current_access, require_signed_in, sign_in
+from app.billing.forms import CancelForm, PortalForm, ResumeForm, resubscribe_form
+from app.extensions import client_address, csrf, db, limiter
+from app.models import Organization, User
+from app.services.billing_service import (
+    BillingError,
+    BillingService,
+    CheckoutSessionNotFound,
+    UnknownWebhookProvider,
+    WebhookRejected,
+    plan_catalogue,
+)
+from app.services.signup_service import ProvisionState
+
+bp = Blueprint("billing", __name__)
+SIGNED_IN_ENDPOINTS = {"billing.overview", "billing.portal", "billing.cancel", "billing.resume", "billing.resubscribe",
+                       "billing.checkout_complete"}
+
+
+@bp.before_request
+def signed_in_pages() -> Response | None:
+    if request.endpoint in SIGNED_IN_ENDPOINTS:
+        return require_signed_in()
+    return None
+
+
+def _owned_organization() -> Organization:
+    """The signed-in owner's organization. Routes take no organization id from the request, so nobody
+    reaches another organization's subscription by changing one."""
+    if not current_user.is_owner:
+        abort(403, "Only the organization's owner can change its billing.")
+    organization: Organization = current_user.organization
+    return organization
+
+
+@bp.get("/")
+def overview() -> str:
+    organization = current_user.organization
+    catalogue = plan_catalogue()
+    g.access = current_access()
+    return render_template(
+        "billing/overview.html",
+        organization=organization,
+        catalogue=catalogue,
+        access=g.access,
+        portal_form=PortalForm(),
+        cancel_form=CancelForm(),
+        resume_form=ResumeForm(),
+        resubscribe_form=resubscribe_form(catalogue),
+    )
+
+
+@bp.post("/portal")
+def portal() -> Response:
+    organization = _owned_organization()
+    if not PortalForm().validate_on_submit():
+        abort(400, "That form was incomplete. Reload the billing page and try again.")
+    try:
+        url = BillingService.create_customer_portal_session(
+            organization, return_url=f"{current_app.config['APP_BASE_URL']}{url_for('billing.overview')}"
+        )
+    except BillingError as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("billing.overview"), 303)
+    return redirect(url, 303)
+
+
+@bp.post("/cancel")
+def cancel() -> Response:
+    organization_id = _owned_organization().id
+    form = CancelForm()
+    if not form.validate_on_submit():
+        abort(400, "That form was incomplete. Reload the billing page and try again.")
+    at_period_end = form.when.data != "now"
+    try:
+        BillingService.cancel_subscription(
+            organization_id, at_period_end=at_period_end, request_token=form.request_token.data, actor_user_id=current_user.id
+        )
+    except BillingError as exc:
+        flash(str(exc), "error")
+    else:
+        flash(
+            "Your plan will end at the end of the billing period. You can resume it until then."
+            if at_period_end
+            else "Your subscription is canceled.",
+            "success",
+        )
+    return redirect(url_for("billing.overview"), 303)
+
+
+@bp.post("/resume")
+def resume() -> Response:
+    organization_id = _owned_organization().id
+    form = ResumeForm()
+    if not form.validate_on_submit():
+        abort(400, "That form was incomplete. Reload the billing page and try again.")
+    try:
+        BillingService.resume_subscription(organization_id, request_token=form.request_token.data, actor_user_id=current_user.id)
+    except BillingError as exc:
+        flash(str(exc), "error")
+    else:
+        flash("Your plan will renew as usual.", "success")
+    return redirect(url_for("billing.overview"), 303)
+
+
+@bp.post("/resubscribe")
+def resubscribe() -> Response:
+    organization_id = _owned_organization().id
+    form = resubscribe_form(plan_catalogue())
+    if not form.validate_on_submit():
+        abort(400, "Choose a plan, then try again.")
+    try:
+        url = BillingService.create_checkout_session_for_organization(
+            organization_id, form.tier.data, request_token=form.request_token.data, actor_user_id=current_user.id
+        )
+    except BillingError as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("billing.overview"), 303)
+    return redirect(url, 303)
+
+
+@bp.get("/checkout-complete")
+def checkout_complete() -> Response | tuple[str, int]:
+    organization_id = _owned_organization().id
+    try:
+        outcome = BillingService.complete_resubscription_from_redirect(organization_id, request.args.get("session_id", ""))
+    except CheckoutSessionNotFound as exc:
+        return render_template("billing/checkout_problem.html", message=str(exc)), 404
+    if outcome.state == ProvisionState.AWAITING_PAYMENT:
+        return render_template("billing/processing.html"), 202
+    flash("Welcome back: your new subscription is active.", "success")
+    return redirect(url_for("billing.overview"), 303)
+
+
+@bp.get("/complete-signup-from-stripe")
+@limiter.limit(lambda: current_app.config["CHECKOUT_RETURN_RATE_LIMIT"], key_func=client_address)
+def complete_signup_from_stripe() -> Response | tuple[str, int]:
+    """Stripe's success URL. Provisions (or finds provisioned) the account; signs the owner in only in
+    the browser session that started this signup."""
+    try:
+        outcome = BillingService.complete_signup_from_redirect(request.args.get("session_id", ""))
+    except CheckoutSessionNotFound as exc:
+        return render_template("billing/checkout_problem.html", message=str(exc)), 404
+    if outcome.state == ProvisionState.AWAITING_PAYMENT:
+        return render_template("billing/processing.html"), 202
+    if outcome.state == ProvisionState.CONFLICT:
+        message = "This email already has an account, so this payment did not create another one. We will refund it."
+        return render_template("billing/checkout_problem.html", message=message), 409
+    if session.get("signup_id") == str(outcome.pending_signup_id) and outcome.owner_user_id is not None:
+        session.pop("signup_id")
+        sign_in(db.session.get_one(User, outcome.owner_user_id))
+        flash("Welcome! Your organization is ready.", "success")
+        return redirect(url_for("main.dashboard"), 303)
+    if current_user.is_authenticated and current_user.id == outcome.owner_user_id:
+        return redirect(url_for("main.dashboard"), 303)
+    flash("Your account is ready. Sign in to continue.", "info")
+    return redirect(url_for("auth.login"), 303)
+
+
+@bp.post("/webhooks/<provider>")
+@csrf.exempt
+@limiter.exempt
+def webhook(provider: str) -> tuple[Response, int]:
+    """Webhook deliveries: the raw body and headers go to BillingService, nothing else happens here."""
+    try:
+        result = BillingService.handle_webhook_event(provider, request.get_data(cache=False), dict(request.headers))
+    except WebhookRejected as exc:
+        return jsonify(error=str(exc)), 400
+    except UnknownWebhookProvider:
+        return jsonify(error="unknown webhook provider"), 404
+    return jsonify(result.body), result.status_code

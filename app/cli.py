@@ -1,0 +1,79 @@
+"""Operations commands: `flask billing ...`."""
+
+from __future__ import annotations
+
+import click
+from flask.cli import AppGroup
+from sqlalchemy import select
+
+from app.extensions import db
+from app.models import StripeEvent, StripeEventStatus
+from app.services.billing_service import BillingError, BillingService, plan_catalogue
+
+billing_cli = AppGroup("billing", help="Billing operations: stored webhook events, replays, prices.")
+
+
+@billing_cli.command("events")
+@click.option("--status", type=click.Choice([s.value for s in StripeEventStatus]), help="Only events in this status.")
+@click.option("--limit", default=50, show_default=True, help="How many, newest first.")
+def list_events(status: str | None, limit: int) -> None:
+    """List stored webhook events."""
+    query = select(StripeEvent).order_by(StripeEvent.received_at.desc()).limit(limit)
+    if status:
+        query = query.where(StripeEvent.status == status)
+    rows = db.session.execute(query).scalars().all()
+    if not rows:
+        click.echo("no events")
+    for row in rows:
+        detail = row.last_error if row.status == StripeEventStatus.FAILED else row.outcome
+        click.echo(
+            f"{row.received_at:%Y-%m-%d %H:%M:%S}  {row.event_id}  {row.type:<40}  {row.status:<9}  "
+            f"attempts={row.attempts}  {detail or ''}"
+        )
+
+
+@billing_cli.command("replay")
+@click.argument("event_id", required=False)
+@click.option("--failed", "all_failed", is_flag=True, help="Replay every event whose processing failed.")
+def replay(event_id: str | None, all_failed: bool) -> None:
+    """Replay one stored event, or all failed ones, through the webhook code path. Events already
+    processed are left as they are."""
+    if bool(event_id) == all_failed:
+        raise click.UsageError("give an EVENT_ID or --failed, not both")
+    event_ids = (
+        [event_id]
+        if event_id
+        else list(
+            db.session.execute(
+                select(StripeEvent.event_id)
+                .where(StripeEvent.status == StripeEventStatus.FAILED)
+                .order_by(StripeEvent.stripe_created, StripeEvent.id)
+            ).scalars()
+        )
+    )
+    failures = 0
+    for replayed_id in event_ids:
+        try:
+            result = BillingService.replay_stored_event(replayed_id)
+        except LookupError as exc:
+            raise click.ClickException(str(exc)) from None
+        outcome = "duplicate: already settled" if result.body.get("duplicate") else result.body
+        click.echo(f"{replayed_id}: {result.status_code} {outcome}")
+        failures += result.status_code >= 400
+    if failures:
+        raise click.ClickException(f"{failures} event(s) failed again; see `flask billing events --status failed`")
+
+
+@billing_cli.command("check-prices")
+def check_prices() -> None:
+    """Resolve every lookup key in the plan catalogue against Stripe."""
+    catalogue = plan_catalogue()
+    entries = [(f"tier {t.key}", t.lookup_key) for t in catalogue.tiers.values()] + [
+        (f"add-on {a.key}", a.lookup_key) for a in catalogue.addons.values()
+    ]
+    try:
+        prices = BillingService.price_ids_for_lookup_keys([lookup_key for _, lookup_key in entries])
+    except BillingError as exc:
+        raise click.ClickException(str(exc)) from None
+    for label, lookup_key in entries:
+        click.echo(f"{label:<24} {lookup_key:<24} {prices[lookup_key]}")

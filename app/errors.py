@@ -1,0 +1,79 @@
+"""Error pages: a clear page (or JSON for machine endpoints) for every failure, never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify, render_template, request
+from flask_wtf.csrf import CSRFError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from app.services.billing_service import BillingConfigurationError
+
+logger = logging.getLogger(__name__)
+
+TITLES = {
+    400: "That request did not make sense",
+    403: "You can't do that",
+    404: "Page not found",
+    405: "Not allowed here",
+    409: "That conflicts with what we have",
+    413: "That request is too large",
+    429: "Too many attempts",
+    500: "Something went wrong on our side",
+    503: "Temporarily unavailable",
+}
+
+
+def wants_json() -> bool:
+    return request.path.startswith(("/billing/webhooks/", "/healthz", "/readyz")) or (
+        request.accept_mimetypes.best == "application/json"
+    )
+
+
+def error_response(status: int, message: str) -> tuple[Response | str, int]:
+    if wants_json():
+        return jsonify(error=message), status
+    return render_template("errors/error.html", status=status, title=TITLES.get(status, "Error"), message=message), status
+
+
+def init_error_handlers(app: Flask) -> None:
+    @app.errorhandler(CSRFError)
+    def csrf_failed(error: CSRFError) -> tuple[Response | str, int]:
+        return error_response(400, "This form has expired or was not sent from our site. Go back, reload the page and try again.")
+
+    @app.errorhandler(429)
+    def rate_limited(error: HTTPException) -> tuple[Response | str, int]:
+        retry_after = getattr(error, "retry_after", None)
+        wait = f" Try again in {retry_after} seconds." if retry_after else " Wait a little and try again."
+        return error_response(429, f"Too many attempts from you in a short time.{wait}")
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> tuple[Response | str, int]:
+        status = error.code or 500
+        return error_response(status, error.description or TITLES.get(status, "Error"))
+
+    @app.errorhandler(RedisError)
+    def redis_unavailable(error: RedisError) -> tuple[Response | str, int]:
+        logger.error("Redis unavailable: %s", type(error).__name__)
+        return error_response(503, "Signing in and forms are briefly unavailable. Please try again in a minute.")
+
+    @app.errorhandler(OperationalError)
+    def database_unavailable(error: OperationalError) -> tuple[Response | str, int]:
+        logger.error("database unavailable: %s", type(error.orig).__name__ if error.orig else "OperationalError")
+        return error_response(503, "We are briefly unavailable. Please try again in a minute.")
+
+    @app.errorhandler(BillingConfigurationError)
+    def billing_misconfigured(error: BillingConfigurationError) -> tuple[Response | str, int]:
+        logger.error("billing is not configured: %s", error)
+        return error_response(503, "Billing is temporarily unavailable. Nothing was charged; please try again later.")
+
+    @app.errorhandler(InternalServerError)
+    def internal_error(error: InternalServerError) -> tuple[Response | str, int]:
+        # Flask has logged the original exception. A Redis failure while saving the session after
+        # the view surfaces here rather than in the RedisError handler.
+        if isinstance(getattr(error, "original_exception", None), RedisError):
+            return redis_unavailable(error.original_exception)
+        return error_response(500, "Something went wrong on our side. It has been logged; please try again.")

@@ -1,0 +1,29 @@
+"""Flask extensions, created once and unbound; create_app() binds them to an application."""
+
+from flask import request
+from flask_caching import Cache
+from flask_limiter import Limiter
+from flask_login import LoginManager
+from flask_migrate import Migrate
+from flask_session import Session
+from flask_sqlalchemy import SQLAlchemy
+from flask_wtf.csrf import CSRFProtect
+from sqlalchemy.orm import DeclarativeBase
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def client_address() -> str:
+    """The client's address as the trusted proxy reported it (ProxyFix runs first)."""
+    return request.remote_addr or "unknown"
+
+
+db = SQLAlchemy(model_class=Base)
+migrate = Migrate()
+login_manager = LoginManager()
+server_session = Session()
+limiter = Limiter(key_func=client_address)
+cache = Cache()
+csrf = CSRFProtect()

@@ -1,0 +1,65 @@
+"""The signed-in app pages, and the health endpoints ops and load balancers use."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, redirect, render_template, url_for
+from flask_login import current_user
+from sqlalchemy import text
+from werkzeug.wrappers import Response
+
+from app.access import require_billing_access
+from app.extensions import db, limiter
+
+bp = Blueprint("main", __name__)
+
+
+@bp.get("/")
+def index() -> Response:
+    return redirect(url_for("main.dashboard" if current_user.is_authenticated else "auth.signup"))
+
+
+@bp.get("/app")
+def dashboard() -> str:
+    return render_template("main/dashboard.html", organization=current_user.organization)
+
+
+# Every page of this blueprint except the health checks and the front door goes through the guard.
+@bp.before_request
+def guard() -> Response | None:
+    from flask import request
+
+    if request.endpoint in ("main.index", "main.healthz", "main.readyz"):
+        return None
+    return require_billing_access()
+
+
+@bp.get("/healthz")
+@limiter.exempt
+def healthz() -> Response:
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+@limiter.exempt
+def readyz() -> tuple[Response, int]:
+    checks: dict[str, str] = {}
+    try:
+        db.session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unreachable ({type(exc).__name__})"
+    finally:
+        db.session.rollback()
+    redis_client = current_app.extensions.get("redis")
+    if redis_client is None:
+        checks["redis"] = "not configured (development stand-ins)"
+    else:
+        try:
+            redis_client.ping()
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"unreachable ({type(exc).__name__})"
+    failed = [name for name, result in checks.items() if result.startswith("unreachable")]
+    if failed:
+        return jsonify(status="unavailable", failed=failed, checks=checks), 503
+    return jsonify(status="ready", checks=checks), 200

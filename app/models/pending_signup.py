@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, Uuid, text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.extensions import db
+from app.models.types import JsonDocument, Timestamp, utcnow
+
+
+class SignupStatus(StrEnum):
+    PENDING = "pending"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    FAILED = "failed"
+
+
+class PendingSignup(db.Model):
+    """A customer's intent to sign up, held while they pay on Stripe Checkout. The password is kept
+    only as a hash and only until the account exists."""
+
+    __tablename__ = "pending_signup"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('pending', 'completed', 'expired', 'failed')", name="ck_pending_signup_status"
+        ),
+        CheckConstraint("email = lower(email)", name="ck_pending_signup_email_normalised"),
+        # At most one open attempt per email: a new attempt supersedes the old one in the same
+        # transaction, and two racing attempts cannot both be open.
+        Index(
+            "uq_pending_signup_open_email",
+            "email",
+            unique=True,
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    email: Mapped[str] = mapped_column(String(320))
+    organization_name: Mapped[str] = mapped_column(String(200))
+    owner_name: Mapped[str] = mapped_column(String(200))
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    tier: Mapped[str] = mapped_column(String(50))
+    addons: Mapped[dict[str, int]] = mapped_column(JsonDocument, default=dict)
+    checkout_session_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default=SignupStatus.PENDING)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    organization_id: Mapped[int | None] = mapped_column(ForeignKey("organization.id", ondelete="SET NULL"))
+    expires_at: Mapped[datetime] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(Timestamp)

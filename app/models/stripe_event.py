@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.extensions import db
+from app.models.types import BigId, Timestamp, utcnow
+
+
+class StripeEventStatus(StrEnum):
+    RECEIVED = "received"  # only ever seen inside the transaction that processes it
+    PROCESSED = "processed"
+    FAILED = "failed"
+    IGNORED = "ignored"
+
+
+SETTLED_STATUSES = (StripeEventStatus.PROCESSED, StripeEventStatus.IGNORED)
+
+
+class StripeEvent(db.Model):
+    """Every verified webhook delivery, stored before it is applied; the unique event id is what
+    makes webhook handling idempotent."""
+
+    __tablename__ = "stripe_event"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('received', 'processed', 'failed', 'ignored')", name="ck_stripe_event_status"
+        ),
+        Index("ix_stripe_event_status_received_at", "status", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(255), unique=True)
+    type: Mapped[str] = mapped_column(String(100))
+    api_version: Mapped[str | None] = mapped_column(String(64))
+    livemode: Mapped[bool] = mapped_column(Boolean)
+    stripe_created: Mapped[int] = mapped_column(BigInteger)
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str | None] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    processed_at: Mapped[datetime | None] = mapped_column(Timestamp)

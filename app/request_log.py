@@ -1,0 +1,103 @@
+"""Logging: one line per request (request id, method, path, status, duration), JSON in production,
+and a filter that keeps secrets and card numbers out of every log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+logger = logging.getLogger("app.request")
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+# Stripe secret, restricted and webhook keys, and 13-19 digit runs that could be card numbers.
+SECRET_PATTERNS = re.compile(r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9_]+|\b(?:\d[ -]?){12,18}\d\b")
+CONTEXT_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "remote_addr", "event_name", "organization_id")
+HANDLER_NAME = "app"
+
+
+class RedactingFilter(logging.Filter):
+    """Masks configured secret values and anything shaped like a key or a card number."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if len(s) >= 8]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = SECRET_PATTERNS.sub("[redacted]", message)
+        for secret in self.secrets:
+            redacted = redacted.replace(secret, "[redacted]")
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({field: getattr(record, field) for field in CONTEXT_FIELDS if hasattr(record, field)})
+        if record.exc_info:
+            entry["exception"] = SECRET_PATTERNS.sub("[redacted]", self.formatException(record.exc_info))
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(app: Flask) -> None:
+    """One handler on the root logger, replaced when another app is created in this process."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+        root.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler.set_name(HANDLER_NAME)
+    if app.config.get("LOG_FORMAT") == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    secrets = [
+        str(app.config.get(name) or "")
+        for name in ("SECRET_KEY", "STRIPE_SECRET_KEY", "STRIPE_PUBLISHABLE_KEY")
+    ] + str(app.config.get("STRIPE_WEBHOOK_SECRET") or "").split(",")
+    handler.addFilter(RedactingFilter([s.strip() for s in secrets]))
+    root.addHandler(handler)
+    root.setLevel(app.config.get("LOG_LEVEL", "INFO"))
+
+
+def init_request_logging(app: Flask) -> None:
+    @app.before_request
+    def start_request() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.request_started = time.perf_counter()
+
+    @app.after_request
+    def log_request(response: Response) -> Response:
+        request_id = g.get("request_id") or uuid.uuid4().hex
+        duration_ms = round((time.perf_counter() - g.get("request_started", time.perf_counter())) * 1000, 2)
+        response.headers["X-Request-ID"] = request_id
+        # The path only: query strings can carry checkout ids and are not needed to follow a request.
+        logger.info(
+            "%s %s %s %.2fms",
+            request.method,
+            request.path,
+            response.status_code,
+            duration_ms,
+            extra={
+                "request_id": request_id,
+                "method": request.method,
+                "path": request.path,
+                "status": response.status_code,
+                "duration_ms": duration_ms,
+                "remote_addr": request.remote_addr,
+            },
+        )
+        return response

@@ -1,0 +1,1 @@
+"""Business rules. Blueprints parse input and call these; these own the transactions."""

@@ -1,0 +1,858 @@
+"""BillingService: the one billing authority, and the only module that uses the Stripe SDK.
+
+It configures Stripe, resolves plans to prices, creates Checkout and customer-portal sessions, cancels
+and resumes subscriptions, provisions completed checkouts (handing signups to SignupService) and
+receives webhooks from every payment provider through handle_webhook_event. The behaviour is written
+down in docs/system/BILLING.md; the callers are listed in docs/system/SERVICES.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Protocol
+
+import stripe
+from flask import current_app
+from stripe.params.checkout import (
+    SessionCreateParams,
+    SessionCreateParamsLineItem,
+    SessionCreateParamsSubscriptionData,
+)
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from app.extensions import cache, db
+from app.models import BillingStatus, Organization, SignupStatus, StripeEvent, StripeEventStatus
+from app.models.stripe_event import SETTLED_STATUSES
+from app.models.types import utcnow
+from app.services import domain_events
+from app.services.plans import PlanCatalogue, Tier
+from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
+from app.services.subscription_state import SubscriptionState, apply_subscription_state
+
+logger = logging.getLogger(__name__)
+
+# Pinned to the version stripe==16.1.0 is typed for; webhook endpoints should use the same version.
+STRIPE_API_VERSION = "2026-10-28.endive"
+STRIPE_SIGNATURE_TOLERANCE_SECONDS = 300
+# Stripe timestamps are whole seconds and our clock is not Stripe's: an event this close to the state
+# we hold cannot be ordered against it, so the subscription is read from Stripe instead.
+SAME_MOMENT_SECONDS = 5
+CHECKOUT_SESSION_ID = re.compile(r"^cs_(test|live)_[A-Za-z0-9]{1,200}$")
+REQUEST_TOKEN = re.compile(r"^[0-9a-f]{32}$")
+CANCELLABLE = frozenset(
+    {BillingStatus.ACTIVE, BillingStatus.TRIALING, BillingStatus.PAST_DUE, BillingStatus.UNPAID, BillingStatus.PAUSED}
+)
+
+
+class BillingError(Exception):
+    """A billing operation failed; the message can be shown to the person who asked for it."""
+
+
+class BillingConfigurationError(BillingError):
+    """A billing setting is missing. Operators fix this; customers see a generic error."""
+
+
+class UnknownTierError(BillingError):
+    pass
+
+
+class PriceUnavailableError(BillingError):
+    pass
+
+
+class PaymentProviderUnavailable(BillingError):
+    pass
+
+
+class CheckoutSessionNotFound(BillingError):
+    pass
+
+
+class SubscriptionActionNotAllowed(BillingError):
+    pass
+
+
+class WebhookRejected(Exception):
+    """A delivery that is not a verified event; answered 400 with this short reason, never stored."""
+
+
+class UnknownWebhookProvider(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class CheckoutRedirect:
+    url: str
+    pending_signup_id: uuid.UUID
+    checkout_session_id: str
+
+
+@dataclass(frozen=True)
+class VerifiedEvent:
+    provider: str
+    event_id: str
+    type: str
+    created: int
+    livemode: bool
+    api_version: str | None
+    raw: str
+    body: dict[str, Any]
+
+    @property
+    def source(self) -> str:
+        return f"{self.provider}:{self.event_id}"
+
+
+@dataclass(frozen=True)
+class WebhookResult:
+    status_code: int
+    body: dict[str, Any]
+
+
+class WebhookProvider(Protocol):
+    """A payment provider's webhooks. Register one with BillingService.register_webhook_provider();
+    handle_webhook_event stores, deduplicates and applies its events in a transaction."""
+
+    name: str
+    event_model: type[StripeEvent]
+
+    def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent: ...
+
+    def ignore_reason(self, event: VerifiedEvent) -> str | None: ...
+
+    def apply(self, event: VerifiedEvent) -> str: ...
+
+
+def plan_catalogue() -> PlanCatalogue:
+    catalogue: PlanCatalogue = current_app.extensions["plan_catalogue"]
+    return catalogue
+
+
+def new_request_token() -> str:
+    """A token rendered into an owner's action form; it makes a double-submitted form one Stripe call."""
+    return uuid.uuid4().hex
+
+
+class BillingService:
+    _webhook_providers: dict[str, WebhookProvider] = {}
+
+    # --- Stripe ---------------------------------------------------------------------------------
+
+    @classmethod
+    def ensure_stripe(cls) -> stripe.StripeClient:
+        """The configured Stripe client; a missing credential fails here, naming the variable."""
+        client: stripe.StripeClient | None = current_app.extensions.get("stripe_client")
+        if client is not None:
+            return client
+        config = current_app.config
+        missing = [name for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET") if not config.get(name)]
+        if missing:
+            raise BillingConfigurationError(
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: billing credentials "
+                "come only from the environment (see .env.example)"
+            )
+        api_base = config.get("STRIPE_API_BASE")
+        client = stripe.StripeClient(
+            config["STRIPE_SECRET_KEY"],
+            stripe_version=STRIPE_API_VERSION,
+            base_addresses={"api": api_base} if api_base else None,
+            max_network_retries=config["STRIPE_MAX_NETWORK_RETRIES"],
+            http_client=stripe.RequestsClient(timeout=config["STRIPE_TIMEOUT_SECONDS"]),
+        )
+        current_app.extensions["stripe_client"] = client
+        return client
+
+    @staticmethod
+    @contextmanager
+    def _calling_stripe(action: str) -> Iterator[None]:
+        """Stripe's errors as ours: the customer is told to try again, the log keeps Stripe's words."""
+        try:
+            yield
+        except stripe.AuthenticationError as exc:
+            logger.error("Stripe rejected our credentials while trying to %s: %s", action, exc.user_message)
+            raise BillingConfigurationError("The payment provider rejected our credentials.") from exc
+        except stripe.StripeError as exc:
+            logger.warning("Stripe error while trying to %s: %s", action, exc.user_message or type(exc).__name__)
+            raise PaymentProviderUnavailable(
+                "We could not reach our payment provider. Nothing was charged; please try again."
+            ) from exc
+
+    @classmethod
+    def price_ids_for_lookup_keys(cls, lookup_keys: list[str]) -> dict[str, str]:
+        """Stripe price ids by lookup key, cached (PRICE_CACHE_SECONDS) so a signup costs no lookup."""
+        cached = dict(zip(lookup_keys, cache.get_many(*(f"stripe-price:{key}" for key in lookup_keys)), strict=True))
+        missing = [key for key, price_id in cached.items() if not price_id]
+        if missing:
+            with cls._calling_stripe("look up prices"):
+                prices = cls.ensure_stripe().v1.prices.list(
+                    params={"lookup_keys": missing, "active": True, "limit": len(missing)}
+                )
+            found = {price.lookup_key: price.id for price in prices.data if price.lookup_key}
+            unknown = [key for key in missing if key not in found]
+            if unknown:
+                raise PriceUnavailableError(
+                    f"No active Stripe price has the lookup key {', '.join(repr(k) for k in unknown)}."
+                )
+            cache.set_many({f"stripe-price:{key}": price_id for key, price_id in found.items()})
+            cached.update(found)
+        return {key: str(price_id) for key, price_id in cached.items()}
+
+    @staticmethod
+    def tier(tier_key: str) -> Tier:
+        tier = plan_catalogue().tier(tier_key)
+        if tier is None:
+            raise UnknownTierError(f"There is no plan called {tier_key!r}.")
+        return tier
+
+    @classmethod
+    def _line_items(cls, tier: Tier, addons: Mapping[str, int]) -> list[SessionCreateParamsLineItem]:
+        catalogue = plan_catalogue()
+        quantities = {tier.lookup_key: 1}
+        for key, quantity in addons.items():
+            addon = catalogue.addons.get(key)
+            if addon is None:
+                raise UnknownTierError(f"There is no add-on called {key!r}.")
+            if not 0 <= quantity <= addon.max_quantity:
+                raise BillingError(f"{addon.name}: choose between 0 and {addon.max_quantity}.")
+            if quantity:
+                quantities[addon.lookup_key] = quantity
+        prices = cls.price_ids_for_lookup_keys(list(quantities))
+        return [{"price": prices[key], "quantity": quantity} for key, quantity in quantities.items()]
+
+    # --- Signup ---------------------------------------------------------------------------------
+
+    @classmethod
+    def create_checkout_session_for_tier(
+        cls,
+        tier_key: str,
+        *,
+        email: str,
+        organization_name: str,
+        owner_name: str,
+        password: str,
+        addons: Mapping[str, int] | None = None,
+    ) -> CheckoutRedirect:
+        """Store the signup (SignupService) and open a subscription-mode Checkout Session for it."""
+        client = cls.ensure_stripe()
+        tier = cls.tier(tier_key)
+        line_items = cls._line_items(tier, addons or {})
+        config = current_app.config
+        ttl = timedelta(minutes=config["CHECKOUT_SESSION_TTL_MINUTES"])
+        signup = SignupService.create_pending_signup_record(
+            email=email,
+            organization_name=organization_name,
+            owner_name=owner_name,
+            password=password,
+            tier=tier.key,
+            addons=dict(addons or {}),
+            ttl=ttl,
+        )
+        cls._expire_checkout_sessions(signup.superseded_checkout_session_ids)
+        reference = str(signup.pending_signup_id)
+        metadata = {"purpose": "signup", "pending_signup_id": reference}
+        subscription_data: SessionCreateParamsSubscriptionData = {"metadata": metadata}
+        if tier.trial_days:
+            subscription_data["trial_period_days"] = tier.trial_days
+        try:
+            with cls._calling_stripe("create a checkout session"):
+                session = client.v1.checkout.sessions.create(
+                    params={
+                        "mode": "subscription",
+                        "line_items": line_items,
+                        "customer_email": email.strip().lower(),
+                        "client_reference_id": reference,
+                        "metadata": metadata,
+                        "subscription_data": subscription_data,
+                        "success_url": f"{config['APP_BASE_URL']}/billing/complete-signup-from-stripe"
+                        "?session_id={CHECKOUT_SESSION_ID}",
+                        "cancel_url": f"{config['APP_BASE_URL']}/auth/signup?checkout=canceled",
+                        "expires_at": int(time.time() + ttl.total_seconds()),
+                    },
+                    # Derived from the signup: a retried request returns the same session.
+                    options={"idempotency_key": f"signup-checkout-{reference}"},
+                )
+        except BillingError as exc:
+            SignupService.mark_signup_failed(signup.pending_signup_id, f"checkout not created: {exc}")
+            cache.delete_many(*(f"stripe-price:{key}" for key in (tier.lookup_key, *(addons or {}))))
+            raise
+        SignupService.attach_checkout_session(signup.pending_signup_id, session.id)
+        return CheckoutRedirect(url=str(session.url), pending_signup_id=signup.pending_signup_id, checkout_session_id=session.id)
+
+    @classmethod
+    def _expire_checkout_sessions(cls, session_ids: list[str]) -> None:
+        """Superseded checkouts are closed at Stripe so they cannot be paid; best effort, since one
+        that is paid anyway is still honoured (see docs/system/BILLING.md)."""
+        for session_id in session_ids:
+            try:
+                cls.ensure_stripe().v1.checkout.sessions.expire(session_id)
+            except stripe.StripeError as exc:
+                logger.info("superseded checkout %s not expired: %s", session_id, exc.user_message)
+
+    @classmethod
+    def complete_signup_from_redirect(cls, session_id: str) -> ProvisionOutcome:
+        """The success URL: provision (or find provisioned) the signup behind this checkout."""
+        if not CHECKOUT_SESSION_ID.match(session_id or ""):
+            raise CheckoutSessionNotFound("That checkout link is not valid.")
+        try:
+            outcome = cls._provision_checkout_session(session_id, source="web")
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return outcome
+
+    @classmethod
+    def _provision_checkout_session(cls, session: str | Mapping[str, Any], *, source: str) -> ProvisionOutcome:
+        """Provision a completed checkout exactly once, whoever asks first: the success redirect (with
+        the session id) or a webhook (with the session object). Runs in the caller's transaction.
+
+        The pending signup (or, for a resubscription, the organization) is locked before Stripe is
+        read, so the subscription read here is at least as new as any event applied before it."""
+        if isinstance(session, str):
+            session_id, reference, checkout = session, None, None
+        else:
+            session_id, reference, checkout = session["id"], session.get("client_reference_id"), dict(session)
+            if (checkout.get("metadata") or {}).get("purpose") == "resubscribe":
+                return cls._provision_resubscription(checkout, source=source)
+        pending = SignupService.lock_pending_signup_for_checkout(session_id, reference_id=reference)
+        if pending is None:
+            raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
+        if pending.status == SignupStatus.COMPLETED:
+            return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
+        if checkout is None:
+            checkout = cls._retrieve_checkout_session(session_id, expand_subscription=True)
+            subscription = checkout.get("subscription")
+        elif checkout.get("subscription"):
+            subscription = cls._retrieve_subscription(checkout["subscription"])
+        else:
+            subscription = None
+        if not _checkout_is_paid(checkout) or not isinstance(subscription, dict):
+            return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, pending.id)
+        state = SubscriptionState.from_stripe(subscription, plan_catalogue())
+        return SignupService.complete_pending_signup_from_checkout(pending, checkout, state, source=source)
+
+    @classmethod
+    def _retrieve_checkout_session(cls, session_id: str, *, expand_subscription: bool) -> dict[str, Any]:
+        client = cls.ensure_stripe()
+        try:
+            with cls._calling_stripe("read a checkout session"):
+                session = client.v1.checkout.sessions.retrieve(
+                    session_id, params={"expand": ["subscription"]} if expand_subscription else None
+                )
+        except PaymentProviderUnavailable as exc:
+            if isinstance(exc.__cause__, stripe.InvalidRequestError) and exc.__cause__.code == "resource_missing":
+                raise CheckoutSessionNotFound("We could not find that checkout.") from exc
+            raise
+        return session.to_dict()
+
+    @classmethod
+    def _retrieve_subscription(cls, subscription_id: str) -> dict[str, Any]:
+        with cls._calling_stripe("read a subscription"):
+            return cls.ensure_stripe().v1.subscriptions.retrieve(subscription_id).to_dict()
+
+    # --- The owner's actions ----------------------------------------------------------------------
+
+    @classmethod
+    def create_customer_portal_session(cls, organization: Organization, *, return_url: str) -> str:
+        """A Stripe customer-portal session for the organization's customer; returns its URL."""
+        if not organization.stripe_customer_id:
+            raise SubscriptionActionNotAllowed("This organization has no billing account yet.")
+        with cls._calling_stripe("open the customer portal"):
+            portal = cls.ensure_stripe().v1.billing_portal.sessions.create(
+                params={"customer": organization.stripe_customer_id, "return_url": return_url}
+            )
+        return str(portal.url)
+
+    @classmethod
+    def cancel_subscription(
+        cls, organization_id: int, *, at_period_end: bool, request_token: str, actor_user_id: int
+    ) -> list[str]:
+        """Cancel at the end of the period (default) or at once. The organization reflects Stripe's
+        answer immediately; the webhook that follows finds nothing left to change."""
+        when = "period-end" if at_period_end else "now"
+
+        def call(client: stripe.StripeClient, organization: Organization, key: str) -> stripe.Subscription:
+            subscription_id = str(organization.stripe_subscription_id)
+            if at_period_end:
+                return client.v1.subscriptions.update(
+                    subscription_id, params={"cancel_at_period_end": True}, options={"idempotency_key": key}
+                )
+            return client.v1.subscriptions.cancel(subscription_id, options={"idempotency_key": key})
+
+        def allowed(organization: Organization) -> str | None:
+            if organization.billing_status not in CANCELLABLE:
+                return "There is no active subscription to cancel."
+            if at_period_end and organization.cancel_at_period_end:
+                return "Your plan is already set to end at the end of the billing period."
+            return None
+
+        return cls._owner_subscription_change(
+            organization_id, f"cancel-{when}", request_token, actor_user_id, allowed, call
+        )
+
+    @classmethod
+    def resume_subscription(cls, organization_id: int, *, request_token: str, actor_user_id: int) -> list[str]:
+        """Undo a cancellation scheduled for the end of the period."""
+
+        def call(client: stripe.StripeClient, organization: Organization, key: str) -> stripe.Subscription:
+            return client.v1.subscriptions.update(
+                str(organization.stripe_subscription_id),
+                params={"cancel_at_period_end": False},
+                options={"idempotency_key": key},
+            )
+
+        def allowed(organization: Organization) -> str | None:
+            if not organization.cancel_at_period_end or organization.billing_status not in CANCELLABLE:
+                return "There is no scheduled cancellation to undo."
+            return None
+
+        return cls._owner_subscription_change(organization_id, "resume", request_token, actor_user_id, allowed, call)
+
+    @classmethod
+    def _owner_subscription_change(
+        cls,
+        organization_id: int,
+        action: str,
+        request_token: str,
+        actor_user_id: int,
+        allowed: Callable[[Organization], str | None],
+        call: Callable[[stripe.StripeClient, Organization, str], stripe.Subscription],
+    ) -> list[str]:
+        if not REQUEST_TOKEN.match(request_token or ""):
+            raise SubscriptionActionNotAllowed("That form has expired. Reload the page and try again.")
+        client = cls.ensure_stripe()
+        try:
+            # The row lock makes concurrent actions on one organization take turns.
+            organization = db.session.get(Organization, organization_id, with_for_update=True, populate_existing=True)
+            if organization is None or not organization.stripe_subscription_id:
+                raise SubscriptionActionNotAllowed("This organization has no subscription.")
+            refusal = allowed(organization)
+            if refusal:
+                raise SubscriptionActionNotAllowed(refusal)
+            key = f"org-{organization.id}-{action}-{request_token}"
+            with cls._calling_stripe(action.replace("-", " ") + " a subscription"):
+                subscription = call(client, organization, key).to_dict()
+            changes = cls._apply_subscription_read(organization, subscription, source=f"user:{actor_user_id}")
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return changes
+
+    @classmethod
+    def create_checkout_session_for_organization(
+        cls, organization_id: int, tier_key: str, *, request_token: str, actor_user_id: int
+    ) -> str:
+        """A new subscription for an organization whose last one ended; returns the checkout URL."""
+        if not REQUEST_TOKEN.match(request_token or ""):
+            raise SubscriptionActionNotAllowed("That form has expired. Reload the page and try again.")
+        client = cls.ensure_stripe()
+        organization = db.session.get(Organization, organization_id)
+        if organization is None or organization.billing_status not in (
+            BillingStatus.CANCELED,
+            BillingStatus.INCOMPLETE_EXPIRED,
+        ):
+            raise SubscriptionActionNotAllowed("This organization already has a subscription.")
+        tier = cls.tier(tier_key)
+        metadata = {"purpose": "resubscribe", "organization_id": str(organization.id)}
+        base = current_app.config["APP_BASE_URL"]
+        params: SessionCreateParams = {
+            "mode": "subscription",
+            "line_items": cls._line_items(tier, {}),
+            "client_reference_id": f"organization-{organization.id}",
+            "metadata": metadata,
+            "subscription_data": {"metadata": metadata},
+            "success_url": f"{base}/billing/checkout-complete?session_id={{CHECKOUT_SESSION_ID}}",
+            "cancel_url": f"{base}/billing/",
+        }
+        if organization.stripe_customer_id:
+            params["customer"] = organization.stripe_customer_id
+        with cls._calling_stripe("create a checkout session"):
+            session = client.v1.checkout.sessions.create(
+                params=params,
+                options={"idempotency_key": f"org-{organization.id}-resubscribe-{tier.key}-{request_token}"},
+            )
+        domain_events.record(
+            "organization.resubscribe_started",
+            organization_id=organization.id,
+            user_id=actor_user_id,
+            source=f"user:{actor_user_id}",
+            tier=tier.key,
+            checkout_session_id=session.id,
+        )
+        db.session.commit()
+        return str(session.url)
+
+    @classmethod
+    def complete_resubscription_from_redirect(cls, organization_id: int, session_id: str) -> ProvisionOutcome:
+        if not CHECKOUT_SESSION_ID.match(session_id or ""):
+            raise CheckoutSessionNotFound("That checkout link is not valid.")
+        checkout = cls._retrieve_checkout_session(session_id, expand_subscription=False)
+        if (checkout.get("metadata") or {}).get("organization_id") != str(organization_id):
+            raise CheckoutSessionNotFound("That checkout belongs to another organization.")
+        try:
+            outcome = cls._provision_checkout_session(checkout, source="web")
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return outcome
+
+    @classmethod
+    def _provision_resubscription(cls, checkout: dict[str, Any], *, source: str) -> ProvisionOutcome:
+        organization_id = int((checkout.get("metadata") or {}).get("organization_id", "0") or 0)
+        organization = db.session.get(Organization, organization_id, with_for_update=True, populate_existing=True)
+        if organization is None:
+            raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
+        subscription_id = checkout.get("subscription")
+        if isinstance(subscription_id, dict):
+            subscription_id = subscription_id.get("id")
+        if subscription_id and organization.stripe_subscription_id == subscription_id:
+            return ProvisionOutcome(ProvisionState.ALREADY_PROVISIONED, None, organization.id)
+        if not _checkout_is_paid(checkout) or not subscription_id:
+            return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, None, organization.id)
+        subscription = cls._retrieve_subscription(subscription_id)
+        cls._apply_subscription_read(organization, subscription, source=source)
+        return ProvisionOutcome(ProvisionState.PROVISIONED, None, organization.id)
+
+    @staticmethod
+    def _apply_subscription_read(organization: Organization, subscription: dict[str, Any], *, source: str) -> list[str]:
+        """Apply a subscription just read from Stripe: it is as new as our clock says it is now."""
+        state = SubscriptionState.from_stripe(subscription, plan_catalogue())
+        changes = apply_subscription_state(organization, state, source=source)
+        organization.billing_as_of = max(organization.billing_as_of or 0, int(time.time()))
+        return changes
+
+    # --- Webhooks ---------------------------------------------------------------------------------
+
+    @classmethod
+    def register_webhook_provider(cls, provider: WebhookProvider) -> None:
+        cls._webhook_providers[provider.name] = provider
+
+    @classmethod
+    def handle_webhook_event(cls, provider_name: str, payload: bytes, headers: Mapping[str, str]) -> WebhookResult:
+        """Verify, store and apply one webhook delivery, exactly once per event id.
+
+        A duplicate of a settled event costs one indexed read. A new event is inserted (ON CONFLICT,
+        so concurrent deliveries of one event queue on its row), applied inside a SAVEPOINT, and
+        committed with its status in one transaction: applied and recorded, or rolled back and marked
+        failed with a 500 so the provider retries."""
+        provider = cls._webhook_providers.get(provider_name)
+        if provider is None:
+            raise UnknownWebhookProvider(provider_name)
+        return cls._process_event(provider, provider.verify(payload, headers))
+
+    @classmethod
+    def replay_stored_event(cls, event_id: str) -> WebhookResult:
+        """Run a stored event through the same path again (ops: `flask billing replay`)."""
+        for provider in cls._webhook_providers.values():
+            row = db.session.execute(
+                select(provider.event_model).where(provider.event_model.event_id == event_id)
+            ).scalar_one_or_none()
+            if row is not None:
+                body = json.loads(row.payload)
+                event = VerifiedEvent(
+                    provider.name, row.event_id, row.type, row.stripe_created, row.livemode, row.api_version, row.payload, body
+                )
+                db.session.rollback()
+                return cls._process_event(provider, event)
+        raise LookupError(f"no stored event {event_id}")
+
+    @classmethod
+    def _process_event(cls, provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
+        model = provider.event_model
+        try:
+            status = db.session.execute(select(model.status).where(model.event_id == event.event_id)).scalar()
+            if status in SETTLED_STATUSES:
+                db.session.rollback()
+                return WebhookResult(200, {"received": True, "duplicate": True})
+            if _claim_event(model, event) is None:  # settled by a concurrent delivery we waited for
+                db.session.commit()
+                return WebhookResult(200, {"received": True, "duplicate": True})
+            ignored = provider.ignore_reason(event)
+            if ignored:
+                _settle(model, event, StripeEventStatus.IGNORED, outcome=ignored)
+                db.session.commit()
+                return WebhookResult(200, {"received": True, "ignored": ignored})
+            try:
+                with domain_events.savepoint():
+                    outcome = provider.apply(event)
+            except Exception as exc:
+                logger.exception("webhook event %s (%s) failed", event.event_id, event.type)
+                _settle(model, event, StripeEventStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000])
+                db.session.commit()
+                return WebhookResult(500, {"received": True, "error": "processing failed; retry later"})
+            _settle(model, event, StripeEventStatus.PROCESSED, outcome=outcome)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return WebhookResult(200, {"received": True})
+
+    # --- Stripe events, applied -------------------------------------------------------------------
+
+    @classmethod
+    def _sync_subscription(cls, subscription: dict[str, Any], event: VerifiedEvent) -> str:
+        """A customer.subscription.* event: the organization follows the subscription unless the event
+        is older than the state it already holds (see "Ordering" in docs/system/BILLING.md)."""
+        organization = cls._lock_organization_for_subscription(subscription)
+        if organization is None:
+            return "no organization for this subscription yet; provisioning reads it from Stripe"
+        held = organization.billing_as_of
+        if held is not None and event.created < held - SAME_MOMENT_SECONDS:
+            return f"stale: older than the state held (as of {held})"
+        if held is not None and event.created <= held + SAME_MOMENT_SECONDS:
+            changes = cls._apply_subscription_read(
+                organization, cls._retrieve_subscription(subscription["id"]), source=event.source
+            )
+            return "re-read from Stripe: " + (", ".join(changes) or "no change")
+        state = SubscriptionState.from_stripe(subscription, plan_catalogue())
+        changes = apply_subscription_state(organization, state, source=event.source)
+        organization.billing_as_of = event.created
+        return "applied: " + (", ".join(changes) or "no change")
+
+    @staticmethod
+    def _lock_organization_for_subscription(subscription: dict[str, Any]) -> Organization | None:
+        def find() -> Organization | None:
+            return db.session.execute(
+                select(Organization)
+                .where(Organization.stripe_subscription_id == subscription["id"])
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            ).scalar_one_or_none()
+
+        organization = find()
+        if organization is not None:
+            return organization
+        # Not ours yet: wait for any provisioning of it in flight by taking the same lock it holds,
+        # then look again. If there is none, provisioning will read the subscription itself later.
+        metadata = subscription.get("metadata") or {}
+        if metadata.get("purpose") == "resubscribe":
+            db.session.get(Organization, int(metadata.get("organization_id") or 0), with_for_update=True)
+        elif metadata.get("pending_signup_id"):
+            SignupService.lock_pending_signup(metadata["pending_signup_id"])
+        return find()
+
+    @classmethod
+    def _record_invoice(cls, invoice: dict[str, Any], event: VerifiedEvent) -> str:
+        """invoice.paid / invoice.payment_failed / invoice.payment_action_required: the payment state,
+        and a domain event that dunning notices hang on."""
+        organization = db.session.execute(
+            select(Organization).where(Organization.stripe_customer_id == invoice.get("customer")).with_for_update()
+        ).scalar_one_or_none()
+        if organization is None:
+            return "no organization for this customer yet"
+        payment_status = INVOICE_PAYMENT_STATUS[event.type]
+        if organization.last_invoice_id == invoice["id"] and organization.last_payment_status == "paid":
+            return "stale: this invoice is already paid"
+        if organization.payment_as_of is not None and event.created < organization.payment_as_of:
+            return "stale: a newer invoice event was applied"
+        organization.last_invoice_id = invoice["id"]
+        organization.last_payment_status = payment_status
+        organization.payment_as_of = event.created
+        if payment_status == "paid":
+            organization.last_payment_at = utcnow()
+        domain_events.record(
+            f"billing.payment_{'succeeded' if payment_status == 'paid' else payment_status}",
+            organization_id=organization.id,
+            source=event.source,
+            invoice_id=invoice["id"],
+            amount_due=invoice.get("amount_due"),
+            amount_paid=invoice.get("amount_paid"),
+            currency=invoice.get("currency"),
+            attempt_count=invoice.get("attempt_count"),
+            next_payment_attempt=invoice.get("next_payment_attempt"),
+            hosted_invoice_url=invoice.get("hosted_invoice_url"),
+        )
+        return f"payment {payment_status} recorded"
+
+    @classmethod
+    def _record_trial_will_end(cls, subscription: dict[str, Any], event: VerifiedEvent) -> str:
+        organization_id = db.session.execute(
+            select(Organization.id).where(Organization.stripe_subscription_id == subscription["id"])
+        ).scalar_one_or_none()
+        if organization_id is None:
+            return "no organization for this subscription"
+        domain_events.record(
+            "subscription.trial_will_end",
+            organization_id=organization_id,
+            source=event.source,
+            trial_end=subscription.get("trial_end"),
+        )
+        return "trial ending recorded"
+
+
+INVOICE_PAYMENT_STATUS = {
+    "invoice.paid": "paid",
+    "invoice.payment_failed": "failed",
+    "invoice.payment_action_required": "action_required",
+}
+
+
+def _checkout_is_paid(checkout: Mapping[str, Any]) -> bool:
+    return checkout.get("status") == "complete" and checkout.get("payment_status") in ("paid", "no_payment_required")
+
+
+def _claim_event(model: type[StripeEvent], event: VerifiedEvent) -> int | None:
+    """Insert the event, or take the row of an earlier unsettled delivery (attempts + 1). Returns the
+    row id, or None when a concurrent delivery settled it first. The row stays locked until commit."""
+    dialect = postgresql if db.engine.dialect.name == "postgresql" else sqlite
+    statement = dialect.insert(model).values(
+        event_id=event.event_id,
+        type=event.type,
+        api_version=event.api_version,
+        livemode=event.livemode,
+        stripe_created=event.created,
+        payload=event.raw,
+        status=StripeEventStatus.RECEIVED,
+        attempts=1,
+        received_at=utcnow(),
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[model.event_id],
+        set_={"attempts": model.attempts + 1},
+        where=model.status.not_in(SETTLED_STATUSES),
+    ).returning(model.id)
+    row_id: int | None = db.session.execute(statement).scalar()
+    return row_id
+
+
+def _settle(
+    model: type[StripeEvent], event: VerifiedEvent, status: StripeEventStatus, *, outcome: str | None = None, error: str | None = None
+) -> None:
+    db.session.execute(
+        update(model)
+        .where(model.event_id == event.event_id)
+        .values(status=status, outcome=(outcome or "")[:200] or None, last_error=error, processed_at=utcnow())
+    )
+
+
+class StripeWebhooks:
+    """Stripe as a webhook provider: Stripe-Signature verification, the livemode guard, and the event
+    types this product acts on."""
+
+    name = "stripe"
+    event_model = StripeEvent
+
+    def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent:
+        secrets = _webhook_secrets()
+        header = headers.get("Stripe-Signature")
+        if not header:
+            raise WebhookRejected("missing Stripe-Signature header")
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WebhookRejected("body is not UTF-8") from None
+        reason = "signature does not match"
+        for secret in secrets:
+            try:
+                stripe.WebhookSignature.verify_header(text, header, secret, STRIPE_SIGNATURE_TOLERANCE_SECONDS)
+                break
+            except stripe.SignatureVerificationError as exc:
+                if str(exc.user_message or "").startswith("Timestamp outside the tolerance zone"):
+                    reason = "timestamp outside the tolerance zone"
+                elif str(exc.user_message or "").startswith("Unable to extract"):
+                    reason = "malformed Stripe-Signature header"
+        else:
+            raise WebhookRejected(reason)
+        return _parse_stripe_event(text)
+
+    def ignore_reason(self, event: VerifiedEvent) -> str | None:
+        expected_livemode = str(current_app.config["STRIPE_SECRET_KEY"]).startswith(("sk_live_", "rk_live_"))
+        if event.livemode != expected_livemode:
+            return f"livemode mismatch: event is {'live' if event.livemode else 'test'} mode, our key is not"
+        if event.type not in STRIPE_EVENT_HANDLERS:
+            return f"unhandled event type {event.type}"
+        return None
+
+    def apply(self, event: VerifiedEvent) -> str:
+        return STRIPE_EVENT_HANDLERS[event.type](event.body["data"]["object"], event)
+
+
+def _webhook_secrets() -> list[str]:
+    secrets = [s.strip() for s in str(current_app.config.get("STRIPE_WEBHOOK_SECRET") or "").split(",") if s.strip()]
+    if not secrets:
+        raise BillingConfigurationError("STRIPE_WEBHOOK_SECRET is not set: webhooks cannot be verified")
+    return secrets
+
+
+def _parse_stripe_event(text: str) -> VerifiedEvent:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise WebhookRejected("body is not JSON") from None
+    if not (
+        isinstance(body, dict)
+        and body.get("object") == "event"
+        and isinstance(body.get("id"), str)
+        and body["id"].startswith("evt_")
+        and len(body["id"]) <= 255
+        and isinstance(body.get("type"), str)
+        and len(body["type"]) <= 100
+        and isinstance(body.get("created"), int)
+        and isinstance(body.get("livemode"), bool)
+        and isinstance(body.get("data"), dict)
+        and isinstance(body["data"].get("object"), dict)
+    ):
+        raise WebhookRejected("body is not a Stripe event")
+    api_version = body.get("api_version")
+    return VerifiedEvent(
+        provider="stripe",
+        event_id=body["id"],
+        type=body["type"],
+        created=body["created"],
+        livemode=body["livemode"],
+        api_version=api_version[:64] if isinstance(api_version, str) else None,
+        raw=text,
+        body=body,
+    )
+
+
+def _on_checkout_completed(session: dict[str, Any], event: VerifiedEvent) -> str:
+    if (session.get("metadata") or {}).get("purpose") not in ("signup", "resubscribe"):
+        return "not a checkout this app created"
+    outcome = BillingService._provision_checkout_session(session, source=event.source)
+    return f"{outcome.state} (organization {outcome.organization_id})"
+
+
+def _on_checkout_closed(status: SignupStatus, reason: str) -> Callable[[dict[str, Any], VerifiedEvent], str]:
+    def close(session: dict[str, Any], event: VerifiedEvent) -> str:
+        if (session.get("metadata") or {}).get("purpose") == "resubscribe":
+            return f"resubscribe checkout {reason}"
+        return SignupService.close_pending_signup(
+            checkout_session_id=session["id"],
+            reference_id=session.get("client_reference_id"),
+            status=status,
+            reason=reason,
+            source=event.source,
+        )
+
+    return close
+
+
+STRIPE_EVENT_HANDLERS: dict[str, Callable[[dict[str, Any], VerifiedEvent], str]] = {
+    "checkout.session.completed": _on_checkout_completed,
+    "checkout.session.async_payment_succeeded": _on_checkout_completed,
+    "checkout.session.async_payment_failed": _on_checkout_closed(SignupStatus.FAILED, "payment failed"),
+    "checkout.session.expired": _on_checkout_closed(SignupStatus.EXPIRED, "checkout expired"),
+    "customer.subscription.created": BillingService._sync_subscription,
+    "customer.subscription.updated": BillingService._sync_subscription,
+    "customer.subscription.deleted": BillingService._sync_subscription,
+    "customer.subscription.paused": BillingService._sync_subscription,
+    "customer.subscription.resumed": BillingService._sync_subscription,
+    "customer.subscription.trial_will_end": BillingService._record_trial_will_end,
+    "invoice.paid": BillingService._record_invoice,
+    "invoice.payment_failed": BillingService._record_invoice,
+    "invoice.payment_action_required": BillingService._record_invoice,
+}
+
+BillingService.register_webhook_provider(StripeWebhooks())

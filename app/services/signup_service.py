@@ -1,0 +1,268 @@
+"""SignupService: a customer's signup, from the intent stored before they pay to the organization and
+owner created once Stripe says the checkout is paid. It never talks to Stripe; BillingService does and
+hands it what Stripe said. The states and who moves them are in docs/system/BILLING.md."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from app.extensions import db
+from app.models import Organization, PendingSignup, SignupStatus, User, UserRole
+from app.models.types import utcnow
+from app.services import domain_events
+from app.services.auth_service import hash_password, normalise_email
+from app.services.subscription_state import SubscriptionState, new_organization
+
+
+class SignupError(Exception):
+    """A signup cannot go ahead; the message is meant for the person signing up."""
+
+
+class EmailAlreadyRegistered(SignupError):
+    def __init__(self) -> None:
+        super().__init__("An account with this email already exists. Sign in instead.")
+
+
+class SignupInProgress(SignupError):
+    def __init__(self) -> None:
+        super().__init__("Another signup for this email is being started right now. Try again in a moment.")
+
+
+class ProvisionState(StrEnum):
+    PROVISIONED = "provisioned"
+    ALREADY_PROVISIONED = "already_provisioned"
+    AWAITING_PAYMENT = "awaiting_payment"
+    CONFLICT = "conflict"  # paid, but the email got an account through another checkout
+
+
+@dataclass(frozen=True)
+class ProvisionOutcome:
+    state: ProvisionState
+    pending_signup_id: uuid.UUID | None = None
+    organization_id: int | None = None
+    owner_user_id: int | None = None
+
+    @property
+    def has_account(self) -> bool:
+        return self.state in (ProvisionState.PROVISIONED, ProvisionState.ALREADY_PROVISIONED)
+
+
+@dataclass(frozen=True)
+class NewPendingSignup:
+    pending_signup_id: uuid.UUID
+    superseded_checkout_session_ids: list[str]
+
+
+class SignupService:
+    @staticmethod
+    def email_has_account(email: str) -> bool:
+        return db.session.execute(select(User.id).where(User.email == normalise_email(email))).first() is not None
+
+    @staticmethod
+    def create_pending_signup_record(
+        *,
+        email: str,
+        organization_name: str,
+        owner_name: str,
+        password: str,
+        tier: str,
+        addons: dict[str, int],
+        ttl: timedelta,
+    ) -> NewPendingSignup:
+        """Store the intent to sign up. A newer attempt by the same email supersedes any open one
+        (it becomes expired and its checkout is expired at Stripe by the caller)."""
+        email = normalise_email(email)
+        if SignupService.email_has_account(email):
+            raise EmailAlreadyRegistered()
+        superseded = db.session.execute(
+            update(PendingSignup)
+            .where(PendingSignup.email == email, PendingSignup.status == SignupStatus.PENDING)
+            .values(status=SignupStatus.EXPIRED, failure_reason="superseded by a newer signup attempt", updated_at=utcnow())
+            .returning(PendingSignup.id, PendingSignup.checkout_session_id)
+        ).all()
+        pending = PendingSignup(
+            email=email,
+            organization_name=organization_name.strip(),
+            owner_name=owner_name.strip(),
+            password_hash=hash_password(password),
+            tier=tier,
+            addons={key: quantity for key, quantity in addons.items() if quantity > 0},
+            status=SignupStatus.PENDING,
+            expires_at=utcnow() + ttl,
+        )
+        db.session.add(pending)
+        try:
+            db.session.flush()
+        except IntegrityError:
+            # The partial unique index on open attempts: a concurrent attempt won the race.
+            db.session.rollback()
+            raise SignupInProgress() from None
+        for row in superseded:
+            domain_events.record("signup.superseded", source="web", pending_signup_id=str(row.id))
+        domain_events.record("signup.started", source="web", pending_signup_id=str(pending.id), tier=tier)
+        db.session.commit()
+        return NewPendingSignup(pending.id, [row.checkout_session_id for row in superseded if row.checkout_session_id])
+
+    @staticmethod
+    def attach_checkout_session(pending_signup_id: uuid.UUID, checkout_session_id: str) -> None:
+        db.session.execute(
+            update(PendingSignup)
+            .where(PendingSignup.id == pending_signup_id, PendingSignup.checkout_session_id.is_(None))
+            .values(checkout_session_id=checkout_session_id, updated_at=utcnow())
+        )
+        db.session.commit()
+
+    @staticmethod
+    def mark_signup_failed(pending_signup_id: uuid.UUID, reason: str) -> None:
+        """The checkout could not even be created; the customer sees the form again."""
+        db.session.rollback()
+        pending = SignupService.lock_pending_signup(pending_signup_id)
+        if pending is not None and pending.status == SignupStatus.PENDING:
+            SignupService._close(pending, SignupStatus.FAILED, reason, source="web")
+        db.session.commit()
+
+    @staticmethod
+    def pending_signup(pending_signup_id: uuid.UUID | str | None) -> PendingSignup | None:
+        try:
+            key = uuid.UUID(str(pending_signup_id))
+        except ValueError:
+            return None
+        return db.session.get(PendingSignup, key)
+
+    @staticmethod
+    def lock_pending_signup(pending_signup_id: uuid.UUID | str) -> PendingSignup | None:
+        """The pending signup, locked until the transaction ends. Whoever completes a checkout
+        (redirect or webhook, any number at once) takes this lock first, so one of them provisions
+        and the rest find it done."""
+        try:
+            key = uuid.UUID(str(pending_signup_id))
+        except ValueError:
+            return None
+        return db.session.get(PendingSignup, key, with_for_update=True, populate_existing=True)
+
+    @staticmethod
+    def lock_pending_signup_for_checkout(checkout_session_id: str, *, reference_id: str | None = None) -> PendingSignup | None:
+        """The locked pending signup a checkout belongs to, found by our own reference when Stripe
+        hands it back, else by the checkout id we recorded."""
+        if reference_id:
+            pending = SignupService.lock_pending_signup(reference_id)
+        else:
+            pending = db.session.execute(
+                select(PendingSignup)
+                .where(PendingSignup.checkout_session_id == checkout_session_id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            ).scalar_one_or_none()
+        if pending is None or pending.checkout_session_id not in (None, checkout_session_id):
+            return None
+        # The app may have stopped between creating the checkout and recording its id.
+        pending.checkout_session_id = checkout_session_id
+        return pending
+
+    @staticmethod
+    def complete_pending_signup_from_checkout(
+        pending: PendingSignup, checkout_session: dict[str, Any], subscription: SubscriptionState, *, source: str
+    ) -> ProvisionOutcome:
+        """Create the organization and its owner from a paid checkout, in the caller's transaction.
+        The caller holds the lock from lock_pending_signup."""
+        if pending.status == SignupStatus.COMPLETED:
+            return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
+        if SignupService.email_has_account(pending.email):
+            SignupService._close(pending, SignupStatus.FAILED, "email already has an account; refund this checkout", source=source)
+            domain_events.record(
+                "signup.conflict",
+                source=source,
+                pending_signup_id=str(pending.id),
+                checkout_session_id=checkout_session["id"],
+                stripe_subscription_id=subscription.subscription_id,
+            )
+            return ProvisionOutcome(ProvisionState.CONFLICT, pending.id)
+        organization = new_organization(
+            pending.organization_name,
+            pending.tier,
+            subscription,
+            signup_checkout_session_id=checkout_session["id"],
+            billing_as_of=int(utcnow().timestamp()),
+            last_invoice_id=_id_of(checkout_session.get("invoice")),
+            last_payment_status="paid" if checkout_session.get("payment_status") == "paid" else None,
+            last_payment_at=utcnow() if checkout_session.get("payment_status") == "paid" else None,
+        )
+        if organization.stripe_customer_id is None:
+            organization.stripe_customer_id = _id_of(checkout_session.get("customer"))
+        owner = User(
+            organization=organization,
+            email=pending.email,
+            name=pending.owner_name,
+            password_hash=pending.password_hash or "",
+            role=UserRole.OWNER,
+        )
+        db.session.add_all([organization, owner])
+        db.session.flush()
+        domain_events.record(
+            "organization.created",
+            organization_id=organization.id,
+            source=source,
+            name=organization.name,
+            tier=organization.tier,
+            billing_status=organization.billing_status,
+            stripe_customer_id=organization.stripe_customer_id,
+            stripe_subscription_id=organization.stripe_subscription_id,
+            addons=organization.addon_quantities(),
+        )
+        domain_events.record(
+            "user.created", organization_id=organization.id, user_id=owner.id, source=source, role=owner.role
+        )
+        domain_events.record(
+            "signup.completed",
+            organization_id=organization.id,
+            user_id=owner.id,
+            source=source,
+            pending_signup_id=str(pending.id),
+            checkout_session_id=checkout_session["id"],
+        )
+        pending.status = SignupStatus.COMPLETED
+        pending.completed_at = utcnow()
+        pending.organization_id = organization.id
+        pending.password_hash = None  # the owner's account holds it now
+        pending.failure_reason = None
+        return ProvisionOutcome(ProvisionState.PROVISIONED, pending.id, organization.id, owner.id)
+
+    @staticmethod
+    def outcome_for(pending: PendingSignup, state: ProvisionState) -> ProvisionOutcome:
+        owner_id = db.session.execute(
+            select(User.id).where(User.organization_id == pending.organization_id, User.role == UserRole.OWNER)
+        ).scalar_one_or_none()
+        return ProvisionOutcome(state, pending.id, pending.organization_id, owner_id)
+
+    @staticmethod
+    def close_pending_signup(
+        *, checkout_session_id: str, reference_id: str | None, status: SignupStatus, reason: str, source: str
+    ) -> str:
+        """A checkout expired or its payment failed: an open signup for it ends. Returns what happened."""
+        pending = SignupService.lock_pending_signup_for_checkout(checkout_session_id, reference_id=reference_id)
+        if pending is None:
+            return "no signup for this checkout"
+        if pending.status != SignupStatus.PENDING:
+            return f"signup already {pending.status}"
+        SignupService._close(pending, status, reason, source=source)
+        return f"signup {status}"
+
+    @staticmethod
+    def _close(pending: PendingSignup, status: SignupStatus, reason: str, *, source: str) -> None:
+        pending.status = status
+        pending.failure_reason = reason
+        domain_events.record(f"signup.{status}", source=source, pending_signup_id=str(pending.id), reason=reason)
+
+
+def _id_of(value: str | dict[str, Any] | None) -> str | None:
+    """An expandable Stripe field: an id, or the expanded object."""
+    if isinstance(value, dict):
+        return value.get("id")
+    return value

@@ -1,0 +1,110 @@
+"""Start-up checks: a production configuration is checked as a whole and refused, naming every
+problem at once, before anything serves; a development one says which stand-ins it runs on."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+# Keys people paste from tutorials and .env examples; any of them is as good as none.
+WELL_KNOWN_SECRET_KEYS = {
+    "changeme",
+    "change-me",
+    "change-this",
+    "default",
+    "dev",
+    "development",
+    "development-only-not-secret",
+    "secret",
+    "secret-key",
+    "supersecret",
+    "test",
+    "your-secret-key",
+}
+MIN_SECRET_KEY_LENGTH = 32
+
+
+class ConfigurationError(RuntimeError):
+    """The configuration is unsafe to serve with. gunicorn prints a RuntimeError's message and exits 1."""
+
+
+def check_production_settings(config: Mapping[str, Any]) -> None:
+    problems = production_problems(config)
+    if problems:
+        listing = "\n".join(f"  - {problem}" for problem in problems)
+        raise ConfigurationError(f"Refusing to start in production; fix these settings:\n{listing}")
+
+
+def production_problems(config: Mapping[str, Any]) -> list[str]:
+    problems = [*_secret_key_problems(config.get("SECRET_KEY") or "")]
+
+    database_url = config.get("SQLALCHEMY_DATABASE_URI") or ""
+    if not database_url:
+        problems.append("DATABASE_URL is not set (a postgresql:// URL)")
+    elif not database_url.startswith("postgresql"):
+        problems.append(f"DATABASE_URL must be a PostgreSQL URL, not {urlsplit(database_url).scheme or 'this'}")
+
+    redis_url = config.get("REDIS_URL") or ""
+    if not redis_url:
+        problems.append("REDIS_URL is not set (sessions, cache and rate limits live in Redis)")
+    elif not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append("REDIS_URL must be a redis://, rediss:// or unix:// URL")
+    else:
+        try:
+            Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2).ping()
+        except (RedisError, OSError) as exc:
+            problems.append(f"REDIS_URL {redact_url(redis_url)} does not answer a ping ({type(exc).__name__})")
+
+    if config.get("SESSION_TYPE") != "redis":
+        problems.append(f"sessions must be Redis-backed (SESSION_TYPE is {config.get('SESSION_TYPE')!r})")
+    if config.get("CACHE_TYPE") != "RedisCache":
+        problems.append(f"the cache must be Redis-backed (CACHE_TYPE is {config.get('CACHE_TYPE')!r})")
+    if not str(config.get("RATELIMIT_STORAGE_URI") or "").startswith(("redis://", "rediss://", "unix://")):
+        problems.append("rate-limit storage must be Redis-backed (RATELIMIT_STORAGE_URI is not a Redis URL)")
+
+    for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"):
+        if not config.get(name):
+            problems.append(f"{name} is not set")
+    if not str(config.get("APP_BASE_URL") or "").startswith("https://"):
+        problems.append("APP_BASE_URL must be the public https:// address (Stripe sends customers back to it)")
+    return problems
+
+
+def _secret_key_problems(secret_key: str) -> list[str]:
+    hint = "use 32+ random characters, e.g. python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+    if not secret_key:
+        return [f"SECRET_KEY is not set ({hint})"]
+    if (
+        len(secret_key) < MIN_SECRET_KEY_LENGTH
+        or secret_key.strip().lower() in WELL_KNOWN_SECRET_KEYS
+        or len(set(secret_key)) < 12
+    ):
+        return [f"SECRET_KEY is too weak ({hint})"]
+    return []
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"//([^/@:]*):[^/@]*@", r"//\1:***@", url)
+
+
+def development_standins(config: Mapping[str, Any]) -> list[str]:
+    """The embedded stand-ins this configuration runs on (empty outside development)."""
+    if config.get("APP_ENV") != "development":
+        return []
+    standins = []
+    database_url = str(config.get("SQLALCHEMY_DATABASE_URI") or "")
+    if database_url.startswith("sqlite"):
+        standins.append(f"SQLite database at {database_url.removeprefix('sqlite:///')} (set DATABASE_URL for PostgreSQL)")
+    if config.get("SESSION_TYPE") != "redis":
+        standins.append(f"filesystem sessions in {config.get('SESSION_FILE_DIR')}")
+    if config.get("CACHE_TYPE") != "RedisCache":
+        standins.append("in-process cache")
+    if str(config.get("RATELIMIT_STORAGE_URI")).startswith("memory"):
+        standins.append("in-memory rate limits (set REDIS_URL for Redis)")
+    return standins

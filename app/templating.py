@@ -1,0 +1,28 @@
+"""Template filters shared by the pages."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from flask import Flask, current_app
+
+from app.services.access_policy import STATUS_WORDS
+
+
+def init_templating(app: Flask) -> None:
+    @app.template_filter("longdate")
+    def longdate(value: datetime | None) -> str:
+        if value is None:
+            return ""
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return f"{value:%d %B %Y}".lstrip("0")
+
+    @app.template_filter("tier_name")
+    def tier_name(tier_key: str) -> str:
+        tier = current_app.extensions["plan_catalogue"].tier(tier_key)
+        return tier.name if tier else tier_key
+
+    @app.template_filter("status_words")
+    def status_words(status: str) -> str:
+        return STATUS_WORDS.get(status, status)  # type: ignore[call-overload, no-any-return]

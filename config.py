@@ -1,0 +1,185 @@
+"""Configuration: one class per environment, chosen by APP_ENV, every secret and address read from the
+environment. Nothing here connects to anything; app/startup.py checks a production configuration before
+the app serves a request."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+
+def normalise_database_url(url: str) -> str:
+    """Pin PostgreSQL URLs to psycopg2, the driver we ship and test with.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3, and Heroku-style ``postgres://`` to
+    nothing at all; ops hand us either, so both become ``postgresql+psycopg2://``. URLs that already
+    name a driver are left alone.
+    """
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix) :]
+    return url
+
+
+class BaseConfig:
+    """Settings shared by every environment. Subclasses decide the storage back-ends."""
+
+    APP_ENV = "base"
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self.SECRET_KEY = env.get("SECRET_KEY", "")
+        self.REDIS_URL = env.get("REDIS_URL", "")
+        self.SQLALCHEMY_DATABASE_URI = normalise_database_url(env.get("DATABASE_URL", ""))
+        self.SQLALCHEMY_ENGINE_OPTIONS = self._engine_options(self.SQLALCHEMY_DATABASE_URI)
+        self.SQLALCHEMY_TRACK_MODIFICATIONS = False
+
+        # Billing credentials come only from the environment; BillingService.ensure_stripe() names
+        # whichever is missing when it is first needed.
+        self.STRIPE_SECRET_KEY = env.get("STRIPE_SECRET_KEY", "")
+        self.STRIPE_WEBHOOK_SECRET = env.get("STRIPE_WEBHOOK_SECRET", "")
+        self.STRIPE_PUBLISHABLE_KEY = env.get("STRIPE_PUBLISHABLE_KEY", "")
+        self.STRIPE_API_BASE = env.get("STRIPE_API_BASE", "")
+        self.STRIPE_MAX_NETWORK_RETRIES = int(env.get("STRIPE_MAX_NETWORK_RETRIES", "2"))
+        self.STRIPE_TIMEOUT_SECONDS = float(env.get("STRIPE_TIMEOUT_SECONDS", "20"))
+        self.APP_BASE_URL = env.get("APP_BASE_URL", "http://127.0.0.1:5000").rstrip("/")
+
+        self.PLAN_CATALOGUE_FILE = env.get("PLAN_CATALOGUE_FILE", str(PROJECT_ROOT / "plans.toml"))
+        self.PRICE_CACHE_SECONDS = int(env.get("PRICE_CACHE_SECONDS", "300"))
+        self.CHECKOUT_SESSION_TTL_MINUTES = int(env.get("CHECKOUT_SESSION_TTL_MINUTES", "60"))
+        self.PAST_DUE_GRACE_DAYS = int(env.get("PAST_DUE_GRACE_DAYS", "7"))
+
+        # Rate limits (Flask-Limiter notation). Failed sign-ins only count against the login limits.
+        self.SIGNUP_RATE_LIMIT_PER_CLIENT = env.get("SIGNUP_RATE_LIMIT_PER_CLIENT", "20/hour;5/minute")
+        self.SIGNUP_RATE_LIMIT_PER_EMAIL = env.get("SIGNUP_RATE_LIMIT_PER_EMAIL", "5/hour")
+        self.LOGIN_RATE_LIMIT_PER_CLIENT = env.get("LOGIN_RATE_LIMIT_PER_CLIENT", "30/hour;10/minute")
+        self.LOGIN_RATE_LIMIT_PER_ACCOUNT = env.get("LOGIN_RATE_LIMIT_PER_ACCOUNT", "10/hour;5/minute")
+        self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
+
+        # Number of reverse proxies in front of the app whose X-Forwarded-* headers are trusted.
+        self.TRUSTED_PROXY_COUNT = int(env.get("TRUSTED_PROXY_COUNT", self.DEFAULT_TRUSTED_PROXIES))
+
+        self.SESSION_COOKIE_NAME = "session"
+        self.SESSION_COOKIE_HTTPONLY = True
+        self.SESSION_COOKIE_SAMESITE = "Lax"
+        self.SESSION_COOKIE_SECURE = False
+        self.SESSION_PERMANENT = True
+        self.PERMANENT_SESSION_LIFETIME = timedelta(hours=int(env.get("SESSION_LIFETIME_HOURS", "12")))
+        self.REMEMBER_COOKIE_HTTPONLY = True
+        self.REMEMBER_COOKIE_SAMESITE = "Lax"
+        self.SESSION_KEY_PREFIX = "session:"
+        self.WTF_CSRF_TIME_LIMIT = None  # the token lives as long as the server-side session
+        self.RATELIMIT_KEY_PREFIX = "ratelimit"
+        self.RATELIMIT_HEADERS_ENABLED = True
+        # While Redis is down the limiter raises instead of letting requests through unlimited; the
+        # error handler turns that into a 503 page (sessions are down anyway). See docs/system/BILLING.md.
+        self.RATELIMIT_SWALLOW_ERRORS = False
+        self.CACHE_DEFAULT_TIMEOUT = self.PRICE_CACHE_SECONDS
+        self.CACHE_KEY_PREFIX = "cache:"
+        self.LOG_FORMAT = env.get("LOG_FORMAT", self.DEFAULT_LOG_FORMAT)
+        self.LOG_LEVEL = env.get("LOG_LEVEL", "INFO")
+
+        self.configure_storage(env)
+
+    DEFAULT_TRUSTED_PROXIES = "0"
+    DEFAULT_LOG_FORMAT = "text"
+
+    @staticmethod
+    def _engine_options(url: str) -> dict[str, object]:
+        if url.startswith("postgresql"):
+            return {
+                # A connection that died with the database (restart, failover) is replaced on
+                # checkout instead of failing one request per pooled connection.
+                "pool_pre_ping": True,
+                "pool_size": 10,
+                "max_overflow": 5,
+                "connect_args": {"connect_timeout": 5, "application_name": "billing-web"},
+            }
+        return {}
+
+    def configure_storage(self, env: Mapping[str, str]) -> None:
+        """Sessions, cache and rate-limit storage on Redis at REDIS_URL."""
+        self.SESSION_TYPE = "redis"
+        self.CACHE_TYPE = "RedisCache"
+        self.CACHE_REDIS_URL = self.REDIS_URL
+        self.RATELIMIT_STORAGE_URI = self.REDIS_URL
+
+
+class DevelopmentConfig(BaseConfig):
+    """A newcomer's `flask run`: PostgreSQL and Redis when their URLs are set, embedded stand-ins
+    (SQLite, filesystem sessions, in-process cache and limiter) when not. The stand-ins are named at
+    start-up (app/startup.py) and refused in production."""
+
+    APP_ENV = "development"
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = dict(os.environ if environ is None else environ)
+        instance = Path(env.get("APP_INSTANCE_DIR", str(PROJECT_ROOT / "instance")))
+        env.setdefault("DATABASE_URL", f"sqlite:///{instance / 'development.sqlite3'}")
+        # A development-only key: production refuses any key this short or this well known.
+        env.setdefault("SECRET_KEY", "development-only-not-secret")
+        self.INSTANCE_DIR = instance
+        super().__init__(env)
+
+    def configure_storage(self, env: Mapping[str, str]) -> None:
+        if self.REDIS_URL:
+            super().configure_storage(env)
+            return
+        self.SESSION_TYPE = "cachelib"
+        self.SESSION_FILE_DIR = str(self.INSTANCE_DIR / "sessions")
+        self.CACHE_TYPE = "SimpleCache"
+        self.RATELIMIT_STORAGE_URI = "memory://"
+
+
+class TestConfig(BaseConfig):
+    """The test suite: real PostgreSQL and Redis, always."""
+
+    APP_ENV = "test"
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        env = dict(os.environ if environ is None else environ)
+        env["DATABASE_URL"] = env.get(
+            "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/billing_test"
+        )
+        env["REDIS_URL"] = env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+        env.setdefault("SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789")
+        super().__init__(env)
+        self.TESTING = True
+        self.PAST_DUE_GRACE_DAYS = 7
+
+
+class ProductionConfig(BaseConfig):
+    """Production: Redis-backed sessions, cache and limits, secure cookies, JSON logs. The settings
+    are checked as a whole by app.startup.check_production_settings before anything serves."""
+
+    APP_ENV = "production"
+    DEFAULT_TRUSTED_PROXIES = "1"
+    DEFAULT_LOG_FORMAT = "json"
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__(environ)
+        self.SESSION_COOKIE_SECURE = True
+        self.REMEMBER_COOKIE_SECURE = True
+        self.PREFERRED_URL_SCHEME = "https"
+
+
+CONFIGS: dict[str, type[BaseConfig]] = {
+    "development": DevelopmentConfig,
+    "test": TestConfig,
+    "production": ProductionConfig,
+}
+
+
+def config_for(app_env: str | None = None, environ: Mapping[str, str] | None = None) -> BaseConfig:
+    """The configuration for APP_ENV (default: development)."""
+    env = os.environ if environ is None else environ
+    name = (app_env or env.get("APP_ENV") or "development").strip().lower()
+    try:
+        return CONFIGS[name](environ)
+    except KeyError:
+        known = ", ".join(sorted(CONFIGS))
+        raise SystemExit(f"APP_ENV={name!r} is not one of: {known}") from None

@@ -1,0 +1,31 @@
+"""gunicorn settings (read from ./gunicorn.conf.py by default). Tuned for 2 cores; WEB_CONCURRENCY and
+GUNICORN_THREADS override. See docs/PERFORMANCE.md for the measurements behind these numbers."""
+
+import multiprocessing
+import os
+
+bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
+# Requests wait on PostgreSQL commits and Stripe calls, so threads keep a core busy while one waits.
+workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count() * 2))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+# Load the app once in the master: a configuration production refuses stops gunicorn before any
+# worker forks, with the message and a non-zero exit.
+preload_app = True
+timeout = 30
+graceful_timeout = 30
+keepalive = 5
+max_requests = 2000
+max_requests_jitter = 200
+# The proxy in front of us terminates TLS; ProxyFix (TRUSTED_PROXY_COUNT) reads its headers.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+accesslog = None  # the app logs one line per request itself, with its request id
+errorlog = "-"
+
+
+def post_fork(server, worker):  # noqa: ANN001, ARG001
+    """Connections opened in the master while preloading must not be shared by the workers."""
+    from app.extensions import db
+
+    with server.app.wsgi().app_context():
+        db.engine.dispose(close=False)
