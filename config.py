@@ -142,9 +142,7 @@ class TestConfig(BaseConfig):
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = dict(os.environ if environ is None else environ)
-        env["DATABASE_URL"] = env.get(
-            "TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/billing_test"
-        )
+        env["DATABASE_URL"] = env.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/billing_test")
         env["REDIS_URL"] = env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
         env.setdefault("SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789")
         super().__init__(env)

@@ -23,7 +23,7 @@ accesslog = None  # the app logs one line per request itself, with its request i
 errorlog = "-"
 
 
-def post_fork(server, worker):  # noqa: ANN001, ARG001
+def post_fork(server, worker):
     """Connections opened in the master while preloading must not be shared by the workers."""
     from app.extensions import db
 

@@ -48,7 +48,9 @@ def create_app(config: BaseConfig | None = None, **overrides: Any) -> Flask:
 
 def register_extensions(app: Flask) -> None:
     redis_url = app.config.get("REDIS_URL")
-    app.extensions["redis"] = Redis.from_url(redis_url, health_check_interval=30, **REDIS_TIMEOUTS) if redis_url else None
+    app.extensions["redis"] = (
+        Redis.from_url(redis_url, health_check_interval=30, **REDIS_TIMEOUTS) if redis_url else None
+    )
     if app.config["SESSION_TYPE"] == "redis":
         app.config["SESSION_REDIS"] = app.extensions["redis"]
     elif app.config["SESSION_TYPE"] == "cachelib":

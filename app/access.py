@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from flask import current_app, flash, g, redirect, url_for
+from flask import current_app, flash, g, redirect, session, url_for
 from flask_login import current_user, login_user
 from werkzeug.wrappers import Response
 
+from app.extensions import login_manager
 from app.models import User
 from app.services.access_policy import AccessDecision, decide_access
 from app.services.auth_service import AuthService
-from app.extensions import login_manager
 
 
 def current_access() -> AccessDecision:
@@ -37,8 +37,6 @@ def require_billing_access() -> Response | None:
 
 def sign_in(user: User) -> None:
     """Sign a user in on a fresh session id, so an id planted before sign-in is worthless after it."""
-    from flask import session
-
     current_app.session_interface.regenerate(session)  # type: ignore[attr-defined]
     login_user(user)
     AuthService.record_sign_in(user, source="web")

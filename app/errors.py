@@ -36,13 +36,17 @@ def wants_json() -> bool:
 def error_response(status: int, message: str) -> tuple[Response | str, int]:
     if wants_json():
         return jsonify(error=message), status
-    return render_template("errors/error.html", status=status, title=TITLES.get(status, "Error"), message=message), status
+    return render_template(
+        "errors/error.html", status=status, title=TITLES.get(status, "Error"), message=message
+    ), status
 
 
 def init_error_handlers(app: Flask) -> None:
     @app.errorhandler(CSRFError)
     def csrf_failed(error: CSRFError) -> tuple[Response | str, int]:
-        return error_response(400, "This form has expired or was not sent from our site. Go back, reload the page and try again.")
+        return error_response(
+            400, "This form has expired or was not sent from our site. Go back, reload the page and try again."
+        )
 
     @app.errorhandler(429)
     def rate_limited(error: HTTPException) -> tuple[Response | str, int]:
@@ -74,6 +78,7 @@ def init_error_handlers(app: Flask) -> None:
     def internal_error(error: InternalServerError) -> tuple[Response | str, int]:
         # Flask has logged the original exception. A Redis failure while saving the session after
         # the view surfaces here rather than in the RedisError handler.
-        if isinstance(getattr(error, "original_exception", None), RedisError):
-            return redis_unavailable(error.original_exception)
+        original = getattr(error, "original_exception", None)
+        if isinstance(original, RedisError):
+            return redis_unavailable(original)
         return error_response(500, "Something went wrong on our side. It has been logged; please try again.")

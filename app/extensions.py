@@ -1,5 +1,7 @@
 """Flask extensions, created once and unbound; create_app() binds them to an application."""
 
+from typing import TYPE_CHECKING
+
 from flask import request
 from flask_caching import Cache
 from flask_limiter import Limiter
@@ -21,6 +23,11 @@ def client_address() -> str:
 
 
 db = SQLAlchemy(model_class=Base)
+# The models' base class. db.Model is built at run time, so type checkers are shown what it derives from.
+if TYPE_CHECKING:
+    Model = Base
+else:
+    Model = db.Model
 migrate = Migrate()
 login_manager = LoginManager()
 server_session = Session()

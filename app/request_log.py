@@ -17,7 +17,16 @@ logger = logging.getLogger("app.request")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 # Stripe secret, restricted and webhook keys, and 13-19 digit runs that could be card numbers.
 SECRET_PATTERNS = re.compile(r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9_]+|\b(?:\d[ -]?){12,18}\d\b")
-CONTEXT_FIELDS = ("request_id", "method", "path", "status", "duration_ms", "remote_addr", "event_name", "organization_id")
+CONTEXT_FIELDS = (
+    "request_id",
+    "method",
+    "path",
+    "status",
+    "duration_ms",
+    "remote_addr",
+    "event_name",
+    "organization_id",
+)
 HANDLER_NAME = "app"
 
 
@@ -64,8 +73,7 @@ def configure_logging(app: Flask) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     secrets = [
-        str(app.config.get(name) or "")
-        for name in ("SECRET_KEY", "STRIPE_SECRET_KEY", "STRIPE_PUBLISHABLE_KEY")
+        str(app.config.get(name) or "") for name in ("SECRET_KEY", "STRIPE_SECRET_KEY", "STRIPE_PUBLISHABLE_KEY")
     ] + str(app.config.get("STRIPE_WEBHOOK_SECRET") or "").split(",")
     handler.addFilter(RedactingFilter([s.strip() for s in secrets]))
     root.addHandler(handler)

@@ -100,7 +100,9 @@ def development_standins(config: Mapping[str, Any]) -> list[str]:
     standins = []
     database_url = str(config.get("SQLALCHEMY_DATABASE_URI") or "")
     if database_url.startswith("sqlite"):
-        standins.append(f"SQLite database at {database_url.removeprefix('sqlite:///')} (set DATABASE_URL for PostgreSQL)")
+        standins.append(
+            f"SQLite database at {database_url.removeprefix('sqlite:///')} (set DATABASE_URL for PostgreSQL)"
+        )
     if config.get("SESSION_TYPE") != "redis":
         standins.append(f"filesystem sessions in {config.get('SESSION_FILE_DIR')}")
     if config.get("CACHE_TYPE") != "RedisCache":

@@ -228,8 +228,13 @@ class OfflineStripe:
         self.client_kwargs = {"api_key": api_key, **kwargs}
         return self
 
-    def fail_next(self, method: str, error: Exception) -> None:
-        self.failures[method] = error
+    def fail_next(self, method: str, kind: str = "connection") -> None:
+        """The next call to method fails as Stripe can: "connection" (network), "server" (5xx) or "missing"."""
+        self.failures[method] = {
+            "connection": stripe.APIConnectionError("Could not connect to Stripe (offline suite)."),
+            "server": stripe.APIError("Stripe had a problem (offline suite).", http_status=500),
+            "missing": self._missing("object", "unknown"),
+        }[kind]
 
     def calls_to(self, method: str) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
         return [(args, kwargs) for name, args, kwargs in self.calls if name == method]
@@ -327,8 +332,13 @@ class OfflineStripe:
 
     def _create_portal_session(self, customer: str, return_url: str, **_: Any) -> dict[str, Any]:
         portal_id = stripe_id("bps")
-        return {"id": portal_id, "object": "billing_portal.session", "customer": customer,
-                "return_url": return_url, "url": f"https://billing.stripe.test/p/session/{portal_id}"}
+        return {
+            "id": portal_id,
+            "object": "billing_portal.session",
+            "customer": customer,
+            "return_url": return_url,
+            "url": f"https://billing.stripe.test/p/session/{portal_id}",
+        }
 
     # --- acting as the customer and as Stripe -----------------------------------------------------
 
@@ -396,8 +406,14 @@ class OfflineStripe:
             if "lookup_keys" in changes:
                 now = int(time.time())
                 subscription["items"]["data"] = [
-                    {"id": stripe_id("si"), "object": "subscription_item", "price": self.prices[key], "quantity": quantity,
-                     "current_period_start": now, "current_period_end": now + 30 * 86400}
+                    {
+                        "id": stripe_id("si"),
+                        "object": "subscription_item",
+                        "price": self.prices[key],
+                        "quantity": quantity,
+                        "current_period_start": now,
+                        "current_period_end": now + 30 * 86400,
+                    }
                     for key, quantity in changes.pop("lookup_keys").items()
                 ]
             subscription.update(changes)
@@ -407,8 +423,14 @@ class OfflineStripe:
         return next(price for price in self.prices.values() if price["id"] == price_id)
 
     @staticmethod
-    def event(event_type: str, obj: dict[str, Any], *, created: int | None = None, livemode: bool = False,
-              event_id: str | None = None) -> dict[str, Any]:
+    def event(
+        event_type: str,
+        obj: dict[str, Any],
+        *,
+        created: int | None = None,
+        livemode: bool = False,
+        event_id: str | None = None,
+    ) -> dict[str, Any]:
         return {
             "id": event_id or stripe_id("evt"),
             "object": "event",
@@ -434,20 +456,65 @@ def offline_stripe(monkeypatch: pytest.MonkeyPatch) -> OfflineStripe:
 
     catalogue = PlanCatalogue.load(_test_config().PLAN_CATALOGUE_FILE)
     fake = OfflineStripe(
-        {**{t.key: t.lookup_key for t in catalogue.tiers.values()}, **{a.key: a.lookup_key for a in catalogue.addons.values()}}
+        {
+            **{t.key: t.lookup_key for t in catalogue.tiers.values()},
+            **{a.key: a.lookup_key for a in catalogue.addons.values()},
+        }
     )
     monkeypatch.setattr(stripe, "StripeClient", fake.client_factory)
     return fake
 
 
-def post_webhook(client: FlaskClient, event: dict[str, Any] | bytes, *, secret: str = OFFLINE_WEBHOOK_SECRET,
-                 timestamp: int | None = None, provider: str = "stripe") -> Any:
+def post_webhook(
+    client: FlaskClient,
+    event: dict[str, Any] | bytes,
+    *,
+    secret: str = OFFLINE_WEBHOOK_SECRET,
+    timestamp: int | None = None,
+    provider: str = "stripe",
+) -> Any:
     body = event if isinstance(event, bytes) else json.dumps(event).encode()
     return client.post(
         f"/billing/webhooks/{provider}",
         data=body,
         headers={"Stripe-Signature": sign_stripe_payload(body, secret, timestamp), "Content-Type": "application/json"},
     )
+
+
+PASSWORD = "correct horse battery staple"
+
+
+def signup_form(client: FlaskClient, **fields: Any) -> dict[str, Any]:
+    form = {
+        "csrf_token": csrf_token(client, "/auth/signup"),
+        "email": "Ada@Example.COM ",
+        "password": PASSWORD,
+        "organization_name": "Analytical Engines",
+        "owner_name": "Ada Lovelace",
+        "tier": "starter",
+        "addon_extra_seats": "2",
+    }
+    form.update(fields)
+    return form
+
+
+def start_signup(client: FlaskClient, **fields: Any) -> Any:
+    return client.post("/auth/signup", data=signup_form(client, **fields))
+
+
+def checkout_session_id(response: Any) -> str:
+    """The Checkout Session a signup POST sent the browser to."""
+    assert response.status_code == 303, response.get_data(as_text=True)
+    return str(response.headers["Location"].rsplit("/", 1)[-1])
+
+
+def sign_up(client: FlaskClient, stripe_api: OfflineStripe, *, outcome: str = "paid", **fields: Any) -> dict[str, Any]:
+    """A signup walked to a signed-in owner through the success redirect; returns the paid session."""
+    session_id = checkout_session_id(start_signup(client, **fields))
+    session = stripe_api.pay(session_id, outcome=outcome)
+    response = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
+    assert response.status_code == 303 and response.headers["Location"] == "/app", response.get_data(as_text=True)
+    return session
 
 
 def live_stripe_environment() -> dict[str, str]:

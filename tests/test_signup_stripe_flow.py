@@ -4,27 +4,24 @@ Stripe API instead (see test_live_flow.py for the live walker it hands over to).
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from collections import Counter
 from typing import Any
 
 import pytest
-import stripe
 from flask import Flask
-from flask.testing import FlaskClient
 
 from tests.conftest import (
-    OFFLINE_WEBHOOK_SECRET,
+    PASSWORD,
     OfflineStripe,
+    checkout_session_id,
     csrf_token,
     post_webhook,
     query,
-    sign_stripe_payload,
+    sign_up,
+    start_signup,
 )
 
-PASSWORD = "correct horse battery staple"
 SIGNUP_EVENTS = ("organization.created", "user.created", "signup.completed")
 
 
@@ -35,40 +32,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("order", ["as delivered"] if live else ["redirect_first", "webhook_first"])
 
 
-def signup_form(client: FlaskClient, **fields: Any) -> dict[str, Any]:
-    form = {
-        "csrf_token": csrf_token(client, "/auth/signup"),
-        "email": "Ada@Example.COM ",
-        "password": PASSWORD,
-        "organization_name": "Analytical Engines",
-        "owner_name": "Ada Lovelace",
-        "tier": "starter",
-        "addon_extra_seats": "2",
-    }
-    form.update(fields)
-    return form
-
-
-def start_signup(client: FlaskClient, **fields: Any) -> Any:
-    return client.post("/auth/signup", data=signup_form(client, **fields))
-
-
-def session_id_of(response: Any) -> str:
-    assert response.status_code == 303, response.get_data(as_text=True)
-    return str(response.headers["Location"].rsplit("/", 1)[-1])
-
-
 def domain_event_counts(app: Flask) -> Counter[str]:
     return Counter(row.name for row in query(app, "SELECT name FROM domain_event"))
-
-
-def signed_up(client: FlaskClient, stripe_api: OfflineStripe, *, outcome: str = "paid", **fields: Any) -> dict[str, Any]:
-    """A signup walked to a signed-in owner: returns the paid checkout session."""
-    session_id = session_id_of(start_signup(client, **fields))
-    session = stripe_api.pay(session_id, outcome=outcome)
-    response = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
-    assert response.status_code == 303 and response.headers["Location"] == "/app", response.get_data(as_text=True)
-    return session
 
 
 # --- The primary test ------------------------------------------------------------------------------
@@ -93,7 +58,7 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
 
     # Submitting it stores the intent and sends the browser to Stripe Checkout.
     response = start_signup(client)
-    session_id = session_id_of(response)
+    session_id = checkout_session_id(response)
     assert response.headers["Location"] == f"https://checkout.stripe.test/c/pay/{session_id}"
     [pending] = query(app, "SELECT * FROM pending_signup")
     assert (pending.email, pending.status, pending.checkout_session_id) == ("ada@example.com", "pending", session_id)
@@ -111,7 +76,9 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert params["client_reference_id"] == str(pending.id)
     assert params["metadata"] == {"purpose": "signup", "pending_signup_id": str(pending.id)}
     assert params["subscription_data"]["metadata"] == params["metadata"]
-    assert params["success_url"] == "http://localhost/billing/complete-signup-from-stripe?session_id={CHECKOUT_SESSION_ID}"
+    assert (
+        params["success_url"] == "http://localhost/billing/complete-signup-from-stripe?session_id={CHECKOUT_SESSION_ID}"
+    )
     assert params["cancel_url"] == "http://localhost/auth/signup?checkout=canceled"
     assert call["options"] == {"idempotency_key": f"signup-checkout-{pending.id}"}
     assert stripe_api.client_kwargs["api_key"] == "sk_test_offline_suite_51Hx0000000000000"
@@ -145,7 +112,10 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert [(a.addon_key, a.quantity) for a in query(app, "SELECT * FROM organization_addon")] == [("extra_seats", 2)]
     [owner] = query(app, "SELECT * FROM user_account")
     assert (owner.email, owner.name, owner.role, owner.organization_id) == (
-        "ada@example.com", "Ada Lovelace", "owner", organization.id
+        "ada@example.com",
+        "Ada Lovelace",
+        "owner",
+        organization.id,
     )
     assert owner.password_hash == pending.password_hash
     [pending] = query(app, "SELECT * FROM pending_signup")
@@ -164,7 +134,8 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
 
     # Cancel at the period end: Stripe is told (with an idempotency key) and the organization follows.
     response = client.post(
-        "/billing/cancel", data={"csrf_token": csrf_token(client, "/billing/"), "request_token": "a" * 32, "when": "period_end"}
+        "/billing/cancel",
+        data={"csrf_token": csrf_token(client, "/billing/"), "request_token": "a" * 32, "when": "period_end"},
     )
     assert response.status_code == 303
     [(args, call)] = stripe_api.calls_to("subscriptions.update")
@@ -179,3 +150,256 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert post_webhook(client, updated).status_code == 200
     assert domain_event_counts(app)["subscription.cancellation_scheduled"] == 1
     assert [events[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
+
+
+# --- Signup: bad input, repeats, other browsers, payment states -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("email", "not-an-email", "Invalid email address."),
+        ("email", "", "This field is required."),
+        ("password", "short", "Use 12 to 128 characters."),
+        ("password", "x" * 129, "Use 12 to 128 characters."),
+        ("password", "aaaaaaaaaaaaaaaa", "That password is too easy to guess."),
+        ("password", "ada@example.com-is-me", "Your password must not contain your email address."),
+        ("organization_name", "", "This field is required."),
+        ("organization_name", "A", "Field must be between 2 and 100 characters long."),
+        ("owner_name", "   ", "This field is required."),
+        ("tier", "platinum", "Not a valid choice."),
+        ("addon_extra_seats", "51", "Number must be between 0 and 50."),
+        ("addon_extra_seats", "-1", "Number must be between 0 and 50."),
+    ],
+)
+def test_each_invalid_field_is_named_and_nothing_is_stored(
+    app: Flask, offline_stripe: OfflineStripe, field: str, value: str, message: str
+) -> None:
+    client = app.test_client()
+    response = start_signup(client, **{field: value})
+    page = response.get_data(as_text=True)
+    assert response.status_code == 422
+    assert message in page
+    assert 'value="Analytical Engines"' in page or field == "organization_name"  # values are kept...
+    assert PASSWORD not in page  # ...except the password
+    assert query(app, "SELECT id FROM pending_signup") == []
+    assert offline_stripe.calls_to("checkout.sessions.create") == []
+
+
+def test_an_email_that_owns_an_account_gets_a_form_error(app: Flask, offline_stripe: OfflineStripe) -> None:
+    sign_up(app.test_client(), offline_stripe)
+    response = start_signup(app.test_client(), email="ADA@example.com")
+    assert response.status_code == 422
+    assert "An account with this email already exists." in response.get_data(as_text=True)
+    assert len(query(app, "SELECT id FROM pending_signup")) == 1
+
+
+def test_a_new_attempt_supersedes_the_open_one_and_expires_its_checkout(
+    app: Flask, offline_stripe: OfflineStripe
+) -> None:
+    client = app.test_client()
+    first = checkout_session_id(start_signup(client))
+    second = checkout_session_id(start_signup(client, tier="business"))
+    rows = {row.checkout_session_id: row for row in query(app, "SELECT * FROM pending_signup")}
+    assert rows[first].status == "expired" and rows[first].failure_reason == "superseded by a newer signup attempt"
+    assert rows[second].status == "pending" and rows[second].tier == "business"
+    assert [args for args, _ in offline_stripe.calls_to("checkout.sessions.expire")] == [(first,)]
+    assert offline_stripe.sessions[first]["status"] == "expired"
+
+
+def test_a_superseded_checkout_paid_anyway_still_gets_its_account(app: Flask, offline_stripe: OfflineStripe) -> None:
+    """Stripe's word that a checkout was paid wins over our bookkeeping: the customer paid."""
+    client = app.test_client()
+    first = checkout_session_id(start_signup(client))
+    offline_stripe.fail_next("checkout.sessions.expire")  # the expire did not reach Stripe in time
+    second = checkout_session_id(start_signup(client))
+    offline_stripe.pay(first)
+    # The account is made; this browser now belongs to the newer attempt, so it is asked to sign in.
+    response = client.get(f"/billing/complete-signup-from-stripe?session_id={first}")
+    assert response.headers["Location"] == "/auth/login"
+    assert len(query(app, "SELECT id FROM organization")) == 1
+    # Paying the second one too is a conflict that is recorded for a refund, not a second account.
+    offline_stripe.pay(second)
+    response = client.get(f"/billing/complete-signup-from-stripe?session_id={second}")
+    assert response.status_code == 409 and "refund" in response.get_data(as_text=True)
+    assert len(query(app, "SELECT id FROM organization")) == 1
+    assert domain_event_counts(app)["signup.conflict"] == 1
+
+
+def test_the_success_url_signs_in_only_the_browser_that_started_the_signup(
+    app: Flask, offline_stripe: OfflineStripe
+) -> None:
+    owner_browser, other_browser = app.test_client(), app.test_client()
+    session_id = checkout_session_id(start_signup(owner_browser))
+    offline_stripe.pay(session_id)
+    url = f"/billing/complete-signup-from-stripe?session_id={session_id}"
+    stolen = other_browser.get(url)
+    assert stolen.status_code == 303 and stolen.headers["Location"] == "/auth/login"
+    assert other_browser.get("/app").status_code == 302  # not signed in
+    assert owner_browser.get(url).headers["Location"] == "/app"
+    assert owner_browser.get(url).headers["Location"] == "/app"  # replayed by the owner: still fine
+    assert "Analytical Engines" in owner_browser.get("/app").get_data(as_text=True)
+    assert len(query(app, "SELECT id FROM organization")) == 1
+
+
+@pytest.mark.parametrize("session_id", ["cs_test_unknown123", "not-a-session", "", "cs_live_" + "x" * 300])
+def test_unknown_or_malformed_checkout_ids_get_a_clear_error_page(
+    app: Flask, offline_stripe: OfflineStripe, session_id: str
+) -> None:
+    response = app.test_client().get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
+    assert response.status_code == 404
+    assert "We could not finish that checkout" in response.get_data(as_text=True)
+    assert offline_stripe.calls_to("checkout.sessions.retrieve") == []  # Stripe is not asked about strangers
+
+
+def test_a_checkout_created_elsewhere_is_not_ours(app: Flask, offline_stripe: OfflineStripe) -> None:
+    client = app.test_client()
+    checkout_session_id(start_signup(client))
+    foreign = offline_stripe.v1.checkout.sessions.create(
+        params={"mode": "subscription", "line_items": [], "success_url": "x", "cancel_url": "y"}
+    )
+    response = client.get(f"/billing/complete-signup-from-stripe?session_id={foreign.id}")
+    assert response.status_code == 404
+    webhook = post_webhook(client, OfflineStripe.event("checkout.session.completed", offline_stripe.pay(foreign.id)))
+    assert webhook.status_code == 200
+    assert query(app, "SELECT outcome FROM stripe_event")[0].outcome == "not a checkout this app created"
+
+
+def test_an_asynchronous_payment_shows_a_processing_page_until_it_settles(
+    app: Flask, offline_stripe: OfflineStripe
+) -> None:
+    client = app.test_client()
+    session_id = checkout_session_id(start_signup(client))
+    session = offline_stripe.pay(session_id, outcome="async")
+    assert post_webhook(client, OfflineStripe.event("checkout.session.completed", session)).status_code == 200
+    waiting = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
+    assert waiting.status_code == 202 and 'id="payment-processing"' in waiting.get_data(as_text=True)
+    assert query(app, "SELECT status FROM pending_signup")[0].status == "pending"
+    assert query(app, "SELECT id FROM organization") == []
+
+    settled = offline_stripe.settle_async_payment(session_id)
+    event = OfflineStripe.event("checkout.session.async_payment_succeeded", settled)
+    assert post_webhook(client, event).status_code == 200
+    [organization] = query(app, "SELECT * FROM organization")
+    assert organization.billing_status == "active"
+    assert client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}").headers["Location"] == "/app"
+
+
+def test_a_trial_needs_no_payment_and_starts_trialing(app: Flask, offline_stripe: OfflineStripe) -> None:
+    client = app.test_client()
+    session = sign_up(client, offline_stripe, outcome="trial", tier="pro", addon_extra_seats="0")
+    params = offline_stripe.sessions[session["id"]]["params"]
+    assert params["subscription_data"]["trial_period_days"] == 14
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.tier, organization.billing_status) == ("pro", "trialing")
+    assert organization.trial_end is not None
+    assert query(app, "SELECT * FROM organization_addon") == []
+    assert "Free trial" in client.get("/app").get_data(as_text=True)
+
+
+def test_returning_from_the_cancel_url_keeps_the_values(app: Flask, offline_stripe: OfflineStripe) -> None:
+    client = app.test_client()
+    checkout_session_id(start_signup(client, tier="business"))
+    page = client.get("/auth/signup?checkout=canceled").get_data(as_text=True)
+    assert "Checkout was canceled and nothing was charged." in page
+    assert 'value="ada@example.com"' in page and 'value="Analytical Engines"' in page
+    assert '<input checked id="tier-2" name="tier" required type="radio" value="business">' in page
+    # Another browser sees an empty form: the values are only for the browser that entered them.
+    assert "Analytical Engines" not in app.test_client().get("/auth/signup?checkout=canceled").get_data(as_text=True)
+
+
+def test_stripe_unavailable_keeps_the_form_and_marks_the_attempt_failed(
+    app: Flask, offline_stripe: OfflineStripe
+) -> None:
+    offline_stripe.fail_next("checkout.sessions.create")
+    response = start_signup(app.test_client())
+    assert response.status_code == 503
+    assert "We could not reach our payment provider." in response.get_data(as_text=True)
+    [pending] = query(app, "SELECT * FROM pending_signup")
+    assert pending.status == "failed" and pending.failure_reason.startswith("checkout not created")
+
+
+def test_prices_are_resolved_by_lookup_key_once_and_cached_in_redis(app: Flask, offline_stripe: OfflineStripe) -> None:
+    checkout_session_id(start_signup(app.test_client()))
+    checkout_session_id(start_signup(app.test_client(), email="grace@example.com"))
+    [(_, call)] = offline_stripe.calls_to("prices.list")
+    assert call["params"] == {"lookup_keys": ["starter_monthly", "extra_seat_monthly"], "active": True, "limit": 2}
+    cached = app.extensions["redis"].keys("cache:stripe-price:*")
+    assert sorted(cached) == [b"cache:stripe-price:extra_seat_monthly", b"cache:stripe-price:starter_monthly"]
+
+
+def test_a_lookup_key_without_an_active_price_is_a_clear_error(app: Flask, offline_stripe: OfflineStripe) -> None:
+    del offline_stripe.prices["business_monthly"]
+    response = start_signup(app.test_client(), tier="business")
+    assert response.status_code == 422
+    assert "No active Stripe price has the lookup key &#39;business_monthly&#39;." in response.get_data(as_text=True)
+    assert query(app, "SELECT id FROM pending_signup") == []
+
+
+@pytest.mark.parametrize("missing", ["STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"])
+def test_ensure_stripe_names_a_missing_credential(make_app: Any, missing: str) -> None:
+    from app.services.billing_service import BillingConfigurationError, BillingService
+
+    app = make_app(**{missing: ""})
+    with app.app_context(), pytest.raises(BillingConfigurationError, match=f"^{missing} is not set"):
+        BillingService.ensure_stripe()
+    response = start_signup(app.test_client())
+    assert response.status_code == 503 and "Billing is temporarily unavailable" in response.get_data(as_text=True)
+
+
+def test_the_stripe_client_uses_the_configured_api_base(make_app: Any, offline_stripe: OfflineStripe) -> None:
+    from app.services.billing_service import BillingService
+
+    with make_app(STRIPE_API_BASE="http://127.0.0.1:12111").app_context():
+        BillingService.ensure_stripe()
+    assert offline_stripe.client_kwargs["base_addresses"] == {"api": "http://127.0.0.1:12111"}
+
+
+def test_signup_is_rate_limited_per_email_with_a_429_page(make_app: Any, offline_stripe: OfflineStripe) -> None:
+    app = make_app(SIGNUP_RATE_LIMIT_PER_EMAIL="2/hour", SIGNUP_RATE_LIMIT_PER_CLIENT="100/hour")
+    statuses = [start_signup(app.test_client()).status_code for _ in range(3)]
+    assert statuses == [303, 303, 429]
+    response = start_signup(app.test_client())
+    assert "Too many attempts" in response.get_data(as_text=True)
+    assert start_signup(app.test_client(), email="someone.else@example.com").status_code == 303
+    assert app.extensions["redis"].keys("LIMITS:LIMITER/ratelimit/signup-email:ada@example.com/*")
+
+
+def test_signup_is_rate_limited_per_client(make_app: Any, offline_stripe: OfflineStripe) -> None:
+    app = make_app(SIGNUP_RATE_LIMIT_PER_CLIENT="2/hour")
+    client = app.test_client()
+    statuses = [start_signup(client, email=f"user{n}@example.com").status_code for n in range(3)]
+    assert statuses == [303, 303, 429]
+
+
+def test_concurrent_redirects_and_webhooks_provision_exactly_once(app: Flask, offline_stripe: OfflineStripe) -> None:
+    owner = app.test_client()
+    session_id = checkout_session_id(start_signup(owner))
+    session = offline_stripe.pay(session_id)
+    completed = OfflineStripe.event("checkout.session.completed", session)
+    statuses: list[int] = []
+    barrier = threading.Barrier(16)
+
+    def arrive(index: int) -> None:
+        client = app.test_client()
+        barrier.wait()
+        if index % 2:
+            statuses.append(post_webhook(client, completed).status_code)
+        else:
+            statuses.append(client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}").status_code)
+
+    threads = [threading.Thread(target=arrive, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(set(statuses)) == [200, 303]
+    assert len(query(app, "SELECT id FROM organization")) == 1
+    assert len(query(app, "SELECT id FROM user_account")) == 1
+    events = domain_event_counts(app)
+    assert [events[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
+    assert (
+        len(offline_stripe.calls_to("checkout.sessions.retrieve"))
+        + len(offline_stripe.calls_to("subscriptions.retrieve"))
+        == 1
+    )  # one provisioning read; everyone else found it done

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask_wtf import FlaskForm
-from wtforms import SelectChoice, EmailField, IntegerField, PasswordField, RadioField, StringField
+from wtforms import EmailField, IntegerField, PasswordField, RadioField, SelectChoice, StringField
 from wtforms.validators import DataRequired, Email, Length, NumberRange, Optional, ValidationError
 
 from app.services.plans import PlanCatalogue
@@ -30,15 +30,18 @@ class SignupForm(FlaskForm):
     tier = RadioField("Plan", validators=[DataRequired(message="Choose a plan.")], validate_choice=True)
 
     def validate_password(self, field: PasswordField) -> None:
-        password = field.data or ""
-        local_part = (self.email.data or "").split("@")[0].lower()
-        if password.lower() in COMMON_PASSWORDS or len(set(password)) < 5:
+        password = (field.data or "").lower()
+        email = (self.email.data or "").lower()
+        local_part = email.split("@")[0]
+        if password in COMMON_PASSWORDS or len(set(password)) < 5:
             raise ValidationError("That password is too easy to guess.")
-        if len(local_part) >= 4 and local_part in password.lower():
+        if email and (email in password or (len(local_part) >= 4 and local_part in password)):
             raise ValidationError("Your password must not contain your email address.")
 
     def addon_fields(self) -> list[tuple[str, IntegerField]]:
-        return [(name.removeprefix("addon_"), field) for name, field in self._fields.items() if name.startswith("addon_")]
+        return [
+            (name.removeprefix("addon_"), field) for name, field in self._fields.items() if name.startswith("addon_")
+        ]
 
     def addon_quantities(self) -> dict[str, int]:
         return {key: field.data or 0 for key, field in self.addon_fields()}

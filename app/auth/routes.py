@@ -39,7 +39,9 @@ def signup() -> str:
                     **{f"addon_{key}": quantity for key, quantity in (pending.addons or {}).items()},
                 }
             )
-        flash("Checkout was canceled and nothing was charged. Your details are kept: continue when you are ready.", "info")
+        flash(
+            "Checkout was canceled and nothing was charged. Your details are kept: continue when you are ready.", "info"
+        )
     elif request.args.get("plan") in plan_catalogue().tiers:
         form.tier.data = request.args["plan"]
     return render_template("auth/signup.html", form=form, catalogue=plan_catalogue())

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import SelectChoice, HiddenField, RadioField
+from wtforms import HiddenField, RadioField, SelectChoice
 from wtforms.validators import DataRequired, Regexp
 
 from app.services.billing_service import REQUEST_TOKEN, new_request_token

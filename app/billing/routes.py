@@ -22,8 +22,14 @@ from app.services.billing_service import (
 from app.services.signup_service import ProvisionState
 
 bp = Blueprint("billing", __name__)
-SIGNED_IN_ENDPOINTS = {"billing.overview", "billing.portal", "billing.cancel", "billing.resume", "billing.resubscribe",
-                       "billing.checkout_complete"}
+SIGNED_IN_ENDPOINTS = {
+    "billing.overview",
+    "billing.portal",
+    "billing.cancel",
+    "billing.resume",
+    "billing.resubscribe",
+    "billing.checkout_complete",
+}
 
 
 @bp.before_request
@@ -83,7 +89,10 @@ def cancel() -> Response:
     at_period_end = form.when.data != "now"
     try:
         BillingService.cancel_subscription(
-            organization_id, at_period_end=at_period_end, request_token=form.request_token.data, actor_user_id=current_user.id
+            organization_id,
+            at_period_end=at_period_end,
+            request_token=form.request_token.data,
+            actor_user_id=current_user.id,
         )
     except BillingError as exc:
         flash(str(exc), "error")
@@ -104,7 +113,9 @@ def resume() -> Response:
     if not form.validate_on_submit():
         abort(400, "That form was incomplete. Reload the billing page and try again.")
     try:
-        BillingService.resume_subscription(organization_id, request_token=form.request_token.data, actor_user_id=current_user.id)
+        BillingService.resume_subscription(
+            organization_id, request_token=form.request_token.data, actor_user_id=current_user.id
+        )
     except BillingError as exc:
         flash(str(exc), "error")
     else:
@@ -132,7 +143,9 @@ def resubscribe() -> Response:
 def checkout_complete() -> Response | tuple[str, int]:
     organization_id = _owned_organization().id
     try:
-        outcome = BillingService.complete_resubscription_from_redirect(organization_id, request.args.get("session_id", ""))
+        outcome = BillingService.complete_resubscription_from_redirect(
+            organization_id, request.args.get("session_id", "")
+        )
     except CheckoutSessionNotFound as exc:
         return render_template("billing/checkout_problem.html", message=str(exc)), 404
     if outcome.state == ProvisionState.AWAITING_PAYMENT:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, redirect, render_template, url_for
+from flask import Blueprint, current_app, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user
 from sqlalchemy import text
 from werkzeug.wrappers import Response
@@ -26,8 +26,6 @@ def dashboard() -> str:
 # Every page of this blueprint except the health checks and the front door goes through the guard.
 @bp.before_request
 def guard() -> Response | None:
-    from flask import request
-
     if request.endpoint in ("main.index", "main.healthz", "main.readyz"):
         return None
     return require_billing_access()

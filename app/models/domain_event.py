@@ -6,11 +6,11 @@ from typing import Any
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.extensions import db
+from app.extensions import Model
 from app.models.types import BigId, JsonDocument, Timestamp, utcnow
 
 
-class DomainEvent(db.Model):
+class DomainEvent(Model):
     """An append-only record of something that happened (organization.created, ...). On PostgreSQL a
     trigger rejects UPDATE and DELETE."""
 
@@ -18,9 +18,7 @@ class DomainEvent(db.Model):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(100), index=True)
-    organization_id: Mapped[int | None] = mapped_column(
-        ForeignKey("organization.id", ondelete="RESTRICT"), index=True
-    )
+    organization_id: Mapped[int | None] = mapped_column(ForeignKey("organization.id", ondelete="RESTRICT"), index=True)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("user_account.id", ondelete="RESTRICT"))
     data: Mapped[dict[str, Any]] = mapped_column(JsonDocument, default=dict)
     source: Mapped[str | None] = mapped_column(String(255))

@@ -6,7 +6,7 @@ from enum import StrEnum
 from sqlalchemy import BigInteger, Boolean, CheckConstraint, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.extensions import db
+from app.extensions import Model
 from app.models.types import BigId, Timestamp, utcnow
 
 
@@ -26,7 +26,7 @@ class BillingStatus(StrEnum):
 BILLING_STATUS_VALUES = ", ".join(f"'{s.value}'" for s in BillingStatus)
 
 
-class Organization(db.Model):
+class Organization(Model):
     __tablename__ = "organization"
     __table_args__ = (
         CheckConstraint(f"billing_status IN ({BILLING_STATUS_VALUES})", name="ck_organization_billing_status"),
@@ -62,7 +62,7 @@ class Organization(db.Model):
         return {addon.addon_key: addon.quantity for addon in self.addons}
 
 
-class OrganizationAddon(db.Model):
+class OrganizationAddon(Model):
     __tablename__ = "organization_addon"
     __table_args__ = (
         UniqueConstraint("organization_id", "addon_key", name="uq_organization_addon_key"),

@@ -7,7 +7,7 @@ from enum import StrEnum
 from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.extensions import db
+from app.extensions import Model
 from app.models.types import JsonDocument, Timestamp, utcnow
 
 
@@ -18,15 +18,13 @@ class SignupStatus(StrEnum):
     FAILED = "failed"
 
 
-class PendingSignup(db.Model):
+class PendingSignup(Model):
     """A customer's intent to sign up, held while they pay on Stripe Checkout. The password is kept
     only as a hash and only until the account exists."""
 
     __tablename__ = "pending_signup"
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('pending', 'completed', 'expired', 'failed')", name="ck_pending_signup_status"
-        ),
+        CheckConstraint("status IN ('pending', 'completed', 'expired', 'failed')", name="ck_pending_signup_status"),
         CheckConstraint("email = lower(email)", name="ck_pending_signup_email_normalised"),
         # At most one open attempt per email: a new attempt supersedes the old one in the same
         # transaction, and two racing attempts cannot both be open.

@@ -6,7 +6,7 @@ from enum import StrEnum
 from sqlalchemy import BigInteger, Boolean, CheckConstraint, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.extensions import db
+from app.extensions import Model
 from app.models.types import BigId, Timestamp, utcnow
 
 
@@ -20,15 +20,13 @@ class StripeEventStatus(StrEnum):
 SETTLED_STATUSES = (StripeEventStatus.PROCESSED, StripeEventStatus.IGNORED)
 
 
-class StripeEvent(db.Model):
+class StripeEvent(Model):
     """Every verified webhook delivery, stored before it is applied; the unique event id is what
     makes webhook handling idempotent."""
 
     __tablename__ = "stripe_event"
     __table_args__ = (
-        CheckConstraint(
-            "status IN ('received', 'processed', 'failed', 'ignored')", name="ck_stripe_event_status"
-        ),
+        CheckConstraint("status IN ('received', 'processed', 'failed', 'ignored')", name="ck_stripe_event_status"),
         Index("ix_stripe_event_status_received_at", "status", "received_at"),
     )
 

@@ -7,7 +7,7 @@ from flask_login import UserMixin
 from sqlalchemy import CheckConstraint, ForeignKey, Index, String, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.extensions import db
+from app.extensions import Model
 from app.models.organization import Organization
 from app.models.types import BigId, Timestamp, utcnow
 
@@ -17,7 +17,7 @@ class UserRole(StrEnum):
     MEMBER = "member"
 
 
-class User(UserMixin, db.Model):
+class User(UserMixin, Model):
     __tablename__ = "user_account"
     __table_args__ = (
         CheckConstraint("email = lower(email)", name="ck_user_account_email_normalised"),

@@ -61,8 +61,7 @@ def decide_access(organization: Organization, *, grace_days: int, now: datetime 
             return AccessDecision(
                 AccessLevel.GRACE,
                 Remedy.PORTAL,
-                "Your last payment failed. Update your payment method before "
-                f"{grace_ends_at:%d %B %Y} to keep access.",
+                f"Your last payment failed. Update your payment method before {grace_ends_at:%d %B %Y} to keep access.",
                 grace_ends_at,
             )
         return AccessDecision(

@@ -21,13 +21,13 @@ from typing import Any, Protocol
 
 import stripe
 from flask import current_app
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from stripe.params.checkout import (
     SessionCreateParams,
     SessionCreateParamsLineItem,
     SessionCreateParamsSubscriptionData,
 )
-from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from app.extensions import cache, db
 from app.models import BillingStatus, Organization, SignupStatus, StripeEvent, StripeEventStatus
@@ -57,8 +57,8 @@ class BillingError(Exception):
     """A billing operation failed; the message can be shown to the person who asked for it."""
 
 
-class BillingConfigurationError(BillingError):
-    """A billing setting is missing. Operators fix this; customers see a generic error."""
+class BillingConfigurationError(RuntimeError):
+    """A billing setting is missing or rejected. Operators fix this; customers see a generic 503."""
 
 
 class UnknownTierError(BillingError):
@@ -285,7 +285,9 @@ class BillingService:
             cache.delete_many(*(f"stripe-price:{key}" for key in (tier.lookup_key, *(addons or {}))))
             raise
         SignupService.attach_checkout_session(signup.pending_signup_id, session.id)
-        return CheckoutRedirect(url=str(session.url), pending_signup_id=signup.pending_signup_id, checkout_session_id=session.id)
+        return CheckoutRedirect(
+            url=str(session.url), pending_signup_id=signup.pending_signup_id, checkout_session_id=session.id
+        )
 
     @classmethod
     def _expire_checkout_sessions(cls, session_ids: list[str]) -> None:
@@ -561,7 +563,14 @@ class BillingService:
             if row is not None:
                 body = json.loads(row.payload)
                 event = VerifiedEvent(
-                    provider.name, row.event_id, row.type, row.stripe_created, row.livemode, row.api_version, row.payload, body
+                    provider.name,
+                    row.event_id,
+                    row.type,
+                    row.stripe_created,
+                    row.livemode,
+                    row.api_version,
+                    row.payload,
+                    body,
                 )
                 db.session.rollback()
                 return cls._process_event(provider, event)
@@ -727,7 +736,12 @@ def _claim_event(model: type[StripeEvent], event: VerifiedEvent) -> int | None:
 
 
 def _settle(
-    model: type[StripeEvent], event: VerifiedEvent, status: StripeEventStatus, *, outcome: str | None = None, error: str | None = None
+    model: type[StripeEvent],
+    event: VerifiedEvent,
+    status: StripeEventStatus,
+    *,
+    outcome: str | None = None,
+    error: str | None = None,
 ) -> None:
     db.session.execute(
         update(model)

@@ -19,7 +19,6 @@ from app.models import DomainEvent
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Announcement:
     """What subscribers receive: a copy of the committed event, safe to read after the commit."""
@@ -59,9 +58,7 @@ def record(
     **data: Any,
 ) -> DomainEvent:
     """Append an event to the current transaction."""
-    domain_event = DomainEvent(
-        name=name, organization_id=organization_id, user_id=user_id, source=source, data=data
-    )
+    domain_event = DomainEvent(name=name, organization_id=organization_id, user_id=user_id, source=source, data=data)
     db.session.add(domain_event)
     _pending(db.session()).append(Announcement(name, organization_id, user_id, source, dict(data)))
     return domain_event
@@ -82,7 +79,8 @@ def savepoint() -> Iterator[None]:
 
 
 def _pending(session: Session) -> list[Announcement]:
-    return session.info.setdefault(_PENDING_KEY, [])
+    pending: list[Announcement] = session.info.setdefault(_PENDING_KEY, [])
+    return pending
 
 
 @event.listens_for(Session, "after_commit")

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.extensions import db
-from app.models import Organization, PendingSignup, SignupStatus, User, UserRole
+from app.models import PendingSignup, SignupStatus, User, UserRole
 from app.models.types import utcnow
 from app.services import domain_events
 from app.services.auth_service import hash_password, normalise_email
@@ -84,7 +84,9 @@ class SignupService:
         superseded = db.session.execute(
             update(PendingSignup)
             .where(PendingSignup.email == email, PendingSignup.status == SignupStatus.PENDING)
-            .values(status=SignupStatus.EXPIRED, failure_reason="superseded by a newer signup attempt", updated_at=utcnow())
+            .values(
+                status=SignupStatus.EXPIRED, failure_reason="superseded by a newer signup attempt", updated_at=utcnow()
+            )
             .returning(PendingSignup.id, PendingSignup.checkout_session_id)
         ).all()
         pending = PendingSignup(
@@ -148,7 +150,9 @@ class SignupService:
         return db.session.get(PendingSignup, key, with_for_update=True, populate_existing=True)
 
     @staticmethod
-    def lock_pending_signup_for_checkout(checkout_session_id: str, *, reference_id: str | None = None) -> PendingSignup | None:
+    def lock_pending_signup_for_checkout(
+        checkout_session_id: str, *, reference_id: str | None = None
+    ) -> PendingSignup | None:
         """The locked pending signup a checkout belongs to, found by our own reference when Stripe
         hands it back, else by the checkout id we recorded."""
         if reference_id:
@@ -175,7 +179,9 @@ class SignupService:
         if pending.status == SignupStatus.COMPLETED:
             return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
         if SignupService.email_has_account(pending.email):
-            SignupService._close(pending, SignupStatus.FAILED, "email already has an account; refund this checkout", source=source)
+            SignupService._close(
+                pending, SignupStatus.FAILED, "email already has an account; refund this checkout", source=source
+            )
             domain_events.record(
                 "signup.conflict",
                 source=source,

@@ -151,7 +151,9 @@ def apply_subscription_state(organization: Organization, state: SubscriptionStat
         "canceled_at": state.canceled_at,
         "ended_at": state.ended_at,
     }
-    changed_dates = {name: _iso(value) for name, value in dates.items() if _as_utc(getattr(organization, name)) != value}
+    changed_dates = {
+        name: _iso(value) for name, value in dates.items() if _as_utc(getattr(organization, name)) != value
+    }
     if changed_dates:
         record("organization.billing_dates_changed", **changed_dates)
         for name in changed_dates:
