@@ -597,7 +597,7 @@ class BillingService:
                     outcome = provider.apply(event)
             except Exception as exc:
                 logger.exception("webhook event %s (%s) failed", event.event_id, event.type)
-                _settle(model, event, StripeEventStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000])
+                _settle(model, event, StripeEventStatus.FAILED, error=_describe_failure(exc))
                 db.session.commit()
                 return WebhookResult(500, {"received": True, "error": "processing failed; retry later"})
             _settle(model, event, StripeEventStatus.PROCESSED, outcome=outcome)
@@ -707,6 +707,17 @@ INVOICE_PAYMENT_STATUS = {
 }
 
 
+def _describe_failure(exc: BaseException) -> str:
+    """The error and what caused it, for `flask billing events`: "PaymentProviderUnavailable: ... <-
+    APIConnectionError: ..."."""
+    parts: list[str] = []
+    current: BaseException | None = exc
+    while current is not None and len(parts) < 4:
+        parts.append(f"{type(current).__name__}: {current}")
+        current = current.__cause__
+    return " <- ".join(parts)[:2000]
+
+
 def _checkout_is_paid(checkout: Mapping[str, Any]) -> bool:
     return checkout.get("status") == "complete" and checkout.get("payment_status") in ("paid", "no_payment_required")
 
@@ -774,7 +785,7 @@ class StripeWebhooks:
             except stripe.SignatureVerificationError as exc:
                 if str(exc.user_message or "").startswith("Timestamp outside the tolerance zone"):
                     reason = "timestamp outside the tolerance zone"
-                elif str(exc.user_message or "").startswith("Unable to extract"):
+                elif str(exc.user_message or "").startswith(("Unable to extract", "No signatures found with expected")):
                     reason = "malformed Stripe-Signature header"
         else:
             raise WebhookRejected(reason)

@@ -1,0 +1,400 @@
+"""The /v1 HTTP API: authentication, idempotency, expansion and the endpoints themselves.
+
+Each endpoint is a function from decoded parameters to a Stripe object. The @endpoint wrapper
+does what every Stripe endpoint shares: parse the form or query string, take `expand`, run the
+operation in one transaction, replay or record an Idempotency-Key, and render JSON.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Callable
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from werkzeug.exceptions import HTTPException
+
+from . import billing, objects
+from .config import Settings
+from .errors import StripeError, missing
+from .objects import Obj
+from .params import (
+    Params,
+    array,
+    boolean,
+    decode,
+    integer,
+    mapping,
+    metadata,
+    reject_unknown,
+    string,
+)
+from .store import Store
+
+bp = Blueprint("api", __name__, url_prefix="/v1")
+
+IDEMPOTENCY_WINDOW = 24 * 3600  # Stripe forgets keys after 24 hours
+EXPANDABLE = {
+    "customer",
+    "subscription",
+    "latest_invoice",
+    "invoice",
+    "product",
+    "default_price",
+    "price",
+}
+
+
+def _store() -> Store:
+    store: Store = current_app.config["SANDBOX_STORE"]
+    return store
+
+
+def _settings() -> Settings:
+    settings: Settings = current_app.config["SANDBOX_SETTINGS"]
+    return settings
+
+
+def _json(body: Obj, status: int = 200) -> Response:
+    return Response(json.dumps(body, indent=2), status=status, mimetype="application/json")
+
+
+def _request_id() -> str:
+    if "request_id" not in g:
+        g.request_id = objects.new_id("req_", 14)
+    request_id: str = g.request_id
+    return request_id
+
+
+# -- cross-cutting ----------------------------------------------------------------------------
+
+
+def init_app(app: Flask) -> None:
+    app.register_blueprint(bp)
+    app.register_error_handler(StripeError, _stripe_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.after_request(_stripe_headers)
+
+
+def _stripe_error(error: StripeError) -> Response:
+    return _json(error.body(), error.status)
+
+
+def _http_error(error: HTTPException) -> HTTPException | Response:
+    # Under /v1 every failure answers in Stripe's format; elsewhere Flask's HTML page stays.
+    if not request.path.startswith("/v1/"):
+        return error
+    if error.code in (404, 405):
+        return _stripe_error(
+            StripeError(
+                f"Unrecognized request URL ({request.method}: {request.path}). Please"
+                " see https://stripe.com/docs or we can help at https://support.stripe.com/.",
+                status=404,
+            )
+        )
+    status = error.code or 500
+    kind = "api_error" if status >= 500 else "invalid_request_error"
+    return _stripe_error(StripeError(str(error.description), status=status, type=kind))
+
+
+def _stripe_headers(response: Response) -> Response:
+    if request.path.startswith("/v1/"):
+        response.headers["Request-Id"] = _request_id()
+        response.headers["Stripe-Version"] = request.headers.get("Stripe-Version", objects.API_VERSION)
+    return response
+
+
+@bp.before_request
+def _authenticate() -> None:
+    # Bearer auth from the SDKs; Basic auth from `curl -u sk_test_…:`.
+    auth = request.authorization
+    key = ""
+    if auth is not None:
+        key = (auth.token if auth.type == "bearer" else auth.username) or ""
+    if not key:
+        raise StripeError(
+            "You did not provide an API key. You need to provide your API key in the"
+            " Authorization header, using Bearer auth (e.g. 'Authorization: Bearer"
+            " YOUR_SECRET_KEY'). See https://stripe.com/docs/api#authentication for details,"
+            " or we can help at https://support.stripe.com/.",
+            status=401,
+            type="authentication_error",
+        )
+    if not key.startswith("sk_test_"):
+        shown = f"{key[:8]}{'*' * 4}{key[-4:]}" if len(key) > 12 else key
+        raise StripeError(
+            f"Invalid API Key provided: {shown}. The sandbox only accepts test-mode secret keys (sk_test_…).",
+            status=401,
+            type="authentication_error",
+        )
+
+
+def endpoint(rule: str, method: str) -> Callable[[Callable[..., Obj]], Callable[..., Obj]]:
+    def register(view: Callable[..., Obj]) -> Callable[..., Obj]:
+        @functools.wraps(view)
+        def handle(**path_args: str) -> Response:
+            pairs = list((request.form if method == "POST" else request.args).items(multi=True))
+            params = decode(pairs)
+            expand = [str(p) for p in array(params, "expand") or []]
+            params.pop("expand", None)
+            key = request.headers.get("Idempotency-Key") if method == "POST" else None
+            store = _store()
+            with store.transaction():
+                if key:
+                    replay = _replay(store, key, sorted(pairs))
+                    if replay:
+                        return replay
+                body = json.dumps(_present(store, view(params, **path_args), expand), indent=2)
+                if key:
+                    store.save_idempotent_result(
+                        key,
+                        endpoint=f"{method} {request.path}",
+                        fingerprint=_fingerprint(sorted(pairs)),
+                        request_id=_request_id(),
+                        status=200,
+                        body=body,
+                        created=time.time(),
+                    )
+            return Response(body, mimetype="application/json")
+
+        bp.add_url_rule(rule, f"{method.lower()}_{view.__name__}", handle, methods=[method])
+        return view
+
+    return register
+
+
+def _fingerprint(pairs: list[tuple[str, str]]) -> str:
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+def _replay(store: Store, key: str, pairs: list[tuple[str, str]]) -> Response | None:
+    """The stored response for a repeated Idempotency-Key, or an error if it was reused for a
+    different request. Only successful responses are stored (Stripe doesn't keep validation
+    failures, so a corrected retry with the same key goes through)."""
+    saved = store.idempotent_result(key, time.time() - IDEMPOTENCY_WINDOW)
+    if saved is None:
+        return None
+    endpoint = f"{request.method} {request.path}"
+    if saved["endpoint"] != endpoint:
+        raise StripeError(
+            "Keys for idempotent requests can only be used for the same endpoint they were first"
+            f" used for ('{saved['endpoint']}' vs '{endpoint}'). Try using a key other than"
+            f" '{key}' if you meant to execute a different request.",
+            type="idempotency_error",
+        )
+    if saved["fingerprint"] != _fingerprint(pairs):
+        raise StripeError(
+            "Keys for idempotent requests can only be used with the same parameters they were"
+            f" first used with. Try using a key other than '{key}' if you meant to execute a"
+            " different request.",
+            type="idempotency_error",
+        )
+    response = Response(saved["body"], status=saved["status"], mimetype="application/json")
+    response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Original-Request"] = saved["request_id"]
+    return response
+
+
+def _origin() -> billing.Origin:
+    return billing.Origin(_request_id(), request.headers.get("Idempotency-Key"))
+
+
+# -- expansion --------------------------------------------------------------------------------
+
+
+def _present(store: Store, obj: Obj, expand: list[str]) -> Obj:
+    """The object as the API returns it, with `expand` paths such as "subscription",
+    "line_items" or "items.data.price.product" (and "data.product" on lists) filled in."""
+    if obj["object"] == "list":
+        for path in expand:
+            if not path.startswith("data."):
+                raise _cannot_expand(path)
+        inner = [path.removeprefix("data.") for path in expand]
+        return {**obj, "data": [_present(store, item, inner) for item in obj["data"]]}
+    shown = objects.public(obj, include={path.split(".")[0] for path in expand})
+    for path in expand:
+        _expand(store, shown, path.split("."), path)
+    return shown
+
+
+def _expand(store: Store, obj: Obj, parts: list[str], path: str) -> None:
+    field, rest = parts[0], parts[1:]
+    if obj.get("object") == "list":
+        if field != "data":
+            raise _cannot_expand(path)
+        for item in obj["data"]:
+            if rest:
+                _expand(store, item, rest, path)
+        return
+    if field not in EXPANDABLE and field not in objects.INCLUDABLE.get(obj.get("object", ""), ()):
+        raise _cannot_expand(path)
+    value = obj.get(field)
+    if isinstance(value, str):
+        target = store.get(value)
+        value = obj[field] = objects.public(target) if target else value
+    if rest and isinstance(value, dict):
+        _expand(store, value, rest, path)
+
+
+def _cannot_expand(path: str) -> StripeError:
+    return StripeError(f"This property cannot be expanded ({path}).", param="expand")
+
+
+# -- endpoints --------------------------------------------------------------------------------
+
+
+@endpoint("/prices", "GET")
+def list_prices(params: Params) -> Obj:
+    reject_unknown(params, ("lookup_keys", "active", "limit", "starting_after"))
+    lookup_keys = array(params, "lookup_keys")
+    limit = integer(params, "limit", minimum=1) or 10
+    if limit > 100:
+        raise StripeError("This value must be less than or equal to 100.", param="limit")
+    return billing.list_prices(
+        _store(),
+        lookup_keys=[str(k) for k in lookup_keys] if lookup_keys is not None else None,
+        active=boolean(params, "active"),
+        limit=limit,
+        starting_after=string(params, "starting_after"),
+    )
+
+
+@endpoint("/checkout/sessions", "POST")
+def create_checkout_session(params: Params) -> Obj:
+    reject_unknown(
+        params,
+        (
+            "mode",
+            "line_items",
+            "success_url",
+            "cancel_url",
+            "customer",
+            "customer_email",
+            "client_reference_id",
+            "metadata",
+            "subscription_data",
+            "expires_at",
+            "allow_promotion_codes",
+        ),
+    )
+    mode = string(params, "mode", required=True)
+    if mode != "subscription":
+        raise StripeError(
+            f"The sandbox only supports mode=subscription Checkout Sessions, not '{mode}'.",
+            param="mode",
+        )
+    items = array(params, "line_items")
+    if not items:
+        raise missing("line_items")
+    line_items = []
+    for index, item in enumerate(items):
+        path = f"line_items[{index}]"
+        if not isinstance(item, dict):
+            raise StripeError("Invalid object", param=path)
+        reject_unknown(item, ("price", "quantity"), path)
+        price = string(item, "price", path, required=True)
+        quantity = integer(item, "quantity", path, required=True, minimum=1)
+        assert price is not None and quantity is not None
+        line_items.append((price, quantity))
+    subscription_data = mapping(params, "subscription_data") or {}
+    reject_unknown(subscription_data, ("metadata", "trial_period_days"), "subscription_data")
+    trial_days = integer(subscription_data, "trial_period_days", "subscription_data", minimum=1)
+    checkout = billing.CheckoutRequest(
+        line_items=line_items,
+        success_url=string(params, "success_url"),
+        cancel_url=string(params, "cancel_url"),
+        customer=string(params, "customer"),
+        customer_email=string(params, "customer_email"),
+        client_reference_id=string(params, "client_reference_id"),
+        metadata=_clean(metadata(params)),
+        subscription_metadata=_clean(metadata(subscription_data, path="subscription_data")),
+        trial_period_days=trial_days,
+        expires_at=integer(params, "expires_at"),
+        allow_promotion_codes=boolean(params, "allow_promotion_codes"),
+    )
+    return billing.create_checkout_session(_store(), checkout, _settings().public_url)
+
+
+def _clean(meta: dict[str, str] | None) -> dict[str, str]:
+    """Metadata for a new object: empty values mean "not set"."""
+    return {k: v for k, v in (meta or {}).items() if v != ""}
+
+
+@endpoint("/checkout/sessions/<session_id>", "GET")
+def retrieve_checkout_session(params: Params, session_id: str) -> Obj:
+    reject_unknown(params, ())
+    return billing.get_checkout_session(_store(), session_id)
+
+
+@endpoint("/checkout/sessions/<session_id>/expire", "POST")
+def expire_checkout_session(params: Params, session_id: str) -> Obj:
+    reject_unknown(params, ())
+    return billing.expire_checkout_session(_store(), session_id, _origin())
+
+
+@endpoint("/billing_portal/sessions", "POST")
+def create_portal_session(params: Params) -> Obj:
+    reject_unknown(params, ("customer", "return_url"))
+    customer = string(params, "customer", required=True)
+    assert customer is not None
+    return billing.create_portal_session(_store(), customer, string(params, "return_url"), _settings().public_url)
+
+
+@endpoint("/subscriptions/<subscription_id>", "GET")
+def retrieve_subscription(params: Params, subscription_id: str) -> Obj:
+    reject_unknown(params, ())
+    return billing.load(_store(), "subscription", subscription_id)
+
+
+@endpoint("/subscriptions/<subscription_id>", "POST")
+def update_subscription(params: Params, subscription_id: str) -> Obj:
+    reject_unknown(params, ("cancel_at_period_end", "metadata", "cancellation_details"))
+    return billing.update_subscription(
+        _store(),
+        subscription_id,
+        cancel_at_period_end=boolean(params, "cancel_at_period_end"),
+        metadata=metadata(params),
+        cancellation_details=_cancellation_details(params),
+        origin=_origin(),
+    )
+
+
+@endpoint("/subscriptions/<subscription_id>", "DELETE")
+def cancel_subscription(params: Params, subscription_id: str) -> Obj:
+    reject_unknown(params, ("cancellation_details",))
+    return billing.cancel_subscription(
+        _store(),
+        subscription_id,
+        cancellation_details=_cancellation_details(params),
+        origin=_origin(),
+    )
+
+
+def _cancellation_details(params: Params) -> dict[str, str] | None:
+    details = mapping(params, "cancellation_details")
+    if details is None:
+        return None
+    reject_unknown(details, ("comment", "feedback"), "cancellation_details")
+    return {k: string(details, k, "cancellation_details") or "" for k in details}
+
+
+def _retrieve(kind: str, object_id: str, params: Params) -> Obj:
+    reject_unknown(params, ())
+    return billing.load(_store(), kind, object_id)
+
+
+@endpoint("/customers/<customer_id>", "GET")
+def retrieve_customer(params: Params, customer_id: str) -> Obj:
+    return _retrieve("customer", customer_id, params)
+
+
+@endpoint("/invoices/<invoice_id>", "GET")
+def retrieve_invoice(params: Params, invoice_id: str) -> Obj:
+    return _retrieve("invoice", invoice_id, params)
+
+
+@endpoint("/events/<event_id>", "GET")
+def retrieve_event(params: Params, event_id: str) -> Obj:
+    return _retrieve("event", event_id, params)

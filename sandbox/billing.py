@@ -1,0 +1,443 @@
+"""What happens to Stripe objects: the catalogue, Checkout, payments, subscriptions, the portal.
+
+Every function here expects to run inside one Store.transaction() opened by its caller (an API
+request, a hosted page or the worker), so an operation and the events it emits commit together.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import objects
+from .errors import StripeError, no_such
+from .objects import Obj
+from .store import Store
+
+ENDED = ("canceled", "incomplete_expired")
+FEEDBACK = (
+    "customer_service",
+    "low_quality",
+    "missing_features",
+    "other",
+    "switched_service",
+    "too_complex",
+    "too_expensive",
+    "unused",
+)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """The API request behind an event (its `request` field); the default means automatic."""
+
+    request_id: str | None = None
+    idempotency_key: str | None = None
+
+
+AUTOMATIC = Origin()
+
+
+@dataclass(frozen=True)
+class SandboxCard:
+    number: str
+    outcome: str  # succeeds | declined | async_succeeds | async_fails
+    description: str
+
+
+SANDBOX_CARDS = (
+    SandboxCard("4242424242424242", "succeeds", "Succeeds."),
+    SandboxCard("4000000000000002", "declined", "Is declined."),
+    SandboxCard("4000000000003220", "async_succeeds", "Settles later and succeeds."),
+    SandboxCard("4000000000000341", "async_fails", "Settles later and fails."),
+)
+
+
+class PaymentError(Exception):
+    """A payment the hosted Checkout page refuses; the message is shown to the customer."""
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def emit(
+    store: Store,
+    type: str,
+    obj: Obj,
+    previous: Obj | None = None,
+    origin: Origin = AUTOMATIC,
+) -> None:
+    event = objects.event(type, obj, previous, origin.request_id, origin.idempotency_key, _now())
+    store.put(event)
+    store.enqueue_delivery(event["id"], time.time())
+
+
+def load(store: Store, kind: str, object_id: str, param: str = "id", status: int = 404) -> Obj:
+    obj = store.get(object_id)
+    if obj is None or obj["object"] != kind:
+        raise no_such(kind, object_id, param, status)
+    return obj
+
+
+# -- catalogue ------------------------------------------------------------------------------
+
+
+def seed_catalogue(store: Store, path: Path) -> list[Obj]:
+    """One active monthly USD price (and product) per lookup key in the plan catalogue.
+
+    Re-running is a no-op unless the file changed: a new name is applied in place, a new amount
+    gets a new price that takes over the lookup key (Stripe prices are immutable)."""
+    with path.open("rb") as file:
+        catalogue = tomllib.load(file)
+    seeded = []
+    for section in ("tiers", "addons"):
+        for key, entry in catalogue.get(section, {}).items():
+            if "lookup_key" not in entry:
+                raise ValueError(f"[{section}.{key}] has no lookup_key")
+            seeded.append(_seed_price(store, entry))
+    return seeded
+
+
+def _seed_price(store: Store, entry: dict[str, Any]) -> Obj:
+    lookup_key = str(entry["lookup_key"])
+    name = str(entry.get("name", lookup_key))
+    description = str(entry["description"]) if "description" in entry else None
+    amount = int(entry.get("sandbox_unit_amount", 1000))
+    now = _now()
+    current = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
+    product = store.get(current["product"]) if current else objects.product(name, description, now)
+    assert product is not None
+    if (product["name"], product["description"]) != (name, description):
+        product.update(name=name, description=description, updated=now)
+    if current and current["unit_amount"] != amount:
+        store.put({**current, "active": False, "lookup_key": None})
+        current = None
+    price = current or objects.price(product["id"], lookup_key, name, amount, now)
+    price["nickname"] = name
+    product["default_price"] = price["id"]
+    store.put(product)
+    store.put(price)
+    return price
+
+
+def list_prices(
+    store: Store,
+    *,
+    lookup_keys: list[str] | None,
+    active: bool | None,
+    limit: int,
+    starting_after: str | None,
+) -> Obj:
+    prices = [
+        p
+        for p in reversed(store.all("price"))  # newest first, like every Stripe list
+        if (lookup_keys is None or p["lookup_key"] in lookup_keys) and (active is None or p["active"] == active)
+    ]
+    if starting_after:
+        ids = [p["id"] for p in prices]
+        if starting_after not in ids:
+            raise no_such("price", starting_after, "starting_after", 400)
+        prices = prices[ids.index(starting_after) + 1 :]
+    return objects.list_object(prices[:limit], "/v1/prices", has_more=len(prices) > limit)
+
+
+# -- Checkout ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckoutRequest:
+    line_items: list[tuple[str, int]]  # (price id, quantity)
+    success_url: str | None
+    cancel_url: str | None
+    customer: str | None
+    customer_email: str | None
+    client_reference_id: str | None
+    metadata: dict[str, str]
+    subscription_metadata: dict[str, str]
+    trial_period_days: int | None
+    expires_at: int | None
+    allow_promotion_codes: bool | None
+
+
+def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str) -> Obj:
+    now = _now()
+    if req.customer and req.customer_email:
+        raise StripeError(
+            "You may only specify one of these parameters: customer, customer_email.",
+            code="parameters_exclusive",
+            param="customer_email",
+        )
+    if req.customer:
+        load(store, "customer", req.customer, "customer", 400)
+    if req.expires_at is not None and not now + 1800 <= req.expires_at <= now + 86400:
+        too_soon = req.expires_at < now + 1800
+        raise StripeError(
+            "The `expires_at` timestamp must be "
+            + ("at least 30 minutes" if too_soon else "less than 24 hours")
+            + " from Checkout Session creation.",
+            param="expires_at",
+        )
+    items = []
+    for index, (price_id, quantity) in enumerate(req.line_items):
+        param = f"line_items[{index}][price]"
+        price = load(store, "price", price_id, param, 400)
+        if not price["active"]:
+            raise StripeError(
+                "The price specified is inactive. This field only accepts active prices.",
+                param=param,
+            )
+        items.append(objects.checkout_line_item(price, quantity))
+    session = objects.checkout_session(
+        line_items=items,
+        # With a free trial nothing is due today.
+        amount_total=0 if req.trial_period_days else sum(i["amount_total"] for i in items),
+        success_url=req.success_url,
+        cancel_url=req.cancel_url,
+        customer=req.customer,
+        customer_email=req.customer_email,
+        client_reference_id=req.client_reference_id,
+        metadata=req.metadata,
+        subscription_metadata=req.subscription_metadata,
+        trial_period_days=req.trial_period_days,
+        allow_promotion_codes=req.allow_promotion_codes,
+        expires_at=req.expires_at or now + 86400,
+        public_url=public_url,
+        now=now,
+    )
+    store.put(session)
+    store.add_job("expire_session", session["id"], session["expires_at"])
+    return session
+
+
+def get_checkout_session(store: Store, session_id: str) -> Obj:
+    session = load(store, "checkout.session", session_id, "session")
+    return _expire_if_due(store, session, _now())
+
+
+def _expire_if_due(store: Store, session: Obj, now: int) -> Obj:
+    # Expiry is applied lazily on read as well as by the worker, so nobody sees a stale "open".
+    if session["status"] == "open" and session["expires_at"] <= now:
+        return _expire(store, session, AUTOMATIC)
+    return session
+
+
+def _expire(store: Store, session: Obj, origin: Origin) -> Obj:
+    session.update(status="expired", url=None)
+    store.put(session)
+    emit(store, "checkout.session.expired", session, origin=origin)
+    return session
+
+
+def expire_checkout_session(store: Store, session_id: str, origin: Origin) -> Obj:
+    session = get_checkout_session(store, session_id)
+    if session["status"] != "open":
+        raise StripeError(
+            'Only Checkout Sessions with a status in ["open"] can be expired. This Checkout'
+            f" Session has a status of `{session['status']}`."
+        )
+    return _expire(store, session, origin)
+
+
+def pay_checkout_session(
+    store: Store,
+    session_id: str,
+    *,
+    card_number: str,
+    email: str,
+    name: str,
+    async_delay: float,
+) -> Obj:
+    """Complete a Session with a sandbox card: create the customer, subscription and invoice,
+    emit the events Stripe emits, and schedule the settlement of an asynchronous payment."""
+    session = get_checkout_session(store, session_id)
+    if session["status"] != "open":
+        raise PaymentError(f"This Checkout Session is {session['status']}; it can no longer be paid.")
+    card = next((c for c in SANDBOX_CARDS if c.number == card_number), None)
+    if card is None:
+        raise PaymentError("This sandbox only accepts the test cards listed above.")
+    if card.outcome == "declined":
+        raise PaymentError("Your card was declined.")
+
+    now = _now()
+    sub_data = session["_subscription_data"]
+    trial_days = sub_data["trial_period_days"]
+    settles_later = card.outcome.startswith("async") and not trial_days  # a trial charges nothing
+
+    customer = store.get(session["customer"]) if session["customer"] else objects.customer(email, name, now)
+    assert customer is not None
+    subscription = objects.subscription(
+        customer_id=customer["id"],
+        line_items=session["line_items"]["data"],
+        metadata=sub_data["metadata"],
+        trial_days=trial_days,
+        status="trialing" if trial_days else "incomplete" if settles_later else "active",
+        now=now,
+    )
+    invoice = objects.invoice(customer, subscription, now)
+    customer["next_invoice_sequence"] += 1
+    subscription["latest_invoice"] = invoice["id"]
+    if not settles_later:
+        _mark_paid(invoice, now)
+    session.update(
+        status="complete",
+        payment_status=("no_payment_required" if trial_days else "unpaid" if settles_later else "paid"),
+        customer=customer["id"],
+        subscription=subscription["id"],
+        customer_details=objects.customer_details(email, name),
+        url=None,
+    )
+    for obj in (customer, subscription, invoice, session):
+        store.put(obj)
+
+    emit(store, "customer.subscription.created", subscription)
+    if not settles_later:
+        emit(store, "invoice.paid", invoice)
+    emit(store, "checkout.session.completed", session)
+    if settles_later:
+        store.add_job(f"settle_{card.outcome}", session["id"], time.time() + async_delay)
+    return session
+
+
+def _mark_paid(invoice: Obj, now: int) -> None:
+    invoice.update(
+        amount_paid=invoice["amount_due"],
+        amount_remaining=0,
+        attempt_count=1,
+        attempted=True,
+        status="paid",
+    )
+    invoice["status_transitions"]["paid_at"] = now
+
+
+def _settle(store: Store, session_id: str, succeeded: bool) -> None:
+    session = load(store, "checkout.session", session_id)
+    if session["payment_status"] != "unpaid":
+        return
+    subscription = load(store, "subscription", session["subscription"])
+    invoice = load(store, "invoice", subscription["latest_invoice"])
+    before = copy.deepcopy(subscription)
+    now = _now()
+    if succeeded:
+        session["payment_status"] = "paid"
+        store.put(session)
+        emit(store, "checkout.session.async_payment_succeeded", session)
+        _mark_paid(invoice, now)
+        store.put(invoice)
+        emit(store, "invoice.paid", invoice)
+    else:
+        emit(store, "checkout.session.async_payment_failed", session)
+        invoice.update(attempt_count=1, attempted=True)
+        store.put(invoice)
+        emit(store, "invoice.payment_failed", invoice)
+    if subscription["status"] == "incomplete":  # unless it was canceled meanwhile
+        if succeeded:
+            subscription["status"] = "active"
+        else:
+            subscription.update(status="incomplete_expired", ended_at=now)
+        store.put(subscription)
+        emit(
+            store,
+            "customer.subscription.updated",
+            subscription,
+            objects.previous_attributes(before, subscription),
+        )
+
+
+def run_job(store: Store, kind: str, ref: str, now: int) -> None:
+    """A timed transition scheduled earlier; each is a no-op if the state moved on meanwhile."""
+    if kind == "expire_session":
+        _expire_if_due(store, load(store, "checkout.session", ref), now)
+    elif kind in ("settle_async_succeeds", "settle_async_fails"):
+        _settle(store, ref, succeeded=kind == "settle_async_succeeds")
+    else:
+        raise ValueError(f"unknown job kind {kind!r}")
+
+
+# -- subscriptions ----------------------------------------------------------------------------
+
+
+def _apply_cancellation_details(subscription: Obj, details: dict[str, str] | None) -> None:
+    if not details:
+        return
+    feedback = details.get("feedback")
+    if feedback and feedback not in FEEDBACK:
+        raise StripeError(
+            f"Invalid cancellation_details[feedback]: must be one of {', '.join(FEEDBACK)}",
+            param="cancellation_details[feedback]",
+        )
+    for key in ("comment", "feedback"):
+        if key in details:
+            subscription["cancellation_details"][key] = details[key] or None
+
+
+def update_subscription(
+    store: Store,
+    subscription_id: str,
+    *,
+    cancel_at_period_end: bool | None = None,
+    metadata: dict[str, str] | None = None,
+    cancellation_details: dict[str, str] | None = None,
+    origin: Origin = AUTOMATIC,
+) -> Obj:
+    subscription = load(store, "subscription", subscription_id)
+    before = copy.deepcopy(subscription)
+    if subscription["status"] in ENDED and cancel_at_period_end is not None:
+        raise StripeError("A canceled subscription can only update its cancellation_details and metadata.")
+    if metadata is not None:
+        # Keys are merged; an empty value removes a key, and metadata="" (decoded to {}) clears all.
+        merged = {**subscription["metadata"], **metadata} if metadata else {}
+        subscription["metadata"] = {k: v for k, v in merged.items() if v != ""}
+    _apply_cancellation_details(subscription, cancellation_details)
+    if cancel_at_period_end is not None and cancel_at_period_end != subscription["cancel_at_period_end"]:
+        period_end = max(item["current_period_end"] for item in subscription["items"]["data"])
+        subscription.update(
+            cancel_at_period_end=cancel_at_period_end,
+            cancel_at=period_end if cancel_at_period_end else None,
+            # Stripe records when cancellation was requested, not when it takes effect.
+            canceled_at=_now() if cancel_at_period_end else None,
+        )
+        subscription["cancellation_details"]["reason"] = "cancellation_requested" if cancel_at_period_end else None
+    changes = objects.previous_attributes(before, subscription)
+    if changes:  # Stripe sends no event for an update that changes nothing
+        store.put(subscription)
+        emit(store, "customer.subscription.updated", subscription, changes, origin)
+    return subscription
+
+
+def cancel_subscription(
+    store: Store,
+    subscription_id: str,
+    *,
+    cancellation_details: dict[str, str] | None = None,
+    origin: Origin = AUTOMATIC,
+) -> Obj:
+    subscription = load(store, "subscription", subscription_id)
+    if subscription["status"] in ENDED:
+        # Stripe treats an ended subscription as gone for this call (but still lets you read it).
+        raise no_such("subscription", subscription_id, "id")
+    now = _now()
+    _apply_cancellation_details(subscription, cancellation_details)
+    subscription.update(status="canceled", canceled_at=now, ended_at=now)
+    subscription["cancellation_details"]["reason"] = "cancellation_requested"
+    store.put(subscription)
+    emit(store, "customer.subscription.deleted", subscription, origin=origin)
+    return subscription
+
+
+def customer_subscriptions(store: Store, customer_id: str) -> list[Obj]:
+    return [s for s in reversed(store.all("subscription")) if s["customer"] == customer_id]
+
+
+# -- customer portal --------------------------------------------------------------------------
+
+
+def create_portal_session(store: Store, customer_id: str, return_url: str | None, public_url: str) -> Obj:
+    load(store, "customer", customer_id, "customer", 400)
+    session = objects.portal_session(customer_id, return_url, public_url, _now())
+    store.put(session)
+    return session

@@ -1,0 +1,539 @@
+"""Stripe object shapes (API version 2026-10-28.endive), built as plain dicts.
+
+Only the fields this product's flows touch carry real values; the rest hold the values Stripe
+gives an object created the same way in test mode, so code reading them sees the right types.
+"""
+
+from __future__ import annotations
+
+import calendar
+import copy
+import secrets
+import string
+from collections.abc import Collection
+from datetime import UTC, datetime
+from typing import Any
+
+API_VERSION = "2026-10-28.endive"
+CURRENCY = "usd"
+
+# Fields Stripe only returns when asked for with expand[]=…, per object type. Separately, keys
+# starting with "_" are the sandbox's own bookkeeping and are never shown.
+INCLUDABLE = {"checkout.session": ("line_items",)}
+
+_ALPHABET = string.ascii_letters + string.digits
+
+Obj = dict[str, Any]
+
+
+def new_id(prefix: str, length: int = 24) -> str:
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def add_month(timestamp: int) -> int:
+    """Same day next month, clamped to the month's end (Jan 31 -> Feb 28), as Stripe bills."""
+    start = datetime.fromtimestamp(timestamp, UTC)
+    year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+    day = min(start.day, calendar.monthrange(year, month)[1])
+    return int(start.replace(year=year, month=month, day=day).timestamp())
+
+
+def public(obj: Obj, include: Collection[str] = ()) -> Obj:
+    """A deep copy of the object as Stripe shows it, with the includable fields asked for."""
+    hidden = set(INCLUDABLE.get(obj["object"], ())) - set(include)
+    return {k: copy.deepcopy(v) for k, v in obj.items() if not k.startswith("_") and k not in hidden}
+
+
+def list_object(data: list[Obj], url: str, has_more: bool = False) -> Obj:
+    return {"object": "list", "data": data, "has_more": has_more, "url": url}
+
+
+def previous_attributes(before: Obj, after: Obj) -> Obj:
+    """What changed, as event.data.previous_attributes: old values of changed keys, recursing
+    into hashes (Stripe lists only the changed sub-keys) but not into lists. A key that was
+    added shows as null; one that was removed shows its old value."""
+    changed: Obj = {}
+    for key in {**before, **after}:  # both objects' keys, in their order
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        changed[key] = previous_attributes(old, new) if isinstance(old, dict) and isinstance(new, dict) else old
+    return changed
+
+
+# -- catalogue ------------------------------------------------------------------------------
+
+
+def product(name: str, description: str | None, now: int) -> Obj:
+    return {
+        "id": new_id("prod_", 14),
+        "object": "product",
+        "active": True,
+        "created": now,
+        "default_price": None,
+        "description": description,
+        "images": [],
+        "livemode": False,
+        "marketing_features": [],
+        "metadata": {},
+        "name": name,
+        "package_dimensions": None,
+        "shippable": None,
+        "statement_descriptor": None,
+        "tax_code": None,
+        "type": "service",
+        "unit_label": None,
+        "updated": now,
+        "url": None,
+    }
+
+
+def price(product_id: str, lookup_key: str, nickname: str, unit_amount: int, now: int) -> Obj:
+    return {
+        "id": new_id("price_"),
+        "object": "price",
+        "active": True,
+        "billing_scheme": "per_unit",
+        "created": now,
+        "currency": CURRENCY,
+        "custom_unit_amount": None,
+        "livemode": False,
+        "lookup_key": lookup_key,
+        "metadata": {},
+        "nickname": nickname,
+        "product": product_id,
+        "recurring": {
+            "interval": "month",
+            "interval_count": 1,
+            "meter": None,
+            "trial_period_days": None,
+            "usage_type": "licensed",
+        },
+        "tax_behavior": "unspecified",
+        "tiers_mode": None,
+        "transform_quantity": None,
+        "type": "recurring",
+        "unit_amount": unit_amount,
+        "unit_amount_decimal": str(unit_amount),
+    }
+
+
+def _plan(price: Obj) -> Obj:
+    """The legacy Plan view of a recurring price, still present on subscription items."""
+    recurring = price["recurring"]
+    return {
+        "id": price["id"],
+        "object": "plan",
+        "active": price["active"],
+        "amount": price["unit_amount"],
+        "amount_decimal": price["unit_amount_decimal"],
+        "billing_scheme": price["billing_scheme"],
+        "created": price["created"],
+        "currency": price["currency"],
+        "interval": recurring["interval"],
+        "interval_count": recurring["interval_count"],
+        "livemode": False,
+        "metadata": price["metadata"],
+        "meter": None,
+        "nickname": price["nickname"],
+        "product": price["product"],
+        "tiers_mode": None,
+        "transform_usage": None,
+        "trial_period_days": None,
+        "usage_type": recurring["usage_type"],
+    }
+
+
+# -- customers and Checkout ---------------------------------------------------------------------
+
+
+def customer(email: str, name: str, now: int) -> Obj:
+    return {
+        "id": new_id("cus_", 14),
+        "object": "customer",
+        "address": None,
+        "balance": 0,
+        "created": now,
+        "currency": CURRENCY,
+        "default_source": None,
+        "delinquent": False,
+        "description": None,
+        "email": email,
+        "invoice_prefix": new_id("", 8).upper(),
+        "invoice_settings": {
+            "custom_fields": None,
+            "default_payment_method": None,
+            "footer": None,
+            "rendering_options": None,
+        },
+        "livemode": False,
+        "metadata": {},
+        "name": name,
+        "next_invoice_sequence": 1,
+        "phone": None,
+        "preferred_locales": [],
+        "shipping": None,
+        "tax_exempt": "none",
+        "test_clock": None,
+    }
+
+
+def checkout_line_item(price: Obj, quantity: int) -> Obj:
+    amount = price["unit_amount"] * quantity
+    return {
+        "id": new_id("li_"),
+        "object": "item",
+        "amount_discount": 0,
+        "amount_subtotal": amount,
+        "amount_tax": 0,
+        "amount_total": amount,
+        "currency": price["currency"],
+        "description": price["nickname"],
+        "metadata": {},
+        "price": price,
+        "quantity": quantity,
+    }
+
+
+def checkout_session(
+    *,
+    line_items: list[Obj],
+    amount_total: int,
+    success_url: str | None,
+    cancel_url: str | None,
+    customer: str | None,
+    customer_email: str | None,
+    client_reference_id: str | None,
+    metadata: dict[str, str],
+    subscription_metadata: dict[str, str],
+    trial_period_days: int | None,
+    allow_promotion_codes: bool | None,
+    expires_at: int,
+    public_url: str,
+    now: int,
+) -> Obj:
+    session_id = new_id("cs_test_", 58)
+    return {
+        "id": session_id,
+        "object": "checkout.session",
+        "after_expiration": None,
+        "allow_promotion_codes": allow_promotion_codes,
+        "amount_subtotal": amount_total,
+        "amount_total": amount_total,
+        "automatic_tax": {
+            "enabled": False,
+            "liability": None,
+            "provider": None,
+            "status": None,
+        },
+        "billing_address_collection": None,
+        "cancel_url": cancel_url,
+        "client_reference_id": client_reference_id,
+        "client_secret": None,
+        "consent": None,
+        "consent_collection": None,
+        "created": now,
+        "currency": CURRENCY,
+        "custom_fields": [],
+        "custom_text": {
+            "after_submit": None,
+            "shipping_address": None,
+            "submit": None,
+            "terms_of_service_acceptance": None,
+        },
+        "customer": customer,
+        "customer_creation": None if customer else "always",
+        "customer_details": None,
+        "customer_email": customer_email,
+        "discounts": [],
+        "expires_at": expires_at,
+        "invoice": None,
+        "invoice_creation": None,
+        "line_items": list_object(line_items, f"/v1/checkout/sessions/{session_id}/line_items"),
+        "livemode": False,
+        "locale": None,
+        "metadata": metadata,
+        "mode": "subscription",
+        "payment_intent": None,
+        "payment_link": None,
+        "payment_method_collection": "always",
+        "payment_method_types": ["card"],
+        "payment_status": "unpaid",
+        "phone_number_collection": {"enabled": False},
+        "recovered_from": None,
+        "setup_intent": None,
+        "shipping_address_collection": None,
+        "shipping_cost": None,
+        "shipping_options": [],
+        "status": "open",
+        "submit_type": None,
+        "subscription": None,
+        "success_url": success_url,
+        "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
+        "ui_mode": "hosted_page",
+        "url": f"{public_url}/checkout/{session_id}",
+        # subscription_data is not part of a Session object; kept for when the Session is paid.
+        "_subscription_data": {
+            "metadata": subscription_metadata,
+            "trial_period_days": trial_period_days,
+        },
+    }
+
+
+def customer_details(email: str, name: str) -> Obj:
+    return {
+        "address": None,
+        "business_name": None,
+        "email": email,
+        "individual_name": None,
+        "name": name,
+        "phone": None,
+        "tax_exempt": "none",
+        "tax_ids": [],
+    }
+
+
+# -- subscriptions and invoices ---------------------------------------------------------------
+
+
+def subscription(
+    *,
+    customer_id: str,
+    line_items: list[Obj],
+    metadata: dict[str, str],
+    trial_days: int | None,
+    status: str,
+    now: int,
+) -> Obj:
+    sub_id = new_id("sub_")
+    trial_end = now + trial_days * 86400 if trial_days else None
+    period_end = trial_end or add_month(now)
+    items = [
+        {
+            "id": new_id("si_", 14),
+            "object": "subscription_item",
+            "billing_thresholds": None,
+            "created": now,
+            "current_period_end": period_end,
+            "current_period_start": now,
+            "discounts": [],
+            "metadata": {},
+            "plan": _plan(item["price"]),
+            "price": item["price"],
+            "quantity": item["quantity"],
+            "subscription": sub_id,
+            "tax_rates": [],
+        }
+        for item in line_items
+    ]
+    return {
+        "id": sub_id,
+        "object": "subscription",
+        "application": None,
+        "application_fee_percent": None,
+        "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
+        "billing_cycle_anchor": trial_end or now,
+        "billing_cycle_anchor_config": None,
+        "billing_thresholds": None,
+        "cancel_at": None,
+        "cancel_at_period_end": False,
+        "canceled_at": None,
+        "cancellation_details": {"comment": None, "feedback": None, "reason": None},
+        "collection_method": "charge_automatically",
+        "created": now,
+        "currency": CURRENCY,
+        "customer": customer_id,
+        "days_until_due": None,
+        "default_payment_method": None,
+        "default_source": None,
+        "default_tax_rates": [],
+        "description": None,
+        "discounts": [],
+        "ended_at": None,
+        "invoice_settings": {"account_tax_ids": None, "issuer": {"type": "self"}},
+        "items": list_object(items, f"/v1/subscription_items?subscription={sub_id}"),
+        "latest_invoice": None,
+        "livemode": False,
+        "metadata": metadata,
+        "next_pending_invoice_item_invoice": None,
+        "on_behalf_of": None,
+        "pause_collection": None,
+        "payment_settings": {
+            "payment_method_options": None,
+            "payment_method_types": None,
+            "save_default_payment_method": "off",
+        },
+        "pending_invoice_item_interval": None,
+        "pending_setup_intent": None,
+        "pending_update": None,
+        "schedule": None,
+        "start_date": now,
+        "status": status,
+        "test_clock": None,
+        "transfer_data": None,
+        "trial_end": trial_end,
+        "trial_settings": {"end_behavior": {"missing_payment_method": "create_invoice"}},
+        "trial_start": now if trial_end else None,
+    }
+
+
+def invoice(customer: Obj, subscription: Obj, now: int) -> Obj:
+    """The first invoice of a new subscription, finalized and awaiting payment."""
+    invoice_id = new_id("in_")
+    trialing = subscription["status"] == "trialing"
+    lines = []
+    for item in subscription["items"]["data"]:
+        price = item["price"]
+        amount = 0 if trialing else price["unit_amount"] * item["quantity"]
+        what = f"Trial period for {price['nickname']}" if trialing else price["nickname"]
+        lines.append(
+            {
+                "id": new_id("il_"),
+                "object": "line_item",
+                "amount": amount,
+                "currency": price["currency"],
+                "description": f"{item['quantity']} × {what}",
+                "discount_amounts": [],
+                "discountable": True,
+                "discounts": [],
+                "invoice": invoice_id,
+                "livemode": False,
+                "metadata": {},
+                "parent": {
+                    "type": "subscription_item_details",
+                    "invoice_item_details": None,
+                    "subscription_item_details": {
+                        "invoice_item": None,
+                        "proration": False,
+                        "proration_details": {"credited_items": None},
+                        "subscription": subscription["id"],
+                        "subscription_item": item["id"],
+                    },
+                },
+                "period": {
+                    "start": item["current_period_start"],
+                    "end": item["current_period_end"],
+                },
+                "pretax_credit_amounts": [],
+                "pricing": {
+                    "type": "price_details",
+                    "price_details": {
+                        "price": price["id"],
+                        "product": price["product"],
+                    },
+                    "unit_amount_decimal": price["unit_amount_decimal"],
+                },
+                "quantity": item["quantity"],
+                "subtotal": amount,
+                "taxes": [],
+            }
+        )
+    total = sum(line["amount"] for line in lines)
+    return {
+        "id": invoice_id,
+        "object": "invoice",
+        "account_country": "US",
+        "account_name": "Stripe sandbox",
+        "amount_due": total,
+        "amount_overpaid": 0,
+        "amount_paid": 0,
+        "amount_remaining": total,
+        "amount_shipping": 0,
+        "attempt_count": 0,
+        "attempted": False,
+        "auto_advance": False,
+        "automatic_tax": {
+            "disabled_reason": None,
+            "enabled": False,
+            "liability": None,
+            "provider": None,
+            "status": None,
+        },
+        "billing_reason": "subscription_create",
+        "collection_method": "charge_automatically",
+        "created": now,
+        "currency": CURRENCY,
+        "customer": customer["id"],
+        "customer_email": customer["email"],
+        "customer_name": customer["name"],
+        "description": None,
+        "discounts": [],
+        "due_date": None,
+        "effective_at": now,
+        "ending_balance": 0,
+        "hosted_invoice_url": None,
+        "invoice_pdf": None,
+        "issuer": {"type": "self"},
+        "lines": list_object(lines, f"/v1/invoices/{invoice_id}/lines"),
+        "livemode": False,
+        "metadata": {},
+        "number": f"{customer['invoice_prefix']}-{customer['next_invoice_sequence']:04d}",
+        "parent": {
+            "type": "subscription_details",
+            "quote_details": None,
+            "subscription_details": {
+                "metadata": subscription["metadata"],
+                "subscription": subscription["id"],
+            },
+        },
+        "period_end": now,
+        "period_start": now,
+        "starting_balance": 0,
+        "status": "open",
+        "status_transitions": {
+            "finalized_at": now,
+            "marked_uncollectible_at": None,
+            "paid_at": None,
+            "voided_at": None,
+        },
+        "subtotal": total,
+        "subtotal_excluding_tax": total,
+        "total": total,
+        "total_discount_amounts": [],
+        "total_excluding_tax": total,
+        "total_taxes": [],
+    }
+
+
+# -- portal and events ------------------------------------------------------------------------
+
+
+def portal_session(customer_id: str, return_url: str | None, public_url: str, now: int) -> Obj:
+    session_id = new_id("bps_")
+    return {
+        "id": session_id,
+        "object": "billing_portal.session",
+        "configuration": "bpc_sandbox_default",
+        "created": now,
+        "customer": customer_id,
+        "flow": None,
+        "livemode": False,
+        "locale": None,
+        "on_behalf_of": None,
+        "return_url": return_url,
+        "url": f"{public_url}/portal/{session_id}",
+    }
+
+
+def event(
+    type: str,
+    snapshot: Obj,
+    previous: Obj | None,
+    request_id: str | None,
+    idempotency_key: str | None,
+    now: int,
+) -> Obj:
+    data: Obj = {"object": public(snapshot)}
+    if previous is not None:
+        data["previous_attributes"] = previous
+    return {
+        "id": new_id("evt_"),
+        "object": "event",
+        "api_version": API_VERSION,
+        "created": now,
+        "data": data,
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": request_id, "idempotency_key": idempotency_key},
+        "type": type,
+    }

@@ -1,0 +1,187 @@
+"""The hosted pages: Checkout (/checkout/<cs_…>) and the customer portal (/portal/<bps_…>).
+
+Form fields use the element ids of Stripe's hosted Checkout page (#email, #cardNumber, …) so a
+single browser script can drive both this page and the real one.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+from flask import Blueprint, current_app, redirect, render_template, request
+from werkzeug.wrappers import Response
+
+from . import billing
+from .config import Settings
+from .errors import StripeError
+from .objects import Obj
+from .store import Store
+
+bp = Blueprint("pages", __name__, template_folder="templates")
+
+FIELDS = ("email", "cardNumber", "cardExpiry", "cardCvc", "billingName")
+
+PORTAL_ACTIONS = {
+    "cancel-at-period-end": "Your subscription will be canceled at the end of the billing period.",
+    "renew": "Your subscription will renew.",
+    "cancel-now": "Your subscription has been canceled.",
+}
+
+
+def _store() -> Store:
+    store: Store = current_app.config["SANDBOX_STORE"]
+    return store
+
+
+def _settings() -> Settings:
+    settings: Settings = current_app.config["SANDBOX_SETTINGS"]
+    return settings
+
+
+@bp.app_template_filter("money")
+def money(cents: int) -> str:
+    return f"${cents / 100:,.2f}"
+
+
+@bp.app_template_filter("day")
+def day(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%-d %B %Y")
+
+
+def _not_found(what: str) -> tuple[str, int]:
+    return render_template("message.html", title="Not found", message=f"No such {what}."), 404
+
+
+# -- Checkout ---------------------------------------------------------------------------------
+
+
+@bp.route("/checkout/<session_id>", methods=["GET", "POST"])
+def checkout(session_id: str) -> Response | tuple[str, int]:
+    store = _store()
+    try:
+        with store.transaction():  # reading may expire the session
+            session = billing.get_checkout_session(store, session_id)
+    except StripeError:
+        return _not_found("Checkout Session")
+    customer = store.get(session["customer"]) if session["customer"] else None
+    values = {field: "" for field in FIELDS}
+    values["email"] = session["customer_email"] or (customer["email"] if customer else "")
+    errors: list[str] = []
+    if request.method == "POST":
+        values = {field: request.form.get(field, "").strip() for field in FIELDS}
+        errors = validate_payment_form(values)
+        if not errors:
+            try:
+                with store.transaction():
+                    session = billing.pay_checkout_session(
+                        store,
+                        session_id,
+                        card_number=re.sub(r"\s", "", values["cardNumber"]),
+                        email=values["email"],
+                        name=values["billingName"],
+                        async_delay=_settings().async_delay,
+                    )
+            except billing.PaymentError as exc:
+                errors = [str(exc)]
+            else:
+                target = (session["success_url"] or "").replace("{CHECKOUT_SESSION_ID}", session_id)
+                return redirect(target or request.path, 303)
+    page = render_template(
+        "checkout.html",
+        session=session,
+        trial_days=session["_subscription_data"]["trial_period_days"],
+        values=values,
+        errors=errors,
+        cards=billing.SANDBOX_CARDS,
+    )
+    return page, 400 if errors else 200
+
+
+def validate_payment_form(values: dict[str, str]) -> list[str]:
+    """Stripe Checkout's own messages for what it would refuse before trying the card."""
+    errors = []
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", values["email"]):
+        errors.append("Your email address is invalid." if values["email"] else "Your email is incomplete.")
+    number = re.sub(r"\s", "", values["cardNumber"])
+    if not number:
+        errors.append("Your card number is incomplete.")
+    elif not (number.isdigit() and 12 <= len(number) <= 19 and _luhn_ok(number)):
+        errors.append("Your card number is invalid.")
+    expiry = re.fullmatch(r"(\d{1,2})\s*/?\s*(\d{2})", values["cardExpiry"])
+    if not expiry or not 1 <= int(expiry.group(1)) <= 12:
+        errors.append("Your card's expiration date is incomplete.")
+    else:
+        today = datetime.now(UTC)
+        if (2000 + int(expiry.group(2)), int(expiry.group(1))) < (
+            today.year,
+            today.month,
+        ):
+            errors.append("Your card's expiration year is in the past.")
+    if not re.fullmatch(r"\d{3,4}", values["cardCvc"]):
+        errors.append("Your card's security code is incomplete.")
+    if not values["billingName"]:
+        errors.append("Your name is incomplete.")
+    return errors
+
+
+def _luhn_ok(number: str) -> bool:
+    digits = [int(d) for d in reversed(number)]
+    total = sum(digits[0::2]) + sum(sum(divmod(2 * d, 10)) for d in digits[1::2])
+    return total % 10 == 0
+
+
+# -- customer portal --------------------------------------------------------------------------
+
+
+def _portal_page(portal: Obj, notice: str | None = None, error: str | None = None) -> str:
+    store = _store()
+    subscriptions = billing.customer_subscriptions(store, portal["customer"])
+    live = [s for s in subscriptions if s["status"] not in billing.ENDED]
+    return render_template(
+        "portal.html",
+        portal=portal,
+        customer=store.get(portal["customer"]),
+        subscriptions=subscriptions,
+        # Button ids are for scripted browsers; they go on the customer's newest live subscription.
+        primary_id=live[0]["id"] if live else None,
+        ended=billing.ENDED,
+        notice=notice,
+        error=error,
+    )
+
+
+@bp.get("/portal/<portal_id>")
+def portal(portal_id: str) -> str | tuple[str, int]:
+    found = _store().get(portal_id)
+    if found is None or found["object"] != "billing_portal.session":
+        return _not_found("portal session")
+    return _portal_page(found, notice=PORTAL_ACTIONS.get(request.args.get("done", "")))
+
+
+@bp.post("/portal/<portal_id>/subscriptions/<subscription_id>/<action>")
+def portal_action(portal_id: str, subscription_id: str, action: str) -> Response | tuple[str, int]:
+    store = _store()
+    found = store.get(portal_id)
+    subscription = store.get(subscription_id)
+    if (
+        found is None
+        or found["object"] != "billing_portal.session"
+        or subscription is None
+        or subscription.get("customer") != found["customer"]
+        or action not in PORTAL_ACTIONS
+    ):
+        return _not_found("subscription in this portal session")
+    try:
+        with store.transaction():
+            if action == "cancel-now":
+                billing.cancel_subscription(store, subscription_id)
+            else:
+                billing.update_subscription(
+                    store,
+                    subscription_id,
+                    cancel_at_period_end=action == "cancel-at-period-end",
+                )
+    except StripeError as exc:
+        return _portal_page(found, error=exc.message), 400
+    return redirect(f"/portal/{portal_id}?done={action}", 303)

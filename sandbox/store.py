@@ -1,0 +1,175 @@
+"""Durable state: Stripe objects, idempotency records, timed jobs and the webhook queue.
+
+Everything lives in one SQLite file so a restart loses nothing. A single connection guarded by
+a re-entrant lock serves every thread: the sandbox is a development server, and serialising all
+access is simpler and safer than reasoning about concurrent writers.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    id   TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,            -- the Stripe "object" value, e.g. "checkout.session"
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS objects_by_kind ON objects (kind);
+
+CREATE TABLE IF NOT EXISTS idempotency (
+    key         TEXT PRIMARY KEY,
+    endpoint    TEXT NOT NULL,     -- "POST /v1/..."
+    fingerprint TEXT NOT NULL,     -- hash of the request parameters
+    request_id  TEXT NOT NULL,
+    status      INTEGER NOT NULL,
+    body        TEXT NOT NULL,
+    created     REAL NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS jobs (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    due_at REAL NOT NULL,
+    kind   TEXT NOT NULL,
+    ref    TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,   -- creation order
+    event_id        TEXT NOT NULL UNIQUE,
+    state           TEXT NOT NULL,                       -- pending | delivered | failed
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_status     INTEGER,
+    last_error      TEXT,
+    delivered_at    REAL
+);
+"""
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves in transaction().
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Run a block atomically and alone. Entry points (an API request, a page action, a
+        worker job) each use one, so an operation and the events it emits commit together."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _execute(self, sql: str, args: tuple[Any, ...] = ()) -> None:
+        with self._lock:
+            self._db.execute(sql, args)
+
+    # -- Stripe objects -------------------------------------------------------------------
+
+    def get(self, object_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT data FROM objects WHERE id = ?", (object_id,))
+        return json.loads(rows[0]["data"]) if rows else None
+
+    def put(self, obj: dict[str, Any]) -> None:
+        # An upsert keeps the row's position, so all() stays in creation order.
+        self._execute(
+            "INSERT INTO objects (id, kind, data) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET data = excluded.data",
+            (obj["id"], obj["object"], json.dumps(obj)),
+        )
+
+    def all(self, kind: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT data FROM objects WHERE kind = ? ORDER BY rowid", (kind,))
+        return [json.loads(row["data"]) for row in rows]
+
+    # -- idempotency ----------------------------------------------------------------------
+
+    def idempotent_result(self, key: str, not_before: float) -> sqlite3.Row | None:
+        self._execute("DELETE FROM idempotency WHERE created < ?", (not_before,))
+        rows = self._query("SELECT * FROM idempotency WHERE key = ?", (key,))
+        return rows[0] if rows else None
+
+    def save_idempotent_result(
+        self,
+        key: str,
+        *,
+        endpoint: str,
+        fingerprint: str,
+        request_id: str,
+        status: int,
+        body: str,
+        created: float,
+    ) -> None:
+        self._execute(
+            "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, endpoint, fingerprint, request_id, status, body, created),
+        )
+
+    # -- timed jobs -----------------------------------------------------------------------
+
+    def add_job(self, kind: str, ref: str, due_at: float) -> None:
+        self._execute("INSERT INTO jobs (due_at, kind, ref) VALUES (?, ?, ?)", (due_at, kind, ref))
+
+    def due_jobs(self, now: float) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM jobs WHERE due_at <= ? ORDER BY due_at, id", (now,))
+
+    def delete_job(self, job_id: int) -> None:
+        self._execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    # -- webhook deliveries ---------------------------------------------------------------
+
+    def enqueue_delivery(self, event_id: str, now: float) -> None:
+        self._execute(
+            "INSERT INTO deliveries (event_id, state, next_attempt_at) VALUES (?, 'pending', ?)",
+            (event_id, now),
+        )
+
+    def next_due_delivery(self, now: float) -> sqlite3.Row | None:
+        rows = self._query(
+            "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY seq LIMIT 1",
+            (now,),
+        )
+        return rows[0] if rows else None
+
+    def record_attempt(
+        self,
+        seq: int,
+        *,
+        state: str,
+        next_attempt_at: float,
+        status: int | None,
+        error: str | None,
+        delivered_at: float | None,
+    ) -> None:
+        self._execute(
+            "UPDATE deliveries SET state = ?, attempts = attempts + 1, next_attempt_at = ?,"
+            " last_status = ?, last_error = ?, delivered_at = ? WHERE seq = ?",
+            (state, next_attempt_at, status, error, delivered_at, seq),
+        )
+
+    def deliveries(self, limit: int) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM deliveries ORDER BY seq DESC LIMIT ?", (limit,))

@@ -1,0 +1,847 @@
+"""End-to-end tests: the real server in a subprocess, driven by the real stripe-python SDK, with
+a tiny local HTTP receiver standing in for the app's webhook endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import stripe
+
+from sandbox import billing, objects
+from sandbox.params import decode
+from sandbox.store import Store
+from sandbox.worker import signature_header
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET = "whsec_sandbox_tests_0123456789"
+CATALOGUE = """
+[tiers.starter]
+name = "Starter"
+lookup_key = "starter_monthly"
+sandbox_unit_amount = 1900
+
+[tiers.pro]
+name = "Pro"
+lookup_key = "pro_monthly"
+trial_days = 14
+sandbox_unit_amount = 4900
+
+[addons.extra_seats]
+name = "Extra seats"
+lookup_key = "extra_seat_monthly"
+max_quantity = 50
+"""
+CARD_OK = "4242 4242 4242 4242"
+CARD_DECLINED = "4000 0000 0000 0002"
+CARD_ASYNC_OK = "4000 0000 0000 3220"
+CARD_ASYNC_FAIL = "4000 0000 0000 0341"
+
+
+# -- harness ----------------------------------------------------------------------------------
+
+
+class Receiver:
+    """A webhook endpoint that records every attempt and can be told to fail."""
+
+    def __init__(self) -> None:
+        self.attempts: list[dict[str, Any]] = []
+        self.fail_next = 0  # answer 500 to this many upcoming deliveries
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                with receiver.lock:
+                    status = 500 if receiver.fail_next > 0 else 200
+                    receiver.fail_next = max(0, receiver.fail_next - 1)
+                    receiver.attempts.append({"body": body, "headers": dict(self.headers), "status": status})
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhooks"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def events(self, related: set[str]) -> list[dict[str, Any]]:
+        """Successfully delivered events about the given object ids, verified, in arrival order."""
+        with self.lock:
+            delivered = [a for a in self.attempts if a["status"] == 200]
+        events = []
+        for attempt in delivered:
+            event = json.loads(attempt["body"])
+            if event["data"]["object"]["id"] in related:
+                stripe.WebhookSignature.verify_header(
+                    attempt["body"], attempt["headers"]["Stripe-Signature"], SECRET, 300
+                )
+                events.append(event)
+        return events
+
+    def wait_for(self, related: set[str], count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events = self.events(related)
+            if len(events) >= count:
+                return events
+            time.sleep(0.05)
+        raise AssertionError(f"expected {count} events, got {[e['type'] for e in self.events(related)]}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Sandbox:
+    """`python -m sandbox` in a subprocess with its own state dir, port and catalogue."""
+
+    def __init__(self, tmp: Path, webhook_url: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / "sandbox.log"
+        catalogue = tmp / "plans.toml"
+        catalogue.write_text(CATALOGUE)
+        self.env = {
+            **os.environ,
+            "SANDBOX_PORT": str(self.port),
+            "SANDBOX_STATE_DIR": str(tmp / "state"),
+            "SANDBOX_WEBHOOK_URL": webhook_url,
+            "SANDBOX_WEBHOOK_SECRET": SECRET,
+            "SANDBOX_ASYNC_DELAY_SECONDS": "1",
+            "SANDBOX_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
+            "PLAN_CATALOGUE_FILE": str(catalogue),
+        }
+        # Typed as Any: the SDK types expanded fields as "id | object | None" unions, and these
+        # tests inspect whichever the sandbox returned.
+        self.client: Any = stripe.StripeClient("sk_test_sandbox", base_addresses={"api": self.url})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "sandbox"],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{self.url}/_sandbox/deliveries", timeout=1)
+                return
+            except requests.ConnectionError:
+                assert self.proc.poll() is None, self.log.read_text()
+                time.sleep(0.05)
+        raise AssertionError("sandbox did not start:\n" + self.log.read_text())
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(10)
+
+    def deliveries(self) -> list[dict[str, Any]]:
+        deliveries: list[dict[str, Any]] = requests.get(f"{self.url}/_sandbox/deliveries", timeout=5).json()[
+            "deliveries"
+        ]
+        return deliveries
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    receiver = Receiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[Sandbox]:
+    server = Sandbox(tmp_path_factory.mktemp("sandbox"), receiver.url)
+    server.start()
+    yield server
+    assert server.stop() == 0  # SIGTERM shuts down cleanly
+
+
+@pytest.fixture(scope="module")
+def prices(sandbox: Sandbox) -> dict[str, str]:
+    listed = sandbox.client.v1.prices.list(
+        params={"lookup_keys": ["starter_monthly", "pro_monthly", "extra_seat_monthly"]}
+    )
+    return {p.lookup_key: p.id for p in listed.data if p.lookup_key}
+
+
+def create_session(sandbox: Sandbox, prices: dict[str, str], **params: Any) -> Any:
+    defaults: dict[str, Any] = {
+        "mode": "subscription",
+        "line_items": [
+            {"price": prices["starter_monthly"], "quantity": 1},
+            {"price": prices["extra_seat_monthly"], "quantity": 2},
+        ],
+        "success_url": "http://app.test/billing/success?session_id={CHECKOUT_SESSION_ID}",
+        "cancel_url": "http://app.test/billing/plans",
+        "customer_email": "ada@example.com",
+        "client_reference_id": "org_42",
+        "metadata": {"org_id": "42"},
+        "subscription_data": {"metadata": {"org_id": "42", "plan": "starter"}},
+    }
+    return sandbox.client.v1.checkout.sessions.create(params={**defaults, **params})
+
+
+def pay(sandbox: Sandbox, session_id: str, card: str = CARD_OK, **fields: str) -> requests.Response:
+    """Submit the hosted Checkout form, as a customer's browser would."""
+    form = {
+        "email": "ada@example.com",
+        "cardNumber": card,
+        "cardExpiry": "12 / 40",
+        "cardCvc": "123",
+        "billingName": "Ada Lovelace",
+        **fields,
+    }
+    url = f"{sandbox.url}/checkout/{session_id}"
+    return requests.post(url, data=form, allow_redirects=False, timeout=10)
+
+
+def paid_subscription(sandbox: Sandbox, prices: dict[str, str]) -> tuple[Any, Any]:
+    session = create_session(sandbox, prices)
+    assert pay(sandbox, session.id).status_code == 303
+    session = sandbox.client.v1.checkout.sessions.retrieve(session.id, params={"expand": ["subscription"]})
+    return session, session.subscription
+
+
+# -- API basics -------------------------------------------------------------------------------
+
+
+def test_prices_are_seeded_from_the_catalogue(sandbox: Sandbox) -> None:
+    listed = sandbox.client.v1.prices.list(
+        params={
+            "lookup_keys": ["starter_monthly", "extra_seat_monthly"],
+            "active": True,
+            "expand": ["data.product"],
+        }
+    )
+    assert listed.last_response is not None
+    assert listed.last_response.request_id.startswith("req_")
+    by_key = {p.lookup_key: p for p in listed.data}
+    assert set(by_key) == {"starter_monthly", "extra_seat_monthly"}
+    starter, seats = by_key["starter_monthly"], by_key["extra_seat_monthly"]
+    assert starter.id.startswith("price_") and starter.unit_amount == 1900
+    assert seats.unit_amount == 1000  # the default when sandbox_unit_amount is absent
+    assert starter.recurring.interval == "month" and starter.currency == "usd"
+    assert starter.type == "recurring" and starter.active and starter.nickname == "Starter"
+    assert starter.product.object == "product" and starter.product.name == "Starter"
+    assert sandbox.client.v1.prices.list(params={"lookup_keys": ["nope"]}).data == []
+
+    first_page = sandbox.client.v1.prices.list(params={"limit": 1})
+    assert first_page.has_more and len(first_page.data) == 1
+    paged = [p.lookup_key for p in first_page.auto_paging_iter()]  # follows starting_after
+    assert sorted(paged) == ["extra_seat_monthly", "pro_monthly", "starter_monthly"]
+
+
+def test_authentication_is_required(sandbox: Sandbox) -> None:
+    live = stripe.StripeClient("sk_live_123456789", base_addresses={"api": sandbox.url})
+    with pytest.raises(stripe.AuthenticationError):
+        live.v1.prices.list()
+    response = requests.get(f"{sandbox.url}/v1/prices", timeout=5)
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
+    assert response.headers["Request-Id"].startswith("req_")
+
+
+def test_unknown_urls_get_stripe_errors(sandbox: Sandbox) -> None:
+    response = requests.get(f"{sandbox.url}/v1/charges", auth=("sk_test_x", ""), timeout=5)
+    assert response.status_code == 404
+    assert "Unrecognized request URL (GET: /v1/charges)" in response.json()["error"]["message"]
+
+
+def test_checkout_session_validation(sandbox: Sandbox, prices: dict[str, str]) -> None:
+    sessions = sandbox.client.v1.checkout.sessions
+    base = {"mode": "subscription", "success_url": "http://app.test/ok"}
+    line = [{"price": prices["starter_monthly"], "quantity": 1}]
+
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        (base, "parameter_missing", "line_items"),
+        ({"line_items": line}, "parameter_missing", "mode"),
+        (
+            {**base, "line_items": [{"price": "price_nope", "quantity": 1}]},
+            "resource_missing",
+            "line_items[0][price]",
+        ),
+        (
+            {**base, "line_items": [{"price": prices["starter_monthly"]}]},
+            "parameter_missing",
+            "line_items[0][quantity]",
+        ),
+        ({**base, "line_items": line, "colour": "blue"}, "parameter_unknown", "colour"),
+        (
+            {
+                **base,
+                "line_items": line,
+                "customer": "cus_x",
+                "customer_email": "a@b.c",
+            },
+            "parameters_exclusive",
+            "customer_email",
+        ),
+        (
+            {**base, "line_items": line, "customer": "cus_nope"},
+            "resource_missing",
+            "customer",
+        ),
+    ]
+    for params, code, param in cases:
+        with pytest.raises(stripe.InvalidRequestError) as raised:
+            sessions.create(params=params)
+        assert (raised.value.code, raised.value.param, raised.value.http_status) == (
+            code,
+            param,
+            400,
+        )
+
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        sessions.create(params={**base, "line_items": line, "expires_at": int(time.time()) + 60})
+    assert raised.value.param == "expires_at" and "30 minutes" in str(raised.value)
+
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        sessions.retrieve("cs_test_nope")
+    assert raised.value.http_status == 404 and raised.value.code == "resource_missing"
+    assert raised.value.param == "session"
+    assert raised.value.user_message == "No such checkout.session: 'cs_test_nope'"
+
+
+def test_idempotency_keys_replay_and_conflict(sandbox: Sandbox, prices: dict[str, str]) -> None:
+    sessions = sandbox.client.v1.checkout.sessions
+    params: dict[str, Any] = {
+        "mode": "subscription",
+        "line_items": [{"price": prices["starter_monthly"], "quantity": 1}],
+        "success_url": "http://app.test/ok",
+    }
+    first = sessions.create(params=params, options={"idempotency_key": "checkout-org-7"})
+    again = sessions.create(params=params, options={"idempotency_key": "checkout-org-7"})
+    assert again.id == first.id
+    assert again.last_response is not None and first.last_response is not None
+    assert again.last_response.headers["Idempotent-Replayed"] == "true"
+    assert again.last_response.headers["Original-Request"] == first.last_response.request_id
+
+    with pytest.raises(stripe.IdempotencyError):
+        sessions.create(
+            params={**params, "client_reference_id": "other"},
+            options={"idempotency_key": "checkout-org-7"},
+        )
+    # A failed request is not recorded, so the key still works once the request is fixed.
+    with pytest.raises(stripe.InvalidRequestError):
+        sessions.create(params={"mode": "subscription"}, options={"idempotency_key": "fix-me"})
+    assert sessions.create(params=params, options={"idempotency_key": "fix-me"}).id != first.id
+
+
+# -- hosted Checkout ----------------------------------------------------------------------------
+
+
+def test_checkout_page_uses_stripes_element_ids(sandbox: Sandbox, prices: dict[str, str]) -> None:
+    session = create_session(sandbox, prices)
+    assert session.url == f"{sandbox.url}/checkout/{session.id}"
+    page = requests.get(session.url, timeout=5)
+    assert page.status_code == 200
+    for needle in (
+        'id="email"',
+        'value="ada@example.com"',
+        'id="cardNumber"',
+        'id="cardExpiry"',
+        'id="cardCvc"',
+        'id="billingName"',
+        'class="SubmitButton"',
+        'id="cancel-link" href="http://app.test/billing/plans"',
+        "4242 4242 4242 4242",
+        "$39.00",  # 1 × $19 + 2 × $10
+    ):
+        assert needle in page.text
+    assert requests.get(f"{sandbox.url}/checkout/cs_test_nope", timeout=5).status_code == 404
+
+
+def test_successful_checkout(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
+    session = create_session(sandbox, prices)
+    assert (
+        session.status,
+        session.payment_status,
+        session.customer,
+        session.subscription,
+    ) == (
+        "open",
+        "unpaid",
+        None,
+        None,
+    )
+    assert session.id.startswith("cs_test_") and session.amount_total == 3900
+    assert session.livemode is False and session.expires_at > session.created + 86000
+
+    response = pay(sandbox, session.id)
+    assert response.status_code == 303
+    assert response.headers["Location"] == f"http://app.test/billing/success?session_id={session.id}"
+
+    session = sandbox.client.v1.checkout.sessions.retrieve(
+        session.id, params={"expand": ["subscription", "line_items"]}
+    )
+    assert (session.status, session.payment_status) == ("complete", "paid")
+    assert session.customer.startswith("cus_") and session.url is None
+    assert session.customer_details.email == "ada@example.com"
+    assert session.customer_details.name == "Ada Lovelace"
+    assert [(i.price.lookup_key, i.quantity) for i in session.line_items.data] == [
+        ("starter_monthly", 1),
+        ("extra_seat_monthly", 2),
+    ]
+    sub = session.subscription
+    assert sub.object == "subscription" and sub.status == "active"
+    assert sub.customer == session.customer and sub.metadata.to_dict() == {
+        "org_id": "42",
+        "plan": "starter",
+    }
+    item = sub["items"].data[0]
+    assert item.id.startswith("si_") and item.price.lookup_key == "starter_monthly"
+    assert item.current_period_end > item.current_period_start >= sub.created
+    assert "current_period_end" not in sub  # it lives on items in this API version
+
+    customer = sandbox.client.v1.customers.retrieve(session.customer)
+    assert (customer.email, customer.name) == ("ada@example.com", "Ada Lovelace")
+
+    events = receiver.wait_for({session.id, sub.id, sub.latest_invoice}, 3)
+    assert [e["type"] for e in events] == [
+        "customer.subscription.created",
+        "invoice.paid",
+        "checkout.session.completed",
+    ]
+    for event in events:
+        assert event["id"].startswith("evt_") and event["object"] == "event"
+        assert event["api_version"] == "2026-10-28.endive" and event["livemode"] is False
+        assert event["request"] == {"id": None, "idempotency_key": None}
+    invoice = events[1]["data"]["object"]
+    assert invoice["amount_paid"] == 3900 and invoice["status"] == "paid"
+    assert invoice["parent"]["subscription_details"]["subscription"] == sub.id
+    completed = events[2]["data"]["object"]
+    assert completed["client_reference_id"] == "org_42" and completed["metadata"] == {"org_id": "42"}
+    assert completed["subscription"] == sub.id and "line_items" not in completed
+
+    stored = sandbox.client.v1.events.retrieve(events[2]["id"])
+    assert stored.type == "checkout.session.completed" and stored.pending_webhooks == 0
+
+
+def test_trial_checkout_needs_no_payment(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
+    session = create_session(
+        sandbox,
+        prices,
+        line_items=[{"price": prices["pro_monthly"], "quantity": 1}],
+        subscription_data={"trial_period_days": 14},
+    )
+    assert session.amount_total == 0
+    assert pay(sandbox, session.id).status_code == 303
+    session = sandbox.client.v1.checkout.sessions.retrieve(session.id, params={"expand": ["subscription"]})
+    sub = session.subscription
+    assert session.payment_status == "no_payment_required"
+    assert sub.status == "trialing" and sub.trial_end - sub.trial_start == 14 * 86400
+    assert sub["items"].data[0].current_period_end == sub.trial_end
+    events = receiver.wait_for({session.id, sub.id, sub.latest_invoice}, 3)
+    assert events[1]["type"] == "invoice.paid" and events[1]["data"]["object"]["amount_paid"] == 0
+
+
+def test_checkout_for_an_existing_customer(sandbox: Sandbox, prices: dict[str, str]) -> None:
+    first, _ = paid_subscription(sandbox, prices)
+    session = create_session(sandbox, prices, customer=first.customer, customer_email=None)
+    assert session.customer == first.customer and session.customer_email is None
+    assert 'value="ada@example.com"' in requests.get(session.url, timeout=5).text  # from the customer
+    assert pay(sandbox, session.id, billingName="Ada L.").status_code == 303
+    session = sandbox.client.v1.checkout.sessions.retrieve(session.id, params={"expand": ["subscription"]})
+    assert session.subscription.customer == first.customer
+    assert sandbox.client.v1.customers.retrieve(first.customer).name == "Ada Lovelace"  # not overwritten
+
+
+def test_declined_card_keeps_the_session_open(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
+    session = create_session(sandbox, prices)
+    response = pay(sandbox, session.id, CARD_DECLINED)
+    assert response.status_code == 400 and "Your card was declined." in response.text
+    assert 'value="Ada Lovelace"' in response.text  # the form keeps what was typed
+    time.sleep(0.5)  # longer than the worker's poll: any event would have been delivered
+    assert sandbox.client.v1.checkout.sessions.retrieve(session.id).status == "open"
+    assert receiver.events({session.id}) == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"cardNumber": "4242 4242 4242 4241"}, "Your card number is invalid."),
+        ({"cardNumber": ""}, "Your card number is incomplete."),
+        ({"cardNumber": "5555 5555 5555 4444"}, "only accepts the test cards"),
+        ({"cardExpiry": "01 / 20"}, "Your card&#39;s expiration year is in the past."),
+        ({"cardExpiry": "13/40"}, "Your card&#39;s expiration date is incomplete."),
+        ({"cardCvc": "1"}, "Your card&#39;s security code is incomplete."),
+        ({"billingName": ""}, "Your name is incomplete."),
+        ({"email": "not-an-email"}, "Your email address is invalid."),
+    ],
+)
+def test_invalid_payment_input_is_explained(
+    sandbox: Sandbox, prices: dict[str, str], fields: dict[str, str], message: str
+) -> None:
+    session = create_session(sandbox, prices)
+    response = pay(sandbox, session.id, **fields)
+    assert response.status_code == 400 and message in response.text
+    assert sandbox.client.v1.checkout.sessions.retrieve(session.id).status == "open"
+
+
+def test_a_completed_session_cannot_be_paid_again(sandbox: Sandbox, prices: dict[str, str]) -> None:
+    session, _ = paid_subscription(sandbox, prices)
+    response = pay(sandbox, session.id)
+    assert response.status_code == 400 and "is complete; it can no longer be paid" in response.text
+
+
+@pytest.mark.parametrize("succeeds", [True, False])
+def test_asynchronous_payments_settle_later(
+    sandbox: Sandbox, receiver: Receiver, prices: dict[str, str], succeeds: bool
+) -> None:
+    session = create_session(sandbox, prices)
+    assert pay(sandbox, session.id, CARD_ASYNC_OK if succeeds else CARD_ASYNC_FAIL).status_code == 303
+    session = sandbox.client.v1.checkout.sessions.retrieve(session.id, params={"expand": ["subscription"]})
+    sub = session.subscription
+    assert (session.status, session.payment_status, sub.status) == (
+        "complete",
+        "unpaid",
+        "incomplete",
+    )
+
+    related = {session.id, sub.id, sub.latest_invoice}
+    events = receiver.wait_for(related, 5)
+    outcome = "succeeded" if succeeds else "failed"
+    assert [e["type"] for e in events] == [
+        "customer.subscription.created",
+        "checkout.session.completed",
+        f"checkout.session.async_payment_{outcome}",
+        "invoice.paid" if succeeds else "invoice.payment_failed",
+        "customer.subscription.updated",
+    ]
+    updated = events[-1]["data"]
+    assert updated["previous_attributes"]["status"] == "incomplete"
+    session = sandbox.client.v1.checkout.sessions.retrieve(session.id, params={"expand": ["subscription"]})
+    if succeeds:
+        assert (session.payment_status, session.subscription.status) == (
+            "paid",
+            "active",
+        )
+    else:
+        assert (session.payment_status, session.subscription.status) == (
+            "unpaid",
+            "incomplete_expired",
+        )
+        assert session.subscription.ended_at is not None
+
+
+def test_expiring_a_session(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
+    sessions = sandbox.client.v1.checkout.sessions
+    session = create_session(sandbox, prices)
+    expired = sessions.expire(session.id, options={"idempotency_key": "expire-1"})
+    assert (expired.status, expired.url) == ("expired", None)
+    [event] = receiver.wait_for({session.id}, 1)
+    assert event["type"] == "checkout.session.expired"
+    assert expired.last_response is not None
+    assert event["request"] == {
+        "id": expired.last_response.request_id,
+        "idempotency_key": "expire-1",
+    }
+
+    with pytest.raises(stripe.InvalidRequestError, match="status of `expired`"):
+        sessions.expire(session.id)
+    assert "has expired" in requests.get(f"{sandbox.url}/checkout/{session.id}", timeout=5).text
+    assert "is expired; it can no longer be paid" in pay(sandbox, session.id).text
+
+    complete, _ = paid_subscription(sandbox, prices)
+    with pytest.raises(stripe.InvalidRequestError, match="status of `complete`"):
+        sessions.expire(complete.id)
+
+
+# -- subscriptions and the portal -------------------------------------------------------------
+
+
+def test_subscription_updates_and_cancellation(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
+    subscriptions = sandbox.client.v1.subscriptions
+    _, sub = paid_subscription(sandbox, prices)
+
+    updated = subscriptions.update(
+        sub.id,
+        params={"cancel_at_period_end": True},
+        options={"idempotency_key": "cancel-later"},
+    )
+    period_end = updated["items"].data[0].current_period_end
+    assert updated.cancel_at_period_end and updated.cancel_at == period_end and updated.canceled_at
+    assert updated.cancellation_details.reason == "cancellation_requested"
+
+    subscriptions.update(sub.id, params={"metadata": {"note": "vip", "plan": ""}})
+    assert subscriptions.retrieve(sub.id).metadata.to_dict() == {
+        "org_id": "42",
+        "note": "vip",
+    }
+
+    canceled = subscriptions.cancel(sub.id)
+    assert canceled.status == "canceled" and canceled.ended_at and canceled.canceled_at
+
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        subscriptions.cancel(sub.id)
+    assert (raised.value.code, raised.value.http_status) == ("resource_missing", 404)
+    with pytest.raises(stripe.InvalidRequestError, match="canceled subscription can only update"):
+        subscriptions.update(sub.id, params={"cancel_at_period_end": False})
+    assert subscriptions.retrieve(sub.id).status == "canceled"
+
+    events = [e for e in receiver.wait_for({sub.id}, 4) if e["type"] != "customer.subscription.created"]
+    assert [e["type"] for e in events] == [
+        "customer.subscription.updated",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+    ]
+    assert updated.last_response is not None
+    assert events[0]["request"] == {
+        "id": updated.last_response.request_id,
+        "idempotency_key": "cancel-later",
+    }
+    assert events[0]["data"]["previous_attributes"] == {
+        "cancel_at": None,
+        "cancel_at_period_end": False,
+        "canceled_at": None,
+        "cancellation_details": {"reason": None},
+    }
+    assert events[1]["data"]["previous_attributes"] == {"metadata": {"note": None, "plan": "starter"}}
+    assert "previous_attributes" not in events[2]["data"]
+    assert events[2]["data"]["object"]["status"] == "canceled"
+
+
+def test_customer_portal(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
+    portal_sessions = sandbox.client.v1.billing_portal.sessions
+    session, sub = paid_subscription(sandbox, prices)
+
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        portal_sessions.create(params={"return_url": "http://app.test/account"})
+    assert (raised.value.code, raised.value.param) == ("parameter_missing", "customer")
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        portal_sessions.create(params={"customer": "cus_nope"})
+    assert (raised.value.code, raised.value.param) == ("resource_missing", "customer")
+
+    portal = portal_sessions.create(params={"customer": session.customer, "return_url": "http://app.test/account"})
+    assert portal.id.startswith("bps_") and portal.object == "billing_portal.session"
+    assert portal.url == f"{sandbox.url}/portal/{portal.id}" and portal.livemode is False
+
+    page = requests.get(portal.url, timeout=5).text
+    assert "Starter" in page and "Renews on" in page
+    assert 'id="return-link" href="http://app.test/account"' in page
+    assert 'id="cancel-at-period-end"' in page and 'id="cancel-now"' in page
+
+    def click(action: str) -> str:
+        response = requests.post(f"{portal.url}/subscriptions/{sub.id}/{action}", timeout=5)
+        assert response.status_code == 200 and response.history[0].status_code == 303
+        return response.text
+
+    page = click("cancel-at-period-end")
+    assert "Cancels on" in page and 'id="renew"' in page
+    assert sandbox.client.v1.subscriptions.retrieve(sub.id).cancel_at_period_end is True
+    page = click("renew")
+    assert "Renews on" in page and sandbox.client.v1.subscriptions.retrieve(sub.id).cancel_at is None
+    page = click("cancel-now")
+    assert "Ended on" in page and 'id="cancel-now"' not in page
+    assert sandbox.client.v1.subscriptions.retrieve(sub.id).status == "canceled"
+
+    events = receiver.wait_for({sub.id}, 4)
+    assert [e["type"] for e in events[1:]] == [
+        "customer.subscription.updated",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+    ]
+    assert events[1]["data"]["previous_attributes"]["cancel_at_period_end"] is False
+    assert events[2]["data"]["previous_attributes"]["cancel_at_period_end"] is True
+
+
+# -- webhook delivery and durability ----------------------------------------------------------
+
+
+def test_failed_deliveries_are_retried(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
+    session = create_session(sandbox, prices)
+    receiver.fail_next = 1
+    sandbox.client.v1.checkout.sessions.expire(session.id)
+    [event] = receiver.wait_for({session.id}, 1)
+
+    tries = [json.loads(a["body"])["id"] for a in receiver.attempts]
+    assert tries.count(event["id"]) == 2  # one 500, then success
+    [delivery] = [d for d in sandbox.deliveries() if d["event"] == event["id"]]
+    assert delivery["state"] == "delivered" and delivery["attempts"] == 2
+    assert delivery["last_status"] == 200
+
+
+def test_state_survives_a_restart(tmp_path: Path) -> None:
+    receiver = Receiver()
+    receiver.fail_next = 10**6  # the app is "down": deliveries stay queued
+    server = Sandbox(tmp_path, receiver.url)
+    server.start()
+    try:
+        params: dict[str, Any] = {
+            "mode": "subscription",
+            "line_items": [{"price": server_price(server), "quantity": 1}],
+            "success_url": "http://app.test/ok",
+        }
+        session = server.client.v1.checkout.sessions.create(params=params, options={"idempotency_key": "k1"})
+        assert pay(server, session.id).status_code == 303
+        price_ids = {p.id for p in server.client.v1.prices.list().data}
+        # All three events are queued and have failed at least once before the restart.
+        _wait_until(lambda: [(d["state"], d["attempts"] > 0) for d in server.deliveries()] == [("pending", True)] * 3)
+    finally:
+        assert server.stop() == 0
+
+    receiver.fail_next = 0
+    server.start()
+    try:
+        assert {p.id for p in server.client.v1.prices.list().data} == price_ids  # seeding is idempotent
+        replayed = server.client.v1.checkout.sessions.create(params=params, options={"idempotency_key": "k1"})
+        assert replayed.id == session.id
+        session = server.client.v1.checkout.sessions.retrieve(session.id, params={"expand": ["subscription"]})
+        assert (session.status, session.payment_status) == ("complete", "paid")
+        events = receiver.wait_for(
+            {session.id, session.subscription.id, session.subscription.latest_invoice},
+            3,
+        )
+        assert [e["type"] for e in events] == [
+            "customer.subscription.created",
+            "invoice.paid",
+            "checkout.session.completed",
+        ]
+        assert all(d["state"] == "delivered" and d["attempts"] >= 2 for d in server.deliveries())
+    finally:
+        server.stop()
+        receiver.close()
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def server_price(server: Sandbox) -> str:
+    price_id: str = server.client.v1.prices.list(params={"lookup_keys": ["starter_monthly"]}).data[0].id
+    return price_id
+
+
+# -- units ------------------------------------------------------------------------------------
+
+
+def test_form_decoding() -> None:
+    params = decode(
+        [
+            ("line_items[0][price]", "price_a"),
+            ("line_items[0][quantity]", "2"),
+            ("line_items[1][price]", "price_b"),
+            ("expand[]", "subscription"),
+            ("expand[]", "line_items"),
+            ("metadata[org]", "42"),
+        ]
+    )
+    assert params == {
+        "line_items": {
+            "0": {"price": "price_a", "quantity": "2"},
+            "1": {"price": "price_b"},
+        },
+        "expand": {"0": "subscription", "1": "line_items"},
+        "metadata": {"org": "42"},
+    }
+
+
+def test_signatures_verify_with_the_sdk() -> None:
+    payload = json.dumps({"id": "evt_1", "object": "event"})
+    header = signature_header(payload, SECRET, int(time.time()))
+    stripe.WebhookSignature.verify_header(payload, header, SECRET, 300)
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.WebhookSignature.verify_header(payload + " ", header, SECRET, 300)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    (tmp_path / "plans.toml").write_text(CATALOGUE)
+    store = Store(tmp_path / "state.sqlite3")
+    with store.transaction():
+        billing.seed_catalogue(store, tmp_path / "plans.toml")
+    yield store
+    store.close()
+
+
+def _in_transaction(store: Store, action: Callable[[], Any]) -> Any:
+    with store.transaction():
+        return action()
+
+
+def test_open_sessions_expire_when_due(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    price = next(p for p in store.all("price") if p["lookup_key"] == "starter_monthly")
+    request = billing.CheckoutRequest(
+        line_items=[(price["id"], 1)],
+        success_url=None,
+        cancel_url=None,
+        customer=None,
+        customer_email=None,
+        client_reference_id=None,
+        metadata={},
+        subscription_metadata={},
+        trial_period_days=None,
+        expires_at=None,
+        allow_promotion_codes=None,
+    )
+
+    def create() -> dict[str, Any]:
+        return billing.create_checkout_session(store, request, "http://x")
+
+    by_worker, on_read = _in_transaction(store, create), _in_transaction(store, create)
+    expires_at = by_worker["expires_at"]
+
+    # The worker runs the expiry job once it is due.
+    job = next(j for j in store.due_jobs(expires_at) if j["ref"] == by_worker["id"])
+    _in_transaction(store, lambda: billing.run_job(store, job["kind"], job["ref"], expires_at - 1))
+    assert store.get(by_worker["id"])["status"] == "open"  # type: ignore[index]
+    _in_transaction(store, lambda: billing.run_job(store, job["kind"], job["ref"], expires_at))
+    assert store.get(by_worker["id"])["status"] == "expired"  # type: ignore[index]
+
+    # Reading a session past its expiry expires it at once; its job later finds nothing to do.
+    monkeypatch.setattr(billing, "_now", lambda: expires_at + 5)
+    read = _in_transaction(store, lambda: billing.get_checkout_session(store, on_read["id"]))
+    assert (read["status"], read["url"]) == ("expired", None)
+    _in_transaction(store, lambda: billing.run_job(store, "expire_session", on_read["id"], expires_at + 5))
+
+    expired = [e["data"]["object"]["id"] for e in store.all("event") if e["type"] == "checkout.session.expired"]
+    assert expired == [by_worker["id"], on_read["id"]]
+
+
+def test_reseeding_a_changed_amount_moves_the_lookup_key(store: Store, tmp_path: Path) -> None:
+    before = {p["lookup_key"]: p for p in store.all("price")}
+    (tmp_path / "plans.toml").write_text(CATALOGUE.replace("1900", "2500"))
+    with store.transaction():
+        billing.seed_catalogue(store, tmp_path / "plans.toml")
+    prices = store.all("price")
+    starter = [p for p in prices if p["lookup_key"] == "starter_monthly"]
+    assert len(prices) == 4 and len(starter) == 1 and starter[0]["unit_amount"] == 2500
+    assert starter[0]["product"] == before["starter_monthly"]["product"]
+    assert store.get(before["starter_monthly"]["id"])["active"] is False  # type: ignore[index]
+    assert store.get(before["pro_monthly"]["id"]) == before["pro_monthly"]
+
+
+def test_month_arithmetic() -> None:
+    jan_31 = 1706659200  # 2024-01-31T00:00:00Z
+    assert objects.add_month(jan_31) == 1709164800  # 2024-02-29, clamped to the leap day
