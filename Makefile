@@ -1,0 +1,11 @@
+# The two commands of the README's quick start, and the benchmarks.
+.PHONY: run test bench
+
+run:  ## set up and run the app (with the offline Stripe sandbox unless STRIPE_SECRET_KEY is set)
+	scripts/dev
+
+test:  ## set up and run lint, types and every test, then the live-mode signup against the sandbox
+	scripts/test
+
+bench:  ## run the benchmarks and write docs/PERFORMANCE.md
+	scripts/bench
