@@ -139,6 +139,7 @@ class TestConfig(BaseConfig):
     """The test suite: real PostgreSQL and Redis, always."""
 
     APP_ENV = "test"
+    __test__ = False  # a configuration, not a pytest test class
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = dict(os.environ if environ is None else environ)

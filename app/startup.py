@@ -27,6 +27,7 @@ WELL_KNOWN_SECRET_KEYS = {
     "your-secret-key",
 }
 MIN_SECRET_KEY_LENGTH = 32
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class ConfigurationError(RuntimeError):
@@ -41,37 +42,45 @@ def check_production_settings(config: Mapping[str, Any]) -> None:
 
 
 def production_problems(config: Mapping[str, Any]) -> list[str]:
-    problems = [*_secret_key_problems(config.get("SECRET_KEY") or "")]
+    return [
+        *_secret_key_problems(config.get("SECRET_KEY") or ""),
+        *_database_problems(config.get("SQLALCHEMY_DATABASE_URI") or ""),
+        *_redis_problems(config),
+        *[f"{name} is not set" for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET") if not config.get(name)],
+        *(
+            []
+            if str(config.get("APP_BASE_URL") or "").startswith("https://")
+            else ["APP_BASE_URL must be the public https:// address (Stripe sends customers back to it)"]
+        ),
+    ]
 
-    database_url = config.get("SQLALCHEMY_DATABASE_URI") or ""
+
+def _database_problems(database_url: str) -> list[str]:
     if not database_url:
-        problems.append("DATABASE_URL is not set (a postgresql:// URL)")
-    elif not database_url.startswith("postgresql"):
-        problems.append(f"DATABASE_URL must be a PostgreSQL URL, not {urlsplit(database_url).scheme or 'this'}")
+        return ["DATABASE_URL is not set (a postgresql:// URL)"]
+    if not database_url.startswith("postgresql"):
+        return [f"DATABASE_URL must be a PostgreSQL URL, not {urlsplit(database_url).scheme or 'this'}"]
+    return []
 
+
+def _redis_problems(config: Mapping[str, Any]) -> list[str]:
     redis_url = config.get("REDIS_URL") or ""
     if not redis_url:
-        problems.append("REDIS_URL is not set (sessions, cache and rate limits live in Redis)")
-    elif not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        problems.append("REDIS_URL must be a redis://, rediss:// or unix:// URL")
-    else:
-        try:
-            Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2).ping()
-        except (RedisError, OSError) as exc:
-            problems.append(f"REDIS_URL {redact_url(redis_url)} does not answer a ping ({type(exc).__name__})")
-
+        # Sessions, cache and limits cannot be on Redis either; this one line says why.
+        return ["REDIS_URL is not set (sessions, cache and rate limits live in Redis)"]
+    if not redis_url.startswith(REDIS_SCHEMES):
+        return ["REDIS_URL must be a redis://, rediss:// or unix:// URL"]
+    problems = []
+    try:
+        Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2).ping()
+    except (RedisError, OSError) as exc:
+        problems.append(f"REDIS_URL {redact_url(redis_url)} does not answer a ping ({type(exc).__name__})")
     if config.get("SESSION_TYPE") != "redis":
         problems.append(f"sessions must be Redis-backed (SESSION_TYPE is {config.get('SESSION_TYPE')!r})")
     if config.get("CACHE_TYPE") != "RedisCache":
         problems.append(f"the cache must be Redis-backed (CACHE_TYPE is {config.get('CACHE_TYPE')!r})")
-    if not str(config.get("RATELIMIT_STORAGE_URI") or "").startswith(("redis://", "rediss://", "unix://")):
+    if not str(config.get("RATELIMIT_STORAGE_URI") or "").startswith(REDIS_SCHEMES):
         problems.append("rate-limit storage must be Redis-backed (RATELIMIT_STORAGE_URI is not a Redis URL)")
-
-    for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"):
-        if not config.get(name):
-            problems.append(f"{name} is not set")
-    if not str(config.get("APP_BASE_URL") or "").startswith("https://"):
-        problems.append("APP_BASE_URL must be the public https:// address (Stripe sends customers back to it)")
     return problems
 
 

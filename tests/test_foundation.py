@@ -1,0 +1,279 @@
+"""The foundation: production boot checks, Redis-backed sessions and limits, readiness, migrations,
+request logs and the development stand-ins."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import create_engine, inspect, text
+
+from app import create_app
+from app.startup import ConfigurationError
+from config import PROJECT_ROOT, DevelopmentConfig, ProductionConfig, TestConfig
+
+STRONG_SECRET = "0Jv3kq9Zr8wXf2LmN5pT7yB1cD4eG6hK-production-grade"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def production_environ(database_url: str, redis_url: str) -> dict[str, str]:
+    """Good production settings, on the test database and Redis."""
+    return {
+        "APP_ENV": "production",
+        "SECRET_KEY": STRONG_SECRET,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "STRIPE_SECRET_KEY": "sk_test_production_boot_check",
+        "STRIPE_WEBHOOK_SECRET": "whsec_production_boot_check",
+        "APP_BASE_URL": "https://billing.example.com",
+    }
+
+
+def production_app(environ: dict[str, str]) -> Flask:
+    return create_app(ProductionConfig(environ))
+
+
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"REDIS_URL": None}, "REDIS_URL is not set"),
+        ({"REDIS_URL": "redis://127.0.0.1:{free_port}/0"}, "does not answer a ping"),
+        ({"SECRET_KEY": None}, "SECRET_KEY is not set"),
+        ({"SECRET_KEY": "changeme"}, "SECRET_KEY is too weak"),
+        ({"SECRET_KEY": "a" * 40}, "SECRET_KEY is too weak"),
+        ({"DATABASE_URL": "sqlite:///production.sqlite3"}, "DATABASE_URL must be a PostgreSQL URL, not sqlite"),
+        ({"DATABASE_URL": None}, "DATABASE_URL is not set"),
+        ({"STRIPE_WEBHOOK_SECRET": None}, "STRIPE_WEBHOOK_SECRET is not set"),
+        ({"APP_BASE_URL": "http://billing.example.com"}, "APP_BASE_URL must be the public https:// address"),
+    ],
+)
+def test_production_refuses_to_boot_naming_the_setting(
+    production_environ: dict[str, str], changes: dict[str, str | None], problem: str
+) -> None:
+    environ = dict(production_environ)
+    for name, value in changes.items():
+        if value is None:
+            environ.pop(name)
+        else:
+            environ[name] = value.format(free_port=free_port())
+    with pytest.raises(ConfigurationError) as refused:
+        production_app(environ)
+    message = str(refused.value)
+    assert message.startswith("Refusing to start in production")
+    assert problem in message
+    assert message.count("\n  - ") == 1  # only what is wrong
+
+
+def test_production_names_every_problem_at_once(production_environ: dict[str, str]) -> None:
+    environ = {"APP_ENV": "production", "DATABASE_URL": "sqlite:///x.sqlite3"}
+    with pytest.raises(ConfigurationError) as refused:
+        production_app(environ)
+    message = str(refused.value)
+    for problem in (
+        "SECRET_KEY is not set",
+        "DATABASE_URL must be a PostgreSQL URL",
+        "REDIS_URL is not set",
+        "STRIPE_SECRET_KEY is not set",
+        "STRIPE_WEBHOOK_SECRET is not set",
+        "APP_BASE_URL must be the public https:// address",
+    ):
+        assert problem in message
+
+
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ({"SESSION_TYPE": "cachelib"}, "sessions must be Redis-backed"),
+        ({"CACHE_TYPE": "SimpleCache"}, "the cache must be Redis-backed"),
+        ({"RATELIMIT_STORAGE_URI": "memory://"}, "rate-limit storage must be Redis-backed"),
+    ],
+)
+def test_production_refuses_stand_in_storage(
+    production_environ: dict[str, str], override: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=problem):
+        create_app(ProductionConfig(production_environ), **override)
+
+
+def test_gunicorn_exits_non_zero_with_the_message(production_environ: dict[str, str]) -> None:
+    environ = {**os.environ, **production_environ, "GUNICORN_BIND": f"127.0.0.1:{free_port()}"}
+    del environ["SECRET_KEY"]
+    environ["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+    result = subprocess.run(  # noqa: S603 (our own gunicorn, fixed arguments)
+        [str(Path(sys.executable).with_name("gunicorn")), "wsgi:app"],
+        cwd=PROJECT_ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Refusing to start in production" in result.stderr
+    assert "SECRET_KEY is not set" in result.stderr and "does not answer a ping" in result.stderr
+    assert "Booting worker" not in result.stderr  # nothing half-started
+
+
+def test_a_good_production_app_keeps_sessions_and_limits_in_redis(
+    production_environ: dict[str, str], redis_url: str
+) -> None:
+    app = production_app(production_environ)
+    redis_client = app.extensions["redis"]
+    redis_client.flushdb()
+    client = app.test_client()
+    response = client.get("https://billing.example.com/auth/login")
+    assert response.status_code == 200
+    cookie = response.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and "Secure" in cookie
+    session_id = cookie.split(";")[0].split("=", 1)[1]
+    assert redis_client.exists(f"session:{session_id}")
+
+    form = {"email": "nobody@example.com", "password": "wrong password"}
+    page = response.get_data(as_text=True)
+    marker = 'name="csrf_token" type="hidden" value="'
+    form["csrf_token"] = page[page.index(marker) + len(marker) :].split('"', 1)[0]
+    # Over HTTPS, CSRF also checks that the form was posted from our own pages.
+    referer = {"Referer": "https://billing.example.com/auth/login"}
+    assert client.post("https://billing.example.com/auth/login", data=form, headers=referer).status_code == 401
+    assert redis_client.keys("LIMITS:LIMITER/ratelimit/login-account:nobody@example.com/*")
+
+
+def test_production_sends_hsts_and_development_does_not(production_environ: dict[str, str], app: Flask) -> None:
+    production = production_app(production_environ).test_client()
+    assert (
+        production.get("https://billing.example.com/healthz")
+        .headers["Strict-Transport-Security"]
+        .startswith("max-age=")
+    )
+    assert "Strict-Transport-Security" not in app.test_client().get("/healthz").headers
+
+
+def test_healthz_answers_without_dependencies(make_app: Any) -> None:
+    app = make_app(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    response = app.test_client().get("/healthz")
+    assert response.status_code == 200 and response.get_json() == {"status": "ok"}
+
+
+def test_readyz_names_redis_when_it_is_unreachable(make_app: Any, client: Any) -> None:
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.get_json() == {"status": "ready", "checks": {"database": "ok", "redis": "ok"}}
+
+    app = make_app(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["failed"] == ["redis"] and body["checks"]["database"] == "ok"
+    assert body["checks"]["redis"].startswith("unreachable")
+
+
+def test_readyz_names_the_database_when_it_is_unreachable(make_app: Any) -> None:
+    app = make_app(SQLALCHEMY_DATABASE_URI=f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/nowhere")
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 503 and response.get_json()["failed"] == ["database"]
+
+
+def test_migrations_run_from_empty_to_head_and_back(database_url: str) -> None:
+    """On a database of its own: upgrade, compare with the models, downgrade to nothing."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from flask_migrate import downgrade, upgrade
+
+    from app.extensions import db
+
+    name = "billing_migrations_check"
+    admin = create_engine(database_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = database_url.rsplit("/", 1)[0] + f"/{name}"
+    app = create_app(TestConfig({**os.environ, "TEST_DATABASE_URL": url}))
+    try:
+        with app.app_context():
+            upgrade()
+            tables = set(inspect(db.engine).get_table_names())
+            assert {"organization", "user_account", "pending_signup", "stripe_event", "domain_event"} <= tables
+            with db.engine.connect() as connection:
+                differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
+            assert differences == [], "the models and the migrations disagree"
+            downgrade(revision="base")
+            assert set(inspect(db.engine).get_table_names()) == {"alembic_version"}
+            db.engine.dispose()
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+def test_the_domain_event_log_is_append_only(app: Flask) -> None:
+    from sqlalchemy.exc import InternalError
+
+    from app.extensions import db
+
+    with app.app_context():
+        db.session.execute(text("INSERT INTO domain_event (name, data, occurred_at) VALUES ('x', '{}', now())"))
+        db.session.commit()
+        for statement in ("UPDATE domain_event SET name = 'y'", "DELETE FROM domain_event"):
+            with pytest.raises(InternalError, match="append-only"):
+                db.session.execute(text(statement))
+            db.session.rollback()
+
+
+def test_each_request_logs_one_line_with_its_id(app: Flask, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="app.request"):
+        response = app.test_client().get("/healthz?token=secret-query", headers={"X-Request-ID": "req-abc12345"})
+    [record] = [r for r in caplog.records if r.name == "app.request"]
+    assert response.headers["X-Request-ID"] == "req-abc12345"
+    fields = {name: getattr(record, name) for name in ("request_id", "method", "path", "status")}
+    assert fields == {"request_id": "req-abc12345", "method": "GET", "path": "/healthz", "status": 200}
+    assert isinstance(record.duration_ms, float)
+    assert "secret-query" not in record.getMessage()
+
+
+def test_production_logs_are_json(production_environ: dict[str, str], capfd: pytest.CaptureFixture[str]) -> None:
+    app = production_app(production_environ)
+    capfd.readouterr()
+    app.test_client().get("https://billing.example.com/healthz")
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    [entry] = [line for line in lines if line["logger"] == "app.request"]
+    assert entry["method"] == "GET" and entry["path"] == "/healthz" and entry["status"] == 200
+    assert len(entry["request_id"]) == 32 and entry["duration_ms"] >= 0
+
+
+def test_development_runs_on_named_stand_ins(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A newcomer's machine: no DATABASE_URL, no REDIS_URL. The migrations build SQLite and a signup
+    form renders on filesystem sessions."""
+    from flask_migrate import upgrade
+
+    environ = {"APP_INSTANCE_DIR": str(tmp_path)}
+    with caplog.at_level("WARNING"):
+        app = create_app(DevelopmentConfig(environ))
+    [message] = [r.getMessage() for r in caplog.records if "stand-ins" in r.getMessage()]
+    assert "SQLite database" in message and "filesystem sessions" in message
+    assert "in-process cache" in message and "in-memory rate limits" in message
+    with app.app_context():
+        upgrade()
+    response = app.test_client().get("/auth/signup")
+    assert response.status_code == 200 and "Start your organization" in response.get_data(as_text=True)
+    assert (tmp_path / "development.sqlite3").exists() and any((tmp_path / "sessions").iterdir())
+
+
+def test_postgres_urls_are_pinned_to_psycopg2() -> None:
+    from config import normalise_database_url
+
+    assert normalise_database_url("postgres://u:p@h/db") == "postgresql+psycopg2://u:p@h/db"
+    assert normalise_database_url("postgresql://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert normalise_database_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
