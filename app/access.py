@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flask import current_app, flash, g, redirect, session, url_for
-from flask_login import current_user, login_user
+from flask_login import current_user, login_user, logout_user
 from werkzeug.wrappers import Response
 
 from app.extensions import login_manager
@@ -40,3 +40,11 @@ def sign_in(user: User) -> None:
     current_app.session_interface.regenerate(session)  # type: ignore[attr-defined]
     login_user(user)
     AuthService.record_sign_in(user, source="web")
+
+
+def sign_out() -> None:
+    """End the session: its data is dropped and its id retired, so the old cookie opens nothing."""
+    logout_user()
+    session.clear()
+    flash("You are signed out.", "info")
+    current_app.session_interface.regenerate(session)  # type: ignore[attr-defined]

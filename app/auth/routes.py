@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
-from flask_login import current_user, logout_user
+from flask_login import current_user
 from werkzeug.wrappers import Response
 
-from app.access import sign_in
+from app.access import sign_in, sign_out
 from app.auth.forms import LoginForm, signup_form
 from app.extensions import client_address, limiter
 from app.services.auth_service import AuthService, normalise_email
@@ -114,7 +114,5 @@ def login() -> Response | str | tuple[str, int]:
 
 @bp.post("/logout")
 def logout() -> Response:
-    logout_user()
-    session.clear()
-    flash("You are signed out.", "info")
+    sign_out()
     return redirect(url_for("auth.login"), 303)
