@@ -63,6 +63,8 @@ class BaseConfig:
         # Number of reverse proxies in front of the app whose X-Forwarded-* headers are trusted.
         self.TRUSTED_PROXY_COUNT = int(env.get("TRUSTED_PROXY_COUNT", self.DEFAULT_TRUSTED_PROXIES))
 
+        # No form or Stripe event comes near this; anything bigger is refused before it is read.
+        self.MAX_CONTENT_LENGTH = 1024 * 1024
         self.SESSION_COOKIE_NAME = "session"
         self.SESSION_COOKIE_HTTPONLY = True
         self.SESSION_COOKIE_SAMESITE = "Lax"

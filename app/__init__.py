@@ -24,7 +24,6 @@ def create_app(config: BaseConfig | None = None, **overrides: Any) -> Flask:
     app = Flask(__name__)
     app.config.from_object(config or config_for())
     app.config.update(overrides)
-    app.config.setdefault("MAX_CONTENT_LENGTH", 1024 * 1024)
 
     from app.request_log import configure_logging
 

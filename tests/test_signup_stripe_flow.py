@@ -403,3 +403,14 @@ def test_concurrent_redirects_and_webhooks_provision_exactly_once(app: Flask, of
         + len(offline_stripe.calls_to("subscriptions.retrieve"))
         == 1
     )  # one provisioning read; everyone else found it done
+
+
+def test_a_cached_price_stripe_rejects_is_looked_up_again(app: Flask, offline_stripe: OfflineStripe) -> None:
+    checkout_session_id(start_signup(app.test_client()))  # caches both prices
+    offline_stripe.prices["starter_monthly"] = {**offline_stripe.prices["starter_monthly"], "id": "price_starter_v2"}
+    response = start_signup(app.test_client(), email="grace@example.com")
+    assert response.status_code == 503  # Stripe refused the archived price the cache still held
+    assert checkout_session_id(start_signup(app.test_client(), email="grace@example.com"))
+    assert len(offline_stripe.calls_to("prices.list")) == 2
+    [_, _, (_, call)] = offline_stripe.calls_to("checkout.sessions.create")
+    assert call["params"]["line_items"][0] == {"price": "price_starter_v2", "quantity": 1}

@@ -481,3 +481,10 @@ def test_the_cli_checks_every_catalogue_price(app: Flask, offline_stripe: Offlin
     app.extensions["redis"].flushdb()
     failed = app.test_cli_runner().invoke(args=["billing", "check-prices"])
     assert failed.exit_code == 1 and "pro_monthly" in failed.output
+
+
+def test_an_oversized_body_is_refused_unread(client: FlaskClient, app: Flask) -> None:
+    body = b'{"id": "evt_big", "object": "event", "padding": "' + b"x" * (1024 * 1024) + b'"}'
+    response = post_webhook(client, body)
+    assert response.status_code == 413 and "error" in response.get_json()
+    assert stored_events(app) == []

@@ -23,6 +23,7 @@ import stripe
 from flask import current_app
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from stripe.params.checkout import (
     SessionCreateParams,
     SessionCreateParamsLineItem,
@@ -213,8 +214,9 @@ class BillingService:
             raise UnknownTierError(f"There is no plan called {tier_key!r}.")
         return tier
 
-    @classmethod
-    def _line_items(cls, tier: Tier, addons: Mapping[str, int]) -> list[SessionCreateParamsLineItem]:
+    @staticmethod
+    def _lookup_keys(tier: Tier, addons: Mapping[str, int]) -> dict[str, int]:
+        """The quantity to buy of each price, by lookup key: the tier's, then each add-on's."""
         catalogue = plan_catalogue()
         quantities = {tier.lookup_key: 1}
         for key, quantity in addons.items():
@@ -225,6 +227,11 @@ class BillingService:
                 raise BillingError(f"{addon.name}: choose between 0 and {addon.max_quantity}.")
             if quantity:
                 quantities[addon.lookup_key] = quantity
+        return quantities
+
+    @classmethod
+    def _line_items(cls, tier: Tier, addons: Mapping[str, int]) -> list[SessionCreateParamsLineItem]:
+        quantities = cls._lookup_keys(tier, addons)
         prices = cls.price_ids_for_lookup_keys(list(quantities))
         return [{"price": prices[key], "quantity": quantity} for key, quantity in quantities.items()]
 
@@ -282,7 +289,8 @@ class BillingService:
                 )
         except BillingError as exc:
             SignupService.mark_signup_failed(signup.pending_signup_id, f"checkout not created: {exc}")
-            cache.delete_many(*(f"stripe-price:{key}" for key in (tier.lookup_key, *(addons or {}))))
+            # A cached price Stripe no longer accepts must not fail the next attempt too.
+            cache.delete_many(*(f"stripe-price:{key}" for key in cls._lookup_keys(tier, addons or {})))
             raise
         SignupService.attach_checkout_session(signup.pending_signup_id, session.id)
         return CheckoutRedirect(
@@ -597,6 +605,8 @@ class BillingService:
                     outcome = provider.apply(event)
             except Exception as exc:
                 logger.exception("webhook event %s (%s) failed", event.event_id, event.type)
+                if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                    raise  # the connection is gone, so nothing can be recorded: rolled back below, answered 503
                 _settle(model, event, StripeEventStatus.FAILED, error=_describe_failure(exc))
                 db.session.commit()
                 return WebhookResult(500, {"received": True, "error": "processing failed; retry later"})
