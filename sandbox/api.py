@@ -13,11 +13,11 @@ import json
 import time
 from collections.abc import Callable
 
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from . import billing, objects
-from .config import Settings
+from .context import current_settings, current_store
 from .errors import StripeError, missing
 from .objects import Obj
 from .params import (
@@ -45,16 +45,6 @@ EXPANDABLE = {
     "default_price",
     "price",
 }
-
-
-def _store() -> Store:
-    store: Store = current_app.config["SANDBOX_STORE"]
-    return store
-
-
-def _settings() -> Settings:
-    settings: Settings = current_app.config["SANDBOX_SETTINGS"]
-    return settings
 
 
 def _json(body: Obj, status: int = 200) -> Response:
@@ -140,7 +130,7 @@ def endpoint(rule: str, method: str) -> Callable[[Callable[..., Obj]], Callable[
             expand = [str(p) for p in array(params, "expand") or []]
             params.pop("expand", None)
             key = request.headers.get("Idempotency-Key") if method == "POST" else None
-            store = _store()
+            store = current_store()
             with store.transaction():
                 if key:
                     replay = _replay(store, key, sorted(pairs))
@@ -253,7 +243,7 @@ def list_prices(params: Params) -> Obj:
     if limit > 100:
         raise StripeError("This value must be less than or equal to 100.", param="limit")
     return billing.list_prices(
-        _store(),
+        current_store(),
         lookup_keys=[str(k) for k in lookup_keys] if lookup_keys is not None else None,
         active=boolean(params, "active"),
         limit=limit,
@@ -314,7 +304,7 @@ def create_checkout_session(params: Params) -> Obj:
         expires_at=integer(params, "expires_at"),
         allow_promotion_codes=boolean(params, "allow_promotion_codes"),
     )
-    return billing.create_checkout_session(_store(), checkout, _settings().public_url)
+    return billing.create_checkout_session(current_store(), checkout, current_settings().public_url)
 
 
 def _clean(meta: dict[str, str] | None) -> dict[str, str]:
@@ -325,13 +315,13 @@ def _clean(meta: dict[str, str] | None) -> dict[str, str]:
 @endpoint("/checkout/sessions/<session_id>", "GET")
 def retrieve_checkout_session(params: Params, session_id: str) -> Obj:
     reject_unknown(params, ())
-    return billing.get_checkout_session(_store(), session_id)
+    return billing.get_checkout_session(current_store(), session_id)
 
 
 @endpoint("/checkout/sessions/<session_id>/expire", "POST")
 def expire_checkout_session(params: Params, session_id: str) -> Obj:
     reject_unknown(params, ())
-    return billing.expire_checkout_session(_store(), session_id, _origin())
+    return billing.expire_checkout_session(current_store(), session_id, _origin())
 
 
 @endpoint("/billing_portal/sessions", "POST")
@@ -339,20 +329,22 @@ def create_portal_session(params: Params) -> Obj:
     reject_unknown(params, ("customer", "return_url"))
     customer = string(params, "customer", required=True)
     assert customer is not None
-    return billing.create_portal_session(_store(), customer, string(params, "return_url"), _settings().public_url)
+    return billing.create_portal_session(
+        current_store(), customer, string(params, "return_url"), current_settings().public_url
+    )
 
 
 @endpoint("/subscriptions/<subscription_id>", "GET")
 def retrieve_subscription(params: Params, subscription_id: str) -> Obj:
     reject_unknown(params, ())
-    return billing.load(_store(), "subscription", subscription_id)
+    return billing.load(current_store(), "subscription", subscription_id)
 
 
 @endpoint("/subscriptions/<subscription_id>", "POST")
 def update_subscription(params: Params, subscription_id: str) -> Obj:
     reject_unknown(params, ("cancel_at_period_end", "metadata", "cancellation_details"))
     return billing.update_subscription(
-        _store(),
+        current_store(),
         subscription_id,
         cancel_at_period_end=boolean(params, "cancel_at_period_end"),
         metadata=metadata(params),
@@ -365,7 +357,7 @@ def update_subscription(params: Params, subscription_id: str) -> Obj:
 def cancel_subscription(params: Params, subscription_id: str) -> Obj:
     reject_unknown(params, ("cancellation_details",))
     return billing.cancel_subscription(
-        _store(),
+        current_store(),
         subscription_id,
         cancellation_details=_cancellation_details(params),
         origin=_origin(),
@@ -382,7 +374,7 @@ def _cancellation_details(params: Params) -> dict[str, str] | None:
 
 def _retrieve(kind: str, object_id: str, params: Params) -> Obj:
     reject_unknown(params, ())
-    return billing.load(_store(), kind, object_id)
+    return billing.load(current_store(), kind, object_id)
 
 
 @endpoint("/customers/<customer_id>", "GET")

@@ -9,14 +9,13 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-from flask import Blueprint, current_app, redirect, render_template, request
+from flask import Blueprint, redirect, render_template, request
 from werkzeug.wrappers import Response
 
 from . import billing
-from .config import Settings
+from .context import current_settings, current_store
 from .errors import StripeError
 from .objects import Obj
-from .store import Store
 
 bp = Blueprint("pages", __name__, template_folder="templates")
 
@@ -27,16 +26,6 @@ PORTAL_ACTIONS = {
     "renew": "Your subscription will renew.",
     "cancel-now": "Your subscription has been canceled.",
 }
-
-
-def _store() -> Store:
-    store: Store = current_app.config["SANDBOX_STORE"]
-    return store
-
-
-def _settings() -> Settings:
-    settings: Settings = current_app.config["SANDBOX_SETTINGS"]
-    return settings
 
 
 @bp.app_template_filter("money")
@@ -58,7 +47,7 @@ def _not_found(what: str) -> tuple[str, int]:
 
 @bp.route("/checkout/<session_id>", methods=["GET", "POST"])
 def checkout(session_id: str) -> Response | tuple[str, int]:
-    store = _store()
+    store = current_store()
     try:
         with store.transaction():  # reading may expire the session
             session = billing.get_checkout_session(store, session_id)
@@ -80,7 +69,7 @@ def checkout(session_id: str) -> Response | tuple[str, int]:
                         card_number=re.sub(r"\s", "", values["cardNumber"]),
                         email=values["email"],
                         name=values["billingName"],
-                        async_delay=_settings().async_delay,
+                        async_delay=current_settings().async_delay,
                     )
             except billing.PaymentError as exc:
                 errors = [str(exc)]
@@ -135,7 +124,7 @@ def _luhn_ok(number: str) -> bool:
 
 
 def _portal_page(portal: Obj, notice: str | None = None, error: str | None = None) -> str:
-    store = _store()
+    store = current_store()
     subscriptions = billing.customer_subscriptions(store, portal["customer"])
     live = [s for s in subscriptions if s["status"] not in billing.ENDED]
     return render_template(
@@ -153,7 +142,7 @@ def _portal_page(portal: Obj, notice: str | None = None, error: str | None = Non
 
 @bp.get("/portal/<portal_id>")
 def portal(portal_id: str) -> str | tuple[str, int]:
-    found = _store().get(portal_id)
+    found = current_store().get(portal_id)
     if found is None or found["object"] != "billing_portal.session":
         return _not_found("portal session")
     return _portal_page(found, notice=PORTAL_ACTIONS.get(request.args.get("done", "")))
@@ -161,7 +150,7 @@ def portal(portal_id: str) -> str | tuple[str, int]:
 
 @bp.post("/portal/<portal_id>/subscriptions/<subscription_id>/<action>")
 def portal_action(portal_id: str, subscription_id: str, action: str) -> Response | tuple[str, int]:
-    store = _store()
+    store = current_store()
     found = store.get(portal_id)
     subscription = store.get(subscription_id)
     if (
