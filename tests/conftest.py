@@ -29,6 +29,7 @@ from app.extensions import db
 from app.services.billing_service import STRIPE_API_VERSION
 from config import TestConfig, normalise_database_url
 
+pytest_plugins = ["tests.live_support"]
 OFFLINE_SECRET_KEY = "sk_test_offline_suite_51Hx0000000000000"
 OFFLINE_WEBHOOK_SECRET = "whsec_offline_suite_0123456789abcdef"
 TABLES = ("domain_event", "organization_addon", "user_account", "pending_signup", "stripe_event", "organization")

@@ -343,3 +343,16 @@ def test_the_grace_period_is_configurable(make_app: Any, offline_stripe: Offline
     owner = Owner(app, offline_stripe)
     set_billing_status(app, owner.organization_id, "past_due", datetime.now(UTC) - timedelta(days=2))
     assert owner.client.get("/app").status_code == 303
+
+
+def test_a_scheduled_cancellation_can_be_brought_forward(
+    app: Flask, owner: Owner, offline_stripe: OfflineStripe
+) -> None:
+    owner.post("/billing/cancel", request_token=TOKEN, when="period_end")
+    page = owner.client.get("/billing/").get_data(as_text=True)
+    assert 'id="cancel-now"' in page and 'id="resume"' in page
+    owner.post("/billing/cancel", request_token="b" * 32, when="now")
+    assert len(offline_stripe.calls_to("subscriptions.cancel")) == 1
+    assert organization(app, owner.organization_id).billing_status == "canceled"
+    page = owner.client.get("/billing/").get_data(as_text=True)
+    assert page.count("Your subscription has ended.") == 1  # said once, not flashed again

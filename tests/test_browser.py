@@ -1,0 +1,178 @@
+"""A real browser through the whole product, in the default run: headless Chromium drives the app on a
+real HTTP server, and the offline Stripe sandbox (a subprocess, reached with the real SDK over HTTP)
+hosts Checkout and the customer portal and sends signed webhooks back to the app. No keys needed.
+
+Screenshots of every step: artifacts/browser/<test-name>/NN-<step>.png."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from flask import Flask
+from playwright.sync_api import Page, expect
+
+from tests.conftest import PASSWORD, query
+from tests.live_support import BrowserPage, SandboxedApp, submit_signup, wait_until
+
+CARD_OK = "4242 4242 4242 4242"
+CARD_DECLINED = "4000 0000 0000 0002"
+EMAIL = "ada@example.com"
+ORGANIZATION = "Analytical Engines"
+WEBHOOK_WAIT_SECONDS = 20
+
+
+def fill_card(page: Page, number: str) -> None:
+    page.fill("#cardNumber", number)
+    page.fill("#cardExpiry", "12 / 34")
+    page.fill("#cardCvc", "123")
+    page.fill("#billingName", "Ada Lovelace")
+
+
+def sign_up_to_checkout(browser: BrowserPage, stack: SandboxedApp) -> None:
+    page = browser.page
+    submit_signup(
+        browser, stack.server.url, email=EMAIL, password=PASSWORD, organization=ORGANIZATION, owner="Ada Lovelace"
+    )
+    assert re.fullmatch(rf"{re.escape(stack.sandbox.url)}/checkout/cs_test_\w+", page.url), page.url
+    expect(page.locator("#email"), "Checkout is prefilled with the signup's email").to_have_value(EMAIL)
+    expect(page.locator("#total"), "Starter $19 + 2 extra seats at $5").to_have_text("$29.00")
+    browser.step("checkout")
+
+
+def stored_events(app: Flask) -> str:
+    rows = query(app, "SELECT type, status, outcome FROM stripe_event ORDER BY id")
+    return "; ".join(f"{r.type} {r.status} ({r.outcome})" for r in rows) or "none"
+
+
+def test_signup_pay_manage_in_the_portal_and_cancel_in_a_real_browser(
+    chromium: BrowserPage, sandbox_app: SandboxedApp
+) -> None:
+    """Signup form → sandbox Checkout (4242) → signed in on /app → billing page → portal: cancel at
+    period end → back in the app, the webhook shows the plan ending → resume → cancel now in the
+    app → Canceled, and /app sends the owner to billing."""
+    page, app, server = chromium.page, sandbox_app.app, sandbox_app.server
+    sign_up_to_checkout(chromium, sandbox_app)
+
+    fill_card(page, CARD_OK)
+    chromium.step("card entered")
+    page.click("button.SubmitButton")
+    # Stripe's success URL signs the owner in (this browser started the signup) and lands on /app.
+    page.wait_for_url(f"{server.url}/app")
+    expect(page.locator("#organization-name")).to_have_text(ORGANIZATION)
+    expect(page.locator("#plan")).to_have_text("Starter")
+    expect(page.locator("#billing-status")).to_have_text("Active")
+    expect(page.locator("#signed-in-as")).to_contain_text(f"Ada Lovelace ({EMAIL}, owner)")
+    chromium.step("signed in on the dashboard")
+
+    # The webhooks of the payment arrive signed, are verified, stored and settle without failures.
+    sandbox_app.sandbox.wait_for_deliveries(WEBHOOK_WAIT_SECONDS)
+    events = {row.type: row.status for row in query(app, "SELECT type, status FROM stripe_event")}
+    assert events == {
+        "customer.subscription.created": "processed",
+        "invoice.paid": "processed",
+        "checkout.session.completed": "processed",
+    }, stored_events(app)
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.name, organization.tier, organization.billing_status) == (ORGANIZATION, "starter", "active")
+    assert organization.stripe_subscription_id.startswith("sub_") and organization.last_payment_status == "paid"
+    assert len(query(app, "SELECT id FROM user_account")) == 1
+
+    # The billing page.
+    page.click("#billing-link")
+    page.wait_for_url(f"{server.url}/billing/")
+    expect(page.locator("#plan")).to_have_text("Starter")
+    expect(page.locator("#billing-status")).to_have_text("Active")
+    expect(page.locator("#renews")).to_be_visible()
+    expect(page.locator("#addons")).to_have_text("Extra seats × 2")
+    chromium.step("billing page")
+
+    # The customer portal (the sandbox's): cancel at the end of the period there.
+    page.click("#open-portal")
+    page.wait_for_url(re.compile(rf"^{re.escape(sandbox_app.sandbox.url)}/portal/bps_\w+$"))
+    expect(page.locator("#cancel-at-period-end")).to_be_visible()
+    chromium.step("portal")
+    page.click("#cancel-at-period-end")
+    expect(page.locator("#renew"), "the portal offers to renew once cancellation is scheduled").to_be_visible()
+    expect(page.locator(".subscription")).to_contain_text("Cancels on")
+    chromium.step("portal cancel at period end")
+
+    # Back in the app, the customer.subscription.updated webhook is what tells it.
+    page.click("a#return-link")
+    page.wait_for_url(f"{server.url}/billing/")
+    wait_until(
+        lambda: query(app, "SELECT cancel_at_period_end FROM organization")[0].cancel_at_period_end,
+        WEBHOOK_WAIT_SECONDS,
+        lambda: "the portal's cancellation never reached the organization; webhooks stored: " + stored_events(app),
+    )
+    page.reload()
+    expect(page.locator("#plan-ends"), "the billing page shows when the plan ends").to_be_visible()
+    expect(page.locator("#renews")).to_have_count(0)
+    expect(page.locator("#billing-status")).to_have_text("Active")
+    expect(page.locator("#resume")).to_be_visible()
+    chromium.step("billing page plan ends")
+    assert (
+        Counter(r.name for r in query(app, "SELECT name FROM domain_event"))["subscription.cancellation_scheduled"] == 1
+    )
+
+    # The app hides "cancel" while a cancellation is scheduled: keep the plan, then cancel it now.
+    page.click("#resume")
+    expect(page.locator(".flash.success")).to_have_text("Your plan will renew as usual.")
+    expect(page.locator("#renews")).to_be_visible()
+    chromium.step("plan resumed")
+    page.check("input[name=when][value=now]")
+    chromium.step("cancel now chosen")
+    page.click("#cancel")
+    expect(page.locator(".flash.success")).to_have_text("Your subscription is canceled.")
+    expect(page.locator("#billing-status")).to_have_text("Canceled")
+    expect(page.locator("#ended")).to_be_visible()
+    chromium.step("canceled")
+
+    # A canceled organization is sent from the app to the billing page, which offers a new subscription.
+    page.goto(f"{server.url}/app")
+    page.wait_for_url(f"{server.url}/billing/")
+    expect(page.locator("#billing-blocked")).to_be_visible()
+    expect(page.locator("#resubscribe")).to_be_visible()
+    chromium.step("app redirects to billing")
+
+    # Every webhook the sandbox sent (resume, cancel) was delivered; none undid the cancellation.
+    sandbox_app.sandbox.wait_for_deliveries(WEBHOOK_WAIT_SECONDS)
+    assert query(app, "SELECT id FROM stripe_event WHERE status NOT IN ('processed', 'ignored')") == [], stored_events(
+        app
+    )
+    assert "customer.subscription.deleted" in stored_events(app)
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.billing_status, organization.cancel_at_period_end) == ("canceled", False)
+    assert organization.ended_at is not None
+
+
+def test_a_declined_card_provisions_nothing_and_a_good_card_then_works(
+    chromium: BrowserPage, sandbox_app: SandboxedApp
+) -> None:
+    page, app, server = chromium.page, sandbox_app.app, sandbox_app.server
+    sign_up_to_checkout(chromium, sandbox_app)
+    checkout_url = page.url
+
+    fill_card(page, CARD_DECLINED)
+    page.click("button.SubmitButton")
+    expect(page.locator(".errors[role=alert]")).to_have_text("Your card was declined.")
+    assert page.url == checkout_url
+    chromium.step("card declined")
+
+    # Nothing was paid, so nothing is sent and nothing is provisioned; the signup is still open.
+    assert sandbox_app.sandbox.deliveries() == []
+    assert query(app, "SELECT id FROM organization") == []
+    assert query(app, "SELECT id FROM user_account") == []
+    assert query(app, "SELECT id FROM stripe_event") == []
+    assert [row.status for row in query(app, "SELECT status FROM pending_signup")] == ["pending"]
+
+    fill_card(page, CARD_OK)
+    chromium.step("good card entered")
+    page.click("button.SubmitButton")
+    page.wait_for_url(f"{server.url}/app")
+    expect(page.locator("#organization-name")).to_have_text(ORGANIZATION)
+    expect(page.locator("#billing-status")).to_have_text("Active")
+    chromium.step("signed in on the dashboard")
+    sandbox_app.sandbox.wait_for_deliveries(WEBHOOK_WAIT_SECONDS)
+    assert len(query(app, "SELECT id FROM organization")) == 1
+    assert [row.status for row in query(app, "SELECT status FROM pending_signup")] == ["completed"]

@@ -1,0 +1,210 @@
+"""The live-mode body of tests/test_signup_stripe_flow.py::test_signup_flow_end_to_end.
+
+`pytest --stripe-live` hands that test to walk_live_signup(request): the app runs on a real HTTP server
+on LIVE_APP_PORT (default 5055) with the STRIPE_* settings of the environment and uses the real Stripe
+SDK over HTTP (no seam), and headless Chromium signs up, pays on the hosted Checkout page and lands in
+the app. Two ways to run it:
+
+- Stripe test mode: STRIPE_SECRET_KEY=sk_test_..., prices with the catalogue's lookup keys in that
+  account, and webhooks forwarded with
+  `stripe listen --forward-to localhost:5055/billing/webhooks/stripe` (STRIPE_WEBHOOK_SECRET is the
+  whsec_... it prints).
+- The offline sandbox: what scripts/test does (STRIPE_API_BASE=http://127.0.0.1:12112, the sandbox's
+  SANDBOX_WEBHOOK_URL pointing at this port and SANDBOX_WEBHOOK_SECRET=STRIPE_WEBHOOK_SECRET).
+
+Screenshots of every step: artifacts/browser/<test-name>/NN-<step>.png."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask
+from playwright.sync_api import expect
+
+from tests.conftest import PASSWORD, live_stripe_environment, query
+from tests.live_support import WEBHOOK_PATH, BrowserPage, LiveServer, submit_signup, wait_until
+
+SIGNUP_EVENTS = ("organization.created", "user.created", "signup.completed")
+WEBHOOK_WAIT_SECONDS = 60
+EMAIL = "ada@example.com"
+ORGANIZATION = "Analytical Engines"
+CARD_OK = "4242 4242 4242 4242"
+
+
+def walk_live_signup(request: pytest.FixtureRequest) -> None:
+    """Form → hosted Checkout (paid with 4242) → checkout.session.completed webhook verified, stored and
+    processed → signed in on /app → billing page → cancel at period end, and the webhook that follows."""
+    environment = live_stripe_environment()  # skips, naming the missing variables, before anything starts
+    port = int(os.environ.get("LIVE_APP_PORT", "5055"))
+    server: LiveServer = request.getfixturevalue("live_server")(
+        port,
+        STRIPE_SECRET_KEY=environment["STRIPE_SECRET_KEY"],
+        STRIPE_WEBHOOK_SECRET=environment["STRIPE_WEBHOOK_SECRET"],
+        STRIPE_API_BASE=environment.get("STRIPE_API_BASE", ""),
+    )
+    assert server.app is not None
+    app = server.app
+    browser: BrowserPage = request.getfixturevalue("chromium")
+    page = browser.page
+
+    # The signup form, submitted, sends the browser to Stripe's hosted Checkout.
+    submit_signup(browser, server.url, email=EMAIL, password=PASSWORD, organization=ORGANIZATION, owner="Ada Lovelace")
+    [pending] = query(app, "SELECT * FROM pending_signup")
+    session_id = pending.checkout_session_id
+    assert pending.status == "pending" and re.fullmatch(r"cs_test_\w+", session_id or ""), pending
+    assert session_id in page.url, f"the browser is at {page.url}, not on Checkout for {session_id}"
+
+    pay_on_hosted_checkout(browser)
+    wait_until(
+        lambda: signup_webhook_processed(app, session_id),
+        WEBHOOK_WAIT_SECONDS,
+        lambda: no_webhook_message(
+            app, server, environment, "the checkout.session.completed webhook (with the organization created)"
+        ),
+    )
+
+    # The success URL signed the owner in, in this browser, on a page that shows the organization.
+    page.wait_for_url(f"{server.url}/app", timeout=WEBHOOK_WAIT_SECONDS * 1000)
+    expect(page.locator("#organization-name")).to_have_text(ORGANIZATION)
+    expect(page.locator("#plan")).to_have_text("Starter")
+    expect(page.locator("#billing-status")).to_have_text("Active")
+    expect(page.locator("#signed-in-as")).to_contain_text(f"({EMAIL}, owner)")
+    browser.step("signed in on the dashboard")
+
+    # What is stored: one organization and owner, each signup event once, the signup completed.
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.name, organization.tier, organization.billing_status) == (ORGANIZATION, "starter", "active")
+    assert organization.signup_checkout_session_id == session_id
+    assert organization.stripe_customer_id.startswith("cus_")
+    assert organization.stripe_subscription_id.startswith("sub_")
+    assert [(a.addon_key, a.quantity) for a in query(app, "SELECT * FROM organization_addon")] == [("extra_seats", 2)]
+    [owner] = query(app, "SELECT * FROM user_account")
+    assert (owner.email, owner.role, owner.organization_id) == (EMAIL, "owner", organization.id)
+    [pending] = query(app, "SELECT * FROM pending_signup")
+    assert (pending.status, pending.organization_id) == ("completed", organization.id)
+    events = Counter(row.name for row in query(app, "SELECT name FROM domain_event"))
+    assert [events[name] for name in SIGNUP_EVENTS] == [1, 1, 1], events
+    # Only verified deliveries are stored (a bad signature is answered 400 and dropped): the checkout's
+    # event is there, for this session, and nothing Stripe sent failed to apply.
+    [completed] = [
+        e for e in stored_events(app) if e["type"] == "checkout.session.completed" and e["object"]["id"] == session_id
+    ]
+    assert completed["livemode"] is False and completed["object"]["client_reference_id"] == str(pending.id)
+    assert completed["status"] == "processed", completed
+    assert re.fullmatch(rf"(already_)?provisioned \(organization {organization.id}\)", completed["outcome"]), completed
+    assert not [e for e in stored_events(app) if e["status"] not in ("processed", "ignored")], stored_events(app)
+
+    # The billing page, and a cancellation at the period end: Stripe answers, the page follows at once,
+    # and the customer.subscription.updated webhook that follows it changes nothing and records nothing.
+    page.click("#billing-link")
+    page.wait_for_url(f"{server.url}/billing/")
+    expect(page.locator("#renews")).to_be_visible()
+    expect(page.locator("#addons")).to_have_text("Extra seats × 2")
+    browser.step("billing page")
+    page.check("input[name=when][value=period_end]")
+    page.click("#cancel")
+    expect(page.locator("#plan-ends")).to_be_visible()
+    expect(page.locator("#billing-status")).to_have_text("Active")
+    browser.step("canceled at period end")
+    wait_until(
+        lambda: [
+            e
+            for e in stored_events(app)
+            if e["type"] == "customer.subscription.updated"
+            and e["object"]["id"] == organization.stripe_subscription_id
+            and e["object"]["cancel_at_period_end"]
+            and e["status"] == "processed"
+        ],
+        WEBHOOK_WAIT_SECONDS,
+        lambda: no_webhook_message(
+            app, server, environment, "the customer.subscription.updated webhook for the cancellation"
+        ),
+    )
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.cancel_at_period_end, organization.billing_status) == (True, "active")
+    events = Counter(row.name for row in query(app, "SELECT name FROM domain_event"))
+    assert events["subscription.cancellation_scheduled"] == 1, events
+    assert [events[name] for name in SIGNUP_EVENTS] == [1, 1, 1], events
+
+
+def pay_on_hosted_checkout(browser: BrowserPage) -> None:
+    """Pay with 4242 on the Checkout page. Stripe's hosted page and the sandbox's share these element
+    ids; Stripe may first show a payment-method accordion, a country and postal code, and Link."""
+    page = browser.page
+    page.locator("#cardNumber:visible, [data-testid=card-accordion-item-button]:visible").first.wait_for(timeout=30_000)
+    browser.step("checkout")
+    if not page.locator("#cardNumber").is_visible():
+        page.click("[data-testid=card-accordion-item-button]")
+    email = page.locator("#email")
+    if email.count() and email.is_editable() and not email.input_value():
+        email.fill(EMAIL)
+    page.fill("#cardNumber", CARD_OK)
+    page.fill("#cardExpiry", "12 / 34")
+    page.fill("#cardCvc", "123")
+    page.fill("#billingName", "Ada Lovelace")
+    postal_code = page.locator("#billingPostalCode")
+    if postal_code.count() and postal_code.is_visible():
+        postal_code.fill("10001")
+    save_with_link = page.locator("#enableStripePass")
+    if save_with_link.count() and save_with_link.is_visible() and save_with_link.is_checked():
+        save_with_link.uncheck()
+    browser.step("card entered")
+    page.click("button.SubmitButton")
+
+
+def stored_events(app: Flask) -> list[dict[str, Any]]:
+    """The webhook events the app verified and stored, oldest first, with their object."""
+    rows = query(app, "SELECT type, status, outcome, livemode, payload FROM stripe_event ORDER BY id")
+    return [
+        {
+            "type": r.type,
+            "status": r.status,
+            "outcome": r.outcome or "",
+            "livemode": r.livemode,
+            "object": json.loads(r.payload)["data"]["object"],
+        }
+        for r in rows
+    ]
+
+
+def signup_webhook_processed(app: Flask, session_id: str) -> bool:
+    completed = query(
+        app,
+        "SELECT id FROM stripe_event WHERE type = 'checkout.session.completed' AND status = 'processed'"
+        " AND payload::jsonb -> 'data' -> 'object' ->> 'id' = :session_id",
+        session_id=session_id,
+    )
+    return bool(completed) and bool(query(app, "SELECT id FROM organization"))
+
+
+def no_webhook_message(app: Flask, server: LiveServer, environment: dict[str, str], awaited: str) -> str:
+    """Why a webhook never arrived, and how to forward them; with the sandbox, what it tried to send."""
+    stored = "; ".join(f"{e['type']} {e['status']} ({e['outcome']})" for e in stored_events(app)) or "none"
+    message = (
+        f"{awaited} was not processed within {WEBHOOK_WAIT_SECONDS} s. If no webhook arrived: Stripe "
+        "can only deliver webhooks to a URL it can reach: with Stripe test "
+        f"mode run `stripe listen --forward-to localhost:{server.port}{WEBHOOK_PATH}` and set "
+        "STRIPE_WEBHOOK_SECRET to the whsec_... it prints; with the offline sandbox start it with "
+        f"SANDBOX_WEBHOOK_URL={server.url}{WEBHOOK_PATH} and SANDBOX_WEBHOOK_SECRET equal to "
+        "STRIPE_WEBHOOK_SECRET (a wrong secret is answered 400 and nothing is stored). "
+        f"Webhook events stored so far: {stored}."
+    )
+    api_base = environment.get("STRIPE_API_BASE", "")
+    if api_base:  # the sandbox says what it tried to deliver (not a Stripe endpoint; absent on Stripe)
+        try:
+            response = requests.get(f"{api_base}/_sandbox/deliveries", timeout=2)
+            if response.ok:
+                sent = response.json()
+                message += f" The sandbox delivers to {sent['webhook_url']}: " + "; ".join(
+                    f"{d['type']} {d['state']} after {d['attempts']} attempt(s) ({d['last_status'] or d['last_error']})"
+                    for d in sent["deliveries"]
+                )
+        except (requests.RequestException, ValueError, KeyError):
+            pass
+    return message
