@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Response, current_app, jsonify, render_template, request
+from flask.globals import request_ctx
 from flask_wtf.csrf import CSRFError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import OperationalError
@@ -41,6 +42,13 @@ def error_response(status: int, message: str) -> tuple[Response | str, int]:
     ), status
 
 
+def _without_session() -> None:
+    """Redis, which holds the sessions, just failed: the error page is rendered and the response
+    finished on a null session. A session that could not be opened (the request had a cookie) is not
+    read by Flask-Login, and one the view changed is not saved again (which would fail again)."""
+    request_ctx._session = current_app.session_interface.make_null_session(current_app)
+
+
 def init_error_handlers(app: Flask) -> None:
     @app.errorhandler(CSRFError)
     def csrf_failed(error: CSRFError) -> tuple[Response | str, int]:
@@ -62,6 +70,7 @@ def init_error_handlers(app: Flask) -> None:
     @app.errorhandler(RedisError)
     def redis_unavailable(error: RedisError) -> tuple[Response | str, int]:
         logger.error("Redis unavailable: %s", type(error).__name__)
+        _without_session()
         return error_response(503, "Signing in and forms are briefly unavailable. Please try again in a minute.")
 
     @app.errorhandler(OperationalError)

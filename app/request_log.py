@@ -37,13 +37,22 @@ class RedactingFilter(logging.Filter):
         super().__init__()
         self.secrets = [s for s in secrets if len(s) >= 8]
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = SECRET_PATTERNS.sub("[redacted]", message)
+    def redact(self, text: str) -> str:
+        redacted = SECRET_PATTERNS.sub("[redacted]", text)
         for secret in self.secrets:
             redacted = redacted.replace(secret, "[redacted]")
+        return redacted
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self.redact(message)
         if redacted != message:
             record.msg, record.args = redacted, None
+        # The JSON lines carry these fields too: the request path is the client's to choose.
+        for field in CONTEXT_FIELDS:
+            value = getattr(record, field, None)
+            if isinstance(value, str):
+                setattr(record, field, self.redact(value))
         return True
 
 

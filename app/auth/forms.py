@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from flask_wtf import FlaskForm
@@ -16,17 +17,28 @@ def _strip(value: Any) -> Any:
     return value.strip() if isinstance(value, str) else value
 
 
+def _one_line_of_text(form: Any, field: Any) -> None:
+    """Names and emails are a line of text. Control characters (NUL among them, which PostgreSQL cannot
+    store) are refused here with a message instead of failing the request later."""
+    if any(unicodedata.category(character) == "Cc" for character in field.data or ""):
+        raise ValidationError("Remove the control characters (such as tabs or line breaks) from this field.")
+
+
 class SignupForm(FlaskForm):
     email = EmailField(
-        "Work email", filters=[_strip], validators=[DataRequired(), Length(max=254), Email(check_deliverability=False)]
+        "Work email",
+        filters=[_strip],
+        validators=[DataRequired(), Length(max=254), _one_line_of_text, Email(check_deliverability=False)],
     )
     password = PasswordField(
         "Password", validators=[DataRequired(), Length(min=12, max=128, message="Use 12 to 128 characters.")]
     )
     organization_name = StringField(
-        "Organization name", filters=[_strip], validators=[DataRequired(), Length(min=2, max=100)]
+        "Organization name", filters=[_strip], validators=[DataRequired(), Length(min=2, max=100), _one_line_of_text]
     )
-    owner_name = StringField("Your name", filters=[_strip], validators=[DataRequired(), Length(max=100)])
+    owner_name = StringField(
+        "Your name", filters=[_strip], validators=[DataRequired(), Length(max=100), _one_line_of_text]
+    )
     tier = RadioField("Plan", validators=[DataRequired(message="Choose a plan.")], validate_choice=True)
 
     def validate_password(self, field: PasswordField) -> None:
@@ -65,5 +77,5 @@ def signup_form(catalogue: PlanCatalogue, **kwargs: Any) -> SignupForm:
 
 
 class LoginForm(FlaskForm):
-    email = EmailField("Email", filters=[_strip], validators=[DataRequired(), Length(max=254)])
+    email = EmailField("Email", filters=[_strip], validators=[DataRequired(), Length(max=254), _one_line_of_text])
     password = PasswordField("Password", validators=[DataRequired(), Length(max=128)])

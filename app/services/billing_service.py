@@ -49,6 +49,11 @@ STRIPE_SIGNATURE_TOLERANCE_SECONDS = 300
 SAME_MOMENT_SECONDS = 5
 CHECKOUT_SESSION_ID = re.compile(r"^cs_(test|live)_[A-Za-z0-9]{1,200}$")
 REQUEST_TOKEN = re.compile(r"^[0-9a-f]{32}$")
+# What a Stripe event's id, type and API version look like. Anything else (NUL, control characters, lone
+# surrogates) could not be stored, so even a validly signed event carrying it is refused with a 400.
+STRIPE_EVENT_ID = re.compile(r"evt_[A-Za-z0-9_]{1,251}")
+STRIPE_EVENT_TYPE = re.compile(r"[A-Za-z0-9_.]{1,100}")
+API_VERSION_FORMAT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CANCELLABLE = frozenset(
     {BillingStatus.ACTIVE, BillingStatus.TRIALING, BillingStatus.PAST_DUE, BillingStatus.UNPAID, BillingStatus.PAUSED}
 )
@@ -783,6 +788,8 @@ class StripeWebhooks:
         header = headers.get("Stripe-Signature")
         if not header:
             raise WebhookRejected("missing Stripe-Signature header")
+        if not header.isascii():  # the SDK's compare_digest raises TypeError on non-ASCII signatures
+            raise WebhookRejected("malformed Stripe-Signature header")
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError:
@@ -829,11 +836,11 @@ def _parse_stripe_event(text: str) -> VerifiedEvent:
         isinstance(body, dict)
         and body.get("object") == "event"
         and isinstance(body.get("id"), str)
-        and body["id"].startswith("evt_")
-        and len(body["id"]) <= 255
+        and STRIPE_EVENT_ID.fullmatch(body["id"])
         and isinstance(body.get("type"), str)
-        and len(body["type"]) <= 100
-        and isinstance(body.get("created"), int)
+        and STRIPE_EVENT_TYPE.fullmatch(body["type"])
+        and type(body.get("created")) is int
+        and 0 <= body["created"] < 2**63
         and isinstance(body.get("livemode"), bool)
         and isinstance(body.get("data"), dict)
         and isinstance(body["data"].get("object"), dict)
@@ -846,7 +853,7 @@ def _parse_stripe_event(text: str) -> VerifiedEvent:
         type=body["type"],
         created=body["created"],
         livemode=body["livemode"],
-        api_version=api_version[:64] if isinstance(api_version, str) else None,
+        api_version=api_version if isinstance(api_version, str) and API_VERSION_FORMAT.fullmatch(api_version) else None,
         raw=text,
         body=body,
     )
