@@ -72,8 +72,9 @@ def register_extensions(app: Flask) -> None:
 
     if app.config["TRUSTED_PROXY_COUNT"]:
         hops = app.config["TRUSTED_PROXY_COUNT"]
-        # Before anything keyed on the client's address (rate limits, logs).
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
+        # Before anything keyed on the client's address (rate limits, logs). X-Forwarded-Host is not
+        # trusted: absolute URLs come from APP_BASE_URL, and a client-chosen host helps nobody.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
 
 
 def register_blueprints(app: Flask) -> None:

@@ -15,8 +15,12 @@ from flask import Flask, Response, g, request
 
 logger = logging.getLogger("app.request")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-# Stripe secret, restricted and webhook keys, and 13-19 digit runs that could be card numbers.
-SECRET_PATTERNS = re.compile(r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9_]+|\b(?:\d[ -]?){12,18}\d\b")
+# Stripe secret, restricted and webhook keys, and what could be a card number: 13-19 digits in a row,
+# or written in groups (4-4-4-4, 4-6-5), so a status code next to a number is left alone.
+SECRET_PATTERNS = re.compile(
+    r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9_]+"
+    r"|\b(?:\d{13,19}|\d{4}(?:[ -]\d{4}){3}(?:\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{4,5})\b"
+)
 CONTEXT_FIELDS = (
     "request_id",
     "method",

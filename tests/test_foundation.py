@@ -277,3 +277,27 @@ def test_postgres_urls_are_pinned_to_psycopg2() -> None:
     assert normalise_database_url("postgres://u:p@h/db") == "postgresql+psycopg2://u:p@h/db"
     assert normalise_database_url("postgresql://u@h/db") == "postgresql+psycopg2://u@h/db"
     assert normalise_database_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+
+
+def test_redaction_masks_keys_and_card_numbers_but_not_their_neighbours() -> None:
+    import logging
+
+    from app.request_log import RedactingFilter
+
+    record = logging.LogRecord(
+        "app.request",
+        logging.INFO,
+        __file__,
+        1,
+        "POST /x/%s %s with %s",
+        ("4242424242424242", 404, "whsec_abc_123"),
+        None,
+    )
+    RedactingFilter(["configured-secret-value"]).filter(record)
+    assert record.getMessage() == "POST /x/[redacted] 404 with [redacted]"
+    for text, expected in [
+        ("card 4242 4242 4242 4242 declined", "card [redacted] declined"),
+        ("amex 3782-822463-10005", "amex [redacted]"),
+        ("at 1795618244, key configured-secret-value", "at 1795618244, key [redacted]"),
+    ]:
+        assert RedactingFilter(["configured-secret-value"]).redact(text) == expected

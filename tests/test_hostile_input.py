@@ -533,16 +533,23 @@ def test_production_refuses_a_form_posted_from_another_site_over_https(
 def test_forged_host_headers_never_reach_a_redirect_or_a_url_sent_to_stripe(
     production_app: Flask, offline_stripe: OfflineStripe
 ) -> None:
-    # The app trusts one proxy, so X-Forwarded-Host decides request.host; a forged Host too.
+    # X-Forwarded-Host is not trusted, and a forged Host reaches no URL we build.
     forged = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}
     page = production_app.test_client().get("/auth/signup", base_url="https://localhost", headers=forged)
     assert page.status_code == 200 and "evil.example" not in page.get_data(as_text=True)
     client = production_app.test_client()
-    response = client.post(
+    smuggled = client.post(
         "/auth/signup",
         data=signup_form(client),
         base_url="https://localhost",
         headers={"X-Forwarded-Host": "evil.example", "Referer": "https://evil.example/auth/signup"},
+    )
+    assert smuggled.status_code == 400  # the forwarded host cannot make a foreign Referer look like ours
+    response = client.post(
+        "/auth/signup",
+        data=signup_form(client),
+        base_url="https://localhost",
+        headers={"X-Forwarded-Host": "evil.example", "Referer": "https://localhost/auth/signup"},
     )
     assert response.status_code == 303, response.get_data(as_text=True)
     assert response.headers["Location"].startswith("https://checkout.stripe.test/")
