@@ -295,9 +295,9 @@ def test_redaction_masks_keys_and_card_numbers_but_not_their_neighbours() -> Non
     )
     RedactingFilter(["configured-secret-value"]).filter(record)
     assert record.getMessage() == "POST /x/[redacted] 404 with [redacted]"
-    for text, expected in [
+    for line, expected in [
         ("card 4242 4242 4242 4242 declined", "card [redacted] declined"),
         ("amex 3782-822463-10005", "amex [redacted]"),
         ("at 1795618244, key configured-secret-value", "at 1795618244, key [redacted]"),
     ]:
-        assert RedactingFilter(["configured-secret-value"]).redact(text) == expected
+        assert RedactingFilter(["configured-secret-value"]).redact(line) == expected
