@@ -22,7 +22,8 @@ import redis
 import stripe
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from app import create_app
 from app.extensions import db
@@ -107,16 +108,26 @@ def offline_overrides() -> dict[str, Any]:
     }
 
 
+@pytest.fixture(scope="session")
+def cleaner(database_url: str, redis_url: str) -> Iterator[Callable[[], None]]:
+    """Empties every table and the test Redis database; one connection for the whole run."""
+    engine = create_engine(database_url, poolclass=NullPool)
+    redis_client = redis.Redis.from_url(redis_url)
+
+    def clean() -> None:
+        with engine.begin() as connection:
+            connection.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+        redis_client.flushdb()
+
+    yield clean
+    engine.dispose()
+
+
 @pytest.fixture
-def make_app(database_url: str, redis_url: str) -> Iterator[Callable[..., Flask]]:
+def make_app(cleaner: Callable[[], None]) -> Iterator[Callable[..., Flask]]:
     """Build an app on the test database and Redis, from a clean slate; overrides go on top."""
     apps: list[Flask] = []
-    redis.Redis.from_url(redis_url).flushdb()
-    first = create_app(_test_config())
-    with first.app_context():
-        db.session.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-        db.session.commit()
-        db.engine.dispose()
+    cleaner()
 
     def build(**overrides: Any) -> Flask:
         app = create_app(_test_config(), **{**offline_overrides(), **overrides})
