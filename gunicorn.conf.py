@@ -15,8 +15,10 @@ preload_app = True
 timeout = 30
 graceful_timeout = 30
 keepalive = 5
-max_requests = 2000
-max_requests_jitter = 200
+# A guard against slow leaks, not a routine: at webhook-burst rates a lower bound recycled workers
+# every few seconds (docs/PERFORMANCE.md).
+max_requests = 20000
+max_requests_jitter = 2000
 # The proxy in front of us terminates TLS; ProxyFix (TRUSTED_PROXY_COUNT) reads its headers.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 accesslog = None  # the app logs one line per request itself, with its request id

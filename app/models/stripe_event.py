@@ -11,7 +11,6 @@ from app.models.types import BigId, Timestamp, utcnow
 
 
 class StripeEventStatus(StrEnum):
-    RECEIVED = "received"  # only ever seen inside the transaction that processes it
     PROCESSED = "processed"
     FAILED = "failed"
     IGNORED = "ignored"
@@ -21,12 +20,12 @@ SETTLED_STATUSES = (StripeEventStatus.PROCESSED, StripeEventStatus.IGNORED)
 
 
 class StripeEvent(Model):
-    """Every verified webhook delivery, stored before it is applied; the unique event id is what
-    makes webhook handling idempotent."""
+    """Every verified webhook delivery, stored before it is applied (in the same transaction, with the
+    status it settles with); the unique event id is what makes webhook handling idempotent."""
 
     __tablename__ = "stripe_event"
     __table_args__ = (
-        CheckConstraint("status IN ('received', 'processed', 'failed', 'ignored')", name="ck_stripe_event_status"),
+        CheckConstraint("status IN ('processed', 'failed', 'ignored')", name="ck_stripe_event_status"),
         Index("ix_stripe_event_status_received_at", "status", "received_at"),
     )
 

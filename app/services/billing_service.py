@@ -21,9 +21,9 @@ from typing import Any, Protocol
 
 import stripe
 from flask import current_app
-from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import joinedload
 from stripe.params.checkout import (
     SessionCreateParams,
     SessionCreateParamsLineItem,
@@ -32,12 +32,12 @@ from stripe.params.checkout import (
 
 from app.extensions import cache, db
 from app.models import BillingStatus, Organization, SignupStatus, StripeEvent, StripeEventStatus
-from app.models.stripe_event import SETTLED_STATUSES
 from app.models.types import utcnow
-from app.services import domain_events
+from app.services import domain_events, webhook_store
 from app.services.plans import PlanCatalogue, Tier
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
 from app.services.subscription_state import SubscriptionState, apply_subscription_state
+from app.services.webhook_store import VerifiedEvent
 
 logger = logging.getLogger(__name__)
 
@@ -100,22 +100,6 @@ class CheckoutRedirect:
     url: str
     pending_signup_id: uuid.UUID
     checkout_session_id: str
-
-
-@dataclass(frozen=True)
-class VerifiedEvent:
-    provider: str
-    event_id: str
-    type: str
-    created: int
-    livemode: bool
-    api_version: str | None
-    raw: str
-    body: dict[str, Any]
-
-    @property
-    def source(self) -> str:
-        return f"{self.provider}:{self.event_id}"
 
 
 @dataclass(frozen=True)
@@ -592,31 +576,32 @@ class BillingService:
     @classmethod
     def _process_event(cls, provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
         model = provider.event_model
+        if webhook_store.is_settled(model, event.event_id):
+            return WebhookResult(200, {"received": True, "duplicate": True})
+        ignored = provider.ignore_reason(event)
         try:
-            status = db.session.execute(select(model.status).where(model.event_id == event.event_id)).scalar()
-            if status in SETTLED_STATUSES:
-                db.session.rollback()
-                return WebhookResult(200, {"received": True, "duplicate": True})
-            if _claim_event(model, event) is None:  # settled by a concurrent delivery we waited for
+            status = StripeEventStatus.IGNORED if ignored else StripeEventStatus.PROCESSED
+            row_id = webhook_store.claim(model, event, status, ignored)
+            if row_id is None:  # settled by a concurrent delivery we waited for
                 db.session.commit()
                 return WebhookResult(200, {"received": True, "duplicate": True})
-            ignored = provider.ignore_reason(event)
             if ignored:
-                _settle(model, event, StripeEventStatus.IGNORED, outcome=ignored)
                 db.session.commit()
                 return WebhookResult(200, {"received": True, "ignored": ignored})
-            try:
-                with domain_events.savepoint():
-                    outcome = provider.apply(event)
-            except Exception as exc:
-                logger.exception("webhook event %s (%s) failed", event.event_id, event.type)
-                if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                    raise  # the connection is gone, so nothing can be recorded: rolled back below, answered 503
-                _settle(model, event, StripeEventStatus.FAILED, error=_describe_failure(exc))
-                db.session.commit()
-                return WebhookResult(500, {"received": True, "error": "processing failed; retry later"})
-            _settle(model, event, StripeEventStatus.PROCESSED, outcome=outcome)
+            webhook_store.finish(model, row_id, provider.apply(event))
             db.session.commit()
+        except Exception as exc:
+            db.session.rollback()  # the event's changes and its domain events go; so does its row
+            if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                raise  # the database went away: nothing can be recorded; 503, and Stripe redelivers
+            logger.exception("webhook event %s (%s) failed", event.event_id, event.type)
+            try:
+                webhook_store.record_failure(model, event, _describe_failure(exc))
+                db.session.commit()
+            except BaseException:
+                db.session.rollback()
+                raise
+            return WebhookResult(500, {"received": True, "error": "processing failed; retry later"})
         except BaseException:
             db.session.rollback()
             raise
@@ -647,12 +632,18 @@ class BillingService:
     @staticmethod
     def _lock_organization_for_subscription(subscription: dict[str, Any]) -> Organization | None:
         def find() -> Organization | None:
-            return db.session.execute(
-                select(Organization)
-                .where(Organization.stripe_subscription_id == subscription["id"])
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            ).scalar_one_or_none()
+            # The add-ons come in the same query: applying the subscription compares them.
+            return (
+                db.session.execute(
+                    select(Organization)
+                    .options(joinedload(Organization.addons))
+                    .where(Organization.stripe_subscription_id == subscription["id"])
+                    .with_for_update(of=Organization)
+                    .execution_options(populate_existing=True)
+                )
+                .unique()
+                .scalar_one_or_none()
+            )
 
         organization = find()
         if organization is not None:
@@ -735,45 +726,6 @@ def _describe_failure(exc: BaseException) -> str:
 
 def _checkout_is_paid(checkout: Mapping[str, Any]) -> bool:
     return checkout.get("status") == "complete" and checkout.get("payment_status") in ("paid", "no_payment_required")
-
-
-def _claim_event(model: type[StripeEvent], event: VerifiedEvent) -> int | None:
-    """Insert the event, or take the row of an earlier unsettled delivery (attempts + 1). Returns the
-    row id, or None when a concurrent delivery settled it first. The row stays locked until commit."""
-    dialect = postgresql if db.engine.dialect.name == "postgresql" else sqlite
-    statement = dialect.insert(model).values(
-        event_id=event.event_id,
-        type=event.type,
-        api_version=event.api_version,
-        livemode=event.livemode,
-        stripe_created=event.created,
-        payload=event.raw,
-        status=StripeEventStatus.RECEIVED,
-        attempts=1,
-        received_at=utcnow(),
-    )
-    statement = statement.on_conflict_do_update(
-        index_elements=[model.event_id],
-        set_={"attempts": model.attempts + 1},
-        where=model.status.not_in(SETTLED_STATUSES),
-    ).returning(model.id)
-    row_id: int | None = db.session.execute(statement).scalar()
-    return row_id
-
-
-def _settle(
-    model: type[StripeEvent],
-    event: VerifiedEvent,
-    status: StripeEventStatus,
-    *,
-    outcome: str | None = None,
-    error: str | None = None,
-) -> None:
-    db.session.execute(
-        update(model)
-        .where(model.event_id == event.event_id)
-        .values(status=status, outcome=(outcome or "")[:200] or None, last_error=error, processed_at=utcnow())
-    )
 
 
 class StripeWebhooks:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,20 +61,6 @@ def record(
     db.session.add(domain_event)
     _pending(db.session()).append(Announcement(name, organization_id, user_id, source, dict(data)))
     return domain_event
-
-
-@contextmanager
-def savepoint() -> Iterator[None]:
-    """A SAVEPOINT whose events are forgotten, with its writes, if the block raises."""
-    session = db.session()
-    pending = _pending(session)
-    mark = len(pending)
-    try:
-        with session.begin_nested():
-            yield
-    except BaseException:
-        del pending[mark:]
-        raise
 
 
 def _pending(session: Session) -> list[Announcement]:

@@ -76,7 +76,7 @@ def upgrade():
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("processed_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint(
-            "status IN ('received', 'processed', 'failed', 'ignored')",
+            "status IN ('processed', 'failed', 'ignored')",
             name="ck_stripe_event_status",
         ),
         sa.PrimaryKeyConstraint("id"),

@@ -1,0 +1,142 @@
+"""`python -m bench` (`make bench`): set everything up, run every measurement, print the table, write
+docs/PERFORMANCE.md, and stop what was started. About 6 minutes on 2 cores."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+
+from bench import events
+from bench.loads import Run, Webhooks, measured, password_hash_seconds, signups
+from bench.report import DUPLICATE, FORGED, NEW, STORE_ONLY, UNKNOWN, VERIFY_ONLY, Lookup, Report, Results
+from bench.services import Server, Services, machine_busy_seconds
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTED = time.monotonic()
+WEBHOOK_PATH = "/billing/webhooks/stripe"
+ROUNDS = 3
+SECONDS = 10
+WARM_UP_SECONDS = 3
+PACED_RATE = 100  # the rate the p99 target is for
+PACED_RUNS = {10: 20, PACED_RATE: 30}  # offered req/s: seconds
+SIGNUPS = 200
+HASHES = 20
+LARGE_TABLE = 1_000_000
+
+
+class Bench:
+    def __init__(self, services: Services, workdir: Path) -> None:
+        self.services = services
+        self.webhooks = Webhooks(services.webhook_secret, workdir)
+        self.postmaster = services.postmaster_pid()
+        app, anchor = services.app, services.anchor
+        # name: (server, path, template, redeliver the stored duplicates, sign with the wrong secret)
+        self.scenarios: dict[str, tuple[Server, str, str, bool, bool]] = {
+            VERIFY_ONLY: (anchor, "/verify-only", "subscription", False, False),
+            STORE_ONLY: (anchor, "/store-only", "subscription", False, False),
+            NEW: (app, WEBHOOK_PATH, "subscription", False, False),
+            DUPLICATE: (app, WEBHOOK_PATH, "subscription", True, False),
+            UNKNOWN: (app, WEBHOOK_PATH, "unknown", False, False),
+            FORGED: (app, WEBHOOK_PATH, "subscription", False, True),
+        }
+
+    def webhook_run(self, scenario: str, seconds: int) -> Run:
+        server, path, template, duplicate, forged = self.scenarios[scenario]
+        load = partial(self.webhooks.wrk, server.port, path, template, duplicate=duplicate, forged=forged)
+        return measured(server, self.postmaster, partial(load, seconds=seconds))
+
+    def run(self, busy_before: float) -> Results:
+        app = self.services.app
+        step("warming up")
+        for scenario in self.scenarios:
+            self.webhook_run(scenario, WARM_UP_SECONDS)
+        self.services.maintain()
+        rounds: dict[str, list[Run]] = {scenario: [] for scenario in self.scenarios}
+        for number in range(1, ROUNDS + 1):
+            for scenario in self.scenarios:
+                step(f"round {number}/{ROUNDS}: {scenario}")
+                rounds[scenario].append(self.webhook_run(scenario, SECONDS))
+        paced = {}
+        for rate, seconds in PACED_RUNS.items():
+            step(f"new events at {rate} req/s offered, {seconds} s")
+            load = partial(self.webhooks.paced, app.port, WEBHOOK_PATH, rate=rate, seconds=seconds)
+            paced[rate] = measured(app, self.postmaster, load)
+        outcomes = self.services.event_outcomes()
+        step(f"{SIGNUPS} signups, one at a time")
+        signup = measured(app, self.postmaster, lambda: signups(app.port, SIGNUPS))
+        hashes = password_hash_seconds(HASHES)
+        dedupe, lookups = self.idempotency_at_scale()
+        return Results(
+            rounds=rounds,
+            paced=paced,
+            paced_rate=PACED_RATE,
+            outcomes=outcomes,
+            signup=signup,
+            hashes=hashes,
+            dedupe=dedupe,
+            lookups=lookups,
+            workers=app.workers(),
+            recycled={server.name: server.recycled_workers() for server in (app, self.services.anchor)},
+            seconds_per_run=SECONDS,
+            versions=self.services.versions(),
+            busy_before=busy_before,
+            minutes=(time.monotonic() - STARTED) / 60,
+        )
+
+    def idempotency_at_scale(self) -> tuple[dict[int, list[Run]], dict[int, Lookup]]:
+        """The duplicate path with stripe_event holding only the duplicates, and holding LARGE_TABLE rows:
+        two tables renamed into place in turn, so the two sizes are measured interleaved."""
+        step(f"building the {events.DUPLICATES:,}-row and {LARGE_TABLE:,}-row stripe_event tables")
+        self.services.build_event_tables(LARGE_TABLE)
+        self.services.maintain()
+        tables = {events.DUPLICATES: "stripe_event_small", LARGE_TABLE: "stripe_event_large"}
+        dedupe: dict[int, list[Run]] = {rows: [] for rows in tables}
+        lookups = {}
+        for number in range(1, ROUNDS + 1):
+            for rows, table in tables.items():
+                self.services.use_event_table(table)
+                lookups[rows] = Lookup(*self.services.dedupe_lookup())
+                step(f"round {number}/{ROUNDS}: duplicates, stripe_event holding {rows:,} rows")
+                dedupe[rows].append(self.webhook_run(DUPLICATE, SECONDS))
+        return dedupe, lookups
+
+
+def step(message: str) -> None:
+    elapsed = int(time.monotonic() - STARTED)
+    print(f"[bench {elapsed // 60}:{elapsed % 60:02}] {message}", flush=True)
+
+
+def busy_cores_before(seconds: float = 3) -> float:
+    """How busy the machine is before the benchmark starts anything: other people's work competes too."""
+    start = machine_busy_seconds()
+    time.sleep(seconds)
+    return (machine_busy_seconds() - start) / seconds
+
+
+def main() -> None:
+    workdir = ROOT / "instance" / "bench"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    busy = busy_cores_before()
+    step(f"the machine was {busy:.2f} cores busy before the benchmark started" + (" (not idle!)" if busy > 0.1 else ""))
+    step("setting up: database billing_bench, a redis-server, the app, the anchors and the Stripe stub")
+    with Services(workdir) as services:
+        results = Bench(services, workdir).run(busy)
+        step("stopping the servers and dropping billing_bench")
+    summary = Report(results)
+    print()
+    print(summary.table())
+    print()
+    print(summary.memory())
+    for target in summary.targets():
+        print(f"{target.name}: {target.measured}, {'met' if target.met else 'MISSED, ' + target.shortfall}")
+    document = ROOT / "docs" / "PERFORMANCE.md"
+    document.parent.mkdir(exist_ok=True)
+    document.write_text(summary.markdown(document.read_text() if document.exists() else ""))
+    step(f"wrote {document.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
