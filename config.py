@@ -36,6 +36,15 @@ class BaseConfig:
         self.REDIS_URL = env.get("REDIS_URL", "")
         self.SQLALCHEMY_DATABASE_URI = normalise_database_url(env.get("DATABASE_URL", ""))
         self.SQLALCHEMY_ENGINE_OPTIONS = self._engine_options(self.SQLALCHEMY_DATABASE_URI)
+        # Single reads outside any transaction (the webhook duplicate check): no BEGIN or ROLLBACK
+        # round trips, and no per-use isolation switch on the main pool's connections.
+        self.SQLALCHEMY_BINDS = {
+            "autocommit": {
+                "url": self.SQLALCHEMY_DATABASE_URI,
+                "isolation_level": "AUTOCOMMIT",
+                **self.SQLALCHEMY_ENGINE_OPTIONS,
+            }
+        }
         self.SQLALCHEMY_TRACK_MODIFICATIONS = False
 
         # Billing credentials come only from the environment; BillingService.ensure_stripe() names

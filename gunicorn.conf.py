@@ -30,4 +30,5 @@ def post_fork(server, worker):
     from app.extensions import db
 
     with server.app.wsgi().app_context():
-        db.engine.dispose(close=False)
+        for engine in db.engines.values():
+            engine.dispose(close=False)

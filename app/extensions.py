@@ -32,5 +32,15 @@ migrate = Migrate()
 login_manager = LoginManager()
 server_session = Session()
 limiter = Limiter(key_func=client_address)
+# Machine endpoints carry no rate limit: webhooks are authenticated by signature and must not wait on
+# Redis, health checks must answer while Redis is down. A request filter skips the limiter's
+# per-request work outright (an exempt decorator would still resolve limits on every call).
+UNLIMITED_ENDPOINTS = frozenset({"billing.webhook", "main.healthz", "main.readyz"})
+
+
+@limiter.request_filter
+def _machine_endpoint() -> bool:
+    return request.endpoint in UNLIMITED_ENDPOINTS
+
 cache = Cache()
 csrf = CSRFProtect()

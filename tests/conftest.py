@@ -138,7 +138,8 @@ def make_app(cleaner: Callable[[], None]) -> Iterator[Callable[..., Flask]]:
     for app in apps:
         with app.app_context():
             db.session.remove()
-            db.engine.dispose()
+            for engine in db.engines.values():
+                engine.dispose()
 
 
 @pytest.fixture

@@ -181,7 +181,6 @@ def complete_signup_from_stripe() -> Response | tuple[str, int]:
 
 @bp.post("/webhooks/<provider>")
 @csrf.exempt
-@limiter.exempt
 def webhook(provider: str) -> tuple[Response, int]:
     """Webhook deliveries: the raw body and headers go to BillingService, nothing else happens here."""
     try:

@@ -110,7 +110,7 @@ def _row(event: VerifiedEvent) -> dict[str, Any]:
 def is_settled(model: type[StripeEvent], event_id: str) -> bool:
     """Whether the event was already processed or ignored: one indexed read, outside any transaction
     (autocommit), so a duplicate costs a single round trip and no write."""
-    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+    with db.engines["autocommit"].connect() as connection:
         status = connection.execute(_for(model).status, {"p_event_id": event_id}).scalar()
     return status in SETTLED_STATUSES
 
