@@ -303,8 +303,8 @@ class Report:
             f"{gunicorn['workers']} workers × {gunicorn['threads']} threads, preload, keep-alive "
             f"{gunicorn['keepalive']} s, workers recycled after {gunicorn['max_requests']} (+ up to "
             f"{gunicorn['max_requests_jitter']}) requests. The anchors (bench/anchor.py) run under the same "
-            "gunicorn.conf.py with the same database settings (Flask-SQLAlchemy, psycopg2, pool_pre_ping). Every "
-            "request carries the proxy's X-Forwarded-For and X-Forwarded-Proto headers.",
+            "gunicorn.conf.py with the same database settings (Flask-SQLAlchemy, psycopg2, the app's engine "
+            "options). Every request carries the proxy's X-Forwarded-For and X-Forwarded-Proto headers.",
             f"- Webhooks: {events.ORGANIZATIONS:,} organizations are created first. Each new event is "
             "`customer.subscription.updated` for one of them, newer by 10 s than the last one it had, moving the "
             "period end, so each is applied (no Stripe call) and changes the organization. The anchors get the same "
