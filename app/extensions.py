@@ -42,5 +42,6 @@ UNLIMITED_ENDPOINTS = frozenset({"billing.webhook", "main.healthz", "main.readyz
 def _machine_endpoint() -> bool:
     return request.endpoint in UNLIMITED_ENDPOINTS
 
+
 cache = Cache()
 csrf = CSRFProtect()
