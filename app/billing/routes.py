@@ -22,21 +22,16 @@ from app.services.billing_service import (
 from app.services.signup_service import ProvisionState
 
 bp = Blueprint("billing", __name__)
-SIGNED_IN_ENDPOINTS = {
-    "billing.overview",
-    "billing.portal",
-    "billing.cancel",
-    "billing.resume",
-    "billing.resubscribe",
-    "billing.checkout_complete",
-}
+# Reached without a session: Stripe's webhooks (signed) and its success URL (which finds the browser
+# that started the signup itself). Every other billing page needs a signed-in user.
+PUBLIC_ENDPOINTS = frozenset({"billing.webhook", "billing.complete_signup_from_stripe"})
 
 
 @bp.before_request
 def signed_in_pages() -> Response | None:
-    if request.endpoint in SIGNED_IN_ENDPOINTS:
-        return require_signed_in()
-    return None
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    return require_signed_in()
 
 
 def _owned_organization() -> Organization:

@@ -541,10 +541,10 @@ class BillingService:
     def handle_webhook_event(cls, provider_name: str, payload: bytes, headers: Mapping[str, str]) -> WebhookResult:
         """Verify, store and apply one webhook delivery, exactly once per event id.
 
-        A duplicate of a settled event costs one indexed read. A new event is inserted (ON CONFLICT,
-        so concurrent deliveries of one event queue on its row), applied inside a SAVEPOINT, and
-        committed with its status in one transaction: applied and recorded, or rolled back and marked
-        failed with a 500 so the provider retries."""
+        A duplicate of a settled event costs one indexed read. A new event is claimed (INSERT ... ON
+        CONFLICT, so concurrent deliveries of one event queue on its row), applied, and committed with
+        its outcome in one transaction; if applying raises, that transaction rolls back, the event is
+        recorded as failed, and the answer is a 500 so the provider retries."""
         provider = cls._webhook_providers.get(provider_name)
         if provider is None:
             raise UnknownWebhookProvider(provider_name)
@@ -558,16 +558,15 @@ class BillingService:
                 select(provider.event_model).where(provider.event_model.event_id == event_id)
             ).scalar_one_or_none()
             if row is not None:
-                body = json.loads(row.payload)
                 event = VerifiedEvent(
-                    provider.name,
-                    row.event_id,
-                    row.type,
-                    row.stripe_created,
-                    row.livemode,
-                    row.api_version,
-                    row.payload,
-                    body,
+                    provider=provider.name,
+                    event_id=row.event_id,
+                    type=row.type,
+                    created=row.stripe_created,
+                    livemode=row.livemode,
+                    api_version=row.api_version,
+                    raw=row.payload,
+                    body=json.loads(row.payload),
                 )
                 db.session.rollback()
                 return cls._process_event(provider, event)
