@@ -414,3 +414,29 @@ def test_a_cached_price_stripe_rejects_is_looked_up_again(app: Flask, offline_st
     assert len(offline_stripe.calls_to("prices.list")) == 2
     [_, _, (_, call)] = offline_stripe.calls_to("checkout.sessions.create")
     assert call["params"]["line_items"][0] == {"price": "price_starter_v2", "quantity": 1}
+
+
+def test_domain_events_are_announced_only_after_they_commit(app: Flask, offline_stripe: OfflineStripe) -> None:
+    from app.services import domain_events
+
+    announced: list[tuple[str, bool]] = []
+
+    def subscriber(announcement: domain_events.Announcement) -> None:
+        # Read from another connection: the event must already be committed when it is announced.
+        committed = query(app, "SELECT count(*) AS n FROM domain_event WHERE name = :n", n=announcement.name)[0].n
+        announced.append((announcement.name, committed > 0))
+
+    domain_events.subscribe("*", subscriber)
+    try:
+        client = app.test_client()
+        session_id = checkout_session_id(start_signup(client))
+        completed = OfflineStripe.event("checkout.session.completed", offline_stripe.pay(session_id))
+        offline_stripe.fail_next("subscriptions.retrieve", "server")
+        assert post_webhook(client, completed).status_code == 500
+        assert [name for name, _ in announced] == ["signup.started"]  # the failed attempt announced nothing
+        assert post_webhook(client, completed).status_code == 200
+    finally:
+        domain_events.unsubscribe("*", subscriber)
+    names = [name for name, _ in announced]
+    assert [names.count(name) for name in SIGNUP_EVENTS] == [1, 1, 1]
+    assert all(committed for _, committed in announced)

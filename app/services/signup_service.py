@@ -49,10 +49,6 @@ class ProvisionOutcome:
     organization_id: int | None = None
     owner_user_id: int | None = None
 
-    @property
-    def has_account(self) -> bool:
-        return self.state in (ProvisionState.PROVISIONED, ProvisionState.ALREADY_PROVISIONED)
-
 
 @dataclass(frozen=True)
 class NewPendingSignup:
