@@ -56,6 +56,15 @@ class BaseConfig:
         self.STRIPE_MAX_NETWORK_RETRIES = int(env.get("STRIPE_MAX_NETWORK_RETRIES", "2"))
         self.STRIPE_TIMEOUT_SECONDS = float(env.get("STRIPE_TIMEOUT_SECONDS", "20"))
         self.APP_BASE_URL = env.get("APP_BASE_URL", "http://127.0.0.1:5000").rstrip("/")
+        # Whop, the second provider: off unless all three are set (BillingService.whop_configured()).
+        # WHOP_WEBHOOK_SECRET may list several, comma-separated, while one is rotated. WHOP_API_BASE
+        # points the SDK at another address (the offline double); production refuses it.
+        self.WHOP_API_KEY = env.get("WHOP_API_KEY", "")
+        self.WHOP_WEBHOOK_SECRET = env.get("WHOP_WEBHOOK_SECRET", "")
+        self.WHOP_COMPANY_ID = env.get("WHOP_COMPANY_ID", "")
+        self.WHOP_API_BASE = env.get("WHOP_API_BASE", "").rstrip("/")
+        self.WHOP_MAX_RETRIES = int(env.get("WHOP_MAX_RETRIES", "2"))
+        self.WHOP_TIMEOUT_SECONDS = float(env.get("WHOP_TIMEOUT_SECONDS", "20"))
 
         self.PLAN_CATALOGUE_FILE = env.get("PLAN_CATALOGUE_FILE", str(PROJECT_ROOT / "plans.toml"))
         self.PRICE_CACHE_SECONDS = int(env.get("PRICE_CACHE_SECONDS", "300"))

@@ -33,7 +33,15 @@ from config import TestConfig, normalise_database_url
 pytest_plugins = ["tests.live_support"]
 OFFLINE_SECRET_KEY = "sk_test_offline_suite_51Hx0000000000000"
 OFFLINE_WEBHOOK_SECRET = "whsec_offline_suite_0123456789abcdef"
-TABLES = ("domain_event", "organization_addon", "user_account", "pending_signup", "stripe_event", "organization")
+TABLES = (
+    "domain_event",
+    "organization_addon",
+    "user_account",
+    "pending_signup",
+    "stripe_event",
+    "whop_event",
+    "organization",
+)
 LIVE_VARIABLES = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET")
 
 

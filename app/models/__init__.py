@@ -6,6 +6,7 @@ from app.models.organization import BillingStatus, Organization, OrganizationAdd
 from app.models.pending_signup import PendingSignup, SignupStatus
 from app.models.stripe_event import StripeEvent, StripeEventStatus
 from app.models.user import User, UserRole
+from app.models.whop_event import WhopEvent
 
 __all__ = [
     "BillingStatus",
@@ -18,4 +19,5 @@ __all__ = [
     "StripeEventStatus",
     "User",
     "UserRole",
+    "WhopEvent",
 ]

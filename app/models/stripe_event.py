@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import ClassVar
 
 from sqlalchemy import BigInteger, Boolean, CheckConstraint, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
@@ -28,6 +29,7 @@ class StripeEvent(Model):
         CheckConstraint("status IN ('processed', 'failed', 'ignored')", name="ck_stripe_event_status"),
         Index("ix_stripe_event_status_received_at", "status", "received_at"),
     )
+    created_column: ClassVar[str] = "stripe_created"  # the provider's event time (webhook_store)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     event_id: Mapped[str] = mapped_column(String(255), unique=True)

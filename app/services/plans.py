@@ -1,5 +1,7 @@
-"""The plan catalogue: which tiers and add-ons are sold, and the Stripe price lookup key of each.
-It is read from a TOML file (plans.toml by default) so the catalogue changes without a code change."""
+"""The plan catalogue: which tiers and add-ons are sold, the Stripe price lookup key of each, and for
+tiers that can also be paid through Whop, the Whop plan id (`whop_plan_id`; tiers without one are
+Stripe-only). It is read from a TOML file (plans.toml by default) so the catalogue changes without a
+code change."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
+WHOP_PLAN_ID = re.compile(r"^plan_[A-Za-z0-9_]{1,100}$")
 
 
 class CatalogueError(ValueError):
@@ -23,6 +26,7 @@ class Tier:
     lookup_key: str
     description: str = ""
     trial_days: int = 0
+    whop_plan_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,10 @@ class PlanCatalogue:
         duplicates = sorted({k for k in lookup_keys if lookup_keys.count(k) > 1})
         if duplicates:
             problems.append(f"{source}: lookup keys used twice: {', '.join(duplicates)}")
+        whop_plans = [t.whop_plan_id for t in tiers.values() if t.whop_plan_id]
+        shared = sorted({p for p in whop_plans if whop_plans.count(p) > 1})
+        if shared:
+            problems.append(f"{source}: Whop plan ids used by two tiers: {', '.join(shared)}")
         if problems:
             raise CatalogueError("; ".join(problems))
         return cls(tiers=tiers, addons=addons)
@@ -75,6 +83,9 @@ class PlanCatalogue:
 
     def tier_for_lookup_key(self, lookup_key: str | None) -> Tier | None:
         return next((t for t in self.tiers.values() if t.lookup_key == lookup_key), None)
+
+    def tier_for_whop_plan_id(self, plan_id: str | None) -> Tier | None:
+        return next((t for t in self.tiers.values() if plan_id and t.whop_plan_id == plan_id), None)
 
     def addon_for_lookup_key(self, lookup_key: str | None) -> Addon | None:
         return next((a for a in self.addons.values() if a.lookup_key == lookup_key), None)
@@ -103,5 +114,9 @@ def _entries(
         for name in ("trial_days", "max_quantity"):
             if name in fields and (not isinstance(fields[name], int) or fields[name] < 0):
                 problems.append(f"{where} {name} must be a whole number of at least 0")
+        if "whop_plan_id" in fields and not (
+            isinstance(fields["whop_plan_id"], str) and WHOP_PLAN_ID.match(fields["whop_plan_id"])
+        ):
+            problems.append(f"{where} whop_plan_id must be a Whop plan id (plan_...)")
         entries.append((key, fields))
     return entries

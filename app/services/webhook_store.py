@@ -1,10 +1,12 @@
 """The webhook event store: one row per verified delivery, written so that each event is applied at
 most once. BillingService.handle_webhook_event drives it; every provider's event table has the shape
-of stripe_event. These statements run on every delivery, so each is built once per table and sent as
+of stripe_event (whop_event: the same columns, its event time in `whop_created`), named by the model's
+`created_column`. These statements run on every delivery, so each is built once per table and sent as
 few times as the guarantees allow (see "Receiving" in docs/system/BILLING.md)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -13,9 +15,12 @@ from sqlalchemy import Insert, Select, Update, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.extensions import db
-from app.models import StripeEvent, StripeEventStatus
+from app.models import StripeEvent, StripeEventStatus, WhopEvent
 from app.models.stripe_event import SETTLED_STATUSES
 from app.models.types import utcnow
+
+# The tables a provider's events can live in: one shape, one set of statuses (StripeEventStatus).
+EventModel = type[StripeEvent] | type[WhopEvent]
 
 
 @dataclass(frozen=True)
@@ -45,14 +50,14 @@ class _Statements:
 
 
 @cache
-def _statements(model: type[StripeEvent], dialect: str) -> _Statements:
+def _statements(model: EventModel, dialect: str) -> _Statements:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     row = {
         "event_id": bindparam("p_event_id"),
         "type": bindparam("p_type"),
         "api_version": bindparam("p_api_version"),
         "livemode": bindparam("p_livemode"),
-        "stripe_created": bindparam("p_created"),
+        model.created_column: bindparam("p_created"),
         "payload": bindparam("p_payload"),
         "received_at": bindparam("p_now"),
         "processed_at": bindparam("p_now"),
@@ -91,7 +96,7 @@ def _statements(model: type[StripeEvent], dialect: str) -> _Statements:
     )
 
 
-def _for(model: type[StripeEvent]) -> _Statements:
+def _for(model: EventModel) -> _Statements:
     return _statements(model, db.engine.dialect.name)
 
 
@@ -107,7 +112,7 @@ def _row(event: VerifiedEvent) -> dict[str, Any]:
     }
 
 
-def is_settled(model: type[StripeEvent], event_id: str) -> bool:
+def is_settled(model: EventModel, event_id: str) -> bool:
     """Whether the event was already processed or ignored: one indexed read, outside any transaction
     (autocommit), so a duplicate costs a single round trip and no write."""
     with db.engines["autocommit"].connect() as connection:
@@ -115,7 +120,7 @@ def is_settled(model: type[StripeEvent], event_id: str) -> bool:
     return status in SETTLED_STATUSES
 
 
-def claim(model: type[StripeEvent], event: VerifiedEvent, status: StripeEventStatus, outcome: str | None) -> int | None:
+def claim(model: EventModel, event: VerifiedEvent, status: StripeEventStatus, outcome: str | None) -> int | None:
     """Store the delivery in the current transaction with the status it will settle with (the row is
     invisible to others until commit, and a rollback takes it away). Returns the row id, or None when a
     concurrent delivery of the same event settled it first: the insert waits for that one to finish."""
@@ -124,12 +129,12 @@ def claim(model: type[StripeEvent], event: VerifiedEvent, status: StripeEventSta
     return row_id
 
 
-def finish(model: type[StripeEvent], row_id: int, outcome: str) -> None:
+def finish(model: EventModel, row_id: int, outcome: str) -> None:
     """What applying the claimed event did, for `flask billing events`."""
     db.session.execute(_for(model).finish, {"p_row_id": row_id, "p_outcome": _short(outcome)})
 
 
-def record_failure(model: type[StripeEvent], event: VerifiedEvent, error: str) -> None:
+def record_failure(model: EventModel, event: VerifiedEvent, error: str) -> None:
     """In a transaction of its own, after the failed one rolled back: the event is stored as failed
     (attempts + 1), unless a concurrent delivery has settled it meanwhile."""
     db.session.execute(_for(model).fail, {**_row(event), "p_error": error[:2000]})
@@ -137,3 +142,25 @@ def record_failure(model: type[StripeEvent], event: VerifiedEvent, error: str) -
 
 def _short(outcome: str | None) -> str | None:
     return outcome[:200] if outcome else None
+
+
+def stored(model: EventModel, provider: str, event_id: str) -> VerifiedEvent | None:
+    """A stored event as it was received, for replaying it (`flask billing replay`)."""
+    created = getattr(model, model.created_column)
+    row = db.session.execute(
+        select(model.event_id, model.type, created, model.livemode, model.api_version, model.payload).where(
+            model.event_id == event_id
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    return VerifiedEvent(
+        provider=provider,
+        event_id=row[0],
+        type=row[1],
+        created=int(row[2]),
+        livemode=row[3],
+        api_version=row[4],
+        raw=row[5],
+        body=json.loads(row[5]),
+    )
