@@ -1,0 +1,120 @@
+"""More of /v1: subscription changes, invoice previews, schedules, prices, refunds and lists.
+
+Registered on api.bp (imported at the end of api.py); each function parses and validates its
+parameters with Stripe's errors and calls a domain module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import changes
+from .api import _cancellation_details, _origin, endpoint
+from .context import current_store
+from .errors import StripeError
+from .objects import Obj
+from .params import Params, array, boolean, integer, mapping, metadata, reject_unknown, string
+
+
+def _choice(params: Params, key: str, choices: tuple[str, ...], path: str = "") -> str | None:
+    value = string(params, key, path)
+    name = f"{path}[{key}]" if path else key
+    if value is not None and value not in choices:
+        raise StripeError(f"Invalid {name}: must be one of {', '.join(choices)}", param=name)
+    return value
+
+
+def _item_changes(params: Params, key: str = "items", path: str = "") -> list[changes.ItemChange] | None:
+    entries = array(params, key, path)
+    if entries is None:
+        return None
+    base = f"{path}[{key}]" if path else key
+    parsed = []
+    for index, entry in enumerate(entries):
+        where = f"{base}[{index}]"
+        if not isinstance(entry, dict):
+            raise StripeError("Invalid object", param=where)
+        reject_unknown(entry, ("id", "price", "quantity", "deleted"), where)
+        parsed.append(
+            changes.ItemChange(
+                index=index,
+                id=string(entry, "id", where),
+                price=string(entry, "price", where),
+                quantity=integer(entry, "quantity", where, minimum=0),
+                deleted=bool(boolean(entry, "deleted", where)),
+            )
+        )
+    return parsed
+
+
+def _timestamp_or_clear(params: Params, key: str, path: str = "") -> Any:
+    """An integer timestamp, None for "" (clear it), or changes.UNSET when absent."""
+    if key not in params:
+        return changes.UNSET
+    if params[key] == "":
+        return None
+    return integer(params, key, path)
+
+
+@endpoint("/subscriptions/<subscription_id>", "POST")
+def update_subscription(params: Params, subscription_id: str) -> Obj:
+    reject_unknown(
+        params,
+        (
+            "items",
+            "proration_behavior",
+            "proration_date",
+            "payment_behavior",
+            "cancel_at",
+            "cancel_at_period_end",
+            "pause_collection",
+            "default_payment_method",
+            "metadata",
+            "cancellation_details",
+        ),
+    )
+    pause: Any = changes.UNSET
+    if "pause_collection" in params:
+        raw = mapping(params, "pause_collection")
+        if raw:
+            reject_unknown(raw, ("behavior", "resumes_at"), "pause_collection")
+            pause = {
+                "behavior": string(raw, "behavior", "pause_collection", required=True),
+                "resumes_at": integer(raw, "resumes_at", "pause_collection"),
+            }
+        else:
+            pause = None
+    default_pm: Any = changes.UNSET
+    if "default_payment_method" in params:
+        default_pm = string(params, "default_payment_method")
+    update = changes.SubscriptionUpdate(
+        items=_item_changes(params),
+        proration_behavior=_choice(params, "proration_behavior", changes.PRORATION_BEHAVIORS),
+        proration_date=integer(params, "proration_date"),
+        payment_behavior=_choice(params, "payment_behavior", changes.PAYMENT_BEHAVIORS),
+        cancel_at=_timestamp_or_clear(params, "cancel_at"),
+        cancel_at_period_end=boolean(params, "cancel_at_period_end"),
+        pause_collection=pause,
+        default_payment_method=default_pm,
+        metadata=metadata(params),
+        cancellation_details=_cancellation_details(params),
+        given=set(params),
+    )
+    return changes.update_subscription(current_store(), subscription_id, update, _origin())
+
+
+@endpoint("/invoices/create_preview", "POST")
+def create_preview(params: Params) -> Obj:
+    reject_unknown(params, ("customer", "subscription", "subscription_details"))
+    details = mapping(params, "subscription_details") or {}
+    path = "subscription_details"
+    reject_unknown(details, ("items", "proration_date", "proration_behavior", "cancel_at_period_end"), path)
+    return changes.preview_invoice(
+        current_store(),
+        customer_id=string(params, "customer"),
+        subscription_id=string(params, "subscription"),
+        items=_item_changes(details, "items", path),
+        proration_date=integer(details, "proration_date", path),
+        proration_behavior=_choice(details, "proration_behavior", changes.PRORATION_BEHAVIORS, path),
+        cancel_at_period_end=boolean(details, "cancel_at_period_end", path),
+    )
