@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,12 +360,18 @@ def _settle(store: Store, session_id: str, succeeded: bool) -> None:
         )
 
 
+# Timed jobs that other modules own (for example schedules.py): kind -> handler(store, ref, now).
+JOB_HANDLERS: dict[str, Callable[[Store, str, int], None]] = {}
+
+
 def run_job(store: Store, kind: str, ref: str, now: int) -> None:
     """A timed transition scheduled earlier; each is a no-op if the state moved on meanwhile."""
     if kind == "expire_session":
         _expire_if_due(store, load(store, "checkout.session", ref), now)
     elif kind in ("settle_async_succeeds", "settle_async_fails"):
         _settle(store, ref, succeeded=kind == "settle_async_succeeds")
+    elif kind in JOB_HANDLERS:
+        JOB_HANDLERS[kind](store, ref, now)
     else:
         raise ValueError(f"unknown job kind {kind!r}")
 

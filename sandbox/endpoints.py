@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import changes
+from . import changes, schedules
 from .api import _cancellation_details, _origin, endpoint
+from .billing import load
 from .context import current_store
 from .errors import StripeError
 from .objects import Obj
@@ -118,3 +119,73 @@ def create_preview(params: Params) -> Obj:
         proration_behavior=_choice(details, "proration_behavior", changes.PRORATION_BEHAVIORS, path),
         cancel_at_period_end=boolean(details, "cancel_at_period_end", path),
     )
+
+
+# -- subscription schedules -----------------------------------------------------------------------
+
+
+@endpoint("/subscription_schedules", "POST")
+def create_subscription_schedule(params: Params) -> Obj:
+    reject_unknown(params, ("from_subscription",))
+    subscription = string(params, "from_subscription")
+    if subscription is None:
+        raise StripeError(
+            "The sandbox creates schedules from an existing subscription: pass from_subscription.",
+            code="parameter_missing",
+            param="from_subscription",
+        )
+    return schedules.create_from_subscription(current_store(), subscription, _origin())
+
+
+@endpoint("/subscription_schedules/<schedule_id>", "GET")
+def retrieve_subscription_schedule(params: Params, schedule_id: str) -> Obj:
+    reject_unknown(params, ())
+    return load(current_store(), "subscription_schedule", schedule_id, "schedule")
+
+
+@endpoint("/subscription_schedules/<schedule_id>", "POST")
+def update_subscription_schedule(params: Params, schedule_id: str) -> Obj:
+    reject_unknown(params, ("phases", "end_behavior", "metadata", "proration_behavior"))
+    _choice(params, "proration_behavior", changes.PRORATION_BEHAVIORS)
+    phases = None
+    raw_phases = array(params, "phases")
+    if raw_phases is not None:
+        phases = []
+        for index, raw in enumerate(raw_phases):
+            path = f"phases[{index}]"
+            if not isinstance(raw, dict):
+                raise StripeError("Invalid object", param=path)
+            reject_unknown(raw, ("items", "start_date", "end_date"), path)
+            items = []
+            for j, item in enumerate(array(raw, "items", path) or []):
+                where = f"{path}[items][{j}]"
+                if not isinstance(item, dict):
+                    raise StripeError("Invalid object", param=where)
+                reject_unknown(item, ("price", "quantity"), where)
+                price = string(item, "price", where, required=True)
+                assert price is not None
+                items.append((price, integer(item, "quantity", where, minimum=0) or 1))
+            start: int | str | None = string(raw, "start_date", path)
+            if start is not None and start != "now":
+                start = integer(raw, "start_date", path)
+            phases.append(schedules.PhaseInput(items=items, start_date=start, end_date=integer(raw, "end_date", path)))
+    return schedules.update_schedule(
+        current_store(),
+        schedule_id,
+        phases=phases,
+        end_behavior=_choice(params, "end_behavior", schedules.END_BEHAVIORS),
+        metadata=metadata(params),
+        origin=_origin(),
+    )
+
+
+@endpoint("/subscription_schedules/<schedule_id>/release", "POST")
+def release_subscription_schedule(params: Params, schedule_id: str) -> Obj:
+    reject_unknown(params, ("preserve_cancel_date",))
+    return schedules.release(current_store(), schedule_id, _origin())
+
+
+@endpoint("/subscription_schedules/<schedule_id>/cancel", "POST")
+def cancel_subscription_schedule(params: Params, schedule_id: str) -> Obj:
+    reject_unknown(params, ("invoice_now", "prorate"))
+    return schedules.cancel(current_store(), schedule_id, _origin())
