@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import changes, schedules
+from . import changes, prices, schedules
 from .api import _cancellation_details, _origin, endpoint
 from .billing import load
 from .context import current_store
@@ -189,3 +189,76 @@ def release_subscription_schedule(params: Params, schedule_id: str) -> Obj:
 def cancel_subscription_schedule(params: Params, schedule_id: str) -> Obj:
     reject_unknown(params, ("invoice_now", "prorate"))
     return schedules.cancel(current_store(), schedule_id, _origin())
+
+
+# -- prices -----------------------------------------------------------------------------------
+
+
+@endpoint("/prices", "POST")
+def create_price(params: Params) -> Obj:
+    reject_unknown(
+        params,
+        (
+            "currency",
+            "unit_amount",
+            "recurring",
+            "product",
+            "product_data",
+            "lookup_key",
+            "transfer_lookup_key",
+            "nickname",
+            "metadata",
+            "active",
+        ),
+    )
+    recurring = mapping(params, "recurring")
+    interval, interval_count = None, 1
+    if recurring is not None:
+        reject_unknown(recurring, ("interval", "interval_count"), "recurring")
+        interval = string(recurring, "interval", "recurring", required=True)
+        interval_count = integer(recurring, "interval_count", "recurring", minimum=1) or 1
+    product_data = mapping(params, "product_data")
+    product_name = None
+    if product_data is not None:
+        reject_unknown(product_data, ("name",), "product_data")
+        product_name = string(product_data, "name", "product_data", required=True)
+    currency = string(params, "currency", required=True)
+    unit_amount = integer(params, "unit_amount", required=True, minimum=0)
+    assert currency is not None and unit_amount is not None
+    active = boolean(params, "active")
+    return prices.create_price(
+        current_store(),
+        prices.PriceCreate(
+            currency=currency,
+            unit_amount=unit_amount,
+            interval=interval,
+            interval_count=interval_count,
+            product=string(params, "product"),
+            product_name=product_name,
+            lookup_key=string(params, "lookup_key"),
+            transfer_lookup_key=bool(boolean(params, "transfer_lookup_key")),
+            nickname=string(params, "nickname"),
+            metadata={k: v for k, v in (metadata(params) or {}).items() if v != ""},
+            active=True if active is None else active,
+        ),
+    )
+
+
+@endpoint("/prices/<price_id>", "GET")
+def retrieve_price(params: Params, price_id: str) -> Obj:
+    reject_unknown(params, ())
+    return load(current_store(), "price", price_id, "price")
+
+
+@endpoint("/prices/<price_id>", "POST")
+def update_price(params: Params, price_id: str) -> Obj:
+    reject_unknown(params, ("active", "lookup_key", "transfer_lookup_key", "nickname", "metadata"))
+    return prices.update_price(
+        current_store(),
+        price_id,
+        active=boolean(params, "active"),
+        lookup_key=string(params, "lookup_key") or "" if "lookup_key" in params else prices.UNSET,
+        transfer_lookup_key=bool(boolean(params, "transfer_lookup_key")),
+        nickname=string(params, "nickname") or "" if "nickname" in params else prices.UNSET,
+        metadata=metadata(params),
+    )
