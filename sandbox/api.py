@@ -44,6 +44,12 @@ EXPANDABLE = {
     "product",
     "default_price",
     "price",
+    "payment_intent",
+    "charge",
+    "latest_charge",
+    "payment_method",
+    "default_payment_method",
+    "schedule",
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import changes, prices, schedules
+from . import changes, lists, prices, refunds, schedules
 from .api import _cancellation_details, _origin, endpoint
 from .billing import load
 from .context import current_store
@@ -262,3 +262,51 @@ def update_price(params: Params, price_id: str) -> Obj:
         nickname=string(params, "nickname") or "" if "nickname" in params else prices.UNSET,
         metadata=metadata(params),
     )
+
+
+# -- refunds and the payments behind them ---------------------------------------------------------
+
+
+@endpoint("/refunds", "POST")
+def create_refund(params: Params) -> Obj:
+    reject_unknown(params, ("payment_intent", "charge", "amount", "reason", "metadata"))
+    return refunds.create_refund(
+        current_store(),
+        payment_intent=string(params, "payment_intent"),
+        charge=string(params, "charge"),
+        amount=integer(params, "amount", minimum=1),
+        reason=string(params, "reason"),
+        metadata={k: v for k, v in (metadata(params) or {}).items() if v != ""},
+        origin=_origin(),
+    )
+
+
+@endpoint("/refunds/<refund_id>", "GET")
+def retrieve_refund(params: Params, refund_id: str) -> Obj:
+    reject_unknown(params, ())
+    return load(current_store(), "refund", refund_id, "refund")
+
+
+@endpoint("/refunds", "GET")
+def list_refunds(params: Params) -> Obj:
+    reject_unknown(params, ("payment_intent", "charge", "created", "limit", "starting_after", "ending_before"))
+    created = lists.range_filter(params, "created")
+    wanted = {"payment_intent": string(params, "payment_intent"), "charge": string(params, "charge")}
+    found = [
+        r
+        for r in lists.newest_first(current_store().all("refund"))
+        if lists.matches(r, **wanted) and (created is None or created(r["created"]))
+    ]
+    return lists.paginate(found, "/v1/refunds", lists.page_params(params), "refund")
+
+
+@endpoint("/payment_intents/<intent_id>", "GET")
+def retrieve_payment_intent(params: Params, intent_id: str) -> Obj:
+    reject_unknown(params, ())
+    return load(current_store(), "payment_intent", intent_id, "intent")
+
+
+@endpoint("/charges/<charge_id>", "GET")
+def retrieve_charge(params: Params, charge_id: str) -> Obj:
+    reject_unknown(params, ())
+    return load(current_store(), "charge", charge_id, "charge")
