@@ -6,6 +6,8 @@ parameters with Stripe's errors and calls a domain module.
 
 from __future__ import annotations
 
+import fnmatch
+import time
 from typing import Any
 
 from . import changes, lists, prices, refunds, schedules
@@ -310,3 +312,107 @@ def retrieve_payment_intent(params: Params, intent_id: str) -> Obj:
 def retrieve_charge(params: Params, charge_id: str) -> Obj:
     reject_unknown(params, ())
     return load(current_store(), "charge", charge_id, "charge")
+
+
+# -- lists ----------------------------------------------------------------------------------------
+
+EVENT_RETENTION_SECONDS = 30 * 86400  # GET /v1/events only returns the last 30 days
+SUBSCRIPTION_STATUSES = (
+    "active",
+    "past_due",
+    "unpaid",
+    "canceled",
+    "incomplete",
+    "incomplete_expired",
+    "trialing",
+    "paused",
+    "all",
+    "ended",
+)
+PAGING = ("limit", "starting_after", "ending_before")
+
+
+def _created(params: Params) -> Any:
+    created = lists.range_filter(params, "created")
+    return (lambda obj: True) if created is None else (lambda obj: created(obj["created"]))
+
+
+@endpoint("/events", "GET")
+def list_events(params: Params) -> Obj:
+    reject_unknown(params, ("type", "types", "created", "delivery_success", *PAGING))
+    one_type = string(params, "type")
+    types = [str(t) for t in array(params, "types") or []]
+    if one_type and types:
+        raise StripeError(
+            "You may only specify one of these parameters: type, types.", code="parameters_exclusive", param="types"
+        )
+    delivery_success = boolean(params, "delivery_success")
+    created = _created(params)
+    store = current_store()
+    states = store.delivery_states() if delivery_success is not None else {}
+    oldest = int(time.time()) - EVENT_RETENTION_SECONDS
+
+    def wanted(event: Obj) -> bool:
+        if event["created"] < oldest or not created(event):
+            return False
+        if one_type and not fnmatch.fnmatchcase(event["type"], one_type):  # Stripe allows "invoice.*"
+            return False
+        if types and event["type"] not in types:
+            return False
+        if delivery_success is not None:
+            return (states.get(event["id"]) == "delivered") == delivery_success
+        return True
+
+    found = [e for e in lists.newest_first(store.all("event")) if wanted(e)]
+    return lists.paginate(found, "/v1/events", lists.page_params(params), "event")
+
+
+@endpoint("/subscriptions", "GET")
+def list_subscriptions(params: Params) -> Obj:
+    reject_unknown(params, ("customer", "price", "status", "created", *PAGING))
+    status = _choice(params, "status", SUBSCRIPTION_STATUSES)
+    price = string(params, "price")
+    customer = string(params, "customer")
+    created = _created(params)
+
+    def wanted(sub: Obj) -> bool:
+        if status is None and sub["status"] == "canceled":
+            return False  # by default, Stripe leaves out canceled subscriptions
+        if status == "ended" and sub["status"] not in ("canceled", "incomplete_expired"):
+            return False
+        if status not in (None, "all", "ended") and sub["status"] != status:
+            return False
+        if price and all(item["price"]["id"] != price for item in sub["items"]["data"]):
+            return False
+        return lists.matches(sub, customer=customer) and created(sub)
+
+    found = [s for s in lists.newest_first(current_store().all("subscription")) if wanted(s)]
+    return lists.paginate(found, "/v1/subscriptions", lists.page_params(params), "subscription")
+
+
+@endpoint("/checkout/sessions", "GET")
+def list_checkout_sessions(params: Params) -> Obj:
+    reject_unknown(params, ("customer", "subscription", "status", "created", *PAGING))
+    wanted = {
+        "customer": string(params, "customer"),
+        "subscription": string(params, "subscription"),
+        "status": _choice(params, "status", ("open", "complete", "expired")),
+    }
+    created = _created(params)
+    found = [
+        s
+        for s in lists.newest_first(current_store().all("checkout.session"))
+        if lists.matches(s, **wanted) and created(s)
+    ]
+    return lists.paginate(found, "/v1/checkout/sessions", lists.page_params(params), "checkout.session")
+
+
+@endpoint("/customers", "GET")
+def list_customers(params: Params) -> Obj:
+    reject_unknown(params, ("email", "created", *PAGING))
+    email = string(params, "email")
+    created = _created(params)
+    found = [
+        c for c in lists.newest_first(current_store().all("customer")) if lists.matches(c, email=email) and created(c)
+    ]
+    return lists.paginate(found, "/v1/customers", lists.page_params(params), "customer")
