@@ -469,15 +469,17 @@ def test_hold_mode_and_take_with_two_secrets_while_rotating(whop: WhopDouble, re
         _, membership = signup(whop)
         time.sleep(0.3)
         assert receiver.events(membership.id) == []  # held, not pushed
-        taken = whop.control("deliveries/take")["deliveries"]
-        mine = [t for t in taken if membership.id in t["body"]]
+        taken = whop.control("deliveries/take", {"limit": 1000})["events"]
+        mine = [t for t in taken if membership.id in t["payload"]]
         assert [t["type"] for t in mine] == ["payment.succeeded", "membership.activated"]  # oldest first
         for item in mine:
             signatures = item["headers"]["webhook-signature"].split(" ")
             assert len(signatures) == 2
-            assert verify(item["body"], item["headers"], SECRET)["id"] == item["id"]
-            assert verify(item["body"], item["headers"], OLD_SECRET)["id"] == item["id"]
-        assert whop.control("deliveries/take")["deliveries"] == []  # taken once
+            assert verify(item["payload"], item["headers"], SECRET)["id"] == item["id"]
+            assert verify(item["payload"], item["headers"], OLD_SECRET)["id"] == item["id"]
+        assert whop.control("deliveries/take")["events"] == []  # taken once
+        bad = requests.post(f"{whop.url}/whop/_sandbox/deliveries/take", json={"limit": 0}, timeout=5)
+        assert bad.status_code == 400
         states = {d["id"]: d["state"] for d in whop.deliveries()}
         assert all(states[item["id"]] == "taken" for item in mine)
     finally:

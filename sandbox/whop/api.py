@@ -230,9 +230,12 @@ def deliveries() -> Response:
 
 @bp.post("/_sandbox/deliveries/take")
 def take_deliveries() -> Response:
-    """Hold mode: hand out waiting events, oldest first (?limit=, 100), signed for delivery now."""
-    limit = request.args.get("limit", 100, type=int)
-    return jsonify(deliveries=_deliveries().take(limit))
+    """Waiting events, oldest first (body {"limit": 1-1000}, default 100), signed for delivery now:
+    {"events": [{"id", "type", "payload", "headers"}]}, the shape of the Stripe sandbox's take."""
+    limit = _json_body().get("limit", 100)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
+        raise WhopError(400, "invalid_request_error", "limit must be a whole number from 1 to 1000")
+    return jsonify(events=_deliveries().take(limit))
 
 
 @bp.post("/_sandbox/delivery")

@@ -147,18 +147,18 @@ class Deliveries:
         }
 
     def take(self, limit: int) -> list[dict[str, Any]]:
-        """Hand out held events oldest first, each with freshly signed headers, as a CLI forwarder
-        would receive them; they count as delivered once taken."""
+        """Hand out waiting events oldest first, each signed now with every secret, as a CLI forwarder
+        would receive them: held ones, and pending ones waiting for a retry. Taken counts as delivered."""
         with self.lock:
-            held = [item for item in self.items if item.state == "held"][:limit]
+            waiting = [item for item in self.items if item.state in ("held", "pending")][:limit]
             taken = []
-            for item in held:
+            for item in waiting:
                 item.state, item.attempts, item.delivered_at = "taken", item.attempts + 1, time.time()
                 taken.append(
                     {
                         "id": item.msg_id,
                         "type": item.type,
-                        "body": item.body,
+                        "payload": item.body,
                         "headers": signed_headers(self.secrets, item.msg_id, item.body),
                     }
                 )
