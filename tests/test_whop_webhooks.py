@@ -341,3 +341,16 @@ def test_the_catalogue_gives_tiers_their_whop_plan_ids() -> None:
     ):
         with pytest.raises(CatalogueError, match=problem):
             PlanCatalogue.from_mapping({"tiers": tiers})
+
+
+def test_the_cli_lists_whop_events(whop_client: FlaskClient, whop_app: Flask) -> None:
+    body = envelope("course.created", {"id": "crs_1"})
+    deliver(whop_client, body, whop_headers(body, "msg_cli"))
+    runner = whop_app.test_cli_runner()
+    listing = runner.invoke(args=["billing", "events", "--provider", "whop"])
+    assert listing.exit_code == 0 and "msg_cli" in listing.output and "unhandled event type" in listing.output
+    assert runner.invoke(args=["billing", "events"]).output.strip() == "no events"  # Stripe's table is apart
+    replay = runner.invoke(args=["billing", "replay", "msg_cli"])
+    assert replay.exit_code == 0 and "duplicate: already settled" in replay.output
+    nothing_failed = runner.invoke(args=["billing", "replay", "--failed", "--provider", "whop"])
+    assert nothing_failed.exit_code == 0 and nothing_failed.output == ""
