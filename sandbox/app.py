@@ -11,7 +11,7 @@ from typing import NoReturn
 from flask import Flask, Response, current_app, jsonify, request
 from werkzeug.serving import make_server
 
-from . import api, billing, pages
+from . import api, billing, clock, pages
 from .config import Settings
 from .store import Store
 from .worker import Worker
@@ -57,6 +57,10 @@ def _stop(*_: object) -> NoReturn:
 def main() -> None:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings.from_env()
+    try:
+        dunning = clock.Dunning.from_env()
+    except ValueError as exc:
+        sys.exit(f"sandbox: {exc}")
     store = Store(settings.state_dir / "sandbox.sqlite3")
     try:
         with store.transaction():
@@ -69,6 +73,8 @@ def main() -> None:
     print(f"Stripe sandbox (offline, test mode) on http://{settings.host}:{settings.port}")
     for line in settings.describe():
         print(f"  {line}")
+    print(f"  SANDBOX_DUNNING_RETRY_DAYS={','.join(map(str, dunning.retry_days))}")
+    print(f"  SANDBOX_DUNNING_FINAL_ACTION={dunning.final_action}")
     for price in prices:
         print(f"  price {price['id']} {price['lookup_key']}: {price['unit_amount']} {price['currency']}/month")
     print(
