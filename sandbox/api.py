@@ -44,11 +44,12 @@ EXPANDABLE = {
     "product",
     "default_price",
     "price",
-    "default_payment_method",
-    "payment_method",
     "payment_intent",
-    "latest_charge",
     "charge",
+    "latest_charge",
+    "payment_method",
+    "default_payment_method",
+    "schedule",
     "test_clock",
 }
 
@@ -368,19 +369,6 @@ def retrieve_subscription(params: Params, subscription_id: str) -> Obj:
     return billing.load(current_store(), "subscription", subscription_id)
 
 
-@endpoint("/subscriptions/<subscription_id>", "POST")
-def update_subscription(params: Params, subscription_id: str) -> Obj:
-    reject_unknown(params, ("cancel_at_period_end", "metadata", "cancellation_details"))
-    return billing.update_subscription(
-        current_store(),
-        subscription_id,
-        cancel_at_period_end=boolean(params, "cancel_at_period_end"),
-        metadata=metadata(params),
-        cancellation_details=_cancellation_details(params),
-        origin=_origin(),
-    )
-
-
 @endpoint("/subscriptions/<subscription_id>", "DELETE")
 def cancel_subscription(params: Params, subscription_id: str) -> Obj:
     reject_unknown(params, ("cancellation_details",))
@@ -504,16 +492,6 @@ def retrieve_payment_method(params: Params, payment_method_id: str) -> Obj:
     return _retrieve("payment_method", payment_method_id, params)
 
 
-@endpoint("/payment_intents/<payment_intent_id>", "GET")
-def retrieve_payment_intent(params: Params, payment_intent_id: str) -> Obj:
-    return _retrieve("payment_intent", payment_intent_id, params)
-
-
-@endpoint("/charges/<charge_id>", "GET")
-def retrieve_charge(params: Params, charge_id: str) -> Obj:
-    return _retrieve("charge", charge_id, params)
-
-
 @endpoint("/invoices", "GET")
 def list_invoices(params: Params) -> Obj:
     reject_unknown(params, ("customer", "subscription", "status", "limit", "starting_after"))
@@ -579,3 +557,7 @@ def advance_test_clock(params: Params, clock_id: str) -> Obj:
     frozen_time = integer(params, "frozen_time", required=True)
     assert frozen_time is not None
     return clock.advance(current_store(), clock_id, frozen_time, _origin())
+
+
+# Endpoints for changing subscriptions, previews, schedules, prices, refunds and lists.
+from . import endpoints  # noqa: E402,F401  (registers on bp; needs the helpers above)

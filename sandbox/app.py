@@ -55,7 +55,8 @@ def main() -> None:
     print(f"  SANDBOX_DUNNING_RETRY_DAYS={','.join(map(str, dunning.retry_days))}")
     print(f"  SANDBOX_DUNNING_FINAL_ACTION={dunning.final_action}")
     for price in prices:
-        print(f"  price {price['id']} {price['lookup_key']}: {price['unit_amount']} {price['currency']}/month")
+        interval = price["recurring"]["interval"]
+        print(f"  price {price['id']} {price['lookup_key']}: {price['unit_amount']} {price['currency']}/{interval}")
     print(
         f'Point the SDK at it: StripeClient("sk_test_…", base_addresses={{"api": "{settings.public_url}"}})',
         flush=True,
