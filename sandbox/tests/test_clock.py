@@ -466,14 +466,36 @@ def test_a_trial_with_a_card_renews_into_a_paid_period(
 def test_cancel_at_ends_a_subscription_mid_period(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
     clock_id, customer = clock_customer(sandbox)
     sub = subscribe(sandbox, prices, customer)
-    # Stripe's DELETE is immediate; a scheduled end comes from cancel_at_period_end here.
-    sandbox.client.v1.subscriptions.update(sub.id, params={"cancel_at_period_end": True})
-    advance(sandbox, clock_id, period(sub)[1] - DAY, receiver)
+    sandbox.client.v1.subscriptions.update(sub.id, params={"cancel_at": T0 + 10 * DAY})
+    advance(sandbox, clock_id, T0 + 10 * DAY - 1, receiver)
     assert sandbox.client.v1.subscriptions.retrieve(sub.id).status == "active"
-    advance(sandbox, clock_id, period(sub)[1] + DAY, receiver)
-    wait_events(receiver, customer, "customer.subscription.deleted")
-    assert sandbox.client.v1.subscriptions.retrieve(sub.id).ended_at == period(sub)[1]
-    assert len(sandbox.client.v1.invoices.list(params={"customer": customer}).data) == 1
+    advance(sandbox, clock_id, T0 + 40 * DAY, receiver)
+    events = wait_events(receiver, customer, "customer.subscription.deleted")
+    assert events[-1]["created"] == T0 + 10 * DAY
+    assert sandbox.client.v1.subscriptions.retrieve(sub.id).ended_at == T0 + 10 * DAY
+    assert len(sandbox.client.v1.invoices.list(params={"customer": customer}).data) == 1  # no renewal
+
+
+def test_paused_collection_voids_renewals(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
+    clock_id, customer = clock_customer(sandbox)
+    sub = subscribe(sandbox, prices, customer)
+    sandbox.client.v1.subscriptions.update(sub.id, params={"pause_collection": {"behavior": "void"}})
+    advance(sandbox, clock_id, period(sub)[1] + 2 * HOUR, receiver)
+    renewed = sandbox.client.v1.subscriptions.retrieve(sub.id)
+    voided = sandbox.client.v1.invoices.retrieve(renewed.latest_invoice)
+    assert (renewed.status, voided.status, voided.amount_paid, voided.attempt_count) == ("active", "void", 0, 0)
+    types = [e["type"] for e in events_of(receiver, customer) if e["created"] >= period(sub)[1]]
+    assert types == ["invoice.created", "customer.subscription.updated", "invoice.finalized", "invoice.voided"]
+
+
+def test_a_failed_advance_reports_internal_failure(sandbox: Sandbox) -> None:
+    clock_id, _ = clock_customer(sandbox)
+    # As if the worker had dropped the advance: advancing, with no advance job left to run.
+    stuck = {"status": "advancing", "status_details": {"advancing": {"target_frozen_time": T0 + DAY}}}
+    assert requests.post(f"{sandbox.url}/_sandbox/objects/{clock_id}", json=stuck, timeout=5).ok
+    assert sandbox.client.v1.test_helpers.test_clocks.retrieve(clock_id).status == "internal_failure"
+    with pytest.raises(stripe.InvalidRequestError):
+        sandbox.client.v1.test_helpers.test_clocks.advance(clock_id, params={"frozen_time": T0 + DAY})
 
 
 # -- invoices and clocks' deletion ----------------------------------------------------------------
