@@ -179,6 +179,10 @@ def test_customers_on_a_clock_live_at_its_time(sandbox: Sandbox, receiver: Recei
     assert (method.type, method.customer, method.card.brand, method.card.last4) == ("card", customer.id, "visa", "4242")
     listed = sandbox.client.v1.customers.payment_methods.list(customer.id)
     assert [m.id for m in listed.data] == [method_id]
+    by_query = sandbox.client.v1.payment_methods.list(params={"customer": customer.id, "type": "card"})
+    assert [m.id for m in by_query.data] == [method_id]
+    with pytest.raises(stripe.CardError):
+        sandbox.client.v1.customers.create(params={"payment_method": "pm_card_chargeDeclined"})
 
     updated = sandbox.client.v1.customers.update(
         customer.id, params={"name": "Grace Hopper", "metadata": {"plan": "pro"}}
@@ -237,6 +241,8 @@ def test_checkout_attaches_a_card_and_records_the_payment(sandbox: Sandbox, pric
     assert (invoice.status, invoice.amount_paid, invoice.created) == ("paid", 1900, T0)
     assert invoice.parent.subscription_details.subscription == sub.id
     payment = invoice.payments.data[0]
+    listed = sandbox.client.v1.invoice_payments.list(params={"invoice": invoice.id})
+    assert [p.id for p in listed.data] == [payment.id]
     assert (payment.object, payment.status, payment.amount_paid) == ("invoice_payment", "paid", 1900)
     intent = sandbox.client.v1.payment_intents.retrieve(payment.payment.payment_intent)
     assert (intent.status, intent.amount_received, intent.payment_method) == ("succeeded", 1900, method.id)
@@ -289,6 +295,8 @@ def test_a_subscription_lives_renews_fails_recovers_and_ends(
     assert invoice.lines.data[0].period.start == first_end
 
     # The owner switches to a card whose charges fail; the next renewal fails: past_due.
+    refused = portal_update_card(sandbox, customer, CARD_DECLINED)
+    assert refused.status_code == 400 and "Your card was declined." in refused.text
     assert portal_update_card(sandbox, customer, CARD_CHARGES_FAIL).status_code == 303
     sub = sandbox.client.v1.subscriptions.retrieve(sub.id)
     assert sandbox.client.v1.payment_methods.retrieve(sub.default_payment_method).card.last4 == "0341"
