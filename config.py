@@ -65,6 +65,9 @@ class BaseConfig:
         self.WHOP_API_BASE = env.get("WHOP_API_BASE", "").rstrip("/")
         self.WHOP_MAX_RETRIES = int(env.get("WHOP_MAX_RETRIES", "2"))
         self.WHOP_TIMEOUT_SECONDS = float(env.get("WHOP_TIMEOUT_SECONDS", "20"))
+        # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
+        # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
+        self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in ("1", "true", "yes", "on")
 
         self.PLAN_CATALOGUE_FILE = env.get("PLAN_CATALOGUE_FILE", str(PROJECT_ROOT / "plans.toml"))
         self.PRICE_CACHE_SECONDS = int(env.get("PRICE_CACHE_SECONDS", "300"))
