@@ -231,6 +231,8 @@ class OfflineStripe:
                 update=self._method("subscriptions.update", self._update_subscription),
                 cancel=self._method("subscriptions.cancel", self._cancel_subscription),
             ),
+            invoices=_Namespace(retrieve=self._method("invoices.retrieve", self._retrieve_invoice)),
+            refunds=_Namespace(create=self._method("refunds.create", self._create_refund)),
             billing_portal=_Namespace(
                 sessions=_Namespace(create=self._method("billing_portal.sessions.create", self._create_portal_session))
             ),
@@ -333,7 +335,49 @@ class OfflineStripe:
             raise stripe.InvalidRequestError("A canceled subscription can only update its cancellation_details.", None)
         if "cancel_at_period_end" in params:
             subscription["cancel_at_period_end"] = bool(params["cancel_at_period_end"])
+        for field in ("cancel_at", "pause_collection"):
+            if field in params:  # "" unsets, as on Stripe
+                subscription[field] = params[field] or None
         return self._retrieve_subscription(subscription_id)
+
+    def _retrieve_invoice(self, invoice_id: str, **_: Any) -> dict[str, Any]:
+        subscription = next(
+            (sub for sub in self.subscriptions.values() if sub.get("latest_invoice") == invoice_id), None
+        )
+        if subscription is None:
+            raise self._missing("invoice", invoice_id)
+        paid = subscription.get("trial_end") is None and subscription["status"] != "incomplete"
+        amount = sum(item["price"]["unit_amount"] * item["quantity"] for item in subscription["items"]["data"])
+        return {
+            "id": invoice_id,
+            "object": "invoice",
+            "customer": subscription["customer"],
+            "currency": "usd",
+            "amount_paid": amount if paid else 0,
+            "payments": {
+                "object": "list",
+                "data": [
+                    {
+                        "object": "invoice_payment",
+                        "status": "paid",
+                        "payment": {"type": "payment_intent", "payment_intent": f"pi_{invoice_id}"},
+                    }
+                ]
+                if paid
+                else [],
+            },
+        }
+
+    def _create_refund(self, payment_intent: str, **_: Any) -> dict[str, Any]:
+        invoice = self._retrieve_invoice(payment_intent.removeprefix("pi_"))
+        return {
+            "id": stripe_id("re"),
+            "object": "refund",
+            "payment_intent": payment_intent,
+            "amount": invoice["amount_paid"],
+            "currency": "usd",
+            "status": "succeeded",
+        }
 
     def _cancel_subscription(self, subscription_id: str, **_: Any) -> dict[str, Any]:
         subscription = self.subscriptions[subscription_id]
