@@ -4,6 +4,7 @@ create_all(); the classes here must agree with them (tests/test_foundation.py ch
 from app.models.catalogue_price import CataloguePrice
 from app.models.domain_event import DomainEvent
 from app.models.organization import BillingStatus, Organization, OrganizationAddon
+from app.models.outbox_delivery import OutboxDelivery
 from app.models.pending_signup import PendingSignup, SignupStatus
 from app.models.resubscribe_checkout import ResubscribeCheckout, ResubscribeStatus
 from app.models.stripe_event import StripeEvent, StripeEventStatus
@@ -15,6 +16,7 @@ __all__ = [
     "DomainEvent",
     "Organization",
     "OrganizationAddon",
+    "OutboxDelivery",
     "PendingSignup",
     "ResubscribeCheckout",
     "ResubscribeStatus",
