@@ -19,6 +19,7 @@ from tests.conftest import (
     csrf_token,
     post_webhook,
     query,
+    run_jobs,
     sign_up,
     start_signup,
 )
@@ -230,16 +231,21 @@ def test_a_second_paid_signup_is_canceled_and_refunded_at_once(app: Flask, offli
 
 
 def test_a_second_paid_signup_seen_first_by_the_webhook_is_refunded_too(
-    app: Flask, offline_stripe: OfflineStripe
+    app: Flask, offline_stripe: OfflineStripe, smtp_server: Any
 ) -> None:
     """The customer may never come back to the success page: the webhook settles it."""
     browser, second, paid = _second_paid_checkout(app, offline_stripe)
     assert post_webhook(browser, OfflineStripe.event("checkout.session.completed", paid)).status_code == 200
+    run_jobs(app)  # the worker settles it: cancel and refund at Stripe, outside any transaction
     assert offline_stripe.change_subscription(paid["subscription"])["status"] == "canceled"
     assert len(offline_stripe.calls_to("refunds.create")) == 1
     assert events_named(app)["signup.conflict_refunded"] == 1
     [row] = query(app, "SELECT status, settled_at FROM pending_signup WHERE checkout_session_id = :c", c=second)
     assert row.status == "failed" and row.settled_at is not None
+    # The email hangs on signup.conflict_refunded, so it is sent only once the refund is made.
+    run_jobs(app)
+    [message] = [m for m in smtp_server.messages if m["Subject"] == "Your second signup was refunded"]
+    assert message["To"] == "ada@example.com"
 
 
 # --- Leak 2: two live subscriptions after resubscribing twice --------------------------------------
@@ -290,6 +296,7 @@ def test_a_resubscription_is_not_provisioned_for_an_organization_that_is_live(
     paid_first, paid_second = offline_stripe.pay(first), offline_stripe.pay(second)
     for paid in (paid_second, paid_first):
         assert post_webhook(owner.client, OfflineStripe.event("checkout.session.completed", paid)).status_code == 200
+    run_jobs(app)
     row = organization(app, owner.organization_id)
     assert row.stripe_subscription_id == paid_second["subscription"] and row.billing_status == "active"
     assert offline_stripe.change_subscription(paid_first["subscription"])["status"] == "canceled"

@@ -46,7 +46,7 @@ from app.models import (
     StripeEventStatus,
 )
 from app.models.types import utcnow
-from app.services import domain_events, webhook_store
+from app.services import domain_events, outbox, webhook_store
 from app.services.catalogue_mapping import CatalogueEntry, KnownPrice, KnownPrices, entry_for_lookup_key
 from app.services.plans import PlanCatalogue, Tier
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
@@ -1141,20 +1141,16 @@ def _remember_prices_statement(prices: Iterable[KnownPrice]) -> Any:
     return _insert(CataloguePrice).values(list(rows.values())).on_conflict_do_nothing(index_elements=["price_id"])
 
 
-def _settle_after_commit(announcement: domain_events.Announcement) -> None:
-    """A paid checkout no organization may keep was recorded and committed: cancel and refund it now,
-    in a fresh app context (the committing session can run no more SQL). A failure is logged and
-    left to the next delivery, the success page or `flask billing reconcile --apply`."""
-    try:
-        with current_app.app_context():
-            data = announcement.data
-            if announcement.name == "signup.conflict":
-                BillingService.settle_signup_conflict(data["pending_signup_id"], source="settlement")
-            else:
-                BillingService.settle_surplus_subscription(data["checkout_session_id"], source="settlement")
-            db.session.remove()
-    except Exception:
-        logger.exception("settling %s failed; reconcile will retry", announcement.name)
+@outbox.consumer("signup.conflict", name="settle_signup_conflict")
+def _settle_signup_conflict(event: outbox.OutboxEvent) -> None:
+    """The worker cancels and refunds a conflicting signup recorded by a webhook (the success page
+    does it at once when the customer comes back; whichever runs second finds it settled)."""
+    BillingService.settle_signup_conflict(event.data["pending_signup_id"], source="worker")
+
+
+@outbox.consumer("organization.surplus_subscription", name="settle_surplus_subscription")
+def _settle_surplus_subscription(event: outbox.OutboxEvent) -> None:
+    BillingService.settle_surplus_subscription(event.data["checkout_session_id"], source="worker")
 
 
 INVOICE_PAYMENT_STATUS = {
@@ -1301,6 +1297,3 @@ STRIPE_EVENT_HANDLERS: dict[str, Callable[[dict[str, Any], VerifiedEvent], str]]
 }
 
 BillingService.register_webhook_provider(StripeWebhooks())
-for _name in ("signup.conflict", "organization.surplus_subscription"):
-    if _settle_after_commit not in domain_events.subscribers(_name):
-        domain_events.subscribe(_name, _settle_after_commit)

@@ -2,8 +2,8 @@
 payment collection pauses, resubscribe checkouts, and the settlement of paid checkouts that no
 organization may keep (a conflicting signup, a surplus resubscription).
 
-Revision ID: 0002_billing_truth
-Revises: 0001
+Revision ID: 0003_billing_truth
+Revises: 0002_queue_outbox
 Create Date: 2026-11-28
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0002_billing_truth"
-down_revision = "0001"
+revision = "0003_billing_truth"
+down_revision = "0002_queue_outbox"
 branch_labels = None
 depends_on = None
 
