@@ -47,6 +47,7 @@ from app.models import (
 )
 from app.models.types import utcnow
 from app.services import domain_events, outbox, webhook_store
+from app.services import reconcile as reconciliation
 from app.services.catalogue_mapping import CatalogueEntry, KnownPrice, KnownPrices, entry_for_lookup_key
 from app.services.plans import PlanCatalogue, Tier
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
@@ -924,6 +925,223 @@ class BillingService:
         )
         return settlement
 
+    # --- Reconcile --------------------------------------------------------------------------------
+
+    @classmethod
+    def reconcile(
+        cls, *, apply: bool = False, since_days: int = 3, organization_id: int | None = None
+    ) -> reconciliation.ReconcileReport:
+        """Compare Stripe with the database (`flask billing reconcile`; the worker runs it daily).
+        Dry run unless apply: then missing events run through the delivery path, organizations take
+        Stripe's subscription through the path a webhook's re-read takes, and orphans are provisioned
+        or canceled and refunded under the rules for conflicting signups and surplus resubscriptions;
+        the returned report is read again afterwards. No transaction is open while Stripe answers."""
+        if not 1 <= since_days <= reconciliation.MAX_SINCE_DAYS:
+            raise BillingError(
+                f"--since must be between 1 and {reconciliation.MAX_SINCE_DAYS} days (Stripe keeps events for 30)."
+            )
+        report = cls._reconcile_read(since_days, organization_id)
+        applied: list[str] = []
+        # Repairs make events of their own (a canceled orphan's customer.subscription.deleted, ...):
+        # those are applied in the next round, like any other missing event.
+        for _round in range(3 if apply else 0):
+            if report.clean:
+                break
+            applied += cls._reconcile_apply(report)
+            report = cls._reconcile_read(since_days, organization_id)
+        report.applied = applied
+        return report
+
+    @classmethod
+    def _reconcile_read(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:
+        client = cls.ensure_stripe()
+        since = int(time.time()) - since_days * 86400
+        report = reconciliation.ReconcileReport()
+        try:
+            query = select(Organization).where(Organization.stripe_subscription_id.is_not(None))
+            if organization_id is not None:
+                query = query.where(Organization.id == organization_id)
+            organizations = {str(org.stripe_subscription_id): org.id for org in db.session.execute(query).scalars()}
+            if organization_id is not None and not organizations:
+                raise BillingError(f"organization {organization_id} has no subscription to reconcile")
+            held_ids = {
+                str(subscription_id)
+                for subscription_id in db.session.execute(
+                    select(Organization.stripe_subscription_id).where(Organization.stripe_subscription_id.is_not(None))
+                ).scalars()
+            }
+            stored_events = set(
+                db.session.execute(select(StripeEvent.event_id).where(StripeEvent.stripe_created >= since)).scalars()
+            )
+            customer_ids = {
+                str(customer_id)
+                for customer_id in db.session.execute(
+                    select(Organization.stripe_customer_id).where(Organization.id == organization_id)
+                ).scalars()
+                if customer_id and organization_id is not None
+            }
+        finally:
+            db.session.rollback()
+        related = set(organizations) | customer_ids
+        # Stripe, with no transaction open.
+        with cls._calling_stripe("list subscriptions for reconcile"):
+            listed = {
+                sub.id: sub.to_dict()
+                for sub in (
+                    client.v1.subscriptions.list(params={"status": "all", "limit": 100}).auto_paging_iter()
+                    if organization_id is None
+                    else ()
+                )
+            }
+            for subscription_id in organizations:
+                if subscription_id not in listed:
+                    listed[subscription_id] = client.v1.subscriptions.retrieve(subscription_id).to_dict()
+            events = [
+                event.to_dict()
+                for event in client.v1.events.list(
+                    params={"created": {"gte": since}, "types": sorted(STRIPE_EVENT_HANDLERS), "limit": 100}
+                ).auto_paging_iter()
+            ]
+        events = [event for event in events if organization_id is None or _event_references(event) & related]
+        orphan_candidates = [sub for sub_id, sub in listed.items() if sub_id not in held_ids]
+        try:
+            for subscription_id, org_id in organizations.items():
+                organization = db.session.get(Organization, org_id)
+                if organization is None:
+                    continue
+                state = cls._subscription_state(listed[subscription_id], organization)
+                held = reconciliation.HeldBilling(
+                    organization_id=organization.id,
+                    subscription_id=subscription_id,
+                    status=organization.billing_status,
+                    tier=organization.tier,
+                    addons=organization.addon_quantities(),
+                    cancel_at_period_end=organization.cancel_at_period_end,
+                    current_period_end=organization.current_period_end,
+                    collection_paused=organization.collection_paused,
+                )
+                drift = reconciliation.diff_subscription(held, state)
+                if drift:
+                    report.subscriptions.append(
+                        reconciliation.SubscriptionDrift(organization.id, subscription_id, drift)
+                    )
+            pending_ids = [
+                str((sub.get("metadata") or {}).get("pending_signup_id"))
+                for sub in orphan_candidates
+                if (sub.get("metadata") or {}).get("pending_signup_id")
+            ]
+            pending = {
+                str(row.id): row.status
+                for row in db.session.execute(
+                    select(PendingSignup.id, PendingSignup.status).where(
+                        PendingSignup.id.in_([key for key in (_uuid(p) for p in pending_ids) if key])
+                    )
+                )
+            }
+            resubscribes = {
+                str(row.stripe_subscription_id): row.checkout_session_id
+                for row in db.session.execute(
+                    select(ResubscribeCheckout).where(
+                        ResubscribeCheckout.stripe_subscription_id.in_([sub["id"] for sub in orphan_candidates])
+                    )
+                ).scalars()
+            }
+            db.session.commit()  # the prices the states remembered
+        except BaseException:
+            db.session.rollback()
+            raise
+        unexplained = [
+            sub
+            for sub in orphan_candidates
+            if (sub.get("metadata") or {}).get("purpose") == "resubscribe" and sub["id"] not in resubscribes
+        ]
+        if unexplained and organization_id is None:
+            resubscribes.update(cls._resubscribe_checkouts_for(unexplained))
+        report.orphans = reconciliation.find_orphans(orphan_candidates, held_ids, pending, resubscribes)
+        report.missing_events = reconciliation.find_missing_events(events, stored_events, STRIPE_EVENT_HANDLERS)
+        return report
+
+    @classmethod
+    def _resubscribe_checkouts_for(cls, subscriptions: list[dict[str, Any]]) -> dict[str, str]:
+        """Our resubscribe checkouts behind subscriptions we do not hold yet (the checkout row is ours
+        before its subscription is known)."""
+        found: dict[str, str] = {}
+        for subscription in subscriptions:
+            with cls._calling_stripe("list checkout sessions for reconcile"):
+                sessions = cls.ensure_stripe().v1.checkout.sessions.list(
+                    params={"subscription": subscription["id"], "limit": 1}
+                )
+            for session in sessions.data:
+                ours = db.session.execute(
+                    select(ResubscribeCheckout.id).where(ResubscribeCheckout.checkout_session_id == session.id)
+                ).scalar_one_or_none()
+                db.session.rollback()
+                if ours is not None:
+                    found[subscription["id"]] = session.id
+        return found
+
+    @classmethod
+    def _reconcile_apply(cls, report: reconciliation.ReconcileReport) -> list[str]:
+        applied: list[str] = []
+        provider = cls._webhook_providers["stripe"]
+        client = cls.ensure_stripe()
+        for missing in report.missing_events:
+            db.session.rollback()
+            with cls._calling_stripe("read an event for reconcile"):
+                event = client.v1.events.retrieve(missing.event_id)
+            # The event exactly as Stripe sends it (the raw body; a dict round trip would turn amounts
+            # like unit_amount_decimal into Decimals).
+            raw = event.last_response.body if event.last_response else json.dumps(event.to_dict(), default=str)
+            result = cls._process_event(provider, _parse_stripe_event(raw))
+            applied.append(f"event {missing.event_id} {missing.type}: {result.status_code} {result.body}")
+        for drift in report.subscriptions:
+            subscription = cls._retrieve_subscription(drift.subscription_id)
+            try:
+                organization = cls._lock_organization(drift.organization_id)
+                changes: list[str] = []
+                if organization is not None and organization.stripe_subscription_id == drift.subscription_id:
+                    changes = cls._apply_subscription_read(organization, subscription, source="reconcile")
+                db.session.commit()
+            except BaseException:
+                db.session.rollback()
+                raise
+            what = ", ".join(changes) or "no change"
+            applied.append(f"organization {drift.organization_id} follows {drift.subscription_id}: {what}")
+        for orphan in report.orphans:
+            if orphan.kind == "unknown":
+                continue
+            applied.append(cls._settle_orphan(orphan))
+        return applied
+
+    @classmethod
+    def _settle_orphan(cls, orphan: reconciliation.Orphan) -> str:
+        """An orphan runs through the same path as its checkout's delivery: provisioned if it may be,
+        otherwise canceled and refunded (conflicting signup, surplus resubscription)."""
+        if orphan.kind == "resubscribe" and orphan.reference:
+            checkout = cls._retrieve_checkout_session(orphan.reference, expand_subscription=True)
+        else:
+            with cls._calling_stripe("find the checkout of a subscription"):
+                sessions = cls.ensure_stripe().v1.checkout.sessions.list(
+                    params={"subscription": orphan.subscription_id, "limit": 1}
+                )
+            if not sessions.data:
+                return f"orphan {orphan.subscription_id}: no checkout found; left for a person"
+            checkout = cls._retrieve_checkout_session(sessions.data[0].id, expand_subscription=True)
+        db.session.rollback()
+        try:
+            outcome = cls._provision_checkout_session(checkout, source="reconcile", release_before_stripe=True)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        settlement: dict[str, Any] | None = None
+        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
+            settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="reconcile")
+        elif outcome.state == ProvisionState.SURPLUS:
+            settlement = cls.settle_surplus_subscription(checkout["id"], source="reconcile")
+        detail = f", canceled and refunded {settlement.get('amount_refunded')}" if settlement else ""
+        return f"orphan {orphan.subscription_id}: {outcome.state}{detail}"
+
     # --- Webhooks ---------------------------------------------------------------------------------
 
     @classmethod
@@ -1109,6 +1327,22 @@ def _found(pending: PendingSignup | None) -> PendingSignup:
     if pending is None:
         raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
     return pending
+
+
+def _uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def _event_references(event: Mapping[str, Any]) -> set[str]:
+    """The subscription and customer ids an event's object names."""
+    obj = (event.get("data") or {}).get("object") or {}
+    references = {_id_of(obj.get(name)) for name in ("subscription", "customer")}
+    if obj.get("object") == "subscription":
+        references.add(_id_of(obj.get("id")))
+    return {reference for reference in references if reference}
 
 
 def _id_of(value: Any) -> str | None:

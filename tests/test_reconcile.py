@@ -1,0 +1,248 @@
+"""`flask billing reconcile` end to end against the offline Stripe (sandbox/), with webhook delivery
+held (switched off), and the pure diff it is built on."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+
+from app.models import BillingStatus
+from app.services import reconcile
+from app.services.plans import PlanCatalogue
+from app.services.subscription_state import SubscriptionState
+from tests.conftest import checkout_session_id, query, start_signup
+from tests.live_support import SANDBOX_SECRET_KEY, SandboxedApp
+
+AUTH = (SANDBOX_SECRET_KEY, "")
+
+
+def _api(sandbox_url: str, method: str, path: str, **data: Any) -> dict[str, Any]:
+    response = requests.request(method, f"{sandbox_url}/v1{path}", data=data or None, auth=AUTH, timeout=10)
+    assert response.ok, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _pay(sandbox_url: str, session_id: str, email: str) -> None:
+    form = {
+        "email": email,
+        "cardNumber": "4242 4242 4242 4242",
+        "cardExpiry": "12 / 40",
+        "cardCvc": "123",
+        "billingName": "A Customer",
+    }
+    response = requests.post(f"{sandbox_url}/checkout/{session_id}", data=form, allow_redirects=False, timeout=10)
+    assert response.status_code == 303, response.text
+
+
+def _sign_up(client: FlaskClient, sandbox_url: str, email: str) -> str:
+    """Sign up and pay; the success page provisions the organization (no webhook is delivered)."""
+    session_id = checkout_session_id(start_signup(client, email=email, organization_name=f"Org of {email}"))
+    _pay(sandbox_url, session_id, email)
+    response = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
+    assert response.status_code == 303, response.get_data(as_text=True)
+    return session_id
+
+
+def _subscription_of(app: Flask, email: str) -> str:
+    [row] = query(
+        app,
+        "SELECT o.stripe_subscription_id FROM organization o JOIN user_account u ON u.organization_id = o.id "
+        "WHERE u.email = :e",
+        e=email,
+    )
+    return str(row.stripe_subscription_id)
+
+
+def _reconcile(app: Flask, *args: str) -> tuple[int, str]:
+    result = app.test_cli_runner().invoke(args=["billing", "reconcile", *args])
+    return result.exit_code, result.output
+
+
+def test_reconcile_finds_and_repairs_every_kind_of_drift(sandbox_app: SandboxedApp) -> None:
+    app, sandbox_url = sandbox_app.app, sandbox_app.sandbox.url
+    held = requests.post(f"{sandbox_url}/_sandbox/delivery", json={"mode": "hold"}, timeout=5)
+    assert held.ok and held.json()["mode"] == "hold"
+    for email in ("ada@example.com", "grace@example.com", "carol@example.com"):
+        _sign_up(app.test_client(), sandbox_url, email)
+
+    # An orphan: two signups for one email, both paid; the first became the account, the second has
+    # no organization and nobody comes back for it (the older checkout could not be expired in time).
+    first_browser, second_browser = app.test_client(), app.test_client()
+    first = checkout_session_id(start_signup(first_browser, email="dora@example.com"))
+    fault = {"method": "POST", "path": f"/v1/checkout/sessions/{first}/expire", "kind": "server", "times": 5}
+    assert requests.post(f"{sandbox_url}/_sandbox/faults", json=fault, timeout=5).status_code == 201
+    second = checkout_session_id(start_signup(second_browser, email="dora@example.com"))
+    _pay(sandbox_url, first, "dora@example.com")
+    _pay(sandbox_url, second, "dora@example.com")
+    assert first_browser.get(f"/billing/complete-signup-from-stripe?session_id={first}").status_code == 303
+    orphan = _api(sandbox_url, "GET", f"/checkout/sessions/{second}")["subscription"]
+
+    # Changes at Stripe that the app never hears about: a cancellation, a new quantity, a failed payment.
+    ada, grace, carol = (_subscription_of(app, f"{n}@example.com") for n in ("ada", "grace", "carol"))
+    _api(sandbox_url, "DELETE", f"/subscriptions/{ada}")
+    seats = next(
+        item for item in _api(sandbox_url, "GET", f"/subscriptions/{grace}")["items"]["data"] if item["quantity"] == 2
+    )
+    _api(sandbox_url, "POST", f"/subscriptions/{grace}", **{"items[0][id]": seats["id"], "items[0][quantity]": "5"})
+    forced = requests.post(
+        f"{sandbox_url}/_sandbox/objects/{carol}",
+        json={"status": "past_due", "emit": "customer.subscription.updated"},
+        timeout=5,
+    )
+    assert forced.ok
+
+    code, output = _reconcile(app)
+    assert code == 1, output
+    assert "canceled" in output and f"({ada}): status is 'active' here, 'canceled' at Stripe" in output
+    assert f"({grace}): addons is {{'extra_seats': 2}} here, {{'extra_seats': 5}} at Stripe" in output
+    assert f"({carol}): status is 'active' here, 'past_due' at Stripe" in output
+    assert f"orphan subscription {orphan} (signup, active)" in output
+    assert "missing event" in output and "customer.subscription.deleted" in output
+    code, as_json = _reconcile(app, "--json")
+    report = json.loads(as_json)
+    assert code == 1 and report["clean"] is False
+    assert {drift["subscription_id"] for drift in report["subscriptions"]} == {ada, grace, carol}
+    assert [o["subscription_id"] for o in report["orphans"]] == [orphan]
+    assert {e["type"] for e in report["missing_events"]} >= {
+        "checkout.session.completed",
+        "customer.subscription.deleted",
+        "customer.subscription.updated",
+        "invoice.paid",
+    }
+    # A dry run changed nothing.
+    assert _api(sandbox_url, "GET", f"/subscriptions/{orphan}")["status"] == "active"
+    assert {r.billing_status for r in query(app, "SELECT billing_status FROM organization")} == {"active"}
+
+    code, output = _reconcile(app, "--apply")
+    assert code == 0, output
+    assert "Stripe and the database agree." in output and "canceled and refunded" in output
+    rows = {r.stripe_subscription_id: r for r in query(app, "SELECT * FROM organization")}
+    assert rows[ada].billing_status == "canceled" and rows[carol].billing_status == "past_due"
+    addons = query(
+        app,
+        "SELECT quantity FROM organization_addon a JOIN organization o ON o.id = a.organization_id "
+        "WHERE o.stripe_subscription_id = :s",
+        s=grace,
+    )
+    assert [a.quantity for a in addons] == [5]
+    # The orphan was canceled and its payment refunded, with keys derived from our ids.
+    assert _api(sandbox_url, "GET", f"/subscriptions/{orphan}")["status"] == "canceled"
+    [pending] = query(app, "SELECT * FROM pending_signup WHERE checkout_session_id = :c", c=second)
+    assert pending.settlement["amount_refunded"] > 0
+    refunds = _api(sandbox_url, "GET", "/refunds")["data"]
+    assert [r["id"] for r in refunds] == [pending.settlement["refund_id"]]
+    assert len(query(app, "SELECT id FROM organization")) == 4
+    # Every event Stripe sent is now stored, applied through the delivery path.
+    assert not query(app, "SELECT event_id FROM stripe_event WHERE status = 'failed'")
+
+    code, output = _reconcile(app)
+    assert code == 0 and "Stripe and the database agree." in output, output
+
+
+def test_reconcile_refuses_a_window_stripe_does_not_keep(sandbox_app: SandboxedApp) -> None:
+    code, output = _reconcile(sandbox_app.app, "--since", "31")
+    assert code == 2 and "31 is not in the range 1<=x<=30" in output
+
+
+# --- The pure diff -------------------------------------------------------------------------------
+
+
+CATALOGUE = PlanCatalogue.from_mapping(
+    {
+        "tiers": {"starter": {"name": "Starter", "lookup_key": "starter_monthly"}},
+        "addons": {"extra_seats": {"name": "Extra seats", "lookup_key": "seat_monthly"}},
+    }
+)
+
+
+def _subscription(**fields: Any) -> dict[str, Any]:
+    subscription = {
+        "id": "sub_1",
+        "status": "active",
+        "customer": "cus_1",
+        "cancel_at_period_end": False,
+        "cancel_at": None,
+        "items": {
+            "data": [
+                {
+                    "id": "si_t",
+                    "price": {"id": "price_t", "lookup_key": "starter_monthly"},
+                    "quantity": 1,
+                    "current_period_end": 1_800_000_000,
+                },
+                {
+                    "id": "si_s",
+                    "price": {"id": "price_s", "lookup_key": "seat_monthly"},
+                    "quantity": 2,
+                    "current_period_end": 1_800_000_000,
+                },
+            ]
+        },
+    }
+    subscription.update(fields)
+    return subscription
+
+
+HELD = reconcile.HeldBilling(
+    organization_id=7,
+    subscription_id="sub_1",
+    status="active",
+    tier="starter",
+    addons={"extra_seats": 2},
+    cancel_at_period_end=False,
+    current_period_end=datetime.fromtimestamp(1_800_000_000, UTC),
+    collection_paused=None,
+)
+
+
+def test_the_diff_names_each_field_that_differs() -> None:
+    assert reconcile.diff_subscription(HELD, SubscriptionState.from_stripe(_subscription(), CATALOGUE)) == []
+    state = SubscriptionState.from_stripe(
+        _subscription(status="past_due", cancel_at=1_800_000_500, pause_collection={"behavior": "void"}), CATALOGUE
+    )
+    fields = {drift.field: (drift.ours, drift.stripe) for drift in reconcile.diff_subscription(HELD, state)}
+    assert fields == {
+        "status": ("active", BillingStatus.PAST_DUE.value),
+        "cancel_at_period_end": (False, True),
+        "current_period_end": (HELD.current_period_end, datetime.fromtimestamp(1_800_000_500, UTC)),
+        "collection_paused": (None, "void"),
+    }
+
+
+def test_orphans_are_only_subscriptions_a_row_of_ours_explains() -> None:
+    subscriptions = [
+        _subscription(id="sub_held", metadata={"purpose": "signup", "pending_signup_id": "p1"}),
+        _subscription(id="sub_conflict", metadata={"purpose": "signup", "pending_signup_id": "p2"}),
+        _subscription(id="sub_async", status="incomplete", metadata={"purpose": "signup", "pending_signup_id": "p3"}),
+        _subscription(id="sub_other_env", metadata={"purpose": "signup", "pending_signup_id": "p9"}),
+        _subscription(id="sub_surplus", metadata={"purpose": "resubscribe", "organization_id": "7"}),
+        _subscription(id="sub_ended", status="canceled", metadata={"purpose": "signup", "pending_signup_id": "p2"}),
+        _subscription(id="sub_not_ours", metadata={}),
+    ]
+    orphans = reconcile.find_orphans(
+        subscriptions, {"sub_held"}, {"p1": "completed", "p2": "failed", "p3": "pending"}, {"sub_surplus": "cs_9"}
+    )
+    assert [(o.subscription_id, o.kind, o.reference) for o in orphans] == [
+        ("sub_conflict", "signup", "p2"),
+        ("sub_other_env", "unknown", "p9"),
+        ("sub_surplus", "resubscribe", "cs_9"),
+    ]
+    report = reconcile.ReconcileReport(orphans=[orphans[1]])
+    assert report.clean  # another environment's subscription is reported, never acted on
+
+
+def test_missing_events_are_the_handled_ones_not_stored() -> None:
+    events = [
+        {"id": "evt_2", "type": "invoice.paid", "created": 20},
+        {"id": "evt_1", "type": "customer.subscription.updated", "created": 10},
+        {"id": "evt_3", "type": "refund.created", "created": 30},
+        {"id": "evt_4", "type": "invoice.paid", "created": 40},
+    ]
+    missing = reconcile.find_missing_events(events, {"evt_4"}, ["invoice.paid", "customer.subscription.updated"])
+    assert [event.event_id for event in missing] == ["evt_1", "evt_2"]
