@@ -21,12 +21,11 @@ What happens when that invoice cannot be paid depends on `payment_behavior`:
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import charges, objects
+from . import invoicing, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, _apply_cancellation_details, emit, load
 from .errors import StripeError
 from .objects import Obj
@@ -66,7 +65,7 @@ class SubscriptionUpdate:
 
 
 def _now() -> int:
-    return int(time.time())
+    return simtime.now()  # a test clock's frozen time for its customers' subscriptions
 
 
 def period(subscription: Obj) -> tuple[int, int]:
@@ -452,6 +451,7 @@ def build_invoice(
         period_end=max((line["period"]["end"] for line in lines), default=now),
     )
     invoice["parent"]["subscription_details"]["subscription_proration_date"] = None
+    invoicing.decorate(invoice, customer, subscription)
     return invoice
 
 
@@ -492,10 +492,9 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
     _apply_cancellation(subscription, req, now)
     _apply_pause(subscription, req, now)
     if req.default_payment_method is not UNSET:
+        owner = load(store, "customer", subscription["customer"])
         subscription["default_payment_method"] = (
-            charges.resolve_payment_method(
-                store, subscription["customer"], req.default_payment_method, "default_payment_method", now
-            )
+            invoicing.resolve_payment_method(store, req.default_payment_method, owner, "default_payment_method")["id"]
             if req.default_payment_method
             else None
         )
@@ -512,7 +511,7 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
         emit(store, "invoice.created", invoice, origin=origin)
         emit(store, "invoice.finalized", invoice, origin=origin)
         if invoice["status"] == "paid":
-            emit(store, "invoice.paid", invoice, origin=origin)
+            invoicing.paid(store, invoice, origin)
         elif invoice["attempted"]:
             emit(store, "invoice.payment_failed", invoice, origin=origin)
     return subscription
@@ -567,7 +566,7 @@ def _apply_pause(subscription: Obj, req: SubscriptionUpdate, now: int) -> None:
     subscription["pause_collection"] = {"behavior": behavior, "resumes_at": resumes_at}
 
 
-def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: int) -> Obj | None:  # noqa: PLR0912
+def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: int) -> Obj | None:  # noqa: PLR0912, PLR0915
     assert req.items is not None
     behavior = req.proration_behavior or "create_prorations"
     start, end = period(subscription)
@@ -614,7 +613,7 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
         paid = False
     else:
         # The charge uses the payment method as it stands after this update.
-        paid = charges.charge_invoice(store, invoice, subscription, now)
+        paid = invoicing.charge(store, invoice, invoicing.default_payment_method(store, subscription, customer))
     if not paid and payment_behavior == "error_if_incomplete":
         # The transaction is rolled back: no invoice, no items change.
         raise StripeError(
@@ -641,14 +640,25 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
     subscription["items"] = new_items
     if plan.resets_period:
         subscription["billing_cycle_anchor"] = plan.period_start
-    if not paid and subscription["status"] in ("active", "trialing"):
-        subscription["status"] = "past_due"
+    if not paid:
+        if payment_behavior != "default_incomplete":
+            # Smart retries follow, as for a failed renewal (the test clock engine runs them).
+            invoice["_first_failed_at"] = now
+            invoice["next_payment_attempt"] = now + clock_retry_delay()
+        if subscription["status"] in ("active", "trialing"):
+            subscription["status"] = "past_due"
     return invoice
 
 
+def clock_retry_delay() -> int:
+    from .clock import DAY, Dunning  # noqa: PLC0415 (clock imports this module's callers)
+
+    return Dunning.from_env().retry_days[0] * DAY if Dunning.from_env().retry_days else DAY
+
+
 def on_invoice_paid(store: Store, invoice: Obj, origin: Origin = AUTOMATIC) -> None:
-    """Call when an invoice becomes paid: applies a subscription's pending update that waited
-    for it (pending_if_incomplete), and brings a past_due subscription back to active."""
+    """Called when an invoice becomes paid (invoicing.paid): applies a subscription's pending
+    update that waited for it (pending_if_incomplete)."""
     details = (invoice.get("parent") or {}).get("subscription_details") or {}
     subscription = store.get(details.get("subscription") or "")
     if subscription is None:
@@ -662,12 +672,40 @@ def on_invoice_paid(store: Store, invoice: Obj, origin: Origin = AUTOMATIC) -> N
                 subscription["billing_cycle_anchor"] = pending["billing_cycle_anchor"]
         subscription["pending_update"] = None
         subscription.pop("_pending_invoice", None)
-    if subscription["status"] == "past_due" and subscription.get("latest_invoice") == invoice["id"]:
-        subscription["status"] = "active"
     changes = objects.previous_attributes(before, subscription)
     if changes:
         store.put(subscription)
         emit(store, "customer.subscription.updated", subscription, changes, origin)
+
+
+def add_pending_items(store: Store, invoice: Obj) -> None:
+    """Put the subscription's pending invoice items (prorations) on its renewal invoice."""
+    details = (invoice.get("parent") or {}).get("subscription_details") or {}
+    waiting = pending_invoice_items(store, details.get("subscription") or "")
+    if not waiting:
+        return
+    for ii in waiting:
+        ii["invoice"] = invoice["id"]
+        store.put(ii)
+    lines = [line_from_invoice_item(ii, invoice["id"]) for ii in waiting] + invoice["lines"]["data"]
+    total = sum(line["amount"] for line in lines)
+    due = max(total, 0)
+    invoice["lines"]["data"] = lines
+    invoice.update(
+        amount_due=due,
+        amount_remaining=due - invoice["amount_paid"],
+        subtotal=total,
+        subtotal_excluding_tax=total,
+        total=total,
+        total_excluding_tax=total,
+        ending_balance=min(total, 0),
+    )
+    store.put(invoice)
+
+
+def next_period_end(subscription: Obj, start: int) -> int:
+    """Where a period starting at `start` ends, by the subscription's billing interval."""
+    return add_interval(start, *_interval(subscription["items"]["data"]))
 
 
 # -- the upcoming invoice --------------------------------------------------------------------------------
@@ -752,6 +790,8 @@ def preview_invoice(
         status="draft",
         status_transitions={"finalized_at": None, "marked_uncollectible_at": None, "paid_at": None, "voided_at": None},
         effective_at=None,
+        hosted_invoice_url=None,
+        invoice_pdf=None,
         next_payment_attempt=next_attempt if invoice["amount_due"] > 0 else None,
         created=created,
     )

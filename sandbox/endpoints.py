@@ -266,7 +266,7 @@ def update_price(params: Params, price_id: str) -> Obj:
     )
 
 
-# -- refunds and the payments behind them ---------------------------------------------------------
+# -- refunds ---------------------------------------------------------
 
 
 @endpoint("/refunds", "POST")
@@ -300,18 +300,6 @@ def list_refunds(params: Params) -> Obj:
         if lists.matches(r, **wanted) and (created is None or created(r["created"]))
     ]
     return lists.paginate(found, "/v1/refunds", lists.page_params(params), "refund")
-
-
-@endpoint("/payment_intents/<intent_id>", "GET")
-def retrieve_payment_intent(params: Params, intent_id: str) -> Obj:
-    reject_unknown(params, ())
-    return load(current_store(), "payment_intent", intent_id, "intent")
-
-
-@endpoint("/charges/<charge_id>", "GET")
-def retrieve_charge(params: Params, charge_id: str) -> Obj:
-    reject_unknown(params, ())
-    return load(current_store(), "charge", charge_id, "charge")
 
 
 # -- lists ----------------------------------------------------------------------------------------

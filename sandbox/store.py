@@ -126,6 +126,9 @@ class Store:
             (obj["id"], obj["object"], json.dumps(obj)),
         )
 
+    def delete(self, object_id: str) -> None:
+        self._execute("DELETE FROM objects WHERE id = ?", (object_id,))
+
     def all(self, kind: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT data FROM objects WHERE kind = ? ORDER BY rowid", (kind,))
         return [json.loads(row["data"]) for row in rows]

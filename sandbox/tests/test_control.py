@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ import stripe
 
 from sandbox import objects
 from sandbox.config import DeliveryConfig, Settings
+from sandbox.store import Store
 
 from .test_sandbox import (
     SECRET,
     Receiver,
     Sandbox,
+    _wait_until,
     create_session,
     paid_subscription,
     pay,
@@ -484,3 +487,216 @@ def test_bad_environment_stops_the_server_with_a_message(tmp_path: Path, receive
         server.start()
     assert server.proc is not None and server.proc.wait(10) != 0
     assert "SANDBOX_DUPLICATE_RATE" in server.log.read_text()
+
+
+# -- delivery as Stripe does it ---------------------------------------------------------------
+
+
+class TimedReceiver:
+    """A webhook endpoint that takes `seconds` to answer, fails the first `fail_next`, and
+    records when each POST started and ended and how many were in progress at once."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.fail_next = 0
+        self.posts: list[dict[str, Any]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                started = time.monotonic()
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                with receiver.lock:
+                    receiver.in_flight += 1
+                    receiver.most_in_flight = max(receiver.most_in_flight, receiver.in_flight)
+                    status = 500 if receiver.fail_next > 0 else 200
+                    receiver.fail_next = max(0, receiver.fail_next - 1)
+                time.sleep(receiver.seconds)
+                with receiver.lock:
+                    receiver.in_flight -= 1
+                    receiver.posts.append(
+                        {
+                            "event": json.loads(body),
+                            "body": body,
+                            "headers": dict(self.headers),
+                            "status": status,
+                            "started": started,
+                            "ended": time.monotonic(),
+                        }
+                    )
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhooks"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def about(self, ids: set[str]) -> list[dict[str, Any]]:
+        with self.lock:
+            return [p for p in self.posts if p["event"]["data"]["object"]["id"] in ids]
+
+    def wait_for(self, ids: set[str], count: int, timeout: float = 15) -> list[dict[str, Any]]:
+        _wait_until(lambda: len(self.about(ids)) >= count, timeout)
+        return self.about(ids)
+
+
+@pytest.fixture
+def timed_receiver(sandbox: Sandbox) -> Iterator[TimedReceiver]:
+    receiver = TimedReceiver()
+    ok(control(sandbox, "POST", "/delivery", {"webhook_url": receiver.url}))
+    yield receiver
+    receiver.close()
+
+
+def expired_sessions(server: Sandbox, prices: dict[str, str], count: int) -> list[str]:
+    """`count` checkout.session.expired events, created in this order; their session ids."""
+    ids = []
+    for _ in range(count):
+        session = create_session(server, prices)
+        server.client.v1.checkout.sessions.expire(session.id)
+        ids.append(session.id)
+    return ids
+
+
+def test_deliveries_run_concurrently_up_to_the_setting(
+    sandbox: Sandbox, timed_receiver: TimedReceiver, prices: dict[str, str]
+) -> None:
+    timed_receiver.seconds = 0.4
+    ok(control(sandbox, "POST", "/delivery", {"mode": "hold"}))  # queue them all first
+    ids = expired_sessions(sandbox, prices, 3)
+    ok(control(sandbox, "POST", "/delivery", {"mode": "push"}))
+    timed_receiver.wait_for(set(ids), 3)
+    assert timed_receiver.most_in_flight == 1  # the default: one at a time
+
+    ok(control(sandbox, "POST", "/delivery", {"mode": "hold", "concurrency": 3}))
+    ids = expired_sessions(sandbox, prices, 6)
+    ok(control(sandbox, "POST", "/delivery", {"mode": "push"}))
+    posts = timed_receiver.wait_for(set(ids), 6)
+    assert timed_receiver.most_in_flight == 3  # never more than the setting
+    assert sorted(p["event"]["data"]["object"]["id"] for p in posts) == sorted(ids)
+    assert all(p["status"] == 200 for p in posts)
+
+
+def test_events_are_duplicated_with_the_same_id(
+    sandbox: Sandbox, timed_receiver: TimedReceiver, prices: dict[str, str]
+) -> None:
+    ok(control(sandbox, "POST", "/delivery", {"duplicate_rate": 1.0}))
+    session = create_session(sandbox, prices)
+    assert pay(sandbox, session.id).status_code == 303
+    session = sandbox.client.v1.checkout.sessions.retrieve(session.id, params={"expand": ["subscription"]})
+    related = {session.id, session.subscription.id, session.subscription.latest_invoice}
+    posts = timed_receiver.wait_for(related, 6)
+    ids = [p["event"]["id"] for p in posts]
+    assert len(set(ids)) == 3 and all(ids.count(i) == 2 for i in ids)
+    for post in posts:
+        stripe.WebhookSignature.verify_header(post["body"], post["headers"]["Stripe-Signature"], SECRET, 300)
+    listed = {d["event"]: d for d in sandbox.deliveries()}
+    assert all((listed[i]["sends"], listed[i]["duplicates"], listed[i]["attempts"]) == (2, 1, 1) for i in ids)
+
+    ok(control(sandbox, "POST", "/delivery", {"duplicate_rate": 0.0}))
+    [single] = expired_sessions(sandbox, prices, 1)
+    time.sleep(0.6)
+    assert len(timed_receiver.wait_for({single}, 1)) == 1
+
+
+def test_reorder_shuffles_due_deliveries(
+    sandbox: Sandbox, timed_receiver: TimedReceiver, prices: dict[str, str]
+) -> None:
+    # Without reorder, queued events go out oldest first.
+    ok(control(sandbox, "POST", "/delivery", {"mode": "hold"}))
+    ids = expired_sessions(sandbox, prices, 8)
+    ok(control(sandbox, "POST", "/delivery", {"mode": "push"}))
+    posts = timed_receiver.wait_for(set(ids), 8)
+    assert [p["event"]["data"]["object"]["id"] for p in posts] == ids
+
+    # With it, they go out in random order: 8 in creation order would be a 1 in 40320 chance.
+    ok(control(sandbox, "POST", "/delivery", {"mode": "hold", "reorder": True}))
+    ids = expired_sessions(sandbox, prices, 8)
+    ok(control(sandbox, "POST", "/delivery", {"mode": "push"}))
+    posts = timed_receiver.wait_for(set(ids), 8)
+    arrived = [p["event"]["data"]["object"]["id"] for p in posts]
+    assert sorted(arrived) == sorted(ids)
+    assert arrived != ids
+
+
+def test_delay_holds_each_first_attempt(
+    sandbox: Sandbox, timed_receiver: TimedReceiver, prices: dict[str, str]
+) -> None:
+    ok(control(sandbox, "POST", "/delivery", {"delay_seconds": 1.5}))
+    session = create_session(sandbox, prices)
+    expired_at = time.monotonic()
+    sandbox.client.v1.checkout.sessions.expire(session.id)
+    time.sleep(0.8)
+    assert timed_receiver.about({session.id}) == []
+    assert [d["state"] for d in sandbox.deliveries()[:1]] == ["pending"]
+    [post] = timed_receiver.wait_for({session.id}, 1)
+    assert post["started"] - expired_at >= 1.5
+
+
+def test_failed_deliveries_retry_with_growing_backoff_in_the_pool(
+    sandbox: Sandbox, timed_receiver: TimedReceiver, prices: dict[str, str]
+) -> None:
+    ok(control(sandbox, "POST", "/delivery", {"concurrency": 3}))
+    timed_receiver.fail_next = 2
+    [session_id] = expired_sessions(sandbox, prices, 1)
+    posts = timed_receiver.wait_for({session_id}, 3)
+    assert [p["status"] for p in posts] == [500, 500, 200]
+    assert len({p["event"]["id"] for p in posts}) == 1
+    # SANDBOX_WEBHOOK_RETRY_BASE_SECONDS is 0.2 in these tests: waits of at least 0.2 s, then 0.4 s.
+    assert posts[1]["started"] - posts[0]["ended"] >= 0.2
+    assert posts[2]["started"] - posts[1]["ended"] >= 0.4
+    [delivery] = [d for d in sandbox.deliveries() if d["event"] == posts[0]["event"]["id"]]
+    assert (delivery["state"], delivery["attempts"], delivery["last_status"]) == ("delivered", 3, 200)
+
+
+def test_rolled_secrets_and_api_version_apply_to_pushed_events(
+    sandbox: Sandbox, timed_receiver: TimedReceiver, prices: dict[str, str]
+) -> None:
+    ok(
+        control(
+            sandbox,
+            "POST",
+            "/delivery",
+            {"secrets": [SECRET, "whsec_rolled_in"], "api_version": "2025-03-31.basil"},
+        )
+    )
+    [session_id] = expired_sessions(sandbox, prices, 1)
+    [post] = timed_receiver.wait_for({session_id}, 1)
+    header = post["headers"]["Stripe-Signature"]
+    assert header.startswith("t=") and header.count(",v1=") == 2
+    for secret in (SECRET, "whsec_rolled_in"):
+        stripe.WebhookSignature.verify_header(post["body"], header, secret, 300)
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.WebhookSignature.verify_header(post["body"], header, "whsec_someone_else", 300)
+    assert post["event"]["api_version"] == "2025-03-31.basil"
+    assert post["event"]["type"] == "checkout.session.expired"
+
+
+# -- units ------------------------------------------------------------------------------------
+
+
+def test_request_log_keeps_the_newest_and_seq_keeps_growing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "log.sqlite3")
+    try:
+        for n in range(1, 1201):
+            seq = store.log_request(
+                method="GET", path=f"/v1/prices/{n}", params="{}", idempotency_key=None, status=200, at=0, keep=300
+            )
+            assert seq == n
+        kept = store.logged_requests(0, 10_000)
+        assert kept[-1]["seq"] == store.last_request_seq() == 1200
+        assert 300 <= len(kept) < 800  # pruned every 500 rows down to the last 300
+        assert [row["seq"] for row in kept] == list(range(kept[0]["seq"], 1201))
+    finally:
+        store.close()
