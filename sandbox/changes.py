@@ -625,7 +625,7 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
         )
     for ii in collected:
         store.put(ii)
-    store.put(invoice)
+    store.put(invoice)  # stored again below if a failed charge schedules its retry
     subscription["latest_invoice"] = invoice["id"]
     if not paid and payment_behavior == "pending_if_incomplete":
         subscription["pending_update"] = {
@@ -645,6 +645,7 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
             # Smart retries follow, as for a failed renewal (the test clock engine runs them).
             invoice["_first_failed_at"] = now
             invoice["next_payment_attempt"] = now + clock_retry_delay()
+            store.put(invoice)
         if subscription["status"] in ("active", "trialing"):
             subscription["status"] = "past_due"
     return invoice
