@@ -495,16 +495,6 @@ def retrieve_payment_method(params: Params, payment_method_id: str) -> Obj:
     return _retrieve("payment_method", payment_method_id, params)
 
 
-@endpoint("/payment_intents/<payment_intent_id>", "GET")
-def retrieve_payment_intent(params: Params, payment_intent_id: str) -> Obj:
-    return _retrieve("payment_intent", payment_intent_id, params)
-
-
-@endpoint("/charges/<charge_id>", "GET")
-def retrieve_charge(params: Params, charge_id: str) -> Obj:
-    return _retrieve("charge", charge_id, params)
-
-
 @endpoint("/invoices", "GET")
 def list_invoices(params: Params) -> Obj:
     reject_unknown(params, ("customer", "subscription", "status", "limit", "starting_after"))

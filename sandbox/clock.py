@@ -92,7 +92,15 @@ def create(store: Store, frozen_time: int, name: str | None, origin: billing.Ori
 
 
 def load(store: Store, clock_id: str, param: str = "test_clock", status: int = 404) -> Obj:
-    return billing.load(store, "test_helpers.test_clock", clock_id, param, status)
+    clock = billing.load(store, "test_helpers.test_clock", clock_id, param, status)
+    if clock["status"] == "advancing" and not any(
+        job["ref"] == clock_id for job in store.due_jobs(float("inf")) if job["kind"] == "advance_test_clock"
+    ):
+        # The advance job failed (and was dropped by the worker, its work rolled back).
+        clock.update(status="internal_failure", status_details={"advancing": None})
+        store.put(clock)
+        billing.emit(store, "test_helpers.test_clock.internal_failure", clock)
+    return clock
 
 
 def list_clocks(store: Store, limit: int, starting_after: str | None) -> Obj:
@@ -131,6 +139,8 @@ def delete(store: Store, clock_id: str, origin: billing.Origin) -> Obj:
 def advance(store: Store, clock_id: str, frozen_time: int, origin: billing.Origin) -> Obj:
     """Start moving the clock to frozen_time; the worker does the work (run_advance)."""
     clock = load(store, clock_id)
+    if clock["status"] == "internal_failure":
+        raise StripeError(f"The test clock {clock_id} failed to advance; delete it and start again.")
     if clock["status"] != "ready":
         raise StripeError(f"The test clock {clock_id} is currently advancing; wait until its status is ready.")
     if frozen_time <= clock["frozen_time"]:
@@ -304,6 +314,30 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
     store.put(sub)
     billing.emit(store, "invoice.created", invoice)
     _updated(store, sub, before)
+    paused = sub.get("pause_collection")
+    if paused and (paused.get("resumes_at") is None or paused["resumes_at"] > billing._now()):
+        _collection_paused(store, invoice, paused["behavior"])
+
+
+def _collection_paused(store: Store, invoice: Obj, behavior: str) -> None:
+    """pause_collection: the renewal invoice is kept as a draft, or finalized and then voided or
+    marked uncollectible at once, and never charged."""
+    invoice.update(auto_advance=False, automatically_finalizes_at=None)
+    store.put(invoice)
+    if behavior == "keep_as_draft":
+        return
+    invoicing.finalize(store, invoice)
+    now = billing._now()
+    if behavior == "void":
+        invoice.update(status="void", amount_remaining=0)
+        invoice["status_transitions"]["voided_at"] = now
+        store.put(invoice)
+        billing.emit(store, "invoice.voided", invoice)
+    else:
+        invoice["status"] = "uncollectible"
+        invoice["status_transitions"]["marked_uncollectible_at"] = now
+        store.put(invoice)
+        billing.emit(store, "invoice.marked_uncollectible", invoice)
 
 
 def _finalize(store: Store, invoice_id: str, dunning: Dunning) -> None:

@@ -302,6 +302,18 @@ def list_refunds(params: Params) -> Obj:
     return lists.paginate(found, "/v1/refunds", lists.page_params(params), "refund")
 
 
+@endpoint("/payment_intents/<intent_id>", "GET")
+def retrieve_payment_intent(params: Params, intent_id: str) -> Obj:
+    reject_unknown(params, ())
+    return load(current_store(), "payment_intent", intent_id, "intent")
+
+
+@endpoint("/charges/<charge_id>", "GET")
+def retrieve_charge(params: Params, charge_id: str) -> Obj:
+    reject_unknown(params, ())
+    return load(current_store(), "charge", charge_id, "charge")
+
+
 # -- lists ----------------------------------------------------------------------------------------
 
 EVENT_RETENTION_SECONDS = 30 * 86400  # GET /v1/events only returns the last 30 days

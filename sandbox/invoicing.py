@@ -242,6 +242,9 @@ def charge(store: Store, invoice: Obj, method: Obj | None) -> bool:
     """One payment attempt on an open invoice; True if it was paid. Records the attempt on the
     invoice, its PaymentIntent and a new Charge; emits no events (callers decide which)."""
     now = simtime.now()
+    if "payments" not in invoice:  # an invoice made elsewhere without this module's fields
+        customer = billing.load(store, "customer", invoice["customer"])
+        decorate(invoice, customer, None)
     invoice.update(attempted=True, attempt_count=invoice["attempt_count"] + 1)
     if invoice["amount_remaining"] == 0:
         _mark_paid(invoice, now)

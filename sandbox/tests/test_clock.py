@@ -179,6 +179,10 @@ def test_customers_on_a_clock_live_at_its_time(sandbox: Sandbox, receiver: Recei
     assert (method.type, method.customer, method.card.brand, method.card.last4) == ("card", customer.id, "visa", "4242")
     listed = sandbox.client.v1.customers.payment_methods.list(customer.id)
     assert [m.id for m in listed.data] == [method_id]
+    by_query = sandbox.client.v1.payment_methods.list(params={"customer": customer.id, "type": "card"})
+    assert [m.id for m in by_query.data] == [method_id]
+    with pytest.raises(stripe.CardError):
+        sandbox.client.v1.customers.create(params={"payment_method": "pm_card_chargeDeclined"})
 
     updated = sandbox.client.v1.customers.update(
         customer.id, params={"name": "Grace Hopper", "metadata": {"plan": "pro"}}
@@ -237,6 +241,8 @@ def test_checkout_attaches_a_card_and_records_the_payment(sandbox: Sandbox, pric
     assert (invoice.status, invoice.amount_paid, invoice.created) == ("paid", 1900, T0)
     assert invoice.parent.subscription_details.subscription == sub.id
     payment = invoice.payments.data[0]
+    listed = sandbox.client.v1.invoice_payments.list(params={"invoice": invoice.id})
+    assert [p.id for p in listed.data] == [payment.id]
     assert (payment.object, payment.status, payment.amount_paid) == ("invoice_payment", "paid", 1900)
     intent = sandbox.client.v1.payment_intents.retrieve(payment.payment.payment_intent)
     assert (intent.status, intent.amount_received, intent.payment_method) == ("succeeded", 1900, method.id)
@@ -289,6 +295,8 @@ def test_a_subscription_lives_renews_fails_recovers_and_ends(
     assert invoice.lines.data[0].period.start == first_end
 
     # The owner switches to a card whose charges fail; the next renewal fails: past_due.
+    refused = portal_update_card(sandbox, customer, CARD_DECLINED)
+    assert refused.status_code == 400 and "Your card was declined." in refused.text
     assert portal_update_card(sandbox, customer, CARD_CHARGES_FAIL).status_code == 303
     sub = sandbox.client.v1.subscriptions.retrieve(sub.id)
     assert sandbox.client.v1.payment_methods.retrieve(sub.default_payment_method).card.last4 == "0341"
@@ -466,14 +474,36 @@ def test_a_trial_with_a_card_renews_into_a_paid_period(
 def test_cancel_at_ends_a_subscription_mid_period(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
     clock_id, customer = clock_customer(sandbox)
     sub = subscribe(sandbox, prices, customer)
-    # Stripe's DELETE is immediate; a scheduled end comes from cancel_at_period_end here.
-    sandbox.client.v1.subscriptions.update(sub.id, params={"cancel_at_period_end": True})
-    advance(sandbox, clock_id, period(sub)[1] - DAY, receiver)
+    sandbox.client.v1.subscriptions.update(sub.id, params={"cancel_at": T0 + 10 * DAY})
+    advance(sandbox, clock_id, T0 + 10 * DAY - 1, receiver)
     assert sandbox.client.v1.subscriptions.retrieve(sub.id).status == "active"
-    advance(sandbox, clock_id, period(sub)[1] + DAY, receiver)
-    wait_events(receiver, customer, "customer.subscription.deleted")
-    assert sandbox.client.v1.subscriptions.retrieve(sub.id).ended_at == period(sub)[1]
-    assert len(sandbox.client.v1.invoices.list(params={"customer": customer}).data) == 1
+    advance(sandbox, clock_id, T0 + 40 * DAY, receiver)
+    events = wait_events(receiver, customer, "customer.subscription.deleted")
+    assert events[-1]["created"] == T0 + 10 * DAY
+    assert sandbox.client.v1.subscriptions.retrieve(sub.id).ended_at == T0 + 10 * DAY
+    assert len(sandbox.client.v1.invoices.list(params={"customer": customer}).data) == 1  # no renewal
+
+
+def test_paused_collection_voids_renewals(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
+    clock_id, customer = clock_customer(sandbox)
+    sub = subscribe(sandbox, prices, customer)
+    sandbox.client.v1.subscriptions.update(sub.id, params={"pause_collection": {"behavior": "void"}})
+    advance(sandbox, clock_id, period(sub)[1] + 2 * HOUR, receiver)
+    renewed = sandbox.client.v1.subscriptions.retrieve(sub.id)
+    voided = sandbox.client.v1.invoices.retrieve(renewed.latest_invoice)
+    assert (renewed.status, voided.status, voided.amount_paid, voided.attempt_count) == ("active", "void", 0, 0)
+    types = [e["type"] for e in events_of(receiver, customer) if e["created"] >= period(sub)[1]]
+    assert types == ["invoice.created", "customer.subscription.updated", "invoice.finalized", "invoice.voided"]
+
+
+def test_a_failed_advance_reports_internal_failure(sandbox: Sandbox) -> None:
+    clock_id, _ = clock_customer(sandbox)
+    # As if the worker had dropped the advance: advancing, with no advance job left to run.
+    stuck = {"status": "advancing", "status_details": {"advancing": {"target_frozen_time": T0 + DAY}}}
+    assert requests.post(f"{sandbox.url}/_sandbox/objects/{clock_id}", json=stuck, timeout=5).ok
+    assert sandbox.client.v1.test_helpers.test_clocks.retrieve(clock_id).status == "internal_failure"
+    with pytest.raises(stripe.InvalidRequestError):
+        sandbox.client.v1.test_helpers.test_clocks.advance(clock_id, params={"frozen_time": T0 + DAY})
 
 
 # -- invoices and clocks' deletion ----------------------------------------------------------------
