@@ -534,7 +534,7 @@ def event(
 ) -> Obj:
     data: Obj = {"object": public(snapshot)}
     if previous is not None:
-        data["previous_attributes"] = previous
+        data["previous_attributes"] = _without_bookkeeping(previous)
     return {
         "id": new_id("evt_"),
         "object": "event",

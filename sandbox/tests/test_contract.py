@@ -318,3 +318,22 @@ def test_the_checker_catches_invented_and_mistyped_fields() -> None:
         "items": {"object": "list", "data": [{"id": 3}], "has_more": False, "url": "/"},
     }
     assert any("items.data[0].id: expected a string" in e for e in check_stripe_object(sub))
+
+
+def test_events_never_show_the_sandboxs_bookkeeping(sandbox: Sandbox, prices: dict[str, str]) -> None:
+    _, sub = paid_subscription(sandbox, prices)
+    _post(sandbox, f"subscriptions/{sub.id}", {"default_payment_method": "pm_card_chargeCustomerFail"})
+    _post(
+        sandbox,
+        f"subscriptions/{sub.id}",
+        {
+            "items[0][id]": sub["items"].data[0].id,
+            "items[0][price]": prices["pro_monthly"],
+            "proration_behavior": "always_invoice",
+            "payment_behavior": "pending_if_incomplete",
+        },
+    )
+    events = _get(sandbox, "events", type="customer.subscription.updated", limit="100")["data"]
+    mine = [e for e in events if e["data"]["object"]["id"] == sub.id]
+    assert any("pending_update" in e["data"]["previous_attributes"] for e in mine)
+    assert "'_" not in repr(mine) and '"_' not in repr(mine)
