@@ -241,9 +241,12 @@ def _expand(store: Store, obj: Obj, parts: list[str], path: str) -> None:
             if rest:
                 _expand(store, item, rest, path)
         return
-    if field not in EXPANDABLE and field not in objects.INCLUDABLE.get(obj.get("object", ""), ()):
-        raise _cannot_expand(path)
     value = obj.get(field)
+    # A nested hash (invoice_settings in invoice_settings.default_payment_method) is a way through.
+    passing_through = bool(rest) and isinstance(value, dict) and "object" not in value
+    expandable = field in EXPANDABLE or field in objects.INCLUDABLE.get(obj.get("object", ""), ())
+    if not expandable and not passing_through:
+        raise _cannot_expand(path)
     if isinstance(value, str):
         target = store.get(value)
         value = obj[field] = objects.public(target) if target else value
