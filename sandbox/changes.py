@@ -447,8 +447,9 @@ def build_invoice(
         # A credit larger than the charge is carried to the customer's balance, as Stripe does.
         ending_balance=min(total, 0),
         next_payment_attempt=None,
-        period_start=min((line["period"]["start"] for line in lines), default=now),
-        period_end=max((line["period"]["end"] for line in lines), default=now),
+        # An invoice made by an update covers the moment of the update, as on Stripe.
+        period_start=now,
+        period_end=now,
     )
     invoice["parent"]["subscription_details"]["subscription_proration_date"] = None
     invoicing.decorate(invoice, customer, subscription)
@@ -782,6 +783,9 @@ def preview_invoice(
         reason, created = "upcoming", end
         next_attempt = end + 3600
     invoice = build_invoice(customer, subscription, lines, reason, created)
+    if reason == "upcoming":
+        # A renewal invoice's period is the one that is ending (its lines bill the next one).
+        invoice.update(period_start=start, period_end=end)
     invoice.pop("id")
     for line in invoice["lines"]["data"]:
         line["invoice"] = None
