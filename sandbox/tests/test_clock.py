@@ -340,8 +340,11 @@ def test_a_subscription_lives_renews_fails_recovers_and_ends(
     assert sandbox.client.v1.invoices.retrieve(failed["id"]).next_payment_attempt is None
 
     # Cancel at period end; when the clock passes it, the subscription ends without an invoice.
-    sub = sandbox.client.v1.subscriptions.update(sub.id, params={"cancel_at_period_end": True})
-    assert sub.cancel_at == add_month(second_end) and sub.canceled_at == second_end + 4 * DAY
+    portal = sandbox.client.v1.billing_portal.sessions.create(params={"customer": customer})
+    assert "ending in 0341" in requests.get(portal.url, timeout=5).text  # the card it saved
+    requests.post(f"{sandbox.url}/portal/{portal.id}/subscriptions/{sub.id}/cancel-at-period-end", timeout=5)
+    sub = sandbox.client.v1.subscriptions.retrieve(sub.id)
+    assert sub.cancel_at == add_month(second_end) and sub.canceled_at == second_end + 4 * DAY  # clock time
     advance(sandbox, clock_id, add_month(second_end) + DAY, receiver)
     events = wait_events(receiver, customer, "customer.subscription.deleted")
     ended = sandbox.client.v1.subscriptions.retrieve(sub.id)
