@@ -5,15 +5,19 @@ client and the hosted pages driven with requests."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import stripe
 
+from sandbox.clock import Dunning
 from sandbox.objects import add_month
 from sandbox.tests.test_sandbox import (
     CARD_OK,
@@ -543,3 +547,26 @@ def test_deleting_a_clock_deletes_its_customers(sandbox: Sandbox, receiver: Rece
             retrieve(object_id)
     events = wait_events(receiver, customer, "customer.deleted")
     assert [e["type"] for e in events][-2:] == ["customer.subscription.deleted", "customer.deleted"]
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+def test_dunning_settings_are_validated(tmp_path: Path) -> None:
+    assert Dunning.from_env({}) == Dunning((3, 5, 7), "cancel")
+    assert Dunning.from_env({"SANDBOX_DUNNING_RETRY_DAYS": "1, 4", "SANDBOX_DUNNING_FINAL_ACTION": "unpaid"}) == (
+        Dunning((1, 4), "unpaid")
+    )
+    bad_settings = (
+        {"SANDBOX_DUNNING_RETRY_DAYS": "5,3"},
+        {"SANDBOX_DUNNING_RETRY_DAYS": "x"},
+        {"SANDBOX_DUNNING_FINAL_ACTION": "void"},
+    )
+    for bad in bad_settings):
+        with pytest.raises(ValueError, match="SANDBOX_DUNNING"):
+            Dunning.from_env(bad)
+    # The server refuses to start with a bad setting, and says which.
+    server = Sandbox(tmp_path, "http://127.0.0.1:9/webhooks")
+    env = {**server.env, "SANDBOX_DUNNING_FINAL_ACTION": "void"}
+    done = subprocess.run([sys.executable, "-m", "sandbox"], env=env, capture_output=True, timeout=30, check=False)
+    assert done.returncode != 0 and b"SANDBOX_DUNNING_FINAL_ACTION" in done.stderr
