@@ -181,13 +181,17 @@ def portal_action(portal_id: str, subscription_id: str, action: str) -> Response
     ):
         return _not_found("subscription in this portal session")
     try:
-        with store.transaction(), simtime.time_of(store, subscription_id):
+        with store.transaction(), simtime.time_of(store, subscription_id):  # a clock's customer: its time
             if action == "cancel-now":
                 billing.cancel_subscription(store, subscription_id)
             elif action in portal_changes.ACTIONS:
                 portal_changes.apply(store, subscription_id, action, request.form)
             else:
-                portal_changes.set_cancel_at_period_end(store, subscription_id, action == "cancel-at-period-end")
+                billing.update_subscription(
+                    store,
+                    subscription_id,
+                    cancel_at_period_end=action == "cancel-at-period-end",
+                )
     except StripeError as exc:
         return _portal_page(found, error=exc.message), 400
     return redirect(f"/portal/{portal_id}?done={action}", 303)

@@ -61,12 +61,3 @@ def apply(store: Store, subscription_id: str, action: str, form: Mapping[str, st
             items=[change], proration_behavior="create_prorations", given={"items", "proration_behavior"}
         ),
     )
-
-
-def set_cancel_at_period_end(store: Store, subscription_id: str, value: bool) -> None:
-    """ "Cancel at period end" and "Renew"; renewing also clears a cancel_at set elsewhere."""
-    changes.update_subscription(
-        store,
-        subscription_id,
-        changes.SubscriptionUpdate(cancel_at_period_end=value, given={"cancel_at_period_end"}),
-    )
