@@ -433,19 +433,14 @@ def build_invoice(
     for line in lines:
         line["invoice"] = invoice["id"]
     total = sum(line["amount"] for line in lines)
-    due = max(total, 0)
     invoice.update(
         lines=objects.list_object(lines, f"/v1/invoices/{invoice['id']}/lines"),
         billing_reason=billing_reason,
-        amount_due=due,
-        amount_remaining=due,
         amount_paid=0,
         subtotal=total,
         subtotal_excluding_tax=total,
         total=total,
         total_excluding_tax=total,
-        # A credit larger than the charge is carried to the customer's balance, as Stripe does.
-        ending_balance=min(total, 0),
         next_payment_attempt=None,
         # An invoice made by an update covers the moment of the update, as on Stripe.
         period_start=now,
@@ -453,7 +448,25 @@ def build_invoice(
     )
     invoice["parent"]["subscription_details"]["subscription_proration_date"] = None
     invoicing.decorate(invoice, customer, subscription)
+    apply_balance(customer, invoice)
     return invoice
+
+
+def apply_balance(customer: Obj, invoice: Obj) -> None:
+    """Settle an invoice's total against the customer's balance, as Stripe does: a credit
+    (negative balance) left by an earlier proration lowers what is due, and a credit larger than
+    the charges becomes the customer's balance. Updates `customer["balance"]`; the caller
+    stores the customer (a preview does not)."""
+    starting = customer["balance"]
+    applied = invoice["total"] + starting
+    due = max(applied, 0)
+    invoice.update(
+        starting_balance=starting,
+        ending_balance=min(applied, 0),
+        amount_due=due,
+        amount_remaining=max(due - invoice["amount_paid"], 0),
+    )
+    customer["balance"] = min(applied, 0)
 
 
 # -- the update itself --------------------------------------------------------------------------------
@@ -681,27 +694,20 @@ def on_invoice_paid(store: Store, invoice: Obj, origin: Origin = AUTOMATIC) -> N
 
 
 def add_pending_items(store: Store, invoice: Obj) -> None:
-    """Put the subscription's pending invoice items (prorations) on its renewal invoice."""
+    """Complete a renewal invoice: the subscription's pending invoice items (prorations) first,
+    then the customer's balance (a credit from an earlier change) applied."""
     details = (invoice.get("parent") or {}).get("subscription_details") or {}
     waiting = pending_invoice_items(store, details.get("subscription") or "")
-    if not waiting:
-        return
     for ii in waiting:
         ii["invoice"] = invoice["id"]
         store.put(ii)
     lines = [line_from_invoice_item(ii, invoice["id"]) for ii in waiting] + invoice["lines"]["data"]
     total = sum(line["amount"] for line in lines)
-    due = max(total, 0)
     invoice["lines"]["data"] = lines
-    invoice.update(
-        amount_due=due,
-        amount_remaining=due - invoice["amount_paid"],
-        subtotal=total,
-        subtotal_excluding_tax=total,
-        total=total,
-        total_excluding_tax=total,
-        ending_balance=min(total, 0),
-    )
+    invoice.update(subtotal=total, subtotal_excluding_tax=total, total=total, total_excluding_tax=total)
+    customer = load(store, "customer", invoice["customer"])
+    apply_balance(customer, invoice)
+    store.put(customer)
     store.put(invoice)
 
 

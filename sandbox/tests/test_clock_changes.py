@@ -102,3 +102,38 @@ def test_failed_upgrade_charge_is_retried_and_recovers(
     advance(sandbox, clock, T0 + 3 * DAY + HOUR, receiver)  # the smart retry succeeds
     assert sandbox.client.v1.invoices.retrieve(invoice.id).status == "paid"
     assert api.retrieve(sub.id).status == "active"
+
+
+def test_a_credit_larger_than_the_charge_goes_to_the_balance_and_the_next_invoice(
+    sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]
+) -> None:
+    clock, customer = clock_customer(sandbox)
+    sub = subscribe(sandbox, prices, customer)  # starter, $19
+    api = sandbox.client.v1.subscriptions
+    api.update(
+        sub.id, params={"items": [{"price": prices["extra_seat_monthly"], "quantity": 3}], "proration_behavior": "none"}
+    )
+    seats = next(i for i in api.retrieve(sub.id)["items"].data if i.price.id == prices["extra_seat_monthly"])
+    when = T0 + 15 * DAY
+    advance(sandbox, clock, when)
+    end = add_month(T0)
+    down = api.update(
+        sub.id,
+        params={
+            "items": [{"id": seats.id, "quantity": 1}],
+            "proration_behavior": "always_invoice",
+            "proration_date": when,
+        },
+    )
+    credit = (2 * 2000 * (end - when) + (end - T0)) // (2 * (end - T0))
+    invoice = sandbox.client.v1.invoices.retrieve(down.latest_invoice)
+    assert invoice.total == -credit and invoice.amount_due == 0 and invoice.status == "paid"
+    assert invoice.ending_balance == -credit
+    assert sandbox.client.v1.customers.retrieve(customer).balance == -credit
+
+    preview = sandbox.client.v1.invoices.create_preview(params={"subscription": sub.id})
+    assert preview.starting_balance == -credit and preview.amount_due == 1900 + 1000 - credit
+    advance(sandbox, clock, end + 2 * HOUR, receiver)
+    renewal = _renewal(sandbox, sub.id)
+    assert renewal.amount_paid == preview.amount_due and renewal.starting_balance == -credit
+    assert sandbox.client.v1.customers.retrieve(customer).balance == 0
