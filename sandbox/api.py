@@ -171,8 +171,11 @@ def _clock_subject(path_args: dict[str, str], params: Params) -> str | None:
         return None
     for value in path_args.values():
         return value
-    customer = params.get("customer")
-    return customer if isinstance(customer, str) else None
+    for key in ("customer", "subscription", "from_subscription", "payment_intent", "charge"):
+        value = params.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def _fingerprint(pairs: list[tuple[str, str]]) -> str:
@@ -238,9 +241,12 @@ def _expand(store: Store, obj: Obj, parts: list[str], path: str) -> None:
             if rest:
                 _expand(store, item, rest, path)
         return
-    if field not in EXPANDABLE and field not in objects.INCLUDABLE.get(obj.get("object", ""), ()):
-        raise _cannot_expand(path)
     value = obj.get(field)
+    # A nested hash (invoice_settings in invoice_settings.default_payment_method) is a way through.
+    passing_through = bool(rest) and isinstance(value, dict) and "object" not in value
+    expandable = field in EXPANDABLE or field in objects.INCLUDABLE.get(obj.get("object", ""), ())
+    if not expandable and not passing_through:
+        raise _cannot_expand(path)
     if isinstance(value, str):
         target = store.get(value)
         value = obj[field] = objects.public(target) if target else value

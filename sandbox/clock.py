@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import billing, invoicing, objects, simtime
+from . import billing, changes, invoicing, objects, schedules, simtime
 from .errors import StripeError, no_such
 from .objects import Obj
 from .params import Params, mapping, reject_unknown, string
@@ -122,8 +122,7 @@ def delete(store: Store, clock_id: str, origin: billing.Origin) -> Obj:
             owned = [
                 obj
                 for kind in ("subscription", "invoice", "payment_method", "payment_intent", "charge")
-                for obj in store.all(kind)
-                if obj.get("customer") == customer["id"]
+                for obj in store.all_where(kind, "customer", [customer["id"]])
             ]
             for obj in owned:
                 if obj["object"] == "subscription" and obj["status"] not in billing.ENDED:
@@ -176,12 +175,11 @@ def _advance_limit(store: Store, clock: Obj) -> tuple[int, str]:
 
 
 def _customers(store: Store, clock_id: str) -> list[Obj]:
-    return [c for c in store.all("customer") if c.get("test_clock") == clock_id]
+    return store.all_where("customer", "test_clock", [clock_id])
 
 
 def _subscriptions(store: Store, clock_id: str) -> list[Obj]:
-    customers = {c["id"] for c in _customers(store, clock_id)}
-    return [s for s in store.all("subscription") if s["customer"] in customers]
+    return store.all_where("subscription", "customer", [c["id"] for c in _customers(store, clock_id)])
 
 
 # -- the advance engine -------------------------------------------------------------------------
@@ -216,9 +214,9 @@ def run_advance(store: Store, clock_id: str) -> None:
 
 def _next_step(store: Store, clock_id: str, target: int) -> Step | None:
     steps: list[Step] = []
-    customers = {c["id"] for c in _customers(store, clock_id)}
-    for sub in store.all("subscription"):
-        if sub["customer"] not in customers or sub["status"] in billing.ENDED:
+    customers = [c["id"] for c in _customers(store, clock_id)]
+    for sub in store.all_where("subscription", "customer", customers):
+        if sub["status"] in billing.ENDED:
             continue
         if sub["cancel_at"] is not None:
             steps.append((sub["cancel_at"], 0, "cancel", sub["id"]))
@@ -229,9 +227,7 @@ def _next_step(store: Store, clock_id: str, target: int) -> Step | None:
             steps.append((sub["trial_end"], 2, "trial_end", sub["id"]))
         elif sub["status"] in ("active", "past_due", "unpaid"):
             steps.append((_period_end(sub), 3, "renew", sub["id"]))
-    for invoice in store.all("invoice"):
-        if invoice["customer"] not in customers:
-            continue
+    for invoice in store.all_where("invoice", "customer", customers):
         if invoice["status"] == "draft" and invoice.get("automatically_finalizes_at"):
             steps.append((invoice["automatically_finalizes_at"], 4, "finalize", invoice["id"]))
         elif invoice["status"] == "open" and invoice.get("next_payment_attempt"):
@@ -295,15 +291,21 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
     """A period (or a trial) ends: the items move to the next month and a draft invoice bills
     it. Events: invoice.created, customer.subscription.updated (the new period)."""
     sub = billing.load(store, "subscription", sub_id)
+    # A subscription schedule's next phase starts with the new period (and may end the subscription).
+    schedules.apply_due_phases(store, _period_end(sub), subscription_id=sub_id)
+    sub = billing.load(store, "subscription", sub_id)
+    if sub["status"] in billing.ENDED:
+        return
     customer = billing.load(store, "customer", sub["customer"])
     before = copy.deepcopy(sub)
     start = _period_end(sub)
     previous = (min(item["current_period_start"] for item in sub["items"]["data"]), start)
     for item in sub["items"]["data"]:
-        item.update(current_period_start=start, current_period_end=objects.add_month(start))
+        item.update(current_period_start=start, current_period_end=changes.next_period_end(sub, start))
     if sub["status"] == "trialing":
         sub["status"] = "active"
     invoice = invoicing.renewal_invoice(store, customer, sub, previous, "subscription_cycle")
+    changes.add_pending_items(store, invoice)  # prorations waiting for this invoice
     sub["latest_invoice"] = invoice["id"]
     store.put(sub)
     billing.emit(store, "invoice.created", invoice)

@@ -135,6 +135,18 @@ class Store:
         rows = self._query("SELECT data FROM objects WHERE kind = ? ORDER BY rowid", (kind,))
         return [json.loads(row["data"]) for row in rows]
 
+    def all_where(self, kind: str, field: str, values: list[str]) -> list[dict[str, Any]]:
+        """Objects of a kind whose top-level `field` is one of `values`, in creation order,
+        filtered in SQLite so callers need not decode every object of the kind."""
+        if not values:
+            return []
+        marks = ", ".join("?" for _ in values)
+        rows = self._query(
+            f"SELECT data FROM objects WHERE kind = ? AND json_extract(data, ?) IN ({marks}) ORDER BY rowid",  # noqa: S608
+            (kind, f"$.{field}", *values),
+        )
+        return [json.loads(row["data"]) for row in rows]
+
     # -- idempotency ----------------------------------------------------------------------
 
     def idempotent_result(self, key: str, not_before: float) -> sqlite3.Row | None:

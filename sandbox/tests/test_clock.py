@@ -5,15 +5,19 @@ client and the hosted pages driven with requests."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import stripe
 
+from sandbox.clock import Dunning
 from sandbox.objects import add_month
 from sandbox.tests.test_sandbox import (
     CARD_OK,
@@ -340,8 +344,11 @@ def test_a_subscription_lives_renews_fails_recovers_and_ends(
     assert sandbox.client.v1.invoices.retrieve(failed["id"]).next_payment_attempt is None
 
     # Cancel at period end; when the clock passes it, the subscription ends without an invoice.
-    sub = sandbox.client.v1.subscriptions.update(sub.id, params={"cancel_at_period_end": True})
-    assert sub.cancel_at == add_month(second_end) and sub.canceled_at == second_end + 4 * DAY
+    portal = sandbox.client.v1.billing_portal.sessions.create(params={"customer": customer})
+    assert "ending in 0341" in requests.get(portal.url, timeout=5).text  # the card it saved
+    requests.post(f"{sandbox.url}/portal/{portal.id}/subscriptions/{sub.id}/cancel-at-period-end", timeout=5)
+    sub = sandbox.client.v1.subscriptions.retrieve(sub.id)
+    assert sub.cancel_at == add_month(second_end) and sub.canceled_at == second_end + 4 * DAY  # clock time
     advance(sandbox, clock_id, add_month(second_end) + DAY, receiver)
     events = wait_events(receiver, customer, "customer.subscription.deleted")
     ended = sandbox.client.v1.subscriptions.retrieve(sub.id)
@@ -540,3 +547,26 @@ def test_deleting_a_clock_deletes_its_customers(sandbox: Sandbox, receiver: Rece
             retrieve(object_id)
     events = wait_events(receiver, customer, "customer.deleted")
     assert [e["type"] for e in events][-2:] == ["customer.subscription.deleted", "customer.deleted"]
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+def test_dunning_settings_are_validated(tmp_path: Path) -> None:
+    assert Dunning.from_env({}) == Dunning((3, 5, 7), "cancel")
+    assert Dunning.from_env({"SANDBOX_DUNNING_RETRY_DAYS": "1, 4", "SANDBOX_DUNNING_FINAL_ACTION": "unpaid"}) == (
+        Dunning((1, 4), "unpaid")
+    )
+    bad_settings = (
+        {"SANDBOX_DUNNING_RETRY_DAYS": "5,3"},
+        {"SANDBOX_DUNNING_RETRY_DAYS": "x"},
+        {"SANDBOX_DUNNING_FINAL_ACTION": "void"},
+    )
+    for bad in bad_settings:
+        with pytest.raises(ValueError, match="SANDBOX_DUNNING"):
+            Dunning.from_env(bad)
+    # The server refuses to start with a bad setting, and says which.
+    server = Sandbox(tmp_path, "http://127.0.0.1:9/webhooks")
+    env = {**server.env, "SANDBOX_DUNNING_FINAL_ACTION": "void"}
+    done = subprocess.run([sys.executable, "-m", "sandbox"], env=env, capture_output=True, timeout=30, check=False)
+    assert done.returncode != 0 and b"SANDBOX_DUNNING_FINAL_ACTION" in done.stderr
