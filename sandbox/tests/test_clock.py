@@ -562,7 +562,7 @@ def test_dunning_settings_are_validated(tmp_path: Path) -> None:
         {"SANDBOX_DUNNING_RETRY_DAYS": "x"},
         {"SANDBOX_DUNNING_FINAL_ACTION": "void"},
     )
-    for bad in bad_settings):
+    for bad in bad_settings:
         with pytest.raises(ValueError, match="SANDBOX_DUNNING"):
             Dunning.from_env(bad)
     # The server refuses to start with a bad setting, and says which.
