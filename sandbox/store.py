@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS request_log (
     path            TEXT NOT NULL,
     params          TEXT NOT NULL,                       -- JSON
     idempotency_key TEXT,
+    stripe_version  TEXT,                                -- the Stripe-Version header the client sent
+    user_agent      TEXT,                                -- who called: an SDK, a script, a test
     status          INTEGER NOT NULL                     -- 0: connection closed without a response
 );
 
@@ -225,11 +227,14 @@ class Store:
         status: int,
         at: float,
         keep: int,
+        stripe_version: str | None = None,
+        user_agent: str | None = None,
     ) -> int:
         with self._lock:
             cursor = self._db.execute(
-                "INSERT INTO request_log (at, method, path, params, idempotency_key, status) VALUES (?, ?, ?, ?, ?, ?)",
-                (at, method, path, params, idempotency_key, status),
+                "INSERT INTO request_log (at, method, path, params, idempotency_key, stripe_version, user_agent,"
+                " status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (at, method, path, params, idempotency_key, stripe_version, user_agent, status),
             )
             seq = cursor.lastrowid
             assert seq is not None
