@@ -89,6 +89,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # A state directory from before the request log had these columns keeps working.
+        logged = {row["name"] for row in self._db.execute("PRAGMA table_info(request_log)")}
+        for column in ("stripe_version", "user_agent"):
+            if column not in logged:
+                self._db.execute(f"ALTER TABLE request_log ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         with self._lock:
