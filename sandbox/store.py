@@ -295,8 +295,13 @@ class Store:
         )
 
     def sends(self, event_ids: list[str]) -> list[sqlite3.Row]:
-        marks = ",".join("?" * len(event_ids))
-        return self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks}) ORDER BY id", tuple(event_ids))  # noqa: S608
+        """The sends of these events, oldest first (queried in chunks: SQLite caps bound values)."""
+        rows: list[sqlite3.Row] = []
+        for start in range(0, len(event_ids), 500):
+            chunk = event_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks})", tuple(chunk))  # noqa: S608
+        return sorted(rows, key=lambda row: row["id"])
 
     # -- list filters -----------------------------------------------------------------------
 
