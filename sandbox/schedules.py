@@ -12,10 +12,9 @@ renews; the worker also runs it at each phase boundary in wall-clock time.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
-from . import billing, changes, objects
+from . import billing, changes, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, emit, load
 from .errors import StripeError
 from .objects import Obj
@@ -33,7 +32,7 @@ class PhaseInput:
 
 
 def _now() -> int:
-    return int(time.time())
+    return simtime.now()
 
 
 def _phase(items: list[tuple[Obj, int]], start: int, end: int, currency: str) -> Obj:
@@ -285,13 +284,15 @@ def _finish(store: Store, schedule: Obj, status: str, origin: Origin) -> None:
         store.put(subscription)
 
 
-def apply_due_phases(store: Store, now: int) -> list[str]:
-    """Bring every active schedule up to `now`: start the phase that is due (changing the
-    subscription's items) and end schedules whose last phase is over. Returns the ids of the
-    schedules that changed. Idempotent: calling it again with the same `now` does nothing."""
+def apply_due_phases(store: Store, now: int, subscription_id: str | None = None) -> list[str]:
+    """Bring every active schedule (or the one of `subscription_id`) up to `now`: start the
+    phase that is due (changing the subscription's items) and end schedules whose last phase is
+    over. Returns the ids of the schedules that changed. Idempotent for the same `now`."""
     changed = []
     for schedule in store.all("subscription_schedule"):
         if schedule["status"] != "active":
+            continue
+        if subscription_id is not None and schedule["subscription"] != subscription_id:
             continue
         subscription = store.get(schedule["subscription"] or "")
         if subscription is None or subscription["status"] in ENDED:
@@ -348,9 +349,15 @@ def _apply_phase(store: Store, subscription: Obj, phase: Obj, now: int) -> None:
 
 
 def run_job(store: Store, ref: str, now: int) -> None:
+    """The worker's job at a phase boundary. A subscription on a test clock lives at the
+    clock's time, so its phases wait for the clock to be advanced."""
     schedule = store.get(ref)
-    if schedule is not None and schedule["status"] == "active":
-        apply_due_phases(store, now)
+    if schedule is None or schedule["status"] != "active":
+        return
+    clock_time = simtime.clock_time_of(store, schedule["customer"])
+    at = now if clock_time is None else clock_time
+    with simtime.frozen_at(at):
+        apply_due_phases(store, at, subscription_id=schedule["subscription"])
 
 
 billing.JOB_HANDLERS[JOB_KIND] = run_job
