@@ -4,9 +4,11 @@ held (switched off), and the pure diff it is built on."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
@@ -15,38 +17,46 @@ from app.models import BillingStatus
 from app.services import reconcile
 from app.services.plans import PlanCatalogue
 from app.services.subscription_state import SubscriptionState
-from tests.conftest import checkout_session_id, query, start_signup
-from tests.live_support import SANDBOX_SECRET_KEY, SandboxedApp
-
-AUTH = (SANDBOX_SECRET_KEY, "")
-
-
-def _api(sandbox_url: str, method: str, path: str, **data: Any) -> dict[str, Any]:
-    response = requests.request(method, f"{sandbox_url}/v1{path}", data=data or None, auth=AUTH, timeout=10)
-    assert response.ok, response.text
-    body: dict[str, Any] = response.json()
-    return body
+from tests.conftest import SandboxAccount, checkout_session_id, csrf_token, query, start_signup
+from tests.live_support import (
+    SANDBOX_SECRET_KEY,
+    SANDBOX_WEBHOOK_SECRET,
+    WEBHOOK_PATH,
+    LiveServer,
+    Sandbox,
+    free_port,
+)
 
 
-def _pay(sandbox_url: str, session_id: str, email: str) -> None:
-    form = {
-        "email": email,
-        "cardNumber": "4242 4242 4242 4242",
-        "cardExpiry": "12 / 40",
-        "cardCvc": "123",
-        "billingName": "A Customer",
-    }
-    response = requests.post(f"{sandbox_url}/checkout/{session_id}", data=form, allow_redirects=False, timeout=10)
-    assert response.status_code == 303, response.text
+@pytest.fixture
+def held_sandbox(
+    live_server: Callable[..., LiveServer], sandbox: Callable[..., Sandbox]
+) -> tuple[Flask, SandboxAccount]:
+    """The app on a sandbox of its own (reconcile reads the whole Stripe account, so no other test's
+    objects may be in it), with webhook delivery held: nothing the sandbox does reaches the app unless
+    reconcile fetches it. Each signup's customer is on a test clock, so time can pass."""
+    port = free_port()
+    server = live_server(
+        STRIPE_SECRET_KEY=SANDBOX_SECRET_KEY,
+        STRIPE_WEBHOOK_SECRET=SANDBOX_WEBHOOK_SECRET,
+        STRIPE_API_BASE=f"http://127.0.0.1:{port}",
+        STRIPE_TEST_CLOCKS=True,
+    )
+    process = sandbox(f"{server.url}{WEBHOOK_PATH}", port=port, secret=SANDBOX_WEBHOOK_SECRET)
+    held = requests.post(f"{process.url}/_sandbox/delivery", json={"mode": "hold"}, timeout=5)
+    assert held.ok and held.json()["mode"] == "hold"
+    assert server.app is not None
+    return server.app, SandboxAccount(process.url, SANDBOX_SECRET_KEY)
 
 
-def _sign_up(client: FlaskClient, sandbox_url: str, email: str) -> str:
+def _sign_up(app: Flask, account: SandboxAccount, email: str) -> FlaskClient:
     """Sign up and pay; the success page provisions the organization (no webhook is delivered)."""
+    client = app.test_client()
     session_id = checkout_session_id(start_signup(client, email=email, organization_name=f"Org of {email}"))
-    _pay(sandbox_url, session_id, email)
+    account.pay(session_id)
     response = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
     assert response.status_code == 303, response.get_data(as_text=True)
-    return session_id
+    return client
 
 
 def _subscription_of(app: Flask, email: str) -> str:
@@ -64,66 +74,69 @@ def _reconcile(app: Flask, *args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def test_reconcile_finds_and_repairs_every_kind_of_drift(sandbox_app: SandboxedApp) -> None:
-    app, sandbox_url = sandbox_app.app, sandbox_app.sandbox.url
-    held = requests.post(f"{sandbox_url}/_sandbox/delivery", json={"mode": "hold"}, timeout=5)
-    assert held.ok and held.json()["mode"] == "hold"
-    for email in ("ada@example.com", "grace@example.com", "carol@example.com"):
-        _sign_up(app.test_client(), sandbox_url, email)
+def test_reconcile_finds_and_repairs_every_kind_of_drift(held_sandbox: tuple[Flask, SandboxAccount]) -> None:
+    app, account = held_sandbox
+    _sign_up(app, account, "ada@example.com")
+    _sign_up(app, account, "grace@example.com")
+    carol = _sign_up(app, account, "carol@example.com")
 
     # An orphan: two signups for one email, both paid; the first became the account, the second has
     # no organization and nobody comes back for it (the older checkout could not be expired in time).
     first_browser, second_browser = app.test_client(), app.test_client()
     first = checkout_session_id(start_signup(first_browser, email="dora@example.com"))
-    fault = {"method": "POST", "path": f"/v1/checkout/sessions/{first}/expire", "kind": "server", "times": 5}
-    assert requests.post(f"{sandbox_url}/_sandbox/faults", json=fault, timeout=5).status_code == 201
+    account.fail_next("checkout.sessions.expire", kind="server", times=5)
     second = checkout_session_id(start_signup(second_browser, email="dora@example.com"))
-    _pay(sandbox_url, first, "dora@example.com")
-    _pay(sandbox_url, second, "dora@example.com")
+    account.pay(first)
+    account.pay(second)
     assert first_browser.get(f"/billing/complete-signup-from-stripe?session_id={first}").status_code == 303
-    orphan = _api(sandbox_url, "GET", f"/checkout/sessions/{second}")["subscription"]
+    orphan = account.session(second)["subscription"]
 
-    # Changes at Stripe that the app never hears about: a cancellation, a new quantity, a failed payment.
-    ada, grace, carol = (_subscription_of(app, f"{n}@example.com") for n in ("ada", "grace", "carol"))
-    _api(sandbox_url, "DELETE", f"/subscriptions/{ada}")
-    seats = next(
-        item for item in _api(sandbox_url, "GET", f"/subscriptions/{grace}")["items"]["data"] if item["quantity"] == 2
-    )
-    _api(sandbox_url, "POST", f"/subscriptions/{grace}", **{"items[0][id]": seats["id"], "items[0][quantity]": "5"})
-    forced = requests.post(
-        f"{sandbox_url}/_sandbox/objects/{carol}",
-        json={"status": "past_due", "emit": "customer.subscription.updated"},
-        timeout=5,
-    )
-    assert forced.ok
+    # Changes at Stripe that the app never hears about: a cancellation (API), a new quantity (API),
+    # and a failed payment (Carol's new card is declined at the renewal on her test clock).
+    ada, grace, carols = (_subscription_of(app, f"{n}@example.com") for n in ("ada", "grace", "carol"))
+    account.api("DELETE", f"/v1/subscriptions/{ada}")
+    seats = next(item for item in account.subscription(grace)["items"]["data"] if item["quantity"] == 2)
+    account.api("POST", f"/v1/subscriptions/{grace}", {"items": [{"id": seats["id"], "quantity": 5}]})
+    portal = carol.post("/billing/portal", data={"csrf_token": csrf_token(carol, "/billing/")})
+    assert portal.status_code == 303
+    account.update_card_in_portal(portal.headers["Location"], "4000 0000 0000 0341")
+    subscription = account.subscription(carols)
+    customer = account.api("GET", f"/v1/customers/{subscription['customer']}")
+    period_end = subscription["items"]["data"][0]["current_period_end"]
+    account.advance_clock(customer["test_clock"], period_end + 7200)
+    assert account.subscription(carols)["status"] == "past_due"
 
     code, output = _reconcile(app)
     assert code == 1, output
-    assert "canceled" in output and f"({ada}): status is 'active' here, 'canceled' at Stripe" in output
+    assert f"({ada}): status is 'active' here, 'canceled' at Stripe" in output
     assert f"({grace}): addons is {{'extra_seats': 2}} here, {{'extra_seats': 5}} at Stripe" in output
-    assert f"({carol}): status is 'active' here, 'past_due' at Stripe" in output
+    assert f"({carols}): status is 'active' here, 'past_due' at Stripe" in output
+    assert f"({carols}): current_period_end is" in output
     assert f"orphan subscription {orphan} (signup, active)" in output
     assert "missing event" in output and "customer.subscription.deleted" in output
     code, as_json = _reconcile(app, "--json")
     report = json.loads(as_json)
     assert code == 1 and report["clean"] is False
-    assert {drift["subscription_id"] for drift in report["subscriptions"]} == {ada, grace, carol}
+    assert {drift["subscription_id"] for drift in report["subscriptions"]} == {ada, grace, carols}
     assert [o["subscription_id"] for o in report["orphans"]] == [orphan]
     assert {e["type"] for e in report["missing_events"]} >= {
         "checkout.session.completed",
         "customer.subscription.deleted",
         "customer.subscription.updated",
         "invoice.paid",
+        "invoice.payment_failed",
     }
     # A dry run changed nothing.
-    assert _api(sandbox_url, "GET", f"/subscriptions/{orphan}")["status"] == "active"
+    assert account.subscription(orphan)["status"] == "active"
     assert {r.billing_status for r in query(app, "SELECT billing_status FROM organization")} == {"active"}
+    assert not query(app, "SELECT id FROM stripe_event")
 
     code, output = _reconcile(app, "--apply")
     assert code == 0, output
     assert "Stripe and the database agree." in output and "canceled and refunded" in output
     rows = {r.stripe_subscription_id: r for r in query(app, "SELECT * FROM organization")}
-    assert rows[ada].billing_status == "canceled" and rows[carol].billing_status == "past_due"
+    assert rows[ada].billing_status == "canceled" and rows[carols].billing_status == "past_due"
+    assert rows[carols].last_payment_status == "failed"  # the missed invoice.payment_failed, applied
     addons = query(
         app,
         "SELECT quantity FROM organization_addon a JOIN organization o ON o.id = a.organization_id "
@@ -132,10 +145,10 @@ def test_reconcile_finds_and_repairs_every_kind_of_drift(sandbox_app: SandboxedA
     )
     assert [a.quantity for a in addons] == [5]
     # The orphan was canceled and its payment refunded, with keys derived from our ids.
-    assert _api(sandbox_url, "GET", f"/subscriptions/{orphan}")["status"] == "canceled"
+    assert account.subscription(orphan)["status"] == "canceled"
     [pending] = query(app, "SELECT * FROM pending_signup WHERE checkout_session_id = :c", c=second)
     assert pending.settlement["amount_refunded"] > 0
-    refunds = _api(sandbox_url, "GET", "/refunds")["data"]
+    refunds = account.api("GET", "/v1/refunds")["data"]
     assert [r["id"] for r in refunds] == [pending.settlement["refund_id"]]
     assert len(query(app, "SELECT id FROM organization")) == 4
     # Every event Stripe sent is now stored, applied through the delivery path.
@@ -145,8 +158,8 @@ def test_reconcile_finds_and_repairs_every_kind_of_drift(sandbox_app: SandboxedA
     assert code == 0 and "Stripe and the database agree." in output, output
 
 
-def test_reconcile_refuses_a_window_stripe_does_not_keep(sandbox_app: SandboxedApp) -> None:
-    code, output = _reconcile(sandbox_app.app, "--since", "31")
+def test_reconcile_refuses_a_window_stripe_does_not_keep(app: Flask) -> None:
+    code, output = _reconcile(app, "--since", "31")
     assert code == 2 and "31 is not in the range 1<=x<=30" in output
 
 
