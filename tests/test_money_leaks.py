@@ -399,3 +399,21 @@ def test_the_success_page_holds_no_transaction_while_stripe_answers(app: Flask, 
     )
     assert response.status_code == 303 and response.headers["Location"] == "/app"
     assert open_transactions == set()
+
+
+def test_a_conflict_stripe_cannot_settle_now_is_settled_by_the_worker(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
+    browser, second, paid = _second_paid_checkout(app, offline_stripe)
+    offline_stripe.fail_next("subscriptions.cancel", kind="server")  # the suite's SDK does not retry
+    response = browser.get(f"/billing/complete-signup-from-stripe?session_id={second}")
+    page = response.get_data(as_text=True)
+    assert response.status_code == 409
+    assert "could not reach our payment provider to cancel it just now" in page
+    assert offline_stripe.subscription(paid["subscription"])["status"] == "active"
+    assert "signup.conflict_refunded" not in events_named(app)
+
+    run_jobs(app)  # the outbox consumer of signup.conflict retries, with the same keys
+    assert offline_stripe.subscription(paid["subscription"])["status"] == "canceled"
+    assert len(offline_stripe.calls_to("refunds.create")) == 1
+    assert events_named(app)["signup.conflict_refunded"] == 1

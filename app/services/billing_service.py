@@ -368,7 +368,10 @@ class BillingService:
             db.session.rollback()
             raise
         if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
-            settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="web")
+            try:
+                settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="web")
+            except PaymentProviderUnavailable:
+                settlement = None  # the worker's consumer of signup.conflict retries it, then reconcile
             outcome = dataclasses.replace(outcome, settlement=settlement)
         return outcome
 
@@ -659,7 +662,11 @@ class BillingService:
             db.session.rollback()
             raise
         if outcome.state == ProvisionState.SURPLUS:
-            outcome = dataclasses.replace(outcome, settlement=cls.settle_surplus_subscription(session_id, source="web"))
+            try:
+                settlement = cls.settle_surplus_subscription(session_id, source="web")
+            except PaymentProviderUnavailable:
+                settlement = None  # the worker's consumer of organization.surplus_subscription retries it
+            outcome = dataclasses.replace(outcome, settlement=settlement)
         return outcome
 
     @classmethod
