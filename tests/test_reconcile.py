@@ -126,6 +126,18 @@ def test_reconcile_finds_and_repairs_every_kind_of_drift(held_sandbox: tuple[Fla
         "invoice.paid",
         "invoice.payment_failed",
     }
+    # One organization only.
+    [ada_row] = query(app, "SELECT id FROM organization WHERE stripe_subscription_id = :s", s=ada)
+    code, as_json = _reconcile(app, "--org", str(ada_row.id), "--json")
+    only_ada = json.loads(as_json)
+    assert code == 1 and [drift["subscription_id"] for drift in only_ada["subscriptions"]] == [ada]
+    assert only_ada["orphans"] == [] and {e["type"] for e in only_ada["missing_events"]} >= {
+        "customer.subscription.deleted"
+    }
+    assert all(
+        e["event_id"] not in {m["event_id"] for m in report["missing_events"] if m["type"] == "invoice.payment_failed"}
+        for e in only_ada["missing_events"]
+    )
     # A dry run changed nothing.
     assert account.subscription(orphan)["status"] == "active"
     assert {r.billing_status for r in query(app, "SELECT billing_status FROM organization")} == {"active"}
