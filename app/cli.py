@@ -38,8 +38,8 @@ def list_events(status: str | None, limit: int) -> None:
 @click.argument("event_id", required=False)
 @click.option("--failed", "all_failed", is_flag=True, help="Replay every event whose processing failed.")
 def replay(event_id: str | None, all_failed: bool) -> None:
-    """Replay one stored event, or all failed ones, through the webhook code path. Events already
-    processed are left as they are."""
+    """Queue one stored event, or all failed ones, for the worker to apply again (read afresh, so a
+    fix to the code applies). Events already processed or ignored are left as they are."""
     if bool(event_id) == all_failed:
         raise click.UsageError("give an EVENT_ID or --failed, not both")
     event_ids = (
@@ -59,8 +59,13 @@ def replay(event_id: str | None, all_failed: bool) -> None:
             result = BillingService.replay_stored_event(replayed_id)
         except LookupError as exc:
             raise click.ClickException(str(exc)) from None
-        outcome = "duplicate: already settled" if result.body.get("duplicate") else result.body
-        click.echo(f"{replayed_id}: {result.status_code} {outcome}")
+        if result.body.get("duplicate"):
+            outcome = "duplicate: already settled"
+        elif "queued" in result.body:
+            outcome = f"queued ({result.body['queued']})"
+        else:
+            outcome = f"failed again: {result.body.get('failed')}"
+        click.echo(f"{replayed_id}: {outcome}")
         failures += result.status_code >= 400
     if failures:
         raise click.ClickException(f"{failures} event(s) failed again; see `flask billing events --status failed`")

@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import logging
 import os
 import socket
 import threading
@@ -196,6 +197,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def _smtp_sink() -> Iterator[SmtpSink]:
+    # The server's own protocol log (every line of every message) is the test harness's, not the app's.
+    server_log = logging.getLogger("mail.log")
+    server_log.setLevel(logging.WARNING)
+    server_log.propagate = False
     sink = SmtpSink()
     sink.port = _free_port()
     controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
@@ -588,6 +593,14 @@ def post_webhook(
         data=body,
         headers={"Stripe-Signature": sign_stripe_payload(body, secret, timestamp), "Content-Type": "application/json"},
     )
+
+
+def post_and_apply(client: FlaskClient, event: dict[str, Any] | bytes, **kwargs: Any) -> Any:
+    """post_webhook, then run the queued jobs the way the worker would (webhooks are applied by the
+    worker; the request only stores and queues). Returns the webhook's response."""
+    response = post_webhook(client, event, **kwargs)
+    run_jobs(client.application)
+    return response
 
 
 PASSWORD = "correct horse battery staple"

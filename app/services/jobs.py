@@ -15,10 +15,23 @@ from app.extensions import db
 from app.models import PendingSignup, SignupStatus, StripeEvent
 from app.models.types import utcnow
 from app.services import domain_events, notifications, outbox, queue  # noqa: F401  (registers the consumers)
+from app.services.billing_service import WEBHOOK_QUEUE, BillingService
 
 logger = logging.getLogger(__name__)
 
+webhooks = procrastinate.Blueprint()
 maintenance = procrastinate.Blueprint()
+
+
+@webhooks.task(name="apply", queue=WEBHOOK_QUEUE, retry=queue.RETRY, pass_context=True)
+@queue.in_app_context
+def apply_webhook_events(context: procrastinate.JobContext, provider: str, object_key: str) -> str:
+    """Apply the stored webhook events about one object (one job per object at a time, coalesced)."""
+    attempts = context.job.attempts if context.job else 0
+    final = attempts + 1 >= int(queue.flask_app().config["JOB_MAX_ATTEMPTS"])
+    return BillingService.apply_queued_events(provider, object_key, final_attempt=final)
+
+
 QUEUE = "maintenance"
 # A pending signup is closed this long after its expiry, when its Checkout Session (which expires at
 # the same moment at Stripe) can no longer be paid.
@@ -100,4 +113,5 @@ def drop_event_payloads() -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+queue.register_blueprint("webhooks", webhooks)
 queue.register_blueprint("maintenance", maintenance)
