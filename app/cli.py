@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import click
 from flask import current_app
 from flask.cli import AppGroup
@@ -9,7 +12,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus
-from app.services import queue
+from app.services import queue, queue_status
 from app.services.billing_service import BillingError, BillingService, plan_catalogue
 
 billing_cli = AppGroup("billing", help="Billing operations: stored webhook events, replays, prices.")
@@ -84,6 +87,22 @@ def check_prices() -> None:
         raise click.ClickException(str(exc)) from None
     for label, lookup_key in entries:
         click.echo(f"{label:<24} {lookup_key:<24} {prices[lookup_key]}")
+
+
+@billing_cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+def status(as_json: bool) -> None:
+    """The queue by state, the oldest waiting job's age, failed jobs, webhook events not yet applied."""
+    figures = queue_status.queue_figures()
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(figures), sort_keys=True))
+        return
+    click.echo("jobs:            " + "  ".join(f"{state}={count}" for state, count in figures.jobs.items()))
+    click.echo(f"oldest waiting:  {figures.oldest_waiting_seconds:.1f} s")
+    failed = "  ".join(f"{task}={count}" for task, count in figures.failed_jobs_by_task.items()) or "none"
+    click.echo(f"failed jobs:     {failed}")
+    click.echo("webhook events:  " + "  ".join(f"{state}={count}" for state, count in figures.webhook_events.items()))
+    click.echo(f"oldest pending:  {figures.oldest_pending_event_seconds:.1f} s")
 
 
 @billing_cli.command("worker")

@@ -4,6 +4,7 @@ anywhere in the suite; `pytest --stripe-live` leaves the real client in place.""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import itertools
@@ -153,8 +154,18 @@ class SmtpSink:
         self.refusals = 0
         self.lock = threading.Lock()
         self.port = 0
+        self.holding = False
+        self.held = threading.Event()  # a held message has arrived
+        self.release = threading.Event()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.holding:
+            # The message is in, the answer is not: the sender waits here (a test kills it meanwhile).
+            held, release = self.held, self.release
+            held.set()
+            while not release.is_set():
+                await asyncio.sleep(0.05)
+            return "451 Requested action aborted: the sender went away"
         with self.lock:
             if self.refusals:
                 self.refusals -= 1
@@ -163,6 +174,11 @@ class SmtpSink:
             assert isinstance(message, EmailMessage)
             self.messages.append(message)
         return "250 Message accepted for delivery"
+
+    def hold_messages(self) -> None:
+        """From now on, keep each message unanswered until ``release`` is set; then refuse it."""
+        self.held, self.release = threading.Event(), threading.Event()
+        self.holding = True
 
     def refuse_next(self, count: int = 1) -> None:
         """The next ``count`` messages are refused with a temporary error (451)."""
@@ -175,6 +191,8 @@ class SmtpSink:
         with self.lock:
             self.messages.clear()
             self.refusals = 0
+            self.holding = False
+            self.release.set()  # a message a previous test held is let go
 
 
 def email_text(message: EmailMessage) -> str:
