@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS request_log (
     path            TEXT NOT NULL,
     params          TEXT NOT NULL,                       -- JSON
     idempotency_key TEXT,
+    stripe_version  TEXT,                                -- the Stripe-Version header the client sent
+    user_agent      TEXT,                                -- who called: an SDK, a script, a test
     status          INTEGER NOT NULL                     -- 0: connection closed without a response
 );
 
@@ -87,6 +89,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # A state directory from before the request log had these columns keeps working.
+        logged = {row["name"] for row in self._db.execute("PRAGMA table_info(request_log)")}
+        for column in ("stripe_version", "user_agent"):
+            if column not in logged:
+                self._db.execute(f"ALTER TABLE request_log ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -126,8 +133,23 @@ class Store:
             (obj["id"], obj["object"], json.dumps(obj)),
         )
 
+    def delete(self, object_id: str) -> None:
+        self._execute("DELETE FROM objects WHERE id = ?", (object_id,))
+
     def all(self, kind: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT data FROM objects WHERE kind = ? ORDER BY rowid", (kind,))
+        return [json.loads(row["data"]) for row in rows]
+
+    def all_where(self, kind: str, field: str, values: list[str]) -> list[dict[str, Any]]:
+        """Objects of a kind whose top-level `field` is one of `values`, in creation order,
+        filtered in SQLite so callers need not decode every object of the kind."""
+        if not values:
+            return []
+        marks = ", ".join("?" for _ in values)
+        rows = self._query(
+            f"SELECT data FROM objects WHERE kind = ? AND json_extract(data, ?) IN ({marks}) ORDER BY rowid",  # noqa: S608
+            (kind, f"$.{field}", *values),
+        )
         return [json.loads(row["data"]) for row in rows]
 
     # -- idempotency ----------------------------------------------------------------------
@@ -210,11 +232,14 @@ class Store:
         status: int,
         at: float,
         keep: int,
+        stripe_version: str | None = None,
+        user_agent: str | None = None,
     ) -> int:
         with self._lock:
             cursor = self._db.execute(
-                "INSERT INTO request_log (at, method, path, params, idempotency_key, status) VALUES (?, ?, ?, ?, ?, ?)",
-                (at, method, path, params, idempotency_key, status),
+                "INSERT INTO request_log (at, method, path, params, idempotency_key, stripe_version, user_agent,"
+                " status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (at, method, path, params, idempotency_key, stripe_version, user_agent, status),
             )
             seq = cursor.lastrowid
             assert seq is not None
@@ -282,5 +307,16 @@ class Store:
         )
 
     def sends(self, event_ids: list[str]) -> list[sqlite3.Row]:
-        marks = ",".join("?" * len(event_ids))
-        return self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks}) ORDER BY id", tuple(event_ids))  # noqa: S608
+        """The sends of these events, oldest first (queried in chunks: SQLite caps bound values)."""
+        rows: list[sqlite3.Row] = []
+        for start in range(0, len(event_ids), 500):
+            chunk = event_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks})", tuple(chunk))  # noqa: S608
+        return sorted(rows, key=lambda row: row["id"])
+
+    # -- list filters -----------------------------------------------------------------------
+
+    def delivery_states(self) -> dict[str, str]:
+        """Each queued event's delivery state (pending | sending | delivered | failed)."""
+        return {row["event_id"]: row["state"] for row in self._query("SELECT event_id, state FROM deliveries")}

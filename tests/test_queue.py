@@ -22,7 +22,7 @@ from flask.testing import FlaskClient
 from app.extensions import db
 from app.services import domain_events, jobs, queue, stripe_objects
 from tests.conftest import (
-    OfflineStripe,
+    SandboxAccount,
     SmtpSink,
     checkout_session_id,
     post_and_apply,
@@ -31,13 +31,14 @@ from tests.conftest import (
     run_jobs,
     sign_up,
     start_signup,
+    stripe_event,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def organization(app: Flask, offline_stripe: OfflineStripe) -> dict[str, Any]:
+def organization(app: Flask, offline_stripe: SandboxAccount) -> dict[str, Any]:
     session = sign_up(app.test_client(), offline_stripe)
     run_jobs(app)  # the welcome email and anything else the signup queued
     [row] = query(app, "SELECT * FROM organization")
@@ -53,7 +54,7 @@ def names(app: Flask) -> Counter[str]:
     return Counter(row.name for row in query(app, "SELECT name FROM domain_event"))
 
 
-def subscription_reads(stripe_api: OfflineStripe) -> int:
+def subscription_reads(stripe_api: SandboxAccount) -> int:
     return len(stripe_api.calls_to("subscriptions.retrieve"))
 
 
@@ -61,11 +62,11 @@ def subscription_reads(stripe_api: OfflineStripe) -> int:
 
 
 def test_the_request_stores_and_queues_and_the_worker_applies(
-    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
     reads = subscription_reads(offline_stripe)
-    response = post_webhook(client, OfflineStripe.event("customer.subscription.updated", subscription))
+    response = post_webhook(client, stripe_event("customer.subscription.updated", subscription))
     assert response.status_code == 200 and response.get_json() == {"received": True}
     # Acknowledged without calling Stripe or applying anything.
     assert subscription_reads(offline_stripe) == reads
@@ -82,11 +83,11 @@ def test_the_request_stores_and_queues_and_the_worker_applies(
 
 
 def test_fifty_concurrent_deliveries_of_one_event_apply_it_once_and_send_one_email(
-    app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe, smtp_server: SmtpSink
+    app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount, smtp_server: SmtpSink
 ) -> None:
     smtp_server.clear()
     ended = offline_stripe.change_subscription(organization["subscription_id"], status="canceled")
-    event = OfflineStripe.event("customer.subscription.deleted", ended)
+    event = stripe_event("customer.subscription.deleted", ended)
     barrier = threading.Barrier(50)
     statuses: list[int] = []
 
@@ -111,15 +112,13 @@ def test_fifty_concurrent_deliveries_of_one_event_apply_it_once_and_send_one_ema
 
 
 def test_two_hundred_events_for_one_subscription_cost_at_most_two_stripe_reads(
-    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     reads = subscription_reads(offline_stripe)
     for n in range(200):
         status = ("active", "unpaid", "past_due")[n % 3]
         subscription = offline_stripe.change_subscription(organization["subscription_id"], status=status)
-        assert (
-            post_webhook(client, OfflineStripe.event("customer.subscription.updated", subscription)).status_code == 200
-        )
+        assert post_webhook(client, stripe_event("customer.subscription.updated", subscription)).status_code == 200
     # One job waits for the subscription, however many events joined it.
     assert len(query(app, "SELECT id FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")) == 1
     run_jobs(app)
@@ -130,13 +129,13 @@ def test_two_hundred_events_for_one_subscription_cost_at_most_two_stripe_reads(
 
 
 def test_a_redis_flush_while_jobs_wait_loses_none(
-    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe, smtp_server: SmtpSink
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount, smtp_server: SmtpSink
 ) -> None:
     smtp_server.clear()
     subscription = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
-    post_webhook(client, OfflineStripe.event("customer.subscription.updated", subscription))
+    post_webhook(client, stripe_event("customer.subscription.updated", subscription))
     invoice = {"id": "in_flush", "object": "invoice", "customer": organization["customer_id"], "amount_due": 2900}
-    post_webhook(client, OfflineStripe.event("invoice.payment_failed", invoice))
+    post_webhook(client, stripe_event("invoice.payment_failed", invoice))
     waiting = query(app, "SELECT count(*) FROM procrastinate_jobs WHERE status = 'todo'")[0][0]
     assert waiting == 2
     app.extensions["redis"].flushdb()
@@ -151,10 +150,10 @@ def test_a_redis_flush_while_jobs_wait_loses_none(
 
 
 def test_a_subscription_stripe_does_not_know_is_ignored_with_the_reason(
-    client: FlaskClient, app: Flask, offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     foreign = {"id": "sub_OtherEnvironment1", "object": "subscription", "status": "active", "metadata": {}}
-    response = post_and_apply(client, OfflineStripe.event("customer.subscription.updated", foreign))
+    response = post_and_apply(client, stripe_event("customer.subscription.updated", foreign))
     assert response.status_code == 200
     [row] = query(app, "SELECT status, outcome FROM stripe_event")
     assert (row.status, row.outcome) == (
@@ -164,12 +163,12 @@ def test_a_subscription_stripe_does_not_know_is_ignored_with_the_reason(
 
 
 def test_a_subscription_no_organization_holds_and_not_from_our_signups_is_ignored(
-    client: FlaskClient, app: Flask, offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     # A subscription in the shared Stripe account created by another environment: no metadata of ours.
     session = offline_stripe.pay(checkout_session_id(start_signup(app.test_client())))
     foreign = offline_stripe.change_subscription(session["subscription"], metadata={})
-    response = post_and_apply(client, OfflineStripe.event("customer.subscription.updated", foreign))
+    response = post_and_apply(client, stripe_event("customer.subscription.updated", foreign))
     assert response.status_code == 200
     [row] = query(app, "SELECT status, outcome FROM stripe_event")
     assert row.status == "ignored" and row.outcome.startswith("not ours: no organization holds this subscription")
@@ -178,7 +177,7 @@ def test_a_subscription_no_organization_holds_and_not_from_our_signups_is_ignore
 
 def test_a_checkout_of_another_environment_is_ignored_at_intake(client: FlaskClient, app: Flask) -> None:
     foreign = {"id": "cs_test_elsewhere1", "object": "checkout.session", "metadata": {"purpose": "other-app"}}
-    response = post_webhook(client, OfflineStripe.event("checkout.session.completed", foreign))
+    response = post_webhook(client, stripe_event("checkout.session.completed", foreign))
     assert response.status_code == 200 and response.get_json()["ignored"] == "not ours: not a checkout this app created"
     assert query(app, "SELECT count(*) FROM procrastinate_jobs")[0][0] == 0
 
@@ -213,7 +212,7 @@ SUBSCRIPTION = {"object": "subscription", "status": "active", "metadata": {}}
 def test_a_malformed_object_is_stored_as_failed_with_a_reason_and_nothing_applied(
     client: FlaskClient, app: Flask, event_type: str, obj: dict[str, Any], reason: str
 ) -> None:
-    event = OfflineStripe.event(event_type, obj)
+    event = stripe_event(event_type, obj)
     response = post_webhook(client, event)
     assert response.status_code == 200, response.get_data(as_text=True)
     assert reason in response.get_json()["failed"]
@@ -229,31 +228,36 @@ def test_a_malformed_object_is_stored_as_failed_with_a_reason_and_nothing_applie
 
 
 def test_a_metered_item_without_a_quantity_is_valid_and_applies(
-    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
-    subscription["items"]["data"].append(
-        {"id": "si_metered1", "object": "subscription_item", "price": {"id": "price_usage"}, "quantity": None}
-    )
-    offline_stripe.change_subscription(organization["subscription_id"], items=subscription["items"])
-    response = post_and_apply(client, OfflineStripe.event("customer.subscription.updated", subscription))
+    metered = {"id": "si_metered1", "object": "subscription_item", "price": {"id": "price_usage"}, "quantity": None}
+    payload = {**subscription, "items": {**subscription["items"], "data": [*subscription["items"]["data"], metered]}}
+    response = post_and_apply(client, stripe_event("customer.subscription.updated", payload))
     assert response.get_json() == {"received": True}
     assert organization_row(app).billing_status == "past_due"
-    assert query(app, "SELECT status FROM stripe_event WHERE type = 'customer.subscription.updated'")[0].status == (
-        "processed"
-    )
+    [row] = query(app, "SELECT status FROM stripe_event WHERE type = 'customer.subscription.updated'")
+    assert row.status == "processed"
+    # Read back from Stripe with such an item, the subscription still maps (the item counts as 0).
+    from app.services.subscription_state import SubscriptionState
+
+    with app.app_context():
+        state = SubscriptionState.from_stripe(
+            stripe_objects.subscription_for_state(payload), app.extensions["plan_catalogue"]
+        )
+    assert state.subscription_id == organization["subscription_id"]
 
 
 def test_a_failed_event_is_replayed_after_a_fix(
     client: FlaskClient,
     app: Flask,
     organization: dict[str, Any],
-    offline_stripe: OfflineStripe,
+    offline_stripe: SandboxAccount,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
     # Stripe starts sending a field in a shape this version cannot read.
-    event = OfflineStripe.event("customer.subscription.updated", {**subscription, "cancel_at_period_end": "soon"})
+    event = stripe_event("customer.subscription.updated", {**subscription, "cancel_at_period_end": "soon"})
     assert "failed" in post_and_apply(client, event).get_json()
     runner = app.test_cli_runner()
     again = runner.invoke(args=["billing", "replay", event["id"]])
@@ -280,7 +284,7 @@ def test_a_failed_event_is_replayed_after_a_fix(
 
 @pytest.mark.parametrize("skew", [90, -90])
 def test_ordering_does_not_depend_on_our_clock_agreeing_with_stripes(
-    client: FlaskClient, app: Flask, offline_stripe: OfflineStripe, monkeypatch: pytest.MonkeyPatch, skew: int
+    client: FlaskClient, app: Flask, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch, skew: int
 ) -> None:
     """Our clock runs 90 s ahead of (or behind) Stripe's, which stamps events with its own."""
     from app.services import billing_service
@@ -300,17 +304,17 @@ def test_ordering_does_not_depend_on_our_clock_agreeing_with_stripes(
 
     # A newer change at Stripe, stamped by Stripe's clock: applied, never settled as stale.
     past_due = offline_stripe.change_subscription(subscription_id, status="past_due")
-    post_and_apply(client, OfflineStripe.event("customer.subscription.updated", past_due, created=stripe_now))
+    post_and_apply(client, stripe_event("customer.subscription.updated", past_due, created=stripe_now))
     assert organization_row(app).billing_status == "past_due"
 
     # An older event delivered late (its payload says active): it never wins over Stripe's state.
     stale = {**past_due, "status": "active"}
-    post_and_apply(client, OfflineStripe.event("customer.subscription.updated", stale, created=stripe_now - 60))
+    post_and_apply(client, stripe_event("customer.subscription.updated", stale, created=stripe_now - 60))
     assert organization_row(app).billing_status == "past_due"
 
     # Stripe moves on; the event carries a timestamp older than anything we hold: still applied.
     unpaid = offline_stripe.change_subscription(subscription_id, status="unpaid")
-    post_and_apply(client, OfflineStripe.event("customer.subscription.updated", unpaid, created=stripe_now - 120))
+    post_and_apply(client, stripe_event("customer.subscription.updated", unpaid, created=stripe_now - 120))
     assert organization_row(app).billing_status == "unpaid"
     assert not [row for row in query(app, "SELECT outcome FROM stripe_event") if "stale" in (row.outcome or "")]
 
@@ -380,15 +384,15 @@ def test_a_worker_killed_mid_job_leaves_nothing_half_done_and_the_job_runs_again
 # --- Status and metrics ------------------------------------------------------------------------------
 
 
-def test_status_and_metrics_show_the_queue(make_app: Any, offline_stripe: OfflineStripe) -> None:
+def test_status_and_metrics_show_the_queue(make_app: Any, offline_stripe: SandboxAccount) -> None:
     app = make_app(METRICS_TOKEN="metrics-token-for-tests", JOB_MAX_ATTEMPTS=1)
     client = app.test_client()
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
     unknown = {"id": "sub_Unknown1", "object": "subscription", "status": "active"}
     offline_stripe.fail_next("subscriptions.retrieve", "server")
-    post_and_apply(client, OfflineStripe.event("customer.subscription.updated", unknown))  # fails for good
-    post_webhook(client, OfflineStripe.event("customer.subscription.updated", {**unknown, "id": "sub_Unknown2"}))
+    post_and_apply(client, stripe_event("customer.subscription.updated", unknown))  # fails for good
+    post_webhook(client, stripe_event("customer.subscription.updated", {**unknown, "id": "sub_Unknown2"}))
 
     status = app.test_cli_runner().invoke(args=["billing", "status", "--json"])
     figures = json.loads(status.output)

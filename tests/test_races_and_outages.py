@@ -1,14 +1,18 @@
-"""Proof under load and faults (issue 7): a hundred requests racing to provision one checkout, the
-database connection killed in the middle of an event, and Redis going away while the app runs.
+"""Proof under load and faults (issue 7, issue 12): a hundred requests racing to provision one checkout,
+a worker killed in the middle of a job, and Redis going away while the app runs.
 
 Real PostgreSQL and Redis throughout (the outage test starts a redis-server of its own so that taking
-it down touches nothing else); Stripe is conftest's OfflineStripe, wrapped where a test must pause it."""
+it down touches nothing else); Stripe is the suite's sandbox, slowed down where a test must catch the app
+waiting on it."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -21,12 +25,13 @@ import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import text
 
-from app.extensions import db
+from app.services import jobs, queue
 from tests.conftest import (
+    OFFLINE_SECRET_KEY,
+    OFFLINE_WEBHOOK_SECRET,
     PASSWORD,
-    OfflineStripe,
+    SandboxAccount,
     checkout_session_id,
     csrf_token,
     post_and_apply,
@@ -36,8 +41,11 @@ from tests.conftest import (
     sign_up,
     signup_form,
     start_signup,
+    stripe_event,
 )
+from tests.live_support import wait_until
 
+ROOT = Path(__file__).resolve().parents[1]
 SIGNUP_EVENTS = ("organization.created", "user.created", "signup.completed")
 REDIS_DOWN_MESSAGE = "Signing in and forms are briefly unavailable. Please try again in a minute."
 
@@ -97,7 +105,7 @@ def run_together(tasks: list[Callable[[], Any]]) -> list[Any]:
 
 
 def test_fifty_webhooks_and_fifty_redirects_at_once_provision_exactly_once(
-    make_app: Callable[..., Flask], offline_stripe: OfflineStripe, database_url: str
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount, database_url: str
 ) -> None:
     budget = connection_budget(database_url)
     app = make_app(
@@ -113,7 +121,7 @@ def test_fifty_webhooks_and_fifty_redirects_at_once_provision_exactly_once(
     )
     owner = app.test_client()
     session_id = checkout_session_id(start_signup(owner))
-    completed = OfflineStripe.event("checkout.session.completed", offline_stripe.pay(session_id))
+    completed = stripe_event("checkout.session.completed", offline_stripe.pay(session_id))
     url = f"/billing/complete-signup-from-stripe?session_id={session_id}"
 
     def webhook(client: FlaskClient) -> Callable[[], tuple[str, int, str | None]]:
@@ -159,72 +167,74 @@ def test_fifty_webhooks_and_fifty_redirects_at_once_provision_exactly_once(
     assert len(reads) == 2
 
 
-# --- The database connection dies in the middle of an event -----------------------------------------
+# --- A worker dies in the middle of a job -------------------------------------------------------------
 
 
-class PausedStripeCall:
-    """Stands in for one OfflineStripe method: the first call notes the app's database backend (the one
-    holding the event's transaction), says it has arrived, and waits to be released; then it behaves as
-    the real fake does."""
-
-    def __init__(self, namespace: Any, name: str) -> None:
-        self.original = getattr(namespace, name)
-        setattr(namespace, name, self)
-        self.arrived = threading.Event()
-        self.release = threading.Event()
-        self.backend_pid: int | None = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.arrived.is_set():
-            self.backend_pid = db.session.execute(text("SELECT pg_backend_pid()")).scalar()
-            self.arrived.set()
-            self.release.wait(60)
-        return self.original(*args, **kwargs)
-
-
-def test_a_connection_killed_mid_event_leaves_nothing_and_the_retry_applies_it(
-    make_app: Callable[..., Flask], offline_stripe: OfflineStripe, database_url: str
+def test_a_worker_killed_mid_job_leaves_nothing_half_applied_and_the_job_runs_again(
+    app: Flask, offline_stripe: SandboxAccount, database_url: str, smtp_server: Any
 ) -> None:
-    app = make_app(JOB_RETRY_BASE_SECONDS=0)
     owner = app.test_client()
     session_id = checkout_session_id(start_signup(owner))
-    completed = OfflineStripe.event("checkout.session.completed", offline_stripe.pay(session_id))
-    # The request stores the event and answers at once; the worker applies it.
+    completed = stripe_event("checkout.session.completed", offline_stripe.pay(session_id))
+    # The request stores the event and its job, and answers; nothing is applied yet.
     stored = post_webhook(app.test_client(), completed)
     assert stored.status_code == 200 and stored.get_json() == {"received": True}
-    # The worker's provisioning reads the subscription inside its transaction: the database
-    # connection is killed there.
-    paused = PausedStripeCall(offline_stripe.v1.subscriptions, "retrieve")
-    worker = threading.Thread(target=run_jobs, args=(app,))
-    worker.start()
+    # A real worker process (`flask billing worker`) takes the job; Stripe is slow, so it is mid-job
+    # (reading the checkout) when it is killed with SIGKILL: no clean-up, no rollback of its own.
+    offline_stripe.set_latency(3)
+    environment = {
+        **os.environ,
+        "APP_ENV": "test",
+        "FLASK_APP": "wsgi.py",
+        "TEST_DATABASE_URL": database_url,
+        "STRIPE_SECRET_KEY": OFFLINE_SECRET_KEY,
+        "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
+        "STRIPE_API_BASE": offline_stripe.url,
+        "STRIPE_MAX_NETWORK_RETRIES": "0",
+        "MAIL_SERVER": "127.0.0.1",
+        "MAIL_PORT": str(smtp_server.port),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flask", "billing", "worker", "--queue", "webhooks", "--concurrency", "1"],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        assert paused.arrived.wait(30), "the worker never reached Stripe"
-        admin = admin_connection(database_url)
-        try:
-            with admin.cursor() as cursor:
-                cursor.execute("SELECT pg_terminate_backend(%s, 10000)", (paused.backend_pid,))
-                assert cursor.fetchone()[0] is True
-        finally:
-            admin.close()
-        # Nothing of the event survived the dead connection: no account, the signup still open, and the
-        # stored event still waits to be applied.
-        assert query(app, "SELECT id FROM organization") == []
-        assert [row.status for row in query(app, "SELECT status FROM pending_signup")] == ["pending"]
-        assert [row.status for row in query(app, "SELECT status FROM stripe_event")] == ["pending"]
+        wait_until(
+            lambda: offline_stripe.calls_to("checkout.sessions.retrieve"), 60, "the worker never asked Stripe", 0.05
+        )
+        worker.send_signal(signal.SIGKILL)
+        assert worker.wait(10) == -signal.SIGKILL
     finally:
-        paused.release.set()
-        worker.join(60)
+        if worker.poll() is None:
+            worker.kill()
+        offline_stripe.set_latency(0)
 
-    # The pool replaced the dead connection and the retry applied the event in full.
+    # Nothing of the job survived: no account, no signup events, the signup still open, the event still
+    # waiting, and its job left "doing" under a dead worker.
+    assert query(app, "SELECT id FROM organization") == []
+    assert query(app, "SELECT id FROM user_account") == []
+    assert not any(domain_event_counts(app)[name] for name in SIGNUP_EVENTS)
+    assert [row.status for row in query(app, "SELECT status FROM pending_signup")] == ["pending"]
+    assert [row.status for row in query(app, "SELECT status FROM stripe_event")] == ["pending"]
+    [job] = query(app, "SELECT status FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")
+    assert job.status == "doing"
+
+    # The dead worker's heartbeat stops; the stalled job is queued again and applies the event in full.
+    time.sleep(1.5)
+    assert jobs.requeue_stalled_jobs_now(queue.job_app(app), seconds_since_heartbeat=1) == 1
+    run_jobs(app)
     [organization] = query(app, "SELECT * FROM organization")
     assert organization.name == "Analytical Engines" and organization.billing_status == "active"
     [event_row] = query(app, "SELECT * FROM stripe_event")
     assert (event_row.event_id, event_row.status) == (completed["id"], "processed")
     events = domain_event_counts(app)
     assert [events[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
-    [job] = query(app, "SELECT status, attempts FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")
-    assert (job.status, job.attempts) == ("succeeded", 2)
-    # And the customer's browser, arriving afterwards, is signed in to the account the webhook made.
+    [job] = query(app, "SELECT status FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")
+    assert job.status == "succeeded"
+    # And the customer's browser, arriving afterwards, is signed in to the account the worker made.
     landing = owner.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
     assert landing.status_code == 303 and landing.headers["Location"] == "/app"
 
@@ -304,7 +314,7 @@ def assert_unavailable_page(response: Any) -> None:
 
 def test_redis_going_away_stops_forms_with_a_clear_page_but_never_webhooks(
     make_app: Callable[..., Flask],
-    offline_stripe: OfflineStripe,
+    offline_stripe: SandboxAccount,
     redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -324,7 +334,7 @@ def test_redis_going_away_stops_forms_with_a_clear_page_but_never_webhooks(
     paid = offline_stripe.pay(
         checkout_session_id(start_signup(second, email="grace@example.com", organization_name="Hopper Compilers"))
     )
-    completed = OfflineStripe.event("checkout.session.completed", paid)
+    completed = stripe_event("checkout.session.completed", paid)
     # A form fetched before the outage and submitted during it.
     pending_login = app.test_client()
     login_token = csrf_token(pending_login, "/auth/login")
@@ -379,5 +389,5 @@ def test_redis_going_away_stops_forms_with_a_clear_page_but_never_webhooks(
     )
     assert signed_in.status_code == 303 and signed_in.headers["Location"] == "/app"
     assert "Hopper Compilers" in grace.get("/app").get_data(as_text=True)
-    later = OfflineStripe.event("invoice.paid", {"id": "in_after", "customer": paid["customer"]})
+    later = stripe_event("invoice.paid", {"id": "in_after", "customer": paid["customer"]})
     assert post_webhook(app.test_client(), later).status_code == 200
