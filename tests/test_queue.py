@@ -414,3 +414,51 @@ def test_status_and_metrics_show_the_queue(make_app: Any, offline_stripe: Sandbo
 
 def test_metrics_are_not_found_without_a_token(client: FlaskClient) -> None:
     assert client.get("/metrics", headers={"Authorization": "Bearer "}).status_code == 404
+
+
+# --- A Stripe brownout --------------------------------------------------------------------------------
+
+
+def test_a_stripe_brownout_slows_neither_pages_nor_webhook_acknowledgements(
+    make_app: Any, offline_stripe: SandboxAccount
+) -> None:
+    """Every Stripe call takes 5 s while the worker is applying events: a page that does not call
+    Stripe still answers in under 100 ms, and webhooks are still acknowledged at intake speed."""
+    app = make_app(WORKER_CONCURRENCY=2)
+    owner = app.test_client()
+    session = sign_up(owner, offline_stripe)
+    run_jobs(app)
+    subscription = offline_stripe.subscription(session["subscription"])
+    sender = app.test_client()
+    offline_stripe.set_latency(5)
+    try:
+        # Work for the worker, each job waiting 5 s on Stripe.
+        for n in range(2):
+            post_webhook(sender, stripe_event("customer.subscription.updated", {**subscription, "id": f"sub_Slow{n}x"}))
+        worker = threading.Thread(target=queue.run_pending_jobs, args=(app,), kwargs={"concurrency": 2})
+        worker.start()
+        time.sleep(0.5)  # the worker is now waiting on Stripe
+        pages: list[float] = []
+        acks: list[float] = []
+        for _ in range(20):
+            started = time.perf_counter()
+            page = owner.get("/app")
+            pages.append(time.perf_counter() - started)
+            assert page.status_code == 200 and "Analytical Engines" in page.get_data(as_text=True)
+            event = stripe_event("customer.subscription.updated", subscription)
+            started = time.perf_counter()
+            ack = post_webhook(sender, event)
+            acks.append(time.perf_counter() - started)
+            assert ack.status_code == 200 and ack.get_json() == {"received": True}
+        assert worker.is_alive(), "the worker finished before the measurements: Stripe was not slow"
+        assert offline_stripe.calls_to("subscriptions.retrieve"), "the worker never waited on Stripe"
+    finally:
+        offline_stripe.set_latency(0)
+    worker.join(60)
+    pages.sort()
+    acks.sort()
+    assert pages[len(pages) // 2] < 0.100, pages  # the median page: well under 100 ms
+    assert max(pages) < 1.0, pages  # and none waited on Stripe's 5 s
+    assert acks[len(acks) // 2] < 0.100 and max(acks) < 1.0, acks
+    run_jobs(app)
+    assert query(app, "SELECT count(*) FROM stripe_event WHERE status = 'pending'")[0][0] == 0
