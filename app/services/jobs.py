@@ -113,5 +113,23 @@ def drop_event_payloads() -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+@maintenance.periodic(cron="41 4 * * *")
+@maintenance.task(name="reconcile_daily", queue=QUEUE, queueing_lock="reconcile_daily")
+@queue.in_app_context
+def reconcile_daily(timestamp: int) -> str:
+    """Once a day: `flask billing reconcile --apply` (compare Stripe with the database and repair the
+    drift). BillingService.reconcile comes with the reconcile command; until it is there this says so."""
+    reconcile = getattr(BillingService, "reconcile", None)
+    if reconcile is None:
+        logger.warning("daily reconcile: BillingService.reconcile is not available in this version")
+        return "reconcile not available"
+    report = reconcile(apply=True)
+    for line in report.lines():
+        logger.info("daily reconcile: %s", line)
+    if not report.clean:
+        logger.error("daily reconcile: drift remains after repair; run `flask billing reconcile` to see it")
+    return "clean" if report.clean else "drift remains"
+
+
 queue.register_blueprint("webhooks", webhooks)
 queue.register_blueprint("maintenance", maintenance)
