@@ -2,8 +2,8 @@
 payment collection pauses, resubscribe checkouts, and the settlement of paid checkouts that no
 organization may keep (a conflicting signup, a surplus resubscription).
 
-Revision ID: 0003_billing_truth
-Revises: 0002_queue_outbox
+Revision ID: 0004_billing_truth
+Revises: 0003_queue_webhook_jobs
 Create Date: 2026-11-28
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0003_billing_truth"
-down_revision = "0002_queue_outbox"
+revision = "0004_billing_truth"
+down_revision = "0003_queue_webhook_jobs"
 branch_labels = None
 depends_on = None
 
