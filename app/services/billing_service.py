@@ -1141,11 +1141,12 @@ class BillingService:
         for key in objects:
             applied.append(f"{key}: {cls.apply_queued_events(provider.name, key)}")
         for drift in report.subscriptions:
-            subscription = cls._retrieve_subscription(drift.subscription_id)
+            # As the worker applies a subscription event: read now, checked, applied under a short lock.
+            subscription = stripe_objects.subscription_for_state(cls._retrieve_subscription(drift.subscription_id))
             try:
-                organization = cls._lock_organization(drift.organization_id)
+                organization = cls._lock_organization_for_subscription(subscription)
                 changes: list[str] = []
-                if organization is not None and organization.stripe_subscription_id == drift.subscription_id:
+                if organization is not None:
                     changes = cls._apply_subscription_read(organization, subscription, source="reconcile")
                 db.session.commit()
             except BaseException:
