@@ -626,13 +626,16 @@ class BillingService:
 
     @staticmethod
     def _queue_application(provider: WebhookProvider, object_key: str) -> None:
-        """One job per object: while one waits, later events about the object join it (queueing lock),
-        and the lock runs one object's jobs one at a time."""
+        """One job per object: while one waits (at least WEBHOOK_COALESCE_SECONDS), later events about
+        the object join it (queueing lock), and the lock runs one object's jobs one at a time."""
+        wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
         queue.defer(
             WEBHOOK_TASK,
             queue=WEBHOOK_QUEUE,
             lock=f"{provider.name}:{object_key}",
             queueing_lock=f"{provider.name}:{object_key}",
+            # The job waits this long before it runs, so a burst about one object joins it.
+            scheduled_at=utcnow() + timedelta(seconds=wait) if wait > 0 else None,
             provider=provider.name,
             object_key=object_key,
         )
