@@ -27,7 +27,8 @@ import redis
 
 from bench import events
 
-DATABASE = "billing_bench"
+# BENCH_DATABASE moves it (two benchmarks at once on one PostgreSQL must not share it).
+DATABASE = os.environ.get("BENCH_DATABASE", "billing_bench")
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 DATABASE_DSN = f"host=127.0.0.1 port=5432 user=postgres dbname={DATABASE}"
 EVENT_TABLES = ("stripe_event_small", "stripe_event_large")

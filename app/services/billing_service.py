@@ -929,8 +929,9 @@ class StripeWebhooks:
         if event.type not in HANDLED_STRIPE_EVENTS:
             return f"unhandled event type {event.type}"
         if event.type.startswith("checkout.session."):
-            purpose = (event.body["data"]["object"].get("metadata") or {}).get("purpose")
-            if purpose not in ("signup", "resubscribe"):
+            metadata = event.body["data"]["object"].get("metadata")
+            # Metadata that is not an object is left for the typed reading to refuse (failed, with why).
+            if isinstance(metadata, dict | None) and (metadata or {}).get("purpose") not in ("signup", "resubscribe"):
                 return "not ours: not a checkout this app created"
         return None
 
