@@ -205,6 +205,7 @@ SUBSCRIPTION = {"object": "subscription", "status": "active", "metadata": {}}
             "at `$.items.data[0].quantity`",
         ),
         ("checkout.session.completed", {"id": None, "metadata": {"purpose": "signup"}}, "at `$.id`"),
+        ("checkout.session.completed", {"id": "cs_test_1x", "metadata": "signup"}, "at `$.metadata`"),
         ("invoice.payment_failed", {"id": "in_1x", "customer": {"no": "id"}}, "at `$.customer"),
         ("invoice.paid", {"id": "in_1x"}, "it names no customer"),
     ],

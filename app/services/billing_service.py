@@ -1253,13 +1253,16 @@ class BillingService:
 
     @staticmethod
     def _queue_application(provider: WebhookProvider, object_key: str) -> None:
-        """One job per object: while one waits, later events about the object join it (queueing lock),
-        and the lock runs one object's jobs one at a time."""
+        """One job per object: while one waits (at least WEBHOOK_COALESCE_SECONDS), later events about
+        the object join it (queueing lock), and the lock runs one object's jobs one at a time."""
+        wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
         queue.defer(
             WEBHOOK_TASK,
             queue=WEBHOOK_QUEUE,
             lock=f"{provider.name}:{object_key}",
             queueing_lock=f"{provider.name}:{object_key}",
+            # The job waits this long before it runs, so a burst about one object joins it.
+            scheduled_at=utcnow() + timedelta(seconds=wait) if wait > 0 else None,
             provider=provider.name,
             object_key=object_key,
         )
@@ -1625,8 +1628,9 @@ class StripeWebhooks:
         if event.type not in HANDLED_STRIPE_EVENTS:
             return f"unhandled event type {event.type}"
         if event.type.startswith("checkout.session."):
-            purpose = (event.body["data"]["object"].get("metadata") or {}).get("purpose")
-            if purpose not in ("signup", "resubscribe"):
+            metadata = event.body["data"]["object"].get("metadata")
+            # Metadata that is not an object is left for the typed reading to refuse (failed, with why).
+            if isinstance(metadata, dict | None) and (metadata or {}).get("purpose") not in ("signup", "resubscribe"):
                 return "not ours: not a checkout this app created"
         return None
 
