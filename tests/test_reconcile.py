@@ -271,3 +271,35 @@ def test_missing_events_are_the_handled_ones_not_stored() -> None:
     ]
     missing = reconcile.find_missing_events(events, {"evt_4"}, ["invoice.paid", "customer.subscription.updated"])
     assert [event.event_id for event in missing] == ["evt_1", "evt_2"]
+
+
+def test_an_orphan_stripe_cannot_refund_now_is_repaired_by_the_next_run(
+    held_sandbox: tuple[Flask, SandboxAccount],
+) -> None:
+    app, account = held_sandbox
+    first_browser, second_browser = app.test_client(), app.test_client()
+    first = checkout_session_id(start_signup(first_browser, email="dora@example.com"))
+    account.fail_next("checkout.sessions.expire", kind="server", times=5)
+    second = checkout_session_id(start_signup(second_browser, email="dora@example.com"))
+    account.pay(first)
+    account.pay(second)
+    assert first_browser.get(f"/billing/complete-signup-from-stripe?session_id={first}").status_code == 303
+    orphan = account.session(second)["subscription"]
+
+    account.fail_next("refunds.create", kind="server", times=50)  # down for the whole run
+    code, output = _reconcile(app, "--apply")
+    assert code == 1, output
+    assert f"orphan {orphan}: not settled" in output and "Drift remains." in output
+    assert not account.api("GET", "/v1/refunds")["data"]
+    # Canceled, but not refunded: still drift, never forgotten.
+    assert account.subscription(orphan)["status"] == "canceled"
+    code, output = _reconcile(app)
+    assert code == 1 and "not yet canceled and refunded: signup" in output, output
+
+    requests.delete(f"{account.url}/_sandbox/faults", timeout=5).raise_for_status()
+    code, output = _reconcile(app, "--apply")
+    assert code == 0, output
+    [refund] = account.api("GET", "/v1/refunds")["data"]
+    [pending] = query(app, "SELECT settlement FROM pending_signup WHERE checkout_session_id = :c", c=second)
+    assert refund["id"] == pending.settlement["refund_id"]
+    assert account.subscription(orphan)["status"] == "canceled"

@@ -1096,8 +1096,36 @@ class BillingService:
         if unexplained and organization_id is None:
             resubscribes.update(cls._resubscribe_checkouts_for(unexplained))
         report.orphans = reconciliation.find_orphans(orphan_candidates, held_ids, pending, resubscribes)
+        report.unsettled = cls._unsettled(organization_id)
         report.missing_events = reconciliation.find_missing_events(events, stored_events, HANDLED_STRIPE_EVENTS)
         return report
+
+    @staticmethod
+    def _unsettled(organization_id: int | None) -> list[reconciliation.Unsettled]:
+        """Conflicting signups and surplus resubscriptions whose cancel and refund are not both done."""
+        try:
+            found = []
+            if organization_id is None:
+                found += [
+                    reconciliation.Unsettled("signup", str(row.id), str(row.stripe_subscription_id))
+                    for row in db.session.execute(
+                        select(PendingSignup.id, PendingSignup.stripe_subscription_id).where(
+                            PendingSignup.stripe_subscription_id.is_not(None), PendingSignup.settled_at.is_(None)
+                        )
+                    )
+                ]
+            query = select(ResubscribeCheckout.checkout_session_id, ResubscribeCheckout.stripe_subscription_id).where(
+                ResubscribeCheckout.status == ResubscribeStatus.SURPLUS
+            )
+            if organization_id is not None:
+                query = query.where(ResubscribeCheckout.organization_id == organization_id)
+            found += [
+                reconciliation.Unsettled("resubscribe", row.checkout_session_id, str(row.stripe_subscription_id))
+                for row in db.session.execute(query)
+            ]
+            return found
+        finally:
+            db.session.rollback()
 
     @classmethod
     def _resubscribe_checkouts_for(cls, subscriptions: list[dict[str, Any]]) -> dict[str, str]:
@@ -1154,10 +1182,29 @@ class BillingService:
                 raise
             what = ", ".join(changes) or "no change"
             applied.append(f"organization {drift.organization_id} follows {drift.subscription_id}: {what}")
+        return applied + cls._reconcile_settle(report)
+
+    @classmethod
+    def _reconcile_settle(cls, report: reconciliation.ReconcileReport) -> list[str]:
+        """Orphans and unsettled checkouts; one failing does not stop the others."""
+        applied: list[str] = []
         for orphan in report.orphans:
             if orphan.kind == "unknown":
                 continue
-            applied.append(cls._settle_orphan(orphan))
+            try:
+                applied.append(cls._settle_orphan(orphan))
+            except BillingError as exc:  # the others still get repaired; the next run tries again
+                applied.append(f"orphan {orphan.subscription_id}: not settled: {_describe_failure(exc)}")
+        for entry in report.unsettled:
+            try:
+                if entry.kind == "signup":
+                    settlement = cls.settle_signup_conflict(entry.reference, source="reconcile")
+                else:
+                    settlement = cls.settle_surplus_subscription(entry.reference, source="reconcile")
+                refunded = (settlement or {}).get("amount_refunded")
+                applied.append(f"{entry.kind} {entry.reference}: canceled and refunded {refunded}")
+            except BillingError as exc:
+                applied.append(f"{entry.kind} {entry.reference}: not settled: {_describe_failure(exc)}")
         return applied
 
     @classmethod

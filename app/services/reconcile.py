@@ -2,12 +2,13 @@
 sides (the database in short transactions, Stripe with none open), hands them here, and applies the
 repairs through the paths the webhooks use. Nothing here talks to Stripe or the database.
 
-Three kinds of drift:
+Four kinds of drift:
 - an organization's subscription whose status, tier, add-ons, period end, scheduled cancellation or
   paused collection differ from Stripe's (`SubscriptionDrift`);
 - a live subscription carrying this app's metadata that no organization holds (`Orphan`): a signup
   never provisioned, a second paid signup for a registered email, a surplus resubscription;
-- an event Stripe sent in the window that `stripe_event` does not hold (`MissingEvent`)."""
+- an event Stripe sent in the window that `stripe_event` does not hold (`MissingEvent`);
+- a conflicting signup or surplus resubscription not yet canceled and refunded (`Unsettled`)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,16 @@ class Orphan:
 
 
 @dataclass(frozen=True)
+class Unsettled:
+    """A paid checkout recorded as one no organization may keep (a conflicting signup, a surplus
+    resubscription) whose cancel and refund at Stripe have not both been done yet."""
+
+    kind: str  # "signup" or "resubscribe"
+    reference: str  # the pending signup id or the resubscribe checkout id
+    subscription_id: str
+
+
+@dataclass(frozen=True)
 class MissingEvent:
     event_id: str
     type: str
@@ -77,13 +88,14 @@ class ReconcileReport:
     subscriptions: list[SubscriptionDrift] = field(default_factory=list)
     orphans: list[Orphan] = field(default_factory=list)
     missing_events: list[MissingEvent] = field(default_factory=list)
+    unsettled: list[Unsettled] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what could not be checked or repaired
     applied: list[str] = field(default_factory=list)  # what --apply did
 
     @property
     def clean(self) -> bool:
         actionable = [orphan for orphan in self.orphans if orphan.kind != "unknown"]
-        return not (self.subscriptions or actionable or self.missing_events or self.problems)
+        return not (self.subscriptions or actionable or self.missing_events or self.unsettled or self.problems)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +103,7 @@ class ReconcileReport:
             "subscriptions": [asdict(drift) for drift in self.subscriptions],
             "orphans": [asdict(orphan) for orphan in self.orphans],
             "missing_events": [asdict(event) for event in self.missing_events],
+            "unsettled": [asdict(entry) for entry in self.unsettled],
             "problems": list(self.problems),
             "applied": list(self.applied),
         }
@@ -111,6 +124,10 @@ class ReconcileReport:
         for event in self.missing_events:
             created = datetime.fromtimestamp(event.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
             out.append(f"missing event {event.event_id} {event.type} (created {created} UTC)")
+        out.extend(
+            f"not yet canceled and refunded: {entry.kind} {entry.reference} ({entry.subscription_id})"
+            for entry in self.unsettled
+        )
         out.extend(f"problem: {problem}" for problem in self.problems)
         out.append("Stripe and the database agree." if self.clean else "Drift remains.")
         return out
