@@ -100,6 +100,14 @@ def test_quantity_change_with_create_prorations_waits_for_the_next_invoice(
     assert again.amount_due == preview.amount_due
     assert [line.amount for line in again.lines.data] == amounts
 
+    # Sending the quantity it already has bills nothing, even with always_invoice.
+    _, fresh = paid_subscription(sandbox, prices)
+    fresh_seats = _item(fresh, "extra_seat_monthly")
+    same = sandbox.client.v1.subscriptions.update(
+        fresh.id, params={"items": [{"id": fresh_seats.id, "quantity": 2}], "proration_behavior": "always_invoice"}
+    )
+    assert same.latest_invoice == fresh.latest_invoice
+
     # Adding an item and deleting one, with no prorations.
     added = sandbox.client.v1.subscriptions.update(
         sub.id,
