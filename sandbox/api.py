@@ -498,6 +498,18 @@ def retrieve_payment_method(params: Params, payment_method_id: str) -> Obj:
     return _retrieve("payment_method", payment_method_id, params)
 
 
+@endpoint("/payment_methods/<payment_method_id>/attach", "POST")
+def attach_payment_method(params: Params, payment_method_id: str) -> Obj:
+    """Attach a PaymentMethod (or, as on Stripe, a new one made from a test token such as
+    pm_card_chargeCustomerFail) to a customer; it does not become a default."""
+    reject_unknown(params, ("customer",))
+    customer_id = string(params, "customer", required=True)
+    assert customer_id is not None
+    store = current_store()
+    customer = billing.load(store, "customer", customer_id, "customer", 400)
+    return invoicing.resolve_payment_method(store, payment_method_id, customer, "payment_method")
+
+
 @endpoint("/invoices", "GET")
 def list_invoices(params: Params) -> Obj:
     reject_unknown(params, ("customer", "subscription", "status", "limit", "starting_after"))
