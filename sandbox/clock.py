@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import billing, invoicing, objects, simtime
+from . import billing, invoicing, objects, schedules, simtime
 from .errors import StripeError, no_such
 from .objects import Obj
 from .params import Params, mapping, reject_unknown, string
@@ -227,6 +227,12 @@ def _next_step(store: Store, clock_id: str, target: int) -> Step | None:
             steps.append((sub["trial_end"], 2, "trial_end", sub["id"]))
         elif sub["status"] in ("active", "past_due", "unpaid"):
             steps.append((_period_end(sub), 3, "renew", sub["id"]))
+    for schedule in store.all_where("subscription_schedule", "customer", customers):
+        subscription = store.get(schedule["subscription"] or "")
+        if schedule["status"] == "active" and subscription and subscription["status"] not in billing.ENDED:
+            phases, index = schedule["phases"], schedule["_phase_index"]
+            boundary = phases[index + 1]["start_date"] if index + 1 < len(phases) else phases[-1]["end_date"]
+            steps.append((boundary, 0, "schedule", schedule["id"]))
     for invoice in store.all_where("invoice", "customer", customers):
         if invoice["status"] == "draft" and invoice.get("automatically_finalizes_at"):
             steps.append((invoice["automatically_finalizes_at"], 4, "finalize", invoice["id"]))
@@ -260,6 +266,11 @@ def _cancel(store: Store, sub_id: str, dunning: Dunning) -> None:
     """cancel_at (or the period end, with cancel_at_period_end) has come: the subscription ends
     without a renewal invoice."""
     _end(store, billing.load(store, "subscription", sub_id), "cancellation_requested")
+
+
+def _schedule(store: Store, schedule_id: str, dunning: Dunning) -> None:
+    """A subscription schedule's next phase starts (or its last one ends), at the clock's time."""
+    schedules.apply_due_phases(store, billing._now(), only=schedule_id)
 
 
 def _trial_will_end(store: Store, sub_id: str, dunning: Dunning) -> None:
@@ -375,6 +386,7 @@ def _attempt(store: Store, invoice: Obj, dunning: Dunning) -> None:
 
 ACTIONS: dict[str, Callable[[Store, str, Dunning], None]] = {
     "cancel": _cancel,
+    "schedule": _schedule,
     "trial_will_end": _trial_will_end,
     "trial_end": _trial_end,
     "renew": _renew,

@@ -284,16 +284,19 @@ def _finish(store: Store, schedule: Obj, status: str, origin: Origin) -> None:
         store.put(subscription)
 
 
-def apply_due_phases(store: Store, now: int) -> list[str]:
+def apply_due_phases(store: Store, now: int, only: str | None = None) -> list[str]:
     """Bring every active schedule up to `now`: start the phase that is due (changing the
     subscription's items) and end schedules whose last phase is over. Returns the ids of the
-    schedules that changed. Idempotent: calling it again with the same `now` does nothing."""
+    schedules that changed. Idempotent: calling it again with the same `now` does nothing.
+    Schedules of test-clock customers move only with their clock (clock.py passes `only`)."""
     changed = []
     for schedule in store.all("subscription_schedule"):
-        if schedule["status"] != "active":
+        if schedule["status"] != "active" or (only is not None and schedule["id"] != only):
             continue
         subscription = store.get(schedule["subscription"] or "")
         if subscription is None or subscription["status"] in ENDED:
+            continue
+        if only is None and subscription.get("test_clock"):
             continue
         phases = schedule["phases"]
         if now >= phases[-1]["end_date"]:

@@ -117,14 +117,8 @@ def clock_customer(sandbox: Sandbox, frozen_time: int = T0, **params: Any) -> tu
 
 
 def subscribe(sandbox: Sandbox, prices: dict[str, str], customer: str, card: str = CARD_OK, **params: Any) -> Any:
-    session = create_session(
-        sandbox,
-        prices,
-        line_items=[{"price": prices["starter_monthly"], "quantity": 1}],
-        customer=customer,
-        customer_email=None,
-        **params,
-    )
+    params.setdefault("line_items", [{"price": prices["starter_monthly"], "quantity": 1}])
+    session = create_session(sandbox, prices, customer=customer, customer_email=None, **params)
     fields = {"email": "grace@example.com", "billingName": "Grace Hopper"}
     if card == "":
         fields.update(cardExpiry="", cardCvc="")
@@ -489,6 +483,30 @@ def test_cancel_at_ends_a_subscription_mid_period(sandbox: Sandbox, receiver: Re
     assert events[-1]["created"] == T0 + 10 * DAY
     assert sandbox.client.v1.subscriptions.retrieve(sub.id).ended_at == T0 + 10 * DAY
     assert len(sandbox.client.v1.invoices.list(params={"customer": customer}).data) == 1  # no renewal
+
+
+def test_a_schedule_downgrades_at_the_period_end_on_the_clock(
+    sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]
+) -> None:
+    clock_id, customer = clock_customer(sandbox)
+    sub = subscribe(sandbox, prices, customer, line_items=[{"price": prices["pro_monthly"], "quantity": 1}])
+    start, end = period(sub)
+    api = sandbox.client.v1.subscription_schedules
+    schedule = api.create(params={"from_subscription": sub.id})
+    assert schedule.phases[0].start_date == T0  # the clock's time, not the wall clock's
+    phases = [
+        {"items": [{"price": prices["pro_monthly"], "quantity": 1}], "start_date": start, "end_date": end},
+        {"items": [{"price": prices["starter_monthly"], "quantity": 1}]},
+    ]
+    api.update(schedule.id, params={"phases": phases, "end_behavior": "release"})
+    advance(sandbox, clock_id, end - HOUR, receiver)
+    assert sandbox.client.v1.subscriptions.retrieve(sub.id)["items"].data[0].price.id == prices["pro_monthly"]
+    advance(sandbox, clock_id, end + 2 * HOUR, receiver)
+    renewed = sandbox.client.v1.subscriptions.retrieve(sub.id)
+    assert [i.price.id for i in renewed["items"].data] == [prices["starter_monthly"]]
+    invoice = sandbox.client.v1.invoices.retrieve(renewed.latest_invoice)
+    assert (invoice.status, invoice.amount_paid, invoice.billing_reason) == ("paid", 1900, "subscription_cycle")
+    assert api.retrieve(schedule.id).current_phase.start_date == end
 
 
 def test_paused_collection_voids_renewals(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
