@@ -525,6 +525,17 @@ def list_invoice_payments(params: Params) -> Obj:
     return invoicing.invoice_payments(current_store(), invoice)
 
 
+@endpoint("/subscriptions/<subscription_id>/resume", "POST")
+def resume_subscription(params: Params, subscription_id: str) -> Obj:
+    reject_unknown(params, ("billing_cycle_anchor",))
+    anchor = string(params, "billing_cycle_anchor") or "now"
+    if anchor != "now":
+        raise StripeError(
+            "The sandbox resumes subscriptions with billing_cycle_anchor=now only.", param="billing_cycle_anchor"
+        )
+    return clock.resume(current_store(), subscription_id, _origin())
+
+
 # -- test clocks ----------------------------------------------------------------------------------
 
 

@@ -395,3 +395,31 @@ ACTIONS: dict[str, Callable[[Store, str, Dunning], None]] = {
 }
 
 JOBS: dict[str, Callable[[Store, str], Any]] = {"advance_test_clock": run_advance}
+
+
+def resume(store: Store, sub_id: str, origin: billing.Origin) -> Obj:
+    """POST /v1/subscriptions/:id/resume (billing_cycle_anchor=now): a paused subscription starts
+    a new period now and is invoiced and charged at once. Events: customer.subscription.resumed,
+    customer.subscription.updated, invoice.created, invoice.finalized, then invoice.paid; or
+    invoice.payment_failed and customer.subscription.updated to past_due (smart retries follow)."""
+    sub = billing.load(store, "subscription", sub_id)
+    if sub["status"] != "paused":
+        raise StripeError(
+            f"Only a paused subscription can be resumed; this one is {sub['status']}.",
+            code="subscription_not_paused" if sub["status"] not in billing.ENDED else "resource_missing",
+        )
+    customer = billing.load(store, "customer", sub["customer"])
+    now = billing._now()
+    before = copy.deepcopy(sub)
+    for item in sub["items"]["data"]:
+        item.update(current_period_start=now, current_period_end=objects.add_month(now))
+    sub.update(status="active", billing_cycle_anchor=now)
+    invoice = invoicing.renewal_invoice(store, customer, sub, (now, now), "subscription_update")
+    sub["latest_invoice"] = invoice["id"]
+    store.put(sub)
+    billing.emit(store, "customer.subscription.resumed", sub, origin=origin)
+    billing.emit(store, "customer.subscription.updated", sub, objects.previous_attributes(before, sub), origin)
+    billing.emit(store, "invoice.created", invoice, origin=origin)
+    invoicing.finalize(store, invoice)
+    _attempt(store, invoice, Dunning.from_env())
+    return billing.load(store, "subscription", sub_id)

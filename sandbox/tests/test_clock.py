@@ -450,6 +450,23 @@ def test_a_trial_without_a_card_ends_per_its_setting(
     advance(sandbox, clock_id, sub.trial_end + 2 * HOUR, receiver)
     wait_events(receiver, customer, last_event)
     assert sandbox.client.v1.subscriptions.retrieve(sub.id).status == status
+    if behavior == "pause":  # a card, then resume: a new period starts now and is paid
+        assert portal_update_card(sandbox, customer, CARD_OK).status_code == 303
+        resumed = sandbox.client.v1.subscriptions.resume(sub.id)
+        now = sub.trial_end + 2 * HOUR
+        assert (resumed.status, period(resumed)) == ("active", (now, add_month(now)))
+        invoice = sandbox.client.v1.invoices.retrieve(resumed.latest_invoice)
+        assert (invoice.status, invoice.amount_paid, invoice.created) == ("paid", 1900, now)
+        events = wait_events(receiver, customer, "invoice.paid", 2)
+        assert [e["type"] for e in events if e["created"] == now][-5:] == [
+            "customer.subscription.resumed",
+            "customer.subscription.updated",
+            "invoice.created",
+            "invoice.finalized",
+            "invoice.paid",
+        ]
+        with pytest.raises(stripe.InvalidRequestError):
+            sandbox.client.v1.subscriptions.resume(sub.id)  # no longer paused
 
 
 def test_a_trial_with_a_card_renews_into_a_paid_period(
