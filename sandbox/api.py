@@ -165,13 +165,14 @@ def endpoint(rule: str, method: str) -> Callable[[Callable[..., Obj]], Callable[
 
 def _clock_subject(path_args: dict[str, str], params: Params) -> str | None:
     """The object whose test clock (if any) gives this request its time: the object in the
-    path, else the `customer`, `subscription` or `from_subscription` parameter. Checkout
-    Sessions keep the wall clock, because their expiry is real time for the person paying."""
+    path, else the first of the `customer`, `subscription`, `from_subscription`, `invoice`,
+    `payment_intent` or `charge` parameters. Checkout Sessions keep the wall clock, because
+    their expiry is real time for the person paying."""
     if request.path.startswith("/v1/checkout/"):
         return None
     for value in path_args.values():
         return value
-    for name in ("customer", "subscription", "from_subscription"):
+    for name in ("customer", "subscription", "from_subscription", "invoice", "payment_intent", "charge"):
         value = params.get(name)
         if isinstance(value, str):
             return value

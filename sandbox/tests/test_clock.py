@@ -247,6 +247,8 @@ def test_checkout_attaches_a_card_and_records_the_payment(sandbox: Sandbox, pric
     charge = sandbox.client.v1.charges.retrieve(intent.latest_charge)
     assert (charge.status, charge.paid, charge.amount, charge.payment_intent) == ("succeeded", True, 1900, intent.id)
     assert charge.payment_method_details.card.last4 == "4242"
+    refund = sandbox.client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 500})
+    assert refund.created == T0  # made for a clock customer: at the clock's time
 
 
 def test_card_0341_is_declined_when_paying_and_attaches_for_a_trial(sandbox: Sandbox, prices: dict[str, str]) -> None:
