@@ -172,9 +172,9 @@ def _clock_subject(path_args: dict[str, str], params: Params) -> str | None:
         return None
     for value in path_args.values():
         return value
-    for name in ("customer", "subscription", "from_subscription", "invoice", "payment_intent", "charge"):
-        value = params.get(name)
-        if isinstance(value, str):
+    for key in ("customer", "subscription", "from_subscription", "invoice", "payment_intent", "charge"):
+        value = params.get(key)
+        if isinstance(value, str) and value:
             return value
     return None
 
@@ -242,9 +242,12 @@ def _expand(store: Store, obj: Obj, parts: list[str], path: str) -> None:
             if rest:
                 _expand(store, item, rest, path)
         return
-    if field not in EXPANDABLE and field not in objects.INCLUDABLE.get(obj.get("object", ""), ()):
-        raise _cannot_expand(path)
     value = obj.get(field)
+    # A nested hash (invoice_settings in invoice_settings.default_payment_method) is a way through.
+    passing_through = bool(rest) and isinstance(value, dict) and "object" not in value
+    expandable = field in EXPANDABLE or field in objects.INCLUDABLE.get(obj.get("object", ""), ())
+    if not expandable and not passing_through:
+        raise _cannot_expand(path)
     if isinstance(value, str):
         target = store.get(value)
         value = obj[field] = objects.public(target) if target else value
@@ -494,6 +497,18 @@ def _card_type_only(params: Params) -> None:
 @endpoint("/payment_methods/<payment_method_id>", "GET")
 def retrieve_payment_method(params: Params, payment_method_id: str) -> Obj:
     return _retrieve("payment_method", payment_method_id, params)
+
+
+@endpoint("/payment_methods/<payment_method_id>/attach", "POST")
+def attach_payment_method(params: Params, payment_method_id: str) -> Obj:
+    """Attach a PaymentMethod (or, as on Stripe, a new one made from a test token such as
+    pm_card_chargeCustomerFail) to a customer; it does not become a default."""
+    reject_unknown(params, ("customer",))
+    customer_id = string(params, "customer", required=True)
+    assert customer_id is not None
+    store = current_store()
+    customer = billing.load(store, "customer", customer_id, "customer", 400)
+    return invoicing.resolve_payment_method(store, payment_method_id, customer, "payment_method")
 
 
 @endpoint("/invoices", "GET")

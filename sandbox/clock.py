@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import billing, invoicing, objects, schedules, simtime
+from . import billing, changes, invoicing, objects, schedules, simtime
 from .errors import StripeError, no_such
 from .objects import Obj
 from .params import Params, mapping, reject_unknown, string
@@ -163,15 +163,16 @@ def advance(store: Store, clock_id: str, frozen_time: int, origin: billing.Origi
 
 
 def _advance_limit(store: Store, clock: Obj) -> tuple[int, str]:
-    """Stripe's rule: no more than two intervals of the shortest subscription on the clock
-    (the sandbox's prices are all monthly), or two years if it has no live subscription."""
+    """Stripe's rule: no more than two intervals of the shortest subscription on the clock, or
+    two years if it has no live subscription."""
     frozen = clock["frozen_time"]
-    if any(s["status"] not in billing.ENDED for s in _subscriptions(store, clock["id"])):
-        return objects.add_month(objects.add_month(frozen)), "two billing intervals (two months)"
-    limit = frozen
-    for _ in range(24):
-        limit = objects.add_month(limit)
-    return limit, "two years (it has no subscriptions)"
+    limits = [
+        (changes.add_interval(frozen, interval, 2 * count), f"two billing intervals (2 × {count} {interval})")
+        for sub in _subscriptions(store, clock["id"])
+        if sub["status"] not in billing.ENDED and sub["items"]["data"]
+        for interval, count in [changes.interval_of(sub)]
+    ]
+    return min(limits) if limits else (changes.add_months(frozen, 24), "two years (it has no subscriptions)")
 
 
 def _customers(store: Store, clock_id: str) -> list[Obj]:
@@ -302,15 +303,21 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
     """A period (or a trial) ends: the items move to the next month and a draft invoice bills
     it. Events: invoice.created, customer.subscription.updated (the new period)."""
     sub = billing.load(store, "subscription", sub_id)
+    # A subscription schedule's next phase starts with the new period (and may end the subscription).
+    schedules.apply_due_phases(store, _period_end(sub), subscription_id=sub_id)
+    sub = billing.load(store, "subscription", sub_id)
+    if sub["status"] in billing.ENDED:
+        return
     customer = billing.load(store, "customer", sub["customer"])
     before = copy.deepcopy(sub)
     start = _period_end(sub)
     previous = (min(item["current_period_start"] for item in sub["items"]["data"]), start)
     for item in sub["items"]["data"]:
-        item.update(current_period_start=start, current_period_end=objects.add_month(start))
+        item.update(current_period_start=start, current_period_end=changes.next_period_end(sub, start))
     if sub["status"] == "trialing":
         sub["status"] = "active"
     invoice = invoicing.renewal_invoice(store, customer, sub, previous, "subscription_cycle")
+    changes.add_pending_items(store, invoice)  # prorations waiting for this invoice
     sub["latest_invoice"] = invoice["id"]
     store.put(sub)
     billing.emit(store, "invoice.created", invoice)
@@ -412,7 +419,7 @@ def resume(store: Store, sub_id: str, origin: billing.Origin) -> Obj:
     now = billing._now()
     before = copy.deepcopy(sub)
     for item in sub["items"]["data"]:
-        item.update(current_period_start=now, current_period_end=objects.add_month(now))
+        item.update(current_period_start=now, current_period_end=changes.next_period_end(sub, now))
     sub.update(status="active", billing_cycle_anchor=now)
     invoice = invoicing.renewal_invoice(store, customer, sub, (now, now), "subscription_update")
     sub["latest_invoice"] = invoice["id"]

@@ -89,6 +89,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # A state directory from before the request log had these columns keeps working.
+        logged = {row["name"] for row in self._db.execute("PRAGMA table_info(request_log)")}
+        for column in ("stripe_version", "user_agent"):
+            if column not in logged:
+                self._db.execute(f"ALTER TABLE request_log ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -302,8 +307,13 @@ class Store:
         )
 
     def sends(self, event_ids: list[str]) -> list[sqlite3.Row]:
-        marks = ",".join("?" * len(event_ids))
-        return self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks}) ORDER BY id", tuple(event_ids))  # noqa: S608
+        """The sends of these events, oldest first (queried in chunks: SQLite caps bound values)."""
+        rows: list[sqlite3.Row] = []
+        for start in range(0, len(event_ids), 500):
+            chunk = event_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks})", tuple(chunk))  # noqa: S608
+        return sorted(rows, key=lambda row: row["id"])
 
     # -- list filters -----------------------------------------------------------------------
 

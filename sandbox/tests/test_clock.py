@@ -218,6 +218,20 @@ def test_advancing_is_validated_as_on_stripe(sandbox: Sandbox, prices: dict[str,
     assert "two billing intervals" in str(too_far.value.user_message)
     assert advance(sandbox, clock_id, limit).frozen_time == limit
 
+    # With a yearly subscription the limit is two years.
+    starter = sandbox.client.v1.prices.retrieve(prices["starter_monthly"])
+    yearly = sandbox.client.v1.prices.create(
+        params={"currency": "usd", "unit_amount": 19000, "product": starter.product, "recurring": {"interval": "year"}}
+    )
+    clock_id, customer = clock_customer(sandbox)
+    subscribe(sandbox, prices, customer, line_items=[{"price": yearly.id, "quantity": 1}])
+    two_years = add_month(T0)
+    for _ in range(23):
+        two_years = add_month(two_years)
+    with pytest.raises(stripe.InvalidRequestError):
+        clocks.advance(clock_id, params={"frozen_time": two_years + 1})
+    assert advance(sandbox, clock_id, two_years).frozen_time == two_years
+
 
 def test_checkout_attaches_a_card_and_records_the_payment(sandbox: Sandbox, prices: dict[str, str]) -> None:
     _, customer = clock_customer(sandbox)
