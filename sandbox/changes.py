@@ -172,6 +172,11 @@ def _interval(items: list[Obj]) -> tuple[str, int]:
     return recurring["interval"], recurring["interval_count"]
 
 
+def interval_of(subscription: Obj) -> tuple[str, int]:
+    """The billing interval of a subscription, as (interval, interval_count)."""
+    return _interval(subscription["items"]["data"])
+
+
 def add_interval(timestamp: int, interval: str, count: int) -> int:
     if interval == "year":
         return add_months(timestamp, 12 * count)
