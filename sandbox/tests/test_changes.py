@@ -228,16 +228,21 @@ def test_interval_change_restarts_the_period(sandbox: Sandbox, prices: dict[str,
             sub.id, params={"items": [{"id": _item(sub, "starter_monthly").id, "price": yearly[0].id}]}
         )
     assert "interval" in str(raised.value)
-    updated = sandbox.client.v1.subscriptions.update(
-        sub.id,
-        params={
-            "items": [
-                {"id": _item(sub, "starter_monthly").id, "price": yearly[0].id},
-                {"id": seats.id, "deleted": True},
-            ]
-        },
+    change = [
+        {"id": _item(sub, "starter_monthly").id, "price": yearly[0].id},
+        {"id": seats.id, "deleted": True},
+    ]
+    when = int(time.time())
+    preview = sandbox.client.v1.invoices.create_preview(
+        params={"subscription": sub.id, "subscription_details": {"items": change, "proration_date": when}}
     )
+    assert preview.billing_reason == "subscription_update"  # an interval change is invoiced at once
+    updated = sandbox.client.v1.subscriptions.update(sub.id, params={"items": change, "proration_date": when})
     item = updated["items"].data[0]
     assert item.current_period_end - item.current_period_start >= 365 * 86400
+    assert item.current_period_start == when
     invoice = sandbox.client.v1.invoices.retrieve(updated.latest_invoice)
     assert invoice.status == "paid" and invoice.lines.data[-1].amount == yearly[0].unit_amount
+    assert invoice.amount_paid == preview.amount_due
+    assert [line.amount for line in invoice.lines.data] == [line.amount for line in preview.lines.data]
+    assert sum(line.amount < 0 for line in invoice.lines.data) == 2  # unused starter and seats credited
