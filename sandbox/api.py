@@ -165,13 +165,14 @@ def endpoint(rule: str, method: str) -> Callable[[Callable[..., Obj]], Callable[
 
 def _clock_subject(path_args: dict[str, str], params: Params) -> str | None:
     """The object whose test clock (if any) gives this request its time: the object in the
-    path, else the `customer` parameter. Checkout Sessions keep the wall clock, because their
-    expiry is real time for the person paying."""
+    path, else the first of the `customer`, `subscription`, `from_subscription`, `invoice`,
+    `payment_intent` or `charge` parameters. Checkout Sessions keep the wall clock, because
+    their expiry is real time for the person paying."""
     if request.path.startswith("/v1/checkout/"):
         return None
     for value in path_args.values():
         return value
-    for key in ("customer", "subscription", "from_subscription", "payment_intent", "charge"):
+    for key in ("customer", "subscription", "from_subscription", "invoice", "payment_intent", "charge"):
         value = params.get(key)
         if isinstance(value, str) and value:
             return value
@@ -538,6 +539,17 @@ def list_invoice_payments(params: Params) -> Obj:
     invoice = string(params, "invoice", required=True)
     assert invoice is not None
     return invoicing.invoice_payments(current_store(), invoice)
+
+
+@endpoint("/subscriptions/<subscription_id>/resume", "POST")
+def resume_subscription(params: Params, subscription_id: str) -> Obj:
+    reject_unknown(params, ("billing_cycle_anchor",))
+    anchor = string(params, "billing_cycle_anchor") or "now"
+    if anchor != "now":
+        raise StripeError(
+            "The sandbox resumes subscriptions with billing_cycle_anchor=now only.", param="billing_cycle_anchor"
+        )
+    return clock.resume(current_store(), subscription_id, _origin())
 
 
 # -- test clocks ----------------------------------------------------------------------------------

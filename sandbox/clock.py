@@ -163,15 +163,16 @@ def advance(store: Store, clock_id: str, frozen_time: int, origin: billing.Origi
 
 
 def _advance_limit(store: Store, clock: Obj) -> tuple[int, str]:
-    """Stripe's rule: no more than two intervals of the shortest subscription on the clock
-    (the sandbox's prices are all monthly), or two years if it has no live subscription."""
+    """Stripe's rule: no more than two intervals of the shortest subscription on the clock, or
+    two years if it has no live subscription."""
     frozen = clock["frozen_time"]
-    if any(s["status"] not in billing.ENDED for s in _subscriptions(store, clock["id"])):
-        return objects.add_month(objects.add_month(frozen)), "two billing intervals (two months)"
-    limit = frozen
-    for _ in range(24):
-        limit = objects.add_month(limit)
-    return limit, "two years (it has no subscriptions)"
+    limits = [
+        (changes.add_interval(frozen, interval, 2 * count), f"two billing intervals (2 × {count} {interval})")
+        for sub in _subscriptions(store, clock["id"])
+        if sub["status"] not in billing.ENDED and sub["items"]["data"]
+        for interval, count in [changes.interval_of(sub)]
+    ]
+    return min(limits) if limits else (changes.add_months(frozen, 24), "two years (it has no subscriptions)")
 
 
 def _customers(store: Store, clock_id: str) -> list[Obj]:
@@ -227,6 +228,12 @@ def _next_step(store: Store, clock_id: str, target: int) -> Step | None:
             steps.append((sub["trial_end"], 2, "trial_end", sub["id"]))
         elif sub["status"] in ("active", "past_due", "unpaid"):
             steps.append((_period_end(sub), 3, "renew", sub["id"]))
+    for schedule in store.all_where("subscription_schedule", "customer", customers):
+        subscription = store.get(schedule["subscription"] or "")
+        if schedule["status"] == "active" and subscription and subscription["status"] not in billing.ENDED:
+            phases, index = schedule["phases"], schedule["_phase_index"]
+            boundary = phases[index + 1]["start_date"] if index + 1 < len(phases) else phases[-1]["end_date"]
+            steps.append((boundary, 0, "schedule", schedule["id"]))
     for invoice in store.all_where("invoice", "customer", customers):
         if invoice["status"] == "draft" and invoice.get("automatically_finalizes_at"):
             steps.append((invoice["automatically_finalizes_at"], 4, "finalize", invoice["id"]))
@@ -260,6 +267,11 @@ def _cancel(store: Store, sub_id: str, dunning: Dunning) -> None:
     """cancel_at (or the period end, with cancel_at_period_end) has come: the subscription ends
     without a renewal invoice."""
     _end(store, billing.load(store, "subscription", sub_id), "cancellation_requested")
+
+
+def _schedule(store: Store, schedule_id: str, dunning: Dunning) -> None:
+    """A subscription schedule's next phase starts (or its last one ends), at the clock's time."""
+    schedules.apply_due_phases(store, billing._now(), only=schedule_id)
 
 
 def _trial_will_end(store: Store, sub_id: str, dunning: Dunning) -> None:
@@ -381,6 +393,7 @@ def _attempt(store: Store, invoice: Obj, dunning: Dunning) -> None:
 
 ACTIONS: dict[str, Callable[[Store, str, Dunning], None]] = {
     "cancel": _cancel,
+    "schedule": _schedule,
     "trial_will_end": _trial_will_end,
     "trial_end": _trial_end,
     "renew": _renew,
@@ -389,3 +402,31 @@ ACTIONS: dict[str, Callable[[Store, str, Dunning], None]] = {
 }
 
 JOBS: dict[str, Callable[[Store, str], Any]] = {"advance_test_clock": run_advance}
+
+
+def resume(store: Store, sub_id: str, origin: billing.Origin) -> Obj:
+    """POST /v1/subscriptions/:id/resume (billing_cycle_anchor=now): a paused subscription starts
+    a new period now and is invoiced and charged at once. Events: customer.subscription.resumed,
+    customer.subscription.updated, invoice.created, invoice.finalized, then invoice.paid; or
+    invoice.payment_failed and customer.subscription.updated to past_due (smart retries follow)."""
+    sub = billing.load(store, "subscription", sub_id)
+    if sub["status"] != "paused":
+        raise StripeError(
+            f"Only a paused subscription can be resumed; this one is {sub['status']}.",
+            code="subscription_not_paused" if sub["status"] not in billing.ENDED else "resource_missing",
+        )
+    customer = billing.load(store, "customer", sub["customer"])
+    now = billing._now()
+    before = copy.deepcopy(sub)
+    for item in sub["items"]["data"]:
+        item.update(current_period_start=now, current_period_end=changes.next_period_end(sub, now))
+    sub.update(status="active", billing_cycle_anchor=now)
+    invoice = invoicing.renewal_invoice(store, customer, sub, (now, now), "subscription_update")
+    sub["latest_invoice"] = invoice["id"]
+    store.put(sub)
+    billing.emit(store, "customer.subscription.resumed", sub, origin=origin)
+    billing.emit(store, "customer.subscription.updated", sub, objects.previous_attributes(before, sub), origin)
+    billing.emit(store, "invoice.created", invoice, origin=origin)
+    invoicing.finalize(store, invoice)
+    _attempt(store, invoice, Dunning.from_env())
+    return billing.load(store, "subscription", sub_id)

@@ -284,18 +284,22 @@ def _finish(store: Store, schedule: Obj, status: str, origin: Origin) -> None:
         store.put(subscription)
 
 
-def apply_due_phases(store: Store, now: int, subscription_id: str | None = None) -> list[str]:
-    """Bring every active schedule (or the one of `subscription_id`) up to `now`: start the
-    phase that is due (changing the subscription's items) and end schedules whose last phase is
-    over. Returns the ids of the schedules that changed. Idempotent for the same `now`."""
+def apply_due_phases(store: Store, now: int, subscription_id: str | None = None, only: str | None = None) -> list[str]:
+    """Bring every active schedule (or the one of `subscription_id`, or the schedule `only`) up
+    to `now`: start the phase that is due (changing the subscription's items) and end schedules
+    whose last phase is over. Returns the ids of the schedules that changed. Idempotent for the
+    same `now`. Schedules of test-clock customers move only with their clock: the wall-clock
+    job (neither argument given) leaves them alone."""
     changed = []
     for schedule in store.all("subscription_schedule"):
-        if schedule["status"] != "active":
+        if schedule["status"] != "active" or (only is not None and schedule["id"] != only):
             continue
         if subscription_id is not None and schedule["subscription"] != subscription_id:
             continue
         subscription = store.get(schedule["subscription"] or "")
         if subscription is None or subscription["status"] in ENDED:
+            continue
+        if only is None and subscription_id is None and subscription.get("test_clock"):
             continue
         phases = schedule["phases"]
         if now >= phases[-1]["end_date"]:
