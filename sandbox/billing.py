@@ -59,8 +59,16 @@ SANDBOX_CARDS = (
 )
 
 
+UNKNOWN_CARD = "This sandbox only accepts the test cards listed above."
+
+
+def sandbox_card(number: str) -> SandboxCard | None:
+    """The test card with this number (digits only), or None for any other number."""
+    return next((c for c in SANDBOX_CARDS if c.number == number), None)
+
+
 class PaymentError(Exception):
-    """A payment the hosted Checkout page refuses; the message is shown to the customer."""
+    """A payment a hosted page refuses; the message is shown to the customer."""
 
 
 def _now() -> int:
@@ -292,11 +300,11 @@ def pay_checkout_session(
     if session["status"] != "open":
         raise PaymentError(f"This Checkout Session is {session['status']}; it can no longer be paid.")
     trial_days = session["_subscription_data"]["trial_period_days"]
-    card = next((c for c in SANDBOX_CARDS if c.number == card_number), None)
+    card = sandbox_card(card_number)
     if card is None and not (card_number == "" and card_optional(session)):
-        raise PaymentError("This sandbox only accepts the test cards listed above.")
+        raise PaymentError(UNKNOWN_CARD)
     if card and (card.outcome == "declined" or (card.outcome == "charge_fails" and not trial_days)):
-        raise PaymentError("Your card was declined.")
+        raise PaymentError(invoicing.DECLINED)
     with simtime.time_of(store, session["customer"]):
         return _complete_checkout(store, session, card, email, name, async_delay, card_expiry)
 
