@@ -134,7 +134,7 @@ def price(product_id: str, lookup_key: str, nickname: str, unit_amount: int, now
     }
 
 
-def _plan(price: Obj) -> Obj:
+def plan(price: Obj) -> Obj:
     """The legacy Plan view of a recurring price, still present on subscription items."""
     recurring = price["recurring"]
     return {
@@ -324,24 +324,7 @@ def subscription(
     sub_id = new_id("sub_")
     trial_end = now + trial_days * 86400 if trial_days else None
     period_end = trial_end or add_month(now)
-    items = [
-        {
-            "id": new_id("si_", 14),
-            "object": "subscription_item",
-            "billing_thresholds": None,
-            "created": now,
-            "current_period_end": period_end,
-            "current_period_start": now,
-            "discounts": [],
-            "metadata": {},
-            "plan": _plan(item["price"]),
-            "price": item["price"],
-            "quantity": item["quantity"],
-            "subscription": sub_id,
-            "tax_rates": [],
-        }
-        for item in line_items
-    ]
+    items = [subscription_item(sub_id, item["price"], item["quantity"], (now, period_end), now) for item in line_items]
     return {
         "id": sub_id,
         "object": "subscription",
@@ -393,6 +376,81 @@ def subscription(
     }
 
 
+def subscription_item(subscription_id: str, price: Obj, quantity: int, period: tuple[int, int], now: int) -> Obj:
+    return {
+        "id": new_id("si_", 14),
+        "object": "subscription_item",
+        "billing_thresholds": None,
+        "created": now,
+        "current_period_end": period[1],
+        "current_period_start": period[0],
+        "discounts": [],
+        "metadata": {},
+        "plan": plan(price),
+        "price": price,
+        "quantity": quantity,
+        "subscription": subscription_id,
+        "tax_rates": [],
+    }
+
+
+def price_pricing(price: Obj) -> Obj:
+    """The `pricing` of an invoice line or invoice item billed at a price."""
+    return {
+        "type": "price_details",
+        "price_details": {"price": price["id"], "product": price["product"]},
+        "unit_amount_decimal": price["unit_amount_decimal"],
+    }
+
+
+def invoice_line(
+    *,
+    invoice_id: str | None,
+    amount: int,
+    currency: str,
+    description: str,
+    subscription_id: str,
+    subscription_item: str,
+    period: Obj,
+    pricing: Obj,
+    quantity: int,
+    invoice_item: str | None = None,
+    proration: bool = False,
+    discountable: bool = True,
+) -> Obj:
+    """A line of a subscription's invoice: a recurring charge, or an invoice item's line."""
+    return {
+        "id": new_id("il_"),
+        "object": "line_item",
+        "amount": amount,
+        "currency": currency,
+        "description": description,
+        "discount_amounts": [],
+        "discountable": discountable,
+        "discounts": [],
+        "invoice": invoice_id,
+        "livemode": False,
+        "metadata": {},
+        "parent": {
+            "type": "subscription_item_details",
+            "invoice_item_details": None,
+            "subscription_item_details": {
+                "invoice_item": invoice_item,
+                "proration": proration,
+                "proration_details": {"credited_items": None},
+                "subscription": subscription_id,
+                "subscription_item": subscription_item,
+            },
+        },
+        "period": period,
+        "pretax_credit_amounts": [],
+        "pricing": pricing,
+        "quantity": quantity,
+        "subtotal": amount,
+        "taxes": [],
+    }
+
+
 def invoice(customer: Obj, subscription: Obj, now: int) -> Obj:
     """The first invoice of a new subscription, finalized and awaiting payment."""
     invoice_id = new_id("in_")
@@ -403,46 +461,17 @@ def invoice(customer: Obj, subscription: Obj, now: int) -> Obj:
         amount = 0 if trialing else price["unit_amount"] * item["quantity"]
         what = f"Trial period for {price['nickname']}" if trialing else price["nickname"]
         lines.append(
-            {
-                "id": new_id("il_"),
-                "object": "line_item",
-                "amount": amount,
-                "currency": price["currency"],
-                "description": f"{item['quantity']} × {what}",
-                "discount_amounts": [],
-                "discountable": True,
-                "discounts": [],
-                "invoice": invoice_id,
-                "livemode": False,
-                "metadata": {},
-                "parent": {
-                    "type": "subscription_item_details",
-                    "invoice_item_details": None,
-                    "subscription_item_details": {
-                        "invoice_item": None,
-                        "proration": False,
-                        "proration_details": {"credited_items": None},
-                        "subscription": subscription["id"],
-                        "subscription_item": item["id"],
-                    },
-                },
-                "period": {
-                    "start": item["current_period_start"],
-                    "end": item["current_period_end"],
-                },
-                "pretax_credit_amounts": [],
-                "pricing": {
-                    "type": "price_details",
-                    "price_details": {
-                        "price": price["id"],
-                        "product": price["product"],
-                    },
-                    "unit_amount_decimal": price["unit_amount_decimal"],
-                },
-                "quantity": item["quantity"],
-                "subtotal": amount,
-                "taxes": [],
-            }
+            invoice_line(
+                invoice_id=invoice_id,
+                amount=amount,
+                currency=price["currency"],
+                description=f"{item['quantity']} × {what}",
+                subscription_id=subscription["id"],
+                subscription_item=item["id"],
+                period={"start": item["current_period_start"], "end": item["current_period_end"]},
+                pricing=price_pricing(price),
+                quantity=item["quantity"],
+            )
         )
     total = sum(line["amount"] for line in lines)
     return {

@@ -59,7 +59,7 @@ def refresh_embedded(store: Store, price: Obj) -> None:
         for item in subscription["items"]["data"]:
             if item["price"]["id"] == price["id"]:
                 item["price"] = shown
-                item["plan"] = objects._plan(shown)
+                item["plan"] = objects.plan(shown)
                 touched = True
         if touched:
             store.put(subscription)
