@@ -16,7 +16,7 @@ from collections.abc import Callable
 from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import billing, clock, customers, invoicing, objects, simtime
+from . import billing, clock, customers, invoicing, lists, objects, simtime
 from .context import current_settings, current_store
 from .errors import StripeError, missing
 from .objects import Obj
@@ -28,6 +28,7 @@ from .params import (
     integer,
     mapping,
     metadata,
+    new_metadata,
     reject_unknown,
     string,
 )
@@ -266,15 +267,11 @@ def _cannot_expand(path: str) -> StripeError:
 def list_prices(params: Params) -> Obj:
     reject_unknown(params, ("lookup_keys", "active", "limit", "starting_after"))
     lookup_keys = array(params, "lookup_keys")
-    limit = integer(params, "limit", minimum=1) or 10
-    if limit > 100:
-        raise StripeError("This value must be less than or equal to 100.", param="limit")
     return billing.list_prices(
         current_store(),
         lookup_keys=[str(k) for k in lookup_keys] if lookup_keys is not None else None,
         active=boolean(params, "active"),
-        limit=limit,
-        starting_after=string(params, "starting_after"),
+        page=lists.page_params(params),
     )
 
 
@@ -332,8 +329,8 @@ def create_checkout_session(params: Params) -> Obj:
         customer=string(params, "customer"),
         customer_email=string(params, "customer_email"),
         client_reference_id=string(params, "client_reference_id"),
-        metadata=_clean(metadata(params)),
-        subscription_metadata=_clean(metadata(subscription_data, path="subscription_data")),
+        metadata=new_metadata(params),
+        subscription_metadata=new_metadata(subscription_data, path="subscription_data"),
         trial_period_days=trial_days,
         expires_at=integer(params, "expires_at"),
         allow_promotion_codes=boolean(params, "allow_promotion_codes"),
@@ -341,11 +338,6 @@ def create_checkout_session(params: Params) -> Obj:
         missing_payment_method=clock.missing_payment_method_param(subscription_data),
     )
     return billing.create_checkout_session(current_store(), checkout, current_settings().public_url)
-
-
-def _clean(meta: dict[str, str] | None) -> dict[str, str]:
-    """Metadata for a new object: empty values mean "not set"."""
-    return {k: v for k, v in (meta or {}).items() if v != ""}
 
 
 @endpoint("/checkout/sessions/<session_id>", "GET")
@@ -372,8 +364,7 @@ def create_portal_session(params: Params) -> Obj:
 
 @endpoint("/subscriptions/<subscription_id>", "GET")
 def retrieve_subscription(params: Params, subscription_id: str) -> Obj:
-    reject_unknown(params, ())
-    return billing.load(current_store(), "subscription", subscription_id)
+    return _retrieve("subscription", subscription_id, params)
 
 
 @endpoint("/subscriptions/<subscription_id>", "DELETE")
@@ -395,9 +386,10 @@ def _cancellation_details(params: Params) -> dict[str, str] | None:
     return {k: string(details, k, "cancellation_details") or "" for k in details}
 
 
-def _retrieve(kind: str, object_id: str, params: Params) -> Obj:
+def _retrieve(kind: str, object_id: str, params: Params, param: str = "id") -> Obj:
+    """GET /v1/<kind>s/:id: no parameters; 404 naming `param` for an unknown id."""
     reject_unknown(params, ())
-    return billing.load(current_store(), kind, object_id)
+    return billing.load(current_store(), kind, object_id, param)
 
 
 @endpoint("/customers/<customer_id>", "GET")
@@ -418,13 +410,6 @@ def retrieve_event(params: Params, event_id: str) -> Obj:
 # -- customers, payment methods, payments and invoices ---------------------------------------------
 
 
-def _limit(params: Params) -> int:
-    limit = integer(params, "limit", minimum=1) or 10
-    if limit > 100:
-        raise StripeError("This value must be less than or equal to 100.", param="limit")
-    return limit
-
-
 def _default_payment_method(params: Params) -> str | None:
     settings = mapping(params, "invoice_settings")
     if settings is None:
@@ -443,7 +428,7 @@ def create_customer(params: Params) -> Obj:
         current_store(),
         email=string(params, "email"),
         name=string(params, "name"),
-        metadata=_clean(metadata(params)),
+        metadata=new_metadata(params),
         test_clock=string(params, "test_clock"),
         payment_method=string(params, "payment_method"),
         default_payment_method=_default_payment_method(params),
@@ -470,9 +455,7 @@ def list_customer_payment_methods(params: Params, customer_id: str) -> Obj:
     reject_unknown(params, ("type", "limit", "starting_after"))
     _card_type_only(params)
     billing.load(current_store(), "customer", customer_id, "customer")
-    return invoicing.customer_payment_methods(
-        current_store(), customer_id, _limit(params), string(params, "starting_after")
-    )
+    return invoicing.customer_payment_methods(current_store(), customer_id, lists.page_params(params))
 
 
 @endpoint("/payment_methods", "GET")
@@ -482,9 +465,7 @@ def list_payment_methods(params: Params) -> Obj:
     customer = string(params, "customer", required=True)
     assert customer is not None
     billing.load(current_store(), "customer", customer, "customer", 400)
-    listed = invoicing.customer_payment_methods(
-        current_store(), customer, _limit(params), string(params, "starting_after")
-    )
+    listed = invoicing.customer_payment_methods(current_store(), customer, lists.page_params(params))
     return {**listed, "url": "/v1/payment_methods"}
 
 
@@ -522,8 +503,7 @@ def list_invoices(params: Params) -> Obj:
         customer=string(params, "customer"),
         subscription=string(params, "subscription"),
         status=status,
-        limit=_limit(params),
-        starting_after=string(params, "starting_after"),
+        page=lists.page_params(params),
     )
 
 
@@ -566,7 +546,7 @@ def create_test_clock(params: Params) -> Obj:
 @endpoint("/test_helpers/test_clocks", "GET")
 def list_test_clocks(params: Params) -> Obj:
     reject_unknown(params, ("limit", "starting_after"))
-    return clock.list_clocks(current_store(), _limit(params), string(params, "starting_after"))
+    return clock.list_clocks(current_store(), lists.page_params(params))
 
 
 @endpoint("/test_helpers/test_clocks/<clock_id>", "GET")

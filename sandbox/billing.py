@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import invoicing, objects, simtime
+from . import invoicing, lists, objects, simtime
 from .errors import StripeError, no_such
 from .objects import Obj
 from .store import Store
@@ -96,6 +96,14 @@ def load(store: Store, kind: str, object_id: str, param: str = "id", status: int
     return obj
 
 
+def merge_metadata(obj: Obj, given: dict[str, str] | None) -> None:
+    """An update's `metadata`, as Stripe applies it: merged key by key, a "" value removes its
+    key, and `metadata=""` (given as {}) clears it all."""
+    if given is not None:
+        merged = {**obj["metadata"], **given} if given else {}
+        obj["metadata"] = {k: v for k, v in merged.items() if v != ""}
+
+
 # -- catalogue ------------------------------------------------------------------------------
 
 
@@ -164,20 +172,14 @@ def list_prices(
     *,
     lookup_keys: list[str] | None,
     active: bool | None,
-    limit: int,
-    starting_after: str | None,
+    page: lists.Page,
 ) -> Obj:
     prices = [
         p
         for p in reversed(store.all("price"))  # newest first, like every Stripe list
         if (lookup_keys is None or p["lookup_key"] in lookup_keys) and (active is None or p["active"] == active)
     ]
-    if starting_after:
-        ids = [p["id"] for p in prices]
-        if starting_after not in ids:
-            raise no_such("price", starting_after, "starting_after", 400)
-        prices = prices[ids.index(starting_after) + 1 :]
-    return objects.list_object(prices[:limit], "/v1/prices", has_more=len(prices) > limit)
+    return lists.paginate(prices, "/v1/prices", page, "price")
 
 
 # -- Checkout ---------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import invoicing, objects, simtime
-from .billing import AUTOMATIC, ENDED, Origin, _apply_cancellation_details, emit, load
+from .billing import AUTOMATIC, ENDED, Origin, _apply_cancellation_details, emit, load, merge_metadata
 from .errors import StripeError
 from .objects import Obj
 from .store import Store
@@ -434,9 +434,7 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
             param="items",
         )
 
-    if req.metadata is not None:
-        merged = {**subscription["metadata"], **req.metadata} if req.metadata else {}
-        subscription["metadata"] = {k: v for k, v in merged.items() if v != ""}
+    merge_metadata(subscription, req.metadata)
     _apply_cancellation_details(subscription, req.cancellation_details)
     _apply_cancellation(subscription, req, now)
     _apply_pause(subscription, req, now)

@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import billing, changes, invoicing, objects, schedules, simtime
-from .errors import StripeError, no_such
+from . import billing, changes, invoicing, lists, objects, schedules, simtime
+from .errors import StripeError
 from .objects import Obj
 from .params import Params, mapping, reject_unknown, string
 from .store import Store
@@ -103,14 +103,9 @@ def load(store: Store, clock_id: str, param: str = "test_clock", status: int = 4
     return clock
 
 
-def list_clocks(store: Store, limit: int, starting_after: str | None) -> Obj:
+def list_clocks(store: Store, page: lists.Page) -> Obj:
     clocks = list(reversed(store.all("test_helpers.test_clock")))
-    if starting_after:
-        ids = [c["id"] for c in clocks]
-        if starting_after not in ids:
-            raise no_such("test_helpers.test_clock", starting_after, "starting_after", 400)
-        clocks = clocks[ids.index(starting_after) + 1 :]
-    return objects.list_object(clocks[:limit], "/v1/test_helpers/test_clocks", has_more=len(clocks) > limit)
+    return lists.paginate(clocks, "/v1/test_helpers/test_clocks", page, "test_helpers.test_clock")
 
 
 def delete(store: Store, clock_id: str, origin: billing.Origin) -> Obj:

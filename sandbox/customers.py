@@ -63,9 +63,7 @@ def update(
         customer["email"] = email or None
     if name is not None:
         customer["name"] = name or None
-    if metadata is not None:
-        merged = {**customer["metadata"], **metadata} if metadata else {}
-        customer["metadata"] = {k: v for k, v in merged.items() if v != ""}
+    billing.merge_metadata(customer, metadata)
     if default_payment_method is not None:
         if default_payment_method:
             _check_owned(store, customer, default_payment_method)

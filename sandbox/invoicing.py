@@ -13,9 +13,9 @@ import hashlib
 from dataclasses import dataclass
 from functools import cache
 
-from . import billing, objects, simtime
+from . import billing, lists, objects, simtime
 from .config import Settings
-from .errors import StripeError, no_such
+from .errors import StripeError
 from .objects import Obj
 from .store import Store
 
@@ -142,15 +142,9 @@ def attach(store: Store, method: Obj, customer_id: str) -> None:
     billing.emit(store, "payment_method.attached", method)
 
 
-def customer_payment_methods(store: Store, customer_id: str, limit: int, starting_after: str | None) -> Obj:
+def customer_payment_methods(store: Store, customer_id: str, page: lists.Page) -> Obj:
     methods = [m for m in reversed(store.all("payment_method")) if m["customer"] == customer_id]
-    if starting_after:
-        ids = [m["id"] for m in methods]
-        if starting_after not in ids:
-            raise no_such("payment_method", starting_after, "starting_after", 400)
-        methods = methods[ids.index(starting_after) + 1 :]
-    url = f"/v1/customers/{customer_id}/payment_methods"
-    return objects.list_object(methods[:limit], url, has_more=len(methods) > limit)
+    return lists.paginate(methods, f"/v1/customers/{customer_id}/payment_methods", page, "payment_method")
 
 
 def default_payment_method(store: Store, subscription: Obj | None, customer: Obj) -> Obj | None:
@@ -471,8 +465,7 @@ def list_invoices(
     customer: str | None,
     subscription: str | None,
     status: str | None,
-    limit: int,
-    starting_after: str | None,
+    page: lists.Page,
 ) -> Obj:
     found = [
         i
@@ -481,12 +474,7 @@ def list_invoices(
         and (subscription is None or invoice_subscription(i) == subscription)
         and (status is None or i["status"] == status)
     ]
-    if starting_after:
-        ids = [i["id"] for i in found]
-        if starting_after not in ids:
-            raise no_such("invoice", starting_after, "starting_after", 400)
-        found = found[ids.index(starting_after) + 1 :]
-    return objects.list_object(found[:limit], "/v1/invoices", has_more=len(found) > limit)
+    return lists.paginate(found, "/v1/invoices", page, "invoice")
 
 
 def invoice_payments(store: Store, invoice_id: str) -> Obj:

@@ -136,3 +136,8 @@ def metadata(params: Mapping[str, Any], key: str = "metadata", path: str = "") -
                 param=_name(_name(path, key), k),
             )
     return value
+
+
+def new_metadata(params: Mapping[str, Any], key: str = "metadata", path: str = "") -> dict[str, str]:
+    """Metadata for an object being created: keys given "" are simply not set."""
+    return {k: v for k, v in (metadata(params, key, path) or {}).items() if v != ""}

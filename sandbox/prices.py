@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import objects, simtime
-from .billing import load
+from .billing import load, merge_metadata
 from .errors import StripeError
 from .objects import Obj
 from .store import Store
@@ -121,9 +121,7 @@ def update_price(
         price["lookup_key"] = lookup_key or None
     if nickname is not UNSET:
         price["nickname"] = nickname or None
-    if metadata is not None:
-        merged = {**price["metadata"], **metadata} if metadata else {}
-        price["metadata"] = {k: v for k, v in merged.items() if v != ""}
+    merge_metadata(price, metadata)
     store.put(price)
     refresh_embedded(store, price)
     return price

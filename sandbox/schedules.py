@@ -15,7 +15,7 @@ import copy
 from dataclasses import dataclass
 
 from . import billing, changes, objects, simtime
-from .billing import AUTOMATIC, ENDED, Origin, emit, load
+from .billing import AUTOMATIC, ENDED, Origin, emit, load, merge_metadata
 from .errors import StripeError
 from .objects import Obj
 from .store import Store
@@ -164,9 +164,7 @@ def update_schedule(
     now = _now()
     if end_behavior is not None:
         schedule["end_behavior"] = end_behavior
-    if metadata is not None:
-        merged = {**schedule["metadata"], **metadata} if metadata else {}
-        schedule["metadata"] = {k: v for k, v in merged.items() if v != ""}
+    merge_metadata(schedule, metadata)
     if phases is not None:
         schedule["phases"] = _build_phases(store, schedule, phases, now)
         schedule["_phase_index"] = 0
