@@ -71,12 +71,6 @@ class PaymentError(Exception):
     """A payment a hosted page refuses; the message is shown to the customer."""
 
 
-def _now() -> int:
-    """The current time of whatever is being worked on: a test clock's frozen time inside
-    simtime.frozen_at() (customers on a clock), otherwise the wall clock."""
-    return simtime.now()
-
-
 def emit(
     store: Store,
     type: str,
@@ -84,7 +78,7 @@ def emit(
     previous: Obj | None = None,
     origin: Origin = AUTOMATIC,
 ) -> None:
-    event = objects.event(type, obj, previous, origin.request_id, origin.idempotency_key, _now())
+    event = objects.event(type, obj, previous, origin.request_id, origin.idempotency_key, simtime.now())
     store.put(event)
     store.enqueue_delivery(event["id"], time.time())
 
@@ -145,7 +139,7 @@ def _seed_price(
 ) -> Obj:
     name = str(entry.get("name", lookup_key))
     description = str(entry["description"]) if "description" in entry else None
-    now = _now()
+    now = simtime.now()
     current = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
     if product_id is None and current:
         product_id = current["product"]
@@ -203,7 +197,7 @@ class CheckoutRequest:
 
 
 def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str) -> Obj:
-    now = _now()
+    now = simtime.now()
     if req.customer and req.customer_email:
         raise StripeError(
             "You may only specify one of these parameters: customer, customer_email.",
@@ -256,7 +250,7 @@ def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str)
 
 def get_checkout_session(store: Store, session_id: str) -> Obj:
     session = load(store, "checkout.session", session_id, "session")
-    return _expire_if_due(store, session, _now())
+    return _expire_if_due(store, session, simtime.now())
 
 
 def _expire_if_due(store: Store, session: Obj, now: int) -> Obj:
@@ -327,7 +321,7 @@ def _complete_checkout(
     async_delay: float,
     card_expiry: tuple[int, int],
 ) -> Obj:
-    now = _now()
+    now = simtime.now()
     sub_data = session["_subscription_data"]
     trial_days = sub_data["trial_period_days"]
     settles_later = card is not None and card.outcome.startswith("async") and not trial_days
@@ -395,7 +389,7 @@ def _settle(store: Store, session_id: str, succeeded: bool) -> None:
     subscription = load(store, "subscription", session["subscription"])
     invoice = load(store, "invoice", subscription["latest_invoice"])
     before = copy.deepcopy(subscription)
-    now = _now()
+    now = simtime.now()
     if succeeded:
         session["payment_status"] = "paid"
         store.put(session)
@@ -501,7 +495,7 @@ def cancel_subscription(
     if subscription["status"] in ENDED:
         # Stripe treats an ended subscription as gone for this call (but still lets you read it).
         raise no_such("subscription", subscription_id, "id")
-    now = _now()
+    now = simtime.now()
     _apply_cancellation_details(subscription, cancellation_details)
     subscription.update(status="canceled", canceled_at=now, ended_at=now)
     subscription["cancellation_details"]["reason"] = "cancellation_requested"
@@ -519,6 +513,6 @@ def customer_subscriptions(store: Store, customer_id: str) -> list[Obj]:
 
 def create_portal_session(store: Store, customer_id: str, return_url: str | None, public_url: str) -> Obj:
     load(store, "customer", customer_id, "customer", 400)
-    session = objects.portal_session(customer_id, return_url, public_url, _now())
+    session = objects.portal_session(customer_id, return_url, public_url, simtime.now())
     store.put(session)
     return session

@@ -121,7 +121,7 @@ def delete(store: Store, clock_id: str, origin: billing.Origin) -> Obj:
             ]
             for obj in owned:
                 if obj["object"] == "subscription" and obj["status"] not in billing.ENDED:
-                    obj.update(status="canceled", canceled_at=billing._now(), ended_at=billing._now())
+                    obj.update(status="canceled", canceled_at=simtime.now(), ended_at=simtime.now())
                     billing.emit(store, "customer.subscription.deleted", obj, origin=origin)
                 store.delete(obj["id"])
             store.delete(customer["id"])
@@ -239,7 +239,14 @@ def _next_step(store: Store, clock_id: str, target: int) -> Step | None:
 
 
 def _period_end(sub: Obj) -> int:
-    return int(max(item["current_period_end"] for item in sub["items"]["data"]))
+    return changes.period(sub)[1]
+
+
+def _start_period(sub: Obj, start: int) -> None:
+    """Move every item to a new billing period beginning at `start`."""
+    end = changes.next_period_end(sub, start)
+    for item in sub["items"]["data"]:
+        item.update(current_period_start=start, current_period_end=end)
 
 
 def _updated(store: Store, sub: Obj, before: Obj) -> None:
@@ -250,7 +257,7 @@ def _updated(store: Store, sub: Obj, before: Obj) -> None:
 
 
 def _end(store: Store, sub: Obj, reason: str | None) -> None:
-    now = billing._now()
+    now = simtime.now()
     sub.update(status="canceled", ended_at=now, canceled_at=sub["canceled_at"] or now)
     if sub["cancellation_details"]["reason"] is None:
         sub["cancellation_details"]["reason"] = reason
@@ -266,7 +273,7 @@ def _cancel(store: Store, sub_id: str, dunning: Dunning) -> None:
 
 def _schedule(store: Store, schedule_id: str, dunning: Dunning) -> None:
     """A subscription schedule's next phase starts (or its last one ends), at the clock's time."""
-    schedules.apply_due_phases(store, billing._now(), only=schedule_id)
+    schedules.apply_due_phases(store, simtime.now(), only=schedule_id)
 
 
 def _trial_will_end(store: Store, sub_id: str, dunning: Dunning) -> None:
@@ -305,10 +312,8 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
         return
     customer = billing.load(store, "customer", sub["customer"])
     before = copy.deepcopy(sub)
-    start = _period_end(sub)
-    previous = (min(item["current_period_start"] for item in sub["items"]["data"]), start)
-    for item in sub["items"]["data"]:
-        item.update(current_period_start=start, current_period_end=changes.next_period_end(sub, start))
+    previous = changes.period(sub)
+    _start_period(sub, previous[1])
     if sub["status"] == "trialing":
         sub["status"] = "active"
     invoice = invoicing.renewal_invoice(store, customer, sub, previous, "subscription_cycle")
@@ -318,7 +323,7 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
     billing.emit(store, "invoice.created", invoice)
     _updated(store, sub, before)
     paused = sub.get("pause_collection")
-    if paused and (paused.get("resumes_at") is None or paused["resumes_at"] > billing._now()):
+    if paused and (paused.get("resumes_at") is None or paused["resumes_at"] > simtime.now()):
         _collection_paused(store, invoice, paused["behavior"])
 
 
@@ -330,7 +335,7 @@ def _collection_paused(store: Store, invoice: Obj, behavior: str) -> None:
     if behavior == "keep_as_draft":
         return
     invoicing.finalize(store, invoice)
-    now = billing._now()
+    now = simtime.now()
     if behavior == "void":
         invoice.update(status="void", amount_remaining=0)
         invoice["status_transitions"]["voided_at"] = now
@@ -365,7 +370,7 @@ def _attempt(store: Store, invoice: Obj, dunning: Dunning) -> None:
     if invoicing.charge(store, invoice, method):
         invoicing.paid(store, invoice)
         return
-    now = billing._now()
+    now = simtime.now()
     first_failure = invoice.setdefault("_first_failed_at", now)
     retries_done = invoice["attempt_count"] - 1
     exhausted = retries_done >= len(dunning.retry_days)
@@ -411,10 +416,9 @@ def resume(store: Store, sub_id: str, origin: billing.Origin) -> Obj:
             code="subscription_not_paused" if sub["status"] not in billing.ENDED else "resource_missing",
         )
     customer = billing.load(store, "customer", sub["customer"])
-    now = billing._now()
+    now = simtime.now()
     before = copy.deepcopy(sub)
-    for item in sub["items"]["data"]:
-        item.update(current_period_start=now, current_period_end=changes.next_period_end(sub, now))
+    _start_period(sub, now)
     sub.update(status="active", billing_cycle_anchor=now)
     invoice = invoicing.renewal_invoice(store, customer, sub, (now, now), "subscription_update")
     sub["latest_invoice"] = invoice["id"]

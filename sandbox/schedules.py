@@ -31,10 +31,6 @@ class PhaseInput:
     end_date: int | None
 
 
-def _now() -> int:
-    return simtime.now()
-
-
 def _phase(items: list[tuple[Obj, int]], start: int, end: int, currency: str) -> Obj:
     return {
         "add_invoice_items": [],
@@ -125,7 +121,7 @@ def create_from_subscription(store: Store, subscription_id: str, origin: Origin 
             f"You cannot migrate a subscription that is already attached to a schedule: `{subscription['schedule']}`.",
             param="from_subscription",
         )
-    now = _now()
+    now = simtime.now()
     start, end = changes.period(subscription)
     items = [(item["price"], item["quantity"]) for item in subscription["items"]["data"]]
     schedule = _schedule(subscription, [_phase(items, start, end, subscription["currency"])], now)
@@ -161,7 +157,7 @@ def update_schedule(
 ) -> Obj:
     schedule = _editable(store, schedule_id)
     before = copy.deepcopy(schedule)
-    now = _now()
+    now = simtime.now()
     if end_behavior is not None:
         schedule["end_behavior"] = end_behavior
     merge_metadata(schedule, metadata)
@@ -260,7 +256,7 @@ def cancel(store: Store, schedule_id: str, origin: Origin = AUTOMATIC) -> Obj:
 
 
 def _finish(store: Store, schedule: Obj, status: str, origin: Origin) -> None:
-    now = _now()
+    now = simtime.now()
     subscription_id = schedule["subscription"]
     schedule.update(status=status, current_phase=None)
     if status == "released":

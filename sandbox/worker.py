@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import re
 import sqlite3
 import threading
@@ -136,7 +135,7 @@ class Worker:
             event = self._store.get(delivery["event_id"])
             assert event is not None
             delivered = self._attempt(delivery, event, config)
-            if delivered and config.duplicate_rate > 0 and random.random() < config.duplicate_rate:  # noqa: S311
+            if delivered and config.duplicates_now():
                 self._send(event, config, duplicate=True)
         except Exception:
             log.exception("delivery of %s failed unexpectedly; requeued", delivery["event_id"])

@@ -19,7 +19,7 @@ import pytest
 import requests
 import stripe
 
-from sandbox import billing, objects
+from sandbox import billing, objects, simtime
 from sandbox.params import decode
 from sandbox.store import Store
 from sandbox.worker import signature_header
@@ -791,7 +791,7 @@ def _in_transaction(store: Store, action: Callable[[], Any]) -> Any:
         return action()
 
 
-def test_open_sessions_expire_when_due(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_open_sessions_expire_when_due(store: Store) -> None:
     price = next(p for p in store.all("price") if p["lookup_key"] == "starter_monthly")
     request = billing.CheckoutRequest(
         line_items=[(price["id"], 1)],
@@ -821,8 +821,8 @@ def test_open_sessions_expire_when_due(store: Store, monkeypatch: pytest.MonkeyP
     assert store.get(by_worker["id"])["status"] == "expired"  # type: ignore[index]
 
     # Reading a session past its expiry expires it at once; its job later finds nothing to do.
-    monkeypatch.setattr(billing, "_now", lambda: expires_at + 5)
-    read = _in_transaction(store, lambda: billing.get_checkout_session(store, on_read["id"]))
+    with simtime.frozen_at(expires_at + 5):
+        read = _in_transaction(store, lambda: billing.get_checkout_session(store, on_read["id"]))
     assert (read["status"], read["url"]) == ("expired", None)
     _in_transaction(store, lambda: billing.run_job(store, "expire_session", on_read["id"], expires_at + 5))
 
