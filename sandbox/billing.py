@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import invoicing, lists, objects, simtime
-from .errors import StripeError, no_such
+from .errors import StripeError, exclusive, inactive_price, no_such
 from .objects import Obj
 from .store import Store
 
@@ -199,11 +199,7 @@ class CheckoutRequest:
 def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str) -> Obj:
     now = simtime.now()
     if req.customer and req.customer_email:
-        raise StripeError(
-            "You may only specify one of these parameters: customer, customer_email.",
-            code="parameters_exclusive",
-            param="customer_email",
-        )
+        raise exclusive("customer", "customer_email", "customer_email")
     if req.customer:
         load(store, "customer", req.customer, "customer", 400)
     if req.expires_at is not None and not now + 1800 <= req.expires_at <= now + 86400:
@@ -219,10 +215,7 @@ def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str)
         param = f"line_items[{index}][price]"
         price = load(store, "price", price_id, param, 400)
         if not price["active"]:
-            raise StripeError(
-                "The price specified is inactive. This field only accepts active prices.",
-                param=param,
-            )
+            raise inactive_price(param)
         items.append(objects.checkout_line_item(price, quantity))
     session = objects.checkout_session(
         line_items=items,

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import invoicing, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, _apply_cancellation_details, emit, load, merge_metadata
-from .errors import StripeError
+from .errors import StripeError, exclusive, inactive_price
 from .objects import Obj
 from .store import Store
 
@@ -103,10 +103,7 @@ def _planned_items(store: Store, subscription: Obj, changes: list[ItemChange]) -
         if change.price is not None:
             price = load(store, "price", change.price, f"{path}[price]", 400)
             if not price["active"]:
-                raise StripeError(
-                    "The price specified is inactive. This field only accepts active prices.",
-                    param=f"{path}[price]",
-                )
+                raise inactive_price(f"{path}[price]")
             if price["type"] != "recurring":
                 raise StripeError(
                     "The price specified is set to `type=one_time` but this field only accepts prices"
@@ -467,11 +464,7 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
 def _apply_cancellation(subscription: Obj, req: SubscriptionUpdate, now: int) -> None:
     _, end = period(subscription)
     if req.cancel_at not in (UNSET, None) and req.cancel_at_period_end:
-        raise StripeError(
-            "You may only specify one of these parameters: cancel_at, cancel_at_period_end.",
-            code="parameters_exclusive",
-            param="cancel_at",
-        )
+        raise exclusive("cancel_at", "cancel_at_period_end", "cancel_at")
     if req.cancel_at is not UNSET:
         if req.cancel_at is None:
             _clear_cancellation(subscription)

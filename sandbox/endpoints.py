@@ -13,7 +13,7 @@ from typing import Any
 from . import changes, lists, prices, refunds, schedules
 from .api import _cancellation_details, _origin, _retrieve, endpoint
 from .context import current_store
-from .errors import StripeError
+from .errors import StripeError, exclusive
 from .objects import Obj
 from .params import Params, array, boolean, integer, mapping, metadata, new_metadata, reject_unknown, string
 
@@ -329,9 +329,7 @@ def list_events(params: Params) -> Obj:
     one_type = string(params, "type")
     types = [str(t) for t in array(params, "types") or []]
     if one_type and types:
-        raise StripeError(
-            "You may only specify one of these parameters: type, types.", code="parameters_exclusive", param="types"
-        )
+        raise exclusive("type", "types", "types")
     delivery_success = boolean(params, "delivery_success")
     created = lists.created_filter(params)
     store = current_store()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import objects
-from .errors import StripeError
+from .errors import StripeError, exclusive
 from .objects import Obj
 from .params import Params, integer, mapping, reject_unknown, string
 from .store import Store
@@ -33,11 +33,7 @@ def page_params(params: Params) -> Page:
         raise StripeError("This value must be less than or equal to 100.", param="limit")
     after, before = string(params, "starting_after"), string(params, "ending_before")
     if after and before:
-        raise StripeError(
-            "You may only specify one of these parameters: starting_after, ending_before.",
-            code="parameters_exclusive",
-            param="ending_before",
-        )
+        raise exclusive("starting_after", "ending_before", "ending_before")
     return Page(limit or 10, after, before)
 
 

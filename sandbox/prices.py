@@ -13,7 +13,7 @@ from typing import Any
 
 from . import objects, simtime
 from .billing import load, merge_metadata
-from .errors import StripeError
+from .errors import StripeError, exclusive
 from .objects import Obj
 from .store import Store
 
@@ -68,11 +68,7 @@ def refresh_embedded(store: Store, price: Obj) -> None:
 def create_price(store: Store, req: PriceCreate) -> Obj:
     now = simtime.now()
     if req.product and req.product_name:
-        raise StripeError(
-            "You may only specify one of these parameters: product, product_data.",
-            code="parameters_exclusive",
-            param="product_data",
-        )
+        raise exclusive("product", "product_data", "product_data")
     if req.product:
         product = load(store, "product", req.product, "product", 400)
     elif req.product_name:

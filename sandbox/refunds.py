@@ -11,7 +11,7 @@ import copy
 
 from . import objects, simtime
 from .billing import AUTOMATIC, Origin, emit, load
-from .errors import StripeError
+from .errors import StripeError, exclusive
 from .objects import Obj
 from .store import Store
 
@@ -29,11 +29,7 @@ def create_refund(
     origin: Origin = AUTOMATIC,
 ) -> Obj:
     if payment_intent and charge:
-        raise StripeError(
-            "You may only specify one of these parameters: charge, payment_intent.",
-            code="parameters_exclusive",
-            param="payment_intent",
-        )
+        raise exclusive("charge", "payment_intent", "payment_intent")
     if charge:
         found = load(store, "charge", charge, "charge", 400)
     elif payment_intent:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from . import billing, changes, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, emit, load, merge_metadata
-from .errors import StripeError
+from .errors import StripeError, inactive_price
 from .objects import Obj
 from .store import Store
 
@@ -194,10 +194,7 @@ def _build_phases(store: Store, schedule: Obj, inputs: list[PhaseInput], now: in
         for j, (price_id, quantity) in enumerate(phase.items):
             price = load(store, "price", price_id, f"{path}[items][{j}][price]", 400)
             if not price["active"]:
-                raise StripeError(
-                    "The price specified is inactive. This field only accepts active prices.",
-                    param=f"{path}[items][{j}][price]",
-                )
+                raise inactive_price(f"{path}[items][{j}][price]")
             prices.append((price, quantity))
         intervals = {(p["recurring"]["interval"], p["recurring"]["interval_count"]) for p, _ in prices}
         if len(intervals) > 1:

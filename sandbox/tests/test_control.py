@@ -50,10 +50,9 @@ def last_seq(server: Sandbox) -> int:
     return seq
 
 
-@pytest.fixture(autouse=True)
-def fresh_controls(sandbox: Sandbox, receiver: Receiver) -> Iterator[None]:
-    """Every test starts and ends with no faults, no latency and push delivery as configured."""
-    defaults = {
+def delivery_defaults(receiver: Receiver) -> dict[str, Any]:
+    """The delivery settings this module's server starts with (the harness's environment)."""
+    return {
         "mode": "push",
         "webhook_url": receiver.url,
         "secrets": [SECRET],
@@ -63,6 +62,12 @@ def fresh_controls(sandbox: Sandbox, receiver: Receiver) -> Iterator[None]:
         "reorder": False,
         "delay_seconds": 0.0,
     }
+
+
+@pytest.fixture(autouse=True)
+def fresh_controls(sandbox: Sandbox, receiver: Receiver) -> Iterator[None]:
+    """Every test starts and ends with no faults, no latency and push delivery as configured."""
+    defaults = delivery_defaults(receiver)
 
     def reset() -> None:
         ok(control(sandbox, "DELETE", "/faults"))
@@ -304,16 +309,7 @@ def test_latency_delays_v1_responses_without_blocking_others(sandbox: Sandbox) -
 
 def test_delivery_settings_read_and_partially_update(sandbox: Sandbox, receiver: Receiver) -> None:
     current = ok(control(sandbox, "GET", "/delivery"))
-    assert current == {
-        "mode": "push",
-        "webhook_url": receiver.url,
-        "secrets": [SECRET],
-        "api_version": objects.API_VERSION,
-        "concurrency": 1,
-        "duplicate_rate": 0.0,
-        "reorder": False,
-        "delay_seconds": 0.0,
-    }
+    assert current == delivery_defaults(receiver)
     updated = ok(control(sandbox, "POST", "/delivery", {"concurrency": 4, "reorder": True}))
     assert updated == {**current, "concurrency": 4, "reorder": True}
     assert ok(control(sandbox, "GET", "/delivery")) == updated
