@@ -171,8 +171,8 @@ def _clock_subject(path_args: dict[str, str], params: Params) -> str | None:
     their expiry is real time for the person paying."""
     if request.path.startswith("/v1/checkout/"):
         return None
-    for value in path_args.values():
-        return value
+    if path_args:
+        return next(iter(path_args.values()))
     for key in ("customer", "subscription", "from_subscription", "invoice", "payment_intent", "charge"):
         value = params.get(key)
         if isinstance(value, str) and value:
@@ -335,9 +335,27 @@ def create_checkout_session(params: Params) -> Obj:
         expires_at=integer(params, "expires_at"),
         allow_promotion_codes=boolean(params, "allow_promotion_codes"),
         payment_method_collection=collection,
-        missing_payment_method=clock.missing_payment_method_param(subscription_data),
+        missing_payment_method=_missing_payment_method(subscription_data),
     )
     return billing.create_checkout_session(current_store(), checkout, current_settings().public_url)
+
+
+def _missing_payment_method(subscription_data: Params) -> str | None:
+    """subscription_data[trial_settings][end_behavior][missing_payment_method] on Checkout."""
+    path = "subscription_data[trial_settings]"
+    settings = mapping(subscription_data, "trial_settings", "subscription_data")
+    if settings is None:
+        return None
+    reject_unknown(settings, ("end_behavior",), path)
+    behavior = mapping(settings, "end_behavior", path) or {}
+    reject_unknown(behavior, ("missing_payment_method",), f"{path}[end_behavior]")
+    value = string(behavior, "missing_payment_method", f"{path}[end_behavior]", required=True)
+    if value not in clock.MISSING_PAYMENT_METHOD:
+        raise StripeError(
+            f"Invalid missing_payment_method: must be one of {', '.join(clock.MISSING_PAYMENT_METHOD)}",
+            param=f"{path}[end_behavior][missing_payment_method]",
+        )
+    return value
 
 
 @endpoint("/checkout/sessions/<session_id>", "GET")

@@ -410,17 +410,14 @@ def _settle(store: Store, session_id: str, succeeded: bool) -> None:
         )
 
 
-# Timed jobs that other modules own (for example schedules.py): kind -> handler(store, ref, now).
+# Timed jobs that other modules own (clock.py, schedules.py), registered when they are imported
+# (this module cannot import them: they build on it): kind -> handler(store, ref, now).
 JOB_HANDLERS: dict[str, Callable[[Store, str, int], None]] = {}
 
 
 def run_job(store: Store, kind: str, ref: str, now: int) -> None:
     """A timed transition scheduled earlier; each is a no-op if the state moved on meanwhile."""
-    from . import clock  # noqa: PLC0415 (clock builds on this module)
-
-    if kind in clock.JOBS:
-        clock.JOBS[kind](store, ref)
-    elif kind == "expire_session":
+    if kind == "expire_session":
         _expire_if_due(store, load(store, "checkout.session", ref), now)
     elif kind in ("settle_async_succeeds", "settle_async_fails"):
         _settle(store, ref, succeeded=kind == "settle_async_succeeds")

@@ -61,7 +61,7 @@ class SubscriptionUpdate:
     default_payment_method: Any = UNSET  # str, None or UNSET
     metadata: dict[str, str] | None = None
     cancellation_details: dict[str, str] | None = None
-    given: set[str] = field(default_factory=set)
+    given: set[str] = field(default_factory=set)  # the parameters sent, for Stripe's "only X may be sent" rules
 
 
 def period(subscription: Obj) -> tuple[int, int]:

@@ -16,12 +16,10 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from . import billing, changes, invoicing, lists, objects, schedules, simtime
 from .errors import StripeError
 from .objects import Obj
-from .params import Params, mapping, reject_unknown, string
 from .store import Store
 
 DAY = 86400
@@ -49,24 +47,6 @@ class Dunning:
         if action not in ("unpaid", "cancel"):
             raise ValueError(f"SANDBOX_DUNNING_FINAL_ACTION must be unpaid or cancel, not {action!r}")
         return cls(days, action)
-
-
-def missing_payment_method_param(subscription_data: Params) -> str | None:
-    """subscription_data[trial_settings][end_behavior][missing_payment_method] on Checkout."""
-    path = "subscription_data[trial_settings]"
-    settings = mapping(subscription_data, "trial_settings", "subscription_data")
-    if settings is None:
-        return None
-    reject_unknown(settings, ("end_behavior",), path)
-    behavior = mapping(settings, "end_behavior", path) or {}
-    reject_unknown(behavior, ("missing_payment_method",), f"{path}[end_behavior]")
-    value = string(behavior, "missing_payment_method", f"{path}[end_behavior]", required=True)
-    if value not in MISSING_PAYMENT_METHOD:
-        raise StripeError(
-            f"Invalid missing_payment_method: must be one of {', '.join(MISSING_PAYMENT_METHOD)}",
-            param=f"{path}[end_behavior][missing_payment_method]",
-        )
-    return value
 
 
 # -- the clock API ------------------------------------------------------------------------------
@@ -401,7 +381,7 @@ ACTIONS: dict[str, Callable[[Store, str, Dunning], None]] = {
     "retry": _retry,
 }
 
-JOBS: dict[str, Callable[[Store, str], Any]] = {"advance_test_clock": run_advance}
+billing.JOB_HANDLERS["advance_test_clock"] = lambda store, ref, now: run_advance(store, ref)
 
 
 def resume(store: Store, sub_id: str, origin: billing.Origin) -> Obj:

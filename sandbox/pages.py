@@ -29,6 +29,7 @@ PORTAL_ACTIONS = {
     "switch-plan": "Your plan has been changed.",
     "update-quantity": "Your subscription has been updated.",
 }
+CARD_NOTICES = {"update-card": "Your payment method has been updated."}  # shown back on the portal
 
 
 @bp.app_template_filter("money")
@@ -212,8 +213,6 @@ def portal_action(portal_id: str, subscription_id: str, action: str) -> Response
 
 
 # -- cards: the portal's "update card", hosted invoice pages and invoice PDFs ---------------------
-
-CARD_NOTICES = {"update-card": "Your payment method has been updated."}
 
 
 @bp.app_template_filter("card_summary")

@@ -67,6 +67,10 @@ def _phase(items: list[tuple[Obj, int]], start: int, end: int, currency: str) ->
     }
 
 
+def _current_phase(phase: Obj) -> Obj:
+    return {"start_date": phase["start_date"], "end_date": phase["end_date"]}
+
+
 def _schedule(subscription: Obj, phases: list[Obj], now: int) -> Obj:
     return {
         "id": objects.new_id("sub_sched_"),
@@ -76,7 +80,7 @@ def _schedule(subscription: Obj, phases: list[Obj], now: int) -> Obj:
         "canceled_at": None,
         "completed_at": None,
         "created": now,
-        "current_phase": {"start_date": phases[0]["start_date"], "end_date": phases[0]["end_date"]},
+        "current_phase": _current_phase(phases[0]),
         "customer": subscription["customer"],
         "default_settings": {
             "application_fee_percent": None,
@@ -164,10 +168,7 @@ def update_schedule(
     if phases is not None:
         schedule["phases"] = _build_phases(store, schedule, phases, now)
         schedule["_phase_index"] = 0
-        schedule["current_phase"] = {
-            "start_date": schedule["phases"][0]["start_date"],
-            "end_date": schedule["phases"][0]["end_date"],
-        }
+        schedule["current_phase"] = _current_phase(schedule["phases"][0])
         for phase in schedule["phases"][1:]:
             store.add_job(JOB_KIND, schedule["id"], phase["start_date"])
         store.add_job(JOB_KIND, schedule["id"], schedule["phases"][-1]["end_date"])
@@ -265,14 +266,14 @@ def _finish(store: Store, schedule: Obj, status: str, origin: Origin) -> None:
     store.put(schedule)
     emit(store, f"subscription_schedule.{status}", schedule, origin=origin)
     subscription = store.get(subscription_id or "")
-    if subscription is not None and subscription["schedule"] == schedule["id"] and status != "canceled":
+    if subscription is not None and subscription["schedule"] == schedule["id"]:
         before = copy.deepcopy(subscription)
         subscription["schedule"] = None
         store.put(subscription)
-        emit(store, "customer.subscription.updated", subscription, objects.previous_attributes(before, subscription))
-    elif subscription is not None and subscription["schedule"] == schedule["id"]:
-        subscription["schedule"] = None
-        store.put(subscription)
+        if status != "canceled":  # a canceled schedule cancels its subscription, whose event follows
+            emit(
+                store, "customer.subscription.updated", subscription, objects.previous_attributes(before, subscription)
+            )
 
 
 def apply_due_phases(store: Store, now: int, subscription_id: str | None = None, only: str | None = None) -> list[str]:
@@ -307,7 +308,7 @@ def apply_due_phases(store: Store, now: int, subscription_id: str | None = None,
         _apply_phase(store, subscription, phases[due], now)
         before = copy.deepcopy(schedule)
         schedule["_phase_index"] = due
-        schedule["current_phase"] = {"start_date": phases[due]["start_date"], "end_date": phases[due]["end_date"]}
+        schedule["current_phase"] = _current_phase(phases[due])
         store.put(schedule)
         emit(store, "subscription_schedule.updated", schedule, objects.previous_attributes(before, schedule))
         changed.append(schedule["id"])

@@ -240,7 +240,7 @@ class Store:
             )
             seq = cursor.lastrowid
             assert seq is not None
-            if seq % 500 == 0:
+            if seq % 500 == 0:  # prune now and then, not on every insert, down to the newest `keep`
                 self._db.execute("DELETE FROM request_log WHERE seq <= ?", (seq - keep,))
             return seq
 
