@@ -229,13 +229,13 @@ def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str)
         metadata=req.metadata,
         subscription_metadata=req.subscription_metadata,
         trial_period_days=req.trial_period_days,
+        missing_payment_method=req.missing_payment_method,
+        payment_method_collection=req.payment_method_collection,
         allow_promotion_codes=req.allow_promotion_codes,
         expires_at=req.expires_at or now + 86400,
         public_url=public_url,
         now=now,
     )
-    session["payment_method_collection"] = req.payment_method_collection
-    session["_subscription_data"]["missing_payment_method"] = req.missing_payment_method
     store.put(session)
     store.add_job("expire_session", session["id"], session["expires_at"])
     return session

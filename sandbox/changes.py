@@ -364,15 +364,12 @@ def build_invoice(
         invoice["id"] = invoice_id
     for line in lines:
         line["invoice"] = invoice["id"]
-    total = sum(line["amount"] for line in lines)
+    # The lines' url names the invoice's id, which may have been given (invoice_id).
+    invoice["lines"] = objects.list_object(lines, f"/v1/invoices/{invoice['id']}/lines")
+    _set_totals(invoice)
     invoice.update(
-        lines=objects.list_object(lines, f"/v1/invoices/{invoice['id']}/lines"),
         billing_reason=billing_reason,
         amount_paid=0,
-        subtotal=total,
-        subtotal_excluding_tax=total,
-        total=total,
-        total_excluding_tax=total,
         next_payment_attempt=None,
         # An invoice made by an update covers the moment of the update, as on Stripe.
         period_start=now,
@@ -382,6 +379,12 @@ def build_invoice(
     invoicing.decorate(invoice, customer, subscription)
     apply_balance(customer, invoice)
     return invoice
+
+
+def _set_totals(invoice: Obj) -> None:
+    """An invoice's totals from its lines (there are no taxes or discounts)."""
+    total = sum(line["amount"] for line in invoice["lines"]["data"])
+    invoice.update(subtotal=total, subtotal_excluding_tax=total, total=total, total_excluding_tax=total)
 
 
 def apply_balance(customer: Obj, invoice: Obj) -> None:
@@ -622,10 +625,8 @@ def add_pending_items(store: Store, invoice: Obj) -> None:
     for ii in waiting:
         ii["invoice"] = invoice["id"]
         store.put(ii)
-    lines = [line_from_invoice_item(ii, invoice["id"]) for ii in waiting] + invoice["lines"]["data"]
-    total = sum(line["amount"] for line in lines)
-    invoice["lines"]["data"] = lines
-    invoice.update(subtotal=total, subtotal_excluding_tax=total, total=total, total_excluding_tax=total)
+    invoice["lines"]["data"] = [line_from_invoice_item(ii, invoice["id"]) for ii in waiting] + invoice["lines"]["data"]
+    _set_totals(invoice)
     customer = load(store, "customer", invoice["customer"])
     apply_balance(customer, invoice)
     store.put(customer)

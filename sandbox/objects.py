@@ -223,6 +223,8 @@ def checkout_session(
     metadata: dict[str, str],
     subscription_metadata: dict[str, str],
     trial_period_days: int | None,
+    missing_payment_method: str | None,
+    payment_method_collection: str,
     allow_promotion_codes: bool | None,
     expires_at: int,
     public_url: str,
@@ -272,7 +274,7 @@ def checkout_session(
         "mode": "subscription",
         "payment_intent": None,
         "payment_link": None,
-        "payment_method_collection": "always",
+        "payment_method_collection": payment_method_collection,
         "payment_method_types": ["card"],
         "payment_status": "unpaid",
         "phone_number_collection": {"enabled": False},
@@ -292,6 +294,7 @@ def checkout_session(
         "_subscription_data": {
             "metadata": subscription_metadata,
             "trial_period_days": trial_period_days,
+            "missing_payment_method": missing_payment_method,
         },
     }
 
