@@ -16,7 +16,7 @@ from collections.abc import Callable
 from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import billing, clock, customers, invoicing, lists, objects, simtime
+from . import billing, clock, customers, invoicing, lists, objects, prices, simtime
 from .context import current_settings, current_store
 from .errors import StripeError, missing
 from .objects import Obj
@@ -267,7 +267,7 @@ def _cannot_expand(path: str) -> StripeError:
 def list_prices(params: Params) -> Obj:
     reject_unknown(params, ("lookup_keys", "active", "limit", "starting_after"))
     lookup_keys = array(params, "lookup_keys")
-    return billing.list_prices(
+    return prices.list_prices(
         current_store(),
         lookup_keys=[str(k) for k in lookup_keys] if lookup_keys is not None else None,
         active=boolean(params, "active"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import invoicing, lists, objects, simtime
+from . import invoicing, objects, simtime
 from .errors import StripeError, exclusive, inactive_price, no_such
 from .objects import Obj
 from .store import Store
@@ -159,21 +159,6 @@ def _seed_price(
     store.put(product)
     store.put(price)
     return price
-
-
-def list_prices(
-    store: Store,
-    *,
-    lookup_keys: list[str] | None,
-    active: bool | None,
-    page: lists.Page,
-) -> Obj:
-    prices = [
-        p
-        for p in reversed(store.all("price"))  # newest first, like every Stripe list
-        if (lookup_keys is None or p["lookup_key"] in lookup_keys) and (active is None or p["active"] == active)
-    ]
-    return lists.paginate(prices, "/v1/prices", page, "price")
 
 
 # -- Checkout ---------------------------------------------------------------------------------

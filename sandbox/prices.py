@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import objects, simtime
+from . import lists, objects, simtime
 from .billing import load, merge_metadata
 from .errors import StripeError, exclusive
 from .objects import Obj
@@ -34,6 +34,21 @@ class PriceCreate:
     nickname: str | None
     metadata: dict[str, str]
     active: bool
+
+
+def list_prices(
+    store: Store,
+    *,
+    lookup_keys: list[str] | None,
+    active: bool | None,
+    page: lists.Page,
+) -> Obj:
+    prices = [
+        p
+        for p in reversed(store.all("price"))  # newest first, like every Stripe list
+        if (lookup_keys is None or p["lookup_key"] in lookup_keys) and (active is None or p["active"] == active)
+    ]
+    return lists.paginate(prices, "/v1/prices", page, "price")
 
 
 def _take_lookup_key(store: Store, lookup_key: str, transfer: bool, keep: str | None, param: str) -> None:
