@@ -1,4 +1,5 @@
-"""What happens to Stripe objects: the catalogue, Checkout, payments, subscriptions, the portal.
+"""What the domain modules share (load, emit, Origin, metadata merging, timed jobs), and seeding
+the catalogue, Checkout and its asynchronous settlement, cancelling subscriptions, portal sessions.
 
 Every function here expects to run inside one Store.transaction() opened by its caller (an API
 request, a hosted page or the worker), so an operation and the events it emits commit together.
@@ -355,7 +356,7 @@ def _complete_checkout(
     if not settles_later:
         emit(store, "invoice.paid", invoice)
     emit(store, "checkout.session.completed", session)
-    if settles_later:
+    if settles_later and card is not None:  # (settles_later implies a card)
         store.add_job(f"settle_{card.outcome}", session["id"], time.time() + async_delay)
     return session
 
@@ -415,7 +416,7 @@ def run_job(store: Store, kind: str, ref: str, now: int) -> None:
 # -- subscriptions ----------------------------------------------------------------------------
 
 
-def _apply_cancellation_details(subscription: Obj, details: dict[str, str] | None) -> None:
+def apply_cancellation_details(subscription: Obj, details: dict[str, str] | None) -> None:
     if not details:
         return
     feedback = details.get("feedback")
@@ -471,7 +472,7 @@ def cancel_subscription(
         # Stripe treats an ended subscription as gone for this call (but still lets you read it).
         raise no_such("subscription", subscription_id, "id")
     now = simtime.now()
-    _apply_cancellation_details(subscription, cancellation_details)
+    apply_cancellation_details(subscription, cancellation_details)
     subscription.update(status="canceled", canceled_at=now, ended_at=now)
     subscription["cancellation_details"]["reason"] = "cancellation_requested"
     store.put(subscription)

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import invoicing, objects, simtime
-from .billing import AUTOMATIC, ENDED, Origin, _apply_cancellation_details, emit, load, merge_metadata
+from .billing import AUTOMATIC, ENDED, Origin, apply_cancellation_details, emit, load, merge_metadata
 from .errors import StripeError, exclusive, inactive_price
 from .objects import Obj
 from .store import Store
@@ -435,7 +435,7 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
         )
 
     merge_metadata(subscription, req.metadata)
-    _apply_cancellation_details(subscription, req.cancellation_details)
+    apply_cancellation_details(subscription, req.cancellation_details)
     _apply_cancellation(subscription, req, now)
     _apply_pause(subscription, req, now)
     if req.default_payment_method is not UNSET:

@@ -530,7 +530,7 @@ def test_paused_collection_voids_renewals(sandbox: Sandbox, receiver: Receiver, 
 def test_a_failed_advance_reports_internal_failure(sandbox: Sandbox) -> None:
     clock_id, _ = clock_customer(sandbox)
     # As if the worker had dropped the advance: advancing, with no advance job left to run.
-    stuck = {"status": "advancing", "status_details": {"advancing": {"target_frozen_time": T0 + DAY}}}
+    stuck: dict[str, Any] = {"status": "advancing", "status_details": {"advancing": {"target_frozen_time": T0 + DAY}}}
     assert requests.post(f"{sandbox.url}/_sandbox/objects/{clock_id}", json=stuck, timeout=5).ok
     assert sandbox.client.v1.test_helpers.test_clocks.retrieve(clock_id).status == "internal_failure"
     with pytest.raises(stripe.InvalidRequestError):
