@@ -30,6 +30,8 @@ from .params import (
     metadata,
     new_metadata,
     reject_unknown,
+    required_integer,
+    required_string,
     string,
 )
 from .store import Store
@@ -309,10 +311,7 @@ def create_checkout_session(params: Params) -> Obj:
         if not isinstance(item, dict):
             raise StripeError("Invalid object", param=path)
         reject_unknown(item, ("price", "quantity"), path)
-        price = string(item, "price", path, required=True)
-        quantity = integer(item, "quantity", path, required=True, minimum=1)
-        assert price is not None and quantity is not None
-        line_items.append((price, quantity))
+        line_items.append((required_string(item, "price", path), required_integer(item, "quantity", path, minimum=1)))
     subscription_data = mapping(params, "subscription_data") or {}
     reject_unknown(subscription_data, ("metadata", "trial_period_days", "trial_settings"), "subscription_data")
     trial_days = integer(subscription_data, "trial_period_days", "subscription_data", minimum=1)
@@ -373,8 +372,7 @@ def expire_checkout_session(params: Params, session_id: str) -> Obj:
 @endpoint("/billing_portal/sessions", "POST")
 def create_portal_session(params: Params) -> Obj:
     reject_unknown(params, ("customer", "return_url"))
-    customer = string(params, "customer", required=True)
-    assert customer is not None
+    customer = required_string(params, "customer")
     return billing.create_portal_session(
         current_store(), customer, string(params, "return_url"), current_settings().public_url
     )
@@ -480,8 +478,7 @@ def list_customer_payment_methods(params: Params, customer_id: str) -> Obj:
 def list_payment_methods(params: Params) -> Obj:
     reject_unknown(params, ("customer", "type", "limit", "starting_after"))
     _card_type_only(params)
-    customer = string(params, "customer", required=True)
-    assert customer is not None
+    customer = required_string(params, "customer")
     billing.load(current_store(), "customer", customer, "customer", 400)
     listed = invoicing.customer_payment_methods(current_store(), customer, lists.page_params(params))
     return {**listed, "url": "/v1/payment_methods"}
@@ -503,8 +500,7 @@ def attach_payment_method(params: Params, payment_method_id: str) -> Obj:
     """Attach a PaymentMethod (or, as on Stripe, a new one made from a test token such as
     pm_card_chargeCustomerFail) to a customer; it does not become a default."""
     reject_unknown(params, ("customer",))
-    customer_id = string(params, "customer", required=True)
-    assert customer_id is not None
+    customer_id = required_string(params, "customer")
     store = current_store()
     customer = billing.load(store, "customer", customer_id, "customer", 400)
     return invoicing.resolve_payment_method(store, payment_method_id, customer, "payment_method")
@@ -534,8 +530,7 @@ def pay_invoice(params: Params, invoice_id: str) -> Obj:
 @endpoint("/invoice_payments", "GET")
 def list_invoice_payments(params: Params) -> Obj:
     reject_unknown(params, ("invoice",))
-    invoice = string(params, "invoice", required=True)
-    assert invoice is not None
+    invoice = required_string(params, "invoice")
     return invoicing.invoice_payments(current_store(), invoice)
 
 
@@ -556,8 +551,7 @@ def resume_subscription(params: Params, subscription_id: str) -> Obj:
 @endpoint("/test_helpers/test_clocks", "POST")
 def create_test_clock(params: Params) -> Obj:
     reject_unknown(params, ("frozen_time", "name"))
-    frozen_time = integer(params, "frozen_time", required=True)
-    assert frozen_time is not None
+    frozen_time = required_integer(params, "frozen_time")
     return clock.create(current_store(), frozen_time, string(params, "name"), _origin())
 
 
@@ -582,8 +576,7 @@ def delete_test_clock(params: Params, clock_id: str) -> Obj:
 @endpoint("/test_helpers/test_clocks/<clock_id>/advance", "POST")
 def advance_test_clock(params: Params, clock_id: str) -> Obj:
     reject_unknown(params, ("frozen_time",))
-    frozen_time = integer(params, "frozen_time", required=True)
-    assert frozen_time is not None
+    frozen_time = required_integer(params, "frozen_time")
     return clock.advance(current_store(), clock_id, frozen_time, _origin())
 
 

@@ -15,7 +15,19 @@ from .api import _cancellation_details, _origin, _retrieve, endpoint
 from .context import current_store
 from .errors import StripeError, exclusive
 from .objects import Obj
-from .params import Params, array, boolean, integer, mapping, metadata, new_metadata, reject_unknown, string
+from .params import (
+    Params,
+    array,
+    boolean,
+    integer,
+    mapping,
+    metadata,
+    new_metadata,
+    reject_unknown,
+    required_integer,
+    required_string,
+    string,
+)
 
 
 def _choice(params: Params, key: str, choices: tuple[str, ...], path: str = "") -> str | None:
@@ -162,8 +174,7 @@ def update_subscription_schedule(params: Params, schedule_id: str) -> Obj:
                 if not isinstance(item, dict):
                     raise StripeError("Invalid object", param=where)
                 reject_unknown(item, ("price", "quantity"), where)
-                price = string(item, "price", where, required=True)
-                assert price is not None
+                price = required_string(item, "price", where)
                 items.append((price, integer(item, "quantity", where, minimum=0) or 1))
             start: int | str | None = string(raw, "start_date", path)
             if start is not None and start != "now":
@@ -222,9 +233,8 @@ def create_price(params: Params) -> Obj:
     if product_data is not None:
         reject_unknown(product_data, ("name",), "product_data")
         product_name = string(product_data, "name", "product_data", required=True)
-    currency = string(params, "currency", required=True)
-    unit_amount = integer(params, "unit_amount", required=True, minimum=0)
-    assert currency is not None and unit_amount is not None
+    currency = required_string(params, "currency")
+    unit_amount = required_integer(params, "unit_amount", minimum=0)
     active = boolean(params, "active")
     return prices.create_price(
         current_store(),
