@@ -332,7 +332,7 @@ def recurring_line(item: Obj, subscription_id: str, invoice_id: str | None, star
         amount=price["unit_amount"] * item["quantity"],
         currency=price["currency"],
         description=f"{item['quantity']} × {price['nickname'] or price['id']}"
-        f" (at {_money(price['unit_amount'])} / {price['recurring']['interval']})",
+        f" (at {objects.money(price['unit_amount'])} / {price['recurring']['interval']})",
         subscription_id=subscription_id,
         subscription_item=item["id"],
         period={"start": start, "end": end},
@@ -349,10 +349,6 @@ def _lines_billed_now(plan: Plan, subscription_id: str, invoice_items: list[Obj]
         start, end = plan.period_start, plan.period_end
         lines += [recurring_line(item, subscription_id, invoice_id, start, end) for item in plan.items]
     return lines
-
-
-def _money(cents: int) -> str:
-    return f"${cents / 100:,.2f}"
 
 
 def build_invoice(

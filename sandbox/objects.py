@@ -38,6 +38,11 @@ def add_month(timestamp: int) -> int:
     return int(start.replace(year=year, month=month, day=day).timestamp())
 
 
+def money(cents: int) -> str:
+    """An amount in cents as a customer reads it: $1,234.50."""
+    return f"${cents / 100:,.2f}"
+
+
 def public(obj: Obj, include: Collection[str] = ()) -> Obj:
     """A deep copy of the object as Stripe shows it, with the includable fields asked for."""
     hidden = set(INCLUDABLE.get(obj["object"], ())) - set(include)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, redirect, render_template, request
 from werkzeug.wrappers import Response
 
-from . import billing, customers, invoicing, portal_changes, simtime
+from . import billing, customers, invoicing, objects, portal_changes, simtime
 from .context import current_settings, current_store
 from .errors import StripeError
 from .objects import Obj
@@ -32,9 +32,7 @@ PORTAL_ACTIONS = {
 CARD_NOTICES = {"update-card": "Your payment method has been updated."}  # shown back on the portal
 
 
-@bp.app_template_filter("money")
-def money(cents: int) -> str:
-    return f"${cents / 100:,.2f}"
+bp.add_app_template_filter(objects.money, "money")
 
 
 @bp.app_template_filter("day")

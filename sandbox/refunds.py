@@ -58,8 +58,8 @@ def create_refund(
     amount = remaining if amount is None else amount
     if amount > remaining:
         raise StripeError(
-            f"Refund amount (${amount / 100:,.2f}) is greater than unrefunded amount on charge"
-            f" (${remaining / 100:,.2f})",
+            f"Refund amount ({objects.money(amount)}) is greater than unrefunded amount on charge"
+            f" ({objects.money(remaining)})",
             param="amount",
         )
     now = simtime.now()
