@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
 
 def normalise_database_url(url: str) -> str:
@@ -56,15 +57,7 @@ class BaseConfig:
         self.STRIPE_MAX_NETWORK_RETRIES = int(env.get("STRIPE_MAX_NETWORK_RETRIES", "2"))
         self.STRIPE_TIMEOUT_SECONDS = float(env.get("STRIPE_TIMEOUT_SECONDS", "20"))
         self.APP_BASE_URL = env.get("APP_BASE_URL", "http://127.0.0.1:5000").rstrip("/")
-        # Whop, the second provider: off unless all three are set (BillingService.whop_configured()).
-        # WHOP_WEBHOOK_SECRET may list several, comma-separated, while one is rotated. WHOP_API_BASE
-        # points the SDK at another address (the offline double); production refuses it.
-        self.WHOP_API_KEY = env.get("WHOP_API_KEY", "")
-        self.WHOP_WEBHOOK_SECRET = env.get("WHOP_WEBHOOK_SECRET", "")
-        self.WHOP_COMPANY_ID = env.get("WHOP_COMPANY_ID", "")
-        self.WHOP_API_BASE = env.get("WHOP_API_BASE", "").rstrip("/")
-        self.WHOP_MAX_RETRIES = int(env.get("WHOP_MAX_RETRIES", "2"))
-        self.WHOP_TIMEOUT_SECONDS = float(env.get("WHOP_TIMEOUT_SECONDS", "20"))
+        self.configure_whop(env)
         # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
         # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
         self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in ("1", "true", "yes", "on")
@@ -103,13 +96,43 @@ class BaseConfig:
         self.RATELIMIT_SWALLOW_ERRORS = False
         self.CACHE_DEFAULT_TIMEOUT = self.PRICE_CACHE_SECONDS
         self.CACHE_KEY_PREFIX = "cache:"
+        self.configure_mail_and_jobs(env)
         self.LOG_FORMAT = env.get("LOG_FORMAT", self.DEFAULT_LOG_FORMAT)
         self.LOG_LEVEL = env.get("LOG_LEVEL", "INFO")
 
         self.configure_storage(env)
 
+    def configure_mail_and_jobs(self, env: Mapping[str, str]) -> None:
+        # Outgoing email over SMTP (Flask-Mailman). Production refuses to start without MAIL_SERVER and
+        # MAIL_DEFAULT_SENDER; development without MAIL_SERVER prints messages to the console instead.
+        self.MAIL_SERVER = env.get("MAIL_SERVER", "")
+        self.MAIL_PORT = int(env.get("MAIL_PORT", "25"))
+        self.MAIL_USE_TLS = env.get("MAIL_USE_TLS", "false").strip().lower() in TRUE_WORDS
+        self.MAIL_USE_SSL = env.get("MAIL_USE_SSL", "false").strip().lower() in TRUE_WORDS
+        self.MAIL_USERNAME = env.get("MAIL_USERNAME") or None
+        self.MAIL_PASSWORD = env.get("MAIL_PASSWORD") or None
+        self.MAIL_DEFAULT_SENDER = env.get("MAIL_DEFAULT_SENDER", "")
+        self.MAIL_TIMEOUT = float(env.get("MAIL_TIMEOUT_SECONDS", "10"))
+        self.MAIL_BACKEND = "smtp" if self.MAIL_SERVER else self.DEFAULT_MAIL_BACKEND
+
+        # The job queue (procrastinate, in the same PostgreSQL database). A failing job is retried with
+        # exponential backoff (JOB_RETRY_BASE_SECONDS ** attempt, capped at JOB_RETRY_MAX_WAIT_SECONDS)
+        # until JOB_MAX_ATTEMPTS attempts have failed.
+        self.JOB_MAX_ATTEMPTS = int(env.get("JOB_MAX_ATTEMPTS", "8"))
+        self.JOB_RETRY_BASE_SECONDS = int(env.get("JOB_RETRY_BASE_SECONDS", "2"))
+        self.JOB_RETRY_MAX_WAIT_SECONDS = int(env.get("JOB_RETRY_MAX_WAIT_SECONDS", "3600"))
+        self.WORKER_CONCURRENCY = int(env.get("WORKER_CONCURRENCY", "4"))
+        # A webhook's job waits this long before it applies, so a burst of events about one subscription
+        # costs one or two Stripe reads; acknowledgement is not delayed.
+        self.WEBHOOK_COALESCE_SECONDS = float(env.get("WEBHOOK_COALESCE_SECONDS", "2"))
+        # Stored webhook payloads older than this are dropped by a daily job (the row and outcome stay).
+        self.EVENT_PAYLOAD_RETENTION_DAYS = int(env.get("EVENT_PAYLOAD_RETENTION_DAYS", "90"))
+        # /metrics answers only with "Authorization: Bearer $METRICS_TOKEN"; unset, it is a 404.
+        self.METRICS_TOKEN = env.get("METRICS_TOKEN", "")
+
     DEFAULT_TRUSTED_PROXIES = "0"
     DEFAULT_LOG_FORMAT = "text"
+    DEFAULT_MAIL_BACKEND = "smtp"
 
     @staticmethod
     def _engine_options(url: str) -> dict[str, object]:
@@ -125,6 +148,18 @@ class BaseConfig:
             }
         return {}
 
+    def configure_whop(self, env: Mapping[str, str]) -> None:
+        """Whop, the second provider: off unless key, secret and account are all set
+        (BillingService.whop_configured()). WHOP_WEBHOOK_SECRET may list several, comma-separated,
+        while one is rotated. WHOP_API_BASE points the SDK at another address (the offline double);
+        production refuses it."""
+        self.WHOP_API_KEY = env.get("WHOP_API_KEY", "")
+        self.WHOP_WEBHOOK_SECRET = env.get("WHOP_WEBHOOK_SECRET", "")
+        self.WHOP_COMPANY_ID = env.get("WHOP_COMPANY_ID", "")
+        self.WHOP_API_BASE = env.get("WHOP_API_BASE", "").rstrip("/")
+        self.WHOP_MAX_RETRIES = int(env.get("WHOP_MAX_RETRIES", "2"))
+        self.WHOP_TIMEOUT_SECONDS = float(env.get("WHOP_TIMEOUT_SECONDS", "20"))
+
     def configure_storage(self, env: Mapping[str, str]) -> None:
         """Sessions, cache and rate-limit storage on Redis at REDIS_URL."""
         self.SESSION_TYPE = "redis"
@@ -139,6 +174,7 @@ class DevelopmentConfig(BaseConfig):
     start-up (app/startup.py) and refused in production."""
 
     APP_ENV = "development"
+    DEFAULT_MAIL_BACKEND = "console"
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = dict(os.environ if environ is None else environ)
@@ -170,6 +206,10 @@ class TestConfig(BaseConfig):
         env["DATABASE_URL"] = env.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/billing_test")
         env["REDIS_URL"] = env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
         env.setdefault("SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789")
+        # Real SMTP: the suite's fixtures point MAIL_PORT at an aiosmtpd server they run.
+        env.setdefault("MAIL_SERVER", "127.0.0.1")
+        env.setdefault("MAIL_DEFAULT_SENDER", "Ledgerline Billing <billing@ledgerline.test>")
+        env.setdefault("WEBHOOK_COALESCE_SECONDS", "0")  # tests run due jobs inline, at once
         super().__init__(env)
         self.TESTING = True
         self.PAST_DUE_GRACE_DAYS = 7

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
 from typing import TypeVar
 
 import click
+from flask import current_app
 from flask.cli import AppGroup
 from sqlalchemy import select
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
+from app.services import queue, queue_status
 from app.services.billing_service import BillingError, BillingService, plan_catalogue
 
 billing_cli = AppGroup("billing", help="Billing operations: stored webhook events, replays, prices.")
@@ -52,8 +57,8 @@ def _recent(model: type[Event], status: str | None, limit: int) -> list[Event]:
 @click.option("--failed", "all_failed", is_flag=True, help="Replay every event whose processing failed.")
 @provider_option
 def replay(event_id: str | None, all_failed: bool, provider: str) -> None:
-    """Replay one stored event, or all failed ones, through the webhook code path. Events already
-    processed are left as they are."""
+    """Queue one stored event, or all failed ones, for the worker to apply again (read afresh, so a
+    fix to the code applies). Events already processed or ignored are left as they are."""
     if bool(event_id) == all_failed:
         raise click.UsageError("give an EVENT_ID or --failed, not both")
     model = EVENT_TABLES[provider]
@@ -74,8 +79,13 @@ def replay(event_id: str | None, all_failed: bool, provider: str) -> None:
             result = BillingService.replay_stored_event(replayed_id)
         except LookupError as exc:
             raise click.ClickException(str(exc)) from None
-        outcome = "duplicate: already settled" if result.body.get("duplicate") else result.body
-        click.echo(f"{replayed_id}: {result.status_code} {outcome}")
+        if result.body.get("duplicate"):
+            outcome = "duplicate: already settled"
+        elif "queued" in result.body:
+            outcome = f"queued ({result.body['queued']})"
+        else:
+            outcome = f"failed again: {result.body.get('failed')}"
+        click.echo(f"{replayed_id}: {outcome}")
         failures += result.status_code >= 400
     if failures:
         raise click.ClickException(f"{failures} event(s) failed again; see `flask billing events --status failed`")
@@ -94,3 +104,60 @@ def check_prices() -> None:
         raise click.ClickException(str(exc)) from None
     for label, lookup_key in entries:
         click.echo(f"{label:<24} {lookup_key:<24} {prices[lookup_key]}")
+
+
+@billing_cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+def status(as_json: bool) -> None:
+    """The queue by state, the oldest waiting job's age, failed jobs, webhook events not yet applied."""
+    figures = queue_status.queue_figures()
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(figures), sort_keys=True))
+        return
+    click.echo("jobs:            " + "  ".join(f"{state}={count}" for state, count in figures.jobs.items()))
+    click.echo(f"oldest waiting:  {figures.oldest_waiting_seconds:.1f} s")
+    failed = "  ".join(f"{task}={count}" for task, count in figures.failed_jobs_by_task.items()) or "none"
+    click.echo(f"failed jobs:     {failed}")
+    click.echo("webhook events:  " + "  ".join(f"{state}={count}" for state, count in figures.webhook_events.items()))
+    click.echo(f"oldest pending:  {figures.oldest_pending_event_seconds:.1f} s")
+
+
+@billing_cli.command("worker")
+@click.option("--queue", "queues", multiple=True, help="Only these queues (default: all).")
+@click.option("--concurrency", type=int, default=None, help="Jobs run at once (default: WORKER_CONCURRENCY).")
+@click.option("--once", is_flag=True, help="Run the jobs that are due now, then exit.")
+def worker(queues: tuple[str, ...], concurrency: int | None, once: bool) -> None:
+    """Run a background worker until SIGTERM: webhook application, emails, schedules. Any number of
+    workers may run, on any hosts, against the same database."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    if once:
+        queue.run_pending_jobs(app, queues=list(queues) or None, concurrency=concurrency or 1)
+    else:
+        queue.run_worker(app, queues=list(queues) or None, concurrency=concurrency)
+
+
+@billing_cli.command("reconcile")
+@click.option("--apply", "apply_repairs", is_flag=True, help="Repair what differs (default: only report it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--since",
+    "since_days",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 30),
+    help="Look for missing events this many days back (Stripe keeps events for 30).",
+)
+@click.option("--org", "organization_id", type=int, help="Only this organization.")
+def reconcile(apply_repairs: bool, as_json: bool, since_days: int, organization_id: int | None) -> None:
+    """Compare Stripe with the database: subscriptions, orphans, missing events. Exit status 0 when
+    they agree (or were repaired), 1 when drift remains."""
+    try:
+        report = BillingService.reconcile(apply=apply_repairs, since_days=since_days, organization_id=organization_id)
+    except BillingError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), default=str, indent=2))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(0 if report.clean else 1)

@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS deliveries (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,   -- creation order
     event_id        TEXT NOT NULL UNIQUE,
-    state           TEXT NOT NULL,                       -- pending | delivered | failed
+    state           TEXT NOT NULL,                       -- pending | sending | delivered | failed
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     last_status     INTEGER,
@@ -89,6 +89,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # A state directory from before the request log had these columns keeps working.
+        logged = {row["name"] for row in self._db.execute("PRAGMA table_info(request_log)")}
+        for column in ("stripe_version", "user_agent"):
+            if column not in logged:
+                self._db.execute(f"ALTER TABLE request_log ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -135,6 +140,18 @@ class Store:
         rows = self._query("SELECT data FROM objects WHERE kind = ? ORDER BY rowid", (kind,))
         return [json.loads(row["data"]) for row in rows]
 
+    def all_where(self, kind: str, field: str, values: list[str]) -> list[dict[str, Any]]:
+        """Objects of a kind whose top-level `field` is one of `values`, in creation order,
+        filtered in SQLite so callers need not decode every object of the kind."""
+        if not values:
+            return []
+        marks = ", ".join("?" for _ in values)
+        rows = self._query(
+            f"SELECT data FROM objects WHERE kind = ? AND json_extract(data, ?) IN ({marks}) ORDER BY rowid",  # noqa: S608
+            (kind, f"$.{field}", *values),
+        )
+        return [json.loads(row["data"]) for row in rows]
+
     # -- idempotency ----------------------------------------------------------------------
 
     def idempotent_result(self, key: str, not_before: float) -> sqlite3.Row | None:
@@ -177,13 +194,6 @@ class Store:
             (event_id, now),
         )
 
-    def next_due_delivery(self, now: float) -> sqlite3.Row | None:
-        rows = self._query(
-            "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY seq LIMIT 1",
-            (now,),
-        )
-        return rows[0] if rows else None
-
     def record_attempt(
         self,
         seq: int,
@@ -202,6 +212,10 @@ class Store:
 
     def deliveries(self, limit: int) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM deliveries ORDER BY seq DESC LIMIT ?", (limit,))
+
+    def delivery_states(self) -> dict[str, str]:
+        """Each queued event's delivery state (pending | sending | delivered | failed)."""
+        return {row["event_id"]: row["state"] for row in self._query("SELECT event_id, state FROM deliveries")}
 
     # -- test controls: request log, delivery claims and sends ----------------------------
 
@@ -226,7 +240,7 @@ class Store:
             )
             seq = cursor.lastrowid
             assert seq is not None
-            if seq % 500 == 0:
+            if seq % 500 == 0:  # prune now and then, not on every insert, down to the newest `keep`
                 self._db.execute("DELETE FROM request_log WHERE seq <= ?", (seq - keep,))
             return seq
 
@@ -290,11 +304,10 @@ class Store:
         )
 
     def sends(self, event_ids: list[str]) -> list[sqlite3.Row]:
-        marks = ",".join("?" * len(event_ids))
-        return self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks}) ORDER BY id", tuple(event_ids))  # noqa: S608
-
-    # -- list filters -----------------------------------------------------------------------
-
-    def delivery_states(self) -> dict[str, str]:
-        """Each queued event's delivery state (pending | sending | delivered | failed)."""
-        return {row["event_id"]: row["state"] for row in self._query("SELECT event_id, state FROM deliveries")}
+        """The sends of these events, oldest first (queried in chunks: SQLite caps bound values)."""
+        rows: list[sqlite3.Row] = []
+        for start in range(0, len(event_ids), 500):
+            chunk = event_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks})", tuple(chunk))  # noqa: S608
+        return sorted(rows, key=lambda row: row["id"])

@@ -7,14 +7,21 @@ whatever STRIPE_API_BASE and the keys name instead (Stripe test mode)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from email import message_from_bytes
+from email import policy as email_policy
+from email.message import EmailMessage
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +29,7 @@ import psycopg2
 import pytest
 import redis
 import requests
+from aiosmtpd.controller import Controller
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
@@ -29,6 +37,7 @@ from sqlalchemy.pool import NullPool
 
 from app import create_app
 from app.extensions import db
+from app.services import queue
 from app.services.billing_service import STRIPE_API_VERSION
 from config import TestConfig, normalise_database_url
 
@@ -36,13 +45,20 @@ pytest_plugins = ["tests.live_support"]
 OFFLINE_SECRET_KEY = "sk_test_offline_suite_51Hx0000000000000"
 OFFLINE_WEBHOOK_SECRET = "whsec_offline_suite_0123456789abcdef"
 TABLES = (
+    "outbox_delivery",
     "domain_event",
     "organization_addon",
     "user_account",
     "pending_signup",
     "stripe_event",
     "whop_event",
+    "resubscribe_checkout",
+    "catalogue_price",
     "organization",
+    "procrastinate_events",
+    "procrastinate_periodic_defers",
+    "procrastinate_jobs",
+    "procrastinate_workers",
 )
 LIVE_VARIABLES = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET")
 
@@ -138,14 +154,115 @@ def cleaner(database_url: str, redis_url: str) -> Iterator[Callable[[], None]]:
     engine.dispose()
 
 
+# --- SMTP: a real server (aiosmtpd) that keeps what it receives -----------------------------------
+
+
+class SmtpSink:
+    """The SMTP server's handler: every accepted message, parsed, in arrival order."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self.refusals = 0
+        self.lock = threading.Lock()
+        self.port = 0
+        self.holding = False
+        self.held = threading.Event()  # a held message has arrived
+        self.release = threading.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.holding:
+            # The message is in, the answer is not: the sender waits here (a test kills it meanwhile).
+            held, release = self.held, self.release
+            held.set()
+            while not release.is_set():
+                await asyncio.sleep(0.05)
+            return "451 Requested action aborted: the sender went away"
+        with self.lock:
+            if self.refusals:
+                self.refusals -= 1
+                return "451 Requested action aborted: try again later"
+            message = message_from_bytes(envelope.content, policy=email_policy.default)
+            assert isinstance(message, EmailMessage)
+            self.messages.append(message)
+        return "250 Message accepted for delivery"
+
+    def hold_messages(self) -> None:
+        """From now on, keep each message unanswered until ``release`` is set; then refuse it."""
+        self.held, self.release = threading.Event(), threading.Event()
+        self.holding = True
+
+    def refuse_next(self, count: int = 1) -> None:
+        """The next ``count`` messages are refused with a temporary error (451)."""
+        self.refusals = count
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [message for message in self.messages if address in str(message["To"])]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.messages.clear()
+            self.refusals = 0
+            self.holding = False
+            self.release.set()  # a message a previous test held is let go
+
+
+def email_text(message: EmailMessage) -> str:
+    part = message.get_body(preferencelist=("plain",))
+    assert part is not None, "no text/plain part"
+    return str(part.get_content())
+
+
+def email_html(message: EmailMessage) -> str:
+    part = message.get_body(preferencelist=("html",))
+    assert part is not None, "no text/html part"
+    return str(part.get_content())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def _smtp_sink() -> Iterator[SmtpSink]:
+    # The server's own protocol log (every line of every message) is the test harness's, not the app's.
+    server_log = logging.getLogger("mail.log")
+    server_log.setLevel(logging.WARNING)
+    server_log.propagate = False
+    sink = SmtpSink()
+    sink.port = _free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
+    controller.start()
+    yield sink
+    controller.stop()
+
+
 @pytest.fixture
-def make_app(cleaner: Callable[[], None], stripe_sandbox: SandboxAccount) -> Iterator[Callable[..., Flask]]:
+def smtp_server(_smtp_sink: SmtpSink) -> SmtpSink:
+    """The suite's SMTP server (every app the fixtures build sends to it), emptied for this test:
+    ``smtp_server.messages`` holds what arrived."""
+    _smtp_sink.clear()
+    return _smtp_sink
+
+
+def run_jobs(app: Flask, *, queues: list[str] | None = None) -> None:
+    """Run every queued job that is due (webhook application, outbox deliveries, emails) inline, the
+    way `flask billing worker` runs them, and return when none is left."""
+    queue.run_pending_jobs(app, queues=queues)
+
+
+@pytest.fixture
+def make_app(
+    cleaner: Callable[[], None], stripe_sandbox: SandboxAccount, smtp_server: SmtpSink
+) -> Iterator[Callable[..., Flask]]:
     """Build an app on the test database and Redis, from a clean slate; overrides go on top."""
     apps: list[Flask] = []
     cleaner()
 
     def build(**overrides: Any) -> Flask:
-        app = create_app(_test_config(), **{**offline_overrides(stripe_sandbox.url), **overrides})
+        mail = {"MAIL_SERVER": "127.0.0.1", "MAIL_PORT": smtp_server.port}
+        app = create_app(_test_config(), **{**offline_overrides(stripe_sandbox.url), **mail, **overrides})
         apps.append(app)
         return app
 
@@ -355,6 +472,47 @@ class SandboxAccount:
         assert response.status_code == expected, response.text[-2000:]
         return self.session(session_id)
 
+    def _card_form(self, url: str, card: str, expected: int = 303) -> requests.Response:
+        """Fill in and submit a hosted page's card form (Checkout's element names) as a browser would."""
+        response = self.http.post(
+            url,
+            data={
+                "email": "ada@example.com",
+                "cardNumber": card,
+                "cardExpiry": "12 / 34",
+                "cardCvc": "123",
+                "billingName": "Ada Lovelace",
+            },
+            allow_redirects=False,
+            timeout=30,
+        )
+        assert response.status_code == expected, response.text[-2000:]
+        return response
+
+    def update_card_in_portal(self, portal_url: str, card: str) -> None:
+        """The customer replaces the card on file in the customer portal (#update-card)."""
+        page = self.http.get(portal_url, timeout=30)
+        assert page.ok and 'id="update-card"' in page.text, page.text[-2000:]
+        self._card_form(f"{portal_url}/payment-method", card)
+
+    def pay_invoice_page(self, hosted_invoice_url: str, card: str = CARDS["paid"]) -> None:
+        """The customer pays an open invoice on its hosted invoice page."""
+        self._card_form(hosted_invoice_url, card)
+
+    def advance_clock(self, clock_id: str, frozen_time: int, timeout: float = 60) -> dict[str, Any]:
+        """Move a test clock forward and wait until Stripe has run everything that fell due meanwhile."""
+        from tests.live_support import wait_until
+
+        self.api("POST", f"/v1/test_helpers/test_clocks/{clock_id}/advance", {"frozen_time": frozen_time})
+        return wait_until(
+            lambda: (
+                (clock := self.api("GET", f"/v1/test_helpers/test_clocks/{clock_id}"))["status"] == "ready" and clock
+            ),
+            timeout,
+            f"test clock {clock_id} did not finish advancing",
+            0.05,
+        )
+
     def settle_async_payment(self, session_id: str, timeout: float = 20) -> dict[str, Any]:
         """Wait for an asynchronous payment to settle at the sandbox; returns the settled session."""
         from tests.live_support import wait_until
@@ -395,15 +553,21 @@ class SandboxAccount:
         taken: list[dict[str, Any]] = response.json()["events"]
         return taken
 
-    def deliver(self, client: FlaskClient, *, types: tuple[str, ...] | None = None) -> list[tuple[str, int]]:
+    def deliver(
+        self, client: FlaskClient, *, types: tuple[str, ...] | None = None, apply: bool = True
+    ) -> list[tuple[str, int]]:
         """Post every event the sandbox holds to the app, signed by the sandbox; those of other types
-        than `types` (when given) are dropped. Returns (event type, HTTP status) in delivery order."""
+        than `types` (when given) are dropped. Then, unless apply=False, run the queued jobs as the
+        worker would (the request only stores and queues). Returns (event type, HTTP status) in
+        delivery order."""
         delivered = []
         for event in self.take_events():
             if types is not None and event["type"] not in types:
                 continue
             response = client.post("/billing/webhooks/stripe", data=event["payload"].encode(), headers=event["headers"])
             delivered.append((event["type"], response.status_code))
+        if apply:
+            run_jobs(client.application)
         return delivered
 
     def reset(self) -> None:
@@ -473,6 +637,14 @@ def post_webhook(
         data=body,
         headers={"Stripe-Signature": sign_stripe_payload(body, secret, timestamp), "Content-Type": "application/json"},
     )
+
+
+def post_and_apply(client: FlaskClient, event: dict[str, Any] | bytes, **kwargs: Any) -> Any:
+    """post_webhook, then run the queued jobs the way the worker would (webhooks are applied by the
+    worker; the request only stores and queues). Returns the webhook's response."""
+    response = post_webhook(client, event, **kwargs)
+    run_jobs(client.application)
+    return response
 
 
 PASSWORD = "correct horse battery staple"

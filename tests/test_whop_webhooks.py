@@ -79,17 +79,16 @@ def test_a_good_delivery_is_stored_once_under_its_webhook_id(whop_client: FlaskC
     body = envelope()
     response = deliver(whop_client, body, whop_headers(body, "msg_good_1"))
     assert response.status_code == 200
-    assert response.get_json() == {
-        "received": True,
-        "ignored": "membership.activated recorded; Whop billing is not applied yet",
-    }
+    assert response.get_json() == {"received": True}
     [row] = stored(whop_app)
-    assert (row.event_id, row.type, row.api_version, row.status, row.attempts) == (
+    # Stored and queued for the worker, keyed on the membership it is about.
+    assert (row.event_id, row.type, row.api_version, row.status, row.attempts, row.object_key) == (
         "msg_good_1",
         "membership.activated",
         "v1",
-        "ignored",
+        "pending",
         1,
+        "membership:mem_1",
     )
     assert row.whop_created == int(datetime(2026, 11, 28, 12, tzinfo=UTC).timestamp())
     assert row.payload == body.decode()  # exactly as received
@@ -266,13 +265,27 @@ def test_unknown_types_and_other_accounts_are_recorded_and_ignored(whop_client: 
     ]
 
 
+def test_events_naming_no_object_are_stored_as_failed(whop_client: FlaskClient, whop_app: Flask) -> None:
+    cases = (
+        ("membership.updated", {"status": "active"}, "malformed Whop membership: it names no membership"),
+        ("payment.failed", {"id": "pay_1", "membership_id": None}, "malformed Whop payment: it names no membership"),
+        ("invoice.paid", {"id": "inv_1"}, "malformed Whop invoice: it names no member"),
+    )
+    for number, (event_type, data, reason) in enumerate(cases):
+        body = envelope(event_type, data)
+        response = deliver(whop_client, body, whop_headers(body, f"msg_malformed_{number}"))
+        assert response.status_code == 200 and response.get_json() == {"received": True, "failed": reason}
+    assert [(row.status, row.last_error) for row in stored(whop_app)] == [("failed", reason) for *_, reason in cases]
+
+
 def test_stored_whop_events_can_be_replayed_by_id(whop_client: FlaskClient, whop_app: Flask) -> None:
     from app.services.billing_service import BillingService
 
     body = envelope()
     deliver(whop_client, body, whop_headers(body, "msg_replay"))
     with whop_app.app_context():
-        assert BillingService.replay_stored_event("msg_replay").body == {"received": True, "duplicate": True}
+        replayed = BillingService.replay_stored_event("msg_replay")  # still pending: queued again
+        assert (replayed.status_code, replayed.body) == (202, {"received": True, "queued": "membership:mem_1"})
         with pytest.raises(LookupError):
             BillingService.replay_stored_event("msg_never")
 

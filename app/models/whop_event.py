@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import ClassVar
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import Model
@@ -18,8 +18,15 @@ class WhopEvent(Model):
 
     __tablename__ = "whop_event"
     __table_args__ = (
-        CheckConstraint("status IN ('processed', 'failed', 'ignored')", name="ck_whop_event_status"),
+        CheckConstraint("status IN ('pending', 'processed', 'failed', 'ignored')", name="ck_whop_event_status"),
         Index("ix_whop_event_status_received_at", "status", "received_at"),
+        Index(
+            "ix_whop_event_pending_object_key",
+            "object_key",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
     )
     created_column: ClassVar[str] = "whop_created"
 
@@ -36,3 +43,6 @@ class WhopEvent(Model):
     last_error: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     processed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # The Whop object the event is about ("membership:mem_...", "member:mber_..."): its job is keyed,
+    # locked and coalesced on it.
+    object_key: Mapped[str | None] = mapped_column(String(300))

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,9 +26,11 @@ from typing import Any, Protocol
 import standardwebhooks
 import stripe
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import joinedload
+from stripe.params import RefundCreateParams
 from stripe.params.checkout import (
     SessionCreateParams,
     SessionCreateParamsLineItem,
@@ -37,11 +40,25 @@ from whop_sdk import Whop
 from whop_sdk.environment import WhopEnvironment
 
 from app.extensions import cache, db
-from app.models import BillingStatus, Organization, SignupStatus, StripeEvent, StripeEventStatus, WhopEvent
+from app.models import (
+    BillingStatus,
+    CataloguePrice,
+    Organization,
+    PendingSignup,
+    ResubscribeCheckout,
+    ResubscribeStatus,
+    SignupStatus,
+    StripeEvent,
+    StripeEventStatus,
+    WhopEvent,
+)
 from app.models.types import utcnow
-from app.services import domain_events, webhook_store
+from app.services import domain_events, outbox, queue, stripe_objects, webhook_store
+from app.services import reconcile as reconciliation
+from app.services.catalogue_mapping import CatalogueEntry, KnownPrice, KnownPrices, entry_for_lookup_key
 from app.services.plans import PlanCatalogue, Tier
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
+from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import SubscriptionState, apply_subscription_state
 from app.services.webhook_store import EventModel, VerifiedEvent
 
@@ -52,7 +69,6 @@ STRIPE_API_VERSION = "2026-10-28.endive"
 STRIPE_SIGNATURE_TOLERANCE_SECONDS = 300
 # Stripe timestamps are whole seconds and our clock is not Stripe's: an event this close to the state
 # we hold cannot be ordered against it, so the subscription is read from Stripe instead.
-SAME_MOMENT_SECONDS = 5
 CHECKOUT_SESSION_ID = re.compile(r"^cs_(test|live)_[A-Za-z0-9]{1,200}$")
 REQUEST_TOKEN = re.compile(r"^[0-9a-f]{32}$")
 # What a Stripe event's id, type and API version look like. Anything else (NUL, control characters, lone
@@ -63,6 +79,10 @@ API_VERSION_FORMAT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CANCELLABLE = frozenset(
     {BillingStatus.ACTIVE, BillingStatus.TRIALING, BillingStatus.PAST_DUE, BillingStatus.UNPAID, BillingStatus.PAUSED}
 )
+
+
+# Statuses in which an organization has no live subscription and may start a new one.
+ENDED = frozenset({BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED})
 
 
 class BillingError(Exception):
@@ -116,7 +136,8 @@ class WebhookResult:
 
 class WebhookProvider(Protocol):
     """A payment provider's webhooks. Register one with BillingService.register_webhook_provider();
-    handle_webhook_event stores, deduplicates and applies its events in a transaction."""
+    handle_webhook_event verifies, stores and queues its events, and the worker applies them, all the
+    events about one object together (apply_batch)."""
 
     name: str
 
@@ -127,7 +148,14 @@ class WebhookProvider(Protocol):
 
     def ignore_reason(self, event: VerifiedEvent) -> str | None: ...
 
-    def apply(self, event: VerifiedEvent) -> str: ...
+    def object_key(self, event: VerifiedEvent) -> str:
+        """The object the event is about ("subscription:sub_..."); raises MalformedObject."""
+        ...
+
+    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> dict[str, tuple[StripeEventStatus, str]]:
+        """Apply the pending events about one object, in the caller's transaction; each event's id
+        maps to the status it settles with and what happened."""
+        ...
 
 
 def plan_catalogue() -> PlanCatalogue:
@@ -195,6 +223,7 @@ class BillingService:
                     params={"lookup_keys": missing, "active": True, "limit": len(missing)}
                 )
             found = {price.lookup_key: price.id for price in prices.data if price.lookup_key}
+            cls._remember_listed_prices(prices.data)
             unknown = [key for key in missing if key not in found]
             if unknown:
                 raise PriceUnavailableError(
@@ -203,6 +232,20 @@ class BillingService:
             cache.set_many({f"stripe-price:{key}": price_id for key, price_id in found.items()})
             cached.update(found)
         return {key: str(price_id) for key, price_id in cached.items()}
+
+    @staticmethod
+    def _remember_listed_prices(prices: Iterable[stripe.Price]) -> None:
+        """Prices resolved by lookup key are remembered (catalogue_price) on a connection of their own,
+        so a later price migration cannot unmap the subscriptions sold at them."""
+        catalogue = plan_catalogue()
+        seen = [
+            KnownPrice(price.id, _id_of(price.to_dict().get("product")), str(price.lookup_key), entry)
+            for price in prices
+            if (entry := entry_for_lookup_key(catalogue, price.lookup_key)) is not None
+        ]
+        if seen:
+            with db.engine.begin() as connection:
+                connection.execute(_remember_prices_statement(seen))
 
     @staticmethod
     def tier(tier_key: str) -> Tier:
@@ -329,46 +372,81 @@ class BillingService:
 
     @classmethod
     def complete_signup_from_redirect(cls, session_id: str) -> ProvisionOutcome:
-        """The success URL: provision (or find provisioned) the signup behind this checkout."""
+        """The success URL: provision (or find provisioned) the signup behind this checkout. A paid
+        checkout that cannot become an account (the email already has one) is canceled and refunded
+        before the answer, so the page can say what happened."""
         if not CHECKOUT_SESSION_ID.match(session_id or ""):
             raise CheckoutSessionNotFound("That checkout link is not valid.")
+        db.session.rollback()  # whatever the request read: no transaction is held while Stripe is asked
         try:
-            outcome = cls._provision_checkout_session(session_id, source="web")
+            outcome = cls._provision_checkout_session(session_id, source="web", release_before_stripe=True)
             db.session.commit()
         except BaseException:
             db.session.rollback()
             raise
+        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
+            try:
+                settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="web")
+            except PaymentProviderUnavailable:
+                settlement = None  # the worker's consumer of signup.conflict retries it, then reconcile
+            outcome = dataclasses.replace(outcome, settlement=settlement)
         return outcome
 
     @classmethod
-    def _provision_checkout_session(cls, session: str | Mapping[str, Any], *, source: str) -> ProvisionOutcome:
+    def _provision_checkout_session(
+        cls, session: str | Mapping[str, Any], *, source: str, release_before_stripe: bool = False
+    ) -> ProvisionOutcome:
         """Provision a completed checkout exactly once, whoever asks first: the success redirect (with
-        the session id) or a webhook (with the session object). Runs in the caller's transaction.
+        the session id) or a webhook (with the session object). Writes in the caller's transaction.
 
-        The pending signup (or, for a resubscription, the organization) is locked before Stripe is
-        read, so the subscription read here is at least as new as any event applied before it."""
+        Stripe is read before any row is locked; the pending signup is then locked only for the few
+        statements that create the account. release_before_stripe: the caller owns the transaction
+        and nothing is written yet, so the connection goes back to the pool while Stripe answers. A
+        subscription event that arrived in between bumps the signup's subscription_events_seen; the
+        read is then done again, so the organization never starts older than an event already seen."""
         if isinstance(session, str):
-            session_id, reference, checkout = session, None, None
+            session_id, reference, given = session, None, None
         else:
-            session_id, reference, checkout = session["id"], session.get("client_reference_id"), dict(session)
-            if (checkout.get("metadata") or {}).get("purpose") == "resubscribe":
-                return cls._provision_resubscription(checkout, source=source)
-        pending = SignupService.lock_pending_signup_for_checkout(session_id, reference_id=reference)
-        if pending is None:
+            session_id, reference, given = session["id"], session.get("client_reference_id"), dict(session)
+            if (given.get("metadata") or {}).get("purpose") == "resubscribe":
+                return cls._provision_resubscription(given, source=source, release_before_stripe=release_before_stripe)
+        for attempt in range(3):
+            pending = _found(SignupService.find_pending_signup_for_checkout(session_id, reference_id=reference))
+            if pending.status == SignupStatus.COMPLETED:
+                return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
+            events_seen = pending.subscription_events_seen
+            if release_before_stripe:
+                db.session.rollback()
+            checkout, subscription = cls._read_checkout(session_id, given if attempt == 0 else None)
+            pending = _found(SignupService.lock_pending_signup_for_checkout(session_id, reference_id=reference))
+            if pending.status == SignupStatus.COMPLETED:
+                return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
+            if pending.subscription_events_seen == events_seen or attempt == 2:
+                break
+            if release_before_stripe:
+                db.session.rollback()
+        if pending is None:  # pragma: no cover - the loop returns or raises first
             raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
-        if pending.status == SignupStatus.COMPLETED:
-            return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
-        if checkout is None:
-            checkout = cls._retrieve_checkout_session(session_id, expand_subscription=True)
-            subscription = checkout.get("subscription")
-        elif checkout.get("subscription"):
-            subscription = cls._retrieve_subscription(checkout["subscription"])
-        else:
-            subscription = None
         if not _checkout_is_paid(checkout) or not isinstance(subscription, dict):
             return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, pending.id)
-        state = SubscriptionState.from_stripe(subscription, plan_catalogue())
+        state = cls._subscription_state(subscription)
         return SignupService.complete_pending_signup_from_checkout(pending, checkout, state, source=source)
+
+    @classmethod
+    def _read_checkout(
+        cls, session_id: str, given: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The checkout and its subscription, as Stripe has them now (a given session object whose
+        subscription is already expanded is used as it is)."""
+        if given is not None and isinstance(given.get("subscription"), dict):
+            return given, given["subscription"]
+        if given is None:
+            checkout = cls._retrieve_checkout_session(session_id, expand_subscription=True)
+            subscription = checkout.get("subscription")
+            return checkout, subscription if isinstance(subscription, dict) else None
+        if given.get("subscription"):
+            return given, cls._retrieve_subscription(str(given["subscription"]))
+        return given, None
 
     @classmethod
     def _retrieve_checkout_session(cls, session_id: str, *, expand_subscription: bool) -> dict[str, Any]:
@@ -390,15 +468,20 @@ class BillingService:
             return cls.ensure_stripe().v1.subscriptions.retrieve(subscription_id).to_dict()
 
     # --- The owner's actions ----------------------------------------------------------------------
+    # None of them holds a transaction, row lock or pooled connection while Stripe answers: they read
+    # what they need, end the transaction, call Stripe with an idempotency key derived from our ids
+    # (and the form's one-time token), then apply Stripe's answer in a short transaction.
 
     @classmethod
     def create_customer_portal_session(cls, organization: Organization, *, return_url: str) -> str:
         """A Stripe customer-portal session for the organization's customer; returns its URL."""
-        if not organization.stripe_customer_id:
+        customer_id = organization.stripe_customer_id
+        if not customer_id:
             raise SubscriptionActionNotAllowed("This organization has no billing account yet.")
+        db.session.rollback()  # release the connection while Stripe answers
         with cls._calling_stripe("open the customer portal"):
             portal = cls.ensure_stripe().v1.billing_portal.sessions.create(
-                params={"customer": organization.stripe_customer_id, "return_url": return_url}
+                params={"customer": customer_id, "return_url": return_url}
             )
         return str(portal.url)
 
@@ -410,8 +493,7 @@ class BillingService:
         answer immediately; the webhook that follows finds nothing left to change."""
         when = "period-end" if at_period_end else "now"
 
-        def call(client: stripe.StripeClient, organization: Organization, key: str) -> stripe.Subscription:
-            subscription_id = str(organization.stripe_subscription_id)
+        def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
             if at_period_end:
                 return client.v1.subscriptions.update(
                     subscription_id, params={"cancel_at_period_end": True}, options={"idempotency_key": key}
@@ -431,12 +513,13 @@ class BillingService:
 
     @classmethod
     def resume_subscription(cls, organization_id: int, *, request_token: str, actor_user_id: int) -> list[str]:
-        """Undo a cancellation scheduled for the end of the period."""
+        """Undo a scheduled cancellation, however it was scheduled: `cancel_at_period_end` (our cancel
+        button, the portal) or a `cancel_at` date (the Dashboard, the API). Both are cleared."""
 
-        def call(client: stripe.StripeClient, organization: Organization, key: str) -> stripe.Subscription:
+        def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
             return client.v1.subscriptions.update(
-                str(organization.stripe_subscription_id),
-                params={"cancel_at_period_end": False},
+                subscription_id,
+                params={"cancel_at_period_end": False, "cancel_at": ""},
                 options={"idempotency_key": key},
             )
 
@@ -455,112 +538,712 @@ class BillingService:
         request_token: str,
         actor_user_id: int,
         allowed: Callable[[Organization], str | None],
-        call: Callable[[stripe.StripeClient, Organization, str], stripe.Subscription],
+        call: Callable[[stripe.StripeClient, str, str], stripe.Subscription],
     ) -> list[str]:
         if not REQUEST_TOKEN.match(request_token or ""):
             raise SubscriptionActionNotAllowed("That form has expired. Reload the page and try again.")
         client = cls.ensure_stripe()
         try:
-            # The row lock makes concurrent actions on one organization take turns.
-            organization = db.session.get(Organization, organization_id, with_for_update=True, populate_existing=True)
+            organization = db.session.get(Organization, organization_id, populate_existing=True)
             if organization is None or not organization.stripe_subscription_id:
                 raise SubscriptionActionNotAllowed("This organization has no subscription.")
             refusal = allowed(organization)
             if refusal:
                 raise SubscriptionActionNotAllowed(refusal)
-            key = f"org-{organization.id}-{action}-{request_token}"
-            with cls._calling_stripe(action.replace("-", " ") + " a subscription"):
-                subscription = call(client, organization, key).to_dict()
-            changes = cls._apply_subscription_read(organization, subscription, source=f"user:{actor_user_id}")
+            subscription_id = organization.stripe_subscription_id
+        finally:
+            db.session.rollback()  # nothing written: the connection goes back before Stripe is asked
+        # The same form submitted twice is one Stripe call; two different actions are serialized by
+        # Stripe, and each applies the subscription Stripe answered with.
+        key = f"org-{organization_id}-{action}-{request_token}"
+        with cls._calling_stripe(action.replace("-", " ") + " a subscription"):
+            subscription = call(client, subscription_id, key).to_dict()
+        try:
+            organization = cls._lock_organization(organization_id)
+            changes: list[str] = []
+            if organization is not None and organization.stripe_subscription_id == subscription["id"]:
+                changes = cls._apply_subscription_read(organization, subscription, source=f"user:{actor_user_id}")
             db.session.commit()
         except BaseException:
             db.session.rollback()
             raise
         return changes
 
+    @staticmethod
+    def _lock_organization(organization_id: int) -> Organization | None:
+        """The organization and its add-ons, locked for a few statements (never across a Stripe call)."""
+        return (
+            db.session.execute(
+                select(Organization)
+                .options(joinedload(Organization.addons))
+                .where(Organization.id == organization_id)
+                .with_for_update(of=Organization)
+                .execution_options(populate_existing=True)
+            )
+            .unique()
+            .scalar_one_or_none()
+        )
+
     @classmethod
     def create_checkout_session_for_organization(
         cls, organization_id: int, tier_key: str, *, request_token: str, actor_user_id: int
     ) -> str:
-        """A new subscription for an organization whose last one ended; returns the checkout URL."""
+        """A new subscription for an organization whose last one ended; returns the checkout URL. The
+        organization's other open resubscribe checkouts are expired, so two tabs cannot both pay."""
         if not REQUEST_TOKEN.match(request_token or ""):
             raise SubscriptionActionNotAllowed("That form has expired. Reload the page and try again.")
         client = cls.ensure_stripe()
-        organization = db.session.get(Organization, organization_id)
-        if organization is None or organization.billing_status not in (
-            BillingStatus.CANCELED,
-            BillingStatus.INCOMPLETE_EXPIRED,
-        ):
-            raise SubscriptionActionNotAllowed("This organization already has a subscription.")
+        try:
+            organization = db.session.get(Organization, organization_id, populate_existing=True)
+            if organization is None or organization.billing_status not in ENDED:
+                raise SubscriptionActionNotAllowed("This organization already has a subscription.")
+            customer_id = organization.stripe_customer_id
+        finally:
+            db.session.rollback()
         tier = cls.tier(tier_key)
-        metadata = {"purpose": "resubscribe", "organization_id": str(organization.id)}
+        metadata = {"purpose": "resubscribe", "organization_id": str(organization_id)}
         base = current_app.config["APP_BASE_URL"]
         params: SessionCreateParams = {
             "mode": "subscription",
             "line_items": cls._line_items(tier, {}),
-            "client_reference_id": f"organization-{organization.id}",
+            "client_reference_id": f"organization-{organization_id}",
             "metadata": metadata,
             "subscription_data": {"metadata": metadata},
             "success_url": f"{base}/billing/checkout-complete?session_id={{CHECKOUT_SESSION_ID}}",
             "cancel_url": f"{base}/billing/",
         }
-        if organization.stripe_customer_id:
-            params["customer"] = organization.stripe_customer_id
+        if customer_id:
+            params["customer"] = customer_id
         with cls._calling_stripe("create a checkout session"):
             session = client.v1.checkout.sessions.create(
                 params=params,
-                options={"idempotency_key": f"org-{organization.id}-resubscribe-{tier.key}-{request_token}"},
+                options={"idempotency_key": f"org-{organization_id}-resubscribe-{tier.key}-{request_token}"},
             )
-        domain_events.record(
-            "organization.resubscribe_started",
-            organization_id=organization.id,
-            user_id=actor_user_id,
-            source=f"user:{actor_user_id}",
-            tier=tier.key,
-            checkout_session_id=session.id,
-        )
-        db.session.commit()
+        try:
+            inserted = db.session.execute(
+                _insert(ResubscribeCheckout)
+                .values(
+                    checkout_session_id=session.id,
+                    organization_id=organization_id,
+                    tier=tier.key,
+                    status=ResubscribeStatus.OPEN,
+                    created_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+                .on_conflict_do_nothing(index_elements=["checkout_session_id"])
+                .returning(ResubscribeCheckout.id)
+            ).scalar_one_or_none()
+            superseded: list[str] = []
+            if inserted is not None:
+                # Only older checkouts: of two created at once, the newer survives.
+                superseded = list(
+                    db.session.execute(
+                        update(ResubscribeCheckout)
+                        .where(
+                            ResubscribeCheckout.organization_id == organization_id,
+                            ResubscribeCheckout.status == ResubscribeStatus.OPEN,
+                            ResubscribeCheckout.id < inserted,
+                        )
+                        .values(status=ResubscribeStatus.EXPIRED, updated_at=utcnow())
+                        .returning(ResubscribeCheckout.checkout_session_id)
+                    ).scalars()
+                )
+                domain_events.record(
+                    "organization.resubscribe_started",
+                    organization_id=organization_id,
+                    user_id=actor_user_id,
+                    source=f"user:{actor_user_id}",
+                    tier=tier.key,
+                    checkout_session_id=session.id,
+                    superseded_checkout_session_ids=superseded,
+                )
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        cls._expire_checkout_sessions(superseded)
         return str(session.url)
 
     @classmethod
     def complete_resubscription_from_redirect(cls, organization_id: int, session_id: str) -> ProvisionOutcome:
         if not CHECKOUT_SESSION_ID.match(session_id or ""):
             raise CheckoutSessionNotFound("That checkout link is not valid.")
-        checkout = cls._retrieve_checkout_session(session_id, expand_subscription=False)
+        db.session.rollback()
+        checkout = cls._retrieve_checkout_session(session_id, expand_subscription=True)
         if (checkout.get("metadata") or {}).get("organization_id") != str(organization_id):
             raise CheckoutSessionNotFound("That checkout belongs to another organization.")
         try:
-            outcome = cls._provision_checkout_session(checkout, source="web")
+            outcome = cls._provision_checkout_session(checkout, source="web", release_before_stripe=True)
             db.session.commit()
         except BaseException:
             db.session.rollback()
             raise
+        if outcome.state == ProvisionState.SURPLUS:
+            try:
+                settlement = cls.settle_surplus_subscription(session_id, source="web")
+            except PaymentProviderUnavailable:
+                settlement = None  # the worker's consumer of organization.surplus_subscription retries it
+            outcome = dataclasses.replace(outcome, settlement=settlement)
         return outcome
 
     @classmethod
-    def _provision_resubscription(cls, checkout: dict[str, Any], *, source: str) -> ProvisionOutcome:
+    def _provision_resubscription(
+        cls, checkout: dict[str, Any], *, source: str, release_before_stripe: bool = False
+    ) -> ProvisionOutcome:
+        """Attach a paid resubscribe checkout's subscription to its organization, if the organization
+        is still without a live subscription. Otherwise the subscription is surplus: it is recorded
+        (`organization.surplus_subscription`) to be canceled and refunded after the commit. Stripe is
+        read first; the organization is locked only for the statements that decide."""
         organization_id = int((checkout.get("metadata") or {}).get("organization_id", "0") or 0)
-        organization = db.session.get(Organization, organization_id, with_for_update=True, populate_existing=True)
-        if organization is None:
+        for attempt in range(3):
+            organization = db.session.get(Organization, organization_id, populate_existing=True)
+            if organization is None:
+                raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
+            subscription_id = _id_of(checkout.get("subscription"))
+            if subscription_id and organization.stripe_subscription_id == subscription_id:
+                return ProvisionOutcome(ProvisionState.ALREADY_PROVISIONED, None, organization.id)
+            if not _checkout_is_paid(checkout) or not subscription_id:
+                return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, None, organization.id)
+            events_seen = organization.subscription_events_seen
+            if release_before_stripe:
+                db.session.rollback()
+            given = checkout.get("subscription")
+            subscription = (
+                given if isinstance(given, dict) and attempt == 0 else cls._retrieve_subscription(subscription_id)
+            )
+            organization = cls._lock_organization(organization_id)
+            if organization is None:
+                raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
+            if organization.subscription_events_seen == events_seen or attempt == 2:
+                break
+            if release_before_stripe:
+                db.session.rollback()
+        if organization is None:  # pragma: no cover - the loop returns or raises first
             raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
-        subscription_id = checkout.get("subscription")
-        if isinstance(subscription_id, dict):
-            subscription_id = subscription_id.get("id")
-        if subscription_id and organization.stripe_subscription_id == subscription_id:
+        if organization.stripe_subscription_id == subscription_id:
             return ProvisionOutcome(ProvisionState.ALREADY_PROVISIONED, None, organization.id)
-        if not _checkout_is_paid(checkout) or not subscription_id:
-            return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, None, organization.id)
-        subscription = cls._retrieve_subscription(subscription_id)
+        record = cls._resubscribe_checkout_row(checkout, organization_id)
+        if organization.billing_status not in ENDED or record.status in (
+            ResubscribeStatus.SURPLUS,
+            ResubscribeStatus.REFUNDED,
+        ):
+            if record.status not in (ResubscribeStatus.SURPLUS, ResubscribeStatus.REFUNDED):
+                record.status = ResubscribeStatus.SURPLUS
+                record.stripe_subscription_id = subscription_id
+                domain_events.record(
+                    "organization.surplus_subscription",
+                    organization_id=organization.id,
+                    source=source,
+                    checkout_session_id=checkout["id"],
+                    stripe_subscription_id=subscription_id,
+                    live_subscription_id=organization.stripe_subscription_id,
+                )
+            return ProvisionOutcome(ProvisionState.SURPLUS, None, organization.id, settlement=record.settlement)
+        record.status = ResubscribeStatus.ATTACHED
+        record.stripe_subscription_id = subscription_id
         cls._apply_subscription_read(organization, subscription, source=source)
         return ProvisionOutcome(ProvisionState.PROVISIONED, None, organization.id)
 
     @staticmethod
-    def _apply_subscription_read(organization: Organization, subscription: dict[str, Any], *, source: str) -> list[str]:
+    def _resubscribe_checkout_row(checkout: Mapping[str, Any], organization_id: int) -> ResubscribeCheckout:
+        """The checkout's row, locked; created if the checkout was opened before rows were kept."""
+        db.session.execute(
+            _insert(ResubscribeCheckout)
+            .values(
+                checkout_session_id=checkout["id"],
+                organization_id=organization_id,
+                tier="unknown",
+                status=ResubscribeStatus.OPEN,
+                created_at=utcnow(),
+                updated_at=utcnow(),
+            )
+            .on_conflict_do_nothing(index_elements=["checkout_session_id"])
+        )
+        return db.session.execute(
+            select(ResubscribeCheckout)
+            .where(ResubscribeCheckout.checkout_session_id == checkout["id"])
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).scalar_one()
+
+    @classmethod
+    def _apply_subscription_read(
+        cls, organization: Organization, subscription: dict[str, Any], *, source: str
+    ) -> list[str]:
         """Apply a subscription just read from Stripe: it is as new as our clock says it is now."""
-        state = SubscriptionState.from_stripe(subscription, plan_catalogue())
+        state = cls._subscription_state(subscription, organization)
         changes = apply_subscription_state(organization, state, source=source)
         organization.billing_as_of = max(organization.billing_as_of or 0, int(time.time()))
         return changes
+
+    # --- Catalogue mapping ------------------------------------------------------------------------
+
+    @classmethod
+    def _subscription_state(
+        cls, subscription: Mapping[str, Any], organization: Organization | None = None
+    ) -> SubscriptionState:
+        """A subscription mapped onto the catalogue with every price we remember (catalogue_price)
+        and the add-on items the organization holds; prices seen with a catalogue lookup key are
+        remembered in the caller's transaction."""
+        held = (
+            {
+                row.stripe_subscription_item_id: row.addon_key
+                for row in organization.addons
+                if row.stripe_subscription_item_id
+            }
+            if organization is not None
+            else {}
+        )
+        state = SubscriptionState.from_stripe(subscription, plan_catalogue(), cls._known_prices(), held)
+        if state.seen_prices:
+            db.session.execute(_remember_prices_statement(state.seen_prices))
+        return state
+
+    @staticmethod
+    def _known_prices() -> KnownPrices:
+        rows = db.session.execute(select(CataloguePrice)).scalars().all()
+        return KnownPrices.from_rows(
+            KnownPrice(row.price_id, row.product_id, row.lookup_key, CatalogueEntry(row.kind, row.catalogue_key))
+            for row in rows
+        )
+
+    # --- Paid checkouts no organization may keep ---------------------------------------------------
+    # A second paid signup for an email that already has an account (leak 1), and a resubscription
+    # paid while the organization already has a live subscription (leak 2): the subscription is
+    # canceled at once and its payment refunded, with idempotency keys derived from our ids, after the
+    # transaction that recorded the decision has committed; a domain event records what was done.
+
+    @classmethod
+    def settle_signup_conflict(cls, pending_signup_id: uuid.UUID | str, *, source: str) -> dict[str, Any] | None:
+        """Cancel and refund the subscription of a signup that could not become an account. Safe to
+        run any number of times, concurrently: Stripe deduplicates by key, the database by a
+        conditional write; `signup.conflict_refunded` is recorded once."""
+        db.session.rollback()
+        pending = SignupService.pending_signup(pending_signup_id)
+        if pending is None or pending.stripe_subscription_id is None:
+            return None
+        if pending.settlement is not None:
+            return pending.settlement
+        pending_id, subscription_id = pending.id, pending.stripe_subscription_id
+        checkout_session_id, email = pending.checkout_session_id, pending.email
+        db.session.rollback()
+        settlement = cls._cancel_and_refund(subscription_id, key=f"signup-{pending_id}-conflict")
+        try:
+            settled = db.session.execute(
+                update(PendingSignup)
+                .where(PendingSignup.id == pending_id, PendingSignup.settled_at.is_(None))
+                .values(settled_at=utcnow(), settlement=settlement)
+                .returning(PendingSignup.id)
+            ).scalar_one_or_none()
+            if settled is not None:
+                domain_events.record(
+                    "signup.conflict_refunded",
+                    source=source,
+                    pending_signup_id=str(pending_id),
+                    email=email,
+                    checkout_session_id=checkout_session_id,
+                    **settlement,
+                )
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return settlement
+
+    @classmethod
+    def settle_surplus_subscription(cls, checkout_session_id: str, *, source: str) -> dict[str, Any] | None:
+        """Cancel and refund a resubscription paid while the organization already had a live one."""
+        db.session.rollback()
+        record = db.session.execute(
+            select(ResubscribeCheckout).where(ResubscribeCheckout.checkout_session_id == checkout_session_id)
+        ).scalar_one_or_none()
+        if (
+            record is None
+            or record.stripe_subscription_id is None
+            or record.status
+            not in (
+                ResubscribeStatus.SURPLUS,
+                ResubscribeStatus.REFUNDED,
+            )
+        ):
+            return None
+        if record.settlement is not None:
+            return record.settlement
+        organization_id, subscription_id = record.organization_id, record.stripe_subscription_id
+        db.session.rollback()
+        settlement = cls._cancel_and_refund(subscription_id, key=f"org-{organization_id}-surplus-{checkout_session_id}")
+        try:
+            settled = db.session.execute(
+                update(ResubscribeCheckout)
+                .where(
+                    ResubscribeCheckout.checkout_session_id == checkout_session_id,
+                    ResubscribeCheckout.status == ResubscribeStatus.SURPLUS,
+                )
+                .values(status=ResubscribeStatus.REFUNDED, settlement=settlement, updated_at=utcnow())
+                .returning(ResubscribeCheckout.id)
+            ).scalar_one_or_none()
+            if settled is not None:
+                domain_events.record(
+                    "organization.surplus_subscription_refunded",
+                    organization_id=organization_id,
+                    source=source,
+                    checkout_session_id=checkout_session_id,
+                    **settlement,
+                )
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return settlement
+
+    @classmethod
+    def settle_orphan_subscription(cls, subscription: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+        """A live subscription carrying this app's metadata that no organization holds and no row of
+        ours explains (reconcile finds these): canceled and refunded, keyed by its own id."""
+        settlement = cls._cancel_and_refund(str(subscription["id"]), key=f"orphan-{subscription['id']}")
+        metadata = dict(subscription.get("metadata") or {})
+        organization_id = str(metadata.get("organization_id") or "")
+        try:
+            domain_events.record(
+                "billing.orphan_subscription_refunded",
+                organization_id=int(organization_id) if organization_id.isdigit() else None,
+                source=source,
+                metadata=metadata,
+                **settlement,
+            )
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return settlement
+
+    @classmethod
+    def _cancel_and_refund(cls, subscription_id: str, *, key: str) -> dict[str, Any]:
+        """Cancel the subscription now and refund what its first invoice took. No transaction is
+        open. Idempotency keys `<key>-cancel` and `<key>-refund`: a retry is the same Stripe request."""
+        client = cls.ensure_stripe()
+        with cls._calling_stripe("cancel a subscription"):
+            try:
+                subscription = client.v1.subscriptions.cancel(
+                    subscription_id, options={"idempotency_key": f"{key}-cancel"}
+                ).to_dict()
+            except stripe.InvalidRequestError as exc:
+                if exc.code != "resource_missing":
+                    raise
+                subscription = client.v1.subscriptions.retrieve(subscription_id).to_dict()  # already ended
+        settlement: dict[str, Any] = {
+            "stripe_subscription_id": subscription_id,
+            "subscription_status": subscription.get("status"),
+            "refund_id": None,
+            "amount_refunded": 0,
+            "currency": None,
+        }
+        invoice_id = _id_of(subscription.get("latest_invoice"))
+        if not invoice_id:
+            return settlement
+        with cls._calling_stripe("read an invoice"):
+            invoice = client.v1.invoices.retrieve(invoice_id, params={"expand": ["payments"]}).to_dict()
+        settlement["currency"] = invoice.get("currency")
+        if not invoice.get("amount_paid"):
+            return settlement  # nothing was taken (a trial, or no payment yet)
+        payment = next(
+            (
+                entry.get("payment") or {}
+                for entry in (invoice.get("payments") or {}).get("data") or []
+                if entry.get("status") in (None, "paid")
+            ),
+            {},
+        )
+        target: RefundCreateParams = {}
+        if _id_of(payment.get("payment_intent")):
+            target["payment_intent"] = str(_id_of(payment.get("payment_intent")))
+        elif _id_of(payment.get("charge")):
+            target["charge"] = str(_id_of(payment.get("charge")))
+        else:
+            raise PaymentProviderUnavailable(f"invoice {invoice_id} was paid but names no payment to refund")
+        target["metadata"] = {"reason": key}
+        with cls._calling_stripe("refund a payment"):
+            refund = client.v1.refunds.create(params=target, options={"idempotency_key": f"{key}-refund"}).to_dict()
+        settlement.update(
+            refund_id=refund.get("id"),
+            amount_refunded=refund.get("amount") or 0,
+            currency=refund.get("currency") or invoice.get("currency"),
+            refund_status=refund.get("status"),
+        )
+        return settlement
+
+    # --- Reconcile --------------------------------------------------------------------------------
+
+    @classmethod
+    def reconcile(
+        cls, *, apply: bool = False, since_days: int = 3, organization_id: int | None = None
+    ) -> reconciliation.ReconcileReport:
+        """Compare Stripe with the database (`flask billing reconcile`; the worker runs it daily).
+        Dry run unless apply: then missing events run through the delivery path, organizations take
+        Stripe's subscription through the path a webhook's re-read takes, and orphans are provisioned
+        or canceled and refunded under the rules for conflicting signups and surplus resubscriptions;
+        the returned report is read again afterwards. No transaction is open while Stripe answers."""
+        if not 1 <= since_days <= reconciliation.MAX_SINCE_DAYS:
+            raise BillingError(
+                f"--since must be between 1 and {reconciliation.MAX_SINCE_DAYS} days (Stripe keeps events for 30)."
+            )
+        report = cls._reconcile_read(since_days, organization_id)
+        applied: list[str] = []
+        # Repairs make events of their own (a canceled orphan's customer.subscription.deleted, ...):
+        # those are applied in the next round, like any other missing event.
+        for _round in range(3 if apply else 0):
+            if report.clean:
+                break
+            applied += cls._reconcile_apply(report)
+            report = cls._reconcile_read(since_days, organization_id)
+        report.applied = applied
+        return report
+
+    @classmethod
+    def _reconcile_read(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:
+        client = cls.ensure_stripe()
+        since = int(time.time()) - since_days * 86400
+        report = reconciliation.ReconcileReport()
+        try:
+            query = select(Organization).where(Organization.stripe_subscription_id.is_not(None))
+            if organization_id is not None:
+                query = query.where(Organization.id == organization_id)
+            organizations = {str(org.stripe_subscription_id): org.id for org in db.session.execute(query).scalars()}
+            if organization_id is not None and not organizations:
+                raise BillingError(f"organization {organization_id} has no subscription to reconcile")
+            held_ids = {
+                str(subscription_id)
+                for subscription_id in db.session.execute(
+                    select(Organization.stripe_subscription_id).where(Organization.stripe_subscription_id.is_not(None))
+                ).scalars()
+            }
+            stored_events = set(
+                db.session.execute(select(StripeEvent.event_id).where(StripeEvent.stripe_created >= since)).scalars()
+            )
+            customer_ids = {
+                str(customer_id)
+                for customer_id in db.session.execute(
+                    select(Organization.stripe_customer_id).where(Organization.id == organization_id)
+                ).scalars()
+                if customer_id and organization_id is not None
+            }
+        finally:
+            db.session.rollback()
+        related = set(organizations) | customer_ids
+        # Stripe, with no transaction open.
+        with cls._calling_stripe("list subscriptions for reconcile"):
+            listed = {
+                sub.id: sub.to_dict()
+                for sub in (
+                    client.v1.subscriptions.list(params={"status": "all", "limit": 100}).auto_paging_iter()
+                    if organization_id is None
+                    else ()
+                )
+            }
+            for subscription_id in organizations:
+                if subscription_id not in listed:
+                    listed[subscription_id] = client.v1.subscriptions.retrieve(subscription_id).to_dict()
+            events = [
+                event.to_dict()
+                for event in client.v1.events.list(
+                    params={"created": {"gte": since}, "types": sorted(HANDLED_STRIPE_EVENTS), "limit": 100}
+                ).auto_paging_iter()
+            ]
+        events = [event for event in events if organization_id is None or _event_references(event) & related]
+        orphan_candidates = [sub for sub_id, sub in listed.items() if sub_id not in held_ids]
+        try:
+            for subscription_id, org_id in organizations.items():
+                organization = db.session.get(Organization, org_id)
+                if organization is None:
+                    continue
+                state = cls._subscription_state(listed[subscription_id], organization)
+                held = reconciliation.HeldBilling(
+                    organization_id=organization.id,
+                    subscription_id=subscription_id,
+                    status=organization.billing_status,
+                    tier=organization.tier,
+                    addons=organization.addon_quantities(),
+                    cancel_at_period_end=organization.cancel_at_period_end,
+                    current_period_end=organization.current_period_end,
+                    collection_paused=organization.collection_paused,
+                )
+                drift = reconciliation.diff_subscription(held, state)
+                if drift:
+                    report.subscriptions.append(
+                        reconciliation.SubscriptionDrift(organization.id, subscription_id, drift)
+                    )
+            pending_ids = [
+                str((sub.get("metadata") or {}).get("pending_signup_id"))
+                for sub in orphan_candidates
+                if (sub.get("metadata") or {}).get("pending_signup_id")
+            ]
+            pending = {
+                str(row.id): row.status
+                for row in db.session.execute(
+                    select(PendingSignup.id, PendingSignup.status).where(
+                        PendingSignup.id.in_([key for key in (_uuid(p) for p in pending_ids) if key])
+                    )
+                )
+            }
+            resubscribes = {
+                str(row.stripe_subscription_id): row.checkout_session_id
+                for row in db.session.execute(
+                    select(ResubscribeCheckout).where(
+                        ResubscribeCheckout.stripe_subscription_id.in_([sub["id"] for sub in orphan_candidates])
+                    )
+                ).scalars()
+            }
+            db.session.commit()  # the prices the states remembered
+        except BaseException:
+            db.session.rollback()
+            raise
+        unexplained = [
+            sub
+            for sub in orphan_candidates
+            if (sub.get("metadata") or {}).get("purpose") == "resubscribe" and sub["id"] not in resubscribes
+        ]
+        if unexplained and organization_id is None:
+            resubscribes.update(cls._resubscribe_checkouts_for(unexplained))
+        report.orphans = reconciliation.find_orphans(orphan_candidates, held_ids, pending, resubscribes)
+        report.unsettled = cls._unsettled(organization_id)
+        report.missing_events = reconciliation.find_missing_events(events, stored_events, HANDLED_STRIPE_EVENTS)
+        return report
+
+    @staticmethod
+    def _unsettled(organization_id: int | None) -> list[reconciliation.Unsettled]:
+        """Conflicting signups and surplus resubscriptions whose cancel and refund are not both done."""
+        try:
+            found = []
+            if organization_id is None:
+                found += [
+                    reconciliation.Unsettled("signup", str(row.id), str(row.stripe_subscription_id))
+                    for row in db.session.execute(
+                        select(PendingSignup.id, PendingSignup.stripe_subscription_id).where(
+                            PendingSignup.stripe_subscription_id.is_not(None), PendingSignup.settled_at.is_(None)
+                        )
+                    )
+                ]
+            query = select(ResubscribeCheckout.checkout_session_id, ResubscribeCheckout.stripe_subscription_id).where(
+                ResubscribeCheckout.status == ResubscribeStatus.SURPLUS
+            )
+            if organization_id is not None:
+                query = query.where(ResubscribeCheckout.organization_id == organization_id)
+            found += [
+                reconciliation.Unsettled("resubscribe", row.checkout_session_id, str(row.stripe_subscription_id))
+                for row in db.session.execute(query)
+            ]
+            return found
+        finally:
+            db.session.rollback()
+
+    @classmethod
+    def _resubscribe_checkouts_for(cls, subscriptions: list[dict[str, Any]]) -> dict[str, str]:
+        """Our resubscribe checkouts behind subscriptions we do not hold yet (the checkout row is ours
+        before its subscription is known)."""
+        found: dict[str, str] = {}
+        for subscription in subscriptions:
+            with cls._calling_stripe("list checkout sessions for reconcile"):
+                sessions = cls.ensure_stripe().v1.checkout.sessions.list(
+                    params={"subscription": subscription["id"], "limit": 1}
+                )
+            for session in sessions.data:
+                ours = db.session.execute(
+                    select(ResubscribeCheckout.id).where(ResubscribeCheckout.checkout_session_id == session.id)
+                ).scalar_one_or_none()
+                db.session.rollback()
+                if ours is not None:
+                    found[subscription["id"]] = session.id
+        return found
+
+    @classmethod
+    def _reconcile_apply(cls, report: reconciliation.ReconcileReport) -> list[str]:
+        applied: list[str] = []
+        provider = cls._webhook_providers["stripe"]
+        client = cls.ensure_stripe()
+        objects: list[str] = []
+        for missing in report.missing_events:
+            db.session.rollback()
+            with cls._calling_stripe("read an event for reconcile"):
+                event = client.v1.events.retrieve(missing.event_id)
+            # The event exactly as Stripe sends it (the raw body; a dict round trip would turn amounts
+            # like unit_amount_decimal into Decimals), stored and queued as a delivery is.
+            raw = event.last_response.body if event.last_response else json.dumps(event.to_dict(), default=str)
+            verified = _parse_stripe_event(raw)
+            result = cls._store_event(provider, verified)
+            applied.append(f"event {missing.event_id} {missing.type}: stored {result.body}")
+            if not {"ignored", "failed", "duplicate"} & set(result.body):
+                key = provider.object_key(verified)
+                objects += [key] if key not in objects else []
+        # Then applied at once, as the worker would (its queued job later finds nothing pending).
+        for key in objects:
+            applied.append(f"{key}: {cls.apply_queued_events(provider.name, key)}")
+        for drift in report.subscriptions:
+            # As the worker applies a subscription event: read now, checked, applied under a short lock.
+            subscription = stripe_objects.subscription_for_state(cls._retrieve_subscription(drift.subscription_id))
+            try:
+                organization = cls._lock_organization_for_subscription(subscription)
+                changes: list[str] = []
+                if organization is not None:
+                    changes = cls._apply_subscription_read(organization, subscription, source="reconcile")
+                db.session.commit()
+            except BaseException:
+                db.session.rollback()
+                raise
+            what = ", ".join(changes) or "no change"
+            applied.append(f"organization {drift.organization_id} follows {drift.subscription_id}: {what}")
+        return applied + cls._reconcile_settle(report)
+
+    @classmethod
+    def _reconcile_settle(cls, report: reconciliation.ReconcileReport) -> list[str]:
+        """Orphans and unsettled checkouts; one failing does not stop the others."""
+        applied: list[str] = []
+        for orphan in report.orphans:
+            if orphan.kind == "unknown":
+                continue
+            try:
+                applied.append(cls._settle_orphan(orphan))
+            except BillingError as exc:  # the others still get repaired; the next run tries again
+                applied.append(f"orphan {orphan.subscription_id}: not settled: {_describe_failure(exc)}")
+        for entry in report.unsettled:
+            try:
+                if entry.kind == "signup":
+                    settlement = cls.settle_signup_conflict(entry.reference, source="reconcile")
+                else:
+                    settlement = cls.settle_surplus_subscription(entry.reference, source="reconcile")
+                refunded = (settlement or {}).get("amount_refunded")
+                applied.append(f"{entry.kind} {entry.reference}: canceled and refunded {refunded}")
+            except BillingError as exc:
+                applied.append(f"{entry.kind} {entry.reference}: not settled: {_describe_failure(exc)}")
+        return applied
+
+    @classmethod
+    def _settle_orphan(cls, orphan: reconciliation.Orphan) -> str:
+        """An orphan runs through the same path as its checkout's delivery: provisioned if it may be,
+        otherwise canceled and refunded (conflicting signup, surplus resubscription)."""
+        if orphan.kind == "resubscribe" and orphan.reference:
+            checkout = cls._retrieve_checkout_session(orphan.reference, expand_subscription=True)
+        else:
+            with cls._calling_stripe("find the checkout of a subscription"):
+                sessions = cls.ensure_stripe().v1.checkout.sessions.list(
+                    params={"subscription": orphan.subscription_id, "limit": 1}
+                )
+            if not sessions.data:
+                return f"orphan {orphan.subscription_id}: no checkout found; left for a person"
+            checkout = cls._retrieve_checkout_session(sessions.data[0].id, expand_subscription=True)
+        db.session.rollback()
+        try:
+            outcome = cls._provision_checkout_session(checkout, source="reconcile", release_before_stripe=True)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        settlement: dict[str, Any] | None = None
+        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
+            settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="reconcile")
+        elif outcome.state == ProvisionState.SURPLUS:
+            settlement = cls.settle_surplus_subscription(checkout["id"], source="reconcile")
+        detail = f", canceled and refunded {settlement.get('amount_refunded')}" if settlement else ""
+        return f"orphan {orphan.subscription_id}: {outcome.state}{detail}"
 
     # --- Webhooks ---------------------------------------------------------------------------------
 
@@ -570,82 +1253,225 @@ class BillingService:
 
     @classmethod
     def handle_webhook_event(cls, provider_name: str, payload: bytes, headers: Mapping[str, str]) -> WebhookResult:
-        """Verify, store and apply one webhook delivery, exactly once per event id.
+        """Verify and store one webhook delivery and queue its application; answer at once.
 
-        A duplicate of a settled event costs one indexed read. A new event is claimed (INSERT ... ON
-        CONFLICT, so concurrent deliveries of one event queue on its row), applied, and committed with
-        its outcome in one transaction; if applying raises, that transaction rolls back, the event is
-        recorded as failed, and the answer is a 500 so the provider retries."""
+        A duplicate of a stored event costs one indexed read. A new event is read into typed objects
+        (stripe_objects.py) and stored in one transaction with the job that will apply it, keyed on
+        the object it is about: `pending`, or already `ignored` (not ours, other mode, unhandled
+        type) or `failed` (a malformed object, with the reason; replayable). Every stored event is
+        answered 2xx: retrying would not change it. Nothing here calls the provider's API."""
         provider = cls._webhook_providers.get(provider_name)
         if provider is None:
             raise UnknownWebhookProvider(provider_name)
-        return cls._process_event(provider, provider.verify(payload, headers))
+        return cls._store_event(provider, provider.verify(payload, headers))
 
     @classmethod
     def replay_stored_event(cls, event_id: str) -> WebhookResult:
-        """Run a stored event through the same path again (ops: `flask billing replay`)."""
+        """Queue a stored event again (ops: `flask billing replay`): a failed one goes back to pending,
+        read afresh (so a fix to the reading code applies), and the worker applies it."""
         for provider in cls._webhook_providers.values():
-            event = webhook_store.stored(provider.event_model, provider.name, event_id)
-            if event is not None:
+            model = provider.event_model
+            row = webhook_store.row_for(model, event_id)
+            if row is None:
+                continue
+            try:
+                if row.status in (StripeEventStatus.PROCESSED, StripeEventStatus.IGNORED):
+                    return WebhookResult(200, {"received": True, "duplicate": True})
+                try:
+                    object_key = provider.object_key(cls._stored_event(provider, row))
+                except (MalformedObject, ValueError) as exc:
+                    return WebhookResult(422, {"received": True, "failed": str(exc)})
+                if row.status == StripeEventStatus.FAILED:
+                    webhook_store.requeue(model, row.id, object_key)
+                cls._queue_application(provider, object_key)
+                db.session.commit()
+                return WebhookResult(202, {"received": True, "queued": object_key})
+            finally:
                 db.session.rollback()
-                return cls._process_event(provider, event)
         raise LookupError(f"no stored event {event_id}")
 
+    @staticmethod
+    def _stored_event(provider: WebhookProvider, row: StripeEvent | WhopEvent) -> VerifiedEvent:
+        if not row.payload:
+            raise ValueError(f"the payload of {row.event_id} is no longer stored")
+        return VerifiedEvent(
+            provider=provider.name,
+            event_id=row.event_id,
+            type=row.type,
+            created=getattr(row, provider.event_model.created_column),
+            livemode=row.livemode,
+            api_version=row.api_version,
+            raw=row.payload,
+            body=json.loads(row.payload),
+        )
+
+    @staticmethod
+    def _queue_application(provider: WebhookProvider, object_key: str) -> None:
+        """One job per object: while one waits (at least WEBHOOK_COALESCE_SECONDS), later events about
+        the object join it (queueing lock), and the lock runs one object's jobs one at a time."""
+        wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
+        queue.defer(
+            WEBHOOK_TASK,
+            queue=WEBHOOK_QUEUE,
+            lock=f"{provider.name}:{object_key}",
+            queueing_lock=f"{provider.name}:{object_key}",
+            # The job waits this long before it runs, so a burst about one object joins it.
+            scheduled_at=utcnow() + timedelta(seconds=wait) if wait > 0 else None,
+            provider=provider.name,
+            object_key=object_key,
+        )
+
     @classmethod
-    def _process_event(cls, provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
+    def _store_event(cls, provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
         model = provider.event_model
-        if webhook_store.is_settled(model, event.event_id):
+        if webhook_store.is_recorded(model, event.event_id):
             return WebhookResult(200, {"received": True, "duplicate": True})
         ignored = provider.ignore_reason(event)
+        object_key = error = None
+        if not ignored:
+            try:
+                object_key = provider.object_key(event)
+            except MalformedObject as exc:
+                error = str(exc)
+                logger.warning("webhook event %s (%s) is malformed: %s", event.event_id, event.type, error)
+        status = (
+            StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
+        )
         try:
-            status = StripeEventStatus.IGNORED if ignored else StripeEventStatus.PROCESSED
-            row_id = webhook_store.claim(model, event, status, ignored)
-            if row_id is None:  # settled by a concurrent delivery we waited for
-                db.session.commit()
-                return WebhookResult(200, {"received": True, "duplicate": True})
-            if ignored:
-                db.session.commit()
-                return WebhookResult(200, {"received": True, "ignored": ignored})
-            webhook_store.finish(model, row_id, provider.apply(event))
+            row_id = webhook_store.claim(model, event, status, outcome=ignored, error=error, object_key=object_key)
+            if row_id is not None and object_key is not None:
+                cls._queue_application(provider, object_key)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()  # nothing is stored; the provider redelivers after a 5xx
+            raise
+        if row_id is None:  # stored by a concurrent delivery we waited for
+            return WebhookResult(200, {"received": True, "duplicate": True})
+        if ignored:
+            return WebhookResult(200, {"received": True, "ignored": ignored})
+        if error:
+            return WebhookResult(200, {"received": True, "failed": error})
+        return WebhookResult(200, {"received": True})
+
+    @classmethod
+    def apply_queued_events(cls, provider_name: str, object_key: str, *, final_attempt: bool = True) -> str:
+        """The worker's half: apply every pending event about one object, together, from the object's
+        current state at the provider (re-read once, with no transaction open), in one transaction
+        that also settles the events. A failure keeps the events pending with the error (the job is
+        retried with backoff) and, on the last attempt or for a malformed object, marks them failed."""
+        provider = cls._webhook_providers[provider_name]
+        model = provider.event_model
+        rows = webhook_store.pending_rows(model, object_key)
+        events = [cls._stored_event(provider, row) for row in rows]
+        row_ids = {row.event_id: row.id for row in rows}
+        db.session.rollback()  # nothing is held while the provider is read
+        if not events:
+            return "nothing pending"
+        try:
+            outcomes = provider.apply_batch(object_key, events)
+            for event in events:
+                status, outcome = outcomes[event.event_id]
+                webhook_store.settle(model, row_ids[event.event_id], status, outcome)
             db.session.commit()
         except Exception as exc:
-            db.session.rollback()  # the event's changes and its domain events go; so does its row
+            db.session.rollback()  # the batch's changes and its domain events go; its rows stay pending
             if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                raise  # the database went away: nothing can be recorded; 503, and Stripe redelivers
-            logger.exception("webhook event %s (%s) failed", event.event_id, event.type)
+                raise
+            permanent = isinstance(exc, MalformedObject)
+            logger.log(
+                logging.WARNING if permanent else logging.ERROR,
+                "applying %d webhook event(s) about %s failed",
+                len(events),
+                object_key,
+                exc_info=not permanent,
+            )
             try:
-                webhook_store.record_failure(model, event, _describe_failure(exc))
+                webhook_store.record_attempt_failure(
+                    model, list(row_ids.values()), _describe_failure(exc), final=permanent or final_attempt
+                )
                 db.session.commit()
             except BaseException:
                 db.session.rollback()
                 raise
-            return WebhookResult(500, {"received": True, "error": "processing failed; retry later"})
-        except BaseException:
-            db.session.rollback()
+            if permanent:
+                return f"failed: {exc}"
             raise
-        return WebhookResult(200, {"received": True})
+        return f"applied {len(events)} event(s) about {object_key}"
 
     # --- Stripe events, applied -------------------------------------------------------------------
 
     @classmethod
-    def _sync_subscription(cls, subscription: dict[str, Any], event: VerifiedEvent) -> str:
-        """A customer.subscription.* event: the organization follows the subscription unless the event
-        is older than the state it already holds (see "Ordering" in docs/system/BILLING.md)."""
+    def _apply_subscription_events(
+        cls, subscription_id: str, events: list[VerifiedEvent]
+    ) -> dict[str, tuple[StripeEventStatus, str]]:
+        """customer.subscription.* events: the organization follows Stripe's current subscription,
+        read now, whatever order the events came in and whatever their timestamps say (so neither
+        ordering nor either clock matters); the events only say when to look."""
+        try:
+            subscription = cls._retrieve_subscription(subscription_id)
+        except PaymentProviderUnavailable as exc:
+            if _is_missing(exc):
+                reason = f"not ours: this Stripe account has no subscription {subscription_id}"
+                return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
+            raise
+        subscription = stripe_objects.subscription_for_state(subscription)
         organization = cls._lock_organization_for_subscription(subscription)
         if organization is None:
-            return "no organization for this subscription yet; provisioning reads it from Stripe"
-        held = organization.billing_as_of
-        if held is not None and event.created < held - SAME_MOMENT_SECONDS:
-            return f"stale: older than the state held (as of {held})"
-        if held is not None and event.created <= held + SAME_MOMENT_SECONDS:
-            changes = cls._apply_subscription_read(
-                organization, cls._retrieve_subscription(subscription["id"]), source=event.source
+            metadata = subscription.get("metadata") or {}
+            if metadata.get("pending_signup_id") or metadata.get("purpose") == "resubscribe":
+                waiting = "no organization for this subscription yet; provisioning reads it from Stripe"
+                return {event.event_id: (StripeEventStatus.PROCESSED, waiting) for event in events}
+            reason = "not ours: no organization holds this subscription and it carries no signup of this app"
+            return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
+        last = events[-1]
+        changes = cls._apply_subscription_read(organization, subscription, source=last.source)
+        summary = "applied Stripe's current subscription: " + (", ".join(changes) or "no change")
+        outcomes: dict[str, tuple[StripeEventStatus, str]] = {}
+        for event in events:
+            if event.type == "customer.subscription.trial_will_end":
+                outcome = cls._record_trial_will_end(event.body["data"]["object"], event)
+            elif event is last:
+                outcome = summary
+            else:
+                outcome = f"coalesced into {last.event_id}: {summary}"
+            outcomes[event.event_id] = (StripeEventStatus.PROCESSED, outcome)
+        return outcomes
+
+    @classmethod
+    def _apply_checkout_events(
+        cls, session_id: str, events: list[VerifiedEvent]
+    ) -> dict[str, tuple[StripeEventStatus, str]]:
+        """checkout.session.* events: Stripe's current Checkout Session decides (paid: provision through
+        the same code as the success redirect; expired or failed: close the signup)."""
+
+        def every(status: StripeEventStatus, outcome: str) -> dict[str, tuple[StripeEventStatus, str]]:
+            return {event.event_id: (status, outcome) for event in events}
+
+        try:
+            checkout = cls._retrieve_checkout_session(session_id, expand_subscription=False)
+        except CheckoutSessionNotFound:
+            return every(StripeEventStatus.IGNORED, f"not ours: this Stripe account has no checkout {session_id}")
+        session = stripe_objects.read(stripe_objects.CheckoutSession, checkout)
+        if session.purpose not in ("signup", "resubscribe"):
+            return every(StripeEventStatus.IGNORED, "not ours: not a checkout this app created")
+        source = events[-1].source
+        if _checkout_is_paid(checkout):
+            try:
+                # Nothing is written yet: the connection goes back to the pool while Stripe is read.
+                outcome = cls._provision_checkout_session(checkout, source=source, release_before_stripe=True)
+            except CheckoutSessionNotFound as exc:
+                return every(StripeEventStatus.IGNORED, f"not ours: {exc}")
+            return every(StripeEventStatus.PROCESSED, f"{outcome.state} (organization {outcome.organization_id})")
+        # An expiry is final at Stripe: the event says so even if a read raced ahead of it.
+        if checkout.get("status") == "expired" or any(event.type == "checkout.session.expired" for event in events):
+            return every(
+                StripeEventStatus.PROCESSED, _close_checkout(checkout, SignupStatus.EXPIRED, "checkout expired", source)
             )
-            return "re-read from Stripe: " + (", ".join(changes) or "no change")
-        state = SubscriptionState.from_stripe(subscription, plan_catalogue())
-        changes = apply_subscription_state(organization, state, source=event.source)
-        organization.billing_as_of = event.created
-        return "applied: " + (", ".join(changes) or "no change")
+        if any(event.type == "checkout.session.async_payment_failed" for event in events):
+            return every(
+                StripeEventStatus.PROCESSED, _close_checkout(checkout, SignupStatus.FAILED, "payment failed", source)
+            )
+        return every(StripeEventStatus.PROCESSED, "awaiting payment")
 
     @staticmethod
     def _lock_organization_for_subscription(subscription: dict[str, Any]) -> Organization | None:
@@ -668,11 +1494,18 @@ class BillingService:
             return organization
         # Not ours yet: wait for any provisioning of it in flight by taking the same lock it holds,
         # then look again. If there is none, provisioning will read the subscription itself later.
+        # Provisioning reads Stripe before it locks, so an event in that window bumps a counter that
+        # makes it read again.
         metadata = subscription.get("metadata") or {}
-        if metadata.get("purpose") == "resubscribe":
-            db.session.get(Organization, int(metadata.get("organization_id") or 0), with_for_update=True)
+        if metadata.get("purpose") == "resubscribe" and str(metadata.get("organization_id") or "").isdigit():
+            db.session.execute(
+                update(Organization)
+                .where(Organization.id == int(metadata["organization_id"]))
+                .values(subscription_events_seen=Organization.subscription_events_seen + 1)
+            )
         elif metadata.get("pending_signup_id"):
             SignupService.lock_pending_signup(metadata["pending_signup_id"])
+            SignupService.note_subscription_event(metadata["pending_signup_id"])
         return find()
 
     @classmethod
@@ -758,6 +1591,70 @@ class BillingService:
         return client
 
 
+def _found(pending: PendingSignup | None) -> PendingSignup:
+    if pending is None:
+        raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
+    return pending
+
+
+def _uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def _event_references(event: Mapping[str, Any]) -> set[str]:
+    """The subscription and customer ids an event's object names."""
+    obj = (event.get("data") or {}).get("object") or {}
+    references = {_id_of(obj.get(name)) for name in ("subscription", "customer")}
+    if obj.get("object") == "subscription":
+        references.add(_id_of(obj.get("id")))
+    return {reference for reference in references if reference}
+
+
+def _id_of(value: Any) -> str | None:
+    """An expandable Stripe field: an id, or the expanded object."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) else None
+
+
+def _insert(model: Any) -> Any:
+    """INSERT ... ON CONFLICT for the database in use (PostgreSQL; SQLite in a development run)."""
+    insert = postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
+    return insert(model)
+
+
+def _remember_prices_statement(prices: Iterable[KnownPrice]) -> Any:
+    """Remember prices seen with a catalogue lookup key; a price already known stays as first seen."""
+    now = utcnow()
+    rows = {
+        price.price_id: {
+            "price_id": price.price_id,
+            "product_id": price.product_id,
+            "lookup_key": price.lookup_key,
+            "kind": price.entry.kind,
+            "catalogue_key": price.entry.key,
+            "first_seen_at": now,
+        }
+        for price in prices
+    }
+    return _insert(CataloguePrice).values(list(rows.values())).on_conflict_do_nothing(index_elements=["price_id"])
+
+
+@outbox.consumer("signup.conflict", name="settle_signup_conflict")
+def _settle_signup_conflict(event: outbox.OutboxEvent) -> None:
+    """The worker cancels and refunds a conflicting signup recorded by a webhook (the success page
+    does it at once when the customer comes back; whichever runs second finds it settled)."""
+    BillingService.settle_signup_conflict(event.data["pending_signup_id"], source="worker")
+
+
+@outbox.consumer("organization.surplus_subscription", name="settle_surplus_subscription")
+def _settle_surplus_subscription(event: outbox.OutboxEvent) -> None:
+    BillingService.settle_surplus_subscription(event.data["checkout_session_id"], source="worker")
+
+
 INVOICE_PAYMENT_STATUS = {
     "invoice.paid": "paid",
     "invoice.payment_failed": "failed",
@@ -816,12 +1713,42 @@ class StripeWebhooks:
         expected_livemode = str(current_app.config["STRIPE_SECRET_KEY"]).startswith(("sk_live_", "rk_live_"))
         if event.livemode != expected_livemode:
             return f"livemode mismatch: event is {'live' if event.livemode else 'test'} mode, our key is not"
-        if event.type not in STRIPE_EVENT_HANDLERS:
+        if event.type not in HANDLED_STRIPE_EVENTS:
             return f"unhandled event type {event.type}"
+        if event.type.startswith("checkout.session."):
+            metadata = event.body["data"]["object"].get("metadata")
+            # Metadata that is not an object is left for the typed reading to refuse (failed, with why).
+            if isinstance(metadata, dict | None) and (metadata or {}).get("purpose") not in ("signup", "resubscribe"):
+                return "not ours: not a checkout this app created"
         return None
 
-    def apply(self, event: VerifiedEvent) -> str:
-        return STRIPE_EVENT_HANDLERS[event.type](event.body["data"]["object"], event)
+    def object_key(self, event: VerifiedEvent) -> str:
+        obj = stripe_objects.read_for_event(event.type, event.body["data"]["object"])
+        if isinstance(obj, stripe_objects.CheckoutSession):
+            return f"checkout:{obj.id}"
+        if isinstance(obj, stripe_objects.Subscription):
+            return f"subscription:{obj.id}"
+        customer = stripe_objects.id_of(obj.customer)
+        if customer is None:
+            raise MalformedObject("malformed Invoice object: it names no customer")
+        return f"customer:{customer}"
+
+    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> dict[str, tuple[StripeEventStatus, str]]:
+        kind, _, object_id = object_key.partition(":")
+        if kind == "subscription":
+            return BillingService._apply_subscription_events(object_id, events)
+        if kind == "checkout":
+            return BillingService._apply_checkout_events(object_id, events)
+        if kind == "customer":
+            # Payments are facts with their own invoice ids: each event is recorded in turn (no read).
+            return {
+                event.event_id: (
+                    StripeEventStatus.PROCESSED,
+                    BillingService._record_invoice(event.body["data"]["object"], event),
+                )
+                for event in events
+            }
+        raise MalformedObject(f"no object kind {kind!r}")
 
 
 def _webhook_secrets() -> list[str]:
@@ -863,51 +1790,52 @@ def _parse_stripe_event(text: str) -> VerifiedEvent:
     )
 
 
-def _on_checkout_completed(session: dict[str, Any], event: VerifiedEvent) -> str:
-    if (session.get("metadata") or {}).get("purpose") not in ("signup", "resubscribe"):
-        return "not a checkout this app created"
-    outcome = BillingService._provision_checkout_session(session, source=event.source)
-    return f"{outcome.state} (organization {outcome.organization_id})"
+def _close_checkout(checkout: dict[str, Any], status: SignupStatus, reason: str, source: str) -> str:
+    if (checkout.get("metadata") or {}).get("purpose") == "resubscribe":
+        return f"resubscribe checkout {reason}"
+    return SignupService.close_pending_signup(
+        checkout_session_id=checkout["id"],
+        reference_id=checkout.get("client_reference_id"),
+        status=status,
+        reason=reason,
+        source=source,
+    )
 
 
-def _on_checkout_closed(status: SignupStatus, reason: str) -> Callable[[dict[str, Any], VerifiedEvent], str]:
-    def close(session: dict[str, Any], event: VerifiedEvent) -> str:
-        if (session.get("metadata") or {}).get("purpose") == "resubscribe":
-            return f"resubscribe checkout {reason}"
-        return SignupService.close_pending_signup(
-            checkout_session_id=session["id"],
-            reference_id=session.get("client_reference_id"),
-            status=status,
-            reason=reason,
-            source=event.source,
-        )
-
-    return close
+def _is_missing(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, stripe.InvalidRequestError) and cause.code == "resource_missing"
 
 
-STRIPE_EVENT_HANDLERS: dict[str, Callable[[dict[str, Any], VerifiedEvent], str]] = {
-    "checkout.session.completed": _on_checkout_completed,
-    "checkout.session.async_payment_succeeded": _on_checkout_completed,
-    "checkout.session.async_payment_failed": _on_checkout_closed(SignupStatus.FAILED, "payment failed"),
-    "checkout.session.expired": _on_checkout_closed(SignupStatus.EXPIRED, "checkout expired"),
-    "customer.subscription.created": BillingService._sync_subscription,
-    "customer.subscription.updated": BillingService._sync_subscription,
-    "customer.subscription.deleted": BillingService._sync_subscription,
-    "customer.subscription.paused": BillingService._sync_subscription,
-    "customer.subscription.resumed": BillingService._sync_subscription,
-    "customer.subscription.trial_will_end": BillingService._record_trial_will_end,
-    "invoice.paid": BillingService._record_invoice,
-    "invoice.payment_failed": BillingService._record_invoice,
-    "invoice.payment_action_required": BillingService._record_invoice,
-}
+WEBHOOK_TASK = "webhooks:apply"
+WEBHOOK_QUEUE = "webhooks"
+HANDLED_STRIPE_EVENTS = frozenset(
+    {
+        "checkout.session.completed",
+        "checkout.session.async_payment_succeeded",
+        "checkout.session.async_payment_failed",
+        "checkout.session.expired",
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+        "customer.subscription.paused",
+        "customer.subscription.resumed",
+        "customer.subscription.trial_will_end",
+        "invoice.paid",
+        "invoice.payment_failed",
+        "invoice.payment_action_required",
+    }
+)
 
 # --- Whop webhooks -------------------------------------------------------------------------------
 
 WHOP_SIGNATURE_TOLERANCE_SECONDS = 300  # standardwebhooks' fixed window: five minutes either way
 WHOP_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
+WHOP_OBJECT_ID = re.compile(r"[A-Za-z0-9_]{1,255}")
 # The Whop events that move an organization's billing. Until the provider-neutral billing model lands
-# (issue 15, step 3), they are verified, stored and deduplicated but not applied.
-WHOP_BILLING_EVENTS = frozenset(
+# (issue 15, step 3) they are verified, stored, deduplicated and keyed on their object, then settled as
+# ignored by the worker; every other type is ignored when it is stored.
+WHOP_HANDLED_EVENTS = frozenset(
     {
         "membership.activated",
         "membership.deactivated",
@@ -919,7 +1847,6 @@ WHOP_BILLING_EVENTS = frozenset(
         "invoice.past_due",
     }
 )
-WHOP_EVENT_HANDLERS: dict[str, Callable[[dict[str, Any], VerifiedEvent], str]] = {}
 
 
 class WhopWebhooks:
@@ -973,14 +1900,29 @@ class WhopWebhooks:
         account = event.body.get("account_id")
         if account and account != current_app.config.get("WHOP_COMPANY_ID"):
             return f"event for another Whop account ({str(account)[:40]})"
-        if event.type not in WHOP_EVENT_HANDLERS:
-            if event.type in WHOP_BILLING_EVENTS:
-                return f"{event.type} recorded; Whop billing is not applied yet"
+        if event.type not in WHOP_HANDLED_EVENTS:
             return f"unhandled event type {event.type}"
         return None
 
-    def apply(self, event: VerifiedEvent) -> str:
-        return WHOP_EVENT_HANDLERS[event.type](event.body["data"], event)
+    def object_key(self, event: VerifiedEvent) -> str:
+        data = event.body["data"]
+        if event.type.startswith("membership."):
+            membership_id = data.get("id")
+        elif event.type.startswith("payment."):
+            membership_id = data.get("membership_id")
+        else:
+            member = data.get("member")
+            member_id = member.get("id") if isinstance(member, dict) else None
+            if not isinstance(member_id, str) or not WHOP_OBJECT_ID.fullmatch(member_id):
+                raise MalformedObject("malformed Whop invoice: it names no member")
+            return f"member:{member_id}"
+        if not isinstance(membership_id, str) or not WHOP_OBJECT_ID.fullmatch(membership_id):
+            raise MalformedObject(f"malformed Whop {event.type.split('.')[0]}: it names no membership")
+        return f"membership:{membership_id}"
+
+    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> dict[str, tuple[StripeEventStatus, str]]:
+        reason = "recorded; Whop billing is not applied yet"
+        return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
 
 
 def _whop_webhook_secrets() -> list[str]:

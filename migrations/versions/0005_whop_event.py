@@ -1,16 +1,17 @@
 """whop_event: Whop's webhook deliveries, stored as stripe_event stores Stripe's (same columns and
-statuses; whop_created instead of stripe_created), unique on the delivery's webhook-id.
+statuses, pending included, and object_key; whop_created instead of stripe_created), unique on the
+delivery's webhook-id.
 
-Revision ID: 0002_whop_event
-Revises: 0001
+Revision ID: 0005_whop_event
+Revises: 0004_billing_truth
 Create Date: 2026-11-28
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_whop_event"
-down_revision = "0001"
+revision = "0005_whop_event"
+down_revision = "0004_billing_truth"
 branch_labels = None
 depends_on = None
 
@@ -31,13 +32,25 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("processed_at", sa.DateTime(timezone=True), nullable=True),
-        sa.CheckConstraint("status IN ('processed', 'failed', 'ignored')", name="ck_whop_event_status"),
+        sa.Column("object_key", sa.String(length=300), nullable=True),
+        sa.CheckConstraint("status IN ('pending', 'processed', 'failed', 'ignored')", name="ck_whop_event_status"),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("event_id"),
     )
     op.create_index("ix_whop_event_status_received_at", "whop_event", ["status", "received_at"], unique=False)
+    op.create_index(
+        "ix_whop_event_pending_object_key",
+        "whop_event",
+        ["object_key", "id"],
+        unique=False,
+        postgresql_where=sa.text("status = 'pending'"),
+        sqlite_where=sa.text("status = 'pending'"),
+    )
 
 
 def downgrade() -> None:
+    # Below this revision there is no Whop: the providers parked by 0006's downgrade go too.
+    op.execute("DROP TABLE IF EXISTS organization_billing_provider")
+    op.drop_index("ix_whop_event_pending_object_key", table_name="whop_event")
     op.drop_index("ix_whop_event_status_received_at", table_name="whop_event")
     op.drop_table("whop_event")
