@@ -114,7 +114,7 @@ def run_burst(services: Services, step: Any) -> Burst:
         cursor.execute("DELETE FROM procrastinate_jobs WHERE status = 'todo'")
         for n, subscription in enumerate(subscriptions):
             cursor.execute(
-                "INSERT INTO organization (name, tier, billing_status, stripe_customer_id, stripe_subscription_id, "
+                "INSERT INTO organization (name, tier, billing_status, billing_customer_id, billing_subscription_id, "
                 "cancel_at_period_end, created_at, updated_at) VALUES (%s, 'starter', 'active', %s, %s, false, "
                 "now(), now())",
                 (f"Burst organization {n}", subscription["customer"], subscription["id"]),
@@ -177,8 +177,8 @@ def run_burst(services: Services, step: Any) -> Burst:
         )
         last_written = float(cursor.fetchone()[0] or started_wall)
         cursor.execute(
-            "SELECT count(*) FROM organization WHERE stripe_subscription_id = ANY(%s) AND billing_status = "
-            "(%s::jsonb ->> stripe_subscription_id)",
+            "SELECT count(*) FROM organization WHERE billing_subscription_id = ANY(%s) AND billing_status = "
+            "(%s::jsonb ->> billing_subscription_id)",
             (list(expected), json.dumps(expected)),
         )
         matching = cursor.fetchone()[0]

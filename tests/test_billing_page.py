@@ -32,7 +32,7 @@ class Owner:
         session = sign_up(self.client, stripe_api, email=email, organization_name=f"Org of {email}")
         self.subscription_id: str = session["subscription"]
         self.customer_id: str = session["customer"]
-        [row] = query(app, "SELECT id FROM organization WHERE stripe_subscription_id = :s", s=self.subscription_id)
+        [row] = query(app, "SELECT id FROM organization WHERE billing_subscription_id = :s", s=self.subscription_id)
         self.organization_id: int = row.id
 
     def post(self, path: str, **fields: Any) -> Any:
@@ -239,7 +239,7 @@ def test_a_canceled_organization_can_subscribe_again(app: Flask, owner: Owner, o
     back = owner.client.get(f"/billing/checkout-complete?session_id={session_id}")
     assert back.status_code == 303 and back.headers["Location"] == "/billing/"
     row = organization(app, owner.organization_id)
-    assert (row.billing_status, row.tier, row.stripe_subscription_id) == ("active", "pro", session["subscription"])
+    assert (row.billing_status, row.tier, row.billing_subscription_id) == ("active", "pro", session["subscription"])
     assert owner.client.get("/app").status_code == 200
     completed = stripe_event("checkout.session.completed", session)
     assert post_and_apply(owner.client, completed).status_code == 200
@@ -285,7 +285,7 @@ def test_nobody_reaches_another_organizations_subscription(
     offline_stripe.pay(session_id)
     response = intruder.client.get(f"/billing/checkout-complete?session_id={session_id}")
     assert response.status_code == 404
-    assert organization(app, intruder.organization_id).stripe_subscription_id == intruder.subscription_id
+    assert organization(app, intruder.organization_id).billing_subscription_id == intruder.subscription_id
 
 
 def test_billing_pages_need_a_signed_in_user(client: FlaskClient) -> None:

@@ -85,7 +85,7 @@ def test_signup_pay_manage_in_the_portal_and_cancel_in_a_real_browser(
     }, stored_events(app)
     [organization] = query(app, "SELECT * FROM organization")
     assert (organization.name, organization.tier, organization.billing_status) == (ORGANIZATION, "starter", "active")
-    assert organization.stripe_subscription_id.startswith("sub_") and organization.last_payment_status == "paid"
+    assert organization.billing_subscription_id.startswith("sub_") and organization.last_payment_status == "paid"
     assert len(query(app, "SELECT id FROM user_account")) == 1
 
     # The billing page.

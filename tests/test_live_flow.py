@@ -85,8 +85,8 @@ def walk_live_signup(request: pytest.FixtureRequest) -> None:
     [organization] = query(app, "SELECT * FROM organization")
     assert (organization.name, organization.tier, organization.billing_status) == (ORGANIZATION, "starter", "active")
     assert organization.signup_checkout_session_id == session_id
-    assert organization.stripe_customer_id.startswith("cus_")
-    assert organization.stripe_subscription_id.startswith("sub_")
+    assert organization.billing_customer_id.startswith("cus_")
+    assert organization.billing_subscription_id.startswith("sub_")
     assert [(a.addon_key, a.quantity) for a in query(app, "SELECT * FROM organization_addon")] == [("extra_seats", 2)]
     [owner] = query(app, "SELECT * FROM user_account")
     assert (owner.email, owner.role, owner.organization_id) == (EMAIL, "owner", organization.id)
@@ -104,7 +104,9 @@ def walk_live_signup(request: pytest.FixtureRequest) -> None:
     assert re.fullmatch(rf"(already_)?provisioned \(organization {organization.id}\)", completed["outcome"]), completed
     assert not [e for e in stored_events(app) if e["status"] not in ("processed", "ignored")], stored_events(app)
 
-    live_through_a_year(app, server, environment, organization.stripe_customer_id, organization.stripe_subscription_id)
+    live_through_a_year(
+        app, server, environment, organization.billing_customer_id, organization.billing_subscription_id
+    )
 
     # The billing page, and a cancellation at the period end: Stripe answers, the page follows at once,
     # and the customer.subscription.updated webhook that follows it changes nothing and records nothing.
@@ -123,7 +125,7 @@ def walk_live_signup(request: pytest.FixtureRequest) -> None:
             e
             for e in stored_events(app)
             if e["type"] == "customer.subscription.updated"
-            and e["object"]["id"] == organization.stripe_subscription_id
+            and e["object"]["id"] == organization.billing_subscription_id
             and e["object"]["cancel_at_period_end"]
             and e["status"] == "processed"
         ],
@@ -140,7 +142,7 @@ def walk_live_signup(request: pytest.FixtureRequest) -> None:
 
     # The end: the customer's clock passes the period end and Stripe ends the subscription.
     stripe_api = stripe_http(environment)
-    clock_id = stripe_api.api("GET", f"/v1/customers/{organization.stripe_customer_id}")["test_clock"]
+    clock_id = stripe_api.api("GET", f"/v1/customers/{organization.billing_customer_id}")["test_clock"]
     period_end = int(organization.current_period_end.timestamp())
     stripe_api.advance_clock(clock_id, period_end + 2 * HOUR)
     wait_for_organization(app, server, environment, "the subscription's end", lambda o: o.billing_status == "canceled")

@@ -34,7 +34,7 @@ class Owner:
         self.checkout_session_id: str = session["id"]
         self.subscription_id: str = session["subscription"]
         self.customer_id: str = session["customer"]
-        [row] = query(app, "SELECT id FROM organization WHERE stripe_subscription_id = :s", s=self.subscription_id)
+        [row] = query(app, "SELECT id FROM organization WHERE billing_subscription_id = :s", s=self.subscription_id)
         self.organization_id: int = row.id
 
     def post(self, path: str, **fields: Any) -> Any:
@@ -316,7 +316,7 @@ def test_two_resubscribe_checkouts_paid_leave_one_live_subscription(
     assert "refunded" in response.get_data(as_text=True)
 
     row = organization(app, owner.organization_id)
-    assert row.stripe_subscription_id == paid_second["subscription"] and row.billing_status == "active"
+    assert row.billing_subscription_id == paid_second["subscription"] and row.billing_status == "active"
     assert row.tier == "business"
     assert offline_stripe.subscription(paid_first["subscription"])["status"] == "canceled"
     [(_, refund)] = offline_stripe.calls_to("refunds.create")
@@ -327,7 +327,7 @@ def test_two_resubscribe_checkouts_paid_leave_one_live_subscription(
     # The webhooks for both checkouts change nothing more.
     offline_stripe.deliver(owner.client)
     run_jobs(app)
-    assert organization(app, owner.organization_id).stripe_subscription_id == paid_second["subscription"]
+    assert organization(app, owner.organization_id).billing_subscription_id == paid_second["subscription"]
     assert len(offline_stripe.calls_to("refunds.create")) == 1
     assert events_named(app)["organization.subscription_replaced"] == 1
 
@@ -344,7 +344,7 @@ def test_a_resubscription_is_not_provisioned_for_an_organization_that_is_live(
     assert ("checkout.session.completed", 200) in offline_stripe.deliver(owner.client)
     run_jobs(app)
     row = organization(app, owner.organization_id)
-    assert row.stripe_subscription_id == paid_second["subscription"] and row.billing_status == "active"
+    assert row.billing_subscription_id == paid_second["subscription"] and row.billing_status == "active"
     assert offline_stripe.subscription(paid_first["subscription"])["status"] == "canceled"
     assert len(offline_stripe.calls_to("refunds.create")) == 1
     statuses = dict(query(app, "SELECT checkout_session_id, status FROM resubscribe_checkout"))

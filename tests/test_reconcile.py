@@ -62,11 +62,11 @@ def _sign_up(app: Flask, account: SandboxAccount, email: str) -> FlaskClient:
 def _subscription_of(app: Flask, email: str) -> str:
     [row] = query(
         app,
-        "SELECT o.stripe_subscription_id FROM organization o JOIN user_account u ON u.organization_id = o.id "
+        "SELECT o.billing_subscription_id FROM organization o JOIN user_account u ON u.organization_id = o.id "
         "WHERE u.email = :e",
         e=email,
     )
-    return str(row.stripe_subscription_id)
+    return str(row.billing_subscription_id)
 
 
 def _reconcile(app: Flask, *args: str) -> tuple[int, str]:
@@ -127,7 +127,7 @@ def test_reconcile_finds_and_repairs_every_kind_of_drift(held_sandbox: tuple[Fla
         "invoice.payment_failed",
     }
     # One organization only.
-    [ada_row] = query(app, "SELECT id FROM organization WHERE stripe_subscription_id = :s", s=ada)
+    [ada_row] = query(app, "SELECT id FROM organization WHERE billing_subscription_id = :s", s=ada)
     code, as_json = _reconcile(app, "--org", str(ada_row.id), "--json")
     only_ada = json.loads(as_json)
     assert code == 1 and [drift["subscription_id"] for drift in only_ada["subscriptions"]] == [ada]
@@ -146,13 +146,13 @@ def test_reconcile_finds_and_repairs_every_kind_of_drift(held_sandbox: tuple[Fla
     code, output = _reconcile(app, "--apply")
     assert code == 0, output
     assert "Stripe and the database agree." in output and "canceled and refunded" in output
-    rows = {r.stripe_subscription_id: r for r in query(app, "SELECT * FROM organization")}
+    rows = {r.billing_subscription_id: r for r in query(app, "SELECT * FROM organization")}
     assert rows[ada].billing_status == "canceled" and rows[carols].billing_status == "past_due"
     assert rows[carols].last_payment_status == "failed"  # the missed invoice.payment_failed, applied
     addons = query(
         app,
         "SELECT quantity FROM organization_addon a JOIN organization o ON o.id = a.organization_id "
-        "WHERE o.stripe_subscription_id = :s",
+        "WHERE o.billing_subscription_id = :s",
         s=grace,
     )
     assert [a.quantity for a in addons] == [5]

@@ -126,8 +126,8 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     subscription = stripe_api.subscription(session["subscription"])
     assert organization.name == "Analytical Engines"
     assert (organization.tier, organization.billing_status) == ("starter", "active")
-    assert organization.stripe_customer_id == session["customer"]
-    assert organization.stripe_subscription_id == subscription["id"]
+    assert organization.billing_customer_id == session["customer"]
+    assert organization.billing_subscription_id == subscription["id"]
     assert organization.signup_checkout_session_id == session_id
     assert organization.current_period_end.timestamp() == subscription["items"]["data"][0]["current_period_end"]
     assert [(a.addon_key, a.quantity) for a in query(app, "SELECT * FROM organization_addon")] == [("extra_seats", 2)]

@@ -40,6 +40,21 @@ class SignupForm(FlaskForm):
         "Your name", filters=[_strip], validators=[DataRequired(), Length(max=100), _one_line_of_text]
     )
     tier = RadioField("Plan", validators=[DataRequired(message="Choose a plan.")], validate_choice=True)
+    # Who takes the payment: shown only when Whop is configured; absent means card (Stripe Checkout).
+    payment_provider = RadioField(
+        "Pay with",
+        choices=[SelectChoice("stripe", "Card (Stripe Checkout)"), SelectChoice("whop", "Whop")],
+        default="stripe",
+        validators=[Optional()],
+        validate_choice=False,
+    )
+
+    def validate_payment_provider(self, field: RadioField) -> None:
+        if field.data not in (None, "", "stripe", "whop"):
+            raise ValidationError("Choose card or Whop.")
+
+    def provider(self) -> str:
+        return "whop" if self.payment_provider.data == "whop" else "stripe"
 
     def validate_password(self, field: PasswordField) -> None:
         password = (field.data or "").lower()

@@ -16,6 +16,15 @@ from app.services.signup_service import EmailAlreadyRegistered, SignupError, Sig
 bp = Blueprint("auth", __name__)
 
 
+@bp.context_processor
+def whop_choice() -> dict[str, object]:
+    """The names of the tiers that can be paid through Whop (none unless Whop is configured): the
+    signup page offers the choice for them."""
+    if not BillingService.whop_configured():
+        return {"whop_tiers": []}
+    return {"whop_tiers": [tier.name for tier in plan_catalogue().tiers.values() if tier.whop_plan_id]}
+
+
 def _form_email() -> str:
     return normalise_email(request.form.get("email", ""))[:254]
 
@@ -59,8 +68,13 @@ def signup_submit() -> Response | tuple[str, int]:
     form = signup_form(catalogue)
     if not form.validate_on_submit():
         return render_template("auth/signup.html", form=form, catalogue=catalogue), 422
+    start_checkout = (
+        BillingService.create_whop_checkout_for_tier
+        if form.provider() == "whop"
+        else BillingService.create_checkout_session_for_tier
+    )
     try:
-        checkout = BillingService.create_checkout_session_for_tier(
+        checkout = start_checkout(
             form.tier.data,
             email=form.email.data,
             organization_name=form.organization_name.data,

@@ -21,13 +21,15 @@ from app.services.billing_service import (
     WebhookRejected,
     plan_catalogue,
 )
-from app.services.signup_service import ProvisionState
+from app.services.signup_service import ProvisionOutcome, ProvisionState
 from app.templating import money
 
 bp = Blueprint("billing", __name__)
 # Reached without a session: Stripe's webhooks (signed) and its success URL (which finds the browser
 # that started the signup itself). Every other billing page needs a signed-in user.
-PUBLIC_ENDPOINTS = frozenset({"billing.webhook", "billing.complete_signup_from_stripe"})
+PUBLIC_ENDPOINTS = frozenset(
+    {"billing.webhook", "billing.complete_signup_from_stripe", "billing.complete_signup_from_whop"}
+)
 
 
 @bp.before_request
@@ -181,11 +183,35 @@ def complete_signup_from_stripe() -> Response | tuple[str, int]:
         outcome = BillingService.complete_signup_from_redirect(request.args.get("session_id", ""))
     except CheckoutSessionNotFound as exc:
         return render_template("billing/checkout_problem.html", message=str(exc)), 404
+    return _signup_returned(outcome)
+
+
+@bp.get("/complete-signup-from-whop")
+@limiter.limit(lambda: current_app.config["CHECKOUT_RETURN_RATE_LIMIT"], key_func=client_address)
+def complete_signup_from_whop() -> Response | tuple[str, int]:
+    """Whop's redirect after payment (`?signup=` is ours, `membership_id` Whop's): as for Stripe."""
+    try:
+        outcome = BillingService.complete_whop_signup_from_redirect(
+            request.args.get("signup", ""), request.args.get("membership_id", "")
+        )
+    except CheckoutSessionNotFound as exc:
+        return render_template("billing/checkout_problem.html", message=str(exc)), 404
+    except BillingError as exc:
+        return render_template("billing/checkout_problem.html", message=str(exc)), 503
+    return _signup_returned(outcome, settled=WHOP_CONFLICT_WORDS)
+
+
+# Whop conflicts are not canceled and refunded automatically (docs/system/BILLING.md, Whop).
+WHOP_CONFLICT_WORDS = "Your Whop membership stays open until we refund it; contact us and we will."
+
+
+def _signup_returned(outcome: ProvisionOutcome, settled: str | None = None) -> Response | tuple[str, int]:
+    """The customer is back from paying: sign the owner in, but only in the browser that started it."""
     if outcome.state == ProvisionState.AWAITING_PAYMENT:
         return render_template("billing/processing.html"), 202
     if outcome.state == ProvisionState.CONFLICT:
-        message = "This email already has an account, so this payment did not create another one. " + settlement_words(
-            outcome.settlement
+        message = "This email already has an account, so this payment did not create another one. " + (
+            settled or settlement_words(outcome.settlement)
         )
         return render_template("billing/checkout_problem.html", message=message), 409
     if session.get("signup_id") == str(outcome.pending_signup_id) and outcome.owner_user_id is not None:

@@ -3,7 +3,7 @@ create_all(); the classes here must agree with them (tests/test_foundation.py ch
 
 from app.models.catalogue_price import CataloguePrice
 from app.models.domain_event import DomainEvent
-from app.models.organization import BillingStatus, Organization, OrganizationAddon
+from app.models.organization import BillingProvider, BillingStatus, Organization, OrganizationAddon
 from app.models.outbox_delivery import OutboxDelivery
 from app.models.pending_signup import PendingSignup, SignupStatus
 from app.models.resubscribe_checkout import ResubscribeCheckout, ResubscribeStatus
@@ -12,6 +12,7 @@ from app.models.user import User, UserRole
 from app.models.whop_event import WhopEvent
 
 __all__ = [
+    "BillingProvider",
     "BillingStatus",
     "CataloguePrice",
     "DomainEvent",

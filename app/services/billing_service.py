@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+import httpx
 import standardwebhooks
 import stripe
 from flask import current_app
+from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
@@ -37,10 +39,12 @@ from stripe.params.checkout import (
     SessionCreateParamsSubscriptionData,
 )
 from whop_sdk import Whop
+from whop_sdk.core.api_error import ApiError as WhopApiError
 from whop_sdk.environment import WhopEnvironment
 
 from app.extensions import cache, db
 from app.models import (
+    BillingProvider,
     BillingStatus,
     CataloguePrice,
     Organization,
@@ -61,6 +65,7 @@ from app.services.signup_service import ProvisionOutcome, ProvisionState, Signup
 from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import SubscriptionState, apply_subscription_state
 from app.services.webhook_store import EventModel, VerifiedEvent
+from app.services.whop_state import membership_as_of, parse_time, subscription_state_from_whop
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,9 @@ REQUEST_TOKEN = re.compile(r"^[0-9a-f]{32}$")
 STRIPE_EVENT_ID = re.compile(r"evt_[A-Za-z0-9_]{1,251}")
 STRIPE_EVENT_TYPE = re.compile(r"[A-Za-z0-9_.]{1,100}")
 API_VERSION_FORMAT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+WHOP_MEMBERSHIP_ID = re.compile(r"mem_[A-Za-z0-9_]{1,200}")
+# Membership statuses that pay for a signup (a trial included).
+WHOP_PAID_STATUSES = frozenset({"active", "trialing", "completed", "canceling"})
 CANCELLABLE = frozenset(
     {BillingStatus.ACTIVE, BillingStatus.TRIALING, BillingStatus.PAST_DUE, BillingStatus.UNPAID, BillingStatus.PAUSED}
 )
@@ -474,8 +482,11 @@ class BillingService:
 
     @classmethod
     def create_customer_portal_session(cls, organization: Organization, *, return_url: str) -> str:
-        """A Stripe customer-portal session for the organization's customer; returns its URL."""
-        customer_id = organization.stripe_customer_id
+        """A Stripe customer-portal session for the organization's customer; returns its URL. For a
+        Whop-billed organization: the membership's own management page on Whop."""
+        if organization.billed_by_whop:
+            return cls._whop_manage_url(organization)
+        customer_id = organization.billing_customer_id
         if not customer_id:
             raise SubscriptionActionNotAllowed("This organization has no billing account yet.")
         db.session.rollback()  # release the connection while Stripe answers
@@ -545,14 +556,17 @@ class BillingService:
         client = cls.ensure_stripe()
         try:
             organization = db.session.get(Organization, organization_id, populate_existing=True)
-            if organization is None or not organization.stripe_subscription_id:
+            if organization is None or not organization.billing_subscription_id:
                 raise SubscriptionActionNotAllowed("This organization has no subscription.")
             refusal = allowed(organization)
             if refusal:
                 raise SubscriptionActionNotAllowed(refusal)
-            subscription_id = organization.stripe_subscription_id
+            subscription_id = organization.billing_subscription_id
+            whop = organization.billed_by_whop
         finally:
             db.session.rollback()  # nothing written: the connection goes back before Stripe is asked
+        if whop:
+            return cls._whop_owner_change(organization_id, subscription_id, action, request_token, actor_user_id)
         # The same form submitted twice is one Stripe call; two different actions are serialized by
         # Stripe, and each applies the subscription Stripe answered with.
         key = f"org-{organization_id}-{action}-{request_token}"
@@ -561,7 +575,7 @@ class BillingService:
         try:
             organization = cls._lock_organization(organization_id)
             changes: list[str] = []
-            if organization is not None and organization.stripe_subscription_id == subscription["id"]:
+            if organization is not None and organization.billing_subscription_id == subscription["id"]:
                 changes = cls._apply_subscription_read(organization, subscription, source=f"user:{actor_user_id}")
             db.session.commit()
         except BaseException:
@@ -597,7 +611,7 @@ class BillingService:
             organization = db.session.get(Organization, organization_id, populate_existing=True)
             if organization is None or organization.billing_status not in ENDED:
                 raise SubscriptionActionNotAllowed("This organization already has a subscription.")
-            customer_id = organization.stripe_customer_id
+            customer_id = organization.billing_customer_id
         finally:
             db.session.rollback()
         tier = cls.tier(tier_key)
@@ -700,7 +714,7 @@ class BillingService:
             if organization is None:
                 raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
             subscription_id = _id_of(checkout.get("subscription"))
-            if subscription_id and organization.stripe_subscription_id == subscription_id:
+            if subscription_id and organization.billing_subscription_id == subscription_id:
                 return ProvisionOutcome(ProvisionState.ALREADY_PROVISIONED, None, organization.id)
             if not _checkout_is_paid(checkout) or not subscription_id:
                 return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, None, organization.id)
@@ -720,7 +734,7 @@ class BillingService:
                 db.session.rollback()
         if organization is None:  # pragma: no cover - the loop returns or raises first
             raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
-        if organization.stripe_subscription_id == subscription_id:
+        if organization.billing_subscription_id == subscription_id:
             return ProvisionOutcome(ProvisionState.ALREADY_PROVISIONED, None, organization.id)
         record = cls._resubscribe_checkout_row(checkout, organization_id)
         if organization.billing_status not in ENDED or record.status in (
@@ -736,11 +750,12 @@ class BillingService:
                     source=source,
                     checkout_session_id=checkout["id"],
                     stripe_subscription_id=subscription_id,
-                    live_subscription_id=organization.stripe_subscription_id,
+                    live_subscription_id=organization.billing_subscription_id,
                 )
             return ProvisionOutcome(ProvisionState.SURPLUS, None, organization.id, settlement=record.settlement)
         record.status = ResubscribeStatus.ATTACHED
         record.stripe_subscription_id = subscription_id
+        _now_billed_by_stripe(organization, subscription)
         cls._apply_subscription_read(organization, subscription, source=source)
         return ProvisionOutcome(ProvisionState.PROVISIONED, None, organization.id)
 
@@ -786,11 +801,7 @@ class BillingService:
         and the add-on items the organization holds; prices seen with a catalogue lookup key are
         remembered in the caller's transaction."""
         held = (
-            {
-                row.stripe_subscription_item_id: row.addon_key
-                for row in organization.addons
-                if row.stripe_subscription_item_id
-            }
+            {row.provider_item_id: row.addon_key for row in organization.addons if row.provider_item_id}
             if organization is not None
             else {}
         )
@@ -987,7 +998,7 @@ class BillingService:
             raise BillingError(
                 f"--since must be between 1 and {reconciliation.MAX_SINCE_DAYS} days (Stripe keeps events for 30)."
             )
-        report = cls._reconcile_read(since_days, organization_id)
+        report = cls._reconcile_read_all(since_days, organization_id)
         applied: list[str] = []
         # Repairs make events of their own (a canceled orphan's customer.subscription.deleted, ...):
         # those are applied in the next round, like any other missing event.
@@ -995,9 +1006,83 @@ class BillingService:
             if report.clean:
                 break
             applied += cls._reconcile_apply(report)
-            report = cls._reconcile_read(since_days, organization_id)
+            report = cls._reconcile_read_all(since_days, organization_id)
         report.applied = applied
         return report
+
+    @classmethod
+    def _reconcile_read_all(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:
+        """Stripe's side (unless the one organization asked for is Whop-billed), then Whop's memberships
+        for Whop-billed organizations when Whop is configured: Whop retries a delivery only three
+        times, so a missed membership event is found here."""
+        whop_only = organization_id is not None and cls._billed_by_whop(organization_id)
+        report = reconciliation.ReconcileReport() if whop_only else cls._reconcile_read(since_days, organization_id)
+        if cls.whop_configured() and (organization_id is None or whop_only):
+            report.subscriptions += cls._whop_reconcile_read(organization_id, report)
+        return report
+
+    @staticmethod
+    def _billed_by_whop(organization_id: int) -> bool:
+        try:
+            provider = db.session.execute(
+                select(Organization.billing_provider).where(Organization.id == organization_id)
+            ).scalar_one_or_none()
+        finally:
+            db.session.rollback()
+        return provider == BillingProvider.WHOP
+
+    @classmethod
+    def _whop_reconcile_read(
+        cls, organization_id: int | None, report: reconciliation.ReconcileReport
+    ) -> list[reconciliation.SubscriptionDrift]:
+        try:
+            query = select(Organization.id, Organization.billing_subscription_id).where(
+                Organization.billing_provider == BillingProvider.WHOP, Organization.billing_subscription_id.is_not(None)
+            )
+            if organization_id is not None:
+                query = query.where(Organization.id == organization_id)
+            held = {str(row.billing_subscription_id): row.id for row in db.session.execute(query)}
+        finally:
+            db.session.rollback()
+        if not held:
+            return []
+        client = cls.ensure_whop()
+        listed: dict[str, dict[str, Any]] = {}
+        with cls._calling_whop("list memberships for reconcile"):
+            if organization_id is None:
+                for membership in client.memberships.list(account_id=current_app.config["WHOP_COMPANY_ID"], first=100):
+                    listed[membership.id] = membership.model_dump(mode="json")
+        for membership_id in held:
+            if membership_id not in listed:
+                try:
+                    listed[membership_id] = cls._retrieve_whop_membership(membership_id)
+                except PaymentProviderUnavailable as exc:
+                    report.problems.append(f"Whop membership {membership_id}: {exc.__cause__ or exc}")
+        drifts: list[reconciliation.SubscriptionDrift] = []
+        try:
+            for membership_id, org_id in held.items():
+                organization = db.session.get(Organization, org_id)
+                if organization is None or membership_id not in listed:
+                    continue
+                state = subscription_state_from_whop(listed[membership_id], plan_catalogue())
+                fields = reconciliation.diff_subscription(
+                    reconciliation.HeldBilling(
+                        organization_id=organization.id,
+                        subscription_id=membership_id,
+                        status=organization.billing_status,
+                        tier=organization.tier,
+                        addons=organization.addon_quantities(),
+                        cancel_at_period_end=organization.cancel_at_period_end,
+                        current_period_end=organization.current_period_end,
+                        collection_paused=organization.collection_paused,
+                    ),
+                    state,
+                )
+                if fields:
+                    drifts.append(reconciliation.SubscriptionDrift(organization.id, membership_id, fields, "Whop"))
+        finally:
+            db.session.rollback()
+        return drifts
 
     @classmethod
     def _reconcile_read(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:
@@ -1005,16 +1090,22 @@ class BillingService:
         since = int(time.time()) - since_days * 86400
         report = reconciliation.ReconcileReport()
         try:
-            query = select(Organization).where(Organization.stripe_subscription_id.is_not(None))
+            query = select(Organization).where(
+                Organization.billing_provider == BillingProvider.STRIPE,
+                Organization.billing_subscription_id.is_not(None),
+            )
             if organization_id is not None:
                 query = query.where(Organization.id == organization_id)
-            organizations = {str(org.stripe_subscription_id): org.id for org in db.session.execute(query).scalars()}
+            organizations = {str(org.billing_subscription_id): org.id for org in db.session.execute(query).scalars()}
             if organization_id is not None and not organizations:
                 raise BillingError(f"organization {organization_id} has no subscription to reconcile")
             held_ids = {
                 str(subscription_id)
                 for subscription_id in db.session.execute(
-                    select(Organization.stripe_subscription_id).where(Organization.stripe_subscription_id.is_not(None))
+                    select(Organization.billing_subscription_id).where(
+                        Organization.billing_provider == BillingProvider.STRIPE,
+                        Organization.billing_subscription_id.is_not(None),
+                    )
                 ).scalars()
             }
             stored_events = set(
@@ -1023,7 +1114,7 @@ class BillingService:
             customer_ids = {
                 str(customer_id)
                 for customer_id in db.session.execute(
-                    select(Organization.stripe_customer_id).where(Organization.id == organization_id)
+                    select(Organization.billing_customer_id).where(Organization.id == organization_id)
                 ).scalars()
                 if customer_id and organization_id is not None
             }
@@ -1178,6 +1269,9 @@ class BillingService:
         for key in objects:
             applied.append(f"{key}: {cls.apply_queued_events(provider.name, key)}")
         for drift in report.subscriptions:
+            if drift.provider == "Whop":
+                applied.append(cls._reconcile_whop_membership(drift))
+                continue
             # As the worker applies a subscription event: read now, checked, applied under a short lock.
             subscription = stripe_objects.subscription_for_state(cls._retrieve_subscription(drift.subscription_id))
             try:
@@ -1215,6 +1309,26 @@ class BillingService:
             except BillingError as exc:
                 applied.append(f"{entry.kind} {entry.reference}: not settled: {_describe_failure(exc)}")
         return applied
+
+    @classmethod
+    def _reconcile_whop_membership(cls, drift: reconciliation.SubscriptionDrift) -> str:
+        """The organization takes the membership as Whop has it now (read with no transaction open)."""
+        membership = cls._retrieve_whop_membership(drift.subscription_id)
+        try:
+            organization = cls._lock_whop_organization(drift.subscription_id)
+            changes: list[str] = []
+            if organization is not None:
+                state = subscription_state_from_whop(membership, plan_catalogue())
+                changes = apply_subscription_state(organization, state, source="reconcile")
+                organization.billing_as_of = max(
+                    organization.billing_as_of or 0, membership_as_of(membership) or 0, int(time.time())
+                )
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        what = ", ".join(changes) or "no change"
+        return f"organization {drift.organization_id} follows Whop membership {drift.subscription_id}: {what}"
 
     @classmethod
     def _settle_orphan(cls, orphan: reconciliation.Orphan) -> str:
@@ -1481,7 +1595,10 @@ class BillingService:
                 db.session.execute(
                     select(Organization)
                     .options(joinedload(Organization.addons))
-                    .where(Organization.stripe_subscription_id == subscription["id"])
+                    .where(
+                        Organization.billing_provider == BillingProvider.STRIPE,
+                        Organization.billing_subscription_id == subscription["id"],
+                    )
                     .with_for_update(of=Organization)
                     .execution_options(populate_existing=True)
                 )
@@ -1513,7 +1630,12 @@ class BillingService:
         """invoice.paid / invoice.payment_failed / invoice.payment_action_required: the payment state,
         and a domain event that dunning notices hang on."""
         organization = db.session.execute(
-            select(Organization).where(Organization.stripe_customer_id == invoice.get("customer")).with_for_update()
+            select(Organization)
+            .where(
+                Organization.billing_provider == BillingProvider.STRIPE,
+                Organization.billing_customer_id == invoice.get("customer"),
+            )
+            .with_for_update()
         ).scalar_one_or_none()
         if organization is None:
             return "no organization for this customer yet"
@@ -1544,7 +1666,10 @@ class BillingService:
     @classmethod
     def _record_trial_will_end(cls, subscription: dict[str, Any], event: VerifiedEvent) -> str:
         organization_id = db.session.execute(
-            select(Organization.id).where(Organization.stripe_subscription_id == subscription["id"])
+            select(Organization.id).where(
+                Organization.billing_provider == BillingProvider.STRIPE,
+                Organization.billing_subscription_id == subscription["id"],
+            )
         ).scalar_one_or_none()
         if organization_id is None:
             return "no organization for this subscription"
@@ -1589,6 +1714,361 @@ class BillingService:
         )
         current_app.extensions["whop_client"] = client
         return client
+
+    @staticmethod
+    @contextmanager
+    def _calling_whop(action: str) -> Iterator[None]:
+        """Whop's errors as ours, as _calling_stripe does for Stripe's."""
+        try:
+            yield
+        except WhopApiError as exc:
+            if exc.status_code in (401, 403):
+                logger.error("Whop rejected our credentials while trying to %s: %s", action, exc.body)
+                raise BillingConfigurationError("The payment provider rejected our credentials.") from exc
+            logger.warning("Whop error while trying to %s: %s %s", action, exc.status_code, exc.body)
+            raise PaymentProviderUnavailable(
+                "We could not reach our payment provider. Nothing was charged; please try again."
+            ) from exc
+        except (httpx.HTTPError, PydanticValidationError) as exc:
+            logger.warning("Whop unreachable while trying to %s: %s", action, type(exc).__name__)
+            raise PaymentProviderUnavailable(
+                "We could not reach our payment provider. Nothing was charged; please try again."
+            ) from exc
+
+    @classmethod
+    def whop_tier(cls, tier_key: str) -> Tier:
+        """A tier that can be paid through Whop right now."""
+        tier = cls.tier(tier_key)
+        if not cls.whop_configured() or not tier.whop_plan_id:
+            raise UnknownTierError(f"{tier.name} cannot be paid through Whop; choose card payment.")
+        return tier
+
+    @classmethod
+    def create_whop_checkout_for_tier(
+        cls,
+        tier_key: str,
+        *,
+        email: str,
+        organization_name: str,
+        owner_name: str,
+        password: str,
+        addons: Mapping[str, int] | None = None,
+    ) -> CheckoutRedirect:
+        """Store the signup (SignupService, as for Stripe) and open a Whop checkout configuration for
+        the tier's Whop plan, carrying the pending signup's id in its metadata (copied by Whop onto the
+        membership). Whop sells the tier alone: add-ons are bought by card."""
+        tier = cls.whop_tier(tier_key)
+        if any(quantity for quantity in (addons or {}).values()):
+            raise BillingError("Add-ons can only be bought with card payment; remove them to pay through Whop.")
+        client = cls.ensure_whop()
+        config = current_app.config
+        signup = SignupService.create_pending_signup_record(
+            email=email,
+            organization_name=organization_name,
+            owner_name=owner_name,
+            password=password,
+            tier=tier.key,
+            addons={},
+            ttl=timedelta(minutes=config["CHECKOUT_SESSION_TTL_MINUTES"]),
+        )
+        cls._expire_checkout_sessions([s for s in signup.superseded_checkout_session_ids if s.startswith("cs_")])
+        reference = str(signup.pending_signup_id)
+        try:
+            with cls._calling_whop("create a checkout"):
+                checkout = client.checkout_configurations.create(
+                    plan_id=tier.whop_plan_id,
+                    account_id=config["WHOP_COMPANY_ID"],
+                    metadata={"purpose": "signup", "pending_signup_id": reference},
+                    redirect_url=f"{config['APP_BASE_URL']}/billing/complete-signup-from-whop?signup={reference}",
+                    # Derived from the signup: a retried request returns the same checkout.
+                    request_options={"additional_headers": {"Idempotency-Key": f"signup-whop-checkout-{reference}"}},
+                )
+        except BillingError as exc:
+            SignupService.mark_signup_failed(signup.pending_signup_id, f"Whop checkout not created: {exc}")
+            raise
+        if not checkout.purchase_url:
+            SignupService.mark_signup_failed(signup.pending_signup_id, "Whop checkout has no purchase URL")
+            raise PaymentProviderUnavailable("We could not reach our payment provider. Nothing was charged.")
+        SignupService.attach_checkout_session(signup.pending_signup_id, checkout.id)
+        return CheckoutRedirect(
+            url=checkout.purchase_url, pending_signup_id=signup.pending_signup_id, checkout_session_id=checkout.id
+        )
+
+    @classmethod
+    def _retrieve_whop_membership(cls, membership_id: str) -> dict[str, Any]:
+        with cls._calling_whop("read a membership"):
+            membership = cls.ensure_whop().memberships.retrieve(membership_id)
+        dumped: dict[str, Any] = membership.model_dump(mode="json")
+        return dumped
+
+    @classmethod
+    def complete_whop_signup_from_redirect(cls, pending_signup_id: str, membership_id: str) -> ProvisionOutcome:
+        """Whop's redirect after payment: provision (or find provisioned) the signup. The membership is
+        read from Whop (no transaction open meanwhile) and must carry this signup's id."""
+        if _uuid(pending_signup_id or "") is None or not WHOP_MEMBERSHIP_ID.fullmatch(membership_id or ""):
+            raise CheckoutSessionNotFound("That checkout link is not valid.")
+        try:
+            pending = _found(SignupService.pending_signup(pending_signup_id))
+            if pending.status == SignupStatus.COMPLETED:
+                return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
+        finally:
+            db.session.rollback()
+        try:
+            membership = cls._retrieve_whop_membership(membership_id)
+        except PaymentProviderUnavailable as exc:
+            if isinstance(exc.__cause__, WhopApiError) and exc.__cause__.status_code == 404:
+                raise CheckoutSessionNotFound("We could not find a signup for that checkout.") from exc
+            raise
+        if str((membership.get("metadata") or {}).get("pending_signup_id")) != pending_signup_id:
+            raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
+        try:
+            outcome = cls._provision_whop_membership(membership, source="web")
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return outcome
+
+    @classmethod
+    def _provision_whop_membership(cls, membership: Mapping[str, Any], *, source: str) -> ProvisionOutcome:
+        """Provision the signup a Whop membership pays for, exactly once, whoever asks first (the
+        redirect or membership.activated): the pending signup is locked, as for Stripe, and handed to
+        SignupService.complete_pending_signup_from_checkout. Runs in the caller's transaction."""
+        reference = str((membership.get("metadata") or {}).get("pending_signup_id") or "")
+        pending = _found(SignupService.lock_pending_signup(reference) if _uuid(reference) else None)
+        if pending.status == SignupStatus.COMPLETED:
+            return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
+        if membership.get("status") not in WHOP_PAID_STATUSES:
+            return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, pending.id)
+        state = subscription_state_from_whop(membership, plan_catalogue())
+        checkout = {
+            "id": pending.checkout_session_id or f"whop:{membership['id']}",
+            "customer": state.customer_id,
+            "payment_status": "no_payment_required" if state.status == BillingStatus.TRIALING else "paid",
+        }
+        outcome = SignupService.complete_pending_signup_from_checkout(
+            pending, checkout, state, source=source, billing_provider=BillingProvider.WHOP
+        )
+        if outcome.state == ProvisionState.PROVISIONED and outcome.organization_id is not None:
+            organization = db.session.get_one(Organization, outcome.organization_id)
+            organization.billing_as_of = membership_as_of(membership) or int(time.time())
+        return outcome
+
+    # --- Whop: the owner's actions ----------------------------------------------------------------
+
+    @classmethod
+    def _whop_manage_url(cls, organization: Organization) -> str:
+        membership_id = organization.billing_subscription_id
+        if not membership_id:
+            raise SubscriptionActionNotAllowed("This organization has no billing account yet.")
+        db.session.rollback()  # release the connection while Whop answers
+        manage_url = cls._retrieve_whop_membership(membership_id).get("manage_url")
+        if not manage_url:
+            raise PaymentProviderUnavailable("Whop did not give a management page for this membership.")
+        return str(manage_url)
+
+    @classmethod
+    def _whop_owner_change(
+        cls, organization_id: int, membership_id: str, action: str, request_token: str, actor_user_id: int
+    ) -> list[str]:
+        """Cancel at period end, cancel now, or resume a Whop membership (the same checks as for
+        Stripe have passed); the organization takes Whop's answer in a short transaction."""
+        client = cls.ensure_whop()
+        options: Any = {"additional_headers": {"Idempotency-Key": f"org-{organization_id}-{action}-{request_token}"}}
+        with cls._calling_whop(action.replace("-", " ") + " a membership"):
+            if action == "cancel-period-end":
+                answer = client.memberships.cancel(membership_id, cancel_at_period_end=True, request_options=options)
+            elif action == "cancel-now":
+                answer = client.memberships.cancel(membership_id, request_options=options)
+            elif action == "resume":
+                answer = client.memberships.update(membership_id, cancel_at_period_end=False, request_options=options)
+            else:  # pragma: no cover - the actions above are the only callers
+                raise SubscriptionActionNotAllowed("Whop does not support that change.")
+        membership = answer.model_dump(mode="json")
+        try:
+            organization = cls._lock_whop_organization(membership_id)
+            changes: list[str] = []
+            if organization is not None and organization.id == organization_id:
+                state = subscription_state_from_whop(membership, plan_catalogue())
+                changes = apply_subscription_state(organization, state, source=f"user:{actor_user_id}")
+                organization.billing_as_of = max(organization.billing_as_of or 0, membership_as_of(membership) or 0)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return changes
+
+    # --- Whop events, applied ---------------------------------------------------------------------
+
+    @staticmethod
+    def _lock_whop_organization(membership_id: str | None) -> Organization | None:
+        if not membership_id:
+            return None
+        return (
+            db.session.execute(
+                select(Organization)
+                .options(joinedload(Organization.addons))
+                .where(
+                    Organization.billing_provider == BillingProvider.WHOP,
+                    Organization.billing_subscription_id == membership_id,
+                )
+                .with_for_update(of=Organization)
+                .execution_options(populate_existing=True)
+            )
+            .unique()
+            .scalar_one_or_none()
+        )
+
+    @classmethod
+    def _apply_whop_membership_events(
+        cls, membership_id: str, events: list[VerifiedEvent]
+    ) -> dict[str, tuple[StripeEventStatus, str]]:
+        """membership.* and payment.* events about one membership: the organization follows Whop's
+        current membership, read now (so neither arrival order nor either clock matters), and each
+        payment's state is recorded. With no organization yet, a membership carrying one of our
+        pending signups provisions it (whoever comes first: this or the redirect)."""
+
+        def every(status: StripeEventStatus, outcome: str) -> dict[str, tuple[StripeEventStatus, str]]:
+            return {event.event_id: (status, outcome) for event in events}
+
+        try:
+            membership = cls._retrieve_whop_membership(membership_id)
+        except PaymentProviderUnavailable as exc:
+            if isinstance(exc.__cause__, WhopApiError) and exc.__cause__.status_code == 404:
+                return every(
+                    StripeEventStatus.IGNORED, f"not ours: this Whop account has no membership {membership_id}"
+                )
+            raise
+        source = events[-1].source
+        organization = cls._lock_whop_organization(membership_id)
+        provisioned = ""
+        if organization is None:
+            metadata = membership.get("metadata") or {}
+            if metadata.get("purpose") != "signup" or not metadata.get("pending_signup_id"):
+                return every(StripeEventStatus.IGNORED, "not ours: no organization holds this membership")
+            try:
+                provision = cls._provision_whop_membership(membership, source=source)
+            except CheckoutSessionNotFound:
+                return every(StripeEventStatus.IGNORED, "not ours: no pending signup of this app for it")
+            provisioned = f"{provision.state} (organization {provision.organization_id})"
+            organization = cls._lock_whop_organization(membership_id)
+            if organization is None:  # awaiting payment, or the signup went to another membership
+                return every(StripeEventStatus.PROCESSED, provisioned)
+        state = subscription_state_from_whop(membership, plan_catalogue())
+        changes = apply_subscription_state(organization, state, source=source)
+        organization.billing_as_of = max(
+            organization.billing_as_of or 0, membership_as_of(membership) or 0, int(time.time())
+        )
+        summary = provisioned or "applied Whop's current membership: " + (", ".join(changes) or "no change")
+        outcomes: dict[str, tuple[StripeEventStatus, str]] = {}
+        for event in events:
+            outcome = summary
+            if event.type.startswith("payment."):
+                payment = event.body["data"]
+                outcome = cls._record_whop_payment_state(
+                    organization,
+                    paid=event.type == "payment.succeeded",
+                    payment_id=str(payment.get("id")),
+                    as_of=_whop_time(payment.get("updated_at")) or event.created,
+                    event=event,
+                    amount=(payment.get("total") or {}).get("amount"),
+                    currency=payment.get("currency"),
+                    renewal=payment.get("billing_reason") != "subscription_create",
+                )
+            outcomes[event.event_id] = (StripeEventStatus.PROCESSED, outcome)
+        return outcomes
+
+    @classmethod
+    def _apply_whop_member_events(
+        cls, member_id: str, events: list[VerifiedEvent]
+    ) -> dict[str, tuple[StripeEventStatus, str]]:
+        """invoice.paid / invoice.past_due: found by the buyer's member id, when it names one
+        Whop-billed organization (a member may own several; their memberships' events then decide)."""
+        matches = (
+            db.session.execute(
+                select(Organization.id).where(
+                    Organization.billing_provider == BillingProvider.WHOP, Organization.billing_customer_id == member_id
+                )
+            )
+            .scalars()
+            .all()
+        )
+        if len(matches) != 1:
+            reason = "no single organization for this member" if matches else "no organization for this member"
+            return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
+        organization = db.session.get_one(Organization, matches[0], with_for_update=True, populate_existing=True)
+        outcomes: dict[str, tuple[StripeEventStatus, str]] = {}
+        for event in events:
+            invoice = event.body["data"]
+            outcomes[event.event_id] = (
+                StripeEventStatus.PROCESSED,
+                cls._record_whop_payment_state(
+                    organization,
+                    paid=event.type == "invoice.paid",
+                    payment_id=str((invoice.get("payment") or {}).get("id") or invoice.get("id")),
+                    as_of=_whop_time(invoice.get("updated_at")) or event.created,
+                    event=event,
+                    amount=None,
+                    currency=(invoice.get("current_plan") or {}).get("currency"),
+                    renewal=True,
+                    invoice_id=str(invoice.get("id")),
+                ),
+            )
+        return outcomes
+
+    @staticmethod
+    def _record_whop_payment_state(
+        organization: Organization,
+        *,
+        paid: bool,
+        payment_id: str,
+        as_of: int,
+        event: VerifiedEvent,
+        amount: Any,
+        currency: Any,
+        renewal: bool,
+        invoice_id: str | None = None,
+    ) -> str:
+        if organization.payment_as_of is not None and as_of < organization.payment_as_of:
+            return "stale: a newer payment event was applied"
+        status = "paid" if paid else "failed"
+        first_record = (organization.last_invoice_id, organization.last_payment_status) != (payment_id, status)
+        organization.last_invoice_id = payment_id
+        organization.last_payment_status = status
+        organization.payment_as_of = as_of
+        if paid:
+            organization.last_payment_at = utcnow()
+        moved = ""
+        live = organization.billing_status in (BillingStatus.ACTIVE, BillingStatus.TRIALING)
+        if not paid and renewal and live:
+            moved = BillingStatus.PAST_DUE
+        elif paid and organization.billing_status == BillingStatus.PAST_DUE:
+            moved = BillingStatus.ACTIVE
+        if moved and (organization.billing_as_of is None or as_of >= organization.billing_as_of):
+            domain_events.record(
+                "organization.billing_status_changed",
+                organization_id=organization.id,
+                source=event.source,
+                previous=organization.billing_status,
+                status=moved,
+            )
+            organization.past_due_since = utcnow() if moved == BillingStatus.PAST_DUE else None
+            organization.billing_status = moved
+            organization.billing_as_of = as_of
+        if first_record:
+            domain_events.record(
+                f"billing.payment_{'succeeded' if paid else 'failed'}",
+                organization_id=organization.id,
+                source=event.source,
+                invoice_id=invoice_id or payment_id,
+                amount_due=None if paid else amount,
+                amount_paid=amount if paid else None,
+                currency=currency,
+                attempt_count=None,
+                next_payment_attempt=None,
+                hosted_invoice_url=None,
+            )
+        return f"payment {status} recorded" + (f"; billing status {moved}" if moved else "")
 
 
 def _found(pending: PendingSignup | None) -> PendingSignup:
@@ -1832,9 +2312,7 @@ HANDLED_STRIPE_EVENTS = frozenset(
 WHOP_SIGNATURE_TOLERANCE_SECONDS = 300  # standardwebhooks' fixed window: five minutes either way
 WHOP_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
 WHOP_OBJECT_ID = re.compile(r"[A-Za-z0-9_]{1,255}")
-# The Whop events that move an organization's billing. Until the provider-neutral billing model lands
-# (issue 15, step 3) they are verified, stored, deduplicated and keyed on their object, then settled as
-# ignored by the worker; every other type is ignored when it is stored.
+# The Whop events that move an organization's billing; every other type is stored and ignored.
 WHOP_HANDLED_EVENTS = frozenset(
     {
         "membership.activated",
@@ -1921,8 +2399,23 @@ class WhopWebhooks:
         return f"membership:{membership_id}"
 
     def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> dict[str, tuple[StripeEventStatus, str]]:
-        reason = "recorded; Whop billing is not applied yet"
-        return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
+        kind, _, object_id = object_key.partition(":")
+        if kind == "membership":
+            return BillingService._apply_whop_membership_events(object_id, events)
+        return BillingService._apply_whop_member_events(object_id, events)
+
+
+def _now_billed_by_stripe(organization: Organization, subscription: Mapping[str, Any]) -> None:
+    """An organization whose Whop membership ended comes back by card: Stripe bills it from now on."""
+    if organization.billed_by_whop:
+        organization.billing_provider = BillingProvider.STRIPE
+        organization.billing_customer_id = _id_of(subscription.get("customer"))
+        organization.billing_as_of = None
+
+
+def _whop_time(value: Any) -> int | None:
+    moment = parse_time(value)
+    return int(moment.timestamp()) if moment else None
 
 
 def _whop_webhook_secrets() -> list[str]:

@@ -47,8 +47,9 @@ class FieldDrift:
 @dataclass(frozen=True)
 class SubscriptionDrift:
     organization_id: int
-    subscription_id: str
+    subscription_id: str  # a Stripe subscription, or a Whop membership
     fields: list[FieldDrift]
+    provider: str = "Stripe"
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ class ReconcileReport:
             for change in drift.fields:
                 out.append(
                     f"organization {drift.organization_id} ({drift.subscription_id}): {change.field} "
-                    f"is {_show(change.ours)} here, {_show(change.stripe)} at Stripe"
+                    f"is {_show(change.ours)} here, {_show(change.stripe)} at {drift.provider}"
                 )
         for orphan in self.orphans:
             out.append(

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.extensions import db
-from app.models import PendingSignup, SignupStatus, User, UserRole
+from app.models import BillingProvider, Organization, PendingSignup, SignupStatus, User, UserRole
 from app.models.types import utcnow
 from app.services import domain_events
 from app.services.auth_service import hash_password, normalise_email
@@ -202,10 +202,16 @@ class SignupService:
 
     @staticmethod
     def complete_pending_signup_from_checkout(
-        pending: PendingSignup, checkout_session: dict[str, Any], subscription: SubscriptionState, *, source: str
+        pending: PendingSignup,
+        checkout_session: dict[str, Any],
+        subscription: SubscriptionState,
+        *,
+        source: str,
+        billing_provider: str = BillingProvider.STRIPE,
     ) -> ProvisionOutcome:
-        """Create the organization and its owner from a paid checkout, in the caller's transaction.
-        The caller holds the lock from lock_pending_signup."""
+        """Create the organization and its owner from a paid checkout (a Stripe Checkout Session, or a
+        Whop checkout and its membership), in the caller's transaction. The caller holds the lock from
+        lock_pending_signup."""
         if pending.status == SignupStatus.COMPLETED:
             return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
         if SignupService.email_has_account(pending.email):
@@ -229,13 +235,14 @@ class SignupService:
             pending.tier,
             subscription,
             signup_checkout_session_id=checkout_session["id"],
+            billing_provider=billing_provider,
             billing_as_of=int(utcnow().timestamp()),
             last_invoice_id=_id_of(checkout_session.get("invoice")),
             last_payment_status="paid" if checkout_session.get("payment_status") == "paid" else None,
             last_payment_at=utcnow() if checkout_session.get("payment_status") == "paid" else None,
         )
-        if organization.stripe_customer_id is None:
-            organization.stripe_customer_id = _id_of(checkout_session.get("customer"))
+        if organization.billing_customer_id is None:
+            organization.billing_customer_id = _id_of(checkout_session.get("customer"))
         owner = User(
             organization=organization,
             email=pending.email,
@@ -252,8 +259,7 @@ class SignupService:
             name=organization.name,
             tier=organization.tier,
             billing_status=organization.billing_status,
-            stripe_customer_id=organization.stripe_customer_id,
-            stripe_subscription_id=organization.stripe_subscription_id,
+            **_provider_ids(organization),
             addons=organization.addon_quantities(),
         )
         domain_events.record(
@@ -306,3 +312,17 @@ def _id_of(value: str | dict[str, Any] | None) -> str | None:
     if isinstance(value, dict):
         return value.get("id")
     return value
+
+
+def _provider_ids(organization: Organization) -> dict[str, Any]:
+    """The provider's ids for organization.created: named as before for Stripe, neutrally otherwise."""
+    if organization.billing_provider == BillingProvider.STRIPE:
+        return {
+            "stripe_customer_id": organization.billing_customer_id,
+            "stripe_subscription_id": organization.billing_subscription_id,
+        }
+    return {
+        "billing_provider": organization.billing_provider,
+        "billing_customer_id": organization.billing_customer_id,
+        "billing_subscription_id": organization.billing_subscription_id,
+    }

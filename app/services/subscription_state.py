@@ -98,8 +98,8 @@ def new_organization(name: str, fallback_tier: str, state: SubscriptionState, **
         name=name,
         tier=state.tier or fallback_tier,
         billing_status=state.status,
-        stripe_customer_id=state.customer_id,
-        stripe_subscription_id=state.subscription_id,
+        billing_customer_id=state.customer_id,
+        billing_subscription_id=state.subscription_id,
         cancel_at_period_end=state.cancel_at_period_end,
         current_period_end=state.current_period_end,
         trial_end=state.trial_end,
@@ -112,7 +112,7 @@ def new_organization(name: str, fallback_tier: str, state: SubscriptionState, **
         **fields,
     )
     organization.addons = [
-        OrganizationAddon(addon_key=key, quantity=line.quantity, stripe_subscription_item_id=line.subscription_item_id)
+        OrganizationAddon(addon_key=key, quantity=line.quantity, provider_item_id=line.subscription_item_id)
         for key, line in state.addons.items()
     ]
     return organization
@@ -127,13 +127,13 @@ def apply_subscription_state(organization: Organization, state: SubscriptionStat
         domain_events.record(name, organization_id=organization.id, source=source, **data)
         recorded.append(name)
 
-    if organization.stripe_subscription_id != state.subscription_id:
+    if organization.billing_subscription_id != state.subscription_id:
         record(
             "organization.subscription_replaced",
-            previous_subscription_id=organization.stripe_subscription_id,
+            previous_subscription_id=organization.billing_subscription_id,
             subscription_id=state.subscription_id,
         )
-        organization.stripe_subscription_id = state.subscription_id
+        organization.billing_subscription_id = state.subscription_id
     if organization.billing_status != state.status:
         record("organization.billing_status_changed", previous=organization.billing_status, status=state.status.value)
         if state.status == BillingStatus.PAST_DUE:
@@ -173,7 +173,7 @@ def _apply_items(organization: Organization, state: SubscriptionState, record: C
     if state.unmapped:
         # An item we cannot name may be an add-on we hold: keep it rather than guess it away.
         for row in organization.addons:
-            lines.setdefault(row.addon_key, AddonLine(row.quantity, row.stripe_subscription_item_id or ""))
+            lines.setdefault(row.addon_key, AddonLine(row.quantity, row.provider_item_id or ""))
     wanted = {key: line.quantity for key, line in lines.items()}
     if organization.addon_quantities() != wanted:
         record("organization.addons_changed", previous=organization.addon_quantities(), addons=wanted)
@@ -209,6 +209,6 @@ def _sync_addon_rows(organization: Organization, lines: dict[str, AddonLine]) ->
     for key, line in lines.items():
         row = rows.get(key) or OrganizationAddon(addon_key=key)
         row.quantity = line.quantity
-        row.stripe_subscription_item_id = line.subscription_item_id
+        row.provider_item_id = line.subscription_item_id
         if key not in rows:
             organization.addons.append(row)

@@ -1,0 +1,274 @@
+"""Whop as the second provider, end to end over real HTTP: the app (live server, real PostgreSQL and
+Redis) and the offline Whop double. Signup through the same SignupService path as Stripe (redirect
+first and webhook first), the membership lifecycle from Whop's events, the owner's actions through
+Whop's API, and reconcile repairing a missed deactivation."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from flask import Flask
+from flask.testing import FlaskClient
+
+from tests.conftest import csrf_token, query, run_jobs, signup_form
+from tests.live_support import LiveServer, free_port, wait_until
+from tests.whop_double import WhopDouble
+
+SECRET = "ws_whop_billing_suite_0123456789"
+ACCOUNT = "biz_billing_suite"
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+@dataclass
+class Pair:
+    server: LiveServer
+    double: WhopDouble
+
+    @property
+    def app(self) -> Flask:
+        assert self.server.app is not None
+        return self.server.app
+
+    def organizations(self) -> list[Any]:
+        return query(self.app, "SELECT * FROM organization ORDER BY id")
+
+    def applied(self) -> Pair:
+        """What the worker would do now: apply every stored Whop event."""
+        run_jobs(self.app)
+        return self
+
+    def organization(self) -> Any:
+        [row] = self.organizations()
+        return row
+
+    def events(self) -> Counter[str]:
+        return Counter(row.name for row in query(self.app, "SELECT name FROM domain_event"))
+
+    def deliver_held(self) -> list[int]:
+        """Take the held events and deliver each, as Whop would, to the app's endpoint."""
+        taken = self.double.control("deliveries/take")["events"]
+        return [
+            requests.post(
+                f"{self.server.url}/billing/webhooks/whop", data=e["payload"], headers=e["headers"], timeout=10
+            ).status_code
+            for e in taken
+        ]
+
+
+@pytest.fixture
+def pair(live_server: Callable[..., LiveServer], tmp_path: Path) -> Iterator[Pair]:
+    port = free_port()
+    server = live_server(
+        WHOP_API_KEY="apik_billing_suite",
+        WHOP_WEBHOOK_SECRET=SECRET,
+        WHOP_COMPANY_ID=ACCOUNT,
+        WHOP_API_BASE=f"http://127.0.0.1:{port}/whop/api/v1",
+    )
+    double = WhopDouble(
+        port=port,
+        webhook_url=f"{server.url}/billing/webhooks/whop",
+        secrets=SECRET,
+        account_id=ACCOUNT,
+        log=tmp_path / "whop.log",
+    ).start()
+    yield Pair(server, double)
+    double.stop()
+
+
+def start_whop_signup(client: FlaskClient, **fields: Any) -> Any:
+    form = signup_form(client, payment_provider="whop", addon_extra_seats="0", **fields)
+    return client.post("/auth/signup", data=form)
+
+
+def pay_on_whop(pair: Pair, client: FlaskClient) -> str:
+    """Sign up through Whop and pay on the double's page; returns the app path Whop sends the buyer to."""
+    response = start_whop_signup(client)
+    assert response.status_code == 303, response.get_data(as_text=True)
+    purchase_url = response.headers["Location"]
+    assert purchase_url.startswith(f"{pair.double.url}/whop/checkout/ch_")
+    paid = pair.double.pay(purchase_url)
+    assert paid.status_code == 303, paid.text
+    back = urlsplit(paid.headers["Location"])
+    assert f"{back.scheme}://{back.netloc}" == pair.server.url
+    assert back.path == "/billing/complete-signup-from-whop"
+    return f"{back.path}?{back.query}"
+
+
+# --- Signup ----------------------------------------------------------------------------------------
+
+
+def test_signup_through_whop_redirect_first(pair: Pair) -> None:
+    pair.double.control("delivery", {"mode": "hold"})  # the webhooks wait until the redirect is done
+    client = pair.app.test_client()
+    back = pay_on_whop(pair, client)
+    landed = client.get(back)
+    assert landed.status_code == 303 and landed.headers["Location"] == "/app"
+    assert client.get("/app").status_code == 200  # signed in, in the browser that signed up
+
+    org = pair.organization()
+    assert (org.billing_provider, org.billing_status, org.tier) == ("whop", "active", "starter")
+    assert org.billing_customer_id.startswith("mber_") and org.billing_subscription_id.startswith("mem_")
+    assert org.signup_checkout_session_id.startswith("ch_")
+    assert org.last_payment_status == "paid" and org.current_period_end is not None
+    [pending] = query(pair.app, "SELECT status, checkout_session_id FROM pending_signup")
+    assert (pending.status, pending.checkout_session_id) == ("completed", org.signup_checkout_session_id)
+
+    # The webhooks arrive afterwards: nothing is created twice.
+    assert pair.deliver_held() == [200, 200]
+    pair.applied()
+    assert len(pair.organizations()) == 1
+    assert pair.events()["organization.created"] == 1 and pair.events()["signup.completed"] == 1
+    assert client.get(back).status_code == 303  # the redirect again: already provisioned
+    assert len(pair.organizations()) == 1
+
+
+def test_signup_through_whop_webhook_first(pair: Pair) -> None:
+    client = pair.app.test_client()
+    back = pay_on_whop(pair, client)
+    wait_until(lambda: len(pair.applied().organizations()) == 1, 10, "membership.activated provisions the signup")
+    org = pair.organization()
+    assert (org.billing_provider, org.billing_status) == ("whop", "active")
+    landed = client.get(back)  # the buyer comes back later: signed in, nothing created again
+    assert landed.status_code == 303 and landed.headers["Location"] == "/app"
+    assert client.get("/app").status_code == 200
+    wait_until(lambda: len(query(pair.app, "SELECT id FROM whop_event")) == 2, 10, "both webhooks stored")
+    org = pair.applied().organization()
+    assert org.last_payment_status == "paid"  # provisioning records the paid checkout, whatever came first
+    assert len(pair.organizations()) == 1 and pair.events()["organization.created"] == 1
+
+
+def test_a_trial_tier_starts_trialing_through_whop(pair: Pair) -> None:
+    pair.double.control("delivery", {"mode": "hold"})
+    client = pair.app.test_client()
+    response = start_whop_signup(client, tier="pro")
+    paid = pair.double.pay(response.headers["Location"])
+    back = urlsplit(paid.headers["Location"])
+    assert client.get(f"{back.path}?{back.query}").status_code == 303
+    org = pair.organization()
+    assert (org.billing_status, org.tier, org.trial_end is not None) == ("trialing", "pro", True)
+
+
+def test_the_redirect_refuses_a_membership_of_another_signup(pair: Pair) -> None:
+    pair.double.control("delivery", {"mode": "hold"})
+    client = pair.app.test_client()
+    back = pay_on_whop(pair, client)
+    query_string = dict(part.split("=", 1) for part in urlsplit(back).query.split("&"))
+    other = "00000000-0000-4000-8000-000000000000"
+    for path in (
+        f"/billing/complete-signup-from-whop?signup={other}&membership_id={query_string['membership_id']}",
+        f"/billing/complete-signup-from-whop?signup={query_string['signup']}&membership_id=mem_nope",
+        "/billing/complete-signup-from-whop?signup=x&membership_id=y",
+    ):
+        assert client.get(path).status_code == 404
+    assert pair.organizations() == []
+
+
+def test_whop_is_offered_only_for_tiers_with_a_whop_plan_and_without_add_ons(pair: Pair, make_app: Any) -> None:
+    client = pair.app.test_client()
+    page = client.get("/auth/signup").get_data(as_text=True)
+    assert 'id="payment-provider"' in page and 'value="whop"' in page
+    business = start_whop_signup(client, tier="business")
+    assert business.status_code == 422 and "cannot be paid through Whop" in business.get_data(as_text=True)
+    seats = client.post("/auth/signup", data=signup_form(client, payment_provider="whop", addon_extra_seats="2"))
+    assert seats.status_code == 422 and "Add-ons can only be bought with card" in seats.get_data(as_text=True)
+    assert pair.organizations() == []
+    without_whop = make_app().test_client()
+    assert 'id="payment-provider"' not in without_whop.get("/auth/signup").get_data(as_text=True)
+
+
+# --- The membership's life -------------------------------------------------------------------------
+
+
+def signed_up(pair: Pair) -> tuple[FlaskClient, Any]:
+    client = pair.app.test_client()
+    client.get(pay_on_whop(pair, client))
+    wait_until(lambda: len(query(pair.app, "SELECT id FROM whop_event")) == 2, 10, "signup webhooks stored")
+    return client, pair.applied().organization()
+
+
+def owner_post(client: FlaskClient, path: str, **fields: Any) -> Any:
+    return client.post(path, data={"csrf_token": csrf_token(client, "/billing/"), "request_token": TOKEN, **fields})
+
+
+def test_renewals_failed_payments_recovery_and_the_end_follow_whops_events(pair: Pair) -> None:
+    _, org = signed_up(pair)
+    membership = org.billing_subscription_id
+
+    pair.double.control(f"memberships/{membership}/period_end", {"outcome": "failed"})
+    wait_until(
+        lambda: pair.applied().organization().billing_status == "past_due", 10, "past_due after a failed renewal"
+    )
+    assert pair.organization().past_due_since is not None
+    wait_until(lambda: pair.applied().events()["billing.payment_failed"] >= 1, 10, "the failed payment is recorded")
+
+    pair.double.control(f"memberships/{membership}/period_end", {"outcome": "paid"})
+    wait_until(lambda: pair.applied().organization().billing_status == "active", 10, "recovered")
+    wait_until(lambda: pair.applied().organization().last_payment_status == "paid", 10, "paid again")
+    assert pair.organization().past_due_since is None
+    assert pair.organization().current_period_end > org.current_period_end
+
+    pair.double.control(f"memberships/{membership}/deactivate", {"status": "canceled"})
+    wait_until(lambda: pair.applied().organization().billing_status == "canceled", 10, "deactivated")
+    assert pair.organization().ended_at is not None
+    stored = query(pair.app, "SELECT status FROM whop_event")
+    assert {row.status for row in stored} == {"processed"}
+
+
+def test_the_owner_cancels_and_resumes_through_whop_and_manages_it_on_whop(pair: Pair) -> None:
+    client, org = signed_up(pair)
+    page = client.get("/billing/").get_data(as_text=True)
+    assert "Manage your membership on Whop" in page and 'id="billed-by"' in page
+
+    canceled = owner_post(client, "/billing/cancel", when="period_end")
+    assert canceled.status_code == 303
+    assert pair.organization().cancel_at_period_end is True  # Whop's answer, applied at once
+    membership = pair.double.deliveries()[0]["event"]["data"]
+    assert membership["id"] == org.billing_subscription_id and membership["cancel_at_period_end"] is True
+    wait_until(
+        lambda: (
+            pair.applied().events()["subscription.cancellation_scheduled"] == 1
+            and len(query(pair.app, "SELECT id FROM whop_event")) >= 4
+        ),
+        10,
+        "the webhooks that follow change nothing more",
+    )
+
+    resumed = owner_post(client, "/billing/resume")
+    assert resumed.status_code == 303 and pair.organization().cancel_at_period_end is False
+    assert pair.events()["subscription.cancellation_withdrawn"] == 1
+
+    portal = client.post("/billing/portal", data={"csrf_token": csrf_token(client, "/billing/")})
+    assert portal.status_code == 303
+    assert portal.headers["Location"] == f"{pair.double.url}/whop/manage/{org.billing_subscription_id}"
+
+    ended = owner_post(client, "/billing/cancel", when="now")
+    assert ended.status_code == 303 and pair.organization().billing_status == "canceled"
+
+
+# --- Reconcile -------------------------------------------------------------------------------------
+
+
+def test_reconcile_repairs_a_missed_deactivation(pair: Pair) -> None:
+    _, org = signed_up(pair)
+    pair.double.control("delivery", {"mode": "hold"})  # Whop's deliveries are lost from here on
+    pair.double.control(f"memberships/{org.billing_subscription_id}/deactivate", {"status": "canceled"})
+    assert pair.organization().billing_status == "active"
+    runner = pair.app.test_cli_runner()
+
+    only = ["--org", str(org.id)]  # this organization: Whop alone is read (Stripe is not part of this test)
+    report = runner.invoke(args=["billing", "reconcile", *only])
+    assert report.exit_code == 1
+    assert f"({org.billing_subscription_id}): status is 'active' here, 'canceled' at Whop" in report.output
+
+    repaired = runner.invoke(args=["billing", "reconcile", "--apply", *only])
+    assert repaired.exit_code == 0, repaired.output
+    assert f"follows Whop membership {org.billing_subscription_id}" in repaired.output
+    assert pair.organization().billing_status == "canceled"
+    assert runner.invoke(args=["billing", "reconcile", *only]).exit_code == 0
