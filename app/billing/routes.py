@@ -202,7 +202,7 @@ def complete_signup_from_whop() -> Response | tuple[str, int]:
 
 
 # Whop conflicts are not canceled and refunded automatically (docs/system/BILLING.md, Whop).
-WHOP_CONFLICT_WORDS = "Your Whop membership stays open until we refund it; contact us and we will."
+WHOP_CONFLICT_WORDS = "Whop does not refund it automatically: contact us and we will cancel and refund it."
 
 
 def _signup_returned(outcome: ProvisionOutcome, settled: str | None = None) -> Response | tuple[str, int]:
