@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +36,6 @@ from whop_sdk.payments.types.post_payment_failed_payload import PostPaymentFaile
 from whop_sdk.payments.types.post_payment_succeeded_payload import PostPaymentSucceededPayload
 from whop_sdk.types.membership import Membership
 
-from sandbox.tests.test_sandbox import _free_port
 from sandbox.whop.delivery import sign
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,6 +70,13 @@ PAYLOAD_TYPES: dict[str, Any] = {
     "invoice.paid": PostInvoicePaidPayload,
     "invoice.past_due": PostInvoicePastDuePayload,
 }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def verify(body: str | bytes, headers: dict[str, str], secret: str = SECRET) -> dict[str, Any]:
