@@ -16,12 +16,10 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from . import billing, changes, invoicing, objects, schedules, simtime
-from .errors import StripeError, no_such
+from . import billing, changes, invoicing, lists, objects, schedules, simtime
+from .errors import StripeError
 from .objects import Obj
-from .params import Params, mapping, reject_unknown, string
 from .store import Store
 
 DAY = 86400
@@ -49,24 +47,6 @@ class Dunning:
         if action not in ("unpaid", "cancel"):
             raise ValueError(f"SANDBOX_DUNNING_FINAL_ACTION must be unpaid or cancel, not {action!r}")
         return cls(days, action)
-
-
-def missing_payment_method_param(subscription_data: Params) -> str | None:
-    """subscription_data[trial_settings][end_behavior][missing_payment_method] on Checkout."""
-    path = "subscription_data[trial_settings]"
-    settings = mapping(subscription_data, "trial_settings", "subscription_data")
-    if settings is None:
-        return None
-    reject_unknown(settings, ("end_behavior",), path)
-    behavior = mapping(settings, "end_behavior", path) or {}
-    reject_unknown(behavior, ("missing_payment_method",), f"{path}[end_behavior]")
-    value = string(behavior, "missing_payment_method", f"{path}[end_behavior]", required=True)
-    if value not in MISSING_PAYMENT_METHOD:
-        raise StripeError(
-            f"Invalid missing_payment_method: must be one of {', '.join(MISSING_PAYMENT_METHOD)}",
-            param=f"{path}[end_behavior][missing_payment_method]",
-        )
-    return value
 
 
 # -- the clock API ------------------------------------------------------------------------------
@@ -103,14 +83,9 @@ def load(store: Store, clock_id: str, param: str = "test_clock", status: int = 4
     return clock
 
 
-def list_clocks(store: Store, limit: int, starting_after: str | None) -> Obj:
+def list_clocks(store: Store, page: lists.Page) -> Obj:
     clocks = list(reversed(store.all("test_helpers.test_clock")))
-    if starting_after:
-        ids = [c["id"] for c in clocks]
-        if starting_after not in ids:
-            raise no_such("test_helpers.test_clock", starting_after, "starting_after", 400)
-        clocks = clocks[ids.index(starting_after) + 1 :]
-    return objects.list_object(clocks[:limit], "/v1/test_helpers/test_clocks", has_more=len(clocks) > limit)
+    return lists.paginate(clocks, "/v1/test_helpers/test_clocks", page, "test_helpers.test_clock")
 
 
 def delete(store: Store, clock_id: str, origin: billing.Origin) -> Obj:
@@ -126,7 +101,7 @@ def delete(store: Store, clock_id: str, origin: billing.Origin) -> Obj:
             ]
             for obj in owned:
                 if obj["object"] == "subscription" and obj["status"] not in billing.ENDED:
-                    obj.update(status="canceled", canceled_at=billing._now(), ended_at=billing._now())
+                    obj.update(status="canceled", canceled_at=simtime.now(), ended_at=simtime.now())
                     billing.emit(store, "customer.subscription.deleted", obj, origin=origin)
                 store.delete(obj["id"])
             store.delete(customer["id"])
@@ -163,15 +138,16 @@ def advance(store: Store, clock_id: str, frozen_time: int, origin: billing.Origi
 
 
 def _advance_limit(store: Store, clock: Obj) -> tuple[int, str]:
-    """Stripe's rule: no more than two intervals of the shortest subscription on the clock
-    (the sandbox's prices are all monthly), or two years if it has no live subscription."""
+    """Stripe's rule: no more than two intervals of the shortest subscription on the clock, or
+    two years if it has no live subscription."""
     frozen = clock["frozen_time"]
-    if any(s["status"] not in billing.ENDED for s in _subscriptions(store, clock["id"])):
-        return objects.add_month(objects.add_month(frozen)), "two billing intervals (two months)"
-    limit = frozen
-    for _ in range(24):
-        limit = objects.add_month(limit)
-    return limit, "two years (it has no subscriptions)"
+    limits = [
+        (changes.add_interval(frozen, interval, 2 * count), f"two billing intervals (2 × {count} {interval})")
+        for sub in _subscriptions(store, clock["id"])
+        if sub["status"] not in billing.ENDED and sub["items"]["data"]
+        for interval, count in [changes.interval_of(sub)]
+    ]
+    return min(limits) if limits else (changes.add_months(frozen, 24), "two years (it has no subscriptions)")
 
 
 def _customers(store: Store, clock_id: str) -> list[Obj]:
@@ -227,6 +203,12 @@ def _next_step(store: Store, clock_id: str, target: int) -> Step | None:
             steps.append((sub["trial_end"], 2, "trial_end", sub["id"]))
         elif sub["status"] in ("active", "past_due", "unpaid"):
             steps.append((_period_end(sub), 3, "renew", sub["id"]))
+    for schedule in store.all_where("subscription_schedule", "customer", customers):
+        subscription = store.get(schedule["subscription"] or "")
+        if schedule["status"] == "active" and subscription and subscription["status"] not in billing.ENDED:
+            phases, index = schedule["phases"], schedule["_phase_index"]
+            boundary = phases[index + 1]["start_date"] if index + 1 < len(phases) else phases[-1]["end_date"]
+            steps.append((boundary, 0, "schedule", schedule["id"]))
     for invoice in store.all_where("invoice", "customer", customers):
         if invoice["status"] == "draft" and invoice.get("automatically_finalizes_at"):
             steps.append((invoice["automatically_finalizes_at"], 4, "finalize", invoice["id"]))
@@ -237,7 +219,14 @@ def _next_step(store: Store, clock_id: str, target: int) -> Step | None:
 
 
 def _period_end(sub: Obj) -> int:
-    return int(max(item["current_period_end"] for item in sub["items"]["data"]))
+    return changes.period(sub)[1]
+
+
+def _start_period(sub: Obj, start: int) -> None:
+    """Move every item to a new billing period beginning at `start`."""
+    end = changes.next_period_end(sub, start)
+    for item in sub["items"]["data"]:
+        item.update(current_period_start=start, current_period_end=end)
 
 
 def _updated(store: Store, sub: Obj, before: Obj) -> None:
@@ -248,7 +237,7 @@ def _updated(store: Store, sub: Obj, before: Obj) -> None:
 
 
 def _end(store: Store, sub: Obj, reason: str | None) -> None:
-    now = billing._now()
+    now = simtime.now()
     sub.update(status="canceled", ended_at=now, canceled_at=sub["canceled_at"] or now)
     if sub["cancellation_details"]["reason"] is None:
         sub["cancellation_details"]["reason"] = reason
@@ -260,6 +249,11 @@ def _cancel(store: Store, sub_id: str, dunning: Dunning) -> None:
     """cancel_at (or the period end, with cancel_at_period_end) has come: the subscription ends
     without a renewal invoice."""
     _end(store, billing.load(store, "subscription", sub_id), "cancellation_requested")
+
+
+def _schedule(store: Store, schedule_id: str, dunning: Dunning) -> None:
+    """A subscription schedule's next phase starts (or its last one ends), at the clock's time."""
+    schedules.apply_due_phases(store, simtime.now(), only=schedule_id)
 
 
 def _trial_will_end(store: Store, sub_id: str, dunning: Dunning) -> None:
@@ -298,10 +292,8 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
         return
     customer = billing.load(store, "customer", sub["customer"])
     before = copy.deepcopy(sub)
-    start = _period_end(sub)
-    previous = (min(item["current_period_start"] for item in sub["items"]["data"]), start)
-    for item in sub["items"]["data"]:
-        item.update(current_period_start=start, current_period_end=changes.next_period_end(sub, start))
+    previous = changes.period(sub)
+    _start_period(sub, previous[1])
     if sub["status"] == "trialing":
         sub["status"] = "active"
     invoice = invoicing.renewal_invoice(store, customer, sub, previous, "subscription_cycle")
@@ -311,7 +303,7 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
     billing.emit(store, "invoice.created", invoice)
     _updated(store, sub, before)
     paused = sub.get("pause_collection")
-    if paused and (paused.get("resumes_at") is None or paused["resumes_at"] > billing._now()):
+    if paused and (paused.get("resumes_at") is None or paused["resumes_at"] > simtime.now()):
         _collection_paused(store, invoice, paused["behavior"])
 
 
@@ -323,7 +315,7 @@ def _collection_paused(store: Store, invoice: Obj, behavior: str) -> None:
     if behavior == "keep_as_draft":
         return
     invoicing.finalize(store, invoice)
-    now = billing._now()
+    now = simtime.now()
     if behavior == "void":
         invoice.update(status="void", amount_remaining=0)
         invoice["status_transitions"]["voided_at"] = now
@@ -358,7 +350,7 @@ def _attempt(store: Store, invoice: Obj, dunning: Dunning) -> None:
     if invoicing.charge(store, invoice, method):
         invoicing.paid(store, invoice)
         return
-    now = billing._now()
+    now = simtime.now()
     first_failure = invoice.setdefault("_first_failed_at", now)
     retries_done = invoice["attempt_count"] - 1
     exhausted = retries_done >= len(dunning.retry_days)
@@ -381,6 +373,7 @@ def _attempt(store: Store, invoice: Obj, dunning: Dunning) -> None:
 
 ACTIONS: dict[str, Callable[[Store, str, Dunning], None]] = {
     "cancel": _cancel,
+    "schedule": _schedule,
     "trial_will_end": _trial_will_end,
     "trial_end": _trial_end,
     "renew": _renew,
@@ -388,4 +381,31 @@ ACTIONS: dict[str, Callable[[Store, str, Dunning], None]] = {
     "retry": _retry,
 }
 
-JOBS: dict[str, Callable[[Store, str], Any]] = {"advance_test_clock": run_advance}
+billing.JOB_HANDLERS["advance_test_clock"] = lambda store, ref, now: run_advance(store, ref)
+
+
+def resume(store: Store, sub_id: str, origin: billing.Origin) -> Obj:
+    """POST /v1/subscriptions/:id/resume (billing_cycle_anchor=now): a paused subscription starts
+    a new period now and is invoiced and charged at once. Events: customer.subscription.resumed,
+    customer.subscription.updated, invoice.created, invoice.finalized, then invoice.paid; or
+    invoice.payment_failed and customer.subscription.updated to past_due (smart retries follow)."""
+    sub = billing.load(store, "subscription", sub_id)
+    if sub["status"] != "paused":
+        raise StripeError(
+            f"Only a paused subscription can be resumed; this one is {sub['status']}.",
+            code="subscription_not_paused" if sub["status"] not in billing.ENDED else "resource_missing",
+        )
+    customer = billing.load(store, "customer", sub["customer"])
+    now = simtime.now()
+    before = copy.deepcopy(sub)
+    _start_period(sub, now)
+    sub.update(status="active", billing_cycle_anchor=now)
+    invoice = invoicing.renewal_invoice(store, customer, sub, (now, now), "subscription_update")
+    sub["latest_invoice"] = invoice["id"]
+    store.put(sub)
+    billing.emit(store, "customer.subscription.resumed", sub, origin=origin)
+    billing.emit(store, "customer.subscription.updated", sub, objects.previous_attributes(before, sub), origin)
+    billing.emit(store, "invoice.created", invoice, origin=origin)
+    invoicing.finalize(store, invoice)
+    _attempt(store, invoice, Dunning.from_env())
+    return billing.load(store, "subscription", sub_id)

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,49 +18,23 @@ import stripe
 
 from sandbox.clock import Dunning
 from sandbox.objects import add_month
-from sandbox.tests.test_sandbox import (
+from sandbox.tests.conftest import (
+    CARD_DECLINED,
     CARD_OK,
     Receiver,
     Sandbox,
     create_session,
     pay,
+    started,
 )
 
 CARD_CHARGES_FAIL = "4000 0000 0000 0341"
-CARD_DECLINED = "4000 0000 0000 0002"
 DAY = 86400
 HOUR = 3600
 T0 = int(datetime(2030, 1, 15, 12, 0, tzinfo=UTC).timestamp())
 
 
 # -- harness ----------------------------------------------------------------------------------
-
-
-def _server(tmp: Any, receiver: Receiver, **env: str) -> Iterator[Sandbox]:
-    server = Sandbox(tmp, receiver.url)
-    server.env.update(env)
-    server.start()
-    yield server
-    assert server.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    receiver = Receiver()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[Sandbox]:
-    yield from _server(tmp_path_factory.mktemp("clock"), receiver)
-
-
-@pytest.fixture(scope="module")
-def prices(sandbox: Sandbox) -> dict[str, str]:
-    keys = ["starter_monthly", "pro_monthly", "extra_seat_monthly"]
-    listed = sandbox.client.v1.prices.list(params={"lookup_keys": keys})
-    return {p.lookup_key: p.id for p in listed.data if p.lookup_key}
 
 
 def events_of(receiver: Receiver, customer: str) -> list[dict[str, Any]]:
@@ -117,14 +90,8 @@ def clock_customer(sandbox: Sandbox, frozen_time: int = T0, **params: Any) -> tu
 
 
 def subscribe(sandbox: Sandbox, prices: dict[str, str], customer: str, card: str = CARD_OK, **params: Any) -> Any:
-    session = create_session(
-        sandbox,
-        prices,
-        line_items=[{"price": prices["starter_monthly"], "quantity": 1}],
-        customer=customer,
-        customer_email=None,
-        **params,
-    )
+    params.setdefault("line_items", [{"price": prices["starter_monthly"], "quantity": 1}])
+    session = create_session(sandbox, prices, customer=customer, customer_email=None, **params)
     fields = {"email": "grace@example.com", "billingName": "Grace Hopper"}
     if card == "":
         fields.update(cardExpiry="", cardCvc="")
@@ -224,6 +191,20 @@ def test_advancing_is_validated_as_on_stripe(sandbox: Sandbox, prices: dict[str,
     assert "two billing intervals" in str(too_far.value.user_message)
     assert advance(sandbox, clock_id, limit).frozen_time == limit
 
+    # With a yearly subscription the limit is two years.
+    starter = sandbox.client.v1.prices.retrieve(prices["starter_monthly"])
+    yearly = sandbox.client.v1.prices.create(
+        params={"currency": "usd", "unit_amount": 19000, "product": starter.product, "recurring": {"interval": "year"}}
+    )
+    clock_id, customer = clock_customer(sandbox)
+    subscribe(sandbox, prices, customer, line_items=[{"price": yearly.id, "quantity": 1}])
+    two_years = add_month(T0)
+    for _ in range(23):
+        two_years = add_month(two_years)
+    with pytest.raises(stripe.InvalidRequestError):
+        clocks.advance(clock_id, params={"frozen_time": two_years + 1})
+    assert advance(sandbox, clock_id, two_years).frozen_time == two_years
+
 
 def test_checkout_attaches_a_card_and_records_the_payment(sandbox: Sandbox, prices: dict[str, str]) -> None:
     _, customer = clock_customer(sandbox)
@@ -253,6 +234,8 @@ def test_checkout_attaches_a_card_and_records_the_payment(sandbox: Sandbox, pric
     charge = sandbox.client.v1.charges.retrieve(intent.latest_charge)
     assert (charge.status, charge.paid, charge.amount, charge.payment_intent) == ("succeeded", True, 1900, intent.id)
     assert charge.payment_method_details.card.last4 == "4242"
+    refund = sandbox.client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 500})
+    assert refund.created == T0  # made for a clock customer: at the clock's time
 
 
 def test_card_0341_is_declined_when_paying_and_attaches_for_a_trial(sandbox: Sandbox, prices: dict[str, str]) -> None:
@@ -391,7 +374,7 @@ def test_failed_retries_end_in_cancellation_by_default(
 def test_unpaid_and_the_retry_schedule_are_configurable(
     tmp_path_factory: pytest.TempPathFactory, receiver: Receiver
 ) -> None:
-    for server in _server(
+    for server in started(
         tmp_path_factory.mktemp("unpaid"),
         receiver,
         SANDBOX_DUNNING_RETRY_DAYS="1,2",
@@ -456,6 +439,23 @@ def test_a_trial_without_a_card_ends_per_its_setting(
     advance(sandbox, clock_id, sub.trial_end + 2 * HOUR, receiver)
     wait_events(receiver, customer, last_event)
     assert sandbox.client.v1.subscriptions.retrieve(sub.id).status == status
+    if behavior == "pause":  # a card, then resume: a new period starts now and is paid
+        assert portal_update_card(sandbox, customer, CARD_OK).status_code == 303
+        resumed = sandbox.client.v1.subscriptions.resume(sub.id)
+        now = sub.trial_end + 2 * HOUR
+        assert (resumed.status, period(resumed)) == ("active", (now, add_month(now)))
+        invoice = sandbox.client.v1.invoices.retrieve(resumed.latest_invoice)
+        assert (invoice.status, invoice.amount_paid, invoice.created) == ("paid", 1900, now)
+        events = wait_events(receiver, customer, "invoice.paid", 2)
+        assert [e["type"] for e in events if e["created"] == now][-5:] == [
+            "customer.subscription.resumed",
+            "customer.subscription.updated",
+            "invoice.created",
+            "invoice.finalized",
+            "invoice.paid",
+        ]
+        with pytest.raises(stripe.InvalidRequestError):
+            sandbox.client.v1.subscriptions.resume(sub.id)  # no longer paused
 
 
 def test_a_trial_with_a_card_renews_into_a_paid_period(
@@ -491,6 +491,30 @@ def test_cancel_at_ends_a_subscription_mid_period(sandbox: Sandbox, receiver: Re
     assert len(sandbox.client.v1.invoices.list(params={"customer": customer}).data) == 1  # no renewal
 
 
+def test_a_schedule_downgrades_at_the_period_end_on_the_clock(
+    sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]
+) -> None:
+    clock_id, customer = clock_customer(sandbox)
+    sub = subscribe(sandbox, prices, customer, line_items=[{"price": prices["pro_monthly"], "quantity": 1}])
+    start, end = period(sub)
+    api = sandbox.client.v1.subscription_schedules
+    schedule = api.create(params={"from_subscription": sub.id})
+    assert schedule.phases[0].start_date == T0  # the clock's time, not the wall clock's
+    phases = [
+        {"items": [{"price": prices["pro_monthly"], "quantity": 1}], "start_date": start, "end_date": end},
+        {"items": [{"price": prices["starter_monthly"], "quantity": 1}]},
+    ]
+    api.update(schedule.id, params={"phases": phases, "end_behavior": "release"})
+    advance(sandbox, clock_id, end - HOUR, receiver)
+    assert sandbox.client.v1.subscriptions.retrieve(sub.id)["items"].data[0].price.id == prices["pro_monthly"]
+    advance(sandbox, clock_id, end + 2 * HOUR, receiver)
+    renewed = sandbox.client.v1.subscriptions.retrieve(sub.id)
+    assert [i.price.id for i in renewed["items"].data] == [prices["starter_monthly"]]
+    invoice = sandbox.client.v1.invoices.retrieve(renewed.latest_invoice)
+    assert (invoice.status, invoice.amount_paid, invoice.billing_reason) == ("paid", 1900, "subscription_cycle")
+    assert api.retrieve(schedule.id).current_phase.start_date == end
+
+
 def test_paused_collection_voids_renewals(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
     clock_id, customer = clock_customer(sandbox)
     sub = subscribe(sandbox, prices, customer)
@@ -506,7 +530,7 @@ def test_paused_collection_voids_renewals(sandbox: Sandbox, receiver: Receiver, 
 def test_a_failed_advance_reports_internal_failure(sandbox: Sandbox) -> None:
     clock_id, _ = clock_customer(sandbox)
     # As if the worker had dropped the advance: advancing, with no advance job left to run.
-    stuck = {"status": "advancing", "status_details": {"advancing": {"target_frozen_time": T0 + DAY}}}
+    stuck: dict[str, Any] = {"status": "advancing", "status_details": {"advancing": {"target_frozen_time": T0 + DAY}}}
     assert requests.post(f"{sandbox.url}/_sandbox/objects/{clock_id}", json=stuck, timeout=5).ok
     assert sandbox.client.v1.test_helpers.test_clocks.retrieve(clock_id).status == "internal_failure"
     with pytest.raises(stripe.InvalidRequestError):
