@@ -888,27 +888,6 @@ class BillingService:
         return settlement
 
     @classmethod
-    def settle_orphan_subscription(cls, subscription: Mapping[str, Any], *, source: str) -> dict[str, Any]:
-        """A live subscription carrying this app's metadata that no organization holds and no row of
-        ours explains (reconcile finds these): canceled and refunded, keyed by its own id."""
-        settlement = cls._cancel_and_refund(str(subscription["id"]), key=f"orphan-{subscription['id']}")
-        metadata = dict(subscription.get("metadata") or {})
-        organization_id = str(metadata.get("organization_id") or "")
-        try:
-            domain_events.record(
-                "billing.orphan_subscription_refunded",
-                organization_id=int(organization_id) if organization_id.isdigit() else None,
-                source=source,
-                metadata=metadata,
-                **settlement,
-            )
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
-        return settlement
-
-    @classmethod
     def _cancel_and_refund(cls, subscription_id: str, *, key: str) -> dict[str, Any]:
         """Cancel the subscription now and refund what its first invoice took. No transaction is
         open. Idempotency keys `<key>-cancel` and `<key>-refund`: a retry is the same Stripe request."""
