@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from flask import Flask, current_app
 
 from app.services.access_policy import STATUS_WORDS
+from app.services.pricing import format_money
 
 
 def init_templating(app: Flask) -> None:
@@ -22,6 +23,14 @@ def init_templating(app: Flask) -> None:
     def tier_name(tier_key: str) -> str:
         tier = current_app.extensions["plan_catalogue"].tier(tier_key)
         return tier.name if tier else tier_key
+
+    @app.template_filter("money")
+    def money(amount: int | None, currency: str | None = "usd") -> str:
+        return format_money(amount, currency)
+
+    @app.template_filter("unixdate")
+    def unixdate(value: int | None) -> str:
+        return longdate(datetime.fromtimestamp(value, UTC)) if value else ""
 
     @app.template_filter("status_words")
     def status_words(status: str) -> str:

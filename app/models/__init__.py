@@ -5,17 +5,22 @@ from app.models.domain_event import DomainEvent
 from app.models.organization import BillingStatus, Organization, OrganizationAddon
 from app.models.pending_signup import PendingSignup, SignupStatus
 from app.models.stripe_event import StripeEvent, StripeEventStatus
+from app.models.team import Invitation, InvitationStatus, SubscriptionChange, SubscriptionChangeStatus
 from app.models.user import User, UserRole
 
 __all__ = [
     "BillingStatus",
     "DomainEvent",
+    "Invitation",
+    "InvitationStatus",
     "Organization",
     "OrganizationAddon",
     "PendingSignup",
     "SignupStatus",
     "StripeEvent",
     "StripeEventStatus",
+    "SubscriptionChange",
+    "SubscriptionChangeStatus",
     "User",
     "UserRole",
 ]
