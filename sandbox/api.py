@@ -44,6 +44,12 @@ EXPANDABLE = {
     "product",
     "default_price",
     "price",
+    "payment_intent",
+    "charge",
+    "latest_charge",
+    "payment_method",
+    "default_payment_method",
+    "schedule",
 }
 
 
@@ -340,19 +346,6 @@ def retrieve_subscription(params: Params, subscription_id: str) -> Obj:
     return billing.load(current_store(), "subscription", subscription_id)
 
 
-@endpoint("/subscriptions/<subscription_id>", "POST")
-def update_subscription(params: Params, subscription_id: str) -> Obj:
-    reject_unknown(params, ("cancel_at_period_end", "metadata", "cancellation_details"))
-    return billing.update_subscription(
-        current_store(),
-        subscription_id,
-        cancel_at_period_end=boolean(params, "cancel_at_period_end"),
-        metadata=metadata(params),
-        cancellation_details=_cancellation_details(params),
-        origin=_origin(),
-    )
-
-
 @endpoint("/subscriptions/<subscription_id>", "DELETE")
 def cancel_subscription(params: Params, subscription_id: str) -> Obj:
     reject_unknown(params, ("cancellation_details",))
@@ -390,3 +383,7 @@ def retrieve_invoice(params: Params, invoice_id: str) -> Obj:
 @endpoint("/events/<event_id>", "GET")
 def retrieve_event(params: Params, event_id: str) -> Obj:
     return _retrieve("event", event_id, params)
+
+
+# Endpoints for changing subscriptions, previews, schedules, prices, refunds and lists.
+from . import endpoints  # noqa: E402,F401  (registers on bp; needs the helpers above)

@@ -52,7 +52,8 @@ def main() -> None:
     for line in settings.describe():
         print(f"  {line}")
     for price in prices:
-        print(f"  price {price['id']} {price['lookup_key']}: {price['unit_amount']} {price['currency']}/month")
+        interval = price["recurring"]["interval"]
+        print(f"  price {price['id']} {price['lookup_key']}: {price['unit_amount']} {price['currency']}/{interval}")
     print(
         f'Point the SDK at it: StripeClient("sk_test_…", base_addresses={{"api": "{settings.public_url}"}})',
         flush=True,

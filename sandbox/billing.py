@@ -9,11 +9,12 @@ from __future__ import annotations
 import copy
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import objects
+from . import charges, objects
 from .errors import StripeError, no_such
 from .objects import Obj
 from .store import Store
@@ -88,7 +89,8 @@ def load(store: Store, kind: str, object_id: str, param: str = "id", status: int
 
 
 def seed_catalogue(store: Store, path: Path) -> list[Obj]:
-    """One active monthly USD price (and product) per lookup key in the plan catalogue.
+    """One active monthly USD price (and product) per lookup key in the plan catalogue, plus a
+    yearly price on the same product for an entry with a `yearly_lookup_key`.
 
     Re-running is a no-op unless the file changed: a new name is applied in place, a new amount
     gets a new price that takes over the lookup key (Stripe prices are immutable)."""
@@ -99,27 +101,48 @@ def seed_catalogue(store: Store, path: Path) -> list[Obj]:
         for key, entry in catalogue.get(section, {}).items():
             if "lookup_key" not in entry:
                 raise ValueError(f"[{section}.{key}] has no lookup_key")
-            seeded.append(_seed_price(store, entry))
+            role = "tier" if section == "tiers" else "addon"
+            amount = int(entry.get("sandbox_unit_amount", 1000))
+            monthly = _seed_price(store, entry, str(entry["lookup_key"]), amount, "month", role, None)
+            seeded.append(monthly)
+            if "yearly_lookup_key" in entry:
+                yearly_amount = int(entry.get("sandbox_yearly_unit_amount", 10 * amount))
+                seeded.append(
+                    _seed_price(
+                        store, entry, str(entry["yearly_lookup_key"]), yearly_amount, "year", role, monthly["product"]
+                    )
+                )
     return seeded
 
 
-def _seed_price(store: Store, entry: dict[str, Any]) -> Obj:
-    lookup_key = str(entry["lookup_key"])
+def _seed_price(
+    store: Store,
+    entry: dict[str, Any],
+    lookup_key: str,
+    amount: int,
+    interval: str,
+    role: str,
+    product_id: str | None,
+) -> Obj:
     name = str(entry.get("name", lookup_key))
     description = str(entry["description"]) if "description" in entry else None
-    amount = int(entry.get("sandbox_unit_amount", 1000))
     now = _now()
     current = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
-    product = store.get(current["product"]) if current else objects.product(name, description, now)
+    if product_id is None and current:
+        product_id = current["product"]
+    product = store.get(product_id) if product_id else objects.product(name, description, now)
     assert product is not None
     if (product["name"], product["description"]) != (name, description):
         product.update(name=name, description=description, updated=now)
-    if current and current["unit_amount"] != amount:
+    if current and (current["unit_amount"], current["recurring"]["interval"]) != (amount, interval):
         store.put({**current, "active": False, "lookup_key": None})
         current = None
     price = current or objects.price(product["id"], lookup_key, name, amount, now)
+    price["recurring"]["interval"] = interval
     price["nickname"] = name
-    product["default_price"] = price["id"]
+    price["_catalogue"] = {"role": role, "interval": interval}  # for the portal's plan switcher
+    if interval == "month" or product["default_price"] is None:
+        product["default_price"] = price["id"]
     store.put(product)
     store.put(price)
     return price
@@ -282,7 +305,7 @@ def pay_checkout_session(
     customer["next_invoice_sequence"] += 1
     subscription["latest_invoice"] = invoice["id"]
     if not settles_later:
-        _mark_paid(invoice, now)
+        charges.record_payment(store, invoice, now, customer=customer)
     session.update(
         status="complete",
         payment_status=("no_payment_required" if trial_days else "unpaid" if settles_later else "paid"),
@@ -303,17 +326,6 @@ def pay_checkout_session(
     return session
 
 
-def _mark_paid(invoice: Obj, now: int) -> None:
-    invoice.update(
-        amount_paid=invoice["amount_due"],
-        amount_remaining=0,
-        attempt_count=1,
-        attempted=True,
-        status="paid",
-    )
-    invoice["status_transitions"]["paid_at"] = now
-
-
 def _settle(store: Store, session_id: str, succeeded: bool) -> None:
     session = load(store, "checkout.session", session_id)
     if session["payment_status"] != "unpaid":
@@ -326,7 +338,7 @@ def _settle(store: Store, session_id: str, succeeded: bool) -> None:
         session["payment_status"] = "paid"
         store.put(session)
         emit(store, "checkout.session.async_payment_succeeded", session)
-        _mark_paid(invoice, now)
+        charges.record_payment(store, invoice, now)
         store.put(invoice)
         emit(store, "invoice.paid", invoice)
     else:
@@ -348,12 +360,18 @@ def _settle(store: Store, session_id: str, succeeded: bool) -> None:
         )
 
 
+# Timed jobs that other modules own (for example schedules.py): kind -> handler(store, ref, now).
+JOB_HANDLERS: dict[str, Callable[[Store, str, int], None]] = {}
+
+
 def run_job(store: Store, kind: str, ref: str, now: int) -> None:
     """A timed transition scheduled earlier; each is a no-op if the state moved on meanwhile."""
     if kind == "expire_session":
         _expire_if_due(store, load(store, "checkout.session", ref), now)
     elif kind in ("settle_async_succeeds", "settle_async_fails"):
         _settle(store, ref, succeeded=kind == "settle_async_succeeds")
+    elif kind in JOB_HANDLERS:
+        JOB_HANDLERS[kind](store, ref, now)
     else:
         raise ValueError(f"unknown job kind {kind!r}")
 

@@ -19,7 +19,7 @@ CURRENCY = "usd"
 
 # Fields Stripe only returns when asked for with expand[]=…, per object type. Separately, keys
 # starting with "_" are the sandbox's own bookkeeping and are never shown.
-INCLUDABLE = {"checkout.session": ("line_items",)}
+INCLUDABLE = {"checkout.session": ("line_items",), "invoice": ("payments",)}
 
 _ALPHABET = string.ascii_letters + string.digits
 

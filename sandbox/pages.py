@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, redirect, render_template, request
 from werkzeug.wrappers import Response
 
-from . import billing
+from . import billing, portal_changes
 from .context import current_settings, current_store
 from .errors import StripeError
 from .objects import Obj
@@ -25,6 +25,8 @@ PORTAL_ACTIONS = {
     "cancel-at-period-end": "Your subscription will be canceled at the end of the billing period.",
     "renew": "Your subscription will renew.",
     "cancel-now": "Your subscription has been canceled.",
+    "switch-plan": "Your plan has been changed.",
+    "update-quantity": "Your subscription has been updated.",
 }
 
 
@@ -135,6 +137,8 @@ def _portal_page(portal: Obj, notice: str | None = None, error: str | None = Non
         # Button ids are for scripted browsers; they go on the customer's newest live subscription.
         primary_id=live[0]["id"] if live else None,
         ended=billing.ENDED,
+        plan_choices=portal_changes.plan_choices(store),
+        roles=portal_changes.item_roles(store, subscriptions),
         notice=notice,
         error=error,
     )
@@ -165,6 +169,8 @@ def portal_action(portal_id: str, subscription_id: str, action: str) -> Response
         with store.transaction():
             if action == "cancel-now":
                 billing.cancel_subscription(store, subscription_id)
+            elif action in portal_changes.ACTIONS:
+                portal_changes.apply(store, subscription_id, action, request.form)
             else:
                 billing.update_subscription(
                     store,

@@ -284,3 +284,9 @@ class Store:
     def sends(self, event_ids: list[str]) -> list[sqlite3.Row]:
         marks = ",".join("?" * len(event_ids))
         return self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks}) ORDER BY id", tuple(event_ids))  # noqa: S608
+
+    # -- list filters -----------------------------------------------------------------------
+
+    def delivery_states(self) -> dict[str, str]:
+        """Each queued event's delivery state (pending | sending | delivered | failed)."""
+        return {row["event_id"]: row["state"] for row in self._query("SELECT event_id, state FROM deliveries")}
