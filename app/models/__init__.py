@@ -3,6 +3,7 @@ create_all(); the classes here must agree with them (tests/test_foundation.py ch
 
 from app.models.domain_event import DomainEvent
 from app.models.organization import BillingStatus, Organization, OrganizationAddon
+from app.models.outbox_delivery import OutboxDelivery
 from app.models.pending_signup import PendingSignup, SignupStatus
 from app.models.stripe_event import StripeEvent, StripeEventStatus
 from app.models.team import Invitation, InvitationStatus, SubscriptionChange, SubscriptionChangeStatus
@@ -15,6 +16,7 @@ __all__ = [
     "InvitationStatus",
     "Organization",
     "OrganizationAddon",
+    "OutboxDelivery",
     "PendingSignup",
     "SignupStatus",
     "StripeEvent",
