@@ -115,7 +115,11 @@ def register_commands(app: Flask) -> None:
 
 
 def register_domain_event_subscribers() -> None:
-    from app.services import domain_events, notifications  # noqa: F401  (notifications: the outbox consumers)
+    from app.services import (  # noqa: F401  (notifications: the outbox consumers)
+        domain_events,
+        notifications,
+        team_notifications,
+    )
 
     if domain_events.log_announcement not in domain_events.subscribers("*"):
         domain_events.subscribe("*", domain_events.log_announcement)

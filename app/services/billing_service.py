@@ -1006,7 +1006,7 @@ class BillingService:
         current phase ends with the period and whose next phase carries the new prices; when it is
         done it releases the subscription, which renews on those prices."""
         client = cls.ensure_stripe()
-        phases: Any = schedule_phases(current, prices, preview.quantities, preview.target)
+        phases: Any = schedule_phases(current, prices, preview.quantities)
         schedule_id = current.schedule_id
         with cls._calling_stripe("schedule a plan change"):
             if schedule_id is None:

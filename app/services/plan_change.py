@@ -212,7 +212,7 @@ def update_items(
 
 
 def schedule_phases(
-    current: CurrentPlan, target_prices: Mapping[str, PriceInfo], quantities: Mapping[str, int], target: Target
+    current: CurrentPlan, target_prices: Mapping[str, PriceInfo], quantities: Mapping[str, int]
 ) -> list[dict[str, Any]]:
     """A schedule's phases for a downgrade: this period as it is, then the target from the period's end."""
     if current.period_start is None or current.period_end is None:
@@ -222,13 +222,12 @@ def schedule_phases(
             "items": [{"price": line.price.id, "quantity": line.quantity} for line in current.lines()],
             "start_date": current.period_start,
             "end_date": current.period_end,
-            "proration_behavior": "none",
         },
         {
+            # The last phase runs one billing period; then the schedule releases the subscription,
+            # which renews on these prices.
             "items": [{"price": target_prices[key].id, "quantity": quantity} for key, quantity in quantities.items()]
             + [{"price": line.price.id, "quantity": line.quantity} for line in current.other_lines],
-            "duration": {"interval": target.interval, "interval_count": 1},
-            "proration_behavior": "none",
         },
     ]
 

@@ -1,15 +1,15 @@
 """Teammates and plan changes: invitations, removed members, and claimed subscription changes.
 
-Revision ID: 0002_owner_team
-Revises: 0001
+Revision ID: 0003_owner_team
+Revises: 0002_queue_outbox
 Create Date: 2026-11-28
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_owner_team"
-down_revision = "0001"
+revision = "0003_owner_team"
+down_revision = "0002_queue_outbox"
 branch_labels = None
 depends_on = None
 
