@@ -160,7 +160,8 @@ def _preview(
     except BillingError as exc:
         flash(str(exc), "error")
         return redirect(url_for(back), 303)
-    form = ConfirmChangeForm(ticket=preview_ticket(preview, current_app.config["SECRET_KEY"]))
+    # Never the submitted ticket (a stale one is being replaced): the form is built from the new preview only.
+    form = ConfirmChangeForm(formdata=None, ticket=preview_ticket(preview, current_app.config["SECRET_KEY"]))
     return render_template(
         "billing/preview.html",
         preview=preview,

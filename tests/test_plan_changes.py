@@ -1,0 +1,300 @@
+"""Plan and seat changes with a preview and a confirmation, and the owner's billing page reads, against
+the offline Stripe sandbox (sandbox/) reached with the real SDK over HTTP: upgrades at once with the
+preview's proration date, downgrades on a subscription schedule, seat changes, stale previews refused
+with a fresh one, double submits and two tabs making one change at Stripe."""
+
+from __future__ import annotations
+
+import html
+import re
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from flask.testing import FlaskClient
+
+from tests.conftest import csrf_token, query, start_signup
+from tests.live_support import SANDBOX_SECRET_KEY, SandboxedApp
+
+CARD_OK = "4242 4242 4242 4242"
+
+
+class Stack:
+    """The app (its test client for the owner's browser) and the sandbox it calls as Stripe."""
+
+    def __init__(self, sandboxed: SandboxedApp) -> None:
+        self.sandboxed = sandboxed
+        self.app = sandboxed.app
+        self.api = sandboxed.sandbox.url
+
+    def stripe(self, method: str, path: str, **params: Any) -> dict[str, Any]:
+        response = requests.request(
+            method,
+            f"{self.api}/v1{path}",
+            auth=(SANDBOX_SECRET_KEY, ""),
+            params=params if method == "GET" else None,
+            data=params if method != "GET" else None,
+            timeout=10,
+        )
+        assert response.ok, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def requests_to(self, method: str, path_pattern: str) -> list[dict[str, Any]]:
+        """The /v1 requests the sandbox received, by method and path (a regular expression)."""
+        listed = requests.get(f"{self.api}/_sandbox/requests", timeout=10).json()["requests"]
+        return [r for r in listed if r["method"] == method and re.fullmatch(path_pattern, r["path"])]
+
+    def sign_up(self, tier: str = "starter", extra_seats: int = 2) -> Owner:
+        client = self.app.test_client()
+        response = start_signup(client, tier=tier, addon_extra_seats=str(extra_seats))
+        assert response.status_code == 303, response.get_data(as_text=True)
+        paid = requests.post(
+            response.headers["Location"],
+            data={
+                "email": "ada@example.com",
+                "cardNumber": CARD_OK,
+                "cardExpiry": "12 / 34",
+                "cardCvc": "123",
+                "billingName": "Ada Lovelace",
+            },
+            allow_redirects=False,
+            timeout=10,
+        )
+        assert paid.status_code == 303, paid.text
+        success = urlsplit(paid.headers["Location"])
+        landed = client.get(f"{success.path}?{success.query}")
+        assert landed.status_code == 303 and landed.headers["Location"] == "/app", landed.get_data(as_text=True)
+        [row] = query(self.app, "SELECT * FROM organization")
+        return Owner(self, client, row.id, row.stripe_subscription_id)
+
+
+class Owner:
+    def __init__(self, stack: Stack, client: FlaskClient, organization_id: int, subscription_id: str) -> None:
+        self.stack, self.client = stack, client
+        self.organization_id, self.subscription_id = organization_id, subscription_id
+
+    def post(self, path: str, **fields: Any) -> Any:
+        return self.client.post(path, data={"csrf_token": csrf_token(self.client, "/billing/"), **fields})
+
+    def preview_plan(self, tier: str, interval: str = "month") -> tuple[Any, str]:
+        response = self.post("/billing/plan/preview", tier=tier, interval=interval)
+        return response, ticket_of(response)
+
+    def preview_seats(self, extra_seats: int) -> tuple[Any, str]:
+        response = self.post("/billing/seats/preview", extra_seats=str(extra_seats))
+        return response, ticket_of(response)
+
+    def confirm(self, ticket: str) -> Any:
+        return self.post("/billing/change/confirm", ticket=ticket)
+
+    def subscription(self) -> dict[str, Any]:
+        return self.stack.stripe("GET", f"/subscriptions/{self.subscription_id}")
+
+    def items(self) -> dict[str, int]:
+        """The subscription's items at Stripe: lookup key -> quantity."""
+        return {item["price"]["lookup_key"]: item["quantity"] for item in self.subscription()["items"]["data"]}
+
+    def updates(self) -> list[dict[str, Any]]:
+        return self.stack.requests_to("POST", f"/v1/subscriptions/{self.subscription_id}")
+
+
+def ticket_of(response: Any) -> str:
+    page = response.get_data(as_text=True)
+    match = re.search(r'name="ticket" type="hidden" value="([^"]+)"', page) or re.search(
+        r'id="ticket" name="ticket" type="hidden" value="([^"]+)"', page
+    )
+    return html.unescape(match.group(1)) if match else ""
+
+
+def amount(page: str, element: str) -> int:
+    match = re.search(rf'id="{element}" data-amount="(-?\d+)"', page)
+    assert match, page
+    return int(match.group(1))
+
+
+def flashes(client: FlaskClient) -> str:
+    return html.unescape(client.get("/billing/").get_data(as_text=True))
+
+
+@pytest.fixture
+def stack(sandbox_app: SandboxedApp) -> Stack:
+    return Stack(sandbox_app)
+
+
+def test_an_upgrade_is_previewed_then_made_at_once_with_the_previews_proration_date(stack: Stack) -> None:
+    owner = stack.sign_up("starter", extra_seats=2)
+    assert owner.client.get("/billing/plan").status_code == 200
+    response, ticket = owner.preview_plan("business")
+    page = html.unescape(response.get_data(as_text=True))
+    assert response.status_code == 200 and ticket, page
+    assert "At once, when you confirm." in page
+    today = amount(page, "preview-today")
+    prices = stack.app.extensions["plan_catalogue"]
+    assert 0 < today <= 9900 - 1900  # the rest of this period at the difference, prorated
+    assert amount(page, "preview-recurring") == 9900 + 2 * 500
+    assert "is charged today" in page and "$109.00 / month" in page
+
+    confirmed = owner.confirm(ticket)
+    assert confirmed.status_code == 303 and confirmed.headers["Location"] == "/billing/"
+    assert "Your subscription is changed." in flashes(owner.client)
+    # At Stripe: the same items, the tier's on the new price, and the proration date of the preview.
+    assert owner.items() == {"business_monthly": 1, "extra_seat_monthly": 2}
+    [update] = owner.updates()
+    change_previews = [
+        r["params"]
+        for r in stack.requests_to("POST", "/v1/invoices/create_preview")
+        if "subscription_details" in r["params"]
+    ]
+    preview_call = change_previews[-1]
+    assert update["params"]["proration_date"] == preview_call["subscription_details"]["proration_date"]
+    assert update["params"]["proration_behavior"] == "always_invoice"
+    assert update["idempotency_key"].startswith(f"org-{owner.organization_id}-change-")
+    # The invoice Stripe made charges what the preview said.
+    invoice = stack.stripe("GET", f"/invoices/{owner.subscription()['latest_invoice']}")
+    assert invoice["amount_due"] == today
+    # The organization follows Stripe's answer at once.
+    [row] = query(stack.app, "SELECT tier FROM organization")
+    assert row.tier == "business"
+    assert prices.tiers["business"].features and owner.client.get("/app/audit-log").status_code == 200
+    events = [r.name for r in query(stack.app, "SELECT name FROM domain_event")]
+    assert "subscription.changed" in events and "organization.plan_changed" in events
+
+
+def test_a_downgrade_is_scheduled_for_the_end_of_the_period_and_can_be_withdrawn(stack: Stack) -> None:
+    owner = stack.sign_up("business", extra_seats=1)
+    response, ticket = owner.preview_plan("starter")
+    page = html.unescape(response.get_data(as_text=True))
+    assert "At the end of the current billing period" in page and "subscription schedule" in page
+    assert amount(page, "preview-today") == 0 and "Nothing is charged today." in page
+    assert amount(page, "preview-recurring") == 1900 + 500
+
+    assert owner.confirm(ticket).status_code == 303
+    assert "Your plan will change at the end of the billing period." in flashes(owner.client)
+    subscription = owner.subscription()
+    assert owner.items() == {"business_monthly": 1, "extra_seat_monthly": 1}  # nothing changes before then
+    assert subscription["schedule"], subscription
+    schedule = stack.stripe("GET", f"/subscription_schedules/{subscription['schedule']}")
+    starter = stack.stripe("GET", "/prices", **{"lookup_keys[0]": "starter_monthly"})["data"][0]
+    assert next(item["price"] for item in schedule["phases"][1]["items"]) == starter["id"]
+    assert schedule["phases"][0]["end_date"] == schedule["phases"][1]["start_date"]
+    assert schedule["end_behavior"] == "release"
+    assert query(stack.app, "SELECT tier FROM organization")[0].tier == "business"
+
+    page = flashes(owner.client)
+    assert 'id="scheduled-change"' in page and "Starter (monthly)" in page
+    assert owner.post("/billing/plan/keep").status_code == 303
+    assert "the scheduled change is withdrawn" in flashes(owner.client)
+    released = stack.stripe("GET", f"/subscription_schedules/{subscription['schedule']}")
+    assert released["status"] == "released" and not owner.subscription()["schedule"]
+    assert 'id="scheduled-change"' not in flashes(owner.client)
+
+
+def test_seats_are_bought_at_once_and_never_below_the_members(stack: Stack) -> None:
+    owner = stack.sign_up("starter", extra_seats=0)
+    assert "Extra seats" in owner.client.get("/billing/seats?add=1").get_data(as_text=True)
+    response, ticket = owner.preview_seats(3)
+    page = html.unescape(response.get_data(as_text=True))
+    assert "At once" in page and amount(page, "preview-recurring") == 1900 + 3 * 500
+    assert 0 < amount(page, "preview-today") <= 3 * 500
+    assert owner.confirm(ticket).status_code == 303
+    assert owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 3}
+    assert [(r.addon_key, r.quantity) for r in query(stack.app, "SELECT * FROM organization_addon")] == [
+        ("extra_seats", 3)
+    ]
+    assert "8 in use of" not in flashes(owner.client) and "1 in use of 8" in flashes(owner.client)
+
+    # With seven members, the seats cannot drop below two extra.
+    from sqlalchemy import text
+
+    from app.extensions import db
+
+    with stack.app.app_context():
+        for index in range(6):
+            db.session.execute(
+                text(
+                    "INSERT INTO user_account (organization_id, email, name, password_hash, role, created_at) "
+                    "VALUES (:o, :e, 'Member', 'x', 'member', now())"
+                ),
+                {"o": owner.organization_id, "e": f"m{index}@example.com"},
+            )
+        db.session.commit()
+    refused = owner.post("/billing/seats/preview", extra_seats="1")
+    assert refused.status_code == 303
+    assert "7 members: keep at least 2 extra seats" in flashes(owner.client)
+    response, ticket = owner.preview_seats(2)
+    assert amount(html.unescape(response.get_data(as_text=True)), "preview-today") < 0  # a credit
+    assert owner.confirm(ticket).status_code == 303
+    assert owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 2}
+
+
+def test_a_stale_preview_is_refused_and_a_fresh_one_offered(stack: Stack) -> None:
+    owner = stack.sign_up("starter", extra_seats=2)
+    _, upgrade_ticket = owner.preview_plan("pro")
+    # A second tab changes the seats first.
+    _, seats_ticket = owner.preview_seats(4)
+    assert owner.confirm(seats_ticket).status_code == 303
+    assert owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 4}
+
+    stale = owner.confirm(upgrade_ticket)
+    page = html.unescape(stale.get_data(as_text=True))
+    assert stale.status_code == 409 and 'id="stale-preview"' in page
+    assert "Your subscription changed since this preview. Nothing was changed." in page
+    assert amount(page, "preview-recurring") == 4900 + 4 * 500  # the fresh preview counts the new seats
+    assert owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 4}
+    assert len(owner.updates()) == 1
+    fresh_ticket = ticket_of(stale)
+    assert fresh_ticket and fresh_ticket != upgrade_ticket
+    assert owner.confirm(fresh_ticket).status_code == 303
+    assert owner.items() == {"pro_monthly": 1, "extra_seat_monthly": 4}
+    statuses = [r.status for r in query(stack.app, "SELECT status FROM subscription_change ORDER BY id")]
+    assert statuses == ["applied", "refused", "applied"]
+
+
+def test_a_price_that_moved_since_the_preview_makes_it_stale(stack: Stack) -> None:
+    owner = stack.sign_up("starter", extra_seats=2)
+    _, ticket = owner.preview_plan("business")
+    old = stack.stripe("GET", "/prices", **{"lookup_keys[0]": "business_monthly"})["data"][0]
+    stack.stripe(
+        "POST",
+        "/prices",
+        currency="usd",
+        unit_amount="12900",
+        product=old["product"],
+        lookup_key="business_monthly",
+        transfer_lookup_key="true",
+        **{"recurring[interval]": "month"},
+    )
+    stale = owner.confirm(ticket)
+    page = html.unescape(stale.get_data(as_text=True))
+    assert stale.status_code == 409 and "A price changed since this preview." in page
+    assert amount(page, "preview-recurring") == 12900 + 2 * 500
+    assert owner.updates() == [] and owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 2}
+
+
+def test_double_submits_and_two_tabs_make_one_change_at_stripe(stack: Stack) -> None:
+    owner = stack.sign_up("starter", extra_seats=2)
+    _, ticket = owner.preview_plan("pro")
+    token = csrf_token(owner.client, "/billing/")
+    results: list[int] = []
+
+    def submit() -> None:
+        results.append(
+            owner.client.post("/billing/change/confirm", data={"csrf_token": token, "ticket": ticket}).status_code
+        )
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == [303] * 4
+    # Submitted again later, from the same page (the browser's back button):
+    assert owner.confirm(ticket).status_code == 303
+    assert "This change was already made." in flashes(owner.client)
+    assert owner.items() == {"pro_monthly": 1, "extra_seat_monthly": 2}
+    updates = owner.updates()
+    assert len({u["idempotency_key"] for u in updates}) == 1  # any retry reused the one key
+    assert len(query(stack.app, "SELECT id FROM subscription_change")) == 1
