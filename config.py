@@ -67,6 +67,7 @@ class BaseConfig:
         # timeout per organization per that many seconds instead of one per page view.
         self.BILLING_READ_CACHE_SECONDS = int(env.get("BILLING_READ_CACHE_SECONDS", "60"))
         self.BILLING_READ_FAILURE_SECONDS = int(env.get("BILLING_READ_FAILURE_SECONDS", "15"))
+        self.STRIPE_PAGE_READ_TIMEOUT_SECONDS = float(env.get("STRIPE_PAGE_READ_TIMEOUT_SECONDS", "3"))
         # A plan or seat change preview can be confirmed for this long; older ones are offered afresh.
         self.PLAN_CHANGE_PREVIEW_MINUTES = int(env.get("PLAN_CHANGE_PREVIEW_MINUTES", "15"))
         self.INVITATION_TTL_HOURS = int(env.get("INVITATION_TTL_HOURS", "72"))

@@ -298,3 +298,65 @@ def test_double_submits_and_two_tabs_make_one_change_at_stripe(stack: Stack) -> 
     updates = owner.updates()
     assert len({u["idempotency_key"] for u in updates}) == 1  # any retry reused the one key
     assert len(query(stack.app, "SELECT id FROM subscription_change")) == 1
+
+
+def arm_fault(stack: Stack, path_regex: str, kind: str = "connection", times: int = 10) -> None:
+    response = requests.post(
+        f"{stack.api}/_sandbox/faults", json={"path_regex": path_regex, "kind": kind, "times": times}, timeout=10
+    )
+    assert response.status_code == 201, response.text
+
+
+def test_the_billing_page_shows_stripes_figures_cached_briefly_and_survives_stripe_failing(stack: Stack) -> None:
+    owner = stack.sign_up("starter", extra_seats=2)
+    page = flashes(owner.client)
+    assert 'id="billing-unavailable"' not in page or "the invoice history" in page
+    assert re.search(r'id="plan-price">\s*<span class="price-line">\$19\.00 / month</span>', page), page
+    assert "2 × $5.00 / month" in page
+    assert re.search(r'id="next-invoice">\s*\$29\.00 on ', page), page
+    assert re.search(r'id="seats">1 in use of 7 \(5 included \+ 2 extra\)', page), page
+    # Read once, then served from the cache for BILLING_READ_CACHE_SECONDS.
+    upcoming = [
+        r
+        for r in stack.requests_to("POST", "/v1/invoices/create_preview")
+        if not r["params"].get("subscription_details")
+    ]
+    flashes(owner.client)
+    again = [
+        r
+        for r in stack.requests_to("POST", "/v1/invoices/create_preview")
+        if not r["params"].get("subscription_details")
+    ]
+    assert len(upcoming) == len(again) == 1
+
+    # Stripe stops answering: the page still loads, shows what the organization holds, says what is missing.
+    with stack.app.app_context():
+        from app.services.billing_service import BillingService
+
+        BillingService.forget_billing_reads(owner.organization_id)
+    arm_fault(stack, r"/v1/(subscriptions/.*|invoices.*|customers/.*|payment_methods/.*)")
+    response = owner.client.get("/billing/")
+    page = html.unescape(response.get_data(as_text=True))
+    assert response.status_code == 200
+    assert 'id="plan">Starter<' in page and 'id="billing-status">Active<' in page
+    assert 'id="billing-unavailable"' in page and "the next invoice" in page and "the plan's price" in page
+    assert re.search(r'id="next-invoice">\s*Not available right now', page), page
+    assert 'id="plan-price"' not in page
+    # The failure is remembered for BILLING_READ_FAILURE_SECONDS: the next view does not wait on Stripe.
+    seen = len(stack.requests_to("POST", "/v1/invoices/create_preview"))
+    assert owner.client.get("/billing/").status_code == 200
+    assert len(stack.requests_to("POST", "/v1/invoices/create_preview")) == seen
+
+
+def test_a_slow_stripe_costs_the_billing_page_its_details_not_the_page(stack: Stack) -> None:
+    owner = stack.sign_up("starter", extra_seats=2)
+    stack.app.config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"] = 0.3
+    stack.app.extensions.pop("stripe_read_client", None)
+    response = requests.post(f"{stack.api}/_sandbox/latency", json={"seconds": 2}, timeout=10)
+    assert response.ok
+    try:
+        page = html.unescape(owner.client.get("/billing/").get_data(as_text=True))
+    finally:
+        requests.post(f"{stack.api}/_sandbox/latency", json={"seconds": 0}, timeout=10)
+    assert 'id="plan">Starter<' in page and 'id="billing-unavailable"' in page
+    assert re.search(r'id="next-invoice">\s*Not available right now', page), page

@@ -212,6 +212,26 @@ class BillingService:
         current_app.extensions["stripe_client"] = client
         return client
 
+    @classmethod
+    def _stripe_for_page_reads(cls) -> stripe.StripeClient:
+        """A client for the billing page's reads: a short timeout (STRIPE_PAGE_READ_TIMEOUT_SECONDS) and
+        no retries, so a slow Stripe costs the page seconds, not minutes; the page says what is missing."""
+        client: stripe.StripeClient | None = current_app.extensions.get("stripe_read_client")
+        if client is not None:
+            return client
+        cls.ensure_stripe()  # the same credentials check
+        config = current_app.config
+        api_base = config.get("STRIPE_API_BASE")
+        client = stripe.StripeClient(
+            config["STRIPE_SECRET_KEY"],
+            stripe_version=STRIPE_API_VERSION,
+            base_addresses={"api": api_base} if api_base else None,
+            max_network_retries=0,
+            http_client=stripe.RequestsClient(timeout=config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"]),
+        )
+        current_app.extensions["stripe_read_client"] = client
+        return client
+
     @staticmethod
     @contextmanager
     def _calling_stripe(action: str) -> Iterator[None]:
@@ -721,13 +741,13 @@ class BillingService:
     @classmethod
     def _read_subscription_for_page(cls, subscription_id: str) -> dict[str, Any]:
         with cls._calling_stripe("read a subscription"):
-            return cls.ensure_stripe().v1.subscriptions.retrieve(subscription_id, options=PAGE_READ).to_dict()
+            return cls._stripe_for_page_reads().v1.subscriptions.retrieve(subscription_id, options=PAGE_READ).to_dict()
 
     @classmethod
     def _read_upcoming(cls, subscription_id: str) -> UpcomingInvoice | None:
         try:
             with cls._calling_stripe("preview the next invoice"):
-                preview = cls.ensure_stripe().v1.invoices.create_preview(
+                preview = cls._stripe_for_page_reads().v1.invoices.create_preview(
                     params={"subscription": subscription_id}, options=PAGE_READ
                 )
         except PaymentProviderUnavailable as exc:
@@ -739,7 +759,11 @@ class BillingService:
     @classmethod
     def _read_schedule(cls, schedule_id: str) -> ScheduledChange | None:
         with cls._calling_stripe("read a subscription schedule"):
-            schedule = cls.ensure_stripe().v1.subscription_schedules.retrieve(schedule_id, options=PAGE_READ).to_dict()
+            schedule = (
+                cls._stripe_for_page_reads()
+                .v1.subscription_schedules.retrieve(schedule_id, options=PAGE_READ)
+                .to_dict()
+            )
         change = scheduled_change_from_stripe(schedule, int(time.time()))
         if change is None:
             return None
@@ -751,7 +775,7 @@ class BillingService:
 
     @classmethod
     def _read_payment_method(cls, customer_id: str, default_method: str | None) -> CardOnFile | None:
-        client = cls.ensure_stripe()
+        client = cls._stripe_for_page_reads()
         method_id = default_method
         if method_id is None:
             with cls._calling_stripe("read a customer"):
@@ -766,7 +790,7 @@ class BillingService:
     @classmethod
     def _read_invoices(cls, customer_id: str) -> list[InvoiceRow]:
         with cls._calling_stripe("list invoices"):
-            invoices = cls.ensure_stripe().v1.invoices.list(
+            invoices = cls._stripe_for_page_reads().v1.invoices.list(
                 params={"customer": customer_id, "limit": INVOICE_HISTORY_LENGTH}, options=PAGE_READ
             )
         return [InvoiceRow.from_stripe(invoice.to_dict()) for invoice in invoices.data]
