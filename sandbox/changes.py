@@ -21,12 +21,11 @@ What happens when that invoice cannot be paid depends on `payment_behavior`:
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import charges, objects
+from . import charges, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, _apply_cancellation_details, emit, load
 from .errors import StripeError
 from .objects import Obj
@@ -66,7 +65,7 @@ class SubscriptionUpdate:
 
 
 def _now() -> int:
-    return int(time.time())
+    return simtime.now()  # a test clock's frozen time for its customers, else the wall clock
 
 
 def period(subscription: Obj) -> tuple[int, int]:

@@ -147,7 +147,7 @@ def _plan(price: Obj) -> Obj:
 # -- customers and Checkout ---------------------------------------------------------------------
 
 
-def customer(email: str, name: str, now: int) -> Obj:
+def customer(email: str | None, name: str | None, now: int) -> Obj:
     return {
         "id": new_id("cus_", 14),
         "object": "customer",

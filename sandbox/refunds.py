@@ -8,9 +8,8 @@ charge's `amount_refunded` grows and `refunded` turns true when nothing is left;
 from __future__ import annotations
 
 import copy
-import time
 
-from . import objects
+from . import billing, objects
 from .billing import AUTOMATIC, Origin, emit, load
 from .errors import StripeError
 from .objects import Obj
@@ -67,7 +66,7 @@ def create_refund(
             f" (${remaining / 100:,.2f})",
             param="amount",
         )
-    now = int(time.time())
+    now = billing._now()  # a test clock's frozen time for its customers
     refund = {
         "id": objects.new_id("re_"),
         "object": "refund",

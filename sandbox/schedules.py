@@ -12,10 +12,9 @@ renews; the worker also runs it at each phase boundary in wall-clock time.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
-from . import billing, changes, objects
+from . import billing, changes, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, emit, load
 from .errors import StripeError
 from .objects import Obj
@@ -33,7 +32,7 @@ class PhaseInput:
 
 
 def _now() -> int:
-    return int(time.time())
+    return simtime.now()  # a test clock's frozen time for its customers, else the wall clock
 
 
 def _phase(items: list[tuple[Obj, int]], start: int, end: int, currency: str) -> Obj:

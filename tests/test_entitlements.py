@@ -15,7 +15,7 @@ from app.services.billing_service import BillingService
 from app.services.entitlements import SeatUse, entitlements_for, minimum_extra_seats
 from app.services.plans import CatalogueError, PlanCatalogue
 from app.services.pricing import PriceInfo, format_money
-from tests.conftest import OfflineStripe, checkout_session_id, query, sign_up, start_signup
+from tests.conftest import SandboxAccount, checkout_session_id, query, sign_up, start_signup
 
 
 def catalogue(app: Flask) -> PlanCatalogue:
@@ -83,7 +83,7 @@ def test_money_is_written_the_way_people_write_it() -> None:
 
 
 def test_a_page_behind_a_feature_the_plan_lacks_shows_an_upgrade_prompt(
-    client: Any, app: Flask, offline_stripe: OfflineStripe
+    client: Any, app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     sign_up(client, offline_stripe)  # Starter: no audit log
     response = client.get("/app/audit-log")
@@ -96,7 +96,7 @@ def test_a_page_behind_a_feature_the_plan_lacks_shows_an_upgrade_prompt(
     assert 'id="audit-log-upgrade"' in client.get("/app").get_data(as_text=True)
 
 
-def test_a_plan_with_the_feature_opens_the_page(client: Any, app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_a_plan_with_the_feature_opens_the_page(client: Any, app: Flask, offline_stripe: SandboxAccount) -> None:
     sign_up(client, offline_stripe, tier="business")
     response = client.get("/app/audit-log")
     page = response.get_data(as_text=True)
@@ -104,7 +104,7 @@ def test_a_plan_with_the_feature_opens_the_page(client: Any, app: Flask, offline
     assert 'id="audit-log-upgrade"' not in client.get("/app").get_data(as_text=True)
 
 
-def test_the_guard_follows_the_billing_status(client: Any, app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_the_guard_follows_the_billing_status(client: Any, app: Flask, offline_stripe: SandboxAccount) -> None:
     session = sign_up(client, offline_stripe, tier="business")
     from sqlalchemy import text
 
@@ -130,7 +130,7 @@ def stripe_prices(app: Flask) -> dict[str, PriceInfo]:
 
 
 def test_the_signup_page_shows_each_price_as_stripe_has_it(
-    client: Any, app: Flask, offline_stripe: OfflineStripe
+    client: Any, app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     page = html.unescape(client.get("/auth/signup").get_data(as_text=True))
     prices = stripe_prices(app)
@@ -152,7 +152,7 @@ def test_the_signup_page_shows_each_price_as_stripe_has_it(
 
 
 def test_a_yearly_signup_buys_the_yearly_prices_or_is_refused_when_stripe_has_none(
-    client: Any, app: Flask, offline_stripe: OfflineStripe
+    client: Any, app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     prices = stripe_prices(app)
     response = start_signup(client, interval="year")
@@ -169,7 +169,7 @@ def test_a_yearly_signup_buys_the_yearly_prices_or_is_refused_when_stripe_has_no
         assert query(app, "SELECT id FROM pending_signup") == []
 
 
-def test_the_signup_page_works_while_stripe_is_down(client: Any, app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_the_signup_page_works_while_stripe_is_down(client: Any, app: Flask, offline_stripe: SandboxAccount) -> None:
     offline_stripe.fail_next("prices.list")
     response = client.get("/auth/signup")
     page = response.get_data(as_text=True)

@@ -9,65 +9,40 @@ import html
 import re
 import threading
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
-import requests
+from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import csrf_token, query, start_signup
-from tests.live_support import SANDBOX_SECRET_KEY, SandboxedApp
-
-CARD_OK = "4242 4242 4242 4242"
+from tests.conftest import TEST_USER_AGENT, SandboxAccount, csrf_token, query, sign_up
 
 
 class Stack:
     """The app (its test client for the owner's browser) and the sandbox it calls as Stripe."""
 
-    def __init__(self, sandboxed: SandboxedApp) -> None:
-        self.sandboxed = sandboxed
-        self.app = sandboxed.app
-        self.api = sandboxed.sandbox.url
+    def __init__(self, app: Flask, stripe_api: SandboxAccount) -> None:
+        self.app = app
+        self.stripe_api = stripe_api
 
     def stripe(self, method: str, path: str, **params: Any) -> dict[str, Any]:
-        response = requests.request(
-            method,
-            f"{self.api}/v1{path}",
-            auth=(SANDBOX_SECRET_KEY, ""),
-            params=params if method == "GET" else None,
-            data=params if method != "GET" else None,
-            timeout=10,
-        )
-        assert response.ok, response.text
-        body: dict[str, Any] = response.json()
-        return body
+        return self.stripe_api.api(method, f"/v1{path}", params)
 
     def requests_to(self, method: str, path_pattern: str) -> list[dict[str, Any]]:
-        """The /v1 requests the sandbox received, by method and path (a regular expression)."""
-        listed = requests.get(f"{self.api}/_sandbox/requests", timeout=10).json()["requests"]
-        return [r for r in listed if r["method"] == method and re.fullmatch(path_pattern, r["path"])]
+        """The app's /v1 requests since the test began, by method and path (a regular expression)."""
+        return [
+            made
+            for made in self.stripe_api.requests_made()
+            if made["user_agent"] != TEST_USER_AGENT
+            and made["method"] == method
+            and re.fullmatch(path_pattern, made["path"])
+        ]
 
     def sign_up(self, tier: str = "starter", extra_seats: int = 2) -> Owner:
         client = self.app.test_client()
-        response = start_signup(client, tier=tier, addon_extra_seats=str(extra_seats))
-        assert response.status_code == 303, response.get_data(as_text=True)
-        paid = requests.post(
-            response.headers["Location"],
-            data={
-                "email": "ada@example.com",
-                "cardNumber": CARD_OK,
-                "cardExpiry": "12 / 34",
-                "cardCvc": "123",
-                "billingName": "Ada Lovelace",
-            },
-            allow_redirects=False,
-            timeout=10,
+        session = sign_up(client, self.stripe_api, tier=tier, addon_extra_seats=str(extra_seats))
+        [row] = query(
+            self.app, "SELECT * FROM organization WHERE stripe_subscription_id = :s", s=session["subscription"]
         )
-        assert paid.status_code == 303, paid.text
-        success = urlsplit(paid.headers["Location"])
-        landed = client.get(f"{success.path}?{success.query}")
-        assert landed.status_code == 303 and landed.headers["Location"] == "/app", landed.get_data(as_text=True)
-        [row] = query(self.app, "SELECT * FROM organization")
         return Owner(self, client, row.id, row.stripe_subscription_id)
 
 
@@ -120,8 +95,8 @@ def flashes(client: FlaskClient) -> str:
 
 
 @pytest.fixture
-def stack(sandbox_app: SandboxedApp) -> Stack:
-    return Stack(sandbox_app)
+def stack(app: Flask, offline_stripe: SandboxAccount) -> Stack:
+    return Stack(app, offline_stripe)
 
 
 def test_an_upgrade_is_previewed_then_made_at_once_with_the_previews_proration_date(stack: Stack) -> None:
@@ -177,7 +152,7 @@ def test_a_downgrade_is_scheduled_for_the_end_of_the_period_and_can_be_withdrawn
     assert owner.items() == {"business_monthly": 1, "extra_seat_monthly": 1}  # nothing changes before then
     assert subscription["schedule"], subscription
     schedule = stack.stripe("GET", f"/subscription_schedules/{subscription['schedule']}")
-    starter = stack.stripe("GET", "/prices", **{"lookup_keys[0]": "starter_monthly"})["data"][0]
+    starter = stack.stripe_api.price("starter_monthly")
     assert next(item["price"] for item in schedule["phases"][1]["items"]) == starter["id"]
     assert schedule["phases"][0]["end_date"] == schedule["phases"][1]["start_date"]
     assert schedule["end_behavior"] == "release"
@@ -256,18 +231,22 @@ def test_a_stale_preview_is_refused_and_a_fresh_one_offered(stack: Stack) -> Non
 def test_a_price_that_moved_since_the_preview_makes_it_stale(stack: Stack) -> None:
     owner = stack.sign_up("starter", extra_seats=2)
     _, ticket = owner.preview_plan("business")
-    old = stack.stripe("GET", "/prices", **{"lookup_keys[0]": "business_monthly"})["data"][0]
-    stack.stripe(
+    old = stack.stripe_api.price("business_monthly")
+    new = stack.stripe(
         "POST",
         "/prices",
         currency="usd",
-        unit_amount="12900",
+        unit_amount=12900,
         product=old["product"],
         lookup_key="business_monthly",
-        transfer_lookup_key="true",
-        **{"recurring[interval]": "month"},
+        transfer_lookup_key=True,
+        recurring={"interval": "month"},
     )
-    stale = owner.confirm(ticket)
+    try:
+        stale = owner.confirm(ticket)
+    finally:  # the sandbox serves the whole session: the catalogue goes back as it was
+        stack.stripe_api.force(new["id"], active=False, lookup_key=None)
+        stack.stripe_api.force(old["id"], active=True, lookup_key="business_monthly")
     page = html.unescape(stale.get_data(as_text=True))
     assert stale.status_code == 409 and "A price changed since this preview." in page
     assert amount(page, "preview-recurring") == 12900 + 2 * 500
@@ -301,8 +280,10 @@ def test_double_submits_and_two_tabs_make_one_change_at_stripe(stack: Stack) -> 
 
 
 def arm_fault(stack: Stack, path_regex: str, kind: str = "connection", times: int = 10) -> None:
-    response = requests.post(
-        f"{stack.api}/_sandbox/faults", json={"path_regex": path_regex, "kind": kind, "times": times}, timeout=10
+    response = stack.stripe_api.http.post(
+        f"{stack.stripe_api.url}/_sandbox/faults",
+        json={"path_regex": path_regex, "kind": kind, "times": times},
+        timeout=10,
     )
     assert response.status_code == 201, response.text
 
@@ -352,11 +333,10 @@ def test_a_slow_stripe_costs_the_billing_page_its_details_not_the_page(stack: St
     owner = stack.sign_up("starter", extra_seats=2)
     stack.app.config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"] = 0.3
     stack.app.extensions.pop("stripe_read_client", None)
-    response = requests.post(f"{stack.api}/_sandbox/latency", json={"seconds": 2}, timeout=10)
-    assert response.ok
+    stack.stripe_api.set_latency(2)
     try:
         page = html.unescape(owner.client.get("/billing/").get_data(as_text=True))
     finally:
-        requests.post(f"{stack.api}/_sandbox/latency", json={"seconds": 0}, timeout=10)
+        stack.stripe_api.set_latency(0)
     assert 'id="plan">Starter<' in page and 'id="billing-unavailable"' in page
     assert re.search(r'id="next-invoice">\s*Not available right now', page), page

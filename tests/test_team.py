@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from app.extensions import db
-from tests.conftest import PASSWORD, OfflineStripe, SmtpSink, csrf_token, email_text, query, run_jobs, sign_up
+from tests.conftest import PASSWORD, SandboxAccount, SmtpSink, csrf_token, email_text, query, run_jobs, sign_up
 
 INVITEE = "grace@example.com"
 # The signup in conftest buys Starter (5 seats included) and 2 extra seats: 7 seats, the owner in one.
@@ -20,7 +20,7 @@ SEATS = 7
 
 
 class Owner:
-    def __init__(self, app: Flask, stripe_api: OfflineStripe) -> None:
+    def __init__(self, app: Flask, stripe_api: SandboxAccount) -> None:
         self.app = app
         self.client = app.test_client()
         sign_up(self.client, stripe_api)
@@ -35,7 +35,7 @@ class Owner:
 
 
 @pytest.fixture
-def owner(app: Flask, offline_stripe: OfflineStripe) -> Owner:
+def owner(app: Flask, offline_stripe: SandboxAccount) -> Owner:
     return Owner(app, offline_stripe)
 
 
