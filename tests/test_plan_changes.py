@@ -291,7 +291,17 @@ def arm_fault(stack: Stack, path_regex: str, kind: str = "connection", times: in
 def test_the_billing_page_shows_stripes_figures_cached_briefly_and_survives_stripe_failing(stack: Stack) -> None:
     owner = stack.sign_up("starter", extra_seats=2)
     page = flashes(owner.client)
-    assert 'id="billing-unavailable"' not in page or "the invoice history" in page
+    assert 'id="billing-unavailable"' not in page, page
+    assert re.search(r'id="payment-method">\s*Visa ending in 4242, expires 12/2034', page), page
+    # The invoice history: the signup's paid invoice, with Stripe's hosted page and PDF.
+    invoice = stack.stripe("GET", f"/invoices/{owner.subscription()['latest_invoice']}")
+    row = re.search(rf'<tr class="invoice" data-invoice="{invoice["id"]}">(.*?)</tr>', page, re.S)
+    assert row, page
+    assert "$29.00" in row.group(1) and ">paid<" in row.group(1)
+    assert f'href="{invoice["hosted_invoice_url"]}"' in row.group(
+        1
+    ) and f'href="{invoice["invoice_pdf"]}"' in row.group(1)
+    assert invoice["number"] and invoice["number"] in row.group(1)
     assert re.search(r'id="plan-price">\s*<span class="price-line">\$19\.00 / month</span>', page), page
     assert "2 × $5.00 / month" in page
     assert re.search(r'id="next-invoice">\s*\$29\.00 on ', page), page
@@ -340,3 +350,17 @@ def test_a_slow_stripe_costs_the_billing_page_its_details_not_the_page(stack: St
         stack.stripe_api.set_latency(0)
     assert 'id="plan">Starter<' in page and 'id="billing-unavailable"' in page
     assert re.search(r'id="next-invoice">\s*Not available right now', page), page
+
+
+def test_an_upgrade_whose_payment_fails_links_to_the_hosted_invoice(stack: Stack) -> None:
+    owner = stack.sign_up("starter", extra_seats=0)
+    # The subscription's card now declines every charge (Stripe's test token pm_card_chargeCustomerFail).
+    stack.stripe("POST", f"/subscriptions/{owner.subscription_id}", default_payment_method="pm_card_chargeCustomerFail")
+
+    _, ticket = owner.preview_plan("pro")
+    assert owner.confirm(ticket).status_code == 303
+    invoice = stack.stripe("GET", f"/invoices/{owner.subscription()['latest_invoice']}")
+    assert invoice["status"] == "open" and invoice["amount_due"] > 0
+    page = flashes(owner.client)
+    assert 'id="payment-action"' in page
+    assert f'href="{invoice["hosted_invoice_url"]}" id="payment-action-link"' in page
