@@ -486,6 +486,8 @@ def production_app(
             "STRIPE_API_BASE": stripe_sandbox.url,
             "STRIPE_MAX_NETWORK_RETRIES": "0",
             "APP_BASE_URL": PUBLIC_URL,
+            "MAIL_SERVER": "127.0.0.1",
+            "MAIL_DEFAULT_SENDER": "Ledgerline <billing@example.com>",
         }
     )
     app = create_app(config)

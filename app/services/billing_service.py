@@ -698,33 +698,35 @@ class BillingService:
         details = BillingDetails()
         subscription_id, customer_id = organization.stripe_subscription_id, organization.stripe_customer_id
         live = organization.billing_status not in (BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED)
+        ending, organization_id = organization.cancel_at_period_end, organization.id
+        db.session.rollback()  # no transaction is held while Stripe is asked (the page reloads what it shows)
         if subscription_id:
             facts = cls._cached_read(
-                organization.id,
+                organization_id,
                 "subscription",
                 lambda: SubscriptionFacts.from_stripe(cls._read_subscription_for_page(subscription_id)),
                 details,
             )
             details.subscription = facts if isinstance(facts, SubscriptionFacts) else None
-        if subscription_id and live and not organization.cancel_at_period_end:
+        if subscription_id and live and not ending:
             upcoming = cls._cached_read(
-                organization.id, "upcoming", lambda: cls._read_upcoming(subscription_id), details
+                organization_id, "upcoming", lambda: cls._read_upcoming(subscription_id), details
             )
             details.upcoming = upcoming if isinstance(upcoming, UpcomingInvoice) else None
         if details.subscription is not None and details.subscription.schedule_id and live:
             schedule_id = details.subscription.schedule_id
-            change = cls._cached_read(organization.id, "schedule", lambda: cls._read_schedule(schedule_id), details)
+            change = cls._cached_read(organization_id, "schedule", lambda: cls._read_schedule(schedule_id), details)
             details.scheduled_change = change if isinstance(change, ScheduledChange) else None
         if customer_id:
             default_method = details.subscription.default_payment_method if details.subscription else None
             method = cls._cached_read(
-                organization.id,
+                organization_id,
                 "payment_method",
                 lambda: cls._read_payment_method(customer_id, default_method),
                 details,
             )
             details.payment_method = method if isinstance(method, CardOnFile) else None
-            invoices = cls._cached_read(organization.id, "invoices", lambda: cls._read_invoices(customer_id), details)
+            invoices = cls._cached_read(organization_id, "invoices", lambda: cls._read_invoices(customer_id), details)
             details.invoices = invoices if isinstance(invoices, list) else None
         return details
 
@@ -835,13 +837,14 @@ class BillingService:
         when it happens, what is charged or credited today (Stripe's invoice preview with the proration
         date the confirmation will use) and the new recurring amount. Changes nothing."""
         organization = db.session.get(Organization, organization_id)
-        db.session.rollback()  # nothing is held while Stripe is asked
         if organization is None or not organization.stripe_subscription_id:
             raise SubscriptionActionNotAllowed("This organization has no subscription to change.")
+        subscription_id, held_tier = organization.stripe_subscription_id, organization.tier
+        db.session.rollback()  # no transaction is held while Stripe is asked
         catalogue = plan_catalogue()
-        current = read_current(cls._retrieve_subscription(organization.stripe_subscription_id), catalogue)
+        current = read_current(cls._retrieve_subscription(subscription_id), catalogue)
         target = Target(
-            tier=tier or current.tier or organization.tier,
+            tier=tier or current.tier or held_tier,
             interval=interval or current.interval or "month",
             extra_seats=current.extra_seats if extra_seats is None else extra_seats,
         )
@@ -1072,10 +1075,11 @@ class BillingService:
     def cancel_scheduled_change(cls, organization_id: int, *, actor_user_id: int) -> None:
         """Keep the current plan: release the schedule that would downgrade it at the period's end."""
         organization = db.session.get(Organization, organization_id)
-        db.session.rollback()
         if organization is None or not organization.stripe_subscription_id:
             raise SubscriptionActionNotAllowed("This organization has no subscription.")
-        current = read_current(cls._retrieve_subscription(organization.stripe_subscription_id), plan_catalogue())
+        subscription_id = organization.stripe_subscription_id
+        db.session.rollback()  # no transaction is held while Stripe is asked
+        current = read_current(cls._retrieve_subscription(subscription_id), plan_catalogue())
         if current.schedule_id is None:
             raise SubscriptionActionNotAllowed("There is no scheduled plan change to undo.")
         with cls._calling_stripe("release a subscription schedule"):
