@@ -266,7 +266,7 @@ def update_price(params: Params, price_id: str) -> Obj:
     )
 
 
-# -- refunds and the payments behind them ---------------------------------------------------------
+# -- refunds ---------------------------------------------------------
 
 
 @endpoint("/refunds", "POST")

@@ -85,7 +85,8 @@ def test_quantity_change_with_create_prorations_waits_for_the_next_invoice(
     credit, charge = -_prorated(2000, remaining, total), _prorated(5000, remaining, total)
     amounts = [line.amount for line in preview.lines.data]
     assert amounts == [credit, charge, 1900, 5000]  # prorations, then next period's recurring lines
-    assert preview.period_end == end + 0 or preview.period_end > end
+    assert (preview.period_start, preview.period_end) == (start, end)  # the period that ends
+    assert preview.lines.data[-1].period.start == end  # the next period's recurring line
     assert preview.amount_due == credit + charge + 6900
     assert preview.next_payment_attempt is not None and preview.next_payment_attempt >= end
 
