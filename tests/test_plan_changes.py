@@ -14,7 +14,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import TEST_USER_AGENT, SandboxAccount, csrf_token, query, sign_up
+from tests.conftest import TEST_USER_AGENT, SandboxAccount, csrf_token, query, run_jobs, sign_up
 
 
 class Stack:
@@ -364,3 +364,29 @@ def test_an_upgrade_whose_payment_fails_links_to_the_hosted_invoice(stack: Stack
     page = flashes(owner.client)
     assert 'id="payment-action"' in page
     assert f'href="{invoice["hosted_invoice_url"]}" id="payment-action-link"' in page
+
+
+def test_a_scheduled_downgrade_takes_effect_when_the_period_ends(make_app: Any, offline_stripe: SandboxAccount) -> None:
+    """On the customer's Stripe test clock: the downgrade waits for the renewal, which bills the new plan."""
+    app = make_app(STRIPE_TEST_CLOCKS=True)
+    stack = Stack(app, offline_stripe)
+    owner = stack.sign_up("business", extra_seats=1)
+    _, ticket = owner.preview_plan("starter")
+    assert owner.confirm(ticket).status_code == 303
+    subscription = owner.subscription()
+    period_end = subscription["items"]["data"][0]["current_period_end"]
+    clock_id = stack.stripe("GET", f"/customers/{subscription['customer']}")["test_clock"]
+    assert clock_id
+
+    offline_stripe.advance_clock(clock_id, period_end + 2 * 3600)
+    delivered = offline_stripe.deliver(owner.client)
+    assert all(status == 200 for _, status in delivered), delivered
+    run_jobs(app)
+    renewed = owner.subscription()
+    assert owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 1}
+    renewal = stack.stripe("GET", f"/invoices/{renewed['latest_invoice']}")
+    assert renewal["amount_due"] == 1900 + 500 and renewal["status"] == "paid"
+    [row] = query(app, "SELECT tier FROM organization")
+    assert row.tier == "starter"
+    assert "organization.plan_changed" in {r.name for r in query(app, "SELECT name FROM domain_event")}
+    assert 'id="scheduled-change"' not in flashes(owner.client)

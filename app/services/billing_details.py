@@ -156,9 +156,14 @@ class BillingDetails:
 
 
 def scheduled_change_from_stripe(schedule: Mapping[str, Any], now: int) -> ScheduledChange | None:
-    """The first phase of an active schedule that starts after now: what the subscription becomes."""
+    """The first phase of an active schedule that starts after the current one: what the subscription
+    becomes next."""
     if schedule.get("status") not in ("not_started", "active"):
         return None
+    # Stripe's own idea of now: the current phase (a test clock's time may be far from ours).
+    current = schedule.get("current_phase") or {}
+    if current.get("start_date") is not None:
+        now = int(current["start_date"])
     for phase in schedule.get("phases") or []:
         start = phase.get("start_date")
         if start is not None and int(start) > now:

@@ -698,7 +698,10 @@ class BillingService:
         details = BillingDetails()
         subscription_id, customer_id = organization.stripe_subscription_id, organization.stripe_customer_id
         live = organization.billing_status not in (BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED)
-        ending, organization_id = organization.cancel_at_period_end, organization.id
+        ending = organization.cancel_at_period_end
+        # The cache is keyed by the Stripe state the organization holds: an applied webhook or change
+        # (billing_as_of, payment_as_of) makes the page read Stripe afresh.
+        organization_id = f"{organization.id}:{organization.billing_as_of or 0}:{organization.payment_as_of or 0}"
         db.session.rollback()  # no transaction is held while Stripe is asked (the page reloads what it shows)
         if subscription_id:
             facts = cls._cached_read(
@@ -733,10 +736,14 @@ class BillingService:
     @classmethod
     def forget_billing_reads(cls, organization_id: int) -> None:
         """Drop the billing page's cached reads, after a change made from the app."""
-        cache.delete_many(*(f"billing-read:{organization_id}:{part}" for part in BILLING_READ_PARTS))
+        organization = db.session.get(Organization, organization_id)
+        if organization is None:
+            return
+        version = f"{organization_id}:{organization.billing_as_of or 0}:{organization.payment_as_of or 0}"
+        cache.delete_many(*(f"billing-read:{version}:{part}" for part in BILLING_READ_PARTS))
 
     @staticmethod
-    def _cached_read(organization_id: int, part: str, read: Callable[[], Any], details: BillingDetails) -> Any:
+    def _cached_read(organization_id: str, part: str, read: Callable[[], Any], details: BillingDetails) -> Any:
         key = f"billing-read:{organization_id}:{part}"
         try:
             cached = cache.get(key)
