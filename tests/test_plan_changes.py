@@ -390,3 +390,15 @@ def test_a_scheduled_downgrade_takes_effect_when_the_period_ends(make_app: Any, 
     assert row.tier == "starter"
     assert "organization.plan_changed" in {r.name for r in query(app, "SELECT name FROM domain_event")}
     assert 'id="scheduled-change"' not in flashes(owner.client)
+
+
+def test_switching_to_yearly_billing_moves_every_item_to_its_yearly_price(stack: Stack) -> None:
+    owner = stack.sign_up("starter", extra_seats=2)
+    response, ticket = owner.preview_plan("business", interval="year")
+    page = html.unescape(response.get_data(as_text=True))
+    assert "At once" in page and amount(page, "preview-recurring") == 99000 + 2 * 5000
+    assert "$1,090.00 / year" in page
+    assert owner.confirm(ticket).status_code == 303
+    assert owner.items() == {"business_yearly": 1, "extra_seat_yearly": 2}
+    assert query(stack.app, "SELECT tier FROM organization")[0].tier == "business"
+    assert re.search(r"\$990\.00 / year", flashes(owner.client))
