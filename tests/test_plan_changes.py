@@ -402,3 +402,25 @@ def test_switching_to_yearly_billing_moves_every_item_to_its_yearly_price(stack:
     assert owner.items() == {"business_yearly": 1, "extra_seat_yearly": 2}
     assert query(stack.app, "SELECT tier FROM organization")[0].tier == "business"
     assert re.search(r"\$990\.00 / year", flashes(owner.client))
+
+
+def test_bad_change_requests_get_a_clear_answer_and_change_nothing(stack: Stack) -> None:
+    owner = stack.sign_up("starter", extra_seats=2)
+    for fields, words in (
+        ({"extra_seats": "-1"}, "a whole number of at least 0"),
+        ({"extra_seats": "many"}, "a whole number of at least 0"),
+        ({"extra_seats": "51"}, "Extra seats: choose between 0 and 50."),
+        ({"extra_seats": "2"}, "That is the plan you already have."),
+    ):
+        response = owner.post("/billing/seats/preview", **fields)
+        assert response.status_code == 303, fields
+        assert words in flashes(owner.client), fields
+    for fields in ({"tier": "platinum", "interval": "month"}, {"tier": "pro", "interval": "fortnight"}, {}):
+        assert owner.post("/billing/plan/preview", **fields).status_code == 303
+        assert "Choose a plan and how often to pay." in flashes(owner.client)
+    _, ticket = owner.preview_plan("pro")
+    for forged in ("", "not-a-ticket", ticket[:-4] + "AAAA", ticket.replace(".", "x", 1)):
+        response = owner.confirm(forged)
+        assert response.status_code == 400, forged
+    assert owner.updates() == [] and owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 2}
+    assert query(stack.app, "SELECT id FROM subscription_change") == []

@@ -242,3 +242,31 @@ def test_inviting_an_email_with_an_account_is_refused(app: Flask, owner: Owner) 
     response = owner.invite("ada@example.com")
     assert "already belongs to a member" in owner.client.get(response.headers["Location"]).get_data(as_text=True)
     assert query(app, "SELECT id FROM invitation") == []
+
+
+def test_bad_team_input_gets_a_clear_answer(
+    app: Flask, owner: Owner, smtp_server: SmtpSink, offline_stripe: SandboxAccount
+) -> None:
+    response = owner.invite("not an email")
+    assert response.status_code == 422 and "Invalid email address." in response.get_data(as_text=True)
+    assert owner.invite("a\u0000b@example.com").status_code == 422
+    assert query(app, "SELECT id FROM invitation") == []
+    owner.invite(INVITEE)
+    path = invitation_link(smtp_server, app)
+    teammate = app.test_client()
+    short = join(teammate, path, password="short")
+    assert short.status_code == 422 and "Use 12 to 128 characters." in short.get_data(as_text=True)
+    nameless = join(teammate, path, name="")
+    assert nameless.status_code == 422
+    assert query(app, "SELECT id FROM user_account WHERE email = :e", e=INVITEE) == []
+    assert [r.status for r in query(app, "SELECT status FROM invitation")] == ["pending"]
+    # Another organization's owner cannot withdraw this invitation: ids in the path only reach one's own.
+    [invitation] = query(app, "SELECT id FROM invitation")
+    mallory = app.test_client()
+    sign_up(mallory, offline_stripe, email="mallory@example.com", organization_name="Mallory Ltd")
+    revoke = mallory.post(
+        f"/team/invitations/{invitation.id}/revoke", data={"csrf_token": csrf_token(mallory, "/team/")}
+    )
+    assert revoke.status_code == 303
+    assert "no longer open" in mallory.get("/team/").get_data(as_text=True)
+    assert [r.status for r in query(app, "SELECT status FROM invitation")] == ["pending"]
