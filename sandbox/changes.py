@@ -612,8 +612,11 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
 
     # Invoice now: the prorations plus anything already pending for this subscription.
     waiting = pending_invoice_items(store, subscription["id"])
-    invoice_id = objects.new_id("in_")
     collected = [*waiting, *pending_items]
+    if not collected and not plan.resets_period:
+        subscription["items"] = new_items  # nothing to bill (say, the same quantity again)
+        return None
+    invoice_id = objects.new_id("in_")
     for ii in collected:
         ii["invoice"] = invoice_id
     lines = [line_from_invoice_item(ii, invoice_id) for ii in collected]

@@ -337,3 +337,10 @@ def test_events_never_show_the_sandboxs_bookkeeping(sandbox: Sandbox, prices: di
     mine = [e for e in events if e["data"]["object"]["id"] == sub.id]
     assert any("pending_update" in e["data"]["previous_attributes"] for e in mine)
     assert "'_" not in repr(mine) and '"_' not in repr(mine)
+
+    # Metadata is the customer's own: a key starting with "_" is kept, in objects and events.
+    tagged = _post(sandbox, f"subscriptions/{sub.id}", {"metadata[_origin]": "import"})
+    assert tagged["metadata"]["_origin"] == "import"
+    events = _get(sandbox, "events", type="customer.subscription.updated", limit="1")["data"]
+    assert events[0]["data"]["object"]["metadata"]["_origin"] == "import"
+    assert events[0]["data"]["previous_attributes"]["metadata"] == {"_origin": None}
