@@ -1,15 +1,15 @@
 """Teammates and plan changes: invitations, removed members, and claimed subscription changes.
 
-Revision ID: 0003_owner_team
-Revises: 0002_queue_outbox
+Revision ID: 0004_owner_team
+Revises: 0003_queue_webhook_jobs
 Create Date: 2026-11-28
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_owner_team"
-down_revision = "0002_queue_outbox"
+revision = "0004_owner_team"
+down_revision = "0003_queue_webhook_jobs"
 branch_labels = None
 depends_on = None
 
