@@ -10,7 +10,14 @@ from app.services.access_policy import STATUS_WORDS
 from app.services.pricing import format_money
 
 
+def money(amount: int | None, currency: str | None = "usd") -> str:
+    """Stripe's smallest-unit amount as people write it: 2900, "usd" -> "$29.00" (app/services/pricing.py)."""
+    return format_money(amount or 0, currency)
+
+
 def init_templating(app: Flask) -> None:
+    app.add_template_filter(money, "money")
+
     @app.template_filter("longdate")
     def longdate(value: datetime | None) -> str:
         if value is None:
@@ -23,10 +30,6 @@ def init_templating(app: Flask) -> None:
     def tier_name(tier_key: str) -> str:
         tier = current_app.extensions["plan_catalogue"].tier(tier_key)
         return tier.name if tier else tier_key
-
-    @app.template_filter("money")
-    def money(amount: int | None, currency: str | None = "usd") -> str:
-        return format_money(amount, currency)
 
     @app.template_filter("unixdate")
     def unixdate(value: int | None) -> str:

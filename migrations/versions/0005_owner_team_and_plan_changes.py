@@ -1,15 +1,15 @@
 """Teammates and plan changes: invitations, removed members, and claimed subscription changes.
 
-Revision ID: 0004_owner_team
-Revises: 0003_queue_webhook_jobs
+Revision ID: 0005_owner_team
+Revises: 0004_billing_truth
 Create Date: 2026-11-28
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_owner_team"
-down_revision = "0003_queue_webhook_jobs"
+revision = "0005_owner_team"
+down_revision = "0004_billing_truth"
 branch_labels = None
 depends_on = None
 
