@@ -65,6 +65,15 @@ class BaseConfig:
         self.PRICE_CACHE_SECONDS = int(env.get("PRICE_CACHE_SECONDS", "300"))
         self.CHECKOUT_SESSION_TTL_MINUTES = int(env.get("CHECKOUT_SESSION_TTL_MINUTES", "60"))
         self.PAST_DUE_GRACE_DAYS = int(env.get("PAST_DUE_GRACE_DAYS", "7"))
+        # The billing page's reads from Stripe (upcoming invoice, payment method, invoices) are cached
+        # this long; a failed read is remembered for the shorter time, so a Stripe outage costs one
+        # timeout per organization per that many seconds instead of one per page view.
+        self.BILLING_READ_CACHE_SECONDS = int(env.get("BILLING_READ_CACHE_SECONDS", "60"))
+        self.BILLING_READ_FAILURE_SECONDS = int(env.get("BILLING_READ_FAILURE_SECONDS", "15"))
+        self.STRIPE_PAGE_READ_TIMEOUT_SECONDS = float(env.get("STRIPE_PAGE_READ_TIMEOUT_SECONDS", "3"))
+        # A plan or seat change preview can be confirmed for this long; older ones are offered afresh.
+        self.PLAN_CHANGE_PREVIEW_MINUTES = int(env.get("PLAN_CHANGE_PREVIEW_MINUTES", "15"))
+        self.INVITATION_TTL_HOURS = int(env.get("INVITATION_TTL_HOURS", "72"))
 
         # Rate limits (Flask-Limiter notation). Failed sign-ins only count against the login limits.
         self.SIGNUP_RATE_LIMIT_PER_CLIENT = env.get("SIGNUP_RATE_LIMIT_PER_CLIENT", "20/hour;5/minute")

@@ -82,18 +82,22 @@ def register_blueprints(app: Flask) -> None:
     from app.auth.routes import bp as auth_bp
     from app.billing.routes import bp as billing_bp
     from app.main.routes import bp as main_bp
+    from app.team.routes import bp as team_bp
 
     app.register_blueprint(main_bp)
     app.register_blueprint(auth_bp, url_prefix="/auth")
     app.register_blueprint(billing_bp, url_prefix="/billing")
+    app.register_blueprint(team_bp, url_prefix="/team")
 
 
 def register_request_hooks(app: Flask) -> None:
+    from app.features import init_feature_guard
     from app.request_log import init_request_logging
     from app.security import init_security_headers
     from app.templating import init_templating
 
     init_request_logging(app)
+    init_feature_guard(app)
     init_security_headers(app)
     init_templating(app)
 
@@ -111,7 +115,11 @@ def register_commands(app: Flask) -> None:
 
 
 def register_domain_event_subscribers() -> None:
-    from app.services import domain_events, notifications  # noqa: F401  (notifications: the outbox consumers)
+    from app.services import (  # noqa: F401  (notifications: the outbox consumers)
+        domain_events,
+        notifications,
+        team_notifications,
+    )
 
     if domain_events.log_announcement not in domain_events.subscribers("*"):
         domain_events.subscribe("*", domain_events.log_announcement)
@@ -121,4 +129,6 @@ def register_domain_event_subscribers() -> None:
 def load_user(user_id: str) -> Any:
     from app.models import User
 
-    return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    user = db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    # A member the owner removed is signed out of every session at its next request.
+    return user if user is not None and user.removed_at is None else None

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from email import message_from_bytes
 from email import policy as email_policy
 from email.message import EmailMessage
@@ -247,8 +248,16 @@ def smtp_server(_smtp_sink: SmtpSink) -> SmtpSink:
 
 def run_jobs(app: Flask, *, queues: list[str] | None = None) -> None:
     """Run every queued job that is due (webhook application, outbox deliveries, emails) inline, the
-    way `flask billing worker` runs them, and return when none is left."""
-    queue.run_pending_jobs(app, queues=queues)
+    way `flask billing worker` runs them, and return when none is left. Once the browser tests have
+    started Playwright, its sync API keeps an event loop running in this thread for the rest of the
+    session, so the worker (which starts its own loop) then runs in a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        queue.run_pending_jobs(app, queues=queues)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(queue.run_pending_jobs, app, queues=queues).result()
 
 
 @pytest.fixture

@@ -419,12 +419,16 @@ def test_stripe_unavailable_keeps_the_form_and_marks_the_attempt_failed(
 
 
 def test_prices_are_resolved_by_lookup_key_once_and_cached_in_redis(app: Flask, offline_stripe: SandboxAccount) -> None:
+    """The signup page shows every price the catalogue sells: one lookup at Stripe fills the cache, and
+    the signups that follow (page and POST) cost none."""
     checkout_session_id(start_signup(app.test_client()))
     checkout_session_id(start_signup(app.test_client(), email="grace@example.com"))
     [(_, call)] = offline_stripe.calls_to("prices.list")
-    assert call["params"] == {"lookup_keys": ["starter_monthly", "extra_seat_monthly"], "active": "true", "limit": "2"}
+    catalogue_keys = app.extensions["plan_catalogue"].lookup_keys()
+    assert call["params"] == {"lookup_keys": catalogue_keys, "active": "true", "limit": str(len(catalogue_keys))}
+    assert {"starter_monthly", "extra_seat_monthly", "starter_yearly"} <= set(catalogue_keys)
     cached = app.extensions["redis"].keys("cache:stripe-price:*")
-    assert sorted(cached) == [b"cache:stripe-price:extra_seat_monthly", b"cache:stripe-price:starter_monthly"]
+    assert sorted(cached) == sorted(f"cache:stripe-price:{key}".encode() for key in catalogue_keys)
 
 
 def test_a_lookup_key_without_an_active_price_is_a_clear_error(app: Flask, offline_stripe: SandboxAccount) -> None:

@@ -40,6 +40,13 @@ class SignupForm(FlaskForm):
         "Your name", filters=[_strip], validators=[DataRequired(), Length(max=100), _one_line_of_text]
     )
     tier = RadioField("Plan", validators=[DataRequired(message="Choose a plan.")], validate_choice=True)
+    interval = RadioField(
+        "Billed",
+        choices=[SelectChoice("month", "Monthly"), SelectChoice("year", "Yearly")],
+        default="month",
+        validators=[Optional()],
+        validate_choice=True,
+    )
 
     def validate_password(self, field: PasswordField) -> None:
         password = (field.data or "").lower()

@@ -7,7 +7,7 @@ from flask_login import current_user
 from werkzeug.wrappers import Response
 
 from app.access import sign_in, sign_out
-from app.auth.forms import LoginForm, signup_form
+from app.auth.forms import LoginForm, SignupForm, signup_form
 from app.extensions import client_address, limiter
 from app.services.auth_service import AuthService, normalise_email
 from app.services.billing_service import BillingError, BillingService, PaymentProviderUnavailable, plan_catalogue
@@ -22,6 +22,15 @@ def _form_email() -> str:
 
 def _config_limit(name: str):  # type: ignore[no-untyped-def]
     return lambda: current_app.config[name]
+
+
+def _signup_page(form: SignupForm) -> str:
+    """The signup form with each plan's and add-on's price as Stripe has it (through the price cache);
+    yearly billing is offered when Stripe has a yearly price for a tier."""
+    prices = BillingService.catalogue_prices()
+    catalogue = plan_catalogue()
+    yearly = any(tier.yearly_lookup_key in prices for tier in catalogue.tiers.values() if tier.yearly_lookup_key)
+    return render_template("auth/signup.html", form=form, catalogue=catalogue, prices=prices, offer_yearly=yearly)
 
 
 @bp.get("/signup")
@@ -44,7 +53,7 @@ def signup() -> str:
         )
     elif request.args.get("plan") in plan_catalogue().tiers:
         form.tier.data = request.args["plan"]
-    return render_template("auth/signup.html", form=form, catalogue=plan_catalogue())
+    return _signup_page(form)
 
 
 @bp.post("/signup")
@@ -58,7 +67,7 @@ def signup_submit() -> Response | tuple[str, int]:
     catalogue = plan_catalogue()
     form = signup_form(catalogue)
     if not form.validate_on_submit():
-        return render_template("auth/signup.html", form=form, catalogue=catalogue), 422
+        return _signup_page(form), 422
     try:
         checkout = BillingService.create_checkout_session_for_tier(
             form.tier.data,
@@ -67,14 +76,15 @@ def signup_submit() -> Response | tuple[str, int]:
             owner_name=form.owner_name.data,
             password=form.password.data,
             addons=form.addon_quantities(),
+            interval=form.interval.data or "month",
         )
     except EmailAlreadyRegistered as exc:
         form.email.errors = [*form.email.errors, str(exc)]
-        return render_template("auth/signup.html", form=form, catalogue=catalogue), 422
+        return _signup_page(form), 422
     except (SignupError, BillingError) as exc:
         form.form_errors.append(str(exc))
         status = 503 if isinstance(exc, PaymentProviderUnavailable) else 422
-        return render_template("auth/signup.html", form=form, catalogue=catalogue), status
+        return _signup_page(form), status
     # Only this browser session may be signed in by the success page of this checkout.
     session["signup_id"] = str(checkout.pending_signup_id)
     return redirect(checkout.url, 303)

@@ -8,12 +8,15 @@ from app.models.outbox_delivery import OutboxDelivery
 from app.models.pending_signup import PendingSignup, SignupStatus
 from app.models.resubscribe_checkout import ResubscribeCheckout, ResubscribeStatus
 from app.models.stripe_event import StripeEvent, StripeEventStatus
+from app.models.team import Invitation, InvitationStatus, SubscriptionChange, SubscriptionChangeStatus
 from app.models.user import User, UserRole
 
 __all__ = [
     "BillingStatus",
     "CataloguePrice",
     "DomainEvent",
+    "Invitation",
+    "InvitationStatus",
     "Organization",
     "OrganizationAddon",
     "OutboxDelivery",
@@ -23,6 +26,8 @@ __all__ = [
     "SignupStatus",
     "StripeEvent",
     "StripeEventStatus",
+    "SubscriptionChange",
+    "SubscriptionChangeStatus",
     "User",
     "UserRole",
 ]

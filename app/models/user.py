@@ -40,6 +40,8 @@ class User(UserMixin, Model):
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # A member the owner removed: kept (domain events name them) but signed out and unable to sign in.
+    removed_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
     organization: Mapped[Organization] = relationship()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import procrastinate
@@ -58,7 +59,14 @@ def requeue_stalled_jobs_now(jobs: procrastinate.App, seconds_since_heartbeat: f
         async with jobs.open_async():
             return await requeue_stalled_jobs(jobs, seconds_since_heartbeat)
 
-    return asyncio.run(run())
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run())
+    # Called from a thread whose event loop is running (a test after Playwright's sync API started):
+    # asyncio.run refuses, so the loop of its own runs in another thread.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(run())).result()
 
 
 @maintenance.periodic(cron="*/10 * * * *")
