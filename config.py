@@ -57,6 +57,7 @@ class BaseConfig:
         self.STRIPE_MAX_NETWORK_RETRIES = int(env.get("STRIPE_MAX_NETWORK_RETRIES", "2"))
         self.STRIPE_TIMEOUT_SECONDS = float(env.get("STRIPE_TIMEOUT_SECONDS", "20"))
         self.APP_BASE_URL = env.get("APP_BASE_URL", "http://127.0.0.1:5000").rstrip("/")
+        self.configure_whop(env)
         # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
         # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
         self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in ("1", "true", "yes", "on")
@@ -155,6 +156,18 @@ class BaseConfig:
                 "connect_args": {"connect_timeout": 5, "application_name": "billing-web"},
             }
         return {}
+
+    def configure_whop(self, env: Mapping[str, str]) -> None:
+        """Whop, the second provider: off unless key, secret and account are all set
+        (BillingService.whop_configured()). WHOP_WEBHOOK_SECRET may list several, comma-separated,
+        while one is rotated. WHOP_API_BASE points the SDK at another address (the offline double);
+        production refuses it."""
+        self.WHOP_API_KEY = env.get("WHOP_API_KEY", "")
+        self.WHOP_WEBHOOK_SECRET = env.get("WHOP_WEBHOOK_SECRET", "")
+        self.WHOP_COMPANY_ID = env.get("WHOP_COMPANY_ID", "")
+        self.WHOP_API_BASE = env.get("WHOP_API_BASE", "").rstrip("/")
+        self.WHOP_MAX_RETRIES = int(env.get("WHOP_MAX_RETRIES", "2"))
+        self.WHOP_TIMEOUT_SECONDS = float(env.get("WHOP_TIMEOUT_SECONDS", "20"))
 
     def configure_storage(self, env: Mapping[str, str]) -> None:
         """Sessions, cache and rate-limit storage on Redis at REDIS_URL."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from typing import TypeVar
 
 import click
 from flask import current_app
@@ -12,22 +13,28 @@ from flask.cli import AppGroup
 from sqlalchemy import select
 
 from app.extensions import db
-from app.models import StripeEvent, StripeEventStatus
+from app.models import StripeEvent, StripeEventStatus, WhopEvent
 from app.services import queue, queue_status
 from app.services.billing_service import BillingError, BillingService, plan_catalogue
 
 billing_cli = AppGroup("billing", help="Billing operations: stored webhook events, replays, prices.")
+# Each provider's stored webhook deliveries (the tables share one shape; see webhook_store).
+EVENT_TABLES: dict[str, type[StripeEvent] | type[WhopEvent]] = {"stripe": StripeEvent, "whop": WhopEvent}
+Event = TypeVar("Event", StripeEvent, WhopEvent)
+provider_option = click.option(
+    "--provider", type=click.Choice(sorted(EVENT_TABLES)), default="stripe", show_default=True, help="Whose events."
+)
 
 
 @billing_cli.command("events")
 @click.option("--status", type=click.Choice([s.value for s in StripeEventStatus]), help="Only events in this status.")
 @click.option("--limit", default=50, show_default=True, help="How many, newest first.")
-def list_events(status: str | None, limit: int) -> None:
+@provider_option
+def list_events(status: str | None, limit: int, provider: str) -> None:
     """List stored webhook events."""
-    query = select(StripeEvent).order_by(StripeEvent.received_at.desc()).limit(limit)
-    if status:
-        query = query.where(StripeEvent.status == status)
-    rows = db.session.execute(query).scalars().all()
+    rows: list[StripeEvent] | list[WhopEvent] = (
+        _recent(WhopEvent, status, limit) if provider == "whop" else _recent(StripeEvent, status, limit)
+    )
     if not rows:
         click.echo("no events")
     for row in rows:
@@ -38,22 +45,31 @@ def list_events(status: str | None, limit: int) -> None:
         )
 
 
+def _recent(model: type[Event], status: str | None, limit: int) -> list[Event]:
+    query = select(model).order_by(model.received_at.desc()).limit(limit)
+    if status:
+        query = query.where(model.status == status)
+    return list(db.session.execute(query).scalars().all())
+
+
 @billing_cli.command("replay")
 @click.argument("event_id", required=False)
 @click.option("--failed", "all_failed", is_flag=True, help="Replay every event whose processing failed.")
-def replay(event_id: str | None, all_failed: bool) -> None:
+@provider_option
+def replay(event_id: str | None, all_failed: bool, provider: str) -> None:
     """Queue one stored event, or all failed ones, for the worker to apply again (read afresh, so a
     fix to the code applies). Events already processed or ignored are left as they are."""
     if bool(event_id) == all_failed:
         raise click.UsageError("give an EVENT_ID or --failed, not both")
+    model = EVENT_TABLES[provider]
     event_ids = (
         [event_id]
         if event_id
         else list(
             db.session.execute(
-                select(StripeEvent.event_id)
-                .where(StripeEvent.status == StripeEventStatus.FAILED)
-                .order_by(StripeEvent.stripe_created, StripeEvent.id)
+                select(model.event_id)
+                .where(model.status == StripeEventStatus.FAILED)
+                .order_by(getattr(model, model.created_column), model.id)
             ).scalars()
         )
     )

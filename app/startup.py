@@ -28,6 +28,8 @@ WELL_KNOWN_SECRET_KEYS = {
 }
 MIN_SECRET_KEY_LENGTH = 32
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+WHOP_SETTINGS = ("WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "WHOP_COMPANY_ID")
+WHOP_PRODUCTION_API = "https://api.whop.com/api/v1"
 
 
 class ConfigurationError(RuntimeError):
@@ -47,6 +49,7 @@ def production_problems(config: Mapping[str, Any]) -> list[str]:
         *_database_problems(config.get("SQLALCHEMY_DATABASE_URI") or ""),
         *_redis_problems(config),
         *[f"{name} is not set" for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET") if not config.get(name)],
+        *_whop_problems(config),
         *[
             f"{name} is not set (billing emails are sent over SMTP)"
             for name in ("MAIL_SERVER", "MAIL_DEFAULT_SENDER")
@@ -64,6 +67,29 @@ def production_problems(config: Mapping[str, Any]) -> list[str]:
             else []
         ),
     ]
+
+
+def _whop_problems(config: Mapping[str, Any]) -> list[str]:
+    """Whop is optional, but all or nothing; and a production key never talks to anything but Whop.
+    Whop keys carry no test/live marking, so in production every key counts as live."""
+    present = [name for name in WHOP_SETTINGS if config.get(name)]
+    if not present:
+        return []
+    problems = [
+        f"{name} is not set (Whop needs {', '.join(WHOP_SETTINGS)}, or none of them)"
+        for name in WHOP_SETTINGS
+        if name not in present
+    ]
+    api_base = str(config.get("WHOP_API_BASE") or "").rstrip("/")
+    if config.get("WHOP_API_KEY") and api_base and api_base != WHOP_PRODUCTION_API:
+        problems.append(
+            f"WHOP_API_BASE is {api_base}: with live Whop credentials the app only talks to {WHOP_PRODUCTION_API} "
+            "(unset WHOP_API_BASE; the offline double is for development and tests)"
+        )
+    company = str(config.get("WHOP_COMPANY_ID") or "")
+    if company and not company.startswith("biz_"):
+        problems.append("WHOP_COMPANY_ID must be a Whop account id (biz_...)")
+    return problems
 
 
 def _database_problems(database_url: str) -> list[str]:

@@ -52,6 +52,7 @@ TABLES = (
     "user_account",
     "pending_signup",
     "stripe_event",
+    "whop_event",
     "resubscribe_checkout",
     "catalogue_price",
     "organization",

@@ -10,6 +10,7 @@ from app.models.resubscribe_checkout import ResubscribeCheckout, ResubscribeStat
 from app.models.stripe_event import StripeEvent, StripeEventStatus
 from app.models.team import Invitation, InvitationStatus, SubscriptionChange, SubscriptionChangeStatus
 from app.models.user import User, UserRole
+from app.models.whop_event import WhopEvent
 
 __all__ = [
     "BillingStatus",
@@ -30,4 +31,5 @@ __all__ = [
     "SubscriptionChangeStatus",
     "User",
     "UserRole",
+    "WhopEvent",
 ]

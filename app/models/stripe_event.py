@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import ClassVar
 
 from sqlalchemy import BigInteger, Boolean, CheckConstraint, Index, Integer, String, Text, text
 from sqlalchemy.orm import Mapped, mapped_column
@@ -38,6 +39,7 @@ class StripeEvent(Model):
             sqlite_where=text("status = 'pending'"),
         ),
     )
+    created_column: ClassVar[str] = "stripe_created"  # the provider's event time (webhook_store)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     event_id: Mapped[str] = mapped_column(String(255), unique=True)

@@ -1,4 +1,5 @@
-"""BillingService: the one billing authority, and the only module that uses the Stripe SDK.
+"""BillingService: the one billing authority, and the only module that uses a payment SDK (stripe,
+whop_sdk, standardwebhooks).
 
 It configures Stripe, resolves plans to prices, creates Checkout and customer-portal sessions, cancels
 and resumes subscriptions, provisions completed checkouts (handing signups to SignupService) and
@@ -8,6 +9,8 @@ down in docs/system/BILLING.md; the callers are listed in docs/system/SERVICES.m
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import logging
@@ -17,9 +20,10 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+import standardwebhooks
 import stripe
 from flask import current_app
 from sqlalchemy import select, update
@@ -32,6 +36,8 @@ from stripe.params.checkout import (
     SessionCreateParamsLineItem,
     SessionCreateParamsSubscriptionData,
 )
+from whop_sdk import Whop
+from whop_sdk.environment import WhopEnvironment
 
 from app.extensions import cache, db
 from app.models import (
@@ -46,6 +52,7 @@ from app.models import (
     StripeEventStatus,
     SubscriptionChange,
     SubscriptionChangeStatus,
+    WhopEvent,
 )
 from app.models.types import utcnow
 from app.services import domain_events, outbox, queue, stripe_objects, webhook_store
@@ -82,7 +89,7 @@ from app.services.pricing import PriceInfo
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
 from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import SubscriptionState, apply_subscription_state
-from app.services.webhook_store import VerifiedEvent
+from app.services.webhook_store import EventModel, VerifiedEvent
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +185,9 @@ class WebhookProvider(Protocol):
     events about one object together (apply_batch)."""
 
     name: str
-    event_model: type[StripeEvent]
+
+    @property
+    def event_model(self) -> EventModel: ...
 
     def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent: ...
 
@@ -1784,9 +1793,7 @@ class BillingService:
         read afresh (so a fix to the reading code applies), and the worker applies it."""
         for provider in cls._webhook_providers.values():
             model = provider.event_model
-            row = db.session.execute(
-                select(model).where(model.event_id == event_id).with_for_update()
-            ).scalar_one_or_none()
+            row = webhook_store.row_for(model, event_id)
             if row is None:
                 continue
             try:
@@ -1806,14 +1813,14 @@ class BillingService:
         raise LookupError(f"no stored event {event_id}")
 
     @staticmethod
-    def _stored_event(provider: WebhookProvider, row: StripeEvent) -> VerifiedEvent:
+    def _stored_event(provider: WebhookProvider, row: StripeEvent | WhopEvent) -> VerifiedEvent:
         if not row.payload:
             raise ValueError(f"the payload of {row.event_id} is no longer stored")
         return VerifiedEvent(
             provider=provider.name,
             event_id=row.event_id,
             type=row.type,
-            created=row.stripe_created,
+            created=getattr(row, provider.event_model.created_column),
             livemode=row.livemode,
             api_version=row.api_version,
             raw=row.payload,
@@ -1876,7 +1883,7 @@ class BillingService:
         retried with backoff) and, on the last attempt or for a malformed object, marks them failed."""
         provider = cls._webhook_providers[provider_name]
         model = provider.event_model
-        rows = webhook_store.pending_for(model, object_key)
+        rows = webhook_store.pending_rows(model, object_key)
         events = [cls._stored_event(provider, row) for row in rows]
         row_ids = {row.event_id: row.id for row in rows}
         db.session.rollback()  # nothing is held while the provider is read
@@ -2091,6 +2098,40 @@ class BillingService:
             trial_end=subscription.get("trial_end"),
         )
         return "trial ending recorded"
+
+    # --- Whop -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def whop_configured() -> bool:
+        """Whether Whop is on: its key, webhook secret and account are all set."""
+        config = current_app.config
+        return all(config.get(name) for name in ("WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "WHOP_COMPANY_ID"))
+
+    @classmethod
+    def ensure_whop(cls) -> Whop:
+        """The configured Whop client; a missing setting fails here, naming the variable."""
+        client: Whop | None = current_app.extensions.get("whop_client")
+        if client is not None:
+            return client
+        config = current_app.config
+        missing = [name for name in ("WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "WHOP_COMPANY_ID") if not config.get(name)]
+        if missing:
+            raise BillingConfigurationError(
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: Whop credentials "
+                "come only from the environment (see .env.example)"
+            )
+        api = config.get("WHOP_API_BASE") or WhopEnvironment.PRODUCTION.api
+        environment = (
+            WhopEnvironment.PRODUCTION if api == WhopEnvironment.PRODUCTION.api else WhopEnvironment(api=api, vault=api)
+        )
+        client = Whop(
+            token=config["WHOP_API_KEY"],
+            environment=environment,
+            max_retries=config["WHOP_MAX_RETRIES"],
+            timeout=config["WHOP_TIMEOUT_SECONDS"],
+        )
+        current_app.extensions["whop_client"] = client
+        return client
 
 
 def _found(pending: PendingSignup | None) -> PendingSignup:
@@ -2344,4 +2385,144 @@ HANDLED_STRIPE_EVENTS = frozenset(
     }
 )
 
+# --- Whop webhooks -------------------------------------------------------------------------------
+
+WHOP_SIGNATURE_TOLERANCE_SECONDS = 300  # standardwebhooks' fixed window: five minutes either way
+WHOP_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
+WHOP_OBJECT_ID = re.compile(r"[A-Za-z0-9_]{1,255}")
+# The Whop events that move an organization's billing. Until the provider-neutral billing model lands
+# (issue 15, step 3) they are verified, stored, deduplicated and keyed on their object, then settled as
+# ignored by the worker; every other type is ignored when it is stored.
+WHOP_HANDLED_EVENTS = frozenset(
+    {
+        "membership.activated",
+        "membership.deactivated",
+        "membership.updated",
+        "membership.cancel_at_period_end_changed",
+        "payment.succeeded",
+        "payment.failed",
+        "invoice.paid",
+        "invoice.past_due",
+    }
+)
+
+
+class WhopWebhooks:
+    """Whop as a webhook provider: Standard Webhooks verification (webhook-id, webhook-timestamp,
+    webhook-signature; ±5 minutes; any of the configured secrets), keyed as Whop keys it, with the
+    secret's own bytes; stored in whop_event, idempotent on webhook-id."""
+
+    name = "whop"
+    event_model = WhopEvent
+
+    def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent:
+        if not BillingService.whop_configured():
+            # Whop is off (WHOP_* unset): its endpoint does not exist, as for any unknown provider.
+            raise UnknownWebhookProvider(self.name)
+        secrets = _whop_webhook_secrets()
+        lowered = {key.lower(): value for key, value in headers.items()}
+        signature_headers: dict[str, str] = {
+            name: lowered[name] for name in ("webhook-id", "webhook-timestamp", "webhook-signature") if name in lowered
+        }
+        if len(signature_headers) < 3:
+            raise WebhookRejected("missing webhook-id, webhook-timestamp or webhook-signature header")
+        if not all(value.isascii() for value in signature_headers.values()):
+            raise WebhookRejected("malformed webhook signature headers")
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WebhookRejected("body is not UTF-8") from None
+        reason = "signature does not match"
+        for secret in secrets:
+            # Whop signs with the secret's own bytes; standardwebhooks base64-decodes its key, so it is
+            # handed the secret base64-encoded (see the Whop section of docs/system/BILLING.md).
+            key = base64.b64encode(secret.encode("utf-8")).decode("ascii")
+            try:
+                standardwebhooks.Webhook(key).verify(text, signature_headers, json_parse=False)
+                break
+            except standardwebhooks.WebhookVerificationError as exc:
+                message = str(exc)
+                if message.startswith("Message timestamp too"):
+                    reason = "timestamp outside the tolerance zone"
+                elif message == "Invalid Signature Headers":
+                    reason = "malformed webhook-timestamp header"
+            except (ValueError, binascii.Error):
+                # standardwebhooks lets a malformed webhook-signature escape as one of these.
+                reason = "malformed webhook-signature header"
+        else:
+            raise WebhookRejected(reason)
+        sent_at = int(float(signature_headers["webhook-timestamp"]))
+        return _parse_whop_event(text, signature_headers["webhook-id"], sent_at)
+
+    def ignore_reason(self, event: VerifiedEvent) -> str | None:
+        account = event.body.get("account_id")
+        if account and account != current_app.config.get("WHOP_COMPANY_ID"):
+            return f"event for another Whop account ({str(account)[:40]})"
+        if event.type not in WHOP_HANDLED_EVENTS:
+            return f"unhandled event type {event.type}"
+        return None
+
+    def object_key(self, event: VerifiedEvent) -> str:
+        data = event.body["data"]
+        if event.type.startswith("membership."):
+            membership_id = data.get("id")
+        elif event.type.startswith("payment."):
+            membership_id = data.get("membership_id")
+        else:
+            member = data.get("member")
+            member_id = member.get("id") if isinstance(member, dict) else None
+            if not isinstance(member_id, str) or not WHOP_OBJECT_ID.fullmatch(member_id):
+                raise MalformedObject("malformed Whop invoice: it names no member")
+            return f"member:{member_id}"
+        if not isinstance(membership_id, str) or not WHOP_OBJECT_ID.fullmatch(membership_id):
+            raise MalformedObject(f"malformed Whop {event.type.split('.')[0]}: it names no membership")
+        return f"membership:{membership_id}"
+
+    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> dict[str, tuple[StripeEventStatus, str]]:
+        reason = "recorded; Whop billing is not applied yet"
+        return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
+
+
+def _whop_webhook_secrets() -> list[str]:
+    secrets = [s.strip() for s in str(current_app.config.get("WHOP_WEBHOOK_SECRET") or "").split(",") if s.strip()]
+    if not secrets:
+        raise BillingConfigurationError("WHOP_WEBHOOK_SECRET is not set: Whop webhooks cannot be verified")
+    return secrets
+
+
+def _parse_whop_event(text: str, webhook_id: str, webhook_timestamp: int) -> VerifiedEvent:
+    """A verified Whop delivery: the envelope (`type`, `timestamp`, `api_version`, `data`) keyed by the
+    signed webhook-id, which Whop keeps across retries of one delivery."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise WebhookRejected("body is not JSON") from None
+    if not (
+        WHOP_EVENT_ID.fullmatch(webhook_id)
+        and isinstance(body, dict)
+        and isinstance(body.get("type"), str)
+        and STRIPE_EVENT_TYPE.fullmatch(body["type"])
+        and isinstance(body.get("data"), dict)
+    ):
+        raise WebhookRejected("body is not a Whop event")
+    created = webhook_timestamp
+    if isinstance(body.get("timestamp"), str):
+        try:
+            created = int(datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00")).timestamp())
+        except (ValueError, OverflowError):
+            created = webhook_timestamp
+    api_version = body.get("api_version")
+    return VerifiedEvent(
+        provider="whop",
+        event_id=webhook_id,
+        type=body["type"],
+        created=created,
+        livemode=not current_app.config.get("WHOP_API_BASE"),
+        api_version=api_version if isinstance(api_version, str) and API_VERSION_FORMAT.fullmatch(api_version) else None,
+        raw=text,
+        body=body,
+    )
+
+
 BillingService.register_webhook_provider(StripeWebhooks())
+BillingService.register_webhook_provider(WhopWebhooks())

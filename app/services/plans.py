@@ -1,6 +1,8 @@
 """The plan catalogue: which tiers and add-ons are sold, the Stripe price lookup key of each (and a
-yearly one where the tier is also sold yearly), and what each tier includes: its features and limits.
-It is read from a TOML file (plans.toml by default) so the catalogue changes without a code change."""
+yearly one where the tier is also sold yearly), what each tier includes (its features and limits), and
+for tiers that can also be paid through Whop, the Whop plan id (`whop_plan_id`; tiers without one are
+Stripe-only). It is read from a TOML file (plans.toml by default) so the catalogue changes without a
+code change."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
+WHOP_PLAN_ID = re.compile(r"^plan_[A-Za-z0-9_]{1,100}$")
 
 
 class CatalogueError(ValueError):
@@ -27,6 +30,7 @@ class Tier:
     yearly_lookup_key: str | None = None
     features: frozenset[str] = frozenset()
     limits: dict[str, int] = field(default_factory=dict)
+    whop_plan_id: str = ""
 
     def lookup_key_for(self, interval: str) -> str | None:
         """The lookup key of this tier's price billed every `interval` ("month" or "year")."""
@@ -85,6 +89,10 @@ class PlanCatalogue:
         duplicates = sorted({k for k in lookup_keys if lookup_keys.count(k) > 1})
         if duplicates:
             problems.append(f"{source}: lookup keys used twice: {', '.join(duplicates)}")
+        whop_plans = [t.whop_plan_id for t in tiers.values() if t.whop_plan_id]
+        shared = sorted({p for p in whop_plans if whop_plans.count(p) > 1})
+        if shared:
+            problems.append(f"{source}: Whop plan ids used by two tiers: {', '.join(shared)}")
         if problems:
             raise CatalogueError("; ".join(problems))
         return cls(tiers=tiers, addons=addons, features=features)
@@ -94,6 +102,9 @@ class PlanCatalogue:
 
     def tier_for_lookup_key(self, lookup_key: str | None) -> Tier | None:
         return next((t for t in self.tiers.values() if lookup_key is not None and lookup_key in _keys(t)), None)
+
+    def tier_for_whop_plan_id(self, plan_id: str | None) -> Tier | None:
+        return next((t for t in self.tiers.values() if plan_id and t.whop_plan_id == plan_id), None)
 
     def addon_for_lookup_key(self, lookup_key: str | None) -> Addon | None:
         return next((a for a in self.addons.values() if lookup_key is not None and lookup_key in _keys(a)), None)
@@ -191,5 +202,9 @@ def _entries(
             if name in fields and (not isinstance(fields[name], int) or fields[name] < 0):
                 problems.append(f"{where} {name} must be a whole number of at least 0")
         _check_fields(fields, where, problems)
+        if "whop_plan_id" in fields and not (
+            isinstance(fields["whop_plan_id"], str) and WHOP_PLAN_ID.match(fields["whop_plan_id"])
+        ):
+            problems.append(f"{where} whop_plan_id must be a Whop plan id (plan_...)")
         entries.append((key, fields))
     return entries

@@ -1,21 +1,27 @@
 """The webhook event store: one row per verified delivery, written so that each event is applied at
 most once. BillingService.handle_webhook_event drives it; every provider's event table has the shape
-of stripe_event. These statements run on every delivery, so each is built once per table and sent as
+of stripe_event (whop_event: the same columns, its event time in `whop_created`), named by the model's
+`created_column`. These statements run on every delivery, so each is built once per table and sent as
 few times as the guarantees allow (see "Receiving" in docs/system/BILLING.md)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Insert, Select, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.extensions import db
-from app.models import StripeEvent, StripeEventStatus
+from app.models import StripeEvent, StripeEventStatus, WhopEvent
 from app.models.stripe_event import RECORDED_STATUSES
 from app.models.types import utcnow
+
+# The tables a provider's events can live in: one shape, one set of statuses (StripeEventStatus).
+EventModel = type[StripeEvent] | type[WhopEvent]
+Event = TypeVar("Event", StripeEvent, WhopEvent)
 
 
 @dataclass(frozen=True)
@@ -44,14 +50,14 @@ class _Statements:
 
 
 @cache
-def _statements(model: type[StripeEvent], dialect: str) -> _Statements:
+def _statements(model: EventModel, dialect: str) -> _Statements:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     row = {
         "event_id": bindparam("p_event_id"),
         "type": bindparam("p_type"),
         "api_version": bindparam("p_api_version"),
         "livemode": bindparam("p_livemode"),
-        "stripe_created": bindparam("p_created"),
+        model.created_column: bindparam("p_created"),
         "payload": bindparam("p_payload"),
         "received_at": bindparam("p_now"),
         "processed_at": bindparam("p_now"),
@@ -98,7 +104,7 @@ def _statements(model: type[StripeEvent], dialect: str) -> _Statements:
     )
 
 
-def _for(model: type[StripeEvent]) -> _Statements:
+def _for(model: EventModel) -> _Statements:
     return _statements(model, db.engine.dialect.name)
 
 
@@ -114,7 +120,7 @@ def _row(event: VerifiedEvent) -> dict[str, Any]:
     }
 
 
-def is_recorded(model: type[StripeEvent], event_id: str) -> bool:
+def is_recorded(model: EventModel, event_id: str) -> bool:
     """Whether the event is already stored and queued, processed or ignored: one indexed read, outside
     any transaction (autocommit), so a duplicate costs a single round trip and no write."""
     with db.engines["autocommit"].connect() as connection:
@@ -123,7 +129,7 @@ def is_recorded(model: type[StripeEvent], event_id: str) -> bool:
 
 
 def claim(
-    model: type[StripeEvent],
+    model: EventModel,
     event: VerifiedEvent,
     status: StripeEventStatus,
     *,
@@ -146,7 +152,24 @@ def claim(
     return row_id
 
 
-def pending_for(model: type[StripeEvent], object_key: str, limit: int = 1000) -> list[StripeEvent]:
+def pending_rows(model: EventModel, object_key: str) -> list[StripeEvent] | list[WhopEvent]:
+    """pending_for on whichever table holds the provider's events."""
+    return pending_for(WhopEvent, object_key) if model is WhopEvent else pending_for(StripeEvent, object_key)
+
+
+def row_for(model: EventModel, event_id: str) -> StripeEvent | WhopEvent | None:
+    """The stored event, locked until the transaction ends (replay)."""
+    return _row_for(WhopEvent, event_id) if model is WhopEvent else _row_for(StripeEvent, event_id)
+
+
+def _row_for(model: type[Event], event_id: str) -> Event | None:
+    row: Event | None = db.session.execute(
+        select(model).where(model.event_id == event_id).with_for_update()
+    ).scalar_one_or_none()
+    return row
+
+
+def pending_for(model: type[Event], object_key: str, limit: int = 1000) -> list[Event]:
     """The events about one object still waiting to be applied, in the order they arrived."""
     return list(
         db.session.execute(
@@ -158,7 +181,7 @@ def pending_for(model: type[StripeEvent], object_key: str, limit: int = 1000) ->
     )
 
 
-def settle(model: type[StripeEvent], row_id: int, status: StripeEventStatus, outcome: str) -> None:
+def settle(model: EventModel, row_id: int, status: StripeEventStatus, outcome: str) -> None:
     """What applying a pending event did, in the applying transaction (only a pending row moves)."""
     db.session.execute(
         update(model)
@@ -167,7 +190,7 @@ def settle(model: type[StripeEvent], row_id: int, status: StripeEventStatus, out
     )
 
 
-def record_attempt_failure(model: type[StripeEvent], row_ids: list[int], error: str, *, final: bool) -> None:
+def record_attempt_failure(model: EventModel, row_ids: list[int], error: str, *, final: bool) -> None:
     """An attempt to apply these pending events failed: the error is kept (`flask billing events`), and
     on the last attempt they become failed (replayable)."""
     values: dict[str, Any] = {"last_error": error[:2000], "attempts": model.attempts + 1, "processed_at": utcnow()}
@@ -178,7 +201,7 @@ def record_attempt_failure(model: type[StripeEvent], row_ids: list[int], error: 
     )
 
 
-def requeue(model: type[StripeEvent], row_id: int, object_key: str) -> bool:
+def requeue(model: EventModel, row_id: int, object_key: str) -> bool:
     """A failed event goes back to pending for its object (replay). False if it is not failed."""
     result = db.session.execute(
         update(model)
@@ -189,7 +212,7 @@ def requeue(model: type[StripeEvent], row_id: int, object_key: str) -> bool:
     return result is not None
 
 
-def record_failure(model: type[StripeEvent], event: VerifiedEvent, error: str) -> None:
+def record_failure(model: EventModel, event: VerifiedEvent, error: str) -> None:
     """In a transaction of its own, after the failed one rolled back: the event is stored as failed
     (attempts + 1), unless a concurrent delivery has settled it meanwhile."""
     db.session.execute(_for(model).fail, {**_row(event), "p_error": error[:2000]})
@@ -197,3 +220,25 @@ def record_failure(model: type[StripeEvent], event: VerifiedEvent, error: str) -
 
 def _short(outcome: str | None) -> str | None:
     return outcome[:200] if outcome else None
+
+
+def stored(model: EventModel, provider: str, event_id: str) -> VerifiedEvent | None:
+    """A stored event as it was received, for replaying it (`flask billing replay`)."""
+    created = getattr(model, model.created_column)
+    row = db.session.execute(
+        select(model.event_id, model.type, created, model.livemode, model.api_version, model.payload).where(
+            model.event_id == event_id
+        )
+    ).one_or_none()
+    if row is None or not row[5]:
+        return None
+    return VerifiedEvent(
+        provider=provider,
+        event_id=row[0],
+        type=row[1],
+        created=int(row[2]),
+        livemode=row[3],
+        api_version=row[4],
+        raw=row[5],
+        body=json.loads(row[5]),
+    )
