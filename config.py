@@ -48,19 +48,9 @@ class BaseConfig:
         }
         self.SQLALCHEMY_TRACK_MODIFICATIONS = False
 
-        # Billing credentials come only from the environment; BillingService.ensure_stripe() names
-        # whichever is missing when it is first needed.
-        self.STRIPE_SECRET_KEY = env.get("STRIPE_SECRET_KEY", "")
-        self.STRIPE_WEBHOOK_SECRET = env.get("STRIPE_WEBHOOK_SECRET", "")
-        self.STRIPE_PUBLISHABLE_KEY = env.get("STRIPE_PUBLISHABLE_KEY", "")
-        self.STRIPE_API_BASE = env.get("STRIPE_API_BASE", "")
-        self.STRIPE_MAX_NETWORK_RETRIES = int(env.get("STRIPE_MAX_NETWORK_RETRIES", "2"))
-        self.STRIPE_TIMEOUT_SECONDS = float(env.get("STRIPE_TIMEOUT_SECONDS", "20"))
+        self.configure_stripe(env)
         self.APP_BASE_URL = env.get("APP_BASE_URL", "http://127.0.0.1:5000").rstrip("/")
         self.configure_whop(env)
-        # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
-        # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
-        self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in ("1", "true", "yes", "on")
 
         self.PLAN_CATALOGUE_FILE = env.get("PLAN_CATALOGUE_FILE", str(PROJECT_ROOT / "plans.toml"))
         self.PRICE_CACHE_SECONDS = int(env.get("PRICE_CACHE_SECONDS", "300"))
@@ -110,6 +100,19 @@ class BaseConfig:
         self.LOG_LEVEL = env.get("LOG_LEVEL", "INFO")
 
         self.configure_storage(env)
+
+    def configure_stripe(self, env: Mapping[str, str]) -> None:
+        # Billing credentials come only from the environment; BillingService.ensure_stripe() names
+        # whichever is missing when it is first needed.
+        self.STRIPE_SECRET_KEY = env.get("STRIPE_SECRET_KEY", "")
+        self.STRIPE_WEBHOOK_SECRET = env.get("STRIPE_WEBHOOK_SECRET", "")
+        self.STRIPE_PUBLISHABLE_KEY = env.get("STRIPE_PUBLISHABLE_KEY", "")
+        self.STRIPE_API_BASE = env.get("STRIPE_API_BASE", "")
+        self.STRIPE_MAX_NETWORK_RETRIES = int(env.get("STRIPE_MAX_NETWORK_RETRIES", "2"))
+        self.STRIPE_TIMEOUT_SECONDS = float(env.get("STRIPE_TIMEOUT_SECONDS", "20"))
+        # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
+        # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
+        self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in TRUE_WORDS
 
     def configure_mail_and_jobs(self, env: Mapping[str, str]) -> None:
         # Outgoing email over SMTP (Flask-Mailman). Production refuses to start without MAIL_SERVER and

@@ -35,7 +35,7 @@ from whop_sdk.payments.types.post_payment_failed_payload import PostPaymentFaile
 from whop_sdk.payments.types.post_payment_succeeded_payload import PostPaymentSucceededPayload
 from whop_sdk.types.membership import Membership
 
-from sandbox.tests.test_sandbox import _free_port
+from sandbox.tests.conftest import _free_port
 from sandbox.whop.delivery import sign
 
 ROOT = Path(__file__).resolve().parents[2]
