@@ -81,7 +81,10 @@ class SignupService:
             update(PendingSignup)
             .where(PendingSignup.email == email, PendingSignup.status == SignupStatus.PENDING)
             .values(
-                status=SignupStatus.EXPIRED, failure_reason="superseded by a newer signup attempt", updated_at=utcnow()
+                status=SignupStatus.EXPIRED,
+                failure_reason="superseded by a newer signup attempt",
+                password_hash=None,  # retention: an attempt that ended keeps no password
+                updated_at=utcnow(),
             )
             .returning(PendingSignup.id, PendingSignup.checkout_session_id)
         ).all()
@@ -257,9 +260,34 @@ class SignupService:
         return f"signup {status}"
 
     @staticmethod
+    def expire_overdue_signups(*, grace: timedelta) -> int:
+        """Expire open signups whose checkout ran out more than ``grace`` ago and erase their password
+        hashes: the backstop for a `checkout.session.expired` webhook that never came. Commits; returns
+        how many ended. A checkout paid later still provisions (Stripe's word wins); that owner sets a
+        password through "Forgot password?"."""
+        ended = db.session.execute(
+            update(PendingSignup)
+            .where(PendingSignup.status == SignupStatus.PENDING, PendingSignup.expires_at < utcnow() - grace)
+            .values(
+                status=SignupStatus.EXPIRED,
+                failure_reason="expired without a completed checkout",
+                password_hash=None,
+                updated_at=utcnow(),
+            )
+            .returning(PendingSignup.id)
+        ).all()
+        for row in ended:
+            domain_events.record(
+                "signup.expired", source="schedule", pending_signup_id=str(row.id), reason="expired without payment"
+            )
+        db.session.commit()
+        return len(ended)
+
+    @staticmethod
     def _close(pending: PendingSignup, status: SignupStatus, reason: str, *, source: str) -> None:
         pending.status = status
         pending.failure_reason = reason
+        pending.password_hash = None  # retention: a signup that ended keeps no password
         domain_events.record(f"signup.{status}", source=source, pending_signup_id=str(pending.id), reason=reason)
 
 
