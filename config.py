@@ -35,7 +35,11 @@ class BaseConfig:
         self.SECRET_KEY = env.get("SECRET_KEY", "")
         self.REDIS_URL = env.get("REDIS_URL", "")
         self.SQLALCHEMY_DATABASE_URI = normalise_database_url(env.get("DATABASE_URL", ""))
-        self.SQLALCHEMY_ENGINE_OPTIONS = self._engine_options(self.SQLALCHEMY_DATABASE_URI)
+        self.SQLALCHEMY_ENGINE_OPTIONS = self._engine_options(
+            self.SQLALCHEMY_DATABASE_URI, pre_ping=env.get("DATABASE_POOL_PRE_PING", "") in ("1", "true", "yes")
+        )
+        # How long a new connection waits for a PostgreSQL that is restarting (app/database.py).
+        self.DATABASE_CONNECT_RETRY_SECONDS = float(env.get("DATABASE_CONNECT_RETRY_SECONDS", "15"))
         # Single reads outside any transaction (the webhook duplicate check): no BEGIN or ROLLBACK
         # round trips, and no per-use isolation switch on the main pool's connections.
         self.SQLALCHEMY_BINDS = {
@@ -100,12 +104,14 @@ class BaseConfig:
     DEFAULT_LOG_FORMAT = "text"
 
     @staticmethod
-    def _engine_options(url: str) -> dict[str, object]:
+    def _engine_options(url: str, *, pre_ping: bool = False) -> dict[str, object]:
         if url.startswith("postgresql"):
             return {
-                # No pre-ping: it would cost every request a round trip. A connection that died with
-                # the database fails one request (a 503; Stripe redelivers webhooks), and SQLAlchemy
-                # then replaces the whole pool. Recycling keeps idle connections under server timeouts.
+                # No pre-ping by default: it would cost every checkout a round trip. A request whose
+                # connection died with a restarting database is run again once instead, and new
+                # connections wait for the server to come back (app/database.py). Recycling keeps
+                # idle connections under server timeouts.
+                "pool_pre_ping": pre_ping,
                 "pool_recycle": 1800,
                 "pool_size": 10,
                 "max_overflow": 5,

@@ -10,6 +10,7 @@ from flask import Flask
 from redis import Redis
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from app.database import ResilientFlask, close_session_despite_a_dead_connection, install_connect_retry
 from app.extensions import cache, csrf, db, limiter, login_manager, migrate, server_session
 from app.services.plans import PlanCatalogue
 from app.startup import check_production_settings, development_standins
@@ -21,7 +22,7 @@ REDIS_TIMEOUTS = {"socket_connect_timeout": 2, "socket_timeout": 2}
 
 def create_app(config: BaseConfig | None = None, **overrides: Any) -> Flask:
     """Build the app for ``config`` (default: the class APP_ENV names), with ``overrides`` on top."""
-    app = Flask(__name__)
+    app = ResilientFlask(__name__)
     app.config.from_object(config or config_for())
     app.config.update(overrides)
 
@@ -59,6 +60,12 @@ def register_extensions(app: Flask) -> None:
         app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", REDIS_TIMEOUTS)
 
     db.init_app(app)
+    with app.app_context():
+        for engine in db.engines.values():
+            install_connect_retry(engine, app.config["DATABASE_CONNECT_RETRY_SECONDS"])
+    # Runs before Flask-SQLAlchemy's own teardown (teardowns run in reverse order), which then finds
+    # nothing left to close.
+    app.teardown_appcontext(close_session_despite_a_dead_connection)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
     server_session.init_app(app)
     cache.init_app(app)

@@ -179,7 +179,9 @@ def complete_signup_from_stripe() -> Response | tuple[str, int]:
 def webhook(provider: str) -> tuple[Response, int]:
     """Webhook deliveries: the raw body and headers go to BillingService, nothing else happens here."""
     try:
-        result = BillingService.handle_webhook_event(provider, request.get_data(cache=False), dict(request.headers))
+        # The body stays cached for the request: a request run again after a database restart
+        # (app/database.py) must see it again.
+        result = BillingService.handle_webhook_event(provider, request.get_data(), dict(request.headers))
     except WebhookRejected as exc:
         return jsonify(error=str(exc)), 400
     except UnknownWebhookProvider:
