@@ -73,8 +73,11 @@ class BaseConfig:
         self.LOGIN_RATE_LIMIT_PER_ACCOUNT = env.get("LOGIN_RATE_LIMIT_PER_ACCOUNT", "10/hour;5/minute")
         self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
 
-        # Number of reverse proxies in front of the app whose X-Forwarded-* headers are trusted.
-        self.TRUSTED_PROXY_COUNT = int(env.get("TRUSTED_PROXY_COUNT", self.DEFAULT_TRUSTED_PROXIES))
+        # Number of reverse proxies in front of the app whose X-Forwarded-* headers are trusted. Production
+        # has no default (app/startup.py refuses to boot without it); elsewhere it is 0.
+        raw_proxies = env.get("TRUSTED_PROXY_COUNT", "").strip() or self.DEFAULT_TRUSTED_PROXIES
+        self.TRUSTED_PROXY_COUNT_SETTING = raw_proxies
+        self.TRUSTED_PROXY_COUNT = int(raw_proxies) if raw_proxies.isdigit() else 0
 
         # No form or Stripe event comes near this; anything bigger is refused before it is read.
         self.MAX_CONTENT_LENGTH = 1024 * 1024
@@ -174,7 +177,7 @@ class ProductionConfig(BaseConfig):
     are checked as a whole by app.startup.check_production_settings before anything serves."""
 
     APP_ENV = "production"
-    DEFAULT_TRUSTED_PROXIES = "1"
+    DEFAULT_TRUSTED_PROXIES = ""  # must be said explicitly: see app/startup.py
     DEFAULT_LOG_FORMAT = "json"
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:

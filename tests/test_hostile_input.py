@@ -479,6 +479,7 @@ def production_app(make_app: Callable[..., Flask], database_url: str, redis_url:
             "STRIPE_SECRET_KEY": OFFLINE_SECRET_KEY,
             "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
             "APP_BASE_URL": PUBLIC_URL,
+            "TRUSTED_PROXY_COUNT": "1",
         }
     )
     app = create_app(config)
