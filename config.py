@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
 
 def normalise_database_url(url: str) -> str:
@@ -98,13 +99,40 @@ class BaseConfig:
         self.RATELIMIT_SWALLOW_ERRORS = False
         self.CACHE_DEFAULT_TIMEOUT = self.PRICE_CACHE_SECONDS
         self.CACHE_KEY_PREFIX = "cache:"
+        self.configure_mail_and_jobs(env)
         self.LOG_FORMAT = env.get("LOG_FORMAT", self.DEFAULT_LOG_FORMAT)
         self.LOG_LEVEL = env.get("LOG_LEVEL", "INFO")
 
         self.configure_storage(env)
 
+    def configure_mail_and_jobs(self, env: Mapping[str, str]) -> None:
+        # Outgoing email over SMTP (Flask-Mailman). Production refuses to start without MAIL_SERVER and
+        # MAIL_DEFAULT_SENDER; development without MAIL_SERVER prints messages to the console instead.
+        self.MAIL_SERVER = env.get("MAIL_SERVER", "")
+        self.MAIL_PORT = int(env.get("MAIL_PORT", "25"))
+        self.MAIL_USE_TLS = env.get("MAIL_USE_TLS", "false").strip().lower() in TRUE_WORDS
+        self.MAIL_USE_SSL = env.get("MAIL_USE_SSL", "false").strip().lower() in TRUE_WORDS
+        self.MAIL_USERNAME = env.get("MAIL_USERNAME") or None
+        self.MAIL_PASSWORD = env.get("MAIL_PASSWORD") or None
+        self.MAIL_DEFAULT_SENDER = env.get("MAIL_DEFAULT_SENDER", "")
+        self.MAIL_TIMEOUT = float(env.get("MAIL_TIMEOUT_SECONDS", "10"))
+        self.MAIL_BACKEND = "smtp" if self.MAIL_SERVER else self.DEFAULT_MAIL_BACKEND
+
+        # The job queue (procrastinate, in the same PostgreSQL database). A failing job is retried with
+        # exponential backoff (JOB_RETRY_BASE_SECONDS ** attempt, capped at JOB_RETRY_MAX_WAIT_SECONDS)
+        # until JOB_MAX_ATTEMPTS attempts have failed.
+        self.JOB_MAX_ATTEMPTS = int(env.get("JOB_MAX_ATTEMPTS", "8"))
+        self.JOB_RETRY_BASE_SECONDS = int(env.get("JOB_RETRY_BASE_SECONDS", "2"))
+        self.JOB_RETRY_MAX_WAIT_SECONDS = int(env.get("JOB_RETRY_MAX_WAIT_SECONDS", "3600"))
+        self.WORKER_CONCURRENCY = int(env.get("WORKER_CONCURRENCY", "4"))
+        # Stored webhook payloads older than this are dropped by a daily job (the row and outcome stay).
+        self.EVENT_PAYLOAD_RETENTION_DAYS = int(env.get("EVENT_PAYLOAD_RETENTION_DAYS", "90"))
+        # /metrics answers only with "Authorization: Bearer $METRICS_TOKEN"; unset, it is a 404.
+        self.METRICS_TOKEN = env.get("METRICS_TOKEN", "")
+
     DEFAULT_TRUSTED_PROXIES = "0"
     DEFAULT_LOG_FORMAT = "text"
+    DEFAULT_MAIL_BACKEND = "smtp"
 
     @staticmethod
     def _engine_options(url: str, *, pre_ping: bool = False) -> dict[str, object]:
@@ -136,6 +164,7 @@ class DevelopmentConfig(BaseConfig):
     start-up (app/startup.py) and refused in production."""
 
     APP_ENV = "development"
+    DEFAULT_MAIL_BACKEND = "console"
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = dict(os.environ if environ is None else environ)
@@ -167,6 +196,9 @@ class TestConfig(BaseConfig):
         env["DATABASE_URL"] = env.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/billing_test")
         env["REDIS_URL"] = env.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
         env.setdefault("SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789")
+        # Real SMTP: the suite's fixtures point MAIL_PORT at an aiosmtpd server they run.
+        env.setdefault("MAIL_SERVER", "127.0.0.1")
+        env.setdefault("MAIL_DEFAULT_SENDER", "Ledgerline Billing <billing@ledgerline.test>")
         super().__init__(env)
         self.TESTING = True
         self.PAST_DUE_GRACE_DAYS = 7

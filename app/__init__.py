@@ -11,7 +11,7 @@ from redis import Redis
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.database import ResilientFlask, close_session_despite_a_dead_connection, install_connect_retry
-from app.extensions import cache, csrf, db, limiter, login_manager, migrate, server_session
+from app.extensions import cache, csrf, db, limiter, login_manager, mail, migrate, server_session
 from app.services.plans import PlanCatalogue
 from app.startup import check_production_settings, development_standins
 from config import PROJECT_ROOT, BaseConfig, config_for
@@ -71,6 +71,7 @@ def register_extensions(app: Flask) -> None:
     cache.init_app(app)
     limiter.init_app(app)
     csrf.init_app(app)
+    mail.init_app(app)
     login_manager.init_app(app)
     login_manager.login_view = "auth.login"
     login_manager.login_message = "Sign in to continue."
@@ -117,7 +118,7 @@ def register_commands(app: Flask) -> None:
 
 
 def register_domain_event_subscribers() -> None:
-    from app.services import domain_events
+    from app.services import domain_events, notifications  # noqa: F401  (notifications: the outbox consumers)
 
     if domain_events.log_announcement not in domain_events.subscribers("*"):
         domain_events.subscribe("*", domain_events.log_announcement)

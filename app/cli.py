@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 import click
+from flask import current_app
 from flask.cli import AppGroup
 from sqlalchemy import select
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus
+from app.services import queue
 from app.services.billing_service import BillingError, BillingService, plan_catalogue
 from app.services.signup_service import SignupService
 
@@ -91,3 +93,17 @@ def expire_signups(grace_hours: int) -> None:
     checkout.session.expired webhook that never came). Safe to run any number of times."""
     ended = SignupService.expire_overdue_signups(grace=timedelta(hours=grace_hours))
     click.echo(f"{ended} signup(s) expired; their password hashes are erased")
+
+
+@billing_cli.command("worker")
+@click.option("--queue", "queues", multiple=True, help="Only these queues (default: all).")
+@click.option("--concurrency", type=int, default=None, help="Jobs run at once (default: WORKER_CONCURRENCY).")
+@click.option("--once", is_flag=True, help="Run the jobs that are due now, then exit.")
+def worker(queues: tuple[str, ...], concurrency: int | None, once: bool) -> None:
+    """Run a background worker until SIGTERM: webhook application, emails, schedules. Any number of
+    workers may run, on any hosts, against the same database."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    if once:
+        queue.run_pending_jobs(app, queues=list(queues) or None, concurrency=concurrency or 1)
+    else:
+        queue.run_worker(app, queues=list(queues) or None, concurrency=concurrency)

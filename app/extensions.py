@@ -6,6 +6,7 @@ from flask import request
 from flask_caching import Cache
 from flask_limiter import Limiter
 from flask_login import LoginManager
+from flask_mailman import Mail
 from flask_migrate import Migrate
 from flask_session import Session
 from flask_sqlalchemy import SQLAlchemy
@@ -35,7 +36,7 @@ limiter = Limiter(key_func=client_address)
 # Machine endpoints carry no rate limit: webhooks are authenticated by signature and must not wait on
 # Redis, health checks must answer while Redis is down. A request filter skips the limiter's
 # per-request work outright (an exempt decorator would still resolve limits on every call).
-UNLIMITED_ENDPOINTS = frozenset({"billing.webhook", "main.healthz", "main.readyz"})
+UNLIMITED_ENDPOINTS = frozenset({"billing.webhook", "main.healthz", "main.readyz", "main.metrics"})
 
 
 @limiter.request_filter
@@ -45,3 +46,4 @@ def _machine_endpoint() -> bool:
 
 cache = Cache()
 csrf = CSRFProtect()
+mail = Mail()

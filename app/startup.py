@@ -49,6 +49,11 @@ def production_problems(config: Mapping[str, Any]) -> list[str]:
         *[f"{name} is not set" for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET") if not config.get(name)],
         *_stripe_api_base_problems(config),
         *_proxy_problems(config),
+        *[
+            f"{name} is not set (billing emails are sent over SMTP)"
+            for name in ("MAIL_SERVER", "MAIL_DEFAULT_SENDER")
+            if not config.get(name)
+        ],
         *(
             []
             if str(config.get("APP_BASE_URL") or "").startswith("https://")
@@ -154,4 +159,6 @@ def development_standins(config: Mapping[str, Any]) -> list[str]:
         standins.append("in-process cache")
     if str(config.get("RATELIMIT_STORAGE_URI")).startswith("memory"):
         standins.append("in-memory rate limits (set REDIS_URL for Redis)")
+    if config.get("MAIL_BACKEND") == "console":
+        standins.append("emails printed to the console (set MAIL_SERVER for SMTP)")
     return standins

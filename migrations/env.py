@@ -12,6 +12,12 @@ config.set_main_option("sqlalchemy.url", database.engine.url.render_as_string(hi
 target_metadata = database.metadata
 
 
+def include_object(obj, name, type_, reflected, compare_to):
+    """The job queue's tables (procrastinate_*) come from procrastinate's own schema, applied by a
+    migration as it ships; autogenerate leaves them alone."""
+    return not (type_ == "table" and str(name).startswith("procrastinate_"))
+
+
 def run_migrations_offline() -> None:
     context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata, literal_binds=True)
     with context.begin_transaction():
@@ -25,6 +31,7 @@ def run_migrations_online() -> None:
             **current_app.extensions["migrate"].configure_args,
             # SQLite (the development stand-in) alters tables by copying them.
             "render_as_batch": connection.dialect.name == "sqlite",
+            "include_object": include_object,
         }
         context.configure(connection=connection, target_metadata=target_metadata, **options)
         with context.begin_transaction():

@@ -8,46 +8,24 @@ import sys
 import tomllib
 from typing import NoReturn
 
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask
 from werkzeug.serving import make_server
 
-from . import api, billing, pages
-from .config import Settings
+from . import api, billing, control, pages
+from .config import LiveDelivery, Settings
 from .store import Store
 from .worker import Worker
 
 
-def create_app(settings: Settings, store: Store) -> Flask:
+def create_app(settings: Settings, store: Store, delivery: LiveDelivery | None = None) -> Flask:
+    """The sandbox's Flask app. `delivery` is the live delivery settings shared with the worker."""
     app = Flask(__name__)
     app.config.update(SANDBOX_SETTINGS=settings, SANDBOX_STORE=store)
+    # Test controls first: their /v1 hooks (request log, faults, latency) run before the API's.
+    control.init_app(app, delivery or LiveDelivery(settings.delivery))
     api.init_app(app)
     app.register_blueprint(pages.bp)
-    app.add_url_rule("/_sandbox/deliveries", view_func=deliveries)
     return app
-
-
-def deliveries() -> Response:
-    """Not a Stripe endpoint: what was sent to the webhook URL, newest first (?limit=, 100)."""
-    store: Store = current_app.config["SANDBOX_STORE"]
-    settings: Settings = current_app.config["SANDBOX_SETTINGS"]
-    rows = store.deliveries(request.args.get("limit", 100, type=int))
-    listed = []
-    for row in rows:
-        event = store.get(row["event_id"]) or {}
-        listed.append(
-            {
-                "event": row["event_id"],
-                "type": event.get("type"),
-                "created": event.get("created"),
-                "state": row["state"],
-                "attempts": row["attempts"],
-                "last_status": row["last_status"],
-                "last_error": row["last_error"],
-                "next_attempt_at": row["next_attempt_at"] if row["state"] == "pending" else None,
-                "delivered_at": row["delivered_at"],
-            }
-        )
-    return jsonify(webhook_url=settings.webhook_url, deliveries=listed)
 
 
 def _stop(*_: object) -> NoReturn:
@@ -56,7 +34,10 @@ def _stop(*_: object) -> NoReturn:
 
 def main() -> None:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        sys.exit(f"sandbox: bad setting: {exc}")
     store = Store(settings.state_dir / "sandbox.sqlite3")
     try:
         with store.transaction():
@@ -64,8 +45,9 @@ def main() -> None:
     except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
         sys.exit(f"sandbox: cannot load the plan catalogue {settings.catalogue_file}: {exc}")
 
-    server = make_server(settings.host, settings.port, create_app(settings, store), threaded=True)
-    worker = Worker(store, settings)
+    delivery = LiveDelivery(settings.delivery)
+    server = make_server(settings.host, settings.port, create_app(settings, store, delivery), threaded=True)
+    worker = Worker(store, settings, delivery=delivery)
     print(f"Stripe sandbox (offline, test mode) on http://{settings.host}:{settings.port}")
     for line in settings.describe():
         print(f"  {line}")

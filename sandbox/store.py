@@ -50,6 +50,30 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_error      TEXT,
     delivered_at    REAL
 );
+
+-- Test controls (sandbox/control.py): every /v1 request, oldest first by seq.
+CREATE TABLE IF NOT EXISTS request_log (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    at              REAL NOT NULL,
+    method          TEXT NOT NULL,
+    path            TEXT NOT NULL,
+    params          TEXT NOT NULL,                       -- JSON
+    idempotency_key TEXT,
+    status          INTEGER NOT NULL                     -- 0: connection closed without a response
+);
+
+-- Every webhook POST (or pull through /_sandbox/deliveries/take), duplicates included.
+CREATE TABLE IF NOT EXISTS delivery_sends (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT NOT NULL,
+    via         TEXT NOT NULL,                           -- push | take
+    duplicate   INTEGER NOT NULL,                        -- 1 for the second copy of an event
+    started_at  REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    status      INTEGER,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS delivery_sends_by_event ON delivery_sends (event_id);
 """
 
 
@@ -173,3 +197,90 @@ class Store:
 
     def deliveries(self, limit: int) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM deliveries ORDER BY seq DESC LIMIT ?", (limit,))
+
+    # -- test controls: request log, delivery claims and sends ----------------------------
+
+    def log_request(
+        self,
+        *,
+        method: str,
+        path: str,
+        params: str,
+        idempotency_key: str | None,
+        status: int,
+        at: float,
+        keep: int,
+    ) -> int:
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO request_log (at, method, path, params, idempotency_key, status) VALUES (?, ?, ?, ?, ?, ?)",
+                (at, method, path, params, idempotency_key, status),
+            )
+            seq = cursor.lastrowid
+            assert seq is not None
+            if seq % 500 == 0:
+                self._db.execute("DELETE FROM request_log WHERE seq <= ?", (seq - keep,))
+            return seq
+
+    def logged_requests(self, after: int, limit: int) -> list[sqlite3.Row]:
+        return self._query("SELECT * FROM request_log WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+
+    def last_request_seq(self) -> int:
+        rows = self._query("SELECT seq FROM sqlite_sequence WHERE name = 'request_log'")
+        return int(rows[0]["seq"]) if rows else 0
+
+    def release_claimed_deliveries(self, seq: int | None = None) -> None:
+        """Put `sending` deliveries (all of them at start-up, or one) back in the queue."""
+        if seq is None:
+            self._execute("UPDATE deliveries SET state = 'pending' WHERE state = 'sending'")
+        else:
+            self._execute("UPDATE deliveries SET state = 'pending' WHERE state = 'sending' AND seq = ?", (seq,))
+
+    def claim_due_delivery(self, now: float, first_delay: float, shuffled: bool) -> sqlite3.Row | None:
+        """Mark one due pending delivery `sending` and return it: the oldest, or a random one
+        when `shuffled`. A first attempt is due `first_delay` seconds after it was queued."""
+        due = (
+            "SELECT * FROM deliveries WHERE state = 'pending'"
+            " AND next_attempt_at + CASE WHEN attempts = 0 THEN ? ELSE 0 END <= ?"
+        )
+        with self.transaction():
+            rows = self._query(
+                due + (" ORDER BY RANDOM() LIMIT 1" if shuffled else " ORDER BY seq LIMIT 1"),
+                (first_delay, now),
+            )
+            if not rows:
+                return None
+            self._execute("UPDATE deliveries SET state = 'sending' WHERE seq = ?", (rows[0]["seq"],))
+            return rows[0]
+
+    def take_pending_deliveries(self, limit: int, now: float) -> list[sqlite3.Row]:
+        """Oldest first, up to `limit` pending deliveries, marked delivered (call inside a transaction)."""
+        rows = self._query("SELECT * FROM deliveries WHERE state = 'pending' ORDER BY seq LIMIT ?", (limit,))
+        for row in rows:
+            self._execute(
+                "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1, last_status = NULL,"
+                " last_error = NULL, delivered_at = ? WHERE seq = ?",
+                (now, row["seq"]),
+            )
+        return rows
+
+    def record_send(
+        self,
+        event_id: str,
+        *,
+        via: str,
+        duplicate: bool,
+        started_at: float,
+        finished_at: float,
+        status: int | None,
+        error: str | None,
+    ) -> None:
+        self._execute(
+            "INSERT INTO delivery_sends (event_id, via, duplicate, started_at, finished_at, status, error)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (event_id, via, int(duplicate), started_at, finished_at, status, error),
+        )
+
+    def sends(self, event_ids: list[str]) -> list[sqlite3.Row]:
+        marks = ",".join("?" * len(event_ids))
+        return self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks}) ORDER BY id", tuple(event_ids))  # noqa: S608

@@ -1,7 +1,8 @@
 """The background worker: runs timed jobs and delivers queued webhook events.
 
-Deliveries are attempted oldest first. A failed one is retried on its own backoff schedule
-without holding back later events, as Stripe does, so handlers must not rely on ordering.
+Deliveries are attempted oldest first (or shuffled, N at once, delayed and duplicated when the
+delivery settings say so). A failed one is retried on its own backoff schedule without holding
+back later events, as Stripe does, so handlers must not rely on ordering.
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ import hashlib
 import hmac
 import json
 import logging
+import random
 import re
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import requests
 
 from . import billing
-from .config import Settings
+from .config import MAX_CONCURRENCY, DeliveryConfig, LiveDelivery, Settings
 from .store import Store
 
 log = logging.getLogger("sandbox.webhooks")
@@ -43,27 +47,59 @@ def _describe(exc: requests.RequestException) -> str:
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
+def signature_header_for(payload: str, secrets: tuple[str, ...] | list[str], timestamp: int) -> str:
+    """One v1 signature per secret, as Stripe signs while an endpoint's secret is being rolled."""
+    signatures = [signature_header(payload, secret, timestamp).split(",", 1)[1] for secret in secrets]
+    return ",".join([f"t={timestamp}", *signatures])
+
+
+def render_payload(event: dict[str, Any], api_version: str) -> str:
+    """The exact body delivered for an event, rendered for the configured API version."""
+    return json.dumps({**event, "api_version": api_version}, indent=2)
+
+
 class Worker:
-    def __init__(self, store: Store, settings: Settings, poll_seconds: float = 0.2) -> None:
+    """Runs timed jobs and, in push mode, hands due deliveries to a small thread pool: up to
+    `concurrency` at once, oldest first (or shuffled), each first attempt `delay_seconds` after
+    the event, with an occasional duplicate. The settings are read afresh for every delivery."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        poll_seconds: float = 0.2,
+        delivery: LiveDelivery | None = None,
+    ) -> None:
         self._store = store
         self._settings = settings
+        self._delivery = delivery or LiveDelivery(settings.delivery)
         self._poll = poll_seconds
         self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=MAX_CONCURRENCY, thread_name_prefix="sandbox-webhook")
         self._thread = threading.Thread(target=self._run, name="sandbox-worker", daemon=True)
 
     def start(self) -> None:
+        self._store.release_claimed_deliveries()
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
+        self._wake.set()
         self._thread.join()
+        self._pool.shutdown(wait=True)
 
     def _run(self) -> None:
-        while not self._stopping.wait(self._poll):
+        while not self._stopping.is_set():
+            self._wake.wait(self._poll)
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
             try:
                 self._run_due_jobs()
-                while not self._stopping.is_set() and self._deliver_next():
-                    pass
+                self._dispatch()
             except Exception:  # keep the worker alive whatever one iteration hit
                 log.exception("worker iteration failed")
 
@@ -79,29 +115,50 @@ class Worker:
                 with self._store.transaction():
                     self._store.delete_job(job["id"])
 
-    def _deliver_next(self) -> bool:
-        delivery = self._store.next_due_delivery(time.time())
-        if delivery is None:
-            return False
-        event = self._store.get(delivery["event_id"])
-        assert event is not None
-        self._attempt(delivery, event)
-        return True
+    def _dispatch(self) -> None:
+        """Claim due deliveries until `concurrency` are in flight or none is due."""
+        while not self._stopping.is_set():
+            config = self._delivery.get()
+            if config.mode != "push":
+                return
+            with self._lock:
+                if self._in_flight >= config.concurrency:
+                    return
+            delivery = self._store.claim_due_delivery(time.time(), config.delay_seconds, config.reorder)
+            if delivery is None:
+                return
+            with self._lock:
+                self._in_flight += 1
+            self._pool.submit(self._deliver, delivery, config)
 
-    def _attempt(self, delivery: sqlite3.Row, event: dict[str, object]) -> None:
-        settings = self._settings
-        payload = json.dumps(event, indent=2)
-        attempt = delivery["attempts"] + 1
-        started = time.monotonic()
+    def _deliver(self, delivery: sqlite3.Row, config: DeliveryConfig) -> None:
+        try:
+            event = self._store.get(delivery["event_id"])
+            assert event is not None
+            delivered = self._attempt(delivery, event, config)
+            if delivered and config.duplicate_rate > 0 and random.random() < config.duplicate_rate:  # noqa: S311
+                self._send(event, config, duplicate=True)
+        except Exception:
+            log.exception("delivery of %s failed unexpectedly; requeued", delivery["event_id"])
+            self._store.release_claimed_deliveries(delivery["seq"])
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+            self._wake.set()
+
+    def _send(self, event: dict[str, Any], config: DeliveryConfig, *, duplicate: bool) -> tuple[int | None, str | None]:
+        """POST the event once; returns (status, error) with error None for a 2xx."""
+        payload = render_payload(event, config.api_version)
+        started = time.time()
         status: int | None = None
         error: str | None = None
         try:
             response = requests.post(
-                settings.webhook_url,
+                config.webhook_url,
                 data=payload.encode("utf-8"),
                 headers={
                     "Content-Type": "application/json; charset=utf-8",
-                    "Stripe-Signature": signature_header(payload, settings.webhook_secret, int(time.time())),
+                    "Stripe-Signature": signature_header_for(payload, config.secrets, int(time.time())),
                     "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
                 },
                 timeout=TIMEOUT_SECONDS,
@@ -112,6 +169,31 @@ class Worker:
                 error = f"HTTP {status}"
         except requests.RequestException as exc:
             error = _describe(exc)
+        finished = time.time()
+        self._store.record_send(
+            event["id"],
+            via="push",
+            duplicate=duplicate,
+            started_at=started,
+            finished_at=finished,
+            status=status,
+            error=error,
+        )
+        if duplicate:
+            log.info(
+                "webhook %s %s duplicate -> %s in %.0f ms",
+                event["id"],
+                event["type"],
+                status if error is None else error,
+                (finished - started) * 1000,
+            )
+        return status, error
+
+    def _attempt(self, delivery: sqlite3.Row, event: dict[str, Any], config: DeliveryConfig) -> bool:
+        settings = self._settings
+        attempt = delivery["attempts"] + 1
+        started = time.monotonic()
+        status, error = self._send(event, config, duplicate=False)
         elapsed_ms = (time.monotonic() - started) * 1000
 
         now = time.time()
@@ -143,3 +225,4 @@ class Worker:
             elapsed_ms,
             outcome,
         )
+        return error is None

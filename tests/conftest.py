@@ -9,10 +9,14 @@ import hmac
 import itertools
 import json
 import os
+import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from email import message_from_bytes
+from email import policy as email_policy
+from email.message import EmailMessage
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,6 +24,7 @@ import psycopg2
 import pytest
 import redis
 import stripe
+from aiosmtpd.controller import Controller
 from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import create_engine, text
@@ -27,13 +32,26 @@ from sqlalchemy.pool import NullPool
 
 from app import create_app
 from app.extensions import db
+from app.services import queue
 from app.services.billing_service import STRIPE_API_VERSION
 from config import TestConfig, normalise_database_url
 
 pytest_plugins = ["tests.live_support"]
 OFFLINE_SECRET_KEY = "sk_test_offline_suite_51Hx0000000000000"
 OFFLINE_WEBHOOK_SECRET = "whsec_offline_suite_0123456789abcdef"
-TABLES = ("domain_event", "organization_addon", "user_account", "pending_signup", "stripe_event", "organization")
+TABLES = (
+    "outbox_delivery",
+    "domain_event",
+    "organization_addon",
+    "user_account",
+    "pending_signup",
+    "stripe_event",
+    "organization",
+    "procrastinate_events",
+    "procrastinate_periodic_defers",
+    "procrastinate_jobs",
+    "procrastinate_workers",
+)
 LIVE_VARIABLES = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET")
 
 
@@ -123,14 +141,92 @@ def cleaner(database_url: str, redis_url: str) -> Iterator[Callable[[], None]]:
     engine.dispose()
 
 
+# --- SMTP: a real server (aiosmtpd) that keeps what it receives -----------------------------------
+
+
+class SmtpSink:
+    """The SMTP server's handler: every accepted message, parsed, in arrival order."""
+
+    def __init__(self) -> None:
+        self.messages: list[EmailMessage] = []
+        self.refusals = 0
+        self.lock = threading.Lock()
+        self.port = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            if self.refusals:
+                self.refusals -= 1
+                return "451 Requested action aborted: try again later"
+            message = message_from_bytes(envelope.content, policy=email_policy.default)
+            assert isinstance(message, EmailMessage)
+            self.messages.append(message)
+        return "250 Message accepted for delivery"
+
+    def refuse_next(self, count: int = 1) -> None:
+        """The next ``count`` messages are refused with a temporary error (451)."""
+        self.refusals = count
+
+    def to(self, address: str) -> list[EmailMessage]:
+        return [message for message in self.messages if address in str(message["To"])]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.messages.clear()
+            self.refusals = 0
+
+
+def email_text(message: EmailMessage) -> str:
+    part = message.get_body(preferencelist=("plain",))
+    assert part is not None, "no text/plain part"
+    return str(part.get_content())
+
+
+def email_html(message: EmailMessage) -> str:
+    part = message.get_body(preferencelist=("html",))
+    assert part is not None, "no text/html part"
+    return str(part.get_content())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def _smtp_sink() -> Iterator[SmtpSink]:
+    sink = SmtpSink()
+    sink.port = _free_port()
+    controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
+    controller.start()
+    yield sink
+    controller.stop()
+
+
 @pytest.fixture
-def make_app(cleaner: Callable[[], None]) -> Iterator[Callable[..., Flask]]:
+def smtp_server(_smtp_sink: SmtpSink) -> SmtpSink:
+    """The suite's SMTP server (every app the fixtures build sends to it), emptied for this test:
+    ``smtp_server.messages`` holds what arrived."""
+    _smtp_sink.clear()
+    return _smtp_sink
+
+
+def run_jobs(app: Flask, *, queues: list[str] | None = None) -> None:
+    """Run every queued job that is due (webhook application, outbox deliveries, emails) inline, the
+    way `flask billing worker` runs them, and return when none is left."""
+    queue.run_pending_jobs(app, queues=queues)
+
+
+@pytest.fixture
+def make_app(cleaner: Callable[[], None], smtp_server: SmtpSink) -> Iterator[Callable[..., Flask]]:
     """Build an app on the test database and Redis, from a clean slate; overrides go on top."""
     apps: list[Flask] = []
     cleaner()
 
     def build(**overrides: Any) -> Flask:
-        app = create_app(_test_config(), **{**offline_overrides(), **overrides})
+        mail = {"MAIL_SERVER": "127.0.0.1", "MAIL_PORT": smtp_server.port}
+        app = create_app(_test_config(), **{**offline_overrides(), **mail, **overrides})
         apps.append(app)
         return app
 

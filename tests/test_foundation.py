@@ -40,6 +40,8 @@ def production_environ(database_url: str, redis_url: str) -> dict[str, str]:
         "STRIPE_WEBHOOK_SECRET": "whsec_production_boot_check",
         "APP_BASE_URL": "https://billing.example.com",
         "TRUSTED_PROXY_COUNT": "1",
+        "MAIL_SERVER": "smtp.example.com",
+        "MAIL_DEFAULT_SENDER": "Billing <billing@example.com>",
     }
 
 
@@ -59,6 +61,8 @@ def production_app(environ: dict[str, str]) -> Flask:
         ({"DATABASE_URL": None}, "DATABASE_URL is not set"),
         ({"STRIPE_WEBHOOK_SECRET": None}, "STRIPE_WEBHOOK_SECRET is not set"),
         ({"APP_BASE_URL": "http://billing.example.com"}, "APP_BASE_URL must be the public https:// address"),
+        ({"MAIL_SERVER": None}, "MAIL_SERVER is not set"),
+        ({"MAIL_DEFAULT_SENDER": None}, "MAIL_DEFAULT_SENDER is not set"),
     ],
 )
 def test_production_refuses_to_boot_naming_the_setting(
@@ -143,6 +147,8 @@ def test_production_names_every_problem_at_once(production_environ: dict[str, st
         "STRIPE_WEBHOOK_SECRET is not set",
         "APP_BASE_URL must be the public https:// address",
         "TRUSTED_PROXY_COUNT is not set",
+        "MAIL_SERVER is not set",
+        "MAIL_DEFAULT_SENDER is not set",
     ):
         assert problem in message
 
@@ -260,11 +266,27 @@ def test_migrations_run_from_empty_to_head_and_back(database_url: str) -> None:
             upgrade()
             tables = set(inspect(db.engine).get_table_names())
             assert {"organization", "user_account", "pending_signup", "stripe_event", "domain_event"} <= tables
+            assert {"procrastinate_jobs", "procrastinate_events", "outbox_delivery"} <= tables
             with db.engine.connect() as connection:
-                differences = compare_metadata(MigrationContext.configure(connection), db.metadata)
+                # The job queue's tables come from procrastinate's schema SQL, not from the models.
+                context = MigrationContext.configure(
+                    connection,
+                    opts={
+                        "include_object": lambda o, n, t, r, c: not (t == "table" and n.startswith("procrastinate_"))
+                    },
+                )
+                differences = compare_metadata(context, db.metadata)
             assert differences == [], "the models and the migrations disagree"
             downgrade(revision="base")
             assert set(inspect(db.engine).get_table_names()) == {"alembic_version"}
+            with db.engine.connect() as connection:
+                leftovers = connection.execute(
+                    text(
+                        "SELECT proname FROM pg_proc WHERE proname LIKE 'procrastinate%' UNION ALL "
+                        "SELECT typname FROM pg_type WHERE typname LIKE 'procrastinate%'"
+                    )
+                ).all()
+            assert leftovers == [], "the downgrade leaves nothing of the job queue behind"
             db.engine.dispose()
     finally:
         with admin.connect() as connection:

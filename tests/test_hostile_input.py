@@ -480,6 +480,8 @@ def production_app(make_app: Callable[..., Flask], database_url: str, redis_url:
             "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
             "APP_BASE_URL": PUBLIC_URL,
             "TRUSTED_PROXY_COUNT": "1",
+            "MAIL_SERVER": "127.0.0.1",
+            "MAIL_DEFAULT_SENDER": "Billing <billing@example.com>",
         }
     )
     app = create_app(config)

@@ -3,6 +3,7 @@ create_all(); the classes here must agree with them (tests/test_foundation.py ch
 
 from app.models.domain_event import DomainEvent
 from app.models.organization import BillingStatus, Organization, OrganizationAddon
+from app.models.outbox_delivery import OutboxDelivery
 from app.models.pending_signup import PendingSignup, SignupStatus
 from app.models.stripe_event import StripeEvent, StripeEventStatus
 from app.models.user import User, UserRole
@@ -12,6 +13,7 @@ __all__ = [
     "DomainEvent",
     "Organization",
     "OrganizationAddon",
+    "OutboxDelivery",
     "PendingSignup",
     "SignupStatus",
     "StripeEvent",

@@ -32,6 +32,8 @@ class Announcement:
 Subscriber = Callable[[Announcement], None]
 _subscribers: dict[str, list[Subscriber]] = defaultdict(list)
 _PENDING_KEY = "domain_events_to_announce"
+# The rows recorded in the session's transaction: the outbox queues their delivery as it commits.
+RECORDED_KEY = "domain_events_recorded"
 
 
 def subscribe(name: str, subscriber: Subscriber) -> None:
@@ -59,6 +61,7 @@ def record(
     """Append an event to the current transaction."""
     domain_event = DomainEvent(name=name, organization_id=organization_id, user_id=user_id, source=source, data=data)
     db.session.add(domain_event)
+    db.session().info.setdefault(RECORDED_KEY, []).append(domain_event)
     _pending(db.session()).append(Announcement(name, organization_id, user_id, source, dict(data)))
     return domain_event
 
@@ -82,6 +85,7 @@ def _announce_after_commit(session: Session) -> None:
 def _forget_after_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
     if not previous_transaction.nested:
         session.info.pop(_PENDING_KEY, None)
+        session.info.pop(RECORDED_KEY, None)
 
 
 def log_announcement(announcement: Announcement) -> None:

@@ -2,7 +2,7 @@
 and the database's guarantee that only an open signup keeps a password hash.
 
 Revision ID: 0002_accounts
-Revises: 0001
+Revises: 0002_queue_outbox
 Create Date: 2026-11-28
 """
 
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0002_accounts"
-down_revision = "0001"
+down_revision = "0002_queue_outbox"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,103 @@
+"""The worker's tasks that are not the outbox's: housekeeping on a schedule (procrastinate periodic
+tasks; the worker defers each once per tick however many workers run). Importing this module
+registers every task the worker runs (outbox delivery and the billing emails included)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+import procrastinate
+from sqlalchemy import select, update
+
+from app.extensions import db
+from app.models import PendingSignup, SignupStatus, StripeEvent
+from app.models.types import utcnow
+from app.services import domain_events, notifications, outbox, queue  # noqa: F401  (registers the consumers)
+
+logger = logging.getLogger(__name__)
+
+maintenance = procrastinate.Blueprint()
+QUEUE = "maintenance"
+# A pending signup is closed this long after its expiry, when its Checkout Session (which expires at
+# the same moment at Stripe) can no longer be paid.
+SIGNUP_EXPIRY_MARGIN = timedelta(hours=1)
+
+
+@maintenance.periodic(cron="* * * * *")
+@maintenance.task(name="recover_stalled_jobs", queue=QUEUE, queueing_lock="recover_stalled_jobs", pass_context=True)
+async def recover_stalled_jobs(context: procrastinate.JobContext, timestamp: int) -> int:
+    """Jobs left "doing" by a worker that died (SIGKILL, lost host) run again."""
+    return await requeue_stalled_jobs(context.app)
+
+
+async def requeue_stalled_jobs(jobs: procrastinate.App, seconds_since_heartbeat: float = 30) -> int:
+    stalled = list(await jobs.job_manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat))
+    for job in stalled:
+        logger.warning("job %s (%s) was left running by a dead worker: queued again", job.id, job.task_name)
+        await jobs.job_manager.retry_job(job)
+    return len(stalled)
+
+
+def requeue_stalled_jobs_now(jobs: procrastinate.App, seconds_since_heartbeat: float = 30) -> int:
+    async def run() -> int:
+        async with jobs.open_async():
+            return await requeue_stalled_jobs(jobs, seconds_since_heartbeat)
+
+    return asyncio.run(run())
+
+
+@maintenance.periodic(cron="*/10 * * * *")
+@maintenance.task(name="expire_pending_signups", queue=QUEUE, queueing_lock="expire_pending_signups")
+@queue.in_app_context
+def expire_pending_signups(timestamp: int) -> int:
+    return close_expired_signups()
+
+
+def close_expired_signups() -> int:
+    """Pending signups past their expiry become expired and lose their password hash."""
+    rows = (
+        db.session.execute(
+            select(PendingSignup)
+            .where(
+                PendingSignup.status == SignupStatus.PENDING, PendingSignup.expires_at < utcnow() - SIGNUP_EXPIRY_MARGIN
+            )
+            .with_for_update(skip_locked=True)
+            .limit(500)
+        )
+        .scalars()
+        .all()
+    )
+    for pending in rows:
+        pending.status = SignupStatus.EXPIRED
+        pending.failure_reason = "the checkout was not completed before it expired"
+        pending.password_hash = None
+        domain_events.record(
+            "signup.expired", source="schedule", pending_signup_id=str(pending.id), reason=pending.failure_reason
+        )
+    db.session.commit()
+    return len(rows)
+
+
+@maintenance.periodic(cron="17 3 * * *")
+@maintenance.task(name="drop_old_event_payloads", queue=QUEUE, queueing_lock="drop_old_event_payloads")
+@queue.in_app_context
+def drop_old_event_payloads(timestamp: int) -> int:
+    return drop_event_payloads()
+
+
+def drop_event_payloads() -> int:
+    """Empty the stored payload of webhook events older than EVENT_PAYLOAD_RETENTION_DAYS; the row, its
+    type, status and outcome stay."""
+    days = int(queue.flask_app().config["EVENT_PAYLOAD_RETENTION_DAYS"])
+    result = db.session.execute(
+        update(StripeEvent)
+        .where(StripeEvent.received_at < utcnow() - timedelta(days=days), StripeEvent.payload != "")
+        .values(payload="")
+    )
+    db.session.commit()
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+queue.register_blueprint("maintenance", maintenance)

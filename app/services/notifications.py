@@ -1,0 +1,145 @@
+"""Billing emails to an organization's owner, sent by outbox consumers (app/services/outbox.py) from
+the worker, once per domain event. Each email is plain text and HTML, from
+app/templates/email/<template>.txt and .html."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select
+
+from app.extensions import db
+from app.models import Organization, PendingSignup, User, UserRole
+from app.services import outbox
+from app.services.mailer import send_email
+from app.services.outbox import OutboxEvent
+
+
+def _owner(organization_id: int | None) -> tuple[Organization, User] | None:
+    if organization_id is None:
+        return None
+    row = db.session.execute(
+        select(Organization, User)
+        .join(User, User.organization_id == Organization.id)
+        .where(Organization.id == organization_id, User.role == UserRole.OWNER)
+    ).first()
+    db.session.rollback()  # the rows are read; no transaction stays open while SMTP answers
+    return (row[0], row[1]) if row else None
+
+
+def _send_to_owner(event: OutboxEvent, template: str, subject: str, **context: Any) -> None:
+    found = _owner(event.organization_id)
+    if found is None:
+        # Nobody to write to (the organization has no owner): nothing is owed, and retrying cannot help.
+        current_app.logger.warning("no owner to email for %s (event %s)", event.name, event.id)
+        return
+    organization, owner = found
+    send_email(
+        owner.email,
+        template,
+        subject=subject,
+        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
+        organization=organization,
+        owner=owner,
+        event=event,
+        billing_url=f"{current_app.config['APP_BASE_URL']}/billing/",
+        **context,
+    )
+
+
+def _date(value: Any) -> datetime | None:
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    return None
+
+
+def money(amount: Any, currency: Any) -> str:
+    """Minor units to "USD 12.34" (the zero-decimal currencies Stripe lists are left whole)."""
+    if not isinstance(amount, int):
+        return "—"
+    code = str(currency or "usd").upper()
+    if code in {"JPY", "KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF"}:
+        return f"{code} {amount}"
+    return f"{code} {amount / 100:,.2f}"
+
+
+@outbox.consumer("signup.completed", name="welcome_email")
+def welcome_email(event: OutboxEvent) -> None:
+    found = _owner(event.organization_id)
+    addons = found[0].addon_quantities() if found else {}
+    _send_to_owner(
+        event,
+        "welcome",
+        "Welcome to Ledgerline: your receipt",
+        checkout_session_id=event.data.get("checkout_session_id"),
+        addons=addons,
+    )
+
+
+@outbox.consumer("billing.payment_failed", name="payment_failed_email")
+def payment_failed_email(event: OutboxEvent) -> None:
+    _send_to_owner(
+        event,
+        "payment_failed",
+        "Your payment failed",
+        amount=money(event.data.get("amount_due"), event.data.get("currency")),
+        next_attempt=_date(event.data.get("next_payment_attempt")),
+        pay_url=event.data.get("hosted_invoice_url"),
+    )
+
+
+@outbox.consumer("billing.payment_action_required", name="payment_action_required_email")
+def payment_action_required_email(event: OutboxEvent) -> None:
+    _send_to_owner(
+        event,
+        "payment_action_required",
+        "Your payment needs your confirmation",
+        amount=money(event.data.get("amount_due"), event.data.get("currency")),
+        pay_url=event.data.get("hosted_invoice_url"),
+    )
+
+
+@outbox.consumer("subscription.trial_will_end", name="trial_ending_email")
+def trial_ending_email(event: OutboxEvent) -> None:
+    _send_to_owner(event, "trial_ending", "Your trial ends in three days", trial_end=_date(event.data.get("trial_end")))
+
+
+@outbox.consumer("subscription.cancellation_scheduled", name="cancellation_scheduled_email")
+def cancellation_scheduled_email(event: OutboxEvent) -> None:
+    _send_to_owner(
+        event, "cancellation_scheduled", "Your subscription will end", ends_at=_date(event.data.get("ends_at"))
+    )
+
+
+@outbox.consumer("organization.billing_status_changed", name="subscription_ended_email")
+def subscription_ended_email(event: OutboxEvent) -> None:
+    if event.data.get("status") != "canceled":
+        return  # only the end of a subscription is written about; the delivery is still recorded
+    _send_to_owner(event, "subscription_ended", "Your subscription has ended")
+
+
+@outbox.consumer("signup.conflict", name="conflict_refund_email")
+def conflict_refund_email(event: OutboxEvent) -> None:
+    """A second paid signup for an email that already has an account: its checkout is refunded."""
+    pending_id = event.data.get("pending_signup_id")
+    pending = db.session.get(PendingSignup, pending_id) if pending_id else None
+    db.session.rollback()
+    if pending is None:
+        current_app.logger.warning("signup.conflict %s: no pending signup to write to", event.id)
+        return
+    send_email(
+        pending.email,
+        "conflict_refund",
+        subject="Your second signup was refunded",
+        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
+        event=event,
+        pending=pending,
+        login_url=f"{current_app.config['APP_BASE_URL']}/auth/login",
+    )

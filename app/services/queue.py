@@ -1,0 +1,261 @@
+"""The job queue: procrastinate on the application's PostgreSQL database, so that background work is
+as durable as the billing data it changes (a Redis flush or restart loses no job).
+
+Tasks are declared on procrastinate Blueprints in the services that own them (outbox.py for domain
+event delivery, jobs.py for webhook application and the schedules) and gathered into one procrastinate
+App by `job_app()`. A task body runs inside a Flask application context of the app that started the
+worker (`bind`), with its own database session, removed when the task returns.
+
+Jobs are deferred with `defer()` inside the caller's SQLAlchemy transaction: the job row is inserted
+through procrastinate's own `procrastinate_defer_jobs_v1` function on the session's connection, so a
+job exists exactly when the work that asked for it committed (the transactional outbox; procrastinate's
+Django integration does the same on Django's connection). A `queueing_lock` that is already taken by a
+waiting job means that job will do this work too: the defer is dropped (coalesced) under a savepoint.
+
+On the SQLite development stand-in there is no queue: committed jobs run in a thread of the process
+that deferred them (development only; production requires PostgreSQL)."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ParamSpec, TypeVar
+
+import procrastinate
+from flask import Flask, current_app, has_app_context
+from procrastinate.retry import BaseRetryStrategy, RetryDecision
+from sqlalchemy import event, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.extensions import db
+
+logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+QUEUEING_LOCK_INDEX = "procrastinate_jobs_queueing_lock_idx_v1"
+_EAGER_KEY = "queue_eager_jobs"
+_DEFER = text(
+    "SELECT procrastinate_defer_jobs_v1(ARRAY[ROW(:queue, :task, :priority, :lock, :queueing_lock, "
+    "CAST(:args AS jsonb), :scheduled_at)::procrastinate_job_to_defer_v1])"
+)
+
+_bound: dict[str, Flask] = {}
+_blueprints: list[tuple[str, procrastinate.Blueprint]] = []
+_job_app: procrastinate.App | None = None
+_connectors: dict[str, procrastinate.PsycopgConnector] = {}
+
+
+class CappedExponentialRetry(BaseRetryStrategy):
+    """Retry after base ** attempt seconds, at most ``ceiling`` seconds, until ``max_attempts`` have
+    failed. Read from the Flask app's JOB_* settings when the job fails."""
+
+    def get_retry_decision(self, *, exception: BaseException, job: procrastinate.jobs.Job) -> RetryDecision | None:
+        config = flask_app().config
+        if job.attempts + 1 >= int(config["JOB_MAX_ATTEMPTS"]):
+            return None
+        wait = min(
+            int(config["JOB_RETRY_BASE_SECONDS"]) ** (job.attempts + 1), int(config["JOB_RETRY_MAX_WAIT_SECONDS"])
+        )
+        return RetryDecision(retry_in={"seconds": wait})
+
+
+RETRY = CappedExponentialRetry()
+
+
+def register_blueprint(namespace: str, blueprint: procrastinate.Blueprint) -> None:
+    """Add a service's tasks to the job app (task names become ``namespace:name``)."""
+    if all(existing is not blueprint for _, existing in _blueprints):
+        _blueprints.append((namespace, blueprint))
+
+
+def bind(app: Flask) -> None:
+    """Run task bodies in ``app``'s context from now on (the app that runs the worker)."""
+    _bound["app"] = app
+
+
+def flask_app() -> Flask:
+    if has_app_context():
+        return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
+    try:
+        return _bound["app"]
+    except KeyError:
+        raise RuntimeError("no Flask app is bound to the job queue (queue.bind(app))") from None
+
+
+def in_app_context(func: Callable[P, R]) -> Callable[P, R]:
+    """Run a task body in the bound Flask app's context with a fresh session, removed afterwards."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _bound_app().app_context():
+            try:
+                return func(*args, **kwargs)
+            finally:
+                db.session.remove()
+
+    return wrapper
+
+
+def _bound_app() -> Flask:
+    try:
+        return _bound["app"]
+    except KeyError:
+        raise RuntimeError("no Flask app is bound to the job queue (queue.bind(app))") from None
+
+
+def conninfo(app: Flask) -> str:
+    """libpq's form of the app's database URL (procrastinate's connector is psycopg 3)."""
+    url = str(app.config["SQLALCHEMY_DATABASE_URI"])
+    for prefix in ("postgresql+psycopg2://", "postgresql+psycopg://"):
+        if url.startswith(prefix):
+            return "postgresql://" + url[len(prefix) :]
+    return url
+
+
+def job_app(app: Flask) -> procrastinate.App:
+    """The process's procrastinate App, with every registered task, connected to ``app``'s database.
+    (Blueprint tasks can join one App only, so there is one per process; its connector follows the
+    Flask app that asks.)"""
+    global _job_app  # noqa: PLW0603  (built once, on first use)
+    if _job_app is None:
+        importlib.import_module("app.services.jobs")  # registers the tasks (it imports this module)
+        jobs = procrastinate.App(connector=procrastinate.PsycopgConnector())
+        for namespace, blueprint in _blueprints:
+            jobs.add_tasks_from(blueprint, namespace=namespace)
+        _job_app = jobs
+    target = conninfo(app)
+    if target not in _connectors:
+        _connectors[target] = procrastinate.PsycopgConnector(
+            conninfo=target,
+            min_size=1,
+            max_size=max(2, int(app.config["WORKER_CONCURRENCY"]) + 2),
+            kwargs={"application_name": "billing-worker"},
+        )
+    _job_app.connector = _connectors[target]
+    _job_app.job_manager.connector = _connectors[target]
+    return _job_app
+
+
+@dataclass(frozen=True)
+class DeferredJob:
+    task: str
+    args: dict[str, Any]
+    queue: str
+    lock: str | None
+    queueing_lock: str | None
+    scheduled_at: datetime | None
+    priority: int
+
+
+def defer(
+    task: str,
+    /,
+    *,
+    queue: str,
+    lock: str | None = None,
+    queueing_lock: str | None = None,
+    scheduled_at: datetime | None = None,
+    priority: int = 0,
+    **args: Any,
+) -> bool:
+    """Insert a job into the current transaction of ``db.session``; it exists once that commits.
+    Returns False when a waiting job holds ``queueing_lock`` (it will do this work: coalesced)."""
+    job = DeferredJob(task, args, queue, lock, queueing_lock, scheduled_at, priority)
+    session = db.session()
+    if session.get_bind().dialect.name != "postgresql":
+        session.info.setdefault(_EAGER_KEY, []).append(job)
+        return True
+    params = {
+        "queue": queue,
+        "task": task,
+        "priority": priority,
+        "lock": lock,
+        "queueing_lock": queueing_lock,
+        "args": json.dumps(args),
+        "scheduled_at": scheduled_at,
+    }
+    if queueing_lock is None:
+        session.execute(_DEFER, params)
+        return True
+    try:
+        with session.begin_nested():
+            session.execute(_DEFER, params)
+    except IntegrityError as exc:
+        if QUEUEING_LOCK_INDEX not in str(exc.orig):
+            raise
+        return False
+    return True
+
+
+def run_pending_jobs(app: Flask, *, queues: list[str] | None = None, concurrency: int = 1) -> None:
+    """Run every job that is due now, the way `flask billing worker` does, and return when none is
+    left (tests, and `flask billing worker --once`)."""
+    bind(app)
+    jobs = job_app(app)
+    # No schedules here: running what is due must not defer the periodic work as well.
+    schedules = dict(jobs.periodic_registry.periodic_tasks)
+    jobs.periodic_registry.periodic_tasks.clear()
+    try:
+        jobs.run_worker(
+            queues=queues,
+            wait=False,
+            concurrency=concurrency,
+            install_signal_handlers=False,
+            listen_notify=False,
+            delete_jobs="never",
+        )
+    finally:
+        jobs.periodic_registry.periodic_tasks.update(schedules)
+
+
+def run_worker(app: Flask, *, queues: list[str] | None = None, concurrency: int | None = None) -> None:
+    """Run a worker until SIGTERM/SIGINT: it stops fetching, lets running jobs finish (their effects
+    are committed, or not at all) and exits."""
+    bind(app)
+    job_app(app).run_worker(
+        queues=queues,
+        concurrency=concurrency or int(app.config["WORKER_CONCURRENCY"]),
+        wait=True,
+        install_signal_handlers=True,
+        listen_notify=True,
+        delete_jobs="never",
+        fetch_job_polling_interval=5.0,
+    )
+
+
+# --- the development stand-in: no PostgreSQL, no queue -------------------------------------------
+
+
+@event.listens_for(Session, "after_commit")
+def _run_eager_jobs(session: Session) -> None:
+    jobs: list[DeferredJob] = session.info.pop(_EAGER_KEY, [])
+    if not jobs:
+        return
+    app = flask_app()
+    thread = threading.Thread(target=_run_in_thread, args=(app, jobs), name="eager-jobs", daemon=True)
+    thread.start()
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_eager_jobs(session: Session, previous_transaction: Any) -> None:
+    if not previous_transaction.nested:
+        session.info.pop(_EAGER_KEY, None)
+
+
+def _run_in_thread(app: Flask, jobs: list[DeferredJob]) -> None:
+    bind(app)
+    tasks = job_app(app).tasks
+    for job in jobs:
+        try:
+            tasks[job.task](**job.args)
+        except Exception:
+            logger.exception("job %s failed (development stand-in: not retried)", job.task)
