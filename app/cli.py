@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import click
 from flask import current_app
 from flask.cli import AppGroup
@@ -13,7 +11,6 @@ from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus
 from app.services import queue
 from app.services.billing_service import BillingError, BillingService, plan_catalogue
-from app.services.signup_service import SignupService
 
 billing_cli = AppGroup("billing", help="Billing operations: stored webhook events, replays, prices.")
 
@@ -82,17 +79,6 @@ def check_prices() -> None:
         raise click.ClickException(str(exc)) from None
     for label, lookup_key in entries:
         click.echo(f"{label:<24} {lookup_key:<24} {prices[lookup_key]}")
-
-
-@billing_cli.command("expire-signups")
-@click.option(
-    "--grace-hours", default=24, show_default=True, help="Leave signups this long past their checkout's expiry."
-)
-def expire_signups(grace_hours: int) -> None:
-    """Expire open signups whose checkout ran out and erase their password hashes (the backstop for a
-    checkout.session.expired webhook that never came). Safe to run any number of times."""
-    ended = SignupService.expire_overdue_signups(grace=timedelta(hours=grace_hours))
-    click.echo(f"{ended} signup(s) expired; their password hashes are erased")
 
 
 @billing_cli.command("worker")

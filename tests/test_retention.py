@@ -4,7 +4,6 @@ database refuses a closed signup that still holds one."""
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from app.extensions import db
-from app.services.signup_service import SignupService
+from app.services.jobs import close_expired_signups
 from tests.conftest import OfflineStripe, checkout_session_id, post_webhook, query, sign_up, start_signup
 
 
@@ -67,7 +66,7 @@ def test_a_superseded_signup_keeps_no_hash(app: Flask, offline_stripe: OfflineSt
     assert second.status == "pending" and second.password_hash.startswith("scrypt:")
 
 
-def test_the_sweep_expires_overdue_signups_and_erases_their_hashes(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_the_scheduled_sweep_erases_the_hashes_of_overdue_signups(app: Flask, offline_stripe: OfflineStripe) -> None:
     start_signup(app.test_client(), email="overdue@example.com")
     start_signup(app.test_client(), email="fresh@example.com")
     with app.app_context():
@@ -77,23 +76,11 @@ def test_the_sweep_expires_overdue_signups_and_erases_their_hashes(app: Flask, o
             )
         )
         db.session.commit()
-        assert SignupService.expire_overdue_signups(grace=timedelta(hours=1)) == 1
-        assert SignupService.expire_overdue_signups(grace=timedelta(hours=1)) == 0  # idempotent
+        assert close_expired_signups() == 1
+        assert close_expired_signups() == 0  # idempotent
     rows = {row.email: row for row in query(app, "SELECT email, status, password_hash FROM pending_signup")}
     assert (rows["overdue@example.com"].status, rows["overdue@example.com"].password_hash) == ("expired", None)
     assert rows["fresh@example.com"].status == "pending" and rows["fresh@example.com"].password_hash
-    [event] = query(app, "SELECT data FROM domain_event WHERE name = 'signup.expired'")
-    assert event.data["reason"] == "expired without payment"
-
-
-def test_the_sweep_command_reports_what_it_expired(app: Flask, offline_stripe: OfflineStripe) -> None:
-    start_signup(app.test_client())
-    with app.app_context():
-        db.session.execute(text("UPDATE pending_signup SET expires_at = now() - interval '2 days'"))
-        db.session.commit()
-    result = app.test_cli_runner().invoke(args=["billing", "expire-signups"])
-    assert result.exit_code == 0 and "1 signup" in result.output, result.output
-    assert signups(app)[0].password_hash is None
 
 
 def test_the_database_refuses_a_closed_signup_that_keeps_a_hash(app: Flask, offline_stripe: OfflineStripe) -> None:

@@ -260,30 +260,6 @@ class SignupService:
         return f"signup {status}"
 
     @staticmethod
-    def expire_overdue_signups(*, grace: timedelta) -> int:
-        """Expire open signups whose checkout ran out more than ``grace`` ago and erase their password
-        hashes: the backstop for a `checkout.session.expired` webhook that never came. Commits; returns
-        how many ended. A checkout paid later still provisions (Stripe's word wins); that owner sets a
-        password through "Forgot password?"."""
-        ended = db.session.execute(
-            update(PendingSignup)
-            .where(PendingSignup.status == SignupStatus.PENDING, PendingSignup.expires_at < utcnow() - grace)
-            .values(
-                status=SignupStatus.EXPIRED,
-                failure_reason="expired without a completed checkout",
-                password_hash=None,
-                updated_at=utcnow(),
-            )
-            .returning(PendingSignup.id)
-        ).all()
-        for row in ended:
-            domain_events.record(
-                "signup.expired", source="schedule", pending_signup_id=str(row.id), reason="expired without payment"
-            )
-        db.session.commit()
-        return len(ended)
-
-    @staticmethod
     def _close(pending: PendingSignup, status: SignupStatus, reason: str, *, source: str) -> None:
         pending.status = status
         pending.failure_reason = reason
