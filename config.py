@@ -71,7 +71,13 @@ class BaseConfig:
         self.SIGNUP_RATE_LIMIT_PER_CLIENT = env.get("SIGNUP_RATE_LIMIT_PER_CLIENT", "20/hour;5/minute")
         self.SIGNUP_RATE_LIMIT_PER_EMAIL = env.get("SIGNUP_RATE_LIMIT_PER_EMAIL", "5/hour")
         self.LOGIN_RATE_LIMIT_PER_CLIENT = env.get("LOGIN_RATE_LIMIT_PER_CLIENT", "30/hour;10/minute")
-        self.LOGIN_RATE_LIMIT_PER_ACCOUNT = env.get("LOGIN_RATE_LIMIT_PER_ACCOUNT", "10/hour;5/minute")
+        # Per account *and* client address: failures from elsewhere never lock the owner out (BILLING.md).
+        self.LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT = env.get(
+            "LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT", "10/hour;5/minute"
+        )
+        self.PASSWORD_RESET_RATE_LIMIT_PER_CLIENT = env.get("PASSWORD_RESET_RATE_LIMIT_PER_CLIENT", "10/hour;3/minute")
+        self.PASSWORD_RESET_RATE_LIMIT_PER_EMAIL = env.get("PASSWORD_RESET_RATE_LIMIT_PER_EMAIL", "3/hour")
+        self.EMAIL_VERIFICATION_RATE_LIMIT = env.get("EMAIL_VERIFICATION_RATE_LIMIT", "3/hour")
         self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
 
         # Number of reverse proxies in front of the app whose X-Forwarded-* headers are trusted. Production

@@ -86,12 +86,14 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
+    from app.account.routes import bp as account_bp
     from app.auth.routes import bp as auth_bp
     from app.billing.routes import bp as billing_bp
     from app.main.routes import bp as main_bp
 
     app.register_blueprint(main_bp)
     app.register_blueprint(auth_bp, url_prefix="/auth")
+    app.register_blueprint(account_bp, url_prefix="/account")
     app.register_blueprint(billing_bp, url_prefix="/billing")
 
 
@@ -118,7 +120,8 @@ def register_commands(app: Flask) -> None:
 
 
 def register_domain_event_subscribers() -> None:
-    from app.services import domain_events, notifications  # noqa: F401  (notifications: the outbox consumers)
+    # notifications and account_emails: importing them registers their outbox consumers.
+    from app.services import account_emails, domain_events, notifications  # noqa: F401
 
     if domain_events.log_announcement not in domain_events.subscribers("*"):
         domain_events.subscribe("*", domain_events.log_announcement)
@@ -126,6 +129,11 @@ def register_domain_event_subscribers() -> None:
 
 @login_manager.user_loader
 def load_user(user_id: str) -> Any:
+    from app.access import forget_stale_sign_in, session_is_current
     from app.models import User
 
-    return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    user = db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    if user is not None and session_is_current(user):
+        return user
+    forget_stale_sign_in()  # signed out everywhere, or the password changed, since this session began
+    return None
