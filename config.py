@@ -61,24 +61,16 @@ class BaseConfig:
         self.STRIPE_MAX_NETWORK_RETRIES = int(env.get("STRIPE_MAX_NETWORK_RETRIES", "2"))
         self.STRIPE_TIMEOUT_SECONDS = float(env.get("STRIPE_TIMEOUT_SECONDS", "20"))
         self.APP_BASE_URL = env.get("APP_BASE_URL", "http://127.0.0.1:5000").rstrip("/")
+        # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
+        # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
+        self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in ("1", "true", "yes", "on")
 
         self.PLAN_CATALOGUE_FILE = env.get("PLAN_CATALOGUE_FILE", str(PROJECT_ROOT / "plans.toml"))
         self.PRICE_CACHE_SECONDS = int(env.get("PRICE_CACHE_SECONDS", "300"))
         self.CHECKOUT_SESSION_TTL_MINUTES = int(env.get("CHECKOUT_SESSION_TTL_MINUTES", "60"))
         self.PAST_DUE_GRACE_DAYS = int(env.get("PAST_DUE_GRACE_DAYS", "7"))
 
-        # Rate limits (Flask-Limiter notation). Failed sign-ins only count against the login limits.
-        self.SIGNUP_RATE_LIMIT_PER_CLIENT = env.get("SIGNUP_RATE_LIMIT_PER_CLIENT", "20/hour;5/minute")
-        self.SIGNUP_RATE_LIMIT_PER_EMAIL = env.get("SIGNUP_RATE_LIMIT_PER_EMAIL", "5/hour")
-        self.LOGIN_RATE_LIMIT_PER_CLIENT = env.get("LOGIN_RATE_LIMIT_PER_CLIENT", "30/hour;10/minute")
-        # Per account *and* client address: failures from elsewhere never lock the owner out (BILLING.md).
-        self.LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT = env.get(
-            "LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT", "10/hour;5/minute"
-        )
-        self.PASSWORD_RESET_RATE_LIMIT_PER_CLIENT = env.get("PASSWORD_RESET_RATE_LIMIT_PER_CLIENT", "10/hour;3/minute")
-        self.PASSWORD_RESET_RATE_LIMIT_PER_EMAIL = env.get("PASSWORD_RESET_RATE_LIMIT_PER_EMAIL", "3/hour")
-        self.EMAIL_VERIFICATION_RATE_LIMIT = env.get("EMAIL_VERIFICATION_RATE_LIMIT", "3/hour")
-        self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
+        self.configure_rate_limits(env)
 
         # Number of reverse proxies in front of the app whose X-Forwarded-* headers are trusted. Production
         # has no default (app/startup.py refuses to boot without it); elsewhere it is 0.
@@ -139,6 +131,20 @@ class BaseConfig:
     DEFAULT_TRUSTED_PROXIES = "0"
     DEFAULT_LOG_FORMAT = "text"
     DEFAULT_MAIL_BACKEND = "smtp"
+
+    def configure_rate_limits(self, env: Mapping[str, str]) -> None:
+        # Rate limits (Flask-Limiter notation). Failed sign-ins only count against the login limits.
+        self.SIGNUP_RATE_LIMIT_PER_CLIENT = env.get("SIGNUP_RATE_LIMIT_PER_CLIENT", "20/hour;5/minute")
+        self.SIGNUP_RATE_LIMIT_PER_EMAIL = env.get("SIGNUP_RATE_LIMIT_PER_EMAIL", "5/hour")
+        self.LOGIN_RATE_LIMIT_PER_CLIENT = env.get("LOGIN_RATE_LIMIT_PER_CLIENT", "30/hour;10/minute")
+        # Per account *and* client address: failures from elsewhere never lock the owner out (BILLING.md).
+        self.LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT = env.get(
+            "LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT", "10/hour;5/minute"
+        )
+        self.PASSWORD_RESET_RATE_LIMIT_PER_CLIENT = env.get("PASSWORD_RESET_RATE_LIMIT_PER_CLIENT", "10/hour;3/minute")
+        self.PASSWORD_RESET_RATE_LIMIT_PER_EMAIL = env.get("PASSWORD_RESET_RATE_LIMIT_PER_EMAIL", "3/hour")
+        self.EMAIL_VERIFICATION_RATE_LIMIT = env.get("EMAIL_VERIFICATION_RATE_LIMIT", "3/hour")
+        self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
 
     @staticmethod
     def _engine_options(url: str, *, pre_ping: bool = False) -> dict[str, object]:

@@ -59,6 +59,12 @@ def production_problems(config: Mapping[str, Any]) -> list[str]:
             if str(config.get("APP_BASE_URL") or "").startswith("https://")
             else ["APP_BASE_URL must be the public https:// address (Stripe sends customers back to it)"]
         ),
+        *(
+            ["STRIPE_TEST_CLOCKS is on with a live Stripe key (test clocks exist only in test mode)"]
+            if config.get("STRIPE_TEST_CLOCKS")
+            and str(config.get("STRIPE_SECRET_KEY") or "").startswith(("sk_live_", "rk_live_"))
+            else []
+        ),
     ]
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import billing, objects
+from . import billing, clock, customers, invoicing, objects, simtime
 from .context import current_settings, current_store
 from .errors import StripeError, missing
 from .objects import Obj
@@ -44,6 +44,13 @@ EXPANDABLE = {
     "product",
     "default_price",
     "price",
+    "payment_intent",
+    "charge",
+    "latest_charge",
+    "payment_method",
+    "default_payment_method",
+    "schedule",
+    "test_clock",
 }
 
 
@@ -136,7 +143,8 @@ def endpoint(rule: str, method: str) -> Callable[[Callable[..., Obj]], Callable[
                     replay = _replay(store, key, sorted(pairs))
                     if replay:
                         return replay
-                body = json.dumps(_present(store, view(params, **path_args), expand), indent=2)
+                with simtime.time_of(store, _clock_subject(path_args, params)):
+                    body = json.dumps(_present(store, view(params, **path_args), expand), indent=2)
                 if key:
                     store.save_idempotent_result(
                         key,
@@ -153,6 +161,18 @@ def endpoint(rule: str, method: str) -> Callable[[Callable[..., Obj]], Callable[
         return view
 
     return register
+
+
+def _clock_subject(path_args: dict[str, str], params: Params) -> str | None:
+    """The object whose test clock (if any) gives this request its time: the object in the
+    path, else the `customer` parameter. Checkout Sessions keep the wall clock, because their
+    expiry is real time for the person paying."""
+    if request.path.startswith("/v1/checkout/"):
+        return None
+    for value in path_args.values():
+        return value
+    customer = params.get("customer")
+    return customer if isinstance(customer, str) else None
 
 
 def _fingerprint(pairs: list[tuple[str, str]]) -> str:
@@ -267,6 +287,7 @@ def create_checkout_session(params: Params) -> Obj:
             "subscription_data",
             "expires_at",
             "allow_promotion_codes",
+            "payment_method_collection",
         ),
     )
     mode = string(params, "mode", required=True)
@@ -289,8 +310,14 @@ def create_checkout_session(params: Params) -> Obj:
         assert price is not None and quantity is not None
         line_items.append((price, quantity))
     subscription_data = mapping(params, "subscription_data") or {}
-    reject_unknown(subscription_data, ("metadata", "trial_period_days"), "subscription_data")
+    reject_unknown(subscription_data, ("metadata", "trial_period_days", "trial_settings"), "subscription_data")
     trial_days = integer(subscription_data, "trial_period_days", "subscription_data", minimum=1)
+    collection = string(params, "payment_method_collection") or "always"
+    if collection not in ("always", "if_required"):
+        raise StripeError(
+            f"Invalid payment_method_collection: must be one of always or if_required, not {collection!r}.",
+            param="payment_method_collection",
+        )
     checkout = billing.CheckoutRequest(
         line_items=line_items,
         success_url=string(params, "success_url"),
@@ -303,6 +330,8 @@ def create_checkout_session(params: Params) -> Obj:
         trial_period_days=trial_days,
         expires_at=integer(params, "expires_at"),
         allow_promotion_codes=boolean(params, "allow_promotion_codes"),
+        payment_method_collection=collection,
+        missing_payment_method=clock.missing_payment_method_param(subscription_data),
     )
     return billing.create_checkout_session(current_store(), checkout, current_settings().public_url)
 
@@ -338,19 +367,6 @@ def create_portal_session(params: Params) -> Obj:
 def retrieve_subscription(params: Params, subscription_id: str) -> Obj:
     reject_unknown(params, ())
     return billing.load(current_store(), "subscription", subscription_id)
-
-
-@endpoint("/subscriptions/<subscription_id>", "POST")
-def update_subscription(params: Params, subscription_id: str) -> Obj:
-    reject_unknown(params, ("cancel_at_period_end", "metadata", "cancellation_details"))
-    return billing.update_subscription(
-        current_store(),
-        subscription_id,
-        cancel_at_period_end=boolean(params, "cancel_at_period_end"),
-        metadata=metadata(params),
-        cancellation_details=_cancellation_details(params),
-        origin=_origin(),
-    )
 
 
 @endpoint("/subscriptions/<subscription_id>", "DELETE")
@@ -390,3 +406,158 @@ def retrieve_invoice(params: Params, invoice_id: str) -> Obj:
 @endpoint("/events/<event_id>", "GET")
 def retrieve_event(params: Params, event_id: str) -> Obj:
     return _retrieve("event", event_id, params)
+
+
+# -- customers, payment methods, payments and invoices ---------------------------------------------
+
+
+def _limit(params: Params) -> int:
+    limit = integer(params, "limit", minimum=1) or 10
+    if limit > 100:
+        raise StripeError("This value must be less than or equal to 100.", param="limit")
+    return limit
+
+
+def _default_payment_method(params: Params) -> str | None:
+    settings = mapping(params, "invoice_settings")
+    if settings is None:
+        return None
+    reject_unknown(settings, ("default_payment_method",), "invoice_settings")
+    value = settings.get("default_payment_method")
+    if value is not None and not isinstance(value, str):
+        raise StripeError("Invalid string", param="invoice_settings[default_payment_method]")
+    return value
+
+
+@endpoint("/customers", "POST")
+def create_customer(params: Params) -> Obj:
+    reject_unknown(params, ("email", "name", "metadata", "test_clock", "payment_method", "invoice_settings"))
+    return customers.create(
+        current_store(),
+        email=string(params, "email"),
+        name=string(params, "name"),
+        metadata=_clean(metadata(params)),
+        test_clock=string(params, "test_clock"),
+        payment_method=string(params, "payment_method"),
+        default_payment_method=_default_payment_method(params),
+        origin=_origin(),
+    )
+
+
+@endpoint("/customers/<customer_id>", "POST")
+def update_customer(params: Params, customer_id: str) -> Obj:
+    reject_unknown(params, ("email", "name", "metadata", "invoice_settings"))
+    return customers.update(
+        current_store(),
+        customer_id,
+        email=params["email"] if params.get("email") == "" else string(params, "email"),
+        name=params["name"] if params.get("name") == "" else string(params, "name"),
+        metadata=metadata(params),
+        default_payment_method=_default_payment_method(params),
+        origin=_origin(),
+    )
+
+
+@endpoint("/customers/<customer_id>/payment_methods", "GET")
+def list_customer_payment_methods(params: Params, customer_id: str) -> Obj:
+    reject_unknown(params, ("type", "limit", "starting_after"))
+    _card_type_only(params)
+    billing.load(current_store(), "customer", customer_id, "customer")
+    return invoicing.customer_payment_methods(
+        current_store(), customer_id, _limit(params), string(params, "starting_after")
+    )
+
+
+@endpoint("/payment_methods", "GET")
+def list_payment_methods(params: Params) -> Obj:
+    reject_unknown(params, ("customer", "type", "limit", "starting_after"))
+    _card_type_only(params)
+    customer = string(params, "customer", required=True)
+    assert customer is not None
+    billing.load(current_store(), "customer", customer, "customer", 400)
+    listed = invoicing.customer_payment_methods(
+        current_store(), customer, _limit(params), string(params, "starting_after")
+    )
+    return {**listed, "url": "/v1/payment_methods"}
+
+
+def _card_type_only(params: Params) -> None:
+    kind = string(params, "type")
+    if kind not in (None, "card"):
+        raise StripeError(f"The sandbox only has card payment methods, not {kind!r}.", param="type")
+
+
+@endpoint("/payment_methods/<payment_method_id>", "GET")
+def retrieve_payment_method(params: Params, payment_method_id: str) -> Obj:
+    return _retrieve("payment_method", payment_method_id, params)
+
+
+@endpoint("/invoices", "GET")
+def list_invoices(params: Params) -> Obj:
+    reject_unknown(params, ("customer", "subscription", "status", "limit", "starting_after"))
+    status = string(params, "status")
+    if status not in (None, "draft", "open", "paid", "uncollectible", "void"):
+        raise StripeError(f"Invalid status: {status}", param="status")
+    return invoicing.list_invoices(
+        current_store(),
+        customer=string(params, "customer"),
+        subscription=string(params, "subscription"),
+        status=status,
+        limit=_limit(params),
+        starting_after=string(params, "starting_after"),
+    )
+
+
+@endpoint("/invoices/<invoice_id>/pay", "POST")
+def pay_invoice(params: Params, invoice_id: str) -> Obj:
+    reject_unknown(params, ("payment_method",))
+    return invoicing.pay(current_store(), invoice_id, string(params, "payment_method"), _origin())
+
+
+@endpoint("/invoice_payments", "GET")
+def list_invoice_payments(params: Params) -> Obj:
+    reject_unknown(params, ("invoice",))
+    invoice = string(params, "invoice", required=True)
+    assert invoice is not None
+    return invoicing.invoice_payments(current_store(), invoice)
+
+
+# -- test clocks ----------------------------------------------------------------------------------
+
+
+@endpoint("/test_helpers/test_clocks", "POST")
+def create_test_clock(params: Params) -> Obj:
+    reject_unknown(params, ("frozen_time", "name"))
+    frozen_time = integer(params, "frozen_time", required=True)
+    assert frozen_time is not None
+    return clock.create(current_store(), frozen_time, string(params, "name"), _origin())
+
+
+@endpoint("/test_helpers/test_clocks", "GET")
+def list_test_clocks(params: Params) -> Obj:
+    reject_unknown(params, ("limit", "starting_after"))
+    return clock.list_clocks(current_store(), _limit(params), string(params, "starting_after"))
+
+
+@endpoint("/test_helpers/test_clocks/<clock_id>", "GET")
+def retrieve_test_clock(params: Params, clock_id: str) -> Obj:
+    reject_unknown(params, ())
+    return clock.load(current_store(), clock_id, "test_clock")
+
+
+@endpoint("/test_helpers/test_clocks/<clock_id>", "DELETE")
+def delete_test_clock(params: Params, clock_id: str) -> Obj:
+    reject_unknown(params, ())
+    return clock.delete(current_store(), clock_id, _origin())
+
+
+@endpoint("/test_helpers/test_clocks/<clock_id>/advance", "POST")
+def advance_test_clock(params: Params, clock_id: str) -> Obj:
+    reject_unknown(params, ("frozen_time",))
+    frozen_time = integer(params, "frozen_time", required=True)
+    assert frozen_time is not None
+    return clock.advance(current_store(), clock_id, frozen_time, _origin())
+
+
+# Endpoints for changing subscriptions, previews, schedules, prices, refunds and lists.
+from . import endpoints  # noqa: E402,F401  (registers on bp; needs the helpers above)

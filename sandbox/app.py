@@ -11,7 +11,7 @@ from typing import NoReturn
 from flask import Flask
 from werkzeug.serving import make_server
 
-from . import api, billing, control, pages
+from . import api, billing, clock, control, pages
 from .config import LiveDelivery, Settings
 from .store import Store
 from .worker import Worker
@@ -36,6 +36,7 @@ def main() -> None:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         settings = Settings.from_env()
+        dunning = clock.Dunning.from_env()
     except ValueError as exc:
         sys.exit(f"sandbox: bad setting: {exc}")
     store = Store(settings.state_dir / "sandbox.sqlite3")
@@ -51,8 +52,11 @@ def main() -> None:
     print(f"Stripe sandbox (offline, test mode) on http://{settings.host}:{settings.port}")
     for line in settings.describe():
         print(f"  {line}")
+    print(f"  SANDBOX_DUNNING_RETRY_DAYS={','.join(map(str, dunning.retry_days))}")
+    print(f"  SANDBOX_DUNNING_FINAL_ACTION={dunning.final_action}")
     for price in prices:
-        print(f"  price {price['id']} {price['lookup_key']}: {price['unit_amount']} {price['currency']}/month")
+        interval = price["recurring"]["interval"]
+        print(f"  price {price['id']} {price['lookup_key']}: {price['unit_amount']} {price['currency']}/{interval}")
     print(
         f'Point the SDK at it: StripeClient("sk_test_…", base_addresses={{"api": "{settings.public_url}"}})',
         flush=True,

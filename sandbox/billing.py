@@ -9,11 +9,12 @@ from __future__ import annotations
 import copy
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import objects
+from . import invoicing, objects, simtime
 from .errors import StripeError, no_such
 from .objects import Obj
 from .store import Store
@@ -45,7 +46,7 @@ AUTOMATIC = Origin()
 @dataclass(frozen=True)
 class SandboxCard:
     number: str
-    outcome: str  # succeeds | declined | async_succeeds | async_fails
+    outcome: str  # succeeds | declined | async_succeeds | async_fails | charge_fails
     description: str
 
 
@@ -53,7 +54,8 @@ SANDBOX_CARDS = (
     SandboxCard("4242424242424242", "succeeds", "Succeeds."),
     SandboxCard("4000000000000002", "declined", "Is declined."),
     SandboxCard("4000000000003220", "async_succeeds", "Settles later and succeeds."),
-    SandboxCard("4000000000000341", "async_fails", "Settles later and fails."),
+    SandboxCard("4000008400001629", "async_fails", "Settles later and fails."),
+    SandboxCard("4000000000000341", "charge_fails", "Attaches; every charge fails."),
 )
 
 
@@ -62,7 +64,9 @@ class PaymentError(Exception):
 
 
 def _now() -> int:
-    return int(time.time())
+    """The current time of whatever is being worked on: a test clock's frozen time inside
+    simtime.frozen_at() (customers on a clock), otherwise the wall clock."""
+    return simtime.now()
 
 
 def emit(
@@ -88,7 +92,8 @@ def load(store: Store, kind: str, object_id: str, param: str = "id", status: int
 
 
 def seed_catalogue(store: Store, path: Path) -> list[Obj]:
-    """One active monthly USD price (and product) per lookup key in the plan catalogue.
+    """One active monthly USD price (and product) per lookup key in the plan catalogue, plus a
+    yearly price on the same product for an entry with a `yearly_lookup_key`.
 
     Re-running is a no-op unless the file changed: a new name is applied in place, a new amount
     gets a new price that takes over the lookup key (Stripe prices are immutable)."""
@@ -99,27 +104,48 @@ def seed_catalogue(store: Store, path: Path) -> list[Obj]:
         for key, entry in catalogue.get(section, {}).items():
             if "lookup_key" not in entry:
                 raise ValueError(f"[{section}.{key}] has no lookup_key")
-            seeded.append(_seed_price(store, entry))
+            role = "tier" if section == "tiers" else "addon"
+            amount = int(entry.get("sandbox_unit_amount", 1000))
+            monthly = _seed_price(store, entry, str(entry["lookup_key"]), amount, "month", role, None)
+            seeded.append(monthly)
+            if "yearly_lookup_key" in entry:
+                yearly_amount = int(entry.get("sandbox_yearly_unit_amount", 10 * amount))
+                seeded.append(
+                    _seed_price(
+                        store, entry, str(entry["yearly_lookup_key"]), yearly_amount, "year", role, monthly["product"]
+                    )
+                )
     return seeded
 
 
-def _seed_price(store: Store, entry: dict[str, Any]) -> Obj:
-    lookup_key = str(entry["lookup_key"])
+def _seed_price(
+    store: Store,
+    entry: dict[str, Any],
+    lookup_key: str,
+    amount: int,
+    interval: str,
+    role: str,
+    product_id: str | None,
+) -> Obj:
     name = str(entry.get("name", lookup_key))
     description = str(entry["description"]) if "description" in entry else None
-    amount = int(entry.get("sandbox_unit_amount", 1000))
     now = _now()
     current = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
-    product = store.get(current["product"]) if current else objects.product(name, description, now)
+    if product_id is None and current:
+        product_id = current["product"]
+    product = store.get(product_id) if product_id else objects.product(name, description, now)
     assert product is not None
     if (product["name"], product["description"]) != (name, description):
         product.update(name=name, description=description, updated=now)
-    if current and current["unit_amount"] != amount:
+    if current and (current["unit_amount"], current["recurring"]["interval"]) != (amount, interval):
         store.put({**current, "active": False, "lookup_key": None})
         current = None
     price = current or objects.price(product["id"], lookup_key, name, amount, now)
+    price["recurring"]["interval"] = interval
     price["nickname"] = name
-    product["default_price"] = price["id"]
+    price["_catalogue"] = {"role": role, "interval": interval}  # for the portal's plan switcher
+    if interval == "month" or product["default_price"] is None:
+        product["default_price"] = price["id"]
     store.put(product)
     store.put(price)
     return price
@@ -162,6 +188,8 @@ class CheckoutRequest:
     trial_period_days: int | None
     expires_at: int | None
     allow_promotion_codes: bool | None
+    payment_method_collection: str = "always"
+    missing_payment_method: str | None = None  # subscription_data[trial_settings][end_behavior]
 
 
 def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str) -> Obj:
@@ -209,6 +237,8 @@ def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str)
         public_url=public_url,
         now=now,
     )
+    session["payment_method_collection"] = req.payment_method_collection
+    session["_subscription_data"]["missing_payment_method"] = req.missing_payment_method
     store.put(session)
     store.add_job("expire_session", session["id"], session["expires_at"])
     return session
@@ -251,25 +281,62 @@ def pay_checkout_session(
     email: str,
     name: str,
     async_delay: float,
+    card_expiry: tuple[int, int] = (12, 2034),
 ) -> Obj:
-    """Complete a Session with a sandbox card: create the customer, subscription and invoice,
-    emit the events Stripe emits, and schedule the settlement of an asynchronous payment."""
+    """Complete a Session with a sandbox card: create the customer, its payment method, the
+    subscription and invoice, emit the events Stripe emits, and schedule the settlement of an
+    asynchronous payment. card_number may be empty for a trial Session whose
+    payment_method_collection is if_required. A customer on a test clock gets everything at
+    the clock's frozen time."""
     session = get_checkout_session(store, session_id)
     if session["status"] != "open":
         raise PaymentError(f"This Checkout Session is {session['status']}; it can no longer be paid.")
+    trial_days = session["_subscription_data"]["trial_period_days"]
     card = next((c for c in SANDBOX_CARDS if c.number == card_number), None)
-    if card is None:
+    if card is None and not (card_number == "" and card_optional(session)):
         raise PaymentError("This sandbox only accepts the test cards listed above.")
-    if card.outcome == "declined":
+    if card and (card.outcome == "declined" or (card.outcome == "charge_fails" and not trial_days)):
         raise PaymentError("Your card was declined.")
+    with simtime.time_of(store, session["customer"]):
+        return _complete_checkout(store, session, card, email, name, async_delay, card_expiry)
 
+
+def card_optional(session: Obj) -> bool:
+    """A trial Session with payment_method_collection=if_required can complete without a card."""
+    return bool(session["_subscription_data"]["trial_period_days"]) and (
+        session["payment_method_collection"] == "if_required"
+    )
+
+
+def _complete_checkout(
+    store: Store,
+    session: Obj,
+    card: SandboxCard | None,
+    email: str,
+    name: str,
+    async_delay: float,
+    card_expiry: tuple[int, int],
+) -> Obj:
     now = _now()
     sub_data = session["_subscription_data"]
     trial_days = sub_data["trial_period_days"]
-    settles_later = card.outcome.startswith("async") and not trial_days  # a trial charges nothing
+    settles_later = card is not None and card.outcome.startswith("async") and not trial_days
 
     customer = store.get(session["customer"]) if session["customer"] else objects.customer(email, name, now)
     assert customer is not None
+    method = None
+    if card is not None:
+        method = invoicing.create_payment_method(
+            store,
+            card.number,
+            customer_id=customer["id"],
+            name=name,
+            email=email,
+            exp_month=card_expiry[0],
+            exp_year=card_expiry[1],
+        )
+        if customer["invoice_settings"]["default_payment_method"] is None:
+            customer["invoice_settings"]["default_payment_method"] = method["id"]
     subscription = objects.subscription(
         customer_id=customer["id"],
         line_items=session["line_items"]["data"],
@@ -278,11 +345,19 @@ def pay_checkout_session(
         status="trialing" if trial_days else "incomplete" if settles_later else "active",
         now=now,
     )
+    subscription.update(
+        test_clock=customer.get("test_clock"),
+        default_payment_method=method["id"] if method else None,
+    )
+    if sub_data.get("missing_payment_method"):
+        subscription["trial_settings"]["end_behavior"]["missing_payment_method"] = sub_data["missing_payment_method"]
     invoice = objects.invoice(customer, subscription, now)
+    invoicing.decorate(invoice, customer, subscription)
     customer["next_invoice_sequence"] += 1
     subscription["latest_invoice"] = invoice["id"]
     if not settles_later:
-        _mark_paid(invoice, now)
+        paid = invoicing.charge(store, invoice, method)
+        assert paid, "cards whose charges fail are refused above"
     session.update(
         status="complete",
         payment_status=("no_payment_required" if trial_days else "unpaid" if settles_later else "paid"),
@@ -303,17 +378,6 @@ def pay_checkout_session(
     return session
 
 
-def _mark_paid(invoice: Obj, now: int) -> None:
-    invoice.update(
-        amount_paid=invoice["amount_due"],
-        amount_remaining=0,
-        attempt_count=1,
-        attempted=True,
-        status="paid",
-    )
-    invoice["status_transitions"]["paid_at"] = now
-
-
 def _settle(store: Store, session_id: str, succeeded: bool) -> None:
     session = load(store, "checkout.session", session_id)
     if session["payment_status"] != "unpaid":
@@ -326,7 +390,8 @@ def _settle(store: Store, session_id: str, succeeded: bool) -> None:
         session["payment_status"] = "paid"
         store.put(session)
         emit(store, "checkout.session.async_payment_succeeded", session)
-        _mark_paid(invoice, now)
+        customer = load(store, "customer", subscription["customer"])
+        invoicing.charge(store, invoice, invoicing.default_payment_method(store, subscription, customer))
         store.put(invoice)
         emit(store, "invoice.paid", invoice)
     else:
@@ -348,12 +413,22 @@ def _settle(store: Store, session_id: str, succeeded: bool) -> None:
         )
 
 
+# Timed jobs that other modules own (for example schedules.py): kind -> handler(store, ref, now).
+JOB_HANDLERS: dict[str, Callable[[Store, str, int], None]] = {}
+
+
 def run_job(store: Store, kind: str, ref: str, now: int) -> None:
     """A timed transition scheduled earlier; each is a no-op if the state moved on meanwhile."""
-    if kind == "expire_session":
+    from . import clock  # noqa: PLC0415 (clock builds on this module)
+
+    if kind in clock.JOBS:
+        clock.JOBS[kind](store, ref)
+    elif kind == "expire_session":
         _expire_if_due(store, load(store, "checkout.session", ref), now)
     elif kind in ("settle_async_succeeds", "settle_async_fails"):
         _settle(store, ref, succeeded=kind == "settle_async_succeeds")
+    elif kind in JOB_HANDLERS:
+        JOB_HANDLERS[kind](store, ref, now)
     else:
         raise ValueError(f"unknown job kind {kind!r}")
 

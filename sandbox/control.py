@@ -169,6 +169,8 @@ def _log(status: int) -> None:
         path=request.path,
         params=json.dumps(_logged_params()),
         idempotency_key=request.headers.get("Idempotency-Key"),
+        stripe_version=request.headers.get("Stripe-Version"),
+        user_agent=request.headers.get("User-Agent"),
         status=status,
         at=time.time(),
         keep=current_settings().request_log_limit,
@@ -262,6 +264,8 @@ def list_requests() -> Response:
             "path": row["path"],
             "params": json.loads(row["params"]),
             "idempotency_key": row["idempotency_key"],
+            "stripe_version": row["stripe_version"],
+            "user_agent": row["user_agent"],
             "status": row["status"],
         }
         for row in rows

@@ -19,7 +19,7 @@ CURRENCY = "usd"
 
 # Fields Stripe only returns when asked for with expand[]=…, per object type. Separately, keys
 # starting with "_" are the sandbox's own bookkeeping and are never shown.
-INCLUDABLE = {"checkout.session": ("line_items",)}
+INCLUDABLE = {"checkout.session": ("line_items",), "invoice": ("payments",)}
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -147,7 +147,7 @@ def _plan(price: Obj) -> Obj:
 # -- customers and Checkout ---------------------------------------------------------------------
 
 
-def customer(email: str, name: str, now: int) -> Obj:
+def customer(email: str | None, name: str | None, now: int) -> Obj:
     return {
         "id": new_id("cus_", 14),
         "object": "customer",

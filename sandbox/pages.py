@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, redirect, render_template, request
 from werkzeug.wrappers import Response
 
-from . import billing
+from . import billing, customers, invoicing, portal_changes, simtime
 from .context import current_settings, current_store
 from .errors import StripeError
 from .objects import Obj
@@ -25,6 +25,8 @@ PORTAL_ACTIONS = {
     "cancel-at-period-end": "Your subscription will be canceled at the end of the billing period.",
     "renew": "Your subscription will renew.",
     "cancel-now": "Your subscription has been canceled.",
+    "switch-plan": "Your plan has been changed.",
+    "update-quantity": "Your subscription has been updated.",
 }
 
 
@@ -59,7 +61,7 @@ def checkout(session_id: str) -> Response | tuple[str, int]:
     errors: list[str] = []
     if request.method == "POST":
         values = {field: request.form.get(field, "").strip() for field in FIELDS}
-        errors = validate_payment_form(values)
+        errors = validate_payment_form(values, card_optional=billing.card_optional(session))
         if not errors:
             try:
                 with store.transaction():
@@ -70,6 +72,7 @@ def checkout(session_id: str) -> Response | tuple[str, int]:
                         email=values["email"],
                         name=values["billingName"],
                         async_delay=current_settings().async_delay,
+                        card_expiry=card_expiry(values),
                     )
             except billing.PaymentError as exc:
                 errors = [str(exc)]
@@ -80,6 +83,7 @@ def checkout(session_id: str) -> Response | tuple[str, int]:
         "checkout.html",
         session=session,
         trial_days=session["_subscription_data"]["trial_period_days"],
+        card_optional=billing.card_optional(session),
         values=values,
         errors=errors,
         cards=billing.SANDBOX_CARDS,
@@ -87,11 +91,17 @@ def checkout(session_id: str) -> Response | tuple[str, int]:
     return page, 400 if errors else 200
 
 
-def validate_payment_form(values: dict[str, str]) -> list[str]:
-    """Stripe Checkout's own messages for what it would refuse before trying the card."""
+def validate_payment_form(values: dict[str, str], card_optional: bool = False) -> list[str]:
+    """Stripe Checkout's own messages for what it would refuse before trying the card. With
+    card_optional (a trial that needs no payment method) the card fields may all be empty."""
     errors = []
     if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", values["email"]):
         errors.append("Your email address is invalid." if values["email"] else "Your email is incomplete.")
+    card_fields = ("cardNumber", "cardExpiry", "cardCvc")
+    if card_optional and not any(values[field] for field in card_fields):
+        if not values["billingName"]:
+            errors.append("Your name is incomplete.")
+        return errors
     number = re.sub(r"\s", "", values["cardNumber"])
     if not number:
         errors.append("Your card number is incomplete.")
@@ -112,6 +122,12 @@ def validate_payment_form(values: dict[str, str]) -> list[str]:
     if not values["billingName"]:
         errors.append("Your name is incomplete.")
     return errors
+
+
+def card_expiry(values: dict[str, str]) -> tuple[int, int]:
+    """(month, year) of a validated "MM / YY" expiry, or a far-off default when none was typed."""
+    expiry = re.fullmatch(r"(\d{1,2})\s*/?\s*(\d{2})", values.get("cardExpiry", ""))
+    return (int(expiry.group(1)), 2000 + int(expiry.group(2))) if expiry else (12, 2034)
 
 
 def _luhn_ok(number: str) -> bool:
@@ -135,6 +151,8 @@ def _portal_page(portal: Obj, notice: str | None = None, error: str | None = Non
         # Button ids are for scripted browsers; they go on the customer's newest live subscription.
         primary_id=live[0]["id"] if live else None,
         ended=billing.ENDED,
+        plan_choices=portal_changes.plan_choices(store),
+        roles=portal_changes.item_roles(store, subscriptions),
         notice=notice,
         error=error,
     )
@@ -145,7 +163,8 @@ def portal(portal_id: str) -> str | tuple[str, int]:
     found = current_store().get(portal_id)
     if found is None or found["object"] != "billing_portal.session":
         return _not_found("portal session")
-    return _portal_page(found, notice=PORTAL_ACTIONS.get(request.args.get("done", "")))
+    done = request.args.get("done", "")
+    return _portal_page(found, notice=PORTAL_ACTIONS.get(done) or CARD_NOTICES.get(done))
 
 
 @bp.post("/portal/<portal_id>/subscriptions/<subscription_id>/<action>")
@@ -165,6 +184,8 @@ def portal_action(portal_id: str, subscription_id: str, action: str) -> Response
         with store.transaction():
             if action == "cancel-now":
                 billing.cancel_subscription(store, subscription_id)
+            elif action in portal_changes.ACTIONS:
+                portal_changes.apply(store, subscription_id, action, request.form)
             else:
                 billing.update_subscription(
                     store,
@@ -174,3 +195,140 @@ def portal_action(portal_id: str, subscription_id: str, action: str) -> Response
     except StripeError as exc:
         return _portal_page(found, error=exc.message), 400
     return redirect(f"/portal/{portal_id}?done={action}", 303)
+
+
+# -- cards: the portal's "update card", hosted invoice pages and invoice PDFs ---------------------
+
+CARD_NOTICES = {"update-card": "Your payment method has been updated."}
+
+
+@bp.app_template_filter("card_summary")
+def card_summary(customer: Obj) -> str:
+    method_id = customer["invoice_settings"]["default_payment_method"]
+    method = current_store().get(method_id) if method_id else None
+    if method is None:
+        return "No card on file."
+    card = method["card"]
+    return f"{card['brand'].title()} ending in {card['last4']}, expires {card['exp_month']:02d}/{card['exp_year']}"
+
+
+@bp.app_template_filter("open_invoices")
+def open_invoices(customer: Obj) -> list[Obj]:
+    return [i for i in current_store().all("invoice") if i["customer"] == customer["id"] and i["status"] == "open"]
+
+
+def _card_from_form(values: dict[str, str]) -> billing.SandboxCard:
+    """The sandbox card typed into a card form (already validated), refusing declined ones."""
+    number = re.sub(r"\s", "", values["cardNumber"])
+    card = next((c for c in billing.SANDBOX_CARDS if c.number == number), None)
+    if card is None:
+        raise billing.PaymentError("This sandbox only accepts the test cards listed above.")
+    if card.outcome == "declined":
+        raise billing.PaymentError("Your card was declined.")
+    return card
+
+
+def _card_page(status: int = 200, **context: object) -> tuple[str, int]:
+    values = context.pop("values", None) or {field: "" for field in FIELDS}
+    return render_template("card.html", cards=billing.SANDBOX_CARDS, values=values, **context), status
+
+
+@bp.route("/portal/<portal_id>/payment-method", methods=["GET", "POST"])
+def portal_update_card(portal_id: str) -> Response | tuple[str, int]:
+    """The portal's card form: the new card is attached and becomes the default of the customer
+    and of its subscriptions that have not ended."""
+    store = current_store()
+    portal = store.get(portal_id)
+    if portal is None or portal["object"] != "billing_portal.session":
+        return _not_found("portal session")
+    customer = store.get(portal["customer"])
+    assert customer is not None
+    values = {field: "" for field in FIELDS}
+    values["email"] = customer["email"] or ""
+    errors: list[str] = []
+    if request.method == "POST":
+        values = {field: request.form.get(field, "").strip() for field in FIELDS}
+        errors = validate_payment_form(values)
+        if not errors:
+            try:
+                card = _card_from_form(values)
+                with store.transaction(), simtime.time_of(store, customer["id"]):
+                    customers.use_new_card(
+                        store,
+                        customer["id"],
+                        card.number,
+                        name=values["billingName"],
+                        email=values["email"],
+                        expiry=card_expiry(values),
+                    )
+            except billing.PaymentError as exc:
+                errors = [str(exc)]
+            else:
+                return redirect(f"/portal/{portal_id}?done=update-card", 303)
+    return _card_page(
+        400 if errors else 200,
+        title="Update your card",
+        current=card_summary(customer),
+        values=values,
+        errors=errors,
+        show_form=True,
+        submit="Save card",
+        back_url=f"/portal/{portal_id}",
+        invoice=None,
+    )
+
+
+@bp.route("/invoice/<invoice_id>", methods=["GET", "POST"])
+def hosted_invoice(invoice_id: str) -> Response | tuple[str, int]:
+    """The hosted invoice page (hosted_invoice_url): pay an open invoice by card."""
+    store = current_store()
+    invoice = store.get(invoice_id)
+    if invoice is None or invoice["object"] != "invoice" or invoice["status"] == "draft":
+        return _not_found("invoice")
+    customer = store.get(invoice["customer"])
+    values = {field: "" for field in FIELDS}
+    values["email"] = (customer or {}).get("email") or ""
+    errors: list[str] = []
+    if request.method == "POST" and invoice["status"] == "open":
+        values = {field: request.form.get(field, "").strip() for field in FIELDS}
+        errors = validate_payment_form(values)
+        if not errors:
+            try:
+                card = _card_from_form(values)
+                with store.transaction(), simtime.time_of(store, invoice_id):
+                    invoicing.pay_by_card(
+                        store,
+                        invoice_id,
+                        card.number,
+                        name=values["billingName"],
+                        email=values["email"],
+                        expiry=card_expiry(values),
+                    )
+            except (billing.PaymentError, StripeError) as exc:
+                errors = [exc.message if isinstance(exc, StripeError) else str(exc)]
+            else:
+                return redirect(f"/invoice/{invoice_id}", 303)
+        invoice = store.get(invoice_id) or invoice
+    notice = {"paid": "This invoice has been paid. Thank you!", "void": "This invoice was voided."}
+    return _card_page(
+        400 if errors else 200,
+        title="Pay invoice",
+        invoice=invoice,
+        values=values,
+        errors=errors,
+        notice=notice.get(invoice["status"]),
+        show_form=invoice["status"] == "open",
+        submit="Pay",
+        back_url=None,
+    )
+
+
+@bp.get("/invoice/<invoice_id>/pdf")
+def invoice_pdf(invoice_id: str) -> Response | tuple[str, int]:
+    invoice = current_store().get(invoice_id)
+    if invoice is None or invoice["object"] != "invoice" or invoice["status"] == "draft":
+        return _not_found("invoice")
+    pdf = invoicing.pdf(invoice)
+    return Response(
+        pdf, mimetype="application/pdf", headers={"Content-Disposition": f'inline; filename="{invoice["number"]}.pdf"'}
+    )

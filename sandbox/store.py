@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS request_log (
     path            TEXT NOT NULL,
     params          TEXT NOT NULL,                       -- JSON
     idempotency_key TEXT,
+    stripe_version  TEXT,                                -- the Stripe-Version header the client sent
+    user_agent      TEXT,                                -- who called: an SDK, a script, a test
     status          INTEGER NOT NULL                     -- 0: connection closed without a response
 );
 
@@ -125,6 +127,9 @@ class Store:
             "INSERT INTO objects (id, kind, data) VALUES (?, ?, ?) ON CONFLICT (id) DO UPDATE SET data = excluded.data",
             (obj["id"], obj["object"], json.dumps(obj)),
         )
+
+    def delete(self, object_id: str) -> None:
+        self._execute("DELETE FROM objects WHERE id = ?", (object_id,))
 
     def all(self, kind: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT data FROM objects WHERE kind = ? ORDER BY rowid", (kind,))
@@ -210,11 +215,14 @@ class Store:
         status: int,
         at: float,
         keep: int,
+        stripe_version: str | None = None,
+        user_agent: str | None = None,
     ) -> int:
         with self._lock:
             cursor = self._db.execute(
-                "INSERT INTO request_log (at, method, path, params, idempotency_key, status) VALUES (?, ?, ?, ?, ?, ?)",
-                (at, method, path, params, idempotency_key, status),
+                "INSERT INTO request_log (at, method, path, params, idempotency_key, stripe_version, user_agent,"
+                " status) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (at, method, path, params, idempotency_key, stripe_version, user_agent, status),
             )
             seq = cursor.lastrowid
             assert seq is not None
@@ -284,3 +292,9 @@ class Store:
     def sends(self, event_ids: list[str]) -> list[sqlite3.Row]:
         marks = ",".join("?" * len(event_ids))
         return self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks}) ORDER BY id", tuple(event_ids))  # noqa: S608
+
+    # -- list filters -----------------------------------------------------------------------
+
+    def delivery_states(self) -> dict[str, str]:
+        """Each queued event's delivery state (pending | sending | delivered | failed)."""
+        return {row["event_id"]: row["state"] for row in self._query("SELECT event_id, state FROM deliveries")}

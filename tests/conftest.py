@@ -1,14 +1,17 @@
 """Test fixtures: a real PostgreSQL database built by the migrations, a real Redis, and Stripe replaced
-at one seam: the SDK's StripeClient, swapped for OfflineStripe below. Nothing else about Stripe is faked
-anywhere in the suite; `pytest --stripe-live` leaves the real client in place."""
+at one seam: the offline sandbox (sandbox/), started once for the session, which the app's real Stripe
+SDK reaches over HTTP through STRIPE_API_BASE. It is the only Stripe double in the repository; tests act
+as the customer on its hosted pages, as Stripe through its API and control endpoints, and receive its
+signed webhooks the way `stripe listen` forwards them. `pytest --stripe-live` points the same tests at
+whatever STRIPE_API_BASE and the keys name instead (Stripe test mode)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -23,7 +26,7 @@ from urllib.parse import urlsplit
 import psycopg2
 import pytest
 import redis
-import stripe
+import requests
 from aiosmtpd.controller import Controller
 from flask import Flask
 from flask.testing import FlaskClient
@@ -117,24 +120,29 @@ def redis_url() -> str:
     return _test_config().REDIS_URL
 
 
-def offline_overrides() -> dict[str, Any]:
+def offline_overrides(sandbox_url: str) -> dict[str, Any]:
+    """The app's Stripe is the suite's sandbox. The SDK does not retry, so an injected fault is seen as
+    it happened (production retries; see STRIPE_MAX_NETWORK_RETRIES)."""
     return {
         "STRIPE_SECRET_KEY": OFFLINE_SECRET_KEY,
         "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
-        "STRIPE_API_BASE": "",
+        "STRIPE_API_BASE": sandbox_url,
+        "STRIPE_MAX_NETWORK_RETRIES": 0,
         "APP_BASE_URL": "http://localhost",
     }
 
 
 @pytest.fixture(scope="session")
 def cleaner(database_url: str, redis_url: str) -> Iterator[Callable[[], None]]:
-    """Empties every table and the test Redis database; one connection for the whole run."""
+    """Empties every table and the test Redis database; one connection for the whole run. Ids are not
+    restarted: the sandbox keeps the whole session's Stripe objects and idempotency keys, which are
+    derived from our ids, as Stripe keeps an account's."""
     engine = create_engine(database_url, poolclass=NullPool)
     redis_client = redis.Redis.from_url(redis_url)
 
     def clean() -> None:
         with engine.begin() as connection:
-            connection.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+            connection.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
         redis_client.flushdb()
 
     yield clean
@@ -219,14 +227,16 @@ def run_jobs(app: Flask, *, queues: list[str] | None = None) -> None:
 
 
 @pytest.fixture
-def make_app(cleaner: Callable[[], None], smtp_server: SmtpSink) -> Iterator[Callable[..., Flask]]:
+def make_app(
+    cleaner: Callable[[], None], smtp_server: SmtpSink, stripe_sandbox: SandboxAccount
+) -> Iterator[Callable[..., Flask]]:
     """Build an app on the test database and Redis, from a clean slate; overrides go on top."""
     apps: list[Flask] = []
     cleaner()
 
     def build(**overrides: Any) -> Flask:
         mail = {"MAIL_SERVER": "127.0.0.1", "MAIL_PORT": smtp_server.port}
-        app = create_app(_test_config(), **{**offline_overrides(), **mail, **overrides})
+        app = create_app(_test_config(), **{**offline_overrides(stripe_sandbox.url), **mail, **overrides})
         apps.append(app)
         return app
 
@@ -269,7 +279,7 @@ def csrf_token(client: FlaskClient, path: str) -> str:
     return page[start : page.index('"', start)]
 
 
-# --- Stripe: the one seam ----------------------------------------------------------------------
+# --- Stripe: the offline sandbox, the one Stripe double ----------------------------------------------
 
 
 def sign_stripe_payload(payload: bytes, secret: str, timestamp: int | None = None) -> str:
@@ -279,299 +289,265 @@ def sign_stripe_payload(payload: bytes, secret: str, timestamp: int | None = Non
     return f"t={timestamp},v1={digest}"
 
 
-_ids = itertools.count(1)
+# What the SDK's calls look like on the wire, so a test can ask for "subscriptions.update" and read what
+# the sandbox received. Path groups are the call's positional arguments (the ids).
+STRIPE_CALLS: dict[str, tuple[str, str]] = {
+    "prices.list": ("GET", r"/v1/prices"),
+    "prices.retrieve": ("GET", r"/v1/prices/([^/]+)"),
+    "customers.create": ("POST", r"/v1/customers"),
+    "customers.retrieve": ("GET", r"/v1/customers/([^/]+)"),
+    "checkout.sessions.create": ("POST", r"/v1/checkout/sessions"),
+    "checkout.sessions.list": ("GET", r"/v1/checkout/sessions"),
+    "checkout.sessions.retrieve": ("GET", r"/v1/checkout/sessions/([^/]+)"),
+    "checkout.sessions.expire": ("POST", r"/v1/checkout/sessions/([^/]+)/expire"),
+    "subscriptions.list": ("GET", r"/v1/subscriptions"),
+    "subscriptions.retrieve": ("GET", r"/v1/subscriptions/([^/]+)"),
+    "subscriptions.update": ("POST", r"/v1/subscriptions/([^/]+)"),
+    "subscriptions.cancel": ("DELETE", r"/v1/subscriptions/([^/]+)"),
+    "billing_portal.sessions.create": ("POST", r"/v1/billing_portal/sessions"),
+    "invoices.list": ("GET", r"/v1/invoices"),
+    "invoices.retrieve": ("GET", r"/v1/invoices/([^/]+)"),
+    "invoices.create_preview": ("POST", r"/v1/invoices/create_preview"),
+    "refunds.create": ("POST", r"/v1/refunds"),
+    "events.list": ("GET", r"/v1/events"),
+    "test_helpers.test_clocks.create": ("POST", r"/v1/test_helpers/test_clocks"),
+}
+CARDS = {
+    "paid": "4242 4242 4242 4242",
+    "trial": "4242 4242 4242 4242",
+    "async": "4000 0000 0000 3220",
+    "declined": "4000 0000 0000 0002",
+}
 
 
-def stripe_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:14]}{next(_ids)}"
+def form_encode(params: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """Stripe's form encoding (a[b][0][c]=...), as the SDK and the Stripe CLI send it."""
+    pairs: list[tuple[str, str]] = []
+    for key, value in params.items():
+        name = f"{prefix}[{key}]" if prefix else str(key)
+        if isinstance(value, dict):
+            pairs += form_encode(value, name)
+        elif isinstance(value, list | tuple):
+            for index, item in enumerate(value):
+                if isinstance(item, dict):
+                    pairs += form_encode(item, f"{name}[{index}]")
+                else:
+                    pairs.append((f"{name}[{index}]", _form_value(item)))
+        elif value is not None:
+            pairs.append((name, _form_value(value)))
+    return pairs
 
 
-class OfflineStripe:
-    """An in-memory Stripe account behind the StripeClient interface this product calls
-    (client.v1.prices / checkout.sessions / subscriptions / billing_portal.sessions). It keeps state so
-    reads agree with writes, honours idempotency keys, records every call, and builds the events
-    Stripe would send. Tests also use it to act as the customer (pay a checkout) and as Stripe's
-    dashboard (change a subscription)."""
+def _form_value(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
-    def __init__(self, catalogue: dict[str, str]) -> None:
-        self.prices = {
-            lookup_key: {
-                "id": f"price_{lookup_key}",
-                "object": "price",
-                "lookup_key": lookup_key,
-                "active": True,
-                "unit_amount": 1000,
-                "currency": "usd",
-                "recurring": {"interval": "month", "interval_count": 1},
-            }
-            for lookup_key in catalogue.values()
-        }
-        self.sessions: dict[str, dict[str, Any]] = {}
-        self.subscriptions: dict[str, dict[str, Any]] = {}
-        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-        self.idempotent: dict[str, Any] = {}
-        self.failures: dict[str, Exception] = {}
-        self.client_kwargs: dict[str, Any] = {}
-        self.lock = threading.Lock()
-        self.v1 = _Namespace(
-            prices=_Namespace(list=self._method("prices.list", self._list_prices)),
-            checkout=_Namespace(
-                sessions=_Namespace(
-                    create=self._method("checkout.sessions.create", self._create_session),
-                    retrieve=self._method("checkout.sessions.retrieve", self._retrieve_session),
-                    expire=self._method("checkout.sessions.expire", self._expire_session),
-                )
-            ),
-            subscriptions=_Namespace(
-                retrieve=self._method("subscriptions.retrieve", self._retrieve_subscription),
-                update=self._method("subscriptions.update", self._update_subscription),
-                cancel=self._method("subscriptions.cancel", self._cancel_subscription),
-            ),
-            billing_portal=_Namespace(
-                sessions=_Namespace(create=self._method("billing_portal.sessions.create", self._create_portal_session))
-            ),
+
+TEST_USER_AGENT = "ledgerline-test-suite"
+
+
+class SandboxAccount:
+    """The sandbox's Stripe account as a test sees it: the Stripe API over HTTP (as the Stripe CLI or a
+    script would use it), the hosted pages (as a customer's browser would), and the sandbox's control
+    endpoints (what it received, faults to inject, events held for delivery). One sandbox serves the
+    whole session; each test sees only the requests made since it started."""
+
+    def __init__(self, url: str, api_key: str) -> None:
+        self.url = url
+        self.http = requests.Session()
+        self.http.auth = (api_key, "")
+        self.http.headers["User-Agent"] = TEST_USER_AGENT
+        self.since = 0
+
+    # -- the Stripe API ----------------------------------------------------------------------------
+
+    def api(self, method: str, path: str, params: dict[str, Any] | None = None, **headers: str) -> dict[str, Any]:
+        pairs = form_encode(params or {})
+        response = self.http.request(
+            method,
+            f"{self.url}{path}",
+            params=pairs if method == "GET" else None,
+            data=pairs if method != "GET" else None,
+            headers=headers,
+            timeout=30,
+        )
+        body: dict[str, Any] = response.json()
+        if response.status_code >= 400:
+            raise AssertionError(f"{method} {path} -> {response.status_code}: {body}")
+        return body
+
+    def session(self, session_id: str) -> dict[str, Any]:
+        return self.api("GET", f"/v1/checkout/sessions/{session_id}")
+
+    def subscription(self, subscription_id: str) -> dict[str, Any]:
+        return self.api("GET", f"/v1/subscriptions/{subscription_id}")
+
+    def price(self, lookup_key: str) -> dict[str, Any]:
+        [price] = self.api("GET", "/v1/prices", {"lookup_keys": [lookup_key], "active": True})["data"]
+        return price
+
+    def price_id(self, lookup_key: str) -> str:
+        return str(self.price(lookup_key)["id"])
+
+    # -- what the sandbox received ----------------------------------------------------------------
+
+    def requests_made(self) -> list[dict[str, Any]]:
+        response = self.http.get(f"{self.url}/_sandbox/requests", params={"after": self.since}, timeout=10)
+        response.raise_for_status()
+        made: list[dict[str, Any]] = response.json()["requests"]
+        return made
+
+    def calls_to(self, call: str) -> list[tuple[tuple[str, ...], dict[str, Any]]]:
+        """The app's calls to one SDK method since the test began: (path ids, {"params", "options"}), oldest
+        first. The test's own requests (as the customer, or as Stripe) are not counted."""
+        method, pattern = STRIPE_CALLS[call]
+        found = []
+        for made in self.requests_made():
+            if made["user_agent"] == TEST_USER_AGENT:
+                continue
+            match = re.fullmatch(pattern, made["path"])
+            if made["method"] == method and match:
+                key = made.get("idempotency_key")
+                found.append((match.groups(), {"params": made["params"], "options": {"idempotency_key": key}}))
+        return found
+
+    # -- faults, as Stripe can fail ---------------------------------------------------------------
+
+    def fail_next(self, call: str, kind: str = "connection", times: int = 1) -> None:
+        """The next call to an SDK method fails: "connection" (no answer), "server" (500) or "missing"."""
+        method, pattern = STRIPE_CALLS[call]
+        response = self.http.post(
+            f"{self.url}/_sandbox/faults",
+            json={"method": method, "path_regex": pattern, "kind": kind, "times": times},
+            timeout=10,
+        )
+        response.raise_for_status()
+
+    def set_latency(self, seconds: float) -> None:
+        self.http.post(f"{self.url}/_sandbox/latency", json={"seconds": seconds}, timeout=10).raise_for_status()
+
+    # -- acting as the customer --------------------------------------------------------------------
+
+    def pay(self, session_id: str, *, outcome: str = "paid", card: str | None = None) -> dict[str, Any]:
+        """The customer pays on the hosted Checkout page. outcome: paid, trial (a trial checkout), async (the
+        payment settles later) or declined. Returns the session as the API then reports it."""
+        response = self.http.post(
+            f"{self.url}/checkout/{session_id}",
+            data={
+                "email": "ada@example.com",
+                "cardNumber": card or CARDS[outcome],
+                "cardExpiry": "12 / 34",
+                "cardCvc": "123",
+                "billingName": "Ada Lovelace",
+            },
+            allow_redirects=False,
+            timeout=30,
+        )
+        expected = 400 if outcome == "declined" else 303
+        assert response.status_code == expected, response.text[-2000:]
+        return self.session(session_id)
+
+    def settle_async_payment(self, session_id: str, timeout: float = 20) -> dict[str, Any]:
+        """Wait for an asynchronous payment to settle at the sandbox; returns the settled session."""
+        from tests.live_support import wait_until
+
+        return wait_until(
+            lambda: (session := self.session(session_id))["payment_status"] == "paid" and session,
+            timeout,
+            f"the asynchronous payment of {session_id} did not settle",
         )
 
-    # The seam: `stripe.StripeClient(...)` returns this object.
-    def client_factory(self, api_key: str, **kwargs: Any) -> OfflineStripe:
-        self.client_kwargs = {"api_key": api_key, **kwargs}
-        return self
+    # -- acting as Stripe itself (its dashboard, its internals) ------------------------------------
 
-    def fail_next(self, method: str, kind: str = "connection") -> None:
-        """The next call to method fails as Stripe can: "connection" (network), "server" (5xx) or "missing"."""
-        self.failures[method] = {
-            "connection": stripe.APIConnectionError("Could not connect to Stripe (offline suite)."),
-            "server": stripe.APIError("Stripe had a problem (offline suite).", http_status=500),
-            "missing": self._missing("object", "unknown"),
-        }[kind]
-
-    def calls_to(self, method: str) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-        return [(args, kwargs) for name, args, kwargs in self.calls if name == method]
-
-    def _method(self, name: str, implementation: Callable[..., dict[str, Any]]) -> Callable[..., Any]:
-        def call(*args: Any, params: dict[str, Any] | None = None, options: dict[str, Any] | None = None) -> Any:
-            with self.lock:
-                self.calls.append((name, args, {"params": params, "options": options}))
-                if name in self.failures:
-                    raise self.failures.pop(name)
-                key = (options or {}).get("idempotency_key")
-                if key and (name, key) in self.idempotent:
-                    return self.idempotent[(name, key)]
-                result = stripe.StripeObject.construct_from(implementation(*args, **(params or {})), OFFLINE_SECRET_KEY)
-                if key:
-                    self.idempotent[(name, key)] = result
-                return result
-
-        return call
-
-    @staticmethod
-    def _missing(kind: str, object_id: str) -> stripe.InvalidRequestError:
-        return stripe.InvalidRequestError(f"No such {kind}: '{object_id}'", "id", code="resource_missing")
-
-    def _list_prices(self, lookup_keys: list[str], **_: Any) -> dict[str, Any]:
-        data = [self.prices[key] for key in lookup_keys if key in self.prices]
-        return {"object": "list", "data": data, "has_more": False, "url": "/v1/prices"}
-
-    def _create_session(self, **params: Any) -> dict[str, Any]:
-        session_id = stripe_id("cs_test")
-        price_ids = {price["id"] for price in self.prices.values()}
-        for item in params["line_items"]:
-            if item["price"] not in price_ids:
-                raise stripe.InvalidRequestError(f"No such price: '{item['price']}'", "line_items[0][price]")
-        self.sessions[session_id] = {
-            "id": session_id,
-            "object": "checkout.session",
-            "mode": params["mode"],
-            "status": "open",
-            "payment_status": "unpaid",
-            "url": f"https://checkout.stripe.test/c/pay/{session_id}",
-            "customer": params.get("customer"),
-            "customer_email": params.get("customer_email"),
-            "client_reference_id": params.get("client_reference_id"),
-            "metadata": dict(params.get("metadata") or {}),
-            "subscription": None,
-            "invoice": None,
-            "success_url": params["success_url"],
-            "cancel_url": params["cancel_url"],
-            "expires_at": params.get("expires_at"),
-            "created": int(time.time()),
-            "livemode": False,
-            "params": params,
-        }
-        return self._public_session(session_id)
-
-    def _public_session(self, session_id: str, expand: list[str] | None = None) -> dict[str, Any]:
-        session = {key: value for key, value in self.sessions[session_id].items() if key != "params"}
-        if "subscription" in (expand or []) and session["subscription"]:
-            session["subscription"] = json.loads(json.dumps(self.subscriptions[session["subscription"]]))
-        return session
-
-    def _retrieve_session(self, session_id: str, expand: list[str] | None = None) -> dict[str, Any]:
-        if session_id not in self.sessions:
-            raise self._missing("checkout.session", session_id)
-        return self._public_session(session_id, expand)
-
-    def _expire_session(self, session_id: str, **_: Any) -> dict[str, Any]:
-        session = self.sessions[session_id]
-        if session["status"] != "open":
-            raise stripe.InvalidRequestError("Only open sessions can be expired.", None)
-        session.update(status="expired", url=None)
-        return self._public_session(session_id)
-
-    def _retrieve_subscription(self, subscription_id: str, **_: Any) -> dict[str, Any]:
-        if subscription_id not in self.subscriptions:
-            raise self._missing("subscription", subscription_id)
-        return json.loads(json.dumps(self.subscriptions[subscription_id]))
-
-    def _update_subscription(self, subscription_id: str, **params: Any) -> dict[str, Any]:
-        subscription = self.subscriptions[subscription_id]
-        if subscription["status"] == "canceled":
-            raise stripe.InvalidRequestError("A canceled subscription can only update its cancellation_details.", None)
-        if "cancel_at_period_end" in params:
-            subscription["cancel_at_period_end"] = bool(params["cancel_at_period_end"])
-        return self._retrieve_subscription(subscription_id)
-
-    def _cancel_subscription(self, subscription_id: str, **_: Any) -> dict[str, Any]:
-        subscription = self.subscriptions[subscription_id]
-        if subscription["status"] == "canceled":
-            raise stripe.InvalidRequestError("This subscription has already been canceled.", None)
-        now = int(time.time())
-        subscription.update(status="canceled", canceled_at=now, ended_at=now, cancel_at_period_end=False)
-        return self._retrieve_subscription(subscription_id)
-
-    def _create_portal_session(self, customer: str, return_url: str, **_: Any) -> dict[str, Any]:
-        portal_id = stripe_id("bps")
-        return {
-            "id": portal_id,
-            "object": "billing_portal.session",
-            "customer": customer,
-            "return_url": return_url,
-            "url": f"https://billing.stripe.test/p/session/{portal_id}",
-        }
-
-    # --- acting as the customer and as Stripe -----------------------------------------------------
-
-    def pay(self, session_id: str, *, outcome: str = "paid") -> dict[str, Any]:
-        """The customer completes the hosted checkout. outcome: paid, trial (no payment required) or
-        async (the payment is still being confirmed). Returns the completed session."""
-        with self.lock:
-            session = self.sessions[session_id]
-            params = session["params"]
-            customer = session["customer"] or stripe_id("cus")
-            subscription_id = stripe_id("sub")
-            now = int(time.time())
-            status = {"paid": "active", "trial": "trialing", "async": "incomplete"}[outcome]
-            trial_days = (params.get("subscription_data") or {}).get("trial_period_days")
-            self.subscriptions[subscription_id] = {
-                "id": subscription_id,
-                "object": "subscription",
-                "status": status,
-                "customer": customer,
-                "cancel_at_period_end": False,
-                "cancel_at": None,
-                "canceled_at": None,
-                "ended_at": None,
-                "trial_end": now + 86400 * int(trial_days) if trial_days and outcome == "trial" else None,
-                "metadata": dict((params.get("subscription_data") or {}).get("metadata") or {}),
-                "latest_invoice": stripe_id("in"),
-                "created": now,
-                "livemode": False,
-                "items": {
-                    "object": "list",
-                    "data": [
-                        {
-                            "id": stripe_id("si"),
-                            "object": "subscription_item",
-                            "price": self._price_by_id(item["price"]),
-                            "quantity": item["quantity"],
-                            "current_period_start": now,
-                            "current_period_end": now + 30 * 86400,
-                        }
-                        for item in params["line_items"]
-                    ],
-                },
-            }
-            session.update(
-                status="complete",
-                payment_status={"paid": "paid", "trial": "no_payment_required", "async": "unpaid"}[outcome],
-                customer=customer,
-                subscription=subscription_id,
-                invoice=self.subscriptions[subscription_id]["latest_invoice"],
-                url=None,
-            )
-            return self._public_session(session_id)
-
-    def settle_async_payment(self, session_id: str) -> dict[str, Any]:
-        with self.lock:
-            session = self.sessions[session_id]
-            session["payment_status"] = "paid"
-            self.subscriptions[session["subscription"]]["status"] = "active"
-            return self._public_session(session_id)
-
-    def change_subscription(self, subscription_id: str, **changes: Any) -> dict[str, Any]:
-        """A change made at Stripe (dashboard, portal, renewal, dunning). Returns the new object."""
-        with self.lock:
-            subscription = self.subscriptions[subscription_id]
-            if "lookup_keys" in changes:
-                now = int(time.time())
-                subscription["items"]["data"] = [
-                    {
-                        "id": stripe_id("si"),
-                        "object": "subscription_item",
-                        "price": self.prices[key],
-                        "quantity": quantity,
-                        "current_period_start": now,
-                        "current_period_end": now + 30 * 86400,
-                    }
-                    for key, quantity in changes.pop("lookup_keys").items()
-                ]
-            subscription.update(changes)
-            return json.loads(json.dumps(subscription))
-
-    def _price_by_id(self, price_id: str) -> dict[str, Any]:
-        return next(price for price in self.prices.values() if price["id"] == price_id)
-
-    @staticmethod
-    def event(
-        event_type: str,
-        obj: dict[str, Any],
-        *,
-        created: int | None = None,
-        livemode: bool = False,
-        event_id: str | None = None,
+    def change_subscription(
+        self, subscription_id: str, *, lookup_keys: dict[str, int] | None = None, **fields: Any
     ) -> dict[str, Any]:
-        return {
-            "id": event_id or stripe_id("evt"),
-            "object": "event",
-            "api_version": STRIPE_API_VERSION,
-            "created": int(time.time()) if created is None else created,
-            "livemode": livemode,
-            "pending_webhooks": 1,
-            "request": {"id": None, "idempotency_key": None},
-            "type": event_type,
-            "data": {"object": obj},
-        }
+        """A change made at Stripe: lookup_keys replaces the items through the API; other fields are set
+        as Stripe's internals would (status, trial_end, ...). Returns the new subscription."""
+        if lookup_keys is not None:
+            current = self.subscription(subscription_id)["items"]["data"]
+            items: list[dict[str, Any]] = [{"id": item["id"], "deleted": True} for item in current]
+            items += [{"price": self.price_id(key), "quantity": quantity} for key, quantity in lookup_keys.items()]
+            self.api("POST", f"/v1/subscriptions/{subscription_id}", {"items": items, "proration_behavior": "none"})
+        if fields:
+            self.force(subscription_id, **fields)
+        return self.subscription(subscription_id)
+
+    def force(self, object_id: str, **fields: Any) -> dict[str, Any]:
+        response = self.http.post(f"{self.url}/_sandbox/objects/{object_id}", json=fields, timeout=10)
+        assert response.ok, response.text
+        forced: dict[str, Any] = response.json()
+        return forced
+
+    # -- webhooks, delivered the way `stripe listen` forwards them ----------------------------------
+
+    def take_events(self) -> list[dict[str, Any]]:
+        response = self.http.post(f"{self.url}/_sandbox/deliveries/take", json={"limit": 1000}, timeout=30)
+        response.raise_for_status()
+        taken: list[dict[str, Any]] = response.json()["events"]
+        return taken
+
+    def deliver(self, client: FlaskClient, *, types: tuple[str, ...] | None = None) -> list[tuple[str, int]]:
+        """Post every event the sandbox holds to the app, signed by the sandbox; those of other types
+        than `types` (when given) are dropped. Returns (event type, HTTP status) in delivery order."""
+        delivered = []
+        for event in self.take_events():
+            if types is not None and event["type"] not in types:
+                continue
+            response = client.post("/billing/webhooks/stripe", data=event["payload"].encode(), headers=event["headers"])
+            delivered.append((event["type"], response.status_code))
+        return delivered
+
+    def reset(self) -> None:
+        """A new test: no armed faults, no latency, no events still held, requests counted from here."""
+        self.http.delete(f"{self.url}/_sandbox/faults", timeout=10).raise_for_status()
+        self.set_latency(0)
+        self.take_events()
+        response = self.http.get(f"{self.url}/_sandbox/requests/last_seq", timeout=10)
+        response.raise_for_status()
+        self.since = int(response.json()["last_seq"])
 
 
-class _Namespace:
-    def __init__(self, **members: Any) -> None:
-        self.__dict__.update(members)
+def stripe_event(
+    event_type: str,
+    obj: dict[str, Any],
+    *,
+    created: int | None = None,
+    livemode: bool = False,
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """An event payload as Stripe shapes it, for deliveries a test composes itself (replays, forgeries,
+    events from elsewhere); the sandbox's own events come through SandboxAccount.deliver."""
+    return {
+        "id": event_id or f"evt_{uuid.uuid4().hex[:24]}",
+        "object": "event",
+        "api_version": STRIPE_API_VERSION,
+        "created": int(time.time()) if created is None else created,
+        "livemode": livemode,
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
+        "type": event_type,
+        "data": {"object": obj},
+    }
+
+
+@pytest.fixture(scope="session")
+def stripe_sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SandboxAccount]:
+    """`python -m sandbox` for the whole session, holding its webhooks until a test takes them."""
+    from tests.live_support import Sandbox
+
+    workdir = tmp_path_factory.mktemp("stripe-sandbox")
+    process = Sandbox(workdir, webhook_url="http://127.0.0.1:9/unused", secret=OFFLINE_WEBHOOK_SECRET)
+    process.env.update(SANDBOX_DELIVERY_MODE="hold", SANDBOX_ASYNC_DELAY_SECONDS="2")
+    process.start()
+    yield SandboxAccount(process.url, OFFLINE_SECRET_KEY)
+    process.stop()
 
 
 @pytest.fixture
-def offline_stripe(monkeypatch: pytest.MonkeyPatch) -> OfflineStripe:
-    """Stripe, offline: the SDK's client class is replaced, so BillingService talks to OfflineStripe."""
-    from app.services.plans import PlanCatalogue
-
-    catalogue = PlanCatalogue.load(_test_config().PLAN_CATALOGUE_FILE)
-    fake = OfflineStripe(
-        {
-            **{t.key: t.lookup_key for t in catalogue.tiers.values()},
-            **{a.key: a.lookup_key for a in catalogue.addons.values()},
-        }
-    )
-    monkeypatch.setattr(stripe, "StripeClient", fake.client_factory)
-    return fake
+def offline_stripe(stripe_sandbox: SandboxAccount) -> SandboxAccount:
+    """The sandbox, reset for this test (the app fixture points the app at it)."""
+    stripe_sandbox.reset()
+    return stripe_sandbox
 
 
 def post_webhook(
@@ -617,7 +593,7 @@ def checkout_session_id(response: Any) -> str:
     return str(response.headers["Location"].rsplit("/", 1)[-1])
 
 
-def sign_up(client: FlaskClient, stripe_api: OfflineStripe, *, outcome: str = "paid", **fields: Any) -> dict[str, Any]:
+def sign_up(client: FlaskClient, stripe_api: SandboxAccount, *, outcome: str = "paid", **fields: Any) -> dict[str, Any]:
     """A signup walked to a signed-in owner through the success redirect; returns the paid session."""
     session_id = checkout_session_id(start_signup(client, **fields))
     session = stripe_api.pay(session_id, outcome=outcome)

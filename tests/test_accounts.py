@@ -21,7 +21,7 @@ from app.extensions import db
 from app.models import User
 from app.request_log import HANDLER_NAME
 from app.services.account_service import AccountService
-from tests.conftest import PASSWORD, OfflineStripe, SmtpSink, csrf_token, email_text, query, run_jobs, sign_up
+from tests.conftest import PASSWORD, SandboxAccount, SmtpSink, csrf_token, email_text, query, run_jobs, sign_up
 
 EMAIL = "ada@example.com"
 NEW_PASSWORD = "a brand new passphrase 42"
@@ -59,7 +59,7 @@ def user_row(app: Flask) -> Any:
 
 
 @pytest.fixture
-def owner(app: Flask, offline_stripe: OfflineStripe) -> FlaskClient:
+def owner(app: Flask, offline_stripe: SandboxAccount) -> FlaskClient:
     """The owner, signed in by the signup in the browser that paid."""
     client = client_at(app, "192.0.2.10")
     sign_up(client, offline_stripe)
@@ -88,7 +88,7 @@ def test_forty_failures_from_other_addresses_do_not_stop_the_owner_signing_in(ap
     assert response.status_code == 303 and response.headers["Location"] == "/app"
 
 
-def test_one_address_cannot_spray_guesses_across_accounts(make_app: Any, offline_stripe: OfflineStripe) -> None:
+def test_one_address_cannot_spray_guesses_across_accounts(make_app: Any, offline_stripe: SandboxAccount) -> None:
     app = make_app(LOGIN_RATE_LIMIT_PER_CLIENT="5/minute")
     sign_up(app.test_client(), offline_stripe)
     attacker = client_at(app, "198.51.100.7")
@@ -317,7 +317,7 @@ def test_known_and_unknown_addresses_get_the_same_answer_for_the_same_work(
     assert "nobody@example.com" not in str(query(app, "SELECT data FROM domain_event"))
 
 
-def test_reset_requests_are_limited_per_address_and_per_client(make_app: Any, offline_stripe: OfflineStripe) -> None:
+def test_reset_requests_are_limited_per_address_and_per_client(make_app: Any, offline_stripe: SandboxAccount) -> None:
     app = make_app(PASSWORD_RESET_RATE_LIMIT_PER_EMAIL="2/hour", PASSWORD_RESET_RATE_LIMIT_PER_CLIENT="100/hour")
     sign_up(app.test_client(), offline_stripe)
     statuses = [request_reset(client_at(app, f"198.51.100.{n}"), EMAIL).status_code for n in range(3)]

@@ -14,19 +14,20 @@ from werkzeug.security import generate_password_hash
 
 from tests.conftest import (
     PASSWORD,
-    OfflineStripe,
+    SandboxAccount,
     checkout_session_id,
     csrf_token,
     post_webhook,
     query,
     sign_up,
+    stripe_event,
 )
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
 
 class Owner:
-    def __init__(self, app: Flask, stripe_api: OfflineStripe, email: str = "ada@example.com") -> None:
+    def __init__(self, app: Flask, stripe_api: SandboxAccount, email: str = "ada@example.com") -> None:
         self.client = app.test_client()
         session = sign_up(self.client, stripe_api, email=email, organization_name=f"Org of {email}")
         self.subscription_id: str = session["subscription"]
@@ -39,7 +40,7 @@ class Owner:
 
 
 @pytest.fixture
-def owner(app: Flask, offline_stripe: OfflineStripe) -> Owner:
+def owner(app: Flask, offline_stripe: SandboxAccount) -> Owner:
     return Owner(app, offline_stripe)
 
 
@@ -127,7 +128,7 @@ def test_a_failed_sign_in_does_not_reveal_whether_the_email_exists(app: Flask, o
 
 
 def test_failed_sign_ins_are_limited_per_account_and_client_with_a_429_page(
-    make_app: Any, offline_stripe: OfflineStripe
+    make_app: Any, offline_stripe: SandboxAccount
 ) -> None:
     app = make_app(LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT="3/minute")
     Owner(app, offline_stripe)
@@ -160,17 +161,17 @@ def test_the_billing_page_shows_the_plan_in_plain_words(app: Flask, owner: Owner
 
 
 def test_the_portal_opens_for_the_organizations_customer(
-    app: Flask, owner: Owner, offline_stripe: OfflineStripe
+    app: Flask, owner: Owner, offline_stripe: SandboxAccount
 ) -> None:
     response = owner.post("/billing/portal")
     assert response.status_code == 303
-    assert response.headers["Location"].startswith("https://billing.stripe.test/p/session/bps_")
+    assert response.headers["Location"].startswith(f"{offline_stripe.url}/portal/bps_")
     [(_, call)] = offline_stripe.calls_to("billing_portal.sessions.create")
     assert call["params"] == {"customer": owner.customer_id, "return_url": "http://localhost/billing/"}
 
 
 def test_cancel_now_ends_access_and_offers_a_new_subscription(
-    app: Flask, owner: Owner, offline_stripe: OfflineStripe
+    app: Flask, owner: Owner, offline_stripe: SandboxAccount
 ) -> None:
     response = owner.post("/billing/cancel", request_token=TOKEN, when="now")
     assert response.status_code == 303
@@ -185,12 +186,12 @@ def test_cancel_now_ends_access_and_offers_a_new_subscription(
     page = owner.client.get("/billing/").get_data(as_text=True)
     assert "Your subscription has ended." in page and 'id="resubscribe"' in page and 'id="cancel"' not in page
 
-    deleted = OfflineStripe.event("customer.subscription.deleted", offline_stripe.subscriptions[owner.subscription_id])
+    deleted = stripe_event("customer.subscription.deleted", offline_stripe.subscription(owner.subscription_id))
     assert post_webhook(owner.client, deleted).status_code == 200
     assert events_named(app)["organization.billing_status_changed"] == 1
 
 
-def test_resume_undoes_a_scheduled_cancellation(app: Flask, owner: Owner, offline_stripe: OfflineStripe) -> None:
+def test_resume_undoes_a_scheduled_cancellation(app: Flask, owner: Owner, offline_stripe: SandboxAccount) -> None:
     owner.post("/billing/cancel", request_token=TOKEN, when="period_end")
     assert organization(app, owner.organization_id).cancel_at_period_end is True
     page = owner.client.get("/billing/").get_data(as_text=True)
@@ -199,17 +200,17 @@ def test_resume_undoes_a_scheduled_cancellation(app: Flask, owner: Owner, offlin
     other_token = "f" * 32
     assert owner.post("/billing/resume", request_token=other_token).status_code == 303
     [_, (_args, call)] = offline_stripe.calls_to("subscriptions.update")
-    assert call["params"] == {"cancel_at_period_end": False}
+    assert call["params"] == {"cancel_at_period_end": "false"}
     assert call["options"] == {"idempotency_key": f"org-{owner.organization_id}-resume-{other_token}"}
     assert organization(app, owner.organization_id).cancel_at_period_end is False
 
-    updated = OfflineStripe.event("customer.subscription.updated", offline_stripe.subscriptions[owner.subscription_id])
+    updated = stripe_event("customer.subscription.updated", offline_stripe.subscription(owner.subscription_id))
     assert post_webhook(owner.client, updated).status_code == 200
     events = events_named(app)
     assert events["subscription.cancellation_scheduled"] == 1 and events["subscription.cancellation_withdrawn"] == 1
 
 
-def test_a_double_submitted_cancel_calls_stripe_once(app: Flask, owner: Owner, offline_stripe: OfflineStripe) -> None:
+def test_a_double_submitted_cancel_calls_stripe_once(app: Flask, owner: Owner, offline_stripe: SandboxAccount) -> None:
     first = owner.post("/billing/cancel", request_token=TOKEN, when="period_end")
     second = owner.post("/billing/cancel", request_token=TOKEN, when="period_end")
     assert first.status_code == second.status_code == 303
@@ -218,7 +219,7 @@ def test_a_double_submitted_cancel_calls_stripe_once(app: Flask, owner: Owner, o
 
 
 def test_stripe_failing_leaves_the_organization_as_it_was(
-    app: Flask, owner: Owner, offline_stripe: OfflineStripe
+    app: Flask, owner: Owner, offline_stripe: SandboxAccount
 ) -> None:
     offline_stripe.fail_next("subscriptions.update")
     owner.post("/billing/cancel", request_token=TOKEN, when="period_end")
@@ -226,11 +227,12 @@ def test_stripe_failing_leaves_the_organization_as_it_was(
     assert "We could not reach our payment provider." in owner.client.get("/billing/").get_data(as_text=True)
 
 
-def test_a_canceled_organization_can_subscribe_again(app: Flask, owner: Owner, offline_stripe: OfflineStripe) -> None:
+def test_a_canceled_organization_can_subscribe_again(app: Flask, owner: Owner, offline_stripe: SandboxAccount) -> None:
     owner.post("/billing/cancel", request_token=TOKEN, when="now")
     response = owner.post("/billing/resubscribe", request_token="e" * 32, tier="pro")
     session_id = checkout_session_id(response)
-    params = offline_stripe.sessions[session_id]["params"]
+    [_signup, (_, call)] = offline_stripe.calls_to("checkout.sessions.create")
+    params = call["params"]
     assert params["customer"] == owner.customer_id
     assert params["metadata"] == {"purpose": "resubscribe", "organization_id": str(owner.organization_id)}
     assert params["success_url"] == "http://localhost/billing/checkout-complete?session_id={CHECKOUT_SESSION_ID}"
@@ -241,7 +243,7 @@ def test_a_canceled_organization_can_subscribe_again(app: Flask, owner: Owner, o
     row = organization(app, owner.organization_id)
     assert (row.billing_status, row.tier, row.stripe_subscription_id) == ("active", "pro", session["subscription"])
     assert owner.client.get("/app").status_code == 200
-    completed = OfflineStripe.event("checkout.session.completed", session)
+    completed = stripe_event("checkout.session.completed", session)
     assert post_webhook(owner.client, completed).status_code == 200
     assert events_named(app)["organization.subscription_replaced"] == 1
 
@@ -249,7 +251,7 @@ def test_a_canceled_organization_can_subscribe_again(app: Flask, owner: Owner, o
 # --- Who may act ----------------------------------------------------------------------------------
 
 
-def test_only_the_owner_may_change_billing(app: Flask, owner: Owner, offline_stripe: OfflineStripe) -> None:
+def test_only_the_owner_may_change_billing(app: Flask, owner: Owner, offline_stripe: SandboxAccount) -> None:
     add_member(app, owner.organization_id)
     member = app.test_client()
     assert log_in(member, "member@example.com").status_code == 303
@@ -264,7 +266,7 @@ def test_only_the_owner_may_change_billing(app: Flask, owner: Owner, offline_str
 
 
 def test_nobody_reaches_another_organizations_subscription(
-    app: Flask, owner: Owner, offline_stripe: OfflineStripe
+    app: Flask, owner: Owner, offline_stripe: SandboxAccount
 ) -> None:
     intruder = Owner(app, offline_stripe, email="mallory@example.com")
     # Ids in the request are ignored: the action applies to the signed-in owner's own organization.
@@ -297,7 +299,7 @@ def test_billing_pages_need_a_signed_in_user(client: FlaskClient) -> None:
 @pytest.mark.parametrize(
     "path", ["/billing/portal", "/billing/cancel", "/billing/resume", "/billing/resubscribe", "/auth/logout"]
 )
-def test_every_form_needs_its_csrf_token(app: Flask, owner: Owner, offline_stripe: OfflineStripe, path: str) -> None:
+def test_every_form_needs_its_csrf_token(app: Flask, owner: Owner, offline_stripe: SandboxAccount, path: str) -> None:
     response = owner.client.post(path, data={"request_token": TOKEN, "when": "now", "tier": "pro"})
     assert response.status_code == 400
     assert "This form has expired" in response.get_data(as_text=True)
@@ -340,7 +342,7 @@ def test_access_follows_billing_status(
         assert billing.status_code == 200 and words in billing.get_data(as_text=True)
 
 
-def test_the_grace_period_is_configurable(make_app: Any, offline_stripe: OfflineStripe) -> None:
+def test_the_grace_period_is_configurable(make_app: Any, offline_stripe: SandboxAccount) -> None:
     app = make_app(PAST_DUE_GRACE_DAYS=1)
     owner = Owner(app, offline_stripe)
     set_billing_status(app, owner.organization_id, "past_due", datetime.now(UTC) - timedelta(days=2))
@@ -348,7 +350,7 @@ def test_the_grace_period_is_configurable(make_app: Any, offline_stripe: Offline
 
 
 def test_a_scheduled_cancellation_can_be_brought_forward(
-    app: Flask, owner: Owner, offline_stripe: OfflineStripe
+    app: Flask, owner: Owner, offline_stripe: SandboxAccount
 ) -> None:
     owner.post("/billing/cancel", request_token=TOKEN, when="period_end")
     page = owner.client.get("/billing/").get_data(as_text=True)

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import psycopg2
 import pytest
 from flask import Flask
 
-from tests.conftest import OfflineStripe, post_webhook, query, sign_up, stripe_id
+from tests.conftest import SandboxAccount, post_webhook, query, sign_up, stripe_event
 
 
 def restart_postgresql() -> None:
@@ -63,7 +64,7 @@ def terminate_test_database_sessions(database_url: str) -> None:
 
 
 def test_no_request_fails_when_every_database_connection_is_cut(
-    make_app: Any, offline_stripe: OfflineStripe, database_url: str
+    make_app: Any, offline_stripe: SandboxAccount, database_url: str
 ) -> None:
     """What a restart does to the pool, without stopping the server: safe on a shared server."""
     app: Flask = make_app()
@@ -78,7 +79,7 @@ def test_no_request_fails_when_every_database_connection_is_cut(
     reason="LEDGERLINE_SHARED_POSTGRES=1: the PostgreSQL server is shared, so it is not restarted",
 )
 def test_no_request_fails_while_postgresql_restarts(
-    make_app: Any, offline_stripe: OfflineStripe, database_url: str
+    make_app: Any, offline_stripe: SandboxAccount, database_url: str
 ) -> None:
     app: Flask = make_app()
     before = server_started_at(database_url)
@@ -93,7 +94,7 @@ Result = tuple[str, float, int]
 
 
 def traffic_through(
-    app: Flask, offline_stripe: OfflineStripe, disrupt: Any, database_url: str
+    app: Flask, offline_stripe: SandboxAccount, disrupt: Any, database_url: str
 ) -> tuple[list[Result], list[str], str]:
     """Four clients send signed-in pages, new webhooks and duplicates, while ``disrupt`` runs."""
     owner = app.test_client()
@@ -101,7 +102,7 @@ def traffic_through(
     cookie = owner.get_cookie("session")
     assert cookie is not None
     # A duplicate to redeliver, settled before the restart.
-    settled = OfflineStripe.event("customer.created", {"id": stripe_id("cus"), "object": "customer"})
+    settled = stripe_event("customer.created", {"id": f"cus_{uuid.uuid4().hex[:14]}", "object": "customer"})
     assert post_webhook(owner, settled).status_code == 200
 
     results: list[tuple[str, float, int]] = []
@@ -123,7 +124,9 @@ def traffic_through(
                 elif kind == "billing page":
                     status = client.get("/billing/").status_code
                 elif kind == "new webhook":
-                    event = OfflineStripe.event("customer.created", {"id": stripe_id("cus"), "object": "customer"})
+                    event = stripe_event(
+                        "customer.created", {"id": f"cus_{uuid.uuid4().hex[:14]}", "object": "customer"}
+                    )
                     with lock:
                         new_event_ids.append(event["id"])
                     status = post_webhook(client, event).status_code

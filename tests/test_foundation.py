@@ -208,7 +208,7 @@ def test_a_good_production_app_keeps_sessions_and_limits_in_redis(
     # Over HTTPS, CSRF also checks that the form was posted from our own pages.
     referer = {"Referer": "https://billing.example.com/auth/login"}
     assert client.post("https://billing.example.com/auth/login", data=form, headers=referer).status_code == 401
-    assert redis_client.keys("LIMITS:LIMITER/ratelimit/login-account:nobody@example.com/*")
+    assert redis_client.keys("LIMITS:LIMITER/ratelimit/login-account-client:nobody@example.com:*")
 
 
 def test_production_sends_hsts_and_development_does_not(production_environ: dict[str, str], app: Flask) -> None:

@@ -1,6 +1,6 @@
 """Hostile input (issue 7): fuzzed webhook deliveries and forms, CSRF, cookies, session fixation, security
 headers, rate limits, redirect targets, and secrets in logs. Real PostgreSQL and Redis; Stripe is
-conftest's OfflineStripe. Hypothesis runs derandomized with a bounded number of examples and no example
+conftest's SandboxAccount. Hypothesis runs derandomized with a bounded number of examples and no example
 database, so every run tries the same inputs."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tests.conftest import (
     OFFLINE_SECRET_KEY,
     OFFLINE_WEBHOOK_SECRET,
     PASSWORD,
-    OfflineStripe,
+    SandboxAccount,
     checkout_session_id,
     csrf_token,
     post_webhook,
@@ -38,6 +38,7 @@ from tests.conftest import (
     sign_up,
     signup_form,
     start_signup,
+    stripe_event,
 )
 
 
@@ -80,7 +81,7 @@ json_values = st.recursive(
 
 
 def a_real_event() -> dict[str, Any]:
-    return OfflineStripe.event("invoice.paid", {"id": "in_fuzz", "object": "invoice", "customer": "cus_nobody"})
+    return stripe_event("invoice.paid", {"id": "in_fuzz", "object": "invoice", "customer": "cus_nobody"})
 
 
 @st.composite
@@ -324,7 +325,7 @@ def unlimited_app(make_app: Callable[..., Flask]) -> Flask:
 
 
 def test_fuzzed_signup_forms_get_a_clear_answer_and_store_nothing_when_invalid(
-    unlimited_app: Flask, offline_stripe: OfflineStripe
+    unlimited_app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     app = unlimited_app
     client = app.test_client()
@@ -341,7 +342,7 @@ def test_fuzzed_signup_forms_get_a_clear_answer_and_store_nothing_when_invalid(
         answers[response.status_code] += 1
         assert response.status_code in (303, 422), (response.status_code, page[:2000])
         if response.status_code == 303:
-            assert response.headers["Location"].startswith("https://checkout.stripe.test/")
+            assert response.headers["Location"].startswith(f"{offline_stripe.url}/checkout/cs_test_")
             assert len(query(app, "SELECT id FROM pending_signup")) == pending_before + 1
         else:
             assert 'class="field-error"' in page or 'class="form-error"' in page
@@ -355,7 +356,7 @@ def test_fuzzed_signup_forms_get_a_clear_answer_and_store_nothing_when_invalid(
 
 
 def test_a_form_over_the_size_limit_gets_a_clear_page_and_stores_nothing(
-    app: Flask, offline_stripe: OfflineStripe
+    app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     client = app.test_client()
     response = start_signup(client, organization_name="x" * (2 * 1024 * 1024))
@@ -365,7 +366,7 @@ def test_a_form_over_the_size_limit_gets_a_clear_page_and_stores_nothing(
     assert offline_stripe.calls_to("checkout.sessions.create") == []
 
 
-def test_fuzzed_login_forms_get_a_clear_answer(unlimited_app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_fuzzed_login_forms_get_a_clear_answer(unlimited_app: Flask, offline_stripe: SandboxAccount) -> None:
     app = unlimited_app
     sign_up(app.test_client(), offline_stripe)
     state = stored_state(app)
@@ -400,7 +401,7 @@ def test_fuzzed_login_forms_get_a_clear_answer(unlimited_app: Flask, offline_str
 CSRF_MESSAGE = "This form has expired or was not sent from our site."
 
 
-def test_every_form_refuses_a_post_without_a_valid_csrf_token(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_every_form_refuses_a_post_without_a_valid_csrf_token(app: Flask, offline_stripe: SandboxAccount) -> None:
     owner = app.test_client()
     sign_up(owner, offline_stripe)
     stranger = app.test_client()
@@ -441,7 +442,7 @@ def test_every_form_refuses_a_post_without_a_valid_csrf_token(app: Flask, offlin
         if path not in ("/auth/signup", "/auth/login", "/auth/logout")
     }
     assert {path: response.status_code for path, response in answers.items()} == dict.fromkeys(answers, 303)
-    assert answers["/billing/portal"].headers["Location"].startswith("https://billing.stripe.test/")
+    assert answers["/billing/portal"].headers["Location"].startswith(f"{offline_stripe.url}/portal/bps_")
     assert len(offline_stripe.calls_to("subscriptions.cancel")) == 1  # cancel "now" reached Stripe
     assert owner.post("/auth/logout", data={"csrf_token": token}).status_code == 303
     assert owner.get("/app").status_code == 302
@@ -452,7 +453,9 @@ def test_every_form_refuses_a_post_without_a_valid_csrf_token(app: Flask, offlin
     assert anonymous.post("/auth/login", data=login).status_code == 303
 
 
-def test_a_json_or_form_post_from_another_site_cannot_skip_the_token(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_a_json_or_form_post_from_another_site_cannot_skip_the_token(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
     owner = app.test_client()
     sign_up(owner, offline_stripe)
     for headers in ({"Content-Type": "application/json"}, {"Origin": "https://evil.example"}, {"X-CSRFToken": "x"}):
@@ -468,7 +471,9 @@ PUBLIC_URL = "https://billing.example.com"
 
 
 @pytest.fixture
-def production_app(make_app: Callable[..., Flask], database_url: str, redis_url: str) -> Iterator[Flask]:
+def production_app(
+    make_app: Callable[..., Flask], database_url: str, redis_url: str, stripe_sandbox: SandboxAccount
+) -> Iterator[Flask]:
     """The app as production builds it (ProductionConfig, start-up checks, ProxyFix for one proxy), on
     the test database and Redis that make_app has just cleaned."""
     config = ProductionConfig(
@@ -478,6 +483,8 @@ def production_app(make_app: Callable[..., Flask], database_url: str, redis_url:
             "REDIS_URL": redis_url,
             "STRIPE_SECRET_KEY": OFFLINE_SECRET_KEY,
             "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
+            "STRIPE_API_BASE": stripe_sandbox.url,
+            "STRIPE_MAX_NETWORK_RETRIES": "0",
             "APP_BASE_URL": PUBLIC_URL,
             "TRUSTED_PROXY_COUNT": "1",
             "MAIL_SERVER": "127.0.0.1",
@@ -518,7 +525,7 @@ def test_outside_production_the_cookie_is_httponly_and_lax_and_there_is_no_hsts(
 
 
 def test_production_refuses_a_form_posted_from_another_site_over_https(
-    production_app: Flask, offline_stripe: OfflineStripe
+    production_app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     client = production_app.test_client()
     token = csrf_token(client, "/auth/login")
@@ -534,7 +541,7 @@ def test_production_refuses_a_form_posted_from_another_site_over_https(
 
 
 def test_forged_host_headers_never_reach_a_redirect_or_a_url_sent_to_stripe(
-    production_app: Flask, offline_stripe: OfflineStripe
+    production_app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     # X-Forwarded-Host is not trusted, and a forged Host reaches no URL we build.
     forged = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}
@@ -555,7 +562,7 @@ def test_forged_host_headers_never_reach_a_redirect_or_a_url_sent_to_stripe(
         headers={"X-Forwarded-Host": "evil.example", "Referer": "https://localhost/auth/signup"},
     )
     assert response.status_code == 303, response.get_data(as_text=True)
-    assert response.headers["Location"].startswith("https://checkout.stripe.test/")
+    assert response.headers["Location"].startswith(f"{offline_stripe.url}/checkout/cs_test_")
     [(_, call)] = offline_stripe.calls_to("checkout.sessions.create")
     assert call["params"]["success_url"].startswith(f"{PUBLIC_URL}/billing/complete-signup-from-stripe?")
     assert call["params"]["cancel_url"].startswith(f"{PUBLIC_URL}/auth/signup")
@@ -574,7 +581,7 @@ def session_id(client: FlaskClient) -> str:
 
 
 def test_signing_in_rotates_the_session_id_and_drops_the_old_one(
-    app: Flask, offline_stripe: OfflineStripe, redis_url: str
+    app: Flask, offline_stripe: SandboxAccount, redis_url: str
 ) -> None:
     store = redis.Redis.from_url(redis_url)
     owner = app.test_client()
@@ -606,7 +613,7 @@ def test_signing_in_rotates_the_session_id_and_drops_the_old_one(
 
 
 def test_the_success_page_signs_in_on_a_new_session_id(
-    app: Flask, offline_stripe: OfflineStripe, redis_url: str
+    app: Flask, offline_stripe: SandboxAccount, redis_url: str
 ) -> None:
     store = redis.Redis.from_url(redis_url)
     client = app.test_client()
@@ -621,7 +628,7 @@ def test_the_success_page_signs_in_on_a_new_session_id(
 # --- Security headers ---------------------------------------------------------------------------------------
 
 
-def test_every_kind_of_response_carries_the_security_headers(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_every_kind_of_response_carries_the_security_headers(app: Flask, offline_stripe: SandboxAccount) -> None:
     client = app.test_client()
     responses = {
         "page": client.get("/auth/signup"),
@@ -662,7 +669,7 @@ def login(client: FlaskClient, email: str, password: str, **kwargs: Any) -> Any:
 
 
 def test_the_per_account_and_client_login_limit_counts_only_failures(
-    make_app: Callable[..., Flask], offline_stripe: OfflineStripe
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount
 ) -> None:
     app = make_app(LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT="3/hour", LOGIN_RATE_LIMIT_PER_CLIENT="1000/hour")
     sign_up(app.test_client(), offline_stripe)
@@ -683,7 +690,7 @@ def test_the_per_account_and_client_login_limit_counts_only_failures(
 
 
 def test_the_per_client_login_limit_counts_only_failures_and_ignores_forwarded_headers(
-    make_app: Callable[..., Flask], offline_stripe: OfflineStripe
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount
 ) -> None:
     app = make_app(LOGIN_RATE_LIMIT_PER_CLIENT="3/hour", LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT="1000/hour")
     sign_up(app.test_client(), offline_stripe)
@@ -715,7 +722,7 @@ def assert_on_site(location: str) -> None:
     ["https://evil.example", "//evil.example/app", "/\\evil.example", "javascript:alert(1)", "http:evil.example"],
 )
 def test_redirects_after_sign_in_never_follow_a_target_from_the_request(
-    app: Flask, offline_stripe: OfflineStripe, target: str
+    app: Flask, offline_stripe: SandboxAccount, target: str
 ) -> None:
     sign_up(app.test_client(), offline_stripe)
     client = app.test_client()
@@ -756,7 +763,7 @@ CARD_PASSWORD = "4000056655665556 purple zebra"
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_no_secret_or_card_number_ever_reaches_the_logs(
     make_app: Callable[..., Flask],
-    offline_stripe: OfflineStripe,
+    offline_stripe: SandboxAccount,
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
     log_format: str,
@@ -767,12 +774,12 @@ def test_no_secret_or_card_number_ever_reaches_the_logs(
     owner = app.test_client()
     # A signup with a card number in a form field and a card-shaped password, completed by the webhook.
     checkout = checkout_session_id(start_signup(owner, owner_name=f"Ada {CARD_NUMBER}", password=CARD_PASSWORD))
-    completed = OfflineStripe.event("checkout.session.completed", offline_stripe.pay(checkout))
+    completed = stripe_event("checkout.session.completed", offline_stripe.pay(checkout))
     assert post_webhook(owner, completed, secret=secret).status_code == 200
     # A webhook that fails, one with a bad signature, and a stale one.
     other = app.test_client()
     failing_checkout = checkout_session_id(start_signup(other, email="grace@example.com", password=CARD_PASSWORD))
-    failing = OfflineStripe.event("checkout.session.completed", offline_stripe.pay(failing_checkout))
+    failing = stripe_event("checkout.session.completed", offline_stripe.pay(failing_checkout))
     offline_stripe.fail_next("subscriptions.retrieve", "server")
     assert post_webhook(other, failing, secret=secret).status_code == 500
     assert post_webhook(other, failing, secret="whsec_wrong").status_code == 400

@@ -2,7 +2,8 @@
 database connection killed in the middle of an event, and Redis going away while the app runs.
 
 Real PostgreSQL and Redis throughout (the outage test starts a redis-server of its own so that taking
-it down touches nothing else); Stripe is conftest's OfflineStripe, wrapped where a test must pause it."""
+it down touches nothing else); Stripe is the suite's sandbox, slowed down where a test must catch the app
+waiting on it."""
 
 from __future__ import annotations
 
@@ -21,12 +22,10 @@ import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import text
 
-from app.extensions import db
 from tests.conftest import (
     PASSWORD,
-    OfflineStripe,
+    SandboxAccount,
     checkout_session_id,
     csrf_token,
     post_webhook,
@@ -34,7 +33,9 @@ from tests.conftest import (
     sign_up,
     signup_form,
     start_signup,
+    stripe_event,
 )
+from tests.live_support import wait_until
 
 SIGNUP_EVENTS = ("organization.created", "user.created", "signup.completed")
 REDIS_DOWN_MESSAGE = "Signing in and forms are briefly unavailable. Please try again in a minute."
@@ -95,7 +96,7 @@ def run_together(tasks: list[Callable[[], Any]]) -> list[Any]:
 
 
 def test_fifty_webhooks_and_fifty_redirects_at_once_provision_exactly_once(
-    make_app: Callable[..., Flask], offline_stripe: OfflineStripe, database_url: str
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount, database_url: str
 ) -> None:
     budget = connection_budget(database_url)
     app = make_app(
@@ -111,7 +112,7 @@ def test_fifty_webhooks_and_fifty_redirects_at_once_provision_exactly_once(
     )
     owner = app.test_client()
     session_id = checkout_session_id(start_signup(owner))
-    completed = OfflineStripe.event("checkout.session.completed", offline_stripe.pay(session_id))
+    completed = stripe_event("checkout.session.completed", offline_stripe.pay(session_id))
     url = f"/billing/complete-signup-from-stripe?session_id={session_id}"
 
     def webhook(client: FlaskClient) -> Callable[[], tuple[str, int, str | None]]:
@@ -158,55 +159,41 @@ def test_fifty_webhooks_and_fifty_redirects_at_once_provision_exactly_once(
 # --- The database connection dies in the middle of an event -----------------------------------------
 
 
-class PausedStripeCall:
-    """Stands in for one OfflineStripe method: the first call notes the app's database backend (the one
-    holding the event's transaction), says it has arrived, and waits to be released; then it behaves as
-    the real fake does."""
-
-    def __init__(self, namespace: Any, name: str) -> None:
-        self.original = getattr(namespace, name)
-        setattr(namespace, name, self)
-        self.arrived = threading.Event()
-        self.release = threading.Event()
-        self.backend_pid: int | None = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.arrived.is_set():
-            self.backend_pid = db.session.execute(text("SELECT pg_backend_pid()")).scalar()
-            self.arrived.set()
-            self.release.wait(60)
-        return self.original(*args, **kwargs)
-
-
 def test_a_connection_killed_mid_event_leaves_nothing_and_the_redelivery_applies_it(
-    app: Flask, offline_stripe: OfflineStripe, database_url: str
+    app: Flask, offline_stripe: SandboxAccount, database_url: str
 ) -> None:
     owner = app.test_client()
     session_id = checkout_session_id(start_signup(owner))
-    completed = OfflineStripe.event("checkout.session.completed", offline_stripe.pay(session_id))
-    # The webhook path reads the subscription after it has claimed the event and locked the signup.
-    paused = PausedStripeCall(offline_stripe.v1.subscriptions, "retrieve")
+    completed = stripe_event("checkout.session.completed", offline_stripe.pay(session_id))
+    # The webhook path reads the subscription after it has claimed the event and locked the signup; a slow
+    # Stripe keeps it there long enough to kill that backend.
+    offline_stripe.set_latency(3)
     responses: list[Any] = []
     delivery = threading.Thread(target=lambda: responses.append(post_webhook(app.test_client(), completed)))
     delivery.start()
     try:
-        assert paused.arrived.wait(30), "the webhook never reached Stripe"
         admin = admin_connection(database_url)
         try:
             with admin.cursor() as cursor:
-                # The event row is claimed and the signup locked, both uncommitted, in that backend.
-                cursor.execute(
-                    "SELECT count(*) FROM pg_locks WHERE pid = %s AND locktype = 'transactionid' AND granted",
-                    (paused.backend_pid,),
-                )
-                assert cursor.fetchone()[0] >= 1
-                cursor.execute("SELECT pg_terminate_backend(%s, 10000)", (paused.backend_pid,))
+
+                def backend_in_the_event() -> int | None:
+                    # The event row is claimed and the signup locked, both uncommitted, in that backend.
+                    cursor.execute(
+                        "SELECT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
+                        " WHERE a.datname = current_database() AND a.state = 'idle in transaction'"
+                        " AND l.locktype = 'transactionid' AND l.granted AND a.pid <> pg_backend_pid() LIMIT 1"
+                    )
+                    row = cursor.fetchone()
+                    return int(row[0]) if row else None
+
+                backend = wait_until(backend_in_the_event, 10, "the webhook never held the event's transaction", 0.02)
+                cursor.execute("SELECT pg_terminate_backend(%s, 10000)", (backend,))
                 assert cursor.fetchone()[0] is True
         finally:
             admin.close()
     finally:
-        paused.release.set()
         delivery.join(60)
+        offline_stripe.set_latency(0)
     [response] = responses
 
     # The database went away under the event: a 503 (Stripe retries any non-2xx), not a 500 that hides
@@ -309,7 +296,7 @@ def assert_unavailable_page(response: Any) -> None:
 
 def test_redis_going_away_stops_forms_with_a_clear_page_but_never_webhooks(
     make_app: Callable[..., Flask],
-    offline_stripe: OfflineStripe,
+    offline_stripe: SandboxAccount,
     redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -329,7 +316,7 @@ def test_redis_going_away_stops_forms_with_a_clear_page_but_never_webhooks(
     paid = offline_stripe.pay(
         checkout_session_id(start_signup(second, email="grace@example.com", organization_name="Hopper Compilers"))
     )
-    completed = OfflineStripe.event("checkout.session.completed", paid)
+    completed = stripe_event("checkout.session.completed", paid)
     # A form fetched before the outage and submitted during it.
     pending_login = app.test_client()
     login_token = csrf_token(pending_login, "/auth/login")
@@ -384,5 +371,5 @@ def test_redis_going_away_stops_forms_with_a_clear_page_but_never_webhooks(
     )
     assert signed_in.status_code == 303 and signed_in.headers["Location"] == "/app"
     assert "Hopper Compilers" in grace.get("/app").get_data(as_text=True)
-    later = OfflineStripe.event("invoice.paid", {"id": "in_after", "customer": paid["customer"]})
+    later = stripe_event("invoice.paid", {"id": "in_after", "customer": paid["customer"]})
     assert post_webhook(app.test_client(), later).status_code == 200

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app.extensions import db
 from app.services.jobs import close_expired_signups
-from tests.conftest import OfflineStripe, checkout_session_id, post_webhook, query, sign_up, start_signup
+from tests.conftest import SandboxAccount, checkout_session_id, post_webhook, query, sign_up, start_signup, stripe_event
 
 
 def signups(app: Flask) -> list[Any]:
@@ -33,7 +33,7 @@ def checkout_object(session_id: str, pending_id: Any) -> dict[str, Any]:
     }
 
 
-def test_a_completed_signup_keeps_no_hash(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_a_completed_signup_keeps_no_hash(app: Flask, offline_stripe: SandboxAccount) -> None:
     sign_up(app.test_client(), offline_stripe)
     [pending] = signups(app)
     assert pending.status == "completed" and pending.password_hash is None
@@ -46,18 +46,18 @@ def test_a_completed_signup_keeps_no_hash(app: Flask, offline_stripe: OfflineStr
     [("checkout.session.expired", "expired"), ("checkout.session.async_payment_failed", "failed")],
 )
 def test_a_signup_that_ends_unpaid_keeps_no_hash(
-    app: Flask, offline_stripe: OfflineStripe, event_type: str, status: str
+    app: Flask, offline_stripe: SandboxAccount, event_type: str, status: str
 ) -> None:
     session_id = checkout_session_id(start_signup(app.test_client()))
     [pending] = signups(app)
     assert pending.status == "pending" and pending.password_hash.startswith("scrypt:")  # kept while open
-    event = OfflineStripe.event(event_type, checkout_object(session_id, pending.id))
+    event = stripe_event(event_type, checkout_object(session_id, pending.id))
     assert post_webhook(app.test_client(), event).status_code == 200
     [pending] = signups(app)
     assert (pending.status, pending.password_hash) == (status, None)
 
 
-def test_a_superseded_signup_keeps_no_hash(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_a_superseded_signup_keeps_no_hash(app: Flask, offline_stripe: SandboxAccount) -> None:
     client = app.test_client()
     start_signup(client)
     start_signup(client)
@@ -66,7 +66,7 @@ def test_a_superseded_signup_keeps_no_hash(app: Flask, offline_stripe: OfflineSt
     assert second.status == "pending" and second.password_hash.startswith("scrypt:")
 
 
-def test_the_scheduled_sweep_erases_the_hashes_of_overdue_signups(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_the_scheduled_sweep_erases_the_hashes_of_overdue_signups(app: Flask, offline_stripe: SandboxAccount) -> None:
     start_signup(app.test_client(), email="overdue@example.com")
     start_signup(app.test_client(), email="fresh@example.com")
     with app.app_context():
@@ -83,7 +83,7 @@ def test_the_scheduled_sweep_erases_the_hashes_of_overdue_signups(app: Flask, of
     assert rows["fresh@example.com"].status == "pending" and rows["fresh@example.com"].password_hash
 
 
-def test_the_database_refuses_a_closed_signup_that_keeps_a_hash(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_the_database_refuses_a_closed_signup_that_keeps_a_hash(app: Flask, offline_stripe: SandboxAccount) -> None:
     start_signup(app.test_client())
     with app.app_context(), pytest.raises(IntegrityError, match="ck_pending_signup_hash_only_while_open"):
         db.session.execute(text("UPDATE pending_signup SET status = 'failed'"))

@@ -1,5 +1,5 @@
-"""The primary billing test module. Stripe is replaced at the one seam in conftest.py (OfflineStripe in
-place of stripe.StripeClient); `pytest --stripe-live` runs test_signup_flow_end_to_end against a real
+"""The primary billing test module. Stripe is the offline sandbox, reached over HTTP at the one seam
+(STRIPE_API_BASE, see conftest.py); `pytest --stripe-live` runs test_signup_flow_end_to_end against a real
 Stripe API instead (see test_live_flow.py for the live walker it hands over to)."""
 
 from __future__ import annotations
@@ -9,17 +9,19 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import stripe
 from flask import Flask
 
 from tests.conftest import (
     PASSWORD,
-    OfflineStripe,
+    SandboxAccount,
     checkout_session_id,
     csrf_token,
     post_webhook,
     query,
     sign_up,
     start_signup,
+    stripe_event,
 )
 
 SIGNUP_EVENTS = ("organization.created", "user.created", "signup.completed")
@@ -49,7 +51,7 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
         walk_live_signup(request)
         return
     app: Flask = request.getfixturevalue("app")
-    stripe_api: OfflineStripe = request.getfixturevalue("offline_stripe")
+    stripe_api: SandboxAccount = request.getfixturevalue("offline_stripe")
     client = app.test_client()
 
     # The form offers every plan of the catalogue.
@@ -59,18 +61,18 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     # Submitting it stores the intent and sends the browser to Stripe Checkout.
     response = start_signup(client)
     session_id = checkout_session_id(response)
-    assert response.headers["Location"] == f"https://checkout.stripe.test/c/pay/{session_id}"
+    assert response.headers["Location"] == f"{stripe_api.url}/checkout/{session_id}"
     [pending] = query(app, "SELECT * FROM pending_signup")
     assert (pending.email, pending.status, pending.checkout_session_id) == ("ada@example.com", "pending", session_id)
     assert pending.tier == "starter" and pending.addons == {"extra_seats": 2}
     assert pending.password_hash.startswith("scrypt:") and PASSWORD not in pending.password_hash
 
-    [(args, call)] = stripe_api.calls_to("checkout.sessions.create")
+    [(_, call)] = stripe_api.calls_to("checkout.sessions.create")
     params = call["params"]
     assert params["mode"] == "subscription"
     assert params["line_items"] == [
-        {"price": "price_starter_monthly", "quantity": 1},
-        {"price": "price_extra_seat_monthly", "quantity": 2},
+        {"price": stripe_api.price_id("starter_monthly"), "quantity": "1"},
+        {"price": stripe_api.price_id("extra_seat_monthly"), "quantity": "2"},
     ]
     assert params["customer_email"] == "ada@example.com"
     assert params["client_reference_id"] == str(pending.id)
@@ -81,28 +83,37 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     )
     assert params["cancel_url"] == "http://localhost/auth/signup?checkout=canceled"
     assert call["options"] == {"idempotency_key": f"signup-checkout-{pending.id}"}
-    assert stripe_api.client_kwargs["api_key"] == "sk_test_offline_suite_51Hx0000000000000"
-    assert stripe_api.client_kwargs["stripe_version"] == "2026-10-28.endive"
-    assert stripe_api.client_kwargs["max_network_retries"] == 2
 
-    # The customer pays; the redirect and the webhook both arrive, in the order under test.
+    # The customer pays on the hosted page; the redirect and Stripe's webhooks both arrive, in the order
+    # under test.
     session = stripe_api.pay(session_id)
-    completed = OfflineStripe.event("checkout.session.completed", session)
 
     def redirect() -> Any:
         return client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
 
+    events = stripe_api.take_events()
+    assert [event["type"] for event in events] == [
+        "customer.subscription.created",
+        "invoice.paid",
+        "checkout.session.completed",
+    ]
+
+    def deliver_all() -> None:
+        for event in events:
+            response = client.post("/billing/webhooks/stripe", data=event["payload"], headers=event["headers"])
+            assert response.status_code == 200, response.get_data(as_text=True)
+
     if order == "redirect_first":
         landing = redirect()
-        assert post_webhook(client, completed).status_code == 200
+        deliver_all()
     else:
-        assert post_webhook(client, completed).status_code == 200
+        deliver_all()
         landing = redirect()
     assert landing.status_code == 303 and landing.headers["Location"] == "/app"
-    assert post_webhook(client, completed).status_code == 200  # a redelivery changes nothing
+    deliver_all()  # a redelivery changes nothing
 
     [organization] = query(app, "SELECT * FROM organization")
-    subscription = stripe_api.subscriptions[session["subscription"]]
+    subscription = stripe_api.subscription(session["subscription"])
     assert organization.name == "Analytical Engines"
     assert (organization.tier, organization.billing_status) == ("starter", "active")
     assert organization.stripe_customer_id == session["customer"]
@@ -120,9 +131,9 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert owner.password_hash == pending.password_hash
     [pending] = query(app, "SELECT * FROM pending_signup")
     assert (pending.status, pending.organization_id, pending.password_hash) == ("completed", organization.id, None)
-    events = domain_event_counts(app)
-    assert [events[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
-    assert [row.status for row in query(app, "SELECT status FROM stripe_event")] == ["processed"]
+    counts = domain_event_counts(app)
+    assert [counts[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
+    assert sorted(row.status for row in query(app, "SELECT status FROM stripe_event")) == ["processed"] * 3
 
     # Signed in, on a page that shows the organization, its plan and billing status.
     home = client.get("/app").get_data(as_text=True)
@@ -139,17 +150,16 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     )
     assert response.status_code == 303
     [(args, call)] = stripe_api.calls_to("subscriptions.update")
-    assert args == (subscription["id"],) and call["params"] == {"cancel_at_period_end": True}
+    assert args == (subscription["id"],) and call["params"] == {"cancel_at_period_end": "true"}
     assert call["options"] == {"idempotency_key": f"org-{organization.id}-cancel-period-end-{'a' * 32}"}
     [organization] = query(app, "SELECT * FROM organization")
     assert organization.cancel_at_period_end is True and organization.billing_status == "active"
     assert "Plan ends" in client.get("/billing/").get_data(as_text=True)
 
     # Stripe's webhook for that change agrees and records nothing twice.
-    updated = OfflineStripe.event("customer.subscription.updated", dict(stripe_api.subscriptions[subscription["id"]]))
-    assert post_webhook(client, updated).status_code == 200
+    assert stripe_api.deliver(client) == [("customer.subscription.updated", 200)]
     assert domain_event_counts(app)["subscription.cancellation_scheduled"] == 1
-    assert [events[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
+    assert [counts[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
 
 
 # --- Signup: bad input, repeats, other browsers, payment states -----------------------------------
@@ -173,7 +183,7 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     ],
 )
 def test_each_invalid_field_is_named_and_nothing_is_stored(
-    app: Flask, offline_stripe: OfflineStripe, field: str, value: str, message: str
+    app: Flask, offline_stripe: SandboxAccount, field: str, value: str, message: str
 ) -> None:
     client = app.test_client()
     response = start_signup(client, **{field: value})
@@ -186,7 +196,7 @@ def test_each_invalid_field_is_named_and_nothing_is_stored(
     assert offline_stripe.calls_to("checkout.sessions.create") == []
 
 
-def test_an_email_that_owns_an_account_gets_a_form_error(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_an_email_that_owns_an_account_gets_a_form_error(app: Flask, offline_stripe: SandboxAccount) -> None:
     sign_up(app.test_client(), offline_stripe)
     response = start_signup(app.test_client(), email="ADA@example.com")
     assert response.status_code == 422
@@ -195,7 +205,7 @@ def test_an_email_that_owns_an_account_gets_a_form_error(app: Flask, offline_str
 
 
 def test_a_new_attempt_supersedes_the_open_one_and_expires_its_checkout(
-    app: Flask, offline_stripe: OfflineStripe
+    app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     client = app.test_client()
     first = checkout_session_id(start_signup(client))
@@ -204,10 +214,10 @@ def test_a_new_attempt_supersedes_the_open_one_and_expires_its_checkout(
     assert rows[first].status == "expired" and rows[first].failure_reason == "superseded by a newer signup attempt"
     assert rows[second].status == "pending" and rows[second].tier == "business"
     assert [args for args, _ in offline_stripe.calls_to("checkout.sessions.expire")] == [(first,)]
-    assert offline_stripe.sessions[first]["status"] == "expired"
+    assert offline_stripe.session(first)["status"] == "expired"
 
 
-def test_a_superseded_checkout_paid_anyway_still_gets_its_account(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_a_superseded_checkout_paid_anyway_still_gets_its_account(app: Flask, offline_stripe: SandboxAccount) -> None:
     """Stripe's word that a checkout was paid wins over our bookkeeping: the customer paid."""
     client = app.test_client()
     first = checkout_session_id(start_signup(client))
@@ -229,7 +239,7 @@ def test_a_superseded_checkout_paid_anyway_still_gets_its_account(app: Flask, of
 
 
 def test_the_success_url_signs_in_only_the_browser_that_started_the_signup(
-    app: Flask, offline_stripe: OfflineStripe
+    app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     owner_browser, other_browser = app.test_client(), app.test_client()
     session_id = checkout_session_id(start_signup(owner_browser))
@@ -246,7 +256,7 @@ def test_the_success_url_signs_in_only_the_browser_that_started_the_signup(
 
 @pytest.mark.parametrize("session_id", ["cs_test_unknown123", "not-a-session", "", "cs_live_" + "x" * 300])
 def test_unknown_or_malformed_checkout_ids_get_a_clear_error_page(
-    app: Flask, offline_stripe: OfflineStripe, session_id: str
+    app: Flask, offline_stripe: SandboxAccount, session_id: str
 ) -> None:
     response = app.test_client().get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
     assert response.status_code == 404
@@ -254,44 +264,51 @@ def test_unknown_or_malformed_checkout_ids_get_a_clear_error_page(
     assert offline_stripe.calls_to("checkout.sessions.retrieve") == []  # Stripe is not asked about strangers
 
 
-def test_a_checkout_created_elsewhere_is_not_ours(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_a_checkout_created_elsewhere_is_not_ours(app: Flask, offline_stripe: SandboxAccount) -> None:
     client = app.test_client()
     checkout_session_id(start_signup(client))
-    foreign = offline_stripe.v1.checkout.sessions.create(
-        params={"mode": "subscription", "line_items": [], "success_url": "x", "cancel_url": "y"}
+    foreign = offline_stripe.api(
+        "POST",
+        "/v1/checkout/sessions",
+        {
+            "mode": "subscription",
+            "line_items": [{"price": offline_stripe.price_id("starter_monthly"), "quantity": 1}],
+            "success_url": "https://elsewhere.example/done",
+            "cancel_url": "https://elsewhere.example/",
+        },
     )
-    response = client.get(f"/billing/complete-signup-from-stripe?session_id={foreign.id}")
+    response = client.get(f"/billing/complete-signup-from-stripe?session_id={foreign['id']}")
     assert response.status_code == 404
-    webhook = post_webhook(client, OfflineStripe.event("checkout.session.completed", offline_stripe.pay(foreign.id)))
+    webhook = post_webhook(client, stripe_event("checkout.session.completed", offline_stripe.pay(foreign["id"])))
     assert webhook.status_code == 200
     assert query(app, "SELECT outcome FROM stripe_event")[0].outcome == "not a checkout this app created"
 
 
 def test_an_asynchronous_payment_shows_a_processing_page_until_it_settles(
-    app: Flask, offline_stripe: OfflineStripe
+    app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     client = app.test_client()
     session_id = checkout_session_id(start_signup(client))
     session = offline_stripe.pay(session_id, outcome="async")
-    assert post_webhook(client, OfflineStripe.event("checkout.session.completed", session)).status_code == 200
+    assert post_webhook(client, stripe_event("checkout.session.completed", session)).status_code == 200
     waiting = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
     assert waiting.status_code == 202 and 'id="payment-processing"' in waiting.get_data(as_text=True)
     assert query(app, "SELECT status FROM pending_signup")[0].status == "pending"
     assert query(app, "SELECT id FROM organization") == []
 
     settled = offline_stripe.settle_async_payment(session_id)
-    event = OfflineStripe.event("checkout.session.async_payment_succeeded", settled)
+    event = stripe_event("checkout.session.async_payment_succeeded", settled)
     assert post_webhook(client, event).status_code == 200
     [organization] = query(app, "SELECT * FROM organization")
     assert organization.billing_status == "active"
     assert client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}").headers["Location"] == "/app"
 
 
-def test_a_trial_needs_no_payment_and_starts_trialing(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_a_trial_needs_no_payment_and_starts_trialing(app: Flask, offline_stripe: SandboxAccount) -> None:
     client = app.test_client()
-    session = sign_up(client, offline_stripe, outcome="trial", tier="pro", addon_extra_seats="0")
-    params = offline_stripe.sessions[session["id"]]["params"]
-    assert params["subscription_data"]["trial_period_days"] == 14
+    sign_up(client, offline_stripe, outcome="trial", tier="pro", addon_extra_seats="0")
+    [(_, call)] = offline_stripe.calls_to("checkout.sessions.create")
+    assert call["params"]["subscription_data"]["trial_period_days"] == "14"
     [organization] = query(app, "SELECT * FROM organization")
     assert (organization.tier, organization.billing_status) == ("pro", "trialing")
     assert organization.trial_end is not None
@@ -299,7 +316,7 @@ def test_a_trial_needs_no_payment_and_starts_trialing(app: Flask, offline_stripe
     assert "Free trial" in client.get("/app").get_data(as_text=True)
 
 
-def test_returning_from_the_cancel_url_keeps_the_values(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_returning_from_the_cancel_url_keeps_the_values(app: Flask, offline_stripe: SandboxAccount) -> None:
     client = app.test_client()
     checkout_session_id(start_signup(client, tier="business"))
     page = client.get("/auth/signup?checkout=canceled").get_data(as_text=True)
@@ -311,7 +328,7 @@ def test_returning_from_the_cancel_url_keeps_the_values(app: Flask, offline_stri
 
 
 def test_stripe_unavailable_keeps_the_form_and_marks_the_attempt_failed(
-    app: Flask, offline_stripe: OfflineStripe
+    app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     offline_stripe.fail_next("checkout.sessions.create")
     response = start_signup(app.test_client())
@@ -321,18 +338,22 @@ def test_stripe_unavailable_keeps_the_form_and_marks_the_attempt_failed(
     assert pending.status == "failed" and pending.failure_reason.startswith("checkout not created")
 
 
-def test_prices_are_resolved_by_lookup_key_once_and_cached_in_redis(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_prices_are_resolved_by_lookup_key_once_and_cached_in_redis(app: Flask, offline_stripe: SandboxAccount) -> None:
     checkout_session_id(start_signup(app.test_client()))
     checkout_session_id(start_signup(app.test_client(), email="grace@example.com"))
     [(_, call)] = offline_stripe.calls_to("prices.list")
-    assert call["params"] == {"lookup_keys": ["starter_monthly", "extra_seat_monthly"], "active": True, "limit": 2}
+    assert call["params"] == {"lookup_keys": ["starter_monthly", "extra_seat_monthly"], "active": "true", "limit": "2"}
     cached = app.extensions["redis"].keys("cache:stripe-price:*")
     assert sorted(cached) == [b"cache:stripe-price:extra_seat_monthly", b"cache:stripe-price:starter_monthly"]
 
 
-def test_a_lookup_key_without_an_active_price_is_a_clear_error(app: Flask, offline_stripe: OfflineStripe) -> None:
-    del offline_stripe.prices["business_monthly"]
-    response = start_signup(app.test_client(), tier="business")
+def test_a_lookup_key_without_an_active_price_is_a_clear_error(app: Flask, offline_stripe: SandboxAccount) -> None:
+    price_id = offline_stripe.price_id("business_monthly")
+    offline_stripe.force(price_id, active=False)  # archived in the Dashboard
+    try:
+        response = start_signup(app.test_client(), tier="business")
+    finally:
+        offline_stripe.force(price_id, active=True)
     assert response.status_code == 422
     assert "No active Stripe price has the lookup key &#39;business_monthly&#39;." in response.get_data(as_text=True)
     assert query(app, "SELECT id FROM pending_signup") == []
@@ -349,15 +370,18 @@ def test_ensure_stripe_names_a_missing_credential(make_app: Any, missing: str) -
     assert response.status_code == 503 and "Billing is temporarily unavailable" in response.get_data(as_text=True)
 
 
-def test_the_stripe_client_uses_the_configured_api_base(make_app: Any, offline_stripe: OfflineStripe) -> None:
-    from app.services.billing_service import BillingService
+def test_the_stripe_client_uses_the_configured_api_base(make_app: Any, offline_stripe: SandboxAccount) -> None:
+    from app.services.billing_service import STRIPE_API_VERSION, BillingService
 
-    with make_app(STRIPE_API_BASE="http://127.0.0.1:12111").app_context():
-        BillingService.ensure_stripe()
-    assert offline_stripe.client_kwargs["base_addresses"] == {"api": "http://127.0.0.1:12111"}
+    with make_app(STRIPE_API_BASE=offline_stripe.url).app_context():
+        client = BillingService.ensure_stripe()
+        assert isinstance(client, stripe.StripeClient)
+        BillingService.price_ids_for_lookup_keys(["starter_monthly"])
+    [made] = offline_stripe.requests_made()
+    assert (made["method"], made["path"], made["stripe_version"]) == ("GET", "/v1/prices", STRIPE_API_VERSION)
 
 
-def test_signup_is_rate_limited_per_email_with_a_429_page(make_app: Any, offline_stripe: OfflineStripe) -> None:
+def test_signup_is_rate_limited_per_email_with_a_429_page(make_app: Any, offline_stripe: SandboxAccount) -> None:
     app = make_app(SIGNUP_RATE_LIMIT_PER_EMAIL="2/hour", SIGNUP_RATE_LIMIT_PER_CLIENT="100/hour")
     statuses = [start_signup(app.test_client()).status_code for _ in range(3)]
     assert statuses == [303, 303, 429]
@@ -367,18 +391,18 @@ def test_signup_is_rate_limited_per_email_with_a_429_page(make_app: Any, offline
     assert app.extensions["redis"].keys("LIMITS:LIMITER/ratelimit/signup-email:ada@example.com/*")
 
 
-def test_signup_is_rate_limited_per_client(make_app: Any, offline_stripe: OfflineStripe) -> None:
+def test_signup_is_rate_limited_per_client(make_app: Any, offline_stripe: SandboxAccount) -> None:
     app = make_app(SIGNUP_RATE_LIMIT_PER_CLIENT="2/hour")
     client = app.test_client()
     statuses = [start_signup(client, email=f"user{n}@example.com").status_code for n in range(3)]
     assert statuses == [303, 303, 429]
 
 
-def test_concurrent_redirects_and_webhooks_provision_exactly_once(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_concurrent_redirects_and_webhooks_provision_exactly_once(app: Flask, offline_stripe: SandboxAccount) -> None:
     owner = app.test_client()
     session_id = checkout_session_id(start_signup(owner))
     session = offline_stripe.pay(session_id)
-    completed = OfflineStripe.event("checkout.session.completed", session)
+    completed = stripe_event("checkout.session.completed", session)
     statuses: list[int] = []
     barrier = threading.Barrier(16)
 
@@ -407,18 +431,32 @@ def test_concurrent_redirects_and_webhooks_provision_exactly_once(app: Flask, of
     )  # one provisioning read; everyone else found it done
 
 
-def test_a_cached_price_stripe_rejects_is_looked_up_again(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_a_cached_price_stripe_rejects_is_looked_up_again(app: Flask, offline_stripe: SandboxAccount) -> None:
     checkout_session_id(start_signup(app.test_client()))  # caches both prices
-    offline_stripe.prices["starter_monthly"] = {**offline_stripe.prices["starter_monthly"], "id": "price_starter_v2"}
+    old = offline_stripe.price("starter_monthly")
+    # A new price takes over the lookup key and the old one is archived, as a price migration does.
+    new = offline_stripe.api(
+        "POST",
+        "/v1/prices",
+        {
+            "product": old["product"],
+            "currency": old["currency"],
+            "unit_amount": old["unit_amount"],
+            "recurring": {"interval": "month"},
+            "lookup_key": "starter_monthly",
+            "transfer_lookup_key": True,
+        },
+    )
+    offline_stripe.api("POST", f"/v1/prices/{old['id']}", {"active": False})
     response = start_signup(app.test_client(), email="grace@example.com")
     assert response.status_code == 503  # Stripe refused the archived price the cache still held
     assert checkout_session_id(start_signup(app.test_client(), email="grace@example.com"))
     assert len(offline_stripe.calls_to("prices.list")) == 2
     [_, _, (_, call)] = offline_stripe.calls_to("checkout.sessions.create")
-    assert call["params"]["line_items"][0] == {"price": "price_starter_v2", "quantity": 1}
+    assert call["params"]["line_items"][0] == {"price": new["id"], "quantity": "1"}
 
 
-def test_domain_events_are_announced_only_after_they_commit(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_domain_events_are_announced_only_after_they_commit(app: Flask, offline_stripe: SandboxAccount) -> None:
     from app.services import domain_events
 
     announced: list[tuple[str, bool]] = []
@@ -432,7 +470,7 @@ def test_domain_events_are_announced_only_after_they_commit(app: Flask, offline_
     try:
         client = app.test_client()
         session_id = checkout_session_id(start_signup(client))
-        completed = OfflineStripe.event("checkout.session.completed", offline_stripe.pay(session_id))
+        completed = stripe_event("checkout.session.completed", offline_stripe.pay(session_id))
         offline_stripe.fail_next("subscriptions.retrieve", "server")
         assert post_webhook(client, completed).status_code == 500
         assert [name for name, _ in announced] == ["signup.started"]  # the failed attempt announced nothing

@@ -1,5 +1,5 @@
 """Stripe webhooks through the HTTP endpoint, signed exactly as Stripe signs them, on real PostgreSQL.
-Stripe itself is the one seam of conftest.py (OfflineStripe)."""
+Stripe itself is the one seam of conftest.py (SandboxAccount)."""
 
 from __future__ import annotations
 
@@ -15,18 +15,19 @@ from flask.testing import FlaskClient
 
 from tests.conftest import (
     OFFLINE_WEBHOOK_SECRET,
-    OfflineStripe,
+    SandboxAccount,
     checkout_session_id,
     post_webhook,
     query,
     sign_stripe_payload,
     sign_up,
     start_signup,
+    stripe_event,
 )
 
 
 @pytest.fixture
-def organization(app: Flask, offline_stripe: OfflineStripe) -> dict[str, Any]:
+def organization(app: Flask, offline_stripe: SandboxAccount) -> dict[str, Any]:
     """A provisioned organization; returns its ids and Stripe objects."""
     session = sign_up(app.test_client(), offline_stripe)
     [row] = query(app, "SELECT * FROM organization")
@@ -66,7 +67,7 @@ def later(seconds: int = 600) -> int:
 def test_missing_or_bad_signatures_are_refused_and_nothing_is_stored(
     client: FlaskClient, app: Flask, headers: dict[str, str], body: bytes | None, reason: str
 ) -> None:
-    payload = json.dumps(OfflineStripe.event("invoice.paid", {"id": "in_1"})).encode()
+    payload = json.dumps(stripe_event("invoice.paid", {"id": "in_1"})).encode()
     response = client.post("/billing/webhooks/stripe", data=body or payload, headers=headers)
     assert response.status_code == 400
     assert response.get_json() == {"error": reason}
@@ -74,13 +75,13 @@ def test_missing_or_bad_signatures_are_refused_and_nothing_is_stored(
 
 
 def test_a_signature_with_another_secret_is_refused(client: FlaskClient, app: Flask) -> None:
-    response = post_webhook(client, OfflineStripe.event("invoice.paid", {"id": "in_1"}), secret="whsec_someone_else")
+    response = post_webhook(client, stripe_event("invoice.paid", {"id": "in_1"}), secret="whsec_someone_else")
     assert response.status_code == 400 and response.get_json() == {"error": "signature does not match"}
     assert stored_events(app) == []
 
 
 def test_a_stale_timestamp_is_refused_beyond_300_seconds(client: FlaskClient, app: Flask) -> None:
-    event = OfflineStripe.event("invoice.paid", {"id": "in_1", "customer": "cus_nobody"})
+    event = stripe_event("invoice.paid", {"id": "in_1", "customer": "cus_nobody"})
     stale = post_webhook(client, event, timestamp=int(time.time()) - 301)
     assert stale.status_code == 400 and stale.get_json() == {"error": "timestamp outside the tolerance zone"}
     assert stored_events(app) == []
@@ -105,15 +106,15 @@ def test_a_signed_body_that_is_not_an_event_is_refused(
     assert stored_events(app) == []
 
 
-def test_the_secret_can_be_rotated_without_downtime(make_app: Any, offline_stripe: OfflineStripe) -> None:
+def test_the_secret_can_be_rotated_without_downtime(make_app: Any, offline_stripe: SandboxAccount) -> None:
     app = make_app(STRIPE_WEBHOOK_SECRET=f"whsec_new_secret_0123, {OFFLINE_WEBHOOK_SECRET}")
     client = app.test_client()
-    signed_with_old = OfflineStripe.event("invoice.paid", {"id": "in_1", "customer": "cus_x"})
-    signed_with_new = OfflineStripe.event("invoice.paid", {"id": "in_2", "customer": "cus_x"})
+    signed_with_old = stripe_event("invoice.paid", {"id": "in_1", "customer": "cus_x"})
+    signed_with_new = stripe_event("invoice.paid", {"id": "in_2", "customer": "cus_x"})
     assert post_webhook(client, signed_with_old).status_code == 200
     assert post_webhook(client, signed_with_new, secret="whsec_new_secret_0123").status_code == 200
     # During a rotation Stripe signs with both secrets in one header: any v1 that matches passes.
-    body = json.dumps(OfflineStripe.event("invoice.paid", {"id": "in_3", "customer": "cus_x"})).encode()
+    body = json.dumps(stripe_event("invoice.paid", {"id": "in_3", "customer": "cus_x"})).encode()
     old_header = sign_stripe_payload(body, "whsec_retired")
     new_header = sign_stripe_payload(body, "whsec_new_secret_0123")
     both = f"{old_header},v1={new_header.split('v1=')[1]}"
@@ -130,7 +131,7 @@ def test_the_endpoint_needs_no_csrf_token_and_is_not_rate_limited(make_app: Any)
     app = make_app(SIGNUP_RATE_LIMIT_PER_CLIENT="1/hour", LOGIN_RATE_LIMIT_PER_CLIENT="1/hour")
     client = app.test_client()
     statuses = {
-        post_webhook(client, OfflineStripe.event("invoice.paid", {"id": f"in_{n}", "customer": "c"})).status_code
+        post_webhook(client, stripe_event("invoice.paid", {"id": f"in_{n}", "customer": "c"})).status_code
         for n in range(30)
     }
     assert statuses == {200}
@@ -138,7 +139,7 @@ def test_the_endpoint_needs_no_csrf_token_and_is_not_rate_limited(make_app: Any)
 
 
 def test_every_verified_event_is_stored_with_its_facts(client: FlaskClient, app: Flask) -> None:
-    event = OfflineStripe.event("invoice.paid", {"id": "in_1", "customer": "cus_unknown"}, created=1_700_000_000)
+    event = stripe_event("invoice.paid", {"id": "in_1", "customer": "cus_unknown"}, created=1_700_000_000)
     body = json.dumps(event)
     assert post_webhook(client, body.encode()).status_code == 200
     [row] = stored_events(app)
@@ -155,17 +156,17 @@ def test_every_verified_event_is_stored_with_its_facts(client: FlaskClient, app:
 
 
 def test_unknown_event_types_are_stored_and_answered_200(client: FlaskClient, app: Flask) -> None:
-    response = post_webhook(client, OfflineStripe.event("charge.dispute.created", {"id": "dp_1"}))
+    response = post_webhook(client, stripe_event("charge.dispute.created", {"id": "dp_1"}))
     assert response.status_code == 200
     [row] = stored_events(app)
     assert (row.status, row.outcome) == ("ignored", "unhandled event type charge.dispute.created")
 
 
 def test_an_event_from_the_other_mode_is_stored_and_not_applied(
-    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], status="canceled")
-    event = OfflineStripe.event("customer.subscription.deleted", subscription, livemode=True, created=later())
+    event = stripe_event("customer.subscription.deleted", subscription, livemode=True, created=later())
     assert post_webhook(client, event).status_code == 200
     [row] = [e for e in stored_events(app) if e.event_id == event["id"]]
     assert row.status == "ignored" and row.outcome.startswith("livemode mismatch")
@@ -176,10 +177,10 @@ def test_an_event_from_the_other_mode_is_stored_and_not_applied(
 
 
 def test_a_duplicate_delivery_changes_nothing(
-    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
-    event = OfflineStripe.event("customer.subscription.updated", subscription, created=later())
+    event = stripe_event("customer.subscription.updated", subscription, created=later())
     assert post_webhook(client, event).status_code == 200
     before = events_named(app)
     for _ in range(3):
@@ -191,10 +192,10 @@ def test_a_duplicate_delivery_changes_nothing(
 
 
 def test_concurrent_deliveries_of_one_event_apply_it_once(
-    app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe
+    app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
-    event = OfflineStripe.event("customer.subscription.updated", subscription, created=later())
+    event = stripe_event("customer.subscription.updated", subscription, created=later())
     barrier = threading.Barrier(12)
     statuses: list[int] = []
 
@@ -214,10 +215,10 @@ def test_concurrent_deliveries_of_one_event_apply_it_once(
 
 
 def test_a_failure_rolls_back_is_recorded_and_the_retry_applies_it(
-    client: FlaskClient, app: Flask, offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     session_id = checkout_session_id(start_signup(app.test_client()))
-    completed = OfflineStripe.event("checkout.session.completed", offline_stripe.pay(session_id))
+    completed = stripe_event("checkout.session.completed", offline_stripe.pay(session_id))
     offline_stripe.fail_next("subscriptions.retrieve", "server")
     failed = post_webhook(client, completed)
     assert failed.status_code == 500
@@ -268,14 +269,14 @@ def test_subscription_events_move_the_billing_status(
     client: FlaskClient,
     app: Flask,
     organization: dict[str, Any],
-    offline_stripe: OfflineStripe,
+    offline_stripe: SandboxAccount,
     event_type: str,
     changes: dict[str, Any],
     status: str,
     domain_event: str,
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], **changes)
-    assert post_webhook(client, OfflineStripe.event(event_type, subscription, created=later())).status_code == 200
+    assert post_webhook(client, stripe_event(event_type, subscription, created=later())).status_code == 200
     row = organization_row(app)
     assert row.billing_status == status
     assert events_named(app)[domain_event] == 1
@@ -283,15 +284,14 @@ def test_subscription_events_move_the_billing_status(
 
 
 def test_resumed_subscriptions_and_recovered_payments_clear_past_due(
-    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     for offset, (event_type, status) in enumerate(
         [("customer.subscription.updated", "past_due"), ("customer.subscription.resumed", "active")], start=1
     ):
         subscription = offline_stripe.change_subscription(organization["subscription_id"], status=status)
         assert (
-            post_webhook(client, OfflineStripe.event(event_type, subscription, created=later(600 * offset))).status_code
-            == 200
+            post_webhook(client, stripe_event(event_type, subscription, created=later(600 * offset))).status_code == 200
         )
     row = organization_row(app)
     assert (row.billing_status, row.past_due_since) == ("active", None)
@@ -299,7 +299,7 @@ def test_resumed_subscriptions_and_recovered_payments_clear_past_due(
 
 
 def test_plan_add_ons_and_dates_follow_the_subscription_items(
-    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     subscription = offline_stripe.change_subscription(
         organization["subscription_id"],
@@ -307,9 +307,7 @@ def test_plan_add_ons_and_dates_follow_the_subscription_items(
         trial_end=None,
     )
     assert (
-        post_webhook(
-            client, OfflineStripe.event("customer.subscription.updated", subscription, created=later())
-        ).status_code
+        post_webhook(client, stripe_event("customer.subscription.updated", subscription, created=later())).status_code
         == 200
     )
     row = organization_row(app)
@@ -322,7 +320,7 @@ def test_plan_add_ons_and_dates_follow_the_subscription_items(
     without_addons = offline_stripe.change_subscription(
         organization["subscription_id"], lookup_keys={"business_monthly": 1}
     )
-    post_webhook(client, OfflineStripe.event("customer.subscription.updated", without_addons, created=later(1200)))
+    post_webhook(client, stripe_event("customer.subscription.updated", without_addons, created=later(1200)))
     assert query(app, "SELECT * FROM organization_addon") == []
     assert events_named(app)["organization.addons_changed"] == 2
 
@@ -338,10 +336,7 @@ def test_invoice_events_record_the_payment_state_and_a_dunning_event(
         "hosted_invoice_url": "https://invoice.stripe.test/i/1",
         "next_payment_attempt": later(86400),
     }
-    assert (
-        post_webhook(client, OfflineStripe.event("invoice.payment_failed", invoice, created=later(10))).status_code
-        == 200
-    )
+    assert post_webhook(client, stripe_event("invoice.payment_failed", invoice, created=later(10))).status_code == 200
     row = organization_row(app)
     assert (row.last_invoice_id, row.last_payment_status) == ("in_renewal", "failed")
     [failed] = query(app, "SELECT * FROM domain_event WHERE name = 'billing.payment_failed'")
@@ -349,26 +344,23 @@ def test_invoice_events_record_the_payment_state_and_a_dunning_event(
 
     assert (
         post_webhook(
-            client, OfflineStripe.event("invoice.paid", {**invoice, "amount_paid": 1900}, created=later(20))
+            client, stripe_event("invoice.paid", {**invoice, "amount_paid": 1900}, created=later(20))
         ).status_code
         == 200
     )
     row = organization_row(app)
     assert (row.last_invoice_id, row.last_payment_status) == ("in_renewal", "paid")
     # A late copy of the failure (Stripe does not promise order) cannot undo the payment.
-    post_webhook(client, OfflineStripe.event("invoice.payment_failed", invoice, created=later(15)))
+    post_webhook(client, stripe_event("invoice.payment_failed", invoice, created=later(15)))
     assert organization_row(app).last_payment_status == "paid"
     assert events_named(app)["billing.payment_succeeded"] == 1
 
 
 def test_trial_will_end_emits_an_event(
-    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], trial_end=later(3 * 86400))
-    assert (
-        post_webhook(client, OfflineStripe.event("customer.subscription.trial_will_end", subscription)).status_code
-        == 200
-    )
+    assert post_webhook(client, stripe_event("customer.subscription.trial_will_end", subscription)).status_code == 200
     [event] = query(app, "SELECT * FROM domain_event WHERE name = 'subscription.trial_will_end'")
     assert event.organization_id == organization["id"] and event.data["trial_end"] == subscription["trial_end"]
 
@@ -381,11 +373,11 @@ def test_trial_will_end_emits_an_event(
     ],
 )
 def test_checkouts_that_end_unpaid_close_the_signup(
-    client: FlaskClient, app: Flask, offline_stripe: OfflineStripe, event_type: str, status: str, reason: str
+    client: FlaskClient, app: Flask, offline_stripe: SandboxAccount, event_type: str, status: str, reason: str
 ) -> None:
     session_id = checkout_session_id(start_signup(app.test_client()))
-    session = offline_stripe.v1.checkout.sessions.retrieve(session_id).to_dict()
-    assert post_webhook(client, OfflineStripe.event(event_type, session)).status_code == 200
+    session = offline_stripe.session(session_id)
+    assert post_webhook(client, stripe_event(event_type, session)).status_code == 200
     [pending] = query(app, "SELECT * FROM pending_signup")
     assert (pending.status, pending.failure_reason) == (status, reason)
     assert events_named(app)[f"signup.{status}"] == 1
@@ -397,12 +389,12 @@ def test_checkouts_that_end_unpaid_close_the_signup(
 
 
 def test_a_stale_event_never_rolls_an_organization_back(
-    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     past_due = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
-    newer = OfflineStripe.event("customer.subscription.updated", past_due, created=later(1000))
+    newer = stripe_event("customer.subscription.updated", past_due, created=later(1000))
     active_again = offline_stripe.change_subscription(organization["subscription_id"], status="active")
-    newest = OfflineStripe.event("customer.subscription.updated", active_again, created=later(2000))
+    newest = stripe_event("customer.subscription.updated", active_again, created=later(2000))
     # Delivered newest first, then the older one.
     assert post_webhook(client, newest).status_code == 200
     assert post_webhook(client, newer).status_code == 200
@@ -413,14 +405,14 @@ def test_a_stale_event_never_rolls_an_organization_back(
 
 
 def test_events_too_close_to_order_are_resolved_by_reading_stripe(
-    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     """Two events in the same second cannot be ordered by timestamp: Stripe is asked for the truth."""
     moment = later(1000)
     past_due = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
-    first = OfflineStripe.event("customer.subscription.updated", past_due, created=moment)
+    first = stripe_event("customer.subscription.updated", past_due, created=moment)
     unpaid = offline_stripe.change_subscription(organization["subscription_id"], status="unpaid")
-    second = OfflineStripe.event("customer.subscription.updated", unpaid, created=moment)
+    second = stripe_event("customer.subscription.updated", unpaid, created=moment)
     reads_before = len(offline_stripe.calls_to("subscriptions.retrieve"))
     post_webhook(client, second)
     post_webhook(client, first)  # same second, delivered late: its payload (past_due) is not trusted
@@ -429,18 +421,16 @@ def test_events_too_close_to_order_are_resolved_by_reading_stripe(
 
 
 def test_subscription_events_before_provisioning_are_not_lost(
-    client: FlaskClient, app: Flask, offline_stripe: OfflineStripe
+    client: FlaskClient, app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     session_id = checkout_session_id(start_signup(app.test_client()))
     session = offline_stripe.pay(session_id)
-    created = OfflineStripe.event(
-        "customer.subscription.created", offline_stripe.subscriptions[session["subscription"]]
-    )
+    created = stripe_event("customer.subscription.created", offline_stripe.subscription(session["subscription"]))
     assert post_webhook(client, created).status_code == 200  # before the checkout is provisioned
     assert stored_events(app)[0].outcome.startswith("no organization for this subscription yet")
     # Meanwhile the subscription moved on at Stripe; provisioning reads it as it is now.
     offline_stripe.change_subscription(session["subscription"], lookup_keys={"pro_monthly": 1})
-    assert post_webhook(client, OfflineStripe.event("checkout.session.completed", session)).status_code == 200
+    assert post_webhook(client, stripe_event("checkout.session.completed", session)).status_code == 200
     row = organization_row(app)
     assert row.tier == "pro" and query(app, "SELECT * FROM organization_addon") == []
 
@@ -448,10 +438,10 @@ def test_subscription_events_before_provisioning_are_not_lost(
 # --- Operations ---------------------------------------------------------------------------------
 
 
-def test_the_cli_lists_events_and_replays_failed_ones(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_the_cli_lists_events_and_replays_failed_ones(app: Flask, offline_stripe: SandboxAccount) -> None:
     client = app.test_client()
     session_id = checkout_session_id(start_signup(app.test_client()))
-    completed = OfflineStripe.event("checkout.session.completed", offline_stripe.pay(session_id))
+    completed = stripe_event("checkout.session.completed", offline_stripe.pay(session_id))
     offline_stripe.fail_next("subscriptions.retrieve", "connection")
     assert post_webhook(client, completed).status_code == 500
     runner = app.test_cli_runner()
@@ -473,13 +463,17 @@ def test_the_cli_lists_events_and_replays_failed_ones(app: Flask, offline_stripe
     assert runner.invoke(args=["billing", "events", "--status", "failed"]).output.strip() == "no events"
 
 
-def test_the_cli_checks_every_catalogue_price(app: Flask, offline_stripe: OfflineStripe) -> None:
+def test_the_cli_checks_every_catalogue_price(app: Flask, offline_stripe: SandboxAccount) -> None:
     result = app.test_cli_runner().invoke(args=["billing", "check-prices"])
     assert result.exit_code == 0
-    assert "tier starter" in result.output and "price_extra_seat_monthly" in result.output
-    del offline_stripe.prices["pro_monthly"]
+    assert "tier starter" in result.output and offline_stripe.price_id("extra_seat_monthly") in result.output
+    price_id = offline_stripe.price_id("pro_monthly")
+    offline_stripe.force(price_id, active=False)  # archived in the Dashboard
     app.extensions["redis"].flushdb()
-    failed = app.test_cli_runner().invoke(args=["billing", "check-prices"])
+    try:
+        failed = app.test_cli_runner().invoke(args=["billing", "check-prices"])
+    finally:
+        offline_stripe.force(price_id, active=True)
     assert failed.exit_code == 1 and "pro_monthly" in failed.output
 
 

@@ -260,11 +260,14 @@ class BillingService:
             subscription_data["trial_period_days"] = tier.trial_days
         try:
             with cls._calling_stripe("create a checkout session"):
+                payer: SessionCreateParams = {"customer_email": email.strip().lower()}
+                if config["STRIPE_TEST_CLOCKS"]:
+                    payer = {"customer": cls._customer_on_a_test_clock(email, owner_name, reference)}
                 session = client.v1.checkout.sessions.create(
                     params={
+                        **payer,
                         "mode": "subscription",
                         "line_items": line_items,
-                        "customer_email": email.strip().lower(),
                         "client_reference_id": reference,
                         "metadata": metadata,
                         "subscription_data": subscription_data,
@@ -285,6 +288,26 @@ class BillingService:
         return CheckoutRedirect(
             url=str(session.url), pending_signup_id=signup.pending_signup_id, checkout_session_id=session.id
         )
+
+    @classmethod
+    def _customer_on_a_test_clock(cls, email: str, name: str, reference: str) -> str:
+        """STRIPE_TEST_CLOCKS (test mode only): the signup's customer lives on a test clock of its own,
+        frozen at now, so tests can advance its subscription through renewals, dunning and its end."""
+        client = cls.ensure_stripe()
+        clock = client.v1.test_helpers.test_clocks.create(
+            params={"frozen_time": int(time.time()), "name": f"signup {reference}"},
+            options={"idempotency_key": f"signup-clock-{reference}"},
+        )
+        customer = client.v1.customers.create(
+            params={
+                "email": email.strip().lower(),
+                "name": name,
+                "test_clock": clock.id,
+                "metadata": {"purpose": "signup", "pending_signup_id": reference},
+            },
+            options={"idempotency_key": f"signup-customer-{reference}"},
+        )
+        return customer.id
 
     @classmethod
     def _expire_checkout_sessions(cls, session_ids: list[str]) -> None:

@@ -17,6 +17,7 @@ import stripe
 
 from sandbox import objects
 from sandbox.config import DeliveryConfig, Settings
+from sandbox.store import Store
 
 from .test_sandbox import (
     SECRET,
@@ -680,3 +681,22 @@ def test_rolled_secrets_and_api_version_apply_to_pushed_events(
         stripe.WebhookSignature.verify_header(post["body"], header, "whsec_someone_else", 300)
     assert post["event"]["api_version"] == "2025-03-31.basil"
     assert post["event"]["type"] == "checkout.session.expired"
+
+
+# -- units ------------------------------------------------------------------------------------
+
+
+def test_request_log_keeps_the_newest_and_seq_keeps_growing(tmp_path: Path) -> None:
+    store = Store(tmp_path / "log.sqlite3")
+    try:
+        for n in range(1, 1201):
+            seq = store.log_request(
+                method="GET", path=f"/v1/prices/{n}", params="{}", idempotency_key=None, status=200, at=0, keep=300
+            )
+            assert seq == n
+        kept = store.logged_requests(0, 10_000)
+        assert kept[-1]["seq"] == store.last_request_seq() == 1200
+        assert 300 <= len(kept) < 800  # pruned every 500 rows down to the last 300
+        assert [row["seq"] for row in kept] == list(range(kept[0]["seq"], 1201))
+    finally:
+        store.close()

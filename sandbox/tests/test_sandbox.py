@@ -30,6 +30,7 @@ CATALOGUE = """
 [tiers.starter]
 name = "Starter"
 lookup_key = "starter_monthly"
+yearly_lookup_key = "starter_yearly"
 sandbox_unit_amount = 1900
 
 [tiers.pro]
@@ -46,7 +47,7 @@ max_quantity = 50
 CARD_OK = "4242 4242 4242 4242"
 CARD_DECLINED = "4000 0000 0000 0002"
 CARD_ASYNC_OK = "4000 0000 0000 3220"
-CARD_ASYNC_FAIL = "4000 0000 0000 0341"
+CARD_ASYNC_FAIL = "4000 0084 0000 1629"
 
 
 # -- harness ----------------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def test_prices_are_seeded_from_the_catalogue(sandbox: Sandbox) -> None:
     first_page = sandbox.client.v1.prices.list(params={"limit": 1})
     assert first_page.has_more and len(first_page.data) == 1
     paged = [p.lookup_key for p in first_page.auto_paging_iter()]  # follows starting_after
-    assert sorted(paged) == ["extra_seat_monthly", "pro_monthly", "starter_monthly"]
+    assert sorted(paged) == ["extra_seat_monthly", "pro_monthly", "starter_monthly", "starter_yearly"]
 
 
 def test_authentication_is_required(sandbox: Sandbox) -> None:
@@ -836,7 +837,11 @@ def test_reseeding_a_changed_amount_moves_the_lookup_key(store: Store, tmp_path:
         billing.seed_catalogue(store, tmp_path / "plans.toml")
     prices = store.all("price")
     starter = [p for p in prices if p["lookup_key"] == "starter_monthly"]
-    assert len(prices) == 4 and len(starter) == 1 and starter[0]["unit_amount"] == 2500
+    # The yearly price (10 × monthly by default) changes too: two new prices, two retired.
+    assert len(prices) == 6 and len(starter) == 1 and starter[0]["unit_amount"] == 2500
+    yearly = [p for p in prices if p["lookup_key"] == "starter_yearly"]
+    assert yearly[0]["unit_amount"] == 25000 and yearly[0]["recurring"]["interval"] == "year"
+    assert yearly[0]["product"] == starter[0]["product"]
     assert starter[0]["product"] == before["starter_monthly"]["product"]
     assert store.get(before["starter_monthly"]["id"])["active"] is False  # type: ignore[index]
     assert store.get(before["pro_monthly"]["id"]) == before["pro_monthly"]

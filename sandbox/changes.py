@@ -1,0 +1,759 @@
+"""Changing a subscription: items, prorations, cancellation dates, pausing, previews.
+
+A proration is Stripe's: for each item whose price or quantity changes, a credit for the unused
+time of the old price and quantity and a charge for the remaining time of the new one, each
+`unit_amount * quantity * (period_end - proration_date) / (period_end - period_start)` rounded
+to the cent, by the second. Prorations become pending invoice items that the next invoice
+collects (`create_prorations`), or an invoice at once that is charged (`always_invoice`), or
+nothing (`none`). A change of billing interval restarts the period now and always invoices at
+once (credit for the unused time, the whole new period charged), as Stripe does.
+
+What happens when that invoice cannot be paid depends on `payment_behavior`:
+- `allow_incomplete` (the default): the change applies, the invoice stays open and the
+  subscription becomes `past_due`.
+- `error_if_incomplete`: nothing changes (no invoice either); the call fails with 402 `card_declined`.
+- `pending_if_incomplete`: the items stay as they were; the change waits in `pending_update`
+  (23 hours) and applies when its invoice is paid (on_invoice_paid()).
+- `default_incomplete`: the change applies and the invoice is left open for the customer to
+  pay (no charge is attempted); the subscription becomes `past_due`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from . import charges, objects, simtime
+from .billing import AUTOMATIC, ENDED, Origin, _apply_cancellation_details, emit, load
+from .errors import StripeError
+from .objects import Obj
+from .store import Store
+
+PRORATION_BEHAVIORS = ("create_prorations", "none", "always_invoice")
+PAYMENT_BEHAVIORS = ("allow_incomplete", "error_if_incomplete", "pending_if_incomplete", "default_incomplete")
+PAUSE_BEHAVIORS = ("keep_as_draft", "mark_uncollectible", "void")
+PENDING_UPDATE_SECONDS = 23 * 3600
+UNSET: Any = object()  # "parameter not given", as opposed to "" (cleared)
+
+
+@dataclass
+class ItemChange:
+    """One items[i] entry of an update."""
+
+    index: int
+    id: str | None = None
+    price: str | None = None
+    quantity: int | None = None
+    deleted: bool = False
+
+
+@dataclass
+class SubscriptionUpdate:
+    items: list[ItemChange] | None = None
+    proration_behavior: str | None = None
+    proration_date: int | None = None
+    payment_behavior: str | None = None
+    cancel_at: Any = UNSET  # int, None ("" clears) or UNSET
+    cancel_at_period_end: bool | None = None
+    pause_collection: Any = UNSET  # dict, None ("" clears) or UNSET
+    default_payment_method: Any = UNSET  # str, None or UNSET
+    metadata: dict[str, str] | None = None
+    cancellation_details: dict[str, str] | None = None
+    given: set[str] = field(default_factory=set)
+
+
+def _now() -> int:
+    return simtime.now()  # a test clock's frozen time for its customers, else the wall clock
+
+
+def period(subscription: Obj) -> tuple[int, int]:
+    items = subscription["items"]["data"]
+    return (
+        min(item["current_period_start"] for item in items),
+        max(item["current_period_end"] for item in items),
+    )
+
+
+def _day(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%-d %b %Y")
+
+
+# -- items --------------------------------------------------------------------------------------
+
+
+def _planned_items(store: Store, subscription: Obj, changes: list[ItemChange]) -> list[Obj]:  # noqa: PLR0912
+    """The subscription's items after the given changes (new items get fresh ids), validated
+    the way Stripe validates them."""
+    current = {item["id"]: item for item in subscription["items"]["data"]}
+    planned = {item_id: copy.deepcopy(item) for item_id, item in current.items()}
+    start, end = period(subscription)
+    now = _now()
+    for change in changes:
+        path = f"items[{change.index}]"
+        if change.id is not None and change.id not in current:
+            raise StripeError(
+                f"Invalid subscription_item: {change.id} does not belong to subscription {subscription['id']}.",
+                code="resource_missing",
+                param=f"{path}[id]",
+            )
+        if change.deleted:
+            if change.id is None:
+                raise StripeError("You must pass an id with deleted=true.", param=f"{path}[deleted]")
+            planned.pop(change.id, None)
+            continue
+        price = None
+        if change.price is not None:
+            price = load(store, "price", change.price, f"{path}[price]", 400)
+            if not price["active"]:
+                raise StripeError(
+                    "The price specified is inactive. This field only accepts active prices.",
+                    param=f"{path}[price]",
+                )
+            if price["type"] != "recurring":
+                raise StripeError(
+                    "The price specified is set to `type=one_time` but this field only accepts prices"
+                    " with `type=recurring`.",
+                    param=f"{path}[price]",
+                )
+        if change.id is None:
+            if price is None:
+                raise StripeError(
+                    "Missing required param: items[][price] (or an existing item id).",
+                    code="parameter_missing",
+                    param=f"{path}[price]",
+                )
+            item_id = objects.new_id("si_", 14)
+            planned[item_id] = {
+                "id": item_id,
+                "object": "subscription_item",
+                "billing_thresholds": None,
+                "created": now,
+                "current_period_end": end,
+                "current_period_start": start,
+                "discounts": [],
+                "metadata": {},
+                "plan": objects._plan(price),
+                "price": price,
+                "quantity": 1 if change.quantity is None else change.quantity,
+                "subscription": subscription["id"],
+                "tax_rates": [],
+            }
+            continue
+        item = planned[change.id]
+        if price is not None:
+            item.update(price=price, plan=objects._plan(price))
+        if change.quantity is not None:
+            item["quantity"] = change.quantity
+    items = list(planned.values())
+    if not items:
+        raise StripeError(
+            "A subscription must have at least one active item. Cancel the subscription instead.",
+            param="items",
+        )
+    seen: set[str] = set()
+    for item in items:
+        if item["price"]["id"] in seen:
+            raise StripeError(
+                f"Cannot add multiple subscription items with the same price: {item['price']['id']}",
+                param="items",
+            )
+        seen.add(item["price"]["id"])
+    intervals = {(i["price"]["recurring"]["interval"], i["price"]["recurring"]["interval_count"]) for i in items}
+    currencies = {i["price"]["currency"] for i in items}
+    if len(intervals) > 1 or len(currencies) > 1:
+        raise StripeError("Currency and interval fields must match across all plans on a subscription.", param="items")
+    return items
+
+
+def _interval(items: list[Obj]) -> tuple[str, int]:
+    recurring = items[0]["price"]["recurring"]
+    return recurring["interval"], recurring["interval_count"]
+
+
+def add_interval(timestamp: int, interval: str, count: int) -> int:
+    if interval == "year":
+        return add_months(timestamp, 12 * count)
+    if interval == "month":
+        return add_months(timestamp, count)
+    return timestamp + count * (7 if interval == "week" else 1) * 86400
+
+
+def add_months(timestamp: int, months: int) -> int:
+    for _ in range(months):
+        timestamp = objects.add_month(timestamp)
+    return timestamp
+
+
+def _fraction_amount(amount: int, remaining: int, total: int) -> int:
+    """amount * remaining / total, rounded half up, for a non-negative amount."""
+    return (2 * amount * remaining + total) // (2 * total) if total > 0 else 0
+
+
+@dataclass
+class Plan:
+    """What an items change amounts to: the new items, the proration lines, whether the
+    period restarts, and the resulting period."""
+
+    items: list[Obj]
+    prorations: list[Obj]
+    resets_period: bool
+    period_start: int
+    period_end: int
+
+
+def plan_items_change(
+    store: Store, subscription: Obj, changes: list[ItemChange], proration_date: int, behavior: str
+) -> Plan:
+    items = _planned_items(store, subscription, changes)
+    start, end = period(subscription)
+    resets = _interval(items) != _interval(subscription["items"]["data"])
+    new_start, new_end = start, end
+    if resets:
+        new_start = proration_date
+        new_end = add_interval(new_start, *_interval(items))
+        for item in items:
+            item.update(current_period_start=new_start, current_period_end=new_end)
+    prorations: list[Obj] = []
+    if behavior != "none" and subscription["status"] != "trialing":
+        prorations = proration_lines(subscription, items, proration_date, resets, new_end)
+    return Plan(items, prorations, resets, new_start, new_end)
+
+
+def proration_lines(
+    subscription: Obj, new_items: list[Obj], proration_date: int, resets: bool, new_end: int
+) -> list[Obj]:
+    """Stripe's proration invoice items (as dicts with amount, description, period, price,
+    quantity, item id, proration flag), credits first."""
+    start, end = period(subscription)
+    total = end - start
+    remaining = max(0, end - proration_date)
+    old = {item["id"]: item for item in subscription["items"]["data"]}
+    new = {item["id"]: item for item in new_items}
+    credits, debits = [], []
+    for item_id, before in old.items():
+        after = new.get(item_id)
+        changed = (
+            after is None
+            or resets
+            or (after["price"]["id"], after["quantity"])
+            != (
+                before["price"]["id"],
+                before["quantity"],
+            )
+        )
+        if changed:
+            amount = _fraction_amount(before["price"]["unit_amount"] * before["quantity"], remaining, total)
+            credits.append(
+                {
+                    "amount": -amount,
+                    "description": f"Unused time on {_label(before)} after {_day(proration_date)}",
+                    "period": {"start": proration_date, "end": end},
+                    "price": before["price"],
+                    "quantity": before["quantity"],
+                    "subscription_item": item_id,
+                }
+            )
+    for item_id, after in new.items():
+        before = old.get(item_id)
+        changed = (
+            before is None
+            or resets
+            or (after["price"]["id"], after["quantity"])
+            != (
+                before["price"]["id"],
+                before["quantity"],
+            )
+        )
+        if not changed:
+            continue
+        unit_total = after["price"]["unit_amount"] * after["quantity"]
+        if resets:
+            amount, line_period = unit_total, {"start": proration_date, "end": new_end}
+            description = f"{after['quantity']} × {after['price']['nickname'] or after['price']['id']}"
+        else:
+            amount = _fraction_amount(unit_total, remaining, total)
+            line_period = {"start": proration_date, "end": end}
+            description = f"Remaining time on {_label(after)} after {_day(proration_date)}"
+        debits.append(
+            {
+                "amount": amount,
+                "description": description,
+                "period": line_period,
+                "price": after["price"],
+                "quantity": after["quantity"],
+                "subscription_item": item_id,
+                "proration": not resets,
+            }
+        )
+    return [{**line, "proration": line.get("proration", True)} for line in credits + debits]
+
+
+def _label(item: Obj) -> str:
+    name = item["price"]["nickname"] or item["price"]["id"]
+    return f"{item['quantity']} × {name}" if item["quantity"] != 1 else name
+
+
+# -- invoice items and invoices ---------------------------------------------------------------------
+
+
+def invoice_item(customer: Obj, subscription: Obj, line: Obj, now: int) -> Obj:
+    price = line["price"]
+    return {
+        "id": objects.new_id("ii_"),
+        "object": "invoiceitem",
+        "amount": line["amount"],
+        "currency": price["currency"],
+        "customer": customer["id"],
+        "date": now,
+        "description": line["description"],
+        "discountable": False,
+        "discounts": [],
+        "invoice": None,
+        "livemode": False,
+        "metadata": {},
+        "net_amount": line["amount"],
+        "parent": {
+            "type": "subscription_details",
+            "subscription_details": {
+                "subscription": subscription["id"],
+                "subscription_item": line["subscription_item"],
+            },
+        },
+        "period": line["period"],
+        "pricing": {
+            "type": "price_details",
+            "price_details": {"price": price["id"], "product": price["product"]},
+            "unit_amount_decimal": price["unit_amount_decimal"],
+        },
+        "proration": line["proration"],
+        "proration_details": {"discount_amounts": []},
+        "quantity": line["quantity"],
+        "tax_rates": [],
+        "test_clock": customer.get("test_clock"),
+    }
+
+
+def pending_invoice_items(store: Store, subscription_id: str) -> list[Obj]:
+    """Invoice items waiting for this subscription's next invoice, oldest first."""
+    return [
+        ii
+        for ii in store.all("invoiceitem")
+        if ii["invoice"] is None
+        and (ii["parent"] or {}).get("subscription_details", {}).get("subscription") == subscription_id
+    ]
+
+
+def line_from_invoice_item(ii: Obj, invoice_id: str | None) -> Obj:
+    details = ii["parent"]["subscription_details"]
+    return {
+        "id": objects.new_id("il_"),
+        "object": "line_item",
+        "amount": ii["amount"],
+        "currency": ii["currency"],
+        "description": ii["description"],
+        "discount_amounts": [],
+        "discountable": ii["discountable"],
+        "discounts": [],
+        "invoice": invoice_id,
+        "livemode": False,
+        "metadata": {},
+        "parent": {
+            "type": "subscription_item_details",
+            "invoice_item_details": None,
+            "subscription_item_details": {
+                "invoice_item": ii["id"],
+                "proration": ii["proration"],
+                "proration_details": {"credited_items": None},
+                "subscription": details["subscription"],
+                "subscription_item": details["subscription_item"],
+            },
+        },
+        "period": ii["period"],
+        "pretax_credit_amounts": [],
+        "pricing": ii["pricing"],
+        "quantity": ii["quantity"],
+        "subtotal": ii["amount"],
+        "taxes": [],
+    }
+
+
+def recurring_line(item: Obj, subscription_id: str, invoice_id: str | None, start: int, end: int) -> Obj:
+    price = item["price"]
+    amount = price["unit_amount"] * item["quantity"]
+    return {
+        "id": objects.new_id("il_"),
+        "object": "line_item",
+        "amount": amount,
+        "currency": price["currency"],
+        "description": f"{item['quantity']} × {price['nickname'] or price['id']}"
+        f" (at {_money(price['unit_amount'])} / {price['recurring']['interval']})",
+        "discount_amounts": [],
+        "discountable": True,
+        "discounts": [],
+        "invoice": invoice_id,
+        "livemode": False,
+        "metadata": {},
+        "parent": {
+            "type": "subscription_item_details",
+            "invoice_item_details": None,
+            "subscription_item_details": {
+                "invoice_item": None,
+                "proration": False,
+                "proration_details": {"credited_items": None},
+                "subscription": subscription_id,
+                "subscription_item": item["id"],
+            },
+        },
+        "period": {"start": start, "end": end},
+        "pretax_credit_amounts": [],
+        "pricing": {
+            "type": "price_details",
+            "price_details": {"price": price["id"], "product": price["product"]},
+            "unit_amount_decimal": price["unit_amount_decimal"],
+        },
+        "quantity": item["quantity"],
+        "subtotal": amount,
+        "taxes": [],
+    }
+
+
+def _money(cents: int) -> str:
+    return f"${cents / 100:,.2f}"
+
+
+def build_invoice(
+    customer: Obj, subscription: Obj, lines: list[Obj], billing_reason: str, now: int, invoice_id: str | None = None
+) -> Obj:
+    """An invoice of the given lines, shaped like the sandbox's other invoices."""
+    invoice = objects.invoice(customer, subscription, now)
+    if invoice_id is not None:
+        invoice["id"] = invoice_id
+    for line in lines:
+        line["invoice"] = invoice["id"]
+    total = sum(line["amount"] for line in lines)
+    due = max(total, 0)
+    invoice.update(
+        lines=objects.list_object(lines, f"/v1/invoices/{invoice['id']}/lines"),
+        billing_reason=billing_reason,
+        amount_due=due,
+        amount_remaining=due,
+        amount_paid=0,
+        subtotal=total,
+        subtotal_excluding_tax=total,
+        total=total,
+        total_excluding_tax=total,
+        # A credit larger than the charge is carried to the customer's balance, as Stripe does.
+        ending_balance=min(total, 0),
+        next_payment_attempt=None,
+        period_start=min((line["period"]["start"] for line in lines), default=now),
+        period_end=max((line["period"]["end"] for line in lines), default=now),
+    )
+    invoice["parent"]["subscription_details"]["subscription_proration_date"] = None
+    return invoice
+
+
+# -- the update itself --------------------------------------------------------------------------------
+
+
+def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpdate, origin: Origin = AUTOMATIC) -> Obj:
+    subscription = load(store, "subscription", subscription_id)
+    before = copy.deepcopy(subscription)
+    now = _now()
+    ended = subscription["status"] in ENDED
+    structural = req.given - {"metadata", "cancellation_details"}
+    if ended and structural:
+        raise StripeError(
+            "A canceled subscription can only update its cancellation_details and metadata.",
+            param=sorted(structural)[0],
+        )
+    if req.payment_behavior == "pending_if_incomplete":
+        allowed = {"items", "proration_behavior", "proration_date", "payment_behavior"}
+        extra = req.given - allowed
+        if extra:
+            raise StripeError(
+                "When using payment_behavior=pending_if_incomplete you can only pass the supported"
+                f" parameters (items, proration_behavior, proration_date); you passed {sorted(extra)[0]}.",
+                param=sorted(extra)[0],
+            )
+    if subscription.get("pending_update") and req.items is not None:
+        raise StripeError(
+            "This subscription has a pending update. Pay or void the invoice that carries it, or"
+            " wait for it to expire, before changing items again.",
+            param="items",
+        )
+
+    if req.metadata is not None:
+        merged = {**subscription["metadata"], **req.metadata} if req.metadata else {}
+        subscription["metadata"] = {k: v for k, v in merged.items() if v != ""}
+    _apply_cancellation_details(subscription, req.cancellation_details)
+    _apply_cancellation(subscription, req, now)
+    _apply_pause(subscription, req, now)
+    if req.default_payment_method is not UNSET:
+        subscription["default_payment_method"] = (
+            charges.resolve_payment_method(
+                store, subscription["customer"], req.default_payment_method, "default_payment_method", now
+            )
+            if req.default_payment_method
+            else None
+        )
+
+    invoice: Obj | None = None
+    if req.items is not None:
+        invoice = _apply_items(store, subscription, req, now)
+
+    changes = objects.previous_attributes(before, subscription)
+    if changes:
+        store.put(subscription)
+        emit(store, "customer.subscription.updated", subscription, changes, origin)
+    if invoice is not None:
+        emit(store, "invoice.created", invoice, origin=origin)
+        emit(store, "invoice.finalized", invoice, origin=origin)
+        if invoice["status"] == "paid":
+            emit(store, "invoice.paid", invoice, origin=origin)
+        elif invoice["attempted"]:
+            emit(store, "invoice.payment_failed", invoice, origin=origin)
+    return subscription
+
+
+def _apply_cancellation(subscription: Obj, req: SubscriptionUpdate, now: int) -> None:
+    _, end = period(subscription)
+    if req.cancel_at not in (UNSET, None) and req.cancel_at_period_end:
+        raise StripeError(
+            "You may only specify one of these parameters: cancel_at, cancel_at_period_end.",
+            code="parameters_exclusive",
+            param="cancel_at",
+        )
+    if req.cancel_at is not UNSET:
+        if req.cancel_at is None:
+            _clear_cancellation(subscription)
+        else:
+            if req.cancel_at <= now:
+                raise StripeError("cancel_at must be in the future.", param="cancel_at")
+            subscription.update(cancel_at=req.cancel_at, cancel_at_period_end=False, canceled_at=now)
+            subscription["cancellation_details"]["reason"] = "cancellation_requested"
+    if req.cancel_at_period_end is not None:
+        if req.cancel_at_period_end:
+            if not subscription["cancel_at_period_end"]:
+                subscription.update(cancel_at_period_end=True, cancel_at=end, canceled_at=now)
+                subscription["cancellation_details"]["reason"] = "cancellation_requested"
+        elif req.cancel_at is UNSET or req.cancel_at is None:
+            # cancel_at_period_end=false undoes a scheduled cancellation, whichever way it was set.
+            _clear_cancellation(subscription)
+
+
+def _clear_cancellation(subscription: Obj) -> None:
+    subscription.update(cancel_at=None, cancel_at_period_end=False, canceled_at=None)
+    subscription["cancellation_details"]["reason"] = None
+
+
+def _apply_pause(subscription: Obj, req: SubscriptionUpdate, now: int) -> None:
+    if req.pause_collection is UNSET:
+        return
+    if not req.pause_collection:
+        subscription["pause_collection"] = None
+        return
+    behavior = req.pause_collection.get("behavior")
+    if behavior not in PAUSE_BEHAVIORS:
+        raise StripeError(
+            f"Invalid pause_collection[behavior]: must be one of {', '.join(PAUSE_BEHAVIORS)}",
+            param="pause_collection[behavior]",
+        )
+    resumes_at = req.pause_collection.get("resumes_at")
+    if resumes_at is not None and resumes_at <= now:
+        raise StripeError("pause_collection[resumes_at] must be in the future.", param="pause_collection[resumes_at]")
+    subscription["pause_collection"] = {"behavior": behavior, "resumes_at": resumes_at}
+
+
+def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: int) -> Obj | None:  # noqa: PLR0912
+    assert req.items is not None
+    behavior = req.proration_behavior or "create_prorations"
+    start, end = period(subscription)
+    proration_date = req.proration_date if req.proration_date is not None else now
+    if not start <= proration_date <= end:
+        raise StripeError(
+            f"proration_date must be within the subscription's current billing period ({start} to {end}).",
+            param="proration_date",
+        )
+    plan = plan_items_change(store, subscription, req.items, proration_date, behavior)
+    customer = load(store, "customer", subscription["customer"])
+    new_items = objects.list_object(plan.items, subscription["items"]["url"])
+    invoice_now = behavior == "always_invoice" or plan.resets_period
+    payment_behavior = req.payment_behavior or "allow_incomplete"
+
+    pending_items = [invoice_item(customer, subscription, line, now) for line in plan.prorations]
+    if not invoice_now:
+        for ii in pending_items:
+            store.put(ii)
+        subscription["items"] = new_items
+        if plan.resets_period:
+            subscription["billing_cycle_anchor"] = plan.period_start
+        return None
+
+    # Invoice now: the prorations plus anything already pending for this subscription.
+    waiting = pending_invoice_items(store, subscription["id"])
+    invoice_id = objects.new_id("in_")
+    collected = [*waiting, *pending_items]
+    for ii in collected:
+        ii["invoice"] = invoice_id
+    lines = [line_from_invoice_item(ii, invoice_id) for ii in collected]
+    if plan.resets_period:
+        # The new period's charge is the recurring line itself, not an invoice item.
+        lines = [line_from_invoice_item(ii, invoice_id) for ii in collected if ii["proration"]]
+        collected = [ii for ii in collected if ii["proration"]]
+        for item in plan.items:
+            lines.append(recurring_line(item, subscription["id"], invoice_id, plan.period_start, plan.period_end))
+    invoice = build_invoice(customer, subscription, lines, "subscription_update", now, invoice_id)
+    invoice["parent"]["subscription_details"]["subscription_proration_date"] = proration_date
+    customer["next_invoice_sequence"] += 1
+    store.put(customer)
+
+    if payment_behavior == "default_incomplete" and invoice["amount_due"] > 0:
+        paid = False
+    else:
+        # The charge uses the payment method as it stands after this update.
+        paid = charges.charge_invoice(store, invoice, subscription, now)
+    if not paid and payment_behavior == "error_if_incomplete":
+        # The transaction is rolled back: no invoice, no items change.
+        raise StripeError(
+            "Your card was declined.",
+            status=402,
+            type="card_error",
+            code="card_declined",
+            param="",
+        )
+    for ii in collected:
+        store.put(ii)
+    store.put(invoice)
+    subscription["latest_invoice"] = invoice["id"]
+    if not paid and payment_behavior == "pending_if_incomplete":
+        subscription["pending_update"] = {
+            "billing_cycle_anchor": plan.period_start if plan.resets_period else None,
+            "expires_at": now + PENDING_UPDATE_SECONDS,
+            "subscription_items": plan.items,
+            "trial_end": None,
+            "trial_from_plan": None,
+        }
+        subscription["_pending_invoice"] = invoice["id"]
+        return invoice
+    subscription["items"] = new_items
+    if plan.resets_period:
+        subscription["billing_cycle_anchor"] = plan.period_start
+    if not paid and subscription["status"] in ("active", "trialing"):
+        subscription["status"] = "past_due"
+    return invoice
+
+
+def on_invoice_paid(store: Store, invoice: Obj, origin: Origin = AUTOMATIC) -> None:
+    """Call when an invoice becomes paid: applies a subscription's pending update that waited
+    for it (pending_if_incomplete), and brings a past_due subscription back to active."""
+    details = (invoice.get("parent") or {}).get("subscription_details") or {}
+    subscription = store.get(details.get("subscription") or "")
+    if subscription is None:
+        return
+    before = copy.deepcopy(subscription)
+    pending = subscription.get("pending_update")
+    if pending and subscription.get("_pending_invoice") == invoice["id"]:
+        if pending["expires_at"] > _now():
+            subscription["items"] = objects.list_object(pending["subscription_items"], subscription["items"]["url"])
+            if pending["billing_cycle_anchor"]:
+                subscription["billing_cycle_anchor"] = pending["billing_cycle_anchor"]
+        subscription["pending_update"] = None
+        subscription.pop("_pending_invoice", None)
+    if subscription["status"] == "past_due" and subscription.get("latest_invoice") == invoice["id"]:
+        subscription["status"] = "active"
+    changes = objects.previous_attributes(before, subscription)
+    if changes:
+        store.put(subscription)
+        emit(store, "customer.subscription.updated", subscription, changes, origin)
+
+
+# -- the upcoming invoice --------------------------------------------------------------------------------
+
+
+def preview_invoice(
+    store: Store,
+    *,
+    customer_id: str | None,
+    subscription_id: str | None,
+    items: list[ItemChange] | None,
+    proration_date: int | None,
+    proration_behavior: str | None,
+    cancel_at_period_end: bool | None,
+) -> Obj:
+    """The invoice Stripe would create next for a subscription, with the given change applied:
+    with always_invoice, the invoice the change itself creates; otherwise the next renewal,
+    carrying the pending and new prorations. It has no id, as on Stripe."""
+    if subscription_id is None:
+        raise StripeError(
+            "The sandbox previews invoices for an existing subscription: pass subscription.",
+            code="parameter_missing",
+            param="subscription",
+        )
+    subscription = load(store, "subscription", subscription_id, "subscription", 400)
+    if customer_id is not None and customer_id != subscription["customer"]:
+        raise StripeError(
+            f"The subscription {subscription_id} does not belong to the customer {customer_id}.",
+            param="customer",
+        )
+    if subscription["status"] in ENDED:
+        raise StripeError(
+            "No upcoming invoices for customer: the subscription has ended.",
+            code="invoice_upcoming_none",
+        )
+    customer = load(store, "customer", subscription["customer"], "customer", 400)
+    now = _now()
+    behavior = proration_behavior or "create_prorations"
+    start, end = period(subscription)
+    when = proration_date if proration_date is not None else now
+    if not start <= when <= end:
+        raise StripeError(
+            "proration_date must be within the subscription's current billing period.",
+            param="subscription_details[proration_date]",
+        )
+    plan = plan_items_change(store, subscription, items or [], when, behavior)
+    new_prorations = [invoice_item(customer, subscription, line, now) for line in plan.prorations]
+    waiting = pending_invoice_items(store, subscription["id"])
+
+    if behavior == "always_invoice" or plan.resets_period:
+        collected = [*waiting, *new_prorations]
+        if plan.resets_period:
+            collected = [ii for ii in collected if ii["proration"]]
+        lines = [line_from_invoice_item(ii, None) for ii in collected]
+        if plan.resets_period:
+            lines += [
+                recurring_line(i, subscription["id"], None, plan.period_start, plan.period_end) for i in plan.items
+            ]
+        reason, created = "subscription_update", now
+        next_attempt = now
+    else:
+        will_cancel = subscription["cancel_at_period_end"] if cancel_at_period_end is None else cancel_at_period_end
+        cancel_at = subscription["cancel_at"]
+        if will_cancel or (cancel_at is not None and cancel_at <= end and cancel_at_period_end is not False):
+            raise StripeError(
+                "No upcoming invoices for customer: the subscription is set to cancel at the end of the period.",
+                code="invoice_upcoming_none",
+            )
+        interval = _interval(plan.items)
+        next_end = add_interval(end, *interval)
+        lines = [line_from_invoice_item(ii, None) for ii in [*waiting, *new_prorations]]
+        lines += [recurring_line(i, subscription["id"], None, end, next_end) for i in plan.items]
+        reason, created = "upcoming", end
+        next_attempt = end + 3600
+    invoice = build_invoice(customer, subscription, lines, reason, created)
+    invoice.pop("id")
+    for line in invoice["lines"]["data"]:
+        line["invoice"] = None
+    invoice["lines"]["url"] = "/v1/invoices/upcoming/lines"
+    invoice.update(
+        number=None,
+        status="draft",
+        status_transitions={"finalized_at": None, "marked_uncollectible_at": None, "paid_at": None, "voided_at": None},
+        effective_at=None,
+        next_payment_attempt=next_attempt if invoice["amount_due"] > 0 else None,
+        created=created,
+    )
+    if proration_date is not None or items:
+        invoice["parent"]["subscription_details"]["subscription_proration_date"] = when
+    return invoice

@@ -1,0 +1,389 @@
+"""Test clocks, and the engine that moves their customers' subscriptions through time.
+
+A clock has a frozen time; its customers' objects live at that time (see simtime). Advancing a
+clock answers at once with status "advancing" and queues a job; the worker then replays, in
+order and each at its own simulated timestamp, everything that falls due up to the target time:
+trial reminders and trial ends, renewals (a draft invoice, finalized an hour later and charged),
+smart retries of failed payments with their final action, and scheduled cancellations. Then the
+clock is "ready" and test_helpers.test_clock.ready is the last event. The whole replay runs in
+one transaction, so months of simulated time take milliseconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from . import billing, invoicing, objects, simtime
+from .errors import StripeError, no_such
+from .objects import Obj
+from .params import Params, mapping, reject_unknown, string
+from .store import Store
+
+DAY = 86400
+TRIAL_WILL_END_NOTICE = 3 * DAY  # customer.subscription.trial_will_end: three days before
+FINALIZE_AFTER = 3600  # a renewal invoice stays a draft for an hour, as on Stripe
+MISSING_PAYMENT_METHOD = ("cancel", "pause", "create_invoice")
+MAX_STEPS = 10_000  # a guard against a bug looping forever inside one transaction
+
+
+@dataclass(frozen=True)
+class Dunning:
+    retry_days: tuple[int, ...]  # days after the first failure when payment is retried
+    final_action: str  # unpaid | cancel, once the last retry has failed
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Dunning:
+        raw = env.get("SANDBOX_DUNNING_RETRY_DAYS", "3,5,7")
+        try:
+            days = tuple(int(part) for part in raw.split(",") if part.strip())
+        except ValueError:
+            raise ValueError(f"SANDBOX_DUNNING_RETRY_DAYS must be comma-separated whole days, not {raw!r}") from None
+        if any(d <= 0 for d in days) or list(days) != sorted(set(days)):
+            raise ValueError(f"SANDBOX_DUNNING_RETRY_DAYS must be increasing positive days, not {raw!r}")
+        action = env.get("SANDBOX_DUNNING_FINAL_ACTION", "cancel")
+        if action not in ("unpaid", "cancel"):
+            raise ValueError(f"SANDBOX_DUNNING_FINAL_ACTION must be unpaid or cancel, not {action!r}")
+        return cls(days, action)
+
+
+def missing_payment_method_param(subscription_data: Params) -> str | None:
+    """subscription_data[trial_settings][end_behavior][missing_payment_method] on Checkout."""
+    path = "subscription_data[trial_settings]"
+    settings = mapping(subscription_data, "trial_settings", "subscription_data")
+    if settings is None:
+        return None
+    reject_unknown(settings, ("end_behavior",), path)
+    behavior = mapping(settings, "end_behavior", path) or {}
+    reject_unknown(behavior, ("missing_payment_method",), f"{path}[end_behavior]")
+    value = string(behavior, "missing_payment_method", f"{path}[end_behavior]", required=True)
+    if value not in MISSING_PAYMENT_METHOD:
+        raise StripeError(
+            f"Invalid missing_payment_method: must be one of {', '.join(MISSING_PAYMENT_METHOD)}",
+            param=f"{path}[end_behavior][missing_payment_method]",
+        )
+    return value
+
+
+# -- the clock API ------------------------------------------------------------------------------
+
+
+def create(store: Store, frozen_time: int, name: str | None, origin: billing.Origin) -> Obj:
+    now = int(time.time())
+    clock = {
+        "id": objects.new_id("clock_"),
+        "object": "test_helpers.test_clock",
+        "created": now,
+        "deletes_after": now + 30 * DAY,
+        "frozen_time": frozen_time,
+        "livemode": False,
+        "name": name,
+        "status": "ready",
+        "status_details": {"advancing": None},
+    }
+    store.put(clock)
+    with simtime.frozen_at(frozen_time):
+        billing.emit(store, "test_helpers.test_clock.created", clock, origin=origin)
+    return clock
+
+
+def load(store: Store, clock_id: str, param: str = "test_clock", status: int = 404) -> Obj:
+    clock = billing.load(store, "test_helpers.test_clock", clock_id, param, status)
+    if clock["status"] == "advancing" and not any(
+        job["ref"] == clock_id for job in store.due_jobs(float("inf")) if job["kind"] == "advance_test_clock"
+    ):
+        # The advance job failed (and was dropped by the worker, its work rolled back).
+        clock.update(status="internal_failure", status_details={"advancing": None})
+        store.put(clock)
+        billing.emit(store, "test_helpers.test_clock.internal_failure", clock)
+    return clock
+
+
+def list_clocks(store: Store, limit: int, starting_after: str | None) -> Obj:
+    clocks = list(reversed(store.all("test_helpers.test_clock")))
+    if starting_after:
+        ids = [c["id"] for c in clocks]
+        if starting_after not in ids:
+            raise no_such("test_helpers.test_clock", starting_after, "starting_after", 400)
+        clocks = clocks[ids.index(starting_after) + 1 :]
+    return objects.list_object(clocks[:limit], "/v1/test_helpers/test_clocks", has_more=len(clocks) > limit)
+
+
+def delete(store: Store, clock_id: str, origin: billing.Origin) -> Obj:
+    """Delete the clock and, as Stripe does, its customers and everything they own. Live
+    subscriptions end first (customer.subscription.deleted), then customer.deleted."""
+    clock = load(store, clock_id)
+    with simtime.frozen_at(clock["frozen_time"]):
+        for customer in _customers(store, clock_id):
+            owned = [
+                obj
+                for kind in ("subscription", "invoice", "payment_method", "payment_intent", "charge")
+                for obj in store.all(kind)
+                if obj.get("customer") == customer["id"]
+            ]
+            for obj in owned:
+                if obj["object"] == "subscription" and obj["status"] not in billing.ENDED:
+                    obj.update(status="canceled", canceled_at=billing._now(), ended_at=billing._now())
+                    billing.emit(store, "customer.subscription.deleted", obj, origin=origin)
+                store.delete(obj["id"])
+            store.delete(customer["id"])
+            billing.emit(store, "customer.deleted", customer, origin=origin)
+    store.delete(clock_id)
+    return {"id": clock_id, "object": "test_helpers.test_clock", "deleted": True}
+
+
+def advance(store: Store, clock_id: str, frozen_time: int, origin: billing.Origin) -> Obj:
+    """Start moving the clock to frozen_time; the worker does the work (run_advance)."""
+    clock = load(store, clock_id)
+    if clock["status"] == "internal_failure":
+        raise StripeError(f"The test clock {clock_id} failed to advance; delete it and start again.")
+    if clock["status"] != "ready":
+        raise StripeError(f"The test clock {clock_id} is currently advancing; wait until its status is ready.")
+    if frozen_time <= clock["frozen_time"]:
+        raise StripeError(
+            f"The frozen_time must be after the test clock's current frozen_time ({clock['frozen_time']}).",
+            param="frozen_time",
+        )
+    limit, why = _advance_limit(store, clock)
+    if frozen_time > limit:
+        raise StripeError(
+            f"Cannot advance the test clock to {frozen_time}: it can move at most {why} ahead of"
+            f" its current frozen_time, that is to {limit} or earlier.",
+            param="frozen_time",
+        )
+    clock.update(status="advancing", status_details={"advancing": {"target_frozen_time": frozen_time}})
+    store.put(clock)
+    with simtime.frozen_at(clock["frozen_time"]):
+        billing.emit(store, "test_helpers.test_clock.advancing", clock, origin=origin)
+    store.add_job("advance_test_clock", clock_id, time.time())
+    return clock
+
+
+def _advance_limit(store: Store, clock: Obj) -> tuple[int, str]:
+    """Stripe's rule: no more than two intervals of the shortest subscription on the clock
+    (the sandbox's prices are all monthly), or two years if it has no live subscription."""
+    frozen = clock["frozen_time"]
+    if any(s["status"] not in billing.ENDED for s in _subscriptions(store, clock["id"])):
+        return objects.add_month(objects.add_month(frozen)), "two billing intervals (two months)"
+    limit = frozen
+    for _ in range(24):
+        limit = objects.add_month(limit)
+    return limit, "two years (it has no subscriptions)"
+
+
+def _customers(store: Store, clock_id: str) -> list[Obj]:
+    return [c for c in store.all("customer") if c.get("test_clock") == clock_id]
+
+
+def _subscriptions(store: Store, clock_id: str) -> list[Obj]:
+    customers = {c["id"] for c in _customers(store, clock_id)}
+    return [s for s in store.all("subscription") if s["customer"] in customers]
+
+
+# -- the advance engine -------------------------------------------------------------------------
+
+
+Step = tuple[int, int, str, str]  # (when, priority at equal times, action, object id)
+
+
+def run_advance(store: Store, clock_id: str) -> None:
+    """The worker's job: replay every step due up to the target, then mark the clock ready."""
+    clock = store.get(clock_id)
+    if clock is None or clock["status"] != "advancing":
+        return
+    target = clock["status_details"]["advancing"]["target_frozen_time"]
+    dunning = Dunning.from_env()
+    for _ in range(MAX_STEPS):
+        step = _next_step(store, clock_id, target)
+        if step is None:
+            break
+        when, _, action, object_id = step
+        clock["frozen_time"] = when  # so anything asking the clock's time sees the step's time
+        store.put(clock)
+        with simtime.frozen_at(when):
+            ACTIONS[action](store, object_id, dunning)
+    else:
+        raise RuntimeError(f"advancing {clock_id} did not settle after {MAX_STEPS} steps")
+    clock.update(frozen_time=target, status="ready", status_details={"advancing": None})
+    store.put(clock)
+    with simtime.frozen_at(target):
+        billing.emit(store, "test_helpers.test_clock.ready", clock)
+
+
+def _next_step(store: Store, clock_id: str, target: int) -> Step | None:
+    steps: list[Step] = []
+    customers = {c["id"] for c in _customers(store, clock_id)}
+    for sub in store.all("subscription"):
+        if sub["customer"] not in customers or sub["status"] in billing.ENDED:
+            continue
+        if sub["cancel_at"] is not None:
+            steps.append((sub["cancel_at"], 0, "cancel", sub["id"]))
+        if sub["status"] == "trialing":
+            reminder = sub["trial_end"] - TRIAL_WILL_END_NOTICE
+            if not sub.get("_trial_will_end_sent") and reminder >= sub["created"]:
+                steps.append((reminder, 1, "trial_will_end", sub["id"]))
+            steps.append((sub["trial_end"], 2, "trial_end", sub["id"]))
+        elif sub["status"] in ("active", "past_due", "unpaid"):
+            steps.append((_period_end(sub), 3, "renew", sub["id"]))
+    for invoice in store.all("invoice"):
+        if invoice["customer"] not in customers:
+            continue
+        if invoice["status"] == "draft" and invoice.get("automatically_finalizes_at"):
+            steps.append((invoice["automatically_finalizes_at"], 4, "finalize", invoice["id"]))
+        elif invoice["status"] == "open" and invoice.get("next_payment_attempt"):
+            steps.append((invoice["next_payment_attempt"], 5, "retry", invoice["id"]))
+    due = [step for step in steps if step[0] <= target]
+    return min(due) if due else None
+
+
+def _period_end(sub: Obj) -> int:
+    return int(max(item["current_period_end"] for item in sub["items"]["data"]))
+
+
+def _updated(store: Store, sub: Obj, before: Obj) -> None:
+    changes = objects.previous_attributes(before, sub)
+    if changes:
+        store.put(sub)
+        billing.emit(store, "customer.subscription.updated", sub, changes)
+
+
+def _end(store: Store, sub: Obj, reason: str | None) -> None:
+    now = billing._now()
+    sub.update(status="canceled", ended_at=now, canceled_at=sub["canceled_at"] or now)
+    if sub["cancellation_details"]["reason"] is None:
+        sub["cancellation_details"]["reason"] = reason
+    store.put(sub)
+    billing.emit(store, "customer.subscription.deleted", sub)
+
+
+def _cancel(store: Store, sub_id: str, dunning: Dunning) -> None:
+    """cancel_at (or the period end, with cancel_at_period_end) has come: the subscription ends
+    without a renewal invoice."""
+    _end(store, billing.load(store, "subscription", sub_id), "cancellation_requested")
+
+
+def _trial_will_end(store: Store, sub_id: str, dunning: Dunning) -> None:
+    sub = billing.load(store, "subscription", sub_id)
+    sub["_trial_will_end_sent"] = True
+    store.put(sub)
+    billing.emit(store, "customer.subscription.trial_will_end", sub)
+
+
+def _trial_end(store: Store, sub_id: str, dunning: Dunning) -> None:
+    """With a payment method the trial ends like a renewal; without one,
+    trial_settings.end_behavior.missing_payment_method decides."""
+    sub = billing.load(store, "subscription", sub_id)
+    customer = billing.load(store, "customer", sub["customer"])
+    behavior = sub["trial_settings"]["end_behavior"]["missing_payment_method"]
+    if invoicing.default_payment_method(store, sub, customer) is None and behavior != "create_invoice":
+        if behavior == "cancel":
+            _end(store, sub, None)
+        else:  # pause
+            before = copy.deepcopy(sub)
+            sub["status"] = "paused"
+            _updated(store, sub, before)
+            billing.emit(store, "customer.subscription.paused", sub)
+        return
+    _renew(store, sub_id, dunning)
+
+
+def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
+    """A period (or a trial) ends: the items move to the next month and a draft invoice bills
+    it. Events: invoice.created, customer.subscription.updated (the new period)."""
+    sub = billing.load(store, "subscription", sub_id)
+    customer = billing.load(store, "customer", sub["customer"])
+    before = copy.deepcopy(sub)
+    start = _period_end(sub)
+    previous = (min(item["current_period_start"] for item in sub["items"]["data"]), start)
+    for item in sub["items"]["data"]:
+        item.update(current_period_start=start, current_period_end=objects.add_month(start))
+    if sub["status"] == "trialing":
+        sub["status"] = "active"
+    invoice = invoicing.renewal_invoice(store, customer, sub, previous, "subscription_cycle")
+    sub["latest_invoice"] = invoice["id"]
+    store.put(sub)
+    billing.emit(store, "invoice.created", invoice)
+    _updated(store, sub, before)
+    paused = sub.get("pause_collection")
+    if paused and (paused.get("resumes_at") is None or paused["resumes_at"] > billing._now()):
+        _collection_paused(store, invoice, paused["behavior"])
+
+
+def _collection_paused(store: Store, invoice: Obj, behavior: str) -> None:
+    """pause_collection: the renewal invoice is kept as a draft, or finalized and then voided or
+    marked uncollectible at once, and never charged."""
+    invoice.update(auto_advance=False, automatically_finalizes_at=None)
+    store.put(invoice)
+    if behavior == "keep_as_draft":
+        return
+    invoicing.finalize(store, invoice)
+    now = billing._now()
+    if behavior == "void":
+        invoice.update(status="void", amount_remaining=0)
+        invoice["status_transitions"]["voided_at"] = now
+        store.put(invoice)
+        billing.emit(store, "invoice.voided", invoice)
+    else:
+        invoice["status"] = "uncollectible"
+        invoice["status_transitions"]["marked_uncollectible_at"] = now
+        store.put(invoice)
+        billing.emit(store, "invoice.marked_uncollectible", invoice)
+
+
+def _finalize(store: Store, invoice_id: str, dunning: Dunning) -> None:
+    """An hour after a renewal invoice was drafted: finalize it and charge it."""
+    invoice = billing.load(store, "invoice", invoice_id)
+    invoicing.finalize(store, invoice)
+    _attempt(store, invoice, dunning)
+
+
+def _retry(store: Store, invoice_id: str, dunning: Dunning) -> None:
+    _attempt(store, billing.load(store, "invoice", invoice_id), dunning)
+
+
+def _attempt(store: Store, invoice: Obj, dunning: Dunning) -> None:
+    """Charge the default payment method. Paid: invoice.paid (and a past_due subscription is
+    active again). Failed: invoice.payment_failed with the next smart retry, the subscription
+    past_due; after the last retry, unpaid or canceled per SANDBOX_DUNNING_FINAL_ACTION."""
+    customer = billing.load(store, "customer", invoice["customer"])
+    sub_id = invoicing.invoice_subscription(invoice)
+    sub = store.get(sub_id) if sub_id else None
+    method = invoicing.default_payment_method(store, sub, customer)
+    if invoicing.charge(store, invoice, method):
+        invoicing.paid(store, invoice)
+        return
+    now = billing._now()
+    first_failure = invoice.setdefault("_first_failed_at", now)
+    retries_done = invoice["attempt_count"] - 1
+    exhausted = retries_done >= len(dunning.retry_days)
+    invoice["next_payment_attempt"] = None if exhausted else first_failure + dunning.retry_days[retries_done] * DAY
+    store.put(invoice)
+    billing.emit(store, "invoice.payment_failed", invoice)
+    if sub is None or sub["status"] in billing.ENDED:
+        return
+    before = copy.deepcopy(sub)
+    if not exhausted:
+        if sub["status"] in ("active", "trialing"):
+            sub["status"] = "past_due"
+            _updated(store, sub, before)
+    elif dunning.final_action == "cancel":
+        _end(store, sub, "payment_failed")
+    else:
+        sub["status"] = "unpaid"
+        _updated(store, sub, before)
+
+
+ACTIONS: dict[str, Callable[[Store, str, Dunning], None]] = {
+    "cancel": _cancel,
+    "trial_will_end": _trial_will_end,
+    "trial_end": _trial_end,
+    "renew": _renew,
+    "finalize": _finalize,
+    "retry": _retry,
+}
+
+JOBS: dict[str, Callable[[Store, str], Any]] = {"advance_test_clock": run_advance}

@@ -1,0 +1,551 @@
+"""Money: payment methods (cards), charging invoices, PaymentIntents, Charges and InvoicePayments.
+
+A card number typed on a hosted page, or one of Stripe's test tokens (pm_card_visa, …) passed to
+the API, becomes a PaymentMethod attached to a customer. Charging an invoice creates (or reuses)
+the invoice's PaymentIntent and one Charge per attempt; a card's outcome decides whether the
+charge succeeds. Every function runs inside the caller's Store.transaction(), at simtime.now().
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from functools import cache
+
+from . import billing, objects, simtime
+from .config import Settings
+from .errors import StripeError, no_such
+from .objects import Obj
+from .store import Store
+
+
+@dataclass(frozen=True)
+class Card:
+    number: str
+    brand: str
+    funding: str
+    charges_fail: bool  # attaches, then every charge is declined (Stripe's 4000 0000 0000 0341)
+
+
+DECLINED = "Your card was declined."
+# 0341 attaches and then fails every charge, as on Stripe; 1629 (3-D Secure, then declined on
+# Stripe) is the sandbox's asynchronous failure at Checkout and fails later charges too.
+CARDS_WHOSE_CHARGES_FAIL = ("4000000000000341", "4000008400001629")
+
+# Stripe's test PaymentMethod tokens the sandbox knows, and the card each stands for.
+TEST_TOKENS = {
+    "pm_card_visa": "4242424242424242",
+    "pm_card_mastercard": "5555555555554444",
+    "pm_card_chargeCustomerFail": "4000000000000341",
+    "pm_card_chargeDeclined": "4000000000000002",
+}
+
+
+def card_for(number: str) -> Card:
+    brand = "mastercard" if number.startswith("5") else "visa"
+    return Card(number, brand, "credit", charges_fail=number in CARDS_WHOSE_CHARGES_FAIL)
+
+
+@cache
+def public_url() -> str:
+    """The base URL of hosted pages; read from the same environment the server started with."""
+    return Settings.from_env().public_url
+
+
+# -- payment methods ----------------------------------------------------------------------------
+
+
+def create_payment_method(
+    store: Store,
+    number: str,
+    *,
+    customer_id: str | None,
+    name: str | None = None,
+    email: str | None = None,
+    exp_month: int = 12,
+    exp_year: int = 2034,
+) -> Obj:
+    card = card_for(number)
+    method = {
+        "id": objects.new_id("pm_"),
+        "object": "payment_method",
+        "allow_redisplay": "unspecified",
+        "billing_details": {
+            "address": {
+                "city": None,
+                "country": None,
+                "line1": None,
+                "line2": None,
+                "postal_code": None,
+                "state": None,
+            },
+            "email": email,
+            "name": name,
+            "phone": None,
+            "tax_id": None,
+        },
+        "card": {
+            "brand": card.brand,
+            "checks": {
+                "address_line1_check": None,
+                "address_postal_code_check": None,
+                "cvc_check": "pass",
+            },
+            "country": "US",
+            "display_brand": card.brand,
+            "exp_month": exp_month,
+            "exp_year": exp_year,
+            "fingerprint": hashlib.sha256(number.encode()).hexdigest()[:16],
+            "funding": card.funding,
+            "generated_from": None,
+            "last4": number[-4:],
+            "networks": {"available": [card.brand], "preferred": None},
+            "regulated_status": "unregulated",
+            "three_d_secure_usage": {"supported": True},
+            "wallet": None,
+        },
+        "created": simtime.now(),
+        "customer": customer_id,
+        "livemode": False,
+        "metadata": {},
+        "type": "card",
+        "_charges_fail": card.charges_fail,
+    }
+    store.put(method)
+    return method
+
+
+def resolve_payment_method(store: Store, value: str, customer: Obj, param: str) -> Obj:
+    """A payment method for a customer from an API parameter: an existing pm_… that is
+    unattached or already the customer's (attached now), or a test token such as pm_card_visa
+    (a new PaymentMethod is made from it, as Stripe does). Emits payment_method.attached."""
+    if value in TEST_TOKENS:
+        if value == "pm_card_chargeDeclined":
+            raise StripeError(DECLINED, status=402, type="card_error", code="card_declined", param=param)
+        method = create_payment_method(store, TEST_TOKENS[value], customer_id=None)
+    else:
+        method = billing.load(store, "payment_method", value, param, 400)
+    if method["customer"] not in (None, customer["id"]):
+        raise StripeError(
+            f"The payment method you provided has already been attached to another customer: '{value}'",
+            param=param,
+        )
+    if method["customer"] is None:
+        attach(store, method, customer["id"])
+    return method
+
+
+def attach(store: Store, method: Obj, customer_id: str) -> None:
+    method["customer"] = customer_id
+    store.put(method)
+    billing.emit(store, "payment_method.attached", method)
+
+
+def customer_payment_methods(store: Store, customer_id: str, limit: int, starting_after: str | None) -> Obj:
+    methods = [m for m in reversed(store.all("payment_method")) if m["customer"] == customer_id]
+    if starting_after:
+        ids = [m["id"] for m in methods]
+        if starting_after not in ids:
+            raise no_such("payment_method", starting_after, "starting_after", 400)
+        methods = methods[ids.index(starting_after) + 1 :]
+    url = f"/v1/customers/{customer_id}/payment_methods"
+    return objects.list_object(methods[:limit], url, has_more=len(methods) > limit)
+
+
+def default_payment_method(store: Store, subscription: Obj | None, customer: Obj) -> Obj | None:
+    """What an automatic charge uses: the subscription's default, else the customer's."""
+    for method_id in (
+        subscription.get("default_payment_method") if subscription else None,
+        customer["invoice_settings"]["default_payment_method"],
+    ):
+        method = store.get(method_id) if method_id else None
+        if method is not None:
+            return method
+    return None
+
+
+def set_customer_default(store: Store, customer: Obj, method_id: str | None, origin: billing.Origin) -> None:
+    before = copy.deepcopy(customer)
+    customer["invoice_settings"]["default_payment_method"] = method_id
+    changes = objects.previous_attributes(before, customer)
+    if changes:
+        store.put(customer)
+        billing.emit(store, "customer.updated", customer, changes, origin)
+
+
+# -- invoices -----------------------------------------------------------------------------------
+
+
+def decorate(invoice: Obj, customer: Obj, subscription: Obj | None) -> None:
+    """Fields objects.invoice() leaves out: hosted URLs, dunning, clock and payments."""
+    base = f"{public_url()}/invoice/{invoice['id']}"
+    invoice.update(
+        hosted_invoice_url=base if invoice["status"] != "draft" else None,
+        invoice_pdf=f"{base}/pdf" if invoice["status"] != "draft" else None,
+        next_payment_attempt=None,
+        automatically_finalizes_at=None,
+        default_payment_method=None,
+        test_clock=customer.get("test_clock"),
+        webhooks_delivered_at=invoice["created"],
+        payments=objects.list_object([], f"/v1/invoice_payments?invoice={invoice['id']}"),
+        payment_settings={
+            "default_mandate": None,
+            "payment_method_options": None,
+            "payment_method_types": None,
+        },
+    )
+
+
+def renewal_invoice(store: Store, customer: Obj, subscription: Obj, period: tuple[int, int], reason: str) -> Obj:
+    """A draft invoice for the subscription's new period (its items already moved on), for the
+    period that just ended (`period`); finalized an hour later unless the subscription is unpaid."""
+    now = simtime.now()
+    billed = {**subscription, "status": "active"}  # a trial's end bills the full price
+    invoice = objects.invoice(customer, billed, now)
+    invoice.update(
+        status="draft",
+        number=None,
+        billing_reason=reason,
+        auto_advance=subscription["status"] != "unpaid",
+        period_start=period[0],
+        period_end=period[1],
+        effective_at=None,
+    )
+    invoice["status_transitions"]["finalized_at"] = None
+    decorate(invoice, customer, subscription)
+    if invoice["auto_advance"]:
+        invoice["automatically_finalizes_at"] = now + 3600
+    store.put(invoice)
+    return invoice
+
+
+def finalize(store: Store, invoice: Obj) -> None:
+    customer = billing.load(store, "customer", invoice["customer"])
+    now = simtime.now()
+    invoice.update(
+        status="open",
+        number=f"{customer['invoice_prefix']}-{customer['next_invoice_sequence']:04d}",
+        effective_at=now,
+        automatically_finalizes_at=None,
+    )
+    invoice["status_transitions"]["finalized_at"] = now
+    base = f"{public_url()}/invoice/{invoice['id']}"
+    invoice.update(hosted_invoice_url=base, invoice_pdf=f"{base}/pdf")
+    customer["next_invoice_sequence"] += 1
+    store.put(customer)
+    store.put(invoice)
+    billing.emit(store, "invoice.finalized", invoice)
+
+
+def charge(store: Store, invoice: Obj, method: Obj | None) -> bool:
+    """One payment attempt on an open invoice; True if it was paid. Records the attempt on the
+    invoice, its PaymentIntent and a new Charge; emits no events (callers decide which)."""
+    now = simtime.now()
+    if "payments" not in invoice:  # an invoice made elsewhere without this module's fields
+        customer = billing.load(store, "customer", invoice["customer"])
+        decorate(invoice, customer, None)
+    invoice.update(attempted=True, attempt_count=invoice["attempt_count"] + 1)
+    if invoice["amount_remaining"] == 0:
+        _mark_paid(invoice, now)
+        store.put(invoice)
+        return True
+    if method is None:
+        store.put(invoice)
+        return False
+    intent = _payment_intent(store, invoice, method, now)
+    ok = not method["_charges_fail"]
+    attempt = _charge(invoice, intent, method, ok, now)
+    store.put(attempt)
+    intent.update(latest_charge=attempt["id"], payment_method=method["id"])
+    if ok:
+        intent.update(status="succeeded", amount_received=intent["amount"], last_payment_error=None)
+        _mark_paid(invoice, now)
+    else:
+        intent.update(
+            status="requires_payment_method",
+            last_payment_error={
+                "charge": attempt["id"],
+                "code": "card_declined",
+                "decline_code": "generic_decline",
+                "doc_url": "https://stripe.com/docs/error-codes/card-declined",
+                "message": DECLINED,
+                "payment_method": objects.public(method),
+                "type": "card_error",
+            },
+        )
+    store.put(intent)
+    payment = invoice["payments"]["data"][0]
+    payment.update(amount_paid=intent["amount_received"] or None, status="paid" if ok else "open")
+    payment["status_transitions"]["paid_at"] = now if ok else None
+    store.put(invoice)
+    return ok
+
+
+def _mark_paid(invoice: Obj, now: int) -> None:
+    invoice.update(
+        amount_paid=invoice["amount_due"],
+        amount_remaining=0,
+        status="paid",
+        next_payment_attempt=None,
+    )
+    invoice["status_transitions"]["paid_at"] = now
+
+
+def _payment_intent(store: Store, invoice: Obj, method: Obj, now: int) -> Obj:
+    payments = invoice["payments"]["data"]
+    if payments:
+        intent = store.get(payments[0]["payment"]["payment_intent"])
+        assert intent is not None
+        return intent
+    intent = {
+        "id": objects.new_id("pi_"),
+        "object": "payment_intent",
+        "amount": invoice["amount_remaining"],
+        "amount_capturable": 0,
+        "amount_details": {"tip": {}},
+        "amount_received": 0,
+        "application": None,
+        "application_fee_amount": None,
+        "automatic_payment_methods": None,
+        "canceled_at": None,
+        "cancellation_reason": None,
+        "capture_method": "automatic",
+        "client_secret": None,
+        "confirmation_method": "automatic",
+        "created": now,
+        "currency": invoice["currency"],
+        "customer": invoice["customer"],
+        "description": "Subscription update" if invoice["billing_reason"] != "subscription_create" else None,
+        "last_payment_error": None,
+        "latest_charge": None,
+        "livemode": False,
+        "metadata": {},
+        "next_action": None,
+        "on_behalf_of": None,
+        "payment_method": method["id"],
+        "payment_method_types": ["card"],
+        "receipt_email": None,
+        "setup_future_usage": "off_session",
+        "statement_descriptor": None,
+        "status": "requires_payment_method",
+    }
+    intent["client_secret"] = f"{intent['id']}_secret_{objects.new_id('', 24)}"
+    store.put(intent)
+    payments.append(
+        {
+            "id": objects.new_id("inpay_"),
+            "object": "invoice_payment",
+            "amount_paid": None,
+            "amount_requested": invoice["amount_remaining"],
+            "created": now,
+            "currency": invoice["currency"],
+            "invoice": invoice["id"],
+            "is_default": True,
+            "livemode": False,
+            "payment": {"type": "payment_intent", "payment_intent": intent["id"]},
+            "status": "open",
+            "status_transitions": {"canceled_at": None, "paid_at": None},
+        }
+    )
+    return intent
+
+
+def _charge(invoice: Obj, intent: Obj, method: Obj, ok: bool, now: int) -> Obj:
+    card = method["card"]
+    return {
+        "id": objects.new_id("ch_"),
+        "object": "charge",
+        "amount": intent["amount"],
+        "amount_captured": intent["amount"] if ok else 0,
+        "amount_refunded": 0,
+        "balance_transaction": objects.new_id("txn_") if ok else None,
+        "billing_details": method["billing_details"],
+        "calculated_statement_descriptor": "SANDBOX",
+        "captured": ok,
+        "created": now,
+        "currency": intent["currency"],
+        "customer": invoice["customer"],
+        "description": intent["description"],
+        "disputed": False,
+        "failure_code": None if ok else "card_declined",
+        "failure_message": None if ok else DECLINED,
+        "livemode": False,
+        "metadata": {},
+        "outcome": {
+            "network_status": "approved_by_network" if ok else "declined_by_network",
+            "reason": None if ok else "generic_decline",
+            "risk_level": "normal",
+            "seller_message": "Payment complete."
+            if ok
+            else "The bank did not return any further details with this decline.",
+            "type": "authorized" if ok else "issuer_declined",
+        },
+        "paid": ok,
+        "payment_intent": intent["id"],
+        "payment_method": method["id"],
+        "payment_method_details": {
+            "type": "card",
+            "card": {
+                "brand": card["brand"],
+                "country": card["country"],
+                "exp_month": card["exp_month"],
+                "exp_year": card["exp_year"],
+                "fingerprint": card["fingerprint"],
+                "funding": card["funding"],
+                "last4": card["last4"],
+                "network": card["brand"],
+            },
+        },
+        "receipt_url": None,
+        "refunded": False,
+        "status": "succeeded" if ok else "failed",
+    }
+
+
+def invoice_subscription(invoice: Obj) -> str | None:
+    parent = invoice.get("parent") or {}
+    details = parent.get("subscription_details") or {}
+    subscription: str | None = details.get("subscription")
+    return subscription
+
+
+def paid(store: Store, invoice: Obj, origin: billing.Origin | None = None) -> None:
+    """After a successful charge: invoice.paid, and a past_due or unpaid subscription with no
+    other open invoice becomes active again."""
+    origin = origin or billing.AUTOMATIC
+    billing.emit(store, "invoice.paid", invoice, origin=origin)
+    sub_id = invoice_subscription(invoice)
+    subscription = store.get(sub_id) if sub_id else None
+    if subscription is None or subscription["status"] not in ("past_due", "unpaid"):
+        return
+    still_open = [i for i in store.all("invoice") if i["status"] == "open" and invoice_subscription(i) == sub_id]
+    if not still_open:
+        before = copy.deepcopy(subscription)
+        subscription["status"] = "active"
+        store.put(subscription)
+        billing.emit(
+            store,
+            "customer.subscription.updated",
+            subscription,
+            objects.previous_attributes(before, subscription),
+            origin,
+        )
+
+
+def pay(store: Store, invoice_id: str, method_id: str | None, origin: billing.Origin) -> Obj:
+    """POST /v1/invoices/:id/pay: charge an open invoice now, with the given payment method or
+    the default one. A declined card is a 402 card_error and changes nothing."""
+    invoice = billing.load(store, "invoice", invoice_id)
+    if invoice["status"] == "paid":
+        raise StripeError("Invoice is already paid", code="invoice_already_paid")
+    if invoice["status"] != "open":
+        raise StripeError(
+            f"You can only pay an invoice whose status is open. This invoice's status is {invoice['status']}.",
+            code="invoice_not_open",
+        )
+    customer = billing.load(store, "customer", invoice["customer"])
+    if method_id:
+        method: Obj | None = resolve_payment_method(store, method_id, customer, "payment_method")
+    else:
+        sub_id = invoice_subscription(invoice)
+        method = default_payment_method(store, store.get(sub_id) if sub_id else None, customer)
+        if method is None:
+            raise StripeError(
+                "There is no `default_payment_method` set on this Customer or Invoice. It's possible"
+                " that this is because the Customer object has no `default_payment_method`.",
+                code="invoice_payment_method_missing",
+            )
+    if not charge(store, invoice, method):
+        raise StripeError(DECLINED, status=402, type="card_error", code="card_declined", param="payment_method")
+    paid(store, invoice, origin)
+    return invoice
+
+
+def list_invoices(
+    store: Store,
+    *,
+    customer: str | None,
+    subscription: str | None,
+    status: str | None,
+    limit: int,
+    starting_after: str | None,
+) -> Obj:
+    found = [
+        i
+        for i in reversed(store.all("invoice"))
+        if (customer is None or i["customer"] == customer)
+        and (subscription is None or invoice_subscription(i) == subscription)
+        and (status is None or i["status"] == status)
+    ]
+    if starting_after:
+        ids = [i["id"] for i in found]
+        if starting_after not in ids:
+            raise no_such("invoice", starting_after, "starting_after", 400)
+        found = found[ids.index(starting_after) + 1 :]
+    return objects.list_object(found[:limit], "/v1/invoices", has_more=len(found) > limit)
+
+
+def invoice_payments(store: Store, invoice_id: str) -> Obj:
+    invoice = billing.load(store, "invoice", invoice_id, "invoice", 400)
+    return objects.list_object(invoice["payments"]["data"], "/v1/invoice_payments")
+
+
+def pay_by_card(
+    store: Store,
+    invoice_id: str,
+    card_number: str,
+    *,
+    name: str,
+    email: str,
+    expiry: tuple[int, int],
+) -> Obj:
+    """The hosted invoice page: attach the typed card to the customer and charge it. A card
+    whose charges fail raises PaymentError (the caller's transaction then changes nothing)."""
+    invoice = billing.load(store, "invoice", invoice_id)
+    if invoice["status"] != "open":
+        raise billing.PaymentError(f"This invoice is {invoice['status']}; it can no longer be paid.")
+    method = create_payment_method(
+        store, card_number, customer_id=None, name=name, email=email, exp_month=expiry[0], exp_year=expiry[1]
+    )
+    attach(store, method, invoice["customer"])
+    if not charge(store, invoice, method):
+        raise billing.PaymentError(DECLINED)
+    paid(store, invoice)
+    return invoice
+
+
+def pdf(invoice: Obj) -> bytes:
+    """A one-page PDF naming the invoice number and amount: small, but a valid PDF 1.4 file."""
+    amount = f"{invoice['amount_due'] / 100:,.2f} {invoice['currency'].upper()}"
+    lines = [
+        f"Invoice {invoice['number']}",
+        f"Amount due: {amount}",
+        f"Amount paid: {invoice['amount_paid'] / 100:,.2f} {invoice['currency'].upper()}",
+        f"Status: {invoice['status']}",
+        "Stripe sandbox - not a real invoice",
+    ]
+    text = "BT /F1 14 Tf 72 720 Td 20 TL " + " ".join(f"({_pdf_text(line)}) '" for line in lines) + " ET"
+    bodies = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+        " /Resources << /Font << /F1 5 0 R >> >> >>",
+        f"<< /Length {len(text)} >>\nstream\n{text}\nendstream",
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = b"%PDF-1.4\n"
+    offsets = []
+    for number, body in enumerate(bodies, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n{body}\nendobj\n".encode("latin-1")
+    xref = len(out)
+    out += f"xref\n0 {len(bodies) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
+    out += f"trailer\n<< /Size {len(bodies) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return out
+
+
+def _pdf_text(value: str) -> str:
+    ascii_only = value.encode("ascii", "replace").decode()
+    return ascii_only.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")

@@ -1,0 +1,130 @@
+"""Creating and changing prices, with lookup keys that move between prices.
+
+Stripe prices are immutable apart from `active`, `lookup_key`, `nickname` and `metadata`. A
+lookup key belongs to one price; `transfer_lookup_key=true` moves it to the price being
+created or updated, leaving the old price's `lookup_key` null. Subscriptions keep whatever
+price they are on: their items show the old price, now without its lookup key.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import objects
+from .billing import load
+from .errors import StripeError
+from .objects import Obj
+from .store import Store
+
+INTERVALS = ("day", "week", "month", "year")
+UNSET: Any = object()
+
+
+@dataclass
+class PriceCreate:
+    currency: str
+    unit_amount: int
+    interval: str | None
+    interval_count: int
+    product: str | None
+    product_name: str | None
+    lookup_key: str | None
+    transfer_lookup_key: bool
+    nickname: str | None
+    metadata: dict[str, str]
+    active: bool
+
+
+def _take_lookup_key(store: Store, lookup_key: str, transfer: bool, keep: str | None, param: str) -> None:
+    holder = next((p for p in store.all("price") if p["lookup_key"] == lookup_key and p["id"] != keep), None)
+    if holder is None:
+        return
+    if not transfer:
+        raise StripeError(
+            f"A price (`{holder['id']}`) already uses that lookup key. Pass transfer_lookup_key=true to"
+            " move it to this price.",
+            param=param,
+        )
+    holder["lookup_key"] = None
+    store.put(holder)
+    refresh_embedded(store, holder)
+
+
+def refresh_embedded(store: Store, price: Obj) -> None:
+    """Subscriptions show their items' prices as they are now, as Stripe renders them."""
+    shown = objects.public(price)
+    for subscription in store.all("subscription"):
+        touched = False
+        for item in subscription["items"]["data"]:
+            if item["price"]["id"] == price["id"]:
+                item["price"] = shown
+                item["plan"] = objects._plan(shown)
+                touched = True
+        if touched:
+            store.put(subscription)
+
+
+def create_price(store: Store, req: PriceCreate) -> Obj:
+    now = int(time.time())
+    if req.product and req.product_name:
+        raise StripeError(
+            "You may only specify one of these parameters: product, product_data.",
+            code="parameters_exclusive",
+            param="product_data",
+        )
+    if req.product:
+        product = load(store, "product", req.product, "product", 400)
+    elif req.product_name:
+        product = objects.product(req.product_name, None, now)
+    else:
+        raise StripeError(
+            "Missing required param: product (or product_data).", code="parameter_missing", param="product"
+        )
+    if req.currency.lower() != objects.CURRENCY:
+        raise StripeError("The sandbox only supports usd prices.", param="currency")
+    if req.interval is not None and req.interval not in INTERVALS:
+        raise StripeError(
+            f"Invalid recurring[interval]: must be one of {', '.join(INTERVALS)}", param="recurring[interval]"
+        )
+    if req.lookup_key:
+        _take_lookup_key(store, req.lookup_key, req.transfer_lookup_key, None, "lookup_key")
+    price = objects.price(product["id"], req.lookup_key or "", req.nickname or "", req.unit_amount, now)
+    price.update(lookup_key=req.lookup_key, nickname=req.nickname, metadata=req.metadata, active=req.active)
+    if req.interval is None:
+        price.update(type="one_time", recurring=None)
+    else:
+        price["recurring"].update(interval=req.interval, interval_count=req.interval_count)
+    if product.get("default_price") is None:
+        product["default_price"] = price["id"]
+    store.put(product)
+    store.put(price)
+    return price
+
+
+def update_price(
+    store: Store,
+    price_id: str,
+    *,
+    active: bool | None,
+    lookup_key: Any,
+    transfer_lookup_key: bool,
+    nickname: Any,
+    metadata: dict[str, str] | None,
+) -> Obj:
+    price = load(store, "price", price_id, "price")
+    if active is not None:
+        price["active"] = active
+    if lookup_key is not UNSET:
+        if lookup_key:
+            _take_lookup_key(store, lookup_key, transfer_lookup_key, price_id, "lookup_key")
+        price["lookup_key"] = lookup_key or None
+    if nickname is not UNSET:
+        price["nickname"] = nickname or None
+    if metadata is not None:
+        merged = {**price["metadata"], **metadata} if metadata else {}
+        price["metadata"] = {k: v for k, v in merged.items() if v != ""}
+    store.put(price)
+    refresh_embedded(store, price)
+    return price
