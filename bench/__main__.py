@@ -8,7 +8,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from bench import events
+from bench import events, preping
 from bench.loads import Run, Webhooks, measured, password_hash_seconds, signups
 from bench.report import DUPLICATE, FORGED, NEW, STORE_ONLY, UNKNOWN, VERIFY_ONLY, Lookup, Report, Results
 from bench.services import Server, Services, machine_busy_seconds
@@ -67,6 +67,7 @@ class Bench:
         step(f"{SIGNUPS} signups, one at a time")
         signup = measured(app, self.postmaster, lambda: signups(app.port, SIGNUPS))
         hashes = password_hash_seconds(HASHES)
+        self.preping = preping.measure(self, step)
         dedupe, lookups = self.idempotency_at_scale()
         return Results(
             rounds=rounds,
@@ -123,7 +124,8 @@ def main() -> None:
     step(f"the machine was {busy:.2f} cores busy before the benchmark started" + (" (not idle!)" if busy > 0.1 else ""))
     step("setting up: database billing_bench, a redis-server, the app, the anchors and the Stripe stub")
     with Services(workdir) as services:
-        results = Bench(services, workdir).run(busy)
+        bench = Bench(services, workdir)
+        results = bench.run(busy)
         step("stopping the servers and dropping billing_bench")
     summary = Report(results)
     print()
@@ -134,7 +136,10 @@ def main() -> None:
         print(f"{target.name}: {target.measured}, {'met' if target.met else 'MISSED, ' + target.shortfall}")
     document = ROOT / "docs" / "PERFORMANCE.md"
     document.parent.mkdir(exist_ok=True)
-    document.write_text(summary.markdown(document.read_text() if document.exists() else ""))
+    document.write_text(
+        preping.with_section(summary.markdown(document.read_text() if document.exists() else ""), bench.preping)
+    )
+    print(preping.markdown(bench.preping))
     step(f"wrote {document.relative_to(ROOT)}")
 
 

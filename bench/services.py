@@ -174,6 +174,9 @@ class Services:
             "APP_BASE_URL": "https://billing.bench.example",
             # One TLS-terminating proxy in front, as in production; the generators send its headers.
             "TRUSTED_PROXY_COUNT": "1",
+            # Production wants a mail server; the webhook path sends nothing, so nothing listens there.
+            "MAIL_SERVER": "127.0.0.1",
+            "MAIL_DEFAULT_SENDER": "Ledgerline Bench <bench@ledgerline.test>",
             "FLASK_APP": "wsgi.py",
         }
         self._stub_port, self._redis_port = stub_port, redis_port
