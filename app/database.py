@@ -29,7 +29,7 @@ import logging
 import time
 from typing import Any
 
-from flask import Flask, g, has_request_context, request_started
+from flask import Flask, g, has_request_context, request_started, session
 from flask.typing import ResponseReturnValue
 from flask.wrappers import Response
 from sqlalchemy import Engine, event
@@ -113,11 +113,19 @@ class ResilientFlask(Flask):
         return self.dispatch_request() if rv is None else rv
 
     def _dispatch_with_one_retry(self) -> ResponseReturnValue:
+        # What the handlers may change besides the database: the request globals (the signed-in user
+        # Flask-Login caches there) and the session. The second attempt starts from them as they were.
+        saved_globals = dict(vars(g))
+        saved_session = dict(session)
         try:
             return self._dispatch_once()
         except DBAPIError as exc:
             if not is_disconnect(exc) or g.get(_COMMITTED_KEY, False):
                 raise
+            vars(g).clear()
+            vars(g).update(saved_globals)
+            session.clear()
+            session.update(saved_session)
             db.session.rollback()
             # Every connection opened before the restart is dead, in every engine (the main one and the
             # autocommit one): drop them all, so the second attempt only meets new connections.

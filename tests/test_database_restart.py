@@ -21,7 +21,7 @@ import psycopg2
 import pytest
 from flask import Flask
 
-from tests.conftest import SandboxAccount, post_webhook, query, sign_up, stripe_event
+from tests.conftest import PASSWORD, SandboxAccount, csrf_token, post_webhook, query, sign_up, stripe_event
 
 
 def restart_postgresql() -> None:
@@ -91,12 +91,15 @@ def test_no_request_fails_while_postgresql_restarts(
 
 
 Result = tuple[str, float, int]
+KINDS = ("page", "billing page", "new webhook", "duplicate webhook", "sign-in")
+EXPECTED = {"page": 200, "billing page": 200, "new webhook": 200, "duplicate webhook": 200, "sign-in": 303}
 
 
 def traffic_through(
     app: Flask, offline_stripe: SandboxAccount, disrupt: Any, database_url: str
 ) -> tuple[list[Result], list[str], str]:
-    """Four clients send signed-in pages, new webhooks and duplicates, while ``disrupt`` runs."""
+    """Four clients send signed-in pages, new webhooks and duplicates, and a fifth signs in over and
+    over (a form that writes), while ``disrupt`` runs."""
     owner = app.test_client()
     sign_up(owner, offline_stripe)
     cookie = owner.get_cookie("session")
@@ -114,12 +117,22 @@ def traffic_through(
         client = app.test_client()
         client.set_cookie("session", cookie.value)
         kinds = ["page", "billing page", "new webhook", "duplicate webhook"]
+        if worker == len(KINDS) - 1:
+            kinds = ["sign-in"]
+            client = app.test_client()
+            token = csrf_token(client, "/auth/login")
+            form = {"csrf_token": token, "email": "ada@example.com", "password": PASSWORD}
         turn = worker
         while not stop.is_set():
             kind = kinds[turn % len(kinds)]
             turn += 1
             try:
-                if kind == "page":
+                if kind == "sign-in":
+                    status = client.post("/auth/login", data=form).status_code
+                    client.post("/auth/logout", data={"csrf_token": token})  # signed out again, not counted
+                    token = csrf_token(client, "/auth/login")
+                    form["csrf_token"] = token
+                elif kind == "page":
                     status = client.get("/app").status_code
                 elif kind == "billing page":
                     status = client.get("/billing/").status_code
@@ -137,7 +150,7 @@ def traffic_through(
             with lock:
                 results.append((kind, time.monotonic(), status))
 
-    workers = [threading.Thread(target=traffic, args=(n,)) for n in range(4)]
+    workers = [threading.Thread(target=traffic, args=(n,)) for n in range(len(KINDS))]
     for worker in workers:
         worker.start()
     try:
@@ -159,12 +172,16 @@ def traffic_through(
 def assert_none_failed(app: Flask, results: list[Result], new_event_ids: list[str], settled_id: str) -> None:
     began, ended = (at for kind, at, _ in results if kind == "disruption")
     results = [result for result in results if result[0] != "disruption"]
-    failures = [(kind, status) for kind, _, status in results if status != 200]
+    failures = [(kind, status) for kind, _, status in results if status != EXPECTED[kind]]
     assert failures == [], f"{len(failures)} of {len(results)} requests failed: {Counter(failures)}"
     during = [kind for kind, at, _ in results if began <= at <= ended + 0.2]
     after = [kind for kind, at, _ in results if at > ended + 0.2]
-    assert during and len(set(after)) == 4, (len(during), Counter(after))
+    assert during and set(after) == set(KINDS), (len(during), Counter(after))
     # Every new event was stored exactly once; none was lost to the restart or doubled by a retry.
     stored = {row.event_id for row in query(app, "SELECT event_id FROM stripe_event")}
     assert stored == {*new_event_ids, settled_id}
     assert query(app, "SELECT count(*) AS n FROM stripe_event")[0].n == len(new_event_ids) + 1
+    # Every sign-in was recorded once (plus the one after checkout): none lost, none doubled by a retry.
+    sign_ins = sum(1 for kind, _, _ in results if kind == "sign-in")
+    recorded = query(app, "SELECT count(*) AS n FROM domain_event WHERE name = 'user.signed_in'")[0].n
+    assert recorded == sign_ins + 1, (recorded, sign_ins)
