@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from flask import Flask, g, has_request_context, request_started, session
+from flask.sessions import NullSession
 from flask.typing import ResponseReturnValue
 from flask.wrappers import Response
 from sqlalchemy import Engine, event
@@ -124,8 +125,9 @@ class ResilientFlask(Flask):
                 raise
             vars(g).clear()
             vars(g).update(saved_globals)
-            session.clear()
-            session.update(saved_session)
+            if not isinstance(session._get_current_object(), NullSession):  # type: ignore[attr-defined]
+                session.clear()
+                session.update(saved_session)
             db.session.rollback()
             # Every connection opened before the restart is dead, in every engine (the main one and the
             # autocommit one): drop them all, so the second attempt only meets new connections.

@@ -8,7 +8,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from bench import events, preping
+from bench import events, restart
 from bench.loads import Run, Webhooks, measured, password_hash_seconds, signups
 from bench.report import DUPLICATE, FORGED, NEW, STORE_ONLY, UNKNOWN, VERIFY_ONLY, Lookup, Report, Results
 from bench.services import Server, Services, machine_busy_seconds
@@ -67,7 +67,7 @@ class Bench:
         step(f"{SIGNUPS} signups, one at a time")
         signup = measured(app, self.postmaster, lambda: signups(app.port, SIGNUPS))
         hashes = password_hash_seconds(HASHES)
-        self.preping = preping.measure(self, step)
+        self.preping = restart.measure(self, step)
         dedupe, lookups = self.idempotency_at_scale()
         return Results(
             rounds=rounds,
@@ -126,6 +126,7 @@ def main() -> None:
     with Services(workdir) as services:
         bench = Bench(services, workdir)
         results = bench.run(busy)
+        restarted = restart.restart_under_load(bench, step)  # last: it restarts PostgreSQL
         step("stopping the servers and dropping billing_bench")
     summary = Report(results)
     print()
@@ -137,9 +138,11 @@ def main() -> None:
     document = ROOT / "docs" / "PERFORMANCE.md"
     document.parent.mkdir(exist_ok=True)
     document.write_text(
-        preping.with_section(summary.markdown(document.read_text() if document.exists() else ""), bench.preping)
+        restart.with_section(
+            summary.markdown(document.read_text() if document.exists() else ""), bench.preping, restarted
+        )
     )
-    print(preping.markdown(bench.preping))
+    print(restart.markdown(bench.preping, restarted))
     step(f"wrote {document.relative_to(ROOT)}")
 
 
