@@ -222,8 +222,23 @@ def smtp_server(_smtp_sink: SmtpSink) -> SmtpSink:
 
 def run_jobs(app: Flask, *, queues: list[str] | None = None) -> None:
     """Run every queued job that is due (webhook application, outbox deliveries, emails) inline, the
-    way `flask billing worker` runs them, and return when none is left."""
-    queue.run_pending_jobs(app, queues=queues)
+    way `flask billing worker` runs them, and return when none is left.
+
+    In a thread of its own: the worker runs an asyncio loop, and the browser tests' Playwright keeps one
+    running in the main thread for the rest of the session, where asyncio.run() refuses to start."""
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            queue.run_pending_jobs(app, queues=queues)
+        except BaseException as exc:  # handed to the test below
+            failures.append(exc)
+
+    worker = threading.Thread(target=work, name="run_jobs")
+    worker.start()
+    worker.join()
+    if failures:
+        raise failures[0]
 
 
 @pytest.fixture
