@@ -40,7 +40,7 @@ class BaseConfig:
             self.SQLALCHEMY_DATABASE_URI, pre_ping=env.get("DATABASE_POOL_PRE_PING", "") in ("1", "true", "yes")
         )
         # How long a new connection waits for a PostgreSQL that is restarting (app/database.py).
-        self.DATABASE_CONNECT_RETRY_SECONDS = float(env.get("DATABASE_CONNECT_RETRY_SECONDS", "15"))
+        self.DATABASE_CONNECT_RETRY_SECONDS = float(env.get("DATABASE_CONNECT_RETRY_SECONDS", "30"))
         # Single reads outside any transaction (the webhook duplicate check): no BEGIN or ROLLBACK
         # round trips, and no per-use isolation switch on the main pool's connections.
         self.SQLALCHEMY_BINDS = {

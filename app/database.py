@@ -8,14 +8,16 @@ A restart drops every pooled connection, and requests can meet it in three ways:
 3. **A new connection while the server is down or starting**: the connect is refused.
 
 (3) is handled in the engine: connecting retries with backoff for up to
-``DATABASE_CONNECT_RETRY_SECONDS`` while the server refuses or is starting or stopping (any other
-connect error, such as a wrong password, fails at once). (1) and (2) are handled once per request:
-``ResilientFlask`` runs the request's handlers again, once, when a disconnect error reaches it and the
-request has committed nothing yet. Nothing of the failed attempt survived (its transaction died with
-the connection), every connection opened before the restart is dropped from every engine's pool, and
-Stripe calls made before the failure carry idempotency keys, so running the request
-again is running it for the first time. A request that already committed something is not repeated:
-its error reaches the error pages (503) as before.
+``DATABASE_CONNECT_RETRY_SECONDS`` while the server refuses, is starting or stopping, or has no
+connection slot free (any other connect error, such as a wrong password, fails at once).
+
+(1) and (2) are handled once per request: ``ResilientFlask`` runs the request's handlers again, once,
+when a disconnect error reaches it and the request has committed nothing yet. Nothing of the failed
+attempt survived (its transaction died with the connection), every connection opened before the
+restart is dropped from every engine's pool, the request globals and the session are put back as the
+request brought them, and Stripe calls made before the failure carry idempotency keys, so running the
+request again is running it for the first time. A request that already committed something is not
+repeated: its error reaches the error pages (503) as before.
 
 Why not ``pool_pre_ping``: it costs every connection checkout a round trip (two per webhook delivery),
 forever, to guard against an event that happens a few times a year, and it does not cover (2) or (3),
@@ -50,6 +52,9 @@ _SERVER_NOT_READY = (
     "the database system is not yet accepting connections",
     "server closed the connection unexpectedly",
     "no such file or directory",  # a Unix socket not yet created
+    # Every client reconnecting at once after a restart can fill max_connections for a moment.
+    "too many clients already",
+    "remaining connection slots are reserved",
 )
 _COMMITTED_KEY = "_database_committed"
 

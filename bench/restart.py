@@ -174,7 +174,8 @@ def with_section(document: str, comparisons: list[Comparison], restart: RestartR
 
 
 def main() -> None:
-    """`python -m bench.restart`: these measurements alone (about 3 minutes), printed, not written."""
+    """`python -m bench.restart`: these measurements alone (about 3 minutes); replaces their section of
+    docs/PERFORMANCE.md and leaves the rest of it alone."""
     from bench.__main__ import WARM_UP_SECONDS, Bench, step  # noqa: PLC0415 (bench.__main__ imports this module)
 
     workdir = Path(__file__).resolve().parent.parent / "instance" / "bench-restart"
@@ -188,6 +189,9 @@ def main() -> None:
         comparisons = measure(bench, step)
         restart = restart_under_load(bench, step)
     print(markdown(comparisons, restart))
+    document = workdir.parent.parent / "docs" / "PERFORMANCE.md"
+    document.write_text(with_section(document.read_text() if document.exists() else "", comparisons, restart))
+    step(f"wrote its section of {document}")
 
 
 if __name__ == "__main__":
