@@ -165,14 +165,18 @@ def endpoint(rule: str, method: str) -> Callable[[Callable[..., Obj]], Callable[
 
 def _clock_subject(path_args: dict[str, str], params: Params) -> str | None:
     """The object whose test clock (if any) gives this request its time: the object in the
-    path, else the `customer` parameter. Checkout Sessions keep the wall clock, because their
-    expiry is real time for the person paying."""
+    path, else the first of the `customer`, `subscription`, `from_subscription`, `invoice`,
+    `payment_intent` or `charge` parameters. Checkout Sessions keep the wall clock, because
+    their expiry is real time for the person paying."""
     if request.path.startswith("/v1/checkout/"):
         return None
     for value in path_args.values():
         return value
-    customer = params.get("customer")
-    return customer if isinstance(customer, str) else None
+    for key in ("customer", "subscription", "from_subscription", "invoice", "payment_intent", "charge"):
+        value = params.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def _fingerprint(pairs: list[tuple[str, str]]) -> str:
@@ -238,9 +242,12 @@ def _expand(store: Store, obj: Obj, parts: list[str], path: str) -> None:
             if rest:
                 _expand(store, item, rest, path)
         return
-    if field not in EXPANDABLE and field not in objects.INCLUDABLE.get(obj.get("object", ""), ()):
-        raise _cannot_expand(path)
     value = obj.get(field)
+    # A nested hash (invoice_settings in invoice_settings.default_payment_method) is a way through.
+    passing_through = bool(rest) and isinstance(value, dict) and "object" not in value
+    expandable = field in EXPANDABLE or field in objects.INCLUDABLE.get(obj.get("object", ""), ())
+    if not expandable and not passing_through:
+        raise _cannot_expand(path)
     if isinstance(value, str):
         target = store.get(value)
         value = obj[field] = objects.public(target) if target else value
@@ -492,6 +499,18 @@ def retrieve_payment_method(params: Params, payment_method_id: str) -> Obj:
     return _retrieve("payment_method", payment_method_id, params)
 
 
+@endpoint("/payment_methods/<payment_method_id>/attach", "POST")
+def attach_payment_method(params: Params, payment_method_id: str) -> Obj:
+    """Attach a PaymentMethod (or, as on Stripe, a new one made from a test token such as
+    pm_card_chargeCustomerFail) to a customer; it does not become a default."""
+    reject_unknown(params, ("customer",))
+    customer_id = string(params, "customer", required=True)
+    assert customer_id is not None
+    store = current_store()
+    customer = billing.load(store, "customer", customer_id, "customer", 400)
+    return invoicing.resolve_payment_method(store, payment_method_id, customer, "payment_method")
+
+
 @endpoint("/invoices", "GET")
 def list_invoices(params: Params) -> Obj:
     reject_unknown(params, ("customer", "subscription", "status", "limit", "starting_after"))
@@ -520,6 +539,17 @@ def list_invoice_payments(params: Params) -> Obj:
     invoice = string(params, "invoice", required=True)
     assert invoice is not None
     return invoicing.invoice_payments(current_store(), invoice)
+
+
+@endpoint("/subscriptions/<subscription_id>/resume", "POST")
+def resume_subscription(params: Params, subscription_id: str) -> Obj:
+    reject_unknown(params, ("billing_cycle_anchor",))
+    anchor = string(params, "billing_cycle_anchor") or "now"
+    if anchor != "now":
+        raise StripeError(
+            "The sandbox resumes subscriptions with billing_cycle_anchor=now only.", param="billing_cycle_anchor"
+        )
+    return clock.resume(current_store(), subscription_id, _origin())
 
 
 # -- test clocks ----------------------------------------------------------------------------------

@@ -390,7 +390,7 @@ def _settle(store: Store, session_id: str, succeeded: bool) -> None:
         session["payment_status"] = "paid"
         store.put(session)
         emit(store, "checkout.session.async_payment_succeeded", session)
-        customer = load(store, "customer", subscription["customer"])
+        customer = load(store, "customer", invoice["customer"])
         invoicing.charge(store, invoice, invoicing.default_payment_method(store, subscription, customer))
         store.put(invoice)
         emit(store, "invoice.paid", invoice)
@@ -459,29 +459,25 @@ def update_subscription(
     cancellation_details: dict[str, str] | None = None,
     origin: Origin = AUTOMATIC,
 ) -> Obj:
-    subscription = load(store, "subscription", subscription_id)
-    before = copy.deepcopy(subscription)
-    if subscription["status"] in ENDED and cancel_at_period_end is not None:
-        raise StripeError("A canceled subscription can only update its cancellation_details and metadata.")
-    if metadata is not None:
-        # Keys are merged; an empty value removes a key, and metadata="" (decoded to {}) clears all.
-        merged = {**subscription["metadata"], **metadata} if metadata else {}
-        subscription["metadata"] = {k: v for k, v in merged.items() if v != ""}
-    _apply_cancellation_details(subscription, cancellation_details)
-    if cancel_at_period_end is not None and cancel_at_period_end != subscription["cancel_at_period_end"]:
-        period_end = max(item["current_period_end"] for item in subscription["items"]["data"])
-        subscription.update(
-            cancel_at_period_end=cancel_at_period_end,
-            cancel_at=period_end if cancel_at_period_end else None,
-            # Stripe records when cancellation was requested, not when it takes effect.
-            canceled_at=_now() if cancel_at_period_end else None,
+    """The simple updates; changes.update_subscription() is the whole of POST /v1/subscriptions/:id."""
+    from . import changes  # noqa: PLC0415 (changes builds on this module)
+
+    given = {
+        name
+        for name, value in (
+            ("cancel_at_period_end", cancel_at_period_end),
+            ("metadata", metadata),
+            ("cancellation_details", cancellation_details),
         )
-        subscription["cancellation_details"]["reason"] = "cancellation_requested" if cancel_at_period_end else None
-    changes = objects.previous_attributes(before, subscription)
-    if changes:  # Stripe sends no event for an update that changes nothing
-        store.put(subscription)
-        emit(store, "customer.subscription.updated", subscription, changes, origin)
-    return subscription
+        if value is not None
+    }
+    update = changes.SubscriptionUpdate(
+        cancel_at_period_end=cancel_at_period_end,
+        metadata=metadata,
+        cancellation_details=cancellation_details,
+        given=given,
+    )
+    return changes.update_subscription(store, subscription_id, update, origin)
 
 
 def cancel_subscription(

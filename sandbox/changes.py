@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import charges, objects, simtime
+from . import invoicing, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, _apply_cancellation_details, emit, load
 from .errors import StripeError
 from .objects import Obj
@@ -65,7 +65,7 @@ class SubscriptionUpdate:
 
 
 def _now() -> int:
-    return simtime.now()  # a test clock's frozen time for its customers, else the wall clock
+    return simtime.now()  # a test clock's frozen time for its customers' subscriptions
 
 
 def period(subscription: Obj) -> tuple[int, int]:
@@ -170,6 +170,11 @@ def _planned_items(store: Store, subscription: Obj, changes: list[ItemChange]) -
 def _interval(items: list[Obj]) -> tuple[str, int]:
     recurring = items[0]["price"]["recurring"]
     return recurring["interval"], recurring["interval_count"]
+
+
+def interval_of(subscription: Obj) -> tuple[str, int]:
+    """The billing interval of a subscription, as (interval, interval_count)."""
+    return _interval(subscription["items"]["data"])
 
 
 def add_interval(timestamp: int, interval: str, count: int) -> int:
@@ -433,25 +438,40 @@ def build_invoice(
     for line in lines:
         line["invoice"] = invoice["id"]
     total = sum(line["amount"] for line in lines)
-    due = max(total, 0)
     invoice.update(
         lines=objects.list_object(lines, f"/v1/invoices/{invoice['id']}/lines"),
         billing_reason=billing_reason,
-        amount_due=due,
-        amount_remaining=due,
         amount_paid=0,
         subtotal=total,
         subtotal_excluding_tax=total,
         total=total,
         total_excluding_tax=total,
-        # A credit larger than the charge is carried to the customer's balance, as Stripe does.
-        ending_balance=min(total, 0),
         next_payment_attempt=None,
-        period_start=min((line["period"]["start"] for line in lines), default=now),
-        period_end=max((line["period"]["end"] for line in lines), default=now),
+        # An invoice made by an update covers the moment of the update, as on Stripe.
+        period_start=now,
+        period_end=now,
     )
     invoice["parent"]["subscription_details"]["subscription_proration_date"] = None
+    invoicing.decorate(invoice, customer, subscription)
+    apply_balance(customer, invoice)
     return invoice
+
+
+def apply_balance(customer: Obj, invoice: Obj) -> None:
+    """Settle an invoice's total against the customer's balance, as Stripe does: a credit
+    (negative balance) left by an earlier proration lowers what is due, and a credit larger than
+    the charges becomes the customer's balance. Updates `customer["balance"]`; the caller
+    stores the customer (a preview does not)."""
+    starting = customer["balance"]
+    applied = invoice["total"] + starting
+    due = max(applied, 0)
+    invoice.update(
+        starting_balance=starting,
+        ending_balance=min(applied, 0),
+        amount_due=due,
+        amount_remaining=max(due - invoice["amount_paid"], 0),
+    )
+    customer["balance"] = min(applied, 0)
 
 
 # -- the update itself --------------------------------------------------------------------------------
@@ -491,10 +511,9 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
     _apply_cancellation(subscription, req, now)
     _apply_pause(subscription, req, now)
     if req.default_payment_method is not UNSET:
+        owner = load(store, "customer", subscription["customer"])
         subscription["default_payment_method"] = (
-            charges.resolve_payment_method(
-                store, subscription["customer"], req.default_payment_method, "default_payment_method", now
-            )
+            invoicing.resolve_payment_method(store, req.default_payment_method, owner, "default_payment_method")["id"]
             if req.default_payment_method
             else None
         )
@@ -511,7 +530,7 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
         emit(store, "invoice.created", invoice, origin=origin)
         emit(store, "invoice.finalized", invoice, origin=origin)
         if invoice["status"] == "paid":
-            emit(store, "invoice.paid", invoice, origin=origin)
+            invoicing.paid(store, invoice, origin)
         elif invoice["attempted"]:
             emit(store, "invoice.payment_failed", invoice, origin=origin)
     return subscription
@@ -566,7 +585,7 @@ def _apply_pause(subscription: Obj, req: SubscriptionUpdate, now: int) -> None:
     subscription["pause_collection"] = {"behavior": behavior, "resumes_at": resumes_at}
 
 
-def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: int) -> Obj | None:  # noqa: PLR0912
+def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: int) -> Obj | None:  # noqa: PLR0912, PLR0915
     assert req.items is not None
     behavior = req.proration_behavior or "create_prorations"
     start, end = period(subscription)
@@ -593,8 +612,11 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
 
     # Invoice now: the prorations plus anything already pending for this subscription.
     waiting = pending_invoice_items(store, subscription["id"])
-    invoice_id = objects.new_id("in_")
     collected = [*waiting, *pending_items]
+    if not collected and not plan.resets_period:
+        subscription["items"] = new_items  # nothing to bill (say, the same quantity again)
+        return None
+    invoice_id = objects.new_id("in_")
     for ii in collected:
         ii["invoice"] = invoice_id
     lines = [line_from_invoice_item(ii, invoice_id) for ii in collected]
@@ -613,7 +635,7 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
         paid = False
     else:
         # The charge uses the payment method as it stands after this update.
-        paid = charges.charge_invoice(store, invoice, subscription, now)
+        paid = invoicing.charge(store, invoice, invoicing.default_payment_method(store, subscription, customer))
     if not paid and payment_behavior == "error_if_incomplete":
         # The transaction is rolled back: no invoice, no items change.
         raise StripeError(
@@ -625,7 +647,7 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
         )
     for ii in collected:
         store.put(ii)
-    store.put(invoice)
+    store.put(invoice)  # stored again below if a failed charge schedules its retry
     subscription["latest_invoice"] = invoice["id"]
     if not paid and payment_behavior == "pending_if_incomplete":
         subscription["pending_update"] = {
@@ -640,14 +662,26 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
     subscription["items"] = new_items
     if plan.resets_period:
         subscription["billing_cycle_anchor"] = plan.period_start
-    if not paid and subscription["status"] in ("active", "trialing"):
-        subscription["status"] = "past_due"
+    if not paid:
+        if payment_behavior != "default_incomplete":
+            # Smart retries follow, as for a failed renewal (the test clock engine runs them).
+            invoice["_first_failed_at"] = now
+            invoice["next_payment_attempt"] = now + clock_retry_delay()
+            store.put(invoice)
+        if subscription["status"] in ("active", "trialing"):
+            subscription["status"] = "past_due"
     return invoice
 
 
+def clock_retry_delay() -> int:
+    from .clock import DAY, Dunning  # noqa: PLC0415 (clock imports this module's callers)
+
+    return Dunning.from_env().retry_days[0] * DAY if Dunning.from_env().retry_days else DAY
+
+
 def on_invoice_paid(store: Store, invoice: Obj, origin: Origin = AUTOMATIC) -> None:
-    """Call when an invoice becomes paid: applies a subscription's pending update that waited
-    for it (pending_if_incomplete), and brings a past_due subscription back to active."""
+    """Called when an invoice becomes paid (invoicing.paid): applies a subscription's pending
+    update that waited for it (pending_if_incomplete)."""
     details = (invoice.get("parent") or {}).get("subscription_details") or {}
     subscription = store.get(details.get("subscription") or "")
     if subscription is None:
@@ -661,12 +695,33 @@ def on_invoice_paid(store: Store, invoice: Obj, origin: Origin = AUTOMATIC) -> N
                 subscription["billing_cycle_anchor"] = pending["billing_cycle_anchor"]
         subscription["pending_update"] = None
         subscription.pop("_pending_invoice", None)
-    if subscription["status"] == "past_due" and subscription.get("latest_invoice") == invoice["id"]:
-        subscription["status"] = "active"
     changes = objects.previous_attributes(before, subscription)
     if changes:
         store.put(subscription)
         emit(store, "customer.subscription.updated", subscription, changes, origin)
+
+
+def add_pending_items(store: Store, invoice: Obj) -> None:
+    """Complete a renewal invoice: the subscription's pending invoice items (prorations) first,
+    then the customer's balance (a credit from an earlier change) applied."""
+    details = (invoice.get("parent") or {}).get("subscription_details") or {}
+    waiting = pending_invoice_items(store, details.get("subscription") or "")
+    for ii in waiting:
+        ii["invoice"] = invoice["id"]
+        store.put(ii)
+    lines = [line_from_invoice_item(ii, invoice["id"]) for ii in waiting] + invoice["lines"]["data"]
+    total = sum(line["amount"] for line in lines)
+    invoice["lines"]["data"] = lines
+    invoice.update(subtotal=total, subtotal_excluding_tax=total, total=total, total_excluding_tax=total)
+    customer = load(store, "customer", invoice["customer"])
+    apply_balance(customer, invoice)
+    store.put(customer)
+    store.put(invoice)
+
+
+def next_period_end(subscription: Obj, start: int) -> int:
+    """Where a period starting at `start` ends, by the subscription's billing interval."""
+    return add_interval(start, *_interval(subscription["items"]["data"]))
 
 
 # -- the upcoming invoice --------------------------------------------------------------------------------
@@ -742,6 +797,9 @@ def preview_invoice(
         reason, created = "upcoming", end
         next_attempt = end + 3600
     invoice = build_invoice(customer, subscription, lines, reason, created)
+    if reason == "upcoming":
+        # A renewal invoice's period is the one that is ending (its lines bill the next one).
+        invoice.update(period_start=start, period_end=end)
     invoice.pop("id")
     for line in invoice["lines"]["data"]:
         line["invoice"] = None
@@ -751,6 +809,8 @@ def preview_invoice(
         status="draft",
         status_transitions={"finalized_at": None, "marked_uncollectible_at": None, "paid_at": None, "voided_at": None},
         effective_at=None,
+        hosted_invoice_url=None,
+        invoice_pdf=None,
         next_payment_attempt=next_attempt if invoice["amount_due"] > 0 else None,
         created=created,
     )

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import billing, invoicing, objects, simtime
+from . import billing, changes, invoicing, objects, schedules, simtime
 from .errors import StripeError, no_such
 from .objects import Obj
 from .params import Params, mapping, reject_unknown, string
@@ -122,8 +122,7 @@ def delete(store: Store, clock_id: str, origin: billing.Origin) -> Obj:
             owned = [
                 obj
                 for kind in ("subscription", "invoice", "payment_method", "payment_intent", "charge")
-                for obj in store.all(kind)
-                if obj.get("customer") == customer["id"]
+                for obj in store.all_where(kind, "customer", [customer["id"]])
             ]
             for obj in owned:
                 if obj["object"] == "subscription" and obj["status"] not in billing.ENDED:
@@ -164,24 +163,24 @@ def advance(store: Store, clock_id: str, frozen_time: int, origin: billing.Origi
 
 
 def _advance_limit(store: Store, clock: Obj) -> tuple[int, str]:
-    """Stripe's rule: no more than two intervals of the shortest subscription on the clock
-    (the sandbox's prices are all monthly), or two years if it has no live subscription."""
+    """Stripe's rule: no more than two intervals of the shortest subscription on the clock, or
+    two years if it has no live subscription."""
     frozen = clock["frozen_time"]
-    if any(s["status"] not in billing.ENDED for s in _subscriptions(store, clock["id"])):
-        return objects.add_month(objects.add_month(frozen)), "two billing intervals (two months)"
-    limit = frozen
-    for _ in range(24):
-        limit = objects.add_month(limit)
-    return limit, "two years (it has no subscriptions)"
+    limits = [
+        (changes.add_interval(frozen, interval, 2 * count), f"two billing intervals (2 × {count} {interval})")
+        for sub in _subscriptions(store, clock["id"])
+        if sub["status"] not in billing.ENDED and sub["items"]["data"]
+        for interval, count in [changes.interval_of(sub)]
+    ]
+    return min(limits) if limits else (changes.add_months(frozen, 24), "two years (it has no subscriptions)")
 
 
 def _customers(store: Store, clock_id: str) -> list[Obj]:
-    return [c for c in store.all("customer") if c.get("test_clock") == clock_id]
+    return store.all_where("customer", "test_clock", [clock_id])
 
 
 def _subscriptions(store: Store, clock_id: str) -> list[Obj]:
-    customers = {c["id"] for c in _customers(store, clock_id)}
-    return [s for s in store.all("subscription") if s["customer"] in customers]
+    return store.all_where("subscription", "customer", [c["id"] for c in _customers(store, clock_id)])
 
 
 # -- the advance engine -------------------------------------------------------------------------
@@ -216,9 +215,9 @@ def run_advance(store: Store, clock_id: str) -> None:
 
 def _next_step(store: Store, clock_id: str, target: int) -> Step | None:
     steps: list[Step] = []
-    customers = {c["id"] for c in _customers(store, clock_id)}
-    for sub in store.all("subscription"):
-        if sub["customer"] not in customers or sub["status"] in billing.ENDED:
+    customers = [c["id"] for c in _customers(store, clock_id)]
+    for sub in store.all_where("subscription", "customer", customers):
+        if sub["status"] in billing.ENDED:
             continue
         if sub["cancel_at"] is not None:
             steps.append((sub["cancel_at"], 0, "cancel", sub["id"]))
@@ -229,9 +228,13 @@ def _next_step(store: Store, clock_id: str, target: int) -> Step | None:
             steps.append((sub["trial_end"], 2, "trial_end", sub["id"]))
         elif sub["status"] in ("active", "past_due", "unpaid"):
             steps.append((_period_end(sub), 3, "renew", sub["id"]))
-    for invoice in store.all("invoice"):
-        if invoice["customer"] not in customers:
-            continue
+    for schedule in store.all_where("subscription_schedule", "customer", customers):
+        subscription = store.get(schedule["subscription"] or "")
+        if schedule["status"] == "active" and subscription and subscription["status"] not in billing.ENDED:
+            phases, index = schedule["phases"], schedule["_phase_index"]
+            boundary = phases[index + 1]["start_date"] if index + 1 < len(phases) else phases[-1]["end_date"]
+            steps.append((boundary, 0, "schedule", schedule["id"]))
+    for invoice in store.all_where("invoice", "customer", customers):
         if invoice["status"] == "draft" and invoice.get("automatically_finalizes_at"):
             steps.append((invoice["automatically_finalizes_at"], 4, "finalize", invoice["id"]))
         elif invoice["status"] == "open" and invoice.get("next_payment_attempt"):
@@ -266,6 +269,11 @@ def _cancel(store: Store, sub_id: str, dunning: Dunning) -> None:
     _end(store, billing.load(store, "subscription", sub_id), "cancellation_requested")
 
 
+def _schedule(store: Store, schedule_id: str, dunning: Dunning) -> None:
+    """A subscription schedule's next phase starts (or its last one ends), at the clock's time."""
+    schedules.apply_due_phases(store, billing._now(), only=schedule_id)
+
+
 def _trial_will_end(store: Store, sub_id: str, dunning: Dunning) -> None:
     sub = billing.load(store, "subscription", sub_id)
     sub["_trial_will_end_sent"] = True
@@ -295,15 +303,21 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
     """A period (or a trial) ends: the items move to the next month and a draft invoice bills
     it. Events: invoice.created, customer.subscription.updated (the new period)."""
     sub = billing.load(store, "subscription", sub_id)
+    # A subscription schedule's next phase starts with the new period (and may end the subscription).
+    schedules.apply_due_phases(store, _period_end(sub), subscription_id=sub_id)
+    sub = billing.load(store, "subscription", sub_id)
+    if sub["status"] in billing.ENDED:
+        return
     customer = billing.load(store, "customer", sub["customer"])
     before = copy.deepcopy(sub)
     start = _period_end(sub)
     previous = (min(item["current_period_start"] for item in sub["items"]["data"]), start)
     for item in sub["items"]["data"]:
-        item.update(current_period_start=start, current_period_end=objects.add_month(start))
+        item.update(current_period_start=start, current_period_end=changes.next_period_end(sub, start))
     if sub["status"] == "trialing":
         sub["status"] = "active"
     invoice = invoicing.renewal_invoice(store, customer, sub, previous, "subscription_cycle")
+    changes.add_pending_items(store, invoice)  # prorations waiting for this invoice
     sub["latest_invoice"] = invoice["id"]
     store.put(sub)
     billing.emit(store, "invoice.created", invoice)
@@ -379,6 +393,7 @@ def _attempt(store: Store, invoice: Obj, dunning: Dunning) -> None:
 
 ACTIONS: dict[str, Callable[[Store, str, Dunning], None]] = {
     "cancel": _cancel,
+    "schedule": _schedule,
     "trial_will_end": _trial_will_end,
     "trial_end": _trial_end,
     "renew": _renew,
@@ -387,3 +402,31 @@ ACTIONS: dict[str, Callable[[Store, str, Dunning], None]] = {
 }
 
 JOBS: dict[str, Callable[[Store, str], Any]] = {"advance_test_clock": run_advance}
+
+
+def resume(store: Store, sub_id: str, origin: billing.Origin) -> Obj:
+    """POST /v1/subscriptions/:id/resume (billing_cycle_anchor=now): a paused subscription starts
+    a new period now and is invoiced and charged at once. Events: customer.subscription.resumed,
+    customer.subscription.updated, invoice.created, invoice.finalized, then invoice.paid; or
+    invoice.payment_failed and customer.subscription.updated to past_due (smart retries follow)."""
+    sub = billing.load(store, "subscription", sub_id)
+    if sub["status"] != "paused":
+        raise StripeError(
+            f"Only a paused subscription can be resumed; this one is {sub['status']}.",
+            code="subscription_not_paused" if sub["status"] not in billing.ENDED else "resource_missing",
+        )
+    customer = billing.load(store, "customer", sub["customer"])
+    now = billing._now()
+    before = copy.deepcopy(sub)
+    for item in sub["items"]["data"]:
+        item.update(current_period_start=now, current_period_end=changes.next_period_end(sub, now))
+    sub.update(status="active", billing_cycle_anchor=now)
+    invoice = invoicing.renewal_invoice(store, customer, sub, (now, now), "subscription_update")
+    sub["latest_invoice"] = invoice["id"]
+    store.put(sub)
+    billing.emit(store, "customer.subscription.resumed", sub, origin=origin)
+    billing.emit(store, "customer.subscription.updated", sub, objects.previous_attributes(before, sub), origin)
+    billing.emit(store, "invoice.created", invoice, origin=origin)
+    invoicing.finalize(store, invoice)
+    _attempt(store, invoice, Dunning.from_env())
+    return billing.load(store, "subscription", sub_id)

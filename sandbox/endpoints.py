@@ -266,7 +266,7 @@ def update_price(params: Params, price_id: str) -> Obj:
     )
 
 
-# -- refunds and the payments behind them ---------------------------------------------------------
+# -- refunds ---------------------------------------------------------
 
 
 @endpoint("/refunds", "POST")
@@ -416,3 +416,16 @@ def list_customers(params: Params) -> Obj:
         c for c in lists.newest_first(current_store().all("customer")) if lists.matches(c, email=email) and created(c)
     ]
     return lists.paginate(found, "/v1/customers", lists.page_params(params), "customer")
+
+
+@endpoint("/subscription_schedules", "GET")
+def list_subscription_schedules(params: Params) -> Obj:
+    reject_unknown(params, ("customer", "created", *PAGING))
+    customer = string(params, "customer")
+    created = _created(params)
+    found = [
+        s
+        for s in lists.newest_first(current_store().all("subscription_schedule"))
+        if lists.matches(s, customer=customer) and created(s)
+    ]
+    return lists.paginate(found, "/v1/subscription_schedules", lists.page_params(params), "subscription_schedule")

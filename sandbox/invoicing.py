@@ -413,8 +413,11 @@ def invoice_subscription(invoice: Obj) -> str | None:
 def paid(store: Store, invoice: Obj, origin: billing.Origin | None = None) -> None:
     """After a successful charge: invoice.paid, and a past_due or unpaid subscription with no
     other open invoice becomes active again."""
+    from . import changes  # noqa: PLC0415 (changes builds on this module)
+
     origin = origin or billing.AUTOMATIC
     billing.emit(store, "invoice.paid", invoice, origin=origin)
+    changes.on_invoice_paid(store, invoice, origin)
     sub_id = invoice_subscription(invoice)
     subscription = store.get(sub_id) if sub_id else None
     if subscription is None or subscription["status"] not in ("past_due", "unpaid"):

@@ -41,7 +41,23 @@ def add_month(timestamp: int) -> int:
 def public(obj: Obj, include: Collection[str] = ()) -> Obj:
     """A deep copy of the object as Stripe shows it, with the includable fields asked for."""
     hidden = set(INCLUDABLE.get(obj["object"], ())) - set(include)
-    return {k: copy.deepcopy(v) for k, v in obj.items() if not k.startswith("_") and k not in hidden}
+    shown = {k: v for k, v in obj.items() if not k.startswith("_") and k not in hidden}
+    result: Obj = _without_bookkeeping(shown)
+    return result
+
+
+def _without_bookkeeping(value: Any) -> Any:
+    """A deep copy without "_" keys at any depth (a price embedded in a subscription item, say).
+    Metadata is the customer's own data and is copied whole, "_" keys included."""
+    if isinstance(value, dict):
+        return {
+            k: copy.deepcopy(v) if k == "metadata" else _without_bookkeeping(v)
+            for k, v in value.items()
+            if not k.startswith("_")
+        }
+    if isinstance(value, list):
+        return [_without_bookkeeping(v) for v in value]
+    return copy.deepcopy(value)
 
 
 def list_object(data: list[Obj], url: str, has_more: bool = False) -> Obj:
@@ -525,7 +541,7 @@ def event(
 ) -> Obj:
     data: Obj = {"object": public(snapshot)}
     if previous is not None:
-        data["previous_attributes"] = previous
+        data["previous_attributes"] = _without_bookkeeping(previous)
     return {
         "id": new_id("evt_"),
         "object": "event",

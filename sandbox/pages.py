@@ -181,7 +181,7 @@ def portal_action(portal_id: str, subscription_id: str, action: str) -> Response
     ):
         return _not_found("subscription in this portal session")
     try:
-        with store.transaction():
+        with store.transaction(), simtime.time_of(store, subscription_id):  # a clock's customer: its time
             if action == "cancel-now":
                 billing.cancel_subscription(store, subscription_id)
             elif action in portal_changes.ACTIONS:

@@ -8,11 +8,10 @@ price they are on: their items show the old price, now without its lookup key.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import objects
+from . import objects, simtime
 from .billing import load
 from .errors import StripeError
 from .objects import Obj
@@ -67,7 +66,7 @@ def refresh_embedded(store: Store, price: Obj) -> None:
 
 
 def create_price(store: Store, req: PriceCreate) -> Obj:
-    now = int(time.time())
+    now = simtime.now()
     if req.product and req.product_name:
         raise StripeError(
             "You may only specify one of these parameters: product, product_data.",

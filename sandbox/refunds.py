@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 
-from . import billing, objects
+from . import objects, simtime
 from .billing import AUTOMATIC, Origin, emit, load
 from .errors import StripeError
 from .objects import Obj
@@ -66,7 +66,7 @@ def create_refund(
             f" (${remaining / 100:,.2f})",
             param="amount",
         )
-    now = billing._now()  # a test clock's frozen time for its customers
+    now = simtime.now()
     refund = {
         "id": objects.new_id("re_"),
         "object": "refund",

@@ -32,7 +32,7 @@ class PhaseInput:
 
 
 def _now() -> int:
-    return simtime.now()  # a test clock's frozen time for its customers, else the wall clock
+    return simtime.now()
 
 
 def _phase(items: list[tuple[Obj, int]], start: int, end: int, currency: str) -> Obj:
@@ -284,16 +284,22 @@ def _finish(store: Store, schedule: Obj, status: str, origin: Origin) -> None:
         store.put(subscription)
 
 
-def apply_due_phases(store: Store, now: int) -> list[str]:
-    """Bring every active schedule up to `now`: start the phase that is due (changing the
-    subscription's items) and end schedules whose last phase is over. Returns the ids of the
-    schedules that changed. Idempotent: calling it again with the same `now` does nothing."""
+def apply_due_phases(store: Store, now: int, subscription_id: str | None = None, only: str | None = None) -> list[str]:
+    """Bring every active schedule (or the one of `subscription_id`, or the schedule `only`) up
+    to `now`: start the phase that is due (changing the subscription's items) and end schedules
+    whose last phase is over. Returns the ids of the schedules that changed. Idempotent for the
+    same `now`. Schedules of test-clock customers move only with their clock: the wall-clock
+    job (neither argument given) leaves them alone."""
     changed = []
     for schedule in store.all("subscription_schedule"):
-        if schedule["status"] != "active":
+        if schedule["status"] != "active" or (only is not None and schedule["id"] != only):
+            continue
+        if subscription_id is not None and schedule["subscription"] != subscription_id:
             continue
         subscription = store.get(schedule["subscription"] or "")
         if subscription is None or subscription["status"] in ENDED:
+            continue
+        if only is None and subscription_id is None and subscription.get("test_clock"):
             continue
         phases = schedule["phases"]
         if now >= phases[-1]["end_date"]:
@@ -347,9 +353,15 @@ def _apply_phase(store: Store, subscription: Obj, phase: Obj, now: int) -> None:
 
 
 def run_job(store: Store, ref: str, now: int) -> None:
+    """The worker's job at a phase boundary. A subscription on a test clock lives at the
+    clock's time, so its phases wait for the clock to be advanced."""
     schedule = store.get(ref)
-    if schedule is not None and schedule["status"] == "active":
-        apply_due_phases(store, now)
+    if schedule is None or schedule["status"] != "active":
+        return
+    clock_time = simtime.clock_time_of(store, schedule["customer"])
+    at = now if clock_time is None else clock_time
+    with simtime.frozen_at(at):
+        apply_due_phases(store, at, subscription_id=schedule["subscription"])
 
 
 billing.JOB_HANDLERS[JOB_KIND] = run_job

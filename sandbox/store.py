@@ -89,6 +89,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        # A state directory from before the request log had these columns keeps working.
+        logged = {row["name"] for row in self._db.execute("PRAGMA table_info(request_log)")}
+        for column in ("stripe_version", "user_agent"):
+            if column not in logged:
+                self._db.execute(f"ALTER TABLE request_log ADD COLUMN {column} TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -133,6 +138,18 @@ class Store:
 
     def all(self, kind: str) -> list[dict[str, Any]]:
         rows = self._query("SELECT data FROM objects WHERE kind = ? ORDER BY rowid", (kind,))
+        return [json.loads(row["data"]) for row in rows]
+
+    def all_where(self, kind: str, field: str, values: list[str]) -> list[dict[str, Any]]:
+        """Objects of a kind whose top-level `field` is one of `values`, in creation order,
+        filtered in SQLite so callers need not decode every object of the kind."""
+        if not values:
+            return []
+        marks = ", ".join("?" for _ in values)
+        rows = self._query(
+            f"SELECT data FROM objects WHERE kind = ? AND json_extract(data, ?) IN ({marks}) ORDER BY rowid",  # noqa: S608
+            (kind, f"$.{field}", *values),
+        )
         return [json.loads(row["data"]) for row in rows]
 
     # -- idempotency ----------------------------------------------------------------------
@@ -290,8 +307,13 @@ class Store:
         )
 
     def sends(self, event_ids: list[str]) -> list[sqlite3.Row]:
-        marks = ",".join("?" * len(event_ids))
-        return self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks}) ORDER BY id", tuple(event_ids))  # noqa: S608
+        """The sends of these events, oldest first (queried in chunks: SQLite caps bound values)."""
+        rows: list[sqlite3.Row] = []
+        for start in range(0, len(event_ids), 500):
+            chunk = event_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows += self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks})", tuple(chunk))  # noqa: S608
+        return sorted(rows, key=lambda row: row["id"])
 
     # -- list filters -----------------------------------------------------------------------
 

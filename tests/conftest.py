@@ -461,6 +461,47 @@ class SandboxAccount:
         assert response.status_code == expected, response.text[-2000:]
         return self.session(session_id)
 
+    def _card_form(self, url: str, card: str, expected: int = 303) -> requests.Response:
+        """Fill in and submit a hosted page's card form (Checkout's element names) as a browser would."""
+        response = self.http.post(
+            url,
+            data={
+                "email": "ada@example.com",
+                "cardNumber": card,
+                "cardExpiry": "12 / 34",
+                "cardCvc": "123",
+                "billingName": "Ada Lovelace",
+            },
+            allow_redirects=False,
+            timeout=30,
+        )
+        assert response.status_code == expected, response.text[-2000:]
+        return response
+
+    def update_card_in_portal(self, portal_url: str, card: str) -> None:
+        """The customer replaces the card on file in the customer portal (#update-card)."""
+        page = self.http.get(portal_url, timeout=30)
+        assert page.ok and 'id="update-card"' in page.text, page.text[-2000:]
+        self._card_form(f"{portal_url}/payment-method", card)
+
+    def pay_invoice_page(self, hosted_invoice_url: str, card: str = CARDS["paid"]) -> None:
+        """The customer pays an open invoice on its hosted invoice page."""
+        self._card_form(hosted_invoice_url, card)
+
+    def advance_clock(self, clock_id: str, frozen_time: int, timeout: float = 60) -> dict[str, Any]:
+        """Move a test clock forward and wait until Stripe has run everything that fell due meanwhile."""
+        from tests.live_support import wait_until
+
+        self.api("POST", f"/v1/test_helpers/test_clocks/{clock_id}/advance", {"frozen_time": frozen_time})
+        return wait_until(
+            lambda: (
+                (clock := self.api("GET", f"/v1/test_helpers/test_clocks/{clock_id}"))["status"] == "ready" and clock
+            ),
+            timeout,
+            f"test clock {clock_id} did not finish advancing",
+            0.05,
+        )
+
     def settle_async_payment(self, session_id: str, timeout: float = 20) -> dict[str, Any]:
         """Wait for an asynchronous payment to settle at the sandbox; returns the settled session."""
         from tests.live_support import wait_until

@@ -20,6 +20,7 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,7 +28,7 @@ import requests
 from flask import Flask
 from playwright.sync_api import expect
 
-from tests.conftest import PASSWORD, live_stripe_environment, query
+from tests.conftest import PASSWORD, SandboxAccount, live_stripe_environment, query
 from tests.live_support import WEBHOOK_PATH, BrowserPage, LiveServer, submit_signup, wait_until
 
 SIGNUP_EVENTS = ("organization.created", "user.created", "signup.completed")
@@ -35,11 +36,13 @@ WEBHOOK_WAIT_SECONDS = 60
 EMAIL = "ada@example.com"
 ORGANIZATION = "Analytical Engines"
 CARD_OK = "4242 4242 4242 4242"
+HOUR = 3600
 
 
 def walk_live_signup(request: pytest.FixtureRequest) -> None:
     """Form → hosted Checkout (paid with 4242) → checkout.session.completed webhook verified, stored and
-    processed → signed in on /app → billing page → cancel at period end, and the webhook that follows."""
+    processed → signed in on /app → a renewal, a failed renewal and its recovery on the customer's test
+    clock → billing page → cancel at period end, the webhook that follows, and the subscription's end."""
     environment = live_stripe_environment()  # skips, naming the missing variables, before anything starts
     port = int(os.environ.get("LIVE_APP_PORT", "5055"))
     server: LiveServer = request.getfixturevalue("live_server")(
@@ -47,6 +50,7 @@ def walk_live_signup(request: pytest.FixtureRequest) -> None:
         STRIPE_SECRET_KEY=environment["STRIPE_SECRET_KEY"],
         STRIPE_WEBHOOK_SECRET=environment["STRIPE_WEBHOOK_SECRET"],
         STRIPE_API_BASE=environment.get("STRIPE_API_BASE", ""),
+        STRIPE_TEST_CLOCKS=True,
     )
     assert server.app is not None
     app = server.app
@@ -100,6 +104,8 @@ def walk_live_signup(request: pytest.FixtureRequest) -> None:
     assert re.fullmatch(rf"(already_)?provisioned \(organization {organization.id}\)", completed["outcome"]), completed
     assert not [e for e in stored_events(app) if e["status"] not in ("processed", "ignored")], stored_events(app)
 
+    live_through_a_year(app, server, environment, organization.stripe_customer_id, organization.stripe_subscription_id)
+
     # The billing page, and a cancellation at the period end: Stripe answers, the page follows at once,
     # and the customer.subscription.updated webhook that follows it changes nothing and records nothing.
     page.click("#billing-link")
@@ -131,6 +137,90 @@ def walk_live_signup(request: pytest.FixtureRequest) -> None:
     events = Counter(row.name for row in query(app, "SELECT name FROM domain_event"))
     assert events["subscription.cancellation_scheduled"] == 1, events
     assert [events[name] for name in SIGNUP_EVENTS] == [1, 1, 1], events
+
+    # The end: the customer's clock passes the period end and Stripe ends the subscription.
+    stripe_api = stripe_http(environment)
+    clock_id = stripe_api.api("GET", f"/v1/customers/{organization.stripe_customer_id}")["test_clock"]
+    period_end = int(organization.current_period_end.timestamp())
+    stripe_api.advance_clock(clock_id, period_end + 2 * HOUR)
+    wait_for_organization(app, server, environment, "the subscription's end", lambda o: o.billing_status == "canceled")
+    page.goto(f"{server.url}/app")
+    page.wait_for_url(f"{server.url}/billing/")
+    expect(page.locator("#resubscribe")).to_be_visible()
+    browser.step("subscription ended")
+
+
+def live_through_a_year(
+    app: Flask, server: LiveServer, environment: dict[str, str], customer_id: str, subscription_id: str
+) -> None:
+    """On the customer's test clock (STRIPE_TEST_CLOCKS): a paid renewal; a card whose charges fail and a
+    failed renewal (past due, the owner notified); the open invoice paid with a good card (active again).
+    Everything reaches the app as real, signed webhooks."""
+    stripe_api = stripe_http(environment)
+    clock_id = stripe_api.api("GET", f"/v1/customers/{customer_id}")["test_clock"]
+    assert clock_id, "the signup's customer is not on a test clock: is STRIPE_TEST_CLOCKS on?"
+
+    def period_end() -> int:
+        return int(stripe_api.subscription(subscription_id)["items"]["data"][0]["current_period_end"])
+
+    first_end = period_end()
+    stripe_api.advance_clock(clock_id, first_end + 2 * HOUR)
+    renewed = stripe_api.subscription(subscription_id)
+    wait_for_organization(
+        app,
+        server,
+        environment,
+        "the renewal's invoice.paid",
+        lambda o: (
+            o.last_invoice_id == renewed["latest_invoice"]
+            and o.last_payment_status == "paid"
+            and int(o.current_period_end.timestamp()) == period_end() > first_end
+        ),
+    )
+
+    failing_card = stripe_api.api(
+        "POST", "/v1/payment_methods/pm_card_chargeCustomerFail/attach", {"customer": customer_id}
+    )
+    stripe_api.api("POST", f"/v1/subscriptions/{subscription_id}", {"default_payment_method": failing_card["id"]})
+    stripe_api.advance_clock(clock_id, period_end() + 2 * HOUR)
+    failed_invoice = stripe_api.subscription(subscription_id)["latest_invoice"]
+    wait_for_organization(
+        app,
+        server,
+        environment,
+        "the failed renewal's invoice.payment_failed",
+        lambda o: o.billing_status == "past_due" and o.last_invoice_id == failed_invoice,
+    )
+    [notice] = query(app, "SELECT * FROM domain_event WHERE name = 'billing.payment_failed'")
+    assert notice.data["invoice_id"] == failed_invoice and notice.data["hosted_invoice_url"]
+
+    good_card = stripe_api.api("POST", "/v1/payment_methods/pm_card_visa/attach", {"customer": customer_id})
+    stripe_api.api("POST", f"/v1/invoices/{failed_invoice}/pay", {"payment_method": good_card["id"]})
+    stripe_api.api("POST", f"/v1/subscriptions/{subscription_id}", {"default_payment_method": good_card["id"]})
+    wait_for_organization(
+        app,
+        server,
+        environment,
+        "the recovered invoice's invoice.paid",
+        lambda o: o.billing_status == "active" and o.last_payment_status == "paid" and o.past_due_since is None,
+    )
+
+
+def stripe_http(environment: dict[str, str]) -> SandboxAccount:
+    """The Stripe API over plain HTTP, as a script or the Stripe CLI uses it: the sandbox's, or Stripe's."""
+    return SandboxAccount(
+        environment.get("STRIPE_API_BASE") or "https://api.stripe.com", environment["STRIPE_SECRET_KEY"]
+    )
+
+
+def wait_for_organization(
+    app: Flask, server: LiveServer, environment: dict[str, str], awaited: str, predicate: Callable[[Any], bool]
+) -> None:
+    def holds() -> bool:
+        rows = query(app, "SELECT * FROM organization")
+        return len(rows) == 1 and predicate(rows[0])
+
+    wait_until(holds, WEBHOOK_WAIT_SECONDS, lambda: no_webhook_message(app, server, environment, awaited))
 
 
 def pay_on_hosted_checkout(browser: BrowserPage) -> None:

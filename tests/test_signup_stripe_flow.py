@@ -25,6 +25,7 @@ from tests.conftest import (
 )
 
 SIGNUP_EVENTS = ("organization.created", "user.created", "signup.completed")
+HOUR = 3600
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -43,14 +44,16 @@ def domain_event_counts(app: Flask) -> Counter[str]:
 
 @pytest.mark.live
 def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> None:
-    """Form → Stripe Checkout → provisioning (redirect and webhook, in either order) → signed-in page →
-    billing page → cancellation, and the webhook that follows it."""
+    """One organization's whole life: form → Stripe Checkout → provisioning (redirect and webhooks, in
+    either order) → signed-in page → billing page; then, on the customer's Stripe test clock, a renewal,
+    a renewal whose card fails, past_due with the owner notified, recovery by paying the open invoice,
+    cancellation at the period end and the end of the subscription."""
     if request.config.getoption("--stripe-live"):
         from tests.test_live_flow import walk_live_signup
 
         walk_live_signup(request)
         return
-    app: Flask = request.getfixturevalue("app")
+    app: Flask = request.getfixturevalue("make_app")(STRIPE_TEST_CLOCKS=True)
     stripe_api: SandboxAccount = request.getfixturevalue("offline_stripe")
     client = app.test_client()
 
@@ -74,7 +77,11 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
         {"price": stripe_api.price_id("starter_monthly"), "quantity": "1"},
         {"price": stripe_api.price_id("extra_seat_monthly"), "quantity": "2"},
     ]
-    assert params["customer_email"] == "ada@example.com"
+    # The customer was made first, on a test clock of its own, so that time can pass in its life.
+    customer = stripe_api.api("GET", f"/v1/customers/{params['customer']}")
+    assert customer["email"] == "ada@example.com" and customer["test_clock"].startswith("clock_")
+    assert customer["metadata"] == {"purpose": "signup", "pending_signup_id": str(pending.id)}
+    assert "customer_email" not in params
     assert params["client_reference_id"] == str(pending.id)
     assert params["metadata"] == {"purpose": "signup", "pending_signup_id": str(pending.id)}
     assert params["subscription_data"]["metadata"] == params["metadata"]
@@ -92,7 +99,7 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
         return client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
 
     events = stripe_api.take_events()
-    assert [event["type"] for event in events] == [
+    assert [event["type"] for event in events if event["type"].startswith(("customer.sub", "invoice", "checkout"))] == [
         "customer.subscription.created",
         "invoice.paid",
         "checkout.session.completed",
@@ -133,7 +140,11 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert (pending.status, pending.organization_id, pending.password_hash) == ("completed", organization.id, None)
     counts = domain_event_counts(app)
     assert [counts[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
-    assert sorted(row.status for row in query(app, "SELECT status FROM stripe_event")) == ["processed"] * 3
+    assert {(row.type, row.status) for row in query(app, "SELECT type, status FROM stripe_event")} >= {
+        ("customer.subscription.created", "processed"),
+        ("invoice.paid", "processed"),
+        ("checkout.session.completed", "processed"),
+    }
 
     # Signed in, on a page that shows the organization, its plan and billing status.
     home = client.get("/app").get_data(as_text=True)
@@ -142,6 +153,61 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     # The billing page: plan, status, renewal date, add-ons, and the owner's actions.
     billing = client.get("/billing/").get_data(as_text=True)
     assert "Extra seats × 2" in billing and "Renews" in billing and 'id="cancel"' in billing
+
+    # --- Time passes on the customer's test clock ---------------------------------------------------
+    clock_id = customer["test_clock"]
+
+    def deliver() -> list[str]:
+        delivered = stripe_api.deliver(client)
+        assert all(status == 200 for _, status in delivered), delivered
+        return [event_type for event_type, _ in delivered]
+
+    def organization_now() -> Any:
+        [row] = query(app, "SELECT * FROM organization")
+        return row
+
+    # A renewal: Stripe invoices and charges the card on file; the organization's period moves on.
+    period_end = subscription["items"]["data"][0]["current_period_end"]
+    payments_before = domain_event_counts(app)["billing.payment_succeeded"]  # 0 or 1, by arrival order
+    stripe_api.advance_clock(clock_id, period_end + 2 * HOUR)
+    assert {"invoice.created", "invoice.finalized", "invoice.paid", "customer.subscription.updated"} <= set(deliver())
+    renewed = stripe_api.subscription(subscription["id"])
+    next_period_end = renewed["items"]["data"][0]["current_period_end"]
+    assert next_period_end > period_end
+    organization = organization_now()
+    assert organization.billing_status == "active"
+    assert organization.current_period_end.timestamp() == next_period_end
+    assert (organization.last_invoice_id, organization.last_payment_status) == (renewed["latest_invoice"], "paid")
+    assert domain_event_counts(app)["billing.payment_succeeded"] == payments_before + 1
+
+    # The owner replaces the card in the customer portal with one whose charges fail; the next renewal
+    # fails, the organization is past due, and the owner is told how much and where to pay.
+    portal = client.post("/billing/portal", data={"csrf_token": csrf_token(client, "/billing/")})
+    assert portal.status_code == 303
+    stripe_api.update_card_in_portal(portal.headers["Location"], "4000 0000 0000 0341")
+    deliver()
+    stripe_api.advance_clock(clock_id, next_period_end + 2 * HOUR)
+    assert "invoice.payment_failed" in deliver()
+    failing = stripe_api.subscription(subscription["id"])
+    open_invoice = stripe_api.api("GET", f"/v1/invoices/{failing['latest_invoice']}")
+    assert (failing["status"], open_invoice["status"]) == ("past_due", "open")
+    organization = organization_now()
+    assert (organization.billing_status, organization.last_payment_status) == ("past_due", "failed")
+    assert organization.past_due_since is not None
+    [notice] = query(app, "SELECT * FROM domain_event WHERE name = 'billing.payment_failed'")
+    assert notice.organization_id == organization.id
+    assert notice.data["invoice_id"] == open_invoice["id"]
+    assert notice.data["amount_due"] == open_invoice["amount_due"] > 0
+    assert notice.data["hosted_invoice_url"] == open_invoice["hosted_invoice_url"]
+    assert notice.data["next_payment_attempt"] == open_invoice["next_payment_attempt"]
+    assert "Payment overdue" in client.get("/billing/").get_data(as_text=True)
+
+    # Recovery: the owner pays the open invoice on Stripe's hosted invoice page with a good card.
+    stripe_api.pay_invoice_page(open_invoice["hosted_invoice_url"])
+    assert {"invoice.paid", "customer.subscription.updated"} <= set(deliver())
+    organization = organization_now()
+    assert (organization.billing_status, organization.past_due_since) == ("active", None)
+    assert (organization.last_invoice_id, organization.last_payment_status) == (open_invoice["id"], "paid")
 
     # Cancel at the period end: Stripe is told (with an idempotency key) and the organization follows.
     response = client.post(
@@ -152,14 +218,26 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     [(args, call)] = stripe_api.calls_to("subscriptions.update")
     assert args == (subscription["id"],) and call["params"] == {"cancel_at_period_end": "true"}
     assert call["options"] == {"idempotency_key": f"org-{organization.id}-cancel-period-end-{'a' * 32}"}
-    [organization] = query(app, "SELECT * FROM organization")
+    organization = organization_now()
     assert organization.cancel_at_period_end is True and organization.billing_status == "active"
     assert "Plan ends" in client.get("/billing/").get_data(as_text=True)
-
     # Stripe's webhook for that change agrees and records nothing twice.
-    assert stripe_api.deliver(client) == [("customer.subscription.updated", 200)]
+    assert deliver() == ["customer.subscription.updated"]
     assert domain_event_counts(app)["subscription.cancellation_scheduled"] == 1
+
+    # The end: the period runs out, Stripe ends the subscription and nothing more is invoiced.
+    final_period_end = stripe_api.subscription(subscription["id"])["items"]["data"][0]["current_period_end"]
+    stripe_api.advance_clock(clock_id, final_period_end + 2 * HOUR)
+    ended = deliver()
+    assert "customer.subscription.deleted" in ended and "invoice.created" not in ended
+    organization = organization_now()
+    assert (organization.billing_status, organization.cancel_at_period_end) == ("canceled", False)
+    assert organization.ended_at.timestamp() == final_period_end
+    assert client.get("/app").headers["Location"] == "/billing/"  # access ends with the subscription
+    counts = domain_event_counts(app)
     assert [counts[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
+    assert counts["billing.payment_failed"] == 1 and counts["billing.payment_succeeded"] == payments_before + 2
+    assert {row.status for row in query(app, "SELECT status FROM stripe_event")} <= {"processed", "ignored"}
 
 
 # --- Signup: bad input, repeats, other browsers, payment states -----------------------------------

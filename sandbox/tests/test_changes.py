@@ -43,7 +43,7 @@ def test_upgrade_with_always_invoice_charges_the_proration(
     )
     remaining, total = end - when, end - start
     credit, charge = -_prorated(1900, remaining, total), _prorated(4900, remaining, total)
-    assert preview.id is None if "id" in preview else True
+    assert "id" not in preview and preview.status == "draft" and preview.number is None
     assert [line.amount for line in preview.lines.data] == [credit, charge]
     assert all(line.parent.subscription_item_details.proration for line in preview.lines.data)
     assert preview.amount_due == preview.total == preview.subtotal == credit + charge
@@ -85,7 +85,8 @@ def test_quantity_change_with_create_prorations_waits_for_the_next_invoice(
     credit, charge = -_prorated(2000, remaining, total), _prorated(5000, remaining, total)
     amounts = [line.amount for line in preview.lines.data]
     assert amounts == [credit, charge, 1900, 5000]  # prorations, then next period's recurring lines
-    assert preview.period_end == end + 0 or preview.period_end > end
+    assert (preview.period_start, preview.period_end) == (start, end)  # the period that ends
+    assert preview.lines.data[-1].period.start == end  # the next period's recurring line
     assert preview.amount_due == credit + charge + 6900
     assert preview.next_payment_attempt is not None and preview.next_payment_attempt >= end
 
@@ -98,6 +99,14 @@ def test_quantity_change_with_create_prorations_waits_for_the_next_invoice(
     again = sandbox.client.v1.invoices.create_preview(params={"subscription": sub.id})
     assert again.amount_due == preview.amount_due
     assert [line.amount for line in again.lines.data] == amounts
+
+    # Sending the quantity it already has bills nothing, even with always_invoice.
+    _, fresh = paid_subscription(sandbox, prices)
+    fresh_seats = _item(fresh, "extra_seat_monthly")
+    same = sandbox.client.v1.subscriptions.update(
+        fresh.id, params={"items": [{"id": fresh_seats.id, "quantity": 2}], "proration_behavior": "always_invoice"}
+    )
+    assert same.latest_invoice == fresh.latest_invoice
 
     # Adding an item and deleting one, with no prorations.
     added = sandbox.client.v1.subscriptions.update(
@@ -219,16 +228,21 @@ def test_interval_change_restarts_the_period(sandbox: Sandbox, prices: dict[str,
             sub.id, params={"items": [{"id": _item(sub, "starter_monthly").id, "price": yearly[0].id}]}
         )
     assert "interval" in str(raised.value)
-    updated = sandbox.client.v1.subscriptions.update(
-        sub.id,
-        params={
-            "items": [
-                {"id": _item(sub, "starter_monthly").id, "price": yearly[0].id},
-                {"id": seats.id, "deleted": True},
-            ]
-        },
+    change = [
+        {"id": _item(sub, "starter_monthly").id, "price": yearly[0].id},
+        {"id": seats.id, "deleted": True},
+    ]
+    when = int(time.time())
+    preview = sandbox.client.v1.invoices.create_preview(
+        params={"subscription": sub.id, "subscription_details": {"items": change, "proration_date": when}}
     )
+    assert preview.billing_reason == "subscription_update"  # an interval change is invoiced at once
+    updated = sandbox.client.v1.subscriptions.update(sub.id, params={"items": change, "proration_date": when})
     item = updated["items"].data[0]
     assert item.current_period_end - item.current_period_start >= 365 * 86400
+    assert item.current_period_start == when
     invoice = sandbox.client.v1.invoices.retrieve(updated.latest_invoice)
     assert invoice.status == "paid" and invoice.lines.data[-1].amount == yearly[0].unit_amount
+    assert invoice.amount_paid == preview.amount_due
+    assert [line.amount for line in invoice.lines.data] == [line.amount for line in preview.lines.data]
+    assert sum(line.amount < 0 for line in invoice.lines.data) == 2  # unused starter and seats credited

@@ -5,15 +5,19 @@ client and the hosted pages driven with requests."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import stripe
 
+from sandbox.clock import Dunning
 from sandbox.objects import add_month
 from sandbox.tests.test_sandbox import (
     CARD_OK,
@@ -113,14 +117,8 @@ def clock_customer(sandbox: Sandbox, frozen_time: int = T0, **params: Any) -> tu
 
 
 def subscribe(sandbox: Sandbox, prices: dict[str, str], customer: str, card: str = CARD_OK, **params: Any) -> Any:
-    session = create_session(
-        sandbox,
-        prices,
-        line_items=[{"price": prices["starter_monthly"], "quantity": 1}],
-        customer=customer,
-        customer_email=None,
-        **params,
-    )
+    params.setdefault("line_items", [{"price": prices["starter_monthly"], "quantity": 1}])
+    session = create_session(sandbox, prices, customer=customer, customer_email=None, **params)
     fields = {"email": "grace@example.com", "billingName": "Grace Hopper"}
     if card == "":
         fields.update(cardExpiry="", cardCvc="")
@@ -220,6 +218,20 @@ def test_advancing_is_validated_as_on_stripe(sandbox: Sandbox, prices: dict[str,
     assert "two billing intervals" in str(too_far.value.user_message)
     assert advance(sandbox, clock_id, limit).frozen_time == limit
 
+    # With a yearly subscription the limit is two years.
+    starter = sandbox.client.v1.prices.retrieve(prices["starter_monthly"])
+    yearly = sandbox.client.v1.prices.create(
+        params={"currency": "usd", "unit_amount": 19000, "product": starter.product, "recurring": {"interval": "year"}}
+    )
+    clock_id, customer = clock_customer(sandbox)
+    subscribe(sandbox, prices, customer, line_items=[{"price": yearly.id, "quantity": 1}])
+    two_years = add_month(T0)
+    for _ in range(23):
+        two_years = add_month(two_years)
+    with pytest.raises(stripe.InvalidRequestError):
+        clocks.advance(clock_id, params={"frozen_time": two_years + 1})
+    assert advance(sandbox, clock_id, two_years).frozen_time == two_years
+
 
 def test_checkout_attaches_a_card_and_records_the_payment(sandbox: Sandbox, prices: dict[str, str]) -> None:
     _, customer = clock_customer(sandbox)
@@ -249,6 +261,8 @@ def test_checkout_attaches_a_card_and_records_the_payment(sandbox: Sandbox, pric
     charge = sandbox.client.v1.charges.retrieve(intent.latest_charge)
     assert (charge.status, charge.paid, charge.amount, charge.payment_intent) == ("succeeded", True, 1900, intent.id)
     assert charge.payment_method_details.card.last4 == "4242"
+    refund = sandbox.client.v1.refunds.create(params={"payment_intent": intent.id, "amount": 500})
+    assert refund.created == T0  # made for a clock customer: at the clock's time
 
 
 def test_card_0341_is_declined_when_paying_and_attaches_for_a_trial(sandbox: Sandbox, prices: dict[str, str]) -> None:
@@ -340,8 +354,11 @@ def test_a_subscription_lives_renews_fails_recovers_and_ends(
     assert sandbox.client.v1.invoices.retrieve(failed["id"]).next_payment_attempt is None
 
     # Cancel at period end; when the clock passes it, the subscription ends without an invoice.
-    sub = sandbox.client.v1.subscriptions.update(sub.id, params={"cancel_at_period_end": True})
-    assert sub.cancel_at == add_month(second_end) and sub.canceled_at == second_end + 4 * DAY
+    portal = sandbox.client.v1.billing_portal.sessions.create(params={"customer": customer})
+    assert "ending in 0341" in requests.get(portal.url, timeout=5).text  # the card it saved
+    requests.post(f"{sandbox.url}/portal/{portal.id}/subscriptions/{sub.id}/cancel-at-period-end", timeout=5)
+    sub = sandbox.client.v1.subscriptions.retrieve(sub.id)
+    assert sub.cancel_at == add_month(second_end) and sub.canceled_at == second_end + 4 * DAY  # clock time
     advance(sandbox, clock_id, add_month(second_end) + DAY, receiver)
     events = wait_events(receiver, customer, "customer.subscription.deleted")
     ended = sandbox.client.v1.subscriptions.retrieve(sub.id)
@@ -449,6 +466,23 @@ def test_a_trial_without_a_card_ends_per_its_setting(
     advance(sandbox, clock_id, sub.trial_end + 2 * HOUR, receiver)
     wait_events(receiver, customer, last_event)
     assert sandbox.client.v1.subscriptions.retrieve(sub.id).status == status
+    if behavior == "pause":  # a card, then resume: a new period starts now and is paid
+        assert portal_update_card(sandbox, customer, CARD_OK).status_code == 303
+        resumed = sandbox.client.v1.subscriptions.resume(sub.id)
+        now = sub.trial_end + 2 * HOUR
+        assert (resumed.status, period(resumed)) == ("active", (now, add_month(now)))
+        invoice = sandbox.client.v1.invoices.retrieve(resumed.latest_invoice)
+        assert (invoice.status, invoice.amount_paid, invoice.created) == ("paid", 1900, now)
+        events = wait_events(receiver, customer, "invoice.paid", 2)
+        assert [e["type"] for e in events if e["created"] == now][-5:] == [
+            "customer.subscription.resumed",
+            "customer.subscription.updated",
+            "invoice.created",
+            "invoice.finalized",
+            "invoice.paid",
+        ]
+        with pytest.raises(stripe.InvalidRequestError):
+            sandbox.client.v1.subscriptions.resume(sub.id)  # no longer paused
 
 
 def test_a_trial_with_a_card_renews_into_a_paid_period(
@@ -482,6 +516,30 @@ def test_cancel_at_ends_a_subscription_mid_period(sandbox: Sandbox, receiver: Re
     assert events[-1]["created"] == T0 + 10 * DAY
     assert sandbox.client.v1.subscriptions.retrieve(sub.id).ended_at == T0 + 10 * DAY
     assert len(sandbox.client.v1.invoices.list(params={"customer": customer}).data) == 1  # no renewal
+
+
+def test_a_schedule_downgrades_at_the_period_end_on_the_clock(
+    sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]
+) -> None:
+    clock_id, customer = clock_customer(sandbox)
+    sub = subscribe(sandbox, prices, customer, line_items=[{"price": prices["pro_monthly"], "quantity": 1}])
+    start, end = period(sub)
+    api = sandbox.client.v1.subscription_schedules
+    schedule = api.create(params={"from_subscription": sub.id})
+    assert schedule.phases[0].start_date == T0  # the clock's time, not the wall clock's
+    phases = [
+        {"items": [{"price": prices["pro_monthly"], "quantity": 1}], "start_date": start, "end_date": end},
+        {"items": [{"price": prices["starter_monthly"], "quantity": 1}]},
+    ]
+    api.update(schedule.id, params={"phases": phases, "end_behavior": "release"})
+    advance(sandbox, clock_id, end - HOUR, receiver)
+    assert sandbox.client.v1.subscriptions.retrieve(sub.id)["items"].data[0].price.id == prices["pro_monthly"]
+    advance(sandbox, clock_id, end + 2 * HOUR, receiver)
+    renewed = sandbox.client.v1.subscriptions.retrieve(sub.id)
+    assert [i.price.id for i in renewed["items"].data] == [prices["starter_monthly"]]
+    invoice = sandbox.client.v1.invoices.retrieve(renewed.latest_invoice)
+    assert (invoice.status, invoice.amount_paid, invoice.billing_reason) == ("paid", 1900, "subscription_cycle")
+    assert api.retrieve(schedule.id).current_phase.start_date == end
 
 
 def test_paused_collection_voids_renewals(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:
@@ -540,3 +598,26 @@ def test_deleting_a_clock_deletes_its_customers(sandbox: Sandbox, receiver: Rece
             retrieve(object_id)
     events = wait_events(receiver, customer, "customer.deleted")
     assert [e["type"] for e in events][-2:] == ["customer.subscription.deleted", "customer.deleted"]
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+
+def test_dunning_settings_are_validated(tmp_path: Path) -> None:
+    assert Dunning.from_env({}) == Dunning((3, 5, 7), "cancel")
+    assert Dunning.from_env({"SANDBOX_DUNNING_RETRY_DAYS": "1, 4", "SANDBOX_DUNNING_FINAL_ACTION": "unpaid"}) == (
+        Dunning((1, 4), "unpaid")
+    )
+    bad_settings = (
+        {"SANDBOX_DUNNING_RETRY_DAYS": "5,3"},
+        {"SANDBOX_DUNNING_RETRY_DAYS": "x"},
+        {"SANDBOX_DUNNING_FINAL_ACTION": "void"},
+    )
+    for bad in bad_settings:
+        with pytest.raises(ValueError, match="SANDBOX_DUNNING"):
+            Dunning.from_env(bad)
+    # The server refuses to start with a bad setting, and says which.
+    server = Sandbox(tmp_path, "http://127.0.0.1:9/webhooks")
+    env = {**server.env, "SANDBOX_DUNNING_FINAL_ACTION": "void"}
+    done = subprocess.run([sys.executable, "-m", "sandbox"], env=env, capture_output=True, timeout=30, check=False)
+    assert done.returncode != 0 and b"SANDBOX_DUNNING_FINAL_ACTION" in done.stderr

@@ -4,6 +4,7 @@ server in a subprocess, the real stripe-python SDK, and a local webhook receiver
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -698,5 +699,31 @@ def test_request_log_keeps_the_newest_and_seq_keeps_growing(tmp_path: Path) -> N
         assert kept[-1]["seq"] == store.last_request_seq() == 1200
         assert 300 <= len(kept) < 800  # pruned every 500 rows down to the last 300
         assert [row["seq"] for row in kept] == list(range(kept[0]["seq"], 1201))
+    finally:
+        store.close()
+
+
+def test_a_request_log_from_an_older_sandbox_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE request_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, method TEXT NOT NULL,"
+            " path TEXT NOT NULL, params TEXT NOT NULL, idempotency_key TEXT, status INTEGER NOT NULL)"
+        )
+    db.close()
+    store = Store(path)
+    try:
+        store.log_request(
+            method="GET",
+            path="/v1/prices",
+            params="{}",
+            idempotency_key=None,
+            status=200,
+            at=0,
+            keep=10,
+            user_agent="Stripe/v1 PythonBindings",
+        )
+        [row] = store.logged_requests(0, 10)
+        assert (row["user_agent"], row["stripe_version"]) == ("Stripe/v1 PythonBindings", None)
     finally:
         store.close()

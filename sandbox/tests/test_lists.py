@@ -97,3 +97,15 @@ def test_event_list(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]
         delivered = [e.id for e in events.list(params={"delivery_success": True, "limit": 100}).data]
         time.sleep(0.2)
     assert failing[0] in delivered
+
+
+def test_expanding_through_a_nested_hash(sandbox: Sandbox, prices: dict[str, str]) -> None:
+    _, sub = paid_subscription(sandbox, prices)
+    customer = sandbox.client.v1.customers.retrieve(
+        sub.customer, params={"expand": ["invoice_settings.default_payment_method"]}
+    )
+    method = customer.invoice_settings.default_payment_method
+    assert method.object == "payment_method" and method.card.last4 == "4242"
+    with pytest.raises(stripe.InvalidRequestError) as raised:
+        sandbox.client.v1.customers.retrieve(sub.customer, params={"expand": ["invoice_settings.footer"]})
+    assert raised.value.param == "expand"

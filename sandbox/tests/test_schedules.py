@@ -60,6 +60,9 @@ def test_downgrade_at_period_end_is_scheduled(sandbox: Sandbox, receiver: Receiv
             api.update(schedule.id, params=params)
         assert raised.value.param == param
 
+    listed = api.list(params={"customer": sub.customer})
+    assert [s.id for s in listed.data] == [schedule.id]
+
     released = api.release(schedule.id)
     assert released.status == "released" and released.released_subscription == sub.id
     assert released.subscription is None and released.current_phase is None

@@ -1,0 +1,346 @@
+"""The contract: every object the sandbox returns has the shape stripe-python declares.
+
+For each Stripe object the product reads, the test creates one through the sandbox and checks
+every field of the JSON it returns against the type hints of the corresponding stripe-python
+class (stripe.Subscription, stripe.Invoice, ... and their nested classes), resolving Optional,
+Union, Literal, List, Dict, ListObject and expandable `str | Object` fields. A field stripe does
+not declare is a failure too, so the sandbox cannot invent fields; and the fields the app reads
+(APP_READS, from app/services) must be present.
+"""
+
+from __future__ import annotations
+
+import ast
+import decimal
+import importlib
+import inspect
+import types
+import typing
+from functools import cache
+from typing import Any
+
+import requests
+import stripe
+from stripe._list_object import ListObject
+from stripe._stripe_object import StripeObject, UntypedStripeObject
+
+from sandbox.tests.test_clock import T0, clock_customer, subscribe
+from sandbox.tests.test_sandbox import Sandbox, paid_subscription
+
+# What app/services reads from each object (grep for .get("…") and ["…"] on Stripe payloads).
+APP_READS: dict[str, set[str]] = {
+    "checkout.session": {
+        "id",
+        "client_reference_id",
+        "metadata",
+        "status",
+        "payment_status",
+        "subscription",
+        "customer",
+        "invoice",
+    },
+    "subscription": {
+        "id",
+        "status",
+        "items",
+        "customer",
+        "cancel_at_period_end",
+        "cancel_at",
+        "trial_end",
+        "canceled_at",
+        "ended_at",
+        "metadata",
+        "latest_invoice",
+        "pause_collection",
+        "schedule",
+        "default_payment_method",
+    },
+    "subscription_item": {"id", "price", "quantity", "current_period_end", "current_period_start"},
+    "price": {"id", "lookup_key", "unit_amount", "currency", "recurring", "product", "active", "nickname"},
+    "invoice": {
+        "id",
+        "customer",
+        "amount_due",
+        "amount_paid",
+        "currency",
+        "attempt_count",
+        "next_payment_attempt",
+        "hosted_invoice_url",
+        "invoice_pdf",
+        "status",
+        "number",
+        "created",
+        "lines",
+        "total",
+        "subtotal",
+        "period_end",
+        "parent",
+    },
+    "line_item": {"amount", "description", "period", "parent", "pricing", "quantity"},
+    "customer": {"id", "email", "name", "invoice_settings", "test_clock"},
+    "payment_method": {"id", "card", "customer", "type"},
+    "refund": {"id", "amount", "status", "charge", "payment_intent", "reason", "metadata"},
+    "event": {"id", "type", "created", "livemode", "data", "api_version", "request"},
+    "billing_portal.session": {"id", "url", "customer", "return_url"},
+    "test_helpers.test_clock": {"id", "frozen_time", "status"},
+    "subscription_schedule": {"id", "status", "phases", "current_phase", "subscription", "end_behavior"},
+}
+CLASSES: dict[str, type[StripeObject]] = {
+    "checkout.session": stripe.checkout.Session,
+    "subscription": stripe.Subscription,
+    "subscription_item": stripe.SubscriptionItem,
+    "price": stripe.Price,
+    "product": stripe.Product,
+    "plan": stripe.Plan,
+    "invoice": stripe.Invoice,
+    "line_item": stripe.InvoiceLineItem,
+    "invoice_payment": stripe.InvoicePayment,
+    "customer": stripe.Customer,
+    "payment_method": stripe.PaymentMethod,
+    "payment_intent": stripe.PaymentIntent,
+    "charge": stripe.Charge,
+    "refund": stripe.Refund,
+    "event": stripe.Event,
+    "billing_portal.session": stripe.billing_portal.Session,
+    "test_helpers.test_clock": stripe.test_helpers.TestClock,
+    "subscription_schedule": stripe.SubscriptionSchedule,
+}
+
+
+# -- resolving stripe-python's type hints ---------------------------------------------------------
+
+
+@cache
+def _module_namespace(name: str) -> dict[str, Any]:
+    """A module's globals plus what it imports only under TYPE_CHECKING (its forward refs)."""
+    module = importlib.import_module(name)
+    namespace = dict(vars(module))
+    for node in ast.parse(inspect.getsource(module)).body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            exec(compile(ast.Module(body=node.body, type_ignores=[]), name, "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+@cache
+def fields_of(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls, globalns=_module_namespace(cls.__module__), localns=dict(vars(cls)))
+    return {k: v for k, v in hints.items() if not k.startswith("_") and k != "OBJECT_NAME"}
+
+
+def check(value: Any, hint: Any, path: str, cls: type | None = None, field: str = "") -> list[str]:  # noqa: PLR0912
+    """Why `value` does not fit `hint` (empty if it does)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return []
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return [] if type(None) in args else [f"{path}: null, but {hint} is not optional"]
+        attempts = [check(value, arm, path, cls, field) for arm in args if arm is not type(None)]
+        return [] if any(not a for a in attempts) else min(attempts, key=len)
+    if value is None:
+        return [f"{path}: null, but stripe declares {hint} (not optional)"]
+    if origin is typing.Literal:
+        return [] if value in args else [f"{path}: {value!r} is not one of {args}"]
+    if origin in (list, typing.List):  # noqa: UP006
+        if not isinstance(value, list):
+            return [f"{path}: expected a list, got {type(value).__name__}"]
+        return [e for i, v in enumerate(value) for e in check(v, args[0], f"{path}[{i}]")]
+    if origin in (dict, typing.Dict) or (isinstance(origin, type) and issubclass(origin, UntypedStripeObject)):  # noqa: UP006
+        if not isinstance(value, dict):
+            return [f"{path}: expected a hash, got {type(value).__name__}"]
+        inner = args[-1] if args else Any
+        return [e for k, v in value.items() for e in check(v, inner, f"{path}.{k}")]
+    if origin is not None and isinstance(origin, type) and issubclass(origin, ListObject):
+        if not isinstance(value, dict) or value.get("object") != "list":
+            return [f"{path}: expected a list object"]
+        errors = [] if isinstance(value.get("has_more"), bool) else [f"{path}.has_more: not a boolean"]
+        errors += [] if isinstance(value.get("url"), str) else [f"{path}.url: not a string"]
+        unknown = set(value) - {"object", "data", "has_more", "url"}
+        errors += [f"{path}.{k}: not part of a list object" for k in sorted(unknown)]
+        return errors + [e for i, v in enumerate(value["data"]) for e in check(v, args[0], f"{path}.data[{i}]")]
+    if hint is decimal.Decimal:
+        encoding = getattr(cls, "_field_encodings", {}).get(field)
+        ok = isinstance(value, str) and encoding == "decimal_string"
+        return [] if ok else [f"{path}: expected a decimal string, got {value!r}"]
+    if hint is bool:
+        return [] if isinstance(value, bool) else [f"{path}: expected a boolean, got {value!r}"]
+    if hint is int:
+        return (
+            []
+            if isinstance(value, int) and not isinstance(value, bool)
+            else [f"{path}: expected an integer, got {value!r}"]
+        )
+    if hint is float:
+        return [] if isinstance(value, int | float) and not isinstance(value, bool) else [f"{path}: expected a number"]
+    if hint is str:
+        return [] if isinstance(value, str) else [f"{path}: expected a string, got {type(value).__name__}"]
+    if isinstance(hint, type) and issubclass(hint, StripeObject):
+        if not isinstance(value, dict):
+            return [f"{path}: expected a {hint.__qualname__} hash, got {type(value).__name__}"]
+        return check_object(value, hint, path)
+    return [f"{path}: the contract test cannot check type {hint!r}"]
+
+
+def check_object(obj: dict[str, Any], cls: type, path: str) -> list[str]:
+    declared = fields_of(cls)
+    errors = []
+    for key, value in obj.items():
+        if key not in declared:
+            errors.append(f"{path}.{key}: stripe-python's {cls.__qualname__} does not declare this field")
+            continue
+        errors += check(value, declared[key], f"{path}.{key}", cls, key)
+    return errors
+
+
+def check_stripe_object(obj: dict[str, Any], path: str | None = None) -> list[str]:
+    """Check a top-level object by its `object` value, and the fields the app reads."""
+    kind = obj["object"]
+    where = path or kind
+    errors = check_object(obj, CLASSES[kind], where)
+    missing = APP_READS.get(kind, set()) - set(obj)
+    if kind == "invoice" and obj.get("status") == "draft" and obj.get("number") is None:
+        missing -= {"id"}  # an upcoming-invoice preview has no id, as on Stripe
+    errors += [f"{where}.{field}: the app reads it but the sandbox does not return it" for field in sorted(missing)]
+    if kind == "subscription":
+        for i, item in enumerate(obj["items"]["data"]):
+            missing = APP_READS["subscription_item"] - set(item)
+            errors += [f"{where}.items.data[{i}].{f}: read by the app, missing" for f in sorted(missing)]
+    if kind == "invoice":
+        for i, line in enumerate(obj["lines"]["data"]):
+            missing = APP_READS["line_item"] - set(line)
+            errors += [f"{where}.lines.data[{i}].{f}: read by the app, missing" for f in sorted(missing)]
+    if kind == "event":
+        errors += check_stripe_object(obj["data"]["object"], f"{where}({obj['type']}).data.object")
+    return errors
+
+
+# -- the objects, made through the sandbox -----------------------------------------------------------
+
+
+def _get(sandbox: Sandbox, path: str, **params: Any) -> dict[str, Any]:
+    response = requests.get(f"{sandbox.url}/v1/{path}", params=params, auth=("sk_test_contract", ""), timeout=10)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _post(sandbox: Sandbox, path: str, data: dict[str, Any]) -> dict[str, Any]:
+    response = requests.post(f"{sandbox.url}/v1/{path}", data=data, auth=("sk_test_contract", ""), timeout=10)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_every_object_matches_stripe_pythons_types(sandbox: Sandbox, prices: dict[str, str]) -> None:
+    session, sub = paid_subscription(sandbox, prices)
+    customer = sub.customer
+    seats = next(i for i in sub["items"].data if i.price.lookup_key == "extra_seat_monthly")
+    _post(sandbox, f"subscriptions/{sub.id}", {"items[0][id]": seats.id, "items[0][quantity]": "4"})
+    _post(sandbox, f"subscriptions/{sub.id}", {"pause_collection[behavior]": "keep_as_draft", "cancel_at": str(T0 * 2)})
+    upgraded = _post(
+        sandbox,
+        f"subscriptions/{sub.id}",
+        {
+            "items[0][id]": sub["items"].data[0].id,
+            "items[0][price]": prices["pro_monthly"],
+            "proration_behavior": "always_invoice",
+            "default_payment_method": "pm_card_visa",
+        },
+    )
+    invoice = _get(sandbox, f"invoices/{upgraded['latest_invoice']}", **{"expand[]": "payments"})
+    intent_id = invoice["payments"]["data"][0]["payment"]["payment_intent"]
+    refund = _post(sandbox, "refunds", {"payment_intent": intent_id, "amount": "100", "reason": "duplicate"})
+    schedule = _post(sandbox, "subscription_schedules", {"from_subscription": sub.id})
+    end = sub["items"].data[0].current_period_end
+    schedule = _post(
+        sandbox,
+        f"subscription_schedules/{schedule['id']}",
+        {
+            "phases[0][items][0][price]": prices["pro_monthly"],
+            "phases[0][start_date]": str(sub["items"].data[0].current_period_start),
+            "phases[0][end_date]": str(end),
+            "phases[1][items][0][price]": prices["starter_monthly"],
+        },
+    )
+    clock_id, clock_customer_id = clock_customer(sandbox)
+    subscribe(sandbox, prices, clock_customer_id)
+    new_price = _post(
+        sandbox,
+        "prices",
+        {"currency": "usd", "unit_amount": "700", "recurring[interval]": "year", "product_data[name]": "X"},
+    )
+
+    objects_to_check: list[dict[str, Any]] = [
+        _get(sandbox, f"checkout/sessions/{session.id}", **{"expand[]": ["line_items", "subscription"]}),
+        _get(
+            sandbox, f"subscriptions/{sub.id}", **{"expand[]": ["latest_invoice", "customer", "default_payment_method"]}
+        ),
+        _get(sandbox, f"prices/{prices['starter_monthly']}", **{"expand[]": "product"}),
+        new_price,
+        invoice,
+        _get(sandbox, f"invoices/{sub.latest_invoice}"),
+        _post(
+            sandbox,
+            "invoices/create_preview",
+            {
+                "subscription": sub.id,
+                "subscription_details[items][0][id]": seats.id,
+                "subscription_details[items][0][quantity]": "9",
+            },
+        ),
+        _get(sandbox, f"customers/{customer}"),
+        _get(sandbox, f"payment_methods/{upgraded['default_payment_method']}"),
+        _get(sandbox, f"payment_intents/{intent_id}", **{"expand[]": "latest_charge"}),
+        refund,
+        _get(sandbox, f"refunds/{refund['id']}", **{"expand[]": ["charge", "payment_intent"]}),
+        _post(sandbox, "billing_portal/sessions", {"customer": customer, "return_url": "http://app.test/"}),
+        _get(sandbox, f"test_helpers/test_clocks/{clock_id}"),
+        _get(sandbox, f"subscription_schedules/{schedule['id']}"),
+    ]
+    events = _get(sandbox, "events", limit="100")["data"]
+    objects_to_check += events
+    kinds = {o["object"] for o in objects_to_check} | {e["data"]["object"]["object"] for e in events}
+    assert set(APP_READS) - {"subscription_item", "line_item"} <= kinds  # every object the app reads
+    failures = [error for obj in objects_to_check for error in check_stripe_object(obj)]
+    assert not failures, "\n".join(sorted(set(failures)))
+
+
+def test_the_checker_catches_invented_and_mistyped_fields() -> None:
+    price = {"id": "price_1", "object": "price", "active": "yes", "colour": "red", "unit_amount_decimal": "100"}
+    errors = check_stripe_object(price)
+    assert any("price.colour" in e and "does not declare" in e for e in errors)
+    assert any("price.active: expected a boolean" in e for e in errors)
+    assert not any("unit_amount_decimal" in e for e in errors)  # a decimal string, as declared
+    assert any("price.lookup_key: the app reads it" in e for e in errors)
+    sub = {
+        "id": "sub_1",
+        "object": "subscription",
+        "items": {"object": "list", "data": [{"id": 3}], "has_more": False, "url": "/"},
+    }
+    assert any("items.data[0].id: expected a string" in e for e in check_stripe_object(sub))
+
+
+def test_events_never_show_the_sandboxs_bookkeeping(sandbox: Sandbox, prices: dict[str, str]) -> None:
+    _, sub = paid_subscription(sandbox, prices)
+    _post(sandbox, f"subscriptions/{sub.id}", {"default_payment_method": "pm_card_chargeCustomerFail"})
+    _post(
+        sandbox,
+        f"subscriptions/{sub.id}",
+        {
+            "items[0][id]": sub["items"].data[0].id,
+            "items[0][price]": prices["pro_monthly"],
+            "proration_behavior": "always_invoice",
+            "payment_behavior": "pending_if_incomplete",
+        },
+    )
+    events = _get(sandbox, "events", type="customer.subscription.updated", limit="100")["data"]
+    mine = [e for e in events if e["data"]["object"]["id"] == sub.id]
+    assert any("pending_update" in e["data"]["previous_attributes"] for e in mine)
+    assert "'_" not in repr(mine) and '"_' not in repr(mine)
+
+    # Metadata is the customer's own: a key starting with "_" is kept, in objects and events.
+    tagged = _post(sandbox, f"subscriptions/{sub.id}", {"metadata[_origin]": "import"})
+    assert tagged["metadata"]["_origin"] == "import"
+    events = _get(sandbox, "events", type="customer.subscription.updated", limit="1")["data"]
+    assert events[0]["data"]["object"]["metadata"]["_origin"] == "import"
+    assert events[0]["data"]["previous_attributes"]["metadata"] == {"_origin": None}
