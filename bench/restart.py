@@ -1,4 +1,4 @@
-"""PostgreSQL restarts (docs/system/BILLING.md, section 11): what surviving one costs, and a real one.
+"""PostgreSQL restarts (docs/system/BILLING.md, section 12): what surviving one costs, and a real one.
 
 1. Cost. The app as shipped rides out a restart with no per-request work: new connections wait for
    the server, and a request whose connection died runs again once. The alternative, `pool_pre_ping`,
