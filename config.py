@@ -123,6 +123,9 @@ class BaseConfig:
         self.JOB_RETRY_BASE_SECONDS = int(env.get("JOB_RETRY_BASE_SECONDS", "2"))
         self.JOB_RETRY_MAX_WAIT_SECONDS = int(env.get("JOB_RETRY_MAX_WAIT_SECONDS", "3600"))
         self.WORKER_CONCURRENCY = int(env.get("WORKER_CONCURRENCY", "4"))
+        # A webhook's job waits this long before it applies, so a burst of events about one subscription
+        # costs one or two Stripe reads; acknowledgement is not delayed.
+        self.WEBHOOK_COALESCE_SECONDS = float(env.get("WEBHOOK_COALESCE_SECONDS", "2"))
         # Stored webhook payloads older than this are dropped by a daily job (the row and outcome stay).
         self.EVENT_PAYLOAD_RETENTION_DAYS = int(env.get("EVENT_PAYLOAD_RETENTION_DAYS", "90"))
         # /metrics answers only with "Authorization: Bearer $METRICS_TOKEN"; unset, it is a 404.
@@ -211,6 +214,7 @@ class TestConfig(BaseConfig):
         # Real SMTP: the suite's fixtures point MAIL_PORT at an aiosmtpd server they run.
         env.setdefault("MAIL_SERVER", "127.0.0.1")
         env.setdefault("MAIL_DEFAULT_SENDER", "Ledgerline Billing <billing@ledgerline.test>")
+        env.setdefault("WEBHOOK_COALESCE_SECONDS", "0")  # tests run due jobs inline, at once
         super().__init__(env)
         self.TESTING = True
         self.PAST_DUE_GRACE_DAYS = 7

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import click
 from flask import current_app
 from flask.cli import AppGroup
@@ -9,7 +12,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus
-from app.services import queue
+from app.services import queue, queue_status
 from app.services.billing_service import BillingError, BillingService, plan_catalogue
 
 billing_cli = AppGroup("billing", help="Billing operations: stored webhook events, replays, prices.")
@@ -38,8 +41,8 @@ def list_events(status: str | None, limit: int) -> None:
 @click.argument("event_id", required=False)
 @click.option("--failed", "all_failed", is_flag=True, help="Replay every event whose processing failed.")
 def replay(event_id: str | None, all_failed: bool) -> None:
-    """Replay one stored event, or all failed ones, through the webhook code path. Events already
-    processed are left as they are."""
+    """Queue one stored event, or all failed ones, for the worker to apply again (read afresh, so a
+    fix to the code applies). Events already processed or ignored are left as they are."""
     if bool(event_id) == all_failed:
         raise click.UsageError("give an EVENT_ID or --failed, not both")
     event_ids = (
@@ -59,8 +62,13 @@ def replay(event_id: str | None, all_failed: bool) -> None:
             result = BillingService.replay_stored_event(replayed_id)
         except LookupError as exc:
             raise click.ClickException(str(exc)) from None
-        outcome = "duplicate: already settled" if result.body.get("duplicate") else result.body
-        click.echo(f"{replayed_id}: {result.status_code} {outcome}")
+        if result.body.get("duplicate"):
+            outcome = "duplicate: already settled"
+        elif "queued" in result.body:
+            outcome = f"queued ({result.body['queued']})"
+        else:
+            outcome = f"failed again: {result.body.get('failed')}"
+        click.echo(f"{replayed_id}: {outcome}")
         failures += result.status_code >= 400
     if failures:
         raise click.ClickException(f"{failures} event(s) failed again; see `flask billing events --status failed`")
@@ -79,6 +87,22 @@ def check_prices() -> None:
         raise click.ClickException(str(exc)) from None
     for label, lookup_key in entries:
         click.echo(f"{label:<24} {lookup_key:<24} {prices[lookup_key]}")
+
+
+@billing_cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable.")
+def status(as_json: bool) -> None:
+    """The queue by state, the oldest waiting job's age, failed jobs, webhook events not yet applied."""
+    figures = queue_status.queue_figures()
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(figures), sort_keys=True))
+        return
+    click.echo("jobs:            " + "  ".join(f"{state}={count}" for state, count in figures.jobs.items()))
+    click.echo(f"oldest waiting:  {figures.oldest_waiting_seconds:.1f} s")
+    failed = "  ".join(f"{task}={count}" for task, count in figures.failed_jobs_by_task.items()) or "none"
+    click.echo(f"failed jobs:     {failed}")
+    click.echo("webhook events:  " + "  ".join(f"{state}={count}" for state, count in figures.webhook_events.items()))
+    click.echo(f"oldest pending:  {figures.oldest_pending_event_seconds:.1f} s")
 
 
 @billing_cli.command("worker")

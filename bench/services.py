@@ -1,8 +1,9 @@
 """The benchmark's surroundings: its own PostgreSQL database (billing_bench, rebuilt by the migrations
 on every run), and the servers it starts on free ports: its own redis-server (so nobody else's FLUSHDB
 on the shared one can empty its sessions mid-run), the app and the anchors under gunicorn with
-gunicorn.conf.py and the production configuration, and the Stripe stub. Services.close() stops every
-process it started and drops the database."""
+gunicorn.conf.py and the production configuration, the offline Stripe sandbox (`python -m sandbox`,
+whose latency the queue benchmarks set), an SMTP sink, and the background worker when a measurement
+needs it. Services.close() stops every process it started and drops the database."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import redis
 
 from bench import events
 
-DATABASE = "billing_bench"
+# BENCH_DATABASE moves it (two benchmarks at once on one PostgreSQL must not share it).
+DATABASE = os.environ.get("BENCH_DATABASE", "billing_bench")
 ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 DATABASE_DSN = f"host=127.0.0.1 port=5432 user=postgres dbname={DATABASE}"
 EVENT_TABLES = ("stripe_event_small", "stripe_event_large")
@@ -160,7 +162,7 @@ class Services:
         token = secrets.token_hex(16)
         self.webhook_secret = f"whsec_bench_{token}"
         self.servers: list[Server] = []
-        stub_port, redis_port = free_port(), free_port()
+        sandbox_port, redis_port, mail_port = free_port(), free_port(), free_port()
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
         self.env = {
             **os.environ,
@@ -170,27 +172,40 @@ class Services:
             "REDIS_URL": self.redis_url,
             "STRIPE_SECRET_KEY": f"sk_test_bench_{token}",
             "STRIPE_WEBHOOK_SECRET": self.webhook_secret,
-            "STRIPE_API_BASE": f"http://127.0.0.1:{stub_port}",
+            "STRIPE_API_BASE": f"http://127.0.0.1:{sandbox_port}",
+            "MAIL_SERVER": "127.0.0.1",
+            "MAIL_PORT": str(mail_port),
+            "MAIL_DEFAULT_SENDER": "Ledgerline Billing <billing@bench.example>",
             "APP_BASE_URL": "https://billing.bench.example",
             # One TLS-terminating proxy in front, as in production; the generators send its headers.
             "TRUSTED_PROXY_COUNT": "1",
-            # Production wants a mail server; the webhook path sends nothing, so nothing listens there.
-            "MAIL_SERVER": "127.0.0.1",
-            "MAIL_DEFAULT_SENDER": "Ledgerline Bench <bench@ledgerline.test>",
             "FLASK_APP": "wsgi.py",
         }
-        self._stub_port, self._redis_port = stub_port, redis_port
+        self._redis_port, self._mail_port = redis_port, mail_port
+        self.sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+        self._sandbox_port = sandbox_port
+        self.worker: Server | None = None
         self._event_table_in_place = "stripe_event_webhook_runs"  # the name the app's own table takes when moved
 
     def __enter__(self) -> Services:
         try:
             self._start_redis()
             self._create_database()
-            stub_command = [sys.executable, "-m", "bench.stripe_stub", str(self._stub_port)]
-            self.stub = self._start("stripe-stub", stub_command, self._stub_port)
+            self.sandbox = self._start(
+                "sandbox",
+                [sys.executable, "-m", "sandbox"],
+                self._sandbox_port,
+                SANDBOX_PORT=str(self._sandbox_port),
+                SANDBOX_STATE_DIR=str(self.workdir / "sandbox"),
+                SANDBOX_WEBHOOK_URL="http://127.0.0.1:9/unused",
+                SANDBOX_WEBHOOK_SECRET=self.webhook_secret,
+                SANDBOX_DELIVERY_MODE="hold",  # the benchmark delivers its own events
+            )
+            mail_sink = [sys.executable, "scripts/mail-sink", str(self._mail_port)]
+            self._start("mail-sink", mail_sink, self._mail_port, MAIL_SINK_DIR=str(self.workdir / "mail"))
             self.app = self._start_gunicorn("app", "wsgi:app")
             self.anchor = self._start_gunicorn("anchor", "bench.anchor:app")
-            for server in (self.stub, self.app, self.anchor):
+            for server in (self.sandbox, self.app, self.anchor):
                 server.wait_until_serving()
         except BaseException:
             self.close()
@@ -244,6 +259,29 @@ class Services:
             except redis.ConnectionError:
                 time.sleep(0.1)
         raise RuntimeError(f"redis-server did not answer on port {self._redis_port}:\n{server.log_tail()}")
+
+    def start_worker(self, concurrency: int) -> Server:
+        """`flask billing worker`, as ops run it, beside the app."""
+        command = [str(VENV_BIN / "flask"), "billing", "worker", "--concurrency", str(concurrency)]
+        self.worker = self._start("worker", command, 0, WORKER_CONCURRENCY=str(concurrency))
+        return self.worker
+
+    def stop_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.servers.remove(self.worker)
+            self.worker = None
+
+    def set_stripe_latency(self, seconds: float) -> None:
+        """Every Stripe API answer from now on takes this long (the sandbox's /_sandbox/latency)."""
+        body = f'{{"seconds": {seconds}}}'.encode()
+        connection = http.client.HTTPConnection("127.0.0.1", self._sandbox_port, timeout=10)
+        connection.request("POST", "/_sandbox/latency", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        if response.status != 200:
+            raise RuntimeError(f"the sandbox refused latency {seconds}: {response.status}")
 
     def _start_gunicorn(self, name: str, target: str) -> Server:
         port = free_port()

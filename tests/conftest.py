@@ -7,9 +7,11 @@ whatever STRIPE_API_BASE and the keys name instead (Stripe test mode)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import socket
@@ -160,8 +162,18 @@ class SmtpSink:
         self.refusals = 0
         self.lock = threading.Lock()
         self.port = 0
+        self.holding = False
+        self.held = threading.Event()  # a held message has arrived
+        self.release = threading.Event()
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.holding:
+            # The message is in, the answer is not: the sender waits here (a test kills it meanwhile).
+            held, release = self.held, self.release
+            held.set()
+            while not release.is_set():
+                await asyncio.sleep(0.05)
+            return "451 Requested action aborted: the sender went away"
         with self.lock:
             if self.refusals:
                 self.refusals -= 1
@@ -170,6 +182,11 @@ class SmtpSink:
             assert isinstance(message, EmailMessage)
             self.messages.append(message)
         return "250 Message accepted for delivery"
+
+    def hold_messages(self) -> None:
+        """From now on, keep each message unanswered until ``release`` is set; then refuse it."""
+        self.held, self.release = threading.Event(), threading.Event()
+        self.holding = True
 
     def refuse_next(self, count: int = 1) -> None:
         """The next ``count`` messages are refused with a temporary error (451)."""
@@ -182,6 +199,8 @@ class SmtpSink:
         with self.lock:
             self.messages.clear()
             self.refusals = 0
+            self.holding = False
+            self.release.set()  # a message a previous test held is let go
 
 
 def email_text(message: EmailMessage) -> str:
@@ -204,6 +223,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def _smtp_sink() -> Iterator[SmtpSink]:
+    # The server's own protocol log (every line of every message) is the test harness's, not the app's.
+    server_log = logging.getLogger("mail.log")
+    server_log.setLevel(logging.WARNING)
+    server_log.propagate = False
     sink = SmtpSink()
     sink.port = _free_port()
     controller = Controller(sink, hostname="127.0.0.1", port=sink.port)
@@ -542,15 +565,21 @@ class SandboxAccount:
         taken: list[dict[str, Any]] = response.json()["events"]
         return taken
 
-    def deliver(self, client: FlaskClient, *, types: tuple[str, ...] | None = None) -> list[tuple[str, int]]:
+    def deliver(
+        self, client: FlaskClient, *, types: tuple[str, ...] | None = None, apply: bool = True
+    ) -> list[tuple[str, int]]:
         """Post every event the sandbox holds to the app, signed by the sandbox; those of other types
-        than `types` (when given) are dropped. Returns (event type, HTTP status) in delivery order."""
+        than `types` (when given) are dropped. Then, unless apply=False, run the queued jobs as the
+        worker would (the request only stores and queues). Returns (event type, HTTP status) in
+        delivery order."""
         delivered = []
         for event in self.take_events():
             if types is not None and event["type"] not in types:
                 continue
             response = client.post("/billing/webhooks/stripe", data=event["payload"].encode(), headers=event["headers"])
             delivered.append((event["type"], response.status_code))
+        if apply:
+            run_jobs(client.application)
         return delivered
 
     def reset(self) -> None:
@@ -620,6 +649,14 @@ def post_webhook(
         data=body,
         headers={"Stripe-Signature": sign_stripe_payload(body, secret, timestamp), "Content-Type": "application/json"},
     )
+
+
+def post_and_apply(client: FlaskClient, event: dict[str, Any] | bytes, **kwargs: Any) -> Any:
+    """post_webhook, then run the queued jobs the way the worker would (webhooks are applied by the
+    worker; the request only stores and queues). Returns the webhook's response."""
+    response = post_webhook(client, event, **kwargs)
+    run_jobs(client.application)
+    return response
 
 
 PASSWORD = "correct horse battery staple"

@@ -109,14 +109,29 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.app: Flask | None = None
         self._thread: threading.Thread | None = None
+        self._worker: threading.Thread | None = None
+        self._stop_worker = threading.Event()
 
     def serve(self, app: Flask) -> None:
         self.app = app
         self.server.app = app
         self._thread = threading.Thread(target=self.server.serve_forever, name=f"live-app-{self.port}", daemon=True)
         self._thread.start()
+        # A worker beside the app, as in production: it applies the webhooks the app stores.
+        self._worker = threading.Thread(target=self._work, args=(app,), name=f"live-worker-{self.port}", daemon=True)
+        self._worker.start()
+
+    def _work(self, app: Flask) -> None:
+        from app.services import queue
+
+        while not self._stop_worker.is_set():
+            queue.run_pending_jobs(app)
+            self._stop_worker.wait(0.2)
 
     def stop(self) -> None:
+        self._stop_worker.set()
+        if self._worker is not None:
+            self._worker.join(30)
         if self._thread is not None:
             self.server.shutdown()
             self._thread.join(10)

@@ -17,7 +17,7 @@ from tests.conftest import (
     SandboxAccount,
     checkout_session_id,
     csrf_token,
-    post_webhook,
+    post_and_apply,
     query,
     sign_up,
     stripe_event,
@@ -187,7 +187,7 @@ def test_cancel_now_ends_access_and_offers_a_new_subscription(
     assert "Your subscription has ended." in page and 'id="resubscribe"' in page and 'id="cancel"' not in page
 
     deleted = stripe_event("customer.subscription.deleted", offline_stripe.subscription(owner.subscription_id))
-    assert post_webhook(owner.client, deleted).status_code == 200
+    assert post_and_apply(owner.client, deleted).status_code == 200
     assert events_named(app)["organization.billing_status_changed"] == 1
 
 
@@ -205,7 +205,7 @@ def test_resume_undoes_a_scheduled_cancellation(app: Flask, owner: Owner, offlin
     assert organization(app, owner.organization_id).cancel_at_period_end is False
 
     updated = stripe_event("customer.subscription.updated", offline_stripe.subscription(owner.subscription_id))
-    assert post_webhook(owner.client, updated).status_code == 200
+    assert post_and_apply(owner.client, updated).status_code == 200
     events = events_named(app)
     assert events["subscription.cancellation_scheduled"] == 1 and events["subscription.cancellation_withdrawn"] == 1
 
@@ -244,7 +244,7 @@ def test_a_canceled_organization_can_subscribe_again(app: Flask, owner: Owner, o
     assert (row.billing_status, row.tier, row.stripe_subscription_id) == ("active", "pro", session["subscription"])
     assert owner.client.get("/app").status_code == 200
     completed = stripe_event("checkout.session.completed", session)
-    assert post_webhook(owner.client, completed).status_code == 200
+    assert post_and_apply(owner.client, completed).status_code == 200
     assert events_named(app)["organization.subscription_replaced"] == 1
 
 

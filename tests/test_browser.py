@@ -40,6 +40,15 @@ def sign_up_to_checkout(browser: BrowserPage, stack: SandboxedApp) -> None:
     browser.step("checkout")
 
 
+def wait_for_applied(app: Flask) -> None:
+    """The worker beside the app has applied every stored webhook event."""
+    wait_until(
+        lambda: not query(app, "SELECT id FROM stripe_event WHERE status = 'pending'"),
+        WEBHOOK_WAIT_SECONDS,
+        lambda: "the worker did not apply the stored webhooks: " + stored_events(app),
+    )
+
+
 def stored_events(app: Flask) -> str:
     rows = query(app, "SELECT type, status, outcome FROM stripe_event ORDER BY id")
     return "; ".join(f"{r.type} {r.status} ({r.outcome})" for r in rows) or "none"
@@ -67,6 +76,7 @@ def test_signup_pay_manage_in_the_portal_and_cancel_in_a_real_browser(
 
     # The webhooks of the payment arrive signed, are verified, stored and settle without failures.
     sandbox_app.sandbox.wait_for_deliveries(WEBHOOK_WAIT_SECONDS)
+    wait_for_applied(app)
     events = {row.type: row.status for row in query(app, "SELECT type, status FROM stripe_event")}
     assert events == {
         "customer.subscription.created": "processed",
@@ -137,6 +147,7 @@ def test_signup_pay_manage_in_the_portal_and_cancel_in_a_real_browser(
 
     # Every webhook the sandbox sent (resume, cancel) was delivered; none undid the cancellation.
     sandbox_app.sandbox.wait_for_deliveries(WEBHOOK_WAIT_SECONDS)
+    wait_for_applied(app)
     assert query(app, "SELECT id FROM stripe_event WHERE status NOT IN ('processed', 'ignored')") == [], stored_events(
         app
     )
@@ -174,5 +185,6 @@ def test_a_declined_card_provisions_nothing_and_a_good_card_then_works(
     expect(page.locator("#billing-status")).to_have_text("Active")
     chromium.step("signed in on the dashboard")
     sandbox_app.sandbox.wait_for_deliveries(WEBHOOK_WAIT_SECONDS)
+    wait_for_applied(app)
     assert len(query(app, "SELECT id FROM organization")) == 1
     assert [row.status for row in query(app, "SELECT status FROM pending_signup")] == ["completed"]

@@ -1,5 +1,5 @@
-"""Proof under load and faults (issue 7): a hundred requests racing to provision one checkout, the
-database connection killed in the middle of an event, and Redis going away while the app runs.
+"""Proof under load and faults (issue 7, issue 12): a hundred requests racing to provision one checkout,
+a worker killed in the middle of a job, and Redis going away while the app runs.
 
 Real PostgreSQL and Redis throughout (the outage test starts a redis-server of its own so that taking
 it down touches nothing else); Stripe is the suite's sandbox, slowed down where a test must catch the app
@@ -7,9 +7,12 @@ waiting on it."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,13 +26,18 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
+from app.services import jobs, queue
 from tests.conftest import (
+    OFFLINE_SECRET_KEY,
+    OFFLINE_WEBHOOK_SECRET,
     PASSWORD,
     SandboxAccount,
     checkout_session_id,
     csrf_token,
+    post_and_apply,
     post_webhook,
     query,
+    run_jobs,
     sign_up,
     signup_form,
     start_signup,
@@ -37,6 +45,7 @@ from tests.conftest import (
 )
 from tests.live_support import wait_until
 
+ROOT = Path(__file__).resolve().parents[1]
 SIGNUP_EVENTS = ("organization.created", "user.created", "signup.completed")
 REDIS_DOWN_MESSAGE = "Signing in and forms are briefly unavailable. Please try again in a minute."
 
@@ -137,6 +146,7 @@ def test_fifty_webhooks_and_fifty_redirects_at_once_provision_exactly_once(
     errors = [result for result in results if isinstance(result, BaseException)]
     assert errors == []
     assert {status for kind, status, _ in results if kind == "webhook"} == {200}
+    run_jobs(app)  # the worker applies the one stored event
     redirects = [(status, location) for kind, status, location in results if kind == "redirect"]
     assert len(redirects) == 50 and {status for status, _ in redirects} == {303}
     # Only the browser that started the signup is signed in; every other one is asked to sign in.
@@ -151,67 +161,80 @@ def test_fifty_webhooks_and_fifty_redirects_at_once_provision_exactly_once(
     assert [(row.status, row.attempts) for row in query(app, "SELECT * FROM stripe_event")] == [("processed", 1)]
     [pending] = query(app, "SELECT * FROM pending_signup")
     assert pending.status == "completed"
-    # One read of Stripe provisioned it; the 99 others found it done.
+    # One read of Stripe provisioned it; the 99 others found it done. The worker read the checkout once
+    # more to apply the stored event, and found it provisioned.
     reads = offline_stripe.calls_to("checkout.sessions.retrieve") + offline_stripe.calls_to("subscriptions.retrieve")
-    assert len(reads) == 1
+    assert len(reads) == 2
 
 
-# --- The database connection dies in the middle of an event -----------------------------------------
+# --- A worker dies in the middle of a job -------------------------------------------------------------
 
 
-def test_a_connection_killed_mid_event_leaves_nothing_half_done_and_the_event_is_applied_once(
-    app: Flask, offline_stripe: SandboxAccount, database_url: str
+def test_a_worker_killed_mid_job_leaves_nothing_half_applied_and_the_job_runs_again(
+    app: Flask, offline_stripe: SandboxAccount, database_url: str, smtp_server: Any
 ) -> None:
     owner = app.test_client()
     session_id = checkout_session_id(start_signup(owner))
     completed = stripe_event("checkout.session.completed", offline_stripe.pay(session_id))
-    # The webhook path reads the subscription after it has claimed the event and locked the signup; a slow
-    # Stripe keeps it there long enough to kill that backend.
+    # The request stores the event and its job, and answers; nothing is applied yet.
+    stored = post_webhook(app.test_client(), completed)
+    assert stored.status_code == 200 and stored.get_json() == {"received": True}
+    # A real worker process (`flask billing worker`) takes the job; Stripe is slow, so it is mid-job
+    # (reading the checkout) when it is killed with SIGKILL: no clean-up, no rollback of its own.
     offline_stripe.set_latency(3)
-    responses: list[Any] = []
-    delivery = threading.Thread(target=lambda: responses.append(post_webhook(app.test_client(), completed)))
-    delivery.start()
+    environment = {
+        **os.environ,
+        "APP_ENV": "test",
+        "FLASK_APP": "wsgi.py",
+        "TEST_DATABASE_URL": database_url,
+        "STRIPE_SECRET_KEY": OFFLINE_SECRET_KEY,
+        "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
+        "STRIPE_API_BASE": offline_stripe.url,
+        "STRIPE_MAX_NETWORK_RETRIES": "0",
+        "MAIL_SERVER": "127.0.0.1",
+        "MAIL_PORT": str(smtp_server.port),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flask", "billing", "worker", "--queue", "webhooks", "--concurrency", "1"],
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        admin = admin_connection(database_url)
-        try:
-            with admin.cursor() as cursor:
-
-                def backend_in_the_event() -> int | None:
-                    # The event row is claimed and the signup locked, both uncommitted, in that backend.
-                    cursor.execute(
-                        "SELECT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid"
-                        " WHERE a.datname = current_database() AND a.state = 'idle in transaction'"
-                        " AND l.locktype = 'transactionid' AND l.granted AND a.pid <> pg_backend_pid() LIMIT 1"
-                    )
-                    row = cursor.fetchone()
-                    return int(row[0]) if row else None
-
-                backend = wait_until(backend_in_the_event, 10, "the webhook never held the event's transaction", 0.02)
-                cursor.execute("SELECT pg_terminate_backend(%s, 10000)", (backend,))
-                assert cursor.fetchone()[0] is True
-        finally:
-            admin.close()
+        wait_until(
+            lambda: offline_stripe.calls_to("checkout.sessions.retrieve"), 60, "the worker never asked Stripe", 0.05
+        )
+        worker.send_signal(signal.SIGKILL)
+        assert worker.wait(10) == -signal.SIGKILL
     finally:
-        delivery.join(60)
+        if worker.poll() is None:
+            worker.kill()
         offline_stripe.set_latency(0)
-    [response] = responses
 
-    # The connection died under the event before anything committed, so the delivery ran again from the
-    # start on a new connection (app/database.py): applied in full, once, with nothing half-done left over.
-    assert response.status_code == 200 and response.get_json() == {"received": True}
+    # Nothing of the job survived: no account, no signup events, the signup still open, the event still
+    # waiting, and its job left "doing" under a dead worker.
+    assert query(app, "SELECT id FROM organization") == []
+    assert query(app, "SELECT id FROM user_account") == []
+    assert not any(domain_event_counts(app)[name] for name in SIGNUP_EVENTS)
+    assert [row.status for row in query(app, "SELECT status FROM pending_signup")] == ["pending"]
+    assert [row.status for row in query(app, "SELECT status FROM stripe_event")] == ["pending"]
+    [job] = query(app, "SELECT status FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")
+    assert job.status == "doing"
+
+    # The dead worker's heartbeat stops; the stalled job is queued again and applies the event in full.
+    time.sleep(1.5)
+    assert jobs.requeue_stalled_jobs_now(queue.job_app(app), seconds_since_heartbeat=1) == 1
+    run_jobs(app)
     [organization] = query(app, "SELECT * FROM organization")
     assert organization.name == "Analytical Engines" and organization.billing_status == "active"
     [event_row] = query(app, "SELECT * FROM stripe_event")
     assert (event_row.event_id, event_row.status, event_row.attempts) == (completed["id"], "processed", 1)
     events = domain_event_counts(app)
     assert [events[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
-    assert [row.status for row in query(app, "SELECT status FROM pending_signup")] == ["completed"]
-
-    # Stripe's own redelivery finds it settled.
-    redelivered = post_webhook(app.test_client(), completed)
-    assert redelivered.status_code == 200 and redelivered.get_json()["duplicate"] is True
-    assert [domain_event_counts(app)[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
-    # And the customer's browser, arriving afterwards, is signed in to the account the webhook made.
+    [job] = query(app, "SELECT status FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")
+    assert job.status == "succeeded"
+    # And the customer's browser, arriving afterwards, is signed in to the account the worker made.
     landing = owner.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
     assert landing.status_code == 303 and landing.headers["Location"] == "/app"
 
@@ -322,7 +345,7 @@ def test_redis_going_away_stops_forms_with_a_clear_page_but_never_webhooks(
     caplog.clear()
 
     # Webhooks need no Redis: received, applied and recorded, without so much as a Redis error.
-    response = post_webhook(app.test_client(), completed)
+    response = post_and_apply(app.test_client(), completed)
     assert response.status_code == 200 and response.get_json() == {"received": True}
     assert not [record for record in caplog.records if record.levelname == "ERROR"]
     assert sorted(row.name for row in query(app, "SELECT name FROM organization")) == [

@@ -13,7 +13,16 @@ from sqlalchemy.exc import IntegrityError
 
 from app.extensions import db
 from app.services.jobs import close_expired_signups
-from tests.conftest import SandboxAccount, checkout_session_id, post_webhook, query, sign_up, start_signup, stripe_event
+from tests.conftest import (
+    SandboxAccount,
+    checkout_session_id,
+    post_webhook,
+    query,
+    run_jobs,
+    sign_up,
+    start_signup,
+    stripe_event,
+)
 
 
 def signups(app: Flask) -> list[Any]:
@@ -53,6 +62,7 @@ def test_a_signup_that_ends_unpaid_keeps_no_hash(
     assert pending.status == "pending" and pending.password_hash.startswith("scrypt:")  # kept while open
     event = stripe_event(event_type, checkout_object(session_id, pending.id))
     assert post_webhook(app.test_client(), event).status_code == 200
+    run_jobs(app)  # the worker applies it
     [pending] = signups(app)
     assert (pending.status, pending.password_hash) == (status, None)
 

@@ -17,8 +17,10 @@ from tests.conftest import (
     OFFLINE_WEBHOOK_SECRET,
     SandboxAccount,
     checkout_session_id,
+    post_and_apply,
     post_webhook,
     query,
+    run_jobs,
     sign_stripe_payload,
     sign_up,
     start_signup,
@@ -75,17 +77,17 @@ def test_missing_or_bad_signatures_are_refused_and_nothing_is_stored(
 
 
 def test_a_signature_with_another_secret_is_refused(client: FlaskClient, app: Flask) -> None:
-    response = post_webhook(client, stripe_event("invoice.paid", {"id": "in_1"}), secret="whsec_someone_else")
+    response = post_and_apply(client, stripe_event("invoice.paid", {"id": "in_1"}), secret="whsec_someone_else")
     assert response.status_code == 400 and response.get_json() == {"error": "signature does not match"}
     assert stored_events(app) == []
 
 
 def test_a_stale_timestamp_is_refused_beyond_300_seconds(client: FlaskClient, app: Flask) -> None:
     event = stripe_event("invoice.paid", {"id": "in_1", "customer": "cus_nobody"})
-    stale = post_webhook(client, event, timestamp=int(time.time()) - 301)
+    stale = post_and_apply(client, event, timestamp=int(time.time()) - 301)
     assert stale.status_code == 400 and stale.get_json() == {"error": "timestamp outside the tolerance zone"}
     assert stored_events(app) == []
-    assert post_webhook(client, event, timestamp=int(time.time()) - 290).status_code == 200
+    assert post_and_apply(client, event, timestamp=int(time.time()) - 290).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -101,7 +103,7 @@ def test_a_stale_timestamp_is_refused_beyond_300_seconds(client: FlaskClient, ap
 def test_a_signed_body_that_is_not_an_event_is_refused(
     client: FlaskClient, app: Flask, body: bytes, reason: str
 ) -> None:
-    response = post_webhook(client, body)
+    response = post_and_apply(client, body)
     assert response.status_code == 400 and response.get_json() == {"error": reason}
     assert stored_events(app) == []
 
@@ -111,8 +113,8 @@ def test_the_secret_can_be_rotated_without_downtime(make_app: Any, offline_strip
     client = app.test_client()
     signed_with_old = stripe_event("invoice.paid", {"id": "in_1", "customer": "cus_x"})
     signed_with_new = stripe_event("invoice.paid", {"id": "in_2", "customer": "cus_x"})
-    assert post_webhook(client, signed_with_old).status_code == 200
-    assert post_webhook(client, signed_with_new, secret="whsec_new_secret_0123").status_code == 200
+    assert post_and_apply(client, signed_with_old).status_code == 200
+    assert post_and_apply(client, signed_with_new, secret="whsec_new_secret_0123").status_code == 200
     # During a rotation Stripe signs with both secrets in one header: any v1 that matches passes.
     body = json.dumps(stripe_event("invoice.paid", {"id": "in_3", "customer": "cus_x"})).encode()
     old_header = sign_stripe_payload(body, "whsec_retired")
@@ -131,7 +133,7 @@ def test_the_endpoint_needs_no_csrf_token_and_is_not_rate_limited(make_app: Any)
     app = make_app(SIGNUP_RATE_LIMIT_PER_CLIENT="1/hour", LOGIN_RATE_LIMIT_PER_CLIENT="1/hour")
     client = app.test_client()
     statuses = {
-        post_webhook(client, stripe_event("invoice.paid", {"id": f"in_{n}", "customer": "c"})).status_code
+        post_and_apply(client, stripe_event("invoice.paid", {"id": f"in_{n}", "customer": "c"})).status_code
         for n in range(30)
     }
     assert statuses == {200}
@@ -141,7 +143,7 @@ def test_the_endpoint_needs_no_csrf_token_and_is_not_rate_limited(make_app: Any)
 def test_every_verified_event_is_stored_with_its_facts(client: FlaskClient, app: Flask) -> None:
     event = stripe_event("invoice.paid", {"id": "in_1", "customer": "cus_unknown"}, created=1_700_000_000)
     body = json.dumps(event)
-    assert post_webhook(client, body.encode()).status_code == 200
+    assert post_and_apply(client, body.encode()).status_code == 200
     [row] = stored_events(app)
     assert (row.event_id, row.type, row.api_version, row.livemode, row.stripe_created) == (
         event["id"],
@@ -156,7 +158,7 @@ def test_every_verified_event_is_stored_with_its_facts(client: FlaskClient, app:
 
 
 def test_unknown_event_types_are_stored_and_answered_200(client: FlaskClient, app: Flask) -> None:
-    response = post_webhook(client, stripe_event("charge.dispute.created", {"id": "dp_1"}))
+    response = post_and_apply(client, stripe_event("charge.dispute.created", {"id": "dp_1"}))
     assert response.status_code == 200
     [row] = stored_events(app)
     assert (row.status, row.outcome) == ("ignored", "unhandled event type charge.dispute.created")
@@ -167,7 +169,7 @@ def test_an_event_from_the_other_mode_is_stored_and_not_applied(
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], status="canceled")
     event = stripe_event("customer.subscription.deleted", subscription, livemode=True, created=later())
-    assert post_webhook(client, event).status_code == 200
+    assert post_and_apply(client, event).status_code == 200
     [row] = [e for e in stored_events(app) if e.event_id == event["id"]]
     assert row.status == "ignored" and row.outcome.startswith("livemode mismatch")
     assert organization_row(app).billing_status == "active"
@@ -181,10 +183,10 @@ def test_a_duplicate_delivery_changes_nothing(
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
     event = stripe_event("customer.subscription.updated", subscription, created=later())
-    assert post_webhook(client, event).status_code == 200
+    assert post_and_apply(client, event).status_code == 200
     before = events_named(app)
     for _ in range(3):
-        response = post_webhook(client, event)
+        response = post_and_apply(client, event)
         assert response.status_code == 200 and response.get_json() == {"received": True, "duplicate": True}
     assert events_named(app) == before
     [row] = [e for e in stored_events(app) if e.event_id == event["id"]]
@@ -210,28 +212,44 @@ def test_concurrent_deliveries_of_one_event_apply_it_once(
     for thread in threads:
         thread.join()
     assert statuses == [200] * 12
+    run_jobs(app)
     assert events_named(app)["organization.billing_status_changed"] == 1
     assert len([e for e in stored_events(app) if e.event_id == event["id"]]) == 1
 
 
 def test_a_failure_rolls_back_is_recorded_and_the_retry_applies_it(
-    client: FlaskClient, app: Flask, offline_stripe: SandboxAccount
+    make_app: Any, offline_stripe: SandboxAccount
 ) -> None:
+    app = make_app(JOB_RETRY_BASE_SECONDS=0)
+    client = app.test_client()
     session_id = checkout_session_id(start_signup(app.test_client()))
     completed = stripe_event("checkout.session.completed", offline_stripe.pay(session_id))
     offline_stripe.fail_next("subscriptions.retrieve", "server")
-    failed = post_webhook(client, completed)
-    assert failed.status_code == 500
+    # The delivery is acknowledged at once: storing it is all the request does.
+    assert post_webhook(client, completed).get_json() == {"received": True}
     [row] = stored_events(app)
-    assert row.status == "failed" and "APIError" in row.last_error and row.attempts == 1
-    assert query(app, "SELECT id FROM organization") == []
-    assert query(app, "SELECT id FROM domain_event WHERE name = 'organization.created'") == []
-
-    retried = post_webhook(client, completed)
-    assert retried.status_code == 200
+    assert (row.status, row.attempts) == ("pending", 1)
+    run_jobs(app)  # the first attempt fails (Stripe answers 500) and rolls back; the retry applies it
+    [job] = query(app, "SELECT status, attempts FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")
+    assert (job.status, job.attempts) == ("succeeded", 2)
     [row] = stored_events(app)
     assert (row.status, row.attempts, row.last_error) == ("processed", 2, None)
     assert len(query(app, "SELECT id FROM organization")) == 1
+    assert len(query(app, "SELECT id FROM domain_event WHERE name = 'organization.created'")) == 1
+
+
+def test_a_failure_on_the_last_attempt_marks_the_event_failed_with_its_error(
+    make_app: Any, offline_stripe: SandboxAccount
+) -> None:
+    app = make_app(JOB_MAX_ATTEMPTS=1)
+    session_id = checkout_session_id(start_signup(app.test_client()))
+    completed = stripe_event("checkout.session.completed", offline_stripe.pay(session_id))
+    offline_stripe.fail_next("subscriptions.retrieve", "server")
+    post_and_apply(app.test_client(), completed)
+    [row] = stored_events(app)
+    assert row.status == "failed" and "APIError" in row.last_error and row.attempts == 2
+    assert query(app, "SELECT id FROM organization") == []
+    assert query(app, "SELECT id FROM domain_event WHERE name = 'organization.created'") == []
 
 
 # --- Processing ---------------------------------------------------------------------------------
@@ -276,7 +294,7 @@ def test_subscription_events_move_the_billing_status(
     domain_event: str,
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], **changes)
-    assert post_webhook(client, stripe_event(event_type, subscription, created=later())).status_code == 200
+    assert post_and_apply(client, stripe_event(event_type, subscription, created=later())).status_code == 200
     row = organization_row(app)
     assert row.billing_status == status
     assert events_named(app)[domain_event] == 1
@@ -291,7 +309,8 @@ def test_resumed_subscriptions_and_recovered_payments_clear_past_due(
     ):
         subscription = offline_stripe.change_subscription(organization["subscription_id"], status=status)
         assert (
-            post_webhook(client, stripe_event(event_type, subscription, created=later(600 * offset))).status_code == 200
+            post_and_apply(client, stripe_event(event_type, subscription, created=later(600 * offset))).status_code
+            == 200
         )
     row = organization_row(app)
     assert (row.billing_status, row.past_due_since) == ("active", None)
@@ -307,7 +326,7 @@ def test_plan_add_ons_and_dates_follow_the_subscription_items(
         trial_end=None,
     )
     assert (
-        post_webhook(client, stripe_event("customer.subscription.updated", subscription, created=later())).status_code
+        post_and_apply(client, stripe_event("customer.subscription.updated", subscription, created=later())).status_code
         == 200
     )
     row = organization_row(app)
@@ -320,7 +339,7 @@ def test_plan_add_ons_and_dates_follow_the_subscription_items(
     without_addons = offline_stripe.change_subscription(
         organization["subscription_id"], lookup_keys={"business_monthly": 1}
     )
-    post_webhook(client, stripe_event("customer.subscription.updated", without_addons, created=later(1200)))
+    post_and_apply(client, stripe_event("customer.subscription.updated", without_addons, created=later(1200)))
     assert query(app, "SELECT * FROM organization_addon") == []
     assert events_named(app)["organization.addons_changed"] == 2
 
@@ -336,14 +355,14 @@ def test_invoice_events_record_the_payment_state_and_a_dunning_event(
         "hosted_invoice_url": "https://invoice.stripe.test/i/1",
         "next_payment_attempt": later(86400),
     }
-    assert post_webhook(client, stripe_event("invoice.payment_failed", invoice, created=later(10))).status_code == 200
+    assert post_and_apply(client, stripe_event("invoice.payment_failed", invoice, created=later(10))).status_code == 200
     row = organization_row(app)
     assert (row.last_invoice_id, row.last_payment_status) == ("in_renewal", "failed")
     [failed] = query(app, "SELECT * FROM domain_event WHERE name = 'billing.payment_failed'")
     assert failed.data["hosted_invoice_url"] == "https://invoice.stripe.test/i/1" and failed.data["attempt_count"] == 1
 
     assert (
-        post_webhook(
+        post_and_apply(
             client, stripe_event("invoice.paid", {**invoice, "amount_paid": 1900}, created=later(20))
         ).status_code
         == 200
@@ -351,7 +370,7 @@ def test_invoice_events_record_the_payment_state_and_a_dunning_event(
     row = organization_row(app)
     assert (row.last_invoice_id, row.last_payment_status) == ("in_renewal", "paid")
     # A late copy of the failure (Stripe does not promise order) cannot undo the payment.
-    post_webhook(client, stripe_event("invoice.payment_failed", invoice, created=later(15)))
+    post_and_apply(client, stripe_event("invoice.payment_failed", invoice, created=later(15)))
     assert organization_row(app).last_payment_status == "paid"
     assert events_named(app)["billing.payment_succeeded"] == 1
 
@@ -360,7 +379,7 @@ def test_trial_will_end_emits_an_event(
     client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
 ) -> None:
     subscription = offline_stripe.change_subscription(organization["subscription_id"], trial_end=later(3 * 86400))
-    assert post_webhook(client, stripe_event("customer.subscription.trial_will_end", subscription)).status_code == 200
+    assert post_and_apply(client, stripe_event("customer.subscription.trial_will_end", subscription)).status_code == 200
     [event] = query(app, "SELECT * FROM domain_event WHERE name = 'subscription.trial_will_end'")
     assert event.organization_id == organization["id"] and event.data["trial_end"] == subscription["trial_end"]
 
@@ -377,7 +396,7 @@ def test_checkouts_that_end_unpaid_close_the_signup(
 ) -> None:
     session_id = checkout_session_id(start_signup(app.test_client()))
     session = offline_stripe.session(session_id)
-    assert post_webhook(client, stripe_event(event_type, session)).status_code == 200
+    assert post_and_apply(client, stripe_event(event_type, session)).status_code == 200
     [pending] = query(app, "SELECT * FROM pending_signup")
     assert (pending.status, pending.failure_reason) == (status, reason)
     assert events_named(app)[f"signup.{status}"] == 1
@@ -395,13 +414,13 @@ def test_a_stale_event_never_rolls_an_organization_back(
     newer = stripe_event("customer.subscription.updated", past_due, created=later(1000))
     active_again = offline_stripe.change_subscription(organization["subscription_id"], status="active")
     newest = stripe_event("customer.subscription.updated", active_again, created=later(2000))
-    # Delivered newest first, then the older one.
-    assert post_webhook(client, newest).status_code == 200
-    assert post_webhook(client, newer).status_code == 200
+    # Delivered newest first, then the older one, each applied before the next arrives.
+    assert post_and_apply(client, newest).status_code == 200
+    assert post_and_apply(client, newer).status_code == 200
+    # The late event's payload (past_due) is never applied: Stripe's current subscription is.
     assert organization_row(app).billing_status == "active"
     older = next(e for e in stored_events(app) if e.event_id == newer["id"])
-    assert older.outcome.startswith("stale")
-    assert organization_row(app).billing_as_of == newest["created"]
+    assert older.outcome == "applied Stripe's current subscription: no change"
 
 
 def test_events_too_close_to_order_are_resolved_by_reading_stripe(
@@ -416,6 +435,7 @@ def test_events_too_close_to_order_are_resolved_by_reading_stripe(
     reads_before = len(offline_stripe.calls_to("subscriptions.retrieve"))
     post_webhook(client, second)
     post_webhook(client, first)  # same second, delivered late: its payload (past_due) is not trusted
+    run_jobs(app)
     assert organization_row(app).billing_status == "unpaid"
     assert len(offline_stripe.calls_to("subscriptions.retrieve")) == reads_before + 1
 
@@ -426,11 +446,11 @@ def test_subscription_events_before_provisioning_are_not_lost(
     session_id = checkout_session_id(start_signup(app.test_client()))
     session = offline_stripe.pay(session_id)
     created = stripe_event("customer.subscription.created", offline_stripe.subscription(session["subscription"]))
-    assert post_webhook(client, created).status_code == 200  # before the checkout is provisioned
+    assert post_and_apply(client, created).status_code == 200  # before the checkout is provisioned
     assert stored_events(app)[0].outcome.startswith("no organization for this subscription yet")
     # Meanwhile the subscription moved on at Stripe; provisioning reads it as it is now.
     offline_stripe.change_subscription(session["subscription"], lookup_keys={"pro_monthly": 1})
-    assert post_webhook(client, stripe_event("checkout.session.completed", session)).status_code == 200
+    assert post_and_apply(client, stripe_event("checkout.session.completed", session)).status_code == 200
     row = organization_row(app)
     assert row.tier == "pro" and query(app, "SELECT * FROM organization_addon") == []
 
@@ -438,12 +458,13 @@ def test_subscription_events_before_provisioning_are_not_lost(
 # --- Operations ---------------------------------------------------------------------------------
 
 
-def test_the_cli_lists_events_and_replays_failed_ones(app: Flask, offline_stripe: SandboxAccount) -> None:
+def test_the_cli_lists_events_and_replays_failed_ones(make_app: Any, offline_stripe: SandboxAccount) -> None:
+    app = make_app(JOB_MAX_ATTEMPTS=1)
     client = app.test_client()
     session_id = checkout_session_id(start_signup(app.test_client()))
     completed = stripe_event("checkout.session.completed", offline_stripe.pay(session_id))
     offline_stripe.fail_next("subscriptions.retrieve", "connection")
-    assert post_webhook(client, completed).status_code == 500
+    assert post_and_apply(client, completed).status_code == 200
     runner = app.test_cli_runner()
 
     listing = runner.invoke(args=["billing", "events", "--status", "failed"])
@@ -452,12 +473,15 @@ def test_the_cli_lists_events_and_replays_failed_ones(app: Flask, offline_stripe
 
     replay = runner.invoke(args=["billing", "replay", "--failed"])
     assert replay.exit_code == 0, replay.output
-    assert f"{completed['id']}: 200" in replay.output
+    assert f"{completed['id']}: queued (checkout:{session_id})" in replay.output
+    assert stored_events(app)[0].status == "pending"
+    run_jobs(app)
     assert len(query(app, "SELECT id FROM organization")) == 1
     assert stored_events(app)[0].status == "processed"
 
     again = runner.invoke(args=["billing", "replay", completed["id"]])
     assert again.exit_code == 0 and "duplicate: already settled" in again.output
+    run_jobs(app)
     assert len(query(app, "SELECT id FROM organization")) == 1
     assert runner.invoke(args=["billing", "replay", "evt_missing"]).exit_code != 0
     assert runner.invoke(args=["billing", "events", "--status", "failed"]).output.strip() == "no events"
@@ -479,6 +503,6 @@ def test_the_cli_checks_every_catalogue_price(app: Flask, offline_stripe: Sandbo
 
 def test_an_oversized_body_is_refused_unread(client: FlaskClient, app: Flask) -> None:
     body = b'{"id": "evt_big", "object": "event", "padding": "' + b"x" * (1024 * 1024) + b'"}'
-    response = post_webhook(client, body)
+    response = post_and_apply(client, body)
     assert response.status_code == 413 and "error" in response.get_json()
     assert stored_events(app) == []

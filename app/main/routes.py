@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, redirect, render_template, request, url_for
+import hmac
+
+from flask import Blueprint, abort, current_app, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user
 from sqlalchemy import text
 from werkzeug.wrappers import Response
 
 from app.access import require_billing_access
 from app.extensions import db
+from app.services.queue_status import prometheus_text, queue_figures
 
 bp = Blueprint("main", __name__)
 
@@ -26,7 +29,7 @@ def dashboard() -> str:
 # Every page of this blueprint except the health checks and the front door goes through the guard.
 @bp.before_request
 def guard() -> Response | None:
-    if request.endpoint in ("main.index", "main.healthz", "main.readyz"):
+    if request.endpoint in ("main.index", "main.healthz", "main.readyz", "main.metrics"):
         return None
     return require_billing_access()
 
@@ -59,3 +62,16 @@ def readyz() -> tuple[Response, int]:
     if failed:
         return jsonify(status="unavailable", failed=failed, checks=checks), 503
     return jsonify(status="ready", checks=checks), 200
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """The queue's figures for Prometheus, only for "Authorization: Bearer $METRICS_TOKEN" (404 while
+    METRICS_TOKEN is unset, 401 for any other caller)."""
+    token = str(current_app.config.get("METRICS_TOKEN") or "")
+    if not token:
+        abort(404)
+    offered = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(offered.encode(), f"Bearer {token}".encode()):
+        return Response("unauthorized\n", status=401, mimetype="text/plain", headers={"WWW-Authenticate": "Bearer"})
+    return Response(prometheus_text(queue_figures()), mimetype="text/plain; version=0.0.4; charset=utf-8")

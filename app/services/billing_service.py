@@ -33,9 +33,10 @@ from stripe.params.checkout import (
 from app.extensions import cache, db
 from app.models import BillingStatus, Organization, SignupStatus, StripeEvent, StripeEventStatus
 from app.models.types import utcnow
-from app.services import domain_events, webhook_store
+from app.services import domain_events, queue, stripe_objects, webhook_store
 from app.services.plans import PlanCatalogue, Tier
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
+from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import SubscriptionState, apply_subscription_state
 from app.services.webhook_store import VerifiedEvent
 
@@ -46,7 +47,6 @@ STRIPE_API_VERSION = "2026-10-28.endive"
 STRIPE_SIGNATURE_TOLERANCE_SECONDS = 300
 # Stripe timestamps are whole seconds and our clock is not Stripe's: an event this close to the state
 # we hold cannot be ordered against it, so the subscription is read from Stripe instead.
-SAME_MOMENT_SECONDS = 5
 CHECKOUT_SESSION_ID = re.compile(r"^cs_(test|live)_[A-Za-z0-9]{1,200}$")
 REQUEST_TOKEN = re.compile(r"^[0-9a-f]{32}$")
 # What a Stripe event's id, type and API version look like. Anything else (NUL, control characters, lone
@@ -110,7 +110,8 @@ class WebhookResult:
 
 class WebhookProvider(Protocol):
     """A payment provider's webhooks. Register one with BillingService.register_webhook_provider();
-    handle_webhook_event stores, deduplicates and applies its events in a transaction."""
+    handle_webhook_event verifies, stores and queues its events, and the worker applies them, all the
+    events about one object together (apply_batch)."""
 
     name: str
     event_model: type[StripeEvent]
@@ -119,7 +120,14 @@ class WebhookProvider(Protocol):
 
     def ignore_reason(self, event: VerifiedEvent) -> str | None: ...
 
-    def apply(self, event: VerifiedEvent) -> str: ...
+    def object_key(self, event: VerifiedEvent) -> str:
+        """The object the event is about ("subscription:sub_..."); raises MalformedObject."""
+        ...
+
+    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> dict[str, tuple[StripeEventStatus, str]]:
+        """Apply the pending events about one object, in the caller's transaction; each event's id
+        maps to the status it settles with and what happened."""
+        ...
 
 
 def plan_catalogue() -> PlanCatalogue:
@@ -562,94 +570,226 @@ class BillingService:
 
     @classmethod
     def handle_webhook_event(cls, provider_name: str, payload: bytes, headers: Mapping[str, str]) -> WebhookResult:
-        """Verify, store and apply one webhook delivery, exactly once per event id.
+        """Verify and store one webhook delivery and queue its application; answer at once.
 
-        A duplicate of a settled event costs one indexed read. A new event is claimed (INSERT ... ON
-        CONFLICT, so concurrent deliveries of one event queue on its row), applied, and committed with
-        its outcome in one transaction; if applying raises, that transaction rolls back, the event is
-        recorded as failed, and the answer is a 500 so the provider retries."""
+        A duplicate of a stored event costs one indexed read. A new event is read into typed objects
+        (stripe_objects.py) and stored in one transaction with the job that will apply it, keyed on
+        the object it is about: `pending`, or already `ignored` (not ours, other mode, unhandled
+        type) or `failed` (a malformed object, with the reason; replayable). Every stored event is
+        answered 2xx: retrying would not change it. Nothing here calls the provider's API."""
         provider = cls._webhook_providers.get(provider_name)
         if provider is None:
             raise UnknownWebhookProvider(provider_name)
-        return cls._process_event(provider, provider.verify(payload, headers))
+        return cls._store_event(provider, provider.verify(payload, headers))
 
     @classmethod
     def replay_stored_event(cls, event_id: str) -> WebhookResult:
-        """Run a stored event through the same path again (ops: `flask billing replay`)."""
+        """Queue a stored event again (ops: `flask billing replay`): a failed one goes back to pending,
+        read afresh (so a fix to the reading code applies), and the worker applies it."""
         for provider in cls._webhook_providers.values():
+            model = provider.event_model
             row = db.session.execute(
-                select(provider.event_model).where(provider.event_model.event_id == event_id)
+                select(model).where(model.event_id == event_id).with_for_update()
             ).scalar_one_or_none()
-            if row is not None:
-                event = VerifiedEvent(
-                    provider=provider.name,
-                    event_id=row.event_id,
-                    type=row.type,
-                    created=row.stripe_created,
-                    livemode=row.livemode,
-                    api_version=row.api_version,
-                    raw=row.payload,
-                    body=json.loads(row.payload),
-                )
+            if row is None:
+                continue
+            try:
+                if row.status in (StripeEventStatus.PROCESSED, StripeEventStatus.IGNORED):
+                    return WebhookResult(200, {"received": True, "duplicate": True})
+                try:
+                    object_key = provider.object_key(cls._stored_event(provider, row))
+                except (MalformedObject, ValueError) as exc:
+                    return WebhookResult(422, {"received": True, "failed": str(exc)})
+                if row.status == StripeEventStatus.FAILED:
+                    webhook_store.requeue(model, row.id, object_key)
+                cls._queue_application(provider, object_key)
+                db.session.commit()
+                return WebhookResult(202, {"received": True, "queued": object_key})
+            finally:
                 db.session.rollback()
-                return cls._process_event(provider, event)
         raise LookupError(f"no stored event {event_id}")
 
+    @staticmethod
+    def _stored_event(provider: WebhookProvider, row: StripeEvent) -> VerifiedEvent:
+        if not row.payload:
+            raise ValueError(f"the payload of {row.event_id} is no longer stored")
+        return VerifiedEvent(
+            provider=provider.name,
+            event_id=row.event_id,
+            type=row.type,
+            created=row.stripe_created,
+            livemode=row.livemode,
+            api_version=row.api_version,
+            raw=row.payload,
+            body=json.loads(row.payload),
+        )
+
+    @staticmethod
+    def _queue_application(provider: WebhookProvider, object_key: str) -> None:
+        """One job per object: while one waits (at least WEBHOOK_COALESCE_SECONDS), later events about
+        the object join it (queueing lock), and the lock runs one object's jobs one at a time."""
+        wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
+        queue.defer(
+            WEBHOOK_TASK,
+            queue=WEBHOOK_QUEUE,
+            lock=f"{provider.name}:{object_key}",
+            queueing_lock=f"{provider.name}:{object_key}",
+            # The job waits this long before it runs, so a burst about one object joins it.
+            scheduled_at=utcnow() + timedelta(seconds=wait) if wait > 0 else None,
+            provider=provider.name,
+            object_key=object_key,
+        )
+
     @classmethod
-    def _process_event(cls, provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
+    def _store_event(cls, provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
         model = provider.event_model
-        if webhook_store.is_settled(model, event.event_id):
+        if webhook_store.is_recorded(model, event.event_id):
             return WebhookResult(200, {"received": True, "duplicate": True})
         ignored = provider.ignore_reason(event)
+        object_key = error = None
+        if not ignored:
+            try:
+                object_key = provider.object_key(event)
+            except MalformedObject as exc:
+                error = str(exc)
+                logger.warning("webhook event %s (%s) is malformed: %s", event.event_id, event.type, error)
+        status = (
+            StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
+        )
         try:
-            status = StripeEventStatus.IGNORED if ignored else StripeEventStatus.PROCESSED
-            row_id = webhook_store.claim(model, event, status, ignored)
-            if row_id is None:  # settled by a concurrent delivery we waited for
-                db.session.commit()
-                return WebhookResult(200, {"received": True, "duplicate": True})
-            if ignored:
-                db.session.commit()
-                return WebhookResult(200, {"received": True, "ignored": ignored})
-            webhook_store.finish(model, row_id, provider.apply(event))
+            row_id = webhook_store.claim(model, event, status, outcome=ignored, error=error, object_key=object_key)
+            if row_id is not None and object_key is not None:
+                cls._queue_application(provider, object_key)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()  # nothing is stored; the provider redelivers after a 5xx
+            raise
+        if row_id is None:  # stored by a concurrent delivery we waited for
+            return WebhookResult(200, {"received": True, "duplicate": True})
+        if ignored:
+            return WebhookResult(200, {"received": True, "ignored": ignored})
+        if error:
+            return WebhookResult(200, {"received": True, "failed": error})
+        return WebhookResult(200, {"received": True})
+
+    @classmethod
+    def apply_queued_events(cls, provider_name: str, object_key: str, *, final_attempt: bool = True) -> str:
+        """The worker's half: apply every pending event about one object, together, from the object's
+        current state at the provider (re-read once, with no transaction open), in one transaction
+        that also settles the events. A failure keeps the events pending with the error (the job is
+        retried with backoff) and, on the last attempt or for a malformed object, marks them failed."""
+        provider = cls._webhook_providers[provider_name]
+        model = provider.event_model
+        rows = webhook_store.pending_for(model, object_key)
+        events = [cls._stored_event(provider, row) for row in rows]
+        row_ids = {row.event_id: row.id for row in rows}
+        db.session.rollback()  # nothing is held while the provider is read
+        if not events:
+            return "nothing pending"
+        try:
+            outcomes = provider.apply_batch(object_key, events)
+            for event in events:
+                status, outcome = outcomes[event.event_id]
+                webhook_store.settle(model, row_ids[event.event_id], status, outcome)
             db.session.commit()
         except Exception as exc:
-            db.session.rollback()  # the event's changes and its domain events go; so does its row
+            db.session.rollback()  # the batch's changes and its domain events go; its rows stay pending
             if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                raise  # the database went away: nothing can be recorded; 503, and Stripe redelivers
-            logger.exception("webhook event %s (%s) failed", event.event_id, event.type)
+                raise
+            permanent = isinstance(exc, MalformedObject)
+            logger.log(
+                logging.WARNING if permanent else logging.ERROR,
+                "applying %d webhook event(s) about %s failed",
+                len(events),
+                object_key,
+                exc_info=not permanent,
+            )
             try:
-                webhook_store.record_failure(model, event, _describe_failure(exc))
+                webhook_store.record_attempt_failure(
+                    model, list(row_ids.values()), _describe_failure(exc), final=permanent or final_attempt
+                )
                 db.session.commit()
             except BaseException:
                 db.session.rollback()
                 raise
-            return WebhookResult(500, {"received": True, "error": "processing failed; retry later"})
-        except BaseException:
-            db.session.rollback()
+            if permanent:
+                return f"failed: {exc}"
             raise
-        return WebhookResult(200, {"received": True})
+        return f"applied {len(events)} event(s) about {object_key}"
 
     # --- Stripe events, applied -------------------------------------------------------------------
 
     @classmethod
-    def _sync_subscription(cls, subscription: dict[str, Any], event: VerifiedEvent) -> str:
-        """A customer.subscription.* event: the organization follows the subscription unless the event
-        is older than the state it already holds (see "Ordering" in docs/system/BILLING.md)."""
+    def _apply_subscription_events(
+        cls, subscription_id: str, events: list[VerifiedEvent]
+    ) -> dict[str, tuple[StripeEventStatus, str]]:
+        """customer.subscription.* events: the organization follows Stripe's current subscription,
+        read now, whatever order the events came in and whatever their timestamps say (so neither
+        ordering nor either clock matters); the events only say when to look."""
+        try:
+            subscription = cls._retrieve_subscription(subscription_id)
+        except PaymentProviderUnavailable as exc:
+            if _is_missing(exc):
+                reason = f"not ours: this Stripe account has no subscription {subscription_id}"
+                return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
+            raise
+        subscription = stripe_objects.subscription_for_state(subscription)
         organization = cls._lock_organization_for_subscription(subscription)
         if organization is None:
-            return "no organization for this subscription yet; provisioning reads it from Stripe"
-        held = organization.billing_as_of
-        if held is not None and event.created < held - SAME_MOMENT_SECONDS:
-            return f"stale: older than the state held (as of {held})"
-        if held is not None and event.created <= held + SAME_MOMENT_SECONDS:
-            changes = cls._apply_subscription_read(
-                organization, cls._retrieve_subscription(subscription["id"]), source=event.source
+            metadata = subscription.get("metadata") or {}
+            if metadata.get("pending_signup_id") or metadata.get("purpose") == "resubscribe":
+                waiting = "no organization for this subscription yet; provisioning reads it from Stripe"
+                return {event.event_id: (StripeEventStatus.PROCESSED, waiting) for event in events}
+            reason = "not ours: no organization holds this subscription and it carries no signup of this app"
+            return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
+        last = events[-1]
+        changes = cls._apply_subscription_read(organization, subscription, source=last.source)
+        summary = "applied Stripe's current subscription: " + (", ".join(changes) or "no change")
+        outcomes: dict[str, tuple[StripeEventStatus, str]] = {}
+        for event in events:
+            if event.type == "customer.subscription.trial_will_end":
+                outcome = cls._record_trial_will_end(event.body["data"]["object"], event)
+            elif event is last:
+                outcome = summary
+            else:
+                outcome = f"coalesced into {last.event_id}: {summary}"
+            outcomes[event.event_id] = (StripeEventStatus.PROCESSED, outcome)
+        return outcomes
+
+    @classmethod
+    def _apply_checkout_events(
+        cls, session_id: str, events: list[VerifiedEvent]
+    ) -> dict[str, tuple[StripeEventStatus, str]]:
+        """checkout.session.* events: Stripe's current Checkout Session decides (paid: provision through
+        the same code as the success redirect; expired or failed: close the signup)."""
+
+        def every(status: StripeEventStatus, outcome: str) -> dict[str, tuple[StripeEventStatus, str]]:
+            return {event.event_id: (status, outcome) for event in events}
+
+        try:
+            checkout = cls._retrieve_checkout_session(session_id, expand_subscription=False)
+        except CheckoutSessionNotFound:
+            return every(StripeEventStatus.IGNORED, f"not ours: this Stripe account has no checkout {session_id}")
+        session = stripe_objects.read(stripe_objects.CheckoutSession, checkout)
+        if session.purpose not in ("signup", "resubscribe"):
+            return every(StripeEventStatus.IGNORED, "not ours: not a checkout this app created")
+        source = events[-1].source
+        if _checkout_is_paid(checkout):
+            try:
+                outcome = cls._provision_checkout_session(checkout, source=source)
+            except CheckoutSessionNotFound as exc:
+                return every(StripeEventStatus.IGNORED, f"not ours: {exc}")
+            return every(StripeEventStatus.PROCESSED, f"{outcome.state} (organization {outcome.organization_id})")
+        # An expiry is final at Stripe: the event says so even if a read raced ahead of it.
+        if checkout.get("status") == "expired" or any(event.type == "checkout.session.expired" for event in events):
+            return every(
+                StripeEventStatus.PROCESSED, _close_checkout(checkout, SignupStatus.EXPIRED, "checkout expired", source)
             )
-            return "re-read from Stripe: " + (", ".join(changes) or "no change")
-        state = SubscriptionState.from_stripe(subscription, plan_catalogue())
-        changes = apply_subscription_state(organization, state, source=event.source)
-        organization.billing_as_of = event.created
-        return "applied: " + (", ".join(changes) or "no change")
+        if any(event.type == "checkout.session.async_payment_failed" for event in events):
+            return every(
+                StripeEventStatus.PROCESSED, _close_checkout(checkout, SignupStatus.FAILED, "payment failed", source)
+            )
+        return every(StripeEventStatus.PROCESSED, "awaiting payment")
 
     @staticmethod
     def _lock_organization_for_subscription(subscription: dict[str, Any]) -> Organization | None:
@@ -786,12 +926,42 @@ class StripeWebhooks:
         expected_livemode = str(current_app.config["STRIPE_SECRET_KEY"]).startswith(("sk_live_", "rk_live_"))
         if event.livemode != expected_livemode:
             return f"livemode mismatch: event is {'live' if event.livemode else 'test'} mode, our key is not"
-        if event.type not in STRIPE_EVENT_HANDLERS:
+        if event.type not in HANDLED_STRIPE_EVENTS:
             return f"unhandled event type {event.type}"
+        if event.type.startswith("checkout.session."):
+            metadata = event.body["data"]["object"].get("metadata")
+            # Metadata that is not an object is left for the typed reading to refuse (failed, with why).
+            if isinstance(metadata, dict | None) and (metadata or {}).get("purpose") not in ("signup", "resubscribe"):
+                return "not ours: not a checkout this app created"
         return None
 
-    def apply(self, event: VerifiedEvent) -> str:
-        return STRIPE_EVENT_HANDLERS[event.type](event.body["data"]["object"], event)
+    def object_key(self, event: VerifiedEvent) -> str:
+        obj = stripe_objects.read_for_event(event.type, event.body["data"]["object"])
+        if isinstance(obj, stripe_objects.CheckoutSession):
+            return f"checkout:{obj.id}"
+        if isinstance(obj, stripe_objects.Subscription):
+            return f"subscription:{obj.id}"
+        customer = stripe_objects.id_of(obj.customer)
+        if customer is None:
+            raise MalformedObject("malformed Invoice object: it names no customer")
+        return f"customer:{customer}"
+
+    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> dict[str, tuple[StripeEventStatus, str]]:
+        kind, _, object_id = object_key.partition(":")
+        if kind == "subscription":
+            return BillingService._apply_subscription_events(object_id, events)
+        if kind == "checkout":
+            return BillingService._apply_checkout_events(object_id, events)
+        if kind == "customer":
+            # Payments are facts with their own invoice ids: each event is recorded in turn (no read).
+            return {
+                event.event_id: (
+                    StripeEventStatus.PROCESSED,
+                    BillingService._record_invoice(event.body["data"]["object"], event),
+                )
+                for event in events
+            }
+        raise MalformedObject(f"no object kind {kind!r}")
 
 
 def _webhook_secrets() -> list[str]:
@@ -833,42 +1003,41 @@ def _parse_stripe_event(text: str) -> VerifiedEvent:
     )
 
 
-def _on_checkout_completed(session: dict[str, Any], event: VerifiedEvent) -> str:
-    if (session.get("metadata") or {}).get("purpose") not in ("signup", "resubscribe"):
-        return "not a checkout this app created"
-    outcome = BillingService._provision_checkout_session(session, source=event.source)
-    return f"{outcome.state} (organization {outcome.organization_id})"
+def _close_checkout(checkout: dict[str, Any], status: SignupStatus, reason: str, source: str) -> str:
+    if (checkout.get("metadata") or {}).get("purpose") == "resubscribe":
+        return f"resubscribe checkout {reason}"
+    return SignupService.close_pending_signup(
+        checkout_session_id=checkout["id"],
+        reference_id=checkout.get("client_reference_id"),
+        status=status,
+        reason=reason,
+        source=source,
+    )
 
 
-def _on_checkout_closed(status: SignupStatus, reason: str) -> Callable[[dict[str, Any], VerifiedEvent], str]:
-    def close(session: dict[str, Any], event: VerifiedEvent) -> str:
-        if (session.get("metadata") or {}).get("purpose") == "resubscribe":
-            return f"resubscribe checkout {reason}"
-        return SignupService.close_pending_signup(
-            checkout_session_id=session["id"],
-            reference_id=session.get("client_reference_id"),
-            status=status,
-            reason=reason,
-            source=event.source,
-        )
-
-    return close
+def _is_missing(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, stripe.InvalidRequestError) and cause.code == "resource_missing"
 
 
-STRIPE_EVENT_HANDLERS: dict[str, Callable[[dict[str, Any], VerifiedEvent], str]] = {
-    "checkout.session.completed": _on_checkout_completed,
-    "checkout.session.async_payment_succeeded": _on_checkout_completed,
-    "checkout.session.async_payment_failed": _on_checkout_closed(SignupStatus.FAILED, "payment failed"),
-    "checkout.session.expired": _on_checkout_closed(SignupStatus.EXPIRED, "checkout expired"),
-    "customer.subscription.created": BillingService._sync_subscription,
-    "customer.subscription.updated": BillingService._sync_subscription,
-    "customer.subscription.deleted": BillingService._sync_subscription,
-    "customer.subscription.paused": BillingService._sync_subscription,
-    "customer.subscription.resumed": BillingService._sync_subscription,
-    "customer.subscription.trial_will_end": BillingService._record_trial_will_end,
-    "invoice.paid": BillingService._record_invoice,
-    "invoice.payment_failed": BillingService._record_invoice,
-    "invoice.payment_action_required": BillingService._record_invoice,
-}
+WEBHOOK_TASK = "webhooks:apply"
+WEBHOOK_QUEUE = "webhooks"
+HANDLED_STRIPE_EVENTS = frozenset(
+    {
+        "checkout.session.completed",
+        "checkout.session.async_payment_succeeded",
+        "checkout.session.async_payment_failed",
+        "checkout.session.expired",
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+        "customer.subscription.paused",
+        "customer.subscription.resumed",
+        "customer.subscription.trial_will_end",
+        "invoice.paid",
+        "invoice.payment_failed",
+        "invoice.payment_action_required",
+    }
+)
 
 BillingService.register_webhook_provider(StripeWebhooks())

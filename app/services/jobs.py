@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import procrastinate
@@ -15,10 +16,23 @@ from app.extensions import db
 from app.models import PendingSignup, SignupStatus, StripeEvent
 from app.models.types import utcnow
 from app.services import domain_events, notifications, outbox, queue  # noqa: F401  (registers the consumers)
+from app.services.billing_service import WEBHOOK_QUEUE, BillingService
 
 logger = logging.getLogger(__name__)
 
+webhooks = procrastinate.Blueprint()
 maintenance = procrastinate.Blueprint()
+
+
+@webhooks.task(name="apply", queue=WEBHOOK_QUEUE, retry=queue.RETRY, pass_context=True)
+@queue.in_app_context
+def apply_webhook_events(context: procrastinate.JobContext, provider: str, object_key: str) -> str:
+    """Apply the stored webhook events about one object (one job per object at a time, coalesced)."""
+    attempts = context.job.attempts if context.job else 0
+    final = attempts + 1 >= int(queue.flask_app().config["JOB_MAX_ATTEMPTS"])
+    return BillingService.apply_queued_events(provider, object_key, final_attempt=final)
+
+
 QUEUE = "maintenance"
 # A pending signup is closed this long after its expiry, when its Checkout Session (which expires at
 # the same moment at Stripe) can no longer be paid.
@@ -45,7 +59,9 @@ def requeue_stalled_jobs_now(jobs: procrastinate.App, seconds_since_heartbeat: f
         async with jobs.open_async():
             return await requeue_stalled_jobs(jobs, seconds_since_heartbeat)
 
-    return asyncio.run(run())
+    # In a thread of its own: the calling thread may already run an event loop (asyncio.run refuses then).
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        return executor.submit(asyncio.run, run()).result()
 
 
 @maintenance.periodic(cron="*/10 * * * *")
@@ -100,4 +116,23 @@ def drop_event_payloads() -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+@maintenance.periodic(cron="41 4 * * *")
+@maintenance.task(name="reconcile_daily", queue=QUEUE, queueing_lock="reconcile_daily")
+@queue.in_app_context
+def reconcile_daily(timestamp: int) -> str:
+    """Once a day: `flask billing reconcile --apply` (compare Stripe with the database and repair the
+    drift). BillingService.reconcile comes with the reconcile command; until it is there this says so."""
+    reconcile = getattr(BillingService, "reconcile", None)
+    if reconcile is None:
+        logger.warning("daily reconcile: BillingService.reconcile is not available in this version")
+        return "reconcile not available"
+    report = reconcile(apply=True)
+    for line in report.lines():
+        logger.info("daily reconcile: %s", line)
+    if not report.clean:
+        logger.error("daily reconcile: drift remains after repair; run `flask billing reconcile` to see it")
+    return "clean" if report.clean else "drift remains"
+
+
+queue.register_blueprint("webhooks", webhooks)
 queue.register_blueprint("maintenance", maintenance)

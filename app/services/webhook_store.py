@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Select, Update, bindparam, select, update
+from sqlalchemy import Insert, Select, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus
-from app.models.stripe_event import SETTLED_STATUSES
+from app.models.stripe_event import RECORDED_STATUSES
 from app.models.types import utcnow
 
 
@@ -40,7 +40,6 @@ class VerifiedEvent:
 class _Statements:
     status: Select[Any]
     claim: Insert
-    finish: Update
     fail: Insert
 
 
@@ -58,21 +57,30 @@ def _statements(model: type[StripeEvent], dialect: str) -> _Statements:
         "processed_at": bindparam("p_now"),
         "attempts": 1,
     }
-    # An earlier delivery that did not settle (it failed) is taken over; a settled one is left alone.
-    unsettled = model.status.not_in(SETTLED_STATUSES)
-    new_row = insert(model).values(**row, status=bindparam("p_status"), outcome=bindparam("p_outcome"))
+    # An earlier delivery that failed is taken over; one that is queued or settled is left alone.
+    unsettled = model.status.not_in(RECORDED_STATUSES)
+    new_row = insert(model).values(
+        **row,
+        status=bindparam("p_status"),
+        outcome=bindparam("p_outcome"),
+        last_error=bindparam("p_error"),
+        object_key=bindparam("p_object_key"),
+    )
     claim = new_row.on_conflict_do_update(
         index_elements=[model.event_id],
         set_={
             "attempts": model.attempts + 1,
             "status": new_row.excluded.status,
             "outcome": new_row.excluded.outcome,
-            "last_error": None,
+            "last_error": new_row.excluded.last_error,
+            "object_key": new_row.excluded.object_key,
             "processed_at": new_row.excluded.processed_at,
         },
         where=unsettled,
     ).returning(model.id)
-    failed_row = insert(model).values(**row, status=StripeEventStatus.FAILED, last_error=bindparam("p_error"))
+    failed_row = insert(model).values(
+        **row, status=StripeEventStatus.FAILED, last_error=bindparam("p_error"), object_key=None
+    )
     fail = failed_row.on_conflict_do_update(
         index_elements=[model.event_id],
         set_={
@@ -86,7 +94,6 @@ def _statements(model: type[StripeEvent], dialect: str) -> _Statements:
     return _Statements(
         status=select(model.status).where(model.event_id == bindparam("p_event_id")),
         claim=claim,
-        finish=update(model).where(model.id == bindparam("p_row_id")).values(outcome=bindparam("p_outcome")),
         fail=fail,
     )
 
@@ -107,26 +114,79 @@ def _row(event: VerifiedEvent) -> dict[str, Any]:
     }
 
 
-def is_settled(model: type[StripeEvent], event_id: str) -> bool:
-    """Whether the event was already processed or ignored: one indexed read, outside any transaction
-    (autocommit), so a duplicate costs a single round trip and no write."""
+def is_recorded(model: type[StripeEvent], event_id: str) -> bool:
+    """Whether the event is already stored and queued, processed or ignored: one indexed read, outside
+    any transaction (autocommit), so a duplicate costs a single round trip and no write."""
     with db.engines["autocommit"].connect() as connection:
         status = connection.execute(_for(model).status, {"p_event_id": event_id}).scalar()
-    return status in SETTLED_STATUSES
+    return status in RECORDED_STATUSES
 
 
-def claim(model: type[StripeEvent], event: VerifiedEvent, status: StripeEventStatus, outcome: str | None) -> int | None:
-    """Store the delivery in the current transaction with the status it will settle with (the row is
-    invisible to others until commit, and a rollback takes it away). Returns the row id, or None when a
-    concurrent delivery of the same event settled it first: the insert waits for that one to finish."""
-    parameters = {**_row(event), "p_status": status, "p_outcome": _short(outcome)}
+def claim(
+    model: type[StripeEvent],
+    event: VerifiedEvent,
+    status: StripeEventStatus,
+    *,
+    outcome: str | None = None,
+    error: str | None = None,
+    object_key: str | None = None,
+) -> int | None:
+    """Store the delivery in the current transaction (the row is invisible to others until commit,
+    and a rollback takes it away): `pending` with the object its job applies, or already `ignored` or
+    `failed`. Returns the row id, or None when a concurrent delivery of the same event stored it
+    first: the insert waits for that one to finish."""
+    parameters = {
+        **_row(event),
+        "p_status": status,
+        "p_outcome": _short(outcome),
+        "p_error": error[:2000] if error else None,
+        "p_object_key": object_key,
+    }
     row_id: int | None = db.session.execute(_for(model).claim, parameters).scalar()
     return row_id
 
 
-def finish(model: type[StripeEvent], row_id: int, outcome: str) -> None:
-    """What applying the claimed event did, for `flask billing events`."""
-    db.session.execute(_for(model).finish, {"p_row_id": row_id, "p_outcome": _short(outcome)})
+def pending_for(model: type[StripeEvent], object_key: str, limit: int = 1000) -> list[StripeEvent]:
+    """The events about one object still waiting to be applied, in the order they arrived."""
+    return list(
+        db.session.execute(
+            select(model)
+            .where(model.object_key == object_key, model.status == StripeEventStatus.PENDING)
+            .order_by(model.id)
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def settle(model: type[StripeEvent], row_id: int, status: StripeEventStatus, outcome: str) -> None:
+    """What applying a pending event did, in the applying transaction (only a pending row moves)."""
+    db.session.execute(
+        update(model)
+        .where(model.id == row_id, model.status == StripeEventStatus.PENDING)
+        .values(status=status, outcome=_short(outcome), last_error=None, processed_at=utcnow())
+    )
+
+
+def record_attempt_failure(model: type[StripeEvent], row_ids: list[int], error: str, *, final: bool) -> None:
+    """An attempt to apply these pending events failed: the error is kept (`flask billing events`), and
+    on the last attempt they become failed (replayable)."""
+    values: dict[str, Any] = {"last_error": error[:2000], "attempts": model.attempts + 1, "processed_at": utcnow()}
+    if final:
+        values["status"] = StripeEventStatus.FAILED
+    db.session.execute(
+        update(model).where(model.id.in_(row_ids), model.status == StripeEventStatus.PENDING).values(**values)
+    )
+
+
+def requeue(model: type[StripeEvent], row_id: int, object_key: str) -> bool:
+    """A failed event goes back to pending for its object (replay). False if it is not failed."""
+    result = db.session.execute(
+        update(model)
+        .where(model.id == row_id, model.status == StripeEventStatus.FAILED)
+        .values(status=StripeEventStatus.PENDING, object_key=object_key, outcome=None)
+        .returning(model.id)
+    ).first()
+    return result is not None
 
 
 def record_failure(model: type[StripeEvent], event: VerifiedEvent, error: str) -> None:
