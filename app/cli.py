@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import click
 from flask import current_app
@@ -117,3 +118,30 @@ def worker(queues: tuple[str, ...], concurrency: int | None, once: bool) -> None
         queue.run_pending_jobs(app, queues=list(queues) or None, concurrency=concurrency or 1)
     else:
         queue.run_worker(app, queues=list(queues) or None, concurrency=concurrency)
+
+
+@billing_cli.command("reconcile")
+@click.option("--apply", "apply_repairs", is_flag=True, help="Repair what differs (default: only report it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--since",
+    "since_days",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 30),
+    help="Look for missing events this many days back (Stripe keeps events for 30).",
+)
+@click.option("--org", "organization_id", type=int, help="Only this organization.")
+def reconcile(apply_repairs: bool, as_json: bool, since_days: int, organization_id: int | None) -> None:
+    """Compare Stripe with the database: subscriptions, orphans, missing events. Exit status 0 when
+    they agree (or were repaired), 1 when drift remains."""
+    try:
+        report = BillingService.reconcile(apply=apply_repairs, since_days=since_days, organization_id=organization_id)
+    except BillingError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), default=str, indent=2))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(0 if report.clean else 1)

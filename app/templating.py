@@ -8,8 +8,22 @@ from flask import Flask, current_app
 
 from app.services.access_policy import STATUS_WORDS
 
+ZERO_DECIMAL_CURRENCIES = frozenset({"jpy", "krw", "vnd", "clp", "isk", "ugx", "xaf", "xof"})
+CURRENCY_SYMBOLS = {"usd": "$", "eur": "€", "gbp": "£"}
+
+
+def money(amount: int | None, currency: str | None) -> str:
+    """Stripe's smallest-unit amount as people write it: 2900, "usd" -> "$29.00"."""
+    code = (currency or "usd").lower()
+    value = (amount or 0) if code in ZERO_DECIMAL_CURRENCIES else (amount or 0) / 100
+    text = f"{value:,.0f}" if code in ZERO_DECIMAL_CURRENCIES else f"{value:,.2f}"
+    symbol = CURRENCY_SYMBOLS.get(code)
+    return f"{symbol}{text}" if symbol else f"{text} {code.upper()}"
+
 
 def init_templating(app: Flask) -> None:
+    app.add_template_filter(money, "money")
+
     @app.template_filter("longdate")
     def longdate(value: datetime | None) -> str:
         if value is None:

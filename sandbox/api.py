@@ -16,7 +16,7 @@ from collections.abc import Callable
 from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import billing, clock, customers, invoicing, objects, simtime
+from . import billing, clock, customers, invoicing, lists, objects, prices, simtime
 from .context import current_settings, current_store
 from .errors import StripeError, missing
 from .objects import Obj
@@ -28,7 +28,10 @@ from .params import (
     integer,
     mapping,
     metadata,
+    new_metadata,
     reject_unknown,
+    required_integer,
+    required_string,
     string,
 )
 from .store import Store
@@ -170,8 +173,8 @@ def _clock_subject(path_args: dict[str, str], params: Params) -> str | None:
     their expiry is real time for the person paying."""
     if request.path.startswith("/v1/checkout/"):
         return None
-    for value in path_args.values():
-        return value
+    if path_args:
+        return next(iter(path_args.values()))
     for key in ("customer", "subscription", "from_subscription", "invoice", "payment_intent", "charge"):
         value = params.get(key)
         if isinstance(value, str) and value:
@@ -266,15 +269,11 @@ def _cannot_expand(path: str) -> StripeError:
 def list_prices(params: Params) -> Obj:
     reject_unknown(params, ("lookup_keys", "active", "limit", "starting_after"))
     lookup_keys = array(params, "lookup_keys")
-    limit = integer(params, "limit", minimum=1) or 10
-    if limit > 100:
-        raise StripeError("This value must be less than or equal to 100.", param="limit")
-    return billing.list_prices(
+    return prices.list_prices(
         current_store(),
         lookup_keys=[str(k) for k in lookup_keys] if lookup_keys is not None else None,
         active=boolean(params, "active"),
-        limit=limit,
-        starting_after=string(params, "starting_after"),
+        page=lists.page_params(params),
     )
 
 
@@ -312,10 +311,7 @@ def create_checkout_session(params: Params) -> Obj:
         if not isinstance(item, dict):
             raise StripeError("Invalid object", param=path)
         reject_unknown(item, ("price", "quantity"), path)
-        price = string(item, "price", path, required=True)
-        quantity = integer(item, "quantity", path, required=True, minimum=1)
-        assert price is not None and quantity is not None
-        line_items.append((price, quantity))
+        line_items.append((required_string(item, "price", path), required_integer(item, "quantity", path, minimum=1)))
     subscription_data = mapping(params, "subscription_data") or {}
     reject_unknown(subscription_data, ("metadata", "trial_period_days", "trial_settings"), "subscription_data")
     trial_days = integer(subscription_data, "trial_period_days", "subscription_data", minimum=1)
@@ -332,20 +328,33 @@ def create_checkout_session(params: Params) -> Obj:
         customer=string(params, "customer"),
         customer_email=string(params, "customer_email"),
         client_reference_id=string(params, "client_reference_id"),
-        metadata=_clean(metadata(params)),
-        subscription_metadata=_clean(metadata(subscription_data, path="subscription_data")),
+        metadata=new_metadata(params),
+        subscription_metadata=new_metadata(subscription_data, path="subscription_data"),
         trial_period_days=trial_days,
         expires_at=integer(params, "expires_at"),
         allow_promotion_codes=boolean(params, "allow_promotion_codes"),
         payment_method_collection=collection,
-        missing_payment_method=clock.missing_payment_method_param(subscription_data),
+        missing_payment_method=_missing_payment_method(subscription_data),
     )
     return billing.create_checkout_session(current_store(), checkout, current_settings().public_url)
 
 
-def _clean(meta: dict[str, str] | None) -> dict[str, str]:
-    """Metadata for a new object: empty values mean "not set"."""
-    return {k: v for k, v in (meta or {}).items() if v != ""}
+def _missing_payment_method(subscription_data: Params) -> str | None:
+    """subscription_data[trial_settings][end_behavior][missing_payment_method] on Checkout."""
+    path = "subscription_data[trial_settings]"
+    settings = mapping(subscription_data, "trial_settings", "subscription_data")
+    if settings is None:
+        return None
+    reject_unknown(settings, ("end_behavior",), path)
+    behavior = mapping(settings, "end_behavior", path) or {}
+    reject_unknown(behavior, ("missing_payment_method",), f"{path}[end_behavior]")
+    value = string(behavior, "missing_payment_method", f"{path}[end_behavior]", required=True)
+    if value not in clock.MISSING_PAYMENT_METHOD:
+        raise StripeError(
+            f"Invalid missing_payment_method: must be one of {', '.join(clock.MISSING_PAYMENT_METHOD)}",
+            param=f"{path}[end_behavior][missing_payment_method]",
+        )
+    return value
 
 
 @endpoint("/checkout/sessions/<session_id>", "GET")
@@ -363,8 +372,7 @@ def expire_checkout_session(params: Params, session_id: str) -> Obj:
 @endpoint("/billing_portal/sessions", "POST")
 def create_portal_session(params: Params) -> Obj:
     reject_unknown(params, ("customer", "return_url"))
-    customer = string(params, "customer", required=True)
-    assert customer is not None
+    customer = required_string(params, "customer")
     return billing.create_portal_session(
         current_store(), customer, string(params, "return_url"), current_settings().public_url
     )
@@ -372,8 +380,7 @@ def create_portal_session(params: Params) -> Obj:
 
 @endpoint("/subscriptions/<subscription_id>", "GET")
 def retrieve_subscription(params: Params, subscription_id: str) -> Obj:
-    reject_unknown(params, ())
-    return billing.load(current_store(), "subscription", subscription_id)
+    return _retrieve("subscription", subscription_id, params)
 
 
 @endpoint("/subscriptions/<subscription_id>", "DELETE")
@@ -395,9 +402,10 @@ def _cancellation_details(params: Params) -> dict[str, str] | None:
     return {k: string(details, k, "cancellation_details") or "" for k in details}
 
 
-def _retrieve(kind: str, object_id: str, params: Params) -> Obj:
+def _retrieve(kind: str, object_id: str, params: Params, param: str = "id") -> Obj:
+    """GET /v1/<kind>s/:id: no parameters; 404 naming `param` for an unknown id."""
     reject_unknown(params, ())
-    return billing.load(current_store(), kind, object_id)
+    return billing.load(current_store(), kind, object_id, param)
 
 
 @endpoint("/customers/<customer_id>", "GET")
@@ -418,13 +426,6 @@ def retrieve_event(params: Params, event_id: str) -> Obj:
 # -- customers, payment methods, payments and invoices ---------------------------------------------
 
 
-def _limit(params: Params) -> int:
-    limit = integer(params, "limit", minimum=1) or 10
-    if limit > 100:
-        raise StripeError("This value must be less than or equal to 100.", param="limit")
-    return limit
-
-
 def _default_payment_method(params: Params) -> str | None:
     settings = mapping(params, "invoice_settings")
     if settings is None:
@@ -443,7 +444,7 @@ def create_customer(params: Params) -> Obj:
         current_store(),
         email=string(params, "email"),
         name=string(params, "name"),
-        metadata=_clean(metadata(params)),
+        metadata=new_metadata(params),
         test_clock=string(params, "test_clock"),
         payment_method=string(params, "payment_method"),
         default_payment_method=_default_payment_method(params),
@@ -470,21 +471,16 @@ def list_customer_payment_methods(params: Params, customer_id: str) -> Obj:
     reject_unknown(params, ("type", "limit", "starting_after"))
     _card_type_only(params)
     billing.load(current_store(), "customer", customer_id, "customer")
-    return invoicing.customer_payment_methods(
-        current_store(), customer_id, _limit(params), string(params, "starting_after")
-    )
+    return invoicing.customer_payment_methods(current_store(), customer_id, lists.page_params(params))
 
 
 @endpoint("/payment_methods", "GET")
 def list_payment_methods(params: Params) -> Obj:
     reject_unknown(params, ("customer", "type", "limit", "starting_after"))
     _card_type_only(params)
-    customer = string(params, "customer", required=True)
-    assert customer is not None
+    customer = required_string(params, "customer")
     billing.load(current_store(), "customer", customer, "customer", 400)
-    listed = invoicing.customer_payment_methods(
-        current_store(), customer, _limit(params), string(params, "starting_after")
-    )
+    listed = invoicing.customer_payment_methods(current_store(), customer, lists.page_params(params))
     return {**listed, "url": "/v1/payment_methods"}
 
 
@@ -504,8 +500,7 @@ def attach_payment_method(params: Params, payment_method_id: str) -> Obj:
     """Attach a PaymentMethod (or, as on Stripe, a new one made from a test token such as
     pm_card_chargeCustomerFail) to a customer; it does not become a default."""
     reject_unknown(params, ("customer",))
-    customer_id = string(params, "customer", required=True)
-    assert customer_id is not None
+    customer_id = required_string(params, "customer")
     store = current_store()
     customer = billing.load(store, "customer", customer_id, "customer", 400)
     return invoicing.resolve_payment_method(store, payment_method_id, customer, "payment_method")
@@ -522,8 +517,7 @@ def list_invoices(params: Params) -> Obj:
         customer=string(params, "customer"),
         subscription=string(params, "subscription"),
         status=status,
-        limit=_limit(params),
-        starting_after=string(params, "starting_after"),
+        page=lists.page_params(params),
     )
 
 
@@ -536,8 +530,7 @@ def pay_invoice(params: Params, invoice_id: str) -> Obj:
 @endpoint("/invoice_payments", "GET")
 def list_invoice_payments(params: Params) -> Obj:
     reject_unknown(params, ("invoice",))
-    invoice = string(params, "invoice", required=True)
-    assert invoice is not None
+    invoice = required_string(params, "invoice")
     return invoicing.invoice_payments(current_store(), invoice)
 
 
@@ -558,15 +551,14 @@ def resume_subscription(params: Params, subscription_id: str) -> Obj:
 @endpoint("/test_helpers/test_clocks", "POST")
 def create_test_clock(params: Params) -> Obj:
     reject_unknown(params, ("frozen_time", "name"))
-    frozen_time = integer(params, "frozen_time", required=True)
-    assert frozen_time is not None
+    frozen_time = required_integer(params, "frozen_time")
     return clock.create(current_store(), frozen_time, string(params, "name"), _origin())
 
 
 @endpoint("/test_helpers/test_clocks", "GET")
 def list_test_clocks(params: Params) -> Obj:
     reject_unknown(params, ("limit", "starting_after"))
-    return clock.list_clocks(current_store(), _limit(params), string(params, "starting_after"))
+    return clock.list_clocks(current_store(), lists.page_params(params))
 
 
 @endpoint("/test_helpers/test_clocks/<clock_id>", "GET")
@@ -584,8 +576,7 @@ def delete_test_clock(params: Params, clock_id: str) -> Obj:
 @endpoint("/test_helpers/test_clocks/<clock_id>/advance", "POST")
 def advance_test_clock(params: Params, clock_id: str) -> Obj:
     reject_unknown(params, ("frozen_time",))
-    frozen_time = integer(params, "frozen_time", required=True)
-    assert frozen_time is not None
+    frozen_time = required_integer(params, "frozen_time")
     return clock.advance(current_store(), clock_id, frozen_time, _origin())
 
 

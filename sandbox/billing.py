@@ -1,4 +1,5 @@
-"""What happens to Stripe objects: the catalogue, Checkout, payments, subscriptions, the portal.
+"""What the domain modules share (load, emit, Origin, metadata merging, timed jobs), and seeding
+the catalogue, Checkout and its asynchronous settlement, cancelling subscriptions, portal sessions.
 
 Every function here expects to run inside one Store.transaction() opened by its caller (an API
 request, a hosted page or the worker), so an operation and the events it emits commit together.
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import invoicing, objects, simtime
-from .errors import StripeError, no_such
+from .errors import StripeError, exclusive, inactive_price, no_such
 from .objects import Obj
 from .store import Store
 
@@ -59,14 +60,16 @@ SANDBOX_CARDS = (
 )
 
 
+UNKNOWN_CARD = "This sandbox only accepts the test cards listed above."
+
+
+def sandbox_card(number: str) -> SandboxCard | None:
+    """The test card with this number (digits only), or None for any other number."""
+    return next((c for c in SANDBOX_CARDS if c.number == number), None)
+
+
 class PaymentError(Exception):
-    """A payment the hosted Checkout page refuses; the message is shown to the customer."""
-
-
-def _now() -> int:
-    """The current time of whatever is being worked on: a test clock's frozen time inside
-    simtime.frozen_at() (customers on a clock), otherwise the wall clock."""
-    return simtime.now()
+    """A payment a hosted page refuses; the message is shown to the customer."""
 
 
 def emit(
@@ -76,7 +79,7 @@ def emit(
     previous: Obj | None = None,
     origin: Origin = AUTOMATIC,
 ) -> None:
-    event = objects.event(type, obj, previous, origin.request_id, origin.idempotency_key, _now())
+    event = objects.event(type, obj, previous, origin.request_id, origin.idempotency_key, simtime.now())
     store.put(event)
     store.enqueue_delivery(event["id"], time.time())
 
@@ -86,6 +89,14 @@ def load(store: Store, kind: str, object_id: str, param: str = "id", status: int
     if obj is None or obj["object"] != kind:
         raise no_such(kind, object_id, param, status)
     return obj
+
+
+def merge_metadata(obj: Obj, given: dict[str, str] | None) -> None:
+    """An update's `metadata`, as Stripe applies it: merged key by key, a "" value removes its
+    key, and `metadata=""` (given as {}) clears it all."""
+    if given is not None:
+        merged = {**obj["metadata"], **given} if given else {}
+        obj["metadata"] = {k: v for k, v in merged.items() if v != ""}
 
 
 # -- catalogue ------------------------------------------------------------------------------
@@ -129,7 +140,7 @@ def _seed_price(
 ) -> Obj:
     name = str(entry.get("name", lookup_key))
     description = str(entry["description"]) if "description" in entry else None
-    now = _now()
+    now = simtime.now()
     current = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
     if product_id is None and current:
         product_id = current["product"]
@@ -149,27 +160,6 @@ def _seed_price(
     store.put(product)
     store.put(price)
     return price
-
-
-def list_prices(
-    store: Store,
-    *,
-    lookup_keys: list[str] | None,
-    active: bool | None,
-    limit: int,
-    starting_after: str | None,
-) -> Obj:
-    prices = [
-        p
-        for p in reversed(store.all("price"))  # newest first, like every Stripe list
-        if (lookup_keys is None or p["lookup_key"] in lookup_keys) and (active is None or p["active"] == active)
-    ]
-    if starting_after:
-        ids = [p["id"] for p in prices]
-        if starting_after not in ids:
-            raise no_such("price", starting_after, "starting_after", 400)
-        prices = prices[ids.index(starting_after) + 1 :]
-    return objects.list_object(prices[:limit], "/v1/prices", has_more=len(prices) > limit)
 
 
 # -- Checkout ---------------------------------------------------------------------------------
@@ -193,13 +183,9 @@ class CheckoutRequest:
 
 
 def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str) -> Obj:
-    now = _now()
+    now = simtime.now()
     if req.customer and req.customer_email:
-        raise StripeError(
-            "You may only specify one of these parameters: customer, customer_email.",
-            code="parameters_exclusive",
-            param="customer_email",
-        )
+        raise exclusive("customer", "customer_email", "customer_email")
     if req.customer:
         load(store, "customer", req.customer, "customer", 400)
     if req.expires_at is not None and not now + 1800 <= req.expires_at <= now + 86400:
@@ -215,10 +201,7 @@ def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str)
         param = f"line_items[{index}][price]"
         price = load(store, "price", price_id, param, 400)
         if not price["active"]:
-            raise StripeError(
-                "The price specified is inactive. This field only accepts active prices.",
-                param=param,
-            )
+            raise inactive_price(param)
         items.append(objects.checkout_line_item(price, quantity))
     session = objects.checkout_session(
         line_items=items,
@@ -232,13 +215,13 @@ def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str)
         metadata=req.metadata,
         subscription_metadata=req.subscription_metadata,
         trial_period_days=req.trial_period_days,
+        missing_payment_method=req.missing_payment_method,
+        payment_method_collection=req.payment_method_collection,
         allow_promotion_codes=req.allow_promotion_codes,
         expires_at=req.expires_at or now + 86400,
         public_url=public_url,
         now=now,
     )
-    session["payment_method_collection"] = req.payment_method_collection
-    session["_subscription_data"]["missing_payment_method"] = req.missing_payment_method
     store.put(session)
     store.add_job("expire_session", session["id"], session["expires_at"])
     return session
@@ -246,7 +229,7 @@ def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str)
 
 def get_checkout_session(store: Store, session_id: str) -> Obj:
     session = load(store, "checkout.session", session_id, "session")
-    return _expire_if_due(store, session, _now())
+    return _expire_if_due(store, session, simtime.now())
 
 
 def _expire_if_due(store: Store, session: Obj, now: int) -> Obj:
@@ -292,11 +275,11 @@ def pay_checkout_session(
     if session["status"] != "open":
         raise PaymentError(f"This Checkout Session is {session['status']}; it can no longer be paid.")
     trial_days = session["_subscription_data"]["trial_period_days"]
-    card = next((c for c in SANDBOX_CARDS if c.number == card_number), None)
+    card = sandbox_card(card_number)
     if card is None and not (card_number == "" and card_optional(session)):
-        raise PaymentError("This sandbox only accepts the test cards listed above.")
+        raise PaymentError(UNKNOWN_CARD)
     if card and (card.outcome == "declined" or (card.outcome == "charge_fails" and not trial_days)):
-        raise PaymentError("Your card was declined.")
+        raise PaymentError(invoicing.DECLINED)
     with simtime.time_of(store, session["customer"]):
         return _complete_checkout(store, session, card, email, name, async_delay, card_expiry)
 
@@ -317,7 +300,7 @@ def _complete_checkout(
     async_delay: float,
     card_expiry: tuple[int, int],
 ) -> Obj:
-    now = _now()
+    now = simtime.now()
     sub_data = session["_subscription_data"]
     trial_days = sub_data["trial_period_days"]
     settles_later = card is not None and card.outcome.startswith("async") and not trial_days
@@ -373,7 +356,7 @@ def _complete_checkout(
     if not settles_later:
         emit(store, "invoice.paid", invoice)
     emit(store, "checkout.session.completed", session)
-    if settles_later:
+    if settles_later and card is not None:  # (settles_later implies a card)
         store.add_job(f"settle_{card.outcome}", session["id"], time.time() + async_delay)
     return session
 
@@ -385,7 +368,7 @@ def _settle(store: Store, session_id: str, succeeded: bool) -> None:
     subscription = load(store, "subscription", session["subscription"])
     invoice = load(store, "invoice", subscription["latest_invoice"])
     before = copy.deepcopy(subscription)
-    now = _now()
+    now = simtime.now()
     if succeeded:
         session["payment_status"] = "paid"
         store.put(session)
@@ -413,17 +396,14 @@ def _settle(store: Store, session_id: str, succeeded: bool) -> None:
         )
 
 
-# Timed jobs that other modules own (for example schedules.py): kind -> handler(store, ref, now).
+# Timed jobs that other modules own (clock.py, schedules.py), registered when they are imported
+# (this module cannot import them: they build on it): kind -> handler(store, ref, now).
 JOB_HANDLERS: dict[str, Callable[[Store, str, int], None]] = {}
 
 
 def run_job(store: Store, kind: str, ref: str, now: int) -> None:
     """A timed transition scheduled earlier; each is a no-op if the state moved on meanwhile."""
-    from . import clock  # noqa: PLC0415 (clock builds on this module)
-
-    if kind in clock.JOBS:
-        clock.JOBS[kind](store, ref)
-    elif kind == "expire_session":
+    if kind == "expire_session":
         _expire_if_due(store, load(store, "checkout.session", ref), now)
     elif kind in ("settle_async_succeeds", "settle_async_fails"):
         _settle(store, ref, succeeded=kind == "settle_async_succeeds")
@@ -436,7 +416,7 @@ def run_job(store: Store, kind: str, ref: str, now: int) -> None:
 # -- subscriptions ----------------------------------------------------------------------------
 
 
-def _apply_cancellation_details(subscription: Obj, details: dict[str, str] | None) -> None:
+def apply_cancellation_details(subscription: Obj, details: dict[str, str] | None) -> None:
     if not details:
         return
     feedback = details.get("feedback")
@@ -491,8 +471,8 @@ def cancel_subscription(
     if subscription["status"] in ENDED:
         # Stripe treats an ended subscription as gone for this call (but still lets you read it).
         raise no_such("subscription", subscription_id, "id")
-    now = _now()
-    _apply_cancellation_details(subscription, cancellation_details)
+    now = simtime.now()
+    apply_cancellation_details(subscription, cancellation_details)
     subscription.update(status="canceled", canceled_at=now, ended_at=now)
     subscription["cancellation_details"]["reason"] = "cancellation_requested"
     store.put(subscription)
@@ -509,6 +489,6 @@ def customer_subscriptions(store: Store, customer_id: str) -> list[Obj]:
 
 def create_portal_session(store: Store, customer_id: str, return_url: str | None, public_url: str) -> Obj:
     load(store, "customer", customer_id, "customer", 400)
-    session = objects.portal_session(customer_id, return_url, public_url, _now())
+    session = objects.portal_session(customer_id, return_url, public_url, simtime.now())
     store.put(session)
     return session

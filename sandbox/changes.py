@@ -26,8 +26,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from . import invoicing, objects, simtime
-from .billing import AUTOMATIC, ENDED, Origin, _apply_cancellation_details, emit, load
-from .errors import StripeError
+from .billing import AUTOMATIC, ENDED, Origin, apply_cancellation_details, emit, load, merge_metadata
+from .errors import StripeError, exclusive, inactive_price
 from .objects import Obj
 from .store import Store
 
@@ -61,11 +61,7 @@ class SubscriptionUpdate:
     default_payment_method: Any = UNSET  # str, None or UNSET
     metadata: dict[str, str] | None = None
     cancellation_details: dict[str, str] | None = None
-    given: set[str] = field(default_factory=set)
-
-
-def _now() -> int:
-    return simtime.now()  # a test clock's frozen time for its customers' subscriptions
+    given: set[str] = field(default_factory=set)  # the parameters sent, for Stripe's "only X may be sent" rules
 
 
 def period(subscription: Obj) -> tuple[int, int]:
@@ -89,7 +85,7 @@ def _planned_items(store: Store, subscription: Obj, changes: list[ItemChange]) -
     current = {item["id"]: item for item in subscription["items"]["data"]}
     planned = {item_id: copy.deepcopy(item) for item_id, item in current.items()}
     start, end = period(subscription)
-    now = _now()
+    now = simtime.now()
     for change in changes:
         path = f"items[{change.index}]"
         if change.id is not None and change.id not in current:
@@ -107,10 +103,7 @@ def _planned_items(store: Store, subscription: Obj, changes: list[ItemChange]) -
         if change.price is not None:
             price = load(store, "price", change.price, f"{path}[price]", 400)
             if not price["active"]:
-                raise StripeError(
-                    "The price specified is inactive. This field only accepts active prices.",
-                    param=f"{path}[price]",
-                )
+                raise inactive_price(f"{path}[price]")
             if price["type"] != "recurring":
                 raise StripeError(
                     "The price specified is set to `type=one_time` but this field only accepts prices"
@@ -124,26 +117,13 @@ def _planned_items(store: Store, subscription: Obj, changes: list[ItemChange]) -
                     code="parameter_missing",
                     param=f"{path}[price]",
                 )
-            item_id = objects.new_id("si_", 14)
-            planned[item_id] = {
-                "id": item_id,
-                "object": "subscription_item",
-                "billing_thresholds": None,
-                "created": now,
-                "current_period_end": end,
-                "current_period_start": start,
-                "discounts": [],
-                "metadata": {},
-                "plan": objects._plan(price),
-                "price": price,
-                "quantity": 1 if change.quantity is None else change.quantity,
-                "subscription": subscription["id"],
-                "tax_rates": [],
-            }
+            quantity = 1 if change.quantity is None else change.quantity
+            added = objects.subscription_item(subscription["id"], price, quantity, (start, end), now)
+            planned[added["id"]] = added
             continue
         item = planned[change.id]
         if price is not None:
-            item.update(price=price, plan=objects._plan(price))
+            item.update(price=price, plan=objects.plan(price))
         if change.quantity is not None:
             item["quantity"] = change.quantity
     items = list(planned.values())
@@ -168,12 +148,12 @@ def _planned_items(store: Store, subscription: Obj, changes: list[ItemChange]) -
 
 
 def _interval(items: list[Obj]) -> tuple[str, int]:
+    """The billing interval of subscription items, as (interval, interval_count)."""
     recurring = items[0]["price"]["recurring"]
     return recurring["interval"], recurring["interval_count"]
 
 
 def interval_of(subscription: Obj) -> tuple[str, int]:
-    """The billing interval of a subscription, as (interval, interval_count)."""
     return _interval(subscription["items"]["data"])
 
 
@@ -213,7 +193,7 @@ def plan_items_change(
 ) -> Plan:
     items = _planned_items(store, subscription, changes)
     start, end = period(subscription)
-    resets = _interval(items) != _interval(subscription["items"]["data"])
+    resets = _interval(items) != interval_of(subscription)
     new_start, new_end = start, end
     if resets:
         new_start = proration_date
@@ -222,33 +202,31 @@ def plan_items_change(
             item.update(current_period_start=new_start, current_period_end=new_end)
     prorations: list[Obj] = []
     if behavior != "none" and subscription["status"] != "trialing":
-        prorations = proration_lines(subscription, items, proration_date, resets, new_end)
+        prorations = proration_lines(subscription, items, proration_date, resets)
     return Plan(items, prorations, resets, new_start, new_end)
 
 
-def proration_lines(
-    subscription: Obj, new_items: list[Obj], proration_date: int, resets: bool, new_end: int
-) -> list[Obj]:
+def proration_lines(subscription: Obj, new_items: list[Obj], proration_date: int, resets: bool) -> list[Obj]:
     """Stripe's proration invoice items (as dicts with amount, description, period, price,
-    quantity, item id, proration flag), credits first."""
+    quantity, item id, proration flag), credits first: a credit for the unused time of each item
+    removed or repriced and a charge for the remaining time of each item added or repriced. When
+    the period restarts (an interval change) every item is credited and there are no charges:
+    the invoice bills the new period whole, in its recurring lines."""
     start, end = period(subscription)
     total = end - start
     remaining = max(0, end - proration_date)
     old = {item["id"]: item for item in subscription["items"]["data"]}
     new = {item["id"]: item for item in new_items}
     credits, debits = [], []
+
+    def changed(before: Obj | None, after: Obj | None) -> bool:
+        """An item is prorated when it is added, removed or repriced, or the period restarts."""
+        if before is None or after is None or resets:
+            return True
+        return bool((after["price"]["id"], after["quantity"]) != (before["price"]["id"], before["quantity"]))
+
     for item_id, before in old.items():
-        after = new.get(item_id)
-        changed = (
-            after is None
-            or resets
-            or (after["price"]["id"], after["quantity"])
-            != (
-                before["price"]["id"],
-                before["quantity"],
-            )
-        )
-        if changed:
+        if changed(before, new.get(item_id)):
             amount = _fraction_amount(before["price"]["unit_amount"] * before["quantity"], remaining, total)
             credits.append(
                 {
@@ -258,41 +236,24 @@ def proration_lines(
                     "price": before["price"],
                     "quantity": before["quantity"],
                     "subscription_item": item_id,
+                    "proration": True,
                 }
             )
     for item_id, after in new.items():
-        before = old.get(item_id)
-        changed = (
-            before is None
-            or resets
-            or (after["price"]["id"], after["quantity"])
-            != (
-                before["price"]["id"],
-                before["quantity"],
-            )
-        )
-        if not changed:
+        if resets or not changed(old.get(item_id), after):
             continue
-        unit_total = after["price"]["unit_amount"] * after["quantity"]
-        if resets:
-            amount, line_period = unit_total, {"start": proration_date, "end": new_end}
-            description = f"{after['quantity']} × {after['price']['nickname'] or after['price']['id']}"
-        else:
-            amount = _fraction_amount(unit_total, remaining, total)
-            line_period = {"start": proration_date, "end": end}
-            description = f"Remaining time on {_label(after)} after {_day(proration_date)}"
         debits.append(
             {
-                "amount": amount,
-                "description": description,
-                "period": line_period,
+                "amount": _fraction_amount(after["price"]["unit_amount"] * after["quantity"], remaining, total),
+                "description": f"Remaining time on {_label(after)} after {_day(proration_date)}",
+                "period": {"start": proration_date, "end": end},
                 "price": after["price"],
                 "quantity": after["quantity"],
                 "subscription_item": item_id,
-                "proration": not resets,
+                "proration": True,
             }
         )
-    return [{**line, "proration": line.get("proration", True)} for line in credits + debits]
+    return credits + debits
 
 
 def _label(item: Obj) -> str:
@@ -327,11 +288,7 @@ def invoice_item(customer: Obj, subscription: Obj, line: Obj, now: int) -> Obj:
             },
         },
         "period": line["period"],
-        "pricing": {
-            "type": "price_details",
-            "price_details": {"price": price["id"], "product": price["product"]},
-            "unit_amount_decimal": price["unit_amount_decimal"],
-        },
+        "pricing": objects.price_pricing(price),
         "proration": line["proration"],
         "proration_details": {"discount_amounts": []},
         "quantity": line["quantity"],
@@ -352,80 +309,46 @@ def pending_invoice_items(store: Store, subscription_id: str) -> list[Obj]:
 
 def line_from_invoice_item(ii: Obj, invoice_id: str | None) -> Obj:
     details = ii["parent"]["subscription_details"]
-    return {
-        "id": objects.new_id("il_"),
-        "object": "line_item",
-        "amount": ii["amount"],
-        "currency": ii["currency"],
-        "description": ii["description"],
-        "discount_amounts": [],
-        "discountable": ii["discountable"],
-        "discounts": [],
-        "invoice": invoice_id,
-        "livemode": False,
-        "metadata": {},
-        "parent": {
-            "type": "subscription_item_details",
-            "invoice_item_details": None,
-            "subscription_item_details": {
-                "invoice_item": ii["id"],
-                "proration": ii["proration"],
-                "proration_details": {"credited_items": None},
-                "subscription": details["subscription"],
-                "subscription_item": details["subscription_item"],
-            },
-        },
-        "period": ii["period"],
-        "pretax_credit_amounts": [],
-        "pricing": ii["pricing"],
-        "quantity": ii["quantity"],
-        "subtotal": ii["amount"],
-        "taxes": [],
-    }
+    return objects.invoice_line(
+        invoice_id=invoice_id,
+        amount=ii["amount"],
+        currency=ii["currency"],
+        description=ii["description"],
+        subscription_id=details["subscription"],
+        subscription_item=details["subscription_item"],
+        period=ii["period"],
+        pricing=ii["pricing"],
+        quantity=ii["quantity"],
+        invoice_item=ii["id"],
+        proration=ii["proration"],
+        discountable=ii["discountable"],
+    )
 
 
 def recurring_line(item: Obj, subscription_id: str, invoice_id: str | None, start: int, end: int) -> Obj:
     price = item["price"]
-    amount = price["unit_amount"] * item["quantity"]
-    return {
-        "id": objects.new_id("il_"),
-        "object": "line_item",
-        "amount": amount,
-        "currency": price["currency"],
-        "description": f"{item['quantity']} × {price['nickname'] or price['id']}"
-        f" (at {_money(price['unit_amount'])} / {price['recurring']['interval']})",
-        "discount_amounts": [],
-        "discountable": True,
-        "discounts": [],
-        "invoice": invoice_id,
-        "livemode": False,
-        "metadata": {},
-        "parent": {
-            "type": "subscription_item_details",
-            "invoice_item_details": None,
-            "subscription_item_details": {
-                "invoice_item": None,
-                "proration": False,
-                "proration_details": {"credited_items": None},
-                "subscription": subscription_id,
-                "subscription_item": item["id"],
-            },
-        },
-        "period": {"start": start, "end": end},
-        "pretax_credit_amounts": [],
-        "pricing": {
-            "type": "price_details",
-            "price_details": {"price": price["id"], "product": price["product"]},
-            "unit_amount_decimal": price["unit_amount_decimal"],
-        },
-        "quantity": item["quantity"],
-        "subtotal": amount,
-        "taxes": [],
-    }
+    return objects.invoice_line(
+        invoice_id=invoice_id,
+        amount=price["unit_amount"] * item["quantity"],
+        currency=price["currency"],
+        description=f"{item['quantity']} × {price['nickname'] or price['id']}"
+        f" (at {objects.money(price['unit_amount'])} / {price['recurring']['interval']})",
+        subscription_id=subscription_id,
+        subscription_item=item["id"],
+        period={"start": start, "end": end},
+        pricing=objects.price_pricing(price),
+        quantity=item["quantity"],
+    )
 
 
-def _money(cents: int) -> str:
-    return f"${cents / 100:,.2f}"
+def _lines_billed_now(plan: Plan, subscription_id: str, invoice_items: list[Obj], invoice_id: str | None) -> list[Obj]:
+    """The lines of the invoice an update creates at once: its invoice items (prorations), then,
+    when the period restarts, the whole new period."""
+    lines = [line_from_invoice_item(ii, invoice_id) for ii in invoice_items]
+    if plan.resets_period:
+        start, end = plan.period_start, plan.period_end
+        lines += [recurring_line(item, subscription_id, invoice_id, start, end) for item in plan.items]
+    return lines
 
 
 def build_invoice(
@@ -437,15 +360,12 @@ def build_invoice(
         invoice["id"] = invoice_id
     for line in lines:
         line["invoice"] = invoice["id"]
-    total = sum(line["amount"] for line in lines)
+    # The lines' url names the invoice's id, which may have been given (invoice_id).
+    invoice["lines"] = objects.list_object(lines, f"/v1/invoices/{invoice['id']}/lines")
+    _set_totals(invoice)
     invoice.update(
-        lines=objects.list_object(lines, f"/v1/invoices/{invoice['id']}/lines"),
         billing_reason=billing_reason,
         amount_paid=0,
-        subtotal=total,
-        subtotal_excluding_tax=total,
-        total=total,
-        total_excluding_tax=total,
         next_payment_attempt=None,
         # An invoice made by an update covers the moment of the update, as on Stripe.
         period_start=now,
@@ -455,6 +375,12 @@ def build_invoice(
     invoicing.decorate(invoice, customer, subscription)
     apply_balance(customer, invoice)
     return invoice
+
+
+def _set_totals(invoice: Obj) -> None:
+    """An invoice's totals from its lines (there are no taxes or discounts)."""
+    total = sum(line["amount"] for line in invoice["lines"]["data"])
+    invoice.update(subtotal=total, subtotal_excluding_tax=total, total=total, total_excluding_tax=total)
 
 
 def apply_balance(customer: Obj, invoice: Obj) -> None:
@@ -480,7 +406,7 @@ def apply_balance(customer: Obj, invoice: Obj) -> None:
 def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpdate, origin: Origin = AUTOMATIC) -> Obj:
     subscription = load(store, "subscription", subscription_id)
     before = copy.deepcopy(subscription)
-    now = _now()
+    now = simtime.now()
     ended = subscription["status"] in ENDED
     structural = req.given - {"metadata", "cancellation_details"}
     if ended and structural:
@@ -504,10 +430,8 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
             param="items",
         )
 
-    if req.metadata is not None:
-        merged = {**subscription["metadata"], **req.metadata} if req.metadata else {}
-        subscription["metadata"] = {k: v for k, v in merged.items() if v != ""}
-    _apply_cancellation_details(subscription, req.cancellation_details)
+    merge_metadata(subscription, req.metadata)
+    apply_cancellation_details(subscription, req.cancellation_details)
     _apply_cancellation(subscription, req, now)
     _apply_pause(subscription, req, now)
     if req.default_payment_method is not UNSET:
@@ -539,11 +463,7 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
 def _apply_cancellation(subscription: Obj, req: SubscriptionUpdate, now: int) -> None:
     _, end = period(subscription)
     if req.cancel_at not in (UNSET, None) and req.cancel_at_period_end:
-        raise StripeError(
-            "You may only specify one of these parameters: cancel_at, cancel_at_period_end.",
-            code="parameters_exclusive",
-            param="cancel_at",
-        )
+        raise exclusive("cancel_at", "cancel_at_period_end", "cancel_at")
     if req.cancel_at is not UNSET:
         if req.cancel_at is None:
             _clear_cancellation(subscription)
@@ -585,7 +505,7 @@ def _apply_pause(subscription: Obj, req: SubscriptionUpdate, now: int) -> None:
     subscription["pause_collection"] = {"behavior": behavior, "resumes_at": resumes_at}
 
 
-def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: int) -> Obj | None:  # noqa: PLR0912, PLR0915
+def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: int) -> Obj | None:  # noqa: PLR0912
     assert req.items is not None
     behavior = req.proration_behavior or "create_prorations"
     start, end = period(subscription)
@@ -606,8 +526,6 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
         for ii in pending_items:
             store.put(ii)
         subscription["items"] = new_items
-        if plan.resets_period:
-            subscription["billing_cycle_anchor"] = plan.period_start
         return None
 
     # Invoice now: the prorations plus anything already pending for this subscription.
@@ -619,13 +537,7 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
     invoice_id = objects.new_id("in_")
     for ii in collected:
         ii["invoice"] = invoice_id
-    lines = [line_from_invoice_item(ii, invoice_id) for ii in collected]
-    if plan.resets_period:
-        # The new period's charge is the recurring line itself, not an invoice item.
-        lines = [line_from_invoice_item(ii, invoice_id) for ii in collected if ii["proration"]]
-        collected = [ii for ii in collected if ii["proration"]]
-        for item in plan.items:
-            lines.append(recurring_line(item, subscription["id"], invoice_id, plan.period_start, plan.period_end))
+    lines = _lines_billed_now(plan, subscription["id"], collected, invoice_id)
     invoice = build_invoice(customer, subscription, lines, "subscription_update", now, invoice_id)
     invoice["parent"]["subscription_details"]["subscription_proration_date"] = proration_date
     customer["next_invoice_sequence"] += 1
@@ -639,7 +551,7 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
     if not paid and payment_behavior == "error_if_incomplete":
         # The transaction is rolled back: no invoice, no items change.
         raise StripeError(
-            "Your card was declined.",
+            invoicing.DECLINED,
             status=402,
             type="card_error",
             code="card_declined",
@@ -674,22 +586,23 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
 
 
 def clock_retry_delay() -> int:
-    from .clock import DAY, Dunning  # noqa: PLC0415 (clock imports this module's callers)
+    """When a failed update invoice is first retried: the first smart-retry day."""
+    from .clock import DAY, Dunning  # noqa: PLC0415 (clock imports this module)
 
-    return Dunning.from_env().retry_days[0] * DAY if Dunning.from_env().retry_days else DAY
+    retry_days = Dunning.from_env().retry_days
+    return retry_days[0] * DAY if retry_days else DAY
 
 
 def on_invoice_paid(store: Store, invoice: Obj, origin: Origin = AUTOMATIC) -> None:
     """Called when an invoice becomes paid (invoicing.paid): applies a subscription's pending
     update that waited for it (pending_if_incomplete)."""
-    details = (invoice.get("parent") or {}).get("subscription_details") or {}
-    subscription = store.get(details.get("subscription") or "")
+    subscription = store.get(invoicing.invoice_subscription(invoice) or "")
     if subscription is None:
         return
     before = copy.deepcopy(subscription)
     pending = subscription.get("pending_update")
     if pending and subscription.get("_pending_invoice") == invoice["id"]:
-        if pending["expires_at"] > _now():
+        if pending["expires_at"] > simtime.now():
             subscription["items"] = objects.list_object(pending["subscription_items"], subscription["items"]["url"])
             if pending["billing_cycle_anchor"]:
                 subscription["billing_cycle_anchor"] = pending["billing_cycle_anchor"]
@@ -704,15 +617,12 @@ def on_invoice_paid(store: Store, invoice: Obj, origin: Origin = AUTOMATIC) -> N
 def add_pending_items(store: Store, invoice: Obj) -> None:
     """Complete a renewal invoice: the subscription's pending invoice items (prorations) first,
     then the customer's balance (a credit from an earlier change) applied."""
-    details = (invoice.get("parent") or {}).get("subscription_details") or {}
-    waiting = pending_invoice_items(store, details.get("subscription") or "")
+    waiting = pending_invoice_items(store, invoicing.invoice_subscription(invoice) or "")
     for ii in waiting:
         ii["invoice"] = invoice["id"]
         store.put(ii)
-    lines = [line_from_invoice_item(ii, invoice["id"]) for ii in waiting] + invoice["lines"]["data"]
-    total = sum(line["amount"] for line in lines)
-    invoice["lines"]["data"] = lines
-    invoice.update(subtotal=total, subtotal_excluding_tax=total, total=total, total_excluding_tax=total)
+    invoice["lines"]["data"] = [line_from_invoice_item(ii, invoice["id"]) for ii in waiting] + invoice["lines"]["data"]
+    _set_totals(invoice)
     customer = load(store, "customer", invoice["customer"])
     apply_balance(customer, invoice)
     store.put(customer)
@@ -721,7 +631,7 @@ def add_pending_items(store: Store, invoice: Obj) -> None:
 
 def next_period_end(subscription: Obj, start: int) -> int:
     """Where a period starting at `start` ends, by the subscription's billing interval."""
-    return add_interval(start, *_interval(subscription["items"]["data"]))
+    return add_interval(start, *interval_of(subscription))
 
 
 # -- the upcoming invoice --------------------------------------------------------------------------------
@@ -758,7 +668,7 @@ def preview_invoice(
             code="invoice_upcoming_none",
         )
     customer = load(store, "customer", subscription["customer"], "customer", 400)
-    now = _now()
+    now = simtime.now()
     behavior = proration_behavior or "create_prorations"
     start, end = period(subscription)
     when = proration_date if proration_date is not None else now
@@ -772,14 +682,7 @@ def preview_invoice(
     waiting = pending_invoice_items(store, subscription["id"])
 
     if behavior == "always_invoice" or plan.resets_period:
-        collected = [*waiting, *new_prorations]
-        if plan.resets_period:
-            collected = [ii for ii in collected if ii["proration"]]
-        lines = [line_from_invoice_item(ii, None) for ii in collected]
-        if plan.resets_period:
-            lines += [
-                recurring_line(i, subscription["id"], None, plan.period_start, plan.period_end) for i in plan.items
-            ]
+        lines = _lines_billed_now(plan, subscription["id"], [*waiting, *new_prorations], None)
         reason, created = "subscription_update", now
         next_attempt = now
     else:
@@ -790,8 +693,7 @@ def preview_invoice(
                 "No upcoming invoices for customer: the subscription is set to cancel at the end of the period.",
                 code="invoice_upcoming_none",
             )
-        interval = _interval(plan.items)
-        next_end = add_interval(end, *interval)
+        next_end = add_interval(end, *_interval(plan.items))
         lines = [line_from_invoice_item(ii, None) for ii in [*waiting, *new_prorations]]
         lines += [recurring_line(i, subscription["id"], None, end, next_end) for i in plan.items]
         reason, created = "upcoming", end

@@ -16,12 +16,10 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from . import billing, changes, invoicing, objects, schedules, simtime
-from .errors import StripeError, no_such
+from . import billing, changes, invoicing, lists, objects, schedules, simtime
+from .errors import StripeError
 from .objects import Obj
-from .params import Params, mapping, reject_unknown, string
 from .store import Store
 
 DAY = 86400
@@ -49,24 +47,6 @@ class Dunning:
         if action not in ("unpaid", "cancel"):
             raise ValueError(f"SANDBOX_DUNNING_FINAL_ACTION must be unpaid or cancel, not {action!r}")
         return cls(days, action)
-
-
-def missing_payment_method_param(subscription_data: Params) -> str | None:
-    """subscription_data[trial_settings][end_behavior][missing_payment_method] on Checkout."""
-    path = "subscription_data[trial_settings]"
-    settings = mapping(subscription_data, "trial_settings", "subscription_data")
-    if settings is None:
-        return None
-    reject_unknown(settings, ("end_behavior",), path)
-    behavior = mapping(settings, "end_behavior", path) or {}
-    reject_unknown(behavior, ("missing_payment_method",), f"{path}[end_behavior]")
-    value = string(behavior, "missing_payment_method", f"{path}[end_behavior]", required=True)
-    if value not in MISSING_PAYMENT_METHOD:
-        raise StripeError(
-            f"Invalid missing_payment_method: must be one of {', '.join(MISSING_PAYMENT_METHOD)}",
-            param=f"{path}[end_behavior][missing_payment_method]",
-        )
-    return value
 
 
 # -- the clock API ------------------------------------------------------------------------------
@@ -103,14 +83,9 @@ def load(store: Store, clock_id: str, param: str = "test_clock", status: int = 4
     return clock
 
 
-def list_clocks(store: Store, limit: int, starting_after: str | None) -> Obj:
+def list_clocks(store: Store, page: lists.Page) -> Obj:
     clocks = list(reversed(store.all("test_helpers.test_clock")))
-    if starting_after:
-        ids = [c["id"] for c in clocks]
-        if starting_after not in ids:
-            raise no_such("test_helpers.test_clock", starting_after, "starting_after", 400)
-        clocks = clocks[ids.index(starting_after) + 1 :]
-    return objects.list_object(clocks[:limit], "/v1/test_helpers/test_clocks", has_more=len(clocks) > limit)
+    return lists.paginate(clocks, "/v1/test_helpers/test_clocks", page, "test_helpers.test_clock")
 
 
 def delete(store: Store, clock_id: str, origin: billing.Origin) -> Obj:
@@ -126,7 +101,7 @@ def delete(store: Store, clock_id: str, origin: billing.Origin) -> Obj:
             ]
             for obj in owned:
                 if obj["object"] == "subscription" and obj["status"] not in billing.ENDED:
-                    obj.update(status="canceled", canceled_at=billing._now(), ended_at=billing._now())
+                    obj.update(status="canceled", canceled_at=simtime.now(), ended_at=simtime.now())
                     billing.emit(store, "customer.subscription.deleted", obj, origin=origin)
                 store.delete(obj["id"])
             store.delete(customer["id"])
@@ -244,7 +219,14 @@ def _next_step(store: Store, clock_id: str, target: int) -> Step | None:
 
 
 def _period_end(sub: Obj) -> int:
-    return int(max(item["current_period_end"] for item in sub["items"]["data"]))
+    return changes.period(sub)[1]
+
+
+def _start_period(sub: Obj, start: int) -> None:
+    """Move every item to a new billing period beginning at `start`."""
+    end = changes.next_period_end(sub, start)
+    for item in sub["items"]["data"]:
+        item.update(current_period_start=start, current_period_end=end)
 
 
 def _updated(store: Store, sub: Obj, before: Obj) -> None:
@@ -255,7 +237,7 @@ def _updated(store: Store, sub: Obj, before: Obj) -> None:
 
 
 def _end(store: Store, sub: Obj, reason: str | None) -> None:
-    now = billing._now()
+    now = simtime.now()
     sub.update(status="canceled", ended_at=now, canceled_at=sub["canceled_at"] or now)
     if sub["cancellation_details"]["reason"] is None:
         sub["cancellation_details"]["reason"] = reason
@@ -271,7 +253,7 @@ def _cancel(store: Store, sub_id: str, dunning: Dunning) -> None:
 
 def _schedule(store: Store, schedule_id: str, dunning: Dunning) -> None:
     """A subscription schedule's next phase starts (or its last one ends), at the clock's time."""
-    schedules.apply_due_phases(store, billing._now(), only=schedule_id)
+    schedules.apply_due_phases(store, simtime.now(), only=schedule_id)
 
 
 def _trial_will_end(store: Store, sub_id: str, dunning: Dunning) -> None:
@@ -310,10 +292,8 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
         return
     customer = billing.load(store, "customer", sub["customer"])
     before = copy.deepcopy(sub)
-    start = _period_end(sub)
-    previous = (min(item["current_period_start"] for item in sub["items"]["data"]), start)
-    for item in sub["items"]["data"]:
-        item.update(current_period_start=start, current_period_end=changes.next_period_end(sub, start))
+    previous = changes.period(sub)
+    _start_period(sub, previous[1])
     if sub["status"] == "trialing":
         sub["status"] = "active"
     invoice = invoicing.renewal_invoice(store, customer, sub, previous, "subscription_cycle")
@@ -323,7 +303,7 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
     billing.emit(store, "invoice.created", invoice)
     _updated(store, sub, before)
     paused = sub.get("pause_collection")
-    if paused and (paused.get("resumes_at") is None or paused["resumes_at"] > billing._now()):
+    if paused and (paused.get("resumes_at") is None or paused["resumes_at"] > simtime.now()):
         _collection_paused(store, invoice, paused["behavior"])
 
 
@@ -335,7 +315,7 @@ def _collection_paused(store: Store, invoice: Obj, behavior: str) -> None:
     if behavior == "keep_as_draft":
         return
     invoicing.finalize(store, invoice)
-    now = billing._now()
+    now = simtime.now()
     if behavior == "void":
         invoice.update(status="void", amount_remaining=0)
         invoice["status_transitions"]["voided_at"] = now
@@ -370,7 +350,7 @@ def _attempt(store: Store, invoice: Obj, dunning: Dunning) -> None:
     if invoicing.charge(store, invoice, method):
         invoicing.paid(store, invoice)
         return
-    now = billing._now()
+    now = simtime.now()
     first_failure = invoice.setdefault("_first_failed_at", now)
     retries_done = invoice["attempt_count"] - 1
     exhausted = retries_done >= len(dunning.retry_days)
@@ -401,7 +381,7 @@ ACTIONS: dict[str, Callable[[Store, str, Dunning], None]] = {
     "retry": _retry,
 }
 
-JOBS: dict[str, Callable[[Store, str], Any]] = {"advance_test_clock": run_advance}
+billing.JOB_HANDLERS["advance_test_clock"] = lambda store, ref, now: run_advance(store, ref)
 
 
 def resume(store: Store, sub_id: str, origin: billing.Origin) -> Obj:
@@ -416,10 +396,9 @@ def resume(store: Store, sub_id: str, origin: billing.Origin) -> Obj:
             code="subscription_not_paused" if sub["status"] not in billing.ENDED else "resource_missing",
         )
     customer = billing.load(store, "customer", sub["customer"])
-    now = billing._now()
+    now = simtime.now()
     before = copy.deepcopy(sub)
-    for item in sub["items"]["data"]:
-        item.update(current_period_start=now, current_period_end=changes.next_period_end(sub, now))
+    _start_period(sub, now)
     sub.update(status="active", billing_cycle_anchor=now)
     invoice = invoicing.renewal_invoice(store, customer, sub, (now, now), "subscription_update")
     sub["latest_invoice"] = invoice["id"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import re
 import threading
 from collections.abc import Mapping
@@ -21,7 +22,6 @@ class Settings:
     public_url: str
     state_dir: Path
     webhook_url: str
-    webhook_secret: str
     catalogue_file: Path
     async_delay: float
     retry_base: float
@@ -41,7 +41,6 @@ class Settings:
             state_dir=Path(env.get("SANDBOX_STATE_DIR", "instance/sandbox")),
             # The start-up values; the worker reads the live ones (POST /_sandbox/delivery).
             webhook_url=delivery.webhook_url,
-            webhook_secret=delivery.secrets[0],
             catalogue_file=Path(env.get("PLAN_CATALOGUE_FILE", "plans.toml")),
             async_delay=float(env.get("SANDBOX_ASYNC_DELAY_SECONDS", "3")),
             retry_base=float(env.get("SANDBOX_WEBHOOK_RETRY_BASE_SECONDS", "1")),
@@ -158,6 +157,10 @@ class DeliveryConfig:
             values[name] = _check(name, value)
         values["secrets"] = tuple(values["secrets"])
         return DeliveryConfig(**values)
+
+    def duplicates_now(self) -> bool:
+        """Whether this delivery of an event also sends a second copy (`duplicate_rate`)."""
+        return self.duplicate_rate > 0 and random.random() < self.duplicate_rate  # noqa: S311
 
     def as_dict(self) -> dict[str, Any]:
         return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in self.FIELDS}

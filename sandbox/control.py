@@ -403,7 +403,7 @@ def take_deliveries() -> Response:
             event = store.get(row["event_id"])
             assert event is not None
             store.put({**event, "pending_webhooks": 0})
-            copies = 2 if config.duplicate_rate > 0 and random.random() < config.duplicate_rate else 1  # noqa: S311
+            copies = 2 if config.duplicates_now() else 1
             for copy in range(copies):
                 taken.append(event)
                 store.record_send(

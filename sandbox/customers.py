@@ -28,7 +28,7 @@ def create(
         clock = billing.load(store, "test_helpers.test_clock", test_clock, "test_clock", 400)
         frozen = clock["frozen_time"]
     with simtime.frozen_at(frozen):
-        customer = objects.customer(email, name, billing._now())
+        customer = objects.customer(email, name, simtime.now())
         customer.update(metadata=metadata, test_clock=test_clock)
         store.put(customer)
         billing.emit(store, "customer.created", customer, origin=origin)
@@ -63,9 +63,7 @@ def update(
         customer["email"] = email or None
     if name is not None:
         customer["name"] = name or None
-    if metadata is not None:
-        merged = {**customer["metadata"], **metadata} if metadata else {}
-        customer["metadata"] = {k: v for k, v in merged.items() if v != ""}
+    billing.merge_metadata(customer, metadata)
     if default_payment_method is not None:
         if default_payment_method:
             _check_owned(store, customer, default_payment_method)
@@ -100,10 +98,7 @@ def use_new_card(
     and of every subscription that has not ended. Events: payment_method.attached,
     customer.updated, customer.subscription.updated (one per subscription whose default changed)."""
     customer = billing.load(store, "customer", customer_id)
-    method = invoicing.create_payment_method(
-        store, card_number, customer_id=None, name=name, email=email, exp_month=expiry[0], exp_year=expiry[1]
-    )
-    invoicing.attach(store, method, customer_id)
+    method = invoicing.attach_typed_card(store, customer_id, card_number, name=name, email=email, expiry=expiry)
     invoicing.set_customer_default(store, customer, method["id"], billing.AUTOMATIC)
     for subscription in billing.customer_subscriptions(store, customer_id):
         if subscription["status"] in billing.ENDED or subscription["default_payment_method"] == method["id"]:

@@ -11,12 +11,23 @@ import time
 from typing import Any
 
 from . import changes, lists, prices, refunds, schedules
-from .api import _cancellation_details, _origin, endpoint
-from .billing import load
+from .api import _cancellation_details, _origin, _retrieve, endpoint
 from .context import current_store
-from .errors import StripeError
+from .errors import StripeError, exclusive
 from .objects import Obj
-from .params import Params, array, boolean, integer, mapping, metadata, reject_unknown, string
+from .params import (
+    Params,
+    array,
+    boolean,
+    integer,
+    mapping,
+    metadata,
+    new_metadata,
+    reject_unknown,
+    required_integer,
+    required_string,
+    string,
+)
 
 
 def _choice(params: Params, key: str, choices: tuple[str, ...], path: str = "") -> str | None:
@@ -141,8 +152,7 @@ def create_subscription_schedule(params: Params) -> Obj:
 
 @endpoint("/subscription_schedules/<schedule_id>", "GET")
 def retrieve_subscription_schedule(params: Params, schedule_id: str) -> Obj:
-    reject_unknown(params, ())
-    return load(current_store(), "subscription_schedule", schedule_id, "schedule")
+    return _retrieve("subscription_schedule", schedule_id, params, "schedule")
 
 
 @endpoint("/subscription_schedules/<schedule_id>", "POST")
@@ -164,8 +174,7 @@ def update_subscription_schedule(params: Params, schedule_id: str) -> Obj:
                 if not isinstance(item, dict):
                     raise StripeError("Invalid object", param=where)
                 reject_unknown(item, ("price", "quantity"), where)
-                price = string(item, "price", where, required=True)
-                assert price is not None
+                price = required_string(item, "price", where)
                 items.append((price, integer(item, "quantity", where, minimum=0) or 1))
             start: int | str | None = string(raw, "start_date", path)
             if start is not None and start != "now":
@@ -224,9 +233,8 @@ def create_price(params: Params) -> Obj:
     if product_data is not None:
         reject_unknown(product_data, ("name",), "product_data")
         product_name = string(product_data, "name", "product_data", required=True)
-    currency = string(params, "currency", required=True)
-    unit_amount = integer(params, "unit_amount", required=True, minimum=0)
-    assert currency is not None and unit_amount is not None
+    currency = required_string(params, "currency")
+    unit_amount = required_integer(params, "unit_amount", minimum=0)
     active = boolean(params, "active")
     return prices.create_price(
         current_store(),
@@ -240,7 +248,7 @@ def create_price(params: Params) -> Obj:
             lookup_key=string(params, "lookup_key"),
             transfer_lookup_key=bool(boolean(params, "transfer_lookup_key")),
             nickname=string(params, "nickname"),
-            metadata={k: v for k, v in (metadata(params) or {}).items() if v != ""},
+            metadata=new_metadata(params),
             active=True if active is None else active,
         ),
     )
@@ -248,8 +256,7 @@ def create_price(params: Params) -> Obj:
 
 @endpoint("/prices/<price_id>", "GET")
 def retrieve_price(params: Params, price_id: str) -> Obj:
-    reject_unknown(params, ())
-    return load(current_store(), "price", price_id, "price")
+    return _retrieve("price", price_id, params, "price")
 
 
 @endpoint("/prices/<price_id>", "POST")
@@ -278,40 +285,34 @@ def create_refund(params: Params) -> Obj:
         charge=string(params, "charge"),
         amount=integer(params, "amount", minimum=1),
         reason=string(params, "reason"),
-        metadata={k: v for k, v in (metadata(params) or {}).items() if v != ""},
+        metadata=new_metadata(params),
         origin=_origin(),
     )
 
 
 @endpoint("/refunds/<refund_id>", "GET")
 def retrieve_refund(params: Params, refund_id: str) -> Obj:
-    reject_unknown(params, ())
-    return load(current_store(), "refund", refund_id, "refund")
+    return _retrieve("refund", refund_id, params, "refund")
 
 
 @endpoint("/refunds", "GET")
 def list_refunds(params: Params) -> Obj:
     reject_unknown(params, ("payment_intent", "charge", "created", "limit", "starting_after", "ending_before"))
-    created = lists.range_filter(params, "created")
     wanted = {"payment_intent": string(params, "payment_intent"), "charge": string(params, "charge")}
-    found = [
-        r
-        for r in lists.newest_first(current_store().all("refund"))
-        if lists.matches(r, **wanted) and (created is None or created(r["created"]))
-    ]
-    return lists.paginate(found, "/v1/refunds", lists.page_params(params), "refund")
+    created = lists.created_filter(params)
+    return lists.listing(
+        current_store(), "refund", "/v1/refunds", params, lambda r: lists.matches(r, **wanted) and created(r)
+    )
 
 
 @endpoint("/payment_intents/<intent_id>", "GET")
 def retrieve_payment_intent(params: Params, intent_id: str) -> Obj:
-    reject_unknown(params, ())
-    return load(current_store(), "payment_intent", intent_id, "intent")
+    return _retrieve("payment_intent", intent_id, params, "intent")
 
 
 @endpoint("/charges/<charge_id>", "GET")
 def retrieve_charge(params: Params, charge_id: str) -> Obj:
-    reject_unknown(params, ())
-    return load(current_store(), "charge", charge_id, "charge")
+    return _retrieve("charge", charge_id, params, "charge")
 
 
 # -- lists ----------------------------------------------------------------------------------------
@@ -332,22 +333,15 @@ SUBSCRIPTION_STATUSES = (
 PAGING = ("limit", "starting_after", "ending_before")
 
 
-def _created(params: Params) -> Any:
-    created = lists.range_filter(params, "created")
-    return (lambda obj: True) if created is None else (lambda obj: created(obj["created"]))
-
-
 @endpoint("/events", "GET")
 def list_events(params: Params) -> Obj:
     reject_unknown(params, ("type", "types", "created", "delivery_success", *PAGING))
     one_type = string(params, "type")
     types = [str(t) for t in array(params, "types") or []]
     if one_type and types:
-        raise StripeError(
-            "You may only specify one of these parameters: type, types.", code="parameters_exclusive", param="types"
-        )
+        raise exclusive("type", "types", "types")
     delivery_success = boolean(params, "delivery_success")
-    created = _created(params)
+    created = lists.created_filter(params)
     store = current_store()
     states = store.delivery_states() if delivery_success is not None else {}
     oldest = int(time.time()) - EVENT_RETENTION_SECONDS
@@ -363,8 +357,7 @@ def list_events(params: Params) -> Obj:
             return (states.get(event["id"]) == "delivered") == delivery_success
         return True
 
-    found = [e for e in lists.newest_first(store.all("event")) if wanted(e)]
-    return lists.paginate(found, "/v1/events", lists.page_params(params), "event")
+    return lists.listing(store, "event", "/v1/events", params, wanted)
 
 
 @endpoint("/subscriptions", "GET")
@@ -373,7 +366,7 @@ def list_subscriptions(params: Params) -> Obj:
     status = _choice(params, "status", SUBSCRIPTION_STATUSES)
     price = string(params, "price")
     customer = string(params, "customer")
-    created = _created(params)
+    created = lists.created_filter(params)
 
     def wanted(sub: Obj) -> bool:
         if status is None and sub["status"] == "canceled":
@@ -386,8 +379,7 @@ def list_subscriptions(params: Params) -> Obj:
             return False
         return lists.matches(sub, customer=customer) and created(sub)
 
-    found = [s for s in lists.newest_first(current_store().all("subscription")) if wanted(s)]
-    return lists.paginate(found, "/v1/subscriptions", lists.page_params(params), "subscription")
+    return lists.listing(current_store(), "subscription", "/v1/subscriptions", params, wanted)
 
 
 @endpoint("/checkout/sessions", "GET")
@@ -398,34 +390,35 @@ def list_checkout_sessions(params: Params) -> Obj:
         "subscription": string(params, "subscription"),
         "status": _choice(params, "status", ("open", "complete", "expired")),
     }
-    created = _created(params)
-    found = [
-        s
-        for s in lists.newest_first(current_store().all("checkout.session"))
-        if lists.matches(s, **wanted) and created(s)
-    ]
-    return lists.paginate(found, "/v1/checkout/sessions", lists.page_params(params), "checkout.session")
+    created = lists.created_filter(params)
+    return lists.listing(
+        current_store(),
+        "checkout.session",
+        "/v1/checkout/sessions",
+        params,
+        lambda s: lists.matches(s, **wanted) and created(s),
+    )
 
 
 @endpoint("/customers", "GET")
 def list_customers(params: Params) -> Obj:
     reject_unknown(params, ("email", "created", *PAGING))
     email = string(params, "email")
-    created = _created(params)
-    found = [
-        c for c in lists.newest_first(current_store().all("customer")) if lists.matches(c, email=email) and created(c)
-    ]
-    return lists.paginate(found, "/v1/customers", lists.page_params(params), "customer")
+    created = lists.created_filter(params)
+    return lists.listing(
+        current_store(), "customer", "/v1/customers", params, lambda c: lists.matches(c, email=email) and created(c)
+    )
 
 
 @endpoint("/subscription_schedules", "GET")
 def list_subscription_schedules(params: Params) -> Obj:
     reject_unknown(params, ("customer", "created", *PAGING))
     customer = string(params, "customer")
-    created = _created(params)
-    found = [
-        s
-        for s in lists.newest_first(current_store().all("subscription_schedule"))
-        if lists.matches(s, customer=customer) and created(s)
-    ]
-    return lists.paginate(found, "/v1/subscription_schedules", lists.page_params(params), "subscription_schedule")
+    created = lists.created_filter(params)
+    return lists.listing(
+        current_store(),
+        "subscription_schedule",
+        "/v1/subscription_schedules",
+        params,
+        lambda s: lists.matches(s, customer=customer) and created(s),
+    )

@@ -42,6 +42,17 @@ def unknown(param: str) -> StripeError:
     return StripeError(f"Received unknown parameter: {param}", code="parameter_unknown", param=param)
 
 
+def exclusive(first: str, second: str, param: str) -> StripeError:
+    """Two parameters that cannot be sent together; `param` is the one Stripe names."""
+    return StripeError(
+        f"You may only specify one of these parameters: {first}, {second}.", code="parameters_exclusive", param=param
+    )
+
+
+def inactive_price(param: str) -> StripeError:
+    return StripeError("The price specified is inactive. This field only accepts active prices.", param=param)
+
+
 def no_such(kind: str, object_id: str, param: str, status: int = 404) -> StripeError:
     """Stripe answers 404 for a missing path object and 400 for a missing referenced one."""
     return StripeError(

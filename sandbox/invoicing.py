@@ -13,9 +13,9 @@ import hashlib
 from dataclasses import dataclass
 from functools import cache
 
-from . import billing, objects, simtime
+from . import billing, lists, objects, simtime
 from .config import Settings
-from .errors import StripeError, no_such
+from .errors import StripeError
 from .objects import Obj
 from .store import Store
 
@@ -142,15 +142,20 @@ def attach(store: Store, method: Obj, customer_id: str) -> None:
     billing.emit(store, "payment_method.attached", method)
 
 
-def customer_payment_methods(store: Store, customer_id: str, limit: int, starting_after: str | None) -> Obj:
+def attach_typed_card(
+    store: Store, customer_id: str, number: str, *, name: str, email: str, expiry: tuple[int, int]
+) -> Obj:
+    """A card typed on a hosted page (the portal's card form, an invoice page), attached."""
+    method = create_payment_method(
+        store, number, customer_id=None, name=name, email=email, exp_month=expiry[0], exp_year=expiry[1]
+    )
+    attach(store, method, customer_id)
+    return method
+
+
+def customer_payment_methods(store: Store, customer_id: str, page: lists.Page) -> Obj:
     methods = [m for m in reversed(store.all("payment_method")) if m["customer"] == customer_id]
-    if starting_after:
-        ids = [m["id"] for m in methods]
-        if starting_after not in ids:
-            raise no_such("payment_method", starting_after, "starting_after", 400)
-        methods = methods[ids.index(starting_after) + 1 :]
-    url = f"/v1/customers/{customer_id}/payment_methods"
-    return objects.list_object(methods[:limit], url, has_more=len(methods) > limit)
+    return lists.paginate(methods, f"/v1/customers/{customer_id}/payment_methods", page, "payment_method")
 
 
 def default_payment_method(store: Store, subscription: Obj | None, customer: Obj) -> Obj | None:
@@ -179,10 +184,8 @@ def set_customer_default(store: Store, customer: Obj, method_id: str | None, ori
 
 def decorate(invoice: Obj, customer: Obj, subscription: Obj | None) -> None:
     """Fields objects.invoice() leaves out: hosted URLs, dunning, clock and payments."""
-    base = f"{public_url()}/invoice/{invoice['id']}"
     invoice.update(
-        hosted_invoice_url=base if invoice["status"] != "draft" else None,
-        invoice_pdf=f"{base}/pdf" if invoice["status"] != "draft" else None,
+        **_hosted_urls(invoice),
         next_payment_attempt=None,
         automatically_finalizes_at=None,
         default_payment_method=None,
@@ -195,6 +198,14 @@ def decorate(invoice: Obj, customer: Obj, subscription: Obj | None) -> None:
             "payment_method_types": None,
         },
     )
+
+
+def _hosted_urls(invoice: Obj) -> Obj:
+    """An invoice's hosted page and PDF; a draft has neither until it is finalized."""
+    if invoice["status"] == "draft":
+        return {"hosted_invoice_url": None, "invoice_pdf": None}
+    base = f"{public_url()}/invoice/{invoice['id']}"
+    return {"hosted_invoice_url": base, "invoice_pdf": f"{base}/pdf"}
 
 
 def renewal_invoice(store: Store, customer: Obj, subscription: Obj, period: tuple[int, int], reason: str) -> Obj:
@@ -230,8 +241,7 @@ def finalize(store: Store, invoice: Obj) -> None:
         automatically_finalizes_at=None,
     )
     invoice["status_transitions"]["finalized_at"] = now
-    base = f"{public_url()}/invoice/{invoice['id']}"
-    invoice.update(hosted_invoice_url=base, invoice_pdf=f"{base}/pdf")
+    invoice.update(_hosted_urls(invoice))
     customer["next_invoice_sequence"] += 1
     store.put(customer)
     store.put(invoice)
@@ -471,8 +481,7 @@ def list_invoices(
     customer: str | None,
     subscription: str | None,
     status: str | None,
-    limit: int,
-    starting_after: str | None,
+    page: lists.Page,
 ) -> Obj:
     found = [
         i
@@ -481,12 +490,7 @@ def list_invoices(
         and (subscription is None or invoice_subscription(i) == subscription)
         and (status is None or i["status"] == status)
     ]
-    if starting_after:
-        ids = [i["id"] for i in found]
-        if starting_after not in ids:
-            raise no_such("invoice", starting_after, "starting_after", 400)
-        found = found[ids.index(starting_after) + 1 :]
-    return objects.list_object(found[:limit], "/v1/invoices", has_more=len(found) > limit)
+    return lists.paginate(found, "/v1/invoices", page, "invoice")
 
 
 def invoice_payments(store: Store, invoice_id: str) -> Obj:
@@ -508,10 +512,7 @@ def pay_by_card(
     invoice = billing.load(store, "invoice", invoice_id)
     if invoice["status"] != "open":
         raise billing.PaymentError(f"This invoice is {invoice['status']}; it can no longer be paid.")
-    method = create_payment_method(
-        store, card_number, customer_id=None, name=name, email=email, exp_month=expiry[0], exp_year=expiry[1]
-    )
-    attach(store, method, invoice["customer"])
+    method = attach_typed_card(store, invoice["customer"], card_number, name=name, email=email, expiry=expiry)
     if not charge(store, invoice, method):
         raise billing.PaymentError(DECLINED)
     paid(store, invoice)

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import objects
-from .errors import StripeError
+from .errors import StripeError, exclusive
 from .objects import Obj
 from .params import Params, integer, mapping, reject_unknown, string
+from .store import Store
 
 RANGE_KEYS = ("gt", "gte", "lt", "lte")
 
@@ -32,11 +33,7 @@ def page_params(params: Params) -> Page:
         raise StripeError("This value must be less than or equal to 100.", param="limit")
     after, before = string(params, "starting_after"), string(params, "ending_before")
     if after and before:
-        raise StripeError(
-            "You may only specify one of these parameters: starting_after, ending_before.",
-            code="parameters_exclusive",
-            param="ending_before",
-        )
+        raise exclusive("starting_after", "ending_before", "ending_before")
     return Page(limit or 10, after, before)
 
 
@@ -64,6 +61,12 @@ def range_filter(params: Params, key: str) -> Callable[[int], bool] | None:
     return check
 
 
+def created_filter(params: Params) -> Callable[[Obj], bool]:
+    """The `created` parameter as a predicate on an object (every object passes without it)."""
+    created = range_filter(params, "created")
+    return (lambda obj: True) if created is None else (lambda obj: created(obj["created"]))
+
+
 def newest_first(items: Iterable[Obj]) -> list[Obj]:
     """Store order is creation order; a stable sort on `created` keeps ties in that order."""
     ordered = list(reversed(list(items)))
@@ -86,6 +89,13 @@ def paginate(items: list[Obj], url: str, page: Page, kind: str) -> Obj:
         rest = items[: ids.index(page.ending_before)]
         return objects.list_object(rest[-page.limit :], url, has_more=len(rest) > page.limit)
     return objects.list_object(items[: page.limit], url, has_more=len(items) > page.limit)
+
+
+def listing(store: Store, kind: str, url: str, params: Params, wanted: Callable[[Obj], bool]) -> Obj:
+    """A list endpoint's answer: the stored objects of `kind` that are `wanted`, newest first,
+    paged as `params` ask."""
+    found = [obj for obj in newest_first(store.all(kind)) if wanted(obj)]
+    return paginate(found, url, page_params(params), kind)
 
 
 def matches(obj: Mapping[str, Any], **wanted: Any) -> bool:

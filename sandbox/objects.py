@@ -38,6 +38,11 @@ def add_month(timestamp: int) -> int:
     return int(start.replace(year=year, month=month, day=day).timestamp())
 
 
+def money(cents: int) -> str:
+    """An amount in cents as a customer reads it: $1,234.50."""
+    return f"${cents / 100:,.2f}"
+
+
 def public(obj: Obj, include: Collection[str] = ()) -> Obj:
     """A deep copy of the object as Stripe shows it, with the includable fields asked for."""
     hidden = set(INCLUDABLE.get(obj["object"], ())) - set(include)
@@ -134,7 +139,7 @@ def price(product_id: str, lookup_key: str, nickname: str, unit_amount: int, now
     }
 
 
-def _plan(price: Obj) -> Obj:
+def plan(price: Obj) -> Obj:
     """The legacy Plan view of a recurring price, still present on subscription items."""
     recurring = price["recurring"]
     return {
@@ -223,6 +228,8 @@ def checkout_session(
     metadata: dict[str, str],
     subscription_metadata: dict[str, str],
     trial_period_days: int | None,
+    missing_payment_method: str | None,
+    payment_method_collection: str,
     allow_promotion_codes: bool | None,
     expires_at: int,
     public_url: str,
@@ -272,7 +279,7 @@ def checkout_session(
         "mode": "subscription",
         "payment_intent": None,
         "payment_link": None,
-        "payment_method_collection": "always",
+        "payment_method_collection": payment_method_collection,
         "payment_method_types": ["card"],
         "payment_status": "unpaid",
         "phone_number_collection": {"enabled": False},
@@ -292,6 +299,7 @@ def checkout_session(
         "_subscription_data": {
             "metadata": subscription_metadata,
             "trial_period_days": trial_period_days,
+            "missing_payment_method": missing_payment_method,
         },
     }
 
@@ -324,24 +332,7 @@ def subscription(
     sub_id = new_id("sub_")
     trial_end = now + trial_days * 86400 if trial_days else None
     period_end = trial_end or add_month(now)
-    items = [
-        {
-            "id": new_id("si_", 14),
-            "object": "subscription_item",
-            "billing_thresholds": None,
-            "created": now,
-            "current_period_end": period_end,
-            "current_period_start": now,
-            "discounts": [],
-            "metadata": {},
-            "plan": _plan(item["price"]),
-            "price": item["price"],
-            "quantity": item["quantity"],
-            "subscription": sub_id,
-            "tax_rates": [],
-        }
-        for item in line_items
-    ]
+    items = [subscription_item(sub_id, item["price"], item["quantity"], (now, period_end), now) for item in line_items]
     return {
         "id": sub_id,
         "object": "subscription",
@@ -393,6 +384,81 @@ def subscription(
     }
 
 
+def subscription_item(subscription_id: str, price: Obj, quantity: int, period: tuple[int, int], now: int) -> Obj:
+    return {
+        "id": new_id("si_", 14),
+        "object": "subscription_item",
+        "billing_thresholds": None,
+        "created": now,
+        "current_period_end": period[1],
+        "current_period_start": period[0],
+        "discounts": [],
+        "metadata": {},
+        "plan": plan(price),
+        "price": price,
+        "quantity": quantity,
+        "subscription": subscription_id,
+        "tax_rates": [],
+    }
+
+
+def price_pricing(price: Obj) -> Obj:
+    """The `pricing` of an invoice line or invoice item billed at a price."""
+    return {
+        "type": "price_details",
+        "price_details": {"price": price["id"], "product": price["product"]},
+        "unit_amount_decimal": price["unit_amount_decimal"],
+    }
+
+
+def invoice_line(
+    *,
+    invoice_id: str | None,
+    amount: int,
+    currency: str,
+    description: str,
+    subscription_id: str,
+    subscription_item: str,
+    period: Obj,
+    pricing: Obj,
+    quantity: int,
+    invoice_item: str | None = None,
+    proration: bool = False,
+    discountable: bool = True,
+) -> Obj:
+    """A line of a subscription's invoice: a recurring charge, or an invoice item's line."""
+    return {
+        "id": new_id("il_"),
+        "object": "line_item",
+        "amount": amount,
+        "currency": currency,
+        "description": description,
+        "discount_amounts": [],
+        "discountable": discountable,
+        "discounts": [],
+        "invoice": invoice_id,
+        "livemode": False,
+        "metadata": {},
+        "parent": {
+            "type": "subscription_item_details",
+            "invoice_item_details": None,
+            "subscription_item_details": {
+                "invoice_item": invoice_item,
+                "proration": proration,
+                "proration_details": {"credited_items": None},
+                "subscription": subscription_id,
+                "subscription_item": subscription_item,
+            },
+        },
+        "period": period,
+        "pretax_credit_amounts": [],
+        "pricing": pricing,
+        "quantity": quantity,
+        "subtotal": amount,
+        "taxes": [],
+    }
+
+
 def invoice(customer: Obj, subscription: Obj, now: int) -> Obj:
     """The first invoice of a new subscription, finalized and awaiting payment."""
     invoice_id = new_id("in_")
@@ -403,46 +469,17 @@ def invoice(customer: Obj, subscription: Obj, now: int) -> Obj:
         amount = 0 if trialing else price["unit_amount"] * item["quantity"]
         what = f"Trial period for {price['nickname']}" if trialing else price["nickname"]
         lines.append(
-            {
-                "id": new_id("il_"),
-                "object": "line_item",
-                "amount": amount,
-                "currency": price["currency"],
-                "description": f"{item['quantity']} × {what}",
-                "discount_amounts": [],
-                "discountable": True,
-                "discounts": [],
-                "invoice": invoice_id,
-                "livemode": False,
-                "metadata": {},
-                "parent": {
-                    "type": "subscription_item_details",
-                    "invoice_item_details": None,
-                    "subscription_item_details": {
-                        "invoice_item": None,
-                        "proration": False,
-                        "proration_details": {"credited_items": None},
-                        "subscription": subscription["id"],
-                        "subscription_item": item["id"],
-                    },
-                },
-                "period": {
-                    "start": item["current_period_start"],
-                    "end": item["current_period_end"],
-                },
-                "pretax_credit_amounts": [],
-                "pricing": {
-                    "type": "price_details",
-                    "price_details": {
-                        "price": price["id"],
-                        "product": price["product"],
-                    },
-                    "unit_amount_decimal": price["unit_amount_decimal"],
-                },
-                "quantity": item["quantity"],
-                "subtotal": amount,
-                "taxes": [],
-            }
+            invoice_line(
+                invoice_id=invoice_id,
+                amount=amount,
+                currency=price["currency"],
+                description=f"{item['quantity']} × {what}",
+                subscription_id=subscription["id"],
+                subscription_item=item["id"],
+                period={"start": item["current_period_start"], "end": item["current_period_end"]},
+                pricing=price_pricing(price),
+                quantity=item["quantity"],
+            )
         )
     total = sum(line["amount"] for line in lines)
     return {

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, redirect, render_template, request
 from werkzeug.wrappers import Response
 
-from . import billing, customers, invoicing, portal_changes, simtime
+from . import billing, customers, invoicing, objects, portal_changes, simtime
 from .context import current_settings, current_store
 from .errors import StripeError
 from .objects import Obj
@@ -20,6 +20,7 @@ from .objects import Obj
 bp = Blueprint("pages", __name__, template_folder="templates")
 
 FIELDS = ("email", "cardNumber", "cardExpiry", "cardCvc", "billingName")
+EXPIRY = re.compile(r"(\d{1,2})\s*/?\s*(\d{2})")  # "MM / YY", "MM/YY" or "MMYY"
 
 PORTAL_ACTIONS = {
     "cancel-at-period-end": "Your subscription will be canceled at the end of the billing period.",
@@ -28,11 +29,10 @@ PORTAL_ACTIONS = {
     "switch-plan": "Your plan has been changed.",
     "update-quantity": "Your subscription has been updated.",
 }
+CARD_NOTICES = {"update-card": "Your payment method has been updated."}  # shown back on the portal
 
 
-@bp.app_template_filter("money")
-def money(cents: int) -> str:
-    return f"${cents / 100:,.2f}"
+bp.add_app_template_filter(objects.money, "money")
 
 
 @bp.app_template_filter("day")
@@ -42,6 +42,21 @@ def day(timestamp: int) -> str:
 
 def _not_found(what: str) -> tuple[str, int]:
     return render_template("message.html", title="Not found", message=f"No such {what}."), 404
+
+
+def _find(kind: str, object_id: str) -> Obj | None:
+    """The stored object if it is of this kind; None (the page answers 404) otherwise."""
+    obj = current_store().get(object_id)
+    return obj if obj is not None and obj["object"] == kind else None
+
+
+def _blank_form(email: str) -> dict[str, str]:
+    """The card form's fields before anything is typed: only the email is prefilled."""
+    return {field: "" for field in FIELDS} | {"email": email}
+
+
+def _posted_form() -> dict[str, str]:
+    return {field: request.form.get(field, "").strip() for field in FIELDS}
 
 
 # -- Checkout ---------------------------------------------------------------------------------
@@ -56,11 +71,10 @@ def checkout(session_id: str) -> Response | tuple[str, int]:
     except StripeError:
         return _not_found("Checkout Session")
     customer = store.get(session["customer"]) if session["customer"] else None
-    values = {field: "" for field in FIELDS}
-    values["email"] = session["customer_email"] or (customer["email"] if customer else "")
+    values = _blank_form(session["customer_email"] or (customer["email"] if customer else ""))
     errors: list[str] = []
     if request.method == "POST":
-        values = {field: request.form.get(field, "").strip() for field in FIELDS}
+        values = _posted_form()
         errors = validate_payment_form(values, card_optional=billing.card_optional(session))
         if not errors:
             try:
@@ -107,7 +121,7 @@ def validate_payment_form(values: dict[str, str], card_optional: bool = False) -
         errors.append("Your card number is incomplete.")
     elif not (number.isdigit() and 12 <= len(number) <= 19 and _luhn_ok(number)):
         errors.append("Your card number is invalid.")
-    expiry = re.fullmatch(r"(\d{1,2})\s*/?\s*(\d{2})", values["cardExpiry"])
+    expiry = EXPIRY.fullmatch(values["cardExpiry"])
     if not expiry or not 1 <= int(expiry.group(1)) <= 12:
         errors.append("Your card's expiration date is incomplete.")
     else:
@@ -126,7 +140,7 @@ def validate_payment_form(values: dict[str, str], card_optional: bool = False) -
 
 def card_expiry(values: dict[str, str]) -> tuple[int, int]:
     """(month, year) of a validated "MM / YY" expiry, or a far-off default when none was typed."""
-    expiry = re.fullmatch(r"(\d{1,2})\s*/?\s*(\d{2})", values.get("cardExpiry", ""))
+    expiry = EXPIRY.fullmatch(values.get("cardExpiry", ""))
     return (int(expiry.group(1)), 2000 + int(expiry.group(2))) if expiry else (12, 2034)
 
 
@@ -160,8 +174,8 @@ def _portal_page(portal: Obj, notice: str | None = None, error: str | None = Non
 
 @bp.get("/portal/<portal_id>")
 def portal(portal_id: str) -> str | tuple[str, int]:
-    found = current_store().get(portal_id)
-    if found is None or found["object"] != "billing_portal.session":
+    found = _find("billing_portal.session", portal_id)
+    if found is None:
         return _not_found("portal session")
     done = request.args.get("done", "")
     return _portal_page(found, notice=PORTAL_ACTIONS.get(done) or CARD_NOTICES.get(done))
@@ -170,11 +184,10 @@ def portal(portal_id: str) -> str | tuple[str, int]:
 @bp.post("/portal/<portal_id>/subscriptions/<subscription_id>/<action>")
 def portal_action(portal_id: str, subscription_id: str, action: str) -> Response | tuple[str, int]:
     store = current_store()
-    found = store.get(portal_id)
+    found = _find("billing_portal.session", portal_id)
     subscription = store.get(subscription_id)
     if (
         found is None
-        or found["object"] != "billing_portal.session"
         or subscription is None
         or subscription.get("customer") != found["customer"]
         or action not in PORTAL_ACTIONS
@@ -199,8 +212,6 @@ def portal_action(portal_id: str, subscription_id: str, action: str) -> Response
 
 # -- cards: the portal's "update card", hosted invoice pages and invoice PDFs ---------------------
 
-CARD_NOTICES = {"update-card": "Your payment method has been updated."}
-
 
 @bp.app_template_filter("card_summary")
 def card_summary(customer: Obj) -> str:
@@ -219,18 +230,16 @@ def open_invoices(customer: Obj) -> list[Obj]:
 
 def _card_from_form(values: dict[str, str]) -> billing.SandboxCard:
     """The sandbox card typed into a card form (already validated), refusing declined ones."""
-    number = re.sub(r"\s", "", values["cardNumber"])
-    card = next((c for c in billing.SANDBOX_CARDS if c.number == number), None)
+    card = billing.sandbox_card(re.sub(r"\s", "", values["cardNumber"]))
     if card is None:
-        raise billing.PaymentError("This sandbox only accepts the test cards listed above.")
+        raise billing.PaymentError(billing.UNKNOWN_CARD)
     if card.outcome == "declined":
-        raise billing.PaymentError("Your card was declined.")
+        raise billing.PaymentError(invoicing.DECLINED)
     return card
 
 
-def _card_page(status: int = 200, **context: object) -> tuple[str, int]:
-    values = context.pop("values", None) or {field: "" for field in FIELDS}
-    return render_template("card.html", cards=billing.SANDBOX_CARDS, values=values, **context), status
+def _card_page(status: int, **context: object) -> tuple[str, int]:
+    return render_template("card.html", cards=billing.SANDBOX_CARDS, **context), status
 
 
 @bp.route("/portal/<portal_id>/payment-method", methods=["GET", "POST"])
@@ -238,16 +247,15 @@ def portal_update_card(portal_id: str) -> Response | tuple[str, int]:
     """The portal's card form: the new card is attached and becomes the default of the customer
     and of its subscriptions that have not ended."""
     store = current_store()
-    portal = store.get(portal_id)
-    if portal is None or portal["object"] != "billing_portal.session":
+    portal = _find("billing_portal.session", portal_id)
+    if portal is None:
         return _not_found("portal session")
     customer = store.get(portal["customer"])
     assert customer is not None
-    values = {field: "" for field in FIELDS}
-    values["email"] = customer["email"] or ""
+    values = _blank_form(customer["email"] or "")
     errors: list[str] = []
     if request.method == "POST":
-        values = {field: request.form.get(field, "").strip() for field in FIELDS}
+        values = _posted_form()
         errors = validate_payment_form(values)
         if not errors:
             try:
@@ -282,15 +290,14 @@ def portal_update_card(portal_id: str) -> Response | tuple[str, int]:
 def hosted_invoice(invoice_id: str) -> Response | tuple[str, int]:
     """The hosted invoice page (hosted_invoice_url): pay an open invoice by card."""
     store = current_store()
-    invoice = store.get(invoice_id)
-    if invoice is None or invoice["object"] != "invoice" or invoice["status"] == "draft":
+    invoice = _find("invoice", invoice_id)
+    if invoice is None or invoice["status"] == "draft":
         return _not_found("invoice")
     customer = store.get(invoice["customer"])
-    values = {field: "" for field in FIELDS}
-    values["email"] = (customer or {}).get("email") or ""
+    values = _blank_form((customer or {}).get("email") or "")
     errors: list[str] = []
     if request.method == "POST" and invoice["status"] == "open":
-        values = {field: request.form.get(field, "").strip() for field in FIELDS}
+        values = _posted_form()
         errors = validate_payment_form(values)
         if not errors:
             try:
@@ -325,8 +332,8 @@ def hosted_invoice(invoice_id: str) -> Response | tuple[str, int]:
 
 @bp.get("/invoice/<invoice_id>/pdf")
 def invoice_pdf(invoice_id: str) -> Response | tuple[str, int]:
-    invoice = current_store().get(invoice_id)
-    if invoice is None or invoice["object"] != "invoice" or invoice["status"] == "draft":
+    invoice = _find("invoice", invoice_id)
+    if invoice is None or invoice["status"] == "draft":
         return _not_found("invoice")
     pdf = invoicing.pdf(invoice)
     return Response(

@@ -93,6 +93,20 @@ def integer(
     return value
 
 
+def required_string(params: Mapping[str, Any], key: str, path: str = "") -> str:
+    """string(..., required=True), typed as always present."""
+    value = string(params, key, path, required=True)
+    assert value is not None  # required=True raises rather than return None
+    return value
+
+
+def required_integer(params: Mapping[str, Any], key: str, path: str = "", *, minimum: int | None = None) -> int:
+    """integer(..., required=True), typed as always present."""
+    value = integer(params, key, path, required=True, minimum=minimum)
+    assert value is not None  # required=True raises rather than return None
+    return value
+
+
 def boolean(params: Mapping[str, Any], key: str, path: str = "") -> bool | None:
     raw = string(params, key, path)
     if raw is None:
@@ -136,3 +150,8 @@ def metadata(params: Mapping[str, Any], key: str = "metadata", path: str = "") -
                 param=_name(_name(path, key), k),
             )
     return value
+
+
+def new_metadata(params: Mapping[str, Any], key: str = "metadata", path: str = "") -> dict[str, str]:
+    """Metadata for an object being created: keys given "" are simply not set."""
+    return {k: v for k, v in (metadata(params, key, path) or {}).items() if v != ""}

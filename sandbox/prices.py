@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import objects, simtime
-from .billing import load
-from .errors import StripeError
+from . import lists, objects, simtime
+from .billing import load, merge_metadata
+from .errors import StripeError, exclusive
 from .objects import Obj
 from .store import Store
 
@@ -34,6 +34,21 @@ class PriceCreate:
     nickname: str | None
     metadata: dict[str, str]
     active: bool
+
+
+def list_prices(
+    store: Store,
+    *,
+    lookup_keys: list[str] | None,
+    active: bool | None,
+    page: lists.Page,
+) -> Obj:
+    prices = [
+        p
+        for p in reversed(store.all("price"))  # newest first, like every Stripe list
+        if (lookup_keys is None or p["lookup_key"] in lookup_keys) and (active is None or p["active"] == active)
+    ]
+    return lists.paginate(prices, "/v1/prices", page, "price")
 
 
 def _take_lookup_key(store: Store, lookup_key: str, transfer: bool, keep: str | None, param: str) -> None:
@@ -59,7 +74,7 @@ def refresh_embedded(store: Store, price: Obj) -> None:
         for item in subscription["items"]["data"]:
             if item["price"]["id"] == price["id"]:
                 item["price"] = shown
-                item["plan"] = objects._plan(shown)
+                item["plan"] = objects.plan(shown)
                 touched = True
         if touched:
             store.put(subscription)
@@ -68,11 +83,7 @@ def refresh_embedded(store: Store, price: Obj) -> None:
 def create_price(store: Store, req: PriceCreate) -> Obj:
     now = simtime.now()
     if req.product and req.product_name:
-        raise StripeError(
-            "You may only specify one of these parameters: product, product_data.",
-            code="parameters_exclusive",
-            param="product_data",
-        )
+        raise exclusive("product", "product_data", "product_data")
     if req.product:
         product = load(store, "product", req.product, "product", 400)
     elif req.product_name:
@@ -121,9 +132,7 @@ def update_price(
         price["lookup_key"] = lookup_key or None
     if nickname is not UNSET:
         price["nickname"] = nickname or None
-    if metadata is not None:
-        merged = {**price["metadata"], **metadata} if metadata else {}
-        price["metadata"] = {k: v for k, v in merged.items() if v != ""}
+    merge_metadata(price, metadata)
     store.put(price)
     refresh_embedded(store, price)
     return price

@@ -11,7 +11,7 @@ import copy
 
 from . import objects, simtime
 from .billing import AUTOMATIC, Origin, emit, load
-from .errors import StripeError
+from .errors import StripeError, exclusive
 from .objects import Obj
 from .store import Store
 
@@ -29,11 +29,7 @@ def create_refund(
     origin: Origin = AUTOMATIC,
 ) -> Obj:
     if payment_intent and charge:
-        raise StripeError(
-            "You may only specify one of these parameters: charge, payment_intent.",
-            code="parameters_exclusive",
-            param="payment_intent",
-        )
+        raise exclusive("charge", "payment_intent", "payment_intent")
     if charge:
         found = load(store, "charge", charge, "charge", 400)
     elif payment_intent:
@@ -62,8 +58,8 @@ def create_refund(
     amount = remaining if amount is None else amount
     if amount > remaining:
         raise StripeError(
-            f"Refund amount (${amount / 100:,.2f}) is greater than unrefunded amount on charge"
-            f" (${remaining / 100:,.2f})",
+            f"Refund amount ({objects.money(amount)}) is greater than unrefunded amount on charge"
+            f" ({objects.money(remaining)})",
             param="amount",
         )
     now = simtime.now()

@@ -15,8 +15,8 @@ import copy
 from dataclasses import dataclass
 
 from . import billing, changes, objects, simtime
-from .billing import AUTOMATIC, ENDED, Origin, emit, load
-from .errors import StripeError
+from .billing import AUTOMATIC, ENDED, Origin, emit, load, merge_metadata
+from .errors import StripeError, inactive_price
 from .objects import Obj
 from .store import Store
 
@@ -29,10 +29,6 @@ class PhaseInput:
     items: list[tuple[str, int]]  # (price id, quantity)
     start_date: int | str | None  # a timestamp, "now", or None (where the previous one ends)
     end_date: int | None
-
-
-def _now() -> int:
-    return simtime.now()
 
 
 def _phase(items: list[tuple[Obj, int]], start: int, end: int, currency: str) -> Obj:
@@ -71,6 +67,10 @@ def _phase(items: list[tuple[Obj, int]], start: int, end: int, currency: str) ->
     }
 
 
+def _current_phase(phase: Obj) -> Obj:
+    return {"start_date": phase["start_date"], "end_date": phase["end_date"]}
+
+
 def _schedule(subscription: Obj, phases: list[Obj], now: int) -> Obj:
     return {
         "id": objects.new_id("sub_sched_"),
@@ -80,7 +80,7 @@ def _schedule(subscription: Obj, phases: list[Obj], now: int) -> Obj:
         "canceled_at": None,
         "completed_at": None,
         "created": now,
-        "current_phase": {"start_date": phases[0]["start_date"], "end_date": phases[0]["end_date"]},
+        "current_phase": _current_phase(phases[0]),
         "customer": subscription["customer"],
         "default_settings": {
             "application_fee_percent": None,
@@ -125,7 +125,7 @@ def create_from_subscription(store: Store, subscription_id: str, origin: Origin 
             f"You cannot migrate a subscription that is already attached to a schedule: `{subscription['schedule']}`.",
             param="from_subscription",
         )
-    now = _now()
+    now = simtime.now()
     start, end = changes.period(subscription)
     items = [(item["price"], item["quantity"]) for item in subscription["items"]["data"]]
     schedule = _schedule(subscription, [_phase(items, start, end, subscription["currency"])], now)
@@ -161,19 +161,14 @@ def update_schedule(
 ) -> Obj:
     schedule = _editable(store, schedule_id)
     before = copy.deepcopy(schedule)
-    now = _now()
+    now = simtime.now()
     if end_behavior is not None:
         schedule["end_behavior"] = end_behavior
-    if metadata is not None:
-        merged = {**schedule["metadata"], **metadata} if metadata else {}
-        schedule["metadata"] = {k: v for k, v in merged.items() if v != ""}
+    merge_metadata(schedule, metadata)
     if phases is not None:
         schedule["phases"] = _build_phases(store, schedule, phases, now)
         schedule["_phase_index"] = 0
-        schedule["current_phase"] = {
-            "start_date": schedule["phases"][0]["start_date"],
-            "end_date": schedule["phases"][0]["end_date"],
-        }
+        schedule["current_phase"] = _current_phase(schedule["phases"][0])
         for phase in schedule["phases"][1:]:
             store.add_job(JOB_KIND, schedule["id"], phase["start_date"])
         store.add_job(JOB_KIND, schedule["id"], schedule["phases"][-1]["end_date"])
@@ -200,10 +195,7 @@ def _build_phases(store: Store, schedule: Obj, inputs: list[PhaseInput], now: in
         for j, (price_id, quantity) in enumerate(phase.items):
             price = load(store, "price", price_id, f"{path}[items][{j}][price]", 400)
             if not price["active"]:
-                raise StripeError(
-                    "The price specified is inactive. This field only accepts active prices.",
-                    param=f"{path}[items][{j}][price]",
-                )
+                raise inactive_price(f"{path}[items][{j}][price]")
             prices.append((price, quantity))
         intervals = {(p["recurring"]["interval"], p["recurring"]["interval_count"]) for p, _ in prices}
         if len(intervals) > 1:
@@ -262,7 +254,7 @@ def cancel(store: Store, schedule_id: str, origin: Origin = AUTOMATIC) -> Obj:
 
 
 def _finish(store: Store, schedule: Obj, status: str, origin: Origin) -> None:
-    now = _now()
+    now = simtime.now()
     subscription_id = schedule["subscription"]
     schedule.update(status=status, current_phase=None)
     if status == "released":
@@ -274,14 +266,14 @@ def _finish(store: Store, schedule: Obj, status: str, origin: Origin) -> None:
     store.put(schedule)
     emit(store, f"subscription_schedule.{status}", schedule, origin=origin)
     subscription = store.get(subscription_id or "")
-    if subscription is not None and subscription["schedule"] == schedule["id"] and status != "canceled":
+    if subscription is not None and subscription["schedule"] == schedule["id"]:
         before = copy.deepcopy(subscription)
         subscription["schedule"] = None
         store.put(subscription)
-        emit(store, "customer.subscription.updated", subscription, objects.previous_attributes(before, subscription))
-    elif subscription is not None and subscription["schedule"] == schedule["id"]:
-        subscription["schedule"] = None
-        store.put(subscription)
+        if status != "canceled":  # a canceled schedule cancels its subscription, whose event follows
+            emit(
+                store, "customer.subscription.updated", subscription, objects.previous_attributes(before, subscription)
+            )
 
 
 def apply_due_phases(store: Store, now: int, subscription_id: str | None = None, only: str | None = None) -> list[str]:
@@ -316,7 +308,7 @@ def apply_due_phases(store: Store, now: int, subscription_id: str | None = None,
         _apply_phase(store, subscription, phases[due], now)
         before = copy.deepcopy(schedule)
         schedule["_phase_index"] = due
-        schedule["current_phase"] = {"start_date": phases[due]["start_date"], "end_date": phases[due]["end_date"]}
+        schedule["current_phase"] = _current_phase(phases[due])
         store.put(schedule)
         emit(store, "subscription_schedule.updated", schedule, objects.previous_attributes(before, schedule))
         changed.append(schedule["id"])

@@ -23,10 +23,6 @@ def now() -> int:
     return frozen if frozen is not None else int(time.time())
 
 
-def is_frozen() -> bool:
-    return _frozen.get() is not None
-
-
 @contextmanager
 def frozen_at(timestamp: int | None) -> Iterator[None]:
     """Run a block at a simulated time (or at the wall clock if timestamp is None)."""

@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS deliveries (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,   -- creation order
     event_id        TEXT NOT NULL UNIQUE,
-    state           TEXT NOT NULL,                       -- pending | delivered | failed
+    state           TEXT NOT NULL,                       -- pending | sending | delivered | failed
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     last_status     INTEGER,
@@ -194,13 +194,6 @@ class Store:
             (event_id, now),
         )
 
-    def next_due_delivery(self, now: float) -> sqlite3.Row | None:
-        rows = self._query(
-            "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY seq LIMIT 1",
-            (now,),
-        )
-        return rows[0] if rows else None
-
     def record_attempt(
         self,
         seq: int,
@@ -219,6 +212,10 @@ class Store:
 
     def deliveries(self, limit: int) -> list[sqlite3.Row]:
         return self._query("SELECT * FROM deliveries ORDER BY seq DESC LIMIT ?", (limit,))
+
+    def delivery_states(self) -> dict[str, str]:
+        """Each queued event's delivery state (pending | sending | delivered | failed)."""
+        return {row["event_id"]: row["state"] for row in self._query("SELECT event_id, state FROM deliveries")}
 
     # -- test controls: request log, delivery claims and sends ----------------------------
 
@@ -243,7 +240,7 @@ class Store:
             )
             seq = cursor.lastrowid
             assert seq is not None
-            if seq % 500 == 0:
+            if seq % 500 == 0:  # prune now and then, not on every insert, down to the newest `keep`
                 self._db.execute("DELETE FROM request_log WHERE seq <= ?", (seq - keep,))
             return seq
 
@@ -314,9 +311,3 @@ class Store:
             marks = ",".join("?" * len(chunk))
             rows += self._query(f"SELECT * FROM delivery_sends WHERE event_id IN ({marks})", tuple(chunk))  # noqa: S608
         return sorted(rows, key=lambda row: row["id"])
-
-    # -- list filters -----------------------------------------------------------------------
-
-    def delivery_states(self) -> dict[str, str]:
-        """Each queued event's delivery state (pending | sending | delivered | failed)."""
-        return {row["event_id"]: row["state"] for row in self._query("SELECT event_id, state FROM deliveries")}

@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 import re
 import sqlite3
 import threading
@@ -32,9 +31,8 @@ TIMEOUT_SECONDS = 10.0
 
 
 def signature_header(payload: str, secret: str, timestamp: int) -> str:
-    """Stripe-Signature: HMAC-SHA256 of "<t>.<body>", keyed with the whole secret string."""
-    digest = hmac.new(secret.encode(), f"{timestamp}.{payload}".encode(), hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
+    """Stripe-Signature with one secret."""
+    return signature_header_for(payload, (secret,), timestamp)
 
 
 def _describe(exc: requests.RequestException) -> str:
@@ -48,8 +46,11 @@ def _describe(exc: requests.RequestException) -> str:
 
 
 def signature_header_for(payload: str, secrets: tuple[str, ...] | list[str], timestamp: int) -> str:
-    """One v1 signature per secret, as Stripe signs while an endpoint's secret is being rolled."""
-    signatures = [signature_header(payload, secret, timestamp).split(",", 1)[1] for secret in secrets]
+    """Stripe-Signature: t=<timestamp>, then one v1 signature per secret (as Stripe signs while an
+    endpoint's secret is being rolled), each the HMAC-SHA256 of "<t>.<body>" keyed with the
+    whole secret string."""
+    signed = f"{timestamp}.{payload}".encode()
+    signatures = [f"v1={hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()}" for secret in secrets]
     return ",".join([f"t={timestamp}", *signatures])
 
 
@@ -136,7 +137,7 @@ class Worker:
             event = self._store.get(delivery["event_id"])
             assert event is not None
             delivered = self._attempt(delivery, event, config)
-            if delivered and config.duplicate_rate > 0 and random.random() < config.duplicate_rate:  # noqa: S311
+            if delivered and config.duplicates_now():
                 self._send(event, config, duplicate=True)
         except Exception:
             log.exception("delivery of %s failed unexpectedly; requeued", delivery["event_id"])

@@ -51,6 +51,8 @@ TABLES = (
     "user_account",
     "pending_signup",
     "stripe_event",
+    "resubscribe_checkout",
+    "catalogue_price",
     "organization",
     "procrastinate_events",
     "procrastinate_periodic_defers",

@@ -161,10 +161,11 @@ def test_fifty_webhooks_and_fifty_redirects_at_once_provision_exactly_once(
     assert [(row.status, row.attempts) for row in query(app, "SELECT * FROM stripe_event")] == [("processed", 1)]
     [pending] = query(app, "SELECT * FROM pending_signup")
     assert pending.status == "completed"
-    # One read of Stripe provisioned it; the 99 others found it done. The worker read the checkout once
-    # more to apply the stored event, and found it provisioned.
+    # No lock is held while Stripe is read: redirects that overlap the first provisioning each read it
+    # once; those after its commit find it done without asking. The worker reads the checkout once more
+    # to apply the stored event, and finds it provisioned.
     reads = offline_stripe.calls_to("checkout.sessions.retrieve") + offline_stripe.calls_to("subscriptions.retrieve")
-    assert len(reads) == 2
+    assert 2 <= len(reads) <= 52
 
 
 # --- A worker dies in the middle of a job -------------------------------------------------------------

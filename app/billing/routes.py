@@ -3,6 +3,8 @@ redirects; who may do what is decided here (owner only) and what it does is deci
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, render_template, request, session, url_for
 from flask_login import current_user
 from werkzeug.wrappers import Response
@@ -20,6 +22,7 @@ from app.services.billing_service import (
     plan_catalogue,
 )
 from app.services.signup_service import ProvisionState
+from app.templating import money
 
 bp = Blueprint("billing", __name__)
 # Reached without a session: Stripe's webhooks (signed) and its success URL (which finds the browser
@@ -145,8 +148,28 @@ def checkout_complete() -> Response | tuple[str, int]:
         return render_template("billing/checkout_problem.html", message=str(exc)), 404
     if outcome.state == ProvisionState.AWAITING_PAYMENT:
         return render_template("billing/processing.html"), 202
+    if outcome.state == ProvisionState.SURPLUS:
+        message = "Your organization already has a subscription, so this checkout did not start another one. " + (
+            settlement_words(outcome.settlement)
+        )
+        return render_template("billing/checkout_problem.html", message=message), 409
     flash("Welcome back: your new subscription is active.", "success")
     return redirect(url_for("billing.overview"), 303)
+
+
+def settlement_words(settlement: dict[str, Any] | None) -> str:
+    """What was done at Stripe with a checkout no organization may keep, in the customer's words."""
+    if settlement is None:
+        return (
+            "We could not reach our payment provider to cancel it just now; it will be canceled and any payment "
+            "refunded automatically."
+        )
+    if settlement.get("refund_id"):
+        return (
+            "We canceled the new subscription and refunded "
+            f"{money(settlement.get('amount_refunded'), settlement.get('currency'))} to your payment method."
+        )
+    return "We canceled the new subscription; nothing was charged."
 
 
 @bp.get("/complete-signup-from-stripe")
@@ -161,7 +184,9 @@ def complete_signup_from_stripe() -> Response | tuple[str, int]:
     if outcome.state == ProvisionState.AWAITING_PAYMENT:
         return render_template("billing/processing.html"), 202
     if outcome.state == ProvisionState.CONFLICT:
-        message = "This email already has an account, so this payment did not create another one. We will refund it."
+        message = "This email already has an account, so this payment did not create another one. " + settlement_words(
+            outcome.settlement
+        )
         return render_template("billing/checkout_problem.html", message=message), 409
     if session.get("signup_id") == str(outcome.pending_signup_id) and outcome.owner_user_id is not None:
         session.pop("signup_id")

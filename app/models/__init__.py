@@ -1,20 +1,25 @@
 """The data model. Every table is created by the Alembic migrations in migrations/, never by
 create_all(); the classes here must agree with them (tests/test_foundation.py checks)."""
 
+from app.models.catalogue_price import CataloguePrice
 from app.models.domain_event import DomainEvent
 from app.models.organization import BillingStatus, Organization, OrganizationAddon
 from app.models.outbox_delivery import OutboxDelivery
 from app.models.pending_signup import PendingSignup, SignupStatus
+from app.models.resubscribe_checkout import ResubscribeCheckout, ResubscribeStatus
 from app.models.stripe_event import StripeEvent, StripeEventStatus
 from app.models.user import User, UserRole
 
 __all__ = [
     "BillingStatus",
+    "CataloguePrice",
     "DomainEvent",
     "Organization",
     "OrganizationAddon",
     "OutboxDelivery",
     "PendingSignup",
+    "ResubscribeCheckout",
+    "ResubscribeStatus",
     "SignupStatus",
     "StripeEvent",
     "StripeEventStatus",

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, CheckConstraint, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import Model
-from app.models.types import BigId, Timestamp, utcnow
+from app.models.types import BigId, JsonDocument, Timestamp, utcnow
 
 
 class BillingStatus(StrEnum):
@@ -51,6 +52,14 @@ class Organization(Model):
     last_payment_status: Mapped[str | None] = mapped_column(String(32))
     last_payment_at: Mapped[datetime | None] = mapped_column(Timestamp)
     payment_as_of: Mapped[int | None] = mapped_column(BigInteger)
+    # Stripe's pause_collection: its behavior (keep_as_draft, mark_uncollectible, void) while paused.
+    collection_paused: Mapped[str | None] = mapped_column(String(32))
+    collection_resumes_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Subscription items that map to no tier or add-on of the catalogue (reported, never dropped).
+    unmapped_items: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonDocument)
+    # Bumped by a subscription event that found no organization holding its subscription yet; a
+    # resubscription read from Stripe before the bump is read again (no lock is held across the read).
+    subscription_events_seen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

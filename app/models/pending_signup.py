@@ -3,8 +3,9 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String, Text, Uuid, text
+from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, Text, Uuid, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import Model
@@ -55,3 +56,11 @@ class PendingSignup(Model):
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Bumped by a subscription event that arrived before the organization existed; provisioning that
+    # read Stripe before the bump reads it again (no lock is held across the read).
+    subscription_events_seen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A paid checkout that could not become an account (the email already has one): the subscription
+    # to cancel, and when and how it was canceled and refunded at Stripe.
+    stripe_subscription_id: Mapped[str | None] = mapped_column(String(255))
+    settled_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    settlement: Mapped[dict[str, Any] | None] = mapped_column(JsonDocument)

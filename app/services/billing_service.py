@@ -8,12 +8,13 @@ down in docs/system/BILLING.md; the callers are listed in docs/system/SERVICES.m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,9 +22,11 @@ from typing import Any, Protocol
 
 import stripe
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import joinedload
+from stripe.params import RefundCreateParams
 from stripe.params.checkout import (
     SessionCreateParams,
     SessionCreateParamsLineItem,
@@ -31,9 +34,21 @@ from stripe.params.checkout import (
 )
 
 from app.extensions import cache, db
-from app.models import BillingStatus, Organization, SignupStatus, StripeEvent, StripeEventStatus
+from app.models import (
+    BillingStatus,
+    CataloguePrice,
+    Organization,
+    PendingSignup,
+    ResubscribeCheckout,
+    ResubscribeStatus,
+    SignupStatus,
+    StripeEvent,
+    StripeEventStatus,
+)
 from app.models.types import utcnow
-from app.services import domain_events, queue, stripe_objects, webhook_store
+from app.services import domain_events, outbox, queue, stripe_objects, webhook_store
+from app.services import reconcile as reconciliation
+from app.services.catalogue_mapping import CatalogueEntry, KnownPrice, KnownPrices, entry_for_lookup_key
 from app.services.plans import PlanCatalogue, Tier
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
 from app.services.stripe_objects import MalformedObject
@@ -57,6 +72,10 @@ API_VERSION_FORMAT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CANCELLABLE = frozenset(
     {BillingStatus.ACTIVE, BillingStatus.TRIALING, BillingStatus.PAST_DUE, BillingStatus.UNPAID, BillingStatus.PAUSED}
 )
+
+
+# Statuses in which an organization has no live subscription and may start a new one.
+ENDED = frozenset({BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED})
 
 
 class BillingError(Exception):
@@ -195,6 +214,7 @@ class BillingService:
                     params={"lookup_keys": missing, "active": True, "limit": len(missing)}
                 )
             found = {price.lookup_key: price.id for price in prices.data if price.lookup_key}
+            cls._remember_listed_prices(prices.data)
             unknown = [key for key in missing if key not in found]
             if unknown:
                 raise PriceUnavailableError(
@@ -203,6 +223,20 @@ class BillingService:
             cache.set_many({f"stripe-price:{key}": price_id for key, price_id in found.items()})
             cached.update(found)
         return {key: str(price_id) for key, price_id in cached.items()}
+
+    @staticmethod
+    def _remember_listed_prices(prices: Iterable[stripe.Price]) -> None:
+        """Prices resolved by lookup key are remembered (catalogue_price) on a connection of their own,
+        so a later price migration cannot unmap the subscriptions sold at them."""
+        catalogue = plan_catalogue()
+        seen = [
+            KnownPrice(price.id, _id_of(price.to_dict().get("product")), str(price.lookup_key), entry)
+            for price in prices
+            if (entry := entry_for_lookup_key(catalogue, price.lookup_key)) is not None
+        ]
+        if seen:
+            with db.engine.begin() as connection:
+                connection.execute(_remember_prices_statement(seen))
 
     @staticmethod
     def tier(tier_key: str) -> Tier:
@@ -329,46 +363,81 @@ class BillingService:
 
     @classmethod
     def complete_signup_from_redirect(cls, session_id: str) -> ProvisionOutcome:
-        """The success URL: provision (or find provisioned) the signup behind this checkout."""
+        """The success URL: provision (or find provisioned) the signup behind this checkout. A paid
+        checkout that cannot become an account (the email already has one) is canceled and refunded
+        before the answer, so the page can say what happened."""
         if not CHECKOUT_SESSION_ID.match(session_id or ""):
             raise CheckoutSessionNotFound("That checkout link is not valid.")
+        db.session.rollback()  # whatever the request read: no transaction is held while Stripe is asked
         try:
-            outcome = cls._provision_checkout_session(session_id, source="web")
+            outcome = cls._provision_checkout_session(session_id, source="web", release_before_stripe=True)
             db.session.commit()
         except BaseException:
             db.session.rollback()
             raise
+        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
+            try:
+                settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="web")
+            except PaymentProviderUnavailable:
+                settlement = None  # the worker's consumer of signup.conflict retries it, then reconcile
+            outcome = dataclasses.replace(outcome, settlement=settlement)
         return outcome
 
     @classmethod
-    def _provision_checkout_session(cls, session: str | Mapping[str, Any], *, source: str) -> ProvisionOutcome:
+    def _provision_checkout_session(
+        cls, session: str | Mapping[str, Any], *, source: str, release_before_stripe: bool = False
+    ) -> ProvisionOutcome:
         """Provision a completed checkout exactly once, whoever asks first: the success redirect (with
-        the session id) or a webhook (with the session object). Runs in the caller's transaction.
+        the session id) or a webhook (with the session object). Writes in the caller's transaction.
 
-        The pending signup (or, for a resubscription, the organization) is locked before Stripe is
-        read, so the subscription read here is at least as new as any event applied before it."""
+        Stripe is read before any row is locked; the pending signup is then locked only for the few
+        statements that create the account. release_before_stripe: the caller owns the transaction
+        and nothing is written yet, so the connection goes back to the pool while Stripe answers. A
+        subscription event that arrived in between bumps the signup's subscription_events_seen; the
+        read is then done again, so the organization never starts older than an event already seen."""
         if isinstance(session, str):
-            session_id, reference, checkout = session, None, None
+            session_id, reference, given = session, None, None
         else:
-            session_id, reference, checkout = session["id"], session.get("client_reference_id"), dict(session)
-            if (checkout.get("metadata") or {}).get("purpose") == "resubscribe":
-                return cls._provision_resubscription(checkout, source=source)
-        pending = SignupService.lock_pending_signup_for_checkout(session_id, reference_id=reference)
-        if pending is None:
+            session_id, reference, given = session["id"], session.get("client_reference_id"), dict(session)
+            if (given.get("metadata") or {}).get("purpose") == "resubscribe":
+                return cls._provision_resubscription(given, source=source, release_before_stripe=release_before_stripe)
+        for attempt in range(3):
+            pending = _found(SignupService.find_pending_signup_for_checkout(session_id, reference_id=reference))
+            if pending.status == SignupStatus.COMPLETED:
+                return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
+            events_seen = pending.subscription_events_seen
+            if release_before_stripe:
+                db.session.rollback()
+            checkout, subscription = cls._read_checkout(session_id, given if attempt == 0 else None)
+            pending = _found(SignupService.lock_pending_signup_for_checkout(session_id, reference_id=reference))
+            if pending.status == SignupStatus.COMPLETED:
+                return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
+            if pending.subscription_events_seen == events_seen or attempt == 2:
+                break
+            if release_before_stripe:
+                db.session.rollback()
+        if pending is None:  # pragma: no cover - the loop returns or raises first
             raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
-        if pending.status == SignupStatus.COMPLETED:
-            return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
-        if checkout is None:
-            checkout = cls._retrieve_checkout_session(session_id, expand_subscription=True)
-            subscription = checkout.get("subscription")
-        elif checkout.get("subscription"):
-            subscription = cls._retrieve_subscription(checkout["subscription"])
-        else:
-            subscription = None
         if not _checkout_is_paid(checkout) or not isinstance(subscription, dict):
             return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, pending.id)
-        state = SubscriptionState.from_stripe(subscription, plan_catalogue())
+        state = cls._subscription_state(subscription)
         return SignupService.complete_pending_signup_from_checkout(pending, checkout, state, source=source)
+
+    @classmethod
+    def _read_checkout(
+        cls, session_id: str, given: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The checkout and its subscription, as Stripe has them now (a given session object whose
+        subscription is already expanded is used as it is)."""
+        if given is not None and isinstance(given.get("subscription"), dict):
+            return given, given["subscription"]
+        if given is None:
+            checkout = cls._retrieve_checkout_session(session_id, expand_subscription=True)
+            subscription = checkout.get("subscription")
+            return checkout, subscription if isinstance(subscription, dict) else None
+        if given.get("subscription"):
+            return given, cls._retrieve_subscription(str(given["subscription"]))
+        return given, None
 
     @classmethod
     def _retrieve_checkout_session(cls, session_id: str, *, expand_subscription: bool) -> dict[str, Any]:
@@ -390,15 +459,20 @@ class BillingService:
             return cls.ensure_stripe().v1.subscriptions.retrieve(subscription_id).to_dict()
 
     # --- The owner's actions ----------------------------------------------------------------------
+    # None of them holds a transaction, row lock or pooled connection while Stripe answers: they read
+    # what they need, end the transaction, call Stripe with an idempotency key derived from our ids
+    # (and the form's one-time token), then apply Stripe's answer in a short transaction.
 
     @classmethod
     def create_customer_portal_session(cls, organization: Organization, *, return_url: str) -> str:
         """A Stripe customer-portal session for the organization's customer; returns its URL."""
-        if not organization.stripe_customer_id:
+        customer_id = organization.stripe_customer_id
+        if not customer_id:
             raise SubscriptionActionNotAllowed("This organization has no billing account yet.")
+        db.session.rollback()  # release the connection while Stripe answers
         with cls._calling_stripe("open the customer portal"):
             portal = cls.ensure_stripe().v1.billing_portal.sessions.create(
-                params={"customer": organization.stripe_customer_id, "return_url": return_url}
+                params={"customer": customer_id, "return_url": return_url}
             )
         return str(portal.url)
 
@@ -410,8 +484,7 @@ class BillingService:
         answer immediately; the webhook that follows finds nothing left to change."""
         when = "period-end" if at_period_end else "now"
 
-        def call(client: stripe.StripeClient, organization: Organization, key: str) -> stripe.Subscription:
-            subscription_id = str(organization.stripe_subscription_id)
+        def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
             if at_period_end:
                 return client.v1.subscriptions.update(
                     subscription_id, params={"cancel_at_period_end": True}, options={"idempotency_key": key}
@@ -431,12 +504,13 @@ class BillingService:
 
     @classmethod
     def resume_subscription(cls, organization_id: int, *, request_token: str, actor_user_id: int) -> list[str]:
-        """Undo a cancellation scheduled for the end of the period."""
+        """Undo a scheduled cancellation, however it was scheduled: `cancel_at_period_end` (our cancel
+        button, the portal) or a `cancel_at` date (the Dashboard, the API). Both are cleared."""
 
-        def call(client: stripe.StripeClient, organization: Organization, key: str) -> stripe.Subscription:
+        def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
             return client.v1.subscriptions.update(
-                str(organization.stripe_subscription_id),
-                params={"cancel_at_period_end": False},
+                subscription_id,
+                params={"cancel_at_period_end": False, "cancel_at": ""},
                 options={"idempotency_key": key},
             )
 
@@ -455,112 +529,712 @@ class BillingService:
         request_token: str,
         actor_user_id: int,
         allowed: Callable[[Organization], str | None],
-        call: Callable[[stripe.StripeClient, Organization, str], stripe.Subscription],
+        call: Callable[[stripe.StripeClient, str, str], stripe.Subscription],
     ) -> list[str]:
         if not REQUEST_TOKEN.match(request_token or ""):
             raise SubscriptionActionNotAllowed("That form has expired. Reload the page and try again.")
         client = cls.ensure_stripe()
         try:
-            # The row lock makes concurrent actions on one organization take turns.
-            organization = db.session.get(Organization, organization_id, with_for_update=True, populate_existing=True)
+            organization = db.session.get(Organization, organization_id, populate_existing=True)
             if organization is None or not organization.stripe_subscription_id:
                 raise SubscriptionActionNotAllowed("This organization has no subscription.")
             refusal = allowed(organization)
             if refusal:
                 raise SubscriptionActionNotAllowed(refusal)
-            key = f"org-{organization.id}-{action}-{request_token}"
-            with cls._calling_stripe(action.replace("-", " ") + " a subscription"):
-                subscription = call(client, organization, key).to_dict()
-            changes = cls._apply_subscription_read(organization, subscription, source=f"user:{actor_user_id}")
+            subscription_id = organization.stripe_subscription_id
+        finally:
+            db.session.rollback()  # nothing written: the connection goes back before Stripe is asked
+        # The same form submitted twice is one Stripe call; two different actions are serialized by
+        # Stripe, and each applies the subscription Stripe answered with.
+        key = f"org-{organization_id}-{action}-{request_token}"
+        with cls._calling_stripe(action.replace("-", " ") + " a subscription"):
+            subscription = call(client, subscription_id, key).to_dict()
+        try:
+            organization = cls._lock_organization(organization_id)
+            changes: list[str] = []
+            if organization is not None and organization.stripe_subscription_id == subscription["id"]:
+                changes = cls._apply_subscription_read(organization, subscription, source=f"user:{actor_user_id}")
             db.session.commit()
         except BaseException:
             db.session.rollback()
             raise
         return changes
 
+    @staticmethod
+    def _lock_organization(organization_id: int) -> Organization | None:
+        """The organization and its add-ons, locked for a few statements (never across a Stripe call)."""
+        return (
+            db.session.execute(
+                select(Organization)
+                .options(joinedload(Organization.addons))
+                .where(Organization.id == organization_id)
+                .with_for_update(of=Organization)
+                .execution_options(populate_existing=True)
+            )
+            .unique()
+            .scalar_one_or_none()
+        )
+
     @classmethod
     def create_checkout_session_for_organization(
         cls, organization_id: int, tier_key: str, *, request_token: str, actor_user_id: int
     ) -> str:
-        """A new subscription for an organization whose last one ended; returns the checkout URL."""
+        """A new subscription for an organization whose last one ended; returns the checkout URL. The
+        organization's other open resubscribe checkouts are expired, so two tabs cannot both pay."""
         if not REQUEST_TOKEN.match(request_token or ""):
             raise SubscriptionActionNotAllowed("That form has expired. Reload the page and try again.")
         client = cls.ensure_stripe()
-        organization = db.session.get(Organization, organization_id)
-        if organization is None or organization.billing_status not in (
-            BillingStatus.CANCELED,
-            BillingStatus.INCOMPLETE_EXPIRED,
-        ):
-            raise SubscriptionActionNotAllowed("This organization already has a subscription.")
+        try:
+            organization = db.session.get(Organization, organization_id, populate_existing=True)
+            if organization is None or organization.billing_status not in ENDED:
+                raise SubscriptionActionNotAllowed("This organization already has a subscription.")
+            customer_id = organization.stripe_customer_id
+        finally:
+            db.session.rollback()
         tier = cls.tier(tier_key)
-        metadata = {"purpose": "resubscribe", "organization_id": str(organization.id)}
+        metadata = {"purpose": "resubscribe", "organization_id": str(organization_id)}
         base = current_app.config["APP_BASE_URL"]
         params: SessionCreateParams = {
             "mode": "subscription",
             "line_items": cls._line_items(tier, {}),
-            "client_reference_id": f"organization-{organization.id}",
+            "client_reference_id": f"organization-{organization_id}",
             "metadata": metadata,
             "subscription_data": {"metadata": metadata},
             "success_url": f"{base}/billing/checkout-complete?session_id={{CHECKOUT_SESSION_ID}}",
             "cancel_url": f"{base}/billing/",
         }
-        if organization.stripe_customer_id:
-            params["customer"] = organization.stripe_customer_id
+        if customer_id:
+            params["customer"] = customer_id
         with cls._calling_stripe("create a checkout session"):
             session = client.v1.checkout.sessions.create(
                 params=params,
-                options={"idempotency_key": f"org-{organization.id}-resubscribe-{tier.key}-{request_token}"},
+                options={"idempotency_key": f"org-{organization_id}-resubscribe-{tier.key}-{request_token}"},
             )
-        domain_events.record(
-            "organization.resubscribe_started",
-            organization_id=organization.id,
-            user_id=actor_user_id,
-            source=f"user:{actor_user_id}",
-            tier=tier.key,
-            checkout_session_id=session.id,
-        )
-        db.session.commit()
+        try:
+            inserted = db.session.execute(
+                _insert(ResubscribeCheckout)
+                .values(
+                    checkout_session_id=session.id,
+                    organization_id=organization_id,
+                    tier=tier.key,
+                    status=ResubscribeStatus.OPEN,
+                    created_at=utcnow(),
+                    updated_at=utcnow(),
+                )
+                .on_conflict_do_nothing(index_elements=["checkout_session_id"])
+                .returning(ResubscribeCheckout.id)
+            ).scalar_one_or_none()
+            superseded: list[str] = []
+            if inserted is not None:
+                # Only older checkouts: of two created at once, the newer survives.
+                superseded = list(
+                    db.session.execute(
+                        update(ResubscribeCheckout)
+                        .where(
+                            ResubscribeCheckout.organization_id == organization_id,
+                            ResubscribeCheckout.status == ResubscribeStatus.OPEN,
+                            ResubscribeCheckout.id < inserted,
+                        )
+                        .values(status=ResubscribeStatus.EXPIRED, updated_at=utcnow())
+                        .returning(ResubscribeCheckout.checkout_session_id)
+                    ).scalars()
+                )
+                domain_events.record(
+                    "organization.resubscribe_started",
+                    organization_id=organization_id,
+                    user_id=actor_user_id,
+                    source=f"user:{actor_user_id}",
+                    tier=tier.key,
+                    checkout_session_id=session.id,
+                    superseded_checkout_session_ids=superseded,
+                )
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        cls._expire_checkout_sessions(superseded)
         return str(session.url)
 
     @classmethod
     def complete_resubscription_from_redirect(cls, organization_id: int, session_id: str) -> ProvisionOutcome:
         if not CHECKOUT_SESSION_ID.match(session_id or ""):
             raise CheckoutSessionNotFound("That checkout link is not valid.")
-        checkout = cls._retrieve_checkout_session(session_id, expand_subscription=False)
+        db.session.rollback()
+        checkout = cls._retrieve_checkout_session(session_id, expand_subscription=True)
         if (checkout.get("metadata") or {}).get("organization_id") != str(organization_id):
             raise CheckoutSessionNotFound("That checkout belongs to another organization.")
         try:
-            outcome = cls._provision_checkout_session(checkout, source="web")
+            outcome = cls._provision_checkout_session(checkout, source="web", release_before_stripe=True)
             db.session.commit()
         except BaseException:
             db.session.rollback()
             raise
+        if outcome.state == ProvisionState.SURPLUS:
+            try:
+                settlement = cls.settle_surplus_subscription(session_id, source="web")
+            except PaymentProviderUnavailable:
+                settlement = None  # the worker's consumer of organization.surplus_subscription retries it
+            outcome = dataclasses.replace(outcome, settlement=settlement)
         return outcome
 
     @classmethod
-    def _provision_resubscription(cls, checkout: dict[str, Any], *, source: str) -> ProvisionOutcome:
+    def _provision_resubscription(
+        cls, checkout: dict[str, Any], *, source: str, release_before_stripe: bool = False
+    ) -> ProvisionOutcome:
+        """Attach a paid resubscribe checkout's subscription to its organization, if the organization
+        is still without a live subscription. Otherwise the subscription is surplus: it is recorded
+        (`organization.surplus_subscription`) to be canceled and refunded after the commit. Stripe is
+        read first; the organization is locked only for the statements that decide."""
         organization_id = int((checkout.get("metadata") or {}).get("organization_id", "0") or 0)
-        organization = db.session.get(Organization, organization_id, with_for_update=True, populate_existing=True)
-        if organization is None:
+        for attempt in range(3):
+            organization = db.session.get(Organization, organization_id, populate_existing=True)
+            if organization is None:
+                raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
+            subscription_id = _id_of(checkout.get("subscription"))
+            if subscription_id and organization.stripe_subscription_id == subscription_id:
+                return ProvisionOutcome(ProvisionState.ALREADY_PROVISIONED, None, organization.id)
+            if not _checkout_is_paid(checkout) or not subscription_id:
+                return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, None, organization.id)
+            events_seen = organization.subscription_events_seen
+            if release_before_stripe:
+                db.session.rollback()
+            given = checkout.get("subscription")
+            subscription = (
+                given if isinstance(given, dict) and attempt == 0 else cls._retrieve_subscription(subscription_id)
+            )
+            organization = cls._lock_organization(organization_id)
+            if organization is None:
+                raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
+            if organization.subscription_events_seen == events_seen or attempt == 2:
+                break
+            if release_before_stripe:
+                db.session.rollback()
+        if organization is None:  # pragma: no cover - the loop returns or raises first
             raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
-        subscription_id = checkout.get("subscription")
-        if isinstance(subscription_id, dict):
-            subscription_id = subscription_id.get("id")
-        if subscription_id and organization.stripe_subscription_id == subscription_id:
+        if organization.stripe_subscription_id == subscription_id:
             return ProvisionOutcome(ProvisionState.ALREADY_PROVISIONED, None, organization.id)
-        if not _checkout_is_paid(checkout) or not subscription_id:
-            return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, None, organization.id)
-        subscription = cls._retrieve_subscription(subscription_id)
+        record = cls._resubscribe_checkout_row(checkout, organization_id)
+        if organization.billing_status not in ENDED or record.status in (
+            ResubscribeStatus.SURPLUS,
+            ResubscribeStatus.REFUNDED,
+        ):
+            if record.status not in (ResubscribeStatus.SURPLUS, ResubscribeStatus.REFUNDED):
+                record.status = ResubscribeStatus.SURPLUS
+                record.stripe_subscription_id = subscription_id
+                domain_events.record(
+                    "organization.surplus_subscription",
+                    organization_id=organization.id,
+                    source=source,
+                    checkout_session_id=checkout["id"],
+                    stripe_subscription_id=subscription_id,
+                    live_subscription_id=organization.stripe_subscription_id,
+                )
+            return ProvisionOutcome(ProvisionState.SURPLUS, None, organization.id, settlement=record.settlement)
+        record.status = ResubscribeStatus.ATTACHED
+        record.stripe_subscription_id = subscription_id
         cls._apply_subscription_read(organization, subscription, source=source)
         return ProvisionOutcome(ProvisionState.PROVISIONED, None, organization.id)
 
     @staticmethod
-    def _apply_subscription_read(organization: Organization, subscription: dict[str, Any], *, source: str) -> list[str]:
+    def _resubscribe_checkout_row(checkout: Mapping[str, Any], organization_id: int) -> ResubscribeCheckout:
+        """The checkout's row, locked; created if the checkout was opened before rows were kept."""
+        db.session.execute(
+            _insert(ResubscribeCheckout)
+            .values(
+                checkout_session_id=checkout["id"],
+                organization_id=organization_id,
+                tier="unknown",
+                status=ResubscribeStatus.OPEN,
+                created_at=utcnow(),
+                updated_at=utcnow(),
+            )
+            .on_conflict_do_nothing(index_elements=["checkout_session_id"])
+        )
+        return db.session.execute(
+            select(ResubscribeCheckout)
+            .where(ResubscribeCheckout.checkout_session_id == checkout["id"])
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).scalar_one()
+
+    @classmethod
+    def _apply_subscription_read(
+        cls, organization: Organization, subscription: dict[str, Any], *, source: str
+    ) -> list[str]:
         """Apply a subscription just read from Stripe: it is as new as our clock says it is now."""
-        state = SubscriptionState.from_stripe(subscription, plan_catalogue())
+        state = cls._subscription_state(subscription, organization)
         changes = apply_subscription_state(organization, state, source=source)
         organization.billing_as_of = max(organization.billing_as_of or 0, int(time.time()))
         return changes
+
+    # --- Catalogue mapping ------------------------------------------------------------------------
+
+    @classmethod
+    def _subscription_state(
+        cls, subscription: Mapping[str, Any], organization: Organization | None = None
+    ) -> SubscriptionState:
+        """A subscription mapped onto the catalogue with every price we remember (catalogue_price)
+        and the add-on items the organization holds; prices seen with a catalogue lookup key are
+        remembered in the caller's transaction."""
+        held = (
+            {
+                row.stripe_subscription_item_id: row.addon_key
+                for row in organization.addons
+                if row.stripe_subscription_item_id
+            }
+            if organization is not None
+            else {}
+        )
+        state = SubscriptionState.from_stripe(subscription, plan_catalogue(), cls._known_prices(), held)
+        if state.seen_prices:
+            db.session.execute(_remember_prices_statement(state.seen_prices))
+        return state
+
+    @staticmethod
+    def _known_prices() -> KnownPrices:
+        rows = db.session.execute(select(CataloguePrice)).scalars().all()
+        return KnownPrices.from_rows(
+            KnownPrice(row.price_id, row.product_id, row.lookup_key, CatalogueEntry(row.kind, row.catalogue_key))
+            for row in rows
+        )
+
+    # --- Paid checkouts no organization may keep ---------------------------------------------------
+    # A second paid signup for an email that already has an account (leak 1), and a resubscription
+    # paid while the organization already has a live subscription (leak 2): the subscription is
+    # canceled at once and its payment refunded, with idempotency keys derived from our ids, after the
+    # transaction that recorded the decision has committed; a domain event records what was done.
+
+    @classmethod
+    def settle_signup_conflict(cls, pending_signup_id: uuid.UUID | str, *, source: str) -> dict[str, Any] | None:
+        """Cancel and refund the subscription of a signup that could not become an account. Safe to
+        run any number of times, concurrently: Stripe deduplicates by key, the database by a
+        conditional write; `signup.conflict_refunded` is recorded once."""
+        db.session.rollback()
+        pending = SignupService.pending_signup(pending_signup_id)
+        if pending is None or pending.stripe_subscription_id is None:
+            return None
+        if pending.settlement is not None:
+            return pending.settlement
+        pending_id, subscription_id = pending.id, pending.stripe_subscription_id
+        checkout_session_id, email = pending.checkout_session_id, pending.email
+        db.session.rollback()
+        settlement = cls._cancel_and_refund(subscription_id, key=f"signup-{pending_id}-conflict")
+        try:
+            settled = db.session.execute(
+                update(PendingSignup)
+                .where(PendingSignup.id == pending_id, PendingSignup.settled_at.is_(None))
+                .values(settled_at=utcnow(), settlement=settlement)
+                .returning(PendingSignup.id)
+            ).scalar_one_or_none()
+            if settled is not None:
+                domain_events.record(
+                    "signup.conflict_refunded",
+                    source=source,
+                    pending_signup_id=str(pending_id),
+                    email=email,
+                    checkout_session_id=checkout_session_id,
+                    **settlement,
+                )
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return settlement
+
+    @classmethod
+    def settle_surplus_subscription(cls, checkout_session_id: str, *, source: str) -> dict[str, Any] | None:
+        """Cancel and refund a resubscription paid while the organization already had a live one."""
+        db.session.rollback()
+        record = db.session.execute(
+            select(ResubscribeCheckout).where(ResubscribeCheckout.checkout_session_id == checkout_session_id)
+        ).scalar_one_or_none()
+        if (
+            record is None
+            or record.stripe_subscription_id is None
+            or record.status
+            not in (
+                ResubscribeStatus.SURPLUS,
+                ResubscribeStatus.REFUNDED,
+            )
+        ):
+            return None
+        if record.settlement is not None:
+            return record.settlement
+        organization_id, subscription_id = record.organization_id, record.stripe_subscription_id
+        db.session.rollback()
+        settlement = cls._cancel_and_refund(subscription_id, key=f"org-{organization_id}-surplus-{checkout_session_id}")
+        try:
+            settled = db.session.execute(
+                update(ResubscribeCheckout)
+                .where(
+                    ResubscribeCheckout.checkout_session_id == checkout_session_id,
+                    ResubscribeCheckout.status == ResubscribeStatus.SURPLUS,
+                )
+                .values(status=ResubscribeStatus.REFUNDED, settlement=settlement, updated_at=utcnow())
+                .returning(ResubscribeCheckout.id)
+            ).scalar_one_or_none()
+            if settled is not None:
+                domain_events.record(
+                    "organization.surplus_subscription_refunded",
+                    organization_id=organization_id,
+                    source=source,
+                    checkout_session_id=checkout_session_id,
+                    **settlement,
+                )
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return settlement
+
+    @classmethod
+    def settle_orphan_subscription(cls, subscription: Mapping[str, Any], *, source: str) -> dict[str, Any]:
+        """A live subscription carrying this app's metadata that no organization holds and no row of
+        ours explains (reconcile finds these): canceled and refunded, keyed by its own id."""
+        settlement = cls._cancel_and_refund(str(subscription["id"]), key=f"orphan-{subscription['id']}")
+        metadata = dict(subscription.get("metadata") or {})
+        organization_id = str(metadata.get("organization_id") or "")
+        try:
+            domain_events.record(
+                "billing.orphan_subscription_refunded",
+                organization_id=int(organization_id) if organization_id.isdigit() else None,
+                source=source,
+                metadata=metadata,
+                **settlement,
+            )
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return settlement
+
+    @classmethod
+    def _cancel_and_refund(cls, subscription_id: str, *, key: str) -> dict[str, Any]:
+        """Cancel the subscription now and refund what its first invoice took. No transaction is
+        open. Idempotency keys `<key>-cancel` and `<key>-refund`: a retry is the same Stripe request."""
+        client = cls.ensure_stripe()
+        with cls._calling_stripe("cancel a subscription"):
+            try:
+                subscription = client.v1.subscriptions.cancel(
+                    subscription_id, options={"idempotency_key": f"{key}-cancel"}
+                ).to_dict()
+            except stripe.InvalidRequestError as exc:
+                if exc.code != "resource_missing":
+                    raise
+                subscription = client.v1.subscriptions.retrieve(subscription_id).to_dict()  # already ended
+        settlement: dict[str, Any] = {
+            "stripe_subscription_id": subscription_id,
+            "subscription_status": subscription.get("status"),
+            "refund_id": None,
+            "amount_refunded": 0,
+            "currency": None,
+        }
+        invoice_id = _id_of(subscription.get("latest_invoice"))
+        if not invoice_id:
+            return settlement
+        with cls._calling_stripe("read an invoice"):
+            invoice = client.v1.invoices.retrieve(invoice_id, params={"expand": ["payments"]}).to_dict()
+        settlement["currency"] = invoice.get("currency")
+        if not invoice.get("amount_paid"):
+            return settlement  # nothing was taken (a trial, or no payment yet)
+        payment = next(
+            (
+                entry.get("payment") or {}
+                for entry in (invoice.get("payments") or {}).get("data") or []
+                if entry.get("status") in (None, "paid")
+            ),
+            {},
+        )
+        target: RefundCreateParams = {}
+        if _id_of(payment.get("payment_intent")):
+            target["payment_intent"] = str(_id_of(payment.get("payment_intent")))
+        elif _id_of(payment.get("charge")):
+            target["charge"] = str(_id_of(payment.get("charge")))
+        else:
+            raise PaymentProviderUnavailable(f"invoice {invoice_id} was paid but names no payment to refund")
+        target["metadata"] = {"reason": key}
+        with cls._calling_stripe("refund a payment"):
+            refund = client.v1.refunds.create(params=target, options={"idempotency_key": f"{key}-refund"}).to_dict()
+        settlement.update(
+            refund_id=refund.get("id"),
+            amount_refunded=refund.get("amount") or 0,
+            currency=refund.get("currency") or invoice.get("currency"),
+            refund_status=refund.get("status"),
+        )
+        return settlement
+
+    # --- Reconcile --------------------------------------------------------------------------------
+
+    @classmethod
+    def reconcile(
+        cls, *, apply: bool = False, since_days: int = 3, organization_id: int | None = None
+    ) -> reconciliation.ReconcileReport:
+        """Compare Stripe with the database (`flask billing reconcile`; the worker runs it daily).
+        Dry run unless apply: then missing events run through the delivery path, organizations take
+        Stripe's subscription through the path a webhook's re-read takes, and orphans are provisioned
+        or canceled and refunded under the rules for conflicting signups and surplus resubscriptions;
+        the returned report is read again afterwards. No transaction is open while Stripe answers."""
+        if not 1 <= since_days <= reconciliation.MAX_SINCE_DAYS:
+            raise BillingError(
+                f"--since must be between 1 and {reconciliation.MAX_SINCE_DAYS} days (Stripe keeps events for 30)."
+            )
+        report = cls._reconcile_read(since_days, organization_id)
+        applied: list[str] = []
+        # Repairs make events of their own (a canceled orphan's customer.subscription.deleted, ...):
+        # those are applied in the next round, like any other missing event.
+        for _round in range(3 if apply else 0):
+            if report.clean:
+                break
+            applied += cls._reconcile_apply(report)
+            report = cls._reconcile_read(since_days, organization_id)
+        report.applied = applied
+        return report
+
+    @classmethod
+    def _reconcile_read(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:
+        client = cls.ensure_stripe()
+        since = int(time.time()) - since_days * 86400
+        report = reconciliation.ReconcileReport()
+        try:
+            query = select(Organization).where(Organization.stripe_subscription_id.is_not(None))
+            if organization_id is not None:
+                query = query.where(Organization.id == organization_id)
+            organizations = {str(org.stripe_subscription_id): org.id for org in db.session.execute(query).scalars()}
+            if organization_id is not None and not organizations:
+                raise BillingError(f"organization {organization_id} has no subscription to reconcile")
+            held_ids = {
+                str(subscription_id)
+                for subscription_id in db.session.execute(
+                    select(Organization.stripe_subscription_id).where(Organization.stripe_subscription_id.is_not(None))
+                ).scalars()
+            }
+            stored_events = set(
+                db.session.execute(select(StripeEvent.event_id).where(StripeEvent.stripe_created >= since)).scalars()
+            )
+            customer_ids = {
+                str(customer_id)
+                for customer_id in db.session.execute(
+                    select(Organization.stripe_customer_id).where(Organization.id == organization_id)
+                ).scalars()
+                if customer_id and organization_id is not None
+            }
+        finally:
+            db.session.rollback()
+        related = set(organizations) | customer_ids
+        # Stripe, with no transaction open.
+        with cls._calling_stripe("list subscriptions for reconcile"):
+            listed = {
+                sub.id: sub.to_dict()
+                for sub in (
+                    client.v1.subscriptions.list(params={"status": "all", "limit": 100}).auto_paging_iter()
+                    if organization_id is None
+                    else ()
+                )
+            }
+            for subscription_id in organizations:
+                if subscription_id not in listed:
+                    listed[subscription_id] = client.v1.subscriptions.retrieve(subscription_id).to_dict()
+            events = [
+                event.to_dict()
+                for event in client.v1.events.list(
+                    params={"created": {"gte": since}, "types": sorted(HANDLED_STRIPE_EVENTS), "limit": 100}
+                ).auto_paging_iter()
+            ]
+        events = [event for event in events if organization_id is None or _event_references(event) & related]
+        orphan_candidates = [sub for sub_id, sub in listed.items() if sub_id not in held_ids]
+        try:
+            for subscription_id, org_id in organizations.items():
+                organization = db.session.get(Organization, org_id)
+                if organization is None:
+                    continue
+                state = cls._subscription_state(listed[subscription_id], organization)
+                held = reconciliation.HeldBilling(
+                    organization_id=organization.id,
+                    subscription_id=subscription_id,
+                    status=organization.billing_status,
+                    tier=organization.tier,
+                    addons=organization.addon_quantities(),
+                    cancel_at_period_end=organization.cancel_at_period_end,
+                    current_period_end=organization.current_period_end,
+                    collection_paused=organization.collection_paused,
+                )
+                drift = reconciliation.diff_subscription(held, state)
+                if drift:
+                    report.subscriptions.append(
+                        reconciliation.SubscriptionDrift(organization.id, subscription_id, drift)
+                    )
+            pending_ids = [
+                str((sub.get("metadata") or {}).get("pending_signup_id"))
+                for sub in orphan_candidates
+                if (sub.get("metadata") or {}).get("pending_signup_id")
+            ]
+            pending = {
+                str(row.id): row.status
+                for row in db.session.execute(
+                    select(PendingSignup.id, PendingSignup.status).where(
+                        PendingSignup.id.in_([key for key in (_uuid(p) for p in pending_ids) if key])
+                    )
+                )
+            }
+            resubscribes = {
+                str(row.stripe_subscription_id): row.checkout_session_id
+                for row in db.session.execute(
+                    select(ResubscribeCheckout).where(
+                        ResubscribeCheckout.stripe_subscription_id.in_([sub["id"] for sub in orphan_candidates])
+                    )
+                ).scalars()
+            }
+            db.session.commit()  # the prices the states remembered
+        except BaseException:
+            db.session.rollback()
+            raise
+        unexplained = [
+            sub
+            for sub in orphan_candidates
+            if (sub.get("metadata") or {}).get("purpose") == "resubscribe" and sub["id"] not in resubscribes
+        ]
+        if unexplained and organization_id is None:
+            resubscribes.update(cls._resubscribe_checkouts_for(unexplained))
+        report.orphans = reconciliation.find_orphans(orphan_candidates, held_ids, pending, resubscribes)
+        report.unsettled = cls._unsettled(organization_id)
+        report.missing_events = reconciliation.find_missing_events(events, stored_events, HANDLED_STRIPE_EVENTS)
+        return report
+
+    @staticmethod
+    def _unsettled(organization_id: int | None) -> list[reconciliation.Unsettled]:
+        """Conflicting signups and surplus resubscriptions whose cancel and refund are not both done."""
+        try:
+            found = []
+            if organization_id is None:
+                found += [
+                    reconciliation.Unsettled("signup", str(row.id), str(row.stripe_subscription_id))
+                    for row in db.session.execute(
+                        select(PendingSignup.id, PendingSignup.stripe_subscription_id).where(
+                            PendingSignup.stripe_subscription_id.is_not(None), PendingSignup.settled_at.is_(None)
+                        )
+                    )
+                ]
+            query = select(ResubscribeCheckout.checkout_session_id, ResubscribeCheckout.stripe_subscription_id).where(
+                ResubscribeCheckout.status == ResubscribeStatus.SURPLUS
+            )
+            if organization_id is not None:
+                query = query.where(ResubscribeCheckout.organization_id == organization_id)
+            found += [
+                reconciliation.Unsettled("resubscribe", row.checkout_session_id, str(row.stripe_subscription_id))
+                for row in db.session.execute(query)
+            ]
+            return found
+        finally:
+            db.session.rollback()
+
+    @classmethod
+    def _resubscribe_checkouts_for(cls, subscriptions: list[dict[str, Any]]) -> dict[str, str]:
+        """Our resubscribe checkouts behind subscriptions we do not hold yet (the checkout row is ours
+        before its subscription is known)."""
+        found: dict[str, str] = {}
+        for subscription in subscriptions:
+            with cls._calling_stripe("list checkout sessions for reconcile"):
+                sessions = cls.ensure_stripe().v1.checkout.sessions.list(
+                    params={"subscription": subscription["id"], "limit": 1}
+                )
+            for session in sessions.data:
+                ours = db.session.execute(
+                    select(ResubscribeCheckout.id).where(ResubscribeCheckout.checkout_session_id == session.id)
+                ).scalar_one_or_none()
+                db.session.rollback()
+                if ours is not None:
+                    found[subscription["id"]] = session.id
+        return found
+
+    @classmethod
+    def _reconcile_apply(cls, report: reconciliation.ReconcileReport) -> list[str]:
+        applied: list[str] = []
+        provider = cls._webhook_providers["stripe"]
+        client = cls.ensure_stripe()
+        objects: list[str] = []
+        for missing in report.missing_events:
+            db.session.rollback()
+            with cls._calling_stripe("read an event for reconcile"):
+                event = client.v1.events.retrieve(missing.event_id)
+            # The event exactly as Stripe sends it (the raw body; a dict round trip would turn amounts
+            # like unit_amount_decimal into Decimals), stored and queued as a delivery is.
+            raw = event.last_response.body if event.last_response else json.dumps(event.to_dict(), default=str)
+            verified = _parse_stripe_event(raw)
+            result = cls._store_event(provider, verified)
+            applied.append(f"event {missing.event_id} {missing.type}: stored {result.body}")
+            if not {"ignored", "failed", "duplicate"} & set(result.body):
+                key = provider.object_key(verified)
+                objects += [key] if key not in objects else []
+        # Then applied at once, as the worker would (its queued job later finds nothing pending).
+        for key in objects:
+            applied.append(f"{key}: {cls.apply_queued_events(provider.name, key)}")
+        for drift in report.subscriptions:
+            # As the worker applies a subscription event: read now, checked, applied under a short lock.
+            subscription = stripe_objects.subscription_for_state(cls._retrieve_subscription(drift.subscription_id))
+            try:
+                organization = cls._lock_organization_for_subscription(subscription)
+                changes: list[str] = []
+                if organization is not None:
+                    changes = cls._apply_subscription_read(organization, subscription, source="reconcile")
+                db.session.commit()
+            except BaseException:
+                db.session.rollback()
+                raise
+            what = ", ".join(changes) or "no change"
+            applied.append(f"organization {drift.organization_id} follows {drift.subscription_id}: {what}")
+        return applied + cls._reconcile_settle(report)
+
+    @classmethod
+    def _reconcile_settle(cls, report: reconciliation.ReconcileReport) -> list[str]:
+        """Orphans and unsettled checkouts; one failing does not stop the others."""
+        applied: list[str] = []
+        for orphan in report.orphans:
+            if orphan.kind == "unknown":
+                continue
+            try:
+                applied.append(cls._settle_orphan(orphan))
+            except BillingError as exc:  # the others still get repaired; the next run tries again
+                applied.append(f"orphan {orphan.subscription_id}: not settled: {_describe_failure(exc)}")
+        for entry in report.unsettled:
+            try:
+                if entry.kind == "signup":
+                    settlement = cls.settle_signup_conflict(entry.reference, source="reconcile")
+                else:
+                    settlement = cls.settle_surplus_subscription(entry.reference, source="reconcile")
+                refunded = (settlement or {}).get("amount_refunded")
+                applied.append(f"{entry.kind} {entry.reference}: canceled and refunded {refunded}")
+            except BillingError as exc:
+                applied.append(f"{entry.kind} {entry.reference}: not settled: {_describe_failure(exc)}")
+        return applied
+
+    @classmethod
+    def _settle_orphan(cls, orphan: reconciliation.Orphan) -> str:
+        """An orphan runs through the same path as its checkout's delivery: provisioned if it may be,
+        otherwise canceled and refunded (conflicting signup, surplus resubscription)."""
+        if orphan.kind == "resubscribe" and orphan.reference:
+            checkout = cls._retrieve_checkout_session(orphan.reference, expand_subscription=True)
+        else:
+            with cls._calling_stripe("find the checkout of a subscription"):
+                sessions = cls.ensure_stripe().v1.checkout.sessions.list(
+                    params={"subscription": orphan.subscription_id, "limit": 1}
+                )
+            if not sessions.data:
+                return f"orphan {orphan.subscription_id}: no checkout found; left for a person"
+            checkout = cls._retrieve_checkout_session(sessions.data[0].id, expand_subscription=True)
+        db.session.rollback()
+        try:
+            outcome = cls._provision_checkout_session(checkout, source="reconcile", release_before_stripe=True)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        settlement: dict[str, Any] | None = None
+        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
+            settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="reconcile")
+        elif outcome.state == ProvisionState.SURPLUS:
+            settlement = cls.settle_surplus_subscription(checkout["id"], source="reconcile")
+        detail = f", canceled and refunded {settlement.get('amount_refunded')}" if settlement else ""
+        return f"orphan {orphan.subscription_id}: {outcome.state}{detail}"
 
     # --- Webhooks ---------------------------------------------------------------------------------
 
@@ -776,7 +1450,8 @@ class BillingService:
         source = events[-1].source
         if _checkout_is_paid(checkout):
             try:
-                outcome = cls._provision_checkout_session(checkout, source=source)
+                # Nothing is written yet: the connection goes back to the pool while Stripe is read.
+                outcome = cls._provision_checkout_session(checkout, source=source, release_before_stripe=True)
             except CheckoutSessionNotFound as exc:
                 return every(StripeEventStatus.IGNORED, f"not ours: {exc}")
             return every(StripeEventStatus.PROCESSED, f"{outcome.state} (organization {outcome.organization_id})")
@@ -812,11 +1487,18 @@ class BillingService:
             return organization
         # Not ours yet: wait for any provisioning of it in flight by taking the same lock it holds,
         # then look again. If there is none, provisioning will read the subscription itself later.
+        # Provisioning reads Stripe before it locks, so an event in that window bumps a counter that
+        # makes it read again.
         metadata = subscription.get("metadata") or {}
-        if metadata.get("purpose") == "resubscribe":
-            db.session.get(Organization, int(metadata.get("organization_id") or 0), with_for_update=True)
+        if metadata.get("purpose") == "resubscribe" and str(metadata.get("organization_id") or "").isdigit():
+            db.session.execute(
+                update(Organization)
+                .where(Organization.id == int(metadata["organization_id"]))
+                .values(subscription_events_seen=Organization.subscription_events_seen + 1)
+            )
         elif metadata.get("pending_signup_id"):
             SignupService.lock_pending_signup(metadata["pending_signup_id"])
+            SignupService.note_subscription_event(metadata["pending_signup_id"])
         return find()
 
     @classmethod
@@ -866,6 +1548,70 @@ class BillingService:
             trial_end=subscription.get("trial_end"),
         )
         return "trial ending recorded"
+
+
+def _found(pending: PendingSignup | None) -> PendingSignup:
+    if pending is None:
+        raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
+    return pending
+
+
+def _uuid(value: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+def _event_references(event: Mapping[str, Any]) -> set[str]:
+    """The subscription and customer ids an event's object names."""
+    obj = (event.get("data") or {}).get("object") or {}
+    references = {_id_of(obj.get(name)) for name in ("subscription", "customer")}
+    if obj.get("object") == "subscription":
+        references.add(_id_of(obj.get("id")))
+    return {reference for reference in references if reference}
+
+
+def _id_of(value: Any) -> str | None:
+    """An expandable Stripe field: an id, or the expanded object."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) else None
+
+
+def _insert(model: Any) -> Any:
+    """INSERT ... ON CONFLICT for the database in use (PostgreSQL; SQLite in a development run)."""
+    insert = postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
+    return insert(model)
+
+
+def _remember_prices_statement(prices: Iterable[KnownPrice]) -> Any:
+    """Remember prices seen with a catalogue lookup key; a price already known stays as first seen."""
+    now = utcnow()
+    rows = {
+        price.price_id: {
+            "price_id": price.price_id,
+            "product_id": price.product_id,
+            "lookup_key": price.lookup_key,
+            "kind": price.entry.kind,
+            "catalogue_key": price.entry.key,
+            "first_seen_at": now,
+        }
+        for price in prices
+    }
+    return _insert(CataloguePrice).values(list(rows.values())).on_conflict_do_nothing(index_elements=["price_id"])
+
+
+@outbox.consumer("signup.conflict", name="settle_signup_conflict")
+def _settle_signup_conflict(event: outbox.OutboxEvent) -> None:
+    """The worker cancels and refunds a conflicting signup recorded by a webhook (the success page
+    does it at once when the customer comes back; whichever runs second finds it settled)."""
+    BillingService.settle_signup_conflict(event.data["pending_signup_id"], source="worker")
+
+
+@outbox.consumer("organization.surplus_subscription", name="settle_surplus_subscription")
+def _settle_surplus_subscription(event: outbox.OutboxEvent) -> None:
+    BillingService.settle_surplus_subscription(event.data["checkout_session_id"], source="worker")
 
 
 INVOICE_PAYMENT_STATUS = {

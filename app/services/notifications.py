@@ -125,9 +125,10 @@ def subscription_ended_email(event: OutboxEvent) -> None:
     _send_to_owner(event, "subscription_ended", "Your subscription has ended")
 
 
-@outbox.consumer("signup.conflict", name="conflict_refund_email")
+@outbox.consumer("signup.conflict_refunded", name="conflict_refund_email")
 def conflict_refund_email(event: OutboxEvent) -> None:
-    """A second paid signup for an email that already has an account: its checkout is refunded."""
+    """A second paid signup for an email that already has an account: its subscription was canceled
+    and its payment refunded at Stripe (data: amount_refunded, currency, refund_id, ...)."""
     pending_id = event.data.get("pending_signup_id")
     pending = db.session.get(PendingSignup, pending_id) if pending_id else None
     db.session.rollback()

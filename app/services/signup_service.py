@@ -40,6 +40,7 @@ class ProvisionState(StrEnum):
     ALREADY_PROVISIONED = "already_provisioned"
     AWAITING_PAYMENT = "awaiting_payment"
     CONFLICT = "conflict"  # paid, but the email got an account through another checkout
+    SURPLUS = "surplus"  # a resubscription paid while the organization already had a live subscription
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class ProvisionOutcome:
     pending_signup_id: uuid.UUID | None = None
     organization_id: int | None = None
     owner_user_id: int | None = None
+    # For CONFLICT and SURPLUS: what was done at Stripe (see BillingService._cancel_and_refund).
+    settlement: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,37 @@ class SignupService:
         return db.session.get(PendingSignup, key, with_for_update=True, populate_existing=True)
 
     @staticmethod
+    def find_pending_signup_for_checkout(
+        checkout_session_id: str, *, reference_id: str | None = None
+    ) -> PendingSignup | None:
+        """The pending signup a checkout belongs to, read without a lock (before Stripe is asked)."""
+        if reference_id:
+            pending = SignupService.pending_signup(reference_id)
+        else:
+            pending = db.session.execute(
+                select(PendingSignup)
+                .where(PendingSignup.checkout_session_id == checkout_session_id)
+                .execution_options(populate_existing=True)
+            ).scalar_one_or_none()
+        if pending is None or pending.checkout_session_id not in (None, checkout_session_id):
+            return None
+        return pending
+
+    @staticmethod
+    def note_subscription_event(pending_signup_id: str) -> None:
+        """A subscription event arrived before the signup's organization exists: provisioning that read
+        Stripe before now reads it again (a conditional counter, no lock held across Stripe)."""
+        try:
+            key = uuid.UUID(str(pending_signup_id))
+        except ValueError:
+            return
+        db.session.execute(
+            update(PendingSignup)
+            .where(PendingSignup.id == key, PendingSignup.status != SignupStatus.COMPLETED)
+            .values(subscription_events_seen=PendingSignup.subscription_events_seen + 1)
+        )
+
+    @staticmethod
     def lock_pending_signup_for_checkout(
         checkout_session_id: str, *, reference_id: str | None = None
     ) -> PendingSignup | None:
@@ -178,9 +212,13 @@ class SignupService:
         if pending.status == SignupStatus.COMPLETED:
             return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
         if SignupService.email_has_account(pending.email):
-            SignupService._close(
-                pending, SignupStatus.FAILED, "email already has an account; refund this checkout", source=source
-            )
+            if pending.status != SignupStatus.FAILED or pending.stripe_subscription_id is None:
+                SignupService._close(
+                    pending, SignupStatus.FAILED, "email already has an account; refund this checkout", source=source
+                )
+            pending.stripe_subscription_id = subscription.subscription_id
+            if pending.settled_at is not None:
+                return ProvisionOutcome(ProvisionState.CONFLICT, pending.id, settlement=pending.settlement)
             domain_events.record(
                 "signup.conflict",
                 source=source,

@@ -4,7 +4,7 @@ and API answers (converted with to_dict()) take the same path."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -12,13 +12,9 @@ from typing import Any
 from app.models import BillingStatus, Organization, OrganizationAddon
 from app.models.types import utcnow
 from app.services import domain_events
+from app.services.catalogue_mapping import KnownPrice, KnownPrices, map_items
+from app.services.catalogue_mapping import MappedAddon as AddonLine
 from app.services.plans import PlanCatalogue
-
-
-@dataclass(frozen=True)
-class AddonLine:
-    quantity: int
-    subscription_item_id: str
 
 
 @dataclass(frozen=True)
@@ -34,25 +30,31 @@ class SubscriptionState:
     canceled_at: datetime | None
     ended_at: datetime | None
     metadata: dict[str, str]
+    # Items that map to no tier or add-on (see catalogue_mapping): reported, and they never remove one.
+    unmapped: tuple[dict[str, Any], ...] = ()
+    # Stripe's pause_collection: the behavior while paused (None when collecting) and when it resumes.
+    collection_paused: str | None = None
+    collection_resumes_at: datetime | None = None
+    # Prices seen carrying a catalogue lookup key, for BillingService to remember.
+    seen_prices: tuple[KnownPrice, ...] = ()
 
     @classmethod
-    def from_stripe(cls, subscription: Mapping[str, Any], catalogue: PlanCatalogue) -> SubscriptionState:
+    def from_stripe(
+        cls,
+        subscription: Mapping[str, Any],
+        catalogue: PlanCatalogue,
+        known: KnownPrices | None = None,
+        held_addon_items: Mapping[str, str] | None = None,
+    ) -> SubscriptionState:
         try:
             status = BillingStatus(subscription["status"])
         except ValueError:
             raise ValueError(f"unknown subscription status {subscription['status']!r}") from None
         items = (subscription.get("items") or {}).get("data") or []
-        tier = None
-        addons: dict[str, AddonLine] = {}
-        period_ends = []
-        for item in items:
-            lookup_key = (item.get("price") or {}).get("lookup_key")
-            if matched_tier := catalogue.tier_for_lookup_key(lookup_key):
-                tier = matched_tier.key
-            elif (addon := catalogue.addon_for_lookup_key(lookup_key)) and item.get("quantity", 0) > 0:
-                addons[addon.key] = AddonLine(int(item["quantity"]), item["id"])
-            if item.get("current_period_end"):
-                period_ends.append(item["current_period_end"])
+        mapping = map_items(items, catalogue, known, held_addon_items)
+        period_ends = [item["current_period_end"] for item in items if item.get("current_period_end")]
+        pause = subscription.get("pause_collection")
+        pause = pause if isinstance(pause, Mapping) else {}
         # Current API versions keep the period on the items; older payloads on the subscription.
         period_end = max(period_ends) if period_ends else subscription.get("current_period_end")
         customer = subscription.get("customer")
@@ -60,8 +62,8 @@ class SubscriptionState:
             subscription_id=subscription["id"],
             customer_id=customer if isinstance(customer, str) or customer is None else customer["id"],
             status=status,
-            tier=tier,
-            addons=addons,
+            tier=mapping.tier,
+            addons=mapping.addons,
             # A cancellation can be scheduled either way; both mean "ends at cancel_at / period end".
             cancel_at_period_end=bool(subscription.get("cancel_at_period_end") or subscription.get("cancel_at"))
             and status not in (BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED),
@@ -70,6 +72,10 @@ class SubscriptionState:
             canceled_at=from_unix(subscription.get("canceled_at")),
             ended_at=from_unix(subscription.get("ended_at")),
             metadata=dict(subscription.get("metadata") or {}),
+            unmapped=tuple(mapping.unmapped),
+            collection_paused=str(pause["behavior"]) if pause.get("behavior") else None,
+            collection_resumes_at=from_unix(pause.get("resumes_at")) if pause.get("behavior") else None,
+            seen_prices=tuple(mapping.seen),
         )
 
 
@@ -100,6 +106,9 @@ def new_organization(name: str, fallback_tier: str, state: SubscriptionState, **
         canceled_at=state.canceled_at,
         ended_at=state.ended_at,
         past_due_since=utcnow() if state.status == BillingStatus.PAST_DUE else None,
+        collection_paused=state.collection_paused,
+        collection_resumes_at=state.collection_resumes_at,
+        unmapped_items=list(state.unmapped) or None,
         **fields,
     )
     organization.addons = [
@@ -135,10 +144,8 @@ def apply_subscription_state(organization: Organization, state: SubscriptionStat
     if state.tier and organization.tier != state.tier:
         record("organization.plan_changed", previous=organization.tier, tier=state.tier)
         organization.tier = state.tier
-    wanted = {key: line.quantity for key, line in state.addons.items()}
-    if organization.addon_quantities() != wanted:
-        record("organization.addons_changed", previous=organization.addon_quantities(), addons=wanted)
-    _sync_addon_rows(organization, state.addons)
+    _apply_items(organization, state, record)
+    _apply_collection_pause(organization, state, record)
     if organization.cancel_at_period_end != state.cancel_at_period_end:
         if state.cancel_at_period_end:
             record("subscription.cancellation_scheduled", ends_at=_iso(state.current_period_end))
@@ -159,6 +166,39 @@ def apply_subscription_state(organization: Organization, state: SubscriptionStat
         for name in changed_dates:
             setattr(organization, name, dates[name])
     return recorded
+
+
+def _apply_items(organization: Organization, state: SubscriptionState, record: Callable[..., None]) -> None:
+    lines = dict(state.addons)
+    if state.unmapped:
+        # An item we cannot name may be an add-on we hold: keep it rather than guess it away.
+        for row in organization.addons:
+            lines.setdefault(row.addon_key, AddonLine(row.quantity, row.stripe_subscription_item_id or ""))
+    wanted = {key: line.quantity for key, line in lines.items()}
+    if organization.addon_quantities() != wanted:
+        record("organization.addons_changed", previous=organization.addon_quantities(), addons=wanted)
+    _sync_addon_rows(organization, lines)
+    unmapped = list(state.unmapped) or None
+    if (organization.unmapped_items or None) != unmapped:
+        if unmapped:
+            record("subscription.items_unmapped", items=unmapped)
+        organization.unmapped_items = unmapped
+
+
+def _apply_collection_pause(organization: Organization, state: SubscriptionState, record: Callable[..., None]) -> None:
+    held = (organization.collection_paused, _as_utc(organization.collection_resumes_at))
+    if held == (state.collection_paused, state.collection_resumes_at):
+        return
+    if state.collection_paused:
+        record(
+            "subscription.collection_paused",
+            behavior=state.collection_paused,
+            resumes_at=_iso(state.collection_resumes_at),
+        )
+    else:
+        record("subscription.collection_resumed")
+    organization.collection_paused = state.collection_paused
+    organization.collection_resumes_at = state.collection_resumes_at
 
 
 def _sync_addon_rows(organization: Organization, lines: dict[str, AddonLine]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import stripe
 
-from sandbox.tests.test_sandbox import Receiver, Sandbox, paid_subscription
+from sandbox.tests.conftest import Receiver, Sandbox, paid_subscription
 
 
 def _item(sub: Any, lookup_key: str) -> Any:

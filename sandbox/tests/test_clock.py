@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,49 +18,23 @@ import stripe
 
 from sandbox.clock import Dunning
 from sandbox.objects import add_month
-from sandbox.tests.test_sandbox import (
+from sandbox.tests.conftest import (
+    CARD_DECLINED,
     CARD_OK,
     Receiver,
     Sandbox,
     create_session,
     pay,
+    started,
 )
 
 CARD_CHARGES_FAIL = "4000 0000 0000 0341"
-CARD_DECLINED = "4000 0000 0000 0002"
 DAY = 86400
 HOUR = 3600
 T0 = int(datetime(2030, 1, 15, 12, 0, tzinfo=UTC).timestamp())
 
 
 # -- harness ----------------------------------------------------------------------------------
-
-
-def _server(tmp: Any, receiver: Receiver, **env: str) -> Iterator[Sandbox]:
-    server = Sandbox(tmp, receiver.url)
-    server.env.update(env)
-    server.start()
-    yield server
-    assert server.stop() == 0
-
-
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    receiver = Receiver()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[Sandbox]:
-    yield from _server(tmp_path_factory.mktemp("clock"), receiver)
-
-
-@pytest.fixture(scope="module")
-def prices(sandbox: Sandbox) -> dict[str, str]:
-    keys = ["starter_monthly", "pro_monthly", "extra_seat_monthly"]
-    listed = sandbox.client.v1.prices.list(params={"lookup_keys": keys})
-    return {p.lookup_key: p.id for p in listed.data if p.lookup_key}
 
 
 def events_of(receiver: Receiver, customer: str) -> list[dict[str, Any]]:
@@ -401,7 +374,7 @@ def test_failed_retries_end_in_cancellation_by_default(
 def test_unpaid_and_the_retry_schedule_are_configurable(
     tmp_path_factory: pytest.TempPathFactory, receiver: Receiver
 ) -> None:
-    for server in _server(
+    for server in started(
         tmp_path_factory.mktemp("unpaid"),
         receiver,
         SANDBOX_DUNNING_RETRY_DAYS="1,2",
@@ -557,7 +530,7 @@ def test_paused_collection_voids_renewals(sandbox: Sandbox, receiver: Receiver, 
 def test_a_failed_advance_reports_internal_failure(sandbox: Sandbox) -> None:
     clock_id, _ = clock_customer(sandbox)
     # As if the worker had dropped the advance: advancing, with no advance job left to run.
-    stuck = {"status": "advancing", "status_details": {"advancing": {"target_frozen_time": T0 + DAY}}}
+    stuck: dict[str, Any] = {"status": "advancing", "status_details": {"advancing": {"target_frozen_time": T0 + DAY}}}
     assert requests.post(f"{sandbox.url}/_sandbox/objects/{clock_id}", json=stuck, timeout=5).ok
     assert sandbox.client.v1.test_helpers.test_clocks.retrieve(clock_id).status == "internal_failure"
     with pytest.raises(stripe.InvalidRequestError):

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from sandbox.objects import add_month
+from sandbox.tests.conftest import Receiver, Sandbox
 from sandbox.tests.test_clock import DAY, HOUR, T0, advance, clock_customer, subscribe
-from sandbox.tests.test_sandbox import Receiver, Sandbox
 
 
 def _renewal(sandbox: Sandbox, sub_id: str) -> Any:

@@ -24,8 +24,8 @@ import stripe
 from stripe._list_object import ListObject
 from stripe._stripe_object import StripeObject, UntypedStripeObject
 
+from sandbox.tests.conftest import Sandbox, paid_subscription
 from sandbox.tests.test_clock import T0, clock_customer, subscribe
-from sandbox.tests.test_sandbox import Sandbox, paid_subscription
 
 # What app/services reads from each object (grep for .get("…") and ["…"] on Stripe payloads).
 APP_READS: dict[str, set[str]] = {

@@ -8,7 +8,6 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +18,14 @@ import stripe
 from sandbox import objects
 from sandbox.config import DeliveryConfig, Settings
 from sandbox.store import Store
-
-from .test_sandbox import (
+from sandbox.tests.conftest import (
     SECRET,
     Receiver,
     Sandbox,
-    _wait_until,
     create_session,
     paid_subscription,
     pay,
+    wait_until,
 )
 
 # -- harness ----------------------------------------------------------------------------------
@@ -52,25 +50,9 @@ def last_seq(server: Sandbox) -> int:
     return seq
 
 
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    receiver = Receiver()
-    yield receiver
-    receiver.close()
-
-
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[Sandbox]:
-    server = Sandbox(tmp_path_factory.mktemp("sandbox"), receiver.url)
-    server.start()
-    yield server
-    assert server.stop() == 0
-
-
-@pytest.fixture(autouse=True)
-def fresh_controls(sandbox: Sandbox, receiver: Receiver) -> Iterator[None]:
-    """Every test starts and ends with no faults, no latency and push delivery as configured."""
-    defaults = {
+def delivery_defaults(receiver: Receiver) -> dict[str, Any]:
+    """The delivery settings this module's server starts with (the harness's environment)."""
+    return {
         "mode": "push",
         "webhook_url": receiver.url,
         "secrets": [SECRET],
@@ -81,6 +63,12 @@ def fresh_controls(sandbox: Sandbox, receiver: Receiver) -> Iterator[None]:
         "delay_seconds": 0.0,
     }
 
+
+@pytest.fixture(autouse=True)
+def fresh_controls(sandbox: Sandbox, receiver: Receiver) -> Iterator[None]:
+    """Every test starts and ends with no faults, no latency and push delivery as configured."""
+    defaults = delivery_defaults(receiver)
+
     def reset() -> None:
         ok(control(sandbox, "DELETE", "/faults"))
         ok(control(sandbox, "POST", "/latency", {"seconds": 0}))
@@ -89,12 +77,6 @@ def fresh_controls(sandbox: Sandbox, receiver: Receiver) -> Iterator[None]:
     reset()
     yield
     reset()
-
-
-@pytest.fixture(scope="module")
-def prices(sandbox: Sandbox) -> dict[str, str]:
-    listed = sandbox.client.v1.prices.list(params={"lookup_keys": ["starter_monthly", "extra_seat_monthly"]})
-    return {p.lookup_key: p.id for p in listed.data if p.lookup_key}
 
 
 def no_retries(server: Sandbox) -> Any:
@@ -327,16 +309,7 @@ def test_latency_delays_v1_responses_without_blocking_others(sandbox: Sandbox) -
 
 def test_delivery_settings_read_and_partially_update(sandbox: Sandbox, receiver: Receiver) -> None:
     current = ok(control(sandbox, "GET", "/delivery"))
-    assert current == {
-        "mode": "push",
-        "webhook_url": receiver.url,
-        "secrets": [SECRET],
-        "api_version": objects.API_VERSION,
-        "concurrency": 1,
-        "duplicate_rate": 0.0,
-        "reorder": False,
-        "delay_seconds": 0.0,
-    }
+    assert current == delivery_defaults(receiver)
     updated = ok(control(sandbox, "POST", "/delivery", {"concurrency": 4, "reorder": True}))
     assert updated == {**current, "concurrency": 4, "reorder": True}
     assert ok(control(sandbox, "GET", "/delivery")) == updated
@@ -493,62 +466,44 @@ def test_bad_environment_stops_the_server_with_a_message(tmp_path: Path, receive
 # -- delivery as Stripe does it ---------------------------------------------------------------
 
 
-class TimedReceiver:
+class TimedReceiver(Receiver):
     """A webhook endpoint that takes `seconds` to answer, fails the first `fail_next`, and
     records when each POST started and ended and how many were in progress at once."""
 
     def __init__(self, seconds: float = 0.0) -> None:
         self.seconds = seconds
-        self.fail_next = 0
         self.posts: list[dict[str, Any]] = []
         self.in_flight = 0
         self.most_in_flight = 0
-        self.lock = threading.Lock()
-        receiver = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                started = time.monotonic()
-                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                with receiver.lock:
-                    receiver.in_flight += 1
-                    receiver.most_in_flight = max(receiver.most_in_flight, receiver.in_flight)
-                    status = 500 if receiver.fail_next > 0 else 200
-                    receiver.fail_next = max(0, receiver.fail_next - 1)
-                time.sleep(receiver.seconds)
-                with receiver.lock:
-                    receiver.in_flight -= 1
-                    receiver.posts.append(
-                        {
-                            "event": json.loads(body),
-                            "body": body,
-                            "headers": dict(self.headers),
-                            "status": status,
-                            "started": started,
-                            "ended": time.monotonic(),
-                        }
-                    )
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhooks"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def receive(self, body: str, headers: dict[str, str]) -> int:
+        started = time.monotonic()
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            status = self.next_status()
+        time.sleep(self.seconds)
+        with self.lock:
+            self.in_flight -= 1
+            self.posts.append(
+                {
+                    "event": json.loads(body),
+                    "body": body,
+                    "headers": headers,
+                    "status": status,
+                    "started": started,
+                    "ended": time.monotonic(),
+                }
+            )
+        return status
 
     def about(self, ids: set[str]) -> list[dict[str, Any]]:
         with self.lock:
             return [p for p in self.posts if p["event"]["data"]["object"]["id"] in ids]
 
     def wait_for(self, ids: set[str], count: int, timeout: float = 15) -> list[dict[str, Any]]:
-        _wait_until(lambda: len(self.about(ids)) >= count, timeout)
+        wait_until(lambda: len(self.about(ids)) >= count, timeout)
         return self.about(ids)
 
 

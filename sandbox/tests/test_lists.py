@@ -7,7 +7,7 @@ import time
 import pytest
 import stripe
 
-from sandbox.tests.test_sandbox import Receiver, Sandbox, create_session, paid_subscription
+from sandbox.tests.conftest import Receiver, Sandbox, create_session, paid_subscription
 
 
 def test_subscription_and_customer_lists(sandbox: Sandbox, prices: dict[str, str]) -> None:

@@ -6,7 +6,7 @@ import re
 
 import requests
 
-from sandbox.tests.test_sandbox import Receiver, Sandbox, paid_subscription
+from sandbox.tests.conftest import Receiver, Sandbox, paid_subscription
 
 
 def test_portal_switches_plan_and_changes_quantity(

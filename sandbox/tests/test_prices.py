@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import stripe
 
-from sandbox.tests.test_sandbox import Sandbox, paid_subscription
+from sandbox.tests.conftest import Sandbox, paid_subscription
 
 
 def test_create_retrieve_and_update_prices(sandbox: Sandbox) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import stripe
 
-from sandbox.tests.test_sandbox import Receiver, Sandbox, paid_subscription
+from sandbox.tests.conftest import Receiver, Sandbox, paid_subscription
 
 
 def test_partial_and_full_refunds(sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]) -> None:

@@ -9,7 +9,7 @@ import stripe
 
 from sandbox import billing, schedules
 from sandbox.store import Store
-from sandbox.tests.test_sandbox import Receiver, Sandbox, paid_subscription
+from sandbox.tests.conftest import Receiver, Sandbox, checkout_request, paid_subscription
 
 
 def _downgrade_phases(sub: Any, prices: dict[str, str]) -> list[dict[str, Any]]:
@@ -89,23 +89,11 @@ def test_canceling_a_schedule_cancels_its_subscription(sandbox: Sandbox, prices:
 def _subscribe(store: Store) -> dict[str, Any]:
     by_key = {p["lookup_key"]: p for p in store.all("price")}
     with store.transaction():
-        session = billing.create_checkout_session(
-            store,
-            billing.CheckoutRequest(
-                line_items=[(by_key["pro_monthly"]["id"], 1), (by_key["extra_seat_monthly"]["id"], 3)],
-                success_url=None,
-                cancel_url=None,
-                customer=None,
-                customer_email="ada@example.com",
-                client_reference_id=None,
-                metadata={},
-                subscription_metadata={},
-                trial_period_days=None,
-                expires_at=None,
-                allow_promotion_codes=None,
-            ),
-            "http://sandbox.test",
+        request = checkout_request(
+            [(by_key["pro_monthly"]["id"], 1), (by_key["extra_seat_monthly"]["id"], 3)],
+            customer_email="ada@example.com",
         )
+        session = billing.create_checkout_session(store, request, "http://sandbox.test")
         session = billing.pay_checkout_session(
             store, session["id"], card_number="4242424242424242", email="ada@example.com", name="Ada", async_delay=1
         )

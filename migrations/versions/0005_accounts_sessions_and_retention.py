@@ -1,16 +1,16 @@
 """Accounts: a per-user session epoch (sign out everywhere), the time an email address was confirmed,
 and the database's guarantee that only an open signup keeps a password hash.
 
-Revision ID: 0004_accounts
-Revises: 0003_queue_webhook_jobs
+Revision ID: 0005_accounts
+Revises: 0004_billing_truth
 Create Date: 2026-11-28
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_accounts"
-down_revision = "0003_queue_webhook_jobs"
+revision = "0005_accounts"
+down_revision = "0004_billing_truth"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,123 @@
+"""Which tier or add-on of the catalogue each subscription item sells. Pure: plain dicts in.
+
+An item maps by, in order: its price's lookup key (the catalogue's own words); the price's id, remembered
+from an earlier sighting of that price with a catalogue lookup key (`catalogue_price`); the price's
+product, remembered likewise (when the product sells exactly one catalogue entry); and, for add-ons, the
+subscription item the organization already holds for that add-on. So a subscription left on an old price
+after `transfer_lookup_key` moved the key to a new one keeps its tier and add-ons. An item that maps to
+nothing is reported, never treated as absent: the organization keeps its tier and add-ons."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.services.plans import PlanCatalogue
+
+TIER = "tier"
+ADDON = "addon"
+
+
+@dataclass(frozen=True)
+class CatalogueEntry:
+    kind: str  # "tier" or "addon"
+    key: str
+
+
+@dataclass(frozen=True)
+class KnownPrice:
+    price_id: str
+    product_id: str | None
+    lookup_key: str
+    entry: CatalogueEntry
+
+
+@dataclass(frozen=True)
+class KnownPrices:
+    """Prices remembered from the catalogue: by price id, and by product where it is unambiguous."""
+
+    by_price: dict[str, CatalogueEntry] = field(default_factory=dict)
+    by_product: dict[str, CatalogueEntry] = field(default_factory=dict)
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[KnownPrice]) -> KnownPrices:
+        by_price: dict[str, CatalogueEntry] = {}
+        products: dict[str, set[CatalogueEntry]] = {}
+        for row in rows:
+            by_price[row.price_id] = row.entry
+            if row.product_id:
+                products.setdefault(row.product_id, set()).add(row.entry)
+        by_product = {product: next(iter(entries)) for product, entries in products.items() if len(entries) == 1}
+        return cls(by_price, by_product)
+
+
+@dataclass(frozen=True)
+class MappedAddon:
+    quantity: int
+    subscription_item_id: str
+
+
+@dataclass(frozen=True)
+class ItemMapping:
+    tier: str | None
+    addons: dict[str, MappedAddon]
+    unmapped: list[dict[str, Any]]  # {"item", "price", "product", "quantity"}: reported, never dropped
+    seen: list[KnownPrice]  # prices seen carrying a catalogue lookup key: remember them
+
+
+def entry_for_lookup_key(catalogue: PlanCatalogue, lookup_key: str | None) -> CatalogueEntry | None:
+    if tier := catalogue.tier_for_lookup_key(lookup_key):
+        return CatalogueEntry(TIER, tier.key)
+    if addon := catalogue.addon_for_lookup_key(lookup_key):
+        return CatalogueEntry(ADDON, addon.key)
+    return None
+
+
+def _id_of(value: Any) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) else None
+
+
+def map_items(
+    items: Iterable[Mapping[str, Any]],
+    catalogue: PlanCatalogue,
+    known: KnownPrices | None = None,
+    held_addon_items: Mapping[str, str] | None = None,
+) -> ItemMapping:
+    """Map a subscription's items (`items.data`) onto the catalogue. held_addon_items: the subscription
+    item id of each add-on the organization holds (item id -> add-on key)."""
+    known = known or KnownPrices()
+    held = held_addon_items or {}
+    tier: str | None = None
+    addons: dict[str, MappedAddon] = {}
+    unmapped: list[dict[str, Any]] = []
+    seen: list[KnownPrice] = []
+    for item in items:
+        price = item.get("price") or {}
+        price_id = _id_of(price)
+        product_id = _id_of(price.get("product")) if isinstance(price, dict) else None
+        lookup_key = price.get("lookup_key") if isinstance(price, dict) else None
+        entry = entry_for_lookup_key(catalogue, lookup_key)
+        if entry is not None and price_id and isinstance(lookup_key, str):
+            seen.append(KnownPrice(price_id, product_id, lookup_key, entry))
+        entry = (
+            entry
+            or (known.by_price.get(price_id) if price_id else None)
+            or (known.by_product.get(product_id) if product_id else None)
+        )
+        if entry is None and item.get("id") in held:
+            entry = CatalogueEntry(ADDON, held[str(item["id"])])
+        if entry is not None and entry.kind == TIER and entry.key in catalogue.tiers:
+            tier = tier or entry.key
+            continue
+        if entry is not None and entry.kind == ADDON and entry.key in catalogue.addons:
+            quantity = item.get("quantity")
+            if isinstance(quantity, int) and quantity > 0:
+                addons[entry.key] = MappedAddon(quantity, str(item.get("id")))
+            continue
+        unmapped.append(
+            {"item": item.get("id"), "price": price_id, "product": product_id, "quantity": item.get("quantity")}
+        )
+    return ItemMapping(tier, addons, unmapped, seen)

@@ -1,0 +1,230 @@
+"""Reconcile: what differs between Stripe and the database. Pure: BillingService.reconcile reads both
+sides (the database in short transactions, Stripe with none open), hands them here, and applies the
+repairs through the paths the webhooks use. Nothing here talks to Stripe or the database.
+
+Four kinds of drift:
+- an organization's subscription whose status, tier, add-ons, period end, scheduled cancellation or
+  paused collection differ from Stripe's (`SubscriptionDrift`);
+- a live subscription carrying this app's metadata that no organization holds (`Orphan`): a signup
+  never provisioned, a second paid signup for a registered email, a surplus resubscription;
+- an event Stripe sent in the window that `stripe_event` does not hold (`MissingEvent`);
+- a conflicting signup or surplus resubscription not yet canceled and refunded (`Unsettled`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from app.services.subscription_state import SubscriptionState
+
+LIVE_STATUSES = frozenset({"trialing", "active", "past_due", "unpaid", "paused", "incomplete"})
+MAX_SINCE_DAYS = 30  # Stripe keeps events for 30 days
+
+
+@dataclass(frozen=True)
+class HeldBilling:
+    """What the database holds for one organization's subscription."""
+
+    organization_id: int
+    subscription_id: str
+    status: str
+    tier: str
+    addons: dict[str, int]
+    cancel_at_period_end: bool
+    current_period_end: datetime | None
+    collection_paused: str | None
+
+
+@dataclass(frozen=True)
+class FieldDrift:
+    field: str
+    ours: Any
+    stripe: Any
+
+
+@dataclass(frozen=True)
+class SubscriptionDrift:
+    organization_id: int
+    subscription_id: str
+    fields: list[FieldDrift]
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A live subscription with our metadata that no organization holds. `kind`: `signup` (its pending
+    signup is ours: provision it, or cancel and refund it if the email already has an account),
+    `resubscribe` (its checkout is ours: attach it, or cancel and refund it as surplus) or `unknown`
+    (our metadata, but no row of ours explains it: reported, never touched, since another
+    environment sharing the Stripe account may own it)."""
+
+    subscription_id: str
+    kind: str
+    status: str
+    reference: str | None  # the pending signup id or the resubscribe checkout id
+    detail: str
+
+
+@dataclass(frozen=True)
+class Unsettled:
+    """A paid checkout recorded as one no organization may keep (a conflicting signup, a surplus
+    resubscription) whose cancel and refund at Stripe have not both been done yet."""
+
+    kind: str  # "signup" or "resubscribe"
+    reference: str  # the pending signup id or the resubscribe checkout id
+    subscription_id: str
+
+
+@dataclass(frozen=True)
+class MissingEvent:
+    event_id: str
+    type: str
+    created: int
+
+
+@dataclass
+class ReconcileReport:
+    subscriptions: list[SubscriptionDrift] = field(default_factory=list)
+    orphans: list[Orphan] = field(default_factory=list)
+    missing_events: list[MissingEvent] = field(default_factory=list)
+    unsettled: list[Unsettled] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # what could not be checked or repaired
+    applied: list[str] = field(default_factory=list)  # what --apply did
+
+    @property
+    def clean(self) -> bool:
+        actionable = [orphan for orphan in self.orphans if orphan.kind != "unknown"]
+        return not (self.subscriptions or actionable or self.missing_events or self.unsettled or self.problems)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "clean": self.clean,
+            "subscriptions": [asdict(drift) for drift in self.subscriptions],
+            "orphans": [asdict(orphan) for orphan in self.orphans],
+            "missing_events": [asdict(event) for event in self.missing_events],
+            "unsettled": [asdict(entry) for entry in self.unsettled],
+            "problems": list(self.problems),
+            "applied": list(self.applied),
+        }
+
+    def lines(self) -> list[str]:
+        """The report for people, one difference a line."""
+        out = [f"applied: {entry}" for entry in self.applied]
+        for drift in self.subscriptions:
+            for change in drift.fields:
+                out.append(
+                    f"organization {drift.organization_id} ({drift.subscription_id}): {change.field} "
+                    f"is {_show(change.ours)} here, {_show(change.stripe)} at Stripe"
+                )
+        for orphan in self.orphans:
+            out.append(
+                f"orphan subscription {orphan.subscription_id} ({orphan.kind}, {orphan.status}): {orphan.detail}"
+            )
+        for event in self.missing_events:
+            created = datetime.fromtimestamp(event.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            out.append(f"missing event {event.event_id} {event.type} (created {created} UTC)")
+        out.extend(
+            f"not yet canceled and refunded: {entry.kind} {entry.reference} ({entry.subscription_id})"
+            for entry in self.unsettled
+        )
+        out.extend(f"problem: {problem}" for problem in self.problems)
+        out.append("Stripe and the database agree." if self.clean else "Drift remains.")
+        return out
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if value is None:
+        return "none"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _second(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    value = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return value.replace(microsecond=0)
+
+
+def diff_subscription(held: HeldBilling, state: SubscriptionState) -> list[FieldDrift]:
+    """Each field the organization keeps that differs from Stripe's subscription."""
+    stripe_addons = {key: line.quantity for key, line in state.addons.items()}
+    if state.unmapped:  # items we cannot name are kept as held, so they are not drift
+        stripe_addons = {**held.addons, **stripe_addons}
+    pairs: list[tuple[str, Any, Any]] = [
+        ("status", held.status, state.status.value),
+        ("tier", held.tier, state.tier or held.tier),
+        ("addons", held.addons, stripe_addons),
+        ("cancel_at_period_end", held.cancel_at_period_end, state.cancel_at_period_end),
+        ("current_period_end", _second(held.current_period_end), _second(state.current_period_end)),
+        ("collection_paused", held.collection_paused, state.collection_paused),
+    ]
+    return [FieldDrift(name, ours, theirs) for name, ours, theirs in pairs if ours != theirs]
+
+
+def find_orphans(
+    subscriptions: Iterable[Mapping[str, Any]],
+    held_subscription_ids: set[str],
+    our_pending_signups: Mapping[str, str],
+    our_resubscribe_checkouts: Mapping[str, str],
+) -> list[Orphan]:
+    """Live subscriptions with our metadata that no organization holds.
+
+    our_pending_signups: pending signup id -> its status, for the signups the subscriptions name.
+    our_resubscribe_checkouts: subscription id -> our resubscribe checkout id, for those we know."""
+    found: list[Orphan] = []
+    for subscription in subscriptions:
+        subscription_id = str(subscription["id"])
+        status = str(subscription.get("status"))
+        metadata = subscription.get("metadata") or {}
+        purpose = metadata.get("purpose")
+        if subscription_id in held_subscription_ids or status not in LIVE_STATUSES:
+            continue
+        if purpose == "signup" or metadata.get("pending_signup_id"):
+            pending_id = str(metadata.get("pending_signup_id") or "")
+            if our_pending_signups.get(pending_id) == "pending" and status == "incomplete":
+                continue  # a payment still being confirmed: provisioning will follow
+            if pending_id in our_pending_signups:
+                found.append(
+                    Orphan(
+                        subscription_id,
+                        "signup",
+                        status,
+                        pending_id,
+                        f"signup {pending_id} ({our_pending_signups[pending_id]}) has no organization with it",
+                    )
+                )
+            else:
+                found.append(Orphan(subscription_id, "unknown", status, pending_id or None, "no signup of ours"))
+        elif purpose == "resubscribe":
+            checkout_id = our_resubscribe_checkouts.get(subscription_id)
+            if checkout_id:
+                organization = metadata.get("organization_id")
+                found.append(
+                    Orphan(
+                        subscription_id,
+                        "resubscribe",
+                        status,
+                        checkout_id,
+                        f"resubscription of organization {organization} not held by it",
+                    )
+                )
+            else:
+                found.append(Orphan(subscription_id, "unknown", status, None, "no resubscribe checkout of ours"))
+    return found
+
+
+def find_missing_events(
+    events: Iterable[Mapping[str, Any]], stored_event_ids: set[str], handled_types: Iterable[str]
+) -> list[MissingEvent]:
+    handled = set(handled_types)
+    return sorted(
+        (
+            MissingEvent(str(event["id"]), str(event["type"]), int(event["created"]))
+            for event in events
+            if event["type"] in handled and event["id"] not in stored_event_ids
+        ),
+        key=lambda missing: (missing.created, missing.event_id),
+    )
