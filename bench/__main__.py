@@ -33,7 +33,6 @@ class Bench:
     def __init__(self, services: Services, workdir: Path) -> None:
         self.services = services
         self.webhooks = Webhooks(services.webhook_secret, workdir)
-        self.postmaster = services.postmaster_pid()
         app, anchor = services.app, services.anchor
         # name: (server, path, template, redeliver the stored duplicates, sign with the wrong secret)
         self.scenarios: dict[str, tuple[Server, str, str, bool, bool]] = {
@@ -48,7 +47,7 @@ class Bench:
     def webhook_run(self, scenario: str, seconds: int) -> Run:
         server, path, template, duplicate, forged = self.scenarios[scenario]
         load = partial(self.webhooks.wrk, server.port, path, template, duplicate=duplicate, forged=forged)
-        return measured(server, self.postmaster, partial(load, seconds=seconds))
+        return measured(server, self.services.postmaster_pid(), partial(load, seconds=seconds))
 
     def run(self, busy_before: float) -> Results:
         app = self.services.app
@@ -72,14 +71,14 @@ class Bench:
             step(f"new events at {rate} req/s offered, {seconds} s" + (", Stripe answering in 300 ms" if slow else ""))
             load = partial(self.webhooks.paced, app.port, WEBHOOK_PATH, rate=rate, seconds=seconds)
             try:
-                paced[rate] = measured(app, self.postmaster, load)
+                paced[rate] = measured(app, self.services.postmaster_pid(), load)
             finally:
                 if slow:
                     self.services.set_stripe_latency(0)
                     self.services.stop_worker()
         outcomes = self.services.event_outcomes()
         step(f"{SIGNUPS} signups, one at a time")
-        signup = measured(app, self.postmaster, lambda: signups(app.port, SIGNUPS))
+        signup = measured(app, self.services.postmaster_pid(), lambda: signups(app.port, SIGNUPS))
         hashes = password_hash_seconds(HASHES)
         self.preping = restart.measure(self, step)
         burst: Burst = run_burst(self.services, step)

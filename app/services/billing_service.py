@@ -1400,15 +1400,27 @@ class BillingService:
         """customer.subscription.* events: the organization follows Stripe's current subscription,
         read now, whatever order the events came in and whatever their timestamps say (so neither
         ordering nor either clock matters); the events only say when to look."""
-        try:
-            subscription = cls._retrieve_subscription(subscription_id)
-        except PaymentProviderUnavailable as exc:
-            if _is_missing(exc):
-                reason = f"not ours: this Stripe account has no subscription {subscription_id}"
-                return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
-            raise
-        subscription = stripe_objects.subscription_for_state(subscription)
-        organization = cls._lock_organization_for_subscription(subscription)
+        for _read in range(3):
+            # What the organization looked like before Stripe is read: if an owner's action or
+            # provisioning changes it while the read is in flight, the read may be older than what it
+            # holds, so it is read again (compare-and-swap; no clock involved).
+            seen = cls._organization_version(subscription_id)
+            db.session.rollback()
+            try:
+                subscription = cls._retrieve_subscription(subscription_id)
+            except PaymentProviderUnavailable as exc:
+                if _is_missing(exc):
+                    reason = f"not ours: this Stripe account has no subscription {subscription_id}"
+                    return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
+                raise
+            subscription = stripe_objects.subscription_for_state(subscription)
+            organization = cls._lock_organization_for_subscription(subscription)
+            now_held = (organization.id, organization.updated_at) if organization else None
+            if now_held == seen:
+                break
+            db.session.rollback()
+        else:
+            raise PaymentProviderUnavailable("the organization kept changing while Stripe was read; retrying later")
         if organization is None:
             metadata = subscription.get("metadata") or {}
             if metadata.get("pending_signup_id") or metadata.get("purpose") == "resubscribe":
@@ -1465,6 +1477,15 @@ class BillingService:
                 StripeEventStatus.PROCESSED, _close_checkout(checkout, SignupStatus.FAILED, "payment failed", source)
             )
         return every(StripeEventStatus.PROCESSED, "awaiting payment")
+
+    @staticmethod
+    def _organization_version(subscription_id: str) -> tuple[int, Any] | None:
+        row = db.session.execute(
+            select(Organization.id, Organization.updated_at).where(
+                Organization.stripe_subscription_id == subscription_id
+            )
+        ).first()
+        return (row[0], row[1]) if row else None
 
     @staticmethod
     def _lock_organization_for_subscription(subscription: dict[str, Any]) -> Organization | None:
