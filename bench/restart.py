@@ -76,7 +76,7 @@ def measure(bench: Bench, step: Callable[[str], None] | None = None) -> list[Com
                     if step:
                         step(f"pre-ping round {number}/{ROUNDS}: {scenario}, {label}")
                     load = partial(bench.webhooks.wrk, server.port, WEBHOOK_PATH, "subscription", duplicate=duplicate)
-                    run = measured(server, bench.postmaster, partial(load, seconds=SECONDS))
+                    run = measured(server, bench.services.postmaster_pid(), partial(load, seconds=SECONDS))
                     runs.setdefault((scenario, label), []).append(run)
     finally:
         preping.stop()
@@ -110,7 +110,6 @@ def restart_under_load(bench: Bench, step: Callable[[str], None] | None = None) 
         )
         restart_seconds = time.monotonic() - began
         deliveries = load.result()
-    bench.postmaster = bench.services.postmaster_pid()  # a new server: later CPU figures follow it
     return RestartRun(deliveries, restart_seconds)
 
 
