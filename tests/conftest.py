@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from email import message_from_bytes
 from email import policy as email_policy
 from email.message import EmailMessage
@@ -249,21 +248,28 @@ def smtp_server(_smtp_sink: SmtpSink) -> SmtpSink:
 
 def run_jobs(app: Flask, *, queues: list[str] | None = None) -> None:
     """Run every queued job that is due (webhook application, outbox deliveries, emails) inline, the
-    way `flask billing worker` runs them, and return when none is left. Once the browser tests have
-    started Playwright, its sync API keeps an event loop running in this thread for the rest of the
-    session, so the worker (which starts its own loop) then runs in a thread of its own."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        queue.run_pending_jobs(app, queues=queues)
-        return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pool.submit(queue.run_pending_jobs, app, queues=queues).result()
+    way `flask billing worker` runs them, and return when none is left.
+
+    In a thread of its own: the worker runs an asyncio loop, and the browser tests' Playwright keeps one
+    running in the main thread for the rest of the session, where asyncio.run() refuses to start."""
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            queue.run_pending_jobs(app, queues=queues)
+        except BaseException as exc:  # handed to the test below
+            failures.append(exc)
+
+    worker = threading.Thread(target=work, name="run_jobs")
+    worker.start()
+    worker.join()
+    if failures:
+        raise failures[0]
 
 
 @pytest.fixture
 def make_app(
-    cleaner: Callable[[], None], stripe_sandbox: SandboxAccount, smtp_server: SmtpSink
+    cleaner: Callable[[], None], smtp_server: SmtpSink, stripe_sandbox: SandboxAccount
 ) -> Iterator[Callable[..., Flask]]:
     """Build an app on the test database and Redis, from a clean slate; overrides go on top."""
     apps: list[Flask] = []

@@ -127,8 +127,10 @@ def test_a_failed_sign_in_does_not_reveal_whether_the_email_exists(app: Flask, o
     assert message in wrong_password.get_data(as_text=True) and message in unknown_email.get_data(as_text=True)
 
 
-def test_failed_sign_ins_are_limited_per_account_with_a_429_page(make_app: Any, offline_stripe: SandboxAccount) -> None:
-    app = make_app(LOGIN_RATE_LIMIT_PER_ACCOUNT="3/minute")
+def test_failed_sign_ins_are_limited_per_account_and_client_with_a_429_page(
+    make_app: Any, offline_stripe: SandboxAccount
+) -> None:
+    app = make_app(LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT="3/minute")
     Owner(app, offline_stripe)
     assert log_in(app.test_client(), "ada@example.com").status_code == 303  # successes do not count
     statuses = [log_in(app.test_client(), "ada@example.com", "wrong password here").status_code for _ in range(4)]

@@ -305,9 +305,11 @@ def test_a_superseded_checkout_paid_anyway_still_gets_its_account(app: Flask, of
     offline_stripe.fail_next("checkout.sessions.expire")  # the expire did not reach Stripe in time
     second = checkout_session_id(start_signup(client))
     offline_stripe.pay(first)
-    # The account is made; this browser now belongs to the newer attempt, so it is asked to sign in.
+    # The account is made; this browser now belongs to the newer attempt. The ended attempt's password
+    # was erased, so the owner is asked to choose one through the reset link.
     response = client.get(f"/billing/complete-signup-from-stripe?session_id={first}")
-    assert response.headers["Location"] == "/auth/login"
+    assert response.headers["Location"] == "/auth/forgot-password"
+    assert query(app, "SELECT password_hash FROM user_account")[0].password_hash == ""
     assert len(query(app, "SELECT id FROM organization")) == 1
     # Paying the second one too is a conflict that is recorded for a refund, not a second account.
     offline_stripe.pay(second)

@@ -372,6 +372,11 @@ def complete_signup_from_stripe() -> Response | tuple[str, int]:
         return redirect(url_for("main.dashboard"), 303)
     if current_user.is_authenticated and current_user.id == outcome.owner_user_id:
         return redirect(url_for("main.dashboard"), 303)
+    owner = db.session.get(User, outcome.owner_user_id) if outcome.owner_user_id is not None else None
+    if owner is not None and not owner.password_hash:
+        # Paid through a signup attempt that had already ended, whose password was erased (retention).
+        flash("Your account is ready. Choose a password to sign in: we will email you a link.", "info")
+        return redirect(url_for("auth.forgot_password"), 303)
     flash("Your account is ready. Sign in to continue.", "info")
     return redirect(url_for("auth.login"), 303)
 
@@ -381,7 +386,9 @@ def complete_signup_from_stripe() -> Response | tuple[str, int]:
 def webhook(provider: str) -> tuple[Response, int]:
     """Webhook deliveries: the raw body and headers go to BillingService, nothing else happens here."""
     try:
-        result = BillingService.handle_webhook_event(provider, request.get_data(cache=False), dict(request.headers))
+        # The body stays cached for the request: a request run again after a database restart
+        # (app/database.py) must see it again.
+        result = BillingService.handle_webhook_event(provider, request.get_data(), dict(request.headers))
     except WebhookRejected as exc:
         return jsonify(error=str(exc)), 400
     except UnknownWebhookProvider:

@@ -59,14 +59,9 @@ def requeue_stalled_jobs_now(jobs: procrastinate.App, seconds_since_heartbeat: f
         async with jobs.open_async():
             return await requeue_stalled_jobs(jobs, seconds_since_heartbeat)
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(run())
-    # Called from a thread whose event loop is running (a test after Playwright's sync API started):
-    # asyncio.run refuses, so the loop of its own runs in another thread.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(lambda: asyncio.run(run())).result()
+    # In a thread of its own: the calling thread may already run an event loop (asyncio.run refuses then).
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        return executor.submit(asyncio.run, run()).result()
 
 
 @maintenance.periodic(cron="*/10 * * * *")
