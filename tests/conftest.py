@@ -698,6 +698,18 @@ def sign_up(client: FlaskClient, stripe_api: SandboxAccount, *, outcome: str = "
     return session
 
 
+def email_confirmation_path(app: Flask, email: str) -> str:
+    """The link of the confirmation email the account at `email` is sent, minted as its sender mints it."""
+    from app.models import User
+    from app.services.account_service import AccountService
+
+    with app.app_context():
+        user = db.session.execute(db.select(User).where(User.email == email)).scalar_one()
+        path = f"/auth/verify-email/{AccountService.email_verification_token(user)}"
+        db.session.rollback()
+    return path
+
+
 def live_stripe_environment() -> dict[str, str]:
     missing = [name for name in LIVE_VARIABLES if not os.environ.get(name)]
     if missing:

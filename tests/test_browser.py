@@ -12,7 +12,7 @@ from collections import Counter
 from flask import Flask
 from playwright.sync_api import Browser, Page, expect
 
-from tests.conftest import PASSWORD, query
+from tests.conftest import PASSWORD, email_confirmation_path, query
 from tests.live_support import BrowserPage, SandboxedApp, submit_signup, wait_until
 
 CARD_OK = "4242 4242 4242 4242"
@@ -259,7 +259,8 @@ def test_upgrade_add_a_seat_invite_a_teammate_and_open_an_invoice_in_a_real_brow
     assert organization.tier == "business"
     assert [(r.addon_key, r.quantity) for r in query(app, "SELECT * FROM organization_addon")] == [("extra_seats", 3)]
 
-    # Invite a teammate, who accepts in a second browser.
+    # Invite a teammate, who accepts in a second browser (once the owner's address is confirmed).
+    page.goto(f"{server.url}{email_confirmation_path(app, EMAIL)}")
     page.click("#team-link")
     page.fill("#email", "grace@example.com")
     page.click("#invite-submit")

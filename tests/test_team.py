@@ -12,7 +12,17 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from app.extensions import db
-from tests.conftest import PASSWORD, SandboxAccount, SmtpSink, csrf_token, email_text, query, run_jobs, sign_up
+from tests.conftest import (
+    PASSWORD,
+    SandboxAccount,
+    SmtpSink,
+    csrf_token,
+    email_confirmation_path,
+    email_text,
+    query,
+    run_jobs,
+    sign_up,
+)
 
 INVITEE = "grace@example.com"
 # The signup in conftest buys Starter (5 seats included) and 2 extra seats: 7 seats, the owner in one.
@@ -26,6 +36,7 @@ class Owner:
         sign_up(self.client, stripe_api)
         [row] = query(app, "SELECT id FROM organization")
         self.organization_id: int = row.id
+        assert self.client.get(email_confirmation_path(app, "ada@example.com")).status_code == 303
 
     def invite(self, email: str) -> Any:
         return self.client.post("/team/invite", data={"csrf_token": csrf_token(self.client, "/team/"), "email": email})
@@ -270,3 +281,15 @@ def test_bad_team_input_gets_a_clear_answer(
     assert revoke.status_code == 303
     assert "no longer open" in mallory.get("/team/").get_data(as_text=True)
     assert [r.status for r in query(app, "SELECT status FROM invitation")] == ["pending"]
+
+
+def test_inviting_waits_for_the_owner_to_confirm_their_address(app: Flask, offline_stripe: SandboxAccount) -> None:
+    client = app.test_client()
+    sign_up(client, offline_stripe)
+    response = client.post("/team/invite", data={"csrf_token": csrf_token(client, "/team/"), "email": INVITEE})
+    assert response.status_code == 303
+    assert "Confirm your email address first" in client.get("/team/").get_data(as_text=True)
+    assert query(app, "SELECT id FROM invitation") == []
+    assert client.get(email_confirmation_path(app, "ada@example.com")).status_code == 303
+    client.post("/team/invite", data={"csrf_token": csrf_token(client, "/team/"), "email": INVITEE})
+    assert [row.email for row in query(app, "SELECT email FROM invitation")] == [INVITEE]

@@ -32,6 +32,10 @@ class TeamError(Exception):
     """A team action was refused; the message is for the person who asked."""
 
 
+class EmailNotVerified(TeamError):
+    """The inviter has not confirmed their email address yet."""
+
+
 class SeatLimitReached(TeamError):
     """No seat is free: the owner is offered to buy seats."""
 
@@ -115,6 +119,13 @@ class TeamService:
         """Invite a teammate, replacing an open invitation to the same email. Refused beyond the seats."""
         email = normalise_email(email)
         try:
+            inviter = db.session.get(User, actor_user_id)
+            if inviter is None or not inviter.email_verified:
+                # Invitations go out in the owner's name: the address must be shown to be theirs first.
+                raise EmailNotVerified(
+                    "Confirm your email address first (use the link we sent you, or send a new one from your "
+                    "account page); then you can invite teammates."
+                )
             organization = _lock_organization(organization_id)
             existing = db.session.execute(select(User).where(User.email == email)).scalar_one_or_none()
             if existing is not None and not (existing.organization_id == organization_id and existing.removed_at):
