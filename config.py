@@ -36,7 +36,11 @@ class BaseConfig:
         self.SECRET_KEY = env.get("SECRET_KEY", "")
         self.REDIS_URL = env.get("REDIS_URL", "")
         self.SQLALCHEMY_DATABASE_URI = normalise_database_url(env.get("DATABASE_URL", ""))
-        self.SQLALCHEMY_ENGINE_OPTIONS = self._engine_options(self.SQLALCHEMY_DATABASE_URI)
+        self.SQLALCHEMY_ENGINE_OPTIONS = self._engine_options(
+            self.SQLALCHEMY_DATABASE_URI, pre_ping=env.get("DATABASE_POOL_PRE_PING", "") in ("1", "true", "yes")
+        )
+        # How long a new connection waits for a PostgreSQL that is restarting (app/database.py).
+        self.DATABASE_CONNECT_RETRY_SECONDS = float(env.get("DATABASE_CONNECT_RETRY_SECONDS", "30"))
         # Single reads outside any transaction (the webhook duplicate check): no BEGIN or ROLLBACK
         # round trips, and no per-use isolation switch on the main pool's connections.
         self.SQLALCHEMY_BINDS = {
@@ -48,34 +52,31 @@ class BaseConfig:
         }
         self.SQLALCHEMY_TRACK_MODIFICATIONS = False
 
-        # Billing credentials come only from the environment; BillingService.ensure_stripe() names
-        # whichever is missing when it is first needed.
-        self.STRIPE_SECRET_KEY = env.get("STRIPE_SECRET_KEY", "")
-        self.STRIPE_WEBHOOK_SECRET = env.get("STRIPE_WEBHOOK_SECRET", "")
-        self.STRIPE_PUBLISHABLE_KEY = env.get("STRIPE_PUBLISHABLE_KEY", "")
-        self.STRIPE_API_BASE = env.get("STRIPE_API_BASE", "")
-        self.STRIPE_MAX_NETWORK_RETRIES = int(env.get("STRIPE_MAX_NETWORK_RETRIES", "2"))
-        self.STRIPE_TIMEOUT_SECONDS = float(env.get("STRIPE_TIMEOUT_SECONDS", "20"))
+        self.configure_stripe(env)
         self.APP_BASE_URL = env.get("APP_BASE_URL", "http://127.0.0.1:5000").rstrip("/")
         self.configure_whop(env)
-        # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
-        # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
-        self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in ("1", "true", "yes", "on")
 
         self.PLAN_CATALOGUE_FILE = env.get("PLAN_CATALOGUE_FILE", str(PROJECT_ROOT / "plans.toml"))
         self.PRICE_CACHE_SECONDS = int(env.get("PRICE_CACHE_SECONDS", "300"))
         self.CHECKOUT_SESSION_TTL_MINUTES = int(env.get("CHECKOUT_SESSION_TTL_MINUTES", "60"))
         self.PAST_DUE_GRACE_DAYS = int(env.get("PAST_DUE_GRACE_DAYS", "7"))
+        # The billing page's reads from Stripe (upcoming invoice, payment method, invoices) are cached
+        # this long; a failed read is remembered for the shorter time, so a Stripe outage costs one
+        # timeout per organization per that many seconds instead of one per page view.
+        self.BILLING_READ_CACHE_SECONDS = int(env.get("BILLING_READ_CACHE_SECONDS", "60"))
+        self.BILLING_READ_FAILURE_SECONDS = int(env.get("BILLING_READ_FAILURE_SECONDS", "15"))
+        self.STRIPE_PAGE_READ_TIMEOUT_SECONDS = float(env.get("STRIPE_PAGE_READ_TIMEOUT_SECONDS", "3"))
+        # A plan or seat change preview can be confirmed for this long; older ones are offered afresh.
+        self.PLAN_CHANGE_PREVIEW_MINUTES = int(env.get("PLAN_CHANGE_PREVIEW_MINUTES", "15"))
+        self.INVITATION_TTL_HOURS = int(env.get("INVITATION_TTL_HOURS", "72"))
 
-        # Rate limits (Flask-Limiter notation). Failed sign-ins only count against the login limits.
-        self.SIGNUP_RATE_LIMIT_PER_CLIENT = env.get("SIGNUP_RATE_LIMIT_PER_CLIENT", "20/hour;5/minute")
-        self.SIGNUP_RATE_LIMIT_PER_EMAIL = env.get("SIGNUP_RATE_LIMIT_PER_EMAIL", "5/hour")
-        self.LOGIN_RATE_LIMIT_PER_CLIENT = env.get("LOGIN_RATE_LIMIT_PER_CLIENT", "30/hour;10/minute")
-        self.LOGIN_RATE_LIMIT_PER_ACCOUNT = env.get("LOGIN_RATE_LIMIT_PER_ACCOUNT", "10/hour;5/minute")
-        self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
+        self.configure_rate_limits(env)
 
-        # Number of reverse proxies in front of the app whose X-Forwarded-* headers are trusted.
-        self.TRUSTED_PROXY_COUNT = int(env.get("TRUSTED_PROXY_COUNT", self.DEFAULT_TRUSTED_PROXIES))
+        # Number of reverse proxies in front of the app whose X-Forwarded-* headers are trusted. Production
+        # has no default (app/startup.py refuses to boot without it); elsewhere it is 0.
+        raw_proxies = env.get("TRUSTED_PROXY_COUNT", "").strip() or self.DEFAULT_TRUSTED_PROXIES
+        self.TRUSTED_PROXY_COUNT_SETTING = raw_proxies
+        self.TRUSTED_PROXY_COUNT = int(raw_proxies) if raw_proxies.isdigit() else 0
 
         # No form or Stripe event comes near this; anything bigger is refused before it is read.
         self.MAX_CONTENT_LENGTH = 1024 * 1024
@@ -101,6 +102,19 @@ class BaseConfig:
         self.LOG_LEVEL = env.get("LOG_LEVEL", "INFO")
 
         self.configure_storage(env)
+
+    def configure_stripe(self, env: Mapping[str, str]) -> None:
+        # Billing credentials come only from the environment; BillingService.ensure_stripe() names
+        # whichever is missing when it is first needed.
+        self.STRIPE_SECRET_KEY = env.get("STRIPE_SECRET_KEY", "")
+        self.STRIPE_WEBHOOK_SECRET = env.get("STRIPE_WEBHOOK_SECRET", "")
+        self.STRIPE_PUBLISHABLE_KEY = env.get("STRIPE_PUBLISHABLE_KEY", "")
+        self.STRIPE_API_BASE = env.get("STRIPE_API_BASE", "")
+        self.STRIPE_MAX_NETWORK_RETRIES = int(env.get("STRIPE_MAX_NETWORK_RETRIES", "2"))
+        self.STRIPE_TIMEOUT_SECONDS = float(env.get("STRIPE_TIMEOUT_SECONDS", "20"))
+        # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
+        # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
+        self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in TRUE_WORDS
 
     def configure_mail_and_jobs(self, env: Mapping[str, str]) -> None:
         # Outgoing email over SMTP (Flask-Mailman). Production refuses to start without MAIL_SERVER and
@@ -134,13 +148,29 @@ class BaseConfig:
     DEFAULT_LOG_FORMAT = "text"
     DEFAULT_MAIL_BACKEND = "smtp"
 
+    def configure_rate_limits(self, env: Mapping[str, str]) -> None:
+        # Rate limits (Flask-Limiter notation). Failed sign-ins only count against the login limits.
+        self.SIGNUP_RATE_LIMIT_PER_CLIENT = env.get("SIGNUP_RATE_LIMIT_PER_CLIENT", "20/hour;5/minute")
+        self.SIGNUP_RATE_LIMIT_PER_EMAIL = env.get("SIGNUP_RATE_LIMIT_PER_EMAIL", "5/hour")
+        self.LOGIN_RATE_LIMIT_PER_CLIENT = env.get("LOGIN_RATE_LIMIT_PER_CLIENT", "30/hour;10/minute")
+        # Per account *and* client address: failures from elsewhere never lock the owner out (BILLING.md).
+        self.LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT = env.get(
+            "LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT", "10/hour;5/minute"
+        )
+        self.PASSWORD_RESET_RATE_LIMIT_PER_CLIENT = env.get("PASSWORD_RESET_RATE_LIMIT_PER_CLIENT", "10/hour;3/minute")
+        self.PASSWORD_RESET_RATE_LIMIT_PER_EMAIL = env.get("PASSWORD_RESET_RATE_LIMIT_PER_EMAIL", "3/hour")
+        self.EMAIL_VERIFICATION_RATE_LIMIT = env.get("EMAIL_VERIFICATION_RATE_LIMIT", "3/hour")
+        self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
+
     @staticmethod
-    def _engine_options(url: str) -> dict[str, object]:
+    def _engine_options(url: str, *, pre_ping: bool = False) -> dict[str, object]:
         if url.startswith("postgresql"):
             return {
-                # No pre-ping: it would cost every request a round trip. A connection that died with
-                # the database fails one request (a 503; Stripe redelivers webhooks), and SQLAlchemy
-                # then replaces the whole pool. Recycling keeps idle connections under server timeouts.
+                # No pre-ping by default: it would cost every checkout a round trip. A request whose
+                # connection died with a restarting database is run again once instead, and new
+                # connections wait for the server to come back (app/database.py). Recycling keeps
+                # idle connections under server timeouts.
+                "pool_pre_ping": pre_ping,
                 "pool_recycle": 1800,
                 "pool_size": 10,
                 "max_overflow": 5,
@@ -220,7 +250,7 @@ class ProductionConfig(BaseConfig):
     are checked as a whole by app.startup.check_production_settings before anything serves."""
 
     APP_ENV = "production"
-    DEFAULT_TRUSTED_PROXIES = "1"
+    DEFAULT_TRUSTED_PROXIES = ""  # must be said explicitly: see app/startup.py
     DEFAULT_LOG_FORMAT = "json"
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:

@@ -10,6 +10,7 @@ from flask import Flask
 from redis import Redis
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from app.database import ResilientFlask, close_session_despite_a_dead_connection, install_connect_retry
 from app.extensions import cache, csrf, db, limiter, login_manager, mail, migrate, server_session
 from app.services.plans import PlanCatalogue
 from app.startup import check_production_settings, development_standins
@@ -21,7 +22,7 @@ REDIS_TIMEOUTS = {"socket_connect_timeout": 2, "socket_timeout": 2}
 
 def create_app(config: BaseConfig | None = None, **overrides: Any) -> Flask:
     """Build the app for ``config`` (default: the class APP_ENV names), with ``overrides`` on top."""
-    app = Flask(__name__)
+    app = ResilientFlask(__name__)
     app.config.from_object(config or config_for())
     app.config.update(overrides)
 
@@ -59,6 +60,12 @@ def register_extensions(app: Flask) -> None:
         app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", REDIS_TIMEOUTS)
 
     db.init_app(app)
+    with app.app_context():
+        for engine in db.engines.values():
+            install_connect_retry(engine, app.config["DATABASE_CONNECT_RETRY_SECONDS"])
+    # Runs before Flask-SQLAlchemy's own teardown (teardowns run in reverse order), which then finds
+    # nothing left to close.
+    app.teardown_appcontext(close_session_despite_a_dead_connection)
     migrate.init_app(app, db, directory=str(PROJECT_ROOT / "migrations"))
     server_session.init_app(app)
     cache.init_app(app)
@@ -79,21 +86,27 @@ def register_extensions(app: Flask) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
+    from app.account.routes import bp as account_bp
     from app.auth.routes import bp as auth_bp
     from app.billing.routes import bp as billing_bp
     from app.main.routes import bp as main_bp
+    from app.team.routes import bp as team_bp
 
     app.register_blueprint(main_bp)
     app.register_blueprint(auth_bp, url_prefix="/auth")
+    app.register_blueprint(account_bp, url_prefix="/account")
     app.register_blueprint(billing_bp, url_prefix="/billing")
+    app.register_blueprint(team_bp, url_prefix="/team")
 
 
 def register_request_hooks(app: Flask) -> None:
+    from app.features import init_feature_guard
     from app.request_log import init_request_logging
     from app.security import init_security_headers
     from app.templating import init_templating
 
     init_request_logging(app)
+    init_feature_guard(app)
     init_security_headers(app)
     init_templating(app)
 
@@ -111,7 +124,8 @@ def register_commands(app: Flask) -> None:
 
 
 def register_domain_event_subscribers() -> None:
-    from app.services import domain_events, notifications  # noqa: F401  (notifications: the outbox consumers)
+    # notifications, team_notifications and account_emails: importing them registers their outbox consumers.
+    from app.services import account_emails, domain_events, notifications, team_notifications  # noqa: F401
 
     if domain_events.log_announcement not in domain_events.subscribers("*"):
         domain_events.subscribe("*", domain_events.log_announcement)
@@ -119,6 +133,12 @@ def register_domain_event_subscribers() -> None:
 
 @login_manager.user_loader
 def load_user(user_id: str) -> Any:
+    from app.access import forget_stale_sign_in, session_is_current
     from app.models import User
 
-    return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    user = db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    # A member the owner removed is signed out of every session at its next request.
+    if user is not None and user.removed_at is None and session_is_current(user):
+        return user
+    forget_stale_sign_in()  # removed, signed out everywhere, or the password changed, since this session began
+    return None

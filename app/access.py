@@ -34,16 +34,39 @@ def require_billing_access() -> Response | None:
     return None
 
 
+# The user's session epoch when this session signed in; app/__init__.py's user loader compares it with
+# the user's current one on every request, so raising the user's epoch signs out every session at once.
+SESSION_EPOCH_KEY = "_epoch"
+
+
+def session_is_current(user: User) -> bool:
+    return bool(session.get(SESSION_EPOCH_KEY, 0) == user.session_epoch)
+
+
 def sign_in(user: User) -> None:
     """Sign a user in on a fresh session id, so an id planted before sign-in is worthless after it."""
     current_app.session_interface.regenerate(session)  # type: ignore[attr-defined]
     login_user(user)
+    session[SESSION_EPOCH_KEY] = user.session_epoch
     AuthService.record_sign_in(user, source="web")
 
 
-def sign_out() -> None:
+def stay_signed_in_at(epoch: int) -> None:
+    """After the user's own password change: every other session has ended; this one continues, on a
+    fresh id."""
+    current_app.session_interface.regenerate(session)  # type: ignore[attr-defined]
+    session[SESSION_EPOCH_KEY] = epoch
+
+
+def forget_stale_sign_in() -> None:
+    """The session belongs to an epoch the user has left (signed out everywhere, password changed)."""
+    for key in ("_user_id", "_fresh", "_id", SESSION_EPOCH_KEY):
+        session.pop(key, None)
+
+
+def sign_out(message: str = "You are signed out.") -> None:
     """End the session: its data is dropped and its id retired, so the old cookie opens nothing."""
     logout_user()
     session.clear()
-    flash("You are signed out.", "info")
+    flash(message, "info")
     current_app.session_interface.regenerate(session)  # type: ignore[attr-defined]

@@ -95,15 +95,20 @@ def replay(event_id: str | None, all_failed: bool, provider: str) -> None:
 def check_prices() -> None:
     """Resolve every lookup key in the plan catalogue against Stripe."""
     catalogue = plan_catalogue()
-    entries = [(f"tier {t.key}", t.lookup_key) for t in catalogue.tiers.values()] + [
-        (f"add-on {a.key}", a.lookup_key) for a in catalogue.addons.values()
+    entries = [
+        (f"{kind} {entry.key}", lookup_key)
+        for kind, entries_of_kind in (("tier", catalogue.tiers), ("add-on", catalogue.addons))
+        for entry in entries_of_kind.values()
+        for lookup_key in (entry.lookup_key, entry.yearly_lookup_key)
+        if lookup_key
     ]
     try:
-        prices = BillingService.price_ids_for_lookup_keys([lookup_key for _, lookup_key in entries])
+        prices = BillingService.prices_for_lookup_keys([lookup_key for _, lookup_key in entries])
     except BillingError as exc:
         raise click.ClickException(str(exc)) from None
     for label, lookup_key in entries:
-        click.echo(f"{label:<24} {lookup_key:<24} {prices[lookup_key]}")
+        price = prices[lookup_key]
+        click.echo(f"{label:<24} {lookup_key:<24} {price.id}  {price.describe()}")
 
 
 @billing_cli.command("status")

@@ -21,6 +21,8 @@ SECRET_PATTERNS = re.compile(
     r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9_]+"
     r"|\b(?:\d{13,19}|\d{4}(?:[ -]\d{4}){3}(?:\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{4,5})\b"
 )
+# The signed links mailed to users (password reset, email confirmation) carry their token in the path.
+LINK_TOKENS = re.compile(r"(/auth/(?:reset-password|verify-email)/)[^\s/?\"]+")
 CONTEXT_FIELDS = (
     "request_id",
     "method",
@@ -42,7 +44,7 @@ class RedactingFilter(logging.Filter):
         self.secrets = [s for s in secrets if len(s) >= 8]
 
     def redact(self, text: str) -> str:
-        redacted = SECRET_PATTERNS.sub("[redacted]", text)
+        redacted = LINK_TOKENS.sub(r"\1[redacted]", SECRET_PATTERNS.sub("[redacted]", text))
         for secret in self.secrets:
             redacted = redacted.replace(secret, "[redacted]")
         return redacted

@@ -50,6 +50,8 @@ def production_problems(config: Mapping[str, Any]) -> list[str]:
         *_redis_problems(config),
         *[f"{name} is not set" for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET") if not config.get(name)],
         *_whop_problems(config),
+        *_stripe_api_base_problems(config),
+        *_proxy_problems(config),
         *[
             f"{name} is not set (billing emails are sent over SMTP)"
             for name in ("MAIL_SERVER", "MAIL_DEFAULT_SENDER")
@@ -90,6 +92,40 @@ def _whop_problems(config: Mapping[str, Any]) -> list[str]:
     if company and not company.startswith("biz_"):
         problems.append("WHOP_COMPANY_ID must be a Whop account id (biz_...)")
     return problems
+
+
+LIVE_KEY_PREFIXES = ("sk_live_", "rk_live_")
+
+
+def _stripe_api_base_problems(config: Mapping[str, Any]) -> list[str]:
+    """A live key goes only to Stripe: a stray STRIPE_API_BASE (left from a sandbox or a test) would hand
+    it, and every customer's payment data, to another host."""
+    if config.get("STRIPE_API_BASE") and str(config.get("STRIPE_SECRET_KEY") or "").startswith(LIVE_KEY_PREFIXES):
+        return [
+            "STRIPE_API_BASE is set together with a live Stripe key: a live key is only ever sent to Stripe "
+            "itself; unset STRIPE_API_BASE (it is for the offline sandbox and test keys)"
+        ]
+    return []
+
+
+def _proxy_problems(config: Mapping[str, Any]) -> list[str]:
+    setting = str(config.get("TRUSTED_PROXY_COUNT_SETTING") or "")
+    why = (
+        "rate limits and request logs key on the client address it yields: too low and every client "
+        "shares the proxy's address (one client's failed sign-ins limit everyone), too high and clients "
+        "forge X-Forwarded-For to dodge the limits and falsify the logs"
+    )
+    if not setting:
+        return [
+            "TRUSTED_PROXY_COUNT is not set: set it to the number of reverse proxies in front of the app "
+            f"(0 when clients connect directly); {why}"
+        ]
+    if not setting.isdigit():
+        return [
+            f"TRUSTED_PROXY_COUNT must be a whole number of proxies (0 when clients connect directly), "
+            f"not {setting!r}; {why}"
+        ]
+    return []
 
 
 def _database_problems(database_url: str) -> list[str]:

@@ -7,18 +7,12 @@ from datetime import UTC, datetime
 from flask import Flask, current_app
 
 from app.services.access_policy import STATUS_WORDS
-
-ZERO_DECIMAL_CURRENCIES = frozenset({"jpy", "krw", "vnd", "clp", "isk", "ugx", "xaf", "xof"})
-CURRENCY_SYMBOLS = {"usd": "$", "eur": "€", "gbp": "£"}
+from app.services.pricing import format_money
 
 
-def money(amount: int | None, currency: str | None) -> str:
-    """Stripe's smallest-unit amount as people write it: 2900, "usd" -> "$29.00"."""
-    code = (currency or "usd").lower()
-    value = (amount or 0) if code in ZERO_DECIMAL_CURRENCIES else (amount or 0) / 100
-    text = f"{value:,.0f}" if code in ZERO_DECIMAL_CURRENCIES else f"{value:,.2f}"
-    symbol = CURRENCY_SYMBOLS.get(code)
-    return f"{symbol}{text}" if symbol else f"{text} {code.upper()}"
+def money(amount: int | None, currency: str | None = "usd") -> str:
+    """Stripe's smallest-unit amount as people write it: 2900, "usd" -> "$29.00" (app/services/pricing.py)."""
+    return format_money(amount or 0, currency)
 
 
 def init_templating(app: Flask) -> None:
@@ -36,6 +30,10 @@ def init_templating(app: Flask) -> None:
     def tier_name(tier_key: str) -> str:
         tier = current_app.extensions["plan_catalogue"].tier(tier_key)
         return tier.name if tier else tier_key
+
+    @app.template_filter("unixdate")
+    def unixdate(value: int | None) -> str:
+        return longdate(datetime.fromtimestamp(value, UTC)) if value else ""
 
     @app.template_filter("status_words")
     def status_words(status: str) -> str:

@@ -8,7 +8,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from bench import events
+from bench import events, restart
 from bench.burst import Burst, run_burst
 from bench.loads import Run, Webhooks, measured, password_hash_seconds, signups
 from bench.report import DUPLICATE, FORGED, NEW, STORE_ONLY, UNKNOWN, VERIFY_ONLY, Lookup, Report, Results
@@ -33,7 +33,6 @@ class Bench:
     def __init__(self, services: Services, workdir: Path) -> None:
         self.services = services
         self.webhooks = Webhooks(services.webhook_secret, workdir)
-        self.postmaster = services.postmaster_pid()
         app, anchor = services.app, services.anchor
         # name: (server, path, template, redeliver the stored duplicates, sign with the wrong secret)
         self.scenarios: dict[str, tuple[Server, str, str, bool, bool]] = {
@@ -48,7 +47,7 @@ class Bench:
     def webhook_run(self, scenario: str, seconds: int) -> Run:
         server, path, template, duplicate, forged = self.scenarios[scenario]
         load = partial(self.webhooks.wrk, server.port, path, template, duplicate=duplicate, forged=forged)
-        return measured(server, self.postmaster, partial(load, seconds=seconds))
+        return measured(server, self.services.postmaster_pid(), partial(load, seconds=seconds))
 
     def run(self, busy_before: float) -> Results:
         app = self.services.app
@@ -72,15 +71,16 @@ class Bench:
             step(f"new events at {rate} req/s offered, {seconds} s" + (", Stripe answering in 300 ms" if slow else ""))
             load = partial(self.webhooks.paced, app.port, WEBHOOK_PATH, rate=rate, seconds=seconds)
             try:
-                paced[rate] = measured(app, self.postmaster, load)
+                paced[rate] = measured(app, self.services.postmaster_pid(), load)
             finally:
                 if slow:
                     self.services.set_stripe_latency(0)
                     self.services.stop_worker()
         outcomes = self.services.event_outcomes()
         step(f"{SIGNUPS} signups, one at a time")
-        signup = measured(app, self.postmaster, lambda: signups(app.port, SIGNUPS))
+        signup = measured(app, self.services.postmaster_pid(), lambda: signups(app.port, SIGNUPS))
         hashes = password_hash_seconds(HASHES)
+        self.preping = restart.measure(self, step)
         burst: Burst = run_burst(self.services, step)
         dedupe, lookups = self.idempotency_at_scale()
         return Results(
@@ -139,7 +139,9 @@ def main() -> None:
     step(f"the machine was {busy:.2f} cores busy before the benchmark started" + (" (not idle!)" if busy > 0.1 else ""))
     step("setting up: database billing_bench, a redis-server, the app, the anchors, the Stripe sandbox, a mail sink")
     with Services(workdir) as services:
-        results = Bench(services, workdir).run(busy)
+        bench = Bench(services, workdir)
+        results = bench.run(busy)
+        restarted = restart.restart_under_load(bench, step)  # last: it restarts PostgreSQL
         step("stopping the servers and dropping billing_bench")
     summary = Report(results)
     print()
@@ -150,7 +152,12 @@ def main() -> None:
         print(f"{target.name}: {target.measured}, {'met' if target.met else 'MISSED, ' + target.shortfall}")
     document = ROOT / "docs" / "PERFORMANCE.md"
     document.parent.mkdir(exist_ok=True)
-    document.write_text(summary.markdown(document.read_text() if document.exists() else ""))
+    document.write_text(
+        restart.with_section(
+            summary.markdown(document.read_text() if document.exists() else ""), bench.preping, restarted
+        )
+    )
+    print(restart.markdown(bench.preping, restarted))
     step(f"wrote {document.relative_to(ROOT)}")
 
 

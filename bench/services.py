@@ -64,7 +64,10 @@ def children(pid: int) -> list[int]:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of a server so far: the parent's own, its reaped children's (workers gunicorn recycled,
     backends PostgreSQL ended) and its live children's."""
-    utime, stime, cutime, cstime = (int(value) for value in _stat_fields(pid)[11:15])
+    try:
+        utime, stime, cutime, cstime = (int(value) for value in _stat_fields(pid)[11:15])
+    except FileNotFoundError:  # the server went away (PostgreSQL restarted by someone else): no figure
+        return 0.0
     total = utime + stime + cutime + cstime
     for child in children(pid):
         try:
@@ -425,7 +428,8 @@ class Services:
         return f"PostgreSQL {postgresql}, Redis {redis_version}"
 
     def postmaster_pid(self) -> int:
+        """PostgreSQL's postmaster: the parent of a backend, read while that backend is alive."""
         with self.sql() as cursor:
             cursor.execute("SELECT pg_backend_pid()")
             backend: int = cursor.fetchone()[0]
-        return int(_stat_fields(backend)[1])
+            return int(_stat_fields(backend)[1])

@@ -248,13 +248,28 @@ def smtp_server(_smtp_sink: SmtpSink) -> SmtpSink:
 
 def run_jobs(app: Flask, *, queues: list[str] | None = None) -> None:
     """Run every queued job that is due (webhook application, outbox deliveries, emails) inline, the
-    way `flask billing worker` runs them, and return when none is left."""
-    queue.run_pending_jobs(app, queues=queues)
+    way `flask billing worker` runs them, and return when none is left.
+
+    In a thread of its own: the worker runs an asyncio loop, and the browser tests' Playwright keeps one
+    running in the main thread for the rest of the session, where asyncio.run() refuses to start."""
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            queue.run_pending_jobs(app, queues=queues)
+        except BaseException as exc:  # handed to the test below
+            failures.append(exc)
+
+    worker = threading.Thread(target=work, name="run_jobs")
+    worker.start()
+    worker.join()
+    if failures:
+        raise failures[0]
 
 
 @pytest.fixture
 def make_app(
-    cleaner: Callable[[], None], stripe_sandbox: SandboxAccount, smtp_server: SmtpSink
+    cleaner: Callable[[], None], smtp_server: SmtpSink, stripe_sandbox: SandboxAccount
 ) -> Iterator[Callable[..., Flask]]:
     """Build an app on the test database and Redis, from a clean slate; overrides go on top."""
     apps: list[Flask] = []
@@ -681,6 +696,18 @@ def sign_up(client: FlaskClient, stripe_api: SandboxAccount, *, outcome: str = "
     response = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
     assert response.status_code == 303 and response.headers["Location"] == "/app", response.get_data(as_text=True)
     return session
+
+
+def email_confirmation_path(app: Flask, email: str) -> str:
+    """The link of the confirmation email the account at `email` is sent, minted as its sender mints it."""
+    from app.models import User
+    from app.services.account_service import AccountService
+
+    with app.app_context():
+        user = db.session.execute(db.select(User).where(User.email == email)).scalar_one()
+        path = f"/auth/verify-email/{AccountService.email_verification_token(user)}"
+        db.session.rollback()
+    return path
 
 
 def live_stripe_environment() -> dict[str, str]:

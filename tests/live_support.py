@@ -279,9 +279,11 @@ def sandbox_app(live_server: Callable[..., LiveServer], sandbox: Callable[..., S
 # --- Headless Chromium --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright_chromium() -> Iterator[Browser]:
-    """Debian's Chromium, launched once per session (Playwright's own browser download is not used)."""
+    """Debian's Chromium, launched once per module that uses it (Playwright's own browser download is not
+    used). Not once per session: Playwright's sync API keeps an event loop running in the main thread
+    until it stops, and the job queue's inline runs (run_jobs) call asyncio.run there."""
     if not Path(CHROMIUM).exists():
         pytest.fail(f"the browser tests need Chromium at {CHROMIUM}: run scripts/ensure-chromium")
     playwright: Playwright = sync_playwright().start()

@@ -127,8 +127,10 @@ def test_a_failed_sign_in_does_not_reveal_whether_the_email_exists(app: Flask, o
     assert message in wrong_password.get_data(as_text=True) and message in unknown_email.get_data(as_text=True)
 
 
-def test_failed_sign_ins_are_limited_per_account_with_a_429_page(make_app: Any, offline_stripe: SandboxAccount) -> None:
-    app = make_app(LOGIN_RATE_LIMIT_PER_ACCOUNT="3/minute")
+def test_failed_sign_ins_are_limited_per_account_and_client_with_a_429_page(
+    make_app: Any, offline_stripe: SandboxAccount
+) -> None:
+    app = make_app(LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT="3/minute")
     Owner(app, offline_stripe)
     assert log_in(app.test_client(), "ada@example.com").status_code == 303  # successes do not count
     statuses = [log_in(app.test_client(), "ada@example.com", "wrong password here").status_code for _ in range(4)]
@@ -253,11 +255,30 @@ def test_only_the_owner_may_change_billing(app: Flask, owner: Owner, offline_str
     add_member(app, owner.organization_id)
     member = app.test_client()
     assert log_in(member, "member@example.com").status_code == 303
-    page = member.get("/billing/").get_data(as_text=True)
-    assert "Only your organization's owner can change billing." in page and 'id="cancel"' not in page
-    token = csrf_token(member, "/billing/")
-    for path in ("/billing/portal", "/billing/cancel", "/billing/resume", "/billing/resubscribe"):
-        response = member.post(path, data={"csrf_token": token, "request_token": TOKEN, "when": "now", "tier": "pro"})
+    # Members never see billing: no plan, price, invoice or action, and no link to it.
+    response = member.get("/billing/")
+    page = response.get_data(as_text=True)
+    assert response.status_code == 403
+    assert "Only your organization's owner can see and change billing." in page
+    assert 'id="cancel"' not in page and 'id="plan"' not in page and "Starter" not in page
+    assert 'href="/billing/"' not in member.get("/app").get_data(as_text=True)
+    for path in ("/billing/plan", "/billing/seats"):
+        assert member.get(path).status_code == 403, path
+    token = csrf_token(member, "/app")
+    for path in (
+        "/billing/portal",
+        "/billing/cancel",
+        "/billing/resume",
+        "/billing/resubscribe",
+        "/billing/plan/preview",
+        "/billing/seats/preview",
+        "/billing/change/confirm",
+        "/billing/plan/keep",
+    ):
+        response = member.post(
+            path,
+            data={"csrf_token": token, "request_token": TOKEN, "when": "now", "tier": "pro", "extra_seats": "9"},
+        )
         assert response.status_code == 403, path
     assert offline_stripe.calls_to("subscriptions.cancel") == []
     assert offline_stripe.calls_to("billing_portal.sessions.create") == []

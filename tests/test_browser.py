@@ -10,9 +10,9 @@ import re
 from collections import Counter
 
 from flask import Flask
-from playwright.sync_api import Page, expect
+from playwright.sync_api import Browser, Page, expect
 
-from tests.conftest import PASSWORD, query
+from tests.conftest import PASSWORD, email_confirmation_path, query
 from tests.live_support import BrowserPage, SandboxedApp, submit_signup, wait_until
 
 CARD_OK = "4242 4242 4242 4242"
@@ -188,3 +188,104 @@ def test_a_declined_card_provisions_nothing_and_a_good_card_then_works(
     wait_for_applied(app)
     assert len(query(app, "SELECT id FROM organization")) == 1
     assert [row.status for row in query(app, "SELECT status FROM pending_signup")] == ["completed"]
+
+
+def test_upgrade_add_a_seat_invite_a_teammate_and_open_an_invoice_in_a_real_browser(
+    chromium: BrowserPage, sandbox_app: SandboxedApp, playwright_chromium: Browser
+) -> None:
+    """The owner's billing in the app: prices on the signup page → pay → the billing page with Stripe's
+    figures → open an invoice → upgrade with its preview → add a seat → invite a teammate, who accepts
+    from a second browser and never sees billing."""
+    page, app, server = chromium.page, sandbox_app.app, sandbox_app.server
+    page.goto(f"{server.url}/auth/signup")
+    expect(page.locator("#price-starter-month"), "prices come from Stripe (the sandbox)").to_have_text("$19.00 / month")
+    expect(page.locator("#price-business-year")).to_have_text("or $990.00 / year")
+    expect(page.locator("#trial-pro")).to_have_text("14-day free trial")
+    expect(page.locator("#interval-choice")).to_be_visible()
+    chromium.step("signup prices")
+    sign_up_to_checkout(chromium, sandbox_app)
+    fill_card(page, CARD_OK)
+    page.click("button.SubmitButton")
+    page.wait_for_url(f"{server.url}/app")
+    sandbox_app.sandbox.wait_for_deliveries(WEBHOOK_WAIT_SECONDS)
+
+    # The billing page: plan and price, seats, next invoice, card on file, invoice history.
+    page.click("#billing-link")
+    page.wait_for_url(f"{server.url}/billing/")
+    expect(page.locator("#plan-price")).to_contain_text("$19.00 / month")
+    expect(page.locator("#seats")).to_have_text("1 in use of 7 (5 included + 2 extra)")
+    expect(page.locator("#next-invoice")).to_contain_text("$29.00 on")
+    expect(page.locator("#payment-method")).to_have_text("Visa ending in 4242, expires 12/2034")
+    expect(page.locator("tr.invoice")).to_have_count(1)
+    expect(page.locator("tr.invoice .invoice-status")).to_have_text("paid")
+    chromium.step("billing page with Stripe's figures")
+    with page.context.expect_page() as opened:
+        page.click("tr.invoice .invoice-hosted")
+    invoice_page = opened.value
+    invoice_page.wait_for_load_state()
+    assert invoice_page.url.startswith(sandbox_app.sandbox.url), invoice_page.url
+    expect(invoice_page.locator("body")).to_contain_text(" · paid")
+    expect(invoice_page.locator("body")).to_contain_text("1 × Starter")
+    invoice_page.screenshot(path=str(chromium.folder / "hosted-invoice.png"), full_page=True)
+    invoice_page.close()
+
+    # Upgrade to Business: the preview says what happens and what it costs before anything changes.
+    page.click("#change-plan")
+    page.check("#choose-business input[name=tier]")
+    chromium.step("choose business")
+    page.click("#preview-plan")
+    expect(page.locator("#preview-when")).to_contain_text("At once")
+    expect(page.locator("#preview-today")).to_contain_text("is charged today")
+    expect(page.locator("#preview-recurring")).to_have_text("$109.00 / month")
+    chromium.step("upgrade preview")
+    page.click("#confirm-change")
+    expect(page.locator(".flash.success")).to_have_text("Your subscription is changed.")
+    expect(page.locator("#plan")).to_have_text("Business")
+    expect(page.locator("#seats")).to_have_text("1 in use of 12 (10 included + 2 extra)")
+    expect(page.locator("tr.invoice")).to_have_count(2)  # the prorated upgrade invoice
+    chromium.step("upgraded")
+
+    # Add a seat.
+    page.click("#change-seats")
+    page.fill("#extra_seats", "3")
+    page.click("#preview-seats")
+    expect(page.locator("#preview-recurring")).to_have_text("$114.00 / month")
+    chromium.step("seat preview")
+    page.click("#confirm-change")
+    expect(page.locator(".flash.success")).to_have_text("Your subscription is changed.")
+    expect(page.locator("#seats")).to_have_text("1 in use of 13 (10 included + 3 extra)")
+    chromium.step("seat added")
+    [organization] = query(app, "SELECT tier FROM organization")
+    assert organization.tier == "business"
+    assert [(r.addon_key, r.quantity) for r in query(app, "SELECT * FROM organization_addon")] == [("extra_seats", 3)]
+
+    # Invite a teammate, who accepts in a second browser (once the owner's address is confirmed).
+    page.goto(f"{server.url}{email_confirmation_path(app, EMAIL)}")
+    page.click("#team-link")
+    page.fill("#email", "grace@example.com")
+    page.click("#invite-submit")
+    expect(page.locator(".flash.success")).to_have_text("Invitation sent to grace@example.com.")
+    link = page.locator("#invitation-link a").get_attribute("href")
+    assert link and "/team/join/" in link
+    chromium.step("invitation sent")
+    second = playwright_chromium.new_context(viewport={"width": 1100, "height": 900})
+    try:
+        teammate = second.new_page()
+        teammate.goto(link)
+        expect(teammate.locator("#invited-email")).to_have_text("grace@example.com")
+        teammate.fill("#name", "Grace Hopper")
+        teammate.fill("#password", "another horse battery staple")
+        teammate.click("#join-submit")
+        teammate.wait_for_url(f"{server.url}/app")
+        expect(teammate.locator("#signed-in-as")).to_contain_text("Grace Hopper (grace@example.com, member)")
+        expect(teammate.locator("#billing-link")).to_have_count(0)
+        teammate.screenshot(path=str(chromium.folder / "teammate-dashboard.png"), full_page=True)
+        teammate.goto(f"{server.url}/billing/")
+        expect(teammate.locator("#members-no-billing")).to_be_visible()
+        expect(teammate.locator("#plan-price")).to_have_count(0)
+    finally:
+        second.close()
+    page.reload()
+    expect(page.locator("tr.member[data-email='grace@example.com']")).to_be_visible()
+    expect(page.locator("#seats")).to_contain_text("2 of 13 seats in use")
+    chromium.step("team with the teammate")

@@ -39,6 +39,7 @@ def production_environ(database_url: str, redis_url: str) -> dict[str, str]:
         "STRIPE_SECRET_KEY": "sk_test_production_boot_check",
         "STRIPE_WEBHOOK_SECRET": "whsec_production_boot_check",
         "APP_BASE_URL": "https://billing.example.com",
+        "TRUSTED_PROXY_COUNT": "1",
         "MAIL_SERVER": "smtp.example.com",
         "MAIL_DEFAULT_SENDER": "Billing <billing@example.com>",
     }
@@ -81,6 +82,58 @@ def test_production_refuses_to_boot_naming_the_setting(
     assert message.count("\n  - ") == 1  # only what is wrong
 
 
+@pytest.mark.parametrize("live_key", ["sk_live_production_boot_check", "rk_live_production_boot_check"])
+def test_production_refuses_a_live_key_with_another_stripe_api_base(
+    production_environ: dict[str, str], live_key: str
+) -> None:
+    environ = {**production_environ, "STRIPE_SECRET_KEY": live_key, "STRIPE_API_BASE": "http://127.0.0.1:12111"}
+    with pytest.raises(ConfigurationError) as refused:
+        production_app(environ)
+    assert "STRIPE_API_BASE is set together with a live Stripe key" in str(refused.value)
+    assert live_key not in str(refused.value)  # the message never shows the key
+    # A live key alone, or a test key with the sandbox's address, boots.
+    production_app({**production_environ, "STRIPE_SECRET_KEY": live_key})
+    production_app({**production_environ, "STRIPE_API_BASE": "http://127.0.0.1:12111"})
+
+
+@pytest.mark.parametrize(("setting", "problem"), [(None, "TRUSTED_PROXY_COUNT is not set"), ("one", "whole number")])
+def test_production_wants_the_trusted_proxy_count_said_explicitly(
+    production_environ: dict[str, str], setting: str | None, problem: str
+) -> None:
+    environ = {key: value for key, value in production_environ.items() if key != "TRUSTED_PROXY_COUNT"}
+    if setting is not None:
+        environ["TRUSTED_PROXY_COUNT"] = setting
+    with pytest.raises(ConfigurationError) as refused:
+        production_app(environ)
+    message = str(refused.value)
+    assert problem in message and "rate limits and request logs" in message and "0" in message
+
+
+@pytest.mark.parametrize(("setting", "client_address"), [("0", "192.0.2.1"), ("1", "203.0.113.9")])
+def test_the_trusted_proxy_count_decides_the_client_address(
+    production_environ: dict[str, str], setting: str, client_address: str
+) -> None:
+    """0: nothing in front, X-Forwarded-For is the client's to forge and is ignored; 1: the proxy's
+    header names the client."""
+    app = production_app({**production_environ, "TRUSTED_PROXY_COUNT": setting})
+    seen: list[str] = []
+
+    @app.get("/whoami")
+    def whoami() -> str:
+        from app.extensions import client_address as current_client
+
+        seen.append(current_client())
+        return "ok"
+
+    app.test_client().get(
+        "/whoami",
+        environ_base={"REMOTE_ADDR": "192.0.2.1"},
+        headers={"X-Forwarded-For": "203.0.113.9"},
+        base_url="https://localhost",
+    )
+    assert seen == [client_address]
+
+
 def test_production_names_every_problem_at_once(production_environ: dict[str, str]) -> None:
     environ = {"APP_ENV": "production", "DATABASE_URL": "sqlite:///x.sqlite3"}
     with pytest.raises(ConfigurationError) as refused:
@@ -93,6 +146,7 @@ def test_production_names_every_problem_at_once(production_environ: dict[str, st
         "STRIPE_SECRET_KEY is not set",
         "STRIPE_WEBHOOK_SECRET is not set",
         "APP_BASE_URL must be the public https:// address",
+        "TRUSTED_PROXY_COUNT is not set",
         "MAIL_SERVER is not set",
         "MAIL_DEFAULT_SENDER is not set",
     ):
@@ -154,7 +208,7 @@ def test_a_good_production_app_keeps_sessions_and_limits_in_redis(
     # Over HTTPS, CSRF also checks that the form was posted from our own pages.
     referer = {"Referer": "https://billing.example.com/auth/login"}
     assert client.post("https://billing.example.com/auth/login", data=form, headers=referer).status_code == 401
-    assert redis_client.keys("LIMITS:LIMITER/ratelimit/login-account:nobody@example.com/*")
+    assert redis_client.keys("LIMITS:LIMITER/ratelimit/login-account-client:nobody@example.com:*")
 
 
 def test_production_sends_hsts_and_development_does_not(production_environ: dict[str, str], app: Flask) -> None:

@@ -321,7 +321,7 @@ def unlimited_app(make_app: Callable[..., Flask]) -> Flask:
         SIGNUP_RATE_LIMIT_PER_CLIENT=limit,
         SIGNUP_RATE_LIMIT_PER_EMAIL=limit,
         LOGIN_RATE_LIMIT_PER_CLIENT=limit,
-        LOGIN_RATE_LIMIT_PER_ACCOUNT=limit,
+        LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT=limit,
     )
 
 
@@ -487,6 +487,7 @@ def production_app(
             "STRIPE_API_BASE": stripe_sandbox.url,
             "STRIPE_MAX_NETWORK_RETRIES": "0",
             "APP_BASE_URL": PUBLIC_URL,
+            "TRUSTED_PROXY_COUNT": "1",
             "MAIL_SERVER": "127.0.0.1",
             "MAIL_DEFAULT_SENDER": "Ledgerline Billing <billing@ledgerline.test>",
         }
@@ -668,10 +669,10 @@ def login(client: FlaskClient, email: str, password: str, **kwargs: Any) -> Any:
     )
 
 
-def test_the_per_account_login_limit_counts_only_failures(
+def test_the_per_account_and_client_login_limit_counts_only_failures(
     make_app: Callable[..., Flask], offline_stripe: SandboxAccount
 ) -> None:
-    app = make_app(LOGIN_RATE_LIMIT_PER_ACCOUNT="3/hour", LOGIN_RATE_LIMIT_PER_CLIENT="1000/hour")
+    app = make_app(LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT="3/hour", LOGIN_RATE_LIMIT_PER_CLIENT="1000/hour")
     sign_up(app.test_client(), offline_stripe)
     # Successful sign-ins, however many, do not count.
     assert [login(app.test_client(), "ada@example.com", PASSWORD).status_code for _ in range(5)] == [303] * 5
@@ -692,7 +693,7 @@ def test_the_per_account_login_limit_counts_only_failures(
 def test_the_per_client_login_limit_counts_only_failures_and_ignores_forwarded_headers(
     make_app: Callable[..., Flask], offline_stripe: SandboxAccount
 ) -> None:
-    app = make_app(LOGIN_RATE_LIMIT_PER_CLIENT="3/hour", LOGIN_RATE_LIMIT_PER_ACCOUNT="1000/hour")
+    app = make_app(LOGIN_RATE_LIMIT_PER_CLIENT="3/hour", LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT="1000/hour")
     sign_up(app.test_client(), offline_stripe)
     assert [login(app.test_client(), "ada@example.com", PASSWORD).status_code for _ in range(4)] == [303] * 4
     statuses = [login(app.test_client(), f"user{n}@example.com", "nope nope nope").status_code for n in range(3)]

@@ -17,7 +17,7 @@ from app import create_app
 from app.models import BillingStatus
 from config import PROJECT_ROOT, TestConfig
 
-NEUTRAL = "0006_provider_neutral_billing"
+NEUTRAL = "0008_provider_neutral_billing"
 
 
 def _previous_revision() -> str:

@@ -230,7 +230,7 @@ def test_a_worker_killed_mid_job_leaves_nothing_half_applied_and_the_job_runs_ag
     [organization] = query(app, "SELECT * FROM organization")
     assert organization.name == "Analytical Engines" and organization.billing_status == "active"
     [event_row] = query(app, "SELECT * FROM stripe_event")
-    assert (event_row.event_id, event_row.status) == (completed["id"], "processed")
+    assert (event_row.event_id, event_row.status, event_row.attempts) == (completed["id"], "processed", 1)
     events = domain_event_counts(app)
     assert [events[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
     [job] = query(app, "SELECT status FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")

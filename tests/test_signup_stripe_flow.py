@@ -305,9 +305,11 @@ def test_a_superseded_checkout_paid_anyway_still_gets_its_account(app: Flask, of
     offline_stripe.fail_next("checkout.sessions.expire")  # the expire did not reach Stripe in time
     second = checkout_session_id(start_signup(client))
     offline_stripe.pay(first)
-    # The account is made; this browser now belongs to the newer attempt, so it is asked to sign in.
+    # The account is made; this browser now belongs to the newer attempt. The ended attempt's password
+    # was erased, so the owner is asked to choose one through the reset link.
     response = client.get(f"/billing/complete-signup-from-stripe?session_id={first}")
-    assert response.headers["Location"] == "/auth/login"
+    assert response.headers["Location"] == "/auth/forgot-password"
+    assert query(app, "SELECT password_hash FROM user_account")[0].password_hash == ""
     assert len(query(app, "SELECT id FROM organization")) == 1
     # Paying the second one too is a conflict that is recorded for a refund, not a second account.
     offline_stripe.pay(second)
@@ -419,12 +421,16 @@ def test_stripe_unavailable_keeps_the_form_and_marks_the_attempt_failed(
 
 
 def test_prices_are_resolved_by_lookup_key_once_and_cached_in_redis(app: Flask, offline_stripe: SandboxAccount) -> None:
+    """The signup page shows every price the catalogue sells: one lookup at Stripe fills the cache, and
+    the signups that follow (page and POST) cost none."""
     checkout_session_id(start_signup(app.test_client()))
     checkout_session_id(start_signup(app.test_client(), email="grace@example.com"))
     [(_, call)] = offline_stripe.calls_to("prices.list")
-    assert call["params"] == {"lookup_keys": ["starter_monthly", "extra_seat_monthly"], "active": "true", "limit": "2"}
+    catalogue_keys = app.extensions["plan_catalogue"].lookup_keys()
+    assert call["params"] == {"lookup_keys": catalogue_keys, "active": "true", "limit": str(len(catalogue_keys))}
+    assert {"starter_monthly", "extra_seat_monthly", "starter_yearly"} <= set(catalogue_keys)
     cached = app.extensions["redis"].keys("cache:stripe-price:*")
-    assert sorted(cached) == [b"cache:stripe-price:extra_seat_monthly", b"cache:stripe-price:starter_monthly"]
+    assert sorted(cached) == sorted(f"cache:stripe-price:{key}".encode() for key in catalogue_keys)
 
 
 def test_a_lookup_key_without_an_active_price_is_a_clear_error(app: Flask, offline_stripe: SandboxAccount) -> None:

@@ -491,6 +491,7 @@ def test_the_cli_checks_every_catalogue_price(app: Flask, offline_stripe: Sandbo
     result = app.test_cli_runner().invoke(args=["billing", "check-prices"])
     assert result.exit_code == 0
     assert "tier starter" in result.output and offline_stripe.price_id("extra_seat_monthly") in result.output
+    assert offline_stripe.price_id("pro_yearly") in result.output and "$490.00 / year" in result.output
     price_id = offline_stripe.price_id("pro_monthly")
     offline_stripe.force(price_id, active=False)  # archived in the Dashboard
     app.extensions["redis"].flushdb()

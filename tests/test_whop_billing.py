@@ -17,13 +17,14 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import csrf_token, query, run_jobs, signup_form
+from tests.conftest import csrf_token, query, signup_form
 from tests.live_support import LiveServer, free_port, wait_until
 from tests.whop_double import WhopDouble
 
 SECRET = "ws_whop_billing_suite_0123456789"
 ACCOUNT = "biz_billing_suite"
 TOKEN = "0123456789abcdef0123456789abcdef"
+PENDING_OBJECTS = "SELECT DISTINCT object_key FROM whop_event WHERE status = 'pending' ORDER BY object_key"
 
 
 @dataclass
@@ -40,8 +41,15 @@ class Pair:
         return query(self.app, "SELECT * FROM organization ORDER BY id")
 
     def applied(self) -> Pair:
-        """What the worker would do now: apply every stored Whop event."""
-        run_jobs(self.app)
+        """What the worker does with stored Whop events: BillingService.apply_queued_events for each
+        object with pending events (called directly, as the webhooks:apply job does, so these tests
+        do not start a procrastinate worker beside a live server)."""
+        from app.services.billing_service import BillingService
+
+        keys = [row.object_key for row in query(self.app, PENDING_OBJECTS)]
+        with self.app.app_context():
+            for key in keys:
+                BillingService.apply_queued_events("whop", key)
         return self
 
     def stored(self, count: int) -> Pair:

@@ -5,7 +5,7 @@ from typing import Any
 
 from flask_wtf import FlaskForm
 from wtforms import EmailField, IntegerField, PasswordField, RadioField, SelectChoice, StringField
-from wtforms.validators import DataRequired, Email, Length, NumberRange, Optional, ValidationError
+from wtforms.validators import DataRequired, Email, EqualTo, Length, NumberRange, Optional, ValidationError
 
 from app.services.plans import PlanCatalogue
 
@@ -24,15 +24,27 @@ def _one_line_of_text(form: Any, field: Any) -> None:
         raise ValidationError("Remove the control characters (such as tabs or line breaks) from this field.")
 
 
+def check_new_password(password: str | None, email: str | None) -> None:
+    """The rules every new password follows (signup, reset, change); raises ValidationError."""
+    password = (password or "").lower()
+    email = (email or "").lower()
+    local_part = email.split("@")[0]
+    if password in COMMON_PASSWORDS or len(set(password)) < 5:
+        raise ValidationError("That password is too easy to guess.")
+    if email and (email in password or (len(local_part) >= 4 and local_part in password)):
+        raise ValidationError("Your password must not contain your email address.")
+
+
+NEW_PASSWORD_LENGTH = Length(min=12, max=128, message="Use 12 to 128 characters.")
+
+
 class SignupForm(FlaskForm):
     email = EmailField(
         "Work email",
         filters=[_strip],
         validators=[DataRequired(), Length(max=254), _one_line_of_text, Email(check_deliverability=False)],
     )
-    password = PasswordField(
-        "Password", validators=[DataRequired(), Length(min=12, max=128, message="Use 12 to 128 characters.")]
-    )
+    password = PasswordField("Password", validators=[DataRequired(), NEW_PASSWORD_LENGTH])
     organization_name = StringField(
         "Organization name", filters=[_strip], validators=[DataRequired(), Length(min=2, max=100), _one_line_of_text]
     )
@@ -56,14 +68,16 @@ class SignupForm(FlaskForm):
     def provider(self) -> str:
         return "whop" if self.payment_provider.data == "whop" else "stripe"
 
+    interval = RadioField(
+        "Billed",
+        choices=[SelectChoice("month", "Monthly"), SelectChoice("year", "Yearly")],
+        default="month",
+        validators=[Optional()],
+        validate_choice=True,
+    )
+
     def validate_password(self, field: PasswordField) -> None:
-        password = (field.data or "").lower()
-        email = (self.email.data or "").lower()
-        local_part = email.split("@")[0]
-        if password in COMMON_PASSWORDS or len(set(password)) < 5:
-            raise ValidationError("That password is too easy to guess.")
-        if email and (email in password or (len(local_part) >= 4 and local_part in password)):
-            raise ValidationError("Your password must not contain your email address.")
+        check_new_password(field.data, self.email.data)
 
     def addon_fields(self) -> list[tuple[str, IntegerField]]:
         return [
@@ -94,3 +108,27 @@ def signup_form(catalogue: PlanCatalogue, **kwargs: Any) -> SignupForm:
 class LoginForm(FlaskForm):
     email = EmailField("Email", filters=[_strip], validators=[DataRequired(), Length(max=254), _one_line_of_text])
     password = PasswordField("Password", validators=[DataRequired(), Length(max=128)])
+
+
+class ForgotPasswordForm(FlaskForm):
+    email = EmailField("Email", filters=[_strip], validators=[DataRequired(), Length(max=254), _one_line_of_text])
+
+
+class NewPasswordForm(FlaskForm):
+    """A new password, typed twice; ``email`` is the account's, which the password must not contain."""
+
+    password = PasswordField("New password", validators=[DataRequired(), NEW_PASSWORD_LENGTH])
+    confirm = PasswordField(
+        "New password again", validators=[DataRequired(), EqualTo("password", message="The two passwords differ.")]
+    )
+
+    def __init__(self, *args: Any, email: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.account_email = email
+
+    def validate_password(self, field: PasswordField) -> None:
+        check_new_password(field.data, self.account_email)
+
+
+class ChangePasswordForm(NewPasswordForm):
+    current_password = PasswordField("Current password", validators=[DataRequired(), Length(max=128)])

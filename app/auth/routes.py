@@ -7,8 +7,9 @@ from flask_login import current_user
 from werkzeug.wrappers import Response
 
 from app.access import sign_in, sign_out
-from app.auth.forms import LoginForm, signup_form
+from app.auth.forms import ForgotPasswordForm, LoginForm, NewPasswordForm, SignupForm, signup_form
 from app.extensions import client_address, limiter
+from app.services.account_service import AccountService, InvalidLink
 from app.services.auth_service import AuthService, normalise_email
 from app.services.billing_service import BillingError, BillingService, PaymentProviderUnavailable, plan_catalogue
 from app.services.signup_service import EmailAlreadyRegistered, SignupError, SignupService
@@ -33,6 +34,15 @@ def _config_limit(name: str):  # type: ignore[no-untyped-def]
     return lambda: current_app.config[name]
 
 
+def _signup_page(form: SignupForm) -> str:
+    """The signup form with each plan's and add-on's price as Stripe has it (through the price cache);
+    yearly billing is offered when Stripe has a yearly price for a tier."""
+    prices = BillingService.catalogue_prices()
+    catalogue = plan_catalogue()
+    yearly = any(tier.yearly_lookup_key in prices for tier in catalogue.tiers.values() if tier.yearly_lookup_key)
+    return render_template("auth/signup.html", form=form, catalogue=catalogue, prices=prices, offer_yearly=yearly)
+
+
 @bp.get("/signup")
 def signup() -> str:
     form = signup_form(plan_catalogue())
@@ -53,7 +63,7 @@ def signup() -> str:
         )
     elif request.args.get("plan") in plan_catalogue().tiers:
         form.tier.data = request.args["plan"]
-    return render_template("auth/signup.html", form=form, catalogue=plan_catalogue())
+    return _signup_page(form)
 
 
 @bp.post("/signup")
@@ -67,7 +77,7 @@ def signup_submit() -> Response | tuple[str, int]:
     catalogue = plan_catalogue()
     form = signup_form(catalogue)
     if not form.validate_on_submit():
-        return render_template("auth/signup.html", form=form, catalogue=catalogue), 422
+        return _signup_page(form), 422
     start_checkout = (
         BillingService.create_whop_checkout_for_tier
         if form.provider() == "whop"
@@ -81,20 +91,24 @@ def signup_submit() -> Response | tuple[str, int]:
             owner_name=form.owner_name.data,
             password=form.password.data,
             addons=form.addon_quantities(),
+            interval=form.interval.data or "month",
         )
     except EmailAlreadyRegistered as exc:
         form.email.errors = [*form.email.errors, str(exc)]
-        return render_template("auth/signup.html", form=form, catalogue=catalogue), 422
+        return _signup_page(form), 422
     except (SignupError, BillingError) as exc:
         form.form_errors.append(str(exc))
         status = 503 if isinstance(exc, PaymentProviderUnavailable) else 422
-        return render_template("auth/signup.html", form=form, catalogue=catalogue), status
+        return _signup_page(form), status
     # Only this browser session may be signed in by the success page of this checkout.
     session["signup_id"] = str(checkout.pending_signup_id)
     return redirect(checkout.url, 303)
 
 
 @bp.route("/login", methods=["GET", "POST"])
+# Failed sign-ins (401s) only count, and never per account alone: a limit on an account that anyone can
+# exhaust from anywhere would let an attacker lock its owner out. Per client address, and per account
+# and client address together, so failures from other addresses never stop the owner's right password.
 @limiter.limit(
     _config_limit("LOGIN_RATE_LIMIT_PER_CLIENT"),
     key_func=client_address,
@@ -102,8 +116,8 @@ def signup_submit() -> Response | tuple[str, int]:
     deduct_when=lambda response: response.status_code == 401,
 )
 @limiter.limit(
-    _config_limit("LOGIN_RATE_LIMIT_PER_ACCOUNT"),
-    key_func=lambda: f"login-account:{_form_email()}",
+    _config_limit("LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT"),
+    key_func=lambda: f"login-account-client:{_form_email()}:{client_address()}",
     exempt_when=lambda: not _form_email(),
     methods=["POST"],
     deduct_when=lambda response: response.status_code == 401,
@@ -130,3 +144,60 @@ def login() -> Response | str | tuple[str, int]:
 def logout() -> Response:
     sign_out()
     return redirect(url_for("auth.login"), 303)
+
+
+# --- Forgotten passwords and email links ----------------------------------------------------------
+
+
+@bp.get("/forgot-password")
+def forgot_password() -> str:
+    return render_template("auth/forgot_password.html", form=ForgotPasswordForm())
+
+
+@bp.post("/forgot-password")
+@limiter.limit(_config_limit("PASSWORD_RESET_RATE_LIMIT_PER_CLIENT"), key_func=client_address)
+@limiter.limit(
+    _config_limit("PASSWORD_RESET_RATE_LIMIT_PER_EMAIL"),
+    key_func=lambda: f"password-reset-email:{_form_email()}",
+    exempt_when=lambda: not _form_email(),
+)
+def forgot_password_submit() -> str | tuple[str, int]:
+    form = ForgotPasswordForm()
+    if not form.validate_on_submit():
+        return render_template("auth/forgot_password.html", form=form), 422
+    AccountService.request_password_reset(form.email.data)
+    # The same page whether or not the address has an account; the worker sends the link.
+    return render_template("auth/reset_requested.html", email=normalise_email(form.email.data))
+
+
+@bp.route("/reset-password/<token>", methods=["GET", "POST"])
+def reset_password(token: str) -> Response | str | tuple[str, int]:
+    try:
+        user = AccountService.user_for_reset_token(token)
+    except InvalidLink as exc:
+        return render_template(
+            "auth/link_problem.html", message=str(exc), retry_url=url_for("auth.forgot_password")
+        ), 400
+    form = NewPasswordForm(email=user.email)
+    if request.method == "GET":
+        return render_template("auth/reset_password.html", form=form, token=token)
+    if not form.validate_on_submit():
+        return render_template("auth/reset_password.html", form=form, token=token), 422
+    try:
+        AccountService.reset_password(token, form.password.data)
+    except InvalidLink as exc:
+        return render_template(
+            "auth/link_problem.html", message=str(exc), retry_url=url_for("auth.forgot_password")
+        ), 400
+    flash("Your password is changed and every session is signed out. Sign in with the new password.", "success")
+    return redirect(url_for("auth.login"), 303)
+
+
+@bp.get("/verify-email/<token>")
+def verify_email(token: str) -> Response | tuple[str, int]:
+    try:
+        AccountService.verify_email(token)
+    except InvalidLink as exc:
+        return render_template("auth/link_problem.html", message=str(exc), retry_url=url_for("account.overview")), 400
+    flash("Your email address is confirmed. Thank you.", "success")
+    return redirect(url_for("main.dashboard" if current_user.is_authenticated else "auth.login"), 303)

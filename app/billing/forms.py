@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from typing import Any
+
 from flask_wtf import FlaskForm
-from wtforms import HiddenField, RadioField, SelectChoice
-from wtforms.validators import DataRequired, Regexp
+from wtforms import HiddenField, IntegerField, RadioField, SelectChoice
+from wtforms.validators import DataRequired, InputRequired, Length, NumberRange, Regexp
 
 from app.services.billing_service import REQUEST_TOKEN, new_request_token
 from app.services.plans import PlanCatalogue
@@ -42,3 +44,33 @@ def resubscribe_form(catalogue: PlanCatalogue) -> ResubscribeForm:
     form = ResubscribeForm()
     form.tier.choices = [SelectChoice(tier.key, tier.name) for tier in catalogue.tiers.values()]
     return form
+
+
+class ChangePlanForm(FlaskForm):
+    tier = RadioField("Plan", validators=[DataRequired(message="Choose a plan.")])
+    interval = RadioField(
+        "Billed",
+        choices=[SelectChoice("month", "Monthly"), SelectChoice("year", "Yearly")],
+        default="month",
+        validators=[DataRequired()],
+    )
+
+
+def change_plan_form(catalogue: PlanCatalogue, **kwargs: Any) -> ChangePlanForm:
+    form = ChangePlanForm(**kwargs)
+    form.tier.choices = [SelectChoice(tier.key, tier.name) for tier in catalogue.tiers.values()]
+    return form
+
+
+class ChangeSeatsForm(FlaskForm):
+    extra_seats = IntegerField(
+        "Extra seats", validators=[InputRequired(message="Say how many extra seats."), NumberRange(min=0, max=10_000)]
+    )
+
+
+class ConfirmChangeForm(FlaskForm):
+    ticket = HiddenField(validators=[DataRequired(), Length(max=4000)])
+
+
+class KeepPlanForm(FlaskForm):
+    pass

@@ -10,18 +10,32 @@ from flask_login import current_user
 from werkzeug.wrappers import Response
 
 from app.access import current_access, require_signed_in, sign_in
-from app.billing.forms import CancelForm, PortalForm, ResumeForm, resubscribe_form
+from app.billing.forms import (
+    CancelForm,
+    ChangeSeatsForm,
+    ConfirmChangeForm,
+    KeepPlanForm,
+    PortalForm,
+    ResumeForm,
+    change_plan_form,
+    resubscribe_form,
+)
 from app.extensions import client_address, csrf, db, limiter
+from app.features import current_entitlements
 from app.models import Organization, User
 from app.services.billing_service import (
     BillingError,
     BillingService,
     CheckoutSessionNotFound,
+    StalePreview,
     UnknownWebhookProvider,
     WebhookRejected,
     plan_catalogue,
 )
+from app.services.entitlements import entitlements_for, seat_addon_key
+from app.services.plan_change import PlanChangeError, Preview, PreviewExpired, When, preview_from_ticket, preview_ticket
 from app.services.signup_service import ProvisionOutcome, ProvisionState
+from app.services.team_service import TeamService
 from app.templating import money
 
 bp = Blueprint("billing", __name__)
@@ -49,7 +63,11 @@ def _owned_organization() -> Organization:
 
 
 @bp.get("/")
-def overview() -> str:
+def overview() -> str | tuple[str, int]:
+    if not current_user.is_owner:
+        # Members use the app but never see billing: not the plan, not the amounts, not the invoices.
+        g.access = current_access()
+        return render_template("billing/members.html", access=g.access), 403
     organization = current_user.organization
     catalogue = plan_catalogue()
     g.access = current_access()
@@ -58,11 +76,170 @@ def overview() -> str:
         organization=organization,
         catalogue=catalogue,
         access=g.access,
+        details=BillingService.billing_details(organization),
+        seats=TeamService.seat_use(organization),
+        entitlements=current_entitlements(),
         portal_form=PortalForm(),
         cancel_form=CancelForm(),
         resume_form=ResumeForm(),
         resubscribe_form=resubscribe_form(catalogue),
+        keep_plan_form=KeepPlanForm(),
     )
+
+
+# --- Plan and seat changes: choose, preview, confirm -----------------------------------------------
+
+
+def _members_in_use(organization: Organization) -> int:
+    return TeamService.seat_use(organization).members
+
+
+@bp.get("/plan")
+def change_plan() -> str:
+    organization = _owned_organization()
+    catalogue = plan_catalogue()
+    details = BillingService.billing_details(organization)
+    interval = details.subscription.interval if details.subscription else None
+    form = change_plan_form(catalogue, tier=organization.tier, interval=interval or "month")
+    prices = BillingService.catalogue_prices()
+    return render_template(
+        "billing/change_plan.html", form=form, catalogue=catalogue, prices=prices, organization=organization
+    )
+
+
+@bp.get("/seats")
+def change_seats() -> str:
+    organization = _owned_organization()
+    catalogue = plan_catalogue()
+    seat_key = seat_addon_key(catalogue)
+    current_extra = organization.addon_quantities().get(seat_key or "", 0)
+    return render_template(
+        "billing/change_seats.html",
+        form=ChangeSeatsForm(extra_seats=current_extra + (1 if request.args.get("add") else 0)),
+        seats=TeamService.seat_use(organization),
+        included=entitlements_for(catalogue, organization.tier, {}, billing_allows_use=True).seats,
+        addon=catalogue.addons.get(seat_key or ""),
+        prices=BillingService.catalogue_prices(),
+    )
+
+
+@bp.post("/plan/preview")
+def preview_plan() -> Response | tuple[str, int]:
+    organization = _owned_organization()
+    form = change_plan_form(plan_catalogue())
+    if not form.validate_on_submit():
+        flash("Choose a plan and how often to pay.", "error")
+        return redirect(url_for("billing.change_plan"), 303)
+    return _preview(organization, kind="plan", tier=form.tier.data, interval=form.interval.data)
+
+
+@bp.post("/seats/preview")
+def preview_seats() -> Response | tuple[str, int]:
+    organization = _owned_organization()
+    form = ChangeSeatsForm()
+    if not form.validate_on_submit():
+        flash("Say how many extra seats, a whole number of at least 0.", "error")
+        return redirect(url_for("billing.change_seats"), 303)
+    return _preview(organization, kind="seats", extra_seats=form.extra_seats.data)
+
+
+def _preview(
+    organization: Organization,
+    *,
+    kind: str,
+    tier: str | None = None,
+    interval: str | None = None,
+    extra_seats: int | None = None,
+    notice: str | None = None,
+) -> Response | tuple[str, int]:
+    back = "billing.change_plan" if kind == "plan" else "billing.change_seats"
+    try:
+        preview = BillingService.preview_subscription_change(
+            organization.id,
+            kind=kind,
+            tier=tier,
+            interval=interval,
+            extra_seats=extra_seats,
+            members=_members_in_use(organization),
+        )
+    except BillingError as exc:
+        flash(str(exc), "error")
+        return redirect(url_for(back), 303)
+    # Never the submitted ticket (a stale one is being replaced): the form is built from the new preview only.
+    form = ConfirmChangeForm(formdata=None, ticket=preview_ticket(preview, current_app.config["SECRET_KEY"]))
+    return render_template(
+        "billing/preview.html",
+        preview=preview,
+        form=form,
+        catalogue=plan_catalogue(),
+        notice=notice,
+        back=back,
+    ), (409 if notice else 200)
+
+
+@bp.post("/change/confirm")
+def confirm_change() -> Response | tuple[str, int]:
+    organization = _owned_organization()
+    form = ConfirmChangeForm()
+    if not form.validate_on_submit():
+        abort(400, "That form was incomplete. Start the change again from the billing page.")
+    max_age = current_app.config["PLAN_CHANGE_PREVIEW_MINUTES"] * 60
+    try:
+        preview = preview_from_ticket(form.ticket.data, current_app.config["SECRET_KEY"], max_age_seconds=max_age)
+    except PreviewExpired:
+        preview = None
+    except PlanChangeError as exc:
+        abort(400, str(exc))
+    if preview is None:
+        return _fresh_preview_after(organization, None, "This preview has expired.")
+    if preview.organization_id != organization.id:
+        abort(400, "That preview belongs to another organization.")
+    try:
+        outcome = BillingService.confirm_subscription_change(preview, actor_user_id=current_user.id)
+    except StalePreview as exc:
+        return _fresh_preview_after(organization, preview, str(exc))
+    except BillingError as exc:
+        flash(str(exc), "error")
+        return redirect(url_for("billing.overview"), 303)
+    if outcome.duplicate and not outcome.applied:
+        flash("This change is already being made. The page shows it once Stripe confirms it.", "info")
+    elif outcome.duplicate:
+        flash("This change was already made.", "info")
+    elif outcome.when == When.PERIOD_END:
+        flash("Your plan will change at the end of the billing period.", "success")
+    else:
+        flash("Your subscription is changed.", "success")
+    if outcome.action_url:
+        flash(outcome.action_url, "payment-action")
+    return redirect(url_for("billing.overview"), 303)
+
+
+def _fresh_preview_after(organization: Organization, stale: Preview | None, reason: str) -> Response | tuple[str, int]:
+    """A stale preview is refused and a fresh one for the same change is offered in its place."""
+    notice = (
+        f"{reason} Nothing was changed. Here is the change as it stands now; confirm it again if you still want it."
+    )
+    if stale is None:
+        flash(f"{reason} Nothing was changed. Start the change again.", "error")
+        return redirect(url_for("billing.overview"), 303)
+    target = stale.target
+    if stale.kind == "seats":
+        return _preview(organization, kind="seats", extra_seats=target.extra_seats, notice=notice)
+    return _preview(organization, kind="plan", tier=target.tier, interval=target.interval, notice=notice)
+
+
+@bp.post("/plan/keep")
+def keep_plan() -> Response:
+    organization_id = _owned_organization().id
+    if not KeepPlanForm().validate_on_submit():
+        abort(400, "That form was incomplete. Reload the billing page and try again.")
+    try:
+        BillingService.cancel_scheduled_change(organization_id, actor_user_id=current_user.id)
+    except BillingError as exc:
+        flash(str(exc), "error")
+    else:
+        flash("Your plan stays as it is; the scheduled change is withdrawn.", "success")
+    return redirect(url_for("billing.overview"), 303)
 
 
 @bp.post("/portal")
@@ -221,6 +398,11 @@ def _signup_returned(outcome: ProvisionOutcome, settled: str | None = None) -> R
         return redirect(url_for("main.dashboard"), 303)
     if current_user.is_authenticated and current_user.id == outcome.owner_user_id:
         return redirect(url_for("main.dashboard"), 303)
+    owner = db.session.get(User, outcome.owner_user_id) if outcome.owner_user_id is not None else None
+    if owner is not None and not owner.password_hash:
+        # Paid through a signup attempt that had already ended, whose password was erased (retention).
+        flash("Your account is ready. Choose a password to sign in: we will email you a link.", "info")
+        return redirect(url_for("auth.forgot_password"), 303)
     flash("Your account is ready. Sign in to continue.", "info")
     return redirect(url_for("auth.login"), 303)
 
@@ -230,7 +412,9 @@ def _signup_returned(outcome: ProvisionOutcome, settled: str | None = None) -> R
 def webhook(provider: str) -> tuple[Response, int]:
     """Webhook deliveries: the raw body and headers go to BillingService, nothing else happens here."""
     try:
-        result = BillingService.handle_webhook_event(provider, request.get_data(cache=False), dict(request.headers))
+        # The body stays cached for the request: a request run again after a database restart
+        # (app/database.py) must see it again.
+        result = BillingService.handle_webhook_event(provider, request.get_data(), dict(request.headers))
     except WebhookRejected as exc:
         return jsonify(error=str(exc)), 400
     except UnknownWebhookProvider:

@@ -6,11 +6,13 @@ import hmac
 
 from flask import Blueprint, abort, current_app, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user
-from sqlalchemy import text
+from sqlalchemy import select, text
 from werkzeug.wrappers import Response
 
 from app.access import require_billing_access
 from app.extensions import db
+from app.features import requires_feature
+from app.models import DomainEvent
 from app.services.queue_status import prometheus_text, queue_figures
 
 bp = Blueprint("main", __name__)
@@ -24,6 +26,22 @@ def index() -> Response:
 @bp.get("/app")
 def dashboard() -> str:
     return render_template("main/dashboard.html", organization=current_user.organization)
+
+
+@bp.get("/app/audit-log")
+@requires_feature("audit_log")
+def audit_log() -> str:
+    """What happened to the organization (billing and team changes), newest first. The owner's only:
+    it shows billing."""
+    if not current_user.is_owner:
+        abort(403, "Only the organization's owner can read its audit log.")
+    events = db.session.execute(
+        select(DomainEvent)
+        .where(DomainEvent.organization_id == current_user.organization_id)
+        .order_by(DomainEvent.id.desc())
+        .limit(200)
+    ).scalars()
+    return render_template("main/audit_log.html", events=list(events))
 
 
 # Every page of this blueprint except the health checks and the front door goes through the guard.

@@ -8,6 +8,7 @@ from app.models.outbox_delivery import OutboxDelivery
 from app.models.pending_signup import PendingSignup, SignupStatus
 from app.models.resubscribe_checkout import ResubscribeCheckout, ResubscribeStatus
 from app.models.stripe_event import StripeEvent, StripeEventStatus
+from app.models.team import Invitation, InvitationStatus, SubscriptionChange, SubscriptionChangeStatus
 from app.models.user import User, UserRole
 from app.models.whop_event import WhopEvent
 
@@ -16,6 +17,8 @@ __all__ = [
     "BillingStatus",
     "CataloguePrice",
     "DomainEvent",
+    "Invitation",
+    "InvitationStatus",
     "Organization",
     "OrganizationAddon",
     "OutboxDelivery",
@@ -25,6 +28,8 @@ __all__ = [
     "SignupStatus",
     "StripeEvent",
     "StripeEventStatus",
+    "SubscriptionChange",
+    "SubscriptionChangeStatus",
     "User",
     "UserRole",
     "WhopEvent",

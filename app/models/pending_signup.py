@@ -27,6 +27,9 @@ class PendingSignup(Model):
     __table_args__ = (
         CheckConstraint("status IN ('pending', 'completed', 'expired', 'failed')", name="ck_pending_signup_status"),
         CheckConstraint("email = lower(email)", name="ck_pending_signup_email_normalised"),
+        # Retention: the password hash is kept only while the signup is open, and erased the moment it
+        # completes (the owner's account holds it), fails or expires.
+        CheckConstraint("status = 'pending' OR password_hash IS NULL", name="ck_pending_signup_hash_only_while_open"),
         # At most one open attempt per email: a new attempt supersedes the old one in the same
         # transaction, and two racing attempts cannot both be open.
         Index(

@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from flask_login import UserMixin
-from sqlalchemy import CheckConstraint, ForeignKey, Index, String, text
+from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import Model
@@ -40,9 +40,18 @@ class User(UserMixin, Model):
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # A member the owner removed: kept (domain events name them) but signed out and unable to sign in.
+    removed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Raised to sign the user out everywhere: a session is valid only while it carries the current one.
+    session_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    email_verified_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
     organization: Mapped[Organization] = relationship()
 
     @property
     def is_owner(self) -> bool:
         return self.role == UserRole.OWNER
+
+    @property
+    def email_verified(self) -> bool:
+        return self.email_verified_at is not None

@@ -32,7 +32,8 @@ class AuthService:
         if user is None:
             check_password_hash(_UNKNOWN_USER_HASH, password)
             return None
-        return user if check_password_hash(user.password_hash, password) else None
+        matches = check_password_hash(user.password_hash, password)
+        return user if matches and user.removed_at is None else None
 
     @staticmethod
     def record_sign_in(user: User, *, source: str) -> None:

@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -30,7 +30,7 @@ from flask import current_app
 from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import joinedload
 from stripe.params import RefundCreateParams
 from stripe.params.checkout import (
@@ -54,13 +54,42 @@ from app.models import (
     SignupStatus,
     StripeEvent,
     StripeEventStatus,
+    SubscriptionChange,
+    SubscriptionChangeStatus,
     WhopEvent,
 )
 from app.models.types import utcnow
 from app.services import domain_events, outbox, queue, stripe_objects, webhook_store
 from app.services import reconcile as reconciliation
+from app.services.billing_details import (
+    BillingDetails,
+    CardOnFile,
+    InvoiceRow,
+    ScheduledChange,
+    SubscriptionFacts,
+    UpcomingInvoice,
+    scheduled_change_from_stripe,
+)
+from app.services.billing_details import _id as billing_details_id
 from app.services.catalogue_mapping import CatalogueEntry, KnownPrice, KnownPrices, entry_for_lookup_key
+from app.services.entitlements import entitlements_for
+from app.services.plan_change import (
+    CurrentPlan,
+    PlanChangeError,
+    Preview,
+    PreviewLine,
+    Target,
+    When,
+    new_recurring,
+    read_current,
+    schedule_phases,
+    summarize_invoice_preview,
+    timing,
+    update_items,
+    validate_target,
+)
 from app.services.plans import PlanCatalogue, Tier
+from app.services.pricing import PriceInfo
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
 from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import SubscriptionState, apply_subscription_state
@@ -84,6 +113,10 @@ API_VERSION_FORMAT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 WHOP_MEMBERSHIP_ID = re.compile(r"mem_[A-Za-z0-9_]{1,200}")
 # Membership statuses that pay for a signup (a trial included).
 WHOP_PAID_STATUSES = frozenset({"active", "trialing", "completed", "canceling"})
+# The billing page's reads: no retries (the page would rather say "not available" than wait).
+PAGE_READ: stripe.RequestOptions = {"max_network_retries": 0}
+BILLING_READ_PARTS = ("subscription", "upcoming", "schedule", "payment_method", "invoices")
+INVOICE_HISTORY_LENGTH = 12
 CANCELLABLE = frozenset(
     {BillingStatus.ACTIVE, BillingStatus.TRIALING, BillingStatus.PAST_DUE, BillingStatus.UNPAID, BillingStatus.PAUSED}
 )
@@ -119,6 +152,18 @@ class CheckoutSessionNotFound(BillingError):
 
 class SubscriptionActionNotAllowed(BillingError):
     pass
+
+
+class StalePreview(BillingError):
+    """The subscription or a price changed since the preview was made; a fresh one is offered."""
+
+
+@dataclass(frozen=True)
+class ChangeOutcome:
+    applied: bool  # False: an earlier submit of the same preview is still being applied
+    when: When
+    action_url: str | None  # the hosted invoice, when the payment needs the customer
+    duplicate: bool = False
 
 
 class WebhookRejected(Exception):
@@ -205,6 +250,26 @@ class BillingService:
         current_app.extensions["stripe_client"] = client
         return client
 
+    @classmethod
+    def _stripe_for_page_reads(cls) -> stripe.StripeClient:
+        """A client for the billing page's reads: a short timeout (STRIPE_PAGE_READ_TIMEOUT_SECONDS) and
+        no retries, so a slow Stripe costs the page seconds, not minutes; the page says what is missing."""
+        client: stripe.StripeClient | None = current_app.extensions.get("stripe_read_client")
+        if client is not None:
+            return client
+        cls.ensure_stripe()  # the same credentials check
+        config = current_app.config
+        api_base = config.get("STRIPE_API_BASE")
+        client = stripe.StripeClient(
+            config["STRIPE_SECRET_KEY"],
+            stripe_version=STRIPE_API_VERSION,
+            base_addresses={"api": api_base} if api_base else None,
+            max_network_retries=0,
+            http_client=stripe.RequestsClient(timeout=config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"]),
+        )
+        current_app.extensions["stripe_read_client"] = client
+        return client
+
     @staticmethod
     @contextmanager
     def _calling_stripe(action: str) -> Iterator[None]:
@@ -223,23 +288,73 @@ class BillingService:
     @classmethod
     def price_ids_for_lookup_keys(cls, lookup_keys: list[str]) -> dict[str, str]:
         """Stripe price ids by lookup key, cached (PRICE_CACHE_SECONDS) so a signup costs no lookup."""
-        cached = dict(zip(lookup_keys, cache.get_many(*(f"stripe-price:{key}" for key in lookup_keys)), strict=True))
-        missing = [key for key, price_id in cached.items() if not price_id]
+        prices = cls.prices_for_lookup_keys(lookup_keys)
+        return {key: prices[key].id for key in lookup_keys}
+
+    @classmethod
+    def prices_for_lookup_keys(cls, lookup_keys: list[str], *, required: bool = True) -> dict[str, PriceInfo]:
+        """Stripe's active price (id, amount, currency, interval) for each lookup key, from the Redis price
+        cache (PRICE_CACHE_SECONDS) or one lookup at Stripe for those not cached. required: a key with no
+        active price raises PriceUnavailableError; otherwise it is left out, and remembered as missing for
+        BILLING_READ_FAILURE_SECONDS so pages that show prices do not ask again on every view."""
+        keys = list(dict.fromkeys(lookup_keys))
+        cached = {
+            key: PriceInfo.from_cache(value)
+            for key, value in zip(keys, cache.get_many(*(f"stripe-price:{key}" for key in keys)), strict=True)
+        }
+        missing = [key for key, price in cached.items() if price is None]
+        if missing and not required:
+            known_missing = cache.get_many(*(f"stripe-price-missing:{key}" for key in missing))
+            missing = [key for key, flag in zip(missing, known_missing, strict=True) if not flag]
+        found: dict[str, PriceInfo] = {}
         if missing:
+            try:
+                found = cls._fetch_prices(missing)
+            except BillingError:
+                if required:
+                    raise
+                cls._remember_missing_prices(missing)
+                return {key: price for key, price in cached.items() if price is not None}
+            cache.set_many({f"stripe-price:{key}": price.to_cache() for key, price in found.items()})
+            cls._remember_missing_prices([key for key in missing if key not in found])
+        prices = {key: price for key, price in cached.items() if price is not None} | found
+        unknown = [key for key in keys if key not in prices]
+        if unknown and required:
+            raise PriceUnavailableError(
+                f"No active Stripe price has the lookup key {', '.join(repr(k) for k in unknown)}."
+            )
+        return {key: prices[key] for key in keys if key in prices}
+
+    @classmethod
+    def _fetch_prices(cls, lookup_keys: list[str]) -> dict[str, PriceInfo]:
+        """Active prices by lookup key, straight from Stripe (ten lookup keys per request, its limit)."""
+        client = cls.ensure_stripe()
+        found: dict[str, PriceInfo] = {}
+        for start in range(0, len(lookup_keys), 10):
+            chunk = lookup_keys[start : start + 10]
             with cls._calling_stripe("look up prices"):
-                prices = cls.ensure_stripe().v1.prices.list(
-                    params={"lookup_keys": missing, "active": True, "limit": len(missing)}
-                )
-            found = {price.lookup_key: price.id for price in prices.data if price.lookup_key}
+                prices = client.v1.prices.list(params={"lookup_keys": chunk, "active": True, "limit": len(chunk)})
+            for price in prices.data:
+                if price.lookup_key:
+                    found[price.lookup_key] = PriceInfo.from_stripe(price.to_dict())
             cls._remember_listed_prices(prices.data)
-            unknown = [key for key in missing if key not in found]
-            if unknown:
-                raise PriceUnavailableError(
-                    f"No active Stripe price has the lookup key {', '.join(repr(k) for k in unknown)}."
-                )
-            cache.set_many({f"stripe-price:{key}": price_id for key, price_id in found.items()})
-            cached.update(found)
-        return {key: str(price_id) for key, price_id in cached.items()}
+        return found
+
+    @staticmethod
+    def _remember_missing_prices(lookup_keys: list[str]) -> None:
+        if lookup_keys:
+            timeout = current_app.config["BILLING_READ_FAILURE_SECONDS"]
+            cache.set_many({f"stripe-price-missing:{key}": 1 for key in lookup_keys}, timeout=timeout)
+
+    @classmethod
+    def catalogue_prices(cls) -> dict[str, PriceInfo]:
+        """Every price the catalogue sells, for pages that show them (signup, change plan). Never raises:
+        a price Stripe does not have, or a Stripe that does not answer, is simply not shown."""
+        try:
+            return cls.prices_for_lookup_keys(plan_catalogue().lookup_keys(), required=False)
+        except (BillingError, BillingConfigurationError) as exc:
+            logger.warning("catalogue prices not shown: %s", exc)
+            return {}
 
     @staticmethod
     def _remember_listed_prices(prices: Iterable[stripe.Price]) -> None:
@@ -263,10 +378,14 @@ class BillingService:
         return tier
 
     @staticmethod
-    def _lookup_keys(tier: Tier, addons: Mapping[str, int]) -> dict[str, int]:
-        """The quantity to buy of each price, by lookup key: the tier's, then each add-on's."""
+    def _lookup_keys(tier: Tier, addons: Mapping[str, int], interval: str = "month") -> dict[str, int]:
+        """The quantity to buy of each price, by lookup key: the tier's, then each add-on's, billed every
+        `interval` (month, or year where the catalogue sells it)."""
         catalogue = plan_catalogue()
-        quantities = {tier.lookup_key: 1}
+        tier_key = tier.lookup_key_for(interval)
+        if tier_key is None:
+            raise UnknownTierError(f"{tier.name} is not sold {'yearly' if interval == 'year' else 'monthly'}.")
+        quantities = {tier_key: 1}
         for key, quantity in addons.items():
             addon = catalogue.addons.get(key)
             if addon is None:
@@ -274,12 +393,17 @@ class BillingService:
             if not 0 <= quantity <= addon.max_quantity:
                 raise BillingError(f"{addon.name}: choose between 0 and {addon.max_quantity}.")
             if quantity:
-                quantities[addon.lookup_key] = quantity
+                addon_key = addon.lookup_key_for(interval)
+                if addon_key is None:
+                    raise BillingError(f"{addon.name} are not sold {'yearly' if interval == 'year' else 'monthly'}.")
+                quantities[addon_key] = quantity
         return quantities
 
     @classmethod
-    def _line_items(cls, tier: Tier, addons: Mapping[str, int]) -> list[SessionCreateParamsLineItem]:
-        quantities = cls._lookup_keys(tier, addons)
+    def _line_items(
+        cls, tier: Tier, addons: Mapping[str, int], interval: str = "month"
+    ) -> list[SessionCreateParamsLineItem]:
+        quantities = cls._lookup_keys(tier, addons, interval)
         prices = cls.price_ids_for_lookup_keys(list(quantities))
         return [{"price": prices[key], "quantity": quantity} for key, quantity in quantities.items()]
 
@@ -295,11 +419,13 @@ class BillingService:
         owner_name: str,
         password: str,
         addons: Mapping[str, int] | None = None,
+        interval: str = "month",
     ) -> CheckoutRedirect:
-        """Store the signup (SignupService) and open a subscription-mode Checkout Session for it."""
+        """Store the signup (SignupService) and open a subscription-mode Checkout Session for it, billed
+        every `interval` (month, or year where the catalogue sells the tier yearly)."""
         client = cls.ensure_stripe()
         tier = cls.tier(tier_key)
-        line_items = cls._line_items(tier, addons or {})
+        line_items = cls._line_items(tier, addons or {}, interval)
         config = current_app.config
         ttl = timedelta(minutes=config["CHECKOUT_SESSION_TTL_MINUTES"])
         signup = SignupService.create_pending_signup_record(
@@ -341,7 +467,7 @@ class BillingService:
         except BillingError as exc:
             SignupService.mark_signup_failed(signup.pending_signup_id, f"checkout not created: {exc}")
             # A cached price Stripe no longer accepts must not fail the next attempt too.
-            cache.delete_many(*(f"stripe-price:{key}" for key in cls._lookup_keys(tier, addons or {})))
+            cache.delete_many(*(f"stripe-price:{key}" for key in cls._lookup_keys(tier, addons or {}, interval)))
             raise
         SignupService.attach_checkout_session(signup.pending_signup_id, session.id)
         return CheckoutRedirect(
@@ -908,27 +1034,6 @@ class BillingService:
         return settlement
 
     @classmethod
-    def settle_orphan_subscription(cls, subscription: Mapping[str, Any], *, source: str) -> dict[str, Any]:
-        """A live subscription carrying this app's metadata that no organization holds and no row of
-        ours explains (reconcile finds these): canceled and refunded, keyed by its own id."""
-        settlement = cls._cancel_and_refund(str(subscription["id"]), key=f"orphan-{subscription['id']}")
-        metadata = dict(subscription.get("metadata") or {})
-        organization_id = str(metadata.get("organization_id") or "")
-        try:
-            domain_events.record(
-                "billing.orphan_subscription_refunded",
-                organization_id=int(organization_id) if organization_id.isdigit() else None,
-                source=source,
-                metadata=metadata,
-                **settlement,
-            )
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
-        return settlement
-
-    @classmethod
     def _cancel_and_refund(cls, subscription_id: str, *, key: str) -> dict[str, Any]:
         """Cancel the subscription now and refund what its first invoice took. No transaction is
         open. Idempotency keys `<key>-cancel` and `<key>-refund`: a retry is the same Stripe request."""
@@ -1359,6 +1464,427 @@ class BillingService:
         detail = f", canceled and refunded {settlement.get('amount_refunded')}" if settlement else ""
         return f"orphan {orphan.subscription_id}: {outcome.state}{detail}"
 
+    # --- The billing page's reads -------------------------------------------------------------------
+
+    @classmethod
+    def billing_details(cls, organization: Organization) -> BillingDetails:
+        """What the owner's billing page shows from Stripe: the subscription's prices, the next invoice
+        (Stripe's preview), the payment method on file, a scheduled downgrade and the invoice history.
+        Each part is cached for BILLING_READ_CACHE_SECONDS; a part Stripe does not give in time is None
+        and named in `unavailable` (remembered for BILLING_READ_FAILURE_SECONDS), and the page shows the
+        rest. Never raises for Stripe's sake."""
+        details = BillingDetails()
+        if organization.billed_by_whop:
+            return details  # Stripe has nothing to say about a Whop membership; the page shows what we hold
+        subscription_id, customer_id = organization.billing_subscription_id, organization.billing_customer_id
+        live = organization.billing_status not in (BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED)
+        ending = organization.cancel_at_period_end
+        # The cache is keyed by the Stripe state the organization holds: an applied webhook or change
+        # (billing_as_of, payment_as_of) makes the page read Stripe afresh.
+        organization_id = f"{organization.id}:{organization.billing_as_of or 0}:{organization.payment_as_of or 0}"
+        db.session.rollback()  # no transaction is held while Stripe is asked (the page reloads what it shows)
+        if subscription_id:
+            facts = cls._cached_read(
+                organization_id,
+                "subscription",
+                lambda: SubscriptionFacts.from_stripe(cls._read_subscription_for_page(subscription_id)),
+                details,
+            )
+            details.subscription = facts if isinstance(facts, SubscriptionFacts) else None
+        if subscription_id and live and not ending:
+            upcoming = cls._cached_read(
+                organization_id, "upcoming", lambda: cls._read_upcoming(subscription_id), details
+            )
+            details.upcoming = upcoming if isinstance(upcoming, UpcomingInvoice) else None
+        if details.subscription is not None and details.subscription.schedule_id and live:
+            schedule_id = details.subscription.schedule_id
+            change = cls._cached_read(organization_id, "schedule", lambda: cls._read_schedule(schedule_id), details)
+            details.scheduled_change = change if isinstance(change, ScheduledChange) else None
+        if customer_id:
+            default_method = details.subscription.default_payment_method if details.subscription else None
+            method = cls._cached_read(
+                organization_id,
+                "payment_method",
+                lambda: cls._read_payment_method(customer_id, default_method),
+                details,
+            )
+            details.payment_method = method if isinstance(method, CardOnFile) else None
+            invoices = cls._cached_read(organization_id, "invoices", lambda: cls._read_invoices(customer_id), details)
+            details.invoices = invoices if isinstance(invoices, list) else None
+        return details
+
+    @classmethod
+    def forget_billing_reads(cls, organization_id: int) -> None:
+        """Drop the billing page's cached reads, after a change made from the app."""
+        organization = db.session.get(Organization, organization_id)
+        if organization is None:
+            return
+        version = f"{organization_id}:{organization.billing_as_of or 0}:{organization.payment_as_of or 0}"
+        cache.delete_many(*(f"billing-read:{version}:{part}" for part in BILLING_READ_PARTS))
+
+    @staticmethod
+    def _cached_read(organization_id: str, part: str, read: Callable[[], Any], details: BillingDetails) -> Any:
+        key = f"billing-read:{organization_id}:{part}"
+        try:
+            cached = cache.get(key)
+        except Exception:  # the cache is a convenience here: a Redis hiccup must not fail the page
+            cached = None
+        if isinstance(cached, dict) and cached.get("unavailable"):
+            details.unavailable.append(part)
+            return None
+        if cached is not None:
+            return cached.get("value") if isinstance(cached, dict) else None
+        config = current_app.config
+        try:
+            value = read()
+        except (BillingError, BillingConfigurationError) as exc:
+            logger.info("billing page: %s not read from Stripe: %s", part, exc)
+            details.unavailable.append(part)
+            _cache_quietly(key, {"unavailable": True}, config["BILLING_READ_FAILURE_SECONDS"])
+            return None
+        except Exception:  # an answer we could not read: the page still shows everything else
+            logger.exception("billing page: %s could not be read", part)
+            details.unavailable.append(part)
+            _cache_quietly(key, {"unavailable": True}, config["BILLING_READ_FAILURE_SECONDS"])
+            return None
+        _cache_quietly(key, {"value": value}, config["BILLING_READ_CACHE_SECONDS"])
+        return value
+
+    @classmethod
+    def _read_subscription_for_page(cls, subscription_id: str) -> dict[str, Any]:
+        with cls._calling_stripe("read a subscription"):
+            return cls._stripe_for_page_reads().v1.subscriptions.retrieve(subscription_id, options=PAGE_READ).to_dict()
+
+    @classmethod
+    def _read_upcoming(cls, subscription_id: str) -> UpcomingInvoice | None:
+        try:
+            with cls._calling_stripe("preview the next invoice"):
+                preview = cls._stripe_for_page_reads().v1.invoices.create_preview(
+                    params={"subscription": subscription_id}, options=PAGE_READ
+                )
+        except PaymentProviderUnavailable as exc:
+            if isinstance(exc.__cause__, stripe.InvalidRequestError):
+                return None  # Stripe says there is no next invoice (the subscription ends, say)
+            raise
+        return UpcomingInvoice.from_stripe(preview.to_dict())
+
+    @classmethod
+    def _read_schedule(cls, schedule_id: str) -> ScheduledChange | None:
+        with cls._calling_stripe("read a subscription schedule"):
+            schedule = (
+                cls._stripe_for_page_reads()
+                .v1.subscription_schedules.retrieve(schedule_id, options=PAGE_READ)
+                .to_dict()
+            )
+        change = scheduled_change_from_stripe(schedule, int(time.time()))
+        if change is None:
+            return None
+        # Phases name prices by id: say them as the catalogue does.
+        by_id = {price.id: key for key, price in cls.catalogue_prices().items()}
+        keys = [by_id.get(price_id, price_id) for price_id in change.lookup_keys]
+        quantities = {by_id.get(price_id, price_id): quantity for price_id, quantity in change.quantities.items()}
+        return replace(change, lookup_keys=keys, quantities=quantities)
+
+    @classmethod
+    def _read_payment_method(cls, customer_id: str, default_method: str | None) -> CardOnFile | None:
+        client = cls._stripe_for_page_reads()
+        method_id = default_method
+        if method_id is None:
+            with cls._calling_stripe("read a customer"):
+                customer = client.v1.customers.retrieve(customer_id, options=PAGE_READ).to_dict()
+            method_id = billing_details_id((customer.get("invoice_settings") or {}).get("default_payment_method"))
+        if method_id is None:
+            return None
+        with cls._calling_stripe("read a payment method"):
+            method = client.v1.payment_methods.retrieve(method_id, options=PAGE_READ).to_dict()
+        return CardOnFile.from_stripe(method)
+
+    @classmethod
+    def _read_invoices(cls, customer_id: str) -> list[InvoiceRow]:
+        with cls._calling_stripe("list invoices"):
+            invoices = cls._stripe_for_page_reads().v1.invoices.list(
+                params={"customer": customer_id, "limit": INVOICE_HISTORY_LENGTH}, options=PAGE_READ
+            )
+        return [InvoiceRow.from_stripe(invoice.to_dict()) for invoice in invoices.data]
+
+    # --- Plan and seat changes --------------------------------------------------------------------
+
+    @classmethod
+    def preview_subscription_change(
+        cls,
+        organization_id: int,
+        *,
+        kind: str,
+        tier: str | None = None,
+        interval: str | None = None,
+        extra_seats: int | None = None,
+        members: int,
+    ) -> Preview:
+        """A preview of changing the plan (tier, interval) or the extra seats, read fresh from Stripe:
+        when it happens, what is charged or credited today (Stripe's invoice preview with the proration
+        date the confirmation will use) and the new recurring amount. Changes nothing."""
+        organization = db.session.get(Organization, organization_id)
+        if organization is None or not organization.billing_subscription_id:
+            raise SubscriptionActionNotAllowed("This organization has no subscription to change.")
+        if organization.billed_by_whop:
+            raise SubscriptionActionNotAllowed("Plans and seats billed through Whop are changed on Whop.")
+        subscription_id, held_tier = organization.billing_subscription_id, organization.tier
+        db.session.rollback()  # no transaction is held while Stripe is asked
+        catalogue = plan_catalogue()
+        current = read_current(cls._retrieve_subscription(subscription_id), catalogue)
+        target = Target(
+            tier=tier or current.tier or held_tier,
+            interval=interval or current.interval or "month",
+            extra_seats=current.extra_seats if extra_seats is None else extra_seats,
+        )
+        included = entitlements_for(catalogue, target.tier, {}, billing_allows_use=True).seats
+        try:
+            validate_target(current, target, members=members, included_seats=included)
+            quantities = target.lookup_keys(catalogue)
+        except PlanChangeError as exc:
+            raise SubscriptionActionNotAllowed(str(exc)) from exc
+        prices = cls.prices_for_lookup_keys(list(quantities))
+        new_amount, new_monthly = new_recurring(prices, quantities)
+        when = timing(current, target, new_monthly)
+        proration_date = int(time.time())
+        today, lines = 0, list[PreviewLine]()
+        if when == When.NOW:
+            preview_params: Any = {
+                "subscription": current.subscription_id,
+                "subscription_details": {
+                    "items": update_items(current, prices, quantities, catalogue),
+                    "proration_date": proration_date,
+                    "proration_behavior": "always_invoice",
+                },
+            }
+            with cls._calling_stripe("preview the change"):
+                invoice = cls.ensure_stripe().v1.invoices.create_preview(params=preview_params)
+            today, lines = summarize_invoice_preview(invoice.to_dict())
+        target_interval = prices[next(iter(quantities))].interval or target.interval
+        return Preview(
+            kind=kind,
+            organization_id=organization_id,
+            subscription_id=current.subscription_id,
+            base_fingerprint=current.fingerprint,
+            target=target,
+            price_ids={key: prices[key].id for key in quantities},
+            quantities=quantities,
+            when=when,
+            proration_date=proration_date,
+            today=today,
+            currency=prices[next(iter(quantities))].currency,
+            new_recurring=new_amount,
+            new_interval=target_interval,
+            effective_at=current.period_end if when == When.PERIOD_END else None,
+            lines=lines,
+        )
+
+    @classmethod
+    def confirm_subscription_change(cls, preview: Preview, *, actor_user_id: int) -> ChangeOutcome:
+        """Make the previewed change at Stripe, exactly once however often it is submitted.
+
+        The change is claimed first (a subscription_change row: one pending per organization, the
+        idempotency key unique), then Stripe is re-read: a subscription or price that moved since the
+        preview refuses it as stale (StalePreview). Upgrades update the subscription's items with the
+        preview's proration date and invoice at once; downgrades go on a subscription schedule that
+        switches the prices when the period ends. The organization is updated from Stripe's answer."""
+        age = int(time.time()) - preview.proration_date
+        if age > current_app.config["PLAN_CHANGE_PREVIEW_MINUTES"] * 60:
+            raise StalePreview(f"This preview is {age // 60} minutes old.")
+        key = preview.idempotency_key()
+        claim = cls._claim_change(preview, key, actor_user_id)
+        if claim is not None:
+            return claim
+        try:
+            current = read_current(cls._retrieve_subscription(preview.subscription_id), plan_catalogue())
+            if current.fingerprint != preview.base_fingerprint:
+                raise StalePreview("Your subscription changed since this preview.")
+            fresh = cls._fetch_prices(list(preview.quantities))
+            if {k: p.id for k, p in fresh.items()} != preview.price_ids:
+                cache.delete_many(*(f"stripe-price:{k}" for k in preview.quantities))
+                raise StalePreview("A price changed since this preview.")
+            prices = {k: fresh[k] for k in preview.quantities}
+            if preview.when == When.NOW:
+                subscription, action_url = cls._apply_change_now(current, preview, prices, key)
+            else:
+                subscription, action_url = cls._schedule_change(current, preview, prices, key), None
+        except StalePreview as exc:
+            cls._finish_change(key, SubscriptionChangeStatus.REFUSED, f"stale: {exc}")
+            raise
+        except BaseException as exc:
+            # A retry of this same preview reuses the key, so Stripe makes the change at most once.
+            cls._finish_change(key, SubscriptionChangeStatus.FAILED, _describe_failure(exc)[:500])
+            raise
+        cls.forget_billing_reads(preview.organization_id)
+        try:
+            organization = db.session.get(
+                Organization, preview.organization_id, with_for_update=True, populate_existing=True
+            )
+            if organization is None:
+                raise SubscriptionActionNotAllowed("This organization no longer exists.")
+            cls._apply_subscription_read(organization, subscription, source=f"user:{actor_user_id}")
+            domain_events.record(
+                "subscription.change_scheduled" if preview.when == When.PERIOD_END else "subscription.changed",
+                organization_id=organization.id,
+                user_id=actor_user_id,
+                source=f"user:{actor_user_id}",
+                kind=preview.kind,
+                tier=preview.target.tier,
+                interval=preview.target.interval,
+                extra_seats=preview.target.extra_seats,
+                charged_today=preview.today if preview.when == When.NOW else 0,
+                effective_at=preview.effective_at,
+            )
+            _finish_claim(key, SubscriptionChangeStatus.APPLIED, "applied")
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+        return ChangeOutcome(applied=True, when=preview.when, action_url=action_url)
+
+    @classmethod
+    def _claim_change(cls, preview: Preview, key: str, actor_user_id: int) -> ChangeOutcome | None:
+        """Claim the change, or say what became of an earlier submit of the same preview."""
+        stale_before = utcnow() - timedelta(minutes=5)
+        try:
+            # A claim abandoned by a crashed worker does not block the organization for ever.
+            db.session.execute(
+                update(SubscriptionChange)
+                .where(
+                    SubscriptionChange.organization_id == preview.organization_id,
+                    SubscriptionChange.status == SubscriptionChangeStatus.PENDING,
+                    SubscriptionChange.created_at < stale_before,
+                )
+                .values(status=SubscriptionChangeStatus.FAILED, outcome="abandoned", finished_at=utcnow())
+            )
+            retried = db.session.execute(
+                update(SubscriptionChange)
+                .where(
+                    SubscriptionChange.idempotency_key == key,
+                    SubscriptionChange.status == SubscriptionChangeStatus.FAILED,
+                )
+                .values(status=SubscriptionChangeStatus.PENDING, outcome=None, finished_at=None, created_at=utcnow())
+                .returning(SubscriptionChange.id)
+            ).first()
+            if retried is None:
+                db.session.add(
+                    SubscriptionChange(
+                        organization_id=preview.organization_id,
+                        idempotency_key=key,
+                        kind=preview.kind,
+                        summary=json.dumps(preview.target.__dict__)[:500],
+                        status=SubscriptionChangeStatus.PENDING,
+                        actor_user_id=actor_user_id,
+                    )
+                )
+            db.session.commit()
+        except IntegrityError:
+            db.session.rollback()
+            earlier = db.session.execute(
+                select(SubscriptionChange).where(SubscriptionChange.idempotency_key == key)
+            ).scalar_one_or_none()
+            db.session.rollback()
+            if earlier is not None and earlier.status == SubscriptionChangeStatus.APPLIED:
+                return ChangeOutcome(applied=True, when=preview.when, action_url=None, duplicate=True)
+            if earlier is not None and earlier.status == SubscriptionChangeStatus.PENDING:
+                return ChangeOutcome(applied=False, when=preview.when, action_url=None, duplicate=True)
+            if earlier is not None and earlier.status == SubscriptionChangeStatus.REFUSED:
+                raise StalePreview("This preview is out of date.") from None
+            raise StalePreview("Another change to your subscription is being made.") from None
+        except BaseException:
+            db.session.rollback()
+            raise
+        return None
+
+    @staticmethod
+    def _finish_change(key: str, status: SubscriptionChangeStatus, outcome: str) -> None:
+        db.session.rollback()
+        try:
+            _finish_claim(key, status, outcome)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            raise
+
+    @classmethod
+    def _apply_change_now(
+        cls, current: CurrentPlan, preview: Preview, prices: Mapping[str, PriceInfo], key: str
+    ) -> tuple[dict[str, Any], str | None]:
+        client = cls.ensure_stripe()
+        if current.schedule_id:
+            # A downgrade was waiting for the period's end: this change replaces it.
+            with cls._calling_stripe("release a subscription schedule"):
+                client.v1.subscription_schedules.release(
+                    current.schedule_id, options={"idempotency_key": f"{key}-release"}
+                )
+        items: Any = update_items(current, prices, preview.quantities, plan_catalogue())
+        with cls._calling_stripe("change a subscription"):
+            subscription = client.v1.subscriptions.update(
+                current.subscription_id,
+                params={
+                    "items": items,
+                    "proration_behavior": "always_invoice",
+                    "proration_date": preview.proration_date,
+                    "payment_behavior": "allow_incomplete",
+                    "expand": ["latest_invoice"],
+                },
+                options={"idempotency_key": key},
+            ).to_dict()
+        invoice = subscription.get("latest_invoice")
+        action_url = None
+        if isinstance(invoice, dict) and invoice.get("status") == "open" and invoice.get("amount_due", 0) > 0:
+            action_url = invoice.get("hosted_invoice_url")  # the payment needs the customer
+        subscription["latest_invoice"] = invoice.get("id") if isinstance(invoice, dict) else invoice
+        return subscription, action_url
+
+    @classmethod
+    def _schedule_change(
+        cls, current: CurrentPlan, preview: Preview, prices: Mapping[str, PriceInfo], key: str
+    ) -> dict[str, Any]:
+        """A downgrade at the period's end: a subscription schedule made from the subscription, whose
+        current phase ends with the period and whose next phase carries the new prices; when it is
+        done it releases the subscription, which renews on those prices."""
+        client = cls.ensure_stripe()
+        phases: Any = schedule_phases(current, prices, preview.quantities)
+        schedule_id = current.schedule_id
+        with cls._calling_stripe("schedule a plan change"):
+            if schedule_id is None:
+                schedule_id = client.v1.subscription_schedules.create(
+                    params={"from_subscription": current.subscription_id},
+                    options={"idempotency_key": f"{key}-schedule"},
+                ).id
+            client.v1.subscription_schedules.update(
+                schedule_id,
+                params={"phases": phases, "end_behavior": "release", "proration_behavior": "none"},
+                options={"idempotency_key": f"{key}-phases"},
+            )
+        return cls._retrieve_subscription(current.subscription_id)
+
+    @classmethod
+    def cancel_scheduled_change(cls, organization_id: int, *, actor_user_id: int) -> None:
+        """Keep the current plan: release the schedule that would downgrade it at the period's end."""
+        organization = db.session.get(Organization, organization_id)
+        if organization is None or not organization.billing_subscription_id or organization.billed_by_whop:
+            raise SubscriptionActionNotAllowed("This organization has no subscription.")
+        subscription_id = organization.billing_subscription_id
+        db.session.rollback()  # no transaction is held while Stripe is asked
+        current = read_current(cls._retrieve_subscription(subscription_id), plan_catalogue())
+        if current.schedule_id is None:
+            raise SubscriptionActionNotAllowed("There is no scheduled plan change to undo.")
+        with cls._calling_stripe("release a subscription schedule"):
+            cls.ensure_stripe().v1.subscription_schedules.release(
+                current.schedule_id, options={"idempotency_key": f"org-{organization_id}-release-{current.schedule_id}"}
+            )
+        cls.forget_billing_reads(organization_id)
+        domain_events.record(
+            "subscription.change_withdrawn",
+            organization_id=organization_id,
+            user_id=actor_user_id,
+            source=f"user:{actor_user_id}",
+            schedule_id=current.schedule_id,
+        )
+        db.session.commit()
+
     # --- Webhooks ---------------------------------------------------------------------------------
 
     @classmethod
@@ -1521,15 +2047,27 @@ class BillingService:
         """customer.subscription.* events: the organization follows Stripe's current subscription,
         read now, whatever order the events came in and whatever their timestamps say (so neither
         ordering nor either clock matters); the events only say when to look."""
-        try:
-            subscription = cls._retrieve_subscription(subscription_id)
-        except PaymentProviderUnavailable as exc:
-            if _is_missing(exc):
-                reason = f"not ours: this Stripe account has no subscription {subscription_id}"
-                return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
-            raise
-        subscription = stripe_objects.subscription_for_state(subscription)
-        organization = cls._lock_organization_for_subscription(subscription)
+        for _read in range(3):
+            # What the organization looked like before Stripe is read: if an owner's action or
+            # provisioning changes it while the read is in flight, the read may be older than what it
+            # holds, so it is read again (compare-and-swap; no clock involved).
+            seen = cls._organization_version(subscription_id)
+            db.session.rollback()
+            try:
+                subscription = cls._retrieve_subscription(subscription_id)
+            except PaymentProviderUnavailable as exc:
+                if _is_missing(exc):
+                    reason = f"not ours: this Stripe account has no subscription {subscription_id}"
+                    return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
+                raise
+            subscription = stripe_objects.subscription_for_state(subscription)
+            organization = cls._lock_organization_for_subscription(subscription)
+            now_held = (organization.id, organization.updated_at) if organization else None
+            if now_held == seen:
+                break
+            db.session.rollback()
+        else:
+            raise PaymentProviderUnavailable("the organization kept changing while Stripe was read; retrying later")
         if organization is None:
             metadata = subscription.get("metadata") or {}
             if metadata.get("pending_signup_id") or metadata.get("purpose") == "resubscribe":
@@ -1586,6 +2124,16 @@ class BillingService:
                 StripeEventStatus.PROCESSED, _close_checkout(checkout, SignupStatus.FAILED, "payment failed", source)
             )
         return every(StripeEventStatus.PROCESSED, "awaiting payment")
+
+    @staticmethod
+    def _organization_version(subscription_id: str) -> tuple[int, Any] | None:
+        row = db.session.execute(
+            select(Organization.id, Organization.updated_at).where(
+                Organization.billing_provider == BillingProvider.STRIPE,
+                Organization.billing_subscription_id == subscription_id,
+            )
+        ).first()
+        return (row[0], row[1]) if row else None
 
     @staticmethod
     def _lock_organization_for_subscription(subscription: dict[str, Any]) -> Organization | None:
@@ -1753,6 +2301,7 @@ class BillingService:
         owner_name: str,
         password: str,
         addons: Mapping[str, int] | None = None,
+        interval: str = "month",
     ) -> CheckoutRedirect:
         """Store the signup (SignupService, as for Stripe) and open a Whop checkout configuration for
         the tier's Whop plan, carrying the pending signup's id in its metadata (copied by Whop onto the
@@ -1760,6 +2309,8 @@ class BillingService:
         tier = cls.whop_tier(tier_key)
         if any(quantity for quantity in (addons or {}).values()):
             raise BillingError("Add-ons can only be bought with card payment; remove them to pay through Whop.")
+        if interval != "month":
+            raise BillingError("Whop plans are billed monthly; choose monthly billing to pay through Whop.")
         client = cls.ensure_whop()
         config = current_app.config
         signup = SignupService.create_pending_signup_record(
@@ -2140,6 +2691,21 @@ INVOICE_PAYMENT_STATUS = {
     "invoice.payment_failed": "failed",
     "invoice.payment_action_required": "action_required",
 }
+
+
+def _finish_claim(key: str, status: SubscriptionChangeStatus, outcome: str) -> None:
+    db.session.execute(
+        update(SubscriptionChange)
+        .where(SubscriptionChange.idempotency_key == key)
+        .values(status=status, outcome=outcome[:500], finished_at=utcnow())
+    )
+
+
+def _cache_quietly(key: str, value: Any, timeout: int) -> None:
+    try:
+        cache.set(key, value, timeout=timeout)
+    except Exception:
+        logger.info("billing page: %s not cached", key)
 
 
 def _describe_failure(exc: BaseException) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import procrastinate
@@ -58,7 +59,9 @@ def requeue_stalled_jobs_now(jobs: procrastinate.App, seconds_since_heartbeat: f
         async with jobs.open_async():
             return await requeue_stalled_jobs(jobs, seconds_since_heartbeat)
 
-    return asyncio.run(run())
+    # In a thread of its own: the calling thread may already run an event loop (asyncio.run refuses then).
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        return executor.submit(asyncio.run, run()).result()
 
 
 @maintenance.periodic(cron="*/10 * * * *")

@@ -1,5 +1,6 @@
-"""The plan catalogue: which tiers and add-ons are sold, the Stripe price lookup key of each, and for
-tiers that can also be paid through Whop, the Whop plan id (`whop_plan_id`; tiers without one are
+"""The plan catalogue: which tiers and add-ons are sold, the Stripe price lookup key of each (and a
+yearly one where the tier is also sold yearly), what each tier includes (its features and limits), and
+for tiers that can also be paid through Whop, the Whop plan id (`whop_plan_id`; tiers without one are
 Stripe-only). It is read from a TOML file (plans.toml by default) so the catalogue changes without a
 code change."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,14 @@ class Tier:
     lookup_key: str
     description: str = ""
     trial_days: int = 0
+    yearly_lookup_key: str | None = None
+    features: frozenset[str] = frozenset()
+    limits: dict[str, int] = field(default_factory=dict)
     whop_plan_id: str = ""
+
+    def lookup_key_for(self, interval: str) -> str | None:
+        """The lookup key of this tier's price billed every `interval` ("month" or "year")."""
+        return self.lookup_key if interval == "month" else self.yearly_lookup_key if interval == "year" else None
 
 
 @dataclass(frozen=True)
@@ -36,12 +44,18 @@ class Addon:
     lookup_key: str
     description: str = ""
     max_quantity: int = 100
+    yearly_lookup_key: str | None = None
+    adds_to_limit: str | None = None  # each unit bought raises this limit by one ("seats")
+
+    def lookup_key_for(self, interval: str) -> str | None:
+        return self.lookup_key if interval == "month" else self.yearly_lookup_key if interval == "year" else None
 
 
 @dataclass(frozen=True)
 class PlanCatalogue:
     tiers: dict[str, Tier]
     addons: dict[str, Addon]
+    features: dict[str, str] = field(default_factory=dict)  # key -> the words pages use for it
 
     @classmethod
     def load(cls, path: str | Path) -> PlanCatalogue:
@@ -56,6 +70,7 @@ class PlanCatalogue:
     @classmethod
     def from_mapping(cls, raw: dict[str, Any], source: str = "catalogue") -> PlanCatalogue:
         problems: list[str] = []
+        features = _features(raw, problems, source)
         tiers = {
             key: Tier(key=key, **fields)
             for key, fields in _entries(raw, "tiers", ("name", "lookup_key"), Tier, problems, source)
@@ -66,7 +81,11 @@ class PlanCatalogue:
         }
         if not tiers:
             problems.append(f"{source}: at least one [tiers.<key>] is required")
-        lookup_keys = [t.lookup_key for t in tiers.values()] + [a.lookup_key for a in addons.values()]
+        for tier in tiers.values():
+            unknown = sorted(set(tier.features) - set(features))
+            if unknown:
+                problems.append(f"{source}: [tiers.{tier.key}] features not listed in [features]: {', '.join(unknown)}")
+        lookup_keys = [k for entry in _entries_of(tiers, addons) for k in _keys(entry)]
         duplicates = sorted({k for k in lookup_keys if lookup_keys.count(k) > 1})
         if duplicates:
             problems.append(f"{source}: lookup keys used twice: {', '.join(duplicates)}")
@@ -76,19 +95,87 @@ class PlanCatalogue:
             problems.append(f"{source}: Whop plan ids used by two tiers: {', '.join(shared)}")
         if problems:
             raise CatalogueError("; ".join(problems))
-        return cls(tiers=tiers, addons=addons)
+        return cls(tiers=tiers, addons=addons, features=features)
 
     def tier(self, key: str) -> Tier | None:
         return self.tiers.get(key)
 
     def tier_for_lookup_key(self, lookup_key: str | None) -> Tier | None:
-        return next((t for t in self.tiers.values() if t.lookup_key == lookup_key), None)
+        return next((t for t in self.tiers.values() if lookup_key is not None and lookup_key in _keys(t)), None)
 
     def tier_for_whop_plan_id(self, plan_id: str | None) -> Tier | None:
         return next((t for t in self.tiers.values() if plan_id and t.whop_plan_id == plan_id), None)
 
     def addon_for_lookup_key(self, lookup_key: str | None) -> Addon | None:
-        return next((a for a in self.addons.values() if a.lookup_key == lookup_key), None)
+        return next((a for a in self.addons.values() if lookup_key is not None and lookup_key in _keys(a)), None)
+
+    def interval_of_lookup_key(self, lookup_key: str | None) -> str | None:
+        """ "year" for a yearly lookup key, "month" for a tier's or add-on's first one, else None."""
+        for entry in _entries_of(self.tiers, self.addons):
+            if lookup_key and lookup_key == entry.yearly_lookup_key:
+                return "year"
+            if lookup_key and lookup_key == entry.lookup_key:
+                return "month"
+        return None
+
+    def lookup_keys(self) -> list[str]:
+        """Every lookup key the catalogue sells, tiers first."""
+        return [k for entry in _entries_of(self.tiers, self.addons) for k in _keys(entry)]
+
+    def tiers_with_feature(self, feature: str) -> list[Tier]:
+        return [tier for tier in self.tiers.values() if feature in tier.features]
+
+    def limit_addons(self, limit: str) -> list[Addon]:
+        """The add-ons that raise `limit` (extra seats raise "seats")."""
+        return [addon for addon in self.addons.values() if addon.adds_to_limit == limit]
+
+
+def _check_fields(fields: dict[str, Any], where: str, problems: list[str]) -> None:
+    """Check (and normalise) the optional fields; an invalid one is dropped after its problem is noted."""
+    for name in ("yearly_lookup_key", "adds_to_limit"):
+        if name in fields and (not isinstance(fields[name], str) or not fields[name]):
+            problems.append(f"{where} {name} must be a non-empty string")
+            fields.pop(name)
+    if "features" in fields:
+        features = fields["features"]
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            problems.append(f"{where} features must be a list of feature keys")
+            fields.pop("features")
+        else:
+            fields["features"] = frozenset(features)
+    if "limits" in fields:
+        limits = fields["limits"]
+        if not isinstance(limits, dict) or not all(
+            KEY_PATTERN.match(str(k)) and type(v) is int and v >= 0 for k, v in limits.items()
+        ):
+            problems.append(f"{where} limits must map names to whole numbers of at least 0")
+            fields.pop("limits")
+        else:
+            fields["limits"] = dict(limits)
+
+
+def _entries_of(tiers: dict[str, Tier], addons: dict[str, Addon]) -> list[Tier | Addon]:
+    return [*tiers.values(), *addons.values()]
+
+
+def _keys(entry: Tier | Addon) -> list[str]:
+    return [entry.lookup_key, *([entry.yearly_lookup_key] if entry.yearly_lookup_key else [])]
+
+
+def _features(raw: dict[str, Any], problems: list[str], source: str) -> dict[str, str]:
+    section = raw.get("features") or {}
+    if not isinstance(section, dict):
+        problems.append(f'{source}: [features] must be a table of key = "what it is called"')
+        return {}
+    features = {}
+    for key, label in section.items():
+        if not KEY_PATTERN.match(key) or not isinstance(label, str) or not label:
+            problems.append(
+                f"{source}: [features] {key} must be named with lowercase letters, digits and _ and say what it is"
+            )
+            continue
+        features[key] = label
+    return features
 
 
 def _entries(
@@ -114,6 +201,7 @@ def _entries(
         for name in ("trial_days", "max_quantity"):
             if name in fields and (not isinstance(fields[name], int) or fields[name] < 0):
                 problems.append(f"{where} {name} must be a whole number of at least 0")
+        _check_fields(fields, where, problems)
         if "whop_plan_id" in fields and not (
             isinstance(fields["whop_plan_id"], str) and WHOP_PLAN_ID.match(fields["whop_plan_id"])
         ):

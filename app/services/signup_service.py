@@ -84,7 +84,10 @@ class SignupService:
             update(PendingSignup)
             .where(PendingSignup.email == email, PendingSignup.status == SignupStatus.PENDING)
             .values(
-                status=SignupStatus.EXPIRED, failure_reason="superseded by a newer signup attempt", updated_at=utcnow()
+                status=SignupStatus.EXPIRED,
+                failure_reason="superseded by a newer signup attempt",
+                password_hash=None,  # retention: an attempt that ended keeps no password
+                updated_at=utcnow(),
             )
             .returning(PendingSignup.id, PendingSignup.checkout_session_id)
         ).all()
@@ -304,6 +307,7 @@ class SignupService:
     def _close(pending: PendingSignup, status: SignupStatus, reason: str, *, source: str) -> None:
         pending.status = status
         pending.failure_reason = reason
+        pending.password_hash = None  # retention: a signup that ended keeps no password
         domain_events.record(f"signup.{status}", source=source, pending_signup_id=str(pending.id), reason=reason)
 
 

@@ -10,19 +10,19 @@
 Values move with their columns, so nothing is copied and nothing can be lost. The downgrade restores the
 Stripe names and constraints exactly. The old schema has no place for another provider, so a Whop-billed
 organization's provider and member id wait in organization_billing_provider (its membership id stays in
-stripe_subscription_id) and the next upgrade puts them back; migration 0005's downgrade, below which Whop
+stripe_subscription_id) and the next upgrade puts them back; migration 0006_whop_event's downgrade, below which Whop
 does not exist, drops that table.
 
-Revision ID: 0006_provider_neutral_billing
-Revises: 0005_whop_event
+Revision ID: 0008_provider_neutral_billing
+Revises: 0007_accounts
 Create Date: 2026-11-28
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_provider_neutral_billing"
-down_revision = "0005_whop_event"
+revision = "0008_provider_neutral_billing"
+down_revision = "0007_accounts"
 branch_labels = None
 depends_on = None
 

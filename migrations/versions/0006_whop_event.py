@@ -2,16 +2,16 @@
 statuses, pending included, and object_key; whop_created instead of stripe_created), unique on the
 delivery's webhook-id.
 
-Revision ID: 0005_whop_event
-Revises: 0004_billing_truth
+Revision ID: 0006_whop_event
+Revises: 0005_owner_team
 Create Date: 2026-11-28
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_whop_event"
-down_revision = "0004_billing_truth"
+revision = "0006_whop_event"
+down_revision = "0005_owner_team"
 branch_labels = None
 depends_on = None
 
@@ -49,7 +49,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Below this revision there is no Whop: the providers parked by 0006's downgrade go too.
+    # Below this revision there is no Whop: the providers parked by 0008's downgrade go too.
     op.execute("DROP TABLE IF EXISTS organization_billing_provider")
     op.drop_index("ix_whop_event_pending_object_key", table_name="whop_event")
     op.drop_index("ix_whop_event_status_received_at", table_name="whop_event")

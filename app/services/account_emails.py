@@ -1,0 +1,68 @@
+"""Account emails, sent by outbox consumers from the worker (app/services/outbox.py): the password
+reset link and the email confirmation link. Each link is minted here, at send time, and never stored:
+the domain events say only "user N asked" (app/services/account_service.py)."""
+
+from __future__ import annotations
+
+from flask import current_app
+
+from app.extensions import db
+from app.models import User
+from app.services import outbox
+from app.services.account_service import RESET_LINK_SECONDS, VERIFICATION_LINK_SECONDS, AccountService
+from app.services.mailer import send_email
+from app.services.outbox import OutboxEvent
+
+
+def _link(path: str, token: str) -> str:
+    """An absolute link (the worker has no request to build URLs from): APP_BASE_URL + the route."""
+    return f"{current_app.config['APP_BASE_URL']}{path}{token}"
+
+
+def _user(user_id: int | None) -> User | None:
+    user = db.session.get(User, user_id) if user_id is not None else None
+    if user is not None:
+        db.session.expunge(user)  # read; no transaction stays open while SMTP answers
+    db.session.rollback()
+    return user
+
+
+@outbox.consumer("user.password_reset_requested", name="password_reset_email")
+def password_reset_email(event: OutboxEvent) -> None:
+    user = _user(event.user_id)
+    if user is None:
+        return  # the address has no account: nothing is sent (and nothing about it was stored)
+    send_email(
+        user.email,
+        "password_reset",
+        subject="Reset your Ledgerline password",
+        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
+        user=user,
+        reset_url=_link("/auth/reset-password/", AccountService.password_reset_token(user)),
+        minutes=RESET_LINK_SECONDS // 60,
+    )
+
+
+def _send_verification(event: OutboxEvent) -> None:
+    user = _user(event.user_id)
+    if user is None or user.email_verified:
+        return
+    send_email(
+        user.email,
+        "verify_email",
+        subject="Confirm your email address for Ledgerline",
+        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
+        user=user,
+        verify_url=_link("/auth/verify-email/", AccountService.email_verification_token(user)),
+        days=VERIFICATION_LINK_SECONDS // 86400,
+    )
+
+
+@outbox.consumer("signup.completed", name="verify_email_after_signup")
+def verify_email_after_signup(event: OutboxEvent) -> None:
+    _send_verification(event)
+
+
+@outbox.consumer("user.email_verification_requested", name="verify_email_again")
+def verify_email_again(event: OutboxEvent) -> None:
+    _send_verification(event)

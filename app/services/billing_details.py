@@ -1,0 +1,191 @@
+"""What the owner's billing page shows beyond the organization's own row, read from Stripe objects
+(plain dicts) into small values that can be cached: the plan's prices, the next invoice, the payment
+method on file and the invoice history. Pure: BillingService fetches, caches and degrades; this reads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from app.services.subscription_state import from_unix
+
+
+@dataclass(frozen=True)
+class PlanLine:
+    description: str
+    lookup_key: str | None
+    quantity: int
+    unit_amount: int | None
+    currency: str
+    interval: str | None
+
+
+@dataclass(frozen=True)
+class ScheduledChange:
+    """A downgrade waiting for the period's end (a subscription schedule's next phase)."""
+
+    schedule_id: str
+    starts_at: int | None
+    lookup_keys: list[str]
+    quantities: dict[str, int]
+
+
+@dataclass(frozen=True)
+class SubscriptionFacts:
+    lines: list[PlanLine]
+    interval: str | None
+    default_payment_method: str | None
+    schedule_id: str | None
+    latest_invoice: str | None
+
+    @classmethod
+    def from_stripe(cls, subscription: Mapping[str, Any]) -> SubscriptionFacts:
+        lines = []
+        interval = None
+        for item in (subscription.get("items") or {}).get("data") or []:
+            price = item.get("price") or {}
+            recurring = price.get("recurring") or {}
+            lines.append(
+                PlanLine(
+                    description=str(price.get("nickname") or price.get("lookup_key") or price.get("id") or ""),
+                    lookup_key=price.get("lookup_key"),
+                    quantity=int(item.get("quantity") or 0),
+                    unit_amount=price.get("unit_amount"),
+                    currency=str(price.get("currency") or "usd"),
+                    interval=recurring.get("interval"),
+                )
+            )
+            interval = interval or recurring.get("interval")
+        return cls(
+            lines=lines,
+            interval=interval,
+            default_payment_method=_id(subscription.get("default_payment_method")),
+            schedule_id=_id(subscription.get("schedule")),
+            latest_invoice=_id(subscription.get("latest_invoice")),
+        )
+
+    def to_cache(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_cache(cls, value: Mapping[str, Any]) -> SubscriptionFacts:
+        return cls(**{**value, "lines": [PlanLine(**line) for line in value["lines"]]})
+
+
+@dataclass(frozen=True)
+class UpcomingInvoice:
+    amount_due: int
+    currency: str
+    date: int | None
+
+    @property
+    def when(self) -> datetime | None:
+        return from_unix(self.date)
+
+    @classmethod
+    def from_stripe(cls, invoice: Mapping[str, Any]) -> UpcomingInvoice:
+        date = invoice.get("next_payment_attempt") or invoice.get("period_end") or invoice.get("created")
+        return cls(int(invoice.get("amount_due") or 0), str(invoice.get("currency") or "usd"), date)
+
+
+@dataclass(frozen=True)
+class CardOnFile:
+    brand: str
+    last4: str
+    exp_month: int | None
+    exp_year: int | None
+    kind: str = "card"
+
+    @classmethod
+    def from_stripe(cls, method: Mapping[str, Any]) -> CardOnFile:
+        kind = str(method.get("type") or "card")
+        details = method.get(kind) or {}
+        return cls(
+            brand=str(details.get("brand") or details.get("bank_name") or kind).replace("_", " ").title(),
+            last4=str(details.get("last4") or "????"),
+            exp_month=details.get("exp_month"),
+            exp_year=details.get("exp_year"),
+            kind=kind,
+        )
+
+
+@dataclass(frozen=True)
+class InvoiceRow:
+    id: str
+    number: str | None
+    created: int | None
+    amount: int
+    currency: str
+    status: str | None
+    hosted_invoice_url: str | None
+    invoice_pdf: str | None
+
+    @property
+    def when(self) -> datetime | None:
+        return from_unix(self.created)
+
+    @classmethod
+    def from_stripe(cls, invoice: Mapping[str, Any]) -> InvoiceRow:
+        amount = invoice.get("total")
+        if amount is None:
+            amount = invoice.get("amount_due") or 0
+        return cls(
+            id=str(invoice["id"]),
+            number=invoice.get("number"),
+            created=invoice.get("created"),
+            amount=int(amount),
+            currency=str(invoice.get("currency") or "usd"),
+            status=invoice.get("status"),
+            hosted_invoice_url=_safe_url(invoice.get("hosted_invoice_url")),
+            invoice_pdf=_safe_url(invoice.get("invoice_pdf")),
+        )
+
+
+@dataclass
+class BillingDetails:
+    """Each part is None when it could not be read; `unavailable` names those parts for the page."""
+
+    subscription: SubscriptionFacts | None = None
+    upcoming: UpcomingInvoice | None = None
+    payment_method: CardOnFile | None = None
+    invoices: list[InvoiceRow] | None = None
+    scheduled_change: ScheduledChange | None = None
+    unavailable: list[str] = field(default_factory=list)
+
+
+def scheduled_change_from_stripe(schedule: Mapping[str, Any], now: int) -> ScheduledChange | None:
+    """The first phase of an active schedule that starts after the current one: what the subscription
+    becomes next."""
+    if schedule.get("status") not in ("not_started", "active"):
+        return None
+    # Stripe's own idea of now: the current phase (a test clock's time may be far from ours).
+    current = schedule.get("current_phase") or {}
+    if current.get("start_date") is not None:
+        now = int(current["start_date"])
+    for phase in schedule.get("phases") or []:
+        start = phase.get("start_date")
+        if start is not None and int(start) > now:
+            keys: list[str] = []
+            quantities: dict[str, int] = {}
+            for item in phase.get("items") or []:
+                price = item.get("price")
+                key = price if isinstance(price, str) else (price or {}).get("lookup_key") or (price or {}).get("id")
+                keys.append(str(key))
+                quantities[str(key)] = int(item.get("quantity") or 1)
+            return ScheduledChange(str(schedule["id"]), int(start), keys, quantities)
+    return None
+
+
+def _id(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Mapping):
+        return str(value.get("id")) if value.get("id") else None
+    return None
+
+
+def _safe_url(value: Any) -> str | None:
+    """Only http(s) links from Stripe are rendered as links."""
+    return value if isinstance(value, str) and value.startswith(("https://", "http://")) else None

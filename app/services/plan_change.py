@@ -1,0 +1,349 @@
+"""Plan and seat changes, decided without Stripe: what the subscription holds now, what the owner asks
+for, the subscription items that turn one into the other, whether it is an upgrade (at once, prorated
+and invoiced now) or a downgrade (at the end of the period, through a subscription schedule), and the
+preview's summary. BillingService reads Stripe and calls these; the billing pages render the results.
+
+A preview is handed to the browser as a signed ticket (itsdangerous, the app's secret): it names the
+subscription's state it was computed from (a fingerprint of its prices, quantities and schedule), the
+target and the proration date. Confirming re-reads Stripe; a ticket whose state no longer matches, or
+whose prices moved, or that is older than PLAN_CHANGE_PREVIEW_MINUTES, is stale and refused."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+
+from app.services.entitlements import seat_addon_key
+from app.services.plans import PlanCatalogue
+from app.services.pricing import PriceInfo, format_money
+
+
+class PlanChangeError(ValueError):
+    """The change asked for cannot be made; the message is for the owner."""
+
+
+class When(StrEnum):
+    NOW = "now"  # upgrades and seat changes: prorated, invoiced at once
+    PERIOD_END = "period_end"  # downgrades: a subscription schedule switches the prices at renewal
+
+
+@dataclass(frozen=True)
+class Line:
+    item_id: str
+    price: PriceInfo
+    quantity: int
+
+
+@dataclass(frozen=True)
+class CurrentPlan:
+    """A subscription as a plan change sees it."""
+
+    subscription_id: str
+    status: str
+    tier: str | None
+    interval: str | None
+    extra_seats: int
+    tier_line: Line | None
+    seat_line: Line | None
+    other_lines: tuple[Line, ...]
+    period_start: int | None
+    period_end: int | None
+    schedule_id: str | None
+    fingerprint: str
+
+    def lines(self) -> list[Line]:
+        return [line for line in (self.tier_line, self.seat_line) if line] + list(self.other_lines)
+
+    def monthly_total(self) -> Decimal:
+        return sum((line.price.monthly_equivalent(line.quantity) for line in self.lines()), Decimal(0))
+
+    def recurring_total(self) -> int:
+        return sum((line.price.unit_amount or 0) * line.quantity for line in self.lines())
+
+    @property
+    def currency(self) -> str:
+        return self.tier_line.price.currency if self.tier_line else "usd"
+
+
+def read_current(subscription: Mapping[str, Any], catalogue: PlanCatalogue) -> CurrentPlan:
+    seat_key = seat_addon_key(catalogue)
+    tier_line = seat_line = None
+    others: list[Line] = []
+    starts, ends = [], []
+    for item in (subscription.get("items") or {}).get("data") or []:
+        price = PriceInfo.from_stripe(item.get("price") or {})
+        line = Line(str(item["id"]), price, int(item.get("quantity") or 0))
+        tier = catalogue.tier_for_lookup_key(price.lookup_key)
+        addon = catalogue.addon_for_lookup_key(price.lookup_key)
+        if tier is not None and tier_line is None:
+            tier_line = line
+        elif addon is not None and addon.key == seat_key and seat_line is None:
+            seat_line = line
+        else:
+            others.append(line)
+        if item.get("current_period_start"):
+            starts.append(int(item["current_period_start"]))
+        if item.get("current_period_end"):
+            ends.append(int(item["current_period_end"]))
+    tier = catalogue.tier_for_lookup_key(tier_line.price.lookup_key) if tier_line else None
+    schedule = subscription.get("schedule")
+    schedule_id = schedule if isinstance(schedule, str) or schedule is None else schedule.get("id")
+    state = {
+        "id": subscription.get("id"),
+        "status": subscription.get("status"),
+        "items": sorted((line.price.id, line.quantity) for line in [tier_line, seat_line, *others] if line),
+        "schedule": schedule_id,
+        "cancel_at_period_end": bool(subscription.get("cancel_at_period_end")),
+    }
+    return CurrentPlan(
+        subscription_id=str(subscription["id"]),
+        status=str(subscription.get("status")),
+        tier=tier.key if tier else None,
+        interval=tier_line.price.interval if tier_line else None,
+        extra_seats=seat_line.quantity if seat_line else 0,
+        tier_line=tier_line,
+        seat_line=seat_line,
+        other_lines=tuple(others),
+        period_start=min(starts) if starts else subscription.get("current_period_start"),
+        period_end=max(ends) if ends else subscription.get("current_period_end"),
+        schedule_id=schedule_id,
+        fingerprint=hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32],
+    )
+
+
+@dataclass(frozen=True)
+class Target:
+    tier: str
+    interval: str
+    extra_seats: int
+
+    def lookup_keys(self, catalogue: PlanCatalogue) -> dict[str, int]:
+        """The lookup key and quantity of each price the target sells."""
+        tier = catalogue.tier(self.tier)
+        if tier is None:
+            raise PlanChangeError(f"There is no plan called {self.tier!r}.")
+        key = tier.lookup_key_for(self.interval)
+        if key is None:
+            raise PlanChangeError(f"{tier.name} is not sold {'yearly' if self.interval == 'year' else 'monthly'}.")
+        keys = {key: 1}
+        if self.extra_seats:
+            seat_key = seat_addon_key(catalogue)
+            addon = catalogue.addons[seat_key] if seat_key else None
+            if addon is None:
+                raise PlanChangeError("Extra seats are not sold.")
+            if self.extra_seats > addon.max_quantity:
+                raise PlanChangeError(f"{addon.name}: choose between 0 and {addon.max_quantity}.")
+            addon_key = addon.lookup_key_for(self.interval)
+            if addon_key is None:
+                raise PlanChangeError(
+                    f"{addon.name} are not sold {'yearly' if self.interval == 'year' else 'monthly'}."
+                )
+            keys[addon_key] = self.extra_seats
+        return keys
+
+
+def validate_target(current: CurrentPlan, target: Target, *, members: int, included_seats: int) -> None:
+    if current.status not in ("active", "trialing", "past_due"):
+        raise PlanChangeError("Only an active subscription can change plan or seats.")
+    if target.extra_seats < 0:
+        raise PlanChangeError("The number of extra seats cannot be negative.")
+    if (current.tier, current.interval, current.extra_seats) == (target.tier, target.interval, target.extra_seats):
+        raise PlanChangeError("That is the plan you already have.")
+    if (
+        target.tier == current.tier
+        and target.interval == current.interval
+        and included_seats + target.extra_seats < members
+    ):
+        raise PlanChangeError(
+            f"Your organization has {members} members: keep at least {max(0, members - included_seats)} extra "
+            "seats, or remove members first."
+        )
+
+
+def new_recurring(target_prices: Mapping[str, PriceInfo], quantities: Mapping[str, int]) -> tuple[int, Decimal]:
+    """The target's recurring amount per its interval, and per month (for comparing)."""
+    amount = sum((target_prices[key].unit_amount or 0) * quantity for key, quantity in quantities.items())
+    monthly = sum((target_prices[key].monthly_equivalent(quantity) for key, quantity in quantities.items()), Decimal(0))
+    return amount, monthly
+
+
+def timing(current: CurrentPlan, target: Target, new_monthly: Decimal) -> When:
+    """Upgrades (more per month) and seat changes take effect at once; a cheaper plan at the period's end.
+    A trial changes at once too: nothing has been paid to prorate."""
+    if current.status == "trialing":
+        return When.NOW
+    if target.tier == current.tier and target.interval == current.interval:
+        return When.NOW  # only the seats change
+    return When.NOW if new_monthly >= current.monthly_total() else When.PERIOD_END
+
+
+def update_items(
+    current: CurrentPlan,
+    target_prices: Mapping[str, PriceInfo],
+    quantities: Mapping[str, int],
+    catalogue: PlanCatalogue,
+) -> list[dict[str, Any]]:
+    """Stripe `items` turning the current subscription into the target: the tier's item takes the new
+    price (same item, so Stripe prorates it), the seat item its new quantity (deleted at 0, added if
+    new); other items are left alone."""
+    seat_key = seat_addon_key(catalogue)
+    items: list[dict[str, Any]] = []
+    for lookup_key, quantity in quantities.items():
+        price = target_prices[lookup_key]
+        is_tier = catalogue.tier_for_lookup_key(lookup_key) is not None
+        line = current.tier_line if is_tier else current.seat_line
+        if line is not None:
+            items.append({"id": line.item_id, "price": price.id, "quantity": quantity})
+        else:
+            items.append({"price": price.id, "quantity": quantity})
+    seat_wanted = any(
+        (addon := catalogue.addon_for_lookup_key(key)) is not None and addon.key == seat_key for key in quantities
+    )
+    if current.seat_line is not None and not seat_wanted:
+        items.append({"id": current.seat_line.item_id, "deleted": True})
+    return items
+
+
+def schedule_phases(
+    current: CurrentPlan, target_prices: Mapping[str, PriceInfo], quantities: Mapping[str, int]
+) -> list[dict[str, Any]]:
+    """A schedule's phases for a downgrade: this period as it is, then the target from the period's end."""
+    if current.period_start is None or current.period_end is None:
+        raise PlanChangeError("The subscription's current period is not known; try again in a moment.")
+    return [
+        {
+            "items": [{"price": line.price.id, "quantity": line.quantity} for line in current.lines()],
+            "start_date": current.period_start,
+            "end_date": current.period_end,
+        },
+        {
+            # The last phase runs one billing period; then the schedule releases the subscription,
+            # which renews on these prices.
+            "items": [{"price": target_prices[key].id, "quantity": quantity} for key, quantity in quantities.items()]
+            + [{"price": line.price.id, "quantity": line.quantity} for line in current.other_lines],
+        },
+    ]
+
+
+@dataclass(frozen=True)
+class PreviewLine:
+    description: str
+    amount: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What the owner confirms: when it happens, what is charged (or credited) today, and the new
+    recurring amount. Carried to the confirm step inside the signed ticket."""
+
+    kind: str  # "plan" or "seats"
+    organization_id: int
+    subscription_id: str
+    base_fingerprint: str
+    target: Target
+    price_ids: dict[str, str]  # lookup key -> price id the preview used
+    quantities: dict[str, int]
+    when: When
+    proration_date: int
+    today: int  # charged (>0) or credited (<0) at once; 0 for a change at the period's end
+    currency: str
+    new_recurring: int
+    new_interval: str
+    effective_at: int | None  # the period's end, for a downgrade
+    lines: list[PreviewLine] = field(default_factory=list)
+
+    def to_ticket(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["when"] = self.when.value
+        return data
+
+    @classmethod
+    def from_ticket(cls, data: Mapping[str, Any]) -> Preview:
+        try:
+            return cls(
+                kind=str(data["kind"]),
+                organization_id=int(data["organization_id"]),
+                subscription_id=str(data["subscription_id"]),
+                base_fingerprint=str(data["base_fingerprint"]),
+                target=Target(**data["target"]),
+                price_ids={str(k): str(v) for k, v in data["price_ids"].items()},
+                quantities={str(k): int(v) for k, v in data["quantities"].items()},
+                when=When(data["when"]),
+                proration_date=int(data["proration_date"]),
+                today=int(data["today"]),
+                currency=str(data["currency"]),
+                new_recurring=int(data["new_recurring"]),
+                new_interval=str(data["new_interval"]),
+                effective_at=int(data["effective_at"]) if data.get("effective_at") is not None else None,
+                lines=[PreviewLine(**line) for line in data.get("lines") or []],
+            )
+        except (KeyError, TypeError, ValueError):
+            raise PlanChangeError("That preview is not valid. Start the change again.") from None
+
+    def idempotency_key(self) -> str:
+        """Derived from the preview, so every submit of this preview (double clicks, a second tab, a
+        retry after a timeout) is the same request at Stripe."""
+        digest = hashlib.sha256(json.dumps(self.to_ticket(), sort_keys=True).encode()).hexdigest()[:40]
+        return f"org-{self.organization_id}-change-{digest}"
+
+    @property
+    def today_words(self) -> str:
+        if self.when == When.PERIOD_END or self.today == 0:
+            return "Nothing is charged today."
+        if self.today > 0:
+            return f"{format_money(self.today, self.currency)} is charged today for the rest of this period."
+        return f"{format_money(-self.today, self.currency)} is credited to your account for the rest of this period."
+
+
+def summarize_invoice_preview(invoice: Mapping[str, Any]) -> tuple[int, list[PreviewLine]]:
+    """Stripe's preview of the invoice an immediate change makes (proration_behavior=always_invoice):
+    its total is what is charged (or, negative, credited) today; its lines say why."""
+    lines = [
+        PreviewLine(str(line.get("description") or "Adjustment"), int(line.get("amount") or 0))
+        for line in (invoice.get("lines") or {}).get("data") or []
+    ]
+    total = invoice.get("total")
+    if total is None:
+        total = invoice.get("amount_due", sum(line.amount for line in lines))
+    return int(total), lines
+
+
+def describe_change(current: CurrentPlan, target: Target, catalogue: PlanCatalogue) -> str:
+    def words(tier: str | None, interval: str | None, seats: int) -> str:
+        name = catalogue.tiers[tier].name if tier and tier in catalogue.tiers else "an unknown plan"
+        every = "yearly" if interval == "year" else "monthly"
+        return f"{name} ({every}){f' + {seats} extra seats' if seats else ''}"
+
+    before = words(current.tier, current.interval, current.extra_seats)
+    return f"{before} → {words(target.tier, target.interval, target.extra_seats)}"
+
+
+TICKET_SALT = "subscription-change-preview"
+
+
+def preview_ticket(preview: Preview, secret: str) -> str:
+    """The preview, signed for the confirm form: the browser carries it, cannot alter it."""
+    return URLSafeTimedSerializer(secret, salt=TICKET_SALT).dumps(preview.to_ticket())
+
+
+def preview_from_ticket(ticket: str, secret: str, *, max_age_seconds: int) -> Preview:
+    try:
+        data = URLSafeTimedSerializer(secret, salt=TICKET_SALT).loads(ticket, max_age=max_age_seconds)
+    except SignatureExpired:
+        raise PreviewExpired("This preview has expired.") from None
+    except BadSignature:
+        raise PlanChangeError("That preview is not valid. Start the change again.") from None
+    if not isinstance(data, dict):
+        raise PlanChangeError("That preview is not valid. Start the change again.")
+    return Preview.from_ticket(data)
+
+
+class PreviewExpired(PlanChangeError):
+    pass

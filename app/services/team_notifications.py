@@ -1,0 +1,43 @@
+"""Teammate emails, sent by outbox consumers (app/services/outbox.py) from the worker. The invitation
+email carries the signed accept link, made here from the invitation's row: the domain event and the
+database hold no usable token."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+from flask import current_app
+
+from app.extensions import db
+from app.models import Invitation, InvitationStatus, Organization, User
+from app.models.types import utcnow
+from app.services import outbox
+from app.services.mailer import send_email
+from app.services.outbox import OutboxEvent
+from app.services.team_service import accept_url
+
+
+@outbox.consumer("team.invitation_sent", name="invitation_email")
+def invitation_email(event: OutboxEvent) -> None:
+    invitation = db.session.get(Invitation, event.data.get("invitation_id") or 0)
+    organization = db.session.get(Organization, event.organization_id or 0)
+    inviter = db.session.get(User, event.user_id or 0)
+    db.session.rollback()  # read; no transaction stays open while SMTP answers
+    if invitation is None or organization is None:
+        current_app.logger.warning("team.invitation_sent %s: the invitation is gone", event.id)
+        return
+    expires_at = (
+        invitation.expires_at.replace(tzinfo=UTC) if invitation.expires_at.tzinfo is None else invitation.expires_at
+    )
+    if invitation.status != InvitationStatus.PENDING or expires_at <= utcnow():
+        return  # withdrawn, replaced, used or expired before the worker got to it: nothing to send
+    send_email(
+        invitation.email,
+        "invitation",
+        subject=f"Join {organization.name} on Ledgerline",
+        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
+        organization=organization,
+        inviter=inviter,
+        accept_url=accept_url(invitation.id, invitation.email),
+        expires_at=expires_at,
+    )
