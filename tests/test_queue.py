@@ -143,7 +143,7 @@ def test_a_redis_flush_while_jobs_wait_loses_none(
     assert organization_row(app).billing_status == "past_due"
     assert organization_row(app).last_payment_status == "failed"
     assert [m["Subject"] for m in smtp_server.messages] == ["Your payment failed"]
-    assert "USD 29.00" in smtp_server.messages[0].get_body(preferencelist=("plain",)).get_content()
+    assert "$29.00" in smtp_server.messages[0].get_body(preferencelist=("plain",)).get_content()
 
 
 # --- Leak 5: events about objects that are not ours ------------------------------------------------

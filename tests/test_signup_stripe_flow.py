@@ -15,8 +15,10 @@ from flask import Flask
 from tests.conftest import (
     PASSWORD,
     SandboxAccount,
+    SmtpSink,
     checkout_session_id,
     csrf_token,
+    email_text,
     post_and_apply,
     post_webhook,
     query,
@@ -204,6 +206,12 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert notice.data["hosted_invoice_url"] == open_invoice["hosted_invoice_url"]
     assert notice.data["next_payment_attempt"] == open_invoice["next_payment_attempt"]
     assert "Payment overdue" in client.get("/billing/").get_data(as_text=True)
+    # The owner is told by email (the worker's outbox), once, with the amount and where to pay.
+    smtp_server: SmtpSink = request.getfixturevalue("smtp_server")
+    run_jobs(app)
+    [failed_email] = [m for m in smtp_server.to("ada@example.com") if "payment" in str(m["Subject"]).lower()]
+    text = email_text(failed_email)
+    assert f"${open_invoice['amount_due'] / 100:,.2f}" in text and open_invoice["hosted_invoice_url"] in text
 
     # Recovery: the owner pays the open invoice on Stripe's hosted invoice page with a good card.
     stripe_api.pay_invoice_page(open_invoice["hosted_invoice_url"])
@@ -237,6 +245,8 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert (organization.billing_status, organization.cancel_at_period_end) == ("canceled", False)
     assert organization.ended_at.timestamp() == final_period_end
     assert client.get("/app").headers["Location"] == "/billing/"  # access ends with the subscription
+    run_jobs(app)
+    assert [m["Subject"] for m in smtp_server.to("ada@example.com") if "ended" in str(m["Subject"]).lower()]
     counts = domain_event_counts(app)
     assert [counts[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
     assert counts["billing.payment_failed"] == 1 and counts["billing.payment_succeeded"] == payments_before + 2

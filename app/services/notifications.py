@@ -15,6 +15,7 @@ from app.models import Organization, PendingSignup, User, UserRole
 from app.services import outbox
 from app.services.mailer import send_email
 from app.services.outbox import OutboxEvent
+from app.services.pricing import format_money
 
 
 def _owner(organization_id: int | None) -> tuple[Organization, User] | None:
@@ -60,14 +61,9 @@ def _date(value: Any) -> datetime | None:
     return None
 
 
-def money(amount: Any, currency: Any) -> str:
-    """Minor units to "USD 12.34" (the zero-decimal currencies Stripe lists are left whole)."""
-    if not isinstance(amount, int):
-        return "—"
-    code = str(currency or "usd").upper()
-    if code in {"JPY", "KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF"}:
-        return f"{code} {amount}"
-    return f"{code} {amount / 100:,.2f}"
+def _money(amount: Any, currency: Any) -> str:
+    """The amount as the pages write it ($29.00): one formatter for pages and emails."""
+    return format_money(amount if isinstance(amount, int) else None, currency if isinstance(currency, str) else None)
 
 
 @outbox.consumer("signup.completed", name="welcome_email")
@@ -89,7 +85,7 @@ def payment_failed_email(event: OutboxEvent) -> None:
         event,
         "payment_failed",
         "Your payment failed",
-        amount=money(event.data.get("amount_due"), event.data.get("currency")),
+        amount=_money(event.data.get("amount_due"), event.data.get("currency")),
         next_attempt=_date(event.data.get("next_payment_attempt")),
         pay_url=event.data.get("hosted_invoice_url"),
     )
@@ -101,7 +97,7 @@ def payment_action_required_email(event: OutboxEvent) -> None:
         event,
         "payment_action_required",
         "Your payment needs your confirmation",
-        amount=money(event.data.get("amount_due"), event.data.get("currency")),
+        amount=_money(event.data.get("amount_due"), event.data.get("currency")),
         pay_url=event.data.get("hosted_invoice_url"),
     )
 
