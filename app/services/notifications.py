@@ -13,7 +13,7 @@ from sqlalchemy import select
 from app.extensions import db
 from app.models import Organization, PendingSignup, User, UserRole
 from app.services import outbox
-from app.services.mailer import send_email
+from app.services.mailer import send_event_email
 from app.services.outbox import OutboxEvent
 
 
@@ -36,11 +36,11 @@ def _send_to_owner(event: OutboxEvent, template: str, subject: str, **context: A
         current_app.logger.warning("no owner to email for %s (event %s)", event.name, event.id)
         return
     organization, owner = found
-    send_email(
+    send_event_email(
+        event,
         owner.email,
         template,
         subject=subject,
-        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
         organization=organization,
         owner=owner,
         event=event,
@@ -135,11 +135,11 @@ def conflict_refund_email(event: OutboxEvent) -> None:
     if pending is None:
         current_app.logger.warning("signup.conflict %s: no pending signup to write to", event.id)
         return
-    send_email(
+    send_event_email(
+        event,
         pending.email,
         "conflict_refund",
         subject="Your second signup was refunded",
-        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
         event=event,
         pending=pending,
         login_url=f"{current_app.config['APP_BASE_URL']}/auth/login",
