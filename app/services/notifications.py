@@ -83,15 +83,22 @@ def welcome_email(event: OutboxEvent) -> None:
     )
 
 
+def _unpaid_invoice(event: OutboxEvent) -> dict[str, Any]:
+    """What both unpaid-invoice emails show: the amount due and the page to pay it on."""
+    return {
+        "amount": money(event.data.get("amount_due"), event.data.get("currency")),
+        "pay_url": event.data.get("hosted_invoice_url"),
+    }
+
+
 @outbox.consumer("billing.payment_failed", name="payment_failed_email")
 def payment_failed_email(event: OutboxEvent) -> None:
     _send_to_owner(
         event,
         "payment_failed",
         "Your payment failed",
-        amount=money(event.data.get("amount_due"), event.data.get("currency")),
         next_attempt=_date(event.data.get("next_payment_attempt")),
-        pay_url=event.data.get("hosted_invoice_url"),
+        **_unpaid_invoice(event),
     )
 
 
@@ -101,8 +108,7 @@ def payment_action_required_email(event: OutboxEvent) -> None:
         event,
         "payment_action_required",
         "Your payment needs your confirmation",
-        amount=money(event.data.get("amount_due"), event.data.get("currency")),
-        pay_url=event.data.get("hosted_invoice_url"),
+        **_unpaid_invoice(event),
     )
 
 
