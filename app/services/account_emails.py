@@ -10,7 +10,7 @@ from app.extensions import db
 from app.models import User
 from app.services import outbox
 from app.services.account_service import RESET_LINK_SECONDS, VERIFICATION_LINK_SECONDS, AccountService
-from app.services.mailer import send_email
+from app.services.mailer import send_event_email
 from app.services.outbox import OutboxEvent
 
 
@@ -32,11 +32,11 @@ def password_reset_email(event: OutboxEvent) -> None:
     user = _user(event.user_id)
     if user is None:
         return  # the address has no account: nothing is sent (and nothing about it was stored)
-    send_email(
+    send_event_email(
+        event,
         user.email,
         "password_reset",
         subject="Reset your Ledgerline password",
-        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
         user=user,
         reset_url=_link("/auth/reset-password/", AccountService.password_reset_token(user)),
         minutes=RESET_LINK_SECONDS // 60,
@@ -47,11 +47,11 @@ def _send_verification(event: OutboxEvent) -> None:
     user = _user(event.user_id)
     if user is None or user.email_verified:
         return
-    send_email(
+    send_event_email(
+        event,
         user.email,
         "verify_email",
         subject="Confirm your email address for Ledgerline",
-        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
         user=user,
         verify_url=_link("/auth/verify-email/", AccountService.email_verification_token(user)),
         days=VERIFICATION_LINK_SECONDS // 86400,

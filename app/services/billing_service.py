@@ -90,7 +90,7 @@ from app.services.plan_change import (
 )
 from app.services.plans import PlanCatalogue, Tier
 from app.services.pricing import PriceInfo
-from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
+from app.services.signup_service import NewPendingSignup, ProvisionOutcome, ProvisionState, SignupService
 from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import SubscriptionState, apply_subscription_state
 from app.services.webhook_store import EventModel, VerifiedEvent
@@ -428,14 +428,13 @@ class BillingService:
         line_items = cls._line_items(tier, addons or {}, interval)
         config = current_app.config
         ttl = timedelta(minutes=config["CHECKOUT_SESSION_TTL_MINUTES"])
-        signup = SignupService.create_pending_signup_record(
+        signup = cls._store_signup(
+            tier,
+            addons or {},
             email=email,
             organization_name=organization_name,
             owner_name=owner_name,
             password=password,
-            tier=tier.key,
-            addons=dict(addons or {}),
-            ttl=ttl,
         )
         cls._expire_checkout_sessions(signup.superseded_checkout_session_ids)
         reference = str(signup.pending_signup_id)
@@ -472,6 +471,22 @@ class BillingService:
         SignupService.attach_checkout_session(signup.pending_signup_id, session.id)
         return CheckoutRedirect(
             url=str(session.url), pending_signup_id=signup.pending_signup_id, checkout_session_id=session.id
+        )
+
+    @staticmethod
+    def _store_signup(
+        tier: Tier, addons: Mapping[str, int], *, email: str, organization_name: str, owner_name: str, password: str
+    ) -> NewPendingSignup:
+        """The pending signup a checkout pays for, whichever provider takes the payment (SignupService
+        supersedes the email's open one); it is valid for CHECKOUT_SESSION_TTL_MINUTES."""
+        return SignupService.create_pending_signup_record(
+            email=email,
+            organization_name=organization_name,
+            owner_name=owner_name,
+            password=password,
+            tier=tier.key,
+            addons=dict(addons),
+            ttl=timedelta(minutes=current_app.config["CHECKOUT_SESSION_TTL_MINUTES"]),
         )
 
     @classmethod
@@ -512,12 +527,8 @@ class BillingService:
         if not CHECKOUT_SESSION_ID.match(session_id or ""):
             raise CheckoutSessionNotFound("That checkout link is not valid.")
         db.session.rollback()  # whatever the request read: no transaction is held while Stripe is asked
-        try:
+        with _committed():
             outcome = cls._provision_checkout_session(session_id, source="web", release_before_stripe=True)
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
         if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
             try:
                 settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="web")
@@ -698,15 +709,11 @@ class BillingService:
         key = f"org-{organization_id}-{action}-{request_token}"
         with cls._calling_stripe(action.replace("-", " ") + " a subscription"):
             subscription = call(client, subscription_id, key).to_dict()
-        try:
+        with _committed():
             organization = cls._lock_organization(organization_id)
             changes: list[str] = []
             if organization is not None and organization.billing_subscription_id == subscription["id"]:
                 changes = cls._apply_subscription_read(organization, subscription, source=f"user:{actor_user_id}")
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
         return changes
 
     @staticmethod
@@ -759,7 +766,7 @@ class BillingService:
                 params=params,
                 options={"idempotency_key": f"org-{organization_id}-resubscribe-{tier.key}-{request_token}"},
             )
-        try:
+        with _committed():
             inserted = db.session.execute(
                 _insert(ResubscribeCheckout)
                 .values(
@@ -797,10 +804,6 @@ class BillingService:
                     checkout_session_id=session.id,
                     superseded_checkout_session_ids=superseded,
                 )
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
         cls._expire_checkout_sessions(superseded)
         return str(session.url)
 
@@ -812,12 +815,8 @@ class BillingService:
         checkout = cls._retrieve_checkout_session(session_id, expand_subscription=True)
         if (checkout.get("metadata") or {}).get("organization_id") != str(organization_id):
             raise CheckoutSessionNotFound("That checkout belongs to another organization.")
-        try:
+        with _committed():
             outcome = cls._provision_checkout_session(checkout, source="web", release_before_stripe=True)
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
         if outcome.state == ProvisionState.SURPLUS:
             try:
                 settlement = cls.settle_surplus_subscription(session_id, source="web")
@@ -965,7 +964,7 @@ class BillingService:
         checkout_session_id, email = pending.checkout_session_id, pending.email
         db.session.rollback()
         settlement = cls._cancel_and_refund(subscription_id, key=f"signup-{pending_id}-conflict")
-        try:
+        with _committed():
             settled = db.session.execute(
                 update(PendingSignup)
                 .where(PendingSignup.id == pending_id, PendingSignup.settled_at.is_(None))
@@ -981,10 +980,6 @@ class BillingService:
                     checkout_session_id=checkout_session_id,
                     **settlement,
                 )
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
         return settlement
 
     @classmethod
@@ -1009,7 +1004,7 @@ class BillingService:
         organization_id, subscription_id = record.organization_id, record.stripe_subscription_id
         db.session.rollback()
         settlement = cls._cancel_and_refund(subscription_id, key=f"org-{organization_id}-surplus-{checkout_session_id}")
-        try:
+        with _committed():
             settled = db.session.execute(
                 update(ResubscribeCheckout)
                 .where(
@@ -1027,10 +1022,6 @@ class BillingService:
                     checkout_session_id=checkout_session_id,
                     **settlement,
                 )
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
         return settlement
 
     @classmethod
@@ -1379,15 +1370,11 @@ class BillingService:
                 continue
             # As the worker applies a subscription event: read now, checked, applied under a short lock.
             subscription = stripe_objects.subscription_for_state(cls._retrieve_subscription(drift.subscription_id))
-            try:
+            with _committed():
                 organization = cls._lock_organization_for_subscription(subscription)
                 changes: list[str] = []
                 if organization is not None:
                     changes = cls._apply_subscription_read(organization, subscription, source="reconcile")
-                db.session.commit()
-            except BaseException:
-                db.session.rollback()
-                raise
             what = ", ".join(changes) or "no change"
             applied.append(f"organization {drift.organization_id} follows {drift.subscription_id}: {what}")
         return applied + cls._reconcile_settle(report)
@@ -1419,7 +1406,7 @@ class BillingService:
     def _reconcile_whop_membership(cls, drift: reconciliation.SubscriptionDrift) -> str:
         """The organization takes the membership as Whop has it now (read with no transaction open)."""
         membership = cls._retrieve_whop_membership(drift.subscription_id)
-        try:
+        with _committed():
             organization = cls._lock_whop_organization(drift.subscription_id)
             changes: list[str] = []
             if organization is not None:
@@ -1428,10 +1415,6 @@ class BillingService:
                 organization.billing_as_of = max(
                     organization.billing_as_of or 0, membership_as_of(membership) or 0, int(time.time())
                 )
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
         what = ", ".join(changes) or "no change"
         return f"organization {drift.organization_id} follows Whop membership {drift.subscription_id}: {what}"
 
@@ -1450,12 +1433,8 @@ class BillingService:
                 return f"orphan {orphan.subscription_id}: no checkout found; left for a person"
             checkout = cls._retrieve_checkout_session(sessions.data[0].id, expand_subscription=True)
         db.session.rollback()
-        try:
+        with _committed():
             outcome = cls._provision_checkout_session(checkout, source="reconcile", release_before_stripe=True)
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
         settlement: dict[str, Any] | None = None
         if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
             settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="reconcile")
@@ -1716,7 +1695,7 @@ class BillingService:
             cls._finish_change(key, SubscriptionChangeStatus.FAILED, _describe_failure(exc)[:500])
             raise
         cls.forget_billing_reads(preview.organization_id)
-        try:
+        with _committed():
             organization = db.session.get(
                 Organization, preview.organization_id, with_for_update=True, populate_existing=True
             )
@@ -1736,10 +1715,6 @@ class BillingService:
                 effective_at=preview.effective_at,
             )
             _finish_claim(key, SubscriptionChangeStatus.APPLIED, "applied")
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
         return ChangeOutcome(applied=True, when=preview.when, action_url=action_url)
 
     @classmethod
@@ -1799,12 +1774,8 @@ class BillingService:
     @staticmethod
     def _finish_change(key: str, status: SubscriptionChangeStatus, outcome: str) -> None:
         db.session.rollback()
-        try:
+        with _committed():
             _finish_claim(key, status, outcome)
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
 
     @classmethod
     def _apply_change_now(
@@ -1977,14 +1948,10 @@ class BillingService:
         status = (
             StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
         )
-        try:
+        with _committed():  # on an error nothing is stored; the provider redelivers after a 5xx
             row_id = webhook_store.claim(model, event, status, outcome=ignored, error=error, object_key=object_key)
             if row_id is not None and object_key is not None:
                 cls._queue_application(provider, object_key)
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()  # nothing is stored; the provider redelivers after a 5xx
-            raise
         if row_id is None:  # stored by a concurrent delivery we waited for
             return WebhookResult(200, {"received": True, "duplicate": True})
         if ignored:
@@ -2025,14 +1992,10 @@ class BillingService:
                 object_key,
                 exc_info=not permanent,
             )
-            try:
+            with _committed():
                 webhook_store.record_attempt_failure(
                     model, list(row_ids.values()), _describe_failure(exc), final=permanent or final_attempt
                 )
-                db.session.commit()
-            except BaseException:
-                db.session.rollback()
-                raise
             if permanent:
                 return f"failed: {exc}"
             raise
@@ -2313,14 +2276,8 @@ class BillingService:
             raise BillingError("Whop plans are billed monthly; choose monthly billing to pay through Whop.")
         client = cls.ensure_whop()
         config = current_app.config
-        signup = SignupService.create_pending_signup_record(
-            email=email,
-            organization_name=organization_name,
-            owner_name=owner_name,
-            password=password,
-            tier=tier.key,
-            addons={},
-            ttl=timedelta(minutes=config["CHECKOUT_SESSION_TTL_MINUTES"]),
+        signup = cls._store_signup(
+            tier, {}, email=email, organization_name=organization_name, owner_name=owner_name, password=password
         )
         cls._expire_checkout_sessions([s for s in signup.superseded_checkout_session_ids if s.startswith("cs_")])
         reference = str(signup.pending_signup_id)
@@ -2372,12 +2329,8 @@ class BillingService:
             raise
         if str((membership.get("metadata") or {}).get("pending_signup_id")) != pending_signup_id:
             raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
-        try:
+        with _committed():
             outcome = cls._provision_whop_membership(membership, source="web")
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
         return outcome
 
     @classmethod
@@ -2436,17 +2389,13 @@ class BillingService:
             else:  # pragma: no cover - the actions above are the only callers
                 raise SubscriptionActionNotAllowed("Whop does not support that change.")
         membership = answer.model_dump(mode="json")
-        try:
+        with _committed():
             organization = cls._lock_whop_organization(membership_id)
             changes: list[str] = []
             if organization is not None and organization.id == organization_id:
                 state = subscription_state_from_whop(membership, plan_catalogue())
                 changes = apply_subscription_state(organization, state, source=f"user:{actor_user_id}")
                 organization.billing_as_of = max(organization.billing_as_of or 0, membership_as_of(membership) or 0)
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            raise
         return changes
 
     # --- Whop events, applied ---------------------------------------------------------------------
@@ -2620,6 +2569,18 @@ class BillingService:
                 hosted_invoice_url=None,
             )
         return f"payment {status} recorded" + (f"; billing status {moved}" if moved else "")
+
+
+@contextmanager
+def _committed() -> Iterator[None]:
+    """The block's writes as one short transaction: committed when the block ends, rolled back (and
+    the error raised again) when anything, even an interrupt, escapes it."""
+    try:
+        yield
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        raise
 
 
 def _found(pending: PendingSignup | None) -> PendingSignup:

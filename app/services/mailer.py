@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import current_app, render_template
 from flask_mailman import EmailMultiAlternatives
+
+if TYPE_CHECKING:
+    from app.services.outbox import OutboxEvent
 
 
 class EmailNotSent(RuntimeError):
@@ -67,3 +70,13 @@ def send_email(
     if accepted != 1:
         raise EmailNotSent(f"{template} to {', '.join(recipients)}: the mail backend sent nothing")
     return rendered
+
+
+def send_event_email(
+    event: OutboxEvent, to: str | Sequence[str], template: str, /, *, subject: str, **context: Any
+) -> RenderedEmail:
+    """send_email for an outbox consumer: the message names the domain event it is sent for in its
+    X-Ledgerline-Event header (<event name>:<event id>). ``context`` may hold the event itself too."""
+    return send_email(
+        to, template, subject=subject, headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"}, **context
+    )

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from app.extensions import db
 from app.models import Organization, PendingSignup, User, UserRole
 from app.services import outbox
-from app.services.mailer import send_email
+from app.services.mailer import send_event_email
 from app.services.outbox import OutboxEvent
 from app.services.pricing import format_money
 
@@ -37,11 +37,11 @@ def _send_to_owner(event: OutboxEvent, template: str, subject: str, **context: A
         current_app.logger.warning("no owner to email for %s (event %s)", event.name, event.id)
         return
     organization, owner = found
-    send_email(
+    send_event_email(
+        event,
         owner.email,
         template,
         subject=subject,
-        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
         organization=organization,
         owner=owner,
         event=event,
@@ -79,15 +79,22 @@ def welcome_email(event: OutboxEvent) -> None:
     )
 
 
+def _unpaid_invoice(event: OutboxEvent) -> dict[str, Any]:
+    """What both unpaid-invoice emails show: the amount due and the page to pay it on."""
+    return {
+        "amount": _money(event.data.get("amount_due"), event.data.get("currency")),
+        "pay_url": event.data.get("hosted_invoice_url"),
+    }
+
+
 @outbox.consumer("billing.payment_failed", name="payment_failed_email")
 def payment_failed_email(event: OutboxEvent) -> None:
     _send_to_owner(
         event,
         "payment_failed",
         "Your payment failed",
-        amount=_money(event.data.get("amount_due"), event.data.get("currency")),
         next_attempt=_date(event.data.get("next_payment_attempt")),
-        pay_url=event.data.get("hosted_invoice_url"),
+        **_unpaid_invoice(event),
     )
 
 
@@ -97,8 +104,7 @@ def payment_action_required_email(event: OutboxEvent) -> None:
         event,
         "payment_action_required",
         "Your payment needs your confirmation",
-        amount=_money(event.data.get("amount_due"), event.data.get("currency")),
-        pay_url=event.data.get("hosted_invoice_url"),
+        **_unpaid_invoice(event),
     )
 
 
@@ -131,11 +137,11 @@ def conflict_refund_email(event: OutboxEvent) -> None:
     if pending is None:
         current_app.logger.warning("signup.conflict %s: no pending signup to write to", event.id)
         return
-    send_email(
+    send_event_email(
+        event,
         pending.email,
         "conflict_refund",
         subject="Your second signup was refunded",
-        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
         event=event,
         pending=pending,
         login_url=f"{current_app.config['APP_BASE_URL']}/auth/login",

@@ -12,7 +12,7 @@ from app.extensions import db
 from app.models import Invitation, InvitationStatus, Organization, User
 from app.models.types import utcnow
 from app.services import outbox
-from app.services.mailer import send_email
+from app.services.mailer import send_event_email
 from app.services.outbox import OutboxEvent
 from app.services.team_service import accept_url
 
@@ -31,11 +31,11 @@ def invitation_email(event: OutboxEvent) -> None:
     )
     if invitation.status != InvitationStatus.PENDING or expires_at <= utcnow():
         return  # withdrawn, replaced, used or expired before the worker got to it: nothing to send
-    send_email(
+    send_event_email(
+        event,
         invitation.email,
         "invitation",
         subject=f"Join {organization.name} on Ledgerline",
-        headers={"X-Ledgerline-Event": f"{event.name}:{event.id}"},
         organization=organization,
         inviter=inviter,
         accept_url=accept_url(invitation.id, invitation.email),
