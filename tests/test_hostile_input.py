@@ -24,6 +24,7 @@ from werkzeug.datastructures import MultiDict
 from app import create_app
 from app.extensions import db
 from app.security import CONTENT_SECURITY_POLICY
+from app.services.billing_service import HANDLED_STRIPE_EVENTS
 from config import ProductionConfig
 from tests.conftest import (
     OFFLINE_SECRET_KEY,
@@ -207,7 +208,7 @@ def hostile_events(draw: st.DrawFn) -> dict[str, Any]:
         "livemode": draw(st.booleans()),
         "type": draw(
             (st.from_regex(r"\A[a-z_.]{1,100}\Z") | st.text(max_size=110) | st.just("charge.dispute.created")).filter(
-                lambda t: t not in STRIPE_HANDLED_TYPES
+                lambda t: t not in HANDLED_STRIPE_EVENTS
             )
         ),
         "data": {"object": draw(st.dictionaries(st.text(max_size=12), json_values, max_size=5))},
@@ -216,21 +217,6 @@ def hostile_events(draw: st.DrawFn) -> dict[str, Any]:
 
 
 EVENT_FIELDS = {"id", "object", "api_version", "created", "livemode", "type", "data"}
-STRIPE_HANDLED_TYPES = {
-    "checkout.session.completed",
-    "checkout.session.async_payment_succeeded",
-    "checkout.session.async_payment_failed",
-    "checkout.session.expired",
-    "customer.subscription.created",
-    "customer.subscription.updated",
-    "customer.subscription.deleted",
-    "customer.subscription.paused",
-    "customer.subscription.resumed",
-    "customer.subscription.trial_will_end",
-    "invoice.paid",
-    "invoice.payment_failed",
-    "invoice.payment_action_required",
-}
 
 
 def test_validly_signed_events_with_hostile_values_never_fail_and_never_touch_accounts(app: Flask) -> None:

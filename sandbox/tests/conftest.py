@@ -89,7 +89,7 @@ class Receiver:
         """Record one POST; the status to answer it with."""
         with self.lock:
             status = self.next_status()
-            self.attempts.append({"body": body, "headers": headers, "status": status})
+            self.attempts.append({"body": body, "headers": headers, "status": status, "at": time.time()})
         return status
 
     def events(self, related: set[str]) -> list[dict[str, Any]]:

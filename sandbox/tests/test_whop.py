@@ -13,10 +13,8 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -36,6 +34,7 @@ from whop_sdk.payments.types.post_payment_failed_payload import PostPaymentFaile
 from whop_sdk.payments.types.post_payment_succeeded_payload import PostPaymentSucceededPayload
 from whop_sdk.types.membership import Membership
 
+from sandbox.tests.conftest import Receiver as SandboxReceiver
 from sandbox.whop.delivery import sign
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,36 +85,19 @@ def verify(body: str | bytes, headers: dict[str, str], secret: str = SECRET) -> 
     return event
 
 
-class Receiver:
-    """A webhook endpoint that records every attempt and can be told to fail."""
+class Receiver(SandboxReceiver):
+    """The sandbox tests' webhook endpoint, keeping Whop's headers lower-cased as Standard Webhooks
+    names them, and finding events by what they mention."""
 
     def __init__(self) -> None:
-        self.attempts: list[dict[str, Any]] = []
-        self.fail_all = False
-        self.lock = threading.Lock()
-        receiver = self
+        super().__init__()
+        self.fail_all = False  # answer 500 to every delivery while set
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                with receiver.lock:
-                    status = 500 if receiver.fail_all else 200
-                    headers = {k.lower(): v for k, v in self.headers.items()}
-                    receiver.attempts.append({"body": body, "headers": headers, "status": status, "at": time.time()})
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+    def next_status(self) -> int:
+        return 500 if self.fail_all else super().next_status()
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/billing/webhooks/whop"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def receive(self, body: str, headers: dict[str, str]) -> int:
+        return super().receive(body, {k.lower(): v for k, v in headers.items()})
 
     def events(self, about: str) -> list[dict[str, Any]]:
         """Delivered events whose data (or data.membership_id / invoice member) mentions `about`,
