@@ -19,9 +19,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import standardwebhooks
@@ -29,7 +29,6 @@ import stripe
 from flask import current_app
 from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import joinedload
 from stripe.params import RefundCreateParams
@@ -61,6 +60,36 @@ from app.models import (
 from app.models.types import utcnow
 from app.services import domain_events, outbox, queue, stripe_objects, webhook_store
 from app.services import reconcile as reconciliation
+from app.services.billing_common import (
+    API_VERSION_FORMAT,
+    CANCELLABLE,
+    CHECKOUT_SESSION_ID,
+    ENDED,
+    EVENT_TYPE,
+    REQUEST_TOKEN,
+    BillingConfigurationError,
+    BillingError,
+    ChangeOutcome,
+    CheckoutRedirect,
+    CheckoutSessionNotFound,
+    PaymentProviderUnavailable,
+    PriceUnavailableError,
+    StalePreview,
+    SubscriptionActionNotAllowed,
+    UnknownTierError,
+    UnknownWebhookProvider,
+    WebhookProvider,
+    WebhookRejected,
+    WebhookResult,
+    as_uuid,
+    checkout_is_paid,
+    committed,
+    describe_failure,
+    found,
+    id_of,
+    plan_catalogue,
+    portable_insert,
+)
 from app.services.billing_details import (
     BillingDetails,
     CardOnFile,
@@ -88,13 +117,31 @@ from app.services.plan_change import (
     update_items,
     validate_target,
 )
-from app.services.plans import PlanCatalogue, Tier
+from app.services.plans import Tier
 from app.services.pricing import PriceInfo
 from app.services.signup_service import NewPendingSignup, ProvisionOutcome, ProvisionState, SignupService
 from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import SubscriptionState, apply_subscription_state
-from app.services.webhook_store import EventModel, VerifiedEvent
+from app.services.webhook_store import VerifiedEvent
 from app.services.whop_state import membership_as_of, parse_time, subscription_state_from_whop
+
+__all__ = [  # what routes, the CLI, the worker and tests import from the authority
+    "HANDLED_STRIPE_EVENTS",
+    "REQUEST_TOKEN",
+    "STRIPE_API_VERSION",
+    "STRIPE_SIGNATURE_TOLERANCE_SECONDS",
+    "WEBHOOK_QUEUE",
+    "BillingConfigurationError",
+    "BillingError",
+    "BillingService",
+    "CheckoutSessionNotFound",
+    "PaymentProviderUnavailable",
+    "StalePreview",
+    "UnknownWebhookProvider",
+    "WebhookRejected",
+    "new_request_token",
+    "plan_catalogue",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +150,8 @@ STRIPE_API_VERSION = "2026-10-28.endive"
 STRIPE_SIGNATURE_TOLERANCE_SECONDS = 300
 # Stripe timestamps are whole seconds and our clock is not Stripe's: an event this close to the state
 # we hold cannot be ordered against it, so the subscription is read from Stripe instead.
-CHECKOUT_SESSION_ID = re.compile(r"^cs_(test|live)_[A-Za-z0-9]{1,200}$")
-REQUEST_TOKEN = re.compile(r"^[0-9a-f]{32}$")
-# What a Stripe event's id, type and API version look like. Anything else (NUL, control characters, lone
-# surrogates) could not be stored, so even a validly signed event carrying it is refused with a 400.
+# What a Stripe event's id looks like (its type and API version: billing_common).
 STRIPE_EVENT_ID = re.compile(r"evt_[A-Za-z0-9_]{1,251}")
-STRIPE_EVENT_TYPE = re.compile(r"[A-Za-z0-9_.]{1,100}")
-API_VERSION_FORMAT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 WHOP_MEMBERSHIP_ID = re.compile(r"mem_[A-Za-z0-9_]{1,200}")
 # Membership statuses that pay for a signup (a trial included).
 WHOP_PAID_STATUSES = frozenset({"active", "trialing", "completed", "canceling"})
@@ -117,103 +159,6 @@ WHOP_PAID_STATUSES = frozenset({"active", "trialing", "completed", "canceling"})
 PAGE_READ: stripe.RequestOptions = {"max_network_retries": 0}
 BILLING_READ_PARTS = ("subscription", "upcoming", "schedule", "payment_method", "invoices")
 INVOICE_HISTORY_LENGTH = 12
-CANCELLABLE = frozenset(
-    {BillingStatus.ACTIVE, BillingStatus.TRIALING, BillingStatus.PAST_DUE, BillingStatus.UNPAID, BillingStatus.PAUSED}
-)
-
-
-# Statuses in which an organization has no live subscription and may start a new one.
-ENDED = frozenset({BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED})
-
-
-class BillingError(Exception):
-    """A billing operation failed; the message can be shown to the person who asked for it."""
-
-
-class BillingConfigurationError(RuntimeError):
-    """A billing setting is missing or rejected. Operators fix this; customers see a generic 503."""
-
-
-class UnknownTierError(BillingError):
-    pass
-
-
-class PriceUnavailableError(BillingError):
-    pass
-
-
-class PaymentProviderUnavailable(BillingError):
-    pass
-
-
-class CheckoutSessionNotFound(BillingError):
-    pass
-
-
-class SubscriptionActionNotAllowed(BillingError):
-    pass
-
-
-class StalePreview(BillingError):
-    """The subscription or a price changed since the preview was made; a fresh one is offered."""
-
-
-@dataclass(frozen=True)
-class ChangeOutcome:
-    applied: bool  # False: an earlier submit of the same preview is still being applied
-    when: When
-    action_url: str | None  # the hosted invoice, when the payment needs the customer
-    duplicate: bool = False
-
-
-class WebhookRejected(Exception):
-    """A delivery that is not a verified event; answered 400 with this short reason, never stored."""
-
-
-class UnknownWebhookProvider(LookupError):
-    pass
-
-
-@dataclass(frozen=True)
-class CheckoutRedirect:
-    url: str
-    pending_signup_id: uuid.UUID
-    checkout_session_id: str
-
-
-@dataclass(frozen=True)
-class WebhookResult:
-    status_code: int
-    body: dict[str, Any]
-
-
-class WebhookProvider(Protocol):
-    """A payment provider's webhooks. Register one with BillingService.register_webhook_provider();
-    handle_webhook_event verifies, stores and queues its events, and the worker applies them, all the
-    events about one object together (apply_batch)."""
-
-    name: str
-
-    @property
-    def event_model(self) -> EventModel: ...
-
-    def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent: ...
-
-    def ignore_reason(self, event: VerifiedEvent) -> str | None: ...
-
-    def object_key(self, event: VerifiedEvent) -> str:
-        """The object the event is about ("subscription:sub_..."); raises MalformedObject."""
-        ...
-
-    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> dict[str, tuple[StripeEventStatus, str]]:
-        """Apply the pending events about one object, in the caller's transaction; each event's id
-        maps to the status it settles with and what happened."""
-        ...
-
-
-def plan_catalogue() -> PlanCatalogue:
-    catalogue: PlanCatalogue = current_app.extensions["plan_catalogue"]
-    return catalogue
 
 
 def new_request_token() -> str:
@@ -362,7 +307,7 @@ class BillingService:
         so a later price migration cannot unmap the subscriptions sold at them."""
         catalogue = plan_catalogue()
         seen = [
-            KnownPrice(price.id, _id_of(price.to_dict().get("product")), str(price.lookup_key), entry)
+            KnownPrice(price.id, id_of(price.to_dict().get("product")), str(price.lookup_key), entry)
             for price in prices
             if (entry := entry_for_lookup_key(catalogue, price.lookup_key)) is not None
         ]
@@ -527,7 +472,7 @@ class BillingService:
         if not CHECKOUT_SESSION_ID.match(session_id or ""):
             raise CheckoutSessionNotFound("That checkout link is not valid.")
         db.session.rollback()  # whatever the request read: no transaction is held while Stripe is asked
-        with _committed():
+        with committed():
             outcome = cls._provision_checkout_session(session_id, source="web", release_before_stripe=True)
         if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
             try:
@@ -556,14 +501,14 @@ class BillingService:
             if (given.get("metadata") or {}).get("purpose") == "resubscribe":
                 return cls._provision_resubscription(given, source=source, release_before_stripe=release_before_stripe)
         for attempt in range(3):
-            pending = _found(SignupService.find_pending_signup_for_checkout(session_id, reference_id=reference))
+            pending = found(SignupService.find_pending_signup_for_checkout(session_id, reference_id=reference))
             if pending.status == SignupStatus.COMPLETED:
                 return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
             events_seen = pending.subscription_events_seen
             if release_before_stripe:
                 db.session.rollback()
             checkout, subscription = cls._read_checkout(session_id, given if attempt == 0 else None)
-            pending = _found(SignupService.lock_pending_signup_for_checkout(session_id, reference_id=reference))
+            pending = found(SignupService.lock_pending_signup_for_checkout(session_id, reference_id=reference))
             if pending.status == SignupStatus.COMPLETED:
                 return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
             if pending.subscription_events_seen == events_seen or attempt == 2:
@@ -572,7 +517,7 @@ class BillingService:
                 db.session.rollback()
         if pending is None:  # pragma: no cover - the loop returns or raises first
             raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
-        if not _checkout_is_paid(checkout) or not isinstance(subscription, dict):
+        if not checkout_is_paid(checkout) or not isinstance(subscription, dict):
             return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, pending.id)
         state = cls._subscription_state(subscription)
         return SignupService.complete_pending_signup_from_checkout(pending, checkout, state, source=source)
@@ -586,15 +531,15 @@ class BillingService:
         if given is not None and isinstance(given.get("subscription"), dict):
             return given, given["subscription"]
         if given is None:
-            checkout = cls._retrieve_checkout_session(session_id, expand_subscription=True)
+            checkout = cls.retrieve_checkout_session(session_id, expand_subscription=True)
             subscription = checkout.get("subscription")
             return checkout, subscription if isinstance(subscription, dict) else None
         if given.get("subscription"):
-            return given, cls._retrieve_subscription(str(given["subscription"]))
+            return given, cls.retrieve_subscription(str(given["subscription"]))
         return given, None
 
     @classmethod
-    def _retrieve_checkout_session(cls, session_id: str, *, expand_subscription: bool) -> dict[str, Any]:
+    def retrieve_checkout_session(cls, session_id: str, *, expand_subscription: bool) -> dict[str, Any]:
         client = cls.ensure_stripe()
         try:
             with cls._calling_stripe("read a checkout session"):
@@ -608,7 +553,7 @@ class BillingService:
         return session.to_dict()
 
     @classmethod
-    def _retrieve_subscription(cls, subscription_id: str) -> dict[str, Any]:
+    def retrieve_subscription(cls, subscription_id: str) -> dict[str, Any]:
         with cls._calling_stripe("read a subscription"):
             return cls.ensure_stripe().v1.subscriptions.retrieve(subscription_id).to_dict()
 
@@ -709,7 +654,7 @@ class BillingService:
         key = f"org-{organization_id}-{action}-{request_token}"
         with cls._calling_stripe(action.replace("-", " ") + " a subscription"):
             subscription = call(client, subscription_id, key).to_dict()
-        with _committed():
+        with committed():
             organization = cls._lock_organization(organization_id)
             changes: list[str] = []
             if organization is not None and organization.billing_subscription_id == subscription["id"]:
@@ -766,9 +711,9 @@ class BillingService:
                 params=params,
                 options={"idempotency_key": f"org-{organization_id}-resubscribe-{tier.key}-{request_token}"},
             )
-        with _committed():
+        with committed():
             inserted = db.session.execute(
-                _insert(ResubscribeCheckout)
+                portable_insert(ResubscribeCheckout)
                 .values(
                     checkout_session_id=session.id,
                     organization_id=organization_id,
@@ -812,10 +757,10 @@ class BillingService:
         if not CHECKOUT_SESSION_ID.match(session_id or ""):
             raise CheckoutSessionNotFound("That checkout link is not valid.")
         db.session.rollback()
-        checkout = cls._retrieve_checkout_session(session_id, expand_subscription=True)
+        checkout = cls.retrieve_checkout_session(session_id, expand_subscription=True)
         if (checkout.get("metadata") or {}).get("organization_id") != str(organization_id):
             raise CheckoutSessionNotFound("That checkout belongs to another organization.")
-        with _committed():
+        with committed():
             outcome = cls._provision_checkout_session(checkout, source="web", release_before_stripe=True)
         if outcome.state == ProvisionState.SURPLUS:
             try:
@@ -838,17 +783,17 @@ class BillingService:
             organization = db.session.get(Organization, organization_id, populate_existing=True)
             if organization is None:
                 raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
-            subscription_id = _id_of(checkout.get("subscription"))
+            subscription_id = id_of(checkout.get("subscription"))
             if subscription_id and organization.billing_subscription_id == subscription_id:
                 return ProvisionOutcome(ProvisionState.ALREADY_PROVISIONED, None, organization.id)
-            if not _checkout_is_paid(checkout) or not subscription_id:
+            if not checkout_is_paid(checkout) or not subscription_id:
                 return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, None, organization.id)
             events_seen = organization.subscription_events_seen
             if release_before_stripe:
                 db.session.rollback()
             given = checkout.get("subscription")
             subscription = (
-                given if isinstance(given, dict) and attempt == 0 else cls._retrieve_subscription(subscription_id)
+                given if isinstance(given, dict) and attempt == 0 else cls.retrieve_subscription(subscription_id)
             )
             organization = cls._lock_organization(organization_id)
             if organization is None:
@@ -888,7 +833,7 @@ class BillingService:
     def _resubscribe_checkout_row(checkout: Mapping[str, Any], organization_id: int) -> ResubscribeCheckout:
         """The checkout's row, locked; created if the checkout was opened before rows were kept."""
         db.session.execute(
-            _insert(ResubscribeCheckout)
+            portable_insert(ResubscribeCheckout)
             .values(
                 checkout_session_id=checkout["id"],
                 organization_id=organization_id,
@@ -964,7 +909,7 @@ class BillingService:
         checkout_session_id, email = pending.checkout_session_id, pending.email
         db.session.rollback()
         settlement = cls._cancel_and_refund(subscription_id, key=f"signup-{pending_id}-conflict")
-        with _committed():
+        with committed():
             settled = db.session.execute(
                 update(PendingSignup)
                 .where(PendingSignup.id == pending_id, PendingSignup.settled_at.is_(None))
@@ -1004,7 +949,7 @@ class BillingService:
         organization_id, subscription_id = record.organization_id, record.stripe_subscription_id
         db.session.rollback()
         settlement = cls._cancel_and_refund(subscription_id, key=f"org-{organization_id}-surplus-{checkout_session_id}")
-        with _committed():
+        with committed():
             settled = db.session.execute(
                 update(ResubscribeCheckout)
                 .where(
@@ -1045,7 +990,7 @@ class BillingService:
             "amount_refunded": 0,
             "currency": None,
         }
-        invoice_id = _id_of(subscription.get("latest_invoice"))
+        invoice_id = id_of(subscription.get("latest_invoice"))
         if not invoice_id:
             return settlement
         with cls._calling_stripe("read an invoice"):
@@ -1062,10 +1007,10 @@ class BillingService:
             {},
         )
         target: RefundCreateParams = {}
-        if _id_of(payment.get("payment_intent")):
-            target["payment_intent"] = str(_id_of(payment.get("payment_intent")))
-        elif _id_of(payment.get("charge")):
-            target["charge"] = str(_id_of(payment.get("charge")))
+        if id_of(payment.get("payment_intent")):
+            target["payment_intent"] = str(id_of(payment.get("payment_intent")))
+        elif id_of(payment.get("charge")):
+            target["charge"] = str(id_of(payment.get("charge")))
         else:
             raise PaymentProviderUnavailable(f"invoice {invoice_id} was paid but names no payment to refund")
         target["metadata"] = {"reason": key}
@@ -1268,7 +1213,7 @@ class BillingService:
                 str(row.id): row.status
                 for row in db.session.execute(
                     select(PendingSignup.id, PendingSignup.status).where(
-                        PendingSignup.id.in_([key for key in (_uuid(p) for p in pending_ids) if key])
+                        PendingSignup.id.in_([key for key in (as_uuid(p) for p in pending_ids) if key])
                     )
                 )
             }
@@ -1369,8 +1314,8 @@ class BillingService:
                 applied.append(cls._reconcile_whop_membership(drift))
                 continue
             # As the worker applies a subscription event: read now, checked, applied under a short lock.
-            subscription = stripe_objects.subscription_for_state(cls._retrieve_subscription(drift.subscription_id))
-            with _committed():
+            subscription = stripe_objects.subscription_for_state(cls.retrieve_subscription(drift.subscription_id))
+            with committed():
                 organization = cls._lock_organization_for_subscription(subscription)
                 changes: list[str] = []
                 if organization is not None:
@@ -1389,7 +1334,7 @@ class BillingService:
             try:
                 applied.append(cls._settle_orphan(orphan))
             except BillingError as exc:  # the others still get repaired; the next run tries again
-                applied.append(f"orphan {orphan.subscription_id}: not settled: {_describe_failure(exc)}")
+                applied.append(f"orphan {orphan.subscription_id}: not settled: {describe_failure(exc)}")
         for entry in report.unsettled:
             try:
                 if entry.kind == "signup":
@@ -1399,14 +1344,14 @@ class BillingService:
                 refunded = (settlement or {}).get("amount_refunded")
                 applied.append(f"{entry.kind} {entry.reference}: canceled and refunded {refunded}")
             except BillingError as exc:
-                applied.append(f"{entry.kind} {entry.reference}: not settled: {_describe_failure(exc)}")
+                applied.append(f"{entry.kind} {entry.reference}: not settled: {describe_failure(exc)}")
         return applied
 
     @classmethod
     def _reconcile_whop_membership(cls, drift: reconciliation.SubscriptionDrift) -> str:
         """The organization takes the membership as Whop has it now (read with no transaction open)."""
         membership = cls._retrieve_whop_membership(drift.subscription_id)
-        with _committed():
+        with committed():
             organization = cls._lock_whop_organization(drift.subscription_id)
             changes: list[str] = []
             if organization is not None:
@@ -1423,7 +1368,7 @@ class BillingService:
         """An orphan runs through the same path as its checkout's delivery: provisioned if it may be,
         otherwise canceled and refunded (conflicting signup, surplus resubscription)."""
         if orphan.kind == "resubscribe" and orphan.reference:
-            checkout = cls._retrieve_checkout_session(orphan.reference, expand_subscription=True)
+            checkout = cls.retrieve_checkout_session(orphan.reference, expand_subscription=True)
         else:
             with cls._calling_stripe("find the checkout of a subscription"):
                 sessions = cls.ensure_stripe().v1.checkout.sessions.list(
@@ -1431,9 +1376,9 @@ class BillingService:
                 )
             if not sessions.data:
                 return f"orphan {orphan.subscription_id}: no checkout found; left for a person"
-            checkout = cls._retrieve_checkout_session(sessions.data[0].id, expand_subscription=True)
+            checkout = cls.retrieve_checkout_session(sessions.data[0].id, expand_subscription=True)
         db.session.rollback()
-        with _committed():
+        with committed():
             outcome = cls._provision_checkout_session(checkout, source="reconcile", release_before_stripe=True)
         settlement: dict[str, Any] | None = None
         if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
@@ -1610,7 +1555,7 @@ class BillingService:
         subscription_id, held_tier = organization.billing_subscription_id, organization.tier
         db.session.rollback()  # no transaction is held while Stripe is asked
         catalogue = plan_catalogue()
-        current = read_current(cls._retrieve_subscription(subscription_id), catalogue)
+        current = read_current(cls.retrieve_subscription(subscription_id), catalogue)
         target = Target(
             tier=tier or current.tier or held_tier,
             interval=interval or current.interval or "month",
@@ -1675,7 +1620,7 @@ class BillingService:
         if claim is not None:
             return claim
         try:
-            current = read_current(cls._retrieve_subscription(preview.subscription_id), plan_catalogue())
+            current = read_current(cls.retrieve_subscription(preview.subscription_id), plan_catalogue())
             if current.fingerprint != preview.base_fingerprint:
                 raise StalePreview("Your subscription changed since this preview.")
             fresh = cls._fetch_prices(list(preview.quantities))
@@ -1692,10 +1637,10 @@ class BillingService:
             raise
         except BaseException as exc:
             # A retry of this same preview reuses the key, so Stripe makes the change at most once.
-            cls._finish_change(key, SubscriptionChangeStatus.FAILED, _describe_failure(exc)[:500])
+            cls._finish_change(key, SubscriptionChangeStatus.FAILED, describe_failure(exc)[:500])
             raise
         cls.forget_billing_reads(preview.organization_id)
-        with _committed():
+        with committed():
             organization = db.session.get(
                 Organization, preview.organization_id, with_for_update=True, populate_existing=True
             )
@@ -1774,7 +1719,7 @@ class BillingService:
     @staticmethod
     def _finish_change(key: str, status: SubscriptionChangeStatus, outcome: str) -> None:
         db.session.rollback()
-        with _committed():
+        with committed():
             _finish_claim(key, status, outcome)
 
     @classmethod
@@ -1829,7 +1774,7 @@ class BillingService:
                 params={"phases": phases, "end_behavior": "release", "proration_behavior": "none"},
                 options={"idempotency_key": f"{key}-phases"},
             )
-        return cls._retrieve_subscription(current.subscription_id)
+        return cls.retrieve_subscription(current.subscription_id)
 
     @classmethod
     def cancel_scheduled_change(cls, organization_id: int, *, actor_user_id: int) -> None:
@@ -1839,7 +1784,7 @@ class BillingService:
             raise SubscriptionActionNotAllowed("This organization has no subscription.")
         subscription_id = organization.billing_subscription_id
         db.session.rollback()  # no transaction is held while Stripe is asked
-        current = read_current(cls._retrieve_subscription(subscription_id), plan_catalogue())
+        current = read_current(cls.retrieve_subscription(subscription_id), plan_catalogue())
         if current.schedule_id is None:
             raise SubscriptionActionNotAllowed("There is no scheduled plan change to undo.")
         with cls._calling_stripe("release a subscription schedule"):
@@ -1948,7 +1893,7 @@ class BillingService:
         status = (
             StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
         )
-        with _committed():  # on an error nothing is stored; the provider redelivers after a 5xx
+        with committed():  # on an error nothing is stored; the provider redelivers after a 5xx
             row_id = webhook_store.claim(model, event, status, outcome=ignored, error=error, object_key=object_key)
             if row_id is not None and object_key is not None:
                 cls._queue_application(provider, object_key)
@@ -1992,9 +1937,9 @@ class BillingService:
                 object_key,
                 exc_info=not permanent,
             )
-            with _committed():
+            with committed():
                 webhook_store.record_attempt_failure(
-                    model, list(row_ids.values()), _describe_failure(exc), final=permanent or final_attempt
+                    model, list(row_ids.values()), describe_failure(exc), final=permanent or final_attempt
                 )
             if permanent:
                 return f"failed: {exc}"
@@ -2017,7 +1962,7 @@ class BillingService:
             seen = cls._organization_version(subscription_id)
             db.session.rollback()
             try:
-                subscription = cls._retrieve_subscription(subscription_id)
+                subscription = cls.retrieve_subscription(subscription_id)
             except PaymentProviderUnavailable as exc:
                 if _is_missing(exc):
                     reason = f"not ours: this Stripe account has no subscription {subscription_id}"
@@ -2063,14 +2008,14 @@ class BillingService:
             return {event.event_id: (status, outcome) for event in events}
 
         try:
-            checkout = cls._retrieve_checkout_session(session_id, expand_subscription=False)
+            checkout = cls.retrieve_checkout_session(session_id, expand_subscription=False)
         except CheckoutSessionNotFound:
             return every(StripeEventStatus.IGNORED, f"not ours: this Stripe account has no checkout {session_id}")
         session = stripe_objects.read(stripe_objects.CheckoutSession, checkout)
         if session.purpose not in ("signup", "resubscribe"):
             return every(StripeEventStatus.IGNORED, "not ours: not a checkout this app created")
         source = events[-1].source
-        if _checkout_is_paid(checkout):
+        if checkout_is_paid(checkout):
             try:
                 # Nothing is written yet: the connection goes back to the pool while Stripe is read.
                 outcome = cls._provision_checkout_session(checkout, source=source, release_before_stripe=True)
@@ -2313,10 +2258,10 @@ class BillingService:
     def complete_whop_signup_from_redirect(cls, pending_signup_id: str, membership_id: str) -> ProvisionOutcome:
         """Whop's redirect after payment: provision (or find provisioned) the signup. The membership is
         read from Whop (no transaction open meanwhile) and must carry this signup's id."""
-        if _uuid(pending_signup_id or "") is None or not WHOP_MEMBERSHIP_ID.fullmatch(membership_id or ""):
+        if as_uuid(pending_signup_id or "") is None or not WHOP_MEMBERSHIP_ID.fullmatch(membership_id or ""):
             raise CheckoutSessionNotFound("That checkout link is not valid.")
         try:
-            pending = _found(SignupService.pending_signup(pending_signup_id))
+            pending = found(SignupService.pending_signup(pending_signup_id))
             if pending.status == SignupStatus.COMPLETED:
                 return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
         finally:
@@ -2329,7 +2274,7 @@ class BillingService:
             raise
         if str((membership.get("metadata") or {}).get("pending_signup_id")) != pending_signup_id:
             raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
-        with _committed():
+        with committed():
             outcome = cls._provision_whop_membership(membership, source="web")
         return outcome
 
@@ -2339,7 +2284,7 @@ class BillingService:
         redirect or membership.activated): the pending signup is locked, as for Stripe, and handed to
         SignupService.complete_pending_signup_from_checkout. Runs in the caller's transaction."""
         reference = str((membership.get("metadata") or {}).get("pending_signup_id") or "")
-        pending = _found(SignupService.lock_pending_signup(reference) if _uuid(reference) else None)
+        pending = found(SignupService.lock_pending_signup(reference) if as_uuid(reference) else None)
         if pending.status == SignupStatus.COMPLETED:
             return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
         if membership.get("status") not in WHOP_PAID_STATUSES:
@@ -2389,7 +2334,7 @@ class BillingService:
             else:  # pragma: no cover - the actions above are the only callers
                 raise SubscriptionActionNotAllowed("Whop does not support that change.")
         membership = answer.model_dump(mode="json")
-        with _committed():
+        with committed():
             organization = cls._lock_whop_organization(membership_id)
             changes: list[str] = []
             if organization is not None and organization.id == organization_id:
@@ -2571,51 +2516,13 @@ class BillingService:
         return f"payment {status} recorded" + (f"; billing status {moved}" if moved else "")
 
 
-@contextmanager
-def _committed() -> Iterator[None]:
-    """The block's writes as one short transaction: committed when the block ends, rolled back (and
-    the error raised again) when anything, even an interrupt, escapes it."""
-    try:
-        yield
-        db.session.commit()
-    except BaseException:
-        db.session.rollback()
-        raise
-
-
-def _found(pending: PendingSignup | None) -> PendingSignup:
-    if pending is None:
-        raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
-    return pending
-
-
-def _uuid(value: str) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        return None
-
-
 def _event_references(event: Mapping[str, Any]) -> set[str]:
     """The subscription and customer ids an event's object names."""
     obj = (event.get("data") or {}).get("object") or {}
-    references = {_id_of(obj.get(name)) for name in ("subscription", "customer")}
+    references = {id_of(obj.get(name)) for name in ("subscription", "customer")}
     if obj.get("object") == "subscription":
-        references.add(_id_of(obj.get("id")))
+        references.add(id_of(obj.get("id")))
     return {reference for reference in references if reference}
-
-
-def _id_of(value: Any) -> str | None:
-    """An expandable Stripe field: an id, or the expanded object."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    return value if isinstance(value, str) else None
-
-
-def _insert(model: Any) -> Any:
-    """INSERT ... ON CONFLICT for the database in use (PostgreSQL; SQLite in a development run)."""
-    insert = postgresql.insert if db.engine.dialect.name == "postgresql" else sqlite.insert
-    return insert(model)
 
 
 def _remember_prices_statement(prices: Iterable[KnownPrice]) -> Any:
@@ -2632,7 +2539,8 @@ def _remember_prices_statement(prices: Iterable[KnownPrice]) -> Any:
         }
         for price in prices
     }
-    return _insert(CataloguePrice).values(list(rows.values())).on_conflict_do_nothing(index_elements=["price_id"])
+    statement = portable_insert(CataloguePrice).values(list(rows.values()))
+    return statement.on_conflict_do_nothing(index_elements=["price_id"])
 
 
 @outbox.consumer("signup.conflict", name="settle_signup_conflict")
@@ -2667,21 +2575,6 @@ def _cache_quietly(key: str, value: Any, timeout: int) -> None:
         cache.set(key, value, timeout=timeout)
     except Exception:
         logger.info("billing page: %s not cached", key)
-
-
-def _describe_failure(exc: BaseException) -> str:
-    """The error and what caused it, for `flask billing events`: "PaymentProviderUnavailable: ... <-
-    APIConnectionError: ..."."""
-    parts: list[str] = []
-    current: BaseException | None = exc
-    while current is not None and len(parts) < 4:
-        parts.append(f"{type(current).__name__}: {current}")
-        current = current.__cause__
-    return " <- ".join(parts)[:2000]
-
-
-def _checkout_is_paid(checkout: Mapping[str, Any]) -> bool:
-    return checkout.get("status") == "complete" and checkout.get("payment_status") in ("paid", "no_payment_required")
 
 
 class StripeWebhooks:
@@ -2776,7 +2669,7 @@ def _parse_stripe_event(text: str) -> VerifiedEvent:
         and isinstance(body.get("id"), str)
         and STRIPE_EVENT_ID.fullmatch(body["id"])
         and isinstance(body.get("type"), str)
-        and STRIPE_EVENT_TYPE.fullmatch(body["type"])
+        and EVENT_TYPE.fullmatch(body["type"])
         and type(body.get("created")) is int
         and 0 <= body["created"] < 2**63
         and isinstance(body.get("livemode"), bool)
@@ -2936,7 +2829,7 @@ def _now_billed_by_stripe(organization: Organization, subscription: Mapping[str,
     """An organization whose Whop membership ended comes back by card: Stripe bills it from now on."""
     if organization.billed_by_whop:
         organization.billing_provider = BillingProvider.STRIPE
-        organization.billing_customer_id = _id_of(subscription.get("customer"))
+        organization.billing_customer_id = id_of(subscription.get("customer"))
         organization.billing_as_of = None
 
 
@@ -2963,7 +2856,7 @@ def _parse_whop_event(text: str, webhook_id: str, webhook_timestamp: int) -> Ver
         WHOP_EVENT_ID.fullmatch(webhook_id)
         and isinstance(body, dict)
         and isinstance(body.get("type"), str)
-        and STRIPE_EVENT_TYPE.fullmatch(body["type"])
+        and EVENT_TYPE.fullmatch(body["type"])
         and isinstance(body.get("data"), dict)
     ):
         raise WebhookRejected("body is not a Whop event")
