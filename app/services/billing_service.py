@@ -9,8 +9,6 @@ down in docs/system/BILLING.md; the callers are listed in docs/system/SERVICES.m
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import json
 import logging
@@ -20,14 +18,11 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-import httpx
-import standardwebhooks
 import stripe
 from flask import current_app
-from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import joinedload
@@ -37,9 +32,6 @@ from stripe.params.checkout import (
     SessionCreateParamsLineItem,
     SessionCreateParamsSubscriptionData,
 )
-from whop_sdk import Whop
-from whop_sdk.core.api_error import ApiError as WhopApiError
-from whop_sdk.environment import WhopEnvironment
 
 from app.extensions import cache, db
 from app.models import (
@@ -58,7 +50,7 @@ from app.models import (
     WhopEvent,
 )
 from app.models.types import utcnow
-from app.services import domain_events, outbox, queue, stripe_objects, webhook_store
+from app.services import domain_events, outbox, queue, stripe_objects, webhook_store, whop_billing, whop_events
 from app.services import reconcile as reconciliation
 from app.services.billing_common import (
     API_VERSION_FORMAT,
@@ -74,6 +66,7 @@ from app.services.billing_common import (
     CheckoutSessionNotFound,
     PaymentProviderUnavailable,
     PriceUnavailableError,
+    ProviderObjectMissing,
     StalePreview,
     SubscriptionActionNotAllowed,
     UnknownTierError,
@@ -123,7 +116,7 @@ from app.services.signup_service import NewPendingSignup, ProvisionOutcome, Prov
 from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import SubscriptionState, apply_subscription_state
 from app.services.webhook_store import VerifiedEvent
-from app.services.whop_state import membership_as_of, parse_time, subscription_state_from_whop
+from app.services.whop_state import subscription_state_from_whop
 
 __all__ = [  # what routes, the CLI, the worker and tests import from the authority
     "HANDLED_STRIPE_EVENTS",
@@ -152,9 +145,6 @@ STRIPE_SIGNATURE_TOLERANCE_SECONDS = 300
 # we hold cannot be ordered against it, so the subscription is read from Stripe instead.
 # What a Stripe event's id looks like (its type and API version: billing_common).
 STRIPE_EVENT_ID = re.compile(r"evt_[A-Za-z0-9_]{1,251}")
-WHOP_MEMBERSHIP_ID = re.compile(r"mem_[A-Za-z0-9_]{1,200}")
-# Membership statuses that pay for a signup (a trial included).
-WHOP_PAID_STATUSES = frozenset({"active", "trialing", "completed", "canceling"})
 # The billing page's reads: no retries (the page would rather say "not available" than wait).
 PAGE_READ: stripe.RequestOptions = {"max_network_retries": 0}
 BILLING_READ_PARTS = ("subscription", "upcoming", "schedule", "payment_method", "invoices")
@@ -1087,16 +1077,11 @@ class BillingService:
             db.session.rollback()
         if not held:
             return []
-        client = cls.ensure_whop()
-        listed: dict[str, dict[str, Any]] = {}
-        with cls._calling_whop("list memberships for reconcile"):
-            if organization_id is None:
-                for membership in client.memberships.list(account_id=current_app.config["WHOP_COMPANY_ID"], first=100):
-                    listed[membership.id] = membership.model_dump(mode="json")
+        listed = whop_billing.calls.list_memberships() if organization_id is None else {}
         for membership_id in held:
             if membership_id not in listed:
                 try:
-                    listed[membership_id] = cls._retrieve_whop_membership(membership_id)
+                    listed[membership_id] = whop_billing.calls.retrieve_membership(membership_id)
                 except PaymentProviderUnavailable as exc:
                     report.problems.append(f"Whop membership {membership_id}: {exc.__cause__ or exc}")
         drifts: list[reconciliation.SubscriptionDrift] = []
@@ -1350,16 +1335,12 @@ class BillingService:
     @classmethod
     def _reconcile_whop_membership(cls, drift: reconciliation.SubscriptionDrift) -> str:
         """The organization takes the membership as Whop has it now (read with no transaction open)."""
-        membership = cls._retrieve_whop_membership(drift.subscription_id)
+        membership = whop_billing.calls.retrieve_membership(drift.subscription_id)
         with committed():
-            organization = cls._lock_whop_organization(drift.subscription_id)
+            organization = whop_events.lock_organization(drift.subscription_id)
             changes: list[str] = []
             if organization is not None:
-                state = subscription_state_from_whop(membership, plan_catalogue())
-                changes = apply_subscription_state(organization, state, source="reconcile")
-                organization.billing_as_of = max(
-                    organization.billing_as_of or 0, membership_as_of(membership) or 0, int(time.time())
-                )
+                changes = whop_events.apply_membership_read(organization, membership, source="reconcile")
         what = ", ".join(changes) or "no change"
         return f"organization {drift.organization_id} follows Whop membership {drift.subscription_id}: {what}"
 
@@ -2142,54 +2123,12 @@ class BillingService:
     @staticmethod
     def whop_configured() -> bool:
         """Whether Whop is on: its key, webhook secret and account are all set."""
-        config = current_app.config
-        return all(config.get(name) for name in ("WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "WHOP_COMPANY_ID"))
-
-    @classmethod
-    def ensure_whop(cls) -> Whop:
-        """The configured Whop client; a missing setting fails here, naming the variable."""
-        client: Whop | None = current_app.extensions.get("whop_client")
-        if client is not None:
-            return client
-        config = current_app.config
-        missing = [name for name in ("WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "WHOP_COMPANY_ID") if not config.get(name)]
-        if missing:
-            raise BillingConfigurationError(
-                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: Whop credentials "
-                "come only from the environment (see .env.example)"
-            )
-        api = config.get("WHOP_API_BASE") or WhopEnvironment.PRODUCTION.api
-        environment = (
-            WhopEnvironment.PRODUCTION if api == WhopEnvironment.PRODUCTION.api else WhopEnvironment(api=api, vault=api)
-        )
-        client = Whop(
-            token=config["WHOP_API_KEY"],
-            environment=environment,
-            max_retries=config["WHOP_MAX_RETRIES"],
-            timeout=config["WHOP_TIMEOUT_SECONDS"],
-        )
-        current_app.extensions["whop_client"] = client
-        return client
+        return whop_billing.configured()
 
     @staticmethod
-    @contextmanager
-    def _calling_whop(action: str) -> Iterator[None]:
-        """Whop's errors as ours, as _calling_stripe does for Stripe's."""
-        try:
-            yield
-        except WhopApiError as exc:
-            if exc.status_code in (401, 403):
-                logger.error("Whop rejected our credentials while trying to %s: %s", action, exc.body)
-                raise BillingConfigurationError("The payment provider rejected our credentials.") from exc
-            logger.warning("Whop error while trying to %s: %s %s", action, exc.status_code, exc.body)
-            raise PaymentProviderUnavailable(
-                "We could not reach our payment provider. Nothing was charged; please try again."
-            ) from exc
-        except (httpx.HTTPError, PydanticValidationError) as exc:
-            logger.warning("Whop unreachable while trying to %s: %s", action, type(exc).__name__)
-            raise PaymentProviderUnavailable(
-                "We could not reach our payment provider. Nothing was charged; please try again."
-            ) from exc
+    def ensure_whop() -> whop_billing.WhopClient:
+        """The configured Whop client (whop_billing.py); a missing setting fails here, naming the variable."""
+        return whop_billing.client()
 
     @classmethod
     def whop_tier(cls, tier_key: str) -> Tier:
@@ -2219,7 +2158,6 @@ class BillingService:
             raise BillingError("Add-ons can only be bought with card payment; remove them to pay through Whop.")
         if interval != "month":
             raise BillingError("Whop plans are billed monthly; choose monthly billing to pay through Whop.")
-        client = cls.ensure_whop()
         config = current_app.config
         signup = cls._store_signup(
             tier, {}, email=email, organization_name=organization_name, owner_name=owner_name, password=password
@@ -2227,38 +2165,29 @@ class BillingService:
         cls._expire_checkout_sessions([s for s in signup.superseded_checkout_session_ids if s.startswith("cs_")])
         reference = str(signup.pending_signup_id)
         try:
-            with cls._calling_whop("create a checkout"):
-                checkout = client.checkout_configurations.create(
-                    plan_id=tier.whop_plan_id,
-                    account_id=config["WHOP_COMPANY_ID"],
-                    metadata={"purpose": "signup", "pending_signup_id": reference},
-                    redirect_url=f"{config['APP_BASE_URL']}/billing/complete-signup-from-whop?signup={reference}",
-                    # Derived from the signup: a retried request returns the same checkout.
-                    request_options={"additional_headers": {"Idempotency-Key": f"signup-whop-checkout-{reference}"}},
-                )
+            checkout_id, purchase_url = whop_billing.calls.create_checkout(
+                str(tier.whop_plan_id),
+                reference=reference,
+                redirect_url=f"{config['APP_BASE_URL']}/billing/complete-signup-from-whop?signup={reference}",
+            )
         except BillingError as exc:
             SignupService.mark_signup_failed(signup.pending_signup_id, f"Whop checkout not created: {exc}")
             raise
-        if not checkout.purchase_url:
+        if not purchase_url:
             SignupService.mark_signup_failed(signup.pending_signup_id, "Whop checkout has no purchase URL")
             raise PaymentProviderUnavailable("We could not reach our payment provider. Nothing was charged.")
-        SignupService.attach_checkout_session(signup.pending_signup_id, checkout.id)
+        SignupService.attach_checkout_session(signup.pending_signup_id, checkout_id)
         return CheckoutRedirect(
-            url=checkout.purchase_url, pending_signup_id=signup.pending_signup_id, checkout_session_id=checkout.id
+            url=purchase_url, pending_signup_id=signup.pending_signup_id, checkout_session_id=checkout_id
         )
-
-    @classmethod
-    def _retrieve_whop_membership(cls, membership_id: str) -> dict[str, Any]:
-        with cls._calling_whop("read a membership"):
-            membership = cls.ensure_whop().memberships.retrieve(membership_id)
-        dumped: dict[str, Any] = membership.model_dump(mode="json")
-        return dumped
 
     @classmethod
     def complete_whop_signup_from_redirect(cls, pending_signup_id: str, membership_id: str) -> ProvisionOutcome:
         """Whop's redirect after payment: provision (or find provisioned) the signup. The membership is
         read from Whop (no transaction open meanwhile) and must carry this signup's id."""
-        if as_uuid(pending_signup_id or "") is None or not WHOP_MEMBERSHIP_ID.fullmatch(membership_id or ""):
+        if as_uuid(pending_signup_id or "") is None or not whop_events.WHOP_MEMBERSHIP_ID.fullmatch(
+            membership_id or ""
+        ):
             raise CheckoutSessionNotFound("That checkout link is not valid.")
         try:
             pending = found(SignupService.pending_signup(pending_signup_id))
@@ -2267,40 +2196,13 @@ class BillingService:
         finally:
             db.session.rollback()
         try:
-            membership = cls._retrieve_whop_membership(membership_id)
-        except PaymentProviderUnavailable as exc:
-            if isinstance(exc.__cause__, WhopApiError) and exc.__cause__.status_code == 404:
-                raise CheckoutSessionNotFound("We could not find a signup for that checkout.") from exc
-            raise
+            membership = whop_billing.calls.retrieve_membership(membership_id)
+        except ProviderObjectMissing as exc:
+            raise CheckoutSessionNotFound("We could not find a signup for that checkout.") from exc
         if str((membership.get("metadata") or {}).get("pending_signup_id")) != pending_signup_id:
             raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
         with committed():
-            outcome = cls._provision_whop_membership(membership, source="web")
-        return outcome
-
-    @classmethod
-    def _provision_whop_membership(cls, membership: Mapping[str, Any], *, source: str) -> ProvisionOutcome:
-        """Provision the signup a Whop membership pays for, exactly once, whoever asks first (the
-        redirect or membership.activated): the pending signup is locked, as for Stripe, and handed to
-        SignupService.complete_pending_signup_from_checkout. Runs in the caller's transaction."""
-        reference = str((membership.get("metadata") or {}).get("pending_signup_id") or "")
-        pending = found(SignupService.lock_pending_signup(reference) if as_uuid(reference) else None)
-        if pending.status == SignupStatus.COMPLETED:
-            return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
-        if membership.get("status") not in WHOP_PAID_STATUSES:
-            return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, pending.id)
-        state = subscription_state_from_whop(membership, plan_catalogue())
-        checkout = {
-            "id": pending.checkout_session_id or f"whop:{membership['id']}",
-            "customer": state.customer_id,
-            "payment_status": "no_payment_required" if state.status == BillingStatus.TRIALING else "paid",
-        }
-        outcome = SignupService.complete_pending_signup_from_checkout(
-            pending, checkout, state, source=source, billing_provider=BillingProvider.WHOP
-        )
-        if outcome.state == ProvisionState.PROVISIONED and outcome.organization_id is not None:
-            organization = db.session.get_one(Organization, outcome.organization_id)
-            organization.billing_as_of = membership_as_of(membership) or int(time.time())
+            outcome = whop_events.provision_membership(membership, source="web")
         return outcome
 
     # --- Whop: the owner's actions ----------------------------------------------------------------
@@ -2311,7 +2213,7 @@ class BillingService:
         if not membership_id:
             raise SubscriptionActionNotAllowed("This organization has no billing account yet.")
         db.session.rollback()  # release the connection while Whop answers
-        manage_url = cls._retrieve_whop_membership(membership_id).get("manage_url")
+        manage_url = whop_billing.calls.retrieve_membership(membership_id).get("manage_url")
         if not manage_url:
             raise PaymentProviderUnavailable("Whop did not give a management page for this membership.")
         return str(manage_url)
@@ -2322,198 +2224,14 @@ class BillingService:
     ) -> list[str]:
         """Cancel at period end, cancel now, or resume a Whop membership (the same checks as for
         Stripe have passed); the organization takes Whop's answer in a short transaction."""
-        client = cls.ensure_whop()
-        options: Any = {"additional_headers": {"Idempotency-Key": f"org-{organization_id}-{action}-{request_token}"}}
-        with cls._calling_whop(action.replace("-", " ") + " a membership"):
-            if action == "cancel-period-end":
-                answer = client.memberships.cancel(membership_id, cancel_at_period_end=True, request_options=options)
-            elif action == "cancel-now":
-                answer = client.memberships.cancel(membership_id, request_options=options)
-            elif action == "resume":
-                answer = client.memberships.update(membership_id, cancel_at_period_end=False, request_options=options)
-            else:  # pragma: no cover - the actions above are the only callers
-                raise SubscriptionActionNotAllowed("Whop does not support that change.")
-        membership = answer.model_dump(mode="json")
+        key = f"org-{organization_id}-{action}-{request_token}"
+        membership = whop_billing.calls.change_membership(membership_id, action, idempotency_key=key)
         with committed():
-            organization = cls._lock_whop_organization(membership_id)
+            organization = whop_events.lock_organization(membership_id)
             changes: list[str] = []
             if organization is not None and organization.id == organization_id:
-                state = subscription_state_from_whop(membership, plan_catalogue())
-                changes = apply_subscription_state(organization, state, source=f"user:{actor_user_id}")
-                organization.billing_as_of = max(organization.billing_as_of or 0, membership_as_of(membership) or 0)
+                changes = whop_events.apply_membership_read(organization, membership, source=f"user:{actor_user_id}")
         return changes
-
-    # --- Whop events, applied ---------------------------------------------------------------------
-
-    @staticmethod
-    def _lock_whop_organization(membership_id: str | None) -> Organization | None:
-        if not membership_id:
-            return None
-        return (
-            db.session.execute(
-                select(Organization)
-                .options(joinedload(Organization.addons))
-                .where(
-                    Organization.billing_provider == BillingProvider.WHOP,
-                    Organization.billing_subscription_id == membership_id,
-                )
-                .with_for_update(of=Organization)
-                .execution_options(populate_existing=True)
-            )
-            .unique()
-            .scalar_one_or_none()
-        )
-
-    @classmethod
-    def _apply_whop_membership_events(
-        cls, membership_id: str, events: list[VerifiedEvent]
-    ) -> dict[str, tuple[StripeEventStatus, str]]:
-        """membership.* and payment.* events about one membership: the organization follows Whop's
-        current membership, read now (so neither arrival order nor either clock matters), and each
-        payment's state is recorded. With no organization yet, a membership carrying one of our
-        pending signups provisions it (whoever comes first: this or the redirect)."""
-
-        def every(status: StripeEventStatus, outcome: str) -> dict[str, tuple[StripeEventStatus, str]]:
-            return {event.event_id: (status, outcome) for event in events}
-
-        try:
-            membership = cls._retrieve_whop_membership(membership_id)
-        except PaymentProviderUnavailable as exc:
-            if isinstance(exc.__cause__, WhopApiError) and exc.__cause__.status_code == 404:
-                return every(
-                    StripeEventStatus.IGNORED, f"not ours: this Whop account has no membership {membership_id}"
-                )
-            raise
-        source = events[-1].source
-        organization = cls._lock_whop_organization(membership_id)
-        provisioned = ""
-        if organization is None:
-            metadata = membership.get("metadata") or {}
-            if metadata.get("purpose") != "signup" or not metadata.get("pending_signup_id"):
-                return every(StripeEventStatus.IGNORED, "not ours: no organization holds this membership")
-            try:
-                provision = cls._provision_whop_membership(membership, source=source)
-            except CheckoutSessionNotFound:
-                return every(StripeEventStatus.IGNORED, "not ours: no pending signup of this app for it")
-            provisioned = f"{provision.state} (organization {provision.organization_id})"
-            organization = cls._lock_whop_organization(membership_id)
-            if organization is None:  # awaiting payment, or the signup went to another membership
-                return every(StripeEventStatus.PROCESSED, provisioned)
-        state = subscription_state_from_whop(membership, plan_catalogue())
-        changes = apply_subscription_state(organization, state, source=source)
-        organization.billing_as_of = max(
-            organization.billing_as_of or 0, membership_as_of(membership) or 0, int(time.time())
-        )
-        summary = provisioned or "applied Whop's current membership: " + (", ".join(changes) or "no change")
-        outcomes: dict[str, tuple[StripeEventStatus, str]] = {}
-        for event in events:
-            outcome = summary
-            if event.type.startswith("payment."):
-                payment = event.body["data"]
-                outcome = cls._record_whop_payment_state(
-                    organization,
-                    paid=event.type == "payment.succeeded",
-                    payment_id=str(payment.get("id")),
-                    as_of=_whop_time(payment.get("updated_at")) or event.created,
-                    event=event,
-                    amount=(payment.get("total") or {}).get("amount"),
-                    currency=payment.get("currency"),
-                    renewal=payment.get("billing_reason") != "subscription_create",
-                )
-            outcomes[event.event_id] = (StripeEventStatus.PROCESSED, outcome)
-        return outcomes
-
-    @classmethod
-    def _apply_whop_member_events(
-        cls, member_id: str, events: list[VerifiedEvent]
-    ) -> dict[str, tuple[StripeEventStatus, str]]:
-        """invoice.paid / invoice.past_due: found by the buyer's member id, when it names one
-        Whop-billed organization (a member may own several; their memberships' events then decide)."""
-        matches = (
-            db.session.execute(
-                select(Organization.id).where(
-                    Organization.billing_provider == BillingProvider.WHOP, Organization.billing_customer_id == member_id
-                )
-            )
-            .scalars()
-            .all()
-        )
-        if len(matches) != 1:
-            reason = "no single organization for this member" if matches else "no organization for this member"
-            return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
-        organization = db.session.get_one(Organization, matches[0], with_for_update=True, populate_existing=True)
-        outcomes: dict[str, tuple[StripeEventStatus, str]] = {}
-        for event in events:
-            invoice = event.body["data"]
-            outcomes[event.event_id] = (
-                StripeEventStatus.PROCESSED,
-                cls._record_whop_payment_state(
-                    organization,
-                    paid=event.type == "invoice.paid",
-                    payment_id=str((invoice.get("payment") or {}).get("id") or invoice.get("id")),
-                    as_of=_whop_time(invoice.get("updated_at")) or event.created,
-                    event=event,
-                    amount=None,
-                    currency=(invoice.get("current_plan") or {}).get("currency"),
-                    renewal=True,
-                    invoice_id=str(invoice.get("id")),
-                ),
-            )
-        return outcomes
-
-    @staticmethod
-    def _record_whop_payment_state(
-        organization: Organization,
-        *,
-        paid: bool,
-        payment_id: str,
-        as_of: int,
-        event: VerifiedEvent,
-        amount: Any,
-        currency: Any,
-        renewal: bool,
-        invoice_id: str | None = None,
-    ) -> str:
-        if organization.payment_as_of is not None and as_of < organization.payment_as_of:
-            return "stale: a newer payment event was applied"
-        status = "paid" if paid else "failed"
-        first_record = (organization.last_invoice_id, organization.last_payment_status) != (payment_id, status)
-        organization.last_invoice_id = payment_id
-        organization.last_payment_status = status
-        organization.payment_as_of = as_of
-        if paid:
-            organization.last_payment_at = utcnow()
-        moved = ""
-        live = organization.billing_status in (BillingStatus.ACTIVE, BillingStatus.TRIALING)
-        if not paid and renewal and live:
-            moved = BillingStatus.PAST_DUE
-        elif paid and organization.billing_status == BillingStatus.PAST_DUE:
-            moved = BillingStatus.ACTIVE
-        if moved and (organization.billing_as_of is None or as_of >= organization.billing_as_of):
-            domain_events.record(
-                "organization.billing_status_changed",
-                organization_id=organization.id,
-                source=event.source,
-                previous=organization.billing_status,
-                status=moved,
-            )
-            organization.past_due_since = utcnow() if moved == BillingStatus.PAST_DUE else None
-            organization.billing_status = moved
-            organization.billing_as_of = as_of
-        if first_record:
-            domain_events.record(
-                f"billing.payment_{'succeeded' if paid else 'failed'}",
-                organization_id=organization.id,
-                source=event.source,
-                invoice_id=invoice_id or payment_id,
-                amount_due=None if paid else amount,
-                amount_paid=amount if paid else None,
-                currency=currency,
-                attempt_count=None,
-                next_payment_attempt=None,
-                hosted_invoice_url=None,
-            )
-        return f"payment {status} recorded" + (f"; billing status {moved}" if moved else "")
 
 
 def _event_references(event: Mapping[str, Any]) -> set[str]:
@@ -2727,103 +2445,6 @@ HANDLED_STRIPE_EVENTS = frozenset(
     }
 )
 
-# --- Whop webhooks -------------------------------------------------------------------------------
-
-WHOP_SIGNATURE_TOLERANCE_SECONDS = 300  # standardwebhooks' fixed window: five minutes either way
-WHOP_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
-WHOP_OBJECT_ID = re.compile(r"[A-Za-z0-9_]{1,255}")
-# The Whop events that move an organization's billing; every other type is stored and ignored.
-WHOP_HANDLED_EVENTS = frozenset(
-    {
-        "membership.activated",
-        "membership.deactivated",
-        "membership.updated",
-        "membership.cancel_at_period_end_changed",
-        "payment.succeeded",
-        "payment.failed",
-        "invoice.paid",
-        "invoice.past_due",
-    }
-)
-
-
-class WhopWebhooks:
-    """Whop as a webhook provider: Standard Webhooks verification (webhook-id, webhook-timestamp,
-    webhook-signature; ±5 minutes; any of the configured secrets), keyed as Whop keys it, with the
-    secret's own bytes; stored in whop_event, idempotent on webhook-id."""
-
-    name = "whop"
-    event_model = WhopEvent
-
-    def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent:
-        if not BillingService.whop_configured():
-            # Whop is off (WHOP_* unset): its endpoint does not exist, as for any unknown provider.
-            raise UnknownWebhookProvider(self.name)
-        secrets = _whop_webhook_secrets()
-        lowered = {key.lower(): value for key, value in headers.items()}
-        signature_headers: dict[str, str] = {
-            name: lowered[name] for name in ("webhook-id", "webhook-timestamp", "webhook-signature") if name in lowered
-        }
-        if len(signature_headers) < 3:
-            raise WebhookRejected("missing webhook-id, webhook-timestamp or webhook-signature header")
-        if not all(value.isascii() for value in signature_headers.values()):
-            raise WebhookRejected("malformed webhook signature headers")
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            raise WebhookRejected("body is not UTF-8") from None
-        reason = "signature does not match"
-        for secret in secrets:
-            # Whop signs with the secret's own bytes; standardwebhooks base64-decodes its key, so it is
-            # handed the secret base64-encoded (see the Whop section of docs/system/BILLING.md).
-            key = base64.b64encode(secret.encode("utf-8")).decode("ascii")
-            try:
-                standardwebhooks.Webhook(key).verify(text, signature_headers, json_parse=False)
-                break
-            except standardwebhooks.WebhookVerificationError as exc:
-                message = str(exc)
-                if message.startswith("Message timestamp too"):
-                    reason = "timestamp outside the tolerance zone"
-                elif message == "Invalid Signature Headers":
-                    reason = "malformed webhook-timestamp header"
-            except (ValueError, binascii.Error):
-                # standardwebhooks lets a malformed webhook-signature escape as one of these.
-                reason = "malformed webhook-signature header"
-        else:
-            raise WebhookRejected(reason)
-        sent_at = int(float(signature_headers["webhook-timestamp"]))
-        return _parse_whop_event(text, signature_headers["webhook-id"], sent_at)
-
-    def ignore_reason(self, event: VerifiedEvent) -> str | None:
-        account = event.body.get("account_id")
-        if account and account != current_app.config.get("WHOP_COMPANY_ID"):
-            return f"event for another Whop account ({str(account)[:40]})"
-        if event.type not in WHOP_HANDLED_EVENTS:
-            return f"unhandled event type {event.type}"
-        return None
-
-    def object_key(self, event: VerifiedEvent) -> str:
-        data = event.body["data"]
-        if event.type.startswith("membership."):
-            membership_id = data.get("id")
-        elif event.type.startswith("payment."):
-            membership_id = data.get("membership_id")
-        else:
-            member = data.get("member")
-            member_id = member.get("id") if isinstance(member, dict) else None
-            if not isinstance(member_id, str) or not WHOP_OBJECT_ID.fullmatch(member_id):
-                raise MalformedObject("malformed Whop invoice: it names no member")
-            return f"member:{member_id}"
-        if not isinstance(membership_id, str) or not WHOP_OBJECT_ID.fullmatch(membership_id):
-            raise MalformedObject(f"malformed Whop {event.type.split('.')[0]}: it names no membership")
-        return f"membership:{membership_id}"
-
-    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> dict[str, tuple[StripeEventStatus, str]]:
-        kind, _, object_id = object_key.partition(":")
-        if kind == "membership":
-            return BillingService._apply_whop_membership_events(object_id, events)
-        return BillingService._apply_whop_member_events(object_id, events)
-
 
 def _now_billed_by_stripe(organization: Organization, subscription: Mapping[str, Any]) -> None:
     """An organization whose Whop membership ended comes back by card: Stripe bills it from now on."""
@@ -2833,51 +2454,5 @@ def _now_billed_by_stripe(organization: Organization, subscription: Mapping[str,
         organization.billing_as_of = None
 
 
-def _whop_time(value: Any) -> int | None:
-    moment = parse_time(value)
-    return int(moment.timestamp()) if moment else None
-
-
-def _whop_webhook_secrets() -> list[str]:
-    secrets = [s.strip() for s in str(current_app.config.get("WHOP_WEBHOOK_SECRET") or "").split(",") if s.strip()]
-    if not secrets:
-        raise BillingConfigurationError("WHOP_WEBHOOK_SECRET is not set: Whop webhooks cannot be verified")
-    return secrets
-
-
-def _parse_whop_event(text: str, webhook_id: str, webhook_timestamp: int) -> VerifiedEvent:
-    """A verified Whop delivery: the envelope (`type`, `timestamp`, `api_version`, `data`) keyed by the
-    signed webhook-id, which Whop keeps across retries of one delivery."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        raise WebhookRejected("body is not JSON") from None
-    if not (
-        WHOP_EVENT_ID.fullmatch(webhook_id)
-        and isinstance(body, dict)
-        and isinstance(body.get("type"), str)
-        and EVENT_TYPE.fullmatch(body["type"])
-        and isinstance(body.get("data"), dict)
-    ):
-        raise WebhookRejected("body is not a Whop event")
-    created = webhook_timestamp
-    if isinstance(body.get("timestamp"), str):
-        try:
-            created = int(datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00")).timestamp())
-        except (ValueError, OverflowError):
-            created = webhook_timestamp
-    api_version = body.get("api_version")
-    return VerifiedEvent(
-        provider="whop",
-        event_id=webhook_id,
-        type=body["type"],
-        created=created,
-        livemode=not current_app.config.get("WHOP_API_BASE"),
-        api_version=api_version if isinstance(api_version, str) and API_VERSION_FORMAT.fullmatch(api_version) else None,
-        raw=text,
-        body=body,
-    )
-
-
 BillingService.register_webhook_provider(StripeWebhooks())
-BillingService.register_webhook_provider(WhopWebhooks())
+BillingService.register_webhook_provider(whop_billing.WhopWebhooks())

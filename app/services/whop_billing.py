@@ -1,0 +1,210 @@
+"""Whop behind BillingService: the only module that uses Whop's SDKs (whop_sdk, standardwebhooks), and
+imported only by app/services/billing_service.py (the spec's one-adapter rule; a test enforces it).
+
+It builds the Whop client, translates Whop's errors into billing's, makes each Whop call as a thin
+function that takes and returns plain data, and verifies Whop's webhooks. What the answers mean for
+an organization is decided in whop_events.py."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import standardwebhooks
+from flask import current_app
+from pydantic import ValidationError as PydanticValidationError
+from whop_sdk import Whop
+from whop_sdk.core.api_error import ApiError as WhopApiError
+from whop_sdk.environment import WhopEnvironment
+
+from app.models import WhopEvent
+from app.services import whop_events
+from app.services.billing_common import (
+    BillingConfigurationError,
+    EventOutcomes,
+    PaymentProviderUnavailable,
+    ProviderObjectMissing,
+    SubscriptionActionNotAllowed,
+    UnknownWebhookProvider,
+    WebhookRejected,
+)
+from app.services.webhook_store import VerifiedEvent
+
+logger = logging.getLogger(__name__)
+
+WHOP_SIGNATURE_TOLERANCE_SECONDS = 300  # standardwebhooks' fixed window: five minutes either way
+WHOP_SETTINGS = ("WHOP_API_KEY", "WHOP_WEBHOOK_SECRET", "WHOP_COMPANY_ID")
+UNREACHABLE = "We could not reach our payment provider. Nothing was charged; please try again."
+
+
+def configured() -> bool:
+    """Whether Whop is on: its key, webhook secret and account are all set."""
+    config = current_app.config
+    return all(config.get(name) for name in WHOP_SETTINGS)
+
+
+def client() -> Whop:
+    """The configured Whop client; a missing setting fails here, naming the variable."""
+    whop: Whop | None = current_app.extensions.get("whop_client")
+    if whop is not None:
+        return whop
+    config = current_app.config
+    missing = [name for name in WHOP_SETTINGS if not config.get(name)]
+    if missing:
+        raise BillingConfigurationError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: Whop credentials "
+            "come only from the environment (see .env.example)"
+        )
+    api = config.get("WHOP_API_BASE") or WhopEnvironment.PRODUCTION.api
+    environment = (
+        WhopEnvironment.PRODUCTION if api == WhopEnvironment.PRODUCTION.api else WhopEnvironment(api=api, vault=api)
+    )
+    whop = Whop(
+        token=config["WHOP_API_KEY"],
+        environment=environment,
+        max_retries=config["WHOP_MAX_RETRIES"],
+        timeout=config["WHOP_TIMEOUT_SECONDS"],
+    )
+    current_app.extensions["whop_client"] = whop
+    return whop
+
+
+@contextmanager
+def calling_whop(action: str) -> Iterator[None]:
+    """Whop's errors as ours, as BillingService._calling_stripe does for Stripe's."""
+    try:
+        yield
+    except WhopApiError as exc:
+        if exc.status_code in (401, 403):
+            logger.error("Whop rejected our credentials while trying to %s: %s", action, exc.body)
+            raise BillingConfigurationError("The payment provider rejected our credentials.") from exc
+        logger.warning("Whop error while trying to %s: %s %s", action, exc.status_code, exc.body)
+        if exc.status_code == 404:
+            raise ProviderObjectMissing(UNREACHABLE) from exc
+        raise PaymentProviderUnavailable(UNREACHABLE) from exc
+    except (httpx.HTTPError, PydanticValidationError) as exc:
+        logger.warning("Whop unreachable while trying to %s: %s", action, type(exc).__name__)
+        raise PaymentProviderUnavailable(UNREACHABLE) from exc
+
+
+class WhopCalls:
+    """Whop's API as billing uses it (the WhopReads the appliers are handed, and the writes)."""
+
+    def retrieve_membership(self, membership_id: str) -> dict[str, Any]:
+        with calling_whop("read a membership"):
+            membership = client().memberships.retrieve(membership_id)
+        dumped: dict[str, Any] = membership.model_dump(mode="json")
+        return dumped
+
+    def list_memberships(self) -> dict[str, dict[str, Any]]:
+        """Every membership of our Whop account, by id (reconcile)."""
+        with calling_whop("list memberships for reconcile"):
+            return {
+                membership.id: membership.model_dump(mode="json")
+                for membership in client().memberships.list(account_id=current_app.config["WHOP_COMPANY_ID"], first=100)
+            }
+
+    def create_checkout(self, plan_id: str, *, reference: str, redirect_url: str) -> tuple[str, str | None]:
+        """A checkout configuration for the plan carrying the pending signup's id in its metadata (copied
+        by Whop onto the membership); its id and purchase URL."""
+        with calling_whop("create a checkout"):
+            checkout = client().checkout_configurations.create(
+                plan_id=plan_id,
+                account_id=current_app.config["WHOP_COMPANY_ID"],
+                metadata={"purpose": "signup", "pending_signup_id": reference},
+                redirect_url=redirect_url,
+                # Derived from the signup: a retried request returns the same checkout.
+                request_options={"additional_headers": {"Idempotency-Key": f"signup-whop-checkout-{reference}"}},
+            )
+        return checkout.id, checkout.purchase_url
+
+    def change_membership(self, membership_id: str, action: str, *, idempotency_key: str) -> dict[str, Any]:
+        """Cancel at period end, cancel now, or resume a membership; Whop's answer."""
+        options: Any = {"additional_headers": {"Idempotency-Key": idempotency_key}}
+        memberships = client().memberships
+        with calling_whop(action.replace("-", " ") + " a membership"):
+            if action == "cancel-period-end":
+                answer = memberships.cancel(membership_id, cancel_at_period_end=True, request_options=options)
+            elif action == "cancel-now":
+                answer = memberships.cancel(membership_id, request_options=options)
+            elif action == "resume":
+                answer = memberships.update(membership_id, cancel_at_period_end=False, request_options=options)
+            else:  # pragma: no cover - the actions above are the only callers
+                raise SubscriptionActionNotAllowed("Whop does not support that change.")
+        dumped: dict[str, Any] = answer.model_dump(mode="json")
+        return dumped
+
+
+calls = WhopCalls()
+
+
+def webhook_secrets() -> list[str]:
+    secrets = [s.strip() for s in str(current_app.config.get("WHOP_WEBHOOK_SECRET") or "").split(",") if s.strip()]
+    if not secrets:
+        raise BillingConfigurationError("WHOP_WEBHOOK_SECRET is not set: Whop webhooks cannot be verified")
+    return secrets
+
+
+class WhopWebhooks:
+    """Whop as a webhook provider: Standard Webhooks verification (webhook-id, webhook-timestamp,
+    webhook-signature; ±5 minutes; any of the configured secrets), keyed as Whop keys it, with the
+    secret's own bytes; stored in whop_event, idempotent on webhook-id."""
+
+    name = "whop"
+    event_model = WhopEvent
+
+    def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent:
+        if not configured():
+            # Whop is off (WHOP_* unset): its endpoint does not exist, as for any unknown provider.
+            raise UnknownWebhookProvider(self.name)
+        secrets = webhook_secrets()
+        lowered = {key.lower(): value for key, value in headers.items()}
+        signature_headers: dict[str, str] = {
+            name: lowered[name] for name in ("webhook-id", "webhook-timestamp", "webhook-signature") if name in lowered
+        }
+        if len(signature_headers) < 3:
+            raise WebhookRejected("missing webhook-id, webhook-timestamp or webhook-signature header")
+        if not all(value.isascii() for value in signature_headers.values()):
+            raise WebhookRejected("malformed webhook signature headers")
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WebhookRejected("body is not UTF-8") from None
+        reason = "signature does not match"
+        for secret in secrets:
+            # Whop signs with the secret's own bytes; standardwebhooks base64-decodes its key, so it is
+            # handed the secret base64-encoded (see the Whop section of docs/system/BILLING.md).
+            key = base64.b64encode(secret.encode("utf-8")).decode("ascii")
+            try:
+                standardwebhooks.Webhook(key).verify(text, signature_headers, json_parse=False)
+                break
+            except standardwebhooks.WebhookVerificationError as exc:
+                message = str(exc)
+                if message.startswith("Message timestamp too"):
+                    reason = "timestamp outside the tolerance zone"
+                elif message == "Invalid Signature Headers":
+                    reason = "malformed webhook-timestamp header"
+            except (ValueError, binascii.Error):
+                # standardwebhooks lets a malformed webhook-signature escape as one of these.
+                reason = "malformed webhook-signature header"
+        else:
+            raise WebhookRejected(reason)
+        sent_at = int(float(signature_headers["webhook-timestamp"]))
+        return whop_events.parse_event(text, signature_headers["webhook-id"], sent_at)
+
+    def ignore_reason(self, event: VerifiedEvent) -> str | None:
+        return whop_events.ignore_reason(event)
+
+    def object_key(self, event: VerifiedEvent) -> str:
+        return whop_events.object_key(event)
+
+    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> EventOutcomes:
+        return whop_events.apply_batch(object_key, events, calls)
+
+
+WhopClient = Whop  # the client's type, for BillingService.ensure_whop's signature
