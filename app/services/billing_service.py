@@ -12,60 +12,61 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 import stripe
 from flask import current_app
-from sqlalchemy import select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import joinedload
-from stripe.params import RefundCreateParams
+from sqlalchemy import update
 from stripe.params.checkout import (
     SessionCreateParams,
     SessionCreateParamsLineItem,
     SessionCreateParamsSubscriptionData,
 )
 
+from app import clock
 from app.extensions import cache, db
 from app.models import (
-    BillingProvider,
-    BillingStatus,
-    CataloguePrice,
     Organization,
-    PendingSignup,
     ResubscribeCheckout,
     ResubscribeStatus,
     SignupStatus,
     StripeEvent,
-    StripeEventStatus,
-    SubscriptionChange,
     SubscriptionChangeStatus,
-    WhopEvent,
 )
 from app.models.types import utcnow
-from app.services import domain_events, outbox, queue, stripe_objects, webhook_store, whop_billing, whop_events
+from app.services import (
+    billing_page,
+    domain_events,
+    outbox,
+    plan_change_claims,
+    price_lookup,
+    provisioning,
+    reconcile_reads,
+    settlement,
+    stripe_events,
+    stripe_objects,
+    webhook_intake,
+    whop_billing,
+    whop_events,
+)
 from app.services import reconcile as reconciliation
 from app.services.billing_common import (
-    API_VERSION_FORMAT,
     CANCELLABLE,
     CHECKOUT_SESSION_ID,
     ENDED,
-    EVENT_TYPE,
     REQUEST_TOKEN,
     BillingConfigurationError,
     BillingError,
     ChangeOutcome,
     CheckoutRedirect,
     CheckoutSessionNotFound,
+    EventOutcomes,
     PaymentProviderUnavailable,
-    PriceUnavailableError,
     ProviderObjectMissing,
     StalePreview,
     SubscriptionActionNotAllowed,
@@ -75,7 +76,6 @@ from app.services.billing_common import (
     WebhookRejected,
     WebhookResult,
     as_uuid,
-    checkout_is_paid,
     committed,
     describe_failure,
     found,
@@ -85,15 +85,7 @@ from app.services.billing_common import (
 )
 from app.services.billing_details import (
     BillingDetails,
-    CardOnFile,
-    InvoiceRow,
-    ScheduledChange,
-    SubscriptionFacts,
-    UpcomingInvoice,
-    scheduled_change_from_stripe,
 )
-from app.services.billing_details import _id as billing_details_id
-from app.services.catalogue_mapping import CatalogueEntry, KnownPrice, KnownPrices, entry_for_lookup_key
 from app.services.entitlements import entitlements_for
 from app.services.plan_change import (
     CurrentPlan,
@@ -113,10 +105,9 @@ from app.services.plan_change import (
 from app.services.plans import Tier
 from app.services.pricing import PriceInfo
 from app.services.signup_service import NewPendingSignup, ProvisionOutcome, ProvisionState, SignupService
-from app.services.stripe_objects import MalformedObject
-from app.services.subscription_state import SubscriptionState, apply_subscription_state
+from app.services.stripe_events import HANDLED_STRIPE_EVENTS
+from app.services.webhook_intake import WEBHOOK_QUEUE
 from app.services.webhook_store import VerifiedEvent
-from app.services.whop_state import subscription_state_from_whop
 
 __all__ = [  # what routes, the CLI, the worker and tests import from the authority
     "HANDLED_STRIPE_EVENTS",
@@ -143,11 +134,8 @@ STRIPE_API_VERSION = "2026-10-28.endive"
 STRIPE_SIGNATURE_TOLERANCE_SECONDS = 300
 # Stripe timestamps are whole seconds and our clock is not Stripe's: an event this close to the state
 # we hold cannot be ordered against it, so the subscription is read from Stripe instead.
-# What a Stripe event's id looks like (its type and API version: billing_common).
-STRIPE_EVENT_ID = re.compile(r"evt_[A-Za-z0-9_]{1,251}")
 # The billing page's reads: no retries (the page would rather say "not available" than wait).
 PAGE_READ: stripe.RequestOptions = {"max_network_retries": 0}
-BILLING_READ_PARTS = ("subscription", "upcoming", "schedule", "payment_method", "invoices")
 INVOICE_HISTORY_LENGTH = 12
 
 
@@ -216,6 +204,10 @@ class BillingService:
             raise BillingConfigurationError("The payment provider rejected our credentials.") from exc
         except stripe.StripeError as exc:
             logger.warning("Stripe error while trying to %s: %s", action, exc.user_message or type(exc).__name__)
+            if isinstance(exc, stripe.InvalidRequestError) and exc.code == "resource_missing":
+                raise ProviderObjectMissing(
+                    "We could not reach our payment provider. Nothing was charged; please try again."
+                ) from exc
             raise PaymentProviderUnavailable(
                 "We could not reach our payment provider. Nothing was charged; please try again."
             ) from exc
@@ -229,36 +221,9 @@ class BillingService:
     @classmethod
     def prices_for_lookup_keys(cls, lookup_keys: list[str], *, required: bool = True) -> dict[str, PriceInfo]:
         """Stripe's active price (id, amount, currency, interval) for each lookup key, from the Redis price
-        cache (PRICE_CACHE_SECONDS) or one lookup at Stripe for those not cached. required: a key with no
-        active price raises PriceUnavailableError; otherwise it is left out, and remembered as missing for
-        BILLING_READ_FAILURE_SECONDS so pages that show prices do not ask again on every view."""
-        keys = list(dict.fromkeys(lookup_keys))
-        cached = {
-            key: PriceInfo.from_cache(value)
-            for key, value in zip(keys, cache.get_many(*(f"stripe-price:{key}" for key in keys)), strict=True)
-        }
-        missing = [key for key, price in cached.items() if price is None]
-        if missing and not required:
-            known_missing = cache.get_many(*(f"stripe-price-missing:{key}" for key in missing))
-            missing = [key for key, flag in zip(missing, known_missing, strict=True) if not flag]
-        found: dict[str, PriceInfo] = {}
-        if missing:
-            try:
-                found = cls._fetch_prices(missing)
-            except BillingError:
-                if required:
-                    raise
-                cls._remember_missing_prices(missing)
-                return {key: price for key, price in cached.items() if price is not None}
-            cache.set_many({f"stripe-price:{key}": price.to_cache() for key, price in found.items()})
-            cls._remember_missing_prices([key for key in missing if key not in found])
-        prices = {key: price for key, price in cached.items() if price is not None} | found
-        unknown = [key for key in keys if key not in prices]
-        if unknown and required:
-            raise PriceUnavailableError(
-                f"No active Stripe price has the lookup key {', '.join(repr(k) for k in unknown)}."
-            )
-        return {key: prices[key] for key in keys if key in prices}
+        cache or one lookup at Stripe for those not cached (price_lookup.py). required: a key with no
+        active price raises PriceUnavailableError; otherwise it is left out."""
+        return price_lookup.prices_for_lookup_keys(lookup_keys, cls._fetch_prices, required=required)
 
     @classmethod
     def _fetch_prices(cls, lookup_keys: list[str]) -> dict[str, PriceInfo]:
@@ -272,14 +237,8 @@ class BillingService:
             for price in prices.data:
                 if price.lookup_key:
                     found[price.lookup_key] = PriceInfo.from_stripe(price.to_dict())
-            cls._remember_listed_prices(prices.data)
+            price_lookup.remember_listed_prices([price.to_dict() for price in prices.data])
         return found
-
-    @staticmethod
-    def _remember_missing_prices(lookup_keys: list[str]) -> None:
-        if lookup_keys:
-            timeout = current_app.config["BILLING_READ_FAILURE_SECONDS"]
-            cache.set_many({f"stripe-price-missing:{key}": 1 for key in lookup_keys}, timeout=timeout)
 
     @classmethod
     def catalogue_prices(cls) -> dict[str, PriceInfo]:
@@ -292,53 +251,17 @@ class BillingService:
             return {}
 
     @staticmethod
-    def _remember_listed_prices(prices: Iterable[stripe.Price]) -> None:
-        """Prices resolved by lookup key are remembered (catalogue_price) on a connection of their own,
-        so a later price migration cannot unmap the subscriptions sold at them."""
-        catalogue = plan_catalogue()
-        seen = [
-            KnownPrice(price.id, id_of(price.to_dict().get("product")), str(price.lookup_key), entry)
-            for price in prices
-            if (entry := entry_for_lookup_key(catalogue, price.lookup_key)) is not None
-        ]
-        if seen:
-            with db.engine.begin() as connection:
-                connection.execute(_remember_prices_statement(seen))
-
-    @staticmethod
     def tier(tier_key: str) -> Tier:
         tier = plan_catalogue().tier(tier_key)
         if tier is None:
             raise UnknownTierError(f"There is no plan called {tier_key!r}.")
         return tier
 
-    @staticmethod
-    def _lookup_keys(tier: Tier, addons: Mapping[str, int], interval: str = "month") -> dict[str, int]:
-        """The quantity to buy of each price, by lookup key: the tier's, then each add-on's, billed every
-        `interval` (month, or year where the catalogue sells it)."""
-        catalogue = plan_catalogue()
-        tier_key = tier.lookup_key_for(interval)
-        if tier_key is None:
-            raise UnknownTierError(f"{tier.name} is not sold {'yearly' if interval == 'year' else 'monthly'}.")
-        quantities = {tier_key: 1}
-        for key, quantity in addons.items():
-            addon = catalogue.addons.get(key)
-            if addon is None:
-                raise UnknownTierError(f"There is no add-on called {key!r}.")
-            if not 0 <= quantity <= addon.max_quantity:
-                raise BillingError(f"{addon.name}: choose between 0 and {addon.max_quantity}.")
-            if quantity:
-                addon_key = addon.lookup_key_for(interval)
-                if addon_key is None:
-                    raise BillingError(f"{addon.name} are not sold {'yearly' if interval == 'year' else 'monthly'}.")
-                quantities[addon_key] = quantity
-        return quantities
-
     @classmethod
     def _line_items(
         cls, tier: Tier, addons: Mapping[str, int], interval: str = "month"
     ) -> list[SessionCreateParamsLineItem]:
-        quantities = cls._lookup_keys(tier, addons, interval)
+        quantities = price_lookup.lookup_key_quantities(tier, addons, interval)
         prices = cls.price_ids_for_lookup_keys(list(quantities))
         return [{"price": prices[key], "quantity": quantity} for key, quantity in quantities.items()]
 
@@ -401,7 +324,9 @@ class BillingService:
         except BillingError as exc:
             SignupService.mark_signup_failed(signup.pending_signup_id, f"checkout not created: {exc}")
             # A cached price Stripe no longer accepts must not fail the next attempt too.
-            cache.delete_many(*(f"stripe-price:{key}" for key in cls._lookup_keys(tier, addons or {}, interval)))
+            cache.delete_many(
+                *(f"stripe-price:{key}" for key in price_lookup.lookup_key_quantities(tier, addons or {}, interval))
+            )
             raise
         SignupService.attach_checkout_session(signup.pending_signup_id, session.id)
         return CheckoutRedirect(
@@ -477,56 +402,11 @@ class BillingService:
         cls, session: str | Mapping[str, Any], *, source: str, release_before_stripe: bool = False
     ) -> ProvisionOutcome:
         """Provision a completed checkout exactly once, whoever asks first: the success redirect (with
-        the session id) or a webhook (with the session object). Writes in the caller's transaction.
-
-        Stripe is read before any row is locked; the pending signup is then locked only for the few
-        statements that create the account. release_before_stripe: the caller owns the transaction
-        and nothing is written yet, so the connection goes back to the pool while Stripe answers. A
-        subscription event that arrived in between bumps the signup's subscription_events_seen; the
-        read is then done again, so the organization never starts older than an event already seen."""
-        if isinstance(session, str):
-            session_id, reference, given = session, None, None
-        else:
-            session_id, reference, given = session["id"], session.get("client_reference_id"), dict(session)
-            if (given.get("metadata") or {}).get("purpose") == "resubscribe":
-                return cls._provision_resubscription(given, source=source, release_before_stripe=release_before_stripe)
-        for attempt in range(3):
-            pending = found(SignupService.find_pending_signup_for_checkout(session_id, reference_id=reference))
-            if pending.status == SignupStatus.COMPLETED:
-                return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
-            events_seen = pending.subscription_events_seen
-            if release_before_stripe:
-                db.session.rollback()
-            checkout, subscription = cls._read_checkout(session_id, given if attempt == 0 else None)
-            pending = found(SignupService.lock_pending_signup_for_checkout(session_id, reference_id=reference))
-            if pending.status == SignupStatus.COMPLETED:
-                return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
-            if pending.subscription_events_seen == events_seen or attempt == 2:
-                break
-            if release_before_stripe:
-                db.session.rollback()
-        if pending is None:  # pragma: no cover - the loop returns or raises first
-            raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
-        if not checkout_is_paid(checkout) or not isinstance(subscription, dict):
-            return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, pending.id)
-        state = cls._subscription_state(subscription)
-        return SignupService.complete_pending_signup_from_checkout(pending, checkout, state, source=source)
-
-    @classmethod
-    def _read_checkout(
-        cls, session_id: str, given: dict[str, Any] | None
-    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The checkout and its subscription, as Stripe has them now (a given session object whose
-        subscription is already expanded is used as it is)."""
-        if given is not None and isinstance(given.get("subscription"), dict):
-            return given, given["subscription"]
-        if given is None:
-            checkout = cls.retrieve_checkout_session(session_id, expand_subscription=True)
-            subscription = checkout.get("subscription")
-            return checkout, subscription if isinstance(subscription, dict) else None
-        if given.get("subscription"):
-            return given, cls.retrieve_subscription(str(given["subscription"]))
-        return given, None
+        the session id), a webhook (with the session object) or reconcile; in the caller's transaction,
+        Stripe read before any row is locked (provisioning.py)."""
+        return provisioning.provision_checkout_session(
+            session, cls, source=source, release_before_stripe=release_before_stripe
+        )
 
     @classmethod
     def retrieve_checkout_session(cls, session_id: str, *, expand_subscription: bool) -> dict[str, Any]:
@@ -536,10 +416,8 @@ class BillingService:
                 session = client.v1.checkout.sessions.retrieve(
                     session_id, params={"expand": ["subscription"]} if expand_subscription else None
                 )
-        except PaymentProviderUnavailable as exc:
-            if isinstance(exc.__cause__, stripe.InvalidRequestError) and exc.__cause__.code == "resource_missing":
-                raise CheckoutSessionNotFound("We could not find that checkout.") from exc
-            raise
+        except ProviderObjectMissing as exc:
+            raise CheckoutSessionNotFound("We could not find that checkout.") from exc
         return session.to_dict()
 
     @classmethod
@@ -645,26 +523,13 @@ class BillingService:
         with cls._calling_stripe(action.replace("-", " ") + " a subscription"):
             subscription = call(client, subscription_id, key).to_dict()
         with committed():
-            organization = cls._lock_organization(organization_id)
+            organization = provisioning.lock_organization(organization_id)
             changes: list[str] = []
             if organization is not None and organization.billing_subscription_id == subscription["id"]:
-                changes = cls._apply_subscription_read(organization, subscription, source=f"user:{actor_user_id}")
+                changes = provisioning.apply_subscription_read(
+                    organization, subscription, source=f"user:{actor_user_id}"
+                )
         return changes
-
-    @staticmethod
-    def _lock_organization(organization_id: int) -> Organization | None:
-        """The organization and its add-ons, locked for a few statements (never across a Stripe call)."""
-        return (
-            db.session.execute(
-                select(Organization)
-                .options(joinedload(Organization.addons))
-                .where(Organization.id == organization_id)
-                .with_for_update(of=Organization)
-                .execution_options(populate_existing=True)
-            )
-            .unique()
-            .scalar_one_or_none()
-        )
 
     @classmethod
     def create_checkout_session_for_organization(
@@ -760,123 +625,7 @@ class BillingService:
             outcome = dataclasses.replace(outcome, settlement=settlement)
         return outcome
 
-    @classmethod
-    def _provision_resubscription(
-        cls, checkout: dict[str, Any], *, source: str, release_before_stripe: bool = False
-    ) -> ProvisionOutcome:
-        """Attach a paid resubscribe checkout's subscription to its organization, if the organization
-        is still without a live subscription. Otherwise the subscription is surplus: it is recorded
-        (`organization.surplus_subscription`) to be canceled and refunded after the commit. Stripe is
-        read first; the organization is locked only for the statements that decide."""
-        organization_id = int((checkout.get("metadata") or {}).get("organization_id", "0") or 0)
-        for attempt in range(3):
-            organization = db.session.get(Organization, organization_id, populate_existing=True)
-            if organization is None:
-                raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
-            subscription_id = id_of(checkout.get("subscription"))
-            if subscription_id and organization.billing_subscription_id == subscription_id:
-                return ProvisionOutcome(ProvisionState.ALREADY_PROVISIONED, None, organization.id)
-            if not checkout_is_paid(checkout) or not subscription_id:
-                return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, None, organization.id)
-            events_seen = organization.subscription_events_seen
-            if release_before_stripe:
-                db.session.rollback()
-            given = checkout.get("subscription")
-            subscription = (
-                given if isinstance(given, dict) and attempt == 0 else cls.retrieve_subscription(subscription_id)
-            )
-            organization = cls._lock_organization(organization_id)
-            if organization is None:
-                raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
-            if organization.subscription_events_seen == events_seen or attempt == 2:
-                break
-            if release_before_stripe:
-                db.session.rollback()
-        if organization is None:  # pragma: no cover - the loop returns or raises first
-            raise CheckoutSessionNotFound("We could not find the organization for that checkout.")
-        if organization.billing_subscription_id == subscription_id:
-            return ProvisionOutcome(ProvisionState.ALREADY_PROVISIONED, None, organization.id)
-        record = cls._resubscribe_checkout_row(checkout, organization_id)
-        if organization.billing_status not in ENDED or record.status in (
-            ResubscribeStatus.SURPLUS,
-            ResubscribeStatus.REFUNDED,
-        ):
-            if record.status not in (ResubscribeStatus.SURPLUS, ResubscribeStatus.REFUNDED):
-                record.status = ResubscribeStatus.SURPLUS
-                record.stripe_subscription_id = subscription_id
-                domain_events.record(
-                    "organization.surplus_subscription",
-                    organization_id=organization.id,
-                    source=source,
-                    checkout_session_id=checkout["id"],
-                    stripe_subscription_id=subscription_id,
-                    live_subscription_id=organization.billing_subscription_id,
-                )
-            return ProvisionOutcome(ProvisionState.SURPLUS, None, organization.id, settlement=record.settlement)
-        record.status = ResubscribeStatus.ATTACHED
-        record.stripe_subscription_id = subscription_id
-        _now_billed_by_stripe(organization, subscription)
-        cls._apply_subscription_read(organization, subscription, source=source)
-        return ProvisionOutcome(ProvisionState.PROVISIONED, None, organization.id)
-
-    @staticmethod
-    def _resubscribe_checkout_row(checkout: Mapping[str, Any], organization_id: int) -> ResubscribeCheckout:
-        """The checkout's row, locked; created if the checkout was opened before rows were kept."""
-        db.session.execute(
-            portable_insert(ResubscribeCheckout)
-            .values(
-                checkout_session_id=checkout["id"],
-                organization_id=organization_id,
-                tier="unknown",
-                status=ResubscribeStatus.OPEN,
-                created_at=utcnow(),
-                updated_at=utcnow(),
-            )
-            .on_conflict_do_nothing(index_elements=["checkout_session_id"])
-        )
-        return db.session.execute(
-            select(ResubscribeCheckout)
-            .where(ResubscribeCheckout.checkout_session_id == checkout["id"])
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).scalar_one()
-
-    @classmethod
-    def _apply_subscription_read(
-        cls, organization: Organization, subscription: dict[str, Any], *, source: str
-    ) -> list[str]:
-        """Apply a subscription just read from Stripe: it is as new as our clock says it is now."""
-        state = cls._subscription_state(subscription, organization)
-        changes = apply_subscription_state(organization, state, source=source)
-        organization.billing_as_of = max(organization.billing_as_of or 0, int(time.time()))
-        return changes
-
     # --- Catalogue mapping ------------------------------------------------------------------------
-
-    @classmethod
-    def _subscription_state(
-        cls, subscription: Mapping[str, Any], organization: Organization | None = None
-    ) -> SubscriptionState:
-        """A subscription mapped onto the catalogue with every price we remember (catalogue_price)
-        and the add-on items the organization holds; prices seen with a catalogue lookup key are
-        remembered in the caller's transaction."""
-        held = (
-            {row.provider_item_id: row.addon_key for row in organization.addons if row.provider_item_id}
-            if organization is not None
-            else {}
-        )
-        state = SubscriptionState.from_stripe(subscription, plan_catalogue(), cls._known_prices(), held)
-        if state.seen_prices:
-            db.session.execute(_remember_prices_statement(state.seen_prices))
-        return state
-
-    @staticmethod
-    def _known_prices() -> KnownPrices:
-        rows = db.session.execute(select(CataloguePrice)).scalars().all()
-        return KnownPrices.from_rows(
-            KnownPrice(row.price_id, row.product_id, row.lookup_key, CatalogueEntry(row.kind, row.catalogue_key))
-            for row in rows
-        )
 
     # --- Paid checkouts no organization may keep ---------------------------------------------------
     # A second paid signup for an email that already has an account (leak 1), and a resubscription
@@ -890,74 +639,21 @@ class BillingService:
         run any number of times, concurrently: Stripe deduplicates by key, the database by a
         conditional write; `signup.conflict_refunded` is recorded once."""
         db.session.rollback()
-        pending = SignupService.pending_signup(pending_signup_id)
-        if pending is None or pending.stripe_subscription_id is None:
-            return None
-        if pending.settlement is not None:
-            return pending.settlement
-        pending_id, subscription_id = pending.id, pending.stripe_subscription_id
-        checkout_session_id, email = pending.checkout_session_id, pending.email
-        db.session.rollback()
-        settlement = cls._cancel_and_refund(subscription_id, key=f"signup-{pending_id}-conflict")
-        with committed():
-            settled = db.session.execute(
-                update(PendingSignup)
-                .where(PendingSignup.id == pending_id, PendingSignup.settled_at.is_(None))
-                .values(settled_at=utcnow(), settlement=settlement)
-                .returning(PendingSignup.id)
-            ).scalar_one_or_none()
-            if settled is not None:
-                domain_events.record(
-                    "signup.conflict_refunded",
-                    source=source,
-                    pending_signup_id=str(pending_id),
-                    email=email,
-                    checkout_session_id=checkout_session_id,
-                    **settlement,
-                )
-        return settlement
+        return cls._settle(settlement.signup_conflict(pending_signup_id), source)
 
     @classmethod
     def settle_surplus_subscription(cls, checkout_session_id: str, *, source: str) -> dict[str, Any] | None:
         """Cancel and refund a resubscription paid while the organization already had a live one."""
         db.session.rollback()
-        record = db.session.execute(
-            select(ResubscribeCheckout).where(ResubscribeCheckout.checkout_session_id == checkout_session_id)
-        ).scalar_one_or_none()
-        if (
-            record is None
-            or record.stripe_subscription_id is None
-            or record.status
-            not in (
-                ResubscribeStatus.SURPLUS,
-                ResubscribeStatus.REFUNDED,
-            )
-        ):
-            return None
-        if record.settlement is not None:
-            return record.settlement
-        organization_id, subscription_id = record.organization_id, record.stripe_subscription_id
-        db.session.rollback()
-        settlement = cls._cancel_and_refund(subscription_id, key=f"org-{organization_id}-surplus-{checkout_session_id}")
-        with committed():
-            settled = db.session.execute(
-                update(ResubscribeCheckout)
-                .where(
-                    ResubscribeCheckout.checkout_session_id == checkout_session_id,
-                    ResubscribeCheckout.status == ResubscribeStatus.SURPLUS,
-                )
-                .values(status=ResubscribeStatus.REFUNDED, settlement=settlement, updated_at=utcnow())
-                .returning(ResubscribeCheckout.id)
-            ).scalar_one_or_none()
-            if settled is not None:
-                domain_events.record(
-                    "organization.surplus_subscription_refunded",
-                    organization_id=organization_id,
-                    source=source,
-                    checkout_session_id=checkout_session_id,
-                    **settlement,
-                )
-        return settlement
+        return cls._settle(settlement.surplus_subscription(checkout_session_id), source)
+
+    @classmethod
+    def _settle(cls, to_settle: settlement.ToSettle | dict[str, Any] | None, source: str) -> dict[str, Any] | None:
+        if not isinstance(to_settle, settlement.ToSettle):
+            return to_settle  # nothing to settle, or settled already
+        settled = cls._cancel_and_refund(to_settle.subscription_id, key=to_settle.key)
+        to_settle.record(settled, source)
+        return settled
 
     @classmethod
     def _cancel_and_refund(cls, subscription_id: str, *, key: str) -> dict[str, Any]:
@@ -973,7 +669,7 @@ class BillingService:
                 if exc.code != "resource_missing":
                     raise
                 subscription = client.v1.subscriptions.retrieve(subscription_id).to_dict()  # already ended
-        settlement: dict[str, Any] = {
+        result: dict[str, Any] = {
             "stripe_subscription_id": subscription_id,
             "subscription_status": subscription.get("status"),
             "refund_id": None,
@@ -982,37 +678,22 @@ class BillingService:
         }
         invoice_id = id_of(subscription.get("latest_invoice"))
         if not invoice_id:
-            return settlement
+            return result
         with cls._calling_stripe("read an invoice"):
             invoice = client.v1.invoices.retrieve(invoice_id, params={"expand": ["payments"]}).to_dict()
-        settlement["currency"] = invoice.get("currency")
+        result["currency"] = invoice.get("currency")
         if not invoice.get("amount_paid"):
-            return settlement  # nothing was taken (a trial, or no payment yet)
-        payment = next(
-            (
-                entry.get("payment") or {}
-                for entry in (invoice.get("payments") or {}).get("data") or []
-                if entry.get("status") in (None, "paid")
-            ),
-            {},
-        )
-        target: RefundCreateParams = {}
-        if id_of(payment.get("payment_intent")):
-            target["payment_intent"] = str(id_of(payment.get("payment_intent")))
-        elif id_of(payment.get("charge")):
-            target["charge"] = str(id_of(payment.get("charge")))
-        else:
-            raise PaymentProviderUnavailable(f"invoice {invoice_id} was paid but names no payment to refund")
-        target["metadata"] = {"reason": key}
+            return result  # nothing was taken (a trial, or no payment yet)
+        target: Any = settlement.refund_target(invoice, key)
         with cls._calling_stripe("refund a payment"):
             refund = client.v1.refunds.create(params=target, options={"idempotency_key": f"{key}-refund"}).to_dict()
-        settlement.update(
+        result.update(
             refund_id=refund.get("id"),
             amount_refunded=refund.get("amount") or 0,
             currency=refund.get("currency") or invoice.get("currency"),
             refund_status=refund.get("status"),
         )
-        return settlement
+        return result
 
     # --- Reconcile --------------------------------------------------------------------------------
 
@@ -1046,35 +727,17 @@ class BillingService:
         """Stripe's side (unless the one organization asked for is Whop-billed), then Whop's memberships
         for Whop-billed organizations when Whop is configured: Whop retries a delivery only three
         times, so a missed membership event is found here."""
-        whop_only = organization_id is not None and cls._billed_by_whop(organization_id)
+        whop_only = organization_id is not None and reconcile_reads.billed_by_whop(organization_id)
         report = reconciliation.ReconcileReport() if whop_only else cls._reconcile_read(since_days, organization_id)
         if cls.whop_configured() and (organization_id is None or whop_only):
             report.subscriptions += cls._whop_reconcile_read(organization_id, report)
         return report
 
-    @staticmethod
-    def _billed_by_whop(organization_id: int) -> bool:
-        try:
-            provider = db.session.execute(
-                select(Organization.billing_provider).where(Organization.id == organization_id)
-            ).scalar_one_or_none()
-        finally:
-            db.session.rollback()
-        return provider == BillingProvider.WHOP
-
     @classmethod
     def _whop_reconcile_read(
         cls, organization_id: int | None, report: reconciliation.ReconcileReport
     ) -> list[reconciliation.SubscriptionDrift]:
-        try:
-            query = select(Organization.id, Organization.billing_subscription_id).where(
-                Organization.billing_provider == BillingProvider.WHOP, Organization.billing_subscription_id.is_not(None)
-            )
-            if organization_id is not None:
-                query = query.where(Organization.id == organization_id)
-            held = {str(row.billing_subscription_id): row.id for row in db.session.execute(query)}
-        finally:
-            db.session.rollback()
+        held = reconcile_reads.held_whop_memberships(organization_id)
         if not held:
             return []
         listed = whop_billing.calls.list_memberships() if organization_id is None else {}
@@ -1084,69 +747,14 @@ class BillingService:
                     listed[membership_id] = whop_billing.calls.retrieve_membership(membership_id)
                 except PaymentProviderUnavailable as exc:
                     report.problems.append(f"Whop membership {membership_id}: {exc.__cause__ or exc}")
-        drifts: list[reconciliation.SubscriptionDrift] = []
-        try:
-            for membership_id, org_id in held.items():
-                organization = db.session.get(Organization, org_id)
-                if organization is None or membership_id not in listed:
-                    continue
-                state = subscription_state_from_whop(listed[membership_id], plan_catalogue())
-                fields = reconciliation.diff_subscription(
-                    reconciliation.HeldBilling(
-                        organization_id=organization.id,
-                        subscription_id=membership_id,
-                        status=organization.billing_status,
-                        tier=organization.tier,
-                        addons=organization.addon_quantities(),
-                        cancel_at_period_end=organization.cancel_at_period_end,
-                        current_period_end=organization.current_period_end,
-                        collection_paused=organization.collection_paused,
-                    ),
-                    state,
-                )
-                if fields:
-                    drifts.append(reconciliation.SubscriptionDrift(organization.id, membership_id, fields, "Whop"))
-        finally:
-            db.session.rollback()
-        return drifts
+        return reconcile_reads.compare_with_whop(held, listed)
 
     @classmethod
     def _reconcile_read(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:
         client = cls.ensure_stripe()
-        since = int(time.time()) - since_days * 86400
+        since = clock.now() - since_days * 86400
         report = reconciliation.ReconcileReport()
-        try:
-            query = select(Organization).where(
-                Organization.billing_provider == BillingProvider.STRIPE,
-                Organization.billing_subscription_id.is_not(None),
-            )
-            if organization_id is not None:
-                query = query.where(Organization.id == organization_id)
-            organizations = {str(org.billing_subscription_id): org.id for org in db.session.execute(query).scalars()}
-            if organization_id is not None and not organizations:
-                raise BillingError(f"organization {organization_id} has no subscription to reconcile")
-            held_ids = {
-                str(subscription_id)
-                for subscription_id in db.session.execute(
-                    select(Organization.billing_subscription_id).where(
-                        Organization.billing_provider == BillingProvider.STRIPE,
-                        Organization.billing_subscription_id.is_not(None),
-                    )
-                ).scalars()
-            }
-            stored_events = set(
-                db.session.execute(select(StripeEvent.event_id).where(StripeEvent.stripe_created >= since)).scalars()
-            )
-            customer_ids = {
-                str(customer_id)
-                for customer_id in db.session.execute(
-                    select(Organization.billing_customer_id).where(Organization.id == organization_id)
-                ).scalars()
-                if customer_id and organization_id is not None
-            }
-        finally:
-            db.session.rollback()
-        related = set(organizations) | customer_ids
+        held = reconcile_reads.held_by_stripe(organization_id, since)
         # Stripe, with no transaction open.
         with cls._calling_stripe("list subscriptions for reconcile"):
             listed = {
@@ -1157,7 +765,7 @@ class BillingService:
                     else ()
                 )
             }
-            for subscription_id in organizations:
+            for subscription_id in held.organizations:
                 if subscription_id not in listed:
                     listed[subscription_id] = client.v1.subscriptions.retrieve(subscription_id).to_dict()
             events = [
@@ -1166,54 +774,12 @@ class BillingService:
                     params={"created": {"gte": since}, "types": sorted(HANDLED_STRIPE_EVENTS), "limit": 100}
                 ).auto_paging_iter()
             ]
-        events = [event for event in events if organization_id is None or _event_references(event) & related]
-        orphan_candidates = [sub for sub_id, sub in listed.items() if sub_id not in held_ids]
-        try:
-            for subscription_id, org_id in organizations.items():
-                organization = db.session.get(Organization, org_id)
-                if organization is None:
-                    continue
-                state = cls._subscription_state(listed[subscription_id], organization)
-                held = reconciliation.HeldBilling(
-                    organization_id=organization.id,
-                    subscription_id=subscription_id,
-                    status=organization.billing_status,
-                    tier=organization.tier,
-                    addons=organization.addon_quantities(),
-                    cancel_at_period_end=organization.cancel_at_period_end,
-                    current_period_end=organization.current_period_end,
-                    collection_paused=organization.collection_paused,
-                )
-                drift = reconciliation.diff_subscription(held, state)
-                if drift:
-                    report.subscriptions.append(
-                        reconciliation.SubscriptionDrift(organization.id, subscription_id, drift)
-                    )
-            pending_ids = [
-                str((sub.get("metadata") or {}).get("pending_signup_id"))
-                for sub in orphan_candidates
-                if (sub.get("metadata") or {}).get("pending_signup_id")
-            ]
-            pending = {
-                str(row.id): row.status
-                for row in db.session.execute(
-                    select(PendingSignup.id, PendingSignup.status).where(
-                        PendingSignup.id.in_([key for key in (as_uuid(p) for p in pending_ids) if key])
-                    )
-                )
-            }
-            resubscribes = {
-                str(row.stripe_subscription_id): row.checkout_session_id
-                for row in db.session.execute(
-                    select(ResubscribeCheckout).where(
-                        ResubscribeCheckout.stripe_subscription_id.in_([sub["id"] for sub in orphan_candidates])
-                    )
-                ).scalars()
-            }
-            db.session.commit()  # the prices the states remembered
-        except BaseException:
-            db.session.rollback()
-            raise
+        if organization_id is not None:
+            events = [event for event in events if reconcile_reads.event_references(event) & held.related]
+        orphan_candidates = [sub for sub_id, sub in listed.items() if sub_id not in held.held_ids]
+        report.subscriptions, pending, resubscribes = reconcile_reads.compare_with_stripe(
+            held, listed, orphan_candidates
+        )
         unexplained = [
             sub
             for sub in orphan_candidates
@@ -1221,37 +787,10 @@ class BillingService:
         ]
         if unexplained and organization_id is None:
             resubscribes.update(cls._resubscribe_checkouts_for(unexplained))
-        report.orphans = reconciliation.find_orphans(orphan_candidates, held_ids, pending, resubscribes)
-        report.unsettled = cls._unsettled(organization_id)
-        report.missing_events = reconciliation.find_missing_events(events, stored_events, HANDLED_STRIPE_EVENTS)
+        report.orphans = reconciliation.find_orphans(orphan_candidates, held.held_ids, pending, resubscribes)
+        report.unsettled = reconcile_reads.unsettled(organization_id)
+        report.missing_events = reconciliation.find_missing_events(events, held.stored_events, HANDLED_STRIPE_EVENTS)
         return report
-
-    @staticmethod
-    def _unsettled(organization_id: int | None) -> list[reconciliation.Unsettled]:
-        """Conflicting signups and surplus resubscriptions whose cancel and refund are not both done."""
-        try:
-            found = []
-            if organization_id is None:
-                found += [
-                    reconciliation.Unsettled("signup", str(row.id), str(row.stripe_subscription_id))
-                    for row in db.session.execute(
-                        select(PendingSignup.id, PendingSignup.stripe_subscription_id).where(
-                            PendingSignup.stripe_subscription_id.is_not(None), PendingSignup.settled_at.is_(None)
-                        )
-                    )
-                ]
-            query = select(ResubscribeCheckout.checkout_session_id, ResubscribeCheckout.stripe_subscription_id).where(
-                ResubscribeCheckout.status == ResubscribeStatus.SURPLUS
-            )
-            if organization_id is not None:
-                query = query.where(ResubscribeCheckout.organization_id == organization_id)
-            found += [
-                reconciliation.Unsettled("resubscribe", row.checkout_session_id, str(row.stripe_subscription_id))
-                for row in db.session.execute(query)
-            ]
-            return found
-        finally:
-            db.session.rollback()
 
     @classmethod
     def _resubscribe_checkouts_for(cls, subscriptions: list[dict[str, Any]]) -> dict[str, str]:
@@ -1264,11 +803,7 @@ class BillingService:
                     params={"subscription": subscription["id"], "limit": 1}
                 )
             for session in sessions.data:
-                ours = db.session.execute(
-                    select(ResubscribeCheckout.id).where(ResubscribeCheckout.checkout_session_id == session.id)
-                ).scalar_one_or_none()
-                db.session.rollback()
-                if ours is not None:
+                if reconcile_reads.is_our_resubscribe_checkout(session.id):
                     found[subscription["id"]] = session.id
         return found
 
@@ -1285,8 +820,8 @@ class BillingService:
             # The event exactly as Stripe sends it (the raw body; a dict round trip would turn amounts
             # like unit_amount_decimal into Decimals), stored and queued as a delivery is.
             raw = event.last_response.body if event.last_response else json.dumps(event.to_dict(), default=str)
-            verified = _parse_stripe_event(raw)
-            result = cls._store_event(provider, verified)
+            verified = stripe_events.parse_event(raw)
+            result = webhook_intake.store(provider, verified)
             applied.append(f"event {missing.event_id} {missing.type}: stored {result.body}")
             if not {"ignored", "failed", "duplicate"} & set(result.body):
                 key = provider.object_key(verified)
@@ -1301,10 +836,10 @@ class BillingService:
             # As the worker applies a subscription event: read now, checked, applied under a short lock.
             subscription = stripe_objects.subscription_for_state(cls.retrieve_subscription(drift.subscription_id))
             with committed():
-                organization = cls._lock_organization_for_subscription(subscription)
+                organization = stripe_events.lock_organization_for_subscription(subscription)
                 changes: list[str] = []
                 if organization is not None:
-                    changes = cls._apply_subscription_read(organization, subscription, source="reconcile")
+                    changes = provisioning.apply_subscription_read(organization, subscription, source="reconcile")
             what = ", ".join(changes) or "no change"
             applied.append(f"organization {drift.organization_id} follows {drift.subscription_id}: {what}")
         return applied + cls._reconcile_settle(report)
@@ -1373,95 +908,22 @@ class BillingService:
 
     @classmethod
     def billing_details(cls, organization: Organization) -> BillingDetails:
-        """What the owner's billing page shows from Stripe: the subscription's prices, the next invoice
-        (Stripe's preview), the payment method on file, a scheduled downgrade and the invoice history.
-        Each part is cached for BILLING_READ_CACHE_SECONDS; a part Stripe does not give in time is None
-        and named in `unavailable` (remembered for BILLING_READ_FAILURE_SECONDS), and the page shows the
-        rest. Never raises for Stripe's sake."""
-        details = BillingDetails()
-        if organization.billed_by_whop:
-            return details  # Stripe has nothing to say about a Whop membership; the page shows what we hold
-        subscription_id, customer_id = organization.billing_subscription_id, organization.billing_customer_id
-        live = organization.billing_status not in (BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED)
-        ending = organization.cancel_at_period_end
-        # The cache is keyed by the Stripe state the organization holds: an applied webhook or change
-        # (billing_as_of, payment_as_of) makes the page read Stripe afresh.
-        organization_id = f"{organization.id}:{organization.billing_as_of or 0}:{organization.payment_as_of or 0}"
-        db.session.rollback()  # no transaction is held while Stripe is asked (the page reloads what it shows)
-        if subscription_id:
-            facts = cls._cached_read(
-                organization_id,
-                "subscription",
-                lambda: SubscriptionFacts.from_stripe(cls._read_subscription_for_page(subscription_id)),
-                details,
-            )
-            details.subscription = facts if isinstance(facts, SubscriptionFacts) else None
-        if subscription_id and live and not ending:
-            upcoming = cls._cached_read(
-                organization_id, "upcoming", lambda: cls._read_upcoming(subscription_id), details
-            )
-            details.upcoming = upcoming if isinstance(upcoming, UpcomingInvoice) else None
-        if details.subscription is not None and details.subscription.schedule_id and live:
-            schedule_id = details.subscription.schedule_id
-            change = cls._cached_read(organization_id, "schedule", lambda: cls._read_schedule(schedule_id), details)
-            details.scheduled_change = change if isinstance(change, ScheduledChange) else None
-        if customer_id:
-            default_method = details.subscription.default_payment_method if details.subscription else None
-            method = cls._cached_read(
-                organization_id,
-                "payment_method",
-                lambda: cls._read_payment_method(customer_id, default_method),
-                details,
-            )
-            details.payment_method = method if isinstance(method, CardOnFile) else None
-            invoices = cls._cached_read(organization_id, "invoices", lambda: cls._read_invoices(customer_id), details)
-            details.invoices = invoices if isinstance(invoices, list) else None
-        return details
-
-    @classmethod
-    def forget_billing_reads(cls, organization_id: int) -> None:
-        """Drop the billing page's cached reads, after a change made from the app."""
-        organization = db.session.get(Organization, organization_id)
-        if organization is None:
-            return
-        version = f"{organization_id}:{organization.billing_as_of or 0}:{organization.payment_as_of or 0}"
-        cache.delete_many(*(f"billing-read:{version}:{part}" for part in BILLING_READ_PARTS))
+        """What the owner's billing page shows from Stripe (billing_page.py); never raises for Stripe's
+        sake: a part Stripe does not give in time is named in `unavailable`."""
+        return billing_page.billing_details(organization, cls)
 
     @staticmethod
-    def _cached_read(organization_id: str, part: str, read: Callable[[], Any], details: BillingDetails) -> Any:
-        key = f"billing-read:{organization_id}:{part}"
-        try:
-            cached = cache.get(key)
-        except Exception:  # the cache is a convenience here: a Redis hiccup must not fail the page
-            cached = None
-        if isinstance(cached, dict) and cached.get("unavailable"):
-            details.unavailable.append(part)
-            return None
-        if cached is not None:
-            return cached.get("value") if isinstance(cached, dict) else None
-        config = current_app.config
-        try:
-            value = read()
-        except (BillingError, BillingConfigurationError) as exc:
-            logger.info("billing page: %s not read from Stripe: %s", part, exc)
-            details.unavailable.append(part)
-            _cache_quietly(key, {"unavailable": True}, config["BILLING_READ_FAILURE_SECONDS"])
-            return None
-        except Exception:  # an answer we could not read: the page still shows everything else
-            logger.exception("billing page: %s could not be read", part)
-            details.unavailable.append(part)
-            _cache_quietly(key, {"unavailable": True}, config["BILLING_READ_FAILURE_SECONDS"])
-            return None
-        _cache_quietly(key, {"value": value}, config["BILLING_READ_CACHE_SECONDS"])
-        return value
+    def forget_billing_reads(organization_id: int) -> None:
+        """Drop the billing page's cached reads, after a change made from the app."""
+        billing_page.forget_reads(organization_id)
 
     @classmethod
-    def _read_subscription_for_page(cls, subscription_id: str) -> dict[str, Any]:
+    def read_subscription_for_page(cls, subscription_id: str) -> dict[str, Any]:
         with cls._calling_stripe("read a subscription"):
             return cls._stripe_for_page_reads().v1.subscriptions.retrieve(subscription_id, options=PAGE_READ).to_dict()
 
     @classmethod
-    def _read_upcoming(cls, subscription_id: str) -> UpcomingInvoice | None:
+    def read_upcoming(cls, subscription_id: str) -> dict[str, Any] | None:
         try:
             with cls._calling_stripe("preview the next invoice"):
                 preview = cls._stripe_for_page_reads().v1.invoices.create_preview(
@@ -1471,46 +933,34 @@ class BillingService:
             if isinstance(exc.__cause__, stripe.InvalidRequestError):
                 return None  # Stripe says there is no next invoice (the subscription ends, say)
             raise
-        return UpcomingInvoice.from_stripe(preview.to_dict())
+        return preview.to_dict()
 
     @classmethod
-    def _read_schedule(cls, schedule_id: str) -> ScheduledChange | None:
+    def read_schedule(cls, schedule_id: str) -> dict[str, Any]:
         with cls._calling_stripe("read a subscription schedule"):
-            schedule = (
-                cls._stripe_for_page_reads()
-                .v1.subscription_schedules.retrieve(schedule_id, options=PAGE_READ)
-                .to_dict()
-            )
-        change = scheduled_change_from_stripe(schedule, int(time.time()))
-        if change is None:
-            return None
-        # Phases name prices by id: say them as the catalogue does.
-        by_id = {price.id: key for key, price in cls.catalogue_prices().items()}
-        keys = [by_id.get(price_id, price_id) for price_id in change.lookup_keys]
-        quantities = {by_id.get(price_id, price_id): quantity for price_id, quantity in change.quantities.items()}
-        return replace(change, lookup_keys=keys, quantities=quantities)
+            client = cls._stripe_for_page_reads()
+            return client.v1.subscription_schedules.retrieve(schedule_id, options=PAGE_READ).to_dict()
 
     @classmethod
-    def _read_payment_method(cls, customer_id: str, default_method: str | None) -> CardOnFile | None:
+    def read_payment_method(cls, customer_id: str, default_method: str | None) -> dict[str, Any] | None:
         client = cls._stripe_for_page_reads()
         method_id = default_method
         if method_id is None:
             with cls._calling_stripe("read a customer"):
                 customer = client.v1.customers.retrieve(customer_id, options=PAGE_READ).to_dict()
-            method_id = billing_details_id((customer.get("invoice_settings") or {}).get("default_payment_method"))
+            method_id = id_of((customer.get("invoice_settings") or {}).get("default_payment_method"))
         if method_id is None:
             return None
         with cls._calling_stripe("read a payment method"):
-            method = client.v1.payment_methods.retrieve(method_id, options=PAGE_READ).to_dict()
-        return CardOnFile.from_stripe(method)
+            return client.v1.payment_methods.retrieve(method_id, options=PAGE_READ).to_dict()
 
     @classmethod
-    def _read_invoices(cls, customer_id: str) -> list[InvoiceRow]:
+    def read_invoices(cls, customer_id: str) -> list[dict[str, Any]]:
         with cls._calling_stripe("list invoices"):
             invoices = cls._stripe_for_page_reads().v1.invoices.list(
                 params={"customer": customer_id, "limit": INVOICE_HISTORY_LENGTH}, options=PAGE_READ
             )
-        return [InvoiceRow.from_stripe(invoice.to_dict()) for invoice in invoices.data]
+        return [invoice.to_dict() for invoice in invoices.data]
 
     # --- Plan and seat changes --------------------------------------------------------------------
 
@@ -1597,7 +1047,7 @@ class BillingService:
         if age > current_app.config["PLAN_CHANGE_PREVIEW_MINUTES"] * 60:
             raise StalePreview(f"This preview is {age // 60} minutes old.")
         key = preview.idempotency_key()
-        claim = cls._claim_change(preview, key, actor_user_id)
+        claim = plan_change_claims.claim(preview, key, actor_user_id)
         if claim is not None:
             return claim
         try:
@@ -1614,94 +1064,15 @@ class BillingService:
             else:
                 subscription, action_url = cls._schedule_change(current, preview, prices, key), None
         except StalePreview as exc:
-            cls._finish_change(key, SubscriptionChangeStatus.REFUSED, f"stale: {exc}")
+            plan_change_claims.finish(key, SubscriptionChangeStatus.REFUSED, f"stale: {exc}")
             raise
         except BaseException as exc:
             # A retry of this same preview reuses the key, so Stripe makes the change at most once.
-            cls._finish_change(key, SubscriptionChangeStatus.FAILED, describe_failure(exc)[:500])
+            plan_change_claims.finish(key, SubscriptionChangeStatus.FAILED, describe_failure(exc)[:500])
             raise
         cls.forget_billing_reads(preview.organization_id)
-        with committed():
-            organization = db.session.get(
-                Organization, preview.organization_id, with_for_update=True, populate_existing=True
-            )
-            if organization is None:
-                raise SubscriptionActionNotAllowed("This organization no longer exists.")
-            cls._apply_subscription_read(organization, subscription, source=f"user:{actor_user_id}")
-            domain_events.record(
-                "subscription.change_scheduled" if preview.when == When.PERIOD_END else "subscription.changed",
-                organization_id=organization.id,
-                user_id=actor_user_id,
-                source=f"user:{actor_user_id}",
-                kind=preview.kind,
-                tier=preview.target.tier,
-                interval=preview.target.interval,
-                extra_seats=preview.target.extra_seats,
-                charged_today=preview.today if preview.when == When.NOW else 0,
-                effective_at=preview.effective_at,
-            )
-            _finish_claim(key, SubscriptionChangeStatus.APPLIED, "applied")
+        plan_change_claims.record_applied(preview, key, subscription, actor_user_id=actor_user_id)
         return ChangeOutcome(applied=True, when=preview.when, action_url=action_url)
-
-    @classmethod
-    def _claim_change(cls, preview: Preview, key: str, actor_user_id: int) -> ChangeOutcome | None:
-        """Claim the change, or say what became of an earlier submit of the same preview."""
-        stale_before = utcnow() - timedelta(minutes=5)
-        try:
-            # A claim abandoned by a crashed worker does not block the organization for ever.
-            db.session.execute(
-                update(SubscriptionChange)
-                .where(
-                    SubscriptionChange.organization_id == preview.organization_id,
-                    SubscriptionChange.status == SubscriptionChangeStatus.PENDING,
-                    SubscriptionChange.created_at < stale_before,
-                )
-                .values(status=SubscriptionChangeStatus.FAILED, outcome="abandoned", finished_at=utcnow())
-            )
-            retried = db.session.execute(
-                update(SubscriptionChange)
-                .where(
-                    SubscriptionChange.idempotency_key == key,
-                    SubscriptionChange.status == SubscriptionChangeStatus.FAILED,
-                )
-                .values(status=SubscriptionChangeStatus.PENDING, outcome=None, finished_at=None, created_at=utcnow())
-                .returning(SubscriptionChange.id)
-            ).first()
-            if retried is None:
-                db.session.add(
-                    SubscriptionChange(
-                        organization_id=preview.organization_id,
-                        idempotency_key=key,
-                        kind=preview.kind,
-                        summary=json.dumps(preview.target.__dict__)[:500],
-                        status=SubscriptionChangeStatus.PENDING,
-                        actor_user_id=actor_user_id,
-                    )
-                )
-            db.session.commit()
-        except IntegrityError:
-            db.session.rollback()
-            earlier = db.session.execute(
-                select(SubscriptionChange).where(SubscriptionChange.idempotency_key == key)
-            ).scalar_one_or_none()
-            db.session.rollback()
-            if earlier is not None and earlier.status == SubscriptionChangeStatus.APPLIED:
-                return ChangeOutcome(applied=True, when=preview.when, action_url=None, duplicate=True)
-            if earlier is not None and earlier.status == SubscriptionChangeStatus.PENDING:
-                return ChangeOutcome(applied=False, when=preview.when, action_url=None, duplicate=True)
-            if earlier is not None and earlier.status == SubscriptionChangeStatus.REFUSED:
-                raise StalePreview("This preview is out of date.") from None
-            raise StalePreview("Another change to your subscription is being made.") from None
-        except BaseException:
-            db.session.rollback()
-            raise
-        return None
-
-    @staticmethod
-    def _finish_change(key: str, status: SubscriptionChangeStatus, outcome: str) -> None:
-        db.session.rollback()
-        with committed():
-            _finish_claim(key, status, outcome)
 
     @classmethod
     def _apply_change_now(
@@ -1800,323 +1171,23 @@ class BillingService:
         provider = cls._webhook_providers.get(provider_name)
         if provider is None:
             raise UnknownWebhookProvider(provider_name)
-        return cls._store_event(provider, provider.verify(payload, headers))
+        return webhook_intake.store(provider, provider.verify(payload, headers))
 
     @classmethod
     def replay_stored_event(cls, event_id: str) -> WebhookResult:
         """Queue a stored event again (ops: `flask billing replay`): a failed one goes back to pending,
         read afresh (so a fix to the reading code applies), and the worker applies it."""
-        for provider in cls._webhook_providers.values():
-            model = provider.event_model
-            row = webhook_store.row_for(model, event_id)
-            if row is None:
-                continue
-            try:
-                if row.status in (StripeEventStatus.PROCESSED, StripeEventStatus.IGNORED):
-                    return WebhookResult(200, {"received": True, "duplicate": True})
-                try:
-                    object_key = provider.object_key(cls._stored_event(provider, row))
-                except (MalformedObject, ValueError) as exc:
-                    return WebhookResult(422, {"received": True, "failed": str(exc)})
-                if row.status == StripeEventStatus.FAILED:
-                    webhook_store.requeue(model, row.id, object_key)
-                cls._queue_application(provider, object_key)
-                db.session.commit()
-                return WebhookResult(202, {"received": True, "queued": object_key})
-            finally:
-                db.session.rollback()
-        raise LookupError(f"no stored event {event_id}")
-
-    @staticmethod
-    def _stored_event(provider: WebhookProvider, row: StripeEvent | WhopEvent) -> VerifiedEvent:
-        if not row.payload:
-            raise ValueError(f"the payload of {row.event_id} is no longer stored")
-        return VerifiedEvent(
-            provider=provider.name,
-            event_id=row.event_id,
-            type=row.type,
-            created=getattr(row, provider.event_model.created_column),
-            livemode=row.livemode,
-            api_version=row.api_version,
-            raw=row.payload,
-            body=json.loads(row.payload),
-        )
-
-    @staticmethod
-    def _queue_application(provider: WebhookProvider, object_key: str) -> None:
-        """One job per object: while one waits (at least WEBHOOK_COALESCE_SECONDS), later events about
-        the object join it (queueing lock), and the lock runs one object's jobs one at a time."""
-        wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
-        queue.defer(
-            WEBHOOK_TASK,
-            queue=WEBHOOK_QUEUE,
-            lock=f"{provider.name}:{object_key}",
-            queueing_lock=f"{provider.name}:{object_key}",
-            # The job waits this long before it runs, so a burst about one object joins it.
-            scheduled_at=utcnow() + timedelta(seconds=wait) if wait > 0 else None,
-            provider=provider.name,
-            object_key=object_key,
-        )
-
-    @classmethod
-    def _store_event(cls, provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
-        model = provider.event_model
-        if webhook_store.is_recorded(model, event.event_id):
-            return WebhookResult(200, {"received": True, "duplicate": True})
-        ignored = provider.ignore_reason(event)
-        object_key = error = None
-        if not ignored:
-            try:
-                object_key = provider.object_key(event)
-            except MalformedObject as exc:
-                error = str(exc)
-                logger.warning("webhook event %s (%s) is malformed: %s", event.event_id, event.type, error)
-        status = (
-            StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
-        )
-        with committed():  # on an error nothing is stored; the provider redelivers after a 5xx
-            row_id = webhook_store.claim(model, event, status, outcome=ignored, error=error, object_key=object_key)
-            if row_id is not None and object_key is not None:
-                cls._queue_application(provider, object_key)
-        if row_id is None:  # stored by a concurrent delivery we waited for
-            return WebhookResult(200, {"received": True, "duplicate": True})
-        if ignored:
-            return WebhookResult(200, {"received": True, "ignored": ignored})
-        if error:
-            return WebhookResult(200, {"received": True, "failed": error})
-        return WebhookResult(200, {"received": True})
+        return webhook_intake.replay(cls._webhook_providers.values(), event_id)
 
     @classmethod
     def apply_queued_events(cls, provider_name: str, object_key: str, *, final_attempt: bool = True) -> str:
         """The worker's half: apply every pending event about one object, together, from the object's
-        current state at the provider (re-read once, with no transaction open), in one transaction
-        that also settles the events. A failure keeps the events pending with the error (the job is
-        retried with backoff) and, on the last attempt or for a malformed object, marks them failed."""
+        current state at the provider, in one transaction that also settles the events
+        (webhook_intake.py)."""
         provider = cls._webhook_providers[provider_name]
-        model = provider.event_model
-        rows = webhook_store.pending_rows(model, object_key)
-        events = [cls._stored_event(provider, row) for row in rows]
-        row_ids = {row.event_id: row.id for row in rows}
-        db.session.rollback()  # nothing is held while the provider is read
-        if not events:
-            return "nothing pending"
-        try:
-            outcomes = provider.apply_batch(object_key, events)
-            for event in events:
-                status, outcome = outcomes[event.event_id]
-                webhook_store.settle(model, row_ids[event.event_id], status, outcome)
-            db.session.commit()
-        except Exception as exc:
-            db.session.rollback()  # the batch's changes and its domain events go; its rows stay pending
-            if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-                raise
-            permanent = isinstance(exc, MalformedObject)
-            logger.log(
-                logging.WARNING if permanent else logging.ERROR,
-                "applying %d webhook event(s) about %s failed",
-                len(events),
-                object_key,
-                exc_info=not permanent,
-            )
-            with committed():
-                webhook_store.record_attempt_failure(
-                    model, list(row_ids.values()), describe_failure(exc), final=permanent or final_attempt
-                )
-            if permanent:
-                return f"failed: {exc}"
-            raise
-        return f"applied {len(events)} event(s) about {object_key}"
+        return webhook_intake.apply_queued(provider, object_key, final_attempt=final_attempt)
 
     # --- Stripe events, applied -------------------------------------------------------------------
-
-    @classmethod
-    def _apply_subscription_events(
-        cls, subscription_id: str, events: list[VerifiedEvent]
-    ) -> dict[str, tuple[StripeEventStatus, str]]:
-        """customer.subscription.* events: the organization follows Stripe's current subscription,
-        read now, whatever order the events came in and whatever their timestamps say (so neither
-        ordering nor either clock matters); the events only say when to look."""
-        for _read in range(3):
-            # What the organization looked like before Stripe is read: if an owner's action or
-            # provisioning changes it while the read is in flight, the read may be older than what it
-            # holds, so it is read again (compare-and-swap; no clock involved).
-            seen = cls._organization_version(subscription_id)
-            db.session.rollback()
-            try:
-                subscription = cls.retrieve_subscription(subscription_id)
-            except PaymentProviderUnavailable as exc:
-                if _is_missing(exc):
-                    reason = f"not ours: this Stripe account has no subscription {subscription_id}"
-                    return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
-                raise
-            subscription = stripe_objects.subscription_for_state(subscription)
-            organization = cls._lock_organization_for_subscription(subscription)
-            now_held = (organization.id, organization.updated_at) if organization else None
-            if now_held == seen:
-                break
-            db.session.rollback()
-        else:
-            raise PaymentProviderUnavailable("the organization kept changing while Stripe was read; retrying later")
-        if organization is None:
-            metadata = subscription.get("metadata") or {}
-            if metadata.get("pending_signup_id") or metadata.get("purpose") == "resubscribe":
-                waiting = "no organization for this subscription yet; provisioning reads it from Stripe"
-                return {event.event_id: (StripeEventStatus.PROCESSED, waiting) for event in events}
-            reason = "not ours: no organization holds this subscription and it carries no signup of this app"
-            return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
-        last = events[-1]
-        changes = cls._apply_subscription_read(organization, subscription, source=last.source)
-        summary = "applied Stripe's current subscription: " + (", ".join(changes) or "no change")
-        outcomes: dict[str, tuple[StripeEventStatus, str]] = {}
-        for event in events:
-            if event.type == "customer.subscription.trial_will_end":
-                outcome = cls._record_trial_will_end(event.body["data"]["object"], event)
-            elif event is last:
-                outcome = summary
-            else:
-                outcome = f"coalesced into {last.event_id}: {summary}"
-            outcomes[event.event_id] = (StripeEventStatus.PROCESSED, outcome)
-        return outcomes
-
-    @classmethod
-    def _apply_checkout_events(
-        cls, session_id: str, events: list[VerifiedEvent]
-    ) -> dict[str, tuple[StripeEventStatus, str]]:
-        """checkout.session.* events: Stripe's current Checkout Session decides (paid: provision through
-        the same code as the success redirect; expired or failed: close the signup)."""
-
-        def every(status: StripeEventStatus, outcome: str) -> dict[str, tuple[StripeEventStatus, str]]:
-            return {event.event_id: (status, outcome) for event in events}
-
-        try:
-            checkout = cls.retrieve_checkout_session(session_id, expand_subscription=False)
-        except CheckoutSessionNotFound:
-            return every(StripeEventStatus.IGNORED, f"not ours: this Stripe account has no checkout {session_id}")
-        session = stripe_objects.read(stripe_objects.CheckoutSession, checkout)
-        if session.purpose not in ("signup", "resubscribe"):
-            return every(StripeEventStatus.IGNORED, "not ours: not a checkout this app created")
-        source = events[-1].source
-        if checkout_is_paid(checkout):
-            try:
-                # Nothing is written yet: the connection goes back to the pool while Stripe is read.
-                outcome = cls._provision_checkout_session(checkout, source=source, release_before_stripe=True)
-            except CheckoutSessionNotFound as exc:
-                return every(StripeEventStatus.IGNORED, f"not ours: {exc}")
-            return every(StripeEventStatus.PROCESSED, f"{outcome.state} (organization {outcome.organization_id})")
-        # An expiry is final at Stripe: the event says so even if a read raced ahead of it.
-        if checkout.get("status") == "expired" or any(event.type == "checkout.session.expired" for event in events):
-            return every(
-                StripeEventStatus.PROCESSED, _close_checkout(checkout, SignupStatus.EXPIRED, "checkout expired", source)
-            )
-        if any(event.type == "checkout.session.async_payment_failed" for event in events):
-            return every(
-                StripeEventStatus.PROCESSED, _close_checkout(checkout, SignupStatus.FAILED, "payment failed", source)
-            )
-        return every(StripeEventStatus.PROCESSED, "awaiting payment")
-
-    @staticmethod
-    def _organization_version(subscription_id: str) -> tuple[int, Any] | None:
-        row = db.session.execute(
-            select(Organization.id, Organization.updated_at).where(
-                Organization.billing_provider == BillingProvider.STRIPE,
-                Organization.billing_subscription_id == subscription_id,
-            )
-        ).first()
-        return (row[0], row[1]) if row else None
-
-    @staticmethod
-    def _lock_organization_for_subscription(subscription: dict[str, Any]) -> Organization | None:
-        def find() -> Organization | None:
-            # The add-ons come in the same query: applying the subscription compares them.
-            return (
-                db.session.execute(
-                    select(Organization)
-                    .options(joinedload(Organization.addons))
-                    .where(
-                        Organization.billing_provider == BillingProvider.STRIPE,
-                        Organization.billing_subscription_id == subscription["id"],
-                    )
-                    .with_for_update(of=Organization)
-                    .execution_options(populate_existing=True)
-                )
-                .unique()
-                .scalar_one_or_none()
-            )
-
-        organization = find()
-        if organization is not None:
-            return organization
-        # Not ours yet: wait for any provisioning of it in flight by taking the same lock it holds,
-        # then look again. If there is none, provisioning will read the subscription itself later.
-        # Provisioning reads Stripe before it locks, so an event in that window bumps a counter that
-        # makes it read again.
-        metadata = subscription.get("metadata") or {}
-        if metadata.get("purpose") == "resubscribe" and str(metadata.get("organization_id") or "").isdigit():
-            db.session.execute(
-                update(Organization)
-                .where(Organization.id == int(metadata["organization_id"]))
-                .values(subscription_events_seen=Organization.subscription_events_seen + 1)
-            )
-        elif metadata.get("pending_signup_id"):
-            SignupService.lock_pending_signup(metadata["pending_signup_id"])
-            SignupService.note_subscription_event(metadata["pending_signup_id"])
-        return find()
-
-    @classmethod
-    def _record_invoice(cls, invoice: dict[str, Any], event: VerifiedEvent) -> str:
-        """invoice.paid / invoice.payment_failed / invoice.payment_action_required: the payment state,
-        and a domain event that dunning notices hang on."""
-        organization = db.session.execute(
-            select(Organization)
-            .where(
-                Organization.billing_provider == BillingProvider.STRIPE,
-                Organization.billing_customer_id == invoice.get("customer"),
-            )
-            .with_for_update()
-        ).scalar_one_or_none()
-        if organization is None:
-            return "no organization for this customer yet"
-        payment_status = INVOICE_PAYMENT_STATUS[event.type]
-        if organization.last_invoice_id == invoice["id"] and organization.last_payment_status == "paid":
-            return "stale: this invoice is already paid"
-        if organization.payment_as_of is not None and event.created < organization.payment_as_of:
-            return "stale: a newer invoice event was applied"
-        organization.last_invoice_id = invoice["id"]
-        organization.last_payment_status = payment_status
-        organization.payment_as_of = event.created
-        if payment_status == "paid":
-            organization.last_payment_at = utcnow()
-        domain_events.record(
-            f"billing.payment_{'succeeded' if payment_status == 'paid' else payment_status}",
-            organization_id=organization.id,
-            source=event.source,
-            invoice_id=invoice["id"],
-            amount_due=invoice.get("amount_due"),
-            amount_paid=invoice.get("amount_paid"),
-            currency=invoice.get("currency"),
-            attempt_count=invoice.get("attempt_count"),
-            next_payment_attempt=invoice.get("next_payment_attempt"),
-            hosted_invoice_url=invoice.get("hosted_invoice_url"),
-        )
-        return f"payment {payment_status} recorded"
-
-    @classmethod
-    def _record_trial_will_end(cls, subscription: dict[str, Any], event: VerifiedEvent) -> str:
-        organization_id = db.session.execute(
-            select(Organization.id).where(
-                Organization.billing_provider == BillingProvider.STRIPE,
-                Organization.billing_subscription_id == subscription["id"],
-            )
-        ).scalar_one_or_none()
-        if organization_id is None:
-            return "no organization for this subscription"
-        domain_events.record(
-            "subscription.trial_will_end",
-            organization_id=organization_id,
-            source=event.source,
-            trial_end=subscription.get("trial_end"),
-        )
-        return "trial ending recorded"
 
     # --- Whop -----------------------------------------------------------------------------------
 
@@ -2234,33 +1305,6 @@ class BillingService:
         return changes
 
 
-def _event_references(event: Mapping[str, Any]) -> set[str]:
-    """The subscription and customer ids an event's object names."""
-    obj = (event.get("data") or {}).get("object") or {}
-    references = {id_of(obj.get(name)) for name in ("subscription", "customer")}
-    if obj.get("object") == "subscription":
-        references.add(id_of(obj.get("id")))
-    return {reference for reference in references if reference}
-
-
-def _remember_prices_statement(prices: Iterable[KnownPrice]) -> Any:
-    """Remember prices seen with a catalogue lookup key; a price already known stays as first seen."""
-    now = utcnow()
-    rows = {
-        price.price_id: {
-            "price_id": price.price_id,
-            "product_id": price.product_id,
-            "lookup_key": price.lookup_key,
-            "kind": price.entry.kind,
-            "catalogue_key": price.entry.key,
-            "first_seen_at": now,
-        }
-        for price in prices
-    }
-    statement = portable_insert(CataloguePrice).values(list(rows.values()))
-    return statement.on_conflict_do_nothing(index_elements=["price_id"])
-
-
 @outbox.consumer("signup.conflict", name="settle_signup_conflict")
 def _settle_signup_conflict(event: outbox.OutboxEvent) -> None:
     """The worker cancels and refunds a conflicting signup recorded by a webhook (the success page
@@ -2271,28 +1315,6 @@ def _settle_signup_conflict(event: outbox.OutboxEvent) -> None:
 @outbox.consumer("organization.surplus_subscription", name="settle_surplus_subscription")
 def _settle_surplus_subscription(event: outbox.OutboxEvent) -> None:
     BillingService.settle_surplus_subscription(event.data["checkout_session_id"], source="worker")
-
-
-INVOICE_PAYMENT_STATUS = {
-    "invoice.paid": "paid",
-    "invoice.payment_failed": "failed",
-    "invoice.payment_action_required": "action_required",
-}
-
-
-def _finish_claim(key: str, status: SubscriptionChangeStatus, outcome: str) -> None:
-    db.session.execute(
-        update(SubscriptionChange)
-        .where(SubscriptionChange.idempotency_key == key)
-        .values(status=status, outcome=outcome[:500], finished_at=utcnow())
-    )
-
-
-def _cache_quietly(key: str, value: Any, timeout: int) -> None:
-    try:
-        cache.set(key, value, timeout=timeout)
-    except Exception:
-        logger.info("billing page: %s not cached", key)
 
 
 class StripeWebhooks:
@@ -2325,48 +1347,16 @@ class StripeWebhooks:
                     reason = "malformed Stripe-Signature header"
         else:
             raise WebhookRejected(reason)
-        return _parse_stripe_event(text)
+        return stripe_events.parse_event(text)
 
     def ignore_reason(self, event: VerifiedEvent) -> str | None:
-        expected_livemode = str(current_app.config["STRIPE_SECRET_KEY"]).startswith(("sk_live_", "rk_live_"))
-        if event.livemode != expected_livemode:
-            return f"livemode mismatch: event is {'live' if event.livemode else 'test'} mode, our key is not"
-        if event.type not in HANDLED_STRIPE_EVENTS:
-            return f"unhandled event type {event.type}"
-        if event.type.startswith("checkout.session."):
-            metadata = event.body["data"]["object"].get("metadata")
-            # Metadata that is not an object is left for the typed reading to refuse (failed, with why).
-            if isinstance(metadata, dict | None) and (metadata or {}).get("purpose") not in ("signup", "resubscribe"):
-                return "not ours: not a checkout this app created"
-        return None
+        return stripe_events.ignore_reason(event)
 
     def object_key(self, event: VerifiedEvent) -> str:
-        obj = stripe_objects.read_for_event(event.type, event.body["data"]["object"])
-        if isinstance(obj, stripe_objects.CheckoutSession):
-            return f"checkout:{obj.id}"
-        if isinstance(obj, stripe_objects.Subscription):
-            return f"subscription:{obj.id}"
-        customer = stripe_objects.id_of(obj.customer)
-        if customer is None:
-            raise MalformedObject("malformed Invoice object: it names no customer")
-        return f"customer:{customer}"
+        return stripe_events.object_key(event)
 
-    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> dict[str, tuple[StripeEventStatus, str]]:
-        kind, _, object_id = object_key.partition(":")
-        if kind == "subscription":
-            return BillingService._apply_subscription_events(object_id, events)
-        if kind == "checkout":
-            return BillingService._apply_checkout_events(object_id, events)
-        if kind == "customer":
-            # Payments are facts with their own invoice ids: each event is recorded in turn (no read).
-            return {
-                event.event_id: (
-                    StripeEventStatus.PROCESSED,
-                    BillingService._record_invoice(event.body["data"]["object"], event),
-                )
-                for event in events
-            }
-        raise MalformedObject(f"no object kind {kind!r}")
+    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> EventOutcomes:
+        return stripe_events.apply_batch(object_key, events, BillingService)
 
 
 def _webhook_secrets() -> list[str]:
@@ -2374,84 +1364,6 @@ def _webhook_secrets() -> list[str]:
     if not secrets:
         raise BillingConfigurationError("STRIPE_WEBHOOK_SECRET is not set: webhooks cannot be verified")
     return secrets
-
-
-def _parse_stripe_event(text: str) -> VerifiedEvent:
-    try:
-        body = json.loads(text)
-    except ValueError:
-        raise WebhookRejected("body is not JSON") from None
-    if not (
-        isinstance(body, dict)
-        and body.get("object") == "event"
-        and isinstance(body.get("id"), str)
-        and STRIPE_EVENT_ID.fullmatch(body["id"])
-        and isinstance(body.get("type"), str)
-        and EVENT_TYPE.fullmatch(body["type"])
-        and type(body.get("created")) is int
-        and 0 <= body["created"] < 2**63
-        and isinstance(body.get("livemode"), bool)
-        and isinstance(body.get("data"), dict)
-        and isinstance(body["data"].get("object"), dict)
-    ):
-        raise WebhookRejected("body is not a Stripe event")
-    api_version = body.get("api_version")
-    return VerifiedEvent(
-        provider="stripe",
-        event_id=body["id"],
-        type=body["type"],
-        created=body["created"],
-        livemode=body["livemode"],
-        api_version=api_version if isinstance(api_version, str) and API_VERSION_FORMAT.fullmatch(api_version) else None,
-        raw=text,
-        body=body,
-    )
-
-
-def _close_checkout(checkout: dict[str, Any], status: SignupStatus, reason: str, source: str) -> str:
-    if (checkout.get("metadata") or {}).get("purpose") == "resubscribe":
-        return f"resubscribe checkout {reason}"
-    return SignupService.close_pending_signup(
-        checkout_session_id=checkout["id"],
-        reference_id=checkout.get("client_reference_id"),
-        status=status,
-        reason=reason,
-        source=source,
-    )
-
-
-def _is_missing(exc: BaseException) -> bool:
-    cause = exc.__cause__
-    return isinstance(cause, stripe.InvalidRequestError) and cause.code == "resource_missing"
-
-
-WEBHOOK_TASK = "webhooks:apply"
-WEBHOOK_QUEUE = "webhooks"
-HANDLED_STRIPE_EVENTS = frozenset(
-    {
-        "checkout.session.completed",
-        "checkout.session.async_payment_succeeded",
-        "checkout.session.async_payment_failed",
-        "checkout.session.expired",
-        "customer.subscription.created",
-        "customer.subscription.updated",
-        "customer.subscription.deleted",
-        "customer.subscription.paused",
-        "customer.subscription.resumed",
-        "customer.subscription.trial_will_end",
-        "invoice.paid",
-        "invoice.payment_failed",
-        "invoice.payment_action_required",
-    }
-)
-
-
-def _now_billed_by_stripe(organization: Organization, subscription: Mapping[str, Any]) -> None:
-    """An organization whose Whop membership ended comes back by card: Stripe bills it from now on."""
-    if organization.billed_by_whop:
-        organization.billing_provider = BillingProvider.STRIPE
-        organization.billing_customer_id = id_of(subscription.get("customer"))
-        organization.billing_as_of = None
 
 
 BillingService.register_webhook_provider(StripeWebhooks())

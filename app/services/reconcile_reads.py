@@ -1,0 +1,212 @@
+"""What reconcile reads from the database and compares with what the providers hold: the billing
+each organization holds, the stored events, the signups and resubscriptions behind subscriptions we
+do not hold, and what is left to settle. Every function here ends its transaction before returning,
+so BillingService can ask Stripe or Whop next with nothing held. The comparison rules themselves
+are pure (reconcile.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from app.extensions import db
+from app.models import BillingProvider, Organization, PendingSignup, ResubscribeCheckout, ResubscribeStatus, StripeEvent
+from app.services import price_lookup
+from app.services import reconcile as reconciliation
+from app.services.billing_common import BillingError, as_uuid, id_of, plan_catalogue
+from app.services.subscription_state import SubscriptionState
+from app.services.whop_state import subscription_state_from_whop
+
+
+@dataclass
+class HeldByStripe:
+    """What the database holds about Stripe-billed organizations, for one reconcile read."""
+
+    organizations: dict[str, int]  # subscription id -> organization id, of the organizations compared
+    held_ids: set[str]  # every Stripe subscription any organization holds
+    stored_events: set[str]
+    related: set[str] = field(default_factory=set)  # the ids an event must name to concern this run
+
+
+def held_billing(organization: Organization, subscription_id: str) -> reconciliation.HeldBilling:
+    return reconciliation.HeldBilling(
+        organization_id=organization.id,
+        subscription_id=subscription_id,
+        status=organization.billing_status,
+        tier=organization.tier,
+        addons=organization.addon_quantities(),
+        cancel_at_period_end=organization.cancel_at_period_end,
+        current_period_end=organization.current_period_end,
+        collection_paused=organization.collection_paused,
+    )
+
+
+def billed_by_whop(organization_id: int) -> bool:
+    try:
+        provider = db.session.execute(
+            select(Organization.billing_provider).where(Organization.id == organization_id)
+        ).scalar_one_or_none()
+    finally:
+        db.session.rollback()
+    return provider == BillingProvider.WHOP
+
+
+def held_by_stripe(organization_id: int | None, since: int) -> HeldByStripe:
+    try:
+        query = select(Organization).where(
+            Organization.billing_provider == BillingProvider.STRIPE,
+            Organization.billing_subscription_id.is_not(None),
+        )
+        if organization_id is not None:
+            query = query.where(Organization.id == organization_id)
+        organizations = {str(org.billing_subscription_id): org.id for org in db.session.execute(query).scalars()}
+        if organization_id is not None and not organizations:
+            raise BillingError(f"organization {organization_id} has no subscription to reconcile")
+        held_ids = {
+            str(subscription_id)
+            for subscription_id in db.session.execute(
+                select(Organization.billing_subscription_id).where(
+                    Organization.billing_provider == BillingProvider.STRIPE,
+                    Organization.billing_subscription_id.is_not(None),
+                )
+            ).scalars()
+        }
+        stored_events = set(
+            db.session.execute(select(StripeEvent.event_id).where(StripeEvent.stripe_created >= since)).scalars()
+        )
+        customer_ids = {
+            str(customer_id)
+            for customer_id in db.session.execute(
+                select(Organization.billing_customer_id).where(Organization.id == organization_id)
+            ).scalars()
+            if customer_id and organization_id is not None
+        }
+    finally:
+        db.session.rollback()
+    return HeldByStripe(organizations, held_ids, stored_events, set(organizations) | customer_ids)
+
+
+def compare_with_stripe(
+    held: HeldByStripe, listed: Mapping[str, dict[str, Any]], orphan_candidates: list[dict[str, Any]]
+) -> tuple[list[reconciliation.SubscriptionDrift], dict[str, str], dict[str, str]]:
+    """Each compared organization against its subscription as listed; and, for the subscriptions no
+    organization holds, the status of the signup each names and our resubscribe checkouts behind
+    them. Prices the subscriptions reveal are remembered (committed here)."""
+    drifts: list[reconciliation.SubscriptionDrift] = []
+    try:
+        for subscription_id, org_id in held.organizations.items():
+            organization = db.session.get(Organization, org_id)
+            if organization is None:
+                continue
+            state = price_lookup.subscription_state(listed[subscription_id], organization)
+            drift = reconciliation.diff_subscription(held_billing(organization, subscription_id), state)
+            if drift:
+                drifts.append(reconciliation.SubscriptionDrift(organization.id, subscription_id, drift))
+        pending_ids = [
+            str((sub.get("metadata") or {}).get("pending_signup_id"))
+            for sub in orphan_candidates
+            if (sub.get("metadata") or {}).get("pending_signup_id")
+        ]
+        pending = {
+            str(row.id): row.status
+            for row in db.session.execute(
+                select(PendingSignup.id, PendingSignup.status).where(
+                    PendingSignup.id.in_([key for key in (as_uuid(p) for p in pending_ids) if key])
+                )
+            )
+        }
+        resubscribes = {
+            str(row.stripe_subscription_id): row.checkout_session_id
+            for row in db.session.execute(
+                select(ResubscribeCheckout).where(
+                    ResubscribeCheckout.stripe_subscription_id.in_([sub["id"] for sub in orphan_candidates])
+                )
+            ).scalars()
+        }
+        db.session.commit()  # the prices the states remembered
+    except BaseException:
+        db.session.rollback()
+        raise
+    return drifts, pending, resubscribes
+
+
+def is_our_resubscribe_checkout(checkout_session_id: str) -> bool:
+    try:
+        return (
+            db.session.execute(
+                select(ResubscribeCheckout.id).where(ResubscribeCheckout.checkout_session_id == checkout_session_id)
+            ).scalar_one_or_none()
+            is not None
+        )
+    finally:
+        db.session.rollback()
+
+
+def held_whop_memberships(organization_id: int | None) -> dict[str, int]:
+    """Membership id -> organization id, of the Whop-billed organizations to compare."""
+    try:
+        query = select(Organization.id, Organization.billing_subscription_id).where(
+            Organization.billing_provider == BillingProvider.WHOP, Organization.billing_subscription_id.is_not(None)
+        )
+        if organization_id is not None:
+            query = query.where(Organization.id == organization_id)
+        return {str(row.billing_subscription_id): row.id for row in db.session.execute(query)}
+    finally:
+        db.session.rollback()
+
+
+def compare_with_whop(
+    held: Mapping[str, int], listed: Mapping[str, dict[str, Any]]
+) -> list[reconciliation.SubscriptionDrift]:
+    drifts: list[reconciliation.SubscriptionDrift] = []
+    try:
+        for membership_id, org_id in held.items():
+            organization = db.session.get(Organization, org_id)
+            if organization is None or membership_id not in listed:
+                continue
+            state: SubscriptionState = subscription_state_from_whop(listed[membership_id], plan_catalogue())
+            fields = reconciliation.diff_subscription(held_billing(organization, membership_id), state)
+            if fields:
+                drifts.append(reconciliation.SubscriptionDrift(organization.id, membership_id, fields, "Whop"))
+    finally:
+        db.session.rollback()
+    return drifts
+
+
+def unsettled(organization_id: int | None) -> list[reconciliation.Unsettled]:
+    """Conflicting signups and surplus resubscriptions whose cancel and refund are not both done."""
+    try:
+        found = []
+        if organization_id is None:
+            found += [
+                reconciliation.Unsettled("signup", str(row.id), str(row.stripe_subscription_id))
+                for row in db.session.execute(
+                    select(PendingSignup.id, PendingSignup.stripe_subscription_id).where(
+                        PendingSignup.stripe_subscription_id.is_not(None), PendingSignup.settled_at.is_(None)
+                    )
+                )
+            ]
+        query = select(ResubscribeCheckout.checkout_session_id, ResubscribeCheckout.stripe_subscription_id).where(
+            ResubscribeCheckout.status == ResubscribeStatus.SURPLUS
+        )
+        if organization_id is not None:
+            query = query.where(ResubscribeCheckout.organization_id == organization_id)
+        found += [
+            reconciliation.Unsettled("resubscribe", row.checkout_session_id, str(row.stripe_subscription_id))
+            for row in db.session.execute(query)
+        ]
+        return found
+    finally:
+        db.session.rollback()
+
+
+def event_references(event: Mapping[str, Any]) -> set[str]:
+    """The subscription and customer ids an event's object names."""
+    obj = (event.get("data") or {}).get("object") or {}
+    references = {id_of(obj.get(name)) for name in ("subscription", "customer")}
+    if obj.get("object") == "subscription":
+        references.add(id_of(obj.get("id")))
+    return {reference for reference in references if reference}

@@ -1,0 +1,149 @@
+"""Webhook intake and application, the same for every provider: a verified event is stored once
+(deduplicated by the provider's event id) with the job that will apply it, and the worker applies all
+the pending events about one object together through the provider's apply_batch. Providers are
+registered with BillingService; nothing here calls a provider's API."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from datetime import timedelta
+
+from flask import current_app
+from sqlalchemy.exc import DBAPIError
+
+from app.extensions import db
+from app.models import StripeEvent, StripeEventStatus, WhopEvent
+from app.models.types import utcnow
+from app.services import queue, webhook_store
+from app.services.billing_common import WebhookProvider, WebhookResult, committed, describe_failure
+from app.services.stripe_objects import MalformedObject
+from app.services.webhook_store import VerifiedEvent
+
+logger = logging.getLogger(__name__)
+
+WEBHOOK_TASK = "webhooks:apply"
+WEBHOOK_QUEUE = "webhooks"
+
+
+def replay(providers: Iterable[WebhookProvider], event_id: str) -> WebhookResult:
+    """Queue a stored event again (ops: `flask billing replay`): a failed one goes back to pending,
+    read afresh (so a fix to the reading code applies), and the worker applies it."""
+    for provider in providers:
+        model = provider.event_model
+        row = webhook_store.row_for(model, event_id)
+        if row is None:
+            continue
+        try:
+            if row.status in (StripeEventStatus.PROCESSED, StripeEventStatus.IGNORED):
+                return WebhookResult(200, {"received": True, "duplicate": True})
+            try:
+                object_key = provider.object_key(stored_event(provider, row))
+            except (MalformedObject, ValueError) as exc:
+                return WebhookResult(422, {"received": True, "failed": str(exc)})
+            if row.status == StripeEventStatus.FAILED:
+                webhook_store.requeue(model, row.id, object_key)
+            queue_application(provider, object_key)
+            db.session.commit()
+            return WebhookResult(202, {"received": True, "queued": object_key})
+        finally:
+            db.session.rollback()
+    raise LookupError(f"no stored event {event_id}")
+
+
+def stored_event(provider: WebhookProvider, row: StripeEvent | WhopEvent) -> VerifiedEvent:
+    if not row.payload:
+        raise ValueError(f"the payload of {row.event_id} is no longer stored")
+    return VerifiedEvent(
+        provider=provider.name,
+        event_id=row.event_id,
+        type=row.type,
+        created=getattr(row, provider.event_model.created_column),
+        livemode=row.livemode,
+        api_version=row.api_version,
+        raw=row.payload,
+        body=json.loads(row.payload),
+    )
+
+
+def queue_application(provider: WebhookProvider, object_key: str) -> None:
+    """One job per object: while one waits (at least WEBHOOK_COALESCE_SECONDS), later events about
+    the object join it (queueing lock), and the lock runs one object's jobs one at a time."""
+    wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
+    queue.defer(
+        WEBHOOK_TASK,
+        queue=WEBHOOK_QUEUE,
+        lock=f"{provider.name}:{object_key}",
+        queueing_lock=f"{provider.name}:{object_key}",
+        # The job waits this long before it runs, so a burst about one object joins it.
+        scheduled_at=utcnow() + timedelta(seconds=wait) if wait > 0 else None,
+        provider=provider.name,
+        object_key=object_key,
+    )
+
+
+def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
+    model = provider.event_model
+    if webhook_store.is_recorded(model, event.event_id):
+        return WebhookResult(200, {"received": True, "duplicate": True})
+    ignored = provider.ignore_reason(event)
+    object_key = error = None
+    if not ignored:
+        try:
+            object_key = provider.object_key(event)
+        except MalformedObject as exc:
+            error = str(exc)
+            logger.warning("webhook event %s (%s) is malformed: %s", event.event_id, event.type, error)
+    status = StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
+    with committed():  # on an error nothing is stored; the provider redelivers after a 5xx
+        row_id = webhook_store.claim(model, event, status, outcome=ignored, error=error, object_key=object_key)
+        if row_id is not None and object_key is not None:
+            queue_application(provider, object_key)
+    if row_id is None:  # stored by a concurrent delivery we waited for
+        return WebhookResult(200, {"received": True, "duplicate": True})
+    if ignored:
+        return WebhookResult(200, {"received": True, "ignored": ignored})
+    if error:
+        return WebhookResult(200, {"received": True, "failed": error})
+    return WebhookResult(200, {"received": True})
+
+
+def apply_queued(provider: WebhookProvider, object_key: str, *, final_attempt: bool = True) -> str:
+    """The worker's half: apply every pending event about one object, together, from the object's
+    current state at the provider (re-read once, with no transaction open), in one transaction
+    that also settles the events. A failure keeps the events pending with the error (the job is
+    retried with backoff) and, on the last attempt or for a malformed object, marks them failed."""
+    model = provider.event_model
+    rows = webhook_store.pending_rows(model, object_key)
+    events = [stored_event(provider, row) for row in rows]
+    row_ids = {row.event_id: row.id for row in rows}
+    db.session.rollback()  # nothing is held while the provider is read
+    if not events:
+        return "nothing pending"
+    try:
+        outcomes = provider.apply_batch(object_key, events)
+        for event in events:
+            status, outcome = outcomes[event.event_id]
+            webhook_store.settle(model, row_ids[event.event_id], status, outcome)
+        db.session.commit()
+    except Exception as exc:
+        db.session.rollback()  # the batch's changes and its domain events go; its rows stay pending
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            raise
+        permanent = isinstance(exc, MalformedObject)
+        logger.log(
+            logging.WARNING if permanent else logging.ERROR,
+            "applying %d webhook event(s) about %s failed",
+            len(events),
+            object_key,
+            exc_info=not permanent,
+        )
+        with committed():
+            webhook_store.record_attempt_failure(
+                model, list(row_ids.values()), describe_failure(exc), final=permanent or final_attempt
+            )
+        if permanent:
+            return f"failed: {exc}"
+        raise
+    return f"applied {len(events)} event(s) about {object_key}"
