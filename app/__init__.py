@@ -38,7 +38,7 @@ def create_app(config: BaseConfig | None = None, **overrides: Any) -> Flask:
     register_request_hooks(app)
     register_error_handlers(app)
     register_commands(app)
-    register_domain_event_subscribers()
+    register_services()
 
     standins = development_standins(app.config)
     if standins:
@@ -123,9 +123,12 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(billing_cli)
 
 
-def register_domain_event_subscribers() -> None:
-    # notifications, team_notifications and account_emails: importing them registers their outbox consumers.
-    from app.services import account_emails, domain_events, notifications, team_notifications  # noqa: F401
+def register_services() -> None:
+    # Modules register what they offer when imported: jobs its worker tasks (and, through
+    # billing_service, the webhook providers and the settlement consumers); notifications,
+    # team_notifications and account_emails their outbox consumers. Nothing below fetches them back
+    # by name, so this is the one place that imports them (tests/test_layout.py checks the names).
+    from app.services import account_emails, domain_events, jobs, notifications, team_notifications  # noqa: F401
 
     if domain_events.log_announcement not in domain_events.subscribers("*"):
         domain_events.subscribe("*", domain_events.log_announcement)

@@ -287,18 +287,13 @@ def test_a_failed_event_is_replayed_after_a_fix(
 def test_ordering_does_not_depend_on_our_clock_agreeing_with_stripes(
     client: FlaskClient, app: Flask, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch, skew: int
 ) -> None:
-    """Our clock runs 90 s ahead of (or behind) Stripe's, which stamps events with its own."""
-    from app.services import billing_service
+    """Our clock runs 90 s ahead of (or behind) Stripe's, which stamps events with its own. The skew is
+    applied at the one clock every billing module reads (app/clock.py)."""
+    from app import clock
 
-    class SkewedClock:
-        @staticmethod
-        def time() -> float:
-            return time.time() + skew
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(time, name)
-
-    monkeypatch.setattr(billing_service, "time", SkewedClock())
+    real = clock.timestamp
+    monkeypatch.setattr(clock, "timestamp", lambda: real() + skew)
+    assert abs(clock.now() - int(time.time()) - skew) <= 1  # the seam moves what billing reads
     session = sign_up(app.test_client(), offline_stripe)  # provisioned with our (skewed) clock
     stripe_now = int(time.time())
     subscription_id = session["subscription"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
+from app import clock
 from app.models import BillingStatus, Organization
 
 
@@ -48,7 +49,7 @@ STATUS_WORDS = {
 
 
 def decide_access(organization: Organization, *, grace_days: int, now: datetime | None = None) -> AccessDecision:
-    now = now or datetime.now(UTC)
+    now = now or clock.utcnow()
     status = organization.billing_status
     if status in (BillingStatus.ACTIVE, BillingStatus.TRIALING):
         return AccessDecision(AccessLevel.FULL)

@@ -1,10 +1,12 @@
-"""BillingService: the one billing authority, and the only module that uses a payment SDK (stripe,
-whop_sdk, standardwebhooks).
+"""BillingService: the one billing authority, and the only module that uses the Stripe SDK. Whop's SDKs
+are behind one adapter (whop_billing.py) that only this module imports.
 
-It configures Stripe, resolves plans to prices, creates Checkout and customer-portal sessions, cancels
-and resumes subscriptions, provisions completed checkouts (handing signups to SignupService) and
-receives webhooks from every payment provider through handle_webhook_event. The behaviour is written
-down in docs/system/BILLING.md; the callers are listed in docs/system/SERVICES.md.
+Read it as billing's table of contents: every Stripe call as a thin method, the public entry points
+(signup checkouts, provisioning, the owner's actions, settlement, reconcile, the billing page, plan
+changes, webhooks of every provider through handle_webhook_event), and the registration tables. Each
+entry point reads, decides through a sibling and writes through a sibling; siblings reach Stripe only
+through the protocols this class implements (StripeReads, PageReads, ReconcileOperations). The map of
+the billing modules is in docs/system/SERVICES.md; the behaviour in docs/system/BILLING.md.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -21,7 +22,6 @@ from typing import Any
 
 import stripe
 from flask import current_app
-from sqlalchemy import update
 from stripe.params.checkout import (
     SessionCreateParams,
     SessionCreateParamsLineItem,
@@ -32,13 +32,9 @@ from app import clock
 from app.extensions import cache, db
 from app.models import (
     Organization,
-    ResubscribeCheckout,
-    ResubscribeStatus,
-    SignupStatus,
     StripeEvent,
     SubscriptionChangeStatus,
 )
-from app.models.types import utcnow
 from app.services import (
     billing_page,
     domain_events,
@@ -47,12 +43,11 @@ from app.services import (
     price_lookup,
     provisioning,
     reconcile_reads,
+    reconcile_run,
     settlement,
     stripe_events,
-    stripe_objects,
     webhook_intake,
     whop_billing,
-    whop_events,
 )
 from app.services import reconcile as reconciliation
 from app.services.billing_common import (
@@ -75,13 +70,10 @@ from app.services.billing_common import (
     WebhookProvider,
     WebhookRejected,
     WebhookResult,
-    as_uuid,
     committed,
     describe_failure,
-    found,
     id_of,
     plan_catalogue,
-    portable_insert,
 )
 from app.services.billing_details import (
     BillingDetails,
@@ -132,8 +124,6 @@ logger = logging.getLogger(__name__)
 # Pinned to the version stripe==16.1.0 is typed for; webhook endpoints should use the same version.
 STRIPE_API_VERSION = "2026-10-28.endive"
 STRIPE_SIGNATURE_TOLERANCE_SECONDS = 300
-# Stripe timestamps are whole seconds and our clock is not Stripe's: an event this close to the state
-# we hold cannot be ordered against it, so the subscription is read from Stripe instead.
 # The billing page's reads: no retries (the page would rather say "not available" than wait).
 PAGE_READ: stripe.RequestOptions = {"max_network_retries": 0}
 INVOICE_HISTORY_LENGTH = 12
@@ -316,7 +306,7 @@ class BillingService:
                         "success_url": f"{config['APP_BASE_URL']}/billing/complete-signup-from-stripe"
                         "?session_id={CHECKOUT_SESSION_ID}",
                         "cancel_url": f"{config['APP_BASE_URL']}/auth/signup?checkout=canceled",
-                        "expires_at": int(time.time() + ttl.total_seconds()),
+                        "expires_at": clock.now() + int(ttl.total_seconds()),
                     },
                     # Derived from the signup: a retried request returns the same session.
                     options={"idempotency_key": f"signup-checkout-{reference}"},
@@ -354,15 +344,15 @@ class BillingService:
         """STRIPE_TEST_CLOCKS (test mode only): the signup's customer lives on a test clock of its own,
         frozen at now, so tests can advance its subscription through renewals, dunning and its end."""
         client = cls.ensure_stripe()
-        clock = client.v1.test_helpers.test_clocks.create(
-            params={"frozen_time": int(time.time()), "name": f"signup {reference}"},
+        test_clock = client.v1.test_helpers.test_clocks.create(
+            params={"frozen_time": clock.now(), "name": f"signup {reference}"},
             options={"idempotency_key": f"signup-clock-{reference}"},
         )
         customer = client.v1.customers.create(
             params={
                 "email": email.strip().lower(),
                 "name": name,
-                "test_clock": clock.id,
+                "test_clock": test_clock.id,
                 "metadata": {"purpose": "signup", "pending_signup_id": reference},
             },
             options={"idempotency_key": f"signup-customer-{reference}"},
@@ -435,7 +425,7 @@ class BillingService:
         """A Stripe customer-portal session for the organization's customer; returns its URL. For a
         Whop-billed organization: the membership's own management page on Whop."""
         if organization.billed_by_whop:
-            return cls._whop_manage_url(organization)
+            return whop_billing.manage_url(organization)
         customer_id = organization.billing_customer_id
         if not customer_id:
             raise SubscriptionActionNotAllowed("This organization has no billing account yet.")
@@ -516,7 +506,8 @@ class BillingService:
         finally:
             db.session.rollback()  # nothing written: the connection goes back before Stripe is asked
         if whop:
-            return cls._whop_owner_change(organization_id, subscription_id, action, request_token, actor_user_id)
+            key = f"org-{organization_id}-{action}-{request_token}"
+            return whop_billing.owner_change(organization_id, subscription_id, action, key, actor_user_id)
         # The same form submitted twice is one Stripe call; two different actions are serialized by
         # Stripe, and each applies the subscription Stripe answered with.
         key = f"org-{organization_id}-{action}-{request_token}"
@@ -566,44 +557,7 @@ class BillingService:
                 params=params,
                 options={"idempotency_key": f"org-{organization_id}-resubscribe-{tier.key}-{request_token}"},
             )
-        with committed():
-            inserted = db.session.execute(
-                portable_insert(ResubscribeCheckout)
-                .values(
-                    checkout_session_id=session.id,
-                    organization_id=organization_id,
-                    tier=tier.key,
-                    status=ResubscribeStatus.OPEN,
-                    created_at=utcnow(),
-                    updated_at=utcnow(),
-                )
-                .on_conflict_do_nothing(index_elements=["checkout_session_id"])
-                .returning(ResubscribeCheckout.id)
-            ).scalar_one_or_none()
-            superseded: list[str] = []
-            if inserted is not None:
-                # Only older checkouts: of two created at once, the newer survives.
-                superseded = list(
-                    db.session.execute(
-                        update(ResubscribeCheckout)
-                        .where(
-                            ResubscribeCheckout.organization_id == organization_id,
-                            ResubscribeCheckout.status == ResubscribeStatus.OPEN,
-                            ResubscribeCheckout.id < inserted,
-                        )
-                        .values(status=ResubscribeStatus.EXPIRED, updated_at=utcnow())
-                        .returning(ResubscribeCheckout.checkout_session_id)
-                    ).scalars()
-                )
-                domain_events.record(
-                    "organization.resubscribe_started",
-                    organization_id=organization_id,
-                    user_id=actor_user_id,
-                    source=f"user:{actor_user_id}",
-                    tier=tier.key,
-                    checkout_session_id=session.id,
-                    superseded_checkout_session_ids=superseded,
-                )
+        superseded = provisioning.record_resubscribe_checkout(organization_id, tier.key, session.id, actor_user_id)
         cls._expire_checkout_sessions(superseded)
         return str(session.url)
 
@@ -717,7 +671,7 @@ class BillingService:
         for _round in range(3 if apply else 0):
             if report.clean:
                 break
-            applied += cls._reconcile_apply(report)
+            applied += reconcile_run.repair(report, cls, cls._webhook_providers["stripe"], whop_billing.calls)
             report = cls._reconcile_read_all(since_days, organization_id)
         report.applied = applied
         return report
@@ -798,111 +752,26 @@ class BillingService:
         before its subscription is known)."""
         found: dict[str, str] = {}
         for subscription in subscriptions:
-            with cls._calling_stripe("list checkout sessions for reconcile"):
-                sessions = cls.ensure_stripe().v1.checkout.sessions.list(
-                    params={"subscription": subscription["id"], "limit": 1}
-                )
-            for session in sessions.data:
-                if reconcile_reads.is_our_resubscribe_checkout(session.id):
-                    found[subscription["id"]] = session.id
+            session_id = cls.checkout_session_for_subscription(subscription["id"])
+            if session_id is not None and reconcile_reads.is_our_resubscribe_checkout(session_id):
+                found[subscription["id"]] = session_id
         return found
 
     @classmethod
-    def _reconcile_apply(cls, report: reconciliation.ReconcileReport) -> list[str]:
-        applied: list[str] = []
-        provider = cls._webhook_providers["stripe"]
-        client = cls.ensure_stripe()
-        objects: list[str] = []
-        for missing in report.missing_events:
-            db.session.rollback()
-            with cls._calling_stripe("read an event for reconcile"):
-                event = client.v1.events.retrieve(missing.event_id)
-            # The event exactly as Stripe sends it (the raw body; a dict round trip would turn amounts
-            # like unit_amount_decimal into Decimals), stored and queued as a delivery is.
-            raw = event.last_response.body if event.last_response else json.dumps(event.to_dict(), default=str)
-            verified = stripe_events.parse_event(raw)
-            result = webhook_intake.store(provider, verified)
-            applied.append(f"event {missing.event_id} {missing.type}: stored {result.body}")
-            if not {"ignored", "failed", "duplicate"} & set(result.body):
-                key = provider.object_key(verified)
-                objects += [key] if key not in objects else []
-        # Then applied at once, as the worker would (its queued job later finds nothing pending).
-        for key in objects:
-            applied.append(f"{key}: {cls.apply_queued_events(provider.name, key)}")
-        for drift in report.subscriptions:
-            if drift.provider == "Whop":
-                applied.append(cls._reconcile_whop_membership(drift))
-                continue
-            # As the worker applies a subscription event: read now, checked, applied under a short lock.
-            subscription = stripe_objects.subscription_for_state(cls.retrieve_subscription(drift.subscription_id))
-            with committed():
-                organization = stripe_events.lock_organization_for_subscription(subscription)
-                changes: list[str] = []
-                if organization is not None:
-                    changes = provisioning.apply_subscription_read(organization, subscription, source="reconcile")
-            what = ", ".join(changes) or "no change"
-            applied.append(f"organization {drift.organization_id} follows {drift.subscription_id}: {what}")
-        return applied + cls._reconcile_settle(report)
+    def read_event_for_reconcile(cls, event_id: str) -> str:
+        """An event exactly as Stripe sends it (the raw body; a dict round trip would turn amounts like
+        unit_amount_decimal into Decimals), to be stored and queued as a delivery is."""
+        with cls._calling_stripe("read an event for reconcile"):
+            event = cls.ensure_stripe().v1.events.retrieve(event_id)
+        return event.last_response.body if event.last_response else json.dumps(event.to_dict(), default=str)
 
     @classmethod
-    def _reconcile_settle(cls, report: reconciliation.ReconcileReport) -> list[str]:
-        """Orphans and unsettled checkouts; one failing does not stop the others."""
-        applied: list[str] = []
-        for orphan in report.orphans:
-            if orphan.kind == "unknown":
-                continue
-            try:
-                applied.append(cls._settle_orphan(orphan))
-            except BillingError as exc:  # the others still get repaired; the next run tries again
-                applied.append(f"orphan {orphan.subscription_id}: not settled: {describe_failure(exc)}")
-        for entry in report.unsettled:
-            try:
-                if entry.kind == "signup":
-                    settlement = cls.settle_signup_conflict(entry.reference, source="reconcile")
-                else:
-                    settlement = cls.settle_surplus_subscription(entry.reference, source="reconcile")
-                refunded = (settlement or {}).get("amount_refunded")
-                applied.append(f"{entry.kind} {entry.reference}: canceled and refunded {refunded}")
-            except BillingError as exc:
-                applied.append(f"{entry.kind} {entry.reference}: not settled: {describe_failure(exc)}")
-        return applied
-
-    @classmethod
-    def _reconcile_whop_membership(cls, drift: reconciliation.SubscriptionDrift) -> str:
-        """The organization takes the membership as Whop has it now (read with no transaction open)."""
-        membership = whop_billing.calls.retrieve_membership(drift.subscription_id)
-        with committed():
-            organization = whop_events.lock_organization(drift.subscription_id)
-            changes: list[str] = []
-            if organization is not None:
-                changes = whop_events.apply_membership_read(organization, membership, source="reconcile")
-        what = ", ".join(changes) or "no change"
-        return f"organization {drift.organization_id} follows Whop membership {drift.subscription_id}: {what}"
-
-    @classmethod
-    def _settle_orphan(cls, orphan: reconciliation.Orphan) -> str:
-        """An orphan runs through the same path as its checkout's delivery: provisioned if it may be,
-        otherwise canceled and refunded (conflicting signup, surplus resubscription)."""
-        if orphan.kind == "resubscribe" and orphan.reference:
-            checkout = cls.retrieve_checkout_session(orphan.reference, expand_subscription=True)
-        else:
-            with cls._calling_stripe("find the checkout of a subscription"):
-                sessions = cls.ensure_stripe().v1.checkout.sessions.list(
-                    params={"subscription": orphan.subscription_id, "limit": 1}
-                )
-            if not sessions.data:
-                return f"orphan {orphan.subscription_id}: no checkout found; left for a person"
-            checkout = cls.retrieve_checkout_session(sessions.data[0].id, expand_subscription=True)
-        db.session.rollback()
-        with committed():
-            outcome = cls._provision_checkout_session(checkout, source="reconcile", release_before_stripe=True)
-        settlement: dict[str, Any] | None = None
-        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
-            settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="reconcile")
-        elif outcome.state == ProvisionState.SURPLUS:
-            settlement = cls.settle_surplus_subscription(checkout["id"], source="reconcile")
-        detail = f", canceled and refunded {settlement.get('amount_refunded')}" if settlement else ""
-        return f"orphan {orphan.subscription_id}: {outcome.state}{detail}"
+    def checkout_session_for_subscription(cls, subscription_id: str) -> str | None:
+        with cls._calling_stripe("find the checkout of a subscription"):
+            sessions = cls.ensure_stripe().v1.checkout.sessions.list(
+                params={"subscription": subscription_id, "limit": 1}
+            )
+        return sessions.data[0].id if sessions.data else None
 
     # --- The billing page's reads -------------------------------------------------------------------
 
@@ -1001,7 +870,7 @@ class BillingService:
         prices = cls.prices_for_lookup_keys(list(quantities))
         new_amount, new_monthly = new_recurring(prices, quantities)
         when = timing(current, target, new_monthly)
-        proration_date = int(time.time())
+        proration_date = clock.now()
         today, lines = 0, list[PreviewLine]()
         if when == When.NOW:
             preview_params: Any = {
@@ -1043,7 +912,7 @@ class BillingService:
         preview refuses it as stale (StalePreview). Upgrades update the subscription's items with the
         preview's proration date and invoice at once; downgrades go on a subscription schedule that
         switches the prices when the period ends. The organization is updated from Stripe's answer."""
-        age = int(time.time()) - preview.proration_date
+        age = clock.now() - preview.proration_date
         if age > current_app.config["PLAN_CHANGE_PREVIEW_MINUTES"] * 60:
             raise StalePreview(f"This preview is {age // 60} minutes old.")
         key = preview.idempotency_key()
@@ -1221,88 +1090,24 @@ class BillingService:
         addons: Mapping[str, int] | None = None,
         interval: str = "month",
     ) -> CheckoutRedirect:
-        """Store the signup (SignupService, as for Stripe) and open a Whop checkout configuration for
-        the tier's Whop plan, carrying the pending signup's id in its metadata (copied by Whop onto the
-        membership). Whop sells the tier alone: add-ons are bought by card."""
+        """Store the signup (SignupService, as for Stripe) and open a Whop checkout for the tier's Whop
+        plan (whop_billing.py). Whop sells the tier alone, monthly: add-ons are bought by card."""
         tier = cls.whop_tier(tier_key)
         if any(quantity for quantity in (addons or {}).values()):
             raise BillingError("Add-ons can only be bought with card payment; remove them to pay through Whop.")
         if interval != "month":
             raise BillingError("Whop plans are billed monthly; choose monthly billing to pay through Whop.")
-        config = current_app.config
         signup = cls._store_signup(
             tier, {}, email=email, organization_name=organization_name, owner_name=owner_name, password=password
         )
         cls._expire_checkout_sessions([s for s in signup.superseded_checkout_session_ids if s.startswith("cs_")])
-        reference = str(signup.pending_signup_id)
-        try:
-            checkout_id, purchase_url = whop_billing.calls.create_checkout(
-                str(tier.whop_plan_id),
-                reference=reference,
-                redirect_url=f"{config['APP_BASE_URL']}/billing/complete-signup-from-whop?signup={reference}",
-            )
-        except BillingError as exc:
-            SignupService.mark_signup_failed(signup.pending_signup_id, f"Whop checkout not created: {exc}")
-            raise
-        if not purchase_url:
-            SignupService.mark_signup_failed(signup.pending_signup_id, "Whop checkout has no purchase URL")
-            raise PaymentProviderUnavailable("We could not reach our payment provider. Nothing was charged.")
-        SignupService.attach_checkout_session(signup.pending_signup_id, checkout_id)
-        return CheckoutRedirect(
-            url=purchase_url, pending_signup_id=signup.pending_signup_id, checkout_session_id=checkout_id
-        )
+        return whop_billing.open_signup_checkout(tier, signup.pending_signup_id)
 
-    @classmethod
-    def complete_whop_signup_from_redirect(cls, pending_signup_id: str, membership_id: str) -> ProvisionOutcome:
-        """Whop's redirect after payment: provision (or find provisioned) the signup. The membership is
-        read from Whop (no transaction open meanwhile) and must carry this signup's id."""
-        if as_uuid(pending_signup_id or "") is None or not whop_events.WHOP_MEMBERSHIP_ID.fullmatch(
-            membership_id or ""
-        ):
-            raise CheckoutSessionNotFound("That checkout link is not valid.")
-        try:
-            pending = found(SignupService.pending_signup(pending_signup_id))
-            if pending.status == SignupStatus.COMPLETED:
-                return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
-        finally:
-            db.session.rollback()
-        try:
-            membership = whop_billing.calls.retrieve_membership(membership_id)
-        except ProviderObjectMissing as exc:
-            raise CheckoutSessionNotFound("We could not find a signup for that checkout.") from exc
-        if str((membership.get("metadata") or {}).get("pending_signup_id")) != pending_signup_id:
-            raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
-        with committed():
-            outcome = whop_events.provision_membership(membership, source="web")
-        return outcome
-
-    # --- Whop: the owner's actions ----------------------------------------------------------------
-
-    @classmethod
-    def _whop_manage_url(cls, organization: Organization) -> str:
-        membership_id = organization.billing_subscription_id
-        if not membership_id:
-            raise SubscriptionActionNotAllowed("This organization has no billing account yet.")
-        db.session.rollback()  # release the connection while Whop answers
-        manage_url = whop_billing.calls.retrieve_membership(membership_id).get("manage_url")
-        if not manage_url:
-            raise PaymentProviderUnavailable("Whop did not give a management page for this membership.")
-        return str(manage_url)
-
-    @classmethod
-    def _whop_owner_change(
-        cls, organization_id: int, membership_id: str, action: str, request_token: str, actor_user_id: int
-    ) -> list[str]:
-        """Cancel at period end, cancel now, or resume a Whop membership (the same checks as for
-        Stripe have passed); the organization takes Whop's answer in a short transaction."""
-        key = f"org-{organization_id}-{action}-{request_token}"
-        membership = whop_billing.calls.change_membership(membership_id, action, idempotency_key=key)
-        with committed():
-            organization = whop_events.lock_organization(membership_id)
-            changes: list[str] = []
-            if organization is not None and organization.id == organization_id:
-                changes = whop_events.apply_membership_read(organization, membership, source=f"user:{actor_user_id}")
-        return changes
+    @staticmethod
+    def complete_whop_signup_from_redirect(pending_signup_id: str, membership_id: str) -> ProvisionOutcome:
+        """Whop's redirect after payment: provision (or find provisioned) the signup, from the membership
+        as Whop has it now (whop_billing.py)."""
+        return whop_billing.complete_signup_from_redirect(pending_signup_id, membership_id)
 
 
 @outbox.consumer("signup.conflict", name="settle_signup_conflict")

@@ -7,6 +7,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import event
@@ -16,6 +17,19 @@ from app.extensions import db
 from app.models import DomainEvent
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """What a consumer receives: the committed domain event, detached from any session."""
+
+    id: int
+    name: str
+    organization_id: int | None
+    user_id: int | None
+    source: str | None
+    occurred_at: datetime
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import current_app, render_template
 from flask_mailman import EmailMultiAlternatives
 
-if TYPE_CHECKING:
-    from app.services.outbox import OutboxEvent
+from app.services.domain_events import OutboxEvent
 
 
 class EmailNotSent(RuntimeError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import joinedload
 
 from app import clock
@@ -22,6 +22,7 @@ from app.services.billing_common import (
     CheckoutSessionNotFound,
     StripeReads,
     checkout_is_paid,
+    committed,
     found,
     id_of,
     portable_insert,
@@ -196,3 +197,49 @@ def now_billed_by_stripe(organization: Organization, subscription: Mapping[str, 
         organization.billing_provider = BillingProvider.STRIPE
         organization.billing_customer_id = id_of(subscription.get("customer"))
         organization.billing_as_of = None
+
+
+def record_resubscribe_checkout(
+    organization_id: int, tier_key: str, checkout_session_id: str, actor_user_id: int
+) -> list[str]:
+    """Record a resubscribe checkout just opened. The organization's older open ones are expired and
+    their ids returned, to be closed at Stripe, so two tabs cannot both pay."""
+    with committed():
+        inserted = db.session.execute(
+            portable_insert(ResubscribeCheckout)
+            .values(
+                checkout_session_id=checkout_session_id,
+                organization_id=organization_id,
+                tier=tier_key,
+                status=ResubscribeStatus.OPEN,
+                created_at=utcnow(),
+                updated_at=utcnow(),
+            )
+            .on_conflict_do_nothing(index_elements=["checkout_session_id"])
+            .returning(ResubscribeCheckout.id)
+        ).scalar_one_or_none()
+        superseded: list[str] = []
+        if inserted is not None:
+            # Only older checkouts: of two created at once, the newer survives.
+            superseded = list(
+                db.session.execute(
+                    update(ResubscribeCheckout)
+                    .where(
+                        ResubscribeCheckout.organization_id == organization_id,
+                        ResubscribeCheckout.status == ResubscribeStatus.OPEN,
+                        ResubscribeCheckout.id < inserted,
+                    )
+                    .values(status=ResubscribeStatus.EXPIRED, updated_at=utcnow())
+                    .returning(ResubscribeCheckout.checkout_session_id)
+                ).scalars()
+            )
+            domain_events.record(
+                "organization.resubscribe_started",
+                organization_id=organization_id,
+                user_id=actor_user_id,
+                source=f"user:{actor_user_id}",
+                tier=tier_key,
+                checkout_session_id=checkout_session_id,
+                superseded_checkout_session_ids=superseded,
+            )
+    return superseded

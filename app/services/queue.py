@@ -18,7 +18,6 @@ that deferred them (development only; production requires PostgreSQL)."""
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import logging
 import threading
@@ -128,7 +127,10 @@ def job_app(app: Flask) -> procrastinate.App:
     Flask app that asks.)"""
     global _job_app  # noqa: PLW0603  (built once, on first use)
     if _job_app is None:
-        importlib.import_module("app.services.jobs")  # registers the tasks (it imports this module)
+        if not _blueprints:
+            # Tasks register themselves when their modules are imported, which the app factory does
+            # (create_app -> register_services): a process that never made the app has no tasks.
+            raise RuntimeError("no tasks are registered: build the Flask app (create_app) before the job queue")
         jobs = procrastinate.App(connector=procrastinate.PsycopgConnector())
         for namespace, blueprint in _blueprints:
             jobs.add_tasks_from(blueprint, namespace=namespace)

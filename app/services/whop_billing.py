@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -22,17 +23,26 @@ from whop_sdk import Whop
 from whop_sdk.core.api_error import ApiError as WhopApiError
 from whop_sdk.environment import WhopEnvironment
 
-from app.models import WhopEvent
+from app.extensions import db
+from app.models import Organization, SignupStatus, WhopEvent
 from app.services import whop_events
 from app.services.billing_common import (
     BillingConfigurationError,
+    BillingError,
+    CheckoutRedirect,
+    CheckoutSessionNotFound,
     EventOutcomes,
     PaymentProviderUnavailable,
     ProviderObjectMissing,
     SubscriptionActionNotAllowed,
     UnknownWebhookProvider,
     WebhookRejected,
+    as_uuid,
+    committed,
+    found,
 )
+from app.services.plans import Tier
+from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
 from app.services.webhook_store import VerifiedEvent
 
 logger = logging.getLogger(__name__)
@@ -141,6 +151,75 @@ class WhopCalls:
 
 
 calls = WhopCalls()
+
+
+# --- Signup and the owner's actions through Whop (BillingService's entry points call these) -----------
+
+
+def open_signup_checkout(tier: Tier, pending_signup_id: uuid.UUID) -> CheckoutRedirect:
+    """A Whop checkout for a stored pending signup, carrying its id in the metadata (copied by Whop
+    onto the membership); a checkout Whop does not open fails the signup."""
+    reference = str(pending_signup_id)
+    try:
+        checkout_id, purchase_url = calls.create_checkout(
+            str(tier.whop_plan_id),
+            reference=reference,
+            redirect_url=f"{current_app.config['APP_BASE_URL']}/billing/complete-signup-from-whop?signup={reference}",
+        )
+    except BillingError as exc:
+        SignupService.mark_signup_failed(pending_signup_id, f"Whop checkout not created: {exc}")
+        raise
+    if not purchase_url:
+        SignupService.mark_signup_failed(pending_signup_id, "Whop checkout has no purchase URL")
+        raise PaymentProviderUnavailable("We could not reach our payment provider. Nothing was charged.")
+    SignupService.attach_checkout_session(pending_signup_id, checkout_id)
+    return CheckoutRedirect(url=purchase_url, pending_signup_id=pending_signup_id, checkout_session_id=checkout_id)
+
+
+def complete_signup_from_redirect(pending_signup_id: str, membership_id: str) -> ProvisionOutcome:
+    """Whop's redirect after payment: provision (or find provisioned) the signup. The membership is
+    read from Whop (no transaction open meanwhile) and must carry this signup's id."""
+    if as_uuid(pending_signup_id or "") is None or not whop_events.WHOP_MEMBERSHIP_ID.fullmatch(membership_id or ""):
+        raise CheckoutSessionNotFound("That checkout link is not valid.")
+    try:
+        pending = found(SignupService.pending_signup(pending_signup_id))
+        if pending.status == SignupStatus.COMPLETED:
+            return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
+    finally:
+        db.session.rollback()
+    try:
+        membership = calls.retrieve_membership(membership_id)
+    except ProviderObjectMissing as exc:
+        raise CheckoutSessionNotFound("We could not find a signup for that checkout.") from exc
+    if str((membership.get("metadata") or {}).get("pending_signup_id")) != pending_signup_id:
+        raise CheckoutSessionNotFound("We could not find a signup for that checkout.")
+    with committed():
+        outcome = whop_events.provision_membership(membership, source="web")
+    return outcome
+
+
+def manage_url(organization: Organization) -> str:
+    """The membership's own management page on Whop (a Whop-billed organization's "manage billing")."""
+    membership_id = organization.billing_subscription_id
+    if not membership_id:
+        raise SubscriptionActionNotAllowed("This organization has no billing account yet.")
+    db.session.rollback()  # release the connection while Whop answers
+    url = calls.retrieve_membership(membership_id).get("manage_url")
+    if not url:
+        raise PaymentProviderUnavailable("Whop did not give a management page for this membership.")
+    return str(url)
+
+
+def owner_change(organization_id: int, membership_id: str, action: str, key: str, actor_user_id: int) -> list[str]:
+    """Cancel at period end, cancel now, or resume a Whop membership (BillingService's checks have
+    passed); the organization takes Whop's answer in a short transaction."""
+    membership = calls.change_membership(membership_id, action, idempotency_key=key)
+    with committed():
+        organization = whop_events.lock_organization(membership_id)
+        changes: list[str] = []
+        if organization is not None and organization.id == organization_id:
+            changes = whop_events.apply_membership_read(organization, membership, source=f"user:{actor_user_id}")
+    return changes
 
 
 def webhook_secrets() -> list[str]:
