@@ -135,10 +135,16 @@ class BaseConfig:
         self.JOB_MAX_ATTEMPTS = int(env.get("JOB_MAX_ATTEMPTS", "8"))
         self.JOB_RETRY_BASE_SECONDS = int(env.get("JOB_RETRY_BASE_SECONDS", "2"))
         self.JOB_RETRY_MAX_WAIT_SECONDS = int(env.get("JOB_RETRY_MAX_WAIT_SECONDS", "3600"))
+        # Outbox deliveries (emails) retry longer: with the defaults above, 36 attempts span about 26
+        # hours, so an SMTP outage of a day loses nothing; then the delivery fails and is listed by
+        # `flask billing emails --failed` (and counted by `flask billing status` and /metrics).
+        self.OUTBOX_MAX_ATTEMPTS = int(env.get("OUTBOX_MAX_ATTEMPTS", "36"))
         self.WORKER_CONCURRENCY = int(env.get("WORKER_CONCURRENCY", "4"))
         # A webhook's job waits this long before it applies, so a burst of events about one subscription
         # costs one or two Stripe reads; acknowledgement is not delayed.
         self.WEBHOOK_COALESCE_SECONDS = float(env.get("WEBHOOK_COALESCE_SECONDS", "2"))
+        # A pending event with no job this long after it was stored is queued again by the sweep.
+        self.WEBHOOK_SWEEP_AFTER_SECONDS = float(env.get("WEBHOOK_SWEEP_AFTER_SECONDS", "60"))
         # Stored webhook payloads older than this are dropped by a daily job (the row and outcome stay).
         self.EVENT_PAYLOAD_RETENTION_DAYS = int(env.get("EVENT_PAYLOAD_RETENTION_DAYS", "90"))
         # /metrics answers only with "Authorization: Bearer $METRICS_TOKEN"; unset, it is a 404.

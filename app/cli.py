@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
-from app.services import queue, queue_status
+from app.services import outbox, queue, queue_status
 from app.services.billing_service import BillingError, BillingService, plan_catalogue
 
 billing_cli = AppGroup("billing", help="Billing operations: stored webhook events, replays, prices.")
@@ -89,6 +89,33 @@ def replay(event_id: str | None, all_failed: bool, provider: str) -> None:
         failures += result.status_code >= 400
     if failures:
         raise click.ClickException(f"{failures} event(s) failed again; see `flask billing events --status failed`")
+
+
+@billing_cli.command("emails")
+@click.option("--failed", "list_failed", is_flag=True, help="List the emails (outbox deliveries) that gave up.")
+@click.option("--replay", "replay_ids", type=int, multiple=True, help="Send this domain event's emails again.")
+@click.option("--replay-failed", is_flag=True, help="Send every failed delivery again.")
+def emails(list_failed: bool, replay_ids: tuple[int, ...], replay_failed: bool) -> None:
+    """Emails and other outbox deliveries that failed for good (after OUTBOX_MAX_ATTEMPTS), and sending
+    them again. A consumer that already succeeded for an event is not run again."""
+    if not (list_failed or replay_ids or replay_failed):
+        raise click.UsageError("give --failed, --replay DOMAIN_EVENT_ID or --replay-failed")
+    failed = outbox.failed_deliveries()
+    if list_failed:
+        if not failed:
+            click.echo("no failed deliveries")
+        for delivery in failed:
+            click.echo(
+                f"{delivery.occurred_at:%Y-%m-%d %H:%M:%S}  event {delivery.domain_event_id}  {delivery.name:<40}  "
+                f"attempts={delivery.attempts}  not sent: {', '.join(delivery.undelivered) or '-'}"
+            )
+    wanted = [delivery.domain_event_id for delivery in failed] if replay_failed else list(replay_ids)
+    if wanted:
+        queued = outbox.replay_failed(wanted)
+        for domain_event_id in wanted:
+            click.echo(
+                f"event {domain_event_id}: {'queued again' if domain_event_id in queued else 'no failed delivery'}"
+            )
 
 
 @billing_cli.command("check-prices")

@@ -201,3 +201,12 @@ def describe_failure(exc: BaseException) -> str:
 
 def checkout_is_paid(checkout: Mapping[str, Any]) -> bool:
     return checkout.get("status") == "complete" and checkout.get("payment_status") in ("paid", "no_payment_required")
+
+
+def webhook_secrets(setting: str, what: str) -> list[str]:
+    """The secrets a provider's deliveries may be signed with: the setting, comma-separated (several
+    while a secret is rotated)."""
+    secrets = [s.strip() for s in str(current_app.config.get(setting) or "").split(",") if s.strip()]
+    if not secrets:
+        raise BillingConfigurationError(f"{setting} is not set: {what} cannot be verified")
+    return secrets

@@ -74,6 +74,7 @@ from app.services.billing_common import (
     describe_failure,
     id_of,
     plan_catalogue,
+    webhook_secrets,
 )
 from app.services.billing_details import (
     BillingDetails,
@@ -1043,6 +1044,11 @@ class BillingService:
         return webhook_intake.store(provider, provider.verify(payload, headers))
 
     @classmethod
+    def queue_unclaimed_events(cls, *, older_than_seconds: float) -> list[str]:
+        """The sweep: every object with pending events and no job waiting or running gets one again."""
+        return webhook_intake.queue_unclaimed(cls._webhook_providers.values(), older_than_seconds=older_than_seconds)
+
+    @classmethod
     def replay_stored_event(cls, event_id: str) -> WebhookResult:
         """Queue a stored event again (ops: `flask billing replay`): a failed one goes back to pending,
         read afresh (so a fix to the reading code applies), and the worker applies it."""
@@ -1130,7 +1136,7 @@ class StripeWebhooks:
     event_model = StripeEvent
 
     def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent:
-        secrets = _webhook_secrets()
+        secrets = webhook_secrets("STRIPE_WEBHOOK_SECRET", "webhooks")
         header = headers.get("Stripe-Signature")
         if not header:
             raise WebhookRejected("missing Stripe-Signature header")
@@ -1162,13 +1168,6 @@ class StripeWebhooks:
 
     def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> EventOutcomes:
         return stripe_events.apply_batch(object_key, events, BillingService)
-
-
-def _webhook_secrets() -> list[str]:
-    secrets = [s.strip() for s in str(current_app.config.get("STRIPE_WEBHOOK_SECRET") or "").split(",") if s.strip()]
-    if not secrets:
-        raise BillingConfigurationError("STRIPE_WEBHOOK_SECRET is not set: webhooks cannot be verified")
-    return secrets
 
 
 BillingService.register_webhook_provider(StripeWebhooks())

@@ -13,7 +13,7 @@ import procrastinate
 from sqlalchemy import select, update
 
 from app.extensions import db
-from app.models import PendingSignup, SignupStatus, StripeEvent
+from app.models import PendingSignup, SignupStatus, StripeEvent, StripeEventStatus, WhopEvent
 from app.models.types import utcnow
 from app.services import domain_events, notifications, outbox, queue  # noqa: F401  (registers the consumers)
 from app.services.billing_service import WEBHOOK_QUEUE, BillingService
@@ -48,10 +48,19 @@ async def recover_stalled_jobs(context: procrastinate.JobContext, timestamp: int
 
 async def requeue_stalled_jobs(jobs: procrastinate.App, seconds_since_heartbeat: float = 30) -> int:
     stalled = list(await jobs.job_manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat))
+    requeued = 0
     for job in stalled:
-        logger.warning("job %s (%s) was left running by a dead worker: queued again", job.id, job.task_name)
-        await jobs.job_manager.retry_job(job)
-    return len(stalled)
+        # One job that cannot be queued again must not stop the others from being recovered.
+        try:
+            logger.warning("job %s (%s) was left running by a dead worker: queued again", job.id, job.task_name)
+            await jobs.job_manager.retry_job(job)
+            requeued += 1
+        except Exception:
+            # A scheduled task whose next run is already waiting (its queueing lock taken): this run
+            # is over; the waiting one does the work.
+            logger.exception("stalled job %s (%s) could not be queued again: marked failed", job.id, job.task_name)
+            await jobs.job_manager.finish_job(job, status=procrastinate.jobs.Status.FAILED, delete_job=False)
+    return requeued
 
 
 def requeue_stalled_jobs_now(jobs: procrastinate.App, seconds_since_heartbeat: float = 30) -> int:
@@ -62,6 +71,15 @@ def requeue_stalled_jobs_now(jobs: procrastinate.App, seconds_since_heartbeat: f
     # In a thread of its own: the calling thread may already run an event loop (asyncio.run refuses then).
     with ThreadPoolExecutor(max_workers=1) as executor:
         return executor.submit(asyncio.run, run()).result()
+
+
+@maintenance.periodic(cron="* * * * *")
+@maintenance.task(name="apply_unclaimed_events", queue=QUEUE, queueing_lock="apply_unclaimed_events")
+@queue.in_app_context
+def apply_unclaimed_events(timestamp: int) -> int:
+    """Acknowledged means applied: a stored pending event nobody is applying gets a job again."""
+    seconds = float(queue.flask_app().config["WEBHOOK_SWEEP_AFTER_SECONDS"])
+    return len(BillingService.queue_unclaimed_events(older_than_seconds=seconds))
 
 
 @maintenance.periodic(cron="*/10 * * * *")
@@ -104,16 +122,24 @@ def drop_old_event_payloads(timestamp: int) -> int:
 
 
 def drop_event_payloads() -> int:
-    """Empty the stored payload of webhook events older than EVENT_PAYLOAD_RETENTION_DAYS; the row, its
-    type, status and outcome stay."""
+    """Empty the stored payload of settled webhook events (processed or ignored) older than
+    EVENT_PAYLOAD_RETENTION_DAYS, in every provider's table; the row, its type, status and outcome stay.
+    A pending or failed event keeps its payload: it is still to be applied, or replayed."""
     days = int(queue.flask_app().config["EVENT_PAYLOAD_RETENTION_DAYS"])
-    result = db.session.execute(
-        update(StripeEvent)
-        .where(StripeEvent.received_at < utcnow() - timedelta(days=days), StripeEvent.payload != "")
-        .values(payload="")
-    )
+    emptied = 0
+    for model in (StripeEvent, WhopEvent):
+        result = db.session.execute(
+            update(model)
+            .where(
+                model.received_at < utcnow() - timedelta(days=days),
+                model.status.in_((StripeEventStatus.PROCESSED, StripeEventStatus.IGNORED)),
+                model.payload != "",
+            )
+            .values(payload="")
+        )
+        emptied += int(getattr(result, "rowcount", 0) or 0)
     db.session.commit()
-    return int(getattr(result, "rowcount", 0) or 0)
+    return emptied
 
 
 @maintenance.periodic(cron="41 4 * * *")

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 
 import procrastinate
 from sqlalchemy import event as sa_event
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -101,7 +103,7 @@ def enqueue(domain_event_id: int) -> None:
 jobs = procrastinate.Blueprint()
 
 
-@jobs.task(name="deliver", queue=QUEUE, retry=queue.RETRY)
+@jobs.task(name="deliver", queue=QUEUE, retry=queue.OUTBOX_RETRY)
 @queue.in_app_context
 def deliver(domain_event_id: int) -> None:
     deliver_event(domain_event_id)
@@ -154,6 +156,61 @@ def record_delivery(domain_event_id: int, consumer_name: str) -> bool:
     ).first()
     db.session.commit()
     return inserted is not None
+
+
+@dataclass(frozen=True)
+class FailedDelivery:
+    """A domain event whose consumers gave up (OUTBOX_MAX_ATTEMPTS), and which of them never succeeded."""
+
+    domain_event_id: int
+    name: str
+    occurred_at: datetime
+    attempts: int
+    undelivered: list[str]
+
+
+_FAILED_DELIVERIES = text(
+    "SELECT DISTINCT ON (d.id) d.id, d.name, d.occurred_at, j.attempts FROM procrastinate_jobs AS j "
+    "JOIN domain_event AS d ON d.id = (j.args->>'domain_event_id')::bigint "
+    "WHERE j.task_name = :task AND j.status = 'failed' ORDER BY d.id, j.id DESC"
+)
+
+
+def failed_deliveries() -> list[FailedDelivery]:
+    """Every event some consumer of which failed for good (`flask billing emails --failed`)."""
+    try:
+        found = []
+        for row in db.session.execute(_FAILED_DELIVERIES, {"task": TASK}):
+            done = set(
+                db.session.execute(
+                    select(OutboxDelivery.consumer).where(OutboxDelivery.domain_event_id == row.id)
+                ).scalars()
+            )
+            undelivered = [name for name in consumers_for(row.name) if name not in done]
+            found.append(FailedDelivery(row.id, row.name, row.occurred_at, row.attempts, undelivered))
+        return found
+    finally:
+        db.session.rollback()
+
+
+def replay_failed(domain_event_ids: list[int]) -> list[int]:
+    """Queue delivery again for events whose delivery failed for good; consumers that already handled
+    one are not run again (outbox_delivery). The failed jobs are marked cancelled, so they are listed
+    no more. Returns the events queued."""
+    queued: list[int] = []
+    for domain_event_id in domain_event_ids:
+        cancelled = db.session.execute(
+            text(
+                "UPDATE procrastinate_jobs SET status = 'cancelled' WHERE task_name = :task AND status = 'failed' "
+                "AND (args->>'domain_event_id')::bigint = :id RETURNING id"
+            ),
+            {"task": TASK, "id": domain_event_id},
+        ).first()
+        if cancelled is not None:
+            enqueue(domain_event_id)
+            queued.append(domain_event_id)
+    db.session.commit()
+    return queued
 
 
 queue.register_blueprint("outbox", jobs)

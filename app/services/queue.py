@@ -55,12 +55,15 @@ _connectors: dict[str, procrastinate.PsycopgConnector] = {}
 
 
 class CappedExponentialRetry(BaseRetryStrategy):
-    """Retry after base ** attempt seconds, at most ``ceiling`` seconds, until ``max_attempts`` have
-    failed. Read from the Flask app's JOB_* settings when the job fails."""
+    """Retry after JOB_RETRY_BASE_SECONDS ** attempt seconds, at most JOB_RETRY_MAX_WAIT_SECONDS, until
+    the setting named ``max_attempts_setting`` have failed. Read from the Flask app when a job fails."""
+
+    def __init__(self, max_attempts_setting: str = "JOB_MAX_ATTEMPTS") -> None:
+        self.max_attempts_setting = max_attempts_setting
 
     def get_retry_decision(self, *, exception: BaseException, job: procrastinate.jobs.Job) -> RetryDecision | None:
         config = flask_app().config
-        if job.attempts + 1 >= int(config["JOB_MAX_ATTEMPTS"]):
+        if job.attempts + 1 >= int(config[self.max_attempts_setting]):
             return None
         wait = min(
             int(config["JOB_RETRY_BASE_SECONDS"]) ** (job.attempts + 1), int(config["JOB_RETRY_MAX_WAIT_SECONDS"])
@@ -69,6 +72,8 @@ class CappedExponentialRetry(BaseRetryStrategy):
 
 
 RETRY = CappedExponentialRetry()
+# Emails outlast an SMTP outage of a day (OUTBOX_MAX_ATTEMPTS), then fail where ops see them.
+OUTBOX_RETRY = CappedExponentialRetry("OUTBOX_MAX_ATTEMPTS")
 
 
 def register_blueprint(namespace: str, blueprint: procrastinate.Blueprint) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 from flask import current_app
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from app.extensions import db
@@ -68,19 +69,63 @@ def stored_event(provider: WebhookProvider, row: StripeEvent | WhopEvent) -> Ver
 
 
 def queue_application(provider: WebhookProvider, object_key: str) -> None:
-    """One job per object: while one waits (at least WEBHOOK_COALESCE_SECONDS), later events about
-    the object join it (queueing lock), and the lock runs one object's jobs one at a time."""
+    """Make sure a job will apply the object's pending events, in the caller's transaction: a job that
+    waits for the object (at least WEBHOOK_COALESCE_SECONDS, so a burst joins it) is share-locked until
+    the caller commits, so it cannot start before it can see what the caller stored; with none waiting,
+    a new job is queued. The job's lock runs one object's jobs one at a time.
+
+    No queueing lock (procrastinate's unique index on waiting jobs): a retried job re-enters the
+    waiting state beside a newer one, which that index refuses, leaving events with no job (upstream
+    procrastinate #1446, #1543). A second job for an object finds nothing pending and costs one read."""
+    lock = f"{provider.name}:{object_key}"
+    if db.session.get_bind().dialect.name == "postgresql":
+        waiting = db.session.execute(_WAITING_JOB, {"lock": lock, "task": WEBHOOK_TASK}).first()
+        if waiting is not None:
+            return
     wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
     queue.defer(
         WEBHOOK_TASK,
         queue=WEBHOOK_QUEUE,
-        lock=f"{provider.name}:{object_key}",
-        queueing_lock=f"{provider.name}:{object_key}",
+        lock=lock,
         # The job waits this long before it runs, so a burst about one object joins it.
         scheduled_at=utcnow() + timedelta(seconds=wait) if wait > 0 else None,
         provider=provider.name,
         object_key=object_key,
     )
+
+
+# A waiting job of the object, share-locked: procrastinate's fetch (FOR UPDATE SKIP LOCKED) passes it
+# over until this transaction ends, and a job already fetched no longer matches.
+_WAITING_JOB = text(
+    "SELECT id FROM procrastinate_jobs WHERE lock = :lock AND task_name = :task AND status = 'todo' LIMIT 1 FOR SHARE"
+)
+# Pending events with no job waiting or running for their object: the worker that held them died
+# after its retries ran out, or a job was removed by hand. The event row alone is enough for it to be
+# applied: the sweep queues them again.
+_UNCLAIMED_OBJECTS = (
+    "SELECT DISTINCT e.object_key FROM {table} AS e WHERE e.status = 'pending' AND e.object_key IS NOT NULL "
+    "AND e.received_at < :before AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs AS j "
+    "WHERE j.lock = :provider || ':' || e.object_key AND j.status IN ('todo', 'doing')) LIMIT 1000"
+)
+
+
+def queue_unclaimed(providers: Iterable[WebhookProvider], *, older_than_seconds: float) -> list[str]:
+    """The sweep (every minute, in the worker): a job for every object whose pending events nobody
+    will apply; returns the objects queued."""
+    if db.session.get_bind().dialect.name != "postgresql":
+        return []  # the embedded development run applies events inside the request
+    before = utcnow() - timedelta(seconds=older_than_seconds)
+    queued: list[str] = []
+    with committed():
+        for provider in providers:
+            table = provider.event_model.__tablename__
+            statement = text(_UNCLAIMED_OBJECTS.format(table=table))
+            for object_key in db.session.execute(statement, {"before": before, "provider": provider.name}).scalars():
+                queue_application(provider, object_key)
+                queued.append(f"{provider.name}:{object_key}")
+    if queued:
+        logger.warning("webhook sweep: %d object(s) had pending events and no job: queued %s", len(queued), queued)
+    return queued
 
 
 def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:

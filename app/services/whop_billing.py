@@ -40,6 +40,7 @@ from app.services.billing_common import (
     as_uuid,
     committed,
     found,
+    webhook_secrets,
 )
 from app.services.plans import Tier
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
@@ -222,13 +223,6 @@ def owner_change(organization_id: int, membership_id: str, action: str, key: str
     return changes
 
 
-def webhook_secrets() -> list[str]:
-    secrets = [s.strip() for s in str(current_app.config.get("WHOP_WEBHOOK_SECRET") or "").split(",") if s.strip()]
-    if not secrets:
-        raise BillingConfigurationError("WHOP_WEBHOOK_SECRET is not set: Whop webhooks cannot be verified")
-    return secrets
-
-
 class WhopWebhooks:
     """Whop as a webhook provider: Standard Webhooks verification (webhook-id, webhook-timestamp,
     webhook-signature; ±5 minutes; any of the configured secrets), keyed as Whop keys it, with the
@@ -241,7 +235,7 @@ class WhopWebhooks:
         if not configured():
             # Whop is off (WHOP_* unset): its endpoint does not exist, as for any unknown provider.
             raise UnknownWebhookProvider(self.name)
-        secrets = webhook_secrets()
+        secrets = webhook_secrets("WHOP_WEBHOOK_SECRET", "Whop webhooks")
         lowered = {key.lower(): value for key, value in headers.items()}
         signature_headers: dict[str, str] = {
             name: lowered[name] for name in ("webhook-id", "webhook-timestamp", "webhook-signature") if name in lowered
