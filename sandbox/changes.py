@@ -27,8 +27,10 @@ from typing import Any
 
 from . import invoicing, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, apply_cancellation_details, emit, load, merge_metadata
+from .config import Dunning
 from .errors import StripeError, exclusive, inactive_price
 from .objects import Obj
+from .simtime import DAY
 from .store import Store
 
 PRORATION_BEHAVIORS = ("create_prorations", "none", "always_invoice")
@@ -587,8 +589,6 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
 
 def clock_retry_delay() -> int:
     """When a failed update invoice is first retried: the first smart-retry day."""
-    from .clock import DAY, Dunning  # noqa: PLC0415 (clock imports this module)
-
     retry_days = Dunning.from_env().retry_days
     return retry_days[0] * DAY if retry_days else DAY
 
