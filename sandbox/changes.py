@@ -13,7 +13,7 @@ What happens when that invoice cannot be paid depends on `payment_behavior`:
   subscription becomes `past_due`.
 - `error_if_incomplete`: nothing changes (no invoice either); the call fails with 402 `card_declined`.
 - `pending_if_incomplete`: the items stay as they were; the change waits in `pending_update`
-  (23 hours) and applies when its invoice is paid (on_invoice_paid()).
+  (23 hours) and applies when its invoice is paid (invoicing.paid()).
 - `default_incomplete`: the change applies and the invoice is left open for the customer to
   pay (no charge is attempted); the subscription becomes `past_due`.
 """
@@ -591,27 +591,6 @@ def clock_retry_delay() -> int:
     """When a failed update invoice is first retried: the first smart-retry day."""
     retry_days = Dunning.from_env().retry_days
     return retry_days[0] * DAY if retry_days else DAY
-
-
-def on_invoice_paid(store: Store, invoice: Obj, origin: Origin = AUTOMATIC) -> None:
-    """Called when an invoice becomes paid (invoicing.paid): applies a subscription's pending
-    update that waited for it (pending_if_incomplete)."""
-    subscription = store.get(invoicing.invoice_subscription(invoice) or "")
-    if subscription is None:
-        return
-    before = copy.deepcopy(subscription)
-    pending = subscription.get("pending_update")
-    if pending and subscription.get("_pending_invoice") == invoice["id"]:
-        if pending["expires_at"] > simtime.now():
-            subscription["items"] = objects.list_object(pending["subscription_items"], subscription["items"]["url"])
-            if pending["billing_cycle_anchor"]:
-                subscription["billing_cycle_anchor"] = pending["billing_cycle_anchor"]
-        subscription["pending_update"] = None
-        subscription.pop("_pending_invoice", None)
-    changes = objects.previous_attributes(before, subscription)
-    if changes:
-        store.put(subscription)
-        emit(store, "customer.subscription.updated", subscription, changes, origin)
 
 
 def add_pending_items(store: Store, invoice: Obj) -> None:
