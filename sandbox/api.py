@@ -16,7 +16,7 @@ from collections.abc import Callable
 from flask import Blueprint, Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from . import billing, clock, customers, invoicing, lists, objects, prices, simtime
+from . import billing, checkout, clock, customers, invoicing, lists, objects, prices, simtime
 from .context import current_settings, current_store
 from .errors import StripeError, missing
 from .objects import Obj
@@ -321,7 +321,7 @@ def create_checkout_session(params: Params) -> Obj:
             f"Invalid payment_method_collection: must be one of always or if_required, not {collection!r}.",
             param="payment_method_collection",
         )
-    checkout = billing.CheckoutRequest(
+    checkout_request = checkout.CheckoutRequest(
         line_items=line_items,
         success_url=string(params, "success_url"),
         cancel_url=string(params, "cancel_url"),
@@ -336,7 +336,7 @@ def create_checkout_session(params: Params) -> Obj:
         payment_method_collection=collection,
         missing_payment_method=_missing_payment_method(subscription_data),
     )
-    return billing.create_checkout_session(current_store(), checkout, current_settings().public_url)
+    return checkout.create_checkout_session(current_store(), checkout_request, current_settings().public_url)
 
 
 def _missing_payment_method(subscription_data: Params) -> str | None:
@@ -360,13 +360,13 @@ def _missing_payment_method(subscription_data: Params) -> str | None:
 @endpoint("/checkout/sessions/<session_id>", "GET")
 def retrieve_checkout_session(params: Params, session_id: str) -> Obj:
     reject_unknown(params, ())
-    return billing.get_checkout_session(current_store(), session_id)
+    return checkout.get_checkout_session(current_store(), session_id)
 
 
 @endpoint("/checkout/sessions/<session_id>/expire", "POST")
 def expire_checkout_session(params: Params, session_id: str) -> Obj:
     reject_unknown(params, ())
-    return billing.expire_checkout_session(current_store(), session_id, _origin())
+    return checkout.expire_checkout_session(current_store(), session_id, _origin())
 
 
 @endpoint("/billing_portal/sessions", "POST")

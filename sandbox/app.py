@@ -11,14 +11,14 @@ from typing import NoReturn
 from flask import Flask
 from werkzeug.serving import make_server
 
-from . import api, billing, clock, control, pages, schedules
+from . import api, billing, checkout, clock, control, pages, schedules
 from .config import Dunning, LiveDelivery, Settings
 from .store import Store
 from .worker import Worker
 
 # Importing these registers what they offer: the timed jobs billing.run_job() dispatches. Named
 # here so that no registration depends on which module happens to import which.
-REGISTRARS = (clock, schedules)
+REGISTRARS = (checkout, clock, schedules)
 
 
 def create_app(settings: Settings, store: Store, delivery: LiveDelivery | None = None) -> Flask:
