@@ -11,14 +11,15 @@ from typing import NoReturn
 from flask import Flask
 from werkzeug.serving import make_server
 
-from . import api, billing, checkout, clock, control, pages, schedules
+from . import api, billing, checkout, clock, control, endpoints, pages, schedules, v1
 from .config import Dunning, LiveDelivery, Settings
 from .store import Store
 from .worker import Worker
 
-# Importing these registers what they offer: the timed jobs billing.run_job() dispatches. Named
-# here so that no registration depends on which module happens to import which.
-REGISTRARS = (checkout, clock, schedules)
+# Importing these registers what they offer: /v1 endpoints on v1.bp (api, endpoints) and the
+# timed jobs billing.run_job() dispatches (checkout, clock, schedules). Named here so that no
+# registration depends on which module happens to import which.
+REGISTRARS = (api, endpoints, checkout, clock, schedules)
 
 
 def create_app(settings: Settings, store: Store, delivery: LiveDelivery | None = None) -> Flask:
@@ -27,7 +28,7 @@ def create_app(settings: Settings, store: Store, delivery: LiveDelivery | None =
     app.config.update(SANDBOX_SETTINGS=settings, SANDBOX_STORE=store)
     # Test controls first: their /v1 hooks (request log, faults, latency) run before the API's.
     control.init_app(app, delivery or LiveDelivery(settings.delivery))
-    api.init_app(app)
+    v1.init_app(app)
     app.register_blueprint(pages.bp)
     return app
 
