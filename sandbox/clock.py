@@ -15,7 +15,7 @@ import copy
 import time
 from collections.abc import Callable
 
-from . import billing, changes, invoicing, lists, objects, schedules, simtime
+from . import billing, changes, invoice_items, invoicing, lists, objects, schedules, simtime
 from .config import Dunning
 from .errors import StripeError
 from .objects import Obj
@@ -276,7 +276,7 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
     if sub["status"] == "trialing":
         sub["status"] = "active"
     invoice = invoicing.renewal_invoice(store, customer, sub, previous, "subscription_cycle")
-    changes.add_pending_items(store, invoice)  # prorations waiting for this invoice
+    invoice_items.add_pending_items(store, invoice)  # prorations waiting for this invoice
     sub["latest_invoice"] = invoice["id"]
     store.put(sub)
     billing.emit(store, "invoice.created", invoice)
