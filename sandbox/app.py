@@ -11,10 +11,15 @@ from typing import NoReturn
 from flask import Flask
 from werkzeug.serving import make_server
 
-from . import api, billing, clock, control, pages
-from .config import LiveDelivery, Settings
+from . import api, billing, checkout, clock, control, endpoints, pages, schedules, v1
+from .config import Dunning, LiveDelivery, Settings
 from .store import Store
 from .worker import Worker
+
+# Importing these registers what they offer: /v1 endpoints on v1.bp (api, endpoints) and the
+# timed jobs billing.run_job() dispatches (checkout, clock, schedules). Named here so that no
+# registration depends on which module happens to import which.
+REGISTRARS = (api, endpoints, checkout, clock, schedules)
 
 
 def create_app(settings: Settings, store: Store, delivery: LiveDelivery | None = None) -> Flask:
@@ -23,7 +28,7 @@ def create_app(settings: Settings, store: Store, delivery: LiveDelivery | None =
     app.config.update(SANDBOX_SETTINGS=settings, SANDBOX_STORE=store)
     # Test controls first: their /v1 hooks (request log, faults, latency) run before the API's.
     control.init_app(app, delivery or LiveDelivery(settings.delivery))
-    api.init_app(app)
+    v1.init_app(app)
     app.register_blueprint(pages.bp)
     return app
 
@@ -36,7 +41,7 @@ def main() -> None:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         settings = Settings.from_env()
-        dunning = clock.Dunning.from_env()
+        dunning = Dunning.from_env()
     except ValueError as exc:
         sys.exit(f"sandbox: bad setting: {exc}")
     store = Store(settings.state_dir / "sandbox.sqlite3")

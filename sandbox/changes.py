@@ -13,7 +13,7 @@ What happens when that invoice cannot be paid depends on `payment_behavior`:
   subscription becomes `past_due`.
 - `error_if_incomplete`: nothing changes (no invoice either); the call fails with 402 `card_declined`.
 - `pending_if_incomplete`: the items stay as they were; the change waits in `pending_update`
-  (23 hours) and applies when its invoice is paid (on_invoice_paid()).
+  (23 hours) and applies when its invoice is paid (invoicing.paid()).
 - `default_incomplete`: the change applies and the invoice is left open for the customer to
   pay (no charge is attempted); the subscription becomes `past_due`.
 """
@@ -27,8 +27,11 @@ from typing import Any
 
 from . import invoicing, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, apply_cancellation_details, emit, load, merge_metadata
+from .config import Dunning
 from .errors import StripeError, exclusive, inactive_price
+from .invoice_items import build_invoice, invoice_item, line_from_invoice_item, pending_invoice_items, recurring_line
 from .objects import Obj
+from .simtime import DAY
 from .store import Store
 
 PRORATION_BEHAVIORS = ("create_prorations", "none", "always_invoice")
@@ -261,84 +264,7 @@ def _label(item: Obj) -> str:
     return f"{item['quantity']} × {name}" if item["quantity"] != 1 else name
 
 
-# -- invoice items and invoices ---------------------------------------------------------------------
-
-
-def invoice_item(customer: Obj, subscription: Obj, line: Obj, now: int) -> Obj:
-    price = line["price"]
-    return {
-        "id": objects.new_id("ii_"),
-        "object": "invoiceitem",
-        "amount": line["amount"],
-        "currency": price["currency"],
-        "customer": customer["id"],
-        "date": now,
-        "description": line["description"],
-        "discountable": False,
-        "discounts": [],
-        "invoice": None,
-        "livemode": False,
-        "metadata": {},
-        "net_amount": line["amount"],
-        "parent": {
-            "type": "subscription_details",
-            "subscription_details": {
-                "subscription": subscription["id"],
-                "subscription_item": line["subscription_item"],
-            },
-        },
-        "period": line["period"],
-        "pricing": objects.price_pricing(price),
-        "proration": line["proration"],
-        "proration_details": {"discount_amounts": []},
-        "quantity": line["quantity"],
-        "tax_rates": [],
-        "test_clock": customer.get("test_clock"),
-    }
-
-
-def pending_invoice_items(store: Store, subscription_id: str) -> list[Obj]:
-    """Invoice items waiting for this subscription's next invoice, oldest first."""
-    return [
-        ii
-        for ii in store.all("invoiceitem")
-        if ii["invoice"] is None
-        and (ii["parent"] or {}).get("subscription_details", {}).get("subscription") == subscription_id
-    ]
-
-
-def line_from_invoice_item(ii: Obj, invoice_id: str | None) -> Obj:
-    details = ii["parent"]["subscription_details"]
-    return objects.invoice_line(
-        invoice_id=invoice_id,
-        amount=ii["amount"],
-        currency=ii["currency"],
-        description=ii["description"],
-        subscription_id=details["subscription"],
-        subscription_item=details["subscription_item"],
-        period=ii["period"],
-        pricing=ii["pricing"],
-        quantity=ii["quantity"],
-        invoice_item=ii["id"],
-        proration=ii["proration"],
-        discountable=ii["discountable"],
-    )
-
-
-def recurring_line(item: Obj, subscription_id: str, invoice_id: str | None, start: int, end: int) -> Obj:
-    price = item["price"]
-    return objects.invoice_line(
-        invoice_id=invoice_id,
-        amount=price["unit_amount"] * item["quantity"],
-        currency=price["currency"],
-        description=f"{item['quantity']} × {price['nickname'] or price['id']}"
-        f" (at {objects.money(price['unit_amount'])} / {price['recurring']['interval']})",
-        subscription_id=subscription_id,
-        subscription_item=item["id"],
-        period={"start": start, "end": end},
-        pricing=objects.price_pricing(price),
-        quantity=item["quantity"],
-    )
+# -- invoices an update creates ------------------------------------------------------------------
 
 
 def _lines_billed_now(plan: Plan, subscription_id: str, invoice_items: list[Obj], invoice_id: str | None) -> list[Obj]:
@@ -349,55 +275,6 @@ def _lines_billed_now(plan: Plan, subscription_id: str, invoice_items: list[Obj]
         start, end = plan.period_start, plan.period_end
         lines += [recurring_line(item, subscription_id, invoice_id, start, end) for item in plan.items]
     return lines
-
-
-def build_invoice(
-    customer: Obj, subscription: Obj, lines: list[Obj], billing_reason: str, now: int, invoice_id: str | None = None
-) -> Obj:
-    """An invoice of the given lines, shaped like the sandbox's other invoices."""
-    invoice = objects.invoice(customer, subscription, now)
-    if invoice_id is not None:
-        invoice["id"] = invoice_id
-    for line in lines:
-        line["invoice"] = invoice["id"]
-    # The lines' url names the invoice's id, which may have been given (invoice_id).
-    invoice["lines"] = objects.list_object(lines, f"/v1/invoices/{invoice['id']}/lines")
-    _set_totals(invoice)
-    invoice.update(
-        billing_reason=billing_reason,
-        amount_paid=0,
-        next_payment_attempt=None,
-        # An invoice made by an update covers the moment of the update, as on Stripe.
-        period_start=now,
-        period_end=now,
-    )
-    invoice["parent"]["subscription_details"]["subscription_proration_date"] = None
-    invoicing.decorate(invoice, customer, subscription)
-    apply_balance(customer, invoice)
-    return invoice
-
-
-def _set_totals(invoice: Obj) -> None:
-    """An invoice's totals from its lines (there are no taxes or discounts)."""
-    total = sum(line["amount"] for line in invoice["lines"]["data"])
-    invoice.update(subtotal=total, subtotal_excluding_tax=total, total=total, total_excluding_tax=total)
-
-
-def apply_balance(customer: Obj, invoice: Obj) -> None:
-    """Settle an invoice's total against the customer's balance, as Stripe does: a credit
-    (negative balance) left by an earlier proration lowers what is due, and a credit larger than
-    the charges becomes the customer's balance. Updates `customer["balance"]`; the caller
-    stores the customer (a preview does not)."""
-    starting = customer["balance"]
-    applied = invoice["total"] + starting
-    due = max(applied, 0)
-    invoice.update(
-        starting_balance=starting,
-        ending_balance=min(applied, 0),
-        amount_due=due,
-        amount_remaining=max(due - invoice["amount_paid"], 0),
-    )
-    customer["balance"] = min(applied, 0)
 
 
 # -- the update itself --------------------------------------------------------------------------------
@@ -587,46 +464,8 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
 
 def clock_retry_delay() -> int:
     """When a failed update invoice is first retried: the first smart-retry day."""
-    from .clock import DAY, Dunning  # noqa: PLC0415 (clock imports this module)
-
     retry_days = Dunning.from_env().retry_days
     return retry_days[0] * DAY if retry_days else DAY
-
-
-def on_invoice_paid(store: Store, invoice: Obj, origin: Origin = AUTOMATIC) -> None:
-    """Called when an invoice becomes paid (invoicing.paid): applies a subscription's pending
-    update that waited for it (pending_if_incomplete)."""
-    subscription = store.get(invoicing.invoice_subscription(invoice) or "")
-    if subscription is None:
-        return
-    before = copy.deepcopy(subscription)
-    pending = subscription.get("pending_update")
-    if pending and subscription.get("_pending_invoice") == invoice["id"]:
-        if pending["expires_at"] > simtime.now():
-            subscription["items"] = objects.list_object(pending["subscription_items"], subscription["items"]["url"])
-            if pending["billing_cycle_anchor"]:
-                subscription["billing_cycle_anchor"] = pending["billing_cycle_anchor"]
-        subscription["pending_update"] = None
-        subscription.pop("_pending_invoice", None)
-    changes = objects.previous_attributes(before, subscription)
-    if changes:
-        store.put(subscription)
-        emit(store, "customer.subscription.updated", subscription, changes, origin)
-
-
-def add_pending_items(store: Store, invoice: Obj) -> None:
-    """Complete a renewal invoice: the subscription's pending invoice items (prorations) first,
-    then the customer's balance (a credit from an earlier change) applied."""
-    waiting = pending_invoice_items(store, invoicing.invoice_subscription(invoice) or "")
-    for ii in waiting:
-        ii["invoice"] = invoice["id"]
-        store.put(ii)
-    invoice["lines"]["data"] = [line_from_invoice_item(ii, invoice["id"]) for ii in waiting] + invoice["lines"]["data"]
-    _set_totals(invoice)
-    customer = load(store, "customer", invoice["customer"])
-    apply_balance(customer, invoice)
-    store.put(customer)
-    store.put(invoice)
 
 
 def next_period_end(subscription: Obj, start: int) -> int:

@@ -12,41 +12,20 @@ one transaction, so months of simulated time take milliseconds.
 from __future__ import annotations
 
 import copy
-import os
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 
-from . import billing, changes, invoicing, lists, objects, schedules, simtime
+from . import billing, changes, invoice_items, invoicing, lists, objects, schedules, simtime
+from .config import Dunning
 from .errors import StripeError
 from .objects import Obj
+from .simtime import DAY
 from .store import Store
 
-DAY = 86400
 TRIAL_WILL_END_NOTICE = 3 * DAY  # customer.subscription.trial_will_end: three days before
 FINALIZE_AFTER = 3600  # a renewal invoice stays a draft for an hour, as on Stripe
 MISSING_PAYMENT_METHOD = ("cancel", "pause", "create_invoice")
 MAX_STEPS = 10_000  # a guard against a bug looping forever inside one transaction
-
-
-@dataclass(frozen=True)
-class Dunning:
-    retry_days: tuple[int, ...]  # days after the first failure when payment is retried
-    final_action: str  # unpaid | cancel, once the last retry has failed
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Dunning:
-        raw = env.get("SANDBOX_DUNNING_RETRY_DAYS", "3,5,7")
-        try:
-            days = tuple(int(part) for part in raw.split(",") if part.strip())
-        except ValueError:
-            raise ValueError(f"SANDBOX_DUNNING_RETRY_DAYS must be comma-separated whole days, not {raw!r}") from None
-        if any(d <= 0 for d in days) or list(days) != sorted(set(days)):
-            raise ValueError(f"SANDBOX_DUNNING_RETRY_DAYS must be increasing positive days, not {raw!r}")
-        action = env.get("SANDBOX_DUNNING_FINAL_ACTION", "cancel")
-        if action not in ("unpaid", "cancel"):
-            raise ValueError(f"SANDBOX_DUNNING_FINAL_ACTION must be unpaid or cancel, not {action!r}")
-        return cls(days, action)
 
 
 # -- the clock API ------------------------------------------------------------------------------
@@ -297,7 +276,7 @@ def _renew(store: Store, sub_id: str, dunning: Dunning) -> None:
     if sub["status"] == "trialing":
         sub["status"] = "active"
     invoice = invoicing.renewal_invoice(store, customer, sub, previous, "subscription_cycle")
-    changes.add_pending_items(store, invoice)  # prorations waiting for this invoice
+    invoice_items.add_pending_items(store, invoice)  # prorations waiting for this invoice
     sub["latest_invoice"] = invoice["id"]
     store.put(sub)
     billing.emit(store, "invoice.created", invoice)

@@ -224,3 +224,26 @@ class LiveDelivery:
         with self._lock:
             self._config = self._config.updated(changes)
             return self._config
+
+
+@dataclass(frozen=True)
+class Dunning:
+    """Smart retries of failed invoice payments (the test clock engine runs them; a failed
+    subscription update schedules its first one)."""
+
+    retry_days: tuple[int, ...]  # days after the first failure when payment is retried
+    final_action: str  # unpaid | cancel, once the last retry has failed
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Dunning:
+        raw = env.get("SANDBOX_DUNNING_RETRY_DAYS", "3,5,7")
+        try:
+            days = tuple(int(part) for part in raw.split(",") if part.strip())
+        except ValueError:
+            raise ValueError(f"SANDBOX_DUNNING_RETRY_DAYS must be comma-separated whole days, not {raw!r}") from None
+        if any(d <= 0 for d in days) or list(days) != sorted(set(days)):
+            raise ValueError(f"SANDBOX_DUNNING_RETRY_DAYS must be increasing positive days, not {raw!r}")
+        action = env.get("SANDBOX_DUNNING_FINAL_ACTION", "cancel")
+        if action not in ("unpaid", "cancel"):
+            raise ValueError(f"SANDBOX_DUNNING_FINAL_ACTION must be unpaid or cancel, not {action!r}")
+        return cls(days, action)

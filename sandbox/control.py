@@ -11,7 +11,7 @@ own internals, its dashboard or `stripe listen` would:
 - changing a stored object directly, optionally with the event Stripe would send.
 
 The hooks in init_app() run for every request under /v1/ before the API's own handling, so
-api.py stays unaware of them.
+v1.py stays unaware of them.
 """
 
 from __future__ import annotations

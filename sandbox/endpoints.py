@@ -1,7 +1,7 @@
 """More of /v1: subscription changes, invoice previews, schedules, prices, refunds and lists.
 
-Registered on api.bp (imported at the end of api.py); each function parses and validates its
-parameters with Stripe's errors and calls a domain module.
+Registered on v1.bp by @endpoint when this module is imported (app.py imports it); each
+function parses and validates its parameters with Stripe's errors and calls a domain module.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 from . import changes, lists, prices, refunds, schedules
-from .api import _cancellation_details, _origin, _retrieve, endpoint
 from .context import current_store
 from .errors import StripeError, exclusive
 from .objects import Obj
@@ -28,6 +27,7 @@ from .params import (
     required_string,
     string,
 )
+from .v1 import _cancellation_details, _origin, _retrieve, endpoint
 
 
 def _choice(params: Params, key: str, choices: tuple[str, ...], path: str = "") -> str | None:

@@ -421,13 +421,11 @@ def invoice_subscription(invoice: Obj) -> str | None:
 
 
 def paid(store: Store, invoice: Obj, origin: billing.Origin | None = None) -> None:
-    """After a successful charge: invoice.paid, and a past_due or unpaid subscription with no
-    other open invoice becomes active again."""
-    from . import changes  # noqa: PLC0415 (changes builds on this module)
-
+    """After a successful charge: invoice.paid, a pending update that waited for this invoice
+    applies, and a past_due or unpaid subscription with no other open invoice becomes active again."""
     origin = origin or billing.AUTOMATIC
     billing.emit(store, "invoice.paid", invoice, origin=origin)
-    changes.on_invoice_paid(store, invoice, origin)
+    _apply_pending_update(store, invoice, origin)
     sub_id = invoice_subscription(invoice)
     subscription = store.get(sub_id) if sub_id else None
     if subscription is None or subscription["status"] not in ("past_due", "unpaid"):
@@ -444,6 +442,28 @@ def paid(store: Store, invoice: Obj, origin: billing.Origin | None = None) -> No
             objects.previous_attributes(before, subscription),
             origin,
         )
+
+
+def _apply_pending_update(store: Store, invoice: Obj, origin: billing.Origin) -> None:
+    """Called when an invoice becomes paid: applies a subscription's pending update that waited
+    for it (changes.py's pending_if_incomplete). It lives here, beside the other effects of a
+    payment, because changes.py builds on this module."""
+    subscription = store.get(invoice_subscription(invoice) or "")
+    if subscription is None:
+        return
+    before = copy.deepcopy(subscription)
+    pending = subscription.get("pending_update")
+    if pending and subscription.get("_pending_invoice") == invoice["id"]:
+        if pending["expires_at"] > simtime.now():
+            subscription["items"] = objects.list_object(pending["subscription_items"], subscription["items"]["url"])
+            if pending["billing_cycle_anchor"]:
+                subscription["billing_cycle_anchor"] = pending["billing_cycle_anchor"]
+        subscription["pending_update"] = None
+        subscription.pop("_pending_invoice", None)
+    changes = objects.previous_attributes(before, subscription)
+    if changes:
+        store.put(subscription)
+        billing.emit(store, "customer.subscription.updated", subscription, changes, origin)
 
 
 def pay(store: Store, invoice_id: str, method_id: str | None, origin: billing.Origin) -> Obj:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, redirect, render_template, request
 from werkzeug.wrappers import Response
 
-from . import billing, customers, invoicing, objects, portal_changes, simtime
+from . import billing, checkout, customers, invoicing, objects, portal_changes, simtime
 from .context import current_settings, current_store
 from .errors import StripeError
 from .objects import Obj
@@ -63,11 +63,11 @@ def _posted_form() -> dict[str, str]:
 
 
 @bp.route("/checkout/<session_id>", methods=["GET", "POST"])
-def checkout(session_id: str) -> Response | tuple[str, int]:
+def checkout_page(session_id: str) -> Response | tuple[str, int]:
     store = current_store()
     try:
         with store.transaction():  # reading may expire the session
-            session = billing.get_checkout_session(store, session_id)
+            session = checkout.get_checkout_session(store, session_id)
     except StripeError:
         return _not_found("Checkout Session")
     customer = store.get(session["customer"]) if session["customer"] else None
@@ -75,11 +75,11 @@ def checkout(session_id: str) -> Response | tuple[str, int]:
     errors: list[str] = []
     if request.method == "POST":
         values = _posted_form()
-        errors = validate_payment_form(values, card_optional=billing.card_optional(session))
+        errors = validate_payment_form(values, card_optional=checkout.card_optional(session))
         if not errors:
             try:
                 with store.transaction():
-                    session = billing.pay_checkout_session(
+                    session = checkout.pay_checkout_session(
                         store,
                         session_id,
                         card_number=re.sub(r"\s", "", values["cardNumber"]),
@@ -97,7 +97,7 @@ def checkout(session_id: str) -> Response | tuple[str, int]:
         "checkout.html",
         session=session,
         trial_days=session["_subscription_data"]["trial_period_days"],
-        card_optional=billing.card_optional(session),
+        card_optional=checkout.card_optional(session),
         values=values,
         errors=errors,
         cards=billing.SANDBOX_CARDS,
@@ -200,7 +200,7 @@ def portal_action(portal_id: str, subscription_id: str, action: str) -> Response
             elif action in portal_changes.ACTIONS:
                 portal_changes.apply(store, subscription_id, action, request.form)
             else:
-                billing.update_subscription(
+                portal_changes.update_subscription(
                     store,
                     subscription_id,
                     cancel_at_period_end=action == "cancel-at-period-end",

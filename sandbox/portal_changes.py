@@ -1,4 +1,5 @@
-"""The portal's plan switch and add-on quantity change, as Stripe's customer portal does them.
+"""The portal's plan switch and add-on quantity change, as Stripe's customer portal does them,
+and its cancellation at the period end (and undoing it).
 
 The portal offers the catalogue's other tiers at the same billing interval as the current one
 and prorates the change (`create_prorations`, the portal's default): the credit and charge wait
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from . import changes
+from .billing import AUTOMATIC, Origin
 from .errors import StripeError
 from .objects import Obj
 from .store import Store
@@ -61,3 +63,31 @@ def apply(store: Store, subscription_id: str, action: str, form: Mapping[str, st
             items=[change], proration_behavior="create_prorations", given={"items", "proration_behavior"}
         ),
     )
+
+
+def update_subscription(
+    store: Store,
+    subscription_id: str,
+    *,
+    cancel_at_period_end: bool | None = None,
+    metadata: dict[str, str] | None = None,
+    cancellation_details: dict[str, str] | None = None,
+    origin: Origin = AUTOMATIC,
+) -> Obj:
+    """The simple updates; changes.update_subscription() is the whole of POST /v1/subscriptions/:id."""
+    given = {
+        name
+        for name, value in (
+            ("cancel_at_period_end", cancel_at_period_end),
+            ("metadata", metadata),
+            ("cancellation_details", cancellation_details),
+        )
+        if value is not None
+    }
+    update = changes.SubscriptionUpdate(
+        cancel_at_period_end=cancel_at_period_end,
+        metadata=metadata,
+        cancellation_details=cancellation_details,
+        given=given,
+    )
+    return changes.update_subscription(store, subscription_id, update, origin)

@@ -15,6 +15,8 @@ from contextvars import ContextVar
 
 from .store import Store
 
+DAY = 86400  # seconds; test clocks, trials and smart retries count in days
+
 _frozen: ContextVar[int | None] = ContextVar("sandbox_frozen_time", default=None)
 
 

@@ -19,7 +19,7 @@ import pytest
 import requests
 import stripe
 
-from sandbox import billing
+from sandbox import billing, checkout
 from sandbox.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -245,7 +245,7 @@ def paid_subscription(sandbox: Sandbox, prices: dict[str, str]) -> tuple[Any, An
     return session, session.subscription
 
 
-def checkout_request(line_items: list[tuple[str, int]], **fields: Any) -> billing.CheckoutRequest:
+def checkout_request(line_items: list[tuple[str, int]], **fields: Any) -> checkout.CheckoutRequest:
     """A Checkout request for unit tests: these line items, every other field empty."""
     empty: dict[str, Any] = {
         "success_url": None,
@@ -259,7 +259,7 @@ def checkout_request(line_items: list[tuple[str, int]], **fields: Any) -> billin
         "expires_at": None,
         "allow_promotion_codes": None,
     }
-    return billing.CheckoutRequest(line_items=line_items, **{**empty, **fields})
+    return checkout.CheckoutRequest(line_items=line_items, **{**empty, **fields})
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10) -> None:

@@ -16,7 +16,7 @@ import pytest
 import requests
 import stripe
 
-from sandbox.clock import Dunning
+from sandbox.config import Dunning
 from sandbox.objects import add_month
 from sandbox.tests.conftest import (
     CARD_DECLINED,

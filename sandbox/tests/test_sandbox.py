@@ -12,7 +12,7 @@ import pytest
 import requests
 import stripe
 
-from sandbox import billing, objects, simtime
+from sandbox import billing, checkout, objects, simtime
 from sandbox.params import decode
 from sandbox.store import Store
 from sandbox.tests.conftest import (
@@ -571,7 +571,7 @@ def test_open_sessions_expire_when_due(store: Store) -> None:
     request = checkout_request([(price["id"], 1)])
 
     def create() -> dict[str, Any]:
-        return billing.create_checkout_session(store, request, "http://x")
+        return checkout.create_checkout_session(store, request, "http://x")
 
     by_worker, on_read = in_transaction(store, create), in_transaction(store, create)
     expires_at = by_worker["expires_at"]
@@ -585,7 +585,7 @@ def test_open_sessions_expire_when_due(store: Store) -> None:
 
     # Reading a session past its expiry expires it at once; its job later finds nothing to do.
     with simtime.frozen_at(expires_at + 5):
-        read = in_transaction(store, lambda: billing.get_checkout_session(store, on_read["id"]))
+        read = in_transaction(store, lambda: checkout.get_checkout_session(store, on_read["id"]))
     assert (read["status"], read["url"]) == ("expired", None)
     in_transaction(store, lambda: billing.run_job(store, "expire_session", on_read["id"], expires_at + 5))
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import stripe
 
-from sandbox import billing, schedules
+from sandbox import billing, checkout, schedules
 from sandbox.store import Store
 from sandbox.tests.conftest import Receiver, Sandbox, checkout_request, paid_subscription
 
@@ -93,8 +93,8 @@ def _subscribe(store: Store) -> dict[str, Any]:
             [(by_key["pro_monthly"]["id"], 1), (by_key["extra_seat_monthly"]["id"], 3)],
             customer_email="ada@example.com",
         )
-        session = billing.create_checkout_session(store, request, "http://sandbox.test")
-        session = billing.pay_checkout_session(
+        session = checkout.create_checkout_session(store, request, "http://sandbox.test")
+        session = checkout.pay_checkout_session(
             store, session["id"], card_number="4242424242424242", email="ada@example.com", name="Ada", async_delay=1
         )
     subscription = store.get(session["subscription"])

@@ -1,0 +1,268 @@
+"""Checkout Sessions in subscription mode: creating, reading, expiring and paying them with a
+sandbox card, and the settlement of an asynchronous payment.
+
+Paying creates the customer, its payment method, the subscription and its first invoice. Like
+billing.py's functions, these run inside the caller's Store.transaction().
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+from . import invoicing, objects, simtime
+from .billing import (
+    AUTOMATIC,
+    JOB_HANDLERS,
+    UNKNOWN_CARD,
+    Origin,
+    PaymentError,
+    SandboxCard,
+    emit,
+    load,
+    sandbox_card,
+)
+from .errors import StripeError, exclusive, inactive_price
+from .objects import Obj
+from .store import Store
+
+
+@dataclass(frozen=True)
+class CheckoutRequest:
+    line_items: list[tuple[str, int]]  # (price id, quantity)
+    success_url: str | None
+    cancel_url: str | None
+    customer: str | None
+    customer_email: str | None
+    client_reference_id: str | None
+    metadata: dict[str, str]
+    subscription_metadata: dict[str, str]
+    trial_period_days: int | None
+    expires_at: int | None
+    allow_promotion_codes: bool | None
+    payment_method_collection: str = "always"
+    missing_payment_method: str | None = None  # subscription_data[trial_settings][end_behavior]
+
+
+def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str) -> Obj:
+    now = simtime.now()
+    if req.customer and req.customer_email:
+        raise exclusive("customer", "customer_email", "customer_email")
+    if req.customer:
+        load(store, "customer", req.customer, "customer", 400)
+    if req.expires_at is not None and not now + 1800 <= req.expires_at <= now + 86400:
+        too_soon = req.expires_at < now + 1800
+        raise StripeError(
+            "The `expires_at` timestamp must be "
+            + ("at least 30 minutes" if too_soon else "less than 24 hours")
+            + " from Checkout Session creation.",
+            param="expires_at",
+        )
+    items = []
+    for index, (price_id, quantity) in enumerate(req.line_items):
+        param = f"line_items[{index}][price]"
+        price = load(store, "price", price_id, param, 400)
+        if not price["active"]:
+            raise inactive_price(param)
+        items.append(objects.checkout_line_item(price, quantity))
+    session = objects.checkout_session(
+        line_items=items,
+        # With a free trial nothing is due today.
+        amount_total=0 if req.trial_period_days else sum(i["amount_total"] for i in items),
+        success_url=req.success_url,
+        cancel_url=req.cancel_url,
+        customer=req.customer,
+        customer_email=req.customer_email,
+        client_reference_id=req.client_reference_id,
+        metadata=req.metadata,
+        subscription_metadata=req.subscription_metadata,
+        trial_period_days=req.trial_period_days,
+        missing_payment_method=req.missing_payment_method,
+        payment_method_collection=req.payment_method_collection,
+        allow_promotion_codes=req.allow_promotion_codes,
+        expires_at=req.expires_at or now + 86400,
+        public_url=public_url,
+        now=now,
+    )
+    store.put(session)
+    store.add_job("expire_session", session["id"], session["expires_at"])
+    return session
+
+
+def get_checkout_session(store: Store, session_id: str) -> Obj:
+    session = load(store, "checkout.session", session_id, "session")
+    return _expire_if_due(store, session, simtime.now())
+
+
+def _expire_if_due(store: Store, session: Obj, now: int) -> Obj:
+    # Expiry is applied lazily on read as well as by the worker, so nobody sees a stale "open".
+    if session["status"] == "open" and session["expires_at"] <= now:
+        return _expire(store, session, AUTOMATIC)
+    return session
+
+
+def _expire(store: Store, session: Obj, origin: Origin) -> Obj:
+    session.update(status="expired", url=None)
+    store.put(session)
+    emit(store, "checkout.session.expired", session, origin=origin)
+    return session
+
+
+def expire_checkout_session(store: Store, session_id: str, origin: Origin) -> Obj:
+    session = get_checkout_session(store, session_id)
+    if session["status"] != "open":
+        raise StripeError(
+            'Only Checkout Sessions with a status in ["open"] can be expired. This Checkout'
+            f" Session has a status of `{session['status']}`."
+        )
+    return _expire(store, session, origin)
+
+
+def pay_checkout_session(
+    store: Store,
+    session_id: str,
+    *,
+    card_number: str,
+    email: str,
+    name: str,
+    async_delay: float,
+    card_expiry: tuple[int, int] = (12, 2034),
+) -> Obj:
+    """Complete a Session with a sandbox card: create the customer, its payment method, the
+    subscription and invoice, emit the events Stripe emits, and schedule the settlement of an
+    asynchronous payment. card_number may be empty for a trial Session whose
+    payment_method_collection is if_required. A customer on a test clock gets everything at
+    the clock's frozen time."""
+    session = get_checkout_session(store, session_id)
+    if session["status"] != "open":
+        raise PaymentError(f"This Checkout Session is {session['status']}; it can no longer be paid.")
+    trial_days = session["_subscription_data"]["trial_period_days"]
+    card = sandbox_card(card_number)
+    if card is None and not (card_number == "" and card_optional(session)):
+        raise PaymentError(UNKNOWN_CARD)
+    if card and (card.outcome == "declined" or (card.outcome == "charge_fails" and not trial_days)):
+        raise PaymentError(invoicing.DECLINED)
+    with simtime.time_of(store, session["customer"]):
+        return _complete_checkout(store, session, card, email, name, async_delay, card_expiry)
+
+
+def card_optional(session: Obj) -> bool:
+    """A trial Session with payment_method_collection=if_required can complete without a card."""
+    return bool(session["_subscription_data"]["trial_period_days"]) and (
+        session["payment_method_collection"] == "if_required"
+    )
+
+
+def _complete_checkout(
+    store: Store,
+    session: Obj,
+    card: SandboxCard | None,
+    email: str,
+    name: str,
+    async_delay: float,
+    card_expiry: tuple[int, int],
+) -> Obj:
+    now = simtime.now()
+    sub_data = session["_subscription_data"]
+    trial_days = sub_data["trial_period_days"]
+    settles_later = card is not None and card.outcome.startswith("async") and not trial_days
+
+    customer = store.get(session["customer"]) if session["customer"] else objects.customer(email, name, now)
+    assert customer is not None
+    method = None
+    if card is not None:
+        method = invoicing.create_payment_method(
+            store,
+            card.number,
+            customer_id=customer["id"],
+            name=name,
+            email=email,
+            exp_month=card_expiry[0],
+            exp_year=card_expiry[1],
+        )
+        if customer["invoice_settings"]["default_payment_method"] is None:
+            customer["invoice_settings"]["default_payment_method"] = method["id"]
+    subscription = objects.subscription(
+        customer_id=customer["id"],
+        line_items=session["line_items"]["data"],
+        metadata=sub_data["metadata"],
+        trial_days=trial_days,
+        status="trialing" if trial_days else "incomplete" if settles_later else "active",
+        now=now,
+    )
+    subscription.update(
+        test_clock=customer.get("test_clock"),
+        default_payment_method=method["id"] if method else None,
+    )
+    if sub_data.get("missing_payment_method"):
+        subscription["trial_settings"]["end_behavior"]["missing_payment_method"] = sub_data["missing_payment_method"]
+    invoice = objects.invoice(customer, subscription, now)
+    invoicing.decorate(invoice, customer, subscription)
+    customer["next_invoice_sequence"] += 1
+    subscription["latest_invoice"] = invoice["id"]
+    if not settles_later:
+        paid = invoicing.charge(store, invoice, method)
+        assert paid, "cards whose charges fail are refused above"
+    session.update(
+        status="complete",
+        payment_status=("no_payment_required" if trial_days else "unpaid" if settles_later else "paid"),
+        customer=customer["id"],
+        subscription=subscription["id"],
+        customer_details=objects.customer_details(email, name),
+        url=None,
+    )
+    for obj in (customer, subscription, invoice, session):
+        store.put(obj)
+
+    emit(store, "customer.subscription.created", subscription)
+    if not settles_later:
+        emit(store, "invoice.paid", invoice)
+    emit(store, "checkout.session.completed", session)
+    if settles_later and card is not None:  # (settles_later implies a card)
+        store.add_job(f"settle_{card.outcome}", session["id"], time.time() + async_delay)
+    return session
+
+
+def _settle(store: Store, session_id: str, succeeded: bool) -> None:
+    session = load(store, "checkout.session", session_id)
+    if session["payment_status"] != "unpaid":
+        return
+    subscription = load(store, "subscription", session["subscription"])
+    invoice = load(store, "invoice", subscription["latest_invoice"])
+    before = copy.deepcopy(subscription)
+    now = simtime.now()
+    if succeeded:
+        session["payment_status"] = "paid"
+        store.put(session)
+        emit(store, "checkout.session.async_payment_succeeded", session)
+        customer = load(store, "customer", invoice["customer"])
+        invoicing.charge(store, invoice, invoicing.default_payment_method(store, subscription, customer))
+        store.put(invoice)
+        emit(store, "invoice.paid", invoice)
+    else:
+        emit(store, "checkout.session.async_payment_failed", session)
+        invoice.update(attempt_count=1, attempted=True)
+        store.put(invoice)
+        emit(store, "invoice.payment_failed", invoice)
+    if subscription["status"] == "incomplete":  # unless it was canceled meanwhile
+        if succeeded:
+            subscription["status"] = "active"
+        else:
+            subscription.update(status="incomplete_expired", ended_at=now)
+        store.put(subscription)
+        emit(
+            store,
+            "customer.subscription.updated",
+            subscription,
+            objects.previous_attributes(before, subscription),
+        )
+
+
+# The timed jobs this module schedules (Session expiry, asynchronous settlement), which
+# billing.run_job() dispatches.
+JOB_HANDLERS["expire_session"] = lambda store, ref, now: _expire_if_due(
+    store, load(store, "checkout.session", ref), now
+)
+JOB_HANDLERS["settle_async_succeeds"] = lambda store, ref, now: _settle(store, ref, succeeded=True)
+JOB_HANDLERS["settle_async_fails"] = lambda store, ref, now: _settle(store, ref, succeeded=False)
