@@ -12,6 +12,7 @@ from flask import Flask
 
 from app.services import outbox, queue
 from app.services.billing_service import BillingService
+from sandbox.tests.test_layout import import_cycles
 
 ROOT = Path(__file__).resolve().parent.parent
 AUTHORITY = "app/services/billing_service.py"
@@ -45,6 +46,11 @@ def importers_of(prefixes: tuple[str, ...]) -> set[str]:
     }
 
 
+def test_the_app_has_no_import_cycle() -> None:
+    """Imports inside functions and TYPE_CHECKING blocks count: a cycle hidden in a function is one."""
+    assert import_cycles(ROOT / "app", "app") == []
+
+
 def test_the_stripe_sdk_is_used_only_by_the_billing_authority() -> None:
     assert importers_of(("stripe",)) == {AUTHORITY}
 
@@ -74,6 +80,7 @@ def test_the_factory_registers_every_task_consumer_and_webhook_provider(app: Fla
         "webhooks:apply",
         "outbox:deliver",
         "maintenance:recover_stalled_jobs",
+        "maintenance:apply_unclaimed_events",
         "maintenance:expire_pending_signups",
         "maintenance:drop_old_event_payloads",
         "maintenance:reconcile_daily",

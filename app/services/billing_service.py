@@ -42,6 +42,7 @@ from app.services import (
     plan_change_claims,
     price_lookup,
     provisioning,
+    queue,
     reconcile_reads,
     reconcile_run,
     settlement,
@@ -654,13 +655,16 @@ class BillingService:
 
     @classmethod
     def reconcile(
-        cls, *, apply: bool = False, since_days: int = 3, organization_id: int | None = None
+        cls, *, apply: bool = False, since_days: int = 3, organization_id: int | None = None, drain: bool = True
     ) -> reconciliation.ReconcileReport:
         """Compare Stripe with the database (`flask billing reconcile`; the worker runs it daily).
-        Dry run unless apply: then missing events run through the delivery path, organizations take
-        Stripe's subscription through the path a webhook's re-read takes, and orphans are provisioned
-        or canceled and refunded under the rules for conflicting signups and surplus resubscriptions;
-        the returned report is read again afterwards. No transaction is open while Stripe answers."""
+        Dry run unless apply: then missing events are stored as deliveries are and drifted
+        organizations get a re-read job (reconcile_run.py), both applied by the worker's jobs under
+        each object's lock, so reconcile never writes an organization beside the worker; orphans are
+        provisioned or canceled and refunded under the rules for conflicting signups and surplus
+        resubscriptions. drain: run the queued webhook jobs here before the report is read again (the
+        command line); the daily run inside the worker leaves them to the other workers. No
+        transaction is open while Stripe answers."""
         if not 1 <= since_days <= reconciliation.MAX_SINCE_DAYS:
             raise BillingError(
                 f"--since must be between 1 and {reconciliation.MAX_SINCE_DAYS} days (Stripe keeps events for 30)."
@@ -669,10 +673,14 @@ class BillingService:
         applied: list[str] = []
         # Repairs make events of their own (a canceled orphan's customer.subscription.deleted, ...):
         # those are applied in the next round, like any other missing event.
-        for _round in range(3 if apply else 0):
+        for _round in range((3 if drain else 1) if apply else 0):
             if report.clean:
                 break
-            applied += reconcile_run.repair(report, cls, cls._webhook_providers["stripe"], whop_billing.calls)
+            applied += reconcile_run.repair(
+                report, cls, cls._webhook_providers["stripe"], cls._webhook_providers["whop"]
+            )
+            if drain:
+                queue.run_pending_jobs_now(current_app, queues=[WEBHOOK_QUEUE])
             report = cls._reconcile_read_all(since_days, organization_id)
         report.applied = applied
         return report
@@ -1055,12 +1063,14 @@ class BillingService:
         return webhook_intake.replay(cls._webhook_providers.values(), event_id)
 
     @classmethod
-    def apply_queued_events(cls, provider_name: str, object_key: str, *, final_attempt: bool = True) -> str:
+    def apply_queued_events(
+        cls, provider_name: str, object_key: str, *, final_attempt: bool = True, resync: bool = False
+    ) -> str:
         """The worker's half: apply every pending event about one object, together, from the object's
         current state at the provider, in one transaction that also settles the events
         (webhook_intake.py)."""
         provider = cls._webhook_providers[provider_name]
-        return webhook_intake.apply_queued(provider, object_key, final_attempt=final_attempt)
+        return webhook_intake.apply_queued(provider, object_key, final_attempt=final_attempt, resync=resync)
 
     # --- Stripe events, applied -------------------------------------------------------------------
 

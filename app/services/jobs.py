@@ -26,11 +26,14 @@ maintenance = procrastinate.Blueprint()
 
 @webhooks.task(name="apply", queue=WEBHOOK_QUEUE, retry=queue.RETRY, pass_context=True)
 @queue.in_app_context
-def apply_webhook_events(context: procrastinate.JobContext, provider: str, object_key: str) -> str:
-    """Apply the stored webhook events about one object (one job per object at a time, coalesced)."""
+def apply_webhook_events(
+    context: procrastinate.JobContext, provider: str, object_key: str, resync: bool = False
+) -> str:
+    """Apply the stored webhook events about one object (one job per object at a time, coalesced);
+    resync: reconcile asks for the object to be re-read and applied with no event pending."""
     attempts = context.job.attempts if context.job else 0
     final = attempts + 1 >= int(queue.flask_app().config["JOB_MAX_ATTEMPTS"])
-    return BillingService.apply_queued_events(provider, object_key, final_attempt=final)
+    return BillingService.apply_queued_events(provider, object_key, final_attempt=final, resync=resync)
 
 
 QUEUE = "maintenance"
@@ -152,7 +155,7 @@ def reconcile_daily(timestamp: int) -> str:
     if reconcile is None:
         logger.warning("daily reconcile: BillingService.reconcile is not available in this version")
         return "reconcile not available"
-    report = reconcile(apply=True)
+    report = reconcile(apply=True, drain=False)  # this worker's peers apply what it queues
     for line in report.lines():
         logger.info("daily reconcile: %s", line)
     if not report.clean:

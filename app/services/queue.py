@@ -22,6 +22,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from types import SimpleNamespace
@@ -209,6 +210,17 @@ def run_pending_jobs(app: Flask, *, queues: list[str] | None = None, concurrency
     left (tests, and `flask billing worker --once`)."""
     bind(app)
     jobs = job_app(app)
+    with _one_burst_at_a_time:
+        _run_due_jobs(jobs, queues, concurrency)
+
+
+# The process's job app has one connector pool, bound to the event loop of the burst that opened it:
+# two threads running bursts at once (a command draining the queue beside an in-process worker) would
+# share it across loops, so bursts take turns.
+_one_burst_at_a_time = threading.Lock()
+
+
+def _run_due_jobs(jobs: procrastinate.App, queues: list[str] | None, concurrency: int) -> None:
     # No schedules here: running what is due must not defer the periodic work as well.
     schedules = dict(jobs.periodic_registry.periodic_tasks)
     jobs.periodic_registry.periodic_tasks.clear()
@@ -223,6 +235,14 @@ def run_pending_jobs(app: Flask, *, queues: list[str] | None = None, concurrency
         )
     finally:
         jobs.periodic_registry.periodic_tasks.update(schedules)
+
+
+def run_pending_jobs_now(app: Flask, *, queues: list[str] | None = None) -> None:
+    """run_pending_jobs from code that may already run an event loop (a request, a command under a
+    test runner): in a thread of its own, where asyncio may start one."""
+    target = app._get_current_object() if hasattr(app, "_get_current_object") else app
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        executor.submit(run_pending_jobs, target, queues=queues).result()
 
 
 def run_worker(app: Flask, *, queues: list[str] | None = None, concurrency: int | None = None) -> None:

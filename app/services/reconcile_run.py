@@ -1,19 +1,20 @@
 """Reconcile's repairs (`flask billing reconcile --apply`, and the worker's daily run): what the read
-found is put right through the same paths a delivery takes. Missing events are stored and applied as
-the worker would; a drifted organization takes its subscription or membership as the provider holds it
-now; orphans are provisioned, or canceled and refunded like conflicting signups and surplus
-resubscriptions; unsettled ones are settled. One repair failing does not stop the others.
+found is put right through the same paths a delivery takes. Missing events are stored as deliveries
+are; a drifted organization gets a job that re-reads its subscription or membership; orphans are
+provisioned, or canceled and refunded like conflicting signups and surplus resubscriptions; unsettled
+ones are settled. One repair failing does not stop the others.
 
-The provider is reached only through the operations BillingService hands in."""
+The provider is reached only through the operations BillingService hands in; organizations are written
+only by the worker's jobs (webhook_intake), under each object's lock."""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
 from app.extensions import db
-from app.services import provisioning, stripe_events, stripe_objects, webhook_intake, whop_events
 from app.services import reconcile as reconciliation
-from app.services.billing_common import BillingError, WebhookProvider, WhopReads, committed, describe_failure
+from app.services import stripe_events, webhook_intake
+from app.services.billing_common import BillingError, WebhookProvider, WebhookRejected, committed, describe_failure
 from app.services.signup_service import ProvisionOutcome, ProvisionState
 
 
@@ -21,10 +22,6 @@ class ReconcileOperations(Protocol):
     """What repairing needs from the billing authority (BillingService implements it)."""
 
     def read_event_for_reconcile(self, event_id: str) -> str: ...
-
-    def apply_queued_events(self, provider_name: str, object_key: str, *, final_attempt: bool = True) -> str: ...
-
-    def retrieve_subscription(self, subscription_id: str) -> dict[str, Any]: ...
 
     def retrieve_checkout_session(self, session_id: str, *, expand_subscription: bool) -> dict[str, Any]: ...
 
@@ -40,34 +37,32 @@ class ReconcileOperations(Protocol):
 
 
 def repair(
-    report: reconciliation.ReconcileReport, billing: ReconcileOperations, stripe: WebhookProvider, whop: WhopReads
+    report: reconciliation.ReconcileReport, billing: ReconcileOperations, stripe: WebhookProvider, whop: WebhookProvider
 ) -> list[str]:
+    """Missing events are stored as deliveries are (each queues its object's job); each drifted
+    organization gets a re-read job for its subscription or membership. The worker's jobs apply them,
+    one object at a time under its lock, so nothing here writes an organization beside the worker.
+    One event or object failing does not stop the others."""
     applied: list[str] = []
-    objects: list[str] = []
     for missing in report.missing_events:
-        db.session.rollback()
-        verified = stripe_events.parse_event(billing.read_event_for_reconcile(missing.event_id))
-        result = webhook_intake.store(stripe, verified)
-        applied.append(f"event {missing.event_id} {missing.type}: stored {result.body}")
-        if not {"ignored", "failed", "duplicate"} & set(result.body):
-            key = stripe.object_key(verified)
-            objects += [key] if key not in objects else []
-    # Then applied at once, as the worker would (its queued job later finds nothing pending).
-    for key in objects:
-        applied.append(f"{key}: {billing.apply_queued_events(stripe.name, key)}")
+        try:
+            db.session.rollback()
+            verified = stripe_events.parse_event(billing.read_event_for_reconcile(missing.event_id))
+            result = webhook_intake.store(stripe, verified)
+            applied.append(f"event {missing.event_id} {missing.type}: stored {result.body}")
+        except (BillingError, WebhookRejected) as exc:
+            applied.append(f"event {missing.event_id} {missing.type}: not stored: {describe_failure(exc)}")
     for drift in report.subscriptions:
-        if drift.provider == "Whop":
-            applied.append(follow_whop_membership(drift, whop))
-            continue
-        # As the worker applies a subscription event: read now, checked, applied under a short lock.
-        subscription = stripe_objects.subscription_for_state(billing.retrieve_subscription(drift.subscription_id))
+        whop_billed = drift.provider == "Whop"
+        provider, key = (
+            (whop, f"membership:{drift.subscription_id}")
+            if whop_billed
+            else (stripe, f"subscription:{drift.subscription_id}")
+        )
         with committed():
-            organization = stripe_events.lock_organization_for_subscription(subscription)
-            changes: list[str] = []
-            if organization is not None:
-                changes = provisioning.apply_subscription_read(organization, subscription, source="reconcile")
-        what = ", ".join(changes) or "no change"
-        applied.append(f"organization {drift.organization_id} follows {drift.subscription_id}: {what}")
+            webhook_intake.queue_resync(provider, key)
+        followed = f"Whop membership {drift.subscription_id}" if whop_billed else drift.subscription_id
+        applied.append(f"organization {drift.organization_id} follows {followed}: re-read queued for the worker")
     return applied + settle(report, billing)
 
 
@@ -92,18 +87,6 @@ def settle(report: reconciliation.ReconcileReport, billing: ReconcileOperations)
         except BillingError as exc:
             applied.append(f"{entry.kind} {entry.reference}: not settled: {describe_failure(exc)}")
     return applied
-
-
-def follow_whop_membership(drift: reconciliation.SubscriptionDrift, whop: WhopReads) -> str:
-    """The organization takes the membership as Whop has it now (read with no transaction open)."""
-    membership = whop.retrieve_membership(drift.subscription_id)
-    with committed():
-        organization = whop_events.lock_organization(drift.subscription_id)
-        changes: list[str] = []
-        if organization is not None:
-            changes = whop_events.apply_membership_read(organization, membership, source="reconcile")
-    what = ", ".join(changes) or "no change"
-    return f"organization {drift.organization_id} follows Whop membership {drift.subscription_id}: {what}"
 
 
 def settle_orphan(orphan: reconciliation.Orphan, billing: ReconcileOperations) -> str:

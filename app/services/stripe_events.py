@@ -31,6 +31,7 @@ from app.services.billing_common import (
 )
 from app.services.signup_service import SignupService
 from app.services.stripe_objects import MalformedObject
+from app.services.webhook_intake import RESYNC_SOURCE
 from app.services.webhook_store import VerifiedEvent
 
 # What a Stripe event's id looks like (its type and API version: billing_common).
@@ -130,17 +131,17 @@ def apply_subscription_events(subscription_id: str, events: list[VerifiedEvent],
             return {event.event_id: (StripeEventStatus.PROCESSED, waiting) for event in events}
         reason = "not ours: no organization holds this subscription and it carries no signup of this app"
         return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
-    last = events[-1]
-    changes = provisioning.apply_subscription_read(organization, subscription, source=last.source)
+    source = events[-1].source if events else RESYNC_SOURCE  # no event: reconcile asked for a re-read
+    changes = provisioning.apply_subscription_read(organization, subscription, source=source)
     summary = "applied Stripe's current subscription: " + (", ".join(changes) or "no change")
     outcomes: EventOutcomes = {}
     for event in events:
         if event.type == "customer.subscription.trial_will_end":
             outcome = record_trial_will_end(event.body["data"]["object"], event)
-        elif event is last:
+        elif event is events[-1]:
             outcome = summary
         else:
-            outcome = f"coalesced into {last.event_id}: {summary}"
+            outcome = f"coalesced into {events[-1].event_id}: {summary}"
         outcomes[event.event_id] = (StripeEventStatus.PROCESSED, outcome)
     return outcomes
 

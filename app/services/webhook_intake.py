@@ -26,6 +26,20 @@ logger = logging.getLogger(__name__)
 
 WEBHOOK_TASK = "webhooks:apply"
 WEBHOOK_QUEUE = "webhooks"
+RESYNC_SOURCE = "reconcile"  # the source of changes a resync job (no event) applies
+
+
+def queue_resync(provider: WebhookProvider, object_key: str) -> None:
+    """Reconcile's repair of a drifted object goes through the worker like an event: a job, under the
+    object's lock (so it never runs beside another writer of it), that re-reads and applies it."""
+    queue.defer(
+        WEBHOOK_TASK,
+        queue=WEBHOOK_QUEUE,
+        lock=f"{provider.name}:{object_key}",
+        provider=provider.name,
+        object_key=object_key,
+        resync=True,
+    )
 
 
 def replay(providers: Iterable[WebhookProvider], event_id: str) -> WebhookResult:
@@ -154,17 +168,20 @@ def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
     return WebhookResult(200, {"received": True})
 
 
-def apply_queued(provider: WebhookProvider, object_key: str, *, final_attempt: bool = True) -> str:
+def apply_queued(
+    provider: WebhookProvider, object_key: str, *, final_attempt: bool = True, resync: bool = False
+) -> str:
     """The worker's half: apply every pending event about one object, together, from the object's
     current state at the provider (re-read once, with no transaction open), in one transaction
     that also settles the events. A failure keeps the events pending with the error (the job is
-    retried with backoff) and, on the last attempt or for a malformed object, marks them failed."""
+    retried with backoff) and, on the last attempt or for a malformed object, marks them failed.
+    resync (reconcile's repair): the object is re-read and applied even with no event pending."""
     model = provider.event_model
     rows = webhook_store.pending_rows(model, object_key)
     events = [stored_event(provider, row) for row in rows]
     row_ids = {row.event_id: row.id for row in rows}
     db.session.rollback()  # nothing is held while the provider is read
-    if not events:
+    if not events and not resync:
         return "nothing pending"
     try:
         outcomes = provider.apply_batch(object_key, events)

@@ -37,6 +37,7 @@ from app.services.billing_common import (
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
 from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import apply_subscription_state
+from app.services.webhook_intake import RESYNC_SOURCE
 from app.services.webhook_store import VerifiedEvent
 from app.services.whop_state import membership_as_of, parse_time, subscription_state_from_whop
 
@@ -134,7 +135,7 @@ def apply_membership_events(membership_id: str, events: list[VerifiedEvent], who
         membership = whop.retrieve_membership(membership_id)
     except ProviderObjectMissing:
         return every(StripeEventStatus.IGNORED, f"not ours: this Whop account has no membership {membership_id}")
-    source = events[-1].source
+    source = events[-1].source if events else RESYNC_SOURCE  # no event: reconcile asked for a re-read
     organization = lock_organization(membership_id)
     provisioned = ""
     if organization is None:

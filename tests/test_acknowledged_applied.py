@@ -1,0 +1,201 @@
+"""Acknowledged means applied (issue 20): a stored event is applied whatever happens to its job, a
+retried job never strands an object's events, reconcile writes through the worker's per-object
+serialization, retention keeps what is still to be applied, and emails outlast an SMTP outage."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import text
+
+from app.extensions import db
+from app.services import jobs, queue
+from app.services.billing_service import BillingService
+from tests.conftest import SandboxAccount, SmtpSink, post_webhook, query, run_jobs, sign_up, stripe_event
+
+
+@pytest.fixture
+def organization(app: Flask, offline_stripe: SandboxAccount) -> dict[str, Any]:
+    session = sign_up(app.test_client(), offline_stripe)
+    run_jobs(app)
+    [row] = query(app, "SELECT * FROM organization")
+    return {"id": row.id, "subscription_id": session["subscription"]}
+
+
+def execute(app: Flask, sql: str, **params: Any) -> None:
+    with app.app_context():
+        db.session.execute(text(sql), params)
+        db.session.commit()
+
+
+def billing_status(app: Flask) -> str:
+    [row] = query(app, "SELECT billing_status FROM organization")
+    return str(row.billing_status)
+
+
+def webhook_jobs(app: Flask) -> list[Any]:
+    return query(
+        app, "SELECT id, status, lock, queueing_lock FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'"
+    )
+
+
+def test_a_job_recovered_beside_a_waiting_one_is_queued_again_and_nothing_is_stranded(
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
+) -> None:
+    subscription_id = organization["subscription_id"]
+    past_due = offline_stripe.change_subscription(subscription_id, status="past_due")
+    assert post_webhook(client, stripe_event("customer.subscription.updated", past_due)).status_code == 200
+    # A worker takes the job and dies with it (no heartbeat: it is stalled at once).
+    execute(app, "UPDATE procrastinate_jobs SET status = 'doing' WHERE task_name = 'webhooks:apply'")
+    # Meanwhile Stripe moves on, and its event gets a job of its own beside the dead one.
+    unpaid = offline_stripe.change_subscription(subscription_id, status="unpaid")
+    assert post_webhook(client, stripe_event("customer.subscription.updated", unpaid)).status_code == 200
+    assert sorted(job.status for job in webhook_jobs(app)) == ["doing", "todo"]
+    assert {job.queueing_lock for job in webhook_jobs(app)} == {None}
+
+    # The stalled job goes back to waiting beside the other (a queueing lock refused this).
+    queue.bind(app)
+    assert jobs.requeue_stalled_jobs_now(queue.job_app(app), seconds_since_heartbeat=0) == 1
+    run_jobs(app)
+    assert billing_status(app) == "unpaid"
+    assert {row.status for row in query(app, "SELECT status FROM stripe_event")} == {"processed"}
+
+
+def test_recovery_goes_on_past_a_stalled_job_it_cannot_queue_again(app: Flask) -> None:
+    """A scheduled task's run left stalled while its next run waits (the queueing lock is taken): it
+    is marked failed, and the other stalled jobs are still recovered."""
+    for status in ("doing", "todo"):
+        execute(
+            app,
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, queueing_lock, args, status) "
+            "VALUES ('maintenance', 'maintenance:expire_pending_signups', 'expire_pending_signups', "
+            "'{\"timestamp\": 0}', CAST(:status AS procrastinate_job_status))",
+            status=status,
+        )
+    execute(
+        app,
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, lock, args, status) VALUES ('webhooks', "
+        "'webhooks:apply', 'stripe:subscription:sub_x', "
+        '\'{"provider": "stripe", "object_key": "subscription:sub_x"}\', \'doing\')',
+    )
+    queue.bind(app)
+    assert jobs.requeue_stalled_jobs_now(queue.job_app(app), seconds_since_heartbeat=0) == 1
+    rows = query(app, "SELECT task_name, status::text AS status FROM procrastinate_jobs ORDER BY id")
+    assert [(row.task_name, row.status) for row in rows] == [
+        ("maintenance:expire_pending_signups", "failed"),
+        ("maintenance:expire_pending_signups", "todo"),
+        ("webhooks:apply", "todo"),
+    ]
+
+
+def test_a_pending_event_with_no_job_is_found_by_the_sweep_and_applied(
+    client: FlaskClient, app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
+) -> None:
+    past_due = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
+    assert post_webhook(client, stripe_event("customer.subscription.updated", past_due)).status_code == 200
+    # Its job is gone (taken by a worker at the moment the event coalesced into it, or removed by
+    # hand): the event is acknowledged and pending, with nobody to apply it.
+    execute(app, "DELETE FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")
+    with app.app_context():
+        assert BillingService.queue_unclaimed_events(older_than_seconds=60) == []  # too young to be lost
+    execute(app, "UPDATE stripe_event SET received_at = received_at - interval '2 minutes'")
+    with app.app_context():
+        assert BillingService.queue_unclaimed_events(older_than_seconds=60) == [
+            f"stripe:subscription:{organization['subscription_id']}"
+        ]
+        assert BillingService.queue_unclaimed_events(older_than_seconds=60) == []  # queued once
+    run_jobs(app)
+    assert billing_status(app) == "past_due"
+    assert {row.status for row in query(app, "SELECT status FROM stripe_event")} == {"processed"}
+
+
+def test_reconcile_repairs_through_the_worker_under_the_objects_lock(
+    app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
+) -> None:
+    subscription_id = organization["subscription_id"]
+    offline_stripe.change_subscription(subscription_id, status="past_due")  # no webhook reaches us
+    # A worker is applying this subscription's events right now.
+    execute(
+        app,
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, lock, args, status) VALUES ('webhooks', "
+        "'webhooks:apply', :lock, '{}', 'doing')",
+        lock=f"stripe:subscription:{subscription_id}",
+    )
+    with app.app_context():
+        report = BillingService.reconcile(apply=True, organization_id=organization["id"])
+    # Reconcile queued its repair; it did not write the organization beside the worker.
+    assert any(f"follows {subscription_id}: re-read queued" in line for line in report.applied)
+    assert billing_status(app) == "active" and not report.clean
+    execute(app, "UPDATE procrastinate_jobs SET status = 'succeeded' WHERE status = 'doing'")
+    run_jobs(app)
+    assert billing_status(app) == "past_due"
+    with app.app_context():
+        assert BillingService.reconcile(organization_id=organization["id"]).subscriptions == []
+
+
+def test_retention_keeps_the_payloads_still_to_be_applied_and_covers_every_provider(app: Flask) -> None:
+    old = datetime.now(UTC) - timedelta(days=400)
+    for number, status in enumerate(("processed", "ignored", "pending", "failed")):
+        execute(
+            app,
+            "INSERT INTO stripe_event (event_id, type, status, payload, received_at, stripe_created, livemode, "
+            "attempts) VALUES (:id, 'invoice.paid', :status, '{}', :at, 1, false, 0)",
+            id=f"evt_old_{number}",
+            status=status,
+            at=old,
+        )
+        execute(
+            app,
+            "INSERT INTO whop_event (event_id, type, status, payload, received_at, whop_created, livemode, attempts) "
+            "VALUES (:id, 'payment.succeeded', :status, '{}', :at, 1, true, 0)",
+            id=f"msg_old_{number}",
+            status=status,
+            at=old,
+        )
+    with app.app_context():
+        assert jobs.drop_event_payloads() == 4
+    for table in ("stripe_event", "whop_event"):
+        kept = {row.status: row.payload for row in query(app, f"SELECT status, payload FROM {table}")}  # noqa: S608
+        assert kept == {"processed": "", "ignored": "", "pending": "{}", "failed": "{}"}
+
+
+def test_emails_outlast_a_day_of_smtp_outage_then_fail_visibly_and_are_sent_once_on_replay(
+    make_app: Any, offline_stripe: SandboxAccount, smtp_server: SmtpSink
+) -> None:
+    app = make_app()
+    decision = queue.OUTBOX_RETRY
+    with app.app_context():
+        attempts = int(app.config["OUTBOX_MAX_ATTEMPTS"])
+        waits = []
+        for attempt in range(attempts - 1):
+            job = queue.job_app(app).tasks["outbox:deliver"].configure().job
+            asked = datetime.now(UTC)
+            retry = decision.get_retry_decision(exception=OSError(), job=job.evolve(attempts=attempt))
+            assert retry is not None and retry.retry_at is not None
+            waits.append((retry.retry_at - asked).total_seconds())
+        assert decision.get_retry_decision(exception=OSError(), job=job.evolve(attempts=attempts - 1)) is None
+    assert sum(waits) >= 24 * 3600  # a day of SMTP outage loses no email
+
+    # With the attempts used up, the delivery fails where ops see it, and is sent once on replay.
+    quick = make_app(OUTBOX_MAX_ATTEMPTS=1)
+    smtp_server.refuse_next(50)
+    sign_up(quick.test_client(), offline_stripe)
+    run_jobs(quick)
+    runner = quick.test_cli_runner()
+    listed = runner.invoke(args=["billing", "emails", "--failed"])
+    assert listed.exit_code == 0 and "signup.completed" in listed.output and "welcome_email" in listed.output
+    status = runner.invoke(args=["billing", "status"])
+    assert "outbox:deliver=" in status.output
+    smtp_server.refusals = 0
+    replayed = runner.invoke(args=["billing", "emails", "--replay-failed"])
+    assert replayed.exit_code == 0 and "queued again" in replayed.output
+    run_jobs(quick)
+    assert len([m for m in smtp_server.messages if "Welcome" in str(m["Subject"])]) == 1
+    assert runner.invoke(args=["billing", "emails", "--failed"]).output.strip() == "no failed deliveries"
+    runner.invoke(args=["billing", "emails", "--replay-failed"])
+    run_jobs(quick)
+    assert len([m for m in smtp_server.messages if "Welcome" in str(m["Subject"])]) == 1
