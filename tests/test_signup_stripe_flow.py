@@ -236,6 +236,24 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert deliver() == ["customer.subscription.updated"]
     assert domain_event_counts(app)["subscription.cancellation_scheduled"] == 1
 
+    # A stale form: the owner resumes, then submits the old cancel form again (the back button, a
+    # second tab). Stripe answers it from its idempotency cache (the old answer); the product reads the
+    # subscription as it is now, keeps it renewing, and says the form was already used.
+    def owner_action(path: str, token: str, **fields: str) -> Any:
+        data = {"csrf_token": csrf_token(client, "/billing/"), "request_token": token, **fields}
+        return client.post(path, data=data, follow_redirects=True)
+
+    assert "Your plan will renew as usual." in owner_action("/billing/resume", "b" * 32).get_data(as_text=True)
+    assert deliver() == ["customer.subscription.updated"]
+    stale = owner_action("/billing/cancel", "a" * 32, when="period_end")
+    assert "That form was already used, so nothing was changed now." in stale.get_data(as_text=True)
+    assert organization_now().cancel_at_period_end is False
+    assert stripe_api.subscription(subscription["id"])["cancel_at_period_end"] is False
+    # A fresh form cancels at the period end again.
+    assert "Your plan will end" in owner_action("/billing/cancel", "c" * 32, when="period_end").get_data(as_text=True)
+    assert organization_now().cancel_at_period_end is True
+    assert deliver() == ["customer.subscription.updated"]
+
     # The end: the period runs out, Stripe ends the subscription and nothing more is invoiced.
     final_period_end = stripe_api.subscription(subscription["id"])["items"]["data"][0]["current_period_end"]
     stripe_api.advance_clock(clock_id, final_period_end + 2 * HOUR)

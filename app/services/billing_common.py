@@ -69,6 +69,11 @@ class SubscriptionActionNotAllowed(BillingError):
     pass
 
 
+class StaleForm(SubscriptionActionNotAllowed):
+    """An owner's form submitted again after the subscription moved on (the back button, a second tab):
+    the provider answered it from its idempotency cache; nothing changed now."""
+
+
 class StalePreview(BillingError):
     """The subscription or a price changed since the preview was made; a fresh one is offered."""
 

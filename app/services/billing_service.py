@@ -64,6 +64,7 @@ from app.services.billing_common import (
     EventOutcomes,
     PaymentProviderUnavailable,
     ProviderObjectMissing,
+    StaleForm,
     StalePreview,
     SubscriptionActionNotAllowed,
     UnknownTierError,
@@ -511,10 +512,16 @@ class BillingService:
             key = f"org-{organization_id}-{action}-{request_token}"
             return whop_billing.owner_change(organization_id, subscription_id, action, key, actor_user_id)
         # The same form submitted twice is one Stripe call; two different actions are serialized by
-        # Stripe, and each applies the subscription Stripe answered with.
+        # Stripe, and each applies the subscription Stripe answered with. A form submitted again later
+        # (the back button, a second tab) gets Stripe's cached answer for its key, which may be older
+        # than the subscription: then the subscription is read as it is now, applied, and the owner told.
         key = f"org-{organization_id}-{action}-{request_token}"
         with cls._calling_stripe(action.replace("-", " ") + " a subscription"):
-            subscription = call(client, subscription_id, key).to_dict()
+            answer = call(client, subscription_id, key)
+        replayed = (
+            answer.last_response is not None and answer.last_response.headers.get("Idempotent-Replayed") == "true"
+        )
+        subscription = cls.retrieve_subscription(subscription_id) if replayed else answer.to_dict()
         with committed():
             organization = provisioning.lock_organization(organization_id)
             changes: list[str] = []
@@ -522,6 +529,11 @@ class BillingService:
                 changes = provisioning.apply_subscription_read(
                     organization, subscription, source=f"user:{actor_user_id}"
                 )
+        if replayed:
+            raise StaleForm(
+                "That form was already used, so nothing was changed now. The page shows your plan as it is; "
+                "choose again if you still want to change it."
+            )
         return changes
 
     @classmethod
