@@ -81,21 +81,18 @@ from app.services.billing_common import (
 from app.services.billing_details import (
     BillingDetails,
 )
-from app.services.entitlements import entitlements_for
 from app.services.plan_change import (
     CurrentPlan,
     PlanChangeError,
     Preview,
-    PreviewLine,
-    Target,
     When,
+    build_preview,
     new_recurring,
     read_current,
+    resolve_target,
     schedule_phases,
-    summarize_invoice_preview,
     timing,
     update_items,
-    validate_target,
 )
 from app.services.plans import Tier
 from app.services.pricing import PriceInfo
@@ -877,24 +874,22 @@ class BillingService:
         db.session.rollback()  # no transaction is held while Stripe is asked
         catalogue = plan_catalogue()
         current = read_current(cls.retrieve_subscription(subscription_id), catalogue)
-        target = Target(
-            tier=tier or current.tier or held_tier,
-            interval=interval or current.interval or "month",
-            extra_seats=current.extra_seats if extra_seats is None else extra_seats,
-        )
-        included = entitlements_for(catalogue, target.tier, {}, billing_allows_use=True).seats
         try:
-            validate_target(current, target, members=members, included_seats=included)
-            quantities = target.lookup_keys(catalogue)
+            target, quantities = resolve_target(
+                current,
+                catalogue,
+                held_tier=held_tier,
+                tier=tier,
+                interval=interval,
+                extra_seats=extra_seats,
+                members=members,
+            )
         except PlanChangeError as exc:
             raise SubscriptionActionNotAllowed(str(exc)) from exc
         prices = cls.prices_for_lookup_keys(list(quantities))
-        new_amount, new_monthly = new_recurring(prices, quantities)
-        when = timing(current, target, new_monthly)
-        proration_date = clock.now()
-        today, lines = 0, list[PreviewLine]()
-        if when == When.NOW:
-            preview_params: Any = {
+        proration_date, invoice = clock.now(), None
+        if timing(current, target, new_recurring(prices, quantities)[1]) == When.NOW:
+            params: Any = {
                 "subscription": current.subscription_id,
                 "subscription_details": {
                     "items": update_items(current, prices, quantities, catalogue),
@@ -903,25 +898,16 @@ class BillingService:
                 },
             }
             with cls._calling_stripe("preview the change"):
-                invoice = cls.ensure_stripe().v1.invoices.create_preview(params=preview_params)
-            today, lines = summarize_invoice_preview(invoice.to_dict())
-        target_interval = prices[next(iter(quantities))].interval or target.interval
-        return Preview(
-            kind=kind,
-            organization_id=organization_id,
-            subscription_id=current.subscription_id,
-            base_fingerprint=current.fingerprint,
-            target=target,
-            price_ids={key: prices[key].id for key in quantities},
-            quantities=quantities,
-            when=when,
+                invoice = cls.ensure_stripe().v1.invoices.create_preview(params=params).to_dict()
+        return build_preview(
+            kind,
+            organization_id,
+            current,
+            target,
+            prices,
+            quantities,
             proration_date=proration_date,
-            today=today,
-            currency=prices[next(iter(quantities))].currency,
-            new_recurring=new_amount,
-            new_interval=target_interval,
-            effective_at=current.period_end if when == When.PERIOD_END else None,
-            lines=lines,
+            invoice_preview=invoice,
         )
 
     @classmethod

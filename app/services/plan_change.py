@@ -20,7 +20,7 @@ from typing import Any
 
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from app.services.entitlements import seat_addon_key
+from app.services.entitlements import entitlements_for, seat_addon_key
 from app.services.plans import PlanCatalogue
 from app.services.pricing import PriceInfo, format_money
 
@@ -300,6 +300,64 @@ class Preview:
         if self.today > 0:
             return f"{format_money(self.today, self.currency)} is charged today for the rest of this period."
         return f"{format_money(-self.today, self.currency)} is credited to your account for the rest of this period."
+
+
+def resolve_target(
+    current: CurrentPlan,
+    catalogue: PlanCatalogue,
+    *,
+    held_tier: str,
+    tier: str | None,
+    interval: str | None,
+    extra_seats: int | None,
+    members: int,
+) -> tuple[Target, dict[str, int]]:
+    """What the owner asked for, completed from the current plan and checked (PlanChangeError says
+    why not); the quantity to buy of each price, by lookup key."""
+    target = Target(
+        tier=tier or current.tier or held_tier,
+        interval=interval or current.interval or "month",
+        extra_seats=current.extra_seats if extra_seats is None else extra_seats,
+    )
+    included = entitlements_for(catalogue, target.tier, {}, billing_allows_use=True).seats
+    validate_target(current, target, members=members, included_seats=included)
+    return target, target.lookup_keys(catalogue)
+
+
+def build_preview(
+    kind: str,
+    organization_id: int,
+    current: CurrentPlan,
+    target: Target,
+    prices: Mapping[str, PriceInfo],
+    quantities: dict[str, int],
+    *,
+    proration_date: int,
+    invoice_preview: Mapping[str, Any] | None,
+) -> Preview:
+    """The preview the owner confirms: Stripe's invoice preview (None for a period-end change) and the
+    prices the change will use."""
+    new_amount, new_monthly = new_recurring(prices, quantities)
+    when = timing(current, target, new_monthly)
+    today, lines = summarize_invoice_preview(invoice_preview) if invoice_preview is not None else (0, [])
+    first = prices[next(iter(quantities))]
+    return Preview(
+        kind=kind,
+        organization_id=organization_id,
+        subscription_id=current.subscription_id,
+        base_fingerprint=current.fingerprint,
+        target=target,
+        price_ids={key: prices[key].id for key in quantities},
+        quantities=quantities,
+        when=when,
+        proration_date=proration_date,
+        today=today,
+        currency=first.currency,
+        new_recurring=new_amount,
+        new_interval=first.interval or target.interval,
+        effective_at=current.period_end if when == When.PERIOD_END else None,
+        lines=lines,
+    )
 
 
 def summarize_invoice_preview(invoice: Mapping[str, Any]) -> tuple[int, list[PreviewLine]]:
