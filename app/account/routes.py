@@ -28,6 +28,9 @@ def overview() -> tuple[str, int]:
 
 
 @bp.post("/password")
+@limiter.limit(
+    lambda: current_app.config["PASSWORD_CHANGE_RATE_LIMIT"], key_func=lambda: f"password-change:{current_user.id}"
+)
 def change_password() -> Response | tuple[str, int]:
     form = ChangePasswordForm(email=current_user.email)
     if not form.validate_on_submit():

@@ -102,7 +102,7 @@ def join(token: str) -> Response | str | tuple[str, int]:
         invitation = TeamService.read_invitation(token)
     except InvitationInvalid as exc:
         return render_template("team/join_problem.html", message=str(exc)), 410
-    form = JoinForm()
+    form = JoinForm(email=invitation.email)
     if request.method == "GET" or not form.validate_on_submit():
         status = 200 if request.method == "GET" else 422
         return render_template("team/join.html", form=form, invitation=invitation), status
