@@ -168,7 +168,15 @@ class BaseConfig:
         # scrypt's cost N (a power of two; r=8, p=1): OWASP's recommendation, 2**17. A hash made with a
         # smaller N is replaced at the user's next sign-in.
         self.PASSWORD_SCRYPT_N = int(env.get("PASSWORD_SCRYPT_N", str(2**17)))
-        # Password change attempts, per user.
+        # Changing the plan, cancelling, removing a teammate, changing the password and turning two-factor
+        # sign-in off ask for the password (or a code) again unless the user proved it this recently.
+        self.REAUTH_MINUTES = int(env.get("REAUTH_MINUTES", "10"))
+        # The name authenticator apps show beside the account.
+        self.TWO_FACTOR_ISSUER = env.get("TWO_FACTOR_ISSUER", "Ledgerline")
+        # Wrong codes at sign-in's second step, per account; wrong answers on the confirm-it's-you page,
+        # per user; password change attempts, per user.
+        self.TWO_FACTOR_RATE_LIMIT = env.get("TWO_FACTOR_RATE_LIMIT", "5/minute;20/hour")
+        self.REAUTH_RATE_LIMIT = env.get("REAUTH_RATE_LIMIT", "5/minute;20/hour")
         self.PASSWORD_CHANGE_RATE_LIMIT = env.get("PASSWORD_CHANGE_RATE_LIMIT", "5/hour")
 
     @staticmethod
