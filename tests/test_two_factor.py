@@ -229,7 +229,9 @@ def test_sensitive_actions_ask_to_confirm_it_is_you_after_ten_minutes(
     assert wrong.status_code == 401 and "That is not your password." in wrong.get_data(as_text=True)
     response = post_form(owner, confirm, confirm, password=PASSWORD)
     assert response.status_code == 303 and response.headers["Location"] == "/billing/"
-    cancel = post_form(owner, "/billing/cancel", "/billing/", request_token="0123456789abcdef0123456789abcdef", when="period_end")
+    cancel = post_form(
+        owner, "/billing/cancel", "/billing/", request_token="0123456789abcdef0123456789abcdef", when="period_end"
+    )
     assert cancel.status_code == 303 and cancel.headers["Location"] == "/billing/"
     assert query(app, "SELECT cancel_at_period_end FROM organization")[0].cancel_at_period_end is True
     # Good for ten minutes, then asked again.
