@@ -55,6 +55,7 @@ class BaseConfig:
         self.configure_stripe(env)
         self.APP_BASE_URL = env.get("APP_BASE_URL", "http://127.0.0.1:5000").rstrip("/")
         self.configure_whop(env)
+        self.configure_accounts(env)
 
         self.PLAN_CATALOGUE_FILE = env.get("PLAN_CATALOGUE_FILE", str(PROJECT_ROOT / "plans.toml"))
         self.PRICE_CACHE_SECONDS = int(env.get("PRICE_CACHE_SECONDS", "300"))
@@ -168,6 +169,22 @@ class BaseConfig:
         self.EMAIL_VERIFICATION_RATE_LIMIT = env.get("EMAIL_VERIFICATION_RATE_LIMIT", "3/hour")
         self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
 
+    def configure_accounts(self, env: Mapping[str, str]) -> None:
+        """Passwords and two-factor sign-in (docs/system/SECURITY.md, "Two-factor sign-in and passwords")."""
+        # scrypt's cost N (a power of two; r=8, p=1): OWASP's recommendation, 2**17. A hash made with a
+        # smaller N is replaced at the user's next sign-in.
+        self.PASSWORD_SCRYPT_N = int(env.get("PASSWORD_SCRYPT_N", str(2**17)))
+        # Changing the plan, cancelling, removing a teammate, changing the password and turning two-factor
+        # sign-in off ask for the password (or a code) again unless the user proved it this recently.
+        self.REAUTH_MINUTES = int(env.get("REAUTH_MINUTES", "10"))
+        # The name authenticator apps show beside the account.
+        self.TWO_FACTOR_ISSUER = env.get("TWO_FACTOR_ISSUER", "Ledgerline")
+        # Wrong codes at sign-in's second step, per account; wrong answers on the confirm-it's-you page,
+        # per user; password change attempts, per user.
+        self.TWO_FACTOR_RATE_LIMIT = env.get("TWO_FACTOR_RATE_LIMIT", "5/minute;20/hour")
+        self.REAUTH_RATE_LIMIT = env.get("REAUTH_RATE_LIMIT", "5/minute;20/hour")
+        self.PASSWORD_CHANGE_RATE_LIMIT = env.get("PASSWORD_CHANGE_RATE_LIMIT", "5/hour")
+
     @staticmethod
     def _engine_options(url: str, *, pre_ping: bool = False) -> dict[str, object]:
         if url.startswith("postgresql"):
@@ -246,6 +263,9 @@ class TestConfig(BaseConfig):
         env.setdefault("MAIL_SERVER", "127.0.0.1")
         env.setdefault("MAIL_DEFAULT_SENDER", "Ledgerline Billing <billing@ledgerline.test>")
         env.setdefault("WEBHOOK_COALESCE_SECONDS", "0")  # tests run due jobs inline, at once
+        # A cheaper scrypt (each hash ~0.05 s instead of ~0.5 s): the suite hashes hundreds of passwords.
+        # tests/test_passwords.py proves the production default (2**17) and the rehash on sign-in.
+        env.setdefault("PASSWORD_SCRYPT_N", str(2**14))
         super().__init__(env)
         self.TESTING = True
         self.PAST_DUE_GRACE_DAYS = 7

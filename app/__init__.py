@@ -12,6 +12,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.database import ResilientFlask, close_session_despite_a_dead_connection, install_connect_retry
 from app.extensions import cache, csrf, db, limiter, login_manager, mail, migrate, server_session
+from app.services import password_policy
 from app.services.plans import PlanCatalogue
 from app.startup import check_production_settings, development_standins
 from config import PROJECT_ROOT, BaseConfig, config_for
@@ -32,6 +33,7 @@ def create_app(config: BaseConfig | None = None, **overrides: Any) -> Flask:
     if app.config["APP_ENV"] == "production":
         check_production_settings(app.config)  # raises, naming every problem, before anything starts
     app.extensions["plan_catalogue"] = PlanCatalogue.load(app.config["PLAN_CATALOGUE_FILE"])
+    password_policy.common_passwords()  # the common-password list, read once per process, before any request
 
     register_extensions(app)
     register_blueprints(app)

@@ -1,5 +1,7 @@
-"""The one clock billing reads. Tests move time by patching `timestamp` (never `time.time` in a
-module): every "now" the billing modules use comes from here, so a skewed clock is skewed everywhere."""
+"""The one clock: billing, two-factor codes and how recently a user proved who they are read "now" from
+here (and app.models.types.utcnow, the database's column defaults, too). Tests move time by patching
+`timestamp` (``monkeypatch.setattr(app.clock, "timestamp", lambda: t)``), never `time.time` in a
+module, so a skewed clock is skewed everywhere."""
 
 from __future__ import annotations
 

@@ -357,7 +357,7 @@ class Report:
             "session: GET the form, then the timed POST up to the 303 to Checkout, with Stripe played by "
             "the offline sandbox (prices and Checkout Sessions over HTTP). The hash alone is werkzeug's "
             "`generate_password_hash(..., "
-            f'method="scrypt")`, timed {len(results.hashes)} times in the benchmark process.',
+            f'method="scrypt:131072:8:1")`, timed {len(results.hashes)} times in the benchmark process.',
             "",
             "## Results",
             "",

@@ -7,10 +7,8 @@ from flask_wtf import FlaskForm
 from wtforms import EmailField, IntegerField, PasswordField, RadioField, SelectChoice, StringField
 from wtforms.validators import DataRequired, Email, EqualTo, Length, NumberRange, Optional, ValidationError
 
+from app.services import password_policy
 from app.services.plans import PlanCatalogue
-
-# A short list is enough to turn away the passwords every credential-stuffing list starts with.
-COMMON_PASSWORDS = {"password1234", "123456789012", "qwertyuiopas", "letmein12345", "welcome12345", "passwordpassword"}
 
 
 def _strip(value: Any) -> Any:
@@ -24,18 +22,19 @@ def _one_line_of_text(form: Any, field: Any) -> None:
         raise ValidationError("Remove the control characters (such as tabs or line breaks) from this field.")
 
 
-def check_new_password(password: str | None, email: str | None) -> None:
-    """The rules every new password follows (signup, reset, change); raises ValidationError."""
-    password = (password or "").lower()
-    email = (email or "").lower()
-    local_part = email.split("@")[0]
-    if password in COMMON_PASSWORDS or len(set(password)) < 5:
-        raise ValidationError("That password is too easy to guess.")
-    if email and (email in password or (len(local_part) >= 4 and local_part in password)):
-        raise ValidationError("Your password must not contain your email address.")
+def check_new_password(field: Any, email: str | None) -> None:
+    """The one password policy (app/services/password_policy.py) for a form's new-password field:
+    signup, joining through an invitation, reset and change. Raises ValidationError with its reason."""
+    if field.errors:  # already refused (required, or too long for the length check to matter)
+        return
+    try:
+        password_policy.check_new_password(field.data, email=email)
+    except password_policy.PasswordRejected as exc:
+        raise ValidationError(str(exc)) from None
 
 
-NEW_PASSWORD_LENGTH = Length(min=12, max=128, message="Use 12 to 128 characters.")
+# Sets the field's length bounds; the policy says what is wrong with a password out of them.
+NEW_PASSWORD_LENGTH = Length(max=password_policy.MAX_LENGTH, message=password_policy.LENGTH_MESSAGE)
 
 
 class SignupForm(FlaskForm):
@@ -77,7 +76,7 @@ class SignupForm(FlaskForm):
     )
 
     def validate_password(self, field: PasswordField) -> None:
-        check_new_password(field.data, self.email.data)
+        check_new_password(field, self.email.data)
 
     def addon_fields(self) -> list[tuple[str, IntegerField]]:
         return [
@@ -127,7 +126,7 @@ class NewPasswordForm(FlaskForm):
         self.account_email = email
 
     def validate_password(self, field: PasswordField) -> None:
-        check_new_password(field.data, self.account_email)
+        check_new_password(field, self.account_email)
 
 
 class ChangePasswordForm(NewPasswordForm):

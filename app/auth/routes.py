@@ -6,13 +6,15 @@ from flask import Blueprint, current_app, flash, redirect, render_template, requ
 from flask_login import current_user
 from werkzeug.wrappers import Response
 
-from app.access import sign_in, sign_out
+from app.access import SECOND_STEP_KEY, await_second_factor, sign_in, sign_out, user_awaiting_second_factor
+from app.account.forms import TwoFactorCodeForm
 from app.auth.forms import ForgotPasswordForm, LoginForm, NewPasswordForm, SignupForm, signup_form
 from app.extensions import client_address, limiter
 from app.services.account_service import AccountService, InvalidLink
 from app.services.auth_service import AuthService, normalise_email
 from app.services.billing_service import BillingError, BillingService, PaymentProviderUnavailable, plan_catalogue
 from app.services.signup_service import EmailAlreadyRegistered, SignupError, SignupService
+from app.services.two_factor_service import TwoFactorError, TwoFactorService
 
 bp = Blueprint("auth", __name__)
 
@@ -135,8 +137,57 @@ def login() -> Response | str | tuple[str, int]:
         # The same words whether or not the email has an account.
         form.form_errors.append("That email and password do not match an account.")
         return render_template("auth/login.html", form=form), 401
+    if user.two_factor_enabled:
+        await_second_factor(user)
+        return redirect(url_for("auth.second_factor"), 303)
     sign_in(user)
     # Never a redirect target taken from the request: always the app's front page.
+    return redirect(url_for("main.dashboard"), 303)
+
+
+def _second_step_user_key() -> str:
+    pending = session.get(SECOND_STEP_KEY)
+    return f"two-factor:{pending.get('user') if isinstance(pending, dict) else 'none'}"
+
+
+@bp.route("/two-factor", methods=["GET", "POST"])
+# Wrong codes count per account (whoever tries: they already have the password) and per client address.
+@limiter.limit(
+    _config_limit("TWO_FACTOR_RATE_LIMIT"),
+    key_func=_second_step_user_key,
+    methods=["POST"],
+    deduct_when=lambda response: response.status_code == 401,
+)
+@limiter.limit(
+    _config_limit("LOGIN_RATE_LIMIT_PER_CLIENT"),
+    key_func=client_address,
+    methods=["POST"],
+    deduct_when=lambda response: response.status_code == 401,
+)
+def second_factor() -> Response | str | tuple[str, int]:
+    """Sign-in's second step: a code from the authenticator app, or a recovery code."""
+    user = user_awaiting_second_factor()
+    if user is None:
+        flash("Sign in again: the code must follow the password within five minutes.", "info")
+        return redirect(url_for("auth.login"), 303)
+    form = TwoFactorCodeForm()
+    if request.method == "GET":
+        return render_template("auth/two_factor.html", form=form)
+    if not form.validate_on_submit():
+        return render_template("auth/two_factor.html", form=form), 422
+    try:
+        kind = TwoFactorService.verify(user, form.code.data)
+    except TwoFactorError as exc:
+        form.code.errors = [*form.code.errors, str(exc)]
+        return render_template("auth/two_factor.html", form=form), 401
+    sign_in(user)
+    if kind == "recovery_code":
+        left = TwoFactorService.recovery_codes_left(user)
+        flash(
+            f"You signed in with a recovery code; it cannot be used again. {left} left: make new ones from "
+            "your account page if you are running low.",
+            "warning",
+        )
     return redirect(url_for("main.dashboard"), 303)
 
 

@@ -9,7 +9,7 @@ from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, re
 from flask_login import current_user
 from werkzeug.wrappers import Response
 
-from app.access import current_access, require_signed_in, sign_in
+from app.access import current_access, recent_auth_required, require_signed_in, sign_in
 from app.billing.forms import (
     CancelForm,
     ChangeSeatsForm,
@@ -178,6 +178,7 @@ def _preview(
 
 
 @bp.post("/change/confirm")
+@recent_auth_required
 def confirm_change() -> Response | tuple[str, int]:
     organization = _owned_organization()
     form = ConfirmChangeForm()
@@ -243,6 +244,7 @@ def keep_plan() -> Response:
 
 
 @bp.post("/portal")
+@recent_auth_required
 def portal() -> Response:
     organization = _owned_organization()
     if not PortalForm().validate_on_submit():
@@ -258,6 +260,7 @@ def portal() -> Response:
 
 
 @bp.post("/cancel")
+@recent_auth_required
 def cancel() -> Response:
     organization_id = _owned_organization().id
     form = CancelForm()

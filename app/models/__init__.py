@@ -9,6 +9,7 @@ from app.models.pending_signup import PendingSignup, SignupStatus
 from app.models.resubscribe_checkout import ResubscribeCheckout, ResubscribeStatus
 from app.models.stripe_event import StripeEvent, StripeEventStatus
 from app.models.team import Invitation, InvitationStatus, SubscriptionChange, SubscriptionChangeStatus
+from app.models.two_factor import RecoveryCode
 from app.models.user import User, UserRole
 from app.models.whop_event import WhopEvent
 
@@ -23,6 +24,7 @@ __all__ = [
     "OrganizationAddon",
     "OutboxDelivery",
     "PendingSignup",
+    "RecoveryCode",
     "ResubscribeCheckout",
     "ResubscribeStatus",
     "SignupStatus",

@@ -81,6 +81,8 @@ class Organization(Model):
     # Bumped by a subscription event that found no organization holding its subscription yet; a
     # resubscription read from Stripe before the bump is read again (no lock is held across the read).
     subscription_events_seen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The owner requires two-factor sign-in of every member: one without it is sent to set it up.
+    require_two_factor: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

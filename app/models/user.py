@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from flask_login import UserMixin
-from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, text
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import Model
@@ -22,6 +22,8 @@ class User(UserMixin, Model):
     __table_args__ = (
         CheckConstraint("email = lower(email)", name="ck_user_account_email_normalised"),
         CheckConstraint("role IN ('owner', 'member')", name="ck_user_account_role"),
+        # Two-factor sign-in is on only with a secret to check codes against.
+        CheckConstraint("totp_enabled_at IS NULL OR totp_secret IS NOT NULL", name="ck_user_account_totp_secret"),
         # One owner per organization, enforced by the database.
         Index(
             "uq_user_account_one_owner",
@@ -45,6 +47,11 @@ class User(UserMixin, Model):
     # Raised to sign the user out everywhere: a session is valid only while it carries the current one.
     session_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     email_verified_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Two-factor sign-in (TOTP, app/services/two_factor_service.py): the shared secret (base32), when it
+    # was turned on, and the last 30-second time step whose code was accepted (no code is accepted twice).
+    totp_secret: Mapped[str | None] = mapped_column(String(64))
+    totp_enabled_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
 
     organization: Mapped[Organization] = relationship()
 
@@ -55,3 +62,7 @@ class User(UserMixin, Model):
     @property
     def email_verified(self) -> bool:
         return self.email_verified_at is not None
+
+    @property
+    def two_factor_enabled(self) -> bool:
+        return self.totp_enabled_at is not None

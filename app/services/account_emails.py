@@ -1,8 +1,11 @@
 """Account emails, sent by outbox consumers from the worker (app/services/outbox.py): the password
-reset link and the email confirmation link. Each link is minted here, at send time, and never stored:
-the domain events say only "user N asked" (app/services/account_service.py)."""
+reset link, the email confirmation link, and the notice that the password was changed. Each link is
+minted here, at send time, and never stored: the domain events say only "user N asked"
+(app/services/account_service.py)."""
 
 from __future__ import annotations
+
+from datetime import UTC
 
 from flask import current_app
 
@@ -66,3 +69,30 @@ def verify_email_after_signup(event: OutboxEvent) -> None:
 @outbox.consumer("user.email_verification_requested", name="verify_email_again")
 def verify_email_again(event: OutboxEvent) -> None:
     _send_verification(event)
+
+
+def _send_password_changed(event: OutboxEvent, how: str) -> None:
+    user = _user(event.user_id)
+    if user is None:
+        return
+    send_event_email(
+        event,
+        user.email,
+        "password_changed",
+        subject="Your Ledgerline password was changed",
+        user=user,
+        how=how,
+        when=event.occurred_at.astimezone(UTC),
+        reset_url=f"{current_app.config['APP_BASE_URL']}/auth/forgot-password",
+    )
+
+
+@outbox.consumer("user.password_changed", name="password_changed_email")
+def password_changed_email(event: OutboxEvent) -> None:
+    """Tell the account's mailbox its password changed: if it was not its owner, they learn at once."""
+    _send_password_changed(event, "from your account page")
+
+
+@outbox.consumer("user.password_reset", name="password_reset_done_email")
+def password_reset_done_email(event: OutboxEvent) -> None:
+    _send_password_changed(event, "through a password reset link")

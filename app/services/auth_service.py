@@ -1,8 +1,14 @@
-"""Passwords and sign-in for existing users."""
+"""Passwords and sign-in for existing users.
+
+Password hashes are werkzeug's scrypt with OWASP's parameters: N=PASSWORD_SCRYPT_N (2**17 by default),
+r=8, p=1, and a 16-byte salt; the parameters are stored in each hash ("scrypt:131072:8:1$salt$hash").
+A user whose hash was made with weaker parameters (an older N, or werkzeug's former default 2**15) gets
+a new hash of the same password at their next successful sign-in, transparently."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from flask import current_app
+from sqlalchemy import select, update
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from app.extensions import db
@@ -10,10 +16,11 @@ from app.models import User
 from app.models.types import utcnow
 from app.services import domain_events
 
-# werkzeug's default: scrypt (N=2**15, r=8, p=1) with a 16-byte salt.
-PASSWORD_HASH_METHOD = "scrypt"  # noqa: S105 (a method name, not a password)
-# Checked when the email is unknown, so a miss costs what a hit costs and timing reveals nothing.
-_UNKNOWN_USER_HASH = generate_password_hash("no user has this password", method=PASSWORD_HASH_METHOD)
+SCRYPT_R = 8
+SCRYPT_P = 1
+# Checked when the email is unknown, so a miss costs what a hit costs and timing reveals nothing: one
+# per scrypt method, made on first use.
+_unknown_user_hashes: dict[str, str] = {}
 
 
 def normalise_email(email: str) -> str:
@@ -21,8 +28,29 @@ def normalise_email(email: str) -> str:
     return email.strip().lower()
 
 
+def password_hash_method() -> str:
+    """werkzeug's method string for new hashes: scrypt:N:r:p."""
+    return f"scrypt:{current_app.config['PASSWORD_SCRYPT_N']}:{SCRYPT_R}:{SCRYPT_P}"
+
+
 def hash_password(password: str) -> str:
-    return generate_password_hash(password, method=PASSWORD_HASH_METHOD)
+    return generate_password_hash(password, method=password_hash_method())
+
+
+def hash_is_weaker_than_policy(password_hash: str) -> bool:
+    """Whether ``password_hash`` was made with weaker parameters than new hashes get."""
+    method, *args = password_hash.split("$", 1)[0].split(":")
+    if method != "scrypt":
+        return True
+    n, r, p = (int(arg) for arg in args) if len(args) == 3 else (2**15, 8, 1)  # werkzeug's bare "scrypt"
+    return n < current_app.config["PASSWORD_SCRYPT_N"] or r < SCRYPT_R or p < SCRYPT_P
+
+
+def _unknown_user_hash() -> str:
+    method = password_hash_method()
+    if method not in _unknown_user_hashes:
+        _unknown_user_hashes[method] = generate_password_hash("no user has this password", method=method)
+    return _unknown_user_hashes[method]
 
 
 class AuthService:
@@ -30,10 +58,33 @@ class AuthService:
     def authenticate(email: str, password: str) -> User | None:
         user = db.session.execute(select(User).where(User.email == normalise_email(email))).scalar_one_or_none()
         if user is None:
-            check_password_hash(_UNKNOWN_USER_HASH, password)
+            check_password_hash(_unknown_user_hash(), password)
             return None
         matches = check_password_hash(user.password_hash, password)
-        return user if matches and user.removed_at is None else None
+        if not matches or user.removed_at is not None:
+            return None
+        if hash_is_weaker_than_policy(user.password_hash):
+            AuthService._rehash(user, password)
+        return user
+
+    @staticmethod
+    def check_password(user: User, password: str) -> bool:
+        """The user's own password, typed again (confirming it's them before a sensitive action)."""
+        return bool(check_password_hash(user.password_hash, password))
+
+    @staticmethod
+    def _rehash(user: User, password: str) -> None:
+        """Store a hash of the same password with today's parameters. Only if the hash is still the one
+        checked (a password change at the same moment wins); sessions are not touched: the password
+        did not change."""
+        old_hash = user.password_hash
+        db.session.execute(
+            update(User)
+            .where(User.id == user.id, User.password_hash == old_hash)
+            .values(password_hash=hash_password(password))
+            .execution_options(synchronize_session="fetch")
+        )
+        db.session.commit()
 
     @staticmethod
     def record_sign_in(user: User, *, source: str) -> None:

@@ -7,7 +7,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, render_templat
 from flask_login import current_user
 from werkzeug.wrappers import Response
 
-from app.access import require_billing_access, sign_in
+from app.access import recent_auth_required, require_billing_access, sign_in
 from app.extensions import client_address, limiter
 from app.services.team_service import InvitationInvalid, SeatLimitReached, TeamError, TeamService
 from app.team.forms import ActionForm, InviteForm, JoinForm
@@ -82,6 +82,7 @@ def revoke(invitation_id: int) -> Response:
 
 
 @bp.post("/members/<int:user_id>/remove")
+@recent_auth_required
 def remove(user_id: int) -> Response:
     organization_id = _owner_only()
     if not ActionForm().validate_on_submit():
@@ -102,7 +103,7 @@ def join(token: str) -> Response | str | tuple[str, int]:
         invitation = TeamService.read_invitation(token)
     except InvitationInvalid as exc:
         return render_template("team/join_problem.html", message=str(exc)), 410
-    form = JoinForm()
+    form = JoinForm(email=invitation.email)
     if request.method == "GET" or not form.validate_on_submit():
         status = 200 if request.method == "GET" else 422
         return render_template("team/join.html", form=form, invitation=invitation), status
