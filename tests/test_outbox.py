@@ -99,7 +99,7 @@ def test_a_refused_message_is_retried_and_sent_once(make_app: Any, smtp_server: 
 def test_a_message_the_server_never_accepts_fails_the_job_and_records_nothing(
     make_app: Any, smtp_server: SmtpSink
 ) -> None:
-    app = make_app(JOB_RETRY_BASE_SECONDS=0, JOB_MAX_ATTEMPTS=3)
+    app = make_app(JOB_RETRY_BASE_SECONDS=0, OUTBOX_MAX_ATTEMPTS=3)  # emails retry OUTBOX_MAX_ATTEMPTS times
     record_probe(app)
     smtp_server.refuse_next(10)
     run_jobs(app)
