@@ -26,9 +26,11 @@ def create_app(config: BaseConfig | None = None, **overrides: Any) -> Flask:
     app.config.from_object(config or config_for())
     app.config.update(overrides)
 
-    from app.request_log import configure_logging
+    from app.request_log import SecretConverter, configure_logging
 
     configure_logging(app)
+    # Route arguments that are credentials are declared <secret:...>; the request log masks them.
+    app.url_map.converters["secret"] = SecretConverter
     if app.config["APP_ENV"] == "production":
         check_production_settings(app.config)  # raises, naming every problem, before anything starts
     app.extensions["plan_catalogue"] = PlanCatalogue.load(app.config["PLAN_CATALOGUE_FILE"])

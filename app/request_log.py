@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, Response, g, request
+from werkzeug.routing import Map, UnicodeConverter
 
 logger = logging.getLogger("app.request")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
@@ -21,8 +22,9 @@ SECRET_PATTERNS = re.compile(
     r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9_]+"
     r"|\b(?:\d{13,19}|\d{4}(?:[ -]\d{4}){3}(?:\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{4,5})\b"
 )
-# The signed links mailed to users (password reset, email confirmation) carry their token in the path.
-LINK_TOKENS = re.compile(r"(/auth/(?:reset-password|verify-email)/)[^\s/?\"]+")
+# A path segment as a client may write it: anything up to the next slash, query, quote or space.
+SEGMENT = r"[^\s/?#\"']+"
+RULE_ARGUMENT = re.compile(r"<(?:(?P<converter>\w+)(?:\([^)]*\))?:)?(?P<name>\w+)>")
 CONTEXT_FIELDS = (
     "request_id",
     "method",
@@ -36,15 +38,51 @@ CONTEXT_FIELDS = (
 HANDLER_NAME = "app"
 
 
+class SecretConverter(UnicodeConverter):
+    """``<secret:token>``: a path segment that is a credential (a signed link's token). Matches what
+    ``<token>`` matches; the request log masks it (credential_paths)."""
+
+
+def credential_paths(url_map: Map) -> re.Pattern[str] | None:
+    """The one rule for links that carry a credential: every route argument declared with the
+    ``secret`` converter. One pattern per such route; its secret segments are captured for masking."""
+    patterns = []
+    for rule in url_map.iter_rules():
+        if not any(isinstance(converter, SecretConverter) for converter in rule._converters.values()):
+            continue
+        pattern, position = "", 0
+        for match in RULE_ARGUMENT.finditer(rule.rule):
+            pattern += re.escape(rule.rule[position : match.start()])
+            secret = isinstance(rule._converters.get(match["name"]), SecretConverter)
+            pattern += f"({SEGMENT})" if secret else f"(?:{SEGMENT})"
+            position = match.end()
+        patterns.append(pattern + re.escape(rule.rule[position:]))
+    return re.compile("|".join(f"(?:{p})" for p in sorted(patterns))) if patterns else None
+
+
+def _mask_groups(match: re.Match[str]) -> str:
+    text, start = "", match.start()
+    for index in range(1, (match.re.groups or 0) + 1):
+        if match.start(index) < 0:
+            continue
+        text += match.string[start : match.start(index)] + "[redacted]"
+        start = match.end(index)
+    return text + match.string[start : match.end()]
+
+
 class RedactingFilter(logging.Filter):
-    """Masks configured secret values and anything shaped like a key or a card number."""
+    """Masks configured secret values, anything shaped like a key or a card number, and the credential
+    segments of the app's links (set once the routes are known: init_request_logging)."""
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if len(s) >= 8]
+        self.secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
+        self.credential_paths: re.Pattern[str] | None = None
 
     def redact(self, text: str) -> str:
-        redacted = LINK_TOKENS.sub(r"\1[redacted]", SECRET_PATTERNS.sub("[redacted]", text))
+        redacted = SECRET_PATTERNS.sub("[redacted]", text)
+        if self.credential_paths is not None:
+            redacted = self.credential_paths.sub(_mask_groups, redacted)
         for secret in self.secrets:
             redacted = redacted.replace(secret, "[redacted]")
         return redacted
@@ -96,6 +134,14 @@ def configure_logging(app: Flask) -> None:
 
 
 def init_request_logging(app: Flask) -> None:
+    """Called once the blueprints are registered: the log filter learns which links carry credentials."""
+    pattern = credential_paths(app.url_map)
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == HANDLER_NAME:
+            for log_filter in handler.filters:
+                if isinstance(log_filter, RedactingFilter):
+                    log_filter.credential_paths = pattern
+
     @app.before_request
     def start_request() -> None:
         incoming = request.headers.get("X-Request-ID", "")

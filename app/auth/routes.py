@@ -170,7 +170,7 @@ def forgot_password_submit() -> str | tuple[str, int]:
     return render_template("auth/reset_requested.html", email=normalise_email(form.email.data))
 
 
-@bp.route("/reset-password/<token>", methods=["GET", "POST"])
+@bp.route("/reset-password/<secret:token>", methods=["GET", "POST"])
 def reset_password(token: str) -> Response | str | tuple[str, int]:
     try:
         user = AccountService.user_for_reset_token(token)
@@ -193,7 +193,7 @@ def reset_password(token: str) -> Response | str | tuple[str, int]:
     return redirect(url_for("auth.login"), 303)
 
 
-@bp.get("/verify-email/<token>")
+@bp.get("/verify-email/<secret:token>")
 def verify_email(token: str) -> Response | tuple[str, int]:
     try:
         AccountService.verify_email(token)

@@ -95,7 +95,7 @@ def remove(user_id: int) -> Response:
     return redirect(url_for("team.index"), 303)
 
 
-@bp.route("/join/<token>", methods=["GET", "POST"])
+@bp.route("/join/<secret:token>", methods=["GET", "POST"])
 @limiter.limit(lambda: current_app.config["LOGIN_RATE_LIMIT_PER_CLIENT"], key_func=client_address, methods=["POST"])
 def join(token: str) -> Response | str | tuple[str, int]:
     try:
