@@ -98,6 +98,9 @@ class BaseConfig:
         self.CACHE_DEFAULT_TIMEOUT = self.PRICE_CACHE_SECONDS
         self.CACHE_KEY_PREFIX = "cache:"
         self.configure_mail_and_jobs(env)
+        # Production with Redis reached without a password, or SMTP without TLS: "warn" (logged at start-up)
+        # or "refuse" (the app does not start).
+        self.INSECURE_BACKENDS = env.get("INSECURE_BACKENDS", "warn").strip().lower()
         self.LOG_FORMAT = env.get("LOG_FORMAT", self.DEFAULT_LOG_FORMAT)
         self.LOG_LEVEL = env.get("LOG_LEVEL", "INFO")
 
@@ -115,6 +118,11 @@ class BaseConfig:
         # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
         # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
         self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in TRUE_WORDS
+        # Production refuses a test-mode key (sk_test_/rk_test_) unless this says it is meant (a staging
+        # deployment built with the production configuration).
+        self.STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION = (
+            env.get("STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION", "").strip().lower() in TRUE_WORDS
+        )
 
     def configure_mail_and_jobs(self, env: Mapping[str, str]) -> None:
         # Outgoing email over SMTP (Flask-Mailman). Production refuses to start without MAIL_SERVER and
@@ -141,7 +149,8 @@ class BaseConfig:
         self.WEBHOOK_COALESCE_SECONDS = float(env.get("WEBHOOK_COALESCE_SECONDS", "2"))
         # Stored webhook payloads older than this are dropped by a daily job (the row and outcome stay).
         self.EVENT_PAYLOAD_RETENTION_DAYS = int(env.get("EVENT_PAYLOAD_RETENTION_DAYS", "90"))
-        # /metrics answers only with "Authorization: Bearer $METRICS_TOKEN"; unset, it is a 404.
+        # /metrics answers only with "Authorization: Bearer $METRICS_TOKEN"; unset, it is a 404. Production
+        # refuses a weak one (under 32 characters, or few distinct ones).
         self.METRICS_TOKEN = env.get("METRICS_TOKEN", "")
 
     DEFAULT_TRUSTED_PROXIES = "0"

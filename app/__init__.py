@@ -13,7 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from app.database import ResilientFlask, close_session_despite_a_dead_connection, install_connect_retry
 from app.extensions import cache, csrf, db, limiter, login_manager, mail, migrate, server_session
 from app.services.plans import PlanCatalogue
-from app.startup import check_production_settings, development_standins
+from app.startup import check_production_settings, development_standins, production_warnings
 from config import PROJECT_ROOT, BaseConfig, config_for
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ def create_app(config: BaseConfig | None = None, **overrides: Any) -> Flask:
     app.url_map.converters["secret"] = SecretConverter
     if app.config["APP_ENV"] == "production":
         check_production_settings(app.config)  # raises, naming every problem, before anything starts
+        for warning in production_warnings(app.config):
+            logger.warning("Insecure production setting: %s", warning)
     app.extensions["plan_catalogue"] = PlanCatalogue.load(app.config["PLAN_CATALOGUE_FILE"])
 
     register_extensions(app)

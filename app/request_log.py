@@ -9,7 +9,9 @@ import re
 import time
 import uuid
 from datetime import UTC, datetime
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from flask import Flask, Response, g, request
 from werkzeug.routing import Map, UnicodeConverter
@@ -19,7 +21,9 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 # Stripe secret, restricted and webhook keys, and what could be a card number: 13-19 digits in a row,
 # or written in groups (4-4-4-4, 4-6-5), so a status code next to a number is left alone.
 SECRET_PATTERNS = re.compile(
-    r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9_]+"
+    r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9_]+|\bapik_[A-Za-z0-9_]+|\bws_[A-Za-z0-9_]{8,}"
+    # A bearer token in a header, and the password in a URL's user part (redis://:pw@host, postgresql://u:pw@h).
+    r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}|(?<=://)[^\s/@:]*:[^\s/@]+(?=@)"
     r"|\b(?:\d{13,19}|\d{4}(?:[ -]\d{4}){3}(?:\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{4,5})\b"
 )
 # A path segment as a client may write it: anything up to the next slash, query, quote or space.
@@ -114,6 +118,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Settings that hold a credential, by name: keys, secrets, tokens, passwords (a comma-separated value
+# lists several, while one is rotated). Any setting named so is masked wherever its value appears.
+CREDENTIAL_SETTING = re.compile(r"(?:^|_)(?:KEY|SECRET|TOKEN|PASSWORD)$")
+
+
+def configured_secrets(config: Mapping[str, Any]) -> list[str]:
+    """Every credential the configuration holds: the values of credential-named settings, and the
+    passwords inside its URLs (DATABASE_URL, REDIS_URL, ...)."""
+    found: list[str] = []
+    for name, value in config.items():
+        if not isinstance(value, str) or not value:
+            continue
+        if CREDENTIAL_SETTING.search(name):
+            found.extend(part.strip() for part in value.split(","))
+        if "://" in value:
+            password = urlsplit(value).password if "@" in value else None
+            if password:
+                found.append(unquote(password))
+    return found
+
+
 def configure_logging(app: Flask) -> None:
     """One handler on the root logger, replaced when another app is created in this process."""
     root = logging.getLogger()
@@ -125,10 +150,7 @@ def configure_logging(app: Flask) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    secrets = [
-        str(app.config.get(name) or "") for name in ("SECRET_KEY", "STRIPE_SECRET_KEY", "STRIPE_PUBLISHABLE_KEY")
-    ] + str(app.config.get("STRIPE_WEBHOOK_SECRET") or "").split(",")
-    handler.addFilter(RedactingFilter([s.strip() for s in secrets]))
+    handler.addFilter(RedactingFilter(configured_secrets(app.config)))
     root.addHandler(handler)
     root.setLevel(app.config.get("LOG_LEVEL", "INFO"))
 

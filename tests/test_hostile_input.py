@@ -469,6 +469,7 @@ def production_app(
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "STRIPE_SECRET_KEY": OFFLINE_SECRET_KEY,
+            "STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION": "1",
             "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
             "STRIPE_API_BASE": stripe_sandbox.url,
             "STRIPE_MAX_NETWORK_RETRIES": "0",

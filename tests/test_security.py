@@ -65,3 +65,108 @@ def test_every_route_that_takes_a_token_logs_it_masked(make_app: Callable[..., F
     for rule in credential_rules:
         masked = rule.rule.split("<", 1)[0] + "[redacted]"
         assert masked in logged, (masked, logged)
+
+
+# --- 9. Production guards and secret redaction -------------------------------------------------------------
+
+
+@pytest.fixture
+def production_settings(database_url: str, redis_url: str) -> dict[str, str]:
+    """Production settings that start, on the test database and Redis (a live-looking Stripe key)."""
+    return {
+        "SECRET_KEY": "0Jv3kq9Zr8wXf2LmN5pT7yB1cD4eG6hK-production-grade",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "STRIPE_SECRET_KEY": "sk_live_production_guard_check",
+        "STRIPE_WEBHOOK_SECRET": "whsec_production_guard_check",
+        "APP_BASE_URL": "https://billing.example.com",
+        "TRUSTED_PROXY_COUNT": "1",
+        "MAIL_SERVER": "smtp.example.com",
+        "MAIL_USE_TLS": "1",
+        "MAIL_DEFAULT_SENDER": "Billing <billing@example.com>",
+    }
+
+
+def production_problems_for(settings: dict[str, str]) -> list[str]:
+    from app.startup import production_problems
+    from config import ProductionConfig
+
+    return production_problems(vars(ProductionConfig(settings)))
+
+
+def test_production_refuses_a_test_mode_stripe_key_unless_told_it_is_meant(
+    production_settings: dict[str, str],
+) -> None:
+    assert production_problems_for(production_settings) == []
+    test_key = {**production_settings, "STRIPE_SECRET_KEY": "sk_test_staging_only"}
+    assert any("STRIPE_SECRET_KEY is a test-mode key" in p for p in production_problems_for(test_key))
+    restricted = {**production_settings, "STRIPE_SECRET_KEY": "rk_test_staging_only"}
+    assert any("test-mode key" in p for p in production_problems_for(restricted))
+    assert production_problems_for({**test_key, "STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION": "1"}) == []
+
+
+@pytest.mark.parametrize(
+    "token", ["metrics", "0123456789abcdef", "a" * 40, "changeme", "ab" * 20, "Zr8wXf2LmN5pT7yB1cD4eG6hK"]
+)
+def test_production_refuses_a_weak_metrics_token(production_settings: dict[str, str], token: str) -> None:
+    problems = production_problems_for({**production_settings, "METRICS_TOKEN": token})
+    assert any("METRICS_TOKEN is too weak" in p for p in problems), problems
+
+
+def test_production_accepts_a_strong_metrics_token_or_none(production_settings: dict[str, str]) -> None:
+    strong = "mT7-qLx2Rv9KpZ4sWn8Jc1Hb6Yd3Fg5E0aUo"
+    assert production_problems_for({**production_settings, "METRICS_TOKEN": strong}) == []
+
+
+def test_redis_without_a_password_and_smtp_without_tls_warn_or_refuse(
+    production_settings: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from app import create_app
+    from app.startup import ConfigurationError
+    from config import ProductionConfig
+
+    insecure = {**production_settings, "MAIL_USE_TLS": ""}  # and the test Redis has no password
+    caplog.set_level(logging.WARNING)
+    app = create_app(ProductionConfig(insecure))  # warn, the default: it starts, and says so
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("has no password" in w for w in warnings), warnings
+    assert any("MAIL_SERVER smtp.example.com is used without TLS" in w for w in warnings), warnings
+    with app.app_context():
+        from app.extensions import db
+
+        db.engine.dispose()
+    with pytest.raises(ConfigurationError) as refused:
+        create_app(ProductionConfig({**insecure, "INSECURE_BACKENDS": "refuse"}))
+    assert "has no password" in str(refused.value) and "(INSECURE_BACKENDS=refuse)" in str(refused.value)
+    assert "without TLS" in str(refused.value)
+    # A password in the URL and TLS on the mail connection: nothing to say.
+    from app.startup import insecure_backends
+
+    secured = vars(ProductionConfig({**production_settings, "REDIS_URL": "rediss://:s3cret-pass@redis.internal:6380/0"}))
+    assert insecure_backends(secured) == []
+    assert any("INSECURE_BACKENDS must be" in p for p in production_problems_for({**insecure, "INSECURE_BACKENDS": "x"}))
+
+
+def test_every_credential_the_app_knows_is_masked_in_the_logs(make_app: Callable[..., Flask]) -> None:
+    credentials = {
+        "WHOP_API_KEY": "whop-key-Zr8wXf2LmN5pT7yB",
+        "WHOP_WEBHOOK_SECRET": "whop-hook-old-9aQ3, whop-hook-new-4bR7",
+        "METRICS_TOKEN": "metrics-token-mT7qLx2Rv9KpZ4sW",
+        "MAIL_PASSWORD": "smtp-password-Hb6Yd3Fg",
+        "STRIPE_WEBHOOK_SECRET": "whsec_suite_rotating_1,whsec_suite_rotating_2",
+    }
+    app = make_app(**credentials)
+    logger = logging.getLogger("app.test")
+    with app_log() as written:
+        for value in credentials.values():
+            for part in value.split(","):
+                logger.warning("calling with %s", part.strip())
+        logger.warning("connecting to redis://:r3dis-pass-Q9@cache.internal:6379/0 and postgresql://app:pg-pass-7Z@db/app")
+        logger.warning("Authorization: Bearer abcdefghijklmnop0123 sent; Whop key apik_unknown_to_config_123")
+    logged = written.getvalue()
+    for value in credentials.values():
+        for part in value.split(","):
+            assert part.strip() not in logged, part
+    for leaked in ("r3dis-pass-Q9", "pg-pass-7Z", "abcdefghijklmnop0123", "apik_unknown_to_config_123"):
+        assert leaked not in logged, leaked
+    assert "cache.internal:6379" in logged and "calling with [redacted]" in logged
