@@ -158,6 +158,11 @@ class BaseConfig:
     DEFAULT_MAIL_BACKEND = "smtp"
 
     def configure_rate_limits(self, env: Mapping[str, str]) -> None:
+        # Limits key on the client's address; an IPv6 client is its network of this many leading bits (one
+        # subscriber holds a whole /64, and would otherwise have 2**64 fresh addresses to spend).
+        self.RATELIMIT_IPV6_PREFIX_LENGTH = int(env.get("RATELIMIT_IPV6_PREFIX_LENGTH", "64"))
+        if not 8 <= self.RATELIMIT_IPV6_PREFIX_LENGTH <= 128:
+            raise SystemExit("RATELIMIT_IPV6_PREFIX_LENGTH must be a prefix length from 8 to 128 (64 is usual)")
         # Rate limits (Flask-Limiter notation). Failed sign-ins only count against the login limits.
         self.SIGNUP_RATE_LIMIT_PER_CLIENT = env.get("SIGNUP_RATE_LIMIT_PER_CLIENT", "20/hour;5/minute")
         self.SIGNUP_RATE_LIMIT_PER_EMAIL = env.get("SIGNUP_RATE_LIMIT_PER_EMAIL", "5/hour")

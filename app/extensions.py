@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING
 
-from flask import request
+from flask import current_app, request
 from flask_caching import Cache
 from flask_limiter import Limiter
 from flask_login import LoginManager
@@ -19,8 +19,11 @@ class Base(DeclarativeBase):
 
 
 def client_address() -> str:
-    """The client's address as the trusted proxy reported it (ProxyFix runs first)."""
-    return request.remote_addr or "unknown"
+    """Who the client is for rate limits: its address as the trusted proxy reported it (ProxyFix runs
+    first), an IPv6 one widened to its /RATELIMIT_IPV6_PREFIX_LENGTH network (64 by default)."""
+    from app.rate_limits import client_bucket
+
+    return client_bucket(request.remote_addr, current_app.config.get("RATELIMIT_IPV6_PREFIX_LENGTH", 64))
 
 
 db = SQLAlchemy(model_class=Base)

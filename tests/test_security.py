@@ -7,14 +7,19 @@ from __future__ import annotations
 import io
 import logging
 import re
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from flask import Flask
+from flask.testing import FlaskClient
 
 from app.request_log import HANDLER_NAME, SecretConverter
+from config import TestConfig
+from tests.conftest import PASSWORD, SandboxAccount, csrf_token, sign_up, start_signup
 
 # Route arguments whose name says they are a credential; each must be declared <secret:...>.
 CREDENTIAL_NAME = re.compile(r"(?:^|_)(?:token|secret|signature|key|code)$")
@@ -170,3 +175,103 @@ def test_every_credential_the_app_knows_is_masked_in_the_logs(make_app: Callable
     for leaked in ("r3dis-pass-Q9", "pg-pass-7Z", "abcdefghijklmnop0123", "apik_unknown_to_config_123"):
         assert leaked not in logged, leaked
     assert "cache.internal:6379" in logged and "calling with [redacted]" in logged
+
+
+# --- 4. Rate limits that cannot be walked around ----------------------------------------------------------
+
+
+def client_at(app: Flask, address: str) -> FlaskClient:
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = address
+    return client
+
+
+def log_in(client: FlaskClient, email: str, password: str, token: str | None = None) -> Any:
+    token = token or csrf_token(client, "/auth/login")
+    return client.post("/auth/login", data={"csrf_token": token, "email": email, "password": password})
+
+
+def test_one_ipv6_network_is_one_client_and_ipv4_addresses_are_their_own(
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount
+) -> None:
+    app = make_app(LOGIN_RATE_LIMIT_PER_CLIENT="3/hour", LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT="1000/hour")
+    # Three failures from three addresses of one /64 use up that network's limit...
+    statuses = [
+        log_in(client_at(app, f"2001:db8:5:7::{n:x}"), f"user{n}@example.com", "nope nope nope").status_code
+        for n in range(1, 4)
+    ]
+    assert statuses == [401, 401, 401]
+    assert log_in(client_at(app, "2001:db8:5:7:ffff:1:2:3"), "x@example.com", "nope nope").status_code == 429
+    # ...the next /64 is another client, and so is each IPv4 address (an IPv4-mapped one is that address).
+    assert log_in(client_at(app, "2001:db8:5:8::1"), "x@example.com", "nope nope").status_code == 401
+    for n in range(3):
+        assert log_in(client_at(app, "192.0.2.50"), f"v4{n}@example.com", "nope nope").status_code == 401
+    assert log_in(client_at(app, "::ffff:192.0.2.50"), "v4x@example.com", "nope nope").status_code == 429
+    assert log_in(client_at(app, "192.0.2.51"), "v4y@example.com", "nope nope").status_code == 401
+
+
+def test_the_ipv6_prefix_length_is_a_setting(make_app: Callable[..., Flask]) -> None:
+    from app.rate_limits import client_bucket
+
+    assert client_bucket("2001:db8:5:7:1:2:3:4", 64) == "2001:db8:5:7::/64"
+    assert client_bucket("2001:db8:5:7:1:2:3:4", 48) == "2001:db8:5::/48"
+    assert client_bucket("203.0.113.9", 64) == "203.0.113.9"
+    app = make_app(RATELIMIT_IPV6_PREFIX_LENGTH=56)
+    seen: list[str] = []
+
+    @app.get("/whoami-for-limits")
+    def whoami() -> str:
+        from app.extensions import client_address
+
+        seen.append(client_address())
+        return "ok"
+
+    client_at(app, "2001:db8:5:7aa:1::9").get("/whoami-for-limits")
+    assert seen == ["2001:db8:5:700::/56"]
+    with pytest.raises(SystemExit, match="RATELIMIT_IPV6_PREFIX_LENGTH"):
+        TestConfig({"RATELIMIT_IPV6_PREFIX_LENGTH": "200"})
+
+
+def test_a_parallel_burst_of_sign_in_guesses_gets_no_more_than_the_limit(
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount
+) -> None:
+    """Fifty wrong passwords for one account from one address, all at once, against the real Redis."""
+    app = make_app(LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT="5/hour", LOGIN_RATE_LIMIT_PER_CLIENT="1000/hour")
+    sign_up(app.test_client(), offline_stripe)
+    clients = [client_at(app, "198.51.100.77") for _ in range(50)]
+    tokens = [csrf_token(client, "/auth/login") for client in clients]
+    start = threading.Barrier(len(clients))
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def guess(index: int) -> None:
+        start.wait()
+        status = log_in(clients[index], "ada@example.com", f"wrong guess {index}", tokens[index]).status_code
+        with lock:
+            statuses.append(status)
+
+    threads = [threading.Thread(target=guess, args=(n,)) for n in range(len(clients))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counted = Counter(statuses)
+    assert counted[401] <= 5 and counted[401] + counted[429] == 50, counted
+    # The limit is spent: even the right password waits, from that address.
+    assert log_in(client_at(app, "198.51.100.77"), "ada@example.com", PASSWORD).status_code == 429
+    # Successes give their place back: the owner, elsewhere, signs in as often as they like.
+    assert [log_in(client_at(app, "192.0.2.10"), "ada@example.com", PASSWORD).status_code for _ in range(7)] == [
+        303
+    ] * 7
+
+
+def test_signup_posts_are_limited_per_client_network_and_per_email(
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount
+) -> None:
+    """Each signup POST creates a Checkout Session: limited per client (an IPv6 /64 is one) and per email."""
+    app = make_app(SIGNUP_RATE_LIMIT_PER_CLIENT="2/hour", SIGNUP_RATE_LIMIT_PER_EMAIL="100/hour")
+    first = client_at(app, "2001:db8:9:9::1")
+    assert start_signup(first, email="one@example.com").status_code == 303
+    assert start_signup(client_at(app, "2001:db8:9:9::2"), email="two@example.com").status_code == 303
+    assert start_signup(client_at(app, "2001:db8:9:9::3"), email="three@example.com").status_code == 429
+    assert start_signup(client_at(app, "2001:db8:9:a::1"), email="three@example.com").status_code == 303

@@ -9,6 +9,7 @@ from werkzeug.wrappers import Response
 from app.access import sign_in, sign_out
 from app.auth.forms import ForgotPasswordForm, LoginForm, NewPasswordForm, SignupForm, signup_form
 from app.extensions import client_address, limiter
+from app.rate_limits import AttemptLimit, limit_attempts
 from app.services.account_service import AccountService, InvalidLink
 from app.services.auth_service import AuthService, normalise_email
 from app.services.billing_service import BillingError, BillingService, PaymentProviderUnavailable, plan_catalogue
@@ -109,18 +110,15 @@ def signup_submit() -> Response | tuple[str, int]:
 # Failed sign-ins (401s) only count, and never per account alone: a limit on an account that anyone can
 # exhaust from anywhere would let an attacker lock its owner out. Per client address, and per account
 # and client address together, so failures from other addresses never stop the owner's right password.
-@limiter.limit(
-    _config_limit("LOGIN_RATE_LIMIT_PER_CLIENT"),
-    key_func=client_address,
-    methods=["POST"],
-    deduct_when=lambda response: response.status_code == 401,
-)
-@limiter.limit(
-    _config_limit("LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT"),
-    key_func=lambda: f"login-account-client:{_form_email()}:{client_address()}",
-    exempt_when=lambda: not _form_email(),
-    methods=["POST"],
-    deduct_when=lambda response: response.status_code == 401,
+# Each attempt takes its place before the password is checked (app/rate_limits.py): a parallel burst
+# gets no more guesses than the limit.
+@limit_attempts(
+    AttemptLimit("LOGIN_RATE_LIMIT_PER_CLIENT", lambda: f"login-client:{client_address()}"),
+    AttemptLimit(
+        "LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT",
+        lambda: f"login-account-client:{email}:{client_address()}" if (email := _form_email()) else None,
+    ),
+    counts=lambda response: response.status_code == 401,
 )
 def login() -> Response | str | tuple[str, int]:
     if current_user.is_authenticated:
