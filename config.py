@@ -134,6 +134,8 @@ class BaseConfig:
         self.MAIL_USERNAME = env.get("MAIL_USERNAME") or None
         self.MAIL_PASSWORD = env.get("MAIL_PASSWORD") or None
         self.MAIL_DEFAULT_SENDER = env.get("MAIL_DEFAULT_SENDER", "")
+        # Where invitation emails tell an unwilling recipient to report abuse (default: the sender's address).
+        self.ABUSE_REPORT_EMAIL = env.get("ABUSE_REPORT_EMAIL", "")
         self.MAIL_TIMEOUT = float(env.get("MAIL_TIMEOUT_SECONDS", "10"))
         self.MAIL_BACKEND = "smtp" if self.MAIL_SERVER else self.DEFAULT_MAIL_BACKEND
 
@@ -174,6 +176,9 @@ class BaseConfig:
         self.PASSWORD_RESET_RATE_LIMIT_PER_CLIENT = env.get("PASSWORD_RESET_RATE_LIMIT_PER_CLIENT", "10/hour;3/minute")
         self.PASSWORD_RESET_RATE_LIMIT_PER_EMAIL = env.get("PASSWORD_RESET_RATE_LIMIT_PER_EMAIL", "3/hour")
         self.EMAIL_VERIFICATION_RATE_LIMIT = env.get("EMAIL_VERIFICATION_RATE_LIMIT", "3/hour")
+        # Teammate invitations (each one an email to an address the owner chose).
+        self.INVITATION_RATE_LIMIT_PER_ORGANIZATION = env.get("INVITATION_RATE_LIMIT_PER_ORGANIZATION", "20/hour;50/day")
+        self.INVITATION_RATE_LIMIT_PER_CLIENT = env.get("INVITATION_RATE_LIMIT_PER_CLIENT", "30/hour")
         self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
 
     @staticmethod

@@ -19,7 +19,19 @@ from flask.testing import FlaskClient
 
 from app.request_log import HANDLER_NAME, SecretConverter
 from config import TestConfig
-from tests.conftest import PASSWORD, SandboxAccount, csrf_token, sign_up, start_signup
+from tests.conftest import (
+    PASSWORD,
+    SandboxAccount,
+    SmtpSink,
+    csrf_token,
+    email_html,
+    email_text,
+    query,
+    run_jobs,
+    sign_up,
+    start_signup,
+)
+from tests.test_team import Owner
 
 # Route arguments whose name says they are a credential; each must be declared <secret:...>.
 CREDENTIAL_NAME = re.compile(r"(?:^|_)(?:token|secret|signature|key|code)$")
@@ -275,3 +287,44 @@ def test_signup_posts_are_limited_per_client_network_and_per_email(
     assert start_signup(client_at(app, "2001:db8:9:9::2"), email="two@example.com").status_code == 303
     assert start_signup(client_at(app, "2001:db8:9:9::3"), email="three@example.com").status_code == 429
     assert start_signup(client_at(app, "2001:db8:9:a::1"), email="three@example.com").status_code == 303
+
+
+# --- 3. Invitations: limited, and they say who sent them and how to report it --------------------------------
+
+
+def invite(owner: Owner, email: str) -> Any:
+    return owner.invite(email)
+
+
+def test_invitations_are_limited_per_organization_and_per_client(
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount, smtp_server: SmtpSink
+) -> None:
+    app = make_app(INVITATION_RATE_LIMIT_PER_ORGANIZATION="3/hour", INVITATION_RATE_LIMIT_PER_CLIENT="2/hour")
+    owner = Owner(app, offline_stripe)
+    owner.client.environ_base["REMOTE_ADDR"] = "192.0.2.60"
+    assert [invite(owner, f"t{n}@example.com").status_code for n in range(3)] == [303, 303, 429]
+    # Another address is another client, but the organization has one invitation left this hour.
+    owner.client.environ_base["REMOTE_ADDR"] = "192.0.2.61"
+    assert invite(owner, "t3@example.com").status_code == 303
+    assert invite(owner, "t4@example.com").status_code == 429
+    owner.client.environ_base["REMOTE_ADDR"] = "192.0.2.62"
+    refused = invite(owner, "t5@example.com")
+    assert refused.status_code == 429 and "Too many attempts" in refused.get_data(as_text=True)
+    assert len(query(app, "SELECT id FROM invitation")) == 3
+    run_jobs(app)
+    assert len([m for m in smtp_server.messages if "Join" in str(m["Subject"])]) == 3
+
+
+@pytest.mark.parametrize("report_to", ["", "abuse@ledgerline.test"])
+def test_the_invitation_email_names_the_inviter_and_how_to_report_it(
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount, smtp_server: SmtpSink, report_to: str
+) -> None:
+    app = make_app(ABUSE_REPORT_EMAIL=report_to)
+    owner = Owner(app, offline_stripe)
+    assert invite(owner, "grace@example.com").status_code == 303
+    run_jobs(app)
+    [message] = smtp_server.to("grace@example.com")
+    expected = report_to or "billing@ledgerline.test"  # the sender's address when none is set
+    for body in (email_text(message), email_html(message)):
+        assert "Ada Lovelace" in body and "ada@example.com" in body
+        assert f"Report it to {expected}" in body or f'mailto:{expected}">{expected}</a>' in body, body

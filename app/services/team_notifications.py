@@ -5,6 +5,7 @@ database hold no usable token."""
 from __future__ import annotations
 
 from datetime import UTC
+from email.utils import parseaddr
 
 from flask import current_app
 
@@ -40,4 +41,11 @@ def invitation_email(event: OutboxEvent) -> None:
         inviter=inviter,
         accept_url=accept_url(invitation.id, invitation.email),
         expires_at=expires_at,
+        report_to=abuse_report_address(),
     )
+
+
+def abuse_report_address() -> str:
+    """Where a recipient reports an invitation they did not want: ABUSE_REPORT_EMAIL, else the address
+    the emails come from."""
+    return str(current_app.config.get("ABUSE_REPORT_EMAIL") or parseaddr(current_app.config["MAIL_DEFAULT_SENDER"])[1])

@@ -41,7 +41,14 @@ def index() -> str:
     )
 
 
+def _organization_key() -> str:
+    return f"invite-organization:{getattr(current_user, 'organization_id', None)}"
+
+
 @bp.post("/invite")
+# Every invitation is an email to an address the owner chose: limited per organization and per client.
+@limiter.limit(lambda: current_app.config["INVITATION_RATE_LIMIT_PER_ORGANIZATION"], key_func=_organization_key)
+@limiter.limit(lambda: current_app.config["INVITATION_RATE_LIMIT_PER_CLIENT"], key_func=client_address)
 def invite() -> Response | tuple[str, int]:
     organization_id = _owner_only()
     form = InviteForm()
