@@ -85,7 +85,12 @@ class BaseConfig:
         self.SESSION_COOKIE_SAMESITE = "Lax"
         self.SESSION_COOKIE_SECURE = False
         self.SESSION_PERMANENT = True
+        # A session ends this long after sign-in however busy (absolute), and after SESSION_IDLE_MINUTES unused.
         self.PERMANENT_SESSION_LIFETIME = timedelta(hours=int(env.get("SESSION_LIFETIME_HOURS", "12")))
+        self.SESSION_IDLE_MINUTES = int(env.get("SESSION_IDLE_MINUTES", "30"))
+        # The checkout's success page signs the new owner in, in the browser that started the signup, once
+        # and only this long after the account was created (afterwards: the sign-in page).
+        self.SIGNUP_SIGN_IN_MINUTES = int(env.get("SIGNUP_SIGN_IN_MINUTES", "15"))
         self.REMEMBER_COOKIE_HTTPONLY = True
         self.REMEMBER_COOKIE_SAMESITE = "Lax"
         self.SESSION_KEY_PREFIX = "session:"
@@ -276,6 +281,14 @@ class ProductionConfig(BaseConfig):
         super().__init__(environ)
         self.SESSION_COOKIE_SECURE = True
         self.REMEMBER_COOKIE_SECURE = True
+        # __Host-: the browser keeps the cookie only if it is Secure, for Path=/ and without a Domain, so
+        # no subdomain (or plain-http page) can set or overwrite it.
+        self.SESSION_COOKIE_NAME = "__Host-session"
+        self.SESSION_COOKIE_PATH = "/"
+        self.SESSION_COOKIE_DOMAIN = None
+        self.REMEMBER_COOKIE_NAME = "__Host-remember_token"
+        self.REMEMBER_COOKIE_PATH = "/"
+        self.REMEMBER_COOKIE_DOMAIN = None
         self.PREFERRED_URL_SCHEME = "https"
 
 

@@ -499,7 +499,7 @@ def test_production_session_cookies_are_secure_httponly_and_samesite_lax(product
     client = production_app.test_client()
     response = client.get("/auth/login", base_url="https://localhost")
     assert response.status_code == 200
-    attributes = cookie_attributes(response)
+    attributes = cookie_attributes(response, "__Host-session")
     assert {"secure", "httponly"} <= set(attributes)
     assert attributes["samesite"] == "Lax"
     assert response.headers["Strict-Transport-Security"] == "max-age=31536000; includeSubDomains"

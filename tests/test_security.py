@@ -8,12 +8,14 @@ import io
 import logging
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -23,15 +25,19 @@ from tests.conftest import (
     PASSWORD,
     SandboxAccount,
     SmtpSink,
+    checkout_session_id,
     csrf_token,
     email_html,
     email_text,
+    post_and_apply,
     query,
     run_jobs,
     sign_up,
     start_signup,
+    stripe_event,
 )
-from tests.test_team import Owner
+from tests.test_hostile_input import cookie_attributes, production_app  # noqa: F401 (a fixture)
+from tests.test_team import INVITEE, Owner, invitation_link, join
 
 # Route arguments whose name says they are a credential; each must be declared <secret:...>.
 CREDENTIAL_NAME = re.compile(r"(?:^|_)(?:token|secret|signature|key|code)$")
@@ -328,3 +334,131 @@ def test_the_invitation_email_names_the_inviter_and_how_to_report_it(
     for body in (email_text(message), email_html(message)):
         assert "Ada Lovelace" in body and "ada@example.com" in body
         assert f"Report it to {expected}" in body or f'mailto:{expected}">{expected}</a>' in body, body
+
+
+# --- 5. Sessions -------------------------------------------------------------------------------------------
+
+
+def signed_in(client: FlaskClient) -> bool:
+    return int(client.get("/app").status_code) == 200
+
+
+def test_a_removed_teammate_invited_back_finds_every_old_session_ended(
+    app: Flask, offline_stripe: SandboxAccount, smtp_server: SmtpSink
+) -> None:
+    owner = Owner(app, offline_stripe)
+    assert owner.invite(INVITEE).status_code == 303
+    laptop = app.test_client()
+    assert join(laptop, invitation_link(smtp_server, app)).status_code == 303 and signed_in(laptop)
+    [member] = query(app, "SELECT id, session_epoch FROM user_account WHERE email = :e", e=INVITEE)
+    assert owner.post(f"/team/members/{member.id}/remove").status_code == 303
+    [removed] = query(app, "SELECT session_epoch FROM user_account WHERE id = :i", i=member.id)
+    assert removed.session_epoch > member.session_epoch  # removal ends the sessions by the epoch
+    # Invited back and joined on another device, before the laptop made any request meanwhile.
+    smtp_server.clear()
+    assert owner.invite(INVITEE).status_code == 303
+    phone = app.test_client()
+    assert join(phone, invitation_link(smtp_server, app), password="another passphrase 2").status_code == 303
+    assert signed_in(phone)
+    assert not signed_in(laptop)  # the session from before the removal stays ended
+
+
+def test_the_success_page_signs_in_only_within_the_window_after_the_account_exists(
+    app: Flask, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = app.test_client()
+    checkout = checkout_session_id(start_signup(client))
+    completed = stripe_event("checkout.session.completed", offline_stripe.pay(checkout))
+    assert post_and_apply(client, completed).status_code == 200  # the account exists from now
+    later = time.time() + 16 * 60  # SIGNUP_SIGN_IN_MINUTES is 15
+    monkeypatch.setattr("app.access._now", lambda: later)
+    landing = client.get(f"/billing/complete-signup-from-stripe?session_id={checkout}")
+    assert landing.status_code == 303 and landing.headers["Location"] == "/auth/login"
+    monkeypatch.undo()
+    assert not signed_in(client)
+    # The chance is spent: coming back within the window does not sign in either.
+    again = client.get(f"/billing/complete-signup-from-stripe?session_id={checkout}")
+    assert again.headers["Location"] == "/auth/login" and not signed_in(client)
+
+
+def test_the_signup_in_a_session_signs_in_once_even_from_a_copy_of_the_session(
+    app: Flask, offline_stripe: SandboxAccount, redis_url: str
+) -> None:
+    store = redis.Redis.from_url(redis_url)
+    client = app.test_client()
+    checkout = checkout_session_id(start_signup(client))
+    cookie = client.get_cookie("session")
+    assert cookie is not None
+    copied = store.get(f"session:{cookie.value}")
+    assert copied is not None
+    offline_stripe.pay(checkout)
+    assert client.get(f"/billing/complete-signup-from-stripe?session_id={checkout}").headers["Location"] == "/app"
+    # Someone who copied the session (its id and what the store held) before the sign-in replays it.
+    store.set(f"session:{cookie.value}", copied, ex=3600)
+    copycat = app.test_client()
+    copycat.set_cookie("session", cookie.value)
+    replay = copycat.get(f"/billing/complete-signup-from-stripe?session_id={checkout}")
+    assert replay.headers["Location"] == "/auth/login" and not signed_in(copycat)
+    assert signed_in(client)
+
+
+def test_sessions_end_after_the_idle_timeout_and_after_the_absolute_lifetime(
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(SESSION_IDLE_MINUTES=30)
+    sign_up(app.test_client(), offline_stripe)
+    clock = [time.time()]
+    monkeypatch.setattr("app.access._now", lambda: clock[0])
+    idle = client_at(app, "192.0.2.70")
+    assert log_in(idle, "ada@example.com", PASSWORD).status_code == 303 and signed_in(idle)
+    clock[0] += 29 * 60
+    assert signed_in(idle)  # used again within 30 minutes...
+    clock[0] += 31 * 60
+    assert not signed_in(idle)  # ...then left alone for 31: ended
+    # Used every 25 minutes, a session still ends 12 hours after its sign-in (SESSION_LIFETIME_HOURS).
+    busy = client_at(app, "192.0.2.71")
+    assert log_in(busy, "ada@example.com", PASSWORD).status_code == 303
+    signed_in_at = clock[0]
+    while clock[0] + 25 * 60 < signed_in_at + 12 * 3600:
+        clock[0] += 25 * 60
+        assert signed_in(busy), (clock[0] - signed_in_at) / 3600
+    clock[0] = signed_in_at + 12 * 3600 + 60
+    assert not signed_in(busy)
+    assert log_in(busy, "ada@example.com", PASSWORD).status_code == 303 and signed_in(busy)
+
+
+def test_signing_in_rotates_the_csrf_token(app: Flask, offline_stripe: SandboxAccount) -> None:
+    sign_up(app.test_client(), offline_stripe)
+    client = app.test_client()
+    before = csrf_token(client, "/auth/login")
+    assert log_in(client, "ada@example.com", PASSWORD, before).status_code == 303
+    # A token seen before sign-in (on a shared computer, in a page's cache) no longer works after it.
+    stale = client.post("/auth/logout", data={"csrf_token": before})
+    assert stale.status_code == 400 and signed_in(client)
+    after = csrf_token(client, "/account/")
+    assert after != before
+    assert client.post("/auth/logout", data={"csrf_token": after}).status_code == 303
+
+
+def test_the_production_session_cookie_is_a_host_only_secure_cookie(production_app: Flask) -> None:
+    response = production_app.test_client().get("/auth/login", base_url="https://localhost")
+    [header] = [v for v in response.headers.getlist("Set-Cookie") if "session=" in v.split(";")[0]]
+    assert header.startswith("__Host-session=")
+    attributes = cookie_attributes(response, "__Host-session")
+    assert "secure" in attributes and attributes["path"] == "/" and "domain" not in attributes
+    assert production_app.config["REMEMBER_COOKIE_NAME"].startswith("__Host-")
+
+
+def test_pages_with_account_or_billing_data_are_never_stored(
+    app: Flask, offline_stripe: SandboxAccount, smtp_server: SmtpSink
+) -> None:
+    owner = Owner(app, offline_stripe)
+    for path in ("/app", "/account/", "/billing/", "/billing/plan", "/billing/seats", "/team/"):
+        response = owner.client.get(path)
+        assert response.status_code == 200, path
+        assert response.headers["Cache-Control"] == "no-store", path
+    assert app.test_client().get("/auth/login").headers["Cache-Control"] == "no-store"  # its form's token
+    owner.invite(INVITEE)
+    join_page = app.test_client().get(invitation_link(smtp_server, app))  # shows the invitee's address
+    assert join_page.status_code == 200 and join_page.headers["Cache-Control"] == "no-store"
+    assert "no-store" not in owner.client.get("/static/app.css").headers.get("Cache-Control", "")

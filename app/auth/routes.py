@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, flash, redirect, render_template, requ
 from flask_login import current_user
 from werkzeug.wrappers import Response
 
-from app.access import sign_in, sign_out
+from app.access import SIGNUP_KEY, remember_signup, sign_in, sign_out
 from app.auth.forms import ForgotPasswordForm, LoginForm, NewPasswordForm, SignupForm, signup_form
 from app.extensions import client_address, limiter
 from app.rate_limits import AttemptLimit, limit_attempts
@@ -48,7 +48,8 @@ def _signup_page(form: SignupForm) -> str:
 def signup() -> str:
     form = signup_form(plan_catalogue())
     if request.args.get("checkout") == "canceled":
-        pending = SignupService.pending_signup(session.get("signup_id"))
+        held = session.get(SIGNUP_KEY)
+        pending = SignupService.pending_signup(held.get("id") if isinstance(held, dict) else None)
         if pending is not None:
             form.process(
                 data={
@@ -102,7 +103,7 @@ def signup_submit() -> Response | tuple[str, int]:
         status = 503 if isinstance(exc, PaymentProviderUnavailable) else 422
         return _signup_page(form), status
     # Only this browser session may be signed in by the success page of this checkout.
-    session["signup_id"] = str(checkout.pending_signup_id)
+    remember_signup(str(checkout.pending_signup_id))
     return redirect(checkout.url, 303)
 
 
