@@ -128,8 +128,15 @@ def register_commands(app: Flask) -> None:
 
 
 def register_domain_event_subscribers() -> None:
-    # notifications, team_notifications and account_emails: importing them registers their outbox consumers.
-    from app.services import account_emails, domain_events, notifications, team_notifications  # noqa: F401
+    # notifications, team_notifications, account_emails and security_emails: importing them registers their
+    # outbox consumers.
+    from app.services import (  # noqa: F401
+        account_emails,
+        domain_events,
+        notifications,
+        security_emails,
+        team_notifications,
+    )
 
     if domain_events.log_announcement not in domain_events.subscribers("*"):
         domain_events.subscribe("*", domain_events.log_announcement)

@@ -462,3 +462,59 @@ def test_pages_with_account_or_billing_data_are_never_stored(
     join_page = app.test_client().get(invitation_link(smtp_server, app))  # shows the invitee's address
     assert join_page.status_code == 200 and join_page.headers["Cache-Control"] == "no-store"
     assert "no-store" not in owner.client.get("/static/app.css").headers.get("Cache-Control", "")
+
+
+# --- 7. Enumeration: the form answers the same, the mailbox learns ----------------------------------------
+
+
+def answer_shape(response: Any) -> tuple[int, str]:
+    """What a signup POST's answer shows: its status and where it sends the browser, ids blanked."""
+    return response.status_code, re.sub(r"cs_[A-Za-z0-9_]+", "cs_ID", response.headers.get("Location", ""))
+
+
+def test_signup_answers_the_same_whether_or_not_the_email_has_an_account(
+    app: Flask, offline_stripe: SandboxAccount, smtp_server: SmtpSink
+) -> None:
+    sign_up(app.test_client(), offline_stripe)
+    run_jobs(app)
+    smtp_server.clear()
+    taken = start_signup(app.test_client(), email="ada@example.com", organization_name="Second Try")
+    fresh = start_signup(app.test_client(), email="newcomer@example.com", organization_name="Second Try")
+    assert answer_shape(taken) == answer_shape(fresh)
+    assert "account" not in taken.get_data(as_text=True).lower()
+    # The mailbox learns it, with the way in; the new address hears nothing before it pays.
+    run_jobs(app)
+    [notice] = smtp_server.to("ada@example.com")
+    assert notice["Subject"] == "You already have a Ledgerline account"
+    assert "http://localhost/auth/login" in email_text(notice)
+    assert "http://localhost/auth/forgot-password" in email_text(notice)
+    assert smtp_server.to("newcomer@example.com") == []
+    # Paying anyway for the taken address creates no second account (the conflict path refunds it).
+    offline_stripe.pay(checkout_session_id(taken))
+    landing = app.test_client().get(f"/billing/complete-signup-from-stripe?session_id={checkout_session_id(taken)}")
+    assert landing.status_code == 409 and "already has an account" in landing.get_data(as_text=True)
+    assert len(query(app, "SELECT id FROM user_account WHERE email = 'ada@example.com'")) == 1
+
+
+def test_invitations_answer_the_same_whether_or_not_the_address_has_an_account(
+    app: Flask, offline_stripe: SandboxAccount, smtp_server: SmtpSink
+) -> None:
+    owner = Owner(app, offline_stripe)
+    sign_up(app.test_client(), offline_stripe, email="bob@example.com", organization_name="Elsewhere Ltd")
+    run_jobs(app)  # the signups' own emails
+    smtp_server.clear()
+    for address in ("bob@example.com", "stranger@example.com"):
+        response = owner.invite(address)
+        assert response.status_code == 303 and response.headers["Location"] == "/team/"
+        page = owner.client.get("/team/").get_data(as_text=True)
+        assert f"Invitation sent to {address}." in page and "another organization" not in page
+    assert len(query(app, "SELECT id FROM invitation WHERE status = 'pending'")) == 2
+    run_jobs(app)
+    [notice] = smtp_server.to("bob@example.com")
+    assert "already has a Ledgerline account" in email_text(notice)
+    assert "/team/join/" not in email_text(notice) and "Ada Lovelace (ada@example.com)" in email_text(notice)
+    [invitation] = smtp_server.to("stranger@example.com")
+    assert "/team/join/" in email_text(invitation)
+    # Owner's own members are known to the owner: that answer stays.
+    refused = owner.invite("ada@example.com")
+    assert "already belongs to a member" in owner.client.get(refused.headers["Location"]).get_data(as_text=True)

@@ -13,7 +13,7 @@ from app.rate_limits import AttemptLimit, limit_attempts
 from app.services.account_service import AccountService, InvalidLink
 from app.services.auth_service import AuthService, normalise_email
 from app.services.billing_service import BillingError, BillingService, PaymentProviderUnavailable, plan_catalogue
-from app.services.signup_service import EmailAlreadyRegistered, SignupError, SignupService
+from app.services.signup_service import SignupError, SignupService
 
 bp = Blueprint("auth", __name__)
 
@@ -95,9 +95,6 @@ def signup_submit() -> Response | tuple[str, int]:
             addons=form.addon_quantities(),
             interval=form.interval.data or "month",
         )
-    except EmailAlreadyRegistered as exc:
-        form.email.errors = [*form.email.errors, str(exc)]
-        return _signup_page(form), 422
     except (SignupError, BillingError) as exc:
         form.form_errors.append(str(exc))
         status = 503 if isinstance(exc, PaymentProviderUnavailable) else 422

@@ -128,12 +128,11 @@ class TeamService:
                 )
             organization = _lock_organization(organization_id)
             existing = db.session.execute(select(User).where(User.email == email)).scalar_one_or_none()
-            if existing is not None and not (existing.organization_id == organization_id and existing.removed_at):
-                raise TeamError(
-                    "That email already belongs to a member of this organization."
-                    if existing.organization_id == organization_id
-                    else "That email already has an account with another organization."
-                )
+            # The owner knows their own members; whether an address has an account elsewhere is not theirs
+            # to learn: that invitation is made and answered like any other, and its email tells the
+            # mailbox instead (team_notifications.invitation_email).
+            if existing is not None and existing.organization_id == organization_id and not existing.removed_at:
+                raise TeamError("That email already belongs to a member of this organization.")
             replaced = db.session.execute(
                 update(Invitation)
                 .where(
