@@ -1,5 +1,6 @@
 """Flask extensions, created once and unbound; create_app() binds them to an application."""
 
+import ipaddress
 from typing import TYPE_CHECKING
 
 from flask import current_app, request
@@ -18,11 +19,25 @@ class Base(DeclarativeBase):
     pass
 
 
+def client_bucket(address: str | None, ipv6_prefix: int) -> str:
+    """The rate-limit identity of a client address: an IPv4 address is itself, an IPv6 address is its
+    /ipv6_prefix network (one subscriber usually holds a whole /64, so its single addresses are free)."""
+    if not address:
+        return "unknown"
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{parsed}/{ipv6_prefix}", strict=False))
+    return str(parsed)
+
+
 def client_address() -> str:
     """Who the client is for rate limits: its address as the trusted proxy reported it (ProxyFix runs
     first), an IPv6 one widened to its /RATELIMIT_IPV6_PREFIX_LENGTH network (64 by default)."""
-    from app.rate_limits import client_bucket
-
     return client_bucket(request.remote_addr, current_app.config.get("RATELIMIT_IPV6_PREFIX_LENGTH", 64))
 
 

@@ -9,7 +9,6 @@ sign-in): at most the limit's number of attempts are ever in flight or done in o
 from __future__ import annotations
 
 import functools
-import ipaddress
 import math
 import time
 from collections.abc import Callable
@@ -22,21 +21,7 @@ from limits.strategies import FixedWindowRateLimiter
 from werkzeug.exceptions import TooManyRequests
 from werkzeug.wrappers import Response
 
-
-def client_bucket(address: str | None, ipv6_prefix: int) -> str:
-    """The rate-limit identity of a client address: an IPv4 address is itself, an IPv6 address is its
-    /ipv6_prefix network (one subscriber usually holds a whole /64, so its single addresses are free)."""
-    if not address:
-        return "unknown"
-    try:
-        parsed = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(parsed, ipaddress.IPv6Address):
-        if parsed.ipv4_mapped is not None:
-            return str(parsed.ipv4_mapped)
-        return str(ipaddress.IPv6Network(f"{parsed}/{ipv6_prefix}", strict=False))
-    return str(parsed)
+from app.extensions import limiter
 
 
 @dataclass(frozen=True)
@@ -53,8 +38,6 @@ class AttemptsExceeded(TooManyRequests):
 
 
 def _strategy() -> FixedWindowRateLimiter:
-    from app.extensions import limiter
-
     return FixedWindowRateLimiter(limiter.storage)
 
 
@@ -73,7 +56,7 @@ def limit_attempts(*limits: AttemptLimit, counts: Callable[[Response], bool]) ->
 
             def give_back() -> None:
                 for item, key in taken:
-                    strategy.hit(item, prefix, "attempts", key, cost=-1)
+                    strategy.hit(item, prefix, key, cost=-1)
 
             for limit in limits:
                 key = limit.key()
@@ -81,9 +64,9 @@ def limit_attempts(*limits: AttemptLimit, counts: Callable[[Response], bool]) ->
                     continue
                 for item in parse_many(current_app.config[limit.setting]):
                     taken.append((item, key))
-                    if not strategy.hit(item, prefix, "attempts", key):
+                    if not strategy.hit(item, prefix, key):
                         give_back()
-                        reset = strategy.get_window_stats(item, prefix, "attempts", key).reset_time
+                        reset = strategy.get_window_stats(item, prefix, key).reset_time
                         raise AttemptsExceeded(retry_after=max(1, math.ceil(reset - time.time())))
             try:
                 response = make_response(view(*args, **kwargs))

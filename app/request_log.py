@@ -8,8 +8,8 @@ import logging
 import re
 import time
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 

@@ -100,9 +100,15 @@ def insecure_backends(config: Mapping[str, Any]) -> list[str]:
     if redis_url.startswith(REDIS_SCHEMES):
         parts = urlsplit(redis_url)
         if not parts.password and "password=" not in parts.query:
-            found.append(f"REDIS_URL {redact_url(redis_url)} has no password (sessions are readable by anyone who reaches Redis)")
+            found.append(
+                f"REDIS_URL {redact_url(redis_url)} has no password (sessions are readable by anyone who reaches Redis)"
+            )
     mail_server = str(config.get("MAIL_SERVER") or "")
-    if mail_server and mail_server not in LOCAL_HOSTS and not (config.get("MAIL_USE_TLS") or config.get("MAIL_USE_SSL")):
+    if (
+        mail_server
+        and mail_server not in LOCAL_HOSTS
+        and not (config.get("MAIL_USE_TLS") or config.get("MAIL_USE_SSL"))
+    ):
         found.append(
             f"MAIL_SERVER {mail_server} is used without TLS (set MAIL_USE_TLS or MAIL_USE_SSL): emailed links "
             "would cross the network in clear"
@@ -130,9 +136,7 @@ MIN_METRICS_TOKEN_LENGTH = 32
 def _metrics_token_problems(token: str) -> list[str]:
     """Unset is fine (/metrics is a 404); set, it must be as hard to guess as the secret key."""
     if token and (
-        len(token) < MIN_METRICS_TOKEN_LENGTH
-        or len(set(token)) < 12
-        or token.strip().lower() in WELL_KNOWN_SECRET_KEYS
+        len(token) < MIN_METRICS_TOKEN_LENGTH or len(set(token)) < 12 or token.strip().lower() in WELL_KNOWN_SECRET_KEYS
     ):
         return [
             "METRICS_TOKEN is too weak (use 32+ random characters, e.g. python -c 'import secrets; "

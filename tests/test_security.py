@@ -84,7 +84,7 @@ def test_every_route_that_takes_a_token_logs_it_masked(make_app: Callable[..., F
                 response = client.open(path, method=method)
                 assert response.status_code < 500, (rule.rule, method)
     logged = written.getvalue()
-    assert FAKE_TOKEN not in logged and FAKE_TOKEN.split(".")[-1] not in logged
+    assert FAKE_TOKEN not in logged and FAKE_TOKEN.rsplit(".", maxsplit=1)[-1] not in logged
     for rule in credential_rules:
         masked = rule.rule.split("<", 1)[0] + "[redacted]"
         assert masked in logged, (masked, logged)
@@ -165,9 +165,13 @@ def test_redis_without_a_password_and_smtp_without_tls_warn_or_refuse(
     # A password in the URL and TLS on the mail connection: nothing to say.
     from app.startup import insecure_backends
 
-    secured = vars(ProductionConfig({**production_settings, "REDIS_URL": "rediss://:s3cret-pass@redis.internal:6380/0"}))
+    secured = vars(
+        ProductionConfig({**production_settings, "REDIS_URL": "rediss://:s3cret-pass@redis.internal:6380/0"})
+    )
     assert insecure_backends(secured) == []
-    assert any("INSECURE_BACKENDS must be" in p for p in production_problems_for({**insecure, "INSECURE_BACKENDS": "x"}))
+    assert any(
+        "INSECURE_BACKENDS must be" in p for p in production_problems_for({**insecure, "INSECURE_BACKENDS": "x"})
+    )
 
 
 def test_every_credential_the_app_knows_is_masked_in_the_logs(make_app: Callable[..., Flask]) -> None:
@@ -178,13 +182,15 @@ def test_every_credential_the_app_knows_is_masked_in_the_logs(make_app: Callable
         "MAIL_PASSWORD": "smtp-password-Hb6Yd3Fg",
         "STRIPE_WEBHOOK_SECRET": "whsec_suite_rotating_1,whsec_suite_rotating_2",
     }
-    app = make_app(**credentials)
+    make_app(**credentials)
     logger = logging.getLogger("app.test")
     with app_log() as written:
         for value in credentials.values():
             for part in value.split(","):
                 logger.warning("calling with %s", part.strip())
-        logger.warning("connecting to redis://:r3dis-pass-Q9@cache.internal:6379/0 and postgresql://app:pg-pass-7Z@db/app")
+        logger.warning(
+            "connecting to redis://:r3dis-pass-Q9@cache.internal:6379/0 and postgresql://app:pg-pass-7Z@db/app"
+        )
         logger.warning("Authorization: Bearer abcdefghijklmnop0123 sent; Whop key apik_unknown_to_config_123")
     logged = written.getvalue()
     for value in credentials.values():
@@ -229,7 +235,7 @@ def test_one_ipv6_network_is_one_client_and_ipv4_addresses_are_their_own(
 
 
 def test_the_ipv6_prefix_length_is_a_setting(make_app: Callable[..., Flask]) -> None:
-    from app.rate_limits import client_bucket
+    from app.extensions import client_bucket
 
     assert client_bucket("2001:db8:5:7:1:2:3:4", 64) == "2001:db8:5:7::/64"
     assert client_bucket("2001:db8:5:7:1:2:3:4", 48) == "2001:db8:5::/48"
@@ -440,7 +446,7 @@ def test_signing_in_rotates_the_csrf_token(app: Flask, offline_stripe: SandboxAc
     assert client.post("/auth/logout", data={"csrf_token": after}).status_code == 303
 
 
-def test_the_production_session_cookie_is_a_host_only_secure_cookie(production_app: Flask) -> None:
+def test_the_production_session_cookie_is_a_host_only_secure_cookie(production_app: Flask) -> None:  # noqa: F811
     response = production_app.test_client().get("/auth/login", base_url="https://localhost")
     [header] = [v for v in response.headers.getlist("Set-Cookie") if "session=" in v.split(";")[0]]
     assert header.startswith("__Host-session=")
