@@ -182,7 +182,9 @@ class BaseConfig:
         self.PASSWORD_RESET_RATE_LIMIT_PER_EMAIL = env.get("PASSWORD_RESET_RATE_LIMIT_PER_EMAIL", "3/hour")
         self.EMAIL_VERIFICATION_RATE_LIMIT = env.get("EMAIL_VERIFICATION_RATE_LIMIT", "3/hour")
         # Teammate invitations (each one an email to an address the owner chose).
-        self.INVITATION_RATE_LIMIT_PER_ORGANIZATION = env.get("INVITATION_RATE_LIMIT_PER_ORGANIZATION", "20/hour;50/day")
+        self.INVITATION_RATE_LIMIT_PER_ORGANIZATION = env.get(
+            "INVITATION_RATE_LIMIT_PER_ORGANIZATION", "20/hour;50/day"
+        )
         self.INVITATION_RATE_LIMIT_PER_CLIENT = env.get("INVITATION_RATE_LIMIT_PER_CLIENT", "30/hour")
         self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
 
