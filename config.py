@@ -86,7 +86,12 @@ class BaseConfig:
         self.SESSION_COOKIE_SAMESITE = "Lax"
         self.SESSION_COOKIE_SECURE = False
         self.SESSION_PERMANENT = True
+        # A session ends this long after sign-in however busy (absolute), and after SESSION_IDLE_MINUTES unused.
         self.PERMANENT_SESSION_LIFETIME = timedelta(hours=int(env.get("SESSION_LIFETIME_HOURS", "12")))
+        self.SESSION_IDLE_MINUTES = int(env.get("SESSION_IDLE_MINUTES", "30"))
+        # The checkout's success page signs the new owner in, in the browser that started the signup, once
+        # and only this long after the account was created (afterwards: the sign-in page).
+        self.SIGNUP_SIGN_IN_MINUTES = int(env.get("SIGNUP_SIGN_IN_MINUTES", "15"))
         self.REMEMBER_COOKIE_HTTPONLY = True
         self.REMEMBER_COOKIE_SAMESITE = "Lax"
         self.SESSION_KEY_PREFIX = "session:"
@@ -99,6 +104,9 @@ class BaseConfig:
         self.CACHE_DEFAULT_TIMEOUT = self.PRICE_CACHE_SECONDS
         self.CACHE_KEY_PREFIX = "cache:"
         self.configure_mail_and_jobs(env)
+        # Production with Redis reached without a password, or SMTP without TLS: "warn" (logged at start-up)
+        # or "refuse" (the app does not start).
+        self.INSECURE_BACKENDS = env.get("INSECURE_BACKENDS", "warn").strip().lower()
         self.LOG_FORMAT = env.get("LOG_FORMAT", self.DEFAULT_LOG_FORMAT)
         self.LOG_LEVEL = env.get("LOG_LEVEL", "INFO")
 
@@ -116,6 +124,11 @@ class BaseConfig:
         # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
         # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
         self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in TRUE_WORDS
+        # Production refuses a test-mode key (sk_test_/rk_test_) unless this says it is meant (a staging
+        # deployment built with the production configuration).
+        self.STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION = (
+            env.get("STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION", "").strip().lower() in TRUE_WORDS
+        )
 
     def configure_mail_and_jobs(self, env: Mapping[str, str]) -> None:
         # Outgoing email over SMTP (Flask-Mailman). Production refuses to start without MAIL_SERVER and
@@ -127,6 +140,8 @@ class BaseConfig:
         self.MAIL_USERNAME = env.get("MAIL_USERNAME") or None
         self.MAIL_PASSWORD = env.get("MAIL_PASSWORD") or None
         self.MAIL_DEFAULT_SENDER = env.get("MAIL_DEFAULT_SENDER", "")
+        # Where invitation emails tell an unwilling recipient to report abuse (default: the sender's address).
+        self.ABUSE_REPORT_EMAIL = env.get("ABUSE_REPORT_EMAIL", "")
         self.MAIL_TIMEOUT = float(env.get("MAIL_TIMEOUT_SECONDS", "10"))
         self.MAIL_BACKEND = "smtp" if self.MAIL_SERVER else self.DEFAULT_MAIL_BACKEND
 
@@ -148,7 +163,8 @@ class BaseConfig:
         self.WEBHOOK_SWEEP_AFTER_SECONDS = float(env.get("WEBHOOK_SWEEP_AFTER_SECONDS", "60"))
         # Stored webhook payloads older than this are dropped by a daily job (the row and outcome stay).
         self.EVENT_PAYLOAD_RETENTION_DAYS = int(env.get("EVENT_PAYLOAD_RETENTION_DAYS", "90"))
-        # /metrics answers only with "Authorization: Bearer $METRICS_TOKEN"; unset, it is a 404.
+        # /metrics answers only with "Authorization: Bearer $METRICS_TOKEN"; unset, it is a 404. Production
+        # refuses a weak one (under 32 characters, or few distinct ones).
         self.METRICS_TOKEN = env.get("METRICS_TOKEN", "")
 
     DEFAULT_TRUSTED_PROXIES = "0"
@@ -156,6 +172,11 @@ class BaseConfig:
     DEFAULT_MAIL_BACKEND = "smtp"
 
     def configure_rate_limits(self, env: Mapping[str, str]) -> None:
+        # Limits key on the client's address; an IPv6 client is its network of this many leading bits (one
+        # subscriber holds a whole /64, and would otherwise have 2**64 fresh addresses to spend).
+        self.RATELIMIT_IPV6_PREFIX_LENGTH = int(env.get("RATELIMIT_IPV6_PREFIX_LENGTH", "64"))
+        if not 8 <= self.RATELIMIT_IPV6_PREFIX_LENGTH <= 128:
+            raise SystemExit("RATELIMIT_IPV6_PREFIX_LENGTH must be a prefix length from 8 to 128 (64 is usual)")
         # Rate limits (Flask-Limiter notation). Failed sign-ins only count against the login limits.
         self.SIGNUP_RATE_LIMIT_PER_CLIENT = env.get("SIGNUP_RATE_LIMIT_PER_CLIENT", "20/hour;5/minute")
         self.SIGNUP_RATE_LIMIT_PER_EMAIL = env.get("SIGNUP_RATE_LIMIT_PER_EMAIL", "5/hour")
@@ -167,6 +188,11 @@ class BaseConfig:
         self.PASSWORD_RESET_RATE_LIMIT_PER_CLIENT = env.get("PASSWORD_RESET_RATE_LIMIT_PER_CLIENT", "10/hour;3/minute")
         self.PASSWORD_RESET_RATE_LIMIT_PER_EMAIL = env.get("PASSWORD_RESET_RATE_LIMIT_PER_EMAIL", "3/hour")
         self.EMAIL_VERIFICATION_RATE_LIMIT = env.get("EMAIL_VERIFICATION_RATE_LIMIT", "3/hour")
+        # Teammate invitations (each one an email to an address the owner chose).
+        self.INVITATION_RATE_LIMIT_PER_ORGANIZATION = env.get(
+            "INVITATION_RATE_LIMIT_PER_ORGANIZATION", "20/hour;50/day"
+        )
+        self.INVITATION_RATE_LIMIT_PER_CLIENT = env.get("INVITATION_RATE_LIMIT_PER_CLIENT", "30/hour")
         self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
 
     def configure_accounts(self, env: Mapping[str, str]) -> None:
@@ -283,6 +309,14 @@ class ProductionConfig(BaseConfig):
         super().__init__(environ)
         self.SESSION_COOKIE_SECURE = True
         self.REMEMBER_COOKIE_SECURE = True
+        # __Host-: the browser keeps the cookie only if it is Secure, for Path=/ and without a Domain, so
+        # no subdomain (or plain-http page) can set or overwrite it.
+        self.SESSION_COOKIE_NAME = "__Host-session"
+        self.SESSION_COOKIE_PATH = "/"
+        self.SESSION_COOKIE_DOMAIN = None
+        self.REMEMBER_COOKIE_NAME = "__Host-remember_token"
+        self.REMEMBER_COOKIE_PATH = "/"
+        self.REMEMBER_COOKIE_DOMAIN = None
         self.PREFERRED_URL_SCHEME = "https"
 
 

@@ -14,7 +14,7 @@ from app.database import ResilientFlask, close_session_despite_a_dead_connection
 from app.extensions import cache, csrf, db, limiter, login_manager, mail, migrate, server_session
 from app.services import password_policy
 from app.services.plans import PlanCatalogue
-from app.startup import check_production_settings, development_standins
+from app.startup import check_production_settings, development_standins, production_warnings
 from config import PROJECT_ROOT, BaseConfig, config_for
 
 logger = logging.getLogger(__name__)
@@ -27,11 +27,15 @@ def create_app(config: BaseConfig | None = None, **overrides: Any) -> Flask:
     app.config.from_object(config or config_for())
     app.config.update(overrides)
 
-    from app.request_log import configure_logging
+    from app.request_log import SecretConverter, configure_logging
 
     configure_logging(app)
+    # Route arguments that are credentials are declared <secret:...>; the request log masks them.
+    app.url_map.converters["secret"] = SecretConverter
     if app.config["APP_ENV"] == "production":
         check_production_settings(app.config)  # raises, naming every problem, before anything starts
+        for warning in production_warnings(app.config):
+            logger.warning("Insecure production setting: %s", warning)
     app.extensions["plan_catalogue"] = PlanCatalogue.load(app.config["PLAN_CATALOGUE_FILE"])
     password_policy.common_passwords()  # the common-password list, read once per process, before any request
 
@@ -128,9 +132,16 @@ def register_commands(app: Flask) -> None:
 def register_services() -> None:
     # Modules register what they offer when imported: jobs its worker tasks (and, through
     # billing_service, the webhook providers and the settlement consumers); notifications,
-    # team_notifications and account_emails their outbox consumers. Nothing below fetches them back
-    # by name, so this is the one place that imports them (tests/test_layout.py checks the names).
-    from app.services import account_emails, domain_events, jobs, notifications, team_notifications  # noqa: F401
+    # team_notifications, account_emails and security_emails their outbox consumers. Nothing below
+    # fetches them back by name, so this is the one place that imports them (tests/test_layout.py).
+    from app.services import (  # noqa: F401
+        account_emails,
+        domain_events,
+        jobs,
+        notifications,
+        security_emails,
+        team_notifications,
+    )
 
     if domain_events.log_announcement not in domain_events.subscribers("*"):
         domain_events.subscribe("*", domain_events.log_announcement)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from datetime import UTC
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
@@ -14,7 +15,7 @@ from flask_login import current_user, login_user, logout_user
 from werkzeug.wrappers import Response
 
 from app import clock
-from app.extensions import db, login_manager
+from app.extensions import cache, db, login_manager
 from app.models import User
 from app.services.access_policy import AccessDecision, decide_access
 from app.services.auth_service import AuthService
@@ -55,21 +56,75 @@ def require_billing_access() -> Response | None:
 # The user's session epoch when this session signed in; app/__init__.py's user loader compares it with
 # the user's current one on every request, so raising the user's epoch signs out every session at once.
 SESSION_EPOCH_KEY = "_epoch"
+# When this session signed in, and when it was last used (Unix seconds): a session ends
+# PERMANENT_SESSION_LIFETIME after sign-in however busy, and SESSION_IDLE_MINUTES after its last use.
+SIGNED_IN_AT_KEY = "_signed_in_at"
+SEEN_AT_KEY = "_seen_at"
+# The signup this browser started: {"id": pending signup id}. Its success page signs the new owner in
+# here once, within SIGNUP_SIGN_IN_MINUTES of the account's creation.
+SIGNUP_KEY = "signup"
+
+
+def _now() -> float:
+    return clock.timestamp()  # the one clock (app/clock.py)
 
 
 def session_is_current(user: User) -> bool:
-    return bool(session.get(SESSION_EPOCH_KEY, 0) == user.session_epoch)
+    """The session carries the user's current epoch and is within its absolute and idle lifetimes; a
+    current session is marked as used now."""
+    if session.get(SESSION_EPOCH_KEY, 0) != user.session_epoch:
+        return False
+    now = _now()
+    signed_in_at, seen_at = session.get(SIGNED_IN_AT_KEY), session.get(SEEN_AT_KEY)
+    if not isinstance(signed_in_at, int | float) or not isinstance(seen_at, int | float):
+        return False  # signed in before lifetimes were kept: sign in again
+    lifetime = current_app.config["PERMANENT_SESSION_LIFETIME"].total_seconds()
+    idle = current_app.config["SESSION_IDLE_MINUTES"] * 60
+    if now - signed_in_at > lifetime or now - seen_at > idle:
+        return False
+    session[SEEN_AT_KEY] = int(now)
+    return True
 
 
 def sign_in(user: User) -> None:
-    """Sign a user in on a fresh session id, so an id planted before sign-in is worthless after it.
-    Signing in counts as proving who they are (recent_auth_required)."""
+    """Sign a user in on a fresh session id and a fresh CSRF token, so an id or a token planted or seen
+    before sign-in is worthless after it. Signing in counts as proving who they are
+    (recent_auth_required)."""
     session.pop(SECOND_STEP_KEY, None)
     current_app.session_interface.regenerate(session)  # type: ignore[attr-defined]
+    _rotate_csrf_token()
     login_user(user)
     session[SESSION_EPOCH_KEY] = user.session_epoch
+    session[SIGNED_IN_AT_KEY] = session[SEEN_AT_KEY] = int(_now())
     mark_recently_authenticated()
     AuthService.record_sign_in(user, source="web")
+
+
+def _rotate_csrf_token() -> None:
+    """Flask-WTF keeps the raw token in the session (and this request's in g): dropped, the next form
+    gets a new one."""
+    field = current_app.config.get("WTF_CSRF_FIELD_NAME", "csrf_token")
+    session.pop(field, None)
+    g.pop(field, None)
+
+
+def remember_signup(pending_signup_id: str) -> None:
+    session[SIGNUP_KEY] = {"id": pending_signup_id}
+
+
+def take_signup_sign_in(pending_signup_id: str, owner: User) -> bool:
+    """May this browser be signed in as ``owner`` by the success page of signup ``pending_signup_id``?
+    Only the browser that started it, within SIGNUP_SIGN_IN_MINUTES of the account's creation, and once:
+    the claim is recorded in the shared cache, so even a copy of the session cannot use it again."""
+    held = session.get(SIGNUP_KEY)
+    if not isinstance(held, dict) or held.get("id") != pending_signup_id:
+        return False
+    session.pop(SIGNUP_KEY)
+    window = current_app.config["SIGNUP_SIGN_IN_MINUTES"] * 60
+    created = owner.created_at.replace(tzinfo=UTC) if owner.created_at.tzinfo is None else owner.created_at
+    if _now() - created.timestamp() > window:
+        return False
+    return bool(cache.add(f"signup-signed-in:{pending_signup_id}", 1, timeout=int(window) + 60))
 
 
 # --- Two-factor sign-in's second step ----------------------------------------------------------------
@@ -153,11 +208,12 @@ def stay_signed_in_at(epoch: int) -> None:
     fresh id."""
     current_app.session_interface.regenerate(session)  # type: ignore[attr-defined]
     session[SESSION_EPOCH_KEY] = epoch
+    session[SEEN_AT_KEY] = int(_now())
 
 
 def forget_stale_sign_in() -> None:
     """The session belongs to an epoch the user has left (signed out everywhere, password changed)."""
-    for key in ("_user_id", "_fresh", "_id", SESSION_EPOCH_KEY, REAUTHENTICATED_AT_KEY):
+    for key in ("_user_id", "_fresh", "_id", SESSION_EPOCH_KEY, SIGNED_IN_AT_KEY, SEEN_AT_KEY, REAUTHENTICATED_AT_KEY):
         session.pop(key, None)
 
 

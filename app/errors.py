@@ -57,10 +57,11 @@ def init_error_handlers(app: Flask) -> None:
         )
 
     @app.errorhandler(429)
-    def rate_limited(error: HTTPException) -> tuple[Response | str, int]:
+    def rate_limited(error: HTTPException) -> tuple[Response | str, int] | tuple[Response | str, int, dict[str, str]]:
         retry_after = getattr(error, "retry_after", None)
         wait = f" Try again in {retry_after} seconds." if retry_after else " Wait a little and try again."
-        return error_response(429, f"Too many attempts from you in a short time.{wait}")
+        body, status = error_response(429, f"Too many attempts from you in a short time.{wait}")
+        return (body, status, {"Retry-After": str(retry_after)}) if retry_after else (body, status)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> tuple[Response | str, int]:

@@ -1,8 +1,9 @@
 """Flask extensions, created once and unbound; create_app() binds them to an application."""
 
+import ipaddress
 from typing import TYPE_CHECKING
 
-from flask import request
+from flask import current_app, request
 from flask_caching import Cache
 from flask_limiter import Limiter
 from flask_login import LoginManager
@@ -18,9 +19,26 @@ class Base(DeclarativeBase):
     pass
 
 
+def client_bucket(address: str | None, ipv6_prefix: int) -> str:
+    """The rate-limit identity of a client address: an IPv4 address is itself, an IPv6 address is its
+    /ipv6_prefix network (one subscriber usually holds a whole /64, so its single addresses are free)."""
+    if not address:
+        return "unknown"
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{parsed}/{ipv6_prefix}", strict=False))
+    return str(parsed)
+
+
 def client_address() -> str:
-    """The client's address as the trusted proxy reported it (ProxyFix runs first)."""
-    return request.remote_addr or "unknown"
+    """Who the client is for rate limits: its address as the trusted proxy reported it (ProxyFix runs
+    first), an IPv6 one widened to its /RATELIMIT_IPV6_PREFIX_LENGTH network (64 by default)."""
+    return client_bucket(request.remote_addr, current_app.config.get("RATELIMIT_IPV6_PREFIX_LENGTH", 64))
 
 
 db = SQLAlchemy(model_class=Base)

@@ -8,21 +8,27 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from flask import Flask, Response, g, request
+from werkzeug.routing import Map, UnicodeConverter
 
 logger = logging.getLogger("app.request")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 # Stripe secret, restricted and webhook keys, and what could be a card number: 13-19 digits in a row,
 # or written in groups (4-4-4-4, 4-6-5), so a status code next to a number is left alone.
 SECRET_PATTERNS = re.compile(
-    r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9_]+"
+    r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9_]+|\bapik_[A-Za-z0-9_]+|\bws_[A-Za-z0-9_]{8,}"
+    # A bearer token in a header, and the password in a URL's user part (redis://:pw@host, postgresql://u:pw@h).
+    r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}|(?<=://)[^\s/@:]*:[^\s/@]+(?=@)"
     r"|\b(?:\d{13,19}|\d{4}(?:[ -]\d{4}){3}(?:\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{4,5})\b"
 )
-# The signed links mailed to users (password reset, email confirmation) carry their token in the path.
-LINK_TOKENS = re.compile(r"(/auth/(?:reset-password|verify-email)/)[^\s/?\"]+")
+# A path segment as a client may write it: anything up to the next slash, query, quote or space.
+SEGMENT = r"[^\s/?#\"']+"
+RULE_ARGUMENT = re.compile(r"<(?:(?P<converter>\w+)(?:\([^)]*\))?:)?(?P<name>\w+)>")
 CONTEXT_FIELDS = (
     "request_id",
     "method",
@@ -36,15 +42,51 @@ CONTEXT_FIELDS = (
 HANDLER_NAME = "app"
 
 
+class SecretConverter(UnicodeConverter):
+    """``<secret:token>``: a path segment that is a credential (a signed link's token). Matches what
+    ``<token>`` matches; the request log masks it (credential_paths)."""
+
+
+def credential_paths(url_map: Map) -> re.Pattern[str] | None:
+    """The one rule for links that carry a credential: every route argument declared with the
+    ``secret`` converter. One pattern per such route; its secret segments are captured for masking."""
+    patterns = []
+    for rule in url_map.iter_rules():
+        if not any(isinstance(converter, SecretConverter) for converter in rule._converters.values()):
+            continue
+        pattern, position = "", 0
+        for match in RULE_ARGUMENT.finditer(rule.rule):
+            pattern += re.escape(rule.rule[position : match.start()])
+            secret = isinstance(rule._converters.get(match["name"]), SecretConverter)
+            pattern += f"({SEGMENT})" if secret else f"(?:{SEGMENT})"
+            position = match.end()
+        patterns.append(pattern + re.escape(rule.rule[position:]))
+    return re.compile("|".join(f"(?:{p})" for p in sorted(patterns))) if patterns else None
+
+
+def _mask_groups(match: re.Match[str]) -> str:
+    text, start = "", match.start()
+    for index in range(1, (match.re.groups or 0) + 1):
+        if match.start(index) < 0:
+            continue
+        text += match.string[start : match.start(index)] + "[redacted]"
+        start = match.end(index)
+    return text + match.string[start : match.end()]
+
+
 class RedactingFilter(logging.Filter):
-    """Masks configured secret values and anything shaped like a key or a card number."""
+    """Masks configured secret values, anything shaped like a key or a card number, and the credential
+    segments of the app's links (set once the routes are known: init_request_logging)."""
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self.secrets = [s for s in secrets if len(s) >= 8]
+        self.secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
+        self.credential_paths: re.Pattern[str] | None = None
 
     def redact(self, text: str) -> str:
-        redacted = LINK_TOKENS.sub(r"\1[redacted]", SECRET_PATTERNS.sub("[redacted]", text))
+        redacted = SECRET_PATTERNS.sub("[redacted]", text)
+        if self.credential_paths is not None:
+            redacted = self.credential_paths.sub(_mask_groups, redacted)
         for secret in self.secrets:
             redacted = redacted.replace(secret, "[redacted]")
         return redacted
@@ -76,6 +118,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+# Settings that hold a credential, by name: keys, secrets, tokens, passwords (a comma-separated value
+# lists several, while one is rotated). Any setting named so is masked wherever its value appears.
+CREDENTIAL_SETTING = re.compile(r"(?:^|_)(?:KEY|SECRET|TOKEN|PASSWORD)$")
+
+
+def configured_secrets(config: Mapping[str, Any]) -> list[str]:
+    """Every credential the configuration holds: the values of credential-named settings, and the
+    passwords inside its URLs (DATABASE_URL, REDIS_URL, ...)."""
+    found: list[str] = []
+    for name, value in config.items():
+        if not isinstance(value, str) or not value:
+            continue
+        if CREDENTIAL_SETTING.search(name):
+            found.extend(part.strip() for part in value.split(","))
+        if "://" in value:
+            password = urlsplit(value).password if "@" in value else None
+            if password:
+                found.append(unquote(password))
+    return found
+
+
 def configure_logging(app: Flask) -> None:
     """One handler on the root logger, replaced when another app is created in this process."""
     root = logging.getLogger()
@@ -87,15 +150,20 @@ def configure_logging(app: Flask) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    secrets = [
-        str(app.config.get(name) or "") for name in ("SECRET_KEY", "STRIPE_SECRET_KEY", "STRIPE_PUBLISHABLE_KEY")
-    ] + str(app.config.get("STRIPE_WEBHOOK_SECRET") or "").split(",")
-    handler.addFilter(RedactingFilter([s.strip() for s in secrets]))
+    handler.addFilter(RedactingFilter(configured_secrets(app.config)))
     root.addHandler(handler)
     root.setLevel(app.config.get("LOG_LEVEL", "INFO"))
 
 
 def init_request_logging(app: Flask) -> None:
+    """Called once the blueprints are registered: the log filter learns which links carry credentials."""
+    pattern = credential_paths(app.url_map)
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == HANDLER_NAME:
+            for log_filter in handler.filters:
+                if isinstance(log_filter, RedactingFilter):
+                    log_filter.credential_paths = pattern
+
     @app.before_request
     def start_request() -> None:
         incoming = request.headers.get("X-Request-ID", "")

@@ -1,6 +1,6 @@
 """Security headers on every response."""
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -22,4 +22,8 @@ def init_security_headers(app: Flask) -> None:
         headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
         if production:
             headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
+        # Pages carry account and billing data and forms with a session's CSRF token: no browser or proxy
+        # keeps them (the back button after sign-out shows nothing). Static files are the exception.
+        if request.endpoint != "static":
+            headers["Cache-Control"] = "no-store"
         return response

@@ -44,8 +44,21 @@ def check_production_settings(config: Mapping[str, Any]) -> None:
 
 
 def production_problems(config: Mapping[str, Any]) -> list[str]:
+    insecure = insecure_backends(config)
     return [
         *_secret_key_problems(config.get("SECRET_KEY") or ""),
+        *_stripe_test_key_problems(config),
+        *_metrics_token_problems(str(config.get("METRICS_TOKEN") or "")),
+        *(
+            [f"INSECURE_BACKENDS must be warn or refuse, not {config.get('INSECURE_BACKENDS')!r}"]
+            if config.get("INSECURE_BACKENDS") not in ("warn", "refuse")
+            else []
+        ),
+        *(
+            [f"{problem} (INSECURE_BACKENDS=refuse)" for problem in insecure]
+            if config.get("INSECURE_BACKENDS") == "refuse"
+            else []
+        ),
         *_database_problems(config.get("SQLALCHEMY_DATABASE_URI") or ""),
         *_redis_problems(config),
         *[f"{name} is not set" for name in ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET") if not config.get(name)],
@@ -69,6 +82,67 @@ def production_problems(config: Mapping[str, Any]) -> list[str]:
             else []
         ),
     ]
+
+
+def production_warnings(config: Mapping[str, Any]) -> list[str]:
+    """What production starts with but should not (INSECURE_BACKENDS=warn): logged at start-up."""
+    return insecure_backends(config) if config.get("INSECURE_BACKENDS", "warn") == "warn" else []
+
+
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def insecure_backends(config: Mapping[str, Any]) -> list[str]:
+    """Redis reached without a password (anyone who reaches it reads every session), and SMTP to another
+    host without TLS (invitation and reset links cross the network in clear)."""
+    found = []
+    redis_url = str(config.get("REDIS_URL") or "")
+    if redis_url.startswith(REDIS_SCHEMES):
+        parts = urlsplit(redis_url)
+        if not parts.password and "password=" not in parts.query:
+            found.append(
+                f"REDIS_URL {redact_url(redis_url)} has no password (sessions are readable by anyone who reaches Redis)"
+            )
+    mail_server = str(config.get("MAIL_SERVER") or "")
+    if (
+        mail_server
+        and mail_server not in LOCAL_HOSTS
+        and not (config.get("MAIL_USE_TLS") or config.get("MAIL_USE_SSL"))
+    ):
+        found.append(
+            f"MAIL_SERVER {mail_server} is used without TLS (set MAIL_USE_TLS or MAIL_USE_SSL): emailed links "
+            "would cross the network in clear"
+        )
+    return found
+
+
+TEST_KEY_PREFIXES = ("sk_test_", "rk_test_")
+
+
+def _stripe_test_key_problems(config: Mapping[str, Any]) -> list[str]:
+    if str(config.get("STRIPE_SECRET_KEY") or "").startswith(TEST_KEY_PREFIXES) and not config.get(
+        "STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION"
+    ):
+        return [
+            "STRIPE_SECRET_KEY is a test-mode key: production takes live payments (set "
+            "STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION=1 only for a staging deployment meant to run on test mode)"
+        ]
+    return []
+
+
+MIN_METRICS_TOKEN_LENGTH = 32
+
+
+def _metrics_token_problems(token: str) -> list[str]:
+    """Unset is fine (/metrics is a 404); set, it must be as hard to guess as the secret key."""
+    if token and (
+        len(token) < MIN_METRICS_TOKEN_LENGTH or len(set(token)) < 12 or token.strip().lower() in WELL_KNOWN_SECRET_KEYS
+    ):
+        return [
+            "METRICS_TOKEN is too weak (use 32+ random characters, e.g. python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'; or unset it to turn /metrics off)"
+        ]
+    return []
 
 
 def _whop_problems(config: Mapping[str, Any]) -> list[str]:

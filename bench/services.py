@@ -174,6 +174,7 @@ class Services:
             "DATABASE_URL": f"postgresql://postgres@127.0.0.1:5432/{DATABASE}",
             "REDIS_URL": self.redis_url,
             "STRIPE_SECRET_KEY": f"sk_test_bench_{token}",
+            "STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION": "1",  # the sandbox takes test keys only
             "STRIPE_WEBHOOK_SECRET": self.webhook_secret,
             "STRIPE_API_BASE": f"http://127.0.0.1:{sandbox_port}",
             "MAIL_SERVER": "127.0.0.1",

@@ -129,7 +129,8 @@ def traffic_through(
             try:
                 if kind == "sign-in":
                     status = client.post("/auth/login", data=form).status_code
-                    client.post("/auth/logout", data={"csrf_token": token})  # signed out again, not counted
+                    # Signed out again, not counted (signing in gave the session a new CSRF token).
+                    client.post("/auth/logout", data={"csrf_token": csrf_token(client, "/app")})
                     token = csrf_token(client, "/auth/login")
                     form["csrf_token"] = token
                 elif kind == "page":

@@ -37,6 +37,7 @@ def production_environ(database_url: str, redis_url: str) -> dict[str, str]:
         "DATABASE_URL": database_url,
         "REDIS_URL": redis_url,
         "STRIPE_SECRET_KEY": "sk_test_production_boot_check",
+        "STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION": "1",
         "STRIPE_WEBHOOK_SECRET": "whsec_production_boot_check",
         "APP_BASE_URL": "https://billing.example.com",
         "TRUSTED_PROXY_COUNT": "1",

@@ -469,6 +469,7 @@ def production_app(
             "DATABASE_URL": database_url,
             "REDIS_URL": redis_url,
             "STRIPE_SECRET_KEY": OFFLINE_SECRET_KEY,
+            "STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION": "1",
             "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
             "STRIPE_API_BASE": stripe_sandbox.url,
             "STRIPE_MAX_NETWORK_RETRIES": "0",
@@ -498,7 +499,7 @@ def test_production_session_cookies_are_secure_httponly_and_samesite_lax(product
     client = production_app.test_client()
     response = client.get("/auth/login", base_url="https://localhost")
     assert response.status_code == 200
-    attributes = cookie_attributes(response)
+    attributes = cookie_attributes(response, "__Host-session")
     assert {"secure", "httponly"} <= set(attributes)
     assert attributes["samesite"] == "Lax"
     assert response.headers["Strict-Transport-Security"] == "max-age=31536000; includeSubDomains"

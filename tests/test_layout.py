@@ -93,6 +93,7 @@ def test_the_factory_registers_every_task_consumer_and_webhook_provider(app: Fla
         "signup.completed": ["verify_email_after_signup", "welcome_email"],
         "signup.conflict": ["settle_signup_conflict"],
         "signup.conflict_refunded": ["conflict_refund_email"],
+        "signup.started_for_existing_account": ["existing_account_signup_email"],
         "subscription.cancellation_scheduled": ["cancellation_scheduled_email"],
         "subscription.trial_will_end": ["trial_ending_email"],
         "team.invitation_sent": ["invitation_email"],

@@ -6,14 +6,23 @@ from flask import Blueprint, current_app, flash, redirect, render_template, requ
 from flask_login import current_user
 from werkzeug.wrappers import Response
 
-from app.access import SECOND_STEP_KEY, await_second_factor, sign_in, sign_out, user_awaiting_second_factor
+from app.access import (
+    SECOND_STEP_KEY,
+    SIGNUP_KEY,
+    await_second_factor,
+    remember_signup,
+    sign_in,
+    sign_out,
+    user_awaiting_second_factor,
+)
 from app.account.forms import TwoFactorCodeForm
 from app.auth.forms import ForgotPasswordForm, LoginForm, NewPasswordForm, SignupForm, signup_form
 from app.extensions import client_address, limiter
+from app.rate_limits import AttemptLimit, limit_attempts
 from app.services.account_service import AccountService, InvalidLink
 from app.services.auth_service import AuthService, normalise_email
 from app.services.billing_service import BillingError, BillingService, PaymentProviderUnavailable, plan_catalogue
-from app.services.signup_service import EmailAlreadyRegistered, SignupError, SignupService
+from app.services.signup_service import SignupError, SignupService
 from app.services.two_factor_service import TwoFactorError, TwoFactorService
 
 bp = Blueprint("auth", __name__)
@@ -49,7 +58,8 @@ def _signup_page(form: SignupForm) -> str:
 def signup() -> str:
     form = signup_form(plan_catalogue())
     if request.args.get("checkout") == "canceled":
-        pending = SignupService.pending_signup(session.get("signup_id"))
+        held = session.get(SIGNUP_KEY)
+        pending = SignupService.pending_signup(held.get("id") if isinstance(held, dict) else None)
         if pending is not None:
             form.process(
                 data={
@@ -95,15 +105,12 @@ def signup_submit() -> Response | tuple[str, int]:
             addons=form.addon_quantities(),
             interval=form.interval.data or "month",
         )
-    except EmailAlreadyRegistered as exc:
-        form.email.errors = [*form.email.errors, str(exc)]
-        return _signup_page(form), 422
     except (SignupError, BillingError) as exc:
         form.form_errors.append(str(exc))
         status = 503 if isinstance(exc, PaymentProviderUnavailable) else 422
         return _signup_page(form), status
     # Only this browser session may be signed in by the success page of this checkout.
-    session["signup_id"] = str(checkout.pending_signup_id)
+    remember_signup(str(checkout.pending_signup_id))
     return redirect(checkout.url, 303)
 
 
@@ -111,18 +118,15 @@ def signup_submit() -> Response | tuple[str, int]:
 # Failed sign-ins (401s) only count, and never per account alone: a limit on an account that anyone can
 # exhaust from anywhere would let an attacker lock its owner out. Per client address, and per account
 # and client address together, so failures from other addresses never stop the owner's right password.
-@limiter.limit(
-    _config_limit("LOGIN_RATE_LIMIT_PER_CLIENT"),
-    key_func=client_address,
-    methods=["POST"],
-    deduct_when=lambda response: response.status_code == 401,
-)
-@limiter.limit(
-    _config_limit("LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT"),
-    key_func=lambda: f"login-account-client:{_form_email()}:{client_address()}",
-    exempt_when=lambda: not _form_email(),
-    methods=["POST"],
-    deduct_when=lambda response: response.status_code == 401,
+# Each attempt takes its place before the password is checked (app/rate_limits.py): a parallel burst
+# gets no more guesses than the limit.
+@limit_attempts(
+    AttemptLimit("LOGIN_RATE_LIMIT_PER_CLIENT", lambda: f"login-client:{client_address()}"),
+    AttemptLimit(
+        "LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT",
+        lambda: f"login-account-client:{email}:{client_address()}" if (email := _form_email()) else None,
+    ),
+    counts=lambda response: response.status_code == 401,
 )
 def login() -> Response | str | tuple[str, int]:
     if current_user.is_authenticated:
@@ -221,7 +225,7 @@ def forgot_password_submit() -> str | tuple[str, int]:
     return render_template("auth/reset_requested.html", email=normalise_email(form.email.data))
 
 
-@bp.route("/reset-password/<token>", methods=["GET", "POST"])
+@bp.route("/reset-password/<secret:token>", methods=["GET", "POST"])
 def reset_password(token: str) -> Response | str | tuple[str, int]:
     try:
         user = AccountService.user_for_reset_token(token)
@@ -244,7 +248,7 @@ def reset_password(token: str) -> Response | str | tuple[str, int]:
     return redirect(url_for("auth.login"), 303)
 
 
-@bp.get("/verify-email/<token>")
+@bp.get("/verify-email/<secret:token>")
 def verify_email(token: str) -> Response | tuple[str, int]:
     try:
         AccountService.verify_email(token)

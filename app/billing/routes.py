@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, render_template, request, session, url_for
+from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user
 from werkzeug.wrappers import Response
 
-from app.access import current_access, recent_auth_required, require_signed_in, sign_in
+from app.access import current_access, recent_auth_required, require_signed_in, sign_in, take_signup_sign_in
 from app.billing.forms import (
     CancelForm,
     ChangeSeatsForm,
@@ -394,15 +394,14 @@ def _signup_returned(outcome: ProvisionOutcome, settled: str | None = None) -> R
             settled or settlement_words(outcome.settlement)
         )
         return render_template("billing/checkout_problem.html", message=message), 409
-    if session.get("signup_id") == str(outcome.pending_signup_id) and outcome.owner_user_id is not None:
-        session.pop("signup_id")
-        sign_in(db.session.get_one(User, outcome.owner_user_id))
+    new_owner = db.session.get(User, outcome.owner_user_id) if outcome.owner_user_id is not None else None
+    if new_owner is not None and take_signup_sign_in(str(outcome.pending_signup_id), new_owner):
+        sign_in(new_owner)
         flash("Welcome! Your organization is ready.", "success")
         return redirect(url_for("main.dashboard"), 303)
     if current_user.is_authenticated and current_user.id == outcome.owner_user_id:
         return redirect(url_for("main.dashboard"), 303)
-    owner = db.session.get(User, outcome.owner_user_id) if outcome.owner_user_id is not None else None
-    if owner is not None and not owner.password_hash:
+    if new_owner is not None and not new_owner.password_hash:
         # Paid through a signup attempt that had already ended, whose password was erased (retention).
         flash("Your account is ready. Choose a password to sign in: we will email you a link.", "info")
         return redirect(url_for("auth.forgot_password"), 303)

@@ -25,11 +25,6 @@ class SignupError(Exception):
     """A signup cannot go ahead; the message is meant for the person signing up."""
 
 
-class EmailAlreadyRegistered(SignupError):
-    def __init__(self) -> None:
-        super().__init__("An account with this email already exists. Sign in instead.")
-
-
 class SignupInProgress(SignupError):
     def __init__(self) -> None:
         super().__init__("Another signup for this email is being started right now. Try again in a moment.")
@@ -76,10 +71,14 @@ class SignupService:
         ttl: timedelta,
     ) -> NewPendingSignup:
         """Store the intent to sign up. A newer attempt by the same email supersedes any open one
-        (it becomes expired and its checkout is expired at Stripe by the caller)."""
+        (it becomes expired and its checkout is expired at Stripe by the caller).
+
+        An email that already has an account is answered exactly as a new one (the form must not tell
+        anyone which addresses have accounts): the attempt goes on to checkout, and the address's mailbox
+        is told it already has an account (``signup.started_for_existing_account``, emailed by the worker).
+        Paying anyway ends in the conflict path: the checkout is canceled and refunded."""
         email = normalise_email(email)
-        if SignupService.email_has_account(email):
-            raise EmailAlreadyRegistered()
+        existing_user_id = db.session.execute(select(User.id).where(User.email == email)).scalar_one_or_none()
         superseded = db.session.execute(
             update(PendingSignup)
             .where(PendingSignup.email == email, PendingSignup.status == SignupStatus.PENDING)
@@ -111,6 +110,13 @@ class SignupService:
         for row in superseded:
             domain_events.record("signup.superseded", source="web", pending_signup_id=str(row.id))
         domain_events.record("signup.started", source="web", pending_signup_id=str(pending.id), tier=tier)
+        if existing_user_id is not None:
+            domain_events.record(
+                "signup.started_for_existing_account",
+                user_id=existing_user_id,
+                source="web",
+                pending_signup_id=str(pending.id),
+            )
         db.session.commit()
         return NewPendingSignup(pending.id, [row.checkout_session_id for row in superseded if row.checkout_session_id])
 

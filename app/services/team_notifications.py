@@ -5,8 +5,10 @@ database hold no usable token."""
 from __future__ import annotations
 
 from datetime import UTC
+from email.utils import parseaddr
 
 from flask import current_app
+from sqlalchemy import select
 
 from app.extensions import db
 from app.models import Invitation, InvitationStatus, Organization, User
@@ -31,6 +33,23 @@ def invitation_email(event: OutboxEvent) -> None:
     )
     if invitation.status != InvitationStatus.PENDING or expires_at <= utcnow():
         return  # withdrawn, replaced, used or expired before the worker got to it: nothing to send
+    account = db.session.execute(
+        select(User.organization_id).where(User.email == invitation.email)
+    ).scalar_one_or_none()
+    db.session.rollback()
+    if account is not None and account != organization.id:
+        # The address has an account with another organization, which the inviter was not told: the
+        # mailbox learns it, with no link (an address belongs to one organization).
+        send_event_email(
+            event,
+            invitation.email,
+            "invitation_existing_account",
+            subject=f"Invitation to {organization.name} on Ledgerline",
+            organization=organization,
+            inviter=inviter,
+            report_to=abuse_report_address(),
+        )
+        return
     send_event_email(
         event,
         invitation.email,
@@ -40,4 +59,11 @@ def invitation_email(event: OutboxEvent) -> None:
         inviter=inviter,
         accept_url=accept_url(invitation.id, invitation.email),
         expires_at=expires_at,
+        report_to=abuse_report_address(),
     )
+
+
+def abuse_report_address() -> str:
+    """Where a recipient reports an invitation they did not want: ABUSE_REPORT_EMAIL, else the address
+    the emails come from."""
+    return str(current_app.config.get("ABUSE_REPORT_EMAIL") or parseaddr(current_app.config["MAIL_DEFAULT_SENDER"])[1])

@@ -128,12 +128,11 @@ class TeamService:
                 )
             organization = _lock_organization(organization_id)
             existing = db.session.execute(select(User).where(User.email == email)).scalar_one_or_none()
-            if existing is not None and not (existing.organization_id == organization_id and existing.removed_at):
-                raise TeamError(
-                    "That email already belongs to a member of this organization."
-                    if existing.organization_id == organization_id
-                    else "That email already has an account with another organization."
-                )
+            # The owner knows their own members; whether an address has an account elsewhere is not theirs
+            # to learn: that invitation is made and answered like any other, and its email tells the
+            # mailbox instead (team_notifications.invitation_email).
+            if existing is not None and existing.organization_id == organization_id and not existing.removed_at:
+                raise TeamError("That email already belongs to a member of this organization.")
             replaced = db.session.execute(
                 update(Invitation)
                 .where(
@@ -229,8 +228,9 @@ class TeamService:
                 raise InvitationInvalid("This invitation has already been used. Sign in instead.")
             user = db.session.execute(select(User).where(User.email == invitation.email)).scalar_one_or_none()
             if user is not None and user.organization_id == organization.id and user.removed_at is not None:
-                user.removed_at = None  # a removed member invited back
+                user.removed_at = None  # a removed member invited back: new password and role, old sessions end
                 user.name, user.password_hash, user.role = name, hash_password(password), UserRole.MEMBER
+                user.session_epoch = User.session_epoch + 1
             elif user is not None:
                 raise InvitationInvalid("That email already has an account. Sign in instead.")
             else:
@@ -305,7 +305,8 @@ class TeamService:
                     User.role == UserRole.MEMBER,
                     User.removed_at.is_(None),
                 )
-                .values(removed_at=utcnow())
+                # Every session of theirs ends, and stays ended if they are ever invited back.
+                .values(removed_at=utcnow(), session_epoch=User.session_epoch + 1)
             )
             if removed.rowcount != 1:  # type: ignore[attr-defined]
                 raise TeamError("That person is not a member of this organization.")

@@ -41,7 +41,14 @@ def index() -> str:
     )
 
 
+def _organization_key() -> str:
+    return f"invite-organization:{getattr(current_user, 'organization_id', None)}"
+
+
 @bp.post("/invite")
+# Every invitation is an email to an address the owner chose: limited per organization and per client.
+@limiter.limit(lambda: current_app.config["INVITATION_RATE_LIMIT_PER_ORGANIZATION"], key_func=_organization_key)
+@limiter.limit(lambda: current_app.config["INVITATION_RATE_LIMIT_PER_CLIENT"], key_func=client_address)
 def invite() -> Response | tuple[str, int]:
     organization_id = _owner_only()
     form = InviteForm()
@@ -96,7 +103,7 @@ def remove(user_id: int) -> Response:
     return redirect(url_for("team.index"), 303)
 
 
-@bp.route("/join/<token>", methods=["GET", "POST"])
+@bp.route("/join/<secret:token>", methods=["GET", "POST"])
 @limiter.limit(lambda: current_app.config["LOGIN_RATE_LIMIT_PER_CLIENT"], key_func=client_address, methods=["POST"])
 def join(token: str) -> Response | str | tuple[str, int]:
     try:
