@@ -16,7 +16,9 @@ import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import text
 
+from app.extensions import db
 from tests.conftest import csrf_token, query, signup_form
 from tests.live_support import LiveServer, free_port, wait_until
 from tests.whop_double import WhopDouble
@@ -182,6 +184,20 @@ def test_the_redirect_refuses_a_membership_of_another_signup(pair: Pair) -> None
     ):
         assert client.get(path).status_code == 404
     assert pair.organizations() == []
+
+
+def test_a_membership_of_another_plan_never_provisions_the_tier_the_signup_chose(pair: Pair) -> None:
+    """The signup chose Pro; the membership carrying its id sells Starter (issue 23, finding 8)."""
+    pair.double.control("delivery", {"mode": "hold"})
+    client = pair.app.test_client()
+    back = pay_on_whop(pair, client)  # the form's default tier, sold by plan_ledgerline_starter
+    with pair.app.app_context():
+        db.session.execute(text("UPDATE pending_signup SET tier = 'pro'"))
+        db.session.commit()
+    assert client.get(back).status_code == 404
+    assert pair.deliver_held() and pair.applied().organizations() == []
+    outcomes = {row.outcome for row in query(pair.app, "SELECT outcome FROM whop_event WHERE type LIKE 'membership.%'")}
+    assert any("another plan than the pro plan" in (outcome or "") for outcome in outcomes), outcomes
 
 
 def test_whop_is_offered_only_for_tiers_with_a_whop_plan_and_without_add_ons(pair: Pair, make_app: Any) -> None:

@@ -144,8 +144,8 @@ def apply_membership_events(membership_id: str, events: list[VerifiedEvent], who
             return every(StripeEventStatus.IGNORED, "not ours: no organization holds this membership")
         try:
             provision = provision_membership(membership, source=source)
-        except CheckoutSessionNotFound:
-            return every(StripeEventStatus.IGNORED, "not ours: no pending signup of this app for it")
+        except CheckoutSessionNotFound as exc:
+            return every(StripeEventStatus.IGNORED, f"not provisioned: {exc}")
         provisioned = f"{provision.state} (organization {provision.organization_id})"
         organization = lock_organization(membership_id)
         if organization is None:  # awaiting payment, or the signup went to another membership
@@ -272,6 +272,10 @@ def provision_membership(membership: Mapping[str, Any], *, source: str) -> Provi
     if membership.get("status") not in WHOP_PAID_STATUSES:
         return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, pending.id)
     state = subscription_state_from_whop(membership, plan_catalogue())
+    if state.tier != pending.tier:
+        # A membership of another plan (a cheaper one, say) carrying this signup's id never provisions
+        # the tier the signup chose.
+        raise CheckoutSessionNotFound(f"That Whop membership is for another plan than the {pending.tier} plan chosen.")
     checkout = {
         "id": pending.checkout_session_id or f"whop:{membership['id']}",
         "customer": state.customer_id,
