@@ -85,7 +85,11 @@ def test_the_factory_registers_every_task_consumer_and_webhook_provider(app: Fla
         "maintenance:drop_old_event_payloads",
         "maintenance:reconcile_daily",
     } <= tasks
-    assert outbox.registered_consumers() == {
+    # Consumers the suite's own tests register (events named test.*) are not the product's.
+    registered = {
+        event: names for event, names in outbox.registered_consumers().items() if not event.startswith("test.")
+    }
+    assert registered == {
         "billing.payment_action_required": ["payment_action_required_email"],
         "billing.payment_failed": ["payment_failed_email"],
         "organization.billing_status_changed": ["subscription_ended_email"],
