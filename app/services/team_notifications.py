@@ -4,8 +4,6 @@ database hold no usable token."""
 
 from __future__ import annotations
 
-from datetime import UTC
-
 from flask import current_app
 
 from app.extensions import db
@@ -26,10 +24,7 @@ def invitation_email(event: OutboxEvent) -> None:
     if invitation is None or organization is None:
         current_app.logger.warning("team.invitation_sent %s: the invitation is gone", event.id)
         return
-    expires_at = (
-        invitation.expires_at.replace(tzinfo=UTC) if invitation.expires_at.tzinfo is None else invitation.expires_at
-    )
-    if invitation.status != InvitationStatus.PENDING or expires_at <= utcnow():
+    if invitation.status != InvitationStatus.PENDING or invitation.expires_at <= utcnow():
         return  # withdrawn, replaced, used or expired before the worker got to it: nothing to send
     send_event_email(
         event,
@@ -39,5 +34,5 @@ def invitation_email(event: OutboxEvent) -> None:
         organization=organization,
         inviter=inviter,
         accept_url=accept_url(invitation.id, invitation.email),
-        expires_at=expires_at,
+        expires_at=invitation.expires_at,
     )

@@ -10,7 +10,7 @@ see it (app/billing/routes.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
@@ -199,7 +199,7 @@ class TeamService:
             raise InvitationInvalid("This invitation has already been used. Sign in instead.")
         if invitation.status == InvitationStatus.REVOKED:
             raise InvitationInvalid("This invitation was withdrawn. Ask for a new one.")
-        if _as_aware(invitation.expires_at) <= utcnow():
+        if invitation.expires_at <= utcnow():
             raise InvitationInvalid("This invitation has expired. Ask for a new one.")
         return invitation
 
@@ -333,7 +333,3 @@ def _lock_organization(organization_id: int) -> Organization:
     if organization is None:
         raise TeamError("That organization does not exist.")
     return organization
-
-
-def _as_aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
