@@ -15,6 +15,7 @@ from app.services.billing_service import BillingError, BillingService, PaymentPr
 from app.services.signup_service import EmailAlreadyRegistered, SignupError, SignupService
 
 bp = Blueprint("auth", __name__)
+SIGNUP_CHOICES_KEY = "signup_choices"
 
 
 @bp.context_processor
@@ -49,12 +50,18 @@ def signup() -> str:
     if request.args.get("checkout") == "canceled":
         pending = SignupService.pending_signup(session.get("signup_id"))
         if pending is not None:
+            # The pending signup holds who and what; the billing interval and the provider are this
+            # browser's choices, kept beside it in the session when the checkout was started.
+            choices = session.get(SIGNUP_CHOICES_KEY) or {}
+            kept = choices if choices.get("signup_id") == str(pending.id) else {}
             form.process(
                 data={
                     "email": pending.email,
                     "organization_name": pending.organization_name,
                     "owner_name": pending.owner_name,
                     "tier": pending.tier,
+                    "interval": kept.get("interval", "month"),
+                    "payment_provider": kept.get("provider", "stripe"),
                     **{f"addon_{key}": quantity for key, quantity in (pending.addons or {}).items()},
                 }
             )
@@ -102,6 +109,11 @@ def signup_submit() -> Response | tuple[str, int]:
         return _signup_page(form), status
     # Only this browser session may be signed in by the success page of this checkout.
     session["signup_id"] = str(checkout.pending_signup_id)
+    session[SIGNUP_CHOICES_KEY] = {
+        "signup_id": str(checkout.pending_signup_id),
+        "interval": form.interval.data or "month",
+        "provider": form.provider(),
+    }
     return redirect(checkout.url, 303)
 
 
