@@ -258,12 +258,18 @@ def portal() -> Response:
 
 
 @bp.post("/cancel")
-def cancel() -> Response:
-    organization_id = _owned_organization().id
+def cancel() -> Response | str:
+    organization = _owned_organization()
+    organization_id = organization.id
     form = CancelForm()
     if not form.validate_on_submit():
         abort(400, "That form was incomplete. Reload the billing page and try again.")
-    at_period_end = form.when.data != "now"
+    if form.needs_confirmation():
+        # The same form again, with its request token, and the facts the owner is agreeing to.
+        return render_template(
+            "billing/cancel_now.html", form=form, organization=organization, seats=TeamService.seat_use(organization)
+        )
+    at_period_end = not form.ends_now()
     try:
         BillingService.cancel_subscription(
             organization_id,
