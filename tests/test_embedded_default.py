@@ -77,6 +77,7 @@ def test_a_teammate_joins_through_the_emailed_link_on_sqlite(
     assert response.status_code == 303 and response.headers["Location"] == "/app", response.get_data(as_text=True)
     dashboard = teammate.get("/app").get_data(as_text=True)
     assert "Grace Hopper (grace@example.com, member)" in dashboard
+    assert 'id="verify-banner"' not in dashboard  # joining through the emailed link confirmed the address
 
 
 def test_the_owners_pages_answer_on_sqlite(sqlite_app: Flask, offline_stripe: SandboxAccount) -> None:

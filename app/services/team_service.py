@@ -242,6 +242,9 @@ class TeamService:
                     role=UserRole.MEMBER,
                 )
                 db.session.add(user)
+            # The invitation was emailed to this address and its link binds it: opening it proves the
+            # mailbox, as a verification or password-reset link does, so no separate confirmation is due.
+            user.email_verified_at = user.email_verified_at or utcnow()
             db.session.flush()
             invitation.accepted_user_id = user.id
             domain_events.record(
