@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user
+from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from app.access import sign_in, sign_out
 from app.auth.forms import ForgotPasswordForm, LoginForm, NewPasswordForm, SignupForm, signup_form
+from app.errors import error_response, rate_limit_message
 from app.extensions import client_address, limiter
 from app.services.account_service import AccountService, InvalidLink
 from app.services.auth_service import AuthService, normalise_email
@@ -42,6 +44,27 @@ def _signup_page(form: SignupForm) -> str:
     catalogue = plan_catalogue()
     yearly = any(tier.yearly_lookup_key in prices for tier in catalogue.tiers.values() if tier.yearly_lookup_key)
     return render_template("auth/signup.html", form=form, catalogue=catalogue, prices=prices, offer_yearly=yearly)
+
+
+@bp.errorhandler(429)
+def rate_limited(error: HTTPException) -> tuple[str | Response, int]:
+    """A rate limit met while sending a form answers that form again, with what was typed (never a
+    password) and how long to wait, instead of a page that loses it."""
+    message = rate_limit_message()
+    form: SignupForm | LoginForm | ForgotPasswordForm
+    if request.endpoint == "auth.signup_submit":
+        form = signup_form(plan_catalogue())
+        form.form_errors.append(message)
+        return _signup_page(form), 429
+    if request.endpoint == "auth.login":
+        form = LoginForm()
+        form.form_errors.append(message)
+        return render_template("auth/login.html", form=form), 429
+    if request.endpoint == "auth.forgot_password_submit":
+        form = ForgotPasswordForm()
+        form.form_errors.append(message)
+        return render_template("auth/forgot_password.html", form=form), 429
+    return error_response(429, message)
 
 
 @bp.get("/signup")

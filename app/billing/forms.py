@@ -35,7 +35,7 @@ class CancelForm(OwnerActionForm):
     confirmed = HiddenField()
 
     def ends_now(self) -> bool:
-        return self.when.data == "now"
+        return bool(self.when.data == "now")
 
     def needs_confirmation(self) -> bool:
         return self.ends_now() and self.confirmed.data != "yes"
