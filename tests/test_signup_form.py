@@ -82,3 +82,59 @@ def test_on_the_embedded_default_twenty_corrections_in_a_minute_are_not_limited(
     client = sqlite_app.test_client()
     statuses = {client.post("/auth/signup", data=signup_form(client, password="short")).status_code for _ in range(20)}
     assert statuses == {422}
+
+
+WHOP_SETTINGS = {
+    "WHOP_API_KEY": "apik_signup_form_suite",
+    "WHOP_WEBHOOK_SECRET": "ws_signup_form_suite",
+    "WHOP_COMPANY_ID": "biz_signup_form_suite",
+    # Nothing answers here: these tests never get as far as asking Whop.
+    "WHOP_API_BASE": "http://127.0.0.1:9/whop/api/v1",
+}
+
+
+def inputs(page: str, name: str) -> dict[str, str]:
+    """Each input called `name`, by its value (or its name for a number field), as rendered."""
+    found = {}
+    for tag in re.findall(r"<input[^>]*>", page):
+        if f'name="{name}"' in tag:
+            value = re.search(r'value="([^"]*)"', tag)
+            found[value.group(1) if value and 'type="radio"' in tag else name] = tag
+    return found
+
+
+def test_whops_restrictions_are_said_before_the_plans_and_what_it_cannot_sell_is_disabled(
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount
+) -> None:
+    app = make_app(**WHOP_SETTINGS)
+    client = app.test_client()
+    page = client.get("/auth/signup").get_data(as_text=True)
+    restrictions = re.search(r'<p class="hint" id="whop-restrictions">(.*?)</p>', page, re.S)
+    assert restrictions, page
+    words = " ".join(restrictions.group(1).split())
+    assert "Whop sells only Starter and Pro, billed monthly, without add-ons" in words
+    assert page.index('id="whop-restrictions"') < page.index('id="interval-choice"') < page.index('id="plan-starter"')
+    assert '<script src="/static/signup.js" defer></script>' in page
+    assert client.get("/static/signup.js").status_code == 200
+    # Paying by card: nothing is disabled; what Whop cannot sell is marked for the script.
+    assert not any("disabled" in tag for tag in inputs(page, "tier").values())
+    assert 'data-whop="0"' in inputs(page, "interval")["year"] and 'data-whop="0"' in inputs(page, "tier")["business"]
+
+    # A Whop signup sent back (here: a short password) comes back with Whop's impossible choices off.
+    form = signup_form(client, payment_provider="whop", tier="pro", addon_extra_seats="0", password="short")
+    again = client.post("/auth/signup", data=form)
+    assert again.status_code == 422
+    page = again.get_data(as_text=True)
+    assert "disabled" in inputs(page, "interval")["year"] and "disabled" not in inputs(page, "interval")["month"]
+    assert "disabled" in inputs(page, "tier")["business"] and "disabled" not in inputs(page, "tier")["pro"]
+    assert "disabled" in inputs(page, "addon_extra_seats")["addon_extra_seats"]
+
+    # The server still refuses what the page disables, for a browser without the script.
+    for fields, error in (
+        ({"interval": "year"}, "Whop plans are billed monthly"),
+        ({"addon_extra_seats": "2"}, "Add-ons can only be bought with card payment"),
+        ({"tier": "business"}, "cannot be paid through Whop"),
+    ):
+        form = signup_form(client, **{"payment_provider": "whop", "tier": "pro", "addon_extra_seats": "0", **fields})
+        refused = client.post("/auth/signup", data=form)
+        assert refused.status_code == 422 and error in refused.get_data(as_text=True), fields

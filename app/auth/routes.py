@@ -22,11 +22,12 @@ SIGNUP_CHOICES_KEY = "signup_choices"
 
 @bp.context_processor
 def whop_choice() -> dict[str, object]:
-    """The names of the tiers that can be paid through Whop (none unless Whop is configured): the
-    signup page offers the choice for them."""
+    """The tiers that can be paid through Whop, names and keys (none unless Whop is configured): the
+    signup page offers the choice for them and says up front what Whop cannot sell."""
     if not BillingService.whop_configured():
-        return {"whop_tiers": []}
-    return {"whop_tiers": [tier.name for tier in plan_catalogue().tiers.values() if tier.whop_plan_id]}
+        return {"whop_tiers": [], "whop_tier_keys": []}
+    on_whop = [tier for tier in plan_catalogue().tiers.values() if tier.whop_plan_id]
+    return {"whop_tiers": [tier.name for tier in on_whop], "whop_tier_keys": [tier.key for tier in on_whop]}
 
 
 def _form_email() -> str:
