@@ -6,6 +6,7 @@ sandbox and a real SMTP server."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from flask import Flask
@@ -93,3 +94,25 @@ def test_the_owners_pages_answer_on_sqlite(sqlite_app: Flask, offline_stripe: Sa
     )
     assert preview.status_code == 200, preview.get_data(as_text=True)[-600:]
     assert "Pro" in preview.get_data(as_text=True)
+
+
+def test_billing_commands_without_stripe_settings_say_what_is_missing_in_one_line(
+    make_sqlite_app: Callable[..., Flask],
+) -> None:
+    app = make_sqlite_app(STRIPE_SECRET_KEY="", STRIPE_WEBHOOK_SECRET="", STRIPE_API_BASE="")
+    for command in (["reconcile"], ["check-prices"]):
+        result = app.test_cli_runner().invoke(args=["billing", *command])
+        assert result.exit_code == 1, (command, result.output)
+        [line] = result.output.splitlines()
+        assert line.startswith("Error: STRIPE_SECRET_KEY and STRIPE_WEBHOOK_SECRET are not set"), line
+        assert "`make run` sets them only for the processes it starts" in line
+        assert "STRIPE_API_BASE=http://127.0.0.1:12111" in line and "Traceback" not in result.output
+
+
+def test_billing_status_on_sqlite_prints_no_empty_lines(sqlite_app: Flask) -> None:
+    result = sqlite_app.test_cli_runner().invoke(args=["billing", "status"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(line.split(":", 1)[-1].strip() for line in lines), lines
+    assert lines[0].startswith("jobs:            no queue: on the SQLite stand-in jobs run inside the app")
+    assert "webhook events:  pending=0  processed=0  ignored=0  failed=0" in lines
