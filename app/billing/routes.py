@@ -71,8 +71,11 @@ def overview() -> str | tuple[str, int]:
     organization = current_user.organization
     catalogue = plan_catalogue()
     g.access = current_access()
+    # A new subscription is offered with each plan's price (through the price cache); nothing else needs them.
+    prices = BillingService.catalogue_prices() if g.access.remedy == "resubscribe" else {}
     return render_template(
         "billing/overview.html",
+        prices=prices,
         organization=organization,
         catalogue=catalogue,
         access=g.access,
