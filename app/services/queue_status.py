@@ -82,7 +82,7 @@ def _standin_figures() -> QueueFigures:
         events = dict.fromkeys(EVENT_STATES, 0)
         for status, count in db.session.execute(
             select(StripeEvent.status, func.count()).group_by(StripeEvent.status)
-        ).tuples():
+        ).all():
             events[str(status)] = int(count)
         oldest = db.session.execute(
             select(func.min(StripeEvent.received_at)).where(StripeEvent.status == "pending")

@@ -61,7 +61,7 @@ def _organizations(ids: set[int]) -> dict[int, str]:
         organization_id: email
         for organization_id, email in db.session.execute(
             select(User.organization_id, User.email).where(User.organization_id.in_(ids), User.role == UserRole.OWNER)
-        ).tuples()
+        ).all()
     }
     return {
         organization.id: _label(organization.name, owners.get(organization.id))
