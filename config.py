@@ -171,29 +171,31 @@ class BaseConfig:
     DEFAULT_LOG_FORMAT = "text"
     DEFAULT_MAIL_BACKEND = "smtp"
 
+    # Rate limits (Flask-Limiter notation), each overridable by the environment variable of its name.
+    # Failed sign-ins only count against the login limits.
+    RATE_LIMIT_DEFAULTS: Mapping[str, str] = {
+        "SIGNUP_RATE_LIMIT_PER_CLIENT": "20/hour;5/minute",
+        "SIGNUP_RATE_LIMIT_PER_EMAIL": "5/hour",
+        "LOGIN_RATE_LIMIT_PER_CLIENT": "30/hour;10/minute",
+        # Per account *and* client address: failures from elsewhere never lock the owner out (BILLING.md).
+        "LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT": "10/hour;5/minute",
+        "PASSWORD_RESET_RATE_LIMIT_PER_CLIENT": "10/hour;3/minute",
+        "PASSWORD_RESET_RATE_LIMIT_PER_EMAIL": "3/hour",
+        "EMAIL_VERIFICATION_RATE_LIMIT": "3/hour",
+        # Teammate invitations (each one an email to an address the owner chose).
+        "INVITATION_RATE_LIMIT_PER_ORGANIZATION": "20/hour;50/day",
+        "INVITATION_RATE_LIMIT_PER_CLIENT": "30/hour",
+        "CHECKOUT_RETURN_RATE_LIMIT": "60/minute",
+    }
+
     def configure_rate_limits(self, env: Mapping[str, str]) -> None:
         # Limits key on the client's address; an IPv6 client is its network of this many leading bits (one
         # subscriber holds a whole /64, and would otherwise have 2**64 fresh addresses to spend).
         self.RATELIMIT_IPV6_PREFIX_LENGTH = int(env.get("RATELIMIT_IPV6_PREFIX_LENGTH", "64"))
         if not 8 <= self.RATELIMIT_IPV6_PREFIX_LENGTH <= 128:
             raise SystemExit("RATELIMIT_IPV6_PREFIX_LENGTH must be a prefix length from 8 to 128 (64 is usual)")
-        # Rate limits (Flask-Limiter notation). Failed sign-ins only count against the login limits.
-        self.SIGNUP_RATE_LIMIT_PER_CLIENT = env.get("SIGNUP_RATE_LIMIT_PER_CLIENT", "20/hour;5/minute")
-        self.SIGNUP_RATE_LIMIT_PER_EMAIL = env.get("SIGNUP_RATE_LIMIT_PER_EMAIL", "5/hour")
-        self.LOGIN_RATE_LIMIT_PER_CLIENT = env.get("LOGIN_RATE_LIMIT_PER_CLIENT", "30/hour;10/minute")
-        # Per account *and* client address: failures from elsewhere never lock the owner out (BILLING.md).
-        self.LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT = env.get(
-            "LOGIN_RATE_LIMIT_PER_ACCOUNT_AND_CLIENT", "10/hour;5/minute"
-        )
-        self.PASSWORD_RESET_RATE_LIMIT_PER_CLIENT = env.get("PASSWORD_RESET_RATE_LIMIT_PER_CLIENT", "10/hour;3/minute")
-        self.PASSWORD_RESET_RATE_LIMIT_PER_EMAIL = env.get("PASSWORD_RESET_RATE_LIMIT_PER_EMAIL", "3/hour")
-        self.EMAIL_VERIFICATION_RATE_LIMIT = env.get("EMAIL_VERIFICATION_RATE_LIMIT", "3/hour")
-        # Teammate invitations (each one an email to an address the owner chose).
-        self.INVITATION_RATE_LIMIT_PER_ORGANIZATION = env.get(
-            "INVITATION_RATE_LIMIT_PER_ORGANIZATION", "20/hour;50/day"
-        )
-        self.INVITATION_RATE_LIMIT_PER_CLIENT = env.get("INVITATION_RATE_LIMIT_PER_CLIENT", "30/hour")
-        self.CHECKOUT_RETURN_RATE_LIMIT = env.get("CHECKOUT_RETURN_RATE_LIMIT", "60/minute")
+        for name, default in self.RATE_LIMIT_DEFAULTS.items():
+            setattr(self, name, env.get(name, default))
 
     def configure_accounts(self, env: Mapping[str, str]) -> None:
         """Passwords and two-factor sign-in (docs/system/SECURITY.md, "Two-factor sign-in and passwords")."""
@@ -254,6 +256,10 @@ class DevelopmentConfig(BaseConfig):
 
     APP_ENV = "development"
     DEFAULT_MAIL_BACKEND = "console"
+    # A person trying the product corrects a form, signs in and out, asks for links again and again:
+    # development limits are far above what anyone clicking around reaches (production keeps the
+    # limits above). Set any of the variables to try a real limit.
+    RATE_LIMIT_DEFAULTS: Mapping[str, str] = dict.fromkeys(BaseConfig.RATE_LIMIT_DEFAULTS, "1000/hour;200/minute")
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = dict(os.environ if environ is None else environ)

@@ -15,9 +15,40 @@ from sqlalchemy import select
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
 from app.services import outbox, queue, queue_status
-from app.services.billing_service import BillingError, BillingService, plan_catalogue
+from app.services.billing_service import BillingConfigurationError, BillingError, BillingService, plan_catalogue
+from app.services.reconcile_names import names_for
 
-billing_cli = AppGroup("billing", help="Billing operations: stored webhook events, replays, prices.")
+# What `make run` (scripts/dev) exports for the offline sandboxes when no real keys are set: a second
+# shell has none of it, so a command that needs them says what to export.
+MAKE_RUN_SETTINGS = {
+    "STRIPE": "STRIPE_SECRET_KEY=sk_test_sandbox_development STRIPE_WEBHOOK_SECRET=whsec_sandbox_development_only "
+    "STRIPE_API_BASE=http://127.0.0.1:12111",
+    "WHOP": "WHOP_API_KEY=apik_sandbox_development WHOP_WEBHOOK_SECRET=ws_sandbox_development_only "
+    "WHOP_COMPANY_ID=biz_sandbox WHOP_API_BASE=http://127.0.0.1:12113/whop/api/v1",
+}
+
+
+def missing_settings_message(error: BillingConfigurationError) -> str:
+    """One line: what is missing (the error names it) and how `make run` sets it."""
+    provider = "WHOP" if "WHOP_" in str(error) else "STRIPE"
+    return (
+        f"{error}. `make run` sets them only for the processes it starts (scripts/dev); to reach its offline "
+        f"sandbox from another shell, export {MAKE_RUN_SETTINGS[provider]}"
+    )
+
+
+class BillingGroup(AppGroup):
+    """`flask billing`: a missing or refused billing setting ends any command with one line naming it,
+    not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except BillingConfigurationError as exc:
+            raise click.ClickException(missing_settings_message(exc)) from None
+
+
+billing_cli = BillingGroup("billing", help="Billing operations: stored webhook events, replays, prices.")
 # Each provider's stored webhook deliveries (the tables share one shape; see webhook_store).
 EVENT_TABLES: dict[str, type[StripeEvent] | type[WhopEvent]] = {"stripe": StripeEvent, "whop": WhopEvent}
 Event = TypeVar("Event", StripeEvent, WhopEvent)
@@ -146,10 +177,14 @@ def status(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(figures), sort_keys=True))
         return
-    click.echo("jobs:            " + "  ".join(f"{state}={count}" for state, count in figures.jobs.items()))
-    click.echo(f"oldest waiting:  {figures.oldest_waiting_seconds:.1f} s")
-    failed = "  ".join(f"{task}={count}" for task, count in figures.failed_jobs_by_task.items()) or "none"
-    click.echo(f"failed jobs:     {failed}")
+    if figures.jobs:
+        click.echo("jobs:            " + "  ".join(f"{state}={count}" for state, count in figures.jobs.items()))
+        click.echo(f"oldest waiting:  {figures.oldest_waiting_seconds:.1f} s")
+        failed = "  ".join(f"{task}={count}" for task, count in figures.failed_jobs_by_task.items()) or "none"
+        click.echo(f"failed jobs:     {failed}")
+    else:
+        click.echo("jobs:            no queue: on the SQLite stand-in jobs run inside the app as they are made")
+        click.echo("                 (set DATABASE_URL to a PostgreSQL database for the queue and its figures)")
     click.echo("webhook events:  " + "  ".join(f"{state}={count}" for state, count in figures.webhook_events.items()))
     click.echo(f"oldest pending:  {figures.oldest_pending_event_seconds:.1f} s")
 
@@ -190,6 +225,6 @@ def reconcile(apply_repairs: bool, as_json: bool, since_days: int, organization_
     if as_json:
         click.echo(json.dumps(report.to_dict(), default=str, indent=2))
     else:
-        for line in report.lines():
+        for line in report.lines(names_for(report)):
             click.echo(line)
     sys.exit(0 if report.clean else 1)

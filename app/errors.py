@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 from flask import Flask, Response, current_app, jsonify, render_template, request
 from flask.globals import request_ctx
@@ -11,6 +13,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from app.extensions import limiter
 from app.services.billing_service import BillingConfigurationError
 
 logger = logging.getLogger(__name__)
@@ -42,6 +45,30 @@ def error_response(status: int, message: str) -> tuple[Response | str, int]:
     ), status
 
 
+def wait_words(seconds: float) -> str:
+    """'42 seconds', '1 minute', '3 minutes', 'about 2 hours': how long until a limit lets a person in."""
+    seconds = max(1, math.ceil(seconds))
+    if seconds < 120:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = math.ceil(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    hours = round(minutes / 60)
+    return f"about {hours} hour{'s' if hours != 1 else ''}"
+
+
+def rate_limit_message() -> str:
+    """What a person who hit a rate limit reads: that it is a limit, and how long until it lifts (the
+    breached limit's window, which Flask-Limiter keeps for the request)."""
+    limit = limiter.current_limit
+    wait = (
+        f" Try again in {wait_words(limit.reset_at - time.time())}."
+        if limit is not None and limit.breached
+        else " Wait a minute and try again."
+    )
+    return f"Too many attempts from you in a short time.{wait}"
+
+
 def _without_session() -> None:
     """Redis, which holds the sessions, just failed: the error page is rendered and the response
     finished on a null session. A session that could not be opened (the request had a cookie) is not
@@ -58,10 +85,15 @@ def init_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(429)
     def rate_limited(error: HTTPException) -> tuple[Response | str, int] | tuple[Response | str, int, dict[str, str]]:
+        # The sign-in throttle (app/rate_limits.py) knows when its window lifts; Flask-Limiter's own
+        # limits say it through rate_limit_message.
         retry_after = getattr(error, "retry_after", None)
-        wait = f" Try again in {retry_after} seconds." if retry_after else " Wait a little and try again."
-        body, status = error_response(429, f"Too many attempts from you in a short time.{wait}")
-        return (body, status, {"Retry-After": str(retry_after)}) if retry_after else (body, status)
+        if retry_after:
+            body, status = error_response(
+                429, f"Too many attempts from you in a short time. Try again in {wait_words(retry_after)}."
+            )
+            return body, status, {"Retry-After": str(retry_after)}
+        return error_response(429, rate_limit_message())
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> tuple[Response | str, int]:

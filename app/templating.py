@@ -8,6 +8,7 @@ from flask import Flask, current_app
 
 from app.services.access_policy import STATUS_WORDS
 from app.services.pricing import format_money
+from app.services.wording import counted
 
 
 def money(amount: int | None, currency: str | None = "usd") -> str:
@@ -17,6 +18,7 @@ def money(amount: int | None, currency: str | None = "usd") -> str:
 
 def init_templating(app: Flask) -> None:
     app.add_template_filter(money, "money")
+    app.add_template_filter(counted, "counted")
 
     @app.template_filter("longdate")
     def longdate(value: datetime | None) -> str:
@@ -25,6 +27,14 @@ def init_templating(app: Flask) -> None:
         if value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return f"{value:%d %B %Y}".lstrip("0")
+
+    @app.template_filter("clock")
+    def clock(value: datetime | None) -> str:
+        """The time of day in UTC, "14:05 UTC"."""
+        if value is None:
+            return ""
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+        return f"{value.astimezone(UTC):%H:%M} UTC"
 
     @app.template_filter("tier_name")
     def tier_name(tier_key: str) -> str:

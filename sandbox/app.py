@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import tomllib
@@ -37,6 +38,20 @@ def _stop(*_: object) -> NoReturn:
     raise SystemExit(0)  # unwinds serve_forever() so the worker and database close cleanly
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) ends the server as SIGTERM does, quietly: no KeyboardInterrupt traceback from
+    wherever the main thread happened to be."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+
+def shutting_down() -> None:
+    """Once stopping, another Ctrl-C or SIGTERM (an impatient second press; `make run` signals its
+    children again on exit) must not interrupt the cleanup with a traceback."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main() -> None:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -67,13 +82,17 @@ def main() -> None:
         flush=True,
     )
 
-    signal.signal(signal.SIGTERM, _stop)
+    stop_on_signals()
     worker.start()
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
-        worker.stop()
+        shutting_down()
+        # A webhook delivery still in flight (a slow or hung receiver) is not waited for: the next
+        # start sends it again.
+        worker.stop(wait_for_deliveries=False)
         server.server_close()
         store.close()
+        print(f"Stripe sandbox stopped; its state is kept in {settings.state_dir} for the next start.", flush=True)
+        # Abandoned delivery threads would otherwise be joined at interpreter exit (up to their timeout).
+        os._exit(0)

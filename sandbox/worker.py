@@ -86,11 +86,14 @@ class Worker:
         self._store.release_claimed_deliveries()
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, *, wait_for_deliveries: bool = True) -> None:
+        """Stop claiming work. With wait_for_deliveries=False a delivery still in flight is abandoned:
+        its row stays claimed and the next start releases it (release_claimed_deliveries), so it is
+        sent again rather than lost."""
         self._stopping.set()
         self._wake.set()
         self._thread.join()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=wait_for_deliveries, cancel_futures=not wait_for_deliveries)
 
     def _run(self) -> None:
         while not self._stopping.is_set():

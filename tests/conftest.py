@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from email import policy as email_policy
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,7 +41,7 @@ from app import create_app
 from app.extensions import db
 from app.services import queue
 from app.services.billing_service import STRIPE_API_VERSION
-from config import TestConfig, normalise_database_url
+from config import DevelopmentConfig, TestConfig, normalise_database_url
 
 pytest_plugins = ["tests.live_support"]
 OFFLINE_SECRET_KEY = "sk_test_offline_suite_51Hx0000000000000"
@@ -297,6 +299,77 @@ def app(make_app: Callable[..., Flask]) -> Flask:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+# --- The embedded default: what `make run` runs with no DATABASE_URL or REDIS_URL ------------------
+
+SQLITE_FILE = "development.sqlite3"
+
+
+def _sqlite_environ(instance: Path, smtp_port: int) -> dict[str, str]:
+    """The environment of `make run` on the embedded stand-ins (a SQLite file in the instance folder,
+    filesystem sessions, in-process cache and limits), with the suite's SMTP server; nothing is read
+    from the shell, so no TEST_DATABASE_URL or REDIS_URL leaks in."""
+    return {
+        "APP_ENV": "development",
+        "APP_INSTANCE_DIR": str(instance),
+        "MAIL_SERVER": "127.0.0.1",
+        "MAIL_PORT": str(smtp_port),
+        "MAIL_DEFAULT_SENDER": "Ledgerline Billing <billing@localhost>",
+    }
+
+
+def flask_db_upgrade(app: Flask) -> None:
+    """`flask db upgrade`, through the command itself, against ``app``'s database."""
+    from flask_migrate.cli import db as db_command
+
+    result = app.test_cli_runner().invoke(db_command, ["upgrade"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+
+@pytest.fixture(scope="session")
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory, _smtp_sink: SmtpSink) -> Path:
+    """A SQLite file built once by `flask db upgrade`; each test gets a copy of it."""
+    instance = tmp_path_factory.mktemp("sqlite-template")
+    app = create_app(DevelopmentConfig(_sqlite_environ(instance, _smtp_sink.port)))
+    flask_db_upgrade(app)
+    with app.app_context():
+        db.session.remove()
+        for engine in db.engines.values():
+            engine.dispose()
+    return instance / SQLITE_FILE
+
+
+@pytest.fixture
+def make_sqlite_app(
+    tmp_path: Path, _sqlite_template: Path, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount
+) -> Iterator[Callable[..., Flask]]:
+    """Build an app on the embedded default of `make run` (a fresh migrated SQLite file of its own,
+    filesystem sessions, in-process cache and rate limits, jobs run inside the app), paying through the
+    suite's Stripe sandbox and mailing the suite's SMTP server; overrides go on top."""
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    shutil.copyfile(_sqlite_template, instance / SQLITE_FILE)
+    apps: list[Flask] = []
+
+    def build(**overrides: Any) -> Flask:
+        config = DevelopmentConfig(_sqlite_environ(instance, smtp_server.port))
+        app = create_app(config, **{**offline_overrides(stripe_sandbox.url), **overrides})
+        assert app.config["SQLALCHEMY_DATABASE_URI"] == f"sqlite:///{instance / SQLITE_FILE}"
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        with app.app_context():
+            db.session.remove()
+            for engine in db.engines.values():
+                engine.dispose()
+
+
+@pytest.fixture
+def sqlite_app(make_sqlite_app: Callable[..., Flask]) -> Flask:
+    return make_sqlite_app()
 
 
 def query(app: Flask, sql: str, **params: Any) -> list[Any]:

@@ -112,14 +112,18 @@ class LiveServer:
         self._worker: threading.Thread | None = None
         self._stop_worker = threading.Event()
 
-    def serve(self, app: Flask) -> None:
+    def serve(self, app: Flask, *, worker: bool = True) -> None:
+        """Serve ``app``; with a worker beside it, as in production, that applies the webhooks the app
+        stores (not on the SQLite stand-in, where jobs run inside the app)."""
         self.app = app
         self.server.app = app
         self._thread = threading.Thread(target=self.server.serve_forever, name=f"live-app-{self.port}", daemon=True)
         self._thread.start()
-        # A worker beside the app, as in production: it applies the webhooks the app stores.
-        self._worker = threading.Thread(target=self._work, args=(app,), name=f"live-worker-{self.port}", daemon=True)
-        self._worker.start()
+        if worker:
+            self._worker = threading.Thread(
+                target=self._work, args=(app,), name=f"live-worker-{self.port}", daemon=True
+            )
+            self._worker.start()
 
     def _work(self, app: Flask) -> None:
         from app.services import queue

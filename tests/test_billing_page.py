@@ -170,10 +170,32 @@ def test_the_portal_opens_for_the_organizations_customer(
     assert call["params"] == {"customer": owner.customer_id, "return_url": "http://localhost/billing/"}
 
 
+def test_cancel_now_asks_for_confirmation_first_saying_what_is_lost_and_no_refund(
+    app: Flask, owner: Owner, offline_stripe: SandboxAccount
+) -> None:
+    page = owner.client.get("/billing/").get_data(as_text=True)
+    assert 'value="now"' in page and 'name="confirmed"' not in page
+    asked = owner.post("/billing/cancel", request_token=TOKEN, when="now")
+    assert asked.status_code == 200
+    text = asked.get_data(as_text=True)
+    assert "End your plan now?" in text and "This cannot be undone" in text
+    assert "lose access to the app at once" in text
+    assert "Nothing is refunded for the time already paid until" in text
+    assert 'name="confirmed" value="yes"' in text and f'value="{TOKEN}"' in text  # the same request token
+    assert offline_stripe.calls_to("subscriptions.cancel") == []
+    assert organization(app, owner.organization_id).billing_status == "active"
+    # Anything but "yes" asks again; "yes" ends it.
+    assert owner.post("/billing/cancel", request_token=TOKEN, when="now", confirmed="sure").status_code == 200
+    assert offline_stripe.calls_to("subscriptions.cancel") == []
+    assert owner.post("/billing/cancel", request_token=TOKEN, when="now", confirmed="yes").status_code == 303
+    assert len(offline_stripe.calls_to("subscriptions.cancel")) == 1
+    assert organization(app, owner.organization_id).billing_status == "canceled"
+
+
 def test_cancel_now_ends_access_and_offers_a_new_subscription(
     app: Flask, owner: Owner, offline_stripe: SandboxAccount
 ) -> None:
-    response = owner.post("/billing/cancel", request_token=TOKEN, when="now")
+    response = owner.post("/billing/cancel", request_token=TOKEN, when="now", confirmed="yes")
     assert response.status_code == 303
     [(args, call)] = offline_stripe.calls_to("subscriptions.cancel")
     assert args == (owner.subscription_id,)
@@ -228,7 +250,7 @@ def test_stripe_failing_leaves_the_organization_as_it_was(
 
 
 def test_a_canceled_organization_can_subscribe_again(app: Flask, owner: Owner, offline_stripe: SandboxAccount) -> None:
-    owner.post("/billing/cancel", request_token=TOKEN, when="now")
+    owner.post("/billing/cancel", request_token=TOKEN, when="now", confirmed="yes")
     response = owner.post("/billing/resubscribe", request_token="e" * 32, tier="pro")
     session_id = checkout_session_id(response)
     [_signup, (_, call)] = offline_stripe.calls_to("checkout.sessions.create")
@@ -293,6 +315,7 @@ def test_nobody_reaches_another_organizations_subscription(
         "/billing/cancel",
         request_token=TOKEN,
         when="now",
+        confirmed="yes",
         organization_id=str(owner.organization_id),
         subscription_id=owner.subscription_id,
     )
@@ -301,7 +324,7 @@ def test_nobody_reaches_another_organizations_subscription(
     assert organization(app, owner.organization_id).billing_status == "active"
 
     # A checkout started by another organization cannot be completed into this one.
-    owner.post("/billing/cancel", request_token="d" * 32, when="now")
+    owner.post("/billing/cancel", request_token="d" * 32, when="now", confirmed="yes")
     session_id = checkout_session_id(owner.post("/billing/resubscribe", request_token="c" * 32, tier="pro"))
     offline_stripe.pay(session_id)
     response = intruder.client.get(f"/billing/checkout-complete?session_id={session_id}")
@@ -374,7 +397,7 @@ def test_a_scheduled_cancellation_can_be_brought_forward(
     owner.post("/billing/cancel", request_token=TOKEN, when="period_end")
     page = owner.client.get("/billing/").get_data(as_text=True)
     assert 'id="cancel-now"' in page and 'id="resume"' in page
-    owner.post("/billing/cancel", request_token="b" * 32, when="now")
+    owner.post("/billing/cancel", request_token="b" * 32, when="now", confirmed="yes")
     assert len(offline_stripe.calls_to("subscriptions.cancel")) == 1
     assert organization(app, owner.organization_id).billing_status == "canceled"
     page = owner.client.get("/billing/").get_data(as_text=True)

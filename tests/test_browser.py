@@ -133,6 +133,11 @@ def test_signup_pay_manage_in_the_portal_and_cancel_in_a_real_browser(
     page.check("input[name=when][value=now]")
     chromium.step("cancel now chosen")
     page.click("#cancel")
+    # Ending it now asks first, saying what is lost, when, and that nothing is refunded.
+    expect(page.locator("h1")).to_have_text("End your plan now?")
+    expect(page.locator("#cancel-now-refund")).to_contain_text("Nothing is refunded")
+    chromium.step("cancel now asks for confirmation")
+    page.click("#cancel-now-confirm")
     expect(page.locator(".flash.success")).to_have_text("Your subscription is canceled.")
     expect(page.locator("#billing-status")).to_have_text("Canceled")
     expect(page.locator("#ended")).to_be_visible()

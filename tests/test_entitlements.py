@@ -100,7 +100,7 @@ def test_a_plan_with_the_feature_opens_the_page(client: Any, app: Flask, offline
     sign_up(client, offline_stripe, tier="business")
     response = client.get("/app/audit-log")
     page = response.get_data(as_text=True)
-    assert response.status_code == 200 and 'id="audit-log"' in page and "organization.created" in page
+    assert response.status_code == 200 and 'id="audit-log"' in page and "created on the Business plan" in page
     assert 'id="audit-log-upgrade"' not in client.get("/app").get_data(as_text=True)
 
 

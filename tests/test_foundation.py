@@ -247,6 +247,21 @@ def test_readyz_names_the_database_when_it_is_unreachable(make_app: Any) -> None
     assert response.status_code == 503 and response.get_json()["failed"] == ["database"]
 
 
+def migrations_check_url(database_url: str) -> str:
+    """The scratch database of the migrations test, named after the test database, so a run that
+    TEST_DATABASE_URL moves elsewhere never drops another run's scratch database."""
+    server, name = database_url.rsplit("/", 1)
+    return f"{server}/{name}_migrations_check"
+
+
+def test_the_migrations_scratch_database_follows_test_database_url() -> None:
+    assert (
+        migrations_check_url("postgresql+psycopg2://postgres@127.0.0.1:5432/billing_test_newcomer")
+        == "postgresql+psycopg2://postgres@127.0.0.1:5432/billing_test_newcomer_migrations_check"
+    )
+    assert migrations_check_url("postgresql+psycopg2://u@h/billing_test").endswith("/billing_test_migrations_check")
+
+
 def test_migrations_run_from_empty_to_head_and_back(database_url: str) -> None:
     """On a database of its own: upgrade, compare with the models, downgrade to nothing."""
     from alembic.autogenerate import compare_metadata
@@ -255,12 +270,12 @@ def test_migrations_run_from_empty_to_head_and_back(database_url: str) -> None:
 
     from app.extensions import db
 
-    name = "billing_migrations_check"
+    url = migrations_check_url(database_url)
+    name = url.rsplit("/", 1)[1]
     admin = create_engine(database_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = database_url.rsplit("/", 1)[0] + f"/{name}"
     app = create_app(TestConfig({**os.environ, "TEST_DATABASE_URL": url}))
     try:
         with app.app_context():

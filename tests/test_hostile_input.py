@@ -400,7 +400,7 @@ def test_every_form_refuses_a_post_without_a_valid_csrf_token(app: Flask, offlin
         },
         "/auth/login": {"email": "ada@example.com", "password": PASSWORD},
         "/billing/portal": {},
-        "/billing/cancel": {"request_token": request_token, "when": "now"},
+        "/billing/cancel": {"request_token": request_token, "when": "now", "confirmed": "yes"},
         "/billing/resume": {"request_token": request_token},
         "/billing/resubscribe": {"request_token": request_token, "tier": "pro"},
         "/auth/logout": {},

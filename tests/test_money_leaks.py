@@ -293,7 +293,7 @@ def test_a_second_paid_signup_seen_first_by_the_webhook_is_refunded_too(
 
 
 def _two_resubscribe_checkouts(owner: Owner, offline_stripe: SandboxAccount) -> tuple[str, str]:
-    assert owner.post("/billing/cancel", request_token=TOKEN, when="now").status_code == 303
+    assert owner.post("/billing/cancel", request_token=TOKEN, when="now", confirmed="yes").status_code == 303
     first = checkout_session_id(owner.post("/billing/resubscribe", request_token="a" * 32, tier="pro"))
     # The first cannot be expired in time, so both can be paid.
     offline_stripe.fail_next("checkout.sessions.expire", kind="server", times=3)

@@ -142,7 +142,7 @@ def test_a_downgrade_is_scheduled_for_the_end_of_the_period_and_can_be_withdrawn
     owner = stack.sign_up("business", extra_seats=1)
     response, ticket = owner.preview_plan("starter")
     page = html.unescape(response.get_data(as_text=True))
-    assert "At the end of the current billing period" in page and "subscription schedule" in page
+    assert "At the end of the current billing period" in page and "your plan switches by itself" in page
     assert amount(page, "preview-today") == 0 and "Nothing is charged today." in page
     assert amount(page, "preview-recurring") == 1900 + 500
 

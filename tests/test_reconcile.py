@@ -112,7 +112,9 @@ def test_reconcile_finds_and_repairs_every_kind_of_drift(held_sandbox: tuple[Fla
     assert f"({grace}): addons is {{'extra_seats': 2}} here, {{'extra_seats': 5}} at Stripe" in output
     assert f"({carols}): status is 'active' here, 'past_due' at Stripe" in output
     assert f"({carols}): current_period_end is" in output
-    assert f"orphan subscription {orphan} (signup, active)" in output
+    # Organizations and signups by name and email, not ids only.
+    assert "Org of ada@example.com <ada@example.com> [organization " in output
+    assert f"orphan subscription {orphan} of signup Analytical Engines <dora@example.com> (signup, active)" in output
     assert "missing event" in output and "customer.subscription.deleted" in output
     code, as_json = _reconcile(app, "--json")
     report = json.loads(as_json)
@@ -260,6 +262,38 @@ def test_orphans_are_only_subscriptions_a_row_of_ours_explains() -> None:
     ]
     report = reconcile.ReconcileReport(orphans=[orphans[1]])
     assert report.clean  # another environment's subscription is reported, never acted on
+    # ...and the report says it is left as it is, and why, instead of plainly "agree".
+    lines = report.lines()
+    assert lines[0].startswith("orphan subscription sub_other_env (active): left untouched: ")
+    assert "no signup or checkout in this database explains it" in lines[0]
+    assert "Stripe and the database agree." not in lines
+    assert lines[-1] == (
+        "Stripe and the database agree on everything this app holds. Left as they are: 1 subscription with "
+        "this app's metadata that nothing here explains (listed above, with why)."
+    )
+    assert reconcile.ReconcileReport().lines() == ["Stripe and the database agree."]
+
+
+def test_the_report_names_organizations_and_signups_for_people() -> None:
+    report = reconcile.ReconcileReport(
+        subscriptions=[reconcile.SubscriptionDrift(7, "sub_1", [reconcile.FieldDrift("status", "active", "canceled")])],
+        orphans=[reconcile.Orphan("sub_2", "signup", "active", "p2", "signup p2 (failed) has no organization with it")],
+        unsettled=[reconcile.Unsettled("resubscribe", "cs_9", "sub_3")],
+    )
+    names = reconcile.Names(
+        organizations={7: "Analytical Engines <ada@example.com>"},
+        signups={"p2": "Difference Engines <dora@example.com>"},
+        resubscribes={"cs_9": "Analytical Engines <ada@example.com>"},
+    )
+    assert report.lines(names) == [
+        "Analytical Engines <ada@example.com> [organization 7] (sub_1): status is 'active' here, 'canceled' at Stripe",
+        "orphan subscription sub_2 of signup Difference Engines <dora@example.com> (signup, active): "
+        "signup p2 (failed) has no organization with it",
+        "not yet canceled and refunded: resubscribe cs_9 of Analytical Engines <ada@example.com> (sub_3)",
+        "Drift remains.",
+    ]
+    # Without names (the daily job's log), ids as before.
+    assert report.lines()[0] == "organization 7 (sub_1): status is 'active' here, 'canceled' at Stripe"
 
 
 def test_missing_events_are_the_handled_ones_not_stored() -> None:

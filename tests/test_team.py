@@ -121,6 +121,12 @@ def test_an_invited_teammate_joins_through_the_emailed_link_once(
     assert (user.role, user.organization_id, user.name) == ("member", owner.organization_id, "Grace Hopper")
     [invitation] = query(app, "SELECT * FROM invitation")
     assert (invitation.status, invitation.accepted_user_id) == ("accepted", user.id)
+    # The link reached the teammate's mailbox: the address is confirmed, and no banner claims a
+    # confirmation email that nobody sent.
+    assert user.email_verified_at is not None
+    assert 'id="verify-banner"' not in dashboard and "we sent a link" not in dashboard
+    run_jobs(app)
+    assert [m["Subject"] for m in smtp_server.to(INVITEE)] == ["Join Analytical Engines on Ledgerline"]
 
     # Single use: the same link, from any browser, is refused and creates nobody.
     again = join(app.test_client(), path, name="Mallory")

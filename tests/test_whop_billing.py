@@ -270,7 +270,7 @@ def test_the_owner_cancels_and_resumes_through_whop_and_manages_it_on_whop(pair:
     assert portal.status_code == 303
     assert portal.headers["Location"] == f"{pair.double.url}/whop/manage/{org.billing_subscription_id}"
 
-    ended = owner_post(client, "/billing/cancel", when="now")
+    ended = owner_post(client, "/billing/cancel", when="now", confirmed="yes")
     assert ended.status_code == 303 and pair.organization().billing_status == "canceled"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user
+from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
 from app.access import (
@@ -17,6 +18,7 @@ from app.access import (
 )
 from app.account.forms import TwoFactorCodeForm
 from app.auth.forms import ForgotPasswordForm, LoginForm, NewPasswordForm, SignupForm, signup_form
+from app.errors import error_response, rate_limit_message
 from app.extensions import client_address, limiter
 from app.rate_limits import AttemptLimit, limit_attempts
 from app.services.account_service import AccountService, InvalidLink
@@ -26,15 +28,17 @@ from app.services.signup_service import SignupError, SignupService
 from app.services.two_factor_service import TwoFactorError, TwoFactorService
 
 bp = Blueprint("auth", __name__)
+SIGNUP_CHOICES_KEY = "signup_choices"
 
 
 @bp.context_processor
 def whop_choice() -> dict[str, object]:
-    """The names of the tiers that can be paid through Whop (none unless Whop is configured): the
-    signup page offers the choice for them."""
+    """The tiers that can be paid through Whop, names and keys (none unless Whop is configured): the
+    signup page offers the choice for them and says up front what Whop cannot sell."""
     if not BillingService.whop_configured():
-        return {"whop_tiers": []}
-    return {"whop_tiers": [tier.name for tier in plan_catalogue().tiers.values() if tier.whop_plan_id]}
+        return {"whop_tiers": [], "whop_tier_keys": []}
+    on_whop = [tier for tier in plan_catalogue().tiers.values() if tier.whop_plan_id]
+    return {"whop_tiers": [tier.name for tier in on_whop], "whop_tier_keys": [tier.key for tier in on_whop]}
 
 
 def _form_email() -> str:
@@ -54,6 +58,27 @@ def _signup_page(form: SignupForm) -> str:
     return render_template("auth/signup.html", form=form, catalogue=catalogue, prices=prices, offer_yearly=yearly)
 
 
+@bp.errorhandler(429)
+def rate_limited(error: HTTPException) -> tuple[str | Response, int]:
+    """A rate limit met while sending a form answers that form again, with what was typed (never a
+    password) and how long to wait, instead of a page that loses it."""
+    message = rate_limit_message()
+    form: SignupForm | LoginForm | ForgotPasswordForm
+    if request.endpoint == "auth.signup_submit":
+        form = signup_form(plan_catalogue())
+        form.form_errors.append(message)
+        return _signup_page(form), 429
+    if request.endpoint == "auth.login":
+        form = LoginForm()
+        form.form_errors.append(message)
+        return render_template("auth/login.html", form=form), 429
+    if request.endpoint == "auth.forgot_password_submit":
+        form = ForgotPasswordForm()
+        form.form_errors.append(message)
+        return render_template("auth/forgot_password.html", form=form), 429
+    return error_response(429, message)
+
+
 @bp.get("/signup")
 def signup() -> str:
     form = signup_form(plan_catalogue())
@@ -61,12 +86,18 @@ def signup() -> str:
         held = session.get(SIGNUP_KEY)
         pending = SignupService.pending_signup(held.get("id") if isinstance(held, dict) else None)
         if pending is not None:
+            # The pending signup holds who and what; the billing interval and the provider are this
+            # browser's choices, kept beside it in the session when the checkout was started.
+            choices = session.get(SIGNUP_CHOICES_KEY) or {}
+            kept = choices if choices.get("signup_id") == str(pending.id) else {}
             form.process(
                 data={
                     "email": pending.email,
                     "organization_name": pending.organization_name,
                     "owner_name": pending.owner_name,
                     "tier": pending.tier,
+                    "interval": kept.get("interval", "month"),
+                    "payment_provider": kept.get("provider", "stripe"),
                     **{f"addon_{key}": quantity for key, quantity in (pending.addons or {}).items()},
                 }
             )
@@ -111,6 +142,11 @@ def signup_submit() -> Response | tuple[str, int]:
         return _signup_page(form), status
     # Only this browser session may be signed in by the success page of this checkout.
     remember_signup(str(checkout.pending_signup_id))
+    session[SIGNUP_CHOICES_KEY] = {
+        "signup_id": str(checkout.pending_signup_id),
+        "interval": form.interval.data or "month",
+        "provider": form.provider(),
+    }
     return redirect(checkout.url, 303)
 
 

@@ -30,6 +30,15 @@ class CancelForm(OwnerActionForm):
         default="period_end",
         validators=[DataRequired()],
     )
+    # Ending the plan now is irreversible: the first post shows what is lost and asks again; only a
+    # post carrying confirmed=yes (the confirmation page's button) ends it.
+    confirmed = HiddenField()
+
+    def ends_now(self) -> bool:
+        return bool(self.when.data == "now")
+
+    def needs_confirmation(self) -> bool:
+        return self.ends_now() and self.confirmed.data != "yes"
 
 
 class ResumeForm(OwnerActionForm):

@@ -71,8 +71,11 @@ def overview() -> str | tuple[str, int]:
     organization = current_user.organization
     catalogue = plan_catalogue()
     g.access = current_access()
+    # A new subscription is offered with each plan's price (through the price cache); nothing else needs them.
+    prices = BillingService.catalogue_prices() if g.access.remedy == "resubscribe" else {}
     return render_template(
         "billing/overview.html",
+        prices=prices,
         organization=organization,
         catalogue=catalogue,
         access=g.access,
@@ -261,12 +264,18 @@ def portal() -> Response:
 
 @bp.post("/cancel")
 @recent_auth_required
-def cancel() -> Response:
-    organization_id = _owned_organization().id
+def cancel() -> Response | str:
+    organization = _owned_organization()
+    organization_id = organization.id
     form = CancelForm()
     if not form.validate_on_submit():
         abort(400, "That form was incomplete. Reload the billing page and try again.")
-    at_period_end = form.when.data != "now"
+    if form.needs_confirmation():
+        # The same form again, with its request token, and the facts the owner is agreeing to.
+        return render_template(
+            "billing/cancel_now.html", form=form, organization=organization, seats=TeamService.seat_use(organization)
+        )
+    at_period_end = not form.ends_now()
     try:
         BillingService.cancel_subscription(
             organization_id,

@@ -6,13 +6,13 @@ import hmac
 
 from flask import Blueprint, abort, current_app, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user
-from sqlalchemy import select, text
+from sqlalchemy import text
 from werkzeug.wrappers import Response
 
 from app.access import require_billing_access
 from app.extensions import db
 from app.features import requires_feature
-from app.models import DomainEvent
+from app.services.audit_log import entries as audit_log_entries
 from app.services.queue_status import prometheus_text, queue_figures
 
 bp = Blueprint("main", __name__)
@@ -35,13 +35,8 @@ def audit_log() -> str:
     it shows billing."""
     if not current_user.is_owner:
         abort(403, "Only the organization's owner can read its audit log.")
-    events = db.session.execute(
-        select(DomainEvent)
-        .where(DomainEvent.organization_id == current_user.organization_id)
-        .order_by(DomainEvent.id.desc())
-        .limit(200)
-    ).scalars()
-    return render_template("main/audit_log.html", events=list(events))
+    entries = audit_log_entries(current_user.organization_id, current_app.extensions["plan_catalogue"])
+    return render_template("main/audit_log.html", entries=entries)
 
 
 # Every page of this blueprint except the health checks and the front door goes through the guard.

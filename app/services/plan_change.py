@@ -23,6 +23,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from app.services.entitlements import entitlements_for, seat_addon_key
 from app.services.plans import PlanCatalogue
 from app.services.pricing import PriceInfo, format_money
+from app.services.wording import counted
 
 
 class PlanChangeError(ValueError):
@@ -162,8 +163,8 @@ def validate_target(current: CurrentPlan, target: Target, *, members: int, inclu
         and included_seats + target.extra_seats < members
     ):
         raise PlanChangeError(
-            f"Your organization has {members} members: keep at least {max(0, members - included_seats)} extra "
-            "seats, or remove members first."
+            f"Your organization has {counted(members, 'member')}: keep at least "
+            f"{counted(max(0, members - included_seats), 'extra seat')}, or remove members first."
         )
 
 
@@ -377,7 +378,8 @@ def describe_change(current: CurrentPlan, target: Target, catalogue: PlanCatalog
     def words(tier: str | None, interval: str | None, seats: int) -> str:
         name = catalogue.tiers[tier].name if tier and tier in catalogue.tiers else "an unknown plan"
         every = "yearly" if interval == "year" else "monthly"
-        return f"{name} ({every}){f' + {seats} extra seats' if seats else ''}"
+        extra = f" + {counted(seats, 'extra seat')}" if seats else ""
+        return f"{name} ({every}){extra}"
 
     before = words(current.tier, current.interval, current.extra_seats)
     return f"{before} → {words(target.tier, target.interval, target.extra_seats)}"

@@ -84,6 +84,24 @@ class MissingEvent:
     created: int
 
 
+@dataclass(frozen=True)
+class Names:
+    """How the report names what it is about, for people: "Analytical Engines <ada@example.com>" for
+    an organization (its owner's email) or a signup (the email it was started with). Read from the
+    database by reconcile_names.names_for; an id with no name is shown as the id alone."""
+
+    organizations: Mapping[int, str] = field(default_factory=dict)
+    signups: Mapping[str, str] = field(default_factory=dict)  # pending signup id -> name
+    resubscribes: Mapping[str, str] = field(default_factory=dict)  # resubscribe checkout id -> organization
+
+
+UNTOUCHED = (
+    "left untouched: it carries this app's metadata, but no signup or checkout in this database explains "
+    "it, so another environment sharing the Stripe account may own it; cancel it in the Stripe Dashboard "
+    "if none does"
+)
+
+
 @dataclass
 class ReconcileReport:
     subscriptions: list[SubscriptionDrift] = field(default_factory=list)
@@ -109,29 +127,67 @@ class ReconcileReport:
             "applied": list(self.applied),
         }
 
-    def lines(self) -> list[str]:
-        """The report for people, one difference a line."""
+    def untouched(self) -> list[Orphan]:
+        """Orphans reconcile reports and never acts on: no row of ours explains them."""
+        return [orphan for orphan in self.orphans if orphan.kind == "unknown"]
+
+    def lines(self, names: Names | None = None) -> list[str]:
+        """The report for people, one difference a line; organizations and signups by name and email
+        when `names` has them."""
+        names = names or Names()
         out = [f"applied: {entry}" for entry in self.applied]
         for drift in self.subscriptions:
+            organization = _named(
+                names.organizations.get(drift.organization_id), f"organization {drift.organization_id}"
+            )
             for change in drift.fields:
                 out.append(
-                    f"organization {drift.organization_id} ({drift.subscription_id}): {change.field} "
+                    f"{organization} ({drift.subscription_id}): {change.field} "
                     f"is {_show(change.ours)} here, {_show(change.stripe)} at {drift.provider}"
                 )
         for orphan in self.orphans:
+            if orphan.kind == "unknown":
+                out.append(f"orphan subscription {orphan.subscription_id} ({orphan.status}): {UNTOUCHED}")
+                continue
+            whose = _whose(orphan.kind, orphan.reference, names)
             out.append(
-                f"orphan subscription {orphan.subscription_id} ({orphan.kind}, {orphan.status}): {orphan.detail}"
+                f"orphan subscription {orphan.subscription_id}{whose} ({orphan.kind}, {orphan.status}): {orphan.detail}"
             )
         for event in self.missing_events:
             created = datetime.fromtimestamp(event.created, UTC).strftime("%Y-%m-%d %H:%M:%S")
             out.append(f"missing event {event.event_id} {event.type} (created {created} UTC)")
-        out.extend(
-            f"not yet canceled and refunded: {entry.kind} {entry.reference} ({entry.subscription_id})"
-            for entry in self.unsettled
-        )
+        for entry in self.unsettled:
+            whose = _whose(entry.kind, entry.reference, names)
+            subscription = entry.subscription_id
+            out.append(f"not yet canceled and refunded: {entry.kind} {entry.reference}{whose} ({subscription})")
         out.extend(f"problem: {problem}" for problem in self.problems)
-        out.append("Stripe and the database agree." if self.clean else "Drift remains.")
+        if not self.clean:
+            out.append("Drift remains.")
+        elif self.untouched():
+            count = len(self.untouched())
+            out.append(
+                f"Stripe and the database agree on everything this app holds. Left as they are: {count} "
+                f"subscription{'s' if count != 1 else ''} with this app's metadata that nothing here explains "
+                "(listed above, with why)."
+            )
+        else:
+            out.append("Stripe and the database agree.")
         return out
+
+
+def _named(name: str | None, fallback: str) -> str:
+    return f"{name} [{fallback}]" if name else fallback
+
+
+def _whose(kind: str, reference: str | None, names: Names) -> str:
+    """' of signup Analytical Engines <ada@example.com>' and the like, or '' when nothing names it."""
+    if reference is None:
+        return ""
+    if kind == "signup" and reference in names.signups:
+        return f" of signup {names.signups[reference]}"
+    if kind == "resubscribe" and reference in names.resubscribes:
+        return f" of {names.resubscribes[reference]}"
+    return ""
 
 
 def _show(value: Any) -> str:

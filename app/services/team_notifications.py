@@ -4,7 +4,6 @@ database hold no usable token."""
 
 from __future__ import annotations
 
-from datetime import UTC
 from email.utils import parseaddr
 
 from flask import current_app
@@ -28,10 +27,7 @@ def invitation_email(event: OutboxEvent) -> None:
     if invitation is None or organization is None:
         current_app.logger.warning("team.invitation_sent %s: the invitation is gone", event.id)
         return
-    expires_at = (
-        invitation.expires_at.replace(tzinfo=UTC) if invitation.expires_at.tzinfo is None else invitation.expires_at
-    )
-    if invitation.status != InvitationStatus.PENDING or expires_at <= utcnow():
+    if invitation.status != InvitationStatus.PENDING or invitation.expires_at <= utcnow():
         return  # withdrawn, replaced, used or expired before the worker got to it: nothing to send
     account = db.session.execute(
         select(User.organization_id).where(User.email == invitation.email)
@@ -58,7 +54,7 @@ def invitation_email(event: OutboxEvent) -> None:
         organization=organization,
         inviter=inviter,
         accept_url=accept_url(invitation.id, invitation.email),
-        expires_at=expires_at,
+        expires_at=invitation.expires_at,
         report_to=abuse_report_address(),
     )
 

@@ -10,7 +10,7 @@ see it (app/billing/routes.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
@@ -198,7 +198,7 @@ class TeamService:
             raise InvitationInvalid("This invitation has already been used. Sign in instead.")
         if invitation.status == InvitationStatus.REVOKED:
             raise InvitationInvalid("This invitation was withdrawn. Ask for a new one.")
-        if _as_aware(invitation.expires_at) <= utcnow():
+        if invitation.expires_at <= utcnow():
             raise InvitationInvalid("This invitation has expired. Ask for a new one.")
         return invitation
 
@@ -242,6 +242,9 @@ class TeamService:
                     role=UserRole.MEMBER,
                 )
                 db.session.add(user)
+            # The invitation was emailed to this address and its link binds it: opening it proves the
+            # mailbox, as a verification or password-reset link does, so no separate confirmation is due.
+            user.email_verified_at = user.email_verified_at or utcnow()
             db.session.flush()
             invitation.accepted_user_id = user.id
             domain_events.record(
@@ -334,7 +337,3 @@ def _lock_organization(organization_id: int) -> Organization:
     if organization is None:
         raise TeamError("That organization does not exist.")
     return organization
-
-
-def _as_aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value

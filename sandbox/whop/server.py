@@ -30,6 +30,18 @@ def _stop(*_: object) -> NoReturn:
     raise SystemExit(0)
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C (SIGINT) ends the server as SIGTERM does, quietly: no KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+
+def shutting_down() -> None:
+    """Once stopping, another Ctrl-C or SIGTERM must not interrupt the cleanup with a traceback."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def main() -> None:
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
@@ -52,12 +64,12 @@ def main() -> None:
         f'vault="{settings.public_url}/whop/api/v1"))',
         flush=True,
     )
-    signal.signal(signal.SIGTERM, _stop)
+    stop_on_signals()
     deliveries.start()
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     finally:
+        shutting_down()
         deliveries.stop()
         server.server_close()
+        print("Whop sandbox stopped.", flush=True)
