@@ -57,16 +57,24 @@ def wait_words(seconds: float) -> str:
     return f"about {hours} hour{'s' if hours != 1 else ''}"
 
 
-def rate_limit_message() -> str:
+def rate_limit_message(error: HTTPException | None = None) -> str:
     """What a person who hit a rate limit reads: that it is a limit, and how long until it lifts (the
-    breached limit's window, which Flask-Limiter keeps for the request)."""
+    sign-in throttle's own Retry-After, or the breached limit's window, which Flask-Limiter keeps for
+    the request)."""
+    retry_after = getattr(error, "retry_after", None)
     limit = limiter.current_limit
-    wait = (
-        f" Try again in {wait_words(limit.reset_at - time.time())}."
-        if limit is not None and limit.breached
-        else " Wait a minute and try again."
-    )
+    if retry_after:
+        wait = f" Try again in {wait_words(retry_after)}."
+    elif limit is not None and limit.breached:
+        wait = f" Try again in {wait_words(limit.reset_at - time.time())}."
+    else:
+        wait = " Wait a minute and try again."
     return f"Too many attempts from you in a short time.{wait}"
+
+
+def retry_after_header(error: HTTPException) -> dict[str, str]:
+    retry_after = getattr(error, "retry_after", None)
+    return {"Retry-After": str(retry_after)} if retry_after else {}
 
 
 def _without_session() -> None:
@@ -84,16 +92,9 @@ def init_error_handlers(app: Flask) -> None:
         )
 
     @app.errorhandler(429)
-    def rate_limited(error: HTTPException) -> tuple[Response | str, int] | tuple[Response | str, int, dict[str, str]]:
-        # The sign-in throttle (app/rate_limits.py) knows when its window lifts; Flask-Limiter's own
-        # limits say it through rate_limit_message.
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after:
-            body, status = error_response(
-                429, f"Too many attempts from you in a short time. Try again in {wait_words(retry_after)}."
-            )
-            return body, status, {"Retry-After": str(retry_after)}
-        return error_response(429, rate_limit_message())
+    def rate_limited(error: HTTPException) -> tuple[Response | str, int, dict[str, str]]:
+        body, status = error_response(429, rate_limit_message(error))
+        return body, status, retry_after_header(error)
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> tuple[Response | str, int]:

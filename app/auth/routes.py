@@ -18,7 +18,7 @@ from app.access import (
 )
 from app.account.forms import TwoFactorCodeForm
 from app.auth.forms import ForgotPasswordForm, LoginForm, NewPasswordForm, SignupForm, signup_form
-from app.errors import error_response, rate_limit_message
+from app.errors import error_response, rate_limit_message, retry_after_header
 from app.extensions import client_address, limiter
 from app.rate_limits import AttemptLimit, limit_attempts
 from app.services.account_service import AccountService, InvalidLink
@@ -59,24 +59,26 @@ def _signup_page(form: SignupForm) -> str:
 
 
 @bp.errorhandler(429)
-def rate_limited(error: HTTPException) -> tuple[str | Response, int]:
+def rate_limited(error: HTTPException) -> tuple[str | Response, int, dict[str, str]]:
     """A rate limit met while sending a form answers that form again, with what was typed (never a
     password) and how long to wait, instead of a page that loses it."""
-    message = rate_limit_message()
+    message = rate_limit_message(error)
+    headers = retry_after_header(error)
     form: SignupForm | LoginForm | ForgotPasswordForm
     if request.endpoint == "auth.signup_submit":
         form = signup_form(plan_catalogue())
         form.form_errors.append(message)
-        return _signup_page(form), 429
+        return _signup_page(form), 429, headers
     if request.endpoint == "auth.login":
         form = LoginForm()
         form.form_errors.append(message)
-        return render_template("auth/login.html", form=form), 429
+        return render_template("auth/login.html", form=form), 429, headers
     if request.endpoint == "auth.forgot_password_submit":
         form = ForgotPasswordForm()
         form.form_errors.append(message)
-        return render_template("auth/forgot_password.html", form=form), 429
-    return error_response(429, message)
+        return render_template("auth/forgot_password.html", form=form), 429, headers
+    body, status = error_response(429, message)
+    return body, status, headers
 
 
 @bp.get("/signup")
