@@ -284,6 +284,11 @@ def make_app(
         return app
 
     yield build
+    _close(apps)
+
+
+def _close(apps: list[Flask]) -> None:
+    """The apps a test built give back their database connections."""
     for app in apps:
         with app.app_context():
             db.session.remove()
@@ -360,11 +365,7 @@ def make_sqlite_app(
         return app
 
     yield build
-    for app in apps:
-        with app.app_context():
-            db.session.remove()
-            for engine in db.engines.values():
-                engine.dispose()
+    _close(apps)
 
 
 @pytest.fixture
