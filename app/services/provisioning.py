@@ -178,11 +178,17 @@ def apply_subscription_read(organization: Organization, subscription: dict[str, 
 
 def lock_organization(organization_id: int) -> Organization | None:
     """The organization and its add-ons, locked for a few statements (never across a Stripe call)."""
+    return lock_organization_where(Organization.id == organization_id)
+
+
+def lock_organization_where(*conditions: Any) -> Organization | None:
+    """The one organization matching ``conditions``, locked, with its add-ons in the same query (applying
+    a provider's subscription compares them); read afresh, whatever the session held."""
     return (
         db.session.execute(
             select(Organization)
             .options(joinedload(Organization.addons))
-            .where(Organization.id == organization_id)
+            .where(*conditions)
             .with_for_update(of=Organization)
             .execution_options(populate_existing=True)
         )

@@ -12,7 +12,6 @@ from typing import Any
 
 from flask import current_app
 from sqlalchemy import select, update
-from sqlalchemy.orm import joinedload
 
 from app.extensions import db
 from app.models import BillingProvider, Organization, SignupStatus, StripeEventStatus
@@ -194,20 +193,9 @@ def organization_version(subscription_id: str) -> tuple[int, Any] | None:
 
 def lock_organization_for_subscription(subscription: dict[str, Any]) -> Organization | None:
     def find() -> Organization | None:
-        # The add-ons come in the same query: applying the subscription compares them.
-        return (
-            db.session.execute(
-                select(Organization)
-                .options(joinedload(Organization.addons))
-                .where(
-                    Organization.billing_provider == BillingProvider.STRIPE,
-                    Organization.billing_subscription_id == subscription["id"],
-                )
-                .with_for_update(of=Organization)
-                .execution_options(populate_existing=True)
-            )
-            .unique()
-            .scalar_one_or_none()
+        return provisioning.lock_organization_where(
+            Organization.billing_provider == BillingProvider.STRIPE,
+            Organization.billing_subscription_id == subscription["id"],
         )
 
     organization = find()

@@ -15,13 +15,12 @@ from typing import Any
 
 from flask import current_app
 from sqlalchemy import select
-from sqlalchemy.orm import joinedload
 
 from app import clock
 from app.extensions import db
 from app.models import BillingProvider, BillingStatus, Organization, SignupStatus, StripeEventStatus
 from app.models.types import utcnow
-from app.services import domain_events
+from app.services import domain_events, provisioning
 from app.services.billing_common import (
     API_VERSION_FORMAT,
     EVENT_TYPE,
@@ -106,19 +105,8 @@ def apply_membership_read(organization: Organization, membership: Mapping[str, A
 def lock_organization(membership_id: str | None) -> Organization | None:
     if not membership_id:
         return None
-    return (
-        db.session.execute(
-            select(Organization)
-            .options(joinedload(Organization.addons))
-            .where(
-                Organization.billing_provider == BillingProvider.WHOP,
-                Organization.billing_subscription_id == membership_id,
-            )
-            .with_for_update(of=Organization)
-            .execution_options(populate_existing=True)
-        )
-        .unique()
-        .scalar_one_or_none()
+    return provisioning.lock_organization_where(
+        Organization.billing_provider == BillingProvider.WHOP, Organization.billing_subscription_id == membership_id
     )
 
 
