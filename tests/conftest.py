@@ -784,6 +784,21 @@ def email_confirmation_path(app: Flask, email: str) -> str:
     return path
 
 
+def invitation_path(app: Flask, email: str) -> str:
+    """The link of the open invitation to `email`, minted as the invitation email's sender mints it (the
+    owner is never shown it: the mailbox is the only way in)."""
+    from app.models import Invitation, InvitationStatus
+    from app.services.team_service import invitation_token
+
+    with app.app_context():
+        invitation = db.session.execute(
+            db.select(Invitation).where(Invitation.email == email, Invitation.status == InvitationStatus.PENDING)
+        ).scalar_one()
+        path = f"/team/join/{invitation_token(invitation.id, email)}"
+        db.session.rollback()
+    return path
+
+
 def live_stripe_environment() -> dict[str, str]:
     missing = [name for name in LIVE_VARIABLES if not os.environ.get(name)]
     if missing:

@@ -299,3 +299,68 @@ def test_inviting_waits_for_the_owner_to_confirm_their_address(app: Flask, offli
     assert client.get(email_confirmation_path(app, "ada@example.com")).status_code == 303
     client.post("/team/invite", data={"csrf_token": csrf_token(client, "/team/"), "email": INVITEE})
     assert [row.email for row in query(app, "SELECT email FROM invitation")] == [INVITEE]
+
+
+def test_the_owner_never_sees_the_invitation_link_only_the_mailbox_gets_it(
+    app: Flask, owner: Owner, smtp_server: SmtpSink
+) -> None:
+    """An owner who saw the link could accept it for an address they do not control (and so squat it)."""
+    response = owner.invite(INVITEE)
+    page = owner.client.get(response.headers["Location"]).get_data(as_text=True)
+    assert "Invitation sent to grace@example.com." in page
+    path = invitation_link(smtp_server, app)  # the mailbox has it
+    token = path.rsplit("/", 1)[1]
+    assert "/team/join/" not in page and token not in page
+    assert "/team/join/" not in owner.client.get("/team/").get_data(as_text=True)
+
+
+def test_a_removed_teammates_account_does_not_keep_the_address_from_its_owner(
+    app: Flask, owner: Owner, smtp_server: SmtpSink, offline_stripe: SandboxAccount
+) -> None:
+    owner.invite(INVITEE)
+    join(app.test_client(), invitation_link(smtp_server, app))
+    [member] = query(app, "SELECT id FROM user_account WHERE email = :e", e=INVITEE)
+    assert owner.post(f"/team/members/{member.id}/remove").status_code == 303
+    # Reset links are not sent for an account that can no longer sign in.
+    smtp_server.clear()
+    anonymous = app.test_client()
+    anonymous.post(
+        "/auth/forgot-password", data={"csrf_token": csrf_token(anonymous, "/auth/forgot-password"), "email": INVITEE}
+    )
+    run_jobs(app)
+    assert smtp_server.to(INVITEE) == []
+
+    # The address's owner signs up for an organization of their own: it is provisioned, not a conflict.
+    grace = app.test_client()
+    sign_up(grace, offline_stripe, email=INVITEE, organization_name="Hopper & Co")
+    assert "Hopper &amp; Co" in grace.get("/app").get_data(as_text=True)
+    rows = query(app, "SELECT id, email, organization_id, removed_at FROM user_account ORDER BY id")
+    [removed] = [r for r in rows if r.id == member.id]
+    assert removed.removed_at is not None and removed.email == f"removed-{member.id}@released.invalid"
+    [current] = [r for r in rows if r.email == INVITEE]
+    assert current.id != member.id and current.organization_id != owner.organization_id
+    [released] = query(app, "SELECT user_id, data FROM domain_event WHERE name = 'user.address_released'")
+    assert released.user_id == member.id and released.data["email"] == INVITEE
+    statuses = {r.status for r in query(app, "SELECT status FROM pending_signup WHERE email = :e", e=INVITEE)}
+    assert statuses == {"completed"}
+
+
+def test_a_removed_teammate_can_join_another_organization(
+    app: Flask, owner: Owner, smtp_server: SmtpSink, offline_stripe: SandboxAccount
+) -> None:
+    owner.invite(INVITEE)
+    join(app.test_client(), invitation_link(smtp_server, app))
+    [member] = query(app, "SELECT id FROM user_account WHERE email = :e", e=INVITEE)
+    owner.post(f"/team/members/{member.id}/remove")
+
+    other = app.test_client()
+    sign_up(other, offline_stripe, email="linus@example.com", organization_name="Torvalds GmbH")
+    assert other.get(email_confirmation_path(app, "linus@example.com")).status_code == 303
+    other.post("/team/invite", data={"csrf_token": csrf_token(other, "/team/"), "email": INVITEE})
+    smtp_server.clear()
+    path = invitation_link(smtp_server, app)
+    grace = app.test_client()
+    assert join(grace, path).status_code == 303
+    assert "Torvalds GmbH" in grace.get("/app").get_data(as_text=True)
+    [current] = query(app, "SELECT id, email_verified_at FROM user_account WHERE email = :e", e=INVITEE)
+    assert current.id != member.id and current.email_verified_at is not None

@@ -133,7 +133,9 @@ class AccountService:
         the answer nor its timing tells the two apart. The event carries the user's id, or nothing
         for an unknown address; never the address or a token. The worker sends the link."""
         row = db.session.execute(
-            select(User.id, User.organization_id).where(User.email == normalise_email(email)[:320])
+            select(User.id, User.organization_id).where(
+                User.email == normalise_email(email)[:320], User.removed_at.is_(None)
+            )
         ).first()
         domain_events.record(
             "user.password_reset_requested",

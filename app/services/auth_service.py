@@ -8,7 +8,7 @@ a new hash of the same password at their next successful sign-in, transparently.
 from __future__ import annotations
 
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import String, cast, literal, select, update
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from app.extensions import db
@@ -21,6 +21,8 @@ SCRYPT_P = 1
 # Checked when the email is unknown, so a miss costs what a hit costs and timing reveals nothing: one
 # per scrypt method, made on first use.
 _unknown_user_hashes: dict[str, str] = {}
+# Where a removed teammate's account goes when its address is given back (release_removed_address).
+RELEASED_ADDRESS_DOMAIN = "released.invalid"
 
 
 def normalise_email(email: str) -> str:
@@ -44,6 +46,38 @@ def hash_is_weaker_than_policy(password_hash: str) -> bool:
         return True
     n, r, p = (int(arg) for arg in args) if len(args) == 3 else (2**15, 8, 1)  # werkzeug's bare "scrypt"
     return n < current_app.config["PASSWORD_SCRYPT_N"] or r < SCRYPT_R or p < SCRYPT_P
+
+
+def active_account_id(email: str) -> int | None:
+    """The account that holds ``email`` and can sign in. A teammate the owner removed holds it no longer."""
+    return db.session.execute(
+        select(User.id).where(User.email == normalise_email(email), User.removed_at.is_(None))
+    ).scalar_one_or_none()
+
+
+def release_removed_address(email: str, *, source: str) -> None:
+    """Give ``email`` back to whoever controls its mailbox, in the caller's transaction, before an account
+    is made for it. A teammate's account was made by the owner's invitation, and a removed teammate can
+    never sign in again; if that account kept the address, its owner could neither sign up nor join
+    another organization (and an owner could squat addresses). The removed row stays, since history names
+    it, under a placeholder that can never receive mail (RFC 2606's .invalid); the domain event keeps the
+    address it held. A removed member invited back by the same organization gets their row back instead
+    (TeamService.accept), so this runs only when the address goes elsewhere."""
+    released = db.session.execute(
+        update(User)
+        .where(User.email == normalise_email(email), User.removed_at.is_not(None))
+        .values(email=literal("removed-") + cast(User.id, String) + literal(f"@{RELEASED_ADDRESS_DOMAIN}"))
+        .returning(User.id, User.organization_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    for row in released:
+        domain_events.record(
+            "user.address_released",
+            organization_id=row.organization_id,
+            user_id=row.id,
+            source=source,
+            email=normalise_email(email),
+        )
 
 
 def _unknown_user_hash() -> str:

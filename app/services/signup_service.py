@@ -17,7 +17,7 @@ from app.extensions import db
 from app.models import BillingProvider, Organization, PendingSignup, SignupStatus, User, UserRole
 from app.models.types import utcnow
 from app.services import domain_events
-from app.services.auth_service import hash_password, normalise_email
+from app.services.auth_service import active_account_id, hash_password, normalise_email, release_removed_address
 from app.services.subscription_state import SubscriptionState, new_organization
 
 
@@ -57,7 +57,8 @@ class NewPendingSignup:
 class SignupService:
     @staticmethod
     def email_has_account(email: str) -> bool:
-        return db.session.execute(select(User.id).where(User.email == normalise_email(email))).first() is not None
+        """Whether an account that can sign in holds the address (a removed teammate's does not)."""
+        return active_account_id(email) is not None
 
     @staticmethod
     def create_pending_signup_record(
@@ -78,7 +79,7 @@ class SignupService:
         is told it already has an account (``signup.started_for_existing_account``, emailed by the worker).
         Paying anyway ends in the conflict path: the checkout is canceled and refunded."""
         email = normalise_email(email)
-        existing_user_id = db.session.execute(select(User.id).where(User.email == email)).scalar_one_or_none()
+        existing_user_id = active_account_id(email)
         superseded = db.session.execute(
             update(PendingSignup)
             .where(PendingSignup.email == email, PendingSignup.status == SignupStatus.PENDING)
@@ -239,6 +240,7 @@ class SignupService:
                 stripe_subscription_id=subscription.subscription_id,
             )
             return ProvisionOutcome(ProvisionState.CONFLICT, pending.id)
+        release_removed_address(pending.email, source=source)
         organization = new_organization(
             pending.organization_name,
             pending.tier,

@@ -30,7 +30,8 @@ def invitation_email(event: OutboxEvent) -> None:
     if invitation.status != InvitationStatus.PENDING or invitation.expires_at <= utcnow():
         return  # withdrawn, replaced, used or expired before the worker got to it: nothing to send
     account = db.session.execute(
-        select(User.organization_id).where(User.email == invitation.email)
+        # A removed teammate's account does not count: accepting gives the address back (TeamService.accept).
+        select(User.organization_id).where(User.email == invitation.email, User.removed_at.is_(None))
     ).scalar_one_or_none()
     db.session.rollback()
     if account is not None and account != organization.id:

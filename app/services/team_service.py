@@ -22,7 +22,7 @@ from app.extensions import db
 from app.models import Invitation, InvitationStatus, Organization, User, UserRole
 from app.models.types import utcnow
 from app.services import domain_events
-from app.services.auth_service import hash_password, normalise_email
+from app.services.auth_service import hash_password, normalise_email, release_removed_address
 from app.services.entitlements import Entitlements, SeatUse, for_organization
 
 INVITATION_SALT = "team-invitation"
@@ -56,8 +56,7 @@ class Team:
 class InvitationSent:
     invitation_id: int
     email: str
-    accept_url: str
-    expires_at: datetime
+    expires_at: datetime  # the link itself goes to the mailbox only (team_notifications)
 
 
 def _serializer() -> URLSafeTimedSerializer:
@@ -173,7 +172,7 @@ class TeamService:
                 expires_at=invitation.expires_at.isoformat(),
                 replaced_invitation_ids=[row.id for row in replaced],
             )
-            sent = InvitationSent(invitation.id, email, accept_url(invitation.id, email), invitation.expires_at)
+            sent = InvitationSent(invitation.id, email, invitation.expires_at)
             db.session.commit()
         except BaseException:
             db.session.rollback()
@@ -231,9 +230,11 @@ class TeamService:
                 user.removed_at = None  # a removed member invited back: new password and role, old sessions end
                 user.name, user.password_hash, user.role = name, hash_password(password), UserRole.MEMBER
                 user.session_epoch = User.session_epoch + 1
-            elif user is not None:
+            elif user is not None and user.removed_at is None:
                 raise InvitationInvalid("That email already has an account. Sign in instead.")
             else:
+                if user is not None:  # removed from another organization: the address is its mailbox's again
+                    release_removed_address(invitation.email, source="web")
                 user = User(
                     organization_id=organization.id,
                     email=invitation.email,
