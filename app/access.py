@@ -112,6 +112,12 @@ def remember_signup(pending_signup_id: str) -> None:
     session[SIGNUP_KEY] = {"id": pending_signup_id}
 
 
+def held_signup_id() -> str | None:
+    """The signup this browser started last (remember_signup), if any."""
+    held = session.get(SIGNUP_KEY)
+    return str(held["id"]) if isinstance(held, dict) and "id" in held else None
+
+
 def take_signup_sign_in(pending_signup_id: str, owner: User) -> bool:
     """May this browser be signed in as ``owner`` by the success page of signup ``pending_signup_id``?
     Only the browser that started it, within SIGNUP_SIGN_IN_MINUTES of the account's creation, and once:

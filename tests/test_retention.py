@@ -70,7 +70,7 @@ def test_a_signup_that_ends_unpaid_keeps_no_hash(
 def test_a_superseded_signup_keeps_no_hash(app: Flask, offline_stripe: SandboxAccount) -> None:
     client = app.test_client()
     start_signup(client)
-    start_signup(client)
+    start_signup(client, tier="business")
     first, second = signups(app)
     assert (first.status, first.password_hash) == ("expired", None)
     assert second.status == "pending" and second.password_hash.startswith("scrypt:")

@@ -326,12 +326,50 @@ def test_a_new_attempt_supersedes_the_open_one_and_expires_its_checkout(
     assert offline_stripe.session(first)["status"] == "expired"
 
 
+def test_the_same_form_sent_again_from_the_same_browser_resumes_its_checkout(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
+    """Every signup POST used to create a Checkout Session: a double click, or Back and submit, resumes the
+    open one (with the form's latest answers) when it sells the same items; anything else starts anew."""
+    client = app.test_client()
+    first = checkout_session_id(start_signup(client))
+    again = checkout_session_id(start_signup(client, organization_name="Difference Engines"))
+    assert again == first and len(offline_stripe.calls_to("checkout.sessions.create")) == 1
+    [pending] = query(app, "SELECT * FROM pending_signup")
+    assert pending.status == "pending" and pending.organization_name == "Difference Engines"
+    assert domain_event_counts(app)["signup.resumed"] == 1
+    # Paying it makes the account with the answers sent last.
+    offline_stripe.pay(first)
+    assert client.get(f"/billing/complete-signup-from-stripe?session_id={first}").headers["Location"] == "/app"
+    assert [r.name for r in query(app, "SELECT name FROM organization")] == ["Difference Engines"]
+
+    # Another browser sending the same email and choices cannot take an open signup over: it supersedes
+    # it, as before.
+    grace = app.test_client()
+    mine = checkout_session_id(start_signup(grace, email="grace@example.com"))
+    theirs = checkout_session_id(start_signup(app.test_client(), email="grace@example.com"))
+    assert theirs != mine and offline_stripe.session(mine)["status"] == "expired"
+
+
+def test_other_choices_or_a_closed_checkout_start_a_new_one(app: Flask, offline_stripe: SandboxAccount) -> None:
+    # Different choices (yearly billing) from the browser holding the open signup make a new checkout.
+    linus = app.test_client()
+    monthly = checkout_session_id(start_signup(linus, email="linus@example.com"))
+    yearly = checkout_session_id(start_signup(linus, email="linus@example.com", interval="year"))
+    assert yearly != monthly and offline_stripe.session(monthly)["status"] == "expired"
+    # A session closed at Stripe meanwhile is not offered again.
+    offline_stripe.api("POST", f"/v1/checkout/sessions/{yearly}/expire")
+    fresh = checkout_session_id(start_signup(linus, email="linus@example.com", interval="year"))
+    assert fresh != yearly and offline_stripe.session(fresh)["status"] == "open"
+    assert len(offline_stripe.calls_to("checkout.sessions.create")) == 3
+
+
 def test_a_superseded_checkout_paid_anyway_still_gets_its_account(app: Flask, offline_stripe: SandboxAccount) -> None:
     """Stripe's word that a checkout was paid wins over our bookkeeping: the customer paid."""
     client = app.test_client()
     first = checkout_session_id(start_signup(client))
     offline_stripe.fail_next("checkout.sessions.expire")  # the expire did not reach Stripe in time
-    second = checkout_session_id(start_signup(client))
+    second = checkout_session_id(start_signup(client, tier="business"))
     offline_stripe.pay(first)
     # The account is made; this browser now belongs to the newer attempt. The ended attempt's password
     # was erased, so the owner is asked to choose one through the reset link.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user
 from werkzeug.exceptions import HTTPException
@@ -9,8 +11,8 @@ from werkzeug.wrappers import Response
 
 from app.access import (
     SECOND_STEP_KEY,
-    SIGNUP_KEY,
     await_second_factor,
+    held_signup_id,
     remember_signup,
     sign_in,
     sign_out,
@@ -85,8 +87,7 @@ def rate_limited(error: HTTPException) -> tuple[str | Response, int, dict[str, s
 def signup() -> str:
     form = signup_form(plan_catalogue())
     if request.args.get("checkout") == "canceled":
-        held = session.get(SIGNUP_KEY)
-        pending = SignupService.pending_signup(held.get("id") if isinstance(held, dict) else None)
+        pending = SignupService.pending_signup(held_signup_id())
         if pending is not None:
             # The pending signup holds who and what; the billing interval and the provider are this
             # browser's choices, kept beside it in the session when the checkout was started.
@@ -126,7 +127,8 @@ def signup_submit() -> Response | tuple[str, int]:
     start_checkout = (
         BillingService.create_whop_checkout_for_tier
         if form.provider() == "whop"
-        else BillingService.create_checkout_session_for_tier
+        # The same form sent again from this browser (a double click, Back and submit) resumes its checkout.
+        else partial(BillingService.create_checkout_session_for_tier, resume_signup_id=held_signup_id())
     )
     try:
         checkout = start_checkout(

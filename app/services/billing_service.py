@@ -11,6 +11,7 @@ the billing modules is in docs/system/SERVICES.md; the behaviour in docs/system/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -268,12 +269,25 @@ class BillingService:
         password: str,
         addons: Mapping[str, int] | None = None,
         interval: str = "month",
+        resume_signup_id: str | None = None,
     ) -> CheckoutRedirect:
         """Store the signup (SignupService) and open a subscription-mode Checkout Session for it, billed
-        every `interval` (month, or year where the catalogue sells the tier yearly)."""
+        every `interval` (month, or year where the catalogue sells the tier yearly). The same choices sent
+        again by the browser that holds `resume_signup_id` go back to its open session instead."""
         client = cls.ensure_stripe()
         tier = cls.tier(tier_key)
         line_items = cls._line_items(tier, addons or {}, interval)
+        open_signup = SignupService.open_signup_to_resume(
+            resume_signup_id, email=email, tier=tier.key, addons=dict(addons or {})
+        )
+        if open_signup is not None:
+            with contextlib.suppress(BillingError):  # unreadable: a new checkout is made, as before
+                with cls._calling_stripe("read the open checkout session"):
+                    session = client.v1.checkout.sessions.retrieve(open_signup[1], params={"expand": ["line_items"]})
+                if price_lookup.checkout_sells(session, line_items) and SignupService.resume_open_signup(
+                    *open_signup, organization_name=organization_name, owner_name=owner_name, password=password
+                ):
+                    return CheckoutRedirect(str(session.url), open_signup[0], open_signup[1])
         config = current_app.config
         ttl = timedelta(minutes=config["CHECKOUT_SESSION_TTL_MINUTES"])
         signup = cls._store_signup(

@@ -143,3 +143,12 @@ def remember_prices_statement(prices: Iterable[KnownPrice]) -> Any:
     }
     statement = portable_insert(CataloguePrice).values(list(rows.values()))
     return statement.on_conflict_do_nothing(index_elements=["price_id"])
+
+
+def checkout_sells(session: Any, line_items: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether a Checkout Session (read with its line_items expanded) can still be paid and sells exactly
+    these items: then a resubmitted signup form is sent to it again instead of to a new one."""
+    if session.status != "open":
+        return False
+    sold = sorted((item.price.id, item.quantity) for item in session.line_items.data)
+    return sold == sorted((item["price"], item["quantity"]) for item in line_items)

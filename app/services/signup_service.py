@@ -25,6 +25,11 @@ class SignupError(Exception):
     """A signup cannot go ahead; the message is meant for the person signing up."""
 
 
+# A resubmitted signup form reuses its open Checkout Session only if the session has this long left to be
+# paid in; otherwise a new one is made (open_signup_to_resume).
+RESUME_MIN_MINUTES = 10
+
+
 class SignupInProgress(SignupError):
     def __init__(self) -> None:
         super().__init__("Another signup for this email is being started right now. Try again in a moment.")
@@ -120,6 +125,63 @@ class SignupService:
             )
         db.session.commit()
         return NewPendingSignup(pending.id, [row.checkout_session_id for row in superseded if row.checkout_session_id])
+
+    @staticmethod
+    def open_signup_to_resume(
+        pending_signup_id: str | None, *, email: str, tier: str, addons: dict[str, int]
+    ) -> tuple[uuid.UUID, str] | None:
+        """The open signup this browser started, if the form was sent again with the same email, tier and
+        add-ons and its checkout has at least RESUME_MIN_MINUTES left: its Checkout Session is offered
+        again instead of a new one (each costs a Stripe object). Only the browser that started it may
+        resume it; anyone else's attempt supersedes it as before, so nobody can change another person's
+        open signup. The caller still checks at Stripe that the session is open and sells the same items."""
+        pending = SignupService.pending_signup(pending_signup_id)
+        wanted = {key: quantity for key, quantity in addons.items() if quantity > 0}
+        resumable = (
+            pending is not None
+            and pending.status == SignupStatus.PENDING
+            and pending.checkout_session_id is not None
+            and pending.checkout_session_id.startswith("cs_")
+            and pending.email == normalise_email(email)
+            and pending.tier == tier
+            and (pending.addons or {}) == wanted
+            and pending.expires_at > utcnow() + timedelta(minutes=RESUME_MIN_MINUTES)
+        )
+        found = (pending.id, str(pending.checkout_session_id)) if resumable and pending is not None else None
+        db.session.rollback()  # nothing stays open while the caller asks Stripe
+        return found
+
+    @staticmethod
+    def resume_open_signup(
+        pending_signup_id: uuid.UUID,
+        checkout_session_id: str,
+        *,
+        organization_name: str,
+        owner_name: str,
+        password: str,
+    ) -> bool:
+        """Keep the open signup with the form's latest answers (its checkout pays for the same items).
+        False if it ended meanwhile (paid, superseded, expired): the caller starts a new one."""
+        resumed = db.session.execute(
+            update(PendingSignup)
+            .where(
+                PendingSignup.id == pending_signup_id,
+                PendingSignup.status == SignupStatus.PENDING,
+                PendingSignup.checkout_session_id == checkout_session_id,
+            )
+            .values(
+                organization_name=organization_name.strip(),
+                owner_name=owner_name.strip(),
+                password_hash=hash_password(password),
+                updated_at=utcnow(),
+            )
+        )
+        if resumed.rowcount != 1:  # type: ignore[attr-defined]
+            db.session.rollback()
+            return False
+        domain_events.record("signup.resumed", source="web", pending_signup_id=str(pending_signup_id))
+        db.session.commit()
+        return True
 
     @staticmethod
     def attach_checkout_session(pending_signup_id: uuid.UUID, checkout_session_id: str) -> None:
