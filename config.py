@@ -208,10 +208,11 @@ class BaseConfig:
         # The name authenticator apps show beside the account.
         self.TWO_FACTOR_ISSUER = env.get("TWO_FACTOR_ISSUER", "Ledgerline")
         # Wrong codes at sign-in's second step, per account; wrong answers on the confirm-it's-you page,
-        # per user; password change attempts, per user.
+        # per user; password change attempts and email change requests, per user.
         self.TWO_FACTOR_RATE_LIMIT = env.get("TWO_FACTOR_RATE_LIMIT", "5/minute;20/hour")
         self.REAUTH_RATE_LIMIT = env.get("REAUTH_RATE_LIMIT", "5/minute;20/hour")
         self.PASSWORD_CHANGE_RATE_LIMIT = env.get("PASSWORD_CHANGE_RATE_LIMIT", "5/hour")
+        self.EMAIL_CHANGE_RATE_LIMIT = env.get("EMAIL_CHANGE_RATE_LIMIT", "3/hour")
 
     @staticmethod
     def _engine_options(url: str, *, pre_ping: bool = False) -> dict[str, object]:

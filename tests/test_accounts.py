@@ -383,3 +383,83 @@ def test_a_stale_or_foreign_confirmation_link_is_refused(app: Flask, owner: Flas
     assert expired.status_code == 400 and "expired" in expired.get_data(as_text=True)
     assert owner.get(f"/auth/verify-email/{reset_token}").status_code == 400  # another purpose's signature
     assert user_row(app).email_verified_at is None
+
+
+CHANGE_LINK = re.compile(r"http://localhost(/auth/change-email/\S+)")
+NEW_EMAIL = "ada.lovelace@example.org"
+
+
+def test_changing_the_email_takes_a_link_sent_to_the_new_address_and_tells_the_old_one(
+    app: Flask, offline_stripe: SandboxAccount, smtp_server: SmtpSink
+) -> None:
+    owner = app.test_client()
+    sign_up(owner, offline_stripe)
+    run_jobs(app)
+    smtp_server.clear()
+    response = post_form(owner, "/account/email", "/account/", new_email=" Ada.Lovelace@Example.ORG ")
+    assert response.status_code == 303
+    page = owner.get("/account/").get_data(as_text=True)
+    assert f"We sent a link to {NEW_EMAIL}. Your address changes when you open it" in page
+    assert query(app, "SELECT email FROM user_account")[0].email == EMAIL  # nothing changes before the link
+    run_jobs(app)
+    assert smtp_server.to(EMAIL) == []
+    [message] = smtp_server.to(NEW_EMAIL)
+    match = CHANGE_LINK.search(email_text(message))
+    assert match, email_text(message)
+
+    # Opened anywhere (the mailbox proves the address): the account moves, confirmed; the old address is told.
+    assert app.test_client().get(match.group(1)).status_code == 303
+    [user] = query(app, "SELECT email, email_verified_at FROM user_account")
+    assert user.email == NEW_EMAIL and user.email_verified_at is not None
+    run_jobs(app)
+    [notice] = smtp_server.to(EMAIL)
+    assert notice["Subject"] == "Your Ledgerline email address was changed"
+    assert NEW_EMAIL in email_text(notice) and "/auth/change-email/" not in email_text(notice)
+    fresh = app.test_client()
+    log_in(fresh, NEW_EMAIL)
+    assert signed_in(fresh)
+    assert log_in(app.test_client(), EMAIL).status_code == 401
+    # The link works once.
+    again = app.test_client().get(match.group(1))
+    assert again.status_code == 400 and "already used" in again.get_data(as_text=True)
+    names = [r.name for r in query(app, "SELECT name FROM domain_event ORDER BY id")]
+    assert names.count("user.email_change_requested") == 1 and names.count("user.email_changed") == 1
+
+
+def test_an_address_that_has_an_account_is_answered_alike_and_its_mailbox_is_told(
+    app: Flask, offline_stripe: SandboxAccount, smtp_server: SmtpSink
+) -> None:
+    owner = app.test_client()
+    sign_up(owner, offline_stripe)
+    sign_up(app.test_client(), offline_stripe, email="grace@example.com", organization_name="Hopper & Co")
+    run_jobs(app)
+    smtp_server.clear()
+    response = post_form(owner, "/account/email", "/account/", new_email="grace@example.com")
+    assert response.status_code == 303
+    assert "We sent a link to grace@example.com." in owner.get("/account/").get_data(as_text=True)
+    run_jobs(app)
+    [notice] = smtp_server.to("grace@example.com")
+    assert "already has a Ledgerline account, so nothing was changed" in email_text(notice)
+    assert "/auth/change-email/" not in email_text(notice)
+    # A link minted anyway (the address got its account after the link was sent) is refused, nothing moves.
+    with app.app_context():
+        user = db.session.execute(db.select(User).where(User.email == EMAIL)).scalar_one()
+        path = f"/auth/change-email/{AccountService.email_change_token(user, 'grace@example.com')}"
+        db.session.rollback()
+    refused = app.test_client().get(path)
+    assert refused.status_code == 400 and "already has a Ledgerline account" in refused.get_data(as_text=True)
+    assert {r.email for r in query(app, "SELECT email FROM user_account")} == {EMAIL, "grace@example.com"}
+
+
+def test_email_change_requests_are_checked_and_throttled_per_user(
+    make_app: Any, offline_stripe: SandboxAccount
+) -> None:
+    app = make_app(EMAIL_CHANGE_RATE_LIMIT="2/hour")
+    owner = app.test_client()
+    sign_up(owner, offline_stripe)
+    same = post_form(owner, "/account/email", "/account/", new_email=EMAIL.upper())
+    assert same.status_code == 422 and "That is already your email address." in same.get_data(as_text=True)
+    bad = post_form(owner, "/account/email", "/account/", new_email="not an address")
+    assert bad.status_code == 422 and "Invalid email address." in bad.get_data(as_text=True)
+    assert post_form(owner, "/account/email", "/account/", new_email="x@example.org").status_code == 429
+    assert [r.name for r in query(app, "SELECT name FROM domain_event WHERE name LIKE 'user.email_change%'")] == []

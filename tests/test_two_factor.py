@@ -208,6 +208,7 @@ SENSITIVE = [
     ("/billing/cancel", "/billing/"),
     ("/team/members/999/remove", "/team/"),
     ("/account/password", "/account/"),
+    ("/account/email", "/account/"),
     ("/account/two-factor/disable", "/account/two-factor"),
     ("/account/two-factor/recovery-codes", "/account/two-factor"),
     ("/account/two-factor/requirement", "/account/"),

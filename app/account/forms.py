@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import BooleanField, PasswordField, StringField
-from wtforms.validators import DataRequired, Length, Optional
+from wtforms import BooleanField, EmailField, PasswordField, StringField
+from wtforms.validators import DataRequired, Email, Length, Optional
 
-from app.auth.forms import _strip
+from app.auth.forms import _one_line_of_text, _strip
 
 
 class TwoFactorCodeForm(FlaskForm):
@@ -28,3 +28,13 @@ class RequireTwoFactorForm(FlaskForm):
 
 class ActionForm(FlaskForm):
     """A button that changes something: the CSRF token is all it carries."""
+
+
+class ChangeEmailForm(FlaskForm):
+    """The address to move the account to; the link that confirms it goes there."""
+
+    new_email = EmailField(
+        "New email address",
+        filters=[_strip],
+        validators=[DataRequired(), Length(max=254), _one_line_of_text, Email(check_deliverability=False)],
+    )

@@ -16,7 +16,7 @@ from app.access import (
     sign_out,
     stay_signed_in_at,
 )
-from app.account.forms import ActionForm, ConfirmAccessForm, RequireTwoFactorForm, TwoFactorCodeForm
+from app.account.forms import ActionForm, ChangeEmailForm, ConfirmAccessForm, RequireTwoFactorForm, TwoFactorCodeForm
 from app.auth.forms import ChangePasswordForm
 from app.extensions import limiter
 from app.services.account_service import AccountError, AccountService
@@ -30,11 +30,14 @@ bp.before_request(require_signed_in)
 ENROLMENT_SECRET_KEY = "_totp_enrolment_secret"  # noqa: S105 (a session key, not a secret)
 
 
-def _page(form: ChangePasswordForm | None = None, status: int = 200) -> tuple[str, int]:
+def _page(
+    form: ChangePasswordForm | None = None, status: int = 200, *, email_form: ChangeEmailForm | None = None
+) -> tuple[str, int]:
     form = form or ChangePasswordForm(email=current_user.email)
     return render_template(
         "account/overview.html",
         form=form,
+        email_form=email_form or ChangeEmailForm(),
         action_form=ActionForm(),
         require_form=RequireTwoFactorForm(required=current_user.organization.require_two_factor),
     ), status
@@ -62,6 +65,30 @@ def change_password() -> Response | tuple[str, int]:
     stay_signed_in_at(epoch)
     mark_recently_authenticated()
     flash("Your password is changed. Every other session is signed out.", "success")
+    return redirect(url_for("account.overview"), 303)
+
+
+@bp.post("/email")
+@limiter.limit(
+    lambda: current_app.config["EMAIL_CHANGE_RATE_LIMIT"], key_func=lambda: f"email-change:{current_user.id}"
+)
+@recent_auth_required
+def change_email() -> Response | tuple[str, int]:
+    form = ChangeEmailForm()
+    if not form.validate_on_submit():
+        return _page(status=422, email_form=form)
+    try:
+        new_email = AccountService.request_email_change(
+            current_user, form.new_email.data, source=f"user:{current_user.id}"
+        )
+    except AccountError as exc:
+        form.new_email.errors = [*form.new_email.errors, str(exc)]
+        return _page(status=422, email_form=form)
+    flash(
+        f"We sent a link to {new_email}. Your address changes when you open it; until then it stays "
+        f"{current_user.email}.",
+        "info",
+    )
     return redirect(url_for("account.overview"), 303)
 
 

@@ -288,6 +288,17 @@ def reset_password(token: str) -> Response | str | tuple[str, int]:
     return redirect(url_for("auth.login"), 303)
 
 
+@bp.get("/change-email/<secret:token>")
+def change_email(token: str) -> Response | tuple[str, int]:
+    """The link sent to the new address (AccountService.change_email); open signed in or not."""
+    try:
+        user = AccountService.change_email(token)
+    except InvalidLink as exc:
+        return render_template("auth/link_problem.html", message=str(exc), retry_url=url_for("account.overview")), 400
+    flash(f"Your email address is now {user.email}. Sign in with it from now on.", "success")
+    return redirect(url_for("main.dashboard" if current_user.is_authenticated else "auth.login"), 303)
+
+
 @bp.get("/verify-email/<secret:token>")
 def verify_email(token: str) -> Response | tuple[str, int]:
     try:

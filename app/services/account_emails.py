@@ -1,5 +1,6 @@
 """Account emails, sent by outbox consumers from the worker (app/services/outbox.py): the password
-reset link, the email confirmation link, and the notice that the password was changed. Each link is
+reset link, the email confirmation link, the email change link (to the new address) and the notices
+that the password or the address was changed (to the address that had it). Each link is
 minted here, at send time, and never stored: the domain events say only "user N asked"
 (app/services/account_service.py)."""
 
@@ -12,7 +13,13 @@ from flask import current_app
 from app.extensions import db
 from app.models import User
 from app.services import outbox
-from app.services.account_service import RESET_LINK_SECONDS, VERIFICATION_LINK_SECONDS, AccountService
+from app.services.account_service import (
+    EMAIL_CHANGE_LINK_SECONDS,
+    RESET_LINK_SECONDS,
+    VERIFICATION_LINK_SECONDS,
+    AccountService,
+)
+from app.services.auth_service import active_account_id
 from app.services.mailer import send_event_email
 from app.services.outbox import OutboxEvent
 
@@ -96,3 +103,48 @@ def password_changed_email(event: OutboxEvent) -> None:
 @outbox.consumer("user.password_reset", name="password_reset_done_email")
 def password_reset_done_email(event: OutboxEvent) -> None:
     _send_password_changed(event, "through a password reset link")
+
+
+@outbox.consumer("user.email_change_requested", name="email_change_link")
+def email_change_link(event: OutboxEvent) -> None:
+    """The link goes to the new address only: opening it is what proves the address is the user's. An
+    address that already has an account is told so instead, with no link (the form did not say)."""
+    user = _user(event.user_id)
+    new_email = str(event.data["new_email"])
+    if user is None or user.removed_at is not None:
+        return
+    taken = active_account_id(new_email) is not None
+    db.session.rollback()
+    if taken:
+        send_event_email(
+            event, new_email, "email_change_taken", subject="Your Ledgerline address was not changed", user=user
+        )
+        return
+    send_event_email(
+        event,
+        new_email,
+        "email_change",
+        subject="Confirm your new Ledgerline email address",
+        user=user,
+        new_email=new_email,
+        confirm_url=_link("/auth/change-email/", AccountService.email_change_token(user, new_email)),
+        hours=EMAIL_CHANGE_LINK_SECONDS // 3600,
+    )
+
+
+@outbox.consumer("user.email_changed", name="email_changed_notice")
+def email_changed_notice(event: OutboxEvent) -> None:
+    """Tell the address the account had: if it was not its owner's doing, they learn at once."""
+    user = _user(event.user_id)
+    if user is None:
+        return
+    send_event_email(
+        event,
+        str(event.data["old_email"]),
+        "email_changed",
+        subject="Your Ledgerline email address was changed",
+        user=user,
+        new_email=event.data["new_email"],
+        when=event.occurred_at.astimezone(UTC),
+        reset_url=f"{current_app.config['APP_BASE_URL']}/auth/forgot-password",
+    )

@@ -10,6 +10,9 @@ Links are signed with SECRET_KEY (itsdangerous), carry the time they were minted
   both succeed. Nothing usable is stored: neither the database nor a domain event holds a token.
 - **Email verification**: ``{user id, the address, minted at}``; valid for seven days and only for the
   address the account has now.
+- **Email change**: ``{user id, the current address, the new address, minted at}``, sent to the new
+  address only; valid for a day and only while the account still has the address it was asked from, so
+  it works once. Opening it moves the account to the new address, confirmed; the old address is told.
 
 Sessions: each user has a ``session_epoch``; a session is valid only while it carries the current one
 (checked on every request by the user loader in app/__init__.py). Raising it signs the user out
@@ -26,16 +29,18 @@ from typing import Any
 from flask import current_app
 from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash
 
 from app.extensions import db
 from app.models import User
 from app.models.types import utcnow
 from app.services import domain_events
-from app.services.auth_service import hash_password, normalise_email
+from app.services.auth_service import active_account_id, hash_password, normalise_email, release_removed_address
 
 RESET_LINK_SECONDS = 3600
 VERIFICATION_LINK_SECONDS = 7 * 86400
+EMAIL_CHANGE_LINK_SECONDS = 86400
 # A link minted a little "in the future" (clocks of two hosts) is still fine; further than this is not.
 CLOCK_SKEW_SECONDS = 300
 
@@ -226,4 +231,68 @@ class AccountService:
                 "user.email_verified", organization_id=user.organization_id, user_id=user.id, source=f"user:{user.id}"
             )
         db.session.commit()
+        return user
+
+    # --- email change ------------------------------------------------------------------------------
+
+    @staticmethod
+    def request_email_change(user: User, new_email: str, *, source: str) -> str:
+        """Ask to move the account to ``new_email``: the worker sends the new address a link
+        (account_emails.email_change_link); nothing changes until it is opened. Whether the address has
+        an account is the new mailbox's to learn, not the form's: the answer is the same either way."""
+        new_email = normalise_email(new_email)
+        if new_email == user.email:
+            raise AccountError("That is already your email address.")
+        domain_events.record(
+            "user.email_change_requested",
+            organization_id=user.organization_id,
+            user_id=user.id,
+            source=source,
+            new_email=new_email,
+        )
+        db.session.commit()
+        return new_email
+
+    @staticmethod
+    def email_change_token(user: User, new_email: str, *, now: int | None = None) -> str:
+        """Minted by the email consumer at send time (never stored)."""
+        return _mint("change-email", user.id, now, e=user.email, n=new_email)
+
+    @staticmethod
+    def change_email(token: str) -> User:
+        """Move the account to the address the link was sent to (which opening it proves), confirmed."""
+        claims = _read("change-email", token, EMAIL_CHANGE_LINK_SECONDS, "This link has expired. Ask for a new one.")
+        user = db.session.get(User, claims.user_id)
+        old_email, new_email = claims.data.get("e"), claims.data.get("n")
+        if user is None or user.removed_at is not None or old_email != user.email or not isinstance(new_email, str):
+            raise InvalidLink("This link was already used, or the address changed since. Ask for a new one.")
+        taken = InvalidLink(f"{new_email} already has a Ledgerline account, so it cannot become yours.")
+        if active_account_id(new_email) is not None:
+            raise taken
+        try:
+            release_removed_address(new_email, source=f"user:{user.id}")
+            changed = db.session.execute(
+                update(User)
+                .where(User.id == user.id, User.email == old_email)
+                .values(email=new_email, email_verified_at=utcnow())
+                .returning(User.id)
+                .execution_options(synchronize_session="fetch")
+            ).first()
+            if changed is None:  # another link changed it a moment ago
+                raise InvalidLink("This link was already used, or the address changed since. Ask for a new one.")
+            domain_events.record(
+                "user.email_changed",
+                organization_id=user.organization_id,
+                user_id=user.id,
+                source=f"user:{user.id}",
+                old_email=old_email,
+                new_email=new_email,
+            )
+            db.session.commit()
+        except IntegrityError:
+            db.session.rollback()  # the address got an account meanwhile
+            raise taken from None
+        except BaseException:
+            db.session.rollback()
+            raise
         return user
