@@ -46,6 +46,8 @@ from app.services import (
     reconcile_reads,
     reconcile_run,
     settlement,
+    staff_actions,
+    staff_console,
     stripe_events,
     webhook_intake,
     whop_billing,
@@ -1122,6 +1124,25 @@ class BillingService:
         """Whop's redirect after payment: provision (or find provisioned) the signup, from the membership
         as Whop has it now (whop_billing.py)."""
         return whop_billing.complete_signup_from_redirect(pending_signup_id, membership_id)
+
+    # --- The operations console (app/admin/): its reads are staff_console.py's, its actions staff_actions.py's
+
+    @classmethod
+    def staff_organization(cls, organization_id: int) -> staff_console.OrganizationView | None:
+        return staff_console.organization_view(organization_id, cls, whop_billing.calls.retrieve_membership)
+
+    @classmethod
+    def staff_action(cls, request: staff_actions.StaffRequest) -> staff_actions.StaffOutcome:
+        return staff_actions.perform(request, cls)
+
+    @classmethod
+    def refund_invoice(cls, invoice_id: str, *, amount: int | None, key: str) -> dict[str, Any]:
+        """Refund what a paid invoice took, whole or `amount` of it (staff, from the console)."""
+        client = cls.ensure_stripe()
+        with cls._calling_stripe("refund a payment"):
+            invoice = client.v1.invoices.retrieve(invoice_id, params={"expand": ["payments"]}).to_dict()
+            target: Any = {**settlement.refund_target(invoice, key), **({"amount": amount} if amount else {})}
+            return client.v1.refunds.create(params=target, options={"idempotency_key": key}).to_dict()
 
 
 @outbox.consumer("signup.conflict", name="settle_signup_conflict")
