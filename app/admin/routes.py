@@ -12,6 +12,7 @@ from werkzeug.wrappers import Response
 
 from app.access import recent_auth_required
 from app.admin.forms import SearchForm, StaffActionForm
+from app.extensions import csrf
 from app.services import staff_access, staff_audit, staff_console
 from app.services.billing_service import BillingService
 from app.services.staff_actions import ACTIONS, StaffActionRefused, StaffRequest
@@ -24,6 +25,11 @@ bp = Blueprint("admin", __name__)
 def staff_only() -> None:
     if not (current_user.is_authenticated and staff_access.console_allowed(current_user)):
         abort(404)
+    if request.method == "POST":
+        csrf.protect()  # after the staff check: to anyone else a console form is a 404 like the rest
+
+
+csrf.exempt(bp)  # only from the app-wide check, which would answer 400 before the 404 above
 
 
 @bp.after_request

@@ -88,11 +88,12 @@ def search(term: str) -> list[SearchHit]:
         organizations = db.session.execute(
             select(Organization.id, Organization.name).where(Organization.id.in_(found)).order_by(Organization.id)
         ).all()
-        owners = dict(
-            db.session.execute(
+        owners = {
+            row.organization_id: row.email
+            for row in db.session.execute(
                 select(User.organization_id, User.email).where(User.organization_id.in_(found), User.role == "owner")
-            ).tuples()
-        )
+            )
+        }
     finally:
         db.session.rollback()
     return [SearchHit(row.id, row.name, owners.get(row.id), found[row.id]) for row in organizations]
