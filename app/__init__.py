@@ -159,6 +159,8 @@ def load_user(user_id: str) -> Any:
     user = db.session.get(User, int(user_id)) if user_id.isdigit() else None
     # A member the owner removed is signed out of every session at its next request.
     if user is not None and user.removed_at is None and session_is_current(user):
-        return user
+        from app.admin.view_as import viewed_owner
+
+        return viewed_owner(user) or user  # staff viewing as an owner see the owner's pages, read-only
     forget_stale_sign_in()  # removed, signed out everywhere, or the password changed, since this session began
     return None

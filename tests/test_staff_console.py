@@ -274,3 +274,35 @@ def test_the_queue_shows_a_failed_event_and_staff_replay_it(
     assert organization_of(app, "ada@example.com").cancel_at_period_end is True
     [entry] = audit_rows(app, "replay")
     assert entry.target == event["id"] and "queued" in entry.outcome
+
+
+def test_view_as_the_owner_is_read_only_audited_and_ends_after_fifteen_minutes(
+    app: Flask, staff: Staff, offline_stripe: SandboxAccount
+) -> None:
+    organization = organization_of(app, "ada@example.com")
+    path = f"/admin/organizations/{organization.id}/view-as-owner"
+    assert staff.client.post(path, data={"csrf_token": csrf_token(staff.client, path), "reason": ""}).status_code == 422
+    started = staff.client.post(path, data={"csrf_token": csrf_token(staff.client, path), "reason": "ticket 42"})
+    assert started.status_code == 303 and started.headers["Location"] == "/app"
+    page = staff.client.get("/billing/").get_data(as_text=True)
+    assert 'id="view-as-banner"' in page and "viewing as ada@example.com" in page and "Analytical Engines" in page
+    token = csrf_token(staff.client, "/billing/")
+    refused = staff.client.post("/billing/portal", data={"csrf_token": token})
+    assert refused.status_code == 403 and offline_stripe.calls_to("billing_portal.sessions.create") == []
+    assert staff.client.get("/admin/").status_code == 404  # the console is not the owner's
+    [entry] = audit_rows(app, "view_as_owner")
+    assert entry.staff_email == STAFF and entry.reason == "ticket 42" and entry.target.startswith("user:")
+
+    # Ended by hand: back to the organization's console page, and audited.
+    stop = staff.client.post("/admin/view-as/stop", data={"csrf_token": csrf_token(staff.client, "/app")})
+    assert stop.status_code == 303 and stop.headers["Location"] == f"/admin/organizations/{organization.id}"
+    assert [row.outcome for row in audit_rows(app, "view_as_owner.ended")] == ["stopped viewing as the owner"]
+    assert 'id="view-as-banner"' not in staff.client.get("/app").get_data(as_text=True)
+
+    # Ended on its own after 15 minutes.
+    staff.client.post(path, data={"csrf_token": csrf_token(staff.client, path), "reason": "ticket 43"})
+    assert 'id="view-as-banner"' in staff.client.get("/app").get_data(as_text=True)
+    staff.clock.advance(15 * 60 + 1)
+    page = staff.client.get("/app").get_data(as_text=True)
+    assert 'id="view-as-banner"' not in page and "Ledgerline support" in page
+    assert [row.reason for row in audit_rows(app, "view_as_owner")] == ["ticket 42", "ticket 43"]

@@ -29,3 +29,10 @@ class SearchForm(FlaskForm):
         csrf = False  # a GET search changes nothing
 
     q = StringField("Search", validators=[Optional(), Length(max=255)])
+
+
+class ViewAsForm(FlaskForm):
+    reason = TextAreaField(
+        "Reason (kept in the staff audit log)",
+        validators=[DataRequired(message="Type the reason for viewing as the owner."), Length(max=2000)],
+    )

@@ -11,7 +11,8 @@ from flask_login import current_user
 from werkzeug.wrappers import Response
 
 from app.access import recent_auth_required
-from app.admin.forms import SearchForm, StaffActionForm
+from app.admin import view_as
+from app.admin.forms import SearchForm, StaffActionForm, ViewAsForm
 from app.extensions import csrf
 from app.services import staff_access, staff_audit, staff_console
 from app.services.billing_service import BillingService
@@ -21,8 +22,15 @@ from app.services.two_factor_service import TwoFactorError, TwoFactorService
 bp = Blueprint("admin", __name__)
 
 
+@bp.before_app_request
+def read_only_while_viewing_as_owner() -> None:
+    view_as.refuse_writes_while_viewing()
+
+
 @bp.before_request
 def staff_only() -> None:
+    if request.endpoint == "admin.stop_viewing":
+        return  # reached while the session shows the owner; it checks the session itself
     if not (current_user.is_authenticated and staff_access.console_allowed(current_user)):
         abort(404)
     if request.method == "POST":
@@ -103,3 +111,32 @@ def queue() -> str:
 @bp.get("/audit")
 def audit() -> str:
     return render_template("admin/audit.html", entries=staff_audit.entries())
+
+
+@bp.route("/organizations/<int:organization_id>/view-as-owner", methods=["GET", "POST"])
+@recent_auth_required
+def view_as_owner(organization_id: int) -> Response | tuple[str, int] | str:
+    form = ViewAsForm()
+    if request.method == "GET" or not form.validate_on_submit():
+        status = 200 if request.method == "GET" else 422
+        return render_template("admin/view_as.html", form=form, organization_id=organization_id), status
+    try:
+        owner = staff_access.start_viewing_as_owner(current_user, organization_id, reason=form.reason.data or "")
+    except staff_access.StaffGrantRefused as exc:
+        form.form_errors.append(str(exc))
+        return render_template("admin/view_as.html", form=form, organization_id=organization_id), 409
+    view_as.begin(current_user, owner)
+    flash(f"You are viewing as {owner.email}, read-only, for {view_as.VIEW_AS_SECONDS // 60} minutes.", "info")
+    return redirect(url_for("main.dashboard"), 303)
+
+
+@bp.post("/view-as/stop")
+def stop_viewing() -> Response:
+    if not view_as.viewing():
+        abort(404)  # like every console route, to anyone not viewing as an owner
+    csrf.protect()
+    held = view_as.end()
+    if held is None:
+        abort(404)
+    staff_access.stop_viewing_as_owner(int(held["staff"]), int(held["organization"]), int(held["owner"]))
+    return redirect(url_for("admin.organization", organization_id=int(held["organization"])), 303)

@@ -77,3 +77,44 @@ def revoke(email: str, *, reason: str) -> str:
         after={"is_staff": False},
     )
     return f"{email.strip().lower()} is no longer staff"
+
+
+def start_viewing_as_owner(staff: User, organization_id: int, *, reason: str) -> User:
+    """The organization's owner, once the view is audited; refused without a reason or an owner."""
+    if not reason.strip():
+        raise StaffGrantRefused("Type the reason for viewing as the owner.")
+    try:
+        owner = db.session.execute(
+            select(User).where(User.organization_id == organization_id, User.role == "owner")
+        ).scalar_one_or_none()
+        if owner is None:
+            raise StaffGrantRefused("This organization has no owner to view as.")
+        db.session.expunge(owner)
+    finally:
+        db.session.rollback()
+    staff_audit.record(
+        staff,
+        "view_as_owner",
+        reason=reason.strip(),
+        outcome=f"viewed as {owner.email}, read-only, for 15 minutes at most",
+        organization_id=organization_id,
+        target=f"user:{owner.id}",
+    )
+    return owner
+
+
+def stop_viewing_as_owner(staff_user_id: int, organization_id: int, owner_id: int) -> None:
+    try:
+        staff = db.session.get(User, staff_user_id)
+        if staff is not None:
+            db.session.expunge(staff)
+    finally:
+        db.session.rollback()
+    staff_audit.record(
+        staff,
+        "view_as_owner.ended",
+        reason="ended by staff",
+        outcome="stopped viewing as the owner",
+        organization_id=organization_id,
+        target=f"user:{owner_id}",
+    )
