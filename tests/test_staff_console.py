@@ -306,3 +306,37 @@ def test_view_as_the_owner_is_read_only_audited_and_ends_after_fifteen_minutes(
     page = staff.client.get("/app").get_data(as_text=True)
     assert 'id="view-as-banner"' not in page and "Ledgerline support" in page
     assert [row.reason for row in audit_rows(app, "view_as_owner")] == ["ticket 42", "ticket 43"]
+
+
+def test_extend_a_trial_at_stripe_and_in_the_database_once(
+    app: Flask,
+    offline_stripe: SandboxAccount,
+    clock: Clock,  # noqa: F811
+) -> None:
+    trialing = client_at(app, "192.0.2.12")
+    sign_up(trialing, offline_stripe, email="grace@example.com", tier="pro")
+    staff_client = client_at(app, "192.0.2.13")
+    sign_up(staff_client, offline_stripe, email=STAFF, organization_name="Ledgerline support")
+    totp, _ = enrol(staff_client, clock)
+    assert cli(app, "users", "grant-staff", STAFF).exit_code == 0
+    staff = Staff(staff_client, totp, clock)
+    organization = organization_of(app, "grace@example.com")
+    assert organization.billing_status == "trialing"
+    before = int(organization.trial_end.timestamp())
+    path = f"/admin/organizations/{organization.id}/actions/extend_trial"
+    too_long, token = act(staff, organization.id, "extend_trial", reason="outage", days="400", code=staff.code())
+    assert too_long.status_code == 409 and "1 to 90 days" in too_long.get_data(as_text=True)
+    done = submit(staff, path, token, reason="outage on our side", days="7", code=staff.code())
+    assert done.status_code == 303, done.get_data(as_text=True)
+    again = submit(staff, path, token, reason="outage on our side", days="7", code=staff.code())
+    assert again.status_code == 303
+    subscription = offline_stripe.subscription(organization.billing_subscription_id)
+    assert subscription["trial_end"] == before + 7 * 86400  # once, not twice
+    assert int(organization_of(app, "grace@example.com").trial_end.timestamp()) == before + 7 * 86400
+    refusal, entry = audit_rows(app, "extend_trial")  # a refusal is audited too, without the form's token
+    assert refusal.outcome.startswith("refused: ") and refusal.request_key is None
+    assert entry.reason == "outage on our side" and entry.after["trial_end"] != entry.before["trial_end"]
+    # Not for a paying subscription.
+    ada = organization_of(app, STAFF)
+    refused, _ = act(staff, ada.id, "extend_trial", reason="why not", days="7", code=staff.code())
+    assert refused.status_code == 409 and "free trial" in refused.get_data(as_text=True)

@@ -21,6 +21,10 @@ class StaffActionForm(FlaskForm):
         "Amount to refund (leave empty for the whole payment)",
         validators=[Optional(), Regexp(r"^\d+(\.\d{1,2})?$", message="An amount such as 12.50.")],
     )
+    days = StringField(
+        "Extend the trial by (days, 1 to 90)",
+        validators=[Optional(), Regexp(r"^\d{1,3}$", message="A number of days such as 7.")],
+    )
     code = StringField("Two-factor code (from your authenticator app)", validators=[Optional(), Length(max=20)])
 
 

@@ -93,6 +93,7 @@ def action(organization_id: int, action: str) -> Response | tuple[str, int] | st
                 request_token=form.request_token.data or "",
                 target=form.target.data or None,
                 amount=amount,
+                days=int(form.days.data) if action == "extend_trial" and form.days.data else None,
             )
         )
     except StaffActionRefused as exc:

@@ -1136,6 +1136,17 @@ class BillingService:
         return staff_actions.perform(request, cls)
 
     @classmethod
+    def extend_trial(cls, organization_id: int, *, trial_end: int, request_token: str, actor_user_id: int) -> list[str]:
+        """Staff: a trialing subscription's trial (and so its first charge) ends later, at `trial_end`."""
+
+        def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
+            params: Any = {"trial_end": trial_end}
+            return client.v1.subscriptions.update(subscription_id, params=params, options={"idempotency_key": key})
+
+        allowed = staff_actions.trial_refusal
+        return cls._owner_subscription_change(organization_id, "trial", request_token, actor_user_id, allowed, call)
+
+    @classmethod
     def refund_invoice(cls, invoice_id: str, *, amount: int | None, key: str) -> dict[str, Any]:
         """Refund what a paid invoice took, whole or `amount` of it (staff, from the console)."""
         client = cls.ensure_stripe()

@@ -49,6 +49,10 @@ class StaffOperations(Protocol):
 
     def refund_invoice(self, invoice_id: str, *, amount: int | None, key: str) -> dict[str, Any]: ...
 
+    def extend_trial(
+        self, organization_id: int, *, trial_end: int, request_token: str, actor_user_id: int
+    ) -> list[str]: ...
+
     def forget_billing_reads(self, organization_id: int) -> None: ...
 
 
@@ -61,6 +65,7 @@ class StaffRequest:
     request_token: str
     target: str | None = None  # the event id, domain event id or invoice id the action is about
     amount: int | None = None  # a partial refund, in the currency's smallest unit
+    days: int | None = None  # how many days a trial is extended by
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,38 @@ def _resume(request: StaffRequest, ops: StaffOperations, key: str) -> str:
     return f"Scheduled cancellation withdrawn; the organization now holds: {', '.join(changes) or 'no change'}."
 
 
+MAX_TRIAL_EXTENSION_DAYS = 90
+
+
+def trial_refusal(organization: Organization) -> str | None:
+    if organization.billed_by_whop:
+        return "A Whop membership's trial is changed on Whop."
+    if organization.billing_status != "trialing" or organization.trial_end is None:
+        return "Only a subscription in its free trial can have its trial extended."
+    return None
+
+
+def _extend_trial(request: StaffRequest, ops: StaffOperations, key: str) -> str:
+    days = request.days or 0
+    if not 1 <= days <= MAX_TRIAL_EXTENSION_DAYS:
+        raise StaffActionRefused(f"Extend a trial by 1 to {MAX_TRIAL_EXTENSION_DAYS} days.")
+    try:
+        organization = db.session.get(Organization, request.organization_id, populate_existing=True)
+        refusal = trial_refusal(organization) if organization is not None else "There is no such organization."
+        if refusal or organization is None or organization.trial_end is None:
+            raise StaffActionRefused(refusal or "There is no trial to extend.")
+        trial_end = int(organization.trial_end.timestamp()) + days * 86400
+    finally:
+        db.session.rollback()
+    changes = ops.extend_trial(
+        request.organization_id,
+        trial_end=trial_end,
+        request_token=request.request_token,
+        actor_user_id=request.staff_user_id,
+    )
+    return f"Trial extended by {days} days; the organization now holds: {', '.join(changes) or 'no change'}."
+
+
 ACTIONS: dict[str, Action] = {
     "resync": Action("Re-sync from the provider", False, False, _resync),
     "replay": Action("Replay a failed webhook event", False, True, _replay),
@@ -155,6 +192,7 @@ ACTIONS: dict[str, Action] = {
     "cancel_now": Action("Cancel the subscription now", True, False, _cancel(at_period_end=False)),
     "cancel_at_period_end": Action("Cancel at the end of the period", True, False, _cancel(at_period_end=True)),
     "resume": Action("Undo the scheduled cancellation", True, False, _resume),
+    "extend_trial": Action("Extend the free trial", True, False, _extend_trial),
 }
 
 
