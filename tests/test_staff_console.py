@@ -17,7 +17,7 @@ import sqlalchemy
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import SandboxAccount, csrf_token, query, run_jobs, sign_up
+from tests.conftest import SandboxAccount, SmtpSink, csrf_token, query, run_jobs, sign_up
 from tests.test_accounts import client_at
 from tests.test_two_factor import Clock, clock, enrol  # noqa: F401 (the clock fixture)
 
@@ -340,3 +340,42 @@ def test_extend_a_trial_at_stripe_and_in_the_database_once(
     ada = organization_of(app, STAFF)
     refused, _ = act(staff, ada.id, "extend_trial", reason="why not", days="7", code=staff.code())
     assert refused.status_code == 409 and "free trial" in refused.get_data(as_text=True)
+
+
+def test_a_failed_email_is_shown_and_sent_again_once(
+    make_app: Any,
+    offline_stripe: SandboxAccount,
+    smtp_server: SmtpSink,
+    clock: Clock,  # noqa: F811
+) -> None:
+    app = make_app(JOB_RETRY_BASE_SECONDS=0, OUTBOX_MAX_ATTEMPTS=2)
+    sign_up(client_at(app, "192.0.2.14"), offline_stripe)
+    staff_client = client_at(app, "192.0.2.15")
+    sign_up(staff_client, offline_stripe, email=STAFF, organization_name="Ledgerline support")
+    totp, _ = enrol(staff_client, clock)
+    assert cli(app, "users", "grant-staff", STAFF).exit_code == 0
+    staff = Staff(staff_client, totp, clock)
+    run_jobs(app)
+    # The password-reset link never leaves: the mail server refuses it until the delivery gives up.
+    stranger = client_at(app, "192.0.2.16")
+    asked = stranger.post(
+        "/auth/forgot-password",
+        data={"csrf_token": csrf_token(stranger, "/auth/forgot-password"), "email": "ada@example.com"},
+    )
+    assert asked.status_code == 200
+    smtp_server.refuse_next(10)
+    run_jobs(app)
+    smtp_server.refuse_next(0)
+    sent_before = len(smtp_server.to("ada@example.com"))
+    organization = organization_of(app, "ada@example.com")
+    page = staff.client.get(f"/admin/organizations/{organization.id}").get_data(as_text=True)
+    failed = re.search(r"user.password_reset_requested · event (\d+)", page)
+    assert failed and "not sent (gave up)" in page, page
+    done, token = act(staff, organization.id, "resend", failed.group(1), reason="customer never got the link")
+    assert done.status_code == 303, done.get_data(as_text=True)
+    path = f"/admin/organizations/{organization.id}/actions/resend?target={failed.group(1)}"
+    assert submit(staff, path, token, failed.group(1), reason="customer never got the link").status_code == 303
+    run_jobs(app)
+    assert len(smtp_server.to("ada@example.com")) == sent_before + 1
+    [entry] = audit_rows(app, "resend")
+    assert entry.target == failed.group(1) and "queued again" in entry.outcome
