@@ -227,6 +227,13 @@ def test_cancel_at_period_end_and_undo_it_at_stripe_and_in_the_database(
     [resume] = audit_rows(app, "resume")
     assert cancel.before["cancel_at_period_end"] is False and cancel.after["cancel_at_period_end"] is True
     assert resume.before["cancel_at_period_end"] is True and resume.after["cancel_at_period_end"] is False
+    # The owner's audit log names who did it as Ledgerline's support, not as "a former member".
+    with app.app_context():
+        from app.services import audit_log
+
+        owners_log = audit_log.entries(organization.id, app.extensions["plan_catalogue"])
+    scheduled = next(entry for entry in owners_log if entry.what.startswith("Cancellation scheduled"))
+    assert scheduled.by == "Ledgerline support"
 
 
 def test_the_organization_page_says_stripe_did_not_answer_and_shows_the_rest(
@@ -371,6 +378,8 @@ def test_a_failed_email_is_shown_and_sent_again_once(
     page = staff.client.get(f"/admin/organizations/{organization.id}").get_data(as_text=True)
     failed = re.search(r"user.password_reset_requested · event (\d+)", page)
     assert failed and "not sent (gave up)" in page, page
+    queue = staff.client.get("/admin/queue").get_data(as_text=True)
+    assert re.search(rf'<tr class="failed-email"><td>{failed.group(1)}</td><td>user.password_reset_requested', queue)
     done, token = act(staff, organization.id, "resend", failed.group(1), reason="customer never got the link")
     assert done.status_code == 303, done.get_data(as_text=True)
     path = f"/admin/organizations/{organization.id}/actions/resend?target={failed.group(1)}"

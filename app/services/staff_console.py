@@ -65,13 +65,17 @@ def search(term: str) -> list[SearchHit]:
         return []
     found: dict[int, str] = {}
     try:
-        like = f"%{term.lower()}%"
+        lowered = term.lower()
         for org_id in db.session.execute(
-            select(Organization.id).where(func.lower(Organization.name).like(like)).limit(SEARCH_LIMIT)
+            select(Organization.id)
+            .where(func.lower(Organization.name).contains(lowered, autoescape=True))
+            .limit(SEARCH_LIMIT)
         ).scalars():
             found.setdefault(org_id, "organization name")
         for org_id, email in db.session.execute(
-            select(User.organization_id, User.email).where(User.email.like(like)).limit(SEARCH_LIMIT)
+            select(User.organization_id, User.email)
+            .where(User.email.contains(lowered, autoescape=True))
+            .limit(SEARCH_LIMIT)
         ):
             found.setdefault(org_id, f"member {email}")
         for column, words in (
@@ -106,7 +110,7 @@ def _organizations_named_by_events(term: str) -> set[int]:
     for model in (StripeEvent, WhopEvent):
         condition = model.event_id == term
         if len(term) >= 8 and "_" in term:  # an id, not a word: look inside the payloads too
-            condition = or_(condition, model.payload.contains(f'"{term}"'))
+            condition = or_(condition, model.payload.contains(f'"{term}"', autoescape=True))
         keys.update(
             key for key in db.session.execute(select(model.object_key).where(condition).limit(20)).scalars() if key
         )
@@ -345,6 +349,7 @@ class QueueView:
     events: list[StripeEvent | WhopEvent]
     provider: str
     status: str
+    failed_emails: list[outbox.FailedDelivery] = field(default_factory=list)
 
 
 def queue_view(provider: str = "stripe", status: str = "failed") -> QueueView:
@@ -366,4 +371,7 @@ def queue_view(provider: str = "stripe", status: str = "failed") -> QueueView:
             db.session.expunge(event)
     finally:
         db.session.rollback()
-    return QueueView(figures, events, "whop" if provider == "whop" else "stripe", status)
+    # Emails (outbox deliveries) that gave up: the queue keeps them only on PostgreSQL.
+    on_postgresql = db.session.get_bind().dialect.name == "postgresql"
+    failed_emails = outbox.failed_deliveries() if on_postgresql else []
+    return QueueView(figures, events, "whop" if provider == "whop" else "stripe", status, failed_emails)
