@@ -93,6 +93,7 @@ def register_extensions(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     from app.account.routes import bp as account_bp
+    from app.admin.routes import bp as admin_bp
     from app.auth.routes import bp as auth_bp
     from app.billing.routes import bp as billing_bp
     from app.main.routes import bp as main_bp
@@ -103,6 +104,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(account_bp, url_prefix="/account")
     app.register_blueprint(billing_bp, url_prefix="/billing")
     app.register_blueprint(team_bp, url_prefix="/team")
+    app.register_blueprint(admin_bp, url_prefix="/admin")
 
 
 def register_request_hooks(app: Flask) -> None:
@@ -124,9 +126,11 @@ def register_error_handlers(app: Flask) -> None:
 
 
 def register_commands(app: Flask) -> None:
+    from app.admin.cli import users_cli
     from app.cli import billing_cli
 
     app.cli.add_command(billing_cli)
+    app.cli.add_command(users_cli)
 
 
 def register_services() -> None:
@@ -155,6 +159,8 @@ def load_user(user_id: str) -> Any:
     user = db.session.get(User, int(user_id)) if user_id.isdigit() else None
     # A member the owner removed is signed out of every session at its next request.
     if user is not None and user.removed_at is None and session_is_current(user):
-        return user
+        from app.admin.view_as import viewed_owner
+
+        return viewed_owner(user) or user  # staff viewing as an owner see the owner's pages, read-only
     forget_stale_sign_in()  # removed, signed out everywhere, or the password changed, since this session began
     return None

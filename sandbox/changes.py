@@ -64,6 +64,7 @@ class SubscriptionUpdate:
     default_payment_method: Any = UNSET  # str, None or UNSET
     metadata: dict[str, str] | None = None
     cancellation_details: dict[str, str] | None = None
+    trial_end: int | None = None
     given: set[str] = field(default_factory=set)  # the parameters sent, for Stripe's "only X may be sent" rules
 
 
@@ -311,6 +312,8 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
     apply_cancellation_details(subscription, req.cancellation_details)
     _apply_cancellation(subscription, req, now)
     _apply_pause(subscription, req, now)
+    if req.trial_end is not None:
+        _move_trial_end(subscription, req.trial_end, now)
     if req.default_payment_method is not UNSET:
         owner = load(store, "customer", subscription["customer"])
         subscription["default_payment_method"] = (
@@ -357,6 +360,29 @@ def _apply_cancellation(subscription: Obj, req: SubscriptionUpdate, now: int) ->
         elif req.cancel_at is UNSET or req.cancel_at is None:
             # cancel_at_period_end=false undoes a scheduled cancellation, whichever way it was set.
             _clear_cancellation(subscription)
+
+
+MAX_TRIAL_SECONDS = 730 * DAY  # Stripe: a trial ends at most two years ahead
+
+
+def _move_trial_end(subscription: Obj, trial_end: int, now: int) -> None:
+    """Move a trialing subscription's trial end: the trial, the current period and the billing cycle
+    anchor end at the new time, where the first invoice will be made (Stripe prorates nothing during a
+    trial). Starting a trial on a subscription that is not trialing is not simulated."""
+    if trial_end <= now:
+        raise StripeError("Invalid timestamp: must be in the future.", param="trial_end")
+    if trial_end > now + MAX_TRIAL_SECONDS:
+        raise StripeError("Invalid timestamp: can be no more than 730 days in the future.", param="trial_end")
+    if subscription["status"] != "trialing":
+        raise StripeError(
+            "The sandbox moves trial_end only on a trialing subscription (starting a new trial is not simulated).",
+            param="trial_end",
+        )
+    subscription.update(trial_end=trial_end, billing_cycle_anchor=trial_end)
+    for item in subscription["items"]["data"]:
+        item["current_period_end"] = trial_end
+    if subscription.get("cancel_at_period_end"):
+        subscription["cancel_at"] = trial_end
 
 
 def _clear_cancellation(subscription: Obj) -> None:

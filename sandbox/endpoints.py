@@ -85,6 +85,7 @@ def update_subscription(params: Params, subscription_id: str) -> Obj:
             "default_payment_method",
             "metadata",
             "cancellation_details",
+            "trial_end",
         ),
     )
     pause: Any = changes.UNSET
@@ -112,6 +113,7 @@ def update_subscription(params: Params, subscription_id: str) -> Obj:
         default_payment_method=default_pm,
         metadata=metadata(params),
         cancellation_details=_cancellation_details(params),
+        trial_end=integer(params, "trial_end"),
         given=set(params),
     )
     return changes.update_subscription(current_store(), subscription_id, update, _origin())

@@ -49,6 +49,7 @@ OFFLINE_WEBHOOK_SECRET = "whsec_offline_suite_0123456789abcdef"
 TABLES = (
     "outbox_delivery",
     "domain_event",
+    "staff_audit",
     "organization_addon",
     "user_account",
     "pending_signup",

@@ -7,6 +7,7 @@ from app.models.organization import BillingProvider, BillingStatus, Organization
 from app.models.outbox_delivery import OutboxDelivery
 from app.models.pending_signup import PendingSignup, SignupStatus
 from app.models.resubscribe_checkout import ResubscribeCheckout, ResubscribeStatus
+from app.models.staff_audit import StaffAuditEntry
 from app.models.stripe_event import StripeEvent, StripeEventStatus
 from app.models.team import Invitation, InvitationStatus, SubscriptionChange, SubscriptionChangeStatus
 from app.models.two_factor import RecoveryCode
@@ -28,6 +29,7 @@ __all__ = [
     "ResubscribeCheckout",
     "ResubscribeStatus",
     "SignupStatus",
+    "StaffAuditEntry",
     "StripeEvent",
     "StripeEventStatus",
     "SubscriptionChange",

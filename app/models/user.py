@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from flask_login import UserMixin
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, Index, Integer, String, text
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, ForeignKey, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import Model
@@ -52,6 +52,9 @@ class User(UserMixin, Model):
     totp_secret: Mapped[str | None] = mapped_column(String(64))
     totp_enabled_at: Mapped[datetime | None] = mapped_column(Timestamp)
     totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
+    # Staff may use the operations console (app/admin/); granted and revoked only from the command line
+    # (`flask users grant-staff EMAIL`), and only with two-factor sign-in on.
+    is_staff: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
     organization: Mapped[Organization] = relationship()
 

@@ -66,10 +66,27 @@ def entries(organization_id: int, catalogue: PlanCatalogue) -> list[AuditEntry]:
             user.id: f"{user.name} ({user.email})"
             for user in db.session.execute(select(User).where(User.organization_id == organization_id)).scalars()
         }
+        # Actions staff took from the operations console name them as Ledgerline's support, not by name.
+        outsiders = {int(ref) for ref in _user_references(events) if int(ref) not in people}
+        if outsiders:
+            people.update(
+                (user_id, "Ledgerline support")
+                for user_id in db.session.execute(
+                    select(User.id).where(User.id.in_(outsiders), User.is_staff.is_(True))
+                ).scalars()
+            )
     finally:
         db.session.rollback()
     context = _Context(people, catalogue)
     return [AuditEntry(event.occurred_at, sentence(event, context), actor(event.source, context)) for event in events]
+
+
+def _user_references(events: list[DomainEvent]) -> set[str]:
+    return {
+        reference
+        for kind, _, reference in (str(event.source or "").partition(":") for event in events)
+        if kind == "user" and reference.isdigit()
+    }
 
 
 def actor(source: str | None, context: _Context) -> str:

@@ -47,6 +47,8 @@ from app.services import (
     reconcile_reads,
     reconcile_run,
     settlement,
+    staff_actions,
+    staff_console,
     stripe_events,
     webhook_intake,
     whop_billing,
@@ -1136,6 +1138,36 @@ class BillingService:
         """Whop's redirect after payment: provision (or find provisioned) the signup, from the membership
         as Whop has it now (whop_billing.py)."""
         return whop_billing.complete_signup_from_redirect(pending_signup_id, membership_id)
+
+    # --- The operations console (app/admin/): its reads are staff_console.py's, its actions staff_actions.py's
+
+    @classmethod
+    def staff_organization(cls, organization_id: int) -> staff_console.OrganizationView | None:
+        return staff_console.organization_view(organization_id, cls, whop_billing.calls.retrieve_membership)
+
+    @classmethod
+    def staff_action(cls, request: staff_actions.StaffRequest) -> staff_actions.StaffOutcome:
+        return staff_actions.perform(request, cls)
+
+    @classmethod
+    def extend_trial(cls, organization_id: int, *, trial_end: int, request_token: str, actor_user_id: int) -> list[str]:
+        """Staff: a trialing subscription's trial (and so its first charge) ends later, at `trial_end`."""
+
+        def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
+            params: Any = {"trial_end": trial_end}
+            return client.v1.subscriptions.update(subscription_id, params=params, options={"idempotency_key": key})
+
+        allowed = staff_actions.trial_refusal
+        return cls._owner_subscription_change(organization_id, "trial", request_token, actor_user_id, allowed, call)
+
+    @classmethod
+    def refund_invoice(cls, invoice_id: str, *, amount: int | None, key: str) -> dict[str, Any]:
+        """Refund what a paid invoice took, whole or `amount` of it (staff, from the console)."""
+        client = cls.ensure_stripe()
+        with cls._calling_stripe("refund a payment"):
+            invoice = client.v1.invoices.retrieve(invoice_id, params={"expand": ["payments"]}).to_dict()
+            target: Any = {**settlement.refund_target(invoice, key), **({"amount": amount} if amount else {})}
+            return client.v1.refunds.create(params=target, options={"idempotency_key": key}).to_dict()
 
 
 @outbox.consumer("signup.conflict", name="settle_signup_conflict")

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import stripe
 
-from sandbox.tests.conftest import Receiver, Sandbox, paid_subscription
+from sandbox.tests.conftest import Receiver, Sandbox, create_session, paid_subscription, pay
 
 
 def _item(sub: Any, lookup_key: str) -> Any:
@@ -246,3 +246,24 @@ def test_interval_change_restarts_the_period(sandbox: Sandbox, prices: dict[str,
     assert invoice.amount_paid == preview.amount_due
     assert [line.amount for line in invoice.lines.data] == [line.amount for line in preview.lines.data]
     assert sum(line.amount < 0 for line in invoice.lines.data) == 2  # unused starter and seats credited
+
+
+def test_trial_end_moves_a_trialing_subscriptions_trial_and_period(
+    sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]
+) -> None:
+    session = create_session(sandbox, prices, subscription_data={"metadata": {"org_id": "42"}, "trial_period_days": 14})
+    assert pay(sandbox, session.id).status_code == 303
+    sub = sandbox.client.v1.checkout.sessions.retrieve(session.id, params={"expand": ["subscription"]}).subscription
+    assert sub.status == "trialing"
+    later = sub.trial_end + 7 * 86400
+    moved = sandbox.client.v1.subscriptions.update(sub.id, params={"trial_end": later})
+    assert moved.trial_end == later and moved.billing_cycle_anchor == later
+    assert {item.current_period_end for item in moved["items"].data} == {later}
+    with pytest.raises(stripe.InvalidRequestError) as past:
+        sandbox.client.v1.subscriptions.update(sub.id, params={"trial_end": int(time.time()) - 60})
+    assert past.value.param == "trial_end"
+    with pytest.raises(stripe.InvalidRequestError):
+        sandbox.client.v1.subscriptions.update(sub.id, params={"trial_end": int(time.time()) + 800 * 86400})
+    _, paid = paid_subscription(sandbox, prices)
+    with pytest.raises(stripe.InvalidRequestError, match="only on a trialing subscription"):
+        sandbox.client.v1.subscriptions.update(paid.id, params={"trial_end": later})
