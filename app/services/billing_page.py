@@ -38,7 +38,7 @@ class PageReads(Protocol):
 
     def read_subscription_for_page(self, subscription_id: str) -> dict[str, Any]: ...
 
-    def read_upcoming(self, subscription_id: str) -> dict[str, Any] | None: ...
+    def read_upcoming(self, subscription_id: str, schedule_id: str | None = None) -> dict[str, Any] | None: ...
 
     def read_schedule(self, schedule_id: str) -> dict[str, Any]: ...
 
@@ -74,8 +74,14 @@ def billing_details(organization: Organization, stripe: PageReads) -> BillingDet
         )
         details.subscription = facts if isinstance(facts, SubscriptionFacts) else None
     if subscription_id and live and not ending:
+        # A scheduled change (a downgrade at the period's end) is in the next invoice: Stripe previews
+        # the schedule, not the subscription's current items.
+        schedule_id = details.subscription.schedule_id if details.subscription is not None else None
         upcoming = cached_read(
-            organization_id, "upcoming", lambda: upcoming_invoice(stripe.read_upcoming(subscription_id)), details
+            organization_id,
+            "upcoming",
+            lambda: upcoming_invoice(stripe.read_upcoming(subscription_id, schedule_id)),
+            details,
         )
         details.upcoming = upcoming if isinstance(upcoming, UpcomingInvoice) else None
     if details.subscription is not None and details.subscription.schedule_id and live:

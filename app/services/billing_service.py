@@ -22,6 +22,7 @@ from typing import Any
 
 import stripe
 from flask import current_app
+from stripe.params import InvoiceCreatePreviewParams
 from stripe.params.checkout import (
     SessionCreateParams,
     SessionCreateParamsLineItem,
@@ -810,12 +811,14 @@ class BillingService:
             return cls._stripe_for_page_reads().v1.subscriptions.retrieve(subscription_id, options=PAGE_READ).to_dict()
 
     @classmethod
-    def read_upcoming(cls, subscription_id: str) -> dict[str, Any] | None:
+    def read_upcoming(cls, subscription_id: str, schedule_id: str | None = None) -> dict[str, Any] | None:
+        """Stripe's preview of the next invoice; of the schedule when one manages the subscription."""
+        params: InvoiceCreatePreviewParams = {"subscription": subscription_id}
+        if schedule_id:
+            params = {"schedule": schedule_id}
         try:
             with cls._calling_stripe("preview the next invoice"):
-                preview = cls._stripe_for_page_reads().v1.invoices.create_preview(
-                    params={"subscription": subscription_id}, options=PAGE_READ
-                )
+                preview = cls._stripe_for_page_reads().v1.invoices.create_preview(params=params, options=PAGE_READ)
         except PaymentProviderUnavailable as exc:
             if isinstance(exc.__cause__, stripe.InvalidRequestError):
                 return None  # Stripe says there is no next invoice (the subscription ends, say)
