@@ -145,6 +145,31 @@ def test_signup_through_whop_redirect_first(pair: Pair) -> None:
     assert len(pair.organizations()) == 1
 
 
+def test_a_declined_card_is_recorded_as_declined_and_ops_see_whop_events_by_default(pair: Pair) -> None:
+    """Whop's payment.failed for a card declined at checkout names no membership: it is what it is (a
+    declined payment, the signup still open), not a malformed event; `flask billing status` and
+    `flask billing events` count and list Whop's events without --provider."""
+    client = pair.app.test_client()
+    response = start_whop_signup(client)
+    declined = pair.double.pay(response.headers["Location"], card="4000 0000 0000 0002")
+    assert declined.status_code != 303, declined.text
+    [event] = query(pair.stored(1).app, "SELECT * FROM whop_event")
+    assert (event.type, event.status, event.last_error) == ("payment.failed", "processed", None)
+    assert event.outcome.startswith("declined at Whop's checkout: Your card was declined. (generic_decline)")
+    assert "no membership was made" in event.outcome and "stays open" in event.outcome
+    assert pair.organizations() == []
+    assert [row.status for row in query(pair.app, "SELECT status FROM pending_signup")] == ["pending"]
+
+    runner = pair.app.test_cli_runner()
+    status = runner.invoke(args=["billing", "status"])
+    assert status.exit_code == 0, status.output
+    assert "webhook events:  pending=0  processed=1  ignored=0  failed=0" in status.output, status.output
+    assert "  whop:          pending=0  processed=1  ignored=0  failed=0" in status.output, status.output
+    listing = runner.invoke(args=["billing", "events"])
+    assert "payment.failed" in listing.output and "declined at Whop's checkout" in listing.output, listing.output
+    assert "malformed" not in listing.output
+
+
 def test_signup_through_whop_webhook_first(pair: Pair) -> None:
     client = pair.app.test_client()
     back = pay_on_whop(pair, client)
