@@ -5,6 +5,8 @@ Whop's API, and reconcile repairing a missed deactivation."""
 
 from __future__ import annotations
 
+import html
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -250,6 +252,27 @@ def signed_up(pair: Pair) -> tuple[FlaskClient, Any]:
 
 def owner_post(client: FlaskClient, path: str, **fields: Any) -> Any:
     return client.post(path, data={"csrf_token": csrf_token(client, "/billing/"), "request_token": TOKEN, **fields})
+
+
+def test_the_billing_page_shows_what_whop_knows_and_plan_changes_offer_only_whop(pair: Pair) -> None:
+    """A Whop-billed organization's billing page: the renewal date beside the next charge at the price
+    Whop renews at, the card Whop charged as Whop reports it, Whop's payments; /billing/plan and
+    /billing/seats offer only what can be done (managing the membership on Whop), no form."""
+    client, org = signed_up(pair)
+    page = re.sub(r"\s+", " ", html.unescape(client.get("/billing/").get_data(as_text=True)))
+    renews = org.current_period_end.strftime("%-d %B %Y")
+    assert f'<dd id="renews">{renews}</dd>' in page, page
+    assert re.search(r'id="plan-price">.*\$19\.00 / month', page), page
+    assert f'id="next-invoice"> $19.00 on {renews} </dd>' in page, page
+    assert 'id="payment-method"> Visa ending in 4242, expires 12/2034 </dd>' in page, page
+    assert "None scheduled" not in page and "None on file" not in page
+    assert re.search(r'<tr class="invoice" data-invoice="pay_\w+">.*?\$19\.00.*?paid', page), page
+
+    for path in ("/billing/plan", "/billing/seats"):
+        offered = re.sub(r"\s+", " ", html.unescape(client.get(path).get_data(as_text=True)))
+        assert 'id="change-plan-form"' not in offered and 'id="preview-seats"' not in offered, offered
+        assert "You are on <strong>Starter</strong>, $19.00 / month, paid through Whop." in offered, offered
+        assert 'id="open-portal"' in offered and "Manage your membership on Whop" in offered
 
 
 def test_renewals_failed_payments_recovery_and_the_end_follow_whops_events(pair: Pair) -> None:

@@ -97,9 +97,22 @@ def _members_in_use(organization: Organization) -> int:
     return TeamService.seat_use(organization).members
 
 
+def _changed_on_whop(organization: Organization) -> str:
+    """A Whop-billed organization's plan and seats are changed on Whop: the page says what Whop bills
+    and offers the one thing that can be done, managing the membership there."""
+    return render_template(
+        "billing/changed_on_whop.html",
+        organization=organization,
+        details=BillingService.billing_details(organization),
+        portal_form=PortalForm(),
+    )
+
+
 @bp.get("/plan")
 def change_plan() -> str:
     organization = _owned_organization()
+    if organization.billed_by_whop:
+        return _changed_on_whop(organization)
     catalogue = plan_catalogue()
     details = BillingService.billing_details(organization)
     interval = details.subscription.interval if details.subscription else None
@@ -113,6 +126,8 @@ def change_plan() -> str:
 @bp.get("/seats")
 def change_seats() -> str:
     organization = _owned_organization()
+    if organization.billed_by_whop:
+        return _changed_on_whop(organization)
     catalogue = plan_catalogue()
     seat_key = seat_addon_key(catalogue)
     current_extra = organization.addon_quantities().get(seat_key or "", 0)

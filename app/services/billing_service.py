@@ -796,9 +796,9 @@ class BillingService:
 
     @classmethod
     def billing_details(cls, organization: Organization) -> BillingDetails:
-        """What the owner's billing page shows from Stripe (billing_page.py); never raises for Stripe's
-        sake: a part Stripe does not give in time is named in `unavailable`."""
-        return billing_page.billing_details(organization, cls)
+        """What the owner's billing page shows from Stripe, or from Whop for a Whop-billed organization
+        (billing_page.py); never raises for their sake: a part not given in time is named in `unavailable`."""
+        return billing_page.billing_details(organization, cls, whop_billing.calls)
 
     @staticmethod
     def forget_billing_reads(organization_id: int) -> None:
