@@ -266,6 +266,7 @@ def test_the_billing_page_shows_what_whop_knows_and_plan_changes_offer_only_whop
     assert f'id="next-invoice"> $19.00 on {renews} </dd>' in page, page
     assert 'id="payment-method"> Visa ending in 4242, expires 12/2034 </dd>' in page, page
     assert "None scheduled" not in page and "None on file" not in page
+    assert re.search(r'id="last-payment">\$19\.00 paid on \d{1,2} \w+ \d{4}</dd>', page), page
     assert re.search(r'<tr class="invoice" data-invoice="pay_\w+">.*?\$19\.00.*?paid', page), page
 
     for path in ("/billing/plan", "/billing/seats"):

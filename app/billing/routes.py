@@ -425,6 +425,14 @@ def _signup_returned(outcome: ProvisionOutcome, settled: str | None = None) -> R
         return redirect(url_for("main.dashboard"), 303)
     if current_user.is_authenticated and current_user.id == outcome.owner_user_id:
         return redirect(url_for("main.dashboard"), 303)
+    if current_user.is_authenticated and new_owner is not None:
+        # An old success link opened while signed in as someone else: this page is signed in.
+        flash(
+            f"The account this checkout paid for ({new_owner.email}) is ready. You are signed in as "
+            f"{current_user.email}: sign out and sign in as {new_owner.email} to use it.",
+            "info",
+        )
+        return redirect(url_for("main.dashboard"), 303)
     if new_owner is not None and not new_owner.password_hash:
         # Paid through a signup attempt that had already ended, whose password was erased (retention).
         flash("Your account is ready. Choose a password to sign in: we will email you a link.", "info")

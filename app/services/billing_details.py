@@ -8,11 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from app.services.subscription_state import from_unix
-from app.services.whop_state import parse_time
+from app.services.whop_state import minor_units, parse_time
 
 
 @dataclass(frozen=True)
@@ -239,16 +238,6 @@ def scheduled_change_from_stripe(schedule: Mapping[str, Any], now: int) -> Sched
                 quantities[str(key)] = int(item.get("quantity") or 1)
             return ScheduledChange(str(schedule["id"]), int(start), keys, quantities)
     return None
-
-
-def minor_units(money: Mapping[str, Any]) -> int | None:
-    """Whop's money ({"amount": "19.00", "decimals": 2, ...}) in the currency's minor units (cents)."""
-    try:
-        amount = Decimal(str(money.get("amount")))
-        decimals = int(money.get("decimals", 2))
-    except (InvalidOperation, TypeError, ValueError):
-        return None
-    return int((amount * (10**decimals)).to_integral_value()) if amount.is_finite() else None
 
 
 def _id(value: Any) -> str | None:

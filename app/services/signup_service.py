@@ -274,6 +274,7 @@ class SignupService:
         domain_events.record(
             "user.created", organization_id=organization.id, user_id=owner.id, source=source, role=owner.role
         )
+        paid = checkout_session.get("payment_status") in ("paid", "no_payment_required")
         domain_events.record(
             "signup.completed",
             organization_id=organization.id,
@@ -281,6 +282,9 @@ class SignupService:
             source=source,
             pending_signup_id=str(pending.id),
             checkout_session_id=checkout_session["id"],
+            # The receipt: what the checkout charged (None while an asynchronous payment settles).
+            amount_paid=checkout_session.get("amount_total") if paid else None,
+            currency=checkout_session.get("currency"),
         )
         pending.status = SignupStatus.COMPLETED
         pending.completed_at = utcnow()

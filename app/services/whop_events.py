@@ -38,7 +38,7 @@ from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import apply_subscription_state
 from app.services.webhook_intake import RESYNC_SOURCE
 from app.services.webhook_store import VerifiedEvent
-from app.services.whop_state import membership_as_of, parse_time, subscription_state_from_whop
+from app.services.whop_state import membership_as_of, minor_units, parse_time, subscription_state_from_whop
 
 WHOP_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
 WHOP_OBJECT_ID = re.compile(r"[A-Za-z0-9_]{1,255}")
@@ -293,10 +293,14 @@ def provision_membership(membership: Mapping[str, Any], *, source: str) -> Provi
         # A membership of another plan (a cheaper one, say) carrying this signup's id never provisions
         # the tier the signup chose.
         raise CheckoutSessionNotFound(f"That Whop membership is for another plan than the {pending.tier} plan chosen.")
+    price = membership.get("renewal_price") or {}
     checkout = {
         "id": pending.checkout_session_id or f"whop:{membership['id']}",
         "customer": state.customer_id,
         "payment_status": "no_payment_required" if state.status == BillingStatus.TRIALING else "paid",
+        # What the first payment charged (a trial charges nothing), for the welcome receipt.
+        "amount_total": 0 if state.status == BillingStatus.TRIALING else minor_units(price),
+        "currency": str(price.get("currency") or "usd"),
     }
     outcome = SignupService.complete_pending_signup_from_checkout(
         pending, checkout, state, source=source, billing_provider=BillingProvider.WHOP
