@@ -147,6 +147,8 @@ def whop_details(organization: Organization, whop: WhopPageReads) -> BillingDeta
     )
     if isinstance(payments, list):
         details.invoices = [InvoiceRow.from_whop(payment) for payment in payments]
+        if details.subscription is not None and payments:
+            details.subscription = replace(details.subscription, latest_invoice=str(payments[0].get("id")))
         charged = next((p for p in payments if p.get("payment_instrument")), None)
         details.payment_method = CardOnFile.from_whop(charged) if charged else None
     elif "invoices" in details.unavailable:

@@ -155,6 +155,7 @@ class SignupService:
             key = uuid.UUID(str(pending_signup_id))
         except ValueError:
             return None
+        _write_lock_on_sqlite(PendingSignup.id == key)
         return db.session.get(PendingSignup, key, with_for_update=True, populate_existing=True)
 
     @staticmethod
@@ -197,6 +198,7 @@ class SignupService:
         if reference_id:
             pending = SignupService.lock_pending_signup(reference_id)
         else:
+            _write_lock_on_sqlite(PendingSignup.checkout_session_id == checkout_session_id)
             pending = db.session.execute(
                 select(PendingSignup)
                 .where(PendingSignup.checkout_session_id == checkout_session_id)
@@ -319,6 +321,17 @@ class SignupService:
         pending.failure_reason = reason
         pending.password_hash = None  # retention: a signup that ended keeps no password
         domain_events.record(f"signup.{status}", source=source, pending_signup_id=str(pending.id), reason=reason)
+
+
+def _write_lock_on_sqlite(where: Any) -> None:
+    """SQLite (the development stand-in) ignores FOR UPDATE: a write first takes its one database write
+    lock, so a second provisioning of the same signup (the redirect and a webhook at once) waits for
+    this transaction and then reads the signup as it left it, as the row lock does on PostgreSQL."""
+    if db.session.get_bind().dialect.name == "sqlite":
+        db.session.execute(
+            update(PendingSignup).where(where).values(updated_at=PendingSignup.updated_at),
+            execution_options={"synchronize_session": False},
+        )
 
 
 def _id_of(value: str | dict[str, Any] | None) -> str | None:
