@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Locator, Page, expect
 
 from tests.conftest import PASSWORD, SmtpSink, email_confirmation_path, email_text, query
 from tests.live_support import (
@@ -43,6 +43,7 @@ CARD_DELAYED = "4000 0000 0000 3220"  # settles a few seconds later, then succee
 WHOP_SECRET = "ws_browser_walk_0123456789abcdef"
 WHOP_ACCOUNT = "biz_browser_walk"
 NEW_PASSWORD = "a brand new passphrase 42"
+GAP = 8  # pixels: what "apart" means between a button and a link, or two table headers
 
 
 @dataclass
@@ -93,6 +94,32 @@ def stack(
     finally:
         server.stop()
         whop.stop()
+
+
+# --- Layout: the faults a newcomer met (a price under its radio button, an invitation link overflowing
+# its card, table headers running together, a link touching a button) ----------------------------------
+
+
+def box(locator: Locator) -> dict[str, float]:
+    found = locator.bounding_box()
+    assert found is not None, f"{locator} is not on the page"
+    return dict(found)
+
+
+def text_box(locator: Locator) -> dict[str, float]:
+    """Where an element's text is drawn (a table cell's box includes its padding; its words do not)."""
+    found: dict[str, float] = locator.evaluate(
+        "el => { const r = document.createRange(); r.selectNodeContents(el); const b = r.getBoundingClientRect();"
+        " return {x: b.x, y: b.y, width: b.width, height: b.height}; }"
+    )
+    return found
+
+
+def assert_apart(left: Locator, right: Locator, what: str, *, text: bool = False) -> None:
+    """`right` starts at least GAP pixels after `left` ends (their visible boxes, or their words)."""
+    measure = text_box if text else box
+    a, b = measure(left), measure(right)
+    assert b["x"] - (a["x"] + a["width"]) >= GAP, f"{what}: {a} and {b} touch"
 
 
 # --- Steps a person takes ----------------------------------------------------------------------------
@@ -154,7 +181,9 @@ def test_a_monthly_owner_from_a_declined_card_to_cancelling(
     pay(page, CARD_DECLINED)
     expect(page.locator(".errors[role=alert]")).to_have_text("Your card was declined.")
     chromium.step("card declined")
-    assert query(app, "SELECT id FROM organization") == []
+    # Nothing was paid: nothing is provisioned, the signup is still open.
+    assert query(app, "SELECT id FROM organization") == [] and query(app, "SELECT id FROM user_account") == []
+    assert [row.status for row in query(app, "SELECT status FROM pending_signup")] == ["pending"]
     pay(page, CARD_OK)
     page.wait_for_url(f"{stack.url}/app")
     expect(page.locator("#billing-status")).to_have_text("Active")
@@ -167,14 +196,23 @@ def test_a_monthly_owner_from_a_declined_card_to_cancelling(
     expect(page.locator("#payment-method")).to_have_text("Visa ending in 4242, expires 12/2034")
     expect(page.locator("#last-payment")).to_contain_text("$29.00 paid on")
     expect(page.locator("tr.invoice")).to_have_count(1)
+    headers = page.locator("#invoices thead th")
+    expect(headers.nth(2)).to_have_text("Amount")
+    expect(headers.nth(3)).to_have_text("Status")
+    assert_apart(headers.nth(2), headers.nth(3), '"Amount" and "Status"', text=True)
     chromium.step("billing page")
 
-    # An upgrade, previewed then made at once.
+    # An upgrade, previewed then made at once. Each price beside its plan's name, not under the radio
+    # button; the links after the buttons stand apart from them.
     page.click("#change-plan")
+    radio, price = page.locator("#choose-business input[name=tier]"), page.locator("#choose-price-business")
+    assert box(price)["x"] >= box(radio)["x"] + box(radio)["width"], "the price sits under the radio button"
+    assert_apart(page.locator("#preview-plan"), page.locator("#change-plan-form > a"), "Preview button and link")
     page.check("input[name=tier][value=business]")
     page.click("#preview-plan")
     expect(page.locator("#preview-when")).to_contain_text("At once")
     expect(page.locator("#preview-recurring")).to_have_text("$109.00 / month")
+    assert_apart(page.locator("#confirm-change"), page.locator("#confirm-form > a"), "Confirm button and link")
     preview_and_confirm(chromium, "upgraded")
     expect(page.locator("#plan")).to_have_text("Business")
 
@@ -208,8 +246,10 @@ def test_a_monthly_owner_from_a_declined_card_to_cancelling(
     page.fill("#email", "grace@example.com")
     page.click("#invite-submit")
     expect(page.locator(".flash.success")).to_have_text("Invitation sent to grace@example.com.")
-    link = page.locator("#invitation-link a").get_attribute("href")
-    assert link and "/team/join/" in link
+    card, anchor = page.locator("#invitation-link"), page.locator("#invitation-link a")
+    link = anchor.get_attribute("href")
+    assert link and re.search(r"/team/join/[\w.\-]+$", link), link
+    assert box(anchor)["x"] + box(anchor)["width"] <= box(card)["x"] + box(card)["width"], "the link overflows"
     chromium.step("invitation sent")
     second = playwright_chromium.new_context(viewport={"width": 1100, "height": 900})
     try:
@@ -220,9 +260,15 @@ def test_a_monthly_owner_from_a_declined_card_to_cancelling(
         teammate.click("#join-submit")
         teammate.wait_for_url(f"{stack.url}/app")
         expect(teammate.locator("#signed-in-as")).to_contain_text("Grace Hopper (grace@example.com, member)")
+        expect(teammate.locator("#verify-banner")).to_have_count(0)  # no claim of an email never sent
+        teammate.goto(f"{stack.url}/billing/")
+        expect(teammate.locator("#members-no-billing")).to_be_visible()
         teammate.screenshot(path=str(chromium.folder / "teammate-dashboard.png"), full_page=True)
     finally:
         second.close()
+    page.reload()
+    expect(page.locator("#seats")).to_have_text("2 of 13 seats in use.")
+    chromium.step("team with the teammate")
 
     # The customer portal, and back.
     page.goto(f"{stack.url}/billing/")
@@ -349,10 +395,13 @@ def test_whop_signup_and_its_billing_page(chromium: BrowserPage, stack: Stack) -
     expect(page.locator("#plan")).to_have_text("Starter")
     chromium.step("dashboard")
 
+    def whop_events() -> list[tuple[str, str]]:
+        return [(row.type, row.status) for row in query(stack.app, "SELECT type, status FROM whop_event")]
+
     wait_until(
-        lambda: {row.status for row in query(stack.app, "SELECT status FROM whop_event")} == {"processed"},
+        lambda: {status for _, status in whop_events()} == {"processed"},
         20,
-        lambda: f"Whop's events were not all applied: {query(stack.app, 'SELECT type, status FROM whop_event')}",
+        lambda: f"Whop's events were not all applied: {whop_events()}",
     )
     page.goto(f"{stack.url}/billing/")
     expect(page.locator("#billed-by")).to_have_text("Whop")
