@@ -373,6 +373,40 @@ def test_a_yearly_signup_cancel_and_return_a_delayed_card_and_a_password_reset(
     chromium.step("signed in with the new password")
 
 
+def test_the_other_cards_yearly_4242_and_monthly_delayed(
+    chromium: BrowserPage, stack: Stack, playwright_chromium: Browser
+) -> None:
+    """The rest of the card matrix: yearly paid with 4242 at once, and monthly paid with a delayed card
+    (the processing page, then the dashboard), each with its price on the billing page."""
+    page = chromium.page
+    fill_signup(chromium, stack, email="yearly@example.com", tier="starter", interval="year")
+    submit_to_checkout(chromium, stack)
+    expect(page.locator("#total")).to_have_text("$190.00")
+    pay(page, CARD_OK)
+    page.wait_for_url(f"{stack.url}/app")
+    page.goto(f"{stack.url}/billing/")
+    expect(page.locator("#plan-price")).to_contain_text("$190.00 / year")
+    expect(page.locator("#last-payment")).to_contain_text("$190.00 paid on")
+    chromium.step("yearly paid with 4242")
+
+    other = playwright_chromium.new_context(viewport={"width": 1100, "height": 900})
+    try:
+        second = BrowserPage(other.new_page(), chromium.folder / "monthly-delayed")
+        second.folder.mkdir()
+        fill_signup(second, stack, email="monthly@example.com", tier="starter", seats=1)
+        submit_to_checkout(second, stack)
+        pay(second.page, CARD_DELAYED)
+        expect(second.page.locator("#payment-processing")).to_be_visible()
+        second.step("payment processing")
+        second.page.wait_for_url(f"{stack.url}/app", timeout=30_000)
+        second.page.goto(f"{stack.url}/billing/")
+        expect(second.page.locator("#plan-price")).to_contain_text("$19.00 / month")
+        expect(second.page.locator("#billing-status")).to_have_text("Active")
+        second.step("monthly paid with a delayed card")
+    finally:
+        other.close()
+
+
 def test_whop_signup_and_its_billing_page(chromium: BrowserPage, stack: Stack) -> None:
     """Pay through Whop (its restrictions said up front) → the dashboard → the billing page shows what
     Whop knows → "Change plan" offers only managing the membership on Whop."""
