@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from typing import TypeVar
+from typing import Any
 
 import click
 from flask import current_app
@@ -51,10 +51,17 @@ class BillingGroup(AppGroup):
 billing_cli = BillingGroup("billing", help="Billing operations: stored webhook events, replays, prices.")
 # Each provider's stored webhook deliveries (the tables share one shape; see webhook_store).
 EVENT_TABLES: dict[str, type[StripeEvent] | type[WhopEvent]] = {"stripe": StripeEvent, "whop": WhopEvent}
-Event = TypeVar("Event", StripeEvent, WhopEvent)
 provider_option = click.option(
-    "--provider", type=click.Choice(sorted(EVENT_TABLES)), default="stripe", show_default=True, help="Whose events."
+    "--provider",
+    type=click.Choice(["all", *sorted(EVENT_TABLES)]),
+    default="all",
+    show_default=True,
+    help="Whose events (every provider's by default).",
 )
+
+
+def _models(provider: str) -> list[tuple[str, type[StripeEvent] | type[WhopEvent]]]:
+    return [(name, model) for name, model in EVENT_TABLES.items() if provider in ("all", name)]
 
 
 @billing_cli.command("events")
@@ -62,21 +69,23 @@ provider_option = click.option(
 @click.option("--limit", default=50, show_default=True, help="How many, newest first.")
 @provider_option
 def list_events(status: str | None, limit: int, provider: str) -> None:
-    """List stored webhook events."""
-    rows: list[StripeEvent] | list[WhopEvent] = (
-        _recent(WhopEvent, status, limit) if provider == "whop" else _recent(StripeEvent, status, limit)
-    )
+    """List stored webhook events, every provider's (newest first) unless --provider names one."""
+    rows = sorted(
+        ((name, row) for name, model in _models(provider) for row in _recent(model, status, limit)),
+        key=lambda found: found[1].received_at,
+        reverse=True,
+    )[:limit]
     if not rows:
         click.echo("no events")
-    for row in rows:
+    for name, row in rows:
         detail = row.last_error if row.status == StripeEventStatus.FAILED else row.outcome
         click.echo(
-            f"{row.received_at:%Y-%m-%d %H:%M:%S}  {row.event_id}  {row.type:<40}  {row.status:<9}  "
+            f"{row.received_at:%Y-%m-%d %H:%M:%S}  {name:<6}  {row.event_id}  {row.type:<40}  {row.status:<9}  "
             f"attempts={row.attempts}  {detail or ''}"
         )
 
 
-def _recent(model: type[Event], status: str | None, limit: int) -> list[Event]:
+def _recent(model: type[StripeEvent] | type[WhopEvent], status: str | None, limit: int) -> list[Any]:
     query = select(model).order_by(model.received_at.desc()).limit(limit)
     if status:
         query = query.where(model.status == status)
@@ -88,21 +97,23 @@ def _recent(model: type[Event], status: str | None, limit: int) -> list[Event]:
 @click.option("--failed", "all_failed", is_flag=True, help="Replay every event whose processing failed.")
 @provider_option
 def replay(event_id: str | None, all_failed: bool, provider: str) -> None:
-    """Queue one stored event, or all failed ones, for the worker to apply again (read afresh, so a
-    fix to the code applies). Events already processed or ignored are left as they are."""
+    """Queue one stored event, or all failed ones (every provider's unless --provider names one), for
+    the worker to apply again (read afresh, so a fix to the code applies). Events already processed or
+    ignored are left as they are."""
     if bool(event_id) == all_failed:
         raise click.UsageError("give an EVENT_ID or --failed, not both")
-    model = EVENT_TABLES[provider]
     event_ids = (
         [event_id]
         if event_id
-        else list(
-            db.session.execute(
+        else [
+            failed_id
+            for _, model in _models(provider)
+            for failed_id in db.session.execute(
                 select(model.event_id)
                 .where(model.status == StripeEventStatus.FAILED)
                 .order_by(getattr(model, model.created_column), model.id)
             ).scalars()
-        )
+        ]
     )
     failures = 0
     for replayed_id in event_ids:
@@ -186,6 +197,8 @@ def status(as_json: bool) -> None:
         click.echo("jobs:            no queue: on the SQLite stand-in jobs run inside the app as they are made")
         click.echo("                 (set DATABASE_URL to a PostgreSQL database for the queue and its figures)")
     click.echo("webhook events:  " + "  ".join(f"{state}={count}" for state, count in figures.webhook_events.items()))
+    for provider, counts in figures.webhook_events_by_provider.items():
+        click.echo(f"  {provider + ':':<15}" + "  ".join(f"{state}={count}" for state, count in counts.items()))
     click.echo(f"oldest pending:  {figures.oldest_pending_event_seconds:.1f} s")
 
 

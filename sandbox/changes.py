@@ -511,10 +511,12 @@ def preview_invoice(
     proration_date: int | None,
     proration_behavior: str | None,
     cancel_at_period_end: bool | None,
+    renewal: list[ItemChange] | None = None,
 ) -> Obj:
     """The invoice Stripe would create next for a subscription, with the given change applied:
     with always_invoice, the invoice the change itself creates; otherwise the next renewal,
-    carrying the pending and new prorations. It has no id, as on Stripe."""
+    carrying the pending and new prorations. `renewal` (a schedule's next phase) changes the items
+    the renewal bills. It has no id, as on Stripe."""
     if subscription_id is None:
         raise StripeError(
             "The sandbox previews invoices for an existing subscription: pass subscription.",
@@ -558,9 +560,10 @@ def preview_invoice(
                 "No upcoming invoices for customer: the subscription is set to cancel at the end of the period.",
                 code="invoice_upcoming_none",
             )
-        next_end = add_interval(end, *_interval(plan.items))
+        renewed = _planned_items(store, subscription, renewal) if renewal else plan.items
+        next_end = add_interval(end, *_interval(renewed))
         lines = [line_from_invoice_item(ii, None) for ii in [*waiting, *new_prorations]]
-        lines += [recurring_line(i, subscription["id"], None, end, next_end) for i in plan.items]
+        lines += [recurring_line(i, subscription["id"], None, end, next_end) for i in renewed]
         reason, created = "upcoming", end
         next_attempt = end + 3600
     invoice = build_invoice(customer, subscription, lines, reason, created)

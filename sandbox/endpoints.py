@@ -121,7 +121,31 @@ def update_subscription(params: Params, subscription_id: str) -> Obj:
 
 @endpoint("/invoices/create_preview", "POST")
 def create_preview(params: Params) -> Obj:
-    reject_unknown(params, ("customer", "subscription", "subscription_details"))
+    reject_unknown(params, ("customer", "subscription", "subscription_details", "schedule", "schedule_details"))
+    if "schedule" in params or "schedule_details" in params:
+        # A schedule's next invoice: the renewal with the items of the phase in effect then.
+        for other in ("subscription", "subscription_details"):
+            if other in params:
+                raise StripeError(
+                    f"You cannot preview the upcoming invoice for a schedule and pass `{other}`.", param=other
+                )
+        details = mapping(params, "schedule_details") or {}
+        reject_unknown(details, ("phases", "end_behavior", "proration_behavior"), "schedule_details")
+        _choice(details, "proration_behavior", changes.PRORATION_BEHAVIORS, "schedule_details")
+        schedule_id = string(params, "schedule")
+        if schedule_id is None:
+            raise StripeError(
+                "The sandbox previews existing schedules: pass schedule (with schedule_details to preview new phases).",
+                code="parameter_missing",
+                param="schedule",
+            )
+        return schedules.preview_invoice(
+            current_store(),
+            schedule_id,
+            customer_id=string(params, "customer"),
+            phases=_phase_inputs(details, "schedule_details"),
+            end_behavior=_choice(details, "end_behavior", schedules.END_BEHAVIORS, "schedule_details"),
+        )
     details = mapping(params, "subscription_details") or {}
     path = "subscription_details"
     reject_unknown(details, ("items", "proration_date", "proration_behavior", "cancel_at_period_end"), path)
@@ -161,27 +185,7 @@ def retrieve_subscription_schedule(params: Params, schedule_id: str) -> Obj:
 def update_subscription_schedule(params: Params, schedule_id: str) -> Obj:
     reject_unknown(params, ("phases", "end_behavior", "metadata", "proration_behavior"))
     _choice(params, "proration_behavior", changes.PRORATION_BEHAVIORS)
-    phases = None
-    raw_phases = array(params, "phases")
-    if raw_phases is not None:
-        phases = []
-        for index, raw in enumerate(raw_phases):
-            path = f"phases[{index}]"
-            if not isinstance(raw, dict):
-                raise StripeError("Invalid object", param=path)
-            reject_unknown(raw, ("items", "start_date", "end_date"), path)
-            items = []
-            for j, item in enumerate(array(raw, "items", path) or []):
-                where = f"{path}[items][{j}]"
-                if not isinstance(item, dict):
-                    raise StripeError("Invalid object", param=where)
-                reject_unknown(item, ("price", "quantity"), where)
-                price = required_string(item, "price", where)
-                items.append((price, integer(item, "quantity", where, minimum=0) or 1))
-            start: int | str | None = string(raw, "start_date", path)
-            if start is not None and start != "now":
-                start = integer(raw, "start_date", path)
-            phases.append(schedules.PhaseInput(items=items, start_date=start, end_date=integer(raw, "end_date", path)))
+    phases = _phase_inputs(params)
     return schedules.update_schedule(
         current_store(),
         schedule_id,
@@ -190,6 +194,32 @@ def update_subscription_schedule(params: Params, schedule_id: str) -> Obj:
         metadata=metadata(params),
         origin=_origin(),
     )
+
+
+def _phase_inputs(params: Params, prefix: str = "") -> list[schedules.PhaseInput] | None:
+    """A schedule's `phases` as given (to update a schedule, or to preview one with schedule_details)."""
+    raw_phases = array(params, "phases", prefix)
+    if raw_phases is None:
+        return None
+    phases = []
+    for index, raw in enumerate(raw_phases):
+        path = f"{prefix}[phases][{index}]" if prefix else f"phases[{index}]"
+        if not isinstance(raw, dict):
+            raise StripeError("Invalid object", param=path)
+        reject_unknown(raw, ("items", "start_date", "end_date"), path)
+        items = []
+        for j, item in enumerate(array(raw, "items", path) or []):
+            where = f"{path}[items][{j}]"
+            if not isinstance(item, dict):
+                raise StripeError("Invalid object", param=where)
+            reject_unknown(item, ("price", "quantity"), where)
+            price = required_string(item, "price", where)
+            items.append((price, integer(item, "quantity", where, minimum=0) or 1))
+        start: int | str | None = string(raw, "start_date", path)
+        if start is not None and start != "now":
+            start = integer(raw, "start_date", path)
+        phases.append(schedules.PhaseInput(items=items, start_date=start, end_date=integer(raw, "end_date", path)))
+    return phases
 
 
 @endpoint("/subscription_schedules/<schedule_id>/release", "POST")

@@ -315,7 +315,9 @@ def apply_due_phases(store: Store, now: int, subscription_id: str | None = None,
     return changed
 
 
-def _apply_phase(store: Store, subscription: Obj, phase: Obj, now: int) -> None:
+def phase_item_changes(subscription: Obj, phase: Obj) -> list[changes.ItemChange]:
+    """The item changes that give the subscription a phase's items (additions first, so the
+    subscription is never momentarily empty)."""
     by_price = {item["price"]["id"]: item for item in subscription["items"]["data"]}
     wanted = {item["price"]: item["quantity"] for item in phase["items"]}
     updates = [
@@ -329,8 +331,12 @@ def _apply_phase(store: Store, subscription: Obj, phase: Obj, now: int) -> None:
             updates.append(changes.ItemChange(index=index, id=by_price[price_id]["id"], quantity=quantity))
         else:
             updates.append(changes.ItemChange(index=index, price=price_id, quantity=quantity))
-    # Additions first so the subscription is never momentarily empty.
     updates.sort(key=lambda change: change.deleted)
+    return updates
+
+
+def _apply_phase(store: Store, subscription: Obj, phase: Obj, now: int) -> None:
+    updates = phase_item_changes(subscription, phase)
     start, end = changes.period(subscription)
     changes.update_subscription(
         store,
@@ -341,6 +347,45 @@ def _apply_phase(store: Store, subscription: Obj, phase: Obj, now: int) -> None:
             proration_date=max(start, min(now, end)),
             given={"items", "proration_behavior", "proration_date"},
         ),
+    )
+
+
+def preview_invoice(
+    store: Store,
+    schedule_id: str,
+    *,
+    customer_id: str | None,
+    phases: list[PhaseInput] | None,
+    end_behavior: str | None,
+) -> Obj:
+    """`POST /v1/invoices/create_preview` with `schedule` (and `schedule_details`): the next invoice of
+    the schedule's subscription, its renewal billing the items of the phase in effect when the current
+    period ends (the schedule's phases, or those given, as an update would build them). A schedule that
+    cancels its subscription at that moment has no upcoming invoice."""
+    schedule = load(store, "subscription_schedule", schedule_id, "schedule", 400)
+    if schedule["status"] not in ("active", "not_started") or not schedule["subscription"]:
+        raise StripeError(
+            f"No upcoming invoices for the subscription schedule {schedule_id}: it is {schedule['status']}.",
+            code="invoice_upcoming_none",
+        )
+    subscription = load(store, "subscription", schedule["subscription"], "schedule", 400)
+    built = _build_phases(store, schedule, phases, simtime.now()) if phases is not None else schedule["phases"]
+    _, end = changes.period(subscription)
+    if end >= built[-1]["end_date"] and (end_behavior or schedule["end_behavior"]) == "cancel":
+        raise StripeError(
+            "No upcoming invoices for customer: the subscription schedule cancels the subscription.",
+            code="invoice_upcoming_none",
+        )
+    in_effect = next((phase for phase in built if phase["start_date"] <= end < phase["end_date"]), None)
+    return changes.preview_invoice(
+        store,
+        customer_id=customer_id,
+        subscription_id=subscription["id"],
+        items=None,
+        proration_date=None,
+        proration_behavior=None,
+        cancel_at_period_end=None,
+        renewal=phase_item_changes(subscription, in_effect) if in_effect is not None else None,
     )
 
 

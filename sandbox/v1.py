@@ -158,14 +158,14 @@ def endpoint(rule: str, method: str) -> Callable[[Callable[..., Obj]], Callable[
 
 def _clock_subject(path_args: dict[str, str], params: Params) -> str | None:
     """The object whose test clock (if any) gives this request its time: the object in the
-    path, else the first of the `customer`, `subscription`, `from_subscription`, `invoice`,
+    path, else the first of the `customer`, `subscription`, `schedule`, `from_subscription`, `invoice`,
     `payment_intent` or `charge` parameters. Checkout Sessions keep the wall clock, because
     their expiry is real time for the person paying."""
     if request.path.startswith("/v1/checkout/"):
         return None
     if path_args:
         return next(iter(path_args.values()))
-    for key in ("customer", "subscription", "from_subscription", "invoice", "payment_intent", "charge"):
+    for key in ("customer", "subscription", "schedule", "from_subscription", "invoice", "payment_intent", "charge"):
         value = params.get(key)
         if isinstance(value, str) and value:
             return value

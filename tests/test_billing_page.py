@@ -158,6 +158,25 @@ def test_the_billing_page_shows_the_plan_in_plain_words(app: Flask, owner: Owner
     assert "Extra seats × 2" in page
     assert all(f'id="{action}"' in page for action in ("open-portal", "cancel"))
     assert 'id="resume"' not in page and 'id="resubscribe"' not in page
+    # The last payment with its amount and day, not a bare "paid".
+    assert f'id="last-payment">$29.00 paid on {row.last_payment_at:%d %B %Y}</dd>'.replace(" 0", " ") in page, page
+
+
+def test_an_old_success_link_opened_while_someone_else_is_signed_in_says_so(
+    app: Flask, owner: Owner, offline_stripe: SandboxAccount
+) -> None:
+    """Reopening a finished signup's success URL while signed in as another account: the signed-in page
+    says whose account it is, never "Sign in to continue"."""
+    other = app.test_client()
+    session = sign_up(other, offline_stripe, email="grace@example.com", organization_name="Grace's")
+    response = owner.client.get(f"/billing/complete-signup-from-stripe?session_id={session['id']}")
+    assert (response.status_code, response.headers["Location"]) == (303, "/app")
+    page = owner.client.get("/app").get_data(as_text=True)
+    assert "Sign in to continue" not in page
+    assert (
+        "The account this checkout paid for (grace@example.com) is ready. You are signed in as ada@example.com"
+        in page.replace("&#39;", "'")
+    ), page
 
 
 def test_the_portal_opens_for_the_organizations_customer(

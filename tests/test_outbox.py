@@ -3,6 +3,8 @@ emails travel over real SMTP (aiosmtpd)."""
 
 from __future__ import annotations
 
+import re
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask
@@ -141,4 +143,9 @@ def test_signup_sends_the_owner_one_welcome_email_with_a_receipt(
     html = email_html(message)
     assert "Analytical Engines" in text and "Receipt" in text and "Starter" in text
     assert "<strong>Analytical Engines</strong>" in html
-    assert "extra_seats × 2" in text
+    assert "Extra seats × 2" in text
+    # A receipt a person reads: the amount charged and the day, never the provider's ids.
+    today = f"{datetime.now(UTC):%-d %B %Y}"
+    assert f"Paid: $29.00 on {today}" in text, text
+    assert f"<td>$29.00 on {today}</td>" in html, html
+    assert not re.search(r"\b(in|cs_test|sub|cus)_\w+", text + html), text

@@ -160,6 +160,11 @@ def test_a_downgrade_is_scheduled_for_the_end_of_the_period_and_can_be_withdrawn
 
     page = flashes(owner.client)
     assert 'id="scheduled-change"' in page and "Starter (monthly)" in page
+    # The next invoice shown is what the renewal will charge: the new plan (Stripe's preview of the
+    # schedule), not the current one.
+    assert re.search(r'id="next-invoice">\s*\$24\.00 on ', page), page
+    schedule_previews = [r["params"] for r in stack.requests_to("POST", "/v1/invoices/create_preview")]
+    assert {"schedule": subscription["schedule"]} in schedule_previews, schedule_previews
     assert owner.post("/billing/plan/keep").status_code == 303
     assert "the scheduled change is withdrawn" in flashes(owner.client)
     released = stack.stripe("GET", f"/subscription_schedules/{subscription['schedule']}")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from flask import Flask
 
 from config import BaseConfig, DevelopmentConfig, ProductionConfig
-from tests.conftest import SandboxAccount, checkout_session_id, csrf_token, signup_form, start_signup
+from tests.conftest import SandboxAccount, checkout_session_id, csrf_token, query, signup_form, start_signup
 
 
 def checked(page: str, name: str) -> list[str]:
@@ -33,6 +33,44 @@ def test_cancel_and_return_keeps_tier_interval_add_ons_and_provider(app: Flask, 
     other = app.test_client()
     checkout_session_id(start_signup(other, email="grace@example.com", tier="starter", addon_extra_seats="0"))
     assert checked(other.get("/auth/signup?checkout=canceled").get_data(as_text=True), "interval") == ["month"]
+
+
+def test_cancel_and_return_after_paying_says_it_was_paid_and_where_to_go(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
+    """Pay, press Back to the completed checkout, follow "Cancel and return": never "nothing was charged"."""
+    # Paid, the success page not reached yet: the cancel return sends the browser to it, which makes the
+    # account and signs this browser in.
+    client = app.test_client()
+    session_id = checkout_session_id(start_signup(client))
+    offline_stripe.pay(session_id)
+    response = client.get("/auth/signup?checkout=canceled")
+    assert response.status_code == 303, response.get_data(as_text=True)
+    assert response.headers["Location"] == f"/billing/complete-signup-from-stripe?session_id={session_id}"
+    landed = client.get(response.headers["Location"], follow_redirects=True).get_data(as_text=True)
+    assert "This checkout was already completed, so nothing was canceled." in landed
+    assert "nothing was charged" not in landed
+    assert 'id="organization-name">Analytical Engines<' in landed
+
+    # Signed in as its owner, Back and "Cancel and return" again: paid, and the billing page says what.
+    response = client.get("/auth/signup?checkout=canceled")
+    assert (response.status_code, response.headers["Location"]) == (303, "/billing/")
+    page = client.get("/billing/").get_data(as_text=True)
+    assert "This checkout was already paid, so nothing was canceled: Analytical Engines is subscribed." in page
+    assert "nothing was charged" not in page
+
+    # Another browser paid, and the webhook made the account before it came back: the success page signs
+    # it in (it started the signup), saying nothing was canceled.
+    other = app.test_client()
+    other_session = checkout_session_id(start_signup(other, email="grace@example.com"))
+    offline_stripe.pay(other_session)
+    offline_stripe.deliver(other)
+    assert len(query(app, "SELECT id FROM organization")) == 2
+    response = other.get("/auth/signup?checkout=canceled", follow_redirects=True)
+    page = response.get_data(as_text=True)
+    assert response.request.path == "/app", page
+    assert "This checkout was already completed, so nothing was canceled." in page
+    assert "grace@example.com, owner" in page
 
 
 def test_a_rate_limited_signup_says_how_long_to_wait_and_keeps_the_typed_form(

@@ -5,6 +5,8 @@ Whop's API, and reconcile repairing a missed deactivation."""
 
 from __future__ import annotations
 
+import html
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -145,6 +147,31 @@ def test_signup_through_whop_redirect_first(pair: Pair) -> None:
     assert len(pair.organizations()) == 1
 
 
+def test_a_declined_card_is_recorded_as_declined_and_ops_see_whop_events_by_default(pair: Pair) -> None:
+    """Whop's payment.failed for a card declined at checkout names no membership: it is what it is (a
+    declined payment, the signup still open), not a malformed event; `flask billing status` and
+    `flask billing events` count and list Whop's events without --provider."""
+    client = pair.app.test_client()
+    response = start_whop_signup(client)
+    declined = pair.double.pay(response.headers["Location"], card="4000 0000 0000 0002")
+    assert declined.status_code != 303, declined.text
+    [event] = query(pair.stored(1).app, "SELECT * FROM whop_event")
+    assert (event.type, event.status, event.last_error) == ("payment.failed", "processed", None)
+    assert event.outcome.startswith("declined at Whop's checkout: Your card was declined. (generic_decline)")
+    assert "no membership was made" in event.outcome and "stays open" in event.outcome
+    assert pair.organizations() == []
+    assert [row.status for row in query(pair.app, "SELECT status FROM pending_signup")] == ["pending"]
+
+    runner = pair.app.test_cli_runner()
+    status = runner.invoke(args=["billing", "status"])
+    assert status.exit_code == 0, status.output
+    assert "webhook events:  pending=0  processed=1  ignored=0  failed=0" in status.output, status.output
+    assert "  whop:          pending=0  processed=1  ignored=0  failed=0" in status.output, status.output
+    listing = runner.invoke(args=["billing", "events"])
+    assert "payment.failed" in listing.output and "declined at Whop's checkout" in listing.output, listing.output
+    assert "malformed" not in listing.output
+
+
 def test_signup_through_whop_webhook_first(pair: Pair) -> None:
     client = pair.app.test_client()
     back = pay_on_whop(pair, client)
@@ -225,6 +252,28 @@ def signed_up(pair: Pair) -> tuple[FlaskClient, Any]:
 
 def owner_post(client: FlaskClient, path: str, **fields: Any) -> Any:
     return client.post(path, data={"csrf_token": csrf_token(client, "/billing/"), "request_token": TOKEN, **fields})
+
+
+def test_the_billing_page_shows_what_whop_knows_and_plan_changes_offer_only_whop(pair: Pair) -> None:
+    """A Whop-billed organization's billing page: the renewal date beside the next charge at the price
+    Whop renews at, the card Whop charged as Whop reports it, Whop's payments; /billing/plan and
+    /billing/seats offer only what can be done (managing the membership on Whop), no form."""
+    client, org = signed_up(pair)
+    page = re.sub(r"\s+", " ", html.unescape(client.get("/billing/").get_data(as_text=True)))
+    renews = org.current_period_end.strftime("%-d %B %Y")
+    assert f'<dd id="renews">{renews}</dd>' in page, page
+    assert re.search(r'id="plan-price">.*\$19\.00 / month', page), page
+    assert f'id="next-invoice"> $19.00 on {renews} </dd>' in page, page
+    assert 'id="payment-method"> Visa ending in 4242, expires 12/2034 </dd>' in page, page
+    assert "None scheduled" not in page and "None on file" not in page
+    assert re.search(r'id="last-payment">\$19\.00 paid on \d{1,2} \w+ \d{4}</dd>', page), page
+    assert re.search(r'<tr class="invoice" data-invoice="pay_\w+">.*?\$19\.00.*?paid', page), page
+
+    for path in ("/billing/plan", "/billing/seats"):
+        offered = re.sub(r"\s+", " ", html.unescape(client.get(path).get_data(as_text=True)))
+        assert 'id="change-plan-form"' not in offered and 'id="preview-seats"' not in offered, offered
+        assert "You are on <strong>Starter</strong>, $19.00 / month, paid through Whop." in offered, offered
+        assert 'id="open-portal"' in offered and "Manage your membership on Whop" in offered
 
 
 def test_renewals_failed_payments_recovery_and_the_end_follow_whops_events(pair: Pair) -> None:

@@ -26,7 +26,8 @@ from app.rate_limits import AttemptLimit, limit_attempts
 from app.services.account_service import AccountService, InvalidLink
 from app.services.auth_service import AuthService, normalise_email
 from app.services.billing_service import BillingError, BillingService, PaymentProviderUnavailable, plan_catalogue
-from app.services.signup_service import SignupError, SignupService
+from app.services.checkout_return import CanceledCheckout, ReturnState, canceled_checkout
+from app.services.signup_service import SignupError
 from app.services.two_factor_service import TwoFactorError, TwoFactorService
 
 bp = Blueprint("auth", __name__)
@@ -84,10 +85,13 @@ def rate_limited(error: HTTPException) -> tuple[str | Response, int, dict[str, s
 
 
 @bp.get("/signup")
-def signup() -> str:
+def signup() -> str | Response:
     form = signup_form(plan_catalogue())
     if request.args.get("checkout") == "canceled":
-        pending = SignupService.pending_signup(held_signup_id())
+        returned = canceled_checkout(_signup_started_here(), BillingService)
+        if returned.state in (ReturnState.PROVISIONED, ReturnState.PAID):
+            return _paid_checkout_returned(returned)
+        pending = returned.pending
         if pending is not None:
             # The pending signup holds who and what; the billing interval and the provider are this
             # browser's choices, kept beside it in the session when the checkout was started.
@@ -104,12 +108,55 @@ def signup() -> str:
                     **{f"addon_{key}": quantity for key, quantity in (pending.addons or {}).items()},
                 }
             )
-        flash(
-            "Checkout was canceled and nothing was charged. Your details are kept: continue when you are ready.", "info"
-        )
+        if returned.state == ReturnState.UNKNOWN:
+            flash(
+                "Checkout was left, and we could not ask our payment provider just now whether it was paid. If you "
+                "paid, do not pay again: your account is made automatically, so sign in again in a few minutes. "
+                "Your details are kept.",
+                "info",
+            )
+        else:
+            flash(
+                "Checkout was canceled and nothing was charged. Your details are kept: continue when you are ready.",
+                "info",
+            )
     elif request.args.get("plan") in plan_catalogue().tiers:
         form.tier.data = request.args["plan"]
     return _signup_page(form)
+
+
+def _signup_started_here() -> str | None:
+    """The signup this browser started: held until its success page signs the owner in, and named
+    beside the browser's choices afterwards (a customer may come back to Checkout after paying)."""
+    held = held_signup_id()
+    if held:
+        return held
+    choices = session.get(SIGNUP_CHOICES_KEY)
+    return str(choices["signup_id"]) if isinstance(choices, dict) and choices.get("signup_id") else None
+
+
+def _paid_checkout_returned(returned: CanceledCheckout) -> Response:
+    """ "Cancel and return" followed from a checkout that was already paid (Back after paying): nothing
+    was canceled; say so, and send the customer where the account is."""
+    pending = returned.pending
+    assert pending is not None
+    if current_user.is_authenticated and pending.organization_id is not None:
+        if current_user.organization_id == pending.organization_id:
+            flash(
+                f"This checkout was already paid, so nothing was canceled: {pending.organization_name} is "
+                "subscribed. Your billing page shows the plan and its invoices.",
+                "info",
+            )
+            return redirect(url_for("billing.overview"), 303)
+        flash(
+            f"This checkout was already paid, so nothing was canceled: the account for {pending.email} is ready. "
+            f"You are signed in as {current_user.email}; sign out and sign in as {pending.email} to use it.",
+            "info",
+        )
+        return redirect(url_for("main.dashboard"), 303)
+    # The success page makes the account if it is not made yet, and signs in the browser that started it.
+    flash("This checkout was already completed, so nothing was canceled.", "info")
+    return redirect(url_for("billing.complete_signup_from_stripe", session_id=returned.checkout_session_id), 303)
 
 
 @bp.post("/signup")

@@ -97,9 +97,22 @@ def _members_in_use(organization: Organization) -> int:
     return TeamService.seat_use(organization).members
 
 
+def _changed_on_whop(organization: Organization) -> str:
+    """A Whop-billed organization's plan and seats are changed on Whop: the page says what Whop bills
+    and offers the one thing that can be done, managing the membership there."""
+    return render_template(
+        "billing/changed_on_whop.html",
+        organization=organization,
+        details=BillingService.billing_details(organization),
+        portal_form=PortalForm(),
+    )
+
+
 @bp.get("/plan")
 def change_plan() -> str:
     organization = _owned_organization()
+    if organization.billed_by_whop:
+        return _changed_on_whop(organization)
     catalogue = plan_catalogue()
     details = BillingService.billing_details(organization)
     interval = details.subscription.interval if details.subscription else None
@@ -113,6 +126,8 @@ def change_plan() -> str:
 @bp.get("/seats")
 def change_seats() -> str:
     organization = _owned_organization()
+    if organization.billed_by_whop:
+        return _changed_on_whop(organization)
     catalogue = plan_catalogue()
     seat_key = seat_addon_key(catalogue)
     current_extra = organization.addon_quantities().get(seat_key or "", 0)
@@ -409,6 +424,14 @@ def _signup_returned(outcome: ProvisionOutcome, settled: str | None = None) -> R
         flash("Welcome! Your organization is ready.", "success")
         return redirect(url_for("main.dashboard"), 303)
     if current_user.is_authenticated and current_user.id == outcome.owner_user_id:
+        return redirect(url_for("main.dashboard"), 303)
+    if current_user.is_authenticated and new_owner is not None:
+        # An old success link opened while signed in as someone else: this page is signed in.
+        flash(
+            f"The account this checkout paid for ({new_owner.email}) is ready. You are signed in as "
+            f"{current_user.email}: sign out and sign in as {new_owner.email} to use it.",
+            "info",
+        )
         return redirect(url_for("main.dashboard"), 303)
     if new_owner is not None and not new_owner.password_hash:
         # Paid through a signup attempt that had already ended, whose password was erased (retention).

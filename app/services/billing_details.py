@@ -1,6 +1,7 @@
-"""What the owner's billing page shows beyond the organization's own row, read from Stripe objects
-(plain dicts) into small values that can be cached: the plan's prices, the next invoice, the payment
-method on file and the invoice history. Pure: BillingService fetches, caches and degrades; this reads."""
+"""What the owner's billing page shows beyond the organization's own row, read from Stripe's objects
+or Whop's (plain dicts) into small values that can be cached: the plan's prices, the next invoice, the
+payment method on file and the invoice history. Pure: BillingService fetches, caches and degrades;
+this reads."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from app.services.subscription_state import from_unix
+from app.services.whop_state import minor_units, parse_time
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,23 @@ class SubscriptionFacts:
             latest_invoice=_id(subscription.get("latest_invoice")),
         )
 
+    @classmethod
+    def from_whop(cls, membership: Mapping[str, Any]) -> SubscriptionFacts:
+        """A Whop membership's price: its renewal price every `billing_period_days` (a month)."""
+        price = membership.get("renewal_price") or membership.get("initial_price") or {}
+        days = membership.get("billing_period_days")
+        interval = "year" if isinstance(days, int | float) and days >= 365 else "month"
+        product = membership.get("product") or {}
+        line = PlanLine(
+            description=str(product.get("title") or membership.get("plan_id") or ""),
+            lookup_key=None,
+            quantity=1,
+            unit_amount=minor_units(price),
+            currency=str(price.get("currency") or "usd"),
+            interval=interval,
+        )
+        return cls(lines=[line], interval=interval, default_payment_method=None, schedule_id=None, latest_invoice=None)
+
     def to_cache(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -89,6 +108,16 @@ class UpcomingInvoice:
         date = invoice.get("next_payment_attempt") or invoice.get("period_end") or invoice.get("created")
         return cls(int(invoice.get("amount_due") or 0), str(invoice.get("currency") or "usd"), date)
 
+    @classmethod
+    def from_whop(cls, membership: Mapping[str, Any]) -> UpcomingInvoice | None:
+        """Whop's next charge: the renewal price at the period's end (none for a non-renewing one)."""
+        price = membership.get("renewal_price")
+        renews = parse_time(membership.get("current_period_end"))
+        amount = minor_units(price or {})
+        if not price or amount is None or renews is None:
+            return None
+        return cls(amount, str(price.get("currency") or "usd"), int(renews.timestamp()))
+
 
 @dataclass(frozen=True)
 class CardOnFile:
@@ -108,6 +137,23 @@ class CardOnFile:
             exp_month=details.get("exp_month"),
             exp_year=details.get("exp_year"),
             kind=kind,
+        )
+
+    @classmethod
+    def from_whop(cls, payment: Mapping[str, Any]) -> CardOnFile | None:
+        """The card of a Whop payment, as Whop reports it (`payment_instrument`); None without one."""
+        instrument = payment.get("payment_instrument") or {}
+        card = instrument.get("card") or {}
+        kind = str(instrument.get("payment_method_type") or payment.get("payment_method_type") or "")
+        if not card and not kind:
+            return None
+        exp_month, exp_year = card.get("exp_month"), card.get("exp_year")
+        return cls(
+            brand=str(card.get("brand") or instrument.get("display_name") or kind).replace("_", " ").title(),
+            last4=str(card.get("last4") or "????"),
+            exp_month=int(exp_month) if exp_month else None,
+            exp_year=int(exp_year) if exp_year else None,
+            kind=kind or "card",
         )
 
 
@@ -140,6 +186,22 @@ class InvoiceRow:
             status=invoice.get("status"),
             hosted_invoice_url=_safe_url(invoice.get("hosted_invoice_url")),
             invoice_pdf=_safe_url(invoice.get("invoice_pdf")),
+        )
+
+    @classmethod
+    def from_whop(cls, payment: Mapping[str, Any]) -> InvoiceRow:
+        """A Whop payment as a row of the history (Whop's receipts have no public link)."""
+        total = payment.get("total") or payment.get("subtotal") or {}
+        created = parse_time(payment.get("paid_at") or payment.get("created_at"))
+        return cls(
+            id=str(payment.get("id")),
+            number=None,
+            created=int(created.timestamp()) if created else None,
+            amount=minor_units(total) or 0,
+            currency=str(payment.get("currency") or total.get("currency") or "usd"),
+            status=payment.get("status"),
+            hosted_invoice_url=None,
+            invoice_pdf=None,
         )
 
 

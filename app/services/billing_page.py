@@ -38,7 +38,7 @@ class PageReads(Protocol):
 
     def read_subscription_for_page(self, subscription_id: str) -> dict[str, Any]: ...
 
-    def read_upcoming(self, subscription_id: str) -> dict[str, Any] | None: ...
+    def read_upcoming(self, subscription_id: str, schedule_id: str | None = None) -> dict[str, Any] | None: ...
 
     def read_schedule(self, schedule_id: str) -> dict[str, Any]: ...
 
@@ -49,7 +49,18 @@ class PageReads(Protocol):
     def catalogue_prices(self) -> dict[str, PriceInfo]: ...
 
 
-def billing_details(organization: Organization, stripe: PageReads) -> BillingDetails:
+class WhopPageReads(Protocol):
+    """The billing page's Whop reads, implemented by the Whop adapter BillingService holds."""
+
+    def retrieve_membership(self, membership_id: str) -> dict[str, Any]: ...
+
+    def list_payments(self, membership_id: str, *, limit: int) -> list[dict[str, Any]]: ...
+
+
+WHOP_PAYMENT_HISTORY = 12
+
+
+def billing_details(organization: Organization, stripe: PageReads, whop: WhopPageReads) -> BillingDetails:
     """What the owner's billing page shows from Stripe: the subscription's prices, the next invoice
     (Stripe's preview), the payment method on file, a scheduled downgrade and the invoice history.
     Each part is cached for BILLING_READ_CACHE_SECONDS; a part Stripe does not give in time is None
@@ -57,7 +68,7 @@ def billing_details(organization: Organization, stripe: PageReads) -> BillingDet
     rest. Never raises for Stripe's sake."""
     details = BillingDetails()
     if organization.billed_by_whop:
-        return details  # Stripe has nothing to say about a Whop membership; the page shows what we hold
+        return whop_details(organization, whop)
     subscription_id, customer_id = organization.billing_subscription_id, organization.billing_customer_id
     live = organization.billing_status not in (BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED)
     ending = organization.cancel_at_period_end
@@ -74,8 +85,14 @@ def billing_details(organization: Organization, stripe: PageReads) -> BillingDet
         )
         details.subscription = facts if isinstance(facts, SubscriptionFacts) else None
     if subscription_id and live and not ending:
+        # A scheduled change (a downgrade at the period's end) is in the next invoice: Stripe previews
+        # the schedule, not the subscription's current items.
+        schedule_id = details.subscription.schedule_id if details.subscription is not None else None
         upcoming = cached_read(
-            organization_id, "upcoming", lambda: upcoming_invoice(stripe.read_upcoming(subscription_id)), details
+            organization_id,
+            "upcoming",
+            lambda: upcoming_invoice(stripe.read_upcoming(subscription_id, schedule_id)),
+            details,
         )
         details.upcoming = upcoming if isinstance(upcoming, UpcomingInvoice) else None
     if details.subscription is not None and details.subscription.schedule_id and live:
@@ -103,6 +120,39 @@ def billing_details(organization: Organization, stripe: PageReads) -> BillingDet
             details,
         )
         details.invoices = invoices if isinstance(invoices, list) else None
+    return details
+
+
+def whop_details(organization: Organization, whop: WhopPageReads) -> BillingDetails:
+    """What Whop knows, for a Whop-billed organization: the membership's renewal price and date (the
+    plan's price and the next charge) and its payments (the card Whop charged, as Whop reports it, and
+    the history). Cached and degraded as Stripe's parts are."""
+    details = BillingDetails()
+    membership_id = organization.billing_subscription_id
+    if not membership_id:
+        return details
+    live = organization.billing_status not in (BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED)
+    version = f"{organization.id}:{organization.billing_as_of or 0}:{organization.payment_as_of or 0}"
+    ending = organization.cancel_at_period_end
+    db.session.rollback()  # no transaction is held while Whop is asked
+    membership = cached_read(version, "subscription", lambda: whop.retrieve_membership(membership_id), details)
+    if isinstance(membership, dict):
+        details.subscription = SubscriptionFacts.from_whop(membership)
+        if live and not ending:
+            details.upcoming = UpcomingInvoice.from_whop(membership)
+    elif "subscription" in details.unavailable and live and not ending:
+        details.unavailable.append("upcoming")
+    payments = cached_read(
+        version, "invoices", lambda: whop.list_payments(membership_id, limit=WHOP_PAYMENT_HISTORY), details
+    )
+    if isinstance(payments, list):
+        details.invoices = [InvoiceRow.from_whop(payment) for payment in payments]
+        if details.subscription is not None and payments:
+            details.subscription = replace(details.subscription, latest_invoice=str(payments[0].get("id")))
+        charged = next((p for p in payments if p.get("payment_instrument")), None)
+        details.payment_method = CardOnFile.from_whop(charged) if charged else None
+    elif "invoices" in details.unavailable:
+        details.unavailable.append("payment_method")
     return details
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import stripe
 from flask import current_app
+from stripe.params import InvoiceCreatePreviewParams
 from stripe.params.checkout import (
     SessionCreateParams,
     SessionCreateParamsLineItem,
@@ -811,9 +812,9 @@ class BillingService:
 
     @classmethod
     def billing_details(cls, organization: Organization) -> BillingDetails:
-        """What the owner's billing page shows from Stripe (billing_page.py); never raises for Stripe's
-        sake: a part Stripe does not give in time is named in `unavailable`."""
-        return billing_page.billing_details(organization, cls)
+        """What the owner's billing page shows from Stripe, or from Whop for a Whop-billed organization
+        (billing_page.py); never raises for their sake: a part not given in time is named in `unavailable`."""
+        return billing_page.billing_details(organization, cls, whop_billing.calls)
 
     @staticmethod
     def forget_billing_reads(organization_id: int) -> None:
@@ -826,12 +827,14 @@ class BillingService:
             return cls._stripe_for_page_reads().v1.subscriptions.retrieve(subscription_id, options=PAGE_READ).to_dict()
 
     @classmethod
-    def read_upcoming(cls, subscription_id: str) -> dict[str, Any] | None:
+    def read_upcoming(cls, subscription_id: str, schedule_id: str | None = None) -> dict[str, Any] | None:
+        """Stripe's preview of the next invoice; of the schedule when one manages the subscription."""
+        params: InvoiceCreatePreviewParams = {"subscription": subscription_id}
+        if schedule_id:
+            params = {"schedule": schedule_id}
         try:
             with cls._calling_stripe("preview the next invoice"):
-                preview = cls._stripe_for_page_reads().v1.invoices.create_preview(
-                    params={"subscription": subscription_id}, options=PAGE_READ
-                )
+                preview = cls._stripe_for_page_reads().v1.invoices.create_preview(params=params, options=PAGE_READ)
         except PaymentProviderUnavailable as exc:
             if isinstance(exc.__cause__, stripe.InvalidRequestError):
                 return None  # Stripe says there is no next invoice (the subscription ends, say)

@@ -68,14 +68,22 @@ def _money(amount: Any, currency: Any) -> str:
 
 @outbox.consumer("signup.completed", name="welcome_email")
 def welcome_email(event: OutboxEvent) -> None:
+    """The welcome, with a receipt a person reads: what was charged and when, the plan and add-ons by
+    name (never the provider's ids)."""
     found = _owner(event.organization_id)
-    addons = found[0].addon_quantities() if found else {}
+    catalogue = current_app.extensions["plan_catalogue"]
+    addons = {
+        (catalogue.addons[key].name if key in catalogue.addons else key): quantity
+        for key, quantity in (found[0].addon_quantities() if found else {}).items()
+    }
+    amount = event.data.get("amount_paid")
     _send_to_owner(
         event,
         "welcome",
         "Welcome to Ledgerline: your receipt",
-        checkout_session_id=event.data.get("checkout_session_id"),
         addons=addons,
+        paid=_money(amount, event.data.get("currency")) if isinstance(amount, int) else None,
+        paid_on=event.occurred_at,
     )
 
 

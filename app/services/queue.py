@@ -53,6 +53,7 @@ _bound: dict[str, Flask] = {}
 _blueprints: list[tuple[str, procrastinate.Blueprint]] = []
 _job_app: procrastinate.App | None = None
 _connectors: dict[str, procrastinate.PsycopgConnector] = {}
+_building = threading.Lock()
 
 
 class CappedExponentialRetry(BaseRetryStrategy):
@@ -132,23 +133,24 @@ def job_app(app: Flask) -> procrastinate.App:
     (Blueprint tasks can join one App only, so there is one per process; its connector follows the
     Flask app that asks.)"""
     global _job_app  # noqa: PLW0603  (built once, on first use)
-    if _job_app is None:
-        if not _blueprints:
-            # Tasks register themselves when their modules are imported, which the app factory does
-            # (create_app -> register_services): a process that never made the app has no tasks.
-            raise RuntimeError("no tasks are registered: build the Flask app (create_app) before the job queue")
-        jobs = procrastinate.App(connector=procrastinate.PsycopgConnector())
-        for namespace, blueprint in _blueprints:
-            jobs.add_tasks_from(blueprint, namespace=namespace)
-        _job_app = jobs
-    target = conninfo(app)
-    if target not in _connectors:
-        _connectors[target] = procrastinate.PsycopgConnector(
-            conninfo=target,
-            min_size=1,
-            max_size=max(2, int(app.config["WORKER_CONCURRENCY"]) + 2),
-            kwargs={"application_name": "billing-worker"},
-        )
+    with _building:  # two first jobs at once (the stand-in's threads) must not each build one
+        if _job_app is None:
+            if not _blueprints:
+                # Tasks register themselves when their modules are imported, which the app factory does
+                # (create_app -> register_services): a process that never made the app has no tasks.
+                raise RuntimeError("no tasks are registered: build the Flask app (create_app) before the job queue")
+            jobs = procrastinate.App(connector=procrastinate.PsycopgConnector())
+            for namespace, blueprint in _blueprints:
+                jobs.add_tasks_from(blueprint, namespace=namespace)
+            _job_app = jobs
+        target = conninfo(app)
+        if target not in _connectors:
+            _connectors[target] = procrastinate.PsycopgConnector(
+                conninfo=target,
+                min_size=1,
+                max_size=max(2, int(app.config["WORKER_CONCURRENCY"]) + 2),
+                kwargs={"application_name": "billing-worker"},
+            )
     _job_app.connector = _connectors[target]
     _job_app.job_manager.connector = _connectors[target]
     return _job_app

@@ -218,6 +218,7 @@ class SignupService:
             key = uuid.UUID(str(pending_signup_id))
         except ValueError:
             return None
+        _write_lock_on_sqlite(PendingSignup.id == key)
         return db.session.get(PendingSignup, key, with_for_update=True, populate_existing=True)
 
     @staticmethod
@@ -260,6 +261,7 @@ class SignupService:
         if reference_id:
             pending = SignupService.lock_pending_signup(reference_id)
         else:
+            _write_lock_on_sqlite(PendingSignup.checkout_session_id == checkout_session_id)
             pending = db.session.execute(
                 select(PendingSignup)
                 .where(PendingSignup.checkout_session_id == checkout_session_id)
@@ -338,6 +340,7 @@ class SignupService:
         domain_events.record(
             "user.created", organization_id=organization.id, user_id=owner.id, source=source, role=owner.role
         )
+        paid = checkout_session.get("payment_status") in ("paid", "no_payment_required")
         domain_events.record(
             "signup.completed",
             organization_id=organization.id,
@@ -345,6 +348,9 @@ class SignupService:
             source=source,
             pending_signup_id=str(pending.id),
             checkout_session_id=checkout_session["id"],
+            # The receipt: what the checkout charged (None while an asynchronous payment settles).
+            amount_paid=checkout_session.get("amount_total") if paid else None,
+            currency=checkout_session.get("currency"),
         )
         pending.status = SignupStatus.COMPLETED
         pending.completed_at = utcnow()
@@ -379,6 +385,17 @@ class SignupService:
         pending.failure_reason = reason
         pending.password_hash = None  # retention: a signup that ended keeps no password
         domain_events.record(f"signup.{status}", source=source, pending_signup_id=str(pending.id), reason=reason)
+
+
+def _write_lock_on_sqlite(where: Any) -> None:
+    """SQLite (the development stand-in) ignores FOR UPDATE: a write first takes its one database write
+    lock, so a second provisioning of the same signup (the redirect and a webhook at once) waits for
+    this transaction and then reads the signup as it left it, as the row lock does on PostgreSQL."""
+    if db.session.get_bind().dialect.name == "sqlite":
+        db.session.execute(
+            update(PendingSignup).where(where).values(updated_at=PendingSignup.updated_at),
+            execution_options={"synchronize_session": False},
+        )
 
 
 def _id_of(value: str | dict[str, Any] | None) -> str | None:

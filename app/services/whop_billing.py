@@ -120,6 +120,19 @@ class WhopCalls:
                 for membership in client().memberships.list(account_id=current_app.config["WHOP_COMPANY_ID"], first=100)
             }
 
+    def list_payments(self, membership_id: str, *, limit: int) -> list[dict[str, Any]]:
+        """A membership's payments, newest first, at most `limit` (the billing page's history and card)."""
+        found: list[dict[str, Any]] = []
+        with calling_whop("list a membership's payments"):
+            pager = client().payments.list(
+                account_id=current_app.config["WHOP_COMPANY_ID"], membership_id=membership_id, first=limit
+            )
+            for payment in pager:
+                found.append(payment.model_dump(mode="json"))
+                if len(found) >= limit:
+                    break
+        return found
+
     def create_checkout(self, plan_id: str, *, reference: str, redirect_url: str) -> tuple[str, str | None]:
         """A checkout configuration for the plan carrying the pending signup's id in its metadata (copied
         by Whop onto the membership); its id and purchase URL."""

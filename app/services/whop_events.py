@@ -38,7 +38,7 @@ from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import apply_subscription_state
 from app.services.webhook_intake import RESYNC_SOURCE
 from app.services.webhook_store import VerifiedEvent
-from app.services.whop_state import membership_as_of, parse_time, subscription_state_from_whop
+from app.services.whop_state import membership_as_of, minor_units, parse_time, subscription_state_from_whop
 
 WHOP_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
 WHOP_OBJECT_ID = re.compile(r"[A-Za-z0-9_]{1,255}")
@@ -81,6 +81,11 @@ def object_key(event: VerifiedEvent) -> str:
         if not isinstance(member_id, str) or not WHOP_OBJECT_ID.fullmatch(member_id):
             raise MalformedObject("malformed Whop invoice: it names no member")
         return f"member:{member_id}"
+    if membership_id is None and event.type.startswith("payment."):
+        # A payment that made no membership: a card declined at checkout. It is about its own payment.
+        payment_id = data.get("id")
+        if isinstance(payment_id, str) and WHOP_OBJECT_ID.fullmatch(payment_id):
+            return f"payment:{payment_id}"
     if not isinstance(membership_id, str) or not WHOP_OBJECT_ID.fullmatch(membership_id):
         raise MalformedObject(f"malformed Whop {event.type.split('.')[0]}: it names no membership")
     return f"membership:{membership_id}"
@@ -90,7 +95,31 @@ def apply_batch(object_key: str, events: list[VerifiedEvent], whop: WhopReads) -
     kind, _, object_id = object_key.partition(":")
     if kind == "membership":
         return apply_membership_events(object_id, events, whop)
+    if kind == "payment":
+        return apply_checkout_payment_events(events)
     return apply_member_events(object_id, events)
+
+
+def apply_checkout_payment_events(events: list[VerifiedEvent]) -> EventOutcomes:
+    """A payment that names no membership: Whop declined the card at checkout, so no membership was
+    made and nothing changes here; the outcome says what happened (the signup stays open: the
+    customer can try another card on the same checkout)."""
+    outcomes: EventOutcomes = {}
+    for event in events:
+        payment = event.body["data"]
+        if event.type != "payment.failed":
+            outcomes[event.event_id] = (
+                StripeEventStatus.IGNORED,
+                "a Whop payment naming no membership: nothing to apply",
+            )
+            continue
+        reason = str(payment.get("failure_message") or "the payment failed")[:200]
+        code = payment.get("decline_code")
+        signup = (payment.get("metadata") or {}).get("pending_signup_id")
+        outcome = f"declined at Whop's checkout: {reason}" + (f" ({str(code)[:60]})" if code else "")
+        outcome += "; no membership was made" + (f", signup {str(signup)[:40]} stays open" if signup else "")
+        outcomes[event.event_id] = (StripeEventStatus.PROCESSED, outcome)
+    return outcomes
 
 
 def apply_membership_read(organization: Organization, membership: Mapping[str, Any], *, source: str) -> list[str]:
@@ -264,10 +293,14 @@ def provision_membership(membership: Mapping[str, Any], *, source: str) -> Provi
         # A membership of another plan (a cheaper one, say) carrying this signup's id never provisions
         # the tier the signup chose.
         raise CheckoutSessionNotFound(f"That Whop membership is for another plan than the {pending.tier} plan chosen.")
+    price = membership.get("renewal_price") or {}
     checkout = {
         "id": pending.checkout_session_id or f"whop:{membership['id']}",
         "customer": state.customer_id,
         "payment_status": "no_payment_required" if state.status == BillingStatus.TRIALING else "paid",
+        # What the first payment charged (a trial charges nothing), for the welcome receipt.
+        "amount_total": 0 if state.status == BillingStatus.TRIALING else minor_units(price),
+        "currency": str(price.get("currency") or "usd"),
     }
     outcome = SignupService.complete_pending_signup_from_checkout(
         pending, checkout, state, source=source, billing_provider=BillingProvider.WHOP

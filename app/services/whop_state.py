@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from app.models import BillingStatus
@@ -78,3 +79,13 @@ def subscription_state_from_whop(membership: Mapping[str, Any], catalogue: PlanC
         ended_at=ended_at,
         metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
     )
+
+
+def minor_units(money: Mapping[str, Any]) -> int | None:
+    """Whop's money ({"amount": "19.00", "decimals": 2, ...}) in the currency's minor units (cents)."""
+    try:
+        amount = Decimal(str(money.get("amount")))
+        decimals = int(money.get("decimals", 2))
+    except (InvalidOperation, TypeError, ValueError):
+        return None
+    return int((amount * (10**decimals)).to_integral_value()) if amount.is_finite() else None

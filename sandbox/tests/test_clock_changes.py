@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+import stripe
+
 from sandbox.objects import add_month
 from sandbox.tests.conftest import Receiver, Sandbox
 from sandbox.tests.test_clock import DAY, HOUR, T0, advance, clock_customer, subscribe
@@ -66,6 +69,26 @@ def test_scheduled_downgrade_takes_effect_at_renewal(
             "end_behavior": "release",
         },
     )
+    # The schedule's preview is the renewal at the new price; the subscription's alone still bills Pro.
+    promised = sandbox.client.v1.invoices.create_preview(params={"schedule": schedule.id})
+    assert promised.amount_due == 1900 and promised.lines.data[-1].period.start == end
+    assert sandbox.client.v1.invoices.create_preview(params={"subscription": sub.id}).amount_due == 4900
+    # schedule_details previews other phases without changing the schedule.
+    other = sandbox.client.v1.invoices.create_preview(
+        params={
+            "schedule": schedule.id,
+            "schedule_details": {
+                "phases": [
+                    {"items": [{"price": prices["pro_monthly"], "quantity": 1}], "start_date": T0, "end_date": end},
+                    {"items": [{"price": prices["starter_monthly"], "quantity": 3}]},
+                ]
+            },
+        }
+    )
+    assert other.amount_due == 3 * 1900
+    with pytest.raises(stripe.InvalidRequestError) as both:
+        sandbox.client.v1.invoices.create_preview(params={"schedule": schedule.id, "subscription": sub.id})
+    assert both.value.param == "subscription"
     advance(sandbox, clock, end - DAY)
     assert api.retrieve(sub.id)["items"].data[0].price.id == prices["pro_monthly"]  # not yet
 
@@ -74,7 +97,7 @@ def test_scheduled_downgrade_takes_effect_at_renewal(
     assert [i.price.id for i in after["items"].data] == [prices["starter_monthly"]]
     assert after["items"].data[0].current_period_start == end
     invoice = _renewal(sandbox, sub.id)
-    assert invoice.amount_paid == 1900  # the new period is billed at the downgraded price
+    assert invoice.amount_paid == 1900 == promised.amount_due  # the new period at the downgraded price
     current = sandbox.client.v1.subscription_schedules.retrieve(schedule.id)
     assert current.current_phase.start_date == end and current.status == "active"
 

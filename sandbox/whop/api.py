@@ -109,6 +109,13 @@ def list_memberships() -> Response:
     return jsonify(_world().list_memberships(args))
 
 
+@bp.get("/api/v1/payments")
+def list_payments() -> Response:
+    _authenticate()
+    args = {key: [v for v in request.args.getlist(key)] for key in request.args}
+    return jsonify(_world().list_payments(args))
+
+
 @bp.get("/api/v1/memberships/<membership_id>")
 def retrieve_membership(membership_id: str) -> Response:
     _authenticate()
@@ -150,7 +157,11 @@ def checkout_page(checkout_id: str) -> Any:
     if error is None:
         try:
             membership = world.pay_checkout(
-                checkout_id, email=form["email"].lower(), name=form["name"], card=form["card"].replace(" ", "")
+                checkout_id,
+                email=form["email"].lower(),
+                name=form["name"],
+                card=form["card"].replace(" ", ""),
+                expiry=form["expiry"],
             )
         except CardDeclined as exc:
             error = str(exc)

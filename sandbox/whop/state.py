@@ -46,6 +46,33 @@ def iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def payment_instrument(card: str, expiry: str) -> dict[str, Any]:
+    """Whop's `payment_instrument` for a card: its network, last four and expiry, shaped for display."""
+    brand = {"4": "visa", "5": "mastercard", "3": "amex", "6": "discover"}.get(card[:1], "card")
+    month, _, year = expiry.replace(" ", "").partition("/")
+    card_details: dict[str, Any] = {
+        "brand": brand,
+        "last4": card[-4:],
+        "exp_month": int(month) if month.isdigit() else None,
+        "exp_year": 2000 + int(year) if year.isdigit() and len(year) == 2 else (int(year) if year.isdigit() else None),
+        "issuer_identification_number": card[:6],
+    }
+    files = {
+        "png_1x": f"https://sandbox.invalid/icons/{brand}.png",
+        "png_2x": f"https://sandbox.invalid/icons/{brand}@2x.png",
+        "png_4x": f"https://sandbox.invalid/icons/{brand}@4x.png",
+        "svg": f"https://sandbox.invalid/icons/{brand}.svg",
+    }
+    icon = {"dark": files, "light": files}
+    return {
+        "card": card_details,
+        "display_name": f"{brand.title()} •••• {card[-4:]}",
+        "icons": {"card": icon, "square": icon},
+        "installment_count": None,
+        "payment_method_type": "card",
+    }
+
+
 def money(amount: Decimal, currency: str = "usd") -> dict[str, Any]:
     return {"amount": f"{amount:.2f}", "currency": currency, "decimals": 2, "display_decimals": 2}
 
@@ -193,10 +220,13 @@ class World:
             raise WhopError(404, "not_found", f"Checkout configuration {checkout_id} not found")
         return checkout
 
-    def pay_checkout(self, checkout_id: str, *, email: str, name: str, card: str) -> dict[str, Any]:
+    def pay_checkout(self, checkout_id: str, *, email: str, name: str, card: str, expiry: str = "") -> dict[str, Any]:
         """The customer pays on the hosted page. A good card makes a member (one per email), a
         membership carrying the checkout's metadata and, unless the plan has a trial, a paid payment.
-        Events: payment.succeeded (no trial), membership.activated. A declined card: payment.failed."""
+        Events: payment.succeeded (no trial), membership.activated. A declined card: payment.failed.
+        Payments show the card as Whop's `payment_instrument` does (brand, last four, expiry); renewals
+        charge the same card."""
+        instrument = payment_instrument(card, expiry)
         with self.lock:
             checkout = self.checkout(checkout_id)
             plan = self.plan(checkout["plan"]["id"])
@@ -212,6 +242,7 @@ class World:
                     email=email,
                     paid=False,
                     reason="subscription_create",
+                    instrument=instrument,
                 )
                 self.emit("payment.failed", payment, None)
                 raise CardDeclined("Your card was declined.")
@@ -255,6 +286,7 @@ class World:
                 "_email": email,
                 "_name": name,
                 "_checkout_configuration_id": checkout_id,
+                "_instrument": instrument,
             }
             self.memberships[membership_id] = membership
             if not trial_days:
@@ -266,6 +298,7 @@ class World:
                     email=email,
                     paid=True,
                     reason="subscription_create",
+                    instrument=instrument,
                 )
                 self.emit("payment.succeeded", payment, None)
             self.emit("membership.activated", self.public_membership(membership), None)
@@ -281,6 +314,7 @@ class World:
         email: str,
         paid: bool,
         reason: str,
+        instrument: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         now = iso(self.now())
         total = money(Decimal(str(plan["renewal_price"])))
@@ -306,6 +340,7 @@ class World:
             "metadata": dict((membership or checkout or {}).get("metadata") or {}),
             "next_payment_attempt_at": None,
             "paid_at": now if paid else None,
+            "payment_instrument": instrument,
             "payment_method_type": "card",
             "payment_rule_matches": [],
             "payments_failed": 0 if paid else 1,
@@ -411,6 +446,43 @@ class World:
                 },
             }
 
+    def list_payments(self, args: dict[str, list[str]]) -> dict[str, Any]:
+        """GET /payments: newest first, by account, membership, member or status; `first` and `after`."""
+        known = {"account_id", "membership_id", "member_id", "status", "first", "after", "order", "direction"}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise WhopError(400, "invalid_request_error", f"Unsupported parameters: {', '.join(unknown)}")
+        if args.get("account_id", [self.account_id])[0] != self.account_id:
+            return {"data": [], "page_info": {"has_next_page": False, "has_previous_page": False}}
+        try:
+            first = int(args.get("first", ["25"])[0])
+        except ValueError:
+            raise WhopError(400, "invalid_request_error", "first must be an integer") from None
+        if not 1 <= first <= 100:
+            raise WhopError(400, "invalid_request_error", "first must be between 1 and 100")
+        with self.lock:
+            rows = list(reversed(self.payments.values()))  # newest first
+            for key in ("membership_id", "member_id", "status"):
+                if key in args:
+                    rows = [p for p in rows if p[key] == args[key][0]]
+            start = 0
+            if "after" in args:
+                ids = [p["id"] for p in rows]
+                if args["after"][0] not in ids:
+                    raise WhopError(400, "invalid_request_error", "after is not a cursor from this list")
+                start = ids.index(args["after"][0]) + 1
+            page = rows[start : start + first]
+            has_next = start + first < len(rows)
+            return {
+                "data": page,
+                "page_info": {
+                    "end_cursor": page[-1]["id"] if page and has_next else None,
+                    "start_cursor": page[0]["id"] if page else None,
+                    "has_next_page": has_next,
+                    "has_previous_page": start > 0,
+                },
+            }
+
     def update_membership(self, membership_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """PATCH /memberships/{id}: cancel_at_period_end (false reverses a pending cancellation) and
         metadata (merged)."""
@@ -507,6 +579,7 @@ class World:
                 email=membership["_email"],
                 paid=paid,
                 reason="subscription_cycle",
+                instrument=membership.get("_instrument"),
             )
             invoice = self._invoice(membership, payment, "paid" if paid else "past_due")
             previous = {
