@@ -4,6 +4,7 @@ Stripe API instead (see test_live_flow.py for the live walker it hands over to).
 
 from __future__ import annotations
 
+import html
 import threading
 from collections import Counter
 from typing import Any
@@ -27,6 +28,7 @@ from tests.conftest import (
     start_signup,
     stripe_event,
 )
+from tests.test_plan_changes import ticket_of
 
 SIGNUP_EVENTS = ("organization.created", "user.created", "signup.completed")
 HOUR = 3600
@@ -171,6 +173,34 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
         [row] = query(app, "SELECT * FROM organization")
         return row
 
+    # An upgrade whose payment needs the customer (the bank asks for 3-D Secure on charges made without
+    # them): nothing is granted before it is paid. Stripe keeps the change pending
+    # (pending_if_incomplete), the organization keeps Starter, and the owner is told why and where to
+    # pay; paying on the invoice's page (authenticating) makes the change, and its webhook brings Pro.
+    stripe_api.api(
+        "POST", f"/v1/subscriptions/{subscription['id']}", {"default_payment_method": "pm_card_authenticationRequired"}
+    )
+    choice = {"csrf_token": csrf_token(client, "/billing/"), "tier": "pro", "interval": "month"}
+    preview = client.post("/billing/plan/preview", data=choice)
+    confirm = {"csrf_token": csrf_token(client, "/billing/"), "ticket": ticket_of(preview)}
+    page = html.unescape(client.post("/billing/change/confirm", data=confirm, follow_redirects=True).get_data(True))
+    assert "did not go through: Your bank asks you to confirm this payment (3-D Secure)." in page
+    pending = stripe_api.subscription(subscription["id"])
+    upgrade_invoice = stripe_api.api("GET", f"/v1/invoices/{pending['latest_invoice']}")
+    assert upgrade_invoice["status"] == "open" and upgrade_invoice["hosted_invoice_url"] in page
+    assert pending["pending_update"] and pending["status"] == "active"
+    assert "invoice.payment_action_required" in deliver()
+    assert (organization_now().tier, organization_now().billing_status) == ("starter", "active")
+    assert 'id="plan">Starter<' in client.get("/billing/").get_data(as_text=True)
+    stripe_api.pay_invoice_page(upgrade_invoice["hosted_invoice_url"], "4000 0027 6000 3184")
+    assert {"invoice.paid", "customer.subscription.updated"} <= set(deliver())
+    organization = organization_now()
+    assert (organization.tier, organization.billing_status) == ("pro", "active")
+    assert (organization.last_invoice_id, organization.last_payment_status) == (upgrade_invoice["id"], "paid")
+    # The subscription goes back to the customer's card for its renewals.
+    stripe_api.api("POST", f"/v1/subscriptions/{subscription['id']}", {"default_payment_method": ""})
+    deliver()
+
     # A renewal: Stripe invoices and charges the card on file; the organization's period moves on.
     period_end = subscription["items"]["data"][0]["current_period_end"]
     payments_before = domain_event_counts(app)["billing.payment_succeeded"]  # 0 or 1, by arrival order
@@ -209,7 +239,10 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     # The owner is told by email (the worker's outbox), once, with the amount and where to pay.
     smtp_server: SmtpSink = request.getfixturevalue("smtp_server")
     run_jobs(app)
-    [failed_email] = [m for m in smtp_server.to("ada@example.com") if "payment" in str(m["Subject"]).lower()]
+    [action_email, failed_email] = [
+        m for m in smtp_server.to("ada@example.com") if "payment" in str(m["Subject"]).lower()
+    ]
+    assert upgrade_invoice["hosted_invoice_url"] in email_text(action_email)  # the upgrade's 3-D Secure
     text = email_text(failed_email)
     assert f"${open_invoice['amount_due'] / 100:,.2f}" in text and open_invoice["hosted_invoice_url"] in text
 
@@ -226,7 +259,7 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
         data={"csrf_token": csrf_token(client, "/billing/"), "request_token": "a" * 32, "when": "period_end"},
     )
     assert response.status_code == 303
-    [(args, call)] = stripe_api.calls_to("subscriptions.update")
+    [_upgrade, (args, call)] = stripe_api.calls_to("subscriptions.update")
     assert args == (subscription["id"],) and call["params"] == {"cancel_at_period_end": "true"}
     assert call["options"] == {"idempotency_key": f"org-{organization.id}-cancel-period-end-{'a' * 32}"}
     organization = organization_now()
@@ -267,7 +300,8 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert [m["Subject"] for m in smtp_server.to("ada@example.com") if "ended" in str(m["Subject"]).lower()]
     counts = domain_event_counts(app)
     assert [counts[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
-    assert counts["billing.payment_failed"] == 1 and counts["billing.payment_succeeded"] == payments_before + 2
+    assert counts["billing.payment_failed"] == 1 and counts["billing.payment_action_required"] == 1
+    assert counts["billing.payment_succeeded"] == payments_before + 2
     assert {row.status for row in query(app, "SELECT status FROM stripe_event")} <= {"processed", "ignored"}
 
 

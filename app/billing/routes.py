@@ -23,6 +23,7 @@ from app.billing.forms import (
 from app.extensions import client_address, csrf, db, limiter
 from app.features import current_entitlements
 from app.models import Organization, User
+from app.services.billing_common import ChangeOutcome
 from app.services.billing_service import (
     BillingError,
     BillingService,
@@ -205,17 +206,28 @@ def confirm_change() -> Response | tuple[str, int]:
     except BillingError as exc:
         flash(str(exc), "error")
         return redirect(url_for("billing.overview"), 303)
+    _flash_outcome(outcome)
+    return redirect(url_for("billing.overview"), 303)
+
+
+def _flash_outcome(outcome: ChangeOutcome) -> None:
+    """What became of a confirmed change, and the invoice to pay when the payment needs the owner."""
     if outcome.duplicate and not outcome.applied:
         flash("This change is already being made. The page shows it once Stripe confirms it.", "info")
     elif outcome.duplicate:
         flash("This change was already made.", "info")
+    elif outcome.awaiting_payment:
+        flash(
+            f"The payment for this change did not go through: {outcome.awaiting_payment} Your plan stays as it "
+            "was until the invoice is paid; paying it makes the change.",
+            "error",
+        )
     elif outcome.when == When.PERIOD_END:
         flash("Your plan will change at the end of the billing period.", "success")
     else:
         flash("Your subscription is changed.", "success")
     if outcome.action_url:
         flash(outcome.action_url, "payment-action")
-    return redirect(url_for("billing.overview"), 303)
 
 
 def _fresh_preview_after(organization: Organization, stale: Preview | None, reason: str) -> Response | tuple[str, int]:

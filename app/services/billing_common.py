@@ -92,6 +92,9 @@ class ChangeOutcome:
     when: When
     action_url: str | None  # the hosted invoice, when the payment needs the customer
     duplicate: bool = False
+    # An upgrade whose payment did not go through: why, in the owner's words. Nothing changed; the
+    # change waits at Stripe (pending_update) and is made when its invoice (action_url) is paid.
+    awaiting_payment: str | None = None
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ from app.services.plan_change import (
     When,
     build_preview,
     new_recurring,
+    payment_problem,
     read_current,
     resolve_target,
     schedule_phases,
@@ -935,10 +936,11 @@ class BillingService:
                 cache.delete_many(*(f"stripe-price:{k}" for k in preview.quantities))
                 raise StalePreview("A price changed since this preview.")
             prices = {k: fresh[k] for k in preview.quantities}
+            action_url = awaiting = None
             if preview.when == When.NOW:
-                subscription, action_url = cls._apply_change_now(current, preview, prices, key)
+                subscription, action_url, awaiting = cls._apply_change_now(current, preview, prices, key)
             else:
-                subscription, action_url = cls._schedule_change(current, preview, prices, key), None
+                subscription = cls._schedule_change(current, preview, prices, key)
         except StalePreview as exc:
             plan_change_claims.finish(key, SubscriptionChangeStatus.REFUSED, f"stale: {exc}")
             raise
@@ -947,13 +949,18 @@ class BillingService:
             plan_change_claims.finish(key, SubscriptionChangeStatus.FAILED, describe_failure(exc)[:500])
             raise
         cls.forget_billing_reads(preview.organization_id)
-        plan_change_claims.record_applied(preview, key, subscription, actor_user_id=actor_user_id)
-        return ChangeOutcome(applied=True, when=preview.when, action_url=action_url)
+        plan_change_claims.record_applied(
+            preview, key, subscription, actor_user_id=actor_user_id, awaiting_payment=awaiting
+        )
+        return ChangeOutcome(applied=True, when=preview.when, action_url=action_url, awaiting_payment=awaiting)
 
     @classmethod
     def _apply_change_now(
         cls, current: CurrentPlan, preview: Preview, prices: Mapping[str, PriceInfo], key: str
-    ) -> tuple[dict[str, Any], str | None]:
+    ) -> tuple[dict[str, Any], str | None, str | None]:
+        """An upgrade or seat change, invoiced at once with pending_if_incomplete: Stripe makes the
+        change only if that invoice is paid; otherwise it waits in the subscription's pending_update
+        (23 hours) and the old plan stays. Returns the subscription, the invoice to pay and why."""
         client = cls.ensure_stripe()
         if current.schedule_id:
             # A downgrade was waiting for the period's end: this change replaces it.
@@ -969,17 +976,26 @@ class BillingService:
                     "items": items,
                     "proration_behavior": "always_invoice",
                     "proration_date": preview.proration_date,
-                    "payment_behavior": "allow_incomplete",
-                    "expand": ["latest_invoice"],
+                    "payment_behavior": "pending_if_incomplete",
+                    "expand": ["latest_invoice.payments"],
                 },
                 options={"idempotency_key": key},
             ).to_dict()
         invoice = subscription.get("latest_invoice")
-        action_url = None
-        if isinstance(invoice, dict) and invoice.get("status") == "open" and invoice.get("amount_due", 0) > 0:
-            action_url = invoice.get("hosted_invoice_url")  # the payment needs the customer
-        subscription["latest_invoice"] = invoice.get("id") if isinstance(invoice, dict) else invoice
-        return subscription, action_url
+        subscription["latest_invoice"] = id_of(invoice)
+        if not subscription.get("pending_update") or not isinstance(invoice, dict):
+            return subscription, None, None
+        return subscription, invoice.get("hosted_invoice_url"), payment_problem(cls._invoice_intent(invoice))
+
+    @classmethod
+    def _invoice_intent(cls, invoice: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The PaymentIntent of an invoice's (first) payment, or None if none was attempted."""
+        payments = (invoice.get("payments") or {}).get("data") or []
+        intent_id = id_of((payments[0].get("payment") or {}).get("payment_intent")) if payments else None
+        if intent_id is None:
+            return None
+        with cls._calling_stripe("read a payment"):
+            return cls.ensure_stripe().v1.payment_intents.retrieve(intent_id).to_dict()
 
     @classmethod
     def _schedule_change(

@@ -58,6 +58,8 @@ class CurrentPlan:
     period_end: int | None
     schedule_id: str | None
     fingerprint: str
+    # An earlier upgrade waiting for its invoice to be paid (Stripe's pending_update): its expiry.
+    pending_update_expires_at: int | None = None
 
     def lines(self) -> list[Line]:
         return [line for line in (self.tier_line, self.seat_line) if line] + list(self.other_lines)
@@ -102,6 +104,13 @@ def read_current(subscription: Mapping[str, Any], catalogue: PlanCatalogue) -> C
         "items": sorted((line.price.id, line.quantity) for line in [tier_line, seat_line, *others] if line),
         "schedule": schedule_id,
         "cancel_at_period_end": bool(subscription.get("cancel_at_period_end")),
+        "pending_update": bool(subscription.get("pending_update")),
+        # The period and the discounts decide the proration a preview showed: a preview confirmed
+        # after the period turned over, or a coupon came or went, is stale.
+        "period": [min(starts) if starts else None, max(ends) if ends else None],
+        "discounts": sorted(
+            str(d if isinstance(d, str) else (d or {}).get("id")) for d in subscription.get("discounts") or []
+        ),
     }
     return CurrentPlan(
         subscription_id=str(subscription["id"]),
@@ -116,6 +125,7 @@ def read_current(subscription: Mapping[str, Any], catalogue: PlanCatalogue) -> C
         period_end=max(ends) if ends else subscription.get("current_period_end"),
         schedule_id=schedule_id,
         fingerprint=hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32],
+        pending_update_expires_at=(subscription.get("pending_update") or {}).get("expires_at"),
     )
 
 
@@ -153,6 +163,11 @@ class Target:
 def validate_target(current: CurrentPlan, target: Target, *, members: int, included_seats: int) -> None:
     if current.status not in ("active", "trialing", "past_due"):
         raise PlanChangeError("Only an active subscription can change plan or seats.")
+    if current.pending_update_expires_at is not None:
+        raise PlanChangeError(
+            "Your last change is waiting for its payment: pay its invoice (the billing page links to it) to "
+            "finish it, or wait until the day after it was made, when it lapses, before making another."
+        )
     if target.extra_seats < 0:
         raise PlanChangeError("The number of extra seats cannot be negative.")
     if (current.tier, current.interval, current.extra_seats) == (target.tier, target.interval, target.extra_seats):
@@ -372,6 +387,17 @@ def summarize_invoice_preview(invoice: Mapping[str, Any]) -> tuple[int, list[Pre
     if total is None:
         total = invoice.get("amount_due", sum(line.amount for line in lines))
     return int(total), lines
+
+
+def payment_problem(intent: Mapping[str, Any] | None) -> str:
+    """Why an upgrade's invoice was not paid, in the owner's words, from its PaymentIntent."""
+    if intent is None:
+        return "There is no card on file to pay it with."
+    if intent.get("status") == "requires_action":
+        return "Your bank asks you to confirm this payment (3-D Secure)."
+    error = intent.get("last_payment_error") or {}
+    message = str(error.get("message") or "The payment did not go through.")
+    return message if message.endswith(".") else f"{message}."
 
 
 def describe_change(current: CurrentPlan, target: Target, catalogue: PlanCatalogue) -> str:
