@@ -483,3 +483,42 @@ def test_bad_change_requests_get_a_clear_answer_and_change_nothing(stack: Stack)
         assert response.status_code == 400, forged
     assert owner.updates() == [] and owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 2}
     assert query(stack.app, "SELECT id FROM subscription_change") == []
+
+
+def test_seats_cannot_silently_withdraw_a_scheduled_downgrade(stack: Stack) -> None:
+    """Issue 21, item 2: while a downgrade waits for the period's end, a seat change is refused with the
+    reason and the way forward (at preview, and at confirm for a preview made before the schedule, in
+    another tab); the schedule stays. A plan change made now says in its preview that it replaces it."""
+    owner = stack.sign_up("starter", extra_seats=1)
+    _, early_seats_ticket = owner.preview_seats(3)  # a second tab, before the downgrade is scheduled
+    _, ticket = owner.preview_plan("starter", interval="year")  # cheaper per month: at the period end
+    assert owner.confirm(ticket).status_code == 303
+    schedule_id = owner.subscription()["schedule"]
+    assert schedule_id, re.findall(r'class="flash[^<]*', flashes(owner.client))
+
+    refused = owner.post("/billing/seats/preview", extra_seats="3")
+    assert refused.status_code == 303
+    page = flashes(owner.client)
+    assert "Your plan is set to change at the end of this billing period, on " in page
+    assert "Changing seats now would withdraw that change, so nothing was changed" in page
+    assert '"Keep my current plan"' in page
+
+    stale = owner.confirm(early_seats_ticket)
+    assert stale.status_code == 303  # the fresh preview is refused for the same reason
+    assert "Changing seats now would withdraw that change" in flashes(owner.client)
+    assert owner.subscription()["schedule"] == schedule_id
+    assert stack.stripe("GET", f"/subscription_schedules/{schedule_id}")["status"] == "active"
+    assert owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 1}
+    assert addons(stack) == {"extra_seats": 1}
+
+    # Choosing a dearer plan now replaces the scheduled change, and its preview says so.
+    response, _ = owner.preview_plan("pro")
+    page = html.unescape(response.get_data(as_text=True))
+    assert 'id="preview-replaces-scheduled"' in page and "that change will not happen" in page
+
+    # Once the owner keeps the current plan, seats can be changed.
+    assert owner.post("/billing/plan/keep").status_code == 303
+    response, ticket = owner.preview_seats(3)
+    assert response.status_code == 200 and 'id="preview-replaces-scheduled"' not in response.get_data(as_text=True)
+    assert owner.confirm(ticket).status_code == 303
+    assert owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 3}

@@ -87,6 +87,7 @@ from app.services.plan_change import (
     Preview,
     When,
     build_preview,
+    check_against_schedule,
     new_recurring,
     payment_problem,
     read_current,
@@ -889,7 +890,12 @@ class BillingService:
             raise SubscriptionActionNotAllowed(str(exc)) from exc
         prices = cls.prices_for_lookup_keys(list(quantities))
         proration_date, invoice = clock.now(), None
-        if timing(current, target, new_recurring(prices, quantities)[1]) == When.NOW:
+        when = timing(current, target, new_recurring(prices, quantities)[1])
+        try:
+            check_against_schedule(kind, current, when)
+        except PlanChangeError as exc:
+            raise SubscriptionActionNotAllowed(str(exc)) from exc
+        if when == When.NOW:
             params: Any = {
                 "subscription": current.subscription_id,
                 "subscription_details": {

@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -183,6 +184,27 @@ def validate_target(current: CurrentPlan, target: Target, *, members: int, inclu
         )
 
 
+def check_against_schedule(kind: str, current: CurrentPlan, when: When) -> None:
+    """A plan change waiting for the period's end (a downgrade on a schedule) and a change made now.
+    Seats: refused, since changing them at once would withdraw the scheduled change behind the
+    owner's back; the owner withdraws it first, or changes seats once it took effect. A plan
+    chosen again replaces it, which its preview says (Preview.replaces_scheduled_at)."""
+    if current.schedule_id is None or when != When.NOW or kind != "seats":
+        return
+    on = format_date(current.period_end)
+    raise PlanChangeError(
+        f"Your plan is set to change at the end of this billing period{on}. Changing seats now would withdraw "
+        'that change, so nothing was changed: choose "Keep my current plan" on the billing page first and '
+        "then change seats, or change them once the new plan has started."
+    )
+
+
+def format_date(timestamp: int | None) -> str:
+    if timestamp is None:
+        return ""
+    return datetime.fromtimestamp(timestamp, UTC).strftime(", on %-d %B %Y")
+
+
 def new_recurring(target_prices: Mapping[str, PriceInfo], quantities: Mapping[str, int]) -> tuple[int, Decimal]:
     """The target's recurring amount per its interval, and per month (for comparing)."""
     amount = sum((target_prices[key].unit_amount or 0) * quantity for key, quantity in quantities.items())
@@ -274,6 +296,8 @@ class Preview:
     new_interval: str
     effective_at: int | None  # the period's end, for a downgrade
     lines: list[PreviewLine] = field(default_factory=list)
+    # A downgrade scheduled for this date that a plan change made now replaces (withdraws).
+    replaces_scheduled_at: int | None = None
 
     def to_ticket(self) -> dict[str, Any]:
         data = asdict(self)
@@ -299,6 +323,9 @@ class Preview:
                 new_interval=str(data["new_interval"]),
                 effective_at=int(data["effective_at"]) if data.get("effective_at") is not None else None,
                 lines=[PreviewLine(**line) for line in data.get("lines") or []],
+                replaces_scheduled_at=(
+                    int(data["replaces_scheduled_at"]) if data.get("replaces_scheduled_at") is not None else None
+                ),
             )
         except (KeyError, TypeError, ValueError):
             raise PlanChangeError("That preview is not valid. Start the change again.") from None
@@ -373,6 +400,7 @@ def build_preview(
         new_interval=first.interval or target.interval,
         effective_at=current.period_end if when == When.PERIOD_END else None,
         lines=lines,
+        replaces_scheduled_at=(current.period_end or 0) if current.schedule_id and when == When.NOW else None,
     )
 
 

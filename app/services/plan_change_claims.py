@@ -120,6 +120,7 @@ def record_applied(
             extra_seats=preview.target.extra_seats,
             charged_today=preview.today if preview.when == When.NOW else 0,
             effective_at=preview.effective_at,
+            replaced_scheduled_change=preview.replaces_scheduled_at,
             **({"payment_problem": awaiting_payment} if awaiting_payment else {}),
         )
         outcome = f"awaiting payment: {awaiting_payment}" if awaiting_payment else "applied"
