@@ -270,6 +270,25 @@ def test_a_canceled_organization_can_subscribe_again(app: Flask, owner: Owner, o
     assert events_named(app)["organization.subscription_replaced"] == 1
 
 
+def test_the_resubscribe_return_page_says_we_are_confirming_when_stripe_is_down(
+    app: Flask, owner: Owner, offline_stripe: SandboxAccount
+) -> None:
+    """Issue 21, item 6: Stripe not answering when the owner comes back from paying is a page that
+    checks again, not a 500; the webhook (the worker) finishes the resubscription meanwhile."""
+    owner.post("/billing/cancel", request_token=TOKEN, when="now", confirmed="yes")
+    session_id = checkout_session_id(owner.post("/billing/resubscribe", request_token="e" * 32, tier="pro"))
+    session = offline_stripe.pay(session_id)
+    offline_stripe.fail_next("checkout.sessions.retrieve", times=20)
+    back = owner.client.get(f"/billing/checkout-complete?session_id={session_id}")
+    page = back.get_data(as_text=True)
+    assert back.status_code == 202 and 'id="payment-confirming"' in page and "We are confirming your payment" in page
+    assert organization(app, owner.organization_id).billing_status == "canceled"
+    offline_stripe.http.delete(f"{offline_stripe.url}/_sandbox/faults", timeout=10).raise_for_status()
+    assert post_and_apply(owner.client, stripe_event("checkout.session.completed", session)).status_code == 200
+    row = organization(app, owner.organization_id)
+    assert (row.billing_status, row.tier, row.billing_subscription_id) == ("active", "pro", session["subscription"])
+
+
 # --- Who may act ----------------------------------------------------------------------------------
 
 

@@ -630,3 +630,69 @@ def test_domain_events_are_announced_only_after_they_commit(app: Flask, offline_
     names = [name for name, _ in announced]
     assert [names.count(name) for name in SIGNUP_EVENTS] == [1, 1, 1]
     assert all(committed for _, committed in announced)
+
+
+def test_the_signup_return_page_says_we_are_confirming_when_stripe_is_down(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
+    """Issue 21, item 6: the success URL while Stripe does not answer is a page that checks again (202),
+    not a 500; the webhook provisions meanwhile and the next check signs the owner in."""
+    client = app.test_client()
+    session_id = checkout_session_id(start_signup(client))
+    session = offline_stripe.pay(session_id)
+    offline_stripe.fail_next("checkout.sessions.retrieve", times=20)
+    waiting = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
+    assert waiting.status_code == 202 and "We are confirming your payment" in waiting.get_data(as_text=True)
+    assert query(app, "SELECT id FROM organization") == []
+    assert post_and_apply(client, stripe_event("checkout.session.completed", session)).status_code == 200
+    offline_stripe.http.delete(f"{offline_stripe.url}/_sandbox/faults", timeout=10).raise_for_status()
+    back = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
+    assert back.status_code == 303 and back.headers["Location"] == "/app"
+
+
+def test_two_paid_signups_for_one_email_racing_end_in_one_account_and_a_refund(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
+    """Issue 21, item 6: two checkouts of the same email (a superseded one paid anyway) provisioned at
+    the same moment: the second waits on the unique email and, when the first commits, becomes a
+    conflict that is canceled and refunded (409 page), never an IntegrityError 500."""
+    sign_up(app.test_client(), offline_stripe, email="babbage@example.com")
+    [(organization_id,)] = query(app, "SELECT id FROM organization")
+    first_browser, second_browser = app.test_client(), app.test_client()
+    first = checkout_session_id(start_signup(first_browser))
+    offline_stripe.fail_next("checkout.sessions.expire")  # the expire did not reach Stripe in time
+    second = checkout_session_id(start_signup(second_browser))  # supersedes the first
+    offline_stripe.pay(first)
+    offline_stripe.pay(second)
+    # The email's account is being created in a transaction that has not committed yet (here a member
+    # row stands for the first checkout's provisioning, which holds the same unique email).
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    holder = engine.connect()
+    holding = holder.begin()
+    holder.execute(
+        text(
+            "INSERT INTO user_account (organization_id, email, name, password_hash, role, created_at) "
+            "VALUES (:o, 'ada@example.com', 'Ada', 'x', 'member', now())"
+        ),
+        {"o": organization_id},
+    )
+    answers: list[Any] = []
+    racing = threading.Thread(
+        target=lambda: answers.append(second_browser.get(f"/billing/complete-signup-from-stripe?session_id={second}"))
+    )
+    racing.start()
+    racing.join(timeout=2)
+    assert racing.is_alive()  # waiting on the unique email held by the open transaction
+    holding.commit()
+    holder.close()
+    engine.dispose()
+    racing.join(timeout=30)
+    [answer] = answers
+    page = answer.get_data(as_text=True)
+    assert answer.status_code == 409, page[-1500:]
+    assert "This email already has an account" in page and "refunded" in page
+    [pending] = query(app, "SELECT * FROM pending_signup WHERE checkout_session_id = :s", s=second)
+    assert pending.status == "failed" and pending.settled_at is not None
+    assert offline_stripe.subscription(offline_stripe.session(second)["subscription"])["status"] == "canceled"

@@ -28,6 +28,7 @@ from app.services.billing_service import (
     BillingError,
     BillingService,
     CheckoutSessionNotFound,
+    PaymentProviderUnavailable,
     StalePreview,
     UnknownWebhookProvider,
     WebhookRejected,
@@ -349,6 +350,8 @@ def checkout_complete() -> Response | tuple[str, int]:
         )
     except CheckoutSessionNotFound as exc:
         return render_template("billing/checkout_problem.html", message=str(exc)), 404
+    except PaymentProviderUnavailable:
+        return _confirming_payment()
     if outcome.state == ProvisionState.AWAITING_PAYMENT:
         return render_template("billing/processing.html"), 202
     if outcome.state == ProvisionState.SURPLUS:
@@ -384,7 +387,15 @@ def complete_signup_from_stripe() -> Response | tuple[str, int]:
         outcome = BillingService.complete_signup_from_redirect(request.args.get("session_id", ""))
     except CheckoutSessionNotFound as exc:
         return render_template("billing/checkout_problem.html", message=str(exc)), 404
+    except PaymentProviderUnavailable:
+        return _confirming_payment()
     return _signup_returned(outcome)
+
+
+def _confirming_payment() -> tuple[str, int]:
+    """Back from paying while Stripe does not answer: the payment is confirmed by its webhook (the
+    worker) or by this page, which checks again every few seconds."""
+    return render_template("billing/processing.html", confirming=True), 202
 
 
 @bp.get("/complete-signup-from-whop")
