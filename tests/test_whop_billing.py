@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from app.extensions import db
-from tests.conftest import csrf_token, query, signup_form
+from tests.conftest import SandboxAccount, checkout_session_id, csrf_token, query, signup_form
 from tests.live_support import LiveServer, free_port, wait_until
 from tests.whop_double import WhopDouble
 
@@ -294,3 +294,35 @@ def test_reconcile_repairs_a_missed_deactivation(pair: Pair) -> None:
     assert f"follows Whop membership {org.billing_subscription_id}" in repaired.output
     assert pair.organization().billing_status == "canceled"
     assert runner.invoke(args=["billing", "reconcile", *only]).exit_code == 0
+
+
+# --- Moving to card billing -------------------------------------------------------------------------
+
+
+def test_a_whop_billed_organization_resubscribes_by_card_with_a_stripe_customer_of_its_own(
+    pair: Pair, offline_stripe: SandboxAccount
+) -> None:
+    """Issue 21, item 4: Whop's member id is no Stripe customer. The resubscribe checkout is opened for
+    the owner's email (Checkout makes the customer); once paid, the organization is billed by Stripe
+    with that customer, and its Whop history (events, domain events) stays."""
+    client, org = signed_up(pair)
+    member_id = org.billing_customer_id
+    assert owner_post(client, "/billing/cancel", when="now", confirmed="yes").status_code == 303
+    assert pair.organization().billing_status == "canceled"
+    whop_events_before = len(query(pair.app, "SELECT id FROM whop_event"))
+
+    response = owner_post(client, "/billing/resubscribe", tier="starter")
+    assert response.status_code == 303, response.get_data(as_text=True)
+    session_id = checkout_session_id(response)
+    [(_, call)] = offline_stripe.calls_to("checkout.sessions.create")
+    assert "customer" not in call["params"] and call["params"]["customer_email"] == "ada@example.com"
+    session = offline_stripe.pay(session_id)
+    back = client.get(f"/billing/checkout-complete?session_id={session_id}")
+    assert back.status_code == 303 and back.headers["Location"] == "/billing/"
+    row = pair.organization()
+    assert (row.billing_provider, row.billing_status, row.tier) == ("stripe", "active", "starter")
+    assert row.billing_customer_id == session["customer"] != member_id
+    assert row.billing_customer_id.startswith("cus_")
+    assert row.billing_subscription_id == session["subscription"]
+    assert len(query(pair.app, "SELECT id FROM whop_event")) >= whop_events_before
+    assert pair.events()["signup.completed"] == 1

@@ -548,7 +548,9 @@ class BillingService:
             organization = db.session.get(Organization, organization_id, populate_existing=True)
             if organization is None or organization.billing_status not in ENDED:
                 raise SubscriptionActionNotAllowed("This organization already has a subscription.")
-            customer_id = organization.billing_customer_id
+            # An organization that Whop billed moves to card billing with a Stripe customer of its own
+            # (Whop's member id is no Stripe customer); its Whop history stays where it is.
+            customer_id = provisioning.stripe_customer_of(organization)
         finally:
             db.session.rollback()
         tier = cls.tier(tier_key)
@@ -563,8 +565,7 @@ class BillingService:
             "success_url": f"{base}/billing/checkout-complete?session_id={{CHECKOUT_SESSION_ID}}",
             "cancel_url": f"{base}/billing/",
         }
-        if customer_id:
-            params["customer"] = customer_id
+        params.update({"customer_email": customer_id} if "@" in customer_id else {"customer": customer_id})
         with cls._calling_stripe("create a checkout session"):
             session = client.v1.checkout.sessions.create(
                 params=params,
@@ -704,24 +705,8 @@ class BillingService:
         whop_only = organization_id is not None and reconcile_reads.billed_by_whop(organization_id)
         report = reconciliation.ReconcileReport() if whop_only else cls._reconcile_read(since_days, organization_id)
         if cls.whop_configured() and (organization_id is None or whop_only):
-            report.subscriptions += cls._whop_reconcile_read(organization_id, report)
+            report.subscriptions += whop_billing.reconcile_read(organization_id, report)
         return report
-
-    @classmethod
-    def _whop_reconcile_read(
-        cls, organization_id: int | None, report: reconciliation.ReconcileReport
-    ) -> list[reconciliation.SubscriptionDrift]:
-        held = reconcile_reads.held_whop_memberships(organization_id)
-        if not held:
-            return []
-        listed = whop_billing.calls.list_memberships() if organization_id is None else {}
-        for membership_id in held:
-            if membership_id not in listed:
-                try:
-                    listed[membership_id] = whop_billing.calls.retrieve_membership(membership_id)
-                except PaymentProviderUnavailable as exc:
-                    report.problems.append(f"Whop membership {membership_id}: {exc.__cause__ or exc}")
-        return reconcile_reads.compare_with_whop(held, listed)
 
     @classmethod
     def _reconcile_read(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:

@@ -25,7 +25,7 @@ from whop_sdk.environment import WhopEnvironment
 
 from app.extensions import db
 from app.models import Organization, SignupStatus, WhopEvent
-from app.services import whop_events
+from app.services import reconcile_reads, whop_events
 from app.services.billing_common import (
     BillingConfigurationError,
     BillingError,
@@ -43,6 +43,7 @@ from app.services.billing_common import (
     webhook_secrets,
 )
 from app.services.plans import Tier
+from app.services.reconcile import ReconcileReport, SubscriptionDrift
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
 from app.services.webhook_store import VerifiedEvent
 
@@ -197,6 +198,22 @@ def complete_signup_from_redirect(pending_signup_id: str, membership_id: str) ->
     with committed():
         outcome = whop_events.provision_membership(membership, source="web")
     return outcome
+
+
+def reconcile_read(organization_id: int | None, report: ReconcileReport) -> list[SubscriptionDrift]:
+    """Whop's memberships against the Whop-billed organizations (one, or all): listed at once for all,
+    else read one by one; a membership Whop does not answer for is a problem in the report."""
+    held = reconcile_reads.held_whop_memberships(organization_id)
+    if not held:
+        return []
+    listed = calls.list_memberships() if organization_id is None else {}
+    for membership_id in held:
+        if membership_id not in listed:
+            try:
+                listed[membership_id] = calls.retrieve_membership(membership_id)
+            except PaymentProviderUnavailable as exc:
+                report.problems.append(f"Whop membership {membership_id}: {exc.__cause__ or exc}")
+    return reconcile_reads.compare_with_whop(held, listed)
 
 
 def manage_url(organization: Organization) -> str:
