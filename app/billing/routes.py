@@ -410,11 +410,7 @@ def complete_signup_from_whop() -> Response | tuple[str, int]:
         return render_template("billing/checkout_problem.html", message=str(exc)), 404
     except BillingError as exc:
         return render_template("billing/checkout_problem.html", message=str(exc)), 503
-    return _signup_returned(outcome, settled=WHOP_CONFLICT_WORDS)
-
-
-# Whop conflicts are not canceled and refunded automatically (docs/system/BILLING.md, Whop).
-WHOP_CONFLICT_WORDS = "Whop does not refund it automatically: contact us and we will cancel and refund it."
+    return _signup_returned(outcome)
 
 
 def _signup_returned(outcome: ProvisionOutcome, settled: str | None = None) -> Response | tuple[str, int]:

@@ -97,6 +97,13 @@ class ChangeOutcome:
     awaiting_payment: str | None = None
 
 
+# What an owner is told when a form already used is submitted again (any provider).
+STALE_FORM = (
+    "That form was already used, so nothing was changed now. The page shows your plan as it is; "
+    "choose again if you still want to change it."
+)
+
+
 @dataclass(frozen=True)
 class CheckoutRedirect:
     url: str

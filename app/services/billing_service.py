@@ -56,6 +56,7 @@ from app.services.billing_common import (
     CHECKOUT_SESSION_ID,
     ENDED,
     REQUEST_TOKEN,
+    STALE_FORM,
     BillingConfigurationError,
     BillingError,
     ChangeOutcome,
@@ -529,10 +530,7 @@ class BillingService:
                     organization, subscription, source=f"user:{actor_user_id}"
                 )
         if replayed:
-            raise StaleForm(
-                "That form was already used, so nothing was changed now. The page shows your plan as it is; "
-                "choose again if you still want to change it."
-            )
+            raise StaleForm(STALE_FORM)
         return changes
 
     @classmethod
@@ -619,7 +617,10 @@ class BillingService:
     def _settle(cls, to_settle: settlement.ToSettle | dict[str, Any] | None, source: str) -> dict[str, Any] | None:
         if not isinstance(to_settle, settlement.ToSettle):
             return to_settle  # nothing to settle, or settled already
-        settled = cls._cancel_and_refund(to_settle.subscription_id, key=to_settle.key)
+        if to_settle.subscription_id.startswith("mem_"):  # a Whop membership is settled at Whop
+            settled = whop_billing.cancel_and_refund(to_settle.subscription_id, key=to_settle.key)
+        else:
+            settled = cls._cancel_and_refund(to_settle.subscription_id, key=to_settle.key)
         to_settle.record(settled, source)
         return settled
 
@@ -1124,11 +1125,18 @@ class BillingService:
         cls._expire_checkout_sessions([s for s in signup.superseded_checkout_session_ids if s.startswith("cs_")])
         return whop_billing.open_signup_checkout(tier, signup.pending_signup_id)
 
-    @staticmethod
-    def complete_whop_signup_from_redirect(pending_signup_id: str, membership_id: str) -> ProvisionOutcome:
+    @classmethod
+    def complete_whop_signup_from_redirect(cls, pending_signup_id: str, membership_id: str) -> ProvisionOutcome:
         """Whop's redirect after payment: provision (or find provisioned) the signup, from the membership
-        as Whop has it now (whop_billing.py)."""
-        return whop_billing.complete_signup_from_redirect(pending_signup_id, membership_id)
+        as Whop has it now (whop_billing.py); a conflict is settled at Whop at once, as for Stripe."""
+        outcome = whop_billing.complete_signup_from_redirect(pending_signup_id, membership_id)
+        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
+            try:
+                settled = cls.settle_signup_conflict(outcome.pending_signup_id, source="web")
+            except PaymentProviderUnavailable:
+                settled = None  # the worker's consumer of signup.conflict retries it, then reconcile
+            outcome = dataclasses.replace(outcome, settlement=settled)
+        return outcome
 
 
 @outbox.consumer("signup.conflict", name="settle_signup_conflict")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from app.models import BillingStatus
@@ -28,6 +29,29 @@ WHOP_STATUS = {
     "drafted": BillingStatus.INCOMPLETE,
 }
 ENDED = frozenset({"canceled", "expired"})
+
+
+def minor_units(money: Any) -> int | None:
+    """A Whop amount in the currency's smallest unit (cents), as Stripe's amounts are and as the pages
+    and emails format them: Whop's Money object (`{"amount": "19.00", "decimals": 2}`), or a bare
+    decimal amount (`19.0`, `"19.00"`, in the currency's main unit). None when there is none."""
+    decimals = 2
+    if isinstance(money, Mapping):
+        given = money.get("decimals")
+        decimals = given if isinstance(given, int) and not isinstance(given, bool) and 0 <= given <= 4 else 2
+        money = money.get("amount")
+    if money is None or isinstance(money, bool):
+        return None
+    try:
+        return int((Decimal(str(money)) * 10**decimals).to_integral_value())
+    except (InvalidOperation, ValueError):
+        return None
+
+
+def money_currency(money: Any, fallback: Any = None) -> str | None:
+    currency = money.get("currency") if isinstance(money, Mapping) else None
+    value = currency or fallback
+    return str(value).lower() if value else None
 
 
 def parse_time(value: Any) -> datetime | None:

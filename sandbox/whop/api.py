@@ -129,6 +129,20 @@ def cancel_membership(membership_id: str) -> Response:
     return _idempotent(lambda body: World.public_membership(world.cancel_membership(membership_id, body)))
 
 
+@bp.get("/api/v1/payments")
+def list_payments() -> Response:
+    _authenticate()
+    args = {key: [v for v in request.args.getlist(key)] for key in request.args}
+    return jsonify(_world().list_payments(args))
+
+
+@bp.post("/api/v1/payments/<payment_id>/refund")
+def refund_payment(payment_id: str) -> Response:
+    _authenticate()
+    world = _world()
+    return _idempotent(lambda body: world.refund_payment(payment_id, body))
+
+
 # --- hosted pages ----------------------------------------------------------------------------------
 
 
