@@ -421,3 +421,26 @@ def test_a_scheduled_cancellation_can_be_brought_forward(
     assert organization(app, owner.organization_id).billing_status == "canceled"
     page = owner.client.get("/billing/").get_data(as_text=True)
     assert page.count("Your subscription has ended.") == 1  # said once, not flashed again
+
+
+def test_the_catalogue_prices_are_fetched_from_stripe_with_no_transaction_open(
+    app: Flask, owner: Owner, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21, item 8: a page that read the organization before asking for the catalogue's prices
+    (the change-plan page) holds no transaction while Stripe answers the price lookup."""
+    from app.extensions import cache, db
+    from app.services.billing_service import BillingService
+
+    held_during_fetch: list[bool] = []
+    real_fetch = BillingService._fetch_prices
+
+    def fetch_and_note(keys: list[str]) -> Any:
+        held_during_fetch.append(db.session().in_transaction())
+        return real_fetch(keys)
+
+    monkeypatch.setattr(BillingService, "_fetch_prices", staticmethod(fetch_and_note))
+    with app.app_context():
+        cache.clear()
+    page = owner.client.get("/billing/plan")
+    assert page.status_code == 200 and "$49.00" in page.get_data(as_text=True)
+    assert held_during_fetch == [False]

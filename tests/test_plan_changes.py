@@ -522,3 +522,27 @@ def test_seats_cannot_silently_withdraw_a_scheduled_downgrade(stack: Stack) -> N
     assert response.status_code == 200 and 'id="preview-replaces-scheduled"' not in response.get_data(as_text=True)
     assert owner.confirm(ticket).status_code == 303
     assert owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 3}
+
+
+def test_the_previews_fingerprint_covers_the_period_the_discounts_and_a_pending_update(app: Flask) -> None:
+    """Issue 21, item 8: a preview confirmed after the period turned over, or after a discount came or
+    went, or while an upgrade waits for payment, is stale (its proration would differ)."""
+    from app.services.billing_common import plan_catalogue
+    from app.services.plan_change import read_current
+
+    item = {
+        "id": "si_1",
+        "quantity": 1,
+        "current_period_start": 1_000,
+        "current_period_end": 2_000,
+        "price": {"id": "price_1", "lookup_key": "starter_monthly", "unit_amount": 1900, "currency": "usd"},
+    }
+    base = {"id": "sub_1", "status": "active", "items": {"data": [item]}, "discounts": []}
+    with app.app_context():
+        catalogue = plan_catalogue()
+        fingerprint = read_current(base, catalogue).fingerprint
+        renewed = {**base, "items": {"data": [{**item, "current_period_start": 2_000, "current_period_end": 3_000}]}}
+        taxed = {**base, "automatic_tax": {"enabled": True}}
+        for changed in (renewed, {**base, "discounts": ["di_1"]}, {**base, "pending_update": {"expires_at": 9}}, taxed):
+            assert read_current(changed, catalogue).fingerprint != fingerprint
+        assert read_current(dict(base), catalogue).fingerprint == fingerprint

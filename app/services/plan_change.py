@@ -109,6 +109,13 @@ def read_current(subscription: Mapping[str, Any], catalogue: PlanCatalogue) -> C
         # The period and the discounts decide the proration a preview showed: a preview confirmed
         # after the period turned over, or a coupon came or went, is stale.
         "period": [min(starts) if starts else None, max(ends) if ends else None],
+        "tax": [
+            bool((subscription.get("automatic_tax") or {}).get("enabled")),
+            sorted(
+                str(r if isinstance(r, str) else (r or {}).get("id"))
+                for r in subscription.get("default_tax_rates") or []
+            ),
+        ],
         "discounts": sorted(
             str(d if isinstance(d, str) else (d or {}).get("id")) for d in subscription.get("discounts") or []
         ),
