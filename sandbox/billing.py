@@ -47,7 +47,7 @@ AUTOMATIC = Origin()
 @dataclass(frozen=True)
 class SandboxCard:
     number: str
-    outcome: str  # succeeds | declined | async_succeeds | async_fails | charge_fails
+    outcome: str  # succeeds | declined | async_succeeds | async_fails | charge_fails | authenticates
     description: str
 
 
@@ -57,6 +57,11 @@ SANDBOX_CARDS = (
     SandboxCard("4000000000003220", "async_succeeds", "Settles later and succeeds."),
     SandboxCard("4000008400001629", "async_fails", "Settles later and fails."),
     SandboxCard("4000000000000341", "charge_fails", "Attaches; every charge fails."),
+    SandboxCard(
+        "4000002760003184",
+        "authenticates",
+        "Asks for 3-D Secure: succeeds on a hosted page; charges made without you wait for you.",
+    ),
 )
 
 

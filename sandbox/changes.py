@@ -336,7 +336,7 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
         if invoice["status"] == "paid":
             invoicing.paid(store, invoice, origin)
         elif invoice["attempted"]:
-            emit(store, "invoice.payment_failed", invoice, origin=origin)
+            emit(store, invoicing.failure_event(store, invoice), invoice, origin=origin)
     return subscription
 
 

@@ -202,7 +202,7 @@ def _complete_checkout(
     customer["next_invoice_sequence"] += 1
     subscription["latest_invoice"] = invoice["id"]
     if not settles_later:
-        paid = invoicing.charge(store, invoice, method)
+        paid = invoicing.charge(store, invoice, method, on_session=True)  # the customer is on the page
         assert paid, "cards whose charges fail are refused above"
     session.update(
         status="complete",

@@ -335,7 +335,7 @@ def _attempt(store: Store, invoice: Obj, dunning: Dunning) -> None:
     exhausted = retries_done >= len(dunning.retry_days)
     invoice["next_payment_attempt"] = None if exhausted else first_failure + dunning.retry_days[retries_done] * DAY
     store.put(invoice)
-    billing.emit(store, "invoice.payment_failed", invoice)
+    billing.emit(store, invoicing.failure_event(store, invoice), invoice)
     if sub is None or sub["status"] in billing.ENDED:
         return
     before = copy.deepcopy(sub)

@@ -26,12 +26,18 @@ class Card:
     brand: str
     funding: str
     charges_fail: bool  # attaches, then every charge is declined (Stripe's 4000 0000 0000 0341)
+    requires_authentication: bool = False  # off-session charges need the customer (4000 0027 6000 3184)
 
 
 DECLINED = "Your card was declined."
 # 0341 attaches and then fails every charge, as on Stripe; 1629 (3-D Secure, then declined on
 # Stripe) is the sandbox's asynchronous failure at Checkout and fails later charges too.
 CARDS_WHOSE_CHARGES_FAIL = ("4000000000000341", "4000008400001629")
+# 3184 asks for 3-D Secure on every payment: a charge the customer is not present for (a renewal, a
+# subscription update, POST /v1/invoices/:id/pay) leaves the PaymentIntent `requires_action`; paying on
+# a hosted page (where the customer authenticates) succeeds.
+CARDS_THAT_REQUIRE_AUTHENTICATION = ("4000002760003184",)
+AUTHENTICATION_REQUIRED = "Your card was declined. This transaction requires authentication."
 
 # Stripe's test PaymentMethod tokens the sandbox knows, and the card each stands for.
 TEST_TOKENS = {
@@ -39,12 +45,19 @@ TEST_TOKENS = {
     "pm_card_mastercard": "5555555555554444",
     "pm_card_chargeCustomerFail": "4000000000000341",
     "pm_card_chargeDeclined": "4000000000000002",
+    "pm_card_authenticationRequired": "4000002760003184",
 }
 
 
 def card_for(number: str) -> Card:
     brand = "mastercard" if number.startswith("5") else "visa"
-    return Card(number, brand, "credit", charges_fail=number in CARDS_WHOSE_CHARGES_FAIL)
+    return Card(
+        number,
+        brand,
+        "credit",
+        charges_fail=number in CARDS_WHOSE_CHARGES_FAIL,
+        requires_authentication=number in CARDS_THAT_REQUIRE_AUTHENTICATION,
+    )
 
 
 @cache
@@ -111,6 +124,7 @@ def create_payment_method(
         "metadata": {},
         "type": "card",
         "_charges_fail": card.charges_fail,
+        "_requires_authentication": card.requires_authentication,
     }
     store.put(method)
     return method
@@ -248,9 +262,10 @@ def finalize(store: Store, invoice: Obj) -> None:
     billing.emit(store, "invoice.finalized", invoice)
 
 
-def charge(store: Store, invoice: Obj, method: Obj | None) -> bool:
+def charge(store: Store, invoice: Obj, method: Obj | None, *, on_session: bool = False) -> bool:
     """One payment attempt on an open invoice; True if it was paid. Records the attempt on the
-    invoice, its PaymentIntent and a new Charge; emits no events (callers decide which)."""
+    invoice, its PaymentIntent and a new Charge; emits no events (callers decide which, see
+    needs_action()). on_session: the customer is paying on a hosted page and can authenticate."""
     now = simtime.now()
     if "payments" not in invoice:  # an invoice made elsewhere without this module's fields
         customer = billing.load(store, "customer", invoice["customer"])
@@ -264,12 +279,30 @@ def charge(store: Store, invoice: Obj, method: Obj | None) -> bool:
         store.put(invoice)
         return False
     intent = _payment_intent(store, invoice, method, now)
+    if method.get("_requires_authentication") and not on_session:
+        # No charge is attempted: the bank wants the customer (3-D Secure), who is not here.
+        intent.update(
+            status="requires_action",
+            payment_method=method["id"],
+            next_action={"type": "use_stripe_sdk", "use_stripe_sdk": {"type": "three_d_secure_redirect"}},
+            last_payment_error={
+                "code": "authentication_required",
+                "decline_code": "authentication_required",
+                "doc_url": "https://stripe.com/docs/error-codes/authentication-required",
+                "message": AUTHENTICATION_REQUIRED,
+                "payment_method": objects.public(method),
+                "type": "card_error",
+            },
+        )
+        store.put(intent)
+        store.put(invoice)
+        return False
     ok = not method["_charges_fail"]
     attempt = _charge(invoice, intent, method, ok, now)
     store.put(attempt)
     intent.update(latest_charge=attempt["id"], payment_method=method["id"])
     if ok:
-        intent.update(status="succeeded", amount_received=intent["amount"], last_payment_error=None)
+        intent.update(status="succeeded", amount_received=intent["amount"], last_payment_error=None, next_action=None)
         _mark_paid(invoice, now)
     else:
         intent.update(
@@ -290,6 +323,21 @@ def charge(store: Store, invoice: Obj, method: Obj | None) -> bool:
     payment["status_transitions"]["paid_at"] = now if ok else None
     store.put(invoice)
     return ok
+
+
+def needs_action(store: Store, invoice: Obj) -> bool:
+    """Whether the invoice's last attempt stopped for the customer's authentication (Stripe then
+    sends invoice.payment_action_required rather than invoice.payment_failed)."""
+    payments = (invoice.get("payments") or {}).get("data") or []
+    if not payments:
+        return False
+    intent = store.get(payments[0]["payment"]["payment_intent"])
+    return intent is not None and intent["status"] == "requires_action"
+
+
+def failure_event(store: Store, invoice: Obj) -> str:
+    """The event an unpaid attempt on this invoice sends."""
+    return "invoice.payment_action_required" if needs_action(store, invoice) else "invoice.payment_failed"
 
 
 def _mark_paid(invoice: Obj, now: int) -> None:
@@ -533,7 +581,7 @@ def pay_by_card(
     if invoice["status"] != "open":
         raise billing.PaymentError(f"This invoice is {invoice['status']}; it can no longer be paid.")
     method = attach_typed_card(store, invoice["customer"], card_number, name=name, email=email, expiry=expiry)
-    if not charge(store, invoice, method):
+    if not charge(store, invoice, method, on_session=True):
         raise billing.PaymentError(DECLINED)
     paid(store, invoice)
     return invoice

@@ -243,7 +243,8 @@ def _expand(store: Store, obj: Obj, parts: list[str], path: str) -> None:
         raise _cannot_expand(path)
     if isinstance(value, str):
         target = store.get(value)
-        value = obj[field] = objects.public(target) if target else value
+        # An includable field of the expanded object (latest_invoice.payments) is shown when named.
+        value = obj[field] = objects.public(target, include=set(rest[:1])) if target else value
     if rest and isinstance(value, dict):
         _expand(store, value, rest, path)
 

@@ -289,6 +289,25 @@ def test_a_canceled_organization_can_subscribe_again(app: Flask, owner: Owner, o
     assert events_named(app)["organization.subscription_replaced"] == 1
 
 
+def test_the_resubscribe_return_page_says_we_are_confirming_when_stripe_is_down(
+    app: Flask, owner: Owner, offline_stripe: SandboxAccount
+) -> None:
+    """Issue 21, item 6: Stripe not answering when the owner comes back from paying is a page that
+    checks again, not a 500; the webhook (the worker) finishes the resubscription meanwhile."""
+    owner.post("/billing/cancel", request_token=TOKEN, when="now", confirmed="yes")
+    session_id = checkout_session_id(owner.post("/billing/resubscribe", request_token="e" * 32, tier="pro"))
+    session = offline_stripe.pay(session_id)
+    offline_stripe.fail_next("checkout.sessions.retrieve", times=20)
+    back = owner.client.get(f"/billing/checkout-complete?session_id={session_id}")
+    page = back.get_data(as_text=True)
+    assert back.status_code == 202 and 'id="payment-confirming"' in page and "We are confirming your payment" in page
+    assert organization(app, owner.organization_id).billing_status == "canceled"
+    offline_stripe.http.delete(f"{offline_stripe.url}/_sandbox/faults", timeout=10).raise_for_status()
+    assert post_and_apply(owner.client, stripe_event("checkout.session.completed", session)).status_code == 200
+    row = organization(app, owner.organization_id)
+    assert (row.billing_status, row.tier, row.billing_subscription_id) == ("active", "pro", session["subscription"])
+
+
 # --- Who may act ----------------------------------------------------------------------------------
 
 
@@ -421,3 +440,26 @@ def test_a_scheduled_cancellation_can_be_brought_forward(
     assert organization(app, owner.organization_id).billing_status == "canceled"
     page = owner.client.get("/billing/").get_data(as_text=True)
     assert page.count("Your subscription has ended.") == 1  # said once, not flashed again
+
+
+def test_the_catalogue_prices_are_fetched_from_stripe_with_no_transaction_open(
+    app: Flask, owner: Owner, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21, item 8: a page that read the organization before asking for the catalogue's prices
+    (the change-plan page) holds no transaction while Stripe answers the price lookup."""
+    from app.extensions import cache, db
+    from app.services.billing_service import BillingService
+
+    held_during_fetch: list[bool] = []
+    real_fetch = BillingService._fetch_prices
+
+    def fetch_and_note(keys: list[str]) -> Any:
+        held_during_fetch.append(db.session().in_transaction())
+        return real_fetch(keys)
+
+    monkeypatch.setattr(BillingService, "_fetch_prices", staticmethod(fetch_and_note))
+    with app.app_context():
+        cache.clear()
+    page = owner.client.get("/billing/plan")
+    assert page.status_code == 200 and "$49.00" in page.get_data(as_text=True)
+    assert held_during_fetch == [False]

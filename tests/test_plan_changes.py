@@ -357,18 +357,77 @@ def test_a_slow_stripe_costs_the_billing_page_its_details_not_the_page(stack: St
     assert re.search(r'id="next-invoice">\s*Not available right now', page), page
 
 
-def test_an_upgrade_whose_payment_fails_links_to_the_hosted_invoice(stack: Stack) -> None:
+def organization_row(stack: Stack) -> Any:
+    [row] = query(stack.app, "SELECT * FROM organization")
+    return row
+
+
+def addons(stack: Stack) -> dict[str, int]:
+    return {r.addon_key: r.quantity for r in query(stack.app, "SELECT * FROM organization_addon")}
+
+
+@pytest.mark.parametrize(
+    ("card", "why", "paid_with"),
+    [
+        ("pm_card_chargeCustomerFail", "Your card was declined.", "4242424242424242"),
+        # The same card, on the hosted page, where the customer completes 3-D Secure.
+        (
+            "pm_card_authenticationRequired",
+            "Your bank asks you to confirm this payment (3-D Secure).",
+            "4000002760003184",
+        ),
+    ],
+)
+def test_an_upgrade_is_granted_only_once_paid_and_the_owner_is_told_why_and_where_to_pay(
+    stack: Stack, card: str, why: str, paid_with: str
+) -> None:
+    """pending_if_incomplete: a declined or 3-D Secure upgrade payment changes nothing at Stripe or
+    here; the owner is told why and given the invoice; paying it makes the change (by webhook)."""
     owner = stack.sign_up("starter", extra_seats=0)
-    # The subscription's card now declines every charge (Stripe's test token pm_card_chargeCustomerFail).
-    stack.stripe("POST", f"/subscriptions/{owner.subscription_id}", default_payment_method="pm_card_chargeCustomerFail")
+    stack.stripe("POST", f"/subscriptions/{owner.subscription_id}", default_payment_method=card)
 
     _, ticket = owner.preview_plan("pro")
     assert owner.confirm(ticket).status_code == 303
-    invoice = stack.stripe("GET", f"/invoices/{owner.subscription()['latest_invoice']}")
+    subscription = owner.subscription()
+    invoice = stack.stripe("GET", f"/invoices/{subscription['latest_invoice']}")
     assert invoice["status"] == "open" and invoice["amount_due"] > 0
+    # Nothing is granted: Stripe keeps the old items (the change waits in pending_update), and so do we.
+    assert owner.items() == {"starter_monthly": 1}
+    assert subscription["status"] == "active" and subscription["pending_update"]
+    assert [i["price"]["lookup_key"] for i in subscription["pending_update"]["subscription_items"]] == ["pro_monthly"]
+    assert (organization_row(stack).tier, organization_row(stack).billing_status) == ("starter", "active")
+    [update] = owner.updates()
+    assert update["params"]["payment_behavior"] == "pending_if_incomplete"
     page = flashes(owner.client)
-    assert 'id="payment-action"' in page
+    assert f"The payment for this change did not go through: {why}" in page
+    assert "Your plan stays as it was until the invoice is paid" in page
     assert f'href="{invoice["hosted_invoice_url"]}" id="payment-action-link"' in page
+    assert 'id="plan">Starter<' in page
+    [(event,)] = query(stack.app, "SELECT data FROM domain_event WHERE name = 'subscription.change_awaiting_payment'")
+    assert event["payment_problem"] == why and event["tier"] == "pro"
+
+    # Another change meanwhile is refused with the reason (Stripe would refuse it too).
+    assert owner.post("/billing/seats/preview", extra_seats="1").status_code == 303
+    assert "Your last change is waiting for its payment" in flashes(owner.client)
+
+    # The owner pays on the hosted invoice page (authenticating, for 3-D Secure): Stripe makes the
+    # change and its webhook brings the new plan here.
+    stack.stripe_api.pay_invoice_page(invoice["hosted_invoice_url"], paid_with)
+    assert owner.items() == {"pro_monthly": 1} and not owner.subscription()["pending_update"]
+    stack.stripe_api.deliver(owner.client)
+    run_jobs(stack.app)
+    assert (organization_row(stack).tier, organization_row(stack).billing_status) == ("pro", "active")
+    assert 'id="plan">Pro<' in flashes(owner.client)
+
+
+def test_a_seat_purchase_whose_payment_fails_grants_no_seat(stack: Stack) -> None:
+    owner = stack.sign_up("starter", extra_seats=1)
+    stack.stripe("POST", f"/subscriptions/{owner.subscription_id}", default_payment_method="pm_card_chargeCustomerFail")
+    _, ticket = owner.preview_seats(4)
+    assert owner.confirm(ticket).status_code == 303
+    assert owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 1}
+    assert addons(stack) == {"extra_seats": 1}
+    assert "did not go through: Your card was declined." in flashes(owner.client)
 
 
 def test_a_scheduled_downgrade_takes_effect_when_the_period_ends(make_app: Any, offline_stripe: SandboxAccount) -> None:
@@ -429,3 +488,66 @@ def test_bad_change_requests_get_a_clear_answer_and_change_nothing(stack: Stack)
         assert response.status_code == 400, forged
     assert owner.updates() == [] and owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 2}
     assert query(stack.app, "SELECT id FROM subscription_change") == []
+
+
+def test_seats_cannot_silently_withdraw_a_scheduled_downgrade(stack: Stack) -> None:
+    """Issue 21, item 2: while a downgrade waits for the period's end, a seat change is refused with the
+    reason and the way forward (at preview, and at confirm for a preview made before the schedule, in
+    another tab); the schedule stays. A plan change made now says in its preview that it replaces it."""
+    owner = stack.sign_up("starter", extra_seats=1)
+    _, early_seats_ticket = owner.preview_seats(3)  # a second tab, before the downgrade is scheduled
+    _, ticket = owner.preview_plan("starter", interval="year")  # cheaper per month: at the period end
+    assert owner.confirm(ticket).status_code == 303
+    schedule_id = owner.subscription()["schedule"]
+    assert schedule_id, re.findall(r'class="flash[^<]*', flashes(owner.client))
+
+    refused = owner.post("/billing/seats/preview", extra_seats="3")
+    assert refused.status_code == 303
+    page = flashes(owner.client)
+    assert "Your plan is set to change at the end of this billing period, on " in page
+    assert "Changing seats now would withdraw that change, so nothing was changed" in page
+    assert '"Keep my current plan"' in page
+
+    stale = owner.confirm(early_seats_ticket)
+    assert stale.status_code == 303  # the fresh preview is refused for the same reason
+    assert "Changing seats now would withdraw that change" in flashes(owner.client)
+    assert owner.subscription()["schedule"] == schedule_id
+    assert stack.stripe("GET", f"/subscription_schedules/{schedule_id}")["status"] == "active"
+    assert owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 1}
+    assert addons(stack) == {"extra_seats": 1}
+
+    # Choosing a dearer plan now replaces the scheduled change, and its preview says so.
+    response, _ = owner.preview_plan("pro")
+    page = html.unescape(response.get_data(as_text=True))
+    assert 'id="preview-replaces-scheduled"' in page and "that change will not happen" in page
+
+    # Once the owner keeps the current plan, seats can be changed.
+    assert owner.post("/billing/plan/keep").status_code == 303
+    response, ticket = owner.preview_seats(3)
+    assert response.status_code == 200 and 'id="preview-replaces-scheduled"' not in response.get_data(as_text=True)
+    assert owner.confirm(ticket).status_code == 303
+    assert owner.items() == {"starter_monthly": 1, "extra_seat_monthly": 3}
+
+
+def test_the_previews_fingerprint_covers_the_period_the_discounts_and_a_pending_update(app: Flask) -> None:
+    """Issue 21, item 8: a preview confirmed after the period turned over, or after a discount came or
+    went, or while an upgrade waits for payment, is stale (its proration would differ)."""
+    from app.services.billing_common import plan_catalogue
+    from app.services.plan_change import read_current
+
+    item = {
+        "id": "si_1",
+        "quantity": 1,
+        "current_period_start": 1_000,
+        "current_period_end": 2_000,
+        "price": {"id": "price_1", "lookup_key": "starter_monthly", "unit_amount": 1900, "currency": "usd"},
+    }
+    base = {"id": "sub_1", "status": "active", "items": {"data": [item]}, "discounts": []}
+    with app.app_context():
+        catalogue = plan_catalogue()
+        fingerprint = read_current(base, catalogue).fingerprint
+        renewed = {**base, "items": {"data": [{**item, "current_period_start": 2_000, "current_period_end": 3_000}]}}
+        taxed = {**base, "automatic_tax": {"enabled": True}}
+        for changed in (renewed, {**base, "discounts": ["di_1"]}, {**base, "pending_update": {"expires_at": 9}}, taxed):
+            assert read_current(changed, catalogue).fingerprint != fingerprint
+        assert read_current(dict(base), catalogue).fingerprint == fingerprint

@@ -4,6 +4,7 @@ Stripe API instead (see test_live_flow.py for the live walker it hands over to).
 
 from __future__ import annotations
 
+import html
 import threading
 from collections import Counter
 from typing import Any
@@ -27,6 +28,7 @@ from tests.conftest import (
     start_signup,
     stripe_event,
 )
+from tests.test_plan_changes import ticket_of
 
 SIGNUP_EVENTS = ("organization.created", "user.created", "signup.completed")
 HOUR = 3600
@@ -171,6 +173,34 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
         [row] = query(app, "SELECT * FROM organization")
         return row
 
+    # An upgrade whose payment needs the customer (the bank asks for 3-D Secure on charges made without
+    # them): nothing is granted before it is paid. Stripe keeps the change pending
+    # (pending_if_incomplete), the organization keeps Starter, and the owner is told why and where to
+    # pay; paying on the invoice's page (authenticating) makes the change, and its webhook brings Pro.
+    stripe_api.api(
+        "POST", f"/v1/subscriptions/{subscription['id']}", {"default_payment_method": "pm_card_authenticationRequired"}
+    )
+    choice = {"csrf_token": csrf_token(client, "/billing/"), "tier": "pro", "interval": "month"}
+    preview = client.post("/billing/plan/preview", data=choice)
+    confirm = {"csrf_token": csrf_token(client, "/billing/"), "ticket": ticket_of(preview)}
+    page = html.unescape(client.post("/billing/change/confirm", data=confirm, follow_redirects=True).get_data(True))
+    assert "did not go through: Your bank asks you to confirm this payment (3-D Secure)." in page
+    pending = stripe_api.subscription(subscription["id"])
+    upgrade_invoice = stripe_api.api("GET", f"/v1/invoices/{pending['latest_invoice']}")
+    assert upgrade_invoice["status"] == "open" and upgrade_invoice["hosted_invoice_url"] in page
+    assert pending["pending_update"] and pending["status"] == "active"
+    assert "invoice.payment_action_required" in deliver()
+    assert (organization_now().tier, organization_now().billing_status) == ("starter", "active")
+    assert 'id="plan">Starter<' in client.get("/billing/").get_data(as_text=True)
+    stripe_api.pay_invoice_page(upgrade_invoice["hosted_invoice_url"], "4000 0027 6000 3184")
+    assert {"invoice.paid", "customer.subscription.updated"} <= set(deliver())
+    organization = organization_now()
+    assert (organization.tier, organization.billing_status) == ("pro", "active")
+    assert (organization.last_invoice_id, organization.last_payment_status) == (upgrade_invoice["id"], "paid")
+    # The subscription goes back to the customer's card for its renewals.
+    stripe_api.api("POST", f"/v1/subscriptions/{subscription['id']}", {"default_payment_method": ""})
+    deliver()
+
     # A renewal: Stripe invoices and charges the card on file; the organization's period moves on.
     period_end = subscription["items"]["data"][0]["current_period_end"]
     payments_before = domain_event_counts(app)["billing.payment_succeeded"]  # 0 or 1, by arrival order
@@ -209,7 +239,10 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     # The owner is told by email (the worker's outbox), once, with the amount and where to pay.
     smtp_server: SmtpSink = request.getfixturevalue("smtp_server")
     run_jobs(app)
-    [failed_email] = [m for m in smtp_server.to("ada@example.com") if "payment" in str(m["Subject"]).lower()]
+    [action_email, failed_email] = [
+        m for m in smtp_server.to("ada@example.com") if "payment" in str(m["Subject"]).lower()
+    ]
+    assert upgrade_invoice["hosted_invoice_url"] in email_text(action_email)  # the upgrade's 3-D Secure
     text = email_text(failed_email)
     assert f"${open_invoice['amount_due'] / 100:,.2f}" in text and open_invoice["hosted_invoice_url"] in text
 
@@ -226,7 +259,7 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
         data={"csrf_token": csrf_token(client, "/billing/"), "request_token": "a" * 32, "when": "period_end"},
     )
     assert response.status_code == 303
-    [(args, call)] = stripe_api.calls_to("subscriptions.update")
+    [_upgrade, (args, call)] = stripe_api.calls_to("subscriptions.update")
     assert args == (subscription["id"],) and call["params"] == {"cancel_at_period_end": "true"}
     assert call["options"] == {"idempotency_key": f"org-{organization.id}-cancel-period-end-{'a' * 32}"}
     organization = organization_now()
@@ -267,7 +300,8 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert [m["Subject"] for m in smtp_server.to("ada@example.com") if "ended" in str(m["Subject"]).lower()]
     counts = domain_event_counts(app)
     assert [counts[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
-    assert counts["billing.payment_failed"] == 1 and counts["billing.payment_succeeded"] == payments_before + 2
+    assert counts["billing.payment_failed"] == 1 and counts["billing.payment_action_required"] == 1
+    assert counts["billing.payment_succeeded"] == payments_before + 2
     assert {row.status for row in query(app, "SELECT status FROM stripe_event")} <= {"processed", "ignored"}
 
 
@@ -634,3 +668,69 @@ def test_domain_events_are_announced_only_after_they_commit(app: Flask, offline_
     names = [name for name, _ in announced]
     assert [names.count(name) for name in SIGNUP_EVENTS] == [1, 1, 1]
     assert all(committed for _, committed in announced)
+
+
+def test_the_signup_return_page_says_we_are_confirming_when_stripe_is_down(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
+    """Issue 21, item 6: the success URL while Stripe does not answer is a page that checks again (202),
+    not a 500; the webhook provisions meanwhile and the next check signs the owner in."""
+    client = app.test_client()
+    session_id = checkout_session_id(start_signup(client))
+    session = offline_stripe.pay(session_id)
+    offline_stripe.fail_next("checkout.sessions.retrieve", times=20)
+    waiting = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
+    assert waiting.status_code == 202 and "We are confirming your payment" in waiting.get_data(as_text=True)
+    assert query(app, "SELECT id FROM organization") == []
+    assert post_and_apply(client, stripe_event("checkout.session.completed", session)).status_code == 200
+    offline_stripe.http.delete(f"{offline_stripe.url}/_sandbox/faults", timeout=10).raise_for_status()
+    back = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
+    assert back.status_code == 303 and back.headers["Location"] == "/app"
+
+
+def test_two_paid_signups_for_one_email_racing_end_in_one_account_and_a_refund(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
+    """Issue 21, item 6: two checkouts of the same email (a superseded one paid anyway) provisioned at
+    the same moment: the second waits on the unique email and, when the first commits, becomes a
+    conflict that is canceled and refunded (409 page), never an IntegrityError 500."""
+    sign_up(app.test_client(), offline_stripe, email="babbage@example.com")
+    [(organization_id,)] = query(app, "SELECT id FROM organization")
+    first_browser, second_browser = app.test_client(), app.test_client()
+    first = checkout_session_id(start_signup(first_browser))
+    offline_stripe.fail_next("checkout.sessions.expire")  # the expire did not reach Stripe in time
+    second = checkout_session_id(start_signup(second_browser))  # supersedes the first
+    offline_stripe.pay(first)
+    offline_stripe.pay(second)
+    # The email's account is being created in a transaction that has not committed yet (here a member
+    # row stands for the first checkout's provisioning, which holds the same unique email).
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    holder = engine.connect()
+    holding = holder.begin()
+    holder.execute(
+        text(
+            "INSERT INTO user_account (organization_id, email, name, password_hash, role, created_at) "
+            "VALUES (:o, 'ada@example.com', 'Ada', 'x', 'member', now())"
+        ),
+        {"o": organization_id},
+    )
+    answers: list[Any] = []
+    racing = threading.Thread(
+        target=lambda: answers.append(second_browser.get(f"/billing/complete-signup-from-stripe?session_id={second}"))
+    )
+    racing.start()
+    racing.join(timeout=2)
+    assert racing.is_alive()  # waiting on the unique email held by the open transaction
+    holding.commit()
+    holder.close()
+    engine.dispose()
+    racing.join(timeout=30)
+    [answer] = answers
+    page = answer.get_data(as_text=True)
+    assert answer.status_code == 409, page[-1500:]
+    assert "This email already has an account" in page and "refunded" in page
+    [pending] = query(app, "SELECT * FROM pending_signup WHERE checkout_session_id = :s", s=second)
+    assert pending.status == "failed" and pending.settled_at is not None
+    assert offline_stripe.subscription(offline_stripe.session(second)["subscription"])["status"] == "canceled"

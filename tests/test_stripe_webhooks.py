@@ -507,3 +507,49 @@ def test_an_oversized_body_is_refused_unread(client: FlaskClient, app: Flask) ->
     response = post_and_apply(client, body)
     assert response.status_code == 413 and "error" in response.get_json()
     assert stored_events(app) == []
+
+
+def test_a_seat_change_committed_while_stripe_is_read_makes_the_worker_read_again(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
+    """Issue 21, item 8: the worker's stale-read guard covers the add-on rows, not only the
+    organization's updated_at. An owner's seat change (at Stripe, then here) lands between the
+    worker's read of Stripe and its lock: the worker sees the add-ons moved and reads Stripe again,
+    instead of applying the older read and losing the seat."""
+    from sqlalchemy import create_engine, text
+
+    from app.extensions import db
+    from app.services import stripe_events
+    from app.services.billing_service import BillingService
+
+    session = sign_up(app.test_client(), offline_stripe, addon_extra_seats="2")
+    subscription_id = session["subscription"]
+    seat_item = next(
+        item["id"]
+        for item in offline_stripe.subscription(subscription_id)["items"]["data"]
+        if item["price"]["lookup_key"] == "extra_seat_monthly"
+    )
+    reads: list[int] = []
+
+    class OwnerActsDuringTheRead:
+        """BillingService's reads, with the owner's seat change landing just after the first one."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(BillingService, name)
+
+        def retrieve_subscription(self, sub_id: str) -> dict[str, Any]:
+            read = BillingService.retrieve_subscription(sub_id)
+            reads.append(len(reads))
+            if len(reads) == 1:
+                offline_stripe.api("POST", f"/v1/subscriptions/{sub_id}", {"items": [{"id": seat_item, "quantity": 3}]})
+                engine = create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+                with engine.begin() as connection:
+                    connection.execute(text("UPDATE organization_addon SET quantity = 3"))
+                engine.dispose()
+            return read
+
+    with app.app_context():
+        stripe_events.apply_subscription_events(subscription_id, [], OwnerActsDuringTheRead())  # type: ignore[arg-type]
+        db.session.commit()
+    assert len(reads) == 2
+    assert [(r.addon_key, r.quantity) for r in query(app, "SELECT * FROM organization_addon")] == [("extra_seats", 3)]

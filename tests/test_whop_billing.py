@@ -21,7 +21,16 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from app.extensions import db
-from tests.conftest import csrf_token, query, signup_form
+from tests.conftest import (
+    SandboxAccount,
+    SmtpSink,
+    checkout_session_id,
+    csrf_token,
+    email_text,
+    query,
+    run_jobs,
+    signup_form,
+)
 from tests.live_support import LiveServer, free_port, wait_until
 from tests.whop_double import WhopDouble
 
@@ -251,7 +260,8 @@ def signed_up(pair: Pair) -> tuple[FlaskClient, Any]:
 
 
 def owner_post(client: FlaskClient, path: str, **fields: Any) -> Any:
-    return client.post(path, data={"csrf_token": csrf_token(client, "/billing/"), "request_token": TOKEN, **fields})
+    data = {"csrf_token": csrf_token(client, "/billing/"), "request_token": TOKEN, **fields}
+    return client.post(path, data=data)
 
 
 def test_the_billing_page_shows_what_whop_knows_and_plan_changes_offer_only_whop(pair: Pair) -> None:
@@ -343,3 +353,86 @@ def test_reconcile_repairs_a_missed_deactivation(pair: Pair) -> None:
     assert f"follows Whop membership {org.billing_subscription_id}" in repaired.output
     assert pair.organization().billing_status == "canceled"
     assert runner.invoke(args=["billing", "reconcile", *only]).exit_code == 0
+
+
+# --- Moving to card billing -------------------------------------------------------------------------
+
+
+def test_a_whop_billed_organization_resubscribes_by_card_with_a_stripe_customer_of_its_own(
+    pair: Pair, offline_stripe: SandboxAccount
+) -> None:
+    """Issue 21, item 4: Whop's member id is no Stripe customer. The resubscribe checkout is opened for
+    the owner's email (Checkout makes the customer); once paid, the organization is billed by Stripe
+    with that customer, and its Whop history (events, domain events) stays."""
+    client, org = signed_up(pair)
+    member_id = org.billing_customer_id
+    assert owner_post(client, "/billing/cancel", when="now", confirmed="yes").status_code == 303
+    assert pair.organization().billing_status == "canceled"
+    whop_events_before = len(query(pair.app, "SELECT id FROM whop_event"))
+
+    response = owner_post(client, "/billing/resubscribe", tier="starter")
+    assert response.status_code == 303, response.get_data(as_text=True)
+    session_id = checkout_session_id(response)
+    [(_, call)] = offline_stripe.calls_to("checkout.sessions.create")
+    assert "customer" not in call["params"] and call["params"]["customer_email"] == "ada@example.com"
+    session = offline_stripe.pay(session_id)
+    back = client.get(f"/billing/checkout-complete?session_id={session_id}")
+    assert back.status_code == 303 and back.headers["Location"] == "/billing/"
+    row = pair.organization()
+    assert (row.billing_provider, row.billing_status, row.tier) == ("stripe", "active", "starter")
+    assert row.billing_customer_id == session["customer"] != member_id
+    assert row.billing_customer_id.startswith("cus_")
+    assert row.billing_subscription_id == session["subscription"]
+    assert len(query(pair.app, "SELECT id FROM whop_event")) >= whop_events_before
+    assert pair.events()["signup.completed"] == 1
+
+
+# --- Conflicts, amounts and stale forms at Whop --------------------------------------------------------
+
+
+def test_a_second_paid_whop_signup_of_an_email_is_settled_at_whop(pair: Pair) -> None:
+    """Issue 21, item 5: the conflict is canceled and refunded at Whop (not sent to Stripe), the page
+    says how much was refunded, and nothing is left for reconcile to settle."""
+    signed_up(pair)
+    again = pair.app.test_client()
+    back = again.get(pay_on_whop(pair, again))
+    page = back.get_data(as_text=True)
+    assert back.status_code == 409, page[-1500:]
+    assert "This email already has an account" in page and "refunded $19.00" in page
+    [conflict] = query(pair.app, "SELECT * FROM pending_signup WHERE status = 'failed'")
+    assert conflict.settled_at is not None and conflict.settlement["amount_refunded"] == 1900
+    from app.services import reconcile_reads
+
+    with pair.app.app_context():
+        assert reconcile_reads.unsettled(None) == []
+    assert len(pair.organizations()) == 1
+    assert pair.events()["signup.conflict_refunded"] == 1
+
+
+def test_whop_payments_carry_their_amount_into_events_and_emails(pair: Pair, smtp_server: SmtpSink) -> None:
+    """Issue 21, item 7: Whop's amounts (Money objects) become cents, as Stripe's are: the payment
+    events and the failed-payment email show $19.00, not "—"."""
+    _, org = signed_up(pair)
+    [paid] = query(pair.app, "SELECT data FROM domain_event WHERE name = 'billing.payment_succeeded'")
+    assert (paid.data["amount_paid"], paid.data["currency"]) == (1900, "usd")
+    pair.double.control(f"memberships/{org.billing_subscription_id}/period_end", {"outcome": "failed"})
+    pair.stored(5)
+    [failed] = query(pair.app, "SELECT data FROM domain_event WHERE name = 'billing.payment_failed'")
+    assert failed.data["amount_due"] == 1900
+    run_jobs(pair.app)
+    [email] = [m for m in smtp_server.to("ada@example.com") if "payment failed" in str(m["Subject"]).lower()]
+    assert "$19.00" in email_text(email) and "—" not in email_text(email)
+
+
+def test_a_stale_whop_form_is_refused_and_the_membership_read_as_it_is(pair: Pair) -> None:
+    """Issue 21, item 1 for Whop: cancel (form A), resume, then form A again: Whop replays its stored
+    answer for A's key; the product reads the membership as it is now and says the form was used."""
+    client, _ = signed_up(pair)
+    form_a, form_b = "a" * 32, "b" * 32
+    assert owner_post(client, "/billing/cancel", when="period_end", request_token=form_a).status_code == 303
+    assert owner_post(client, "/billing/resume", request_token=form_b).status_code == 303
+    assert pair.organization().cancel_at_period_end is False
+    stale = owner_post(client, "/billing/cancel", when="period_end", request_token=form_a)
+    assert stale.status_code == 303
+    assert "That form was already used, so nothing was changed now." in client.get("/billing/").get_data(True)
+    assert pair.organization().cancel_at_period_end is False

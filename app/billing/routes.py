@@ -23,10 +23,12 @@ from app.billing.forms import (
 from app.extensions import client_address, csrf, db, limiter
 from app.features import current_entitlements
 from app.models import Organization, User
+from app.services.billing_common import ChangeOutcome
 from app.services.billing_service import (
     BillingError,
     BillingService,
     CheckoutSessionNotFound,
+    PaymentProviderUnavailable,
     StalePreview,
     UnknownWebhookProvider,
     WebhookRejected,
@@ -220,17 +222,28 @@ def confirm_change() -> Response | tuple[str, int]:
     except BillingError as exc:
         flash(str(exc), "error")
         return redirect(url_for("billing.overview"), 303)
+    _flash_outcome(outcome)
+    return redirect(url_for("billing.overview"), 303)
+
+
+def _flash_outcome(outcome: ChangeOutcome) -> None:
+    """What became of a confirmed change, and the invoice to pay when the payment needs the owner."""
     if outcome.duplicate and not outcome.applied:
         flash("This change is already being made. The page shows it once Stripe confirms it.", "info")
     elif outcome.duplicate:
         flash("This change was already made.", "info")
+    elif outcome.awaiting_payment:
+        flash(
+            f"The payment for this change did not go through: {outcome.awaiting_payment} Your plan stays as it "
+            "was until the invoice is paid; paying it makes the change.",
+            "error",
+        )
     elif outcome.when == When.PERIOD_END:
         flash("Your plan will change at the end of the billing period.", "success")
     else:
         flash("Your subscription is changed.", "success")
     if outcome.action_url:
         flash(outcome.action_url, "payment-action")
-    return redirect(url_for("billing.overview"), 303)
 
 
 def _fresh_preview_after(organization: Organization, stale: Preview | None, reason: str) -> Response | tuple[str, int]:
@@ -352,6 +365,8 @@ def checkout_complete() -> Response | tuple[str, int]:
         )
     except CheckoutSessionNotFound as exc:
         return render_template("billing/checkout_problem.html", message=str(exc)), 404
+    except PaymentProviderUnavailable:
+        return _confirming_payment()
     if outcome.state == ProvisionState.AWAITING_PAYMENT:
         return render_template("billing/processing.html"), 202
     if outcome.state == ProvisionState.SURPLUS:
@@ -387,7 +402,15 @@ def complete_signup_from_stripe() -> Response | tuple[str, int]:
         outcome = BillingService.complete_signup_from_redirect(request.args.get("session_id", ""))
     except CheckoutSessionNotFound as exc:
         return render_template("billing/checkout_problem.html", message=str(exc)), 404
+    except PaymentProviderUnavailable:
+        return _confirming_payment()
     return _signup_returned(outcome)
+
+
+def _confirming_payment() -> tuple[str, int]:
+    """Back from paying while Stripe does not answer: the payment is confirmed by its webhook (the
+    worker) or by this page, which checks again every few seconds."""
+    return render_template("billing/processing.html", confirming=True), 202
 
 
 @bp.get("/complete-signup-from-whop")
@@ -402,11 +425,7 @@ def complete_signup_from_whop() -> Response | tuple[str, int]:
         return render_template("billing/checkout_problem.html", message=str(exc)), 404
     except BillingError as exc:
         return render_template("billing/checkout_problem.html", message=str(exc)), 503
-    return _signup_returned(outcome, settled=WHOP_CONFLICT_WORDS)
-
-
-# Whop conflicts are not canceled and refunded automatically (docs/system/BILLING.md, Whop).
-WHOP_CONFLICT_WORDS = "Whop does not refund it automatically: contact us and we will cancel and refund it."
+    return _signup_returned(outcome)
 
 
 def _signup_returned(outcome: ProvisionOutcome, settled: str | None = None) -> Response | tuple[str, int]:

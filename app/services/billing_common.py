@@ -92,6 +92,16 @@ class ChangeOutcome:
     when: When
     action_url: str | None  # the hosted invoice, when the payment needs the customer
     duplicate: bool = False
+    # An upgrade whose payment did not go through: why, in the owner's words. Nothing changed; the
+    # change waits at Stripe (pending_update) and is made when its invoice (action_url) is paid.
+    awaiting_payment: str | None = None
+
+
+# What an owner is told when a form already used is submitted again (any provider).
+STALE_FORM = (
+    "That form was already used, so nothing was changed now. The page shows your plan as it is; "
+    "choose again if you still want to change it."
+)
 
 
 @dataclass(frozen=True)

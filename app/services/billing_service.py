@@ -60,6 +60,7 @@ from app.services.billing_common import (
     CHECKOUT_SESSION_ID,
     ENDED,
     REQUEST_TOKEN,
+    STALE_FORM,
     BillingConfigurationError,
     BillingError,
     ChangeOutcome,
@@ -91,7 +92,9 @@ from app.services.plan_change import (
     Preview,
     When,
     build_preview,
+    check_against_schedule,
     new_recurring,
+    payment_problem,
     read_current,
     resolve_target,
     schedule_phases,
@@ -544,10 +547,7 @@ class BillingService:
                     organization, subscription, source=f"user:{actor_user_id}"
                 )
         if replayed:
-            raise StaleForm(
-                "That form was already used, so nothing was changed now. The page shows your plan as it is; "
-                "choose again if you still want to change it."
-            )
+            raise StaleForm(STALE_FORM)
         return changes
 
     @classmethod
@@ -563,7 +563,9 @@ class BillingService:
             organization = db.session.get(Organization, organization_id, populate_existing=True)
             if organization is None or organization.billing_status not in ENDED:
                 raise SubscriptionActionNotAllowed("This organization already has a subscription.")
-            customer_id = organization.billing_customer_id
+            # An organization that Whop billed moves to card billing with a Stripe customer of its own
+            # (Whop's member id is no Stripe customer); its Whop history stays where it is.
+            customer_id = provisioning.stripe_customer_of(organization)
         finally:
             db.session.rollback()
         tier = cls.tier(tier_key)
@@ -578,8 +580,7 @@ class BillingService:
             "success_url": f"{base}/billing/checkout-complete?session_id={{CHECKOUT_SESSION_ID}}",
             "cancel_url": f"{base}/billing/",
         }
-        if customer_id:
-            params["customer"] = customer_id
+        params.update({"customer_email": customer_id} if "@" in customer_id else {"customer": customer_id})
         with cls._calling_stripe("create a checkout session"):
             session = client.v1.checkout.sessions.create(
                 params=params,
@@ -633,7 +634,10 @@ class BillingService:
     def _settle(cls, to_settle: settlement.ToSettle | dict[str, Any] | None, source: str) -> dict[str, Any] | None:
         if not isinstance(to_settle, settlement.ToSettle):
             return to_settle  # nothing to settle, or settled already
-        settled = cls._cancel_and_refund(to_settle.subscription_id, key=to_settle.key)
+        if to_settle.subscription_id.startswith("mem_"):  # a Whop membership is settled at Whop
+            settled = whop_billing.cancel_and_refund(to_settle.subscription_id, key=to_settle.key)
+        else:
+            settled = cls._cancel_and_refund(to_settle.subscription_id, key=to_settle.key)
         to_settle.record(settled, source)
         return settled
 
@@ -719,24 +723,8 @@ class BillingService:
         whop_only = organization_id is not None and reconcile_reads.billed_by_whop(organization_id)
         report = reconciliation.ReconcileReport() if whop_only else cls._reconcile_read(since_days, organization_id)
         if cls.whop_configured() and (organization_id is None or whop_only):
-            report.subscriptions += cls._whop_reconcile_read(organization_id, report)
+            report.subscriptions += whop_billing.reconcile_read(organization_id, report)
         return report
-
-    @classmethod
-    def _whop_reconcile_read(
-        cls, organization_id: int | None, report: reconciliation.ReconcileReport
-    ) -> list[reconciliation.SubscriptionDrift]:
-        held = reconcile_reads.held_whop_memberships(organization_id)
-        if not held:
-            return []
-        listed = whop_billing.calls.list_memberships() if organization_id is None else {}
-        for membership_id in held:
-            if membership_id not in listed:
-                try:
-                    listed[membership_id] = whop_billing.calls.retrieve_membership(membership_id)
-                except PaymentProviderUnavailable as exc:
-                    report.problems.append(f"Whop membership {membership_id}: {exc.__cause__ or exc}")
-        return reconcile_reads.compare_with_whop(held, listed)
 
     @classmethod
     def _reconcile_read(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:
@@ -907,7 +895,12 @@ class BillingService:
             raise SubscriptionActionNotAllowed(str(exc)) from exc
         prices = cls.prices_for_lookup_keys(list(quantities))
         proration_date, invoice = clock.now(), None
-        if timing(current, target, new_recurring(prices, quantities)[1]) == When.NOW:
+        when = timing(current, target, new_recurring(prices, quantities)[1])
+        try:
+            check_against_schedule(kind, current, when)
+        except PlanChangeError as exc:
+            raise SubscriptionActionNotAllowed(str(exc)) from exc
+        if when == When.NOW:
             params: Any = {
                 "subscription": current.subscription_id,
                 "subscription_details": {
@@ -954,10 +947,11 @@ class BillingService:
                 cache.delete_many(*(f"stripe-price:{k}" for k in preview.quantities))
                 raise StalePreview("A price changed since this preview.")
             prices = {k: fresh[k] for k in preview.quantities}
+            action_url = awaiting = None
             if preview.when == When.NOW:
-                subscription, action_url = cls._apply_change_now(current, preview, prices, key)
+                subscription, action_url, awaiting = cls._apply_change_now(current, preview, prices, key)
             else:
-                subscription, action_url = cls._schedule_change(current, preview, prices, key), None
+                subscription = cls._schedule_change(current, preview, prices, key)
         except StalePreview as exc:
             plan_change_claims.finish(key, SubscriptionChangeStatus.REFUSED, f"stale: {exc}")
             raise
@@ -966,13 +960,18 @@ class BillingService:
             plan_change_claims.finish(key, SubscriptionChangeStatus.FAILED, describe_failure(exc)[:500])
             raise
         cls.forget_billing_reads(preview.organization_id)
-        plan_change_claims.record_applied(preview, key, subscription, actor_user_id=actor_user_id)
-        return ChangeOutcome(applied=True, when=preview.when, action_url=action_url)
+        plan_change_claims.record_applied(
+            preview, key, subscription, actor_user_id=actor_user_id, awaiting_payment=awaiting
+        )
+        return ChangeOutcome(applied=True, when=preview.when, action_url=action_url, awaiting_payment=awaiting)
 
     @classmethod
     def _apply_change_now(
         cls, current: CurrentPlan, preview: Preview, prices: Mapping[str, PriceInfo], key: str
-    ) -> tuple[dict[str, Any], str | None]:
+    ) -> tuple[dict[str, Any], str | None, str | None]:
+        """An upgrade or seat change, invoiced at once with pending_if_incomplete: Stripe makes the
+        change only if that invoice is paid; otherwise it waits in the subscription's pending_update
+        (23 hours) and the old plan stays. Returns the subscription, the invoice to pay and why."""
         client = cls.ensure_stripe()
         if current.schedule_id:
             # A downgrade was waiting for the period's end: this change replaces it.
@@ -988,17 +987,26 @@ class BillingService:
                     "items": items,
                     "proration_behavior": "always_invoice",
                     "proration_date": preview.proration_date,
-                    "payment_behavior": "allow_incomplete",
-                    "expand": ["latest_invoice"],
+                    "payment_behavior": "pending_if_incomplete",
+                    "expand": ["latest_invoice.payments"],
                 },
                 options={"idempotency_key": key},
             ).to_dict()
         invoice = subscription.get("latest_invoice")
-        action_url = None
-        if isinstance(invoice, dict) and invoice.get("status") == "open" and invoice.get("amount_due", 0) > 0:
-            action_url = invoice.get("hosted_invoice_url")  # the payment needs the customer
-        subscription["latest_invoice"] = invoice.get("id") if isinstance(invoice, dict) else invoice
-        return subscription, action_url
+        subscription["latest_invoice"] = id_of(invoice)
+        if not subscription.get("pending_update") or not isinstance(invoice, dict):
+            return subscription, None, None
+        return subscription, invoice.get("hosted_invoice_url"), payment_problem(cls._invoice_intent(invoice))
+
+    @classmethod
+    def _invoice_intent(cls, invoice: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The PaymentIntent of an invoice's (first) payment, or None if none was attempted."""
+        payments = (invoice.get("payments") or {}).get("data") or []
+        intent_id = id_of((payments[0].get("payment") or {}).get("payment_intent")) if payments else None
+        if intent_id is None:
+            return None
+        with cls._calling_stripe("read a payment"):
+            return cls.ensure_stripe().v1.payment_intents.retrieve(intent_id).to_dict()
 
     @classmethod
     def _schedule_change(
@@ -1136,11 +1144,18 @@ class BillingService:
         cls._expire_checkout_sessions([s for s in signup.superseded_checkout_session_ids if s.startswith("cs_")])
         return whop_billing.open_signup_checkout(tier, signup.pending_signup_id)
 
-    @staticmethod
-    def complete_whop_signup_from_redirect(pending_signup_id: str, membership_id: str) -> ProvisionOutcome:
+    @classmethod
+    def complete_whop_signup_from_redirect(cls, pending_signup_id: str, membership_id: str) -> ProvisionOutcome:
         """Whop's redirect after payment: provision (or find provisioned) the signup, from the membership
-        as Whop has it now (whop_billing.py)."""
-        return whop_billing.complete_signup_from_redirect(pending_signup_id, membership_id)
+        as Whop has it now (whop_billing.py); a conflict is settled at Whop at once, as for Stripe."""
+        outcome = whop_billing.complete_signup_from_redirect(pending_signup_id, membership_id)
+        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
+            try:
+                settled = cls.settle_signup_conflict(outcome.pending_signup_id, source="web")
+            except PaymentProviderUnavailable:
+                settled = None  # the worker's consumer of signup.conflict retries it, then reconcile
+            outcome = dataclasses.replace(outcome, settlement=settled)
+        return outcome
 
     # --- The operations console (app/admin/): its reads are staff_console.py's, its actions staff_actions.py's
 

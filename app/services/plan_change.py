@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -58,6 +59,8 @@ class CurrentPlan:
     period_end: int | None
     schedule_id: str | None
     fingerprint: str
+    # An earlier upgrade waiting for its invoice to be paid (Stripe's pending_update): its expiry.
+    pending_update_expires_at: int | None = None
 
     def lines(self) -> list[Line]:
         return [line for line in (self.tier_line, self.seat_line) if line] + list(self.other_lines)
@@ -102,6 +105,20 @@ def read_current(subscription: Mapping[str, Any], catalogue: PlanCatalogue) -> C
         "items": sorted((line.price.id, line.quantity) for line in [tier_line, seat_line, *others] if line),
         "schedule": schedule_id,
         "cancel_at_period_end": bool(subscription.get("cancel_at_period_end")),
+        "pending_update": bool(subscription.get("pending_update")),
+        # The period and the discounts decide the proration a preview showed: a preview confirmed
+        # after the period turned over, or a coupon came or went, is stale.
+        "period": [min(starts) if starts else None, max(ends) if ends else None],
+        "tax": [
+            bool((subscription.get("automatic_tax") or {}).get("enabled")),
+            sorted(
+                str(r if isinstance(r, str) else (r or {}).get("id"))
+                for r in subscription.get("default_tax_rates") or []
+            ),
+        ],
+        "discounts": sorted(
+            str(d if isinstance(d, str) else (d or {}).get("id")) for d in subscription.get("discounts") or []
+        ),
     }
     return CurrentPlan(
         subscription_id=str(subscription["id"]),
@@ -116,6 +133,7 @@ def read_current(subscription: Mapping[str, Any], catalogue: PlanCatalogue) -> C
         period_end=max(ends) if ends else subscription.get("current_period_end"),
         schedule_id=schedule_id,
         fingerprint=hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32],
+        pending_update_expires_at=(subscription.get("pending_update") or {}).get("expires_at"),
     )
 
 
@@ -153,6 +171,11 @@ class Target:
 def validate_target(current: CurrentPlan, target: Target, *, members: int, included_seats: int) -> None:
     if current.status not in ("active", "trialing", "past_due"):
         raise PlanChangeError("Only an active subscription can change plan or seats.")
+    if current.pending_update_expires_at is not None:
+        raise PlanChangeError(
+            "Your last change is waiting for its payment: pay its invoice (the billing page links to it) to "
+            "finish it, or wait until the day after it was made, when it lapses, before making another."
+        )
     if target.extra_seats < 0:
         raise PlanChangeError("The number of extra seats cannot be negative.")
     if (current.tier, current.interval, current.extra_seats) == (target.tier, target.interval, target.extra_seats):
@@ -166,6 +189,27 @@ def validate_target(current: CurrentPlan, target: Target, *, members: int, inclu
             f"Your organization has {counted(members, 'member')}: keep at least "
             f"{counted(max(0, members - included_seats), 'extra seat')}, or remove members first."
         )
+
+
+def check_against_schedule(kind: str, current: CurrentPlan, when: When) -> None:
+    """A plan change waiting for the period's end (a downgrade on a schedule) and a change made now.
+    Seats: refused, since changing them at once would withdraw the scheduled change behind the
+    owner's back; the owner withdraws it first, or changes seats once it took effect. A plan
+    chosen again replaces it, which its preview says (Preview.replaces_scheduled_at)."""
+    if current.schedule_id is None or when != When.NOW or kind != "seats":
+        return
+    on = format_date(current.period_end)
+    raise PlanChangeError(
+        f"Your plan is set to change at the end of this billing period{on}. Changing seats now would withdraw "
+        'that change, so nothing was changed: choose "Keep my current plan" on the billing page first and '
+        "then change seats, or change them once the new plan has started."
+    )
+
+
+def format_date(timestamp: int | None) -> str:
+    if timestamp is None:
+        return ""
+    return datetime.fromtimestamp(timestamp, UTC).strftime(", on %-d %B %Y")
 
 
 def new_recurring(target_prices: Mapping[str, PriceInfo], quantities: Mapping[str, int]) -> tuple[int, Decimal]:
@@ -259,6 +303,8 @@ class Preview:
     new_interval: str
     effective_at: int | None  # the period's end, for a downgrade
     lines: list[PreviewLine] = field(default_factory=list)
+    # A downgrade scheduled for this date that a plan change made now replaces (withdraws).
+    replaces_scheduled_at: int | None = None
 
     def to_ticket(self) -> dict[str, Any]:
         data = asdict(self)
@@ -284,6 +330,9 @@ class Preview:
                 new_interval=str(data["new_interval"]),
                 effective_at=int(data["effective_at"]) if data.get("effective_at") is not None else None,
                 lines=[PreviewLine(**line) for line in data.get("lines") or []],
+                replaces_scheduled_at=(
+                    int(data["replaces_scheduled_at"]) if data.get("replaces_scheduled_at") is not None else None
+                ),
             )
         except (KeyError, TypeError, ValueError):
             raise PlanChangeError("That preview is not valid. Start the change again.") from None
@@ -358,6 +407,7 @@ def build_preview(
         new_interval=first.interval or target.interval,
         effective_at=current.period_end if when == When.PERIOD_END else None,
         lines=lines,
+        replaces_scheduled_at=(current.period_end or 0) if current.schedule_id and when == When.NOW else None,
     )
 
 
@@ -372,6 +422,17 @@ def summarize_invoice_preview(invoice: Mapping[str, Any]) -> tuple[int, list[Pre
     if total is None:
         total = invoice.get("amount_due", sum(line.amount for line in lines))
     return int(total), lines
+
+
+def payment_problem(intent: Mapping[str, Any] | None) -> str:
+    """Why an upgrade's invoice was not paid, in the owner's words, from its PaymentIntent."""
+    if intent is None:
+        return "There is no card on file to pay it with."
+    if intent.get("status") == "requires_action":
+        return "Your bank asks you to confirm this payment (3-D Secure)."
+    error = intent.get("last_payment_error") or {}
+    message = str(error.get("message") or "The payment did not go through.")
+    return message if message.endswith(".") else f"{message}."
 
 
 def describe_change(current: CurrentPlan, target: Target, catalogue: PlanCatalogue) -> str:

@@ -89,9 +89,19 @@ def finish_in_transaction(key: str, status: SubscriptionChangeStatus, outcome: s
     )
 
 
-def record_applied(preview: Preview, key: str, subscription: dict[str, Any], *, actor_user_id: int) -> None:
+def record_applied(
+    preview: Preview,
+    key: str,
+    subscription: dict[str, Any],
+    *,
+    actor_user_id: int,
+    awaiting_payment: str | None = None,
+) -> None:
     """The organization takes Stripe's answer to the change, the change is recorded, and the claim is
-    settled as applied, in one short transaction."""
+    settled as applied, in one short transaction. awaiting_payment: Stripe kept the change pending
+    until its invoice is paid, so the organization keeps its plan (the answer's items are the old
+    ones) and the webhook of the paid invoice brings the new plan."""
+    name = "subscription.change_scheduled" if preview.when == When.PERIOD_END else "subscription.changed"
     with committed():
         organization = db.session.get(
             Organization, preview.organization_id, with_for_update=True, populate_existing=True
@@ -100,7 +110,7 @@ def record_applied(preview: Preview, key: str, subscription: dict[str, Any], *, 
             raise SubscriptionActionNotAllowed("This organization no longer exists.")
         provisioning.apply_subscription_read(organization, subscription, source=f"user:{actor_user_id}")
         domain_events.record(
-            "subscription.change_scheduled" if preview.when == When.PERIOD_END else "subscription.changed",
+            "subscription.change_awaiting_payment" if awaiting_payment else name,
             organization_id=organization.id,
             user_id=actor_user_id,
             source=f"user:{actor_user_id}",
@@ -110,5 +120,8 @@ def record_applied(preview: Preview, key: str, subscription: dict[str, Any], *, 
             extra_seats=preview.target.extra_seats,
             charged_today=preview.today if preview.when == When.NOW else 0,
             effective_at=preview.effective_at,
+            replaced_scheduled_change=preview.replaces_scheduled_at,
+            **({"payment_problem": awaiting_payment} if awaiting_payment else {}),
         )
-        finish_in_transaction(key, SubscriptionChangeStatus.APPLIED, "applied")
+        outcome = f"awaiting payment: {awaiting_payment}" if awaiting_payment else "applied"
+        finish_in_transaction(key, SubscriptionChangeStatus.APPLIED, outcome)

@@ -69,6 +69,7 @@ def prices_for_lookup_keys(
         missing = [key for key, flag in zip(missing, known_missing, strict=True) if not flag]
     found: dict[str, PriceInfo] = {}
     if missing:
+        release_transaction_before_provider()
         try:
             found = fetch(missing)
         except BillingError:
@@ -83,6 +84,16 @@ def prices_for_lookup_keys(
     if unknown and required:
         raise PriceUnavailableError(f"No active Stripe price has the lookup key {', '.join(repr(k) for k in unknown)}.")
     return {key: prices[key] for key in keys if key in prices}
+
+
+def release_transaction_before_provider() -> None:
+    """No transaction (and so no pooled connection) is held while Stripe answers: a page that read the
+    organization (or the signed-in user) before asking for prices ends that read-only transaction
+    here; its objects are read again when next used. A session with writes pending is left alone
+    (its caller commits them first; none does today)."""
+    session = db.session()
+    if session.in_transaction() and not (session.new or session.dirty or session.deleted):
+        session.rollback()
 
 
 def remember_missing_prices(lookup_keys: list[str]) -> None:

@@ -14,7 +14,15 @@ from sqlalchemy.orm import joinedload
 
 from app import clock
 from app.extensions import db
-from app.models import BillingProvider, Organization, ResubscribeCheckout, ResubscribeStatus, SignupStatus
+from app.models import (
+    BillingProvider,
+    Organization,
+    ResubscribeCheckout,
+    ResubscribeStatus,
+    SignupStatus,
+    User,
+    UserRole,
+)
 from app.models.types import utcnow
 from app.services import domain_events, price_lookup
 from app.services.billing_common import (
@@ -203,6 +211,17 @@ def now_billed_by_stripe(organization: Organization, subscription: Mapping[str, 
         organization.billing_provider = BillingProvider.STRIPE
         organization.billing_customer_id = id_of(subscription.get("customer"))
         organization.billing_as_of = None
+
+
+def stripe_customer_of(organization: Organization) -> str:
+    """Who pays a resubscription at Stripe: the organization's Stripe customer, or, when it has none
+    (it was billed by Whop), its owner's email, for which Checkout makes a new customer."""
+    if organization.billing_provider == BillingProvider.STRIPE and organization.billing_customer_id:
+        return organization.billing_customer_id
+    owner = db.session.execute(
+        select(User.email).where(User.organization_id == organization.id, User.role == UserRole.OWNER)
+    ).scalar_one()
+    return str(owner)
 
 
 def record_resubscribe_checkout(

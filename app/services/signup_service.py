@@ -289,21 +289,7 @@ class SignupService:
         if pending.status == SignupStatus.COMPLETED:
             return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
         if SignupService.email_has_account(pending.email):
-            if pending.status != SignupStatus.FAILED or pending.stripe_subscription_id is None:
-                SignupService._close(
-                    pending, SignupStatus.FAILED, "email already has an account; refund this checkout", source=source
-                )
-            pending.stripe_subscription_id = subscription.subscription_id
-            if pending.settled_at is not None:
-                return ProvisionOutcome(ProvisionState.CONFLICT, pending.id, settlement=pending.settlement)
-            domain_events.record(
-                "signup.conflict",
-                source=source,
-                pending_signup_id=str(pending.id),
-                checkout_session_id=checkout_session["id"],
-                stripe_subscription_id=subscription.subscription_id,
-            )
-            return ProvisionOutcome(ProvisionState.CONFLICT, pending.id)
+            return SignupService._conflict(pending, checkout_session, subscription, source=source)
         release_removed_address(pending.email, source=source)
         organization = new_organization(
             pending.organization_name,
@@ -325,8 +311,15 @@ class SignupService:
             password_hash=pending.password_hash or "",
             role=UserRole.OWNER,
         )
-        db.session.add_all([organization, owner])
-        db.session.flush()
+        try:
+            with db.session.begin_nested():
+                db.session.add_all([organization, owner])
+                db.session.flush()
+        except IntegrityError:
+            # Another checkout of the same email (a superseded attempt paid anyway, a second tab)
+            # created the account in a transaction that committed while this one waited on the
+            # unique email: this payment is a conflict like any other, not an error.
+            return SignupService._conflict(pending, checkout_session, subscription, source=source)
         domain_events.record(
             "organization.created",
             organization_id=organization.id,
@@ -358,6 +351,28 @@ class SignupService:
         pending.password_hash = None  # the owner's account holds it now
         pending.failure_reason = None
         return ProvisionOutcome(ProvisionState.PROVISIONED, pending.id, organization.id, owner.id)
+
+    @staticmethod
+    def _conflict(
+        pending: PendingSignup, checkout_session: dict[str, Any], subscription: SubscriptionState, *, source: str
+    ) -> ProvisionOutcome:
+        """A paid checkout for an email that has an account: closed as failed and recorded as a
+        conflict, which the caller (or the worker's signup.conflict consumer) settles."""
+        if pending.status != SignupStatus.FAILED or pending.stripe_subscription_id is None:
+            SignupService._close(
+                pending, SignupStatus.FAILED, "email already has an account; refund this checkout", source=source
+            )
+        pending.stripe_subscription_id = subscription.subscription_id
+        if pending.settled_at is not None:
+            return ProvisionOutcome(ProvisionState.CONFLICT, pending.id, settlement=pending.settlement)
+        domain_events.record(
+            "signup.conflict",
+            source=source,
+            pending_signup_id=str(pending.id),
+            checkout_session_id=checkout_session["id"],
+            stripe_subscription_id=subscription.subscription_id,
+        )
+        return ProvisionOutcome(ProvisionState.CONFLICT, pending.id)
 
     @staticmethod
     def outcome_for(pending: PendingSignup, state: ProvisionState) -> ProvisionOutcome:

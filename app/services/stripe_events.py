@@ -14,7 +14,7 @@ from flask import current_app
 from sqlalchemy import select, update
 
 from app.extensions import db
-from app.models import BillingProvider, Organization, SignupStatus, StripeEventStatus
+from app.models import BillingProvider, Organization, OrganizationAddon, SignupStatus, StripeEventStatus
 from app.models.types import utcnow
 from app.services import domain_events, provisioning, stripe_objects
 from app.services.billing_common import (
@@ -117,7 +117,7 @@ def apply_subscription_events(subscription_id: str, events: list[VerifiedEvent],
             return {event.event_id: (StripeEventStatus.IGNORED, reason) for event in events}
         subscription = stripe_objects.subscription_for_state(subscription)
         organization = lock_organization_for_subscription(subscription)
-        now_held = (organization.id, organization.updated_at) if organization else None
+        now_held = held_version(organization) if organization else None
         if now_held == seen:
             break
         db.session.rollback()
@@ -181,14 +181,28 @@ def apply_checkout_events(session_id: str, events: list[VerifiedEvent], stripe: 
     return every(StripeEventStatus.PROCESSED, "awaiting payment")
 
 
-def organization_version(subscription_id: str) -> tuple[int, Any] | None:
+def organization_version(subscription_id: str) -> tuple[Any, ...] | None:
+    """What an organization holds from its subscription, as a version: its row's updated_at and its
+    add-on rows (a seat change writes only those), so a write to either while Stripe is read is seen."""
     row = db.session.execute(
         select(Organization.id, Organization.updated_at).where(
             Organization.billing_provider == BillingProvider.STRIPE,
             Organization.billing_subscription_id == subscription_id,
         )
     ).first()
-    return (row[0], row[1]) if row else None
+    if row is None:
+        return None
+    addons = db.session.execute(
+        select(OrganizationAddon.addon_key, OrganizationAddon.quantity, OrganizationAddon.provider_item_id)
+        .where(OrganizationAddon.organization_id == row[0])
+        .order_by(OrganizationAddon.addon_key)
+    ).all()
+    return (row[0], row[1], tuple(tuple(addon) for addon in addons))
+
+
+def held_version(organization: Organization) -> tuple[Any, ...]:
+    addons = sorted((a.addon_key, a.quantity, a.provider_item_id) for a in organization.addons)
+    return (organization.id, organization.updated_at, tuple(addons))
 
 
 def lock_organization_for_subscription(subscription: dict[str, Any]) -> Organization | None:

@@ -25,8 +25,9 @@ from whop_sdk.environment import WhopEnvironment
 
 from app.extensions import db
 from app.models import Organization, SignupStatus, WhopEvent
-from app.services import whop_events
+from app.services import reconcile_reads, whop_events
 from app.services.billing_common import (
+    STALE_FORM,
     BillingConfigurationError,
     BillingError,
     CheckoutRedirect,
@@ -34,6 +35,7 @@ from app.services.billing_common import (
     EventOutcomes,
     PaymentProviderUnavailable,
     ProviderObjectMissing,
+    StaleForm,
     SubscriptionActionNotAllowed,
     UnknownWebhookProvider,
     WebhookRejected,
@@ -43,8 +45,10 @@ from app.services.billing_common import (
     webhook_secrets,
 )
 from app.services.plans import Tier
+from app.services.reconcile import ReconcileReport, SubscriptionDrift
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
 from app.services.webhook_store import VerifiedEvent
+from app.services.whop_state import minor_units, money_currency
 
 logger = logging.getLogger(__name__)
 
@@ -147,10 +151,13 @@ class WhopCalls:
             )
         return checkout.id, checkout.purchase_url
 
-    def change_membership(self, membership_id: str, action: str, *, idempotency_key: str) -> dict[str, Any]:
-        """Cancel at period end, cancel now, or resume a membership; Whop's answer."""
+    def change_membership(
+        self, membership_id: str, action: str, *, idempotency_key: str
+    ) -> tuple[dict[str, Any], bool]:
+        """Cancel at period end, cancel now, or resume a membership: Whop's answer, and whether it is
+        a replay of an earlier request with this key (Whop's Idempotent-Replayed header)."""
         options: Any = {"additional_headers": {"Idempotency-Key": idempotency_key}}
-        memberships = client().memberships
+        memberships = client().memberships.with_raw_response
         with calling_whop(action.replace("-", " ") + " a membership"):
             if action == "cancel-period-end":
                 answer = memberships.cancel(membership_id, cancel_at_period_end=True, request_options=options)
@@ -160,7 +167,26 @@ class WhopCalls:
                 answer = memberships.update(membership_id, cancel_at_period_end=False, request_options=options)
             else:  # pragma: no cover - the actions above are the only callers
                 raise SubscriptionActionNotAllowed("Whop does not support that change.")
+        replayed = {k.lower(): v for k, v in answer.headers.items()}.get("idempotent-replayed") == "true"
+        dumped: dict[str, Any] = answer.data.model_dump(mode="json")
+        return dumped, replayed
+
+    def cancel_now(self, membership_id: str, *, idempotency_key: str) -> dict[str, Any]:
+        """End a membership at once (a conflict's settlement); one that already ended is read as it is."""
+        options: Any = {"additional_headers": {"Idempotency-Key": idempotency_key}}
+        membership = self.retrieve_membership(membership_id)
+        if membership.get("status") in ("canceled", "expired", "completed"):
+            return membership
+        with calling_whop("cancel a membership"):
+            answer = client().memberships.cancel(membership_id, request_options=options)
         dumped: dict[str, Any] = answer.model_dump(mode="json")
+        return dumped
+
+    def refund(self, payment_id: str, *, idempotency_key: str) -> dict[str, Any]:
+        options: Any = {"additional_headers": {"Idempotency-Key": idempotency_key}}
+        with calling_whop("refund a payment"):
+            payment = client().payments.refund(payment_id, request_options=options)
+        dumped: dict[str, Any] = payment.model_dump(mode="json")
         return dumped
 
 
@@ -212,6 +238,22 @@ def complete_signup_from_redirect(pending_signup_id: str, membership_id: str) ->
     return outcome
 
 
+def reconcile_read(organization_id: int | None, report: ReconcileReport) -> list[SubscriptionDrift]:
+    """Whop's memberships against the Whop-billed organizations (one, or all): listed at once for all,
+    else read one by one; a membership Whop does not answer for is a problem in the report."""
+    held = reconcile_reads.held_whop_memberships(organization_id)
+    if not held:
+        return []
+    listed = calls.list_memberships() if organization_id is None else {}
+    for membership_id in held:
+        if membership_id not in listed:
+            try:
+                listed[membership_id] = calls.retrieve_membership(membership_id)
+            except PaymentProviderUnavailable as exc:
+                report.problems.append(f"Whop membership {membership_id}: {exc.__cause__ or exc}")
+    return reconcile_reads.compare_with_whop(held, listed)
+
+
 def manage_url(organization: Organization) -> str:
     """The membership's own management page on Whop (a Whop-billed organization's "manage billing")."""
     membership_id = organization.billing_subscription_id
@@ -226,14 +268,46 @@ def manage_url(organization: Organization) -> str:
 
 def owner_change(organization_id: int, membership_id: str, action: str, key: str, actor_user_id: int) -> list[str]:
     """Cancel at period end, cancel now, or resume a Whop membership (BillingService's checks have
-    passed); the organization takes Whop's answer in a short transaction."""
-    membership = calls.change_membership(membership_id, action, idempotency_key=key)
+    passed); the organization takes Whop's answer in a short transaction. A form submitted again
+    later (the back button, a second tab) gets Whop's stored answer for its key, which may be older
+    than the membership: then the membership is read as it is now, applied, and StaleForm says so."""
+    membership, replayed = calls.change_membership(membership_id, action, idempotency_key=key)
+    if replayed:
+        membership = calls.retrieve_membership(membership_id)
     with committed():
         organization = whop_events.lock_organization(membership_id)
         changes: list[str] = []
         if organization is not None and organization.id == organization_id:
             changes = whop_events.apply_membership_read(organization, membership, source=f"user:{actor_user_id}")
+    if replayed:
+        raise StaleForm(STALE_FORM)
     return changes
+
+
+def cancel_and_refund(membership_id: str, *, key: str) -> dict[str, Any]:
+    """Settle a Whop membership no organization may keep (a second paid signup of an email) at Whop:
+    end it now and refund its paid payments, with idempotency keys `<key>-cancel` and
+    `<key>-refund-<payment>`; the result has the shape of Stripe's settlement (amounts in cents)."""
+    membership = calls.cancel_now(membership_id, idempotency_key=f"{key}-cancel")
+    result: dict[str, Any] = {
+        "whop_membership_id": membership_id,
+        "subscription_status": membership.get("status"),
+        "refund_id": None,
+        "amount_refunded": 0,
+        "currency": None,
+    }
+    for listed in calls.list_payments(membership_id, limit=100):
+        if listed.get("status") != "paid":
+            continue
+        payment = listed
+        if listed.get("refundable"):
+            payment = calls.refund(str(listed["id"]), idempotency_key=f"{key}-refund-{listed['id']}")
+        refunded = minor_units(payment.get("refunded_amount")) or 0
+        if refunded:
+            result["refund_id"] = result["refund_id"] or payment.get("id")
+            result["amount_refunded"] += refunded
+            result["currency"] = money_currency(payment.get("refunded_amount"), payment.get("currency"))
+    return result
 
 
 class WhopWebhooks:

@@ -38,7 +38,13 @@ from app.services.stripe_objects import MalformedObject
 from app.services.subscription_state import apply_subscription_state
 from app.services.webhook_intake import RESYNC_SOURCE
 from app.services.webhook_store import VerifiedEvent
-from app.services.whop_state import membership_as_of, minor_units, parse_time, subscription_state_from_whop
+from app.services.whop_state import (
+    membership_as_of,
+    minor_units,
+    money_currency,
+    parse_time,
+    subscription_state_from_whop,
+)
 
 WHOP_EVENT_ID = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
 WHOP_OBJECT_ID = re.compile(r"[A-Za-z0-9_]{1,255}")
@@ -180,8 +186,8 @@ def apply_membership_events(membership_id: str, events: list[VerifiedEvent], who
                 payment_id=str(payment.get("id")),
                 as_of=whop_time(payment.get("updated_at")) or event.created,
                 event=event,
-                amount=(payment.get("total") or {}).get("amount"),
-                currency=payment.get("currency"),
+                amount=minor_units(payment.get("total")),
+                currency=money_currency(payment.get("total"), payment.get("currency")),
                 renewal=payment.get("billing_reason") != "subscription_create",
             )
         outcomes[event.event_id] = (StripeEventStatus.PROCESSED, outcome)
@@ -215,13 +221,21 @@ def apply_member_events(member_id: str, events: list[VerifiedEvent]) -> EventOut
                 payment_id=str((invoice.get("payment") or {}).get("id") or invoice.get("id")),
                 as_of=whop_time(invoice.get("updated_at")) or event.created,
                 event=event,
-                amount=None,
+                amount=invoice_amount(invoice),
                 currency=(invoice.get("current_plan") or {}).get("currency"),
                 renewal=True,
                 invoice_id=str(invoice.get("id")),
             ),
         )
     return outcomes
+
+
+def invoice_amount(invoice: Mapping[str, Any]) -> int | None:
+    """A Whop invoice's amount (cents): its total if it gives one, else the sum of its lines."""
+    if invoice.get("total") is not None:
+        return minor_units(invoice.get("total"))
+    lines = [minor_units(line.get("total")) for line in invoice.get("line_items") or [] if isinstance(line, Mapping)]
+    return sum(line for line in lines if line is not None) if lines and None not in lines else None
 
 
 def record_payment_state(

@@ -31,6 +31,29 @@ WHOP_STATUS = {
 ENDED = frozenset({"canceled", "expired"})
 
 
+def minor_units(money: Any) -> int | None:
+    """A Whop amount in the currency's smallest unit (cents), as Stripe's amounts are and as the pages
+    and emails format them: Whop's Money object (`{"amount": "19.00", "decimals": 2}`), or a bare
+    decimal amount (`19.0`, `"19.00"`, in the currency's main unit). None when there is none."""
+    decimals = 2
+    if isinstance(money, Mapping):
+        given = money.get("decimals")
+        decimals = given if isinstance(given, int) and not isinstance(given, bool) and 0 <= given <= 4 else 2
+        money = money.get("amount")
+    if money is None or isinstance(money, bool):
+        return None
+    try:
+        return int((Decimal(str(money)) * 10**decimals).to_integral_value())
+    except (InvalidOperation, ValueError, OverflowError):  # not a number, NaN, infinity
+        return None
+
+
+def money_currency(money: Any, fallback: Any = None) -> str | None:
+    currency = money.get("currency") if isinstance(money, Mapping) else None
+    value = currency or fallback
+    return str(value).lower() if value else None
+
+
 def parse_time(value: Any) -> datetime | None:
     """Whop's ISO 8601 timestamps ("2026-11-28T12:00:00.000Z"); None for anything else."""
     if not isinstance(value, str) or not value:
@@ -79,13 +102,3 @@ def subscription_state_from_whop(membership: Mapping[str, Any], catalogue: PlanC
         ended_at=ended_at,
         metadata={str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
     )
-
-
-def minor_units(money: Mapping[str, Any]) -> int | None:
-    """Whop's money ({"amount": "19.00", "decimals": 2, ...}) in the currency's minor units (cents)."""
-    try:
-        amount = Decimal(str(money.get("amount")))
-        decimals = int(money.get("decimals", 2))
-    except (InvalidOperation, TypeError, ValueError):
-        return None
-    return int((amount * (10**decimals)).to_integral_value()) if amount.is_finite() else None

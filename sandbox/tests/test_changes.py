@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import pytest
+import requests
 import stripe
 
 from sandbox.tests.conftest import Receiver, Sandbox, create_session, paid_subscription, pay
@@ -267,3 +268,50 @@ def test_trial_end_moves_a_trialing_subscriptions_trial_and_period(
     _, paid = paid_subscription(sandbox, prices)
     with pytest.raises(stripe.InvalidRequestError, match="only on a trialing subscription"):
         sandbox.client.v1.subscriptions.update(paid.id, params={"trial_end": later})
+
+
+def test_a_card_that_asks_for_3d_secure_leaves_the_update_pending_until_paid_on_the_hosted_page(
+    sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    """4000 0027 6000 3184 (pm_card_authenticationRequired): a charge made without the customer leaves
+    the PaymentIntent requires_action (invoice.payment_action_required, not payment_failed); paying
+    on the hosted invoice page, where the customer authenticates, pays it and applies the update."""
+    subs = sandbox.client.v1.subscriptions
+    _, sub = paid_subscription(sandbox, prices)
+    subs.update(sub.id, params={"default_payment_method": "pm_card_authenticationRequired"})
+    pending = subs.update(
+        sub.id,
+        params={
+            "proration_behavior": "always_invoice",
+            "items": [{"id": _item(sub, "starter_monthly").id, "price": prices["pro_monthly"]}],
+            "payment_behavior": "pending_if_incomplete",
+            "expand": ["latest_invoice.payments"],
+        },
+    )
+    assert _item(pending, "starter_monthly") and pending.pending_update.expires_at > 0
+    invoice = pending.latest_invoice
+    assert invoice.status == "open" and invoice.attempt_count == 1
+    intent = sandbox.client.v1.payment_intents.retrieve(invoice.payments.data[0].payment.payment_intent)
+    assert intent.status == "requires_action" and intent.next_action.type == "use_stripe_sdk"
+    assert intent.last_payment_error.code == "authentication_required" and intent.latest_charge is None
+    types = [e.type for e in sandbox.client.v1.events.list(params={"limit": 20}).data]
+    assert "invoice.payment_action_required" in types and "invoice.payment_failed" not in types[:3]
+    # Off-session again (POST /v1/invoices/:id/pay): still the customer's action.
+    with pytest.raises(stripe.CardError):
+        sandbox.client.v1.invoices.pay(invoice.id)
+
+    page = requests.post(
+        f"{sandbox.url}/invoice/{invoice.id}",
+        data={
+            "email": "ada@example.com",
+            "cardNumber": "4000 0027 6000 3184",
+            "cardExpiry": "12 / 34",
+            "cardCvc": "123",
+            "billingName": "Ada Lovelace",
+        },
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert page.status_code == 303, page.text[-1500:]
+    paid = subs.retrieve(sub.id)
+    assert _item(paid, "pro_monthly") and paid.pending_update is None

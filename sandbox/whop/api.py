@@ -136,6 +136,13 @@ def cancel_membership(membership_id: str) -> Response:
     return _idempotent(lambda body: World.public_membership(world.cancel_membership(membership_id, body)))
 
 
+@bp.post("/api/v1/payments/<payment_id>/refund")
+def refund_payment(payment_id: str) -> Response:
+    _authenticate()
+    world = _world()
+    return _idempotent(lambda body: world.refund_payment(payment_id, body))
+
+
 # --- hosted pages ----------------------------------------------------------------------------------
 
 

@@ -38,6 +38,9 @@ class CardDeclined(Exception):
     pass
 
 
+FILTERS = ("membership_id", "member_id", "account_id")  # GET /payments' filters
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
 
@@ -505,6 +508,40 @@ class World:
                     raise WhopError(400, "invalid_request_error", "cancel_at_period_end must be a boolean")
                 self._set_cancel_at_period_end(membership, flag, reason=None)
             return membership
+
+    # --- payments ------------------------------------------------------------------------------
+
+    def refund_payment(self, payment_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /payments/{id}/refund: the whole payment (partial_amount is refused); a payment already
+        refunded, or not paid, is a 400 as on Whop."""
+        unknown = sorted(set(body) - {"metadata"})
+        if unknown:
+            raise WhopError(400, "invalid_request_error", f"Unsupported parameters: {', '.join(unknown)}")
+        with self.lock:
+            payment = self.payments.get(payment_id)
+            if payment is None:
+                raise WhopError(404, "not_found", f"Payment {payment_id} not found")
+            if payment["status"] != "paid" or not payment["refundable"]:
+                raise WhopError(400, "invalid_request_error", "This payment cannot be refunded")
+            now = iso(self.now())
+            payment.update(
+                refundable=False,
+                refunded_amount=payment["total"],
+                refunded_at=now,
+                substatus="refunded",
+                updated_at=now,
+            )
+            refund = {
+                "id": new_id("rfnd"),
+                "amount": payment["total"]["amount"],
+                "currency": payment["currency"],
+                "created_at": now,
+                "payment": {"id": payment["id"]},
+                "metadata": dict(body.get("metadata") or {}),
+                "status": "succeeded",
+            }
+            self.emit("refund.created", refund, None)
+            return dict(payment)
 
     def cancel_membership(self, membership_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST /memberships/{id}/cancel: at period end (access kept) or now (membership.deactivated)."""
