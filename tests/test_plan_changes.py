@@ -403,6 +403,10 @@ def test_an_upgrade_is_granted_only_once_paid_and_the_owner_is_told_why_and_wher
     assert "Your plan stays as it was until the invoice is paid" in page
     assert f'href="{invoice["hosted_invoice_url"]}" id="payment-action-link"' in page
     assert 'id="plan">Starter<' in page
+    # Every later visit says so too, with the invoice to pay, until it is paid or lapses.
+    again = owner.client.get("/billing/").get_data(as_text=True)
+    assert 'id="pending-payment"' in again and "waits for its payment" in again
+    assert f'href="{invoice["hosted_invoice_url"]}" id="pending-payment-link"' in again
     [(event,)] = query(stack.app, "SELECT data FROM domain_event WHERE name = 'subscription.change_awaiting_payment'")
     assert event["payment_problem"] == why and event["tier"] == "pro"
 
@@ -417,7 +421,8 @@ def test_an_upgrade_is_granted_only_once_paid_and_the_owner_is_told_why_and_wher
     stack.stripe_api.deliver(owner.client)
     run_jobs(stack.app)
     assert (organization_row(stack).tier, organization_row(stack).billing_status) == ("pro", "active")
-    assert 'id="plan">Pro<' in flashes(owner.client)
+    paid_page = flashes(owner.client)
+    assert 'id="plan">Pro<' in paid_page and 'id="pending-payment"' not in paid_page
 
 
 def test_a_seat_purchase_whose_payment_fails_grants_no_seat(stack: Stack) -> None:

@@ -41,6 +41,8 @@ class SubscriptionFacts:
     default_payment_method: str | None
     schedule_id: str | None
     latest_invoice: str | None
+    # An upgrade waiting for its invoice to be paid (Stripe's pending_update): until when it can be.
+    pending_update_expires_at: int | None = None
 
     @classmethod
     def from_stripe(cls, subscription: Mapping[str, Any]) -> SubscriptionFacts:
@@ -66,6 +68,7 @@ class SubscriptionFacts:
             default_payment_method=_id(subscription.get("default_payment_method")),
             schedule_id=_id(subscription.get("schedule")),
             latest_invoice=_id(subscription.get("latest_invoice")),
+            pending_update_expires_at=(subscription.get("pending_update") or {}).get("expires_at"),
         )
 
     @classmethod
