@@ -44,7 +44,6 @@ from app.services import (
     plan_change_claims,
     price_lookup,
     provisioning,
-    queue,
     reconcile_reads,
     reconcile_run,
     settlement,
@@ -699,21 +698,14 @@ class BillingService:
             raise BillingError(
                 f"--since must be between 1 and {reconciliation.MAX_SINCE_DAYS} days (Stripe keeps events for 30)."
             )
-        report = cls._reconcile_read_all(since_days, organization_id)
-        applied: list[str] = []
-        # Repairs make events of their own (a canceled orphan's customer.subscription.deleted, ...):
-        # those are applied in the next round, like any other missing event.
-        for _round in range((3 if drain else 1) if apply else 0):
-            if report.clean:
-                break
-            applied += reconcile_run.repair(
-                report, cls, cls._webhook_providers["stripe"], cls._webhook_providers["whop"]
-            )
-            if drain:
-                queue.run_pending_jobs_now(current_app, queues=[WEBHOOK_QUEUE])
-            report = cls._reconcile_read_all(since_days, organization_id)
-        report.applied = applied
-        return report
+        return reconcile_run.run(
+            lambda: cls._reconcile_read_all(since_days, organization_id),
+            cls,
+            cls._webhook_providers["stripe"],
+            cls._webhook_providers["whop"],
+            apply=apply,
+            drain=drain,
+        )
 
     @classmethod
     def _reconcile_read_all(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:
@@ -721,64 +713,28 @@ class BillingService:
         for Whop-billed organizations when Whop is configured: Whop retries a delivery only three
         times, so a missed membership event is found here."""
         whop_only = organization_id is not None and reconcile_reads.billed_by_whop(organization_id)
-        report = reconciliation.ReconcileReport() if whop_only else cls._reconcile_read(since_days, organization_id)
+        report = (
+            reconciliation.ReconcileReport()
+            if whop_only
+            else reconcile_reads.read_stripe_side(cls, since_days, organization_id, HANDLED_STRIPE_EVENTS)
+        )
         if cls.whop_configured() and (organization_id is None or whop_only):
             report.subscriptions += whop_billing.reconcile_read(organization_id, report)
         return report
 
     @classmethod
-    def _reconcile_read(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:
-        client = cls.ensure_stripe()
-        since = clock.now() - since_days * 86400
-        report = reconciliation.ReconcileReport()
-        held = reconcile_reads.held_by_stripe(organization_id, since)
-        # Stripe, with no transaction open.
+    def list_subscriptions_for_reconcile(cls) -> dict[str, dict[str, Any]]:
         with cls._calling_stripe("list subscriptions for reconcile"):
-            listed = {
-                sub.id: sub.to_dict()
-                for sub in (
-                    client.v1.subscriptions.list(params={"status": "all", "limit": 100}).auto_paging_iter()
-                    if organization_id is None
-                    else ()
-                )
-            }
-            for subscription_id in held.organizations:
-                if subscription_id not in listed:
-                    listed[subscription_id] = client.v1.subscriptions.retrieve(subscription_id).to_dict()
-            events = [
-                event.to_dict()
-                for event in client.v1.events.list(
-                    params={"created": {"gte": since}, "types": sorted(HANDLED_STRIPE_EVENTS), "limit": 100}
-                ).auto_paging_iter()
-            ]
-        if organization_id is not None:
-            events = [event for event in events if reconcile_reads.event_references(event) & held.related]
-        orphan_candidates = [sub for sub_id, sub in listed.items() if sub_id not in held.held_ids]
-        report.subscriptions, pending, resubscribes = reconcile_reads.compare_with_stripe(
-            held, listed, orphan_candidates
-        )
-        unexplained = [
-            sub
-            for sub in orphan_candidates
-            if (sub.get("metadata") or {}).get("purpose") == "resubscribe" and sub["id"] not in resubscribes
-        ]
-        if unexplained and organization_id is None:
-            resubscribes.update(cls._resubscribe_checkouts_for(unexplained))
-        report.orphans = reconciliation.find_orphans(orphan_candidates, held.held_ids, pending, resubscribes)
-        report.unsettled = reconcile_reads.unsettled(organization_id)
-        report.missing_events = reconciliation.find_missing_events(events, held.stored_events, HANDLED_STRIPE_EVENTS)
-        return report
+            listing = cls.ensure_stripe().v1.subscriptions.list(params={"status": "all", "limit": 100})
+            return {sub.id: sub.to_dict() for sub in listing.auto_paging_iter()}
 
     @classmethod
-    def _resubscribe_checkouts_for(cls, subscriptions: list[dict[str, Any]]) -> dict[str, str]:
-        """Our resubscribe checkouts behind subscriptions we do not hold yet (the checkout row is ours
-        before its subscription is known)."""
-        found: dict[str, str] = {}
-        for subscription in subscriptions:
-            session_id = cls.checkout_session_for_subscription(subscription["id"])
-            if session_id is not None and reconcile_reads.is_our_resubscribe_checkout(session_id):
-                found[subscription["id"]] = session_id
-        return found
+    def list_events_for_reconcile(cls, since: int, types: list[str]) -> list[dict[str, Any]]:
+        with cls._calling_stripe("list events for reconcile"):
+            listing = cls.ensure_stripe().v1.events.list(
+                params={"created": {"gte": since}, "types": types, "limit": 100}
+            )
+            return [event.to_dict() for event in listing.auto_paging_iter()]
 
     @classmethod
     def read_event_for_reconcile(cls, event_id: str) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
+from app import clock
 from app.extensions import db
 from app.models import BillingProvider, Organization, PendingSignup, ResubscribeCheckout, ResubscribeStatus, StripeEvent
 from app.services import price_lookup
@@ -210,3 +211,48 @@ def event_references(event: Mapping[str, Any]) -> set[str]:
     if obj.get("object") == "subscription":
         references.add(id_of(obj.get("id")))
     return {reference for reference in references if reference}
+
+
+class StripeReconcileReads(Protocol):
+    """Reconcile's Stripe reads, implemented by BillingService (each raises BillingError)."""
+
+    def list_subscriptions_for_reconcile(self) -> dict[str, dict[str, Any]]: ...
+
+    def retrieve_subscription(self, subscription_id: str) -> dict[str, Any]: ...
+
+    def list_events_for_reconcile(self, since: int, types: list[str]) -> list[dict[str, Any]]: ...
+
+    def checkout_session_for_subscription(self, subscription_id: str) -> str | None: ...
+
+
+def read_stripe_side(
+    stripe: StripeReconcileReads, since_days: int, organization_id: int | None, handled_events: frozenset[str]
+) -> reconciliation.ReconcileReport:
+    """Stripe's side of reconcile: every subscription (or the one organization's), compared with what
+    the database holds; orphans, unsettled conflicts, and events of the last `since_days` never stored.
+    The database is read first and no transaction is open while Stripe answers."""
+    since = clock.now() - since_days * 86400
+    report = reconciliation.ReconcileReport()
+    held = held_by_stripe(organization_id, since)
+    listed = stripe.list_subscriptions_for_reconcile() if organization_id is None else {}
+    for subscription_id in held.organizations:
+        if subscription_id not in listed:
+            listed[subscription_id] = stripe.retrieve_subscription(subscription_id)
+    events = stripe.list_events_for_reconcile(since, sorted(handled_events))
+    if organization_id is not None:
+        events = [event for event in events if event_references(event) & held.related]
+    orphan_candidates = [sub for sub_id, sub in listed.items() if sub_id not in held.held_ids]
+    report.subscriptions, pending, resubscribes = compare_with_stripe(held, listed, orphan_candidates)
+    if organization_id is None:
+        # Our resubscribe checkouts behind subscriptions we do not hold yet (the checkout row is ours
+        # before its subscription is known).
+        for sub in orphan_candidates:
+            if (sub.get("metadata") or {}).get("purpose") != "resubscribe" or sub["id"] in resubscribes:
+                continue
+            session_id = stripe.checkout_session_for_subscription(sub["id"])
+            if session_id is not None and is_our_resubscribe_checkout(session_id):
+                resubscribes[sub["id"]] = session_id
+    report.orphans = reconciliation.find_orphans(orphan_candidates, held.held_ids, pending, resubscribes)
+    report.unsettled = unsettled(organization_id)
+    report.missing_events = reconciliation.find_missing_events(events, held.stored_events, handled_events)
+    return report

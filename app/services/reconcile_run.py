@@ -9,11 +9,14 @@ only by the worker's jobs (webhook_intake), under each object's lock."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
+from flask import current_app
+
 from app.extensions import db
+from app.services import queue, stripe_events, webhook_intake
 from app.services import reconcile as reconciliation
-from app.services import stripe_events, webhook_intake
 from app.services.billing_common import BillingError, WebhookProvider, WebhookRejected, committed, describe_failure
 from app.services.signup_service import ProvisionOutcome, ProvisionState
 
@@ -34,6 +37,32 @@ class ReconcileOperations(Protocol):
     def settle_signup_conflict(self, pending_signup_id: str, *, source: str) -> dict[str, Any] | None: ...
 
     def settle_surplus_subscription(self, checkout_session_id: str, *, source: str) -> dict[str, Any] | None: ...
+
+
+def run(
+    read: Callable[[], reconciliation.ReconcileReport],
+    billing: ReconcileOperations,
+    stripe: WebhookProvider,
+    whop: WebhookProvider,
+    *,
+    apply: bool,
+    drain: bool,
+) -> reconciliation.ReconcileReport:
+    """Read; with apply, repair and read again until clean, for up to three rounds (repairs make events
+    of their own, a canceled orphan's customer.subscription.deleted, which the next round applies like
+    any other missing event). drain: run the queued webhook jobs here before reading again (the command
+    line); the worker's daily run leaves them to the other workers."""
+    report = read()
+    applied: list[str] = []
+    for _round in range((3 if drain else 1) if apply else 0):
+        if report.clean:
+            break
+        applied += repair(report, billing, stripe, whop)
+        if drain:
+            queue.run_pending_jobs_now(current_app, queues=[webhook_intake.WEBHOOK_QUEUE])
+        report = read()
+    report.applied = applied
+    return report
 
 
 def repair(
