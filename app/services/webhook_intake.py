@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Iterable
 from datetime import timedelta
 
@@ -18,7 +19,13 @@ from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
 from app.models.types import utcnow
 from app.services import queue, webhook_store
-from app.services.billing_common import WebhookProvider, WebhookResult, committed, describe_failure
+from app.services.billing_common import (
+    ProviderThrottled,
+    WebhookProvider,
+    WebhookResult,
+    committed,
+    describe_failure,
+)
 from app.services.stripe_objects import MalformedObject
 from app.services.webhook_store import VerifiedEvent
 
@@ -29,13 +36,14 @@ WEBHOOK_QUEUE = "webhooks"
 RESYNC_SOURCE = "reconcile"  # the source of changes a resync job (no event) applies
 
 
-def queue_resync(provider: WebhookProvider, object_key: str) -> None:
+def queue_resync(provider: WebhookProvider, object_key: str, *, delay: float = 0) -> None:
     """Reconcile's repair of a drifted object goes through the worker like an event: a job, under the
     object's lock (so it never runs beside another writer of it), that re-reads and applies it."""
     queue.defer(
         WEBHOOK_TASK,
         queue=WEBHOOK_QUEUE,
         lock=f"{provider.name}:{object_key}",
+        scheduled_at=utcnow() + timedelta(seconds=delay) if delay > 0 else None,
         provider=provider.name,
         object_key=object_key,
         resync=True,
@@ -82,7 +90,7 @@ def stored_event(provider: WebhookProvider, row: StripeEvent | WhopEvent) -> Ver
     )
 
 
-def queue_application(provider: WebhookProvider, object_key: str) -> None:
+def queue_application(provider: WebhookProvider, object_key: str, *, delay: float | None = None) -> None:
     """Make sure a job will apply the object's pending events, in the caller's transaction: a job that
     waits for the object (at least WEBHOOK_COALESCE_SECONDS, so a burst joins it) is share-locked until
     the caller commits, so it cannot start before it can see what the caller stored; with none waiting,
@@ -96,7 +104,7 @@ def queue_application(provider: WebhookProvider, object_key: str) -> None:
         waiting = db.session.execute(_WAITING_JOB, {"lock": lock, "task": WEBHOOK_TASK}).first()
         if waiting is not None:
             return
-    wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
+    wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"]) if delay is None else delay
     queue.defer(
         WEBHOOK_TASK,
         queue=WEBHOOK_QUEUE,
@@ -140,6 +148,31 @@ def queue_unclaimed(providers: Iterable[WebhookProvider], *, older_than_seconds:
     if queued:
         logger.warning("webhook sweep: %d object(s) had pending events and no job: queued %s", len(queued), queued)
     return queued
+
+
+# A throttled object is tried again after the provider's Retry-After (or this), plus up to as much again
+# at random, so objects throttled together do not all come back in the same second.
+THROTTLED_RETRY_SECONDS = 2.0
+
+
+def _throttled(
+    provider: WebhookProvider, object_key: str, row_ids: list[int], exc: ProviderThrottled, *, resync: bool
+) -> str:
+    """The provider asked us to slow down: nothing failed. The events stay pending (no attempt is
+    spent, the reason is shown in `flask billing events`), and a job applies the object after the
+    pause; every process is already holding its requests (stripe_pace.py)."""
+    db.session.rollback()
+    delay = max(exc.retry_after or 0.0, THROTTLED_RETRY_SECONDS)
+    delay += random.uniform(0, delay)  # noqa: S311  (jitter)
+    logger.warning("applying %s was throttled by the provider: again in %.0f s", object_key, delay)
+    with committed():
+        note = f"throttled by the provider; retrying in {delay:.0f} s"
+        webhook_store.note_throttled(provider.event_model, row_ids, note)
+        if resync:
+            queue_resync(provider, object_key, delay=delay)
+        else:
+            queue_application(provider, object_key, delay=delay)
+    return f"throttled: again in {delay:.0f} s"
 
 
 def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
@@ -189,6 +222,8 @@ def apply_queued(
             status, outcome = outcomes[event.event_id]
             webhook_store.settle(model, row_ids[event.event_id], status, outcome)
         db.session.commit()
+    except ProviderThrottled as exc:
+        return _throttled(provider, object_key, list(row_ids.values()), exc, resync=resync)
     except Exception as exc:
         db.session.rollback()  # the batch's changes and its domain events go; its rows stay pending
         if isinstance(exc, DBAPIError) and exc.connection_invalidated:

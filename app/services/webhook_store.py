@@ -201,6 +201,16 @@ def record_attempt_failure(model: EventModel, row_ids: list[int], error: str, *,
     )
 
 
+def note_throttled(model: EventModel, row_ids: list[int], note: str) -> None:
+    """These pending events were not applied because the provider asked us to slow down: the note is
+    kept where ops look (`flask billing events`); no attempt is counted and the status stays."""
+    db.session.execute(
+        update(model)
+        .where(model.id.in_(row_ids), model.status == StripeEventStatus.PENDING)
+        .values(last_error=note[:2000])
+    )
+
+
 def requeue(model: EventModel, row_id: int, object_key: str) -> bool:
     """A failed event goes back to pending for its object (replay). False if it is not failed."""
     result = db.session.execute(
