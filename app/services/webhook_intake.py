@@ -176,9 +176,10 @@ def _throttled(
 
 
 def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
+    """Intake: store a verified delivery once and make sure a worker will apply it. On PostgreSQL this
+    is one statement on the autocommit connection (webhook_store.intake: deduplicate, store, wake a
+    worker, commit, in one round trip); a duplicate is the same statement, which writes nothing."""
     model = provider.event_model
-    if webhook_store.is_recorded(model, event.event_id):
-        return WebhookResult(200, {"received": True, "duplicate": True})
     ignored = provider.ignore_reason(event)
     object_key = error = None
     if not ignored:
@@ -186,19 +187,53 @@ def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
             object_key = provider.object_key(event)
         except MalformedObject as exc:
             error = str(exc)
-            logger.warning("webhook event %s (%s) is malformed: %s", event.event_id, event.type, error)
     status = StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
-    with committed():  # on an error nothing is stored; the provider redelivers after a 5xx
-        row_id = webhook_store.claim(model, event, status, outcome=ignored, error=error, object_key=object_key)
-        if row_id is not None and object_key is not None:
-            queue_application(provider, object_key)
-    if row_id is None:  # stored by a concurrent delivery we waited for
+    if db.engine.dialect.name == "postgresql":
+        row_id = webhook_store.intake(
+            model, event, status, outcome=ignored, error=error, object_key=object_key, wake=_wake(provider, object_key)
+        )
+    else:  # the development stand-in: no queue of its own to share-lock
+        row_id = _store_in_session(provider, event, status, ignored, error, object_key)
+    if row_id is None:  # stored already (or by a concurrent delivery we waited for)
         return WebhookResult(200, {"received": True, "duplicate": True})
     if ignored:
         return WebhookResult(200, {"received": True, "ignored": ignored})
     if error:
+        logger.warning("webhook event %s (%s) is malformed: %s", event.event_id, event.type, error)
         return WebhookResult(200, {"received": True, "failed": error})
     return WebhookResult(200, {"received": True})
+
+
+def _wake(provider: WebhookProvider, object_key: str | None) -> webhook_store.Wake | None:
+    if object_key is None:
+        return None
+    wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
+    return webhook_store.Wake(
+        queue=WEBHOOK_QUEUE,
+        task=WEBHOOK_TASK,
+        lock=f"{provider.name}:{object_key}",
+        args=json.dumps({"provider": provider.name, "object_key": object_key}),
+        # The job waits this long before it runs, so a burst about one object joins it.
+        scheduled_at=utcnow() + timedelta(seconds=wait) if wait > 0 else None,
+    )
+
+
+def _store_in_session(
+    provider: WebhookProvider,
+    event: VerifiedEvent,
+    status: StripeEventStatus,
+    ignored: str | None,
+    error: str | None,
+    object_key: str | None,
+) -> int | None:
+    model = provider.event_model
+    if webhook_store.is_recorded(model, event.event_id):
+        return None
+    with committed():  # on an error nothing is stored; the provider redelivers after a 5xx
+        row_id = webhook_store.claim(model, event, status, outcome=ignored, error=error, object_key=object_key)
+        if row_id is not None and object_key is not None:
+            queue_application(provider, object_key)
+    return row_id
 
 
 def apply_queued(
