@@ -162,6 +162,9 @@ class BaseConfig:
         # `flask billing emails --failed` (and counted by `flask billing status` and /metrics).
         self.OUTBOX_MAX_ATTEMPTS = int(env.get("OUTBOX_MAX_ATTEMPTS", "36"))
         self.WORKER_CONCURRENCY = int(env.get("WORKER_CONCURRENCY", "4"))
+        # How often a worker looks for jobs whose time has come (a retry, a throttled object, a coalescing
+        # wait); new jobs wake it at once (NOTIFY).
+        self.WORKER_POLL_SECONDS = float(env.get("WORKER_POLL_SECONDS", "5"))
         # A webhook's job waits this long before it applies, so a burst of events about one subscription
         # costs one or two Stripe reads; acknowledgement is not delayed.
         self.WEBHOOK_COALESCE_SECONDS = float(env.get("WEBHOOK_COALESCE_SECONDS", "2"))
