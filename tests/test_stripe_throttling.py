@@ -170,3 +170,13 @@ def test_acknowledging_is_not_slowed_by_a_throttled_stripe(
         event = stripe_event("customer.subscription.updated", {"id": "sub_elsewhere", "object": "subscription"})
         assert post_webhook(client, event).status_code == 200
     assert time.monotonic() - started < 2
+
+
+def test_with_redis_unreachable_each_process_keeps_the_budget_itself_without_waiting_on_redis() -> None:
+    unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    pace = stripe_pace.Pace(2, unreachable, key="pace-test")
+    assert pace.reserve(max_wait=0) == (True, 0.0)  # Redis fails (after its retries): this process decides
+    started = time.monotonic()
+    assert pace.reserve(max_wait=0)[0] is False  # burst of 1 at 2/s: the next turn is 0.5 s away
+    pace.pause(0)
+    assert time.monotonic() - started < 0.1  # Redis is not asked again for a while

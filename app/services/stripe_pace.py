@@ -37,6 +37,9 @@ TEST_DEFAULT_PER_SECOND = 20.0
 # How long to pause after a 429 that names no Retry-After.
 DEFAULT_PAUSE_SECONDS = 1.0
 MAX_PAUSE_SECONDS = 300.0
+# After Redis fails, the process keeps its own bucket this long before asking Redis again, so an
+# outage does not add a connection timeout to every request to Stripe.
+REDIS_RETRY_SECONDS = 10.0
 THROTTLED_MESSAGE = "Request not sent: the shared Stripe request budget (STRIPE_REQUESTS_PER_SECOND) is used up."
 KEY = "stripe-pace"
 
@@ -110,19 +113,21 @@ class Pace:
         self._paused_until = 0.0
         self._reserve = redis.register_script(_RESERVE) if redis is not None else None
         self._pause = redis.register_script(_PAUSE) if redis is not None else None
+        self._redis_failed_at = -REDIS_RETRY_SECONDS  # after a failure, this process's bucket for a while
 
     def reserve(self, max_wait: float) -> tuple[bool, float]:
         """(True, seconds to sleep before sending) or (False, seconds until a turn would come)."""
         if self.per_second <= 0:
             return True, 0.0
-        if self._reserve is not None:
+        if self._reserve is not None and time.monotonic() - self._redis_failed_at >= REDIS_RETRY_SECONDS:
             try:
                 granted, seconds = self._reserve(
                     keys=[f"{self.key}:bucket", f"{self.key}:pause"], args=[self.per_second, self.burst, max_wait]
                 )
                 return bool(int(granted)), float(seconds)
             except RedisError as exc:
-                logger.warning("Stripe request pacing falls back to this process (Redis: %s)", exc)
+                self._redis_failed_at = time.monotonic()
+                logger.warning("Stripe request pacing falls back to this process for a while (Redis: %s)", exc)
         return self._reserve_here(max_wait)
 
     def _reserve_here(self, max_wait: float) -> tuple[bool, float]:
@@ -140,10 +145,11 @@ class Pace:
         seconds = min(max(seconds, 0.0), MAX_PAUSE_SECONDS)
         with self._lock:
             self._paused_until = max(self._paused_until, time.monotonic() + seconds)
-        if self._pause is not None:
+        if self._pause is not None and time.monotonic() - self._redis_failed_at >= REDIS_RETRY_SECONDS:
             try:
                 self._pause(keys=[f"{self.key}:pause"], args=[seconds])
             except RedisError as exc:
+                self._redis_failed_at = time.monotonic()
                 logger.warning("could not share Stripe's throttling through Redis: %s", exc)
 
     def take(self, max_wait: float) -> float | None:
