@@ -159,6 +159,8 @@ def deliver(app: Flask, events: list[dict[str, Any]], rng: random.Random) -> lis
     before they reach the app. Returns the deliveries to be retried (dropped or not acknowledged)."""
     rng.shuffle(events)
     dropped = [event for event in events if rng.random() < 0.3]
+    if events and len(dropped) == len(events):
+        dropped.pop()  # something gets through in every round
     sent = [event for event in events if all(event is not other for other in dropped)]
 
     def post(event: dict[str, Any]) -> dict[str, Any] | None:
@@ -290,23 +292,26 @@ def chaos_round(
     if "smtp_down" in faults:
         smtp_server.refuse_next(rng.randint(1, 4))
     others = [process for process in workers.processes[:-1] if process.poll() is None]
-    if "slow_kill" in faults:
-        wait_for_new_worker(app, known_workers)  # the one to be killed is up
-        stripe_api.set_latency(1.0)  # Stripe is slow: jobs stay in flight
-        for process in others:  # the other workers hang for a while, so the newest one takes the jobs
-            process.send_signal(signal.SIGSTOP)
-    retry = deliver(app, events, rng)
-    if "slow_kill" in faults:
-        try:
-            killed = kill_a_worker_mid_job(app, workers, stripe_api, known_workers)
-        finally:
-            for process in others:
-                process.send_signal(signal.SIGCONT)
+    if "slow_kill" not in faults:
+        return known_workers, deliver(app, events, rng)
+    wait_for_new_worker(app, known_workers)  # the one to be killed is up
+    stripe_api.set_latency(3.0)  # Stripe is slow: jobs stay in flight
+    for process in others:  # the other workers hang for a while, so the newest one takes the jobs
+        process.send_signal(signal.SIGSTOP)
+    try:
+        # Watched while the deliveries go on: the worker dies as soon as it holds a job.
+        with ThreadPoolExecutor(max_workers=1) as watcher:
+            killing = watcher.submit(kill_a_worker_mid_job, app, workers, stripe_api, known_workers)
+            retry = deliver(app, events, rng)
+            killed = killing.result()
+    finally:
+        for process in others:
+            process.send_signal(signal.SIGCONT)
         stripe_api.set_latency(0)
-        known_workers = {row.id for row in execute(app, "SELECT id FROM procrastinate_workers")}
-        workers.start()  # the replacement, the next one to be killed
-        assert killed or not first, f"no job was ever in flight to kill {WHY}"
-        print(f"chaos: a worker was {'SIGKILLed mid-job' if killed else 'not caught mid-job'}")
+    known_workers = {row.id for row in execute(app, "SELECT id FROM procrastinate_workers")}
+    workers.start()  # the replacement, the next one to be killed
+    assert killed or not first, f"no job was ever in flight to kill {WHY}"
+    print(f"chaos: a worker was {'SIGKILLed mid-job' if killed else 'not caught mid-job'}")
     return known_workers, retry
 
 
