@@ -121,6 +121,12 @@ class BaseConfig:
         self.STRIPE_API_BASE = env.get("STRIPE_API_BASE", "")
         self.STRIPE_MAX_NETWORK_RETRIES = int(env.get("STRIPE_MAX_NETWORK_RETRIES", "2"))
         self.STRIPE_TIMEOUT_SECONDS = float(env.get("STRIPE_TIMEOUT_SECONDS", "20"))
+        # Requests per second to Stripe from all processes together (a token bucket in Redis). Empty: 80
+        # with a live key, 20 with a test key (Stripe allows 100 and 25); 0: no cap.
+        self.STRIPE_REQUESTS_PER_SECOND = env.get("STRIPE_REQUESTS_PER_SECOND", "").strip()
+        # How long a request waits for its turn in that budget (or for Stripe's Retry-After) before it
+        # is treated as throttled: the worker then retries the object later without spending an attempt.
+        self.STRIPE_RATE_WAIT_SECONDS = float(env.get("STRIPE_RATE_WAIT_SECONDS", "5"))
         # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
         # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
         self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in TRUE_WORDS
@@ -156,6 +162,9 @@ class BaseConfig:
         # `flask billing emails --failed` (and counted by `flask billing status` and /metrics).
         self.OUTBOX_MAX_ATTEMPTS = int(env.get("OUTBOX_MAX_ATTEMPTS", "36"))
         self.WORKER_CONCURRENCY = int(env.get("WORKER_CONCURRENCY", "4"))
+        # How often a worker looks for jobs whose time has come (a retry, a throttled object, a coalescing
+        # wait); new jobs wake it at once (NOTIFY).
+        self.WORKER_POLL_SECONDS = float(env.get("WORKER_POLL_SECONDS", "5"))
         # A webhook's job waits this long before it applies, so a burst of events about one subscription
         # costs one or two Stripe reads; acknowledgement is not delayed.
         self.WEBHOOK_COALESCE_SECONDS = float(env.get("WEBHOOK_COALESCE_SECONDS", "2"))

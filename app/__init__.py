@@ -12,6 +12,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app.database import ResilientFlask, close_session_despite_a_dead_connection, install_connect_retry
 from app.extensions import cache, csrf, db, limiter, login_manager, mail, migrate, server_session
+from app.machine_routes import MachineRoutes
 from app.services import password_policy
 from app.services.plans import PlanCatalogue
 from app.startup import check_production_settings, development_standins, production_warnings
@@ -107,7 +108,16 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(admin_bp, url_prefix="/admin")
 
 
+# Machine routes (app/machine_routes.py): signed provider webhooks, served without session, CSRF,
+# rate-limit, sign-in or template machinery.
+MACHINE_ENDPOINTS = frozenset({"billing.webhook"})
+MACHINE_PATH_PREFIXES = ("/billing/webhooks/",)
+
+
 def register_request_hooks(app: Flask) -> None:
+    if isinstance(app, MachineRoutes):
+        app.machine_endpoints = MACHINE_ENDPOINTS
+        app.machine_path_prefixes = MACHINE_PATH_PREFIXES
     from app.features import init_feature_guard
     from app.request_log import init_request_logging
     from app.security import init_security_headers

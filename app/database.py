@@ -31,7 +31,7 @@ import logging
 import time
 from typing import Any
 
-from flask import Flask, g, has_request_context, request_started, session
+from flask import g, has_request_context, request_started, session
 from flask.sessions import NullSession
 from flask.typing import ResponseReturnValue
 from flask.wrappers import Response
@@ -40,6 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.extensions import db
+from app.machine_routes import MachineRoutes
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def is_disconnect(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
-class ResilientFlask(Flask):
+class ResilientFlask(MachineRoutes):
     """Flask, running a request's handlers once more when the database connection died under them
     before the request committed anything (see the module docstring)."""
 

@@ -16,6 +16,8 @@ from urllib.parse import unquote, urlsplit
 from flask import Flask, Response, g, request
 from werkzeug.routing import Map, UnicodeConverter
 
+from app.machine_routes import MachineRoutes
+
 logger = logging.getLogger("app.request")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 # Stripe secret, restricted and webhook keys, and what could be a card number: 13-19 digits in a row,
@@ -192,3 +194,7 @@ def init_request_logging(app: Flask) -> None:
             },
         )
         return response
+
+    if isinstance(app, MachineRoutes):  # machine routes are logged the same way
+        app.machine_before.append(start_request)
+        app.machine_after.append(log_request)

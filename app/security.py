@@ -2,6 +2,8 @@
 
 from flask import Flask, Response, request
 
+from app.machine_routes import MachineRoutes
+
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "frame-ancestors 'none'; base-uri 'self'; object-src 'none'"
@@ -27,3 +29,6 @@ def init_security_headers(app: Flask) -> None:
         if request.endpoint != "static":
             headers["Cache-Control"] = "no-store"
         return response
+
+    if isinstance(app, MachineRoutes):  # every response carries them, machine routes' too
+        app.machine_after.append(add_security_headers)

@@ -11,6 +11,8 @@ Stripe's state."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,9 @@ DELIVERIES_PER_SUBSCRIPTION = 10
 WORKER_CONCURRENCY = 8
 WEBHOOK_PATH = "/billing/webhooks/stripe"
 TIMEOUT_SECONDS = 180
+KILL_SUBSCRIPTIONS = 40
+KILL_STRIPE_SECONDS = 0.3  # Stripe answers slowly, so the killed worker has jobs in flight
+KILL_TIMEOUT_SECONDS = 180
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,8 @@ class Burst:
     matching: int  # organizations whose status is Stripe's
     errors: int  # non-2xx answers to deliveries
     worker_rss_mb: float
+    kill_claimed: int  # objects the SIGKILLed worker held jobs for
+    kill_recovered_seconds: float | None  # SIGKILL to their events applied by another worker (None: not within)
 
 
 class Sandbox:
@@ -184,6 +191,8 @@ def run_burst(services: Services, step: Any) -> Burst:
         matching = cursor.fetchone()[0]
     reads = sandbox.subscription_reads(mark)
     rss = sum(_kilobytes(f"/proc/{pid}/status", "VmRSS") for pid in [worker.process.pid, *children(worker.process.pid)])
+    step("a worker SIGKILLed with jobs in flight (Stripe answering in 300 ms): until another applies them")
+    claimed, recovered = kill_and_recover(services, subscriptions[:KILL_SUBSCRIPTIONS], deliver)
     services.stop_worker()
     return Burst(
         deliveries=len(bodies),
@@ -195,4 +204,59 @@ def run_burst(services: Services, step: Any) -> Burst:
         matching=matching,
         errors=len(answers) - sum(answers),
         worker_rss_mb=rss / 1024,
+        kill_claimed=claimed,
+        kill_recovered_seconds=recovered,
     )
+
+
+def kill_and_recover(services: Services, subscriptions: list[dict[str, Any]], deliver: Any) -> tuple[int, float | None]:
+    """One event for each subscription, the worker SIGKILLed once it holds jobs, a new worker started:
+    the seconds from the kill until every event about the objects it held is applied (the heartbeat
+    going stale, the every-minute recovery of stalled jobs, and the application itself)."""
+    services.set_stripe_latency(KILL_STRIPE_SECONDS)
+    try:
+        bodies = []
+        for subscription in subscriptions:
+            event = {
+                "id": f"evt_kill_{uuid.uuid4().hex}",
+                "object": "event",
+                "api_version": events.STRIPE_API_VERSION,
+                "created": int(time.time()),
+                "livemode": False,
+                "pending_webhooks": 1,
+                "request": {"id": None, "idempotency_key": None},
+                "type": "customer.subscription.updated",
+                "data": {"object": subscription},
+            }
+            bodies.append(json.dumps(event))
+        with ThreadPoolExecutor(max_workers=8) as executor:
+            list(executor.map(deliver, bodies))
+        deadline = time.monotonic() + 30
+        claimed: list[str] = []
+        while time.monotonic() < deadline and not claimed:
+            with services.sql() as cursor:
+                cursor.execute(
+                    "SELECT lock FROM procrastinate_jobs WHERE status = 'doing' AND task_name = 'webhooks:apply'"
+                )
+                claimed = [row[0].partition(":")[2] for row in cursor.fetchall()]
+            time.sleep(0.05)
+        if not claimed or services.worker is None:
+            return 0, None
+        os.killpg(services.worker.process.pid, signal.SIGKILL)  # the worker runs in a session of its own
+        killed = time.monotonic()
+        services.worker.process.wait()
+        services.stop_worker()
+        services.start_worker(WORKER_CONCURRENCY)
+        while time.monotonic() < killed + KILL_TIMEOUT_SECONDS:
+            with services.sql() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM stripe_event WHERE event_id LIKE 'evt_kill_%%' AND object_key = ANY(%s) "
+                    "AND status = 'pending'",
+                    (claimed,),
+                )
+                if cursor.fetchone()[0] == 0:
+                    return len(claimed), time.monotonic() - killed
+            time.sleep(0.2)
+        return len(claimed), None
+    finally:
+        services.set_stripe_latency(0)

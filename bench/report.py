@@ -176,6 +176,14 @@ class Report:
                 f"{burst.stripe_reads - 400} reads over",
             ),
             Target(
+                f"A worker SIGKILLed mid-job: its {burst.kill_claimed} claimed objects applied by another ≤ 30 s",
+                "not within 180 s" if burst.kill_recovered_seconds is None else f"{burst.kill_recovered_seconds:.1f} s",
+                burst.kill_recovered_seconds is not None and burst.kill_recovered_seconds <= 30,
+                "not recovered"
+                if burst.kill_recovered_seconds is None
+                else f"{burst.kill_recovered_seconds - 30:.1f} s over",
+            ),
+            Target(
                 f"Dedupe at {self.large:,} rows ≤ 1.2× its cost at {self.small:,}",
                 f"{dedupe:.2f}×",
                 dedupe <= 1.2,
@@ -437,6 +445,13 @@ class Report:
             f"{burst.matching} of {burst.subscriptions} organizations hold Stripe's status.",
             f"- Worker memory after the burst: {burst.worker_rss_mb:.0f} MB RSS (one `flask billing worker` process, "
             f"concurrency {BURST_CONCURRENCY}).",
+            f"- A worker SIGKILLed while it held {burst.kill_claimed} objects' jobs (Stripe answering in 300 ms): "
+            + (
+                "their events were not applied within 180 s."
+                if burst.kill_recovered_seconds is None
+                else f"another worker had applied them {burst.kill_recovered_seconds:.1f} s after the kill "
+                "(the dead worker's heartbeat going 30 s stale, then the every-minute recovery of stalled jobs)."
+            ),
             "",
         ]
 

@@ -4,7 +4,8 @@ They let a test suite (or a developer) see and bend the sandbox from outside, th
 own internals, its dashboard or `stripe listen` would:
 
 - the request log: every /v1 request with its decoded parameters and response status;
-- faults: make the next matching /v1 requests fail (HTTP 500, 404, or a dropped connection);
+- faults: make the next matching /v1 requests fail (HTTP 500, 404, a dropped connection, or a 429 as
+  Stripe's rate limiter or its object lock answers, with Retry-After and Stripe-Should-Retry);
 - latency: delay every /v1 response (a Stripe brownout) without blocking other requests;
 - delivery settings: push or hold, URL, secrets, API version, concurrency, duplicates,
   reordering and delay; and pulling held events with their signed headers;
@@ -38,7 +39,14 @@ from .worker import render_payload, signature_header_for
 
 bp = Blueprint("sandbox_control", __name__, url_prefix="/_sandbox")
 
-FAULT_KINDS = ("connection", "server", "missing")
+FAULT_KINDS = ("connection", "server", "missing", "rate_limit", "lock_timeout")
+# Stripe's 429s: too many requests (code rate_limit) or another request holding the object's lock.
+_THROTTLES = {
+    "rate_limit": "Request rate limit exceeded. You can learn more about rate limits here "
+    "https://stripe.com/docs/rate-limits.",
+    "lock_timeout": "This object cannot be accessed right now because another API request or Stripe process "
+    "is currently accessing it. If you see this error intermittently, retry the request.",
+}
 MAX_LATENCY_SECONDS = 600.0
 MAX_TAKE = 1000
 # Path segments that name a collection, for the "No such <kind>" message of a "missing" fault.
@@ -66,6 +74,8 @@ class Fault:
     path_regex: str | None
     kind: str
     times: int  # how many more matching requests fail
+    retry_after: int | None = None  # a 429's Retry-After header, in seconds (None: no header)
+    should_retry: bool | None = None  # a 429's Stripe-Should-Retry header (None: no header)
 
     def matches(self, method: str, path: str) -> bool:
         if self.method is not None and self.method != method:
@@ -81,6 +91,8 @@ class Fault:
             shown["path"] = self.path
         else:
             shown["path_regex"] = self.path_regex
+        if self.kind in _THROTTLES:
+            shown.update(retry_after=self.retry_after, should_retry=self.should_retry)
         return shown
 
 
@@ -94,9 +106,18 @@ class Controls:
         self._next_fault = 1
         self.latency = 0.0
 
-    def arm(self, method: str | None, path: str | None, path_regex: str | None, kind: str, times: int) -> Fault:
+    def arm(
+        self,
+        method: str | None,
+        path: str | None,
+        path_regex: str | None,
+        kind: str,
+        times: int,
+        retry_after: int | None = None,
+        should_retry: bool | None = None,
+    ) -> Fault:
         with self._lock:
-            fault = Fault(self._next_fault, method, path, path_regex, kind, times)
+            fault = Fault(self._next_fault, method, path, path_regex, kind, times, retry_after, should_retry)
             self._next_fault += 1
             self._faults.append(fault)
             return fault
@@ -193,8 +214,23 @@ def _before_api_request() -> Response | None:
             status=500,
             type="api_error",
         )
+    if fault.kind in _THROTTLES:
+        return _throttled(fault)
     kind, object_id = _path_object(request.path)
     raise StripeError(f"No such {kind}: '{object_id}'", status=404, code="resource_missing", param="id")
+
+
+def _throttled(fault: Fault) -> Response:
+    """A 429 as Stripe answers it: Stripe's error body (stripe-python raises RateLimitError), with the
+    headers a client is meant to honour."""
+    error = StripeError(_THROTTLES[fault.kind], status=429, code=fault.kind)
+    response = jsonify(error.body())
+    response.status_code = 429
+    if fault.retry_after is not None:
+        response.headers["Retry-After"] = str(fault.retry_after)
+    if fault.should_retry is not None:
+        response.headers["Stripe-Should-Retry"] = "true" if fault.should_retry else "false"
+    return response
 
 
 def _path_object(path: str) -> tuple[str, str]:
@@ -313,7 +349,7 @@ def _json_body(*, required: bool = True) -> dict[str, Any]:
 @bp.post("/faults")
 def arm_fault() -> tuple[Response, int]:
     body = _json_body()
-    unknown = set(body) - {"method", "path", "path_regex", "kind", "times"}
+    unknown = set(body) - {"method", "path", "path_regex", "kind", "times", "retry_after", "should_retry"}
     if unknown:
         raise ControlError(f"Unknown field(s): {', '.join(sorted(unknown))}.")
     method = body.get("method")
@@ -337,7 +373,17 @@ def arm_fault() -> tuple[Response, int]:
     times = body.get("times", 1)
     if isinstance(times, bool) or not isinstance(times, int) or times < 1:
         raise ControlError("times must be a whole number of at least 1.")
-    fault = _controls().arm(method.upper() if method else None, path, path_regex, kind, times)
+    retry_after, should_retry = body.get("retry_after"), body.get("should_retry")
+    if (retry_after is not None or should_retry is not None) and kind not in _THROTTLES:
+        raise ControlError("retry_after and should_retry belong to a rate_limit or lock_timeout fault.")
+    whole = isinstance(retry_after, int) and not isinstance(retry_after, bool)
+    if retry_after is not None and (not whole or retry_after < 0):
+        raise ControlError("retry_after must be a whole number of seconds (0 or more).")
+    if should_retry is not None and not isinstance(should_retry, bool):
+        raise ControlError("should_retry must be true or false.")
+    fault = _controls().arm(
+        method.upper() if method else None, path, path_regex, kind, times, retry_after, should_retry
+    )
     return jsonify(fault.as_dict()), 201
 
 

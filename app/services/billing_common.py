@@ -57,6 +57,15 @@ class PaymentProviderUnavailable(BillingError):
     pass
 
 
+class ProviderThrottled(PaymentProviderUnavailable):
+    """The provider asked us to slow down (Stripe's 429, or the shared request budget is used up):
+    try again after `retry_after` seconds (None: it did not say). Not a failure of what was asked."""
+
+    def __init__(self, retry_after: float | None) -> None:
+        super().__init__("Our payment provider asked us to slow down; please try again in a moment.")
+        self.retry_after = retry_after
+
+
 class ProviderObjectMissing(PaymentProviderUnavailable):
     """The provider answered that the object does not exist (Stripe's resource_missing, Whop's 404)."""
 

@@ -50,6 +50,7 @@ from app.services import (
     staff_actions,
     staff_console,
     stripe_events,
+    stripe_pace,
     webhook_intake,
     whop_billing,
 )
@@ -68,6 +69,7 @@ from app.services.billing_common import (
     EventOutcomes,
     PaymentProviderUnavailable,
     ProviderObjectMissing,
+    ProviderThrottled,
     StaleForm,
     StalePreview,
     SubscriptionActionNotAllowed,
@@ -164,7 +166,12 @@ class BillingService:
             stripe_version=STRIPE_API_VERSION,
             base_addresses={"api": api_base} if api_base else None,
             max_network_retries=config["STRIPE_MAX_NETWORK_RETRIES"],
-            http_client=stripe.RequestsClient(timeout=config["STRIPE_TIMEOUT_SECONDS"]),
+            http_client=stripe_pace.paced_client(  # every request takes a turn from the shared budget
+                stripe.RequestsClient,
+                stripe_pace.for_app(current_app),
+                max_wait=config["STRIPE_RATE_WAIT_SECONDS"],
+                timeout=config["STRIPE_TIMEOUT_SECONDS"],
+            ),
         )
         current_app.extensions["stripe_client"] = client
         return client
@@ -184,7 +191,12 @@ class BillingService:
             stripe_version=STRIPE_API_VERSION,
             base_addresses={"api": api_base} if api_base else None,
             max_network_retries=0,
-            http_client=stripe.RequestsClient(timeout=config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"]),
+            http_client=stripe_pace.paced_client(
+                stripe.RequestsClient,
+                stripe_pace.for_app(current_app),
+                max_wait=min(config["STRIPE_RATE_WAIT_SECONDS"], config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"]),
+                timeout=config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"],
+            ),
         )
         current_app.extensions["stripe_read_client"] = client
         return client
@@ -198,6 +210,9 @@ class BillingService:
         except stripe.AuthenticationError as exc:
             logger.error("Stripe rejected our credentials while trying to %s: %s", action, exc.user_message)
             raise BillingConfigurationError("The payment provider rejected our credentials.") from exc
+        except stripe.RateLimitError as exc:  # 429: slow down (every process pauses: stripe_pace.py)
+            logger.warning("Stripe throttled us while trying to %s: %s", action, exc.user_message)
+            raise ProviderThrottled(stripe_pace.retry_after(exc.headers)) from exc
         except stripe.StripeError as exc:
             logger.warning("Stripe error while trying to %s: %s", action, exc.user_message or type(exc).__name__)
             if isinstance(exc, stripe.InvalidRequestError) and exc.code == "resource_missing":

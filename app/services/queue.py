@@ -258,7 +258,7 @@ def run_worker(app: Flask, *, queues: list[str] | None = None, concurrency: int 
         install_signal_handlers=True,
         listen_notify=True,
         delete_jobs="never",
-        fetch_job_polling_interval=5.0,
+        fetch_job_polling_interval=float(app.config["WORKER_POLL_SECONDS"]),
     )
 
 

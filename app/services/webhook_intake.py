@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Iterable
 from datetime import timedelta
 
@@ -18,7 +19,13 @@ from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
 from app.models.types import utcnow
 from app.services import queue, webhook_store
-from app.services.billing_common import WebhookProvider, WebhookResult, committed, describe_failure
+from app.services.billing_common import (
+    ProviderThrottled,
+    WebhookProvider,
+    WebhookResult,
+    committed,
+    describe_failure,
+)
 from app.services.stripe_objects import MalformedObject
 from app.services.webhook_store import VerifiedEvent
 
@@ -29,13 +36,14 @@ WEBHOOK_QUEUE = "webhooks"
 RESYNC_SOURCE = "reconcile"  # the source of changes a resync job (no event) applies
 
 
-def queue_resync(provider: WebhookProvider, object_key: str) -> None:
+def queue_resync(provider: WebhookProvider, object_key: str, *, delay: float = 0) -> None:
     """Reconcile's repair of a drifted object goes through the worker like an event: a job, under the
     object's lock (so it never runs beside another writer of it), that re-reads and applies it."""
     queue.defer(
         WEBHOOK_TASK,
         queue=WEBHOOK_QUEUE,
         lock=f"{provider.name}:{object_key}",
+        scheduled_at=utcnow() + timedelta(seconds=delay) if delay > 0 else None,
         provider=provider.name,
         object_key=object_key,
         resync=True,
@@ -82,7 +90,7 @@ def stored_event(provider: WebhookProvider, row: StripeEvent | WhopEvent) -> Ver
     )
 
 
-def queue_application(provider: WebhookProvider, object_key: str) -> None:
+def queue_application(provider: WebhookProvider, object_key: str, *, delay: float | None = None) -> None:
     """Make sure a job will apply the object's pending events, in the caller's transaction: a job that
     waits for the object (at least WEBHOOK_COALESCE_SECONDS, so a burst joins it) is share-locked until
     the caller commits, so it cannot start before it can see what the caller stored; with none waiting,
@@ -96,7 +104,7 @@ def queue_application(provider: WebhookProvider, object_key: str) -> None:
         waiting = db.session.execute(_WAITING_JOB, {"lock": lock, "task": WEBHOOK_TASK}).first()
         if waiting is not None:
             return
-    wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
+    wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"]) if delay is None else delay
     queue.defer(
         WEBHOOK_TASK,
         queue=WEBHOOK_QUEUE,
@@ -142,10 +150,36 @@ def queue_unclaimed(providers: Iterable[WebhookProvider], *, older_than_seconds:
     return queued
 
 
+# A throttled object is tried again after the provider's Retry-After (or this), plus up to as much again
+# at random, so objects throttled together do not all come back in the same second.
+THROTTLED_RETRY_SECONDS = 2.0
+
+
+def _throttled(
+    provider: WebhookProvider, object_key: str, row_ids: list[int], exc: ProviderThrottled, *, resync: bool
+) -> str:
+    """The provider asked us to slow down: nothing failed. The events stay pending (no attempt is
+    spent, the reason is shown in `flask billing events`), and a job applies the object after the
+    pause; every process is already holding its requests (stripe_pace.py)."""
+    db.session.rollback()
+    delay = max(exc.retry_after or 0.0, THROTTLED_RETRY_SECONDS)
+    delay += random.uniform(0, delay)  # noqa: S311  (jitter)
+    logger.warning("applying %s was throttled by the provider: again in %.0f s", object_key, delay)
+    with committed():
+        note = f"throttled by the provider; retrying in {delay:.0f} s"
+        webhook_store.note_throttled(provider.event_model, row_ids, note)
+        if resync:
+            queue_resync(provider, object_key, delay=delay)
+        else:
+            queue_application(provider, object_key, delay=delay)
+    return f"throttled: again in {delay:.0f} s"
+
+
 def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
+    """Intake: store a verified delivery once and make sure a worker will apply it. On PostgreSQL this
+    is one statement on the autocommit connection (webhook_store.intake: deduplicate, store, wake a
+    worker, commit, in one round trip); a duplicate is the same statement, which writes nothing."""
     model = provider.event_model
-    if webhook_store.is_recorded(model, event.event_id):
-        return WebhookResult(200, {"received": True, "duplicate": True})
     ignored = provider.ignore_reason(event)
     object_key = error = None
     if not ignored:
@@ -153,19 +187,53 @@ def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
             object_key = provider.object_key(event)
         except MalformedObject as exc:
             error = str(exc)
-            logger.warning("webhook event %s (%s) is malformed: %s", event.event_id, event.type, error)
     status = StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
-    with committed():  # on an error nothing is stored; the provider redelivers after a 5xx
-        row_id = webhook_store.claim(model, event, status, outcome=ignored, error=error, object_key=object_key)
-        if row_id is not None and object_key is not None:
-            queue_application(provider, object_key)
-    if row_id is None:  # stored by a concurrent delivery we waited for
+    if db.engine.dialect.name == "postgresql":
+        row_id = webhook_store.intake(
+            model, event, status, outcome=ignored, error=error, object_key=object_key, wake=_wake(provider, object_key)
+        )
+    else:  # the development stand-in: no queue of its own to share-lock
+        row_id = _store_in_session(provider, event, status, ignored, error, object_key)
+    if row_id is None:  # stored already (or by a concurrent delivery we waited for)
         return WebhookResult(200, {"received": True, "duplicate": True})
     if ignored:
         return WebhookResult(200, {"received": True, "ignored": ignored})
     if error:
+        logger.warning("webhook event %s (%s) is malformed: %s", event.event_id, event.type, error)
         return WebhookResult(200, {"received": True, "failed": error})
     return WebhookResult(200, {"received": True})
+
+
+def _wake(provider: WebhookProvider, object_key: str | None) -> webhook_store.Wake | None:
+    if object_key is None:
+        return None
+    wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
+    return webhook_store.Wake(
+        queue=WEBHOOK_QUEUE,
+        task=WEBHOOK_TASK,
+        lock=f"{provider.name}:{object_key}",
+        args=json.dumps({"provider": provider.name, "object_key": object_key}),
+        # The job waits this long before it runs, so a burst about one object joins it.
+        scheduled_at=utcnow() + timedelta(seconds=wait) if wait > 0 else None,
+    )
+
+
+def _store_in_session(
+    provider: WebhookProvider,
+    event: VerifiedEvent,
+    status: StripeEventStatus,
+    ignored: str | None,
+    error: str | None,
+    object_key: str | None,
+) -> int | None:
+    model = provider.event_model
+    if webhook_store.is_recorded(model, event.event_id):
+        return None
+    with committed():  # on an error nothing is stored; the provider redelivers after a 5xx
+        row_id = webhook_store.claim(model, event, status, outcome=ignored, error=error, object_key=object_key)
+        if row_id is not None and object_key is not None:
+            queue_application(provider, object_key)
+    return row_id
 
 
 def apply_queued(
@@ -189,6 +257,8 @@ def apply_queued(
             status, outcome = outcomes[event.event_id]
             webhook_store.settle(model, row_ids[event.event_id], status, outcome)
         db.session.commit()
+    except ProviderThrottled as exc:
+        return _throttled(provider, object_key, list(row_ids.values()), exc, resync=resync)
     except Exception as exc:
         db.session.rollback()  # the batch's changes and its domain events go; its rows stay pending
         if isinstance(exc, DBAPIError) and exc.connection_invalidated:

@@ -104,6 +104,128 @@ def _statements(model: EventModel, dialect: str) -> _Statements:
     )
 
 
+# Intake on PostgreSQL, in one statement sent on the autocommit connection (so it is its own
+# transaction: one round trip, no BEGIN or COMMIT of its own): store a new event (or take over one
+# that failed), and, when it is pending, make sure a job will apply its object: a waiting job of the
+# object is share-locked (procrastinate's fetch, FOR UPDATE SKIP LOCKED, passes it over until the
+# statement commits, so it cannot start without seeing the event), or a new job is inserted through
+# procrastinate's own function, whose trigger NOTIFYs the workers at commit. A duplicate inserts
+# nothing, locks nothing and writes nothing: both probes of the event id find it and stop.
+# It is prepared once per connection (PREPARE): planning it would cost more than running it.
+_INTAKE_PARAMETERS = (
+    ("event_id", "text"),
+    ("type", "text"),
+    ("api_version", "text"),
+    ("livemode", "boolean"),
+    ("created", "bigint"),
+    ("payload", "text"),
+    ("now", "timestamptz"),
+    ("status", "text"),
+    ("outcome", "text"),
+    ("error", "text"),
+    ("object_key", "text"),
+    ("queue", "text"),
+    ("task", "text"),
+    ("lock", "text"),
+    ("args", "jsonb"),
+    ("scheduled_at", "timestamptz"),
+)
+_INTAKE = """
+WITH inserted AS (
+    INSERT INTO {table} AS e (event_id, type, api_version, livemode, {created}, payload, received_at,
+                              processed_at, attempts, status, outcome, last_error, object_key)
+    SELECT $event_id, $type, $api_version, $livemode, $created, $payload, $now, $now, 1,
+           $status, $outcome, $error, $object_key
+    WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE event_id = $event_id)  -- a duplicate stops here
+    ON CONFLICT (event_id) DO NOTHING  -- a concurrent delivery of the same event
+    RETURNING e.id
+), retaken AS (
+    UPDATE {table} AS e SET attempts = e.attempts + 1, status = $status, outcome = $outcome,
+        last_error = $error, object_key = $object_key, processed_at = $now
+    WHERE e.event_id = $event_id AND e.status = 'failed'
+    RETURNING e.id
+), stored AS (
+    SELECT id FROM inserted UNION ALL SELECT id FROM retaken
+), waiting AS (
+    SELECT j.id FROM procrastinate_jobs AS j
+    WHERE j.lock = $lock AND j.task_name = $task AND j.status = 'todo' AND EXISTS (SELECT 1 FROM stored)
+    LIMIT 1 FOR SHARE OF j
+), woken AS (
+    SELECT procrastinate_defer_jobs_v1(
+        ARRAY[ROW($queue, $task, 0, $lock, NULL, $args, $scheduled_at)::procrastinate_job_to_defer_v1])
+    WHERE $lock IS NOT NULL AND EXISTS (SELECT 1 FROM stored) AND NOT EXISTS (SELECT 1 FROM waiting)
+)
+SELECT (SELECT id FROM stored LIMIT 1) AS id, (SELECT count(*) FROM woken) AS woken
+"""
+
+
+@cache
+def _intake_prepare(model: EventModel) -> tuple[str, str]:
+    """(name, PREPARE statement) of the intake statement for one table."""
+    name = f"ledgerline_intake_{model.__tablename__}"
+    statement = _INTAKE.format(table=model.__tablename__, created=model.created_column)
+    # Longest names first, so $event_id is not read as $event plus _id.
+    for position, (parameter, _) in sorted(enumerate(_INTAKE_PARAMETERS, start=1), key=lambda item: -len(item[1][0])):
+        statement = statement.replace(f"${parameter}", f"${position}")
+    types = ", ".join(kind for _, kind in _INTAKE_PARAMETERS)
+    return name, f"PREPARE {name} ({types}) AS {statement}"
+
+
+@dataclass(frozen=True)
+class Wake:
+    """The job that applies a pending event's object, if none is waiting for it."""
+
+    queue: str
+    task: str
+    lock: str
+    args: str  # JSON
+    scheduled_at: Any  # a datetime, or None: at once
+
+
+def intake(
+    model: EventModel,
+    event: VerifiedEvent,
+    status: StripeEventStatus,
+    *,
+    outcome: str | None,
+    error: str | None,
+    object_key: str | None,
+    wake: Wake | None,
+) -> int | None:
+    """Store a delivery and wake a worker for it, in one statement that is its own transaction
+    (PostgreSQL). Returns the row id, or None for a duplicate (stored, queued or settled already,
+    or stored by a concurrent delivery this one waited for)."""
+    values = {
+        "event_id": event.event_id,
+        "type": event.type,
+        "api_version": event.api_version,
+        "livemode": event.livemode,
+        "created": event.created,
+        "payload": event.raw,
+        "now": utcnow(),
+        "status": str(status),
+        "outcome": _short(outcome),
+        "error": error[:2000] if error else None,
+        "object_key": object_key,
+        "queue": wake.queue if wake else None,
+        "task": wake.task if wake else None,
+        "lock": wake.lock if wake else None,
+        "args": wake.args if wake else None,
+        "scheduled_at": wake.scheduled_at if wake else None,
+    }
+    name, prepare = _intake_prepare(model)
+    placeholders = ", ".join(["%s"] * len(_INTAKE_PARAMETERS))
+    with db.engines["autocommit"].connect() as connection:
+        prepared: set[str] = connection.info.setdefault("prepared", set())
+        if name not in prepared:
+            connection.exec_driver_sql(prepare)
+            prepared.add(name)
+        row = connection.exec_driver_sql(
+            f"EXECUTE {name} ({placeholders})", tuple(values[parameter] for parameter, _ in _INTAKE_PARAMETERS)
+        ).first()
+    return None if row is None else row[0]
+
+
 def _for(model: EventModel) -> _Statements:
     return _statements(model, db.engine.dialect.name)
 
@@ -198,6 +320,16 @@ def record_attempt_failure(model: EventModel, row_ids: list[int], error: str, *,
         values["status"] = StripeEventStatus.FAILED
     db.session.execute(
         update(model).where(model.id.in_(row_ids), model.status == StripeEventStatus.PENDING).values(**values)
+    )
+
+
+def note_throttled(model: EventModel, row_ids: list[int], note: str) -> None:
+    """These pending events were not applied because the provider asked us to slow down: the note is
+    kept where ops look (`flask billing events`); no attempt is counted and the status stays."""
+    db.session.execute(
+        update(model)
+        .where(model.id.in_(row_ids), model.status == StripeEventStatus.PENDING)
+        .values(last_error=note[:2000])
     )
 
 

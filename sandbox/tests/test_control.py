@@ -235,6 +235,41 @@ def test_connection_fault_drops_the_connection_so_the_sdk_raises_api_connection_
     assert create_session(sandbox, prices).status == "open"
 
 
+def test_rate_limit_fault_answers_429_in_stripes_shape_with_its_retry_headers(
+    sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    armed = ok(
+        control(
+            sandbox,
+            "POST",
+            "/faults",
+            {"method": "GET", "path": "/v1/prices", "kind": "rate_limit", "retry_after": 3, "should_retry": False},
+        )
+    )
+    assert (armed["retry_after"], armed["should_retry"]) == (3, False)
+    start = last_seq(sandbox)
+    with pytest.raises(stripe.RateLimitError) as failure:
+        sandbox.client.v1.prices.list()  # Stripe-Should-Retry: false, so not retried either
+    assert failure.value.http_status == 429
+    assert failure.value.error is not None and failure.value.error.code == "rate_limit"
+    assert failure.value.error.type == "invalid_request_error"
+    assert failure.value.headers is not None and failure.value.headers["Retry-After"] == "3"
+    assert failure.value.headers["Stripe-Should-Retry"] == "false"
+    assert [row["status"] for row in logged_since(sandbox, start)] == [429]
+    assert sandbox.client.v1.prices.list().data  # spent: the next request goes through
+
+
+def test_lock_timeout_fault_that_says_retry_is_retried_by_the_sdk(sandbox: Sandbox) -> None:
+    ok(control(sandbox, "POST", "/faults", {"path": "/v1/prices", "kind": "lock_timeout", "should_retry": True}))
+    start = last_seq(sandbox)
+    retrying = stripe.StripeClient("sk_test_sandbox", base_addresses={"api": sandbox.url}, max_network_retries=1)
+    assert retrying.v1.prices.list().data
+    assert [row["status"] for row in logged_since(sandbox, start)] == [429, 200]
+    with pytest.raises(requests.HTTPError):
+        response = control(sandbox, "POST", "/faults", {"path": "/v1/prices", "kind": "server", "retry_after": 1})
+        response.raise_for_status()
+
+
 def test_faults_can_be_listed_and_cleared(sandbox: Sandbox) -> None:
     first = ok(control(sandbox, "POST", "/faults", {"path": "/v1/prices", "kind": "server", "times": 3}))
     second = ok(control(sandbox, "POST", "/faults", {"method": "get", "path_regex": "/v1/.*", "kind": "connection"}))
