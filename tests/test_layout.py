@@ -101,6 +101,7 @@ def test_the_factory_registers_every_task_consumer_and_webhook_provider(app: Fla
         "subscription.cancellation_scheduled": ["cancellation_scheduled_email"],
         "subscription.trial_will_end": ["trial_ending_email"],
         "team.invitation_sent": ["invitation_email"],
+        "usage.threshold_reached": ["usage_warning_email"],
         "user.email_verification_requested": ["verify_email_again"],
         "user.password_changed": ["password_changed_email"],
         "user.password_reset": ["password_reset_done_email"],

@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import stripe
@@ -47,6 +47,7 @@ from app.services import (
     reconcile_run,
     settlement,
     stripe_events,
+    usage,
     webhook_intake,
     whop_billing,
 )
@@ -1071,6 +1072,17 @@ class BillingService:
         return webhook_intake.apply_queued(provider, object_key, final_attempt=final_attempt, resync=resync)
 
     # --- Stripe events, applied -------------------------------------------------------------------
+
+    # --- Usage-based billing: recording (app/services/usage.py) -----------------------------------
+    @staticmethod
+    def record_usage(
+        organization_id: int, meter: str, quantity: int, *, idempotency_key: str, occurred_at: datetime | None = None
+    ) -> usage.RecordedUsage:
+        """Store one usage event before acknowledging it, once per idempotency key. Raises
+        usage.UsageRejected (usage.UsageLimitReached past a hard limit): nothing stored."""
+        return usage.record(
+            plan_catalogue(), organization_id, meter, quantity, idempotency_key=idempotency_key, occurred_at=occurred_at
+        )
 
     # --- Whop -----------------------------------------------------------------------------------
 
