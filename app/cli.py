@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
-from app.services import outbox, queue, queue_status
+from app.services import outbox, queue, queue_status, usage_reports
 from app.services.billing_service import BillingConfigurationError, BillingError, BillingService, plan_catalogue
 from app.services.reconcile_names import names_for
 
@@ -228,3 +228,28 @@ def reconcile(apply_repairs: bool, as_json: bool, since_days: int, organization_
         for line in report.lines(names_for(report)):
             click.echo(line)
     sys.exit(0 if report.clean else 1)
+
+
+@billing_cli.command("usage")
+@click.option("--report", "report_now", is_flag=True, help="Gather and send pending usage reports now.")
+def usage(report_now: bool) -> None:
+    """Usage reports to Stripe's meter events: pending, sent, failed (with Stripe's words)."""
+    if report_now:
+        try:
+            run = BillingService.report_usage()
+        except BillingConfigurationError as exc:
+            raise click.ClickException(missing_settings_message(exc)) from None
+        click.echo(
+            f"Gathered {run.gathered} reports; sent {run.sent}, failed {run.failed}, pending {run.still_pending}."
+        )
+        for error in run.errors:
+            click.echo(f"  {error}")
+    counts = usage_reports.counts()
+    click.echo(
+        f"Usage reports: {counts.pending} pending, {counts.sent} sent, {counts.failed} failed;"
+        f" {counts.unreported_events} billable events not yet in a report."
+    )
+    for identifier, error in counts.failures:
+        click.echo(f"  failed {identifier}: {error}")
+    if counts.failed:
+        sys.exit(1)

@@ -4,7 +4,8 @@ They let a test suite (or a developer) see and bend the sandbox from outside, th
 own internals, its dashboard or `stripe listen` would:
 
 - the request log: every /v1 request with its decoded parameters and response status;
-- faults: make the next matching /v1 requests fail (HTTP 500, 404, or a dropped connection);
+- faults: make the next matching /v1 requests fail (HTTP 500, 404, or a dropped connection), or
+  succeed and then lose their response (`lost_response`: Stripe did it, the client timed out);
 - latency: delay every /v1 response (a Stripe brownout) without blocking other requests;
 - delivery settings: push or hold, URL, secrets, API version, concurrency, duplicates,
   reordering and delay; and pulling held events with their signed headers;
@@ -38,7 +39,7 @@ from .worker import render_payload, signature_header_for
 
 bp = Blueprint("sandbox_control", __name__, url_prefix="/_sandbox")
 
-FAULT_KINDS = ("connection", "server", "missing")
+FAULT_KINDS = ("connection", "server", "missing", "lost_response")
 MAX_LATENCY_SECONDS = 600.0
 MAX_TAKE = 1000
 # Path segments that name a collection, for the "No such <kind>" message of a "missing" fault.
@@ -183,6 +184,9 @@ def _before_api_request() -> Response | None:
     fault = _controls().consume(request.method, request.path)
     if fault is None:
         return None
+    if fault.kind == "lost_response":
+        g.sandbox_lose_response = True  # handled as usual, then the connection drops (_after_api_request)
+        return None
     if fault.kind == "connection":
         _log(0)
         g.sandbox_logged = True
@@ -237,6 +241,8 @@ def _after_api_request(response: Response) -> Response:
     if not _is_api_request() or g.get("sandbox_logged"):
         return response
     _log(response.status_code)
+    if g.get("sandbox_lose_response"):
+        return _drop_connection()
     latency = _controls().latency
     if latency > 0:
         time.sleep(latency)  # this request's thread only; the server is threaded

@@ -48,6 +48,7 @@ from app.services import (
     settlement,
     stripe_events,
     usage,
+    usage_reports,
     webhook_intake,
     whop_billing,
 )
@@ -1083,6 +1084,31 @@ class BillingService:
         return usage.record(
             plan_catalogue(), organization_id, meter, quantity, idempotency_key=idempotency_key, occurred_at=occurred_at
         )
+
+    # --- Usage-based billing: reporting to Stripe's meter events (app/services/usage_reports.py) ------
+    @classmethod
+    def report_usage(cls) -> usage_reports.ReportRun:
+        """Gather billable usage into reports, then send the pending ones (the worker's usage:report)."""
+        run = usage_reports.ReportRun(gathered=usage_reports.gather())
+        return usage_reports.send_pending(plan_catalogue(), cls._send_meter_event, run)
+
+    @classmethod
+    def _send_meter_event(cls, event: usage_reports.MeterEventToSend) -> None:
+        payload = {"stripe_customer_id": event.customer_id, "value": str(event.quantity)}
+        try:
+            cls.ensure_stripe().v1.billing.meter_events.create(
+                {
+                    "event_name": event.event_name,
+                    "payload": payload,
+                    "identifier": event.identifier,
+                    "timestamp": event.timestamp,
+                }
+            )
+        except stripe.InvalidRequestError as exc:  # a 4xx other than 429: settled, one way or the other
+            words = exc.user_message or str(exc)
+            if "already exists with identifier" in words:
+                raise usage_reports.MeterEventAlreadyRecorded(words) from exc
+            raise usage_reports.MeterEventRefused(words) from exc
 
     # --- Whop -----------------------------------------------------------------------------------
 
