@@ -234,10 +234,11 @@ class BillingService:
 
     @classmethod
     def catalogue_prices(cls) -> dict[str, PriceInfo]:
-        """Every price the catalogue sells, for pages that show them (signup, change plan). Never raises:
+        """Every price the catalogue sells, for pages that show them (signup, change plan, usage). Never raises:
         a price Stripe does not have, or a Stripe that does not answer, is simply not shown."""
         try:
-            return cls.prices_for_lookup_keys(plan_catalogue().lookup_keys(), required=False)
+            keys = [*plan_catalogue().lookup_keys(), *plan_catalogue().meter_lookup_keys()]  # and metered prices
+            return cls.prices_for_lookup_keys(keys, required=False)
         except (BillingError, BillingConfigurationError) as exc:
             logger.warning("catalogue prices not shown: %s", exc)
             return {}
@@ -1079,8 +1080,7 @@ class BillingService:
     def record_usage(
         organization_id: int, meter: str, quantity: int, *, idempotency_key: str, occurred_at: datetime | None = None
     ) -> usage.RecordedUsage:
-        """Store one usage event before acknowledging it, once per idempotency key. Raises
-        usage.UsageRejected (usage.UsageLimitReached past a hard limit): nothing stored."""
+        """One usage event, stored once per idempotency key; usage.UsageRejected: nothing stored."""
         return usage.record(
             plan_catalogue(), organization_id, meter, quantity, idempotency_key=idempotency_key, occurred_at=occurred_at
         )
