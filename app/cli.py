@@ -232,8 +232,22 @@ def reconcile(apply_repairs: bool, as_json: bool, since_days: int, organization_
 
 @billing_cli.command("usage")
 @click.option("--report", "report_now", is_flag=True, help="Gather and send pending usage reports now.")
-def usage(report_now: bool) -> None:
-    """Usage reports to Stripe's meter events: pending, sent, failed (with Stripe's words)."""
+@click.option("--reconcile", "compare", is_flag=True, help="Compare billed usage with Stripe's meter event summaries.")
+@click.option("--apply", "apply_repairs", is_flag=True, help="With --reconcile: re-send what Stripe lacks.")
+@click.option("--org", "organization_id", type=int, help="With --reconcile: only this organization.")
+def usage(report_now: bool, compare: bool, apply_repairs: bool, organization_id: int | None) -> None:
+    """Usage reports to Stripe's meter events: pending, sent, failed (with Stripe's words); --reconcile
+    compares each period's billed usage with Stripe's summary (exit status 1 while they differ)."""
+    if compare:
+        try:
+            result = BillingService.reconcile_usage(apply=apply_repairs, org=organization_id)
+        except BillingConfigurationError as exc:
+            raise click.ClickException(missing_settings_message(exc)) from None
+        except BillingError as exc:
+            raise click.ClickException(str(exc)) from None
+        for line in result.lines():
+            click.echo(line)
+        sys.exit(0 if result.clean or (apply_repairs and not result.problems and result.resent) else 1)
     if report_now:
         try:
             run = BillingService.report_usage()

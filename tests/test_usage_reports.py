@@ -13,8 +13,9 @@ import pytest
 from flask import Flask
 from sqlalchemy import text
 
+from app import clock
 from app.extensions import db
-from app.services import usage_reports
+from app.services import usage_reconcile, usage_reports
 from app.services.billing_service import BillingService, plan_catalogue
 from tests.conftest import SandboxAccount, query, sign_up
 
@@ -182,3 +183,53 @@ def test_a_report_unsettled_for_20_hours_is_failed_not_sent_again(customer: Cust
     assert (run.sent, run.failed) == (0, 1)
     assert "24-hour identifier window" in customer.reports()[0].last_error
     assert customer.stripe.calls_to("billing.meter_events.create") == []
+
+
+# --- reconcile: our billed totals against Stripe's meter event summaries ------------------------------
+
+
+def reconcile(customer: Customer, *args: str) -> Any:
+    return customer.app.test_cli_runner().invoke(args=["billing", "usage", "--reconcile", *args])
+
+
+def test_reconcile_agrees_when_every_report_arrived(customer: Customer) -> None:
+    customer.record(INCLUDED + 25)
+    customer.report()
+    result = reconcile(customer)
+    assert result.exit_code == 0, result.output
+    assert "Checked 1 billing periods" in result.output and "agree" in result.output
+
+
+def test_reconcile_counts_usage_still_on_its_way_as_not_missing(customer: Customer) -> None:
+    customer.record(INCLUDED + 25)  # billed, not yet reported
+    with customer.app.app_context():
+        assert BillingService.reconcile_usage().clean
+
+
+def test_reconcile_resends_what_stripe_lacks_once(customer: Customer) -> None:
+    customer.record(INCLUDED + 30)
+    customer.report()
+    customer.record(8)
+    with customer.app.app_context():
+        usage_reports.gather()
+        # A report marked sent that Stripe never took (dropped, or refused later by an error report).
+        db.session.execute(text("UPDATE usage_report SET status = 'sent' WHERE status = 'pending'"))
+        db.session.commit()
+    assert customer.stripe_total() == 30
+    found = reconcile(customer)
+    assert found.exit_code == 1 and "Stripe has 30, we billed 38: 8 missing" in found.output
+    customer.stripe.fail_next("billing.meter_events.create", kind="lost_response", times=1)
+    first = reconcile(customer, "--apply")  # Stripe takes the correction; its answer is lost
+    assert "not re-sent" in first.output
+    assert customer.stripe_total() == 38
+    again = reconcile(customer, "--apply")  # the summary moved: nothing is missing, nothing is sent
+    assert again.exit_code == 0 and "re-sent" not in again.output
+    assert len(customer.stripe.calls_to("billing.meter_events.create")) == 2  # the report and one correction
+    with customer.app.app_context():
+        [drift] = [
+            usage_reconcile.UsageDrift(period, 30)
+            for period in usage_reconcile.periods_to_check(plan_catalogue(), clock.utcnow())
+        ]
+        with pytest.raises(usage_reports.MeterEventAlreadyRecorded):
+            BillingService._send_meter_event(drift.correction(clock.utcnow()))  # the same correction: counted once
+    assert customer.stripe_total() == customer.our_billed_total() == 38

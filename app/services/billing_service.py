@@ -48,6 +48,7 @@ from app.services import (
     settlement,
     stripe_events,
     usage,
+    usage_reconcile,
     usage_reports,
     webhook_intake,
     whop_billing,
@@ -1109,6 +1110,22 @@ class BillingService:
             if "already exists with identifier" in words:
                 raise usage_reports.MeterEventAlreadyRecorded(words) from exc
             raise usage_reports.MeterEventRefused(words) from exc
+
+    @classmethod
+    def reconcile_usage(cls, *, apply: bool = False, org: int | None = None) -> usage_reconcile.UsageReconcile:
+        """Our billed usage per period against Stripe's meter event summaries; `apply` re-sends what Stripe lacks."""
+        with cls._calling_stripe("list meters"):
+            meters = {m.event_name: m.id for m in cls.ensure_stripe().v1.billing.meters.list({"limit": 100}).data}
+
+        def at_stripe(period: usage_reconcile.PeriodToCheck) -> int:
+            start, end = usage_reconcile.summary_window(period)
+            summaries = cls.ensure_stripe().v1.billing.meters.event_summaries.list(
+                meters[period.event_name], {"customer": period.customer_id, "start_time": start, "end_time": end}
+            )
+            return round(sum(summary.aggregated_value for summary in summaries.data))
+
+        send, now = cls._send_meter_event, clock.utcnow()
+        return usage_reconcile.run(plan_catalogue(), now, at_stripe, send, apply=apply, organization_id=org)
 
     # --- Whop -----------------------------------------------------------------------------------
 

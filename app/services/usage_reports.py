@@ -32,7 +32,7 @@ from sqlalchemy import func, select, update
 
 from app import clock
 from app.extensions import db
-from app.models import Organization, UsageEvent, UsageReport, UsageReportStatus
+from app.models import Organization, UsageEvent, UsagePeriodTotal, UsageReport, UsageReportStatus
 from app.models.organization import BillingProvider
 from app.services.billing_common import committed
 from app.services.plans import PlanCatalogue
@@ -72,6 +72,12 @@ class ReportRun:
     errors: list[str] = field(default_factory=list)
 
 
+def last_whole_minute(period_end: datetime) -> datetime:
+    """The last second of a period that Stripe's minute-aligned summaries of it include: a report's
+    timestamp is kept at or before it, so a summary of [start, end) rounded down to minutes sees it."""
+    return period_end.replace(second=0, microsecond=0) - timedelta(seconds=1)
+
+
 def identifier_for(organization_id: int, meter: str, first_event_id: int) -> str:
     """Each event is in one report, so a report's first event names it: unique and stable."""
     return f"ledgerline-usage-{organization_id}-{meter}-{first_event_id}"
@@ -90,8 +96,15 @@ def gather() -> int:
                 UsageEvent.billable_quantity,
                 UsageEvent.occurred_at,
                 Organization.billing_customer_id,
+                UsagePeriodTotal.period_end,
             )
             .join(Organization, Organization.id == UsageEvent.organization_id)
+            .join(
+                UsagePeriodTotal,
+                (UsagePeriodTotal.organization_id == UsageEvent.organization_id)
+                & (UsagePeriodTotal.meter == UsageEvent.meter)
+                & (UsagePeriodTotal.period_start == UsageEvent.period_start),
+            )
             .where(
                 UsageEvent.report_id.is_(None),
                 UsageEvent.billable_quantity > 0,
@@ -102,18 +115,18 @@ def gather() -> int:
             .limit(GATHER_LIMIT)
             .with_for_update(of=UsageEvent, skip_locked=True)
         ).all()
-        groups: dict[tuple[int, str, datetime, str], list[tuple[int, int, datetime]]] = defaultdict(list)
+        groups: dict[tuple[int, str, datetime, datetime, str], list[tuple[int, int, datetime]]] = defaultdict(list)
         for row in rows:
-            key = (row.organization_id, row.meter, row.period_start, row.billing_customer_id)
+            key = (row.organization_id, row.meter, row.period_start, row.period_end, row.billing_customer_id)
             groups[key].append((row.id, row.billable_quantity, row.occurred_at))
-        for (organization_id, meter, _period, customer_id), events in groups.items():
+        for (organization_id, meter, _start, period_end, customer_id), events in groups.items():
             report = UsageReport(
                 organization_id=organization_id,
                 meter=meter,
                 customer_id=customer_id,
                 identifier=identifier_for(organization_id, meter, events[0][0]),
                 quantity=sum(quantity for _, quantity, _ in events),
-                timestamp=max(at for _, _, at in events),
+                timestamp=min(max(at for _, _, at in events), last_whole_minute(period_end)),
                 status=UsageReportStatus.PENDING,
             )
             db.session.add(report)
