@@ -167,6 +167,30 @@ def check_prices() -> None:
     for label, lookup_key in entries:
         price = prices[lookup_key]
         click.echo(f"{label:<24} {lookup_key:<24} {price.id}  {price.describe()}")
+    _check_meters()
+
+
+def _check_meters() -> None:
+    """Each [meters.*] needs an active Stripe meter with its event_name and a price with its lookup key."""
+    meters = plan_catalogue().meters
+    if not meters:
+        return
+    try:
+        meter_ids = BillingService.meter_ids()
+        prices = BillingService.prices_for_lookup_keys([meter.lookup_key for meter in meters.values()], required=False)
+    except BillingError as exc:
+        raise click.ClickException(str(exc)) from None
+    missing = []
+    for meter in meters.values():
+        meter_id, price = meter_ids.get(meter.event_name), prices.get(meter.lookup_key)
+        if meter_id is None:
+            missing.append(f"no active Stripe meter has the event_name {meter.event_name!r} (meter {meter.key})")
+        if price is None:
+            missing.append(f"no active Stripe price has the lookup key {meter.lookup_key!r} (meter {meter.key})")
+        if meter_id and price:
+            click.echo(f"{'meter ' + meter.key:<24} {meter.lookup_key:<24} {price.id}  {meter_id} {meter.event_name}")
+    if missing:
+        raise click.ClickException("; ".join(missing))
 
 
 @billing_cli.command("status")

@@ -233,3 +233,17 @@ def test_reconcile_resends_what_stripe_lacks_once(customer: Customer) -> None:
         with pytest.raises(usage_reports.MeterEventAlreadyRecorded):
             BillingService._send_meter_event(drift.correction(clock.utcnow()))  # the same correction: counted once
     assert customer.stripe_total() == customer.our_billed_total() == 38
+
+
+def test_check_prices_checks_each_meter_and_its_metered_price(app: Flask, offline_stripe: SandboxAccount) -> None:
+    [meter] = [m for m in offline_stripe.api("GET", "/v1/billing/meters")["data"] if m["event_name"] == EVENT_NAME]
+    result = app.test_cli_runner().invoke(args=["billing", "check-prices"])
+    assert result.exit_code == 0, result.output
+    assert "meter api_calls" in result.output and meter["id"] in result.output
+    assert offline_stripe.price_id("api_calls_overage") in result.output
+    offline_stripe.force(meter["id"], status="inactive")  # deactivated in the Dashboard
+    try:
+        failed = app.test_cli_runner().invoke(args=["billing", "check-prices"])
+    finally:
+        offline_stripe.force(meter["id"], status="active")
+    assert failed.exit_code == 1 and f"no active Stripe meter has the event_name '{EVENT_NAME}'" in failed.output

@@ -1112,10 +1112,16 @@ class BillingService:
             raise usage_reports.MeterEventRefused(words) from exc
 
     @classmethod
+    def meter_ids(cls) -> dict[str, str]:
+        """Stripe's active meters by event_name (mtr_ ids)."""
+        with cls._calling_stripe("list meters"):
+            meters = cls.ensure_stripe().v1.billing.meters.list({"status": "active", "limit": 100}).data
+        return {meter.event_name: meter.id for meter in meters}
+
+    @classmethod
     def reconcile_usage(cls, *, apply: bool = False, org: int | None = None) -> usage_reconcile.UsageReconcile:
         """Our billed usage per period against Stripe's meter event summaries; `apply` re-sends what Stripe lacks."""
-        with cls._calling_stripe("list meters"):
-            meters = {m.event_name: m.id for m in cls.ensure_stripe().v1.billing.meters.list({"limit": 100}).data}
+        meters = cls.meter_ids()
 
         def at_stripe(period: usage_reconcile.PeriodToCheck) -> int:
             start, end = usage_reconcile.summary_window(period)

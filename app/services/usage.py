@@ -202,8 +202,9 @@ def record(
     occurred_at: Any,
     now: datetime | None = None,
 ) -> RecordedUsage:
-    """Validate and store one usage event in its own transaction (committed here). Raises UsageRejected
-    (nothing stored) for bad input, a plan without the meter, or a hard limit."""
+    """Validate and store one usage event in one short transaction, committed here (call it with no
+    transaction of your own open). Raises UsageRejected (nothing stored) for bad input, a plan without
+    the meter, or a hard limit."""
     now = now or clock.utcnow()
     meter = meter_for(catalogue, meter_key)
     amount = quantity_of(meter, quantity)
@@ -211,16 +212,16 @@ def record(
     at = occurred_at_of(occurred_at, now)
     organization = db.session.get(Organization, organization_id)
     if organization is None:
+        db.session.rollback()
         raise UsageRejected("No such organization.", code="unknown_organization", status=404)
     allowance = meter.allowance(organization.tier)
     status, anchor = organization.billing_status, organization.current_period_end
-    db.session.rollback()  # the read is done; the recording is its own short transaction
-    if allowance is None:
-        raise UsageRejected(f"Your plan does not include {meter.name}.", code="meter_not_in_plan", status=403)
-    if status in NOT_BILLING:
-        raise UsageRejected("The organization has no active subscription.", code="no_subscription", status=402)
-    period = period_containing(anchor, at)
     try:
+        if allowance is None:
+            raise UsageRejected(f"Your plan does not include {meter.name}.", code="meter_not_in_plan", status=403)
+        if status in NOT_BILLING:
+            raise UsageRejected("The organization has no active subscription.", code="no_subscription", status=402)
+        period = period_containing(anchor, at)
         recorded = _store(organization_id, meter, allowance, amount, key, at, period, now)
         db.session.commit()
     except BaseException:
