@@ -74,12 +74,17 @@ def overview() -> str | tuple[str, int]:
     catalogue = plan_catalogue()
     g.access = current_access()
     # A new subscription is offered with each plan's price (through the price cache); nothing else needs them.
-    metered = any(meter.allowance(organization.tier) for meter in catalogue.meters.values())
-    prices = BillingService.catalogue_prices() if g.access.remedy == "resubscribe" or metered else {}
+    prices = BillingService.catalogue_prices() if g.access.remedy == "resubscribe" else {}
+    usage: list[usage_page.MeterUsage] = []
+    if any(meter.allowance(organization.tier) for meter in catalogue.meters.values()):
+        metered = usage_page.metered_prices(
+            catalogue, lambda keys: BillingService.prices_for_lookup_keys(keys, required=False)
+        )
+        usage = usage_page.meters_for(catalogue, organization, metered, clock.utcnow())
     return render_template(
         "billing/overview.html",
         prices=prices,
-        usage=usage_page.meters_for(catalogue, organization, prices, clock.utcnow()) if metered else [],
+        usage=usage,
         organization=organization,
         catalogue=catalogue,
         access=g.access,

@@ -235,11 +235,10 @@ class BillingService:
 
     @classmethod
     def catalogue_prices(cls) -> dict[str, PriceInfo]:
-        """Every price the catalogue sells, for pages that show them (signup, change plan, usage). Never raises:
+        """Every price the catalogue sells, for pages that show them (signup, change plan). Never raises:
         a price Stripe does not have, or a Stripe that does not answer, is simply not shown."""
         try:
-            keys = [*plan_catalogue().lookup_keys(), *plan_catalogue().meter_lookup_keys()]  # and metered prices
-            return cls.prices_for_lookup_keys(keys, required=False)
+            return cls.prices_for_lookup_keys(plan_catalogue().lookup_keys(), required=False)
         except (BillingError, BillingConfigurationError) as exc:
             logger.warning("catalogue prices not shown: %s", exc)
             return {}

@@ -4,7 +4,8 @@ costs at the metered price, and a small server-rendered chart of daily usage."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -12,10 +13,12 @@ from sqlalchemy import func, select
 
 from app.extensions import db
 from app.models import Organization, UsageEvent, UsagePeriodTotal
+from app.services.billing_common import BillingConfigurationError, BillingError
 from app.services.plans import PlanCatalogue
 from app.services.pricing import PriceInfo
 from app.services.usage import period_containing
 
+logger = logging.getLogger(__name__)
 CHART_WIDTH = 360
 CHART_HEIGHT = 80
 
@@ -53,6 +56,19 @@ class MeterUsage:
     @property
     def past_included(self) -> int:
         return max(0, self.used - self.included)
+
+
+def metered_prices(
+    catalogue: PlanCatalogue, fetch: Callable[[list[str]], Mapping[str, PriceInfo]]
+) -> Mapping[str, PriceInfo]:
+    """The metered prices by lookup key (through the price cache); none when Stripe cannot say: the
+    page then shows usage without its cost."""
+    keys = catalogue.meter_lookup_keys()
+    try:
+        return fetch(keys) if keys else {}
+    except (BillingError, BillingConfigurationError) as exc:
+        logger.warning("metered prices not shown: %s", exc)
+        return {}
 
 
 def meters_for(
