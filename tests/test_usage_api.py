@@ -162,3 +162,37 @@ def test_a_hard_limit_answers_429_with_the_limit_and_reset(owner: Owner) -> None
 
 def test_only_the_owner_reaches_the_keys_page(app: Flask) -> None:
     assert app.test_client().get("/api-keys/").status_code in (302, 303)  # signed out: to sign-in
+
+
+def test_a_batch_is_one_transaction_whose_refused_events_are_undone_alone(owner: Owner) -> None:
+    key = owner.create_key("Worker")
+    owner.app.extensions["plan_catalogue"] = PlanCatalogue.from_mapping(
+        {
+            "tiers": {"starter": {"name": "Starter", "lookup_key": "starter_monthly"}},
+            "meters": {
+                "api_calls": {
+                    "name": "API calls",
+                    "event_name": "api_calls",
+                    "lookup_key": "api_calls_overage",
+                    "tiers": {"starter": {"included": 10, "overage": "hard_limit"}},
+                }
+            },
+        }
+    )
+    events = [
+        {"meter": "api_calls", "quantity": 6, "idempotency_key": "a"},
+        {"meter": "api_calls", "quantity": 6, "idempotency_key": "b"},  # would pass the limit of 10
+        {"meter": "api_calls", "quantity": 4, "idempotency_key": "c"},  # fits: 6 + 4
+        {"meter": "api_calls", "quantity": 6, "idempotency_key": "a"},  # the batch's own first event again
+    ]
+    response = post_usage(owner.app, key, {"events": events})
+    assert [(r["outcome"], r["status"]) for r in response.json["results"]] == [
+        ("recorded", 201),
+        ("rejected", 429),
+        ("recorded", 201),
+        ("duplicate", 200),
+    ]
+    assert response.json["results"][1]["error"]["used"] == 6
+    keys = [row.idempotency_key for row in query(owner.app, "SELECT idempotency_key FROM usage_event ORDER BY id")]
+    assert keys == ["a", "c"]
+    assert [row.total for row in query(owner.app, "SELECT total FROM usage_period_total")] == [10]

@@ -9,7 +9,8 @@ reset time and Retry-After).
 
 A batch: {"events": [up to 100 events]} answers 200 with one result per event, in order:
 {"index", "status" (its HTTP status), "outcome" (recorded, duplicate or rejected), "id" or "error"}.
-Each event is recorded on its own: a bad one is rejected without losing the others.
+The batch is one transaction with a savepoint per event: a bad event is rejected (its savepoint
+rolled back) without losing the others, and the batch costs one commit.
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ def record_usage() -> tuple[Response, int]:
         events = body["events"]
         if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH:
             return _error(400, "invalid_batch", f"events must be a list of 1 to {MAX_BATCH} usage events.")
-        results = [_result(index, caller.organization_id, event) for index, event in enumerate(events)]
+        objects = [event for event in events if isinstance(event, dict)]
+        recorded = iter(BillingService.record_usage_batch(caller.organization_id, objects) if objects else [])
+        results = [
+            _answer({"index": index}, next(recorded) if isinstance(event, dict) else _not_an_object())
+            for index, event in enumerate(events)
+        ]
         return jsonify(
             results=results,
             recorded=sum(r["outcome"] == "recorded" for r in results),
@@ -68,27 +74,37 @@ def record_usage() -> tuple[Response, int]:
 def _result(index: int | None, organization_id: int, event: Any) -> dict[str, Any]:
     where = {} if index is None else {"index": index}
     if not isinstance(event, dict):
-        return {**where, "status": 400, "outcome": "rejected", "error": _rejection("an event must be a JSON object")}
+        return _answer(where, _not_an_object())
     try:
-        recorded = BillingService.record_usage(
+        recorded: usage.Recorded = BillingService.record_usage(
             organization_id,
             _sent(event, "meter"),
             _sent(event, "quantity"),
             idempotency_key=_sent(event, "idempotency_key"),
             occurred_at=_sent(event, "timestamp"),
         )
-    except usage.UsageLimitReached as exc:
-        retry_after = max(1, int(exc.resets_at.timestamp() - clock.timestamp()))
-        error = {"code": exc.code, "message": str(exc), "limit": exc.limit, "used": exc.used}
-        error["resets_at"] = exc.resets_at.isoformat()
-        return {**where, "status": exc.status, "outcome": "rejected", "error": error, "retry_after": retry_after}
     except usage.UsageRejected as exc:
-        return {**where, "status": exc.status, "outcome": "rejected", "error": {"code": exc.code, "message": str(exc)}}
-    outcome = "duplicate" if recorded.duplicate else "recorded"
+        recorded = exc
+    return _answer(where, recorded)
+
+
+def _not_an_object() -> usage.UsageRejected:
+    return usage.UsageRejected("an event must be a JSON object")
+
+
+def _answer(where: dict[str, Any], recorded: usage.Recorded) -> dict[str, Any]:
+    if isinstance(recorded, usage.UsageLimitReached):
+        retry_after = max(1, int(recorded.resets_at.timestamp() - clock.timestamp()))
+        error = {"code": recorded.code, "message": str(recorded), "limit": recorded.limit, "used": recorded.used}
+        error["resets_at"] = recorded.resets_at.isoformat()
+        return {**where, "status": recorded.status, "outcome": "rejected", "error": error, "retry_after": retry_after}
+    if isinstance(recorded, usage.UsageRejected):
+        error = {"code": recorded.code, "message": str(recorded)}
+        return {**where, "status": recorded.status, "outcome": "rejected", "error": error}
     return {
         **where,
         "status": 200 if recorded.duplicate else 201,
-        "outcome": outcome,
+        "outcome": "duplicate" if recorded.duplicate else "recorded",
         "id": recorded.event_id,
         "meter": recorded.meter,
         "quantity": recorded.quantity,
@@ -99,7 +115,3 @@ def _result(index: int | None, organization_id: int, event: Any) -> dict[str, An
 def _sent(event: dict[str, Any], name: str) -> Any:
     """A field as sent, of any JSON type: record_usage validates each (a clear error per event)."""
     return event.get(name)
-
-
-def _rejection(message: str) -> dict[str, str]:
-    return {"code": "invalid_usage", "message": message}

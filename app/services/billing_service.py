@@ -1085,6 +1085,11 @@ class BillingService:
             plan_catalogue(), organization_id, meter, quantity, idempotency_key=idempotency_key, occurred_at=occurred_at
         )
 
+    @staticmethod
+    def record_usage_batch(organization_id: int, events: list[dict[str, Any]]) -> list[usage.Recorded]:
+        """Several events in one transaction (a savepoint each); a refused one is a UsageRejected in its place."""
+        return usage.record_batch(plan_catalogue(), organization_id, events)
+
     # --- Usage-based billing: reporting to Stripe's meter events (app/services/usage_reports.py) ------
     @classmethod
     def report_usage(cls) -> usage_reports.ReportRun:

@@ -22,12 +22,13 @@ from __future__ import annotations
 import calendar
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 
 from app import clock
 from app.extensions import db
@@ -83,6 +84,9 @@ class RecordedUsage:
     quantity: int
     occurred_at: datetime
     duplicate: bool  # the idempotency key was seen before: acknowledged, not counted again
+
+
+Recorded = RecordedUsage | UsageRejected  # a batch's answer for one event
 
 
 @dataclass(frozen=True)
@@ -205,29 +209,74 @@ def record(
     """Validate and store one usage event in one short transaction, committed here (call it with no
     transaction of your own open). Raises UsageRejected (nothing stored) for bad input, a plan without
     the meter, or a hard limit."""
+    [outcome] = record_batch(
+        catalogue,
+        organization_id,
+        [{"meter": meter_key, "quantity": quantity, "idempotency_key": idempotency_key, "timestamp": occurred_at}],
+        now=now,
+    )
+    if isinstance(outcome, UsageRejected):
+        raise outcome
+    return outcome
+
+
+def record_batch(
+    catalogue: PlanCatalogue,
+    organization_id: int,
+    events: Sequence[Mapping[str, Any]],
+    *,
+    now: datetime | None = None,
+) -> list[Recorded]:
+    """Validate and store each event ({"meter", "quantity", "idempotency_key", "timestamp"}) in one
+    transaction with a savepoint per event, committed once: an event refused (UsageRejected, in its
+    place in the answer) is rolled back alone and the others are stored."""
     now = now or clock.utcnow()
-    meter = meter_for(catalogue, meter_key)
-    amount = quantity_of(meter, quantity)
-    key = idempotency_key_of(idempotency_key)
-    at = occurred_at_of(occurred_at, now)
     organization = db.session.get(Organization, organization_id)
     if organization is None:
         db.session.rollback()
-        raise UsageRejected("No such organization.", code="unknown_organization", status=404)
-    allowance = meter.allowance(organization.tier)
-    status, anchor = organization.billing_status, organization.current_period_end
+        return [UsageRejected("No such organization.", code="unknown_organization", status=404) for _ in events]
+    tier, status, anchor = organization.tier, organization.billing_status, organization.current_period_end
+    outcomes: list[Recorded] = []
+    ensured: set[tuple[str, datetime]] = set()  # counter rows known to exist in this transaction
     try:
-        if allowance is None:
-            raise UsageRejected(f"Your plan does not include {meter.name}.", code="meter_not_in_plan", status=403)
-        if status in NOT_BILLING:
-            raise UsageRejected("The organization has no active subscription.", code="no_subscription", status=402)
-        period = period_containing(anchor, at)
-        recorded = _store(organization_id, meter, allowance, amount, key, at, period, now)
+        for event in events:
+            try:
+                meter = meter_for(catalogue, event.get("meter"))
+                amount = quantity_of(meter, event.get("quantity"))
+                key = idempotency_key_of(event.get("idempotency_key"))
+                at = occurred_at_of(event.get("timestamp"), now)
+                allowance = meter.allowance(tier)
+                if allowance is None:
+                    raise UsageRejected(
+                        f"Your plan does not include {meter.name}.", code="meter_not_in_plan", status=403
+                    )
+                if status in NOT_BILLING:
+                    raise UsageRejected(
+                        "The organization has no active subscription.", code="no_subscription", status=402
+                    )
+                period = period_containing(anchor, at)
+            except UsageRejected as exc:  # refused before anything was written
+                outcomes.append(exc)
+                continue
+            try:
+                if len(events) == 1:  # the transaction is the event's: a refusal rolls it all back
+                    outcomes.append(_store(organization_id, meter, allowance, amount, key, at, period, now, ensured))
+                else:
+                    with db.session.begin_nested():  # a refused event's writes are undone alone
+                        outcomes.append(
+                            _store(organization_id, meter, allowance, amount, key, at, period, now, ensured)
+                        )
+            except UsageRejected as exc:
+                if len(events) == 1:
+                    db.session.rollback()
+                outcomes.append(exc)
+                continue
+            ensured.add((meter.key, period.start))  # the counter row exists now (its savepoint held)
         db.session.commit()
     except BaseException:
         db.session.rollback()
         raise
-    return recorded
+    return outcomes
 
 
 def _store(
@@ -239,6 +288,7 @@ def _store(
     at: datetime,
     period: Period,
     now: datetime,
+    ensured: set[tuple[str, datetime]],
 ) -> RecordedUsage:
     inserted = db.session.execute(
         portable_insert(UsageEvent)
@@ -257,34 +307,40 @@ def _store(
     ).scalar()
     if inserted is None:
         return _duplicate(organization_id, meter, amount, key)
-    db.session.execute(
-        portable_insert(UsagePeriodTotal)
-        .values(
-            organization_id=organization_id,
-            meter=meter.key,
-            period_start=period.start,
-            period_end=period.end,
-            total=0,
-            billable=0,
+    if (meter.key, period.start) not in ensured:  # once per meter and period in a batch
+        db.session.execute(
+            portable_insert(UsagePeriodTotal)
+            .values(
+                organization_id=organization_id,
+                meter=meter.key,
+                period_start=period.start,
+                period_end=period.end,
+                total=0,
+                billable=0,
+            )
+            .on_conflict_do_nothing(index_elements=["organization_id", "meter", "period_start"])
         )
-        .on_conflict_do_nothing(index_elements=["organization_id", "meter", "period_start"])
-    )
-    row = UsagePeriodTotal
+    row, included = UsagePeriodTotal, allowance.included
     where = [row.organization_id == organization_id, row.meter == meter.key, row.period_start == period.start]
     if allowance.overage == "hard_limit":
-        where.append(row.total + amount <= allowance.included)
+        where.append(row.total + amount <= included)
+    # The part past what is included, from the total before this event (SET reads the row as it was).
+    billed_part = case(
+        (row.total + amount <= included, 0), (row.total >= included, amount), else_=row.total + amount - included
+    )
     new_total = db.session.execute(
-        update(row).where(*where).values(total=row.total + amount).returning(row.total)
+        update(row)
+        .where(*where)
+        .values(total=row.total + amount, billable=row.billable + (billed_part if allowance.billed else 0))
+        .returning(row.total)
     ).scalar()
-    if new_total is None:
+    if new_total is None:  # the caller's savepoint (or transaction) is rolled back
         used = db.session.execute(select(row.total).where(*where[:3])).scalar_one()
-        db.session.rollback()
-        raise UsageLimitReached(meter, limit=allowance.included, used=used, resets_at=period.end)
+        raise UsageLimitReached(meter, limit=included, used=used, resets_at=period.end)
     old_total = new_total - amount
-    billable = max(0, new_total - max(old_total, allowance.included)) if allowance.billed else 0
+    billable = max(0, new_total - max(old_total, included)) if allowance.billed else 0
     if billable:
         db.session.execute(update(UsageEvent).where(UsageEvent.id == inserted).values(billable_quantity=billable))
-        db.session.execute(update(row).where(*where[:3]).values(billable=row.billable + billable))
     if allowance.overage == "soft_limit":
         _warn_on_crossing(organization_id, meter, allowance, old_total, new_total, period)
     return RecordedUsage(inserted, meter.key, amount, at, duplicate=False)
