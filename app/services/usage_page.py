@@ -64,6 +64,7 @@ def metered_prices(
     """The metered prices by lookup key (through the price cache); none when Stripe cannot say: the
     page then shows usage without its cost."""
     keys = catalogue.meter_lookup_keys()
+    db.session.rollback()  # no transaction is held while Stripe is asked (the page reloads what it shows)
     try:
         return fetch(keys) if keys else {}
     except (BillingError, BillingConfigurationError) as exc:
