@@ -95,6 +95,8 @@ def register_extensions(app: Flask) -> None:
 def register_blueprints(app: Flask) -> None:
     from app.account.routes import bp as account_bp
     from app.admin.routes import bp as admin_bp
+    from app.api.keys import bp as api_keys_bp
+    from app.api.routes import bp as api_bp
     from app.auth.routes import bp as auth_bp
     from app.billing.routes import bp as billing_bp
     from app.main.routes import bp as main_bp
@@ -106,6 +108,8 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(billing_bp, url_prefix="/billing")
     app.register_blueprint(team_bp, url_prefix="/team")
     app.register_blueprint(admin_bp, url_prefix="/admin")
+    app.register_blueprint(api_keys_bp, url_prefix="/api-keys")
+    app.register_blueprint(api_bp, url_prefix="/api/v1")
 
 
 # Machine routes (app/machine_routes.py): signed provider webhooks, served without session, CSRF,

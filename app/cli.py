@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
-from app.services import outbox, queue, queue_status
+from app.services import outbox, queue, queue_status, usage_reports
 from app.services.billing_service import BillingConfigurationError, BillingError, BillingService, plan_catalogue
 from app.services.reconcile_names import names_for
 
@@ -178,6 +178,30 @@ def check_prices() -> None:
     for label, lookup_key in entries:
         price = prices[lookup_key]
         click.echo(f"{label:<24} {lookup_key:<24} {price.id}  {price.describe()}")
+    _check_meters()
+
+
+def _check_meters() -> None:
+    """Each [meters.*] needs an active Stripe meter with its event_name and a price with its lookup key."""
+    meters = plan_catalogue().meters
+    if not meters:
+        return
+    try:
+        meter_ids = BillingService.meter_ids()
+        prices = BillingService.prices_for_lookup_keys([meter.lookup_key for meter in meters.values()], required=False)
+    except BillingError as exc:
+        raise click.ClickException(str(exc)) from None
+    missing = []
+    for meter in meters.values():
+        meter_id, price = meter_ids.get(meter.event_name), prices.get(meter.lookup_key)
+        if meter_id is None:
+            missing.append(f"no active Stripe meter has the event_name {meter.event_name!r} (meter {meter.key})")
+        if price is None:
+            missing.append(f"no active Stripe price has the lookup key {meter.lookup_key!r} (meter {meter.key})")
+        if meter_id and price:
+            click.echo(f"{'meter ' + meter.key:<24} {meter.lookup_key:<24} {price.id}  {meter_id} {meter.event_name}")
+    if missing:
+        raise click.ClickException("; ".join(missing))
 
 
 @billing_cli.command("status")
@@ -241,3 +265,42 @@ def reconcile(apply_repairs: bool, as_json: bool, since_days: int, organization_
         for line in report.lines(names_for(report)):
             click.echo(line)
     sys.exit(0 if report.clean else 1)
+
+
+@billing_cli.command("usage")
+@click.option("--report", "report_now", is_flag=True, help="Gather and send pending usage reports now.")
+@click.option("--reconcile", "compare", is_flag=True, help="Compare billed usage with Stripe's meter event summaries.")
+@click.option("--apply", "apply_repairs", is_flag=True, help="With --reconcile: re-send what Stripe lacks.")
+@click.option("--org", "organization_id", type=int, help="With --reconcile: only this organization.")
+def usage(report_now: bool, compare: bool, apply_repairs: bool, organization_id: int | None) -> None:
+    """Usage reports to Stripe's meter events: pending, sent, failed (with Stripe's words); --reconcile
+    compares each period's billed usage with Stripe's summary (exit status 1 while they differ)."""
+    if compare:
+        try:
+            result = BillingService.reconcile_usage(apply=apply_repairs, org=organization_id)
+        except BillingConfigurationError as exc:
+            raise click.ClickException(missing_settings_message(exc)) from None
+        except BillingError as exc:
+            raise click.ClickException(str(exc)) from None
+        for line in result.lines():
+            click.echo(line)
+        sys.exit(0 if result.clean or (apply_repairs and not result.problems and result.resent) else 1)
+    if report_now:
+        try:
+            run = BillingService.report_usage()
+        except BillingConfigurationError as exc:
+            raise click.ClickException(missing_settings_message(exc)) from None
+        click.echo(
+            f"Gathered {run.gathered} reports; sent {run.sent}, failed {run.failed}, pending {run.still_pending}."
+        )
+        for error in run.errors:
+            click.echo(f"  {error}")
+    counts = usage_reports.counts()
+    click.echo(
+        f"Usage reports: {counts.pending} pending, {counts.sent} sent, {counts.failed} failed;"
+        f" {counts.unreported_events} billable events not yet in a report."
+    )
+    for identifier, error in counts.failures:
+        click.echo(f"  failed {identifier}: {error}")
+    if counts.failed:
+        sys.exit(1)

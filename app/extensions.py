@@ -52,9 +52,11 @@ login_manager = LoginManager()
 server_session = Session()
 limiter = Limiter(key_func=client_address)
 # Machine endpoints carry no rate limit: webhooks are authenticated by signature and must not wait on
-# Redis, health checks must answer while Redis is down. A request filter skips the limiter's
-# per-request work outright (an exempt decorator would still resolve limits on every call).
-UNLIMITED_ENDPOINTS = frozenset({"billing.webhook", "main.healthz", "main.readyz", "main.metrics"})
+# Redis, health checks must answer while Redis is down; the usage API is authenticated by API key and
+# must keep up with the customer's traffic (a hard limit, not a rate limit, bounds what it records).
+# A request filter skips the limiter's per-request work outright (an exempt decorator would still
+# resolve limits on every call).
+UNLIMITED_ENDPOINTS = frozenset({"billing.webhook", "main.healthz", "main.readyz", "main.metrics", "api.record_usage"})
 
 
 @limiter.request_filter

@@ -20,10 +20,11 @@ from app.machine_routes import MachineRoutes
 
 logger = logging.getLogger("app.request")
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-# Stripe secret, restricted and webhook keys, and what could be a card number: 13-19 digits in a row,
-# or written in groups (4-4-4-4, 4-6-5), so a status code next to a number is left alone.
+# Stripe secret, restricted and webhook keys, Whop's, our usage API keys, and what could be a card
+# number: 13-19 digits in a row, or written in groups (4-4-4-4, 4-6-5), so a status code next to a number is left alone.
 SECRET_PATTERNS = re.compile(
     r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]+|\bwhsec_[A-Za-z0-9_]+|\bapik_[A-Za-z0-9_]+|\bws_[A-Za-z0-9_]{8,}"
+    r"|\bllk_[A-Za-z0-9_\-]{8,}"  # our usage API keys
     # A bearer token in a header, and the password in a URL's user part (redis://:pw@host, postgresql://u:pw@h).
     r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}|(?<=://)[^\s/@:]*:[^\s/@]+(?=@)"
     r"|\b(?:\d{13,19}|\d{4}(?:[ -]\d{4}){3}(?:\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{4,5})\b"

@@ -5,7 +5,8 @@ own internals, its dashboard or `stripe listen` would:
 
 - the request log: every /v1 request with its decoded parameters and response status;
 - faults: make the next matching /v1 requests fail (HTTP 500, 404, a dropped connection, or a 429 as
-  Stripe's rate limiter or its object lock answers, with Retry-After and Stripe-Should-Retry);
+  Stripe's rate limiter or its object lock answers, with Retry-After and Stripe-Should-Retry), or
+  succeed and then lose their response (`lost_response`: Stripe did it, the client timed out);
 - latency: delay every /v1 response (a Stripe brownout) without blocking other requests;
 - delivery settings: push or hold, URL, secrets, API version, concurrency, duplicates,
   reordering and delay; and pulling held events with their signed headers;
@@ -39,7 +40,7 @@ from .worker import render_payload, signature_header_for
 
 bp = Blueprint("sandbox_control", __name__, url_prefix="/_sandbox")
 
-FAULT_KINDS = ("connection", "server", "missing", "rate_limit", "lock_timeout")
+FAULT_KINDS = ("connection", "server", "missing", "rate_limit", "lock_timeout", "lost_response")
 # Stripe's 429s: too many requests (code rate_limit) or another request holding the object's lock.
 _THROTTLES = {
     "rate_limit": "Request rate limit exceeded. You can learn more about rate limits here "
@@ -204,6 +205,9 @@ def _before_api_request() -> Response | None:
     fault = _controls().consume(request.method, request.path)
     if fault is None:
         return None
+    if fault.kind == "lost_response":
+        g.sandbox_lose_response = True  # handled as usual, then the connection drops (_after_api_request)
+        return None
     if fault.kind == "connection":
         _log(0)
         g.sandbox_logged = True
@@ -273,6 +277,8 @@ def _after_api_request(response: Response) -> Response:
     if not _is_api_request() or g.get("sandbox_logged"):
         return response
     _log(response.status_code)
+    if g.get("sandbox_lose_response"):
+        return _drop_connection()
     latency = _controls().latency
     if latency > 0:
         time.sleep(latency)  # this request's thread only; the server is threaded

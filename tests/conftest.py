@@ -408,6 +408,7 @@ def sign_stripe_payload(payload: bytes, secret: str, timestamp: int | None = Non
 # What the SDK's calls look like on the wire, so a test can ask for "subscriptions.update" and read what
 # the sandbox received. Path groups are the call's positional arguments (the ids).
 STRIPE_CALLS: dict[str, tuple[str, str]] = {
+    "billing.meter_events.create": ("POST", r"/v1/billing/meter_events"),
     "prices.list": ("GET", r"/v1/prices"),
     "prices.retrieve": ("GET", r"/v1/prices/([^/]+)"),
     "customers.create": ("POST", r"/v1/customers"),

@@ -391,5 +391,6 @@ def test_redaction_masks_keys_and_card_numbers_but_not_their_neighbours() -> Non
         ("card 4242 4242 4242 4242 declined", "card [redacted] declined"),
         ("amex 3782-822463-10005", "amex [redacted]"),
         ("at 1795618244, key configured-secret-value", "at 1795618244, key [redacted]"),
+        ("usage key llk_AbC-12_xyZ0123456789 refused", "usage key [redacted] refused"),
     ]:
         assert RedactingFilter(["configured-secret-value"]).redact(line) == expected

@@ -9,6 +9,7 @@ from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, re
 from flask_login import current_user
 from werkzeug.wrappers import Response
 
+from app import clock
 from app.access import current_access, recent_auth_required, require_signed_in, sign_in, take_signup_sign_in
 from app.billing.forms import (
     CancelForm,
@@ -23,6 +24,7 @@ from app.billing.forms import (
 from app.extensions import client_address, csrf, db, limiter
 from app.features import current_entitlements
 from app.models import Organization, User
+from app.services import usage_page
 from app.services.billing_common import ChangeOutcome
 from app.services.billing_service import (
     BillingError,
@@ -75,9 +77,16 @@ def overview() -> str | tuple[str, int]:
     g.access = current_access()
     # A new subscription is offered with each plan's price (through the price cache); nothing else needs them.
     prices = BillingService.catalogue_prices() if g.access.remedy == "resubscribe" else {}
+    usage: list[usage_page.MeterUsage] = []
+    if any(meter.allowance(organization.tier) for meter in catalogue.meters.values()):
+        metered = usage_page.metered_prices(
+            catalogue, lambda keys: BillingService.prices_for_lookup_keys(keys, required=False)
+        )
+        usage = usage_page.meters_for(catalogue, organization, metered, clock.utcnow())
     return render_template(
         "billing/overview.html",
         prices=prices,
+        usage=usage,
         organization=organization,
         catalogue=catalogue,
         access=g.access,

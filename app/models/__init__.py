@@ -11,10 +11,12 @@ from app.models.staff_audit import StaffAuditEntry
 from app.models.stripe_event import StripeEvent, StripeEventStatus
 from app.models.team import Invitation, InvitationStatus, SubscriptionChange, SubscriptionChangeStatus
 from app.models.two_factor import RecoveryCode
+from app.models.usage import ApiKey, UsageEvent, UsagePeriodTotal, UsageReport, UsageReportStatus
 from app.models.user import User, UserRole
 from app.models.whop_event import WhopEvent
 
 __all__ = [
+    "ApiKey",
     "BillingProvider",
     "BillingStatus",
     "CataloguePrice",
@@ -34,6 +36,10 @@ __all__ = [
     "StripeEventStatus",
     "SubscriptionChange",
     "SubscriptionChangeStatus",
+    "UsageEvent",
+    "UsagePeriodTotal",
+    "UsageReport",
+    "UsageReportStatus",
     "User",
     "UserRole",
     "WhopEvent",

@@ -186,6 +186,11 @@ SENTENCES: dict[str, Callable[[Mapping[str, Any], DomainEvent, _Context], str]] 
     "team.invitation_revoked": lambda d, e, c: "Invitation withdrawn",
     "team.invitation_accepted": lambda d, e, c: f"{c.person(e.user_id)} joined the team",
     "team.member_removed": lambda d, e, c: f"{c.person(d.get('removed_user_id'))} removed from the team",
+    "api_key.created": lambda d, e, c: f"API key “{d.get('name')}” ({d.get('prefix')}…) created",
+    "api_key.revoked": lambda d, e, c: f"API key “{d.get('name')}” ({d.get('prefix')}…) revoked",
+    "usage.threshold_reached": lambda d, e, c: (
+        f"{d.get('percent')}% of the {d.get('meter_name')} the plan includes used this period"
+    ),
     "user.created": lambda d, e, c: f"Account of {c.person(e.user_id)} created ({d.get('role') or 'member'})",
     "user.signed_in": lambda d, e, c: f"{c.person(e.user_id)} signed in",
     "user.signed_out_everywhere": lambda d, e, c: f"{c.person(e.user_id)} signed out on every device",

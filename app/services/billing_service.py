@@ -18,7 +18,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import stripe
@@ -51,6 +51,9 @@ from app.services import (
     staff_console,
     stripe_events,
     stripe_pace,
+    usage,
+    usage_reconcile,
+    usage_reports,
     webhook_intake,
     whop_billing,
 )
@@ -1069,6 +1072,68 @@ class BillingService:
         return webhook_intake.apply_queued(provider, object_key, final_attempt=final_attempt, resync=resync)
 
     # --- Stripe events, applied -------------------------------------------------------------------
+
+    # --- Usage-based billing: recording (app/services/usage.py) -----------------------------------
+    @staticmethod
+    def record_usage(
+        organization_id: int, meter: str, quantity: int, *, idempotency_key: str, occurred_at: datetime | None = None
+    ) -> usage.RecordedUsage:
+        """One usage event, stored once per idempotency key; usage.UsageRejected: nothing stored."""
+        return usage.record(
+            plan_catalogue(), organization_id, meter, quantity, idempotency_key=idempotency_key, occurred_at=occurred_at
+        )
+
+    @staticmethod
+    def record_usage_batch(organization_id: int, events: list[dict[str, Any]]) -> list[usage.Recorded]:
+        """Several events in one transaction (a savepoint each); a refused one is a UsageRejected in its place."""
+        return usage.record_batch(plan_catalogue(), organization_id, events)
+
+    # --- Usage-based billing: reporting to Stripe's meter events (app/services/usage_reports.py) ------
+    @classmethod
+    def report_usage(cls) -> usage_reports.ReportRun:
+        """Gather billable usage into reports, then send the pending ones (the worker's usage:report)."""
+        run = usage_reports.ReportRun(gathered=usage_reports.gather())
+        return usage_reports.send_pending(plan_catalogue(), cls._send_meter_event, run)
+
+    @classmethod
+    def _send_meter_event(cls, event: usage_reports.MeterEventToSend) -> None:
+        payload = {"stripe_customer_id": event.customer_id, "value": str(event.quantity)}
+        try:
+            cls.ensure_stripe().v1.billing.meter_events.create(
+                {
+                    "event_name": event.event_name,
+                    "payload": payload,
+                    "identifier": event.identifier,
+                    "timestamp": event.timestamp,
+                }
+            )
+        except stripe.InvalidRequestError as exc:  # a 4xx other than 429: settled, one way or the other
+            words = exc.user_message or str(exc)
+            if "already exists with identifier" in words:
+                raise usage_reports.MeterEventAlreadyRecorded(words) from exc
+            raise usage_reports.MeterEventRefused(words) from exc
+
+    @classmethod
+    def meter_ids(cls) -> dict[str, str]:
+        """Stripe's active meters by event_name (mtr_ ids)."""
+        with cls._calling_stripe("list meters"):
+            meters = cls.ensure_stripe().v1.billing.meters.list({"status": "active", "limit": 100}).data
+        return {meter.event_name: meter.id for meter in meters}
+
+    @classmethod
+    def reconcile_usage(cls, *, apply: bool = False, org: int | None = None) -> usage_reconcile.UsageReconcile:
+        """Our billed usage per period against Stripe's meter event summaries; `apply` re-sends what Stripe lacks."""
+        meters = cls.meter_ids()
+
+        def at_stripe(period: usage_reconcile.PeriodToCheck) -> int:
+            start, end = usage_reconcile.summary_window(period)
+            summaries = cls.ensure_stripe().v1.billing.meters.event_summaries.list(
+                meters[period.event_name], {"customer": period.customer_id, "start_time": start, "end_time": end}
+            )
+            return round(sum(summary.aggregated_value for summary in summaries.data))
+
+        send, now = cls._send_meter_event, clock.utcnow()
+        return usage_reconcile.run(plan_catalogue(), now, at_stripe, send, apply=apply, organization_id=org)
 
     # --- Whop -----------------------------------------------------------------------------------
 

@@ -163,5 +163,21 @@ def reconcile_daily(timestamp: int) -> str:
     return "clean" if report.clean else "drift remains"
 
 
+usage_tasks = procrastinate.Blueprint()
+
+
+@usage_tasks.periodic(cron="* * * * *")
+@usage_tasks.task(name="report", queue=QUEUE, queueing_lock="report_usage", lock="report_usage")
+@queue.in_app_context
+def report_usage(timestamp: int) -> str:
+    """Every minute, one run at a time across workers: billed usage to Stripe's meter events
+    (app/services/usage_reports.py). A report Stripe could not take now stays pending for the next run."""
+    run = BillingService.report_usage()
+    for error in run.errors:
+        logger.warning("usage report: %s", error)
+    return f"gathered {run.gathered}, sent {run.sent}, failed {run.failed}, pending {run.still_pending}"
+
+
 queue.register_blueprint("webhooks", webhooks)
+queue.register_blueprint("usage", usage_tasks)
 queue.register_blueprint("maintenance", maintenance)

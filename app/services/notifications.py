@@ -154,3 +154,19 @@ def conflict_refund_email(event: OutboxEvent) -> None:
         pending=pending,
         login_url=f"{current_app.config['APP_BASE_URL']}/auth/login",
     )
+
+
+@outbox.consumer("usage.threshold_reached", name="usage_warning_email")
+def usage_warning_email(event: OutboxEvent) -> None:
+    """A soft-limited meter reached 80% or 100% of what the plan includes this period (once each)."""
+    percent = event.data.get("percent")
+    _send_to_owner(
+        event,
+        "usage_warning",
+        f"You have used {percent}% of your {event.data.get('meter_name', 'usage')} this period",
+        percent=percent,
+        meter_name=event.data.get("meter_name"),
+        included=event.data.get("included"),
+        used=event.data.get("used"),
+        period_end=_date(event.data.get("period_end")),
+    )

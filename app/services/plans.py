@@ -2,7 +2,13 @@
 yearly one where the tier is also sold yearly), what each tier includes (its features and limits), and
 for tiers that can also be paid through Whop, the Whop plan id (`whop_plan_id`; tiers without one are
 Stripe-only). It is read from a TOML file (plans.toml by default) so the catalogue changes without a
-code change."""
+code change.
+
+Metered features ([meters.<key>]) name a Stripe Billing Meter (its event_name and aggregation), the
+metered price that bills it (lookup key) and, per tier, the quantity included each billing period and
+what happens past it: "billed" (the overage is reported to Stripe and invoiced), "soft_limit" (usage is
+recorded, not billed, and the owner is warned at 80% and 100%) or "hard_limit" (usage past the included
+quantity is refused until the period resets). A tier a meter does not list cannot use it."""
 
 from __future__ import annotations
 
@@ -51,11 +57,44 @@ class Addon:
         return self.lookup_key if interval == "month" else self.yearly_lookup_key if interval == "year" else None
 
 
+OVERAGE_BEHAVIOURS = ("billed", "soft_limit", "hard_limit")
+AGGREGATIONS = ("sum", "count")
+# Stripe's meter event_name: letters, digits, _ and - (at most 100 characters).
+EVENT_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+
+
+@dataclass(frozen=True)
+class MeterAllowance:
+    """What one tier includes of a meter each billing period, and what happens past it."""
+
+    included: int
+    overage: str  # one of OVERAGE_BEHAVIOURS
+
+    @property
+    def billed(self) -> bool:
+        return self.overage == "billed"
+
+
+@dataclass(frozen=True)
+class Meter:
+    key: str
+    name: str
+    event_name: str  # the Stripe meter's event_name
+    aggregation: str  # "sum" (each event carries a quantity) or "count" (each event is one)
+    lookup_key: str  # the metered price billing the overage
+    unit: str = "unit"
+    tiers: dict[str, MeterAllowance] = field(default_factory=dict)
+
+    def allowance(self, tier_key: str) -> MeterAllowance | None:
+        return self.tiers.get(tier_key)
+
+
 @dataclass(frozen=True)
 class PlanCatalogue:
     tiers: dict[str, Tier]
     addons: dict[str, Addon]
     features: dict[str, str] = field(default_factory=dict)  # key -> the words pages use for it
+    meters: dict[str, Meter] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> PlanCatalogue:
@@ -93,9 +132,25 @@ class PlanCatalogue:
         shared = sorted({p for p in whop_plans if whop_plans.count(p) > 1})
         if shared:
             problems.append(f"{source}: Whop plan ids used by two tiers: {', '.join(shared)}")
+        meters = _meters(raw, set(tiers), problems, source)
+        taken = set(lookup_keys)
+        for meter in meters.values():
+            if meter.lookup_key in taken:
+                problems.append(f"{source}: [meters.{meter.key}] lookup_key {meter.lookup_key} is used twice")
+            taken.add(meter.lookup_key)
+        events = [meter.event_name for meter in meters.values()]
+        if len(set(events)) != len(events):
+            problems.append(f"{source}: two meters share an event_name")
         if problems:
             raise CatalogueError("; ".join(problems))
-        return cls(tiers=tiers, addons=addons, features=features)
+        return cls(tiers=tiers, addons=addons, features=features, meters=meters)
+
+    def meter(self, key: str) -> Meter | None:
+        return self.meters.get(key)
+
+    def meter_lookup_keys(self) -> list[str]:
+        """The lookup keys of the metered prices (apart from lookup_keys(): they sell no tier)."""
+        return [meter.lookup_key for meter in self.meters.values()]
 
     def tier(self, key: str) -> Tier | None:
         return self.tiers.get(key)
@@ -208,3 +263,63 @@ def _entries(
             problems.append(f"{where} whop_plan_id must be a Whop plan id (plan_...)")
         entries.append((key, fields))
     return entries
+
+
+def _meters(raw: dict[str, Any], tier_keys: set[str], problems: list[str], source: str) -> dict[str, Meter]:
+    section = raw.get("meters") or {}
+    if not isinstance(section, dict):
+        problems.append(f"{source}: [meters] must be a table of [meters.<key>]")
+        return {}
+    meters = {}
+    for key, value in section.items():
+        where = f"{source}: [meters.{key}]"
+        if not KEY_PATTERN.match(key) or not isinstance(value, dict):
+            problems.append(f"{where} must be a table named with lowercase letters, digits and _")
+            continue
+        missing = [f for f in ("name", "event_name", "lookup_key") if not isinstance(value.get(f), str) or not value[f]]
+        if missing:
+            problems.append(f"{where} needs {', '.join(missing)}")
+            continue
+        if not EVENT_NAME.match(value["event_name"]):
+            problems.append(f"{where} event_name must be letters, digits, _ and - (at most 100)")
+        aggregation = value.get("aggregation", "sum")
+        if aggregation not in AGGREGATIONS:
+            problems.append(f"{where} aggregation must be one of {', '.join(AGGREGATIONS)}")
+        unknown = sorted(set(value) - {"name", "event_name", "aggregation", "lookup_key", "unit", "tiers"} - SANDBOX)
+        if unknown:
+            problems.append(f"{where} has unknown settings: {', '.join(unknown)}")
+        allowances = _allowances(value.get("tiers"), tier_keys, where, problems)
+        meters[key] = Meter(
+            key=key,
+            name=value["name"],
+            event_name=value["event_name"],
+            aggregation=str(aggregation),
+            lookup_key=value["lookup_key"],
+            unit=str(value.get("unit") or "unit"),
+            tiers=allowances,
+        )
+    return meters
+
+
+SANDBOX = {"sandbox_unit_amount"}  # read by the offline Stripe only
+
+
+def _allowances(raw: Any, tier_keys: set[str], where: str, problems: list[str]) -> dict[str, MeterAllowance]:
+    if not isinstance(raw, dict) or not raw:
+        problems.append(f"{where} tiers must give each tier that uses the meter {{ included = N, overage = ... }}")
+        return {}
+    allowances = {}
+    for tier, entry in raw.items():
+        if tier not in tier_keys:
+            problems.append(f"{where} tiers.{tier} is not a tier of the catalogue")
+            continue
+        included = entry.get("included") if isinstance(entry, dict) else None
+        overage = entry.get("overage") if isinstance(entry, dict) else None
+        if type(included) is not int or included < 0:
+            problems.append(f"{where} tiers.{tier} included must be a whole number of at least 0")
+            continue
+        if overage not in OVERAGE_BEHAVIOURS:
+            problems.append(f"{where} tiers.{tier} overage must be one of {', '.join(OVERAGE_BEHAVIOURS)}")
+            continue
+        allowances[tier] = MeterAllowance(included=included, overage=str(overage))
+    return allowances

@@ -1,0 +1,117 @@
+"""The usage API, for an organization's own services: `POST /api/v1/usage` records one usage event
+or a batch, authenticated by an API key (`Authorization: Bearer llk_...`), never by a session or a
+CSRF token. Each event goes to BillingService.record_usage; this module only parses and answers.
+
+One event: {"meter", "quantity", "idempotency_key", "timestamp"?} (the key may instead come in an
+`Idempotency-Key` header). 201 recorded, 200 a repeated key (not counted again), or the event's
+4xx with {"error": {"code", "message"}} (429 past a hard limit, with the limit, what is used, the
+reset time and Retry-After).
+
+A batch: {"events": [up to 100 events]} answers 200 with one result per event, in order:
+{"index", "status" (its HTTP status), "outcome" (recorded, duplicate or rejected), "id" or "error"}.
+The batch is one transaction with a savepoint per event: a bad event is rejected (its savepoint
+rolled back) without losing the others, and the batch costs one commit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+from werkzeug.wrappers import Response
+
+from app import clock
+from app.extensions import csrf
+from app.services import api_keys, usage
+from app.services.billing_service import BillingService
+
+bp = Blueprint("api", __name__)
+csrf.exempt(bp)
+MAX_BATCH = 100
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
+    return jsonify(error={"code": code, "message": message, **extra}), status
+
+
+@bp.post("/usage")
+def record_usage() -> tuple[Response, int]:
+    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
+    caller = api_keys.authenticate(secret.strip() if scheme.lower() == "bearer" else None)
+    if caller is None:
+        response, status = _error(401, "invalid_api_key", "Send a live API key as 'Authorization: Bearer <key>'.")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="usage"'
+        return response, status
+    body = request.get_json(silent=True)
+    if isinstance(body, dict) and "events" in body:
+        events = body["events"]
+        if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH:
+            return _error(400, "invalid_batch", f"events must be a list of 1 to {MAX_BATCH} usage events.")
+        objects = [event for event in events if isinstance(event, dict)]
+        recorded = iter(BillingService.record_usage_batch(caller.organization_id, objects) if objects else [])
+        results = [
+            _answer({"index": index}, next(recorded) if isinstance(event, dict) else _not_an_object())
+            for index, event in enumerate(events)
+        ]
+        return jsonify(
+            results=results,
+            recorded=sum(r["outcome"] == "recorded" for r in results),
+            duplicates=sum(r["outcome"] == "duplicate" for r in results),
+            rejected=sum(r["outcome"] == "rejected" for r in results),
+        ), 200
+    if not isinstance(body, dict):
+        return _error(400, "invalid_request", 'Send a JSON object: one usage event, or {"events": [...]}.')
+    if "idempotency_key" not in body and request.headers.get("Idempotency-Key"):
+        body = {**body, "idempotency_key": request.headers["Idempotency-Key"]}
+    result = _result(None, caller.organization_id, body)
+    status = int(result.pop("status"))
+    response = jsonify(result)
+    if "retry_after" in result:
+        response.headers["Retry-After"] = str(result["retry_after"])
+    return response, status
+
+
+def _result(index: int | None, organization_id: int, event: Any) -> dict[str, Any]:
+    where = {} if index is None else {"index": index}
+    if not isinstance(event, dict):
+        return _answer(where, _not_an_object())
+    try:
+        recorded: usage.Recorded = BillingService.record_usage(
+            organization_id,
+            _sent(event, "meter"),
+            _sent(event, "quantity"),
+            idempotency_key=_sent(event, "idempotency_key"),
+            occurred_at=_sent(event, "timestamp"),
+        )
+    except usage.UsageRejected as exc:
+        recorded = exc
+    return _answer(where, recorded)
+
+
+def _not_an_object() -> usage.UsageRejected:
+    return usage.UsageRejected("an event must be a JSON object")
+
+
+def _answer(where: dict[str, Any], recorded: usage.Recorded) -> dict[str, Any]:
+    if isinstance(recorded, usage.UsageLimitReached):
+        retry_after = max(1, int(recorded.resets_at.timestamp() - clock.timestamp()))
+        error = {"code": recorded.code, "message": str(recorded), "limit": recorded.limit, "used": recorded.used}
+        error["resets_at"] = recorded.resets_at.isoformat()
+        return {**where, "status": recorded.status, "outcome": "rejected", "error": error, "retry_after": retry_after}
+    if isinstance(recorded, usage.UsageRejected):
+        error = {"code": recorded.code, "message": str(recorded)}
+        return {**where, "status": recorded.status, "outcome": "rejected", "error": error}
+    return {
+        **where,
+        "status": 200 if recorded.duplicate else 201,
+        "outcome": "duplicate" if recorded.duplicate else "recorded",
+        "id": recorded.event_id,
+        "meter": recorded.meter,
+        "quantity": recorded.quantity,
+        "timestamp": recorded.occurred_at.isoformat(),
+    }
+
+
+def _sent(event: dict[str, Any], name: str) -> Any:
+    """A field as sent, of any JSON type: record_usage validates each (a clear error per event)."""
+    return event.get(name)

@@ -1,0 +1,141 @@
+"""API keys: what an organization's own services present to the usage API (POST /api/v1/usage). The
+owner creates (names), lists and revokes them on /api-keys/. A key is `llk_` and 43 characters of
+256 random bits, shown once; only its SHA-256 is stored, with its first 12 characters (the prefix)
+for telling keys apart. Checking a key is one indexed read; its last-used time is written at most
+once a minute (a conditional UPDATE), so a busy key does not write on every request."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+
+from app import clock
+from app.extensions import db
+from app.models import ApiKey
+from app.services import domain_events
+from app.services.billing_common import committed
+
+KEY_PREFIX = "llk_"
+PREFIX_LENGTH = 12
+LAST_USED_RESOLUTION = timedelta(minutes=1)
+MAX_KEYS = 20  # live keys per organization
+
+
+class ApiKeyError(ValueError):
+    """The owner's request about a key cannot be done (the message says why)."""
+
+
+@dataclass(frozen=True)
+class NewApiKey:
+    id: int
+    name: str
+    prefix: str
+    secret: str  # the whole key: shown once, never stored
+
+
+@dataclass(frozen=True)
+class ApiCaller:
+    organization_id: int
+    key_id: int
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create(organization_id: int, name: str, *, actor_user_id: int) -> NewApiKey:
+    name = " ".join(name.split())
+    if not name or len(name) > 100:
+        raise ApiKeyError("Name the key (up to 100 characters), e.g. after the service that uses it.")
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    with committed():
+        live = db.session.execute(
+            select(ApiKey.id).where(ApiKey.organization_id == organization_id, ApiKey.revoked_at.is_(None))
+        ).all()
+        if len(live) >= MAX_KEYS:
+            raise ApiKeyError(f"An organization can have {MAX_KEYS} keys at once: revoke one you no longer use.")
+        key = ApiKey(
+            organization_id=organization_id,
+            name=name,
+            prefix=secret[:PREFIX_LENGTH],
+            key_hash=_digest(secret),
+            created_by_user_id=actor_user_id,
+        )
+        db.session.add(key)
+        db.session.flush()
+        domain_events.record(
+            "api_key.created",
+            organization_id=organization_id,
+            user_id=actor_user_id,
+            source=f"user:{actor_user_id}",
+            api_key_id=key.id,
+            name=name,
+            prefix=key.prefix,
+        )
+        created = NewApiKey(key.id, name, key.prefix, secret)
+    return created
+
+
+def keys(organization_id: int) -> list[ApiKey]:
+    """The organization's keys, live ones first, newest first."""
+    rows = db.session.execute(
+        select(ApiKey)
+        .where(ApiKey.organization_id == organization_id)
+        .order_by(ApiKey.revoked_at.is_not(None), ApiKey.created_at.desc(), ApiKey.id.desc())
+    ).scalars()
+    return list(rows)
+
+
+def revoke(organization_id: int, key_id: int, *, actor_user_id: int) -> ApiKey:
+    with committed():
+        key = db.session.execute(
+            select(ApiKey).where(ApiKey.id == key_id, ApiKey.organization_id == organization_id).with_for_update()
+        ).scalar_one_or_none()
+        if key is None:
+            raise ApiKeyError("That key does not exist.")
+        if key.revoked_at is None:
+            key.revoked_at = clock.utcnow()
+            domain_events.record(
+                "api_key.revoked",
+                organization_id=organization_id,
+                user_id=actor_user_id,
+                source=f"user:{actor_user_id}",
+                api_key_id=key.id,
+                name=key.name,
+                prefix=key.prefix,
+            )
+    return key
+
+
+def authenticate(secret: str | None) -> ApiCaller | None:
+    """The organization a presented key belongs to, or None (unknown, malformed or revoked)."""
+    if not secret or not secret.startswith(KEY_PREFIX) or len(secret) > 100:
+        return None
+    row = db.session.execute(
+        select(ApiKey.id, ApiKey.organization_id, ApiKey.last_used_at).where(
+            ApiKey.key_hash == _digest(secret), ApiKey.revoked_at.is_(None)
+        )
+    ).first()
+    if row is None:
+        db.session.rollback()
+        return None
+    now = clock.utcnow()
+    if row.last_used_at is None or row.last_used_at < now - LAST_USED_RESOLUTION:
+        _mark_used(row.id, now)
+    else:
+        db.session.rollback()
+    return ApiCaller(organization_id=row.organization_id, key_id=row.id)
+
+
+def _mark_used(key_id: int, now: datetime) -> None:
+    stale = now - LAST_USED_RESOLUTION
+    with committed():
+        db.session.execute(
+            update(ApiKey)
+            .where(ApiKey.id == key_id, (ApiKey.last_used_at.is_(None)) | (ApiKey.last_used_at < stale))
+            .values(last_used_at=now)
+        )

@@ -1,0 +1,257 @@
+"""Billing Meters: meters, v1 meter events (deduplicated by `identifier` for 24 hours) and meter
+event summaries, as Stripe has them; and the metered prices of the plan catalogue's [meters.*].
+
+- `GET /v1/billing/meters`, `GET /v1/billing/meters/:id`, `POST /v1/billing/meters`.
+- `POST /v1/billing/meter_events`: validated synchronously (an active meter with the event_name, the
+  customer in payload[stripe_customer_id], a numeric payload[value], a timestamp within the past 35
+  days and at most 5 minutes ahead of the customer's time). An identifier seen in the last 24 hours
+  is refused with a 400 ("An event already exists with identifier ..."), as Stripe refuses it.
+- `GET /v1/billing/meters/:id/event_summaries?customer=&start_time=&end_time=[&value_grouping_window=
+  hour|day]`: the aggregated value of the customer's events with start_time <= timestamp < end_time.
+
+Registered on v1.bp by @endpoint when imported (app.py imports it); `seed` runs at start-up beside
+billing.seed_catalogue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from . import billing, objects, simtime
+from .context import current_store
+from .errors import StripeError, missing
+from .objects import Obj
+from .params import Params, integer, mapping, reject_unknown, required_integer, required_string, string
+from .store import Store
+from .v1 import endpoint
+
+IDENTIFIER_WINDOW = 24 * 3600
+OLDEST = 35 * simtime.DAY
+FUTURE = 5 * 60
+AGGREGATIONS = ("sum", "count", "last")
+WINDOWS = {"hour": 3600, "day": simtime.DAY}
+
+
+def meter(display_name: str, event_name: str, aggregation: str, now: int) -> Obj:
+    return {
+        "id": objects.new_id("mtr_"),
+        "object": "billing.meter",
+        "created": now,
+        "customer_mapping": {"event_payload_key": "stripe_customer_id", "type": "by_id"},
+        "default_aggregation": {"formula": aggregation},
+        "display_name": display_name,
+        "event_name": event_name,
+        "event_time_window": None,
+        "livemode": False,
+        "status": "active",
+        "status_transitions": {"deactivated_at": None},
+        "updated": now,
+        "value_settings": {"event_payload_key": "value"},
+    }
+
+
+# -- the catalogue's meters and metered prices ------------------------------------------------------
+
+
+def seed(store: Store, path: Path) -> list[Obj]:
+    """One meter per [meters.<key>] (by event_name) and its metered monthly price (lookup_key,
+    unit_amount = sandbox_unit_amount, default 1). Running it again changes nothing."""
+    with path.open("rb") as file:
+        catalogue = tomllib.load(file)
+    seeded = []
+    for key, entry in (catalogue.get("meters") or {}).items():
+        event_name, lookup_key = entry.get("event_name"), entry.get("lookup_key")
+        if not event_name or not lookup_key:
+            raise ValueError(f"[meters.{key}] needs event_name and lookup_key")
+        now = simtime.now()
+        found = active_meter(store, str(event_name))
+        if found is None:
+            found = meter(str(entry.get("name", key)), str(event_name), str(entry.get("aggregation", "sum")), now)
+            store.put(found)
+        amount = int(entry.get("sandbox_unit_amount", 1))
+        price = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
+        if price is not None and (price["unit_amount"], price["recurring"]["meter"]) != (amount, found["id"]):
+            store.put({**price, "active": False, "lookup_key": None})
+            price = None
+        if price is None:
+            product = objects.product(str(entry.get("name", key)), None, now)
+            price = objects.price(product["id"], str(lookup_key), str(entry.get("name", key)), amount, now)
+            price["recurring"].update(usage_type="metered", meter=found["id"])
+            product["default_price"] = price["id"]
+            store.put(product)
+            store.put(price)
+        seeded.append(price)
+    return seeded
+
+
+def active_meter(store: Store, event_name: str) -> Obj | None:
+    meters = store.all("billing.meter")
+    return next((m for m in meters if m["event_name"] == event_name and m["status"] == "active"), None)
+
+
+# -- meters -------------------------------------------------------------------------------------------
+
+
+@endpoint("/billing/meters", "POST")
+def create_meter(params: Params) -> Obj:
+    reject_unknown(params, ("display_name", "event_name", "default_aggregation", "customer_mapping", "value_settings"))
+    display_name = required_string(params, "display_name")
+    event_name = required_string(params, "event_name")
+    aggregation = mapping(params, "default_aggregation")
+    if aggregation is None:
+        raise missing("default_aggregation")
+    formula = string(aggregation, "formula", "default_aggregation", required=True)
+    if formula not in AGGREGATIONS:
+        raise StripeError(
+            f"Invalid default_aggregation[formula]: must be one of {', '.join(AGGREGATIONS)}",
+            param="default_aggregation[formula]",
+        )
+    store = current_store()
+    if active_meter(store, event_name) is not None:
+        raise StripeError(f"An active meter with event_name '{event_name}' already exists.", param="event_name")
+    created = meter(display_name, event_name, str(formula), simtime.now())
+    store.put(created)
+    return created
+
+
+@endpoint("/billing/meters", "GET")
+def list_meters(params: Params) -> Obj:
+    reject_unknown(params, ("status", "limit", "starting_after", "ending_before"))
+    status = string(params, "status")
+    meters = [m for m in current_store().all("billing.meter") if status is None or m["status"] == status]
+    return objects.list_object(meters, "/v1/billing/meters")
+
+
+@endpoint("/billing/meters/<meter_id>", "GET")
+def retrieve_meter(params: Params, meter_id: str) -> Obj:
+    reject_unknown(params, ())
+    return billing.load(current_store(), "billing.meter", meter_id, "id")
+
+
+# -- meter events -------------------------------------------------------------------------------------
+
+
+def _value(payload: Params) -> Decimal:
+    raw = payload.get("value")
+    if raw is None:
+        raise StripeError("Missing required param: payload[value].", code="parameter_missing", param="payload[value]")
+    try:
+        value = Decimal(str(raw))
+    except InvalidOperation:
+        value = Decimal("NaN")
+    if not value.is_finite():
+        raise StripeError(f"Invalid payload[value]: the value must be a number, not '{raw}'.", param="payload[value]")
+    return value
+
+
+def _identifier_key(identifier: str) -> str:
+    return "mevid_" + hashlib.sha256(identifier.encode()).hexdigest()[:40]
+
+
+@endpoint("/billing/meter_events", "POST")
+def create_meter_event(params: Params) -> Obj:
+    reject_unknown(params, ("event_name", "payload", "identifier", "timestamp"))
+    event_name = required_string(params, "event_name")
+    payload = mapping(params, "payload")
+    if payload is None:
+        raise missing("payload")
+    store = current_store()
+    found = active_meter(store, event_name)
+    if found is None:
+        raise StripeError(f"No active meter was found with event_name '{event_name}'.", param="event_name")
+    customer_id = payload.get("stripe_customer_id")
+    if not isinstance(customer_id, str) or not customer_id:
+        raise StripeError(
+            "Missing required param: payload[stripe_customer_id].",
+            code="parameter_missing",
+            param="payload[stripe_customer_id]",
+        )
+    billing.load(store, "customer", customer_id, "payload[stripe_customer_id]", 400)
+    value = _value(payload)
+    with simtime.time_of(store, customer_id):
+        now = simtime.now()
+    timestamp = integer(params, "timestamp")
+    timestamp = now if timestamp is None else timestamp
+    if timestamp < now - OLDEST:
+        raise StripeError("Timestamp must be within the past 35 calendar days.", param="timestamp")
+    if timestamp > now + FUTURE:
+        raise StripeError("Timestamp must not be more than 5 minutes in the future.", param="timestamp")
+    identifier = string(params, "identifier") or objects.new_id("", 32)
+    if len(identifier) > 100:
+        raise StripeError("Invalid identifier: must be at most 100 characters.", param="identifier")
+    seen = store.get(_identifier_key(identifier))
+    if seen is not None and seen["created"] > simtime.now() - IDENTIFIER_WINDOW:
+        raise StripeError(f"An event already exists with identifier {identifier}.", param="identifier")
+    created = simtime.now()
+    store.put({"id": _identifier_key(identifier), "object": "_meter_event_identifier", "created": created})
+    event = {
+        "id": objects.new_id("_mev_"),  # Stripe's meter events have no id: kept for the store only
+        "object": "billing.meter_event",
+        "created": created,
+        "event_name": event_name,
+        "identifier": identifier,
+        "livemode": False,
+        "payload": {str(k): str(v) for k, v in payload.items()},
+        "timestamp": timestamp,
+        "_meter": found["id"],
+        "_customer": customer_id,
+        "_value": str(value),
+    }
+    store.put(event)
+    return {k: v for k, v in event.items() if k != "id"}
+
+
+# -- summaries ----------------------------------------------------------------------------------------
+
+
+def aggregate(store: Store, meter_obj: Obj, customer_id: str, start: int, end: int) -> float:
+    """The meter's aggregation of the customer's events with start <= timestamp < end."""
+    events = [
+        e
+        for e in store.all_where("billing.meter_event", "_customer", [customer_id])
+        if e["_meter"] == meter_obj["id"] and start <= e["timestamp"] < end
+    ]
+    formula = meter_obj["default_aggregation"]["formula"]
+    if formula == "count":
+        return float(len(events))
+    if formula == "last":
+        latest = max(events, key=lambda e: (e["timestamp"], e["created"]), default=None)
+        return float(Decimal(latest["_value"])) if latest else 0.0
+    return float(sum((Decimal(e["_value"]) for e in events), Decimal(0)))
+
+
+@endpoint("/billing/meters/<meter_id>/event_summaries", "GET")
+def list_event_summaries(params: Params, meter_id: str) -> Obj:
+    allowed = ("customer", "start_time", "end_time", "value_grouping_window", "limit", "starting_after")
+    reject_unknown(params, (*allowed, "ending_before"))
+    store = current_store()
+    meter_obj = billing.load(store, "billing.meter", meter_id, "id")
+    customer_id = required_string(params, "customer")
+    billing.load(store, "customer", customer_id, "customer", 400)
+    start = required_integer(params, "start_time", minimum=0)
+    end = required_integer(params, "end_time", minimum=0)
+    if end <= start:
+        raise StripeError("end_time must be after start_time.", param="end_time")
+    window = string(params, "value_grouping_window")
+    if window is not None and window not in WINDOWS:
+        raise StripeError("Invalid value_grouping_window: must be one of hour, day", param="value_grouping_window")
+    step = WINDOWS[window] if window else end - start
+    summaries: list[Any] = []
+    for window_start in range(start, end, step):
+        window_end = min(window_start + step, end)
+        summaries.append(
+            {
+                "id": "mtrusg_" + hashlib.sha256(f"{meter_id}{customer_id}{window_start}".encode()).hexdigest()[:24],
+                "object": "billing.meter_event_summary",
+                "aggregated_value": aggregate(store, meter_obj, customer_id, window_start, window_end),
+                "end_time": window_end,
+                "livemode": False,
+                "meter": meter_id,
+                "start_time": window_start,
+            }
+        )
+    return objects.list_object(summaries, f"/v1/billing/meters/{meter_id}/event_summaries")

@@ -1,0 +1,249 @@
+"""Reporting billed usage to Stripe's meter events exactly once: aggregated per customer, meter and
+period, a deterministic identifier per report, marked sent only when Stripe accepted it, and Stripe's
+meter event summary equal to our billed total to the unit through lost answers, outages, a worker
+killed mid-report and duplicate requests. Against the offline sandbox's meters."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from flask import Flask
+from sqlalchemy import text
+
+from app import clock
+from app.extensions import db
+from app.services import usage_reconcile, usage_reports
+from app.services.billing_service import BillingService, plan_catalogue
+from tests.conftest import SandboxAccount, query, sign_up
+
+EVENT_NAME = "ledgerline_api_calls"  # plans.toml [meters.api_calls]
+INCLUDED = 1000  # Starter includes 1,000 API calls a period; the overage is billed
+
+
+class Customer:
+    def __init__(self, app: Flask, stripe_api: SandboxAccount) -> None:
+        self.app = app
+        self.stripe = stripe_api
+        sign_up(app.test_client(), stripe_api)
+        [row] = query(app, "SELECT id, billing_customer_id FROM organization")
+        self.organization_id: int = row.id
+        self.customer_id: str = row.billing_customer_id
+        self.keys = 0
+
+    def record(self, quantity: int) -> None:
+        self.keys += 1
+        with self.app.app_context():
+            BillingService.record_usage(self.organization_id, "api_calls", quantity, idempotency_key=f"k{self.keys}")
+
+    def report(self) -> usage_reports.ReportRun:
+        with self.app.app_context():
+            return BillingService.report_usage()
+
+    def stripe_total(self) -> float:
+        meters = self.stripe.api("GET", "/v1/billing/meters")["data"]
+        [meter] = [m for m in meters if m["event_name"] == EVENT_NAME]
+        now = int(datetime.now(UTC).timestamp())
+        summaries = self.stripe.api(
+            "GET",
+            f"/v1/billing/meters/{meter['id']}/event_summaries",
+            {"customer": self.customer_id, "start_time": now - 40 * 86400, "end_time": now + 3600},
+        )["data"]
+        return float(sum(s["aggregated_value"] for s in summaries))
+
+    def our_billed_total(self) -> int:
+        [row] = query(self.app, "SELECT COALESCE(SUM(billable), 0) AS billed FROM usage_period_total")
+        return int(row.billed)
+
+    def reports(self) -> list[Any]:
+        columns = "identifier, quantity, status, attempts, last_error"
+        return query(self.app, f"SELECT {columns} FROM usage_report ORDER BY id")  # noqa: S608
+
+
+@pytest.fixture
+def customer(app: Flask, offline_stripe: SandboxAccount) -> Customer:
+    return Customer(app, offline_stripe)
+
+
+def test_billed_usage_is_reported_once_per_period_and_customer(customer: Customer) -> None:
+    customer.record(600)
+    customer.record(500)  # 100 past the included 1,000
+    customer.record(250)
+    assert customer.our_billed_total() == 350
+    run = customer.report()
+    assert (run.gathered, run.sent, run.failed, run.still_pending) == (1, 1, 0, 0)
+    [report] = customer.reports()
+    assert (report.quantity, report.status) == (350, "sent")
+    assert report.identifier.startswith(f"ledgerline-usage-{customer.organization_id}-api_calls-")
+    [(_, call)] = customer.stripe.calls_to("billing.meter_events.create")
+    assert call["params"]["payload"] == {"stripe_customer_id": customer.customer_id, "value": "350"}
+    assert call["params"]["identifier"] == report.identifier
+    assert customer.stripe_total() == 350
+    # Nothing new: nothing sent. New usage: a new report, with its own identifier.
+    assert customer.report().sent == 0
+    customer.record(5)
+    assert customer.report().sent == 1
+    assert [r.quantity for r in customer.reports()] == [350, 5]
+    assert customer.stripe_total() == customer.our_billed_total() == 355
+
+
+def test_usage_within_the_included_quantity_reports_nothing(customer: Customer) -> None:
+    customer.record(INCLUDED)
+    assert customer.report().gathered == 0
+    assert customer.stripe.calls_to("billing.meter_events.create") == []
+
+
+def test_stripe_accepting_but_the_answer_being_lost_counts_once(customer: Customer) -> None:
+    customer.record(INCLUDED + 40)
+    customer.stripe.fail_next("billing.meter_events.create", kind="lost_response", times=1)
+    run = customer.report()
+    assert (run.sent, run.still_pending) == (0, 1)  # we do not know it arrived: still pending
+    [report] = customer.reports()
+    assert report.status == "pending" and report.attempts == 1 and "APIConnectionError" in report.last_error
+    assert customer.stripe_total() == 40  # it did arrive
+    run = customer.report()  # the retry: Stripe already has the identifier
+    assert (run.sent, run.failed) == (1, 0)
+    assert customer.reports()[0].status == "sent"
+    assert len(customer.stripe.calls_to("billing.meter_events.create")) == 2
+    assert customer.stripe_total() == customer.our_billed_total() == 40
+
+
+def test_an_outage_leaves_reports_pending_until_stripe_answers(customer: Customer) -> None:
+    customer.record(INCLUDED + 7)
+    customer.stripe.fail_next("billing.meter_events.create", kind="server", times=1)
+    assert customer.report().still_pending == 1
+    customer.stripe.fail_next("billing.meter_events.create", kind="connection", times=1)
+    assert customer.report().still_pending == 1
+    assert customer.stripe_total() == 0
+    assert customer.report().sent == 1
+    assert customer.stripe_total() == customer.our_billed_total() == 7
+
+
+def test_a_worker_killed_between_gathering_and_sending_loses_nothing(customer: Customer) -> None:
+    customer.record(INCLUDED + 12)
+    with customer.app.app_context():
+        assert usage_reports.gather() == 1  # ...and the worker dies before sending
+    customer.record(3)
+    run = customer.report()  # the next run sends the old report and the new one
+    assert (run.gathered, run.sent) == (1, 2)
+    assert customer.stripe_total() == customer.our_billed_total() == 15
+
+
+def test_a_worker_killed_after_stripe_accepted_before_marking_it_sent(customer: Customer) -> None:
+    customer.record(INCLUDED + 9)
+    with customer.app.app_context():
+        usage_reports.gather()
+        [event] = usage_reports.pending(plan_catalogue())
+        BillingService._send_meter_event(event)  # Stripe accepts; the worker dies before the UPDATE
+    assert customer.reports()[0].status == "pending"
+    assert customer.report().sent == 1
+    assert customer.stripe_total() == customer.our_billed_total() == 9
+
+
+def test_two_reporters_at_once_count_each_unit_once(make_app: Any, offline_stripe: SandboxAccount) -> None:
+    app = make_app()
+    customer = Customer(app, offline_stripe)
+    customer.record(INCLUDED)
+    for _ in range(30):
+        customer.record(1)
+    runs: list[usage_reports.ReportRun] = []
+    threads = [threading.Thread(target=lambda: runs.append(customer.report())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    customer.report()
+    assert all(r.status == "sent" for r in customer.reports())
+    assert customer.stripe_total() == customer.our_billed_total() == 30
+
+
+def test_a_refused_report_is_failed_with_stripes_words_and_shown_to_ops(customer: Customer) -> None:
+    customer.record(INCLUDED + 4)
+    with customer.app.app_context():
+        db.session.execute(text("UPDATE organization SET billing_customer_id = 'cus_gone'"))
+        db.session.commit()
+    run = customer.report()
+    assert run.failed == 1
+    [report] = customer.reports()
+    assert report.status == "failed" and "No such customer: 'cus_gone'" in report.last_error
+    result = customer.app.test_cli_runner().invoke(args=["billing", "usage"])
+    assert result.exit_code == 1
+    assert "0 pending, 0 sent, 1 failed" in result.output and "cus_gone" in result.output
+
+
+def test_a_report_unsettled_for_20_hours_is_failed_not_sent_again(customer: Customer) -> None:
+    customer.record(INCLUDED + 6)
+    with customer.app.app_context():
+        usage_reports.gather()
+        db.session.execute(text("UPDATE usage_report SET created_at = now() - interval '21 hours'"))
+        db.session.commit()
+    run = customer.report()
+    assert (run.sent, run.failed) == (0, 1)
+    assert "24-hour identifier window" in customer.reports()[0].last_error
+    assert customer.stripe.calls_to("billing.meter_events.create") == []
+
+
+# --- reconcile: our billed totals against Stripe's meter event summaries ------------------------------
+
+
+def reconcile(customer: Customer, *args: str) -> Any:
+    return customer.app.test_cli_runner().invoke(args=["billing", "usage", "--reconcile", *args])
+
+
+def test_reconcile_agrees_when_every_report_arrived(customer: Customer) -> None:
+    customer.record(INCLUDED + 25)
+    customer.report()
+    result = reconcile(customer)
+    assert result.exit_code == 0, result.output
+    assert "Checked 1 billing periods" in result.output and "agree" in result.output
+
+
+def test_reconcile_counts_usage_still_on_its_way_as_not_missing(customer: Customer) -> None:
+    customer.record(INCLUDED + 25)  # billed, not yet reported
+    with customer.app.app_context():
+        assert BillingService.reconcile_usage().clean
+
+
+def test_reconcile_resends_what_stripe_lacks_once(customer: Customer) -> None:
+    customer.record(INCLUDED + 30)
+    customer.report()
+    customer.record(8)
+    with customer.app.app_context():
+        usage_reports.gather()
+        # A report marked sent that Stripe never took (dropped, or refused later by an error report).
+        db.session.execute(text("UPDATE usage_report SET status = 'sent' WHERE status = 'pending'"))
+        db.session.commit()
+    assert customer.stripe_total() == 30
+    found = reconcile(customer)
+    assert found.exit_code == 1 and "Stripe has 30, we billed 38: 8 missing" in found.output
+    customer.stripe.fail_next("billing.meter_events.create", kind="lost_response", times=1)
+    first = reconcile(customer, "--apply")  # Stripe takes the correction; its answer is lost
+    assert "not re-sent" in first.output
+    assert customer.stripe_total() == 38
+    again = reconcile(customer, "--apply")  # the summary moved: nothing is missing, nothing is sent
+    assert again.exit_code == 0 and "re-sent" not in again.output
+    assert len(customer.stripe.calls_to("billing.meter_events.create")) == 2  # the report and one correction
+    with customer.app.app_context():
+        [drift] = [
+            usage_reconcile.UsageDrift(period, 30)
+            for period in usage_reconcile.periods_to_check(plan_catalogue(), clock.utcnow())
+        ]
+        with pytest.raises(usage_reports.MeterEventAlreadyRecorded):
+            BillingService._send_meter_event(drift.correction(clock.utcnow()))  # the same correction: counted once
+    assert customer.stripe_total() == customer.our_billed_total() == 38
+
+
+def test_check_prices_checks_each_meter_and_its_metered_price(app: Flask, offline_stripe: SandboxAccount) -> None:
+    [meter] = [m for m in offline_stripe.api("GET", "/v1/billing/meters")["data"] if m["event_name"] == EVENT_NAME]
+    result = app.test_cli_runner().invoke(args=["billing", "check-prices"])
+    assert result.exit_code == 0, result.output
+    assert "meter api_calls" in result.output and meter["id"] in result.output
+    assert offline_stripe.price_id("api_calls_overage") in result.output
+    offline_stripe.force(meter["id"], status="inactive")  # deactivated in the Dashboard
+    try:
+        failed = app.test_cli_runner().invoke(args=["billing", "check-prices"])
+    finally:
+        offline_stripe.force(meter["id"], status="active")
+    assert failed.exit_code == 1 and f"no active Stripe meter has the event_name '{EVENT_NAME}'" in failed.output
