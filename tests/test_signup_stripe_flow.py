@@ -596,3 +596,107 @@ def test_domain_events_are_announced_only_after_they_commit(app: Flask, offline_
     names = [name for name, _ in announced]
     assert [names.count(name) for name in SIGNUP_EVENTS] == [1, 1, 1]
     assert all(committed for _, committed in announced)
+
+
+# --- The free plan's lifecycle --------------------------------------------------------------------
+
+
+def test_free_signup_upgraded_to_paid_then_downgraded_to_free(request: pytest.FixtureRequest) -> None:
+    """A sibling of the primary lifecycle on the same sandbox: a free signup (no Checkout, no Stripe at
+    all), its limits, an upgrade from the billing page through Checkout into a subscription attached to
+    the same organization and the Stripe customer made then (on a test clock), a downgrade back to free
+    that cancels at the period's end, and a second upgrade that reuses the customer."""
+    app: Flask = request.getfixturevalue("make_app")(STRIPE_TEST_CLOCKS=True)
+    stripe_api: SandboxAccount = request.getfixturevalue("offline_stripe")
+    client = app.test_client()
+
+    page = client.get("/auth/signup").get_data(as_text=True)
+    assert 'id="price-free-free"' in page and "Free, no card needed" in page
+
+    # The free signup: the organization exists at once, the owner is signed in, Stripe never hears of it.
+    response = start_signup(client, tier="free", addon_extra_seats="0")
+    assert response.status_code == 303 and response.headers["Location"] == "/app"
+    assert [
+        made["path"] for made in stripe_api.requests_made() if made["path"] != "/v1/prices"
+    ] == []  # page prices only
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.tier, organization.billing_status) == ("free", "active")
+    assert (organization.billing_customer_id, organization.billing_subscription_id) == (None, None)
+    [pending] = query(app, "SELECT * FROM pending_signup")
+    assert (pending.status, pending.organization_id, pending.password_hash) == ("completed", organization.id, None)
+    assert [domain_event_counts(app)[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
+    home = client.get("/app")
+    assert home.status_code == 200 and "Analytical Engines" in home.get_data(as_text=True)
+    # The free tier's limits apply: 2 seats, and no subscription to cancel or change.
+    billing = client.get("/billing/").get_data(as_text=True)
+    assert "1 in use of 2" in billing and 'id="cancel"' not in billing and 'id="change-plan"' not in billing
+    assert 'id="upgrade-from-free"' in billing and 'id="upgrade-free"' not in billing  # paid tiers only
+    assert "$19.00" in billing  # the paid plans' prices, from Stripe
+
+    # Signing up again with the same email (free) makes no second account.
+    again = start_signup(app.test_client(), tier="free", addon_extra_seats="0")
+    assert again.status_code == 303 and again.headers["Location"] == "/auth/login"
+    assert len(query(app, "SELECT id FROM organization")) == 1
+
+    # The upgrade: the Stripe customer is made now (on a test clock), and Checkout sells it the plan.
+    def owner_post(path: str, token: str, **fields: str) -> Any:
+        data = {"csrf_token": csrf_token(client, "/billing/"), "request_token": token, **fields}
+        return client.post(path, data=data)
+
+    response = owner_post("/billing/resubscribe", "d" * 32, tier="starter")
+    assert response.status_code == 303
+    session_id = response.headers["Location"].rsplit("/", 1)[-1]
+    [(_, customer_call)] = stripe_api.calls_to("customers.create")
+    assert customer_call["options"] == {"idempotency_key": f"org-{organization.id}-customer"}
+    assert customer_call["params"]["email"] == "ada@example.com"
+    assert customer_call["params"]["metadata"] == {"organization_id": str(organization.id)}
+    [(_, checkout_call)] = stripe_api.calls_to("checkout.sessions.create")
+    customer_id = checkout_call["params"]["customer"]
+    assert query(app, "SELECT billing_customer_id FROM organization")[0].billing_customer_id == customer_id
+    assert checkout_call["params"]["metadata"] == {"purpose": "resubscribe", "organization_id": str(organization.id)}
+    assert checkout_call["params"]["line_items"] == [{"price": stripe_api.price_id("starter_monthly"), "quantity": "1"}]
+    customer = stripe_api.api("GET", f"/v1/customers/{customer_id}")
+    assert customer["test_clock"].startswith("clock_")
+
+    session = stripe_api.pay(session_id)
+    landing = client.get(f"/billing/checkout-complete?session_id={session_id}")
+    assert landing.status_code == 303 and landing.headers["Location"] == "/billing/"
+    assert all(status == 200 for _, status in stripe_api.deliver(client))
+    [upgraded] = query(app, "SELECT * FROM organization")
+    assert upgraded.id == organization.id  # the same organization, members and data
+    assert (upgraded.tier, upgraded.billing_status) == ("starter", "active")
+    assert (upgraded.billing_customer_id, upgraded.billing_subscription_id) == (customer_id, session["subscription"])
+    assert "1 in use of 5" in client.get("/billing/").get_data(as_text=True)  # the paid tier's limits now
+    assert [domain_event_counts(app)[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
+
+    # The downgrade: canceled at the period's end, noting the free tier; the plan runs until then.
+    billing = client.get("/billing/").get_data(as_text=True)
+    assert 'id="downgrade-free"' in billing
+    assert owner_post("/billing/downgrade-to-free", "e" * 32).status_code == 303
+    [(args, update)] = stripe_api.calls_to("subscriptions.update")
+    assert args == (session["subscription"],)
+    assert update["params"] == {"cancel_at_period_end": "true", "metadata": {"downgrade_to": "free"}}
+    assert update["options"] == {"idempotency_key": f"org-{organization.id}-downgrade-free-{'e' * 32}"}
+    held = query(app, "SELECT * FROM organization")[0]
+    assert (held.tier, held.billing_status, held.cancel_at_period_end) == ("starter", "active", True)
+    stripe_api.deliver(client)
+
+    period_end = stripe_api.subscription(session["subscription"])["items"]["data"][0]["current_period_end"]
+    stripe_api.advance_clock(customer["test_clock"], period_end + 2 * HOUR)
+    ended = [event_type for event_type, status in stripe_api.deliver(client) if status == 200]
+    assert "customer.subscription.deleted" in ended and "invoice.created" not in ended
+    [free_again] = query(app, "SELECT * FROM organization")
+    assert (free_again.tier, free_again.billing_status, free_again.cancel_at_period_end) == ("free", "active", False)
+    assert (free_again.billing_subscription_id, free_again.billing_customer_id) == (None, customer_id)
+    assert client.get("/app").status_code == 200  # access goes on, on the free plan
+    run_jobs(app)
+    smtp_server: SmtpSink = request.getfixturevalue("smtp_server")
+    assert not [m for m in smtp_server.to("ada@example.com") if "ended" in str(m["Subject"]).lower()]
+    assert stripe_api.subscription(session["subscription"])["status"] == "canceled"
+
+    # A second upgrade reuses the customer: no new one is made.
+    response = owner_post("/billing/resubscribe", "f" * 32, tier="pro")
+    assert response.status_code == 303
+    assert len(stripe_api.calls_to("customers.create")) == 1
+    assert stripe_api.calls_to("checkout.sessions.create")[-1][1]["params"]["customer"] == customer_id
+    assert {row.status for row in query(app, "SELECT status FROM stripe_event")} <= {"processed", "ignored"}

@@ -45,13 +45,17 @@ class ResumeForm(OwnerActionForm):
     pass
 
 
+class DowngradeToFreeForm(OwnerActionForm):
+    pass
+
+
 class ResubscribeForm(OwnerActionForm):
     tier = RadioField("Plan", validators=[DataRequired(message="Choose a plan.")])
 
 
 def resubscribe_form(catalogue: PlanCatalogue) -> ResubscribeForm:
     form = ResubscribeForm()
-    form.tier.choices = [SelectChoice(tier.key, tier.name) for tier in catalogue.tiers.values()]
+    form.tier.choices = [SelectChoice(tier.key, tier.name) for tier in catalogue.paid_tiers()]
     return form
 
 

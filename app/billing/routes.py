@@ -14,6 +14,7 @@ from app.billing.forms import (
     CancelForm,
     ChangeSeatsForm,
     ConfirmChangeForm,
+    DowngradeToFreeForm,
     KeepPlanForm,
     PortalForm,
     ResumeForm,
@@ -23,6 +24,7 @@ from app.billing.forms import (
 from app.extensions import client_address, csrf, db, limiter
 from app.features import current_entitlements
 from app.models import Organization, User
+from app.services import free_plan
 from app.services.billing_service import (
     BillingError,
     BillingService,
@@ -72,7 +74,9 @@ def overview() -> str | tuple[str, int]:
     catalogue = plan_catalogue()
     g.access = current_access()
     # A new subscription is offered with each plan's price (through the price cache); nothing else needs them.
-    prices = BillingService.catalogue_prices() if g.access.remedy == "resubscribe" else {}
+    # A free organization is offered the paid plans too (an upgrade is a new subscription).
+    on_free_plan = free_plan.on_free_plan(organization)
+    prices = BillingService.catalogue_prices() if g.access.remedy == "resubscribe" or on_free_plan else {}
     return render_template(
         "billing/overview.html",
         prices=prices,
@@ -87,6 +91,9 @@ def overview() -> str | tuple[str, int]:
         resume_form=ResumeForm(),
         resubscribe_form=resubscribe_form(catalogue),
         keep_plan_form=KeepPlanForm(),
+        on_free_plan=on_free_plan,
+        free_tier=catalogue.free_tier(),
+        downgrade_form=DowngradeToFreeForm(),
     )
 
 
@@ -309,6 +316,29 @@ def resume() -> Response:
         flash(str(exc), "error")
     else:
         flash("Your plan will renew as usual.", "success")
+    return redirect(url_for("billing.overview"), 303)
+
+
+@bp.post("/downgrade-to-free")
+@recent_auth_required
+def downgrade_to_free() -> Response:
+    """A paid plan moves to the free plan when its period ends (the subscription is canceled then)."""
+    organization_id = _owned_organization().id
+    form = DowngradeToFreeForm()
+    if not form.validate_on_submit():
+        abort(400, "That form was incomplete. Reload the billing page and try again.")
+    try:
+        BillingService.downgrade_to_free(
+            organization_id, request_token=form.request_token.data, actor_user_id=current_user.id
+        )
+    except BillingError as exc:
+        flash(str(exc), "error")
+    else:
+        flash(
+            "Your plan moves to the free plan at the end of the billing period; nothing more is charged. "
+            "You can keep your plan until then.",
+            "success",
+        )
     return redirect(url_for("billing.overview"), 303)
 
 

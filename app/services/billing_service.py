@@ -34,10 +34,12 @@ from app.models import (
     Organization,
     StripeEvent,
     SubscriptionChangeStatus,
+    User,
 )
 from app.services import (
     billing_page,
     domain_events,
+    free_plan,
     outbox,
     plan_change_claims,
     price_lookup,
@@ -54,7 +56,6 @@ from app.services import reconcile as reconciliation
 from app.services.billing_common import (
     CANCELLABLE,
     CHECKOUT_SESSION_ID,
-    ENDED,
     REQUEST_TOKEN,
     BillingConfigurationError,
     BillingError,
@@ -360,6 +361,20 @@ class BillingService:
         return customer.id
 
     @classmethod
+    def _customer_for_organization(cls, organization_id: int, email: str, name: str) -> str:
+        """A Stripe customer for an organization that has none (a free one upgrading), on a test clock of
+        its own when STRIPE_TEST_CLOCKS is on; the idempotency key makes a retry the same customer."""
+        client, key = cls.ensure_stripe(), f"org-{organization_id}-customer"
+        params: Any = {"email": email, "name": name, "metadata": {"organization_id": str(organization_id)}}
+        with cls._calling_stripe("create a customer"):
+            if current_app.config["STRIPE_TEST_CLOCKS"]:
+                params["test_clock"] = client.v1.test_helpers.test_clocks.create(
+                    params={"frozen_time": clock.now(), "name": f"organization {organization_id}"},
+                    options={"idempotency_key": f"{key}-clock"},
+                ).id
+            return client.v1.customers.create(params=params, options={"idempotency_key": key}).id
+
+    @classmethod
     def _expire_checkout_sessions(cls, session_ids: list[str]) -> None:
         """Superseded checkouts are closed at Stripe so they cannot be paid; best effort, since one
         that is paid anyway is still honoured (see docs/system/BILLING.md)."""
@@ -470,7 +485,8 @@ class BillingService:
         def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
             return client.v1.subscriptions.update(
                 subscription_id,
-                params={"cancel_at_period_end": False, "cancel_at": ""},
+                # A downgrade to free is a scheduled cancellation too: resuming withdraws it.
+                params={"cancel_at_period_end": False, "cancel_at": "", "metadata": {free_plan.DOWNGRADE_TO: ""}},
                 options={"idempotency_key": key},
             )
 
@@ -480,6 +496,25 @@ class BillingService:
             return None
 
         return cls._owner_subscription_change(organization_id, "resume", request_token, actor_user_id, allowed, call)
+
+    @classmethod
+    def downgrade_to_free(cls, organization_id: int, *, request_token: str, actor_user_id: int) -> list[str]:
+        """Downgrade a paid plan to the free one: the subscription is canceled at the period's end and
+        notes the free tier (free_plan.DOWNGRADE_TO), so its end moves the organization to it."""
+        tier = free_plan.free_tier()
+
+        def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
+            params: Any = {"cancel_at_period_end": True, "metadata": {free_plan.DOWNGRADE_TO: tier.key if tier else ""}}
+            return client.v1.subscriptions.update(subscription_id, params=params, options={"idempotency_key": key})
+
+        def allowed(organization: Organization) -> str | None:
+            if tier is None or organization.billed_by_whop or organization.billing_status not in CANCELLABLE:
+                return "There is no paid plan to downgrade to the free plan."
+            return None
+
+        return cls._owner_subscription_change(
+            organization_id, "downgrade-free", request_token, actor_user_id, allowed, call
+        )
 
     @classmethod
     def _owner_subscription_change(
@@ -544,12 +579,17 @@ class BillingService:
         client = cls.ensure_stripe()
         try:
             organization = db.session.get(Organization, organization_id, populate_existing=True)
-            if organization is None or organization.billing_status not in ENDED:
+            if organization is None or not free_plan.may_start_paid_subscription(organization):
                 raise SubscriptionActionNotAllowed("This organization already has a subscription.")
-            customer_id = organization.billing_customer_id
+            customer_id, name = organization.billing_customer_id, organization.name
+            owner_email = db.session.get(User, actor_user_id).email  # type: ignore[union-attr]
         finally:
             db.session.rollback()
         tier = cls.tier(tier_key)
+        if customer_id is None:  # a free organization upgrading: its Stripe customer is made now
+            customer_id = provisioning.remember_customer(
+                organization_id, cls._customer_for_organization(organization_id, owner_email, name)
+            )
         metadata = {"purpose": "resubscribe", "organization_id": str(organization_id)}
         base = current_app.config["APP_BASE_URL"]
         params: SessionCreateParams = {

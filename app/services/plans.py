@@ -24,7 +24,7 @@ class CatalogueError(ValueError):
 class Tier:
     key: str
     name: str
-    lookup_key: str
+    lookup_key: str = ""  # none: the free plan, which Stripe never sees (see is_free)
     description: str = ""
     trial_days: int = 0
     yearly_lookup_key: str | None = None
@@ -32,8 +32,16 @@ class Tier:
     limits: dict[str, int] = field(default_factory=dict)
     whop_plan_id: str = ""
 
+    @property
+    def is_free(self) -> bool:
+        """A tier with no price: signup creates the organization at once, with no checkout and no
+        subscription; the owner upgrades from the billing page (app/services/free_plan.py)."""
+        return not self.lookup_key
+
     def lookup_key_for(self, interval: str) -> str | None:
         """The lookup key of this tier's price billed every `interval` ("month" or "year")."""
+        if self.is_free:
+            return None
         return self.lookup_key if interval == "month" else self.yearly_lookup_key if interval == "year" else None
 
 
@@ -72,8 +80,7 @@ class PlanCatalogue:
         problems: list[str] = []
         features = _features(raw, problems, source)
         tiers = {
-            key: Tier(key=key, **fields)
-            for key, fields in _entries(raw, "tiers", ("name", "lookup_key"), Tier, problems, source)
+            key: Tier(key=key, **fields) for key, fields in _entries(raw, "tiers", ("name",), Tier, problems, source)
         }
         addons = {
             key: Addon(key=key, **fields)
@@ -85,6 +92,15 @@ class PlanCatalogue:
             unknown = sorted(set(tier.features) - set(features))
             if unknown:
                 problems.append(f"{source}: [tiers.{tier.key}] features not listed in [features]: {', '.join(unknown)}")
+        free = [tier for tier in tiers.values() if tier.is_free]
+        if len(free) > 1:
+            problems.append(
+                f"{source}: only one tier may be free (have no lookup_key): {', '.join(t.key for t in free)}"
+            )
+        for tier in free:
+            sold = [name for name in ("yearly_lookup_key", "whop_plan_id", "trial_days") if getattr(tier, name)]
+            if sold:
+                problems.append(f"{source}: [tiers.{tier.key}] has no lookup_key (free) but sets {', '.join(sold)}")
         lookup_keys = [k for entry in _entries_of(tiers, addons) for k in _keys(entry)]
         duplicates = sorted({k for k in lookup_keys if lookup_keys.count(k) > 1})
         if duplicates:
@@ -99,6 +115,13 @@ class PlanCatalogue:
 
     def tier(self, key: str) -> Tier | None:
         return self.tiers.get(key)
+
+    def free_tier(self) -> Tier | None:
+        """The tier with no price, if the catalogue has one."""
+        return next((t for t in self.tiers.values() if t.is_free), None)
+
+    def paid_tiers(self) -> list[Tier]:
+        return [t for t in self.tiers.values() if not t.is_free]
 
     def tier_for_lookup_key(self, lookup_key: str | None) -> Tier | None:
         return next((t for t in self.tiers.values() if lookup_key is not None and lookup_key in _keys(t)), None)
@@ -159,6 +182,8 @@ def _entries_of(tiers: dict[str, Tier], addons: dict[str, Addon]) -> list[Tier |
 
 
 def _keys(entry: Tier | Addon) -> list[str]:
+    if not entry.lookup_key:
+        return []  # the free tier sells nothing
     return [entry.lookup_key, *([entry.yearly_lookup_key] if entry.yearly_lookup_key else [])]
 
 
@@ -194,6 +219,8 @@ def _entries(
             problems.append(f"{where} must be a table named with lowercase letters, digits and _")
             continue
         missing = [field for field in required if not isinstance(value.get(field), str) or not value[field]]
+        if "lookup_key" in value and (not isinstance(value["lookup_key"], str) or not value["lookup_key"]):
+            missing.append("lookup_key")
         if missing:
             problems.append(f"{where} needs {', '.join(missing)}")
             continue

@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.extensions import db
-from app.models import BillingProvider, Organization, PendingSignup, SignupStatus, User, UserRole
+from app.models import BillingProvider, BillingStatus, Organization, PendingSignup, SignupStatus, User, UserRole
 from app.models.types import utcnow
 from app.services import domain_events
 from app.services.auth_service import hash_password, normalise_email
@@ -252,6 +252,40 @@ class SignupService:
         )
         if organization.billing_customer_id is None:
             organization.billing_customer_id = _id_of(checkout_session.get("customer"))
+        return SignupService._create_organization_and_owner(
+            pending, organization, source=source, checkout_session_id=checkout_session["id"]
+        )
+
+    @staticmethod
+    def complete_free_signup(pending_signup_id: uuid.UUID, *, source: str) -> ProvisionOutcome:
+        """Create the organization and its owner for a signup to the free plan, at once: no checkout,
+        no payment provider, no subscription. Exactly once: the pending signup is locked and completed
+        here, in the caller's transaction; a second call finds it completed. An email that already has
+        an account gets no second one (CONFLICT; the mailbox is told, as for a paid signup)."""
+        pending = SignupService.lock_pending_signup(pending_signup_id)
+        if pending is None:
+            raise SignupError("That signup is no longer open. Please start again.")
+        if pending.status == SignupStatus.COMPLETED:
+            return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
+        if pending.status != SignupStatus.PENDING:
+            raise SignupError("That signup is no longer open. Please start again.")
+        if SignupService.email_has_account(pending.email):
+            SignupService._close(pending, SignupStatus.FAILED, "email already has an account", source=source)
+            return ProvisionOutcome(ProvisionState.CONFLICT, pending.id)
+        organization = Organization(
+            name=pending.organization_name,
+            tier=pending.tier,
+            billing_status=BillingStatus.ACTIVE,
+            billing_provider=BillingProvider.STRIPE,  # who will bill it once the owner upgrades
+        )
+        return SignupService._create_organization_and_owner(pending, organization, source=source)
+
+    @staticmethod
+    def _create_organization_and_owner(
+        pending: PendingSignup, organization: Organization, *, source: str, checkout_session_id: str | None = None
+    ) -> ProvisionOutcome:
+        """The one place a signup becomes an organization and its owner (paid or free), with the
+        domain events every signup records; the pending signup is completed and its password erased."""
         owner = User(
             organization=organization,
             email=pending.email,
@@ -280,7 +314,7 @@ class SignupService:
             user_id=owner.id,
             source=source,
             pending_signup_id=str(pending.id),
-            checkout_session_id=checkout_session["id"],
+            checkout_session_id=checkout_session_id,
         )
         pending.status = SignupStatus.COMPLETED
         pending.completed_at = utcnow()
