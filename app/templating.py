@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 
 from flask import Flask, current_app
 
+from app.models import Organization
+from app.services import trials
 from app.services.access_policy import STATUS_WORDS
 from app.services.pricing import format_money
 from app.services.wording import counted
@@ -48,3 +50,10 @@ def init_templating(app: Flask) -> None:
     @app.template_filter("status_words")
     def status_words(status: str) -> str:
         return STATUS_WORDS.get(status, status)  # type: ignore[call-overload, no-any-return]
+
+    @app.template_global("trial_reminder")
+    def trial_reminder(organization: Organization | None) -> datetime | None:
+        """When a trial that started without a card ends, in its last days (the banner); else None."""
+        if organization is None:
+            return None
+        return trials.reminder(organization, current_app.extensions["plan_catalogue"])

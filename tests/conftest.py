@@ -432,6 +432,7 @@ CARDS = {
     "trial": "4242 4242 4242 4242",
     "async": "4000 0000 0000 3220",
     "declined": "4000 0000 0000 0002",
+    "no_card": "",  # a trial Checkout with payment_method_collection=if_required, left without a card
 }
 
 
@@ -549,9 +550,9 @@ class SandboxAccount:
             f"{self.url}/checkout/{session_id}",
             data={
                 "email": "ada@example.com",
-                "cardNumber": card or CARDS[outcome],
-                "cardExpiry": "12 / 34",
-                "cardCvc": "123",
+                "cardNumber": (number := CARDS[outcome] if card is None else card),
+                "cardExpiry": "12 / 34" if number else "",
+                "cardCvc": "123" if number else "",
                 "billingName": "Ada Lovelace",
             },
             allow_redirects=False,

@@ -700,3 +700,98 @@ def test_free_signup_upgraded_to_paid_then_downgraded_to_free(request: pytest.Fi
     assert len(stripe_api.calls_to("customers.create")) == 1
     assert stripe_api.calls_to("checkout.sessions.create")[-1][1]["params"]["customer"] == customer_id
     assert {row.status for row in query(app, "SELECT status FROM stripe_event")} <= {"processed", "ignored"}
+
+
+# --- Trials without a card ------------------------------------------------------------------------
+
+DAY = 24 * HOUR
+
+
+def _start_card_less_trial(request: pytest.FixtureRequest) -> tuple[Flask, SandboxAccount, Any, dict[str, Any]]:
+    """A Pro signup (14-day trial, no card needed) paid on Checkout without entering a card."""
+    app: Flask = request.getfixturevalue("make_app")(STRIPE_TEST_CLOCKS=True)
+    stripe_api: SandboxAccount = request.getfixturevalue("offline_stripe")
+    client = app.test_client()
+    session_id = checkout_session_id(start_signup(client, tier="pro", addon_extra_seats="0"))
+    [(_, call)] = stripe_api.calls_to("checkout.sessions.create")
+    assert call["params"]["payment_method_collection"] == "if_required"
+    assert call["params"]["subscription_data"]["trial_period_days"] == "14"
+    assert call["params"]["subscription_data"]["trial_settings"] == {
+        "end_behavior": {"missing_payment_method": "cancel"}
+    }
+    session = stripe_api.pay(session_id, outcome="no_card")
+    assert client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}").headers["Location"] == "/app"
+    stripe_api.deliver(client)
+    subscription = stripe_api.subscription(session["subscription"])
+    assert subscription["status"] == "trialing" and subscription["default_payment_method"] is None
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.tier, organization.billing_status) == ("pro", "trialing")
+    billing = client.get("/billing/").get_data(as_text=True)
+    assert 'id="add-card"' in billing and "None on file" in billing
+    assert 'id="trial-banner"' not in client.get("/app").get_data(as_text=True)  # not yet: 14 days to go
+    return app, stripe_api, client, subscription
+
+
+def _trial_reminder(app: Flask, stripe_api: SandboxAccount, client: Any, subscription: dict[str, Any]) -> str:
+    """Three days before the trial ends: Stripe's trial_will_end, one email, and the banner."""
+    clock_id = stripe_api.api("GET", f"/v1/customers/{subscription['customer']}")["test_clock"]
+    stripe_api.advance_clock(clock_id, subscription["trial_end"] - 3 * DAY + HOUR)
+    assert "customer.subscription.trial_will_end" in [event for event, _ in stripe_api.deliver(client)]
+    [event] = query(app, "SELECT * FROM domain_event WHERE name = 'subscription.trial_will_end'")
+    assert event.data["ends_without_card"] == "cancel"
+    assert 'id="trial-banner"' in client.get("/app").get_data(as_text=True)
+    return str(clock_id)
+
+
+def test_a_trial_without_a_card_converts_once_the_owner_adds_one(
+    request: pytest.FixtureRequest, smtp_server: SmtpSink
+) -> None:
+    app, stripe_api, client, subscription = _start_card_less_trial(request)
+    clock_id = _trial_reminder(app, stripe_api, client, subscription)
+    run_jobs(app)
+    run_jobs(app)  # a second run sends nothing more: the outbox delivers once
+    [reminder] = [m for m in smtp_server.to("ada@example.com") if "trial ends" in str(m["Subject"]).lower()]
+    assert "add one on the billing page before then" in email_text(reminder)
+    assert "is canceled when the trial ends" in email_text(reminder)
+
+    # The owner adds a card in the customer portal from the billing page; the trial then converts.
+    portal = client.post("/billing/portal", data={"csrf_token": csrf_token(client, "/billing/")})
+    stripe_api.update_card_in_portal(portal.headers["Location"], "4242 4242 4242 4242")
+    stripe_api.deliver(client)
+    assert 'id="add-card"' not in client.get("/billing/").get_data(as_text=True)
+    stripe_api.advance_clock(clock_id, subscription["trial_end"] + 2 * HOUR)
+    assert "invoice.paid" in [event for event, _ in stripe_api.deliver(client)]
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.tier, organization.billing_status, organization.last_payment_status) == (
+        "pro",
+        "active",
+        "paid",
+    )
+    assert 'id="trial-banner"' not in client.get("/app").get_data(as_text=True)
+
+
+def test_a_trial_without_a_card_lapses_cleanly_and_resumes_by_paying(request: pytest.FixtureRequest) -> None:
+    app, stripe_api, client, subscription = _start_card_less_trial(request)
+    clock_id = _trial_reminder(app, stripe_api, client, subscription)
+
+    # No card by the end: Stripe cancels the subscription (nothing invoiced), and access ends.
+    stripe_api.advance_clock(clock_id, subscription["trial_end"] + 2 * HOUR)
+    ended = [event for event, _ in stripe_api.deliver(client)]
+    assert "customer.subscription.deleted" in ended and "invoice.paid" not in ended
+    assert stripe_api.subscription(subscription["id"])["status"] == "canceled"
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.tier, organization.billing_status) == ("pro", "canceled")
+    assert client.get("/app").headers["Location"] == "/billing/"
+    billing = client.get("/billing/").get_data(as_text=True)
+    assert 'id="resubscribe"' in billing and 'id="trial-banner"' not in billing
+
+    # Resumed by paying: a new subscription through Checkout on the same organization and customer.
+    data = {"csrf_token": csrf_token(client, "/billing/"), "request_token": "a" * 32, "tier": "pro"}
+    session_id = client.post("/billing/resubscribe", data=data).headers["Location"].rsplit("/", 1)[-1]
+    session = stripe_api.pay(session_id)
+    assert client.get(f"/billing/checkout-complete?session_id={session_id}").status_code == 303
+    stripe_api.deliver(client)
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.billing_status, organization.billing_subscription_id) == ("active", session["subscription"])
+    assert organization.billing_customer_id == subscription["customer"]
+    assert client.get("/app").status_code == 200

@@ -25,7 +25,6 @@ from flask import current_app
 from stripe.params.checkout import (
     SessionCreateParams,
     SessionCreateParamsLineItem,
-    SessionCreateParamsSubscriptionData,
 )
 
 from app import clock
@@ -49,6 +48,7 @@ from app.services import (
     reconcile_run,
     settlement,
     stripe_events,
+    trials,
     webhook_intake,
     whop_billing,
 )
@@ -288,9 +288,7 @@ class BillingService:
         cls._expire_checkout_sessions(signup.superseded_checkout_session_ids)
         reference = str(signup.pending_signup_id)
         metadata = {"purpose": "signup", "pending_signup_id": reference}
-        subscription_data: SessionCreateParamsSubscriptionData = {"metadata": metadata}
-        if tier.trial_days:
-            subscription_data["trial_period_days"] = tier.trial_days
+        subscription_data: Any = {"metadata": metadata, **trials.checkout_subscription_data(tier)}
         try:
             with cls._calling_stripe("create a checkout session"):
                 payer: SessionCreateParams = {"customer_email": email.strip().lower()}
@@ -299,6 +297,7 @@ class BillingService:
                 session = client.v1.checkout.sessions.create(
                     params={
                         **payer,
+                        **trials.checkout_collection(tier),
                         "mode": "subscription",
                         "line_items": line_items,
                         "client_reference_id": reference,

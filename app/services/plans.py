@@ -31,6 +31,8 @@ class Tier:
     features: frozenset[str] = frozenset()
     limits: dict[str, int] = field(default_factory=dict)
     whop_plan_id: str = ""
+    # The trial starts without a card (Checkout asks for one only if required); app/services/trials.py.
+    trial_without_card: bool = False
 
     @property
     def is_free(self) -> bool:
@@ -97,6 +99,11 @@ class PlanCatalogue:
             problems.append(
                 f"{source}: only one tier may be free (have no lookup_key): {', '.join(t.key for t in free)}"
             )
+        for tier in tiers.values():
+            if not isinstance(tier.trial_without_card, bool) or (tier.trial_without_card and not tier.trial_days):
+                problems.append(
+                    f"{source}: [tiers.{tier.key}] trial_without_card must be true or false, with trial_days"
+                )
         for tier in free:
             sold = [name for name in ("yearly_lookup_key", "whop_plan_id", "trial_days") if getattr(tier, name)]
             if sold:
