@@ -12,15 +12,15 @@ from typing import NoReturn
 from flask import Flask
 from werkzeug.serving import make_server
 
-from . import api, billing, checkout, clock, control, endpoints, pages, schedules, v1
+from . import api, billing, checkout, clock, control, discounts, endpoints, pages, schedules, v1
 from .config import Dunning, LiveDelivery, Settings
 from .store import Store
 from .worker import Worker
 
-# Importing these registers what they offer: /v1 endpoints on v1.bp (api, endpoints) and the
+# Importing these registers what they offer: /v1 endpoints on v1.bp (api, endpoints, discounts) and the
 # timed jobs billing.run_job() dispatches (checkout, clock, schedules). Named here so that no
 # registration depends on which module happens to import which.
-REGISTRARS = (api, endpoints, checkout, clock, schedules)
+REGISTRARS = (api, endpoints, discounts, checkout, clock, schedules)
 
 
 def create_app(settings: Settings, store: Store, delivery: LiveDelivery | None = None) -> Flask:

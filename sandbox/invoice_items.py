@@ -8,7 +8,7 @@ completes a renewal invoice with the items waiting for it (add_pending_items()).
 
 from __future__ import annotations
 
-from . import invoicing, objects
+from . import discounts, invoicing, objects
 from .billing import load
 from .objects import Obj
 from .store import Store
@@ -149,6 +149,8 @@ def add_pending_items(store: Store, invoice: Obj) -> None:
         store.put(ii)
     invoice["lines"]["data"] = [line_from_invoice_item(ii, invoice["id"]) for ii in waiting] + invoice["lines"]["data"]
     _set_totals(invoice)
+    if invoice["discounts"]:
+        discounts.apply_to_invoice(store, invoice, None)  # the discount it carries, on its new subtotal
     customer = load(store, "customer", invoice["customer"])
     apply_balance(customer, invoice)
     store.put(customer)

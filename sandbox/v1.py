@@ -44,6 +44,8 @@ EXPANDABLE = {
     "default_payment_method",
     "schedule",
     "test_clock",
+    "discounts",  # a subscription's or invoice's discounts (ids), each expanded to its discount
+    "promotion_code",
 }
 
 
@@ -244,6 +246,12 @@ def _expand(store: Store, obj: Obj, parts: list[str], path: str) -> None:
     if isinstance(value, str):
         target = store.get(value)
         value = obj[field] = objects.public(target) if target else value
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        obj[field] = [objects.public(found) if (found := store.get(v)) else v for v in value]
+        for item in obj[field]:
+            if rest and isinstance(item, dict):
+                _expand(store, item, rest, path)
+        return
     if rest and isinstance(value, dict):
         _expand(store, value, rest, path)
 
