@@ -63,6 +63,7 @@ def main() -> None:
     try:
         with store.transaction():
             prices = billing.seed_catalogue(store, settings.catalogue_file)
+            discounts.seed_promotion_codes(store, settings.catalogue_file)
     except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
         sys.exit(f"sandbox: cannot load the plan catalogue {settings.catalogue_file}: {exc}")
 

@@ -16,6 +16,8 @@ Endpoints: POST/GET /v1/coupons[/:id], POST/GET /v1/promotion_codes[/:id] (list 
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
 from typing import Any
 
 from . import lists, objects, simtime
@@ -126,6 +128,47 @@ def discount(store: Store, code: Obj, *, customer_id: str, subscription_id: str,
         "subscription": subscription_id,
         "subscription_item": None,
     }
+
+
+def seed_promotion_codes(store: Store, path: Path) -> list[Obj]:
+    """The promotion codes the catalogue says the marketing pages name ([promotion_codes.<CODE>]),
+    each with a coupon from its sandbox_percent_off / sandbox_amount_off, sandbox_duration and
+    sandbox_duration_in_months; a code that already exists is left as it is."""
+    with path.open("rb") as file:
+        section = tomllib.load(file).get("promotion_codes") or {}
+    seeded = []
+    now = simtime.now()
+    for code, entry in section.items():
+        if find_code(store, code) is not None:
+            continue
+        amount_off = entry.get("sandbox_amount_off")
+        made = coupon(
+            coupon_id=None,
+            name=code,
+            percent_off=None if amount_off else float(entry.get("sandbox_percent_off", 10)),
+            amount_off=int(amount_off) if amount_off else None,
+            currency="usd" if amount_off else None,
+            duration=str(entry.get("sandbox_duration", "once")),
+            duration_in_months=entry.get("sandbox_duration_in_months"),
+            max_redemptions=None,
+            redeem_by=None,
+            metadata={},
+            now=now,
+        )
+        promo = promotion_code(
+            code=code,
+            coupon_obj=made,
+            active=True,
+            max_redemptions=None,
+            expires_at=None,
+            first_time_transaction=False,
+            metadata={},
+            now=now,
+        )
+        store.put(made)
+        store.put(promo)
+        seeded.append(promo)
+    return seeded
 
 
 # -- redeeming and applying -------------------------------------------------------------------

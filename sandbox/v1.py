@@ -46,6 +46,7 @@ EXPANDABLE = {
     "test_clock",
     "discounts",  # a subscription's or invoice's discounts (ids), each expanded to its discount
     "promotion_code",
+    "coupon",  # a promotion code's promotion.coupon, a discount's source.coupon
 }
 
 
@@ -246,8 +247,8 @@ def _expand(store: Store, obj: Obj, parts: list[str], path: str) -> None:
     if isinstance(value, str):
         target = store.get(value)
         value = obj[field] = objects.public(target) if target else value
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        obj[field] = [objects.public(found) if (found := store.get(v)) else v for v in value]
+    elif isinstance(value, list):  # a list of ids (discounts), each expanded, then what is under them
+        obj[field] = [objects.public(found) if isinstance(v, str) and (found := store.get(v)) else v for v in value]
         for item in obj[field]:
             if rest and isinstance(item, dict):
                 _expand(store, item, rest, path)

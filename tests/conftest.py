@@ -543,7 +543,9 @@ class SandboxAccount:
 
     # -- acting as the customer --------------------------------------------------------------------
 
-    def pay(self, session_id: str, *, outcome: str = "paid", card: str | None = None) -> dict[str, Any]:
+    def pay(
+        self, session_id: str, *, outcome: str = "paid", card: str | None = None, promotion_code: str = ""
+    ) -> dict[str, Any]:
         """The customer pays on the hosted Checkout page. outcome: paid, trial (a trial checkout), async (the
         payment settles later) or declined. Returns the session as the API then reports it."""
         response = self.http.post(
@@ -554,6 +556,7 @@ class SandboxAccount:
                 "cardExpiry": "12 / 34" if number else "",
                 "cardCvc": "123" if number else "",
                 "billingName": "Ada Lovelace",
+                "promotionCode": promotion_code,  # Checkout's field, where the session allows codes
             },
             allow_redirects=False,
             timeout=30,

@@ -33,12 +33,44 @@ class ScheduledChange:
 
 
 @dataclass(frozen=True)
+class ActiveDiscount:
+    """A discount on the subscription (a coupon, usually redeemed through a promotion code)."""
+
+    code: str | None
+    name: str | None
+    percent_off: float | None
+    amount_off: int | None
+    currency: str | None
+    duration: str
+    ends_at: int | None  # None: forever, or a once discount waiting for the next invoice
+
+    @property
+    def ends(self) -> datetime | None:
+        return from_unix(self.ends_at)
+
+    @classmethod
+    def from_stripe(cls, discount: Mapping[str, Any]) -> ActiveDiscount:
+        coupon = discount.get("coupon") or (discount.get("source") or {}).get("coupon") or {}
+        code = discount.get("promotion_code")
+        return cls(
+            code=str(code.get("code")) if isinstance(code, Mapping) and code.get("code") else None,
+            name=coupon.get("name") if isinstance(coupon, Mapping) else None,
+            percent_off=coupon.get("percent_off") if isinstance(coupon, Mapping) else None,
+            amount_off=coupon.get("amount_off") if isinstance(coupon, Mapping) else None,
+            currency=coupon.get("currency") if isinstance(coupon, Mapping) else None,
+            duration=str(coupon.get("duration") or "once") if isinstance(coupon, Mapping) else "once",
+            ends_at=discount.get("end"),
+        )
+
+
+@dataclass(frozen=True)
 class SubscriptionFacts:
     lines: list[PlanLine]
     interval: str | None
     default_payment_method: str | None
     schedule_id: str | None
     latest_invoice: str | None
+    discounts: list[ActiveDiscount] = field(default_factory=list)
 
     @classmethod
     def from_stripe(cls, subscription: Mapping[str, Any]) -> SubscriptionFacts:
@@ -64,6 +96,10 @@ class SubscriptionFacts:
             default_payment_method=_id(subscription.get("default_payment_method")),
             schedule_id=_id(subscription.get("schedule")),
             latest_invoice=_id(subscription.get("latest_invoice")),
+            # Read with expand=discounts.promotion_code; an unexpanded id says nothing to show.
+            discounts=[
+                ActiveDiscount.from_stripe(d) for d in subscription.get("discounts") or [] if isinstance(d, Mapping)
+            ],
         )
 
     def to_cache(self) -> dict[str, Any]:
@@ -71,7 +107,13 @@ class SubscriptionFacts:
 
     @classmethod
     def from_cache(cls, value: Mapping[str, Any]) -> SubscriptionFacts:
-        return cls(**{**value, "lines": [PlanLine(**line) for line in value["lines"]]})
+        return cls(
+            **{
+                **value,
+                "lines": [PlanLine(**line) for line in value["lines"]],
+                "discounts": [ActiveDiscount(**d) for d in value.get("discounts") or []],
+            }
+        )
 
 
 @dataclass(frozen=True)

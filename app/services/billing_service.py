@@ -232,6 +232,15 @@ class BillingService:
         return found
 
     @classmethod
+    def active_promotion_code(cls, code: str) -> dict[str, Any] | None:
+        """The active promotion code with this code at Stripe (its coupon included), or None."""
+        with cls._calling_stripe("look up a promotion code"):
+            found = cls.ensure_stripe().v1.promotion_codes.list(
+                params={"code": code, "active": True, "limit": 1, "expand": ["data.promotion.coupon"]}
+            )
+        return found.data[0].to_dict() if found.data else None
+
+    @classmethod
     def catalogue_prices(cls) -> dict[str, PriceInfo]:
         """Every price the catalogue sells, for pages that show them (signup, change plan). Never raises:
         a price Stripe does not have, or a Stripe that does not answer, is simply not shown."""
@@ -301,6 +310,7 @@ class BillingService:
                         "mode": "subscription",
                         "line_items": line_items,
                         "client_reference_id": reference,
+                        "allow_promotion_codes": config["PROMOTION_CODES_AT_CHECKOUT"],
                         "metadata": metadata,
                         "subscription_data": subscription_data,
                         "success_url": f"{config['APP_BASE_URL']}/billing/complete-signup-from-stripe"
@@ -595,6 +605,7 @@ class BillingService:
             "mode": "subscription",
             "line_items": cls._line_items(tier, {}),
             "client_reference_id": f"organization-{organization_id}",
+            "allow_promotion_codes": current_app.config["PROMOTION_CODES_AT_CHECKOUT"],
             "metadata": metadata,
             "subscription_data": {"metadata": metadata},
             "success_url": f"{base}/billing/checkout-complete?session_id={{CHECKOUT_SESSION_ID}}",
@@ -846,7 +857,15 @@ class BillingService:
     @classmethod
     def read_subscription_for_page(cls, subscription_id: str) -> dict[str, Any]:
         with cls._calling_stripe("read a subscription"):
-            return cls._stripe_for_page_reads().v1.subscriptions.retrieve(subscription_id, options=PAGE_READ).to_dict()
+            return (
+                cls._stripe_for_page_reads()
+                .v1.subscriptions.retrieve(
+                    subscription_id,
+                    params={"expand": ["discounts.promotion_code", "discounts.source.coupon"]},
+                    options=PAGE_READ,
+                )
+                .to_dict()
+            )
 
     @classmethod
     def read_upcoming(cls, subscription_id: str) -> dict[str, Any] | None:

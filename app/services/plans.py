@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
+PROMOTION_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,49}$")
 WHOP_PLAN_ID = re.compile(r"^plan_[A-Za-z0-9_]{1,100}$")
 
 
@@ -66,6 +67,8 @@ class PlanCatalogue:
     tiers: dict[str, Tier]
     addons: dict[str, Addon]
     features: dict[str, str] = field(default_factory=dict)  # key -> the words pages use for it
+    # Promotion codes the marketing pages name (code -> where), checked by `flask billing check-prices`.
+    promotion_codes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> PlanCatalogue:
@@ -116,9 +119,10 @@ class PlanCatalogue:
         shared = sorted({p for p in whop_plans if whop_plans.count(p) > 1})
         if shared:
             problems.append(f"{source}: Whop plan ids used by two tiers: {', '.join(shared)}")
+        promotion_codes = _promotion_codes(raw, problems, source)
         if problems:
             raise CatalogueError("; ".join(problems))
-        return cls(tiers=tiers, addons=addons, features=features)
+        return cls(tiers=tiers, addons=addons, features=features, promotion_codes=promotion_codes)
 
     def tier(self, key: str) -> Tier | None:
         return self.tiers.get(key)
@@ -208,6 +212,20 @@ def _features(raw: dict[str, Any], problems: list[str], source: str) -> dict[str
             continue
         features[key] = label
     return features
+
+
+def _promotion_codes(raw: dict[str, Any], problems: list[str], source: str) -> dict[str, str]:
+    """[promotion_codes.<CODE>] named_on = "the launch page": codes managed in Stripe that pages name."""
+    section = raw.get("promotion_codes") or {}
+    codes: dict[str, str] = {}
+    for code, entry in section.items() if isinstance(section, dict) else ():
+        if not PROMOTION_CODE.match(code) or not isinstance(entry, dict):
+            problems.append(f"{source}: [promotion_codes.{code}] must be a table named by the code (letters, digits)")
+            continue
+        codes[code] = str(entry.get("named_on") or "")
+    if not isinstance(section, dict):
+        problems.append(f"{source}: [promotion_codes] must be a table of codes")
+    return codes
 
 
 def _entries(
