@@ -214,10 +214,11 @@ def redeem(store: Store, code: Obj, subscription: Obj, now: int) -> Obj:
     return made
 
 
-def apply_to_invoice(store: Store, invoice: Obj, subscription: Obj | None) -> None:
+def apply_to_invoice(store: Store, invoice: Obj, subscription: Obj | None, *, preview: bool = False) -> None:
     """Discount an invoice by the subscription's discounts that last at its date (or by those it
     already carries, when its totals are worked out again). A `once` discount is used up by the first
-    invoice with something to discount and leaves the subscription. Sets the totals, not the balance."""
+    invoice with something to discount and leaves the subscription (not by a preview, which changes
+    nothing). Sets the totals, not the balance."""
     subtotal = sum(line["amount"] for line in invoice["lines"]["data"])
     ids = list(invoice["discounts"])
     if not ids and subscription is not None and subtotal > 0:
@@ -226,7 +227,7 @@ def apply_to_invoice(store: Store, invoice: Obj, subscription: Obj | None) -> No
             found = store.get(discount_id)
             if found is not None and (found["end"] is None or found["end"] > now):
                 ids.append(discount_id)
-                if found["coupon"]["duration"] == "once":
+                if found["coupon"]["duration"] == "once" and not preview:
                     found["end"] = now
                     store.put(found)
                     subscription["discounts"] = [d for d in subscription["discounts"] if d != discount_id]

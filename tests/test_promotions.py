@@ -35,6 +35,17 @@ def test_a_code_entered_at_signup_discounts_the_plan_and_the_billing_page_says_u
     ends = promotions_end_words(discount["end"])
     assert f'<span class="discount-ends">{ends}</span>' in page
 
+    # A plan change keeps the discount, and its preview shows it (Stripe's preview applies it).
+    preview = client.post(
+        "/billing/plan/preview",
+        data={"csrf_token": csrf_token(client, "/billing/plan"), "tier": "pro", "interval": "month"},
+        follow_redirects=True,
+    )
+    text = preview.get_data(as_text=True)
+    assert preview.status_code == 200 and "Discount (promotion code)" in text, text[-1500:]
+    [(_, preview_call)] = offline_stripe.calls_to("invoices.create_preview")[-1:]
+    assert preview_call["params"]["subscription"] == subscription["id"]
+
 
 def promotions_end_words(end: int) -> str:
     return f"{datetime.fromtimestamp(end, UTC):%d %B %Y}".lstrip("0")
