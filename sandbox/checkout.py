@@ -224,6 +224,7 @@ def _complete_checkout(
         payment_status=("no_payment_required" if trial_days else "unpaid" if settles_later else "paid"),
         customer=customer["id"],
         subscription=subscription["id"],
+        invoice=invoice["id"],  # the subscription's first invoice, as Stripe records it
         customer_details=objects.customer_details(email, name),
         url=None,
     )

@@ -173,7 +173,9 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
 
     # A renewal: Stripe invoices and charges the card on file; the organization's period moves on.
     period_end = subscription["items"]["data"][0]["current_period_end"]
-    payments_before = domain_event_counts(app)["billing.payment_succeeded"]  # 0 or 1, by arrival order
+    # The first invoice's payment is recorded once, whichever arrived first (its receipt hangs on it).
+    payments_before = domain_event_counts(app)["billing.payment_succeeded"]
+    assert payments_before == 1
     stripe_api.advance_clock(clock_id, period_end + 2 * HOUR)
     assert {"invoice.created", "invoice.finalized", "invoice.paid", "customer.subscription.updated"} <= set(deliver())
     renewed = stripe_api.subscription(subscription["id"])
@@ -268,6 +270,11 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     counts = domain_event_counts(app)
     assert [counts[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
     assert counts["billing.payment_failed"] == 1 and counts["billing.payment_succeeded"] == payments_before + 2
+    # A receipt for every paid invoice (the first, the renewal, the recovered one), each exactly once.
+    run_jobs(app)
+    receipts = [m for m in smtp_server.to("ada@example.com") if str(m["Subject"]).startswith("Your Ledgerline receipt")]
+    assert len(receipts) == counts["billing.payment_succeeded"] == 3
+    assert all("Amount paid: $29.00" in email_text(receipt) for receipt in receipts)
     assert {row.status for row in query(app, "SELECT status FROM stripe_event")} <= {"processed", "ignored"}
 
 

@@ -11,6 +11,7 @@ from werkzeug.wrappers import Response
 
 from app.access import current_access, recent_auth_required, require_signed_in, sign_in, take_signup_sign_in
 from app.billing.forms import (
+    BillingEmailForm,
     CancelForm,
     ChangeSeatsForm,
     ConfirmChangeForm,
@@ -24,7 +25,7 @@ from app.billing.forms import (
 from app.extensions import client_address, csrf, db, limiter
 from app.features import current_entitlements
 from app.models import Organization, User
-from app.services import free_plan
+from app.services import free_plan, receipts
 from app.services.billing_service import (
     BillingError,
     BillingService,
@@ -94,6 +95,7 @@ def overview() -> str | tuple[str, int]:
         on_free_plan=on_free_plan,
         free_tier=catalogue.free_tier(),
         downgrade_form=DowngradeToFreeForm(),
+        billing_email_form=BillingEmailForm(billing_email=organization.billing_email or ""),
     )
 
 
@@ -316,6 +318,22 @@ def resume() -> Response:
         flash(str(exc), "error")
     else:
         flash("Your plan will renew as usual.", "success")
+    return redirect(url_for("billing.overview"), 303)
+
+
+@bp.post("/billing-email")
+def billing_email() -> Response:
+    """Where receipts go: another address, or (empty) the owner's own."""
+    organization_id = _owned_organization().id
+    form = BillingEmailForm()
+    if not form.validate_on_submit():
+        abort(400, "That form was incomplete. Reload the billing page and try again.")
+    try:
+        kept = receipts.set_billing_email(organization_id, form.billing_email.data or "", actor_user_id=current_user.id)
+    except receipts.BillingEmailError as exc:
+        flash(str(exc), "error")
+    else:
+        flash(f"Receipts will be sent to {kept or current_user.email}.", "success")
     return redirect(url_for("billing.overview"), 303)
 
 

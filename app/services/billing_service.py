@@ -900,6 +900,12 @@ class BillingService:
             return client.v1.payment_methods.retrieve(method_id, options=PAGE_READ).to_dict()
 
     @classmethod
+    def read_invoice_for_receipt(cls, invoice_id: str) -> dict[str, Any]:
+        """An invoice as a receipt shows it (the worker's read: retried, then the outbox retries)."""
+        with cls._calling_stripe("read an invoice"):
+            return cls.ensure_stripe().v1.invoices.retrieve(invoice_id).to_dict()
+
+    @classmethod
     def read_invoices(cls, customer_id: str) -> list[dict[str, Any]]:
         with cls._calling_stripe("list invoices"):
             invoices = cls._stripe_for_page_reads().v1.invoices.list(

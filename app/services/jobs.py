@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from app.extensions import db
 from app.models import PendingSignup, SignupStatus, StripeEvent, StripeEventStatus, WhopEvent
 from app.models.types import utcnow
-from app.services import domain_events, notifications, outbox, queue  # noqa: F401  (registers the consumers)
+from app.services import domain_events, notifications, outbox, queue, receipts  # noqa: F401  (registers the consumers)
 from app.services.billing_service import WEBHOOK_QUEUE, BillingService
 
 logger = logging.getLogger(__name__)
@@ -165,3 +165,9 @@ def reconcile_daily(timestamp: int) -> str:
 
 queue.register_blueprint("webhooks", webhooks)
 queue.register_blueprint("maintenance", maintenance)
+
+
+@outbox.consumer("billing.payment_succeeded", name="receipt_email")
+def receipt_email(event: outbox.OutboxEvent) -> None:
+    """The receipt for a paid invoice (receipts.py), read from Stripe through the authority."""
+    receipts.send_receipt(event, BillingService)

@@ -67,6 +67,8 @@ def provision_checkout_session(
     if not checkout_is_paid(checkout) or not isinstance(subscription, dict):
         return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, pending.id)
     state = price_lookup.subscription_state(subscription)
+    if not checkout.get("invoice"):  # the first invoice, for the payment recorded with the signup
+        checkout = {**checkout, "invoice": subscription.get("latest_invoice")}
     return SignupService.complete_pending_signup_from_checkout(pending, checkout, state, source=source)
 
 

@@ -252,9 +252,21 @@ class SignupService:
         )
         if organization.billing_customer_id is None:
             organization.billing_customer_id = _id_of(checkout_session.get("customer"))
-        return SignupService._create_organization_and_owner(
+        outcome = SignupService._create_organization_and_owner(
             pending, organization, source=source, checkout_session_id=checkout_session["id"]
         )
+        if organization.last_payment_status == "paid" and organization.last_invoice_id:
+            # The first invoice's payment, once: its invoice.paid, before or after this, finds it
+            # recorded (the same invoice, paid) and records nothing (its receipt hangs on this).
+            domain_events.record(
+                "billing.payment_succeeded",
+                organization_id=organization.id,
+                source=source,
+                invoice_id=organization.last_invoice_id,
+                amount_paid=checkout_session.get("amount_total"),
+                currency=checkout_session.get("currency"),
+            )
+        return outcome
 
     @staticmethod
     def complete_free_signup(pending_signup_id: uuid.UUID, *, source: str) -> ProvisionOutcome:
