@@ -411,6 +411,7 @@ STRIPE_CALLS: dict[str, tuple[str, str]] = {
     "prices.retrieve": ("GET", r"/v1/prices/([^/]+)"),
     "customers.create": ("POST", r"/v1/customers"),
     "customers.retrieve": ("GET", r"/v1/customers/([^/]+)"),
+    "customers.update": ("POST", r"/v1/customers/([^/]+)"),
     "checkout.sessions.create": ("POST", r"/v1/checkout/sessions"),
     "checkout.sessions.list": ("GET", r"/v1/checkout/sessions"),
     "checkout.sessions.retrieve": ("GET", r"/v1/checkout/sessions/([^/]+)"),

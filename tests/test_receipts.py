@@ -66,6 +66,13 @@ def test_every_paid_invoice_gets_one_receipt(
     )
     assert "Receipts will be sent to finance@example.com." in response.get_data(as_text=True)
     assert query(app, "SELECT billing_email FROM organization")[0].billing_email == "finance@example.com"
+    # The worker gives Stripe's customer the same address, once.
+    run_jobs(app)
+    run_jobs(app)
+    [(args, update)] = offline_stripe.calls_to("customers.update")
+    assert args == (session["customer"],) and update["params"] == {"email": "finance@example.com"}
+    assert update["options"]["idempotency_key"].startswith("customer-email-")
+    assert offline_stripe.api("GET", f"/v1/customers/{session['customer']}")["email"] == "finance@example.com"
     customer = offline_stripe.api("GET", f"/v1/customers/{session['customer']}")
     period_end = subscription["items"]["data"][0]["current_period_end"]
     offline_stripe.advance_clock(customer["test_clock"], period_end + 2 * HOUR)

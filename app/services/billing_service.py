@@ -906,6 +906,14 @@ class BillingService:
             return cls.ensure_stripe().v1.invoices.retrieve(invoice_id).to_dict()
 
     @classmethod
+    def update_customer_email(cls, customer_id: str, email: str, *, key: str) -> None:
+        """Stripe's customer gets the address receipts go to (the worker, on a billing email change)."""
+        with cls._calling_stripe("update a customer"):
+            cls.ensure_stripe().v1.customers.update(
+                customer_id, params={"email": email}, options={"idempotency_key": key}
+            )
+
+    @classmethod
     def read_invoices(cls, customer_id: str) -> list[dict[str, Any]]:
         with cls._calling_stripe("list invoices"):
             invoices = cls._stripe_for_page_reads().v1.invoices.list(

@@ -171,3 +171,12 @@ queue.register_blueprint("maintenance", maintenance)
 def receipt_email(event: outbox.OutboxEvent) -> None:
     """The receipt for a paid invoice (receipts.py), read from Stripe through the authority."""
     receipts.send_receipt(event, BillingService)
+
+
+@outbox.consumer("organization.billing_email_changed", name="sync_customer_email")
+def sync_customer_email(event: outbox.OutboxEvent) -> None:
+    """Stripe's customer follows the billing email address (or the owner's, when it is cleared)."""
+    found = receipts.customer_email(event.organization_id)
+    if found is not None:
+        customer_id, email = found
+        BillingService.update_customer_email(customer_id, email, key=f"customer-email-{event.id}")
