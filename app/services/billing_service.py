@@ -450,7 +450,7 @@ class BillingService:
         Whop-billed organization: the membership's own management page on Whop."""
         if organization.billed_by_whop:
             return whop_billing.manage_url(organization)
-        customer_id = organization.billing_customer_id
+        customer_id, organization_id = organization.billing_customer_id, organization.id
         if not customer_id:
             raise SubscriptionActionNotAllowed("This organization has no billing account yet.")
         db.session.rollback()  # release the connection while Stripe answers
@@ -458,6 +458,7 @@ class BillingService:
             portal = cls.ensure_stripe().v1.billing_portal.sessions.create(
                 params={"customer": customer_id, "return_url": return_url}
             )
+        cls.forget_billing_reads(organization_id)  # what the owner changes there (a card) shows on return
         return str(portal.url)
 
     @classmethod
