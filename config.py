@@ -60,6 +60,8 @@ class BaseConfig:
         self.PLAN_CATALOGUE_FILE = env.get("PLAN_CATALOGUE_FILE", str(PROJECT_ROOT / "plans.toml"))
         self.PRICE_CACHE_SECONDS = int(env.get("PRICE_CACHE_SECONDS", "300"))
         self.CHECKOUT_SESSION_TTL_MINUTES = int(env.get("CHECKOUT_SESSION_TTL_MINUTES", "60"))
+        # Checkout shows its "Add promotion code" field (allow_promotion_codes) at signup and upgrade.
+        self.PROMOTION_CODES_AT_CHECKOUT = env.get("PROMOTION_CODES_AT_CHECKOUT", "1") in ("1", "true", "yes")
         self.PAST_DUE_GRACE_DAYS = int(env.get("PAST_DUE_GRACE_DAYS", "7"))
         # The billing page's reads from Stripe (upcoming invoice, payment method, invoices) are cached
         # this long; a failed read is remembered for the shorter time, so a Stripe outage costs one

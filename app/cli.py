@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
-from app.services import outbox, queue, queue_status, usage_reports
+from app.services import outbox, promotions, queue, queue_status, usage_reports
 from app.services.billing_service import BillingConfigurationError, BillingError, BillingService, plan_catalogue
 from app.services.reconcile_names import names_for
 
@@ -178,6 +178,18 @@ def check_prices() -> None:
     for label, lookup_key in entries:
         price = prices[lookup_key]
         click.echo(f"{label:<24} {lookup_key:<24} {price.id}  {price.describe()}")
+    missing = []
+    for code, named_on in catalogue.promotion_codes.items():
+        try:
+            found = BillingService.active_promotion_code(code)
+        except BillingError as exc:
+            raise click.ClickException(str(exc)) from None
+        if found is None:
+            missing.append(f"{code} ({named_on})" if named_on else code)
+            continue
+        click.echo(f"{'promotion code':<24} {code:<24} {found['id']}  {promotions.describe_code(found)}")
+    if missing:
+        raise click.ClickException(f"No active promotion code at Stripe for: {', '.join(missing)}")
     _check_meters()
 
 

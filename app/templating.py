@@ -6,6 +6,9 @@ from datetime import UTC, datetime
 
 from flask import Flask, current_app
 
+from app.extensions import db
+from app.models import Organization
+from app.services import trials
 from app.services.access_policy import STATUS_WORDS
 from app.services.pricing import format_money
 from app.services.wording import counted
@@ -48,3 +51,13 @@ def init_templating(app: Flask) -> None:
     @app.template_filter("status_words")
     def status_words(status: str) -> str:
         return STATUS_WORDS.get(status, status)  # type: ignore[call-overload, no-any-return]
+
+    @app.template_global("trial_reminder")
+    def trial_reminder(organization_id: int | None) -> datetime | None:
+        """When a trial that started without a card ends, in its last days (the banner); else None.
+        By id: the signed-in user may be detached from the session by then (a page rendered after a
+        refused action rolled it back), and the banner must not lazy-load through them."""
+        organization = db.session.get(Organization, organization_id) if organization_id is not None else None
+        if organization is None:
+            return None
+        return trials.reminder(organization, current_app.extensions["plan_catalogue"])

@@ -12,15 +12,15 @@ from typing import NoReturn
 from flask import Flask
 from werkzeug.serving import make_server
 
-from . import api, billing, checkout, clock, control, endpoints, meters, pages, schedules, v1
+from . import api, billing, checkout, clock, control, discounts, endpoints, meters, pages, schedules, v1
 from .config import Dunning, LiveDelivery, Settings
 from .store import Store
 from .worker import Worker
 
-# Importing these registers what they offer: /v1 endpoints on v1.bp (api, endpoints, meters) and the
+# Importing these registers what they offer: /v1 endpoints on v1.bp (api, endpoints, meters, discounts) and the
 # timed jobs billing.run_job() dispatches (checkout, clock, schedules). Named here so that no
 # registration depends on which module happens to import which.
-REGISTRARS = (api, endpoints, meters, checkout, clock, schedules)
+REGISTRARS = (api, endpoints, meters, discounts, checkout, clock, schedules)
 
 
 def create_app(settings: Settings, store: Store, delivery: LiveDelivery | None = None) -> Flask:
@@ -64,6 +64,7 @@ def main() -> None:
         with store.transaction():
             prices = billing.seed_catalogue(store, settings.catalogue_file)
             prices += meters.seed(store, settings.catalogue_file)
+            discounts.seed_promotion_codes(store, settings.catalogue_file)
     except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
         sys.exit(f"sandbox: cannot load the plan catalogue {settings.catalogue_file}: {exc}")
 

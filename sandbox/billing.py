@@ -119,6 +119,8 @@ def seed_catalogue(store: Store, path: Path) -> list[Obj]:
     for section in ("tiers", "addons"):
         for key, entry in catalogue.get(section, {}).items():
             if "lookup_key" not in entry:
+                if section == "tiers":
+                    continue  # a free tier: nothing is sold, so Stripe has no price for it
                 raise ValueError(f"[{section}.{key}] has no lookup_key")
             role = "tier" if section == "tiers" else "addon"
             amount = int(entry.get("sandbox_unit_amount", 1000))

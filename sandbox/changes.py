@@ -441,7 +441,7 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
     for ii in collected:
         ii["invoice"] = invoice_id
     lines = _lines_billed_now(plan, subscription["id"], collected, invoice_id)
-    invoice = build_invoice(customer, subscription, lines, "subscription_update", now, invoice_id)
+    invoice = build_invoice(customer, subscription, lines, "subscription_update", now, invoice_id, store=store)
     invoice["parent"]["subscription_details"]["subscription_proration_date"] = proration_date
     customer["next_invoice_sequence"] += 1
     store.put(customer)
@@ -566,7 +566,7 @@ def preview_invoice(
         lines += [recurring_line(i, subscription["id"], None, end, next_end) for i in renewed]
         reason, created = "upcoming", end
         next_attempt = end + 3600
-    invoice = build_invoice(customer, subscription, lines, reason, created)
+    invoice = build_invoice(customer, subscription, lines, reason, created, store=store, preview=True)
     if reason == "upcoming":
         # A renewal invoice's period is the one that is ending (its lines bill the next one).
         invoice.update(period_start=start, period_end=end)

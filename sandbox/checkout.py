@@ -11,7 +11,7 @@ import copy
 import time
 from dataclasses import dataclass
 
-from . import invoicing, objects, simtime
+from . import discounts, invoicing, objects, simtime
 from .billing import (
     AUTOMATIC,
     JOB_HANDLERS,
@@ -128,8 +128,10 @@ def pay_checkout_session(
     name: str,
     async_delay: float,
     card_expiry: tuple[int, int] = (12, 2034),
+    promotion_code: str = "",
 ) -> Obj:
-    """Complete a Session with a sandbox card: create the customer, its payment method, the
+    """Complete a Session with a sandbox card (and a promotion code, where the Session allows them):
+    create the customer, its payment method, the
     subscription and invoice, emit the events Stripe emits, and schedule the settlement of an
     asynchronous payment. card_number may be empty for a trial Session whose
     payment_method_collection is if_required. A customer on a test clock gets everything at
@@ -144,7 +146,14 @@ def pay_checkout_session(
     if card and (card.outcome == "declined" or (card.outcome == "charge_fails" and not trial_days)):
         raise PaymentError(invoicing.DECLINED)
     with simtime.time_of(store, session["customer"]):
-        return _complete_checkout(store, session, card, email, name, async_delay, card_expiry)
+        code = None
+        if promotion_code:
+            try:
+                existing = store.get(session["customer"]) if session["customer"] else None
+                code = discounts.redeemable(store, promotion_code, existing)
+            except StripeError as exc:
+                raise PaymentError(exc.message) from None
+        return _complete_checkout(store, session, card, email, name, async_delay, card_expiry, code)
 
 
 def card_optional(session: Obj) -> bool:
@@ -162,6 +171,7 @@ def _complete_checkout(
     name: str,
     async_delay: float,
     card_expiry: tuple[int, int],
+    code: Obj | None = None,
 ) -> Obj:
     now = simtime.now()
     sub_data = session["_subscription_data"]
@@ -197,7 +207,12 @@ def _complete_checkout(
     )
     if sub_data.get("missing_payment_method"):
         subscription["trial_settings"]["end_behavior"]["missing_payment_method"] = sub_data["missing_payment_method"]
+    if code is not None:
+        made = discounts.redeem(store, code, subscription, now)
+        session["discounts"] = [{"coupon": None, "promotion_code": code["id"]}]
+        session["_discount"] = made["id"]
     invoice = objects.invoice(customer, subscription, now)
+    discounts.apply_to_invoice(store, invoice, subscription)
     invoicing.decorate(invoice, customer, subscription)
     customer["next_invoice_sequence"] += 1
     subscription["latest_invoice"] = invoice["id"]
@@ -209,6 +224,7 @@ def _complete_checkout(
         payment_status=("no_payment_required" if trial_days else "unpaid" if settles_later else "paid"),
         customer=customer["id"],
         subscription=subscription["id"],
+        invoice=invoice["id"],  # the subscription's first invoice, as Stripe records it
         customer_details=objects.customer_details(email, name),
         url=None,
     )

@@ -8,7 +8,7 @@ completes a renewal invoice with the items waiting for it (add_pending_items()).
 
 from __future__ import annotations
 
-from . import invoicing, objects
+from . import discounts, invoicing, objects
 from .billing import load
 from .objects import Obj
 from .store import Store
@@ -92,9 +92,18 @@ def recurring_line(item: Obj, subscription_id: str, invoice_id: str | None, star
 
 
 def build_invoice(
-    customer: Obj, subscription: Obj, lines: list[Obj], billing_reason: str, now: int, invoice_id: str | None = None
+    customer: Obj,
+    subscription: Obj,
+    lines: list[Obj],
+    billing_reason: str,
+    now: int,
+    invoice_id: str | None = None,
+    *,
+    store: Store | None = None,
+    preview: bool = False,
 ) -> Obj:
-    """An invoice of the given lines, shaped like the sandbox's other invoices."""
+    """An invoice of the given lines, shaped like the sandbox's other invoices; given the store, the
+    subscription's discounts apply (a preview only reads them)."""
     invoice = objects.invoice(customer, subscription, now)
     if invoice_id is not None:
         invoice["id"] = invoice_id
@@ -103,6 +112,8 @@ def build_invoice(
     # The lines' url names the invoice's id, which may have been given (invoice_id).
     invoice["lines"] = objects.list_object(lines, f"/v1/invoices/{invoice['id']}/lines")
     _set_totals(invoice)
+    if store is not None:
+        discounts.apply_to_invoice(store, invoice, subscription, preview=preview)
     invoice.update(
         billing_reason=billing_reason,
         amount_paid=0,
@@ -149,6 +160,8 @@ def add_pending_items(store: Store, invoice: Obj) -> None:
         store.put(ii)
     invoice["lines"]["data"] = [line_from_invoice_item(ii, invoice["id"]) for ii in waiting] + invoice["lines"]["data"]
     _set_totals(invoice)
+    if invoice["discounts"]:
+        discounts.apply_to_invoice(store, invoice, None)  # the discount it carries, on its new subtotal
     customer = load(store, "customer", invoice["customer"])
     apply_balance(customer, invoice)
     store.put(customer)

@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import cache
 
-from . import billing, lists, objects, simtime
+from . import billing, discounts, lists, objects, simtime
 from .config import Settings
 from .errors import StripeError
 from .objects import Obj
@@ -238,6 +238,7 @@ def renewal_invoice(store: Store, customer: Obj, subscription: Obj, period: tupl
         effective_at=None,
     )
     invoice["status_transitions"]["finalized_at"] = None
+    discounts.apply_to_invoice(store, invoice, subscription)
     decorate(invoice, customer, subscription)
     if invoice["auto_advance"]:
         invoice["automatically_finalizes_at"] = now + 3600

@@ -19,7 +19,7 @@ from .objects import Obj
 
 bp = Blueprint("pages", __name__, template_folder="templates")
 
-FIELDS = ("email", "cardNumber", "cardExpiry", "cardCvc", "billingName")
+FIELDS = ("email", "cardNumber", "cardExpiry", "cardCvc", "billingName", "promotionCode")
 EXPIRY = re.compile(r"(\d{1,2})\s*/?\s*(\d{2})")  # "MM / YY", "MM/YY" or "MMYY"
 
 PORTAL_ACTIONS = {
@@ -87,6 +87,7 @@ def checkout_page(session_id: str) -> Response | tuple[str, int]:
                         name=values["billingName"],
                         async_delay=current_settings().async_delay,
                         card_expiry=card_expiry(values),
+                        promotion_code=values["promotionCode"] if session["allow_promotion_codes"] else "",
                     )
             except billing.PaymentError as exc:
                 errors = [str(exc)]
@@ -98,6 +99,7 @@ def checkout_page(session_id: str) -> Response | tuple[str, int]:
         session=session,
         trial_days=session["_subscription_data"]["trial_period_days"],
         card_optional=checkout.card_optional(session),
+        promotion_codes=bool(session["allow_promotion_codes"]),
         values=values,
         errors=errors,
         cards=billing.SANDBOX_CARDS,

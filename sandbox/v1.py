@@ -44,6 +44,9 @@ EXPANDABLE = {
     "default_payment_method",
     "schedule",
     "test_clock",
+    "discounts",  # a subscription's or invoice's discounts (ids), each expanded to its discount
+    "promotion_code",
+    "coupon",  # a promotion code's promotion.coupon, a discount's source.coupon
 }
 
 
@@ -245,6 +248,12 @@ def _expand(store: Store, obj: Obj, parts: list[str], path: str) -> None:
         target = store.get(value)
         # An includable field of the expanded object (latest_invoice.payments) is shown when named.
         value = obj[field] = objects.public(target, include=set(rest[:1])) if target else value
+    elif isinstance(value, list):  # a list of ids (discounts), each expanded, then what is under them
+        obj[field] = [objects.public(found) if isinstance(v, str) and (found := store.get(v)) else v for v in value]
+        for item in obj[field]:
+            if rest and isinstance(item, dict):
+                _expand(store, item, rest, path)
+        return
     if rest and isinstance(value, dict):
         _expand(store, value, rest, path)
 

@@ -413,6 +413,7 @@ STRIPE_CALLS: dict[str, tuple[str, str]] = {
     "prices.retrieve": ("GET", r"/v1/prices/([^/]+)"),
     "customers.create": ("POST", r"/v1/customers"),
     "customers.retrieve": ("GET", r"/v1/customers/([^/]+)"),
+    "customers.update": ("POST", r"/v1/customers/([^/]+)"),
     "checkout.sessions.create": ("POST", r"/v1/checkout/sessions"),
     "checkout.sessions.list": ("GET", r"/v1/checkout/sessions"),
     "checkout.sessions.retrieve": ("GET", r"/v1/checkout/sessions/([^/]+)"),
@@ -434,6 +435,7 @@ CARDS = {
     "trial": "4242 4242 4242 4242",
     "async": "4000 0000 0000 3220",
     "declined": "4000 0000 0000 0002",
+    "no_card": "",  # a trial Checkout with payment_method_collection=if_required, left without a card
 }
 
 
@@ -544,17 +546,20 @@ class SandboxAccount:
 
     # -- acting as the customer --------------------------------------------------------------------
 
-    def pay(self, session_id: str, *, outcome: str = "paid", card: str | None = None) -> dict[str, Any]:
+    def pay(
+        self, session_id: str, *, outcome: str = "paid", card: str | None = None, promotion_code: str = ""
+    ) -> dict[str, Any]:
         """The customer pays on the hosted Checkout page. outcome: paid, trial (a trial checkout), async (the
         payment settles later) or declined. Returns the session as the API then reports it."""
         response = self.http.post(
             f"{self.url}/checkout/{session_id}",
             data={
                 "email": "ada@example.com",
-                "cardNumber": card or CARDS[outcome],
-                "cardExpiry": "12 / 34",
-                "cardCvc": "123",
+                "cardNumber": (number := CARDS[outcome] if card is None else card),
+                "cardExpiry": "12 / 34" if number else "",
+                "cardCvc": "123" if number else "",
                 "billingName": "Ada Lovelace",
+                "promotionCode": promotion_code,  # Checkout's field, where the session allows codes
             },
             allow_redirects=False,
             timeout=30,

@@ -241,7 +241,7 @@ def test_resume_undoes_a_scheduled_cancellation(app: Flask, owner: Owner, offlin
     other_token = "f" * 32
     assert owner.post("/billing/resume", request_token=other_token).status_code == 303
     [_, (_args, call)] = offline_stripe.calls_to("subscriptions.update")
-    assert call["params"] == {"cancel_at_period_end": "false", "cancel_at": ""}
+    assert call["params"] == {"cancel_at_period_end": "false", "cancel_at": "", "metadata": {"downgrade_to": ""}}
     assert call["options"] == {"idempotency_key": f"org-{owner.organization_id}-resume-{other_token}"}
     assert organization(app, owner.organization_id).cancel_at_period_end is False
 

@@ -135,7 +135,7 @@ def test_the_signup_page_shows_each_price_as_stripe_has_it(
     page = html.unescape(client.get("/auth/signup").get_data(as_text=True))
     prices = stripe_prices(app)
     plans = catalogue(app)
-    for tier in plans.tiers.values():
+    for tier in plans.paid_tiers():
         monthly = prices[tier.lookup_key]
         assert f'id="price-{tier.key}-month">{monthly.describe()}' in page
         assert monthly.unit_amount is not None
@@ -146,6 +146,8 @@ def test_the_signup_page_shows_each_price_as_stripe_has_it(
     assert f"{prices['extra_seat_monthly'].describe()} each" in page
     assert 'id="trial-pro">14-day free trial' in page and 'id="trial-starter"' not in page
     assert "10 seats included" in page and "Audit log of billing and team changes" in page
+    # The free plan has no price at Stripe: the page says it is free.
+    assert 'id="price-free-free">Free, no card needed' in page and 'id="price-free-month"' not in page
     # Monthly or yearly is offered exactly when Stripe sells a tier yearly.
     yearly_sold = any(tier.yearly_lookup_key in prices for tier in plans.tiers.values())
     assert ('id="interval-choice"' in page) == yearly_sold
@@ -173,7 +175,7 @@ def test_the_signup_page_works_while_stripe_is_down(client: Any, app: Flask, off
     offline_stripe.fail_next("prices.list")
     response = client.get("/auth/signup")
     page = response.get_data(as_text=True)
-    assert response.status_code == 200 and page.count("Price shown at checkout") == len(catalogue(app).tiers)
+    assert response.status_code == 200 and page.count("Price shown at checkout") == len(catalogue(app).paid_tiers())
     # The failure is remembered briefly: the next views do not wait on Stripe again.
     calls = len(offline_stripe.calls_to("prices.list"))
     client.get("/auth/signup")

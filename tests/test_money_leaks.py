@@ -97,7 +97,7 @@ def test_resume_clears_a_cancellation_scheduled_with_cancel_at(
     # The date is cleared explicitly: the issue (and Stripe's API) do not let cancel_at_period_end=false
     # undo a cancel_at date, even where the sandbox is lenient about it.
     [(_, update)] = offline_stripe.calls_to("subscriptions.update")
-    assert update["params"] == {"cancel_at_period_end": "false", "cancel_at": ""}
+    assert update["params"] == {"cancel_at_period_end": "false", "cancel_at": "", "metadata": {"downgrade_to": ""}}
     at_stripe = offline_stripe.subscription(owner.subscription_id)
     assert at_stripe["cancel_at"] is None and at_stripe["cancel_at_period_end"] is False
     assert organization(app, owner.organization_id).cancel_at_period_end is False

@@ -203,7 +203,10 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
 
     # A renewal: Stripe invoices and charges the card on file; the organization's period moves on.
     period_end = subscription["items"]["data"][0]["current_period_end"]
-    payments_before = domain_event_counts(app)["billing.payment_succeeded"]  # 0 or 1, by arrival order
+    # The first invoice's payment is recorded once, whichever arrived first (its receipt hangs on it),
+    # and the upgrade's, paid on its invoice page, once.
+    payments_before = domain_event_counts(app)["billing.payment_succeeded"]
+    assert payments_before == 2
     stripe_api.advance_clock(clock_id, period_end + 2 * HOUR)
     assert {"invoice.created", "invoice.finalized", "invoice.paid", "customer.subscription.updated"} <= set(deliver())
     renewed = stripe_api.subscription(subscription["id"])
@@ -302,6 +305,15 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert [counts[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
     assert counts["billing.payment_failed"] == 1 and counts["billing.payment_action_required"] == 1
     assert counts["billing.payment_succeeded"] == payments_before + 2
+    # A receipt for every paid invoice (the first, the upgrade, the renewal, the recovered one), each
+    # exactly once, with what that invoice took.
+    run_jobs(app)
+    receipts = [m for m in smtp_server.to("ada@example.com") if str(m["Subject"]).startswith("Your Ledgerline receipt")]
+    assert len(receipts) == counts["billing.payment_succeeded"] == 4
+    invoices = stripe_api.api("GET", "/v1/invoices", {"customer": subscription["customer"], "limit": 100})["data"]
+    paid = sorted(f"Amount paid: ${i['amount_paid'] / 100:,.2f}" for i in invoices if i["amount_paid"] > 0)
+    said = [next(line for line in email_text(r).splitlines() if "Amount paid: $" in line).strip() for r in receipts]
+    assert sorted(said) == paid
     assert {row.status for row in query(app, "SELECT status FROM stripe_event")} <= {"processed", "ignored"}
 
 
@@ -734,3 +746,202 @@ def test_two_paid_signups_for_one_email_racing_end_in_one_account_and_a_refund(
     [pending] = query(app, "SELECT * FROM pending_signup WHERE checkout_session_id = :s", s=second)
     assert pending.status == "failed" and pending.settled_at is not None
     assert offline_stripe.subscription(offline_stripe.session(second)["subscription"])["status"] == "canceled"
+
+
+# --- The free plan's lifecycle --------------------------------------------------------------------
+
+
+def test_free_signup_upgraded_to_paid_then_downgraded_to_free(request: pytest.FixtureRequest) -> None:
+    """A sibling of the primary lifecycle on the same sandbox: a free signup (no Checkout, no Stripe at
+    all), its limits, an upgrade from the billing page through Checkout into a subscription attached to
+    the same organization and the Stripe customer made then (on a test clock), a downgrade back to free
+    that cancels at the period's end, and a second upgrade that reuses the customer."""
+    app: Flask = request.getfixturevalue("make_app")(STRIPE_TEST_CLOCKS=True)
+    stripe_api: SandboxAccount = request.getfixturevalue("offline_stripe")
+    client = app.test_client()
+
+    page = client.get("/auth/signup").get_data(as_text=True)
+    assert 'id="price-free-free"' in page and "Free, no card needed" in page
+
+    # The free signup: the organization exists at once, the owner is signed in, Stripe never hears of it.
+    response = start_signup(client, tier="free", addon_extra_seats="0")
+    assert response.status_code == 303 and response.headers["Location"] == "/app"
+    assert [
+        made["path"] for made in stripe_api.requests_made() if made["path"] != "/v1/prices"
+    ] == []  # page prices only
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.tier, organization.billing_status) == ("free", "active")
+    assert (organization.billing_customer_id, organization.billing_subscription_id) == (None, None)
+    [pending] = query(app, "SELECT * FROM pending_signup")
+    assert (pending.status, pending.organization_id, pending.password_hash) == ("completed", organization.id, None)
+    assert [domain_event_counts(app)[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
+    home = client.get("/app")
+    assert home.status_code == 200 and "Analytical Engines" in home.get_data(as_text=True)
+    # The free tier's limits apply: 2 seats, and no subscription to cancel or change.
+    billing = client.get("/billing/").get_data(as_text=True)
+    assert "1 in use of 2" in billing and 'id="cancel"' not in billing and 'id="change-plan"' not in billing
+    assert 'id="upgrade-from-free"' in billing and 'id="upgrade-free"' not in billing  # paid tiers only
+    assert "$19.00" in billing  # the paid plans' prices, from Stripe
+
+    # Signing up again with the same email (free) makes no second account.
+    again = start_signup(app.test_client(), tier="free", addon_extra_seats="0")
+    assert again.status_code == 303 and again.headers["Location"] == "/auth/login"
+    assert len(query(app, "SELECT id FROM organization")) == 1
+
+    # The upgrade: the Stripe customer is made now (on a test clock), and Checkout sells it the plan.
+    def owner_post(path: str, token: str, **fields: str) -> Any:
+        data = {"csrf_token": csrf_token(client, "/billing/"), "request_token": token, **fields}
+        return client.post(path, data=data)
+
+    response = owner_post("/billing/resubscribe", "d" * 32, tier="starter")
+    assert response.status_code == 303
+    session_id = response.headers["Location"].rsplit("/", 1)[-1]
+    [(_, customer_call)] = stripe_api.calls_to("customers.create")
+    assert customer_call["options"] == {"idempotency_key": f"org-{organization.id}-customer"}
+    assert customer_call["params"]["email"] == "ada@example.com"
+    assert customer_call["params"]["metadata"] == {"organization_id": str(organization.id)}
+    [(_, checkout_call)] = stripe_api.calls_to("checkout.sessions.create")
+    customer_id = checkout_call["params"]["customer"]
+    assert query(app, "SELECT billing_customer_id FROM organization")[0].billing_customer_id == customer_id
+    assert checkout_call["params"]["metadata"] == {"purpose": "resubscribe", "organization_id": str(organization.id)}
+    assert checkout_call["params"]["line_items"] == [{"price": stripe_api.price_id("starter_monthly"), "quantity": "1"}]
+    customer = stripe_api.api("GET", f"/v1/customers/{customer_id}")
+    assert customer["test_clock"].startswith("clock_")
+
+    session = stripe_api.pay(session_id)
+    landing = client.get(f"/billing/checkout-complete?session_id={session_id}")
+    assert landing.status_code == 303 and landing.headers["Location"] == "/billing/"
+    assert all(status == 200 for _, status in stripe_api.deliver(client))
+    [upgraded] = query(app, "SELECT * FROM organization")
+    assert upgraded.id == organization.id  # the same organization, members and data
+    assert (upgraded.tier, upgraded.billing_status) == ("starter", "active")
+    assert (upgraded.billing_customer_id, upgraded.billing_subscription_id) == (customer_id, session["subscription"])
+    assert "1 in use of 5" in client.get("/billing/").get_data(as_text=True)  # the paid tier's limits now
+    assert [domain_event_counts(app)[name] for name in SIGNUP_EVENTS] == [1, 1, 1]
+
+    # The downgrade: canceled at the period's end, noting the free tier; the plan runs until then.
+    billing = client.get("/billing/").get_data(as_text=True)
+    assert 'id="downgrade-free"' in billing
+    assert owner_post("/billing/downgrade-to-free", "e" * 32).status_code == 303
+    [(args, update)] = stripe_api.calls_to("subscriptions.update")
+    assert args == (session["subscription"],)
+    assert update["params"] == {"cancel_at_period_end": "true", "metadata": {"downgrade_to": "free"}}
+    assert update["options"] == {"idempotency_key": f"org-{organization.id}-downgrade-free-{'e' * 32}"}
+    held = query(app, "SELECT * FROM organization")[0]
+    assert (held.tier, held.billing_status, held.cancel_at_period_end) == ("starter", "active", True)
+    stripe_api.deliver(client)
+
+    period_end = stripe_api.subscription(session["subscription"])["items"]["data"][0]["current_period_end"]
+    stripe_api.advance_clock(customer["test_clock"], period_end + 2 * HOUR)
+    ended = [event_type for event_type, status in stripe_api.deliver(client) if status == 200]
+    assert "customer.subscription.deleted" in ended and "invoice.created" not in ended
+    [free_again] = query(app, "SELECT * FROM organization")
+    assert (free_again.tier, free_again.billing_status, free_again.cancel_at_period_end) == ("free", "active", False)
+    assert (free_again.billing_subscription_id, free_again.billing_customer_id) == (None, customer_id)
+    assert client.get("/app").status_code == 200  # access goes on, on the free plan
+    run_jobs(app)
+    smtp_server: SmtpSink = request.getfixturevalue("smtp_server")
+    assert not [m for m in smtp_server.to("ada@example.com") if "ended" in str(m["Subject"]).lower()]
+    assert stripe_api.subscription(session["subscription"])["status"] == "canceled"
+
+    # A second upgrade reuses the customer: no new one is made.
+    response = owner_post("/billing/resubscribe", "f" * 32, tier="pro")
+    assert response.status_code == 303
+    assert len(stripe_api.calls_to("customers.create")) == 1
+    assert stripe_api.calls_to("checkout.sessions.create")[-1][1]["params"]["customer"] == customer_id
+    assert {row.status for row in query(app, "SELECT status FROM stripe_event")} <= {"processed", "ignored"}
+
+
+# --- Trials without a card ------------------------------------------------------------------------
+
+DAY = 24 * HOUR
+
+
+def _start_card_less_trial(request: pytest.FixtureRequest) -> tuple[Flask, SandboxAccount, Any, dict[str, Any]]:
+    """A Pro signup (14-day trial, no card needed) paid on Checkout without entering a card."""
+    app: Flask = request.getfixturevalue("make_app")(STRIPE_TEST_CLOCKS=True)
+    stripe_api: SandboxAccount = request.getfixturevalue("offline_stripe")
+    client = app.test_client()
+    session_id = checkout_session_id(start_signup(client, tier="pro", addon_extra_seats="0"))
+    [(_, call)] = stripe_api.calls_to("checkout.sessions.create")
+    assert call["params"]["payment_method_collection"] == "if_required"
+    assert call["params"]["subscription_data"]["trial_period_days"] == "14"
+    assert call["params"]["subscription_data"]["trial_settings"] == {
+        "end_behavior": {"missing_payment_method": "cancel"}
+    }
+    session = stripe_api.pay(session_id, outcome="no_card")
+    assert client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}").headers["Location"] == "/app"
+    stripe_api.deliver(client)
+    subscription = stripe_api.subscription(session["subscription"])
+    assert subscription["status"] == "trialing" and subscription["default_payment_method"] is None
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.tier, organization.billing_status) == ("pro", "trialing")
+    billing = client.get("/billing/").get_data(as_text=True)
+    assert 'id="add-card"' in billing and "None on file" in billing
+    assert 'id="trial-banner"' not in client.get("/app").get_data(as_text=True)  # not yet: 14 days to go
+    return app, stripe_api, client, subscription
+
+
+def _trial_reminder(app: Flask, stripe_api: SandboxAccount, client: Any, subscription: dict[str, Any]) -> str:
+    """Three days before the trial ends: Stripe's trial_will_end, one email, and the banner."""
+    clock_id = stripe_api.api("GET", f"/v1/customers/{subscription['customer']}")["test_clock"]
+    stripe_api.advance_clock(clock_id, subscription["trial_end"] - 3 * DAY + HOUR)
+    assert "customer.subscription.trial_will_end" in [event for event, _ in stripe_api.deliver(client)]
+    [event] = query(app, "SELECT * FROM domain_event WHERE name = 'subscription.trial_will_end'")
+    assert event.data["ends_without_card"] == "cancel"
+    assert 'id="trial-banner"' in client.get("/app").get_data(as_text=True)
+    return str(clock_id)
+
+
+def test_a_trial_without_a_card_converts_once_the_owner_adds_one(
+    request: pytest.FixtureRequest, smtp_server: SmtpSink
+) -> None:
+    app, stripe_api, client, subscription = _start_card_less_trial(request)
+    clock_id = _trial_reminder(app, stripe_api, client, subscription)
+    run_jobs(app)
+    run_jobs(app)  # a second run sends nothing more: the outbox delivers once
+    [reminder] = [m for m in smtp_server.to("ada@example.com") if "trial ends" in str(m["Subject"]).lower()]
+    assert "add one on the billing page before then" in email_text(reminder)
+    assert "is canceled when the trial ends" in email_text(reminder)
+
+    # The owner adds a card in the customer portal from the billing page; the trial then converts.
+    portal = client.post("/billing/portal", data={"csrf_token": csrf_token(client, "/billing/")})
+    stripe_api.update_card_in_portal(portal.headers["Location"], "4242 4242 4242 4242")
+    stripe_api.deliver(client)
+    assert 'id="add-card"' not in client.get("/billing/").get_data(as_text=True)
+    stripe_api.advance_clock(clock_id, subscription["trial_end"] + 2 * HOUR)
+    assert "invoice.paid" in [event for event, _ in stripe_api.deliver(client)]
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.tier, organization.billing_status, organization.last_payment_status) == (
+        "pro",
+        "active",
+        "paid",
+    )
+    assert 'id="trial-banner"' not in client.get("/app").get_data(as_text=True)
+
+
+def test_a_trial_without_a_card_lapses_cleanly_and_resumes_by_paying(request: pytest.FixtureRequest) -> None:
+    app, stripe_api, client, subscription = _start_card_less_trial(request)
+    clock_id = _trial_reminder(app, stripe_api, client, subscription)
+
+    # No card by the end: Stripe cancels the subscription (nothing invoiced), and access ends.
+    stripe_api.advance_clock(clock_id, subscription["trial_end"] + 2 * HOUR)
+    ended = [event for event, _ in stripe_api.deliver(client)]
+    assert "customer.subscription.deleted" in ended and "invoice.paid" not in ended
+    assert stripe_api.subscription(subscription["id"])["status"] == "canceled"
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.tier, organization.billing_status) == ("pro", "canceled")
+    assert client.get("/app").headers["Location"] == "/billing/"
+    billing = client.get("/billing/").get_data(as_text=True)
+    assert 'id="resubscribe"' in billing and 'id="trial-banner"' not in billing
+
+    # Resumed by paying: a new subscription through Checkout on the same organization and customer.
+    data = {"csrf_token": csrf_token(client, "/billing/"), "request_token": "a" * 32, "tier": "pro"}
+    session_id = client.post("/billing/resubscribe", data=data).headers["Location"].rsplit("/", 1)[-1]
+    session = stripe_api.pay(session_id)
+    assert client.get(f"/billing/checkout-complete?session_id={session_id}").status_code == 303
+    stripe_api.deliver(client)
+    [organization] = query(app, "SELECT * FROM organization")
+    assert (organization.billing_status, organization.billing_subscription_id) == ("active", session["subscription"])
+    assert organization.billing_customer_id == subscription["customer"]
+    assert client.get("/app").status_code == 200

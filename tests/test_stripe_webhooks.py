@@ -372,7 +372,10 @@ def test_invoice_events_record_the_payment_state_and_a_dunning_event(
     # A late copy of the failure (Stripe does not promise order) cannot undo the payment.
     post_and_apply(client, stripe_event("invoice.payment_failed", invoice, created=later(15)))
     assert organization_row(app).last_payment_status == "paid"
-    assert events_named(app)["billing.payment_succeeded"] == 1
+    # One for the signup's first invoice (recorded at provisioning), one for this one.
+    succeeded = query(app, "SELECT data FROM domain_event WHERE name = 'billing.payment_succeeded'")
+    assert events_named(app)["billing.payment_succeeded"] == 2
+    assert [row.data["invoice_id"] for row in succeeded].count("in_renewal") == 1
 
 
 def test_trial_will_end_emits_an_event(

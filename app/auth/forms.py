@@ -78,6 +78,15 @@ class SignupForm(FlaskForm):
     def validate_password(self, field: PasswordField) -> None:
         check_new_password(field, self.email.data)
 
+    free_tier_key: str | None = None  # the catalogue's free tier: nothing to pay, so nothing to add
+
+    def validate_tier(self, field: RadioField) -> None:
+        if field.data and field.data == self.free_tier_key:
+            if any(self.addon_quantities().values()):
+                raise ValidationError("Add-ons need a paid plan: remove them, or choose a paid plan.")
+            if self.provider() == "whop":
+                raise ValidationError("The free plan needs no payment: choose card payment, or another plan.")
+
     def addon_fields(self) -> list[tuple[str, IntegerField]]:
         return [
             (name.removeprefix("addon_"), field) for name, field in self._fields.items() if name.startswith("addon_")
@@ -101,6 +110,8 @@ def signup_form(catalogue: PlanCatalogue, **kwargs: Any) -> SignupForm:
     form_class = type("CatalogueSignupForm", (SignupForm,), fields)
     form: SignupForm = form_class(**kwargs)
     form.tier.choices = [SelectChoice(tier.key, tier.name) for tier in catalogue.tiers.values()]
+    free = catalogue.free_tier()
+    form.free_tier_key = free.key if free else None
     return form
 
 

@@ -21,13 +21,15 @@ from app.access import (
 from app.account.forms import TwoFactorCodeForm
 from app.auth.forms import ForgotPasswordForm, LoginForm, NewPasswordForm, SignupForm, signup_form
 from app.errors import error_response, rate_limit_message, retry_after_header
-from app.extensions import client_address, limiter
+from app.extensions import client_address, db, limiter
+from app.models import User
 from app.rate_limits import AttemptLimit, limit_attempts
+from app.services import free_plan
 from app.services.account_service import AccountService, InvalidLink
 from app.services.auth_service import AuthService, normalise_email
 from app.services.billing_service import BillingError, BillingService, PaymentProviderUnavailable, plan_catalogue
 from app.services.checkout_return import CanceledCheckout, ReturnState, canceled_checkout
-from app.services.signup_service import SignupError
+from app.services.signup_service import ProvisionState, SignupError
 from app.services.two_factor_service import TwoFactorError, TwoFactorService
 
 bp = Blueprint("auth", __name__)
@@ -171,6 +173,8 @@ def signup_submit() -> Response | tuple[str, int]:
     form = signup_form(catalogue)
     if not form.validate_on_submit():
         return _signup_page(form), 422
+    if form.tier.data == form.free_tier_key:
+        return _free_signup(form)
     start_checkout = (
         BillingService.create_whop_checkout_for_tier
         if form.provider() == "whop"
@@ -199,6 +203,30 @@ def signup_submit() -> Response | tuple[str, int]:
         "provider": form.provider(),
     }
     return redirect(checkout.url, 303)
+
+
+def _free_signup(form: SignupForm) -> Response | tuple[str, int]:
+    """The free plan: the organization is created at once (free_plan.py), no checkout; the new owner
+    is signed in. An email that already has an account gets none; its mailbox is told, as for a paid
+    signup, and the page says to sign in."""
+    try:
+        outcome = free_plan.sign_up(
+            email=form.email.data,
+            organization_name=form.organization_name.data,
+            owner_name=form.owner_name.data,
+            password=form.password.data,
+            tier=plan_catalogue().tiers[form.tier.data],
+        )
+    except SignupError as exc:
+        form.form_errors.append(str(exc))
+        return _signup_page(form), 422
+    owner = db.session.get(User, outcome.owner_user_id) if outcome.owner_user_id is not None else None
+    if outcome.state != ProvisionState.PROVISIONED or owner is None:
+        flash("This email already has an account: sign in to it, or use another email.", "info")
+        return redirect(url_for("auth.login"), 303)
+    sign_in(owner)
+    flash("Welcome! Your organization is ready on the free plan.", "success")
+    return redirect(url_for("main.dashboard"), 303)
 
 
 @bp.route("/login", methods=["GET", "POST"])

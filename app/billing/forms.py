@@ -3,8 +3,8 @@ from __future__ import annotations
 from typing import Any
 
 from flask_wtf import FlaskForm
-from wtforms import HiddenField, IntegerField, RadioField, SelectChoice
-from wtforms.validators import DataRequired, InputRequired, Length, NumberRange, Regexp
+from wtforms import HiddenField, IntegerField, RadioField, SelectChoice, StringField
+from wtforms.validators import DataRequired, InputRequired, Length, NumberRange, Optional, Regexp
 
 from app.services.billing_service import REQUEST_TOKEN, new_request_token
 from app.services.plans import PlanCatalogue
@@ -45,13 +45,21 @@ class ResumeForm(OwnerActionForm):
     pass
 
 
+class DowngradeToFreeForm(OwnerActionForm):
+    pass
+
+
+class BillingEmailForm(FlaskForm):
+    billing_email = StringField("Send receipts to", validators=[Optional(), Length(max=254)])
+
+
 class ResubscribeForm(OwnerActionForm):
     tier = RadioField("Plan", validators=[DataRequired(message="Choose a plan.")])
 
 
 def resubscribe_form(catalogue: PlanCatalogue) -> ResubscribeForm:
     form = ResubscribeForm()
-    form.tier.choices = [SelectChoice(tier.key, tier.name) for tier in catalogue.tiers.values()]
+    form.tier.choices = [SelectChoice(tier.key, tier.name) for tier in catalogue.paid_tiers()]
     return form
 
 

@@ -12,9 +12,11 @@ from werkzeug.wrappers import Response
 from app import clock
 from app.access import current_access, recent_auth_required, require_signed_in, sign_in, take_signup_sign_in
 from app.billing.forms import (
+    BillingEmailForm,
     CancelForm,
     ChangeSeatsForm,
     ConfirmChangeForm,
+    DowngradeToFreeForm,
     KeepPlanForm,
     PortalForm,
     ResumeForm,
@@ -24,7 +26,7 @@ from app.billing.forms import (
 from app.extensions import client_address, csrf, db, limiter
 from app.features import current_entitlements
 from app.models import Organization, User
-from app.services import usage_page
+from app.services import free_plan, receipts, usage_page
 from app.services.billing_common import ChangeOutcome
 from app.services.billing_service import (
     BillingError,
@@ -76,7 +78,9 @@ def overview() -> str | tuple[str, int]:
     catalogue = plan_catalogue()
     g.access = current_access()
     # A new subscription is offered with each plan's price (through the price cache); nothing else needs them.
-    prices = BillingService.catalogue_prices() if g.access.remedy == "resubscribe" else {}
+    # A free organization is offered the paid plans too (an upgrade is a new subscription).
+    on_free_plan = free_plan.on_free_plan(organization)
+    prices = BillingService.catalogue_prices() if g.access.remedy == "resubscribe" or on_free_plan else {}
     usage: list[usage_page.MeterUsage] = []
     if any(meter.allowance(organization.tier) for meter in catalogue.meters.values()):
         metered = usage_page.metered_prices(
@@ -98,6 +102,10 @@ def overview() -> str | tuple[str, int]:
         resume_form=ResumeForm(),
         resubscribe_form=resubscribe_form(catalogue),
         keep_plan_form=KeepPlanForm(),
+        on_free_plan=on_free_plan,
+        free_tier=catalogue.free_tier(),
+        downgrade_form=DowngradeToFreeForm(),
+        billing_email_form=BillingEmailForm(billing_email=organization.billing_email or ""),
     )
 
 
@@ -346,6 +354,45 @@ def resume() -> Response:
         flash(str(exc), "error")
     else:
         flash("Your plan will renew as usual.", "success")
+    return redirect(url_for("billing.overview"), 303)
+
+
+@bp.post("/billing-email")
+def billing_email() -> Response:
+    """Where receipts go: another address, or (empty) the owner's own."""
+    organization_id = _owned_organization().id
+    form = BillingEmailForm()
+    if not form.validate_on_submit():
+        abort(400, "That form was incomplete. Reload the billing page and try again.")
+    try:
+        kept = receipts.set_billing_email(organization_id, form.billing_email.data or "", actor_user_id=current_user.id)
+    except receipts.BillingEmailError as exc:
+        flash(str(exc), "error")
+    else:
+        flash(f"Receipts will be sent to {kept or current_user.email}.", "success")
+    return redirect(url_for("billing.overview"), 303)
+
+
+@bp.post("/downgrade-to-free")
+@recent_auth_required
+def downgrade_to_free() -> Response:
+    """A paid plan moves to the free plan when its period ends (the subscription is canceled then)."""
+    organization_id = _owned_organization().id
+    form = DowngradeToFreeForm()
+    if not form.validate_on_submit():
+        abort(400, "That form was incomplete. Reload the billing page and try again.")
+    try:
+        BillingService.downgrade_to_free(
+            organization_id, request_token=form.request_token.data, actor_user_id=current_user.id
+        )
+    except BillingError as exc:
+        flash(str(exc), "error")
+    else:
+        flash(
+            "Your plan moves to the free plan at the end of the billing period; nothing more is charged. "
+            "You can keep your plan until then.",
+            "success",
+        )
     return redirect(url_for("billing.overview"), 303)
 
 

@@ -83,6 +83,8 @@ class Organization(Model):
     subscription_events_seen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The owner requires two-factor sign-in of every member: one without it is sent to set it up.
     require_two_factor: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Where receipts go, when the owner chose an address other than their own (app/services/receipts.py).
+    billing_email: Mapped[str | None] = mapped_column(String(320))
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow, onupdate=utcnow)
 

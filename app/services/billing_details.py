@@ -35,6 +35,37 @@ class ScheduledChange:
 
 
 @dataclass(frozen=True)
+class ActiveDiscount:
+    """A discount on the subscription (a coupon, usually redeemed through a promotion code)."""
+
+    code: str | None
+    name: str | None
+    percent_off: float | None
+    amount_off: int | None
+    currency: str | None
+    duration: str
+    ends_at: int | None  # None: forever, or a once discount waiting for the next invoice
+
+    @property
+    def ends(self) -> datetime | None:
+        return from_unix(self.ends_at)
+
+    @classmethod
+    def from_stripe(cls, discount: Mapping[str, Any]) -> ActiveDiscount:
+        coupon = discount.get("coupon") or (discount.get("source") or {}).get("coupon") or {}
+        code = discount.get("promotion_code")
+        return cls(
+            code=str(code.get("code")) if isinstance(code, Mapping) and code.get("code") else None,
+            name=coupon.get("name") if isinstance(coupon, Mapping) else None,
+            percent_off=coupon.get("percent_off") if isinstance(coupon, Mapping) else None,
+            amount_off=coupon.get("amount_off") if isinstance(coupon, Mapping) else None,
+            currency=coupon.get("currency") if isinstance(coupon, Mapping) else None,
+            duration=str(coupon.get("duration") or "once") if isinstance(coupon, Mapping) else "once",
+            ends_at=discount.get("end"),
+        )
+
+
+@dataclass(frozen=True)
 class SubscriptionFacts:
     lines: list[PlanLine]
     interval: str | None
@@ -43,6 +74,7 @@ class SubscriptionFacts:
     latest_invoice: str | None
     # An upgrade waiting for its invoice to be paid (Stripe's pending_update): until when it can be.
     pending_update_expires_at: int | None = None
+    discounts: list[ActiveDiscount] = field(default_factory=list)
 
     @classmethod
     def from_stripe(cls, subscription: Mapping[str, Any]) -> SubscriptionFacts:
@@ -69,6 +101,10 @@ class SubscriptionFacts:
             schedule_id=_id(subscription.get("schedule")),
             latest_invoice=_id(subscription.get("latest_invoice")),
             pending_update_expires_at=(subscription.get("pending_update") or {}).get("expires_at"),
+            # Read with expand=discounts.promotion_code; an unexpanded id says nothing to show.
+            discounts=[
+                ActiveDiscount.from_stripe(d) for d in subscription.get("discounts") or [] if isinstance(d, Mapping)
+            ],
         )
 
     @classmethod
@@ -93,7 +129,13 @@ class SubscriptionFacts:
 
     @classmethod
     def from_cache(cls, value: Mapping[str, Any]) -> SubscriptionFacts:
-        return cls(**{**value, "lines": [PlanLine(**line) for line in value["lines"]]})
+        return cls(
+            **{
+                **value,
+                "lines": [PlanLine(**line) for line in value["lines"]],
+                "discounts": [ActiveDiscount(**d) for d in value.get("discounts") or []],
+            }
+        )
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,6 @@ from stripe.params import InvoiceCreatePreviewParams
 from stripe.params.checkout import (
     SessionCreateParams,
     SessionCreateParamsLineItem,
-    SessionCreateParamsSubscriptionData,
 )
 
 from app import clock
@@ -36,10 +35,12 @@ from app.models import (
     Organization,
     StripeEvent,
     SubscriptionChangeStatus,
+    User,
 )
 from app.services import (
     billing_page,
     domain_events,
+    free_plan,
     outbox,
     plan_change_claims,
     price_lookup,
@@ -51,6 +52,7 @@ from app.services import (
     staff_console,
     stripe_events,
     stripe_pace,
+    trials,
     usage,
     usage_reconcile,
     usage_reports,
@@ -61,7 +63,6 @@ from app.services import reconcile as reconciliation
 from app.services.billing_common import (
     CANCELLABLE,
     CHECKOUT_SESSION_ID,
-    ENDED,
     REQUEST_TOKEN,
     STALE_FORM,
     BillingConfigurationError,
@@ -255,6 +256,15 @@ class BillingService:
         return found
 
     @classmethod
+    def active_promotion_code(cls, code: str) -> dict[str, Any] | None:
+        """The active promotion code with this code at Stripe (its coupon included), or None."""
+        with cls._calling_stripe("look up a promotion code"):
+            found = cls.ensure_stripe().v1.promotion_codes.list(
+                params={"code": code, "active": True, "limit": 1, "expand": ["data.promotion.coupon"]}
+            )
+        return found.data[0].to_dict() if found.data else None
+
+    @classmethod
     def catalogue_prices(cls) -> dict[str, PriceInfo]:
         """Every price the catalogue sells, for pages that show them (signup, change plan). Never raises:
         a price Stripe does not have, or a Stripe that does not answer, is simply not shown."""
@@ -324,9 +334,7 @@ class BillingService:
         cls._expire_checkout_sessions(signup.superseded_checkout_session_ids)
         reference = str(signup.pending_signup_id)
         metadata = {"purpose": "signup", "pending_signup_id": reference}
-        subscription_data: SessionCreateParamsSubscriptionData = {"metadata": metadata}
-        if tier.trial_days:
-            subscription_data["trial_period_days"] = tier.trial_days
+        subscription_data: Any = {"metadata": metadata, **trials.checkout_subscription_data(tier)}
         try:
             with cls._calling_stripe("create a checkout session"):
                 payer: SessionCreateParams = {"customer_email": email.strip().lower()}
@@ -335,9 +343,11 @@ class BillingService:
                 session = client.v1.checkout.sessions.create(
                     params={
                         **payer,
+                        **trials.checkout_collection(tier),
                         "mode": "subscription",
                         "line_items": line_items,
                         "client_reference_id": reference,
+                        "allow_promotion_codes": config["PROMOTION_CODES_AT_CHECKOUT"],
                         "metadata": metadata,
                         "subscription_data": subscription_data,
                         "success_url": f"{config['APP_BASE_URL']}/billing/complete-signup-from-stripe"
@@ -395,6 +405,20 @@ class BillingService:
             options={"idempotency_key": f"signup-customer-{reference}"},
         )
         return customer.id
+
+    @classmethod
+    def _customer_for_organization(cls, organization_id: int, email: str, name: str) -> str:
+        """A Stripe customer for an organization that has none (a free one upgrading), on a test clock of
+        its own when STRIPE_TEST_CLOCKS is on; the idempotency key makes a retry the same customer."""
+        client, key = cls.ensure_stripe(), f"org-{organization_id}-customer"
+        params: Any = {"email": email, "name": name, "metadata": {"organization_id": str(organization_id)}}
+        with cls._calling_stripe("create a customer"):
+            if current_app.config["STRIPE_TEST_CLOCKS"]:
+                params["test_clock"] = client.v1.test_helpers.test_clocks.create(
+                    params={"frozen_time": clock.now(), "name": f"organization {organization_id}"},
+                    options={"idempotency_key": f"{key}-clock"},
+                ).id
+            return client.v1.customers.create(params=params, options={"idempotency_key": key}).id
 
     @classmethod
     def _expire_checkout_sessions(cls, session_ids: list[str]) -> None:
@@ -463,7 +487,7 @@ class BillingService:
         Whop-billed organization: the membership's own management page on Whop."""
         if organization.billed_by_whop:
             return whop_billing.manage_url(organization)
-        customer_id = organization.billing_customer_id
+        customer_id, organization_id = organization.billing_customer_id, organization.id
         if not customer_id:
             raise SubscriptionActionNotAllowed("This organization has no billing account yet.")
         db.session.rollback()  # release the connection while Stripe answers
@@ -471,6 +495,7 @@ class BillingService:
             portal = cls.ensure_stripe().v1.billing_portal.sessions.create(
                 params={"customer": customer_id, "return_url": return_url}
             )
+        cls.forget_billing_reads(organization_id)  # what the owner changes there (a card) shows on return
         return str(portal.url)
 
     @classmethod
@@ -507,7 +532,8 @@ class BillingService:
         def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
             return client.v1.subscriptions.update(
                 subscription_id,
-                params={"cancel_at_period_end": False, "cancel_at": ""},
+                # A downgrade to free is a scheduled cancellation too: resuming withdraws it.
+                params={"cancel_at_period_end": False, "cancel_at": "", "metadata": {free_plan.DOWNGRADE_TO: ""}},
                 options={"idempotency_key": key},
             )
 
@@ -517,6 +543,25 @@ class BillingService:
             return None
 
         return cls._owner_subscription_change(organization_id, "resume", request_token, actor_user_id, allowed, call)
+
+    @classmethod
+    def downgrade_to_free(cls, organization_id: int, *, request_token: str, actor_user_id: int) -> list[str]:
+        """Downgrade a paid plan to the free one: the subscription is canceled at the period's end and
+        notes the free tier (free_plan.DOWNGRADE_TO), so its end moves the organization to it."""
+        tier = free_plan.free_tier()
+
+        def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
+            params: Any = {"cancel_at_period_end": True, "metadata": {free_plan.DOWNGRADE_TO: tier.key if tier else ""}}
+            return client.v1.subscriptions.update(subscription_id, params=params, options={"idempotency_key": key})
+
+        def allowed(organization: Organization) -> str | None:
+            if tier is None or organization.billed_by_whop or organization.billing_status not in CANCELLABLE:
+                return "There is no paid plan to downgrade to the free plan."
+            return None
+
+        return cls._owner_subscription_change(
+            organization_id, "downgrade-free", request_token, actor_user_id, allowed, call
+        )
 
     @classmethod
     def _owner_subscription_change(
@@ -578,20 +623,28 @@ class BillingService:
         client = cls.ensure_stripe()
         try:
             organization = db.session.get(Organization, organization_id, populate_existing=True)
-            if organization is None or organization.billing_status not in ENDED:
+            if organization is None or not free_plan.may_start_paid_subscription(organization):
                 raise SubscriptionActionNotAllowed("This organization already has a subscription.")
             # An organization that Whop billed moves to card billing with a Stripe customer of its own
-            # (Whop's member id is no Stripe customer); its Whop history stays where it is.
-            customer_id = provisioning.stripe_customer_of(organization)
+            # (Whop's member id is no Stripe customer); its Whop history stays where it is. A free
+            # organization has no customer yet: it is made below.
+            customer_id = provisioning.stripe_customer_of(organization) if organization.billing_customer_id else None
+            name = organization.name
+            owner_email = db.session.get(User, actor_user_id).email  # type: ignore[union-attr]
         finally:
             db.session.rollback()
         tier = cls.tier(tier_key)
+        if customer_id is None:  # a free organization upgrading: its Stripe customer is made now
+            customer_id = provisioning.remember_customer(
+                organization_id, cls._customer_for_organization(organization_id, owner_email, name)
+            )
         metadata = {"purpose": "resubscribe", "organization_id": str(organization_id)}
         base = current_app.config["APP_BASE_URL"]
         params: SessionCreateParams = {
             "mode": "subscription",
             "line_items": cls._line_items(tier, {}),
             "client_reference_id": f"organization-{organization_id}",
+            "allow_promotion_codes": current_app.config["PROMOTION_CODES_AT_CHECKOUT"],
             "metadata": metadata,
             "subscription_data": {"metadata": metadata},
             "success_url": f"{base}/billing/checkout-complete?session_id={{CHECKOUT_SESSION_ID}}",
@@ -786,7 +839,15 @@ class BillingService:
     @classmethod
     def read_subscription_for_page(cls, subscription_id: str) -> dict[str, Any]:
         with cls._calling_stripe("read a subscription"):
-            return cls._stripe_for_page_reads().v1.subscriptions.retrieve(subscription_id, options=PAGE_READ).to_dict()
+            return (
+                cls._stripe_for_page_reads()
+                .v1.subscriptions.retrieve(
+                    subscription_id,
+                    params={"expand": ["discounts.promotion_code", "discounts.source.coupon"]},
+                    options=PAGE_READ,
+                )
+                .to_dict()
+            )
 
     @classmethod
     def read_upcoming(cls, subscription_id: str, schedule_id: str | None = None) -> dict[str, Any] | None:
@@ -821,6 +882,20 @@ class BillingService:
             return None
         with cls._calling_stripe("read a payment method"):
             return client.v1.payment_methods.retrieve(method_id, options=PAGE_READ).to_dict()
+
+    @classmethod
+    def read_invoice_for_receipt(cls, invoice_id: str) -> dict[str, Any]:
+        """An invoice as a receipt shows it (the worker's read: retried, then the outbox retries)."""
+        with cls._calling_stripe("read an invoice"):
+            return cls.ensure_stripe().v1.invoices.retrieve(invoice_id).to_dict()
+
+    @classmethod
+    def update_customer_email(cls, customer_id: str, email: str, *, key: str) -> None:
+        """Stripe's customer gets the address receipts go to (the worker, on a billing email change)."""
+        with cls._calling_stripe("update a customer"):
+            cls.ensure_stripe().v1.customers.update(
+                customer_id, params={"email": email}, options={"idempotency_key": key}
+            )
 
     @classmethod
     def read_invoices(cls, customer_id: str) -> list[dict[str, Any]]:

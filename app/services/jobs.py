@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from app.extensions import db
 from app.models import PendingSignup, SignupStatus, StripeEvent, StripeEventStatus, WhopEvent
 from app.models.types import utcnow
-from app.services import domain_events, notifications, outbox, queue  # noqa: F401  (registers the consumers)
+from app.services import domain_events, notifications, outbox, queue, receipts  # noqa: F401  (registers the consumers)
 from app.services.billing_service import WEBHOOK_QUEUE, BillingService
 
 logger = logging.getLogger(__name__)
@@ -181,3 +181,18 @@ def report_usage(timestamp: int) -> str:
 queue.register_blueprint("webhooks", webhooks)
 queue.register_blueprint("usage", usage_tasks)
 queue.register_blueprint("maintenance", maintenance)
+
+
+@outbox.consumer("billing.payment_succeeded", name="receipt_email")
+def receipt_email(event: outbox.OutboxEvent) -> None:
+    """The receipt for a paid invoice (receipts.py), read from Stripe through the authority."""
+    receipts.send_receipt(event, BillingService)
+
+
+@outbox.consumer("organization.billing_email_changed", name="sync_customer_email")
+def sync_customer_email(event: outbox.OutboxEvent) -> None:
+    """Stripe's customer follows the billing email address (or the owner's, when it is cleared)."""
+    found = receipts.customer_email(event.organization_id)
+    if found is not None:
+        customer_id, email = found
+        BillingService.update_customer_email(customer_id, email, key=f"customer-email-{event.id}")

@@ -118,7 +118,13 @@ def payment_action_required_email(event: OutboxEvent) -> None:
 
 @outbox.consumer("subscription.trial_will_end", name="trial_ending_email")
 def trial_ending_email(event: OutboxEvent) -> None:
-    _send_to_owner(event, "trial_ending", "Your trial ends in three days", trial_end=_date(event.data.get("trial_end")))
+    _send_to_owner(
+        event,
+        "trial_ending",
+        "Your trial ends in three days",
+        trial_end=_date(event.data.get("trial_end")),
+        ends_without_card=event.data.get("ends_without_card"),
+    )
 
 
 @outbox.consumer("subscription.cancellation_scheduled", name="cancellation_scheduled_email")

@@ -418,6 +418,10 @@ def summarize_invoice_preview(invoice: Mapping[str, Any]) -> tuple[int, list[Pre
         PreviewLine(str(line.get("description") or "Adjustment"), int(line.get("amount") or 0))
         for line in (invoice.get("lines") or {}).get("data") or []
     ]
+    # A promotion code's discount on the subscription applies to this invoice too: it is shown as a line.
+    discount = sum(int(share.get("amount") or 0) for share in invoice.get("total_discount_amounts") or [])
+    if discount:
+        lines.append(PreviewLine("Discount (promotion code)", -discount))
     total = invoice.get("total")
     if total is None:
         total = invoice.get("amount_due", sum(line.amount for line in lines))

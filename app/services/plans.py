@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
+PROMOTION_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,49}$")
 WHOP_PLAN_ID = re.compile(r"^plan_[A-Za-z0-9_]{1,100}$")
 
 
@@ -30,16 +31,26 @@ class CatalogueError(ValueError):
 class Tier:
     key: str
     name: str
-    lookup_key: str
+    lookup_key: str = ""  # none: the free plan, which Stripe never sees (see is_free)
     description: str = ""
     trial_days: int = 0
     yearly_lookup_key: str | None = None
     features: frozenset[str] = frozenset()
     limits: dict[str, int] = field(default_factory=dict)
     whop_plan_id: str = ""
+    # The trial starts without a card (Checkout asks for one only if required); app/services/trials.py.
+    trial_without_card: bool = False
+
+    @property
+    def is_free(self) -> bool:
+        """A tier with no price: signup creates the organization at once, with no checkout and no
+        subscription; the owner upgrades from the billing page (app/services/free_plan.py)."""
+        return not self.lookup_key
 
     def lookup_key_for(self, interval: str) -> str | None:
         """The lookup key of this tier's price billed every `interval` ("month" or "year")."""
+        if self.is_free:
+            return None
         return self.lookup_key if interval == "month" else self.yearly_lookup_key if interval == "year" else None
 
 
@@ -95,6 +106,8 @@ class PlanCatalogue:
     addons: dict[str, Addon]
     features: dict[str, str] = field(default_factory=dict)  # key -> the words pages use for it
     meters: dict[str, Meter] = field(default_factory=dict)
+    # Promotion codes the marketing pages name (code -> where), checked by `flask billing check-prices`.
+    promotion_codes: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | Path) -> PlanCatalogue:
@@ -111,8 +124,7 @@ class PlanCatalogue:
         problems: list[str] = []
         features = _features(raw, problems, source)
         tiers = {
-            key: Tier(key=key, **fields)
-            for key, fields in _entries(raw, "tiers", ("name", "lookup_key"), Tier, problems, source)
+            key: Tier(key=key, **fields) for key, fields in _entries(raw, "tiers", ("name",), Tier, problems, source)
         }
         addons = {
             key: Addon(key=key, **fields)
@@ -124,6 +136,20 @@ class PlanCatalogue:
             unknown = sorted(set(tier.features) - set(features))
             if unknown:
                 problems.append(f"{source}: [tiers.{tier.key}] features not listed in [features]: {', '.join(unknown)}")
+        free = [tier for tier in tiers.values() if tier.is_free]
+        if len(free) > 1:
+            problems.append(
+                f"{source}: only one tier may be free (have no lookup_key): {', '.join(t.key for t in free)}"
+            )
+        for tier in tiers.values():
+            if not isinstance(tier.trial_without_card, bool) or (tier.trial_without_card and not tier.trial_days):
+                problems.append(
+                    f"{source}: [tiers.{tier.key}] trial_without_card must be true or false, with trial_days"
+                )
+        for tier in free:
+            sold = [name for name in ("yearly_lookup_key", "whop_plan_id", "trial_days") if getattr(tier, name)]
+            if sold:
+                problems.append(f"{source}: [tiers.{tier.key}] has no lookup_key (free) but sets {', '.join(sold)}")
         lookup_keys = [k for entry in _entries_of(tiers, addons) for k in _keys(entry)]
         duplicates = sorted({k for k in lookup_keys if lookup_keys.count(k) > 1})
         if duplicates:
@@ -132,18 +158,12 @@ class PlanCatalogue:
         shared = sorted({p for p in whop_plans if whop_plans.count(p) > 1})
         if shared:
             problems.append(f"{source}: Whop plan ids used by two tiers: {', '.join(shared)}")
+        promotion_codes = _promotion_codes(raw, problems, source)
         meters = _meters(raw, set(tiers), problems, source)
-        taken = set(lookup_keys)
-        for meter in meters.values():
-            if meter.lookup_key in taken:
-                problems.append(f"{source}: [meters.{meter.key}] lookup_key {meter.lookup_key} is used twice")
-            taken.add(meter.lookup_key)
-        events = [meter.event_name for meter in meters.values()]
-        if len(set(events)) != len(events):
-            problems.append(f"{source}: two meters share an event_name")
+        _check_meters_apart(meters, set(lookup_keys), problems, source)
         if problems:
             raise CatalogueError("; ".join(problems))
-        return cls(tiers=tiers, addons=addons, features=features, meters=meters)
+        return cls(tiers=tiers, addons=addons, features=features, meters=meters, promotion_codes=promotion_codes)
 
     def meter(self, key: str) -> Meter | None:
         return self.meters.get(key)
@@ -154,6 +174,13 @@ class PlanCatalogue:
 
     def tier(self, key: str) -> Tier | None:
         return self.tiers.get(key)
+
+    def free_tier(self) -> Tier | None:
+        """The tier with no price, if the catalogue has one."""
+        return next((t for t in self.tiers.values() if t.is_free), None)
+
+    def paid_tiers(self) -> list[Tier]:
+        return [t for t in self.tiers.values() if not t.is_free]
 
     def tier_for_lookup_key(self, lookup_key: str | None) -> Tier | None:
         return next((t for t in self.tiers.values() if lookup_key is not None and lookup_key in _keys(t)), None)
@@ -214,6 +241,8 @@ def _entries_of(tiers: dict[str, Tier], addons: dict[str, Addon]) -> list[Tier |
 
 
 def _keys(entry: Tier | Addon) -> list[str]:
+    if not entry.lookup_key:
+        return []  # the free tier sells nothing
     return [entry.lookup_key, *([entry.yearly_lookup_key] if entry.yearly_lookup_key else [])]
 
 
@@ -233,6 +262,20 @@ def _features(raw: dict[str, Any], problems: list[str], source: str) -> dict[str
     return features
 
 
+def _promotion_codes(raw: dict[str, Any], problems: list[str], source: str) -> dict[str, str]:
+    """[promotion_codes.<CODE>] named_on = "the launch page": codes managed in Stripe that pages name."""
+    section = raw.get("promotion_codes") or {}
+    codes: dict[str, str] = {}
+    for code, entry in section.items() if isinstance(section, dict) else ():
+        if not PROMOTION_CODE.match(code) or not isinstance(entry, dict):
+            problems.append(f"{source}: [promotion_codes.{code}] must be a table named by the code (letters, digits)")
+            continue
+        codes[code] = str(entry.get("named_on") or "")
+    if not isinstance(section, dict):
+        problems.append(f"{source}: [promotion_codes] must be a table of codes")
+    return codes
+
+
 def _entries(
     raw: dict[str, Any],
     section: str,
@@ -249,6 +292,8 @@ def _entries(
             problems.append(f"{where} must be a table named with lowercase letters, digits and _")
             continue
         missing = [field for field in required if not isinstance(value.get(field), str) or not value[field]]
+        if "lookup_key" in value and (not isinstance(value["lookup_key"], str) or not value["lookup_key"]):
+            missing.append("lookup_key")
         if missing:
             problems.append(f"{where} needs {', '.join(missing)}")
             continue
@@ -323,3 +368,14 @@ def _allowances(raw: Any, tier_keys: set[str], where: str, problems: list[str]) 
             continue
         allowances[tier] = MeterAllowance(included=included, overage=str(overage))
     return allowances
+
+
+def _check_meters_apart(meters: dict[str, Meter], taken: set[str], problems: list[str], source: str) -> None:
+    """Each meter's price has a lookup key of its own, and each meter an event name of its own."""
+    for meter in meters.values():
+        if meter.lookup_key in taken:
+            problems.append(f"{source}: [meters.{meter.key}] lookup_key {meter.lookup_key} is used twice")
+        taken.add(meter.lookup_key)
+    events = [meter.event_name for meter in meters.values()]
+    if len(set(events)) != len(events):
+        problems.append(f"{source}: two meters share an event_name")

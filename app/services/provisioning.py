@@ -24,9 +24,8 @@ from app.models import (
     UserRole,
 )
 from app.models.types import utcnow
-from app.services import domain_events, price_lookup
+from app.services import domain_events, free_plan, price_lookup
 from app.services.billing_common import (
-    ENDED,
     CheckoutSessionNotFound,
     StripeReads,
     checkout_is_paid,
@@ -36,7 +35,7 @@ from app.services.billing_common import (
     portable_insert,
 )
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
-from app.services.subscription_state import apply_subscription_state
+from app.services.subscription_state import SubscriptionState, apply_subscription_state
 
 
 def provision_checkout_session(
@@ -76,6 +75,8 @@ def provision_checkout_session(
     if not checkout_is_paid(checkout) or not isinstance(subscription, dict):
         return ProvisionOutcome(ProvisionState.AWAITING_PAYMENT, pending.id)
     state = price_lookup.subscription_state(subscription)
+    if not checkout.get("invoice"):  # the first invoice, for the payment recorded with the signup
+        checkout = {**checkout, "invoice": subscription.get("latest_invoice")}
     return SignupService.complete_pending_signup_from_checkout(pending, checkout, state, source=source)
 
 
@@ -131,7 +132,7 @@ def provision_resubscription(
     if organization.billing_subscription_id == subscription_id:
         return ProvisionOutcome(ProvisionState.ALREADY_PROVISIONED, None, organization.id)
     record = resubscribe_checkout_row(checkout, organization_id)
-    if organization.billing_status not in ENDED or record.status in (
+    if not free_plan.may_start_paid_subscription(organization) or record.status in (
         ResubscribeStatus.SURPLUS,
         ResubscribeStatus.REFUNDED,
     ):
@@ -179,9 +180,31 @@ def resubscribe_checkout_row(checkout: Mapping[str, Any], organization_id: int) 
 def apply_subscription_read(organization: Organization, subscription: dict[str, Any], *, source: str) -> list[str]:
     """Apply a subscription just read from Stripe: it is as new as our clock says it is now."""
     state = price_lookup.subscription_state(subscription, organization)
-    changes = apply_subscription_state(organization, state, source=source)
+    changes = free_plan_changes(organization, state, source=source)
+    if changes is None:
+        changes = apply_subscription_state(organization, state, source=source)
     organization.billing_as_of = max(organization.billing_as_of or 0, clock.now())
     return changes
+
+
+def free_plan_changes(organization: Organization, state: SubscriptionState, *, source: str) -> list[str] | None:
+    """A subscription downgraded to free that has ended moves the organization to the free plan
+    (free_plan.py) instead of ending it; None when that is not the case."""
+    recorded: list[str] = []
+
+    def record(name: str, **data: Any) -> None:
+        domain_events.record(name, organization_id=organization.id, source=source, **data)
+        recorded.append(name)
+
+    fell = free_plan.fall_to_free(
+        organization,
+        subscription_id=state.subscription_id,
+        status=state.status,
+        metadata=state.metadata,
+        ended_at=state.ended_at,
+        record=record,
+    )
+    return recorded if fell else None
 
 
 def lock_organization(organization_id: int) -> Organization | None:
@@ -222,6 +245,19 @@ def stripe_customer_of(organization: Organization) -> str:
         select(User.email).where(User.organization_id == organization.id, User.role == UserRole.OWNER)
     ).scalar_one()
     return str(owner)
+
+
+def remember_customer(organization_id: int, customer_id: str) -> str:
+    """The Stripe customer just made for an organization that had none; if another request made one
+    first (the same idempotency key makes it the same customer), the one recorded is kept."""
+    with committed():
+        db.session.execute(
+            update(Organization)
+            .where(Organization.id == organization_id, Organization.billing_customer_id.is_(None))
+            .values(billing_customer_id=customer_id, updated_at=utcnow())
+        )
+        held = db.session.get(Organization, organization_id, populate_existing=True)
+        return (held.billing_customer_id if held else None) or customer_id
 
 
 def record_resubscribe_checkout(

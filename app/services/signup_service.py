@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.extensions import db
-from app.models import BillingProvider, Organization, PendingSignup, SignupStatus, User, UserRole
+from app.models import BillingProvider, BillingStatus, Organization, PendingSignup, SignupStatus, User, UserRole
 from app.models.types import utcnow
 from app.services import domain_events
 from app.services.auth_service import active_account_id, hash_password, normalise_email, release_removed_address
@@ -290,7 +290,6 @@ class SignupService:
             return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
         if SignupService.email_has_account(pending.email):
             return SignupService._conflict(pending, checkout_session, subscription, source=source)
-        release_removed_address(pending.email, source=source)
         organization = new_organization(
             pending.organization_name,
             pending.tier,
@@ -304,6 +303,63 @@ class SignupService:
         )
         if organization.billing_customer_id is None:
             organization.billing_customer_id = _id_of(checkout_session.get("customer"))
+        outcome = SignupService._create_organization_and_owner(
+            pending, organization, source=source, checkout_session=checkout_session, subscription=subscription
+        )
+        if (
+            outcome.state == ProvisionState.PROVISIONED
+            and organization.last_payment_status == "paid"
+            and (organization.last_invoice_id)
+        ):
+            # The first invoice's payment, once: its invoice.paid, before or after this, finds it
+            # recorded (the same invoice, paid) and records nothing (its receipt hangs on this).
+            domain_events.record(
+                "billing.payment_succeeded",
+                organization_id=organization.id,
+                source=source,
+                invoice_id=organization.last_invoice_id,
+                amount_paid=checkout_session.get("amount_total"),
+                currency=checkout_session.get("currency"),
+            )
+        return outcome
+
+    @staticmethod
+    def complete_free_signup(pending_signup_id: uuid.UUID, *, source: str) -> ProvisionOutcome:
+        """Create the organization and its owner for a signup to the free plan, at once: no checkout,
+        no payment provider, no subscription. Exactly once: the pending signup is locked and completed
+        here, in the caller's transaction; a second call finds it completed. An email that already has
+        an account gets no second one (CONFLICT; the mailbox is told, as for a paid signup)."""
+        pending = SignupService.lock_pending_signup(pending_signup_id)
+        if pending is None:
+            raise SignupError("That signup is no longer open. Please start again.")
+        if pending.status == SignupStatus.COMPLETED:
+            return SignupService.outcome_for(pending, ProvisionState.ALREADY_PROVISIONED)
+        if pending.status != SignupStatus.PENDING:
+            raise SignupError("That signup is no longer open. Please start again.")
+        if SignupService.email_has_account(pending.email):
+            SignupService._close(pending, SignupStatus.FAILED, "email already has an account", source=source)
+            return ProvisionOutcome(ProvisionState.CONFLICT, pending.id)
+        organization = Organization(
+            name=pending.organization_name,
+            tier=pending.tier,
+            billing_status=BillingStatus.ACTIVE,
+            billing_provider=BillingProvider.STRIPE,  # who will bill it once the owner upgrades
+        )
+        return SignupService._create_organization_and_owner(pending, organization, source=source)
+
+    @staticmethod
+    def _create_organization_and_owner(
+        pending: PendingSignup,
+        organization: Organization,
+        *,
+        source: str,
+        checkout_session: dict[str, Any] | None = None,
+        subscription: SubscriptionState | None = None,
+    ) -> ProvisionOutcome:
+        """The one place a signup becomes an organization and its owner (paid, with its checkout and
+        subscription, or free), with the domain events every signup records; the pending signup is
+        completed and its password erased."""
+        release_removed_address(pending.email, source=source)
         owner = User(
             organization=organization,
             email=pending.email,
@@ -319,6 +375,9 @@ class SignupService:
             # Another checkout of the same email (a superseded attempt paid anyway, a second tab)
             # created the account in a transaction that committed while this one waited on the
             # unique email: this payment is a conflict like any other, not an error.
+            if checkout_session is None or subscription is None:  # a free signup: nothing to refund
+                SignupService._close(pending, SignupStatus.FAILED, "email already has an account", source=source)
+                return ProvisionOutcome(ProvisionState.CONFLICT, pending.id)
             return SignupService._conflict(pending, checkout_session, subscription, source=source)
         domain_events.record(
             "organization.created",
@@ -333,17 +392,18 @@ class SignupService:
         domain_events.record(
             "user.created", organization_id=organization.id, user_id=owner.id, source=source, role=owner.role
         )
-        paid = checkout_session.get("payment_status") in ("paid", "no_payment_required")
+        session = checkout_session or {}
+        paid = session.get("payment_status") in ("paid", "no_payment_required")
         domain_events.record(
             "signup.completed",
             organization_id=organization.id,
             user_id=owner.id,
             source=source,
             pending_signup_id=str(pending.id),
-            checkout_session_id=checkout_session["id"],
+            checkout_session_id=session.get("id"),
             # The receipt: what the checkout charged (None while an asynchronous payment settles).
-            amount_paid=checkout_session.get("amount_total") if paid else None,
-            currency=checkout_session.get("currency"),
+            amount_paid=session.get("amount_total") if paid else None,
+            currency=session.get("currency"),
         )
         pending.status = SignupStatus.COMPLETED
         pending.completed_at = utcnow()

@@ -16,7 +16,7 @@ from sqlalchemy import select, update
 from app.extensions import db
 from app.models import BillingProvider, Organization, OrganizationAddon, SignupStatus, StripeEventStatus
 from app.models.types import utcnow
-from app.services import domain_events, provisioning, stripe_objects
+from app.services import domain_events, provisioning, stripe_objects, trials
 from app.services.billing_common import (
     API_VERSION_FORMAT,
     EVENT_TYPE,
@@ -284,6 +284,7 @@ def record_trial_will_end(subscription: dict[str, Any], event: VerifiedEvent) ->
         organization_id=organization_id,
         source=event.source,
         trial_end=subscription.get("trial_end"),
+        ends_without_card=trials.ends_without_card(subscription),  # the email says what happens then
     )
     return "trial ending recorded"
 
