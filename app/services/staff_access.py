@@ -28,55 +28,45 @@ def _user(email: str) -> User:
 
 
 def grant(email: str, *, reason: str) -> str:
-    try:
-        user = _user(email)
-        if user.removed_at is not None:
-            raise StaffGrantRefused(f"{user.email} was removed from their organization")
-        if not user.two_factor_enabled:
-            raise StaffGrantRefused(
-                f"{user.email} has no two-factor sign-in: staff must turn it on first (Account → Two-factor sign-in)"
-            )
-        if user.is_staff:
-            return f"{user.email} is staff already"
-        user.is_staff = True
-        user_id, organization_id = user.id, user.organization_id
-        db.session.commit()
-    finally:
-        db.session.rollback()
-    staff_audit.record(
-        None,
-        "staff.granted",
-        reason=reason,
-        outcome=f"{email.strip().lower()} may use the operations console",
-        organization_id=organization_id,
-        target=f"user:{user_id}",
-        before={"is_staff": False},
-        after={"is_staff": True},
-    )
-    return f"{email.strip().lower()} is staff now"
+    return _set_staff(email, True, reason=reason)
 
 
 def revoke(email: str, *, reason: str) -> str:
+    return _set_staff(email, False, reason=reason)
+
+
+def _set_staff(email: str, staff: bool, *, reason: str) -> str:
+    """Grant or revoke the staff flag (the command line's only), audited. Granting needs an account
+    that can sign in with two-factor sign-in on."""
+    address = email.strip().lower()
     try:
         user = _user(email)
-        if not user.is_staff:
-            return f"{user.email} is not staff"
-        user.is_staff = False
+        if staff and user.removed_at is not None:
+            raise StaffGrantRefused(f"{user.email} was removed from their organization")
+        if staff and not user.two_factor_enabled:
+            raise StaffGrantRefused(
+                f"{user.email} has no two-factor sign-in: staff must turn it on first (Account → Two-factor sign-in)"
+            )
+        if user.is_staff == staff:
+            return f"{user.email} is staff already" if staff else f"{user.email} is not staff"
+        user.is_staff = staff
         user_id, organization_id = user.id, user.organization_id
         db.session.commit()
     finally:
         db.session.rollback()
     staff_audit.record(
         None,
-        "staff.revoked",
+        "staff.granted" if staff else "staff.revoked",
         reason=reason,
-        outcome=f"{email.strip().lower()} may no longer use the operations console",
+        outcome=f"{address} may use the operations console"
+        if staff
+        else f"{address} may no longer use the operations console",
         organization_id=organization_id,
         target=f"user:{user_id}",
-        before={"is_staff": True},
-        after={"is_staff": False},
+        before={"is_staff": not staff},
+        after={"is_staff": staff},
     )
-    return f"{email.strip().lower()} is no longer staff"
+    return f"{address} is staff now" if staff else f"{address} is no longer staff"
 
 
 def start_viewing_as_owner(staff: User, organization_id: int, *, reason: str) -> User:

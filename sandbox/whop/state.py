@@ -431,23 +431,7 @@ class World:
             for key in ("user_id", "member_id"):
                 if key in args:
                     rows = [m for m in rows if m[key] == args[key][0]]
-            start = 0
-            if "after" in args:
-                ids = [m["id"] for m in rows]
-                if args["after"][0] not in ids:
-                    raise WhopError(400, "invalid_request_error", "after is not a cursor from this list")
-                start = ids.index(args["after"][0]) + 1
-            page = rows[start : start + first]
-            has_next = start + first < len(rows)
-            return {
-                "data": [self.public_membership(m) for m in page],
-                "page_info": {
-                    "end_cursor": page[-1]["id"] if page and has_next else None,
-                    "start_cursor": page[0]["id"] if page else None,
-                    "has_next_page": has_next,
-                    "has_previous_page": start > 0,
-                },
-            }
+            return _page(rows, args, first, self.public_membership)
 
     def list_payments(self, args: dict[str, list[str]]) -> dict[str, Any]:
         """GET /payments: newest first, by account, membership, member or status; `first` and `after`."""
@@ -468,23 +452,7 @@ class World:
             for key in ("membership_id", "member_id", "status"):
                 if key in args:
                     rows = [p for p in rows if p[key] == args[key][0]]
-            start = 0
-            if "after" in args:
-                ids = [p["id"] for p in rows]
-                if args["after"][0] not in ids:
-                    raise WhopError(400, "invalid_request_error", "after is not a cursor from this list")
-                start = ids.index(args["after"][0]) + 1
-            page = rows[start : start + first]
-            has_next = start + first < len(rows)
-            return {
-                "data": page,
-                "page_info": {
-                    "end_cursor": page[-1]["id"] if page and has_next else None,
-                    "start_cursor": page[0]["id"] if page else None,
-                    "has_next_page": has_next,
-                    "has_previous_page": start > 0,
-                },
-            }
+            return _page(rows, args, first, lambda payment: payment)
 
     def update_membership(self, membership_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """PATCH /memberships/{id}: cancel_at_period_end (false reverses a pending cancellation) and
@@ -652,3 +620,26 @@ def _status_bucket(membership: dict[str, Any]) -> set[str]:
     if membership["cancel_at_period_end"] and membership["status"] in ("active", "trialing", "past_due"):
         return {"canceling"}
     return {membership["status"]}
+
+
+def _page(
+    rows: list[dict[str, Any]], args: dict[str, list[str]], first: int, public: Callable[[dict[str, Any]], Any]
+) -> dict[str, Any]:
+    """One page of a Whop list, as Whop pages (`first` rows after the cursor `after`, and page_info)."""
+    start = 0
+    if "after" in args:
+        ids = [row["id"] for row in rows]
+        if args["after"][0] not in ids:
+            raise WhopError(400, "invalid_request_error", "after is not a cursor from this list")
+        start = ids.index(args["after"][0]) + 1
+    page = rows[start : start + first]
+    has_next = start + first < len(rows)
+    return {
+        "data": [public(row) for row in page],
+        "page_info": {
+            "end_cursor": page[-1]["id"] if page and has_next else None,
+            "start_cursor": page[0]["id"] if page else None,
+            "has_next_page": has_next,
+            "has_previous_page": start > 0,
+        },
+    }
