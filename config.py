@@ -307,9 +307,9 @@ class TestConfig(BaseConfig):
         env.setdefault("MAIL_SERVER", "127.0.0.1")
         env.setdefault("MAIL_DEFAULT_SENDER", "Ledgerline Billing <billing@ledgerline.test>")
         env.setdefault("WEBHOOK_COALESCE_SECONDS", "0")  # tests run due jobs inline, at once
-        # A cheaper scrypt (each hash ~0.05 s instead of ~0.5 s): the suite hashes hundreds of passwords.
+        # A cheaper scrypt (each hash ~0.01 s instead of ~0.5 s): the suite hashes hundreds of passwords.
         # tests/test_passwords.py proves the production default (2**17) and the rehash on sign-in.
-        env.setdefault("PASSWORD_SCRYPT_N", str(2**14))
+        env.setdefault("PASSWORD_SCRYPT_N", str(2**12))
         super().__init__(env)
         self.TESTING = True
         self.PAST_DUE_GRACE_DAYS = 7
