@@ -7,7 +7,7 @@ and Stripe answers 429. After the workers drain: no acknowledged event is left u
 reconcile), every organization equals its subscription at Stripe, every email was sent once, and
 reconcile finds nothing to repair.
 
-Seeded and reproducible: CHAOS_SEED (default: a fixed one for CI), CHAOS_ORGS (2) and CHAOS_ROUNDS (1:
+Seeded and reproducible: CHAOS_SEED (default: a fixed one for CI), CHAOS_ORGS (3) and CHAOS_ROUNDS (1:
 one round meeting every fault); `make chaos` runs a longer one (scripts/chaos). The seed is printed
 and is in every failure message."""
 
@@ -45,7 +45,7 @@ from tests.conftest import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("CHAOS_SEED", "20"))
-ORGS = int(os.environ.get("CHAOS_ORGS", "2"))
+ORGS = int(os.environ.get("CHAOS_ORGS", "3"))
 ROUNDS = int(os.environ.get("CHAOS_ROUNDS", "1"))
 FAULTS = ("slow_kill", "cut_db", "flush_redis", "smtp_down", "throttle")
 # One round meets every fault; longer runs meet three a round, drawn by the seed.
