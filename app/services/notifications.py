@@ -18,7 +18,9 @@ from app.services.outbox import OutboxEvent
 from app.services.pricing import format_money
 
 
-def _owner(organization_id: int | None) -> tuple[Organization, User] | None:
+def organization_and_owner(organization_id: int | None) -> tuple[Organization, User] | None:
+    """The organization and its owner, read; no transaction stays open afterwards (the callers then
+    wait on SMTP or Stripe)."""
     if organization_id is None:
         return None
     row = db.session.execute(
@@ -31,7 +33,7 @@ def _owner(organization_id: int | None) -> tuple[Organization, User] | None:
 
 
 def _send_to_owner(event: OutboxEvent, template: str, subject: str, **context: Any) -> None:
-    found = _owner(event.organization_id)
+    found = organization_and_owner(event.organization_id)
     if found is None:
         # Nobody to write to (the organization has no owner): nothing is owed, and retrying cannot help.
         current_app.logger.warning("no owner to email for %s (event %s)", event.name, event.id)
@@ -70,7 +72,7 @@ def _money(amount: Any, currency: Any) -> str:
 def welcome_email(event: OutboxEvent) -> None:
     """The welcome, with a receipt a person reads: what was charged and when, the plan and add-ons by
     name (never the provider's ids)."""
-    found = _owner(event.organization_id)
+    found = organization_and_owner(event.organization_id)
     catalogue = current_app.extensions["plan_catalogue"]
     addons = {
         (catalogue.addons[key].name if key in catalogue.addons else key): quantity

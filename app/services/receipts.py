@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import select
-
 from app.extensions import db
-from app.models import Organization, User, UserRole
+from app.models import Organization
 from app.services import domain_events
 from app.services.auth_service import normalise_email
 from app.services.mailer import send_event_email
+from app.services.notifications import organization_and_owner
 from app.services.outbox import OutboxEvent
 from app.services.pricing import format_money
 from app.services.subscription_state import from_unix
@@ -81,7 +80,7 @@ class Receipt:
 def send_receipt(event: OutboxEvent, stripe: ReceiptReads) -> None:
     """The receipt for the paid invoice a `billing.payment_succeeded` names (nothing for $0)."""
     invoice_id = event.data.get("invoice_id")
-    found = _organization_and_owner(event.organization_id)
+    found = organization_and_owner(event.organization_id)
     if not invoice_id or found is None:
         return
     organization, owner = found
@@ -128,25 +127,13 @@ def set_billing_email(organization_id: int, address: str, *, actor_user_id: int)
 def customer_email(organization_id: int | None) -> tuple[str, str] | None:
     """The Stripe customer of an organization and the address it should carry (the billing email, else
     the owner's), or None when Stripe does not bill it."""
-    found = _organization_and_owner(organization_id)
+    found = organization_and_owner(organization_id)
     if found is None:
         return None
     organization, owner = found
     if organization.billed_by_whop or not organization.billing_customer_id:
         return None
     return organization.billing_customer_id, organization.billing_email or owner.email
-
-
-def _organization_and_owner(organization_id: int | None) -> tuple[Organization, User] | None:
-    if organization_id is None:
-        return None
-    row = db.session.execute(
-        select(Organization, User)
-        .join(User, User.organization_id == Organization.id)
-        .where(Organization.id == organization_id, User.role == UserRole.OWNER)
-    ).first()
-    db.session.rollback()  # read; no transaction stays open while Stripe or SMTP answers
-    return (row[0], row[1]) if row else None
 
 
 def _https_or_none(value: Any) -> str | None:
