@@ -77,6 +77,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "live: also runs under --stripe-live, against a real Stripe API")
+    config.addinivalue_line(
+        "markers", "serial: runs alone, after the parallel run (it restarts a server the other workers use)"
+    )
+    _isolate_parallel_worker()
+
+
+def _isolate_parallel_worker() -> None:
+    """scripts/test runs the suite on several pytest-xdist workers; each gets a database and a Redis
+    database of its own (billing_test_gw0, Redis db 15, billing_test_gw1, Redis db 14, ...), so they
+    never clean each other's tables. Everything else a test starts (SMTP sink, sandboxes, live
+    servers) already listens on a free port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    index = int(worker.removeprefix("gw"))
+    base = TestConfig()
+    os.environ["TEST_DATABASE_URL"] = f"{base.SQLALCHEMY_DATABASE_URI}_{worker}"
+    redis_base, redis_db = base.REDIS_URL.rsplit("/", 1)
+    if int(redis_db) - index < 0:
+        raise pytest.UsageError(f"{worker}: Redis has no database {int(redis_db) - index}; start fewer workers")
+    os.environ["TEST_REDIS_URL"] = f"{redis_base}/{int(redis_db) - index}"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

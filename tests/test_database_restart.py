@@ -23,6 +23,9 @@ from flask import Flask
 
 from tests.conftest import PASSWORD, SandboxAccount, csrf_token, post_webhook, query, sign_up, stripe_event
 
+# Cutting every connection or restarting the server would also hit the other parallel workers' tests.
+pytestmark = pytest.mark.serial
+
 
 def restart_postgresql() -> None:
     clusters = sorted(Path("/etc/postgresql").iterdir()) if Path("/etc/postgresql").is_dir() else []
