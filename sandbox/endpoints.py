@@ -86,6 +86,7 @@ def update_subscription(params: Params, subscription_id: str) -> Obj:
             "metadata",
             "cancellation_details",
             "trial_end",
+            "discounts",
         ),
     )
     pause: Any = changes.UNSET
@@ -114,6 +115,7 @@ def update_subscription(params: Params, subscription_id: str) -> Obj:
         metadata=metadata(params),
         cancellation_details=_cancellation_details(params),
         trial_end=integer(params, "trial_end"),
+        discounts=array(params, "discounts"),
         given=set(params),
     )
     return changes.update_subscription(current_store(), subscription_id, update, _origin())

@@ -388,3 +388,40 @@ def test_a_failed_email_is_shown_and_sent_again_once(
     assert len(smtp_server.to("ada@example.com")) == sent_before + 1
     [entry] = audit_rows(app, "resend")
     assert entry.target == failed.group(1) and "queued again" in entry.outcome
+
+
+def test_apply_a_coupon_at_stripe_asks_for_a_code_is_audited_and_applied_once(
+    app: Flask, staff: Staff, owner: FlaskClient, offline_stripe: SandboxAccount
+) -> None:
+    organization = organization_of(app, "ada@example.com")
+    coupon = offline_stripe.api("POST", "/v1/coupons", {"percent_off": 25, "duration": "forever", "name": "Goodwill"})
+    page = staff.client.get(f"/admin/organizations/{organization.id}").get_data(as_text=True)
+    assert 'id="action-apply_coupon"' in page
+    path = f"/admin/organizations/{organization.id}/actions/apply_coupon"
+    no_code, token = act(staff, organization.id, "apply_coupon", reason="outage credit", coupon=coupon["id"])
+    assert no_code.status_code == 401 and "moves money" in no_code.get_data(as_text=True)
+    assert offline_stripe.subscription(organization.billing_subscription_id)["discounts"] == []
+    unknown, _ = act(staff, organization.id, "apply_coupon", reason="outage credit", coupon="NOPE", code=staff.code())
+    assert unknown.status_code == 409 and "Stripe refused the coupon" in unknown.get_data(as_text=True)
+    done = submit(staff, path, token, reason="outage credit", coupon=coupon["id"], code=staff.code())
+    assert done.status_code == 303, done.get_data(as_text=True)
+    again = submit(staff, path, token, reason="outage credit", coupon=coupon["id"], code=staff.code())
+    assert again.status_code == 303
+    subscription = offline_stripe.api(
+        "GET", f"/v1/subscriptions/{organization.billing_subscription_id}", {"expand": ["discounts"]}
+    )
+    [discount] = subscription["discounts"]  # once, not twice
+    assert discount["coupon"]["id"] == coupon["id"] and discount["coupon"]["times_redeemed"] == 1
+    refusal, entry = audit_rows(app, "apply_coupon")  # the unknown coupon's refusal is audited too
+    assert refusal.target == "NOPE" and refusal.outcome.startswith("refused: ") and refusal.request_key is None
+    assert entry.target == coupon["id"] and entry.reason == "outage credit" and entry.staff_email == STAFF
+    assert f"Coupon {coupon['id']} applied" in entry.outcome and entry.request_key.endswith(token)
+    # The owner's billing page (its Stripe reads forgotten by the action) shows the discount at once.
+    billing = owner.get("/billing/").get_data(as_text=True)
+    assert re.search(r'id="discount">\s*<span class="discount-line">Goodwill:\s+25% off, for as long as', billing)
+    assert re.search(r'id="next-invoice">\s*\$21\.75 on', billing), billing  # $29.00 less a quarter
+    # A second coupon joins the first rather than replacing it.
+    other = offline_stripe.api("POST", "/v1/coupons", {"amount_off": 100, "currency": "usd", "duration": "once"})
+    done, _ = act(staff, organization.id, "apply_coupon", reason="second credit", coupon=other["id"], code=staff.code())
+    assert done.status_code == 303, done.get_data(as_text=True)
+    assert len(offline_stripe.subscription(organization.billing_subscription_id)["discounts"]) == 2

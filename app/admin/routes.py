@@ -91,7 +91,7 @@ def action(organization_id: int, action: str) -> Response | tuple[str, int] | st
                 staff_user_id=int(current_user.id),
                 reason=form.reason.data or "",
                 request_token=form.request_token.data or "",
-                target=form.target.data or None,
+                target=(form.coupon.data if action == "apply_coupon" else form.target.data) or None,
                 amount=amount,
                 days=int(form.days.data) if action == "extend_trial" and form.days.data else None,
             )

@@ -1279,15 +1279,15 @@ class BillingService:
         return staff_actions.perform(request, cls)
 
     @classmethod
-    def extend_trial(cls, organization_id: int, *, trial_end: int, request_token: str, actor_user_id: int) -> list[str]:
-        """Staff: a trialing subscription's trial (and so its first charge) ends later, at `trial_end`."""
+    def staff_update_subscription(cls, change: staff_actions.SubscriptionEdit, *, actor_user_id: int) -> list[str]:
+        """Staff: the subscription updated by `change.params` (a later trial end, a coupon), if allowed."""
 
         def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
-            params: Any = {"trial_end": trial_end}
+            params: Any = change.params
             return client.v1.subscriptions.update(subscription_id, params=params, options={"idempotency_key": key})
 
-        allowed = staff_actions.trial_refusal
-        return cls._owner_subscription_change(organization_id, "trial", request_token, actor_user_id, allowed, call)
+        org, kind, token, allowed = change.organization_id, change.kind, change.request_token, change.refusal
+        return cls._owner_subscription_change(org, kind, token, actor_user_id, allowed, call)
 
     @classmethod
     def refund_invoice(cls, invoice_id: str, *, amount: int | None, key: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The operations console's actions, each reached through BillingService.staff_action: re-sync an
 organization from its provider (reconcile of that one organization, with its repairs), replay a failed
-webhook event, send a failed email again, refund an invoice (whole or in part), cancel now or at the
-period's end, and undo a scheduled cancellation.
+webhook event, send a failed email again, refund an invoice (whole or in part), extend a free trial,
+apply a coupon, cancel now or at the period's end, and undo a scheduled cancellation.
 
 Every action:
 - is refused unless staff typed a reason (and, for those that move money, a fresh two-factor code,
@@ -14,6 +14,7 @@ Every action:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -49,11 +50,23 @@ class StaffOperations(Protocol):
 
     def refund_invoice(self, invoice_id: str, *, amount: int | None, key: str) -> dict[str, Any]: ...
 
-    def extend_trial(
-        self, organization_id: int, *, trial_end: int, request_token: str, actor_user_id: int
-    ) -> list[str]: ...
+    def staff_update_subscription(self, change: SubscriptionEdit, *, actor_user_id: int) -> list[str]: ...
+
+    def retrieve_subscription(self, subscription_id: str) -> dict[str, Any]: ...
 
     def forget_billing_reads(self, organization_id: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SubscriptionEdit:
+    """A staff change to a Stripe subscription: the update's parameters, once `refusal` (given the
+    organization as held) says nothing against it. `kind` names it in the idempotency key."""
+
+    organization_id: int
+    kind: str
+    params: dict[str, Any]
+    refusal: Callable[[Organization], str | None]
+    request_token: str
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,7 @@ class StaffRequest:
     staff_user_id: int
     reason: str
     request_token: str
-    target: str | None = None  # the event id, domain event id or invoice id the action is about
+    target: str | None = None  # the event id, domain event id, invoice id or coupon id the action is about
     amount: int | None = None  # a partial refund, in the currency's smallest unit
     days: int | None = None  # how many days a trial is extended by
 
@@ -175,13 +188,48 @@ def _extend_trial(request: StaffRequest, ops: StaffOperations, key: str) -> str:
         trial_end = int(organization.trial_end.timestamp()) + days * 86400
     finally:
         db.session.rollback()
-    changes = ops.extend_trial(
-        request.organization_id,
-        trial_end=trial_end,
-        request_token=request.request_token,
-        actor_user_id=request.staff_user_id,
+    edit = SubscriptionEdit(
+        request.organization_id, "trial", {"trial_end": trial_end}, trial_refusal, request.request_token
     )
+    changes = ops.staff_update_subscription(edit, actor_user_id=request.staff_user_id)
     return f"Trial extended by {days} days; the organization now holds: {', '.join(changes) or 'no change'}."
+
+
+COUPON_ID = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
+
+
+def coupon_refusal(organization: Organization) -> str | None:
+    if organization.billed_by_whop:
+        return "A Whop membership's price is changed on Whop."
+    if not organization.billing_subscription_id or organization.billing_status in ("canceled", "incomplete_expired"):
+        return "Only a live subscription can have a coupon applied."
+    return None
+
+
+def _apply_coupon(request: StaffRequest, ops: StaffOperations, key: str) -> str:
+    """The coupon (its Stripe id) starts a discount on the subscription, beside the discounts it has."""
+    coupon_id = (request.target or "").strip()
+    if not COUPON_ID.match(coupon_id):
+        raise StaffActionRefused("Type the coupon's id as Stripe shows it (letters, digits, - and _).")
+    try:
+        organization = db.session.get(Organization, request.organization_id, populate_existing=True)
+        refusal = coupon_refusal(organization) if organization is not None else "There is no such organization."
+        subscription_id = organization.billing_subscription_id if organization is not None else None
+    finally:
+        db.session.rollback()
+    if refusal or not subscription_id:
+        raise StaffActionRefused(refusal or "There is no subscription.")
+    held = ops.retrieve_subscription(subscription_id).get("discounts") or []
+    kept = [{"discount": d if isinstance(d, str) else d.get("id")} for d in held]
+    params = {"discounts": [*kept, {"coupon": coupon_id}]}
+    edit = SubscriptionEdit(request.organization_id, "coupon", params, coupon_refusal, request.request_token)
+    try:
+        changes = ops.staff_update_subscription(edit, actor_user_id=request.staff_user_id)
+    except BillingError as exc:
+        if isinstance(exc, StaleForm):
+            raise
+        raise StaffActionRefused(f"Stripe refused the coupon: {exc.__cause__ or exc}") from exc
+    return f"Coupon {coupon_id} applied; the organization now holds: {', '.join(changes) or 'no change'}."
 
 
 ACTIONS: dict[str, Action] = {
@@ -193,6 +241,7 @@ ACTIONS: dict[str, Action] = {
     "cancel_at_period_end": Action("Cancel at the end of the period", True, False, _cancel(at_period_end=True)),
     "resume": Action("Undo the scheduled cancellation", True, False, _resume),
     "extend_trial": Action("Extend the free trial", True, False, _extend_trial),
+    "apply_coupon": Action("Apply a coupon", True, True, _apply_coupon),
 }
 
 
