@@ -349,6 +349,16 @@ def retrieve_charge(params: Params, charge_id: str) -> Obj:
     return _retrieve("charge", charge_id, params, "charge")
 
 
+@endpoint("/charges", "GET")
+def list_charges(params: Params) -> Obj:
+    reject_unknown(params, ("customer", "payment_intent", "created", "limit", "starting_after", "ending_before"))
+    wanted = {"customer": string(params, "customer"), "payment_intent": string(params, "payment_intent")}
+    created = lists.created_filter(params)
+    return lists.listing(
+        current_store(), "charge", "/v1/charges", params, lambda c: lists.matches(c, **wanted) and created(c)
+    )
+
+
 # -- lists ----------------------------------------------------------------------------------------
 
 EVENT_RETENTION_SECONDS = 30 * 86400  # GET /v1/events only returns the last 30 days

@@ -448,6 +448,8 @@ STRIPE_CALLS: dict[str, tuple[str, str]] = {
     "invoices.retrieve": ("GET", r"/v1/invoices/([^/]+)"),
     "invoices.create_preview": ("POST", r"/v1/invoices/create_preview"),
     "refunds.create": ("POST", r"/v1/refunds"),
+    "refunds.list": ("GET", r"/v1/refunds"),
+    "charges.list": ("GET", r"/v1/charges"),
     "events.list": ("GET", r"/v1/events"),
     "test_helpers.test_clocks.create": ("POST", r"/v1/test_helpers/test_clocks"),
 }

@@ -210,6 +210,26 @@ def test_a_refund_asks_for_a_two_factor_code_and_refunds_once(
     [entry] = audit_rows(app, "refund")
     assert entry.target == invoice_id.group(1) and entry.reason == "charged twice" and "Refunded $5.00" in entry.outcome
 
+    # The refund is shown beside its invoice and its payment, read live from Stripe.
+    page = staff.client.get(f"/admin/organizations/{organization.id}").get_data(as_text=True)
+    row = re.search(rf'<tr data-invoice="{invoice_id.group(1)}">(.*?)</tr>', page, re.S)
+    assert row and '<td class="refunded">$5.00</td>' in row.group(1), page
+    payment = re.search(rf'<tr data-payment="{charge}" class="refunded">(.*?)</tr>', page, re.S)
+    assert payment and f"<code>{invoice_id.group(1)}</code>" in payment.group(1)
+    [refund] = offline_stripe.api("GET", "/v1/refunds", {"charge": charge})["data"]
+    assert f'data-refund="{refund["id"]}"' in payment.group(1) and "$5.00" in payment.group(1)
+    # Stripe not answering the payments read: named there, and the rest of the page is shown.
+    offline_stripe.fail_next("charges.list", "connection")
+    page = staff.client.get(f"/admin/organizations/{organization.id}")
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200 and 'id="payments-unavailable"' in text and "Stripe did not answer" in text
+    assert f'<tr data-invoice="{invoice_id.group(1)}">' in text and 'id="timeline"' in text
+    assert 'id="in-agreement"' in text
+    assert f'data-refund="{refund["id"]}"' not in text
+    offline_stripe.fail_next("refunds.list", "server")
+    text = staff.client.get(f"/admin/organizations/{organization.id}").get_data(as_text=True)
+    assert f'<tr data-payment="{charge}" class="refunded">' in text and "Stripe did not answer" in text
+
 
 def test_cancel_at_period_end_and_undo_it_at_stripe_and_in_the_database(
     app: Flask, staff: Staff, offline_stripe: SandboxAccount

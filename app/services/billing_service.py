@@ -138,7 +138,6 @@ STRIPE_API_VERSION = "2026-10-28.endive"
 STRIPE_SIGNATURE_TOLERANCE_SECONDS = 300
 # The billing page's reads: no retries (the page would rather say "not available" than wait).
 PAGE_READ: stripe.RequestOptions = {"max_network_retries": 0}
-INVOICE_HISTORY_LENGTH = 12
 
 
 def new_request_token() -> str:
@@ -898,12 +897,11 @@ class BillingService:
             )
 
     @classmethod
-    def read_invoices(cls, customer_id: str) -> list[dict[str, Any]]:
-        with cls._calling_stripe("list invoices"):
-            invoices = cls._stripe_for_page_reads().v1.invoices.list(
-                params={"customer": customer_id, "limit": INVOICE_HISTORY_LENGTH}, options=PAGE_READ
-            )
-        return [invoice.to_dict() for invoice in invoices.data]
+    def read_list_for_page(cls, resource: billing_page.PageList, params: Any) -> list[dict[str, Any]]:
+        """A page's read of one of Stripe's lists: the page-read timeout, no retries."""
+        with cls._calling_stripe(f"list {resource}"):
+            found = getattr(cls._stripe_for_page_reads().v1, resource).list(params=params, options=PAGE_READ)
+        return [item.to_dict() for item in found.data]
 
     # --- Plan and seat changes --------------------------------------------------------------------
 

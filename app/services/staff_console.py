@@ -25,9 +25,10 @@ from app.models import (
     User,
     WhopEvent,
 )
-from app.services import outbox, price_lookup, queue_status, staff_audit
+from app.services import outbox, price_lookup, queue_status, staff_audit, staff_payments
 from app.services import reconcile as reconciliation
 from app.services.billing_common import BillingConfigurationError, BillingError, plan_catalogue
+from app.services.billing_page import INVOICE_HISTORY_LENGTH, PageList
 from app.services.reconcile_reads import held_billing
 from app.services.whop_state import subscription_state_from_whop
 
@@ -42,7 +43,7 @@ class ConsoleReads(Protocol):
 
     def read_subscription_for_page(self, subscription_id: str) -> dict[str, Any]: ...
 
-    def read_invoices(self, customer_id: str) -> list[dict[str, Any]]: ...
+    def read_list_for_page(self, resource: PageList, params: Any) -> list[dict[str, Any]]: ...
 
 
 # --- Search ------------------------------------------------------------------------------------------
@@ -167,6 +168,7 @@ class OrganizationView:
     provider_unavailable: str | None = None  # "Stripe did not answer" and why
     invoices: list[dict[str, Any]] = field(default_factory=list)
     invoices_unavailable: str | None = None
+    payments: staff_payments.Payments = field(default_factory=staff_payments.Payments)  # with their refunds
     timeline: list[TimelineItem] = field(default_factory=list)
     failed_events: list[str] = field(default_factory=list)  # stored webhook event ids that failed
     failed_emails: list[int] = field(default_factory=list)  # domain event ids whose delivery gave up
@@ -206,10 +208,13 @@ def organization_view(
         db.session.rollback()
     view.compared, view.provider_unavailable = _compare(organization, held, reads, read_membership)
     if organization.billing_customer_id and not organization.billed_by_whop:
+        customer_id = organization.billing_customer_id
         try:
-            view.invoices = reads.read_invoices(organization.billing_customer_id)
+            params = {"customer": customer_id, "limit": INVOICE_HISTORY_LENGTH, "expand": ["data.payments"]}
+            view.invoices = reads.read_list_for_page("invoices", params)
         except (BillingError, BillingConfigurationError) as exc:
             view.invoices_unavailable = f"Stripe did not answer: {exc}"
+        view.payments = staff_payments.payments_and_refunds(reads.read_list_for_page, customer_id, view.invoices)
     return view
 
 
