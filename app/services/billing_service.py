@@ -1270,7 +1270,7 @@ class BillingService:
 
     @classmethod
     def staff_organization(cls, organization_id: int) -> staff_console.OrganizationView | None:
-        return staff_console.organization_view(organization_id, cls, whop_billing.calls.retrieve_membership)
+        return staff_console.organization_view(organization_id, cls, whop_billing.calls.retrieve_membership_for_page)
 
     @classmethod
     def staff_action(cls, request: staff_actions.StaffRequest) -> staff_actions.StaffOutcome:
