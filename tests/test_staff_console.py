@@ -175,15 +175,27 @@ def test_search_drift_and_resync_are_audited_and_a_double_submit_acts_once(
     assert done.status_code == 303
     again = submit(staff, path, token, reason="customer says they cancelled")  # the same form, again
     assert again.status_code == 303
-    run_jobs(app)
+    # Queued for the worker, not done in the request: a durable job, visible in the queue's figures.
     [entry] = audit_rows(app, "resync")
     assert entry.staff_email == STAFF and entry.organization_id == organization.id
-    assert entry.reason == "customer says they cancelled"
-    assert entry.before["cancel_at_period_end"] is False and "re-read queued" in entry.outcome
+    assert entry.reason == "customer says they cancelled" and "queued for the worker" in entry.outcome
+    assert entry.before["cancel_at_period_end"] is False and audit_rows(app, "resync.done") == []
+    assert organization_of(app, "ada@example.com").cancel_at_period_end is False
+    [job] = query(app, "SELECT * FROM procrastinate_jobs WHERE task_name = 'staff:resync'")
+    assert job.status == "todo" and job.args["organization_id"] == organization.id
+    assert job.lock == f"stripe:subscription:{subscription_id}"  # never beside the worker's other writes to it
+    queue_page = staff.client.get("/admin/queue").get_data(as_text=True)
+    assert f'<tr class="resync-job" data-status="todo"><td>{job.id}</td>' in queue_page
+    assert "Already done by this form" in queue_page  # the second submit was told, not acted on
+    run_jobs(app)
+    [done] = audit_rows(app, "resync.done")  # written by the worker when done, once for the two submits
+    assert done.staff_email == STAFF and done.reason == "customer says they cancelled"
+    assert done.before["cancel_at_period_end"] is False and done.after["cancel_at_period_end"] is True
+    assert "cancel_at_period_end False -> True" in done.outcome
     assert organization_of(app, "ada@example.com").cancel_at_period_end is True
     page = staff.client.get(f"/admin/organizations/{organization.id}").get_data(as_text=True)
     assert 'id="in-agreement"' in page and 'class="drift"' not in page
-    assert "Already done by this form" in page  # the second submit was told, not acted on
+    assert f'<tr class="resync-job" data-status="succeeded"><td>{job.id}</td>' in page
     assert "customer says they cancelled" in staff.client.get("/admin/audit").get_data(as_text=True)
 
 
@@ -445,3 +457,43 @@ def test_apply_a_coupon_at_stripe_asks_for_a_code_is_audited_and_applied_once(
     done, _ = act(staff, organization.id, "apply_coupon", reason="second credit", coupon=other["id"], code=staff.code())
     assert done.status_code == 303, done.get_data(as_text=True)
     assert len(offline_stripe.subscription(organization.billing_subscription_id)["discounts"]) == 2
+
+
+def test_a_resync_stripe_does_not_answer_is_retried_by_the_worker_and_audited_when_done(
+    make_app: Any,
+    offline_stripe: SandboxAccount,
+    clock: Clock,  # noqa: F811
+) -> None:
+    app = make_app(JOB_RETRY_BASE_SECONDS=0, JOB_MAX_ATTEMPTS=2)
+    sign_up(client_at(app, "192.0.2.17"), offline_stripe)
+    staff_client = client_at(app, "192.0.2.18")
+    sign_up(staff_client, offline_stripe, email=STAFF, organization_name="Ledgerline support")
+    totp, _ = enrol(staff_client, clock)
+    assert cli(app, "users", "grant-staff", STAFF).exit_code == 0
+    staff = Staff(staff_client, totp, clock)
+    run_jobs(app)
+    organization = organization_of(app, "ada@example.com")
+    subscription_id = organization.billing_subscription_id
+    offline_stripe.api("POST", f"/v1/subscriptions/{subscription_id}", {"cancel_at_period_end": True})
+
+    # Stripe fails the job's first attempt; the worker tries again and the re-sync is done.
+    offline_stripe.fail_next("subscriptions.retrieve", "server")
+    done, _ = act(staff, organization.id, "resync", reason="ticket 7")
+    assert done.status_code == 303, done.get_data(as_text=True)
+    run_jobs(app)
+    [job] = query(app, "SELECT * FROM procrastinate_jobs WHERE task_name = 'staff:resync'")
+    assert (job.status, job.attempts) == ("succeeded", 2)  # the failed attempt, then the one that did it
+    [entry] = audit_rows(app, "resync.done")
+    assert entry.after["cancel_at_period_end"] is True and organization_of(app, "ada@example.com").cancel_at_period_end
+
+    # Stripe fails every attempt: the job fails, visible in the queue, and the log says so.
+    offline_stripe.api("POST", f"/v1/subscriptions/{subscription_id}", {"cancel_at_period_end": False})
+    offline_stripe.fail_next("subscriptions.retrieve", "server", times=10)
+    act(staff, organization.id, "resync", reason="ticket 8")
+    run_jobs(app)
+    failed = query(app, "SELECT * FROM procrastinate_jobs WHERE task_name = 'staff:resync' AND status = 'failed'")
+    assert [row.attempts for row in failed] == [2]
+    assert "staff:resync 1" in staff.client.get("/admin/queue").get_data(as_text=True)
+    gave_up = audit_rows(app, "resync.done")[-1]
+    assert gave_up.reason == "ticket 8" and gave_up.outcome.startswith("failed, not retried again")
+    assert organization_of(app, "ada@example.com").cancel_at_period_end is True  # left as it was

@@ -1273,7 +1273,7 @@ class BillingService:
         return staff_console.organization_view(organization_id, cls, whop_billing.calls.retrieve_membership_for_page)
 
     @classmethod
-    def staff_action(cls, request: staff_actions.StaffRequest) -> staff_actions.StaffOutcome:
+    def staff_action(cls, request: staff_actions.StaffRequest | staff_actions.ResyncJob) -> staff_actions.StaffOutcome:
         return staff_actions.perform(request, cls)
 
     @classmethod

@@ -1,5 +1,6 @@
 """The operations console's actions, each reached through BillingService.staff_action: re-sync an
-organization from its provider (reconcile of that one organization, with its repairs), replay a failed
+organization from its provider (reconcile of that one organization, with its repairs, run by the worker
+as a durable job that writes its own audit row when done: RESYNC_TASK, finish_resync), replay a failed
 webhook event, send a failed email again, refund an invoice (whole or in part), extend a free trial,
 apply a coupon, cancel now or at the period's end, and undo a scheduled cancellation.
 
@@ -23,10 +24,11 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import DomainEvent, Organization, StripeEvent, User, WhopEvent
-from app.services import outbox, staff_audit
+from app.services import outbox, queue, staff_audit
 from app.services import reconcile as reconciliation
-from app.services.billing_common import REQUEST_TOKEN, BillingError, StaleForm, WebhookResult
+from app.services.billing_common import REQUEST_TOKEN, BillingError, StaleForm, WebhookResult, committed
 from app.services.pricing import format_money
+from app.services.webhook_intake import WEBHOOK_QUEUE
 
 
 class StaffActionRefused(BillingError):
@@ -41,6 +43,10 @@ class StaffOperations(Protocol):
     ) -> reconciliation.ReconcileReport: ...
 
     def replay_stored_event(self, event_id: str) -> WebhookResult: ...
+
+    def apply_queued_events(
+        self, provider_name: str, object_key: str, *, final_attempt: bool = True, resync: bool = False
+    ) -> str: ...
 
     def cancel_subscription(
         self, organization_id: int, *, at_period_end: bool, request_token: str, actor_user_id: int
@@ -95,11 +101,93 @@ class Action:
     run: Callable[[StaffRequest, StaffOperations, str], str]
 
 
+RESYNC_TASK = "staff:resync"  # app/services/jobs.py runs it
+
+
+@dataclass(frozen=True)
+class ResyncJob:
+    """The worker's half of a re-sync (the job's arguments), and whether this is its last attempt."""
+
+    organization_id: int
+    staff_user_id: int
+    reason: str
+    request_key: str
+    final_attempt: bool = True
+
+
+def _object_of(organization_id: int) -> tuple[str, str] | None:
+    """The provider and object key the organization's subscription (or membership) is applied under."""
+    try:
+        organization = db.session.get(Organization, organization_id, populate_existing=True)
+        if organization is None or not organization.billing_subscription_id:
+            return None
+        if organization.billed_by_whop:
+            return "whop", f"membership:{organization.billing_subscription_id}"
+        return "stripe", f"subscription:{organization.billing_subscription_id}"
+    finally:
+        db.session.rollback()
+
+
 def _resync(request: StaffRequest, ops: StaffOperations, key: str) -> str:
-    report = ops.reconcile(apply=True, organization_id=request.organization_id, drain=False)
-    if report.applied:
-        return "; ".join(report.applied)
-    return "The provider and the database agree: nothing to re-read."
+    """Queue the re-sync for the worker: a durable job, retried like the others, under the lock of the
+    organization's subscription (never beside the worker's other writes to it). Its row in the queue
+    (`flask billing status`, the console's Queue) is visible until it is done; it writes `resync.done`."""
+    held = _object_of(request.organization_id)
+    with committed():
+        queue.defer(
+            RESYNC_TASK,
+            queue=WEBHOOK_QUEUE,
+            lock=f"{held[0]}:{held[1]}" if held else None,
+            queueing_lock=f"{RESYNC_TASK}:{key}",
+            organization_id=request.organization_id,
+            staff_user_id=request.staff_user_id,
+            reason=request.reason.strip(),
+            request_key=key,
+        )
+    return "Re-sync queued for the worker; its result is written to this log as resync.done when it is done."
+
+
+def finish_resync(job: ResyncJob, ops: StaffOperations) -> StaffOutcome:
+    """The worker's re-sync: reconcile of this one organization with its repairs, then its subscription
+    (or membership) re-read and applied here, so the row written at the end holds the billing after it.
+    A provider that does not answer raises (the job is retried); the last attempt's failure is audited."""
+    request = StaffRequest("resync", job.organization_id, job.staff_user_id, job.reason, "", None)
+    staff, before = _staff_and_snapshot(request)
+    try:
+        report = ops.reconcile(apply=True, organization_id=job.organization_id, drain=False)
+        if (held := _object_of(job.organization_id)) is not None:
+            ops.apply_queued_events(held[0], held[1], resync=True)
+    except BillingError as exc:
+        if job.final_attempt:
+            staff_audit.record(
+                staff,
+                "resync.done",
+                reason=job.reason,
+                outcome=f"failed, not retried again: {exc}",
+                organization_id=job.organization_id,
+                before=before,
+                request_key=f"{job.request_key}:done",
+            )
+        raise
+    ops.forget_billing_reads(job.organization_id)
+    _, after = _staff_and_snapshot(request)
+    outcome = "; ".join(report.applied) or "The provider and the database agreed: nothing to re-read."
+    if after != before:
+        changed = ", ".join(
+            f"{name} {before.get(name)} -> {value}" for name, value in after.items() if before.get(name) != value
+        )
+        outcome = f"{outcome}; applied: {changed}"
+    entry = staff_audit.record(
+        staff,
+        "resync.done",
+        reason=job.reason,
+        outcome=outcome,
+        organization_id=job.organization_id,
+        before=before,
+        after=after,
+        request_key=f"{job.request_key}:done",
+    )
+    return StaffOutcome(outcome, repeated=entry is None)
 
 
 def _replay(request: StaffRequest, ops: StaffOperations, key: str) -> str:
@@ -245,7 +333,9 @@ ACTIONS: dict[str, Action] = {
 }
 
 
-def perform(request: StaffRequest, ops: StaffOperations) -> StaffOutcome:
+def perform(request: StaffRequest | ResyncJob, ops: StaffOperations) -> StaffOutcome:
+    if isinstance(request, ResyncJob):
+        return finish_resync(request, ops)
     action = ACTIONS.get(request.action)
     if action is None:
         raise StaffActionRefused("There is no such action.")

@@ -30,6 +30,7 @@ from app.services import reconcile as reconciliation
 from app.services.billing_common import BillingConfigurationError, BillingError, plan_catalogue
 from app.services.billing_page import INVOICE_HISTORY_LENGTH, PageList
 from app.services.reconcile_reads import held_billing
+from app.services.staff_actions import RESYNC_TASK
 from app.services.whop_state import subscription_state_from_whop
 
 logger = logging.getLogger(__name__)
@@ -346,6 +347,36 @@ def _aware(moment: datetime) -> datetime:
 
 
 # --- The queue ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResyncJobRow:
+    id: int
+    organization_id: int
+    status: str  # todo, doing, succeeded, failed, ...
+    attempts: int
+    queued_at: datetime | None
+
+
+def resync_jobs(organization_id: int | None = None, *, limit: int = 50) -> list[ResyncJobRow]:
+    """The console's re-syncs as the worker's queue holds them, newest first (PostgreSQL's queue only:
+    on the SQLite stand-in jobs run inside the app)."""
+    if db.session.get_bind().dialect.name != "postgresql":
+        return []
+    try:
+        rows = db.session.execute(
+            text(
+                "SELECT j.id, (j.args->>'organization_id')::bigint AS organization_id, j.status::text AS status, "
+                "j.attempts, (SELECT min(e.at) FROM procrastinate_events AS e WHERE e.job_id = j.id) AS queued_at "
+                "FROM procrastinate_jobs AS j WHERE j.task_name = :task "
+                "AND (CAST(:org AS bigint) IS NULL OR (j.args->>'organization_id')::bigint = :org) "
+                "ORDER BY j.id DESC LIMIT :limit"
+            ),
+            {"task": RESYNC_TASK, "org": organization_id, "limit": limit},
+        ).all()
+    finally:
+        db.session.rollback()
+    return [ResyncJobRow(r.id, r.organization_id, r.status, r.attempts, r.queued_at) for r in rows]
 
 
 @dataclass
