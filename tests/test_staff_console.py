@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import pyotp
@@ -497,3 +498,48 @@ def test_a_resync_stripe_does_not_answer_is_retried_by_the_worker_and_audited_wh
     gave_up = audit_rows(app, "resync.done")[-1]
     assert gave_up.reason == "ticket 8" and gave_up.outcome.startswith("failed, not retried again")
     assert organization_of(app, "ada@example.com").cancel_at_period_end is True  # left as it was
+
+
+def test_scheduled_changes_are_shown_beside_stripes_with_the_differences_highlighted(
+    app: Flask, staff: Staff, offline_stripe: SandboxAccount
+) -> None:
+    from tests.test_plan_changes import Owner, Stack
+
+    client = client_at(app, "192.0.2.19")
+    sign_up(client, offline_stripe, email="grace@example.com", tier="business", organization_name="Grace Co")
+    organization = organization_of(app, "grace@example.com")
+    path = f"/admin/organizations/{organization.id}"
+
+    def rows() -> dict[str, tuple[str, str, str]]:
+        page = staff.client.get(path).get_data(as_text=True)
+        table = re.search(r'<table class="card" id="scheduled">(.*?)</table>', page, re.S)
+        assert table, page
+        found = re.findall(
+            r'<tr class="(drift|same)" data-field="([a-z ]+)">.*?<td>(.*?)</td><td>(.*?)</td>', table.group(1), re.S
+        )
+        return {name: (state, ours, theirs) for state, name, ours, theirs in found}
+
+    assert rows() == {"cancellation": ("same", "none", "none"), "plan change": ("same", "none", "none")}
+
+    # The owner schedules a downgrade for the period's end: both sides hold it.
+    owner = Owner(Stack(app, offline_stripe), client, organization.id, organization.billing_subscription_id)
+    _, ticket = owner.preview_plan("starter")
+    assert owner.confirm(ticket).status_code == 303
+    period_end = owner.subscription()["items"]["data"][0]["current_period_end"]
+    day = time.strftime("%Y-%m-%d", time.gmtime(period_end))
+    scheduled = rows()
+    assert scheduled["plan change"] == ("same", f"Starter (monthly) from {day}", f"Starter (monthly) from {day}")
+    # The schedule not read in time: named, not a difference, and the rest of the page is there.
+    offline_stripe.fail_next("subscription_schedules.retrieve", "connection")
+    page = staff.client.get(path).get_data(as_text=True)
+    assert 'id="schedule-unavailable"' in page and 'id="in-agreement"' in page and 'id="timeline"' in page
+    assert '<tr class="same" data-field="plan change">' in page
+
+    # At Stripe the schedule is released and a cancellation set; the app heard of neither.
+    schedule_id = owner.subscription()["schedule"]
+    offline_stripe.api("POST", f"/v1/subscription_schedules/{schedule_id}/release")
+    subscription_path = f"/v1/subscriptions/{organization.billing_subscription_id}"
+    offline_stripe.api("POST", subscription_path, {"cancel_at_period_end": True})
+    drifted = rows()
+    assert drifted["plan change"] == ("drift", f"Starter (monthly) from {day}", "none")
+    assert drifted["cancellation"] == ("drift", "none", f"ends {day}")

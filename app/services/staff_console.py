@@ -25,10 +25,11 @@ from app.models import (
     User,
     WhopEvent,
 )
-from app.services import outbox, price_lookup, queue_status, staff_audit, staff_payments
+from app.services import outbox, price_lookup, queue_status, staff_audit, staff_payments, staff_schedule
 from app.services import reconcile as reconciliation
 from app.services.billing_common import BillingConfigurationError, BillingError, plan_catalogue
 from app.services.billing_page import INVOICE_HISTORY_LENGTH, PageList
+from app.services.pricing import PriceInfo
 from app.services.reconcile_reads import held_billing
 from app.services.staff_actions import RESYNC_TASK
 from app.services.whop_state import subscription_state_from_whop
@@ -45,6 +46,10 @@ class ConsoleReads(Protocol):
     def read_subscription_for_page(self, subscription_id: str) -> dict[str, Any]: ...
 
     def read_list_for_page(self, resource: PageList, params: Any) -> list[dict[str, Any]]: ...
+
+    def read_schedule(self, schedule_id: str) -> dict[str, Any]: ...
+
+    def catalogue_prices(self) -> dict[str, PriceInfo]: ...
 
 
 # --- Search ------------------------------------------------------------------------------------------
@@ -170,6 +175,8 @@ class OrganizationView:
     invoices: list[dict[str, Any]] = field(default_factory=list)
     invoices_unavailable: str | None = None
     payments: staff_payments.Payments = field(default_factory=staff_payments.Payments)  # with their refunds
+    scheduled: list[staff_schedule.ScheduledRow] = field(default_factory=list)  # ours beside the provider's
+    schedule_unavailable: str | None = None  # the subscription schedule could not be read
     timeline: list[TimelineItem] = field(default_factory=list)
     failed_events: list[str] = field(default_factory=list)  # stored webhook event ids that failed
     failed_emails: list[int] = field(default_factory=list)  # domain event ids whose delivery gave up
@@ -205,9 +212,21 @@ def organization_view(
             ).scalars()
         ]
         view.timeline, view.failed_events, view.failed_emails = _timeline(organization)
+        held_schedule = staff_schedule.held_schedule(organization)
     finally:
         db.session.rollback()
-    view.compared, view.provider_unavailable = _compare(organization, held, reads, read_membership)
+    view.compared, view.provider_unavailable, provider_object = _compare(organization, held, reads, read_membership)
+    theirs = None
+    if provider_object is not None:
+        theirs = staff_schedule.provider_schedule(
+            provider_object,
+            whop=organization.billed_by_whop,
+            read_schedule=reads.read_schedule,
+            prices=reads.catalogue_prices,
+        )
+        if theirs[1] is None:
+            view.schedule_unavailable = "Stripe did not answer for the subscription schedule."
+    view.scheduled = staff_schedule.compare(held_schedule, theirs)
     if organization.billing_customer_id and not organization.billed_by_whop:
         customer_id = organization.billing_customer_id
         try:
@@ -224,18 +243,22 @@ def _compare(
     held: reconciliation.HeldBilling,
     reads: ConsoleReads,
     read_membership: Callable[[str], dict[str, Any]],
-) -> tuple[list[ComparedField], str | None]:
-    """Each field reconcile compares, ours beside the provider's, with the differences reconcile finds."""
+) -> tuple[list[ComparedField], str | None, dict[str, Any] | None]:
+    """Each field reconcile compares, ours beside the provider's, with the differences reconcile finds;
+    and the provider's object as read (None when it was not)."""
     ours = {name: getattr(held, name) for name in COMPARED_FIELDS}
     subscription_id = organization.billing_subscription_id
     provider = "Whop" if organization.billed_by_whop else "Stripe"
     if not subscription_id:
-        return [ComparedField(name, value, None, False) for name, value in ours.items()], (
-            f"No {provider} subscription is held, so there is nothing to compare."
+        return (
+            [ComparedField(name, value, None, False) for name, value in ours.items()],
+            f"No {provider} subscription is held, so there is nothing to compare.",
+            None,
         )
     try:
         if organization.billed_by_whop:
-            state = subscription_state_from_whop(read_membership(subscription_id), plan_catalogue())
+            subscription = read_membership(subscription_id)
+            state = subscription_state_from_whop(subscription, plan_catalogue())
         else:
             subscription = reads.read_subscription_for_page(subscription_id)
             try:
@@ -246,11 +269,14 @@ def _compare(
                 db.session.rollback()
     except (BillingError, BillingConfigurationError) as exc:
         logger.warning("Console: %s did not answer for organization %s: %s", provider, organization.id, exc)
-        return [ComparedField(name, value, None, False) for name, value in ours.items()], (
-            f"{provider} did not answer: {exc}"
+        return (
+            [ComparedField(name, value, None, False) for name, value in ours.items()],
+            f"{provider} did not answer: {exc}",
+            None,
         )
     drift = {change.field: change.stripe for change in reconciliation.diff_subscription(held, state)}
-    return [ComparedField(name, value, drift.get(name, value), name in drift) for name, value in ours.items()], None
+    compared = [ComparedField(name, value, drift.get(name, value), name in drift) for name, value in ours.items()]
+    return compared, None, subscription
 
 
 def _timeline(organization: Organization) -> tuple[list[TimelineItem], list[str], list[int]]:
