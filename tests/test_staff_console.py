@@ -7,6 +7,7 @@ when a test or a re-sync fetches it)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -88,16 +89,23 @@ def audit_rows(app: Flask, action: str) -> list[Any]:
 
 
 def console_urls(app: Flask, organization_id: int) -> list[tuple[str, str]]:
-    """Every console route with its arguments filled in, and each of its methods."""
-    values = {"organization_id": organization_id, "action": "refund"}
-    found = []
+    """Every console route with its arguments filled in (an action route once for each action there
+    is), and each of its methods; every view of the console's blueprint is among them."""
+    from app.services.staff_actions import ACTIONS
+
+    choices: dict[str, list[Any]] = {"organization_id": [organization_id], "action": sorted(ACTIONS)}
+    found, endpoints = [], set()
     with app.test_request_context():
         for rule in app.url_map.iter_rules():
             if not rule.endpoint.startswith("admin."):
                 continue
-            path = rule.build({name: values.get(name, "1") for name in rule.arguments}, append_unknown=False)
-            assert path is not None
-            found += [(method, path[1]) for method in sorted(rule.methods or ()) if method in ("GET", "POST")]
+            endpoints.add(rule.endpoint)
+            names = sorted(rule.arguments)
+            for combination in itertools.product(*(choices.get(name, ["1"]) for name in names)):
+                path = rule.build(dict(zip(names, combination, strict=True)), append_unknown=False)
+                assert path is not None
+                found += [(method, path[1]) for method in sorted(rule.methods or ()) if method in ("GET", "POST")]
+    assert endpoints == {name for name in app.view_functions if name.startswith("admin.")}
     return found
 
 
@@ -106,8 +114,9 @@ def test_every_console_route_is_404_to_anonymous_visitors_customers_and_staff_wi
 ) -> None:
     organization = organization_of(app, "ada@example.com")
     routes = console_urls(app, organization.id)
-    assert {path for _, path in routes} >= {"/admin/", "/admin/queue", "/admin/audit"}
-    assert len(routes) >= 6
+    assert {path for _, path in routes} >= {"/admin/", "/admin/queue", "/admin/audit", "/admin/view-as/stop"}
+    assert ("POST", f"/admin/organizations/{organization.id}/actions/apply_coupon") in routes
+    assert len(routes) >= 20
     anonymous = app.test_client()
     for method, path in routes:
         assert anonymous.open(path, method=method).status_code == 404, (method, path)
