@@ -288,6 +288,21 @@ def test_the_organization_page_says_stripe_did_not_answer_and_shows_the_rest(
     assert page.status_code == 200 and 'id="provider-unavailable"' in text and "Stripe did not answer" in text
     assert "ada@example.com" in text and 'id="timeline"' in text and "signup.completed" in text
 
+    # A Stripe slower than the page-read timeout: the first read is not answered, and the page does
+    # not wait for the others (one timeout, not one per read); the database's side is all there.
+    app.config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"] = 0.3
+    app.extensions.pop("stripe_read_client", None)
+    offline_stripe.set_latency(2)
+    try:
+        page = staff.client.get(f"/admin/organizations/{organization.id}")
+    finally:
+        offline_stripe.set_latency(0)
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200 and 'id="provider-unavailable"' in text and "ada@example.com" in text
+    for unread in ("invoices-unavailable", "payments-unavailable"):
+        shown = re.search(rf'id="{unread}">([^<]*)<', text)
+        assert shown and "was not asked again" in shown.group(1), text
+
 
 def test_the_queue_shows_a_failed_event_and_staff_replay_it(
     app: Flask, staff: Staff, offline_stripe: SandboxAccount

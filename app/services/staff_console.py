@@ -27,7 +27,12 @@ from app.models import (
 )
 from app.services import outbox, price_lookup, queue_status, staff_audit, staff_payments, staff_schedule
 from app.services import reconcile as reconciliation
-from app.services.billing_common import BillingConfigurationError, BillingError, plan_catalogue
+from app.services.billing_common import (
+    BillingConfigurationError,
+    BillingError,
+    PaymentProviderUnavailable,
+    plan_catalogue,
+)
 from app.services.billing_page import INVOICE_HISTORY_LENGTH, PageList
 from app.services.pricing import PriceInfo
 from app.services.reconcile_reads import held_billing
@@ -50,6 +55,42 @@ class ConsoleReads(Protocol):
     def read_schedule(self, schedule_id: str) -> dict[str, Any]: ...
 
     def catalogue_prices(self) -> dict[str, PriceInfo]: ...
+
+
+NOT_ASKED = "an earlier read on this page was not answered, so it was not asked again"
+
+
+class OnePageReads:
+    """One page's provider reads, each within the page-read timeout. Once one is not answered the rest
+    are not asked: a provider that is down costs the page about one timeout, not one per read."""
+
+    def __init__(self, reads: ConsoleReads, read_membership: Callable[[str], dict[str, Any]]) -> None:
+        self.reads, self.membership = reads, read_membership
+        self.silent = False
+
+    def _ask(self, read: Callable[..., Any], *args: Any) -> Any:
+        if self.silent:
+            raise PaymentProviderUnavailable(NOT_ASKED)
+        try:
+            return read(*args)
+        except PaymentProviderUnavailable:
+            self.silent = True
+            raise
+
+    def read_subscription_for_page(self, subscription_id: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self._ask(self.reads.read_subscription_for_page, subscription_id))
+
+    def read_list_for_page(self, resource: PageList, params: Any) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self._ask(self.reads.read_list_for_page, resource, params))
+
+    def read_schedule(self, schedule_id: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self._ask(self.reads.read_schedule, schedule_id))
+
+    def catalogue_prices(self) -> dict[str, PriceInfo]:
+        return self.reads.catalogue_prices()  # cached, and never raises
+
+    def read_membership(self, membership_id: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self._ask(self.membership, membership_id))
 
 
 # --- Search ------------------------------------------------------------------------------------------
@@ -187,8 +228,10 @@ class OrganizationView:
 
 
 def organization_view(
-    organization_id: int, reads: ConsoleReads, read_membership: Callable[[str], dict[str, Any]]
+    organization_id: int, provider_reads: ConsoleReads, provider_membership: Callable[[str], dict[str, Any]]
 ) -> OrganizationView | None:
+    reads = OnePageReads(provider_reads, provider_membership)
+    read_membership = reads.read_membership
     try:
         organization = db.session.get(Organization, organization_id, populate_existing=True)
         if organization is None:
