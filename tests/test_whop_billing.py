@@ -449,6 +449,7 @@ def test_the_console_reads_whop_within_the_page_read_timeout(pair: Pair, clock: 
     path = f"/admin/organizations/{org.id}"
     page = client.get(path).get_data(as_text=True)
     assert 'id="in-agreement"' in page and "The database and Whop agree." in page, page
+    assert '<tr class="same" data-field="cancellation">' in page and 'class="drift"' not in page
     pair.app.config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"] = 0.3  # Whop's own client would wait 20 s, 3 times
     pair.double.control("latency", {"seconds": 2})
     try:
