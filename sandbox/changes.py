@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import invoicing, objects, simtime
+from . import discounts, invoicing, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, apply_cancellation_details, emit, load, merge_metadata
 from .config import Dunning
 from .errors import StripeError, exclusive, inactive_price
@@ -65,6 +65,7 @@ class SubscriptionUpdate:
     metadata: dict[str, str] | None = None
     cancellation_details: dict[str, str] | None = None
     trial_end: int | None = None
+    discounts: list[Obj] | None = None  # the discounts the subscription is to have (see discounts.py)
     given: set[str] = field(default_factory=set)  # the parameters sent, for Stripe's "only X may be sent" rules
 
 
@@ -314,6 +315,8 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
     _apply_pause(subscription, req, now)
     if req.trial_end is not None:
         _move_trial_end(subscription, req.trial_end, now)
+    if req.discounts is not None:
+        discounts.set_subscription_discounts(store, subscription, req.discounts, now)
     if req.default_payment_method is not UNSET:
         owner = load(store, "customer", subscription["customer"])
         subscription["default_payment_method"] = (

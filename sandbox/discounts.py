@@ -104,9 +104,11 @@ def promotion_code(
     }
 
 
-def discount(store: Store, code: Obj, *, customer_id: str, subscription_id: str, now: int) -> Obj:
-    """A discount made by redeeming a promotion code on a subscription."""
-    coupon_obj = load(store, "coupon", code["promotion"]["coupon"])
+def discount(
+    store: Store, code: Obj | None, *, customer_id: str, subscription_id: str, now: int, coupon_id: str = ""
+) -> Obj:
+    """A discount made by redeeming a promotion code (or, with no code, a coupon) on a subscription."""
+    coupon_obj = load(store, "coupon", code["promotion"]["coupon"] if code is not None else coupon_id)
     end = None
     if coupon_obj["duration"] == "repeating":
         end = now
@@ -120,7 +122,7 @@ def discount(store: Store, code: Obj, *, customer_id: str, subscription_id: str,
         "end": end,
         "invoice": None,
         "invoice_item": None,
-        "promotion_code": code["id"],
+        "promotion_code": code["id"] if code is not None else None,
         "source": {"coupon": coupon_obj, "type": "coupon"},
         # `coupon` as on API versions before 2025-09-30, which the SDKs still read.
         "coupon": coupon_obj,
@@ -199,19 +201,69 @@ def redeemable(store: Store, code: str, customer: Obj | None) -> Obj:
     return found
 
 
-def redeem(store: Store, code: Obj, subscription: Obj, now: int) -> Obj:
-    """Start the code's discount on a new subscription (counted as redeemed on the code and coupon)."""
-    made = discount(store, code, customer_id=subscription["customer"], subscription_id=subscription["id"], now=now)
+def redeem(store: Store, code: Obj | None, subscription: Obj, now: int, coupon_id: str = "") -> Obj:
+    """Start the code's (or, with no code, the coupon's) discount on a subscription, counted as
+    redeemed on the code and the coupon."""
+    made = discount(
+        store,
+        code,
+        customer_id=subscription["customer"],
+        subscription_id=subscription["id"],
+        now=now,
+        coupon_id=coupon_id,
+    )
     subscription["discounts"] = [*subscription["discounts"], made["id"]]
-    code["times_redeemed"] += 1
-    coupon_obj = load(store, "coupon", code["promotion"]["coupon"])
+    coupon_obj = load(store, "coupon", made["coupon"]["id"])
     coupon_obj["times_redeemed"] += 1
     if coupon_obj["max_redemptions"] is not None and coupon_obj["times_redeemed"] >= coupon_obj["max_redemptions"]:
         coupon_obj["valid"] = False
-    code["coupon"] = coupon_obj
-    for obj in (made, code, coupon_obj):
+    made["coupon"] = made["source"]["coupon"] = coupon_obj
+    if code is not None:
+        code["times_redeemed"] += 1
+        code["coupon"] = coupon_obj
+        store.put(code)
+    for obj in (made, coupon_obj):
         store.put(obj)
     return made
+
+
+def set_subscription_discounts(store: Store, subscription: Obj, entries: list[Obj], now: int) -> None:
+    """`discounts` on a subscription update: the subscription's discounts become the listed ones, each
+    `{"discount": di_…}` (one it has, kept), `{"coupon": id}` or `{"promotion_code": promo_…}` (a new
+    discount, redeemed now); those not listed leave it. An empty list removes them all."""
+    kept: list[str] = []
+    new: list[tuple[Obj | None, str]] = []
+    coupons: set[str] = set()
+    for index, entry in enumerate(entries):
+        where = f"discounts[{index}]"
+        if (
+            not isinstance(entry, dict)
+            or len(entry) != 1
+            or next(iter(entry)) not in ("coupon", "discount", "promotion_code")
+        ):
+            raise StripeError("Pass exactly one of coupon, discount or promotion_code.", param=where)
+        if "discount" in entry:
+            if entry["discount"] not in subscription["discounts"]:
+                raise StripeError(f"The discount {entry['discount']} is not on this subscription.", param=where)
+            kept.append(entry["discount"])
+            coupons.add(load(store, "discount", entry["discount"])["coupon"]["id"])
+            continue
+        if "promotion_code" in entry:
+            code = load(store, "promotion_code", entry["promotion_code"], f"{where}[promotion_code]", 400)
+            redeemable(store, code["code"], store.get(subscription["customer"]))
+            coupon_id = code["promotion"]["coupon"]
+        else:
+            code, coupon_id = None, str(entry["coupon"])
+            coupon_obj = load(store, "coupon", coupon_id, f"{where}[coupon]", 400)
+            if not coupon_obj["valid"] or (coupon_obj["redeem_by"] and coupon_obj["redeem_by"] <= now):
+                raise StripeError(f"Coupon expired: {coupon_id}", code="coupon_expired", param=f"{where}[coupon]")
+        new.append((code, coupon_id))
+        coupons.add(coupon_id)
+    if len(coupons) != len(kept) + len(new):
+        raise StripeError("The same coupon cannot be applied twice to a subscription.", param="discounts")
+    subscription["discounts"] = kept
+    for code, coupon_id in new:
+        redeem(store, code, subscription, now, coupon_id)
 
 
 def apply_to_invoice(store: Store, invoice: Obj, subscription: Obj | None, *, preview: bool = False) -> None:

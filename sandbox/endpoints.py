@@ -86,6 +86,7 @@ def update_subscription(params: Params, subscription_id: str) -> Obj:
             "metadata",
             "cancellation_details",
             "trial_end",
+            "discounts",
         ),
     )
     pause: Any = changes.UNSET
@@ -114,6 +115,7 @@ def update_subscription(params: Params, subscription_id: str) -> Obj:
         metadata=metadata(params),
         cancellation_details=_cancellation_details(params),
         trial_end=integer(params, "trial_end"),
+        discounts=array(params, "discounts"),
         given=set(params),
     )
     return changes.update_subscription(current_store(), subscription_id, update, _origin())
@@ -345,6 +347,16 @@ def retrieve_payment_intent(params: Params, intent_id: str) -> Obj:
 @endpoint("/charges/<charge_id>", "GET")
 def retrieve_charge(params: Params, charge_id: str) -> Obj:
     return _retrieve("charge", charge_id, params, "charge")
+
+
+@endpoint("/charges", "GET")
+def list_charges(params: Params) -> Obj:
+    reject_unknown(params, ("customer", "payment_intent", "created", "limit", "starting_after", "ending_before"))
+    wanted = {"customer": string(params, "customer"), "payment_intent": string(params, "payment_intent")}
+    created = lists.created_filter(params)
+    return lists.listing(
+        current_store(), "charge", "/v1/charges", params, lambda c: lists.matches(c, **wanted) and created(c)
+    )
 
 
 # -- lists ----------------------------------------------------------------------------------------

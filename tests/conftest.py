@@ -441,6 +441,7 @@ STRIPE_CALLS: dict[str, tuple[str, str]] = {
     "checkout.sessions.expire": ("POST", r"/v1/checkout/sessions/([^/]+)/expire"),
     "subscriptions.list": ("GET", r"/v1/subscriptions"),
     "subscriptions.retrieve": ("GET", r"/v1/subscriptions/([^/]+)"),
+    "subscription_schedules.retrieve": ("GET", r"/v1/subscription_schedules/([^/]+)"),
     "subscriptions.update": ("POST", r"/v1/subscriptions/([^/]+)"),
     "subscriptions.cancel": ("DELETE", r"/v1/subscriptions/([^/]+)"),
     "billing_portal.sessions.create": ("POST", r"/v1/billing_portal/sessions"),
@@ -448,6 +449,8 @@ STRIPE_CALLS: dict[str, tuple[str, str]] = {
     "invoices.retrieve": ("GET", r"/v1/invoices/([^/]+)"),
     "invoices.create_preview": ("POST", r"/v1/invoices/create_preview"),
     "refunds.create": ("POST", r"/v1/refunds"),
+    "refunds.list": ("GET", r"/v1/refunds"),
+    "charges.list": ("GET", r"/v1/charges"),
     "events.list": ("GET", r"/v1/events"),
     "test_helpers.test_clocks.create": ("POST", r"/v1/test_helpers/test_clocks"),
 }

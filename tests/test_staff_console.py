@@ -7,8 +7,10 @@ when a test or a re-sync fetches it)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import time
 from typing import Any
 
 import pyotp
@@ -87,16 +89,23 @@ def audit_rows(app: Flask, action: str) -> list[Any]:
 
 
 def console_urls(app: Flask, organization_id: int) -> list[tuple[str, str]]:
-    """Every console route with its arguments filled in, and each of its methods."""
-    values = {"organization_id": organization_id, "action": "refund"}
-    found = []
+    """Every console route with its arguments filled in (an action route once for each action there
+    is), and each of its methods; every view of the console's blueprint is among them."""
+    from app.services.staff_actions import ACTIONS
+
+    choices: dict[str, list[Any]] = {"organization_id": [organization_id], "action": sorted(ACTIONS)}
+    found, endpoints = [], set()
     with app.test_request_context():
         for rule in app.url_map.iter_rules():
             if not rule.endpoint.startswith("admin."):
                 continue
-            path = rule.build({name: values.get(name, "1") for name in rule.arguments}, append_unknown=False)
-            assert path is not None
-            found += [(method, path[1]) for method in sorted(rule.methods or ()) if method in ("GET", "POST")]
+            endpoints.add(rule.endpoint)
+            names = sorted(rule.arguments)
+            for combination in itertools.product(*(choices.get(name, ["1"]) for name in names)):
+                path = rule.build(dict(zip(names, combination, strict=True)), append_unknown=False)
+                assert path is not None
+                found += [(method, path[1]) for method in sorted(rule.methods or ()) if method in ("GET", "POST")]
+    assert endpoints == {name for name in app.view_functions if name.startswith("admin.")}
     return found
 
 
@@ -105,8 +114,9 @@ def test_every_console_route_is_404_to_anonymous_visitors_customers_and_staff_wi
 ) -> None:
     organization = organization_of(app, "ada@example.com")
     routes = console_urls(app, organization.id)
-    assert {path for _, path in routes} >= {"/admin/", "/admin/queue", "/admin/audit"}
-    assert len(routes) >= 6
+    assert {path for _, path in routes} >= {"/admin/", "/admin/queue", "/admin/audit", "/admin/view-as/stop"}
+    assert ("POST", f"/admin/organizations/{organization.id}/actions/apply_coupon") in routes
+    assert len(routes) >= 20
     anonymous = app.test_client()
     for method, path in routes:
         assert anonymous.open(path, method=method).status_code == 404, (method, path)
@@ -175,15 +185,27 @@ def test_search_drift_and_resync_are_audited_and_a_double_submit_acts_once(
     assert done.status_code == 303
     again = submit(staff, path, token, reason="customer says they cancelled")  # the same form, again
     assert again.status_code == 303
-    run_jobs(app)
+    # Queued for the worker, not done in the request: a durable job, visible in the queue's figures.
     [entry] = audit_rows(app, "resync")
     assert entry.staff_email == STAFF and entry.organization_id == organization.id
-    assert entry.reason == "customer says they cancelled"
-    assert entry.before["cancel_at_period_end"] is False and "re-read queued" in entry.outcome
+    assert entry.reason == "customer says they cancelled" and "queued for the worker" in entry.outcome
+    assert entry.before["cancel_at_period_end"] is False and audit_rows(app, "resync.done") == []
+    assert organization_of(app, "ada@example.com").cancel_at_period_end is False
+    [job] = query(app, "SELECT * FROM procrastinate_jobs WHERE task_name = 'staff:resync'")
+    assert job.status == "todo" and job.args["organization_id"] == organization.id
+    assert job.lock == f"stripe:subscription:{subscription_id}"  # never beside the worker's other writes to it
+    queue_page = staff.client.get("/admin/queue").get_data(as_text=True)
+    assert f'<tr class="resync-job" data-status="todo"><td>{job.id}</td>' in queue_page
+    assert "Already done by this form" in queue_page  # the second submit was told, not acted on
+    run_jobs(app)
+    [done] = audit_rows(app, "resync.done")  # written by the worker when done, once for the two submits
+    assert done.staff_email == STAFF and done.reason == "customer says they cancelled"
+    assert done.before["cancel_at_period_end"] is False and done.after["cancel_at_period_end"] is True
+    assert "cancel_at_period_end False -> True" in done.outcome
     assert organization_of(app, "ada@example.com").cancel_at_period_end is True
     page = staff.client.get(f"/admin/organizations/{organization.id}").get_data(as_text=True)
     assert 'id="in-agreement"' in page and 'class="drift"' not in page
-    assert "Already done by this form" in page  # the second submit was told, not acted on
+    assert f'<tr class="resync-job" data-status="succeeded"><td>{job.id}</td>' in page
     assert "customer says they cancelled" in staff.client.get("/admin/audit").get_data(as_text=True)
 
 
@@ -209,6 +231,26 @@ def test_a_refund_asks_for_a_two_factor_code_and_refunds_once(
     assert offline_stripe.api("GET", f"/v1/charges/{charge}")["amount_refunded"] == 500
     [entry] = audit_rows(app, "refund")
     assert entry.target == invoice_id.group(1) and entry.reason == "charged twice" and "Refunded $5.00" in entry.outcome
+
+    # The refund is shown beside its invoice and its payment, read live from Stripe.
+    page = staff.client.get(f"/admin/organizations/{organization.id}").get_data(as_text=True)
+    row = re.search(rf'<tr data-invoice="{invoice_id.group(1)}">(.*?)</tr>', page, re.S)
+    assert row and '<td class="refunded">$5.00</td>' in row.group(1), page
+    payment = re.search(rf'<tr data-payment="{charge}" class="refunded">(.*?)</tr>', page, re.S)
+    assert payment and f"<code>{invoice_id.group(1)}</code>" in payment.group(1)
+    [refund] = offline_stripe.api("GET", "/v1/refunds", {"charge": charge})["data"]
+    assert f'data-refund="{refund["id"]}"' in payment.group(1) and "$5.00" in payment.group(1)
+    # Stripe not answering the payments read: named there, and the rest of the page is shown.
+    offline_stripe.fail_next("charges.list", "connection")
+    page = staff.client.get(f"/admin/organizations/{organization.id}")
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200 and 'id="payments-unavailable"' in text and "Stripe did not answer" in text
+    assert f'<tr data-invoice="{invoice_id.group(1)}">' in text and 'id="timeline"' in text
+    assert 'id="in-agreement"' in text
+    assert f'data-refund="{refund["id"]}"' not in text
+    offline_stripe.fail_next("refunds.list", "server")
+    text = staff.client.get(f"/admin/organizations/{organization.id}").get_data(as_text=True)
+    assert f'<tr data-payment="{charge}" class="refunded">' in text and "Stripe did not answer" in text
 
 
 def test_cancel_at_period_end_and_undo_it_at_stripe_and_in_the_database(
@@ -245,6 +287,21 @@ def test_the_organization_page_says_stripe_did_not_answer_and_shows_the_rest(
     text = page.get_data(as_text=True)
     assert page.status_code == 200 and 'id="provider-unavailable"' in text and "Stripe did not answer" in text
     assert "ada@example.com" in text and 'id="timeline"' in text and "signup.completed" in text
+
+    # A Stripe slower than the page-read timeout: the first read is not answered, and the page does
+    # not wait for the others (one timeout, not one per read); the database's side is all there.
+    app.config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"] = 0.3
+    app.extensions.pop("stripe_read_client", None)
+    offline_stripe.set_latency(2)
+    try:
+        page = staff.client.get(f"/admin/organizations/{organization.id}")
+    finally:
+        offline_stripe.set_latency(0)
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200 and 'id="provider-unavailable"' in text and "ada@example.com" in text
+    for unread in ("invoices-unavailable", "payments-unavailable"):
+        shown = re.search(rf'id="{unread}">([^<]*)<', text)
+        assert shown and "was not asked again" in shown.group(1), text
 
 
 def test_the_queue_shows_a_failed_event_and_staff_replay_it(
@@ -388,3 +445,125 @@ def test_a_failed_email_is_shown_and_sent_again_once(
     assert len(smtp_server.to("ada@example.com")) == sent_before + 1
     [entry] = audit_rows(app, "resend")
     assert entry.target == failed.group(1) and "queued again" in entry.outcome
+
+
+def test_apply_a_coupon_at_stripe_asks_for_a_code_is_audited_and_applied_once(
+    app: Flask, staff: Staff, owner: FlaskClient, offline_stripe: SandboxAccount
+) -> None:
+    organization = organization_of(app, "ada@example.com")
+    coupon = offline_stripe.api("POST", "/v1/coupons", {"percent_off": 25, "duration": "forever", "name": "Goodwill"})
+    page = staff.client.get(f"/admin/organizations/{organization.id}").get_data(as_text=True)
+    assert 'id="action-apply_coupon"' in page
+    path = f"/admin/organizations/{organization.id}/actions/apply_coupon"
+    no_code, token = act(staff, organization.id, "apply_coupon", reason="outage credit", coupon=coupon["id"])
+    assert no_code.status_code == 401 and "moves money" in no_code.get_data(as_text=True)
+    assert offline_stripe.subscription(organization.billing_subscription_id)["discounts"] == []
+    unknown, _ = act(staff, organization.id, "apply_coupon", reason="outage credit", coupon="NOPE", code=staff.code())
+    assert unknown.status_code == 409 and "Stripe refused the coupon" in unknown.get_data(as_text=True)
+    done = submit(staff, path, token, reason="outage credit", coupon=coupon["id"], code=staff.code())
+    assert done.status_code == 303, done.get_data(as_text=True)
+    again = submit(staff, path, token, reason="outage credit", coupon=coupon["id"], code=staff.code())
+    assert again.status_code == 303
+    subscription = offline_stripe.api(
+        "GET", f"/v1/subscriptions/{organization.billing_subscription_id}", {"expand": ["discounts"]}
+    )
+    [discount] = subscription["discounts"]  # once, not twice
+    assert discount["coupon"]["id"] == coupon["id"] and discount["coupon"]["times_redeemed"] == 1
+    refusal, entry = audit_rows(app, "apply_coupon")  # the unknown coupon's refusal is audited too
+    assert refusal.target == "NOPE" and refusal.outcome.startswith("refused: ") and refusal.request_key is None
+    assert entry.target == coupon["id"] and entry.reason == "outage credit" and entry.staff_email == STAFF
+    assert f"Coupon {coupon['id']} applied" in entry.outcome and entry.request_key.endswith(token)
+    # The owner's billing page (its Stripe reads forgotten by the action) shows the discount at once.
+    billing = owner.get("/billing/").get_data(as_text=True)
+    assert re.search(r'id="discount">\s*<span class="discount-line">Goodwill:\s+25% off, for as long as', billing)
+    assert re.search(r'id="next-invoice">\s*\$21\.75 on', billing), billing  # $29.00 less a quarter
+    # A second coupon joins the first rather than replacing it.
+    other = offline_stripe.api("POST", "/v1/coupons", {"amount_off": 100, "currency": "usd", "duration": "once"})
+    done, _ = act(staff, organization.id, "apply_coupon", reason="second credit", coupon=other["id"], code=staff.code())
+    assert done.status_code == 303, done.get_data(as_text=True)
+    assert len(offline_stripe.subscription(organization.billing_subscription_id)["discounts"]) == 2
+
+
+def test_a_resync_stripe_does_not_answer_is_retried_by_the_worker_and_audited_when_done(
+    make_app: Any,
+    offline_stripe: SandboxAccount,
+    clock: Clock,  # noqa: F811
+) -> None:
+    app = make_app(JOB_RETRY_BASE_SECONDS=0, JOB_MAX_ATTEMPTS=2)
+    sign_up(client_at(app, "192.0.2.17"), offline_stripe)
+    staff_client = client_at(app, "192.0.2.18")
+    sign_up(staff_client, offline_stripe, email=STAFF, organization_name="Ledgerline support")
+    totp, _ = enrol(staff_client, clock)
+    assert cli(app, "users", "grant-staff", STAFF).exit_code == 0
+    staff = Staff(staff_client, totp, clock)
+    run_jobs(app)
+    organization = organization_of(app, "ada@example.com")
+    subscription_id = organization.billing_subscription_id
+    offline_stripe.api("POST", f"/v1/subscriptions/{subscription_id}", {"cancel_at_period_end": True})
+
+    # Stripe fails the job's first attempt; the worker tries again and the re-sync is done.
+    offline_stripe.fail_next("subscriptions.retrieve", "server")
+    done, _ = act(staff, organization.id, "resync", reason="ticket 7")
+    assert done.status_code == 303, done.get_data(as_text=True)
+    run_jobs(app)
+    [job] = query(app, "SELECT * FROM procrastinate_jobs WHERE task_name = 'staff:resync'")
+    assert (job.status, job.attempts) == ("succeeded", 2)  # the failed attempt, then the one that did it
+    [entry] = audit_rows(app, "resync.done")
+    assert entry.after["cancel_at_period_end"] is True and organization_of(app, "ada@example.com").cancel_at_period_end
+
+    # Stripe fails every attempt: the job fails, visible in the queue, and the log says so.
+    offline_stripe.api("POST", f"/v1/subscriptions/{subscription_id}", {"cancel_at_period_end": False})
+    offline_stripe.fail_next("subscriptions.retrieve", "server", times=10)
+    act(staff, organization.id, "resync", reason="ticket 8")
+    run_jobs(app)
+    failed = query(app, "SELECT * FROM procrastinate_jobs WHERE task_name = 'staff:resync' AND status = 'failed'")
+    assert [row.attempts for row in failed] == [2]
+    assert "staff:resync 1" in staff.client.get("/admin/queue").get_data(as_text=True)
+    gave_up = audit_rows(app, "resync.done")[-1]
+    assert gave_up.reason == "ticket 8" and gave_up.outcome.startswith("failed, not retried again")
+    assert organization_of(app, "ada@example.com").cancel_at_period_end is True  # left as it was
+
+
+def test_scheduled_changes_are_shown_beside_stripes_with_the_differences_highlighted(
+    app: Flask, staff: Staff, offline_stripe: SandboxAccount
+) -> None:
+    from tests.test_plan_changes import Owner, Stack
+
+    client = client_at(app, "192.0.2.19")
+    sign_up(client, offline_stripe, email="grace@example.com", tier="business", organization_name="Grace Co")
+    organization = organization_of(app, "grace@example.com")
+    path = f"/admin/organizations/{organization.id}"
+
+    def rows() -> dict[str, tuple[str, str, str]]:
+        page = staff.client.get(path).get_data(as_text=True)
+        table = re.search(r'<table class="card" id="scheduled">(.*?)</table>', page, re.S)
+        assert table, page
+        found = re.findall(
+            r'<tr class="(drift|same)" data-field="([a-z ]+)">.*?<td>(.*?)</td><td>(.*?)</td>', table.group(1), re.S
+        )
+        return {name: (state, ours, theirs) for state, name, ours, theirs in found}
+
+    assert rows() == {"cancellation": ("same", "none", "none"), "plan change": ("same", "none", "none")}
+
+    # The owner schedules a downgrade for the period's end: both sides hold it.
+    owner = Owner(Stack(app, offline_stripe), client, organization.id, organization.billing_subscription_id)
+    _, ticket = owner.preview_plan("starter")
+    assert owner.confirm(ticket).status_code == 303
+    period_end = owner.subscription()["items"]["data"][0]["current_period_end"]
+    day = time.strftime("%Y-%m-%d", time.gmtime(period_end))
+    scheduled = rows()
+    assert scheduled["plan change"] == ("same", f"Starter (monthly) from {day}", f"Starter (monthly) from {day}")
+    # The schedule not read in time: named, not a difference, and the rest of the page is there.
+    offline_stripe.fail_next("subscription_schedules.retrieve", "connection")
+    page = staff.client.get(path).get_data(as_text=True)
+    assert 'id="schedule-unavailable"' in page and 'id="in-agreement"' in page and 'id="timeline"' in page
+    assert '<tr class="same" data-field="plan change">' in page
+
+    # At Stripe the schedule is released and a cancellation set; the app heard of neither.
+    schedule_id = owner.subscription()["schedule"]
+    offline_stripe.api("POST", f"/v1/subscription_schedules/{schedule_id}/release")
+    subscription_path = f"/v1/subscriptions/{organization.billing_subscription_id}"
+    offline_stripe.api("POST", subscription_path, {"cancel_at_period_end": True})
+    drifted = rows()
+    assert drifted["plan change"] == ("drift", f"Starter (monthly) from {day}", "none")
+    assert drifted["cancellation"] == ("drift", "none", f"ends {day}")

@@ -85,20 +85,22 @@ def test_search_by_customer_id_see_the_drift_resync_and_find_it_audited(
     page.fill("#reason", "customer cancelled in the portal; the app still shows renewing")
     chromium.step("re-sync confirmation")
     page.click("#confirm")
-    expect(page.locator(".flash.success")).to_contain_text("re-read queued")
+    expect(page.locator(".flash.success")).to_contain_text("Re-sync queued for the worker")
     wait_until(
-        lambda: bool(
-            query(app, "SELECT cancel_at_period_end FROM organization WHERE id = :i", i=organization.id)[0][0]
-        ),
+        lambda: bool(query(app, "SELECT id FROM staff_audit WHERE action = 'resync.done'")),
         20,
-        "the worker applied the re-read subscription",
+        "the worker re-synced the organization and wrote it to the audit log",
     )
+    assert query(app, "SELECT cancel_at_period_end FROM organization WHERE id = :i", i=organization.id)[0][0]
     page.reload()
     expect(page.locator("#in-agreement")).to_be_visible()
     expect(page.locator("#comparison tr.drift")).to_have_count(0)
     entry = page.locator('#staff-audit tr.audit-entry[data-action="resync"]')
     expect(entry).to_contain_text(STAFF)
     expect(entry).to_contain_text("customer cancelled in the portal")
+    done = page.locator('#staff-audit tr.audit-entry[data-action="resync.done"]')
+    expect(done).to_contain_text("cancel_at_period_end False -> True")
+    expect(page.locator('#resync-jobs tr.resync-job[data-status="succeeded"]')).to_have_count(1)
     chromium.step("drift gone, audited")
     page.click("#audit-link")
     expect(page.locator('tr.audit-entry[data-action="resync"]')).to_have_count(1)

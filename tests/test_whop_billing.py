@@ -32,6 +32,7 @@ from tests.conftest import (
     signup_form,
 )
 from tests.live_support import LiveServer, free_port, wait_until
+from tests.test_two_factor import Clock, clock, enrol  # noqa: F401 (the clock fixture)
 from tests.whop_double import WhopDouble
 
 SECRET = "ws_whop_billing_suite_0123456789"
@@ -436,3 +437,25 @@ def test_a_stale_whop_form_is_refused_and_the_membership_read_as_it_is(pair: Pai
     assert stale.status_code == 303
     assert "That form was already used, so nothing was changed now." in client.get("/billing/").get_data(True)
     assert pair.organization().cancel_at_period_end is False
+
+
+def test_the_console_reads_whop_within_the_page_read_timeout(pair: Pair, clock: Clock) -> None:  # noqa: F811
+    """The operations console's live column for a Whop-billed organization: Whop's membership beside
+    the database; a Whop slower than the page-read timeout costs the page that column, not the page."""
+    client, org = signed_up(pair)
+    enrol(client, clock)
+    granted = pair.app.test_cli_runner().invoke(args=["users", "grant-staff", "ada@example.com"])
+    assert granted.exit_code == 0, granted.output
+    path = f"/admin/organizations/{org.id}"
+    page = client.get(path).get_data(as_text=True)
+    assert 'id="in-agreement"' in page and "The database and Whop agree." in page, page
+    assert '<tr class="same" data-field="cancellation">' in page and 'class="drift"' not in page
+    pair.app.config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"] = 0.3  # Whop's own client would wait 20 s, 3 times
+    pair.double.control("latency", {"seconds": 2})
+    try:
+        slow = client.get(path)
+    finally:
+        pair.double.control("latency", {"seconds": 0})
+    text = slow.get_data(as_text=True)
+    assert slow.status_code == 200 and 'id="provider-unavailable"' in text and "Whop did not answer" in text, text
+    assert "ada@example.com" in text and 'id="timeline"' in text and 'id="in-agreement"' not in text

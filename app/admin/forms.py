@@ -25,6 +25,10 @@ class StaffActionForm(FlaskForm):
         "Extend the trial by (days, 1 to 90)",
         validators=[Optional(), Regexp(r"^\d{1,3}$", message="A number of days such as 7.")],
     )
+    coupon = StringField(
+        "Coupon id (as the Stripe Dashboard shows it)",
+        validators=[Optional(), Regexp(r"^[A-Za-z0-9_-]{1,200}$", message="A coupon id such as SPRING20.")],
+    )
     code = StringField("Two-factor code (from your authenticator app)", validators=[Optional(), Length(max=20)])
 
 

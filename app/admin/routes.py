@@ -60,7 +60,11 @@ def organization(organization_id: int) -> str:
     if view is None:
         abort(404)
     return render_template(
-        "admin/organization.html", view=view, actions=ACTIONS, audit=staff_audit.entries(organization_id)
+        "admin/organization.html",
+        view=view,
+        actions=ACTIONS,
+        audit=staff_audit.entries(organization_id),
+        resync_jobs=staff_console.resync_jobs(organization_id, limit=10),
     )
 
 
@@ -91,7 +95,7 @@ def action(organization_id: int, action: str) -> Response | tuple[str, int] | st
                 staff_user_id=int(current_user.id),
                 reason=form.reason.data or "",
                 request_token=form.request_token.data or "",
-                target=form.target.data or None,
+                target=(form.coupon.data if action == "apply_coupon" else form.target.data) or None,
                 amount=amount,
                 days=int(form.days.data) if action == "extend_trial" and form.days.data else None,
             )
@@ -106,7 +110,7 @@ def action(organization_id: int, action: str) -> Response | tuple[str, int] | st
 @bp.get("/queue")
 def queue() -> str:
     view = staff_console.queue_view(request.args.get("provider", "stripe"), request.args.get("status", "failed"))
-    return render_template("admin/queue.html", view=view)
+    return render_template("admin/queue.html", view=view, resync_jobs=staff_console.resync_jobs())
 
 
 @bp.get("/audit")

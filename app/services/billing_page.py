@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from flask import current_app
 
@@ -30,6 +30,8 @@ from app.services.pricing import PriceInfo
 logger = logging.getLogger(__name__)
 
 BILLING_READ_PARTS = ("subscription", "upcoming", "schedule", "payment_method", "invoices")
+INVOICE_HISTORY_LENGTH = 12
+PageList = Literal["invoices", "charges", "refunds"]  # the Stripe lists pages read
 
 
 class PageReads(Protocol):
@@ -44,7 +46,7 @@ class PageReads(Protocol):
 
     def read_payment_method(self, customer_id: str, default_method: str | None) -> dict[str, Any] | None: ...
 
-    def read_invoices(self, customer_id: str) -> list[dict[str, Any]]: ...
+    def read_list_for_page(self, resource: PageList, params: Any) -> list[dict[str, Any]]: ...
 
     def catalogue_prices(self) -> dict[str, PriceInfo]: ...
 
@@ -116,7 +118,12 @@ def billing_details(organization: Organization, stripe: PageReads, whop: WhopPag
         invoices = cached_read(
             organization_id,
             "invoices",
-            lambda: [InvoiceRow.from_stripe(invoice) for invoice in stripe.read_invoices(customer_id)],
+            lambda: [
+                InvoiceRow.from_stripe(invoice)
+                for invoice in stripe.read_list_for_page(
+                    "invoices", {"customer": customer_id, "limit": INVOICE_HISTORY_LENGTH}
+                )
+            ],
             details,
         )
         details.invoices = invoices if isinstance(invoices, list) else None

@@ -138,7 +138,6 @@ STRIPE_API_VERSION = "2026-10-28.endive"
 STRIPE_SIGNATURE_TOLERANCE_SECONDS = 300
 # The billing page's reads: no retries (the page would rather say "not available" than wait).
 PAGE_READ: stripe.RequestOptions = {"max_network_retries": 0}
-INVOICE_HISTORY_LENGTH = 12
 
 
 def new_request_token() -> str:
@@ -898,12 +897,11 @@ class BillingService:
             )
 
     @classmethod
-    def read_invoices(cls, customer_id: str) -> list[dict[str, Any]]:
-        with cls._calling_stripe("list invoices"):
-            invoices = cls._stripe_for_page_reads().v1.invoices.list(
-                params={"customer": customer_id, "limit": INVOICE_HISTORY_LENGTH}, options=PAGE_READ
-            )
-        return [invoice.to_dict() for invoice in invoices.data]
+    def read_list_for_page(cls, resource: billing_page.PageList, params: Any) -> list[dict[str, Any]]:
+        """A page's read of one of Stripe's lists: the page-read timeout, no retries."""
+        with cls._calling_stripe(f"list {resource}"):
+            found = getattr(cls._stripe_for_page_reads().v1, resource).list(params=params, options=PAGE_READ)
+        return [item.to_dict() for item in found.data]
 
     # --- Plan and seat changes --------------------------------------------------------------------
 
@@ -1272,22 +1270,22 @@ class BillingService:
 
     @classmethod
     def staff_organization(cls, organization_id: int) -> staff_console.OrganizationView | None:
-        return staff_console.organization_view(organization_id, cls, whop_billing.calls.retrieve_membership)
+        return staff_console.organization_view(organization_id, cls, whop_billing.calls.retrieve_membership_for_page)
 
     @classmethod
-    def staff_action(cls, request: staff_actions.StaffRequest) -> staff_actions.StaffOutcome:
+    def staff_action(cls, request: staff_actions.StaffRequest | staff_actions.ResyncJob) -> staff_actions.StaffOutcome:
         return staff_actions.perform(request, cls)
 
     @classmethod
-    def extend_trial(cls, organization_id: int, *, trial_end: int, request_token: str, actor_user_id: int) -> list[str]:
-        """Staff: a trialing subscription's trial (and so its first charge) ends later, at `trial_end`."""
+    def staff_update_subscription(cls, change: staff_actions.SubscriptionEdit, *, actor_user_id: int) -> list[str]:
+        """Staff: the subscription updated by `change.params` (a later trial end, a coupon), if allowed."""
 
         def call(client: stripe.StripeClient, subscription_id: str, key: str) -> stripe.Subscription:
-            params: Any = {"trial_end": trial_end}
+            params: Any = change.params
             return client.v1.subscriptions.update(subscription_id, params=params, options={"idempotency_key": key})
 
-        allowed = staff_actions.trial_refusal
-        return cls._owner_subscription_change(organization_id, "trial", request_token, actor_user_id, allowed, call)
+        org, kind, token, allowed = change.organization_id, change.kind, change.request_token, change.refusal
+        return cls._owner_subscription_change(org, kind, token, actor_user_id, allowed, call)
 
     @classmethod
     def refund_invoice(cls, invoice_id: str, *, amount: int | None, key: str) -> dict[str, Any]:

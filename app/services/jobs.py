@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from app.extensions import db
 from app.models import PendingSignup, SignupStatus, StripeEvent, StripeEventStatus, WhopEvent
 from app.models.types import utcnow
-from app.services import domain_events, notifications, outbox, queue, receipts  # noqa: F401  (registers the consumers)
+from app.services import domain_events, notifications, outbox, queue, receipts, staff_actions  # noqa: F401 (consumers)
 from app.services.billing_service import WEBHOOK_QUEUE, BillingService
 
 logger = logging.getLogger(__name__)
@@ -163,6 +163,22 @@ def reconcile_daily(timestamp: int) -> str:
     return "clean" if report.clean else "drift remains"
 
 
+staff_tasks = procrastinate.Blueprint()
+
+
+@staff_tasks.task(name="resync", queue=WEBHOOK_QUEUE, retry=queue.RETRY, pass_context=True)
+@queue.in_app_context
+def staff_resync(
+    context: procrastinate.JobContext, organization_id: int, staff_user_id: int, reason: str, request_key: str
+) -> str:
+    """A console re-sync (app/services/staff_actions.py): reconcile of one organization, applied here,
+    its staff audit row written when done; retried like the other jobs while the provider does not answer."""
+    attempts = context.job.attempts if context.job else 0
+    final = attempts + 1 >= int(queue.flask_app().config["JOB_MAX_ATTEMPTS"])
+    job = staff_actions.ResyncJob(organization_id, staff_user_id, reason, request_key, final_attempt=final)
+    return BillingService.staff_action(job).message
+
+
 usage_tasks = procrastinate.Blueprint()
 
 
@@ -180,6 +196,7 @@ def report_usage(timestamp: int) -> str:
 
 queue.register_blueprint("webhooks", webhooks)
 queue.register_blueprint("usage", usage_tasks)
+queue.register_blueprint("staff", staff_tasks)
 queue.register_blueprint("maintenance", maintenance)
 
 

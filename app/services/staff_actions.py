@@ -1,7 +1,8 @@
 """The operations console's actions, each reached through BillingService.staff_action: re-sync an
-organization from its provider (reconcile of that one organization, with its repairs), replay a failed
-webhook event, send a failed email again, refund an invoice (whole or in part), cancel now or at the
-period's end, and undo a scheduled cancellation.
+organization from its provider (reconcile of that one organization, with its repairs, run by the worker
+as a durable job that writes its own audit row when done: RESYNC_TASK, finish_resync), replay a failed
+webhook event, send a failed email again, refund an invoice (whole or in part), extend a free trial,
+apply a coupon, cancel now or at the period's end, and undo a scheduled cancellation.
 
 Every action:
 - is refused unless staff typed a reason (and, for those that move money, a fresh two-factor code,
@@ -14,6 +15,7 @@ Every action:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,10 +24,11 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import DomainEvent, Organization, StripeEvent, User, WhopEvent
-from app.services import outbox, staff_audit
+from app.services import outbox, queue, staff_audit
 from app.services import reconcile as reconciliation
-from app.services.billing_common import REQUEST_TOKEN, BillingError, StaleForm, WebhookResult
+from app.services.billing_common import REQUEST_TOKEN, BillingError, StaleForm, WebhookResult, committed
 from app.services.pricing import format_money
+from app.services.webhook_intake import WEBHOOK_QUEUE
 
 
 class StaffActionRefused(BillingError):
@@ -41,6 +44,10 @@ class StaffOperations(Protocol):
 
     def replay_stored_event(self, event_id: str) -> WebhookResult: ...
 
+    def apply_queued_events(
+        self, provider_name: str, object_key: str, *, final_attempt: bool = True, resync: bool = False
+    ) -> str: ...
+
     def cancel_subscription(
         self, organization_id: int, *, at_period_end: bool, request_token: str, actor_user_id: int
     ) -> list[str]: ...
@@ -49,11 +56,23 @@ class StaffOperations(Protocol):
 
     def refund_invoice(self, invoice_id: str, *, amount: int | None, key: str) -> dict[str, Any]: ...
 
-    def extend_trial(
-        self, organization_id: int, *, trial_end: int, request_token: str, actor_user_id: int
-    ) -> list[str]: ...
+    def staff_update_subscription(self, change: SubscriptionEdit, *, actor_user_id: int) -> list[str]: ...
+
+    def retrieve_subscription(self, subscription_id: str) -> dict[str, Any]: ...
 
     def forget_billing_reads(self, organization_id: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SubscriptionEdit:
+    """A staff change to a Stripe subscription: the update's parameters, once `refusal` (given the
+    organization as held) says nothing against it. `kind` names it in the idempotency key."""
+
+    organization_id: int
+    kind: str
+    params: dict[str, Any]
+    refusal: Callable[[Organization], str | None]
+    request_token: str
 
 
 @dataclass(frozen=True)
@@ -63,7 +82,7 @@ class StaffRequest:
     staff_user_id: int
     reason: str
     request_token: str
-    target: str | None = None  # the event id, domain event id or invoice id the action is about
+    target: str | None = None  # the event id, domain event id, invoice id or coupon id the action is about
     amount: int | None = None  # a partial refund, in the currency's smallest unit
     days: int | None = None  # how many days a trial is extended by
 
@@ -82,11 +101,93 @@ class Action:
     run: Callable[[StaffRequest, StaffOperations, str], str]
 
 
+RESYNC_TASK = "staff:resync"  # app/services/jobs.py runs it
+
+
+@dataclass(frozen=True)
+class ResyncJob:
+    """The worker's half of a re-sync (the job's arguments), and whether this is its last attempt."""
+
+    organization_id: int
+    staff_user_id: int
+    reason: str
+    request_key: str
+    final_attempt: bool = True
+
+
+def _object_of(organization_id: int) -> tuple[str, str] | None:
+    """The provider and object key the organization's subscription (or membership) is applied under."""
+    try:
+        organization = db.session.get(Organization, organization_id, populate_existing=True)
+        if organization is None or not organization.billing_subscription_id:
+            return None
+        if organization.billed_by_whop:
+            return "whop", f"membership:{organization.billing_subscription_id}"
+        return "stripe", f"subscription:{organization.billing_subscription_id}"
+    finally:
+        db.session.rollback()
+
+
 def _resync(request: StaffRequest, ops: StaffOperations, key: str) -> str:
-    report = ops.reconcile(apply=True, organization_id=request.organization_id, drain=False)
-    if report.applied:
-        return "; ".join(report.applied)
-    return "The provider and the database agree: nothing to re-read."
+    """Queue the re-sync for the worker: a durable job, retried like the others, under the lock of the
+    organization's subscription (never beside the worker's other writes to it). Its row in the queue
+    (`flask billing status`, the console's Queue) is visible until it is done; it writes `resync.done`."""
+    held = _object_of(request.organization_id)
+    with committed():
+        queue.defer(
+            RESYNC_TASK,
+            queue=WEBHOOK_QUEUE,
+            lock=f"{held[0]}:{held[1]}" if held else None,
+            queueing_lock=f"{RESYNC_TASK}:{key}",
+            organization_id=request.organization_id,
+            staff_user_id=request.staff_user_id,
+            reason=request.reason.strip(),
+            request_key=key,
+        )
+    return "Re-sync queued for the worker; its result is written to this log as resync.done when it is done."
+
+
+def finish_resync(job: ResyncJob, ops: StaffOperations) -> StaffOutcome:
+    """The worker's re-sync: reconcile of this one organization with its repairs, then its subscription
+    (or membership) re-read and applied here, so the row written at the end holds the billing after it.
+    A provider that does not answer raises (the job is retried); the last attempt's failure is audited."""
+    request = StaffRequest("resync", job.organization_id, job.staff_user_id, job.reason, "", None)
+    staff, before = _staff_and_snapshot(request)
+    try:
+        report = ops.reconcile(apply=True, organization_id=job.organization_id, drain=False)
+        if (held := _object_of(job.organization_id)) is not None:
+            ops.apply_queued_events(held[0], held[1], resync=True)
+    except BillingError as exc:
+        if job.final_attempt:
+            staff_audit.record(
+                staff,
+                "resync.done",
+                reason=job.reason,
+                outcome=f"failed, not retried again: {exc}",
+                organization_id=job.organization_id,
+                before=before,
+                request_key=f"{job.request_key}:done",
+            )
+        raise
+    ops.forget_billing_reads(job.organization_id)
+    _, after = _staff_and_snapshot(request)
+    outcome = "; ".join(report.applied) or "The provider and the database agreed: nothing to re-read."
+    if after != before:
+        changed = ", ".join(
+            f"{name} {before.get(name)} -> {value}" for name, value in after.items() if before.get(name) != value
+        )
+        outcome = f"{outcome}; applied: {changed}"
+    entry = staff_audit.record(
+        staff,
+        "resync.done",
+        reason=job.reason,
+        outcome=outcome,
+        organization_id=job.organization_id,
+        before=before,
+        after=after,
+        request_key=f"{job.request_key}:done",
+    )
+    return StaffOutcome(outcome, repeated=entry is None)
 
 
 def _replay(request: StaffRequest, ops: StaffOperations, key: str) -> str:
@@ -175,13 +276,48 @@ def _extend_trial(request: StaffRequest, ops: StaffOperations, key: str) -> str:
         trial_end = int(organization.trial_end.timestamp()) + days * 86400
     finally:
         db.session.rollback()
-    changes = ops.extend_trial(
-        request.organization_id,
-        trial_end=trial_end,
-        request_token=request.request_token,
-        actor_user_id=request.staff_user_id,
+    edit = SubscriptionEdit(
+        request.organization_id, "trial", {"trial_end": trial_end}, trial_refusal, request.request_token
     )
+    changes = ops.staff_update_subscription(edit, actor_user_id=request.staff_user_id)
     return f"Trial extended by {days} days; the organization now holds: {', '.join(changes) or 'no change'}."
+
+
+COUPON_ID = re.compile(r"^[A-Za-z0-9_-]{1,200}$")
+
+
+def coupon_refusal(organization: Organization) -> str | None:
+    if organization.billed_by_whop:
+        return "A Whop membership's price is changed on Whop."
+    if not organization.billing_subscription_id or organization.billing_status in ("canceled", "incomplete_expired"):
+        return "Only a live subscription can have a coupon applied."
+    return None
+
+
+def _apply_coupon(request: StaffRequest, ops: StaffOperations, key: str) -> str:
+    """The coupon (its Stripe id) starts a discount on the subscription, beside the discounts it has."""
+    coupon_id = (request.target or "").strip()
+    if not COUPON_ID.match(coupon_id):
+        raise StaffActionRefused("Type the coupon's id as Stripe shows it (letters, digits, - and _).")
+    try:
+        organization = db.session.get(Organization, request.organization_id, populate_existing=True)
+        refusal = coupon_refusal(organization) if organization is not None else "There is no such organization."
+        subscription_id = organization.billing_subscription_id if organization is not None else None
+    finally:
+        db.session.rollback()
+    if refusal or not subscription_id:
+        raise StaffActionRefused(refusal or "There is no subscription.")
+    held = ops.retrieve_subscription(subscription_id).get("discounts") or []
+    kept = [{"discount": d if isinstance(d, str) else d.get("id")} for d in held]
+    params = {"discounts": [*kept, {"coupon": coupon_id}]}
+    edit = SubscriptionEdit(request.organization_id, "coupon", params, coupon_refusal, request.request_token)
+    try:
+        changes = ops.staff_update_subscription(edit, actor_user_id=request.staff_user_id)
+    except BillingError as exc:
+        if isinstance(exc, StaleForm):
+            raise
+        raise StaffActionRefused(f"Stripe refused the coupon: {exc.__cause__ or exc}") from exc
+    return f"Coupon {coupon_id} applied; the organization now holds: {', '.join(changes) or 'no change'}."
 
 
 ACTIONS: dict[str, Action] = {
@@ -193,10 +329,13 @@ ACTIONS: dict[str, Action] = {
     "cancel_at_period_end": Action("Cancel at the end of the period", True, False, _cancel(at_period_end=True)),
     "resume": Action("Undo the scheduled cancellation", True, False, _resume),
     "extend_trial": Action("Extend the free trial", True, False, _extend_trial),
+    "apply_coupon": Action("Apply a coupon", True, True, _apply_coupon),
 }
 
 
-def perform(request: StaffRequest, ops: StaffOperations) -> StaffOutcome:
+def perform(request: StaffRequest | ResyncJob, ops: StaffOperations) -> StaffOutcome:
+    if isinstance(request, ResyncJob):
+        return finish_resync(request, ops)
     action = ACTIONS.get(request.action)
     if action is None:
         raise StaffActionRefused("There is no such action.")

@@ -25,10 +25,18 @@ from app.models import (
     User,
     WhopEvent,
 )
-from app.services import outbox, price_lookup, queue_status, staff_audit
+from app.services import outbox, price_lookup, queue_status, staff_audit, staff_payments, staff_schedule
 from app.services import reconcile as reconciliation
-from app.services.billing_common import BillingConfigurationError, BillingError, plan_catalogue
+from app.services.billing_common import (
+    BillingConfigurationError,
+    BillingError,
+    PaymentProviderUnavailable,
+    plan_catalogue,
+)
+from app.services.billing_page import INVOICE_HISTORY_LENGTH, PageList
+from app.services.pricing import PriceInfo
 from app.services.reconcile_reads import held_billing
+from app.services.staff_actions import RESYNC_TASK
 from app.services.whop_state import subscription_state_from_whop
 
 logger = logging.getLogger(__name__)
@@ -42,7 +50,47 @@ class ConsoleReads(Protocol):
 
     def read_subscription_for_page(self, subscription_id: str) -> dict[str, Any]: ...
 
-    def read_invoices(self, customer_id: str) -> list[dict[str, Any]]: ...
+    def read_list_for_page(self, resource: PageList, params: Any) -> list[dict[str, Any]]: ...
+
+    def read_schedule(self, schedule_id: str) -> dict[str, Any]: ...
+
+    def catalogue_prices(self) -> dict[str, PriceInfo]: ...
+
+
+NOT_ASKED = "an earlier read on this page was not answered, so it was not asked again"
+
+
+class OnePageReads:
+    """One page's provider reads, each within the page-read timeout. Once one is not answered the rest
+    are not asked: a provider that is down costs the page about one timeout, not one per read."""
+
+    def __init__(self, reads: ConsoleReads, read_membership: Callable[[str], dict[str, Any]]) -> None:
+        self.reads, self.membership = reads, read_membership
+        self.silent = False
+
+    def _ask(self, read: Callable[..., Any], *args: Any) -> Any:
+        if self.silent:
+            raise PaymentProviderUnavailable(NOT_ASKED)
+        try:
+            return read(*args)
+        except PaymentProviderUnavailable:
+            self.silent = True
+            raise
+
+    def read_subscription_for_page(self, subscription_id: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self._ask(self.reads.read_subscription_for_page, subscription_id))
+
+    def read_list_for_page(self, resource: PageList, params: Any) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self._ask(self.reads.read_list_for_page, resource, params))
+
+    def read_schedule(self, schedule_id: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self._ask(self.reads.read_schedule, schedule_id))
+
+    def catalogue_prices(self) -> dict[str, PriceInfo]:
+        return self.reads.catalogue_prices()  # cached, and never raises
+
+    def read_membership(self, membership_id: str) -> dict[str, Any]:
+        return cast(dict[str, Any], self._ask(self.membership, membership_id))
 
 
 # --- Search ------------------------------------------------------------------------------------------
@@ -167,6 +215,9 @@ class OrganizationView:
     provider_unavailable: str | None = None  # "Stripe did not answer" and why
     invoices: list[dict[str, Any]] = field(default_factory=list)
     invoices_unavailable: str | None = None
+    payments: staff_payments.Payments = field(default_factory=staff_payments.Payments)  # with their refunds
+    scheduled: list[staff_schedule.ScheduledRow] = field(default_factory=list)  # ours beside the provider's
+    schedule_unavailable: str | None = None  # the subscription schedule could not be read
     timeline: list[TimelineItem] = field(default_factory=list)
     failed_events: list[str] = field(default_factory=list)  # stored webhook event ids that failed
     failed_emails: list[int] = field(default_factory=list)  # domain event ids whose delivery gave up
@@ -177,8 +228,10 @@ class OrganizationView:
 
 
 def organization_view(
-    organization_id: int, reads: ConsoleReads, read_membership: Callable[[str], dict[str, Any]]
+    organization_id: int, provider_reads: ConsoleReads, provider_membership: Callable[[str], dict[str, Any]]
 ) -> OrganizationView | None:
+    reads = OnePageReads(provider_reads, provider_membership)
+    read_membership = reads.read_membership
     try:
         organization = db.session.get(Organization, organization_id, populate_existing=True)
         if organization is None:
@@ -202,14 +255,29 @@ def organization_view(
             ).scalars()
         ]
         view.timeline, view.failed_events, view.failed_emails = _timeline(organization)
+        held_schedule = staff_schedule.held_schedule(organization)
     finally:
         db.session.rollback()
-    view.compared, view.provider_unavailable = _compare(organization, held, reads, read_membership)
+    view.compared, view.provider_unavailable, provider_object = _compare(organization, held, reads, read_membership)
+    theirs = None
+    if provider_object is not None:
+        theirs = staff_schedule.provider_schedule(
+            provider_object,
+            whop=organization.billed_by_whop,
+            read_schedule=reads.read_schedule,
+            prices=reads.catalogue_prices,
+        )
+        if theirs[1] is None:
+            view.schedule_unavailable = "Stripe did not answer for the subscription schedule."
+    view.scheduled = staff_schedule.compare(held_schedule, theirs)
     if organization.billing_customer_id and not organization.billed_by_whop:
+        customer_id = organization.billing_customer_id
         try:
-            view.invoices = reads.read_invoices(organization.billing_customer_id)
+            params = {"customer": customer_id, "limit": INVOICE_HISTORY_LENGTH, "expand": ["data.payments"]}
+            view.invoices = reads.read_list_for_page("invoices", params)
         except (BillingError, BillingConfigurationError) as exc:
             view.invoices_unavailable = f"Stripe did not answer: {exc}"
+        view.payments = staff_payments.payments_and_refunds(reads.read_list_for_page, customer_id, view.invoices)
     return view
 
 
@@ -218,18 +286,22 @@ def _compare(
     held: reconciliation.HeldBilling,
     reads: ConsoleReads,
     read_membership: Callable[[str], dict[str, Any]],
-) -> tuple[list[ComparedField], str | None]:
-    """Each field reconcile compares, ours beside the provider's, with the differences reconcile finds."""
+) -> tuple[list[ComparedField], str | None, dict[str, Any] | None]:
+    """Each field reconcile compares, ours beside the provider's, with the differences reconcile finds;
+    and the provider's object as read (None when it was not)."""
     ours = {name: getattr(held, name) for name in COMPARED_FIELDS}
     subscription_id = organization.billing_subscription_id
     provider = "Whop" if organization.billed_by_whop else "Stripe"
     if not subscription_id:
-        return [ComparedField(name, value, None, False) for name, value in ours.items()], (
-            f"No {provider} subscription is held, so there is nothing to compare."
+        return (
+            [ComparedField(name, value, None, False) for name, value in ours.items()],
+            f"No {provider} subscription is held, so there is nothing to compare.",
+            None,
         )
     try:
         if organization.billed_by_whop:
-            state = subscription_state_from_whop(read_membership(subscription_id), plan_catalogue())
+            subscription = read_membership(subscription_id)
+            state = subscription_state_from_whop(subscription, plan_catalogue())
         else:
             subscription = reads.read_subscription_for_page(subscription_id)
             try:
@@ -240,11 +312,14 @@ def _compare(
                 db.session.rollback()
     except (BillingError, BillingConfigurationError) as exc:
         logger.warning("Console: %s did not answer for organization %s: %s", provider, organization.id, exc)
-        return [ComparedField(name, value, None, False) for name, value in ours.items()], (
-            f"{provider} did not answer: {exc}"
+        return (
+            [ComparedField(name, value, None, False) for name, value in ours.items()],
+            f"{provider} did not answer: {exc}",
+            None,
         )
     drift = {change.field: change.stripe for change in reconciliation.diff_subscription(held, state)}
-    return [ComparedField(name, value, drift.get(name, value), name in drift) for name, value in ours.items()], None
+    compared = [ComparedField(name, value, drift.get(name, value), name in drift) for name, value in ours.items()]
+    return compared, None, subscription
 
 
 def _timeline(organization: Organization) -> tuple[list[TimelineItem], list[str], list[int]]:
@@ -341,6 +416,36 @@ def _aware(moment: datetime) -> datetime:
 
 
 # --- The queue ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResyncJobRow:
+    id: int
+    organization_id: int
+    status: str  # todo, doing, succeeded, failed, ...
+    attempts: int
+    queued_at: datetime | None
+
+
+def resync_jobs(organization_id: int | None = None, *, limit: int = 50) -> list[ResyncJobRow]:
+    """The console's re-syncs as the worker's queue holds them, newest first (PostgreSQL's queue only:
+    on the SQLite stand-in jobs run inside the app)."""
+    if db.session.get_bind().dialect.name != "postgresql":
+        return []
+    try:
+        rows = db.session.execute(
+            text(
+                "SELECT j.id, (j.args->>'organization_id')::bigint AS organization_id, j.status::text AS status, "
+                "j.attempts, (SELECT min(e.at) FROM procrastinate_events AS e WHERE e.job_id = j.id) AS queued_at "
+                "FROM procrastinate_jobs AS j WHERE j.task_name = :task "
+                "AND (CAST(:org AS bigint) IS NULL OR (j.args->>'organization_id')::bigint = :org) "
+                "ORDER BY j.id DESC LIMIT :limit"
+            ),
+            {"task": RESYNC_TASK, "org": organization_id, "limit": limit},
+        ).all()
+    finally:
+        db.session.rollback()
+    return [ResyncJobRow(r.id, r.organization_id, r.status, r.attempts, r.queued_at) for r in rows]
 
 
 @dataclass

@@ -116,6 +116,16 @@ class WhopCalls:
         dumped: dict[str, Any] = membership.model_dump(mode="json")
         return dumped
 
+    def retrieve_membership_for_page(self, membership_id: str) -> dict[str, Any]:
+        """A page's read of a membership (the operations console's comparison): bounded like Stripe's
+        page reads, by STRIPE_PAGE_READ_TIMEOUT_SECONDS and no retries, so a slow Whop costs the page
+        its live column, not the page."""
+        options: Any = {"timeout": current_app.config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"], "max_retries": 0}
+        with calling_whop("read a membership for a page"):
+            membership = client().memberships.retrieve(membership_id, request_options=options)
+        dumped: dict[str, Any] = membership.model_dump(mode="json")
+        return dumped
+
     def list_memberships(self) -> dict[str, dict[str, Any]]:
         """Every membership of our Whop account, by id (reconcile)."""
         with calling_whop("list memberships for reconcile"):

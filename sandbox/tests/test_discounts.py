@@ -9,7 +9,7 @@ import pytest
 import stripe
 
 from sandbox.tests.conftest import Sandbox, create_session, pay
-from sandbox.tests.test_clock import T0, advance, clock_customer
+from sandbox.tests.test_clock import T0, advance, clock_customer, period, subscribe
 
 DAY = 86400
 
@@ -120,3 +120,31 @@ def test_a_code_is_ignored_where_checkout_does_not_allow_codes(sandbox: Sandbox,
         sandbox.client.v1.checkout.sessions.retrieve(session.id).subscription
     )
     assert sub.discounts == [] and sandbox.client.v1.invoices.retrieve(sub.latest_invoice).total == 3900  # undiscounted
+
+
+def test_a_coupon_applied_by_a_subscription_update_discounts_the_next_invoices(
+    sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    clock_id, customer = clock_customer(sandbox)
+    sub = subscribe(sandbox, prices, customer)
+    assert sub.discounts == []
+    coupon = sandbox.client.v1.coupons.create(params={"percent_off": 50, "duration": "forever"})
+    updated = sandbox.client.v1.subscriptions.update(
+        sub.id, params={"discounts": [{"coupon": coupon.id}], "expand": ["discounts"]}
+    )
+    [discount] = updated.discounts
+    assert discount.coupon.id == coupon.id and discount.promotion_code is None and discount.subscription == sub.id
+    assert sandbox.client.v1.coupons.retrieve(coupon.id).times_redeemed == 1
+    with pytest.raises(stripe.InvalidRequestError, match="cannot be applied twice"):
+        sandbox.client.v1.subscriptions.update(
+            sub.id, params={"discounts": [{"discount": discount.id}, {"coupon": coupon.id}]}
+        )
+    with pytest.raises(stripe.InvalidRequestError) as missing:
+        sandbox.client.v1.subscriptions.update(sub.id, params={"discounts": [{"coupon": "nope"}]})
+    assert missing.value.code == "resource_missing"
+    advance(sandbox, clock_id, period(updated)[1] + 2 * 3600)
+    renewed = sandbox.client.v1.subscriptions.retrieve(sub.id)
+    invoice = sandbox.client.v1.invoices.retrieve(renewed.latest_invoice)
+    assert (invoice.subtotal, invoice.total, invoice.discounts) == (1900, 950, [discount.id])
+    cleared = sandbox.client.v1.subscriptions.update(sub.id, params={"discounts": ""})
+    assert cleared.discounts == []

@@ -55,6 +55,10 @@ def test_partial_and_full_refunds(sandbox: Sandbox, receiver: Receiver, prices: 
     listed = refunds.list(params={"payment_intent": intent_id})
     assert [r.id for r in listed.data] == [rest.id, part.id]  # newest first
     assert refunds.list(params={"payment_intent": intent_id, "limit": 1}).has_more
+    [listed_charge] = sandbox.client.v1.charges.list(params={"customer": sub.customer}).data
+    assert (listed_charge.id, listed_charge.amount_refunded) == (charge.id, 3900)
+    assert [c.id for c in sandbox.client.v1.charges.list(params={"payment_intent": intent_id}).data] == [charge.id]
+    assert sandbox.client.v1.charges.list(params={"customer": "cus_other"}).data == []
 
     events = receiver.wait_for({part.id, rest.id, charge.id}, 4)
     assert [e["type"] for e in events] == ["refund.created", "charge.refunded", "refund.created", "charge.refunded"]

@@ -4,6 +4,7 @@ JSON, Whop's error body), the hosted checkout and management pages, and /whop/_s
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -236,6 +237,26 @@ def manage_page(membership_id: str) -> Any:
 
 
 # --- sandbox controls (not Whop paths) -------------------------------------------------------------
+
+LATENCY = "whop_sandbox_latency"
+
+
+@bp.before_request
+def _slow_api() -> None:
+    """The latency set by /_sandbox/latency, before every API answer (not the pages or controls)."""
+    seconds = float(current_app.extensions.get(LATENCY, 0))
+    if seconds and request.path.startswith("/whop/api/"):
+        time.sleep(seconds)
+
+
+@bp.post("/_sandbox/latency")
+def set_latency() -> Response:
+    """Every API answer waits this long first (body {"seconds": 0-60}; 0 turns it off)."""
+    seconds = _json_body().get("seconds", 0)
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not 0 <= seconds <= 60:
+        raise WhopError(400, "invalid_request_error", "seconds must be a number from 0 to 60")
+    current_app.extensions[LATENCY] = float(seconds)
+    return jsonify(seconds=float(seconds))
 
 
 @bp.get("/_sandbox/deliveries")
