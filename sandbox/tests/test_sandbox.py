@@ -73,9 +73,9 @@ def test_authentication_is_required(sandbox: Sandbox) -> None:
 
 
 def test_unknown_urls_get_stripe_errors(sandbox: Sandbox) -> None:
-    response = requests.get(f"{sandbox.url}/v1/charges", auth=("sk_test_x", ""), timeout=5)
+    response = requests.get(f"{sandbox.url}/v1/issuing/cards", auth=("sk_test_x", ""), timeout=5)
     assert response.status_code == 404
-    assert "Unrecognized request URL (GET: /v1/charges)" in response.json()["error"]["message"]
+    assert "Unrecognized request URL (GET: /v1/issuing/cards)" in response.json()["error"]["message"]
 
 
 def test_checkout_session_validation(sandbox: Sandbox, prices: dict[str, str]) -> None:
