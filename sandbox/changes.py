@@ -128,7 +128,7 @@ def _planned_items(store: Store, subscription: Obj, changes: list[ItemChange]) -
         item = planned[change.id]
         if price is not None:
             item.update(price=price, plan=objects.plan(price))
-        if change.quantity is not None:
+        if change.quantity is not None and not objects.metered(item["price"]):
             item["quantity"] = change.quantity
     items = list(planned.values())
     if not items:
@@ -231,7 +231,7 @@ def proration_lines(subscription: Obj, new_items: list[Obj], proration_date: int
 
     for item_id, before in old.items():
         if changed(before, new.get(item_id)):
-            amount = _fraction_amount(before["price"]["unit_amount"] * before["quantity"], remaining, total)
+            amount = _fraction_amount(before["price"]["unit_amount"] * (before["quantity"] or 0), remaining, total)
             credits.append(
                 {
                     "amount": -amount,
@@ -248,7 +248,7 @@ def proration_lines(subscription: Obj, new_items: list[Obj], proration_date: int
             continue
         debits.append(
             {
-                "amount": _fraction_amount(after["price"]["unit_amount"] * after["quantity"], remaining, total),
+                "amount": _fraction_amount(after["price"]["unit_amount"] * (after["quantity"] or 0), remaining, total),
                 "description": f"Remaining time on {_label(after)} after {_day(proration_date)}",
                 "period": {"start": proration_date, "end": end},
                 "price": after["price"],

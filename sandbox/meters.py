@@ -255,3 +255,23 @@ def list_event_summaries(params: Params, meter_id: str) -> Obj:
             }
         )
     return objects.list_object(summaries, f"/v1/billing/meters/{meter_id}/event_summaries")
+
+
+# -- usage on the invoices a renewal produces (invoicing.renewal_invoice) -----------------------------
+
+
+def with_usage(store: Store, subscription: Obj, period: tuple[int, int]) -> Obj:
+    """The subscription as its renewal invoice bills it. A metered item is billed in arrears: its line
+    carries the customer's usage of the period that ended (the meter's aggregation of the events with
+    start <= timestamp < end, as its event summaries give it) as the quantity, that period as the
+    line's period, and unit_amount x quantity as the amount. Other items bill the new period."""
+    items = []
+    for item in subscription["items"]["data"]:
+        meter_id = item["price"]["recurring"].get("meter") if objects.metered(item["price"]) else None
+        if not meter_id:
+            items.append(item)
+            continue
+        meter_obj = billing.load(store, "billing.meter", meter_id, "meter")
+        used = round(aggregate(store, meter_obj, subscription["customer"], *period))
+        items.append({**item, "quantity": used, "current_period_start": period[0], "current_period_end": period[1]})
+    return {**subscription, "items": {**subscription["items"], "data": items}}
