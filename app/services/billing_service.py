@@ -474,6 +474,11 @@ class BillingService:
         with cls._calling_stripe("read a subscription"):
             return cls.ensure_stripe().v1.subscriptions.retrieve(subscription_id).to_dict()
 
+    @classmethod
+    def retrieve_event(cls, event_id: str) -> dict[str, Any]:  # a thin event, read back with its data
+        with cls._calling_stripe("read an event"):
+            return cls.ensure_stripe().v2.core.events.retrieve(event_id).to_dict()
+
     # --- The owner's actions ----------------------------------------------------------------------
     # None of them holds a transaction, row lock or pooled connection while Stripe answers: they read
     # what they need, end the transaction, call Stripe with an idempotency key derived from our ids
