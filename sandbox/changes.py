@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import invoicing, objects, simtime
+from . import invoicing, meters, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, apply_cancellation_details, emit, load, merge_metadata
 from .config import Dunning
 from .errors import StripeError, exclusive, inactive_price
@@ -563,7 +563,14 @@ def preview_invoice(
         renewed = _planned_items(store, subscription, renewal) if renewal else plan.items
         next_end = add_interval(end, *_interval(renewed))
         lines = [line_from_invoice_item(ii, None) for ii in [*waiting, *new_prorations]]
-        lines += [recurring_line(i, subscription["id"], None, end, next_end) for i in renewed]
+        # A metered item bills this period's usage so far (meters.with_usage), the others the next period.
+        renewed = meters.with_usage(store, {**subscription, "items": {"data": renewed}}, (start, end))["items"]["data"]
+        lines += [
+            recurring_line(
+                i, subscription["id"], None, *((start, end) if objects.metered(i["price"]) else (end, next_end))
+            )
+            for i in renewed
+        ]
         reason, created = "upcoming", end
         next_attempt = end + 3600
     invoice = build_invoice(customer, subscription, lines, reason, created, store=store, preview=True)
