@@ -236,6 +236,12 @@ def status(as_json: bool) -> None:
     for provider, counts in figures.webhook_events_by_provider.items():
         click.echo(f"  {provider + ':':<15}" + "  ".join(f"{state}={count}" for state, count in counts.items()))
     click.echo(f"oldest pending:  {figures.oldest_pending_event_seconds:.1f} s")
+    usage = usage_reports.counts()
+    click.echo(
+        f"usage reports:   pending={usage.pending}  sent={usage.sent}  failed={usage.failed}"
+        f"  meter error reports={len(usage.error_reports)}"
+        + ("  (flask billing usage lists them)" * bool(usage.failed))
+    )
 
 
 @billing_cli.command("worker")
@@ -314,5 +320,7 @@ def usage(report_now: bool, compare: bool, apply_repairs: bool, organization_id:
     )
     for identifier, error in counts.failures:
         click.echo(f"  failed {identifier}: {error}")
+    for outcome in counts.error_reports:
+        click.echo(f"  Stripe {outcome}")
     if counts.failed:
         sys.exit(1)

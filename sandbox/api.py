@@ -74,7 +74,7 @@ def create_checkout_session(params: Params) -> Obj:
         if not isinstance(item, dict):
             raise StripeError("Invalid object", param=path)
         reject_unknown(item, ("price", "quantity"), path)
-        line_items.append((required_string(item, "price", path), required_integer(item, "quantity", path, minimum=1)))
+        line_items.append((required_string(item, "price", path), integer(item, "quantity", path, minimum=1)))
     subscription_data = mapping(params, "subscription_data") or {}
     reject_unknown(subscription_data, ("metadata", "trial_period_days", "trial_settings"), "subscription_data")
     trial_days = integer(subscription_data, "trial_period_days", "subscription_data", minimum=1)

@@ -30,6 +30,7 @@ def create_app(settings: Settings, store: Store, delivery: LiveDelivery | None =
     # Test controls first: their /v1 hooks (request log, faults, latency) run before the API's.
     control.init_app(app, delivery or LiveDelivery(settings.delivery))
     v1.init_app(app)
+    app.register_blueprint(meters.v2_bp)
     app.register_blueprint(pages.bp)
     return app
 

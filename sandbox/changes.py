@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import discounts, invoicing, objects, simtime
+from . import discounts, invoicing, meters, objects, simtime
 from .billing import AUTOMATIC, ENDED, Origin, apply_cancellation_details, emit, load, merge_metadata
 from .config import Dunning
 from .errors import StripeError, exclusive, inactive_price
@@ -129,7 +129,7 @@ def _planned_items(store: Store, subscription: Obj, changes: list[ItemChange]) -
         item = planned[change.id]
         if price is not None:
             item.update(price=price, plan=objects.plan(price))
-        if change.quantity is not None:
+        if change.quantity is not None and not objects.metered(item["price"]):
             item["quantity"] = change.quantity
     items = list(planned.values())
     if not items:
@@ -232,7 +232,7 @@ def proration_lines(subscription: Obj, new_items: list[Obj], proration_date: int
 
     for item_id, before in old.items():
         if changed(before, new.get(item_id)):
-            amount = _fraction_amount(before["price"]["unit_amount"] * before["quantity"], remaining, total)
+            amount = _fraction_amount(before["price"]["unit_amount"] * (before["quantity"] or 0), remaining, total)
             credits.append(
                 {
                     "amount": -amount,
@@ -249,7 +249,7 @@ def proration_lines(subscription: Obj, new_items: list[Obj], proration_date: int
             continue
         debits.append(
             {
-                "amount": _fraction_amount(after["price"]["unit_amount"] * after["quantity"], remaining, total),
+                "amount": _fraction_amount(after["price"]["unit_amount"] * (after["quantity"] or 0), remaining, total),
                 "description": f"Remaining time on {_label(after)} after {_day(proration_date)}",
                 "period": {"start": proration_date, "end": end},
                 "price": after["price"],
@@ -566,7 +566,14 @@ def preview_invoice(
         renewed = _planned_items(store, subscription, renewal) if renewal else plan.items
         next_end = add_interval(end, *_interval(renewed))
         lines = [line_from_invoice_item(ii, None) for ii in [*waiting, *new_prorations]]
-        lines += [recurring_line(i, subscription["id"], None, end, next_end) for i in renewed]
+        # A metered item bills this period's usage so far (meters.with_usage), the others the next period.
+        renewed = meters.with_usage(store, {**subscription, "items": {"data": renewed}}, (start, end))["items"]["data"]
+        lines += [
+            recurring_line(
+                i, subscription["id"], None, *((start, end) if objects.metered(i["price"]) else (end, next_end))
+            )
+            for i in renewed
+        ]
         reason, created = "upcoming", end
         next_attempt = end + 3600
     invoice = build_invoice(customer, subscription, lines, reason, created, store=store, preview=True)

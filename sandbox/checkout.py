@@ -23,14 +23,14 @@ from .billing import (
     load,
     sandbox_card,
 )
-from .errors import StripeError, exclusive, inactive_price
+from .errors import StripeError, exclusive, inactive_price, missing
 from .objects import Obj
 from .store import Store
 
 
 @dataclass(frozen=True)
 class CheckoutRequest:
-    line_items: list[tuple[str, int]]  # (price id, quantity)
+    line_items: list[tuple[str, int | None]]  # (price id, quantity; None for a metered price)
     success_url: str | None
     cancel_url: str | None
     customer: str | None
@@ -65,6 +65,14 @@ def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str)
         price = load(store, "price", price_id, param, 400)
         if not price["active"]:
             raise inactive_price(param)
+        if objects.metered(price) and quantity is not None:
+            raise StripeError(
+                "Quantity should not be specified where usage_type is `metered`. Remove quantity from"
+                f" `line_items[{index}]`",
+                param=f"line_items[{index}][quantity]",
+            )
+        if not objects.metered(price) and quantity is None:
+            raise missing(f"line_items[{index}][quantity]")
         items.append(objects.checkout_line_item(price, quantity))
     session = objects.checkout_session(
         line_items=items,

@@ -31,7 +31,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from . import billing, objects
+from . import billing, meters, objects
 from .config import DeliveryConfig, LiveDelivery
 from .context import current_settings, current_store
 from .errors import StripeError
@@ -483,6 +483,22 @@ def _signed(event: dict[str, Any], config: DeliveryConfig, timestamp: int) -> di
             "Stripe-Signature": signature_header_for(payload, config.secrets, timestamp),
         },
     }
+
+
+@bp.post("/meters/error_report")
+def meter_error_report() -> Response:
+    """Stripe rejecting accepted meter events asynchronously: {"identifiers": [...], "code"?, "message"?}
+    emits v1.billing.meter.error_report_triggered (a thin event) and drops them from the meter's usage."""
+    body = _json_body()
+    identifiers = body.get("identifiers")
+    if not isinstance(identifiers, list) or not all(isinstance(i, str) for i in identifiers) or not identifiers:
+        raise ControlError("identifiers must be a non-empty list of meter event identifiers.")
+    code = str(body.get("code") or "meter_event_customer_not_found")
+    message = str(body.get("message") or "No customer was found for the meter event's stripe_customer_id.")
+    store = current_store()
+    with store.transaction():
+        event = meters.error_report(store, identifiers, code, message)
+    return jsonify(id=event["id"])
 
 
 @bp.get("/deliveries")

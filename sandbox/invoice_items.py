@@ -79,15 +79,15 @@ def recurring_line(item: Obj, subscription_id: str, invoice_id: str | None, star
     price = item["price"]
     return objects.invoice_line(
         invoice_id=invoice_id,
-        amount=price["unit_amount"] * item["quantity"],
+        amount=price["unit_amount"] * (item["quantity"] or 0),
         currency=price["currency"],
-        description=f"{item['quantity']} × {price['nickname'] or price['id']}"
+        description=f"{item['quantity'] or 0} × {price['nickname'] or price['id']}"
         f" (at {objects.money(price['unit_amount'])} / {price['recurring']['interval']})",
         subscription_id=subscription_id,
         subscription_item=item["id"],
         period={"start": start, "end": end},
         pricing=objects.price_pricing(price),
-        quantity=item["quantity"],
+        quantity=item["quantity"] or 0,
     )
 
 

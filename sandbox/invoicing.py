@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import cache
 
-from . import billing, discounts, lists, objects, simtime
+from . import billing, discounts, lists, meters, objects, simtime
 from .config import Settings
 from .errors import StripeError
 from .objects import Obj
@@ -226,7 +226,7 @@ def renewal_invoice(store: Store, customer: Obj, subscription: Obj, period: tupl
     """A draft invoice for the subscription's new period (its items already moved on), for the
     period that just ended (`period`); finalized an hour later unless the subscription is unpaid."""
     now = simtime.now()
-    billed = {**subscription, "status": "active"}  # a trial's end bills the full price
+    billed = meters.with_usage(store, {**subscription, "status": "active"}, period)  # a trial's end bills in full
     invoice = objects.invoice(customer, billed, now)
     invoice.update(
         status="draft",

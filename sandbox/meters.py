@@ -16,10 +16,15 @@ billing.seed_catalogue.
 from __future__ import annotations
 
 import hashlib
+import json
+import time
 import tomllib
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+
+from flask import Blueprint, Response
 
 from . import billing, objects, simtime
 from .context import current_store
@@ -27,7 +32,7 @@ from .errors import StripeError, missing
 from .objects import Obj
 from .params import Params, integer, mapping, reject_unknown, required_integer, required_string, string
 from .store import Store
-from .v1 import endpoint
+from .v1 import authenticate, endpoint
 
 IDENTIFIER_WINDOW = 24 * 3600
 OLDEST = 35 * simtime.DAY
@@ -213,7 +218,7 @@ def aggregate(store: Store, meter_obj: Obj, customer_id: str, start: int, end: i
     events = [
         e
         for e in store.all_where("billing.meter_event", "_customer", [customer_id])
-        if e["_meter"] == meter_obj["id"] and start <= e["timestamp"] < end
+        if e["_meter"] == meter_obj["id"] and start <= e["timestamp"] < end and not e.get("_rejected")
     ]
     formula = meter_obj["default_aggregation"]["formula"]
     if formula == "count":
@@ -255,3 +260,96 @@ def list_event_summaries(params: Params, meter_id: str) -> Obj:
             }
         )
     return objects.list_object(summaries, f"/v1/billing/meters/{meter_id}/event_summaries")
+
+
+# -- usage on the invoices a renewal produces (invoicing.renewal_invoice) -----------------------------
+
+
+def with_usage(store: Store, subscription: Obj, period: tuple[int, int]) -> Obj:
+    """The subscription as its renewal invoice bills it. A metered item is billed in arrears: its line
+    carries the customer's usage of the period that ended (the meter's aggregation of the events with
+    start <= timestamp < end, as its event summaries give it) as the quantity, that period as the
+    line's period, and unit_amount x quantity as the amount. Other items bill the new period."""
+    items = []
+    for item in subscription["items"]["data"]:
+        meter_id = item["price"]["recurring"].get("meter") if objects.metered(item["price"]) else None
+        if not meter_id:
+            items.append(item)
+            continue
+        meter_obj = billing.load(store, "billing.meter", meter_id, "meter")
+        used = round(aggregate(store, meter_obj, subscription["customer"], *period))
+        items.append({**item, "quantity": used, "current_period_start": period[0], "current_period_end": period[1]})
+    return {**subscription, "items": {**subscription["items"], "data": items}}
+
+
+# -- asynchronous error reports: v1.billing.meter.error_report_triggered ---------------------------------
+# Stripe rejects some meter events after accepting them and says so in a thin event (an event
+# destination's payload: no `data`; the receiver reads the event back with GET /v2/core/events/:id).
+# The control endpoint POST /_sandbox/meters/error_report (control.py) makes the sandbox do it.
+
+v2_bp = Blueprint("v2", __name__, url_prefix="/v2")
+v2_bp.before_request(authenticate)
+
+
+def error_report(store: Store, identifiers: list[str], code: str, message: str) -> Obj:
+    """Reject the meter events with these identifiers (they leave the summaries and the invoices) and
+    emit one error report per meter, with them as its sample errors. Returns the last event."""
+    by_meter: dict[str, list[Obj]] = {}
+    for event in store.all("billing.meter_event"):
+        if event["identifier"] in identifiers and not event.get("_rejected"):
+            by_meter.setdefault(event["_meter"], []).append(event)
+    if not by_meter:
+        raise StripeError("No meter event has those identifiers.", param="identifiers")
+    now = simtime.now()
+    report: Obj = {}
+    for meter_id, events in by_meter.items():
+        for event in events:
+            store.put({**event, "_rejected": code})
+        stamps = [e["timestamp"] for e in events]
+        report = {
+            "id": objects.new_id("evt_test_", 24),
+            "object": "v2.core.event",
+            "type": "v1.billing.meter.error_report_triggered",
+            "context": None,
+            "created": _iso(now),
+            "livemode": False,
+            "reason": None,
+            "related_object": {"id": meter_id, "type": "billing.meter", "url": f"/v1/billing/meters/{meter_id}"},
+            "pending_webhooks": 1,
+            "data": {
+                "developer_message_summary": f"{len(events)} meter event(s) were invalid: {message}",
+                "reason": {
+                    "error_count": len(events),
+                    "error_types": [
+                        {
+                            "code": code,
+                            "error_count": len(events),
+                            "sample_errors": [
+                                {"error_message": message, "request": {"identifier": e["identifier"]}}
+                                for e in events[:10]
+                            ],
+                        }
+                    ],
+                },
+                "validation_start": _iso(min(stamps)),
+                "validation_end": _iso(max(stamps) + 1),
+            },
+        }
+        store.put(report)
+        store.enqueue_delivery(report["id"], time.time())
+    return report
+
+
+def _iso(timestamp: int) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@v2_bp.get("/core/events/<event_id>")
+def retrieve_v2_event(event_id: str) -> Response:
+    """GET /v2/core/events/:id: the event with its `data` (a thin delivery leaves it out)."""
+    event = current_store().get(event_id)
+    if event is None or event["object"] != "v2.core.event":
+        body = {"error": {"type": "not_found", "code": "not_found", "message": f"No such event: '{event_id}'"}}
+        return Response(json.dumps(body), status=404, mimetype="application/json")
+    shown = {k: v for k, v in event.items() if k != "pending_webhooks"}
+    return Response(json.dumps(shown, indent=2), mimetype="application/json")

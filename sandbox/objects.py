@@ -199,8 +199,8 @@ def customer(email: str | None, name: str | None, now: int) -> Obj:
     }
 
 
-def checkout_line_item(price: Obj, quantity: int) -> Obj:
-    amount = price["unit_amount"] * quantity
+def checkout_line_item(price: Obj, quantity: int | None) -> Obj:
+    amount = price["unit_amount"] * (quantity or 0)  # a metered price's usage is billed later
     return {
         "id": new_id("li_"),
         "object": "item",
@@ -384,7 +384,13 @@ def subscription(
     }
 
 
-def subscription_item(subscription_id: str, price: Obj, quantity: int, period: tuple[int, int], now: int) -> Obj:
+def metered(price: Obj) -> bool:
+    """A metered price (recurring[usage_type]=metered): billed in arrears from its meter, no quantity."""
+    return bool(price.get("recurring") and price["recurring"].get("usage_type") == "metered")
+
+
+def subscription_item(subscription_id: str, price: Obj, quantity: int | None, period: tuple[int, int], now: int) -> Obj:
+    quantity = None if metered(price) else quantity
     return {
         "id": new_id("si_", 14),
         "object": "subscription_item",
@@ -466,19 +472,20 @@ def invoice(customer: Obj, subscription: Obj, now: int) -> Obj:
     lines = []
     for item in subscription["items"]["data"]:
         price = item["price"]
-        amount = 0 if trialing else price["unit_amount"] * item["quantity"]
+        quantity = item["quantity"] or 0  # a metered item: its usage (renewals bill the period's)
+        amount = 0 if trialing else price["unit_amount"] * quantity
         what = f"Trial period for {price['nickname']}" if trialing else price["nickname"]
         lines.append(
             invoice_line(
                 invoice_id=invoice_id,
                 amount=amount,
                 currency=price["currency"],
-                description=f"{item['quantity']} × {what}",
+                description=f"{quantity} × {what}",
                 subscription_id=subscription["id"],
                 subscription_item=item["id"],
                 period={"start": item["current_period_start"], "end": item["current_period_end"]},
                 pricing=price_pricing(price),
-                quantity=item["quantity"],
+                quantity=quantity,
             )
         )
     total = sum(line["amount"] for line in lines)

@@ -100,7 +100,7 @@ def _stripe_headers(response: Response) -> Response:
 
 
 @bp.before_request
-def _authenticate() -> None:
+def authenticate() -> None:
     # Bearer auth from the SDKs; Basic auth from `curl -u sk_test_…:`.
     auth = request.authorization
     key = ""

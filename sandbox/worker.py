@@ -55,7 +55,10 @@ def signature_header_for(payload: str, secrets: tuple[str, ...] | list[str], tim
 
 
 def render_payload(event: dict[str, Any], api_version: str) -> str:
-    """The exact body delivered for an event, rendered for the configured API version."""
+    """The exact body delivered for an event, rendered for the configured API version. A v2 event is
+    delivered thin (unversioned, without its data: the receiver reads it back from /v2/core/events)."""
+    if event.get("object") == "v2.core.event":
+        return json.dumps({k: v for k, v in event.items() if k not in ("data", "pending_webhooks")}, indent=2)
     return json.dumps({**event, "api_version": api_version}, indent=2)
 
 

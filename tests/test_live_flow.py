@@ -30,6 +30,7 @@ from playwright.sync_api import expect
 
 from tests.conftest import PASSWORD, SandboxAccount, live_stripe_environment, query
 from tests.live_support import WEBHOOK_PATH, BrowserPage, LiveServer, submit_signup, wait_until
+from tests.test_signup_stripe_flow import metered_line, usage_in_period
 
 SIGNUP_EVENTS = ("organization.created", "user.created", "signup.completed")
 WEBHOOK_WAIT_SECONDS = 60
@@ -166,8 +167,14 @@ def live_through_a_year(
         return int(stripe_api.subscription(subscription_id)["items"]["data"][0]["current_period_end"])
 
     first_end = period_end()
+    # Usage (issue 26): Starter includes 1,000 API calls; 1,300 recorded and reported, the renewal
+    # invoice bills the 300 past it at the metered price (helpers: the primary test's usage block).
+    [organization] = query(app, "SELECT id FROM organization")
+    usage_in_period(app, stripe_api, clock_id, organization.id, [800, 500])
     stripe_api.advance_clock(clock_id, first_end + 2 * HOUR)
     renewed = stripe_api.subscription(subscription_id)
+    unit_amount = stripe_api.price("api_calls_overage")["unit_amount"]
+    assert metered_line(stripe_api, renewed["latest_invoice"], first_end) == (300, 300 * unit_amount)
     wait_for_organization(
         app,
         server,

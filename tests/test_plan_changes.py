@@ -69,8 +69,14 @@ class Owner:
         return self.stack.stripe("GET", f"/subscriptions/{self.subscription_id}")
 
     def items(self) -> dict[str, int]:
-        """The subscription's items at Stripe: lookup key -> quantity."""
-        return {item["price"]["lookup_key"]: item["quantity"] for item in self.subscription()["items"]["data"]}
+        """The subscription's licensed items at Stripe: lookup key -> quantity (metered_items(): the others)."""
+        items = self.subscription()["items"]["data"]
+        return {item["price"]["lookup_key"]: item["quantity"] for item in items if item["quantity"] is not None}
+
+    def metered_items(self) -> list[str]:
+        """The metered items' lookup keys (they carry no quantity: Stripe bills them from the meter)."""
+        items = self.subscription()["items"]["data"]
+        return [item["price"]["lookup_key"] for item in items if item["quantity"] is None]
 
     def updates(self) -> list[dict[str, Any]]:
         return self.stack.requests_to("POST", f"/v1/subscriptions/{self.subscription_id}")
@@ -117,6 +123,7 @@ def test_an_upgrade_is_previewed_then_made_at_once_with_the_previews_proration_d
     assert "Your subscription is changed." in flashes(owner.client)
     # At Stripe: the same items, the tier's on the new price, and the proration date of the preview.
     assert owner.items() == {"business_monthly": 1, "extra_seat_monthly": 2}
+    assert owner.metered_items() == ["api_calls_overage"]  # the metered item is kept (monthly, as the plan)
     [update] = owner.updates()
     change_previews = [
         r["params"]
@@ -394,7 +401,8 @@ def test_an_upgrade_is_granted_only_once_paid_and_the_owner_is_told_why_and_wher
     # Nothing is granted: Stripe keeps the old items (the change waits in pending_update), and so do we.
     assert owner.items() == {"starter_monthly": 1}
     assert subscription["status"] == "active" and subscription["pending_update"]
-    assert [i["price"]["lookup_key"] for i in subscription["pending_update"]["subscription_items"]] == ["pro_monthly"]
+    pending_items = [i["price"]["lookup_key"] for i in subscription["pending_update"]["subscription_items"]]
+    assert pending_items == ["pro_monthly", "api_calls_overage"]
     assert (organization_row(stack).tier, organization_row(stack).billing_status) == ("starter", "active")
     [update] = owner.updates()
     assert update["params"]["payment_behavior"] == "pending_if_incomplete"
@@ -469,6 +477,7 @@ def test_switching_to_yearly_billing_moves_every_item_to_its_yearly_price(stack:
     assert "$1,090.00 / year" in page
     assert owner.confirm(ticket).status_code == 303
     assert owner.items() == {"business_yearly": 1, "extra_seat_yearly": 2}
+    assert owner.metered_items() == []  # the monthly metered price leaves a yearly subscription
     assert query(stack.app, "SELECT tier FROM organization")[0].tier == "business"
     assert re.search(r"\$990\.00 / year", flashes(owner.client))
 
@@ -505,6 +514,9 @@ def test_seats_cannot_silently_withdraw_a_scheduled_downgrade(stack: Stack) -> N
     assert owner.confirm(ticket).status_code == 303
     schedule_id = owner.subscription()["schedule"]
     assert schedule_id, re.findall(r'class="flash[^<]*', flashes(owner.client))
+    phases = stack.stripe("GET", f"/subscription_schedules/{schedule_id}")["phases"]
+    metered = stack.stripe_api.price_id("api_calls_overage")
+    assert [metered in [i["price"] for i in phase["items"]] for phase in phases] == [True, False]  # yearly: none
 
     refused = owner.post("/billing/seats/preview", extra_seats="3")
     assert refused.status_code == 303

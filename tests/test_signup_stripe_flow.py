@@ -82,6 +82,7 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert params["line_items"] == [
         {"price": stripe_api.price_id("starter_monthly"), "quantity": "1"},
         {"price": stripe_api.price_id("extra_seat_monthly"), "quantity": "2"},
+        {"price": stripe_api.price_id("api_calls_overage")},  # metered: no quantity (usage block below)
     ]
     # The customer was made first, on a test clock of its own, so that time can pass in its life.
     customer = stripe_api.api("GET", f"/v1/customers/{params['customer']}")
@@ -207,6 +208,7 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     # and the upgrade's, paid on its invoice page, once.
     payments_before = domain_event_counts(app)["billing.payment_succeeded"]
     assert payments_before == 2
+    usage_in_period(app, stripe_api, clock_id, organization.id, [6_000, 4_300])  # Pro includes 10,000
     stripe_api.advance_clock(clock_id, period_end + 2 * HOUR)
     assert {"invoice.created", "invoice.finalized", "invoice.paid", "customer.subscription.updated"} <= set(deliver())
     renewed = stripe_api.subscription(subscription["id"])
@@ -217,6 +219,7 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert organization.current_period_end.timestamp() == next_period_end
     assert (organization.last_invoice_id, organization.last_payment_status) == (renewed["latest_invoice"], "paid")
     assert domain_event_counts(app)["billing.payment_succeeded"] == payments_before + 1
+    assert metered_line(stripe_api, renewed["latest_invoice"], period_end) == (300, 300 * 2)  # the overage only
 
     # The owner replaces the card in the customer portal with one whose charges fail; the next renewal
     # fails, the organization is past due, and the owner is told how much and where to pay.
@@ -224,11 +227,13 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert portal.status_code == 303
     stripe_api.update_card_in_portal(portal.headers["Location"], "4000 0000 0000 0341")
     deliver()
+    usage_in_period(app, stripe_api, clock_id, organization.id, [9_999])  # a new period: within what is included
     stripe_api.advance_clock(clock_id, next_period_end + 2 * HOUR)
     assert "invoice.payment_failed" in deliver()
     failing = stripe_api.subscription(subscription["id"])
     open_invoice = stripe_api.api("GET", f"/v1/invoices/{failing['latest_invoice']}")
     assert (failing["status"], open_invoice["status"]) == ("past_due", "open")
+    assert metered_line(stripe_api, open_invoice["id"], next_period_end) == (0, 0)
     organization = organization_now()
     assert (organization.billing_status, organization.last_payment_status) == ("past_due", "failed")
     assert organization.past_due_since is not None
@@ -315,6 +320,39 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     said = [next(line for line in email_text(r).splitlines() if "Amount paid: $" in line).strip() for r in receipts]
     assert sorted(said) == paid
     assert {row.status for row in query(app, "SELECT status FROM stripe_event")} <= {"processed", "ignored"}
+
+
+# --- Usage-based billing in the primary test (issue 26) --------------------------------------------
+# The primary test records API calls in two billing periods (through BillingService.record_usage, with a
+# repeated idempotency key each time), the worker reports the overage to the sandbox's meter, and the
+# renewal invoice the test clock produces bills the period that ended: exactly the overage, at the
+# metered price (plans.toml: api_calls_overage, 2 cents a call in the sandbox).
+
+
+def usage_in_period(
+    app: Flask, stripe_api: SandboxAccount, clock_id: str, organization_id: int, quantities: list[int]
+) -> None:
+    """Record each quantity at the test clock's time (a repeat of each is not counted) and report."""
+    from app import clock
+    from app.services.billing_service import BillingService
+
+    now = stripe_api.api("GET", f"/v1/test_helpers/test_clocks/{clock_id}")["frozen_time"]
+    with pytest.MonkeyPatch.context() as patch, app.app_context():
+        patch.setattr(clock, "timestamp", lambda: float(now))
+        for index, quantity in enumerate(quantities * 2):
+            key = f"calls-{now}-{index % len(quantities)}"
+            BillingService.record_usage(organization_id, "api_calls", quantity, idempotency_key=key)
+        run = BillingService.report_usage()
+    assert (run.failed, run.still_pending) == (0, 0)
+
+
+def metered_line(stripe_api: SandboxAccount, invoice_id: str, period_end: int) -> tuple[int, int]:
+    """The (quantity, amount) of the invoice's metered line, which bills the period that ended."""
+    invoice = stripe_api.api("GET", f"/v1/invoices/{invoice_id}")
+    price = stripe_api.price_id("api_calls_overage")
+    [line] = [li for li in invoice["lines"]["data"] if li["pricing"]["price_details"]["price"] == price]
+    assert line["period"]["end"] == period_end
+    return line["quantity"], line["amount"]
 
 
 # --- Signup: bad input, repeats, other browsers, payment states -----------------------------------
@@ -538,7 +576,7 @@ def test_prices_are_resolved_by_lookup_key_once_and_cached_in_redis(app: Flask, 
     checkout_session_id(start_signup(app.test_client()))
     checkout_session_id(start_signup(app.test_client(), email="grace@example.com"))
     [(_, call)] = offline_stripe.calls_to("prices.list")
-    catalogue_keys = app.extensions["plan_catalogue"].lookup_keys()
+    catalogue_keys = [*app.extensions["plan_catalogue"].lookup_keys(), "api_calls_overage"]  # and the metered price
     assert call["params"] == {"lookup_keys": catalogue_keys, "active": "true", "limit": str(len(catalogue_keys))}
     assert {"starter_monthly", "extra_seat_monthly", "starter_yearly"} <= set(catalogue_keys)
     cached = app.extensions["redis"].keys("cache:stripe-price:*")
@@ -804,7 +842,10 @@ def test_free_signup_upgraded_to_paid_then_downgraded_to_free(request: pytest.Fi
     customer_id = checkout_call["params"]["customer"]
     assert query(app, "SELECT billing_customer_id FROM organization")[0].billing_customer_id == customer_id
     assert checkout_call["params"]["metadata"] == {"purpose": "resubscribe", "organization_id": str(organization.id)}
-    assert checkout_call["params"]["line_items"] == [{"price": stripe_api.price_id("starter_monthly"), "quantity": "1"}]
+    assert checkout_call["params"]["line_items"] == [
+        {"price": stripe_api.price_id("starter_monthly"), "quantity": "1"},
+        {"price": stripe_api.price_id("api_calls_overage")},
+    ]
     customer = stripe_api.api("GET", f"/v1/customers/{customer_id}")
     assert customer["test_clock"].startswith("clock_")
 

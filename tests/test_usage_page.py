@@ -38,6 +38,18 @@ def test_the_billing_page_shows_usage_overage_projection_and_chart(app: Flask, o
     assert upcoming, page
     expected = float(upcoming.group(1).replace(",", "")) + 4
     assert f"plus $4.00 of usage so far: about ${expected:,.2f}" in page
+    # Reported, the usage is on Stripe's preview too (the metered line): counted once on the page.
+    with app.app_context():
+        assert BillingService.report_usage().sent == 1
+        BillingService.forget_billing_reads(org.id)
+    [sub] = query(app, "SELECT billing_subscription_id FROM organization")
+    preview = offline_stripe.api("POST", "/v1/invoices/create_preview", {"subscription": sub.billing_subscription_id})
+    metered = offline_stripe.price_id("api_calls_overage")
+    assert [li["amount"] for li in preview["lines"]["data"] if li["pricing"]["price_details"]["price"] == metered] == [
+        400
+    ]
+    assert preview["amount_due"] == round((expected - 4) * 100) + 400
+    assert f"plus $4.00 of usage so far: about ${expected:,.2f}" in client.get("/billing/").text
 
 
 def test_the_chart_has_a_bar_per_day_scaled_to_the_busiest() -> None:

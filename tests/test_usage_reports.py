@@ -5,8 +5,9 @@ killed mid-report and duplicate requests. Against the offline sandbox's meters."
 
 from __future__ import annotations
 
+import json
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from app import clock
 from app.extensions import db
 from app.services import usage_reconcile, usage_reports
 from app.services.billing_service import BillingService, plan_catalogue
-from tests.conftest import SandboxAccount, query, sign_up
+from tests.conftest import SandboxAccount, query, run_jobs, sign_up
 
 EVENT_NAME = "ledgerline_api_calls"  # plans.toml [meters.api_calls]
 INCLUDED = 1000  # Starter includes 1,000 API calls a period; the overage is billed
@@ -121,6 +122,34 @@ def test_an_outage_leaves_reports_pending_until_stripe_answers(customer: Custome
     assert customer.stripe_total() == customer.our_billed_total() == 7
 
 
+def test_a_429_leaves_every_report_pending_and_the_next_run_counts_each_once(customer: Customer) -> None:
+    """Stripe asking us to slow down (429, Retry-After) is not a refusal: the run stops with the reports
+    pending (never failed), every worker pauses as Stripe asks, and the next run sends each once."""
+    with customer.app.app_context():  # a report for the previous period too: two reports in the run
+        last_month = clock.utcnow() - timedelta(days=32)
+        BillingService.record_usage(
+            customer.organization_id, "api_calls", INCLUDED + 3, idempotency_key="old", occurred_at=last_month
+        )
+    customer.record(INCLUDED + 4)
+    fault = {"method": "POST", "path_regex": "/v1/billing/meter_events", "kind": "rate_limit", "times": 1}
+    response = customer.stripe.http.post(
+        f"{customer.stripe.url}/_sandbox/faults", json={**fault, "retry_after": 1, "should_retry": False}, timeout=10
+    )
+    response.raise_for_status()
+    run = customer.report()
+    assert (run.gathered, run.sent, run.failed, run.still_pending) == (2, 0, 0, 2)
+    assert [(r.status, r.attempts) for r in customer.reports()] == [("pending", 1), ("pending", 0)]
+    assert "429" in customer.reports()[0].last_error or "rate limit" in customer.reports()[0].last_error.lower()
+    assert customer.stripe_total() == 0
+    run = customer.report()  # after the pause Stripe asked for
+    assert (run.gathered, run.sent, run.failed, run.still_pending) == (0, 2, 0, 0)
+    assert [r.status for r in customer.reports()] == ["sent", "sent"]
+    assert customer.report().sent == 0  # nothing left to send
+    assert customer.stripe_total() == customer.our_billed_total() == 7
+    statuses = [r["status"] for r in customer.stripe.requests_made() if r["path"] == "/v1/billing/meter_events"]
+    assert statuses == [429, 200, 200]
+
+
 def test_a_worker_killed_between_gathering_and_sending_loses_nothing(customer: Customer) -> None:
     customer.record(INCLUDED + 12)
     with customer.app.app_context():
@@ -183,6 +212,48 @@ def test_a_report_unsettled_for_20_hours_is_failed_not_sent_again(customer: Cust
     assert (run.sent, run.failed) == (0, 1)
     assert "24-hour identifier window" in customer.reports()[0].last_error
     assert customer.stripe.calls_to("billing.meter_events.create") == []
+
+
+def test_stripes_asynchronous_error_report_fails_the_reports_it_names_and_ops_see_it(customer: Customer) -> None:
+    """v1.billing.meter.error_report_triggered arrives thin (no data); the worker reads it back from
+    GET /v2/core/events/:id, marks the reports it names failed with Stripe's words, and ops see both."""
+    customer.record(INCLUDED + 5)
+    customer.record(8)
+    assert customer.report().sent == 1
+    [report] = customer.reports()
+    customer.stripe.take_events()  # the signup's
+    response = customer.stripe.http.post(
+        f"{customer.stripe.url}/_sandbox/meters/error_report", json={"identifiers": [report.identifier]}, timeout=10
+    )
+    response.raise_for_status()
+    [event] = customer.stripe.take_events()
+    thin = json.loads(event["payload"])
+    assert thin["object"] == "v2.core.event" and "data" not in thin
+    assert (
+        thin["type"] == "v1.billing.meter.error_report_triggered" and thin["related_object"]["type"] == "billing.meter"
+    )
+    client = customer.app.test_client()
+    for _ in range(2):  # a redelivery changes nothing
+        posted = client.post("/billing/webhooks/stripe", data=event["payload"].encode(), headers=event["headers"])
+        assert posted.status_code == 200
+        run_jobs(customer.app)
+    [report] = customer.reports()
+    assert report.status == "failed"
+    assert report.last_error == "refused by Stripe after acceptance: " + (
+        "No customer was found for the meter event's stripe_customer_id."
+    )
+    [stored] = query(customer.app, f"SELECT status, outcome FROM stripe_event WHERE event_id = '{thin['id']}'")  # noqa: S608
+    assert stored.status == "processed"
+    assert stored.outcome == (
+        "meter error report: 1 error(s) (meter_event_customer_not_found x1); 1 usage report(s) marked failed"
+    )
+    assert customer.stripe_total() == 0  # Stripe no longer counts the refused event
+    status = customer.app.test_cli_runner().invoke(args=["billing", "status"])
+    assert "usage reports:   pending=0  sent=0  failed=1  meter error reports=1" in status.output
+    usage = customer.app.test_cli_runner().invoke(args=["billing", "usage"])
+    assert usage.exit_code == 1 and f"failed {report.identifier}: refused by Stripe after acceptance" in usage.output
+    assert "Stripe meter error report: 1 error(s)" in usage.output
+    assert reconcile(customer).exit_code == 1  # the shortfall is Stripe's to be told again (--apply)
 
 
 # --- reconcile: our billed totals against Stripe's meter event summaries ------------------------------

@@ -3,6 +3,7 @@ redirects; who may do what is decided here (owner only) and what it does is deci
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, abort, current_app, flash, g, jsonify, redirect, render_template, request, url_for
@@ -40,6 +41,7 @@ from app.services.billing_service import (
 )
 from app.services.entitlements import entitlements_for, seat_addon_key
 from app.services.plan_change import PlanChangeError, Preview, PreviewExpired, When, preview_from_ticket, preview_ticket
+from app.services.pricing import PriceInfo
 from app.services.signup_service import ProvisionOutcome, ProvisionState
 from app.services.team_service import TeamService
 from app.templating import money
@@ -82,6 +84,7 @@ def overview() -> str | tuple[str, int]:
     on_free_plan = free_plan.on_free_plan(organization)
     prices = BillingService.catalogue_prices() if g.access.remedy == "resubscribe" or on_free_plan else {}
     usage: list[usage_page.MeterUsage] = []
+    metered: Mapping[str, PriceInfo] = {}
     if any(meter.allowance(organization.tier) for meter in catalogue.meters.values()):
         metered = usage_page.metered_prices(
             catalogue, lambda keys: BillingService.prices_for_lookup_keys(keys, required=False)
@@ -91,6 +94,7 @@ def overview() -> str | tuple[str, int]:
         "billing/overview.html",
         prices=prices,
         usage=usage,
+        metered_price_ids=[price.id for price in metered.values()],
         organization=organization,
         catalogue=catalogue,
         access=g.access,

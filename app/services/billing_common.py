@@ -162,6 +162,8 @@ class StripeReads(Protocol):
 
     def retrieve_checkout_session(self, session_id: str, *, expand_subscription: bool) -> dict[str, Any]: ...
 
+    def retrieve_event(self, event_id: str) -> dict[str, Any]: ...
+
 
 class WhopReads(Protocol):
     """Whop's read the appliers need, implemented by the Whop adapter BillingService holds."""

@@ -5,7 +5,7 @@ this reads."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -143,15 +143,30 @@ class UpcomingInvoice:
     amount_due: int
     currency: str
     date: int | None
+    # (price id, amount) of each line billed at a price: the metered lines hold the usage Stripe has
+    # counted so far, which the billing page replaces with our own (fresher) figure.
+    price_amounts: tuple[tuple[str, int], ...] = ()
 
     @property
     def when(self) -> datetime | None:
         return from_unix(self.date)
 
+    def amount_for(self, price_ids: Iterable[str]) -> int:
+        wanted = set(price_ids)
+        return sum(amount for price_id, amount in self.price_amounts if price_id in wanted)
+
     @classmethod
     def from_stripe(cls, invoice: Mapping[str, Any]) -> UpcomingInvoice:
         date = invoice.get("next_payment_attempt") or invoice.get("period_end") or invoice.get("created")
-        return cls(int(invoice.get("amount_due") or 0), str(invoice.get("currency") or "usd"), date)
+        amounts = []
+        for line in (invoice.get("lines") or {}).get("data") or []:
+            details = (line.get("pricing") or {}).get("price_details") or {}
+            price = details.get("price") or line.get("price")  # an id (current API) or a price (older)
+            price_id = price.get("id") if isinstance(price, dict) else price
+            if isinstance(price_id, str):
+                amounts.append((price_id, int(line.get("amount") or 0)))
+        currency = str(invoice.get("currency") or "usd")
+        return cls(int(invoice.get("amount_due") or 0), currency, date, tuple(amounts))
 
     @classmethod
     def from_whop(cls, membership: Mapping[str, Any]) -> UpcomingInvoice | None:

@@ -268,7 +268,7 @@ class BillingService:
         """Every price the catalogue sells, for pages that show them (signup, change plan). Never raises:
         a price Stripe does not have, or a Stripe that does not answer, is simply not shown."""
         try:
-            return cls.prices_for_lookup_keys(plan_catalogue().lookup_keys(), required=False)
+            return cls.prices_for_lookup_keys(plan_catalogue().priced_lookup_keys(), required=False)
         except (BillingError, BillingConfigurationError) as exc:
             logger.warning("catalogue prices not shown: %s", exc)
             return {}
@@ -284,9 +284,7 @@ class BillingService:
     def _line_items(
         cls, tier: Tier, addons: Mapping[str, int], interval: str = "month"
     ) -> list[SessionCreateParamsLineItem]:
-        quantities = price_lookup.lookup_key_quantities(tier, addons, interval)
-        prices = cls.price_ids_for_lookup_keys(list(quantities))
-        return [{"price": prices[key], "quantity": quantity} for key, quantity in quantities.items()]
+        return price_lookup.line_items(tier, addons, interval, cls.price_ids_for_lookup_keys)
 
     # --- Signup ---------------------------------------------------------------------------------
 
@@ -474,6 +472,11 @@ class BillingService:
     def retrieve_subscription(cls, subscription_id: str) -> dict[str, Any]:
         with cls._calling_stripe("read a subscription"):
             return cls.ensure_stripe().v1.subscriptions.retrieve(subscription_id).to_dict()
+
+    @classmethod
+    def retrieve_event(cls, event_id: str) -> dict[str, Any]:  # a thin event, read back with its data
+        with cls._calling_stripe("read an event"):
+            return cls.ensure_stripe().v2.core.events.retrieve(event_id).to_dict()
 
     # --- The owner's actions ----------------------------------------------------------------------
     # None of them holds a transaction, row lock or pooled connection while Stripe answers: they read
@@ -1063,7 +1066,7 @@ class BillingService:
         current phase ends with the period and whose next phase carries the new prices; when it is
         done it releases the subscription, which renews on those prices."""
         client = cls.ensure_stripe()
-        phases: Any = schedule_phases(current, prices, preview.quantities)
+        phases: Any = schedule_phases(current, prices, preview.quantities, plan_catalogue())
         schedule_id = current.schedule_id
         with cls._calling_stripe("schedule a plan change"):
             if schedule_id is None:
@@ -1144,8 +1147,6 @@ class BillingService:
         provider = cls._webhook_providers[provider_name]
         return webhook_intake.apply_queued(provider, object_key, final_attempt=final_attempt, resync=resync)
 
-    # --- Stripe events, applied -------------------------------------------------------------------
-
     # --- Usage-based billing: recording (app/services/usage.py) -----------------------------------
     @staticmethod
     def record_usage(
@@ -1170,12 +1171,11 @@ class BillingService:
 
     @classmethod
     def _send_meter_event(cls, event: usage_reports.MeterEventToSend) -> None:
-        payload = {"stripe_customer_id": event.customer_id, "value": str(event.quantity)}
         try:
             cls.ensure_stripe().v1.billing.meter_events.create(
                 {
                     "event_name": event.event_name,
-                    "payload": payload,
+                    "payload": {"stripe_customer_id": event.customer_id, "value": str(event.quantity)},
                     "identifier": event.identifier,
                     "timestamp": event.timestamp,
                 }

@@ -99,6 +99,8 @@ def map_items(
         price_id = _id_of(price)
         product_id = _id_of(price.get("product")) if isinstance(price, dict) else None
         lookup_key = price.get("lookup_key") if isinstance(price, dict) else None
+        if lookup_key is not None and lookup_key in catalogue.meter_lookup_keys():
+            continue  # a metered price: billed from its meter's usage, neither a tier nor an add-on
         entry = entry_for_lookup_key(catalogue, lookup_key)
         if entry is not None and price_id and isinstance(lookup_key, str):
             seen.append(KnownPrice(price_id, product_id, lookup_key, entry))

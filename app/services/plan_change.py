@@ -253,18 +253,45 @@ def update_items(
     )
     if current.seat_line is not None and not seat_wanted:
         items.append({"id": current.seat_line.item_id, "deleted": True})
+    kept = kept_lines(current, catalogue, _target_interval(target_prices, catalogue))
+    items += [{"id": line.item_id, "deleted": True} for line in current.other_lines if line not in kept]
     return items
 
 
+def kept_lines(current: CurrentPlan, catalogue: PlanCatalogue, interval: str | None) -> list[Line]:
+    """The items a plan change leaves alone: all but the metered ones when the target is billed on
+    another interval than theirs (Stripe bills all of a subscription's items on one interval)."""
+    metered = set(catalogue.meter_lookup_keys())
+    return [
+        line
+        for line in current.other_lines
+        if line.price.lookup_key not in metered or interval is None or line.price.interval == interval
+    ]
+
+
+def _target_interval(target_prices: Mapping[str, PriceInfo], catalogue: PlanCatalogue) -> str | None:
+    return next((p.interval for k, p in target_prices.items() if catalogue.tier_for_lookup_key(k)), None)
+
+
+def _phase_item(line: Line, catalogue: PlanCatalogue) -> dict[str, Any]:
+    """A schedule phase's item; a metered price takes no quantity."""
+    if line.price.lookup_key in catalogue.meter_lookup_keys():
+        return {"price": line.price.id}
+    return {"price": line.price.id, "quantity": line.quantity}
+
+
 def schedule_phases(
-    current: CurrentPlan, target_prices: Mapping[str, PriceInfo], quantities: Mapping[str, int]
+    current: CurrentPlan,
+    target_prices: Mapping[str, PriceInfo],
+    quantities: Mapping[str, int],
+    catalogue: PlanCatalogue,
 ) -> list[dict[str, Any]]:
     """A schedule's phases for a downgrade: this period as it is, then the target from the period's end."""
     if current.period_start is None or current.period_end is None:
         raise PlanChangeError("The subscription's current period is not known; try again in a moment.")
     return [
         {
-            "items": [{"price": line.price.id, "quantity": line.quantity} for line in current.lines()],
+            "items": [_phase_item(line, catalogue) for line in current.lines()],
             "start_date": current.period_start,
             "end_date": current.period_end,
         },
@@ -272,7 +299,10 @@ def schedule_phases(
             # The last phase runs one billing period; then the schedule releases the subscription,
             # which renews on these prices.
             "items": [{"price": target_prices[key].id, "quantity": quantity} for key, quantity in quantities.items()]
-            + [{"price": line.price.id, "quantity": line.quantity} for line in current.other_lines],
+            + [
+                _phase_item(line, catalogue)
+                for line in kept_lines(current, catalogue, _target_interval(target_prices, catalogue))
+            ],
         },
     ]
 

@@ -172,6 +172,15 @@ class PlanCatalogue:
         """The lookup keys of the metered prices (apart from lookup_keys(): they sell no tier)."""
         return [meter.lookup_key for meter in self.meters.values()]
 
+    def priced_lookup_keys(self) -> list[str]:
+        """Every price the catalogue names: the tiers' and add-ons' (lookup_keys()), then the meters'."""
+        return [*self.lookup_keys(), *self.meter_lookup_keys()]
+
+    def billed_meter_lookup_keys(self, tier_key: str) -> list[str]:
+        """The metered prices a subscription to the tier carries: those of meters whose overage the
+        tier bills (a soft or hard limit bills nothing, so needs no price)."""
+        return [m.lookup_key for m in self.meters.values() if (a := m.allowance(tier_key)) is not None and a.billed]
+
     def tier(self, key: str) -> Tier | None:
         return self.tiers.get(key)
 

@@ -138,6 +138,26 @@ def lookup_key_quantities(tier: Tier, addons: Mapping[str, int], interval: str =
     return quantities
 
 
+def metered_lookup_keys(tier: Tier, interval: str = "month") -> list[str]:
+    """The metered prices (by lookup key) a subscription to the tier carries, with no quantity: Stripe
+    bills each in arrears from its meter's usage. Monthly only: Stripe bills all of a subscription's
+    items on one interval and the catalogue's metered prices are monthly, so a yearly subscription
+    carries none (its usage is counted and limited per month; its overage is not invoiced)."""
+    return plan_catalogue().billed_meter_lookup_keys(tier.key) if interval == "month" else []
+
+
+def line_items(
+    tier: Tier, addons: Mapping[str, int], interval: str, price_ids: Callable[[list[str]], dict[str, str]]
+) -> list[Any]:
+    """What a subscription to the tier and add-ons buys ({"price", "quantity"} each), then its metered
+    prices ({"price"}: no quantity, Stripe bills them from the meter)."""
+    quantities, metered = lookup_key_quantities(tier, addons, interval), metered_lookup_keys(tier, interval)
+    prices = price_ids([*quantities, *metered])
+    return [{"price": prices[k], "quantity": q} for k, q in quantities.items()] + [
+        {"price": prices[k]} for k in metered
+    ]
+
+
 def remember_prices_statement(prices: Iterable[KnownPrice]) -> Any:
     """Remember prices seen with a catalogue lookup key; a price already known stays as first seen."""
     now = utcnow()
@@ -162,4 +182,4 @@ def checkout_sells(session: Any, line_items: Iterable[Mapping[str, Any]]) -> boo
     if session.status != "open":
         return False
     sold = sorted((item.price.id, item.quantity) for item in session.line_items.data)
-    return sold == sorted((item["price"], item["quantity"]) for item in line_items)
+    return sold == sorted((item["price"], item.get("quantity")) for item in line_items)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from typing import Any
 
 from flask import current_app
@@ -16,7 +17,7 @@ from sqlalchemy import select, update
 from app.extensions import db
 from app.models import BillingProvider, Organization, OrganizationAddon, SignupStatus, StripeEventStatus
 from app.models.types import utcnow
-from app.services import domain_events, provisioning, stripe_objects, trials
+from app.services import domain_events, provisioning, stripe_objects, trials, usage_reports
 from app.services.billing_common import (
     API_VERSION_FORMAT,
     EVENT_TYPE,
@@ -50,6 +51,7 @@ HANDLED_STRIPE_EVENTS = frozenset(
         "invoice.paid",
         "invoice.payment_failed",
         "invoice.payment_action_required",
+        usage_reports.ERROR_REPORT_EVENT,
     }
 )
 INVOICE_PAYMENT_STATUS = {
@@ -74,6 +76,8 @@ def ignore_reason(event: VerifiedEvent) -> str | None:
 
 
 def object_key(event: VerifiedEvent) -> str:
+    if event.type == usage_reports.ERROR_REPORT_EVENT:  # a thin event about a meter
+        return f"meter:{usage_reports.related_meter(event.body)}"
     obj = stripe_objects.read_for_event(event.type, event.body["data"]["object"])
     if isinstance(obj, stripe_objects.CheckoutSession):
         return f"checkout:{obj.id}"
@@ -91,6 +95,12 @@ def apply_batch(object_key: str, events: list[VerifiedEvent], stripe: StripeRead
         return apply_subscription_events(object_id, events, stripe)
     if kind == "checkout":
         return apply_checkout_events(object_id, events, stripe)
+    if kind == "meter":
+        # Stripe's asynchronous rejections of meter events: each read back (no transaction open), then recorded.
+        read = [(event.event_id, stripe.retrieve_event(event.event_id)) for event in events]
+        return {
+            event_id: (StripeEventStatus.PROCESSED, usage_reports.apply_error_report(full)) for event_id, full in read
+        }
     if kind == "customer":
         # Payments are facts with their own invoice ids: each event is recorded in turn (no read).
         return {
@@ -307,6 +317,8 @@ def parse_event(text: str) -> VerifiedEvent:
         body = json.loads(text)
     except ValueError:
         raise WebhookRejected("body is not JSON") from None
+    if isinstance(body, dict) and body.get("object") == "v2.core.event":
+        return _thin_event(text, body)
     if not (
         isinstance(body, dict)
         and body.get("object") == "event"
@@ -332,3 +344,23 @@ def parse_event(text: str) -> VerifiedEvent:
         raw=text,
         body=body,
     )
+
+
+def _thin_event(text: str, body: dict[str, Any]) -> VerifiedEvent:
+    """A thin event (an event destination's delivery: its type, ids and the object it is about, no
+    data; the applier reads the event back from Stripe). Only the thin types this product handles."""
+    created = body.get("created")
+    try:
+        stamp = int(datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        stamp = -1
+    if not (
+        isinstance(body.get("id"), str)
+        and STRIPE_EVENT_ID.fullmatch(body["id"])
+        and body.get("type") == usage_reports.ERROR_REPORT_EVENT
+        and 0 <= stamp < 2**63
+        and isinstance(body.get("livemode"), bool)
+        and usage_reports.related_meter(body)
+    ):
+        raise WebhookRejected("body is not a Stripe event")
+    return VerifiedEvent("stripe", body["id"], body["type"], stamp, body["livemode"], None, text, body)

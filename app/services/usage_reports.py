@@ -24,19 +24,21 @@ within minutes), so our total and Stripe's agree to the unit.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select, update
 
 from app import clock
 from app.extensions import db
-from app.models import Organization, UsageEvent, UsagePeriodTotal, UsageReport, UsageReportStatus
+from app.models import Organization, StripeEvent, UsageEvent, UsagePeriodTotal, UsageReport, UsageReportStatus
 from app.models.organization import BillingProvider
 from app.services.billing_common import committed
 from app.services.plans import PlanCatalogue
 
+ERROR_REPORT_EVENT = "v1.billing.meter.error_report_triggered"
 # Stripe deduplicates an identifier for 24 hours: a report not settled well inside that window is not
 # sent again blindly (it could be counted twice); it is failed for ops to compare with Stripe's summary.
 RESEND_WINDOW = timedelta(hours=20)
@@ -226,18 +228,39 @@ def _note_attempt(report_id: int, error: str) -> None:
         )
 
 
-def mark_failed_by_error_report(identifiers: list[str], message: str) -> int:
-    """Stripe's asynchronous error report (v1.billing.meter.error_report_triggered) names events it
-    refused after accepting them: their reports become `failed` with its words."""
-    if not identifiers:
-        return 0
-    with committed():
+def related_meter(body: Mapping[str, Any]) -> str | None:
+    """The meter (mtr_ id) an error report is about (its thin event's related_object)."""
+    related = body.get("related_object")
+    meter_id = related.get("id") if isinstance(related, dict) else None
+    return meter_id if isinstance(meter_id, str) and 0 < len(meter_id) <= 200 else None
+
+
+def apply_error_report(event: Mapping[str, Any]) -> str:
+    """Stripe's asynchronous error report (v1.billing.meter.error_report_triggered, read back from
+    /v2/core/events/:id) names, among its sample errors, meter events it refused after accepting them:
+    their reports become `failed` with Stripe's words (in the caller's transaction). Stripe samples:
+    refusals it does not name show as the difference `flask billing usage --reconcile` reports.
+    Returns the outcome stored on the event, which ops see (`flask billing status`)."""
+    data: dict[str, Any] = event.get("data") or {}
+    reason: dict[str, Any] = data.get("reason") or {}
+    named: dict[str, str] = {}
+    codes = []
+    for error_type in reason.get("error_types") or []:
+        codes.append(f"{error_type.get('code')} x{error_type.get('error_count')}")
+        for sample in error_type.get("sample_errors") or []:
+            identifier = (sample.get("request") or {}).get("identifier")
+            if isinstance(identifier, str):
+                named[identifier] = f"refused by Stripe after acceptance: {sample.get('error_message')}"[:2000]
+    marked = 0
+    for identifier, message in named.items():
         result = db.session.execute(
             update(UsageReport)
-            .where(UsageReport.identifier.in_(identifiers))
-            .values(status=UsageReportStatus.FAILED, last_error=message[:2000])
+            .where(UsageReport.identifier == identifier)
+            .values(status=UsageReportStatus.FAILED, last_error=message)
         )
-    return int(getattr(result, "rowcount", 0) or 0)
+        marked += int(getattr(result, "rowcount", 0) or 0)
+    words = f"meter error report: {reason.get('error_count', '?')} error(s) ({', '.join(codes) or 'no details'})"
+    return f"{words[:150]}; {marked} usage report(s) marked failed"  # the event's outcome: 200 characters
 
 
 @dataclass(frozen=True)
@@ -247,6 +270,7 @@ class ReportCounts:
     failed: int
     unreported_events: int
     failures: list[tuple[str, str]]  # (identifier, error) of the latest failed reports
+    error_reports: list[str]  # Stripe's meter error reports received (their outcomes), newest first
 
 
 def counts() -> ReportCounts:
@@ -262,6 +286,12 @@ def counts() -> ReportCounts:
         .order_by(UsageReport.id.desc())
         .limit(20)
     ).all()
+    error_reports = db.session.execute(
+        select(StripeEvent.outcome)
+        .where(StripeEvent.type == ERROR_REPORT_EVENT)
+        .order_by(StripeEvent.id.desc())
+        .limit(20)
+    ).scalars()
     db.session.rollback()
     return ReportCounts(
         pending=int(by_status.get(UsageReportStatus.PENDING, 0)),
@@ -269,4 +299,5 @@ def counts() -> ReportCounts:
         failed=int(by_status.get(UsageReportStatus.FAILED, 0)),
         unreported_events=int(unreported),
         failures=[(row.identifier, row.last_error or "") for row in failures],
+        error_reports=[outcome or "not applied yet" for outcome in error_reports],
     )

@@ -3,14 +3,16 @@ synchronous validation errors, meter event summaries; every object in stripe-pyt
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
 import pytest
+import requests
 import stripe
 from stripe._stripe_object import StripeObject
 
-from sandbox.tests.conftest import Sandbox
+from sandbox.tests.conftest import SECRET, Receiver, Sandbox
 from sandbox.tests.test_contract import _module_namespace
 from sandbox.tests.test_contract import check_object as _check_object
 
@@ -93,3 +95,42 @@ def test_meter_events_stripe_would_refuse_are_refused(
     request = {"event_name": "tokens_used", "payload": payload, **params}
     with pytest.raises(stripe.InvalidRequestError, match=message):
         sandbox.client.v1.billing.meter_events.create(params=request)
+
+
+def test_an_asynchronous_rejection_is_a_thin_event_read_back_from_v2(
+    sandbox: Sandbox, receiver: Receiver, meter: Any
+) -> None:
+    """POST /_sandbox/meters/error_report: the events leave the meter's usage, and
+    v1.billing.meter.error_report_triggered is delivered thin (signed, no data); stripe-python parses
+    it and fetches the event with its data from GET /v2/core/events/:id."""
+    customer = sandbox.client.v1.customers.create(params={"email": "rejected@example.com"})
+    now = int(time.time())
+    params = {"event_name": "tokens_used", "payload": {"stripe_customer_id": customer.id, "value": "7"}}
+    sandbox.client.v1.billing.meter_events.create(params={**params, "identifier": "to-reject", "timestamp": now})
+    body = {"identifiers": ["to-reject"], "code": "timestamp_too_far_in_past", "message": "Too old."}
+    event_id = requests.post(f"{sandbox.url}/_sandbox/meters/error_report", json=body, timeout=10).json()["id"]
+    deadline = time.monotonic() + 10
+    while not (attempts := [a for a in receiver.attempts if f'"{event_id}"' in a["body"] and a["status"] == 200]):
+        assert time.monotonic() < deadline, "the error report was not delivered"
+        time.sleep(0.05)
+    delivered = attempts[0]
+    assert "data" not in json.loads(delivered["body"])
+    notification = sandbox.client.parse_event_notification(
+        delivered["body"], delivered["headers"]["Stripe-Signature"], SECRET
+    )
+    assert notification.type == "v1.billing.meter.error_report_triggered"
+    assert notification.related_object.id == meter.id
+    event = notification.fetch_event()
+    [error_type] = event.data.reason.error_types
+    assert (error_type.code, error_type.error_count, event.data.reason.error_count) == (
+        "timestamp_too_far_in_past",
+        1,
+        1,
+    )
+    assert [(s.error_message, s.request.identifier) for s in error_type.sample_errors] == [("Too old.", "to-reject")]
+    summaries = sandbox.client.v1.billing.meters.event_summaries.list(
+        meter.id, params={"customer": customer.id, "start_time": now - 3600, "end_time": now + 3600}
+    )
+    assert [s.aggregated_value for s in summaries.data] == [0]
+    missing = requests.get(f"{sandbox.url}/v2/core/events/evt_test_nope", auth=("sk_test_sandbox", ""), timeout=10)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
