@@ -65,6 +65,7 @@ class SubscriptionUpdate:
     metadata: dict[str, str] | None = None
     cancellation_details: dict[str, str] | None = None
     trial_end: int | None = None
+    automatic_tax: bool | None = None  # automatic_tax[enabled]: Stripe Tax on its invoices (sandbox/tax.py)
     given: set[str] = field(default_factory=set)  # the parameters sent, for Stripe's "only X may be sent" rules
 
 
@@ -314,6 +315,8 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
     _apply_pause(subscription, req, now)
     if req.trial_end is not None:
         _move_trial_end(subscription, req.trial_end, now)
+    if req.automatic_tax is not None:
+        subscription["automatic_tax"].update(enabled=req.automatic_tax, liability={"type": "self"})
     if req.default_payment_method is not UNSET:
         owner = load(store, "customer", subscription["customer"])
         subscription["default_payment_method"] = (
