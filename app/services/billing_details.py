@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from app.services.subscription_state import from_unix
+from app.services.tax import CustomerTax, invoice_tax
 from app.services.whop_state import minor_units, parse_time
 
 
@@ -143,6 +144,7 @@ class UpcomingInvoice:
     amount_due: int
     currency: str
     date: int | None
+    tax: int = 0  # Stripe Tax's part of amount_due (total_taxes)
 
     @property
     def when(self) -> datetime | None:
@@ -151,7 +153,9 @@ class UpcomingInvoice:
     @classmethod
     def from_stripe(cls, invoice: Mapping[str, Any]) -> UpcomingInvoice:
         date = invoice.get("next_payment_attempt") or invoice.get("period_end") or invoice.get("created")
-        return cls(int(invoice.get("amount_due") or 0), str(invoice.get("currency") or "usd"), date)
+        return cls(
+            int(invoice.get("amount_due") or 0), str(invoice.get("currency") or "usd"), date, invoice_tax(invoice)
+        )
 
     @classmethod
     def from_whop(cls, membership: Mapping[str, Any]) -> UpcomingInvoice | None:
@@ -260,6 +264,7 @@ class BillingDetails:
     invoices: list[InvoiceRow] | None = None
     scheduled_change: ScheduledChange | None = None
     unavailable: list[str] = field(default_factory=list)
+    tax: CustomerTax | None = None  # the billing address, tax IDs and exemption (tax.py)
 
 
 def scheduled_change_from_stripe(schedule: Mapping[str, Any], now: int) -> ScheduledChange | None:

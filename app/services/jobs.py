@@ -195,4 +195,4 @@ def sync_customer_email(event: outbox.OutboxEvent) -> None:
     found = receipts.customer_email(event.organization_id)
     if found is not None:
         customer_id, email = found
-        BillingService.update_customer_email(customer_id, email, key=f"customer-email-{event.id}")
+        BillingService.update_customer(customer_id, {"email": email}, key=f"customer-email-{event.id}")
