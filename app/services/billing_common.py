@@ -162,6 +162,10 @@ class StripeReads(Protocol):
 
     def retrieve_checkout_session(self, session_id: str, *, expand_subscription: bool) -> dict[str, Any]: ...
 
+    def read_customer_tax(self, customer_id: str) -> dict[str, Any]: ...
+
+    def update_customer(self, customer_id: str, fields: Mapping[str, Any], *, key: str) -> None: ...
+
 
 class WhopReads(Protocol):
     """Whop's read the appliers need, implemented by the Whop adapter BillingService holds."""
