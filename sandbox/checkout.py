@@ -345,12 +345,15 @@ def _collect_tax_details(store: Store, session: Obj, customer: Obj, subscription
     """The address and tax ID typed on the page go on the customer (a customer the Session was given
     keeps its own unless customer_update says `auto`), before its first invoice is taxed."""
     new_customer = not session["customer"]
-    update = session.get("_customer_update") or {}
+    update, before = session.get("_customer_update") or {}, copy.deepcopy(customer)
     if details.address is not None and (new_customer or update.get("address") == "auto"):
         customer["address"] = details.address
     if details.business_name and (new_customer or update.get("name") == "auto"):
         customer["name"] = details.business_name
     store.put(customer)
+    changes = objects.previous_attributes(before, customer)
+    if not new_customer and changes:  # customer_update=auto saved what was typed
+        emit(store, "customer.updated", customer, changes)
     if details.tax_id:
         value = details.tax_id.upper().replace(" ", "")
         kind = "us_ein" if not value[:2].isalpha() else "gb_vat" if value.startswith("GB") else "eu_vat"
