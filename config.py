@@ -132,6 +132,13 @@ class BaseConfig:
         # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
         # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
         self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in TRUE_WORDS
+        # Stripe Tax: automatic_tax on Checkout (which then collects the billing address and tax IDs),
+        # subscriptions, invoices and previews. Off by default: Stripe Tax must be set up in the account.
+        self.STRIPE_AUTOMATIC_TAX = env.get("STRIPE_AUTOMATIC_TAX", "").strip().lower() in TRUE_WORDS
+        # How the catalogue's prices are meant and shown: "exclusive" (tax added on top) or "inclusive".
+        self.PRICES_SHOWN_WITH_TAX = env.get("PRICES_SHOWN_WITH_TAX", "").strip().lower() or "exclusive"
+        if self.PRICES_SHOWN_WITH_TAX not in ("exclusive", "inclusive"):
+            raise ValueError(f"PRICES_SHOWN_WITH_TAX is exclusive or inclusive, not {self.PRICES_SHOWN_WITH_TAX!r}")
         # Production refuses a test-mode key (sk_test_/rk_test_) unless this says it is meant (a staging
         # deployment built with the production configuration).
         self.STRIPE_ALLOW_TEST_KEY_IN_PRODUCTION = (

@@ -52,6 +52,15 @@ def init_templating(app: Flask) -> None:
     def status_words(status: str) -> str:
         return STATUS_WORDS.get(status, status)  # type: ignore[call-overload, no-any-return]
 
+    @app.template_global("tax_note")
+    def tax_note() -> str:
+        """How prices are shown (PRICES_SHOWN_WITH_TAX), when Stripe Tax is on (STRIPE_AUTOMATIC_TAX)."""
+        if not app.config["STRIPE_AUTOMATIC_TAX"]:
+            return ""
+        if app.config["PRICES_SHOWN_WITH_TAX"] == "inclusive":
+            return "Prices include tax."
+        return "Prices are shown before tax; sales tax or VAT is added from your billing address."
+
     @app.template_global("trial_reminder")
     def trial_reminder(organization_id: int | None) -> datetime | None:
         """When a trial that started without a card ends, in its last days (the banner); else None.

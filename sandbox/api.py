@@ -8,7 +8,9 @@ endpoints.py holds the rest of /v1.
 
 from __future__ import annotations
 
-from . import billing, checkout, clock, customers, invoicing, lists, prices
+from typing import Any
+
+from . import billing, checkout, clock, customers, invoicing, lists, prices, tax
 from .context import current_settings, current_store
 from .errors import StripeError, missing
 from .objects import Obj
@@ -57,6 +59,10 @@ def create_checkout_session(params: Params) -> Obj:
             "expires_at",
             "allow_promotion_codes",
             "payment_method_collection",
+            "automatic_tax",
+            "billing_address_collection",
+            "tax_id_collection",
+            "customer_update",
         ),
     )
     mode = string(params, "mode", required=True)
@@ -98,8 +104,30 @@ def create_checkout_session(params: Params) -> Obj:
         allow_promotion_codes=boolean(params, "allow_promotion_codes"),
         payment_method_collection=collection,
         missing_payment_method=_missing_payment_method(subscription_data),
+        **_checkout_tax(params),
     )
     return checkout.create_checkout_session(current_store(), checkout_request, current_settings().public_url)
+
+
+def _checkout_tax(params: Params) -> dict[str, Any]:
+    """automatic_tax, billing_address_collection, tax_id_collection and customer_update (Stripe Tax)."""
+    automatic = mapping(params, "automatic_tax") or {}
+    reject_unknown(automatic, ("enabled", "liability"), "automatic_tax")
+    collection = string(params, "billing_address_collection") or "auto"
+    if collection not in ("auto", "required"):
+        raise StripeError("Invalid billing_address_collection: must be one of auto or required", param=collection)
+    tax_ids = mapping(params, "tax_id_collection") or {}
+    reject_unknown(tax_ids, ("enabled", "required"), "tax_id_collection")
+    update = mapping(params, "customer_update") or {}
+    reject_unknown(update, ("address", "name", "shipping"), "customer_update")
+    if update and not string(params, "customer"):
+        raise StripeError("customer_update can only be used with customer.", param="customer_update")
+    return {
+        "automatic_tax": bool(boolean(automatic, "enabled", "automatic_tax")),
+        "billing_address_collection": collection,
+        "tax_id_collection": bool(boolean(tax_ids, "enabled", "tax_id_collection")),
+        "customer_update": {k: str(v) for k, v in update.items()},
+    }
 
 
 def _missing_payment_method(subscription_data: Params) -> str | None:
@@ -188,7 +216,10 @@ def _default_payment_method(params: Params) -> str | None:
 
 @endpoint("/customers", "POST")
 def create_customer(params: Params) -> Obj:
-    reject_unknown(params, ("email", "name", "metadata", "test_clock", "payment_method", "invoice_settings"))
+    reject_unknown(
+        params,
+        ("email", "name", "metadata", "test_clock", "payment_method", "invoice_settings", "address", "tax_exempt"),
+    )
     return customers.create(
         current_store(),
         email=string(params, "email"),
@@ -198,12 +229,22 @@ def create_customer(params: Params) -> Obj:
         payment_method=string(params, "payment_method"),
         default_payment_method=_default_payment_method(params),
         origin=_origin(),
+        tax_details=_tax_details(params),
     )
+
+
+def _tax_details(params: Params) -> tuple[Obj | None, str | None]:
+    """address (a hash; "" clears it) and tax_exempt, for Stripe Tax (sandbox/tax.py)."""
+    given = params.get("address")
+    if given is not None and given != "":
+        given = mapping(params, "address")
+        reject_unknown(given or {}, ("city", "country", "line1", "line2", "postal_code", "state"), "address")
+    return (None if given is None else (given or {})), string(params, "tax_exempt")
 
 
 @endpoint("/customers/<customer_id>", "POST")
 def update_customer(params: Params, customer_id: str) -> Obj:
-    reject_unknown(params, ("email", "name", "metadata", "invoice_settings"))
+    reject_unknown(params, ("email", "name", "metadata", "invoice_settings", "address", "tax_exempt"))
     return customers.update(
         current_store(),
         customer_id,
@@ -212,6 +253,7 @@ def update_customer(params: Params, customer_id: str) -> Obj:
         metadata=metadata(params),
         default_payment_method=_default_payment_method(params),
         origin=_origin(),
+        tax_details=_tax_details(params),
     )
 
 
@@ -221,6 +263,28 @@ def list_customer_payment_methods(params: Params, customer_id: str) -> Obj:
     _card_type_only(params)
     billing.load(current_store(), "customer", customer_id, "customer")
     return invoicing.customer_payment_methods(current_store(), customer_id, lists.page_params(params))
+
+
+@endpoint("/customers/<customer_id>/tax_ids", "POST")
+def create_tax_id(params: Params, customer_id: str) -> Obj:
+    reject_unknown(params, ("type", "value"))
+    customer = billing.load(current_store(), "customer", customer_id, "customer")
+    kind, value = required_string(params, "type"), required_string(params, "value")
+    return tax.create_tax_id(current_store(), customer, kind, value, _origin())
+
+
+@endpoint("/customers/<customer_id>/tax_ids", "GET")
+def list_tax_ids(params: Params, customer_id: str) -> Obj:
+    reject_unknown(params, ("limit", "starting_after", "ending_before"))
+    billing.load(current_store(), "customer", customer_id, "customer")
+    found = list(reversed(tax.tax_ids_of(current_store(), customer_id)))
+    return lists.paginate(found, f"/v1/customers/{customer_id}/tax_ids", lists.page_params(params), "tax_id")
+
+
+@endpoint("/customers/<customer_id>/tax_ids/<tax_id_id>", "DELETE")
+def delete_tax_id(params: Params, customer_id: str, tax_id_id: str) -> Obj:
+    reject_unknown(params, ())
+    return tax.delete_tax_id(current_store(), customer_id, tax_id_id, _origin())
 
 
 @endpoint("/payment_methods", "GET")

@@ -66,6 +66,7 @@ class SubscriptionUpdate:
     cancellation_details: dict[str, str] | None = None
     trial_end: int | None = None
     discounts: list[Obj] | None = None  # the discounts the subscription is to have (see discounts.py)
+    automatic_tax: bool | None = None  # automatic_tax[enabled]: Stripe Tax on its invoices (sandbox/tax.py)
     given: set[str] = field(default_factory=set)  # the parameters sent, for Stripe's "only X may be sent" rules
 
 
@@ -282,10 +283,8 @@ def _lines_billed_now(plan: Plan, subscription_id: str, invoice_items: list[Obj]
 # -- the update itself --------------------------------------------------------------------------------
 
 
-def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpdate, origin: Origin = AUTOMATIC) -> Obj:
-    subscription = load(store, "subscription", subscription_id)
-    before = copy.deepcopy(subscription)
-    now = simtime.now()
+def _refuse_update(subscription: Obj, req: SubscriptionUpdate) -> None:
+    """Stripe's refusals of an update, before anything changes."""
     ended = subscription["status"] in ENDED
     structural = req.given - {"metadata", "cancellation_details"}
     if ended and structural:
@@ -309,6 +308,13 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
             param="items",
         )
 
+
+def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpdate, origin: Origin = AUTOMATIC) -> Obj:
+    subscription = load(store, "subscription", subscription_id)
+    before = copy.deepcopy(subscription)
+    now = simtime.now()
+    _refuse_update(subscription, req)
+
     merge_metadata(subscription, req.metadata)
     apply_cancellation_details(subscription, req.cancellation_details)
     _apply_cancellation(subscription, req, now)
@@ -317,6 +323,8 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
         _move_trial_end(subscription, req.trial_end, now)
     if req.discounts is not None:
         discounts.set_subscription_discounts(store, subscription, req.discounts, now)
+    if req.automatic_tax is not None:
+        subscription["automatic_tax"].update(enabled=req.automatic_tax, liability={"type": "self"})
     if req.default_payment_method is not UNSET:
         owner = load(store, "customer", subscription["customer"])
         subscription["default_payment_method"] = (

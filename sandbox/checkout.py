@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import discounts, invoicing, objects, simtime
+from . import discounts, invoicing, objects, simtime, tax
 from .billing import (
     AUTOMATIC,
     JOB_HANDLERS,
@@ -43,6 +43,50 @@ class CheckoutRequest:
     allow_promotion_codes: bool | None
     payment_method_collection: str = "always"
     missing_payment_method: str | None = None  # subscription_data[trial_settings][end_behavior]
+    automatic_tax: bool = False  # Stripe Tax (sandbox/tax.py)
+    billing_address_collection: str = "auto"
+    tax_id_collection: bool = False
+    customer_update: dict[str, str] = field(default_factory=dict)
+
+
+TAX_FIELDS = (
+    "billingAddressLine1",
+    "billingLocality",
+    "billingPostalCode",
+    "billingAdministrativeArea",
+    "billingCountry",
+    "businessName",
+    "taxId",
+)
+
+
+@dataclass(frozen=True)
+class TaxDetails:
+    """What the Checkout page collects for Stripe Tax: the billing address and a business's tax ID."""
+
+    address: Obj | None = None
+    business_name: str = ""
+    tax_id: str = ""
+
+    @classmethod
+    def from_form(cls, session: Obj, values: dict[str, str]) -> TaxDetails:
+        address = None
+        if collects_address(session) and values.get("billingCountry"):
+            address = tax.address(
+                {
+                    "line1": values.get("billingAddressLine1"),
+                    "city": values.get("billingLocality"),
+                    "postal_code": values.get("billingPostalCode"),
+                    "state": values.get("billingAdministrativeArea"),
+                    "country": values["billingCountry"].upper(),
+                }
+            )
+        collected = bool((session.get("tax_id_collection") or {}).get("enabled"))
+        return cls(address, values.get("businessName", "") if collected else "", values.get("taxId", "") * collected)
+
+
+def collects_address(session: Obj) -> bool:
+    return session.get("billing_address_collection") == "required" or bool(session["automatic_tax"]["enabled"])
 
 
 def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str) -> Obj:
@@ -93,6 +137,12 @@ def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str)
         public_url=public_url,
         now=now,
     )
+    session["automatic_tax"]["enabled"] = req.automatic_tax
+    session.update(
+        billing_address_collection=req.billing_address_collection,
+        tax_id_collection={"enabled": req.tax_id_collection, "required": "never"},
+        _customer_update=req.customer_update,
+    )
     store.put(session)
     store.add_job("expire_session", session["id"], session["expires_at"])
     return session
@@ -137,6 +187,7 @@ def pay_checkout_session(
     async_delay: float,
     card_expiry: tuple[int, int] = (12, 2034),
     promotion_code: str = "",
+    tax_details: TaxDetails | None = None,
 ) -> Obj:
     """Complete a Session with a sandbox card (and a promotion code, where the Session allows them):
     create the customer, its payment method, the
@@ -153,6 +204,9 @@ def pay_checkout_session(
         raise PaymentError(UNKNOWN_CARD)
     if card and (card.outcome == "declined" or (card.outcome == "charge_fails" and not trial_days)):
         raise PaymentError(invoicing.DECLINED)
+    tax_details = tax_details or TaxDetails()
+    if collects_address(session) and tax_details.address is None:
+        raise PaymentError("Your billing address is incomplete.")
     with simtime.time_of(store, session["customer"]):
         code = None
         if promotion_code:
@@ -161,7 +215,7 @@ def pay_checkout_session(
                 code = discounts.redeemable(store, promotion_code, existing)
             except StripeError as exc:
                 raise PaymentError(exc.message) from None
-        return _complete_checkout(store, session, card, email, name, async_delay, card_expiry, code)
+        return _complete_checkout(store, session, card, email, name, async_delay, card_expiry, code, tax_details)
 
 
 def card_optional(session: Obj) -> bool:
@@ -180,6 +234,7 @@ def _complete_checkout(
     async_delay: float,
     card_expiry: tuple[int, int],
     code: Obj | None = None,
+    tax_details: TaxDetails | None = None,
 ) -> Obj:
     now = simtime.now()
     sub_data = session["_subscription_data"]
@@ -215,6 +270,7 @@ def _complete_checkout(
     )
     if sub_data.get("missing_payment_method"):
         subscription["trial_settings"]["end_behavior"]["missing_payment_method"] = sub_data["missing_payment_method"]
+    _collect_tax_details(store, session, customer, subscription, tax_details or TaxDetails())
     if code is not None:
         made = discounts.redeem(store, code, subscription, now)
         session["discounts"] = [{"coupon": None, "promotion_code": code["id"]}]
@@ -236,6 +292,7 @@ def _complete_checkout(
         customer_details=objects.customer_details(email, name),
         url=None,
     )
+    _tax_totals(store, session, customer, invoice, tax_details or TaxDetails())
     for obj in (customer, subscription, invoice, session):
         store.put(obj)
 
@@ -290,3 +347,44 @@ JOB_HANDLERS["expire_session"] = lambda store, ref, now: _expire_if_due(
 )
 JOB_HANDLERS["settle_async_succeeds"] = lambda store, ref, now: _settle(store, ref, succeeded=True)
 JOB_HANDLERS["settle_async_fails"] = lambda store, ref, now: _settle(store, ref, succeeded=False)
+
+
+def _collect_tax_details(store: Store, session: Obj, customer: Obj, subscription: Obj, details: TaxDetails) -> None:
+    """The address and tax ID typed on the page go on the customer (a customer the Session was given
+    keeps its own unless customer_update says `auto`), before its first invoice is taxed."""
+    new_customer = not session["customer"]
+    update, before = session.get("_customer_update") or {}, copy.deepcopy(customer)
+    if details.address is not None and (new_customer or update.get("address") == "auto"):
+        customer["address"] = details.address
+    if details.business_name and (new_customer or update.get("name") == "auto"):
+        customer["name"] = details.business_name
+    store.put(customer)
+    changes = objects.previous_attributes(before, customer)
+    if not new_customer and changes:  # customer_update=auto saved what was typed
+        emit(store, "customer.updated", customer, changes)
+    if details.tax_id:
+        value = details.tax_id.upper().replace(" ", "")
+        kind = "us_ein" if not value[:2].isalpha() else "gb_vat" if value.startswith("GB") else "eu_vat"
+        try:
+            tax.create_tax_id(store, customer, kind, value, AUTOMATIC)
+        except StripeError as exc:
+            raise PaymentError(f"Your tax ID is invalid: {exc.message}") from None
+    if session["automatic_tax"]["enabled"]:
+        subscription["automatic_tax"].update(enabled=True, liability={"type": "self"})
+
+
+def _tax_totals(store: Store, session: Obj, customer: Obj, invoice: Obj, details: TaxDetails) -> None:
+    """The Session's tax: its automatic_tax status, total_details.amount_tax and customer_details."""
+    if session["automatic_tax"]["enabled"]:
+        session["automatic_tax"].update(status=invoice["automatic_tax"]["status"], provider="stripe")
+        session["automatic_tax"]["liability"] = {"type": "self"}
+    amount_tax = tax.amount_tax(invoice)
+    session["total_details"]["amount_tax"] = amount_tax
+    if not session["_subscription_data"]["trial_period_days"]:
+        session.update(amount_total=invoice["total"], amount_subtotal=invoice["subtotal"])
+    session["customer_details"].update(
+        address=customer.get("address") if collects_address(session) or details.address else None,
+        business_name=details.business_name or None,
+        tax_exempt=customer.get("tax_exempt", "none"),
+        tax_ids=tax.customer_tax_ids(store, customer["id"]),
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from . import billing, invoicing, objects, simtime
+from . import billing, invoicing, objects, simtime, tax
 from .errors import StripeError
 from .objects import Obj
 from .store import Store
@@ -20,6 +20,7 @@ def create(
     payment_method: str | None,
     default_payment_method: str | None,
     origin: billing.Origin,
+    tax_details: tuple[Obj | None, str | None] = (None, None),
 ) -> Obj:
     """POST /v1/customers. On a test clock the customer is created at the clock's frozen time.
     Events: customer.created, then payment_method.attached for `payment_method`."""
@@ -30,6 +31,7 @@ def create(
     with simtime.frozen_at(frozen):
         customer = objects.customer(email, name, simtime.now())
         customer.update(metadata=metadata, test_clock=test_clock)
+        tax.set_customer_details(store, customer, address_given=tax_details[0], tax_exempt=tax_details[1])
         store.put(customer)
         billing.emit(store, "customer.created", customer, origin=origin)
         attached = None
@@ -54,6 +56,7 @@ def update(
     metadata: dict[str, str] | None,
     default_payment_method: str | None,
     origin: billing.Origin,
+    tax_details: tuple[Obj | None, str | None] = (None, None),
 ) -> Obj:
     """POST /v1/customers/:id; customer.updated lists what changed (none if nothing did).
     default_payment_method "" clears it (passed here as "")."""
@@ -64,6 +67,7 @@ def update(
     if name is not None:
         customer["name"] = name or None
     billing.merge_metadata(customer, metadata)
+    tax.set_customer_details(store, customer, address_given=tax_details[0], tax_exempt=tax_details[1])
     if default_payment_method is not None:
         if default_payment_method:
             _check_owned(store, customer, default_payment_method)

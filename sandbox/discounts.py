@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from . import lists, objects, simtime
+from . import lists, objects, simtime, tax
 from .billing import load
 from .context import current_store
 from .errors import StripeError
@@ -305,8 +305,9 @@ def apply_to_invoice(store: Store, invoice: Obj, subscription: Obj | None, *, pr
         total=total,
         total_excluding_tax=total,
     )
+    tax.apply(store, invoice)  # Stripe Tax, on what the discounts leave (sandbox/tax.py)
     if invoice["status"] in ("draft", "open") and not invoice["amount_paid"]:
-        invoice.update(amount_due=max(total + invoice["starting_balance"], 0))
+        invoice.update(amount_due=max(invoice["total"] + invoice["starting_balance"], 0))
         invoice.update(amount_remaining=invoice["amount_due"])
 
 

@@ -10,7 +10,7 @@ import fnmatch
 import time
 from typing import Any
 
-from . import changes, lists, prices, refunds, schedules
+from . import changes, lists, prices, refunds, schedules, tax
 from .context import current_store
 from .errors import StripeError, exclusive
 from .objects import Obj
@@ -87,6 +87,7 @@ def update_subscription(params: Params, subscription_id: str) -> Obj:
             "cancellation_details",
             "trial_end",
             "discounts",
+            "automatic_tax",
         ),
     )
     pause: Any = changes.UNSET
@@ -116,13 +117,35 @@ def update_subscription(params: Params, subscription_id: str) -> Obj:
         cancellation_details=_cancellation_details(params),
         trial_end=integer(params, "trial_end"),
         discounts=array(params, "discounts"),
+        automatic_tax=_automatic_tax(params),
         given=set(params),
     )
     return changes.update_subscription(current_store(), subscription_id, update, _origin())
 
 
+def _automatic_tax(params: Params) -> bool | None:
+    """automatic_tax[enabled] (Stripe Tax, sandbox/tax.py), or None when not given."""
+    given = mapping(params, "automatic_tax")
+    if given is None:
+        return None
+    reject_unknown(given, ("enabled", "liability"), "automatic_tax")
+    enabled = boolean(given, "enabled", "automatic_tax")
+    if enabled is None:
+        raise StripeError("Missing required param: automatic_tax[enabled].", param="automatic_tax[enabled]")
+    return enabled
+
+
 @endpoint("/invoices/create_preview", "POST")
 def create_preview(params: Params) -> Obj:
+    automatic_tax = _automatic_tax(params)
+    params.pop("automatic_tax", None)
+    invoice = _create_preview(params)
+    if automatic_tax is not None and automatic_tax != invoice["automatic_tax"]["enabled"]:
+        tax.retax(current_store(), invoice, automatic_tax)
+    return invoice
+
+
+def _create_preview(params: Params) -> Obj:
     reject_unknown(params, ("customer", "subscription", "subscription_details", "schedule", "schedule_details"))
     if "schedule" in params or "schedule_details" in params:
         # A schedule's next invoice: the renewal with the items of the phase in effect then.

@@ -160,7 +160,7 @@ def add_pending_items(store: Store, invoice: Obj) -> None:
         store.put(ii)
     invoice["lines"]["data"] = [line_from_invoice_item(ii, invoice["id"]) for ii in waiting] + invoice["lines"]["data"]
     _set_totals(invoice)
-    if invoice["discounts"]:
+    if invoice["discounts"] or invoice["automatic_tax"]["enabled"]:
         discounts.apply_to_invoice(store, invoice, None)  # the discount it carries, on its new subtotal
     customer = load(store, "customer", invoice["customer"])
     apply_balance(customer, invoice)

@@ -19,7 +19,7 @@ CURRENCY = "usd"
 
 # Fields Stripe only returns when asked for with expand[]=…, per object type. Separately, keys
 # starting with "_" are the sandbox's own bookkeeping and are never shown.
-INCLUDABLE = {"checkout.session": ("line_items",), "invoice": ("payments",)}
+INCLUDABLE = {"checkout.session": ("line_items",), "invoice": ("payments",), "customer": ("tax_ids",)}
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -195,6 +195,7 @@ def customer(email: str | None, name: str | None, now: int) -> Obj:
         "preferred_locales": [],
         "shipping": None,
         "tax_exempt": "none",
+        "tax_ids": list_object([], "/v1/customers/tax_ids"),  # includable: expand=["tax_ids"]
         "test_clock": None,
     }
 
@@ -504,7 +505,7 @@ def invoice(customer: Obj, subscription: Obj, now: int) -> Obj:
         "auto_advance": False,
         "automatic_tax": {
             "disabled_reason": None,
-            "enabled": False,
+            "enabled": subscription["automatic_tax"]["enabled"],
             "liability": None,
             "provider": None,
             "status": None,
@@ -514,8 +515,13 @@ def invoice(customer: Obj, subscription: Obj, now: int) -> Obj:
         "created": now,
         "currency": CURRENCY,
         "customer": customer["id"],
+        "customer_address": customer.get("address"),
         "customer_email": customer["email"],
         "customer_name": customer["name"],
+        "customer_phone": None,
+        "customer_shipping": None,
+        "customer_tax_exempt": customer.get("tax_exempt", "none"),
+        "customer_tax_ids": [],
         "description": None,
         "discounts": [],
         "due_date": None,

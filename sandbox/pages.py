@@ -19,7 +19,7 @@ from .objects import Obj
 
 bp = Blueprint("pages", __name__, template_folder="templates")
 
-FIELDS = ("email", "cardNumber", "cardExpiry", "cardCvc", "billingName", "promotionCode")
+FIELDS = ("email", "cardNumber", "cardExpiry", "cardCvc", "billingName", "promotionCode", *checkout.TAX_FIELDS)
 EXPIRY = re.compile(r"(\d{1,2})\s*/?\s*(\d{2})")  # "MM / YY", "MM/YY" or "MMYY"
 
 PORTAL_ACTIONS = {
@@ -88,6 +88,7 @@ def checkout_page(session_id: str) -> Response | tuple[str, int]:
                         async_delay=current_settings().async_delay,
                         card_expiry=card_expiry(values),
                         promotion_code=values["promotionCode"] if session["allow_promotion_codes"] else "",
+                        tax_details=checkout.TaxDetails.from_form(session, values),
                     )
             except billing.PaymentError as exc:
                 errors = [str(exc)]
@@ -100,6 +101,8 @@ def checkout_page(session_id: str) -> Response | tuple[str, int]:
         trial_days=session["_subscription_data"]["trial_period_days"],
         card_optional=checkout.card_optional(session),
         promotion_codes=bool(session["allow_promotion_codes"]),
+        collect_address=checkout.collects_address(session),
+        collect_tax_id=bool((session.get("tax_id_collection") or {}).get("enabled")),
         values=values,
         errors=errors,
         cards=billing.SANDBOX_CARDS,

@@ -571,7 +571,13 @@ class SandboxAccount:
     # -- acting as the customer --------------------------------------------------------------------
 
     def pay(
-        self, session_id: str, *, outcome: str = "paid", card: str | None = None, promotion_code: str = ""
+        self,
+        session_id: str,
+        *,
+        outcome: str = "paid",
+        card: str | None = None,
+        promotion_code: str = "",
+        tax_details: dict[str, str] | None = None,  # Checkout's address and tax ID fields (Stripe Tax)
     ) -> dict[str, Any]:
         """The customer pays on the hosted Checkout page. outcome: paid, trial (a trial checkout), async (the
         payment settles later) or declined. Returns the session as the API then reports it."""
@@ -584,6 +590,7 @@ class SandboxAccount:
                 "cardCvc": "123" if number else "",
                 "billingName": "Ada Lovelace",
                 "promotionCode": promotion_code,  # Checkout's field, where the session allows codes
+                **(tax_details or {}),
             },
             allow_redirects=False,
             timeout=30,

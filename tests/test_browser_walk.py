@@ -455,3 +455,63 @@ def test_whop_signup_and_its_billing_page(chromium: BrowserPage, stack: Stack) -
     expect(page.locator("#whop-plan")).to_contain_text("$19.00 / month, paid through Whop")
     expect(page.locator("#open-portal")).to_have_text("Manage your membership on Whop")
     chromium.step("plan changes happen on Whop")
+
+
+@pytest.mark.parametrize("stack", ["postgresql"], indirect=True)
+def test_free_signup_upgraded_with_a_code_and_taxed_then_address_and_tax_ids_edited(
+    chromium: BrowserPage, stack: Stack
+) -> None:
+    """Stripe Tax on (issue 24): a free signup → upgrade through Checkout with the promotion code LAUNCH20,
+    a Berlin address and a VAT ID → the billing page shows the discount, the VAT on the next invoice, the
+    address and the verified VAT ID → moving to Paris is reverse charged; an unverified French VAT ID
+    added and the German one removed bring French VAT."""
+    stack.app.config["STRIPE_AUTOMATIC_TAX"] = True
+    page = chromium.page
+    fill_signup(chromium, stack, email="gmbh@example.com", tier="free")
+    expect(page.locator("#tax-note")).to_contain_text("Prices are shown before tax")
+    page.click("#signup-submit")
+    page.wait_for_url(f"{stack.url}/app")  # the free plan starts at once, no checkout
+    page.goto(f"{stack.url}/billing/")
+    page.check("#upgrade-starter input")
+    chromium.step("free plan, upgrading")
+    with page.expect_navigation():
+        page.click("#upgrade")
+    assert page.url.startswith(f"{stack.sandbox.url}/checkout/cs_test_"), page.url
+    for field, value in {
+        "billingAddressLine1": "Friedrichstr. 1",
+        "billingLocality": "Berlin",
+        "billingPostalCode": "10117",
+        "billingCountry": "DE",
+        "businessName": "Ada GmbH",
+        "taxId": "DE123456789",
+        "promotionCode": "LAUNCH20",
+    }.items():
+        page.fill(f"#{field}", value)
+    chromium.step("checkout with address, VAT ID and code")
+    pay(page, CARD_OK)
+    page.wait_for_url(f"{stack.url}/billing/")
+    expect(page.locator("#discount")).to_contain_text("LAUNCH20: 20% off")
+    # $19.00 less 20% is $15.20; 19% VAT on it is $2.89.
+    expect(page.locator("#next-invoice-tax")).to_have_text("(including $2.89 tax)")
+    expect(page.locator("#next-invoice")).to_contain_text("$18.09")
+    expect(page.locator("#billing-address")).to_have_text("Friedrichstr. 1, 10117 Berlin, DE")
+    expect(page.locator(".tax-id")).to_have_text(re.compile(r"EU VAT number DE123456789 \(verified\)"))
+    chromium.step("billing page: discount, tax, address, VAT ID")
+
+    page.fill("#line1", "1 rue de Rivoli")
+    page.fill("#postal_code", "75001")
+    page.fill("#city", "Paris")
+    page.fill("#country", "FR")
+    page.click("#save-billing-address")
+    expect(page.locator(".flash.success")).to_have_text("Billing address saved.")
+    expect(page.locator("#billing-address")).to_have_text("1 rue de Rivoli, 75001 Paris, FR")
+    expect(page.locator("#next-invoice-tax")).to_have_count(0)  # reverse charge
+    chromium.step("moved to Paris: reverse charge")
+    page.fill("#value", "FR 123 456 789 01")
+    page.click("#add-tax-id")
+    expect(page.locator(".flash.success")).to_have_text("Tax ID added.")
+    page.locator(".tax-id", has_text="DE123456789").locator(".remove-tax-id").click()
+    expect(page.locator(".flash.success")).to_have_text("Tax ID removed.")
+    expect(page.locator(".tax-id")).to_have_text(re.compile(r"EU VAT number FR12345678901 \(not verified\)"))
+    expect(page.locator("#next-invoice-tax")).to_have_text("(including $3.04 tax)")  # French VAT, 20%
+    chromium.step("tax IDs edited")

@@ -108,7 +108,7 @@ def test_the_factory_registers_every_task_consumer_and_webhook_provider(app: Fla
         "user.password_changed": ["password_changed_email"],
         "user.password_reset": ["password_reset_done_email"],
         "user.email_change_requested": ["email_change_link"],
-        "user.email_changed": ["email_changed_notice"],
+        "user.email_changed": ["email_changed_notice", "sync_customer_email_of_owner"],
         "user.password_reset_requested": ["password_reset_email"],
     }
     assert sorted(BillingService._webhook_providers) == ["stripe", "whop"]

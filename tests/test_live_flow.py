@@ -152,6 +152,66 @@ def walk_live_signup(request: pytest.FixtureRequest) -> None:
     expect(page.locator("#resubscribe")).to_be_visible()
     browser.step("subscription ended")
 
+    walk_live_taxed_signup(browser, server, environment)  # Stripe Tax (issue 24): helper below
+
+
+# --- Taxes (issue 24): one helper, called by walk_live_signup ------------------------------------------
+
+
+def walk_live_taxed_signup(browser: BrowserPage, server: LiveServer, environment: dict[str, str]) -> None:
+    """With STRIPE_AUTOMATIC_TAX, a Berlin business signs up in the browser with its VAT ID on the hosted
+    Checkout page, lands on the billing page with its address, its verified VAT ID and the tax on the next
+    invoice, and moves to Paris (reverse charge). Exact amounts against the sandbox's rate table; against
+    Stripe test mode only with LIVE_STRIPE_TAX=1 (Stripe Tax must be active, registered in Germany)."""
+    sandbox = bool(environment.get("STRIPE_API_BASE"))
+    if not (sandbox or os.environ.get("LIVE_STRIPE_TAX") == "1"):
+        return
+    app, page = server.app, browser.page
+    assert app is not None
+    app.config["STRIPE_AUTOMATIC_TAX"] = True
+    try:
+        page.context.clear_cookies()  # a new customer, in a browser of its own
+        email = "finance@ada-gmbh.example"
+        submit_signup(
+            browser, server.url, email=email, password=PASSWORD, organization="Ada GmbH", owner="Ada", extra_seats=0
+        )
+
+        def address_and_vat_id() -> None:
+            for field, value in (("billingAddressLine1", "Friedrichstr. 1"), ("billingLocality", "Berlin")):
+                page.fill(f"#{field}", value)
+            page.fill("#billingPostalCode", "10117")
+            country = page.locator("#billingCountry")
+            if country.evaluate("e => e.tagName") == "SELECT":
+                country.select_option("DE")
+            else:
+                country.fill("DE")
+            business = page.locator("#enableTaxId, [name=enableTaxId]")  # Stripe's "purchasing as a business"
+            if business.count() and business.first.is_visible() and not business.first.is_checked():
+                business.first.check()
+            page.fill("#businessName", "Ada GmbH")
+            page.fill("#taxId", "DE123456789")
+            browser.step("billing address and VAT ID")
+
+        pay_on_hosted_checkout(browser, before_submit=address_and_vat_id)
+        page.wait_for_url(f"{server.url}/app", timeout=WEBHOOK_WAIT_SECONDS * 1000)
+        page.goto(f"{server.url}/billing/")
+        expect(page.locator("#billing-address")).to_contain_text("10117 Berlin")
+        expect(page.locator(".tax-id-value")).to_have_text("DE123456789")
+        expect(page.locator("#next-invoice-tax")).to_be_visible()
+        if sandbox:
+            expect(page.locator(".tax-id-status")).to_have_text("verified")
+            expect(page.locator("#next-invoice-tax")).to_have_text("(including $3.61 tax)")
+        browser.step("billing page with tax")
+        page.fill("#city", "Paris")
+        page.fill("#country", "FR")
+        page.click("#save-billing-address")
+        expect(page.locator("#billing-address")).to_contain_text("Paris")
+        if sandbox:  # a verified VAT ID of a business in another EU country: reverse charge, no VAT
+            expect(page.locator("#next-invoice-tax")).to_have_count(0)
+        browser.step("moved to Paris")
+    finally:
+        app.config["STRIPE_AUTOMATIC_TAX"] = False
+
 
 def live_through_a_year(
     app: Flask, server: LiveServer, environment: dict[str, str], customer_id: str, subscription_id: str
@@ -232,9 +292,10 @@ def wait_for_organization(
     wait_until(holds, WEBHOOK_WAIT_SECONDS, lambda: no_webhook_message(app, server, environment, awaited))
 
 
-def pay_on_hosted_checkout(browser: BrowserPage) -> None:
+def pay_on_hosted_checkout(browser: BrowserPage, before_submit: Callable[[], None] | None = None) -> None:
     """Pay with 4242 on the Checkout page. Stripe's hosted page and the sandbox's share these element
-    ids; Stripe may first show a payment-method accordion, a country and postal code, and Link."""
+    ids; Stripe may first show a payment-method accordion, a country and postal code, and Link.
+    before_submit fills in what else the page asks (a billing address and tax ID)."""
     page = browser.page
     page.locator("#cardNumber:visible, [data-testid=card-accordion-item-button]:visible").first.wait_for(timeout=30_000)
     browser.step("checkout")
@@ -253,6 +314,8 @@ def pay_on_hosted_checkout(browser: BrowserPage) -> None:
     save_with_link = page.locator("#enableStripePass")
     if save_with_link.count() and save_with_link.is_visible() and save_with_link.is_checked():
         save_with_link.uncheck()
+    if before_submit is not None:
+        before_submit()
     browser.step("card entered")
     page.click("button.SubmitButton")
 

@@ -321,6 +321,57 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert sorted(said) == paid
     assert {row.status for row in query(app, "SELECT status FROM stripe_event")} <= {"processed", "ignored"}
 
+    taxed_customer_with_a_vat_id(app, stripe_api, smtp_server)  # Stripe Tax (issue 24): helper below
+
+
+# --- Taxes (issue 24): one helper, called by the primary test ----------------------------------------
+
+BERLIN_BUSINESS = {
+    "billingAddressLine1": "Friedrichstr. 1",
+    "billingLocality": "Berlin",
+    "billingPostalCode": "10117",
+    "billingCountry": "DE",
+    "businessName": "Ada GmbH",
+    "taxId": "DE123456789",
+}
+
+
+def taxed_customer_with_a_vat_id(app: Flask, stripe_api: SandboxAccount, smtp_server: SmtpSink) -> None:
+    """With STRIPE_AUTOMATIC_TAX, a Berlin business signs up with its VAT ID: Checkout collects both, Stripe
+    Tax adds 19% VAT, the billing page shows the address, the verified VAT ID and the tax on the next
+    invoice, and the receipt the tax; moved to Paris with its German VAT ID it is reverse charged."""
+    app.config["STRIPE_AUTOMATIC_TAX"] = True
+    try:
+        client = app.test_client()
+        email = "finance@ada-gmbh.example"
+        response = start_signup(client, email=email, organization_name="Ada GmbH", addon_extra_seats="0")
+        session_id = checkout_session_id(response)
+        [*_, (_, call)] = stripe_api.calls_to("checkout.sessions.create")
+        assert call["params"]["automatic_tax"] == {"enabled": "true"}
+        assert call["params"]["tax_id_collection"] == {"enabled": "true"}
+        assert call["params"]["customer_update"] == {"address": "auto", "name": "auto"}
+        session = stripe_api.pay(session_id, tax_details=BERLIN_BUSINESS)
+        assert client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}").headers["Location"] == "/app"
+        assert all(status == 200 for _, status in stripe_api.deliver(client))
+        invoice = stripe_api.api("GET", f"/v1/invoices/{session['invoice']}")
+        [vat] = invoice["total_taxes"]
+        assert (vat["taxability_reason"], vat["amount"], invoice["total"]) == ("standard_rated", 361, 2261)
+        assert invoice["customer_tax_ids"] == [{"type": "eu_vat", "value": "DE123456789"}]
+        page = client.get("/billing/").get_data(as_text=True)
+        assert "Friedrichstr. 1, 10117 Berlin, DE" in page and '<span class="tax-id-status">verified</span>' in page
+        assert '<span id="next-invoice-tax">(including $3.61 tax)</span>' in page
+        run_jobs(app)
+        [receipt] = [m for m in smtp_server.to(email) if str(m["Subject"]).startswith("Your Ledgerline receipt")]
+        assert "Tax: $3.61" in email_text(receipt) and "Amount paid: $22.61" in email_text(receipt)
+        # Reverse charge: a business in another EU country with a verified VAT ID pays no VAT here.
+        moved = {"action": "address", "csrf_token": csrf_token(client, "/billing/"), "request_token": "e" * 32}
+        assert client.post("/billing/tax-details", data={**moved, "city": "Paris", "country": "FR"}).status_code == 303
+        assert 'id="next-invoice-tax"' not in client.get("/billing/").get_data(as_text=True)
+        preview = stripe_api.api("POST", "/v1/invoices/create_preview", {"subscription": session["subscription"]})
+        assert [(t["taxability_reason"], t["amount"]) for t in preview["total_taxes"]] == [("reverse_charge", 0)]
+    finally:
+        app.config["STRIPE_AUTOMATIC_TAX"] = False
+
 
 # --- Usage-based billing in the primary test (issue 26) --------------------------------------------
 # The primary test records API calls in two billing periods (through BillingService.record_usage, with a

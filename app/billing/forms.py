@@ -8,6 +8,7 @@ from wtforms.validators import DataRequired, InputRequired, Length, NumberRange,
 
 from app.services.billing_service import REQUEST_TOKEN, new_request_token
 from app.services.plans import PlanCatalogue
+from app.services.tax import TAX_ID_TYPES
 
 
 class OwnerActionForm(FlaskForm):
@@ -51,6 +52,31 @@ class DowngradeToFreeForm(OwnerActionForm):
 
 class BillingEmailForm(FlaskForm):
     billing_email = StringField("Send receipts to", validators=[Optional(), Length(max=254)])
+
+
+class BillingAddressForm(OwnerActionForm):
+    """The billing address Stripe Tax reads (kept on Stripe's customer, app/services/tax.py)."""
+
+    line1 = StringField("Address", validators=[Optional(), Length(max=200)])
+    line2 = StringField("Address line 2", validators=[Optional(), Length(max=200)])
+    postal_code = StringField("Postal code", validators=[Optional(), Length(max=20)])
+    city = StringField("City", validators=[Optional(), Length(max=100)])
+    state = StringField("State or region", validators=[Optional(), Length(max=100)])
+    country = StringField("Country (two letters)", validators=[DataRequired(), Length(min=2, max=2)])
+
+
+class TaxIdForm(OwnerActionForm):
+    type = RadioField(
+        "Kind",
+        choices=[SelectChoice(k, words) for k, (words, _) in TAX_ID_TYPES.items()],
+        default="eu_vat",
+        validators=[DataRequired()],
+    )
+    value = StringField("Tax ID", validators=[DataRequired(), Length(max=40)])
+
+
+class RemoveTaxIdForm(OwnerActionForm):
+    tax_id = HiddenField(validators=[DataRequired(), Regexp(r"^txi_\w+$")])
 
 
 class ResubscribeForm(OwnerActionForm):

@@ -13,6 +13,7 @@ from werkzeug.wrappers import Response
 from app import clock
 from app.access import current_access, recent_auth_required, require_signed_in, sign_in, take_signup_sign_in
 from app.billing.forms import (
+    BillingAddressForm,
     BillingEmailForm,
     CancelForm,
     ChangeSeatsForm,
@@ -20,14 +21,16 @@ from app.billing.forms import (
     DowngradeToFreeForm,
     KeepPlanForm,
     PortalForm,
+    RemoveTaxIdForm,
     ResumeForm,
+    TaxIdForm,
     change_plan_form,
     resubscribe_form,
 )
 from app.extensions import client_address, csrf, db, limiter
 from app.features import current_entitlements
 from app.models import Organization, User
-from app.services import free_plan, receipts, usage_page
+from app.services import free_plan, receipts, tax, usage_page
 from app.services.billing_common import ChangeOutcome
 from app.services.billing_service import (
     BillingError,
@@ -110,6 +113,8 @@ def overview() -> str | tuple[str, int]:
         free_tier=catalogue.free_tier(),
         downgrade_form=DowngradeToFreeForm(),
         billing_email_form=BillingEmailForm(billing_email=organization.billing_email or ""),
+        tax_forms=(BillingAddressForm(), TaxIdForm(), RemoveTaxIdForm()),
+        tax_setting={"automatic": tax.enabled(), "inclusive": tax.prices_include_tax()},
     )
 
 
@@ -375,6 +380,32 @@ def billing_email() -> Response:
     else:
         flash(f"Receipts will be sent to {kept or current_user.email}.", "success")
     return redirect(url_for("billing.overview"), 303)
+
+
+@bp.post("/tax-details")
+def tax_details() -> Response:
+    """The owner edits the billing address, adds a tax ID or removes one (kept at Stripe: tax.py)."""
+    organization_id = _owned_organization().id
+    action = request.form.get("action", "")
+    forms = {"address": BillingAddressForm, "add_tax_id": TaxIdForm, "remove_tax_id": RemoveTaxIdForm}
+    if action not in forms or not (form := forms[action]()).validate_on_submit():
+        abort(400, "That form was incomplete. Reload the billing page and try again.")
+    try:
+        if isinstance(form, BillingAddressForm):
+            change = tax.TaxChange.address_from_form(form.data, form.request_token.data)
+        elif isinstance(form, TaxIdForm):
+            change = tax.TaxChange.tax_id_from_form(form.type.data, form.value.data, form.request_token.data)
+        else:
+            change = tax.TaxChange(remove_tax_id=form.tax_id.data, request_token=form.request_token.data)
+        BillingService.change_tax_details(organization_id, change, actor_user_id=current_user.id)
+    except BillingError as exc:
+        flash(str(exc), "error")
+    else:
+        flash(
+            {"address": "Billing address saved.", "add_tax_id": "Tax ID added."}.get(action, "Tax ID removed."),
+            "success",
+        )
+    return redirect(url_for("billing.overview", _anchor="tax-details"), 303)
 
 
 @bp.post("/downgrade-to-free")

@@ -164,6 +164,10 @@ class StripeReads(Protocol):
 
     def retrieve_event(self, event_id: str) -> dict[str, Any]: ...
 
+    def read_customer_tax(self, customer_id: str) -> dict[str, Any]: ...
+
+    def update_customer(self, customer_id: str, fields: Mapping[str, Any], *, key: str) -> None: ...
+
 
 class WhopReads(Protocol):
     """Whop's read the appliers need, implemented by the Whop adapter BillingService holds."""

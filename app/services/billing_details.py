@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from app.services.subscription_state import from_unix
+from app.services.tax import CustomerTax, invoice_tax
 from app.services.whop_state import minor_units, parse_time
 
 
@@ -146,6 +147,7 @@ class UpcomingInvoice:
     # (price id, amount) of each line billed at a price: the metered lines hold the usage Stripe has
     # counted so far, which the billing page replaces with our own (fresher) figure.
     price_amounts: tuple[tuple[str, int], ...] = ()
+    tax: int = 0  # Stripe Tax's part of amount_due (total_taxes)
 
     @property
     def when(self) -> datetime | None:
@@ -166,7 +168,7 @@ class UpcomingInvoice:
             if isinstance(price_id, str):
                 amounts.append((price_id, int(line.get("amount") or 0)))
         currency = str(invoice.get("currency") or "usd")
-        return cls(int(invoice.get("amount_due") or 0), currency, date, tuple(amounts))
+        return cls(int(invoice.get("amount_due") or 0), currency, date, tuple(amounts), invoice_tax(invoice))
 
     @classmethod
     def from_whop(cls, membership: Mapping[str, Any]) -> UpcomingInvoice | None:
@@ -275,6 +277,7 @@ class BillingDetails:
     invoices: list[InvoiceRow] | None = None
     scheduled_change: ScheduledChange | None = None
     unavailable: list[str] = field(default_factory=list)
+    tax: CustomerTax | None = None  # the billing address, tax IDs and exemption (tax.py)
 
 
 def scheduled_change_from_stripe(schedule: Mapping[str, Any], now: int) -> ScheduledChange | None:

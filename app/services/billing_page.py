@@ -15,6 +15,7 @@ from flask import current_app
 from app import clock
 from app.extensions import cache, db
 from app.models import BillingStatus, Organization
+from app.services import tax
 from app.services.billing_common import BillingConfigurationError, BillingError
 from app.services.billing_details import (
     BillingDetails,
@@ -29,7 +30,7 @@ from app.services.pricing import PriceInfo
 
 logger = logging.getLogger(__name__)
 
-BILLING_READ_PARTS = ("subscription", "upcoming", "schedule", "payment_method", "invoices")
+BILLING_READ_PARTS = ("subscription", "upcoming", "schedule", "payment_method", "invoices", "tax")
 INVOICE_HISTORY_LENGTH = 12
 PageList = Literal["invoices", "charges", "refunds"]  # the Stripe lists pages read
 
@@ -47,6 +48,8 @@ class PageReads(Protocol):
     def read_payment_method(self, customer_id: str, default_method: str | None) -> dict[str, Any] | None: ...
 
     def read_list_for_page(self, resource: PageList, params: Any) -> list[dict[str, Any]]: ...
+
+    def read_customer_tax(self, customer_id: str) -> dict[str, Any]: ...
 
     def catalogue_prices(self) -> dict[str, PriceInfo]: ...
 
@@ -127,6 +130,10 @@ def billing_details(organization: Organization, stripe: PageReads, whop: WhopPag
             details,
         )
         details.invoices = invoices if isinstance(invoices, list) else None
+        found = cached_read(
+            organization_id, "tax", lambda: tax.CustomerTax.from_stripe(stripe.read_customer_tax(customer_id)), details
+        )
+        details.tax = found if isinstance(found, tax.CustomerTax) else None
     return details
 
 

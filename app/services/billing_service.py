@@ -52,6 +52,7 @@ from app.services import (
     staff_console,
     stripe_events,
     stripe_pace,
+    tax,
     trials,
     usage,
     usage_reconcile,
@@ -163,18 +164,8 @@ class BillingService:
                 f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: billing credentials "
                 "come only from the environment (see .env.example)"
             )
-        api_base = config.get("STRIPE_API_BASE")
-        client = stripe.StripeClient(
-            config["STRIPE_SECRET_KEY"],
-            stripe_version=STRIPE_API_VERSION,
-            base_addresses={"api": api_base} if api_base else None,
-            max_network_retries=config["STRIPE_MAX_NETWORK_RETRIES"],
-            http_client=stripe_pace.paced_client(  # every request takes a turn from the shared budget
-                stripe.RequestsClient,
-                stripe_pace.for_app(current_app),
-                max_wait=config["STRIPE_RATE_WAIT_SECONDS"],
-                timeout=config["STRIPE_TIMEOUT_SECONDS"],
-            ),
+        client = cls._new_client(
+            config["STRIPE_MAX_NETWORK_RETRIES"], config["STRIPE_RATE_WAIT_SECONDS"], config["STRIPE_TIMEOUT_SECONDS"]
         )
         current_app.extensions["stripe_client"] = client
         return client
@@ -184,25 +175,26 @@ class BillingService:
         """A client for the billing page's reads: a short timeout (STRIPE_PAGE_READ_TIMEOUT_SECONDS) and
         no retries, so a slow Stripe costs the page seconds, not minutes; the page says what is missing."""
         client: stripe.StripeClient | None = current_app.extensions.get("stripe_read_client")
-        if client is not None:
-            return client
-        cls.ensure_stripe()  # the same credentials check
-        config = current_app.config
-        api_base = config.get("STRIPE_API_BASE")
-        client = stripe.StripeClient(
+        if client is None:
+            cls.ensure_stripe()  # the same credentials check
+            timeout = current_app.config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"]
+            client = cls._new_client(0, min(current_app.config["STRIPE_RATE_WAIT_SECONDS"], timeout), timeout)
+            current_app.extensions["stripe_read_client"] = client
+        return client
+
+    @staticmethod
+    def _new_client(retries: int, max_wait: float, timeout: float) -> stripe.StripeClient:
+        """Every request takes a turn from the shared budget (stripe_pace.py)."""
+        config, api_base = current_app.config, current_app.config.get("STRIPE_API_BASE")
+        return stripe.StripeClient(
             config["STRIPE_SECRET_KEY"],
             stripe_version=STRIPE_API_VERSION,
             base_addresses={"api": api_base} if api_base else None,
-            max_network_retries=0,
+            max_network_retries=retries,
             http_client=stripe_pace.paced_client(
-                stripe.RequestsClient,
-                stripe_pace.for_app(current_app),
-                max_wait=min(config["STRIPE_RATE_WAIT_SECONDS"], config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"]),
-                timeout=config["STRIPE_PAGE_READ_TIMEOUT_SECONDS"],
+                stripe.RequestsClient, stripe_pace.for_app(current_app), max_wait=max_wait, timeout=timeout
             ),
         )
-        current_app.extensions["stripe_read_client"] = client
-        return client
 
     @staticmethod
     @contextmanager
@@ -336,11 +328,13 @@ class BillingService:
             with cls._calling_stripe("create a checkout session"):
                 payer: SessionCreateParams = {"customer_email": email.strip().lower()}
                 if config["STRIPE_TEST_CLOCKS"]:
-                    payer = {"customer": cls._customer_on_a_test_clock(email, owner_name, reference)}
+                    who = {"email": email.strip().lower(), "name": owner_name, "metadata": metadata}
+                    payer = {"customer": cls._new_customer(f"signup-customer-{reference}", who, f"signup {reference}")}
                 session = client.v1.checkout.sessions.create(
                     params={
                         **payer,
                         **trials.checkout_collection(tier),
+                        **tax.checkout_params(existing_customer="customer" in payer),
                         "mode": "subscription",
                         "line_items": line_items,
                         "client_reference_id": reference,
@@ -384,38 +378,16 @@ class BillingService:
         )
 
     @classmethod
-    def _customer_on_a_test_clock(cls, email: str, name: str, reference: str) -> str:
-        """STRIPE_TEST_CLOCKS (test mode only): the signup's customer lives on a test clock of its own,
-        frozen at now, so tests can advance its subscription through renewals, dunning and its end."""
+    def _new_customer(cls, key: str, params: dict[str, Any], clock_name: str | None) -> str:
+        """A customer (a free organization upgrading; a signup's with STRIPE_TEST_CLOCKS), on a test clock of
+        its own frozen at now given clock_name (test mode only); the keys make a retry the same customer."""
         client = cls.ensure_stripe()
-        test_clock = client.v1.test_helpers.test_clocks.create(
-            params={"frozen_time": clock.now(), "name": f"signup {reference}"},
-            options={"idempotency_key": f"signup-clock-{reference}"},
-        )
-        customer = client.v1.customers.create(
-            params={
-                "email": email.strip().lower(),
-                "name": name,
-                "test_clock": test_clock.id,
-                "metadata": {"purpose": "signup", "pending_signup_id": reference},
-            },
-            options={"idempotency_key": f"signup-customer-{reference}"},
-        )
-        return customer.id
-
-    @classmethod
-    def _customer_for_organization(cls, organization_id: int, email: str, name: str) -> str:
-        """A Stripe customer for an organization that has none (a free one upgrading), on a test clock of
-        its own when STRIPE_TEST_CLOCKS is on; the idempotency key makes a retry the same customer."""
-        client, key = cls.ensure_stripe(), f"org-{organization_id}-customer"
-        params: Any = {"email": email, "name": name, "metadata": {"organization_id": str(organization_id)}}
         with cls._calling_stripe("create a customer"):
-            if current_app.config["STRIPE_TEST_CLOCKS"]:
+            if clock_name:
                 params["test_clock"] = client.v1.test_helpers.test_clocks.create(
-                    params={"frozen_time": clock.now(), "name": f"organization {organization_id}"},
-                    options={"idempotency_key": f"{key}-clock"},
+                    params={"frozen_time": clock.now(), "name": clock_name}, options={"idempotency_key": f"{key}-clock"}
                 ).id
-            return client.v1.customers.create(params=params, options={"idempotency_key": key}).id
+            return client.v1.customers.create(params=params, options={"idempotency_key": key}).id  # type: ignore[arg-type]
 
     @classmethod
     def _expire_checkout_sessions(cls, session_ids: list[str]) -> None:
@@ -638,7 +610,12 @@ class BillingService:
         tier = cls.tier(tier_key)
         if customer_id is None:  # a free organization upgrading: its Stripe customer is made now
             customer_id = provisioning.remember_customer(
-                organization_id, cls._customer_for_organization(organization_id, owner_email, name)
+                organization_id,
+                cls._new_customer(
+                    f"org-{organization_id}-customer",
+                    {"email": owner_email, "name": name, "metadata": {"organization_id": str(organization_id)}},
+                    f"organization {organization_id}" if current_app.config["STRIPE_TEST_CLOCKS"] else None,
+                ),
             )
         metadata = {"purpose": "resubscribe", "organization_id": str(organization_id)}
         base = current_app.config["APP_BASE_URL"]
@@ -653,6 +630,7 @@ class BillingService:
             "cancel_url": f"{base}/billing/",
         }
         params.update({"customer_email": customer_id} if "@" in customer_id else {"customer": customer_id})
+        params.update(tax.checkout_params(existing_customer="customer" in params))
         with cls._calling_stripe("create a checkout session"):
             session = client.v1.checkout.sessions.create(
                 params=params,
@@ -679,8 +657,6 @@ class BillingService:
                 settlement = None  # the worker's consumer of organization.surplus_subscription retries it
             outcome = dataclasses.replace(outcome, settlement=settlement)
         return outcome
-
-    # --- Catalogue mapping ------------------------------------------------------------------------
 
     # --- Paid checkouts no organization may keep ---------------------------------------------------
     # A second paid signup for an email that already has an account (leak 1), and a resubscription
@@ -892,12 +868,35 @@ class BillingService:
             return cls.ensure_stripe().v1.invoices.retrieve(invoice_id).to_dict()
 
     @classmethod
-    def update_customer_email(cls, customer_id: str, email: str, *, key: str) -> None:
-        """Stripe's customer gets the address receipts go to (the worker, on a billing email change)."""
+    def update_customer(cls, customer_id: str, fields: Mapping[str, Any], *, key: str) -> None:
+        """Stripe's customer gets our details (the worker's customer sync; the owner's billing address)."""
+        params: Any = dict(fields)
         with cls._calling_stripe("update a customer"):
-            cls.ensure_stripe().v1.customers.update(
-                customer_id, params={"email": email}, options={"idempotency_key": key}
-            )
+            cls.ensure_stripe().v1.customers.update(customer_id, params=params, options={"idempotency_key": key})
+
+    @classmethod
+    def read_customer_tax(cls, customer_id: str) -> dict[str, Any]:
+        """The customer with its tax IDs, for the billing page and reconcile (tax.py)."""
+        client = cls._stripe_for_page_reads()
+        with cls._calling_stripe("read a customer"):
+            customer = client.v1.customers.retrieve(customer_id, params={"expand": ["tax_ids"]}, options=PAGE_READ)
+        return customer.to_dict()
+
+    @classmethod
+    def change_customer_tax_id(cls, customer_id: str, *, add: Any, remove: str | None, key: str) -> None:
+        client, options = cls.ensure_stripe(), stripe.RequestOptions(idempotency_key=key)
+        with cls._calling_stripe("change a tax ID"):
+            if add is not None:
+                client.v1.customers.tax_ids.create(
+                    customer_id, params={"type": add[0], "value": add[1]}, options=options
+                )
+            if remove is not None:
+                client.v1.customers.tax_ids.delete(customer_id, remove)
+
+    @classmethod
+    def change_tax_details(cls, organization_id: int, change: tax.TaxChange, *, actor_user_id: int) -> None:
+        """The owner edits the billing address or tax IDs (tax.py); Stripe keeps them."""
+        tax.change_details(organization_id, change, cls, actor_user_id=actor_user_id)
 
     @classmethod
     def read_list_for_page(cls, resource: billing_page.PageList, params: Any) -> list[dict[str, Any]]:

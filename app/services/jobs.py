@@ -15,7 +15,15 @@ from sqlalchemy import select, update
 from app.extensions import db
 from app.models import PendingSignup, SignupStatus, StripeEvent, StripeEventStatus, WhopEvent
 from app.models.types import utcnow
-from app.services import domain_events, notifications, outbox, queue, receipts, staff_actions  # noqa: F401 (consumers)
+from app.services import (  # noqa: F401  (registers the consumers)
+    customer_sync,
+    domain_events,
+    notifications,
+    outbox,
+    queue,
+    receipts,
+    staff_actions,
+)
 from app.services.billing_service import WEBHOOK_QUEUE, BillingService
 
 logger = logging.getLogger(__name__)
@@ -209,7 +217,12 @@ def receipt_email(event: outbox.OutboxEvent) -> None:
 @outbox.consumer("organization.billing_email_changed", name="sync_customer_email")
 def sync_customer_email(event: outbox.OutboxEvent) -> None:
     """Stripe's customer follows the billing email address (or the owner's, when it is cleared)."""
-    found = receipts.customer_email(event.organization_id)
-    if found is not None:
-        customer_id, email = found
-        BillingService.update_customer_email(customer_id, email, key=f"customer-email-{event.id}")
+    customer_sync.push_email(event.organization_id, BillingService, key=f"customer-email-{event.id}")
+
+
+@outbox.consumer("user.email_changed", name="sync_customer_email_of_owner")
+def sync_customer_email_of_owner(event: outbox.OutboxEvent) -> None:
+    """The owner's new address reaches Stripe's customer (unless a billing email address is set)."""
+    customer_sync.push_email(
+        event.organization_id, BillingService, key=f"customer-email-{event.id}", owner_id=event.user_id
+    )

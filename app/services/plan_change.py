@@ -452,6 +452,8 @@ def summarize_invoice_preview(invoice: Mapping[str, Any]) -> tuple[int, list[Pre
     discount = sum(int(share.get("amount") or 0) for share in invoice.get("total_discount_amounts") or [])
     if discount:
         lines.append(PreviewLine("Discount (promotion code)", -discount))
+    if taxed := sum(int(t.get("amount") or 0) for t in invoice.get("total_taxes") or []):
+        lines.append(PreviewLine("Tax", taxed))  # Stripe Tax on the change (reverse charge: none)
     total = invoice.get("total")
     if total is None:
         total = invoice.get("amount_due", sum(line.amount for line in lines))

@@ -124,17 +124,5 @@ def set_billing_email(organization_id: int, address: str, *, actor_user_id: int)
     return kept
 
 
-def customer_email(organization_id: int | None) -> tuple[str, str] | None:
-    """The Stripe customer of an organization and the address it should carry (the billing email, else
-    the owner's), or None when Stripe does not bill it."""
-    found = organization_and_owner(organization_id)
-    if found is None:
-        return None
-    organization, owner = found
-    if organization.billed_by_whop or not organization.billing_customer_id:
-        return None
-    return organization.billing_customer_id, organization.billing_email or owner.email
-
-
 def _https_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) and value.startswith(("https://", "http://")) else None

@@ -110,6 +110,9 @@ class ReconcileReport:
     unsettled: list[Unsettled] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what could not be checked or repaired
     applied: list[str] = field(default_factory=list)  # what --apply did
+    # Stripe customers whose email or tax IDs differ from the account's (customer_sync.differences):
+    # reported, not repaired (a missed customer.updated comes back as a missing event).
+    customers: list[str] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
@@ -125,6 +128,7 @@ class ReconcileReport:
             "unsettled": [asdict(entry) for entry in self.unsettled],
             "problems": list(self.problems),
             "applied": list(self.applied),
+            "customers": list(self.customers),
         }
 
     def untouched(self) -> list[Orphan]:
@@ -161,6 +165,7 @@ class ReconcileReport:
             subscription = entry.subscription_id
             out.append(f"not yet canceled and refunded: {entry.kind} {entry.reference}{whose} ({subscription})")
         out.extend(f"problem: {problem}" for problem in self.problems)
+        out.extend(f"customer: {difference}" for difference in self.customers)
         if not self.clean:
             out.append("Drift remains.")
         elif self.untouched():

@@ -14,10 +14,20 @@ from sqlalchemy import select
 
 from app import clock
 from app.extensions import db
-from app.models import BillingProvider, Organization, PendingSignup, ResubscribeCheckout, ResubscribeStatus, StripeEvent
+from app.models import (
+    BillingProvider,
+    Organization,
+    PendingSignup,
+    ResubscribeCheckout,
+    ResubscribeStatus,
+    StripeEvent,
+    User,
+    UserRole,
+)
 from app.services import price_lookup
 from app.services import reconcile as reconciliation
 from app.services.billing_common import BillingError, as_uuid, id_of, plan_catalogue
+from app.services.customer_sync import differences
 from app.services.subscription_state import SubscriptionState
 from app.services.whop_state import subscription_state_from_whop
 
@@ -224,6 +234,8 @@ class StripeReconcileReads(Protocol):
 
     def checkout_session_for_subscription(self, subscription_id: str) -> str | None: ...
 
+    def read_customer_tax(self, customer_id: str) -> dict[str, Any]: ...
+
 
 def read_stripe_side(
     stripe: StripeReconcileReads, since_days: int, organization_id: int | None, handled_events: frozenset[str]
@@ -255,4 +267,33 @@ def read_stripe_side(
     report.orphans = reconciliation.find_orphans(orphan_candidates, held.held_ids, pending, resubscribes)
     report.unsettled = unsettled(organization_id)
     report.missing_events = reconciliation.find_missing_events(events, held.stored_events, handled_events)
+    report.customers = customer_differences(stripe, organization_id)
     return report
+
+
+def customer_differences(stripe: StripeReconcileReads, organization_id: int | None) -> list[str]:
+    """Each Stripe-billed organization's customer (one read each, its tax IDs included) against the
+    email the account sends receipts to, and its tax IDs' verification (customer_sync.differences)."""
+    query = (
+        select(Organization, User.email)
+        .join(User, (User.organization_id == Organization.id) & (User.role == UserRole.OWNER))
+        .where(Organization.billing_provider == BillingProvider.STRIPE, Organization.billing_customer_id.is_not(None))
+        .order_by(Organization.id)
+    )
+    if organization_id is not None:
+        query = query.where(Organization.id == organization_id)
+    rows = [(organization, email) for organization, email in db.session.execute(query).all()]
+    db.session.rollback()  # read; nothing is held while Stripe answers
+    found = []
+    for organization, owner_email in rows:
+        customer_id = str(organization.billing_customer_id)
+        try:
+            customer = stripe.read_customer_tax(customer_id)
+        except BillingError as exc:
+            found.append(f"organization {organization.id} ({customer_id}): not read: {exc}")
+            continue
+        found += [
+            f"organization {organization.id} ({customer_id}): {d}"
+            for d in differences(organization, owner_email, customer)
+        ]
+    return found

@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from app.extensions import db
 from app.models import BillingProvider, Organization, OrganizationAddon, SignupStatus, StripeEventStatus
 from app.models.types import utcnow
-from app.services import domain_events, provisioning, stripe_objects, trials, usage_reports
+from app.services import customer_sync, domain_events, provisioning, stripe_objects, trials, usage_reports
 from app.services.billing_common import (
     API_VERSION_FORMAT,
     EVENT_TYPE,
@@ -52,6 +52,7 @@ HANDLED_STRIPE_EVENTS = frozenset(
         "invoice.payment_failed",
         "invoice.payment_action_required",
         usage_reports.ERROR_REPORT_EVENT,
+        "customer.updated",
     }
 )
 INVOICE_PAYMENT_STATUS = {
@@ -83,6 +84,8 @@ def object_key(event: VerifiedEvent) -> str:
         return f"checkout:{obj.id}"
     if isinstance(obj, stripe_objects.Subscription):
         return f"subscription:{obj.id}"
+    if isinstance(obj, stripe_objects.Customer):
+        return f"customer:{obj.id}"  # with its invoices' events: one customer's events apply one at a time
     customer = stripe_objects.id_of(obj.customer)
     if customer is None:
         raise MalformedObject("malformed Invoice object: it names no customer")
@@ -103,9 +106,13 @@ def apply_batch(object_key: str, events: list[VerifiedEvent], stripe: StripeRead
         }
     if kind == "customer":
         # Payments are facts with their own invoice ids: each event is recorded in turn (no read).
-        return {
+        # customer.updated re-reads the customer first, with no transaction open (customer_sync.py).
+        updated = [event for event in events if event.type == "customer.updated"]
+        outcomes = customer_sync.apply_customer_events(object_id, updated, stripe) if updated else {}
+        return outcomes | {
             event.event_id: (StripeEventStatus.PROCESSED, record_invoice(event.body["data"]["object"], event))
             for event in events
+            if event not in updated
         }
     raise MalformedObject(f"no object kind {kind!r}")
 

@@ -108,7 +108,12 @@ class Invoice(_Object, kw_only=True):
     hosted_invoice_url: Text | None = None
 
 
-StripeObject = CheckoutSession | Subscription | Invoice
+class Customer(_Object, kw_only=True):
+    id: StripeId
+    email: Text | None = None
+
+
+StripeObject = CheckoutSession | Subscription | Invoice | Customer
 
 
 def id_of(value: str | Expandable | None) -> str | None:
@@ -153,4 +158,5 @@ OBJECT_FOR_EVENT_PREFIX: dict[str, type[Any]] = {
     "checkout.session": CheckoutSession,
     "customer.subscription": Subscription,
     "invoice": Invoice,
+    "customer": Customer,
 }

@@ -1,0 +1,142 @@
+"""Stripe Tax in the sandbox (sandbox/tax.py): Checkout collecting the billing address and a tax ID,
+the rate table (German VAT, reverse charge for a verified VAT ID of another EU country, US sales tax,
+an exempt customer, a place not registered), tax IDs with their verification, and automatic_tax on
+subscriptions and invoice previews, in the shapes of the pinned API version."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import stripe
+
+from sandbox.tests.conftest import Sandbox, create_session, pay
+
+BERLIN = {
+    "billingAddressLine1": "Friedrichstr. 1",
+    "billingLocality": "Berlin",
+    "billingPostalCode": "10117",
+    "billingCountry": "DE",
+}
+
+
+def taxed_checkout(sandbox: Sandbox, prices: dict[str, str], **form: str) -> tuple[Any, dict[str, Any]]:
+    session = create_session(
+        sandbox,
+        prices,
+        automatic_tax={"enabled": True},
+        billing_address_collection="required",
+        tax_id_collection={"enabled": True},
+    )
+    assert session.automatic_tax.enabled and session.tax_id_collection.enabled
+    response = pay(sandbox, session.id, **form)
+    assert response.status_code == 303, response.text[-500:]
+    session = sandbox.client.v1.checkout.sessions.retrieve(session.id, params={"expand": ["subscription"]})
+    invoice = sandbox.client.v1.invoices.retrieve(session.subscription.latest_invoice).to_dict()
+    return session, invoice
+
+
+def test_a_berlin_business_pays_19_percent_vat_and_its_verified_vat_id_is_on_the_invoice(
+    sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    session, invoice = taxed_checkout(sandbox, prices, **BERLIN, businessName="Ada GmbH", taxId="DE123456789")
+    subtotal = invoice["subtotal"]
+    [tax] = invoice["total_taxes"]
+    assert tax["amount"] == round(subtotal * 0.19) and tax["taxable_amount"] == subtotal
+    assert (tax["taxability_reason"], tax["tax_behavior"], tax["type"]) == (
+        "standard_rated",
+        "exclusive",
+        "tax_rate_details",
+    )
+    assert invoice["total"] == invoice["amount_paid"] == subtotal + tax["amount"]
+    assert invoice["total_excluding_tax"] == subtotal and invoice["automatic_tax"]["status"] == "complete"
+    assert invoice["customer_tax_ids"] == [{"type": "eu_vat", "value": "DE123456789"}]
+    assert invoice["customer_address"]["country"] == "DE" and invoice["customer_tax_exempt"] == "none"
+    assert sum(line["taxes"][0]["amount"] for line in invoice["lines"]["data"]) == tax["amount"]
+    rate = tax["tax_rate_details"]["tax_rate"]
+    assert session.total_details.amount_tax == tax["amount"] and session.amount_total == invoice["total"]
+    assert session.customer_details.address.city == "Berlin" and session.customer_details.business_name == "Ada GmbH"
+    assert session.subscription.automatic_tax.enabled
+    customer = sandbox.client.v1.customers.retrieve(session.customer, params={"expand": ["tax_ids"]})
+    assert customer.address.postal_code == "10117" and customer.name == "Ada GmbH"
+    [tax_id] = customer.tax_ids.data
+    assert (tax_id.type, tax_id.value, tax_id.verification.status, tax_id.country) == (
+        "eu_vat",
+        "DE123456789",
+        "verified",
+        "DE",
+    )
+    assert "tax_ids" not in sandbox.client.v1.customers.retrieve(session.customer).to_dict()
+    assert rate.startswith("txr_")
+
+
+@pytest.mark.parametrize(
+    ("address", "tax_id", "reason", "percent"),
+    [
+        ({"billingCountry": "FR", "billingLocality": "Paris"}, "FR12345678900", "reverse_charge", 0),
+        ({"billingCountry": "FR", "billingLocality": "Paris"}, "FR12345678901", "standard_rated", 20),  # unverified
+        (
+            {"billingCountry": "US", "billingAdministrativeArea": "CA", "billingPostalCode": "94107"},
+            "",
+            "standard_rated",
+            7.25,
+        ),
+        (
+            {"billingCountry": "US", "billingAdministrativeArea": "TX", "billingPostalCode": "73301"},
+            "",
+            "not_collecting",
+            0,
+        ),
+    ],
+)
+def test_the_rate_table_reverse_charge_and_places_not_registered(
+    sandbox: Sandbox, prices: dict[str, str], address: dict[str, str], tax_id: str, reason: str, percent: float
+) -> None:
+    _, invoice = taxed_checkout(sandbox, prices, **address, taxId=tax_id)
+    taxes = invoice["total_taxes"]
+    if reason == "not_collecting":
+        assert taxes == [] and invoice["total"] == invoice["subtotal"]
+        return
+    [tax] = taxes
+    assert tax["taxability_reason"] == reason and tax["amount"] == round(invoice["subtotal"] * percent / 100)
+    assert invoice["total"] == invoice["subtotal"] + tax["amount"]
+
+
+def test_an_exempt_customer_tax_ids_by_api_and_automatic_tax_on_updates_and_previews(
+    sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    customer = sandbox.client.v1.customers.create(
+        params={"email": "ops@example.com", "address": {"country": "DE", "city": "Berlin"}, "tax_exempt": "exempt"}
+    )
+    assert customer.tax_exempt == "exempt" and customer.address.country == "DE"
+    session = create_session(
+        sandbox, prices, customer_email=None, customer=customer.id, automatic_tax={"enabled": True}
+    )
+    assert pay(sandbox, session.id, billingCountry="US", billingAdministrativeArea="CA").status_code == 303
+    subscription = sandbox.client.v1.checkout.sessions.retrieve(session.id).subscription
+    invoice = sandbox.client.v1.invoices.retrieve(
+        sandbox.client.v1.subscriptions.retrieve(str(subscription)).latest_invoice
+    ).to_dict()
+    # The customer the session was given keeps its own address (no customer_update): German, exempt.
+    [tax] = invoice["total_taxes"]
+    assert (tax["taxability_reason"], tax["amount"]) == ("customer_exempt", 0)
+    sandbox.client.v1.customers.update(customer.id, params={"tax_exempt": "none"})
+    preview = sandbox.client.v1.invoices.create_preview(params={"subscription": str(subscription)})
+    assert preview.total_taxes[0].amount == round(preview.subtotal * 0.19)
+    untaxed = sandbox.client.v1.invoices.create_preview(
+        params={"subscription": str(subscription), "automatic_tax": {"enabled": False}}
+    )
+    assert untaxed.total_taxes == [] and untaxed.total == untaxed.subtotal
+    updated = sandbox.client.v1.subscriptions.update(str(subscription), params={"automatic_tax": {"enabled": False}})
+    assert not updated.automatic_tax.enabled
+    assert sandbox.client.v1.invoices.create_preview(params={"subscription": str(subscription)}).total_taxes == []
+
+    made = sandbox.client.v1.customers.tax_ids.create(customer.id, params={"type": "eu_vat", "value": "de 111 111 111"})
+    assert (made.value, made.verification.status) == ("DE111111111", "unverified")
+    assert [t.id for t in sandbox.client.v1.customers.tax_ids.list(customer.id).data] == [made.id]
+    with pytest.raises(stripe.InvalidRequestError, match="Invalid value"):
+        sandbox.client.v1.customers.tax_ids.create(customer.id, params={"type": "eu_vat", "value": "12"})
+    assert sandbox.client.v1.customers.tax_ids.delete(customer.id, made.id).deleted
+    assert sandbox.client.v1.customers.tax_ids.list(customer.id).data == []
+    types = [e.type for e in sandbox.client.v1.events.list(params={"limit": 20}).data]
+    assert "customer.tax_id.created" in types and "customer.tax_id.deleted" in types
