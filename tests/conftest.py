@@ -775,6 +775,15 @@ def post_and_apply(client: FlaskClient, event: dict[str, Any] | bytes, **kwargs:
 
 
 PASSWORD = "correct horse battery staple"
+# The Berlin business the tax tests sign up: Checkout's address and tax ID fields (German VAT, 19%).
+BERLIN_BUSINESS = {
+    "billingAddressLine1": "Friedrichstr. 1",
+    "billingLocality": "Berlin",
+    "billingPostalCode": "10117",
+    "billingCountry": "DE",
+    "businessName": "Ada GmbH",
+    "taxId": "DE123456789",
+}
 
 
 def signup_form(client: FlaskClient, **fields: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import pytest
 from flask import Flask
 from playwright.sync_api import Browser, Locator, Page, expect
 
-from tests.conftest import PASSWORD, SmtpSink, email_confirmation_path, email_text, query
+from tests.conftest import BERLIN_BUSINESS, PASSWORD, SmtpSink, email_confirmation_path, email_text, query
 from tests.live_support import (
     SANDBOX_SECRET_KEY,
     SANDBOX_WEBHOOK_SECRET,
@@ -477,15 +477,7 @@ def test_free_signup_upgraded_with_a_code_and_taxed_then_address_and_tax_ids_edi
     with page.expect_navigation():
         page.click("#upgrade")
     assert page.url.startswith(f"{stack.sandbox.url}/checkout/cs_test_"), page.url
-    for field, value in {
-        "billingAddressLine1": "Friedrichstr. 1",
-        "billingLocality": "Berlin",
-        "billingPostalCode": "10117",
-        "billingCountry": "DE",
-        "businessName": "Ada GmbH",
-        "taxId": "DE123456789",
-        "promotionCode": "LAUNCH20",
-    }.items():
+    for field, value in {**BERLIN_BUSINESS, "promotionCode": "LAUNCH20"}.items():
         page.fill(f"#{field}", value)
     chromium.step("checkout with address, VAT ID and code")
     pay(page, CARD_OK)

@@ -14,6 +14,7 @@ import stripe
 from flask import Flask
 
 from tests.conftest import (
+    BERLIN_BUSINESS,
     PASSWORD,
     SandboxAccount,
     SmtpSink,
@@ -325,15 +326,6 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
 
 
 # --- Taxes (issue 24): one helper, called by the primary test ----------------------------------------
-
-BERLIN_BUSINESS = {
-    "billingAddressLine1": "Friedrichstr. 1",
-    "billingLocality": "Berlin",
-    "billingPostalCode": "10117",
-    "billingCountry": "DE",
-    "businessName": "Ada GmbH",
-    "taxId": "DE123456789",
-}
 
 
 def taxed_customer_with_a_vat_id(app: Flask, stripe_api: SandboxAccount, smtp_server: SmtpSink) -> None:

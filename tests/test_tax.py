@@ -10,7 +10,7 @@ import pytest
 from flask import Flask
 
 from config import TestConfig
-from tests.conftest import SandboxAccount, checkout_session_id, csrf_token, query, start_signup
+from tests.conftest import BERLIN_BUSINESS, SandboxAccount, checkout_session_id, csrf_token, query, start_signup
 
 
 def test_tax_settings_come_from_the_environment_and_default_to_off_and_exclusive() -> None:
@@ -20,16 +20,6 @@ def test_tax_settings_come_from_the_environment_and_default_to_off_and_exclusive
     assert (config.STRIPE_AUTOMATIC_TAX, config.PRICES_SHOWN_WITH_TAX) == (True, "inclusive")
     with pytest.raises(ValueError, match="PRICES_SHOWN_WITH_TAX"):
         TestConfig({"PRICES_SHOWN_WITH_TAX": "both"})
-
-
-BERLIN_BUSINESS = {
-    "billingAddressLine1": "Friedrichstr. 1",
-    "billingLocality": "Berlin",
-    "billingPostalCode": "10117",
-    "billingCountry": "DE",
-    "businessName": "Ada GmbH",
-    "taxId": "DE123456789",
-}
 
 
 def test_checkout_collects_address_and_tax_id_and_the_billing_page_shows_and_edits_them(
