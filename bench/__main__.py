@@ -4,6 +4,7 @@ docs/PERFORMANCE.md, and stop what was started. About 6 minutes on 2 cores."""
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -161,5 +162,24 @@ def main() -> None:
     step(f"wrote {document.relative_to(ROOT)}")
 
 
+def burst_only() -> None:
+    """`python -m bench burst`: only the queue measurements (the burst, worker RSS, a SIGKILLed
+    worker), printed; docs/PERFORMANCE.md is left alone."""
+    workdir = ROOT / "instance" / "bench-burst"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    step("setting up: the database, a redis-server, the app, the anchors, the Stripe sandbox, a mail sink")
+    with Services(workdir) as services:
+        burst = run_burst(services, step)
+        step("stopping the servers and dropping the database")
+    for name, value in vars(burst).items():
+        print(f"{name}: {value}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["burst"]:
+        burst_only()
+    elif sys.argv[1:]:
+        raise SystemExit("usage: python -m bench [burst]")
+    else:
+        main()

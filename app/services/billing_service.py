@@ -1146,8 +1146,6 @@ class BillingService:
         provider = cls._webhook_providers[provider_name]
         return webhook_intake.apply_queued(provider, object_key, final_attempt=final_attempt, resync=resync)
 
-    # --- Stripe events, applied -------------------------------------------------------------------
-
     # --- Usage-based billing: recording (app/services/usage.py) -----------------------------------
     @staticmethod
     def record_usage(
@@ -1317,6 +1315,7 @@ class StripeWebhooks:
 
     name = "stripe"
     event_model = StripeEvent
+    paced_reads = ("subscription", "checkout")  # kinds read from Stripe: a turn is taken before collecting
 
     def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent:
         secrets = webhook_secrets("STRIPE_WEBHOOK_SECRET", "webhooks")

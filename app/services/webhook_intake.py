@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from flask import current_app
@@ -18,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
 from app.models.types import utcnow
-from app.services import queue, webhook_store
+from app.services import queue, stripe_pace, webhook_store
 from app.services.billing_common import (
     ProviderThrottled,
     WebhookProvider,
@@ -245,37 +247,70 @@ def apply_queued(
     retried with backoff) and, on the last attempt or for a malformed object, marks them failed.
     resync (reconcile's repair): the object is re-read and applied even with no event pending."""
     model = provider.event_model
-    rows = webhook_store.pending_rows(model, object_key)
-    events = [stored_event(provider, row) for row in rows]
-    row_ids = {row.event_id: row.id for row in rows}
-    db.session.rollback()  # nothing is held while the provider is read
+    events, row_ids = _collect(provider, object_key)  # nothing is held while the provider is read
     if not events and not resync:
         return "nothing pending"
-    try:
-        outcomes = provider.apply_batch(object_key, events)
-        for event in events:
-            status, outcome = outcomes[event.event_id]
-            webhook_store.settle(model, row_ids[event.event_id], status, outcome)
-        db.session.commit()
-    except ProviderThrottled as exc:
-        return _throttled(provider, object_key, list(row_ids.values()), exc, resync=resync)
-    except Exception as exc:
-        db.session.rollback()  # the batch's changes and its domain events go; its rows stay pending
-        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-            raise
-        permanent = isinstance(exc, MalformedObject)
-        logger.log(
-            logging.WARNING if permanent else logging.ERROR,
-            "applying %d webhook event(s) about %s failed",
-            len(events),
-            object_key,
-            exc_info=not permanent,
-        )
-        with committed():
-            webhook_store.record_attempt_failure(
-                model, list(row_ids.values()), describe_failure(exc), final=permanent or final_attempt
+    with _read_turn(provider, object_key) as (come_back, waited):
+        if come_back is not None:
+            throttled = ProviderThrottled(come_back)
+            return _throttled(provider, object_key, list(row_ids.values()), throttled, resync=resync)
+        if waited:  # what arrived while this worker waited for its turn joins the same read
+            events, row_ids = _collect(provider, object_key)
+            if not events and not resync:
+                return "nothing pending"
+        try:
+            outcomes = provider.apply_batch(object_key, events)
+            for event in events:
+                status, outcome = outcomes[event.event_id]
+                webhook_store.settle(model, row_ids[event.event_id], status, outcome)
+            db.session.commit()
+        except ProviderThrottled as exc:
+            return _throttled(provider, object_key, list(row_ids.values()), exc, resync=resync)
+        except Exception as exc:
+            db.session.rollback()  # the batch's changes and its domain events go; its rows stay pending
+            if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                raise
+            permanent = isinstance(exc, MalformedObject)
+            logger.log(
+                logging.WARNING if permanent else logging.ERROR,
+                "applying %d webhook event(s) about %s failed",
+                len(events),
+                object_key,
+                exc_info=not permanent,
             )
-        if permanent:
-            return f"failed: {exc}"
-        raise
-    return f"applied {len(events)} event(s) about {object_key}"
+            with committed():
+                webhook_store.record_attempt_failure(
+                    model, list(row_ids.values()), describe_failure(exc), final=permanent or final_attempt
+                )
+            if permanent:
+                return f"failed: {exc}"
+            raise
+        return f"applied {len(events)} event(s) about {object_key}"
+
+
+def _collect(provider: WebhookProvider, object_key: str) -> tuple[list[VerifiedEvent], dict[str, int]]:
+    """The object's pending events, read in a transaction that ends here."""
+    rows = webhook_store.pending_rows(provider.event_model, object_key)
+    events = [stored_event(provider, row) for row in rows]
+    row_ids = {row.event_id: row.id for row in rows}
+    db.session.rollback()
+    return events, row_ids
+
+
+# Waiting this long or more for a turn means the pending events are collected again after it.
+_TURN_WAITED_SECONDS = 0.05
+
+
+@contextmanager
+def _read_turn(provider: WebhookProvider, object_key: str) -> Iterator[tuple[float | None, bool]]:
+    """For an object the provider reads through the paced client (its `paced_reads` kinds; Stripe:
+    stripe_pace.py), the worker takes its turn before it collects the object's events, so a throttled
+    worker holds no batch while it waits and the events that arrive meanwhile join the read. Yields
+    (seconds to come back or None, whether it waited)."""
+    if object_key.partition(":")[0] not in getattr(provider, "paced_reads", ()):
+        yield None, False
+        return
+    started = time.monotonic()
+    pace = stripe_pace.for_app(current_app)
+    with stripe_pace.turn_ahead(pace, float(current_app.config["STRIPE_RATE_WAIT_SECONDS"])) as come_back:
+        yield come_back, time.monotonic() - started >= _TURN_WAITED_SECONDS
