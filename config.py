@@ -167,6 +167,18 @@ class BaseConfig:
         # How often a worker looks for jobs whose time has come (a retry, a throttled object, a coalescing
         # wait); new jobs wake it at once (NOTIFY).
         self.WORKER_POLL_SECONDS = float(env.get("WORKER_POLL_SECONDS", "5"))
+        # A running job is a lease: its worker beats a heartbeat every WORKER_HEARTBEAT_SECONDS; a worker
+        # silent for WORKER_STALLED_SECONDS is dead (SIGKILL, a lost host), and every worker looks for
+        # such jobs every WORKER_RECOVERY_SECONDS and runs them again: a dead worker's objects are
+        # applied by another within about STALLED + HEARTBEAT + RECOVERY seconds (17 by default).
+        self.WORKER_HEARTBEAT_SECONDS = float(env.get("WORKER_HEARTBEAT_SECONDS", "2"))
+        self.WORKER_STALLED_SECONDS = float(env.get("WORKER_STALLED_SECONDS", "10"))
+        self.WORKER_RECOVERY_SECONDS = float(env.get("WORKER_RECOVERY_SECONDS", "5"))
+        if not 0 < 3 * self.WORKER_HEARTBEAT_SECONDS <= self.WORKER_STALLED_SECONDS:
+            # Shorter, and a worker that is only slow to beat would have its running jobs run twice.
+            raise SystemExit("WORKER_STALLED_SECONDS must be at least 3 times WORKER_HEARTBEAT_SECONDS")
+        if self.WORKER_RECOVERY_SECONDS <= 0:
+            raise SystemExit("WORKER_RECOVERY_SECONDS must be positive")
         # A webhook's job waits this long before it applies, so a burst of events about one subscription
         # costs one or two Stripe reads; acknowledgement is not delayed.
         self.WEBHOOK_COALESCE_SECONDS = float(env.get("WEBHOOK_COALESCE_SECONDS", "2"))

@@ -214,8 +214,9 @@ def run_burst(services: Services, step: Any) -> Burst:
 
 def kill_and_recover(services: Services, subscriptions: list[dict[str, Any]], deliver: Any) -> tuple[int, float | None]:
     """One event for each subscription, the worker SIGKILLed once it holds jobs, a new worker started:
-    the seconds from the kill until every event about the objects it held is applied (the heartbeat
-    going stale, the every-minute recovery of stalled jobs, and the application itself)."""
+    the seconds from the kill until every event about the objects it held is applied (the dead
+    worker's heartbeat going WORKER_STALLED_SECONDS stale, the new worker's recovery, which looks
+    every WORKER_RECOVERY_SECONDS, and the application itself)."""
     services.set_stripe_latency(KILL_STRIPE_SECONDS)
     try:
         bodies = []
