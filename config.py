@@ -184,6 +184,9 @@ class BaseConfig:
         self.WEBHOOK_COALESCE_SECONDS = float(env.get("WEBHOOK_COALESCE_SECONDS", "2"))
         # A pending event with no job this long after it was stored is queued again by the sweep.
         self.WEBHOOK_SWEEP_AFTER_SECONDS = float(env.get("WEBHOOK_SWEEP_AFTER_SECONDS", "60"))
+        # Each web process remembers this many ids of events it saw settled (processed or ignored), so a
+        # redelivery of one is answered after its signature check with no database round trip; 0: none.
+        self.WEBHOOK_SETTLED_CACHE_SIZE = int(env.get("WEBHOOK_SETTLED_CACHE_SIZE", "10000"))
         # Stored webhook payloads older than this are dropped by a daily job (the row and outcome stay).
         self.EVENT_PAYLOAD_RETENTION_DAYS = int(env.get("EVENT_PAYLOAD_RETENTION_DAYS", "90"))
         # /metrics answers only with "Authorization: Bearer $METRICS_TOKEN"; unset, it is a 404. Production

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -19,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
+from app.models.stripe_event import SETTLED_STATUSES
 from app.models.types import utcnow
 from app.services import queue, stripe_pace, webhook_store
 from app.services.billing_common import (
@@ -182,6 +185,9 @@ def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
     is one statement on the autocommit connection (webhook_store.intake: deduplicate, store, wake a
     worker, commit, in one round trip); a duplicate is the same statement, which writes nothing."""
     model = provider.event_model
+    seen = _settled_events()
+    if seen is not None and seen.holds(model.__tablename__, event.event_id):
+        return WebhookResult(200, {"received": True, "duplicate": True})  # no round trip
     ignored = provider.ignore_reason(event)
     object_key = error = None
     if not ignored:
@@ -191,9 +197,12 @@ def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
             error = str(exc)
     status = StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
     if db.engine.dialect.name == "postgresql":
-        row_id = webhook_store.intake(
+        row_id, existing = webhook_store.intake(
             model, event, status, outcome=ignored, error=error, object_key=object_key, wake=_wake(provider, object_key)
         )
+        # Settled (processed or ignored) is final: a later delivery of it can only be a duplicate.
+        if seen is not None and (existing in SETTLED_STATUSES or (row_id is not None and ignored)):
+            seen.add(model.__tablename__, event.event_id)
     else:  # the development stand-in: no queue of its own to share-lock
         row_id = _store_in_session(provider, event, status, ignored, error, object_key)
     if row_id is None:  # stored already (or by a concurrent delivery we waited for)
@@ -204,6 +213,37 @@ def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
         logger.warning("webhook event %s (%s) is malformed: %s", event.event_id, event.type, error)
         return WebhookResult(200, {"received": True, "failed": error})
     return WebhookResult(200, {"received": True})
+
+
+class SettledEvents:
+    """The ids of events this process saw settled (processed or ignored: final statuses), the most
+    recent WEBHOOK_SETTLED_CACHE_SIZE of them: a redelivery of one is answered as a duplicate after
+    its signature is verified, with no database round trip. A pending event is never held (it may
+    still fail, and a failed one is taken over by its next delivery)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ids: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def holds(self, table: str, event_id: str) -> bool:
+        return (table, event_id) in self._ids
+
+    def add(self, table: str, event_id: str) -> None:
+        with self._lock:
+            self._ids[(table, event_id)] = None
+            while len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+
+
+def _settled_events() -> SettledEvents | None:
+    seen: SettledEvents | None = current_app.extensions.get("webhook_settled_events")
+    if seen is None:
+        size = int(current_app.config.get("WEBHOOK_SETTLED_CACHE_SIZE", 0))
+        if size <= 0:
+            return None
+        seen = current_app.extensions.setdefault("webhook_settled_events", SettledEvents(size))
+    return seen
 
 
 def _wake(provider: WebhookProvider, object_key: str | None) -> webhook_store.Wake | None:
