@@ -181,10 +181,33 @@ def burst_only() -> None:
         print(f"{name}: {value}")
 
 
+def paced_only() -> None:
+    """`python -m bench paced`: only new events at PACED_RATE req/s while a worker applies them and Stripe
+    answers in 300 ms (without the backlog the full run's throughput rounds leave), printed."""
+    workdir = ROOT / "instance" / "bench-paced"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    step("setting up: the database, a redis-server, the app, the anchors, the Stripe sandbox, a mail sink")
+    with Services(workdir) as services:
+        webhooks = Webhooks(services.webhook_secret, workdir)
+        services.start_worker(SLOW_STRIPE_WORKER_CONCURRENCY)
+        services.set_stripe_latency(SLOW_STRIPE_SECONDS)
+        time.sleep(3)
+        seconds = PACED_RUNS[PACED_RATE]
+        step(f"new events at {PACED_RATE} req/s offered, {seconds} s, Stripe answering in 300 ms")
+        load = partial(webhooks.paced, services.app.port, WEBHOOK_PATH, rate=PACED_RATE, seconds=seconds)
+        run = measured(services.app, services.postmaster_pid(), load)
+        services.stop_worker()
+        step("stopping the servers and dropping the database")
+    print(run)
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["burst"]:
         burst_only()
+    elif sys.argv[1:] == ["paced"]:
+        paced_only()
     elif sys.argv[1:]:
-        raise SystemExit("usage: python -m bench [burst]")
+        raise SystemExit("usage: python -m bench [burst | paced]")
     else:
         main()
