@@ -174,11 +174,26 @@ class BaseConfig:
         # How often a worker looks for jobs whose time has come (a retry, a throttled object, a coalescing
         # wait); new jobs wake it at once (NOTIFY).
         self.WORKER_POLL_SECONDS = float(env.get("WORKER_POLL_SECONDS", "5"))
+        # A running job is a lease: its worker beats a heartbeat every WORKER_HEARTBEAT_SECONDS; a worker
+        # silent for WORKER_STALLED_SECONDS is dead (SIGKILL, a lost host), and every worker looks for
+        # such jobs every WORKER_RECOVERY_SECONDS and runs them again: a dead worker's objects are
+        # applied by another within about STALLED + HEARTBEAT + RECOVERY seconds (17 by default).
+        self.WORKER_HEARTBEAT_SECONDS = float(env.get("WORKER_HEARTBEAT_SECONDS", "2"))
+        self.WORKER_STALLED_SECONDS = float(env.get("WORKER_STALLED_SECONDS", "10"))
+        self.WORKER_RECOVERY_SECONDS = float(env.get("WORKER_RECOVERY_SECONDS", "5"))
+        if not 0 < 3 * self.WORKER_HEARTBEAT_SECONDS <= self.WORKER_STALLED_SECONDS:
+            # Shorter, and a worker that is only slow to beat would have its running jobs run twice.
+            raise SystemExit("WORKER_STALLED_SECONDS must be at least 3 times WORKER_HEARTBEAT_SECONDS")
+        if self.WORKER_RECOVERY_SECONDS <= 0:
+            raise SystemExit("WORKER_RECOVERY_SECONDS must be positive")
         # A webhook's job waits this long before it applies, so a burst of events about one subscription
         # costs one or two Stripe reads; acknowledgement is not delayed.
         self.WEBHOOK_COALESCE_SECONDS = float(env.get("WEBHOOK_COALESCE_SECONDS", "2"))
         # A pending event with no job this long after it was stored is queued again by the sweep.
         self.WEBHOOK_SWEEP_AFTER_SECONDS = float(env.get("WEBHOOK_SWEEP_AFTER_SECONDS", "60"))
+        # Each web process remembers this many ids of events it saw settled (processed or ignored), so a
+        # redelivery of one is answered after its signature check with no database round trip; 0: none.
+        self.WEBHOOK_SETTLED_CACHE_SIZE = int(env.get("WEBHOOK_SETTLED_CACHE_SIZE", "10000"))
         # Stored webhook payloads older than this are dropped by a daily job (the row and outcome stay).
         self.EVENT_PAYLOAD_RETENTION_DAYS = int(env.get("EVENT_PAYLOAD_RETENTION_DAYS", "90"))
         # /metrics answers only with "Authorization: Bearer $METRICS_TOKEN"; unset, it is a 404. Production

@@ -85,6 +85,9 @@ def register_extensions(app: Flask) -> None:
     login_manager.login_message_category = "info"
     login_manager.session_protection = "basic"
 
+    from app import machine_entry
+
+    machine_entry.install(app)  # webhooks skip Flask's request machinery (app/machine_entry.py)
     if app.config["TRUSTED_PROXY_COUNT"]:
         hops = app.config["TRUSTED_PROXY_COUNT"]
         # Before anything keyed on the client's address (rate limits, logs). X-Forwarded-Host is not

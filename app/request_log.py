@@ -158,6 +158,34 @@ def configure_logging(app: Flask) -> None:
     root.setLevel(app.config.get("LOG_LEVEL", "INFO"))
 
 
+def request_id_from(incoming: str) -> str:
+    """The client's X-Request-ID when it is a sane one, else a new id."""
+    return incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+
+def log_line(request_id: str, method: str, path: str, status: int, started: float, remote_addr: str | None) -> None:
+    """The request's line (pages, and the machine entry's webhooks alike). The path only: query
+    strings can carry checkout ids and are not needed to follow a request."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    duration_ms = round((time.perf_counter() - started) * 1000, 2)
+    logger.info(
+        "%s %s %s %.2fms",
+        method,
+        path,
+        status,
+        duration_ms,
+        extra={
+            "request_id": request_id,
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": duration_ms,
+            "remote_addr": remote_addr,
+        },
+    )
+
+
 def init_request_logging(app: Flask) -> None:
     """Called once the blueprints are registered: the log filter learns which links carry credentials."""
     pattern = credential_paths(app.url_map)
@@ -169,31 +197,15 @@ def init_request_logging(app: Flask) -> None:
 
     @app.before_request
     def start_request() -> None:
-        incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.request_id = request_id_from(request.headers.get("X-Request-ID", ""))
         g.request_started = time.perf_counter()
 
     @app.after_request
     def log_request(response: Response) -> Response:
         request_id = g.get("request_id") or uuid.uuid4().hex
-        duration_ms = round((time.perf_counter() - g.get("request_started", time.perf_counter())) * 1000, 2)
         response.headers["X-Request-ID"] = request_id
-        # The path only: query strings can carry checkout ids and are not needed to follow a request.
-        logger.info(
-            "%s %s %s %.2fms",
-            request.method,
-            request.path,
-            response.status_code,
-            duration_ms,
-            extra={
-                "request_id": request_id,
-                "method": request.method,
-                "path": request.path,
-                "status": response.status_code,
-                "duration_ms": duration_ms,
-                "remote_addr": request.remote_addr,
-            },
-        )
+        started = g.get("request_started", time.perf_counter())
+        log_line(request_id, request.method, request.path, response.status_code, started, request.remote_addr)
         return response
 
     if isinstance(app, MachineRoutes):  # machine routes are logged the same way

@@ -10,20 +10,29 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
+def security_headers(production: bool) -> list[tuple[str, str]]:
+    """The headers every response carries unless it set its own (pages, and the machine entry's)."""
+    headers = [
+        ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+        ("X-Frame-Options", "DENY"),
+        ("X-Content-Type-Options", "nosniff"),
+        # Success URLs carry checkout ids; keep them off other sites' logs.
+        ("Referrer-Policy", "same-origin"),
+        ("Cross-Origin-Opener-Policy", "same-origin"),
+    ]
+    if production:
+        headers.append(("Strict-Transport-Security", "max-age=31536000; includeSubDomains"))
+    return headers
+
+
 def init_security_headers(app: Flask) -> None:
-    production = app.config["APP_ENV"] == "production"
+    defaults = security_headers(app.config["APP_ENV"] == "production")
 
     @app.after_request
     def add_security_headers(response: Response) -> Response:
         headers = response.headers
-        headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        headers.setdefault("X-Frame-Options", "DENY")
-        headers.setdefault("X-Content-Type-Options", "nosniff")
-        # Success URLs carry checkout ids; keep them off other sites' logs.
-        headers.setdefault("Referrer-Policy", "same-origin")
-        headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
-        if production:
-            headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
+        for name, value in defaults:
+            headers.setdefault(name, value)
         # Pages carry account and billing data and forms with a session's CSRF token: no browser or proxy
         # keeps them (the back button after sign-out shows nothing). Static files are the exception.
         if request.endpoint != "static":

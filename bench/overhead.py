@@ -3,9 +3,11 @@ server, no network), so the cost of the framework and the app's hooks is seen ap
 
 Each figure is the median of ROUNDS rounds of REQUESTS calls of the WSGI callable with one prepared
 request: a bare WSGI function (the floor), a one-route Flask app, the product's webhook route with an
-unknown provider (everything the route carries, none of its work), and a duplicate delivery (verify
-the signature, one indexed read). Needs DATABASE_URL (PostgreSQL) and REDIS_URL, as the app does; it
-writes one event row. `--profile` prints where the unknown-provider request spends its time."""
+unknown provider (everything the route carries, none of its work), a forged delivery (refused after
+the signature check), duplicates of a settled event (verified, then answered from the process's
+memory of settled events) and of a pending one (verified, one statement), and new events. Needs
+DATABASE_URL (PostgreSQL) and REDIS_URL, as the app does; it writes event rows. `--profile` prints
+where the unknown-provider request spends its time."""
 
 from __future__ import annotations
 
@@ -162,6 +164,10 @@ def main() -> None:
     first = app.test_client().post("/billing/webhooks/stripe", data=body, headers=headers)
     assert first.status_code == 200, first.get_data(as_text=True)
     unknown = environ_for("/billing/webhooks/nope", body, headers)
+    forged = environ_for("/billing/webhooks/stripe", body, signed(body, "whsec_forged"))
+    pending = json.dumps(_event("customer.subscription.updated", f"sub_{uuid.uuid4().hex[:24]}")).encode()
+    pending_headers = signed(pending, SECRET)
+    assert app.test_client().post("/billing/webhooks/stripe", data=pending, headers=pending_headers).status_code == 200
     with app.app_context():
         for engine in db.engines.values():
             sqlalchemy_event.listen(engine, "before_cursor_execute", _count_statements)
@@ -170,7 +176,13 @@ def main() -> None:
         "bare WSGI callable": per_request(bare_wsgi, same_request(environ_for(stripe_path, body, headers))),
         "one-route Flask app": per_request(minimal_flask(), same_request(environ_for(stripe_path, body, headers))),
         "webhook route, unknown provider (the route's fixed cost)": per_request(app, same_request(unknown)),
-        "webhook route, duplicate": per_request(app, same_request(environ_for(stripe_path, body, headers), 500)),
+        "webhook route, bad signature (400)": per_request(app, same_request(forged)),
+        "webhook route, duplicate of a settled event": per_request(
+            app, same_request(environ_for(stripe_path, body, headers), 500)
+        ),
+        "webhook route, duplicate of a pending event": per_request(
+            app, same_request(environ_for(stripe_path, pending, pending_headers), 500)
+        ),
         "webhook route, new event": per_request(app, new_events(SECRET)),
     }
     for name, measured in figures.items():

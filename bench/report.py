@@ -37,6 +37,8 @@ EXPECTED_OUTCOMES = {
     # Applied by the worker during the 300 ms run: the bench's subscriptions exist only in our database.
     ("customer.subscription.updated", "ignored", "not ours: this Stripe account has no subscription"),
     ("charge.refunded", "ignored", "unhandled event type charge.refunded"),
+    # The duplicates, stored as applied before the runs (and redelivered by them).
+    ("customer.subscription.updated", "processed", "applied: organization.billing_dates_changed"),
 }
 
 
@@ -151,11 +153,11 @@ class Report:
                 f"{0.9 * store_rate - self.summaries[NEW].rate:,.0f} req/s short ({new_ratio / 0.9:.0%} of the target)",
             ),
             Target(
-                "Duplicates ≥ 0.5× verify-only (req/s)",
+                "Duplicates ≥ 0.9× verify-only (req/s)",
                 f"{duplicate_ratio:.2f}×",
-                duplicate_ratio >= 0.5,
-                f"{0.5 * verify_rate - self.summaries[DUPLICATE].rate:,.0f} req/s short "
-                f"({duplicate_ratio / 0.5:.0%} of the target)",
+                duplicate_ratio >= 0.9,
+                f"{0.9 * verify_rate - self.summaries[DUPLICATE].rate:,.0f} req/s short "
+                f"({duplicate_ratio / 0.9:.0%} of the target)",
             ),
             Target(
                 f"New events p99 < 20 ms at {self.results.paced_rate:.0f} req/s offered, Stripe answering in 300 ms",
@@ -215,7 +217,7 @@ class Report:
             row(VERIFY_ONLY, s[VERIFY_ONLY], "the ceiling"),
             row(STORE_ONLY, s[STORE_ONLY], f"{self.ratio(STORE_ONLY, VERIFY_ONLY):.2f}× verify-only"),
             row(NEW, s[NEW], f"**{self.ratio(NEW, STORE_ONLY):.2f}× store-only** (target ≥ 0.9×)"),
-            row(DUPLICATE, s[DUPLICATE], f"**{self.ratio(DUPLICATE, VERIFY_ONLY):.2f}× verify-only** (target ≥ 0.5×)"),
+            row(DUPLICATE, s[DUPLICATE], f"**{self.ratio(DUPLICATE, VERIFY_ONLY):.2f}× verify-only** (target ≥ 0.9×)"),
             row(UNKNOWN, s[UNKNOWN], f"{self.ratio(UNKNOWN, STORE_ONLY):.2f}× store-only"),
             row(
                 FORGED,
@@ -450,7 +452,8 @@ class Report:
                 "their events were not applied within 180 s."
                 if burst.kill_recovered_seconds is None
                 else f"another worker had applied them {burst.kill_recovered_seconds:.1f} s after the kill "
-                "(the dead worker's heartbeat going 30 s stale, then the every-minute recovery of stalled jobs)."
+                "(the dead worker's heartbeat going WORKER_STALLED_SECONDS (10) stale, then the new worker's own "
+                "recovery, which looks every WORKER_RECOVERY_SECONDS (5))."
             ),
             "",
         ]
@@ -459,7 +462,7 @@ class Report:
         """For each missed throughput target: CPU per request, app against anchor. The runs keep both cores
         busy, so throughput is cores / CPU per request."""
         lines = []
-        for name, anchor, target in ((NEW, STORE_ONLY, 0.9), (DUPLICATE, VERIFY_ONLY, 0.5)):
+        for name, anchor, target in ((NEW, STORE_ONLY, 0.9), (DUPLICATE, VERIFY_ONLY, 0.9)):
             if self.ratio(name, anchor) >= target:
                 continue
             app, base = self.summaries[name], self.summaries[anchor]

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import text
 
 from app.extensions import db
 from app.services import domain_events, jobs, queue, stripe_objects
@@ -375,6 +376,106 @@ def test_a_worker_killed_mid_job_leaves_nothing_half_done_and_the_job_runs_again
     [job] = query(app, mine, e=str(event_id))
     assert job.status == "succeeded"
     assert query(app, delivered, e=event_id) == [("trial_ending_email",)]
+
+
+def test_a_killed_workers_claim_is_a_lease_another_worker_takes_over_on_its_own(
+    app: Flask, organization: dict[str, Any], smtp_server: SmtpSink, database_url: str
+) -> None:
+    """No one calls the recovery here: the second worker process notices by itself that the first one
+    stopped beating its heartbeat (WORKER_STALLED_SECONDS) and runs its claimed job again."""
+    smtp_server.clear()
+    with app.app_context():
+        row = domain_events.record(
+            "subscription.trial_will_end", organization_id=organization["id"], source="test", trial_end=None
+        )
+        db.session.flush()
+        event_id = row.id
+        db.session.commit()
+    smtp_server.hold_messages()
+    env = {
+        **os.environ,
+        "APP_ENV": "test",
+        "FLASK_APP": "wsgi.py",
+        "TEST_DATABASE_URL": database_url,
+        "MAIL_SERVER": "127.0.0.1",
+        "MAIL_PORT": str(smtp_server.port),
+        # Short leases, so the test does not wait long; the defaults are 2, 10 and 5 seconds.
+        "WORKER_HEARTBEAT_SECONDS": "0.2",
+        "WORKER_STALLED_SECONDS": "1",
+        "WORKER_RECOVERY_SECONDS": "0.2",
+    }
+    # Only the outbox queue: the maintenance schedule's recovery job never runs in these workers.
+    command = [sys.executable, "-m", "flask", "billing", "worker", "--queue", "outbox", "--concurrency", "1"]
+
+    def start_worker() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+
+    mine = "SELECT status, attempts, worker_id FROM procrastinate_jobs WHERE args->>'domain_event_id' = :e"
+    first = start_worker()
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        assert smtp_server.held.wait(60), "the worker never reached the SMTP server"
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        [claimed] = query(app, mine, e=str(event_id))
+        assert claimed.status == "doing"  # claimed by a worker that is gone
+        smtp_server.holding = False
+        smtp_server.release.set()
+        second = start_worker()
+        deadline = time.monotonic() + 120  # a bound on waiting, not a measurement (make bench times it)
+        while time.monotonic() < deadline and query(app, mine, e=str(event_id))[0].status != "succeeded":
+            time.sleep(0.2)
+    finally:
+        for worker in (first, second):
+            if worker is not None and worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+                try:
+                    worker.wait(30)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+        smtp_server.holding = False
+        smtp_server.release.set()
+    [job] = query(app, mine, e=str(event_id))
+    assert job.status == "succeeded" and job.worker_id != claimed.worker_id
+    delivered = "SELECT consumer FROM outbox_delivery WHERE domain_event_id = :e"
+    assert query(app, delivered, e=event_id) == [("trial_ending_email",)]
+    assert [m["Subject"] for m in smtp_server.messages] == ["Your trial ends in three days"]
+
+
+def test_two_workers_recovering_the_same_dead_job_queue_it_once_and_fail_nothing(
+    app: Flask, organization: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every worker looks for dead workers' jobs: the one that comes second finds the job queued
+    already, and leaves it alone (it must not mark it failed)."""
+    with app.app_context():
+        domain_events.record("subscription.trial_will_end", organization_id=organization["id"], source="test")
+        db.session.commit()
+        dead = (
+            db.session.execute(
+                text(
+                    "UPDATE procrastinate_jobs SET status = 'doing', worker_id = NULL WHERE task_name LIKE 'outbox:%' "
+                    "AND status = 'todo' RETURNING id"
+                )
+            )
+            .scalars()
+            .all()
+        )
+        db.session.commit()
+    queue.bind(app)
+    jobs_app = queue.job_app(app)
+    seen: list[Any] = []
+    get_stalled_jobs = jobs_app.job_manager.get_stalled_jobs
+
+    async def stalled_as_first_seen(**kwargs: Any) -> Any:
+        if not seen:  # both recoveries read the job as "doing"; the first queues it again
+            seen.extend(await get_stalled_jobs(**kwargs))
+        return list(seen)
+
+    monkeypatch.setattr(jobs_app.job_manager, "get_stalled_jobs", stalled_as_first_seen)
+    assert jobs.requeue_stalled_jobs_now(jobs_app, seconds_since_heartbeat=0) == len(dead) > 0
+    assert jobs.requeue_stalled_jobs_now(jobs_app, seconds_since_heartbeat=0) == 0
+    statuses = query(app, "SELECT DISTINCT status FROM procrastinate_jobs WHERE id = ANY(:ids)", ids=list(dead))
+    assert [row.status for row in statuses] == ["todo"]
 
 
 # --- Status and metrics ------------------------------------------------------------------------------

@@ -180,3 +180,40 @@ def test_with_redis_unreachable_each_process_keeps_the_budget_itself_without_wai
     assert pace.reserve(max_wait=0)[0] is False  # burst of 1 at 2/s: the next turn is 0.5 s away
     pace.pause(0)
     assert time.monotonic() - started < 0.1  # Redis is not asked again for a while
+
+
+def test_the_worker_takes_its_turn_before_collecting_so_what_arrives_while_it_waits_joins_the_read(
+    make_app: Callable[..., Flask], offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker waiting for its turn to read Stripe holds no batch: the events about the object that
+    arrive while it waits are applied by the same read, and the turn it took is the one the read
+    spends (one turn, one read)."""
+    app = make_app()
+    client = app.test_client()
+    subscription_id = sign_up(client, offline_stripe)["subscription"]
+    run_jobs(app)
+    offline_stripe.reset()
+    past_due = offline_stripe.change_subscription(subscription_id, status="past_due")
+    first = stripe_event("customer.subscription.updated", past_due)
+    second = stripe_event("customer.subscription.updated", past_due)
+    pace = stripe_pace.for_app(app)
+    take = pace.take
+    turns: list[float] = []
+
+    def slow_turn(max_wait: float) -> float | None:
+        turns.append(max_wait)
+        if len(turns) == 1:  # while the worker waits for its turn, another delivery about the object arrives
+            assert post_webhook(app.test_client(), second).status_code == 200
+            time.sleep(0.1)  # it waited
+        return take(max_wait)
+
+    monkeypatch.setattr(pace, "take", slow_turn)
+    assert post_webhook(client, first).status_code == 200
+    run_jobs(app)
+
+    sql = "SELECT status FROM stripe_event WHERE event_id IN (:a, :b)"
+    assert [row.status for row in query(app, sql, a=first["id"], b=second["id"])] == ["processed", "processed"]
+    assert subscription_reads(offline_stripe) == [200]  # both applied from one read
+    assert len(turns) == 1  # the read spent the turn taken before collecting
+    [organization] = query(app, "SELECT billing_status FROM organization")
+    assert organization.billing_status == "past_due"

@@ -1314,6 +1314,7 @@ class StripeWebhooks:
 
     name = "stripe"
     event_model = StripeEvent
+    paced_reads = ("subscription", "checkout")  # kinds read from Stripe: a turn is taken before collecting
 
     def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent:
         secrets = webhook_secrets("STRIPE_WEBHOOK_SECRET", "webhooks")

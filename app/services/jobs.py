@@ -53,25 +53,13 @@ SIGNUP_EXPIRY_MARGIN = timedelta(hours=1)
 @maintenance.periodic(cron="* * * * *")
 @maintenance.task(name="recover_stalled_jobs", queue=QUEUE, queueing_lock="recover_stalled_jobs", pass_context=True)
 async def recover_stalled_jobs(context: procrastinate.JobContext, timestamp: int) -> int:
-    """Jobs left "doing" by a worker that died (SIGKILL, lost host) run again."""
-    return await requeue_stalled_jobs(context.app)
+    """Jobs left "doing" by a worker that died (SIGKILL, lost host) run again. Every worker also does
+    this every WORKER_RECOVERY_SECONDS (queue.run_worker); this schedule is the backstop."""
+    return await requeue_stalled_jobs(context.app, float(queue.flask_app().config["WORKER_STALLED_SECONDS"]))
 
 
 async def requeue_stalled_jobs(jobs: procrastinate.App, seconds_since_heartbeat: float = 30) -> int:
-    stalled = list(await jobs.job_manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat))
-    requeued = 0
-    for job in stalled:
-        # One job that cannot be queued again must not stop the others from being recovered.
-        try:
-            logger.warning("job %s (%s) was left running by a dead worker: queued again", job.id, job.task_name)
-            await jobs.job_manager.retry_job(job)
-            requeued += 1
-        except Exception:
-            # A scheduled task whose next run is already waiting (its queueing lock taken): this run
-            # is over; the waiting one does the work.
-            logger.exception("stalled job %s (%s) could not be queued again: marked failed", job.id, job.task_name)
-            await jobs.job_manager.finish_job(job, status=procrastinate.jobs.Status.FAILED, delete_job=False)
-    return requeued
+    return await queue.requeue_stalled_jobs(jobs, seconds_since_heartbeat)
 
 
 def requeue_stalled_jobs_now(jobs: procrastinate.App, seconds_since_heartbeat: float = 30) -> int:

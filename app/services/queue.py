@@ -17,9 +17,11 @@ that deferred them (development only; production requires PostgreSQL)."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
+import random
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -249,17 +251,72 @@ def run_pending_jobs_now(app: Flask, *, queues: list[str] | None = None) -> None
 
 def run_worker(app: Flask, *, queues: list[str] | None = None, concurrency: int | None = None) -> None:
     """Run a worker until SIGTERM/SIGINT: it stops fetching, lets running jobs finish (their effects
-    are committed, or not at all) and exits."""
+    are committed, or not at all) and exits. Beside its jobs it beats its heartbeat every
+    WORKER_HEARTBEAT_SECONDS and, every WORKER_RECOVERY_SECONDS, queues again the jobs of workers whose
+    heartbeat is WORKER_STALLED_SECONDS old (dead: SIGKILL, a lost host), so their claims are leases."""
     bind(app)
-    job_app(app).run_worker(
-        queues=queues,
-        concurrency=concurrency or int(app.config["WORKER_CONCURRENCY"]),
-        wait=True,
-        install_signal_handlers=True,
-        listen_notify=True,
-        delete_jobs="never",
-        fetch_job_polling_interval=float(app.config["WORKER_POLL_SECONDS"]),
-    )
+    jobs = job_app(app)
+    config = app.config
+    stalled = float(config["WORKER_STALLED_SECONDS"])
+
+    async def run() -> None:
+        async with jobs.open_async():
+            recovery = asyncio.create_task(
+                _recover_stalled_jobs_forever(jobs, float(config["WORKER_RECOVERY_SECONDS"]), stalled)
+            )
+            try:
+                await jobs.run_worker_async(
+                    queues=queues,  # type: ignore[arg-type]  # None: every queue (as App.run_worker passes it)
+                    concurrency=concurrency or int(config["WORKER_CONCURRENCY"]),
+                    wait=True,
+                    install_signal_handlers=True,
+                    listen_notify=True,
+                    delete_jobs="never",
+                    fetch_job_polling_interval=float(config["WORKER_POLL_SECONDS"]),
+                    update_heartbeat_interval=float(config["WORKER_HEARTBEAT_SECONDS"]),
+                    stalled_worker_timeout=stalled,
+                )
+            finally:
+                recovery.cancel()
+
+    asyncio.run(run())
+
+
+async def _recover_stalled_jobs_forever(jobs: procrastinate.App, every: float, stalled: float) -> None:
+    while True:
+        await asyncio.sleep(every * random.uniform(0.8, 1.2))  # noqa: S311  (workers do not all look at once)
+        try:
+            await requeue_stalled_jobs(jobs, stalled)
+        except Exception:  # the database is away: the next round tries again
+            logger.warning("looking for jobs left by dead workers failed", exc_info=True)
+
+
+async def requeue_stalled_jobs(jobs: procrastinate.App, seconds_since_heartbeat: float) -> int:
+    """Jobs left "doing" by workers whose heartbeat is seconds_since_heartbeat old run again (now),
+    and the workers listening are woken for them. Returns how many were queued again."""
+    stalled = list(await jobs.job_manager.get_stalled_jobs(seconds_since_heartbeat=seconds_since_heartbeat))
+    requeued = 0
+    for job in stalled:
+        # One job that cannot be queued again must not stop the others from being recovered.
+        try:
+            await jobs.job_manager.retry_job(job)
+        except Exception:
+            assert job.id is not None  # a job read from the table has its id
+            if await jobs.job_manager.get_job_status_async(job.id) != procrastinate.jobs.Status.DOING:
+                continue  # another worker's recovery queued it first (or it finished): nothing to do
+            # A scheduled task whose next run is already waiting (its queueing lock taken): this run
+            # is over; the waiting one does the work.
+            logger.exception("stalled job %s (%s) could not be queued again: marked failed", job.id, job.task_name)
+            await jobs.job_manager.finish_job(job, status=procrastinate.jobs.Status.FAILED, delete_job=False)
+            continue
+        logger.warning("job %s (%s) was left running by a dead worker: queued again", job.id, job.task_name)
+        requeued += 1
+        # A job queued again is an update, which wakes no worker (only an insert NOTIFYs): say it.
+        await jobs.connector.execute_query_async(
+            "SELECT pg_notify('procrastinate_any_queue_v1', %(payload)s)",
+            payload=json.dumps({"type": "job_inserted", "job_id": job.id}),
+        )
+    return requeued
 
 
 # --- the development stand-in: no PostgreSQL, no queue -------------------------------------------

@@ -21,7 +21,8 @@ import math
 import random
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, TypeVar
 
@@ -162,6 +163,31 @@ class Pace:
         return None
 
 
+# A turn taken ahead by this thread (turn_ahead): its next request to Stripe spends it instead of
+# taking another.
+_ahead = threading.local()
+
+
+@contextmanager
+def turn_ahead(pace: Pace, max_wait: float) -> Iterator[float | None]:
+    """Wait for a turn before the request is even prepared (the worker takes it before it collects an
+    object's pending events, so events that arrive while it waits join the same read). Yields None
+    with the turn held for this thread's next request, or the seconds to come back (no turn taken).
+    A turn not spent by the end of the block is dropped."""
+    come_back = pace.take(max_wait)
+    _ahead.held = come_back is None
+    try:
+        yield come_back
+    finally:
+        _ahead.held = False
+
+
+def _spend_turn_ahead() -> bool:
+    held = bool(getattr(_ahead, "held", False))
+    _ahead.held = False
+    return held
+
+
 def throttled_answer(seconds: float) -> tuple[str, int, dict[str, str]]:
     """A request not sent, answered as Stripe answers a throttled one (stripe-python: RateLimitError)."""
     body = {"error": {"type": "invalid_request_error", "code": "rate_limit", "message": THROTTLED_MESSAGE}}
@@ -181,7 +207,7 @@ def paced_client(base: type[Client], pace: Pace, *, max_wait: float, **kwargs: A
 
     class Paced(base):  # type: ignore[valid-type,misc]
         def request(self, method: str, url: str, headers: Any, post_data: Any = None) -> Any:
-            come_back = pace.take(max_wait)
+            come_back = None if _spend_turn_ahead() else pace.take(max_wait)
             if come_back is not None:
                 return throttled_answer(come_back)
             response = super().request(method, url, headers, post_data)

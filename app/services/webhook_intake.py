@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterable
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from flask import current_app
@@ -17,8 +21,9 @@ from sqlalchemy.exc import DBAPIError
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
+from app.models.stripe_event import SETTLED_STATUSES
 from app.models.types import utcnow
-from app.services import queue, webhook_store
+from app.services import queue, stripe_pace, webhook_store
 from app.services.billing_common import (
     ProviderThrottled,
     WebhookProvider,
@@ -180,6 +185,9 @@ def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
     is one statement on the autocommit connection (webhook_store.intake: deduplicate, store, wake a
     worker, commit, in one round trip); a duplicate is the same statement, which writes nothing."""
     model = provider.event_model
+    seen = _settled_events()
+    if seen is not None and seen.holds(model.__tablename__, event.event_id):
+        return WebhookResult(200, {"received": True, "duplicate": True})  # no round trip
     ignored = provider.ignore_reason(event)
     object_key = error = None
     if not ignored:
@@ -189,9 +197,12 @@ def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
             error = str(exc)
     status = StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
     if db.engine.dialect.name == "postgresql":
-        row_id = webhook_store.intake(
+        row_id, existing = webhook_store.intake(
             model, event, status, outcome=ignored, error=error, object_key=object_key, wake=_wake(provider, object_key)
         )
+        # Settled (processed or ignored) is final: a later delivery of it can only be a duplicate.
+        if seen is not None and (existing in SETTLED_STATUSES or (row_id is not None and ignored)):
+            seen.add(model.__tablename__, event.event_id)
     else:  # the development stand-in: no queue of its own to share-lock
         row_id = _store_in_session(provider, event, status, ignored, error, object_key)
     if row_id is None:  # stored already (or by a concurrent delivery we waited for)
@@ -202,6 +213,37 @@ def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
         logger.warning("webhook event %s (%s) is malformed: %s", event.event_id, event.type, error)
         return WebhookResult(200, {"received": True, "failed": error})
     return WebhookResult(200, {"received": True})
+
+
+class SettledEvents:
+    """The ids of events this process saw settled (processed or ignored: final statuses), the most
+    recent WEBHOOK_SETTLED_CACHE_SIZE of them: a redelivery of one is answered as a duplicate after
+    its signature is verified, with no database round trip. A pending event is never held (it may
+    still fail, and a failed one is taken over by its next delivery)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ids: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def holds(self, table: str, event_id: str) -> bool:
+        return (table, event_id) in self._ids
+
+    def add(self, table: str, event_id: str) -> None:
+        with self._lock:
+            self._ids[(table, event_id)] = None
+            while len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+
+
+def _settled_events() -> SettledEvents | None:
+    seen: SettledEvents | None = current_app.extensions.get("webhook_settled_events")
+    if seen is None:
+        size = int(current_app.config.get("WEBHOOK_SETTLED_CACHE_SIZE", 0))
+        if size <= 0:
+            return None
+        seen = current_app.extensions.setdefault("webhook_settled_events", SettledEvents(size))
+    return seen
 
 
 def _wake(provider: WebhookProvider, object_key: str | None) -> webhook_store.Wake | None:
@@ -245,37 +287,70 @@ def apply_queued(
     retried with backoff) and, on the last attempt or for a malformed object, marks them failed.
     resync (reconcile's repair): the object is re-read and applied even with no event pending."""
     model = provider.event_model
-    rows = webhook_store.pending_rows(model, object_key)
-    events = [stored_event(provider, row) for row in rows]
-    row_ids = {row.event_id: row.id for row in rows}
-    db.session.rollback()  # nothing is held while the provider is read
+    events, row_ids = _collect(provider, object_key)  # nothing is held while the provider is read
     if not events and not resync:
         return "nothing pending"
-    try:
-        outcomes = provider.apply_batch(object_key, events)
-        for event in events:
-            status, outcome = outcomes[event.event_id]
-            webhook_store.settle(model, row_ids[event.event_id], status, outcome)
-        db.session.commit()
-    except ProviderThrottled as exc:
-        return _throttled(provider, object_key, list(row_ids.values()), exc, resync=resync)
-    except Exception as exc:
-        db.session.rollback()  # the batch's changes and its domain events go; its rows stay pending
-        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-            raise
-        permanent = isinstance(exc, MalformedObject)
-        logger.log(
-            logging.WARNING if permanent else logging.ERROR,
-            "applying %d webhook event(s) about %s failed",
-            len(events),
-            object_key,
-            exc_info=not permanent,
-        )
-        with committed():
-            webhook_store.record_attempt_failure(
-                model, list(row_ids.values()), describe_failure(exc), final=permanent or final_attempt
+    with _read_turn(provider, object_key) as (come_back, waited):
+        if come_back is not None:
+            throttled = ProviderThrottled(come_back)
+            return _throttled(provider, object_key, list(row_ids.values()), throttled, resync=resync)
+        if waited:  # what arrived while this worker waited for its turn joins the same read
+            events, row_ids = _collect(provider, object_key)
+            if not events and not resync:
+                return "nothing pending"
+        try:
+            outcomes = provider.apply_batch(object_key, events)
+            for event in events:
+                status, outcome = outcomes[event.event_id]
+                webhook_store.settle(model, row_ids[event.event_id], status, outcome)
+            db.session.commit()
+        except ProviderThrottled as exc:
+            return _throttled(provider, object_key, list(row_ids.values()), exc, resync=resync)
+        except Exception as exc:
+            db.session.rollback()  # the batch's changes and its domain events go; its rows stay pending
+            if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                raise
+            permanent = isinstance(exc, MalformedObject)
+            logger.log(
+                logging.WARNING if permanent else logging.ERROR,
+                "applying %d webhook event(s) about %s failed",
+                len(events),
+                object_key,
+                exc_info=not permanent,
             )
-        if permanent:
-            return f"failed: {exc}"
-        raise
-    return f"applied {len(events)} event(s) about {object_key}"
+            with committed():
+                webhook_store.record_attempt_failure(
+                    model, list(row_ids.values()), describe_failure(exc), final=permanent or final_attempt
+                )
+            if permanent:
+                return f"failed: {exc}"
+            raise
+        return f"applied {len(events)} event(s) about {object_key}"
+
+
+def _collect(provider: WebhookProvider, object_key: str) -> tuple[list[VerifiedEvent], dict[str, int]]:
+    """The object's pending events, read in a transaction that ends here."""
+    rows = webhook_store.pending_rows(provider.event_model, object_key)
+    events = [stored_event(provider, row) for row in rows]
+    row_ids = {row.event_id: row.id for row in rows}
+    db.session.rollback()
+    return events, row_ids
+
+
+# Waiting this long or more for a turn means the pending events are collected again after it.
+_TURN_WAITED_SECONDS = 0.05
+
+
+@contextmanager
+def _read_turn(provider: WebhookProvider, object_key: str) -> Iterator[tuple[float | None, bool]]:
+    """For an object the provider reads through the paced client (its `paced_reads` kinds; Stripe:
+    stripe_pace.py), the worker takes its turn before it collects the object's events, so a throttled
+    worker holds no batch while it waits and the events that arrive meanwhile join the read. Yields
+    (seconds to come back or None, whether it waited)."""
+    if object_key.partition(":")[0] not in getattr(provider, "paced_reads", ()):
+        yield None, False
+        return
+    started = time.monotonic()
+    pace = stripe_pace.for_app(current_app)
+    with stripe_pace.turn_ahead(pace, float(current_app.config["STRIPE_RATE_WAIT_SECONDS"])) as come_back:
+        yield come_back, time.monotonic() - started >= _TURN_WAITED_SECONDS

@@ -155,7 +155,8 @@ WITH inserted AS (
         ARRAY[ROW($queue, $task, 0, $lock, NULL, $args, $scheduled_at)::procrastinate_job_to_defer_v1])
     WHERE $lock IS NOT NULL AND EXISTS (SELECT 1 FROM stored) AND NOT EXISTS (SELECT 1 FROM waiting)
 )
-SELECT (SELECT id FROM stored LIMIT 1) AS id, (SELECT count(*) FROM woken) AS woken
+SELECT (SELECT id FROM stored LIMIT 1) AS id, (SELECT count(*) FROM woken) AS woken,
+       (SELECT status FROM {table} WHERE event_id = $event_id) AS existing  -- a duplicate's status
 """
 
 
@@ -191,10 +192,11 @@ def intake(
     error: str | None,
     object_key: str | None,
     wake: Wake | None,
-) -> int | None:
+) -> tuple[int | None, str | None]:
     """Store a delivery and wake a worker for it, in one statement that is its own transaction
     (PostgreSQL). Returns the row id, or None for a duplicate (stored, queued or settled already,
-    or stored by a concurrent delivery this one waited for)."""
+    or stored by a concurrent delivery this one waited for), with the status a duplicate was found
+    in (None when it was stored by this statement or by a concurrent one)."""
     values = {
         "event_id": event.event_id,
         "type": event.type,
@@ -223,7 +225,7 @@ def intake(
         row = connection.exec_driver_sql(
             f"EXECUTE {name} ({placeholders})", tuple(values[parameter] for parameter, _ in _INTAKE_PARAMETERS)
         ).first()
-    return None if row is None else row[0]
+    return (None, None) if row is None else (row[0], row[2])
 
 
 def _for(model: EventModel) -> _Statements:
