@@ -319,9 +319,9 @@ def test_ordering_does_not_depend_on_our_clock_agreeing_with_stripes(
 # --- Durability: a worker killed mid-job --------------------------------------------------------------
 
 
-def test_a_worker_killed_mid_job_leaves_nothing_half_done_and_the_job_runs_again(
-    app: Flask, organization: dict[str, Any], smtp_server: SmtpSink, database_url: str
-) -> None:
+def _trial_email_held_at_smtp(app: Flask, organization: dict[str, Any], smtp_server: SmtpSink) -> int:
+    """A trial-ending email waiting in the outbox, with the SMTP server set to hold the next message
+    (so a worker is caught mid-job); returns the domain event's id."""
     smtp_server.clear()
     with app.app_context():
         row = domain_events.record(
@@ -331,7 +331,11 @@ def test_a_worker_killed_mid_job_leaves_nothing_half_done_and_the_job_runs_again
         event_id = row.id
         db.session.commit()
     smtp_server.hold_messages()
-    # A real worker process, as `flask billing worker` runs in production.
+    return event_id
+
+
+def _outbox_worker(database_url: str, smtp_server: SmtpSink, **settings: str) -> subprocess.Popen[bytes]:
+    """A real `flask billing worker` process on the outbox queue, as production runs it."""
     env = {
         **os.environ,
         "APP_ENV": "test",
@@ -339,14 +343,18 @@ def test_a_worker_killed_mid_job_leaves_nothing_half_done_and_the_job_runs_again
         "TEST_DATABASE_URL": database_url,
         "MAIL_SERVER": "127.0.0.1",
         "MAIL_PORT": str(smtp_server.port),
+        **settings,
     }
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "flask", "billing", "worker", "--queue", "outbox", "--concurrency", "1"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [sys.executable, "-m", "flask", "billing", "worker", "--queue", "outbox", "--concurrency", "1"]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+
+
+def test_a_worker_killed_mid_job_leaves_nothing_half_done_and_the_job_runs_again(
+    app: Flask, organization: dict[str, Any], smtp_server: SmtpSink, database_url: str
+) -> None:
+    event_id = _trial_email_held_at_smtp(app, organization, smtp_server)
+    # A real worker process, as `flask billing worker` runs in production.
+    worker = _outbox_worker(database_url, smtp_server)
     try:
         assert smtp_server.held.wait(60), "the worker never reached the SMTP server"
         worker.send_signal(signal.SIGKILL)
@@ -383,32 +391,13 @@ def test_a_killed_workers_claim_is_a_lease_another_worker_takes_over_on_its_own(
 ) -> None:
     """No one calls the recovery here: the second worker process notices by itself that the first one
     stopped beating its heartbeat (WORKER_STALLED_SECONDS) and runs its claimed job again."""
-    smtp_server.clear()
-    with app.app_context():
-        row = domain_events.record(
-            "subscription.trial_will_end", organization_id=organization["id"], source="test", trial_end=None
-        )
-        db.session.flush()
-        event_id = row.id
-        db.session.commit()
-    smtp_server.hold_messages()
-    env = {
-        **os.environ,
-        "APP_ENV": "test",
-        "FLASK_APP": "wsgi.py",
-        "TEST_DATABASE_URL": database_url,
-        "MAIL_SERVER": "127.0.0.1",
-        "MAIL_PORT": str(smtp_server.port),
-        # Short leases, so the test does not wait long; the defaults are 2, 10 and 5 seconds.
-        "WORKER_HEARTBEAT_SECONDS": "0.2",
-        "WORKER_STALLED_SECONDS": "1",
-        "WORKER_RECOVERY_SECONDS": "0.2",
-    }
-    # Only the outbox queue: the maintenance schedule's recovery job never runs in these workers.
-    command = [sys.executable, "-m", "flask", "billing", "worker", "--queue", "outbox", "--concurrency", "1"]
+    event_id = _trial_email_held_at_smtp(app, organization, smtp_server)
+    # Short leases, so the test does not wait long; the defaults are 2, 10 and 5 seconds. Only the
+    # outbox queue: the maintenance schedule's recovery job never runs in these workers.
+    leases = {"WORKER_HEARTBEAT_SECONDS": "0.2", "WORKER_STALLED_SECONDS": "1", "WORKER_RECOVERY_SECONDS": "0.2"}
 
     def start_worker() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+        return _outbox_worker(database_url, smtp_server, **leases)
 
     mine = "SELECT status, attempts, worker_id FROM procrastinate_jobs WHERE args->>'domain_event_id' = :e"
     first = start_worker()
