@@ -12,8 +12,9 @@ known at once).
 - A request Stripe accepted marks its reports `sent`. Stripe validates streamed events later: a refused
   one comes back as v1.billing.meter.error_report_triggered, which fails its report
   (usage_reports.apply_error_report).
-- The session is kept in process (the app's extensions) and reused until a minute before it expires,
-  then renewed; a request refused for an expired or unknown token renews it once and is sent again.
+- The session is kept in process (the app's extensions) and reused until a minute before it expires
+  (its lifetime counted on our clock from when it was opened, so a skewed clock does not matter), then
+  renewed; a request refused for an expired or unknown token renews it once and is sent again.
   Not in Redis: the token is a bearer credential for our account's usage, one reporter runs at a time,
   and a worker process that opens its own session costs one request per 15 minutes.
 - Any other failure (connection, 5xx, 429, a request Stripe refuses whole) leaves that request's
@@ -42,6 +43,7 @@ SESSION_KEY = "stripe_meter_event_session"
 
 class NewSession(Protocol):  # Stripe's v2.billing.meter_event_session
     authentication_token: str
+    created: str
     expires_at: str
 
 
@@ -103,9 +105,14 @@ def _session(open_session: OpenSession, *, renew: bool = False) -> Session:
     held: Session | None = current_app.extensions.get(SESSION_KEY)
     if held is None or renew or held.expires_at - RENEW_BEFORE <= clock.utcnow():
         opened = open_session()
-        held = Session(opened.authentication_token, datetime.fromisoformat(opened.expires_at.replace("Z", "+00:00")))
+        lifetime = _moment(opened.expires_at) - _moment(opened.created)  # on our clock: skew does not matter
+        held = Session(opened.authentication_token, clock.utcnow() + lifetime)
         current_app.extensions[SESSION_KEY] = held
     return held
+
+
+def _moment(rfc3339: str) -> datetime:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
 
 
 def send(to_send: Sequence[MeterEventToSend], open_session: OpenSession, stream: Stream, run: ReportRun) -> None:
