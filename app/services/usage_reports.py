@@ -15,6 +15,8 @@ BillingService.report_usage, which runs the two halves here with Stripe's call h
    and its answer lost (a timeout): `sent` too. Stripe refusing it otherwise marks it `failed` with
    Stripe's words (ops see it in `flask billing usage`). A connection error, a 5xx or a 429 leaves it
    `pending` for the next run; the run stops there (Stripe is unwell or asks us to slow down).
+   A run with more than USAGE_STREAM_THRESHOLD reports goes through the v2 meter event stream
+   instead, 100 a request with the same identifiers (usage_stream.py).
 
 A worker killed between the two halves, or between sending and marking, leaves `pending` reports
 that the next run sends again: Stripe counts an identifier once (within 24 hours; reports are sent
