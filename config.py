@@ -129,6 +129,9 @@ class BaseConfig:
         # How long a request waits for its turn in that budget (or for Stripe's Retry-After) before it
         # is treated as throttled: the worker then retries the object later without spending an attempt.
         self.STRIPE_RATE_WAIT_SECONDS = float(env.get("STRIPE_RATE_WAIT_SECONDS", "5"))
+        # A usage reporting run with more pending reports than this sends them through Stripe's v2 meter
+        # event stream (100 a request) instead of v1 meter events (one a request); 0: always v1.
+        self.USAGE_STREAM_THRESHOLD = int(env.get("USAGE_STREAM_THRESHOLD", "1000"))
         # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
         # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
         self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in TRUE_WORDS

@@ -12,7 +12,7 @@ from typing import NoReturn
 from flask import Flask
 from werkzeug.serving import make_server
 
-from . import api, billing, checkout, clock, control, discounts, endpoints, meters, pages, schedules, v1
+from . import api, billing, checkout, clock, control, discounts, endpoints, meter_stream, meters, pages, schedules, v1
 from .config import Dunning, LiveDelivery, Settings
 from .store import Store
 from .worker import Worker
@@ -31,6 +31,7 @@ def create_app(settings: Settings, store: Store, delivery: LiveDelivery | None =
     control.init_app(app, delivery or LiveDelivery(settings.delivery))
     v1.init_app(app)
     app.register_blueprint(meters.v2_bp)
+    app.register_blueprint(meter_stream.bp)
     app.register_blueprint(pages.bp)
     return app
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from . import billing, meters, objects
+from . import billing, meter_stream, meters, objects
 from .config import DeliveryConfig, LiveDelivery
 from .context import current_settings, current_store
 from .errors import StripeError
@@ -166,11 +166,13 @@ def _control_error(error: ControlError) -> tuple[Response, int]:
 
 
 def _is_api_request() -> bool:
-    return request.path.startswith("/v1/") or request.path == "/v1"
+    return request.path.startswith(("/v1/", "/v2/billing/")) or request.path == "/v1"
 
 
 def _logged_params() -> Any:
     """The request's parameters as nested JSON: dicts for a[b]=, lists for a[0]= and a[]=."""
+    if request.is_json:  # the v2 API's bodies
+        return request.get_json(silent=True)
     source = request.form if request.method == "POST" else request.args
     return _nested(decode(source.items(multi=True)))
 
@@ -364,8 +366,8 @@ def arm_fault() -> tuple[Response, int]:
     path, path_regex = body.get("path"), body.get("path_regex")
     if (path is None) == (path_regex is None):
         raise ControlError("Give exactly one of path (exact) or path_regex (matched in full).")
-    if path is not None and (not isinstance(path, str) or not path.startswith("/v1/")):
-        raise ControlError("path must be a /v1/… path, such as '/v1/checkout/sessions'.")
+    if path is not None and (not isinstance(path, str) or not path.startswith(("/v1/", "/v2/"))):
+        raise ControlError("path must be a /v1/… or /v2/… path, such as '/v1/checkout/sessions'.")
     if path_regex is not None:
         if not isinstance(path_regex, str):
             raise ControlError("path_regex must be a string.")
@@ -499,6 +501,15 @@ def meter_error_report() -> Response:
     with store.transaction():
         event = meters.error_report(store, identifiers, code, message)
     return jsonify(id=event["id"])
+
+
+@bp.post("/meters/expire_sessions")
+def expire_meter_event_sessions() -> Response:
+    """Every v2 meter event session's token expires now (the next stream request is refused)."""
+    store = current_store()
+    with store.transaction():
+        expired = meter_stream.expire_sessions(store)
+    return jsonify(expired=expired)
 
 
 @bp.get("/deliveries")

@@ -165,6 +165,18 @@ def create_meter_event(params: Params) -> Obj:
     if payload is None:
         raise missing("payload")
     store = current_store()
+    identifier = string(params, "identifier") or objects.new_id("", 32)
+    checked = check_event(store, event_name, payload, integer(params, "timestamp"), identifier)
+    if seen_identifier(store, identifier):
+        raise StripeError(f"An event already exists with identifier {identifier}.", param="identifier")
+    event = record_event(store, checked, payload, identifier)
+    return {k: v for k, v in event.items() if k != "id"}
+
+
+def check_event(
+    store: Store, event_name: str, payload: Params, timestamp: int | None, identifier: str
+) -> tuple[Obj, str, Decimal, int]:
+    """A meter event's validation, v1 and v2 alike: (meter, customer, value, timestamp) or a StripeError."""
     found = active_meter(store, event_name)
     if found is None:
         raise StripeError(f"No active meter was found with event_name '{event_name}'.", param="event_name")
@@ -179,25 +191,31 @@ def create_meter_event(params: Params) -> Obj:
     value = _value(payload)
     with simtime.time_of(store, customer_id):
         now = simtime.now()
-    timestamp = integer(params, "timestamp")
     timestamp = now if timestamp is None else timestamp
     if timestamp < now - OLDEST:
         raise StripeError("Timestamp must be within the past 35 calendar days.", param="timestamp")
     if timestamp > now + FUTURE:
         raise StripeError("Timestamp must not be more than 5 minutes in the future.", param="timestamp")
-    identifier = string(params, "identifier") or objects.new_id("", 32)
     if len(identifier) > 100:
         raise StripeError("Invalid identifier: must be at most 100 characters.", param="identifier")
+    return found, customer_id, value, timestamp
+
+
+def seen_identifier(store: Store, identifier: str) -> bool:
+    """Whether a meter event (v1 or the v2 stream) had this identifier in the last 24 hours."""
     seen = store.get(_identifier_key(identifier))
-    if seen is not None and seen["created"] > simtime.now() - IDENTIFIER_WINDOW:
-        raise StripeError(f"An event already exists with identifier {identifier}.", param="identifier")
+    return seen is not None and seen["created"] > simtime.now() - IDENTIFIER_WINDOW
+
+
+def record_event(store: Store, checked: tuple[Obj, str, Decimal, int], payload: Params, identifier: str) -> Obj:
+    found, customer_id, value, timestamp = checked
     created = simtime.now()
     store.put({"id": _identifier_key(identifier), "object": "_meter_event_identifier", "created": created})
     event = {
         "id": objects.new_id("_mev_"),  # Stripe's meter events have no id: kept for the store only
         "object": "billing.meter_event",
         "created": created,
-        "event_name": event_name,
+        "event_name": found["event_name"],
         "identifier": identifier,
         "livemode": False,
         "payload": {str(k): str(v) for k, v in payload.items()},
@@ -207,7 +225,7 @@ def create_meter_event(params: Params) -> Obj:
         "_value": str(value),
     }
     store.put(event)
-    return {k: v for k, v in event.items() if k != "id"}
+    return event
 
 
 # -- summaries ----------------------------------------------------------------------------------------

@@ -430,6 +430,8 @@ def sign_stripe_payload(payload: bytes, secret: str, timestamp: int | None = Non
 # the sandbox received. Path groups are the call's positional arguments (the ids).
 STRIPE_CALLS: dict[str, tuple[str, str]] = {
     "billing.meter_events.create": ("POST", r"/v1/billing/meter_events"),
+    "billing.meter_event_session.create": ("POST", r"/v2/billing/meter_event_session"),
+    "billing.meter_event_stream.create": ("POST", r"/v2/billing/meter_event_stream"),
     "prices.list": ("GET", r"/v1/prices"),
     "prices.retrieve": ("GET", r"/v1/prices/([^/]+)"),
     "customers.create": ("POST", r"/v1/customers"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,7 +17,7 @@ from sqlalchemy import text
 
 from app import clock
 from app.extensions import db
-from app.services import usage_reconcile, usage_reports
+from app.services import usage_reconcile, usage_reports, usage_stream
 from app.services.billing_service import BillingService, plan_catalogue
 from tests.conftest import SandboxAccount, query, run_jobs, sign_up
 
@@ -318,3 +319,81 @@ def test_check_prices_checks_each_meter_and_its_metered_price(app: Flask, offlin
     finally:
         offline_stripe.force(meter["id"], status="active")
     assert failed.exit_code == 1 and f"no active Stripe meter has the event_name '{EVENT_NAME}'" in failed.output
+
+
+# -- a large run: the v2 meter event stream (usage_stream.py) ------------------------------------------
+
+
+def pending_reports(customer: Customer, count: int) -> None:
+    """`count` pending reports of one unit each (a gathering after each event: one report each)."""
+    if customer.keys == 0:
+        customer.record(INCLUDED)  # the tier's included calls: billed nothing
+    with customer.app.app_context():
+        for _ in range(count):
+            customer.keys += 1
+            BillingService.record_usage(customer.organization_id, "api_calls", 1, idempotency_key=f"k{customer.keys}")
+            assert usage_reports.gather() == 1
+
+
+def stream_statuses(customer: Customer) -> list[int]:
+    made = customer.stripe.requests_made()
+    return [r["status"] for r in made if r["path"] == "/v2/billing/meter_event_stream"]
+
+
+def test_a_large_run_goes_through_the_stream_in_requests_of_100(customer: Customer) -> None:
+    customer.app.config["USAGE_STREAM_THRESHOLD"] = 100
+    pending_reports(customer, 250)
+    run = customer.report()
+    assert (run.sent, run.failed, run.still_pending) == (250, 0, 0)
+    streamed = customer.stripe.calls_to("billing.meter_event_stream.create")
+    assert [len(call[1]["params"]["events"]) for call in streamed] == [100, 100, 50]  # ceil(250 / 100) requests
+    assert len(customer.stripe.calls_to("billing.meter_event_session.create")) == 1
+    assert customer.stripe.calls_to("billing.meter_events.create") == []
+    first = streamed[0][1]["params"]["events"][0]
+    assert first["identifier"] == customer.reports()[0].identifier  # the identifier v1 would send
+    assert {r.status for r in customer.reports()} == {"sent"}
+    assert customer.stripe_total() == customer.our_billed_total() == 250
+
+
+def test_a_run_at_or_below_the_threshold_stays_on_v1(customer: Customer) -> None:
+    customer.app.config["USAGE_STREAM_THRESHOLD"] = 3
+    pending_reports(customer, 3)
+    assert customer.report().sent == 3
+    assert len(customer.stripe.calls_to("billing.meter_events.create")) == 3
+    assert customer.stripe.calls_to("billing.meter_event_stream.create") == []
+    assert customer.stripe_total() == customer.our_billed_total() == 3
+
+
+def test_a_streamed_request_whose_answer_was_lost_counts_once(customer: Customer) -> None:
+    customer.app.config["USAGE_STREAM_THRESHOLD"] = 100
+    pending_reports(customer, 150)
+    customer.stripe.fail_next("billing.meter_event_stream.create", kind="lost_response", times=1)
+    run = customer.report()
+    assert (run.sent, run.still_pending) == (0, 150)  # we do not know the first 100 arrived
+    assert customer.stripe_total() == 100  # they did
+    assert {(r.status, r.attempts) for r in customer.reports()[:100]} == {("pending", 1)}
+    run = customer.report()  # the same identifiers again: Stripe counts each once
+    assert (run.sent, run.still_pending) == (150, 0)
+    assert customer.stripe_total() == customer.our_billed_total() == 150
+    assert stream_statuses(customer) == [200, 200, 200]  # the lost one was accepted, then 100 + 50
+
+
+def test_an_expired_session_is_renewed_and_a_live_one_reused(customer: Customer) -> None:
+    customer.app.config["USAGE_STREAM_THRESHOLD"] = 100
+    pending_reports(customer, 101)
+    assert customer.report().sent == 101
+    pending_reports(customer, 101)
+    assert customer.report().sent == 101  # the same session
+    assert len(customer.stripe.calls_to("billing.meter_event_session.create")) == 1
+    customer.stripe.http.post(f"{customer.stripe.url}/_sandbox/meters/expire_sessions", timeout=10).raise_for_status()
+    pending_reports(customer, 101)
+    assert customer.report().sent == 101  # refused as expired, renewed, sent again
+    assert len(customer.stripe.calls_to("billing.meter_event_session.create")) == 2
+    assert stream_statuses(customer)[-3:] == [401, 200, 200]
+    held = customer.app.extensions[usage_stream.SESSION_KEY]  # its end is near: renewed before use
+    customer.app.extensions[usage_stream.SESSION_KEY] = replace(held, expires_at=clock.utcnow() + timedelta(seconds=30))
+    pending_reports(customer, 101)
+    assert customer.report().sent == 101
+    assert len(customer.stripe.calls_to("billing.meter_event_session.create")) == 3
+    assert 401 not in stream_statuses(customer)[-2:]
+    assert customer.stripe_total() == customer.our_billed_total() == 404

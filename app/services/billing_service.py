@@ -189,7 +189,7 @@ class BillingService:
         return stripe.StripeClient(
             config["STRIPE_SECRET_KEY"],
             stripe_version=STRIPE_API_VERSION,
-            base_addresses={"api": api_base} if api_base else None,
+            base_addresses={"api": api_base, "meter_events": api_base} if api_base else None,
             max_network_retries=retries,
             http_client=stripe_pace.paced_client(
                 stripe.RequestsClient, stripe_pace.for_app(current_app), max_wait=max_wait, timeout=timeout
@@ -1166,24 +1166,22 @@ class BillingService:
     def report_usage(cls) -> usage_reports.ReportRun:
         """Gather billable usage into reports, then send the pending ones (the worker's usage:report)."""
         run = usage_reports.ReportRun(gathered=usage_reports.gather())
-        return usage_reports.send_pending(plan_catalogue(), cls._send_meter_event, run)
+        v2 = (lambda: cls.ensure_stripe().v2.billing.meter_event_session.create(), cls._stream_meter_events)  # noqa: PLW0108
+        return usage_reports.send_pending(plan_catalogue(), cls._send_meter_event, run, v2)
 
     @classmethod
     def _send_meter_event(cls, event: usage_reports.MeterEventToSend) -> None:
         try:
-            cls.ensure_stripe().v1.billing.meter_events.create(
-                {
-                    "event_name": event.event_name,
-                    "payload": {"stripe_customer_id": event.customer_id, "value": str(event.quantity)},
-                    "identifier": event.identifier,
-                    "timestamp": event.timestamp,
-                }
-            )
+            cls.ensure_stripe().v1.billing.meter_events.create(usage_reports.v1_params(event))
         except stripe.InvalidRequestError as exc:  # a 4xx other than 429: settled, one way or the other
-            words = exc.user_message or str(exc)
-            if "already exists with identifier" in words:
-                raise usage_reports.MeterEventAlreadyRecorded(words) from exc
-            raise usage_reports.MeterEventRefused(words) from exc
+            raise usage_reports.refusal(exc.user_message or str(exc)) from exc
+
+    @classmethod
+    def _stream_meter_events(cls, token: str, events: list[Any]) -> None:
+        try:  # the session's token authenticates the v2 stream (usage_stream.py)
+            cls.ensure_stripe().v2.billing.meter_event_stream.create({"events": events}, {"api_key": token})
+        except (stripe.TemporarySessionExpiredError, stripe.AuthenticationError) as exc:
+            raise usage_reports.MeterSessionExpired(str(exc)) from exc
 
     @classmethod
     def meter_ids(cls) -> dict[str, str]:

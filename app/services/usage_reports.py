@@ -15,6 +15,8 @@ BillingService.report_usage, which runs the two halves here with Stripe's call h
    and its answer lost (a timeout): `sent` too. Stripe refusing it otherwise marks it `failed` with
    Stripe's words (ops see it in `flask billing usage`). A connection error, a 5xx or a 429 leaves it
    `pending` for the next run; the run stops there (Stripe is unwell or asks us to slow down).
+   A run with more than USAGE_STREAM_THRESHOLD reports goes through the v2 meter event stream
+   instead, 100 a request with the same identifiers (usage_stream.py).
 
 A worker killed between the two halves, or between sending and marking, leaves `pending` reports
 that the next run sends again: Stripe counts an identifier once (within 24 hours; reports are sent
@@ -35,6 +37,7 @@ from app import clock
 from app.extensions import db
 from app.models import Organization, StripeEvent, UsageEvent, UsagePeriodTotal, UsageReport, UsageReportStatus
 from app.models.organization import BillingProvider
+from app.services import usage_stream
 from app.services.billing_common import committed
 from app.services.plans import PlanCatalogue
 
@@ -44,6 +47,7 @@ ERROR_REPORT_EVENT = "v1.billing.meter.error_report_triggered"
 RESEND_WINDOW = timedelta(hours=20)
 GATHER_LIMIT = 50_000  # events per gathering transaction
 SEND_LIMIT = 1_000  # reports per run: within Stripe's 1,000 meter events/s, one reporter at a time
+STREAM_SEND_LIMIT = 20_000  # reports per run through the v2 stream: 200 requests of 100 (usage_stream.py)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,26 @@ class MeterEventRefused(Exception):
 
 class MeterEventAlreadyRecorded(Exception):
     """Stripe already holds an event with this identifier: an earlier attempt was accepted."""
+
+
+MeterSessionExpired = usage_stream.SessionExpired  # the v2 stream's token was refused: open a new session
+
+
+def v1_params(event: MeterEventToSend) -> Any:  # stripe-python's MeterEventCreateParams
+    """The report as v1's POST /v1/billing/meter_events takes it."""
+    return {
+        "event_name": event.event_name,
+        "payload": {"stripe_customer_id": event.customer_id, "value": str(event.quantity)},
+        "identifier": event.identifier,
+        "timestamp": event.timestamp,
+    }
+
+
+def refusal(words: str) -> Exception:
+    """What v1's 4xx (other than 429) means: the identifier already counted, or a refusal for good."""
+    if "already exists with identifier" in words:
+        return MeterEventAlreadyRecorded(words)
+    return MeterEventRefused(words)
 
 
 @dataclass
@@ -173,19 +197,29 @@ def pending(catalogue: PlanCatalogue, limit: int = SEND_LIMIT) -> list[MeterEven
 
 
 def send_pending(
-    catalogue: PlanCatalogue, send: Callable[[MeterEventToSend], None], run: ReportRun | None = None
+    catalogue: PlanCatalogue,
+    send: Callable[[MeterEventToSend], None],
+    run: ReportRun | None = None,
+    stream: tuple[usage_stream.OpenSession, usage_stream.Stream] | None = None,
 ) -> ReportRun:
     """Send each pending report; `send` raises MeterEventAlreadyRecorded, MeterEventRefused, or any
-    other error for a failure worth retrying (which stops the run)."""
+    other error for a failure worth retrying (which stops the run). With `stream` (opening a session,
+    sending a request), more reports than USAGE_STREAM_THRESHOLD go through the v2 stream instead."""
     run = run or ReportRun()
-    to_send = pending(catalogue)
-    for index, event in enumerate(to_send):
+    to_send = []
+    for event in pending(catalogue, STREAM_SEND_LIMIT if stream else SEND_LIMIT):
         if event.created_at < clock.utcnow() - RESEND_WINDOW:
             stale = "not settled within Stripe's 24-hour identifier window: compare the meter event summary first"
             _settle(event.report_id, UsageReportStatus.FAILED, stale)
             run.failed += 1
             run.errors.append(f"{event.identifier}: {stale}")
             continue
+        to_send.append(event)
+    if stream is not None and usage_stream.wanted(len(to_send)):
+        usage_stream.send(to_send, *stream, run)
+        return run
+    to_send = to_send[:SEND_LIMIT]
+    for index, event in enumerate(to_send):
         try:
             send(event)
         except MeterEventAlreadyRecorded:

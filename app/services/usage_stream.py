@@ -1,0 +1,153 @@
+"""Sending a large reporting run through Stripe's v2 meter event stream.
+
+Stripe's v1 meter events take one event a request (1,000 requests/s live); the v2 stream takes up to
+100 events a request (10,000 requests/s live), authenticated by a meter event session's token, valid
+for 15 minutes. usage_reports.send_pending hands a run here when it has more pending reports than
+USAGE_STREAM_THRESHOLD (0: never); below it, v1 stays (it validates synchronously, so a refusal is
+known at once).
+
+- The reports go in requests of up to 100, each event with the report's deterministic identifier,
+  the same one v1 would send: Stripe counts an identifier once within 24 hours whichever API carried
+  it, so a request whose answer was lost, sent again, is counted once.
+- A request Stripe accepted marks its reports `sent`. Stripe validates streamed events later: a refused
+  one comes back as v1.billing.meter.error_report_triggered, which fails its report
+  (usage_reports.apply_error_report).
+- The session is kept in process (the app's extensions) and reused until a minute before it expires
+  (its lifetime counted on our clock from when it was opened, so a skewed clock does not matter), then
+  renewed; a request refused for an expired or unknown token renews it once and is sent again.
+  Not in Redis: the token is a bearer credential for our account's usage, one reporter runs at a time,
+  and a worker process that opens its own session costs one request per 15 minutes.
+- Any other failure (connection, 5xx, 429, a request Stripe refuses whole) leaves that request's
+  reports and the rest `pending` with the error noted, and stops the run, as v1 does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from flask import current_app
+from sqlalchemy import update
+
+from app import clock
+from app.extensions import db
+from app.models import UsageReport, UsageReportStatus
+from app.services.billing_common import committed
+
+BATCH = 100  # Stripe's most events in one stream request
+RENEW_BEFORE = timedelta(seconds=60)  # a session this close to its end is renewed before use
+SESSION_KEY = "stripe_meter_event_session"
+
+
+class NewSession(Protocol):  # Stripe's v2.billing.meter_event_session
+    authentication_token: str
+    created: str
+    expires_at: str
+
+
+OpenSession = Callable[[], NewSession]
+Stream = Callable[[str, list[Any]], None]  # (token, events); raises SessionExpired
+
+
+class MeterEventToSend(Protocol):  # usage_reports.MeterEventToSend (not imported: it imports this module)
+    @property
+    def report_id(self) -> int: ...
+    @property
+    def identifier(self) -> str: ...
+    @property
+    def event_name(self) -> str: ...
+    @property
+    def customer_id(self) -> str: ...
+    @property
+    def quantity(self) -> int: ...
+    @property
+    def timestamp(self) -> int: ...
+
+
+class ReportRun(Protocol):  # usage_reports.ReportRun
+    sent: int
+    still_pending: int
+    errors: list[str]
+
+
+class SessionExpired(Exception):
+    """Stripe refused the session's token (expired or unknown): open a new session."""
+
+
+@dataclass(frozen=True)
+class Session:
+    token: str
+    expires_at: datetime
+
+
+def threshold() -> int:
+    return int(current_app.config.get("USAGE_STREAM_THRESHOLD", 0) or 0)
+
+
+def wanted(count: int) -> bool:
+    """Whether a run with `count` reports to send goes through the stream."""
+    limit = threshold()
+    return limit > 0 and count > limit
+
+
+def stream_event(event: MeterEventToSend) -> dict[str, Any]:
+    return {
+        "event_name": event.event_name,
+        "identifier": event.identifier,
+        "timestamp": datetime.fromtimestamp(event.timestamp, UTC).isoformat().replace("+00:00", "Z"),
+        "payload": {"stripe_customer_id": event.customer_id, "value": str(event.quantity)},
+    }
+
+
+def _session(open_session: OpenSession, *, renew: bool = False) -> Session:
+    held: Session | None = current_app.extensions.get(SESSION_KEY)
+    if held is None or renew or held.expires_at - RENEW_BEFORE <= clock.utcnow():
+        opened = open_session()
+        lifetime = _moment(opened.expires_at) - _moment(opened.created)  # on our clock: skew does not matter
+        held = Session(opened.authentication_token, clock.utcnow() + lifetime)
+        current_app.extensions[SESSION_KEY] = held
+    return held
+
+
+def _moment(rfc3339: str) -> datetime:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00"))
+
+
+def send(to_send: Sequence[MeterEventToSend], open_session: OpenSession, stream: Stream, run: ReportRun) -> None:
+    """Stream the reports (no transaction open while Stripe answers); marks them as send_pending does."""
+    for start in range(0, len(to_send), BATCH):
+        batch = list(to_send[start : start + BATCH])
+        events = [stream_event(event) for event in batch]
+        try:
+            try:
+                stream(_session(open_session).token, events)
+            except SessionExpired:
+                stream(_session(open_session, renew=True).token, events)
+        except Exception as exc:  # connection, 5xx, 429, a refused request: the next run sends them again
+            _note_attempts([event.report_id for event in batch], f"{type(exc).__name__}: {exc}")
+            run.still_pending += len(to_send) - start
+            run.errors.append(f"stream request of {len(batch)} ({batch[0].identifier}...): {exc}")
+            return
+        _mark_sent([event.report_id for event in batch])
+        run.sent += len(batch)
+
+
+def _mark_sent(report_ids: list[int]) -> None:
+    with committed():
+        db.session.execute(
+            update(UsageReport)
+            .where(UsageReport.id.in_(report_ids), UsageReport.status == UsageReportStatus.PENDING)
+            .values(status=UsageReportStatus.SENT, attempts=UsageReport.attempts + 1, last_error=None)
+            .values(sent_at=clock.utcnow())
+        )
+
+
+def _note_attempts(report_ids: list[int], error: str) -> None:
+    with committed():
+        db.session.execute(
+            update(UsageReport)
+            .where(UsageReport.id.in_(report_ids))
+            .values(attempts=UsageReport.attempts + 1, last_error=error[:2000])
+        )
