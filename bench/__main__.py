@@ -1,5 +1,5 @@
 """`python -m bench` (`make bench`): set everything up, run every measurement, print the table, write
-docs/PERFORMANCE.md, and stop what was started. About 6 minutes on 2 cores."""
+docs/PERFORMANCE.md, and stop what was started. About 9 minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from bench import events, restart
+from bench import events, restart, usage
 from bench.burst import Burst, run_burst
 from bench.loads import Run, Webhooks, measured, password_hash_seconds, signups
 from bench.report import DUPLICATE, FORGED, NEW, STORE_ONLY, UNKNOWN, VERIFY_ONLY, Lookup, Report, Results
@@ -147,14 +147,18 @@ def main() -> None:
     with Services(workdir) as services:
         bench = Bench(services, workdir)
         results = bench.run(busy)
+        usage_results = usage.run(services, workdir, step)
         restarted = restart.restart_under_load(bench, step)  # last: it restarts PostgreSQL
         step("stopping the servers and dropping billing_bench")
     summary = Report(results)
     document = ROOT / "docs" / "PERFORMANCE.md"
     document.parent.mkdir(exist_ok=True)
     document.write_text(
-        restart.with_section(
-            summary.markdown(document.read_text() if document.exists() else ""), bench.preping, restarted
+        usage.with_section(
+            restart.with_section(
+                summary.markdown(document.read_text() if document.exists() else ""), bench.preping, restarted
+            ),
+            usage_results,
         )
     )
     print()
@@ -164,6 +168,7 @@ def main() -> None:
     for target in summary.targets():
         print(f"{target.name}: {target.measured}, {'met' if target.met else 'MISSED, ' + target.shortfall}")
     print(restart.markdown(bench.preping, restarted))
+    print(usage.markdown(usage_results))
     step(f"wrote {document.relative_to(ROOT)}")  # before the printing above
 
 
@@ -207,7 +212,9 @@ if __name__ == "__main__":
         burst_only()
     elif sys.argv[1:] == ["paced"]:
         paced_only()
+    elif sys.argv[1:] == ["usage"]:
+        usage.main()
     elif sys.argv[1:]:
-        raise SystemExit("usage: python -m bench [burst | paced]")
+        raise SystemExit("usage: python -m bench [burst | paced | usage]")
     else:
         main()

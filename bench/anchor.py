@@ -5,6 +5,10 @@
 - POST /store-only: verify, then one INSERT ... ON CONFLICT DO NOTHING into anchor_event (shaped like
   stripe_event) and a commit, through Flask-SQLAlchemy and psycopg2 as the app does. The least a handler
   that never loses a delivery does.
+- POST /usage-store-only: the usage API's anchor (bench/usage.py). The organization is read from the
+  bench's API key itself (`llk_bench_<organization>_...`, no lookup), then one INSERT ... ON CONFLICT DO
+  NOTHING of the event (or of the batch's events, from one jsonb_to_recordset) into anchor_usage (shaped
+  like usage_event, its indexes included) and a commit.
 """
 
 from __future__ import annotations
@@ -25,6 +29,18 @@ STORE = text(
     "INSERT INTO anchor_event (event_id, type, api_version, livemode, stripe_created, payload, status, attempts, "
     "received_at) VALUES (:event_id, :type, :api_version, :livemode, :created, :payload, 'processed', 1, now()) "
     "ON CONFLICT (event_id) DO NOTHING"
+)
+
+STORE_USAGE = text(
+    "INSERT INTO anchor_usage (organization_id, meter, quantity, billable_quantity, idempotency_key, occurred_at, "
+    "period_start, recorded_at) VALUES (:organization_id, :meter, :quantity, 0, :idempotency_key, now(), "
+    "date_trunc('month', now()), now()) ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
+)
+STORE_USAGE_BATCH = text(
+    "INSERT INTO anchor_usage (organization_id, meter, quantity, billable_quantity, idempotency_key, occurred_at, "
+    "period_start, recorded_at) SELECT :organization_id, e.meter, e.quantity, 0, e.idempotency_key, now(), "
+    "date_trunc('month', now()), now() FROM jsonb_to_recordset(CAST(:events AS jsonb)) "
+    "AS e(meter text, quantity bigint, idempotency_key text) ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
 )
 
 app = Flask(__name__)
@@ -75,3 +91,28 @@ def store_only() -> Response | tuple[Response, int]:
     )
     db.session.commit()
     return jsonify(received=True)
+
+
+@app.post("/usage-store-only")
+def usage_store_only() -> tuple[Response, int]:
+    key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    if not key.startswith("llk_bench_"):
+        return jsonify(error="not a bench key"), 401
+    organization_id = int(key.split("_")[2])
+    body = request.get_json()
+    if "events" in body:
+        events = body["events"]
+        db.session.execute(STORE_USAGE_BATCH, {"organization_id": organization_id, "events": json.dumps(events)})
+        db.session.commit()
+        return jsonify(recorded=len(events)), 200
+    db.session.execute(
+        STORE_USAGE,
+        {
+            "organization_id": organization_id,
+            "meter": body["meter"],
+            "quantity": body["quantity"],
+            "idempotency_key": body["idempotency_key"],
+        },
+    )
+    db.session.commit()
+    return jsonify(recorded=1), 201
