@@ -65,6 +65,34 @@ class Latencies:
         return self.requests / self.seconds
 
 
+def run_wrk(script: Path, url: str, arguments: list[str], seconds: int) -> tuple[Latencies, int]:
+    """wrk with one of bench/'s scripts for `seconds`; returns its latencies and the most requests one
+    thread sent (where the scripts' request numbering continues), from the "BENCH {json}" line the
+    scripts print (bench/wrk_report.lua)."""
+    command = [
+        "wrk",
+        f"-t{WRK_THREADS}",
+        f"-c{CONNECTIONS}",
+        f"-d{seconds}s",
+        "--timeout=10s",
+        f"--script={script}",
+        url,
+        "--",
+        *arguments,
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout  # noqa: S603
+    result = json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("BENCH "))[6:])
+    latencies = Latencies(
+        requests=result["requests"],
+        seconds=result["duration_us"] / 1e6,
+        errors=result["non_2xx"] + result["socket_errors"],
+        p50_ms=result["p50_us"] / 1000,
+        p95_ms=result["p95_us"] / 1000,
+        p99_ms=result["p99_us"] / 1000,
+    )
+    return latencies, int(result["most_sent_by_a_thread"])
+
+
 @dataclass(frozen=True)
 class Run(Latencies):
     server_cpu_ms: float  # per request: gunicorn's master and workers
@@ -112,15 +140,7 @@ class Webhooks:
     ) -> Latencies:
         """forged: signed with another secret, so every delivery is refused (400) after the HMAC check."""
         first = self.next_event
-        command = [
-            "wrk",
-            f"-t{WRK_THREADS}",
-            f"-c{CONNECTIONS}",
-            f"-d{seconds}s",
-            "--timeout=10s",
-            f"--script={LUA_SCRIPT}",
-            f"http://127.0.0.1:{port}{path}",
-            "--",
+        arguments = [
             "duplicate" if duplicate else "fresh",
             FORGED_SECRET if forged else self.secret,
             str(self.template_files[template]),
@@ -129,18 +149,10 @@ class Webhooks:
             str(events.ORGANIZATIONS),
             str(events.DUPLICATES),
         ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout  # noqa: S603
-        result = json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("BENCH "))[6:])
+        latencies, most_sent = run_wrk(LUA_SCRIPT, f"http://127.0.0.1:{port}{path}", arguments, seconds)
         if not duplicate:
-            self.next_event = first + WRK_THREADS * result["most_sent_by_a_thread"]
-        return Latencies(
-            requests=result["requests"],
-            seconds=result["duration_us"] / 1e6,
-            errors=result["non_2xx"] + result["socket_errors"],
-            p50_ms=result["p50_us"] / 1000,
-            p95_ms=result["p95_us"] / 1000,
-            p99_ms=result["p99_us"] / 1000,
-        )
+            self.next_event = first + WRK_THREADS * most_sent
+        return latencies
 
     def paced(self, port: int, path: str, *, rate: float, seconds: float) -> Latencies:
         """New subscription events at a constant offered rate."""

@@ -50,16 +50,9 @@ function request()
   return wrk.format(nil, nil, nil, body)
 end
 
+-- done(): the "BENCH {json}" line bench/loads.py reads (bench/wrk_report.lua, shared by the wrk scripts).
+local report = dofile(debug.getinfo(1, "S").source:match("^@(.*/)") .. "wrk_report.lua")
+
 function done(summary, latency, requests)
-  local most_sent = 0
-  for _, thread in ipairs(threads) do
-    most_sent = math.max(most_sent, thread:get("sent"))
-  end
-  local errors = summary.errors
-  io.write(string.format(
-    'BENCH {"requests": %d, "duration_us": %d, "non_2xx": %d, "socket_errors": %d, '
-      .. '"p50_us": %d, "p95_us": %d, "p99_us": %d, "most_sent_by_a_thread": %d}\n',
-    summary.requests, summary.duration, errors.status, errors.connect + errors.read + errors.write + errors.timeout,
-    latency:percentile(50), latency:percentile(95), latency:percentile(99), most_sent
-  ))
+  report(threads, summary, latency)
 end

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.burst import Sandbox
-from bench.loads import CONNECTIONS, WRK_THREADS, Latencies, Run, measured
+from bench.loads import CONNECTIONS, WRK_THREADS, Latencies, Run, measured, run_wrk
 from bench.services import Server, Services
 
 ORGANIZATIONS = 20  # each with its own API key and Stripe customer, on the starter tier (overage billed)
@@ -149,34 +149,12 @@ class UsageBench:
 
     def wrk(self, port: int, path: str, batch: int, seconds: int) -> Latencies:
         first = self.next_request
-        command = [
-            "wrk",
-            f"-t{WRK_THREADS}",
-            f"-c{CONNECTIONS}",
-            f"-d{seconds}s",
-            "--timeout=10s",
-            f"--script={LUA_SCRIPT}",
-            f"http://127.0.0.1:{port}{path}",
-            "--",
-            str(batch),
-            str(first),
-            str(WRK_THREADS),
-            str(self.keys_file),
-        ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout  # noqa: S603
-        result = json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("BENCH "))[6:])
-        self.next_request = first + WRK_THREADS * result["most_sent_by_a_thread"]
-        errors = result["non_2xx"] + result["socket_errors"]
+        arguments = [str(batch), str(first), str(WRK_THREADS), str(self.keys_file)]
+        latencies, most_sent = run_wrk(LUA_SCRIPT, f"http://127.0.0.1:{port}{path}", arguments, seconds)
+        self.next_request = first + WRK_THREADS * most_sent
         table = "anchor_usage" if path == ANCHOR_PATH else "usage_event"
-        self.acknowledged[table] += (result["requests"] - errors) * batch
-        return Latencies(
-            requests=result["requests"],
-            seconds=result["duration_us"] / 1e6,
-            errors=errors,
-            p50_ms=result["p50_us"] / 1000,
-            p95_ms=result["p95_us"] / 1000,
-            p99_ms=result["p99_us"] / 1000,
-        )
+        self.acknowledged[table] += (latencies.requests - latencies.errors) * batch
+        return latencies
 
     def run_one(self, name: str, seconds: int) -> Run:
         server_name, path, batch = SCENARIOS[name]
