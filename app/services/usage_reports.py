@@ -50,15 +50,7 @@ SEND_LIMIT = 1_000  # reports per run: within Stripe's 1,000 meter events/s, one
 STREAM_SEND_LIMIT = 20_000  # reports per run through the v2 stream: 200 requests of 100 (usage_stream.py)
 
 
-@dataclass(frozen=True)
-class MeterEventToSend:
-    report_id: int
-    identifier: str
-    event_name: str
-    customer_id: str
-    quantity: int
-    timestamp: int
-    created_at: datetime
+MeterEventToSend = usage_stream.MeterEventToSend  # defined beside the stream, which sends them too
 
 
 class MeterEventRefused(Exception):

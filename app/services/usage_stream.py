@@ -51,19 +51,17 @@ OpenSession = Callable[[], NewSession]
 Stream = Callable[[str, list[Any]], None]  # (token, events); raises SessionExpired
 
 
-class MeterEventToSend(Protocol):  # usage_reports.MeterEventToSend (not imported: it imports this module)
-    @property
-    def report_id(self) -> int: ...
-    @property
-    def identifier(self) -> str: ...
-    @property
-    def event_name(self) -> str: ...
-    @property
-    def customer_id(self) -> str: ...
-    @property
-    def quantity(self) -> int: ...
-    @property
-    def timestamp(self) -> int: ...
+@dataclass(frozen=True)
+class MeterEventToSend:
+    """One usage report on its way to Stripe (usage_reports.pending gathers them; v1 or the stream sends)."""
+
+    report_id: int
+    identifier: str
+    event_name: str
+    customer_id: str
+    quantity: int
+    timestamp: int
+    created_at: datetime
 
 
 class ReportRun(Protocol):  # usage_reports.ReportRun
