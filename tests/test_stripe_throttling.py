@@ -15,7 +15,8 @@ from flask import Flask
 from sqlalchemy import text
 
 from app.extensions import db
-from app.services import stripe_pace
+from app.services.stripe_pace import MAX_PAUSE_SECONDS, Pace, for_app
+from app.services.stripe_pace import retry_after as seconds_to_wait
 from tests.conftest import TEST_USER_AGENT, SandboxAccount, post_webhook, query, run_jobs, sign_up, stripe_event
 
 
@@ -72,7 +73,7 @@ def test_a_429_while_applying_keeps_the_events_pending_spends_no_attempt_and_app
     assert [row.status for row in query(app, "SELECT billing_status AS status FROM organization")] != ["past_due"]
     # Every process now holds its Stripe requests for Retry-After.
     with app.app_context():
-        granted, seconds = stripe_pace.Pace(10, app.extensions["redis"]).reserve(max_wait=0)
+        granted, seconds = Pace(10, app.extensions["redis"]).reserve(max_wait=0)
     assert not granted and 0 < seconds <= 1
 
     # Its time comes (the clock moved on): the same event is applied, with no error left.
@@ -98,7 +99,7 @@ def test_the_shared_request_budget_holds_back_a_request_instead_of_sending_it(
     run_jobs(signed_up)
     app = make_app(STRIPE_REQUESTS_PER_SECOND="0.2", STRIPE_RATE_WAIT_SECONDS=0, JOB_MAX_ATTEMPTS=1)
     client = app.test_client()
-    stripe_pace.for_app(app).reserve(max_wait=60)  # the bucket is empty for the next five seconds
+    for_app(app).reserve(max_wait=60)  # the bucket is empty for the next five seconds
     offline_stripe.reset()
     past_due = offline_stripe.change_subscription(subscription_id, status="past_due")
     delivered = stripe_event("customer.subscription.updated", past_due)
@@ -114,11 +115,11 @@ def test_the_request_rate_of_all_processes_together_stays_under_the_setting(redi
     shared = redis.Redis.from_url(redis_url)
     shared.delete("pace-test:bucket", "pace-test:pause")
     per_second, requests_each = 20.0, 15
-    processes = [stripe_pace.Pace(per_second, redis.Redis.from_url(redis_url), key="pace-test") for _ in range(3)]
+    processes = [Pace(per_second, redis.Redis.from_url(redis_url), key="pace-test") for _ in range(3)]
     sent: list[float] = []
     lock = threading.Lock()
 
-    def worker(pace: stripe_pace.Pace) -> None:
+    def worker(pace: Pace) -> None:
         for _ in range(requests_each):
             assert pace.take(max_wait=10) is None
             with lock:
@@ -140,7 +141,7 @@ def test_the_request_rate_of_all_processes_together_stays_under_the_setting(redi
 def test_a_pause_set_by_one_process_holds_every_process(redis_url: str) -> None:
     shared = redis.Redis.from_url(redis_url)
     shared.delete("pace-test:bucket", "pace-test:pause")
-    throttled, other = (stripe_pace.Pace(50, redis.Redis.from_url(redis_url), key="pace-test") for _ in range(2))
+    throttled, other = (Pace(50, redis.Redis.from_url(redis_url), key="pace-test") for _ in range(2))
     throttled.pause(2)
     granted, seconds = other.reserve(max_wait=0.5)
     assert not granted and 1.5 < seconds <= 2
@@ -150,11 +151,11 @@ def test_a_pause_set_by_one_process_holds_every_process(redis_url: str) -> None:
 
 
 def test_retry_after_is_read_in_seconds_or_as_a_date() -> None:
-    assert stripe_pace.retry_after({"retry-after": "3"}) == 3
-    assert stripe_pace.retry_after({"Retry-After": "Thu, 01 Jan 1970 00:00:00 GMT"}) == 0
-    assert stripe_pace.retry_after({"Retry-After": "soon"}) is None
-    assert stripe_pace.retry_after({"Retry-After": "100000"}) == stripe_pace.MAX_PAUSE_SECONDS
-    assert stripe_pace.retry_after(None) is None
+    assert seconds_to_wait({"retry-after": "3"}) == 3
+    assert seconds_to_wait({"Retry-After": "Thu, 01 Jan 1970 00:00:00 GMT"}) == 0
+    assert seconds_to_wait({"Retry-After": "soon"}) is None
+    assert seconds_to_wait({"Retry-After": "100000"}) == MAX_PAUSE_SECONDS
+    assert seconds_to_wait(None) is None
 
 
 def test_acknowledging_is_not_slowed_by_a_throttled_stripe(
@@ -163,7 +164,7 @@ def test_acknowledging_is_not_slowed_by_a_throttled_stripe(
     app = make_app()
     client = app.test_client()
     with app.app_context():
-        stripe_pace.for_app(app).pause(60)
+        for_app(app).pause(60)
         db.session.remove()
     started = time.monotonic()
     for _ in range(5):
@@ -174,7 +175,7 @@ def test_acknowledging_is_not_slowed_by_a_throttled_stripe(
 
 def test_with_redis_unreachable_each_process_keeps_the_budget_itself_without_waiting_on_redis() -> None:
     unreachable = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
-    pace = stripe_pace.Pace(2, unreachable, key="pace-test")
+    pace = Pace(2, unreachable, key="pace-test")
     assert pace.reserve(max_wait=0) == (True, 0.0)  # Redis fails (after its retries): this process decides
     started = time.monotonic()
     assert pace.reserve(max_wait=0)[0] is False  # burst of 1 at 2/s: the next turn is 0.5 s away
@@ -196,7 +197,7 @@ def test_the_worker_takes_its_turn_before_collecting_so_what_arrives_while_it_wa
     past_due = offline_stripe.change_subscription(subscription_id, status="past_due")
     first = stripe_event("customer.subscription.updated", past_due)
     second = stripe_event("customer.subscription.updated", past_due)
-    pace = stripe_pace.for_app(app)
+    pace = for_app(app)
     take = pace.take
     turns: list[float] = []
 

@@ -522,8 +522,8 @@ def test_a_seat_change_committed_while_stripe_is_read_makes_the_worker_read_agai
     from sqlalchemy import create_engine, text
 
     from app.extensions import db
-    from app.services import stripe_events
     from app.services.billing_service import BillingService
+    from app.services.stripe_events import apply_subscription_events
 
     session = sign_up(app.test_client(), offline_stripe, addon_extra_seats="2")
     subscription_id = session["subscription"]
@@ -552,7 +552,7 @@ def test_a_seat_change_committed_while_stripe_is_read_makes_the_worker_read_agai
             return read
 
     with app.app_context():
-        stripe_events.apply_subscription_events(subscription_id, [], OwnerActsDuringTheRead())  # type: ignore[arg-type]
+        apply_subscription_events(subscription_id, [], OwnerActsDuringTheRead())  # type: ignore[arg-type]
         db.session.commit()
     assert len(reads) == 2
     assert [(r.addon_key, r.quantity) for r in query(app, "SELECT * FROM organization_addon")] == [("extra_seats", 3)]
