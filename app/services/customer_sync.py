@@ -5,10 +5,10 @@ Ours to Stripe (the account is the source of truth for these):
   `organization.billing_email_changed` and the owner's `user.email_changed`);
 - the organization's name (`push_name`, on `organization.renamed`): always in the customer's
   `metadata[organization_name]`, and in its `name` (what invoices are addressed to) unless the
-  customer holds a name of its own (`keeps_own_name`): Stripe's `business_name`, a tax ID (the
-  business name typed with it at Checkout is saved as `name`, and the invoices must show that legal
-  name beside it), or a `name` that is no longer the one we last gave it (changed in the portal or
-  the Dashboard). Then `name` is left as it is.
+  customer holds a name of its own (`keeps_own_name`): Stripe's `business_name`; a `name` that is no
+  longer the one we last gave it (changed in the portal or the Dashboard); or, on a customer we never
+  named, a tax ID (the business name typed with it at Checkout is saved as `name`, and the invoices
+  must show that legal name beside it). Then `name` is left as it is.
 Each push is the worker's (outbox consumers in jobs.py, and reconcile's `webhooks:sync_customer` job),
 retried, with an idempotency key per trigger and what is sent; nothing is sent when Stripe already
 holds it.
@@ -115,14 +115,17 @@ def tax_ids(customer: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 
 def keeps_own_name(customer: Mapping[str, Any]) -> bool:
     """Whether the customer's `name` is its own rather than the organization's: Stripe's `business_name`
-    is set, it has a tax ID (the business name typed with it is the legal name its invoices show), or
-    its name is no longer the organization name we last gave it (changed in the portal or Dashboard).
-    A customer we never named (Checkout's, named after the card holder) takes the organization's."""
-    if customer.get("business_name") or tax_ids(customer):
+    is set; or its name is no longer the organization name we last gave it (changed in the portal, the
+    Dashboard, or at a later Checkout); or we never named it and it has a tax ID (the business name typed
+    with the tax ID at Checkout is the legal name its invoices show beside it). A customer we never
+    named and without a tax ID (Checkout's, named after the card holder) takes the organization's."""
+    if customer.get("business_name"):
         return True
     name = customer.get("name")
     given = (customer.get("metadata") or {}).get(ORGANIZATION_NAME)
-    return bool(name) and given is not None and name != given
+    if given is None:
+        return bool(name) and bool(tax_ids(customer))
+    return bool(name) and name != given
 
 
 def name_fields(organization_name: str, customer: Mapping[str, Any]) -> dict[str, Any]:
