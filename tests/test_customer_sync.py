@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 
 from app.extensions import db
 from app.models import User
-from app.services import audit_log, domain_events, reconcile
+from app.services import audit_log, customer_sync, domain_events, reconcile
 from app.services.billing_service import BillingService, plan_catalogue
 from tests.conftest import (
     BERLIN_BUSINESS,
@@ -263,3 +263,33 @@ def test_reconcile_repairs_a_renamed_customer_and_a_billing_page_showing_stale_d
     # The rename's own job, run late, finds the customer in sync and sends nothing.
     run_jobs(app)
     assert len(offline_stripe.calls_to("customers.update")) == 1
+
+
+def test_whose_name_stripes_customer_carries() -> None:
+    """The rule a rename follows (customer_sync.name_fields): the organization's name always goes in the
+    metadata; `name` follows it unless the customer keeps a name of its own."""
+    ours = {"organization_name": "Difference Engines"}
+    # Checkout named it after the card holder, we never named it: it takes the organization's name.
+    assert customer_sync.name_fields("Difference Engines", {"name": "Ada Lovelace", "metadata": {}}) == {
+        "metadata": ours,
+        "name": "Difference Engines",
+    }
+    # The name we gave it last time follows the rename; an empty one is filled.
+    given = {"name": "Analytical Engines", "metadata": {"organization_name": "Analytical Engines"}}
+    assert customer_sync.name_fields("Difference Engines", given) == {"metadata": ours, "name": "Difference Engines"}
+    assert customer_sync.name_fields("Difference Engines", {"name": None, "metadata": {}})["name"] == (
+        "Difference Engines"
+    )
+    # Its own: Stripe's business_name; a name changed since we gave ours; a tax ID on a customer we
+    # never named (the business name typed with it at Checkout). Only the metadata changes.
+    for customer in (
+        {"name": "Ada GmbH", "business_name": "Ada GmbH", "metadata": {"organization_name": "Ada GmbH"}},
+        {"name": "Ada Lovelace Ltd", "metadata": {"organization_name": "Analytical Engines"}},
+        {"name": "Ada GmbH", "metadata": {}, "tax_ids": {"data": [{"value": "DE123456789"}]}},
+    ):
+        assert customer_sync.name_fields("Difference Engines", customer) == {"metadata": ours}
+    # A tax ID added later to a customer we named does not take the name from the organization.
+    named = {**given, "tax_ids": {"data": [{"value": "DE123456789"}]}}
+    assert customer_sync.name_fields("Difference Engines", named)["name"] == "Difference Engines"
+    # Nothing to send when it carries the name already.
+    assert customer_sync.name_fields("Difference Engines", {"name": "Difference Engines", "metadata": ours}) == {}
