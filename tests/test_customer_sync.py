@@ -300,3 +300,8 @@ def test_whose_name_stripes_customer_carries() -> None:
     assert customer_sync.name_fields("Difference Engines", named)["name"] == "Difference Engines"
     # Nothing to send when it carries the name already.
     assert customer_sync.name_fields("Difference Engines", {"name": "Difference Engines", "metadata": ours}) == {}
+    # A push's idempotency key is its trigger's and what it sends: a retry sends the same under the same
+    # key; a retry after a later change sends other fields under another (Stripe refuses a reused key).
+    keyed = customer_sync._keyed
+    assert keyed("customer-name-7", {"name": "A"}) == keyed("customer-name-7", {"name": "A"})
+    assert keyed("customer-name-7", {"name": "A"}) != keyed("customer-name-7", {"name": "B"})

@@ -61,10 +61,12 @@ def expected_email(organization_id: int | None, *, owner_id: int | None = None) 
 
 
 def push_email(organization_id: int | None, stripe: CustomerCalls, *, key: str, owner_id: int | None = None) -> None:
-    """The worker's half of a change of the owner's email or the billing email: Stripe's customer follows."""
+    """The worker's half of a change of the owner's email or the billing email: Stripe's customer follows,
+    with the address the account holds when this runs (a later change queued behind it sends its own)."""
     found = expected_email(organization_id, owner_id=owner_id)
     if found is not None:
-        stripe.update_customer(found[0], {"email": found[1]}, key=key)
+        fields = {"email": found[1]}
+        stripe.update_customer(found[0], fields, key=_keyed(key, fields))
 
 
 def apply_customer_events(customer_id: str, events: list[VerifiedEvent], stripe: CustomerCalls) -> EventOutcomes:
