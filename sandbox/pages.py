@@ -30,6 +30,7 @@ PORTAL_ACTIONS = {
     "update-quantity": "Your subscription has been updated.",
 }
 CARD_NOTICES = {"update-card": "Your payment method has been updated."}  # shown back on the portal
+INFORMATION_NOTICE = {"update-information": "Your billing information has been updated."}
 
 
 bp.add_app_template_filter(objects.money, "money")
@@ -183,7 +184,33 @@ def portal(portal_id: str) -> str | tuple[str, int]:
     if found is None:
         return _not_found("portal session")
     done = request.args.get("done", "")
-    return _portal_page(found, notice=PORTAL_ACTIONS.get(done) or CARD_NOTICES.get(done))
+    return _portal_page(
+        found, notice=PORTAL_ACTIONS.get(done) or CARD_NOTICES.get(done) or INFORMATION_NOTICE.get(done)
+    )
+
+
+@bp.post("/portal/<portal_id>/information")
+def portal_update_information(portal_id: str) -> Response | tuple[str, int]:
+    """The portal's billing information (Stripe's `customer_update.allowed_updates` name and email):
+    saved on the customer as the API's update would, with its customer.updated."""
+    store = current_store()
+    found = _find("billing_portal.session", portal_id)
+    if found is None:
+        return _not_found("portal session")
+    name, email = (request.form.get(field, "").strip() for field in ("name", "email"))
+    if not email or "@" not in email or len(email) > 512 or len(name) > 256:
+        return _portal_page(found, error="Enter a valid email address and a name of at most 256 characters."), 400
+    with store.transaction(), simtime.time_of(store, found["customer"]):
+        customers.update(
+            store,
+            found["customer"],
+            email=email,
+            name=name,
+            metadata=None,
+            default_payment_method=None,
+            origin=billing.AUTOMATIC,
+        )
+    return redirect(f"/portal/{portal_id}?done=update-information", 303)
 
 
 @bp.post("/portal/<portal_id>/subscriptions/<subscription_id>/<action>")

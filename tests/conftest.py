@@ -624,6 +624,15 @@ class SandboxAccount:
         assert page.ok and 'id="update-card"' in page.text, page.text[-2000:]
         self._card_form(f"{portal_url}/payment-method", card)
 
+    def update_information_in_portal(self, portal_url: str, *, name: str, email: str) -> None:
+        """The customer changes its billing name and email in the customer portal (#update-information)."""
+        page = self.http.get(portal_url, timeout=30)
+        assert page.ok and 'id="update-information"' in page.text, page.text[-2000:]
+        response = self.http.post(
+            f"{portal_url}/information", data={"name": name, "email": email}, allow_redirects=False, timeout=30
+        )
+        assert response.status_code == 303, response.text[-2000:]
+
     def pay_invoice_page(self, hosted_invoice_url: str, card: str = CARDS["paid"]) -> None:
         """The customer pays an open invoice on its hosted invoice page."""
         self._card_form(hosted_invoice_url, card)

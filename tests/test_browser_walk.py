@@ -464,7 +464,7 @@ def test_free_signup_upgraded_with_a_code_and_taxed_then_address_and_tax_ids_edi
     """Stripe Tax on (issue 24): a free signup → upgrade through Checkout with the promotion code LAUNCH20,
     a Berlin address and a VAT ID → the billing page shows the discount, the VAT on the next invoice, the
     address and the verified VAT ID → moving to Paris is reverse charged; an unverified French VAT ID
-    added and the German one removed bring French VAT."""
+    added and the German one removed bring French VAT; the owner renames the organization."""
     stack.app.config["STRIPE_AUTOMATIC_TAX"] = True
     page = chromium.page
     fill_signup(chromium, stack, email="gmbh@example.com", tier="free")
@@ -507,3 +507,8 @@ def test_free_signup_upgraded_with_a_code_and_taxed_then_address_and_tax_ids_edi
     expect(page.locator(".tax-id")).to_have_text(re.compile(r"EU VAT number FR12345678901 \(not verified\)"))
     expect(page.locator("#next-invoice-tax")).to_have_text("(including $3.04 tax)")  # French VAT, 20%
     chromium.step("tax IDs edited")
+    page.fill("#organization-name #name", "Difference Engines")
+    page.click("#save-organization-name")
+    expect(page.locator(".flash.success")).to_have_text("The organization is now called Difference Engines.")
+    expect(page.locator("h1")).to_have_text("Billing for Difference Engines")
+    chromium.step("organization renamed")

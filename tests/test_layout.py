@@ -95,6 +95,7 @@ def test_the_factory_registers_every_task_consumer_and_webhook_provider(app: Fla
         "billing.payment_succeeded": ["receipt_email"],
         "organization.billing_email_changed": ["sync_customer_email"],
         "organization.billing_status_changed": ["subscription_ended_email"],
+        "organization.renamed": ["sync_customer_name"],
         "organization.surplus_subscription": ["settle_surplus_subscription"],
         "signup.completed": ["verify_email_after_signup", "welcome_email"],
         "signup.conflict": ["settle_signup_conflict"],

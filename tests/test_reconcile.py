@@ -4,6 +4,7 @@ held (switched off), and the pure diff it is built on."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -12,7 +13,9 @@ import pytest
 import requests
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import text
 
+from app.extensions import db
 from app.models import BillingStatus
 from app.services import reconcile
 from app.services.plans import PlanCatalogue
@@ -337,3 +340,63 @@ def test_an_orphan_stripe_cannot_refund_now_is_repaired_by_the_next_run(
     [pending] = query(app, "SELECT settlement FROM pending_signup WHERE checkout_session_id = :c", c=second)
     assert refund["id"] == pending.settlement["refund_id"]
     assert account.subscription(orphan)["status"] == "canceled"
+
+
+def test_reconcile_gives_each_customer_the_accounts_name_and_one_failing_leaves_the_rest_repaired(
+    held_sandbox: tuple[Flask, SandboxAccount],
+) -> None:
+    """Two renamed organizations whose customers lost the name at Stripe (told to nobody), and Stripe
+    refusing every change to Grace's customer: --apply repairs Ada's through the worker's customer-sync
+    job and still reports Grace's; once Stripe answers again, the waiting job (retried) repairs it and a
+    run after that sends Stripe nothing."""
+    app, account = held_sandbox
+    clients = {name: _sign_up(app, account, f"{name}@example.com") for name in ("ada", "grace")}
+    for name, client in clients.items():
+        response = client.post(
+            "/billing/organization-name",
+            data={"csrf_token": csrf_token(client, "/billing/"), "name": f"{name.title()} Co"},
+        )
+        assert response.status_code == 303
+    organizations = {row.name: row for row in query(app, "SELECT * FROM organization")}
+    ada, grace = (organizations[name].billing_customer_id for name in ("Ada Co", "Grace Co"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the live server's worker pushes each rename
+        names = {account.api("GET", f"/v1/customers/{c}")["metadata"].get("organization_name") for c in (ada, grace)}
+        if names == {"Ada Co", "Grace Co"}:
+            break
+        time.sleep(0.2)
+    assert account.api("GET", f"/v1/customers/{ada}")["name"] == "Ada Co"
+    for customer in (ada, grace):  # lost at Stripe, with no event
+        account.force(customer, name=None, metadata={})
+    refused = {"method": "POST", "path_regex": f"^/v1/customers/{grace}$", "kind": "server", "times": 1000}
+    requests.post(f"{account.url}/_sandbox/faults", json=refused, timeout=10).raise_for_status()
+
+    code, output = _reconcile(app)
+    assert code == 1
+    assert f"(customer {ada}): metadata.organization_name is 'Ada Co' here, none at Stripe" in output
+    assert f"(customer {ada}): name is 'Ada Co' here, none at Stripe" in output
+    assert f"(customer {grace}): name is 'Grace Co' here, none at Stripe" in output
+
+    code, output = _reconcile(app, "--apply")
+    assert code == 1, output
+    repaired = account.api("GET", f"/v1/customers/{ada}")
+    assert (repaired["name"], repaired["metadata"]["organization_name"]) == ("Ada Co", "Ada Co")
+    report = output.split("\n")
+    assert not [line for line in report if f"(customer {ada}): name is" in line]  # repaired
+    assert f"(customer {grace}): name is 'Grace Co' here, none at Stripe" in output  # Stripe refused it
+    assert account.api("GET", f"/v1/customers/{grace}")["name"] is None
+    assert f"organization {organizations['Grace Co'].id} ({grace}) email" not in output  # only what differs
+
+    # Stripe answers again; the retry falls due (time passes) and the next run repairs Grace's too.
+    requests.delete(f"{account.url}/_sandbox/faults", timeout=10).raise_for_status()
+    with app.app_context():
+        db.session.execute(text("UPDATE procrastinate_jobs SET scheduled_at = now() WHERE status = 'todo'"))
+        db.session.commit()
+    code, output = _reconcile(app, "--apply")
+    assert code == 0, output
+    repaired = account.api("GET", f"/v1/customers/{grace}")
+    assert (repaired["name"], repaired["metadata"]["organization_name"]) == ("Grace Co", "Grace Co")
+    updates = len(account.calls_to("customers.update"))
+    code, output = _reconcile(app, "--apply")
+    assert code == 0 and "Stripe and the database agree." in output, output
+    assert len(account.calls_to("customers.update")) == updates  # nothing sent twice

@@ -13,6 +13,7 @@ import pytest
 import stripe
 from flask import Flask
 
+from app.services.billing_service import BillingService
 from tests.conftest import (
     BERLIN_BUSINESS,
     PASSWORD,
@@ -361,6 +362,24 @@ def taxed_customer_with_a_vat_id(app: Flask, stripe_api: SandboxAccount, smtp_se
         assert 'id="next-invoice-tax"' not in client.get("/billing/").get_data(as_text=True)
         preview = stripe_api.api("POST", "/v1/invoices/create_preview", {"subscription": session["subscription"]})
         assert [(t["taxability_reason"], t["amount"]) for t in preview["total_taxes"]] == [("reverse_charge", 0)]
+        # Customer details: the owner renames the organization; the worker puts the new name on Stripe's
+        # customer (its metadata) and keeps the business name typed with the VAT ID, which its invoices
+        # show; our push comes back as customer.updated and nothing is pushed again; reconcile agrees.
+        renamed = client.post(
+            "/billing/organization-name",
+            data={"csrf_token": csrf_token(client, "/billing/"), "name": "Ada Engines"},
+            follow_redirects=True,
+        )
+        assert "The organization is now called Ada Engines." in renamed.get_data(as_text=True)
+        run_jobs(app)
+        customer = stripe_api.api("GET", f"/v1/customers/{session['customer']}")
+        assert (customer["name"], customer["metadata"]["organization_name"]) == ("Ada GmbH", "Ada Engines")
+        pushes = len(stripe_api.calls_to("customers.update"))
+        assert ("customer.updated", 200) in stripe_api.deliver(client)
+        assert len(stripe_api.calls_to("customers.update")) == pushes
+        [organization] = query(app, "SELECT id FROM organization WHERE name = 'Ada Engines'")
+        with app.app_context():
+            assert BillingService.reconcile(organization_id=organization.id).customer_drifts == []
     finally:
         app.config["STRIPE_AUTOMATIC_TAX"] = False
 

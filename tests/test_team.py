@@ -241,6 +241,12 @@ def test_the_owner_removes_a_member_who_is_signed_out_and_cannot_sign_in(
     token = csrf_token(teammate, "/team/")
     assert teammate.post("/team/invite", data={"csrf_token": token, "email": "x@example.com"}).status_code == 403
     assert teammate.post(f"/team/members/{member.id}/remove", data={"csrf_token": token}).status_code == 403
+    # Nor rename the organization (an owner action, like billing).
+    assert (
+        teammate.post("/billing/organization-name", data={"csrf_token": token, "name": "Mallory Inc"}).status_code
+        == 403
+    )
+    assert query(app, "SELECT name FROM organization")[0].name == "Analytical Engines"
 
     assert owner.post(f"/team/members/{member.id}/remove").status_code == 303
     assert teammate.get("/app").status_code == 302  # the session ends at its next request

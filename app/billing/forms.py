@@ -54,6 +54,12 @@ class BillingEmailForm(FlaskForm):
     billing_email = StringField("Send receipts to", validators=[Optional(), Length(max=254)])
 
 
+class OrganizationNameForm(FlaskForm):
+    """The organization's name (organization_profile.clean_name checks it and says why not)."""
+
+    name = StringField("Organization name", validators=[Length(max=1000)])
+
+
 class BillingAddressForm(OwnerActionForm):
     """The billing address Stripe Tax reads (kept on Stripe's customer, app/services/tax.py)."""
 

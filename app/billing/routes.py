@@ -20,6 +20,7 @@ from app.billing.forms import (
     ConfirmChangeForm,
     DowngradeToFreeForm,
     KeepPlanForm,
+    OrganizationNameForm,
     PortalForm,
     RemoveTaxIdForm,
     ResumeForm,
@@ -30,7 +31,7 @@ from app.billing.forms import (
 from app.extensions import client_address, csrf, db, limiter
 from app.features import current_entitlements
 from app.models import Organization, User
-from app.services import free_plan, receipts, tax, usage_page
+from app.services import free_plan, organization_profile, receipts, tax, usage_page
 from app.services.billing_common import ChangeOutcome
 from app.services.billing_service import (
     BillingError,
@@ -113,6 +114,7 @@ def overview() -> str | tuple[str, int]:
         free_tier=catalogue.free_tier(),
         downgrade_form=DowngradeToFreeForm(),
         billing_email_form=BillingEmailForm(billing_email=organization.billing_email or ""),
+        organization_name_form=OrganizationNameForm(name=organization.name),
         tax_forms=(BillingAddressForm(), TaxIdForm(), RemoveTaxIdForm()),
         tax_setting={"automatic": tax.enabled(), "inclusive": tax.prices_include_tax()},
     )
@@ -380,6 +382,22 @@ def billing_email() -> Response:
     else:
         flash(f"Receipts will be sent to {kept or current_user.email}.", "success")
     return redirect(url_for("billing.overview"), 303)
+
+
+@bp.post("/organization-name")
+def organization_name() -> Response:
+    """The owner renames the organization (Stripe's customer follows through the worker)."""
+    organization_id = _owned_organization().id
+    form = OrganizationNameForm()
+    if not form.validate_on_submit():
+        abort(400, "That form was incomplete. Reload the billing page and try again.")
+    try:
+        name, changed = organization_profile.rename(organization_id, form.name.data, actor_user_id=current_user.id)
+    except organization_profile.OrganizationNameError as exc:
+        flash(str(exc), "error")
+    else:
+        flash(f"The organization is now called {name}." if changed else f"The name is already {name}.", "success")
+    return redirect(url_for("billing.overview", _anchor="organization-name"), 303)
 
 
 @bp.post("/tax-details")

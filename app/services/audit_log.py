@@ -141,6 +141,7 @@ SENTENCES: dict[str, Callable[[Mapping[str, Any], DomainEvent, _Context], str]] 
     "organization.created": lambda d, e, c: (
         f"Organization {d.get('name') or ''} created on the {c.tier(d.get('tier'))} plan".replace("  ", " ")
     ),
+    "organization.renamed": lambda d, e, c: f"Organization renamed from {d.get('previous')} to {d.get('name')}",
     "organization.billing_status_changed": lambda d, e, c: (
         f"Billing status changed from {_status(d.get('previous'))} to {_status(d.get('status'))}"
     ),

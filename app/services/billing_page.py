@@ -179,6 +179,17 @@ def forget_reads(organization_id: int) -> None:
     cache.delete_many(*(f"billing-read:{version}:{part}" for part in BILLING_READ_PARTS))
 
 
+def shown(organization: Organization, part: str) -> Any:
+    """What the page would show of one part without asking Stripe: its cached read, or None (reconcile
+    compares it with Stripe: the database keeps no copy of discounts or tax IDs)."""
+    version = f"{organization.id}:{organization.billing_as_of or 0}:{organization.payment_as_of or 0}"
+    try:
+        cached = cache.get(f"billing-read:{version}:{part}")
+    except Exception:  # a Redis hiccup: nothing is shown from the cache
+        return None
+    return cached.get("value") if isinstance(cached, dict) else None
+
+
 def cached_read(organization_id: str, part: str, read: Callable[[], Any], details: BillingDetails) -> Any:
     key = f"billing-read:{organization_id}:{part}"
     try:

@@ -44,6 +44,14 @@ def apply_webhook_events(
     return BillingService.apply_queued_events(provider, object_key, final_attempt=final, resync=resync)
 
 
+@webhooks.task(name="sync_customer", queue=WEBHOOK_QUEUE, retry=queue.RETRY)
+@queue.in_app_context
+def sync_customer(organization_id: int, request: str) -> str:
+    """Reconcile's repair of a customer lacking the account's email or name (customer_sync.queue_sync):
+    read afresh, sent only what it lacks; the key is the request's and what is sent."""
+    return customer_sync.push_details(organization_id, BillingService, key=f"customer-sync-{request}")
+
+
 QUEUE = "maintenance"
 # A pending signup is closed this long after its expiry, when its Checkout Session (which expires at
 # the same moment at Stripe) can no longer be paid.
@@ -214,3 +222,9 @@ def sync_customer_email_of_owner(event: outbox.OutboxEvent) -> None:
     customer_sync.push_email(
         event.organization_id, BillingService, key=f"customer-email-{event.id}", owner_id=event.user_id
     )
+
+
+@outbox.consumer(customer_sync.RENAMED, name="sync_customer_name")
+def sync_customer_name(event: outbox.OutboxEvent) -> None:
+    """Stripe's customer carries the organization's new name (customer_sync.name_fields says where)."""
+    customer_sync.push_name(event.organization_id, BillingService, key=f"customer-name-{event.id}")

@@ -2,13 +2,17 @@
 sides (the database in short transactions, Stripe with none open), hands them here, and applies the
 repairs through the paths the webhooks use. Nothing here talks to Stripe or the database.
 
-Four kinds of drift:
+Six kinds of drift:
 - an organization's subscription whose status, tier, add-ons, period end, scheduled cancellation or
   paused collection differ from Stripe's (`SubscriptionDrift`);
 - a live subscription carrying this app's metadata that no organization holds (`Orphan`): a signup
   never provisioned, a second paid signup for a registered email, a surplus resubscription;
 - an event Stripe sent in the window that `stripe_event` does not hold (`MissingEvent`);
-- a conflicting signup or surplus resubscription not yet canceled and refunded (`Unsettled`)."""
+- a conflicting signup or surplus resubscription not yet canceled and refunded (`Unsettled`);
+- a Stripe customer without the email or organization name the account gives it (`CustomerDrift`);
+- a billing page showing discounts or tax IDs Stripe no longer holds (`PageDrift`): the database keeps
+  no copy of either, so what the page shows (its cached reads) is what is compared.
+Tax IDs Stripe could not verify are reported (`customers`), not drift: the customer corrects them."""
 
 from __future__ import annotations
 
@@ -78,6 +82,27 @@ class Unsettled:
 
 
 @dataclass(frozen=True)
+class CustomerDrift:
+    """What Stripe's customer lacks of the account (customer_sync.customer_drift): repaired by the
+    worker's customer-sync job (ours is the source of truth for the email and the name)."""
+
+    organization_id: int
+    customer_id: str
+    fields: list[FieldDrift]
+
+
+@dataclass(frozen=True)
+class PageDrift:
+    """The billing page's cached view of Stripe's discounts or tax IDs no longer matching Stripe:
+    repaired by dropping the page's reads (the next view reads Stripe)."""
+
+    organization_id: int
+    part: str  # "discounts" or "tax IDs"
+    shown: Any
+    stripe: Any
+
+
+@dataclass(frozen=True)
 class MissingEvent:
     event_id: str
     type: str
@@ -110,14 +135,24 @@ class ReconcileReport:
     unsettled: list[Unsettled] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # what could not be checked or repaired
     applied: list[str] = field(default_factory=list)  # what --apply did
-    # Stripe customers whose email or tax IDs differ from the account's (customer_sync.differences):
-    # reported, not repaired (a missed customer.updated comes back as a missing event).
+    # What is reported of customers and never repaired: tax IDs Stripe could not verify, a customer
+    # that could not be read.
     customers: list[str] = field(default_factory=list)
+    customer_drifts: list[CustomerDrift] = field(default_factory=list)
+    page_drifts: list[PageDrift] = field(default_factory=list)
 
     @property
     def clean(self) -> bool:
         actionable = [orphan for orphan in self.orphans if orphan.kind != "unknown"]
-        return not (self.subscriptions or actionable or self.missing_events or self.unsettled or self.problems)
+        return not (
+            self.subscriptions
+            or actionable
+            or self.missing_events
+            or self.unsettled
+            or self.problems
+            or self.customer_drifts
+            or self.page_drifts
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,6 +164,8 @@ class ReconcileReport:
             "problems": list(self.problems),
             "applied": list(self.applied),
             "customers": list(self.customers),
+            "customer_drifts": [asdict(drift) for drift in self.customer_drifts],
+            "page_drifts": [asdict(drift) for drift in self.page_drifts],
         }
 
     def untouched(self) -> list[Orphan]:
@@ -164,6 +201,19 @@ class ReconcileReport:
             whose = _whose(entry.kind, entry.reference, names)
             subscription = entry.subscription_id
             out.append(f"not yet canceled and refunded: {entry.kind} {entry.reference}{whose} ({subscription})")
+        for customer in self.customer_drifts:
+            organization = _named(
+                names.organizations.get(customer.organization_id), f"organization {customer.organization_id}"
+            )
+            for change in customer.fields:
+                out.append(
+                    f"{organization} (customer {customer.customer_id}): {change.field} "
+                    f"is {_show(change.ours)} here, {_show(change.stripe)} at Stripe"
+                )
+        for page in self.page_drifts:
+            organization = _named(names.organizations.get(page.organization_id), f"organization {page.organization_id}")
+            shown, held = _show(page.shown), _show(page.stripe)
+            out.append(f"{organization}: the billing page shows {page.part} {shown}, Stripe holds {held}")
         out.extend(f"problem: {problem}" for problem in self.problems)
         out.extend(f"customer: {difference}" for difference in self.customers)
         if not self.clean:

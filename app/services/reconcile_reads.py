@@ -24,11 +24,12 @@ from app.models import (
     User,
     UserRole,
 )
-from app.services import price_lookup
+from app.services import billing_page, customer_sync, price_lookup
 from app.services import reconcile as reconciliation
 from app.services.billing_common import BillingError, as_uuid, id_of, plan_catalogue
-from app.services.customer_sync import differences
+from app.services.billing_details import ActiveDiscount, SubscriptionFacts
 from app.services.subscription_state import SubscriptionState
+from app.services.tax import CustomerTax
 from app.services.whop_state import subscription_state_from_whop
 
 
@@ -236,6 +237,8 @@ class StripeReconcileReads(Protocol):
 
     def read_customer_tax(self, customer_id: str) -> dict[str, Any]: ...
 
+    def read_subscription_for_page(self, subscription_id: str) -> dict[str, Any]: ...
+
 
 def read_stripe_side(
     stripe: StripeReconcileReads, since_days: int, organization_id: int | None, handled_events: frozenset[str]
@@ -267,13 +270,16 @@ def read_stripe_side(
     report.orphans = reconciliation.find_orphans(orphan_candidates, held.held_ids, pending, resubscribes)
     report.unsettled = unsettled(organization_id)
     report.missing_events = reconciliation.find_missing_events(events, held.stored_events, handled_events)
-    report.customers = customer_differences(stripe, organization_id)
+    customers(stripe, organization_id, report)
     return report
 
 
-def customer_differences(stripe: StripeReconcileReads, organization_id: int | None) -> list[str]:
-    """Each Stripe-billed organization's customer (one read each, its tax IDs included) against the
-    email the account sends receipts to, and its tax IDs' verification (customer_sync.differences)."""
+def customers(
+    stripe: StripeReconcileReads, organization_id: int | None, report: reconciliation.ReconcileReport
+) -> None:
+    """Each Stripe-billed organization's customer (one read each, its tax IDs included) against what
+    the account gives it (email, organization name: `customer_drifts`), its tax IDs' verification
+    (`customers`), and what the billing page shows of its tax IDs and discounts (`page_drifts`)."""
     query = (
         select(Organization, User.email)
         .join(User, (User.organization_id == Organization.id) & (User.role == UserRole.OWNER))
@@ -283,17 +289,54 @@ def customer_differences(stripe: StripeReconcileReads, organization_id: int | No
     if organization_id is not None:
         query = query.where(Organization.id == organization_id)
     rows = [(organization, email) for organization, email in db.session.execute(query).all()]
-    db.session.rollback()  # read; nothing is held while Stripe answers
-    found = []
+    for organization, _ in rows:
+        db.session.expunge(organization)  # kept as read: nothing is loaded again while Stripe answers
+    db.session.rollback()
+    renamed = customer_sync.renamed_organizations([organization.id for organization, _ in rows])
     for organization, owner_email in rows:
         customer_id = str(organization.billing_customer_id)
+        who = f"organization {organization.id} ({customer_id})"
         try:
             customer = stripe.read_customer_tax(customer_id)
         except BillingError as exc:
-            found.append(f"organization {organization.id} ({customer_id}): not read: {exc}")
+            report.customers.append(f"{who}: not read: {exc}")
             continue
-        found += [
-            f"organization {organization.id} ({customer_id}): {d}"
-            for d in differences(organization, owner_email, customer)
-        ]
+        report.customers += [f"{who}: {d}" for d in customer_sync.unverified_tax_ids(customer)]
+        fields = customer_sync.customer_drift(organization, owner_email, customer, renamed=organization.id in renamed)
+        if fields:
+            drift = [reconciliation.FieldDrift(name, ours, theirs) for name, ours, theirs in fields]
+            report.customer_drifts.append(reconciliation.CustomerDrift(organization.id, customer_id, drift))
+        report.page_drifts += page_drifts(stripe, organization, customer)
+
+
+def _tax_ids_shown(found: CustomerTax) -> list[str]:
+    return [f"{row.value} ({row.status})" for row in found.tax_ids]
+
+
+def _discounts_shown(discounts: list[ActiveDiscount]) -> list[str]:
+    return [f"{d.code or d.name or 'discount'} ({d.duration}, until {d.ends_at or 'the end'})" for d in discounts]
+
+
+def page_drifts(
+    stripe: StripeReconcileReads, organization: Organization, customer: dict[str, Any]
+) -> list[reconciliation.PageDrift]:
+    """The billing page's cached tax IDs and discounts (when it has any cached: otherwise its next view
+    reads Stripe) against Stripe's: the customer just read, and the subscription read as the page reads
+    it (with its discounts expanded). The database keeps no copy of either."""
+    found: list[reconciliation.PageDrift] = []
+    tax_shown = billing_page.shown(organization, "tax")
+    if isinstance(tax_shown, CustomerTax):
+        ours, theirs = _tax_ids_shown(tax_shown), _tax_ids_shown(CustomerTax.from_stripe(customer))
+        if ours != theirs:
+            found.append(reconciliation.PageDrift(organization.id, "tax IDs", ours, theirs))
+    facts = billing_page.shown(organization, "subscription")
+    if isinstance(facts, SubscriptionFacts) and organization.billing_subscription_id:
+        try:
+            subscription = stripe.read_subscription_for_page(str(organization.billing_subscription_id))
+        except BillingError:
+            return found  # not compared this time; the page's cache expires on its own
+        ours = _discounts_shown(facts.discounts)
+        theirs = _discounts_shown(SubscriptionFacts.from_stripe(subscription).discounts)
+        if ours != theirs:
+            found.append(reconciliation.PageDrift(organization.id, "discounts", ours, theirs))
     return found

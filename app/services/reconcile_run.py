@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from flask import current_app
 
 from app.extensions import db
-from app.services import queue, stripe_events, webhook_intake
+from app.services import billing_page, customer_sync, queue, stripe_events, webhook_intake
 from app.services import reconcile as reconciliation
 from app.services.billing_common import BillingError, WebhookProvider, WebhookRejected, committed, describe_failure
 from app.services.signup_service import ProvisionOutcome, ProvisionState
@@ -92,7 +92,40 @@ def repair(
             webhook_intake.queue_resync(provider, key)
         followed = f"Whop membership {drift.subscription_id}" if whop_billed else drift.subscription_id
         applied.append(f"organization {drift.organization_id} follows {followed}: re-read queued for the worker")
-    return applied + settle(report, billing)
+    return applied + customers(report) + settle(report, billing)
+
+
+def customers(report: reconciliation.ReconcileReport) -> list[str]:
+    """A customer lacking the account's email or name gets the worker's customer-sync job (one waiting
+    job per organization; it reads the customer afresh and sends only what is missing, so a repeated
+    run sends nothing twice). While a customer.updated is missing, customers wait for the next round:
+    that event (a change made at Stripe) is applied first, so ours never overwrites it. A billing page
+    showing stale discounts or tax IDs has its cached reads dropped. One failing does not stop the rest."""
+    applied: list[str] = []
+    if any(missing.type == "customer.updated" for missing in report.missing_events):
+        waiting = len(report.customer_drifts)
+        if waiting:
+            applied.append(f"{waiting} customer(s) left for the next round: a customer.updated is applied first")
+    else:
+        for drift in report.customer_drifts:
+            try:
+                with committed():
+                    queued = customer_sync.queue_sync(drift.organization_id, drift.customer_id)
+                fields = ", ".join(change.field for change in drift.fields)
+                state = "customer sync queued for the worker" if queued else "customer sync already queued"
+                applied.append(f"organization {drift.organization_id} ({drift.customer_id}) {fields}: {state}")
+            except Exception as exc:  # the others are still repaired; the next run tries again
+                db.session.rollback()
+                applied.append(f"organization {drift.organization_id}: customer sync not queued: {exc}")
+    for page in report.page_drifts:
+        try:
+            billing_page.forget_reads(page.organization_id)
+            db.session.rollback()
+            applied.append(f"organization {page.organization_id}: the billing page reads {page.part} from Stripe again")
+        except Exception as exc:  # the cache did not answer: the next run tries again
+            db.session.rollback()
+            applied.append(f"organization {page.organization_id}: billing page reads not dropped: {exc}")
+    return applied
 
 
 def settle(report: reconciliation.ReconcileReport, billing: ReconcileOperations) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import requests
 
@@ -52,3 +53,35 @@ def test_portal_switches_plan_and_changes_quantity(
     assert [e["type"] for e in events[1:]] == ["customer.subscription.updated"] * 2
     assert events[1]["request"]["id"] is None  # the portal's changes are not API requests
     assert events[2]["data"]["previous_attributes"]["items"]["data"][1]["quantity"] == 2
+
+
+def test_portal_updates_the_customers_billing_name_and_email(
+    sandbox: Sandbox, receiver: Receiver, prices: dict[str, str]
+) -> None:
+    session, _sub = paid_subscription(sandbox, prices)
+    portal = sandbox.client.v1.billing_portal.sessions.create(params={"customer": session.customer})
+    page = requests.get(portal.url, timeout=5).text
+    assert 'id="information-name"' in page and 'id="information-email"' in page and 'id="update-information"' in page
+    saved = requests.post(
+        f"{portal.url}/information", data={"name": "Ada GmbH", "email": "billing@example.com"}, timeout=5
+    )
+    assert saved.status_code == 200 and saved.history[0].status_code == 303
+    assert "Your billing information has been updated." in saved.text and 'value="Ada GmbH"' in saved.text
+    customer = sandbox.client.v1.customers.retrieve(session.customer)
+    assert (customer.name, customer.email) == ("Ada GmbH", "billing@example.com")
+    deadline, updated = time.monotonic() + 10, []
+    while not updated and time.monotonic() < deadline:
+        updated = [
+            e
+            for e in receiver.events({session.customer})
+            if e["type"] == "customer.updated" and "name" in e["data"].get("previous_attributes", {})
+        ]
+        time.sleep(0.05)
+    [event] = updated
+    assert event["request"]["id"] is None  # the portal's changes are not API requests
+    assert set(event["data"]["previous_attributes"]) == {"name", "email"}
+    # The same again is accepted and changes nothing; an address without @ is refused.
+    requests.post(f"{portal.url}/information", data={"name": "Ada GmbH", "email": "billing@example.com"}, timeout=5)
+    refused = requests.post(f"{portal.url}/information", data={"name": "Ada", "email": "nope"}, timeout=5)
+    assert refused.status_code == 400 and 'role="alert"' in refused.text
+    assert sandbox.client.v1.customers.retrieve(session.customer).name == "Ada GmbH"
