@@ -485,7 +485,7 @@ def invoice_line(
         "pretax_credit_amounts": [],
         "pricing": pricing,
         "quantity": quantity,
-        "quantity_decimal": str(quantity),
+        "quantity_decimal": None if quantity is None else str(quantity),
         "subscription": subscription_id,
         "subtotal": amount,
         "taxes": [],

@@ -305,7 +305,7 @@ def check(value: Any, hint: Any, path: str, cls: type | None = None, field: str 
         return errors + [e for i, v in enumerate(value["data"]) for e in check(v, args[0], f"{path}.data[{i}]")]
     if hint is decimal.Decimal:
         encoding = getattr(cls, "_field_encodings", {}).get(field)
-        ok = isinstance(value, str) and encoding == "decimal_string"
+        ok = isinstance(value, str) and encoding == "decimal_string" and _is_decimal(value)
         return [] if ok else [f"{path}: expected a decimal string, got {value!r}"]
     if hint is bool:
         return [] if isinstance(value, bool) else [f"{path}: expected a boolean, got {value!r}"]
@@ -324,6 +324,13 @@ def check(value: Any, hint: Any, path: str, cls: type | None = None, field: str 
             return [f"{path}: expected a {hint.__qualname__} hash, got {type(value).__name__}"]
         return check_object(value, hint, path)
     return [f"{path}: the contract test cannot check type {hint!r}"]
+
+
+def _is_decimal(value: str) -> bool:
+    try:
+        return decimal.Decimal(value).is_finite()
+    except decimal.InvalidOperation:
+        return False
 
 
 def check_object(obj: dict[str, Any], cls: type, path: str) -> list[str]:
@@ -480,6 +487,7 @@ def test_the_checker_catches_invented_and_mistyped_fields() -> None:
     assert any("price.colour" in e and "does not declare" in e for e in errors)
     assert any("price.active: expected a boolean" in e for e in errors)
     assert not any("unit_amount_decimal" in e for e in errors)  # a decimal string, as declared
+    assert any("expected a decimal string" in e for e in check_stripe_object({**price, "unit_amount_decimal": "None"}))
     assert any("price.lookup_key: the app reads it" in e for e in errors)
     # Completeness: a field stripe-python declares is missing unless Stripe leaves it out by default.
     assert any(e.startswith("price.billing_scheme: ") and "leaves it out" in e for e in errors)
