@@ -431,6 +431,34 @@ def test_every_object_matches_stripe_pythons_types(sandbox: Sandbox, prices: dic
     )
     clock_id, clock_customer_id = clock_customer(sandbox)
     subscribe(sandbox, prices, clock_customer_id)
+    # A metered item (the catalogue's meter): no quantity, billed from the meter's usage.
+    [metered_price] = _get(sandbox, "prices", **{"lookup_keys[]": "api_calls_metered"})["data"]
+    metered_customer = _post(sandbox, "customers", {"email": "meter@example.com"})["id"]
+    metered = subscribe(
+        sandbox,
+        prices,
+        metered_customer,
+        line_items=[{"price": prices["starter_monthly"], "quantity": 1}, {"price": metered_price["id"]}],
+    )
+    usage = {"event_name": "sandbox_api_calls", "payload[stripe_customer_id]": metered_customer, "payload[value]": "7"}
+    _post(sandbox, "billing/meter_events", usage)
+    metered_preview = _post(sandbox, "invoices/create_preview", {"subscription": metered.id})
+    assert [line["quantity"] for line in metered_preview["lines"]["data"]] == [1, 7]
+    # To yearly billing: the metered item leaves the subscription (its proration line has no quantity).
+    yearly = _get(sandbox, "prices", **{"lookup_keys[]": "starter_yearly"})["data"][0]["id"]
+    metered_items = metered["items"].data
+    to_yearly = _post(
+        sandbox,
+        "invoices/create_preview",
+        {
+            "subscription": metered.id,
+            "subscription_details[items][0][id]": metered_items[0].id,
+            "subscription_details[items][0][price]": yearly,
+            "subscription_details[items][1][id]": metered_items[1].id,
+            "subscription_details[items][1][deleted]": "true",
+            "subscription_details[proration_behavior]": "always_invoice",
+        },
+    )
     new_price = _post(
         sandbox,
         "prices",
@@ -470,6 +498,9 @@ def test_every_object_matches_stripe_pythons_types(sandbox: Sandbox, prices: dic
         _post(sandbox, "billing_portal/sessions", {"customer": customer, "return_url": "http://app.test/"}),
         _get(sandbox, f"test_helpers/test_clocks/{clock_id}"),
         _get(sandbox, f"subscription_schedules/{schedule['id']}"),
+        _get(sandbox, f"subscriptions/{metered.id}", **{"expand[]": "latest_invoice"}),
+        metered_preview,
+        to_yearly,
     ]
     events = _get(sandbox, "events", limit="100")["data"]
     objects_to_check += events
