@@ -281,6 +281,15 @@ def list_tax_ids(params: Params, customer_id: str) -> Obj:
     return lists.paginate(found, f"/v1/customers/{customer_id}/tax_ids", lists.page_params(params), "tax_id")
 
 
+@endpoint("/customers/<customer_id>/tax_ids/<tax_id_id>", "GET")
+def retrieve_tax_id(params: Params, customer_id: str, tax_id_id: str) -> Obj:
+    reject_unknown(params, ())
+    found = next((t for t in tax.tax_ids_of(current_store(), customer_id) if t["id"] == tax_id_id), None)
+    if found is None:
+        raise StripeError(f"No such tax ID: '{tax_id_id}'", status=404, code="resource_missing", param="id")
+    return found
+
+
 @endpoint("/customers/<customer_id>/tax_ids/<tax_id_id>", "DELETE")
 def delete_tax_id(params: Params, customer_id: str, tax_id_id: str) -> Obj:
     reject_unknown(params, ())

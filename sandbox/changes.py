@@ -588,10 +588,11 @@ def preview_invoice(
     if reason == "upcoming":
         # A renewal invoice's period is the one that is ending (its lines bill the next one).
         invoice.update(period_start=start, period_end=end)
-    invoice.pop("id")
+    # A preview's id is its own, prefixed upcoming_in (it cannot be retrieved or paid).
+    invoice["id"] = "upcoming_" + invoice["id"]
     for line in invoice["lines"]["data"]:
-        line["invoice"] = None
-    invoice["lines"]["url"] = "/v1/invoices/upcoming/lines"
+        line["invoice"] = invoice["id"]
+    invoice["lines"]["url"] = f"/v1/invoices/{invoice['id']}/lines"
     invoice.update(
         number=None,
         status="draft",

@@ -15,7 +15,7 @@ import copy
 import time
 from collections.abc import Callable
 
-from . import billing, changes, invoice_items, invoicing, lists, objects, schedules, simtime
+from . import billing, changes, invoice_items, invoicing, lists, objects, schedules, simtime, tax
 from .config import Dunning
 from .errors import StripeError
 from .objects import Obj
@@ -164,6 +164,7 @@ def run_advance(store: Store, clock_id: str) -> None:
     clock.update(frozen_time=target, status="ready", status_details={"advancing": None})
     store.put(clock)
     with simtime.frozen_at(target):
+        tax.settle_pending_on_clock(store, [c["id"] for c in _customers(store, clock_id)])
         billing.emit(store, "test_helpers.test_clock.ready", clock)
 
 

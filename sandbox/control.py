@@ -31,7 +31,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 
-from . import billing, meter_stream, meters, objects
+from . import billing, meter_stream, meters, objects, tax
 from .config import DeliveryConfig, LiveDelivery
 from .context import current_settings, current_store
 from .errors import StripeError
@@ -501,6 +501,21 @@ def meter_error_report() -> Response:
     with store.transaction():
         event = meters.error_report(store, identifiers, code, message)
     return jsonify(id=event["id"])
+
+
+@bp.post("/tax_ids/<tax_id_id>/verification")
+def settle_tax_id_verification(tax_id_id: str) -> Response:
+    """Stripe's check of a pending tax ID finishes: {"status": "verified" (default) | "unverified" |
+    "unavailable"}; sends customer.tax_id.updated."""
+    body = _json_body(required=False)
+    status = body.get("status", "verified")
+    store = current_store()
+    try:
+        with store.transaction():
+            tax_id = tax.settle_verification(store, tax_id_id, str(status))
+    except StripeError as error:
+        raise ControlError(error.message, status=error.status) from None
+    return jsonify(objects.public(tax_id))
 
 
 @bp.post("/meters/expire_sessions")

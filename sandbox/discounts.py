@@ -87,13 +87,12 @@ def promotion_code(
         "code": code,
         "created": now,
         "customer": None,
+        "customer_account": None,
         "expires_at": expires_at,
         "livemode": False,
         "max_redemptions": max_redemptions,
         "metadata": metadata,
         "promotion": {"coupon": coupon_obj["id"], "type": "coupon"},
-        # The coupon as it was when the code was made (as on API versions before 2025-09-30).
-        "coupon": coupon_obj,
         "restrictions": {
             "currency_options": {},
             "first_time_transaction": first_time_transaction,
@@ -119,13 +118,12 @@ def discount(
         "object": "discount",
         "checkout_session": None,
         "customer": customer_id,
+        "customer_account": None,
         "end": end,
         "invoice": None,
         "invoice_item": None,
         "promotion_code": code["id"] if code is not None else None,
-        "source": {"coupon": coupon_obj, "type": "coupon"},
-        # `coupon` as on API versions before 2025-09-30, which the SDKs still read.
-        "coupon": coupon_obj,
+        "source": {"coupon": coupon_obj["id"], "type": "coupon"},  # expandable: discounts.source.coupon
         "start": now,
         "subscription": subscription_id,
         "subscription_item": None,
@@ -213,14 +211,12 @@ def redeem(store: Store, code: Obj | None, subscription: Obj, now: int, coupon_i
         coupon_id=coupon_id,
     )
     subscription["discounts"] = [*subscription["discounts"], made["id"]]
-    coupon_obj = load(store, "coupon", made["coupon"]["id"])
+    coupon_obj = load(store, "coupon", made["source"]["coupon"])
     coupon_obj["times_redeemed"] += 1
     if coupon_obj["max_redemptions"] is not None and coupon_obj["times_redeemed"] >= coupon_obj["max_redemptions"]:
         coupon_obj["valid"] = False
-    made["coupon"] = made["source"]["coupon"] = coupon_obj
     if code is not None:
         code["times_redeemed"] += 1
-        code["coupon"] = coupon_obj
         store.put(code)
     for obj in (made, coupon_obj):
         store.put(obj)
@@ -246,7 +242,7 @@ def set_subscription_discounts(store: Store, subscription: Obj, entries: list[Ob
             if entry["discount"] not in subscription["discounts"]:
                 raise StripeError(f"The discount {entry['discount']} is not on this subscription.", param=where)
             kept.append(entry["discount"])
-            coupons.add(load(store, "discount", entry["discount"])["coupon"]["id"])
+            coupons.add(load(store, "discount", entry["discount"])["source"]["coupon"])
             continue
         if "promotion_code" in entry:
             code = load(store, "promotion_code", entry["promotion_code"], f"{where}[promotion_code]", 400)
@@ -279,7 +275,7 @@ def apply_to_invoice(store: Store, invoice: Obj, subscription: Obj | None, *, pr
             found = store.get(discount_id)
             if found is not None and (found["end"] is None or found["end"] > now):
                 ids.append(discount_id)
-                if found["coupon"]["duration"] == "once" and not preview:
+                if load(store, "coupon", found["source"]["coupon"])["duration"] == "once" and not preview:
                     found["end"] = now
                     store.put(found)
                     subscription["discounts"] = [d for d in subscription["discounts"] if d != discount_id]
@@ -287,7 +283,7 @@ def apply_to_invoice(store: Store, invoice: Obj, subscription: Obj | None, *, pr
     amounts = []
     left = max(subtotal, 0)
     for discount_id in ids:
-        coupon_obj = load(store, "discount", discount_id)["coupon"]
+        coupon_obj = load(store, "coupon", load(store, "discount", discount_id)["source"]["coupon"])
         if coupon_obj["percent_off"] is not None:
             amount = round(left * coupon_obj["percent_off"] / 100)
         else:

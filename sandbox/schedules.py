@@ -82,6 +82,7 @@ def _schedule(subscription: Obj, phases: list[Obj], now: int) -> Obj:
         "created": now,
         "current_phase": _current_phase(phases[0]),
         "customer": subscription["customer"],
+        "customer_account": None,
         "default_settings": {
             "application_fee_percent": None,
             "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},

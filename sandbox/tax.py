@@ -12,7 +12,10 @@ names. What a customer pays depends on its address, tax IDs and `tax_exempt`:
 Every price is tax-exclusive unless its `tax_behavior` is `inclusive` (then the tax is inside).
 
 A tax ID's verification is decided by its digits: a value ending in 1 is `unverified` (Stripe's test
-value 111111111), any other is `verified` (000000000), at once.
+value 111111111) and one ending in 2 is `pending`, both at once; any other is `verified` (000000000). A
+pending ID stays pending (and so does not make reverse charge apply) until it is settled: by
+`POST /_sandbox/tax_ids/:id/verification` (to `verified`, `unverified` or `unavailable`), or as
+`verified` when a test clock its customer is on advances. Settling sends `customer.tax_id.updated`.
 """
 
 from __future__ import annotations
@@ -88,9 +91,21 @@ def location(customer: Obj) -> tuple[str, str] | None:
 # -- tax IDs ----------------------------------------------------------------------------------
 
 
+VERIFICATION_STATUSES = ("pending", "verified", "unverified", "unavailable")
+SETTLED_STATUSES = VERIFICATION_STATUSES[1:]
+
+
 def verification(value: str) -> str:
     digits = re.sub(r"\D", "", value)
-    return "unverified" if digits.endswith("1") else "verified"
+    return "unverified" if digits.endswith("1") else "pending" if digits.endswith("2") else "verified"
+
+
+def _verification_hash(status: str, customer: Obj) -> Obj:
+    return {
+        "status": status,
+        "verified_address": None,
+        "verified_name": customer.get("name") if status == "verified" else None,
+    }
 
 
 def create_tax_id(store: Store, customer: Obj, type: str, value: str, origin: billing.Origin) -> Obj:
@@ -107,15 +122,12 @@ def create_tax_id(store: Store, customer: Obj, type: str, value: str, origin: bi
         "country": value[:2] if type.endswith("_vat") else type[:2].upper(),
         "created": simtime.now(),
         "customer": customer["id"],
+        "customer_account": None,
         "livemode": False,
-        "owner": {"account": None, "application": None, "customer": customer["id"], "type": "customer"},
+        "owner": {"customer": customer["id"], "customer_account": None, "type": "customer"},
         "type": type,
         "value": value,
-        "verification": {
-            "status": status,
-            "verified_address": None,
-            "verified_name": customer.get("name") if status == "verified" else None,
-        },
+        "verification": _verification_hash(status, customer),
     }
     store.put(tax_id)
     _list_on_customer(store, customer)
@@ -128,6 +140,35 @@ def _list_on_customer(store: Store, customer: Obj) -> None:
     found = [objects.public(t) for t in tax_ids_of(store, customer["id"])]
     customer["tax_ids"] = objects.list_object(found, f"/v1/customers/{customer['id']}/tax_ids")
     store.put(customer)
+
+
+def settle_verification(store: Store, tax_id_id: str, status: str) -> Obj:
+    """A pending tax ID's verification completes with `status`. Event: customer.tax_id.updated (with
+    previous_attributes.verification), as Stripe sends it when its check of the ID finishes."""
+    tax_id = store.get(tax_id_id)
+    if tax_id is None or tax_id["object"] != "tax_id" or tax_id.get("_deleted"):
+        raise StripeError(f"No such tax ID: '{tax_id_id}'", status=404, code="resource_missing", param="id")
+    if status not in SETTLED_STATUSES:
+        raise StripeError(f"status must be one of {', '.join(SETTLED_STATUSES)}, not {status!r}.", param="status")
+    if tax_id["verification"]["status"] != "pending":
+        status_now = tax_id["verification"]["status"]
+        raise StripeError(f"The tax ID {tax_id_id} is not pending verification: it is {status_now}.")
+    customer = billing.load(store, "customer", tax_id["customer"])
+    before = copy.deepcopy(tax_id["verification"])
+    tax_id["verification"] = _verification_hash(status, customer)
+    store.put(tax_id)
+    _list_on_customer(store, customer)
+    previous = objects.previous_attributes({"verification": before}, {"verification": tax_id["verification"]})
+    billing.emit(store, "customer.tax_id.updated", tax_id, previous)
+    return tax_id
+
+
+def settle_pending_on_clock(store: Store, customer_ids: list[str]) -> None:
+    """A test clock advanced: Stripe's check of its customers' pending tax IDs has finished (verified)."""
+    for tax_id in store.all("tax_id"):
+        pending = tax_id["verification"]["status"] == "pending" and not tax_id.get("_deleted")
+        if pending and tax_id["customer"] in customer_ids:
+            settle_verification(store, tax_id["id"], "verified")
 
 
 def tax_ids_of(store: Store, customer_id: str) -> list[Obj]:

@@ -465,10 +465,10 @@ def test_apply_a_coupon_at_stripe_asks_for_a_code_is_audited_and_applied_once(
     again = submit(staff, path, token, reason="outage credit", coupon=coupon["id"], code=staff.code())
     assert again.status_code == 303
     subscription = offline_stripe.api(
-        "GET", f"/v1/subscriptions/{organization.billing_subscription_id}", {"expand": ["discounts"]}
+        "GET", f"/v1/subscriptions/{organization.billing_subscription_id}", {"expand": ["discounts.source.coupon"]}
     )
     [discount] = subscription["discounts"]  # once, not twice
-    assert discount["coupon"]["id"] == coupon["id"] and discount["coupon"]["times_redeemed"] == 1
+    assert discount["source"]["coupon"]["id"] == coupon["id"] and discount["source"]["coupon"]["times_redeemed"] == 1
     refusal, entry = audit_rows(app, "apply_coupon")  # the unknown coupon's refusal is audited too
     assert refusal.target == "NOPE" and refusal.outcome.startswith("refused: ") and refusal.request_key is None
     assert entry.target == coupon["id"] and entry.reason == "outage credit" and entry.staff_email == STAFF

@@ -84,3 +84,33 @@ def test_without_the_setting_checkout_asks_for_no_tax_details(app: Flask, offlin
     checkout_session_id(start_signup(app.test_client()))
     [(_, call)] = offline_stripe.calls_to("checkout.sessions.create")
     assert not {"automatic_tax", "billing_address_collection", "tax_id_collection"} & set(call["params"])
+
+
+def test_a_pending_vat_id_shows_as_being_verified_until_stripes_event_says_it_is_verified(
+    make_app: Any, offline_stripe: SandboxAccount
+) -> None:
+    app = make_app(STRIPE_AUTOMATIC_TAX=True)
+    client = app.test_client()
+    session_id = checkout_session_id(start_signup(client, addon_extra_seats="0"))
+    paris = {**BERLIN_BUSINESS, "billingLocality": "Paris", "billingPostalCode": "75001", "billingCountry": "FR"}
+    session = offline_stripe.pay(session_id, tax_details={**paris, "taxId": "FR222222222"})
+    assert client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}").headers["Location"] == "/app"
+    offline_stripe.deliver(client)
+    # Stripe is still checking the VAT ID: shown as such, and French VAT (20%) until it is verified.
+    page = client.get("/billing/").get_data(as_text=True)
+    assert '<span class="tax-id-value">FR222222222</span> (<span class="tax-id-status">being verified</span>)' in page
+    assert '<span id="next-invoice-tax">(including $3.80 tax)</span>' in page
+
+    [tax_id] = offline_stripe.api("GET", f"/v1/customers/{session['customer']}/tax_ids")["data"]
+    verified = offline_stripe.http.post(f"{offline_stripe.url}/_sandbox/tax_ids/{tax_id['id']}/verification", json={})
+    assert verified.json()["verification"]["status"] == "verified"
+    # The page's reads are cached: until the event arrives it still says what it last read.
+    assert 'class="tax-id-status">being verified<' in client.get("/billing/").get_data(as_text=True)
+    assert offline_stripe.deliver(client) == [("customer.tax_id.updated", 200)]
+    page = client.get("/billing/").get_data(as_text=True)
+    assert '<span class="tax-id-value">FR222222222</span> (<span class="tax-id-status">verified</span>)' in page
+    assert 'id="next-invoice-tax"' not in page  # a verified EU VAT ID of a French business: reverse charge
+    [event] = query(app, "SELECT data FROM domain_event WHERE name = 'organization.tax_id_verification'")
+    assert (event.data["tax_id"], event.data["status"], event.data["previous"]) == (tax_id["id"], "verified", "pending")
+    [row] = query(app, "SELECT status, outcome FROM stripe_event WHERE type = 'customer.tax_id.updated'")
+    assert (row.status, row.outcome) == ("processed", f"tax ID {tax_id['id']} is verified at Stripe")

@@ -17,7 +17,15 @@ from sqlalchemy import select, update
 from app.extensions import db
 from app.models import BillingProvider, Organization, OrganizationAddon, SignupStatus, StripeEventStatus
 from app.models.types import utcnow
-from app.services import customer_sync, domain_events, provisioning, stripe_objects, trials, usage_reports
+from app.services import (
+    customer_sync,
+    domain_events,
+    provisioning,
+    stripe_objects,
+    tax_id_events,
+    trials,
+    usage_reports,
+)
 from app.services.billing_common import (
     API_VERSION_FORMAT,
     EVENT_TYPE,
@@ -53,6 +61,7 @@ HANDLED_STRIPE_EVENTS = frozenset(
         "invoice.payment_action_required",
         usage_reports.ERROR_REPORT_EVENT,
         "customer.updated",
+        *tax_id_events.EVENT_TYPES,
     }
 )
 INVOICE_PAYMENT_STATUS = {
@@ -88,7 +97,7 @@ def object_key(event: VerifiedEvent) -> str:
         return f"customer:{obj.id}"  # with its invoices' events: one customer's events apply one at a time
     customer = stripe_objects.id_of(obj.customer)
     if customer is None:
-        raise MalformedObject("malformed Invoice object: it names no customer")
+        raise MalformedObject(f"malformed {type(obj).__name__} object: it names no customer")
     return f"customer:{customer}"
 
 
@@ -109,10 +118,13 @@ def apply_batch(object_key: str, events: list[VerifiedEvent], stripe: StripeRead
         # customer.updated re-reads the customer first, with no transaction open (customer_sync.py).
         updated = [event for event in events if event.type == "customer.updated"]
         outcomes = customer_sync.apply_customer_events(object_id, updated, stripe) if updated else {}
+        # A tax ID's verification finished: the billing page's cached reads are dropped (tax_id_events.py).
+        tax_ids = [event for event in events if event.type in tax_id_events.EVENT_TYPES]
+        outcomes |= tax_id_events.apply_tax_id_events(object_id, tax_ids) if tax_ids else {}
         return outcomes | {
             event.event_id: (StripeEventStatus.PROCESSED, record_invoice(event.body["data"]["object"], event))
             for event in events
-            if event not in updated
+            if event not in updated and event not in tax_ids
         }
     raise MalformedObject(f"no object kind {kind!r}")
 

@@ -113,7 +113,19 @@ class Customer(_Object, kw_only=True):
     email: Text | None = None
 
 
-StripeObject = CheckoutSession | Subscription | Invoice | Customer
+class TaxIdVerification(_Object, kw_only=True):
+    status: Literal["pending", "verified", "unverified", "unavailable"]
+
+
+class TaxId(_Object, kw_only=True):
+    id: StripeId
+    object: Literal["tax_id"] = "tax_id"
+    customer: StripeId | Expandable | None = None
+    type: Text
+    verification: TaxIdVerification | None = None
+
+
+StripeObject = CheckoutSession | Subscription | Invoice | Customer | TaxId
 
 
 def id_of(value: str | Expandable | None) -> str | None:
@@ -159,4 +171,5 @@ OBJECT_FOR_EVENT_PREFIX: dict[str, type[Any]] = {
     "customer.subscription": Subscription,
     "invoice": Invoice,
     "customer": Customer,
+    "customer.tax_id": TaxId,
 }

@@ -41,6 +41,12 @@ sandbox_unit_amount = 4900
 name = "Extra seats"
 lookup_key = "extra_seat_monthly"
 max_quantity = 50
+
+[meters.api_calls]
+name = "API calls"
+event_name = "sandbox_api_calls"
+lookup_key = "api_calls_metered"
+sandbox_unit_amount = 2
 """
 CARD_OK = "4242 4242 4242 4242"
 CARD_DECLINED = "4000 0000 0000 0002"

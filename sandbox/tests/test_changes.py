@@ -44,7 +44,9 @@ def test_upgrade_with_always_invoice_charges_the_proration(
     )
     remaining, total = end - when, end - start
     credit, charge = -_prorated(1900, remaining, total), _prorated(4900, remaining, total)
-    assert "id" not in preview and preview.status == "draft" and preview.number is None
+    assert preview.id.startswith("upcoming_in_") and preview.status == "draft" and preview.number is None
+    with pytest.raises(stripe.InvalidRequestError, match="No such invoice"):
+        sandbox.client.v1.invoices.retrieve(preview.id)  # a preview is not kept
     assert [line.amount for line in preview.lines.data] == [credit, charge]
     assert all(line.parent.subscription_item_details.proration for line in preview.lines.data)
     assert preview.amount_due == preview.total == preview.subtotal == credit + charge

@@ -43,10 +43,13 @@ def test_coupons_and_promotion_codes_have_stripes_shapes_and_errors(sandbox: San
     with pytest.raises(stripe.InvalidRequestError, match="duration_in_months"):
         sandbox.client.v1.coupons.create(params={"percent_off": 10, "duration": "repeating"})
     code = code_for(sandbox, amount_off=500, currency="usd", duration="forever")
-    [found] = sandbox.client.v1.promotion_codes.list(params={"code": code.lower(), "active": True}).data
-    assert found.code == code and found.coupon.amount_off == 500
+    listed = sandbox.client.v1.promotion_codes.list(
+        params={"code": code.lower(), "active": True, "expand": ["data.promotion.coupon"]}
+    )
+    [found] = listed.data
+    assert found.code == code and found.promotion.coupon.amount_off == 500
     with pytest.raises(stripe.InvalidRequestError, match="already exists"):
-        sandbox.client.v1.promotion_codes.create(params={"coupon": found.coupon.id, "code": code})
+        sandbox.client.v1.promotion_codes.create(params={"coupon": found.promotion.coupon.id, "code": code})
     with pytest.raises(stripe.InvalidRequestError) as missing:
         sandbox.client.v1.promotion_codes.retrieve("promo_missing")
     assert missing.value.code == "resource_missing"
@@ -67,9 +70,10 @@ def test_a_code_on_checkout_discounts_the_invoices_while_it_lasts(sandbox: Sandb
     assert page.status_code == 400 and "This code is invalid." in page.text
     assert pay(sandbox, session.id, billingName="Grace Hopper", promotionCode=code.lower()).status_code == 303
     done = sandbox.client.v1.checkout.sessions.retrieve(session.id)
-    sub = sandbox.client.v1.subscriptions.retrieve(done.subscription, params={"expand": ["discounts"]})
+    sub = sandbox.client.v1.subscriptions.retrieve(done.subscription, params={"expand": ["discounts.source.coupon"]})
     [discount] = sub.discounts
-    assert discount.object == "discount" and discount.id.startswith("di_") and discount.coupon.percent_off == 20
+    assert discount.object == "discount" and discount.id.startswith("di_")
+    assert discount.source.coupon.percent_off == 20
     assert discount.start == T0 and discount.end is not None and discount.subscription == sub.id
     first = sandbox.client.v1.invoices.retrieve(sub.latest_invoice)
     assert (first.subtotal, first.total, first.amount_paid) == (1900, 1520, 1520)
@@ -133,7 +137,7 @@ def test_a_coupon_applied_by_a_subscription_update_discounts_the_next_invoices(
         sub.id, params={"discounts": [{"coupon": coupon.id}], "expand": ["discounts"]}
     )
     [discount] = updated.discounts
-    assert discount.coupon.id == coupon.id and discount.promotion_code is None and discount.subscription == sub.id
+    assert discount.source.coupon == coupon.id and discount.promotion_code is None and discount.subscription == sub.id
     assert sandbox.client.v1.coupons.retrieve(coupon.id).times_redeemed == 1
     with pytest.raises(stripe.InvalidRequestError, match="cannot be applied twice"):
         sandbox.client.v1.subscriptions.update(

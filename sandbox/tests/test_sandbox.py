@@ -59,7 +59,13 @@ def test_prices_are_seeded_from_the_catalogue(sandbox: Sandbox) -> None:
     first_page = sandbox.client.v1.prices.list(params={"limit": 1})
     assert first_page.has_more and len(first_page.data) == 1
     paged = [p.lookup_key for p in first_page.auto_paging_iter()]  # follows starting_after
-    assert sorted(paged) == ["extra_seat_monthly", "pro_monthly", "starter_monthly", "starter_yearly"]
+    assert sorted(paged) == [
+        "api_calls_metered",
+        "extra_seat_monthly",
+        "pro_monthly",
+        "starter_monthly",
+        "starter_yearly",
+    ]
 
 
 def test_authentication_is_required(sandbox: Sandbox) -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import requests
 import stripe
 
 from sandbox.tests.conftest import Sandbox, create_session, pay
+from sandbox.tests.test_clock import T0, advance, clock_customer
 
 BERLIN = {
     "billingAddressLine1": "Friedrichstr. 1",
@@ -140,3 +142,40 @@ def test_an_exempt_customer_tax_ids_by_api_and_automatic_tax_on_updates_and_prev
     assert sandbox.client.v1.customers.tax_ids.list(customer.id).data == []
     types = [e.type for e in sandbox.client.v1.events.list(params={"limit": 20}).data]
     assert "customer.tax_id.created" in types and "customer.tax_id.deleted" in types
+
+
+def test_a_pending_vat_id_is_taxed_until_its_verification_completes_by_control_or_clock(
+    sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    paris = {"billingAddressLine1": "1 rue de Rivoli", "billingLocality": "Paris", "billingCountry": "FR"}
+    session, invoice = taxed_checkout(sandbox, prices, **paris, businessName="Ada SARL", taxId="FR222222222")
+    customer = sandbox.client.v1.customers.retrieve(session.customer, params={"expand": ["tax_ids"]})
+    [pending] = customer.tax_ids.data
+    assert (pending.verification.status, pending.verification.verified_name) == ("pending", None)
+    # Not verified yet: French VAT, no reverse charge.
+    [tax] = invoice["total_taxes"]
+    assert (tax["taxability_reason"], tax["amount"]) == ("standard_rated", round(invoice["subtotal"] * 0.20))
+
+    settle = f"{sandbox.url}/_sandbox/tax_ids/{pending.id}/verification"
+    assert requests.post(settle, json={"status": "maybe"}, timeout=5).status_code == 400
+    settled = requests.post(settle, json={}, timeout=5)
+    assert settled.status_code == 200 and settled.json()["verification"]["status"] == "verified"
+    assert requests.post(settle, json={}, timeout=5).status_code == 400  # no longer pending
+    [event] = sandbox.client.v1.events.list(params={"type": "customer.tax_id.updated", "limit": 1}).data
+    assert event.data.object.id == pending.id and event.data.object.verification.status == "verified"
+    assert event.data.previous_attributes["verification"]["status"] == "pending"
+    preview = sandbox.client.v1.invoices.create_preview(params={"subscription": str(session.subscription.id)})
+    assert [t.taxability_reason for t in preview.total_taxes] == ["reverse_charge"]
+
+    # Another pending ID, on a customer of a test clock: the clock's next advance verifies it.
+    clock_id, customer_id = clock_customer(sandbox)
+    made = sandbox.client.v1.customers.tax_ids.create(customer_id, params={"type": "eu_vat", "value": "NL 0022"})
+    assert made.verification.status == "pending"
+    advance(sandbox, clock_id, T0 + 3600)
+    assert sandbox.client.v1.customers.tax_ids.retrieve(customer_id, made.id).verification.status == "verified"
+    ein = {"type": "us_ein", "value": "12-3456782"}
+    unavailable = sandbox.client.v1.customers.tax_ids.create(customer_id, params=ein)
+    settle = f"{sandbox.url}/_sandbox/tax_ids/{unavailable.id}/verification"
+    assert requests.post(settle, json={"status": "unavailable"}, timeout=5).json()["verification"]["status"] == (
+        "unavailable"
+    )
