@@ -318,43 +318,67 @@ def error_report(store: Store, identifiers: list[str], code: str, message: str) 
             by_meter.setdefault(event["_meter"], []).append(event)
     if not by_meter:
         raise StripeError("No meter event has those identifiers.", param="identifiers")
-    now = simtime.now()
     report: Obj = {}
     for meter_id, events in by_meter.items():
         for event in events:
             store.put({**event, "_rejected": code})
-        stamps = [e["timestamp"] for e in events]
-        report = {
-            "id": objects.new_id("evt_test_", 24),
-            "object": "v2.core.event",
-            "type": "v1.billing.meter.error_report_triggered",
-            "context": None,
-            "created": _iso(now),
-            "livemode": False,
-            "reason": None,
-            "related_object": {"id": meter_id, "type": "billing.meter", "url": f"/v1/billing/meters/{meter_id}"},
-            "pending_webhooks": 1,
-            "data": {
-                "developer_message_summary": f"{len(events)} meter event(s) were invalid: {message}",
-                "reason": {
-                    "error_count": len(events),
-                    "error_types": [
-                        {
-                            "code": code,
-                            "error_count": len(events),
-                            "sample_errors": [
-                                {"error_message": message, "request": {"identifier": e["identifier"]}}
-                                for e in events[:10]
-                            ],
-                        }
-                    ],
-                },
-                "validation_start": _iso(min(stamps)),
-                "validation_end": _iso(max(stamps) + 1),
+        related = {"id": meter_id, "type": "billing.meter", "url": f"/v1/billing/meters/{meter_id}"}
+        samples = [(e["identifier"], e["timestamp"]) for e in events]
+        report = _thin_report(store, "v1.billing.meter.error_report_triggered", related, samples, code, message)
+    return report
+
+
+def no_meter_found(store: Store, identifiers: list[tuple[str, str]]) -> Obj:
+    """Streamed events (identifier, event_name) for an event_name no active meter has: not counted,
+    named by one v1.billing.meter.no_meter_found (no related_object: there is no meter)."""
+    now = simtime.now()
+    names = sorted({name for _, name in identifiers})
+    message = (
+        f"No active meter was found with event_name '{names[0]}'."
+        if len(names) == 1
+        else (f"No active meter was found with event_name {', '.join(repr(n) for n in names)}.")
+    )
+    samples = [(identifier, now) for identifier, _ in identifiers]
+    return _thin_report(store, "v1.billing.meter.no_meter_found", None, samples, "no_meter", message)
+
+
+def _thin_report(
+    store: Store, event_type: str, related: Obj | None, samples: list[tuple[str, int]], code: str, message: str
+) -> Obj:
+    """A meter error event (an error report or no_meter_found): stored whole, delivered thin."""
+    stamps = [stamp for _, stamp in samples]
+    report: Obj = {
+        "id": objects.new_id("evt_test_", 24),
+        "object": "v2.core.event",
+        "type": event_type,
+        "context": None,
+        "created": _iso(simtime.now()),
+        "livemode": False,
+        "reason": None,
+        "pending_webhooks": 1,
+        "data": {
+            "developer_message_summary": f"{len(samples)} meter event(s) were invalid: {message}",
+            "reason": {
+                "error_count": len(samples),
+                "error_types": [
+                    {
+                        "code": code,
+                        "error_count": len(samples),
+                        "sample_errors": [
+                            {"error_message": message, "request": {"identifier": identifier}}
+                            for identifier, _ in samples[:10]
+                        ],
+                    }
+                ],
             },
-        }
-        store.put(report)
-        store.enqueue_delivery(report["id"], time.time())
+            "validation_start": _iso(min(stamps)),
+            "validation_end": _iso(max(stamps) + 1),
+        },
+    }
+    if related is not None:
+        report["related_object"] = related
+    store.put(report)
+    store.enqueue_delivery(report["id"], time.time())
     return report
 
 

@@ -1182,6 +1182,8 @@ class BillingService:
             cls.ensure_stripe().v2.billing.meter_event_stream.create({"events": events}, {"api_key": token})
         except (stripe.TemporarySessionExpiredError, stripe.AuthenticationError) as exc:
             raise usage_reports.MeterSessionExpired(str(exc)) from exc
+        except stripe.InvalidRequestError as exc:  # a 400: the request refused whole (usage_stream.py)
+            raise usage_reports.MeterStreamRefused(exc.user_message or str(exc)) from exc
 
     @classmethod
     def meter_ids(cls) -> dict[str, str]:
