@@ -64,7 +64,9 @@ def meter(display_name: str, event_name: str, aggregation: str, now: int) -> Obj
 
 def seed(store: Store, path: Path) -> list[Obj]:
     """One meter per [meters.<key>] (by event_name) and its metered monthly price (lookup_key,
-    unit_amount = sandbox_unit_amount, default 1). Running it again changes nothing."""
+    unit_amount = sandbox_unit_amount, default 1), and with a yearly_lookup_key a metered yearly price
+    on the same meter and product (sandbox_yearly_unit_amount, default the monthly one: a unit costs the
+    same whichever interval bills it). Running it again changes nothing."""
     with path.open("rb") as file:
         catalogue = tomllib.load(file)
     seeded = []
@@ -78,19 +80,38 @@ def seed(store: Store, path: Path) -> list[Obj]:
             found = meter(str(entry.get("name", key)), str(event_name), str(entry.get("aggregation", "sum")), now)
             store.put(found)
         amount = int(entry.get("sandbox_unit_amount", 1))
-        price = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
-        if price is not None and (price["unit_amount"], price["recurring"]["meter"]) != (amount, found["id"]):
-            store.put({**price, "active": False, "lookup_key": None})
-            price = None
-        if price is None:
-            product = objects.product(str(entry.get("name", key)), None, now)
-            price = objects.price(product["id"], str(lookup_key), str(entry.get("name", key)), amount, now)
-            price["recurring"].update(usage_type="metered", meter=found["id"])
-            product["default_price"] = price["id"]
-            store.put(product)
-            store.put(price)
+        name = str(entry.get("name", key))
+        price = _metered_price(store, found, str(lookup_key), name, amount, "month", None, now)
         seeded.append(price)
+        if entry.get("yearly_lookup_key"):
+            yearly_amount = int(entry.get("sandbox_yearly_unit_amount", amount))
+            yearly = str(entry["yearly_lookup_key"])
+            seeded.append(_metered_price(store, found, yearly, name, yearly_amount, "year", price["product"], now))
     return seeded
+
+
+def _metered_price(
+    store: Store, found: Obj, lookup_key: str, name: str, amount: int, interval: str, product_id: str | None, now: int
+) -> Obj:
+    """The metered price with this lookup key, made (or remade, if its amount, meter or interval changed)."""
+    price = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
+    wanted = (amount, found["id"], interval)
+    if (
+        price is not None
+        and (price["unit_amount"], price["recurring"]["meter"], price["recurring"]["interval"]) != wanted
+    ):
+        store.put({**price, "active": False, "lookup_key": None})
+        price = None
+    if price is None:
+        product = objects.product(name, None, now) if product_id is None else store.get(product_id)
+        assert product is not None
+        price = objects.price(product["id"], lookup_key, name, amount, now)
+        price["recurring"].update(usage_type="metered", meter=found["id"], interval=interval)
+        if product.get("default_price") is None or product_id is None:
+            product["default_price"] = price["id"]
+        store.put(product)
+        store.put(price)
+    return price
 
 
 def active_meter(store: Store, event_name: str) -> Obj | None:
