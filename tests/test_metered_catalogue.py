@@ -17,7 +17,11 @@ def test_a_metered_price_is_remembered_and_its_item_still_maps_after_its_key_mov
 ) -> None:
     owner = Owner(app, offline_stripe)
     old = offline_stripe.price(METERED)
-    rows = query(app, "SELECT price_id, product_id, kind, catalogue_key FROM catalogue_price WHERE kind = 'meter'")
+    rows = query(
+        app,
+        "SELECT price_id, product_id, catalogue_key FROM catalogue_price WHERE kind = 'meter' AND price_id = :p",
+        p=old["id"],
+    )  # (the signup page looked up both metered prices: the yearly one is remembered too)
     assert [(r.price_id, r.product_id, r.catalogue_key) for r in rows] == [(old["id"], old["product"], "api_calls")]
     recurring = {"interval": "month", "usage_type": "metered", "meter": old["recurring"]["meter"]}
     offline_stripe.api(
@@ -37,3 +41,13 @@ def test_a_metered_price_is_remembered_and_its_item_still_maps_after_its_key_mov
         assert row.tier == "starter" and row.unmapped_items is None  # still the meter's: nothing reported
     finally:
         offline_stripe.api("POST", f"/v1/prices/{old['id']}", {"lookup_key": METERED, "transfer_lookup_key": True})
+
+
+def test_check_prices_checks_and_remembers_each_metered_price(app: Flask, offline_stripe: SandboxAccount) -> None:
+    result = app.test_cli_runner().invoke(args=["billing", "check-prices"])
+    assert result.exit_code == 0, result.output
+    monthly, yearly = offline_stripe.price(METERED), offline_stripe.price("api_calls_overage_yearly")
+    assert monthly["id"] in result.output and yearly["id"] in result.output
+    assert yearly["recurring"] | {"trial_period_days": None} == monthly["recurring"] | {"interval": "year"}
+    rows = query(app, "SELECT price_id, lookup_key FROM catalogue_price WHERE kind = 'meter' ORDER BY lookup_key")
+    assert [(r.price_id, r.lookup_key) for r in rows] == [(monthly["id"], METERED), (yearly["id"], f"{METERED}_yearly")]

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.services.plans import PlanCatalogue
+from app.services.plans import Meter, PlanCatalogue
 
 TIER = "tier"
 ADDON = "addon"
@@ -74,9 +74,13 @@ def entry_for_lookup_key(catalogue: PlanCatalogue, lookup_key: str | None) -> Ca
         return CatalogueEntry(TIER, tier.key)
     if addon := catalogue.addon_for_lookup_key(lookup_key):
         return CatalogueEntry(ADDON, addon.key)
-    if meter := next((m for m in catalogue.meters.values() if lookup_key and m.lookup_key == lookup_key), None):
+    if meter := next((m for m in catalogue.meters.values() if lookup_key and lookup_key in _keys_of(m)), None):
         return CatalogueEntry(METER, meter.key)
     return None
+
+
+def _keys_of(meter: Meter) -> tuple[str | None, str | None]:
+    return (meter.lookup_key, meter.yearly_lookup_key)
 
 
 def _id_of(value: Any) -> str | None:
