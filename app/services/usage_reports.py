@@ -63,8 +63,7 @@ class MeterEventAlreadyRecorded(Exception):
     """Stripe already holds an event with this identifier: an earlier attempt was accepted."""
 
 
-MeterSessionExpired = usage_stream.SessionExpired  # the v2 stream's token was refused: open a new session
-MeterStreamRefused = usage_stream.RequestRefused  # the v2 stream refused a request whole, for good
+stream_refusal = usage_stream.refusal  # a stream request's 4xx as the stream's own error
 
 
 def v1_params(event: MeterEventToSend) -> Any:  # stripe-python's MeterEventCreateParams

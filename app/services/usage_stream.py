@@ -89,6 +89,13 @@ class RequestRefused(Exception):
     """Stripe refused the request as a whole, for good (a 400): it took none of its events."""
 
 
+def refusal(exc: Exception, whole: type[Exception]) -> Exception:
+    """A stream request's 4xx as the stream sees it: of the `whole` kind (the SDK's 400), a refusal of
+    the request for good; otherwise (401: the token expired or unknown) a session to renew."""
+    words = getattr(exc, "user_message", None) or str(exc)
+    return RequestRefused(words) if isinstance(exc, whole) else SessionExpired(words)
+
+
 @dataclass(frozen=True)
 class Session:
     token: str
