@@ -132,6 +132,10 @@ class BaseConfig:
         # A usage reporting run with more pending reports than this sends them through Stripe's v2 meter
         # event stream (100 a request) instead of v1 meter events (one a request); 0: always v1.
         self.USAGE_STREAM_THRESHOLD = int(env.get("USAGE_STREAM_THRESHOLD", "1000"))
+        # A stream request that fails in a way that may pass (connection, timeout, 5xx, 429) is tried
+        # again this many times in the run, after 1, 2, 4... x USAGE_STREAM_RETRY_SECONDS (jittered).
+        self.USAGE_STREAM_RETRIES = int(env.get("USAGE_STREAM_RETRIES", "2"))
+        self.USAGE_STREAM_RETRY_SECONDS = float(env.get("USAGE_STREAM_RETRY_SECONDS", "1"))
         # Test mode only: each signup's customer is created on a Stripe test clock of its own, so time can
         # be moved through its whole subscription (renewals, dunning, trial ends). Refused with a live key.
         self.STRIPE_TEST_CLOCKS = env.get("STRIPE_TEST_CLOCKS", "").strip().lower() in TRUE_WORDS

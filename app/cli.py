@@ -200,18 +200,22 @@ def _check_meters() -> None:
         return
     try:
         meter_ids = BillingService.meter_ids()
-        prices = BillingService.prices_for_lookup_keys([meter.lookup_key for meter in meters.values()], required=False)
+        prices = BillingService.prices_for_lookup_keys(plan_catalogue().meter_lookup_keys(), required=False)
     except BillingError as exc:
         raise click.ClickException(str(exc)) from None
     missing = []
     for meter in meters.values():
-        meter_id, price = meter_ids.get(meter.event_name), prices.get(meter.lookup_key)
+        meter_id = meter_ids.get(meter.event_name)
         if meter_id is None:
             missing.append(f"no active Stripe meter has the event_name {meter.event_name!r} (meter {meter.key})")
-        if price is None:
-            missing.append(f"no active Stripe price has the lookup key {meter.lookup_key!r} (meter {meter.key})")
-        if meter_id and price:
-            click.echo(f"{'meter ' + meter.key:<24} {meter.lookup_key:<24} {price.id}  {meter_id} {meter.event_name}")
+        for lookup_key in filter(None, (meter.lookup_key, meter.yearly_lookup_key)):
+            price = prices.get(lookup_key)
+            if price is None:
+                missing.append(f"no active Stripe price has the lookup key {lookup_key!r} (meter {meter.key})")
+            elif price.meter not in (None, meter_id):
+                missing.append(f"the price {lookup_key!r} bills another meter ({price.meter}), not {meter.key}'s")
+            elif meter_id:
+                click.echo(f"{'meter ' + meter.key:<24} {lookup_key:<24} {price.id}  {meter_id} {meter.event_name}")
     if missing:
         raise click.ClickException("; ".join(missing))
 

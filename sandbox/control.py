@@ -40,7 +40,7 @@ from .worker import render_payload, signature_header_for
 
 bp = Blueprint("sandbox_control", __name__, url_prefix="/_sandbox")
 
-FAULT_KINDS = ("connection", "server", "missing", "rate_limit", "lock_timeout", "lost_response")
+FAULT_KINDS = ("connection", "server", "missing", "rate_limit", "lock_timeout", "lost_response", "invalid_request")
 # Stripe's 429s: too many requests (code rate_limit) or another request holding the object's lock.
 _THROTTLES = {
     "rate_limit": "Request rate limit exceeded. You can learn more about rate limits here "
@@ -77,9 +77,12 @@ class Fault:
     times: int  # how many more matching requests fail
     retry_after: int | None = None  # a 429's Retry-After header, in seconds (None: no header)
     should_retry: bool | None = None  # a 429's Stripe-Should-Retry header (None: no header)
+    body_contains: str | None = None  # only requests whose body holds this text (None: any body)
 
-    def matches(self, method: str, path: str) -> bool:
+    def matches(self, method: str, path: str, body: str = "") -> bool:
         if self.method is not None and self.method != method:
+            return False
+        if self.body_contains is not None and self.body_contains not in body:
             return False
         if self.path is not None:
             return self.path == path
@@ -94,6 +97,8 @@ class Fault:
             shown["path_regex"] = self.path_regex
         if self.kind in _THROTTLES:
             shown.update(retry_after=self.retry_after, should_retry=self.should_retry)
+        if self.body_contains is not None:
+            shown["body_contains"] = self.body_contains
         return shown
 
 
@@ -116,9 +121,12 @@ class Controls:
         times: int,
         retry_after: int | None = None,
         should_retry: bool | None = None,
+        body_contains: str | None = None,
     ) -> Fault:
         with self._lock:
-            fault = Fault(self._next_fault, method, path, path_regex, kind, times, retry_after, should_retry)
+            fault = Fault(
+                self._next_fault, method, path, path_regex, kind, times, retry_after, should_retry, body_contains
+            )
             self._next_fault += 1
             self._faults.append(fault)
             return fault
@@ -131,11 +139,11 @@ class Controls:
         with self._lock:
             self._faults.clear()
 
-    def consume(self, method: str, path: str) -> Fault | None:
+    def consume(self, method: str, path: str, body: str = "") -> Fault | None:
         """The first armed fault matching the request, used up once (removed when spent)."""
         with self._lock:
             for fault in self._faults:
-                if fault.matches(method, path):
+                if fault.matches(method, path, body):
                     fault.times -= 1
                     if fault.times <= 0:
                         self._faults.remove(fault)
@@ -204,7 +212,7 @@ def _log(status: int) -> None:
 def _before_api_request() -> Response | None:
     if not _is_api_request():
         return None
-    fault = _controls().consume(request.method, request.path)
+    fault = _controls().consume(request.method, request.path, request.get_data(as_text=True))
     if fault is None:
         return None
     if fault.kind == "lost_response":
@@ -222,6 +230,10 @@ def _before_api_request() -> Response | None:
         )
     if fault.kind in _THROTTLES:
         return _throttled(fault)
+    if fault.kind == "invalid_request":  # the request refused as a whole, as Stripe refuses one it will not take
+        raise StripeError(
+            "Invalid request. (Injected by the sandbox: an 'invalid_request' fault.)", code="invalid_request"
+        )
     kind, object_id = _path_object(request.path)
     raise StripeError(f"No such {kind}: '{object_id}'", status=404, code="resource_missing", param="id")
 
@@ -357,7 +369,8 @@ def _json_body(*, required: bool = True) -> dict[str, Any]:
 @bp.post("/faults")
 def arm_fault() -> tuple[Response, int]:
     body = _json_body()
-    unknown = set(body) - {"method", "path", "path_regex", "kind", "times", "retry_after", "should_retry"}
+    fields = {"method", "path", "path_regex", "kind", "times", "retry_after", "should_retry", "body_contains"}
+    unknown = set(body) - fields
     if unknown:
         raise ControlError(f"Unknown field(s): {', '.join(sorted(unknown))}.")
     method = body.get("method")
@@ -381,6 +394,17 @@ def arm_fault() -> tuple[Response, int]:
     times = body.get("times", 1)
     if isinstance(times, bool) or not isinstance(times, int) or times < 1:
         raise ControlError("times must be a whole number of at least 1.")
+    retry_after, should_retry = _throttle_headers(body, kind)
+    body_contains = body.get("body_contains")
+    if body_contains is not None and (not isinstance(body_contains, str) or not body_contains):
+        raise ControlError("body_contains must be a non-empty string (the text a matching request's body holds).")
+    fault = _controls().arm(
+        method.upper() if method else None, path, path_regex, kind, times, retry_after, should_retry, body_contains
+    )
+    return jsonify(fault.as_dict()), 201
+
+
+def _throttle_headers(body: dict[str, Any], kind: str) -> tuple[int | None, bool | None]:
     retry_after, should_retry = body.get("retry_after"), body.get("should_retry")
     if (retry_after is not None or should_retry is not None) and kind not in _THROTTLES:
         raise ControlError("retry_after and should_retry belong to a rate_limit or lock_timeout fault.")
@@ -389,10 +413,7 @@ def arm_fault() -> tuple[Response, int]:
         raise ControlError("retry_after must be a whole number of seconds (0 or more).")
     if should_retry is not None and not isinstance(should_retry, bool):
         raise ControlError("should_retry must be true or false.")
-    fault = _controls().arm(
-        method.upper() if method else None, path, path_regex, kind, times, retry_after, should_retry
-    )
-    return jsonify(fault.as_dict()), 201
+    return retry_after, should_retry
 
 
 @bp.get("/faults")

@@ -280,11 +280,12 @@ def create_price(params: Params) -> Obj:
         ),
     )
     recurring = mapping(params, "recurring")
-    interval, interval_count = None, 1
+    interval, interval_count, usage_type, meter = None, 1, None, None
     if recurring is not None:
-        reject_unknown(recurring, ("interval", "interval_count"), "recurring")
+        reject_unknown(recurring, ("interval", "interval_count", "usage_type", "meter"), "recurring")
         interval = string(recurring, "interval", "recurring", required=True)
         interval_count = integer(recurring, "interval_count", "recurring", minimum=1) or 1
+        usage_type, meter = string(recurring, "usage_type", "recurring"), string(recurring, "meter", "recurring")
     product_data = mapping(params, "product_data")
     product_name = None
     if product_data is not None:
@@ -307,6 +308,8 @@ def create_price(params: Params) -> Obj:
             nickname=string(params, "nickname"),
             metadata=new_metadata(params),
             active=True if active is None else active,
+            usage_type=usage_type or "licensed",
+            meter=meter,
         ),
     )
 

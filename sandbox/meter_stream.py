@@ -7,7 +7,8 @@
   The request's shape is checked at once (Stripe's v2 error shape, 400); each event is then validated
   as v1 validates it (meters.check_event), but a refusal is asynchronous, as Stripe's is: the event is
   left out of the meter's usage and a `v1.billing.meter.error_report_triggered` names it
-  (meters.error_report). An event for an event_name no meter has is dropped without a report.
+  (meters.error_report). An event for an event_name no active meter has is not counted, and one
+  `v1.billing.meter.no_meter_found` per request names such events (meters.no_meter_found).
   An identifier already used (by v1 or the stream) within 24 hours is dropped: counted once.
 - A missing or unknown token is a 401 (authentication_error); an expired one a 401 of type
   `temporary_session_expired` (stripe-python raises TemporarySessionExpiredError).
@@ -140,13 +141,17 @@ def create_stream_events() -> Response:
     events = _shape(request.get_json(silent=True))
     store = current_store()
     with store.transaction():
+        no_meter: list[tuple[str, str]] = []
         for event in events:
-            _take(store, event)
+            _take(store, event, no_meter)
+        if no_meter:
+            meters.no_meter_found(store, no_meter)
     return _json({})
 
 
-def _take(store: Store, event: dict[str, Any]) -> None:
-    """One streamed event: counted, dropped as a duplicate, or refused asynchronously."""
+def _take(store: Store, event: dict[str, Any], no_meter: list[tuple[str, str]]) -> None:
+    """One streamed event: counted, dropped as a duplicate, or refused asynchronously (an event_name no
+    meter has is added to `no_meter`: one v1.billing.meter.no_meter_found names them)."""
     identifier = event.get("identifier") or objects.new_id("", 32)
     if meters.seen_identifier(store, identifier):
         return
@@ -156,6 +161,7 @@ def _take(store: Store, event: dict[str, Any]) -> None:
     except StripeError as refusal:
         found = meters.active_meter(store, event["event_name"])
         if found is None:
+            no_meter.append((identifier, event["event_name"]))
             return
         rejected = (found, str(payload.get("stripe_customer_id") or ""), Decimal(0), timestamp or 0)
         meters.record_event(store, rejected, payload, identifier)

@@ -64,7 +64,9 @@ def meter(display_name: str, event_name: str, aggregation: str, now: int) -> Obj
 
 def seed(store: Store, path: Path) -> list[Obj]:
     """One meter per [meters.<key>] (by event_name) and its metered monthly price (lookup_key,
-    unit_amount = sandbox_unit_amount, default 1). Running it again changes nothing."""
+    unit_amount = sandbox_unit_amount, default 1), and with a yearly_lookup_key a metered yearly price
+    on the same meter and product (sandbox_yearly_unit_amount, default the monthly one: a unit costs the
+    same whichever interval bills it). Running it again changes nothing."""
     with path.open("rb") as file:
         catalogue = tomllib.load(file)
     seeded = []
@@ -78,19 +80,38 @@ def seed(store: Store, path: Path) -> list[Obj]:
             found = meter(str(entry.get("name", key)), str(event_name), str(entry.get("aggregation", "sum")), now)
             store.put(found)
         amount = int(entry.get("sandbox_unit_amount", 1))
-        price = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
-        if price is not None and (price["unit_amount"], price["recurring"]["meter"]) != (amount, found["id"]):
-            store.put({**price, "active": False, "lookup_key": None})
-            price = None
-        if price is None:
-            product = objects.product(str(entry.get("name", key)), None, now)
-            price = objects.price(product["id"], str(lookup_key), str(entry.get("name", key)), amount, now)
-            price["recurring"].update(usage_type="metered", meter=found["id"])
-            product["default_price"] = price["id"]
-            store.put(product)
-            store.put(price)
+        name = str(entry.get("name", key))
+        price = _metered_price(store, found, str(lookup_key), name, amount, "month", None, now)
         seeded.append(price)
+        if entry.get("yearly_lookup_key"):
+            yearly_amount = int(entry.get("sandbox_yearly_unit_amount", amount))
+            yearly = str(entry["yearly_lookup_key"])
+            seeded.append(_metered_price(store, found, yearly, name, yearly_amount, "year", price["product"], now))
     return seeded
+
+
+def _metered_price(
+    store: Store, found: Obj, lookup_key: str, name: str, amount: int, interval: str, product_id: str | None, now: int
+) -> Obj:
+    """The metered price with this lookup key, made (or remade, if its amount, meter or interval changed)."""
+    price = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
+    wanted = (amount, found["id"], interval)
+    if (
+        price is not None
+        and (price["unit_amount"], price["recurring"]["meter"], price["recurring"]["interval"]) != wanted
+    ):
+        store.put({**price, "active": False, "lookup_key": None})
+        price = None
+    if price is None:
+        product = objects.product(name, None, now) if product_id is None else store.get(product_id)
+        assert product is not None
+        price = objects.price(product["id"], lookup_key, name, amount, now)
+        price["recurring"].update(usage_type="metered", meter=found["id"], interval=interval)
+        if product.get("default_price") is None or product_id is None:
+            product["default_price"] = price["id"]
+        store.put(product)
+        store.put(price)
+    return price
 
 
 def active_meter(store: Store, event_name: str) -> Obj | None:
@@ -318,43 +339,67 @@ def error_report(store: Store, identifiers: list[str], code: str, message: str) 
             by_meter.setdefault(event["_meter"], []).append(event)
     if not by_meter:
         raise StripeError("No meter event has those identifiers.", param="identifiers")
-    now = simtime.now()
     report: Obj = {}
     for meter_id, events in by_meter.items():
         for event in events:
             store.put({**event, "_rejected": code})
-        stamps = [e["timestamp"] for e in events]
-        report = {
-            "id": objects.new_id("evt_test_", 24),
-            "object": "v2.core.event",
-            "type": "v1.billing.meter.error_report_triggered",
-            "context": None,
-            "created": _iso(now),
-            "livemode": False,
-            "reason": None,
-            "related_object": {"id": meter_id, "type": "billing.meter", "url": f"/v1/billing/meters/{meter_id}"},
-            "pending_webhooks": 1,
-            "data": {
-                "developer_message_summary": f"{len(events)} meter event(s) were invalid: {message}",
-                "reason": {
-                    "error_count": len(events),
-                    "error_types": [
-                        {
-                            "code": code,
-                            "error_count": len(events),
-                            "sample_errors": [
-                                {"error_message": message, "request": {"identifier": e["identifier"]}}
-                                for e in events[:10]
-                            ],
-                        }
-                    ],
-                },
-                "validation_start": _iso(min(stamps)),
-                "validation_end": _iso(max(stamps) + 1),
+        related = {"id": meter_id, "type": "billing.meter", "url": f"/v1/billing/meters/{meter_id}"}
+        samples = [(e["identifier"], e["timestamp"]) for e in events]
+        report = _thin_report(store, "v1.billing.meter.error_report_triggered", related, samples, code, message)
+    return report
+
+
+def no_meter_found(store: Store, identifiers: list[tuple[str, str]]) -> Obj:
+    """Streamed events (identifier, event_name) for an event_name no active meter has: not counted,
+    named by one v1.billing.meter.no_meter_found (no related_object: there is no meter)."""
+    now = simtime.now()
+    names = sorted({name for _, name in identifiers})
+    message = (
+        f"No active meter was found with event_name '{names[0]}'."
+        if len(names) == 1
+        else (f"No active meter was found with event_name {', '.join(repr(n) for n in names)}.")
+    )
+    samples = [(identifier, now) for identifier, _ in identifiers]
+    return _thin_report(store, "v1.billing.meter.no_meter_found", None, samples, "no_meter", message)
+
+
+def _thin_report(
+    store: Store, event_type: str, related: Obj | None, samples: list[tuple[str, int]], code: str, message: str
+) -> Obj:
+    """A meter error event (an error report or no_meter_found): stored whole, delivered thin."""
+    stamps = [stamp for _, stamp in samples]
+    report: Obj = {
+        "id": objects.new_id("evt_test_", 24),
+        "object": "v2.core.event",
+        "type": event_type,
+        "context": None,
+        "created": _iso(simtime.now()),
+        "livemode": False,
+        "reason": None,
+        "pending_webhooks": 1,
+        "data": {
+            "developer_message_summary": f"{len(samples)} meter event(s) were invalid: {message}",
+            "reason": {
+                "error_count": len(samples),
+                "error_types": [
+                    {
+                        "code": code,
+                        "error_count": len(samples),
+                        "sample_errors": [
+                            {"error_message": message, "request": {"identifier": identifier}}
+                            for identifier, _ in samples[:10]
+                        ],
+                    }
+                ],
             },
-        }
-        store.put(report)
-        store.enqueue_delivery(report["id"], time.time())
+            "validation_start": _iso(min(stamps)),
+            "validation_end": _iso(max(stamps) + 1),
+        },
+    }
+    if related is not None:
+        report["related_object"] = related
+    store.put(report)
+    store.enqueue_delivery(report["id"], time.time())
     return report
 
 

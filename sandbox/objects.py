@@ -38,6 +38,19 @@ def add_month(timestamp: int) -> int:
     return int(start.replace(year=year, month=month, day=day).timestamp())
 
 
+def first_period_end(line_items: list[Obj], now: int) -> int:
+    """The end of a new subscription's first period: one billing interval of its (first) price, so a
+    yearly price's runs a year."""
+    recurring = (line_items[0]["price"].get("recurring") or {}) if line_items else {}
+    interval, count = recurring.get("interval") or "month", int(recurring.get("interval_count") or 1)
+    if interval not in ("month", "year"):
+        return now + count * (7 if interval == "week" else 1) * 86400
+    end = now
+    for _ in range(count * (12 if interval == "year" else 1)):
+        end = add_month(end)
+    return end
+
+
 def money(cents: int) -> str:
     """An amount in cents as a customer reads it: $1,234.50."""
     return f"${cents / 100:,.2f}"
@@ -346,7 +359,7 @@ def subscription(
 ) -> Obj:
     sub_id = new_id("sub_")
     trial_end = now + trial_days * 86400 if trial_days else None
-    period_end = trial_end or add_month(now)
+    period_end = trial_end or first_period_end(line_items, now)
     items = [subscription_item(sub_id, item["price"], item["quantity"], (now, period_end), now) for item in line_items]
     return {
         "id": sub_id,

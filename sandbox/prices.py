@@ -34,6 +34,8 @@ class PriceCreate:
     nickname: str | None
     metadata: dict[str, str]
     active: bool
+    usage_type: str = "licensed"  # or "metered": billed in arrears from its meter's usage
+    meter: str | None = None  # a metered price's billing.meter
 
 
 def list_prices(
@@ -98,6 +100,7 @@ def create_price(store: Store, req: PriceCreate) -> Obj:
         raise StripeError(
             f"Invalid recurring[interval]: must be one of {', '.join(INTERVALS)}", param="recurring[interval]"
         )
+    _check_usage_type(store, req)
     if req.lookup_key:
         _take_lookup_key(store, req.lookup_key, req.transfer_lookup_key, None, "lookup_key")
     price = objects.price(product["id"], req.lookup_key or "", req.nickname or "", req.unit_amount, now)
@@ -106,11 +109,31 @@ def create_price(store: Store, req: PriceCreate) -> Obj:
         price.update(type="one_time", recurring=None)
     else:
         price["recurring"].update(interval=req.interval, interval_count=req.interval_count)
+        price["recurring"].update(usage_type=req.usage_type, meter=req.meter)
     if product.get("default_price") is None:
         product["default_price"] = price["id"]
     store.put(product)
     store.put(price)
     return price
+
+
+def _check_usage_type(store: Store, req: PriceCreate) -> None:
+    """recurring[usage_type] is licensed or metered; a metered price needs an active meter, and only it
+    takes one."""
+    if req.usage_type not in ("licensed", "metered"):
+        raise StripeError(
+            "Invalid recurring[usage_type]: must be one of licensed, metered", param="recurring[usage_type]"
+        )
+    if req.usage_type == "metered":
+        if req.meter is None:
+            raise StripeError(
+                "Missing required param: recurring[meter].", code="parameter_missing", param="recurring[meter]"
+            )
+        meter = load(store, "billing.meter", req.meter, "recurring[meter]", 400)
+        if meter["status"] != "active":
+            raise StripeError(f"The meter `{req.meter}` is not active.", param="recurring[meter]")
+    elif req.meter is not None:
+        raise StripeError("recurring[meter] can only be set when usage_type is `metered`.", param="recurring[meter]")
 
 
 def update_price(

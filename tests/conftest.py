@@ -150,13 +150,15 @@ def redis_url() -> str:
 
 
 def offline_overrides(sandbox_url: str) -> dict[str, Any]:
-    """The app's Stripe is the suite's sandbox. The SDK does not retry, so an injected fault is seen as
-    it happened (production retries; see STRIPE_MAX_NETWORK_RETRIES)."""
+    """The app's Stripe is the suite's sandbox. The SDK does not retry, nor does the usage stream, so an
+    injected fault is seen as it happened (production retries; see STRIPE_MAX_NETWORK_RETRIES and
+    USAGE_STREAM_RETRIES)."""
     return {
         "STRIPE_SECRET_KEY": OFFLINE_SECRET_KEY,
         "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
         "STRIPE_API_BASE": sandbox_url,
         "STRIPE_MAX_NETWORK_RETRIES": 0,
+        "USAGE_STREAM_RETRIES": 0,
         "APP_BASE_URL": "http://localhost",
     }
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from app.services.catalogue_mapping import (
     ADDON,
+    METER,
     TIER,
     CatalogueEntry,
     KnownPrice,
@@ -22,6 +23,14 @@ CATALOGUE = PlanCatalogue.from_mapping(
             "pro": {"name": "Pro", "lookup_key": "pro_monthly"},
         },
         "addons": {"extra_seats": {"name": "Extra seats", "lookup_key": "seat_monthly"}},
+        "meters": {
+            "api_calls": {
+                "name": "API calls",
+                "event_name": "api_calls",
+                "lookup_key": "calls_overage",
+                "tiers": {"starter": {"included": 10, "overage": "billed"}},
+            }
+        },
     }
 )
 KNOWN = KnownPrices.from_rows(
@@ -85,3 +94,21 @@ def test_the_add_on_item_the_organization_holds_still_maps() -> None:
 def test_a_metered_item_without_a_quantity_is_no_add_on() -> None:
     mapping = map_items([item("si_1", "price_s", "prod_s", "seat_monthly", None)], CATALOGUE)
     assert mapping.addons == {} and mapping.unmapped == []
+
+
+def test_a_metered_price_is_remembered_and_still_maps_to_its_meter_after_its_key_moved() -> None:
+    first = map_items(
+        [
+            item("si_1", "price_s", "prod_s", "starter_monthly"),
+            item("si_m", "price_m1", "prod_m", "calls_overage", None),
+        ],
+        CATALOGUE,
+    )
+    assert first.unmapped == [] and first.tier == "starter"
+    assert [(seen.price_id, seen.entry) for seen in first.seen][1] == ("price_m1", CatalogueEntry(METER, "api_calls"))
+    known = KnownPrices.from_rows(first.seen)
+    # transfer_lookup_key moved calls_overage to a newer price: the item's price has no lookup key now.
+    moved = map_items([item("si_1", "price_s"), item("si_m", "price_m1", "prod_m", None, None)], CATALOGUE, known)
+    assert (moved.tier, moved.addons, moved.unmapped) == ("starter", {}, [])
+    unknown = map_items([item("si_1", "price_s"), item("si_m", "price_m9", "prod_m9", None, None)], CATALOGUE, known)
+    assert [entry["item"] for entry in unknown.unmapped] == ["si_m"]  # never seen: reported

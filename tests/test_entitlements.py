@@ -157,17 +157,19 @@ def test_a_yearly_signup_buys_the_yearly_prices_or_is_refused_when_stripe_has_no
     client: Any, app: Flask, offline_stripe: SandboxAccount
 ) -> None:
     prices = stripe_prices(app)
+    with app.app_context():  # and the yearly metered price: Starter bills its overage once a year
+        prices |= BillingService.prices_for_lookup_keys(["api_calls_overage_yearly"], required=False)
     response = start_signup(client, interval="year")
-    if "starter_yearly" in prices and "extra_seat_yearly" in prices:
+    wanted = ("starter_yearly", "extra_seat_yearly", "api_calls_overage_yearly")
+    if all(key in prices for key in wanted):
         checkout_session_id(response)
         [(_, call)] = offline_stripe.calls_to("checkout.sessions.create")
-        assert [item["price"] for item in call["params"]["line_items"]] == [
-            prices["starter_yearly"].id,
-            prices["extra_seat_yearly"].id,
-        ]
+        assert [item["price"] for item in call["params"]["line_items"]] == [prices[key].id for key in wanted]
+        assert "quantity" not in call["params"]["line_items"][-1]  # metered: no quantity
     else:
         assert response.status_code == 422
-        assert "starter_yearly" in html.unescape(response.get_data(as_text=True))
+        missing = next(key for key in wanted if key not in prices)
+        assert missing in html.unescape(response.get_data(as_text=True))
         assert query(app, "SELECT id FROM pending_signup") == []
 
 

@@ -638,7 +638,8 @@ def test_prices_are_resolved_by_lookup_key_once_and_cached_in_redis(app: Flask, 
     checkout_session_id(start_signup(app.test_client()))
     checkout_session_id(start_signup(app.test_client(), email="grace@example.com"))
     [(_, call)] = offline_stripe.calls_to("prices.list")
-    catalogue_keys = [*app.extensions["plan_catalogue"].lookup_keys(), "api_calls_overage"]  # and the metered price
+    catalogue_keys = app.extensions["plan_catalogue"].priced_lookup_keys()  # with the metered prices: 10, one request
+    assert catalogue_keys[-2:] == ["api_calls_overage", "api_calls_overage_yearly"]
     assert call["params"] == {"lookup_keys": catalogue_keys, "active": "true", "limit": str(len(catalogue_keys))}
     assert {"starter_monthly", "extra_seat_monthly", "starter_yearly"} <= set(catalogue_keys)
     cached = app.extensions["redis"].keys("cache:stripe-price:*")

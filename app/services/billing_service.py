@@ -1180,8 +1180,8 @@ class BillingService:
     def _stream_meter_events(cls, token: str, events: list[Any]) -> None:
         try:  # the session's token authenticates the v2 stream (usage_stream.py)
             cls.ensure_stripe().v2.billing.meter_event_stream.create({"events": events}, {"api_key": token})
-        except (stripe.TemporarySessionExpiredError, stripe.AuthenticationError) as exc:
-            raise usage_reports.MeterSessionExpired(str(exc)) from exc
+        except (stripe.TemporarySessionExpiredError, stripe.AuthenticationError, stripe.InvalidRequestError) as exc:
+            raise usage_reports.stream_refusal(exc, stripe.InvalidRequestError) from exc  # (usage_stream.py)
 
     @classmethod
     def meter_ids(cls) -> dict[str, str]:

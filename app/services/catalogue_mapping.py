@@ -4,7 +4,9 @@ An item maps by, in order: its price's lookup key (the catalogue's own words); t
 from an earlier sighting of that price with a catalogue lookup key (`catalogue_price`); the price's
 product, remembered likewise (when the product sells exactly one catalogue entry); and, for add-ons, the
 subscription item the organization already holds for that add-on. So a subscription left on an old price
-after `transfer_lookup_key` moved the key to a new one keeps its tier and add-ons. An item that maps to
+after `transfer_lookup_key` moved the key to a new one keeps its tier and add-ons. A metered price (a
+`[meters.*]` lookup key) is remembered the same way and maps to its meter: billed from the meter's usage,
+it is neither a tier nor an add-on, and is not reported once its key has moved on. An item that maps to
 nothing is reported, never treated as absent: the organization keeps its tier and add-ons."""
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.services.plans import PlanCatalogue
+from app.services.plans import Meter, PlanCatalogue
 
 TIER = "tier"
 ADDON = "addon"
+METER = "meter"  # a metered price: billed from its meter's usage
 
 
 @dataclass(frozen=True)
 class CatalogueEntry:
-    kind: str  # "tier" or "addon"
+    kind: str  # "tier", "addon" or "meter"
     key: str
 
 
@@ -71,7 +74,13 @@ def entry_for_lookup_key(catalogue: PlanCatalogue, lookup_key: str | None) -> Ca
         return CatalogueEntry(TIER, tier.key)
     if addon := catalogue.addon_for_lookup_key(lookup_key):
         return CatalogueEntry(ADDON, addon.key)
+    if meter := next((m for m in catalogue.meters.values() if lookup_key and lookup_key in _keys_of(m)), None):
+        return CatalogueEntry(METER, meter.key)
     return None
+
+
+def _keys_of(meter: Meter) -> tuple[str | None, str | None]:
+    return (meter.lookup_key, meter.yearly_lookup_key)
 
 
 def _id_of(value: Any) -> str | None:
@@ -99,8 +108,6 @@ def map_items(
         price_id = _id_of(price)
         product_id = _id_of(price.get("product")) if isinstance(price, dict) else None
         lookup_key = price.get("lookup_key") if isinstance(price, dict) else None
-        if lookup_key is not None and lookup_key in catalogue.meter_lookup_keys():
-            continue  # a metered price: billed from its meter's usage, neither a tier nor an add-on
         entry = entry_for_lookup_key(catalogue, lookup_key)
         if entry is not None and price_id and isinstance(lookup_key, str):
             seen.append(KnownPrice(price_id, product_id, lookup_key, entry))
@@ -111,6 +118,8 @@ def map_items(
         )
         if entry is None and item.get("id") in held:
             entry = CatalogueEntry(ADDON, held[str(item["id"])])
+        if entry is not None and entry.kind == METER and entry.key in catalogue.meters:
+            continue  # a metered price: billed from its meter's usage, neither a tier nor an add-on
         if entry is not None and entry.kind == TIER and entry.key in catalogue.tiers:
             tier = tier or entry.key
             continue

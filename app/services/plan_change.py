@@ -144,7 +144,7 @@ class Target:
     extra_seats: int
 
     def lookup_keys(self, catalogue: PlanCatalogue) -> dict[str, int]:
-        """The lookup key and quantity of each price the target sells."""
+        """The lookup key and quantity of each price the target sells; a metered price's is METERED."""
         tier = catalogue.tier(self.tier)
         if tier is None:
             raise PlanChangeError(f"There is no plan called {self.tier!r}.")
@@ -165,7 +165,9 @@ class Target:
                     f"{addon.name} are not sold {'yearly' if self.interval == 'year' else 'monthly'}."
                 )
             keys[addon_key] = self.extra_seats
-        return keys
+        # The metered prices the target carries (no quantity: billed from the meters), on its interval:
+        # a change gains them at once (yearly to monthly, or to a tier that bills overage).
+        return keys | dict.fromkeys(catalogue.billed_meter_lookup_keys(tier.key, self.interval), METERED)
 
 
 def validate_target(current: CurrentPlan, target: Target, *, members: int, included_seats: int) -> None:
@@ -214,8 +216,9 @@ def format_date(timestamp: int | None) -> str:
 
 def new_recurring(target_prices: Mapping[str, PriceInfo], quantities: Mapping[str, int]) -> tuple[int, Decimal]:
     """The target's recurring amount per its interval, and per month (for comparing)."""
-    amount = sum((target_prices[key].unit_amount or 0) * quantity for key, quantity in quantities.items())
-    monthly = sum((target_prices[key].monthly_equivalent(quantity) for key, quantity in quantities.items()), Decimal(0))
+    bought = licensed(quantities)
+    amount = sum((target_prices[key].unit_amount or 0) * quantity for key, quantity in bought.items())
+    monthly = sum((target_prices[key].monthly_equivalent(quantity) for key, quantity in bought.items()), Decimal(0))
     return amount, monthly
 
 
@@ -237,10 +240,12 @@ def update_items(
 ) -> list[dict[str, Any]]:
     """Stripe `items` turning the current subscription into the target: the tier's item takes the new
     price (same item, so Stripe prorates it), the seat item its new quantity (deleted at 0, added if
-    new); other items are left alone."""
+    new); a metered item of another interval than the target's goes, and each metered price the target
+    carries that the subscription lacks is added (so a change gains it at once); other items are left
+    alone."""
     seat_key = seat_addon_key(catalogue)
     items: list[dict[str, Any]] = []
-    for lookup_key, quantity in quantities.items():
+    for lookup_key, quantity in licensed(quantities).items():
         price = target_prices[lookup_key]
         is_tier = catalogue.tier_for_lookup_key(lookup_key) is not None
         line = current.tier_line if is_tier else current.seat_line
@@ -253,19 +258,37 @@ def update_items(
     )
     if current.seat_line is not None and not seat_wanted:
         items.append({"id": current.seat_line.item_id, "deleted": True})
-    kept = kept_lines(current, catalogue, _target_interval(target_prices, catalogue))
+    kept = kept_lines(current, _target_interval(target_prices, catalogue))
     items += [{"id": line.item_id, "deleted": True} for line in current.other_lines if line not in kept]
-    return items
+    return items + [{"price": price_id} for price_id in metered_to_add(kept, target_prices, quantities)]
 
 
-def kept_lines(current: CurrentPlan, catalogue: PlanCatalogue, interval: str | None) -> list[Line]:
-    """The items a plan change leaves alone: all but the metered ones when the target is billed on
-    another interval than theirs (Stripe bills all of a subscription's items on one interval)."""
-    metered = set(catalogue.meter_lookup_keys())
+def metered_to_add(
+    kept: list[Line], target_prices: Mapping[str, PriceInfo], quantities: Mapping[str, int]
+) -> list[str]:
+    """The target's metered prices the subscription does not keep already: not the same price, nor
+    (where known) another price on the same meter, which would bill its usage twice."""
+    held = {line.price.id for line in kept} | {line.price.meter for line in kept if line.price.meter}
+    wanted = [target_prices[key] for key, quantity in quantities.items() if quantity == METERED]
+    return [price.id for price in wanted if price.id not in held and price.meter not in held]
+
+
+METERED = -1  # the "quantity" of a metered price in a target's lookup keys: it takes none
+
+
+def licensed(quantities: Mapping[str, int]) -> dict[str, int]:
+    """The prices bought in a quantity (all but the metered ones)."""
+    return {key: quantity for key, quantity in quantities.items() if quantity != METERED}
+
+
+def kept_lines(current: CurrentPlan, interval: str | None) -> list[Line]:
+    """The items a plan change leaves alone: all but the metered ones billed on another interval than
+    the target's (Stripe bills all of a classic subscription's items on one interval); the target's
+    own metered prices are added beside them (metered_to_add)."""
     return [
         line
         for line in current.other_lines
-        if line.price.lookup_key not in metered or interval is None or line.price.interval == interval
+        if not line.price.metered or interval is None or line.price.interval == interval
     ]
 
 
@@ -273,9 +296,9 @@ def _target_interval(target_prices: Mapping[str, PriceInfo], catalogue: PlanCata
     return next((p.interval for k, p in target_prices.items() if catalogue.tier_for_lookup_key(k)), None)
 
 
-def _phase_item(line: Line, catalogue: PlanCatalogue) -> dict[str, Any]:
+def _phase_item(line: Line) -> dict[str, Any]:
     """A schedule phase's item; a metered price takes no quantity."""
-    if line.price.lookup_key in catalogue.meter_lookup_keys():
+    if line.price.metered:
         return {"price": line.price.id}
     return {"price": line.price.id, "quantity": line.quantity}
 
@@ -289,20 +312,19 @@ def schedule_phases(
     """A schedule's phases for a downgrade: this period as it is, then the target from the period's end."""
     if current.period_start is None or current.period_end is None:
         raise PlanChangeError("The subscription's current period is not known; try again in a moment.")
+    kept = kept_lines(current, _target_interval(target_prices, catalogue))
     return [
         {
-            "items": [_phase_item(line, catalogue) for line in current.lines()],
+            "items": [_phase_item(line) for line in current.lines()],
             "start_date": current.period_start,
             "end_date": current.period_end,
         },
         {
             # The last phase runs one billing period; then the schedule releases the subscription,
-            # which renews on these prices.
-            "items": [{"price": target_prices[key].id, "quantity": quantity} for key, quantity in quantities.items()]
-            + [
-                _phase_item(line, catalogue)
-                for line in kept_lines(current, catalogue, _target_interval(target_prices, catalogue))
-            ],
+            # which renews on these prices (the target's metered ones without a quantity).
+            "items": [{"price": target_prices[k].id, "quantity": q} for k, q in licensed(quantities).items()]
+            + [_phase_item(line) for line in kept]
+            + [{"price": price_id} for price_id in metered_to_add(kept, target_prices, quantities)],
         },
     ]
 

@@ -5,10 +5,12 @@ Stripe-only). It is read from a TOML file (plans.toml by default) so the catalog
 code change.
 
 Metered features ([meters.<key>]) name a Stripe Billing Meter (its event_name and aggregation), the
-metered price that bills it (lookup key) and, per tier, the quantity included each billing period and
-what happens past it: "billed" (the overage is reported to Stripe and invoiced), "soft_limit" (usage is
-recorded, not billed, and the owner is warned at 80% and 100%) or "hard_limit" (usage past the included
-quantity is refused until the period resets). A tier a meter does not list cannot use it."""
+metered price that bills it (lookup key; `yearly_lookup_key`, a yearly metered price on the same
+meter, bills yearly subscriptions' overage with their yearly renewal) and, per tier, the quantity
+included each billing period and what happens past it: "billed" (the overage is reported to Stripe
+and invoiced), "soft_limit" (usage is recorded, not billed, and the owner is warned at 80% and 100%)
+or "hard_limit" (usage past the included quantity is refused until the period resets). A tier a meter
+does not list cannot use it."""
 
 from __future__ import annotations
 
@@ -92,12 +94,19 @@ class Meter:
     name: str
     event_name: str  # the Stripe meter's event_name
     aggregation: str  # "sum" (each event carries a quantity) or "count" (each event is one)
-    lookup_key: str  # the metered price billing the overage
+    lookup_key: str  # the metered price billing the overage (monthly)
     unit: str = "unit"
     tiers: dict[str, MeterAllowance] = field(default_factory=dict)
+    # The yearly metered price on the same meter: a yearly subscription carries it, and Stripe bills the
+    # year's reported overage with the yearly renewal, in arrears (None: yearly plans bill no overage).
+    yearly_lookup_key: str | None = None
 
     def allowance(self, tier_key: str) -> MeterAllowance | None:
         return self.tiers.get(tier_key)
+
+    def lookup_key_for(self, interval: str) -> str | None:
+        """The metered price a subscription billed every `interval` (month or year) carries."""
+        return self.yearly_lookup_key if interval == "year" else self.lookup_key
 
 
 @dataclass(frozen=True)
@@ -169,17 +178,23 @@ class PlanCatalogue:
         return self.meters.get(key)
 
     def meter_lookup_keys(self) -> list[str]:
-        """The lookup keys of the metered prices (apart from lookup_keys(): they sell no tier)."""
-        return [meter.lookup_key for meter in self.meters.values()]
+        """The lookup keys of the metered prices, monthly and yearly (apart from lookup_keys(): they sell
+        no tier)."""
+        return [key for meter in self.meters.values() for key in (meter.lookup_key, meter.yearly_lookup_key) if key]
 
     def priced_lookup_keys(self) -> list[str]:
         """Every price the catalogue names: the tiers' and add-ons' (lookup_keys()), then the meters'."""
         return [*self.lookup_keys(), *self.meter_lookup_keys()]
 
-    def billed_meter_lookup_keys(self, tier_key: str) -> list[str]:
-        """The metered prices a subscription to the tier carries: those of meters whose overage the
-        tier bills (a soft or hard limit bills nothing, so needs no price)."""
-        return [m.lookup_key for m in self.meters.values() if (a := m.allowance(tier_key)) is not None and a.billed]
+    def billed_meter_lookup_keys(self, tier_key: str, interval: str = "month") -> list[str]:
+        """The metered prices a subscription to the tier billed every `interval` carries: those of meters
+        whose overage the tier bills (a soft or hard limit bills nothing, so needs no price), on that
+        interval (a meter without a yearly price bills no overage to yearly subscriptions)."""
+        return [
+            key
+            for m in self.meters.values()
+            if (a := m.allowance(tier_key)) is not None and a.billed and (key := m.lookup_key_for(interval))
+        ]
 
     def tier(self, key: str) -> Tier | None:
         return self.tiers.get(key)
@@ -334,12 +349,17 @@ def _meters(raw: dict[str, Any], tier_keys: set[str], problems: list[str], sourc
         if missing:
             problems.append(f"{where} needs {', '.join(missing)}")
             continue
+        yearly = value.get("yearly_lookup_key")
+        if yearly is not None and (not isinstance(yearly, str) or not yearly):
+            problems.append(f"{where} yearly_lookup_key must be a lookup key")
+            yearly = None
         if not EVENT_NAME.match(value["event_name"]):
             problems.append(f"{where} event_name must be letters, digits, _ and - (at most 100)")
         aggregation = value.get("aggregation", "sum")
         if aggregation not in AGGREGATIONS:
             problems.append(f"{where} aggregation must be one of {', '.join(AGGREGATIONS)}")
-        unknown = sorted(set(value) - {"name", "event_name", "aggregation", "lookup_key", "unit", "tiers"} - SANDBOX)
+        known = {"name", "event_name", "aggregation", "lookup_key", "yearly_lookup_key", "unit", "tiers"}
+        unknown = sorted(set(value) - known - SANDBOX)
         if unknown:
             problems.append(f"{where} has unknown settings: {', '.join(unknown)}")
         allowances = _allowances(value.get("tiers"), tier_keys, where, problems)
@@ -351,11 +371,12 @@ def _meters(raw: dict[str, Any], tier_keys: set[str], problems: list[str], sourc
             lookup_key=value["lookup_key"],
             unit=str(value.get("unit") or "unit"),
             tiers=allowances,
+            yearly_lookup_key=yearly,
         )
     return meters
 
 
-SANDBOX = {"sandbox_unit_amount"}  # read by the offline Stripe only
+SANDBOX = {"sandbox_unit_amount", "sandbox_yearly_unit_amount"}  # read by the offline Stripe only
 
 
 def _allowances(raw: Any, tier_keys: set[str], where: str, problems: list[str]) -> dict[str, MeterAllowance]:
@@ -382,9 +403,11 @@ def _allowances(raw: Any, tier_keys: set[str], where: str, problems: list[str]) 
 def _check_meters_apart(meters: dict[str, Meter], taken: set[str], problems: list[str], source: str) -> None:
     """Each meter's price has a lookup key of its own, and each meter an event name of its own."""
     for meter in meters.values():
-        if meter.lookup_key in taken:
-            problems.append(f"{source}: [meters.{meter.key}] lookup_key {meter.lookup_key} is used twice")
-        taken.add(meter.lookup_key)
+        for key in (meter.lookup_key, meter.yearly_lookup_key):
+            if key in taken:
+                problems.append(f"{source}: [meters.{meter.key}] lookup_key {key} is used twice")
+            if key:
+                taken.add(key)
     events = [meter.event_name for meter in meters.values()]
     if len(set(events)) != len(events):
         problems.append(f"{source}: two meters share an event_name")

@@ -140,10 +140,11 @@ def lookup_key_quantities(tier: Tier, addons: Mapping[str, int], interval: str =
 
 def metered_lookup_keys(tier: Tier, interval: str = "month") -> list[str]:
     """The metered prices (by lookup key) a subscription to the tier carries, with no quantity: Stripe
-    bills each in arrears from its meter's usage. Monthly only: Stripe bills all of a subscription's
-    items on one interval and the catalogue's metered prices are monthly, so a yearly subscription
-    carries none (its usage is counted and limited per month; its overage is not invoiced)."""
-    return plan_catalogue().billed_meter_lookup_keys(tier.key) if interval == "month" else []
+    bills each in arrears from its meter's usage. On the subscription's interval (Stripe bills all of a
+    classic subscription's items on one): a yearly subscription carries each meter's yearly metered
+    price, so the year's overage (counted per month past each month's included quantity) is invoiced
+    with the yearly renewal; a meter without one bills yearly subscriptions no overage."""
+    return plan_catalogue().billed_meter_lookup_keys(tier.key, interval)
 
 
 def line_items(

@@ -31,6 +31,8 @@ class PriceInfo:
     interval_count: int = 1
     product: str | None = None
     active: bool = True
+    metered: bool = False  # recurring.usage_type "metered": billed in arrears from a meter's usage
+    meter: str | None = None  # a metered price's billing meter (mtr_...)
 
     @classmethod
     def from_stripe(cls, price: Mapping[str, Any]) -> PriceInfo:
@@ -45,6 +47,8 @@ class PriceInfo:
             interval_count=int(recurring.get("interval_count") or 1),
             product=product if isinstance(product, str) or product is None else product.get("id"),
             active=bool(price.get("active", True)),
+            metered=recurring.get("usage_type") == "metered",
+            meter=recurring.get("meter") if isinstance(recurring.get("meter"), str) else None,
         )
 
     def to_cache(self) -> dict[str, Any]:

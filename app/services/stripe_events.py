@@ -60,6 +60,7 @@ HANDLED_STRIPE_EVENTS = frozenset(
         "invoice.payment_failed",
         "invoice.payment_action_required",
         usage_reports.ERROR_REPORT_EVENT,
+        usage_reports.NO_METER_EVENT,
         "customer.updated",
         *tax_id_events.EVENT_TYPES,
     }
@@ -88,6 +89,8 @@ def ignore_reason(event: VerifiedEvent) -> str | None:
 def object_key(event: VerifiedEvent) -> str:
     if event.type == usage_reports.ERROR_REPORT_EVENT:  # a thin event about a meter
         return f"meter:{usage_reports.related_meter(event.body)}"
+    if event.type == usage_reports.NO_METER_EVENT:  # a thin event about events no meter has
+        return "meter:none"
     obj = stripe_objects.read_for_event(event.type, event.body["data"]["object"])
     if isinstance(obj, stripe_objects.CheckoutSession):
         return f"checkout:{obj.id}"
@@ -108,7 +111,8 @@ def apply_batch(object_key: str, events: list[VerifiedEvent], stripe: StripeRead
     if kind == "checkout":
         return apply_checkout_events(object_id, events, stripe)
     if kind == "meter":
-        # Stripe's asynchronous rejections of meter events: each read back (no transaction open), then recorded.
+        # Stripe's asynchronous rejections of meter events (error reports, no meter found): each read back
+        # (no transaction open), then recorded.
         read = [(event.event_id, stripe.retrieve_event(event.event_id)) for event in events]
         return {
             event_id: (StripeEventStatus.PROCESSED, usage_reports.apply_error_report(full)) for event_id, full in read
@@ -367,7 +371,8 @@ def parse_event(text: str) -> VerifiedEvent:
 
 def _thin_event(text: str, body: dict[str, Any]) -> VerifiedEvent:
     """A thin event (an event destination's delivery: its type, ids and the object it is about, no
-    data; the applier reads the event back from Stripe). Only the thin types this product handles."""
+    data; the applier reads the event back from Stripe). Only the thin types this product handles: an
+    error report names its meter; no_meter_found has none to name."""
     created = body.get("created")
     try:
         stamp = int(datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp())
@@ -376,10 +381,10 @@ def _thin_event(text: str, body: dict[str, Any]) -> VerifiedEvent:
     if not (
         isinstance(body.get("id"), str)
         and STRIPE_EVENT_ID.fullmatch(body["id"])
-        and body.get("type") == usage_reports.ERROR_REPORT_EVENT
+        and body.get("type") in usage_reports.METER_ERROR_EVENTS
         and 0 <= stamp < 2**63
         and isinstance(body.get("livemode"), bool)
-        and usage_reports.related_meter(body)
+        and (body["type"] == usage_reports.NO_METER_EVENT or usage_reports.related_meter(body))
     ):
         raise WebhookRejected("body is not a Stripe event")
     return VerifiedEvent("stripe", body["id"], body["type"], stamp, body["livemode"], None, text, body)

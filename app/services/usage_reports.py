@@ -42,6 +42,8 @@ from app.services.billing_common import committed
 from app.services.plans import PlanCatalogue
 
 ERROR_REPORT_EVENT = "v1.billing.meter.error_report_triggered"
+NO_METER_EVENT = "v1.billing.meter.no_meter_found"  # streamed events whose event_name no meter has
+METER_ERROR_EVENTS = (ERROR_REPORT_EVENT, NO_METER_EVENT)
 # Stripe deduplicates an identifier for 24 hours: a report not settled well inside that window is not
 # sent again blindly (it could be counted twice); it is failed for ops to compare with Stripe's summary.
 RESEND_WINDOW = timedelta(hours=20)
@@ -61,7 +63,7 @@ class MeterEventAlreadyRecorded(Exception):
     """Stripe already holds an event with this identifier: an earlier attempt was accepted."""
 
 
-MeterSessionExpired = usage_stream.SessionExpired  # the v2 stream's token was refused: open a new session
+stream_refusal = usage_stream.refusal  # a stream request's 4xx as the stream's own error
 
 
 def v1_params(event: MeterEventToSend) -> Any:  # stripe-python's MeterEventCreateParams
@@ -262,11 +264,13 @@ def related_meter(body: Mapping[str, Any]) -> str | None:
 
 
 def apply_error_report(event: Mapping[str, Any]) -> str:
-    """Stripe's asynchronous error report (v1.billing.meter.error_report_triggered, read back from
+    """Stripe's asynchronous error report (v1.billing.meter.error_report_triggered, or
+    v1.billing.meter.no_meter_found for streamed events whose event_name no meter has; read back from
     /v2/core/events/:id) names, among its sample errors, meter events it refused after accepting them:
     their reports become `failed` with Stripe's words (in the caller's transaction). Stripe samples:
     refusals it does not name show as the difference `flask billing usage --reconcile` reports.
     Returns the outcome stored on the event, which ops see (`flask billing status`)."""
+    no_meter = event.get("type") == NO_METER_EVENT
     data: dict[str, Any] = event.get("data") or {}
     reason: dict[str, Any] = data.get("reason") or {}
     named: dict[str, str] = {}
@@ -276,7 +280,8 @@ def apply_error_report(event: Mapping[str, Any]) -> str:
         for sample in error_type.get("sample_errors") or []:
             identifier = (sample.get("request") or {}).get("identifier")
             if isinstance(identifier, str):
-                named[identifier] = f"refused by Stripe after acceptance: {sample.get('error_message')}"[:2000]
+                why = "no meter found" if no_meter else "refused by Stripe after acceptance"
+                named[identifier] = f"{why}: {sample.get('error_message')}"[:2000]
     marked = 0
     for identifier, message in named.items():
         result = db.session.execute(
@@ -285,7 +290,8 @@ def apply_error_report(event: Mapping[str, Any]) -> str:
             .values(status=UsageReportStatus.FAILED, last_error=message)
         )
         marked += int(getattr(result, "rowcount", 0) or 0)
-    words = f"meter error report: {reason.get('error_count', '?')} error(s) ({', '.join(codes) or 'no details'})"
+    kind = "no meter found" if no_meter else "meter error report"
+    words = f"{kind}: {reason.get('error_count', '?')} error(s) ({', '.join(codes) or 'no details'})"
     return f"{words[:150]}; {marked} usage report(s) marked failed"  # the event's outcome: 200 characters
 
 
@@ -296,7 +302,7 @@ class ReportCounts:
     failed: int
     unreported_events: int
     failures: list[tuple[str, str]]  # (identifier, error) of the latest failed reports
-    error_reports: list[str]  # Stripe's meter error reports received (their outcomes), newest first
+    error_reports: list[str]  # Stripe's meter error reports and no-meter events received (outcomes), newest first
 
 
 def counts() -> ReportCounts:
@@ -314,7 +320,7 @@ def counts() -> ReportCounts:
     ).all()
     error_reports = db.session.execute(
         select(StripeEvent.outcome)
-        .where(StripeEvent.type == ERROR_REPORT_EVENT)
+        .where(StripeEvent.type.in_(METER_ERROR_EVENTS))
         .order_by(StripeEvent.id.desc())
         .limit(20)
     ).scalars()

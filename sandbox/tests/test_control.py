@@ -270,6 +270,25 @@ def test_lock_timeout_fault_that_says_retry_is_retried_by_the_sdk(sandbox: Sandb
         response.raise_for_status()
 
 
+def test_invalid_request_fault_refuses_only_requests_whose_body_holds_the_text(sandbox: Sandbox) -> None:
+    armed = ok(
+        control(
+            sandbox,
+            "POST",
+            "/faults",
+            {"path": "/v1/customers", "kind": "invalid_request", "times": 2, "body_contains": "refuse-me"},
+        )
+    )
+    assert armed["body_contains"] == "refuse-me"
+    start = last_seq(sandbox)
+    with pytest.raises(stripe.InvalidRequestError, match="an 'invalid_request' fault") as refused:
+        no_retries(sandbox).v1.customers.create(params={"email": "refuse-me@example.com"})
+    assert refused.value.http_status == 400 and refused.value.code == "invalid_request"
+    assert no_retries(sandbox).v1.customers.create(params={"email": "fine@example.com"}).id  # another body
+    assert [row["status"] for row in logged_since(sandbox, start)] == [400, 200]
+    assert [f["times"] for f in ok(control(sandbox, "GET", "/faults"))["faults"]] == [1]
+
+
 def test_faults_can_be_listed_and_cleared(sandbox: Sandbox) -> None:
     first = ok(control(sandbox, "POST", "/faults", {"path": "/v1/prices", "kind": "server", "times": 3}))
     second = ok(control(sandbox, "POST", "/faults", {"method": "get", "path_regex": "/v1/.*", "kind": "connection"}))
@@ -297,6 +316,7 @@ def test_faults_can_be_listed_and_cleared(sandbox: Sandbox) -> None:
         ({"path": "/v1/prices", "kind": "server", "times": 0}, "times must be"),
         ({"path": "/v1/prices", "kind": "server", "times": True}, "times must be"),
         ({"path": "/v1/prices", "kind": "server", "when": "now"}, "Unknown field"),
+        ({"path": "/v1/prices", "kind": "invalid_request", "body_contains": ""}, "body_contains must be"),
         ([], "JSON object"),
     ],
 )

@@ -111,3 +111,35 @@ def test_an_invalid_event_is_refused_asynchronously_by_an_error_report(
         assert time.monotonic() < deadline, "no error report named the invalid event"
         time.sleep(0.05)
     assert "payload[value]" in found[0].data.reason.error_types[0].sample_errors[0].error_message
+
+
+def test_an_event_for_no_meter_is_named_by_no_meter_found(
+    sandbox: Sandbox, receiver: Receiver, client: Any, meter: Any
+) -> None:
+    """An event_name no active meter has is not counted; one thin v1.billing.meter.no_meter_found (no
+    related_object) names the request's such events; once a meter exists the same identifier counts."""
+    customer = client.v1.customers.create(params={"email": "nometer@example.com"}).id
+    token = {"api_key": client.v2.billing.meter_event_session.create().authentication_token}
+    lost = [_event(customer, f"lost-{i}", "2", event_name="not_a_meter") for i in range(2)]
+    client.v2.billing.meter_event_stream.create({"events": [*lost, _event(customer, "kept", "4")]}, token)
+    assert _total(client, meter, customer) == 4
+    deadline = time.monotonic() + 10
+    while True:
+        thin = [json.loads(a["body"]) for a in receiver.attempts if "no_meter_found" in a["body"]]
+        found = [t for t in thin if "related_object" not in t]
+        events = [client.v2.core.events.retrieve(t["id"]) for t in found]
+        events = [e for e in events if e.data.reason.error_types[0].sample_errors[0].request.identifier == "lost-0"]
+        if events:
+            break
+        assert time.monotonic() < deadline, "no no_meter_found event named the events"
+        time.sleep(0.05)
+    [error_type] = events[0].data.reason.error_types
+    assert (error_type.code, error_type.error_count) == ("no_meter", 2)
+    assert [s.request.identifier for s in error_type.sample_errors] == ["lost-0", "lost-1"]
+    assert "not_a_meter" in error_type.sample_errors[0].error_message
+    client.v1.billing.meters.create(
+        params={"display_name": "Late", "event_name": "not_a_meter", "default_aggregation": {"formula": "sum"}}
+    )
+    client.v2.billing.meter_event_stream.create({"events": lost[:1]}, token)  # not kept: counted now
+    late = next(m for m in client.v1.billing.meters.list().data if m.event_name == "not_a_meter")
+    assert _total(client, late, customer) == 2
