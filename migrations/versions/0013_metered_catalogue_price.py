@@ -4,14 +4,14 @@ price's lookup key to a newer price.
 
 The downgrade forgets the remembered metered prices (they are remembered again when next seen).
 
-Revision ID: 0013_h2_metered_catalogue_price
+Revision ID: 0013_metered_catalogue_price
 Revises: 0012_pricing
 Create Date: 2026-12-06
 """
 
 from alembic import op
 
-revision = "0013_h2_metered_catalogue_price"
+revision = "0013_metered_catalogue_price"
 down_revision = "0012_pricing"
 branch_labels = None
 depends_on = None
