@@ -1,7 +1,7 @@
 """API keys: what an organization's own services present to the usage API (POST /api/v1/usage). The
 owner creates (names), lists and revokes them on /api-keys/. A key is `llk_` and 43 characters of
 256 random bits, shown once; only its SHA-256 is stored, with its first 12 characters (the prefix)
-for telling keys apart. Checking a key is one indexed read; its last-used time is written at most
+for telling keys apart. Checking a key is one indexed read (with its organization's billing state); its last-used time is written at most
 once a minute (a conditional UPDATE), so a busy key does not write on every request."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from app import clock
 from app.extensions import db
-from app.models import ApiKey
-from app.services import domain_events
+from app.models import ApiKey, Organization
+from app.services import domain_events, usage_store
 from app.services.billing_common import committed
 
 KEY_PREFIX = "llk_"
@@ -41,6 +41,21 @@ class NewApiKey:
 class ApiCaller:
     organization_id: int
     key_id: int
+    account: usage_store.Account  # the organization as read with the key
+
+
+CALLER = (
+    select(
+        ApiKey.id,
+        ApiKey.organization_id,
+        ApiKey.last_used_at,
+        Organization.tier,
+        Organization.billing_status,
+        Organization.current_period_end,
+    )
+    .join(Organization, Organization.id == ApiKey.organization_id)
+    .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
+)
 
 
 def _digest(secret: str) -> str:
@@ -112,23 +127,21 @@ def revoke(organization_id: int, key_id: int, *, actor_user_id: int) -> ApiKey:
 
 
 def authenticate(secret: str | None) -> ApiCaller | None:
-    """The organization a presented key belongs to, or None (unknown, malformed or revoked)."""
+    """The organization a presented key belongs to, or None (unknown, malformed or revoked). Read with
+    the organization's tier, status and period (what recording needs) in one statement, on every
+    request: nothing is cached, so a revoked key is refused from its revocation's commit on. A live key
+    leaves its read's transaction open for the recording that follows (which commits it)."""
     if not secret or not secret.startswith(KEY_PREFIX) or len(secret) > 100:
         return None
-    row = db.session.execute(
-        select(ApiKey.id, ApiKey.organization_id, ApiKey.last_used_at).where(
-            ApiKey.key_hash == _digest(secret), ApiKey.revoked_at.is_(None)
-        )
-    ).first()
+    row = db.session.execute(CALLER, {"key_hash": _digest(secret)}).first()
     if row is None:
         db.session.rollback()
         return None
     now = clock.utcnow()
     if row.last_used_at is None or row.last_used_at < now - LAST_USED_RESOLUTION:
         _mark_used(row.id, now)
-    else:
-        db.session.rollback()
-    return ApiCaller(organization_id=row.organization_id, key_id=row.id)
+    account = usage_store.Account(row.tier, row.billing_status, row.current_period_end)
+    return ApiCaller(organization_id=row.organization_id, key_id=row.id, account=account)
 
 
 def _mark_used(key_id: int, now: datetime) -> None:
