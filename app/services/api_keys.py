@@ -1,8 +1,10 @@
 """API keys: what an organization's own services present to the usage API (POST /api/v1/usage). The
 owner creates (names), lists and revokes them on /api-keys/. A key is `llk_` and 43 characters of
 256 random bits, shown once; only its SHA-256 is stored, with its first 12 characters (the prefix)
-for telling keys apart. Checking a key is one indexed read (with its organization's billing state); its last-used time is written at most
-once a minute (a conditional UPDATE), so a busy key does not write on every request."""
+for telling keys apart. Checking a key is one indexed read (joined with its organization's billing
+state, which recording needs), on every request: keys are not cached, so a revocation takes effect at
+once. The last-used time is written at most once a minute (a conditional UPDATE), so a busy key does
+not write on every request."""
 
 from __future__ import annotations
 

@@ -117,29 +117,34 @@ class _Group:
 
 # --- statements (portable: PostgreSQL and SQLite, but INSERT_EVENTS) -----------------------------------
 
-# The billable part of the added quantity (excluded.total) on top of the row's total (t.total): what
-# passes `included`. In ON CONFLICT ... DO UPDATE SET every t.total is the total before this statement.
+# The billable part of the added quantity (excluded.total) on top of the row's total: what passes
+# `included`. In ON CONFLICT ... DO UPDATE SET the row's columns hold what they held before the statement.
 _TIMES = (bindparam("period_start", type_=Timestamp), bindparam("period_end", type_=Timestamp))
 ADD = text(
-    "INSERT INTO usage_period_total AS t (organization_id, meter, period_start, period_end, total, billable)"
+    "INSERT INTO usage_period_total (organization_id, meter, period_start, period_end, total, billable)"
     " VALUES (:organization_id, :meter, :period_start, :period_end, :added, :fresh_billable)"
-    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE SET total = t.total + excluded.total,"
-    " billable = t.billable + CASE WHEN :billed = 0 THEN 0 WHEN t.total >= :included THEN excluded.total"
-    " WHEN t.total + excluded.total <= :included THEN 0 ELSE t.total + excluded.total - :included END"
-    " RETURNING t.total"
+    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE"
+    " SET total = usage_period_total.total + excluded.total,"
+    " billable = usage_period_total.billable + CASE WHEN :billed = 0 THEN 0"
+    " WHEN usage_period_total.total >= :included THEN excluded.total"
+    " WHEN usage_period_total.total + excluded.total <= :included THEN 0"
+    " ELSE usage_period_total.total + excluded.total - :included END"
+    " RETURNING total"
 ).bindparams(*_TIMES)
 ADD_WITHIN_LIMIT = text(
-    "INSERT INTO usage_period_total AS t (organization_id, meter, period_start, period_end, total, billable)"
+    "INSERT INTO usage_period_total (organization_id, meter, period_start, period_end, total, billable)"
     " VALUES (:organization_id, :meter, :period_start, :period_end, :added, 0)"
-    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE SET total = t.total + excluded.total"
-    " WHERE t.total + excluded.total <= :limit RETURNING t.total"
+    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE"
+    " SET total = usage_period_total.total + excluded.total"
+    " WHERE usage_period_total.total + excluded.total <= :limit RETURNING total"
 ).bindparams(*_TIMES)
 # Locks the row (creating it at 0) without changing it, and returns its total. (PostgreSQL locks the
 # conflicting row of ON CONFLICT DO UPDATE even where its WHERE is false, as ADD_WITHIN_LIMIT's may be.)
 LOCK = text(
-    "INSERT INTO usage_period_total AS t (organization_id, meter, period_start, period_end, total, billable)"
+    "INSERT INTO usage_period_total (organization_id, meter, period_start, period_end, total, billable)"
     " VALUES (:organization_id, :meter, :period_start, :period_end, 0, 0)"
-    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE SET total = t.total RETURNING t.total"
+    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE SET total = usage_period_total.total"
+    " RETURNING total"
 ).bindparams(*_TIMES)
 CORRECT = text(
     "UPDATE usage_period_total SET total = total + :total, billable = billable + :billable"

@@ -1,0 +1,225 @@
+"""Recording usage set-based (app/services/usage_store.py): a batch costs the same few statements
+whatever its size, each idempotency key is counted once (across requests, within a batch, and between
+concurrent batches), bad events are refused alone, and the counter always equals the stored events
+(total and billable part); on PostgreSQL and on the SQLite stand-in of a development run."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from flask import Flask
+from sqlalchemy import event
+
+from app.extensions import db
+from app.services import usage
+from app.services.billing_service import BillingService
+from tests.conftest import SandboxAccount, query
+from tests.test_usage import catalogue, frozen, organization  # noqa: F401 (frozen: a fixture)
+from tests.test_usage_api import Owner, post_usage
+
+
+def batch(app: Flask, org_id: int, events: list[dict[str, Any]]) -> list[usage.Recorded]:
+    with app.app_context():
+        return BillingService.record_usage_batch(org_id, events)
+
+
+def event_of(key: str, quantity: Any = 10, **more: Any) -> dict[str, Any]:
+    return {"meter": "api_calls", "quantity": quantity, "idempotency_key": key, **more}
+
+
+@contextmanager
+def statements(app: Flask) -> Iterator[list[str]]:
+    """Every SQL statement the app sends meanwhile (BEGIN and COMMIT are not statements here)."""
+    sent: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        sent.append(statement)
+
+    with app.app_context():
+        engine = db.engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+def consistent(app: Flask, org_id: int) -> tuple[int, int]:
+    """The counter's (total, billable), asserted equal to the sums over the stored events."""
+    [counter] = query(app, "SELECT total, billable FROM usage_period_total WHERE organization_id = :o", o=org_id)
+    [stored] = query(
+        app,
+        "SELECT coalesce(sum(quantity), 0) AS q, coalesce(sum(billable_quantity), 0) AS b FROM usage_event"
+        " WHERE organization_id = :o",
+        o=org_id,
+    )
+    assert (counter.total, counter.billable) == (stored.q, stored.b)
+    return counter.total, counter.billable
+
+
+def test_a_batch_costs_the_same_few_statements_whatever_its_size(app: Flask, frozen: None) -> None:  # noqa: F811
+    app.extensions["plan_catalogue"] = catalogue(included=50)
+    org_id = organization(app)
+    with statements(app) as one:
+        batch(app, org_id, [event_of("single")])
+    with statements(app) as hundred:
+        recorded = batch(app, org_id, [event_of(f"k{i}") for i in range(100)])
+    assert all(isinstance(r, usage.RecordedUsage) and not r.duplicate for r in recorded)
+    # The organization's read, one counter upsert (meter and period), one INSERT for every event.
+    assert len(one) == len(hundred) == 3, hundred
+    assert not any("SAVEPOINT" in sql.upper() for sql in hundred)
+    assert consistent(app, org_id) == (1010, 960)  # 50 included: the single event's 10 fit, then 40 of k0..k3
+
+
+def test_the_api_records_a_batch_in_three_statements(app: Flask, offline_stripe: SandboxAccount) -> None:
+    owner = Owner(app, offline_stripe)
+    key = owner.create_key("Worker")
+    post_usage(app, key, event_of("warm"))  # the key's last use is written at most once a minute
+    with statements(app) as sent:
+        response = post_usage(app, key, {"events": [event_of(f"b{i}") for i in range(100)]})
+    assert response.status_code == 200 and response.json["recorded"] == 100
+    # The key with its organization (one read), the counter's upsert, the events' insert.
+    assert len(sent) == 3, sent
+    assert consistent(app, owner.organization_id)[0] == 1010
+
+
+def test_repeated_keys_are_counted_once_across_requests_and_within_a_batch(app: Flask, frozen: None) -> None:  # noqa: F811
+    app.extensions["plan_catalogue"] = catalogue(included=25)
+    org_id = organization(app)
+    [first] = batch(app, org_id, [event_of("a", 10)])
+    results = batch(
+        app,
+        org_id,
+        [event_of("a", 10), event_of("b", 10), event_of("b", 10), event_of("c", 10), event_of("b", 11)],
+    )
+    assert isinstance(first, usage.RecordedUsage)
+    a, b, b_again, c, b_other = results
+    assert isinstance(a, usage.RecordedUsage) and a.duplicate and a.event_id == first.event_id
+    assert isinstance(b, usage.RecordedUsage) and not b.duplicate
+    assert isinstance(b_again, usage.RecordedUsage) and b_again.duplicate and b_again.event_id == b.event_id
+    assert isinstance(c, usage.RecordedUsage) and not c.duplicate
+    assert isinstance(b_other, usage.UsageRejected) and b_other.code == "idempotency_key_reused"
+    # a (10), b (10), c (10): 30 with 25 included; a repeat counted again would make it 40 (or 50).
+    assert consistent(app, org_id) == (30, 5)
+    rows = query(app, "SELECT idempotency_key, billable_quantity FROM usage_event ORDER BY idempotency_key")
+    assert [(r.idempotency_key, r.billable_quantity) for r in rows] == [("a", 0), ("b", 0), ("c", 5)]
+
+
+def test_a_batch_with_bad_events_stores_the_good_ones_and_the_counter_is_their_sum(
+    app: Flask,
+    frozen: None,  # noqa: F811
+) -> None:
+    app.extensions["plan_catalogue"] = catalogue(included=15)
+    org_id = organization(app)
+    batch(app, org_id, [event_of("seen", 4)])
+    results = batch(
+        app,
+        org_id,
+        [
+            event_of("g1", 5),
+            event_of("bad-quantity", -1),
+            event_of("seen", 4),  # stored before: acknowledged, not counted
+            {"meter": "storage", "quantity": 1, "idempotency_key": "bad-meter"},
+            event_of("g2", 7),
+            event_of("bad key"),
+            event_of("g3", 9),
+        ],
+    )
+    outcomes = [
+        ("duplicate" if r.duplicate else "recorded") if isinstance(r, usage.RecordedUsage) else r.code for r in results
+    ]
+    assert outcomes == [
+        "recorded",
+        "invalid_quantity",
+        "duplicate",
+        "unknown_meter",
+        "recorded",
+        "invalid_idempotency_key",
+        "recorded",
+    ]
+    # 4 + 5 + 7 + 9 = 25 with 15 included: 10 billable, split as the events came (g2: 1, g3: 9). The
+    # batch was counted assuming "seen" was new, then corrected: its 4 are neither counted nor billed.
+    assert consistent(app, org_id) == (25, 10)
+    rows = query(app, "SELECT idempotency_key, billable_quantity FROM usage_event ORDER BY id")
+    assert {r.idempotency_key: r.billable_quantity for r in rows} == {"seen": 0, "g1": 0, "g2": 1, "g3": 9}
+
+
+def test_a_hard_limit_refuses_only_the_events_that_do_not_fit(app: Flask, frozen: None) -> None:  # noqa: F811
+    app.extensions["plan_catalogue"] = catalogue("hard_limit", included=20)
+    org_id = organization(app)
+    batch(app, org_id, [event_of("before", 5)])
+    results = batch(app, org_id, [event_of("x", 10), event_of("y", 10), event_of("before", 5), event_of("z", 5)])
+    assert [type(r).__name__ for r in results] == [
+        "RecordedUsage",
+        "UsageLimitReached",
+        "RecordedUsage",
+        "RecordedUsage",
+    ]
+    refused = results[1]
+    assert isinstance(refused, usage.UsageLimitReached) and refused.used == 15 and refused.limit == 20
+    assert isinstance(results[2], usage.RecordedUsage) and results[2].duplicate
+    assert consistent(app, org_id) == (20, 0)
+    keys = {r.idempotency_key for r in query(app, "SELECT idempotency_key FROM usage_event")}
+    assert keys == {"before", "x", "z"}
+
+
+def test_concurrent_batches_with_overlapping_keys_count_each_key_once(make_app: Any, frozen: None) -> None:  # noqa: F811
+    app = make_app()
+    app.extensions["plan_catalogue"] = catalogue(included=1000)
+    org_id = organization(app)
+    outcomes: list[list[usage.Recorded]] = []
+    errors: list[BaseException] = []
+
+    def send(start: int) -> None:
+        try:  # keys start..start+59: the two halves of each pair of batches share 20 keys
+            outcomes.append(batch(app, org_id, [event_of(f"k{i}", 7) for i in range(start, start + 60)]))
+        except BaseException as exc:  # pragma: no cover (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(start,)) for start in (0, 40, 80, 0, 40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(outcomes) == 5
+    assert all(isinstance(r, usage.RecordedUsage) for results in outcomes for r in results)
+    fresh = sum(not r.duplicate for results in outcomes for r in results if isinstance(r, usage.RecordedUsage))
+    assert fresh == 140  # k0 .. k139, each stored by exactly one batch
+    assert len(query(app, "SELECT id FROM usage_event")) == 140
+    assert consistent(app, org_id) == (980, 0)
+
+
+def test_concurrent_batches_past_what_is_included_bill_each_unit_once(make_app: Any, frozen: None) -> None:  # noqa: F811
+    app = make_app()
+    app.extensions["plan_catalogue"] = catalogue(included=100)
+    org_id = organization(app)
+
+    def send(start: int) -> None:
+        batch(app, org_id, [event_of(f"k{i}", 3) for i in range(start, start + 50)])
+
+    threads = [threading.Thread(target=send, args=(start,)) for start in (0, 25, 50, 75)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # 125 distinct keys of 3: 375, of which 275 past the 100 included; every stored event's billable part
+    # adds up to the counter's, however the batches interleaved.
+    assert consistent(app, org_id) == (375, 275)
+
+
+def test_recording_works_the_same_on_the_sqlite_stand_in(sqlite_app: Flask, frozen: None) -> None:  # noqa: F811
+    sqlite_app.extensions["plan_catalogue"] = catalogue(included=12)
+    org_id = organization(sqlite_app)
+    batch(sqlite_app, org_id, [event_of("a", 5)])
+    results = batch(sqlite_app, org_id, [event_of("a", 5), event_of("b", 5), event_of("b", 5), event_of("c", -2)])
+    assert [type(r).__name__ for r in results] == ["RecordedUsage", "RecordedUsage", "RecordedUsage", "UsageRejected"]
+    assert [r.duplicate for r in results[:3] if isinstance(r, usage.RecordedUsage)] == [True, False, True]
+    [single] = batch(sqlite_app, org_id, [event_of("d", 4)])
+    assert isinstance(single, usage.RecordedUsage) and not single.duplicate
+    assert consistent(sqlite_app, org_id) == (14, 2)
+    sqlite_app.extensions["plan_catalogue"] = catalogue("hard_limit", included=12)
+    [refused] = batch(sqlite_app, org_id, [event_of("e", 1)])
+    assert isinstance(refused, usage.UsageLimitReached) and refused.used == 14
