@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 from flask import Flask
@@ -17,7 +18,7 @@ from app.extensions import db
 from app.services import usage
 from app.services.billing_service import BillingService
 from tests.conftest import SandboxAccount, query
-from tests.test_usage import catalogue, frozen, organization  # noqa: F401 (frozen: a fixture)
+from tests.test_usage import NOW, catalogue, frozen, organization  # noqa: F401 (frozen: a fixture)
 from tests.test_usage_api import Owner, post_usage
 
 
@@ -68,21 +69,22 @@ def test_a_batch_costs_the_same_few_statements_whatever_its_size(app: Flask, fro
     with statements(app) as hundred:
         recorded = batch(app, org_id, [event_of(f"k{i}") for i in range(100)])
     assert all(isinstance(r, usage.RecordedUsage) and not r.duplicate for r in recorded)
-    # The organization's read, one counter upsert (meter and period), one INSERT for every event.
-    assert len(one) == len(hundred) == 3, hundred
+    # The organization's read, then the counter's upsert (one meter and period) and the insert of every
+    # event, in one statement.
+    assert len(one) == len(hundred) == 2, hundred
     assert not any("SAVEPOINT" in sql.upper() for sql in hundred)
     assert consistent(app, org_id) == (1010, 960)  # 50 included: the single event's 10 fit, then 40 of k0..k3
 
 
-def test_the_api_records_a_batch_in_three_statements(app: Flask, offline_stripe: SandboxAccount) -> None:
+def test_the_api_records_a_batch_in_two_statements(app: Flask, offline_stripe: SandboxAccount) -> None:
     owner = Owner(app, offline_stripe)
     key = owner.create_key("Worker")
     post_usage(app, key, event_of("warm"))  # the key's last use is written at most once a minute
     with statements(app) as sent:
         response = post_usage(app, key, {"events": [event_of(f"b{i}") for i in range(100)]})
     assert response.status_code == 200 and response.json["recorded"] == 100
-    # The key with its organization (one read), the counter's upsert, the events' insert.
-    assert len(sent) == 3, sent
+    # The key with its organization (one read); the counter's upsert with the events' insert (one).
+    assert len(sent) == 2, sent
     assert consistent(app, owner.organization_id)[0] == 1010
 
 
@@ -210,6 +212,39 @@ def test_concurrent_batches_past_what_is_included_bill_each_unit_once(make_app: 
     assert consistent(app, org_id) == (375, 275)
 
 
+def test_a_batch_over_two_periods_keeps_each_counter_equal_to_its_events(app: Flask, frozen: None) -> None:  # noqa: F811
+    app.extensions["plan_catalogue"] = catalogue(included=20)
+    org_id = organization(app)
+    last_period = (NOW - timedelta(days=30)).isoformat()  # before the current period began (Nov 20)
+    batch(app, org_id, [event_of("old-1", 15, timestamp=last_period), event_of("new-1", 15)])
+    with statements(app) as sent:
+        results = batch(
+            app,
+            org_id,
+            [
+                event_of("new-2", 10),
+                event_of("old-1", 15, timestamp=last_period),  # stored before: corrected out of the counter
+                event_of("old-2", 10, timestamp=last_period),
+                event_of("new-1", 15),
+            ],
+        )
+    assert [r.duplicate for r in results if isinstance(r, usage.RecordedUsage)] == [False, True, False, True]
+    # The organization, one upsert per counter (in one order), the insert, and, some events having been
+    # stored before: a correction of each counter, of old-2's billable part (counted as if old-1 were
+    # new, it would have been 10), and the read of the stored events.
+    assert len(sent) == 8, sent
+    counters = query(
+        app, "SELECT total, billable FROM usage_period_total WHERE organization_id = :o ORDER BY period_start", o=org_id
+    )
+    assert [(c.total, c.billable) for c in counters] == [(25, 5), (25, 5)]
+    stored = query(
+        app,
+        "SELECT period_start, sum(quantity) AS q, sum(billable_quantity) AS b FROM usage_event"
+        " GROUP BY period_start ORDER BY period_start",
+    )
+    assert [(s.q, s.b) for s in stored] == [(25, 5), (25, 5)]
+
+
 def test_recording_works_the_same_on_the_sqlite_stand_in(sqlite_app: Flask, frozen: None) -> None:  # noqa: F811
     sqlite_app.extensions["plan_catalogue"] = catalogue(included=12)
     org_id = organization(sqlite_app)
@@ -217,7 +252,9 @@ def test_recording_works_the_same_on_the_sqlite_stand_in(sqlite_app: Flask, froz
     results = batch(sqlite_app, org_id, [event_of("a", 5), event_of("b", 5), event_of("b", 5), event_of("c", -2)])
     assert [type(r).__name__ for r in results] == ["RecordedUsage", "RecordedUsage", "RecordedUsage", "UsageRejected"]
     assert [r.duplicate for r in results[:3] if isinstance(r, usage.RecordedUsage)] == [True, False, True]
-    [single] = batch(sqlite_app, org_id, [event_of("d", 4)])
+    with statements(sqlite_app) as sent:
+        [single] = batch(sqlite_app, org_id, [event_of("d", 4)])
+    assert len(sent) == 3  # the organization, the counter's upsert, the insert (no CTE on SQLite)
     assert isinstance(single, usage.RecordedUsage) and not single.duplicate
     assert consistent(sqlite_app, org_id) == (14, 2)
     sqlite_app.extensions["plan_catalogue"] = catalogue("hard_limit", included=12)

@@ -13,11 +13,12 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import BigInteger, String, column, select, text, update
 
 from app import clock
 from app.extensions import db
-from app.models import ApiKey, Organization
+from app.models import ApiKey
+from app.models.types import Timestamp
 from app.services import domain_events, usage_store
 from app.services.billing_common import committed
 
@@ -46,17 +47,17 @@ class ApiCaller:
     account: usage_store.Account  # the organization as read with the key
 
 
-CALLER = (
-    select(
-        ApiKey.id,
-        ApiKey.organization_id,
-        ApiKey.last_used_at,
-        Organization.tier,
-        Organization.billing_status,
-        Organization.current_period_end,
-    )
-    .join(Organization, Organization.id == ApiKey.organization_id)
-    .where(ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None))
+CALLER = text(
+    "SELECT k.id, k.organization_id, k.last_used_at, o.tier, o.billing_status, o.current_period_end"
+    " FROM api_key k JOIN organization o ON o.id = k.organization_id"
+    " WHERE k.key_hash = :key_hash AND k.revoked_at IS NULL"
+).columns(
+    column("id", BigInteger),
+    column("organization_id", BigInteger),
+    column("last_used_at", Timestamp),
+    column("tier", String),
+    column("billing_status", String),
+    column("current_period_end", Timestamp),
 )
 
 
@@ -135,7 +136,7 @@ def authenticate(secret: str | None) -> ApiCaller | None:
     leaves its read's transaction open for the recording that follows (which commits it)."""
     if not secret or not secret.startswith(KEY_PREFIX) or len(secret) > 100:
         return None
-    row = db.session.execute(CALLER, {"key_hash": _digest(secret)}).first()
+    row = db.session.connection().execute(CALLER, {"key_hash": _digest(secret)}).first()
     if row is None:
         db.session.rollback()
         return None

@@ -27,6 +27,7 @@ the stored events, and its billable part the sum of their billable quantities.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -158,9 +159,44 @@ INSERT_EVENTS = text(
     " key text, at timestamptz, period timestamptz)"
     " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key"
 ).bindparams(bindparam("now", type_=Timestamp))
+# PostgreSQL, a batch of one meter and period without a hard limit (the common case): ADD and the
+# events' insert in one statement. The counter's upsert returns the total before the batch, from which
+# each event's billable part is computed in the insert (its running total `after`, in the batch's order,
+# past `included`); the final SELECT returns that total even when every event was already stored.
+COUNT_AND_INSERT = text(
+    "WITH counter AS (INSERT INTO usage_period_total AS t"
+    " (organization_id, meter, period_start, period_end, total, billable)"
+    " VALUES (:organization_id, :meter, :period_start, :period_end, :added, :fresh_billable)"
+    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE SET total = t.total + excluded.total,"
+    " billable = t.billable + CASE WHEN :billed = 0 THEN 0 WHEN t.total >= :included THEN excluded.total"
+    " WHEN t.total + excluded.total <= :included THEN 0 ELSE t.total + excluded.total - :included END"
+    " RETURNING t.total - :added AS before),"
+    " inserted AS (INSERT INTO usage_event (organization_id, meter, quantity, billable_quantity, idempotency_key,"
+    " occurred_at, period_start, recorded_at) SELECT :organization_id, :meter, e.quantity,"
+    " CASE WHEN :billed = 0 THEN 0 ELSE greatest(0, c.before + e.after"
+    " - greatest(c.before + e.after - e.quantity, :included)) END, e.key, e.at, :period_start, :now"
+    " FROM jsonb_to_recordset(CAST(:events AS jsonb)) AS e(quantity bigint, key text, at timestamptz, after bigint)"
+    " CROSS JOIN counter c ORDER BY e.after, e.key"
+    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key)"
+    " SELECT c.before, i.id, i.idempotency_key FROM counter c LEFT JOIN inserted i ON true"
+).bindparams(*_TIMES, bindparam("now", type_=Timestamp))
 ACCOUNT = select(Organization.tier, Organization.billing_status, Organization.current_period_end).where(
     Organization.id == bindparam("organization_id")
 )
+
+
+def _dialect() -> str:
+    return str(db.session.get_bind().dialect.name)
+
+
+def _execute(statement: Any, params: dict[str, Any]) -> Any:
+    """A Core statement on the session's connection (in its transaction), without the ORM's execution."""
+    return db.session.connection().execute(statement, params)
+
+
+@functools.lru_cache(maxsize=1024)
+def _iso(moment: datetime) -> str:
+    return moment.isoformat()  # a batch's events mostly share one time (now) and one period
 
 
 def account(organization_id: int) -> Account | None:
@@ -183,11 +219,16 @@ def store(organization_id: int, candidates: Sequence[Candidate], now: datetime) 
     outcomes: dict[int, Outcome] = {}
     stored_before: dict[str, Any] = {}
     rows: list[tuple[Candidate, int]] = []  # (event, its billable quantity)
-    for group_key in sorted(groups):  # one order for every batch: counters are locked without deadlocks
-        group = groups[group_key]
-        _count(organization_id, group, outcomes, stored_before)
-        rows.extend(zip(group.counted, _billable(group, group.counted), strict=True))
-    inserted = _insert(organization_id, rows, now) if rows else {}
+    [only] = groups.values() if len(groups) == 1 else [None]
+    if only is not None and only.allowance.overage != "hard_limit" and _dialect() == "postgresql":
+        inserted = _count_and_insert(organization_id, only, now)  # the common case: one statement
+        rows = list(zip(only.counted, _billable(only, only.counted), strict=True))
+    else:
+        for group_key in sorted(groups):  # one order for every batch: counters are locked without deadlocks
+            group = groups[group_key]
+            _count(organization_id, group, outcomes, stored_before)
+            rows.extend(zip(group.counted, _billable(group, group.counted), strict=True))
+        inserted = _insert(organization_id, rows, now) if rows else {}
     missing = [event for event, _ in rows if event.key not in inserted]
     if missing:
         _correct(organization_id, groups.values(), inserted, rows)
@@ -217,11 +258,11 @@ def _count(organization_id: int, group: _Group, outcomes: dict[int, Outcome], st
     if allowance.overage != "hard_limit":
         fresh_billable = max(0, added - included) if allowance.billed else 0
         values = {**names, "added": added, "fresh_billable": fresh_billable, "billed": int(allowance.billed)}
-        total = db.session.execute(ADD, {**values, "included": included}).scalar_one()
+        total = _execute(ADD, {**values, "included": included}).scalar_one()
         group.before, group.counted = total - added, list(group.events)
         return
     if added <= included:
-        total = db.session.execute(ADD_WITHIN_LIMIT, {**names, "added": added, "limit": included}).scalar()
+        total = _execute(ADD_WITHIN_LIMIT, {**names, "added": added, "limit": included}).scalar()
         if total is not None:
             group.before, group.counted = total - added, list(group.events)
             return
@@ -241,6 +282,37 @@ def _count(organization_id: int, group: _Group, outcomes: dict[int, Outcome], st
         db.session.execute(CORRECT, {**names, "total": used - group.before, "billable": 0})
 
 
+def _count_and_insert(organization_id: int, group: _Group, now: datetime) -> dict[str, int]:
+    """PostgreSQL, one meter and period, no hard limit: COUNT_AND_INSERT; the inserted events' ids by key."""
+    allowance, included, added = group.allowance, group.allowance.included, 0
+    events = []
+    for event in group.events:
+        added += event.quantity
+        events.append({"quantity": event.quantity, "key": event.key, "at": _iso(event.at), "after": added})
+    result = _execute(
+        COUNT_AND_INSERT,
+        {
+            "organization_id": organization_id,
+            "meter": group.meter.key,
+            "period_start": group.period.start,
+            "period_end": group.period.end,
+            "added": added,
+            "fresh_billable": max(0, added - included) if allowance.billed else 0,
+            "billed": int(allowance.billed),
+            "included": included,
+            "now": now,
+            "events": json.dumps(events),
+        },
+    )
+    inserted = {}
+    for before, event_id, key in result:
+        group.before = before
+        if key is not None:
+            inserted[key] = event_id
+    group.counted = list(group.events)
+    return inserted
+
+
 def _billable(group: _Group, events: Iterable[Candidate]) -> list[int]:
     """Each event's part past what the tier includes, in order, from the total before the batch."""
     if not group.allowance.billed:
@@ -254,7 +326,7 @@ def _billable(group: _Group, events: Iterable[Candidate]) -> list[int]:
 
 def _insert(organization_id: int, rows: list[tuple[Candidate, int]], now: datetime) -> dict[str, int]:
     """Insert the events; the id of each one inserted, by key (one already stored is left out)."""
-    if db.session.get_bind().dialect.name == "postgresql":
+    if _dialect() == "postgresql":
         events = json.dumps(
             [
                 {
@@ -262,13 +334,13 @@ def _insert(organization_id: int, rows: list[tuple[Candidate, int]], now: dateti
                     "quantity": event.quantity,
                     "billable": billable,
                     "key": event.key,
-                    "at": event.at.isoformat(),
-                    "period": event.period.start.isoformat(),
+                    "at": _iso(event.at),
+                    "period": _iso(event.period.start),
                 }
                 for event, billable in rows
             ]
         )
-        result = db.session.execute(INSERT_EVENTS, {"organization_id": organization_id, "now": now, "events": events})
+        result = _execute(INSERT_EVENTS, {"organization_id": organization_id, "now": now, "events": events})
     else:  # SQLite (a development run): the same insert as a multi-row VALUES
         statement = (
             portable_insert(UsageEvent)
