@@ -100,5 +100,5 @@ def _answer(where: dict[str, Any], recorded: usage.Recorded) -> dict[str, Any]:
         "id": recorded.event_id,
         "meter": recorded.meter,
         "quantity": recorded.quantity,
-        "timestamp": recorded.occurred_at.isoformat(),
+        "timestamp": usage.iso(recorded.occurred_at),
     }

@@ -35,7 +35,7 @@ from app import clock
 from app.extensions import db
 from app.models.organization import BillingStatus
 from app.services import usage_store
-from app.services.plans import Meter, PlanCatalogue
+from app.services.plans import Meter, MeterAllowance, PlanCatalogue
 
 # Stripe refuses meter events whose timestamp is more than 35 days old or more than 5 minutes ahead.
 OLDEST = timedelta(days=35)
@@ -87,6 +87,7 @@ Recorded = RecordedUsage | UsageRejected  # a batch's answer for one event
 
 
 Period = usage_store.Period
+iso = usage_store.iso  # datetime.isoformat, remembered (a batch's events mostly share one time)
 
 
 # --- validation (pure) ----------------------------------------------------------------------------
@@ -257,16 +258,23 @@ def _validated(
     """The events that may be stored; each refused one's UsageRejected goes in its place in `outcomes`."""
     valid: list[usage_store.Candidate] = []
     period: Period | None = None
+    allowances: dict[str, MeterAllowance | None] = {}
+    billing = account.billing_status not in NOT_BILLING
     for index, event in enumerate(events):
         try:
             meter = meter_for(catalogue, event.get("meter"))
-            amount = quantity_of(meter, event.get("quantity"))
+            amount = event.get("quantity")
+            if type(amount) is not int or not 0 <= amount <= MAX_QUANTITY or meter.aggregation == "count":
+                amount = quantity_of(meter, amount)  # anything but a plain whole number (the usual case)
             key = idempotency_key_of(event.get("idempotency_key"))
-            at = occurred_at_of(event.get("timestamp"), now)
-            allowance = meter.allowance(account.tier or "")
+            sent_at = event.get("timestamp")
+            at = now if sent_at is None else occurred_at_of(sent_at, now)
+            if meter.key not in allowances:
+                allowances[meter.key] = meter.allowance(account.tier or "")
+            allowance = allowances[meter.key]
             if allowance is None:
                 raise UsageRejected(f"Your plan does not include {meter.name}.", code="meter_not_in_plan", status=403)
-            if account.billing_status in NOT_BILLING:
+            if not billing:
                 raise UsageRejected("The organization has no active subscription.", code="no_subscription", status=402)
         except UsageRejected as exc:
             outcomes[index] = exc

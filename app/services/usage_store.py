@@ -195,7 +195,7 @@ def _execute(statement: Any, params: dict[str, Any]) -> Any:
 
 
 @functools.lru_cache(maxsize=1024)
-def _iso(moment: datetime) -> str:
+def iso(moment: datetime) -> str:
     return moment.isoformat()  # a batch's events mostly share one time (now) and one period
 
 
@@ -288,7 +288,7 @@ def _count_and_insert(organization_id: int, group: _Group, now: datetime) -> dic
     events = []
     for event in group.events:
         added += event.quantity
-        events.append({"quantity": event.quantity, "key": event.key, "at": _iso(event.at), "after": added})
+        events.append({"quantity": event.quantity, "key": event.key, "at": iso(event.at), "after": added})
     result = _execute(
         COUNT_AND_INSERT,
         {
@@ -334,8 +334,8 @@ def _insert(organization_id: int, rows: list[tuple[Candidate, int]], now: dateti
                     "quantity": event.quantity,
                     "billable": billable,
                     "key": event.key,
-                    "at": _iso(event.at),
-                    "period": _iso(event.period.start),
+                    "at": iso(event.at),
+                    "period": iso(event.period.start),
                 }
                 for event, billable in rows
             ]
