@@ -12,12 +12,12 @@ from datetime import timedelta
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from app.extensions import db
 from app.services import usage
 from app.services.billing_service import BillingService
-from tests.conftest import SandboxAccount, query
+from tests.conftest import SandboxAccount, csrf_token, query
 from tests.test_usage import NOW, catalogue, frozen, organization  # noqa: F401 (frozen: a fixture)
 from tests.test_usage_api import Owner, post_usage
 
@@ -48,6 +48,12 @@ def statements(app: Flask) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", count)
 
 
+def change(app: Flask, sql: str) -> None:
+    with app.app_context():
+        db.session.execute(text(sql))
+        db.session.commit()
+
+
 def consistent(app: Flask, org_id: int) -> tuple[int, int]:
     """The counter's (total, billable), asserted equal to the sums over the stored events."""
     [counter] = query(app, "SELECT total, billable FROM usage_period_total WHERE organization_id = :o", o=org_id)
@@ -76,16 +82,46 @@ def test_a_batch_costs_the_same_few_statements_whatever_its_size(app: Flask, fro
     assert consistent(app, org_id) == (1010, 960)  # 50 included: the single event's 10 fit, then 40 of k0..k3
 
 
-def test_the_api_records_a_batch_in_two_statements(app: Flask, offline_stripe: SandboxAccount) -> None:
+def test_the_api_records_a_batch_in_one_statement_with_a_remembered_key(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
     owner = Owner(app, offline_stripe)
     key = owner.create_key("Worker")
     post_usage(app, key, event_of("warm"))  # the key's last use is written at most once a minute
     with statements(app) as sent:
         response = post_usage(app, key, {"events": [event_of(f"b{i}") for i in range(100)]})
     assert response.status_code == 200 and response.json["recorded"] == 100
-    # The key with its organization (one read); the counter's upsert with the events' insert (one).
-    assert len(sent) == 2, sent
+    # The key and its organization were read by the first request and are remembered: the counter's
+    # upsert and the events' insert (one statement, which also checks the key is still live) is all.
+    assert len(sent) == 1, sent
     assert consistent(app, owner.organization_id)[0] == 1010
+    with statements(app) as single:
+        assert post_usage(app, key, event_of("one")).status_code == 201
+    assert len(single) == 1, single
+
+
+def test_a_remembered_key_revoked_or_an_organization_changed_is_noticed_at_once(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
+    owner = Owner(app, offline_stripe)
+    key = owner.create_key("Worker")
+    assert post_usage(app, key, event_of("a")).status_code == 201  # read, then remembered
+    change(app, "UPDATE organization SET billing_status = 'canceled'")  # behind the process's back
+    ended = post_usage(app, key, event_of("b"))
+    assert ended.status_code == 402 and ended.json["error"]["code"] == "no_subscription"
+    change(app, "UPDATE organization SET billing_status = 'active'")
+    assert post_usage(app, key, {"events": [event_of("c")]}).json["recorded"] == 1
+    [key_id] = [row.id for row in query(app, "SELECT id FROM api_key")]
+    revoked = owner.client.post(
+        f"/api-keys/{key_id}/revoke", data={"csrf_token": csrf_token(owner.client, "/api-keys/")}
+    )
+    assert revoked.status_code == 303
+    refused = post_usage(app, key, {"events": [event_of("d"), event_of("e")]})
+    assert refused.status_code == 401 and refused.json["error"]["code"] == "invalid_api_key"
+    assert post_usage(app, key, event_of("f")).status_code == 401
+    keys = [row.idempotency_key for row in query(app, "SELECT idempotency_key FROM usage_event ORDER BY id")]
+    assert keys == ["a", "c"]
+    assert consistent(app, owner.organization_id)[0] == 20
 
 
 def test_repeated_keys_are_counted_once_across_requests_and_within_a_batch(app: Flask, frozen: None) -> None:  # noqa: F811

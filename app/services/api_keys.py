@@ -2,17 +2,21 @@
 owner creates (names), lists and revokes them on /api-keys/. A key is `llk_` and 43 characters of
 256 random bits, shown once; only its SHA-256 is stored, with its first 12 characters (the prefix)
 for telling keys apart. Checking a key is one indexed read (joined with its organization's billing
-state, which recording needs), on every request: keys are not cached, so a revocation takes effect at
-once. The last-used time is written at most once a minute (a conditional UPDATE), so a busy key does
-not write on every request."""
+state, which recording needs). A process remembers what it read for a minute, and a request with a
+remembered key skips that read: the recording's own statement checks that the key is still live and
+the organization unchanged, so a revocation still takes effect at once (`remembered`). The last-used
+time is written at most once a minute (a conditional UPDATE), so a busy key does not write on every
+request."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from flask import current_app
 from sqlalchemy import BigInteger, String, column, select, text, update
 
 from app import clock
@@ -26,6 +30,7 @@ KEY_PREFIX = "llk_"
 PREFIX_LENGTH = 12
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 MAX_KEYS = 20  # live keys per organization
+REMEMBERED_KEYS = 10_000  # callers a process remembers (all forgotten when full)
 
 
 class ApiKeyError(ValueError):
@@ -130,13 +135,16 @@ def revoke(organization_id: int, key_id: int, *, actor_user_id: int) -> ApiKey:
 
 
 def authenticate(secret: str | None) -> ApiCaller | None:
-    """The organization a presented key belongs to, or None (unknown, malformed or revoked). Read with
-    the organization's tier, status and period (what recording needs) in one statement, on every
-    request: nothing is cached, so a revoked key is refused from its revocation's commit on. A live key
-    leaves its read's transaction open for the recording that follows (which commits it)."""
+    """The organization a presented key belongs to, or None (unknown, malformed or revoked): read with
+    the organization's tier, status and period (what recording needs) in one statement. A live key
+    leaves its read's transaction open for the recording that follows (which commits it), and is
+    remembered for the next requests (see `remembered`)."""
     if not secret or not secret.startswith(KEY_PREFIX) or len(secret) > 100:
         return None
-    row = db.session.connection().execute(CALLER, {"key_hash": _digest(secret)}).first()
+    digest = _digest(secret)
+    callers = _remembered_callers()
+    callers.pop(digest, None)
+    row = db.session.connection().execute(CALLER, {"key_hash": digest}).first()
     if row is None:
         db.session.rollback()
         return None
@@ -144,7 +152,31 @@ def authenticate(secret: str | None) -> ApiCaller | None:
     if row.last_used_at is None or row.last_used_at < now - LAST_USED_RESOLUTION:
         _mark_used(row.id, now)
     account = usage_store.Account(row.tier, row.billing_status, row.current_period_end)
+    if db.session.get_bind().dialect.name == "postgresql":  # the check of a remembered key is PostgreSQL's
+        if len(callers) >= REMEMBERED_KEYS:
+            callers.clear()
+        remembered_account = account._replace(key_id=row.id)
+        callers[digest] = (time.monotonic(), ApiCaller(row.organization_id, row.id, remembered_account))
     return ApiCaller(organization_id=row.organization_id, key_id=row.id, account=account)
+
+
+def remembered(secret: str | None) -> ApiCaller | None:
+    """The caller this process read for this key less than LAST_USED_RESOLUTION ago, without a round
+    trip; None when there is none. Its account carries the key's id, so the recording's own statement
+    checks that the key is still live and the organization unchanged (usage_store.AccountChanged when
+    not: then `authenticate` reads them again). A revoked key therefore records nothing from its
+    revocation's commit on, as with a fresh read, and its last use is still written once a minute."""
+    if not secret or len(secret) > 100:
+        return None
+    entry = _remembered_callers().get(_digest(secret))
+    if entry is None or time.monotonic() - entry[0] >= LAST_USED_RESOLUTION.total_seconds():
+        return None
+    return entry[1]
+
+
+def _remembered_callers() -> dict[str, tuple[float, ApiCaller]]:
+    callers: dict[str, tuple[float, ApiCaller]] = current_app.extensions.setdefault("api_key_callers", {})
+    return callers
 
 
 def _mark_used(key_id: int, now: datetime) -> None:

@@ -42,6 +42,7 @@ OLDEST = timedelta(days=35)
 FUTURE_SKEW = timedelta(minutes=5)
 MAX_QUANTITY = 10**12
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
+ACCOUNT_REFUSALS = frozenset({"meter_not_in_plan", "no_subscription"})  # decided on the organization's state
 NOT_BILLING = frozenset({BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED, BillingStatus.INCOMPLETE})
 
 
@@ -87,6 +88,7 @@ Recorded = RecordedUsage | UsageRejected  # a batch's answer for one event
 
 
 Period = usage_store.Period
+AccountChanged = usage_store.AccountChanged
 iso = usage_store.iso  # datetime.isoformat, remembered (a batch's events mostly share one time)
 
 
@@ -226,7 +228,9 @@ def record_batch(
     """Validate each event ({"meter", "quantity", "idempotency_key", "timestamp"}) and store the valid
     ones set-based (app/services/usage_store.py) in one transaction, committed here. An event refused
     (UsageRejected, in its place in the answer) is not stored and the others are. `account` is the
-    organization as the caller already read it (the usage API reads it with the API key)."""
+    organization as the caller read it (the usage API, with the API key; when remembered from an
+    earlier request it is checked as it is used, and usage_store.AccountChanged means it is out of
+    date: nothing was stored)."""
     now = now or clock.utcnow()
     try:
         account = account or usage_store.account(organization_id)
@@ -235,10 +239,12 @@ def record_batch(
             return [UsageRejected("No such organization.", code="unknown_organization", status=404) for _ in events]
         outcomes: list[Recorded | None] = [None] * len(events)
         pending = _validated(catalogue, account, events, now, outcomes)
+        if any(isinstance(outcome, UsageRejected) and outcome.code in ACCOUNT_REFUSALS for outcome in outcomes):
+            usage_store.check(organization_id, account)  # refused for the plan or status: as they are now?
         while pending:  # a key repeated within the batch is stored (or judged) after its first event
             firsts: dict[str, usage_store.Candidate] = {}
             repeats = [c for c in pending if firsts.setdefault(c.key, c) is not c]
-            for index, stored in usage_store.store(organization_id, list(firsts.values()), now).items():
+            for index, stored in usage_store.store(organization_id, account, list(firsts.values()), now).items():
                 outcomes[index] = _recorded(stored)
             pending = repeats
         db.session.commit()

@@ -49,11 +49,20 @@ THRESHOLD_EVENT = "usage.threshold_reached"
 
 
 class Account(NamedTuple):
-    """What recording needs of the organization: read once per request."""
+    """What recording needs of the organization. Read in the request's transaction (key_id None), or
+    remembered with the API key `key_id` from an earlier request: then storing checks, in its first
+    statement, that the key is still live and the organization still as remembered, and raises
+    AccountChanged (nothing written) when not."""
 
     tier: str | None
     billing_status: str
     current_period_end: datetime | None
+    key_id: int | None = None
+
+
+class AccountChanged(Exception):
+    """The remembered key was revoked, or its organization's plan, status or period changed: read
+    them again and record again."""
 
 
 @dataclass(frozen=True)
@@ -163,10 +172,21 @@ INSERT_EVENTS = text(
 # events' insert in one statement. The counter's upsert returns the total before the batch, from which
 # each event's billable part is computed in the insert (its running total `after`, in the batch's order,
 # past `included`); the final SELECT returns that total even when every event was already stored.
+# With a remembered account the counter's upsert happens only if `live` holds a row (the key is live and
+# the organization as remembered); otherwise nothing is written and the statement returns no row.
+_LIVE = (
+    "SELECT 1 AS live WHERE CAST(:key_id AS bigint) IS NULL OR EXISTS (SELECT 1 FROM api_key k"
+    " JOIN organization o ON o.id = k.organization_id WHERE k.id = :key_id AND k.revoked_at IS NULL"
+    " AND o.id = :organization_id AND o.tier IS NOT DISTINCT FROM CAST(:tier AS text)"
+    " AND o.billing_status = :billing_status"
+    " AND o.current_period_end IS NOT DISTINCT FROM CAST(:current_period_end AS timestamptz))"
+)
+_ACCOUNT_TIMES = (*_TIMES, bindparam("current_period_end", type_=Timestamp))
+LIVE = text(_LIVE).bindparams(_ACCOUNT_TIMES[2])
 COUNT_AND_INSERT = text(
-    "WITH counter AS (INSERT INTO usage_period_total AS t"
+    "WITH live AS (" + _LIVE + "), counter AS (INSERT INTO usage_period_total AS t"  # noqa: S608 (constants)
     " (organization_id, meter, period_start, period_end, total, billable)"
-    " VALUES (:organization_id, :meter, :period_start, :period_end, :added, :fresh_billable)"
+    " SELECT :organization_id, :meter, :period_start, :period_end, :added, :fresh_billable FROM live"
     " ON CONFLICT (organization_id, meter, period_start) DO UPDATE SET total = t.total + excluded.total,"
     " billable = t.billable + CASE WHEN :billed = 0 THEN 0 WHEN t.total >= :included THEN excluded.total"
     " WHEN t.total + excluded.total <= :included THEN 0 ELSE t.total + excluded.total - :included END"
@@ -179,7 +199,7 @@ COUNT_AND_INSERT = text(
     " CROSS JOIN counter c ORDER BY e.after, e.key"
     " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key)"
     " SELECT c.before, i.id, i.idempotency_key FROM counter c LEFT JOIN inserted i ON true"
-).bindparams(*_TIMES, bindparam("now", type_=Timestamp))
+).bindparams(*_ACCOUNT_TIMES, bindparam("now", type_=Timestamp))
 ACCOUNT = select(Organization.tier, Organization.billing_status, Organization.current_period_end).where(
     Organization.id == bindparam("organization_id")
 )
@@ -207,9 +227,9 @@ def account(organization_id: int) -> Account | None:
 # --- storing ------------------------------------------------------------------------------------------
 
 
-def store(organization_id: int, candidates: Sequence[Candidate], now: datetime) -> dict[int, Outcome]:
+def store(organization_id: int, account: Account, candidates: Sequence[Candidate], now: datetime) -> dict[int, Outcome]:
     """Store the candidates (distinct idempotency keys) in the open transaction; the outcome of each by
-    its index. Nothing refused is written."""
+    its index. Nothing refused is written. AccountChanged: a remembered account is out of date."""
     groups: dict[tuple[str, datetime], _Group] = {}
     for candidate in candidates:
         group_key = (candidate.meter.key, candidate.period.start)
@@ -221,9 +241,10 @@ def store(organization_id: int, candidates: Sequence[Candidate], now: datetime) 
     rows: list[tuple[Candidate, int]] = []  # (event, its billable quantity)
     [only] = groups.values() if len(groups) == 1 else [None]
     if only is not None and only.allowance.overage != "hard_limit" and _dialect() == "postgresql":
-        inserted = _count_and_insert(organization_id, only, now)  # the common case: one statement
+        inserted = _count_and_insert(organization_id, account, only, now)  # the common case: one statement
         rows = list(zip(only.counted, _billable(only, only.counted), strict=True))
     else:
+        check(organization_id, account)
         for group_key in sorted(groups):  # one order for every batch: counters are locked without deadlocks
             group = groups[group_key]
             _count(organization_id, group, outcomes, stored_before)
@@ -282,7 +303,23 @@ def _count(organization_id: int, group: _Group, outcomes: dict[int, Outcome], st
         db.session.execute(CORRECT, {**names, "total": used - group.before, "billable": 0})
 
 
-def _count_and_insert(organization_id: int, group: _Group, now: datetime) -> dict[str, int]:
+def check(organization_id: int, account: Account) -> None:
+    """AccountChanged if the account is remembered and out of date (one statement; none if read now)."""
+    if account.key_id is not None and _execute(LIVE, _account_names(organization_id, account)).first() is None:
+        raise AccountChanged
+
+
+def _account_names(organization_id: int, account: Account) -> dict[str, Any]:
+    return {
+        "organization_id": organization_id,
+        "key_id": account.key_id,
+        "tier": account.tier,
+        "billing_status": account.billing_status,
+        "current_period_end": account.current_period_end,
+    }
+
+
+def _count_and_insert(organization_id: int, account: Account, group: _Group, now: datetime) -> dict[str, int]:
     """PostgreSQL, one meter and period, no hard limit: COUNT_AND_INSERT; the inserted events' ids by key."""
     allowance, included, added = group.allowance, group.allowance.included, 0
     events = []
@@ -292,7 +329,7 @@ def _count_and_insert(organization_id: int, group: _Group, now: datetime) -> dic
     result = _execute(
         COUNT_AND_INSERT,
         {
-            "organization_id": organization_id,
+            **_account_names(organization_id, account),
             "meter": group.meter.key,
             "period_start": group.period.start,
             "period_end": group.period.end,
@@ -304,11 +341,13 @@ def _count_and_insert(organization_id: int, group: _Group, now: datetime) -> dic
             "events": json.dumps(events),
         },
     )
-    inserted = {}
+    inserted, counted = {}, False
     for before, event_id, key in result:
-        group.before = before
+        group.before, counted = before, True
         if key is not None:
             inserted[key] = event_id
+    if not counted:  # `live` held no row: nothing was written
+        raise AccountChanged
     group.counted = list(group.events)
     return inserted
 
