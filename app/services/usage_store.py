@@ -20,9 +20,15 @@ the counters):
    their billable quantities recomputed (one UPDATE each), and the stored events are read to answer the
    repeats (a duplicate, or 409 when the key was used for other usage).
 
-So a batch of one meter and period costs two statements in the common case, whatever its size, and no
-savepoint: nothing is written that has to be undone. The counter's total always equals the quantity of
-the stored events, and its billable part the sum of their billable quantities.
+On PostgreSQL a batch of one meter and period without a hard limit (the common case) does 1 and 2 in
+one statement (COUNT_AND_INSERT). So a batch costs one statement (two on SQLite) whatever its size, and
+no savepoint: nothing is written that has to be undone. The counter's total always equals the quantity
+of the stored events, and its billable part the sum of their billable quantities.
+
+The organization's state (Account) comes from the caller. When it was remembered from an earlier
+request (the usage API's keys, app/services/api_keys.py) rather than read now, the first statement
+checks that the key is still live and the organization unchanged, and AccountChanged is raised, with
+nothing written, when not.
 """
 
 from __future__ import annotations
