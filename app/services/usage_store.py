@@ -77,11 +77,10 @@ class Period:
     end: datetime
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
     """A validated event of the batch, not yet stored (at most one per idempotency key in a `store`)."""
 
-    index: int
+    place: int  # its index in the request
     meter: Meter
     allowance: MeterAllowance
     quantity: int
@@ -90,8 +89,7 @@ class Candidate:
     period: Period
 
 
-@dataclass(frozen=True)
-class Stored:
+class Stored(NamedTuple):
     event_id: int
     meter: str
     quantity: int
@@ -235,7 +233,7 @@ def account(organization_id: int) -> Account | None:
 
 def store(organization_id: int, account: Account, candidates: Sequence[Candidate], now: datetime) -> dict[int, Outcome]:
     """Store the candidates (distinct idempotency keys) in the open transaction; the outcome of each by
-    its index. Nothing refused is written. AccountChanged: a remembered account is out of date."""
+    its place in the request. Nothing refused is written. AccountChanged: a remembered account is out of date."""
     groups: dict[tuple[str, datetime], _Group] = {}
     for candidate in candidates:
         group_key = (candidate.meter.key, candidate.period.start)
@@ -262,9 +260,9 @@ def store(organization_id: int, account: Account, candidates: Sequence[Candidate
         stored_before.update(_stored(organization_id, [event.key for event in missing]))
     for event, _ in rows:
         if event.key in inserted:
-            outcomes[event.index] = Stored(inserted[event.key], event.meter.key, event.quantity, event.at, False)
+            outcomes[event.place] = Stored(inserted[event.key], event.meter.key, event.quantity, event.at, False)
         else:
-            outcomes[event.index] = _repeat(event, stored_before[event.key])
+            outcomes[event.place] = _repeat(event, stored_before[event.key])
     for group in groups.values():
         if group.allowance.overage == "soft_limit":
             after = group.before + sum(event.quantity for event in group.counted if event.key in inserted)
@@ -299,9 +297,9 @@ def _count(organization_id: int, group: _Group, outcomes: dict[int, Outcome], st
     used = group.before
     for event in group.events:
         if event.key in stored_before:  # stored before: answered as a repeat, not counted
-            outcomes[event.index] = _repeat(event, stored_before[event.key])
+            outcomes[event.place] = _repeat(event, stored_before[event.key])
         elif used + event.quantity > included:
-            outcomes[event.index] = Refused(group.meter, limit=included, used=used, resets_at=group.period.end)
+            outcomes[event.place] = Refused(group.meter, limit=included, used=used, resets_at=group.period.end)
         else:
             used += event.quantity
             group.counted.append(event)
