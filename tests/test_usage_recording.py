@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from flask import Flask
 from sqlalchemy import event, text
 
@@ -296,3 +297,25 @@ def test_recording_works_the_same_on_the_sqlite_stand_in(sqlite_app: Flask, froz
     sqlite_app.extensions["plan_catalogue"] = catalogue("hard_limit", included=12)
     [refused] = batch(sqlite_app, org_id, [event_of("e", 1)])
     assert isinstance(refused, usage.UsageLimitReached) and refused.used == 14
+
+
+def test_the_usage_api_opens_no_session_and_runs_no_page_hooks(
+    app: Flask, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = Owner(app, offline_stripe)
+    key = owner.create_key("Worker")
+
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("the usage API used page machinery")
+
+    monkeypatch.setattr(app.session_interface, "open_session", refuse)
+    monkeypatch.setattr(app.session_interface, "save_session", refuse)
+    for registry in (app.before_request_funcs, app.after_request_funcs):
+        for scope, hooks in list(registry.items()):
+            monkeypatch.setitem(registry, scope, [refuse] * len(hooks))
+    client = app.test_client()
+    client.set_cookie("session", "a-session-id-from-a-browser")
+    response = client.post("/api/v1/usage", json=event_of("a"), headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 201, response.get_data(as_text=True)
+    assert "Set-Cookie" not in response.headers
+    assert response.headers["X-Request-ID"] and response.headers["X-Content-Type-Options"] == "nosniff"
