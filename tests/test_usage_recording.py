@@ -319,3 +319,12 @@ def test_the_usage_api_opens_no_session_and_runs_no_page_hooks(
     assert response.status_code == 201, response.get_data(as_text=True)
     assert "Set-Cookie" not in response.headers
     assert response.headers["X-Request-ID"] and response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_the_usage_api_on_the_sqlite_stand_in(sqlite_app: Flask, offline_stripe: SandboxAccount) -> None:
+    owner = Owner(sqlite_app, offline_stripe)
+    key = owner.create_key("Worker")
+    assert post_usage(sqlite_app, key, event_of("a", 5)).status_code == 201
+    again = post_usage(sqlite_app, key, {"events": [event_of("a", 5), event_of("b", 6), event_of("b", 6)]})
+    assert [r["outcome"] for r in again.json["results"]] == ["duplicate", "recorded", "duplicate"]
+    assert consistent(sqlite_app, owner.organization_id)[0] == 11
