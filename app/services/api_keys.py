@@ -165,7 +165,9 @@ def remembered(secret: str | None) -> ApiCaller | None:
     trip; None when there is none. Its account carries the key's id, so the recording's own statement
     checks that the key is still live and the organization unchanged (usage_store.AccountChanged when
     not: then `authenticate` reads them again). A revoked key therefore records nothing from its
-    revocation's commit on, as with a fresh read, and its last use is still written once a minute."""
+    revocation's commit on, as with a fresh read (a request refused before recording anything, a
+    malformed body, may still get its 400 rather than the 401). Its last use is written when it is
+    read again: a minute or two late at most."""
     if not secret or len(secret) > 100:
         return None
     entry = _remembered_callers().get(_digest(secret))
