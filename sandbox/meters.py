@@ -62,7 +62,7 @@ def meter(display_name: str, event_name: str, aggregation: str, now: int) -> Obj
 # -- the catalogue's meters and metered prices ------------------------------------------------------
 
 
-def seed(store: Store, path: Path) -> list[Obj]:
+def seed(store: Store, path: Path, tax_behavior: str = "exclusive") -> list[Obj]:
     """One meter per [meters.<key>] (by event_name) and its metered monthly price (lookup_key,
     unit_amount = sandbox_unit_amount, default 1). Running it again changes nothing."""
     with path.open("rb") as file:
@@ -79,12 +79,14 @@ def seed(store: Store, path: Path) -> list[Obj]:
             store.put(found)
         amount = int(entry.get("sandbox_unit_amount", 1))
         price = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
-        if price is not None and (price["unit_amount"], price["recurring"]["meter"]) != (amount, found["id"]):
+        wanted = (amount, found["id"], tax_behavior)
+        if price is not None and (price["unit_amount"], price["recurring"]["meter"], price["tax_behavior"]) != wanted:
             store.put({**price, "active": False, "lookup_key": None})
             price = None
         if price is None:
             product = objects.product(str(entry.get("name", key)), None, now)
-            price = objects.price(product["id"], str(lookup_key), str(entry.get("name", key)), amount, now)
+            name = str(entry.get("name", key))
+            price = objects.price(product["id"], str(lookup_key), name, amount, now, tax_behavior)
             price["recurring"].update(usage_type="metered", meter=found["id"])
             product["default_price"] = price["id"]
             store.put(product)

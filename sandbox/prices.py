@@ -18,6 +18,7 @@ from .objects import Obj
 from .store import Store
 
 INTERVALS = ("day", "week", "month", "year")
+TAX_BEHAVIORS = ("exclusive", "inclusive", "unspecified")
 UNSET: Any = object()
 
 
@@ -34,6 +35,7 @@ class PriceCreate:
     nickname: str | None
     metadata: dict[str, str]
     active: bool
+    tax_behavior: str = "unspecified"
 
 
 def list_prices(
@@ -98,9 +100,12 @@ def create_price(store: Store, req: PriceCreate) -> Obj:
         raise StripeError(
             f"Invalid recurring[interval]: must be one of {', '.join(INTERVALS)}", param="recurring[interval]"
         )
+    _check_tax_behavior(req.tax_behavior)
     if req.lookup_key:
         _take_lookup_key(store, req.lookup_key, req.transfer_lookup_key, None, "lookup_key")
-    price = objects.price(product["id"], req.lookup_key or "", req.nickname or "", req.unit_amount, now)
+    price = objects.price(
+        product["id"], req.lookup_key or "", req.nickname or "", req.unit_amount, now, req.tax_behavior
+    )
     price.update(lookup_key=req.lookup_key, nickname=req.nickname, metadata=req.metadata, active=req.active)
     if req.interval is None:
         price.update(type="one_time", recurring=None)
@@ -113,6 +118,11 @@ def create_price(store: Store, req: PriceCreate) -> Obj:
     return price
 
 
+def _check_tax_behavior(value: str) -> None:
+    if value not in TAX_BEHAVIORS:
+        raise StripeError(f"Invalid tax_behavior: must be one of {', '.join(TAX_BEHAVIORS)}", param="tax_behavior")
+
+
 def update_price(
     store: Store,
     price_id: str,
@@ -122,8 +132,19 @@ def update_price(
     transfer_lookup_key: bool,
     nickname: Any,
     metadata: dict[str, str] | None,
+    tax_behavior: str | None = None,
 ) -> Obj:
     price = load(store, "price", price_id, "price")
+    if tax_behavior is not None and tax_behavior != price["tax_behavior"]:
+        # Stripe: once inclusive or exclusive, a price's tax_behavior cannot be changed.
+        _check_tax_behavior(tax_behavior)
+        if price["tax_behavior"] != "unspecified":
+            raise StripeError(
+                f"The price's `tax_behavior` is `{price['tax_behavior']}`; once set to inclusive or exclusive"
+                " it cannot be changed. Create a new price instead.",
+                param="tax_behavior",
+            )
+        price["tax_behavior"] = tax_behavior
     if active is not None:
         price["active"] = active
     if lookup_key is not UNSET:
