@@ -200,7 +200,7 @@ def walk_live_taxed_signup(browser: BrowserPage, server: LiveServer, environment
         expect(page.locator("#next-invoice-tax")).to_be_visible()
         if sandbox:
             expect(page.locator(".tax-id-status")).to_have_text("verified")
-            expect(page.locator("#next-invoice-tax")).to_have_text("(including $3.61 tax)")
+            expect(page.locator("#next-invoice-tax")).to_have_text("($19.00 + $3.61 tax)")
         browser.step("billing page with tax")
         page.fill("#city", "Paris")
         page.fill("#country", "FR")

@@ -352,7 +352,7 @@ def taxed_customer_with_a_vat_id(app: Flask, stripe_api: SandboxAccount, smtp_se
         assert invoice["customer_tax_ids"] == [{"type": "eu_vat", "value": "DE123456789"}]
         page = client.get("/billing/").get_data(as_text=True)
         assert "Friedrichstr. 1, 10117 Berlin, DE" in page and '<span class="tax-id-status">verified</span>' in page
-        assert '<span id="next-invoice-tax">(including $3.61 tax)</span>' in page
+        assert '<span id="next-invoice-tax">($19.00 + $3.61 tax)</span>' in page
         run_jobs(app)
         [receipt] = [m for m in smtp_server.to(email) if str(m["Subject"]).startswith("Your Ledgerline receipt")]
         assert "Tax: $3.61" in email_text(receipt) and "Amount paid: $22.61" in email_text(receipt)
