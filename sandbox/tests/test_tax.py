@@ -5,12 +5,16 @@ subscriptions and invoice previews, in the shapes of the pinned API version."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import stripe
 
+from sandbox import billing
+from sandbox.config import Settings
+from sandbox.store import Store
 from sandbox.tests.conftest import Sandbox, create_session, pay
 from sandbox.tests.test_clock import T0, advance, clock_customer
 from sandbox.tests.test_discounts import code_for
@@ -318,3 +322,22 @@ def test_a_reverse_charge_business_pays_an_inclusive_price_as_it_is_with_no_tax_
     assert starter_line["taxes"][0]["taxability_reason"] == "reverse_charge"
     assert starter_line["taxes"][0]["amount"] == 0 and starter_line["taxes"][0]["taxable_amount"] == 1900
     assert invoice["total"] == invoice["subtotal"] == invoice["amount_paid"] == invoice["total_excluding_tax"]
+
+
+def test_seeded_prices_take_the_tax_behavior_the_app_shows_prices_with(store: Store, tmp_path: Path) -> None:
+    assert Settings.from_env({}).price_tax_behavior == "exclusive"
+    assert Settings.from_env({"PRICES_SHOWN_WITH_TAX": "Inclusive"}).price_tax_behavior == "inclusive"
+    given = {"PRICES_SHOWN_WITH_TAX": "inclusive", "SANDBOX_PRICE_TAX_BEHAVIOR": "unspecified"}
+    assert Settings.from_env(given).price_tax_behavior == "unspecified"
+    with pytest.raises(ValueError, match="SANDBOX_PRICE_TAX_BEHAVIOR"):
+        Settings.from_env({"SANDBOX_PRICE_TAX_BEHAVIOR": "both"})
+
+    before = {p["lookup_key"]: p for p in store.all("price")}
+    assert {p["tax_behavior"] for p in before.values()} == {"exclusive"}
+    # Seeded again as inclusive: prices are immutable, so new ones take over the lookup keys.
+    with store.transaction():
+        billing.seed_catalogue(store, tmp_path / "plans.toml", "inclusive")
+    now = {p["lookup_key"]: p for p in store.all("price") if p["lookup_key"]}
+    assert now.keys() == before.keys() and {p["tax_behavior"] for p in now.values()} == {"inclusive"}
+    starter = before["starter_monthly"]["id"]
+    assert now["starter_monthly"]["id"] != starter and store.get(starter)["active"] is False  # type: ignore[index]
