@@ -284,8 +284,9 @@ def line_price_ids(invoice: Obj) -> list[str]:
 
 def apply(store: Store, invoice: Obj) -> None:
     """The invoice's taxes, when its automatic_tax is enabled: each line's `taxes` (on the line's amount
-    less its discounts), `total_taxes` summed per rate, `total` = `total_excluding_tax` + exclusive tax.
-    Call it once `total_excluding_tax` and the lines' discount amounts are known."""
+    less its discounts), `total_taxes` summed per rate, `total` = the subtotal less the discounts, plus
+    exclusive tax (inclusive tax is inside it). Call it once `subtotal`, `total_discount_amounts` and the
+    lines' discount amounts are known; it may be called again (a preview re-taxed) with the same result."""
     customer = store.get(invoice["customer"]) or {}
     invoice.update(
         customer_address=copy.deepcopy(customer.get("address")),
