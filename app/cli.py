@@ -224,7 +224,7 @@ def _check_meters(taxed: list[str]) -> None:
             elif meter_id:
                 click.echo(f"{'meter ' + meter.key:<24} {lookup_key:<24} {price.id}  {meter_id} {meter.event_name}")
                 if problem := tax.price_problem(price):
-                    taxed.append(f"meter {meter.key} ({lookup_key}): {problem}")
+                    taxed.append(f"meter {meter.key}: {problem}")
     if missing:
         raise click.ClickException("; ".join(missing))
 
