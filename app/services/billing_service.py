@@ -1126,9 +1126,9 @@ class BillingService:
         return webhook_intake.store(provider, provider.verify(payload, headers))
 
     @classmethod
-    def queue_unclaimed_events(cls, *, older_than_seconds: float) -> list[str]:
-        """The sweep: every object with pending events and no job waiting or running gets one again."""
-        return webhook_intake.queue_unclaimed(cls._webhook_providers.values(), older_than_seconds=older_than_seconds)
+    def queue_unclaimed_events(cls, *, older_than_seconds: float, lost: bool = True) -> list[str]:
+        """The sweep: every object with pending events and no job waiting or running gets one."""
+        return webhook_intake.queue_unclaimed(cls._webhook_providers.values(), older_than_seconds, lost=lost)
 
     @classmethod
     def replay_stored_event(cls, event_id: str) -> WebhookResult:

@@ -126,32 +126,54 @@ def queue_application(provider: WebhookProvider, object_key: str, *, delay: floa
 _WAITING_JOB = text(
     "SELECT id FROM procrastinate_jobs WHERE lock = :lock AND task_name = :task AND status = 'todo' LIMIT 1 FOR SHARE"
 )
-# Pending events with no job waiting or running for their object: the worker that held them died
-# after its retries ran out, or a job was removed by hand. The event row alone is enough for it to be
-# applied: the sweep queues them again.
-_UNCLAIMED_OBJECTS = (
-    "SELECT DISTINCT e.object_key FROM {table} AS e WHERE e.status = 'pending' AND e.object_key IS NOT NULL "
-    "AND e.received_at < :before AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs AS j "
-    "WHERE j.lock = :provider || ':' || e.object_key AND j.status IN ('todo', 'doing')) LIMIT 1000"
+# Pending events with no job waiting or running for their object, the oldest stored before :before,
+# each object once (the oldest first, at most 1,000 a pass), turned into one job per object in the same
+# statement through procrastinate's own function (whose trigger wakes the listening workers once, at
+# this commit). Intake queues nothing (webhook_store._INTAKE): this is how every stored event gets its
+# job, run by each worker every WEBHOOK_DISPATCH_SECONDS for events older than WEBHOOK_COALESCE_SECONDS
+# (so a burst about one object waits for one job), and every minute as the backstop.
+# A job running for the object counts: what it did not collect is found on the first pass after it ends.
+_UNCLAIMED_OBJECTS = """
+WITH due AS (
+    SELECT e.object_key FROM {table} AS e
+    WHERE e.status = 'pending' AND e.object_key IS NOT NULL
+      AND (:provider || ':' || e.object_key) NOT IN (
+          SELECT j.lock FROM procrastinate_jobs AS j WHERE j.status IN ('todo', 'doing') AND j.lock IS NOT NULL)
+    GROUP BY e.object_key
+    HAVING min(e.received_at) < :before
+    ORDER BY min(e.id)
+    LIMIT 1000
 )
+SELECT array_agg(object_key) AS keys, procrastinate_defer_jobs_v1(array_agg(
+    ROW(:queue, :task, 0, :provider || ':' || object_key, NULL,
+        jsonb_build_object('provider', :provider, 'object_key', object_key), NULL)::procrastinate_job_to_defer_v1))
+FROM due HAVING count(*) > 0
+"""
+# One pass at a time across workers (a second would find the same objects): a transaction-level
+# advisory lock, let go at its commit; a worker that does not get it leaves this pass to the holder.
+_ONE_PASS = text("SELECT pg_try_advisory_xact_lock(hashtext('ledgerline:webhook-dispatch'))")
 
 
-def queue_unclaimed(providers: Iterable[WebhookProvider], *, older_than_seconds: float) -> list[str]:
-    """The sweep (every minute, in the worker): a job for every object whose pending events nobody
-    will apply; returns the objects queued."""
+def queue_unclaimed(providers: Iterable[WebhookProvider], older_than_seconds: float, *, lost: bool = True) -> list[str]:
+    """A job for every object whose pending events (the oldest older_than_seconds) nobody will apply;
+    returns the objects queued. lost: this is the minute's backstop, where finding any is worth a
+    warning; the workers' dispatch pass (lost=False) finds every new event this way."""
     if db.session.get_bind().dialect.name != "postgresql":
         return []  # the embedded development run applies events inside the request
     before = utcnow() - timedelta(seconds=older_than_seconds)
     queued: list[str] = []
     with committed():
+        if not db.session.execute(_ONE_PASS).scalar():
+            return []
         for provider in providers:
-            table = provider.event_model.__tablename__
-            statement = text(_UNCLAIMED_OBJECTS.format(table=table))
-            for object_key in db.session.execute(statement, {"before": before, "provider": provider.name}).scalars():
-                queue_application(provider, object_key)
-                queued.append(f"{provider.name}:{object_key}")
-    if queued:
+            statement = text(_UNCLAIMED_OBJECTS.format(table=provider.event_model.__tablename__))
+            parameters = {"before": before, "provider": provider.name, "queue": WEBHOOK_QUEUE, "task": WEBHOOK_TASK}
+            row = db.session.execute(statement, parameters).first()
+            queued += [f"{provider.name}:{object_key}" for object_key in (row[0] if row else [])]
+    if queued and lost:
         logger.warning("webhook sweep: %d object(s) had pending events and no job: queued %s", len(queued), queued)
+    elif queued:
+        logger.debug("webhook dispatch: queued %d object(s)", len(queued))
     return queued
 
 
@@ -198,7 +220,7 @@ def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
     status = StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
     if db.engine.dialect.name == "postgresql":
         row_id, existing = webhook_store.intake(
-            model, event, status, outcome=ignored, error=error, object_key=object_key, wake=_wake(provider, object_key)
+            model, event, status, outcome=ignored, error=error, object_key=object_key
         )
         # Settled (processed or ignored) is final: a later delivery of it can only be a duplicate.
         if seen is not None and (existing in SETTLED_STATUSES or (row_id is not None and ignored)):
@@ -244,20 +266,6 @@ def _settled_events() -> SettledEvents | None:
             return None
         seen = current_app.extensions.setdefault("webhook_settled_events", SettledEvents(size))
     return seen
-
-
-def _wake(provider: WebhookProvider, object_key: str | None) -> webhook_store.Wake | None:
-    if object_key is None:
-        return None
-    wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
-    return webhook_store.Wake(
-        queue=WEBHOOK_QUEUE,
-        task=WEBHOOK_TASK,
-        lock=f"{provider.name}:{object_key}",
-        args=json.dumps({"provider": provider.name, "object_key": object_key}),
-        # The job waits this long before it runs, so a burst about one object joins it.
-        scheduled_at=utcnow() + timedelta(seconds=wait) if wait > 0 else None,
-    )
 
 
 def _store_in_session(
