@@ -53,8 +53,9 @@ _DEFER = text(
 
 _bound: dict[str, Flask] = {}
 # Passes a worker runs beside its jobs, every WORKER_DISPATCH_SECONDS and before `--once` runs what is
-# due: each turns stored work that has no job yet into jobs (webhook events: jobs.py).
-_dispatchers: list[Callable[[], object]] = []
+# due: each turns stored work that has no job yet into jobs (webhook events: jobs.py). Its argument,
+# coalesce: leave work younger than its coalescing window for a later pass (False: everything, now).
+_dispatchers: list[Callable[[bool], object]] = []
 _blueprints: list[tuple[str, procrastinate.Blueprint]] = []
 _job_app: procrastinate.App | None = None
 _connectors: dict[str, procrastinate.PsycopgConnector] = {}
@@ -89,18 +90,19 @@ def register_blueprint(namespace: str, blueprint: procrastinate.Blueprint) -> No
         _blueprints.append((namespace, blueprint))
 
 
-def register_dispatcher(dispatch: Callable[[], object]) -> None:
+def register_dispatcher(dispatch: Callable[[bool], object]) -> None:
     """Run ``dispatch`` (in an application context) in every worker every WORKER_DISPATCH_SECONDS."""
     if dispatch not in _dispatchers:
         _dispatchers.append(dispatch)
 
 
-def dispatch_now(app: Flask) -> None:
-    """One pass of every dispatcher, each in an application context of its own (session removed)."""
+def dispatch_now(app: Flask, *, coalesce: bool = True) -> None:
+    """One pass of every dispatcher, each in an application context of its own (session removed).
+    coalesce=False: whatever is stored gets its job now (running what is due: `--once`, a drain)."""
     for dispatch in _dispatchers:
         with app.app_context():
             try:
-                dispatch()
+                dispatch(coalesce)
             finally:
                 db.session.remove()
 
@@ -233,7 +235,7 @@ def run_pending_jobs(app: Flask, *, queues: list[str] | None = None, concurrency
     left (tests, and `flask billing worker --once`)."""
     bind(app)
     jobs = job_app(app)
-    dispatch_now(app)
+    dispatch_now(app, coalesce=False)
     with _one_burst_at_a_time:
         _run_due_jobs(jobs, queues, concurrency)
 
