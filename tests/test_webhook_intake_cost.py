@@ -21,7 +21,7 @@ from werkzeug.test import EnvironBuilder
 
 from app.extensions import db
 from app.machine_entry import MachineEntry
-from app.services import queue
+from app.services import queue, webhook_intake
 from app.services.billing_service import BillingService
 from tests.conftest import OFFLINE_WEBHOOK_SECRET, post_webhook, query, sign_stripe_payload, stripe_event
 
@@ -326,3 +326,32 @@ def test_a_webhook_the_machine_entry_cannot_finish_is_answered_by_the_flask_rout
     assert [
         row.attempts for row in query(app, "SELECT attempts FROM stripe_event WHERE event_id = :id", id=delivered["id"])
     ] == [1]
+
+
+def test_a_dispatch_pass_reads_a_chunk_of_a_backlog_and_the_next_goes_on_from_there(
+    client: FlaskClient, app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass reads at most UNCLAIMED_CHUNK pending rows (in object order), so its cost does not grow
+    with a backlog; the next pass goes on where it stopped, and wraps around. The minute's sweep reads
+    them all."""
+    monkeypatch.setattr(webhook_intake, "UNCLAIMED_CHUNK", 2)
+    monkeypatch.setattr(webhook_intake, "_dispatch_cursor", {})
+    delivered = [subscription_event() for _ in range(5)]
+    for event in delivered:
+        assert post_webhook(client, event).status_code == 200
+    objects = sorted(f"subscription:{event['data']['object']['id']}" for event in delivered)
+
+    def queued() -> list[str]:
+        return sorted(job.args["object_key"] for job in webhook_jobs(app))
+
+    queue.dispatch_now(app)
+    assert queued() == objects[:2]
+    queue.dispatch_now(app)
+    assert queued() == objects[:4]
+    queue.dispatch_now(app)  # the last one: a short chunk, so the next pass starts again
+    assert queued() == objects
+    with app.app_context():
+        db.session.execute(db.text("DELETE FROM procrastinate_jobs"))
+        db.session.commit()
+        assert sorted(BillingService.queue_unclaimed_events(older_than_seconds=0)) == [f"stripe:{o}" for o in objects]
+    assert queued() == objects

@@ -126,38 +126,50 @@ def queue_application(provider: WebhookProvider, object_key: str, *, delay: floa
 _WAITING_JOB = text(
     "SELECT id FROM procrastinate_jobs WHERE lock = :lock AND task_name = :task AND status = 'todo' LIMIT 1 FOR SHARE"
 )
-# Pending events with no job waiting or running for their object, the oldest stored before :before,
-# each object once (the oldest first, at most 1,000 a pass), turned into one job per object in the same
-# statement through procrastinate's own function (whose trigger wakes the listening workers once, at
-# this commit). Intake queues nothing (webhook_store._INTAKE): this is how every stored event gets its
-# job, run by each worker every WEBHOOK_DISPATCH_SECONDS for events older than WEBHOOK_COALESCE_SECONDS
-# (so a burst about one object waits for one job), and every minute as the backstop.
-# A job running for the object counts: what it did not collect is found on the first pass after it ends.
+# Pending events with no job waiting or running for their object, their oldest stored before :before,
+# turned into one job per object in the same statement through procrastinate's own function (whose
+# trigger wakes the listening workers once, at this commit). Intake queues nothing
+# (webhook_store._INTAKE): this is how every stored event gets its job, run by each worker every
+# WORKER_DISPATCH_SECONDS for events older than WEBHOOK_COALESCE_SECONDS (so a burst about one object
+# waits for one job), and every minute as the backstop. A job running for the object counts: what it
+# did not collect is found on the first pass after it ends.
+# A pass reads at most UNCLAIMED_CHUNK pending rows, in object order from :after (the pending-object
+# index), so its cost does not grow with a backlog: a backlog larger than that is covered over several
+# passes (the caller keeps where the last one stopped), everything else in every pass.
+UNCLAIMED_CHUNK = 2000
 _UNCLAIMED_OBJECTS = """
-WITH due AS (
-    SELECT e.object_key FROM {table} AS e
-    WHERE e.status = 'pending' AND e.object_key IS NOT NULL
-      AND (:provider || ':' || e.object_key) NOT IN (
-          SELECT j.lock FROM procrastinate_jobs AS j WHERE j.status IN ('todo', 'doing') AND j.lock IS NOT NULL)
-    GROUP BY e.object_key
-    HAVING min(e.received_at) < :before
-    ORDER BY min(e.id)
-    LIMIT 1000
+WITH chunk AS (
+    SELECT e.object_key, e.received_at FROM {table} AS e
+    WHERE e.status = 'pending' AND e.object_key IS NOT NULL AND e.object_key > :after
+    ORDER BY e.object_key
+    LIMIT :chunk
+), due AS (
+    SELECT c.object_key FROM chunk AS c
+    WHERE (:provider || ':' || c.object_key) NOT IN (
+        SELECT j.lock FROM procrastinate_jobs AS j WHERE j.status IN ('todo', 'doing') AND j.lock IS NOT NULL)
+    GROUP BY c.object_key
+    HAVING min(c.received_at) < :before
+), queued AS (
+    SELECT array_agg(object_key) AS keys, procrastinate_defer_jobs_v1(array_agg(
+        ROW(:queue, :task, 0, :provider || ':' || object_key, NULL,
+            jsonb_build_object('provider', :provider, 'object_key', object_key), NULL)::procrastinate_job_to_defer_v1))
+    FROM due HAVING count(*) > 0
 )
-SELECT array_agg(object_key) AS keys, procrastinate_defer_jobs_v1(array_agg(
-    ROW(:queue, :task, 0, :provider || ':' || object_key, NULL,
-        jsonb_build_object('provider', :provider, 'object_key', object_key), NULL)::procrastinate_job_to_defer_v1))
-FROM due HAVING count(*) > 0
+SELECT (SELECT keys FROM queued) AS keys, (SELECT count(*) FROM chunk) AS read,
+       (SELECT max(object_key) FROM chunk) AS last
 """
 # One pass at a time across workers (a second would find the same objects): a transaction-level
 # advisory lock, let go at its commit; a worker that does not get it leaves this pass to the holder.
 _ONE_PASS = text("SELECT pg_try_advisory_xact_lock(hashtext('ledgerline:webhook-dispatch'))")
+# Where this process's dispatch pass stopped in each provider's pending events ("" : the start).
+_dispatch_cursor: dict[str, str] = {}
 
 
 def queue_unclaimed(providers: Iterable[WebhookProvider], older_than_seconds: float, *, lost: bool = True) -> list[str]:
     """A job for every object whose pending events (the oldest older_than_seconds) nobody will apply;
-    returns the objects queued. lost: this is the minute's backstop, where finding any is worth a
-    warning; the workers' dispatch pass (lost=False) finds every new event this way."""
+    returns the objects queued. lost: this is the minute's backstop, which reads every pending event
+    and where finding any is worth a warning; the workers' dispatch pass (lost=False) finds every new
+    event this way, reading one chunk of UNCLAIMED_CHUNK pending rows on from where it last stopped."""
     if db.session.get_bind().dialect.name != "postgresql":
         return []  # the embedded development run applies events inside the request
     before = utcnow() - timedelta(seconds=older_than_seconds)
@@ -168,8 +180,17 @@ def queue_unclaimed(providers: Iterable[WebhookProvider], older_than_seconds: fl
         for provider in providers:
             statement = text(_UNCLAIMED_OBJECTS.format(table=provider.event_model.__tablename__))
             parameters = {"before": before, "provider": provider.name, "queue": WEBHOOK_QUEUE, "task": WEBHOOK_TASK}
-            row = db.session.execute(statement, parameters).first()
-            queued += [f"{provider.name}:{object_key}" for object_key in (row[0] if row else [])]
+            after = "" if lost else _dispatch_cursor.get(provider.name, "")
+            while True:
+                keys, read, last = db.session.execute(
+                    statement, {**parameters, "after": after, "chunk": UNCLAIMED_CHUNK}
+                ).one()
+                queued += [f"{provider.name}:{object_key}" for object_key in keys or []]
+                after = last if read == UNCLAIMED_CHUNK else ""  # a short chunk reached the end
+                if not lost or not after:
+                    break
+            if not lost:
+                _dispatch_cursor[provider.name] = after
     if queued and lost:
         logger.warning("webhook sweep: %d object(s) had pending events and no job: queued %s", len(queued), queued)
     elif queued:
@@ -203,9 +224,10 @@ def _throttled(
 
 
 def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
-    """Intake: store a verified delivery once and make sure a worker will apply it. On PostgreSQL this
-    is one statement on the autocommit connection (webhook_store.intake: deduplicate, store, wake a
-    worker, commit, in one round trip); a duplicate is the same statement, which writes nothing."""
+    """Intake: store a verified delivery once; a worker's dispatch pass gives it a job (queue_unclaimed).
+    On PostgreSQL this is one statement on the autocommit connection (webhook_store.intake:
+    deduplicate, store, commit, in one round trip); a duplicate is the same statement, which writes
+    nothing."""
     model = provider.event_model
     seen = _settled_events()
     if seen is not None and seen.holds(model.__tablename__, event.event_id):
