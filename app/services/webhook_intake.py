@@ -1,6 +1,6 @@
 """Webhook intake and application, the same for every provider: a verified event is stored once
-(deduplicated by the provider's event id) with the job that will apply it, and the worker applies all
-the pending events about one object together through the provider's apply_batch. Providers are
+(deduplicated by the provider's event id), a worker's dispatch pass gives its object a job, and the
+worker applies all the pending events about one object together through the provider's apply_batch. Providers are
 registered with BillingService; nothing here calls a provider's API."""
 
 from __future__ import annotations
