@@ -196,7 +196,15 @@ class BaseConfig:
         # A webhook's job waits this long before it applies, so a burst of events about one subscription
         # costs one or two Stripe reads; acknowledgement is not delayed.
         self.WEBHOOK_COALESCE_SECONDS = float(env.get("WEBHOOK_COALESCE_SECONDS", "2"))
-        # A pending event with no job this long after it was stored is queued again by the sweep.
+        # Intake only stores an event: every worker looks this often for objects with events stored
+        # pending at least WEBHOOK_COALESCE_SECONDS ago and no job, and queues one job per object. So a
+        # stored event is taken up within COALESCE + DISPATCH seconds while a worker runs (plus the
+        # running job's own time, when one was applying its object as it arrived).
+        self.WORKER_DISPATCH_SECONDS = float(env.get("WORKER_DISPATCH_SECONDS", "1"))
+        if self.WORKER_DISPATCH_SECONDS <= 0:
+            raise SystemExit("WORKER_DISPATCH_SECONDS must be positive")
+        # The backstop, every minute: a pending event with no job this long after it was stored is logged
+        # (a warning: no worker was dispatching) and queued.
         self.WEBHOOK_SWEEP_AFTER_SECONDS = float(env.get("WEBHOOK_SWEEP_AFTER_SECONDS", "60"))
         # Each web process remembers this many ids of events it saw settled (processed or ignored), so a
         # redelivery of one is answered after its signature check with no database round trip; 0: none.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from flask import Flask
@@ -58,7 +58,7 @@ class MachineEntry:
         request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID", ""))
         try:
             with self.app.app_context():
-                result = BillingService.handle_webhook_event(provider, body, dict(EnvironHeaders(environ)))
+                result = BillingService.handle_webhook_event(provider, body, _Headers(environ))
             status, answer = result.status_code, result.body
         except WebhookRejected as exc:
             status, answer = 400, {"error": str(exc)}
@@ -81,6 +81,27 @@ class MachineEntry:
         )
         log_line(request_id, "POST", path, status, started, environ.get("REMOTE_ADDR"))
         return [content]
+
+
+class _Headers(Mapping[str, str]):
+    """The request's headers read from the WSGI environ when asked (a provider reads two or three),
+    not copied into a dict on every delivery."""
+
+    __slots__ = ("environ",)
+
+    def __init__(self, environ: dict[str, Any]) -> None:
+        self.environ = environ
+
+    def __getitem__(self, name: str) -> str:
+        key = name.upper().replace("-", "_")
+        value = self.environ[key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else f"HTTP_{key}"]
+        return str(value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(EnvironHeaders(self.environ).keys())
+
+    def __len__(self) -> int:
+        return len(EnvironHeaders(self.environ))
 
 
 def install(app: Flask) -> None:

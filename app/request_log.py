@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -29,6 +30,10 @@ SECRET_PATTERNS = re.compile(
     r"|(?<=Bearer )[A-Za-z0-9._~+/=-]{8,}|(?<=://)[^\s/@:]*:[^\s/@]+(?=@)"
     r"|\b(?:\d{13,19}|\d{4}(?:[ -]\d{4}){3}(?:\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{4,5})\b"
 )
+# Text every match of SECRET_PATTERNS contains (each alternative has "sk_"/"rk_"/"apik_"/"llk_",
+# "whsec_", "ws_", "Bearer ", "://" or four digits in a row): text without it is not scanned by the
+# full pattern, whose look-behinds make it the most expensive part of a request's log line.
+MAYBE_SECRET = re.compile(r"k_|c_|s_|Bearer |://|\d{4}")
 # A path segment as a client may write it: anything up to the next slash, query, quote or space.
 SEGMENT = r"[^\s/?#\"']+"
 RULE_ARGUMENT = re.compile(r"<(?:(?P<converter>\w+)(?:\([^)]*\))?:)?(?P<name>\w+)>")
@@ -67,6 +72,20 @@ def credential_paths(url_map: Map) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{p})" for p in sorted(patterns))) if patterns else None
 
 
+def credential_path_prefixes(url_map: Map) -> tuple[str, ...] | None:
+    """The literal text before the first argument of every route credential_paths masks: a path it
+    matches contains one of them. None when some such route starts with an argument."""
+    prefixes = []
+    for rule in url_map.iter_rules():
+        if any(isinstance(converter, SecretConverter) for converter in rule._converters.values()):
+            first = RULE_ARGUMENT.search(rule.rule)
+            prefix = rule.rule[: first.start()] if first else rule.rule
+            if not prefix:
+                return None
+            prefixes.append(prefix)
+    return tuple(prefixes)
+
+
 def _mask_groups(match: re.Match[str]) -> str:
     text, start = "", match.start()
     for index in range(1, (match.re.groups or 0) + 1):
@@ -85,13 +104,18 @@ class RedactingFilter(logging.Filter):
         super().__init__()
         self.secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
         self.credential_paths: re.Pattern[str] | None = None
+        self.credential_prefixes: tuple[str, ...] | None = None  # None: every text is scanned for them
 
     def redact(self, text: str) -> str:
-        redacted = SECRET_PATTERNS.sub("[redacted]", text)
-        if self.credential_paths is not None:
+        # Each scan is skipped for text that cannot match it (MAYBE_SECRET, the routes' prefixes).
+        redacted = SECRET_PATTERNS.sub("[redacted]", text) if MAYBE_SECRET.search(text) else text
+        if self.credential_paths is not None and (
+            self.credential_prefixes is None or any(prefix in redacted for prefix in self.credential_prefixes)
+        ):
             redacted = self.credential_paths.sub(_mask_groups, redacted)
         for secret in self.secrets:
-            redacted = redacted.replace(secret, "[redacted]")
+            if secret in redacted:
+                redacted = redacted.replace(secret, "[redacted]")
         return redacted
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -160,7 +184,7 @@ def configure_logging(app: Flask) -> None:
 
 def request_id_from(incoming: str) -> str:
     """The client's X-Request-ID when it is a sane one, else a new id."""
-    return incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    return incoming if REQUEST_ID.match(incoming) else os.urandom(16).hex()
 
 
 def log_line(request_id: str, method: str, path: str, status: int, started: float, remote_addr: str | None) -> None:
@@ -189,11 +213,13 @@ def log_line(request_id: str, method: str, path: str, status: int, started: floa
 def init_request_logging(app: Flask) -> None:
     """Called once the blueprints are registered: the log filter learns which links carry credentials."""
     pattern = credential_paths(app.url_map)
+    prefixes = credential_path_prefixes(app.url_map)
     for handler in logging.getLogger().handlers:
         if handler.get_name() == HANDLER_NAME:
             for log_filter in handler.filters:
                 if isinstance(log_filter, RedactingFilter):
                     log_filter.credential_paths = pattern
+                    log_filter.credential_prefixes = prefixes
 
     @app.before_request
     def start_request() -> None:

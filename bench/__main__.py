@@ -12,7 +12,7 @@ from pathlib import Path
 from bench import events, restart, usage
 from bench.burst import Burst, run_burst
 from bench.loads import Run, Webhooks, measured, password_hash_seconds, signups
-from bench.report import DUPLICATE, FORGED, NEW, STORE_ONLY, UNKNOWN, VERIFY_ONLY, Lookup, Report, Results
+from bench.report import DUPLICATE, FORGED, NEW, STORE_ONLY, UNKNOWN, VERIFY_ONLY, Lookup, Report, Results, Summary
 from bench.services import Server, Services, machine_busy_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,14 +207,79 @@ def paced_only() -> None:
     print(run)
 
 
+def webhook_only() -> None:
+    """`python -m bench webhook`: the webhook scenarios against their anchors (ROUNDS rounds), new events
+    at PACED_RUNS' rates (the worker applying, Stripe answering in 300 ms at PACED_RATE), then the burst
+    and the SIGKILLed worker, in one run; printed with the load average (docs/PERFORMANCE.md is left
+    alone)."""
+    workdir = ROOT / "instance" / "bench-webhook"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    busy = busy_cores_before()
+    step(f"the machine was {busy:.2f} cores busy before the benchmark started; load average {_load()}")
+    with Services(workdir) as services:
+        bench = Bench(services, workdir)
+        for scenario in bench.scenarios:
+            bench.webhook_run(scenario, WARM_UP_SECONDS)
+        services.maintain()
+        rounds: dict[str, list[Run]] = {scenario: [] for scenario in bench.scenarios}
+        for number in range(1, ROUNDS + 1):
+            for scenario in bench.scenarios:
+                step(f"round {number}/{ROUNDS}: {scenario} (load average {_load()})")
+                rounds[scenario].append(bench.webhook_run(scenario, SECONDS))
+        paced = {}
+        for rate, seconds in PACED_RUNS.items():
+            slow = rate == PACED_RATE
+            if slow:
+                services.start_worker(SLOW_STRIPE_WORKER_CONCURRENCY)
+                services.set_stripe_latency(SLOW_STRIPE_SECONDS)
+                time.sleep(3)
+            step(f"new events at {rate} req/s offered, {seconds} s (load average {_load()})")
+            load = partial(bench.webhooks.paced, services.app.port, WEBHOOK_PATH, rate=rate, seconds=seconds)
+            try:
+                paced[rate] = measured(services.app, services.postmaster_pid(), load)
+            finally:
+                if slow:
+                    services.set_stripe_latency(0)
+                    services.stop_worker()
+        burst = run_burst(services, step)
+        step(f"stopping the servers and dropping the database (load average {_load()})")
+    summaries = {name: Summary.of(runs) for name, runs in rounds.items()}
+    print("| Measurement | req/s median (range) | p50 | p99 | server CPU ms | PostgreSQL CPU ms | other cores |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, summary in summaries.items():
+        print(
+            f"| {name} | {summary.rate:,.0f} ({summary.rate_low:,.0f}–{summary.rate_high:,.0f}) | "
+            f"{summary.p50_ms:.2f} | {summary.p99_ms:.2f} | {summary.server_cpu_ms:.2f} | "
+            f"{summary.database_cpu_ms:.2f} | {summary.other_cores:.2f} |"
+        )
+    for rate, run in paced.items():
+        summary = Summary.of([run])
+        print(
+            f"| new event, {rate} req/s offered | {run.rate:,.1f} | {summary.p50_ms:.2f} | {summary.p99_ms:.2f} | "
+            f"{summary.server_cpu_ms:.2f} | {summary.database_cpu_ms:.2f} | {summary.other_cores:.2f} |"
+        )
+    print(f"new / store-only: {summaries[NEW].rate / summaries[STORE_ONLY].rate:.2f}x (target >= 0.9x)")
+    print(f"duplicate / verify-only: {summaries[DUPLICATE].rate / summaries[VERIFY_ONLY].rate:.2f}x (target >= 0.9x)")
+    for name, value in vars(burst).items():
+        print(f"burst {name}: {value}")
+    print(f"load average at the end: {_load()}")
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["burst"]:
         burst_only()
+    elif sys.argv[1:] == ["webhook"]:
+        webhook_only()
     elif sys.argv[1:] == ["paced"]:
         paced_only()
     elif sys.argv[1:] == ["usage"]:
         usage.main()
     elif sys.argv[1:]:
-        raise SystemExit("usage: python -m bench [burst | paced | usage]")
+        raise SystemExit("usage: python -m bench [burst | paced | usage | webhook]")
     else:
         main()

@@ -36,28 +36,29 @@ VENV_BIN = Path(sys.executable).parent
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
-# BENCH_PORTS=6100-6199 keeps the servers it starts within a range (a machine shared with other runs);
-# without it, any free port.
-_PORT_RANGE = os.environ.get("BENCH_PORTS", "")
-_ports_given: set[int] = set()
+# BENCH_PORTS (e.g. 6300-6399) keeps every server the benchmark starts inside a range (a machine shared
+# by several benchmarks gives each its own); otherwise the kernel picks free ports.
+_PORTS = os.environ.get("BENCH_PORTS", "")
+_next_port = int(_PORTS.partition("-")[0]) if _PORTS else 0
 
 
 def free_port() -> int:
-    first, _, last = _PORT_RANGE.partition("-")
-    candidates = range(int(first), int(last) + 1) if first and last else [0]
-    for candidate in candidates:
-        if candidate in _ports_given:
-            continue
+    global _next_port  # the next port of BENCH_PORTS to try
+    if not _PORTS:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+            return port
+    last = int(_PORTS.partition("-")[2])
+    while _next_port <= last:
+        candidate, _next_port = _next_port, _next_port + 1
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", candidate))
             except OSError:
                 continue
-            port: int = probe.getsockname()[1]
-            if candidate:
-                _ports_given.add(port)
-            return port
-    raise RuntimeError(f"no free port in BENCH_PORTS={_PORT_RANGE}")
+            return candidate
+    raise RuntimeError(f"no free port left in BENCH_PORTS={_PORTS}")
 
 
 def _stat_fields(pid: int) -> list[str]:

@@ -4,7 +4,13 @@ serialization, retention keeps what is still to be applied, and emails outlast a
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +19,21 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from app.extensions import db
-from app.services import jobs, queue
+from app.services import jobs, queue, webhook_intake
 from app.services.billing_service import BillingService
-from tests.conftest import SandboxAccount, SmtpSink, post_webhook, query, run_jobs, sign_up, stripe_event
+from tests.conftest import (
+    OFFLINE_SECRET_KEY,
+    OFFLINE_WEBHOOK_SECRET,
+    SandboxAccount,
+    SmtpSink,
+    post_webhook,
+    query,
+    run_jobs,
+    sign_up,
+    stripe_event,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -49,11 +67,18 @@ def test_a_job_recovered_beside_a_waiting_one_is_queued_again_and_nothing_is_str
     subscription_id = organization["subscription_id"]
     past_due = offline_stripe.change_subscription(subscription_id, status="past_due")
     assert post_webhook(client, stripe_event("customer.subscription.updated", past_due)).status_code == 200
+    queue.dispatch_now(app)  # a worker's dispatch pass gives the stored event its job
     # A worker takes the job and dies with it (no heartbeat: it is stalled at once).
     execute(app, "UPDATE procrastinate_jobs SET status = 'doing' WHERE task_name = 'webhooks:apply'")
-    # Meanwhile Stripe moves on, and its event gets a job of its own beside the dead one.
+    # Meanwhile Stripe moves on; the dispatch pass leaves its event to the object's job (running, as far
+    # as anyone knows), and a job of its own is queued beside the dead one (a replay, a throttled retry).
     unpaid = offline_stripe.change_subscription(subscription_id, status="unpaid")
     assert post_webhook(client, stripe_event("customer.subscription.updated", unpaid)).status_code == 200
+    queue.dispatch_now(app)
+    assert [job.status for job in webhook_jobs(app)] == ["doing"]
+    with app.app_context():
+        webhook_intake.queue_application(BillingService._webhook_providers["stripe"], f"subscription:{subscription_id}")
+        db.session.commit()
     assert sorted(job.status for job in webhook_jobs(app)) == ["doing", "todo"]
     assert {job.queueing_lock for job in webhook_jobs(app)} == {None}
 
@@ -111,6 +136,48 @@ def test_a_pending_event_with_no_job_is_found_by_the_sweep_and_applied(
     run_jobs(app)
     assert billing_status(app) == "past_due"
     assert {row.status for row in query(app, "SELECT status FROM stripe_event")} == {"processed"}
+
+
+def test_a_running_worker_applies_a_stored_event_that_nothing_queued(
+    client: FlaskClient,
+    app: Flask,
+    organization: dict[str, Any],
+    offline_stripe: SandboxAccount,
+    smtp_server: SmtpSink,
+) -> None:
+    """Intake stores the event and queues nothing (no job, no NOTIFY): a real `flask billing worker`
+    finds it by itself on its dispatch pass (every WORKER_DISPATCH_SECONDS) and applies it."""
+    past_due = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
+    assert post_webhook(client, stripe_event("customer.subscription.updated", past_due)).status_code == 200
+    assert webhook_jobs(app) == []  # nothing but the stored event says there is work
+    env = {
+        **os.environ,
+        "APP_ENV": "test",
+        "FLASK_APP": "wsgi.py",
+        "TEST_DATABASE_URL": str(app.config["SQLALCHEMY_DATABASE_URI"]),
+        "TEST_REDIS_URL": str(app.config["REDIS_URL"]),
+        "MAIL_SERVER": "127.0.0.1",
+        "MAIL_PORT": str(smtp_server.port),
+        "STRIPE_SECRET_KEY": OFFLINE_SECRET_KEY,
+        "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
+        "STRIPE_API_BASE": offline_stripe.url,
+        "WORKER_DISPATCH_SECONDS": "0.2",
+    }
+    command = [sys.executable, "-m", "flask", "billing", "worker", "--queue", "webhooks", "--concurrency", "1"]
+    worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
+    try:
+        deadline = time.monotonic() + 60  # a bound on waiting, not a measurement (make bench times it)
+        while time.monotonic() < deadline and billing_status(app) != "past_due":
+            time.sleep(0.2)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    assert billing_status(app) == "past_due"
+    assert {row.status for row in query(app, "SELECT status FROM stripe_event")} == {"processed"}
+    assert [job.status for job in webhook_jobs(app)] == ["succeeded"]
 
 
 def test_reconcile_repairs_through_the_worker_under_the_objects_lock(

@@ -394,3 +394,52 @@ def test_redaction_masks_keys_and_card_numbers_but_not_their_neighbours() -> Non
         ("usage key llk_AbC-12_xyZ0123456789 refused", "usage key [redacted] refused"),
     ]:
         assert RedactingFilter(["configured-secret-value"]).redact(line) == expected
+
+
+def test_redaction_skips_only_text_the_secret_patterns_cannot_match() -> None:
+    """The request log's redaction runs its full patterns only on text that contains what every match
+    contains (request_log.MAYBE_SECRET, the credential routes' prefixes): it must mask exactly what the
+    full patterns mask, for every kind of secret, wherever it sits in the text."""
+    import random
+    import re
+
+    from app.request_log import SECRET_PATTERNS, RedactingFilter, _mask_groups
+
+    credential_paths = re.compile(r"(?:/team/join/([^\s/?#\"']+))|(?:/auth/reset\-password/([^\s/?#\"']+))")
+
+    def reference(text: str) -> str:  # every pattern on every text, as before the shortcut
+        masked = credential_paths.sub(_mask_groups, SECRET_PATTERNS.sub("[redacted]", text))
+        return masked.replace("configured-secret-value", "[redacted]")
+
+    samples = [
+        "sk_live_AbC123",
+        "rk_test_xyz987",
+        "whsec_abc_123",
+        "apik_Zz_9",
+        "ws_abcdefgh12",
+        "llk_AbC-12_xyZ0123456789",
+        "Bearer abc.def~ghi+jk",
+        "redis://:pw@host",
+        "postgresql://user:secret@db",
+        "4242424242424242",
+        "4242 4242 4242 4242",
+        "3782-822463-10005",
+        "/team/join/tok3n-value",
+        "/auth/reset-password/abc",
+        "configured-secret-value",
+    ]
+    filler = ["POST", "/billing/webhooks/stripe", "200", "1.72ms", "127.0.0.1", "a1b2c3", "GET", "/team/", "x_y"]
+    fast = RedactingFilter(["configured-secret-value"])
+    fast.credential_paths = credential_paths
+    fast.credential_prefixes = ("/team/join/", "/auth/reset-password/")
+    rng = random.Random(20)
+    for _ in range(3000):
+        words = [rng.choice(filler) for _ in range(rng.randint(0, 4))]
+        secret = rng.choice(samples) if rng.random() < 0.6 else None
+        if secret:
+            words.insert(rng.randint(0, len(words)), secret)
+        line = " ".join(words)
+        assert fast.redact(line) == reference(line), line
+        assert secret is None or fast.redact(line) != line, line
+    assert fast.redact("POST /billing/webhooks/stripe 200 1.72ms") == "POST /billing/webhooks/stripe 200 1.72ms"
+    assert fast.redact("GET /team/join/tok3n-value") == "GET /team/join/[redacted]"

@@ -74,8 +74,14 @@ def test_the_request_stores_and_queues_and_the_worker_applies(
     assert organization_row(app).billing_status == "active"
     [event] = query(app, "SELECT * FROM stripe_event WHERE type = 'customer.subscription.updated'")
     assert (event.status, event.object_key) == ("pending", f"subscription:{organization['subscription_id']}")
+    # The request queues nothing: the stored event is the work, and a worker's dispatch pass gives its
+    # object a job (every WORKER_DISPATCH_SECONDS, once the event is WEBHOOK_COALESCE_SECONDS old).
+    assert query(app, "SELECT * FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'") == []
+    queue.dispatch_now(app)
     [job] = query(app, "SELECT * FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")
     assert (job.status, job.lock, job.queueing_lock) == ("todo", f"stripe:{event.object_key}", None)
+    queue.dispatch_now(app)  # a job waits for the object: nothing more is queued
+    assert len(query(app, "SELECT * FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")) == 1
 
     run_jobs(app)
     assert organization_row(app).billing_status == "past_due"
@@ -120,7 +126,8 @@ def test_two_hundred_events_for_one_subscription_cost_at_most_two_stripe_reads(
         status = ("active", "unpaid", "past_due")[n % 3]
         subscription = offline_stripe.change_subscription(organization["subscription_id"], status=status)
         assert post_webhook(client, stripe_event("customer.subscription.updated", subscription)).status_code == 200
-    # One job waits for the subscription, however many events joined it.
+    # One job is queued for the subscription, however many events wait for it.
+    queue.dispatch_now(app)
     assert len(query(app, "SELECT id FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'")) == 1
     run_jobs(app)
     assert subscription_reads(offline_stripe) - reads <= 2
@@ -137,6 +144,7 @@ def test_a_redis_flush_while_jobs_wait_loses_none(
     post_webhook(client, stripe_event("customer.subscription.updated", subscription))
     invoice = {"id": "in_flush", "object": "invoice", "customer": organization["customer_id"], "amount_due": 2900}
     post_webhook(client, stripe_event("invoice.payment_failed", invoice))
+    queue.dispatch_now(app)
     waiting = query(app, "SELECT count(*) FROM procrastinate_jobs WHERE status = 'todo'")[0][0]
     assert waiting == 2
     app.extensions["redis"].flushdb()
@@ -479,6 +487,7 @@ def test_status_and_metrics_show_the_queue(make_app: Any, offline_stripe: Sandbo
     offline_stripe.fail_next("subscriptions.retrieve", "server")
     post_and_apply(client, stripe_event("customer.subscription.updated", unknown))  # fails for good
     post_webhook(client, stripe_event("customer.subscription.updated", {**unknown, "id": "sub_Unknown2"}))
+    queue.dispatch_now(app)
 
     status = app.test_cli_runner().invoke(args=["billing", "status", "--json"])
     figures = json.loads(status.output)

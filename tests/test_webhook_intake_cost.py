@@ -1,15 +1,18 @@
-"""Intake is one round trip (issue 20): a new event is verified, deduplicated, stored and its worker
-woken in one statement that is its own transaction; a duplicate is the same statement and writes
-nothing; and the webhook route carries no session, CSRF, rate-limit or sign-in machinery."""
+"""Intake is one round trip (issue 20): a new event is verified, deduplicated and stored in one
+statement that is its own transaction and queues nothing (a worker's dispatch pass gives its object a
+job); a duplicate is the same statement and writes nothing; and the webhook route carries no session,
+CSRF, rate-limit or sign-in machinery."""
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import psycopg2
 import pytest
 from flask import Flask, Response
 from flask.testing import FlaskClient
@@ -18,6 +21,7 @@ from werkzeug.test import EnvironBuilder
 
 from app.extensions import db
 from app.machine_entry import MachineEntry
+from app.services import queue, webhook_intake
 from app.services.billing_service import BillingService
 from tests.conftest import OFFLINE_WEBHOOK_SECRET, post_webhook, query, sign_stripe_payload, stripe_event
 
@@ -43,50 +47,135 @@ def statements_sent(app: Flask) -> Iterator[list[str]]:
             sqlalchemy_event.remove(engine, "before_cursor_execute", statement)
 
 
+@contextmanager
+def listening(app: Flask, channel: str) -> Iterator[Callable[[], list[str]]]:
+    """A connection LISTENing on channel meanwhile; the callable returns what it received so far."""
+    with app.app_context():
+        url = db.engine.url
+    connection = psycopg2.connect(
+        host=url.host, port=url.port, user=url.username, password=url.password, dbname=url.database
+    )
+    connection.autocommit = True
+    received: list[str] = []
+
+    def notifications() -> list[str]:
+        time.sleep(0.1)
+        connection.poll()
+        while connection.notifies:
+            received.append(connection.notifies.pop(0).payload)
+        return received
+
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"LISTEN {channel}")
+        yield notifications
+    finally:
+        connection.close()
+
+
 def subscription_event() -> dict[str, Any]:
     subscription = {"id": f"sub_{uuid.uuid4().hex[:24]}", "object": "subscription", "status": "active"}
     return stripe_event("customer.subscription.updated", subscription)
 
 
-def test_a_new_event_is_stored_with_its_job_in_one_statement_and_a_duplicate_writes_nothing(
+def webhook_jobs(app: Flask, lock: str | None = None) -> list[Any]:
+    sql = "SELECT status, lock, args FROM procrastinate_jobs WHERE task_name = 'webhooks:apply'"
+    return query(app, sql + " AND lock = :lock", lock=lock) if lock else query(app, sql)
+
+
+def test_a_new_event_is_stored_in_one_statement_that_queues_nothing_and_a_duplicate_writes_nothing(
     client: FlaskClient, app: Flask
 ) -> None:
     delivered = subscription_event()
     post_webhook(client, subscription_event())  # the connection and the prepared statement exist
 
-    with statements_sent(app) as sent:
-        assert post_webhook(client, delivered).status_code == 200
-    assert sent == ["EXECUTE (autocommit)"]  # no BEGIN, no COMMIT of its own, no read before it, no second statement
+    with listening(app, "procrastinate_any_queue_v1") as notifications:
+        with statements_sent(app) as sent:
+            assert post_webhook(client, delivered).status_code == 200
+        assert sent == ["EXECUTE (autocommit)"]  # no BEGIN, no COMMIT, no read before it, no second statement
+        # No job and no NOTIFY: a notification takes PostgreSQL's one notification lock through the
+        # commit, so every delivery would commit after the one before it. The stored event is the work.
+        assert notifications() == []
     [row] = query(
         app,
         "SELECT status, object_key, xmin::text AS version FROM stripe_event WHERE event_id = :id",
         id=delivered["id"],
     )
     assert row.status == "pending"
-    [job] = query(
-        app, "SELECT status, lock, args FROM procrastinate_jobs WHERE lock = :lock", lock=f"stripe:{row.object_key}"
-    )
-    assert job.status == "todo" and job.args == {"provider": "stripe", "object_key": row.object_key}
+    assert webhook_jobs(app) == []
 
     with statements_sent(app) as sent:
         response = post_webhook(client, delivered)
     assert response.status_code == 200 and response.get_json()["duplicate"] is True
     assert sent == ["EXECUTE (autocommit)"]
-    assert len(query(app, "SELECT 1 FROM procrastinate_jobs WHERE lock = :lock", lock=job.lock)) == 1
     [again] = query(
         app, "SELECT attempts, xmin::text AS version FROM stripe_event WHERE event_id = :id", id=delivered["id"]
     )
     assert (again.attempts, again.version) == (1, row.version)  # not written, not even locked
 
+    # A worker's dispatch pass gives each object one job (the first delivery's and this one's), and
+    # wakes the listening workers for them.
+    with listening(app, "procrastinate_any_queue_v1") as notifications:
+        queue.dispatch_now(app)
+        assert len(notifications()) == 2
+    assert len(webhook_jobs(app)) == 2
+    [job] = webhook_jobs(app, f"stripe:{row.object_key}")
+    assert job.status == "todo" and job.args == {"provider": "stripe", "object_key": row.object_key}
 
-def test_a_burst_about_one_object_shares_the_waiting_job(client: FlaskClient, app: Flask) -> None:
+
+def test_a_burst_about_one_object_gets_one_job(client: FlaskClient, app: Flask) -> None:
     first = subscription_event()
     second = stripe_event("customer.subscription.updated", first["data"]["object"])
     for delivered in (first, second):
         assert post_webhook(client, delivered).status_code == 200
+    queue.dispatch_now(app)
+    queue.dispatch_now(app)  # a job waits for the object: nothing more
     key = f"stripe:subscription:{first['data']['object']['id']}"
-    assert len(query(app, "SELECT 1 FROM procrastinate_jobs WHERE lock = :lock", lock=key)) == 1
+    assert len(webhook_jobs(app, key)) == 1
     assert len(query(app, "SELECT 1 FROM stripe_event WHERE status = 'pending'")) == 2
+
+
+def test_the_dispatch_pass_waits_for_the_coalescing_window(make_app: Any) -> None:
+    """Events younger than WEBHOOK_COALESCE_SECONDS are left for the next pass, so a burst about one
+    object is collected by one job; once the oldest is old enough, the object gets its job."""
+    app = make_app(WEBHOOK_COALESCE_SECONDS=30)
+    older, newer = subscription_event(), subscription_event()
+    for delivered in (older, newer):
+        assert post_webhook(app.test_client(), delivered).status_code == 200
+    queue.dispatch_now(app)
+    assert webhook_jobs(app) == []
+    with app.app_context():
+        db.session.execute(
+            db.text("UPDATE stripe_event SET received_at = received_at - interval '31 seconds' WHERE event_id = :id"),
+            {"id": older["id"]},
+        )
+        db.session.commit()
+    queue.dispatch_now(app)
+    assert [job.args["object_key"] for job in webhook_jobs(app)] == [f"subscription:{older['data']['object']['id']}"]
+    # Running what is due now (`flask billing worker --once`, reconcile's drain) does not wait.
+    queue.dispatch_now(app, coalesce=False)
+    assert len(webhook_jobs(app)) == 2
+
+
+def test_an_event_arriving_while_its_objects_job_runs_is_queued_when_that_job_ends(
+    client: FlaskClient, app: Flask
+) -> None:
+    """The job that was applying the object may have collected its events before this one was stored:
+    while it runs the dispatch pass leaves the object alone, and the first pass after it ends queues it."""
+    first = subscription_event()
+    assert post_webhook(client, first).status_code == 200
+    queue.dispatch_now(app)
+    with app.app_context():
+        db.session.execute(db.text("UPDATE procrastinate_jobs SET status = 'doing'"))
+        db.session.commit()
+    assert post_webhook(client, stripe_event("customer.subscription.updated", first["data"]["object"])).status_code
+    queue.dispatch_now(app)
+    assert [job.status for job in webhook_jobs(app)] == ["doing"]
+    with app.app_context():
+        db.session.execute(db.text("UPDATE procrastinate_jobs SET status = 'succeeded'"))
+        db.session.commit()
+    queue.dispatch_now(app)
+    assert sorted(job.status for job in webhook_jobs(app)) == ["succeeded", "todo"]
 
 
 def test_a_failed_event_delivered_again_is_taken_over_in_the_same_statement(client: FlaskClient, app: Flask) -> None:
@@ -96,14 +185,14 @@ def test_a_failed_event_delivered_again_is_taken_over_in_the_same_statement(clie
         db.session.execute(
             db.text("UPDATE stripe_event SET status = 'failed' WHERE event_id = :id"), {"id": delivered["id"]}
         )
-        db.session.execute(db.text("DELETE FROM procrastinate_jobs"))
         db.session.commit()
     with statements_sent(app) as sent:
         assert post_webhook(client, delivered).get_json() == {"received": True}
     assert sent == ["EXECUTE (autocommit)"]
     [row] = query(app, "SELECT status, attempts FROM stripe_event WHERE event_id = :id", id=delivered["id"])
     assert (row.status, row.attempts) == ("pending", 2)
-    assert len(query(app, "SELECT 1 FROM procrastinate_jobs")) == 1
+    queue.dispatch_now(app)
+    assert len(webhook_jobs(app)) == 1
 
 
 def test_the_webhook_route_opens_no_session_and_runs_no_page_hooks(
@@ -237,3 +326,32 @@ def test_a_webhook_the_machine_entry_cannot_finish_is_answered_by_the_flask_rout
     assert [
         row.attempts for row in query(app, "SELECT attempts FROM stripe_event WHERE event_id = :id", id=delivered["id"])
     ] == [1]
+
+
+def test_a_dispatch_pass_reads_a_chunk_of_a_backlog_and_the_next_goes_on_from_there(
+    client: FlaskClient, app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass reads at most UNCLAIMED_CHUNK pending rows (in object order), so its cost does not grow
+    with a backlog; the next pass goes on where it stopped, and wraps around. The minute's sweep reads
+    them all."""
+    monkeypatch.setattr(webhook_intake, "UNCLAIMED_CHUNK", 2)
+    monkeypatch.setattr(webhook_intake, "_dispatch_cursor", {})
+    delivered = [subscription_event() for _ in range(5)]
+    for event in delivered:
+        assert post_webhook(client, event).status_code == 200
+    objects = sorted(f"subscription:{event['data']['object']['id']}" for event in delivered)
+
+    def queued() -> list[str]:
+        return sorted(job.args["object_key"] for job in webhook_jobs(app))
+
+    queue.dispatch_now(app)
+    assert queued() == objects[:2]
+    queue.dispatch_now(app)
+    assert queued() == objects[:4]
+    queue.dispatch_now(app)  # the last one: a short chunk, so the next pass starts again
+    assert queued() == objects
+    with app.app_context():
+        db.session.execute(db.text("DELETE FROM procrastinate_jobs"))
+        db.session.commit()
+        assert sorted(BillingService.queue_unclaimed_events(older_than_seconds=0)) == [f"stripe:{o}" for o in objects]
+    assert queued() == objects

@@ -7,6 +7,7 @@ modules (docs/system/SERVICES.md, "Billing modules")."""
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from collections.abc import Iterator, Mapping
@@ -236,7 +237,13 @@ def checkout_is_paid(checkout: Mapping[str, Any]) -> bool:
 def webhook_secrets(setting: str, what: str) -> list[str]:
     """The secrets a provider's deliveries may be signed with: the setting, comma-separated (several
     while a secret is rotated)."""
-    secrets = [s.strip() for s in str(current_app.config.get(setting) or "").split(",") if s.strip()]
+    secrets = _split_secrets(str(current_app.config.get(setting) or ""))
     if not secrets:
         raise BillingConfigurationError(f"{setting} is not set: {what} cannot be verified")
-    return secrets
+    return list(secrets)
+
+
+@functools.lru_cache(maxsize=16)
+def _split_secrets(value: str) -> tuple[str, ...]:
+    """A comma-separated setting's secrets (read on every delivery: split once per value)."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())

@@ -1113,10 +1113,10 @@ class BillingService:
 
     @classmethod
     def handle_webhook_event(cls, provider_name: str, payload: bytes, headers: Mapping[str, str]) -> WebhookResult:
-        """Verify and store one webhook delivery and queue its application; answer at once.
+        """Verify and store one webhook delivery; answer at once. A worker applies it (its dispatch pass).
 
         A duplicate of a stored event costs one indexed read. A new event is read into typed objects
-        (stripe_objects.py) and stored in one transaction with the job that will apply it, keyed on
+        (stripe_objects.py) and stored in one statement (no job: the stored event is the work), keyed on
         the object it is about: `pending`, or already `ignored` (not ours, other mode, unhandled
         type) or `failed` (a malformed object, with the reason; replayable). Every stored event is
         answered 2xx: retrying would not change it. Nothing here calls the provider's API."""
@@ -1126,9 +1126,9 @@ class BillingService:
         return webhook_intake.store(provider, provider.verify(payload, headers))
 
     @classmethod
-    def queue_unclaimed_events(cls, *, older_than_seconds: float) -> list[str]:
-        """The sweep: every object with pending events and no job waiting or running gets one again."""
-        return webhook_intake.queue_unclaimed(cls._webhook_providers.values(), older_than_seconds=older_than_seconds)
+    def queue_unclaimed_events(cls, *, older_than_seconds: float, lost: bool = True) -> list[str]:
+        """The sweep: every object with pending events and no job waiting or running gets one."""
+        return webhook_intake.queue_unclaimed(cls._webhook_providers.values(), older_than_seconds, lost=lost)
 
     @classmethod
     def replay_stored_event(cls, event_id: str) -> WebhookResult:

@@ -198,6 +198,16 @@ def report_usage(timestamp: int) -> str:
     return f"gathered {run.gathered}, sent {run.sent}, failed {run.failed}, pending {run.still_pending}"
 
 
+def dispatch_webhook_events(coalesce: bool = True) -> list[str]:
+    """The workers' dispatch pass (queue.run_worker, every WORKER_DISPATCH_SECONDS): intake stores an
+    event and queues nothing, so this is how a stored event gets its job. Every object with events
+    stored pending at least WEBHOOK_COALESCE_SECONDS ago (a burst about one object joins one job; with
+    coalesce=False, any) and no job waiting or running gets one."""
+    seconds = float(queue.flask_app().config["WEBHOOK_COALESCE_SECONDS"]) if coalesce else -1.0
+    return BillingService.queue_unclaimed_events(older_than_seconds=seconds, lost=False)
+
+
+queue.register_dispatcher(dispatch_webhook_events)
 queue.register_blueprint("webhooks", webhooks)
 queue.register_blueprint("usage", usage_tasks)
 queue.register_blueprint("staff", staff_tasks)

@@ -52,6 +52,10 @@ _DEFER = text(
 )
 
 _bound: dict[str, Flask] = {}
+# Passes a worker runs beside its jobs, every WORKER_DISPATCH_SECONDS and before `--once` runs what is
+# due: each turns stored work that has no job yet into jobs (webhook events: jobs.py). Its argument,
+# coalesce: leave work younger than its coalescing window for a later pass (False: everything, now).
+_dispatchers: list[Callable[[bool], object]] = []
 _blueprints: list[tuple[str, procrastinate.Blueprint]] = []
 _job_app: procrastinate.App | None = None
 _connectors: dict[str, procrastinate.PsycopgConnector] = {}
@@ -84,6 +88,23 @@ def register_blueprint(namespace: str, blueprint: procrastinate.Blueprint) -> No
     """Add a service's tasks to the job app (task names become ``namespace:name``)."""
     if all(existing is not blueprint for _, existing in _blueprints):
         _blueprints.append((namespace, blueprint))
+
+
+def register_dispatcher(dispatch: Callable[[bool], object]) -> None:
+    """Run ``dispatch`` (in an application context) in every worker every WORKER_DISPATCH_SECONDS."""
+    if dispatch not in _dispatchers:
+        _dispatchers.append(dispatch)
+
+
+def dispatch_now(app: Flask, *, coalesce: bool = True) -> None:
+    """One pass of every dispatcher, each in an application context of its own (session removed).
+    coalesce=False: whatever is stored gets its job now (running what is due: `--once`, a drain)."""
+    for dispatch in _dispatchers:
+        with app.app_context():
+            try:
+                dispatch(coalesce)
+            finally:
+                db.session.remove()
 
 
 def bind(app: Flask) -> None:
@@ -214,6 +235,7 @@ def run_pending_jobs(app: Flask, *, queues: list[str] | None = None, concurrency
     left (tests, and `flask billing worker --once`)."""
     bind(app)
     jobs = job_app(app)
+    dispatch_now(app, coalesce=False)
     with _one_burst_at_a_time:
         _run_due_jobs(jobs, queues, concurrency)
 
@@ -264,6 +286,7 @@ def run_worker(app: Flask, *, queues: list[str] | None = None, concurrency: int 
             recovery = asyncio.create_task(
                 _recover_stalled_jobs_forever(jobs, float(config["WORKER_RECOVERY_SECONDS"]), stalled)
             )
+            dispatching = asyncio.create_task(_dispatch_forever(app, float(config["WORKER_DISPATCH_SECONDS"])))
             try:
                 await jobs.run_worker_async(
                     queues=queues,  # type: ignore[arg-type]  # None: every queue (as App.run_worker passes it)
@@ -278,8 +301,20 @@ def run_worker(app: Flask, *, queues: list[str] | None = None, concurrency: int 
                 )
             finally:
                 recovery.cancel()
+                dispatching.cancel()
 
     asyncio.run(run())
+
+
+async def _dispatch_forever(app: Flask, every: float) -> None:
+    """The dispatch passes, in a thread (they use the app's synchronous engine), every ``every`` seconds
+    (a pass that finds another worker's under way skips: see webhook_intake.queue_unclaimed)."""
+    while True:
+        try:
+            await asyncio.to_thread(dispatch_now, app)
+        except Exception:  # the database is away: the next pass tries again
+            logger.warning("dispatching stored work to jobs failed", exc_info=True)
+        await asyncio.sleep(every * random.uniform(0.9, 1.1))  # noqa: S311  (workers do not all look at once)
 
 
 async def _recover_stalled_jobs_forever(jobs: procrastinate.App, every: float, stalled: float) -> None:

@@ -1,6 +1,6 @@
 """Webhook intake and application, the same for every provider: a verified event is stored once
-(deduplicated by the provider's event id) with the job that will apply it, and the worker applies all
-the pending events about one object together through the provider's apply_batch. Providers are
+(deduplicated by the provider's event id), a worker's dispatch pass gives its object a job, and the
+worker applies all the pending events about one object together through the provider's apply_batch. Providers are
 registered with BillingService; nothing here calls a provider's API."""
 
 from __future__ import annotations
@@ -126,32 +126,75 @@ def queue_application(provider: WebhookProvider, object_key: str, *, delay: floa
 _WAITING_JOB = text(
     "SELECT id FROM procrastinate_jobs WHERE lock = :lock AND task_name = :task AND status = 'todo' LIMIT 1 FOR SHARE"
 )
-# Pending events with no job waiting or running for their object: the worker that held them died
-# after its retries ran out, or a job was removed by hand. The event row alone is enough for it to be
-# applied: the sweep queues them again.
-_UNCLAIMED_OBJECTS = (
-    "SELECT DISTINCT e.object_key FROM {table} AS e WHERE e.status = 'pending' AND e.object_key IS NOT NULL "
-    "AND e.received_at < :before AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs AS j "
-    "WHERE j.lock = :provider || ':' || e.object_key AND j.status IN ('todo', 'doing')) LIMIT 1000"
+# Pending events with no job waiting or running for their object, their oldest stored before :before,
+# turned into one job per object in the same statement through procrastinate's own function (whose
+# trigger wakes the listening workers once, at this commit). Intake queues nothing
+# (webhook_store._INTAKE): this is how every stored event gets its job, run by each worker every
+# WORKER_DISPATCH_SECONDS for events older than WEBHOOK_COALESCE_SECONDS (so a burst about one object
+# waits for one job), and every minute as the backstop. A job running for the object counts: what it
+# did not collect is found on the first pass after it ends.
+# A pass reads at most UNCLAIMED_CHUNK pending rows, in object order from :after (the pending-object
+# index), so its cost does not grow with a backlog: a backlog larger than that is covered over several
+# passes (the caller keeps where the last one stopped), everything else in every pass.
+UNCLAIMED_CHUNK = 2000
+_UNCLAIMED_OBJECTS = """
+WITH chunk AS (
+    SELECT e.object_key, e.received_at FROM {table} AS e
+    WHERE e.status = 'pending' AND e.object_key IS NOT NULL AND e.object_key > :after
+    ORDER BY e.object_key
+    LIMIT :chunk
+), due AS (
+    SELECT c.object_key FROM chunk AS c
+    WHERE (:provider || ':' || c.object_key) NOT IN (
+        SELECT j.lock FROM procrastinate_jobs AS j WHERE j.status IN ('todo', 'doing') AND j.lock IS NOT NULL)
+    GROUP BY c.object_key
+    HAVING min(c.received_at) < :before
+), queued AS (
+    SELECT array_agg(object_key) AS keys, procrastinate_defer_jobs_v1(array_agg(
+        ROW(:queue, :task, 0, :provider || ':' || object_key, NULL,
+            jsonb_build_object('provider', :provider, 'object_key', object_key), NULL)::procrastinate_job_to_defer_v1))
+    FROM due HAVING count(*) > 0
 )
+SELECT (SELECT keys FROM queued) AS keys, (SELECT count(*) FROM chunk) AS read,
+       (SELECT max(object_key) FROM chunk) AS last
+"""
+# One pass at a time across workers (a second would find the same objects): a transaction-level
+# advisory lock, let go at its commit; a worker that does not get it leaves this pass to the holder.
+_ONE_PASS = text("SELECT pg_try_advisory_xact_lock(hashtext('ledgerline:webhook-dispatch'))")
+# Where this process's dispatch pass stopped in each provider's pending events ("" : the start).
+_dispatch_cursor: dict[str, str] = {}
 
 
-def queue_unclaimed(providers: Iterable[WebhookProvider], *, older_than_seconds: float) -> list[str]:
-    """The sweep (every minute, in the worker): a job for every object whose pending events nobody
-    will apply; returns the objects queued."""
+def queue_unclaimed(providers: Iterable[WebhookProvider], older_than_seconds: float, *, lost: bool = True) -> list[str]:
+    """A job for every object whose pending events (the oldest older_than_seconds) nobody will apply;
+    returns the objects queued. lost: this is the minute's backstop, which reads every pending event
+    and where finding any is worth a warning; the workers' dispatch pass (lost=False) finds every new
+    event this way, reading one chunk of UNCLAIMED_CHUNK pending rows on from where it last stopped."""
     if db.session.get_bind().dialect.name != "postgresql":
         return []  # the embedded development run applies events inside the request
     before = utcnow() - timedelta(seconds=older_than_seconds)
     queued: list[str] = []
     with committed():
+        if not db.session.execute(_ONE_PASS).scalar():
+            return []
         for provider in providers:
-            table = provider.event_model.__tablename__
-            statement = text(_UNCLAIMED_OBJECTS.format(table=table))
-            for object_key in db.session.execute(statement, {"before": before, "provider": provider.name}).scalars():
-                queue_application(provider, object_key)
-                queued.append(f"{provider.name}:{object_key}")
-    if queued:
+            statement = text(_UNCLAIMED_OBJECTS.format(table=provider.event_model.__tablename__))
+            parameters = {"before": before, "provider": provider.name, "queue": WEBHOOK_QUEUE, "task": WEBHOOK_TASK}
+            after = "" if lost else _dispatch_cursor.get(provider.name, "")
+            while True:
+                keys, read, last = db.session.execute(
+                    statement, {**parameters, "after": after, "chunk": UNCLAIMED_CHUNK}
+                ).one()
+                queued += [f"{provider.name}:{object_key}" for object_key in keys or []]
+                after = last if read == UNCLAIMED_CHUNK else ""  # a short chunk reached the end
+                if not lost or not after:
+                    break
+            if not lost:
+                _dispatch_cursor[provider.name] = after
+    if queued and lost:
         logger.warning("webhook sweep: %d object(s) had pending events and no job: queued %s", len(queued), queued)
+    elif queued:
+        logger.debug("webhook dispatch: queued %d object(s)", len(queued))
     return queued
 
 
@@ -181,9 +224,10 @@ def _throttled(
 
 
 def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
-    """Intake: store a verified delivery once and make sure a worker will apply it. On PostgreSQL this
-    is one statement on the autocommit connection (webhook_store.intake: deduplicate, store, wake a
-    worker, commit, in one round trip); a duplicate is the same statement, which writes nothing."""
+    """Intake: store a verified delivery once; a worker's dispatch pass gives it a job (queue_unclaimed).
+    On PostgreSQL this is one statement on the autocommit connection (webhook_store.intake:
+    deduplicate, store, commit, in one round trip); a duplicate is the same statement, which writes
+    nothing."""
     model = provider.event_model
     seen = _settled_events()
     if seen is not None and seen.holds(model.__tablename__, event.event_id):
@@ -198,7 +242,7 @@ def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:
     status = StripeEventStatus.IGNORED if ignored else StripeEventStatus.FAILED if error else StripeEventStatus.PENDING
     if db.engine.dialect.name == "postgresql":
         row_id, existing = webhook_store.intake(
-            model, event, status, outcome=ignored, error=error, object_key=object_key, wake=_wake(provider, object_key)
+            model, event, status, outcome=ignored, error=error, object_key=object_key
         )
         # Settled (processed or ignored) is final: a later delivery of it can only be a duplicate.
         if seen is not None and (existing in SETTLED_STATUSES or (row_id is not None and ignored)):
@@ -244,20 +288,6 @@ def _settled_events() -> SettledEvents | None:
             return None
         seen = current_app.extensions.setdefault("webhook_settled_events", SettledEvents(size))
     return seen
-
-
-def _wake(provider: WebhookProvider, object_key: str | None) -> webhook_store.Wake | None:
-    if object_key is None:
-        return None
-    wait = float(current_app.config["WEBHOOK_COALESCE_SECONDS"])
-    return webhook_store.Wake(
-        queue=WEBHOOK_QUEUE,
-        task=WEBHOOK_TASK,
-        lock=f"{provider.name}:{object_key}",
-        args=json.dumps({"provider": provider.name, "object_key": object_key}),
-        # The job waits this long before it runs, so a burst about one object joins it.
-        scheduled_at=utcnow() + timedelta(seconds=wait) if wait > 0 else None,
-    )
 
 
 def _store_in_session(
