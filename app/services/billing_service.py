@@ -34,15 +34,13 @@ from app.extensions import cache, db
 from app.models import (
     Organization,
     StripeEvent,
-    SubscriptionChangeStatus,
     User,
 )
 from app.services import (
     billing_page,
-    domain_events,
     free_plan,
     outbox,
-    plan_change_claims,
+    plan_change_flow,
     price_lookup,
     provisioning,
     reconcile_reads,
@@ -84,7 +82,6 @@ from app.services.billing_common import (
     WebhookRejected,
     WebhookResult,
     committed,
-    describe_failure,
     id_of,
     plan_catalogue,
     webhook_secrets,
@@ -94,17 +91,9 @@ from app.services.billing_details import (
 )
 from app.services.plan_change import (
     CurrentPlan,
-    PlanChangeError,
     Preview,
-    When,
-    build_preview,
-    check_against_schedule,
-    new_recurring,
     payment_problem,
-    read_current,
-    resolve_target,
     schedule_phases,
-    timing,
     update_items,
 )
 from app.services.plans import Tier
@@ -918,101 +907,21 @@ class BillingService:
         extra_seats: int | None = None,
         members: int,
     ) -> Preview:
-        """A preview of changing the plan (tier, interval) or the extra seats, read fresh from Stripe:
-        when it happens, what is charged or credited today (Stripe's invoice preview with the proration
-        date the confirmation will use) and the new recurring amount. Changes nothing."""
-        organization = db.session.get(Organization, organization_id)
-        if organization is None or not organization.billing_subscription_id:
-            raise SubscriptionActionNotAllowed("This organization has no subscription to change.")
-        if organization.billed_by_whop:
-            raise SubscriptionActionNotAllowed("Plans and seats billed through Whop are changed on Whop.")
-        subscription_id, held_tier = organization.billing_subscription_id, organization.tier
-        db.session.rollback()  # no transaction is held while Stripe is asked
-        catalogue = plan_catalogue()
-        current = read_current(cls.retrieve_subscription(subscription_id), catalogue)
-        try:
-            target, quantities = resolve_target(
-                current,
-                catalogue,
-                held_tier=held_tier,
-                tier=tier,
-                interval=interval,
-                extra_seats=extra_seats,
-                members=members,
-            )
-        except PlanChangeError as exc:
-            raise SubscriptionActionNotAllowed(str(exc)) from exc
-        prices = cls.prices_for_lookup_keys(list(quantities))
-        proration_date, invoice = clock.now(), None
-        when = timing(current, target, new_recurring(prices, quantities)[1])
-        try:
-            check_against_schedule(kind, current, when)
-        except PlanChangeError as exc:
-            raise SubscriptionActionNotAllowed(str(exc)) from exc
-        if when == When.NOW:
-            params: Any = {
-                "subscription": current.subscription_id,
-                "subscription_details": {
-                    "items": update_items(current, prices, quantities, catalogue),
-                    "proration_date": proration_date,
-                    "proration_behavior": "always_invoice",
-                },
-            }
-            with cls._calling_stripe("preview the change"):
-                invoice = cls.ensure_stripe().v1.invoices.create_preview(params=params).to_dict()
-        return build_preview(
-            kind,
-            organization_id,
-            current,
-            target,
-            prices,
-            quantities,
-            proration_date=proration_date,
-            invoice_preview=invoice,
+        """A preview of changing the plan or the extra seats, read fresh from Stripe (plan_change_flow.py)."""
+        return plan_change_flow.preview(
+            cls, organization_id, kind=kind, tier=tier, interval=interval, extra_seats=extra_seats, members=members
         )
 
     @classmethod
-    def confirm_subscription_change(cls, preview: Preview, *, actor_user_id: int) -> ChangeOutcome:
-        """Make the previewed change at Stripe, exactly once however often it is submitted.
+    def preview_change_invoice(cls, params: Any) -> dict[str, Any]:
+        with cls._calling_stripe("preview the change"):
+            return cls.ensure_stripe().v1.invoices.create_preview(params=params).to_dict()
 
-        The change is claimed first (a subscription_change row: one pending per organization, the
-        idempotency key unique), then Stripe is re-read: a subscription or price that moved since the
-        preview refuses it as stale (StalePreview). Upgrades update the subscription's items with the
-        preview's proration date and invoice at once; downgrades go on a subscription schedule that
-        switches the prices when the period ends. The organization is updated from Stripe's answer."""
-        age = clock.now() - preview.proration_date
-        if age > current_app.config["PLAN_CHANGE_PREVIEW_MINUTES"] * 60:
-            raise StalePreview(f"This preview is {age // 60} minutes old.")
-        key = preview.idempotency_key()
-        claim = plan_change_claims.claim(preview, key, actor_user_id)
-        if claim is not None:
-            return claim
-        try:
-            current = read_current(cls.retrieve_subscription(preview.subscription_id), plan_catalogue())
-            if current.fingerprint != preview.base_fingerprint:
-                raise StalePreview("Your subscription changed since this preview.")
-            fresh = cls._fetch_prices(list(preview.quantities))
-            if {k: p.id for k, p in fresh.items()} != preview.price_ids:
-                cache.delete_many(*(f"stripe-price:{k}" for k in preview.quantities))
-                raise StalePreview("A price changed since this preview.")
-            prices = {k: fresh[k] for k in preview.quantities}
-            action_url = awaiting = None
-            if preview.when == When.NOW:
-                subscription, action_url, awaiting = cls._apply_change_now(current, preview, prices, key)
-            else:
-                subscription = cls._schedule_change(current, preview, prices, key)
-        except StalePreview as exc:
-            plan_change_claims.finish(key, SubscriptionChangeStatus.REFUSED, f"stale: {exc}")
-            raise
-        except BaseException as exc:
-            # A retry of this same preview reuses the key, so Stripe makes the change at most once.
-            plan_change_claims.finish(key, SubscriptionChangeStatus.FAILED, describe_failure(exc)[:500])
-            raise
-        cls.forget_billing_reads(preview.organization_id)
-        plan_change_claims.record_applied(
-            preview, key, subscription, actor_user_id=actor_user_id, awaiting_payment=awaiting
-        )
-        return ChangeOutcome(applied=True, when=preview.when, action_url=action_url, awaiting_payment=awaiting)
+    @classmethod
+    def confirm_subscription_change(cls, preview: Preview, *, actor_user_id: int) -> ChangeOutcome:
+        """Make the previewed change at Stripe, exactly once however often it is submitted
+        (plan_change_flow.py: claimed, re-read, refused as stale, made now or scheduled)."""
+        return plan_change_flow.confirm(cls, preview, actor_user_id=actor_user_id)
 
     @classmethod
     def _apply_change_now(
@@ -1022,12 +931,8 @@ class BillingService:
         change only if that invoice is paid; otherwise it waits in the subscription's pending_update
         (23 hours) and the old plan stays. Returns the subscription, the invoice to pay and why."""
         client = cls.ensure_stripe()
-        if current.schedule_id:
-            # A downgrade was waiting for the period's end: this change replaces it.
-            with cls._calling_stripe("release a subscription schedule"):
-                client.v1.subscription_schedules.release(
-                    current.schedule_id, options={"idempotency_key": f"{key}-release"}
-                )
+        if current.schedule_id:  # a downgrade was waiting for the period's end: this change replaces it
+            cls._release_schedule(current.schedule_id, f"{key}-release")
         items: Any = update_items(current, prices, preview.quantities, plan_catalogue())
         with cls._calling_stripe("change a subscription"):
             subscription = client.v1.subscriptions.update(
@@ -1081,29 +986,14 @@ class BillingService:
         return cls.retrieve_subscription(current.subscription_id)
 
     @classmethod
-    def cancel_scheduled_change(cls, organization_id: int, *, actor_user_id: int) -> None:
-        """Keep the current plan: release the schedule that would downgrade it at the period's end."""
-        organization = db.session.get(Organization, organization_id)
-        if organization is None or not organization.billing_subscription_id or organization.billed_by_whop:
-            raise SubscriptionActionNotAllowed("This organization has no subscription.")
-        subscription_id = organization.billing_subscription_id
-        db.session.rollback()  # no transaction is held while Stripe is asked
-        current = read_current(cls.retrieve_subscription(subscription_id), plan_catalogue())
-        if current.schedule_id is None:
-            raise SubscriptionActionNotAllowed("There is no scheduled plan change to undo.")
+    def _release_schedule(cls, schedule_id: str, key: str) -> None:
         with cls._calling_stripe("release a subscription schedule"):
-            cls.ensure_stripe().v1.subscription_schedules.release(
-                current.schedule_id, options={"idempotency_key": f"org-{organization_id}-release-{current.schedule_id}"}
-            )
-        cls.forget_billing_reads(organization_id)
-        domain_events.record(
-            "subscription.change_withdrawn",
-            organization_id=organization_id,
-            user_id=actor_user_id,
-            source=f"user:{actor_user_id}",
-            schedule_id=current.schedule_id,
-        )
-        db.session.commit()
+            cls.ensure_stripe().v1.subscription_schedules.release(schedule_id, options={"idempotency_key": key})
+
+    @classmethod
+    def cancel_scheduled_change(cls, organization_id: int, *, actor_user_id: int) -> None:
+        """Keep the current plan: release the schedule that would downgrade it (plan_change_flow.py)."""
+        plan_change_flow.withdraw_scheduled(cls, organization_id, actor_user_id=actor_user_id)
 
     # --- Webhooks ---------------------------------------------------------------------------------
 
