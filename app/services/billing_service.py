@@ -34,12 +34,12 @@ from app.extensions import cache, db
 from app.models import (
     Organization,
     StripeEvent,
-    User,
 )
 from app.services import (
     billing_page,
     free_plan,
     outbox,
+    owner_actions,
     plan_change_flow,
     price_lookup,
     provisioning,
@@ -60,7 +60,6 @@ from app.services import (
 )
 from app.services import reconcile as reconciliation
 from app.services.billing_common import (
-    CANCELLABLE,
     CHECKOUT_SESSION_ID,
     REQUEST_TOKEN,
     STALE_FORM,
@@ -476,13 +475,7 @@ class BillingService:
                 )
             return client.v1.subscriptions.cancel(subscription_id, options={"idempotency_key": key})
 
-        def allowed(organization: Organization) -> str | None:
-            if organization.billing_status not in CANCELLABLE:
-                return "There is no active subscription to cancel."
-            if at_period_end and organization.cancel_at_period_end:
-                return "Your plan is already set to end at the end of the billing period."
-            return None
-
+        allowed = owner_actions.cancel_refusal(at_period_end)
         return cls._owner_subscription_change(
             organization_id, f"cancel-{when}", request_token, actor_user_id, allowed, call
         )
@@ -500,11 +493,7 @@ class BillingService:
                 options={"idempotency_key": key},
             )
 
-        def allowed(organization: Organization) -> str | None:
-            if not organization.cancel_at_period_end or organization.billing_status not in CANCELLABLE:
-                return "There is no scheduled cancellation to undo."
-            return None
-
+        allowed = owner_actions.resume_refusal
         return cls._owner_subscription_change(organization_id, "resume", request_token, actor_user_id, allowed, call)
 
     @classmethod
@@ -517,11 +506,7 @@ class BillingService:
             params: Any = {"cancel_at_period_end": True, "metadata": {free_plan.DOWNGRADE_TO: tier.key if tier else ""}}
             return client.v1.subscriptions.update(subscription_id, params=params, options={"idempotency_key": key})
 
-        def allowed(organization: Organization) -> str | None:
-            if tier is None or organization.billed_by_whop or organization.billing_status not in CANCELLABLE:
-                return "There is no paid plan to downgrade to the free plan."
-            return None
-
+        allowed = owner_actions.downgrade_refusal(tier)
         return cls._owner_subscription_change(
             organization_id, "downgrade-free", request_token, actor_user_id, allowed, call
         )
@@ -536,41 +521,23 @@ class BillingService:
         allowed: Callable[[Organization], str | None],
         call: Callable[[stripe.StripeClient, str, str], stripe.Subscription],
     ) -> list[str]:
-        if not REQUEST_TOKEN.match(request_token or ""):
-            raise SubscriptionActionNotAllowed("That form has expired. Reload the page and try again.")
+        owner_actions.check_form(request_token)
         client = cls.ensure_stripe()
-        try:
-            organization = db.session.get(Organization, organization_id, populate_existing=True)
-            if organization is None or not organization.billing_subscription_id:
-                raise SubscriptionActionNotAllowed("This organization has no subscription.")
-            refusal = allowed(organization)
-            if refusal:
-                raise SubscriptionActionNotAllowed(refusal)
-            subscription_id = organization.billing_subscription_id
-            whop = organization.billed_by_whop
-        finally:
-            db.session.rollback()  # nothing written: the connection goes back before Stripe is asked
+        subscription_id, whop = owner_actions.subscription_to_change(organization_id, allowed)
+        key = f"org-{organization_id}-{action}-{request_token}"
         if whop:
-            key = f"org-{organization_id}-{action}-{request_token}"
             return whop_billing.owner_change(organization_id, subscription_id, action, key, actor_user_id)
         # The same form submitted twice is one Stripe call; two different actions are serialized by
         # Stripe, and each applies the subscription Stripe answered with. A form submitted again later
         # (the back button, a second tab) gets Stripe's cached answer for its key, which may be older
         # than the subscription: then the subscription is read as it is now, applied, and the owner told.
-        key = f"org-{organization_id}-{action}-{request_token}"
         with cls._calling_stripe(action.replace("-", " ") + " a subscription"):
             answer = call(client, subscription_id, key)
         replayed = (
             answer.last_response is not None and answer.last_response.headers.get("Idempotent-Replayed") == "true"
         )
         subscription = cls.retrieve_subscription(subscription_id) if replayed else answer.to_dict()
-        with committed():
-            organization = provisioning.lock_organization(organization_id)
-            changes: list[str] = []
-            if organization is not None and organization.billing_subscription_id == subscription["id"]:
-                changes = provisioning.apply_subscription_read(
-                    organization, subscription, source=f"user:{actor_user_id}"
-                )
+        changes = owner_actions.apply_answer(organization_id, subscription, actor_user_id)
         if replayed:
             raise StaleForm(STALE_FORM)
         return changes
@@ -581,21 +548,9 @@ class BillingService:
     ) -> str:
         """A new subscription for an organization whose last one ended; returns the checkout URL. The
         organization's other open resubscribe checkouts are expired, so two tabs cannot both pay."""
-        if not REQUEST_TOKEN.match(request_token or ""):
-            raise SubscriptionActionNotAllowed("That form has expired. Reload the page and try again.")
+        owner_actions.check_form(request_token)
         client = cls.ensure_stripe()
-        try:
-            organization = db.session.get(Organization, organization_id, populate_existing=True)
-            if organization is None or not free_plan.may_start_paid_subscription(organization):
-                raise SubscriptionActionNotAllowed("This organization already has a subscription.")
-            # An organization that Whop billed moves to card billing with a Stripe customer of its own
-            # (Whop's member id is no Stripe customer); its Whop history stays where it is. A free
-            # organization has no customer yet: it is made below.
-            customer_id = provisioning.stripe_customer_of(organization) if organization.billing_customer_id else None
-            name = organization.name
-            owner_email = db.session.get(User, actor_user_id).email  # type: ignore[union-attr]
-        finally:
-            db.session.rollback()
+        customer_id, name, owner_email = owner_actions.resubscriber(organization_id, actor_user_id)
         tier = cls.tier(tier_key)
         if customer_id is None:  # a free organization upgrading: its Stripe customer is made now
             customer_id = provisioning.remember_customer(
@@ -606,20 +561,7 @@ class BillingService:
                     f"organization {organization_id}" if current_app.config["STRIPE_TEST_CLOCKS"] else None,
                 ),
             )
-        metadata = {"purpose": "resubscribe", "organization_id": str(organization_id)}
-        base = current_app.config["APP_BASE_URL"]
-        params: SessionCreateParams = {
-            "mode": "subscription",
-            "line_items": cls._line_items(tier, {}),
-            "client_reference_id": f"organization-{organization_id}",
-            "allow_promotion_codes": current_app.config["PROMOTION_CODES_AT_CHECKOUT"],
-            "metadata": metadata,
-            "subscription_data": {"metadata": metadata},
-            "success_url": f"{base}/billing/checkout-complete?session_id={{CHECKOUT_SESSION_ID}}",
-            "cancel_url": f"{base}/billing/",
-        }
-        params.update({"customer_email": customer_id} if "@" in customer_id else {"customer": customer_id})
-        params.update(tax.checkout_params(existing_customer="customer" in params))
+        params: Any = owner_actions.resubscribe_params(organization_id, customer_id, cls._line_items(tier, {}))
         with cls._calling_stripe("create a checkout session"):
             session = client.v1.checkout.sessions.create(
                 params=params,
