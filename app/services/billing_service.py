@@ -18,19 +18,18 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import stripe
 from flask import current_app
 from stripe.params import InvoiceCreatePreviewParams
 from stripe.params.checkout import (
-    SessionCreateParams,
     SessionCreateParamsLineItem,
 )
 
 from app import clock
-from app.extensions import cache, db
+from app.extensions import db
 from app.models import (
     Organization,
     StripeEvent,
@@ -46,12 +45,12 @@ from app.services import (
     reconcile_reads,
     reconcile_run,
     settlement,
+    signup_checkout,
     staff_actions,
     staff_console,
     stripe_events,
     stripe_pace,
     tax,
-    trials,
     usage,
     usage_reconcile,
     usage_reports,
@@ -97,7 +96,7 @@ from app.services.plan_change import (
 )
 from app.services.plans import Tier
 from app.services.pricing import PriceInfo
-from app.services.signup_service import NewPendingSignup, ProvisionOutcome, ProvisionState, SignupService
+from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
 from app.services.stripe_events import HANDLED_STRIPE_EVENTS
 from app.services.webhook_intake import WEBHOOK_QUEUE
 from app.services.webhook_store import VerifiedEvent
@@ -298,9 +297,7 @@ class BillingService:
                     *open_signup, organization_name=organization_name, owner_name=owner_name, password=password
                 ):
                     return CheckoutRedirect(str(session.url), open_signup[0], open_signup[1])
-        config = current_app.config
-        ttl = timedelta(minutes=config["CHECKOUT_SESSION_TTL_MINUTES"])
-        signup = cls._store_signup(
+        signup = signup_checkout.store_signup(
             tier,
             addons or {},
             email=email,
@@ -310,59 +307,27 @@ class BillingService:
         )
         cls._expire_checkout_sessions(signup.superseded_checkout_session_ids)
         reference = str(signup.pending_signup_id)
-        metadata = {"purpose": "signup", "pending_signup_id": reference}
-        subscription_data: Any = {"metadata": metadata, **trials.checkout_subscription_data(tier)}
         try:
             with cls._calling_stripe("create a checkout session"):
-                payer: SessionCreateParams = {"customer_email": email.strip().lower()}
-                if config["STRIPE_TEST_CLOCKS"]:
-                    who = {"email": email.strip().lower(), "name": owner_name, "metadata": metadata}
+                payer: dict[str, Any] = {"customer_email": email.strip().lower()}
+                if current_app.config["STRIPE_TEST_CLOCKS"]:
+                    who = {
+                        "email": email.strip().lower(),
+                        "name": owner_name,
+                        "metadata": signup_checkout.metadata(reference),
+                    }
                     payer = {"customer": cls._new_customer(f"signup-customer-{reference}", who, f"signup {reference}")}
+                params: Any = signup_checkout.session_params(tier, line_items, reference, payer)
+                # Derived from the signup: a retried request returns the same session.
                 session = client.v1.checkout.sessions.create(
-                    params={
-                        **payer,
-                        **trials.checkout_collection(tier),
-                        **tax.checkout_params(existing_customer="customer" in payer),
-                        "mode": "subscription",
-                        "line_items": line_items,
-                        "client_reference_id": reference,
-                        "allow_promotion_codes": config["PROMOTION_CODES_AT_CHECKOUT"],
-                        "metadata": metadata,
-                        "subscription_data": subscription_data,
-                        "success_url": f"{config['APP_BASE_URL']}/billing/complete-signup-from-stripe"
-                        "?session_id={CHECKOUT_SESSION_ID}",
-                        "cancel_url": f"{config['APP_BASE_URL']}/auth/signup?checkout=canceled",
-                        "expires_at": clock.now() + int(ttl.total_seconds()),
-                    },
-                    # Derived from the signup: a retried request returns the same session.
-                    options={"idempotency_key": f"signup-checkout-{reference}"},
+                    params=params, options={"idempotency_key": f"signup-checkout-{reference}"}
                 )
         except BillingError as exc:
-            SignupService.mark_signup_failed(signup.pending_signup_id, f"checkout not created: {exc}")
-            # A cached price Stripe no longer accepts must not fail the next attempt too.
-            cache.delete_many(
-                *(f"stripe-price:{key}" for key in price_lookup.lookup_key_quantities(tier, addons or {}, interval))
-            )
+            signup_checkout.checkout_failed(signup, exc, tier, addons or {}, interval)
             raise
         SignupService.attach_checkout_session(signup.pending_signup_id, session.id)
         return CheckoutRedirect(
             url=str(session.url), pending_signup_id=signup.pending_signup_id, checkout_session_id=session.id
-        )
-
-    @staticmethod
-    def _store_signup(
-        tier: Tier, addons: Mapping[str, int], *, email: str, organization_name: str, owner_name: str, password: str
-    ) -> NewPendingSignup:
-        """The pending signup a checkout pays for, whichever provider takes the payment (SignupService
-        supersedes the email's open one); it is valid for CHECKOUT_SESSION_TTL_MINUTES."""
-        return SignupService.create_pending_signup_record(
-            email=email,
-            organization_name=organization_name,
-            owner_name=owner_name,
-            password=password,
-            tier=tier.key,
-            addons=dict(addons),
-            ttl=timedelta(minutes=current_app.config["CHECKOUT_SESSION_TTL_MINUTES"]),
         )
 
     @classmethod
@@ -1076,7 +1041,7 @@ class BillingService:
             raise BillingError("Add-ons can only be bought with card payment; remove them to pay through Whop.")
         if interval != "month":
             raise BillingError("Whop plans are billed monthly; choose monthly billing to pay through Whop.")
-        signup = cls._store_signup(
+        signup = signup_checkout.store_signup(
             tier, {}, email=email, organization_name=organization_name, owner_name=owner_name, password=password
         )
         cls._expire_checkout_sessions([s for s in signup.superseded_checkout_session_ids if s.startswith("cs_")])
