@@ -36,6 +36,7 @@ from app.models import (
 )
 from app.services import (
     billing_page,
+    cancel_refund,
     free_plan,
     outbox,
     owner_actions,
@@ -587,43 +588,29 @@ class BillingService:
 
     @classmethod
     def _cancel_and_refund(cls, subscription_id: str, *, key: str) -> dict[str, Any]:
-        """Cancel the subscription now and refund what its first invoice took. No transaction is
-        open. Idempotency keys `<key>-cancel` and `<key>-refund`: a retry is the same Stripe request."""
+        """Cancel the subscription now and refund what its first invoice took (cancel_refund.py)."""
+        return cancel_refund.cancel_and_refund(cls, subscription_id, key=key)
+
+    @classmethod
+    def _cancel_now(cls, subscription_id: str, *, key: str) -> dict[str, Any]:
         client = cls.ensure_stripe()
         with cls._calling_stripe("cancel a subscription"):
             try:
-                subscription = client.v1.subscriptions.cancel(
-                    subscription_id, options={"idempotency_key": f"{key}-cancel"}
-                ).to_dict()
+                return client.v1.subscriptions.cancel(subscription_id, options={"idempotency_key": key}).to_dict()
             except stripe.InvalidRequestError as exc:
                 if exc.code != "resource_missing":
                     raise
-                subscription = client.v1.subscriptions.retrieve(subscription_id).to_dict()  # already ended
-        result: dict[str, Any] = {
-            "stripe_subscription_id": subscription_id,
-            "subscription_status": subscription.get("status"),
-            "refund_id": None,
-            "amount_refunded": 0,
-            "currency": None,
-        }
-        invoice_id = id_of(subscription.get("latest_invoice"))
-        if not invoice_id:
-            return result
+                return client.v1.subscriptions.retrieve(subscription_id).to_dict()  # already ended
+
+    @classmethod
+    def _read_invoice_with_payments(cls, invoice_id: str) -> dict[str, Any]:
         with cls._calling_stripe("read an invoice"):
-            invoice = client.v1.invoices.retrieve(invoice_id, params={"expand": ["payments"]}).to_dict()
-        result["currency"] = invoice.get("currency")
-        if not invoice.get("amount_paid"):
-            return result  # nothing was taken (a trial, or no payment yet)
-        target: Any = settlement.refund_target(invoice, key)
+            return cls.ensure_stripe().v1.invoices.retrieve(invoice_id, params={"expand": ["payments"]}).to_dict()
+
+    @classmethod
+    def _refund(cls, target: Any, *, key: str) -> dict[str, Any]:
         with cls._calling_stripe("refund a payment"):
-            refund = client.v1.refunds.create(params=target, options={"idempotency_key": f"{key}-refund"}).to_dict()
-        result.update(
-            refund_id=refund.get("id"),
-            amount_refunded=refund.get("amount") or 0,
-            currency=refund.get("currency") or invoice.get("currency"),
-            refund_status=refund.get("status"),
-        )
-        return result
+            return cls.ensure_stripe().v1.refunds.create(params=target, options={"idempotency_key": key}).to_dict()
 
     # --- Reconcile --------------------------------------------------------------------------------
 
