@@ -32,7 +32,6 @@ from app import clock
 from app.extensions import db
 from app.models import (
     Organization,
-    StripeEvent,
 )
 from app.services import (
     billing_page,
@@ -49,8 +48,8 @@ from app.services import (
     signup_checkout,
     staff_actions,
     staff_console,
-    stripe_events,
     stripe_pace,
+    stripe_webhooks,
     tax,
     usage,
     usage_reconcile,
@@ -68,7 +67,6 @@ from app.services.billing_common import (
     ChangeOutcome,
     CheckoutRedirect,
     CheckoutSessionNotFound,
-    EventOutcomes,
     PaymentProviderUnavailable,
     ProviderObjectMissing,
     ProviderThrottled,
@@ -83,7 +81,6 @@ from app.services.billing_common import (
     committed,
     id_of,
     plan_catalogue,
-    webhook_secrets,
 )
 from app.services.billing_details import (
     BillingDetails,
@@ -100,7 +97,6 @@ from app.services.pricing import PriceInfo
 from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
 from app.services.stripe_events import HANDLED_STRIPE_EVENTS
 from app.services.webhook_intake import WEBHOOK_QUEUE
-from app.services.webhook_store import VerifiedEvent
 
 __all__ = [  # what routes, the CLI, the worker and tests import from the authority
     "HANDLED_STRIPE_EVENTS",
@@ -891,6 +887,15 @@ class BillingService:
 
     # --- Webhooks ---------------------------------------------------------------------------------
 
+    @staticmethod
+    def _stripe_signature_error(text: str, header: str, secret: str) -> str | None:
+        """None when Stripe-Signature verifies with this secret; else Stripe's words for why not."""
+        try:
+            stripe.WebhookSignature.verify_header(text, header, secret, STRIPE_SIGNATURE_TOLERANCE_SECONDS)
+        except stripe.SignatureVerificationError as exc:
+            return str(exc.user_message or "")
+        return None
+
     @classmethod
     def register_webhook_provider(cls, provider: WebhookProvider) -> None:
         cls._webhook_providers[provider.name] = provider
@@ -1090,48 +1095,7 @@ def _settle_surplus_subscription(event: outbox.OutboxEvent) -> None:
     BillingService.settle_surplus_subscription(event.data["checkout_session_id"], source="worker")
 
 
-class StripeWebhooks:
-    """Stripe as a webhook provider: Stripe-Signature verification, the livemode guard, and the event
-    types this product acts on."""
-
-    name = "stripe"
-    event_model = StripeEvent
-    paced_reads = ("subscription", "checkout")  # kinds read from Stripe: a turn is taken before collecting
-
-    def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent:
-        secrets = webhook_secrets("STRIPE_WEBHOOK_SECRET", "webhooks")
-        header = headers.get("Stripe-Signature")
-        if not header:
-            raise WebhookRejected("missing Stripe-Signature header")
-        if not header.isascii():  # the SDK's compare_digest raises TypeError on non-ASCII signatures
-            raise WebhookRejected("malformed Stripe-Signature header")
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            raise WebhookRejected("body is not UTF-8") from None
-        reason = "signature does not match"
-        for secret in secrets:
-            try:
-                stripe.WebhookSignature.verify_header(text, header, secret, STRIPE_SIGNATURE_TOLERANCE_SECONDS)
-                break
-            except stripe.SignatureVerificationError as exc:
-                if str(exc.user_message or "").startswith("Timestamp outside the tolerance zone"):
-                    reason = "timestamp outside the tolerance zone"
-                elif str(exc.user_message or "").startswith(("Unable to extract", "No signatures found with expected")):
-                    reason = "malformed Stripe-Signature header"
-        else:
-            raise WebhookRejected(reason)
-        return stripe_events.parse_event(text)
-
-    def ignore_reason(self, event: VerifiedEvent) -> str | None:
-        return stripe_events.ignore_reason(event)
-
-    def object_key(self, event: VerifiedEvent) -> str:
-        return stripe_events.object_key(event)
-
-    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> EventOutcomes:
-        return stripe_events.apply_batch(object_key, events, BillingService)
-
-
-BillingService.register_webhook_provider(StripeWebhooks())
+BillingService.register_webhook_provider(
+    stripe_webhooks.StripeWebhooks(BillingService._stripe_signature_error, BillingService)
+)
 BillingService.register_webhook_provider(whop_billing.WhopWebhooks())
