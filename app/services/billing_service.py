@@ -42,8 +42,8 @@ from app.services import (
     plan_change_flow,
     price_lookup,
     provisioning,
-    reconcile_reads,
     reconcile_run,
+    reconcile_scope,
     settlement,
     signup_checkout,
     staff_actions,
@@ -614,41 +614,26 @@ class BillingService:
     def reconcile(
         cls, *, apply: bool = False, since_days: int = 3, organization_id: int | None = None, drain: bool = True
     ) -> reconciliation.ReconcileReport:
-        """Compare Stripe with the database (`flask billing reconcile`; the worker runs it daily).
-        Dry run unless apply: then missing events are stored as deliveries are and drifted
-        organizations get a re-read job (reconcile_run.py), both applied by the worker's jobs under
-        each object's lock, so reconcile never writes an organization beside the worker; orphans are
-        provisioned or canceled and refunded under the rules for conflicting signups and surplus
-        resubscriptions. drain: run the queued webhook jobs here before the report is read again (the
-        command line); the daily run inside the worker leaves them to the other workers. No
-        transaction is open while Stripe answers."""
-        if not 1 <= since_days <= reconciliation.MAX_SINCE_DAYS:
-            raise BillingError(
-                f"--since must be between 1 and {reconciliation.MAX_SINCE_DAYS} days (Stripe keeps events for 30)."
-            )
+        """Compare Stripe and Whop with the database (`flask billing reconcile`; the worker runs it daily):
+        what is read is reconcile_scope.py's; with apply, repairs go through the delivery paths and the
+        worker's jobs (reconcile_run.py); drain runs those jobs here. No transaction is open while a
+        provider answers."""
+        reconcile_scope.check_window(since_days)
         return reconcile_run.run(
-            lambda: cls._reconcile_read_all(since_days, organization_id),
+            lambda: reconcile_scope.read_all(
+                cls,
+                since_days,
+                organization_id,
+                HANDLED_STRIPE_EVENTS,
+                cls.whop_configured,
+                whop_billing.reconcile_read,
+            ),
             cls,
             cls._webhook_providers["stripe"],
             cls._webhook_providers["whop"],
             apply=apply,
             drain=drain,
         )
-
-    @classmethod
-    def _reconcile_read_all(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:
-        """Stripe's side (unless the one organization asked for is Whop-billed), then Whop's memberships
-        for Whop-billed organizations when Whop is configured: Whop retries a delivery only three
-        times, so a missed membership event is found here."""
-        whop_only = organization_id is not None and reconcile_reads.billed_by_whop(organization_id)
-        report = (
-            reconciliation.ReconcileReport()
-            if whop_only
-            else reconcile_reads.read_stripe_side(cls, since_days, organization_id, HANDLED_STRIPE_EVENTS)
-        )
-        if cls.whop_configured() and (organization_id is None or whop_only):
-            report.subscriptions += whop_billing.reconcile_read(organization_id, report)
-        return report
 
     @classmethod
     def list_subscriptions_for_reconcile(cls) -> dict[str, dict[str, Any]]:
