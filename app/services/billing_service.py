@@ -12,7 +12,6 @@ the billing modules is in docs/system/SERVICES.md; the behaviour in docs/system/
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import uuid
@@ -36,6 +35,7 @@ from app.models import (
 from app.services import (
     billing_page,
     cancel_refund,
+    checkout_completion,
     free_plan,
     outbox,
     owner_actions,
@@ -59,7 +59,6 @@ from app.services import (
 )
 from app.services import reconcile as reconciliation
 from app.services.billing_common import (
-    CHECKOUT_SESSION_ID,
     REQUEST_TOKEN,
     STALE_FORM,
     BillingConfigurationError,
@@ -78,7 +77,6 @@ from app.services.billing_common import (
     WebhookProvider,
     WebhookRejected,
     WebhookResult,
-    committed,
     id_of,
     plan_catalogue,
 )
@@ -94,7 +92,7 @@ from app.services.plan_change import (
 )
 from app.services.plans import Tier
 from app.services.pricing import PriceInfo
-from app.services.signup_service import ProvisionOutcome, ProvisionState, SignupService
+from app.services.signup_service import ProvisionOutcome, SignupService
 from app.services.stripe_events import HANDLED_STRIPE_EVENTS
 from app.services.webhook_intake import WEBHOOK_QUEUE
 
@@ -353,19 +351,8 @@ class BillingService:
     def complete_signup_from_redirect(cls, session_id: str) -> ProvisionOutcome:
         """The success URL: provision (or find provisioned) the signup behind this checkout. A paid
         checkout that cannot become an account (the email already has one) is canceled and refunded
-        before the answer, so the page can say what happened."""
-        if not CHECKOUT_SESSION_ID.match(session_id or ""):
-            raise CheckoutSessionNotFound("That checkout link is not valid.")
-        db.session.rollback()  # whatever the request read: no transaction is held while Stripe is asked
-        with committed():
-            outcome = cls._provision_checkout_session(session_id, source="web", release_before_stripe=True)
-        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
-            try:
-                settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="web")
-            except PaymentProviderUnavailable:
-                settlement = None  # the worker's consumer of signup.conflict retries it, then reconcile
-            outcome = dataclasses.replace(outcome, settlement=settlement)
-        return outcome
+        before the answer, so the page can say what happened (checkout_completion.py)."""
+        return checkout_completion.signup(cls, session_id)
 
     @classmethod
     def _provision_checkout_session(
@@ -535,21 +522,8 @@ class BillingService:
 
     @classmethod
     def complete_resubscription_from_redirect(cls, organization_id: int, session_id: str) -> ProvisionOutcome:
-        if not CHECKOUT_SESSION_ID.match(session_id or ""):
-            raise CheckoutSessionNotFound("That checkout link is not valid.")
-        db.session.rollback()
-        checkout = cls.retrieve_checkout_session(session_id, expand_subscription=True)
-        if (checkout.get("metadata") or {}).get("organization_id") != str(organization_id):
-            raise CheckoutSessionNotFound("That checkout belongs to another organization.")
-        with committed():
-            outcome = cls._provision_checkout_session(checkout, source="web", release_before_stripe=True)
-        if outcome.state == ProvisionState.SURPLUS:
-            try:
-                settlement = cls.settle_surplus_subscription(session_id, source="web")
-            except PaymentProviderUnavailable:
-                settlement = None  # the worker's consumer of organization.surplus_subscription retries it
-            outcome = dataclasses.replace(outcome, settlement=settlement)
-        return outcome
+        """The resubscription's success URL: provision it, a surplus settled at once (checkout_completion.py)."""
+        return checkout_completion.resubscription(cls, organization_id, session_id)
 
     # --- Paid checkouts no organization may keep ---------------------------------------------------
     # A second paid signup for an email that already has an account (leak 1), and a resubscription
@@ -1029,13 +1003,7 @@ class BillingService:
         """Whop's redirect after payment: provision (or find provisioned) the signup, from the membership
         as Whop has it now (whop_billing.py); a conflict is settled at Whop at once, as for Stripe."""
         outcome = whop_billing.complete_signup_from_redirect(pending_signup_id, membership_id)
-        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
-            try:
-                settled = cls.settle_signup_conflict(outcome.pending_signup_id, source="web")
-            except PaymentProviderUnavailable:
-                settled = None  # the worker's consumer of signup.conflict retries it, then reconcile
-            outcome = dataclasses.replace(outcome, settlement=settled)
-        return outcome
+        return checkout_completion.settle_conflict(cls, outcome)
 
     # --- The operations console (app/admin/): its reads are staff_console.py's, its actions staff_actions.py's
 
