@@ -23,15 +23,11 @@ from typing import Any
 import stripe
 from flask import current_app
 from stripe.params import InvoiceCreatePreviewParams
-from stripe.params.checkout import (
-    SessionCreateParamsLineItem,
-)
+from stripe.params.checkout import SessionCreateParamsLineItem
 
 from app import clock
 from app.extensions import db
-from app.models import (
-    Organization,
-)
+from app.models import Organization
 from app.services import (
     billing_page,
     cancel_refund,
@@ -80,16 +76,8 @@ from app.services.billing_common import (
     id_of,
     plan_catalogue,
 )
-from app.services.billing_details import (
-    BillingDetails,
-)
-from app.services.plan_change import (
-    CurrentPlan,
-    Preview,
-    payment_problem,
-    schedule_phases,
-    update_items,
-)
+from app.services.billing_details import BillingDetails
+from app.services.plan_change import CurrentPlan, Preview, payment_problem, schedule_phases, update_items
 from app.services.plans import Tier
 from app.services.pricing import PriceInfo
 from app.services.signup_service import ProvisionOutcome, SignupService
