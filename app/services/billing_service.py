@@ -956,10 +956,7 @@ class BillingService:
     @classmethod
     def whop_tier(cls, tier_key: str) -> Tier:
         """A tier that can be paid through Whop right now."""
-        tier = cls.tier(tier_key)
-        if not cls.whop_configured() or not tier.whop_plan_id:
-            raise UnknownTierError(f"{tier.name} cannot be paid through Whop; choose card payment.")
-        return tier
+        return signup_checkout.whop_payable(cls.tier(tier_key), cls.whop_configured())
 
     @classmethod
     def create_whop_checkout_for_tier(
@@ -976,10 +973,7 @@ class BillingService:
         """Store the signup (SignupService, as for Stripe) and open a Whop checkout for the tier's Whop
         plan (whop_billing.py). Whop sells the tier alone, monthly: add-ons are bought by card."""
         tier = cls.whop_tier(tier_key)
-        if any(quantity for quantity in (addons or {}).values()):
-            raise BillingError("Add-ons can only be bought with card payment; remove them to pay through Whop.")
-        if interval != "month":
-            raise BillingError("Whop plans are billed monthly; choose monthly billing to pay through Whop.")
+        signup_checkout.check_whop_choices(addons or {}, interval)
         signup = signup_checkout.store_signup(
             tier, {}, email=email, organization_name=organization_name, owner_name=owner_name, password=password
         )

@@ -1,6 +1,6 @@
 """A signup's checkout, on our side: the pending signup a checkout pays for (whichever provider takes
-the payment), the Stripe Checkout Session's parameters for it, and what a checkout that could not be
-made leaves behind. BillingService opens the session at Stripe."""
+the payment), the Stripe Checkout Session's parameters for it, what a checkout that could not be made
+leaves behind, and what can be paid through Whop. BillingService opens the checkout at the provider."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from flask import current_app
 from app import clock
 from app.extensions import cache
 from app.services import price_lookup, tax, trials
+from app.services.billing_common import BillingError, UnknownTierError
 from app.services.plans import Tier
 from app.services.signup_service import NewPendingSignup, SignupService
 
@@ -66,3 +67,18 @@ def checkout_failed(
     longer accepts must not fail the next attempt too."""
     SignupService.mark_signup_failed(signup.pending_signup_id, f"checkout not created: {reason}")
     cache.delete_many(*(f"stripe-price:{key}" for key in price_lookup.lookup_key_quantities(tier, addons, interval)))
+
+
+def whop_payable(tier: Tier, whop_configured: bool) -> Tier:
+    """The tier, if it can be paid through Whop right now."""
+    if not whop_configured or not tier.whop_plan_id:
+        raise UnknownTierError(f"{tier.name} cannot be paid through Whop; choose card payment.")
+    return tier
+
+
+def check_whop_choices(addons: Mapping[str, int], interval: str) -> None:
+    """Whop sells the tier alone, monthly: add-ons are bought by card."""
+    if any(quantity for quantity in addons.values()):
+        raise BillingError("Add-ons can only be bought with card payment; remove them to pay through Whop.")
+    if interval != "month":
+        raise BillingError("Whop plans are billed monthly; choose monthly billing to pay through Whop.")
