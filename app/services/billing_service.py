@@ -12,48 +12,41 @@ the billing modules is in docs/system/SERVICES.md; the behaviour in docs/system/
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import stripe
 from flask import current_app
 from stripe.params import InvoiceCreatePreviewParams
-from stripe.params.checkout import (
-    SessionCreateParams,
-    SessionCreateParamsLineItem,
-)
+from stripe.params.checkout import SessionCreateParamsLineItem
 
 from app import clock
-from app.extensions import cache, db
-from app.models import (
-    Organization,
-    StripeEvent,
-    SubscriptionChangeStatus,
-    User,
-)
+from app.extensions import db
+from app.models import Organization
 from app.services import (
     billing_page,
-    domain_events,
+    cancel_refund,
+    checkout_completion,
     free_plan,
     outbox,
-    plan_change_claims,
+    owner_actions,
+    plan_change_flow,
     price_lookup,
     provisioning,
-    reconcile_reads,
     reconcile_run,
+    reconcile_scope,
     settlement,
+    signup_checkout,
     staff_actions,
     staff_console,
-    stripe_events,
     stripe_pace,
+    stripe_webhooks,
     tax,
-    trials,
     usage,
     usage_reconcile,
     usage_reports,
@@ -62,8 +55,6 @@ from app.services import (
 )
 from app.services import reconcile as reconciliation
 from app.services.billing_common import (
-    CANCELLABLE,
-    CHECKOUT_SESSION_ID,
     REQUEST_TOKEN,
     STALE_FORM,
     BillingConfigurationError,
@@ -71,7 +62,6 @@ from app.services.billing_common import (
     ChangeOutcome,
     CheckoutRedirect,
     CheckoutSessionNotFound,
-    EventOutcomes,
     PaymentProviderUnavailable,
     ProviderObjectMissing,
     ProviderThrottled,
@@ -83,36 +73,16 @@ from app.services.billing_common import (
     WebhookProvider,
     WebhookRejected,
     WebhookResult,
-    committed,
-    describe_failure,
     id_of,
     plan_catalogue,
-    webhook_secrets,
 )
-from app.services.billing_details import (
-    BillingDetails,
-)
-from app.services.plan_change import (
-    CurrentPlan,
-    PlanChangeError,
-    Preview,
-    When,
-    build_preview,
-    check_against_schedule,
-    new_recurring,
-    payment_problem,
-    read_current,
-    resolve_target,
-    schedule_phases,
-    timing,
-    update_items,
-)
+from app.services.billing_details import BillingDetails
+from app.services.plan_change import CurrentPlan, Preview, payment_problem, schedule_phases, update_items
 from app.services.plans import Tier
 from app.services.pricing import PriceInfo
-from app.services.signup_service import NewPendingSignup, ProvisionOutcome, ProvisionState, SignupService
+from app.services.signup_service import ProvisionOutcome, SignupService
 from app.services.stripe_events import HANDLED_STRIPE_EVENTS
 from app.services.webhook_intake import WEBHOOK_QUEUE
-from app.services.webhook_store import VerifiedEvent
 
 __all__ = [  # what routes, the CLI, the worker and tests import from the authority
     "HANDLED_STRIPE_EVENTS",
@@ -310,9 +280,7 @@ class BillingService:
                     *open_signup, organization_name=organization_name, owner_name=owner_name, password=password
                 ):
                     return CheckoutRedirect(str(session.url), open_signup[0], open_signup[1])
-        config = current_app.config
-        ttl = timedelta(minutes=config["CHECKOUT_SESSION_TTL_MINUTES"])
-        signup = cls._store_signup(
+        signup = signup_checkout.store_signup(
             tier,
             addons or {},
             email=email,
@@ -322,59 +290,27 @@ class BillingService:
         )
         cls._expire_checkout_sessions(signup.superseded_checkout_session_ids)
         reference = str(signup.pending_signup_id)
-        metadata = {"purpose": "signup", "pending_signup_id": reference}
-        subscription_data: Any = {"metadata": metadata, **trials.checkout_subscription_data(tier)}
         try:
             with cls._calling_stripe("create a checkout session"):
-                payer: SessionCreateParams = {"customer_email": email.strip().lower()}
-                if config["STRIPE_TEST_CLOCKS"]:
-                    who = {"email": email.strip().lower(), "name": owner_name, "metadata": metadata}
+                payer: dict[str, Any] = {"customer_email": email.strip().lower()}
+                if current_app.config["STRIPE_TEST_CLOCKS"]:
+                    who = {
+                        "email": email.strip().lower(),
+                        "name": owner_name,
+                        "metadata": signup_checkout.metadata(reference),
+                    }
                     payer = {"customer": cls._new_customer(f"signup-customer-{reference}", who, f"signup {reference}")}
+                params: Any = signup_checkout.session_params(tier, line_items, reference, payer)
+                # Derived from the signup: a retried request returns the same session.
                 session = client.v1.checkout.sessions.create(
-                    params={
-                        **payer,
-                        **trials.checkout_collection(tier),
-                        **tax.checkout_params(existing_customer="customer" in payer),
-                        "mode": "subscription",
-                        "line_items": line_items,
-                        "client_reference_id": reference,
-                        "allow_promotion_codes": config["PROMOTION_CODES_AT_CHECKOUT"],
-                        "metadata": metadata,
-                        "subscription_data": subscription_data,
-                        "success_url": f"{config['APP_BASE_URL']}/billing/complete-signup-from-stripe"
-                        "?session_id={CHECKOUT_SESSION_ID}",
-                        "cancel_url": f"{config['APP_BASE_URL']}/auth/signup?checkout=canceled",
-                        "expires_at": clock.now() + int(ttl.total_seconds()),
-                    },
-                    # Derived from the signup: a retried request returns the same session.
-                    options={"idempotency_key": f"signup-checkout-{reference}"},
+                    params=params, options={"idempotency_key": f"signup-checkout-{reference}"}
                 )
         except BillingError as exc:
-            SignupService.mark_signup_failed(signup.pending_signup_id, f"checkout not created: {exc}")
-            # A cached price Stripe no longer accepts must not fail the next attempt too.
-            cache.delete_many(
-                *(f"stripe-price:{key}" for key in price_lookup.lookup_key_quantities(tier, addons or {}, interval))
-            )
+            signup_checkout.checkout_failed(signup, exc, tier, addons or {}, interval)
             raise
         SignupService.attach_checkout_session(signup.pending_signup_id, session.id)
         return CheckoutRedirect(
             url=str(session.url), pending_signup_id=signup.pending_signup_id, checkout_session_id=session.id
-        )
-
-    @staticmethod
-    def _store_signup(
-        tier: Tier, addons: Mapping[str, int], *, email: str, organization_name: str, owner_name: str, password: str
-    ) -> NewPendingSignup:
-        """The pending signup a checkout pays for, whichever provider takes the payment (SignupService
-        supersedes the email's open one); it is valid for CHECKOUT_SESSION_TTL_MINUTES."""
-        return SignupService.create_pending_signup_record(
-            email=email,
-            organization_name=organization_name,
-            owner_name=owner_name,
-            password=password,
-            tier=tier.key,
-            addons=dict(addons),
-            ttl=timedelta(minutes=current_app.config["CHECKOUT_SESSION_TTL_MINUTES"]),
         )
 
     @classmethod
@@ -403,19 +339,8 @@ class BillingService:
     def complete_signup_from_redirect(cls, session_id: str) -> ProvisionOutcome:
         """The success URL: provision (or find provisioned) the signup behind this checkout. A paid
         checkout that cannot become an account (the email already has one) is canceled and refunded
-        before the answer, so the page can say what happened."""
-        if not CHECKOUT_SESSION_ID.match(session_id or ""):
-            raise CheckoutSessionNotFound("That checkout link is not valid.")
-        db.session.rollback()  # whatever the request read: no transaction is held while Stripe is asked
-        with committed():
-            outcome = cls._provision_checkout_session(session_id, source="web", release_before_stripe=True)
-        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
-            try:
-                settlement = cls.settle_signup_conflict(outcome.pending_signup_id, source="web")
-            except PaymentProviderUnavailable:
-                settlement = None  # the worker's consumer of signup.conflict retries it, then reconcile
-            outcome = dataclasses.replace(outcome, settlement=settlement)
-        return outcome
+        before the answer, so the page can say what happened (checkout_completion.py)."""
+        return checkout_completion.signup(cls, session_id)
 
     @classmethod
     def _provision_checkout_session(
@@ -487,13 +412,7 @@ class BillingService:
                 )
             return client.v1.subscriptions.cancel(subscription_id, options={"idempotency_key": key})
 
-        def allowed(organization: Organization) -> str | None:
-            if organization.billing_status not in CANCELLABLE:
-                return "There is no active subscription to cancel."
-            if at_period_end and organization.cancel_at_period_end:
-                return "Your plan is already set to end at the end of the billing period."
-            return None
-
+        allowed = owner_actions.cancel_refusal(at_period_end)
         return cls._owner_subscription_change(
             organization_id, f"cancel-{when}", request_token, actor_user_id, allowed, call
         )
@@ -511,11 +430,7 @@ class BillingService:
                 options={"idempotency_key": key},
             )
 
-        def allowed(organization: Organization) -> str | None:
-            if not organization.cancel_at_period_end or organization.billing_status not in CANCELLABLE:
-                return "There is no scheduled cancellation to undo."
-            return None
-
+        allowed = owner_actions.resume_refusal
         return cls._owner_subscription_change(organization_id, "resume", request_token, actor_user_id, allowed, call)
 
     @classmethod
@@ -528,11 +443,7 @@ class BillingService:
             params: Any = {"cancel_at_period_end": True, "metadata": {free_plan.DOWNGRADE_TO: tier.key if tier else ""}}
             return client.v1.subscriptions.update(subscription_id, params=params, options={"idempotency_key": key})
 
-        def allowed(organization: Organization) -> str | None:
-            if tier is None or organization.billed_by_whop or organization.billing_status not in CANCELLABLE:
-                return "There is no paid plan to downgrade to the free plan."
-            return None
-
+        allowed = owner_actions.downgrade_refusal(tier)
         return cls._owner_subscription_change(
             organization_id, "downgrade-free", request_token, actor_user_id, allowed, call
         )
@@ -547,41 +458,23 @@ class BillingService:
         allowed: Callable[[Organization], str | None],
         call: Callable[[stripe.StripeClient, str, str], stripe.Subscription],
     ) -> list[str]:
-        if not REQUEST_TOKEN.match(request_token or ""):
-            raise SubscriptionActionNotAllowed("That form has expired. Reload the page and try again.")
+        owner_actions.check_form(request_token)
         client = cls.ensure_stripe()
-        try:
-            organization = db.session.get(Organization, organization_id, populate_existing=True)
-            if organization is None or not organization.billing_subscription_id:
-                raise SubscriptionActionNotAllowed("This organization has no subscription.")
-            refusal = allowed(organization)
-            if refusal:
-                raise SubscriptionActionNotAllowed(refusal)
-            subscription_id = organization.billing_subscription_id
-            whop = organization.billed_by_whop
-        finally:
-            db.session.rollback()  # nothing written: the connection goes back before Stripe is asked
+        subscription_id, whop = owner_actions.subscription_to_change(organization_id, allowed)
+        key = f"org-{organization_id}-{action}-{request_token}"
         if whop:
-            key = f"org-{organization_id}-{action}-{request_token}"
             return whop_billing.owner_change(organization_id, subscription_id, action, key, actor_user_id)
         # The same form submitted twice is one Stripe call; two different actions are serialized by
         # Stripe, and each applies the subscription Stripe answered with. A form submitted again later
         # (the back button, a second tab) gets Stripe's cached answer for its key, which may be older
         # than the subscription: then the subscription is read as it is now, applied, and the owner told.
-        key = f"org-{organization_id}-{action}-{request_token}"
         with cls._calling_stripe(action.replace("-", " ") + " a subscription"):
             answer = call(client, subscription_id, key)
         replayed = (
             answer.last_response is not None and answer.last_response.headers.get("Idempotent-Replayed") == "true"
         )
         subscription = cls.retrieve_subscription(subscription_id) if replayed else answer.to_dict()
-        with committed():
-            organization = provisioning.lock_organization(organization_id)
-            changes: list[str] = []
-            if organization is not None and organization.billing_subscription_id == subscription["id"]:
-                changes = provisioning.apply_subscription_read(
-                    organization, subscription, source=f"user:{actor_user_id}"
-                )
+        changes = owner_actions.apply_answer(organization_id, subscription, actor_user_id)
         if replayed:
             raise StaleForm(STALE_FORM)
         return changes
@@ -592,21 +485,9 @@ class BillingService:
     ) -> str:
         """A new subscription for an organization whose last one ended; returns the checkout URL. The
         organization's other open resubscribe checkouts are expired, so two tabs cannot both pay."""
-        if not REQUEST_TOKEN.match(request_token or ""):
-            raise SubscriptionActionNotAllowed("That form has expired. Reload the page and try again.")
+        owner_actions.check_form(request_token)
         client = cls.ensure_stripe()
-        try:
-            organization = db.session.get(Organization, organization_id, populate_existing=True)
-            if organization is None or not free_plan.may_start_paid_subscription(organization):
-                raise SubscriptionActionNotAllowed("This organization already has a subscription.")
-            # An organization that Whop billed moves to card billing with a Stripe customer of its own
-            # (Whop's member id is no Stripe customer); its Whop history stays where it is. A free
-            # organization has no customer yet: it is made below.
-            customer_id = provisioning.stripe_customer_of(organization) if organization.billing_customer_id else None
-            name = organization.name
-            owner_email = db.session.get(User, actor_user_id).email  # type: ignore[union-attr]
-        finally:
-            db.session.rollback()
+        customer_id, name, owner_email = owner_actions.resubscriber(organization_id, actor_user_id)
         tier = cls.tier(tier_key)
         if customer_id is None:  # a free organization upgrading: its Stripe customer is made now
             customer_id = provisioning.remember_customer(
@@ -617,20 +498,7 @@ class BillingService:
                     f"organization {organization_id}" if current_app.config["STRIPE_TEST_CLOCKS"] else None,
                 ),
             )
-        metadata = {"purpose": "resubscribe", "organization_id": str(organization_id)}
-        base = current_app.config["APP_BASE_URL"]
-        params: SessionCreateParams = {
-            "mode": "subscription",
-            "line_items": cls._line_items(tier, {}),
-            "client_reference_id": f"organization-{organization_id}",
-            "allow_promotion_codes": current_app.config["PROMOTION_CODES_AT_CHECKOUT"],
-            "metadata": metadata,
-            "subscription_data": {"metadata": metadata},
-            "success_url": f"{base}/billing/checkout-complete?session_id={{CHECKOUT_SESSION_ID}}",
-            "cancel_url": f"{base}/billing/",
-        }
-        params.update({"customer_email": customer_id} if "@" in customer_id else {"customer": customer_id})
-        params.update(tax.checkout_params(existing_customer="customer" in params))
+        params: Any = owner_actions.resubscribe_params(organization_id, customer_id, cls._line_items(tier, {}))
         with cls._calling_stripe("create a checkout session"):
             session = client.v1.checkout.sessions.create(
                 params=params,
@@ -642,21 +510,8 @@ class BillingService:
 
     @classmethod
     def complete_resubscription_from_redirect(cls, organization_id: int, session_id: str) -> ProvisionOutcome:
-        if not CHECKOUT_SESSION_ID.match(session_id or ""):
-            raise CheckoutSessionNotFound("That checkout link is not valid.")
-        db.session.rollback()
-        checkout = cls.retrieve_checkout_session(session_id, expand_subscription=True)
-        if (checkout.get("metadata") or {}).get("organization_id") != str(organization_id):
-            raise CheckoutSessionNotFound("That checkout belongs to another organization.")
-        with committed():
-            outcome = cls._provision_checkout_session(checkout, source="web", release_before_stripe=True)
-        if outcome.state == ProvisionState.SURPLUS:
-            try:
-                settlement = cls.settle_surplus_subscription(session_id, source="web")
-            except PaymentProviderUnavailable:
-                settlement = None  # the worker's consumer of organization.surplus_subscription retries it
-            outcome = dataclasses.replace(outcome, settlement=settlement)
-        return outcome
+        """The resubscription's success URL: provision it, a surplus settled at once (checkout_completion.py)."""
+        return checkout_completion.resubscription(cls, organization_id, session_id)
 
     # --- Paid checkouts no organization may keep ---------------------------------------------------
     # A second paid signup for an email that already has an account (leak 1), and a resubscription
@@ -691,43 +546,29 @@ class BillingService:
 
     @classmethod
     def _cancel_and_refund(cls, subscription_id: str, *, key: str) -> dict[str, Any]:
-        """Cancel the subscription now and refund what its first invoice took. No transaction is
-        open. Idempotency keys `<key>-cancel` and `<key>-refund`: a retry is the same Stripe request."""
+        """Cancel the subscription now and refund what its first invoice took (cancel_refund.py)."""
+        return cancel_refund.cancel_and_refund(cls, subscription_id, key=key)
+
+    @classmethod
+    def _cancel_now(cls, subscription_id: str, *, key: str) -> dict[str, Any]:
         client = cls.ensure_stripe()
         with cls._calling_stripe("cancel a subscription"):
             try:
-                subscription = client.v1.subscriptions.cancel(
-                    subscription_id, options={"idempotency_key": f"{key}-cancel"}
-                ).to_dict()
+                return client.v1.subscriptions.cancel(subscription_id, options={"idempotency_key": key}).to_dict()
             except stripe.InvalidRequestError as exc:
                 if exc.code != "resource_missing":
                     raise
-                subscription = client.v1.subscriptions.retrieve(subscription_id).to_dict()  # already ended
-        result: dict[str, Any] = {
-            "stripe_subscription_id": subscription_id,
-            "subscription_status": subscription.get("status"),
-            "refund_id": None,
-            "amount_refunded": 0,
-            "currency": None,
-        }
-        invoice_id = id_of(subscription.get("latest_invoice"))
-        if not invoice_id:
-            return result
+                return client.v1.subscriptions.retrieve(subscription_id).to_dict()  # already ended
+
+    @classmethod
+    def _read_invoice_with_payments(cls, invoice_id: str) -> dict[str, Any]:
         with cls._calling_stripe("read an invoice"):
-            invoice = client.v1.invoices.retrieve(invoice_id, params={"expand": ["payments"]}).to_dict()
-        result["currency"] = invoice.get("currency")
-        if not invoice.get("amount_paid"):
-            return result  # nothing was taken (a trial, or no payment yet)
-        target: Any = settlement.refund_target(invoice, key)
+            return cls.ensure_stripe().v1.invoices.retrieve(invoice_id, params={"expand": ["payments"]}).to_dict()
+
+    @classmethod
+    def _refund(cls, target: Any, *, key: str) -> dict[str, Any]:
         with cls._calling_stripe("refund a payment"):
-            refund = client.v1.refunds.create(params=target, options={"idempotency_key": f"{key}-refund"}).to_dict()
-        result.update(
-            refund_id=refund.get("id"),
-            amount_refunded=refund.get("amount") or 0,
-            currency=refund.get("currency") or invoice.get("currency"),
-            refund_status=refund.get("status"),
-        )
-        return result
+            return cls.ensure_stripe().v1.refunds.create(params=target, options={"idempotency_key": key}).to_dict()
 
     # --- Reconcile --------------------------------------------------------------------------------
 
@@ -735,41 +576,26 @@ class BillingService:
     def reconcile(
         cls, *, apply: bool = False, since_days: int = 3, organization_id: int | None = None, drain: bool = True
     ) -> reconciliation.ReconcileReport:
-        """Compare Stripe with the database (`flask billing reconcile`; the worker runs it daily).
-        Dry run unless apply: then missing events are stored as deliveries are and drifted
-        organizations get a re-read job (reconcile_run.py), both applied by the worker's jobs under
-        each object's lock, so reconcile never writes an organization beside the worker; orphans are
-        provisioned or canceled and refunded under the rules for conflicting signups and surplus
-        resubscriptions. drain: run the queued webhook jobs here before the report is read again (the
-        command line); the daily run inside the worker leaves them to the other workers. No
-        transaction is open while Stripe answers."""
-        if not 1 <= since_days <= reconciliation.MAX_SINCE_DAYS:
-            raise BillingError(
-                f"--since must be between 1 and {reconciliation.MAX_SINCE_DAYS} days (Stripe keeps events for 30)."
-            )
+        """Compare Stripe and Whop with the database (`flask billing reconcile`; the worker runs it daily):
+        what is read is reconcile_scope.py's; with apply, repairs go through the delivery paths and the
+        worker's jobs (reconcile_run.py); drain runs those jobs here. No transaction is open while a
+        provider answers."""
+        reconcile_scope.check_window(since_days)
         return reconcile_run.run(
-            lambda: cls._reconcile_read_all(since_days, organization_id),
+            lambda: reconcile_scope.read_all(
+                cls,
+                since_days,
+                organization_id,
+                HANDLED_STRIPE_EVENTS,
+                cls.whop_configured,
+                whop_billing.reconcile_read,
+            ),
             cls,
             cls._webhook_providers["stripe"],
             cls._webhook_providers["whop"],
             apply=apply,
             drain=drain,
         )
-
-    @classmethod
-    def _reconcile_read_all(cls, since_days: int, organization_id: int | None) -> reconciliation.ReconcileReport:
-        """Stripe's side (unless the one organization asked for is Whop-billed), then Whop's memberships
-        for Whop-billed organizations when Whop is configured: Whop retries a delivery only three
-        times, so a missed membership event is found here."""
-        whop_only = organization_id is not None and reconcile_reads.billed_by_whop(organization_id)
-        report = (
-            reconciliation.ReconcileReport()
-            if whop_only
-            else reconcile_reads.read_stripe_side(cls, since_days, organization_id, HANDLED_STRIPE_EVENTS)
-        )
-        if cls.whop_configured() and (organization_id is None or whop_only):
-            report.subscriptions += whop_billing.reconcile_read(organization_id, report)
-        return report
 
     @classmethod
     def list_subscriptions_for_reconcile(cls) -> dict[str, dict[str, Any]]:
@@ -918,101 +744,21 @@ class BillingService:
         extra_seats: int | None = None,
         members: int,
     ) -> Preview:
-        """A preview of changing the plan (tier, interval) or the extra seats, read fresh from Stripe:
-        when it happens, what is charged or credited today (Stripe's invoice preview with the proration
-        date the confirmation will use) and the new recurring amount. Changes nothing."""
-        organization = db.session.get(Organization, organization_id)
-        if organization is None or not organization.billing_subscription_id:
-            raise SubscriptionActionNotAllowed("This organization has no subscription to change.")
-        if organization.billed_by_whop:
-            raise SubscriptionActionNotAllowed("Plans and seats billed through Whop are changed on Whop.")
-        subscription_id, held_tier = organization.billing_subscription_id, organization.tier
-        db.session.rollback()  # no transaction is held while Stripe is asked
-        catalogue = plan_catalogue()
-        current = read_current(cls.retrieve_subscription(subscription_id), catalogue)
-        try:
-            target, quantities = resolve_target(
-                current,
-                catalogue,
-                held_tier=held_tier,
-                tier=tier,
-                interval=interval,
-                extra_seats=extra_seats,
-                members=members,
-            )
-        except PlanChangeError as exc:
-            raise SubscriptionActionNotAllowed(str(exc)) from exc
-        prices = cls.prices_for_lookup_keys(list(quantities))
-        proration_date, invoice = clock.now(), None
-        when = timing(current, target, new_recurring(prices, quantities)[1])
-        try:
-            check_against_schedule(kind, current, when)
-        except PlanChangeError as exc:
-            raise SubscriptionActionNotAllowed(str(exc)) from exc
-        if when == When.NOW:
-            params: Any = {
-                "subscription": current.subscription_id,
-                "subscription_details": {
-                    "items": update_items(current, prices, quantities, catalogue),
-                    "proration_date": proration_date,
-                    "proration_behavior": "always_invoice",
-                },
-            }
-            with cls._calling_stripe("preview the change"):
-                invoice = cls.ensure_stripe().v1.invoices.create_preview(params=params).to_dict()
-        return build_preview(
-            kind,
-            organization_id,
-            current,
-            target,
-            prices,
-            quantities,
-            proration_date=proration_date,
-            invoice_preview=invoice,
+        """A preview of changing the plan or the extra seats, read fresh from Stripe (plan_change_flow.py)."""
+        return plan_change_flow.preview(
+            cls, organization_id, kind=kind, tier=tier, interval=interval, extra_seats=extra_seats, members=members
         )
 
     @classmethod
-    def confirm_subscription_change(cls, preview: Preview, *, actor_user_id: int) -> ChangeOutcome:
-        """Make the previewed change at Stripe, exactly once however often it is submitted.
+    def preview_change_invoice(cls, params: Any) -> dict[str, Any]:
+        with cls._calling_stripe("preview the change"):
+            return cls.ensure_stripe().v1.invoices.create_preview(params=params).to_dict()
 
-        The change is claimed first (a subscription_change row: one pending per organization, the
-        idempotency key unique), then Stripe is re-read: a subscription or price that moved since the
-        preview refuses it as stale (StalePreview). Upgrades update the subscription's items with the
-        preview's proration date and invoice at once; downgrades go on a subscription schedule that
-        switches the prices when the period ends. The organization is updated from Stripe's answer."""
-        age = clock.now() - preview.proration_date
-        if age > current_app.config["PLAN_CHANGE_PREVIEW_MINUTES"] * 60:
-            raise StalePreview(f"This preview is {age // 60} minutes old.")
-        key = preview.idempotency_key()
-        claim = plan_change_claims.claim(preview, key, actor_user_id)
-        if claim is not None:
-            return claim
-        try:
-            current = read_current(cls.retrieve_subscription(preview.subscription_id), plan_catalogue())
-            if current.fingerprint != preview.base_fingerprint:
-                raise StalePreview("Your subscription changed since this preview.")
-            fresh = cls._fetch_prices(list(preview.quantities))
-            if {k: p.id for k, p in fresh.items()} != preview.price_ids:
-                cache.delete_many(*(f"stripe-price:{k}" for k in preview.quantities))
-                raise StalePreview("A price changed since this preview.")
-            prices = {k: fresh[k] for k in preview.quantities}
-            action_url = awaiting = None
-            if preview.when == When.NOW:
-                subscription, action_url, awaiting = cls._apply_change_now(current, preview, prices, key)
-            else:
-                subscription = cls._schedule_change(current, preview, prices, key)
-        except StalePreview as exc:
-            plan_change_claims.finish(key, SubscriptionChangeStatus.REFUSED, f"stale: {exc}")
-            raise
-        except BaseException as exc:
-            # A retry of this same preview reuses the key, so Stripe makes the change at most once.
-            plan_change_claims.finish(key, SubscriptionChangeStatus.FAILED, describe_failure(exc)[:500])
-            raise
-        cls.forget_billing_reads(preview.organization_id)
-        plan_change_claims.record_applied(
-            preview, key, subscription, actor_user_id=actor_user_id, awaiting_payment=awaiting
-        )
-        return ChangeOutcome(applied=True, when=preview.when, action_url=action_url, awaiting_payment=awaiting)
+    @classmethod
+    def confirm_subscription_change(cls, preview: Preview, *, actor_user_id: int) -> ChangeOutcome:
+        """Make the previewed change at Stripe, exactly once however often it is submitted
+        (plan_change_flow.py: claimed, re-read, refused as stale, made now or scheduled)."""
+        return plan_change_flow.confirm(cls, preview, actor_user_id=actor_user_id)
 
     @classmethod
     def _apply_change_now(
@@ -1022,12 +768,8 @@ class BillingService:
         change only if that invoice is paid; otherwise it waits in the subscription's pending_update
         (23 hours) and the old plan stays. Returns the subscription, the invoice to pay and why."""
         client = cls.ensure_stripe()
-        if current.schedule_id:
-            # A downgrade was waiting for the period's end: this change replaces it.
-            with cls._calling_stripe("release a subscription schedule"):
-                client.v1.subscription_schedules.release(
-                    current.schedule_id, options={"idempotency_key": f"{key}-release"}
-                )
+        if current.schedule_id:  # a downgrade was waiting for the period's end: this change replaces it
+            cls._release_schedule(current.schedule_id, f"{key}-release")
         items: Any = update_items(current, prices, preview.quantities, plan_catalogue())
         with cls._calling_stripe("change a subscription"):
             subscription = client.v1.subscriptions.update(
@@ -1081,31 +823,25 @@ class BillingService:
         return cls.retrieve_subscription(current.subscription_id)
 
     @classmethod
-    def cancel_scheduled_change(cls, organization_id: int, *, actor_user_id: int) -> None:
-        """Keep the current plan: release the schedule that would downgrade it at the period's end."""
-        organization = db.session.get(Organization, organization_id)
-        if organization is None or not organization.billing_subscription_id or organization.billed_by_whop:
-            raise SubscriptionActionNotAllowed("This organization has no subscription.")
-        subscription_id = organization.billing_subscription_id
-        db.session.rollback()  # no transaction is held while Stripe is asked
-        current = read_current(cls.retrieve_subscription(subscription_id), plan_catalogue())
-        if current.schedule_id is None:
-            raise SubscriptionActionNotAllowed("There is no scheduled plan change to undo.")
+    def _release_schedule(cls, schedule_id: str, key: str) -> None:
         with cls._calling_stripe("release a subscription schedule"):
-            cls.ensure_stripe().v1.subscription_schedules.release(
-                current.schedule_id, options={"idempotency_key": f"org-{organization_id}-release-{current.schedule_id}"}
-            )
-        cls.forget_billing_reads(organization_id)
-        domain_events.record(
-            "subscription.change_withdrawn",
-            organization_id=organization_id,
-            user_id=actor_user_id,
-            source=f"user:{actor_user_id}",
-            schedule_id=current.schedule_id,
-        )
-        db.session.commit()
+            cls.ensure_stripe().v1.subscription_schedules.release(schedule_id, options={"idempotency_key": key})
+
+    @classmethod
+    def cancel_scheduled_change(cls, organization_id: int, *, actor_user_id: int) -> None:
+        """Keep the current plan: release the schedule that would downgrade it (plan_change_flow.py)."""
+        plan_change_flow.withdraw_scheduled(cls, organization_id, actor_user_id=actor_user_id)
 
     # --- Webhooks ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _stripe_signature_error(text: str, header: str, secret: str) -> str | None:
+        """None when Stripe-Signature verifies with this secret; else Stripe's words for why not."""
+        try:
+            stripe.WebhookSignature.verify_header(text, header, secret, STRIPE_SIGNATURE_TOLERANCE_SECONDS)
+        except stripe.SignatureVerificationError as exc:
+            return str(exc.user_message or "")
+        return None
 
     @classmethod
     def register_webhook_provider(cls, provider: WebhookProvider) -> None:
@@ -1220,10 +956,7 @@ class BillingService:
     @classmethod
     def whop_tier(cls, tier_key: str) -> Tier:
         """A tier that can be paid through Whop right now."""
-        tier = cls.tier(tier_key)
-        if not cls.whop_configured() or not tier.whop_plan_id:
-            raise UnknownTierError(f"{tier.name} cannot be paid through Whop; choose card payment.")
-        return tier
+        return signup_checkout.whop_payable(cls.tier(tier_key), cls.whop_configured())
 
     @classmethod
     def create_whop_checkout_for_tier(
@@ -1240,11 +973,8 @@ class BillingService:
         """Store the signup (SignupService, as for Stripe) and open a Whop checkout for the tier's Whop
         plan (whop_billing.py). Whop sells the tier alone, monthly: add-ons are bought by card."""
         tier = cls.whop_tier(tier_key)
-        if any(quantity for quantity in (addons or {}).values()):
-            raise BillingError("Add-ons can only be bought with card payment; remove them to pay through Whop.")
-        if interval != "month":
-            raise BillingError("Whop plans are billed monthly; choose monthly billing to pay through Whop.")
-        signup = cls._store_signup(
+        signup_checkout.check_whop_choices(addons or {}, interval)
+        signup = signup_checkout.store_signup(
             tier, {}, email=email, organization_name=organization_name, owner_name=owner_name, password=password
         )
         cls._expire_checkout_sessions([s for s in signup.superseded_checkout_session_ids if s.startswith("cs_")])
@@ -1255,13 +985,7 @@ class BillingService:
         """Whop's redirect after payment: provision (or find provisioned) the signup, from the membership
         as Whop has it now (whop_billing.py); a conflict is settled at Whop at once, as for Stripe."""
         outcome = whop_billing.complete_signup_from_redirect(pending_signup_id, membership_id)
-        if outcome.state == ProvisionState.CONFLICT and outcome.pending_signup_id is not None:
-            try:
-                settled = cls.settle_signup_conflict(outcome.pending_signup_id, source="web")
-            except PaymentProviderUnavailable:
-                settled = None  # the worker's consumer of signup.conflict retries it, then reconcile
-            outcome = dataclasses.replace(outcome, settlement=settled)
-        return outcome
+        return checkout_completion.settle_conflict(cls, outcome)
 
     # --- The operations console (app/admin/): its reads are staff_console.py's, its actions staff_actions.py's
 
@@ -1306,48 +1030,7 @@ def _settle_surplus_subscription(event: outbox.OutboxEvent) -> None:
     BillingService.settle_surplus_subscription(event.data["checkout_session_id"], source="worker")
 
 
-class StripeWebhooks:
-    """Stripe as a webhook provider: Stripe-Signature verification, the livemode guard, and the event
-    types this product acts on."""
-
-    name = "stripe"
-    event_model = StripeEvent
-    paced_reads = ("subscription", "checkout")  # kinds read from Stripe: a turn is taken before collecting
-
-    def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent:
-        secrets = webhook_secrets("STRIPE_WEBHOOK_SECRET", "webhooks")
-        header = headers.get("Stripe-Signature")
-        if not header:
-            raise WebhookRejected("missing Stripe-Signature header")
-        if not header.isascii():  # the SDK's compare_digest raises TypeError on non-ASCII signatures
-            raise WebhookRejected("malformed Stripe-Signature header")
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            raise WebhookRejected("body is not UTF-8") from None
-        reason = "signature does not match"
-        for secret in secrets:
-            try:
-                stripe.WebhookSignature.verify_header(text, header, secret, STRIPE_SIGNATURE_TOLERANCE_SECONDS)
-                break
-            except stripe.SignatureVerificationError as exc:
-                if str(exc.user_message or "").startswith("Timestamp outside the tolerance zone"):
-                    reason = "timestamp outside the tolerance zone"
-                elif str(exc.user_message or "").startswith(("Unable to extract", "No signatures found with expected")):
-                    reason = "malformed Stripe-Signature header"
-        else:
-            raise WebhookRejected(reason)
-        return stripe_events.parse_event(text)
-
-    def ignore_reason(self, event: VerifiedEvent) -> str | None:
-        return stripe_events.ignore_reason(event)
-
-    def object_key(self, event: VerifiedEvent) -> str:
-        return stripe_events.object_key(event)
-
-    def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> EventOutcomes:
-        return stripe_events.apply_batch(object_key, events, BillingService)
-
-
-BillingService.register_webhook_provider(StripeWebhooks())
+BillingService.register_webhook_provider(
+    stripe_webhooks.StripeWebhooks(BillingService._stripe_signature_error, BillingService)
+)
 BillingService.register_webhook_provider(whop_billing.WhopWebhooks())
