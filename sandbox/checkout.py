@@ -239,6 +239,9 @@ def _complete_checkout(
     tax_details: TaxDetails | None = None,
 ) -> Obj:
     now = simtime.now()
+    # Checkout shows a Session's customer_email filled in and read-only: the customer gets that address
+    # whatever the payer would have typed.
+    email = session["customer_email"] or email
     sub_data = session["_subscription_data"]
     trial_days = sub_data["trial_period_days"]
     settles_later = card is not None and card.outcome.startswith("async") and not trial_days
