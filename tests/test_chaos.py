@@ -61,11 +61,12 @@ class Workers:
         self.env = env
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, **settings: str) -> subprocess.Popen[bytes]:
+        """One more worker; `settings` are environment variables of its own (WORKER_STALLED_SECONDS...)."""
         process = subprocess.Popen(
             [sys.executable, "-m", "flask", "billing", "worker", "--concurrency", "2"],
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **settings},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -83,9 +84,9 @@ class Workers:
                 process.kill()
 
 
-@pytest.fixture
-def workers(app: Flask, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount) -> Iterator[Workers]:
-    env = {
+def worker_env(app: Flask, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount) -> dict[str, str]:
+    """The environment of a worker on the test database, Redis, SMTP sink and offline Stripe."""
+    return {
         **os.environ,
         "APP_ENV": "test",
         "FLASK_APP": "wsgi.py",
@@ -102,7 +103,11 @@ def workers(app: Flask, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount) -
         "OUTBOX_MAX_ATTEMPTS": "30",
         "WORKER_POLL_SECONDS": "0.5",
     }
-    running = Workers(env)
+
+
+@pytest.fixture
+def workers(app: Flask, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount) -> Iterator[Workers]:
+    running = Workers(worker_env(app, smtp_server, stripe_sandbox))
     yield running
     running.stop()
 
