@@ -26,11 +26,10 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from app.extensions import db
-from app.services import queue, usage_reports
+from app.services import usage_reports
 from app.services.billing_service import BillingService
 from tests.conftest import SandboxAccount, SmtpSink, query, run_jobs
-from tests.test_chaos import Workers, worker_env
+from tests.test_chaos import Workers, queue_report, worker_env
 from tests.test_usage_api import Owner, post_usage
 from tests.test_usage_reports import stripe_total
 
@@ -60,19 +59,6 @@ def record(app: Flask, key: str, quantity: int, idempotency_key: str) -> int:
     body = {"meter": "api_calls", "quantity": quantity, "idempotency_key": idempotency_key}
     status: int = post_usage(app, key, body).status_code
     return status
-
-
-def queue_report(app: Flask) -> None:
-    """What the every-minute schedule does (jobs.report_usage), now rather than at the next minute."""
-    with app.app_context():
-        queue.defer(
-            "usage:report",
-            queue="maintenance",
-            lock="report_usage",
-            queueing_lock="report_usage",
-            timestamp=int(time.time()),
-        )
-        db.session.commit()
 
 
 def wait_for(what: str, done: Any, seconds: float = WAIT) -> None:
