@@ -35,7 +35,7 @@ from tests.test_usage_reports import stripe_total
 
 # Short leases, so the takeover comes within seconds (the defaults are 2, 10 and 5 seconds).
 LEASES = {"WORKER_HEARTBEAT_SECONDS": "0.2", "WORKER_STALLED_SECONDS": "1", "WORKER_RECOVERY_SECONDS": "0.2"}
-STRIPE_SLOW = 4.0  # seconds each Stripe answer takes while the worker is to be caught mid-request
+STRIPE_SLOW = 6.0  # seconds each Stripe answer takes while the worker is to be caught mid-request
 WAIT = 120  # a bound on waiting for the workers, not a measurement
 REPORT_JOB = "SELECT id, status, worker_id FROM procrastinate_jobs WHERE task_name = 'usage:report' ORDER BY id"
 
