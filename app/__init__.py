@@ -115,10 +115,10 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(api_bp, url_prefix="/api/v1")
 
 
-# Machine routes (app/machine_routes.py): signed provider webhooks, served without session, CSRF,
-# rate-limit, sign-in or template machinery.
-MACHINE_ENDPOINTS = frozenset({"billing.webhook"})
-MACHINE_PATH_PREFIXES = ("/billing/webhooks/",)
+# Machine routes (app/machine_routes.py): signed provider webhooks and the usage API (an API key in
+# each request), served without session, CSRF, rate-limit, sign-in or template machinery.
+MACHINE_ENDPOINTS = frozenset({"billing.webhook", "api.record_usage"})
+MACHINE_PATH_PREFIXES = ("/billing/webhooks/", "/api/v1/")
 
 
 def register_request_hooks(app: Flask) -> None:

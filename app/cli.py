@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
-from app.services import outbox, promotions, queue, queue_status, usage_reports
+from app.services import outbox, promotions, queue, queue_status, tax, usage_reports
 from app.services.billing_service import BillingConfigurationError, BillingError, BillingService, plan_catalogue
 from app.services.reconcile_names import names_for
 
@@ -162,7 +162,8 @@ def emails(list_failed: bool, replay_ids: tuple[int, ...], replay_failed: bool) 
 
 @billing_cli.command("check-prices")
 def check_prices() -> None:
-    """Resolve every lookup key in the plan catalogue against Stripe."""
+    """Resolve every lookup key in the plan catalogue against Stripe; with STRIPE_AUTOMATIC_TAX, check
+    that each price's tax_behavior is what PRICES_SHOWN_WITH_TAX says (app/services/tax.py)."""
     catalogue = plan_catalogue()
     entries = [
         (f"{kind} {entry.key}", lookup_key)
@@ -175,9 +176,12 @@ def check_prices() -> None:
         prices = BillingService.prices_for_lookup_keys([lookup_key for _, lookup_key in entries])
     except BillingError as exc:
         raise click.ClickException(str(exc)) from None
+    taxed = []
     for label, lookup_key in entries:
         price = prices[lookup_key]
-        click.echo(f"{label:<24} {lookup_key:<24} {price.id}  {price.describe()}")
+        click.echo(f"{label:<24} {lookup_key:<24} {price.id}  {price.describe()}  tax_behavior={price.tax_behavior}")
+        if problem := tax.price_problem(price):
+            taxed.append(f"{label}: {problem}")
     missing = []
     for code, named_on in catalogue.promotion_codes.items():
         try:
@@ -190,11 +194,14 @@ def check_prices() -> None:
         click.echo(f"{'promotion code':<24} {code:<24} {found['id']}  {promotions.describe_code(found)}")
     if missing:
         raise click.ClickException(f"No active promotion code at Stripe for: {', '.join(missing)}")
-    _check_meters()
+    _check_meters(taxed)
+    if taxed:
+        raise click.ClickException("Prices that do not fit the tax settings:\n  " + "\n  ".join(taxed))
 
 
-def _check_meters() -> None:
-    """Each [meters.*] needs an active Stripe meter with its event_name and a price with its lookup key."""
+def _check_meters(taxed: list[str]) -> None:
+    """Each [meters.*] needs an active Stripe meter with its event_name and a price with its lookup key
+    (whose tax_behavior problems, if any, are added to `taxed`)."""
     meters = plan_catalogue().meters
     if not meters:
         return
@@ -216,6 +223,8 @@ def _check_meters() -> None:
                 missing.append(f"the price {lookup_key!r} bills another meter ({price.meter}), not {meter.key}'s")
             elif meter_id:
                 click.echo(f"{'meter ' + meter.key:<24} {lookup_key:<24} {price.id}  {meter_id} {meter.event_name}")
+                if problem := tax.price_problem(price):
+                    taxed.append(f"meter {meter.key} ({lookup_key}): {problem}")
     if missing:
         raise click.ClickException("; ".join(missing))
 

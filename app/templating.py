@@ -8,9 +8,9 @@ from flask import Flask, current_app
 
 from app.extensions import db
 from app.models import Organization
-from app.services import trials
+from app.services import tax, trials
 from app.services.access_policy import STATUS_WORDS
-from app.services.pricing import format_money
+from app.services.pricing import PriceInfo, format_money
 from app.services.wording import counted
 
 
@@ -60,6 +60,12 @@ def init_templating(app: Flask) -> None:
         if app.config["PRICES_SHOWN_WITH_TAX"] == "inclusive":
             return "Prices include tax."
         return "Prices are shown before tax; sales tax or VAT is added from your billing address."
+
+    @app.template_global("price_tax_words")
+    def price_tax_words(price: PriceInfo | None) -> str:
+        """ "including tax" or "plus tax" after a catalogue price, from its tax_behavior (tax.py)."""
+        words = tax.price_words(price)
+        return f" {words}" if words else ""
 
     @app.template_global("trial_reminder")
     def trial_reminder(organization_id: int | None) -> datetime | None:

@@ -36,11 +36,28 @@ VENV_BIN = Path(sys.executable).parent
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 
 
+# BENCH_PORTS=6100-6199 keeps the servers it starts within a range (a machine shared with other runs);
+# without it, any free port.
+_PORT_RANGE = os.environ.get("BENCH_PORTS", "")
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    first, _, last = _PORT_RANGE.partition("-")
+    candidates = range(int(first), int(last) + 1) if first and last else [0]
+    for candidate in candidates:
+        if candidate in _ports_given:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            port: int = probe.getsockname()[1]
+            if candidate:
+                _ports_given.add(port)
+            return port
+    raise RuntimeError(f"no free port in BENCH_PORTS={_PORT_RANGE}")
 
 
 def _stat_fields(pid: int) -> list[str]:

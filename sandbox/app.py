@@ -64,8 +64,8 @@ def main() -> None:
     store = Store(settings.state_dir / "sandbox.sqlite3")
     try:
         with store.transaction():
-            prices = billing.seed_catalogue(store, settings.catalogue_file)
-            prices += meters.seed(store, settings.catalogue_file)
+            prices = billing.seed_catalogue(store, settings.catalogue_file, settings.price_tax_behavior)
+            prices += meters.seed(store, settings.catalogue_file, settings.price_tax_behavior)
             discounts.seed_promotion_codes(store, settings.catalogue_file)
     except (OSError, tomllib.TOMLDecodeError, ValueError) as exc:
         sys.exit(f"sandbox: cannot load the plan catalogue {settings.catalogue_file}: {exc}")

@@ -107,9 +107,10 @@ def merge_metadata(obj: Obj, given: dict[str, str] | None) -> None:
 # -- catalogue ------------------------------------------------------------------------------
 
 
-def seed_catalogue(store: Store, path: Path) -> list[Obj]:
+def seed_catalogue(store: Store, path: Path, tax_behavior: str = "exclusive") -> list[Obj]:
     """One active monthly USD price (and product) per lookup key in the plan catalogue, plus a
-    yearly price on the same product for an entry with a `yearly_lookup_key`.
+    yearly price on the same product for an entry with a `yearly_lookup_key`, each with the
+    `tax_behavior` given (SANDBOX_PRICE_TAX_BEHAVIOR, by default PRICES_SHOWN_WITH_TAX or exclusive).
 
     Re-running is a no-op unless the file changed: a new name is applied in place, a new amount
     gets a new price that takes over the lookup key (Stripe prices are immutable)."""
@@ -124,13 +125,20 @@ def seed_catalogue(store: Store, path: Path) -> list[Obj]:
                 raise ValueError(f"[{section}.{key}] has no lookup_key")
             role = "tier" if section == "tiers" else "addon"
             amount = int(entry.get("sandbox_unit_amount", 1000))
-            monthly = _seed_price(store, entry, str(entry["lookup_key"]), amount, "month", role, None)
+            monthly = _seed_price(store, entry, str(entry["lookup_key"]), amount, "month", role, None, tax_behavior)
             seeded.append(monthly)
             if "yearly_lookup_key" in entry:
                 yearly_amount = int(entry.get("sandbox_yearly_unit_amount", 10 * amount))
                 seeded.append(
                     _seed_price(
-                        store, entry, str(entry["yearly_lookup_key"]), yearly_amount, "year", role, monthly["product"]
+                        store,
+                        entry,
+                        str(entry["yearly_lookup_key"]),
+                        yearly_amount,
+                        "year",
+                        role,
+                        monthly["product"],
+                        tax_behavior,
                     )
                 )
     return seeded
@@ -144,6 +152,7 @@ def _seed_price(
     interval: str,
     role: str,
     product_id: str | None,
+    tax_behavior: str = "exclusive",
 ) -> Obj:
     name = str(entry.get("name", lookup_key))
     description = str(entry["description"]) if "description" in entry else None
@@ -155,10 +164,11 @@ def _seed_price(
     assert product is not None
     if (product["name"], product["description"]) != (name, description):
         product.update(name=name, description=description, updated=now)
-    if current and (current["unit_amount"], current["recurring"]["interval"]) != (amount, interval):
+    wanted = (amount, interval, tax_behavior)
+    if current and (current["unit_amount"], current["recurring"]["interval"], current["tax_behavior"]) != wanted:
         store.put({**current, "active": False, "lookup_key": None})
         current = None
-    price = current or objects.price(product["id"], lookup_key, name, amount, now)
+    price = current or objects.price(product["id"], lookup_key, name, amount, now, tax_behavior)
     price["recurring"]["interval"] = interval
     price["nickname"] = name
     price["_catalogue"] = {"role": role, "interval": interval}  # for the portal's plan switcher

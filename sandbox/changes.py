@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from . import discounts, invoicing, meters, objects, simtime
+from . import discounts, invoicing, meters, objects, simtime, tax
 from .billing import AUTOMATIC, ENDED, Origin, apply_cancellation_details, emit, load, merge_metadata
 from .config import Dunning
 from .errors import StripeError, exclusive, inactive_price
@@ -314,6 +314,10 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
     before = copy.deepcopy(subscription)
     now = simtime.now()
     _refuse_update(subscription, req)
+    taxed = subscription["automatic_tax"]["enabled"] if req.automatic_tax is None else req.automatic_tax
+    if taxed and (req.items is not None or req.automatic_tax):
+        kept = [item["price"]["id"] for item in subscription["items"]["data"]]
+        tax.require_tax_behavior(store, kept + [c.price for c in req.items or [] if c.price], "items")
 
     merge_metadata(subscription, req.metadata)
     apply_cancellation_details(subscription, req.cancellation_details)

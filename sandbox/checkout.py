@@ -117,6 +117,8 @@ def create_checkout_session(store: Store, req: CheckoutRequest, public_url: str)
             )
         if not objects.metered(price) and quantity is None:
             raise missing(f"line_items[{index}][quantity]")
+        if req.automatic_tax:
+            tax.require_tax_behavior(store, [price_id], param)
         items.append(objects.checkout_line_item(price, quantity))
     session = objects.checkout_session(
         line_items=items,

@@ -29,6 +29,9 @@ class Settings:
     # How events are delivered; changeable at run time through POST /_sandbox/delivery.
     delivery: DeliveryConfig = field(default_factory=lambda: DeliveryConfig.from_env({}))
     request_log_limit: int = 10_000
+    # The tax_behavior the seeded prices carry: SANDBOX_PRICE_TAX_BEHAVIOR, else the app's
+    # PRICES_SHOWN_WITH_TAX, else exclusive (Stripe Tax refuses `unspecified`; see sandbox/tax.py).
+    price_tax_behavior: str = "exclusive"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -42,6 +45,7 @@ class Settings:
             # The start-up values; the worker reads the live ones (POST /_sandbox/delivery).
             webhook_url=delivery.webhook_url,
             catalogue_file=Path(env.get("PLAN_CATALOGUE_FILE", "plans.toml")),
+            price_tax_behavior=_tax_behavior(env),
             async_delay=float(env.get("SANDBOX_ASYNC_DELAY_SECONDS", "3")),
             retry_base=float(env.get("SANDBOX_WEBHOOK_RETRY_BASE_SECONDS", "1")),
             max_attempts=int(env.get("SANDBOX_WEBHOOK_MAX_ATTEMPTS", "10")),
@@ -69,7 +73,15 @@ class Settings:
             f"SANDBOX_DELIVERY_DELAY_SECONDS={self.delivery.delay_seconds:g}",
             f"SANDBOX_REQUEST_LOG_LIMIT={self.request_log_limit}",
             f"PLAN_CATALOGUE_FILE={self.catalogue_file}",
+            f"SANDBOX_PRICE_TAX_BEHAVIOR={self.price_tax_behavior}",
         ]
+
+
+def _tax_behavior(env: Mapping[str, str]) -> str:
+    given = (env.get("SANDBOX_PRICE_TAX_BEHAVIOR") or env.get("PRICES_SHOWN_WITH_TAX") or "exclusive").strip().lower()
+    if given not in ("exclusive", "inclusive", "unspecified"):
+        raise ValueError(f"SANDBOX_PRICE_TAX_BEHAVIOR is exclusive, inclusive or unspecified, not {given!r}")
+    return given
 
 
 def mask(secret: str) -> str:

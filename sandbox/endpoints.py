@@ -142,6 +142,8 @@ def create_preview(params: Params) -> Obj:
     invoice = _create_preview(params)
     if automatic_tax is not None and automatic_tax != invoice["automatic_tax"]["enabled"]:
         tax.retax(current_store(), invoice, automatic_tax)
+    if invoice["automatic_tax"]["enabled"]:
+        tax.require_tax_behavior(current_store(), tax.line_price_ids(invoice))
     return invoice
 
 
@@ -277,6 +279,7 @@ def create_price(params: Params) -> Obj:
             "nickname",
             "metadata",
             "active",
+            "tax_behavior",
         ),
     )
     recurring = mapping(params, "recurring")
@@ -310,6 +313,7 @@ def create_price(params: Params) -> Obj:
             active=True if active is None else active,
             usage_type=usage_type or "licensed",
             meter=meter,
+            tax_behavior=string(params, "tax_behavior") or "unspecified",
         ),
     )
 
@@ -321,7 +325,7 @@ def retrieve_price(params: Params, price_id: str) -> Obj:
 
 @endpoint("/prices/<price_id>", "POST")
 def update_price(params: Params, price_id: str) -> Obj:
-    reject_unknown(params, ("active", "lookup_key", "transfer_lookup_key", "nickname", "metadata"))
+    reject_unknown(params, ("active", "lookup_key", "transfer_lookup_key", "nickname", "metadata", "tax_behavior"))
     return prices.update_price(
         current_store(),
         price_id,
@@ -330,6 +334,7 @@ def update_price(params: Params, price_id: str) -> Obj:
         transfer_lookup_key=bool(boolean(params, "transfer_lookup_key")),
         nickname=string(params, "nickname") or "" if "nickname" in params else prices.UNSET,
         metadata=metadata(params),
+        tax_behavior=string(params, "tax_behavior"),
     )
 
 

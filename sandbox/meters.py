@@ -62,7 +62,7 @@ def meter(display_name: str, event_name: str, aggregation: str, now: int) -> Obj
 # -- the catalogue's meters and metered prices ------------------------------------------------------
 
 
-def seed(store: Store, path: Path) -> list[Obj]:
+def seed(store: Store, path: Path, tax_behavior: str = "exclusive") -> list[Obj]:
     """One meter per [meters.<key>] (by event_name) and its metered monthly price (lookup_key,
     unit_amount = sandbox_unit_amount, default 1), and with a yearly_lookup_key a metered yearly price
     on the same meter and product (sandbox_yearly_unit_amount, default the monthly one: a unit costs the
@@ -81,31 +81,47 @@ def seed(store: Store, path: Path) -> list[Obj]:
             store.put(found)
         amount = int(entry.get("sandbox_unit_amount", 1))
         name = str(entry.get("name", key))
-        price = _metered_price(store, found, str(lookup_key), name, amount, "month", None, now)
+        price = _metered_price(store, found, str(lookup_key), name, amount, "month", None, now, tax_behavior)
         seeded.append(price)
         if entry.get("yearly_lookup_key"):
             yearly_amount = int(entry.get("sandbox_yearly_unit_amount", amount))
             yearly = str(entry["yearly_lookup_key"])
-            seeded.append(_metered_price(store, found, yearly, name, yearly_amount, "year", price["product"], now))
+            seeded.append(
+                _metered_price(store, found, yearly, name, yearly_amount, "year", price["product"], now, tax_behavior)
+            )
     return seeded
 
 
 def _metered_price(
-    store: Store, found: Obj, lookup_key: str, name: str, amount: int, interval: str, product_id: str | None, now: int
+    store: Store,
+    found: Obj,
+    lookup_key: str,
+    name: str,
+    amount: int,
+    interval: str,
+    product_id: str | None,
+    now: int,
+    tax_behavior: str,
 ) -> Obj:
     """The metered price with this lookup key, made (or remade, if its amount, meter or interval changed)."""
     price = next((p for p in store.all("price") if p["lookup_key"] == lookup_key), None)
-    wanted = (amount, found["id"], interval)
+    wanted = (amount, found["id"], interval, tax_behavior)
     if (
         price is not None
-        and (price["unit_amount"], price["recurring"]["meter"], price["recurring"]["interval"]) != wanted
+        and (
+            price["unit_amount"],
+            price["recurring"]["meter"],
+            price["recurring"]["interval"],
+            price["tax_behavior"],
+        )
+        != wanted
     ):
         store.put({**price, "active": False, "lookup_key": None})
         price = None
     if price is None:
         product = objects.product(name, None, now) if product_id is None else store.get(product_id)
         assert product is not None
-        price = objects.price(product["id"], lookup_key, name, amount, now)
+        price = objects.price(product["id"], lookup_key, name, amount, now, tax_behavior)
         price["recurring"].update(usage_type="metered", meter=found["id"], interval=interval)
         if product.get("default_price") is None or product_id is None:
             product["default_price"] = price["id"]

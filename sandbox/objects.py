@@ -122,7 +122,9 @@ def product(name: str, description: str | None, now: int) -> Obj:
     }
 
 
-def price(product_id: str, lookup_key: str, nickname: str, unit_amount: int, now: int) -> Obj:
+def price(
+    product_id: str, lookup_key: str, nickname: str, unit_amount: int, now: int, tax_behavior: str = "unspecified"
+) -> Obj:
     return {
         "id": new_id("price_"),
         "object": "price",
@@ -143,7 +145,7 @@ def price(product_id: str, lookup_key: str, nickname: str, unit_amount: int, now
             "trial_period_days": None,
             "usage_type": "licensed",
         },
-        "tax_behavior": "unspecified",
+        "tax_behavior": tax_behavior,
         "tiers_mode": None,
         "transform_quantity": None,
         "type": "recurring",

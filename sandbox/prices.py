@@ -18,6 +18,7 @@ from .objects import Obj
 from .store import Store
 
 INTERVALS = ("day", "week", "month", "year")
+TAX_BEHAVIORS = ("exclusive", "inclusive", "unspecified")
 UNSET: Any = object()
 
 
@@ -36,6 +37,7 @@ class PriceCreate:
     active: bool
     usage_type: str = "licensed"  # or "metered": billed in arrears from its meter's usage
     meter: str | None = None  # a metered price's billing.meter
+    tax_behavior: str = "unspecified"
 
 
 def list_prices(
@@ -101,9 +103,12 @@ def create_price(store: Store, req: PriceCreate) -> Obj:
             f"Invalid recurring[interval]: must be one of {', '.join(INTERVALS)}", param="recurring[interval]"
         )
     _check_usage_type(store, req)
+    _check_tax_behavior(req.tax_behavior)
     if req.lookup_key:
         _take_lookup_key(store, req.lookup_key, req.transfer_lookup_key, None, "lookup_key")
-    price = objects.price(product["id"], req.lookup_key or "", req.nickname or "", req.unit_amount, now)
+    price = objects.price(
+        product["id"], req.lookup_key or "", req.nickname or "", req.unit_amount, now, req.tax_behavior
+    )
     price.update(lookup_key=req.lookup_key, nickname=req.nickname, metadata=req.metadata, active=req.active)
     if req.interval is None:
         price.update(type="one_time", recurring=None)
@@ -136,6 +141,11 @@ def _check_usage_type(store: Store, req: PriceCreate) -> None:
         raise StripeError("recurring[meter] can only be set when usage_type is `metered`.", param="recurring[meter]")
 
 
+def _check_tax_behavior(value: str) -> None:
+    if value not in TAX_BEHAVIORS:
+        raise StripeError(f"Invalid tax_behavior: must be one of {', '.join(TAX_BEHAVIORS)}", param="tax_behavior")
+
+
 def update_price(
     store: Store,
     price_id: str,
@@ -145,8 +155,19 @@ def update_price(
     transfer_lookup_key: bool,
     nickname: Any,
     metadata: dict[str, str] | None,
+    tax_behavior: str | None = None,
 ) -> Obj:
     price = load(store, "price", price_id, "price")
+    if tax_behavior is not None and tax_behavior != price["tax_behavior"]:
+        # Stripe: once inclusive or exclusive, a price's tax_behavior cannot be changed.
+        _check_tax_behavior(tax_behavior)
+        if price["tax_behavior"] != "unspecified":
+            raise StripeError(
+                f"The price's `tax_behavior` is `{price['tax_behavior']}`; once set to inclusive or exclusive"
+                " it cannot be changed. Create a new price instead.",
+                param="tax_behavior",
+            )
+        price["tax_behavior"] = tax_behavior
     if active is not None:
         price["active"] = active
     if lookup_key is not UNSET:

@@ -9,7 +9,17 @@ names. What a customer pays depends on its address, tax IDs and `tax_exempt`:
   customer accounts for it). Otherwise the country's VAT (Germany 19%, also for a German business).
 - A US state in RATES: its sales tax; another state, or another country: `not_collecting`.
 - No address: nothing is computed, `automatic_tax.status` is `requires_location_inputs`.
-Every price is tax-exclusive unless its `tax_behavior` is `inclusive` (then the tax is inside).
+Stripe Tax needs every price it taxes to say whether its amount includes the tax (`tax_behavior`
+`inclusive` or `exclusive`): automatic tax on a price whose `tax_behavior` is `unspecified` is refused as
+Stripe refuses it (`require_tax_behavior`), on Checkout Sessions, subscription changes and invoice
+previews. An exclusive price's tax is added on top; an inclusive price's amount is what the customer
+pays, the tax carved out of it (`taxable_amount` = the amount less the tax, rounded on the net: net =
+round(gross / (1 + rate)), tax = gross - net), after any discount. `total_excluding_tax` leaves out
+both kinds; `subtotal_excluding_tax` is the subtotal (before discounts) less the tax inside it, carved
+out line by line the same way. A zero-tax outcome (reverse charge, exempt, not
+collecting) leaves an inclusive price's amount as it is: "the amount your buyer pays never changes,
+even if the tax rate varies" (Stripe's docs on tax behavior), so a reverse-charge business pays the
+sticker price with no tax in it.
 
 A tax ID's verification is decided by its digits: a value ending in 1 is `unverified` (Stripe's test
 value 111111111) and one ending in 2 is `pending`, both at once; any other is `verified` (000000000). A
@@ -247,10 +257,36 @@ def tax_rate(store: Store, key: str, percentage: float, kind: str, country: str,
     return rate
 
 
+TAX_BEHAVIOR_DOCS = "https://stripe.com/docs/tax/products-prices-tax-categories-tax-behavior#tax-behavior"
+
+
+def require_tax_behavior(store: Store, price_ids: list[str], param: str | None = None) -> None:
+    """Stripe Tax refuses a price whose tax_behavior is unspecified (with Stripe's message), when no
+    default tax behavior is set in the account's tax settings (the sandbox account has none)."""
+    for price_id in price_ids:
+        price = store.get(price_id)
+        if price is not None and price.get("tax_behavior", "unspecified") == "unspecified":
+            raise StripeError(
+                f"The price `{price_id}` does not have a `tax_behavior` set which is required for automatic tax"
+                f" computation. Please visit {TAX_BEHAVIOR_DOCS} for more information.",
+                param=param,
+            )
+
+
+def line_price_ids(invoice: Obj) -> list[str]:
+    found = []
+    for line in invoice["lines"]["data"]:
+        price_id = ((line.get("pricing") or {}).get("price_details") or {}).get("price")
+        if price_id:
+            found.append(price_id)
+    return found
+
+
 def apply(store: Store, invoice: Obj) -> None:
     """The invoice's taxes, when its automatic_tax is enabled: each line's `taxes` (on the line's amount
-    less its discounts), `total_taxes` summed per rate, `total` = `total_excluding_tax` + exclusive tax.
-    Call it once `total_excluding_tax` and the lines' discount amounts are known."""
+    less its discounts), `total_taxes` summed per rate, `total` = the subtotal less the discounts, plus
+    exclusive tax (inclusive tax is inside it). Call it once `subtotal`, `total_discount_amounts` and the
+    lines' discount amounts are known; it may be called again (a preview re-taxed) with the same result."""
     customer = store.get(invoice["customer"]) or {}
     invoice.update(
         customer_address=copy.deepcopy(customer.get("address")),
@@ -259,6 +295,9 @@ def apply(store: Store, invoice: Obj) -> None:
     )
     for line in invoice["lines"]["data"]:
         line["taxes"] = []
+    # From the amounts before tax (so applying it again, as a preview asked without tax does, is exact).
+    discounted = sum(a["amount"] for a in invoice.get("total_discount_amounts") or [])
+    invoice.update(subtotal_excluding_tax=invoice["subtotal"], total_excluding_tax=invoice["subtotal"] - discounted)
     automatic = invoice["automatic_tax"]
     if not automatic["enabled"]:
         invoice.update(total_taxes=[], total=invoice["total_excluding_tax"])
@@ -267,7 +306,7 @@ def apply(store: Store, invoice: Obj) -> None:
     automatic.update(status="requires_location_inputs" if location(customer) is None else "complete")
     automatic.update(provider="stripe", liability={"type": "self"})
     totals: dict[str, Obj] = {}
-    added = 0
+    added = inside = 0
     for line in invoice["lines"]["data"]:
         if key is None:
             continue
@@ -278,6 +317,8 @@ def apply(store: Store, invoice: Obj) -> None:
         if inclusive:
             amount = taxable - round(taxable / (1 + percentage / 100))
             taxable -= amount
+            # The subtotal before discounts, less the tax inside it (subtotal_excluding_tax).
+            inside += line["amount"] - round(line["amount"] / (1 + percentage / 100))
         else:
             amount = round(taxable * percentage / 100)
             added += amount
@@ -295,8 +336,9 @@ def apply(store: Store, invoice: Obj) -> None:
         summed["amount"] += amount
         summed["taxable_amount"] += taxable
     invoice.update(total_taxes=list(totals.values()), total=invoice["total_excluding_tax"] + added)
-    if any(t["tax_behavior"] == "inclusive" for t in totals.values()):
-        invoice["total_excluding_tax"] -= sum(t["amount"] for t in totals.values() if t["tax_behavior"] == "inclusive")
+    included = sum(t["amount"] for t in totals.values() if t["tax_behavior"] == "inclusive")
+    invoice["total_excluding_tax"] -= included
+    invoice["subtotal_excluding_tax"] = invoice["subtotal"] - inside
 
 
 def retax(store: Store, invoice: Obj, enabled: bool) -> None:

@@ -484,7 +484,7 @@ def test_free_signup_upgraded_with_a_code_and_taxed_then_address_and_tax_ids_edi
     page.wait_for_url(f"{stack.url}/billing/")
     expect(page.locator("#discount")).to_contain_text("LAUNCH20: 20% off")
     # $19.00 less 20% is $15.20; 19% VAT on it is $2.89.
-    expect(page.locator("#next-invoice-tax")).to_have_text("(including $2.89 tax)")
+    expect(page.locator("#next-invoice-tax")).to_have_text("($15.20 + $2.89 tax)")
     expect(page.locator("#next-invoice")).to_contain_text("$18.09")
     expect(page.locator("#billing-address")).to_have_text("Friedrichstr. 1, 10117 Berlin, DE")
     expect(page.locator(".tax-id")).to_have_text(re.compile(r"EU VAT number DE123456789 \(verified\)"))
@@ -505,7 +505,7 @@ def test_free_signup_upgraded_with_a_code_and_taxed_then_address_and_tax_ids_edi
     page.locator(".tax-id", has_text="DE123456789").locator(".remove-tax-id").click()
     expect(page.locator(".flash.success")).to_have_text("Tax ID removed.")
     expect(page.locator(".tax-id")).to_have_text(re.compile(r"EU VAT number FR12345678901 \(not verified\)"))
-    expect(page.locator("#next-invoice-tax")).to_have_text("(including $3.04 tax)")  # French VAT, 20%
+    expect(page.locator("#next-invoice-tax")).to_have_text("($15.20 + $3.04 tax)")  # French VAT, 20%
     chromium.step("tax IDs edited")
     page.fill("#organization-name #name", "Difference Engines")
     page.click("#save-organization-name")

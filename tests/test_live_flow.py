@@ -116,6 +116,7 @@ def walk_live_signup(request: pytest.FixtureRequest) -> None:
     expect(page.locator("#renews")).to_be_visible()
     expect(page.locator("#addons")).to_have_text("Extra seats × 2")
     browser.step("billing page")
+    rename_the_organization(app, server, environment, browser, organization.billing_customer_id)
     page.check("input[name=when][value=period_end]")
     page.click("#cancel")
     expect(page.locator("#plan-ends")).to_be_visible()
@@ -153,6 +154,50 @@ def walk_live_signup(request: pytest.FixtureRequest) -> None:
     browser.step("subscription ended")
 
     walk_live_taxed_signup(browser, server, environment)  # Stripe Tax (issue 24): helper below
+
+
+# --- Customer details (issue 24): the organization's rename reaches Stripe's customer ---------------------
+
+RENAMED = "Difference Engines"
+
+
+def rename_the_organization(
+    app: Flask, server: LiveServer, environment: dict[str, str], browser: BrowserPage, customer_id: str
+) -> None:
+    """The owner renames the organization on the billing page (POST /billing/organization-name): the
+    page follows at once, the worker gives Stripe's customer the name (Checkout named it after the card
+    holder, and it has no tax ID, so the name is the organization's), and the customer.updated that
+    comes back is applied without renaming anything or pushing again."""
+    page = browser.page
+    page.fill("#organization-name #name", RENAMED)
+    page.click("#save-organization-name")
+    expect(page.locator(".flash.success")).to_have_text(f"The organization is now called {RENAMED}.")
+    expect(page.locator("h1")).to_have_text(f"Billing for {RENAMED}")
+    browser.step("organization renamed")
+    stripe_api = stripe_http(environment)
+
+    def customer_named() -> bool:
+        customer = stripe_api.api("GET", f"/v1/customers/{customer_id}")
+        return (customer.get("name"), (customer.get("metadata") or {}).get("organization_name")) == (RENAMED,) * 2
+
+    wait_until(customer_named, WEBHOOK_WAIT_SECONDS, lambda: f"Stripe's customer {customer_id} was not renamed")
+    wait_until(
+        lambda: [
+            e
+            for e in stored_events(app)
+            if e["type"] == "customer.updated"
+            and e["object"]["id"] == customer_id
+            and e["object"]["name"] == RENAMED
+            and e["status"] == "processed"
+        ],
+        WEBHOOK_WAIT_SECONDS,
+        lambda: no_webhook_message(app, server, environment, "the customer.updated webhook for the rename"),
+    )
+    [organization] = query(app, "SELECT name FROM organization")
+    assert organization.name == RENAMED
+    renamed = query(app, "SELECT data FROM domain_event WHERE name = 'organization.renamed'")
+    assert [r.data for r in renamed] == [{"name": RENAMED, "previous": ORGANIZATION}]
+    assert not [e for e in stored_events(app) if e["status"] not in ("processed", "ignored")], stored_events(app)
 
 
 # --- Taxes (issue 24): one helper, called by walk_live_signup ------------------------------------------
@@ -200,7 +245,7 @@ def walk_live_taxed_signup(browser: BrowserPage, server: LiveServer, environment
         expect(page.locator("#next-invoice-tax")).to_be_visible()
         if sandbox:
             expect(page.locator(".tax-id-status")).to_have_text("verified")
-            expect(page.locator("#next-invoice-tax")).to_have_text("(including $3.61 tax)")
+            expect(page.locator("#next-invoice-tax")).to_have_text("($19.00 + $3.61 tax)")
         browser.step("billing page with tax")
         page.fill("#city", "Paris")
         page.fill("#country", "FR")

@@ -161,6 +161,7 @@ def migrated_prices(offline_stripe: SandboxAccount) -> Iterator[dict[str, str]]:
             unit_amount=price["unit_amount"] + 100,
             product=price["product"],
             recurring={"interval": "month"},
+            tax_behavior=price["tax_behavior"],  # as a migration copies it (Stripe Tax needs one)
         )
     yield {key: price["id"] for key, price in old.items()}
     for key, price in old.items():

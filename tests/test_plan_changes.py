@@ -253,6 +253,7 @@ def test_a_price_that_moved_since_the_preview_makes_it_stale(stack: Stack) -> No
         lookup_key="business_monthly",
         transfer_lookup_key=True,
         recurring={"interval": "month"},
+        tax_behavior=old["tax_behavior"],
     )
     try:
         stale = owner.confirm(ticket)

@@ -1,6 +1,8 @@
 """The usage API, for an organization's own services: `POST /api/v1/usage` records one usage event
 or a batch, authenticated by an API key (`Authorization: Bearer llk_...`), never by a session or a
-CSRF token. Each event goes to BillingService.record_usage; this module only parses and answers.
+CSRF token. The events go to BillingService.record_usage_batch (one event is a batch of one, with
+the organization read with the key, or remembered from an earlier request with it and checked as the
+events are stored: app/services/api_keys.py); this module only parses and answers.
 
 One event: {"meter", "quantity", "idempotency_key", "timestamp"?} (the key may instead come in an
 `Idempotency-Key` header). 201 recorded, 200 a repeated key (not counted again), or the event's
@@ -9,8 +11,10 @@ reset time and Retry-After).
 
 A batch: {"events": [up to 100 events]} answers 200 with one result per event, in order:
 {"index", "status" (its HTTP status), "outcome" (recorded, duplicate or rejected), "id" or "error"}.
-The batch is one transaction with a savepoint per event: a bad event is rejected (its savepoint
-rolled back) without losing the others, and the batch costs one commit.
+The batch is one transaction, stored set-based (app/services/usage_store.py: a few statements and one
+commit whatever its size): a bad event is rejected without losing the others.
+
+The route is a machine route (app/machine_routes.py): no session, CSRF, rate-limit or sign-in hooks.
 """
 
 from __future__ import annotations
@@ -36,23 +40,20 @@ def _error(status: int, code: str, message: str, **extra: Any) -> tuple[Response
 
 @bp.post("/usage")
 def record_usage() -> tuple[Response, int]:
-    scheme, _, secret = request.headers.get("Authorization", "").partition(" ")
-    caller = api_keys.authenticate(secret.strip() if scheme.lower() == "bearer" else None)
+    scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+    secret = sent.strip() if scheme.lower() == "bearer" else None
+    caller = api_keys.remembered(secret) or api_keys.authenticate(secret)
     if caller is None:
-        response, status = _error(401, "invalid_api_key", "Send a live API key as 'Authorization: Bearer <key>'.")
-        response.headers["WWW-Authenticate"] = 'Bearer realm="usage"'
-        return response, status
+        return _unauthorized()
     body = request.get_json(silent=True)
     if isinstance(body, dict) and "events" in body:
         events = body["events"]
         if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH:
             return _error(400, "invalid_batch", f"events must be a list of 1 to {MAX_BATCH} usage events.")
-        objects = [event for event in events if isinstance(event, dict)]
-        recorded = iter(BillingService.record_usage_batch(caller.organization_id, objects) if objects else [])
-        results = [
-            _answer({"index": index}, next(recorded) if isinstance(event, dict) else _not_an_object())
-            for index, event in enumerate(events)
-        ]
+        recorded = _recorded(secret, caller, events)
+        if recorded is None:
+            return _unauthorized()
+        results = [_answer({"index": index}, outcome) for index, outcome in enumerate(recorded)]
         return jsonify(
             results=results,
             recorded=sum(r["outcome"] == "recorded" for r in results),
@@ -63,7 +64,10 @@ def record_usage() -> tuple[Response, int]:
         return _error(400, "invalid_request", 'Send a JSON object: one usage event, or {"events": [...]}.')
     if "idempotency_key" not in body and request.headers.get("Idempotency-Key"):
         body = {**body, "idempotency_key": request.headers["Idempotency-Key"]}
-    result = _result(None, caller.organization_id, body)
+    recorded = _recorded(secret, caller, [body])
+    if recorded is None:
+        return _unauthorized()
+    result = _answer({}, recorded[0])
     status = int(result.pop("status"))
     response = jsonify(result)
     if "retry_after" in result:
@@ -71,21 +75,26 @@ def record_usage() -> tuple[Response, int]:
     return response, status
 
 
-def _result(index: int | None, organization_id: int, event: Any) -> dict[str, Any]:
-    where = {} if index is None else {"index": index}
-    if not isinstance(event, dict):
-        return _answer(where, _not_an_object())
+def _unauthorized() -> tuple[Response, int]:
+    response, status = _error(401, "invalid_api_key", "Send a live API key as 'Authorization: Bearer <key>'.")
+    response.headers["WWW-Authenticate"] = 'Bearer realm="usage"'
+    return response, status
+
+
+def _recorded(secret: str | None, caller: api_keys.ApiCaller, events: list[Any]) -> list[usage.Recorded] | None:
+    """Each event's outcome, in order: the JSON objects recorded together (BillingService.record_usage_batch,
+    with the organization as read with the key), anything else refused. None: the key is no longer live
+    (a remembered key, found revoked by the recording's own check)."""
+    objects = [event for event in events if isinstance(event, dict)]
     try:
-        recorded: usage.Recorded = BillingService.record_usage(
-            organization_id,
-            _sent(event, "meter"),
-            _sent(event, "quantity"),
-            idempotency_key=_sent(event, "idempotency_key"),
-            occurred_at=_sent(event, "timestamp"),
-        )
-    except usage.UsageRejected as exc:
-        recorded = exc
-    return _answer(where, recorded)
+        stored = BillingService.record_usage_batch(caller.organization_id, objects, account=caller.account)
+    except usage.AccountChanged:  # nothing was stored: read the key and its organization again
+        fresh = api_keys.authenticate(secret)
+        if fresh is None:
+            return None
+        stored = BillingService.record_usage_batch(fresh.organization_id, objects, account=fresh.account)
+    recorded = iter(stored)
+    return [next(recorded) if isinstance(event, dict) else _not_an_object() for event in events]
 
 
 def _not_an_object() -> usage.UsageRejected:
@@ -108,10 +117,5 @@ def _answer(where: dict[str, Any], recorded: usage.Recorded) -> dict[str, Any]:
         "id": recorded.event_id,
         "meter": recorded.meter,
         "quantity": recorded.quantity,
-        "timestamp": recorded.occurred_at.isoformat(),
+        "timestamp": usage.iso(recorded.occurred_at),
     }
-
-
-def _sent(event: dict[str, Any], name: str) -> Any:
-    """A field as sent, of any JSON type: record_usage validates each (a clear error per event)."""
-    return event.get(name)

@@ -1,28 +1,36 @@
 """API keys: what an organization's own services present to the usage API (POST /api/v1/usage). The
 owner creates (names), lists and revokes them on /api-keys/. A key is `llk_` and 43 characters of
 256 random bits, shown once; only its SHA-256 is stored, with its first 12 characters (the prefix)
-for telling keys apart. Checking a key is one indexed read; its last-used time is written at most
-once a minute (a conditional UPDATE), so a busy key does not write on every request."""
+for telling keys apart. Checking a key is one indexed read (joined with its organization's billing
+state, which recording needs). A process remembers what it read for a minute, and a request with a
+remembered key skips that read: the recording's own statement checks that the key is still live and
+the organization unchanged, so a revocation still takes effect at once (`remembered`). The last-used
+time is written at most once a minute (a conditional UPDATE), so a busy key does not write on every
+request."""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from flask import current_app
+from sqlalchemy import BigInteger, String, column, select, text, update
 
 from app import clock
 from app.extensions import db
 from app.models import ApiKey
-from app.services import domain_events
+from app.models.types import Timestamp
+from app.services import domain_events, usage_store
 from app.services.billing_common import committed
 
 KEY_PREFIX = "llk_"
 PREFIX_LENGTH = 12
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 MAX_KEYS = 20  # live keys per organization
+REMEMBERED_KEYS = 10_000  # callers a process remembers (all forgotten when full)
 
 
 class ApiKeyError(ValueError):
@@ -41,6 +49,21 @@ class NewApiKey:
 class ApiCaller:
     organization_id: int
     key_id: int
+    account: usage_store.Account  # the organization as read with the key
+
+
+CALLER = text(
+    "SELECT k.id, k.organization_id, k.last_used_at, o.tier, o.billing_status, o.current_period_end"
+    " FROM api_key k JOIN organization o ON o.id = k.organization_id"
+    " WHERE k.key_hash = :key_hash AND k.revoked_at IS NULL"
+).columns(
+    column("id", BigInteger),
+    column("organization_id", BigInteger),
+    column("last_used_at", Timestamp),
+    column("tier", String),
+    column("billing_status", String),
+    column("current_period_end", Timestamp),
+)
 
 
 def _digest(secret: str) -> str:
@@ -112,23 +135,50 @@ def revoke(organization_id: int, key_id: int, *, actor_user_id: int) -> ApiKey:
 
 
 def authenticate(secret: str | None) -> ApiCaller | None:
-    """The organization a presented key belongs to, or None (unknown, malformed or revoked)."""
+    """The organization a presented key belongs to, or None (unknown, malformed or revoked): read with
+    the organization's tier, status and period (what recording needs) in one statement. A live key
+    leaves its read's transaction open for the recording that follows (which commits it), and is
+    remembered for the next requests (see `remembered`)."""
     if not secret or not secret.startswith(KEY_PREFIX) or len(secret) > 100:
         return None
-    row = db.session.execute(
-        select(ApiKey.id, ApiKey.organization_id, ApiKey.last_used_at).where(
-            ApiKey.key_hash == _digest(secret), ApiKey.revoked_at.is_(None)
-        )
-    ).first()
+    digest = _digest(secret)
+    callers = _remembered_callers()
+    callers.pop(digest, None)
+    row = db.session.connection().execute(CALLER, {"key_hash": digest}).first()
     if row is None:
         db.session.rollback()
         return None
     now = clock.utcnow()
     if row.last_used_at is None or row.last_used_at < now - LAST_USED_RESOLUTION:
         _mark_used(row.id, now)
-    else:
-        db.session.rollback()
-    return ApiCaller(organization_id=row.organization_id, key_id=row.id)
+    account = usage_store.Account(row.tier, row.billing_status, row.current_period_end)
+    if db.session.get_bind().dialect.name == "postgresql":  # the check of a remembered key is PostgreSQL's
+        if len(callers) >= REMEMBERED_KEYS:
+            callers.clear()
+        remembered_account = account._replace(key_id=row.id)
+        callers[digest] = (time.monotonic(), ApiCaller(row.organization_id, row.id, remembered_account))
+    return ApiCaller(organization_id=row.organization_id, key_id=row.id, account=account)
+
+
+def remembered(secret: str | None) -> ApiCaller | None:
+    """The caller this process read for this key less than LAST_USED_RESOLUTION ago, without a round
+    trip; None when there is none. Its account carries the key's id, so the recording's own statement
+    checks that the key is still live and the organization unchanged (usage_store.AccountChanged when
+    not: then `authenticate` reads them again). A revoked key therefore records nothing from its
+    revocation's commit on, as with a fresh read (a request refused before recording anything, a
+    malformed body, may still get its 400 rather than the 401). Its last use is written when it is
+    read again: a minute or two late at most."""
+    if not secret or len(secret) > 100:
+        return None
+    entry = _remembered_callers().get(_digest(secret))
+    if entry is None or time.monotonic() - entry[0] >= LAST_USED_RESOLUTION.total_seconds():
+        return None
+    return entry[1]
+
+
+def _remembered_callers() -> dict[str, tuple[float, ApiCaller]]:
+    callers: dict[str, tuple[float, ApiCaller]] = current_app.extensions.setdefault("api_key_callers", {})
+    return callers
 
 
 def _mark_used(key_id: int, now: datetime) -> None:

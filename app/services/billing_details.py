@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from app.services.pricing import InvoiceTax
 from app.services.subscription_state import from_unix
 from app.services.tax import CustomerTax, invoice_tax
 from app.services.whop_state import minor_units, parse_time
@@ -148,10 +149,15 @@ class UpcomingInvoice:
     # counted so far, which the billing page replaces with our own (fresher) figure.
     price_amounts: tuple[tuple[str, int], ...] = ()
     tax: int = 0  # Stripe Tax's part of amount_due (total_taxes)
+    tax_split: InvoiceTax | None = None  # added on top / included in the prices (tax.py)
 
     @property
     def when(self) -> datetime | None:
         return from_unix(self.date)
+
+    def tax_words(self, total: int) -> str:
+        """ "$19.00 + $3.61 tax" or "including $3.03 tax" for what the invoice charges (tax.py)."""
+        return (self.tax_split or InvoiceTax(added=self.tax, currency=self.currency)).words(total)
 
     def amount_for(self, price_ids: Iterable[str]) -> int:
         wanted = set(price_ids)
@@ -168,7 +174,14 @@ class UpcomingInvoice:
             if isinstance(price_id, str):
                 amounts.append((price_id, int(line.get("amount") or 0)))
         currency = str(invoice.get("currency") or "usd")
-        return cls(int(invoice.get("amount_due") or 0), currency, date, tuple(amounts), invoice_tax(invoice))
+        return cls(
+            int(invoice.get("amount_due") or 0),
+            currency,
+            date,
+            tuple(amounts),
+            invoice_tax(invoice),
+            InvoiceTax.of(invoice),
+        )
 
     @classmethod
     def from_whop(cls, membership: Mapping[str, Any]) -> UpcomingInvoice | None:

@@ -1157,9 +1157,9 @@ class BillingService:
         )
 
     @staticmethod
-    def record_usage_batch(organization_id: int, events: list[dict[str, Any]]) -> list[usage.Recorded]:
-        """Several events in one transaction (a savepoint each); a refused one is a UsageRejected in its place."""
-        return usage.record_batch(plan_catalogue(), organization_id, events)
+    def record_usage_batch(organization_id: int, events: list[dict[str, Any]], **kw: Any) -> list[usage.Recorded]:
+        """Events stored set-based in one transaction (usage_store.py); a refused one: a UsageRejected in its place."""
+        return usage.record_batch(plan_catalogue(), organization_id, events, **kw)  # kw: account (usage.record_batch)
 
     # --- Usage-based billing: reporting to Stripe's meter events (app/services/usage_reports.py) ------
     @classmethod

@@ -23,7 +23,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from app.services.entitlements import entitlements_for, seat_addon_key
 from app.services.plans import PlanCatalogue
-from app.services.pricing import PriceInfo, format_money
+from app.services.pricing import InvoiceTax, PriceInfo, format_money
 from app.services.wording import counted
 
 
@@ -333,6 +333,7 @@ def schedule_phases(
 class PreviewLine:
     description: str
     amount: int
+    included: bool = False  # tax inside the amounts above (inclusive prices): shown, not added again
 
 
 @dataclass(frozen=True)
@@ -400,7 +401,11 @@ class Preview:
         if self.when == When.PERIOD_END or self.today == 0:
             return "Nothing is charged today."
         if self.today > 0:
-            return f"{format_money(self.today, self.currency)} is charged today for the rest of this period."
+            added = sum(line.amount for line in self.lines if line.description == "Tax" and not line.included)
+            included = sum(line.amount for line in self.lines if line.included)
+            taxed = InvoiceTax(added, included, self.currency).words(self.today)
+            amount = format_money(self.today, self.currency) + (f" ({taxed})" if taxed else "")
+            return f"{amount} is charged today for the rest of this period."
         return f"{format_money(-self.today, self.currency)} is credited to your account for the rest of this period."
 
 
@@ -474,11 +479,16 @@ def summarize_invoice_preview(invoice: Mapping[str, Any]) -> tuple[int, list[Pre
     discount = sum(int(share.get("amount") or 0) for share in invoice.get("total_discount_amounts") or [])
     if discount:
         lines.append(PreviewLine("Discount (promotion code)", -discount))
-    if taxed := sum(int(t.get("amount") or 0) for t in invoice.get("total_taxes") or []):
-        lines.append(PreviewLine("Tax", taxed))  # Stripe Tax on the change (reverse charge: none)
+    # Stripe Tax on the change (reverse charge: none): added on top of exclusive prices; inside
+    # inclusive ones, where it is shown for information and not added again (tax.py).
+    taxed = InvoiceTax.of(invoice)
+    if taxed.added:
+        lines.append(PreviewLine("Tax", taxed.added))
+    if taxed.included:
+        lines.append(PreviewLine("Including tax", taxed.included, included=True))
     total = invoice.get("total")
     if total is None:
-        total = invoice.get("amount_due", sum(line.amount for line in lines))
+        total = invoice.get("amount_due", sum(line.amount for line in lines if not line.included))
     return int(total), lines
 
 

@@ -33,6 +33,8 @@ class PriceInfo:
     active: bool = True
     metered: bool = False  # recurring.usage_type "metered": billed in arrears from a meter's usage
     meter: str | None = None  # a metered price's billing meter (mtr_...)
+    # exclusive | inclusive | unspecified: whether unit_amount includes the tax (Stripe Tax; tax.py)
+    tax_behavior: str = "unspecified"
 
     @classmethod
     def from_stripe(cls, price: Mapping[str, Any]) -> PriceInfo:
@@ -49,6 +51,7 @@ class PriceInfo:
             active=bool(price.get("active", True)),
             metered=recurring.get("usage_type") == "metered",
             meter=recurring.get("meter") if isinstance(recurring.get("meter"), str) else None,
+            tax_behavior=str(price.get("tax_behavior") or "unspecified"),
         )
 
     def to_cache(self) -> dict[str, Any]:
@@ -57,7 +60,7 @@ class PriceInfo:
     @classmethod
     def from_cache(cls, value: Any) -> PriceInfo | None:
         """A cached entry, or None for anything else (an entry written by an older release, say)."""
-        if not isinstance(value, dict):
+        if not isinstance(value, dict) or "tax_behavior" not in value:
             return None
         try:
             return cls(**value)
@@ -92,3 +95,40 @@ def format_money(amount: int | None, currency: str | None) -> str:
     number = f"{value:,}" if code in ZERO_DECIMAL else f"{Decimal(value) / 100:,.2f}"
     symbol = SYMBOLS.get(code)
     return f"{sign}{symbol}{number}" if symbol else f"{sign}{number} {code.upper()}"
+
+
+@dataclass(frozen=True)
+class InvoiceTax:
+    """An invoice's tax split by how Stripe applied it: `added` on top of exclusive prices, `included`
+    inside inclusive ones (total_taxes[].tax_behavior). A reverse charge or an exemption is a zero
+    amount: an inclusive price is then charged as it is (Stripe keeps what the buyer pays)."""
+
+    added: int = 0
+    included: int = 0
+    currency: str = "usd"
+
+    @classmethod
+    def of(cls, invoice: Mapping[str, Any]) -> InvoiceTax:
+        added = included = 0
+        for tax in invoice.get("total_taxes") or []:
+            if tax.get("tax_behavior") == "inclusive":
+                included += int(tax.get("amount") or 0)
+            else:
+                added += int(tax.get("amount") or 0)
+        return cls(added, included, str(invoice.get("currency") or "usd"))
+
+    @property
+    def amount(self) -> int:
+        return self.added + self.included
+
+    def words(self, total: int) -> str:
+        """How `total` (what is charged, tax and all) is made up: "$19.00 + $3.61 tax" (exclusive),
+        "including $3.03 tax" (inclusive); both when an invoice mixes them; "" with no tax."""
+        parts = []
+        if self.added:
+            parts.append(
+                f"{format_money(total - self.added, self.currency)} + {format_money(self.added, self.currency)} tax"
+            )
+        if self.included:
+            parts.append(f"including {format_money(self.included, self.currency)} tax")
+        return ", ".join(parts)

@@ -21,7 +21,7 @@ from app.services.auth_service import normalise_email
 from app.services.mailer import send_event_email
 from app.services.notifications import organization_and_owner
 from app.services.outbox import OutboxEvent
-from app.services.pricing import format_money
+from app.services.pricing import InvoiceTax, format_money
 from app.services.subscription_state import from_unix
 
 
@@ -43,6 +43,7 @@ class Receipt:
     subtotal: int
     discount: int
     tax: int
+    tax_included: int  # the part of `tax` inside inclusive prices (not added on top)
     period_start: datetime | None
     period_end: datetime | None
     card: str | None  # "Visa ending in 4242"
@@ -65,7 +66,8 @@ class Receipt:
             currency=str(invoice.get("currency") or "usd"),
             subtotal=int(invoice.get("subtotal") or 0),
             discount=sum(int(d.get("amount") or 0) for d in invoice.get("total_discount_amounts") or []),
-            tax=sum(int(t.get("amount") or 0) for t in invoice.get("total_taxes") or []),
+            tax=InvoiceTax.of(invoice).amount,
+            tax_included=InvoiceTax.of(invoice).included,
             period_start=from_unix(min(starts)) if starts else None,
             period_end=from_unix(max(ends)) if ends else None,
             card=f"{str(details.get('brand') or 'card').title()} ending in {details['last4']}"

@@ -5,6 +5,13 @@ Stripe through the TaxCalls BillingService implements (no transaction is held wh
 
 Stripe is the record for addresses and tax IDs: nothing of them is stored here; the page reads them
 (cached with the page's other reads) and an edit forgets that cache.
+
+Prices and tax (PRICES_SHOWN_WITH_TAX): with Stripe Tax each price must say whether its amount
+includes the tax (`tax_behavior` inclusive or exclusive; Stripe refuses automatic tax on an
+`unspecified` one), and it must agree with the setting: `flask billing check-prices` reports a price
+that does not (`price_problem`). How an amount is shown follows what Stripe did on the invoice
+(`pricing.InvoiceTax`, from `total_taxes`): exclusive tax is added on top ("$19.00 + $3.61 tax"), inclusive
+tax is inside what is paid ("including $3.03 tax").
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from app.extensions import db
 from app.models import Organization
 from app.services import domain_events
 from app.services.billing_common import BillingError
+from app.services.pricing import PriceInfo
 
 ADDRESS_KEYS = ("line1", "line2", "city", "postal_code", "state", "country")
 # The tax ID types the billing page offers, with the shape Stripe accepts (Stripe checks it again).
@@ -58,6 +66,39 @@ def enabled() -> bool:
 
 def prices_include_tax() -> bool:
     return str(current_app.config["PRICES_SHOWN_WITH_TAX"]) == "inclusive"
+
+
+def shown_with_tax() -> str:
+    """PRICES_SHOWN_WITH_TAX: the tax_behavior every catalogue price must have under Stripe Tax."""
+    return str(current_app.config["PRICES_SHOWN_WITH_TAX"])
+
+
+def price_problem(price: PriceInfo) -> str | None:
+    """Why a catalogue price does not fit the tax settings, or None. Only with STRIPE_AUTOMATIC_TAX:
+    without it Stripe computes no tax and tax_behavior is not read."""
+    if not enabled():
+        return None
+    wanted = shown_with_tax()
+    if price.tax_behavior == wanted:
+        return None
+    if price.tax_behavior == "unspecified":
+        return (
+            f"price {price.id} ({price.lookup_key}) has no tax_behavior (unspecified): Stripe Tax refuses it."
+            f" Set it to {wanted} at Stripe (it can be set once), as PRICES_SHOWN_WITH_TAX={wanted} says"
+        )
+    return (
+        f"price {price.id} ({price.lookup_key}) has tax_behavior={price.tax_behavior}, but"
+        f" PRICES_SHOWN_WITH_TAX={wanted}: the pages would misstate what is charged. A price's tax_behavior"
+        f" cannot be changed: create a {wanted} price with the same lookup key (transfer_lookup_key)"
+    )
+
+
+def price_words(price: PriceInfo | None) -> str:
+    """What a catalogue price says about tax next to its amount, from its own tax_behavior: "including
+    tax" or "plus tax" with Stripe Tax on; nothing otherwise (or when Stripe does not say)."""
+    if price is None or not enabled():
+        return ""
+    return {"inclusive": "including tax", "exclusive": "plus tax"}.get(price.tax_behavior, "")
 
 
 def checkout_params(*, existing_customer: bool) -> Any:

@@ -2,19 +2,22 @@
 and the durable, idempotent insert. BillingService.record_usage is the entry point; the HTTP API
 (app/api/routes.py) and code inside the app both go through it.
 
-One recording is one short transaction, with no provider call in it:
+Recording is one short transaction per request (one event or a batch), with no provider call in it.
+Each event is validated here (a bad one gets its own UsageRejected, 4xx, and the others go on); the
+valid ones are stored set-based by app/services/usage_store.py, which says how:
 
-1. INSERT the event ... ON CONFLICT (organization_id, idempotency_key) DO NOTHING. A repeated key is
-   acknowledged as a duplicate (the first event's answer) and nothing else happens; the same key with
-   other usage is refused (409), as Stripe refuses an idempotency key reused with other parameters.
-2. Add the quantity to the period's counter row (usage_period_total): an UPDATE under the row's lock,
-   conditional on the hard limit where the tier has one. An update that would pass a hard limit matches
-   no row: the transaction rolls back (the event is not stored) and the caller gets UsageLimitReached.
-3. The part of the event past what the tier includes is its billable quantity (tiers whose overage is
+1. The quantity is added to the period's counter row (usage_period_total) by one upsert per meter and
+   period the batch touches, which locks the row until the commit; a hard limit is judged under that
+   lock (the events that would pass it are refused, UsageLimitReached, and not stored).
+2. All the events are inserted by one INSERT ... ON CONFLICT (organization_id, idempotency_key) DO
+   NOTHING RETURNING. A repeated key (from an earlier request, a concurrent one, or earlier in the same
+   batch) is acknowledged as a duplicate (the first event's answer) and not counted again; the same key
+   with other usage is refused (409), as Stripe refuses an idempotency key reused with other parameters.
+3. The part of each event past what the tier includes is its billable quantity (tiers whose overage is
    "billed"); the worker reports it to Stripe (app/services/usage_reports.py).
 4. A soft limit's counter crossing 80% or 100% of the included quantity records a domain event whose
-   outbox consumer emails the owner. The counter only grows and is updated one recording at a time,
-   so each threshold is crossed once per period: one email each.
+   outbox consumer emails the owner. The counter only grows and is updated under its row's lock, so each
+   threshold is crossed once per period: one email each.
 """
 
 from __future__ import annotations
@@ -28,14 +31,10 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from sqlalchemy import case, select, update
-
 from app import clock
 from app.extensions import db
-from app.models import Organization, UsageEvent, UsagePeriodTotal
 from app.models.organization import BillingStatus
-from app.services import domain_events
-from app.services.billing_common import portable_insert
+from app.services import usage_store
 from app.services.plans import Meter, MeterAllowance, PlanCatalogue
 
 # Stripe refuses meter events whose timestamp is more than 35 days old or more than 5 minutes ahead.
@@ -43,8 +42,7 @@ OLDEST = timedelta(days=35)
 FUTURE_SKEW = timedelta(minutes=5)
 MAX_QUANTITY = 10**12
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
-WARNING_PERCENTS = (80, 100)
-THRESHOLD_EVENT = "usage.threshold_reached"
+ACCOUNT_REFUSALS = frozenset({"meter_not_in_plan", "no_subscription"})  # decided on the organization's state
 NOT_BILLING = frozenset({BillingStatus.CANCELED, BillingStatus.INCOMPLETE_EXPIRED, BillingStatus.INCOMPLETE})
 
 
@@ -89,10 +87,9 @@ class RecordedUsage:
 Recorded = RecordedUsage | UsageRejected  # a batch's answer for one event
 
 
-@dataclass(frozen=True)
-class Period:
-    start: datetime
-    end: datetime
+Period = usage_store.Period
+AccountChanged = usage_store.AccountChanged
+iso = usage_store.iso  # datetime.isoformat, remembered (a batch's events mostly share one time)
 
 
 # --- validation (pure) ----------------------------------------------------------------------------
@@ -226,154 +223,82 @@ def record_batch(
     events: Sequence[Mapping[str, Any]],
     *,
     now: datetime | None = None,
+    account: usage_store.Account | None = None,
 ) -> list[Recorded]:
-    """Validate and store each event ({"meter", "quantity", "idempotency_key", "timestamp"}) in one
-    transaction with a savepoint per event, committed once: an event refused (UsageRejected, in its
-    place in the answer) is rolled back alone and the others are stored."""
+    """Validate each event ({"meter", "quantity", "idempotency_key", "timestamp"}) and store the valid
+    ones set-based (app/services/usage_store.py) in one transaction, committed here. An event refused
+    (UsageRejected, in its place in the answer) is not stored and the others are. `account` is the
+    organization as the caller read it (the usage API, with the API key; when remembered from an
+    earlier request it is checked as it is used, and usage_store.AccountChanged means it is out of
+    date: nothing was stored)."""
     now = now or clock.utcnow()
-    organization = db.session.get(Organization, organization_id)
-    if organization is None:
-        db.session.rollback()
-        return [UsageRejected("No such organization.", code="unknown_organization", status=404) for _ in events]
-    tier, status, anchor = organization.tier, organization.billing_status, organization.current_period_end
-    outcomes: list[Recorded] = []
-    ensured: set[tuple[str, datetime]] = set()  # counter rows known to exist in this transaction
     try:
-        for event in events:
-            try:
-                meter = meter_for(catalogue, event.get("meter"))
-                amount = quantity_of(meter, event.get("quantity"))
-                key = idempotency_key_of(event.get("idempotency_key"))
-                at = occurred_at_of(event.get("timestamp"), now)
-                allowance = meter.allowance(tier)
-                if allowance is None:
-                    raise UsageRejected(
-                        f"Your plan does not include {meter.name}.", code="meter_not_in_plan", status=403
-                    )
-                if status in NOT_BILLING:
-                    raise UsageRejected(
-                        "The organization has no active subscription.", code="no_subscription", status=402
-                    )
-                period = period_containing(anchor, at)
-            except UsageRejected as exc:  # refused before anything was written
-                outcomes.append(exc)
-                continue
-            try:
-                if len(events) == 1:  # the transaction is the event's: a refusal rolls it all back
-                    outcomes.append(_store(organization_id, meter, allowance, amount, key, at, period, now, ensured))
-                else:
-                    with db.session.begin_nested():  # a refused event's writes are undone alone
-                        outcomes.append(
-                            _store(organization_id, meter, allowance, amount, key, at, period, now, ensured)
-                        )
-            except UsageRejected as exc:
-                if len(events) == 1:
-                    db.session.rollback()
-                outcomes.append(exc)
-                continue
-            ensured.add((meter.key, period.start))  # the counter row exists now (its savepoint held)
+        account = account or usage_store.account(organization_id)
+        if account is None:
+            db.session.rollback()
+            return [UsageRejected("No such organization.", code="unknown_organization", status=404) for _ in events]
+        outcomes: list[Recorded | None] = [None] * len(events)
+        pending = _validated(catalogue, account, events, now, outcomes)
+        if any(isinstance(outcome, UsageRejected) and outcome.code in ACCOUNT_REFUSALS for outcome in outcomes):
+            usage_store.check(organization_id, account)  # refused for the plan or status: as they are now?
+        while pending:  # a key repeated within the batch is stored (or judged) after its first event
+            firsts: dict[str, usage_store.Candidate] = {}
+            repeats = [c for c in pending if firsts.setdefault(c.key, c) is not c]
+            for index, stored in usage_store.store(organization_id, account, list(firsts.values()), now).items():
+                outcomes[index] = _recorded(stored)
+            pending = repeats
         db.session.commit()
     except BaseException:
         db.session.rollback()
         raise
-    return outcomes
+    return [outcome for outcome in outcomes if outcome is not None]
 
 
-def _store(
-    organization_id: int,
-    meter: Meter,
-    allowance: MeterAllowance,
-    amount: int,
-    key: str,
-    at: datetime,
-    period: Period,
+def _validated(
+    catalogue: PlanCatalogue,
+    account: usage_store.Account,
+    events: Sequence[Mapping[str, Any]],
     now: datetime,
-    ensured: set[tuple[str, datetime]],
-) -> RecordedUsage:
-    inserted = db.session.execute(
-        portable_insert(UsageEvent)
-        .values(
-            organization_id=organization_id,
-            meter=meter.key,
-            quantity=amount,
-            billable_quantity=0,
-            idempotency_key=key,
-            occurred_at=at,
-            period_start=period.start,
-            recorded_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["organization_id", "idempotency_key"])
-        .returning(UsageEvent.id)
-    ).scalar()
-    if inserted is None:
-        return _duplicate(organization_id, meter, amount, key)
-    if (meter.key, period.start) not in ensured:  # once per meter and period in a batch
-        db.session.execute(
-            portable_insert(UsagePeriodTotal)
-            .values(
-                organization_id=organization_id,
-                meter=meter.key,
-                period_start=period.start,
-                period_end=period.end,
-                total=0,
-                billable=0,
-            )
-            .on_conflict_do_nothing(index_elements=["organization_id", "meter", "period_start"])
-        )
-    row, included = UsagePeriodTotal, allowance.included
-    where = [row.organization_id == organization_id, row.meter == meter.key, row.period_start == period.start]
-    if allowance.overage == "hard_limit":
-        where.append(row.total + amount <= included)
-    # The part past what is included, from the total before this event (SET reads the row as it was).
-    billed_part = case(
-        (row.total + amount <= included, 0), (row.total >= included, amount), else_=row.total + amount - included
-    )
-    new_total = db.session.execute(
-        update(row)
-        .where(*where)
-        .values(total=row.total + amount, billable=row.billable + (billed_part if allowance.billed else 0))
-        .returning(row.total)
-    ).scalar()
-    if new_total is None:  # the caller's savepoint (or transaction) is rolled back
-        used = db.session.execute(select(row.total).where(*where[:3])).scalar_one()
-        raise UsageLimitReached(meter, limit=included, used=used, resets_at=period.end)
-    old_total = new_total - amount
-    billable = max(0, new_total - max(old_total, included)) if allowance.billed else 0
-    if billable:
-        db.session.execute(update(UsageEvent).where(UsageEvent.id == inserted).values(billable_quantity=billable))
-    if allowance.overage == "soft_limit":
-        _warn_on_crossing(organization_id, meter, allowance, old_total, new_total, period)
-    return RecordedUsage(inserted, meter.key, amount, at, duplicate=False)
+    outcomes: list[Recorded | None],
+) -> list[usage_store.Candidate]:
+    """The events that may be stored; each refused one's UsageRejected goes in its place in `outcomes`."""
+    valid: list[usage_store.Candidate] = []
+    period: Period | None = None
+    allowances: dict[str, MeterAllowance | None] = {}
+    billing = account.billing_status not in NOT_BILLING
+    for index, event in enumerate(events):
+        try:
+            meter = meter_for(catalogue, event.get("meter"))
+            amount = event.get("quantity")
+            if type(amount) is not int or not 0 <= amount <= MAX_QUANTITY or meter.aggregation == "count":
+                amount = quantity_of(meter, amount)  # anything but a plain whole number (the usual case)
+            key = idempotency_key_of(event.get("idempotency_key"))
+            sent_at = event.get("timestamp")
+            at = now if sent_at is None else occurred_at_of(sent_at, now)
+            if meter.key not in allowances:
+                allowances[meter.key] = meter.allowance(account.tier or "")
+            allowance = allowances[meter.key]
+            if allowance is None:
+                raise UsageRejected(f"Your plan does not include {meter.name}.", code="meter_not_in_plan", status=403)
+            if not billing:
+                raise UsageRejected("The organization has no active subscription.", code="no_subscription", status=402)
+        except UsageRejected as exc:
+            outcomes[index] = exc
+            continue
+        if period is None or not period.start <= at < period.end:  # a batch's events mostly share one
+            period = period_containing(account.current_period_end, at)
+        valid.append(usage_store.Candidate(index, meter, allowance, amount, key, at, period))
+    return valid
 
 
-def _duplicate(organization_id: int, meter: Meter, amount: int, key: str) -> RecordedUsage:
-    first = db.session.execute(
-        select(UsageEvent).where(UsageEvent.organization_id == organization_id, UsageEvent.idempotency_key == key)
-    ).scalar_one()
-    if first.meter != meter.key or first.quantity != amount:
-        raise UsageRejected(
-            f"idempotency_key {key!r} was already used for other usage ({first.quantity} of {first.meter}).",
+def _recorded(outcome: usage_store.Outcome) -> Recorded:
+    if isinstance(outcome, usage_store.Refused):
+        return UsageLimitReached(outcome.meter, limit=outcome.limit, used=outcome.used, resets_at=outcome.resets_at)
+    if isinstance(outcome, usage_store.Reused):
+        return UsageRejected(
+            f"idempotency_key {outcome.key!r} was already used for other usage ({outcome.quantity} of"
+            f" {outcome.meter}).",
             code="idempotency_key_reused",
             status=409,
         )
-    return RecordedUsage(first.id, first.meter, first.quantity, first.occurred_at, duplicate=True)
-
-
-def _warn_on_crossing(
-    organization_id: int, meter: Meter, allowance: MeterAllowance, old: int, new: int, period: Period
-) -> None:
-    for percent in WARNING_PERCENTS:
-        threshold = math.ceil(allowance.included * percent / 100)
-        if old < threshold <= new:
-            domain_events.record(
-                THRESHOLD_EVENT,
-                organization_id=organization_id,
-                source=f"usage:{meter.key}",
-                meter=meter.key,
-                meter_name=meter.name,
-                percent=percent,
-                included=allowance.included,
-                used=new,
-                period_start=period.start.isoformat(),
-                period_end=period.end.isoformat(),
-            )
+    return RecordedUsage(outcome.event_id, outcome.meter, outcome.quantity, outcome.occurred_at, outcome.duplicate)
