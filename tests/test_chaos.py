@@ -320,14 +320,24 @@ def record_usage(app: Flask, keys: list[str], round_number: int, rng: random.Ran
 
 def finish_reports(app: Flask, deadline: float) -> None:
     """The workers' next report runs, until none is pending and no billed usage is unreported."""
-    report_jobs = "SELECT 1 FROM procrastinate_jobs WHERE task_name = 'usage:report' AND status IN ('todo', 'doing')"
+    report_jobs = (
+        "SELECT id, status, worker_id, attempts FROM procrastinate_jobs "
+        "WHERE task_name = 'usage:report' AND status IN ('todo', 'doing')"
+    )
     while True:
         with app.app_context():
             counts = usage_reports.counts()
         running = execute(app, report_jobs)
         if counts.pending == 0 and counts.unreported_events == 0 and not running:
             return
-        assert time.monotonic() < deadline, f"usage was not reported in time {WHY}: {counts}"
+        if time.monotonic() > deadline:  # where the report job is stuck, for whoever reads the failure
+            busy = execute(
+                app,
+                "SELECT pid, application_name, state, wait_event_type, wait_event, left(query, 120) AS query "
+                "FROM pg_stat_activity WHERE datname = current_database() AND state <> 'idle' "
+                "AND pid <> pg_backend_pid()",
+            )
+            raise AssertionError(f"usage was not reported in time {WHY}: {counts}; jobs {running}; database {busy}")
         if not running:
             queue_report(app)
         time.sleep(0.2)
