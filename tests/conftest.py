@@ -582,13 +582,14 @@ class SandboxAccount:
         card: str | None = None,
         promotion_code: str = "",
         tax_details: dict[str, str] | None = None,  # Checkout's address and tax ID fields (Stripe Tax)
+        email: str = "ada@example.com",
     ) -> dict[str, Any]:
         """The customer pays on the hosted Checkout page. outcome: paid, trial (a trial checkout), async (the
         payment settles later) or declined. Returns the session as the API then reports it."""
         response = self.http.post(
             f"{self.url}/checkout/{session_id}",
             data={
-                "email": "ada@example.com",
+                "email": email,
                 "cardNumber": (number := CARDS[outcome] if card is None else card),
                 "cardExpiry": "12 / 34" if number else "",
                 "cardCvc": "123" if number else "",
@@ -823,10 +824,13 @@ def checkout_session_id(response: Any) -> str:
     return str(response.headers["Location"].rsplit("/", 1)[-1])
 
 
-def sign_up(client: FlaskClient, stripe_api: SandboxAccount, *, outcome: str = "paid", **fields: Any) -> dict[str, Any]:
-    """A signup walked to a signed-in owner through the success redirect; returns the paid session."""
+def sign_up(
+    client: FlaskClient, stripe_api: SandboxAccount, *, outcome: str = "paid", paid_as: str | None = None, **fields: Any
+) -> dict[str, Any]:
+    """A signup walked to a signed-in owner through the success redirect; returns the paid session.
+    paid_as: the email typed on Checkout (default ada@example.com, whatever the account's is)."""
     session_id = checkout_session_id(start_signup(client, **fields))
-    session = stripe_api.pay(session_id, outcome=outcome)
+    session = stripe_api.pay(session_id, outcome=outcome, **({"email": paid_as} if paid_as else {}))
     response = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
     assert response.status_code == 303 and response.headers["Location"] == "/app", response.get_data(as_text=True)
     return session

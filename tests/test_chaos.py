@@ -3,9 +3,12 @@ changes, failed payments and recoveries, scheduled cancellations and cancellatio
 Stripe, while deliveries are dropped (and redelivered, as Stripe retries), doubled, shuffled and sent
 concurrently; real worker processes apply them while Stripe is slow, one worker is SIGKILLed with jobs
 in flight, the app's PostgreSQL connections are cut, Redis is flushed, SMTP refuses mail for a while
-and Stripe answers 429. After the workers drain: no acknowledged event is left unapplied (before any
-reconcile), every organization equals its subscription at Stripe, every email was sent once, and
-reconcile finds nothing to repair.
+and Stripe answers 429. The organizations also record metered usage through the usage API all along
+(each request sent twice at once), and the workers report it to Stripe's meter events through those
+faults (the killed worker may hold the report job; Stripe's meter events answer 429 too). After the
+workers drain: no acknowledged event is left unapplied (before any reconcile), every organization
+equals its subscription at Stripe, every email was sent once, Stripe's meter event summary of each
+customer equals our billed total to the unit, and reconcile finds nothing to repair.
 
 Seeded and reproducible: CHAOS_SEED (default: a fixed one for CI), CHAOS_ORGS (3) and CHAOS_ROUNDS (1:
 one round meeting every fault); `make chaos` runs a longer one (scripts/chaos). The seed is printed
@@ -31,7 +34,7 @@ from flask import Flask
 from sqlalchemy import text
 
 from app.extensions import db
-from app.services import jobs, queue
+from app.services import jobs, queue, usage_reports
 from app.services.billing_service import BillingService
 from tests.conftest import (
     OFFLINE_SECRET_KEY,
@@ -42,6 +45,8 @@ from tests.conftest import (
     run_jobs,
     sign_up,
 )
+from tests.test_usage_api import create_api_key, post_usage
+from tests.test_usage_reports import stripe_total
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("CHAOS_SEED", "20"))
@@ -61,11 +66,12 @@ class Workers:
         self.env = env
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, **settings: str) -> subprocess.Popen[bytes]:
+        """One more worker; `settings` are environment variables of its own (WORKER_STALLED_SECONDS...)."""
         process = subprocess.Popen(
             [sys.executable, "-m", "flask", "billing", "worker", "--concurrency", "2"],
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **settings},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -83,9 +89,9 @@ class Workers:
                 process.kill()
 
 
-@pytest.fixture
-def workers(app: Flask, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount) -> Iterator[Workers]:
-    env = {
+def worker_env(app: Flask, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount) -> dict[str, str]:
+    """The environment of a worker on the test database, Redis, SMTP sink and offline Stripe."""
+    return {
         **os.environ,
         "APP_ENV": "test",
         "FLASK_APP": "wsgi.py",
@@ -102,7 +108,11 @@ def workers(app: Flask, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount) -
         "OUTBOX_MAX_ATTEMPTS": "30",
         "WORKER_POLL_SECONDS": "0.5",
     }
-    running = Workers(env)
+
+
+@pytest.fixture
+def workers(app: Flask, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount) -> Iterator[Workers]:
+    running = Workers(worker_env(app, smtp_server, stripe_sandbox))
     yield running
     running.stop()
 
@@ -271,6 +281,85 @@ def drain(app: Flask, deadline: float) -> None:
     raise AssertionError(f"the workers did not drain {WHY}: pending events {pending}, jobs {waiting}")
 
 
+# --- metered usage, recorded through the API and reported by the workers ---------------------------
+
+
+def queue_report(app: Flask) -> None:
+    """What the every-minute schedule does (jobs.report_usage), now rather than at the next minute; a
+    report job already waiting does it instead."""
+    with app.app_context():
+        queue.defer(
+            "usage:report",
+            queue="maintenance",
+            lock="report_usage",
+            queueing_lock="report_usage",
+            timestamp=int(time.time()),
+        )
+        db.session.commit()
+
+
+def record_usage(app: Flask, keys: list[str], round_number: int, rng: random.Random) -> Counter[int]:
+    """Each organization's service records two usage events through the API (together past what Starter
+    includes), each request sent twice at once (a client retrying); returns the answers' statuses. A
+    canceled organization's may be refused: what counts is that we and Stripe agree on what was billed."""
+    posts = []
+    for key in keys:
+        for event in range(2):
+            quantity = rng.randint(500, 1500)
+            body = {"meter": "api_calls", "quantity": quantity, "idempotency_key": f"{round_number}-{event}"}
+            posts += [(key, body), (key, body)]
+    rng.shuffle(posts)
+
+    def post(item: tuple[str, dict[str, Any]]) -> int:
+        status: int = post_usage(app, item[0], item[1]).status_code
+        return status
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return Counter(pool.map(post, posts))
+
+
+def finish_reports(app: Flask, deadline: float) -> None:
+    """The workers' next report runs, until none is pending and no billed usage is unreported."""
+    report_jobs = (
+        "SELECT id, status, worker_id, attempts FROM procrastinate_jobs "
+        "WHERE task_name = 'usage:report' AND status IN ('todo', 'doing')"
+    )
+    while True:
+        with app.app_context():
+            counts = usage_reports.counts()
+        running = execute(app, report_jobs)
+        if counts.pending == 0 and counts.unreported_events == 0 and not running:
+            return
+        if time.monotonic() > deadline:  # where the report job is stuck, for whoever reads the failure
+            busy = execute(
+                app,
+                "SELECT pid, application_name, state, wait_event_type, wait_event, left(query, 120) AS query "
+                "FROM pg_stat_activity WHERE datname = current_database() AND state <> 'idle' "
+                "AND pid <> pg_backend_pid()",
+            )
+            raise AssertionError(f"usage was not reported in time {WHY}: {counts}; jobs {running}; database {busy}")
+        if not running:
+            queue_report(app)
+        time.sleep(0.2)
+
+
+def assert_stripe_counts_our_usage(app: Flask, stripe_api: SandboxAccount) -> int:
+    """Every report sent, none failed, and each customer's meter event summary at Stripe equal to the
+    usage we billed it, to the unit; returns the units billed."""
+    statuses = Counter(row.status for row in query(app, "SELECT status FROM usage_report"))
+    assert set(statuses) <= {"sent"}, f"usage reports {dict(statuses)} {WHY}"
+    billed = query(
+        app,
+        "SELECT o.billing_customer_id AS customer, COALESCE(SUM(t.billable), 0) AS billable "
+        "FROM organization o LEFT JOIN usage_period_total t ON t.organization_id = o.id "
+        "WHERE o.billing_customer_id IS NOT NULL GROUP BY o.billing_customer_id",
+    )
+    for row in billed:
+        at_stripe = stripe_total(stripe_api, row.customer)
+        assert at_stripe == row.billable, f"{row.customer}: {at_stripe} at Stripe, {row.billable} billed {WHY}"
+    return sum(int(row.billable) for row in billed)
+
+
 def chaos_round(
     app: Flask,
     stripe_api: SandboxAccount,
@@ -284,13 +373,19 @@ def chaos_round(
     first: bool,
 ) -> tuple[set[int], list[dict[str, Any]]]:
     """Deliver one round's events with its faults; returns the workers now known and what to redeliver."""
-    if "throttle" in faults:  # Stripe answers 429 to the next reads
+    if "throttle" in faults:  # Stripe answers 429 to the next reads; it takes a meter event and times out, then 429
         throttle = {"path_regex": "/v1/subscriptions/[^/]+", "method": "GET", "kind": "rate_limit"}
         stripe_api.http.post(
             f"{stripe_api.url}/_sandbox/faults", json={**throttle, "times": 3, "retry_after": 1}, timeout=10
         ).raise_for_status()
+        metered = {"path": "/v1/billing/meter_events", "method": "POST"}
+        for kind in ("lost_response", "rate_limit"):
+            stripe_api.http.post(
+                f"{stripe_api.url}/_sandbox/faults", json={**metered, "kind": kind, "times": 1}, timeout=10
+            ).raise_for_status()
     if "smtp_down" in faults:
         smtp_server.refuse_next(rng.randint(1, 4))
+    queue_report(app)  # the workers report the round's usage through its faults
     others = [process for process in workers.processes[:-1] if process.poll() is None]
     if "slow_kill" not in faults:
         return known_workers, deliver(app, events, rng)
@@ -347,14 +442,15 @@ def test_acknowledged_events_are_applied_whatever_fails(
     app = make_app(JOB_RETRY_BASE_SECONDS=1, JOB_RETRY_MAX_WAIT_SECONDS=2, SIGNUP_RATE_LIMIT_PER_CLIENT="1000/minute")
     # The organizations sign up (applied in-process, before the chaos starts).
     subscriptions: list[str] = []
+    api_keys: list[str] = []  # each organization's key to the usage API
     for number in range(ORGS):
-        session = sign_up(
-            app.test_client(),
-            offline_stripe,
-            email=f"owner{number}-{SEED}@example.com",
-            organization_name=f"Chaos {number}",
-        )
+        owner = app.test_client()
+        email = f"owner{number}-{SEED}@example.com"
+        # Paid on Checkout as the account's email (Stripe shows the signup's customer_email read-only):
+        # reconcile compares the customer's email with the account's.
+        session = sign_up(owner, offline_stripe, email=email, paid_as=email, organization_name=f"Chaos {number}")
         subscriptions.append(str(session["subscription"]))
+        api_keys.append(create_api_key(owner, "metering"))
     offline_stripe.deliver(app.test_client())
     run_jobs(app)
     smtp_server.clear()
@@ -371,6 +467,8 @@ def test_acknowledged_events_are_applied_whatever_fails(
             clear_faults(offline_stripe)  # the test's own reads at Stripe are not the app's to be throttled
             actions = [act(offline_stripe, subscription, rng) for subscription in subscriptions]
             print(f"chaos round {number}: {actions}")
+            usage = record_usage(app, api_keys, number, rng)
+            print(f"chaos round {number}: usage answered {dict(usage)}")
             events = offline_stripe.take_events() + retry
             faults = rng.sample(FAULTS, k=FAULTS_PER_ROUND)
             if number == 0 and "slow_kill" not in faults:
@@ -383,6 +481,7 @@ def test_acknowledged_events_are_applied_whatever_fails(
                 cut_database_connections(app)
             if "flush_redis" in faults:
                 redis.Redis.from_url(redis_url).flushdb()
+            queue_report(app)  # the next report run, still under Stripe's faults of the round
         # Stripe retries what it never got an answer for, until every event is acknowledged.
         for _ in range(5):
             if not retry:
@@ -398,6 +497,8 @@ def test_acknowledged_events_are_applied_whatever_fails(
         drain(app, time.monotonic() + DRAIN_SECONDS)
         print(f"chaos: drained by {time.monotonic() - started:.1f} s")
         clear_faults(offline_stripe)
+        finish_reports(app, time.monotonic() + DRAIN_SECONDS)
+        print(f"chaos: usage reported by {time.monotonic() - started:.1f} s")
     finally:
         offline_stripe.set_latency(0)
         offline_stripe.http.post(
@@ -417,7 +518,11 @@ def test_acknowledged_events_are_applied_whatever_fails(
         app, "SELECT task_name, status FROM procrastinate_jobs WHERE queue_name = 'outbox' AND status <> 'succeeded'"
     )
     assert undelivered == [], f"{undelivered} {WHY}"
-    # 4. Reconcile finds nothing to repair (every field it compares: status, tier, add-ons and their
+    # 4. Stripe counted the usage we billed, each customer's to the unit: nothing lost, nothing twice.
+    units = assert_stripe_counts_our_usage(app, offline_stripe)
+    assert units > 0, f"no usage was billed: nothing was proven {WHY}"
+    print(f"chaos: {units} billed units, equal at Stripe")
+    # 5. Reconcile finds nothing to repair (every field it compares: status, tier, add-ons and their
     # quantities, the scheduled cancellation, the period end).
     # Organization by organization: the suite's sandbox also holds every other test's subscriptions.
     for [organization_id] in query(

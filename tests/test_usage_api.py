@@ -26,12 +26,17 @@ class Owner:
         self.organization_id: int = row.id
 
     def create_key(self, name: str) -> str:
-        token = csrf_token(self.client, "/api-keys/")
-        response = self.client.post("/api-keys/", data={"csrf_token": token, "name": name})
-        assert response.status_code == 201, response.text
-        match = SECRET.search(response.text)
-        assert match, response.text
-        return match.group(1)
+        return create_api_key(self.client, name)
+
+
+def create_api_key(client: FlaskClient, name: str) -> str:
+    """The signed-in owner creates an API key on the keys page; returns the secret, shown once."""
+    token = csrf_token(client, "/api-keys/")
+    response = client.post("/api-keys/", data={"csrf_token": token, "name": name})
+    assert response.status_code == 201, response.text
+    match = SECRET.search(response.text)
+    assert match, response.text
+    return match.group(1)
 
 
 @pytest.fixture

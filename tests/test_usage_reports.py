@@ -45,15 +45,7 @@ class Customer:
             return BillingService.report_usage()
 
     def stripe_total(self) -> float:
-        meters = self.stripe.api("GET", "/v1/billing/meters")["data"]
-        [meter] = [m for m in meters if m["event_name"] == EVENT_NAME]
-        now = int(datetime.now(UTC).timestamp())
-        summaries = self.stripe.api(
-            "GET",
-            f"/v1/billing/meters/{meter['id']}/event_summaries",
-            {"customer": self.customer_id, "start_time": now - 40 * 86400, "end_time": now + 3600},
-        )["data"]
-        return float(sum(s["aggregated_value"] for s in summaries))
+        return stripe_total(self.stripe, self.customer_id)
 
     def our_billed_total(self) -> int:
         [row] = query(self.app, "SELECT COALESCE(SUM(billable), 0) AS billed FROM usage_period_total")
@@ -62,6 +54,19 @@ class Customer:
     def reports(self) -> list[Any]:
         columns = "identifier, quantity, status, attempts, last_error"
         return query(self.app, f"SELECT {columns} FROM usage_report ORDER BY id")  # noqa: S608
+
+
+def stripe_total(stripe_api: SandboxAccount, customer_id: str) -> float:
+    """Stripe's meter event summary of the customer's API calls, over the last 40 days."""
+    meters = stripe_api.api("GET", "/v1/billing/meters")["data"]
+    [meter] = [m for m in meters if m["event_name"] == EVENT_NAME]
+    now = int(datetime.now(UTC).timestamp())
+    summaries = stripe_api.api(
+        "GET",
+        f"/v1/billing/meters/{meter['id']}/event_summaries",
+        {"customer": customer_id, "start_time": now - 40 * 86400, "end_time": now + 3600},
+    )["data"]
+    return float(sum(s["aggregated_value"] for s in summaries))
 
 
 @pytest.fixture
