@@ -163,6 +163,27 @@ def offline_overrides(sandbox_url: str) -> dict[str, Any]:
     }
 
 
+def worker_env(app: Flask, smtp_server: SmtpSink, sandbox: SandboxAccount) -> dict[str, str]:
+    """The environment of a worker on the test database, Redis, SMTP sink and offline Stripe."""
+    return {
+        **os.environ,
+        "APP_ENV": "test",
+        "FLASK_APP": "wsgi.py",
+        "TEST_DATABASE_URL": str(app.config["SQLALCHEMY_DATABASE_URI"]),
+        "TEST_REDIS_URL": str(app.config["REDIS_URL"]),
+        "MAIL_SERVER": "127.0.0.1",
+        "MAIL_PORT": str(smtp_server.port),
+        "STRIPE_SECRET_KEY": OFFLINE_SECRET_KEY,
+        "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
+        "STRIPE_API_BASE": sandbox.url,
+        "STRIPE_MAX_NETWORK_RETRIES": "0",
+        "JOB_RETRY_BASE_SECONDS": "1",
+        "JOB_RETRY_MAX_WAIT_SECONDS": "2",
+        "OUTBOX_MAX_ATTEMPTS": "30",
+        "WORKER_POLL_SECONDS": "0.5",
+    }
+
+
 @pytest.fixture(scope="session")
 def cleaner(database_url: str, redis_url: str) -> Iterator[Callable[[], None]]:
     """Empties every table and the test Redis database; one connection for the whole run. Ids are not
@@ -582,14 +603,13 @@ class SandboxAccount:
         card: str | None = None,
         promotion_code: str = "",
         tax_details: dict[str, str] | None = None,  # Checkout's address and tax ID fields (Stripe Tax)
-        email: str = "ada@example.com",
     ) -> dict[str, Any]:
         """The customer pays on the hosted Checkout page. outcome: paid, trial (a trial checkout), async (the
         payment settles later) or declined. Returns the session as the API then reports it."""
         response = self.http.post(
             f"{self.url}/checkout/{session_id}",
             data={
-                "email": email,
+                "email": "ada@example.com",  # a Session's customer_email wins (read-only at Checkout)
                 "cardNumber": (number := CARDS[outcome] if card is None else card),
                 "cardExpiry": "12 / 34" if number else "",
                 "cardCvc": "123" if number else "",
@@ -824,13 +844,10 @@ def checkout_session_id(response: Any) -> str:
     return str(response.headers["Location"].rsplit("/", 1)[-1])
 
 
-def sign_up(
-    client: FlaskClient, stripe_api: SandboxAccount, *, outcome: str = "paid", paid_as: str | None = None, **fields: Any
-) -> dict[str, Any]:
-    """A signup walked to a signed-in owner through the success redirect; returns the paid session.
-    paid_as: the email typed on Checkout (default ada@example.com, whatever the account's is)."""
+def sign_up(client: FlaskClient, stripe_api: SandboxAccount, *, outcome: str = "paid", **fields: Any) -> dict[str, Any]:
+    """A signup walked to a signed-in owner through the success redirect; returns the paid session."""
     session_id = checkout_session_id(start_signup(client, **fields))
-    session = stripe_api.pay(session_id, outcome=outcome, **({"email": paid_as} if paid_as else {}))
+    session = stripe_api.pay(session_id, outcome=outcome)
     response = client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
     assert response.status_code == 303 and response.headers["Location"] == "/app", response.get_data(as_text=True)
     return session

@@ -4,7 +4,6 @@ serialization, retention keeps what is still to be applied, and emails outlast a
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -22,8 +21,6 @@ from app.extensions import db
 from app.services import jobs, queue, webhook_intake
 from app.services.billing_service import BillingService
 from tests.conftest import (
-    OFFLINE_SECRET_KEY,
-    OFFLINE_WEBHOOK_SECRET,
     SandboxAccount,
     SmtpSink,
     post_webhook,
@@ -31,6 +28,7 @@ from tests.conftest import (
     run_jobs,
     sign_up,
     stripe_event,
+    worker_env,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,19 +148,7 @@ def test_a_running_worker_applies_a_stored_event_that_nothing_queued(
     past_due = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
     assert post_webhook(client, stripe_event("customer.subscription.updated", past_due)).status_code == 200
     assert webhook_jobs(app) == []  # nothing but the stored event says there is work
-    env = {
-        **os.environ,
-        "APP_ENV": "test",
-        "FLASK_APP": "wsgi.py",
-        "TEST_DATABASE_URL": str(app.config["SQLALCHEMY_DATABASE_URI"]),
-        "TEST_REDIS_URL": str(app.config["REDIS_URL"]),
-        "MAIL_SERVER": "127.0.0.1",
-        "MAIL_PORT": str(smtp_server.port),
-        "STRIPE_SECRET_KEY": OFFLINE_SECRET_KEY,
-        "STRIPE_WEBHOOK_SECRET": OFFLINE_WEBHOOK_SECRET,
-        "STRIPE_API_BASE": offline_stripe.url,
-        "WORKER_DISPATCH_SECONDS": "0.2",
-    }
+    env = {**worker_env(app, smtp_server, offline_stripe), "WORKER_DISPATCH_SECONDS": "0.2"}
     command = [sys.executable, "-m", "flask", "billing", "worker", "--queue", "webhooks", "--concurrency", "1"]
     worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
     try:

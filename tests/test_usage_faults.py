@@ -9,7 +9,7 @@ our billed total to the unit, with no double count and no loss, when
 - the same POST /api/v1/usage requests (same idempotency keys) arrive several times at once from
   several threads while reports run and Stripe answers 429.
 
-The workers are tests/test_chaos.py's (`Workers`, `worker_env`); usage is recorded through the public
+The workers are tests/test_chaos.py's (`Workers`; `worker_env` from conftest); usage is recorded through the public
 API only. tests/test_usage_reports.py proves the same paths step by step, in process."""
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from flask import Flask
 
 from app.services import usage_reports
 from app.services.billing_service import BillingService
-from tests.conftest import SandboxAccount, SmtpSink, query, run_jobs
-from tests.test_chaos import Workers, queue_report, worker_env
+from tests.conftest import SandboxAccount, SmtpSink, query, run_jobs, worker_env
+from tests.test_chaos import Workers, queue_report
 from tests.test_usage_api import Owner, post_usage
 from tests.test_usage_reports import stripe_total
 
