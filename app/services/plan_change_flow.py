@@ -117,7 +117,7 @@ def preview(
         if when != When.NOW:
             raise SubscriptionActionNotAllowed(
                 "A promotion code applies to a change made now; a cheaper plan starts at the end of the "
-                "billing period, so nothing was changed. Choose the plan without a code."
+                "billing period: choose it without a code. Nothing was changed."
             )
         promotion = calls.active_promotion_code(promotion_code.strip())
         amount = new_recurring(prices, quantities)[0]
