@@ -50,9 +50,7 @@ def change_previews(stack: Stack) -> list[dict[str, Any]]:
 
 def discount_line(page: str) -> int:
     """The preview's "Discount (promotion code)" line, in cents (negative)."""
-    lines = page.split('id="preview-lines"', 1)[1]
-    row = lines.split("Discount (promotion code)</td><td>", 1)[1].split("</td>", 1)[0]
-    return -round(float(row.replace("-", "").replace("$", "").replace(",", "")) * 100)
+    return amount(page, "preview-discount")
 
 
 def test_a_code_on_an_upgrade_is_previewed_then_applied_once_and_the_invoice_matches_the_preview(stack: Stack) -> None:
