@@ -3,7 +3,10 @@
 A coupon takes `percent_off` or `amount_off` (with `currency`) and lasts `once`, `repeating`
 (`duration_in_months`) or `forever`; a promotion code is a customer-facing code for a coupon
 (codes are unique among active codes, matched case-insensitively), optionally limited by
-`max_redemptions`, `expires_at` and `restrictions.first_time_transaction`. A code entered on a
+`max_redemptions`, `expires_at`, `customer` (only that customer may redeem it),
+`restrictions.first_time_transaction` and `restrictions.minimum_amount` (with
+`minimum_amount_currency`; held against the amount bought where one is known: an invoice preview's
+new items). A code entered on a
 Checkout page that allows promotion codes starts a discount (`di_…`) on the new subscription; every
 invoice of the subscription while the discount lasts carries it (`discounts`,
 `total_discount_amounts`, each line's `discount_amounts`) and is charged the discounted total. A
@@ -12,7 +15,10 @@ does not use it up); a `repeating` one ends `duration_in_months` after it starte
 
 Endpoints: POST/GET /v1/coupons[/:id], POST/GET /v1/promotion_codes[/:id] (list by `code`,
 `active`, `coupon`, `customer`). Subscriptions list their discounts' ids in `discounts`
-(expandable)."""
+(expandable); a subscription update's `discounts` replaces them (with `pending_if_incomplete` too,
+waiting in `pending_update.discounts` while its invoice is unpaid), and an invoice preview's
+`discounts` stands in for the subscription's for that preview only (checked as a redemption would
+be, redeeming nothing)."""
 
 from __future__ import annotations
 
