@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from app.services.promotions import change_discounts, refusal_for_change
 from tests.conftest import SandboxAccount, checkout_session_id, query, start_signup
 from tests.test_plan_changes import Owner, Stack, amount, ticket_of
 from tests.test_promotions import promotions_end_words
@@ -172,3 +173,26 @@ def test_the_offline_stripe_refuses_a_restricted_code_on_a_preview_as_stripe_doe
     with pytest.raises(AssertionError, match="not valid for this customer"):
         stack.stripe("POST", f"/subscriptions/{owner.subscription_id}", discounts=[{"promotion_code": theirs["id"]}])
     assert owner.subscription()["discounts"] == []
+
+
+def test_each_reason_a_code_cannot_be_used_on_a_change_is_said_in_words() -> None:
+    coupon = {"percent_off": 10, "duration": "once", "valid": True, "redeem_by": None}
+    good = {"id": "promo_1", "code": "OK", "active": True, "promotion": {"coupon": coupon}, "restrictions": {}}
+
+    def refusal(code: dict[str, Any] | None, amount: int = 4900, currency: str = "usd") -> str | None:
+        return refusal_for_change(code, " ok ", customer_id="cus_1", amount=amount, currency=currency, now=1000)
+
+    assert refusal(good) is None and refusal({**good, "customer": "cus_1"}) is None
+    assert refusal(None) == refusal({**good, "active": False}) == "The promotion code OK is not valid."
+    expired = "The promotion code OK has expired."
+    assert refusal({**good, "expires_at": 1000}) == expired
+    assert refusal({**good, "promotion": {"coupon": {**coupon, "redeem_by": 999}}}) == expired
+    assert refusal({**good, "promotion": {"coupon": {**coupon, "valid": False}}}) == expired
+    assert refusal({**good, "max_redemptions": 2, "times_redeemed": 2}) == "The promotion code OK has been used up."
+    assert refusal({**good, "customer": {"id": "cus_2"}}) == "The promotion code OK is for another customer."
+    minimum = {**good, "restrictions": {"minimum_amount": 5000, "minimum_amount_currency": "usd"}}
+    assert refusal(minimum) == "The promotion code OK needs a plan of at least $50.00."
+    assert refusal(minimum, amount=5000) is None and refusal(minimum, currency="eur") is None
+    assert (
+        change_discounts("promo_1") == {"discounts": [{"promotion_code": "promo_1"}]} and change_discounts(None) == {}
+    )
