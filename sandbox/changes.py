@@ -13,7 +13,9 @@ What happens when that invoice cannot be paid depends on `payment_behavior`:
   subscription becomes `past_due`.
 - `error_if_incomplete`: nothing changes (no invoice either); the call fails with 402 `card_declined`.
 - `pending_if_incomplete`: the items stay as they were; the change waits in `pending_update`
-  (23 hours) and applies when its invoice is paid (invoicing.paid()).
+  (23 hours) and applies when its invoice is paid (invoicing.paid()). `discounts` may come with
+  it (API 2026-05-27.dahlia on): the change's invoice carries them, and unpaid they wait in
+  `pending_update.discounts` too.
 - `default_incomplete`: the change applies and the invoice is left open for the customer to
   pay (no charge is attempted); the subscription becomes `past_due`.
 """
@@ -293,7 +295,7 @@ def _refuse_update(subscription: Obj, req: SubscriptionUpdate) -> None:
             param=sorted(structural)[0],
         )
     if req.payment_behavior == "pending_if_incomplete":
-        allowed = {"items", "proration_behavior", "proration_date", "payment_behavior"}
+        allowed = {"items", "proration_behavior", "proration_date", "payment_behavior", "discounts"}
         extra = req.given - allowed
         if extra:
             raise StripeError(
@@ -325,6 +327,7 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
     _apply_pause(subscription, req, now)
     if req.trial_end is not None:
         _move_trial_end(subscription, req.trial_end, now)
+    discounts_before = list(subscription["discounts"])
     if req.discounts is not None:
         discounts.set_subscription_discounts(store, subscription, req.discounts, now)
     if req.automatic_tax is not None:
@@ -340,6 +343,10 @@ def update_subscription(store: Store, subscription_id: str, req: SubscriptionUpd
     invoice: Obj | None = None
     if req.items is not None:
         invoice = _apply_items(store, subscription, req, now)
+    if req.discounts is not None and (subscription.get("pending_update") or {}).get("expires_at") and invoice:
+        # The change waits for its invoice: so do its discounts (that invoice carries them already).
+        subscription["pending_update"]["discounts"] = subscription["discounts"]
+        subscription["discounts"] = discounts_before
 
     changes = objects.previous_attributes(before, subscription)
     if changes:
@@ -484,6 +491,8 @@ def _apply_items(store: Store, subscription: Obj, req: SubscriptionUpdate, now: 
             "billing_cycle_anchor": plan.period_start if plan.resets_period else None,
             "expires_at": now + PENDING_UPDATE_SECONDS,
             "subscription_items": plan.items,
+            "discount": None,
+            "discounts": None,
             "trial_end": None,
             "trial_from_plan": None,
         }
@@ -527,6 +536,7 @@ def preview_invoice(
     proration_behavior: str | None,
     cancel_at_period_end: bool | None,
     renewal: list[ItemChange] | None = None,
+    discount_entries: list[Obj] | None = None,
 ) -> Obj:
     """The invoice Stripe would create next for a subscription, with the given change applied:
     with always_invoice, the invoice the change itself creates; otherwise the next renewal,
@@ -562,6 +572,12 @@ def preview_invoice(
     plan = plan_items_change(store, subscription, items or [], when, behavior)
     new_prorations = [invoice_item(customer, subscription, line, now) for line in plan.prorations]
     waiting = pending_invoice_items(store, subscription["id"])
+    previewed: list[str] = []
+    if discount_entries is not None:
+        # `discounts` replace the subscription's for this preview: made for it and gone after it.
+        bought = sum((i["price"]["unit_amount"] or 0) * (i.get("quantity") or 0) for i in plan.items)
+        previewed = discounts.preview_discounts(store, subscription, customer, discount_entries, (bought, now))
+        subscription = {**subscription, "discounts": previewed}
 
     if behavior == "always_invoice" or plan.resets_period:
         lines = _lines_billed_now(plan, subscription["id"], [*waiting, *new_prorations], None)
@@ -609,4 +625,6 @@ def preview_invoice(
     )
     if proration_date is not None or items:
         invoice["parent"]["subscription_details"]["subscription_proration_date"] = when
+    for discount_id in previewed:
+        store.delete(discount_id)
     return invoice

@@ -3,7 +3,10 @@
 A coupon takes `percent_off` or `amount_off` (with `currency`) and lasts `once`, `repeating`
 (`duration_in_months`) or `forever`; a promotion code is a customer-facing code for a coupon
 (codes are unique among active codes, matched case-insensitively), optionally limited by
-`max_redemptions`, `expires_at` and `restrictions.first_time_transaction`. A code entered on a
+`max_redemptions`, `expires_at`, `customer` (only that customer may redeem it),
+`restrictions.first_time_transaction` and `restrictions.minimum_amount` (with
+`minimum_amount_currency`; held against the amount bought where one is known: an invoice preview's
+new items). A code entered on a
 Checkout page that allows promotion codes starts a discount (`di_…`) on the new subscription; every
 invoice of the subscription while the discount lasts carries it (`discounts`,
 `total_discount_amounts`, each line's `discount_amounts`) and is charged the discounted total. A
@@ -12,7 +15,10 @@ does not use it up); a `repeating` one ends `duration_in_months` after it starte
 
 Endpoints: POST/GET /v1/coupons[/:id], POST/GET /v1/promotion_codes[/:id] (list by `code`,
 `active`, `coupon`, `customer`). Subscriptions list their discounts' ids in `discounts`
-(expandable)."""
+(expandable); a subscription update's `discounts` replaces them (with `pending_if_incomplete` too,
+waiting in `pending_update.discounts` while its invoice is unpaid), and an invoice preview's
+`discounts` stands in for the subscription's for that preview only (checked as a redemption would
+be, redeeming nothing)."""
 
 from __future__ import annotations
 
@@ -79,6 +85,9 @@ def promotion_code(
     first_time_transaction: bool,
     metadata: dict[str, str],
     now: int,
+    customer: str | None = None,
+    minimum_amount: int | None = None,
+    minimum_amount_currency: str | None = None,
 ) -> Obj:
     return {
         "id": objects.new_id("promo_"),
@@ -86,7 +95,7 @@ def promotion_code(
         "active": active,
         "code": code,
         "created": now,
-        "customer": None,
+        "customer": customer,
         "customer_account": None,
         "expires_at": expires_at,
         "livemode": False,
@@ -96,8 +105,8 @@ def promotion_code(
         "restrictions": {
             "currency_options": {},
             "first_time_transaction": first_time_transaction,
-            "minimum_amount": None,
-            "minimum_amount_currency": None,
+            "minimum_amount": minimum_amount,
+            "minimum_amount_currency": minimum_amount_currency,
         },
         "times_redeemed": 0,
     }
@@ -180,8 +189,9 @@ def find_code(store: Store, code: str) -> Obj | None:
     return next((p for p in store.all("promotion_code") if p["active"] and p["code"].lower() == wanted), None)
 
 
-def redeemable(store: Store, code: str, customer: Obj | None) -> Obj:
-    """The promotion code a customer may redeem now, or Checkout's error message (a StripeError)."""
+def redeemable(store: Store, code: str, customer: Obj | None, amount: tuple[int, str] | None = None) -> Obj:
+    """The promotion code a customer may redeem now, or Checkout's error message (a StripeError).
+    `amount` (the amount bought and its currency) is held against the code's minimum amount."""
     found = find_code(store, code)
     now = simtime.now()
     if found is None or (found["expires_at"] and found["expires_at"] <= now):
@@ -191,6 +201,17 @@ def redeemable(store: Store, code: str, customer: Obj | None) -> Obj:
         raise StripeError("This code is invalid.", code="coupon_expired", param="promotion_code")
     if found["max_redemptions"] is not None and found["times_redeemed"] >= found["max_redemptions"]:
         raise StripeError("This code has been used up.", code="promotion_code_invalid", param="promotion_code")
+    if found["customer"] and (customer is None or customer["id"] != found["customer"]):
+        raise StripeError(
+            "This code is not valid for this customer.", code="promotion_code_invalid", param="promotion_code"
+        )
+    minimum, currency = found["restrictions"]["minimum_amount"], found["restrictions"]["minimum_amount_currency"]
+    if minimum and amount is not None and amount[1] == currency and amount[0] < minimum:
+        raise StripeError(
+            "This code has a minimum amount this purchase does not reach.",
+            code="promotion_code_invalid",
+            param="promotion_code",
+        )
     first_time_only = found["restrictions"]["first_time_transaction"] and customer is not None
     if first_time_only and any(i["customer"] == customer["id"] and i["amount_paid"] > 0 for i in store.all("invoice")):  # type: ignore[index]
         raise StripeError(
@@ -260,6 +281,38 @@ def set_subscription_discounts(store: Store, subscription: Obj, entries: list[Ob
     subscription["discounts"] = kept
     for code, coupon_id in new:
         redeem(store, code, subscription, now, coupon_id)
+
+
+def preview_discounts(
+    store: Store, subscription: Obj, customer: Obj, entries: list[Obj], at: tuple[int, int]
+) -> list[str]:
+    """An invoice preview's `discounts` ({"promotion_code": …} or {"coupon": …}), checked as a
+    redemption would be (the code's restrictions; its minimum amount against `at`'s amount bought),
+    made into discounts that the caller deletes once the preview is built: redeeming nothing."""
+    bought, now = at
+    made = []
+    for index, entry in enumerate(entries):
+        where = f"discounts[{index}]"
+        if not isinstance(entry, dict) or len(entry) != 1 or next(iter(entry)) not in ("coupon", "promotion_code"):
+            raise StripeError("Pass exactly one of coupon or promotion_code.", param=where)
+        code = None
+        if "promotion_code" in entry:
+            code = load(store, "promotion_code", str(entry["promotion_code"]), f"{where}[promotion_code]", 400)
+            currency = subscription["items"]["data"][0]["price"]["currency"] if subscription["items"]["data"] else ""
+            redeemable(store, code["code"], customer, (bought, currency))
+        else:
+            load(store, "coupon", str(entry["coupon"]), f"{where}[coupon]", 400)
+        discount_obj = discount(
+            store,
+            code,
+            customer_id=customer["id"],
+            subscription_id=subscription["id"],
+            now=now,
+            coupon_id=str(entry.get("coupon") or ""),
+        )
+        store.put(discount_obj)
+        made.append(discount_obj["id"])
+    return made
 
 
 def apply_to_invoice(store: Store, invoice: Obj, subscription: Obj | None, *, preview: bool = False) -> None:
@@ -396,7 +449,18 @@ def list_coupons(params: Params) -> Obj:
 @endpoint("/promotion_codes", "POST")
 def create_promotion_code(params: Params) -> Obj:
     reject_unknown(
-        params, ("promotion", "coupon", "code", "active", "max_redemptions", "expires_at", "restrictions", "metadata")
+        params,
+        (
+            "promotion",
+            "coupon",
+            "code",
+            "active",
+            "customer",
+            "max_redemptions",
+            "expires_at",
+            "restrictions",
+            "metadata",
+        ),
     )
     store = current_store()
     promotion = mapping(params, "promotion")
@@ -413,7 +477,19 @@ def create_promotion_code(params: Params) -> Obj:
             "An active promotion code with `code` already exists.", code="resource_already_exists", param="code"
         )
     restrictions = mapping(params, "restrictions") or {}
-    reject_unknown(restrictions, ("first_time_transaction",), "restrictions")
+    reject_unknown(
+        restrictions, ("first_time_transaction", "minimum_amount", "minimum_amount_currency"), "restrictions"
+    )
+    customer_id = string(params, "customer")
+    if customer_id is not None:
+        load(store, "customer", customer_id, "customer", 400)
+    minimum = integer(restrictions, "minimum_amount", "restrictions", minimum=1)
+    minimum_currency = string(restrictions, "minimum_amount_currency", "restrictions")
+    if minimum is not None and not minimum_currency:
+        raise StripeError(
+            "You must pass minimum_amount_currency with minimum_amount.",
+            param="restrictions[minimum_amount_currency]",
+        )
     made = promotion_code(
         code=code,
         coupon_obj=coupon_obj,
@@ -423,6 +499,9 @@ def create_promotion_code(params: Params) -> Obj:
         first_time_transaction=bool(boolean(restrictions, "first_time_transaction", "restrictions")),
         metadata=new_metadata(params),
         now=simtime.now(),
+        customer=customer_id,
+        minimum_amount=minimum,
+        minimum_amount_currency=minimum_currency.lower() if minimum_currency else None,
     )
     store.put(made)
     return made

@@ -148,7 +148,9 @@ def create_preview(params: Params) -> Obj:
 
 
 def _create_preview(params: Params) -> Obj:
-    reject_unknown(params, ("customer", "subscription", "subscription_details", "schedule", "schedule_details"))
+    reject_unknown(
+        params, ("customer", "subscription", "subscription_details", "schedule", "schedule_details", "discounts")
+    )
     if "schedule" in params or "schedule_details" in params:
         # A schedule's next invoice: the renewal with the items of the phase in effect then.
         for other in ("subscription", "subscription_details"):
@@ -184,6 +186,7 @@ def _create_preview(params: Params) -> Obj:
         proration_date=integer(details, "proration_date", path),
         proration_behavior=_choice(details, "proration_behavior", changes.PRORATION_BEHAVIORS, path),
         cancel_at_period_end=boolean(details, "cancel_at_period_end", path),
+        discount_entries=array(params, "discounts"),
     )
 
 

@@ -561,6 +561,8 @@ def _apply_pending_update(store: Store, invoice: Obj, origin: billing.Origin) ->
             subscription["items"] = objects.list_object(pending["subscription_items"], subscription["items"]["url"])
             if pending["billing_cycle_anchor"]:
                 subscription["billing_cycle_anchor"] = pending["billing_cycle_anchor"]
+            if pending.get("discounts") is not None:
+                subscription["discounts"] = pending["discounts"]
         subscription["pending_update"] = None
         subscription.pop("_pending_invoice", None)
     changes = objects.previous_attributes(before, subscription)

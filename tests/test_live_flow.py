@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -156,6 +157,51 @@ def walk_live_signup(request: pytest.FixtureRequest) -> None:
     walk_live_taxed_signup(browser, server, environment)  # Stripe Tax (issue 24): helper below
 
 
+# --- A promotion code on a plan change (issue 24) ----------------------------------------------------------
+
+
+def upgrade_with_a_promotion_code(
+    app: Flask, server: LiveServer, environment: dict[str, str], browser: BrowserPage, subscription_id: str
+) -> None:
+    """Starter → Pro with a code made in Stripe (15% off for a month): the preview shows its discount,
+    the change's invoice carries the same to the cent, and the billing page shows the code."""
+    stripe_api = stripe_http(environment)
+    coupon = stripe_api.api(
+        "POST", "/v1/coupons", {"percent_off": 15, "duration": "repeating", "duration_in_months": 1}
+    )
+    code = f"LIVE{uuid.uuid4().hex[:6].upper()}"
+    stripe_api.api(
+        "POST", "/v1/promotion_codes", {"promotion": {"type": "coupon", "coupon": coupon["id"]}, "code": code}
+    )
+    page = browser.page
+    page.goto(f"{server.url}/billing/plan")
+    page.check("input[name=tier][value=pro]")
+    page.fill("#promotion_code", code.lower())
+    page.click("button#preview-plan")
+    expect(page.locator("#preview-promotion")).to_contain_text(f"{code}: 15% off for 1 month")
+    shown = int(page.locator("#preview-discount").get_attribute("data-amount") or "0")
+    assert shown < 0
+    browser.step("plan change previewed with a promotion code")
+    page.click("#confirm-change")
+    page.wait_for_url(f"{server.url}/billing/")
+    wait_until(
+        lambda: (
+            query(app, "SELECT tier FROM organization WHERE billing_subscription_id = :s", s=subscription_id)[0].tier
+            == "pro"
+        ),
+        WEBHOOK_WAIT_SECONDS,
+        lambda: no_webhook_message(app, server, environment, "the upgrade to Pro"),
+    )
+    subscription = stripe_api.api("GET", f"/v1/subscriptions/{subscription_id}", {"expand": ["discounts"]})
+    [discount] = subscription["discounts"]
+    invoice = stripe_api.api("GET", f"/v1/invoices/{subscription['latest_invoice']}")
+    assert -sum(share["amount"] for share in invoice["total_discount_amounts"]) == shown
+    page.reload()
+    expect(page.locator("#discount")).to_contain_text(code)
+    assert discount["end"]
+    browser.step("billing page shows the code's discount")
+
+
 # --- Customer details (issue 24): the organization's rename reaches Stripe's customer ---------------------
 
 RENAMED = "Difference Engines"
@@ -254,6 +300,9 @@ def walk_live_taxed_signup(browser: BrowserPage, server: LiveServer, environment
         if sandbox:  # a verified VAT ID of a business in another EU country: reverse charge, no VAT
             expect(page.locator("#next-invoice-tax")).to_have_count(0)
         browser.step("moved to Paris")
+        # Before its test clock moves (a change's proration date is our clock's): a code on a plan change.
+        [gmbh] = query(app, "SELECT * FROM organization WHERE name = 'Ada GmbH'")
+        upgrade_with_a_promotion_code(app, server, environment, browser, gmbh.billing_subscription_id)
     finally:
         app.config["STRIPE_AUTOMATIC_TAX"] = False
 

@@ -5,8 +5,11 @@ Stripe API instead (see test_live_flow.py for the live walker it hands over to).
 from __future__ import annotations
 
 import html
+import re
 import threading
+import uuid
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -41,6 +44,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.function.__name__ == "test_signup_flow_end_to_end":
         live = metafunc.config.getoption("--stripe-live")
         metafunc.parametrize("order", ["as delivered"] if live else ["redirect_first", "webhook_first"])
+
+
+def promotion_code(stripe_api: SandboxAccount, name: str, **coupon: Any) -> dict[str, Any]:
+    """A coupon and a promotion code for it, as managed in Stripe; the code is new to the account."""
+    made = stripe_api.api("POST", "/v1/coupons", coupon)
+    code = f"{name}{uuid.uuid4().hex[:6].upper()}"
+    return stripe_api.api(
+        "POST", "/v1/promotion_codes", {"promotion": {"type": "coupon", "coupon": made["id"]}, "code": code}
+    )
 
 
 def domain_event_counts(app: Flask) -> Counter[str]:
@@ -100,9 +112,18 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     assert params["cancel_url"] == "http://localhost/auth/signup?checkout=canceled"
     assert call["options"] == {"idempotency_key": f"signup-checkout-{pending.id}"}
 
-    # The customer pays on the hosted page; the redirect and Stripe's webhooks both arrive, in the order
-    # under test.
-    session = stripe_api.pay(session_id)
+    # The customer pays on the hosted page, entering a promotion code in Checkout's own field (10% off
+    # once: the first invoice); the redirect and Stripe's webhooks both arrive, in the order under test.
+    assert params["allow_promotion_codes"] == "true"
+    welcome = promotion_code(stripe_api, "WELCOME", percent_off=10, duration="once")
+    session = stripe_api.pay(session_id, promotion_code=welcome["code"].lower())
+    first_invoice = stripe_api.api(
+        "GET", f"/v1/invoices/{stripe_api.subscription(session['subscription'])['latest_invoice']}"
+    )
+    assert first_invoice["total_discount_amounts"] and first_invoice["total"] == first_invoice["subtotal"] - sum(
+        share["amount"] for share in first_invoice["total_discount_amounts"]
+    )
+    assert first_invoice["amount_paid"] == first_invoice["total"] < first_invoice["subtotal"]
 
     def redirect() -> Any:
         return client.get(f"/billing/complete-signup-from-stripe?session_id={session_id}")
@@ -183,8 +204,15 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     stripe_api.api(
         "POST", f"/v1/subscriptions/{subscription['id']}", {"default_payment_method": "pm_card_authenticationRequired"}
     )
+    # The owner enters a promotion code with the change (15% off for a month): the preview shows its
+    # discount, the change's invoice carries the same to the cent, and it waits with the change.
+    switch = promotion_code(stripe_api, "SWITCH", percent_off=15, duration="repeating", duration_in_months=1)
     choice = {"csrf_token": csrf_token(client, "/billing/"), "tier": "pro", "interval": "month"}
-    preview = client.post("/billing/plan/preview", data=choice)
+    preview = client.post("/billing/plan/preview", data=choice | {"promotion_code": switch["code"]})
+    preview_page = html.unescape(preview.get_data(as_text=True))
+    assert preview.status_code == 200 and f"{switch['code']}</strong>: 15% off for 1 month" in preview_page
+    discount_shown = int(re.search(r'id="preview-discount" data-amount="(-?\d+)"', preview_page).group(1))  # type: ignore[union-attr]
+    today_shown = int(re.search(r'id="preview-today" data-amount="(-?\d+)"', preview_page).group(1))  # type: ignore[union-attr]
     confirm = {"csrf_token": csrf_token(client, "/billing/"), "ticket": ticket_of(preview)}
     page = html.unescape(client.post("/billing/change/confirm", data=confirm, follow_redirects=True).get_data(True))
     assert "did not go through: Your bank asks you to confirm this payment (3-D Secure)." in page
@@ -192,6 +220,9 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     upgrade_invoice = stripe_api.api("GET", f"/v1/invoices/{pending['latest_invoice']}")
     assert upgrade_invoice["status"] == "open" and upgrade_invoice["hosted_invoice_url"] in page
     assert pending["pending_update"] and pending["status"] == "active"
+    assert -sum(share["amount"] for share in upgrade_invoice["total_discount_amounts"]) == discount_shown < 0
+    assert upgrade_invoice["amount_due"] == today_shown
+    assert pending["discounts"] == [] and len(pending["pending_update"]["discounts"]) == 1
     assert "invoice.payment_action_required" in deliver()
     assert (organization_now().tier, organization_now().billing_status) == ("starter", "active")
     assert 'id="plan">Starter<' in client.get("/billing/").get_data(as_text=True)
@@ -200,6 +231,14 @@ def test_signup_flow_end_to_end(request: pytest.FixtureRequest, order: str) -> N
     organization = organization_now()
     assert (organization.tier, organization.billing_status) == ("pro", "active")
     assert (organization.last_invoice_id, organization.last_payment_status) == (upgrade_invoice["id"], "paid")
+    # Paid, the change and its code's discount are the subscription's; the billing page says until when.
+    [switched] = stripe_api.api("GET", f"/v1/subscriptions/{subscription['id']}", {"expand": ["discounts"]})[
+        "discounts"
+    ]
+    assert switched["promotion_code"] == switch["id"] and switched["end"]
+    billing = html.unescape(client.get("/billing/").get_data(as_text=True))
+    ends = f"{datetime.fromtimestamp(switched['end'], UTC):%d %B %Y}".lstrip("0")
+    assert switch["code"] in billing and f'<span class="discount-ends">{ends}</span>' in billing
     # The subscription goes back to the customer's card for its renewals.
     stripe_api.api("POST", f"/v1/subscriptions/{subscription['id']}", {"default_payment_method": ""})
     deliver()

@@ -103,6 +103,9 @@ class ChangePlanForm(FlaskForm):
         default="month",
         validators=[DataRequired()],
     )
+    # A promotion code for the change (optional): it replaces the subscription's discount; left empty,
+    # the discount the subscription has carries on.
+    promotion_code = StringField("Promotion code", validators=[Optional(), Length(max=100)])
 
 
 def change_plan_form(catalogue: PlanCatalogue, **kwargs: Any) -> ChangePlanForm:

@@ -178,7 +178,13 @@ def preview_plan() -> Response | tuple[str, int]:
     if not form.validate_on_submit():
         flash("Choose a plan and how often to pay.", "error")
         return redirect(url_for("billing.change_plan"), 303)
-    return _preview(organization, kind="plan", tier=form.tier.data, interval=form.interval.data)
+    return _preview(
+        organization,
+        kind="plan",
+        tier=form.tier.data,
+        interval=form.interval.data,
+        promotion_code=(form.promotion_code.data or "").strip() or None,
+    )
 
 
 @bp.post("/seats/preview")
@@ -199,6 +205,7 @@ def _preview(
     interval: str | None = None,
     extra_seats: int | None = None,
     notice: str | None = None,
+    promotion_code: str | None = None,
 ) -> Response | tuple[str, int]:
     back = "billing.change_plan" if kind == "plan" else "billing.change_seats"
     try:
@@ -209,6 +216,7 @@ def _preview(
             interval=interval,
             extra_seats=extra_seats,
             members=_members_in_use(organization),
+            promotion_code=promotion_code,
         )
     except BillingError as exc:
         flash(str(exc), "error")
@@ -285,7 +293,14 @@ def _fresh_preview_after(organization: Organization, stale: Preview | None, reas
     target = stale.target
     if stale.kind == "seats":
         return _preview(organization, kind="seats", extra_seats=target.extra_seats, notice=notice)
-    return _preview(organization, kind="plan", tier=target.tier, interval=target.interval, notice=notice)
+    return _preview(
+        organization,
+        kind="plan",
+        tier=target.tier,
+        interval=target.interval,
+        notice=notice,
+        promotion_code=stale.promotion_code,
+    )
 
 
 @bp.post("/plan/keep")

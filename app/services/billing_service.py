@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import stripe
 from flask import current_app
@@ -37,6 +37,7 @@ from app.services import (
     owner_actions,
     plan_change_flow,
     price_lookup,
+    promotions,
     provisioning,
     reconcile_run,
     reconcile_scope,
@@ -734,20 +735,10 @@ class BillingService:
     # --- Plan and seat changes --------------------------------------------------------------------
 
     @classmethod
-    def preview_subscription_change(
-        cls,
-        organization_id: int,
-        *,
-        kind: str,
-        tier: str | None = None,
-        interval: str | None = None,
-        extra_seats: int | None = None,
-        members: int,
-    ) -> Preview:
-        """A preview of changing the plan or the extra seats, read fresh from Stripe (plan_change_flow.py)."""
-        return plan_change_flow.preview(
-            cls, organization_id, kind=kind, tier=tier, interval=interval, extra_seats=extra_seats, members=members
-        )
+    def preview_subscription_change(cls, organization_id: int, *, kind: str, members: int, **asked: Any) -> Preview:
+        """A preview of changing the plan or the extra seats (tier, interval, extra_seats, promotion_code
+        asked), read fresh from Stripe (plan_change_flow.py)."""
+        return plan_change_flow.preview(cls, organization_id, kind=kind, members=members, **asked)
 
     @classmethod
     def preview_change_invoice(cls, params: Any) -> dict[str, Any]:
@@ -774,13 +765,17 @@ class BillingService:
         with cls._calling_stripe("change a subscription"):
             subscription = client.v1.subscriptions.update(
                 current.subscription_id,
-                params={
-                    "items": items,
-                    "proration_behavior": "always_invoice",
-                    "proration_date": preview.proration_date,
-                    "payment_behavior": "pending_if_incomplete",
-                    "expand": ["latest_invoice.payments"],
-                },
+                params=cast(
+                    Any,
+                    {
+                        "items": items,
+                        "proration_behavior": "always_invoice",
+                        "proration_date": preview.proration_date,
+                        "payment_behavior": "pending_if_incomplete",
+                        "expand": ["latest_invoice.payments"],
+                        **promotions.change_discounts(preview.promotion_code_id),  # the code entered, if any
+                    },
+                ),
                 options={"idempotency_key": key},
             ).to_dict()
         invoice = subscription.get("latest_invoice")

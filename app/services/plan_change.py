@@ -24,6 +24,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from app.services.entitlements import entitlements_for, seat_addon_key
 from app.services.plans import PlanCatalogue
 from app.services.pricing import InvoiceTax, PriceInfo, format_money
+from app.services.promotions import describe_code
 from app.services.wording import counted
 
 
@@ -358,6 +359,11 @@ class Preview:
     lines: list[PreviewLine] = field(default_factory=list)
     # A downgrade scheduled for this date that a plan change made now replaces (withdraws).
     replaces_scheduled_at: int | None = None
+    # A promotion code the owner entered: its id at Stripe, as entered, and its coupon in words. The
+    # change applies it in place of the subscription's discounts (promotions.change_discounts).
+    promotion_code_id: str | None = None
+    promotion_code: str | None = None
+    promotion_words: str | None = None
 
     def to_ticket(self) -> dict[str, Any]:
         data = asdict(self)
@@ -386,6 +392,9 @@ class Preview:
                 replaces_scheduled_at=(
                     int(data["replaces_scheduled_at"]) if data.get("replaces_scheduled_at") is not None else None
                 ),
+                promotion_code_id=_text_or_none(data.get("promotion_code_id")),
+                promotion_code=_text_or_none(data.get("promotion_code")),
+                promotion_words=_text_or_none(data.get("promotion_words")),
             )
         except (KeyError, TypeError, ValueError):
             raise PlanChangeError("That preview is not valid. Start the change again.") from None
@@ -407,6 +416,10 @@ class Preview:
             amount = format_money(self.today, self.currency) + (f" ({taxed})" if taxed else "")
             return f"{amount} is charged today for the rest of this period."
         return f"{format_money(-self.today, self.currency)} is credited to your account for the rest of this period."
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def resolve_target(
@@ -441,6 +454,7 @@ def build_preview(
     *,
     proration_date: int,
     invoice_preview: Mapping[str, Any] | None,
+    promotion: Mapping[str, Any] | None = None,
 ) -> Preview:
     """The preview the owner confirms: Stripe's invoice preview (None for a period-end change) and the
     prices the change will use."""
@@ -465,6 +479,9 @@ def build_preview(
         effective_at=current.period_end if when == When.PERIOD_END else None,
         lines=lines,
         replaces_scheduled_at=(current.period_end or 0) if current.schedule_id and when == When.NOW else None,
+        promotion_code_id=str(promotion["id"]) if promotion else None,
+        promotion_code=str(promotion["code"]) if promotion else None,
+        promotion_words=describe_code(promotion) if promotion else None,
     )
 
 

@@ -35,6 +35,7 @@ from app.services.plan_change import (
     update_items,
 )
 from app.services.pricing import PriceInfo
+from app.services.promotions import change_discounts, refusal_for_change
 
 
 class PlanChangeCalls(Protocol):
@@ -60,6 +61,8 @@ class PlanChangeCalls(Protocol):
 
     def forget_billing_reads(self, organization_id: int) -> None: ...
 
+    def active_promotion_code(self, code: str) -> dict[str, Any] | None: ...
+
 
 def preview(
     calls: PlanChangeCalls,
@@ -70,16 +73,23 @@ def preview(
     interval: str | None,
     extra_seats: int | None,
     members: int,
+    promotion_code: str | None = None,
 ) -> Preview:
     """A preview of changing the plan (tier, interval) or the extra seats, read fresh from Stripe:
     when it happens, what is charged or credited today (Stripe's invoice preview with the proration
-    date the confirmation will use) and the new recurring amount. Changes nothing."""
+    date the confirmation will use) and the new recurring amount. Changes nothing.
+
+    A promotion code entered with a change made now is looked up at Stripe and checked (unknown,
+    inactive, expired, used up, another customer's, first-time only, below its minimum amount: a
+    SubscriptionActionNotAllowed saying so); the preview then shows the change with its discount in
+    place of the subscription's. Without one, the subscription's discounts carry on as they are."""
     organization = db.session.get(Organization, organization_id)
     if organization is None or not organization.billing_subscription_id:
         raise SubscriptionActionNotAllowed("This organization has no subscription to change.")
     if organization.billed_by_whop:
         raise SubscriptionActionNotAllowed("Plans and seats billed through Whop are changed on Whop.")
     subscription_id, held_tier = organization.billing_subscription_id, organization.tier
+    customer_id = organization.billing_customer_id
     db.session.rollback()  # no transaction is held while Stripe is asked
     catalogue = plan_catalogue()
     current = read_current(calls.retrieve_subscription(subscription_id), catalogue)
@@ -102,6 +112,21 @@ def preview(
         check_against_schedule(kind, current, when)
     except PlanChangeError as exc:
         raise SubscriptionActionNotAllowed(str(exc)) from exc
+    promotion = None
+    if promotion_code and promotion_code.strip():
+        if when != When.NOW:
+            raise SubscriptionActionNotAllowed(
+                "A promotion code applies to a change made now; a cheaper plan starts at the end of the "
+                "billing period: choose it without a code. Nothing was changed."
+            )
+        promotion = calls.active_promotion_code(promotion_code.strip())
+        amount = new_recurring(prices, quantities)[0]
+        currency = prices[next(iter(quantities))].currency
+        refused = refusal_for_change(
+            promotion, promotion_code, customer_id=customer_id, amount=amount, currency=currency, now=clock.now()
+        )
+        if refused:
+            raise SubscriptionActionNotAllowed(f"{refused} Nothing was changed.")
     if when == When.NOW:
         params: Any = {
             "subscription": current.subscription_id,
@@ -110,6 +135,7 @@ def preview(
                 "proration_date": proration_date,
                 "proration_behavior": "always_invoice",
             },
+            **change_discounts(promotion["id"] if promotion else None),
         }
         invoice = calls.preview_change_invoice(params)
     return build_preview(
@@ -121,6 +147,7 @@ def preview(
         quantities,
         proration_date=proration_date,
         invoice_preview=invoice,
+        promotion=promotion,
     )
 
 

@@ -38,3 +38,46 @@ def describe_coupon(coupon: Mapping[str, Any]) -> str:
 
 def describe_code(promotion_code: Mapping[str, Any]) -> str:
     return describe_coupon(coupon_of(promotion_code))
+
+
+def refusal_for_change(
+    promotion_code: Mapping[str, Any] | None,
+    entered: str,
+    *,
+    customer_id: str | None,
+    amount: int,
+    currency: str,
+    now: int,
+) -> str | None:
+    """Why a code entered on a plan change cannot be used, in the owner's words, or None when it can.
+    `amount` is what the new plan costs per its billing period (held against a minimum amount).
+    Stripe checks the same when the change is made; this says so before anything is previewed."""
+    shown = entered.strip().upper()
+    if promotion_code is None or not promotion_code.get("active"):
+        return f"The promotion code {shown} is not valid."
+    coupon = coupon_of(promotion_code)
+    expires_at, redeem_by = promotion_code.get("expires_at"), coupon.get("redeem_by")
+    if (expires_at and int(expires_at) <= now) or (redeem_by and int(redeem_by) <= now) or coupon.get("valid") is False:
+        return f"The promotion code {shown} has expired."
+    limit = promotion_code.get("max_redemptions")
+    if limit is not None and int(promotion_code.get("times_redeemed") or 0) >= int(limit):
+        return f"The promotion code {shown} has been used up."
+    owner = promotion_code.get("customer")
+    owner_id = owner if isinstance(owner, str) or owner is None else owner.get("id")
+    if owner_id and owner_id != customer_id:
+        return f"The promotion code {shown} is for another customer."
+    restrictions = promotion_code.get("restrictions") or {}
+    if restrictions.get("first_time_transaction"):
+        # Stripe's rule: only a customer without invoices; a subscription has had one at least.
+        return f"The promotion code {shown} is only for new customers, at signup."
+    minimum = restrictions.get("minimum_amount")
+    minimum_currency = str(restrictions.get("minimum_amount_currency") or currency).lower()
+    if minimum and minimum_currency == currency.lower() and amount < int(minimum):
+        return f"The promotion code {shown} needs a plan of at least {format_money(int(minimum), minimum_currency)}."
+    return None
+
+
+def change_discounts(promotion_code_id: str | None) -> Any:  # Stripe params, spread into the SDK's TypedDicts
+    """The `discounts` of a plan change's preview and update: the entered code's discount in place of
+    those the subscription has (Stripe replaces the list); none given keeps them (no `discounts`)."""
+    return {"discounts": [{"promotion_code": promotion_code_id}]} if promotion_code_id else {}

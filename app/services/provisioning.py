@@ -183,7 +183,9 @@ def apply_subscription_read(organization: Organization, subscription: dict[str, 
     changes = free_plan_changes(organization, state, source=source)
     if changes is None:
         changes = apply_subscription_state(organization, state, source=source)
-    organization.billing_as_of = max(organization.billing_as_of or 0, clock.now())
+    # It moves on every read applied, even within the second of the last (a webhook right after a
+    # page read): it versions the billing page's cached reads (billing_page.py), which must not outlive it.
+    organization.billing_as_of = max((organization.billing_as_of or 0) + 1, clock.now())
     return changes
 
 

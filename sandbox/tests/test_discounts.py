@@ -152,3 +152,77 @@ def test_a_coupon_applied_by_a_subscription_update_discounts_the_next_invoices(
     assert (invoice.subtotal, invoice.total, invoice.discounts) == (1900, 950, [discount.id])
     cleared = sandbox.client.v1.subscriptions.update(sub.id, params={"discounts": ""})
     assert cleared.discounts == []
+
+
+def test_a_preview_takes_discounts_in_place_of_the_subscriptions_and_redeems_nothing(
+    sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    _, customer = clock_customer(sandbox)
+    sub = subscribe(sandbox, prices, customer)
+    code = code_for(sandbox, percent_off=50, duration="forever")
+    [promo] = sandbox.client.v1.promotion_codes.list(params={"code": code}).data
+    change = {
+        "items": [{"id": sub["items"].data[0].id, "price": prices["pro_monthly"]}],
+        "proration_behavior": "always_invoice",
+    }
+    plain = sandbox.client.v1.invoices.create_preview(params={"subscription": sub.id, "subscription_details": change})  # type: ignore[arg-type]
+    discounted = sandbox.client.v1.invoices.create_preview(
+        params={"subscription": sub.id, "subscription_details": change, "discounts": [{"promotion_code": promo.id}]}  # type: ignore[typeddict-item]
+    )
+    assert plain.total_discount_amounts == [] and plain.total > 0
+    [share] = discounted.total_discount_amounts
+    assert share.amount == round(plain.subtotal / 2) and discounted.total == plain.total - share.amount
+    assert sandbox.client.v1.promotion_codes.retrieve(promo.id).times_redeemed == 0
+    assert sandbox.client.v1.subscriptions.retrieve(sub.id).discounts == []
+
+
+def test_codes_restricted_to_a_customer_or_a_minimum_amount_are_refused_elsewhere(
+    sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    _, customer = clock_customer(sandbox)
+    sub = subscribe(sandbox, prices, customer)
+    other = sandbox.client.v1.customers.create(params={"email": "other@example.com"})
+    coupon = sandbox.client.v1.coupons.create(params={"percent_off": 10, "duration": "once"})
+    theirs = sandbox.client.v1.promotion_codes.create(
+        params={"promotion": {"type": "coupon", "coupon": coupon.id}, "customer": other.id}
+    )
+    dear = sandbox.client.v1.promotion_codes.create(
+        params={
+            "promotion": {"type": "coupon", "coupon": coupon.id},
+            "restrictions": {"minimum_amount": 100_000, "minimum_amount_currency": "usd"},
+        }
+    )
+    assert theirs.customer == other.id and dear.restrictions.minimum_amount == 100_000
+    assert dear.restrictions.minimum_amount_currency == "usd"
+    with pytest.raises(stripe.InvalidRequestError, match="not valid for this customer"):
+        sandbox.client.v1.subscriptions.update(sub.id, params={"discounts": [{"promotion_code": theirs.id}]})
+    with pytest.raises(stripe.InvalidRequestError, match="minimum amount"):
+        sandbox.client.v1.invoices.create_preview(
+            params={"subscription": sub.id, "discounts": [{"promotion_code": dear.id}]}  # type: ignore[typeddict-item]
+        )
+    assert sandbox.client.v1.subscriptions.retrieve(sub.id).discounts == []
+
+
+def test_discounts_wait_with_a_pending_update_and_apply_when_its_invoice_is_paid(
+    sandbox: Sandbox, prices: dict[str, str]
+) -> None:
+    _, customer = clock_customer(sandbox)
+    sub = subscribe(sandbox, prices, customer)
+    sandbox.client.v1.subscriptions.update(sub.id, params={"default_payment_method": "pm_card_chargeCustomerFail"})
+    code = code_for(sandbox, percent_off=20, duration="forever")
+    [promo] = sandbox.client.v1.promotion_codes.list(params={"code": code}).data
+    pending = sandbox.client.v1.subscriptions.update(
+        sub.id,
+        params={
+            "items": [{"id": sub["items"].data[0].id, "price": prices["pro_monthly"]}],
+            "proration_behavior": "always_invoice",
+            "payment_behavior": "pending_if_incomplete",
+            "discounts": [{"promotion_code": promo.id}],
+        },
+    )
+    invoice = sandbox.client.v1.invoices.retrieve(pending.latest_invoice)
+    assert invoice.status == "open" and invoice.total_discount_amounts[0].amount > 0
+    assert pending.discounts == [] and len(pending.pending_update.discounts) == 1
+    sandbox.client.v1.invoices.pay(invoice.id, params={"payment_method": "pm_card_visa"})
+    paid = sandbox.client.v1.subscriptions.retrieve(sub.id)
+    assert paid.discounts == pending.pending_update.discounts and paid.pending_update is None
