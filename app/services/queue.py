@@ -38,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.extensions import db
+from app.services import job_outcomes
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +276,9 @@ def run_worker(app: Flask, *, queues: list[str] | None = None, concurrency: int 
     """Run a worker until SIGTERM/SIGINT: it stops fetching, lets running jobs finish (their effects
     are committed, or not at all) and exits. Beside its jobs it beats its heartbeat every
     WORKER_HEARTBEAT_SECONDS and, every WORKER_RECOVERY_SECONDS, queues again the jobs of workers whose
-    heartbeat is WORKER_STALLED_SECONDS old (dead: SIGKILL, a lost host), so their claims are leases."""
+    heartbeat is WORKER_STALLED_SECONDS old (dead: SIGKILL, a lost host), so their claims are leases.
+    A job's outcome whose write meets a lost connection is written again until it is recorded
+    (job_outcomes.OutcomeKeepingWorker)."""
     bind(app)
     jobs = job_app(app)
     config = app.config
@@ -288,8 +291,11 @@ def run_worker(app: Flask, *, queues: list[str] | None = None, concurrency: int 
             )
             dispatching = asyncio.create_task(_dispatch_forever(app, float(config["WORKER_DISPATCH_SECONDS"])))
             try:
-                await jobs.run_worker_async(
-                    queues=queues,  # type: ignore[arg-type]  # None: every queue (as App.run_worker passes it)
+                # procrastinate's worker, whose record of a finished job survives a lost connection:
+                # the job never stays "doing" under a live worker (job_outcomes, issue 20).
+                await job_outcomes.run_worker(
+                    jobs,
+                    queues=queues,  # None: every queue (as App.run_worker passes it)
                     concurrency=concurrency or int(config["WORKER_CONCURRENCY"]),
                     wait=True,
                     install_signal_handlers=True,
