@@ -91,3 +91,48 @@ def test_an_outcome_whose_write_meets_a_cut_connection_is_recorded_and_the_lock_
         ("cut:wait_for", "succeeded", 1),
         ("cut:after", "succeeded", 1),
     ], rows
+
+
+def test_a_job_left_doing_under_a_live_worker_that_no_longer_runs_it_is_queued_again(
+    app: Flask, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount, tmp_path: Path
+) -> None:
+    """The backstop, whatever lost the outcome: each worker queues again the jobs "doing" under its own
+    id that it is not running (found so on two passes in a row); the job runs again, once."""
+    newest_worker = "SELECT coalesce(max(id), 0) AS id FROM procrastinate_workers"
+    before = query(app, newest_worker)[0].id
+    env = {**worker_env(app, smtp_server, stripe_sandbox), "WORKER_RECOVERY_SECONDS": "0.3"}
+    log = tmp_path / "worker.log"
+    with log.open("wb") as output:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "tests.cut_worker"], cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+        rows: list[Any] = []
+        try:
+            worker_id = wait_until(lambda: (row := query(app, newest_worker)[0]).id > before and row.id, 10)
+            assert worker_id, "the worker never registered"
+            with app.app_context():
+                # A job this worker claimed and whose outcome it lost: "doing" under its id, not running.
+                queue.defer("cut:after", queue="cut", lock="one-at-a-time")
+                db.session.execute(
+                    text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w WHERE queue_name = 'cut'"),
+                    {"w": worker_id},
+                )
+                db.session.commit()
+                queue.defer("cut:after", queue="cut", lock="one-at-a-time")
+                db.session.commit()
+            wait_until(lambda: [r.status for r in query(app, JOBS)] == ["succeeded", "succeeded"], 8)
+            rows = query(app, JOBS)
+            alive = worker.poll() is None
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    assert alive
+    # The orphan was queued again (an attempt counted), ran once (another), and freed the lock.
+    assert [(row.task_name, row.status, row.attempts) for row in rows] == [
+        ("cut:after", "succeeded", 2),
+        ("cut:after", "succeeded", 1),
+    ], (rows, log.read_text()[-3000:])
+    assert "was left running by this worker, which no longer runs it: queued again" in log.read_text()

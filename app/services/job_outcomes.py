@@ -16,11 +16,17 @@ work than its concurrency, and no recovery runs it a second time while it is bei
 
 A worker asked to stop keeps trying for WORKER_STALLED_SECONDS more, then gives up loudly: it exits,
 its row goes, and the stalled-job recovery of the other workers runs the job again (its effects are
-committed or not at all, and a second run of a finished job changes nothing)."""
+committed or not at all, and a second run of a finished job changes nothing).
+
+The backstop, whatever else loses an outcome: every WORKER_RECOVERY_SECONDS the worker looks for jobs
+``doing`` under its own id that it is not running, and queues them again (`requeue_orphans`); a job is
+taken for orphaned only when two passes in a row find it so, since one the worker has just claimed
+joins its running jobs at once, so that no job ever runs twice at the same time."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -37,6 +43,8 @@ FIRST_DELAY_SECONDS = 0.1
 _STILL_OURS = "SELECT status, worker_id FROM procrastinate_jobs WHERE id = %s FOR UPDATE"
 _FINISH = "SELECT procrastinate_finish_job_v1(%s, %s, %s)"
 _RETRY = "SELECT procrastinate_retry_job_v2(%s, %s, %s, %s, %s)"
+_MINE_DOING = "SELECT id FROM procrastinate_jobs WHERE status = 'doing' AND worker_id = %(worker_id)s"
+_WAKE = "SELECT pg_notify('procrastinate_any_queue_v1', %s)"
 
 
 class OutcomeKeepingWorker(Worker):
@@ -45,6 +53,53 @@ class OutcomeKeepingWorker(Worker):
     def __init__(self, *args: Any, max_delay_seconds: float = 5.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_delay_seconds = max_delay_seconds
+        self._orphans_seen: set[int] = set()
+
+    def _running_job_ids(self) -> set[int]:
+        return {context.job.id for context in self._running_jobs.values() if context.job.id is not None}
+
+    async def requeue_orphans(self) -> int:
+        """The backstop: jobs ``doing`` under this worker's id that it is not running (however their
+        outcome was lost) are queued again. A job counts as orphaned when two passes in a row find it
+        so: a job this worker has just claimed is among its running jobs by the next pass, and one being
+        recorded stays among them until it is. Returns how many were queued again (or failed)."""
+        if self.worker_id is None:
+            return 0
+        rows = await self.app.connector.execute_query_all_async(_MINE_DOING, worker_id=self.worker_id)
+        orphans = {int(row["id"]) for row in rows} - self._running_job_ids()
+        confirmed, self._orphans_seen = orphans & self._orphans_seen, orphans
+        settled = 0
+        for job_id in sorted(confirmed):
+            try:
+                written = await self._requeue_orphan(job_id, fail=False)
+            except procrastinate.exceptions.ConnectorException:
+                raise  # the database is away: the next pass looks again
+            except Exception:
+                # Its queueing lock is taken by a waiting job (a schedule's next run): that one does the work.
+                logger.exception("job %s was left running by this worker and could not be queued again: failed", job_id)
+                written = await self._requeue_orphan(job_id, fail=True)
+            if written:
+                settled += 1
+                self._orphans_seen.discard(job_id)
+        return settled
+
+    async def _requeue_orphan(self, job_id: int, *, fail: bool) -> bool:
+        connector = self.app.connector
+        assert isinstance(connector, procrastinate.PsycopgConnector)
+        async with connector.pool.connection() as connection, connection.transaction():
+            cursor = connection.cursor(row_factory=tuple_row)
+            await cursor.execute(_STILL_OURS, (job_id,))
+            row = await cursor.fetchone()
+            if row is None or row[0] != "doing" or row[1] != self.worker_id or job_id in self._running_job_ids():
+                return False
+            if fail:
+                await cursor.execute(_FINISH, (job_id, jobs.Status.FAILED.value, False))
+                return True
+            await cursor.execute(_RETRY, (job_id, procrastinate.utils.utcnow(), None, None, None))
+            # A job queued again is an update, which wakes no worker (only an insert NOTIFYs): say it.
+            await cursor.execute(_WAKE, (json.dumps({"type": "job_inserted", "job_id": job_id}),))
+        logger.warning("job %s was left running by this worker, which no longer runs it: queued again", job_id)
+        return True
 
     async def _persist_job_status(
         self,
@@ -141,8 +196,7 @@ class OutcomeKeepingWorker(Worker):
             return True
 
 
-async def run_worker(app: procrastinate.App, **options: Any) -> None:
-    """App.run_worker_async, with an OutcomeKeepingWorker."""
+def make_worker(app: procrastinate.App, **options: Any) -> OutcomeKeepingWorker:
+    """What App.run_worker_async runs, as an OutcomeKeepingWorker (run it with ``await worker.run()``)."""
     app.perform_import_paths()  # type: ignore[no-untyped-call]
-    worker = OutcomeKeepingWorker(app=app, **{**app.worker_defaults, **options})
-    await worker.run()  # type: ignore[no-untyped-call]
+    return OutcomeKeepingWorker(app=app, **{**app.worker_defaults, **options})
