@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -93,42 +94,53 @@ def test_an_outcome_whose_write_meets_a_cut_connection_is_recorded_and_the_lock_
     ], rows
 
 
+def start_worker_and_orphan(
+    app: Flask, env: dict[str, str], log: Path, *, queueing_lock: str | None = None
+) -> subprocess.Popen[bytes]:
+    """A worker process, and one job "doing" under its id that it does not run (as a lost outcome leaves)."""
+    newest_worker = "SELECT coalesce(max(id), 0) AS id FROM procrastinate_workers"
+    before = query(app, newest_worker)[0].id
+    with log.open("wb") as output:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "tests.cut_worker"], cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    worker_id = wait_until(lambda: (row := query(app, newest_worker)[0]).id > before and row.id, 10)
+    assert worker_id, "the worker never registered"
+    with app.app_context():
+        queue.defer("cut:after", queue="cut", lock="one-at-a-time", queueing_lock=queueing_lock)
+        db.session.execute(
+            text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w WHERE queue_name = 'cut'"),
+            {"w": worker_id},
+        )
+        db.session.commit()
+    return worker
+
+
+def stop(worker: subprocess.Popen[bytes]) -> None:
+    worker.terminate()
+    try:
+        worker.wait(20)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+
+
 def test_a_job_left_doing_under_a_live_worker_that_no_longer_runs_it_is_queued_again(
     app: Flask, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount, tmp_path: Path
 ) -> None:
     """The backstop, whatever lost the outcome: each worker queues again the jobs "doing" under its own
     id that it is not running (found so on two passes in a row); the job runs again, once."""
-    newest_worker = "SELECT coalesce(max(id), 0) AS id FROM procrastinate_workers"
-    before = query(app, newest_worker)[0].id
     env = {**worker_env(app, smtp_server, stripe_sandbox), "WORKER_RECOVERY_SECONDS": "0.3"}
     log = tmp_path / "worker.log"
-    with log.open("wb") as output:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "tests.cut_worker"], cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
-        )
-        rows: list[Any] = []
-        try:
-            worker_id = wait_until(lambda: (row := query(app, newest_worker)[0]).id > before and row.id, 10)
-            assert worker_id, "the worker never registered"
-            with app.app_context():
-                # A job this worker claimed and whose outcome it lost: "doing" under its id, not running.
-                queue.defer("cut:after", queue="cut", lock="one-at-a-time")
-                db.session.execute(
-                    text("UPDATE procrastinate_jobs SET status = 'doing', worker_id = :w WHERE queue_name = 'cut'"),
-                    {"w": worker_id},
-                )
-                db.session.commit()
-                queue.defer("cut:after", queue="cut", lock="one-at-a-time")
-                db.session.commit()
-            wait_until(lambda: [r.status for r in query(app, JOBS)] == ["succeeded", "succeeded"], 8)
-            rows = query(app, JOBS)
-            alive = worker.poll() is None
-        finally:
-            worker.terminate()
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+    worker = start_worker_and_orphan(app, env, log)
+    try:
+        with app.app_context():
+            queue.defer("cut:after", queue="cut", lock="one-at-a-time")
+            db.session.commit()
+        wait_until(lambda: [r.status for r in query(app, JOBS)] == ["succeeded", "succeeded"], 8)
+        rows = query(app, JOBS)
+        alive = worker.poll() is None
+    finally:
+        stop(worker)
     assert alive
     # The orphan was queued again (an attempt counted), ran once (another), and freed the lock.
     assert [(row.task_name, row.status, row.attempts) for row in rows] == [
@@ -136,3 +148,27 @@ def test_a_job_left_doing_under_a_live_worker_that_no_longer_runs_it_is_queued_a
         ("cut:after", "succeeded", 1),
     ], (rows, log.read_text()[-3000:])
     assert "was left running by this worker, which no longer runs it: queued again" in log.read_text()
+
+
+def test_an_orphan_whose_queueing_lock_a_waiting_run_holds_is_failed_and_the_waiting_run_kept(
+    app: Flask, smtp_server: SmtpSink, stripe_sandbox: SandboxAccount, tmp_path: Path
+) -> None:
+    """As for dead workers' jobs: queued again it would take a queueing lock a waiting run holds (a
+    schedule's next run), so it is failed, visibly, and the waiting run does the work."""
+    env = {**worker_env(app, smtp_server, stripe_sandbox), "WORKER_RECOVERY_SECONDS": "0.3"}
+    log = tmp_path / "worker.log"
+    worker = start_worker_and_orphan(app, env, log, queueing_lock="next-run")
+    try:
+        with app.app_context():
+            later = datetime.now(UTC) + timedelta(hours=1)
+            queue.defer("cut:after", queue="cut", queueing_lock="next-run", scheduled_at=later)
+            db.session.commit()
+        wait_until(lambda: [r.status for r in query(app, JOBS)] == ["failed", "todo"], 8)
+        rows = query(app, JOBS)
+    finally:
+        stop(worker)
+    assert [(row.task_name, row.status) for row in rows] == [("cut:after", "failed"), ("cut:after", "todo")], (
+        rows,
+        log.read_text()[-3000:],
+    )
+    assert "could not be queued again: failed" in log.read_text()

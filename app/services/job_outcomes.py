@@ -34,6 +34,7 @@ from typing import Any
 import procrastinate
 from procrastinate import job_context, jobs, retry
 from procrastinate.worker import Worker
+from psycopg.errors import UniqueViolation
 from psycopg.rows import tuple_row
 
 logger = logging.getLogger(__name__)
@@ -70,11 +71,9 @@ class OutcomeKeepingWorker(Worker):
         confirmed, self._orphans_seen = orphans & self._orphans_seen, orphans
         settled = 0
         for job_id in sorted(confirmed):
-            try:
+            try:  # any other error (the database away) ends the pass: the next one looks again
                 written = await self._requeue_orphan(job_id, fail=False)
-            except procrastinate.exceptions.ConnectorException:
-                raise  # the database is away: the next pass looks again
-            except Exception:
+            except UniqueViolation:
                 # Its queueing lock is taken by a waiting job (a schedule's next run): that one does the work.
                 logger.exception("job %s was left running by this worker and could not be queued again: failed", job_id)
                 written = await self._requeue_orphan(job_id, fail=True)
