@@ -38,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.extensions import db
+from app.services import job_outcomes
 
 logger = logging.getLogger(__name__)
 
@@ -275,30 +276,38 @@ def run_worker(app: Flask, *, queues: list[str] | None = None, concurrency: int 
     """Run a worker until SIGTERM/SIGINT: it stops fetching, lets running jobs finish (their effects
     are committed, or not at all) and exits. Beside its jobs it beats its heartbeat every
     WORKER_HEARTBEAT_SECONDS and, every WORKER_RECOVERY_SECONDS, queues again the jobs of workers whose
-    heartbeat is WORKER_STALLED_SECONDS old (dead: SIGKILL, a lost host), so their claims are leases."""
+    heartbeat is WORKER_STALLED_SECONDS old (dead: SIGKILL, a lost host), so their claims are leases.
+    A job's outcome whose write meets a lost connection is written again until it is recorded, and a
+    job left "doing" under this live worker that it no longer runs is queued again every
+    WORKER_RECOVERY_SECONDS (job_outcomes.OutcomeKeepingWorker: issue 20)."""
     bind(app)
     jobs = job_app(app)
     config = app.config
     stalled = float(config["WORKER_STALLED_SECONDS"])
 
+    # procrastinate's worker, whose record of a finished job survives a lost connection, and which
+    # queues again a job "doing" under its own id that it no longer runs (job_outcomes, issue 20).
+    worker = job_outcomes.make_worker(
+        jobs,
+        queues=queues,  # None: every queue (as App.run_worker passes it)
+        concurrency=concurrency or int(config["WORKER_CONCURRENCY"]),
+        wait=True,
+        install_signal_handlers=True,
+        listen_notify=True,
+        delete_jobs="never",
+        fetch_job_polling_interval=float(config["WORKER_POLL_SECONDS"]),
+        update_heartbeat_interval=float(config["WORKER_HEARTBEAT_SECONDS"]),
+        stalled_worker_timeout=stalled,
+    )
+
     async def run() -> None:
         async with jobs.open_async():
             recovery = asyncio.create_task(
-                _recover_stalled_jobs_forever(jobs, float(config["WORKER_RECOVERY_SECONDS"]), stalled)
+                _recover_stalled_jobs_forever(jobs, float(config["WORKER_RECOVERY_SECONDS"]), stalled, worker)
             )
             dispatching = asyncio.create_task(_dispatch_forever(app, float(config["WORKER_DISPATCH_SECONDS"])))
             try:
-                await jobs.run_worker_async(
-                    queues=queues,  # type: ignore[arg-type]  # None: every queue (as App.run_worker passes it)
-                    concurrency=concurrency or int(config["WORKER_CONCURRENCY"]),
-                    wait=True,
-                    install_signal_handlers=True,
-                    listen_notify=True,
-                    delete_jobs="never",
-                    fetch_job_polling_interval=float(config["WORKER_POLL_SECONDS"]),
-                    update_heartbeat_interval=float(config["WORKER_HEARTBEAT_SECONDS"]),
-                    stalled_worker_timeout=stalled,
-                )
+                await worker.run()  # type: ignore[no-untyped-call]
             finally:
                 recovery.cancel()
                 dispatching.cancel()
@@ -317,13 +326,21 @@ async def _dispatch_forever(app: Flask, every: float) -> None:
         await asyncio.sleep(every * random.uniform(0.9, 1.1))  # noqa: S311  (workers do not all look at once)
 
 
-async def _recover_stalled_jobs_forever(jobs: procrastinate.App, every: float, stalled: float) -> None:
+async def _recover_stalled_jobs_forever(
+    jobs: procrastinate.App, every: float, stalled: float, worker: job_outcomes.OutcomeKeepingWorker | None = None
+) -> None:
     while True:
         await asyncio.sleep(every * random.uniform(0.8, 1.2))  # noqa: S311  (workers do not all look at once)
         try:
             await requeue_stalled_jobs(jobs, stalled)
         except Exception:  # the database is away: the next round tries again
             logger.warning("looking for jobs left by dead workers failed", exc_info=True)
+        if worker is None:
+            continue
+        try:  # and the jobs this (live) worker left "doing" without running them any more
+            await worker.requeue_orphans()
+        except Exception:
+            logger.warning("looking for jobs this worker left running failed", exc_info=True)
 
 
 async def requeue_stalled_jobs(jobs: procrastinate.App, seconds_since_heartbeat: float) -> int:
