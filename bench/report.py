@@ -430,10 +430,12 @@ class Report:
         return [
             "## The queue (issue 12)",
             "",
-            "Webhooks are stored and queued by the request and applied by `flask billing worker` from Stripe's "
-            "current object (docs/system/BILLING.md, section 5). Figures from this run, against its anchors:",
+            "Webhooks are stored by the request (one statement, no job), given a job by a worker's dispatch "
+            "pass and applied by `flask billing worker` from Stripe's current object (docs/system/BILLING.md, "
+            "section 5). Figures from this run, against its anchors:",
             "",
-            f"- Acknowledging new events (store the event and its job, commit): {self.summaries[NEW].rate:,.0f} req/s, "
+            "- Acknowledging new events (store the event, one statement on the autocommit connection): "
+            f"{self.summaries[NEW].rate:,.0f} req/s, "
             f"**{self.ratio(NEW, STORE_ONLY):.2f}×** the store-only anchor ({store.rate:,.0f} req/s, one INSERT).",
             f"- At {self.results.paced_rate} req/s offered while a worker ({SLOW_WORKER}) applies queued events and "
             f"every Stripe answer takes 300 ms: p50 {_ms(slow.p50_ms)} ms, p99 **{_ms(slow.p99_ms)} ms** "
