@@ -26,12 +26,20 @@ errorlog = "-"
 
 
 def post_fork(server, worker):
-    """Connections opened in the master while preloading must not be shared by the workers."""
+    """Connections opened in the master while preloading must not be shared by the workers; the worker
+    starts with its memory of recently settled webhook events."""
     from app.extensions import db
+    from app.services.webhook_intake import remember_recent_settled_events
 
     with server.app.wsgi().app_context():
         for engine in db.engines.values():
             engine.dispose(close=False)
+        # A worker starts knowing the most recent settled events: redeliveries after a deploy or a
+        # recycle cost no round trip either. A database that does not answer only leaves it empty.
+        try:
+            remember_recent_settled_events()
+        except Exception:
+            server.log.warning("worker %s starts without its memory of settled events", worker.pid, exc_info=True)
 
 
 def when_ready(server):

@@ -303,6 +303,31 @@ def test_a_settled_event_delivered_again_costs_no_round_trip_a_pending_one_still
     assert sent == ["EXECUTE (autocommit)"]
 
 
+def test_a_process_starts_knowing_the_most_recent_settled_events_but_never_a_pending_one(
+    client: FlaskClient, app: Flask
+) -> None:
+    """gunicorn's post_fork fills a new (or recycled) worker's memory with the most recent settled
+    events, so their redeliveries cost no statement from its first request; a pending one is still
+    asked about."""
+    settled, pending = stripe_event("charge.refunded", {"id": "ch_2", "object": "charge"}), subscription_event()
+    post_webhook(client, settled)  # ignored: settled at once
+    post_webhook(client, pending)
+    app.extensions.pop("webhook_settled_events")  # a process that has seen nothing
+    with statements_sent(app) as sent:
+        post_webhook(client, settled)
+    assert sent == ["EXECUTE (autocommit)"]  # without the memory, the database is asked
+
+    app.extensions.pop("webhook_settled_events")
+    with app.app_context():
+        assert webhook_intake.remember_recent_settled_events() >= 1
+    with statements_sent(app) as sent:
+        assert post_webhook(client, settled).get_json() == {"received": True, "duplicate": True}
+    assert sent == []
+    with statements_sent(app) as sent:
+        assert post_webhook(client, pending).get_json()["duplicate"] is True
+    assert sent == ["EXECUTE (autocommit)"]
+
+
 def test_a_webhook_the_machine_entry_cannot_finish_is_answered_by_the_flask_route_from_the_same_body(
     client: FlaskClient, app: Flask, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -273,11 +273,34 @@ class SettledEvents:
     def holds(self, table: str, event_id: str) -> bool:
         return (table, event_id) in self._ids
 
+    def __len__(self) -> int:
+        return len(self._ids)
+
     def add(self, table: str, event_id: str) -> None:
         with self._lock:
             self._ids[(table, event_id)] = None
             while len(self._ids) > self.size:
                 self._ids.popitem(last=False)
+
+    def add_older(self, table: str, newest_first: list[str]) -> None:
+        """Remember ids settled before this process started, behind the ones it saw itself (the first
+        forgotten when the memory is full)."""
+        with self._lock:
+            for event_id in newest_first[: max(self.size - len(self._ids), 0)]:
+                self._ids[(table, event_id)] = None
+                self._ids.move_to_end((table, event_id), last=False)
+
+
+def remember_recent_settled_events() -> int:
+    """Start this process's memory of settled events with the most recent ones of each provider's table
+    (up to WEBHOOK_SETTLED_CACHE_SIZE), so a worker just started or recycled answers redeliveries of
+    them with no round trip too (gunicorn's post_fork calls it). Returns how many it remembered."""
+    seen = _settled_events()
+    if seen is None:
+        return 0
+    for model in (StripeEvent, WhopEvent):
+        seen.add_older(model.__tablename__, webhook_store.recent_settled_ids(model, seen.size))
+    return len(seen)
 
 
 def _settled_events() -> SettledEvents | None:

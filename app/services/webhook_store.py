@@ -16,7 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from app.extensions import db
 from app.models import StripeEvent, StripeEventStatus, WhopEvent
-from app.models.stripe_event import RECORDED_STATUSES
+from app.models.stripe_event import RECORDED_STATUSES, SETTLED_STATUSES
 from app.models.types import utcnow
 
 # The tables a provider's events can live in: one shape, one set of statuses (StripeEventStatus).
@@ -211,6 +211,16 @@ def _row(event: VerifiedEvent) -> dict[str, Any]:
         "p_payload": event.raw,
         "p_now": utcnow(),
     }
+
+
+def recent_settled_ids(model: EventModel, limit: int) -> list[str]:
+    """The ids of the table's most recently stored settled events (processed or ignored: final), newest
+    first: what a new process starts its memory of settled events with."""
+    statement = select(model.event_id).where(model.status.in_(SETTLED_STATUSES)).order_by(model.id.desc()).limit(limit)
+    try:
+        return [str(event_id) for event_id in db.session.execute(statement).scalars()]
+    finally:
+        db.session.rollback()
 
 
 def is_recorded(model: EventModel, event_id: str) -> bool:
