@@ -45,7 +45,7 @@ from tests.conftest import (
     worker_env,
 )
 from tests.test_usage_api import create_api_key, post_usage
-from tests.test_usage_reports import stripe_total
+from tests.test_usage_reports import meter_summary_total
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("CHAOS_SEED", "20"))
@@ -333,7 +333,7 @@ def assert_stripe_counts_our_usage(app: Flask, stripe_api: SandboxAccount) -> in
         "WHERE o.billing_customer_id IS NOT NULL GROUP BY o.billing_customer_id",
     )
     for row in billed:
-        at_stripe = stripe_total(stripe_api, row.customer)
+        at_stripe = meter_summary_total(stripe_api, row.customer)
         assert at_stripe == row.billable, f"{row.customer}: {at_stripe} at Stripe, {row.billable} billed {WHY}"
     return sum(int(row.billable) for row in billed)
 

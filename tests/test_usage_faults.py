@@ -31,7 +31,7 @@ from app.services.billing_service import BillingService
 from tests.conftest import SandboxAccount, SmtpSink, query, run_jobs, worker_env
 from tests.test_chaos import Workers, queue_report
 from tests.test_usage_api import Owner, post_usage
-from tests.test_usage_reports import stripe_total
+from tests.test_usage_reports import meter_summary_total
 
 # Short leases, so the takeover comes within seconds (the defaults are 2, 10 and 5 seconds).
 LEASES = {"WORKER_HEARTBEAT_SECONDS": "0.2", "WORKER_STALLED_SECONDS": "1", "WORKER_RECOVERY_SECONDS": "0.2"}
@@ -141,7 +141,7 @@ def assert_counted_once(app: Flask, stripe_api: SandboxAccount, call: str, expec
     assert len(set(identifiers)) == len(identifiers), made
     assert all(report.status == "sent" for report in made), made
     assert billed(app) == expected == sum(report.quantity for report in made)
-    assert stripe_total(stripe_api, customer_id(app)) == expected  # to the unit
+    assert meter_summary_total(stripe_api, customer_id(app)) == expected  # to the unit
     # The report in flight when the worker died was sent again by the next one (under its identifier),
     # and Stripe counted it once.
     attempts = Counter(sent_identifiers(stripe_api, call))
@@ -233,4 +233,4 @@ def test_duplicate_api_requests_during_reporting_and_429s_count_once(
     assert all(report.status == "sent" for report in made), made
     assert len({report.identifier for report in made}) == len(made)
     assert billed(app) == total - 1000 == sum(report.quantity for report in made)
-    assert stripe_total(offline_stripe, customer_id(app)) == total - 1000
+    assert meter_summary_total(offline_stripe, customer_id(app)) == total - 1000

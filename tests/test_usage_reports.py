@@ -45,7 +45,7 @@ class Customer:
             return BillingService.report_usage()
 
     def stripe_total(self) -> float:
-        return stripe_total(self.stripe, self.customer_id)
+        return meter_summary_total(self.stripe, self.customer_id)
 
     def our_billed_total(self) -> int:
         [row] = query(self.app, "SELECT COALESCE(SUM(billable), 0) AS billed FROM usage_period_total")
@@ -56,7 +56,7 @@ class Customer:
         return query(self.app, f"SELECT {columns} FROM usage_report ORDER BY id")  # noqa: S608
 
 
-def stripe_total(stripe_api: SandboxAccount, customer_id: str) -> float:
+def meter_summary_total(stripe_api: SandboxAccount, customer_id: str) -> float:
     """Stripe's meter event summary of the customer's API calls, over the last 40 days."""
     meters = stripe_api.api("GET", "/v1/billing/meters")["data"]
     [meter] = [m for m in meters if m["event_name"] == EVENT_NAME]
