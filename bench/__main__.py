@@ -51,22 +51,27 @@ class Bench:
         load = partial(self.webhooks.wrk, server.port, path, template, duplicate=duplicate, forged=forged)
         return measured(server, self.services.postmaster_pid(), partial(load, seconds=seconds))
 
-    def run(self, busy_before: float) -> Results:
-        app = self.services.app
-        step("warming up")
+    def webhook_rounds(self) -> dict[str, list[Run]]:
+        """A warm-up of each scenario, then ROUNDS rounds of them all in turn."""
+        step(f"warming up (load average {_load()})")
         for scenario in self.scenarios:
             self.webhook_run(scenario, WARM_UP_SECONDS)
         self.services.maintain()
         rounds: dict[str, list[Run]] = {scenario: [] for scenario in self.scenarios}
         for number in range(1, ROUNDS + 1):
             for scenario in self.scenarios:
-                step(f"round {number}/{ROUNDS}: {scenario}")
+                step(f"round {number}/{ROUNDS}: {scenario} (load average {_load()})")
                 rounds[scenario].append(self.webhook_run(scenario, SECONDS))
+        return rounds
+
+    def paced_runs(self) -> dict[int, Run]:
+        """New events offered at each of PACED_RUNS' rates; at PACED_RATE while a worker applies what is
+        queued, each Stripe read taking 300 ms."""
+        app = self.services.app
         paced = {}
         for rate, seconds in PACED_RUNS.items():
             slow = rate == PACED_RATE
             if slow:
-                # The worker is applying what is queued, each Stripe read taking 300 ms, while deliveries arrive.
                 self.services.start_worker(SLOW_STRIPE_WORKER_CONCURRENCY)
                 self.services.set_stripe_latency(SLOW_STRIPE_SECONDS)
                 time.sleep(3)
@@ -78,6 +83,12 @@ class Bench:
                 if slow:
                     self.services.set_stripe_latency(0)
                     self.services.stop_worker()
+        return paced
+
+    def run(self, busy_before: float) -> Results:
+        app = self.services.app
+        rounds = self.webhook_rounds()
+        paced = self.paced_runs()
         outcomes = self.services.event_outcomes()
         step(f"{SIGNUPS} signups, one at a time")
         signup = measured(app, self.services.postmaster_pid(), lambda: signups(app.port, SIGNUPS))
@@ -219,29 +230,8 @@ def webhook_only() -> None:
     step(f"the machine was {busy:.2f} cores busy before the benchmark started; load average {_load()}")
     with Services(workdir) as services:
         bench = Bench(services, workdir)
-        for scenario in bench.scenarios:
-            bench.webhook_run(scenario, WARM_UP_SECONDS)
-        services.maintain()
-        rounds: dict[str, list[Run]] = {scenario: [] for scenario in bench.scenarios}
-        for number in range(1, ROUNDS + 1):
-            for scenario in bench.scenarios:
-                step(f"round {number}/{ROUNDS}: {scenario} (load average {_load()})")
-                rounds[scenario].append(bench.webhook_run(scenario, SECONDS))
-        paced = {}
-        for rate, seconds in PACED_RUNS.items():
-            slow = rate == PACED_RATE
-            if slow:
-                services.start_worker(SLOW_STRIPE_WORKER_CONCURRENCY)
-                services.set_stripe_latency(SLOW_STRIPE_SECONDS)
-                time.sleep(3)
-            step(f"new events at {rate} req/s offered, {seconds} s (load average {_load()})")
-            load = partial(bench.webhooks.paced, services.app.port, WEBHOOK_PATH, rate=rate, seconds=seconds)
-            try:
-                paced[rate] = measured(services.app, services.postmaster_pid(), load)
-            finally:
-                if slow:
-                    services.set_stripe_latency(0)
-                    services.stop_worker()
+        rounds = bench.webhook_rounds()
+        paced = bench.paced_runs()
         burst = run_burst(services, step)
         step(f"stopping the servers and dropping the database (load average {_load()})")
     summaries = {name: Summary.of(runs) for name, runs in rounds.items()}

@@ -84,13 +84,13 @@ def tree_cpu_seconds(pid: int) -> float:
     backends PostgreSQL ended) and its live children's."""
     try:
         utime, stime, cutime, cstime = (int(value) for value in _stat_fields(pid)[11:15])
-    except FileNotFoundError:  # the server went away (PostgreSQL restarted by someone else): no figure
+    except (FileNotFoundError, ProcessLookupError):  # the server went away (PostgreSQL restarted): no figure
         return 0.0
     total = utime + stime + cutime + cstime
     for child in children(pid):
         try:
             total += sum(int(value) for value in _stat_fields(child)[11:13])
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # the child ended between listing and reading
             continue
     return total / TICKS_PER_SECOND
 
