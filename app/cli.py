@@ -329,7 +329,8 @@ def usage(report_now: bool, compare: bool, apply_repairs: bool, organization_id:
     counts = usage_reports.counts()
     click.echo(
         f"Usage reports: {counts.pending} pending, {counts.sent} sent, {counts.failed} failed;"
-        f" {counts.unreported_events} billable events not yet in a report."
+        f" {counts.unreported_events} billable events not yet in a report;"
+        f" {counts.untallied_events} events not yet tallied."
     )
     for identifier, error in counts.failures:
         click.echo(f"  failed {identifier}: {error}")

@@ -31,16 +31,19 @@ STORE = text(
     "ON CONFLICT (event_id) DO NOTHING"
 )
 
+# As the app stores usage: not tallied yet (billable_quantity NULL, in the untallied index).
 STORE_USAGE = text(
     "INSERT INTO anchor_usage (organization_id, meter, quantity, billable_quantity, idempotency_key, occurred_at, "
-    "period_start, recorded_at) VALUES (:organization_id, :meter, :quantity, 0, :idempotency_key, now(), "
-    "date_trunc('month', now()), now()) ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
+    "period_start, period_end, recorded_at) VALUES (:organization_id, :meter, :quantity, NULL, :idempotency_key, "
+    "now(), date_trunc('month', now()), date_trunc('month', now()) + interval '1 month', now()) "
+    "ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
 )
 STORE_USAGE_BATCH = text(
     "INSERT INTO anchor_usage (organization_id, meter, quantity, billable_quantity, idempotency_key, occurred_at, "
-    "period_start, recorded_at) SELECT :organization_id, e.meter, e.quantity, 0, e.idempotency_key, now(), "
-    "date_trunc('month', now()), now() FROM jsonb_to_recordset(CAST(:events AS jsonb)) "
-    "AS e(meter text, quantity bigint, idempotency_key text) ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
+    "period_start, period_end, recorded_at) SELECT :organization_id, e.meter, e.quantity, NULL, e.idempotency_key, "
+    "now(), date_trunc('month', now()), date_trunc('month', now()) + interval '1 month', now() "
+    "FROM jsonb_to_recordset(CAST(:events AS jsonb)) AS e(meter text, quantity bigint, idempotency_key text) "
+    "ON CONFLICT (organization_id, idempotency_key) DO NOTHING"
 )
 
 app = Flask(__name__)

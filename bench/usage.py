@@ -77,8 +77,8 @@ with app.app_context():
 
 @dataclass(frozen=True)
 class Reporting:
-    events: int  # billable events waiting for a report when the worker started
-    billable_units: int
+    events: int  # stored events waiting for the tally (and their billable part for a report) at the start
+    billable_units: int  # the units the tally found past what is included, all in reports
     seconds: float
     passes: int
     reports_sent: int
@@ -180,12 +180,9 @@ class UsageBench:
             time.sleep(0.5)
 
     def report(self) -> Reporting:
-        with self.services.sql() as cursor:
-            cursor.execute(
-                "SELECT count(*), coalesce(sum(billable_quantity), 0) FROM usage_event "
-                "WHERE billable_quantity > 0 AND report_id IS NULL"
-            )
-            events, units = cursor.fetchone()
+        with self.services.sql() as cursor:  # the API's events are stored, not tallied: the reporter tallies them
+            cursor.execute("SELECT count(*) FROM usage_event WHERE billable_quantity IS NULL AND report_id IS NULL")
+            events = cursor.fetchone()[0]
         sandbox = Sandbox(self.services.sandbox_url, self.services.env["STRIPE_SECRET_KEY"])
         mark = sandbox.last_seq()
         command = [sys.executable, "-c", REPORTER]
@@ -208,7 +205,12 @@ class UsageBench:
         with self.services.sql() as cursor:
             cursor.execute("SELECT coalesce(sum(quantity), 0) FROM usage_report WHERE status = 'sent'")
             units_sent = cursor.fetchone()[0]
-            cursor.execute("SELECT count(*) FROM usage_event WHERE billable_quantity > 0 AND report_id IS NULL")
+            cursor.execute("SELECT coalesce(sum(billable_quantity), 0) FROM usage_event WHERE report_id IS NOT NULL")
+            units = cursor.fetchone()[0]
+            cursor.execute(
+                "SELECT count(*) FROM usage_event WHERE billable_quantity IS NULL"
+                " OR (billable_quantity > 0 AND report_id IS NULL)"
+            )
             left = cursor.fetchone()[0]
         return Reporting(
             events=events,
@@ -307,11 +309,11 @@ def markdown(results: UsageResults) -> str:
             f"acknowledged 2xx to the generator; requests in flight when a run ended are stored but not counted), "
             f"{results.stored['anchor_usage']:,} anchor rows ({results.acknowledged['anchor_usage']:,} acknowledged).",
             f"- Reporting, one worker process (BillingService.report_usage, the worker's usage:report task, run "
-            f"{reporting.passes} times until nothing was left): {reporting.events:,} stored billable events "
-            f"({reporting.billable_units:,} units past what is included) gathered into {reporting.reports_sent:,} "
-            f"reports and sent in {reporting.seconds:.2f} s: **{reporting.events / reporting.seconds:,.0f} events "
+            f"{reporting.passes} times until nothing was left): {reporting.events:,} stored events tallied "
+            f"({reporting.billable_units:,} units past what is included) and gathered into {reporting.reports_sent:,} "
+            f"reports, sent in {reporting.seconds:.2f} s: **{reporting.events / reporting.seconds:,.0f} events "
             f"reported per second**; {reporting.reports_failed} reports failed, {reporting.left_unreported} "
-            f"billable events left unreported; units in sent reports {reporting.units_sent:,} "
+            f"events left untallied or unreported; units in sent reports {reporting.units_sent:,} "
             + (
                 "(equal to the billable units)."
                 if reporting.units_sent == reporting.billable_units

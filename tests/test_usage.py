@@ -71,6 +71,9 @@ def record(app: Flask, org_id: int, quantity: Any = 1, key: str = "k1", **kwargs
 
 
 def totals(app: Flask, org_id: int) -> list[Any]:
+    """The periods' rows once the worker's tally has counted what was stored."""
+    with app.app_context():
+        BillingService.tally_usage()
     return query(
         app,
         "SELECT period_start, period_end, total, billable FROM usage_period_total WHERE organization_id = :o"

@@ -31,7 +31,7 @@ from app.services.billing_service import BillingService
 from tests.conftest import SandboxAccount, SmtpSink, query, run_jobs, worker_env
 from tests.test_chaos import Workers, queue_report
 from tests.test_usage_api import Owner, post_usage
-from tests.test_usage_reports import meter_summary_total
+from tests.test_usage_reports import meter_summary_total, tally_and_gather
 
 # Short leases, so the takeover comes within seconds (the defaults are 2, 10 and 5 seconds).
 LEASES = {"WORKER_HEARTBEAT_SECONDS": "0.2", "WORKER_STALLED_SECONDS": "1", "WORKER_RECOVERY_SECONDS": "0.2"}
@@ -174,7 +174,7 @@ def test_a_worker_sigkilled_mid_stream_request_loses_and_doubles_nothing(
     for number, quantity in enumerate((1500, 40, 60), start=1):
         assert record(app, key, quantity, f"k{number}") == 201
         with app.app_context():
-            assert usage_reports.gather() == 1
+            assert tally_and_gather() == 1
     call = "billing.meter_event_stream.create"
     left, ended = kill_mid_report_and_take_over(
         app, offline_stripe, reporters, key, call, {"USAGE_STREAM_THRESHOLD": "2"}

@@ -16,7 +16,8 @@ from flask import Flask
 from sqlalchemy import event, text
 
 from app.extensions import db
-from app.services import usage
+from app.models import Organization
+from app.services import queue, usage, usage_page
 from app.services.billing_service import BillingService
 from tests.conftest import SandboxAccount, csrf_token, query
 from tests.test_usage import NOW, catalogue, frozen, organization  # noqa: F401 (frozen: a fixture)
@@ -56,7 +57,10 @@ def change(app: Flask, sql: str) -> None:
 
 
 def consistent(app: Flask, org_id: int) -> tuple[int, int]:
-    """The counter's (total, billable), asserted equal to the sums over the stored events."""
+    """The period's (total, billable) once the worker's tally has run, asserted equal to the sums over
+    the stored events."""
+    with app.app_context():
+        BillingService.tally_usage()
     [counter] = query(app, "SELECT total, billable FROM usage_period_total WHERE organization_id = :o", o=org_id)
     [stored] = query(
         app,
@@ -76,9 +80,10 @@ def test_a_batch_costs_the_same_few_statements_whatever_its_size(app: Flask, fro
     with statements(app) as hundred:
         recorded = batch(app, org_id, [event_of(f"k{i}") for i in range(100)])
     assert all(isinstance(r, usage.RecordedUsage) and not r.duplicate for r in recorded)
-    # The organization's read, then the counter's upsert (one meter and period) and the insert of every
-    # event, in one statement.
+    # The organization's read, then the insert of every event, in one statement: nothing is counted as
+    # it is stored (the worker's tally counts), so nothing waits for another request's counter row.
     assert len(one) == len(hundred) == 2, hundred
+    assert not any("usage_period_total" in sql for sql in hundred)
     assert not any("SAVEPOINT" in sql.upper() for sql in hundred)
     assert consistent(app, org_id) == (1010, 960)  # 50 included: the single event's 10 fit, then 40 of k0..k3
 
@@ -92,8 +97,8 @@ def test_the_api_records_a_batch_in_one_statement_with_a_remembered_key(
     with statements(app) as sent:
         response = post_usage(app, key, {"events": [event_of(f"b{i}") for i in range(100)]})
     assert response.status_code == 200 and response.json["recorded"] == 100
-    # The key and its organization were read by the first request and are remembered: the counter's
-    # upsert and the events' insert (one statement, which also checks the key is still live) is all.
+    # The key and its organization were read by the first request and are remembered: the events'
+    # insert (one statement, which also checks the key is still live) is all.
     assert len(sent) == 1, sent
     assert consistent(app, owner.organization_id)[0] == 1010
     with statements(app) as single:
@@ -239,14 +244,23 @@ def test_concurrent_batches_past_what_is_included_bill_each_unit_once(make_app: 
     def send(start: int) -> None:
         batch(app, org_id, [event_of(f"k{i}", 3) for i in range(start, start + 50)])
 
-    threads = [threading.Thread(target=send, args=(start,)) for start in (0, 25, 50, 75)]
-    for thread in threads:
+    sending = [threading.Thread(target=send, args=(start,)) for start in (0, 25, 50, 75)]
+    tallies: list[int] = []
+
+    def tally() -> None:  # two workers' dispatch passes, tallying while the batches are stored
+        while any(thread.is_alive() for thread in sending):
+            with app.app_context():
+                tallies.append(BillingService.tally_usage(once=True))
+
+    tallying = [threading.Thread(target=tally) for _ in range(2)]
+    for thread in (*sending, *tallying):
         thread.start()
-    for thread in threads:
+    for thread in (*sending, *tallying):
         thread.join()
     # 125 distinct keys of 3: 375, of which 275 past the 100 included; every stored event's billable part
-    # adds up to the counter's, however the batches interleaved.
+    # adds up to the period's, however the batches and the tallies interleaved (each event tallied once).
     assert consistent(app, org_id) == (375, 275)
+    assert sum(tallies) <= 125 and len(query(app, "SELECT id FROM usage_event")) == 125
 
 
 def test_a_batch_over_two_periods_keeps_each_counter_equal_to_its_events(app: Flask, frozen: None) -> None:  # noqa: F811
@@ -266,10 +280,11 @@ def test_a_batch_over_two_periods_keeps_each_counter_equal_to_its_events(app: Fl
             ],
         )
     assert [r.duplicate for r in results if isinstance(r, usage.RecordedUsage)] == [False, True, False, True]
-    # The organization, one upsert per counter (in one order), the insert, and, some events having been
-    # stored before: a correction of each counter, of old-2's billable part (counted as if old-1 were
-    # new, it would have been 10), and the read of the stored events.
-    assert len(sent) == 8, sent
+    # The organization, the insert, and, some events having been stored before, the read of the stored
+    # events; the tally then counts each period apart, old-2 getting its billable part from old-1's total.
+    assert len(sent) == 3, sent
+    with app.app_context():
+        BillingService.tally_usage()
     counters = query(
         app, "SELECT total, billable FROM usage_period_total WHERE organization_id = :o ORDER BY period_start", o=org_id
     )
@@ -291,7 +306,9 @@ def test_recording_works_the_same_on_the_sqlite_stand_in(sqlite_app: Flask, froz
     assert [r.duplicate for r in results[:3] if isinstance(r, usage.RecordedUsage)] == [True, False, True]
     with statements(sqlite_app) as sent:
         [single] = batch(sqlite_app, org_id, [event_of("d", 4)])
-    assert len(sent) == 3  # the organization, the counter's upsert, the insert (no CTE on SQLite)
+    # The organization and the insert; then, the development run having no worker, the tally in the
+    # same transaction: the untallied events, the period's upsert, and d's billable part (2 of 4).
+    assert len(sent) == 5, sent
     assert isinstance(single, usage.RecordedUsage) and not single.duplicate
     assert consistent(sqlite_app, org_id) == (14, 2)
     sqlite_app.extensions["plan_catalogue"] = catalogue("hard_limit", included=12)
@@ -328,3 +345,32 @@ def test_the_usage_api_on_the_sqlite_stand_in(sqlite_app: Flask, offline_stripe:
     again = post_usage(sqlite_app, key, {"events": [event_of("a", 5), event_of("b", 6), event_of("b", 6)]})
     assert [r["outcome"] for r in again.json["results"]] == ["duplicate", "recorded", "duplicate"]
     assert consistent(sqlite_app, owner.organization_id)[0] == 11
+
+
+def test_a_workers_dispatch_pass_tallies_what_was_stored(app: Flask, frozen: None) -> None:  # noqa: F811
+    app.extensions["plan_catalogue"] = catalogue(included=10)
+    org_id = organization(app)
+    batch(app, org_id, [event_of("a", 6), event_of("b", 6)])
+    assert query(app, "SELECT total FROM usage_period_total") == []  # stored, not counted yet
+    assert [r.billable_quantity for r in query(app, "SELECT billable_quantity FROM usage_event")] == [None, None]
+    queue.dispatch_now(app)  # a worker's pass, every WORKER_DISPATCH_SECONDS
+    [period] = query(app, "SELECT total, billable FROM usage_period_total")
+    assert (period.total, period.billable) == (12, 2)
+    rows = query(app, "SELECT idempotency_key, billable_quantity FROM usage_event ORDER BY id")
+    assert [(r.idempotency_key, r.billable_quantity) for r in rows] == [("a", 0), ("b", 2)]
+
+
+def test_the_page_and_a_hard_limit_count_usage_not_tallied_yet(app: Flask, frozen: None) -> None:  # noqa: F811
+    app.extensions["plan_catalogue"] = catalogue(included=10)
+    org_id = organization(app)
+    batch(app, org_id, [event_of("a", 8)])  # billed overage: stored, not tallied
+    app.extensions["plan_catalogue"] = catalogue("hard_limit", included=10)  # the tier now hard-limits
+    refused, accepted = batch(app, org_id, [event_of("b", 3), event_of("c", 2)])
+    assert isinstance(refused, usage.UsageLimitReached) and refused.used == 8
+    assert isinstance(accepted, usage.RecordedUsage) and not accepted.duplicate
+    with app.app_context():
+        organization_row = db.session.get(Organization, org_id)
+        assert organization_row is not None
+        [meter] = usage_page.meters_for(app.extensions["plan_catalogue"], organization_row, {}, NOW)
+    assert meter.used == 10  # a (untallied) and c (counted by the hard limit)
+    assert consistent(app, org_id) == (10, 0)

@@ -48,6 +48,9 @@ class Customer:
         return meter_summary_total(self.stripe, self.customer_id)
 
     def our_billed_total(self) -> int:
+        """What the worker's tally has billed of what was recorded."""
+        with self.app.app_context():
+            BillingService.tally_usage()
         [row] = query(self.app, "SELECT COALESCE(SUM(billable), 0) AS billed FROM usage_period_total")
         return int(row.billed)
 
@@ -67,6 +70,12 @@ def meter_summary_total(stripe_api: SandboxAccount, customer_id: str) -> float:
         {"customer": customer_id, "start_time": now - 40 * 86400, "end_time": now + 3600},
     )["data"]
     return float(sum(s["aggregated_value"] for s in summaries))
+
+
+def tally_and_gather() -> int:
+    """A usage:report run's first half (in an app context): the tally, then the gathering of reports."""
+    BillingService.tally_usage()
+    return usage_reports.gather()
 
 
 @pytest.fixture
@@ -159,7 +168,7 @@ def test_a_429_leaves_every_report_pending_and_the_next_run_counts_each_once(cus
 def test_a_worker_killed_between_gathering_and_sending_loses_nothing(customer: Customer) -> None:
     customer.record(INCLUDED + 12)
     with customer.app.app_context():
-        assert usage_reports.gather() == 1  # ...and the worker dies before sending
+        assert tally_and_gather() == 1  # ...and the worker dies before sending
     customer.record(3)
     run = customer.report()  # the next run sends the old report and the new one
     assert (run.gathered, run.sent) == (1, 2)
@@ -169,7 +178,7 @@ def test_a_worker_killed_between_gathering_and_sending_loses_nothing(customer: C
 def test_a_worker_killed_after_stripe_accepted_before_marking_it_sent(customer: Customer) -> None:
     customer.record(INCLUDED + 9)
     with customer.app.app_context():
-        usage_reports.gather()
+        tally_and_gather()
         [event] = usage_reports.pending(plan_catalogue())
         BillingService._send_meter_event(event)  # Stripe accepts; the worker dies before the UPDATE
     assert customer.reports()[0].status == "pending"
@@ -211,7 +220,7 @@ def test_a_refused_report_is_failed_with_stripes_words_and_shown_to_ops(customer
 def test_a_report_unsettled_for_20_hours_is_failed_not_sent_again(customer: Customer) -> None:
     customer.record(INCLUDED + 6)
     with customer.app.app_context():
-        usage_reports.gather()
+        tally_and_gather()
         db.session.execute(text("UPDATE usage_report SET created_at = now() - interval '21 hours'"))
         db.session.commit()
     run = customer.report()
@@ -288,7 +297,7 @@ def test_reconcile_resends_what_stripe_lacks_once(customer: Customer) -> None:
     customer.report()
     customer.record(8)
     with customer.app.app_context():
-        usage_reports.gather()
+        tally_and_gather()
         # A report marked sent that Stripe never took (dropped, or refused later by an error report).
         db.session.execute(text("UPDATE usage_report SET status = 'sent' WHERE status = 'pending'"))
         db.session.commit()
@@ -337,7 +346,7 @@ def pending_reports(customer: Customer, count: int) -> None:
         for _ in range(count):
             customer.keys += 1
             BillingService.record_usage(customer.organization_id, "api_calls", 1, idempotency_key=f"k{customer.keys}")
-            assert usage_reports.gather() == 1
+            assert tally_and_gather() == 1
 
 
 def stream_statuses(customer: Customer) -> list[int]:

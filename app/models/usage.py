@@ -15,9 +15,11 @@ from app.models.types import BigId, Timestamp, utcnow
 
 class UsageEvent(Model):
     """One usage event, stored before it is acknowledged. (organization_id, idempotency_key) is unique:
-    a repeated key is acknowledged without being counted again. billable_quantity is the part of it past
-    what the tier includes in its period (decided under the period's counter row, so two events never
-    both claim the same included units); report_id is set when that part is in a report to Stripe."""
+    a repeated key is acknowledged without being counted again. billable_quantity is NULL until the
+    worker's tally (app/services/usage_tally.py) counts the event into its period's total and sets it to
+    the part past what the tier includes (decided under the period's row, so two events never both
+    claim the same included units); an event under a hard limit is counted as it is stored (billable 0).
+    report_id is set when the billable part is in a report to Stripe."""
 
     __tablename__ = "usage_event"
     __table_args__ = (
@@ -27,6 +29,14 @@ class UsageEvent(Model):
             "billable_quantity >= 0 AND billable_quantity <= quantity", name="ck_usage_event_billable_quantity"
         ),
         Index("ix_usage_event_organization_meter_time", "organization_id", "meter", "occurred_at"),
+        Index(
+            "ix_usage_event_untallied",
+            "organization_id",
+            "meter",
+            "period_start",
+            postgresql_where=text("billable_quantity IS NULL"),
+            sqlite_where=text("billable_quantity IS NULL"),
+        ),
         Index(
             "ix_usage_event_unreported",
             "recorded_at",
@@ -39,17 +49,19 @@ class UsageEvent(Model):
     organization_id: Mapped[int] = mapped_column(ForeignKey("organization.id", ondelete="RESTRICT"))
     meter: Mapped[str] = mapped_column(String(50))
     quantity: Mapped[int] = mapped_column(BigInteger)
-    billable_quantity: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    billable_quantity: Mapped[int | None] = mapped_column(BigInteger)  # NULL: not tallied yet
     idempotency_key: Mapped[str] = mapped_column(String(255))
     occurred_at: Mapped[datetime] = mapped_column(Timestamp)
     period_start: Mapped[datetime] = mapped_column(Timestamp)
+    period_end: Mapped[datetime] = mapped_column(Timestamp)
     recorded_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     report_id: Mapped[int | None] = mapped_column(ForeignKey("usage_report.id", ondelete="RESTRICT"))
 
 
 class UsagePeriodTotal(Model):
-    """An organization's usage of one meter in one billing period (and the billed part of it): the row
-    every recording of that meter and period updates, so limits and warnings are decided one at a time."""
+    """An organization's tallied usage of one meter in one billing period (and the billed part of it):
+    the row the worker's tally adds each event to (and a recording under a hard limit, which must judge
+    the limit as it stores), so billable parts, limits and warnings are decided one at a time."""
 
     __tablename__ = "usage_period_total"
 

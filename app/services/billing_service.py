@@ -51,6 +51,7 @@ from app.services import (
     usage,
     usage_reconcile,
     usage_reports,
+    usage_tally,
     webhook_intake,
     whop_billing,
 )
@@ -892,10 +893,16 @@ class BillingService:
         """Events stored set-based in one transaction (usage_store.py); a refused one: a UsageRejected in its place."""
         return usage.record_batch(plan_catalogue(), organization_id, events, **kw)  # kw: account (usage.record_batch)
 
+    @staticmethod
+    def tally_usage(*, once: bool = False) -> int:
+        """Count stored events into their periods' totals and bill what passes the tier (usage_tally.py)."""
+        return usage_tally.tally(plan_catalogue(), once=once)
+
     # --- Usage-based billing: reporting to Stripe's meter events (app/services/usage_reports.py) ------
     @classmethod
     def report_usage(cls) -> usage_reports.ReportRun:
-        """Gather billable usage into reports, then send the pending ones (the worker's usage:report)."""
+        """Tally, gather billable usage into reports, then send the pending ones (the worker's usage:report)."""
+        cls.tally_usage()
         run = usage_reports.ReportRun(gathered=usage_reports.gather())
         v2 = (lambda: cls.ensure_stripe().v2.billing.meter_event_session.create(), cls._stream_meter_events)  # noqa: PLW0108
         return usage_reports.send_pending(plan_catalogue(), cls._send_meter_event, run, v2)

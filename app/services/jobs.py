@@ -207,7 +207,15 @@ def dispatch_webhook_events(coalesce: bool = True) -> list[str]:
     return BillingService.queue_unclaimed_events(older_than_seconds=seconds, lost=False)
 
 
+def tally_usage(coalesce: bool = True) -> int:
+    """The workers' dispatch pass tallies stored usage too (usage_tally.py): totals, billable parts and
+    soft-limit warnings follow recording within WORKER_DISPATCH_SECONDS. One transaction a pass: a
+    backlog is worked off over several passes, and usage:report tallies all of it before it gathers."""
+    return BillingService.tally_usage(once=coalesce)
+
+
 queue.register_dispatcher(dispatch_webhook_events)
+queue.register_dispatcher(tally_usage)
 queue.register_blueprint("webhooks", webhooks)
 queue.register_blueprint("usage", usage_tasks)
 queue.register_blueprint("staff", staff_tasks)

@@ -34,7 +34,7 @@ from typing import Any
 from app import clock
 from app.extensions import db
 from app.models.organization import BillingStatus
-from app.services import usage_store
+from app.services import usage_store, usage_tally
 from app.services.plans import Meter, MeterAllowance, PlanCatalogue
 
 # Stripe refuses meter events whose timestamp is more than 35 days old or more than 5 minutes ahead.
@@ -247,6 +247,8 @@ def record_batch(
             for index, stored in usage_store.store(organization_id, account, list(firsts.values()), now).items():
                 outcomes[index] = _recorded(stored)
             pending = repeats
+        if not usage_store.is_postgresql():  # the embedded development run has no worker to tally
+            usage_tally.tally_in_transaction(catalogue, organization_id)
         db.session.commit()
     except BaseException:
         db.session.rollback()

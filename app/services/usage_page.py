@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 
 from app.extensions import db
 from app.models import Organization, UsageEvent, UsagePeriodTotal
+from app.services import usage_store, usage_tally
 from app.services.billing_common import BillingConfigurationError, BillingError
 from app.services.plans import PlanCatalogue
 from app.services.pricing import PriceInfo
@@ -89,7 +90,14 @@ def meters_for(
                 UsagePeriodTotal.period_start == period.start,
             )
         ).first()
-        used, billable = (int(total.total), int(total.billable)) if total else (0, 0)
+        tallied, billable = (int(total.total), int(total.billable)) if total else (0, 0)
+        # What the worker has not tallied yet (seconds of usage), as its tally will bill it.
+        untallied = db.session.execute(
+            usage_store.UNTALLIED,
+            {"organization_id": organization.id, "meter": meter.key, "period_start": period.start},
+        ).scalar_one()
+        used = tallied + int(untallied)
+        billable += sum(usage_tally.billable_parts(allowance, tallied, [int(untallied)]))
         price = prices.get(meter.lookup_key)
         cost = billable * price.unit_amount if price is not None and price.unit_amount is not None else None
         daily = _daily(organization.id, meter.key, period.start, min(period.end, now + timedelta(days=1)))

@@ -301,6 +301,7 @@ class ReportCounts:
     sent: int
     failed: int
     unreported_events: int
+    untallied_events: int  # stored, not yet counted into their period's total (the worker's tally)
     failures: list[tuple[str, str]]  # (identifier, error) of the latest failed reports
     error_reports: list[str]  # Stripe's meter error reports and no-meter events received (outcomes), newest first
 
@@ -312,6 +313,7 @@ def counts() -> ReportCounts:
     unreported = db.session.execute(
         select(func.count()).where(UsageEvent.report_id.is_(None), UsageEvent.billable_quantity > 0)
     ).scalar_one()
+    untallied = db.session.execute(select(func.count()).where(UsageEvent.billable_quantity.is_(None))).scalar_one()
     failures = db.session.execute(
         select(UsageReport.identifier, UsageReport.last_error)
         .where(UsageReport.status == UsageReportStatus.FAILED)
@@ -330,6 +332,7 @@ def counts() -> ReportCounts:
         sent=int(by_status.get(UsageReportStatus.SENT, 0)),
         failed=int(by_status.get(UsageReportStatus.FAILED, 0)),
         unreported_events=int(unreported),
+        untallied_events=int(untallied),
         failures=[(row.identifier, row.last_error or "") for row in failures],
         error_reports=[outcome or "not applied yet" for outcome in error_reports],
     )

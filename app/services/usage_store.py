@@ -1,57 +1,47 @@
-"""Storing validated usage set-based: a whole batch (or one event) in a few statements, whatever its size.
+"""Storing validated usage set-based: a whole batch (or one event) in one statement, whatever its size.
 app/services/usage.py validates each event and calls `store` inside its transaction; the caller commits.
 
-Per (organization, meter, period) the batch touches, in a fixed order (so two batches never deadlock on
-the counters):
+Storing does not count. Every event is inserted by one INSERT ... ON CONFLICT (organization_id,
+idempotency_key) DO NOTHING RETURNING (PostgreSQL: one event's values, or the batch as one
+`jsonb_to_recordset` parameter) with its billable quantity NULL: "not tallied yet". The worker's tally
+(app/services/usage_tally.py) adds the events to their period's total (usage_period_total) one row
+lock at a time, decides each one's billable part and warns at soft limits. So concurrent requests of
+one organization never wait for each other on a counter row, and a request costs what the bare insert
+costs; the billing page and hard limits add the untallied events to the tallied total.
 
-1. One upsert of the counter row (usage_period_total) adding the quantity of the group's events,
-   RETURNING the new total: the row is locked from here to the commit, and the part of the added quantity
-   past what the tier includes (its billable part) is computed by the statement from the total it found.
-   With a hard limit the statement adds only when the whole group fits (`WHERE total + added <= limit`);
-   when it does not, the row (locked all the same) is read, the events already stored are looked up, and
-   each event is judged in order: one that would pass the limit is refused (UsageLimitReached) and is not
-   stored; the others are, and their sum is added.
-2. One INSERT ... ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING for all the batch's
-   events of all groups (PostgreSQL: one parameter, `jsonb_to_recordset`), each with its billable quantity,
-   computed from the total before the batch and the running sum in the batch's order.
-3. Only if the database refused some events as already stored (a key repeated from an earlier request, or
-   sent by a concurrent one; the counter row's lock makes those of the same meter and period wait for each
-   other, so they see each other's events): the counter is corrected to the events actually inserted and
-   their billable quantities recomputed (one UPDATE each), and the stored events are read to answer the
-   repeats (a duplicate, or 409 when the key was used for other usage).
+Only when the database refused some events as already stored (a key repeated from an earlier request,
+or sent by a concurrent one) are those read to answer them (a duplicate, or 409 when the key was used
+for other usage).
 
-On PostgreSQL a batch of one meter and period without a hard limit (the common case) does 1 and 2 in
-one statement (COUNT_AND_INSERT). So a batch costs one statement (two on SQLite) whatever its size, and
-no savepoint: nothing is written that has to be undone. The counter's total always equals the quantity
-of the stored events, and its billable part the sum of their billable quantities.
+A hard limit must be judged as the usage is stored, so a meter the tier hard-limits is counted here:
+its period's row is locked (created at 0), the events not tallied yet are added to its total, each
+event is judged in order (one that would pass the limit is refused, UsageLimitReached, and not stored),
+and the accepted ones are added to the row and stored already tallied (billable 0: a hard limit bills
+no overage). The row lock orders this against the tally and other recordings, in a fixed order of
+rows so two batches never deadlock.
 
 The organization's state (Account) comes from the caller. When it was remembered from an earlier
-request (the usage API's keys, app/services/api_keys.py) rather than read now, the first statement
-checks that the key is still live and the organization unchanged, and AccountChanged is raised, with
-nothing written, when not.
+request (the usage API's keys, app/services/api_keys.py) rather than read now, the insert itself
+checks that the key is still live and the organization unchanged (it inserts nothing when not), and
+AccountChanged is raised, with nothing written.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import bindparam, select, text, update
+from sqlalchemy import bindparam, func, select, text
 
 from app.extensions import db
 from app.models import Organization, UsageEvent
 from app.models.types import Timestamp
-from app.services import domain_events
 from app.services.billing_common import portable_insert
 from app.services.plans import Meter, MeterAllowance
-
-WARNING_PERCENTS = (80, 100)
-THRESHOLD_EVENT = "usage.threshold_reached"
 
 
 class Account(NamedTuple):
@@ -125,59 +115,15 @@ class _Group:
     allowance: MeterAllowance
     period: Period
     events: list[Candidate] = field(default_factory=list)
-    before: int = 0  # the counter's total before this batch (read under the row's lock)
-    counted: list[Candidate] = field(default_factory=list)  # the events whose quantity the counter holds
+    before: int = 0  # the period's usage before this batch (read under the row's lock)
+    counted: list[Candidate] = field(default_factory=list)  # the events within the limit, added to the row
 
 
-# --- statements (portable: PostgreSQL and SQLite, but INSERT_EVENTS) -----------------------------------
+# --- statements ---------------------------------------------------------------------------------------
 
-# The billable part of the added quantity (excluded.total) on top of the row's total: what passes
-# `included`. In ON CONFLICT ... DO UPDATE SET the row's columns hold what they held before the statement.
 _TIMES = (bindparam("period_start", type_=Timestamp), bindparam("period_end", type_=Timestamp))
-ADD = text(
-    "INSERT INTO usage_period_total (organization_id, meter, period_start, period_end, total, billable)"
-    " VALUES (:organization_id, :meter, :period_start, :period_end, :added, :fresh_billable)"
-    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE"
-    " SET total = usage_period_total.total + excluded.total,"
-    " billable = usage_period_total.billable + CASE WHEN :billed = 0 THEN 0"
-    " WHEN usage_period_total.total >= :included THEN excluded.total"
-    " WHEN usage_period_total.total + excluded.total <= :included THEN 0"
-    " ELSE usage_period_total.total + excluded.total - :included END"
-    " RETURNING total"
-).bindparams(*_TIMES)
-ADD_WITHIN_LIMIT = text(
-    "INSERT INTO usage_period_total (organization_id, meter, period_start, period_end, total, billable)"
-    " VALUES (:organization_id, :meter, :period_start, :period_end, :added, 0)"
-    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE"
-    " SET total = usage_period_total.total + excluded.total"
-    " WHERE usage_period_total.total + excluded.total <= :limit RETURNING total"
-).bindparams(*_TIMES)
-# Locks the row (creating it at 0) without changing it, and returns its total. (PostgreSQL locks the
-# conflicting row of ON CONFLICT DO UPDATE even where its WHERE is false, as ADD_WITHIN_LIMIT's may be.)
-LOCK = text(
-    "INSERT INTO usage_period_total (organization_id, meter, period_start, period_end, total, billable)"
-    " VALUES (:organization_id, :meter, :period_start, :period_end, 0, 0)"
-    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE SET total = usage_period_total.total"
-    " RETURNING total"
-).bindparams(*_TIMES)
-CORRECT = text(
-    "UPDATE usage_period_total SET total = total + :total, billable = billable + :billable"
-    " WHERE organization_id = :organization_id AND meter = :meter AND period_start = :period_start"
-).bindparams(_TIMES[0])
-# PostgreSQL: the batch's events as one JSON parameter (the store-only anchor's shape).
-INSERT_EVENTS = text(
-    "INSERT INTO usage_event (organization_id, meter, quantity, billable_quantity, idempotency_key, occurred_at,"
-    " period_start, recorded_at) SELECT :organization_id, e.meter, e.quantity, e.billable, e.key, e.at, e.period,"
-    " :now FROM jsonb_to_recordset(CAST(:events AS jsonb)) AS e(meter text, quantity bigint, billable bigint,"
-    " key text, at timestamptz, period timestamptz)"
-    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key"
-).bindparams(bindparam("now", type_=Timestamp))
-# PostgreSQL, a batch of one meter and period without a hard limit (the common case): ADD and the
-# events' insert in one statement. The counter's upsert returns the total before the batch, from which
-# each event's billable part is computed in the insert (its running total `after`, in the batch's order,
-# past `included`); the final SELECT returns that total even when every event was already stored.
-# With a remembered account the counter's upsert happens only if `live` holds a row (the key is live and
-# the organization as remembered); otherwise nothing is written and the statement returns no row.
+# The live check of a remembered account: a row when the key is live and the organization as
+# remembered (or when the account was read now: key_id NULL).
 _LIVE = (
     "SELECT 1 AS live WHERE CAST(:key_id AS bigint) IS NULL OR EXISTS (SELECT 1 FROM api_key k"
     " JOIN organization o ON o.id = k.organization_id WHERE k.id = :key_id AND k.revoked_at IS NULL"
@@ -185,32 +131,60 @@ _LIVE = (
     " AND o.billing_status = :billing_status"
     " AND o.current_period_end IS NOT DISTINCT FROM CAST(:current_period_end AS timestamptz))"
 )
-_ACCOUNT_TIMES = (*_TIMES, bindparam("current_period_end", type_=Timestamp))
-LIVE = text(_LIVE).bindparams(_ACCOUNT_TIMES[2])
-COUNT_AND_INSERT = text(
-    "WITH live AS (" + _LIVE + "), counter AS (INSERT INTO usage_period_total AS t"  # noqa: S608 (constants)
-    " (organization_id, meter, period_start, period_end, total, billable)"
-    " SELECT :organization_id, :meter, :period_start, :period_end, :added, :fresh_billable FROM live"
-    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE SET total = t.total + excluded.total,"
-    " billable = t.billable + CASE WHEN :billed = 0 THEN 0 WHEN t.total >= :included THEN excluded.total"
-    " WHEN t.total + excluded.total <= :included THEN 0 ELSE t.total + excluded.total - :included END"
-    " RETURNING t.total - :added AS before),"
-    " inserted AS (INSERT INTO usage_event (organization_id, meter, quantity, billable_quantity, idempotency_key,"
-    " occurred_at, period_start, recorded_at) SELECT :organization_id, :meter, e.quantity,"
-    " CASE WHEN :billed = 0 THEN 0 ELSE greatest(0, c.before + e.after"
-    " - greatest(c.before + e.after - e.quantity, :included)) END, e.key, e.at, :period_start, :now"
-    " FROM jsonb_to_recordset(CAST(:events AS jsonb)) AS e(quantity bigint, key text, at timestamptz, after bigint)"
-    " CROSS JOIN counter c ORDER BY e.after, e.key"
-    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key)"
-    " SELECT c.before, i.id, i.idempotency_key FROM counter c LEFT JOIN inserted i ON true"
-).bindparams(*_ACCOUNT_TIMES, bindparam("now", type_=Timestamp))
+LIVE = text(_LIVE).bindparams(bindparam("current_period_end", type_=Timestamp))
+_COLUMNS = (
+    "INSERT INTO usage_event (organization_id, meter, quantity, billable_quantity, idempotency_key, occurred_at,"
+    " period_start, period_end, recorded_at)"
+)
+_ACCOUNT_TIME = bindparam("current_period_end", type_=Timestamp)
+# PostgreSQL, one event not tallied yet (the usage API's usual request), inserted only if `live`.
+INSERT_ONE = text(
+    "WITH live AS (" + _LIVE + ") " + _COLUMNS + " SELECT :organization_id, :meter,"  # noqa: S608 (constants)
+    " :quantity, NULL, :key, :at, :period_start, :period_end, :now FROM live"
+    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key"
+).bindparams(*_TIMES, _ACCOUNT_TIME, bindparam("at", type_=Timestamp), bindparam("now", type_=Timestamp))
+# PostgreSQL, a batch's events not tallied yet, as one JSON parameter (the store-only anchor's shape).
+INSERT_MANY = text(
+    "WITH live AS (" + _LIVE + ") " + _COLUMNS + " SELECT :organization_id, e.meter,"  # noqa: S608 (constants)
+    " e.quantity, NULL, e.key, e.at, e.starts, e.ends, :now"
+    " FROM jsonb_to_recordset(CAST(:events AS jsonb)) AS e(meter text, quantity bigint, key text,"
+    " at timestamptz, starts timestamptz, ends timestamptz) CROSS JOIN live"
+    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key"
+).bindparams(_ACCOUNT_TIME, bindparam("now", type_=Timestamp))
+# A hard-limited meter's row, locked (created at 0) without changing it: its tallied total.
+LOCK = text(
+    "INSERT INTO usage_period_total (organization_id, meter, period_start, period_end, total, billable)"
+    " VALUES (:organization_id, :meter, :period_start, :period_end, 0, 0)"
+    " ON CONFLICT (organization_id, meter, period_start) DO UPDATE SET total = usage_period_total.total"
+    " RETURNING total"
+).bindparams(*_TIMES)
+# The events of a meter and period not tallied yet. Read after LOCK, in a statement of its own: it sees
+# what a tally that held the row before committed (READ COMMITTED takes a snapshot per statement).
+UNTALLIED = select(func.coalesce(func.sum(UsageEvent.quantity), 0)).where(
+    UsageEvent.organization_id == bindparam("organization_id"),
+    UsageEvent.meter == bindparam("meter"),
+    UsageEvent.period_start == bindparam("period_start", type_=Timestamp),
+    UsageEvent.billable_quantity.is_(None),
+)
+ADD = text(
+    "UPDATE usage_period_total SET total = total + :added"
+    " WHERE organization_id = :organization_id AND meter = :meter AND period_start = :period_start"
+).bindparams(_TIMES[0])
 ACCOUNT = select(Organization.tier, Organization.billing_status, Organization.current_period_end).where(
     Organization.id == bindparam("organization_id")
 )
 
 
-def _dialect() -> str:
-    return str(db.session.get_bind().dialect.name)
+# The dialect of each engine, asked once (the session's get_bind() is not free on every request).
+_dialects: dict[int, str] = {}
+
+
+def is_postgresql() -> bool:
+    bind = db.session.get_bind()
+    name = _dialects.get(id(bind))
+    if name is None:
+        name = _dialects[id(bind)] = str(bind.dialect.name)
+    return name == "postgresql"
 
 
 def _execute(statement: Any, params: dict[str, Any]) -> Any:
@@ -234,77 +208,155 @@ def account(organization_id: int) -> Account | None:
 def store(organization_id: int, account: Account, candidates: Sequence[Candidate], now: datetime) -> dict[int, Outcome]:
     """Store the candidates (distinct idempotency keys) in the open transaction; the outcome of each by
     its place in the request. Nothing refused is written. AccountChanged: a remembered account is out of date."""
-    groups: dict[tuple[str, datetime], _Group] = {}
-    for candidate in candidates:
-        group_key = (candidate.meter.key, candidate.period.start)
-        if group_key not in groups:
-            groups[group_key] = _Group(candidate.meter, candidate.allowance, candidate.period)
-        groups[group_key].events.append(candidate)
     outcomes: dict[int, Outcome] = {}
     stored_before: dict[str, Any] = {}
-    rows: list[tuple[Candidate, int]] = []  # (event, its billable quantity)
-    [only] = groups.values() if len(groups) == 1 else [None]
-    if only is not None and only.allowance.overage != "hard_limit" and _dialect() == "postgresql":
-        inserted = _count_and_insert(organization_id, account, only, now)  # the common case: one statement
-        rows = list(zip(only.counted, _billable(only, only.counted), strict=True))
-    else:
+    untallied = [c for c in candidates if c.allowance.overage != "hard_limit"]
+    limited: dict[tuple[str, datetime], _Group] = {}
+    for candidate in candidates:
+        if candidate.allowance.overage == "hard_limit":
+            group_key = (candidate.meter.key, candidate.period.start)
+            if group_key not in limited:
+                limited[group_key] = _Group(candidate.meter, candidate.allowance, candidate.period)
+            limited[group_key].events.append(candidate)
+    inserted: dict[str, int] = {}
+    if untallied:
+        inserted = _insert_untallied(organization_id, account, untallied, now)  # checks the account
+    elif limited:
         check(organization_id, account)
-        for group_key in sorted(groups):  # one order for every batch: counters are locked without deadlocks
-            group = groups[group_key]
-            _count(organization_id, group, outcomes, stored_before)
-            rows.extend(zip(group.counted, _billable(group, group.counted), strict=True))
-        inserted = _insert(organization_id, rows, now) if rows else {}
-    missing = [event for event, _ in rows if event.key not in inserted]
+    tallied: list[Candidate] = []
+    for group_key in sorted(limited):  # one order for every batch: rows are locked without deadlocks
+        group = limited[group_key]
+        _judge(organization_id, group, outcomes, stored_before)
+        tallied += group.counted
+    if tallied:
+        inserted.update(_insert_tallied(organization_id, tallied, now))
+        _uncount_repeats(organization_id, limited.values(), inserted)
+    missing = [event.key for event in (*untallied, *tallied) if event.key not in inserted]
     if missing:
-        _correct(organization_id, groups.values(), inserted, rows)
-        stored_before.update(_stored(organization_id, [event.key for event in missing]))
-    for event, _ in rows:
+        stored_before.update(_stored(organization_id, missing))
+    for event in (*untallied, *tallied):
         if event.key in inserted:
             outcomes[event.place] = Stored(inserted[event.key], event.meter.key, event.quantity, event.at, False)
         else:
             outcomes[event.place] = _repeat(event, stored_before[event.key])
-    for group in groups.values():
-        if group.allowance.overage == "soft_limit":
-            after = group.before + sum(event.quantity for event in group.counted if event.key in inserted)
-            _warn_on_crossing(organization_id, group, group.before, after)
     return outcomes
 
 
-def _count(organization_id: int, group: _Group, outcomes: dict[int, Outcome], stored_before: dict[str, Any]) -> None:
-    """Add the group's quantity to its counter (locking the row), deciding which events count."""
-    allowance, included = group.allowance, group.allowance.included
-    added = sum(event.quantity for event in group.events)
+def _insert_untallied(
+    organization_id: int, account: Account, events: Sequence[Candidate], now: datetime
+) -> dict[str, int]:
+    """Insert events not tallied yet (checking a remembered account in the same statement); the id of
+    each one inserted, by key. AccountChanged (nothing written) when the account is out of date."""
+    names = _account_names(organization_id, account)
+    if is_postgresql():
+        if len(events) == 1:
+            [event] = events
+            parameters = {
+                **names,
+                "meter": event.meter.key,
+                "quantity": event.quantity,
+                "key": event.key,
+                "at": event.at,
+                "period_start": event.period.start,
+                "period_end": event.period.end,
+                "now": now,
+            }
+            result = _execute(INSERT_ONE, parameters)
+        else:
+            rows = [
+                {
+                    "meter": e.meter.key,
+                    "quantity": e.quantity,
+                    "key": e.key,
+                    "at": iso(e.at),
+                    "starts": iso(e.period.start),
+                    "ends": iso(e.period.end),
+                }
+                for e in events
+            ]
+            result = _execute(INSERT_MANY, {**names, "now": now, "events": json.dumps(rows)})
+        inserted = {key: event_id for event_id, key in result}
+        if not inserted and account.key_id is not None:
+            check(organization_id, account)  # nothing inserted: all repeats, or the key is not live?
+        return inserted
+    check(organization_id, account)  # SQLite (a development run): the check, then the insert
+    return _portable_insert(organization_id, [(event, None) for event in events], now)
+
+
+def _insert_tallied(organization_id: int, events: Sequence[Candidate], now: datetime) -> dict[str, int]:
+    """Insert events a hard limit counted as they were judged (billable 0: a hard limit bills nothing)."""
+    return _portable_insert(organization_id, [(event, 0) for event in events], now)
+
+
+def _portable_insert(
+    organization_id: int, rows: Sequence[tuple[Candidate, int | None]], now: datetime
+) -> dict[str, int]:
+    statement = (
+        portable_insert(UsageEvent)
+        .values(
+            [
+                {
+                    "organization_id": organization_id,
+                    "meter": event.meter.key,
+                    "quantity": event.quantity,
+                    "billable_quantity": billable,
+                    "idempotency_key": event.key,
+                    "occurred_at": event.at,
+                    "period_start": event.period.start,
+                    "period_end": event.period.end,
+                    "recorded_at": now,
+                }
+                for event, billable in rows
+            ]
+        )
+        .on_conflict_do_nothing(index_elements=["organization_id", "idempotency_key"])
+        .returning(UsageEvent.id, UsageEvent.idempotency_key)
+    )
+    return {key: event_id for event_id, key in db.session.execute(statement)}
+
+
+def _judge(organization_id: int, group: _Group, outcomes: dict[int, Outcome], stored_before: dict[str, Any]) -> None:
+    """A hard-limited meter's events, judged in order under its period's row lock: those that fit are
+    counted (added to the row), the others refused."""
+    limit = group.allowance.included
     names = {
         "organization_id": organization_id,
         "meter": group.meter.key,
         "period_start": group.period.start,
         "period_end": group.period.end,
     }
-    if allowance.overage != "hard_limit":
-        fresh_billable = max(0, added - included) if allowance.billed else 0
-        values = {**names, "added": added, "fresh_billable": fresh_billable, "billed": int(allowance.billed)}
-        total = _execute(ADD, {**values, "included": included}).scalar_one()
-        group.before, group.counted = total - added, list(group.events)
-        return
-    if added <= included:
-        total = _execute(ADD_WITHIN_LIMIT, {**names, "added": added, "limit": included}).scalar()
-        if total is not None:
-            group.before, group.counted = total - added, list(group.events)
-            return
-    # The group does not fit as a whole: judge each event in order, under the row's lock.
-    group.before = db.session.execute(LOCK, names).scalar_one()
+    tallied_total = db.session.execute(LOCK, names).scalar_one()
+    group.before = int(tallied_total) + int(db.session.execute(UNTALLIED, names).scalar_one())
     stored_before.update(_stored(organization_id, [event.key for event in group.events]))
     used = group.before
     for event in group.events:
         if event.key in stored_before:  # stored before: answered as a repeat, not counted
             outcomes[event.place] = _repeat(event, stored_before[event.key])
-        elif used + event.quantity > included:
-            outcomes[event.place] = Refused(group.meter, limit=included, used=used, resets_at=group.period.end)
+        elif used + event.quantity > limit:
+            outcomes[event.place] = Refused(group.meter, limit=limit, used=used, resets_at=group.period.end)
         else:
             used += event.quantity
             group.counted.append(event)
     if used > group.before:
-        db.session.execute(CORRECT, {**names, "total": used - group.before, "billable": 0})
+        db.session.execute(ADD, {**names, "added": used - group.before})
+
+
+def _uncount_repeats(organization_id: int, groups: Iterable[_Group], inserted: dict[str, int]) -> None:
+    """Counted events the insert found already stored (a concurrent request stored the key first):
+    take them out of their row again."""
+    for group in groups:
+        repeated = sum(event.quantity for event in group.counted if event.key not in inserted)
+        if repeated:
+            db.session.execute(
+                ADD,
+                {
+                    "organization_id": organization_id,
+                    "meter": group.meter.key,
+                    "period_start": group.period.start,
+                    "added": -repeated,
+                },
+            )
+            group.counted = [event for event in group.counted if event.key in inserted]
 
 
 def check(organization_id: int, account: Account) -> None:
@@ -323,120 +375,6 @@ def _account_names(organization_id: int, account: Account) -> dict[str, Any]:
     }
 
 
-def _count_and_insert(organization_id: int, account: Account, group: _Group, now: datetime) -> dict[str, int]:
-    """PostgreSQL, one meter and period, no hard limit: COUNT_AND_INSERT; the inserted events' ids by key."""
-    allowance, included, added = group.allowance, group.allowance.included, 0
-    events = []
-    for event in group.events:
-        added += event.quantity
-        events.append({"quantity": event.quantity, "key": event.key, "at": iso(event.at), "after": added})
-    result = _execute(
-        COUNT_AND_INSERT,
-        {
-            **_account_names(organization_id, account),
-            "meter": group.meter.key,
-            "period_start": group.period.start,
-            "period_end": group.period.end,
-            "added": added,
-            "fresh_billable": max(0, added - included) if allowance.billed else 0,
-            "billed": int(allowance.billed),
-            "included": included,
-            "now": now,
-            "events": json.dumps(events),
-        },
-    )
-    inserted, counted = {}, False
-    for before, event_id, key in result:
-        group.before, counted = before, True
-        if key is not None:
-            inserted[key] = event_id
-    if not counted:  # `live` held no row: nothing was written
-        raise AccountChanged
-    group.counted = list(group.events)
-    return inserted
-
-
-def _billable(group: _Group, events: Iterable[Candidate]) -> list[int]:
-    """Each event's part past what the tier includes, in order, from the total before the batch."""
-    if not group.allowance.billed:
-        return [0 for _ in events]
-    included, total, parts = group.allowance.included, group.before, []
-    for event in events:
-        parts.append(max(0, total + event.quantity - max(total, included)))
-        total += event.quantity
-    return parts
-
-
-def _insert(organization_id: int, rows: list[tuple[Candidate, int]], now: datetime) -> dict[str, int]:
-    """Insert the events; the id of each one inserted, by key (one already stored is left out)."""
-    if _dialect() == "postgresql":
-        events = json.dumps(
-            [
-                {
-                    "meter": event.meter.key,
-                    "quantity": event.quantity,
-                    "billable": billable,
-                    "key": event.key,
-                    "at": iso(event.at),
-                    "period": iso(event.period.start),
-                }
-                for event, billable in rows
-            ]
-        )
-        result = _execute(INSERT_EVENTS, {"organization_id": organization_id, "now": now, "events": events})
-    else:  # SQLite (a development run): the same insert as a multi-row VALUES
-        statement = (
-            portable_insert(UsageEvent)
-            .values(
-                [
-                    {
-                        "organization_id": organization_id,
-                        "meter": event.meter.key,
-                        "quantity": event.quantity,
-                        "billable_quantity": billable,
-                        "idempotency_key": event.key,
-                        "occurred_at": event.at,
-                        "period_start": event.period.start,
-                        "recorded_at": now,
-                    }
-                    for event, billable in rows
-                ]
-            )
-            .on_conflict_do_nothing(index_elements=["organization_id", "idempotency_key"])
-            .returning(UsageEvent.id, UsageEvent.idempotency_key)
-        )
-        result = db.session.execute(statement)
-    return {key: event_id for event_id, key in result}
-
-
-def _correct(
-    organization_id: int, groups: Iterable[_Group], inserted: dict[str, int], rows: list[tuple[Candidate, int]]
-) -> None:
-    """Some counted events were already stored: count only those inserted, and recompute their billable parts."""
-    written = {event.key: billable for event, billable in rows}
-    for group in groups:
-        kept = [event for event in group.counted if event.key in inserted]
-        if len(kept) == len(group.counted):
-            continue
-        billables = _billable(group, kept)
-        for event, billable in zip(kept, billables, strict=True):
-            if billable != written[event.key]:
-                db.session.execute(
-                    update(UsageEvent).where(UsageEvent.id == inserted[event.key]).values(billable_quantity=billable)
-                )
-        db.session.execute(
-            CORRECT,
-            {
-                "organization_id": organization_id,
-                "meter": group.meter.key,
-                "period_start": group.period.start,
-                "total": sum(event.quantity for event in kept) - sum(event.quantity for event in group.counted),
-                "billable": sum(billables) - sum(written[event.key] for event in group.counted),
-            },
-        )
-        group.counted = kept
-
-
 def _stored(organization_id: int, keys: list[str]) -> dict[str, Any]:
     """The stored events with these keys, by key."""
     rows = db.session.execute(
@@ -452,25 +390,3 @@ def _repeat(event: Candidate, first: Any) -> Outcome:
     if first.meter != event.meter.key or first.quantity != event.quantity:
         return Reused(event.key, first.quantity, first.meter)
     return Stored(first.id, first.meter, first.quantity, first.occurred_at, duplicate=True)
-
-
-def _warn_on_crossing(organization_id: int, group: _Group, old: int, new: int) -> None:
-    """A soft limit's counter crossing 80% or 100% of what is included: a domain event whose outbox
-    consumer emails the owner. The counter only grows, and is updated under its row's lock, so each
-    threshold is crossed once per period."""
-    allowance, meter, period = group.allowance, group.meter, group.period
-    for percent in WARNING_PERCENTS:
-        threshold = math.ceil(allowance.included * percent / 100)
-        if old < threshold <= new:
-            domain_events.record(
-                THRESHOLD_EVENT,
-                organization_id=organization_id,
-                source=f"usage:{meter.key}",
-                meter=meter.key,
-                meter_name=meter.name,
-                percent=percent,
-                included=allowance.included,
-                used=new,
-                period_start=period.start.isoformat(),
-                period_end=period.end.isoformat(),
-            )
