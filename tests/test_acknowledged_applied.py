@@ -208,6 +208,22 @@ def test_worker_once_applies_a_backlog_larger_than_one_dispatch_chunk(
     assert {job.status for job in webhook_jobs(app)} == {"succeeded"}
 
 
+def test_worker_once_with_concurrency_runs_the_jobs_its_jobs_defer(
+    app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
+) -> None:
+    """With --concurrency above one, procrastinate's worker stops at the first fetch that finds nothing,
+    even while a running job is about to defer more (applying the event records domain events, whose
+    outbox deliveries are jobs): `--once` runs those too before it returns."""
+    past_due = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
+    assert post_webhook(app.test_client(), stripe_event("customer.subscription.updated", past_due)).status_code == 200
+    result = invoke_in_thread(app, "billing", "worker", "--once", "--concurrency", "2")
+    assert result.exit_code == 0, result.output
+    assert billing_status(app) == "past_due"
+    jobs_run = query(app, "SELECT task_name, status::text AS status FROM procrastinate_jobs ORDER BY id")
+    assert jobs_run[-1].task_name == "outbox:deliver"  # deferred by the webhook job as it ran
+    assert {job.status for job in jobs_run} == {"succeeded"}
+
+
 def test_the_periodic_dispatch_pass_still_reads_one_chunk(
     app: Flask, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
 ) -> None:
