@@ -256,12 +256,18 @@ def run_pending_jobs(app: Flask, *, queues: list[str] | None = None, concurrency
 _one_burst_at_a_time = threading.Lock()
 
 
-# Jobs a worker could fetch now: waiting, due, in the queues, and not behind a running job's lock.
+# Jobs a worker could fetch now: waiting, due, in the queues, and first under their lock (no job of
+# the lock running, none waiting ahead of it: procrastinate_fetch_job_v2's own condition).
 _DUE_JOBS = text(
-    "SELECT count(*), max(id) FROM procrastinate_jobs WHERE status = 'todo' "
-    "AND (scheduled_at IS NULL OR scheduled_at <= now()) AND (:every_queue OR queue_name = ANY(:queues)) "
-    "AND (lock IS NULL OR lock NOT IN (SELECT lock FROM procrastinate_jobs WHERE status = 'doing' "
-    "AND lock IS NOT NULL))"
+    """
+    SELECT count(*), max(j.id) FROM procrastinate_jobs AS j
+    WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+      AND (:every_queue OR j.queue_name = ANY(:queues))
+      AND NOT EXISTS (
+        SELECT 1 FROM procrastinate_jobs AS o
+        WHERE j.lock IS NOT NULL AND o.lock = j.lock AND (o.status = 'doing' OR (o.status = 'todo'
+          AND (o.priority > j.priority OR (o.priority = j.priority AND o.id < j.id)))))
+    """
 )
 
 

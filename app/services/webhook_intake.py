@@ -239,6 +239,7 @@ def _queue_chunk(provider: WebhookProvider, before: datetime, after: str) -> tup
             "chunk": UNCLAIMED_CHUNK,
         },
     ).one()
+    # A short chunk reached the end.
     return [f"{provider.name}:{object_key}" for object_key in keys or []], last if read == UNCLAIMED_CHUNK else ""
 
 
