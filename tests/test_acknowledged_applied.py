@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -164,6 +165,131 @@ def test_a_running_worker_applies_a_stored_event_that_nothing_queued(
     assert billing_status(app) == "past_due"
     assert {row.status for row in query(app, "SELECT status FROM stripe_event")} == {"processed"}
     assert [job.status for job in webhook_jobs(app)] == ["succeeded"]
+
+
+def unknown_subscription_updates(app: Flask, count: int) -> list[str]:
+    """count stored pending events, each about a subscription of its own that the sandbox does not hold
+    (its job reads it once and settles the event as not ours); returns their objects."""
+    client = app.test_client()
+    objects = []
+    for number in range(count):
+        subscription = {"id": f"sub_backlog{number:03d}", "object": "subscription", "status": "active"}
+        assert post_webhook(client, stripe_event("customer.subscription.updated", subscription)).status_code == 200
+        objects.append(f"subscription:{subscription['id']}")
+    assert len(query(app, "SELECT 1 FROM stripe_event WHERE status = 'pending'")) == count
+    return objects
+
+
+def invoke_in_thread(app: Flask, *args: str) -> Any:
+    """A `flask` command through the CLI runner, in a thread of its own (the worker runs an asyncio
+    loop, which a loop already running in this thread would refuse: see conftest.run_jobs)."""
+    results: list[Any] = []
+    runner = threading.Thread(target=lambda: results.append(app.test_cli_runner().invoke(args=list(args))))
+    runner.start()
+    runner.join()
+    [result] = results
+    return result
+
+
+def test_worker_once_applies_a_backlog_larger_than_one_dispatch_chunk(
+    app: Flask, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flask billing worker --once` runs everything stored now: its dispatch pass reads the pending
+    events chunk after chunk to the end (the periodic pass reads one chunk), and the worker runs every
+    job that gives them."""
+    monkeypatch.setattr(webhook_intake, "UNCLAIMED_CHUNK", 3)
+    monkeypatch.setattr(webhook_intake, "_dispatch_cursor", {})
+    objects = unknown_subscription_updates(app, 8)
+    result = invoke_in_thread(app, "billing", "worker", "--once")
+    assert result.exit_code == 0, result.output
+    assert query(app, "SELECT event_id FROM stripe_event WHERE status = 'pending'") == []
+    assert {row.status for row in query(app, "SELECT status FROM stripe_event")} == {"ignored"}
+    assert sorted(job.lock for job in webhook_jobs(app)) == sorted(f"stripe:{o}" for o in objects)
+    assert {job.status for job in webhook_jobs(app)} == {"succeeded"}
+
+
+def test_worker_once_with_concurrency_runs_the_jobs_its_jobs_defer(
+    app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount
+) -> None:
+    """With --concurrency above one, procrastinate's worker stops at the first fetch that finds nothing,
+    even while a running job is about to defer more (applying the event records domain events, whose
+    outbox deliveries are jobs): `--once` runs those too before it returns."""
+    past_due = offline_stripe.change_subscription(organization["subscription_id"], status="past_due")
+    assert post_webhook(app.test_client(), stripe_event("customer.subscription.updated", past_due)).status_code == 200
+    result = invoke_in_thread(app, "billing", "worker", "--once", "--concurrency", "2")
+    assert result.exit_code == 0, result.output
+    assert billing_status(app) == "past_due"
+    jobs_run = query(app, "SELECT task_name, status::text AS status FROM procrastinate_jobs ORDER BY id")
+    assert jobs_run[-1].task_name == "outbox:deliver"  # deferred by the webhook job as it ran
+    assert {job.status for job in jobs_run} == {"succeeded"}
+
+
+def test_the_periodic_dispatch_pass_still_reads_one_chunk(
+    app: Flask, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beside a drain, the workers' periodic pass keeps its bounded cost: one chunk a pass."""
+    monkeypatch.setattr(webhook_intake, "UNCLAIMED_CHUNK", 3)
+    monkeypatch.setattr(webhook_intake, "_dispatch_cursor", {})
+    objects = unknown_subscription_updates(app, 8)
+    with app.app_context():
+        assert jobs.dispatch_webhook_events(coalesce=False) == [f"stripe:{o}" for o in objects]
+        execute(app, "DELETE FROM procrastinate_jobs")
+        assert jobs.dispatch_webhook_events(coalesce=True) == [f"stripe:{o}" for o in objects[:3]]
+        assert jobs.dispatch_webhook_events(coalesce=True) == [f"stripe:{o}" for o in objects[3:6]]
+
+
+def test_a_drain_waits_its_turn_behind_another_pass_with_no_transaction_open(
+    app: Flask, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While another pass holds the one-pass lock, a drain does not skip its turn (what it left would
+    stay pending): it waits, with no transaction open, and goes on once the lock is let go."""
+    monkeypatch.setattr(webhook_intake, "UNCLAIMED_CHUNK", 3)
+    objects = unknown_subscription_updates(app, 5)
+    in_transaction_while_waiting: list[bool] = []
+
+    sleep = time.sleep
+
+    def pause(seconds: float) -> None:
+        if threading.current_thread().name == "drain":
+            in_transaction_while_waiting.append(db.session().in_transaction())
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", pause)
+    with app.app_context():
+        holder = db.engine.connect()
+    try:
+        holder.execute(text("SELECT pg_advisory_xact_lock(hashtext('ledgerline:webhook-dispatch'))"))
+        drained: list[list[str]] = []
+
+        def drain() -> None:
+            with app.app_context():
+                drained.append(jobs.dispatch_webhook_events(coalesce=False))
+
+        drainer = threading.Thread(target=drain, name="drain")
+        drainer.start()
+        time.sleep(0.5)
+        assert drainer.is_alive() and webhook_jobs(app) == []
+        holder.commit()  # the other pass ends
+        drainer.join(10)
+    finally:
+        holder.close()
+    assert drained == [[f"stripe:{o}" for o in objects]]
+    assert in_transaction_while_waiting and not any(in_transaction_while_waiting)
+
+
+def test_reconcile_applies_a_backlog_larger_than_one_dispatch_chunk(
+    app: Flask, organization: dict[str, Any], offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flask billing reconcile --apply` runs the webhook jobs itself (its drain) before it reads again:
+    every pending event gets its job then, not one chunk of them."""
+    monkeypatch.setattr(webhook_intake, "UNCLAIMED_CHUNK", 3)
+    monkeypatch.setattr(webhook_intake, "_dispatch_cursor", {})
+    offline_stripe.change_subscription(organization["subscription_id"], status="past_due")  # no webhook reaches us
+    unknown_subscription_updates(app, 10)
+    result = invoke_in_thread(app, "billing", "reconcile", "--apply")
+    assert result.exit_code == 0, result.output
+    assert billing_status(app) == "past_due"
+    assert query(app, "SELECT event_id FROM stripe_event WHERE status = 'pending'") == []
 
 
 def test_reconcile_repairs_through_the_worker_under_the_objects_lock(

@@ -858,9 +858,10 @@ class BillingService:
         return webhook_intake.store(provider, provider.verify(payload, headers))
 
     @classmethod
-    def queue_unclaimed_events(cls, *, older_than_seconds: float, lost: bool = True) -> list[str]:
+    def queue_unclaimed_events(cls, *, older_than_seconds: float, lost: bool = True, drain: bool = False) -> list[str]:
         """The sweep: every object with pending events and no job waiting or running gets one."""
-        return webhook_intake.queue_unclaimed(cls._webhook_providers.values(), older_than_seconds, lost=lost)
+        providers = cls._webhook_providers.values()
+        return webhook_intake.queue_unclaimed(providers, older_than_seconds, lost=lost, drain=drain)
 
     @classmethod
     def replay_stored_event(cls, event_id: str) -> WebhookResult:

@@ -202,9 +202,11 @@ def dispatch_webhook_events(coalesce: bool = True) -> list[str]:
     """The workers' dispatch pass (queue.run_worker, every WORKER_DISPATCH_SECONDS): intake stores an
     event and queues nothing, so this is how a stored event gets its job. Every object with events
     stored pending at least WEBHOOK_COALESCE_SECONDS ago (a burst about one object joins one job; with
-    coalesce=False, any) and no job waiting or running gets one."""
+    coalesce=False, any) and no job waiting or running gets one. The periodic pass reads one chunk of
+    the pending events (webhook_intake.UNCLAIMED_CHUNK) a time; coalesce=False is a drain (`--once`,
+    reconcile), which reads them all."""
     seconds = float(queue.flask_app().config["WEBHOOK_COALESCE_SECONDS"]) if coalesce else -1.0
-    return BillingService.queue_unclaimed_events(older_than_seconds=seconds, lost=False)
+    return BillingService.queue_unclaimed_events(older_than_seconds=seconds, lost=False, drain=not coalesce)
 
 
 def tally_usage(coalesce: bool = True) -> int:

@@ -238,13 +238,48 @@ def run_pending_jobs(app: Flask, *, queues: list[str] | None = None, concurrency
     jobs = job_app(app)
     dispatch_now(app, coalesce=False)
     with _one_burst_at_a_time:
-        _run_due_jobs(jobs, queues, concurrency)
+        waiting = _due_jobs(app, queues)
+        # procrastinate's worker (wait=False) fetches until a fetch finds nothing; with concurrency above
+        # one that can be while its running jobs still defer more (an applied event's outbox deliveries),
+        # which it then leaves. So again, while the jobs due changed and some are left.
+        while True:
+            _run_due_jobs(jobs, queues, concurrency)
+            left = _due_jobs(app, queues)
+            if left[0] == 0 or left == waiting:  # none left, or none of them could run here
+                return
+            waiting = left
 
 
 # The process's job app has one connector pool, bound to the event loop of the burst that opened it:
 # two threads running bursts at once (a command draining the queue beside an in-process worker) would
 # share it across loops, so bursts take turns.
 _one_burst_at_a_time = threading.Lock()
+
+
+# Jobs a worker could fetch now: waiting, due, in the queues, and first under their lock (no job of
+# the lock running, none waiting ahead of it: procrastinate_fetch_job_v2's own condition).
+_DUE_JOBS = text(
+    """
+    SELECT count(*), max(j.id) FROM procrastinate_jobs AS j
+    WHERE j.status = 'todo' AND (j.scheduled_at IS NULL OR j.scheduled_at <= now())
+      AND (:every_queue OR j.queue_name = ANY(:queues))
+      AND NOT EXISTS (
+        SELECT 1 FROM procrastinate_jobs AS o
+        WHERE j.lock IS NOT NULL AND o.lock = j.lock AND (o.status = 'doing' OR (o.status = 'todo'
+          AND (o.priority > j.priority OR (o.priority = j.priority AND o.id < j.id)))))
+    """
+)
+
+
+def _due_jobs(app: Flask, queues: list[str] | None) -> tuple[int, int | None]:
+    """How many jobs a worker could fetch now, and the newest of them (so a round that ran none of
+    them and deferred none is told from one that made progress)."""
+    with app.app_context():
+        try:
+            count, newest = db.session.execute(_DUE_JOBS, {"every_queue": queues is None, "queues": queues or []}).one()
+            return int(count), newest
+        finally:
+            db.session.remove()
 
 
 def _run_due_jobs(jobs: procrastinate.App, queues: list[str] | None, concurrency: int) -> None:

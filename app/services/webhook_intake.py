@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from flask import current_app
 from sqlalchemy import text
@@ -134,8 +134,10 @@ _WAITING_JOB = text(
 # waits for one job), and every minute as the backstop. A job running for the object counts: what it
 # did not collect is found on the first pass after it ends.
 # A pass reads at most UNCLAIMED_CHUNK pending rows, in object order from :after (the pending-object
-# index), so its cost does not grow with a backlog: a backlog larger than that is covered over several
-# passes (the caller keeps where the last one stopped), everything else in every pass.
+# index), so its cost does not grow with a backlog. The workers' periodic pass reads one chunk a pass,
+# on from where this process's last one stopped (a backlog larger than that is covered over several
+# passes); a pass that must find everything (the minute's sweep, a drain: `worker --once`, reconcile)
+# reads chunk after chunk to the end, each chunk a transaction of its own.
 UNCLAIMED_CHUNK = 2000
 _UNCLAIMED_OBJECTS = """
 WITH chunk AS (
@@ -159,43 +161,103 @@ SELECT (SELECT keys FROM queued) AS keys, (SELECT count(*) FROM chunk) AS read,
        (SELECT max(object_key) FROM chunk) AS last
 """
 # One pass at a time across workers (a second would find the same objects): a transaction-level
-# advisory lock, let go at its commit; a worker that does not get it leaves this pass to the holder.
+# advisory lock, let go at its commit, held for one chunk (of each provider, by the periodic pass). A
+# periodic pass that does not get it leaves its turn to the holder; a pass reading everything waits
+# for it, chunk by chunk, with no transaction open while it waits.
 _ONE_PASS = text("SELECT pg_try_advisory_xact_lock(hashtext('ledgerline:webhook-dispatch'))")
+# A holder keeps the lock for one chunk (milliseconds): waiting longer than this for it means a pass is
+# stuck, and a pass that must read everything says so rather than wait on.
+ONE_PASS_WAIT_SECONDS = 30.0
 # Where this process's dispatch pass stopped in each provider's pending events ("" : the start).
 _dispatch_cursor: dict[str, str] = {}
 
 
-def queue_unclaimed(providers: Iterable[WebhookProvider], older_than_seconds: float, *, lost: bool = True) -> list[str]:
+def queue_unclaimed(
+    providers: Iterable[WebhookProvider], older_than_seconds: float, *, lost: bool = True, drain: bool = False
+) -> list[str]:
     """A job for every object whose pending events (the oldest older_than_seconds) nobody will apply;
     returns the objects queued. lost: this is the minute's backstop, which reads every pending event
     and where finding any is worth a warning; the workers' dispatch pass (lost=False) finds every new
-    event this way, reading one chunk of UNCLAIMED_CHUNK pending rows on from where it last stopped."""
+    event this way, reading one chunk of UNCLAIMED_CHUNK pending rows on from where it last stopped.
+    drain (with lost=False): everything stored gets its job in this call (`flask billing worker
+    --once`, reconcile's drain), read chunk after chunk like the backstop."""
     if db.session.get_bind().dialect.name != "postgresql":
         return []  # the embedded development run applies events inside the request
     before = utcnow() - timedelta(seconds=older_than_seconds)
-    queued: list[str] = []
-    with committed():
-        if not db.session.execute(_ONE_PASS).scalar():
-            return []
-        for provider in providers:
-            statement = text(_UNCLAIMED_OBJECTS.format(table=provider.event_model.__tablename__))
-            parameters = {"before": before, "provider": provider.name, "queue": WEBHOOK_QUEUE, "task": WEBHOOK_TASK}
-            after = "" if lost else _dispatch_cursor.get(provider.name, "")
-            while True:
-                keys, read, last = db.session.execute(
-                    statement, {**parameters, "after": after, "chunk": UNCLAIMED_CHUNK}
-                ).one()
-                queued += [f"{provider.name}:{object_key}" for object_key in keys or []]
-                after = last if read == UNCLAIMED_CHUNK else ""  # a short chunk reached the end
-                if not lost or not after:
-                    break
-            if not lost:
-                _dispatch_cursor[provider.name] = after
+    if lost or drain:
+        queued = [key for provider in providers for key in _queue_every_chunk(provider, before)]
+    else:
+        queued = _queue_next_chunks(list(providers), before)
     if queued and lost:
         logger.warning("webhook sweep: %d object(s) had pending events and no job: queued %s", len(queued), queued)
     elif queued:
         logger.debug("webhook dispatch: queued %d object(s)", len(queued))
     return queued
+
+
+def _queue_next_chunks(providers: list[WebhookProvider], before: datetime) -> list[str]:
+    """The periodic pass: one chunk of each provider's pending rows, on from this process's cursor, in
+    one transaction; skipped when another pass holds the lock."""
+    queued: list[str] = []
+    cursors: dict[str, str] = {}
+    with committed():
+        if not db.session.execute(_ONE_PASS).scalar():
+            return []
+        for provider in providers:
+            keys, cursors[provider.name] = _queue_chunk(provider, before, _dispatch_cursor.get(provider.name, ""))
+            queued += keys
+    _dispatch_cursor.update(cursors)  # committed: the next pass goes on from there
+    return queued
+
+
+def _queue_every_chunk(provider: WebhookProvider, before: datetime) -> list[str]:
+    """Every pending row of the provider, chunk after chunk, each chunk in a short transaction of its own
+    under the one-pass lock (so a backlog of any size neither holds one long transaction nor keeps the
+    periodic passes waiting for more than a chunk)."""
+    queued: list[str] = []
+    after = ""
+    while True:
+        with _one_pass_turn():
+            keys, after = _queue_chunk(provider, before, after)
+        queued += keys
+        if not after:
+            return queued
+
+
+def _queue_chunk(provider: WebhookProvider, before: datetime, after: str) -> tuple[list[str], str]:
+    """One chunk from after, in the caller's transaction: the objects queued, and where the next chunk
+    starts ("" when this one reached the end)."""
+    statement = text(_UNCLAIMED_OBJECTS.format(table=provider.event_model.__tablename__))
+    keys, read, last = db.session.execute(
+        statement,
+        {
+            "before": before,
+            "provider": provider.name,
+            "queue": WEBHOOK_QUEUE,
+            "task": WEBHOOK_TASK,
+            "after": after,
+            "chunk": UNCLAIMED_CHUNK,
+        },
+    ).one()
+    # A short chunk reached the end.
+    return [f"{provider.name}:{object_key}" for object_key in keys or []], last if read == UNCLAIMED_CHUNK else ""
+
+
+@contextmanager
+def _one_pass_turn() -> Iterator[None]:
+    """The block runs in a transaction holding the one-pass lock, committed when it ends. While another
+    pass holds the lock this waits with no transaction open, trying again, for ONE_PASS_WAIT_SECONDS."""
+    deadline = time.monotonic() + ONE_PASS_WAIT_SECONDS
+    pause = 0.005
+    while True:
+        with committed():
+            if db.session.execute(_ONE_PASS).scalar():
+                yield
+                return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"another webhook dispatch pass held its lock for {ONE_PASS_WAIT_SECONDS:.0f} s")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.1)
 
 
 # A throttled object is tried again after the provider's Retry-After (or this), plus up to as much again
