@@ -11,6 +11,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from app.api import routes
 from app.services.billing_service import BillingService
 from app.services.plans import PlanCatalogue
 from tests.conftest import SandboxAccount, csrf_token, query, sign_up
@@ -209,3 +210,46 @@ def test_a_batch_is_one_transaction_whose_refused_events_are_undone_alone(owner:
     keys = [row.idempotency_key for row in query(owner.app, "SELECT idempotency_key FROM usage_event ORDER BY id")]
     assert keys == ["a", "c"]
     assert [row.total for row in tallied_totals(owner.app)] == [10]
+
+
+def test_the_usage_entry_answers_without_flasks_request_machinery(
+    owner: Owner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = owner.create_key("Worker")
+    event = {"meter": "api_calls", "quantity": 3, "idempotency_key": "fast"}
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a usage request reached Flask's request machinery")
+
+    monkeypatch.setattr(owner.app, "request_context", refuse)
+    recorded = post_usage(owner.app, key, event, **{"X-Request-ID": "usage-request-1"})
+    assert recorded.status_code == 201 and recorded.json["outcome"] == "recorded"
+    assert recorded.headers["X-Request-ID"] == "usage-request-1"
+    assert recorded.headers["X-Content-Type-Options"] == "nosniff" and recorded.headers["Cache-Control"] == "no-store"
+    assert recorded.headers["Content-Type"] == "application/json"
+    not_json = owner.app.test_client().post(
+        "/api/v1/usage", data="meter=api_calls", headers={"Authorization": f"Bearer {key}"}
+    )
+    assert not_json.status_code == 400 and not_json.json["error"]["code"] == "invalid_request"
+    unknown = post_usage(owner.app, "llk_" + "y" * 43, event)
+    assert unknown.status_code == 401 and unknown.headers["WWW-Authenticate"] == 'Bearer realm="usage"'
+
+
+def test_the_usage_entry_hands_a_request_it_failed_to_the_flask_route_with_its_body(
+    owner: Owner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = owner.create_key("Worker")
+    real_answer = routes.answer
+    calls: list[str] = []
+
+    def fail_once(*args: Any) -> Any:
+        calls.append("answer")
+        if len(calls) == 1:
+            raise RuntimeError("the database went away")
+        return real_answer(*args)
+
+    monkeypatch.setattr(routes, "answer", fail_once)
+    response = post_usage(owner.app, key, {"meter": "api_calls", "quantity": 4, "idempotency_key": "retried"})
+    assert response.status_code == 201, response.get_data(as_text=True)  # the Flask route read the same body
+    assert calls == ["answer", "answer"]
+    assert [row.quantity for row in query(owner.app, "SELECT quantity FROM usage_event")] == [4]

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import event, text
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.pool import NullPool
 
 from app.extensions import db
 from app.models import Organization
@@ -33,13 +34,17 @@ def event_of(key: str, quantity: Any = 10, **more: Any) -> dict[str, Any]:
     return {"meter": "api_calls", "quantity": quantity, "idempotency_key": key, **more}
 
 
+PREPARED: list[str] = []  # the PREPAREs sent (once per statement and pooled connection: app/prepared.py)
+
+
 @contextmanager
 def statements(app: Flask) -> Iterator[list[str]]:
-    """Every SQL statement the app sends meanwhile (BEGIN and COMMIT are not statements here)."""
+    """Every SQL statement the app sends meanwhile for the request itself (BEGIN and COMMIT are not
+    statements here; a PREPARE, sent once per connection, goes to PREPARED)."""
     sent: list[str] = []
 
     def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        sent.append(statement)
+        (PREPARED if statement.startswith("PREPARE ") else sent).append(statement)
 
     with app.app_context():
         engine = db.engine
@@ -104,6 +109,12 @@ def test_the_api_records_a_batch_in_one_statement_with_a_remembered_key(
     with statements(app) as single:
         assert post_usage(app, key, event_of("one")).status_code == 201
     assert len(single) == 1, single
+    assert single[0].startswith("EXECUTE usage_insert_one")  # planned once per connection, not per request
+    PREPARED.clear()
+    for n in range(5):
+        with statements(app):
+            assert post_usage(app, key, {"events": [event_of(f"again{n}-{i}") for i in range(3)]}).status_code == 200
+    assert PREPARED == []  # the test client's requests share one pooled connection, prepared already
 
 
 def test_a_remembered_key_revoked_or_an_organization_changed_is_noticed_at_once(
@@ -374,3 +385,29 @@ def test_the_page_and_a_hard_limit_count_usage_not_tallied_yet(app: Flask, froze
         [meter] = usage_page.meters_for(app.extensions["plan_catalogue"], organization_row, {}, NOW)
     assert meter.used == 10  # a (untallied) and c (counted by the hard limit)
     assert consistent(app, org_id) == (10, 0)
+
+
+def test_a_connection_cut_after_preparing_is_prepared_again_on_the_next(
+    app: Flask, offline_stripe: SandboxAccount
+) -> None:
+    owner = Owner(app, offline_stripe)
+    key = owner.create_key("Worker")
+    assert post_usage(app, key, event_of("before")).status_code == 201  # prepared on the pooled connection
+    # Cut every other connection from one of our own: the pooled one dies with its prepared statement.
+    outside = create_engine(app.config["SQLALCHEMY_DATABASE_URI"], poolclass=NullPool)
+    with outside.begin() as connection:
+        cut = connection.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar_one()
+    outside.dispose()
+    assert cut >= 1
+    PREPARED.clear()
+    with statements(app):
+        after = post_usage(app, key, event_of("after"))
+    assert after.status_code == 201, after.get_data(as_text=True)  # the request ran again on a new connection
+    assert [sql.split(" (")[0] for sql in PREPARED] == ["PREPARE usage_insert_one"]
+    keys = [row.idempotency_key for row in query(app, "SELECT idempotency_key FROM usage_event ORDER BY id")]
+    assert keys == ["before", "after"]

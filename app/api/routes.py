@@ -14,12 +14,15 @@ A batch: {"events": [up to 100 events]} answers 200 with one result per event, i
 The batch is one transaction, stored set-based (app/services/usage_store.py: a few statements and one
 commit whatever its size): a bad event is rejected without losing the others.
 
-The route is a machine route (app/machine_routes.py): no session, CSRF, rate-limit or sign-in hooks.
+Requests come in through the usage entry (app/api/entry.py), a WSGI dispatcher in front of Flask that
+answers them with `answer` and no request context; anything unusual reaches the Flask route below,
+a machine route (app/machine_routes.py: no session, CSRF, rate-limit or sign-in hooks), which gives
+the same answer.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from flask import Blueprint, jsonify, request
 from werkzeug.wrappers import Response
@@ -34,18 +37,36 @@ csrf.exempt(bp)
 MAX_BATCH = 100
 
 
-def _error(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
-    return jsonify(error={"code": code, "message": message, **extra}), status
+class Answer(NamedTuple):
+    """The usage API's answer to a request: its status, its JSON body and any headers of its own."""
+
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> Answer:
+    return Answer(status, {"error": {"code": code, "message": message, **extra}}, {})
 
 
 @bp.post("/usage")
 def record_usage() -> tuple[Response, int]:
-    scheme, _, sent = request.headers.get("Authorization", "").partition(" ")
+    """The Flask route: what the usage entry (app/api/entry.py) hands over, and any unusual request."""
+    body = request.get_json(silent=True)
+    result = answer(request.headers.get("Authorization", ""), body, request.headers.get("Idempotency-Key"))
+    response = jsonify(result.body)
+    response.headers.update(result.headers)
+    return response, result.status
+
+
+def answer(authorization: str, body: Any, idempotency_key: str | None) -> Answer:
+    """The answer to a usage request: the Authorization header, the parsed JSON body (None when it is
+    not JSON) and the Idempotency-Key header (in an application context)."""
+    scheme, _, sent = authorization.partition(" ")
     secret = sent.strip() if scheme.lower() == "bearer" else None
     caller = api_keys.remembered(secret) or api_keys.authenticate(secret)
     if caller is None:
         return _unauthorized()
-    body = request.get_json(silent=True)
     if isinstance(body, dict) and "events" in body:
         events = body["events"]
         if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH:
@@ -54,31 +75,29 @@ def record_usage() -> tuple[Response, int]:
         if recorded is None:
             return _unauthorized()
         results = [_answer({"index": index}, outcome) for index, outcome in enumerate(recorded)]
-        return jsonify(
-            results=results,
-            recorded=sum(r["outcome"] == "recorded" for r in results),
-            duplicates=sum(r["outcome"] == "duplicate" for r in results),
-            rejected=sum(r["outcome"] == "rejected" for r in results),
-        ), 200
+        summary = {
+            "results": results,
+            "recorded": sum(r["outcome"] == "recorded" for r in results),
+            "duplicates": sum(r["outcome"] == "duplicate" for r in results),
+            "rejected": sum(r["outcome"] == "rejected" for r in results),
+        }
+        return Answer(200, summary, {})
     if not isinstance(body, dict):
         return _error(400, "invalid_request", 'Send a JSON object: one usage event, or {"events": [...]}.')
-    if "idempotency_key" not in body and request.headers.get("Idempotency-Key"):
-        body = {**body, "idempotency_key": request.headers["Idempotency-Key"]}
+    if "idempotency_key" not in body and idempotency_key:
+        body = {**body, "idempotency_key": idempotency_key}
     recorded = _recorded(secret, caller, [body])
     if recorded is None:
         return _unauthorized()
     result = _answer({}, recorded[0])
     status = int(result.pop("status"))
-    response = jsonify(result)
-    if "retry_after" in result:
-        response.headers["Retry-After"] = str(result["retry_after"])
-    return response, status
+    headers = {"Retry-After": str(result["retry_after"])} if "retry_after" in result else {}
+    return Answer(status, result, headers)
 
 
-def _unauthorized() -> tuple[Response, int]:
-    response, status = _error(401, "invalid_api_key", "Send a live API key as 'Authorization: Bearer <key>'.")
-    response.headers["WWW-Authenticate"] = 'Bearer realm="usage"'
-    return response, status
+def _unauthorized() -> Answer:
+    refused = _error(401, "invalid_api_key", "Send a live API key as 'Authorization: Bearer <key>'.")
+    return refused._replace(headers={"WWW-Authenticate": 'Bearer realm="usage"'})
 
 
 def _recorded(secret: str | None, caller: api_keys.ApiCaller, events: list[Any]) -> list[usage.Recorded] | None:

@@ -40,6 +40,7 @@ from sqlalchemy import bindparam, func, select, text
 from app.extensions import db
 from app.models import Organization, UsageEvent
 from app.models.types import Timestamp
+from app.prepared import PreparedStatement
 from app.services.billing_common import portable_insert
 from app.services.plans import Meter, MeterAllowance
 
@@ -136,21 +137,39 @@ _COLUMNS = (
     "INSERT INTO usage_event (organization_id, meter, quantity, billable_quantity, idempotency_key, occurred_at,"
     " period_start, period_end, recorded_at)"
 )
-_ACCOUNT_TIME = bindparam("current_period_end", type_=Timestamp)
+_TYPES = {
+    "key_id": "bigint",
+    "organization_id": "bigint",
+    "tier": "text",
+    "billing_status": "text",
+    "current_period_end": "timestamptz",
+    "meter": "text",
+    "quantity": "bigint",
+    "key": "text",
+    "at": "timestamptz",
+    "period_start": "timestamptz",
+    "period_end": "timestamptz",
+    "now": "timestamptz",
+    "events": "jsonb",
+}
 # PostgreSQL, one event not tallied yet (the usage API's usual request), inserted only if `live`.
-INSERT_ONE = text(
-    "WITH live AS (" + _LIVE + ") " + _COLUMNS + " SELECT :organization_id, :meter,"  # noqa: S608 (constants)
-    " :quantity, NULL, :key, :at, :period_start, :period_end, :now FROM live"
-    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key"
-).bindparams(*_TIMES, _ACCOUNT_TIME, bindparam("at", type_=Timestamp), bindparam("now", type_=Timestamp))
+# Prepared once per connection (app/prepared.py): planning this statement costs ten times running it.
+INSERT_ONE = PreparedStatement(
+    "usage_insert_one",
+    "WITH live AS (" + _LIVE + ") " + _COLUMNS + " SELECT :organization_id, :meter, :quantity, NULL, :key, :at,"  # noqa: S608
+    " :period_start, :period_end, :now FROM live"
+    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key",
+    _TYPES,
+)
 # PostgreSQL, a batch's events not tallied yet, as one JSON parameter (the store-only anchor's shape).
-INSERT_MANY = text(
-    "WITH live AS (" + _LIVE + ") " + _COLUMNS + " SELECT :organization_id, e.meter,"  # noqa: S608 (constants)
-    " e.quantity, NULL, e.key, e.at, e.starts, e.ends, :now"
-    " FROM jsonb_to_recordset(CAST(:events AS jsonb)) AS e(meter text, quantity bigint, key text,"
+INSERT_MANY = PreparedStatement(
+    "usage_insert_many",
+    "WITH live AS (" + _LIVE + ") " + _COLUMNS + " SELECT :organization_id, e.meter, e.quantity, NULL, e.key, e.at,"  # noqa: S608
+    " e.starts, e.ends, :now FROM jsonb_to_recordset(:events) AS e(meter text, quantity bigint, key text,"
     " at timestamptz, starts timestamptz, ends timestamptz) CROSS JOIN live"
-    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key"
-).bindparams(_ACCOUNT_TIME, bindparam("now", type_=Timestamp))
+    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key",
+    _TYPES,
+)
 # A hard-limited meter's row, locked (created at 0) without changing it: its tallied total.
 LOCK = text(
     "INSERT INTO usage_period_total (organization_id, meter, period_start, period_end, total, billable)"
@@ -175,16 +194,9 @@ ACCOUNT = select(Organization.tier, Organization.billing_status, Organization.cu
 )
 
 
-# The dialect of each engine, asked once (the session's get_bind() is not free on every request).
-_dialects: dict[int, str] = {}
-
-
 def is_postgresql() -> bool:
-    bind = db.session.get_bind()
-    name = _dialects.get(id(bind))
-    if name is None:
-        name = _dialects[id(bind)] = str(bind.dialect.name)
-    return name == "postgresql"
+    """Whether the session's connection (the one the statements will use) is PostgreSQL's."""
+    return str(db.session.connection().dialect.name) == "postgresql"
 
 
 def _execute(statement: Any, params: dict[str, Any]) -> Any:
@@ -261,7 +273,7 @@ def _insert_untallied(
                 "period_end": event.period.end,
                 "now": now,
             }
-            result = _execute(INSERT_ONE, parameters)
+            result = INSERT_ONE.execute(db.session.connection(), parameters)
         else:
             rows = [
                 {
@@ -274,8 +286,8 @@ def _insert_untallied(
                 }
                 for e in events
             ]
-            result = _execute(INSERT_MANY, {**names, "now": now, "events": json.dumps(rows)})
-        inserted = {key: event_id for event_id, key in result}
+            result = INSERT_MANY.execute(db.session.connection(), {**names, "now": now, "events": json.dumps(rows)})
+        inserted = {row.idempotency_key: row.id for row in result}
         if not inserted and account.key_id is not None:
             check(organization_id, account)  # nothing inserted: all repeats, or the key is not live?
         return inserted
