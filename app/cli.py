@@ -252,7 +252,7 @@ def status(as_json: bool) -> None:
     usage = usage_reports.counts()
     click.echo(
         f"usage reports:   pending={usage.pending}  sent={usage.sent}  failed={usage.failed}"
-        f"  meter error reports={len(usage.error_reports)}"
+        f"  meter error reports={len(usage.error_reports)}  events not tallied={usage.untallied_events}"
         + ("  (flask billing usage lists them)" * bool(usage.failed))
     )
 

@@ -18,7 +18,7 @@ from sqlalchemy.pool import NullPool
 
 from app.extensions import db
 from app.models import Organization
-from app.services import queue, usage, usage_page
+from app.services import queue, usage, usage_page, usage_reports
 from app.services.billing_service import BillingService
 from tests.conftest import SandboxAccount, csrf_token, query
 from tests.test_usage import NOW, catalogue, frozen, organization  # noqa: F401 (frozen: a fixture)
@@ -364,7 +364,11 @@ def test_a_workers_dispatch_pass_tallies_what_was_stored(app: Flask, frozen: Non
     batch(app, org_id, [event_of("a", 6), event_of("b", 6)])
     assert query(app, "SELECT total FROM usage_period_total") == []  # stored, not counted yet
     assert [r.billable_quantity for r in query(app, "SELECT billable_quantity FROM usage_event")] == [None, None]
+    with app.app_context():
+        assert usage_reports.counts().untallied_events == 2  # what `flask billing status` shows ops
     queue.dispatch_now(app)  # a worker's pass, every WORKER_DISPATCH_SECONDS
+    with app.app_context():
+        assert usage_reports.counts().untallied_events == 0
     [period] = query(app, "SELECT total, billable FROM usage_period_total")
     assert (period.total, period.billable) == (12, 2)
     rows = query(app, "SELECT idempotency_key, billable_quantity FROM usage_event ORDER BY id")
