@@ -59,7 +59,7 @@ class UsageEntry:
             logger.warning("usage request handed to the full app after an error", exc_info=True)
             environ["wsgi.input"] = io.BytesIO(raw)
             return self.inner(environ, start_response)
-        content = (self.app.json.dumps(result.body, separators=(",", ":")) + "\n").encode()
+        content = (json.dumps(result.body, separators=(",", ":")) + "\n").encode()  # strings and numbers only
         start_response(
             f"{result.status} {HTTP_STATUS_CODES.get(result.status, 'UNKNOWN').upper()}",
             [

@@ -22,6 +22,7 @@ the same answer.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, NamedTuple
 
 from flask import Blueprint, jsonify, request
@@ -75,11 +76,12 @@ def answer(authorization: str, body: Any, idempotency_key: str | None) -> Answer
         if recorded is None:
             return _unauthorized()
         results = [_answer({"index": index}, outcome) for index, outcome in enumerate(recorded)]
+        counted = Counter(result["outcome"] for result in results)
         summary = {
             "results": results,
-            "recorded": sum(r["outcome"] == "recorded" for r in results),
-            "duplicates": sum(r["outcome"] == "duplicate" for r in results),
-            "rejected": sum(r["outcome"] == "rejected" for r in results),
+            "recorded": counted["recorded"],
+            "duplicates": counted["duplicate"],
+            "rejected": counted["rejected"],
         }
         return Answer(200, summary, {})
     if not isinstance(body, dict):
@@ -112,6 +114,8 @@ def _recorded(secret: str | None, caller: api_keys.ApiCaller, events: list[Any])
         if fresh is None:
             return None
         stored = BillingService.record_usage_batch(fresh.organization_id, objects, account=fresh.account)
+    if len(stored) == len(events):  # every event an object (the usual case)
+        return stored
     recorded = iter(stored)
     return [next(recorded) if isinstance(event, dict) else _not_an_object() for event in events]
 
@@ -121,6 +125,11 @@ def _not_an_object() -> usage.UsageRejected:
 
 
 def _answer(where: dict[str, Any], recorded: usage.Recorded) -> dict[str, Any]:
+    if type(recorded) is usage.RecordedUsage:
+        where["status"], where["outcome"] = (200, "duplicate") if recorded.duplicate else (201, "recorded")
+        where["id"], where["meter"], where["quantity"] = recorded.event_id, recorded.meter, recorded.quantity
+        where["timestamp"] = usage.iso(recorded.occurred_at)
+        return where  # a dict of its own for each event (the caller's `where`), filled in place
     if isinstance(recorded, usage.UsageLimitReached):
         retry_after = max(1, int(recorded.resets_at.timestamp() - clock.timestamp()))
         error = {"code": recorded.code, "message": str(recorded), "limit": recorded.limit, "used": recorded.used}
@@ -129,12 +138,4 @@ def _answer(where: dict[str, Any], recorded: usage.Recorded) -> dict[str, Any]:
     if isinstance(recorded, usage.UsageRejected):
         error = {"code": recorded.code, "message": str(recorded)}
         return {**where, "status": recorded.status, "outcome": "rejected", "error": error}
-    return {
-        **where,
-        "status": 200 if recorded.duplicate else 201,
-        "outcome": "duplicate" if recorded.duplicate else "recorded",
-        "id": recorded.event_id,
-        "meter": recorded.meter,
-        "quantity": recorded.quantity,
-        "timestamp": usage.iso(recorded.occurred_at),
-    }
+    raise TypeError(f"not a usage outcome: {recorded!r}")

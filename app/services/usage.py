@@ -26,7 +26,6 @@ import calendar
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -75,15 +74,9 @@ class UsageLimitReached(UsageRejected):
         self.resets_at = resets_at
 
 
-@dataclass(frozen=True)
-class RecordedUsage:
-    event_id: int
-    meter: str
-    quantity: int
-    occurred_at: datetime
-    duplicate: bool  # the idempotency key was seen before: acknowledged, not counted again
-
-
+# A stored event's answer: event_id, meter, quantity, occurred_at, and duplicate (the idempotency key
+# was seen before: acknowledged, not counted again). The store's own record, handed on as it is.
+RecordedUsage = usage_store.RecordedUsage
 Recorded = RecordedUsage | UsageRejected  # a batch's answer for one event
 
 
@@ -268,13 +261,19 @@ def _validated(
     period: Period | None = None
     allowances: dict[str, MeterAllowance | None] = {}
     billing = account.billing_status not in NOT_BILLING
+    meters = catalogue.meters
     for index, event in enumerate(events):
         try:
-            meter = meter_for(catalogue, event.get("meter"))
+            meter_key = event.get("meter")
+            meter = meters.get(meter_key) if type(meter_key) is str else None
+            if meter is None:
+                meter = meter_for(catalogue, meter_key)  # refused with the known meters
             amount = event.get("quantity")
             if type(amount) is not int or not 0 <= amount <= MAX_QUANTITY or meter.aggregation == "count":
                 amount = quantity_of(meter, amount)  # anything but a plain whole number (the usual case)
-            key = idempotency_key_of(event.get("idempotency_key"))
+            key = event.get("idempotency_key")
+            if type(key) is not str or not IDEMPOTENCY_KEY.match(key):
+                key = idempotency_key_of(key)  # refused with its message
             sent_at = event.get("timestamp")
             at = now if sent_at is None else occurred_at_of(sent_at, now)
             if meter.key not in allowances:
@@ -294,6 +293,8 @@ def _validated(
 
 
 def _recorded(outcome: usage_store.Outcome) -> Recorded:
+    if type(outcome) is RecordedUsage:
+        return outcome
     if isinstance(outcome, usage_store.Refused):
         return UsageLimitReached(outcome.meter, limit=outcome.limit, used=outcome.used, resets_at=outcome.resets_at)
     if isinstance(outcome, usage_store.Reused):
@@ -303,4 +304,4 @@ def _recorded(outcome: usage_store.Outcome) -> Recorded:
             code="idempotency_key_reused",
             status=409,
         )
-    return RecordedUsage(outcome.event_id, outcome.meter, outcome.quantity, outcome.occurred_at, outcome.duplicate)
+    return outcome

@@ -33,7 +33,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import bindparam, func, select, text
 
@@ -80,7 +80,7 @@ class Candidate(NamedTuple):
     period: Period
 
 
-class Stored(NamedTuple):
+class RecordedUsage(NamedTuple):
     event_id: int
     meter: str
     quantity: int
@@ -107,7 +107,7 @@ class Reused:
     meter: str
 
 
-Outcome = Stored | Refused | Reused
+Outcome = RecordedUsage | Refused | Reused
 
 
 @dataclass
@@ -158,16 +158,17 @@ INSERT_ONE = PreparedStatement(
     "usage_insert_one",
     "WITH live AS (" + _LIVE + ") " + _COLUMNS + " SELECT :organization_id, :meter, :quantity, NULL, :key, :at,"  # noqa: S608
     " :period_start, :period_end, :now FROM live"
-    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key",
+    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING idempotency_key, id",
     _TYPES,
 )
 # PostgreSQL, a batch's events not tallied yet, as one JSON parameter (the store-only anchor's shape).
 INSERT_MANY = PreparedStatement(
     "usage_insert_many",
-    "WITH live AS (" + _LIVE + ") " + _COLUMNS + " SELECT :organization_id, e.meter, e.quantity, NULL, e.key, e.at,"  # noqa: S608
-    " e.starts, e.ends, :now FROM jsonb_to_recordset(:events) AS e(meter text, quantity bigint, key text,"
+    "WITH live AS (" + _LIVE + ") " + _COLUMNS + " SELECT :organization_id, e.meter, e.quantity, NULL, e.key,"  # noqa: S608
+    " coalesce(e.at, :now), coalesce(e.starts, :period_start), coalesce(e.ends, :period_end), :now"
+    " FROM jsonb_to_recordset(:events) AS e(meter text, quantity bigint, key text,"
     " at timestamptz, starts timestamptz, ends timestamptz) CROSS JOIN live"
-    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING id, idempotency_key",
+    " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING idempotency_key, id",
     _TYPES,
 )
 # A hard-limited meter's row, locked (created at 0) without changing it: its tallied total.
@@ -248,7 +249,7 @@ def store(organization_id: int, account: Account, candidates: Sequence[Candidate
         stored_before.update(_stored(organization_id, missing))
     for event in (*untallied, *tallied):
         if event.key in inserted:
-            outcomes[event.place] = Stored(inserted[event.key], event.meter.key, event.quantity, event.at, False)
+            outcomes[event.place] = RecordedUsage(inserted[event.key], event.meter.key, event.quantity, event.at, False)
         else:
             outcomes[event.place] = _repeat(event, stored_before[event.key])
     return outcomes
@@ -275,19 +276,20 @@ def _insert_untallied(
             }
             result = INSERT_ONE.execute(db.session.connection(), parameters)
         else:
-            rows = [
-                {
-                    "meter": e.meter.key,
-                    "quantity": e.quantity,
-                    "key": e.key,
-                    "at": iso(e.at),
-                    "starts": iso(e.period.start),
-                    "ends": iso(e.period.end),
-                }
-                for e in events
-            ]
-            result = INSERT_MANY.execute(db.session.connection(), {**names, "now": now, "events": json.dumps(rows)})
-        inserted = {row.idempotency_key: row.id for row in result}
+            # An event happening now, in the batch's first period (nearly all), carries neither time:
+            # the statement takes :now and the period's bounds (less JSON to write and to parse).
+            period = events[0].period
+            rows = []
+            for e in events:
+                row: dict[str, Any] = {"meter": e.meter.key, "quantity": e.quantity, "key": e.key}
+                if e.at is not now:
+                    row["at"] = iso(e.at)
+                if e.period is not period:
+                    row["starts"], row["ends"] = iso(e.period.start), iso(e.period.end)
+                rows.append(row)
+            parameters = {**names, "now": now, "period_start": period.start, "period_end": period.end}
+            result = INSERT_MANY.execute(db.session.connection(), {**parameters, "events": json.dumps(rows)})
+        inserted: dict[str, int] = dict(cast("list[tuple[str, int]]", result.all()))  # RETURNING idempotency_key, id
         if not inserted and account.key_id is not None:
             check(organization_id, account)  # nothing inserted: all repeats, or the key is not live?
         return inserted
@@ -322,9 +324,9 @@ def _portable_insert(
             ]
         )
         .on_conflict_do_nothing(index_elements=["organization_id", "idempotency_key"])
-        .returning(UsageEvent.id, UsageEvent.idempotency_key)
+        .returning(UsageEvent.idempotency_key, UsageEvent.id)
     )
-    return {key: event_id for event_id, key in db.session.execute(statement)}
+    return dict(cast("list[tuple[str, int]]", db.session.execute(statement).all()))
 
 
 def _judge(organization_id: int, group: _Group, outcomes: dict[int, Outcome], stored_before: dict[str, Any]) -> None:
@@ -401,4 +403,4 @@ def _repeat(event: Candidate, first: Any) -> Outcome:
     """A key stored before: acknowledged as that event when it is the same usage, refused otherwise."""
     if first.meter != event.meter.key or first.quantity != event.quantity:
         return Reused(event.key, first.quantity, first.meter)
-    return Stored(first.id, first.meter, first.quantity, first.occurred_at, duplicate=True)
+    return RecordedUsage(first.id, first.meter, first.quantity, first.occurred_at, duplicate=True)
