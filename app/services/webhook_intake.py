@@ -225,8 +225,8 @@ def _throttled(
 
 def receive(provider: WebhookProvider, payload: bytes, headers: Mapping[str, str]) -> WebhookResult:
     """A delivery: its signature verified, then, when its event id is one this process saw settled, a
-    duplicate at once (its body is not read beyond the id: a redelivery of a settled event is most of
-    what a provider retries); otherwise read as an event and stored (store)."""
+    duplicate at once (its body is not read beyond the id, no round trip); otherwise read as an
+    event and stored (store)."""
     text = provider.authenticate(payload, headers)
     seen = _settled_events()
     if seen is not None:
