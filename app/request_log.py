@@ -31,9 +31,12 @@ SECRET_PATTERNS = re.compile(
     r"|\b(?:\d{13,19}|\d{4}(?:[ -]\d{4}){3}(?:\d{1,3})?|\d{4}[ -]\d{6}[ -]\d{4,5})\b"
 )
 # Text every match of SECRET_PATTERNS contains (each alternative has "sk_"/"rk_"/"apik_"/"llk_",
-# "whsec_", "ws_", "Bearer ", "://" or four digits in a row): text without it is not scanned by the
-# full pattern, whose look-behinds make it the most expensive part of a request's log line.
-MAYBE_SECRET = re.compile(r"k_|c_|s_|Bearer |://|\d{4}")
+# "whsec_", "ws_", "Bearer ", "://", thirteen digits in a row, or four digits, a space or dash and four
+# more: every card-number form starts so): text without it is not scanned by the full pattern, whose
+# look-behinds make it the most expensive part of a request's log line. Not "four digits" alone: most
+# of our hex request ids have a run of four, and were scanned in full on every request.
+MAYBE_SECRET_TEXT = r"k_|c_|s_|Bearer |://|\d{13}|\d{4}[ -]\d{4}"  # noqa: S105 (a pattern, not a password)
+MAYBE_SECRET = re.compile(MAYBE_SECRET_TEXT)
 # A path segment as a client may write it: anything up to the next slash, query, quote or space.
 SEGMENT = r"[^\s/?#\"']+"
 RULE_ARGUMENT = re.compile(r"<(?:(?P<converter>\w+)(?:\([^)]*\))?:)?(?P<name>\w+)>")
@@ -104,9 +107,31 @@ class RedactingFilter(logging.Filter):
         super().__init__()
         self.secrets = sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True)
         self.credential_paths: re.Pattern[str] | None = None
-        self.credential_prefixes: tuple[str, ...] | None = None  # None: every text is scanned for them
+        self._credential_prefixes: tuple[str, ...] | None = None
+        self._suspect = self._suspect_pattern()
+
+    @property
+    def credential_prefixes(self) -> tuple[str, ...] | None:
+        """The credential routes' prefixes; None: every text is scanned for credential paths."""
+        return self._credential_prefixes
+
+    @credential_prefixes.setter
+    def credential_prefixes(self, prefixes: tuple[str, ...] | None) -> None:
+        self._credential_prefixes = prefixes
+        self._suspect = self._suspect_pattern()
+
+    def _suspect_pattern(self) -> re.Pattern[str]:
+        """One search that finds anything redact's steps could change: what every secret-shaped match
+        contains (MAYBE_SECRET), a credential route's prefix, a configured secret."""
+        literals = [*(self._credential_prefixes or ()), *self.secrets]
+        return re.compile("|".join([MAYBE_SECRET_TEXT, *(re.escape(literal) for literal in literals)]))
 
     def redact(self, text: str) -> str:
+        # Text none of the steps below could change (a request's log line: five short texts, usually
+        # all clean) costs this one search. Not with credential paths whose prefixes are unknown:
+        # then every text is scanned for them.
+        if (self.credential_paths is None or self._credential_prefixes is not None) and not self._suspect.search(text):
+            return text
         # Each scan is skipped for text that cannot match it (MAYBE_SECRET, the routes' prefixes).
         redacted = SECRET_PATTERNS.sub("[redacted]", text) if MAYBE_SECRET.search(text) else text
         if self.credential_paths is not None and (
@@ -131,6 +156,11 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+# json.dumps(entry, default=str) built a new encoder for every line; this one is built once (the
+# same settings, so the same text).
+_JSON_LINE = json.JSONEncoder(default=str)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -139,10 +169,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        entry.update({field: getattr(record, field) for field in CONTEXT_FIELDS if hasattr(record, field)})
+        attributes = record.__dict__  # the context fields are the record's own attributes (extra=)
+        entry.update({field: attributes[field] for field in CONTEXT_FIELDS if field in attributes})
         if record.exc_info:
             entry["exception"] = SECRET_PATTERNS.sub("[redacted]", self.formatException(record.exc_info))
-        return json.dumps(entry, default=str)
+        return _JSON_LINE.encode(entry)
 
 
 # Settings that hold a credential, by name: keys, secrets, tokens, passwords (a comma-separated value
@@ -193,12 +224,16 @@ def log_line(request_id: str, method: str, path: str, status: int, started: floa
     if not logger.isEnabledFor(logging.INFO):
         return
     duration_ms = round((time.perf_counter() - started) * 1000, 2)
-    logger.info(
+    # The record made and handled as logger.info would, but without looking up the calling frame
+    # (logging's findCaller walks the stack on every line; no format here prints where it was called).
+    record = logger.makeRecord(
+        logger.name,
+        logging.INFO,
+        __file__,
+        0,
         "%s %s %s %.2fms",
-        method,
-        path,
-        status,
-        duration_ms,
+        (method, path, status, duration_ms),
+        None,
         extra={
             "request_id": request_id,
             "method": method,
@@ -208,6 +243,7 @@ def log_line(request_id: str, method: str, path: str, status: int, started: floa
             "remote_addr": remote_addr,
         },
     )
+    logger.handle(record)
 
 
 def init_request_logging(app: Flask) -> None:

@@ -345,6 +345,40 @@ def test_production_logs_are_json(production_environ: dict[str, str], capfd: pyt
     assert len(entry["request_id"]) == 32 and entry["duration_ms"] >= 0
 
 
+def test_a_webhook_delivery_logs_the_same_json_line_as_a_page(
+    production_environ: dict[str, str], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The machine entry's deliveries are logged as pages are: one JSON line with its request id (the one
+    answered in X-Request-ID), method, path, status, duration and the client's address (from the
+    proxy's X-Forwarded-For), made without the stack lookup logging.info does; a client's request id
+    shaped like a key is still masked."""
+    app = production_app(production_environ)
+    capfd.readouterr()
+    client = app.test_client()
+    proxied = {"X-Forwarded-For": "3.18.12.63", "X-Forwarded-Proto": "https"}
+    client.get("https://billing.example.com/healthz", headers=proxied)
+    body = b'{"id": "evt_1", "object": "event"}'
+    unsigned = {**proxied, "Content-Type": "application/json", "Stripe-Signature": "t=1,v1=00"}
+    delivery = client.post("/billing/webhooks/stripe", data=body, headers=unsigned)
+    client.post("/billing/webhooks/stripe", data=body, headers={**unsigned, "X-Request-ID": "sk_live_notreally1"})
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    page_line, delivery_line, keyed_line = [line for line in lines if line["logger"] == "app.request"]
+    assert delivery.status_code == 400
+    fields = {"time", "level", "logger", "message", "request_id", "method", "path", "status", "duration_ms"}
+    assert set(delivery_line) == set(page_line) == fields | {"remote_addr"}
+    assert delivery_line["request_id"] == delivery.headers["X-Request-ID"]
+    assert len(delivery_line["request_id"]) == 32
+    assert (delivery_line["method"], delivery_line["path"], delivery_line["status"]) == (
+        "POST",
+        "/billing/webhooks/stripe",
+        400,
+    )
+    assert delivery_line["remote_addr"] == page_line["remote_addr"] == "3.18.12.63"
+    assert delivery_line["level"] == "INFO" and delivery_line["duration_ms"] >= 0
+    assert delivery_line["message"] == f"POST /billing/webhooks/stripe 400 {delivery_line['duration_ms']:.2f}ms"
+    assert keyed_line["request_id"] == "[redacted]"
+
+
 def test_development_runs_on_named_stand_ins(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A newcomer's machine: no DATABASE_URL, no REDIS_URL. The migrations build SQLite and a signup
     form renders on filesystem sessions."""
@@ -428,7 +462,23 @@ def test_redaction_skips_only_text_the_secret_patterns_cannot_match() -> None:
         "/auth/reset-password/abc",
         "configured-secret-value",
     ]
-    filler = ["POST", "/billing/webhooks/stripe", "200", "1.72ms", "127.0.0.1", "a1b2c3", "GET", "/team/", "x_y"]
+    filler = [
+        "POST",
+        "/billing/webhooks/stripe",
+        "200",
+        "1.72ms",
+        "127.0.0.1",
+        "a1b2c3",
+        "GET",
+        "/team/",
+        "x_y",
+        "f962fed8dc5d1487987e0db8c2cfc174",  # a request id with a run of digits
+        "1795618244",
+        "2026-12-06",
+        "4242",
+        "1234 5678",
+        "12345678901",
+    ]
     fast = RedactingFilter(["configured-secret-value"])
     fast.credential_paths = credential_paths
     fast.credential_prefixes = ("/team/join/", "/auth/reset-password/")
@@ -443,3 +493,18 @@ def test_redaction_skips_only_text_the_secret_patterns_cannot_match() -> None:
         assert secret is None or fast.redact(line) != line, line
     assert fast.redact("POST /billing/webhooks/stripe 200 1.72ms") == "POST /billing/webhooks/stripe 200 1.72ms"
     assert fast.redact("GET /team/join/tok3n-value") == "GET /team/join/[redacted]"
+    # Credential paths whose prefixes are unknown: every text is scanned for them.
+    fast.credential_prefixes = None
+    assert fast.redact("GET /team/join/tok3n-value") == "GET /team/join/[redacted]"
+
+
+def test_a_request_id_with_a_run_of_digits_is_not_scanned_for_secrets() -> None:
+    """Most of the request ids we make (32 hex digits) hold four digits in a row; that alone is no reason
+    to run the full secret patterns over them on every request's line: only what a card number starts
+    with (thirteen digits, or four, a space or dash and four more) is."""
+    from app.request_log import MAYBE_SECRET
+
+    assert MAYBE_SECRET.search("f962fed8dc5d1487987e0db8c2cfc174") is None
+    assert MAYBE_SECRET.search("at 1795618244 cents") is None
+    for card in ("4242424242424242", "4242 4242 4242 4242", "3782-822463-10005"):
+        assert MAYBE_SECRET.search(card) is not None

@@ -303,6 +303,59 @@ def test_a_settled_event_delivered_again_costs_no_round_trip_a_pending_one_still
     assert sent == ["EXECUTE (autocommit)"]
 
 
+def test_a_settled_events_redelivery_is_read_no_further_than_its_id(
+    client: FlaskClient, app: Flask, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the signature verifies, a redelivery of an event this process saw settled is answered from
+    its event id alone: the body is not read as an event (no json.loads of all of it, no checks of
+    its fields), and no statement is sent. A pending event's redelivery, and a new event, are read."""
+    ignored = stripe_event("charge.refunded", {"id": "ch_3", "object": "charge"})
+    pending = subscription_event()
+    post_webhook(client, ignored)
+    post_webhook(client, pending)
+    read: list[str] = []
+    provider = BillingService._webhook_providers["stripe"]
+    real = provider.parse
+
+    def parse(text: str, headers: Any) -> Any:
+        read.append(json.loads(text)["id"])
+        return real(text, headers)
+
+    monkeypatch.setattr(provider, "parse", parse)
+    with statements_sent(app) as sent:
+        assert post_webhook(client, ignored).get_json() == {"received": True, "duplicate": True}
+    assert (read, sent) == ([], [])
+    assert post_webhook(client, ignored, secret="whsec_forged").status_code == 400
+    assert post_webhook(client, pending).get_json()["duplicate"] is True
+    assert read == [pending["id"]]
+    assert provider.event_id(json.dumps(ignored), {}) == ignored["id"]
+    assert provider.event_id('{"id": 3}', {}) is None and provider.event_id("[1]", {}) is None
+
+
+def test_a_settled_whop_events_redelivery_is_known_by_its_webhook_id(
+    make_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whop's event id is the signed webhook-id header: a redelivery of a settled one (re-signed, as
+    Whop retries) is a duplicate without reading its body or asking the database."""
+    from tests.test_whop_webhooks import WHOP, deliver, envelope, whop_headers
+
+    app = make_app(**WHOP)
+    client = app.test_client()
+    body = envelope("membership.activated", {"id": "mem_9", "status": "active", "metadata": {}})
+    assert deliver(client, body, whop_headers(body, "msg_settled_9")).status_code == 200
+    with app.app_context():
+        db.session.execute(db.text("UPDATE whop_event SET status = 'processed' WHERE event_id = 'msg_settled_9'"))
+        db.session.commit()
+    deliver(client, body, whop_headers(body, "msg_settled_9", timestamp=int(time.time()) + 1))  # remembered
+    whop = BillingService._webhook_providers["whop"]
+    monkeypatch.setattr(whop, "parse", lambda *args: pytest.fail("the body was read"))
+    with statements_sent(app) as sent:
+        again = deliver(client, body, whop_headers(body, "msg_settled_9", timestamp=int(time.time()) + 2))
+    assert again.get_json() == {"received": True, "duplicate": True}
+    assert sent == []
+    assert deliver(client, body, whop_headers(body, "msg_settled_9", "whsec_other")).status_code == 400
+
+
 def test_a_process_starts_knowing_the_most_recent_settled_events_but_never_a_pending_one(
     client: FlaskClient, app: Flask
 ) -> None:

@@ -140,7 +140,19 @@ class WebhookProvider(Protocol):
     @property
     def event_model(self) -> EventModel: ...
 
-    def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent: ...
+    def authenticate(self, payload: bytes, headers: Mapping[str, str]) -> str:
+        """The delivery's body as text once its signature verifies with a configured secret; raises
+        WebhookRejected (UnknownWebhookProvider when the provider is switched off)."""
+        ...
+
+    def event_id(self, text: str, headers: Mapping[str, str]) -> str | None:
+        """The id an authenticated delivery's event is stored under, read without reading the event
+        (None when it cannot be read so): only to know a redelivery of an event already settled."""
+        ...
+
+    def parse(self, text: str, headers: Mapping[str, str]) -> VerifiedEvent:
+        """An authenticated delivery read as an event; raises WebhookRejected."""
+        ...
 
     def ignore_reason(self, event: VerifiedEvent) -> str | None: ...
 

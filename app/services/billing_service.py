@@ -109,6 +109,8 @@ logger = logging.getLogger(__name__)
 # Pinned to the version stripe==16.1.0 is typed for; webhook endpoints should use the same version.
 STRIPE_API_VERSION = "2026-10-28.endive"
 STRIPE_SIGNATURE_TOLERANCE_SECONDS = 300
+# The SDK resolves stripe.WebhookSignature through import_module on every access: read once here.
+_VERIFY_STRIPE_SIGNATURE = stripe.WebhookSignature.verify_header
 # The billing page's reads: no retries (the page would rather say "not available" than wait).
 PAGE_READ: stripe.RequestOptions = {"max_network_retries": 0}
 
@@ -834,7 +836,7 @@ class BillingService:
     def _stripe_signature_error(text: str, header: str, secret: str) -> str | None:
         """None when Stripe-Signature verifies with this secret; else Stripe's words for why not."""
         try:
-            stripe.WebhookSignature.verify_header(text, header, secret, STRIPE_SIGNATURE_TOLERANCE_SECONDS)
+            _VERIFY_STRIPE_SIGNATURE(text, header, secret, STRIPE_SIGNATURE_TOLERANCE_SECONDS)
         except stripe.SignatureVerificationError as exc:
             return str(exc.user_message or "")
         return None
@@ -847,15 +849,16 @@ class BillingService:
     def handle_webhook_event(cls, provider_name: str, payload: bytes, headers: Mapping[str, str]) -> WebhookResult:
         """Verify and store one webhook delivery; answer at once. A worker applies it (its dispatch pass).
 
-        A duplicate of a stored event costs one indexed read. A new event is read into typed objects
-        (stripe_objects.py) and stored in one statement (no job: the stored event is the work), keyed on
-        the object it is about: `pending`, or already `ignored` (not ours, other mode, unhandled
-        type) or `failed` (a malformed object, with the reason; replayable). Every stored event is
+        A duplicate of an event this process saw settled is answered from its id alone, with no round
+        trip (webhook_intake.receive); of another stored event, one statement. A new event is read
+        into typed objects (stripe_objects.py) and stored in one statement (no job: the stored event
+        is the work), keyed on the object it is about: `pending`, or already `ignored` (not ours,
+        other mode, unhandled type) or `failed` (a malformed object, with the reason; replayable). Every stored event is
         answered 2xx: retrying would not change it. Nothing here calls the provider's API."""
         provider = cls._webhook_providers.get(provider_name)
         if provider is None:
             raise UnknownWebhookProvider(provider_name)
-        return webhook_intake.store(provider, provider.verify(payload, headers))
+        return webhook_intake.receive(provider, payload, headers)
 
     @classmethod
     def queue_unclaimed_events(cls, *, older_than_seconds: float, lost: bool = True, drain: bool = False) -> list[str]:

@@ -24,7 +24,7 @@ class StripeWebhooks:
         self._check_signature = check_signature
         self._reads = reads
 
-    def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent:
+    def authenticate(self, payload: bytes, headers: Mapping[str, str]) -> str:
         secrets = webhook_secrets("STRIPE_WEBHOOK_SECRET", "webhooks")
         header = headers.get("Stripe-Signature")
         if not header:
@@ -46,6 +46,12 @@ class StripeWebhooks:
                 reason = "malformed Stripe-Signature header"
         else:
             raise WebhookRejected(reason)
+        return text
+
+    def event_id(self, text: str, headers: Mapping[str, str]) -> str | None:
+        return stripe_events.event_id_of(text)
+
+    def parse(self, text: str, headers: Mapping[str, str]) -> VerifiedEvent:
         return stripe_events.parse_event(text)
 
     def ignore_reason(self, event: VerifiedEvent) -> str | None:

@@ -11,7 +11,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
@@ -283,6 +283,19 @@ def _throttled(
         else:
             queue_application(provider, object_key, delay=delay)
     return f"throttled: again in {delay:.0f} s"
+
+
+def receive(provider: WebhookProvider, payload: bytes, headers: Mapping[str, str]) -> WebhookResult:
+    """A delivery: its signature verified, then, when its event id is one this process saw settled, a
+    duplicate at once (its body is not read beyond the id, no round trip); otherwise read as an
+    event and stored (store)."""
+    text = provider.authenticate(payload, headers)
+    seen = _settled_events()
+    if seen is not None:
+        event_id = provider.event_id(text, headers)
+        if event_id is not None and seen.holds(provider.event_model.__tablename__, event_id):
+            return WebhookResult(200, {"received": True, "duplicate": True})  # no round trip
+    return store(provider, provider.parse(text, headers))
 
 
 def store(provider: WebhookProvider, event: VerifiedEvent) -> WebhookResult:

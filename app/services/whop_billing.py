@@ -328,7 +328,7 @@ class WhopWebhooks:
     name = "whop"
     event_model = WhopEvent
 
-    def verify(self, payload: bytes, headers: Mapping[str, str]) -> VerifiedEvent:
+    def authenticate(self, payload: bytes, headers: Mapping[str, str]) -> str:
         if not configured():
             # Whop is off (WHOP_* unset): its endpoint does not exist, as for any unknown provider.
             raise UnknownWebhookProvider(self.name)
@@ -364,8 +364,14 @@ class WhopWebhooks:
                 reason = "malformed webhook-signature header"
         else:
             raise WebhookRejected(reason)
-        sent_at = int(float(signature_headers["webhook-timestamp"]))
-        return whop_events.parse_event(text, signature_headers["webhook-id"], sent_at)
+        return text
+
+    def event_id(self, text: str, headers: Mapping[str, str]) -> str | None:
+        return _header(headers, "webhook-id")  # the signed webhook-id is the event id
+
+    def parse(self, text: str, headers: Mapping[str, str]) -> VerifiedEvent:
+        sent_at = int(float(_header(headers, "webhook-timestamp") or ""))  # verified: a number
+        return whop_events.parse_event(text, _header(headers, "webhook-id") or "", sent_at)
 
     def ignore_reason(self, event: VerifiedEvent) -> str | None:
         return whop_events.ignore_reason(event)
@@ -375,6 +381,11 @@ class WhopWebhooks:
 
     def apply_batch(self, object_key: str, events: list[VerifiedEvent]) -> EventOutcomes:
         return whop_events.apply_batch(object_key, events, calls)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """A header by its lower-case name, whatever case the delivery wrote it in."""
+    return {key.lower(): value for key, value in headers.items()}.get(name)  # as authenticate reads them
 
 
 WhopClient = Whop  # the client's type, for BillingService.ensure_whop's signature
