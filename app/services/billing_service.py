@@ -847,14 +847,12 @@ class BillingService:
 
     @classmethod
     def handle_webhook_event(cls, provider_name: str, payload: bytes, headers: Mapping[str, str]) -> WebhookResult:
-        """Verify and store one webhook delivery; answer at once. A worker applies it (its dispatch pass).
-
-        A duplicate of an event this process saw settled is answered from its id alone, with no round
-        trip (webhook_intake.receive); of another stored event, one statement. A new event is read
-        into typed objects (stripe_objects.py) and stored in one statement (no job: the stored event
-        is the work), keyed on the object it is about: `pending`, or already `ignored` (not ours,
-        other mode, unhandled type) or `failed` (a malformed object, with the reason; replayable). Every stored event is
-        answered 2xx: retrying would not change it. Nothing here calls the provider's API."""
+        """Verify and store one webhook delivery; answer at once (webhook_intake.receive). A duplicate of
+        an event this process saw settled is answered from its id alone; of another, one statement. A new
+        event is read into typed objects (stripe_objects.py) and stored in one statement, keyed on its
+        object: `pending` (the stored event is the work: a worker's dispatch pass gives it a job), or
+        `ignored` (not ours, other mode, unhandled type) or `failed` (malformed, with the reason;
+        replayable). Every stored event is answered 2xx. Nothing here calls the provider's API."""
         provider = cls._webhook_providers.get(provider_name)
         if provider is None:
             raise UnknownWebhookProvider(provider_name)
