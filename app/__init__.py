@@ -86,10 +86,8 @@ def register_extensions(app: Flask) -> None:
     login_manager.session_protection = "basic"
 
     from app import machine_entry
-    from app.api import entry as usage_entry
 
-    machine_entry.install(app)  # webhooks skip Flask's request machinery (app/machine_entry.py)
-    usage_entry.install(app)  # and so do usage requests (app/api/entry.py)
+    machine_entry.install(app)  # webhooks and usage requests skip Flask's request machinery (app/machine_entry.py)
     if app.config["TRUSTED_PROXY_COUNT"]:
         hops = app.config["TRUSTED_PROXY_COUNT"]
         # Before anything keyed on the client's address (rate limits, logs). X-Forwarded-Host is not

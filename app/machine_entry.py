@@ -1,20 +1,27 @@
-"""The machine entry: a small WSGI dispatcher in front of Flask for the one route machines call most,
-`POST /billing/webhooks/<provider>`. Such a request gets no request context, no URL matching and none
-of the pages' machinery (session, CSRF, rate limits, sign-in, templates): its body goes, with its
-headers, to BillingService.handle_webhook_event in an application context (the database session is
-removed when it ends), and the answer is the route's own (app/billing/routes.py: 2xx for a stored or
-duplicate event, 400 for a delivery refused by its provider's signature check, 404 for an unknown
-provider), with the request log line, the X-Request-ID and the security headers every response has.
+"""The machine entry: a small WSGI dispatcher in front of Flask for the two routes machines call most,
+`POST /billing/webhooks/<provider>` and `POST /api/v1/usage`. Such a request gets no request context,
+no URL matching and none of the pages' machinery (session, CSRF, rate limits, sign-in, templates):
+its body goes, with the headers it needs, to its handler in an application context (the database
+session is removed when it ends), and the answer is the Flask route's own, with the request log line,
+the X-Request-ID and the security headers every response has:
 
-Anything else, and anything unusual about a webhook request (no Content-Length, a body over
+- a webhook delivery to BillingService.handle_webhook_event (app/billing/routes.py: 2xx for a stored
+  or duplicate event, 400 for a delivery refused by its provider's signature check, 404 for an
+  unknown provider);
+- a usage request, its JSON body read as `request.get_json(silent=True)` would, to the usage API's
+  `answer` (app/api/routes.py), which the Flask route calls too.
+
+Anything else, and anything unusual about such a request (no Content-Length, a body over
 MAX_CONTENT_LENGTH, an unexpected error such as the database going away), goes to Flask: the body
 read here is handed back, so the Flask route (with its database-restart retry and its error
-answers) sees the request as it came. Running the delivery again is safe: storing is idempotent on
-the event id. `python -m bench.overhead` measures what this saves per request."""
+answers) sees the request as it came. Running it again is safe: storing a webhook is idempotent on
+the event id, and every usage event carries its idempotency key. `python -m bench.overhead` measures
+what this saves per request."""
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -22,8 +29,9 @@ from typing import Any
 
 from flask import Flask
 from werkzeug.datastructures import EnvironHeaders
-from werkzeug.http import HTTP_STATUS_CODES
+from werkzeug.http import HTTP_STATUS_CODES, parse_options_header
 
+from app.api import routes as usage_routes
 from app.request_log import log_line, request_id_from
 from app.security import security_headers
 from app.services.billing_common import UnknownWebhookProvider, WebhookRejected
@@ -32,12 +40,15 @@ from app.services.billing_service import BillingService
 logger = logging.getLogger(__name__)
 
 WEBHOOK_PREFIX = "/billing/webhooks/"
+USAGE_PATH = "/api/v1/usage"
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+# A handler's answer: status, JSON body, headers of its own.
+Answer = tuple[int, Any, Mapping[str, str]]
 
 
 class MachineEntry:
-    """WSGI: webhooks straight to the billing authority, everything else to `flask` (the app's own
-    wsgi_app)."""
+    """WSGI: webhooks straight to the billing authority and usage requests to the usage API, everything
+    else to `flask` (the app's own wsgi_app)."""
 
     def __init__(self, app: Flask, flask: WSGIApp) -> None:
         self.app = app
@@ -46,41 +57,66 @@ class MachineEntry:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if environ.get("REQUEST_METHOD") != "POST" or not path.startswith(WEBHOOK_PREFIX):
-            return self.flask(environ, start_response)
-        provider = path[len(WEBHOOK_PREFIX) :]
+        handler = self._handler(path) if environ.get("REQUEST_METHOD") == "POST" else None
         length = environ.get("CONTENT_LENGTH") or ""
         limit = self.app.config.get("MAX_CONTENT_LENGTH")
-        if not provider or "/" in provider or not length.isdigit() or (limit is not None and int(length) > limit):
+        if handler is None or not length.isdigit() or (limit is not None and int(length) > limit):
             return self.flask(environ, start_response)
         started = time.perf_counter()
         body = environ["wsgi.input"].read(int(length))
         request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID", ""))
         try:
             with self.app.app_context():
-                result = BillingService.handle_webhook_event(provider, body, _Headers(environ))
-            status, answer = result.status_code, result.body
-        except WebhookRejected as exc:
-            status, answer = 400, {"error": str(exc)}
-        except UnknownWebhookProvider:
-            status, answer = 404, {"error": "unknown webhook provider"}
+                status, answer, headers = handler(path, body, environ)
         except Exception:
             # The Flask route answers it (the restart retry, the error pages), from the same body.
-            logger.warning("webhook delivery handed to the full app after an error", exc_info=True)
+            logger.warning("%s handed to the full app after an error", path, exc_info=True)
             environ["wsgi.input"] = io.BytesIO(body)
             return self.flask(environ, start_response)
-        content = (self.app.json.dumps(answer, separators=(",", ":")) + "\n").encode()
+        content = (self.app.json.dumps(answer, separators=(",", ":")) + "\n").encode()  # the Flask route's bytes
         start_response(
             f"{status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}",
             [
                 ("Content-Type", "application/json"),
                 ("Content-Length", str(len(content))),
                 ("X-Request-ID", request_id),
+                *headers.items(),
                 *self.headers,
             ],
         )
         log_line(request_id, "POST", path, status, started, environ.get("REMOTE_ADDR"))
         return [content]
+
+    def _handler(self, path: str) -> Callable[[str, bytes, dict[str, Any]], Answer] | None:
+        if path == USAGE_PATH:
+            return _usage
+        provider = path[len(WEBHOOK_PREFIX) :] if path.startswith(WEBHOOK_PREFIX) else ""
+        return _webhook if provider and "/" not in provider else None
+
+
+def _webhook(path: str, body: bytes, environ: dict[str, Any]) -> Answer:
+    """A delivery, verified and stored by the billing authority (the Flask route's answers)."""
+    try:
+        result = BillingService.handle_webhook_event(path[len(WEBHOOK_PREFIX) :], body, _Headers(environ))
+    except WebhookRejected as exc:
+        return 400, {"error": str(exc)}, {}
+    except UnknownWebhookProvider:
+        return 404, {"error": "unknown webhook provider"}, {}
+    return result.status_code, result.body, {}
+
+
+def _usage(path: str, body: bytes, environ: dict[str, Any]) -> Answer:
+    """Usage of an organization's own services, recorded by the usage API (the Flask route's answers)."""
+    content_type = environ.get("CONTENT_TYPE", "")
+    mimetype = parse_options_header(content_type)[0].lower() if content_type else ""
+    parsed: Any = None  # as request.get_json(silent=True): None unless JSON
+    if mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json")):
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+    answer = usage_routes.answer(environ.get("HTTP_AUTHORIZATION", ""), parsed, environ.get("HTTP_IDEMPOTENCY_KEY"))
+    return answer.status, answer.body, answer.headers
 
 
 class _Headers(Mapping[str, str]):

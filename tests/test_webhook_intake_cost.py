@@ -19,7 +19,6 @@ from flask.testing import FlaskClient
 from sqlalchemy import event as sqlalchemy_event
 from werkzeug.test import EnvironBuilder
 
-from app.api.entry import UsageEntry
 from app.extensions import db
 from app.machine_entry import MachineEntry
 from app.services import queue, webhook_intake
@@ -222,7 +221,7 @@ def through_flask(app: Flask) -> Any:
     """The app's own Flask route, behind the machine entry (what it hands over anything unusual to)."""
     entry = app.wsgi_app
     while not isinstance(entry, MachineEntry):
-        entry = entry.inner if isinstance(entry, UsageEntry) else entry.app  # the usage entry, a proxy middleware
+        entry = entry.app  # a proxy middleware in front
     return entry.flask
 
 

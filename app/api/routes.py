@@ -14,8 +14,8 @@ A batch: {"events": [up to 100 events]} answers 200 with one result per event, i
 The batch is one transaction, stored set-based (app/services/usage_store.py: a few statements and one
 commit whatever its size): a bad event is rejected without losing the others.
 
-Requests come in through the usage entry (app/api/entry.py), a WSGI dispatcher in front of Flask that
-answers them with `answer` and no request context; anything unusual reaches the Flask route below,
+Requests come in through the machine entry (app/machine_entry.py), a WSGI dispatcher in front of Flask
+that answers them with `answer` and no request context; anything unusual reaches the Flask route below,
 a machine route (app/machine_routes.py: no session, CSRF, rate-limit or sign-in hooks), which gives
 the same answer.
 """
@@ -52,7 +52,7 @@ def _error(status: int, code: str, message: str, **extra: Any) -> Answer:
 
 @bp.post("/usage")
 def record_usage() -> tuple[Response, int]:
-    """The Flask route: what the usage entry (app/api/entry.py) hands over, and any unusual request."""
+    """The Flask route: what the machine entry (app/machine_entry.py) hands over, and any unusual request."""
     body = request.get_json(silent=True)
     result = answer(request.headers.get("Authorization", ""), body, request.headers.get("Idempotency-Key"))
     response = jsonify(result.body)
