@@ -6,18 +6,17 @@ Recording is one short transaction per request (one event or a batch), with no p
 Each event is validated here (a bad one gets its own UsageRejected, 4xx, and the others go on); the
 valid ones are stored set-based by app/services/usage_store.py, which says how:
 
-1. The quantity is added to the period's counter row (usage_period_total) by one upsert per meter and
-   period the batch touches, which locks the row until the commit; a hard limit is judged under that
-   lock (the events that would pass it are refused, UsageLimitReached, and not stored).
-2. All the events are inserted by one INSERT ... ON CONFLICT (organization_id, idempotency_key) DO
-   NOTHING RETURNING. A repeated key (from an earlier request, a concurrent one, or earlier in the same
-   batch) is acknowledged as a duplicate (the first event's answer) and not counted again; the same key
-   with other usage is refused (409), as Stripe refuses an idempotency key reused with other parameters.
-3. The part of each event past what the tier includes is its billable quantity (tiers whose overage is
-   "billed"); the worker reports it to Stripe (app/services/usage_reports.py).
-4. A soft limit's counter crossing 80% or 100% of the included quantity records a domain event whose
-   outbox consumer emails the owner. The counter only grows and is updated under its row's lock, so each
-   threshold is crossed once per period: one email each.
+1. All the events are inserted by one INSERT ... ON CONFLICT (organization_id, idempotency_key) DO
+   NOTHING RETURNING, not tallied yet. A repeated key (from an earlier request, a concurrent one, or
+   earlier in the same batch) is acknowledged as a duplicate (the first event's answer) and not counted
+   again; the same key with other usage is refused (409), as Stripe refuses an idempotency key reused
+   with other parameters.
+2. A hard limit is judged as the events are stored, under their period's row lock (the events that
+   would pass it are refused, UsageLimitReached, and not stored).
+3. The worker's tally (app/services/usage_tally.py) then adds each event to its period's total, sets
+   its billable quantity (the part past what the tier includes, under "billed" overage) and warns the
+   owner at a soft limit's 80% and 100%, once each per period; the worker reports the billable part to
+   Stripe (app/services/usage_reports.py). On the SQLite stand-in (no worker) the tally runs here.
 """
 
 from __future__ import annotations
