@@ -92,6 +92,14 @@ class WebhookRejected(Exception):
     """A delivery that is not a verified event; answered 400 with this short reason, never stored."""
 
 
+def delivery_text(payload: bytes) -> str:
+    """A delivery's body as the text its signature covers; a body that is not UTF-8 is refused."""
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebhookRejected("body is not UTF-8") from None
+
+
 class UnknownWebhookProvider(LookupError):
     pass
 

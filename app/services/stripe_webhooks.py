@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 
 from app.models import StripeEvent
 from app.services import stripe_events
-from app.services.billing_common import EventOutcomes, StripeReads, WebhookRejected, webhook_secrets
+from app.services.billing_common import EventOutcomes, StripeReads, WebhookRejected, delivery_text, webhook_secrets
 from app.services.webhook_store import VerifiedEvent
 
 # (body, Stripe-Signature header, secret) -> None when the signature verifies, else Stripe's words why not.
@@ -31,10 +31,7 @@ class StripeWebhooks:
             raise WebhookRejected("missing Stripe-Signature header")
         if not header.isascii():  # the SDK's compare_digest raises TypeError on non-ASCII signatures
             raise WebhookRejected("malformed Stripe-Signature header")
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            raise WebhookRejected("body is not UTF-8") from None
+        text = delivery_text(payload)
         reason = "signature does not match"
         for secret in secrets:
             error = self._check_signature(text, header, secret)

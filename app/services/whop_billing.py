@@ -41,6 +41,7 @@ from app.services.billing_common import (
     WebhookRejected,
     as_uuid,
     committed,
+    delivery_text,
     found,
     webhook_secrets,
 )
@@ -341,10 +342,7 @@ class WhopWebhooks:
             raise WebhookRejected("missing webhook-id, webhook-timestamp or webhook-signature header")
         if not all(value.isascii() for value in signature_headers.values()):
             raise WebhookRejected("malformed webhook signature headers")
-        try:
-            text = payload.decode("utf-8")
-        except UnicodeDecodeError:
-            raise WebhookRejected("body is not UTF-8") from None
+        text = delivery_text(payload)
         reason = "signature does not match"
         for secret in secrets:
             # Whop signs with the secret's own bytes; standardwebhooks base64-decodes its key, so it is
