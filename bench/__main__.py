@@ -28,6 +28,7 @@ SLOW_STRIPE_WORKER_CONCURRENCY = 4
 SIGNUPS = 200
 HASHES = 20
 LARGE_TABLE = 1_000_000
+WEBHOOK_TABLES = ("stripe_event", "anchor_event")  # what the webhook scenarios insert into
 
 
 class Bench:
@@ -52,14 +53,17 @@ class Bench:
         return measured(server, self.services.postmaster_pid(), partial(load, seconds=seconds))
 
     def webhook_rounds(self) -> dict[str, list[Run]]:
-        """A warm-up of each scenario, then ROUNDS rounds of them all in turn."""
+        """A warm-up of each scenario, then ROUNDS rounds of them all in turn, every other round in the
+        reverse order (a drift over the rounds weighs on every scenario alike), each run started on a
+        quiet database (Services.quiesce: no scenario pays for the previous one's inserts)."""
         step(f"warming up (load average {_load()})")
         for scenario in self.scenarios:
             self.webhook_run(scenario, WARM_UP_SECONDS)
         self.services.maintain()
         rounds: dict[str, list[Run]] = {scenario: [] for scenario in self.scenarios}
         for number in range(1, ROUNDS + 1):
-            for scenario in self.scenarios:
+            for scenario in in_turn(list(self.scenarios), number):
+                self.services.quiesce(WEBHOOK_TABLES)
                 step(f"round {number}/{ROUNDS}: {scenario} (load average {_load()})")
                 rounds[scenario].append(self.webhook_run(scenario, SECONDS))
         return rounds
@@ -139,6 +143,11 @@ class Bench:
                 step(f"round {number}/{ROUNDS}: duplicates, stripe_event holding {rows:,} rows")
                 dedupe[rows].append(self.webhook_run(DUPLICATE, SECONDS))
         return dedupe, lookups
+
+
+def in_turn(names: list[str], number: int) -> list[str]:
+    """Round `number`'s order: as given in odd rounds, reversed in even ones."""
+    return names if number % 2 else names[::-1]
 
 
 def step(message: str) -> None:

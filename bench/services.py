@@ -371,6 +371,33 @@ class Services:
             cursor.execute("CHECKPOINT")
         connection.close()
 
+    def quiesce(self, tables: tuple[str, ...] = (), timeout: float = 60) -> None:
+        """Before a measured run: the database as quiet as the previous run's work lets it be, so no run
+        pays for another's. Waits (up to `timeout`) until no other client holds a statement or a
+        transaction open and no autovacuum worker runs, vacuums `tables` (what the last runs inserted
+        there would otherwise start an autovacuum during the next run) and takes a CHECKPOINT (its
+        dirty pages are written now, not during the next run). Every run then starts from the same
+        state: right after a checkpoint, with nothing in the background."""
+        connection = psycopg2.connect(DATABASE_DSN)
+        connection.autocommit = True
+        deadline = time.monotonic() + timeout
+        try:
+            with connection.cursor() as cursor:
+                while time.monotonic() < deadline:
+                    cursor.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND ("
+                        "(datname = current_database() AND backend_type = 'client backend' AND state <> 'idle')"
+                        " OR backend_type = 'autovacuum worker')"
+                    )
+                    if cursor.fetchone()[0] == 0:
+                        break
+                    time.sleep(0.25)
+                for table in tables:
+                    cursor.execute(f"VACUUM (ANALYZE) {table}")
+                cursor.execute("CHECKPOINT")
+        finally:
+            connection.close()
+
     def _store_processed_events(self, table: str, first: int, last: int) -> None:
         """Events first..last stored in table as the app leaves an event it applied, in one INSERT ... SELECT
         generate_series; each payload is the one events.fill() gives event k, filled by SQL replace()."""
