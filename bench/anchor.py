@@ -8,7 +8,7 @@
 - POST /usage-store-only: the usage API's anchor (bench/usage.py). The organization is read from the
   bench's API key itself (`llk_bench_<organization>_...`, no lookup), then one INSERT ... ON CONFLICT DO
   NOTHING of the event (or of the batch's events, from one jsonb_to_recordset) into anchor_usage (shaped
-  like usage_event, its indexes included) and a commit.
+  like usage_event, its indexes and foreign keys included) and a commit.
 """
 
 from __future__ import annotations
