@@ -4,6 +4,7 @@ revocable; single events and batches, each event answered on its own; no session
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from typing import Any
 
@@ -253,3 +254,28 @@ def test_the_usage_entry_hands_a_request_it_failed_to_the_flask_route_with_its_b
     assert response.status_code == 201, response.get_data(as_text=True)  # the Flask route read the same body
     assert calls == ["answer", "answer"]
     assert [row.quantity for row in query(owner.app, "SELECT quantity FROM usage_event")] == [4]
+
+
+def test_the_usage_entry_reads_what_json_reads_and_answers_sorted_compact_utf8(owner: Owner) -> None:
+    """The entry reads bodies with msgspec and writes answers with it. A body msgspec refuses but json
+    reads (NaN) is still read, so its events are answered one by one as the Flask route answers them
+    (NaN refused as not a whole number, the batch's other event recorded), not refused whole as not
+    JSON; the answer's text is Flask's (keys sorted, compact, a final newline) with text beyond ASCII
+    sent as UTF-8."""
+    key = owner.create_key("Worker")
+    client = owner.app.test_client(use_cookies=False)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    nan = b'{"events": [{"meter": "api_calls", "quantity": NaN, "idempotency_key": "nan"},'
+    nan += b' {"meter": "api_calls", "quantity": 2, "idempotency_key": "ok-1"}]}'
+    answered = client.post("/api/v1/usage", data=nan, headers=headers)
+    assert answered.status_code == 200, answered.get_data(as_text=True)
+    first, second = answered.json["results"]
+    assert (first["outcome"], first["error"]["code"]) == ("rejected", "invalid_quantity")
+    assert second["outcome"] == "recorded" and answered.json["recorded"] == 1
+    assert [row.quantity for row in query(owner.app, "SELECT quantity FROM usage_event")] == [2]
+
+    unknown = post_usage(owner.app, key, {"meter": "appels_é", "quantity": 1, "idempotency_key": "utf8"})
+    assert unknown.status_code == 400 and "'appels_é'" in unknown.json["error"]["message"]
+    for response in (answered, unknown):
+        text = json.dumps(response.json, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+        assert response.get_data() == text.encode()
