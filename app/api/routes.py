@@ -23,6 +23,7 @@ the same answer.
 from __future__ import annotations
 
 from collections import Counter
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from flask import Blueprint, jsonify, request
@@ -76,7 +77,7 @@ def answer(authorization: str, body: Any, idempotency_key: str | None) -> Answer
         if recorded is None:
             return _unauthorized()
         results = [_answer({"index": index}, outcome) for index, outcome in enumerate(recorded)]
-        counted = Counter(result["outcome"] for result in results)
+        counted = Counter(map(itemgetter("outcome"), results))
         summary = {
             "results": results,
             "recorded": counted["recorded"],

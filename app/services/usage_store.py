@@ -29,12 +29,12 @@ AccountChanged is raised, with nothing written.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple, cast
 
+import msgspec
 from sqlalchemy import bindparam, func, select, text
 
 from app.extensions import db
@@ -161,6 +161,7 @@ INSERT_ONE = PreparedStatement(
     " ON CONFLICT (organization_id, idempotency_key) DO NOTHING RETURNING idempotency_key, id",
     _TYPES,
 )
+ROWS_ENCODER = msgspec.json.Encoder()
 # PostgreSQL, a batch's events not tallied yet, as one JSON parameter (the store-only anchor's shape).
 INSERT_MANY = PreparedStatement(
     "usage_insert_many",
@@ -196,8 +197,9 @@ ACCOUNT = select(Organization.tier, Organization.billing_status, Organization.cu
 
 
 def is_postgresql() -> bool:
-    """Whether the session's connection (the one the statements will use) is PostgreSQL's."""
-    return str(db.session.connection().dialect.name) == "postgresql"
+    """Whether the session's bind (the engine the statements run on) is PostgreSQL's. Asked of the bind,
+    not of session.connection(), which walks the session's transaction state on every call."""
+    return str(db.session.get_bind().dialect.name) == "postgresql"
 
 
 def _execute(statement: Any, params: dict[str, Any]) -> Any:
@@ -288,7 +290,8 @@ def _insert_untallied(
                     row["starts"], row["ends"] = iso(e.period.start), iso(e.period.end)
                 rows.append(row)
             parameters = {**names, "now": now, "period_start": period.start, "period_end": period.end}
-            result = INSERT_MANY.execute(db.session.connection(), {**parameters, "events": json.dumps(rows)})
+            events_json = ROWS_ENCODER.encode(rows).decode()  # msgspec: about a third of json.dumps' time
+            result = INSERT_MANY.execute(db.session.connection(), {**parameters, "events": events_json})
         inserted: dict[str, int] = dict(cast("list[tuple[str, int]]", result.all()))  # RETURNING idempotency_key, id
         if not inserted and account.key_id is not None:
             check(organization_id, account)  # nothing inserted: all repeats, or the key is not live?
