@@ -178,7 +178,8 @@ class Report:
                 f"{burst.stripe_reads - 400} reads over",
             ),
             Target(
-                f"A worker SIGKILLed mid-job: its {burst.kill_claimed} claimed objects applied by another ≤ 30 s",
+                f"A worker SIGKILLed mid-job: its {burst.kill_claimed} claimed object"
+                f"{'' if burst.kill_claimed == 1 else 's'} applied by another ≤ 30 s",
                 "not within 180 s" if burst.kill_recovered_seconds is None else f"{burst.kill_recovered_seconds:.1f} s",
                 burst.kill_recovered_seconds is not None and burst.kill_recovered_seconds <= 30,
                 "not recovered"
