@@ -13,7 +13,7 @@ from bench import events, restart, usage
 from bench.burst import Burst, run_burst
 from bench.loads import Run, Webhooks, measured, password_hash_seconds, signups
 from bench.report import DUPLICATE, FORGED, NEW, STORE_ONLY, UNKNOWN, VERIFY_ONLY, Lookup, Report, Results, Summary
-from bench.services import Server, Services, machine_busy_seconds
+from bench.services import Server, Services, in_turn, machine_busy_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTED = time.monotonic()
@@ -143,11 +143,6 @@ class Bench:
                 step(f"round {number}/{ROUNDS}: duplicates, stripe_event holding {rows:,} rows")
                 dedupe[rows].append(self.webhook_run(DUPLICATE, SECONDS))
         return dedupe, lookups
-
-
-def in_turn(names: list[str], number: int) -> list[str]:
-    """Round `number`'s order: as given in odd rounds, reversed in even ones."""
-    return names if number % 2 else names[::-1]
 
 
 def step(message: str) -> None:

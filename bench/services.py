@@ -67,6 +67,12 @@ def _stat_fields(pid: int) -> list[str]:
     return raw[raw.rindex(")") + 2 :].split()
 
 
+def in_turn(names: list[str], number: int) -> list[str]:
+    """Round `number`'s order of a benchmark's runs: as given in odd rounds, reversed in even ones (a
+    drift over the rounds weighs on every run alike)."""
+    return names if number % 2 else names[::-1]
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -363,21 +369,17 @@ class Services:
 
     def maintain(self) -> None:
         """What a quiet production table would have had: statistics, the visibility map, and no dirty
-        pages left for a checkpoint to write during the next measurement."""
-        connection = psycopg2.connect(DATABASE_DSN)
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute("VACUUM ANALYZE")
-            cursor.execute("CHECKPOINT")
-        connection.close()
+        pages left for a checkpoint to write during the next measurement: the whole database vacuumed
+        and analyzed, then a CHECKPOINT, at once."""
+        self.quiesce(None, timeout=0)
 
-    def quiesce(self, tables: tuple[str, ...] = (), timeout: float = 60) -> None:
+    def quiesce(self, tables: tuple[str, ...] | None = (), timeout: float = 60) -> None:
         """Before a measured run: the database as quiet as the previous run's work lets it be, so no run
         pays for another's. Waits (up to `timeout`) until no other client holds a statement or a
         transaction open and no autovacuum worker runs, vacuums `tables` (what the last runs inserted
-        there would otherwise start an autovacuum during the next run) and takes a CHECKPOINT (its
-        dirty pages are written now, not during the next run). Every run then starts from the same
-        state: right after a checkpoint, with nothing in the background."""
+        there would otherwise start an autovacuum during the next run; None: the whole database) and
+        takes a CHECKPOINT (its dirty pages are written now, not during the next run). Every run then
+        starts from the same state: right after a checkpoint, with nothing in the background."""
         connection = psycopg2.connect(DATABASE_DSN)
         connection.autocommit = True
         deadline = time.monotonic() + timeout
@@ -392,7 +394,7 @@ class Services:
                     if cursor.fetchone()[0] == 0:
                         break
                     time.sleep(0.25)
-                for table in tables:
+                for table in tables if tables is not None else [""]:  # "": VACUUM's whole database
                     cursor.execute(f"VACUUM (ANALYZE) {table}")
                 cursor.execute("CHECKPOINT")
         finally:

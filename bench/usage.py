@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.burst import Sandbox
 from bench.loads import CONNECTIONS, WRK_THREADS, Latencies, Run, measured, run_wrk
-from bench.services import Server, Services
+from bench.services import Server, Services, in_turn
 
 ORGANIZATIONS = 20  # each with its own API key and Stripe customer, on the starter tier (overage billed)
 TIER = "starter"
@@ -252,7 +252,7 @@ def run(services: Services, workdir: Path, step: Callable[[str], None]) -> Usage
     rounds: dict[str, list[Run]] = {name: [] for name in SCENARIOS}
     for number in range(1, ROUNDS + 1):
         # Every other round in the reverse order, each run on a quiet database (as the webhook rounds).
-        for name in SCENARIOS if number % 2 else list(SCENARIOS)[::-1]:
+        for name in in_turn(list(SCENARIOS), number):
             services.quiesce(USAGE_TABLES)
             step(f"usage round {number}/{ROUNDS}: {name}")
             rounds[name].append(bench.run_one(name, SECONDS))
