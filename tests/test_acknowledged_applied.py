@@ -224,6 +224,43 @@ def test_worker_once_with_concurrency_runs_the_jobs_its_jobs_defer(
     assert {job.status for job in jobs_run} == {"succeeded"}
 
 
+def test_a_pass_that_queues_many_jobs_brings_the_job_tables_statistics_up_to_date(
+    app: Flask, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """procrastinate's fetch is planned from procrastinate_jobs' statistics; analyzed while the table
+    held a few rows, it reads every waiting job on each fetch. Once a worker's passes have queued
+    JOB_STATISTICS_AFTER jobs (and as many as the table held at the last analysis) they analyze the
+    table: its row count in pg_class is then the jobs'. Fewer: left to autovacuum."""
+    monkeypatch.setattr(webhook_intake, "_dispatch_cursor", {})
+    monkeypatch.setattr(webhook_intake, "_job_statistics", {"queued": 0, "rows": 0})
+
+    def counted() -> tuple[float, int]:
+        [row] = query(
+            app,
+            "SELECT reltuples, (SELECT count(*) FROM procrastinate_jobs) AS jobs FROM pg_class"
+            " WHERE relname = 'procrastinate_jobs'",
+        )
+        return row.reltuples, row.jobs
+
+    execute(app, "ANALYZE procrastinate_jobs")  # what the statistics were while the table was quiet
+    quiet, _ = counted()
+    objects = unknown_subscription_updates(app, 12)
+    monkeypatch.setattr(webhook_intake, "JOB_STATISTICS_AFTER", 20)
+    with app.app_context():
+        assert len(jobs.dispatch_webhook_events(coalesce=False)) == 12
+    assert counted() == (quiet, 12)  # twelve jobs, fewer than JOB_STATISTICS_AFTER: not analyzed
+    execute(app, "DELETE FROM procrastinate_jobs WHERE lock = ANY(:locks)", locks=[f"stripe:{o}" for o in objects[:8]])
+    with app.app_context():  # eight more: twenty queued since the last analysis
+        assert len(jobs.dispatch_webhook_events(coalesce=False)) == 8
+    assert counted() == (12, 12)
+    monkeypatch.setattr(webhook_intake, "JOB_STATISTICS_AFTER", 5)
+    execute(app, "DELETE FROM procrastinate_jobs")
+    execute(app, "DELETE FROM stripe_event WHERE object_key = ANY(:keys)", keys=objects[:5])
+    with app.app_context():  # seven: past JOB_STATISTICS_AFTER, not yet the twelve of the last analysis
+        assert len(jobs.dispatch_webhook_events(coalesce=False)) == 7
+    assert counted() == (12, 7)
+
+
 def test_the_periodic_dispatch_pass_still_reads_one_chunk(
     app: Flask, offline_stripe: SandboxAccount, monkeypatch: pytest.MonkeyPatch
 ) -> None:
